@@ -1,0 +1,39 @@
+"""The paper's model configs (decoder 8 x 512, 16 heads) and small configs for CPU tests."""
+from __future__ import annotations
+
+PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+MODEL_CONFIGS: dict[str, dict] = {
+    "mae_vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                 mlp_ratio=4.0, **PAPER_DECODER),
+    "mae_vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                                  mlp_ratio=4.0, **PAPER_DECODER),
+    "mae_vit_huge_patch14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                                 mlp_ratio=4.0, **PAPER_DECODER),
+    # CPU-sized: head dims 64 and 32 like the paper's encoder/decoder, 8x8 = 64 patches.
+    "mae_vit_small_cpu": dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0),
+    "mae_vit_tiny_test": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0),
+}
+
+ALIASES = {"base": "mae_vit_base_patch16", "b16": "mae_vit_base_patch16", "vit_b": "mae_vit_base_patch16",
+           "large": "mae_vit_large_patch16", "l16": "mae_vit_large_patch16", "vit_l": "mae_vit_large_patch16",
+           "huge": "mae_vit_huge_patch14", "h14": "mae_vit_huge_patch14", "vit_h": "mae_vit_huge_patch14",
+           "small": "mae_vit_small_cpu", "tiny": "mae_vit_tiny_test"}
+
+
+def resolve_model_name(name: str) -> str:
+    key = name.lower().replace("-", "_").replace("/", "")
+    key = ALIASES.get(key, key)
+    for suffix in ("_dec512d8b",):
+        key = key.removesuffix(suffix)
+    if key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)} or {sorted(ALIASES)}")
+    return key
+
+
+def model_config(name: str, **overrides) -> dict:
+    cfg = dict(MODEL_CONFIGS[resolve_model_name(name)])
+    cfg.update(overrides)
+    return cfg

@@ -1,0 +1,55 @@
+"""Backend choice shared by every op: impl = "auto" | "triton" | "cuda" | "reference"."""
+from __future__ import annotations
+
+import torch
+
+from .._cpp_lib import get_C, load_error
+from .._triton import triton_usable
+
+IMPLS = ("auto", "triton", "cuda", "reference")
+
+
+def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, str]:
+    """(usable, reason) for the CUDA C++ extension on `device` (and, if given, its binding `op`)."""
+    if device.type != "cuda":
+        return False, f"the CUDA C++ kernels need CUDA tensors; got {device}"
+    C = get_C()
+    if C is None:
+        from .. import _cpp_lib
+        return False, f"maefast._C is not built or failed to load ({_cpp_lib.load_error or load_error})"
+    if op is not None and not hasattr(C, op):
+        return False, f"maefast._C has no '{op}' (rebuild the extension)"
+    return True, ""
+
+
+def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"), cuda_op: str | None = None,
+                what: str = "this op") -> str:
+    """Resolve `impl` for tensors on `device`.
+
+    "auto" tries `auto_order` (only verified-fast backends belong there) and falls back to the
+    reference; an explicit request that cannot run raises ValueError with the reason.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "reference":
+        return "reference"
+    checks = {"triton": lambda: triton_usable(device),
+              "cuda": lambda: cuda_ext_usable(device, cuda_op)}
+    if impl == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for cand in auto_order:
+            ok, _ = checks[cand]()
+            if ok:
+                return cand
+        return "reference"
+    ok, reason = checks[impl]()
+    if not ok:
+        raise ValueError(f"impl={impl!r} is not available for {what}: {reason}")
+    return impl
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The current torch CUDA stream of t's device, as an int for maefast._C."""
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,82 @@
+"""Test helpers: the one tolerance table, error-ratio checks against a higher-precision oracle,
+and poisoning of outputs. Used by tests/ and scripts/gpu_check (correctness on the card)."""
+from __future__ import annotations
+
+import torch
+
+# Direct comparisons of a kernel with the reference computed in the same dtype (atol, rtol).
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+# Error-ratio rule (flash-attention tests): kernel's error vs an fp32/fp64 oracle must be at most
+# RATIO x the error of the same-dtype PyTorch reference vs the same oracle, plus a floor (ERR_FLOOR)
+# for the case where the reference is exact.
+RATIO = {"forward": 2.0, "backward": 3.0}
+ERR_FLOOR: dict[torch.dtype, float] = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
+                                       torch.bfloat16: 8e-3}
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return TOLERANCES[dtype]
+
+
+def _where(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    idx = int(diff.argmax())
+    pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), diff.shape)) if diff.dim() else ()
+    return (f"max |diff| {diff.max().item():.3e} at {pos}: actual {actual.reshape(-1)[idx].item():.6g}, "
+            f"expected {expected.reshape(-1)[idx].item():.6g}")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, name: str = "",
+                 scale: float = 1.0, equal_nan: bool = False) -> None:
+    """torch.testing-style check with the table's tolerance for `dtype` (default: expected's dtype)."""
+    dtype = dtype or expected.dtype
+    t = TOLERANCES[dtype]
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    ok = torch.isclose(a, e, atol=t["atol"] * scale, rtol=t["rtol"] * scale, equal_nan=equal_nan)
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
+        raise AssertionError(f"{name}: {bad}/{ok.numel()} elements differ beyond {dtype} tolerance "
+                             f"(atol={t['atol'] * scale:g}, rtol={t['rtol'] * scale:g}); {_where(a, e)}")
+
+
+def rel_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    """||x - oracle|| / ||oracle|| in float64 (inf if x has NaN where oracle has none)."""
+    x, o = x.detach().double().cpu(), oracle.detach().double().cpu()
+    if torch.isnan(x).any() and not torch.isnan(o).any():
+        return float("inf")
+    den = o.norm().item()
+    return (x - o).norm().item() / (den if den > 0 else 1.0)
+
+
+def assert_error_ratio(out: torch.Tensor, ref: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype,
+                       kind: str = "forward", name: str = "") -> tuple[float, float]:
+    """err(out, oracle) <= RATIO[kind] * err(ref, oracle) + ERR_FLOOR[dtype]; returns both errors."""
+    e_out, e_ref = rel_err(out, oracle), rel_err(ref, oracle)
+    bound = RATIO[kind] * e_ref + ERR_FLOOR[dtype]
+    if not e_out <= bound:
+        raise AssertionError(f"{name}: relative error {e_out:.3e} vs oracle exceeds {RATIO[kind]}x the "
+                             f"same-dtype reference's {e_ref:.3e} (+{ERR_FLOOR[dtype]:g} floor) [{dtype}, {kind}]; "
+                             + _where(out, oracle))
+    return e_out, e_ref
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN (floats) or a sentinel (ints) so unwritten elements show."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-(2 ** 31) + 7 if t.dtype in (torch.int32, torch.int64) else 0)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):
+    """Fresh random normal data (never zeros), made in fp32 then cast."""
+    return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)

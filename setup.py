@@ -1,0 +1,63 @@
+"""maefast: Masked Autoencoder pre-training kernels (Triton + CUDA C++) and models.
+
+`pip install -e .` works on a CPU-only machine. The CUDA C++ extension `maefast._C` is built with
+nvcc + pybind11 (torch-free, see csrc/build.py) whenever nvcc is found; MAEFAST_SKIP_CUDA_BUILD=1
+skips it. The top-level `kernels/` folder ships as `maefast.kernels`.
+"""
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "csrc"))
+import build as csrc_build  # noqa: E402  (csrc/build.py)
+
+
+class NvccBuildExt(build_ext):
+    """Builds maefast._C with csrc/build.py instead of the host compiler."""
+
+    def build_extension(self, ext):
+        out = self.get_ext_fullpath(ext.name)
+        csrc_build.build(out, os.path.join(os.path.abspath(self.build_temp), "csrc"))
+
+
+def ext_modules():
+    if os.environ.get("MAEFAST_SKIP_CUDA_BUILD", "0") == "1":
+        print("maefast: MAEFAST_SKIP_CUDA_BUILD=1, not building maefast._C")
+        return []
+    if csrc_build.find_nvcc() is None:
+        print("maefast: nvcc not found, not building maefast._C (the Triton and reference paths still work)")
+        return []
+    return [Extension("maefast._C", sources=csrc_build.sources())]
+
+
+packages = find_packages(include=["maefast", "maefast.*"]) + ["maefast.kernels"]
+
+setup(
+    name="maefast",
+    version="0.1.0",
+    description="Fast, exact Masked Autoencoder (MAE) pre-training: Triton and CUDA C++ kernels, models, training",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"maefast.kernels": "kernels"},
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": NvccBuildExt},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system=='Linux'",
+        "pybind11>=2.12",
+        "ninja",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["maefast = maefast.cli:main"]},
+)
