@@ -28,5 +28,6 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
     scale = dh ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(n, L, 3, num_heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
     attn = (q * scale) @ k.transpose(-2, -1)
-    attn = attn.float().softmax(dim=-1).to(q.dtype)
+    # softmax statistics in fp32 for half inputs (float64 stays float64 for oracles)
+    attn = attn.softmax(dim=-1, dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype).to(q.dtype)
     return (attn @ v).transpose(1, 2).reshape(n, L, hd)

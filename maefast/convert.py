@@ -1,0 +1,208 @@
+"""Checkpoints: official-format state dicts (full or the released encoder-only files) and
+conversion to and from transformers' `ViTMAEForPreTraining` (q/k/v split, key names of 4.x and 5.x).
+
+Missing or unexpected keys are reported by name; a shape mismatch is a clear ValueError.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                    "decoder_pred.")
+
+# transformers names of the pieces inside one layer: (official suffix) -> candidates (5.x first, then 4.x)
+_LAYER_NAMES = {
+    "norm1": ("layernorm_before",),
+    "norm2": ("layernorm_after",),
+    "attn.proj": ("attention.o_proj", "attention.output.dense"),
+    "mlp.fc1": ("mlp.fc1", "intermediate.dense"),
+    "mlp.fc2": ("mlp.fc2", "output.dense"),
+}
+_QKV_NAMES = (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+              ("attention.attention.query", "attention.attention.key", "attention.attention.value"))
+_ENC_LAYER = ("vit.layers.{i}.", "vit.encoder.layer.{i}.")
+_DEC_LAYER = ("decoder.decoder_layers.{i}.",)
+_TOP = {
+    "cls_token": "vit.embeddings.cls_token",
+    "pos_embed": "vit.embeddings.position_embeddings",
+    "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "vit.layernorm.weight",
+    "norm.bias": "vit.layernorm.bias",
+    "decoder_embed.weight": "decoder.decoder_embed.weight",
+    "decoder_embed.bias": "decoder.decoder_embed.bias",
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.decoder_pos_embed",
+    "decoder_norm.weight": "decoder.decoder_norm.weight",
+    "decoder_norm.bias": "decoder.decoder_norm.bias",
+    "decoder_pred.weight": "decoder.decoder_pred.weight",
+    "decoder_pred.bias": "decoder.decoder_pred.bias",
+}
+
+
+def unwrap_checkpoint(obj) -> dict:
+    """Accepts a state dict or a checkpoint holding one under 'model' / 'state_dict'."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return dict(obj[key])
+        return dict(obj)
+    raise TypeError(f"checkpoint must be a state dict (a mapping), got {type(obj).__name__}")
+
+
+def is_encoder_only(state_dict: Mapping) -> bool:
+    return not any(k.startswith(DECODER_PREFIXES) for k in state_dict)
+
+
+def load_official_state_dict(model: torch.nn.Module, checkpoint, strict: bool = True) -> dict:
+    """Loads an official-format checkpoint (full, or the released encoder-only `mae_pretrain_vit_*.pth`).
+
+    Returns {"missing": [...], "unexpected": [...], "encoder_only": bool}. With strict=True, any
+    missing (beyond the decoder, for an encoder-only file) or unexpected key raises ValueError naming them.
+    """
+    sd = unwrap_checkpoint(checkpoint)
+    own = model.state_dict()
+    encoder_only = is_encoder_only(sd)
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"shape mismatch for '{k}': checkpoint has {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+    unexpected = sorted(k for k in sd if k not in own)
+    missing = sorted(k for k in own if k not in sd)
+    if encoder_only:
+        missing = [k for k in missing if not k.startswith(DECODER_PREFIXES)]
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "encoder_only": encoder_only}
+
+
+def encoder_state_dict(state_dict: Mapping) -> dict:
+    """The encoder part of an official state dict (the release format's keys)."""
+    return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def _pick(keys: set, candidates: Iterable[str], fmt: dict | None = None) -> str:
+    cands = [c.format(**(fmt or {})) for c in candidates]
+    for c in cands:
+        if any(k.startswith(c) for k in keys):
+            return c
+    return cands[0]
+
+
+def _layer_count(keys: Iterable[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = [int(m.group(1)) for k in keys if (m := rx.match(k))]
+    return max(idx) + 1 if idx else 0
+
+
+def to_transformers(state_dict: Mapping, target_keys: Iterable[str] | None = None) -> dict:
+    """Official MAE state dict -> transformers ViTMAEForPreTraining state dict.
+
+    `target_keys` (the HF model's state_dict keys) selects its naming (4.x `encoder.layer.N.attention.
+    attention.query`, or 5.x `layers.N.attention.q_proj`); default: the newest naming.
+    """
+    sd = unwrap_checkpoint(state_dict)
+    tk = set(target_keys) if target_keys is not None else {"vit.layers.0.attention.q_proj.weight"}
+    out = {}
+    for k, hk in _TOP.items():
+        if k in sd:
+            out[hk] = sd[k]
+    for which, layer_fmts in (("blocks", _ENC_LAYER), ("decoder_blocks", _DEC_LAYER)):
+        n = _layer_count(sd, rf"{which}\.(\d+)\.")
+        for i in range(n):
+            src = f"{which}.{i}."
+            dst = _pick(tk, layer_fmts, {"i": i})
+            qkv_names = _QKV_NAMES[0] if any(k.startswith(dst + _QKV_NAMES[0][0]) for k in tk) or target_keys is None \
+                else _QKV_NAMES[1]
+            for ours, cands in _LAYER_NAMES.items():
+                theirs = _pick({k[len(dst):] for k in tk if k.startswith(dst)}, cands) if target_keys is not None else cands[0]
+                for p in ("weight", "bias"):
+                    out[f"{dst}{theirs}.{p}"] = sd[f"{src}{ours}.{p}"]
+            for p in ("weight", "bias"):
+                for name, chunk in zip(qkv_names, sd[f"{src}attn.qkv.{p}"].chunk(3, dim=0)):
+                    out[f"{dst}{name}.{p}"] = chunk.clone()
+    return out
+
+
+def from_transformers(hf_state_dict: Mapping) -> dict:
+    """transformers ViTMAEForPreTraining state dict (4.x or 5.x names) -> official MAE state dict."""
+    hf = dict(hf_state_dict)
+    keys = set(hf)
+    inv_top = {v: k for k, v in _TOP.items()}
+    out = {inv_top[k]: v for k, v in hf.items() if k in inv_top}
+    for which, layer_fmts in (("blocks", _ENC_LAYER), ("decoder_blocks", _DEC_LAYER)):
+        fmt = _pick(keys, [f.replace("{i}", "0") for f in layer_fmts])
+        base = [f for f in layer_fmts if f.replace("{i}", "0") == fmt][0]
+        n = _layer_count(keys, re.escape(base).replace(re.escape("{i}"), r"(\d+)"))
+        for i in range(n):
+            src = base.format(i=i)
+            inner = {k[len(src):] for k in keys if k.startswith(src)}
+            for ours, cands in _LAYER_NAMES.items():
+                theirs = _pick(inner, cands)
+                for p in ("weight", "bias"):
+                    out[f"{which}.{i}.{ours}.{p}"] = hf[f"{src}{theirs}.{p}"]
+            qkv = _QKV_NAMES[0] if any(k.startswith(_QKV_NAMES[0][0]) for k in inner) else _QKV_NAMES[1]
+            for p in ("weight", "bias"):
+                out[f"{which}.{i}.attn.qkv.{p}"] = torch.cat([hf[f"{src}{n_}.{p}"] for n_ in qkv], dim=0)
+    used = set(_TOP.values()) & keys
+    return out if used else out
+
+
+def transformers_config(model, **overrides):
+    """A transformers ViTMAEConfig equal to `model`'s architecture (square images only)."""
+    from transformers import ViTMAEConfig
+
+    pe = model.patch_embed
+    if pe.img_size[0] != pe.img_size[1]:
+        raise ValueError(f"transformers' ViTMAE supports square images only; the model has img_size {pe.img_size}")
+    blk, dblk = model.blocks[0], (model.decoder_blocks[0] if len(model.decoder_blocks) else None)
+    embed = model.pos_embed.shape[-1]
+    dec = model.decoder_pos_embed.shape[-1]
+    kw = dict(hidden_size=embed, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
+              intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=model.norm.eps,
+              image_size=pe.img_size[0], patch_size=pe.patch_size[0], num_channels=model.in_chans, qkv_bias=True,
+              decoder_hidden_size=dec, decoder_num_hidden_layers=len(model.decoder_blocks),
+              decoder_num_attention_heads=dblk.attn.num_heads if dblk is not None else 16,
+              decoder_intermediate_size=dblk.mlp.fc1.out_features if dblk is not None else 4 * dec,
+              norm_pix_loss=bool(model.norm_pix_loss), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kw.update(overrides)
+    return ViTMAEConfig(**kw)
+
+
+def to_transformers_model(model, mask_ratio: float = 0.75):
+    """Builds transformers' ViTMAEForPreTraining holding `model`'s weights."""
+    from transformers import ViTMAEForPreTraining
+
+    hf = ViTMAEForPreTraining(transformers_config(model, mask_ratio=mask_ratio))
+    target = hf.state_dict()
+    sd = to_transformers(model.state_dict(), target.keys())
+    missing = sorted(set(target) - set(sd))
+    unexpected = sorted(set(sd) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"conversion to transformers failed: missing {missing}, unexpected {unexpected}")
+    for k, v in sd.items():
+        if tuple(target[k].shape) != tuple(v.shape):
+            raise ValueError(f"shape mismatch for '{k}': {tuple(v.shape)} vs transformers' {tuple(target[k].shape)}")
+    hf.load_state_dict(sd, strict=True)
+    return hf
+
+
+def from_transformers_model(hf_model, **model_kwargs):
+    """Builds maefast's MaskedAutoencoderViT from transformers' ViTMAEForPreTraining (weights copied)."""
+    from .models import MaskedAutoencoderViT
+
+    c = hf_model.config
+    img = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+    patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+    kw = dict(img_size=img, patch_size=patch, in_chans=c.num_channels, embed_dim=c.hidden_size,
+              depth=c.num_hidden_layers, num_heads=c.num_attention_heads, decoder_embed_dim=c.decoder_hidden_size,
+              decoder_depth=c.decoder_num_hidden_layers, decoder_num_heads=c.decoder_num_attention_heads,
+              mlp_ratio=c.intermediate_size / c.hidden_size, norm_pix_loss=bool(c.norm_pix_loss))
+    kw.update(model_kwargs)
+    model = MaskedAutoencoderViT(**kw)
+    load_official_state_dict(model, from_transformers(hf_model.state_dict()), strict=True)
+    return model

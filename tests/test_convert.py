@@ -1,0 +1,92 @@
+"""Official checkpoints (full and encoder-only) and transformers conversions, both ways."""
+import re
+
+import pytest
+import torch
+
+from maefast.convert import (encoder_state_dict, from_transformers, load_official_state_dict, to_transformers,
+                             unwrap_checkpoint)
+from maefast.models import create_model
+
+
+def _tiny(**kw):
+    return create_model("tiny", **kw)
+
+
+def test_full_roundtrip_and_wrapped_checkpoint():
+    a, b = _tiny(), _tiny()
+    info = load_official_state_dict(b, {"model": a.state_dict()})
+    assert info == {"missing": [], "unexpected": [], "encoder_only": False}
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+
+
+def test_encoder_only_release_format():
+    a, b = _tiny(), _tiny()
+    before = b.decoder_embed.weight.clone()
+    info = load_official_state_dict(b, {"model": encoder_state_dict(a.state_dict())})
+    assert info["encoder_only"] and info["missing"] == []
+    assert torch.equal(b.blocks[1].attn.qkv.weight, a.blocks[1].attn.qkv.weight)
+    assert torch.equal(b.decoder_embed.weight, before)
+
+
+def test_missing_unexpected_and_shape_errors_name_keys():
+    a, b = _tiny(), _tiny()
+    sd = a.state_dict()
+    sd.pop("blocks.0.norm1.weight")
+    sd["head.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=re.escape("missing keys ['blocks.0.norm1.weight']")):
+        load_official_state_dict(b, sd)
+    info = load_official_state_dict(b, sd, strict=False)
+    assert info["unexpected"] == ["head.weight"]
+    sd = a.state_dict()
+    sd["norm.weight"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="shape mismatch for 'norm.weight'"):
+        load_official_state_dict(b, sd)
+    with pytest.raises(TypeError, match="checkpoint must be"):
+        unwrap_checkpoint([1, 2])
+
+
+def _as_4x_names(hf_sd):
+    """transformers 4.x naming of the same weights (encoder.layer.N.attention.attention.query, ...)."""
+    out = {}
+    for k, v in hf_sd.items():
+        k = re.sub(r"^vit\.layers\.", "vit.encoder.layer.", k)
+        k = k.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
+        k = k.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
+        k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+        out[k] = v
+    return out
+
+
+def test_transformers_names_both_generations_roundtrip():
+    m = _tiny()
+    sd = m.state_dict()
+    hf5 = to_transformers(sd)
+    assert "vit.layers.1.attention.k_proj.weight" in hf5 and "decoder.decoder_layers.0.mlp.fc2.bias" in hf5
+    hf4 = _as_4x_names(hf5)
+    back5, back4 = from_transformers(hf5), from_transformers(hf4)
+    for k, v in sd.items():
+        assert torch.equal(back5[k], v), k
+        assert torch.equal(back4[k], v), k
+    # and to the 4.x names when the target model uses them
+    again4 = to_transformers(sd, target_keys=hf4.keys())
+    assert set(again4) == set(hf4)
+    for k in hf4:
+        assert torch.equal(again4[k], hf4[k]), k
+
+
+def test_transformers_model_roundtrip():
+    pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, to_transformers_model
+
+    m = _tiny(norm_pix_loss=True)
+    hf = to_transformers_model(m, mask_ratio=0.5)
+    assert hf.config.norm_pix_loss and hf.config.layer_norm_eps == 1e-6 and hf.config.mask_ratio == 0.5
+    m2 = from_transformers_model(hf)
+    assert m2.norm_pix_loss
+    for k, v in m.state_dict().items():
+        assert torch.equal(m2.state_dict()[k], v), k
+    rect = create_model("tiny", img_size=(32, 48))
+    with pytest.raises(ValueError, match="square images"):
+        to_transformers_model(rect)

@@ -1,0 +1,67 @@
+"""`import maefast` works without triton and without the CUDA extension (checked in subprocesses)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def __init__(self, names): self.names = names
+    def find_spec(self, name, path, target=None):
+        if name in self.names or any(name.startswith(n + '.') for n in self.names):
+            raise ImportError(f'blocked {name} for the test')
+sys.meta_path.insert(0, Block(NAMES))
+"""
+
+
+def test_import_without_triton():
+    out = _run(BLOCK.replace('NAMES', repr(["triton"])) + """
+import torch, maefast
+from maefast import reference, models
+info = maefast.backends()
+assert info['triton'] is False and 'blocked' in info['triton_error'], info
+m = models.create_model('tiny')
+loss, _, _ = m(torch.randn(2, 3, 32, 32))
+import maefast.ops
+print('ok', float(loss) > 0)
+""")
+    assert "ok True" in out
+
+
+def test_import_without_C_extension():
+    out = _run(BLOCK.replace('NAMES', repr(["maefast._C"])) + """
+import maefast
+from maefast import _cpp_lib
+assert _cpp_lib.get_C() is None and 'blocked' in _cpp_lib.load_error
+info = maefast.backends()
+assert info['_C'] is False and info['_C_error']
+try:
+    _cpp_lib.require_C()
+except RuntimeError as e:
+    assert 'not available' in str(e)
+else:
+    raise SystemExit('require_C should raise')
+print('ok')
+""")
+    assert "ok" in out
+
+
+def test_reference_does_not_import_triton():
+    out = _run("""
+import sys, maefast.reference
+print('triton' in sys.modules)
+""")
+    assert out.strip() == "False"

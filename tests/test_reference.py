@@ -1,0 +1,218 @@
+"""The reference's semantics, checked directly against the official definitions."""
+import math
+
+import pytest
+import torch
+
+from maefast import reference as R
+
+
+@pytest.mark.parametrize("C,H,W,p", [(3, 224, 224, 16), (3, 224, 224, 14), (3, 32, 48, 8), (1, 8, 4, 2)])
+def test_patchify_order_and_roundtrip(C, H, W, p):
+    imgs = torch.randn(2, C, H, W)
+    x = R.patchify(imgs, p)
+    h, w = H // p, W // p
+    assert x.shape == (2, h * w, p * p * C)
+    # token index = row*w + col; inside: (p_row*p + p_col)*C + c
+    n, r, col, pr, pc, c = 1, h - 1, w // 2, p - 1, 1 % p, C - 1
+    assert x[n, r * w + col, (pr * p + pc) * C + c] == imgs[n, c, r * p + pr, col * p + pc]
+    assert torch.equal(R.unpatchify(x, p, (h, w), C), imgs)
+
+
+def test_patchify_bad_inputs():
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        R.patchify(torch.randn(1, 3, 30, 32), 16)
+    with pytest.raises(ValueError, match="imgs must have 4 dimensions"):
+        R.patchify(torch.randn(3, 32, 32), 16)
+    with pytest.raises(TypeError, match="imgs must be a floating point"):
+        R.patchify(torch.ones(1, 3, 32, 32, dtype=torch.int64), 16)
+    with pytest.raises(TypeError, match="patch_size"):
+        R.patchify(torch.randn(1, 3, 32, 32), 16.0)
+    with pytest.raises(ValueError, match="grid_size"):
+        R.unpatchify(torch.randn(1, 6, 12), 2, (2, 2), 3)
+    with pytest.raises(ValueError, match="not a square grid"):
+        R.unpatchify(torch.randn(1, 6, 12), 2)
+
+
+@pytest.mark.parametrize("N,L,ratio", [(1, 196, 0.75), (7, 256, 0.75), (3, 196, 0.5), (5, 49, 0.9), (2, 7, 0.3)])
+def test_masking_matches_official_definition(N, L, ratio):
+    noise = torch.rand(N, L)
+    ids_keep, ids_restore, mask = R.masking_ids(N, L, ratio, noise=noise)
+    K = int(L * (1 - ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    assert torch.equal(ids_keep, ids_shuffle[:, :K])
+    assert torch.equal(ids_restore, torch.argsort(ids_shuffle, dim=1))
+    assert mask.dtype == torch.float32
+    # kept = the K smallest noise values, mask 1 = removed in original order
+    expect = torch.ones(N, L)
+    expect.scatter_(1, ids_shuffle[:, :K], 0.0)
+    assert torch.equal(mask, expect)
+    assert torch.equal(mask.sum(1), torch.full((N,), float(L - K)))
+
+
+def test_random_masking_tensor_form_gathers_kept_tokens():
+    x = torch.randn(3, 16, 5)
+    noise = torch.rand(3, 16)
+    xm, mask, ids_restore = R.random_masking(x, 0.75, noise=noise)
+    ids = R.random_masking((3, 16), 0.75, noise=noise)
+    assert torch.equal(xm, torch.gather(x, 1, ids.ids_keep[..., None].expand(-1, -1, 5)))
+    assert torch.equal(mask, ids.mask) and torch.equal(ids_restore, ids.ids_restore)
+    g = torch.Generator().manual_seed(3)
+    a = R.random_masking((2, 9), 0.5, generator=g)
+    g = torch.Generator().manual_seed(3)
+    b = R.random_masking((2, 9), 0.5, generator=g)
+    assert torch.equal(a.ids_keep, b.ids_keep)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_open_interval(ratio):
+    with pytest.raises(ValueError, match="mask_ratio"):
+        R.masking_ids(2, 16, ratio)
+
+
+def test_masking_bad_inputs():
+    with pytest.raises(ValueError, match="at least one patch"):
+        R.masking_ids(2, 4, 0.9)
+    with pytest.raises(TypeError, match="mask_ratio"):
+        R.masking_ids(2, 4, "0.5")
+    with pytest.raises(ValueError, match="noise must have shape"):
+        R.masking_ids(2, 16, 0.75, noise=torch.rand(2, 15))
+    with pytest.raises(TypeError, match="x must be"):
+        R.random_masking("x", 0.75)
+
+
+def test_pos_embed_layout():
+    D, h, w = 16, 3, 5
+    pe = R.get_2d_sincos_pos_embed(D, (h, w), cls_token=True)
+    assert pe.shape == (1 + h * w, D) and pe.dtype == torch.float32
+    assert torch.equal(pe[0], torch.zeros(D))
+    r, c = 2, 4
+    row = pe[1 + r * w + c].double()
+    k = torch.arange(D // 4, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (k / (D / 4))
+    col_half = torch.cat([torch.sin(c * omega), torch.cos(c * omega)])  # first half: the column
+    row_half = torch.cat([torch.sin(r * omega), torch.cos(r * omega)])
+    assert torch.allclose(row, torch.cat([col_half, row_half]).float().double(), atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        R.get_2d_sincos_pos_embed(10, 4)
+
+
+def test_pos_embed_matches_transformers_init():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                    decoder_intermediate_size=32, image_size=48, patch_size=8)
+    emb = transformers.ViTMAEForPreTraining(cfg).vit.embeddings
+    # transformers 5.x may skip this init at construction (its lazy-init flag); run it explicitly.
+    emb.patch_embeddings.projection._is_hf_initialized = False
+    with torch.no_grad():
+        emb.initialize_weights()
+    ours = R.get_2d_sincos_pos_embed(32, 6, cls_token=True)
+    assert emb.position_embeddings.abs().sum() > 0
+    assert torch.allclose(emb.position_embeddings[0].detach(), ours, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_loss_definition(norm_pix):
+    imgs = torch.randn(2, 3, 32, 32)
+    p = 8
+    pred = torch.randn(2, 16, p * p * 3)
+    mask = R.masking_ids(2, 16, 0.75).mask
+    loss = R.forward_loss(imgs, pred, mask, p, norm_pix)
+    t = R.patchify(imgs, p).double()
+    if norm_pix:
+        m = t.mean(-1, keepdim=True)
+        v = ((t - m) ** 2).sum(-1, keepdim=True) / (t.shape[-1] - 1)  # unbiased
+        t = (t - m) / torch.sqrt(v + 1e-6)
+    per = ((pred.double() - t) ** 2).mean(-1)
+    expect = (per * mask).sum() / mask.sum()
+    assert math.isclose(loss.item(), expect.item(), rel_tol=1e-5)
+
+
+def test_loss_constant_patch_is_finite():
+    imgs = torch.randn(1, 3, 16, 16)
+    imgs[..., :8, :8] = 0.3  # one constant patch: var 0 -> divided by sqrt(1e-6), stays finite
+    pred = torch.randn(1, 4, 192)
+    loss = R.forward_loss(imgs, pred, torch.ones(1, 4), 8, True)
+    assert torch.isfinite(loss)
+
+
+def test_loss_bad_inputs():
+    imgs = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="pred must have shape"):
+        R.forward_loss(imgs, torch.randn(2, 16, 10), torch.ones(2, 16), 8)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        R.forward_loss(imgs, torch.randn(2, 16, 192), torch.ones(2, 15), 8)
+
+
+def test_unshuffle_and_masked_patch_embed_match_official_composition():
+    torch.manual_seed(0)
+    m = R.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                               decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, 16)
+    ids = R.masking_ids(3, 16, 0.75, noise=noise)
+    x = m.patch_embed(imgs) + m.pos_embed[:, 1:]
+    x_official, _, _ = m.random_masking(x, 0.75, noise)
+    x_ours = R.masked_patch_embed(imgs, ids.ids_keep, m.patch_embed.proj.weight, m.patch_embed.proj.bias,
+                                  m.pos_embed, 8)
+    assert torch.allclose(x_official, x_ours, atol=1e-6)
+    xv = torch.randn(3, 1 + 4, 16)
+    dec = m.decoder_embed  # the official decoder's un-shuffle, minus the embed
+    mask_tokens = m.mask_token.repeat(3, 16 + 1 - 5, 1)
+    x_ = torch.cat([xv[:, 1:], mask_tokens], 1)
+    x_ = torch.gather(x_, 1, ids.ids_restore[..., None].repeat(1, 1, 16))
+    expect = torch.cat([xv[:, :1], x_], 1) + m.decoder_pos_embed
+    assert dec is not None
+    assert torch.allclose(R.unshuffle(xv, m.mask_token, ids.ids_restore, m.decoder_pos_embed), expect)
+
+
+def test_reference_attention_matches_sdpa():
+    qkv = torch.randn(2, 50, 3 * 4 * 16, dtype=torch.float64)
+    out = R.attention(qkv, 4)
+    q, k, v = qkv.reshape(2, 50, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 50, 64)
+    assert torch.allclose(out, ref, atol=1e-10)
+    cu = torch.tensor([0, 3, 10, 50])
+    packed = R.attention(qkv[:1], 4, cu_seqlens=cu)
+    assert torch.allclose(packed[0, 3:10], R.attention(qkv[:1, 3:10], 4)[0], atol=1e-12)
+
+
+def test_model_official_keys_and_init():
+    from maefast.models import mae_vit_base_patch16
+
+    m = R.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+                               decoder_depth=1, decoder_num_heads=2)
+    keys = set(m.state_dict())
+    for k in ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.1.norm1.weight",
+              "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.0.norm2.bias",
+              "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "decoder_embed.weight", "mask_token",
+              "decoder_pos_embed", "decoder_blocks.0.attn.qkv.weight", "decoder_norm.weight", "decoder_pred.weight"]:
+        assert k in keys, k
+    assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
+    assert m.norm.eps == 1e-6 and m.blocks[0].norm1.eps == 1e-6
+    assert torch.equal(m.blocks[0].attn.qkv.bias, torch.zeros(96))
+    assert isinstance(m.blocks[0].mlp.act, torch.nn.GELU) and m.blocks[0].mlp.act.approximate == "none"
+    with torch.device("meta"):
+        b = mae_vit_base_patch16()
+    assert b.pos_embed.shape == (1, 197, 768) and len(b.blocks) == 12 and len(b.decoder_blocks) == 8
+    assert b.decoder_pred.out_features == 768
+
+
+def test_model_rectangular_and_bad_inputs():
+    m = R.MaskedAutoencoderViT(img_size=(32, 48), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                               decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 48)
+    loss, pred, mask = m(imgs, 0.75)
+    assert pred.shape == (2, 24, 192) and mask.shape == (2, 24) and torch.isfinite(loss)
+    loss.backward()
+    with pytest.raises(ValueError, match="imgs must be 32x48"):
+        m(torch.randn(2, 3, 48, 32))
+    with pytest.raises(ValueError, match="3 channels"):
+        m(torch.randn(2, 1, 32, 48))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        m(imgs, noise=torch.rand(2, 23))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        m(imgs, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        R.MaskedAutoencoderViT(img_size=30, patch_size=8)
