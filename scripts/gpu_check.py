@@ -1,0 +1,204 @@
+"""Driver of scripts/gpu_check.sh: each step runs in a subprocess with its own time budget; a failing
+step is recorded, never aborts the rest. The record lands in OUT/record.json (committed under
+benchmarks/results/ by whoever ran it), the last lines printed are a short table."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, seconds) -- the total stays under ~8 minutes of an H100 including the build.
+BUDGET = {"build": 150, "tests": 170, "benchmarks": 200, "table2": 120}
+
+
+def sh(cmd: list[str], timeout: float, log) -> tuple[int, float, str]:
+    t0 = time.time()
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        out, rc = r.stdout, r.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + f"\n[timed out after {timeout}s]"
+        rc = 124
+    log.write(out)
+    log.flush()
+    return rc, round(time.time() - t0, 1), out
+
+
+def git_commit() -> str:
+    c = os.environ.get("MAEFAST_COMMIT")
+    if c:
+        return c
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+           "python": platform.python_version(), "host": platform.node()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            env["card"] = torch.cuda.get_device_name(0)
+            env["sm_count"] = p.multi_processor_count
+            env["memory_gib"] = round(p.total_memory / 2**30, 1)
+            env["capability"] = f"{p.major}.{p.minor}"
+        else:
+            env["card"] = "none (no CUDA device)"
+    except Exception as e:
+        env["torch_error"] = repr(e)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as e:
+        env["triton"] = f"unavailable: {e}"
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except Exception:
+        env["transformers"] = None
+    if shutil.which("nvidia-smi"):
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,"
+                                                "temperature.gpu,power.draw", "--format=csv,noheader"],
+                                               capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:
+            pass
+    return env
+
+
+def junit_summary(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"error": "no junit xml"}
+    root = ET.parse(path).getroot()
+    cases = root.iter("testcase")
+    s = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": []}
+    for c in cases:
+        name = f"{c.get('classname')}::{c.get('name')}"
+        if c.find("failure") is not None or c.find("error") is not None:
+            s["failed"] += 1
+            el = c.find("failure") if c.find("failure") is not None else c.find("error")
+            s["failures"].append({"test": name, "message": (el.get("message") or "")[:400]})
+        elif c.find("skipped") is not None:
+            s["skipped"] += 1
+        else:
+            s["passed"] += 1
+    return s
+
+
+def bench_figures(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    try:
+        data = json.load(open(path))
+    except ValueError:
+        return []
+    rows = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info", {}))
+        info["name"] = b.get("name")
+        info.setdefault("group", b.get("group"))
+        if "time_ms" not in info and b.get("stats"):
+            info["host_median_ms"] = round(b["stats"]["median"] * 1e3, 4)
+        rows.append(info)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: collect tests/benchmarks, parse outputs")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: build,tests,benchmarks,table2")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    py = sys.executable
+    record = {"kind": "maefast gpu_check", "dry_run": args.dry_run, "env": environment(), "steps": {}}
+    log = open(os.path.join(args.out, "log.txt"), "w")
+    t_start = time.time()
+
+    if "build" not in skip:
+        if args.dry_run:
+            cmd = [py, "-c", "import sys; sys.path.insert(0, 'csrc'); import build; print(build.sources(), build.compile_flags()[:4])"]
+        else:
+            os.environ.setdefault("MAEFAST_CUDA_ARCHS", "90")  # H100/H200; CI builds 80+90+PTX
+            os.environ.setdefault("MAEFAST_BUILD_JOBS", str(os.cpu_count() or 8))
+            cmd = [py, "csrc/build.py", "--inplace", "--build-dir", os.path.join(ROOT, "build", "gpu_check")]
+        rc, secs, _ = sh(cmd, BUDGET["build"], log)
+        record["steps"]["build"] = {"rc": rc, "seconds": secs}
+
+    if "tests" not in skip:
+        xml = os.path.join(args.out, "tests.xml")
+        cmd = [py, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+               "-o", "junit_family=xunit1", "--durations=5"]
+        if args.dry_run:
+            cmd.append("--collect-only")
+        rc, secs, out = sh(cmd, BUDGET["tests"], log)
+        record["steps"]["tests"] = {"rc": rc, "seconds": secs, **({} if args.dry_run else junit_summary(xml))}
+        if args.dry_run:
+            m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
+            record["steps"]["tests"]["collected"] = int(m.group(1)) if m else 0
+
+    if "benchmarks" not in skip:
+        bj = os.path.join(args.out, "bench.json")
+        cmd = [py, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", f"--benchmark-json={bj}"]
+        cmd += ["--collect-only"] if args.dry_run else ["--gpu"]
+        rc, secs, out = sh(cmd, BUDGET["benchmarks"], log)
+        record["steps"]["benchmarks"] = {"rc": rc, "seconds": secs}
+        record["benchmarks"] = bench_figures(bj)
+
+    if "table2" not in skip:
+        tj, png = os.path.join(args.out, "table2.json"), os.path.join(args.out, "table2.png")
+        cmd = [py, "-m", "maefast", "bench", "table2", "--json", tj, "--png", png]
+        if args.dry_run:
+            cmd = [py, "-m", "maefast", "bench", "--help"]
+        rc, secs, out = sh(cmd, BUDGET["table2"], log)
+        record["steps"]["table2"] = {"rc": rc, "seconds": secs}
+        if os.path.exists(tj):
+            record["table2"] = json.load(open(tj))
+
+    record["total_seconds"] = round(time.time() - t_start, 1)
+    with open(os.path.join(args.out, "record.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    log.close()
+
+    env = record["env"]
+    print(f"\n== maefast gpu_check{' (dry run)' if args.dry_run else ''}: {env.get('card')} | torch {env.get('torch')} "
+          f"| triton {env.get('triton')} | {env['date']} | commit {env['commit'][:12]}")
+    for name, st in record["steps"].items():
+        extra = ""
+        if name == "tests" and "passed" in st:
+            extra = f"passed {st['passed']} failed {st['failed']} skipped {st['skipped']}"
+            for f in st["failures"][:10]:
+                extra += f"\n      FAIL {f['test']}: {f['message'][:160]}"
+        print(f"  {name:<11} rc={st['rc']:<4} {st['seconds']:>7.1f}s  {extra}")
+    for row in record.get("benchmarks", [])[:60]:
+        keys = [k for k in ("provider", "shape", "time_ms", "tflops", "gbps", "ratio") if k in row]
+        print("  " + (row.get("group") or "") + " | " + " ".join(f"{k}={row[k]}" for k in keys))
+    print(f"record: {os.path.join(args.out, 'record.json')} ({record['total_seconds']}s)")
+    failed = [n for n, st in record["steps"].items() if st["rc"] not in (0,)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
