@@ -1,0 +1,165 @@
+"""Timing and recording helpers for `benchmarks/bench_*.py` (pytest-benchmark).
+
+Usage in a bench file (one `run_bench` per test: pytest-benchmark allows one fixture use)::
+
+    from _harness import run_bench, sizes
+
+    @pytest.mark.parametrize("shape", sizes(cpu=[(2, 64, 192)], gpu=[(256, 197, 768)]))
+    @pytest.mark.parametrize("provider", ["reference", "triton"])
+    def test_foo(benchmark, device, shape, provider):
+        fn = ...  # a closure that runs the op once
+        run_bench(benchmark, fn, group="foo-fwd", provider=provider, baseline=provider == "reference",
+                  flops=..., bytes_moved=..., shape=dict(N=shape[0], L=shape[1], D=shape[2]), dtype=dtype)
+
+The number is ours, not pytest-benchmark's: on CUDA the median of CUDA-event timings after warm-up
+with the L2 flushed between calls (`maefast.timing.time_cuda`, the do_bench recipe); on the CPU the
+median of a few `perf_counter` calls. pytest-benchmark runs `fn` once more (synchronised) through
+`benchmark.pedantic(rounds=1)` so that it still records and saves JSON (`--benchmark-json`). The
+result lives in `benchmark.extra_info`: time_ms (+ min/p20/p80/reps), tflops and/or gbps and the
+fraction of the card's measured peak, provider, group, shape, dtype, card, date, versions and git
+commit, and `speedup_vs_baseline` (baseline time / this time, same group and shape, same run).
+Imports and runs without a GPU and without triton.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the checkout, also when maefast is not pip-installed
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+from maefast import timing  # noqa: E402
+
+_GPU_MODE = False  # set by conftest from --gpu
+RESULTS: list[dict] = []  # every run_bench record of this session (the benchmark.extra_info dicts)
+
+
+def configure(gpu: bool) -> None:
+    global _GPU_MODE
+    _GPU_MODE = bool(gpu)
+
+
+def gpu_mode() -> bool:
+    """True under `pytest benchmarks --gpu`: bench files parametrise with their GPU sizes."""
+    return _GPU_MODE
+
+
+def sizes(cpu: Sequence, gpu: Sequence) -> list:
+    """The parametrisation for this session: `gpu` under --gpu, else the CPU-sized `cpu` cases."""
+    return list(gpu if _GPU_MODE else cpu)
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _shape_key(shape) -> str:
+    if isinstance(shape, dict):
+        return json.dumps(shape, sort_keys=True, default=str)
+    if isinstance(shape, (tuple, list)):
+        return json.dumps(list(shape), default=str)
+    return json.dumps(shape, default=str)
+
+
+def _jsonable(shape):
+    if isinstance(shape, dict):
+        return {str(k): _jsonable(v) for k, v in shape.items()}
+    if isinstance(shape, (tuple, list)):
+        return [_jsonable(v) for v in shape]
+    if isinstance(shape, (int, float, str, bool)) or shape is None:
+        return shape
+    return str(shape)
+
+
+def update_ratios() -> None:
+    """speedup_vs_baseline for every record whose group+shape has a baseline in this run."""
+    base = {}
+    for r in RESULTS:
+        if r.get("baseline"):
+            base[(r["group"], r["shape_key"])] = r
+    for r in RESULTS:
+        b = base.get((r["group"], r["shape_key"]))
+        if b is not None and r.get("time_ms"):
+            r["baseline_provider"] = b["provider"]
+            r["speedup_vs_baseline"] = b["time_ms"] / r["time_ms"]
+
+
+def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str, baseline: bool = False,
+              flops: float | None = None, bytes_moved: float | None = None, shape=None, dtype=None,
+              device=None, **timing_kw) -> dict:
+    """Times `fn` (see the module docstring), records it in `benchmark.extra_info` and returns it.
+
+    Args:
+        benchmark: the pytest-benchmark fixture.
+        fn: runs the measured work once (a closure; inputs prepared outside it).
+        group: what is compared (e.g. "attention-fwd"); ratios are taken inside a group and shape.
+        provider: "reference", "sdpa", "compile", "triton", "cuda", ...
+        baseline: this provider is the group's baseline (speed-ups are relative to it).
+        flops / bytes_moved: per call, for TFLOP/s and GB/s (give the one that bounds the op, or both).
+        shape: a dict or tuple describing the case (saved as given).
+        dtype: recorded as a string.
+        timing_kw: passed to `maefast.timing.time_fn` (warmup_ms, rep_ms, min_reps, budget_s, ...).
+    """
+    dev = torch.device(device) if device is not None else bench_device()
+    stats = timing.time_fn(fn, dev, **timing_kw)
+
+    def once():
+        fn()
+        timing.synchronize(dev)
+
+    benchmark.group = group
+    benchmark.pedantic(once, rounds=1, iterations=1, warmup_rounds=0)
+    peak = timing.measure_peak(dev)
+    info = benchmark.extra_info
+    info.update(provider=provider, group=group, baseline=bool(baseline), shape=_jsonable(shape),
+                shape_key=_shape_key(shape), dtype=None if dtype is None else str(dtype).replace("torch.", ""),
+                time_ms=stats["median_ms"], time_min_ms=stats["min_ms"], time_p20_ms=stats["p20_ms"],
+                time_p80_ms=stats["p80_ms"], reps=stats["reps"], flops=flops, bytes_moved=bytes_moved,
+                timer="cuda-events median, L2 flushed" if dev.type == "cuda" else "perf_counter median")
+    info.update(timing.throughput(stats["median_ms"], flops, bytes_moved, peak))
+    info.update(timing.env_info(dev))
+    RESULTS.append(info)
+    update_ratios()
+    return info
+
+
+def session_record() -> dict:
+    """What the whole session adds to the JSON: environment, the measured peak, and the ratios."""
+    dev = bench_device()
+    update_ratios()
+    rec = {"env": timing.env_info(dev), "gpu_sizes": _GPU_MODE}
+    if RESULTS:
+        rec["peak"] = timing.measure_peak(dev)
+    return rec
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def summary_lines() -> list[str]:
+    """A short table of this run (group, shape, provider, time, throughput, speed-up)."""
+    if not RESULTS:
+        return []
+    update_ratios()
+    env = timing.env_info(bench_device())
+    lines = [f"maefast benchmarks on {env['card']} ({env['date']}, torch {env['torch']}, triton {env['triton']}, "
+             f"commit {env['git_commit'][:12]})"]
+    if timing._PEAK.get(str(bench_device())):
+        p = timing._PEAK[str(bench_device())]
+        lines.append(f"measured peak: copy {p['copy_gbps']:.0f} GB/s, {p['matmul_dtype']} matmul "
+                     f"{p['matmul_tflops']:.1f} TFLOP/s")
+    head = f"{'group':<24} {'shape':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8}"
+    lines += [head, "-" * len(head)]
+    for r in sorted(RESULTS, key=lambda r: (r["group"], r["shape_key"], not r.get("baseline"), r["provider"])):
+        shape = r["shape_key"].replace('"', "").replace(" ", "")
+        sp = r.get("speedup_vs_baseline")
+        lines.append(f"{r['group'][:24]:<24} {shape[:34]:<34} {r['provider'][:16]:<16} {r['time_ms']:>9.3f} "
+                     f"{_fmt(r.get('tflops'), '8.2f'):>8} {_fmt(r.get('gbps'), '8.1f'):>8} "
+                     f"{(_fmt(sp, '.2f') + 'x') if sp is not None else '-':>8}")
+    return lines

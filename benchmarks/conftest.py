@@ -1,0 +1,92 @@
+"""pytest setup for `benchmarks/`: `--gpu` selects the GPU sizes; every result records card, date,
+versions, commit and the card's measured peak; speed-ups against the baseline of the same run are
+written into the JSON (`--benchmark-json`) and printed as a short table at the end."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import _harness
+
+if not torch.cuda.is_available():
+    # Must be set before triton.jit decorates anything (kernels/ import triton lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", default=False,
+                     help="maefast: run the GPU-sized benchmark cases (default: CPU-sized cases)")
+
+
+def pytest_configure(config):
+    _harness.configure(gpu=config.getoption("--gpu"))
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with the reason when none is present)")
+
+
+def pytest_collect_file(file_path, parent):
+    # bench files are named bench_*.py (not test_*.py): collect them here, without touching the
+    # project's python_files setting; an explicitly named file is already collected by pytest.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    if config.getoption("--gpu") and not torch.cuda.is_available():
+        reason = "--gpu selects GPU-sized cases but torch.cuda.is_available() is False"
+    for item in items:
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        elif "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """CUDA when present (CPU-sized cases run there too unless --gpu), else the CPU."""
+    return _harness.bench_device()
+
+
+@pytest.fixture(scope="session")
+def gpu_sizes() -> bool:
+    return _harness.gpu_mode()
+
+
+@pytest.fixture(scope="session")
+def card_peak(device) -> dict:
+    """The card's measured peak (copy GB/s, matmul TFLOP/s), once per session."""
+    from maefast import timing
+
+    return timing.measure_peak(device)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["maefast"] = _harness.session_record()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    _harness.update_ratios()
+    # extra_info dicts are shared with _harness.RESULTS, but the JSON holds copies: refresh them.
+    by_name = {b.get("fullname"): b for b in output_json.get("benchmarks", [])}
+    for bench in benchmarks:
+        entry = by_name.get(getattr(bench, "fullname", None))
+        if entry is not None:
+            entry["extra_info"] = dict(bench.extra_info)
+    output_json["maefast"] = {**_harness.session_record(), "summary": _harness.summary_lines()}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = _harness.summary_lines()
+    if lines:
+        terminalreporter.write_sep("-", "maefast benchmark summary (time = median; speedup = baseline/this)")
+        for line in lines:
+            terminalreporter.write_line(line)

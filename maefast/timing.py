@@ -1,0 +1,214 @@
+"""Honest timing shared by `maefast profile`, `maefast bench` and `benchmarks/`.
+
+On CUDA: CUDA events around each call, warm-up first, the L2 cache flushed between calls, median
+reported (the `triton.testing.do_bench` recipe, without needing triton). On the CPU:
+`time.perf_counter` over a few calls. Also the environment record (card, date, versions, git
+commit) and the card's *measured* peak (device-to-device copy GB/s, dense matmul TFLOP/s), measured
+once per process. Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Waits for the device (no-op on the CPU)."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None and torch.cuda.is_available()) or (dev is not None and dev.type == "cuda"):
+        torch.cuda.synchronize(dev)
+
+
+def _summary(times_ms: list[float]) -> dict:
+    ts = sorted(times_ms)
+    q = lambda p: ts[min(len(ts) - 1, int(p * (len(ts) - 1) + 0.5))]  # noqa: E731
+    return {"median_ms": statistics.median(ts), "min_ms": ts[0], "p20_ms": q(0.2), "p80_ms": q(0.8),
+            "mean_ms": sum(ts) / len(ts), "reps": len(ts)}
+
+
+_L2_FLUSH: dict = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    # 256 MiB > the L2 of any current card (H100 50 MB, H200 60 MB, B200 126 MB).
+    key = str(device)
+    if key not in _L2_FLUSH:
+        _L2_FLUSH[key] = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+    return _L2_FLUSH[key]
+
+
+def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 5,
+              max_reps: int = 1000, flush_l2: bool = True, device=None) -> dict:
+    """Median time of `fn()` on the current CUDA stream (do_bench-style). Returns a dict of ms stats."""
+    device = torch.device(device if device is not None else "cuda")
+    cache = _flush_buffer(device) if flush_l2 else None
+    fn()
+    torch.cuda.synchronize(device)
+    # estimate one call to size warm-up and repetitions by time
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        if cache is not None:
+            cache.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    est = max(start.elapsed_time(end) / 3, 1e-3)
+    n_warm = max(1, int(warmup_ms / est))
+    n_rep = max(min_reps, min(max_reps, int(rep_ms / est)))
+    for _ in range(n_warm):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        if cache is not None:
+            cache.zero_()  # cold L2 for every call, like do_bench
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_cpu(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3, max_reps: int = 20,
+             budget_s: float = 0.5) -> dict:
+    """Median wall time of `fn()` on the CPU: `warmup` calls, then at least `min_reps` calls and at
+    most `max_reps`, stopping once `budget_s` is spent."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def time_fn(fn: Callable[[], object], device=None, **kw) -> dict:
+    """`time_cuda` for a CUDA device, else `time_cpu`. Extra keywords go to the chosen one."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        keys = ("warmup_ms", "rep_ms", "min_reps", "max_reps", "flush_l2")
+        return time_cuda(fn, device=dev, **{k: v for k, v in kw.items() if k in keys})
+    keys = ("warmup", "min_reps", "max_reps", "budget_s")
+    return time_cpu(fn, **{k: v for k, v in kw.items() if k in keys})
+
+
+# -- environment record --------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD of the maefast checkout (+ '-dirty' when tracked files differ), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+_ENV: dict = {}
+
+
+def env_info(device=None) -> dict:
+    """card, date (UTC), torch/triton/CUDA versions, git commit, python; cached per device."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    key = str(dev)
+    if key not in _ENV:
+        try:
+            import triton
+            triton_v = triton.__version__
+        except Exception:  # noqa: BLE001 - absent or broken triton is a fact to record
+            triton_v = None
+        if dev.type == "cuda":
+            props = torch.cuda.get_device_properties(dev)
+            card = props.name
+            extra = {"sm": f"{props.major}.{props.minor}", "gpu_mem_gib": round(props.total_memory / 2**30, 1),
+                     "sm_count": props.multi_processor_count}
+        else:
+            card = f"CPU: {_cpu_name()}"
+            extra = {"threads": torch.get_num_threads()}
+        _ENV[key] = {"card": card, "device": dev.type, "date": datetime.datetime.now(datetime.timezone.utc)
+                     .strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__, "triton": triton_v,
+                     "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": git_commit(),
+                     **extra}
+    return dict(_ENV[key])
+
+
+# -- measured peak -------------------------------------------------------------------------------
+
+_PEAK: dict = {}
+
+
+def measure_peak(device=None) -> dict:
+    """The card's measured peak, once per process per device.
+
+    copy_gbps: a large device-to-device copy (read + write bytes / time); matmul_tflops: a square
+    dense matmul (bf16 on CUDA, 8192^3; fp32 on the CPU, 1024^3, where bf16 is not the fast path).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    key = str(dev)
+    if key in _PEAK:
+        return dict(_PEAK[key])
+    if dev.type == "cuda":
+        n_copy, mm_n, mm_dtype = 2**28, 8192, torch.bfloat16  # 1 GiB of fp32
+    else:
+        n_copy, mm_n, mm_dtype = 2**23, 1024, torch.float32  # 32 MiB
+    src = torch.empty(n_copy, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), dev, rep_ms=50, min_reps=5, flush_l2=False, budget_s=0.2)["median_ms"]
+    del src, dst
+    a = torch.randn(mm_n, mm_n, device=dev, dtype=mm_dtype)
+    b = torch.randn(mm_n, mm_n, device=dev, dtype=mm_dtype)
+    t_mm = time_fn(lambda: a @ b, dev, rep_ms=50, min_reps=5, flush_l2=False, budget_s=0.3)["median_ms"]
+    del a, b
+    _PEAK[key] = {"copy_gbps": 2 * n_copy * 4 / (t_copy * 1e-3) / 1e9,
+                  "matmul_tflops": 2 * mm_n ** 3 / (t_mm * 1e-3) / 1e12,
+                  "matmul_dtype": str(mm_dtype).replace("torch.", ""), "matmul_n": mm_n,
+                  "copy_bytes": n_copy * 4, "how": "measured: median of device-to-device copy_ and square matmul"}
+    return dict(_PEAK[key])
+
+
+def throughput(time_ms: float, flops: float | None = None, bytes_moved: float | None = None,
+               peak: dict | None = None) -> dict:
+    """TFLOP/s and/or GB/s for one call of `time_ms`, and the fraction of the measured peak."""
+    out: dict = {}
+    s = time_ms * 1e-3
+    if flops:
+        out["tflops"] = flops / s / 1e12
+        if peak and peak.get("matmul_tflops"):
+            out["frac_peak_flops"] = out["tflops"] / peak["matmul_tflops"]
+    if bytes_moved:
+        out["gbps"] = bytes_moved / s / 1e9
+        if peak and peak.get("copy_gbps"):
+            out["frac_peak_bw"] = out["gbps"] / peak["copy_gbps"]
+    return out
+
+
+def ridge_point(peak: dict) -> float:
+    """FLOP/byte at which the measured roofline turns from memory- to compute-bound."""
+    return peak["matmul_tflops"] * 1e12 / (peak["copy_gbps"] * 1e9)
