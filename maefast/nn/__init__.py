@@ -1,1 +1,3 @@
 """Drop-in modules with the official/timm constructor arguments and state-dict keys."""
+from .loss import NormPixLoss  # noqa: F401
+from .unshuffle import Unshuffle  # noqa: F401

@@ -1,3 +1,5 @@
 """maefast's ops: torch.library custom ops with fake and autograd registrations, each choosing a
 backend through impl="auto" | "triton" | "cuda" | "reference"."""
 from ._backend import IMPLS, choose_impl  # noqa: F401
+from .unshuffle import unshuffle  # noqa: F401
+from .loss import masked_patch_ids, masked_prediction_loss, norm_pix_loss  # noqa: F401

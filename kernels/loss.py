@@ -1,0 +1,185 @@
+"""Triton masked MSE on (optionally) per-patch-normalised pixels, read straight from the NCHW image.
+
+Programs walk the (N, L) patch grid, BLOCK_M patches each. For patch l of sample n:
+  PRED_MASKED=False: weight w = mask[n, l] (1 = removed), pred row (n, l); the image patch is read
+      only where w != 0 (a zero-weight row contributes w * mean(pred^2) = 0, or NaN when pred is
+      not finite, as the reference's 0 * loss does).
+  PRED_MASKED=True: j = ids_restore[n, l] - K; the patch is masked iff 0 <= j < M, then pred row
+      (n, j) and w = 1; visible patches are never read.
+Target t = img patch in the official (p_row, p_col, c) order; with NORM, per patch in fp32:
+mean, unbiased var, (t - mean) / sqrt(var + 1e-6). Row loss = mean((pred - t)^2) * w.
+Forward writes one fp32 partial per program (summed by torch: deterministic); backward writes
+grad = scale * w * 2 / P * (pred - t), scale = grad_loss / sum(w) read from device memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_PIX_EPS = 1e-6
+
+
+@triton.jit
+def _rows(
+    pred_ptr, img_ptr, w_ptr, ids_ptr,
+    pid, NL, L, GW, K, M, P, C,
+    stride_pred_n, stride_pred_r, stride_pred_e,
+    stride_img_n, stride_img_c, stride_img_h, stride_img_w,
+    stride_w_n, stride_w_l,
+    stride_ids_n, stride_ids_l,
+    eps,
+    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Loads BLOCK_M patch rows; returns (pred - target in fp32, weight, pred-row offsets, pred-row valid, e valid)."""
+    q = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = q < NL
+    n = q // L
+    l = q % L
+    if PRED_MASKED:
+        r = tl.load(ids_ptr + n * stride_ids_n + l * stride_ids_l, mask=row_ok, other=-1).to(tl.int64)
+        j = r - K
+        active = row_ok & (j >= 0) & (j < M)
+        prow = tl.where(active, j, 0)
+        pred_ok = active
+        w = active.to(tl.float32)
+    else:
+        w = tl.load(w_ptr + n * stride_w_n + l * stride_w_l, mask=row_ok, other=0.0).to(tl.float32)
+        active = row_ok & (w != 0.0)
+        prow = l
+        pred_ok = row_ok
+    e = tl.arange(0, BLOCK_P).to(tl.int64)
+    em = e < P
+    c = e % C
+    pc = (e // C) % PATCH
+    pr = e // (C * PATCH)
+    hi = l // GW
+    wi = l % GW
+    img_off = (n[:, None] * stride_img_n + c[None, :] * stride_img_c
+               + (hi[:, None] * PATCH + pr[None, :]) * stride_img_h
+               + (wi[:, None] * PATCH + pc[None, :]) * stride_img_w)
+    t = tl.load(img_ptr + img_off, mask=active[:, None] & em[None, :], other=0.0).to(tl.float32)
+    if NORM:
+        mean = tl.sum(t, axis=1) / P
+        dev = tl.where(em[None, :], t - mean[:, None], 0.0)
+        var = tl.sum(dev * dev, axis=1) / (P - 1)
+        t = dev / tl.sqrt_rn(var + eps)[:, None]
+    pred_off = n[:, None] * stride_pred_n + prow[:, None] * stride_pred_r + e[None, :] * stride_pred_e
+    pm = pred_ok[:, None] & em[None, :]
+    x = tl.load(pred_ptr + pred_off, mask=pm, other=0.0).to(tl.float32)
+    diff = tl.where(pm, x - t, 0.0)
+    return diff, w, n, prow, pred_ok, e, em
+
+
+@triton.jit
+def _norm_pix_loss_fwd_kernel(
+    pred_ptr,   # (N, L or M, P) float, any strides
+    img_ptr,    # (N, C, H, W) float, any strides
+    w_ptr,      # (N, L) fp32 mask (PRED_MASKED=False)
+    ids_ptr,    # (N, L) int64 ids_restore (PRED_MASKED=True)
+    part_ptr,   # (num_programs,) fp32 partial sums of w * row loss
+    NL, L, GW, K, M, P, C,
+    stride_pred_n, stride_pred_r, stride_pred_e,
+    stride_img_n, stride_img_c, stride_img_h, stride_img_w,
+    stride_w_n, stride_w_l,
+    stride_ids_n, stride_ids_l,
+    eps,
+    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    diff, w, n, prow, pred_ok, e, em = _rows(
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P, C,
+        stride_pred_n, stride_pred_r, stride_pred_e,
+        stride_img_n, stride_img_c, stride_img_h, stride_img_w,
+        stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
+        PATCH, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+    row_loss = tl.sum(diff * diff, axis=1) / P
+    contrib = tl.where(pred_ok, row_loss * w, 0.0)
+    tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
+
+
+@triton.jit
+def _norm_pix_loss_bwd_kernel(
+    pred_ptr, img_ptr, w_ptr, ids_ptr,
+    scale_ptr,  # () fp32: grad_loss / sum(w)
+    gpred_ptr,  # like pred, contiguous, pred's dtype
+    NL, L, GW, K, M, P, C,
+    stride_pred_n, stride_pred_r, stride_pred_e,
+    stride_img_n, stride_img_c, stride_img_h, stride_img_w,
+    stride_w_n, stride_w_l,
+    stride_ids_n, stride_ids_l,
+    R,          # rows of pred per sample (L or M)
+    eps,
+    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    diff, w, n, prow, pred_ok, e, em = _rows(
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P, C,
+        stride_pred_n, stride_pred_r, stride_pred_e,
+        stride_img_n, stride_img_c, stride_img_h, stride_img_w,
+        stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
+        PATCH, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+    scale = tl.load(scale_ptr)
+    g = diff * ((scale * 2.0 / P) * w)[:, None]
+    tl.store(gpred_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
+             mask=pred_ok[:, None] & em[None, :])
+
+
+def _config(P: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_P, num_warps) by shape; no autotune (the interpreter cannot run it)."""
+    block_p = triton.next_power_of_2(P)
+    if device.type != "cuda":
+        return max(1, min(16, 16384 // block_p)), block_p, 4
+    block_m = max(1, min(4, 4096 // block_p))
+    warps = 4 if block_m * block_p <= 2048 else 8
+    return block_m, block_p, warps
+
+
+def _args(pred, imgs, weight, ids, patch_size, len_keep):
+    N, C, H, W = imgs.shape
+    GW = W // patch_size
+    L = (H // patch_size) * GW
+    P = patch_size * patch_size * C
+    M = pred.shape[1]
+    wt = weight if weight is not None else ids
+    it = ids if ids is not None else weight
+    return (N * L, L, GW, len_keep, M, P, C,
+            pred.stride(0), pred.stride(1), pred.stride(2),
+            imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
+            wt.stride(0), wt.stride(1), it.stride(0), it.stride(1)), (wt, it), N * L, P
+
+
+def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
+                      ids_restore: torch.Tensor | None, patch_size: int, len_keep: int, norm_pix: bool) -> torch.Tensor:
+    """Launcher (inputs validated by maefast.ops.norm_pix_loss). Exactly one of weight ((N, L) fp32
+    mask: pred is (N, L, P)) and ids_restore ((N, L) int64: pred is (N, L - len_keep, P), masked
+    patches in shuffle order) is given. Returns sum over patches of w * row loss, a 0-d fp32 tensor
+    (the caller divides by sum(w))."""
+    args, (wt, it), NL, P = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    block_m, block_p, warps = _config(P, pred.device)
+    grid = (triton.cdiv(NL, block_m),)
+    part = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
+    _norm_pix_loss_fwd_kernel[grid](
+        pred, imgs, wt, it, part, *args, NORM_PIX_EPS,
+        PATCH=patch_size, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
+    return part.sum()
+
+
+def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
+                      ids_restore: torch.Tensor | None, patch_size: int, len_keep: int, norm_pix: bool) -> torch.Tensor:
+    """Launcher. scale: 0-d fp32 tensor grad_loss / sum(w) (stays on the device: no host sync).
+    Returns grad of pred (contiguous, pred's dtype). With ids_restore, every row is written once
+    when ids_restore is a permutation (as from masking)."""
+    args, (wt, it), NL, P = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    block_m, block_p, warps = _config(P, pred.device)
+    grid = (triton.cdiv(NL, block_m),)
+    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    _norm_pix_loss_bwd_kernel[grid](
+        pred, imgs, wt, it, scale, gpred, *args, pred.shape[1], NORM_PIX_EPS,
+        PATCH=patch_size, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
+    return gpred

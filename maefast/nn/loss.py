@@ -1,0 +1,34 @@
+"""Drop-in MAE reconstruction loss module (the official `MaskedAutoencoderViT.forward_loss`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.loss import norm_pix_loss
+
+
+class NormPixLoss(nn.Module):
+    """The official MAE loss as a module: ``forward(imgs, pred, mask)`` = ``forward_loss(imgs, pred, mask)``.
+
+    Args:
+        patch_size: p (the model's patch size).
+        norm_pix_loss: normalise each target patch (official flag, default False like the official model).
+        impl: "auto" | "triton" | "cuda" | "reference".
+
+    forward(imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) float 1 = removed) -> 0-d fp32 loss.
+    With ``pred_on="masked"``, pred is (N, L-K, p*p*C) (masked patches in shuffle order) and the
+    third argument is ids_restore (N, L); see `maefast.ops.norm_pix_loss`.
+    """
+
+    def __init__(self, patch_size: int, norm_pix_loss: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm_pix_loss = norm_pix_loss
+        self.impl = impl
+
+    def forward(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_on: str = "all") -> torch.Tensor:
+        return norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, pred_on=pred_on,
+                             impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}, norm_pix_loss={self.norm_pix_loss}, impl={self.impl!r}"

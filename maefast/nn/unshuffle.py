@@ -1,0 +1,26 @@
+"""Drop-in decoder un-shuffle module (the official forward_decoder's mask-token fill + gather + pos add)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.unshuffle import unshuffle
+
+
+class Unshuffle(nn.Module):
+    """Stateless: the model keeps ``mask_token`` and ``decoder_pos_embed`` (official state-dict keys).
+
+    forward(x_vis (N, 1+K, Dd), mask_token (1, 1, Dd), ids_restore (N, L), pos_embed (1, 1+L, Dd))
+    -> (N, 1+L, Dd); see `maefast.ops.unshuffle`.
+    """
+
+    def __init__(self, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+
+    def forward(self, x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+                pos_embed: torch.Tensor) -> torch.Tensor:
+        return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"

@@ -1,0 +1,249 @@
+"""The MAE reconstruction loss as one custom op `maefast::norm_pix_loss`: masked MSE on (optionally)
+per-patch-normalised pixels, target read straight from the NCHW image, fused backward; plus the
+"predict only where the loss looks" head (`masked_prediction_loss`).
+
+Two layouts of `pred` (see `norm_pix_loss`):
+  pred_on="all":    pred (N, L, P) for every patch, mask_or_ids = mask (N, L) float, 1 = removed —
+                    the official `forward_loss(imgs, pred, mask)`.
+  pred_on="masked": pred (N, L-K, P) for the masked patches only, row j of sample n = patch
+                    ids_shuffle[n, K + j] (`masked_patch_ids` order); mask_or_ids = ids_restore (N, L)
+                    — `maefast.reference.forward_loss_masked`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
+from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
+from ..reference.patchify import patchify
+from ._backend import choose_impl, stream_of
+
+PRED_ON = ("all", "masked")
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _validate(pred, imgs, mask_or_ids, patch_size, pred_on) -> None:
+    check_patch_size(patch_size)
+    if pred_on not in PRED_ON:
+        raise ValueError(f"pred_on must be one of {PRED_ON}, got {pred_on!r}")
+    h, w = check_images("imgs", imgs, patch_size)
+    n, c = imgs.shape[:2]
+    L, P = h * w, patch_size * patch_size * c
+    check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES, device=imgs.device)
+    if imgs.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"imgs must be float32/float16/bfloat16, got {imgs.dtype}")
+    if pred_on == "all":
+        if tuple(pred.shape) != (n, L, P):
+            raise ValueError(f"pred must have shape (N, L, p*p*C) = {(n, L, P)} for pred_on='all', "
+                             f"got {tuple(pred.shape)}")
+        check_tensor("mask", mask_or_ids, ndim=2, device=imgs.device)
+        if not mask_or_ids.is_floating_point():
+            raise TypeError(f"mask (pred_on='all') must be a float (N, L) tensor, 1 = removed; got {mask_or_ids.dtype} "
+                            "(pass ids_restore with pred_on='masked')")
+        if tuple(mask_or_ids.shape) != (n, L):
+            raise ValueError(f"mask must have shape (N, L) = {(n, L)}, got {tuple(mask_or_ids.shape)}")
+    else:
+        if pred.shape[0] != n or pred.shape[2] != P or not 1 <= pred.shape[1] <= L:
+            raise ValueError(f"pred must have shape (N, M, p*p*C) = ({n}, M, {P}) with 1 <= M <= L = {L} masked "
+                             f"patches for pred_on='masked', got {tuple(pred.shape)}")
+        check_tensor("ids_restore", mask_or_ids, ndim=2, dtypes=_INDEX_DTYPES, device=imgs.device)
+        if tuple(mask_or_ids.shape) != (n, L):
+            raise ValueError(f"ids_restore must have shape (N, L) = {(n, L)}, got {tuple(mask_or_ids.shape)}")
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+def _split(mask_or_ids, pred_masked: bool):
+    """(weight fp32 or None, ids int64 or None)."""
+    if pred_masked:
+        return None, mask_or_ids.to(torch.int64)
+    return mask_or_ids.to(torch.float32), None
+
+
+def _denominator(pred, mask_or_ids, pred_masked: bool) -> torch.Tensor:
+    if pred_masked:
+        return torch.full((), float(pred.shape[0] * pred.shape[1]), dtype=torch.float32, device=pred.device)
+    return mask_or_ids.sum(dtype=torch.float32)
+
+
+def _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, m):
+    target = patchify(imgs.float(), patch_size)
+    if pred_masked:
+        ids = masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - m)
+        target = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    return norm_pix_target(target) if norm_pix else target
+
+
+def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale=None):
+    from .._cpp_lib import require_C
+
+    C = require_C()
+    weight, ids = _split(mask_or_ids, pred_masked)
+    wt = weight if weight is not None else ids
+    n, c, H, W = imgs.shape
+    gw = W // patch_size
+    L = (H // patch_size) * gw
+    m = pred.shape[1]
+    k = L - m if pred_masked else 0
+    common = (n, L, gw, k, m, c, patch_size, *pred.stride(), *imgs.stride(), *wt.stride(), bool(norm_pix),
+              bool(pred_masked), _dtype_code(pred.dtype), _dtype_code(imgs.dtype), stream_of(pred))
+    if fwd:
+        rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
+        C.norm_pix_loss_fwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), rows.data_ptr(), *common)
+        return rows.sum()
+    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(), *common)
+    return gpred
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+# -- custom op ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("maefast::norm_pix_loss", mutates_args=())
+def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, norm_pix: bool,
+             pred_masked: bool, impl: str) -> torch.Tensor:
+    den = _denominator(pred, mask_or_ids, pred_masked)
+    if impl == "triton":
+        from ..kernels.loss import norm_pix_loss_fwd
+
+        weight, ids = _split(mask_or_ids, pred_masked)
+        k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
+        return norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, k, norm_pix) / den
+    if impl == "cuda":
+        return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den
+    # Reference semantics with fp32 arithmetic whatever the input dtypes.
+    if pred_masked:
+        return forward_loss_masked(imgs.float(), pred.float(), mask_or_ids.to(torch.int64), patch_size, norm_pix)
+    return forward_loss(imgs.float(), pred.float(), mask_or_ids.float(), patch_size, norm_pix)
+
+
+@_loss_op.register_fake
+def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("maefast::norm_pix_loss_backward", mutates_args=())
+def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor,
+                 patch_size: int, norm_pix: bool, pred_masked: bool, impl: str) -> torch.Tensor:
+    """Grad of pred (pred's shape and dtype, contiguous); grad is the 0-d fp32 grad of the loss."""
+    scale = (grad.float() / _denominator(pred, mask_or_ids, pred_masked)).reshape(())
+    if impl == "triton":
+        from ..kernels.loss import norm_pix_loss_bwd
+
+        weight, ids = _split(mask_or_ids, pred_masked)
+        k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
+        return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, k, norm_pix)
+    if impl == "cuda":
+        return _cuda_call(False, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale.contiguous())
+    target = _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, pred.shape[1])
+    g = (pred.float() - target) * (scale * 2.0 / pred.shape[-1])
+    if not pred_masked:
+        g = g * mask_or_ids.float().unsqueeze(-1)
+    return g.to(pred.dtype).contiguous()
+
+
+@_loss_bwd_op.register_fake
+def _(grad, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl = inputs
+    ctx.save_for_backward(pred, imgs, mask_or_ids)
+    ctx.args = (patch_size, norm_pix, pred_masked, impl)
+
+
+def _backward(ctx, grad):
+    pred, imgs, mask_or_ids = ctx.saved_tensors
+    gpred = _loss_bwd_op(grad, pred, imgs, mask_or_ids, *ctx.args)
+    return gpred, None, None, None, None, None, None
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, *,
+                  norm_pix: bool = True, pred_on: str = "all", impl: str = "auto") -> torch.Tensor:
+    """MAE reconstruction loss: mean over the masked patches of the per-patch MSE against the
+    (optionally per-patch-normalised) image pixels.
+
+    Args:
+        pred: fp32/bf16/fp16 predictions, P = p*p*C values per patch in the official (p_row, p_col, c) order.
+            pred_on="all":    (N, L, P), every patch (the official decoder output without cls).
+            pred_on="masked": (N, M, P), M = L - K masked patches only; row j of sample n predicts
+                              patch ids_shuffle[n, K + j] (see `masked_patch_ids`).
+        imgs: (N, C, H, W) float images (any strides, e.g. channels_last); H, W multiples of patch_size.
+            Only masked patches are read.
+        mask_or_ids: pred_on="all": mask (N, L) float, 1 = removed (any weights: sum(w * loss) / sum(w)).
+            pred_on="masked": ids_restore (N, L) int64/int32 from masking (a permutation; K = L - M).
+        patch_size: p.
+        norm_pix: normalise each target patch: (t - mean) / sqrt(unbiased var + 1e-6), in fp32.
+        pred_on: "all" (official) | "masked".
+        impl: "auto" | "triton" | "cuda" | "reference".
+    Returns:
+        0-d fp32 loss, sum(per-patch MSE * w) / sum(w) (fp32 arithmetic for any input dtype).
+        Differentiable in pred only; the gradient is zero on unmasked rows (pred_on="all"),
+        computed without host sync and deterministically. NaN/Inf in pred (any row) or in a masked
+        patch of imgs reach the loss; unmasked image patches are never read.
+    """
+    if not compiling():
+        _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
+    impl = choose_impl(impl, pred.device, cuda_op="norm_pix_loss_fwd", what="maefast.ops.norm_pix_loss")
+    return _loss_op(pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl)
+
+
+def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
+    """(N, L) ids_restore -> (N, L - len_keep) int64 masked patches in shuffle order
+    (ids_shuffle[:, len_keep:]), by a scatter (ids_restore is a permutation): no sort, no host sync.
+    Same result as `maefast.reference.masked_patch_ids`."""
+    n, L = ids_restore.shape
+    ids = ids_restore.to(torch.int64)
+    arange = torch.arange(L, device=ids.device).expand(n, L)
+    ids_shuffle = torch.empty_like(ids).scatter_(1, ids, arange)
+    return ids_shuffle[:, len_keep:]
+
+
+def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor, pred_bias: torch.Tensor | None,
+                           imgs: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, patch_size: int, *,
+                           norm_pix: bool = True, has_cls: bool = True, return_pred: bool = False,
+                           impl: str = "auto"):
+    """Prediction head + loss on the masked patches only (the decoder blocks still see every token).
+
+    Gathers the L - K masked rows of the decoder output, applies `decoder_pred` (F.linear) to them
+    only, and takes `norm_pix_loss(..., pred_on="masked")`. Same loss and the same gradients for
+    every parameter as the official `decoder_pred` on all rows + `forward_loss` (unmasked rows get
+    zero gradient there), with 1/4 of the head's FLOPs at ratio 0.75.
+
+    Args:
+        decoder_out: (N, 1+L, Dd) after decoder_norm (cls first; has_cls=False: (N, L, Dd)).
+        pred_weight: (p*p*C, Dd), pred_bias: (p*p*C,) or None — `decoder_pred.weight/.bias`.
+        imgs: (N, C, H, W). ids_restore: (N, L) from masking. len_keep: K.
+        return_pred: also return the (N, L-K, P) masked predictions (rows in `masked_patch_ids` order).
+    Returns:
+        loss (0-d fp32), or (loss, pred_masked) when return_pred.
+    """
+    if not compiling():
+        check_tensor("decoder_out", decoder_out, ndim=3, dtypes=FLOAT_DTYPES)
+        check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=decoder_out.device)
+        L = ids_restore.shape[1]
+        rows = L + 1 if has_cls else L
+        if decoder_out.shape[:2] != (ids_restore.shape[0], rows):
+            raise ValueError(f"decoder_out must have shape (N, {'1+L' if has_cls else 'L'}, Dd) = "
+                             f"({ids_restore.shape[0]}, {rows}, Dd), got {tuple(decoder_out.shape)}")
+        if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep < L:
+            raise ValueError(f"len_keep must be an int in [0, L) = [0, {L}), got {len_keep!r}")
+    x = decoder_out[:, 1:] if has_cls else decoder_out
+    ids = masked_patch_ids(ids_restore, len_keep)
+    x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    pred = F.linear(x, pred_weight, pred_bias)
+    loss = norm_pix_loss(pred, imgs, ids_restore, patch_size, norm_pix=norm_pix, pred_on="masked", impl=impl)
+    return (loss, pred) if return_pred else loss
+
+
+__all__ = ["norm_pix_loss", "masked_patch_ids", "masked_prediction_loss", "NORM_PIX_EPS", "PRED_ON"]

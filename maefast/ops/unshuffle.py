@@ -1,0 +1,189 @@
+"""Decoder un-shuffle as one custom op `maefast::unshuffle`: mask-token fill + gather by ids_restore +
+decoder position embedding in one pass, with a fused, deterministic backward.
+
+    out = maefast.ops.unshuffle(x_vis, mask_token, ids_restore, pos_embed)  # (N, 1+L, Dd)
+
+equals `maefast.reference.unshuffle` (the official forward_decoder up to the blocks).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validate import FLOAT_DTYPES, check_tensor, compiling
+from ..reference import unshuffle as _reference_unshuffle
+from ._backend import choose_impl, stream_of
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
+    check_tensor("x_vis", x_vis, ndim=3, dtypes=FLOAT_DTYPES)
+    n, k1, d = x_vis.shape
+    check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=x_vis.device)
+    L = ids_restore.shape[1]
+    if ids_restore.shape[0] != n:
+        raise ValueError(f"ids_restore must have shape (N, L) with N = x_vis.shape[0] = {n}, "
+                         f"got {tuple(ids_restore.shape)}")
+    if n < 1 or L < 1 or d < 1:
+        raise ValueError(f"x_vis (N, 1+K, Dd) and ids_restore (N, L) must be non-empty, got x_vis "
+                         f"{tuple(x_vis.shape)} and ids_restore {tuple(ids_restore.shape)}")
+    if not 1 <= k1 <= L + 1:
+        raise ValueError(f"x_vis must hold the cls token and K <= L visible tokens: shape (N, 1+K, Dd) with "
+                         f"1 <= 1+K <= 1+L = {L + 1}, got {tuple(x_vis.shape)}")
+    check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES, device=x_vis.device)
+    if tuple(mask_token.shape) != (1, 1, d):
+        raise ValueError(f"mask_token must have shape (1, 1, Dd) = {(1, 1, d)}, got {tuple(mask_token.shape)}")
+    check_tensor("pos_embed", pos_embed, ndim=3, dtypes=FLOAT_DTYPES, device=x_vis.device)
+    if tuple(pos_embed.shape) != (1, L + 1, d):
+        raise ValueError(f"pos_embed must have shape (1, 1+L, Dd) = {(1, L + 1, d)}, got {tuple(pos_embed.shape)}")
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+def _prep(x_vis, mask_token, ids_restore, pos_embed):
+    # Kernels see one dtype: the reference rounds mask_token and pos_embed to x_vis's dtype first.
+    tok = mask_token.reshape(-1).to(x_vis.dtype).contiguous()
+    pos = pos_embed[0].to(x_vis.dtype)
+    return tok, ids_restore.to(torch.int64), pos
+
+
+def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
+    from .._cpp_lib import require_C
+
+    C = require_C()
+    tok, ids, pos = _prep(x_vis, mask_token, ids_restore, pos_embed)
+    n, k1, d = x_vis.shape
+    L = ids.shape[1]
+    out = torch.empty(n, L + 1, d, dtype=x_vis.dtype, device=x_vis.device)
+    C.unshuffle_fwd(x_vis.data_ptr(), tok.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(),
+                    n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), _dtype_code(x_vis.dtype),
+                    stream_of(x_vis))
+    return out
+
+
+def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
+    from .._cpp_lib import require_C
+
+    C = require_C()
+    ids = ids_restore.to(torch.int64)
+    n, T, d = grad.shape
+    chunks = max(1, min(n, -(-1024 // T)))
+    n_per = -(-n // chunks)
+    chunks = -(-n // n_per)
+    gx = torch.empty(n, num_visible + 1, d, dtype=grad.dtype, device=grad.device)
+    tok_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device)
+    pos_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device) if need_pos else tok_part
+    C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
+                    n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
+                    _dtype_code(grad.dtype), stream_of(grad))
+    return gx, tok_part.sum((0, 1)), (pos_part.sum(0) if need_pos else None)
+
+
+def _bwd_reference(grad, ids_restore, num_visible, need_pos):
+    n, T, d = grad.shape
+    g = grad[:, 1:]
+    # The gather's backward: scatter the patch rows back to [visible..., mask slots...] order.
+    g_ = torch.zeros_like(g).scatter_(1, ids_restore.to(torch.int64).unsqueeze(-1).expand(-1, -1, d), g)
+    gx = torch.cat([grad[:, :1], g_[:, :num_visible]], dim=1)
+    g_tok = g_[:, num_visible:].sum((0, 1), dtype=torch.float32)
+    g_pos = grad.sum(0, dtype=torch.float32) if need_pos else None
+    return gx, g_tok, g_pos
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+# -- custom op ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("maefast::unshuffle", mutates_args=())
+def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
+                  pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
+    if impl == "triton":
+        from ..kernels.unshuffle import unshuffle_fwd
+
+        tok, ids, pos = _prep(x_vis, mask_token, ids_restore, pos_embed)
+        return unshuffle_fwd(x_vis, tok, ids, pos)
+    if impl == "cuda":
+        return _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed)
+    return _reference_unshuffle(x_vis, mask_token, ids_restore.to(torch.int64), pos_embed).contiguous()
+
+
+@_unshuffle_op.register_fake
+def _(x_vis, mask_token, ids_restore, pos_embed, impl):
+    n, _, d = x_vis.shape
+    return x_vis.new_empty(n, ids_restore.shape[1] + 1, d)
+
+
+@torch.library.custom_op("maefast::unshuffle_backward", mutates_args=())
+def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, need_pos: bool,
+                      impl: str) -> list[torch.Tensor]:
+    """Returns [grad_x_vis (N, 1+K, Dd) grad's dtype, grad_mask_token (Dd,) fp32,
+    grad_pos_embed (1+L, Dd) fp32 (an empty tensor when need_pos is False)]."""
+    grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    if impl == "triton":
+        from ..kernels.unshuffle import unshuffle_bwd
+
+        gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore.to(torch.int64), num_visible, need_pos)
+    elif impl == "cuda":
+        gx, g_tok, g_pos = _bwd_cuda(grad, ids_restore, num_visible, need_pos)
+    else:
+        gx, g_tok, g_pos = _bwd_reference(grad, ids_restore, num_visible, need_pos)
+    if g_pos is None:
+        g_pos = grad.new_empty(0, dtype=torch.float32)
+    return [gx, g_tok, g_pos]
+
+
+@_unshuffle_bwd_op.register_fake
+def _(grad, ids_restore, num_visible, need_pos, impl):
+    n, T, d = grad.shape
+    g_pos = grad.new_empty(T, d, dtype=torch.float32) if need_pos else grad.new_empty(0, dtype=torch.float32)
+    return [grad.new_empty(n, num_visible + 1, d), grad.new_empty(d, dtype=torch.float32), g_pos]
+
+
+def _setup_context(ctx, inputs, output):
+    x_vis, mask_token, ids_restore, pos_embed, impl = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.num_visible = x_vis.shape[1] - 1
+    ctx.x_dtype = x_vis.dtype
+    ctx.tok_dtype, ctx.tok_shape = mask_token.dtype, tuple(mask_token.shape)
+    ctx.pos_dtype, ctx.pos_shape = pos_embed.dtype, tuple(pos_embed.shape)
+    ctx.impl = impl
+
+
+def _backward(ctx, grad):
+    (ids_restore,) = ctx.saved_tensors
+    need_pos = bool(ctx.needs_input_grad[3])
+    gx, g_tok, g_pos = _unshuffle_bwd_op(grad.to(ctx.x_dtype), ids_restore, ctx.num_visible, need_pos, ctx.impl)
+    g_tok = g_tok.to(ctx.tok_dtype).reshape(ctx.tok_shape)
+    g_pos = g_pos.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
+    return gx, g_tok, None, g_pos, None
+
+
+_unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor,
+              impl: str = "auto") -> torch.Tensor:
+    """The MAE decoder input in one pass: visible tokens back at their patches, mask_token elsewhere,
+    plus the decoder position embedding.
+
+    Args:
+        x_vis: (N, 1+K, Dd) fp32/bf16/fp16 decoder-embedded tokens, cls first, then the K visible
+            patches in ids_keep order.
+        mask_token: (1, 1, Dd) float (rounded to x_vis's dtype, as the reference does).
+        ids_restore: (N, L) int64/int32, a permutation of 0..L-1 per sample (from masking): patch l
+            takes visible token ids_restore[n, l] when it is < K, else the mask token. Not checked
+            on the device (no host sync); an index outside [0, K) reads the mask token.
+        pos_embed: (1, 1+L, Dd) float, the decoder position embedding (cls row first).
+        impl: "auto" | "triton" | "cuda" | "reference".
+    Returns:
+        (N, 1+L, Dd) contiguous, x_vis's dtype. Differentiable in x_vis, mask_token (fp32 sum over the
+        masked slots, deterministic) and pos_embed (fp32 sum over the batch, only when it requires grad).
+    """
+    if not compiling():
+        _validate(x_vis, mask_token, ids_restore, pos_embed)
+    impl = choose_impl(impl, x_vis.device, cuda_op="unshuffle_fwd", what="maefast.ops.unshuffle")
+    return _unshuffle_op(x_vis, mask_token, ids_restore, pos_embed, impl)
