@@ -1,0 +1,182 @@
+"""`maefast train` options: one dataclass, its argparse front end, and the resolution of the
+"auto" defaults (paper recipe on a GPU; a ~1-minute run on the CPU)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+GPU_MODEL, CPU_MODEL = "mae_vit_base_patch16", "mae_vit_small_cpu"
+PAPER_EPOCHS, GPU_BATCH, CPU_BATCH = 800, 64, 32
+SYNTHETIC_EPOCHS, CPU_SYNTHETIC_SIZE, GPU_SYNTHETIC_STEPS = 1, 4096, 200
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``maefast train`` (None = resolved by ``resolve_config``; see ``--help``)."""
+
+    data: str = "synthetic"
+    synthetic_size: int | None = None
+    model: str | None = None
+    input_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    accum_iter: int = 1
+    blr: float = BASE_LR
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = WEIGHT_DECAY
+    warmup_epochs: float | None = None
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+    clip_grad: float | None = None
+    dtype: str = "auto"
+    impl: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    device: str | None = None
+    workers: int | None = None
+    output_dir: str = "output_dir"
+    resume: str | None = None
+    seed: int = 0
+    max_steps: int | None = None
+    save_every_steps: int = 0
+    keep_every_epochs: int = 0
+    log_every: int = 10
+    progress: bool = True
+    export: bool = True
+    plot: bool = True
+    notes: list = field(default_factory=list)  # filled by resolve_config: which defaults were chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="maefast train",
+        description="MAE pre-training with the paper's recipe (AdamW 0.9/0.95, wd 0.05, lr = blr x batch / 256, "
+                    "warm-up + cosine per iteration, RandomResizedCrop 0.2-1 + flip). Multi-GPU: "
+                    "torchrun --nproc_per_node=N -m maefast train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="synthetic", help="image folder (flat or class sub-folders) or 'synthetic'")
+    a("--synthetic-size", type=int, default=None, help="images in the synthetic set (auto: ~1 min on the CPU)")
+    a("--model", default=None, help=f"model name (auto: {GPU_MODEL} on a GPU, {CPU_MODEL} on the CPU)")
+    a("--input-size", type=int, default=None, help="image size (auto: the model's img_size)")
+    a("--epochs", type=int, default=None, help=f"auto: {PAPER_EPOCHS} (paper) for a folder, 1 for synthetic")
+    a("--batch-size", type=int, default=None, help=f"per-process batch (auto: {GPU_BATCH} GPU, {CPU_BATCH} CPU)")
+    a("--accum-iter", type=int, default=1, help="gradient accumulation steps")
+    a("--blr", type=float, default=BASE_LR, help="base lr: lr = blr x batch x accum x world / 256")
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
+    a("--weight-decay", type=float, default=WEIGHT_DECAY)
+    a("--warmup-epochs", type=float, default=None, help="auto: epochs x 40/800 (the paper's proportion)")
+    a("--mask-ratio", type=float, default=0.75)
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=False,
+      help="per-patch normalised pixel targets (the official release recipe uses it)")
+    a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
+    a("--dtype", default="auto", choices=["auto", *DTYPES], help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+    a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--fsdp", action="store_true", help="shard with torch FSDP instead of DDP (under torchrun)")
+    a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
+    a("--workers", type=int, default=None, help="data-loader workers per process (auto)")
+    a("--output-dir", default="output_dir", help="checkpoints, logs, loss curve, exported encoder")
+    a("--resume", default=None, help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth)")
+    a("--seed", type=int, default=0)
+    a("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps in total")
+    a("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: epoch ends only)")
+    a("--keep-every-epochs", type=int, default=0, help="keep checkpoint-EPOCH.pth every N epochs (0: only the last)")
+    a("--log-every", type=int, default=10, help="optimizer steps between loss readings (steps.jsonl, bar)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--no-export", dest="export", action="store_false", help="do not write mae_pretrain_*.pth")
+    a("--no-plot", dest="plot", action="store_false", help="do not write loss_curve.png")
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = None) -> TrainConfig:
+    """A copy of ``cfg`` with every None/"auto" default decided and validated; ``notes`` says which."""
+    from ..models import model_config, resolve_model_name
+
+    cfg = dataclasses.replace(cfg, notes=list(cfg.notes))
+    if cuda is None:
+        cuda = torch.cuda.is_available() if cfg.device is None else cfg.device == "cuda"
+    cfg.device = cfg.device or ("cuda" if cuda else "cpu")
+    on_gpu = cfg.device == "cuda"
+    synthetic = cfg.data == "synthetic"
+    cpu_auto = []
+    if cfg.model is None:
+        cfg.model = GPU_MODEL if on_gpu else CPU_MODEL
+        if not on_gpu:
+            cpu_auto.append(f"model {CPU_MODEL}")
+    cfg.model = resolve_model_name(cfg.model)
+    if cfg.input_size is None:
+        cfg.input_size = int(model_config(cfg.model)["img_size"])
+        if not on_gpu:
+            cpu_auto.append(f"input {cfg.input_size}")
+    if cfg.batch_size is None:
+        cfg.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
+    if cfg.epochs is None:
+        cfg.epochs = SYNTHETIC_EPOCHS if synthetic else PAPER_EPOCHS
+        if synthetic:
+            cpu_auto.append(f"{cfg.epochs} epoch")
+    if synthetic and cfg.synthetic_size is None:
+        cfg.synthetic_size = (GPU_SYNTHETIC_STEPS * cfg.batch_size * cfg.accum_iter * world_size if on_gpu
+                              else CPU_SYNTHETIC_SIZE)
+        cpu_auto.append(f"{cfg.synthetic_size} synthetic images")
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = cfg.epochs * WARMUP_FRACTION
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+    cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+    if cfg.workers is None:
+        cpus = os.cpu_count() or 1
+        cfg.workers = min(10, max(1, cpus // world_size - 1)) if on_gpu else (0 if cpus <= 4 else 2)
+    if cpu_auto and not on_gpu:
+        cfg.notes.append("no GPU: CPU defaults (" + ", ".join(cpu_auto) + "); pass --model/--input-size/--epochs/"
+                         "--synthetic-size to change them")
+    elif synthetic and (cfg.epochs == SYNTHETIC_EPOCHS):
+        cfg.notes.append(f"synthetic data: {cfg.synthetic_size} images, {cfg.epochs} epoch(s)")
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
+        cfg.resume = path if os.path.isfile(path) else None
+        cfg.notes.append(f"--resume auto: {'continuing from ' + path if cfg.resume else 'no checkpoint, fresh start'}")
+    validate_config(cfg)
+    return cfg
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every"):
+        _positive("--" + name.replace("_", "-"), getattr(cfg, name))
+    for name in ("blr", "min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
+                 "workers"):
+        _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
+    if cfg.lr is not None:
+        _positive("--lr", cfg.lr)
+    if cfg.max_steps is not None:
+        _positive("--max-steps", cfg.max_steps)
+    if cfg.synthetic_size is not None:
+        _positive("--synthetic-size", cfg.synthetic_size)
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
+    if cfg.impl not in ("auto", "triton", "cuda", "reference"):
+        raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
+    if cfg.fsdp and cfg.dtype == "float16":
+        raise ValueError("--fsdp with --dtype float16 is not supported (no sharded grad scaler here): use bfloat16")

@@ -1,0 +1,235 @@
+"""Data for MAE pre-training: an image folder or deterministic synthetic images, the paper's
+augmentation (RandomResizedCrop 0.2-1.0 bicubic + horizontal flip + ImageNet normalisation) in
+Pillow + torch, and a resumable distributed sampler.
+
+Every random choice for a sample (crop box, flip, and the masking noise handed to the model) comes
+from a generator seeded by (seed, epoch, index). A sample is therefore the same whichever rank or
+data-loader worker produces it: a 2-process run sees exactly the samples and masks of a 1-process
+run with the same global batch, and a resumed run replays the data exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SCALE = (0.2, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+# -- augmentation ------------------------------------------------------------------------------
+def random_resized_crop_params(width: int, height: int, rng: np.random.Generator, scale=SCALE,
+                               ratio=RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop: torchvision's RandomResizedCrop.get_params algorithm.
+
+    10 tries of an area fraction ~ U(scale) and a log-uniform aspect ratio; else a central crop
+    clamped to the ratio range.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_normalized_tensor(img) -> torch.Tensor:
+    """PIL RGB image -> float32 (3, H, W), ToTensor (/255) then ImageNet normalisation."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ImageNet normalisation on (..., 3, H, W); result in [0, 1] before clamping."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * std + mean
+
+
+class PretrainTransform:
+    """RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + RandomHorizontalFlip + ImageNet norm.
+
+    ``__call__(img, rng)`` draws from ``rng`` (a numpy Generator) so the result is reproducible.
+    """
+
+    def __init__(self, size: int = 224, scale=SCALE, ratio=RATIO, hflip: float = 0.5):
+        self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
+
+    def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:
+        Image = _pil()
+        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale, self.ratio)
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
+        if rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)
+
+
+def center_transform(img, size: int) -> torch.Tensor:
+    """Deterministic eval view: resize the short side to ``size`` (bicubic), center crop, normalise."""
+    Image = _pil()
+    scale = size / min(img.width, img.height)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
+
+
+# -- datasets ----------------------------------------------------------------------------------
+def _split_key(key) -> tuple[int, int]:
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return 0, int(key)
+
+
+class _PretrainDataset(Dataset):
+    """Common part: item (epoch, index) -> {"image": (3, S, S) float32, "noise": (L,) float32} or None."""
+
+    def __init__(self, input_size: int, num_patches: int, seed: int = 0):
+        self.transform = PretrainTransform(input_size)
+        self.num_patches, self.seed = int(num_patches), int(seed)
+
+    def load(self, index: int):  # -> PIL RGB image
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        return str(index)
+
+    def __getitem__(self, key):
+        epoch, index = _split_key(key)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            img = self.load(index)
+        except Exception as exc:  # corrupt / unreadable / vanished: skipped and counted by the loop
+            return {"bad": f"{self.name(index)}: {type(exc).__name__}: {exc}"}
+        image = self.transform(img, rng)
+        noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
+        return {"image": image, "noise": noise}
+
+
+class ImageFolderDataset(_PretrainDataset):
+    """Every image file under ``root`` (recursively: class sub-folders or a flat folder), sorted."""
+
+    def __init__(self, root: str, input_size: int, num_patches: int, seed: int = 0):
+        super().__init__(input_size, num_patches, seed)
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"--data folder {root!r} does not exist")
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"--data {root!r} is not a folder (pass a folder of images or 'synthetic')")
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+        if not files:
+            raise ValueError(f"--data folder {root!r} holds no image files (looked recursively for "
+                             f"{', '.join(IMG_EXTENSIONS)})")
+        self.root, self.files = root, files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, index: int):
+        Image = _pil()
+        with open(self.files[index], "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now so truncated files fail here, inside the try
+        return img.convert("RGB")
+
+
+class SyntheticDataset(_PretrainDataset):
+    """Deterministic synthetic images (no files): smooth random colour fields with a few shapes.
+
+    Image ``i`` depends only on (``data_seed``, i): the set is fixed across epochs like a real
+    dataset, and smooth enough that the reconstruction loss falls while training.
+    """
+
+    def __init__(self, size: int, input_size: int, num_patches: int, seed: int = 0, data_seed: int = 1234):
+        super().__init__(input_size, num_patches, seed)
+        if size <= 0:
+            raise ValueError(f"synthetic dataset size must be positive, got {size}")
+        self.size, self.data_seed, self.image_size = int(size), int(data_seed), int(input_size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int):
+        Image = _pil()
+        from PIL import ImageDraw
+
+        rng = np.random.default_rng([self.data_seed, index])
+        s = self.image_size
+        k = int(rng.integers(2, 7))
+        low = rng.integers(0, 256, (k, k, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((s, s), Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 4))):  # a few discs of flat colour
+            cy, cx, r = rng.random() * s, rng.random() * s, (0.08 + 0.2 * rng.random()) * s
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        grain = rng.integers(0, 12, (s, s, 3), dtype=np.uint8)  # a little texture
+        return Image.fromarray(np.asarray(img) // 16 * 15 + grain)
+
+
+def collate(items: list) -> dict:
+    """Stacks the good samples; unreadable ones (``{"bad": reason}``) are dropped and listed."""
+    good = [it for it in items if "image" in it]
+    bad = [it["bad"] for it in items if "bad" in it]
+    if good:
+        images = torch.stack([it["image"] for it in good])
+        noise = torch.stack([it["noise"] for it in good])
+    else:
+        images, noise = None, None
+    return {"images": images, "noise": noise, "bad": bad}
+
+
+# -- sampling ----------------------------------------------------------------------------------
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (shuffle by seed + epoch, ranks interleaved) that can start mid-epoch
+    and yields ``(epoch, index)`` so each sample's augmentation is seeded by its epoch even inside
+    persistent data-loader workers."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` samples of this rank's share of the current epoch (resume)."""
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)

@@ -1,0 +1,185 @@
+"""`maefast visualize`: a PNG grid of MAE reconstructions from a training checkpoint.
+
+One row per image: original | masked | reconstruction | reconstruction with the visible patches
+pasted back. For a norm_pix_loss model the prediction is per-patch normalised pixels; it is shown
+un-normalised with the mean and variance of each patch of the ORIGINAL image (the masked patches'
+statistics are ones the model never saw), and the caption says so.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+PANEL_MIN = 224  # panels are upscaled (nearest, so patches stay visible) to at least this size
+MARGIN, TITLE_H, LINE_H = 8, 18, 14
+TITLES = ("original", "masked {ratio}", "reconstruction", "reconstruction + visible")
+
+
+def load_model(checkpoint: str, model_name: str | None = None, norm_pix_loss: bool | None = None):
+    """(model in eval mode, model name, norm_pix_loss) from a ``maefast train`` checkpoint (or an
+    official full MAE checkpoint with a decoder, given ``model_name``)."""
+    from .models import create_model
+    from .train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    state = ck["model"]
+    if not any(k.startswith("decoder_") for k in state):
+        raise ValueError(f"{checkpoint!r} has no decoder weights (an encoder export such as mae_pretrain_*.pth?); "
+                         "visualize needs a full training checkpoint such as OUTPUT_DIR/checkpoint-last.pth")
+    name = model_name or ck.get("model_name")
+    kwargs = dict(ck.get("model_kwargs") or {})
+    args = ck.get("args")
+    if name is None and args is not None:
+        name = getattr(args, "model", None)
+    if name is None:
+        raise ValueError(f"{checkpoint!r} does not record its model: pass --model")
+    if "img_size" not in kwargs:
+        kwargs["img_size"] = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * \
+            int(state["patch_embed.proj.weight"].shape[-1])
+    if norm_pix_loss is not None:
+        kwargs["norm_pix_loss"] = norm_pix_loss
+    elif "norm_pix_loss" not in kwargs and args is not None:
+        kwargs["norm_pix_loss"] = bool(getattr(args, "norm_pix_loss", False))
+    model = create_model(name, **kwargs)
+    model.load_state_dict(state)
+    return model.eval(), name, bool(kwargs.get("norm_pix_loss", False))
+
+
+@torch.no_grad()
+def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> dict:
+    """Runs the MAE on one normalised image (3, S, S); returns normalised (3, S, S) panels + loss.
+
+    Keys: original, masked (masked patches at 0 = the ImageNet mean colour), reconstruction,
+    pasted (reconstruction with the visible patches of the original), mask (S, S) 1 = removed, loss.
+    """
+    from .reference.patchify import patchify, unpatchify
+
+    x = image.unsqueeze(0).float()
+    p = model.patch_size
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, model.patch_embed.num_patches, generator=gen)
+    loss, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = patchify(x, p)
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as in the loss
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    grid = model.patch_embed.grid_size
+    rec = unpatchify(pred, p, grid, 3)
+    m = unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * 3), p, grid, 3)
+    return {"original": x[0], "masked": (x * (1 - m))[0], "reconstruction": rec[0],
+            "pasted": (x * (1 - m) + rec * m)[0], "mask": m[0, 0], "loss": float(loss)}
+
+
+def _to_pil(x: torch.Tensor, size: int):
+    from PIL import Image
+
+    from .train.data import denormalize
+
+    arr = (denormalize(x).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    return img.resize((size, size), Image.NEAREST) if size != img.width else img
+
+
+def caption_for(model_name: str, norm_pix_loss: bool, mask_ratio: float, seed: int) -> list[str]:
+    lines = [f"{model_name}, mask ratio {mask_ratio:g}, mask seed {seed}; loss = mean squared error on "
+             "masked patches."]
+    if norm_pix_loss:
+        lines.append("norm_pix_loss model: the prediction (per-patch normalised pixels) is un-normalised with the "
+                     "mean and variance of each patch of the ORIGINAL image, masked patches included (statistics "
+                     "the model never saw).")
+    else:
+        lines.append("pixel-loss model: the prediction is shown as is (ImageNet normalisation undone).")
+    return lines
+
+
+def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: int):
+    """Pillow grid: one row per image, 4 panels; returns (image, boxes[row][col] = (x0, y0, x1, y1))."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    chars = max(40, (4 * panel + 3 * MARGIN) // 6)
+    wrapped = [w for line in caption for w in textwrap.wrap(line, chars)]
+    width = 4 * panel + 5 * MARGIN
+    row_h = TITLE_H + panel + MARGIN
+    height = MARGIN + len(rows) * row_h + len(wrapped) * LINE_H + MARGIN
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    boxes = []
+    for r, row in enumerate(rows):
+        y = MARGIN + r * row_h
+        row_boxes = []
+        for c, key in enumerate(("original", "masked", "reconstruction", "pasted")):
+            x = MARGIN + c * (panel + MARGIN)
+            title = TITLES[c].format(ratio=f"{mask_ratio:.0%}")
+            if c == 2:
+                title += f" (loss {row['loss']:.3f})"
+            draw.text((x, y + 2), title, fill=(0, 0, 0), font=font)
+            canvas.paste(_to_pil(row[key], panel), (x, y + TITLE_H))
+            row_boxes.append((x, y + TITLE_H, x + panel, y + TITLE_H + panel))
+        boxes.append(row_boxes)
+    y = MARGIN + len(rows) * row_h
+    for i, line in enumerate(wrapped):
+        draw.text((MARGIN, y + i * LINE_H), line, fill=(40, 40, 40), font=font)
+    return canvas, boxes
+
+
+def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstruction.png", mask_ratio: float = 0.75,
+              seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None) -> dict:
+    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel"}."""
+    from PIL import Image
+
+    from .train.data import center_transform
+
+    if isinstance(images, str):
+        images = [images]
+    if not images:
+        raise ValueError("images: give at least one image file")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    model, name, npl = load_model(checkpoint, model_name, norm_pix_loss)
+    size = model.patch_embed.img_size[0]
+    rows = []
+    for i, path in enumerate(images):
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {path!r}: {exc}") from exc
+        rows.append(reconstruct(model, center_transform(img, size), mask_ratio, seed + i))
+    panel = size * max(1, PANEL_MIN // size)
+    caption = caption_for(name, npl, mask_ratio, seed)
+    canvas, boxes = render(rows, caption, mask_ratio, panel)
+    canvas.save(out, format="PNG")
+    return {"out": out, "boxes": boxes, "caption": caption, "losses": [r["loss"] for r in rows], "panel": panel}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maefast visualize", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a maefast train checkpoint (OUTPUT_DIR/checkpoint-last.pth)")
+    p.add_argument("--image", required=True, nargs="+", help="image file(s); one row each")
+    p.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--model", default=None, help="model name, if the checkpoint does not record it")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the checkpoint's norm_pix_loss setting")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        res = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.model,
+                        args.norm_pix_loss)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"maefast visualize: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"maefast visualize: wrote {res['out']} (loss {', '.join(f'{v:.4f}' for v in res['losses'])})")
+    return 0
