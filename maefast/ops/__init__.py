@@ -3,3 +3,6 @@ backend through impl="auto" | "triton" | "cuda" | "reference"."""
 from ._backend import IMPLS, choose_impl  # noqa: F401
 from .unshuffle import unshuffle  # noqa: F401
 from .loss import masked_patch_ids, masked_prediction_loss, norm_pix_loss  # noqa: F401
+from .masking import MaskIds, random_masking  # noqa: F401
+from .patch_embed import masked_patch_embed  # noqa: F401
+from .attention import visible_attention  # noqa: F401

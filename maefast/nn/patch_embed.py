@@ -1,0 +1,68 @@
+"""Drop-in for the official MAE ``patch_embed`` + ``random_masking`` pair: masks first, then embeds
+only the kept patches (maefast.ops.random_masking + maefast.ops.masked_patch_embed)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._validate import check_images, compiling, to_2tuple
+from ..ops.masking import random_masking
+from ..ops.patch_embed import masked_patch_embed
+
+
+class MaskedPatchEmbed(nn.Module):
+    """Patch embedding of the visible patches, with the official ``PatchEmbed`` constructor and keys.
+
+    Sits where the official ``patch_embed`` sat: its Conv2d is ``proj`` (state-dict keys
+    ``patch_embed.proj.weight`` [D, C, p, p] and ``patch_embed.proj.bias``), ``num_patches``,
+    ``grid_size`` and ``patch_size`` as in timm. Images may be rectangular and of any size that is a
+    multiple of the patch size (``pos_embed`` must then have 1 + (H/p)*(W/p) rows).
+
+    Args:
+        img_size: int or (H, W), the default image size (sets ``num_patches``/``grid_size``).
+        patch_size: square patch side p.
+        in_chans: C. embed_dim: D.
+        impl: backend of both ops, "auto" | "triton" | "cuda" | "reference".
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, impl: str = "auto"):
+        super().__init__()
+        self.img_size = to_2tuple("img_size", img_size)
+        patch = to_2tuple("patch_size", patch_size)
+        if patch[0] != patch[1]:
+            raise ValueError(f"patch_size must be square, got {patch}")
+        if self.img_size[0] % patch[0] or self.img_size[1] % patch[1]:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {patch[0]}")
+        self.patch_size = patch
+        self.grid_size = (self.img_size[0] // patch[0], self.img_size[1] // patch[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.impl = impl
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float, pos_embed: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None, offset: int = 0):
+        """Masks, then embeds the kept patches.
+
+        Args:
+            imgs: (N, C, H, W) images (no gradient flows to them).
+            mask_ratio: fraction of patches removed, in (0, 1).
+            pos_embed: (1, 1 + L, D) position embeddings added to the kept tokens, or None.
+            noise: optional (N, L) noise (official semantics); else ``seed``/``offset`` (Philox) or,
+                with neither, a seed drawn from torch's default CPU generator.
+
+        Returns:
+            tokens (N, K, D) in imgs' dtype (autocast dtype under autocast), mask (N, L) float32
+            (1 = removed), ids_restore (N, L) int64 — as the official ``random_masking`` returns them.
+        """
+        p = self.patch_size[0]
+        if not compiling():
+            check_images("imgs", imgs, p)
+        n, _, H, W = imgs.shape
+        L = (H // p) * (W // p)
+        ids = random_masking(n, L, mask_ratio, noise=noise, seed=seed, offset=offset, device=imgs.device,
+                             impl=self.impl)
+        tokens = masked_patch_embed(imgs, ids.ids_keep, self.proj.weight, self.proj.bias, pos_embed, p, impl=self.impl)
+        return tokens, ids.mask, ids.ids_restore
+
+    def extra_repr(self) -> str:
+        return f"img_size={self.img_size}, patch_size={self.patch_size}, num_patches={self.num_patches}, impl={self.impl!r}"

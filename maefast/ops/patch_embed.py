@@ -1,0 +1,232 @@
+"""Masked (visible-only) patch embedding as a custom op: ``maefast::masked_patch_embed``.
+
+tokens = (patchify(imgs) @ W^T + b + pos_embed[1:])[ids_keep], computed for the kept patches only,
+reading pixels straight from the NCHW image, with the weight in the Conv2d layout [D, C, p, p].
+Backward gives the weight, bias and (when it requires grad) pos_embed gradients, deterministic
+(fp32 partial sums, no atomics); the image gets none.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._cpp_lib import get_C
+from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
+from ._backend import choose_impl, stream_of
+
+_NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
+_WHAT = "maefast.ops.masked_patch_embed"
+
+
+def _resolve(impl: str, imgs: torch.Tensor) -> str:
+    chosen = choose_impl(impl, imgs.device, auto_order=("triton", "cuda"), cuda_op="patch_gather", what=_WHAT)
+    if chosen == "reference" or imgs.dtype in FLOAT_DTYPES:
+        return chosen
+    if impl == "auto":
+        return "reference"
+    raise ValueError(f"impl={impl!r} is not available for {_WHAT}: dtype {imgs.dtype} is not supported by the "
+                     "kernels (float32, float16, bfloat16)")
+
+
+def _rows_torch(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
+    """The kept patches as rows (N*K, C*p*p) ordered (c, kh, kw), in PyTorch."""
+    n, c, H, W = imgs.shape
+    h, w = H // p, W // p
+    x = imgs.reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p)
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c * p * p))
+    return x.reshape(-1, c * p * p)
+
+
+def _rows_cuda(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
+    """The same rows through maefast._C.patch_gather (NaN rows for ids outside [0, L))."""
+    n, c, H, W = imgs.shape
+    k = ids_keep.shape[1]
+    ids = ids_keep.contiguous()
+    out = torch.empty(n * k, c * p * p, dtype=imgs.dtype, device=imgs.device)
+    with torch.cuda.device(imgs.device):
+        get_C().patch_gather(imgs.data_ptr(), imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
+                             ids.data_ptr(), n, k, c, p, H // p, W // p, imgs.element_size(),
+                             _NAN_BITS[imgs.dtype], out.data_ptr(), stream_of(out))
+    return out
+
+
+def _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p):
+    n, k = ids_keep.shape
+    D = weight.shape[0]
+    rows = _rows_cuda(imgs, ids_keep, p)
+    w2 = weight.reshape(D, -1)
+    out = torch.addmm(bias, rows, w2.t()) if bias is not None else rows @ w2.t()
+    out = out.reshape(n, k, D)
+    if pos_embed is not None:
+        L = pos_embed.shape[1] - 1
+        # Clamped so a bad id cannot index out of bounds; its row is NaN already.
+        pos = pos_embed[0, 1:].to(out.dtype)[ids_keep.clamp(0, L - 1)]
+        out = out + pos
+    return out
+
+
+@torch.library.custom_op("maefast::masked_patch_embed", mutates_args=())
+def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], patch_size: int,
+                           impl: str) -> torch.Tensor:
+    chosen = _resolve(impl, imgs)
+    with torch.autocast(imgs.device.type, enabled=False):
+        if chosen == "triton":
+            from ..kernels.patch_embed import masked_patch_embed_fwd_triton
+
+            return masked_patch_embed_fwd_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+        if chosen == "cuda":
+            return _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+        return reference.masked_patch_embed(imgs, ids_keep, weight, bias, pos_embed, patch_size).contiguous()
+
+
+@_masked_patch_embed_op.register_fake
+def _(imgs, ids_keep, weight, bias, pos_embed, patch_size, impl):
+    return imgs.new_empty(ids_keep.shape[0], ids_keep.shape[1], weight.shape[0])
+
+
+@torch.library.custom_op("maefast::masked_patch_embed_backward", mutates_args=())
+def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor,
+                                    weight: torch.Tensor, pos_embed: Optional[torch.Tensor], patch_size: int,
+                                    need_pos: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_weight like weight, grad_bias (D,) in weight's dtype, grad_pos like pos_embed or empty)."""
+    chosen = _resolve(impl, imgs)
+    D = weight.shape[0]
+    n, k = ids_keep.shape
+    need_pos = need_pos and pos_embed is not None
+    with torch.autocast(imgs.device.type, enabled=False):
+        g = grad.reshape(n * k, D)
+        if chosen == "triton":
+            from ..kernels.patch_embed import masked_patch_embed_bwd_triton
+
+            dw, dpos = masked_patch_embed_bwd_triton(grad, imgs, ids_keep, D, patch_size, True, need_pos)
+        else:
+            rows = _rows_cuda(imgs, ids_keep, patch_size) if chosen == "cuda" else _rows_torch(imgs, ids_keep,
+                                                                                               patch_size)
+            gf = g.float()
+            dw = gf.t() @ rows.float()
+            dpos = None
+            if need_pos:
+                L = pos_embed.shape[1] - 1
+                # one-hot(ids) @ G: repeated ids add up; a matmul, so deterministic (no scatter-add atomics).
+                onehot = (ids_keep.reshape(1, -1) == torch.arange(L, device=g.device).unsqueeze(1)).float()
+                dpos = onehot @ gf
+        db = g.float().sum(0)
+        grad_w = dw.reshape(weight.shape).to(weight.dtype)
+        grad_b = db.to(weight.dtype)
+        if need_pos:
+            grad_pos = torch.zeros(pos_embed.shape, dtype=torch.float32, device=pos_embed.device)
+            grad_pos[0, 1:] = dpos
+            grad_pos = grad_pos.to(pos_embed.dtype)
+        else:
+            grad_pos = grad.new_empty(0)
+    return grad_w, grad_b, grad_pos
+
+
+@_masked_patch_embed_backward_op.register_fake
+def _(grad, imgs, ids_keep, weight, pos_embed, patch_size, need_pos, impl):
+    need_pos = need_pos and pos_embed is not None
+    return (torch.empty_like(weight), weight.new_empty(weight.shape[0]),
+            torch.empty_like(pos_embed) if need_pos else grad.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    imgs, ids_keep, weight, bias, pos_embed, patch_size, impl = inputs
+    ctx.save_for_backward(imgs, ids_keep, weight, pos_embed)
+    ctx.patch_size = patch_size
+    ctx.impl = impl
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad):
+    imgs, ids_keep, weight, pos_embed = ctx.saved_tensors
+    if ctx.needs_input_grad[0]:
+        raise RuntimeError("maefast.ops.masked_patch_embed gives no gradient to imgs (the input images); "
+                           "detach them or call .requires_grad_(False)")
+    need_pos = bool(ctx.needs_input_grad[4])
+    grad_w, grad_b, grad_pos = _masked_patch_embed_backward_op(grad, imgs, ids_keep, weight, pos_embed,
+                                                               ctx.patch_size, need_pos, ctx.impl)
+    grad_b = grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+    return (None, None, grad_w if ctx.needs_input_grad[2] else None, grad_b,
+            grad_pos if need_pos else None, None, None)
+
+
+_masked_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size) -> None:
+    check_patch_size(patch_size)
+    h, w = check_images("imgs", imgs, patch_size)
+    n, c = imgs.shape[:2]
+    L = h * w
+    dev = imgs.device
+    check_tensor("weight", weight, ndim=4, device=dev)
+    D = weight.shape[0]
+    if tuple(weight.shape[1:]) != (c, patch_size, patch_size):
+        raise ValueError(f"weight must have shape [D, C, p, p] = [D, {c}, {patch_size}, {patch_size}], "
+                         f"got {list(weight.shape)}")
+    if weight.dtype != imgs.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match imgs dtype {imgs.dtype} (as for F.conv2d)")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=dev)
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must have shape ({D},), got {tuple(bias.shape)}")
+        if bias.dtype != imgs.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match imgs dtype {imgs.dtype}")
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed, ndim=3, device=dev)
+        if tuple(pos_embed.shape) != (1, 1 + L, D):
+            raise ValueError(f"pos_embed must have shape (1, 1 + L, D) = (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+        if not pos_embed.is_floating_point():
+            raise TypeError(f"pos_embed must be a floating point tensor, got {pos_embed.dtype}")
+    check_tensor("ids_keep", ids_keep, ndim=2, dtypes=(torch.int64,), device=dev)
+    if ids_keep.shape[0] != n:
+        raise ValueError(f"ids_keep must have shape (N, K) with N = {n}, got {tuple(ids_keep.shape)}")
+    if dev.type == "cpu" and ids_keep.numel():  # free on the CPU; on a GPU it would sync the host
+        lo, hi = int(ids_keep.min()), int(ids_keep.max())
+        if lo < 0 or hi >= L:
+            raise ValueError(f"ids_keep values must be in [0, L={L}), got values in [{lo}, {hi}]")
+    if imgs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images "
+                         "(detach them)")
+
+
+def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       pos_embed: torch.Tensor | None, patch_size: int, impl: str = "auto") -> torch.Tensor:
+    """Patch embedding of the kept patches only: ``(patchify(imgs) @ W^T + b + pos_embed[1:])[ids_keep]``.
+
+    Args:
+        imgs: (N, C, H, W) float images, H and W multiples of ``patch_size`` (any strides). They get
+            no gradient: a ValueError is raised if they require one.
+        ids_keep: (N, K) int64 kept patch indices in [0, L), L = (H/p)*(W/p), row-major patch grid.
+        weight: Conv2d weight [D, C, p, p], bias (D,) or None, both in imgs' dtype.
+        pos_embed: (1, 1 + L, D) (row 0 is the cls position, rows 1: the patches) or None; any float
+            dtype, cast to the output dtype before it is added (like the reference).
+        patch_size: p.
+        impl: "auto" | "triton" | "cuda" | "reference".
+
+    Returns:
+        (N, K, D) tokens in imgs' dtype (fp32 accumulation). Under autocast, imgs, weight and bias are
+        first cast to the autocast dtype, as F.conv2d would, so the tokens come out in that dtype.
+        On a GPU, ids outside [0, L) are not checked (that would sync) and give NaN rows.
+    """
+    dev_type = imgs.device.type if isinstance(imgs, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(dev_type):
+        dt = torch.get_autocast_dtype(dev_type)
+        if imgs.is_floating_point():
+            imgs = imgs.to(dt)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            weight = weight.to(dt)
+        if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+            bias = bias.to(dt)
+    if not compiling():
+        _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+        _resolve(impl, imgs)
+    elif imgs.requires_grad:
+        raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images")
+    return _masked_patch_embed_op(imgs, ids_keep, weight, bias, pos_embed, patch_size, impl)
+
+
+__all__ = ["masked_patch_embed"]
