@@ -1,0 +1,270 @@
+"""`maefast.ops.visible_attention`: softmax attention read in place from the packed output of the
+qkv Linear, (N, L, 3*H*Dh), written as (N, L, H*Dh) for `proj`; varlen through cu_seqlens.
+
+Custom ops `maefast::visible_attention` (-> out, lse) and `maefast::visible_attention_backward`
+(-> dqkv), with fake and autograd registrations so torch.compile sees them whole. Backends:
+"triton" (forward + backward, any L, head dims 16..128), "cuda" (C++ WMMA forward for L <= 128,
+fp16/bf16; its backward is the Triton one, fed by the same natural-log logsumexp) and "reference"
+(the PyTorch reference forward; its backward is the same math written out in fp32). "auto" = Triton on CUDA, else the reference;
+it never picks the CUDA C++ kernel until that kernel has been verified on a card.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_tensor, compiling
+from ..reference.attention import attention as _reference_attention
+from ._backend import choose_impl, stream_of
+
+# Head dims each backend handles. Triton splits non-powers of two into two power-of-two chunks
+# (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16); the CUDA kernel instantiates these five.
+TRITON_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
+CUDA_MAX_SEQLEN = 128
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES + (torch.float64,)  # fp64 runs on the reference only (for oracles)
+
+
+# -- backend choice ----------------------------------------------------------------------------------
+
+def _kernel_unsupported(impl: str, qkv: torch.Tensor, head_dim: int, max_len: int) -> str | None:
+    """Why `impl` cannot run this case, or None."""
+    if impl == "triton":
+        if qkv.dtype not in KERNEL_DTYPES:
+            return f"the Triton kernels take float32/float16/bfloat16, got {qkv.dtype}"
+        if head_dim not in TRITON_HEAD_DIMS:
+            return f"head dim {head_dim} is not supported by the Triton kernels (supported: {TRITON_HEAD_DIMS})"
+    elif impl == "cuda":
+        if qkv.dtype not in (torch.float16, torch.bfloat16):
+            return f"the CUDA C++ kernel takes float16/bfloat16 (tensor cores), got {qkv.dtype}"
+        if head_dim not in CUDA_HEAD_DIMS:
+            return f"head dim {head_dim} is not supported by the CUDA C++ kernel (supported: {CUDA_HEAD_DIMS})"
+        if max_len > CUDA_MAX_SEQLEN:
+            return f"the CUDA C++ kernel holds a whole sequence in one block: L <= {CUDA_MAX_SEQLEN}, got {max_len}"
+        es = qkv.element_size()
+        if qkv.stride(-1) != 1 or qkv.data_ptr() % 16 or any(s % (16 // es) for s in qkv.stride()[:-1]):
+            return ("the CUDA C++ kernel needs qkv's last dim contiguous, its data 16-byte aligned and the other "
+                    f"strides multiples of 8 elements; got strides {tuple(qkv.stride())}")
+    return None
+
+
+def _resolve(impl: str, qkv: torch.Tensor, head_dim: int, max_len: int) -> str:
+    chosen = choose_impl(impl, qkv.device, auto_order=("triton",), cuda_op="attention_fwd",
+                         what="maefast.ops.visible_attention")
+    if chosen == "reference":
+        return chosen
+    why = _kernel_unsupported(chosen, qkv, head_dim, max_len)
+    if why is None:
+        return chosen
+    if impl == "auto":
+        return "reference"
+    raise ValueError(f"impl={impl!r} cannot run this input: {why}")
+
+
+# -- implementations ---------------------------------------------------------------------------------
+
+def _max_len(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> int:
+    if cu_seqlens is None:
+        return qkv.shape[1]
+    if max_seqlen is not None and max_seqlen >= 0:
+        return int(max_seqlen)
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
+
+
+def _reference_lse(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """(Nb, H, Lr) fp32 natural-log logsumexp of the scaled scores (within each sequence)."""
+    nb, lr, width = qkv.shape
+    dh = width // (3 * num_heads)
+    qk = qkv.unflatten(-1, (3, num_heads, dh))
+    s = torch.einsum("blhd,bmhd->bhlm", qk[:, :, 0].float(), qk[:, :, 1].float()) * scale
+    if cu_seqlens is not None:
+        seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=qkv.device),
+                                      (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=lr)
+        s = s.masked_fill(seg[:, None] != seg[None, :], float("-inf"))
+    return s.logsumexp(-1)
+
+
+def _reference_backward(dout, qkv, num_heads, scale, cu_seqlens) -> torch.Tensor:
+    """The attention gradient in plain PyTorch, fp32 (fp64 for fp64). Written out because autograd
+    cannot run inside a custom op's implementation."""
+    if cu_seqlens is not None:
+        dqkv = torch.zeros_like(qkv, memory_format=torch.contiguous_format)
+        bounds = cu_seqlens.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if e > s:
+                dqkv[:, s:e] = _reference_backward(dout[:, s:e], qkv[:, s:e], num_heads, scale, None)
+        return dqkv
+    n, L, width = qkv.shape
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    q, k, v = qkv.to(acc).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, L, Dh)
+    do = dout.to(acc).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    p = ((q @ k.transpose(-2, -1)) * scale).softmax(-1)
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ v.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ k) * scale
+    dk = (ds.transpose(-2, -1) @ q) * scale
+    return torch.stack((dq, dk, dv), 0).permute(1, 3, 0, 2, 4).reshape(n, L, width).to(qkv.dtype)
+
+
+def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
+    from .._cpp_lib import require_C
+
+    C = require_C()
+    nb, lr, width = qkv.shape
+    dh = width // (3 * num_heads)
+    alloc = torch.empty if cu_seqlens is None else torch.zeros
+    out = alloc(nb, lr, num_heads * dh, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(nb, num_heads, lr, device=qkv.device, dtype=torch.float32)
+    nseq = nb if cu_seqlens is None else cu_seqlens.numel() - 1
+    if out.numel() == 0 or nseq == 0 or max_len == 0:
+        return out, lse
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+    with torch.cuda.device(qkv.device):
+        C.attention_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), 0 if cu is None else cu.data_ptr(),
+                        nseq, num_heads, dh, max_len, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+                        lse.stride(0), lse.stride(1), float(scale), qkv.dtype == torch.bfloat16, stream_of(qkv))
+    return out, lse
+
+
+@torch.library.custom_op("maefast::visible_attention", mutates_args=())
+def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+                       scale: float | None, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Nb, Lr, 3*H*Dh) -> out (Nb, Lr, H*Dh), lse (Nb, H, Lr) fp32. Inputs validated by the caller."""
+    dh = qkv.shape[-1] // (3 * num_heads)
+    scale = dh ** -0.5 if scale is None else float(scale)
+    max_len = _max_len(qkv, cu_seqlens, max_seqlen)
+    chosen = _resolve(impl, qkv, dh, max_len)
+    if chosen == "triton":
+        from ..kernels.attention import attention_fwd
+
+        return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
+    if chosen == "cuda":
+        return _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
+    out = _reference_attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens)
+    return out.contiguous(), _reference_lse(qkv, num_heads, scale, cu_seqlens)
+
+
+@_visible_attention.register_fake
+def _(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl):
+    nb, lr, width = qkv.shape
+    return (qkv.new_empty(nb, lr, width // 3),
+            qkv.new_empty(nb, num_heads, lr, dtype=torch.float32))
+
+
+@torch.library.custom_op("maefast::visible_attention_backward", mutates_args=())
+def _visible_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+                                scale: float | None, impl: str) -> torch.Tensor:
+    """-> dqkv (Nb, Lr, 3*H*Dh) in the packed layout of qkv, qkv's dtype."""
+    dh = qkv.shape[-1] // (3 * num_heads)
+    scale = dh ** -0.5 if scale is None else float(scale)
+    max_len = _max_len(qkv, cu_seqlens, max_seqlen)
+    chosen = _resolve(impl, qkv, dh, max_len)
+    dout = dout.to(qkv.dtype)  # e.g. an fp32 gradient arriving for a bf16 output
+    if chosen in ("triton", "cuda"):  # the CUDA C++ impl is forward-only; same lse convention
+        from ..kernels.attention import attention_bwd
+
+        return attention_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens, max_len)
+    return _reference_backward(dout, qkv, num_heads, scale, cu_seqlens)
+
+
+@_visible_attention_backward.register_fake
+def _(dout, qkv, out, lse, num_heads, cu_seqlens, max_seqlen, scale, impl):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, cu_seqlens, max_seqlen, scale, impl = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+    ctx.num_heads, ctx.max_seqlen, ctx.scale, ctx.impl = num_heads, max_seqlen, scale, impl
+
+
+def _backward(ctx, dout, dlse):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    dqkv = _visible_attention_backward(dout, qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale,
+                                       ctx.impl)
+    return dqkv, None, None, None, None, None
+
+
+_visible_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public entry point ------------------------------------------------------------------------------
+
+def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None:
+    """Raises on bad input; returns max_seqlen (computed, with one host sync, when cu_seqlens is
+    given without it)."""
+    check_tensor("qkv", qkv, dtypes=_DTYPES)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str, got {type(impl).__name__}")
+    if cu_seqlens is None:
+        if qkv.dim() != 3:
+            raise ValueError(f"qkv must be (N, L, 3*H*Dh), got shape {tuple(qkv.shape)}")
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens (without it every sequence has length L)")
+    else:
+        if not (qkv.dim() == 2 or (qkv.dim() == 3 and qkv.shape[0] == 1)):
+            raise ValueError(f"with cu_seqlens, qkv must be packed rows (T, 3*H*Dh) or (1, T, 3*H*Dh), "
+                             f"got shape {tuple(qkv.shape)}")
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=qkv.device)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold B+1 >= 2 offsets, got {cu_seqlens.numel()}")
+    width = qkv.shape[-1]
+    if width % 3:
+        raise ValueError(f"qkv's last dim must be 3*H*Dh (the packed q, k, v), got {width}, not a multiple of 3")
+    if (width // 3) % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide the q/k/v width {width // 3} (qkv last dim {width})")
+    if width == 0:
+        raise ValueError("qkv's last dim must be non-empty")
+    if cu_seqlens is None:
+        return None
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        return max_seqlen  # trusted, like flash-attn's varlen API: no host sync
+    cu = cu_seqlens.tolist()
+    total = qkv.shape[-2]
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows T={total}; "
+                         f"got {cu if len(cu) <= 12 else cu[:6] + ['...'] + cu[-6:]}")
+    return max(lens)
+
+
+def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None, scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Non-causal softmax attention on the packed output of the qkv Linear, without layout copies.
+
+    Args:
+        qkv: (N, L, 3*H*Dh), last dim ordered [3][H][Dh] (the official `qkv(x)`), float32/float16/
+            bfloat16 (float64 on the reference), any strides. With `cu_seqlens`: (T, 3*H*Dh) or
+            (1, T, 3*H*Dh), the rows of B sequences one after the other.
+        num_heads: H.
+        cu_seqlens: optional (B+1,) int32/int64 on qkv's device: sequence b is rows
+            [cu_seqlens[b], cu_seqlens[b+1]); each attends within itself, no padding computed.
+        max_seqlen: the longest sequence, with cu_seqlens. When None it is computed and cu_seqlens is
+            checked (one host sync); when given it is trusted (no sync) and must be right.
+        scale: softmax scale, default Dh ** -0.5.
+        impl: "auto" | "triton" | "cuda" | "reference" (see the module docstring).
+
+    Returns:
+        (N, L, H*Dh) (or (T, H*Dh) / (1, T, H*Dh)), qkv's dtype; differentiable w.r.t. qkv (the
+        gradient arrives in the packed layout). Softmax statistics are fp32; the backward is
+        deterministic and recomputes the probabilities from the saved logsumexp.
+    """
+    if not compiling():
+        max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
+    squeeze = qkv.dim() == 2
+    x = qkv.unsqueeze(0) if squeeze else qkv
+    out, _ = _visible_attention(x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)
+    return out.squeeze(0) if squeeze else out
+
+
+__all__ = ["visible_attention", "TRITON_HEAD_DIMS", "CUDA_HEAD_DIMS", "CUDA_MAX_SEQLEN"]
