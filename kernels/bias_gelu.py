@@ -1,0 +1,139 @@
+"""Triton bias + exact (erf) GELU for the MLP's fc1 output, forward and backward.
+
+    z = x + b          (fp32, never rounded: x is the bias-free fc1 matmul output)
+    y = z * Phi(z)     Phi(z) = (1 + erf(z / sqrt(2))) / 2
+    dz = dy * (Phi(z) + z * phi(z)),  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+    dx = dz,  db = sum over rows of dz
+
+The backward recomputes z from x and b (nothing extra is saved). db is summed per program in
+fp32 over a fixed range of rows into (P, N) partials, then `.sum(0)`: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    x_ptr,   # (M, N) fc1 output without bias, any strides
+    b_ptr,   # (N,) bias, contiguous
+    y_ptr,   # (M, N) output, contiguous, x's dtype
+    M, N,
+    stride_x_m, stride_x_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < N
+    m = (rows < M)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=m, other=0.0)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
+    z = x.to(tl.float32) + b.to(tl.float32)[None, :]
+    y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # erf(z / sqrt(2))
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    dy_ptr,      # (M, N) grad of y, any strides
+    x_ptr,       # (M, N) fc1 output without bias, any strides
+    b_ptr,       # (N,) bias, contiguous
+    dx_ptr,      # (M, N) grad of x, contiguous, x's dtype
+    db_part_ptr,  # (P, N) fp32 per-program partial sums of dz
+    M, N, ROWS_PER_PROG,
+    stride_dy_m, stride_dy_n,
+    stride_x_m, stride_x_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Program (pid_n, pid_p) owns columns pid_n * BLOCK_N + [0, BLOCK_N) of rows
+    # [pid_p * ROWS_PER_PROG, (pid_p + 1) * ROWS_PER_PROG), walked in order.
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < N
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = pid_p * ROWS_PER_PROG
+    row_end = tl.minimum(row_start + ROWS_PER_PROG, M)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m = (rows < row_end)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_m + cols[None, :] * stride_dy_n, mask=m, other=0.0)
+        z = x.to(tl.float32) + b[None, :]
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1/sqrt(2 pi)
+        dz = tl.where(m, dy.to(tl.float32) * (cdf + z * pdf), 0.0)
+        tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=m)
+        acc += dz
+    tl.store(db_part_ptr + pid_p * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(N: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) by width; no autotune (the interpreter cannot run it)."""
+    block_n = min(triton.next_power_of_2(N), 1024)
+    if device.type != "cuda":
+        return max(1, min(32, 8192 // block_n)), block_n, 4  # interpreter: few, large programs
+    return max(1, 4096 // block_n), block_n, 8
+
+
+def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Launcher (inputs validated by maefast.ops.bias_gelu). x (M, N) any strides, bias (N,).
+
+    Returns gelu(x + bias) (M, N) contiguous in x's dtype.
+    """
+    M, N = x.shape
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    block_m, block_n, warps = _config(N, x.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _bias_gelu_fwd_kernel[grid](
+        x, bias.contiguous(), y, M, N, x.stride(0), x.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return y
+
+
+def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher. dy, x (M, N) any strides; bias (N,).
+
+    Returns (dx (M, N) contiguous in x's dtype, dbias (N,) fp32).
+    """
+    M, N = x.shape
+    dev = x.device
+    dx = torch.empty(M, N, dtype=x.dtype, device=dev)
+    if M == 0 or N == 0:
+        return dx, torch.zeros(N, dtype=torch.float32, device=dev)
+    block_m, block_n, warps = _config(N, dev)
+    n_blocks = triton.cdiv(N, block_n)
+    if dev.type == "cuda":
+        # ~8 programs per SM in all; each column block then reduces over M / (progs / n_blocks) rows.
+        target = max(1, 8 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+                     // n_blocks)
+    else:
+        target = 2
+    progs = max(1, min(triton.cdiv(M, block_m), target))
+    rows_per = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m
+    progs = triton.cdiv(M, rows_per)
+    db_part = torch.empty(progs, N, dtype=torch.float32, device=dev)
+    _bias_gelu_bwd_kernel[(n_blocks, progs)](
+        dy, x, bias.contiguous(), dx, db_part, M, N, rows_per,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return dx, db_part.sum(0)

@@ -1,0 +1,102 @@
+"""Bias + exact (erf) GELU as one custom op `maefast::bias_gelu` (backward
+`maefast::bias_gelu_backward`), for the MLP's fc1 output computed without its bias:
+
+    h = maefast.ops.bias_gelu(x @ fc1.weight.T, fc1.bias)   # = F.gelu(fc1(x)), approximate='none'
+
+x + b is formed in fp32 and never rounded; GELU and its derivative are evaluated in fp32. The
+backward recomputes x + b (saves x and b only) and sums dbias deterministically.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validate import FLOAT_DTYPES, check_tensor, compiling
+from ._backend import choose_impl
+
+
+def _validate(x, bias) -> None:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape (..., N) with N >= 1, got {tuple(x.shape)}")
+    check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    if bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"bias must have shape (N,) = ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(bias.shape)}")
+
+
+def _fwd_reference(x, bias):
+    return torch.nn.functional.gelu(x.float() + bias.float(), approximate="none").to(x.dtype)
+
+
+def _bwd_reference(dy, x, bias):
+    z = x.float() + bias.float()
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+    dz = dy.float() * (cdf + z * pdf)
+    return dz.to(x.dtype), dz.reshape(-1, x.shape[-1]).sum(0)
+
+
+@torch.library.custom_op("maefast::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
+    impl = choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+    if impl == "triton":
+        from ..kernels.bias_gelu import bias_gelu_fwd
+
+        return bias_gelu_fwd(x.reshape(-1, x.shape[-1]), bias).view(x.shape)
+    return _fwd_reference(x, bias)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, impl):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("maefast::bias_gelu_backward", mutates_args=())
+def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, impl: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx in x's dtype, dbias fp32)."""
+    impl = choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+    if impl == "triton":
+        from ..kernels.bias_gelu import bias_gelu_bwd
+
+        n = x.shape[-1]
+        dx, db = bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n), bias)
+        return dx.view(x.shape), db
+    return _bwd_reference(dy, x, bias)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias, impl):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[-1], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    x, bias, impl = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.impl = impl
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = torch.ops.maefast.bias_gelu_backward(dy, x, bias, ctx.impl)
+    return dx, (db if db.dtype == bias.dtype else db.to(bias.dtype)), None
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """`gelu(x + bias)` with the exact (erf) GELU, fused.
+
+    Args:
+        x: (..., N) float32/bfloat16/float16 (the fc1 matmul output without bias), any strides.
+        bias: (N,) float tensor of any float dtype (its grad comes back in it).
+        impl: "auto" (Triton on CUDA, reference elsewhere) | "triton" | "reference".
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    if not compiling():
+        _validate(x, bias)
+        choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+    return torch.ops.maefast.bias_gelu(x, bias, impl)
