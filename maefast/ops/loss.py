@@ -90,10 +90,13 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
               bool(pred_masked), _dtype_code(pred.dtype), _dtype_code(imgs.dtype), stream_of(pred))
     if fwd:
         rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
-        C.norm_pix_loss_fwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), rows.data_ptr(), *common)
+        with torch.cuda.device(pred.device):  # the extension launches on the current device
+            C.norm_pix_loss_fwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), rows.data_ptr(), *common)
         return rows.sum()
     gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-    C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(), *common)
+    with torch.cuda.device(pred.device):
+        C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(),
+                            *common)
     return gpred
 
 

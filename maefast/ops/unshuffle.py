@@ -55,9 +55,10 @@ def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
     n, k1, d = x_vis.shape
     L = ids.shape[1]
     out = torch.empty(n, L + 1, d, dtype=x_vis.dtype, device=x_vis.device)
-    C.unshuffle_fwd(x_vis.data_ptr(), tok.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(),
-                    n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), _dtype_code(x_vis.dtype),
-                    stream_of(x_vis))
+    with _on_device(x_vis):
+        C.unshuffle_fwd(x_vis.data_ptr(), tok.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(),
+                        n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), _dtype_code(x_vis.dtype),
+                        stream_of(x_vis))
     return out
 
 
@@ -73,9 +74,10 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
     gx = torch.empty(n, num_visible + 1, d, dtype=grad.dtype, device=grad.device)
     tok_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device)
     pos_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device) if need_pos else tok_part
-    C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
-                    n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
-                    _dtype_code(grad.dtype), stream_of(grad))
+    with _on_device(grad):
+        C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
+                        n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
+                        _dtype_code(grad.dtype), stream_of(grad))
     return gx, tok_part.sum((0, 1)), (pos_part.sum(0) if need_pos else None)
 
 
@@ -88,6 +90,11 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
     g_tok = g_[:, num_visible:].sum((0, 1), dtype=torch.float32)
     g_pos = grad.sum(0, dtype=torch.float32) if need_pos else None
     return gx, g_tok, g_pos
+
+
+def _on_device(t: torch.Tensor):
+    # The extension launches on the current device: make it t's.
+    return torch.cuda.device(t.device)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
