@@ -1,0 +1,67 @@
+"""Training step of the MAE (forward + backward + AdamW, mask ratio 0.75, synthetic batch).
+
+Rows (providers, `maefast.bench.STEP_PROVIDERS`): reference (the official computation, eager;
+baseline), sdpa (the reference with torch's scaled_dot_product_attention), compile
+(torch.compile of the sdpa variant), plus whatever `maefast.bench.register_step_provider` added
+(the fast model's rows: issue 6). Autocast bf16 on a GPU, fp32 on the CPU. Reports step time,
+TFLOP/s (the official model's training FLOPs, `maefast.flops`), img/s, peak memory (GPU), and
+the speed-up against reference eager in the same run.
+
+CPU: tiny/small configs; torch.compile is skipped there (its ~20 s compile would dominate the
+suite) unless MAEFAST_BENCH_COMPILE_CPU=1. GPU (--gpu): ViT-B/16 at batch 128 and ViT-H/14 at
+batch 32 (MAEFAST_BENCH_STEP_MODELS=b:128,h:32 style to change).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _harness import gpu_mode, run_bench, sizes
+
+from maefast import bench as mb
+from maefast.flops import mae_flops
+from maefast.models.configs import resolve_model_name
+
+
+def _cases():
+    env = os.environ.get("MAEFAST_BENCH_STEP_MODELS")
+    if env and gpu_mode():
+        out = []
+        for item in env.split(","):
+            name, _, batch = item.partition(":")
+            out.append((resolve_model_name(name), int(batch or 32)))
+        return out
+    return sizes(cpu=[("mae_vit_tiny_test", 4), ("mae_vit_small_cpu", 8)],
+                 gpu=[("mae_vit_base_patch16", 128), ("mae_vit_huge_patch14", 32)])
+
+
+CASES = _cases()
+PROVIDERS = list(mb.STEP_PROVIDERS)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
+def test_train_step(benchmark, device, case, provider):
+    name, batch = case
+    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+        pytest.skip("torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        mb.free_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = mb.make_step(provider, name, batch, device=device, dtype=dtype)
+    except ValueError as e:  # a provider that cannot run here (e.g. no fast model yet)
+        pytest.skip(str(e))
+    kw = dict(warmup_ms=1.0, rep_ms=1000.0, min_reps=3, max_reps=30, flush_l2=False) if device.type == "cuda" \
+        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.5)
+    info = run_bench(benchmark, step, group="train-step", provider=provider, baseline=provider == "reference",
+                     flops=mae_flops(name)["train"] * batch, shape=dict(model=name, batch=batch), dtype=dtype,
+                     device=device, **kw)
+    info["img_per_s"] = batch / (info["time_ms"] * 1e-3)
+    if device.type == "cuda":
+        info["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del step
+    mb.free_memory()

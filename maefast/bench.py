@@ -1,0 +1,458 @@
+"""`maefast bench`: training-step benchmarks and the paper's Table 2 on this machine.
+
+    maefast bench table2 [--models b,l,h] [--decoder-depths 8,1] [--impl reference,auto] [--batch N]
+                         [--dtype bf16] [--json out.json] [--png out.png]
+
+Table 2 of the paper compares the training time of MAE (encoder on the visible 25% of the patches)
+with an encoder that also processes the mask tokens (all L patches, a learned mask token in place
+of the removed ones; the decoder is the same). We time one training step (forward, backward,
+AdamW) of both, for each model, decoder depth and implementation, and print the measured speed-up
+beside the paper's and the FLOP bound (`maefast.flops`). On the CPU the default is a small config
+(the paper's models take minutes per step there) and the output says so.
+
+Also the library the step benchmarks share (`benchmarks/bench_step.py`, `maefast profile`):
+`build_model`, `use_sdpa`, `MaskTokenEncoderMAE`, `TrainStep`, `STEP_PROVIDERS`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import sys
+import types
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import flops as flops_mod
+from . import timing
+from .models.configs import model_config, resolve_model_name
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+SHORT = {"mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16", "mae_vit_huge_patch14": "ViT-H/14",
+         "mae_vit_small_cpu": "small (CPU)", "mae_vit_tiny_test": "tiny (test)"}
+GPU_TABLE2_BATCH = {"mae_vit_base_patch16": 128, "mae_vit_large_patch16": 64, "mae_vit_huge_patch14": 32}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+def model_class():
+    """maefast.models.MaskedAutoencoderViT (the fast class once it exists; today the reference)."""
+    from . import models
+
+    return models.MaskedAutoencoderViT
+
+
+def accepts_impl() -> bool:
+    """Whether the model constructor takes ``impl=`` (explicitly; **kwargs does not count)."""
+    try:
+        return "impl" in inspect.signature(model_class().__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_model(name: str, impl: str = "reference", device=None, **overrides) -> nn.Module:
+    """A model by name (``base``, ``mae_vit_large_patch16``, ...) built directly on `device`.
+
+    ``impl="reference"`` is the official computation; any other impl is passed to the constructor's
+    ``impl=`` and raises ValueError when the constructor does not take it.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    cfg = model_config(name, **overrides)
+    cls = model_class()
+    if accepts_impl():
+        cfg["impl"] = impl
+    elif impl != "reference":
+        raise ValueError(f"impl={impl!r}: {cls.__module__}.{cls.__name__} does not take impl= (only the reference "
+                         f"model exists in this checkout)")
+    with torch.device(device):  # initialise on the device: ViT-H on the CPU first would take seconds
+        model = cls(**cfg)
+    return model.to(device)
+
+
+def _sdpa_attention_forward(self, x):
+    n, t, c = x.shape
+    qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, t, c)))
+
+
+def use_sdpa(model: nn.Module) -> nn.Module:
+    """Swaps every reference Attention's forward for torch's scaled_dot_product_attention (in place)."""
+    from .reference.model import Attention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.forward = types.MethodType(_sdpa_attention_forward, m)
+            n += 1
+    if n == 0:
+        raise ValueError("use_sdpa: the model has no reference Attention modules")
+    return model
+
+
+class MaskTokenEncoderMAE(nn.Module):
+    """Table 2's baseline: the encoder also processes the mask tokens (all L patches + cls).
+
+    Removed patches are replaced by a learned encoder mask token (+ their position embedding) and
+    the encoder runs over all L+1 tokens; the decoder gets every token from the encoder (no mask
+    tokens to append, no un-shuffle). Same loss on the masked patches. Wraps `model` and uses its
+    modules (so a fast model's blocks run here too).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        d = model.pos_embed.shape[-1]
+        p = next(model.parameters())
+        self.encoder_mask_token = nn.Parameter(torch.empty(1, 1, d, device=p.device, dtype=p.dtype).normal_(std=0.02))
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None):
+        from .reference.masking import masking_ids
+
+        m = self.model
+        x = m.patch_embed(imgs)
+        n, L, _ = x.shape
+        ids = masking_ids(n, L, mask_ratio, noise=noise, device=imgs.device)
+        keep = (1.0 - ids.mask).unsqueeze(-1).to(x.dtype)
+        x = x * keep + self.encoder_mask_token.to(x.dtype) * (1.0 - keep)
+        x = x + m.pos_embed[:, 1:, :]
+        cls = m.cls_token + m.pos_embed[:, :1, :]
+        x = torch.cat((cls.expand(n, -1, -1), x), dim=1)
+        for blk in m.blocks:
+            x = blk(x)
+        x = m.norm(x)
+        x = m.decoder_embed(x) + m.decoder_pos_embed
+        for blk in m.decoder_blocks:
+            x = blk(x)
+        pred = m.decoder_pred(m.decoder_norm(x))[:, 1:, :]
+        from .reference.loss import forward_loss
+
+        return forward_loss(imgs, pred, ids.mask, m.patch_embed.patch_size[0], m.norm_pix_loss), pred, ids.mask
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """The official split: no decay on biases and 1-D (norm) weights; tokens are decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainStep:
+    """One MAE training step: forward under autocast(dtype), backward, AdamW (the paper's betas).
+
+    fp16 uses a GradScaler (as the official AMP loop); fp32 runs without autocast. Call it to run
+    a step; `forward`, `backward` and `optimizer_step` are the pieces `maefast profile` times.
+    """
+
+    def __init__(self, model: nn.Module, imgs: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                 mask_ratio: float = 0.75, lr: float = 1.5e-4, compile: bool = False, fused: bool = False,
+                 params_of: nn.Module | None = None):
+        self.model = model
+        self.imgs = imgs
+        self.dtype = dtype
+        self.mask_ratio = mask_ratio
+        self.device = imgs.device
+        owner = params_of if params_of is not None else model
+        # foreach AdamW by default, like the official loop; fused=True is an option for fast rows
+        kw = {"fused": True} if fused else {}
+        self.opt = torch.optim.AdamW(param_groups(owner), lr=lr, betas=(0.9, 0.95), **kw)
+        self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
+        self.fwd = torch.compile(model) if compile else model
+        self.loss = None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self):
+        with self.autocast():
+            loss = self.fwd(self.imgs, mask_ratio=self.mask_ratio)[0]
+        self.loss = loss
+        return loss
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self):
+        self.backward(self.forward())
+        self.optimizer_step()
+
+
+def synthetic_batch(model: nn.Module, batch: int, device=None, seed: int = 0) -> torch.Tensor:
+    """ImageNet-normalised-looking random images for `model`'s img_size."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    h, w = model.patch_embed.img_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(batch, model.patch_embed.proj.in_channels, h, w, generator=g).to(device)
+
+
+# -- step providers (rows of the step benchmark; issue 6 appends maefast's) ----------------------
+
+def _provider_reference(name, device, **overrides):
+    return build_model(name, "reference", device, **overrides), False
+
+
+def _provider_sdpa(name, device, **overrides):
+    return use_sdpa(build_model(name, "reference", device, **overrides)), False
+
+
+def _provider_compile(name, device, **overrides):
+    return use_sdpa(build_model(name, "reference", device, **overrides)), True
+
+
+# name -> builder(model_name, device, **config_overrides) -> (model, compile?)
+STEP_PROVIDERS: dict[str, Callable] = {"reference": _provider_reference, "sdpa": _provider_sdpa,
+                                       "compile": _provider_compile}
+
+
+def register_step_provider(name: str, builder: Callable) -> None:
+    """Adds a row to the step benchmark: builder(model_name, device, **overrides) -> (model, compile)."""
+    STEP_PROVIDERS[name] = builder
+
+
+def make_step(provider: str, name: str, batch: int, *, device=None, dtype=torch.float32, mask_ratio=0.75,
+              **overrides) -> TrainStep:
+    if provider not in STEP_PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(STEP_PROVIDERS)}, got {provider!r}")
+    device = torch.device(device) if device is not None else default_device()
+    model, compile_ = STEP_PROVIDERS[provider](name, device, **overrides)
+    return TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio,
+                     compile=compile_)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- Table 2 --------------------------------------------------------------------------------------
+
+def _time_step(step: TrainStep, device, quick: bool) -> dict:
+    if device.type == "cuda":
+        return timing.time_cuda(step, warmup_ms=1.0, rep_ms=0.0 if quick else 500.0, min_reps=3, max_reps=20,
+                                flush_l2=False, device=device)
+    return timing.time_cpu(step, warmup=1, min_reps=2 if quick else 3, max_reps=5, budget_s=0.2 if quick else 1.0)
+
+
+def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, dtype=torch.float32, device=None,
+           mask_ratio=0.75, quick=False, progress=None, overrides=None) -> list[dict]:
+    """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth)."""
+    device = torch.device(device) if device is not None else default_device()
+    peak = timing.measure_peak(device)
+    rows = []
+    for name in [resolve_model_name(m) for m in models]:
+        bs = batch or (GPU_TABLE2_BATCH.get(name, 64) if device.type == "cuda" else 8)
+        for impl in impls:
+            t_mask_by_depth = {}
+            for dd in decoder_depths:
+                row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
+                       "dtype": str(dtype).replace("torch.", ""),
+                       "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
+                       flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
+                paper = flops_mod.PAPER_TABLE2.get((name, dd))
+                if paper:
+                    row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
+                try:
+                    model = build_model(name, impl, device, decoder_depth=dd, **(overrides or {}))
+                    imgs = synthetic_batch(model, bs, device)
+                    for mode, fwd in (("visible", model), ("mask_tokens", MaskTokenEncoderMAE(model))):
+                        if progress:
+                            progress(f"{SHORT.get(name, name)} dec{dd} {impl} {mode}")
+                        step = TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio)
+                        st = _time_step(step, device, quick)
+                        row[f"{mode}_ms"] = st["median_ms"]
+                        row[f"{mode}_reps"] = st["reps"]
+                        if device.type == "cuda":
+                            row[f"{mode}_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                            torch.cuda.reset_peak_memory_stats(device)
+                        del step
+                    del model, imgs
+                except (torch.cuda.OutOfMemoryError, ValueError, RuntimeError) as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                free_memory()
+                if "visible_ms" in row and "mask_tokens_ms" in row:
+                    row["speedup"] = row["mask_tokens_ms"] / row["visible_ms"]
+                    row["of_flop_bound"] = row["speedup"] / row["flop_ratio"]
+                    f = flops_mod.mae_flops(model_config(name, decoder_depth=dd, **(overrides or {})),
+                                            mask_ratio=mask_ratio)["train"] * bs
+                    row["img_per_s"] = bs / (row["visible_ms"] * 1e-3)
+                    row["tflops"] = f / (row["visible_ms"] * 1e-3) / 1e12
+                    row["mfu"] = row["tflops"] / peak["matmul_tflops"]
+                    t_mask_by_depth[dd] = row["mask_tokens_ms"]
+                rows.append(row)
+            # the paper's definition: every row against the mask-token encoder with decoder depth 8
+            if 8 in t_mask_by_depth:
+                for row in rows[-len(decoder_depths):]:
+                    if "visible_ms" in row:
+                        row["speedup_vs_mask_dec8"] = t_mask_by_depth[8] / row["visible_ms"]
+    return rows
+
+
+def _f(v, spec, missing="-"):
+    return missing if v is None else format(v, spec)
+
+
+def _x(v, spec):
+    return "-" if v is None else format(v, spec) + "x"
+
+
+def format_table2(rows: list[dict], env: dict, peak: dict, note: str = "") -> str:
+    lines = [f"Table 2 on {env['card']} ({env['date']}, torch {env['torch']}, commit {env['git_commit'][:12]})",
+             f"measured peak: {peak['matmul_dtype']} matmul {peak['matmul_tflops']:.3g} TFLOP/s, "
+             f"copy {peak['copy_gbps']:.0f} GB/s"]
+    if note:
+        lines.append(note)
+    lines.append("speed-up = step time of the encoder with mask tokens / visible-only, same decoder depth; "
+                 "FLOP bound = training-FLOP ratio (maefast.flops)")
+    head = (f"{'model':<12} {'dec':>3} {'impl':<10} {'batch':>5} {'visible ms':>10} {'w/[M] ms':>9} "
+            f"{'speed-up':>8} {'FLOP bnd':>8} {'of bnd':>6} {'vs[M]d8':>7} {'paper':>5} {'MAE.md':>6} {'MFU':>5}")
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{SHORT.get(r['model'], r['model']):<12} {r['decoder_depth']:>3} {r['impl']:<10} "
+                         f"{r['batch']:>5} {r['error']}")
+            continue
+        lines.append(f"{SHORT.get(r['model'], r['model']):<12} {r['decoder_depth']:>3} {r['impl']:<10} {r['batch']:>5} "
+                     f"{r['visible_ms']:>10.2f} {r['mask_tokens_ms']:>9.2f} {r['speedup']:>7.2f}x "
+                     f"{r['flop_ratio']:>7.2f}x {100 * r['of_flop_bound']:>5.0f}% "
+                     f"{_x(r.get('speedup_vs_mask_dec8'), '.2f'):>7} {_x(r.get('paper_speedup'), '.1f'):>5} "
+                     f"{_x(r.get('maemd_flop_ratio'), '.2f'):>6} {100 * r['mfu']:>4.0f}%")
+    lines.append("paper = Table 2 (128 TPU-v3 cores, 800 epochs), measured against the mask-token encoder with "
+                 "decoder depth 8 (compare with our vs[M]d8 column); MAE.md = its FLOP ratio at the same depth.")
+    return "\n".join(lines)
+
+
+def save_chart(rows: list[dict], path: str, title: str) -> None:
+    """Grouped bars per (model, decoder depth): measured speed-up per impl, the paper's, the FLOP bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = []
+    for r in rows:
+        k = (r["model"], r["decoder_depth"])
+        if k not in keys:
+            keys.append(k)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    series = [(f"measured ({i})", {(r["model"], r["decoder_depth"]): r.get("speedup") for r in rows if r["impl"] == i})
+              for i in impls]
+    series.append(("paper (vs w/[M] dec 8)", {(r["model"], r["decoder_depth"]): r.get("paper_speedup") for r in rows}))
+    series.append(("FLOP bound", {(r["model"], r["decoder_depth"]): r.get("flop_ratio") for r in rows}))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2))
+    for j, (label, vals) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keys))]
+        ys = [vals.get(k) or 0.0 for k in keys]
+        bars = ax.bar(xs, ys, width, label=label)
+        for b, y in zip(bars, ys):
+            if y:
+                ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{SHORT.get(m, m)}\ndec {d}" for m, d in keys])
+    ax.set_ylabel("speed-up of visible-only encoder (x)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _csv(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def table2_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="maefast bench table2", description=__doc__.split("\n\n")[1])
+    p.add_argument("--models", default=None, help="comma list (b,l,h / small / tiny / full names); "
+                   "default: b,l,h on a GPU, small on the CPU")
+    p.add_argument("--decoder-depths", default="8,1")
+    p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda); default: "
+                   "reference, plus auto on a GPU when the model takes impl=")
+    p.add_argument("--batch", type=int, default=None, help=f"default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
+    p.add_argument("--dtype", default=None, help="bf16 (GPU default) / fp16 / fp32 (CPU default)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="fewer timed steps (3 per cell on a GPU)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
+                   help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
+    p.add_argument("--json", default=None, help="write rows + environment to this file")
+    p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device) if a.device else default_device()
+    on_cpu = device.type == "cpu"
+    models = _csv(a.models) if a.models else (["small"] if on_cpu else ["b", "l", "h"])
+    impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if accepts_impl() and not on_cpu else []))
+    dtype = parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
+    depths = [int(v) for v in _csv(a.decoder_depths)]
+    overrides = {}
+    for kv in a.override:
+        k, _, v = kv.partition("=")
+        overrides[k] = float(v) if "." in v else int(v)
+    note = ""
+    if on_cpu and not a.models:
+        note = ("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32); the paper's ViT-B/L/H take "
+                "minutes per step here: pass --models b,l,h to run them anyway")
+    if note:
+        print(note, file=sys.stderr)
+    progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
+    rows = table2(models, depths, impls, batch=a.batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
+                  quick=a.quick, progress=progress, overrides=overrides or None)
+    env, peak = timing.env_info(device), timing.measure_peak(device)
+    text = format_table2(rows, env, peak, note)
+    print(text)
+    png = a.png or (a.json.rsplit(".", 1)[0] + ".png" if a.json else None)
+    if png:
+        save_chart(rows, png, f"MAE Table 2 on {env['card']} ({env['date'][:10]}, {str(dtype).replace('torch.', '')})")
+        print(f"chart: {png}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows,
+                       "table": text.splitlines(), "png": png}, fh, indent=2)
+        print(f"json: {a.json}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+SUBCOMMANDS = {"table2": (table2_main, "the paper's Table 2: visible-only vs mask-token encoder step time")}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: maefast bench <benchmark> [options]\n\nbenchmarks:")
+        for k, (_, h) in SUBCOMMANDS.items():
+            print(f"  {k:<8} {h}")
+        print("\nthe per-op and step suites: pytest benchmarks/ [--gpu] [--benchmark-json=out.json]")
+        return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
+    return SUBCOMMANDS[argv[0]][0](argv[1:])

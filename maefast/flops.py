@@ -1,0 +1,170 @@
+"""Analytic FLOP counts of MAE (matmul FLOPs: 2 per multiply-add), per image.
+
+Counts what the official model computes: the patch-embedding conv over all L patches (the
+official embeds, then masks), every Linear (qkv, proj, fc1, fc2, decoder_embed, decoder_pred) and
+the two attention matmuls (QK^T, PV) with the cls token in both encoder and decoder. LayerNorm,
+GELU, softmax and the loss are a fraction of a percent of the FLOPs and are left out (they are
+memory-bound: `stage_bytes` estimates their traffic instead). Training = 3x forward.
+
+`encoder_mask_tokens=True` gives the paper's Table 2 baseline: an encoder that also processes the
+mask tokens (all L+1 tokens), same decoder. `table2_flop_ratio` divides the two at the same
+decoder depth.
+
+Exact counts of the official model give ViT-B 2.35x / 3.56x, ViT-L 3.23x / 3.87x, ViT-H 3.59x /
+3.97x (decoder 8 / 1) and 58.7 / 124.5 / 291.4 GFLOPs per training image; MAE.md quotes 2.36 /
+3.58, 3.23 / 3.88, 3.60 / 3.97 and 58.5 / 124.3 / 291.3 (within 0.3% in FLOPs; the B and L
+decoder-1 ratios differ by 0.02 and 0.014: see tests/test_bench.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from .models.configs import model_config
+
+# the paper's Table 2 (800 epochs, 128 TPU-v3 cores) and MAE.md's FLOP ratios
+PAPER_TABLE2 = {
+    # (model, decoder depth): (hours, speed-up as printed in the paper, MAE.md FLOP ratio)
+    ("mae_vit_large_patch16", 8): (15.4, 2.8, 3.23),
+    ("mae_vit_large_patch16", 1): (11.6, 3.7, 3.88),
+    ("mae_vit_huge_patch14", 8): (34.5, 3.5, 3.60),
+    ("mae_vit_huge_patch14", 1): (29.3, 4.1, 3.97),
+    ("mae_vit_base_patch16", 8): (None, None, 2.36),
+    ("mae_vit_base_patch16", 1): (None, None, 3.58),
+}
+PAPER_MASK_TOKEN_HOURS = {"mae_vit_large_patch16": 42.4, "mae_vit_huge_patch14": 119.6}  # decoder 8, "w/ [M]"
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEDims:
+    img_size: int | tuple = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+    @property
+    def num_patches(self) -> int:
+        h, w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def len_keep(self, mask_ratio: float) -> int:
+        return int(self.num_patches * (1 - mask_ratio))
+
+
+def dims_of(model_or_cfg, **overrides) -> MAEDims:
+    """MAEDims from a model name, a config dict or a MaskedAutoencoderViT instance."""
+    if isinstance(model_or_cfg, str):
+        cfg = model_config(model_or_cfg)
+    elif isinstance(model_or_cfg, Mapping):
+        cfg = dict(model_or_cfg)
+    else:
+        m = model_or_cfg
+        blk, dblk = m.blocks[0], (m.decoder_blocks[0] if len(m.decoder_blocks) else None)
+        cfg = dict(img_size=tuple(m.patch_embed.img_size), patch_size=m.patch_embed.patch_size[0],
+                   in_chans=m.patch_embed.proj.in_channels, embed_dim=m.pos_embed.shape[-1], depth=len(m.blocks),
+                   num_heads=blk.attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
+                   decoder_depth=len(m.decoder_blocks),
+                   decoder_num_heads=dblk.attn.num_heads if dblk is not None else 1,
+                   mlp_ratio=blk.mlp.fc1.out_features / m.pos_embed.shape[-1])
+    cfg.update(overrides)
+    if isinstance(cfg.get("img_size"), int):
+        cfg["img_size"] = (cfg["img_size"], cfg["img_size"])
+    if "img_size" in cfg:
+        cfg["img_size"] = tuple(int(v) for v in cfg["img_size"])
+    cfg["mlp_ratio"] = float(cfg.get("mlp_ratio", 4.0))
+    fields = {f.name for f in dataclasses.fields(MAEDims)}
+    return MAEDims(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def _block(tokens: int, width: int, mlp_ratio: float) -> dict:
+    hidden = int(width * mlp_ratio)
+    return {"attn_linear": 2 * tokens * 4 * width * width,        # qkv (3 D^2) + proj (D^2)
+            "attn_matmul": 2 * 2 * tokens * tokens * width,       # QK^T and PV over all heads
+            "mlp": 2 * 2 * tokens * width * hidden}               # fc1 + fc2
+
+
+def mae_flops(model_or_cfg, *, mask_ratio: float = 0.75, encoder_mask_tokens: bool = False,
+              **overrides) -> dict:
+    """Forward matmul FLOPs per image, by component, plus ``forward`` and ``train`` (3x) totals.
+
+    Components: patch_embed, enc_attn_linear, enc_attn_matmul, enc_mlp, decoder_embed,
+    dec_attn_linear, dec_attn_matmul, dec_mlp, decoder_pred. Also the stage groups used by
+    `maefast profile`: ``stage_fwd`` {masking+embed, encoder attention, encoder MLP/norms,
+    decoder embed + un-shuffle, decoder, head+loss}.
+    """
+    d = dims_of(model_or_cfg, **overrides)
+    L = d.num_patches
+    enc_tokens = (L if encoder_mask_tokens else d.len_keep(mask_ratio)) + 1
+    dec_tokens = L + 1
+    pdim = d.patch_size * d.patch_size * d.in_chans
+    enc = _block(enc_tokens, d.embed_dim, d.mlp_ratio)
+    dec = _block(dec_tokens, d.decoder_embed_dim, d.mlp_ratio)
+    c = {"patch_embed": 2 * L * pdim * d.embed_dim,
+         "enc_attn_linear": d.depth * enc["attn_linear"], "enc_attn_matmul": d.depth * enc["attn_matmul"],
+         "enc_mlp": d.depth * enc["mlp"],
+         "decoder_embed": 2 * enc_tokens * d.embed_dim * d.decoder_embed_dim,
+         "dec_attn_linear": d.decoder_depth * dec["attn_linear"],
+         "dec_attn_matmul": d.decoder_depth * dec["attn_matmul"], "dec_mlp": d.decoder_depth * dec["mlp"],
+         "decoder_pred": 2 * dec_tokens * d.decoder_embed_dim * pdim}
+    fwd = sum(c.values())
+    c["forward"] = fwd
+    c["train"] = 3 * fwd
+    c["stage_fwd"] = {"masking+embed": c["patch_embed"],
+                      "encoder attention": c["enc_attn_linear"] + c["enc_attn_matmul"],
+                      "encoder MLP/norms": c["enc_mlp"],
+                      "decoder embed + un-shuffle": c["decoder_embed"],
+                      "decoder": c["dec_attn_linear"] + c["dec_attn_matmul"] + c["dec_mlp"],
+                      "head+loss": c["decoder_pred"]}
+    c["tokens"] = {"encoder": enc_tokens, "decoder": dec_tokens, "L": L}
+    return c
+
+
+def table2_flop_ratio(model_or_cfg, decoder_depth: int | None = None, mask_ratio: float = 0.75) -> float:
+    """Training FLOPs of the mask-token encoder / visible-only encoder, same decoder depth."""
+    kw = {} if decoder_depth is None else {"decoder_depth": decoder_depth}
+    with_m = mae_flops(model_or_cfg, mask_ratio=mask_ratio, encoder_mask_tokens=True, **kw)["train"]
+    vis = mae_flops(model_or_cfg, mask_ratio=mask_ratio, encoder_mask_tokens=False, **kw)["train"]
+    return with_m / vis
+
+
+def param_count(model_or_cfg, **overrides) -> int:
+    """Trainable parameters (the fixed sin-cos position embeddings excluded), analytically."""
+    d = dims_of(model_or_cfg, **overrides)
+    pdim = d.patch_size * d.patch_size * d.in_chans
+
+    def block(w):
+        h = int(w * d.mlp_ratio)
+        return 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
+
+    return (pdim * d.embed_dim + d.embed_dim + d.embed_dim + d.depth * block(d.embed_dim) + 2 * d.embed_dim
+            + d.embed_dim * d.decoder_embed_dim + d.decoder_embed_dim + d.decoder_embed_dim
+            + d.decoder_depth * block(d.decoder_embed_dim) + 2 * d.decoder_embed_dim
+            + d.decoder_embed_dim * pdim + pdim)
+
+
+def stage_bytes(model_or_cfg, batch: int, *, act_bytes: int = 2, weight_bytes: int = 4, mask_ratio: float = 0.75,
+                **overrides) -> dict:
+    """Minimum forward memory traffic per stage for a batch (bytes): each stage's input read, output
+    write and weights, as a fused implementation would move them. A lower bound: the GB/s it gives
+    is what the stage achieved at least. ``optimizer`` is AdamW over fp32 parameters (param, grad,
+    exp_avg, exp_avg_sq read; param, exp_avg, exp_avg_sq written)."""
+    d = dims_of(model_or_cfg, **overrides)
+    L, N = d.num_patches, batch
+    T = d.len_keep(mask_ratio) + 1
+    D, Dd = d.embed_dim, d.decoder_embed_dim
+    pdim = d.patch_size * d.patch_size * d.in_chans
+    h, hd = int(D * d.mlp_ratio), int(Dd * d.mlp_ratio)
+    img = N * L * pdim * 4
+    return {"masking+embed": img + N * T * D * act_bytes + pdim * D * weight_bytes,
+            "encoder attention": d.depth * (2 * N * T * D * act_bytes + 4 * D * D * weight_bytes),
+            "encoder MLP/norms": d.depth * (2 * N * T * D * act_bytes + 2 * D * h * weight_bytes),
+            "decoder embed + un-shuffle": N * T * D * act_bytes + N * (L + 1) * Dd * act_bytes + D * Dd * weight_bytes,
+            "decoder": d.decoder_depth * (2 * N * (L + 1) * Dd * act_bytes + (4 * Dd * Dd + 2 * Dd * hd) * weight_bytes),
+            "head+loss": N * (L + 1) * Dd * act_bytes + img + Dd * pdim * weight_bytes,
+            "optimizer": 28 * param_count(d)}
