@@ -153,7 +153,7 @@ def summary_lines() -> list[str]:
     if timing._PEAK.get(str(bench_device())):
         p = timing._PEAK[str(bench_device())]
         lines.append(f"measured peak: copy {p['copy_gbps']:.0f} GB/s, {p['matmul_dtype']} matmul "
-                     f"{p["matmul_tflops"]:.3g} TFLOP/s")
+                     f"{p['matmul_tflops']:.3g} TFLOP/s")
     head = f"{'group':<24} {'shape':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8}"
     lines += [head, "-" * len(head)]
     for r in sorted(RESULTS, key=lambda r: (r["group"], r["shape_key"], not r.get("baseline"), r["provider"])):
