@@ -1,0 +1,235 @@
+"""maefast.ops.random_masking: the official masking given noise, seeded Philox masks identical on
+every backend, the sampler's statistics, the custom op, and bad inputs."""
+import pytest
+import torch
+
+from maefast import reference as R
+from maefast._triton import HAS_TRITON
+from maefast.ops import random_masking
+from maefast.reference.philox import philox4x32, philox_noise, philox_uniform
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# (N, L, mask_ratio): paper grids (224/p16 -> 196, 224/p14 -> 256), batch 1 and a prime, odd L.
+SHAPES_CPU = [(1, 196, 0.75), (7, 196, 0.5), (2, 256, 0.9), (3, 50, 0.75), (5, 17, 0.3), (2, 2, 0.5)]
+SHAPES_GPU = [(1, 196, 0.75), (7, 196, 0.5), (13, 256, 0.75), (256, 196, 0.75), (256, 256, 0.9), (64, 1024, 0.75),
+              (3, 4096, 0.6), (5, 333, 0.25)]
+
+
+def _assert_ids_equal(got, want, what=""):
+    for name, a, b in zip(("ids_keep", "ids_restore", "mask"), got, want):
+        assert a.dtype == b.dtype, f"{what} {name}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if not torch.equal(a.cpu(), b.cpu()):
+            bad = (a.cpu() != b.cpu()).nonzero()
+            raise AssertionError(f"{what} {name}: {len(bad)} entries differ, first at {tuple(bad[0].tolist())}")
+
+
+def _check_invariants(ids, L, K):
+    ids_keep, ids_restore, mask = (t.cpu() for t in ids)
+    N = ids_keep.shape[0]
+    assert ids_keep.shape == (N, K) and ids_restore.shape == (N, L) and mask.shape == (N, L)
+    assert mask.dtype == torch.float32 and ids_keep.dtype == torch.int64 and ids_restore.dtype == torch.int64
+    assert torch.equal(ids_restore.sort(1).values, torch.arange(L).expand(N, L))
+    assert torch.equal(mask.sum(1), torch.full((N,), float(L - K)))
+    assert torch.equal(torch.gather(mask, 1, ids_keep), torch.zeros(N, K))
+    assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(K).expand(N, K))
+
+
+def _stable_reference(noise, K):
+    shuffle = torch.argsort(noise.double(), dim=1, stable=True)
+    restore = torch.argsort(shuffle, dim=1)
+    return shuffle[:, :K], restore, (restore >= K).float()
+
+
+# ---- Philox ----------------------------------------------------------------------------------
+
+def test_philox_known_answers():
+    # Random123's kat_vectors for philox4x32_10 (the same rounds, constants and key schedule).
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        got = philox4x32(*(torch.tensor([c]) for c in ctr), *key)
+        assert tuple(int(g) for g in got) == want
+
+
+@needs_triton
+@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 1), (12345, 2 ** 32 - 100), (2 ** 62 + 99, 2 ** 40), (2 ** 31 + 3, 7)])
+def test_philox_matches_triton_rand(device, seed, offset):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rand_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(out_ptr + offs, tl.rand(seed, offset + offs), mask=offs < n)
+
+    n = 1000
+    out = torch.full((n,), float("nan"), device=device)
+    _rand_kernel[(1,)](out, seed, offset, n, BLOCK=1024)
+    want = philox_uniform(seed, offset + torch.arange(n))
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32)), "Philox reference != tl.rand bit for bit"
+
+
+def test_philox_noise_is_uniform():
+    x = philox_noise(200, 500, seed=2024).double().reshape(-1)
+    n = x.numel()
+    assert float(x.min()) >= 0.0 and float(x.max()) < 1.0
+    assert abs(float(x.mean()) - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    hist = torch.histc(x, bins=10, min=0.0, max=1.0)
+    expect = n / 10
+    assert float((hist - expect).abs().max()) < 5 * (expect * 0.9) ** 0.5
+    # Counters: offset shifts the stream, sample n starts at offset + n*L.
+    assert torch.equal(philox_noise(2, 500, 2024, offset=500)[0], x.float().reshape(200, 500)[1])
+
+
+# ---- given noise: the official masking ------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("N,L,ratio", SHAPES_CPU)
+def test_given_noise_matches_reference(device, impl, N, L, ratio):
+    noise = torch.rand(N, L, device=device)
+    want = R.masking_ids(N, L, ratio, noise=noise.cpu())
+    got = random_masking(N, L, ratio, noise=noise, impl=impl)
+    _assert_ids_equal(got, want, f"{impl} N={N} L={L} r={ratio}")
+    _check_invariants(got, L, int(L * (1 - ratio)))
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_noise_dtypes_and_ties(device, impl, dtype):
+    N, L, ratio = 3, 64, 0.75
+    noise = (torch.randint(0, 8, (N, L), device=device).to(dtype) / 8)  # many ties: broken by index
+    got = random_masking(N, L, ratio, noise=noise, impl=impl)
+    _assert_ids_equal(got, _stable_reference(noise.cpu(), 16), f"{impl} {dtype} ties")
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_noncontiguous_noise(device, impl):
+    base = torch.rand(40, 6, device=device)
+    noise = base.t()  # (6, 40), strides (1, 6)
+    got = random_masking(6, 40, 0.5, noise=noise, impl=impl)
+    _assert_ids_equal(got, R.masking_ids(6, 40, 0.5, noise=noise.cpu().contiguous()), f"{impl} transposed noise")
+
+
+# ---- seeded: the same mask everywhere ----------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("N,L,ratio,seed,offset", [(2, 196, 0.75, 0, 0), (3, 256, 0.75, 2 ** 40 + 5, 123),
+                                                   (4, 50, 0.5, 1, 1), (1, 17, 0.9, 77, 2 ** 33)])
+def test_seed_same_mask_across_impls(device, N, L, ratio, seed, offset):
+    ref = random_masking(N, L, ratio, seed=seed, offset=offset, device="cpu", impl="reference")
+    # The seeded noise is documented: its official masking is the seeded mask.
+    _assert_ids_equal(ref, _stable_reference(philox_noise(N, L, seed, offset), int(L * (1 - ratio))), "documented")
+    tri = random_masking(N, L, ratio, seed=seed, offset=offset, device=device, impl="triton")
+    _assert_ids_equal(tri, ref, "triton vs reference")
+    _check_invariants(tri, L, int(L * (1 - ratio)))
+
+
+def test_seed_reproducible_and_distinct():
+    a = random_masking(4, 196, 0.75, seed=5)
+    _assert_ids_equal(random_masking(4, 196, 0.75, seed=5), a, "same seed")
+    _assert_ids_equal(random_masking(4, 196, 0.75, seed=torch.tensor([5])), a, "seed tensor")
+    assert not torch.equal(random_masking(4, 196, 0.75, seed=6).mask, a.mask)
+    shifted = random_masking(3, 196, 0.75, seed=5, offset=196)  # offset skips sample 0
+    _assert_ids_equal(shifted, tuple(t[1:] for t in a), "offset")
+    torch.manual_seed(3)
+    b = random_masking(4, 196, 0.75)
+    torch.manual_seed(3)
+    _assert_ids_equal(random_masking(4, 196, 0.75), b, "torch.manual_seed")
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_sampler_statistics(device, impl):
+    # Each patch is kept with probability K/L; counts over N samples ~ Binomial(N, K/L).
+    N, L, ratio = (4000, 16, 0.75) if impl == "reference" else (600, 16, 0.75)
+    K = int(L * (1 - ratio))
+    ids = random_masking(N, L, ratio, seed=31337, device=device, impl=impl)
+    _check_invariants(ids, L, K)
+    kept = (1 - ids.mask.cpu()).sum(0)
+    p = K / L
+    sd = (N * p * (1 - p)) ** 0.5
+    assert float((kept - N * p).abs().max()) < 5 * sd, f"kept counts {kept.tolist()} vs {N * p} +- {sd:.1f}"
+    # The first kept position is uniform over the patches too.
+    first = torch.bincount(ids.ids_keep[:, 0].cpu(), minlength=L).double()
+    sd1 = (N / L * (1 - 1 / L)) ** 0.5
+    assert float((first - N / L).abs().max()) < 5 * sd1
+
+
+def test_opcheck():
+    op = torch.ops.maefast.random_masking.default
+    torch.library.opcheck(op, (3, 10, 4, None, torch.tensor([5]), 0, torch.device("cpu"), "reference"))
+    torch.library.opcheck(op, (3, 10, 4, torch.rand(3, 10), None, 0, torch.device("cpu"), "reference"))
+
+
+# ---- bad inputs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(mask_ratio=0.0), ValueError, "mask_ratio"),
+    (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
+    (dict(mask_ratio=True), TypeError, "mask_ratio"),
+    (dict(mask_ratio="0.5"), TypeError, "mask_ratio"),
+    (dict(num_patches=3, mask_ratio=0.9), ValueError, "at least one patch"),
+    (dict(batch=-1), ValueError, "batch"),
+    (dict(num_patches=0), ValueError, "num_patches"),
+    (dict(batch=2.0), TypeError, "batch"),
+    (dict(noise=torch.rand(2, 9)), ValueError, "noise must have shape"),
+    (dict(noise=torch.ones(2, 10, dtype=torch.int64)), TypeError, "floating point"),
+    (dict(noise=torch.rand(2, 10), seed=3), ValueError, "not both"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2 ** 63), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=torch.tensor([1], dtype=torch.int32)), ValueError, "seed tensor"),
+    (dict(seed=3, offset=-1), ValueError, "offset"),
+    (dict(impl="fast"), ValueError, "impl"),
+])
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(batch=2, num_patches=10, mask_ratio=0.5)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        random_masking(args.pop("batch"), args.pop("num_patches"), args.pop("mask_ratio"), **args)
+
+
+def test_unavailable_impl_raises_with_reason():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: impl='cuda' may be available")
+    with pytest.raises(ValueError, match="not available"):
+        random_masking(2, 10, 0.5, seed=1, device="cpu", impl="cuda")
+
+
+# ---- GPU: both kernels at paper shapes ---------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("N,L,ratio", SHAPES_GPU)
+def test_gpu_given_noise(impl, N, L, ratio):
+    noise = torch.rand(N, L, device="cuda")
+    want = _stable_reference(noise.cpu(), int(L * (1 - ratio)))
+    got = random_masking(N, L, ratio, noise=noise, impl=impl)
+    _assert_ids_equal(got, want, f"{impl} N={N} L={L}")
+    for dtype in (torch.float16, torch.float64):
+        n2 = noise.to(dtype)
+        _assert_ids_equal(random_masking(N, L, ratio, noise=n2, impl=impl),
+                          _stable_reference(n2.cpu(), int(L * (1 - ratio))), f"{impl} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,L,ratio", SHAPES_GPU)
+def test_gpu_seed_same_mask_on_every_impl(N, L, ratio):
+    seed, offset = 987654321, 2 ** 32 + 11
+    ref = random_masking(N, L, ratio, seed=seed, offset=offset, device="cpu", impl="reference")
+    for impl in ("reference", "triton", "cuda"):
+        got = random_masking(N, L, ratio, seed=seed, offset=offset, device="cuda", impl=impl)
+        _assert_ids_equal(got, ref, f"{impl} seeded N={N} L={L}")
+
+
+@pytest.mark.cuda
+def test_gpu_auto_and_statistics():
+    ids = random_masking(8192, 196, 0.75, seed=4, device="cuda")
+    _check_invariants(ids, 196, 49)
+    kept = (1 - ids.mask).sum(0).cpu()
+    p = 49 / 196
+    sd = (8192 * p * (1 - p)) ** 0.5
+    assert float((kept - 8192 * p).abs().max()) < 5 * sd
