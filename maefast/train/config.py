@@ -122,7 +122,7 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
     cfg.model = resolve_model_name(cfg.model)
     if cfg.input_size is None:
         cfg.input_size = int(model_config(cfg.model)["img_size"])
-        if not on_gpu:
+        if cpu_auto:
             cpu_auto.append(f"input {cfg.input_size}")
     if cfg.batch_size is None:
         cfg.batch_size = GPU_BATCH if on_gpu else CPU_BATCH
@@ -137,7 +137,8 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = cfg.epochs * WARMUP_FRACTION
     if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+        bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+        cfg.dtype = "bfloat16" if on_gpu and bf16_ok else "float32"
     cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
     if cfg.workers is None:
         cpus = os.cpu_count() or 1

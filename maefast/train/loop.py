@@ -113,7 +113,8 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         dict with ``output_dir``, ``checkpoint`` (checkpoint-last.pth), ``encoder`` (the
         ``mae_pretrain_*.pth`` export or None), ``loss_curve``, ``log``, ``final_loss`` (mean
         loss of the last log window), ``img_per_s`` (global, whole run), ``steps`` (optimizer
-        steps done in total), ``epoch``, ``world_size``, ``skipped_files``, ``config``. Files are
+        steps done in total), ``epoch``, ``world_size``, ``skipped_files``, ``config`` (resolved)
+        and ``model`` (the trained module, unwrapped; sharded DTensors under FSDP). Files are
         written by rank 0 only.
     """
     if config is None:
@@ -370,7 +371,7 @@ def _run(cfg: TrainConfig, info) -> dict:
               "log": os.path.join(cfg.output_dir, "log.jsonl"), "final_loss": final_loss, "img_per_s": img_per_s,
               "img_per_s_steady": steady_ips,
               "steps": step, "epoch": epoch, "world_size": info.world_size, "skipped_files": skipped_total,
-              "config": cfg}
+              "config": cfg, "model": model}
     _say(info, f"done: {step} steps, last loss {final_loss:.4f}, {img_per_s:.1f} img/s over the run, "
                f"{steady_ips:.1f} img/s after the first log window ({info.world_size} x {device.type}); "
                f"checkpoint {ckpt_path}"

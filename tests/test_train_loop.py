@@ -1,0 +1,180 @@
+"""`maefast train` end to end on the CPU with the tiny model: outputs (checkpoint, JSONL logs, loss
+curve PNG, encoder export), exact resume, atomic checkpoint writes, corrupt files, the loss falling."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maefast.models import create_model
+from maefast.train import TrainConfig, load_checkpoint, main, train
+from maefast.train import checkpoint as ckpt_lib
+
+TINY = dict(model="mae_vit_tiny_test", data="synthetic", batch_size=4, progress=False, workers=0, device="cpu")
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, **kw})
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_cli_writes_checkpoint_logs_curve_and_encoder(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--model", "tiny", "--data", "synthetic", "--synthetic-size", "24", "--batch-size", "4",
+               "--epochs", "2", "--log-every", "2", "--output-dir", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "mae_vit_tiny_test" in err and "img/s" in err
+    epochs = _read_jsonl(out / "log.jsonl")
+    assert [r["epoch"] for r in epochs] == [0, 1] and [r["step"] for r in epochs] == [6, 12]
+    for r in epochs:
+        assert set(r) >= {"train_loss", "train_lr", "img_per_s", "skipped_files", "images"}
+        assert r["images"] == 24 and r["skipped_files"] == 0 and np.isfinite(r["train_loss"])
+    steps = _read_jsonl(out / "steps.jsonl")
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
+    # the lr follows the schedule: warm-up 0.1 epoch, cosine to 0 at the end
+    assert steps[-1]["lr"] < steps[1]["lr"]
+
+    from PIL import Image
+
+    with Image.open(out / "loss_curve.png") as im:
+        assert im.size == (800, 450)
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    assert arr.std() > 10  # not blank
+    blue = (abs(arr[..., 0] - 31) < 30) & (abs(arr[..., 1] - 119) < 30) & (abs(arr[..., 2] - 180) < 30)
+    assert blue.sum() > 200  # the tab:blue loss line is drawn
+
+    ck = load_checkpoint(str(out / "checkpoint-last.pth"))
+    assert (ck["epoch"], ck["batch"], ck["step"], ck["model_name"]) == (2, 0, 12, "mae_vit_tiny_test")
+    assert {"model", "optimizer", "scaler", "rng", "schedule", "config"} <= set(ck)
+
+    enc = torch.load(out / "mae_pretrain_vit_tiny_test.pth", weights_only=True)
+    assert list(enc) == ["model"]
+    keys = set(enc["model"])
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias"} <= keys
+    assert not any(k.startswith(("decoder", "mask_token")) for k in keys)
+    for k, v in enc["model"].items():
+        assert torch.equal(v, ck["model"][k]), k
+    # loads into an encoder (the official fine-tuning does strict=False for head / fc_norm)
+    fresh = create_model("mae_vit_tiny_test")
+    missing, unexpected = fresh.load_state_dict(enc["model"], strict=False)
+    assert not unexpected and all(k.startswith(("decoder", "mask_token")) for k in missing)
+
+
+def _params(path):
+    return load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_bit_exact(tmp_path, accum):
+    # 4 optimizer steps straight vs 2 + resume + 2 (a mid-epoch stop: 8 steps per epoch... 4 used)
+    cfg = _cfg(synthetic_size=16 * accum, epochs=1, accum_iter=accum, lr=1e-3, log_every=1,
+                      plot=False, export=False)
+    train(cfg, output_dir=str(tmp_path / "straight"))
+    train(cfg, output_dir=str(tmp_path / "split"), max_steps=2)
+    half = _params(tmp_path / "split" / "checkpoint-last.pth")
+    assert (half["step"], half["epoch"], half["batch"]) == (2, 0, 2 * accum)
+    res = train(cfg, output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint-last.pth"))
+    assert res["steps"] == 4
+    a = _params(tmp_path / "straight" / "checkpoint-last.pth")
+    b = _params(tmp_path / "split" / "checkpoint-last.pth")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(st[name], b["optimizer"]["state"][i][name]), (i, name)
+    # and training really moved the weights
+    fresh = create_model("mae_vit_tiny_test")
+    assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], a["model"]["blocks.0.attn.qkv.weight"])
+
+
+def test_resume_across_epochs_and_auto(tmp_path):
+    cfg = _cfg(synthetic_size=12, epochs=2, lr=1e-3, plot=False, export=False)
+    train(cfg, output_dir=str(tmp_path / "straight"))
+    out = str(tmp_path / "split")
+    train(cfg, output_dir=out, max_steps=4)  # stops in the middle of epoch 1 (3 steps per epoch)
+    assert _params(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 1
+    train(cfg, output_dir=out, resume="auto")
+    a = _params(tmp_path / "straight" / "checkpoint-last.pth")
+    b = _params(os.path.join(out, "checkpoint-last.pth"))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pth"
+    ckpt_lib.atomic_save({"model": {"w": torch.ones(3)}}, str(path))
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_lib.atomic_save({"model": {"w": torch.zeros(3)}}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ck.pth"]  # no temp file left behind
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    state = ckpt_lib.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    ckpt_lib.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def _folder(tmp_path, n_good, n_bad, size=40):
+    from PIL import Image
+
+    from maefast.train.data import SyntheticDataset
+
+    src = SyntheticDataset(n_good, size, 4, data_seed=7)
+    for i in range(n_good):
+        sub = tmp_path / ("dogs" if i % 2 else "cats")
+        sub.mkdir(parents=True, exist_ok=True)
+        src.load(i).save(sub / f"{i}.png")
+    for i in range(n_bad):
+        (tmp_path / "cats" / f"bad{i}.jpg").write_bytes(os.urandom(200))
+    return tmp_path
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
+    data = _folder(tmp_path / "data", 12, 2)
+    res = train(_cfg(data=str(data), batch_size=7, epochs=1, plot=False, export=False,
+                            output_dir=str(tmp_path / "out")))
+    assert res["skipped_files"] == 2 and np.isfinite(res["final_loss"])
+    rec = _read_jsonl(tmp_path / "out" / "log.jsonl")[0]
+    assert rec["skipped_files"] == 2 and rec["images"] == 12
+    assert all("bad" in e for e in rec["skipped_examples"])
+    assert "skipped 2 unreadable" in capsys.readouterr().err
+
+
+def test_empty_or_missing_folder_is_a_clear_cli_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--data", str(tmp_path / "empty"), "--model", "tiny", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "missing"), "--model", "tiny", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_loss_falls_on_an_image_folder(tmp_path):
+    data = _folder(tmp_path / "data", 32, 0, size=48)
+    res = train(_cfg(data=str(data), batch_size=8, epochs=12, lr=2e-3, warmup_epochs=1,
+                            log_every=1, plot=False, export=False, output_dir=str(tmp_path / "out")))
+    losses = [r["loss"] for r in _read_jsonl(tmp_path / "out" / "steps.jsonl")]
+    assert len(losses) == 48
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    assert last < 0.9 * first, (first, last)
+    assert res["img_per_s"] > 0

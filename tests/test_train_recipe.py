@@ -1,0 +1,204 @@
+"""The paper's recipe pieces of `maefast train`: lr schedule values, which parameters decay, the
+augmentation, datasets (corrupt files, empty folders), the resumable sampler, default resolution."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maefast.models import create_model
+from maefast.train import schedule
+from maefast.train.config import TrainConfig, config_from_args, resolve_config
+from maefast.train.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, PretrainTransform,
+                                ResumableDistributedSampler, SyntheticDataset, collate, random_resized_crop_params)
+
+
+# -- schedule --------------------------------------------------------------------------------------
+def official_lr(epoch, lr, warmup, epochs, min_lr=0.0):
+    """facebookresearch/mae util/lr_sched.adjust_learning_rate, restated."""
+    if epoch < warmup:
+        return lr * epoch / warmup
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+def test_scaled_lr_is_blr_times_batch_over_256():
+    assert schedule.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)  # the paper's batch
+    assert schedule.scaled_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
+    with pytest.raises(ValueError, match="effective_batch"):
+        schedule.scaled_lr(1.5e-4, 0)
+
+
+def test_lr_schedule_values():
+    lr, warm, ep = 2.4e-3, 40, 800
+    assert schedule.lr_at(0.0, lr, warm, ep) == 0.0  # the official first iteration has lr 0
+    assert schedule.lr_at(20.0, lr, warm, ep) == pytest.approx(lr / 2)
+    assert schedule.lr_at(40.0, lr, warm, ep) == pytest.approx(lr)
+    assert schedule.lr_at(420.0, lr, warm, ep) == pytest.approx(lr / 2)  # half way down the cosine
+    assert schedule.lr_at(800.0, lr, warm, ep) == pytest.approx(0.0, abs=1e-15)
+    assert schedule.lr_at(800.0, lr, warm, ep, min_lr=1e-6) == pytest.approx(1e-6)
+    for e in np.linspace(0, 799.99, 97):
+        assert schedule.lr_at(float(e), lr, warm, ep, 1e-6) == pytest.approx(official_lr(e, lr, warm, ep, 1e-6))
+    # per iteration: 10 iterations per epoch, warm-up 1 epoch -> linear steps of lr/10
+    vals = [schedule.lr_at(i / 10, 1.0, 1, 5) for i in range(12)]
+    assert vals[:10] == pytest.approx([i / 10 for i in range(10)])
+    assert vals[10] == pytest.approx(1.0) and vals[11] < 1.0
+
+
+def test_adjust_learning_rate_sets_groups_and_lr_scale():
+    p1, p2 = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([{"params": [p1]}, {"params": [p2], "lr_scale": 0.5}], lr=1.0)
+    got = schedule.adjust_learning_rate(opt, 0.5, 1e-3, 1, 10)
+    assert got == pytest.approx(5e-4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert opt.param_groups[1]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_weight_decay_groups_match_official_rule():
+    model = create_model("mae_vit_tiny_test")
+    decayed, plain = schedule.decay_split(model)
+    # cls_token / mask_token are 3-D: decayed, as in timm 0.3.2 add_weight_decay
+    assert "cls_token" in decayed and "mask_token" in decayed
+    assert "patch_embed.proj.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
+    assert "decoder_pred.weight" in decayed and "decoder_embed.weight" in decayed
+    assert all(not n.endswith(".bias") for n in decayed)
+    assert "blocks.0.norm1.weight" in plain and "norm.weight" in plain and "decoder_norm.weight" in plain
+    assert "patch_embed.proj.bias" in plain
+    # the fixed sin-cos tables are not trained at all
+    assert "pos_embed" not in decayed + plain and "decoder_pos_embed" not in decayed + plain
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (name in plain) == (p.ndim <= 1 or name.endswith(".bias")), name
+    opt = schedule.build_optimizer(model, lr=1e-3)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(decayed) + len(plain)
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+def test_random_resized_crop_params_follow_torchvision_rules():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(400):
+        W, H = int(rng.integers(40, 300)), int(rng.integers(40, 300))
+        top, left, h, w = random_resized_crop_params(W, H, rng)
+        assert 0 <= top and 0 <= left and top + h <= H and left + w <= W and h > 0 and w > 0
+        areas.append(h * w / (H * W))
+    areas = np.array(areas)
+    # scale (0.2, 1.0) up to rounding; the fallback (a central crop) is area <= 1
+    assert areas.min() > 0.17 and areas.max() <= 1.0
+    assert 0.3 < np.median(areas) < 0.65  # large crops are often rejected by the aspect ratio
+    # fallback: an extreme aspect ratio never fits 10 tries -> central crop clamped to ratio 4/3
+    top, left, h, w = random_resized_crop_params(1000, 10, np.random.default_rng(1))
+    assert (h, w) == (10, 13) and left == (1000 - 13) // 2 and top == 0
+
+
+def test_pretrain_transform_shape_normalisation_and_determinism():
+    from PIL import Image
+
+    img = Image.fromarray(np.full((50, 70, 3), (255, 128, 0), np.uint8))
+    t = PretrainTransform(32)
+    x = t(img, np.random.default_rng(3))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    expect = [(v / 255 - m) / s for v, m, s in zip((255, 128, 0), IMAGENET_MEAN, IMAGENET_STD)]
+    torch.testing.assert_close(x.mean((1, 2)), torch.tensor(expect), atol=1e-4, rtol=0)
+    assert torch.equal(x, t(img, np.random.default_rng(3)))
+    # horizontal flip happens about half the time
+    ramp = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3)))
+    flips = sum(bool(t(ramp, np.random.default_rng(s))[0, 0, 0] > t(ramp, np.random.default_rng(s))[0, 0, -1])
+                for s in range(60))
+    assert 15 < flips < 45
+
+
+def test_synthetic_dataset_is_deterministic_per_index_and_epoch():
+    ds = SyntheticDataset(10, input_size=32, num_patches=16, seed=5)
+    a, b = ds[(0, 3)], ds[(0, 3)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["noise"], b["noise"])
+    assert a["image"].shape == (3, 32, 32) and a["noise"].shape == (16,)
+    c = ds[(1, 3)]  # next epoch: new crop and mask
+    assert not torch.equal(a["noise"], c["noise"])
+    assert np.array_equal(np.asarray(ds.load(3)), np.asarray(ds.load(3)))
+    assert not np.array_equal(np.asarray(ds.load(3)), np.asarray(ds.load(4)))
+    assert len(ds) == 10
+    with pytest.raises(ValueError, match="size"):
+        SyntheticDataset(0, 32, 16)
+
+
+def _write_images(folder, n, size=40, seed=0):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size + 6, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"img{i}.png"))
+
+
+def test_image_folder_with_and_without_classes_and_corrupt_files(tmp_path):
+    _write_images(tmp_path / "cls_a", 3)
+    _write_images(tmp_path / "cls_b", 2, seed=1)
+    (tmp_path / "cls_b" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    good = (tmp_path / "cls_a" / "img0.png").read_bytes()
+    (tmp_path / "cls_b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notes.txt").write_text("ignored")
+    ds = ImageFolderDataset(str(tmp_path), 32, 16)
+    assert len(ds) == 7
+    items = [ds[(0, i)] for i in range(len(ds))]
+    bad = [it["bad"] for it in items if "bad" in it]
+    assert len(bad) == 2 and any("broken.jpg" in b for b in bad) and any("truncated.png" in b for b in bad)
+    batch = collate(items)
+    assert batch["images"].shape == (5, 3, 32, 32) and batch["noise"].shape == (5, 16) and len(batch["bad"]) == 2
+    assert collate([items[i] for i, it in enumerate(items) if "bad" in it])["images"] is None
+    flat = ImageFolderDataset(str(tmp_path / "cls_a"), 32, 16)
+    assert len(flat) == 3
+
+
+def test_image_folder_empty_or_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no image files"):
+        ImageFolderDataset(str(tmp_path), 32, 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataset(str(tmp_path / "nope"), 32, 16)
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        ImageFolderDataset(str(tmp_path / "f.png"), 32, 16)
+
+
+def test_resumable_sampler_ranks_and_start():
+    ds = list(range(24))
+    one = ResumableDistributedSampler(ds, 1, 0, seed=3)
+    one.set_epoch(2)
+    full = [i for _, i in one]
+    assert sorted(full) == ds and all(e == 2 for e, _ in one)
+    ranks = []
+    for r in range(2):
+        s = ResumableDistributedSampler(ds, 2, r, seed=3)
+        s.set_epoch(2)
+        ranks.append([i for _, i in s])
+    assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
+    s = ResumableDistributedSampler(ds, 2, 1, seed=3)
+    s.set_epoch(2)
+    s.set_start(4)
+    assert [i for _, i in s] == ranks[1][4:] and len(s) == 8
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def test_cpu_defaults_and_paper_defaults():
+    cpu = resolve_config(TrainConfig(), cuda=False)
+    assert (cpu.model, cpu.input_size, cpu.epochs, cpu.device, cpu.dtype) == (
+        "mae_vit_small_cpu", 64, 1, "cpu", "float32")
+    assert cpu.synthetic_size > 0 and any("CPU defaults" in n for n in cpu.notes)
+    gpu = resolve_config(TrainConfig(data="/imagenet/train"), cuda=True)
+    assert (gpu.model, gpu.input_size, gpu.epochs, gpu.warmup_epochs, gpu.batch_size) == (
+        "mae_vit_base_patch16", 224, 800, 40, 64)
+    assert (gpu.blr, gpu.weight_decay, gpu.mask_ratio, gpu.min_lr) == (1.5e-4, 0.05, 0.75, 0.0)
+    args = config_from_args(["--model", "tiny", "--input-size", "48", "--norm-pix-loss", "--accum-iter", "2"])
+    args = resolve_config(args, cuda=False)
+    assert (args.model, args.input_size, args.norm_pix_loss, args.accum_iter) == ("mae_vit_tiny_test", 48, True, 2)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("mask_ratio", 1.0, "mask-ratio"), ("batch_size", 0, "batch-size"), ("dtype", "int8", "dtype"),
+    ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model")])
+def test_bad_options_raise(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(TrainConfig(**{field: value}), cuda=False)

@@ -1,0 +1,109 @@
+"""`maefast visualize`: the PNG grid (sizes, panel contents), norm_pix_loss un-normalisation, errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maefast import visualize as vis
+from maefast.models import create_model
+from maefast.reference.patchify import patchify
+from maefast.train.checkpoint import atomic_save, encoder_state_dict
+from maefast.train.data import SyntheticDataset, center_transform
+
+
+def _checkpoint(tmp_path, norm_pix_loss=False):
+    model = create_model("mae_vit_tiny_test", norm_pix_loss=norm_pix_loss)
+    path = tmp_path / f"ck_{int(norm_pix_loss)}.pth"
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test",
+                 "model_kwargs": {"img_size": 32, "norm_pix_loss": norm_pix_loss}}, str(path))
+    return str(path)
+
+
+def _image(tmp_path, i=0, size=57):
+    path = tmp_path / f"img{i}.png"
+    SyntheticDataset(10, size, 4, data_seed=11).load(i).resize((size + 9, size)).save(path)
+    return str(path)
+
+
+def test_grid_png_size_and_panels(tmp_path):
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    out = str(tmp_path / "grid.png")
+    res = vis.visualize(ck, [img, _image(tmp_path, 1)], out, mask_ratio=0.75, seed=3)
+    panel = res["panel"]
+    assert panel == 224  # 32 px upscaled 7x
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    assert arr.shape[1] == 4 * panel + 5 * vis.MARGIN
+    assert arr.shape[0] > 2 * (panel + vis.TITLE_H)
+    assert len(res["boxes"]) == 2 and all(len(r) == 4 for r in res["boxes"])
+
+    def crop(box):
+        x0, y0, x1, y1 = box
+        return arr[y0:y1, x0:x1]
+
+    orig, masked, rec, pasted = (crop(b) for b in res["boxes"][0])
+    # the original panel is the model's input (center crop), upscaled with nearest
+    x = center_transform(Image.open(img).convert("RGB"), 32)
+    ref = np.asarray(vis._to_pil(x, panel)).astype(int)
+    assert np.array_equal(orig, ref)
+    # 8 px patches at 7x: 56 px blocks; masked blocks are one flat colour (the ImageNet mean)
+    blocks = [(r, c) for r in range(4) for c in range(4)]
+    flat = [(r, c) for r, c in blocks
+            if (masked[r * 56:(r + 1) * 56, c * 56:(c + 1) * 56] == masked[r * 56, c * 56]).all()]
+    assert len(flat) == 12  # 75% of 16 patches
+    for r, c in blocks:
+        sl = np.s_[r * 56:(r + 1) * 56, c * 56:(c + 1) * 56]
+        if (r, c) in flat:
+            assert np.array_equal(pasted[sl], rec[sl])  # masked: the reconstruction
+        else:
+            assert np.array_equal(pasted[sl], orig[sl]) and np.array_equal(masked[sl], orig[sl])  # visible
+    assert np.abs(rec - orig).mean() > 5  # an untrained model reconstructs badly
+    assert res["losses"][0] > 0 and "pixel-loss model" in " ".join(res["caption"])
+
+
+def test_caption_and_unnormalisation_for_norm_pix_loss(tmp_path):
+    ck, img = _checkpoint(tmp_path, norm_pix_loss=True), _image(tmp_path)
+    res = vis.visualize(ck, img, str(tmp_path / "npl.png"))
+    text = " ".join(res["caption"])
+    assert "norm_pix_loss" in text and "ORIGINAL image" in text
+    with Image.open(tmp_path / "npl.png") as im:
+        assert im.size[0] == 4 * res["panel"] + 5 * vis.MARGIN
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_perfect_prediction_reconstructs_the_original(norm_pix_loss):
+    """A model that predicts its loss target exactly must show the original image back."""
+    model = create_model("mae_vit_tiny_test", norm_pix_loss=norm_pix_loss).eval()
+    x = torch.randn(3, 32, 32)
+    original = model.forward
+
+    def oracle(imgs, mask_ratio=0.75, noise=None):
+        loss, pred, mask = original(imgs, mask_ratio, noise)
+        t = patchify(imgs, 8)
+        if norm_pix_loss:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return loss, t, mask
+
+    model.forward = oracle
+    out = vis.reconstruct(model, x, 0.75, seed=0)
+    torch.testing.assert_close(out["reconstruction"], x, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["pasted"], x, atol=1e-4, rtol=1e-4)
+    assert out["mask"].mean().item() == pytest.approx(0.75)
+
+
+def test_errors(tmp_path, capsys):
+    model = create_model("mae_vit_tiny_test")
+    enc = tmp_path / "enc.pth"
+    atomic_save({"model": encoder_state_dict(model.state_dict())}, str(enc))
+    img = _image(tmp_path)
+    with pytest.raises(ValueError, match="no decoder"):
+        vis.visualize(str(enc), img, str(tmp_path / "x.png"))
+    ck = _checkpoint(tmp_path)
+    assert vis.main(["--checkpoint", ck, "--image", str(tmp_path / "missing.png"), "--out",
+                     str(tmp_path / "x.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert vis.main(["--checkpoint", ck, "--image", img, "--out", str(tmp_path / "ok.png"), "--seed", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(tmp_path / "ok.png") as im:
+        assert im.size[0] == 4 * 224 + 5 * vis.MARGIN
