@@ -409,7 +409,10 @@ def table2_main(argv) -> int:
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
     p.add_argument("--json", default=None, help="write rows + environment to this file")
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device) if a.device else default_device()
     on_cpu = device.type == "cpu"
     models = _csv(a.models) if a.models else (["small"] if on_cpu else ["b", "l", "h"])

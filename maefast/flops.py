@@ -59,7 +59,9 @@ class MAEDims:
 
 def dims_of(model_or_cfg, **overrides) -> MAEDims:
     """MAEDims from a model name, a config dict or a MaskedAutoencoderViT instance."""
-    if isinstance(model_or_cfg, str):
+    if isinstance(model_or_cfg, MAEDims):
+        cfg = dataclasses.asdict(model_or_cfg)
+    elif isinstance(model_or_cfg, str):
         cfg = model_config(model_or_cfg)
     elif isinstance(model_or_cfg, Mapping):
         cfg = dict(model_or_cfg)

@@ -1,0 +1,343 @@
+"""`maefast profile`: where an MAE training step spends its time.
+
+    maefast profile                      # small MAE, synthetic batch, on the CPU (or ViT-B on a GPU)
+    maefast profile --model large --batch 64 --dtype bf16 --impl reference,auto --steps 20
+    maefast profile --trace trace.json --json profile.json
+
+Stages: masking+embed | encoder attention | encoder MLP/norms | decoder embed + un-shuffle |
+decoder | head+loss | backward | optimizer. The model runs its own forward; forward hooks on its
+sub-modules (blocks[i].attn, decoder_embed, decoder_blocks, decoder_norm/decoder_pred) mark the
+stage boundaries. On a GPU each boundary records a CUDA event (or synchronises, with --sync), so a
+stage's time is its span on the GPU timeline; on the CPU, perf_counter. Warm-up steps are excluded;
+the reported time per stage is the median over --steps steps. The step is also timed plainly (no
+hooks) to report the profiler's overhead. FLOPs are the official model's (maefast.flops), bytes the
+minimum traffic of a fused implementation, so GB/s is a lower bound; the roofline note compares
+each stage's arithmetic intensity with the ridge point of the card's *measured* peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from . import bench as mb
+from . import flops as flops_mod
+from . import timing
+
+STAGES = ["masking+embed", "encoder attention", "encoder MLP/norms", "decoder embed + un-shuffle", "decoder",
+          "head+loss", "backward", "optimizer"]
+COMPILED_STAGES = ["forward (compiled)", "backward", "optimizer"]
+
+
+class StageClock:
+    """Marks stage boundaries: CUDA events (or synchronise + perf_counter with sync=True) or perf_counter."""
+
+    def __init__(self, device: torch.device, sync: bool = False, trace: bool = False):
+        self.cuda = device.type == "cuda"
+        self.sync = sync
+        self.trace = trace
+        self.marks: list = []
+        self.current = None
+        self.enabled = True
+        self._rf = None
+
+    def switch(self, label):
+        if not self.enabled or label == self.current:
+            return
+        if self._rf is not None:
+            self._rf.__exit__(None, None, None)
+            self._rf = None
+        if self.cuda and not self.sync:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((label, ev))
+        else:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.marks.append((label, time.perf_counter()))
+        self.current = label
+        if self.trace and label is not None:
+            self._rf = torch.profiler.record_function(f"maefast::{label}")
+            self._rf.__enter__()
+
+    def durations(self) -> dict:
+        """ms per stage for the marks so far (call after the last switch(None)); resets."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict = {}
+        for (label, a), (_, b) in zip(self.marks[:-1], self.marks[1:]):
+            if label is None:
+                continue
+            ms = a.elapsed_time(b) if (self.cuda and not self.sync) else (b - a) * 1e3
+            out[label] = out.get(label, 0.0) + ms
+        self.marks, self.current = [], None
+        return out
+
+
+def attach_stage_hooks(model: torch.nn.Module, clock: StageClock) -> list:
+    """Forward hooks that switch the clock's stage at the model's module boundaries."""
+    hs = []
+
+    def pre(label):
+        return lambda mod, args: clock.switch(label)
+
+    def post(label):
+        return lambda mod, args, out: clock.switch(label)
+
+    hs.append(model.register_forward_pre_hook(pre("masking+embed")))
+    for blk in getattr(model, "blocks", []):
+        hs.append(blk.register_forward_pre_hook(pre("encoder MLP/norms")))
+        if hasattr(blk, "attn"):
+            hs.append(blk.attn.register_forward_pre_hook(pre("encoder attention")))
+            hs.append(blk.attn.register_forward_hook(post("encoder MLP/norms")))
+    for name, label in (("norm", "encoder MLP/norms"), ("decoder_embed", "decoder embed + un-shuffle"),
+                        ("decoder_pred", "head+loss")):
+        if hasattr(model, name):
+            hs.append(getattr(model, name).register_forward_pre_hook(pre(label)))
+    for blk in getattr(model, "decoder_blocks", []):
+        hs.append(blk.register_forward_pre_hook(pre("decoder")))
+    if hasattr(model, "decoder_norm"):
+        hs.append(model.decoder_norm.register_forward_pre_hook(pre("decoder")))
+        hs.append(model.decoder_norm.register_forward_hook(post("head+loss")))
+    return hs
+
+
+def _peak_mem_gib(device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS high-water (whole process)"
+
+
+def _progress(total, desc, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, file=sys.stderr)
+
+
+def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device: torch.device, steps: int = 5,
+                 warmup: int = 2, compile: bool = False, sync: bool = False, mask_ratio: float = 0.75,
+                 trace: str | None = None, progress: bool = True, peak: dict | None = None, **overrides) -> dict:
+    """Profiles one impl; returns the per-stage record (see the module docstring)."""
+    peak = peak or timing.measure_peak(device)
+    model = mb.build_model(name, impl, device, **overrides)
+    imgs = mb.synthetic_batch(model, batch, device)
+    step = mb.TrainStep(model, imgs, dtype=dtype, mask_ratio=mask_ratio, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = StageClock(device, sync=sync)
+    hooks = [] if compile else attach_stage_hooks(model, clock)
+    fwd_label = COMPILED_STAGES[0] if compile else None
+
+    def staged_step():
+        if fwd_label:
+            clock.switch(fwd_label)
+        loss = step.forward()
+        clock.switch("backward")
+        step.backward(loss)
+        clock.switch("optimizer")
+        step.optimizer_step()
+        clock.switch(None)
+
+    def plain_step() -> float:
+        # the same step with the hooks idle: the baseline for the profiler-overhead figure
+        clock.enabled = False
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize(device)
+            ms = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            step()
+            ms = (time.perf_counter() - t0) * 1e3
+        clock.enabled = True
+        return ms
+
+    bar = _progress(warmup + steps, f"{impl}", progress)
+    per_step, plain_ms_list = [], []
+    for i in range(warmup + steps):
+        # staged and plain steps alternate, so that drift (clocks, other load) hits both alike
+        staged_step()
+        d = clock.durations()
+        if i >= warmup:
+            per_step.append(d)
+            plain_ms_list.append(plain_step())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        clock.trace = True
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                staged_step()
+                clock.durations()
+        clock.trace = False
+        prof.export_chrome_trace(trace)
+    for h in hooks:
+        h.remove()
+    mem, mem_how = _peak_mem_gib(device)
+    labels = COMPILED_STAGES if compile else STAGES
+    med = {s: statistics.median([d.get(s, 0.0) for d in per_step]) for s in labels}
+    stage_sum = sum(med.values())
+    staged_total = statistics.median([sum(d.values()) for d in per_step])
+    f = flops_mod.mae_flops(model, mask_ratio=mask_ratio)
+    elt = torch.finfo(dtype).bits // 8
+    byt = flops_mod.stage_bytes(model, batch, act_bytes=elt, mask_ratio=mask_ratio)
+    stage_flops = {k: v * batch for k, v in f["stage_fwd"].items()}
+    fwd_total = f["forward"] * batch
+    # images need no gradient: backward skips the patch-embedding input gradient
+    stage_flops["backward"] = 2 * fwd_total - f["patch_embed"] * batch
+    stage_flops["optimizer"] = 0
+    fwd_bytes = sum(v for k, v in byt.items() if k != "optimizer")
+    byt["backward"] = 2 * fwd_bytes
+    if compile:
+        stage_flops = {"forward (compiled)": fwd_total, "backward": stage_flops["backward"], "optimizer": 0}
+        byt = {"forward (compiled)": fwd_bytes, "backward": 2 * fwd_bytes, "optimizer": byt["optimizer"]}
+    ridge = timing.ridge_point(peak)
+    rows = []
+    for s in labels:
+        ms = med[s]
+        fl, by = stage_flops.get(s, 0), byt.get(s, 0)
+        r = {"stage": s, "ms": ms, "share": ms / stage_sum if stage_sum else 0.0, "flops": fl, "bytes": by}
+        if ms > 0:
+            r.update(timing.throughput(ms, fl or None, by or None, peak))
+        ai = fl / by if by else float("inf")
+        r["intensity"] = ai
+        r["bound"] = "compute" if ai > ridge else "memory"
+        if ms > 0 and r["bound"] == "compute":
+            r["note"] = f"compute-bound (AI {ai:.0f} > ridge {ridge:.0f}): {100 * r.get('frac_peak_flops', 0):.0f}% of matmul peak"
+        elif ms > 0:
+            r["note"] = f"memory-bound (AI {ai:.0f} < ridge {ridge:.0f}): {100 * r.get('frac_peak_bw', 0):.0f}% of copy BW"
+        else:
+            r["note"] = "not reached (no hook fired)"
+        rows.append(r)
+    train_flops = f["train"] * batch
+    plain_ms = statistics.median(plain_ms_list)
+    out = {"model": mb.resolve_model_name(name) if not overrides else name, "impl": impl, "batch": batch,
+           "dtype": str(dtype).replace("torch.", ""), "compile": compile, "mask_ratio": mask_ratio,
+           "steps": steps, "warmup": warmup, "stage_timer": ("cuda-events" if not sync else "synchronise+perf_counter")
+           if device.type == "cuda" else "perf_counter", "stages": rows, "step_ms_staged": staged_total, "step_ms_stage_sum": stage_sum,
+           "step_ms_plain": plain_ms, "profiler_overhead": staged_total / plain_ms - 1.0,
+           "img_per_s": batch / (plain_ms * 1e-3), "train_flops": train_flops,
+           "tflops": train_flops / (plain_ms * 1e-3) / 1e12,
+           "mfu": train_flops / (plain_ms * 1e-3) / 1e12 / peak["matmul_tflops"], "peak_mem_gib": mem,
+           "peak_mem_how": mem_how, "trace": trace}
+    del step, model, imgs
+    mb.free_memory()
+    return out
+
+
+def _fmt_flops(v):
+    return "-" if not v else f"{v / 1e9:.2f}"
+
+
+def format_profile(r: dict, peak: dict) -> str:
+    lines = [f"{r['model']}  impl={r['impl']}  batch={r['batch']}  {r['dtype']}" + ("  compiled" if r["compile"] else "")
+             + f"  ({r['steps']} steps after {r['warmup']} warm-up, median; stage timer: {r['stage_timer']})"]
+    head = f"{'stage':<28} {'ms':>9} {'share':>6} {'GFLOP':>9} {'TFLOP/s':>8} {'GB/s':>8}  roofline"
+    lines += [head, "-" * (len(head) + 40)]
+    for s in r["stages"]:
+        lines.append(f"{s['stage']:<28} {s['ms']:>9.3f} {100 * s['share']:>5.1f}% {_fmt_flops(s['flops']):>9} "
+                     f"{(format(s['tflops'], '.3f') if 'tflops' in s else '-'):>8} "
+                     f"{(format(s['gbps'], '.1f') if 'gbps' in s else '-'):>8}  {s['note']}")
+    lines.append(f"{'sum of stage medians':<28} {r['step_ms_stage_sum']:>9.3f}")
+    lines.append(f"{'step (stage-timed, median)':<28} {r['step_ms_staged']:>9.3f}")
+    lines.append(f"{'step (plain, no hooks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead "
+                 f"{100 * r['profiler_overhead']:+.1f}%")
+    lines.append(f"{r['img_per_s']:.1f} img/s, {r['tflops']:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of the measured "
+                 f"{peak['matmul_dtype']} matmul peak {peak['matmul_tflops']:.3g} TFLOP/s (model FLOPs: official count, "
+                 f"3 x forward); peak memory {r['peak_mem_gib']:.2f} GiB ({r['peak_mem_how']})")
+    return "\n".join(lines)
+
+
+def format_side_by_side(results: list[dict]) -> str:
+    names = [r["impl"] + (" (compiled)" if r["compile"] else "") for r in results]
+    head = f"{'stage (ms)':<28} " + " ".join(f"{n[:14]:>14}" for n in names)
+    lines = ["side by side:", head, "-" * len(head)]
+    labels = list(dict.fromkeys(s["stage"] for r in results for s in r["stages"]))
+    for lab in labels:
+        vals = []
+        for r in results:
+            m = {s["stage"]: s["ms"] for s in r["stages"]}
+            vals.append(f"{m[lab]:>14.3f}" if lab in m else f"{'-':>14}")
+        lines.append(f"{lab:<28} " + " ".join(vals))
+    lines.append(f"{'step (plain)':<28} " + " ".join(f"{r['step_ms_plain']:>14.3f}" for r in results))
+    lines.append(f"{'img/s':<28} " + " ".join(f"{r['img_per_s']:>14.1f}" for r in results))
+    base = results[0]["step_ms_plain"]
+    lines.append(f"{'speed-up vs ' + names[0][:15]:<28} " + " ".join(f"{base / r['step_ms_plain']:>13.2f}x"
+                                                                     for r in results))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="maefast profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="small (CPU default), base (GPU default), large, huge, tiny, ...")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 64 on a GPU")
+    p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
+    p.add_argument("--impl", default="reference", help="comma list, profiled side by side (reference, auto, ...)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
+    p.add_argument("--sync", action="store_true", help="GPU: synchronise at each stage boundary instead of events")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--device", default=None)
+    p.add_argument("--trace", default=None, help="write a Chrome trace (torch.profiler) of 2 steps here")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device) if a.device else mb.default_device()
+    on_cpu = device.type == "cpu"
+    name = a.model or ("small" if on_cpu else "base")
+    batch = a.batch or (8 if on_cpu else 64)
+    dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
+    steps = a.steps or (5 if on_cpu else 10)
+    impls = [v.strip() for v in a.impl.split(",") if v.strip()]
+    if on_cpu and not a.model:
+        print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
+              "--model base|large|huge for the paper's", file=sys.stderr)
+    env, peak = timing.env_info(device), timing.measure_peak(device)
+    print(f"maefast profile on {env['card']} ({env['date']}, torch {env['torch']}, commit {env['git_commit'][:12]}); "
+          f"measured peak: {peak['matmul_dtype']} matmul {peak['matmul_tflops']:.3g} TFLOP/s, copy "
+          f"{peak['copy_gbps']:.0f} GB/s (ridge {timing.ridge_point(peak):.0f} FLOP/B)")
+    results = []
+    for impl in impls:
+        trace = None
+        if a.trace:
+            trace = a.trace if len(impls) == 1 else a.trace.replace(".json", f".{impl}.json")
+        try:
+            r = profile_impl(name, impl, batch=batch, dtype=dtype, device=device, steps=steps, warmup=a.warmup,
+                             compile=a.compile, sync=a.sync, mask_ratio=a.mask_ratio, trace=trace,
+                             progress=not a.no_progress, peak=peak)
+        except ValueError as e:
+            print(f"impl {impl}: {e}", file=sys.stderr)
+            return 2
+        results.append(r)
+        print()
+        print(format_profile(r, peak))
+        if trace:
+            print(f"trace: {trace}")
+    if len(results) > 1:
+        print()
+        print(format_side_by_side(results))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"kind": "maefast.profile", "env": env, "peak": peak, "results": results}, fh, indent=2)
+        print(f"json: {a.json}")
+    return 0
