@@ -14,6 +14,13 @@ from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ._backend import choose_impl
 
 
+def _resolve(impl: str, device: torch.device) -> str:
+    if impl == "cuda":
+        raise ValueError("impl='cuda' is not available for bias_gelu: it has no CUDA C++ kernel "
+                         "(use 'triton', 'reference' or 'auto')")
+    return choose_impl(impl, device, auto_order=("triton",), what="bias_gelu")
+
+
 def _validate(x, bias) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -38,7 +45,7 @@ def _bwd_reference(dy, x, bias):
 
 @torch.library.custom_op("maefast::bias_gelu", mutates_args=())
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
-    impl = choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+    impl = _resolve(impl, x.device)
     if impl == "triton":
         from ..kernels.bias_gelu import bias_gelu_fwd
 
@@ -55,7 +62,7 @@ def _(x, bias, impl):
 def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, impl: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx in x's dtype, dbias fp32)."""
-    impl = choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+    impl = _resolve(impl, x.device)
     if impl == "triton":
         from ..kernels.bias_gelu import bias_gelu_bwd
 
@@ -98,5 +105,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.
     """
     if not compiling():
         _validate(x, bias)
-        choose_impl(impl, x.device, auto_order=("triton",), what="bias_gelu")
+        _resolve(impl, x.device)
     return torch.ops.maefast.bias_gelu(x, bias, impl)

@@ -22,6 +22,9 @@ MAX_TRITON_WIDTH = 16384  # = maefast.kernels.layernorm.MAX_WIDTH (not imported:
 
 
 def _resolve(impl: str, device: torch.device, width: int) -> str:
+    if impl == "cuda":
+        raise ValueError("impl='cuda' is not available for layer_norm: it has no CUDA C++ kernel "
+                         "(use 'triton', 'reference' or 'auto')")
     if impl == "auto" and width > MAX_TRITON_WIDTH:
         return "reference"
     chosen = choose_impl(impl, device, auto_order=("triton",), what="layer_norm")

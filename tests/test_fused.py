@@ -1,0 +1,374 @@
+"""Fused residual-add + LayerNorm and bias + exact GELU (maefast.ops.add_layer_norm / layer_norm /
+bias_gelu, maefast.nn.FusedLayerNorm / FusedMlp) against PyTorch (F.layer_norm, F.gelu), with the
+error-ratio rule against an fp64 oracle. On a CPU-only machine the Triton impl runs interpreted on
+small row counts at the real widths; `cuda` tests take the paper's sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maefast.nn.fused import FusedLayerNorm, FusedMlp
+from maefast.ops.bias_gelu import bias_gelu
+from maefast.ops.layernorm import add_layer_norm, layer_norm
+from maefast.reference.model import Mlp
+from maefast.testing import DTYPES, assert_close, assert_error_ratio, randn
+
+EPS = 1e-6
+WIDTHS = [512, 768, 1024, 1280, 333]  # decoder, ViT-B, L, H; an odd width (masked tail)
+
+
+def _ln_inputs(shape, dtype, device, param_dtype=None, residual=True, r_dtype=None):
+    d = shape[-1]
+    param_dtype = param_dtype or dtype
+    x = randn(*shape, dtype=dtype, device=device)
+    r = randn(*shape, dtype=r_dtype or dtype, device=device) if residual else None
+    w = (1 + 0.5 * torch.randn(d, device=device)).to(param_dtype)
+    b = (0.5 * torch.randn(d, device=device)).to(param_dtype)
+    return x, r, w, b
+
+
+def _ln_run(fn, x, r, w, b, gy, gs, dtype=None):
+    """Runs fn(x, r, w, b) -> (y, s) at `dtype` (default: inputs' own) and returns
+    (y, s, [grads of x, r?, w, b]) for the upstream grads gy (of y) and gs (of s)."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    leaves = [cast(t).detach().requires_grad_(True) for t in (x, r, w, b) if t is not None]
+    if r is None:
+        xx, ww, bb = leaves
+        rr = None
+    else:
+        xx, rr, ww, bb = leaves
+    y, s = fn(xx, rr, ww, bb)
+    outs, grads = [y], [cast(gy)]
+    if rr is not None:
+        outs.append(s)
+        grads.append(cast(gs))
+    gr = torch.autograd.grad(outs, leaves, grads)
+    return y.detach(), s.detach(), list(gr)
+
+
+def _torch_ln(x, r, w, b):
+    s = x if r is None else x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b, EPS), s
+
+
+def _check_sum(s, s_ref):
+    """s = x + r equals PyTorch's add exactly, except that the Triton interpreter rounds fp32 -> bf16
+    by truncation (the GPU rounds to nearest even): 1 ulp there."""
+    if s.device.type == "cpu" and s.dtype == torch.bfloat16:
+        assert_close(s, s_ref, name="s")
+    else:
+        assert torch.equal(s, s_ref), "s = x + r must equal PyTorch's add exactly"
+
+
+def _check_ln(x, r, w, b, impl, dtype):
+    gy = randn(*x.shape, dtype=x.dtype, device=x.device)
+    gs = randn(*x.shape, dtype=x.dtype, device=x.device)
+    fused = lambda x_, r_, w_, b_: add_layer_norm(x_, r_, w_, b_, EPS, impl=impl)  # noqa: E731
+    y, s, g = _ln_run(fused, x, r, w, b, gy, gs)
+    y_ref, s_ref, g_ref = _ln_run(_torch_ln, x, r, w, b, gy, gs)
+    y_or, _, g_or = _ln_run(_torch_ln, x, r, w, b, gy, gs, dtype=torch.float64)
+    assert y.dtype == y_ref.dtype and s.dtype == s_ref.dtype
+    _check_sum(s, s_ref)
+    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
+    names = ["dx", "dr", "dweight", "dbias"] if r is not None else ["dx", "dweight", "dbias"]
+    for name, a, e, o in zip(names, g, g_ref, g_or):
+        assert a.dtype == e.dtype, name
+        assert_error_ratio(a, e, o, dtype, "backward", name=name)
+
+
+# -- add_layer_norm / layer_norm: Triton (interpreted on CPU) and reference ---------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_layer_norm_triton(device, dtype, width, residual):
+    x, r, w, b = _ln_inputs((2, 7, width), dtype, device, residual=residual)
+    _check_ln(x, r, w, b, "triton", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_layer_norm_reference_impl(dtype):
+    x, r, w, b = _ln_inputs((3, 5, 384), dtype, "cpu")
+    _check_ln(x, r, w, b, "reference", dtype)
+    x, r, w, b = _ln_inputs((3, 5, 384), dtype, "cpu", residual=False)
+    _check_ln(x, r, w, b, "reference", dtype)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_mixed_dtypes(device, impl):
+    # fp32 residual stream + bf16 branch output + fp32 parameters (autocast training): s is fp32.
+    x, r, w, b = _ln_inputs((3, 11, 768), torch.float32, device, r_dtype=torch.bfloat16)
+    (y, s), (y_ref, s_ref) = add_layer_norm(x, r, w, b, impl=impl), _torch_ln(x, r.float(), w, b)
+    assert s.dtype == torch.float32 and y.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert_close(y, y_ref, name="y")
+    # bf16 activations with fp32 parameters; y written in bf16 from an fp32 stream (out_dtype).
+    xb, rb, w32, b32 = _ln_inputs((3, 11, 768), torch.bfloat16, device, param_dtype=torch.float32)
+    xb.requires_grad_(True)
+    rb.requires_grad_(True)
+    w32.requires_grad_(True)
+    y, s = add_layer_norm(xb, rb, w32, b32, impl=impl)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y.float().square().sum(), (xb, w32))
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    y16, _ = add_layer_norm(x, r, w, b, impl=impl, out_dtype=torch.bfloat16)
+    assert y16.dtype == torch.bfloat16
+    assert_close(y16.float(), y_ref.bfloat16().float(), dtype=torch.bfloat16, name="y out_dtype")
+
+
+def test_triton_matches_reference_impl_and_is_deterministic(device):
+    # Many rows per program in the backward (the row loop and its tail); D not a power of two.
+    x, r, w, b = _ln_inputs((3, 67, 96), torch.float32, device)
+    gy, gs = randn(*x.shape, device=device), randn(*x.shape, device=device)
+    runs = []
+    for impl in ("triton", "triton", "reference"):
+        f = lambda x_, r_, w_, b_, impl=impl: add_layer_norm(x_, r_, w_, b_, impl=impl)  # noqa: E731
+        runs.append(_ln_run(f, x, r, w, b, gy, gs))
+    (y1, s1, g1), (y2, s2, g2), (y3, s3, g3) = runs
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2)), "not deterministic"
+    assert_close(y1, y3, name="y")
+    for name, a, c in zip(["dx", "dr", "dweight", "dbias"], g1, g3):
+        assert_close(a, c, name=name, scale=10.0)  # sums over 201 rows in another order
+
+
+def test_non_contiguous_inputs(device):
+    m, d = 13, 320
+    x = randn(d, m, device=device).t()               # (M, D) with stride (1, M)
+    r = randn(m, 2 * d, device=device)[:, ::2]       # stride (2D, 2)
+    w, b = randn(d, device=device) + 1, randn(d, device=device)
+    for impl in ("triton", "reference"):
+        y, s = add_layer_norm(x, r, w, b, impl=impl)
+        y_ref, s_ref = _torch_ln(x, r, w, b)
+        assert torch.equal(s, s_ref)
+        assert_close(y, y_ref, name=f"y {impl}")
+        # A broadcast upstream gradient (stride 0), as from y.sum().backward().
+        xx = x.detach().requires_grad_(True)
+        (gx,) = torch.autograd.grad(add_layer_norm(xx, None, w, b, impl=impl)[0].sum(), xx)
+        xr = x.detach().requires_grad_(True)
+        (gr,) = torch.autograd.grad(_torch_ln(xr, None, w, b)[0].sum(), xr)
+        assert_close(gx, gr, name=f"dx {impl}", scale=10.0)
+
+
+def test_layer_norm_alias_and_edge_widths(device):
+    x, _, w, b = _ln_inputs((4, 1), torch.float32, device, residual=False)
+    assert_close(layer_norm(x, w, b, impl="triton"), F.layer_norm(x, (1,), w, b, EPS), name="D=1")
+    x, r, w, b = _ln_inputs((5, 3), torch.float32, device)
+    y, x_back = add_layer_norm(x, None, w, b, impl="triton")
+    assert x_back is x
+    assert_close(y, F.layer_norm(x, (3,), w, b, EPS), name="D=3")
+    empty = torch.empty(0, 8, device=device)
+    assert add_layer_norm(empty, empty, randn(8, device=device), randn(8, device=device), impl="triton")[0].shape == (0, 8)
+
+
+# -- bias_gelu -------------------------------------------------------------------------------------
+
+def _gelu_run(fn, x, b, gy, dtype=None):
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    xx, bb = cast(x).detach().requires_grad_(True), cast(b).detach().requires_grad_(True)
+    y = fn(xx, bb)
+    gx, gb = torch.autograd.grad(y, (xx, bb), cast(gy))
+    return y.detach(), gx, gb
+
+
+def _torch_bias_gelu(x, b):
+    return F.gelu(x + b, approximate="none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2048, 3072, 4096, 5120, 1000])
+def test_bias_gelu_triton(device, dtype, width):
+    x = randn(2, 5, width, dtype=dtype, device=device, scale=2.0)
+    b = randn(width, dtype=dtype, device=device)
+    gy = randn(2, 5, width, dtype=dtype, device=device)
+    f = lambda x_, b_: bias_gelu(x_, b_, impl="triton")  # noqa: E731
+    y, gx, gb = _gelu_run(f, x, b, gy)
+    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
+    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
+    assert y.dtype == dtype and gx.dtype == dtype and gb.dtype == dtype
+    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
+    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
+    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_reference_impl(dtype):
+    x, b = randn(3, 4, 96, dtype=dtype, scale=2.0), randn(96, dtype=dtype)
+    gy = randn(3, 4, 96, dtype=dtype)
+    y, gx, gb = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="reference"), x, b, gy)
+    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
+    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
+    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
+    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
+    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+
+
+def test_bias_gelu_many_rows_strided_mixed(device):
+    # fp32 bias on bf16 activations (autocast fc1 output); strided x; many rows per backward program.
+    x = randn(300, 2 * 200, dtype=torch.bfloat16, device=device, scale=2.0)[:, ::2]
+    b = randn(200, device=device)
+    gy = randn(300, 200, dtype=torch.bfloat16, device=device)
+    runs = [_gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="triton"), x, b, gy) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs)), "not deterministic"
+    y, gx, gb = runs[0]
+    assert y.dtype == torch.bfloat16 and gb.dtype == torch.float32
+    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
+    y_ref, gx_ref, gb_ref = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="reference"), x, b, gy)
+    assert_error_ratio(y, y_ref, y_or, torch.bfloat16, "forward", name="y")
+    assert_error_ratio(gx, gx_ref, gx_or, torch.bfloat16, "backward", name="dx")
+    assert_close(gb, gb_ref, name="dbias", scale=10.0)
+
+
+# -- bad inputs -------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise():
+    x, r, w, b = _ln_inputs((2, 3, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="residual"):
+        add_layer_norm(x, r[:, :2], w, b)
+    with pytest.raises(ValueError, match="weight"):
+        add_layer_norm(x, r, w[:4], b)
+    with pytest.raises(ValueError, match="bias"):
+        add_layer_norm(x, r, w, b.view(2, 4))
+    with pytest.raises(TypeError, match="x"):
+        add_layer_norm(x.long(), r, w, b)
+    with pytest.raises(TypeError, match="residual"):
+        add_layer_norm(x, [1.0], w, b)
+    with pytest.raises(ValueError, match="eps"):
+        add_layer_norm(x, r, w, b, eps=-1.0)
+    with pytest.raises(ValueError, match="impl"):
+        add_layer_norm(x, r, w, b, impl="fast")
+    with pytest.raises(ValueError, match="no CUDA C"):
+        add_layer_norm(x, r, w, b, impl="cuda")
+    with pytest.raises(TypeError, match="out_dtype"):
+        add_layer_norm(x, r, w, b, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="x"):
+        layer_norm(torch.empty(3, 0), w, b)
+    with pytest.raises(ValueError, match="bias"):
+        bias_gelu(x, b[:3])
+    with pytest.raises(TypeError, match="x"):
+        bias_gelu(x.int(), b)
+    with pytest.raises(TypeError, match="bias"):
+        bias_gelu(x, "b")
+    with pytest.raises(ValueError, match="no CUDA C"):
+        bias_gelu(x, b, impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        bias_gelu(x, b, impl="fast")
+
+
+def test_triton_width_limit():
+    x = torch.randn(1, 16385)
+    w, b = torch.ones(16385), torch.zeros(16385)
+    with pytest.raises(ValueError, match="16384"):
+        add_layer_norm(x, None, w, b, impl="triton")
+    assert add_layer_norm(x, None, w, b, impl="auto")[0].shape == x.shape  # auto: reference
+
+
+# -- custom-op registration, torch.compile ------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck(impl):
+    x, r, w, b = _ln_inputs((2, 3, 24), torch.float32, "cpu")
+    args = [t.requires_grad_(True) for t in (x, r, w, b)]
+    torch.library.opcheck(torch.ops.maefast.add_layer_norm.default, (*args, EPS, None, impl))
+    torch.library.opcheck(torch.ops.maefast.layer_norm.default, (args[0], args[2], args[3], EPS, None, impl))
+    torch.library.opcheck(torch.ops.maefast.add_layer_norm.default,
+                          (x.detach().bfloat16(), r.detach(), w.detach(), b.detach(), EPS, torch.bfloat16, impl))
+    xg, bg = randn(2, 3, 40).requires_grad_(True), randn(40).requires_grad_(True)
+    torch.library.opcheck(torch.ops.maefast.bias_gelu.default, (xg, bg, impl))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    blk_ln1, blk_ln2 = FusedLayerNorm(64, impl="reference"), FusedLayerNorm(64, impl="reference")
+    mlp = FusedMlp(64, 256, impl="reference")
+
+    def block_tail(x, attn_out):
+        h, s = blk_ln2(x, attn_out)          # s = x + attn_out; h = LN2(s)
+        out = s + mlp(h)
+        return blk_ln1(out).square().mean()
+
+    x, a = randn(2, 9, 64).requires_grad_(True), randn(2, 9, 64).requires_grad_(True)
+    eager = block_tail(x, a)
+    g_eager = torch.autograd.grad(eager, (x, a, mlp.fc1.bias, blk_ln2.weight))
+    compiled = torch.compile(block_tail, fullgraph=True, backend="aot_eager")
+    res = compiled(x, a)
+    g = torch.autograd.grad(res, (x, a, mlp.fc1.bias, blk_ln2.weight))
+    assert_close(res, eager, name="loss")
+    for name, u, v in zip(["dx", "dattn", "dfc1.bias", "dnorm2.weight"], g, g_eager):
+        assert_close(u, v, name=name)
+
+
+# -- drop-in modules ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_fused_modules_are_drop_ins(device, impl):
+    ref_ln = nn.LayerNorm(768, eps=1e-6).to(device)
+    nn.init.normal_(ref_ln.weight)
+    nn.init.normal_(ref_ln.bias)
+    ln = FusedLayerNorm(768, impl=impl).to(device)
+    assert isinstance(ln, nn.LayerNorm) and ln.eps == 1e-6
+    assert ln.state_dict().keys() == ref_ln.state_dict().keys()
+    ln.load_state_dict(ref_ln.state_dict())
+    x, r = randn(2, 5, 768, device=device), randn(2, 5, 768, device=device)
+    assert_close(ln(x), ref_ln(x), name="FusedLayerNorm(x)")
+    y, s = ln(x, r)
+    assert torch.equal(s, x + r)
+    assert_close(y, ref_ln(x + r), name="FusedLayerNorm(x, r)")
+
+    ref = Mlp(96, 384).to(device)
+    mlp = FusedMlp(96, 384, impl=impl).to(device)
+    assert mlp.state_dict().keys() == ref.state_dict().keys()
+    mlp.load_state_dict(ref.state_dict())
+    x = randn(2, 5, 96, device=device).requires_grad_(True)
+    out, out_ref = mlp(x), ref(x)
+    assert_close(out, out_ref, name="FusedMlp", scale=2.0)
+    g = torch.autograd.grad(out.square().sum(), (x, mlp.fc1.bias, mlp.fc1.weight))
+    g_ref = torch.autograd.grad(out_ref.square().sum(), (x, ref.fc1.bias, ref.fc1.weight))
+    for name, u, v in zip(["dx", "dfc1.bias", "dfc1.weight"], g, g_ref):
+        assert_close(u, v, name=name, scale=10.0)
+    # Another activation runs unfused, as the reference would.
+    tanh_mlp = FusedMlp(8, 16, act_layer=nn.Tanh, impl=impl)
+    assert not tanh_mlp._fused()
+
+
+# -- GPU: real sizes, Triton on CUDA -------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,width", [(64 * 50, 768), (64 * 50, 1024), (32 * 65, 1280), (32 * 197, 512),
+                                        (7 * 257, 512)])
+def test_cuda_add_layer_norm_full_size(dtype, rows, width):
+    x, r, w, b = _ln_inputs((rows, width), dtype, "cuda")
+    _check_ln(x, r, w, b, "triton", dtype)
+    x, _, w, b = _ln_inputs((rows, width), dtype, "cuda", residual=False)
+    _check_ln(x, None, w, b, "triton", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,width", [(64 * 50, 3072), (32 * 65, 5120), (32 * 197, 2048)])
+def test_cuda_bias_gelu_full_size(dtype, rows, width):
+    x = randn(rows, width, dtype=dtype, device="cuda", scale=2.0)
+    b = randn(width, dtype=dtype, device="cuda")
+    gy = randn(rows, width, dtype=dtype, device="cuda")
+    y, gx, gb = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="triton"), x, b, gy)
+    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
+    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
+    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
+    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
+    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_and_auto_is_triton():
+    x, r, w, b = _ln_inputs((256 * 50, 1024), torch.bfloat16, "cuda")
+    gy, gs = randn(*x.shape, dtype=x.dtype, device="cuda"), randn(*x.shape, dtype=x.dtype, device="cuda")
+    f = lambda x_, r_, w_, b_: add_layer_norm(x_, r_, w_, b_)  # noqa: E731  (auto -> triton on CUDA)
+    (y1, _, g1), (y2, _, g2) = _ln_run(f, x, r, w, b, gy, gs), _ln_run(f, x, r, w, b, gy, gs)
+    assert torch.equal(y1, y2) and all(torch.equal(u, v) for u, v in zip(g1, g2))
+    xg, bg = randn(256 * 50, 4096, dtype=torch.bfloat16, device="cuda"), randn(4096, device="cuda")
+    gyg = randn(256 * 50, 4096, dtype=torch.bfloat16, device="cuda")
+    r1 = _gelu_run(lambda x_, b_: bias_gelu(x_, b_), xg, bg, gyg)
+    r2 = _gelu_run(lambda x_, b_: bias_gelu(x_, b_), xg, bg, gyg)
+    assert all(torch.equal(u, v) for u, v in zip(r1, r2))
