@@ -1,0 +1,313 @@
+"""maefast.ops.norm_pix_loss / masked_prediction_loss / maefast.nn.NormPixLoss: equality with the
+official loss (value and grad of pred) for pred on all patches and on masked patches only, paper and
+odd shapes, dtypes, zero-variance patches, NaN/Inf propagation, the masked-only head against the
+official model's gradients, the custom op (opcheck, torch.compile), determinism and bad inputs.
+The CUDA C++ impl runs in cuda-marked tests."""
+import pytest
+import torch
+
+from maefast import reference as R
+from maefast._triton import HAS_TRITON
+from maefast.nn import NormPixLoss
+from maefast.ops import masked_patch_ids, masked_prediction_loss, norm_pix_loss, unshuffle
+from maefast.testing import DTYPES, assert_close, assert_error_ratio
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+IMPLS = [pytest.param("triton", marks=needs_triton), "reference"]
+
+# (N, H, W, patch, mask_ratio): ViT-B/16 and ViT-H/14 grids at 224 (L 196 / 256, P 768 / 588), a
+# rectangular image, ratios 0.5 / 0.9, batch 1 and primes, a tiny patch.
+SHAPES = [(2, 224, 224, 16, 0.75), (1, 224, 224, 14, 0.75), (3, 32, 48, 8, 0.5), (5, 80, 48, 8, 0.9),
+          (7, 16, 16, 4, 0.75)]
+_ID = lambda s: "x".join(map(str, s))  # noqa: E731
+
+
+class Case:
+    def __init__(self, N, H, W, p, ratio, dtype, device, img_dtype=torch.float32, channels=3):
+        self.p = p
+        self.imgs = torch.randn(N, channels, H, W, device=device).to(img_dtype)
+        L = (H // p) * (W // p)
+        ids = R.masking_ids(N, L, ratio, noise=torch.rand(N, L, device=device))
+        self.mask, self.ids_restore, self.K = ids.mask, ids.ids_restore, ids.ids_keep.shape[1]
+        self.ids_masked = R.masked_patch_ids(self.ids_restore, self.K)
+        self.pred_all = torch.randn(N, L, p * p * channels, device=device).to(dtype).requires_grad_()
+        self.pred_masked = self.gather(self.pred_all.detach()).requires_grad_()
+
+    def gather(self, full):
+        return torch.gather(full, 1, self.ids_masked.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+
+    def args(self, pred_on):
+        if pred_on == "all":
+            return self.pred_all, self.mask
+        return self.pred_masked, self.ids_restore
+
+    def reference(self, pred_on, norm, pred=None, imgs=None):
+        """(loss, grad of pred) of the reference composition (autograd)."""
+        pred0, idx = self.args(pred_on)
+        pred = pred0 if pred is None else pred
+        imgs = self.imgs if imgs is None else imgs
+        if pred_on == "all":
+            loss = R.forward_loss(imgs, pred, idx, self.p, norm)
+        else:
+            loss = R.forward_loss_masked(imgs, pred, idx, self.p, norm)
+        return (loss,) + torch.autograd.grad(loss, pred)
+
+    def oracle(self, pred_on, norm):
+        pred0, _ = self.args(pred_on)
+        return self.reference(pred_on, norm, pred0.detach().double().requires_grad_(), self.imgs.double())
+
+    def ours(self, pred_on, norm, impl, scale=1.0):
+        pred, idx = self.args(pred_on)
+        loss = norm_pix_loss(pred, self.imgs, idx, self.p, norm_pix=norm, pred_on=pred_on, impl=impl)
+        return (loss,) + torch.autograd.grad(loss * scale, pred)
+
+
+def _check(case, pred_on, norm, impl, dtype):
+    got, ref, orc = case.ours(pred_on, norm, impl), case.reference(pred_on, norm), case.oracle(pred_on, norm)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert got[1].dtype == dtype and got[1].shape == case.args(pred_on)[0].shape
+    if dtype == torch.float32 and case.imgs.dtype == torch.float32:
+        assert_close(got[0], ref[0], torch.float32, name="loss")
+        assert_close(got[1], ref[1], torch.float32, name="grad pred")
+    assert_error_ratio(got[0], ref[0], orc[0], dtype, "forward", name="loss")
+    assert_error_ratio(got[1], ref[1], orc[1], dtype, "backward", name="grad pred")
+    return got
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ID)
+def test_matches_reference_fp32(impl, shape, pred_on, norm, device):
+    got = _check(Case(*shape, torch.float32, device), pred_on, norm, impl, torch.float32)
+    assert torch.isfinite(got[1]).all()  # every row written (masked: the grad buffer starts empty)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("img_dtype", [torch.float32, torch.bfloat16], ids=["img32", "img16"])
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_matches_reference_half(impl, pred_on, dtype, img_dtype, device):
+    _check(Case(2, 224, 224, 16, 0.75, dtype, device, img_dtype), pred_on, True, impl, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+def test_masked_equals_all(impl, norm, device):
+    c = Case(3, 32, 48, 8, 0.75, torch.float32, device)
+    la, ga = c.ours("all", norm, impl)
+    lm, gm = c.ours("masked", norm, impl)
+    assert_close(lm, la, torch.float32, name="loss")
+    assert_close(gm, c.gather(ga), torch.float32, name="grad of the masked rows")
+    # The official path's gradient is exactly zero on the visible rows.
+    assert torch.equal(ga[c.mask == 0], torch.zeros_like(ga[c.mask == 0]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layouts_weights_and_grad_scale(impl, device):
+    # channels_last images, a non-contiguous pred, a non-binary mask, a scaled upstream grad.
+    c = Case(3, 32, 48, 8, 0.5, torch.float32, device)
+    c.imgs = c.imgs.to(memory_format=torch.channels_last)
+    c.mask = c.mask * torch.rand_like(c.mask)
+    pred = c.pred_all.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    c.pred_all = pred
+    got = c.ours("all", True, impl, scale=3.0)
+    ref = c.reference("all", True)
+    assert_close(got[0], ref[0], torch.float32, name="loss")
+    assert_close(got[1], 3.0 * ref[1], torch.float32, name="grad pred")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_zero_variance_patch_is_finite(impl, pred_on, device):
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
+    l = int(c.ids_masked[0, 0])  # a masked patch of sample 0: make it constant
+    hi, wi = divmod(l, 4)
+    c.imgs[0, :, hi * 8:(hi + 1) * 8, wi * 8:(wi + 1) * 8] = 0.37
+    got, ref = c.ours(pred_on, True, impl), c.reference(pred_on, True)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
+    assert_close(got[0], ref[0], torch.float32, name="loss")
+    assert_close(got[1], ref[1], torch.float32, name="grad pred")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_propagate(impl, device):
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
+    lm = int(c.ids_masked[1, 2])
+    lv = int((c.mask[1] == 0).nonzero()[0])
+    hi, wi = divmod(lm, 4)
+    for pred_on in ("all", "masked"):
+        pred, idx = c.args(pred_on)
+        # NaN / Inf in a masked prediction.
+        for bad in (float("nan"), float("inf")):
+            p2 = pred.detach().clone()
+            p2[1, lm if pred_on == "all" else 2, 5] = bad
+            loss = norm_pix_loss(p2, c.imgs, idx, 8, pred_on=pred_on, impl=impl)
+            assert torch.isnan(loss) or torch.isinf(loss), (pred_on, bad, loss)
+        # Inf in a masked image patch (normalised target: NaN).
+        imgs = c.imgs.clone()
+        imgs[1, 0, hi * 8 + 1, wi * 8 + 2] = float("inf")
+        assert torch.isnan(norm_pix_loss(pred, imgs, idx, 8, pred_on=pred_on, impl=impl))
+    # pred_on="all": a NaN in an unmasked prediction row reaches the loss, as 0 * NaN does in the reference.
+    p2 = c.pred_all.detach().clone()
+    p2[1, lv, 0] = float("nan")
+    assert torch.isnan(norm_pix_loss(p2, c.imgs, c.mask, 8, impl=impl))
+    assert torch.isnan(R.forward_loss(c.imgs, p2, c.mask, 8, True))
+
+
+@needs_triton
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_triton_deterministic(pred_on, device):
+    c = Case(3, 96, 96, 16, 0.75, torch.bfloat16, device)
+    a, b = c.ours(pred_on, True, "triton"), c.ours(pred_on, True, "triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_masked_patch_ids_matches_reference(device):
+    ids = R.masking_ids(5, 196, 0.75, noise=torch.rand(5, 196, device=device))
+    got = masked_patch_ids(ids.ids_restore, 49)
+    assert torch.equal(got, R.masked_patch_ids(ids.ids_restore, 49))
+    assert torch.equal(torch.gather(ids.mask, 1, got), torch.ones(5, 147, device=device))
+
+
+def test_nn_norm_pix_loss_is_the_official_forward_loss(device):
+    torch.manual_seed(0)
+    model = R.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                   decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2,
+                                   norm_pix_loss=True).to(device)
+    imgs = torch.randn(3, 3, 32, 32, device=device)
+    loss, pred, mask = model(imgs, 0.75, torch.rand(3, 16, device=device))
+    crit = NormPixLoss(8, norm_pix_loss=True)
+    assert "norm_pix_loss=True" in repr(crit) and len(crit.state_dict()) == 0
+    assert_close(crit(imgs, pred, mask), loss, torch.float32)
+    assert not NormPixLoss(8).norm_pix_loss  # the official default
+
+
+# -- "predict only where the loss looks" -------------------------------------------------------
+
+def _official_and_masked_head(norm, impl, device, ratio=0.75):
+    torch.manual_seed(0)
+    model = R.MaskedAutoencoderViT(img_size=(32, 48), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                   decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=2,
+                                   norm_pix_loss=norm).to(device)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    N, L = 5, 24
+    imgs = torch.randn(N, 3, 32, 48, device=device)
+    noise = torch.rand(N, L, device=device)
+    loss_ref, _, _ = model(imgs, ratio, noise)
+    grads_ref = torch.autograd.grad(loss_ref, [p for _, p in params])
+
+    latent, _, ids_restore = model.forward_encoder(imgs, ratio, noise)
+    K = latent.shape[1] - 1
+    x = unshuffle(model.decoder_embed(latent), model.mask_token, ids_restore, model.decoder_pos_embed, impl=impl)
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    x = model.decoder_norm(x)
+    loss, pred = masked_prediction_loss(x, model.decoder_pred.weight, model.decoder_pred.bias, imgs, ids_restore, K,
+                                        8, norm_pix=norm, return_pred=True, impl=impl)
+    assert pred.shape == (N, L - K, 8 * 8 * 3)
+    grads = torch.autograd.grad(loss, [p for _, p in params])
+    return params, (loss_ref, grads_ref), (loss, grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+def test_masked_head_same_loss_and_grads_as_official(impl, norm, device):
+    params, (loss_ref, grads_ref), (loss, grads) = _official_and_masked_head(norm, impl, device)
+    assert_close(loss, loss_ref, torch.float32, name="loss")
+    for (name, _), g, gr in zip(params, grads, grads_ref):
+        assert_close(g, gr, torch.float32, name=f"grad {name}")
+
+
+# -- custom op ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_opcheck(impl, pred_on):
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    pred, idx = c.args(pred_on)
+    masked = pred_on == "masked"
+    torch.library.opcheck(torch.ops.maefast.norm_pix_loss.default, (pred, c.imgs, idx, 8, True, masked, impl))
+    torch.library.opcheck(torch.ops.maefast.norm_pix_loss_backward.default,
+                          (torch.tensor(1.5), pred.detach(), c.imgs, idx, 8, True, masked, impl))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_compile_fullgraph(backend, pred_on):
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    pred, idx = c.args(pred_on)
+
+    def f(pred, imgs, idx):
+        return norm_pix_loss(pred * 2, imgs, idx, 8, pred_on=pred_on, impl="reference")
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(pred, c.imgs, idx)
+    want = f(pred, c.imgs, idx)
+    assert_close(got, want, torch.float32)
+    assert_close(torch.autograd.grad(got, pred)[0], torch.autograd.grad(want, pred)[0], torch.float32)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    pa, pm, m, ids, imgs = c.pred_all, c.pred_masked, c.mask, c.ids_restore, c.imgs
+    cases = [
+        ((pa, imgs, m, 8), dict(pred_on="some"), ValueError, "pred_on must be one of"),
+        ((pa, imgs, m, 0), {}, ValueError, "patch_size must be >= 1"),
+        ((pa, imgs, m, 8.0), {}, TypeError, "patch_size must be an int"),
+        ((pa, imgs, m, 5), {}, ValueError, "multiples of patch_size"),
+        ((pa, imgs[0], m, 8), {}, ValueError, "imgs must have 4 dimensions"),
+        ((pa.long(), imgs, m, 8), {}, TypeError, "pred must have dtype"),
+        ((pa[:, :-1], imgs, m, 8), {}, ValueError, r"pred must have shape \(N, L, p\*p\*C\)"),
+        ((pa, imgs, m[:, :-1], 8), {}, ValueError, r"mask must have shape \(N, L\)"),
+        ((pa, imgs, ids, 8), {}, TypeError, "mask .* must be a float"),
+        ((pm, imgs, ids, 8), dict(pred_on="masked"), None, None),
+        ((pm[..., :-1], imgs, ids, 8), dict(pred_on="masked"), ValueError, r"pred must have shape \(N, M, p\*p\*C\)"),
+        ((pm, imgs, m, 8), dict(pred_on="masked"), TypeError, "ids_restore must have dtype"),
+        ((pm, imgs, ids[:1], 8), dict(pred_on="masked"), ValueError, r"ids_restore must have shape \(N, L\)"),
+        ((pa[:, :0], imgs, ids, 8), dict(pred_on="masked"), ValueError, "1 <= M <= L"),
+        ((pa, imgs, m.to("meta"), 8), {}, ValueError, "mask must be on cpu"),
+        ((pa, imgs, m, 8), dict(impl="fast"), ValueError, "impl must be one of"),
+        ((pa, imgs, m, 8), dict(impl="cuda"), ValueError, "impl='cuda' is not available"),
+    ]
+    for args, kw, exc, msg in cases:
+        if exc is None:
+            norm_pix_loss(*args, **kw)
+            continue
+        with pytest.raises(exc, match=msg):
+            norm_pix_loss(*args, **kw)
+    x = torch.randn(2, 1 + 6, 16)
+    w = torch.randn(192, 16)
+    with pytest.raises(ValueError, match="len_keep must be an int"):
+        masked_prediction_loss(x, w, None, imgs, ids, 6, 8)
+    with pytest.raises(ValueError, match="decoder_out must have shape"):
+        masked_prediction_loss(x[:, 1:], w, None, imgs, ids, 3, 8)
+
+
+# -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
+
+GPU_SHAPES = [(64, 224, 224, 16, 0.75), (13, 224, 224, 14, 0.75), (1, 224, 224, 16, 0.5), (7, 160, 96, 16, 0.9),
+              (5, 16, 16, 4, 0.75)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ID)
+def test_gpu_matches_reference(impl, shape, pred_on, dtype):
+    _check(Case(*shape, dtype, "cuda"), pred_on, shape[0] != 1, impl, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_gpu_paper_batch_deterministic_and_masked_head(impl):
+    c = Case(256, 224, 224, 14, 0.75, torch.bfloat16, "cuda")
+    a, b = c.ours("masked", True, impl), c.ours("masked", True, impl)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    params, (loss_ref, grads_ref), (loss, grads) = _official_and_masked_head(True, impl, "cuda")
+    assert_close(loss, loss_ref, torch.float32, name="loss", scale=10)
+    for (name, _), g, gr in zip(params, grads, grads_ref):
+        assert_close(g, gr, torch.float32, name=f"grad {name}", scale=10)

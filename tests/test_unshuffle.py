@@ -1,0 +1,202 @@
+"""maefast.ops.unshuffle / maefast.nn.Unshuffle: equality with the reference decoder un-shuffle
+(forward and the grads of x_vis, mask_token and pos_embed), paper and odd shapes, dtypes, the custom
+op (opcheck, torch.compile), determinism, and bad inputs. The CUDA C++ impl runs in cuda-marked tests."""
+import sys
+
+import pytest
+import torch
+
+from maefast import reference as R
+from maefast._triton import HAS_TRITON
+from maefast.nn import Unshuffle
+from maefast.ops import unshuffle
+from maefast.testing import DTYPES, assert_close, assert_error_ratio
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+ops_mod = sys.modules["maefast.ops.unshuffle"]
+
+# (N, L, mask_ratio, Dd): paper decoder grids (224/p16 -> 196, 224/p14 -> 256, width 512), batch 1
+# and primes, ratios 0.5/0.9, odd widths, and a width over one Triton block (1280 > 1024).
+SHAPES = [(2, 196, 0.75, 512), (1, 256, 0.75, 512), (3, 49, 0.5, 64), (5, 60, 0.9, 40), (7, 16, 0.75, 24),
+          (2, 16, 0.75, 1280)]
+IMPLS = [pytest.param("triton", marks=needs_triton), "reference"]
+
+
+def _inputs(N, L, ratio, D, dtype, device, pos_grad=False):
+    ids = R.masking_ids(N, L, ratio, noise=torch.rand(N, L, device=device))
+    K = ids.ids_keep.shape[1]
+    x = torch.randn(N, 1 + K, D, device=device).to(dtype).requires_grad_()
+    tok = (torch.randn(1, 1, D, device=device) * 0.02).requires_grad_()
+    pos = torch.randn(1, 1 + L, D, device=device).requires_grad_(pos_grad)
+    return x, tok, ids.ids_restore, pos
+
+
+def _grads(fn, x, tok, ids, pos, g):
+    out = fn(x, tok, ids, pos)
+    wrt = (x, tok, pos) if pos.requires_grad else (x, tok)
+    return (out,) + torch.autograd.grad(out, wrt, g)
+
+
+def _check(impl, x, tok, ids, pos, dtype):
+    g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=x.device).to(dtype)
+    got = _grads(lambda *a: unshuffle(*a, impl=impl), x, tok, ids, pos, g)
+    ref = _grads(R.unshuffle, x, tok, ids, pos, g)
+    # fp64 oracle for the reductions (mask_token, pos_embed grads): the reference reduces in x's dtype.
+    oracle = _grads(R.unshuffle, x.detach().double().requires_grad_(), tok.detach().double().requires_grad_(), ids,
+                    pos.detach().double().requires_grad_(pos.requires_grad), g.double())
+    names = ("out", "grad x_vis", "grad mask_token", "grad pos_embed")
+    assert got[0].dtype == dtype and got[0].is_contiguous()
+    assert_close(got[0], ref[0], dtype, name=names[0])
+    assert_close(got[1], ref[1], dtype, name=names[1])  # a pure scatter: exact up to rounding of g
+    for i in range(2, len(got)):
+        assert got[i].dtype == ref[i].dtype
+        if dtype == torch.float32:
+            assert_close(got[i], ref[i], torch.float32, name=names[i])
+        assert_error_ratio(got[i], ref[i], oracle[i], dtype, "backward", name=names[i])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_fp32(impl, shape, device):
+    _check(impl, *_inputs(*shape, torch.float32, device), torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_half(impl, shape, dtype, device):
+    _check(impl, *_inputs(*shape, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pos_embed_grad(impl, dtype, device):
+    _check(impl, *_inputs(5, 49, 0.75, 48, dtype, device, pos_grad=True), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_noncontiguous_and_int32(impl, device):
+    x, tok, ids, pos = _inputs(3, 36, 0.75, 40, torch.float32, device)
+    xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (N, 1+K, D), stride(2) != 1
+    ids32 = ids.to(torch.int32)
+    pos_nc = pos.detach().expand(1, -1, -1)[:, :, :]  # a view; strides of an expand are allowed
+    out = unshuffle(xt, tok, ids32, pos_nc, impl=impl)
+    assert_close(out, R.unshuffle(xt, tok, ids, pos_nc), torch.float32, name="out")
+    # An expanded (stride-0) upstream grad, as from out.sum().
+    gx, gt = torch.autograd.grad(out.sum(), (xt, tok))
+    rx, rt = torch.autograd.grad(R.unshuffle(xt, tok, ids, pos_nc).sum(), (xt, tok))
+    assert_close(gx, rx, torch.float32, name="grad x_vis")
+    assert_close(gt, rt, torch.float32, name="grad mask_token")
+
+
+@needs_triton
+def test_triton_deterministic(device):
+    x, tok, ids, pos = _inputs(7, 196, 0.75, 64, torch.bfloat16, device, pos_grad=True)
+    g = torch.randn(7, 197, 64, device=device).to(torch.bfloat16)
+    a = _grads(lambda *t: unshuffle(*t, impl="triton"), x, tok, ids, pos, g)
+    b = _grads(lambda *t: unshuffle(*t, impl="triton"), x, tok, ids, pos, g)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@needs_triton
+def test_out_of_range_ids_read_the_mask_token(device):
+    # Never an out-of-bounds access: an index outside [0, K) stands for a masked slot.
+    N, L, K, D = 2, 8, 3, 16
+    x = torch.randn(N, 1 + K, D, device=device)
+    tok = torch.randn(1, 1, D, device=device)
+    pos = torch.randn(1, 1 + L, D, device=device)
+    ids = torch.tensor([[0, -1, 2, 99, 1, 3, -7, 4]] * N, device=device)
+    out = unshuffle(x, tok, ids, pos, impl="triton")
+    masked = (ids < 0) | (ids >= K)
+    want = torch.where(masked[..., None], tok.expand(N, L, D), x[:, 1:][torch.arange(N)[:, None], ids.clamp(0, K - 1)])
+    assert_close(out[:, 1:], want + pos[:, 1:], torch.float32)
+    assert_close(out[:, 0], x[:, 0] + pos[:, 0], torch.float32)
+
+
+def test_module_and_auto(device):
+    x, tok, ids, pos = _inputs(2, 16, 0.75, 24, torch.float32, device)
+    m = Unshuffle()
+    assert "impl='auto'" in repr(m) and len(m.state_dict()) == 0
+    assert_close(m(x, tok, ids, pos), R.unshuffle(x, tok, ids, pos), torch.float32)
+
+
+# -- custom op ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    x, tok, ids, pos = _inputs(3, 16, 0.75, 24, torch.float32, "cpu", pos_grad=True)
+    torch.library.opcheck(torch.ops.maefast.unshuffle.default, (x, tok, ids, pos, impl))
+    g = torch.randn(3, 17, 24)
+    for need_pos in (False, True):
+        torch.library.opcheck(torch.ops.maefast.unshuffle_backward.default, (g, ids, x.shape[1] - 1, need_pos, impl))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend):
+    x, tok, ids, pos = _inputs(3, 16, 0.75, 24, torch.float32, "cpu", pos_grad=True)
+
+    def f(x, tok, ids, pos):
+        return (unshuffle(x * 2, tok, ids, pos, impl="reference") ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(x, tok, ids, pos), (x, tok, pos))
+    want = torch.autograd.grad(f(x, tok, ids, pos), (x, tok, pos))
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32, scale=10)
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    x, tok, ids, pos = _inputs(2, 16, 0.75, 24, torch.float32, "cpu")
+    cases = [
+        ((x[0], tok, ids, pos), ValueError, "x_vis must have 3 dimensions"),
+        ((x.long(), tok, ids, pos), TypeError, "x_vis must have dtype"),
+        ((x, tok, ids.float(), pos), TypeError, "ids_restore must have dtype"),
+        ((x, tok, ids[:1], pos), ValueError, "ids_restore must have shape"),
+        ((x, tok, ids[:, :2], pos[:, :3]), ValueError, "K <= L visible"),
+        ((x, tok[0, 0], ids, pos), ValueError, "mask_token must have shape"),
+        ((x, tok, ids, pos[:, 1:]), ValueError, "pos_embed must have shape"),
+        ((x, tok, ids, pos[..., :8]), ValueError, "pos_embed must have shape"),
+        ((x, tok, ids.to("meta"), pos), ValueError, "ids_restore must be on cpu"),
+        ((x, tok, ids, "pos"), TypeError, "pos_embed must be a torch.Tensor"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            unshuffle(*args)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        unshuffle(x, tok, ids, pos, impl="fast")
+
+
+def test_cuda_impl_unavailable_on_cpu():
+    x, tok, ids, pos = _inputs(2, 16, 0.75, 24, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="impl='cuda' is not available"):
+        unshuffle(x, tok, ids, pos, impl="cuda")
+
+
+# -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
+
+GPU_SHAPES = [(64, 196, 0.75, 512), (13, 256, 0.75, 512), (1, 196, 0.5, 512), (7, 60, 0.9, 40), (3, 16, 0.75, 1280)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_matches_reference(impl, shape, dtype):
+    _check(impl, *_inputs(*shape, dtype, "cuda", pos_grad=shape[0] == 13), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_gpu_paper_batch_deterministic(impl):
+    x, tok, ids, pos = _inputs(256, 196, 0.75, 512, torch.bfloat16, "cuda", pos_grad=True)
+    g = torch.randn(256, 197, 512, device="cuda").to(torch.bfloat16)
+    a = _grads(lambda *t: unshuffle(*t, impl=impl), x, tok, ids, pos, g)
+    b = _grads(lambda *t: unshuffle(*t, impl=impl), x, tok, ids, pos, g)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    ref = _grads(R.unshuffle, x, tok, ids, pos, g)
+    assert_close(a[0], ref[0], torch.bfloat16, name="out")
+    assert_close(a[1], ref[1], torch.bfloat16, name="grad x_vis")
