@@ -6,3 +6,5 @@ from .loss import masked_patch_ids, masked_prediction_loss, norm_pix_loss  # noq
 from .masking import MaskIds, random_masking  # noqa: F401
 from .patch_embed import masked_patch_embed  # noqa: F401
 from .attention import visible_attention  # noqa: F401
+from .layernorm import add_layer_norm, layer_norm  # noqa: F401
+from .bias_gelu import bias_gelu  # noqa: F401
