@@ -369,6 +369,7 @@ def save_chart(rows: list[dict], path: str, title: str) -> None:
               for i in impls]
     series.append(("paper (vs w/[M] dec 8)", {(r["model"], r["decoder_depth"]): r.get("paper_speedup") for r in rows}))
     series.append(("FLOP bound", {(r["model"], r["decoder_depth"]): r.get("flop_ratio") for r in rows}))
+    series = [(label, vals) for label, vals in series if any(v for v in vals.values())]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2))
     for j, (label, vals) in enumerate(series):

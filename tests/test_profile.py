@@ -1,0 +1,91 @@
+"""`maefast profile` on the CPU with tiny configs: the per-stage table, JSON, trace, side-by-side impls."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from maefast import profile as mp
+from maefast.models import create_model
+
+ARGS = ["--model", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_profile_table_and_json(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert mp.main(ARGS + ["--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for stage in mp.STAGES:
+        assert stage in text
+    assert "img/s" in text and "MFU" in text and "profiler overhead" in text and "peak memory" in text
+    rec = json.loads(out.read_text())
+    assert rec["kind"] == "maefast.profile" and {"card", "date", "torch", "git_commit"} <= set(rec["env"])
+    (r,) = rec["results"]
+    assert [s["stage"] for s in r["stages"]] == mp.STAGES
+    for s in r["stages"]:
+        assert s["ms"] > 0, s  # every stage boundary fired
+        assert s["bound"] in ("compute", "memory") and "note" in s
+    assert sum(s["share"] for s in r["stages"]) == pytest.approx(1.0)
+    assert r["img_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_gib"] > 0
+    assert r["step_ms_plain"] > 0 and r["step_ms_staged"] > 0
+    assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32"
+
+
+def test_stage_hooks_follow_the_forward():
+    model = create_model("tiny")
+    clock = mp.StageClock(torch.device("cpu"))
+    hooks = mp.attach_stage_hooks(model, clock)
+    model(torch.randn(2, 3, 32, 32))
+    clock.switch(None)
+    order = [label for label, _ in clock.marks if label is not None]
+    for h in hooks:
+        h.remove()
+    # masking+embed, then per encoder block: norms, attention (norms again after the last one and the
+    # final norm); then un-shuffle, decoder, head (a repeated label is one span, not a new mark)
+    depth = len(model.blocks)
+    assert order[0] == "masking+embed"
+    assert order[1:2 + 2 * depth] == ["encoder MLP/norms", "encoder attention"] * depth + ["encoder MLP/norms"]
+    assert order[-3:] == ["decoder embed + un-shuffle", "decoder", "head+loss"]
+    assert set(clock.durations()) == set(mp.STAGES[:6])
+
+
+def test_profile_side_by_side_and_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert mp.main(ARGS + ["--impl", "reference,reference", "--trace", str(trace)]) == 0
+    text = capsys.readouterr().out
+    assert "side by side" in text and "speed-up vs reference" in text
+    for impl_trace in (tmp_path / "trace.reference.json",):
+        events = json.loads(impl_trace.read_text())["traceEvents"]
+        names = {e.get("name") for e in events}
+        assert "maefast::encoder attention" in names and "maefast::optimizer" in names
+
+
+def test_profile_compile_path(monkeypatch, capsys):
+    # the compiled path's bookkeeping, without paying for inductor on the CPU
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    assert mp.main(ARGS + ["--compile"]) == 0
+    text = capsys.readouterr().out
+    assert "forward (compiled)" in text and "compiled" in text
+
+
+def test_profile_bad_impl(capsys):
+    assert mp.main(ARGS + ["--impl", "no-such-impl"]) == 2
+    assert "no-such-impl" in capsys.readouterr().err
+
+
+def test_default_profile_is_quick(capsys):
+    # the embedded default (small MAE, batch 8, synthetic) prints its table well under a minute
+    t0 = time.perf_counter()
+    assert mp.main(["--threads", "1", "--no-progress", "--steps", "2"]) == 0
+    assert time.perf_counter() - t0 < 60
+    captured = capsys.readouterr()
+    assert "mae_vit_small_cpu" in captured.out and "CPU: small config by default" in captured.err
