@@ -1,0 +1,123 @@
+"""Decoder un-shuffle: mask tokens + gather by ids_restore + decoder position embedding (issue 5).
+
+Groups (speed-up = reference composition time / this, same run, same shape):
+  unshuffle-fwd      reference = the official forward_decoder lines (mask_token.repeat, cat, gather
+                     with a repeated index, cat the cls, + decoder_pos_embed); maefast = one pass.
+  unshuffle-fwd-bwd  the same with the grads of x_vis and mask_token (pos_embed frozen, as official).
+Providers: reference (baseline), compile (torch.compile of the reference composition), maefast's
+triton / cuda impls (GPU), or maefast's auto impl (the reference path) on the CPU, where Triton only
+runs interpreted and its timings mean nothing.
+
+GPU (--gpu): decoder width 512, L = 196 (ViT-B/L, patch 16) at batch 64 and 256, L = 256 (ViT-H,
+patch 14) at batch 256, bf16 tokens, fp32 mask token and position embedding, ratio 0.75.
+CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
+GB/s counts the bytes maefast's kernels move, for every provider alike: forward reads x_vis and
+ids_restore and writes the (N, 1+L, Dd) output; backward reads the output grad and ids_restore and
+writes the x_vis grad.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _harness import run_bench, sizes
+
+from maefast import ops
+from maefast import reference as R
+from maefast._cpp_lib import get_C
+from maefast._triton import HAS_TRITON
+
+RATIO = 0.75
+DEC_DIM = 512
+# (name, N, L)
+CASES = sizes(cpu=[("tiny", 4, 16)], gpu=[("p16", 64, 196), ("p16", 256, 196), ("p14", 256, 256)])
+PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
+_COMPILED: dict = {}
+
+
+def _official(x, mask_token, ids_restore, pos_embed):
+    """forward_decoder of the official code, between decoder_embed and the blocks."""
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1).to(x.dtype)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1)
+    return x + pos_embed.to(x.dtype)
+
+
+def _skip_reason(provider, device):
+    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+        return "torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it"
+    if provider == "maefast" and device.type == "cuda":
+        return "on a GPU the triton and cuda rows are the maefast impls"
+    if provider == "triton" and (device.type != "cuda" or not HAS_TRITON):
+        return "Triton timings need a GPU (the CPU interpreter's are meaningless)"
+    if provider == "cuda" and (device.type != "cuda" or get_C() is None or not hasattr(get_C(), "unshuffle_fwd")):
+        return "the CUDA C++ impl needs a GPU and a built maefast._C"
+    return None
+
+
+def _setup(case, device):
+    name, N, L = case
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    K = int(L * (1 - RATIO))
+    D = DEC_DIM if device.type == "cuda" else 64
+    ids = R.masking_ids(N, L, RATIO, device=device)
+    x = torch.randn(N, 1 + K, D, device=device).to(dtype).requires_grad_()
+    tok = (torch.randn(1, 1, D, device=device) * 0.02).requires_grad_()
+    pos = torch.randn(1, 1 + L, D, device=device)
+    el = x.element_size()
+    fwd_bytes = N * (1 + K) * D * el + N * (1 + L) * D * el + N * L * 8
+    bwd_bytes = fwd_bytes + N * (1 + L) * D * el + N * (1 + K) * D * el + N * L * 8
+    shape = dict(case=name, N=N, L=L, K=K, D=D)
+    return x, tok, ids.ids_restore, pos, dtype, fwd_bytes, bwd_bytes, shape
+
+
+def _fn(provider):
+    if provider in ("reference", "compile"):
+        f = _official
+        if provider == "compile":
+            f = _COMPILED.setdefault("ref", torch.compile(_official))
+        return f
+    impl = "auto" if provider == "maefast" else provider
+    return lambda x, tok, ids, pos: ops.unshuffle(x, tok, ids, pos, impl=impl)
+
+
+def _timing_kw(device):
+    return dict(warmup_ms=10.0, rep_ms=200.0, min_reps=5, max_reps=200) if device.type == "cuda" \
+        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_unshuffle_fwd(benchmark, device, case, provider):
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    x, tok, ids, pos, dtype, fwd_bytes, _, shape = _setup(case, device)
+    f = _fn(provider)
+
+    def fn():
+        with torch.no_grad():
+            return f(x, tok, ids, pos)
+
+    run_bench(benchmark, fn, group="unshuffle-fwd", provider=provider, baseline=provider == "reference",
+              shape=shape, dtype=dtype, device=device, bytes_moved=fwd_bytes, **_timing_kw(device))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_unshuffle_fwd_bwd(benchmark, device, case, provider):
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    x, tok, ids, pos, dtype, _, bwd_bytes, shape = _setup(case, device)
+    f = _fn(provider)
+    g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=device).to(dtype)
+
+    def fn():
+        return torch.autograd.grad(f(x, tok, ids, pos), (x, tok), g)
+
+    run_bench(benchmark, fn, group="unshuffle-fwd-bwd", provider=provider, baseline=provider == "reference",
+              shape=shape, dtype=dtype, device=device, bytes_moved=bwd_bytes, **_timing_kw(device))
