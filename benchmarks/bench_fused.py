@@ -9,7 +9,10 @@ Groups (speed-up = eager time / this, same run, same shape):
   bias_gelu-fwd     y = gelu(x + b), x the fc1 output without bias (rows x 4D)
   bias_gelu-fwdbwd  the same + backward to x and b
 Providers: eager (baseline: `F.layer_norm(x + r)`, `F.gelu(x + b)`), compile (torch.compile of
-that, static shapes, default mode), triton (maefast.ops with impl="triton").
+that, static shapes, default mode), triton (maefast.ops with impl="triton": the custom ops with their
+autograd), triton-raw (the same kernels through their launchers, no custom-op/autograd dispatch:
+the kernels' own time; the difference to `triton` is per-call host overhead, which a GPU-bound
+training step hides).
 
 Shapes (GPU, --gpu; bf16, batch 256, mask ratio 0.75): encoder rows = 256 x (1 + 49) for ViT-B/16
 and L/16, 256 x (1 + 64) for H/14, width D (LN) and 4D (GELU); decoder rows = 256 x 197 (p16) and
@@ -41,7 +44,7 @@ BATCH = 256
 CASES = sizes(cpu=[("tiny-enc", 2 * 50, 768)],
               gpu=[("B-enc", BATCH * 50, 768), ("L-enc", BATCH * 50, 1024), ("H-enc", BATCH * 65, 1280),
                    ("p16-dec", BATCH * 197, 512), ("p14-dec", BATCH * 257, 512)])
-PROVIDERS = ["eager", "compile", "triton"]
+PROVIDERS = ["eager", "compile", "triton", "triton-raw"]
 GROUPS = ["add_ln-fwd", "add_ln-fwdbwd", "ln-fwdbwd", "bias_gelu-fwd", "bias_gelu-fwdbwd"]
 
 
@@ -56,6 +59,32 @@ def _eager_ln(x, w, b):
 
 def _eager_bias_gelu(x, b):
     return F.gelu(x + b, approximate="none")
+
+
+def _raw(group: str):
+    """fn(inputs, grads) running the launchers of maefast.kernels directly (2-D inputs)."""
+    from maefast.kernels.bias_gelu import bias_gelu_bwd, bias_gelu_fwd
+    from maefast.kernels.layernorm import add_layer_norm_fwd, layer_norm_bwd
+
+    op, kind = group.split("-")
+    bwd = kind == "fwdbwd"
+
+    def add_ln(inputs, grads):
+        x, r, w, b = (t.detach() for t in inputs)
+        y, s, mean, rstd = add_layer_norm_fwd(x, r, w, b, EPS)
+        return layer_norm_bwd(grads[0], grads[1], s, w, mean, rstd) if bwd else (y, s)
+
+    def ln(inputs, grads):
+        x, w, b = (t.detach() for t in inputs)
+        y, _, mean, rstd = add_layer_norm_fwd(x, None, w, b, EPS)
+        return layer_norm_bwd(grads[0], None, x, w, mean, rstd) if bwd else y
+
+    def bias_gelu_(inputs, grads):
+        x, b = (t.detach() for t in inputs)
+        y = bias_gelu_fwd(x, b)
+        return bias_gelu_bwd(grads[0], x, b) if bwd else y
+
+    return {"add_ln": add_ln, "ln": ln, "bias_gelu": bias_gelu_}[op]
 
 
 def _fn(group: str, provider: str):
@@ -104,19 +133,26 @@ def _case(group: str, rows: int, d: int, name: str, device, dtype):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fused(benchmark, device, case, group, provider):
     name, rows, d = case
-    if provider == "triton" and not HAS_TRITON:
+    if provider.startswith("triton") and not HAS_TRITON:
         pytest.skip("triton is not importable")
     if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     inputs, grads, n_bytes, shape = _case(group, rows, d, name, device, dtype)
-    f = _fn(group, provider)
+    if provider == "triton-raw":
+        raw = _raw(group)
 
-    if grads is None:
+        def fn():
+            return raw(inputs, grads)
+    elif grads is None:
+        f = _fn(group, provider)
+
         def fn():
             with torch.no_grad():
                 return f(*inputs)
     else:
+        f = _fn(group, provider)
+
         def fn():
             out = f(*inputs)
             outs = list(out) if isinstance(out, tuple) else [out]

@@ -159,7 +159,8 @@ def test_layer_norm_alias_and_edge_widths(device):
     assert x_back is x
     assert_close(y, F.layer_norm(x, (3,), w, b, EPS), name="D=3")
     empty = torch.empty(0, 8, device=device)
-    assert add_layer_norm(empty, empty, randn(8, device=device), randn(8, device=device), impl="triton")[0].shape == (0, 8)
+    w8, b8 = randn(8, device=device), randn(8, device=device)
+    assert add_layer_norm(empty, empty, w8, b8, impl="triton")[0].shape == (0, 8)
 
 
 # -- bias_gelu -------------------------------------------------------------------------------------
@@ -315,6 +316,9 @@ def test_fused_modules_are_drop_ins(device, impl):
     y, s = ln(x, r)
     assert torch.equal(s, x + r)
     assert_close(y, ref_ln(x + r), name="FusedLayerNorm(x, r)")
+    y16 = ln(x, out_dtype=torch.float16)
+    assert y16.dtype == torch.float16
+    assert_close(y16, ref_ln(x).half(), name="FusedLayerNorm(x, out_dtype)")
 
     ref = Mlp(96, 384).to(device)
     mlp = FusedMlp(96, 384, impl=impl).to(device)

@@ -2,7 +2,7 @@
 
 - `FusedLayerNorm(dim, eps=1e-6)`: an `nn.LayerNorm` (same keys `weight`, `bias`, same init, still
   `isinstance(m, nn.LayerNorm)`) whose forward runs `maefast.ops.add_layer_norm`;
-  `norm(x)` -> y and `norm(x, residual)` -> (y, s = x + residual).
+  `norm(x)` -> y and `norm(x, residual)` -> (y, s = x + residual); `out_dtype=` sets y's dtype.
 - `FusedMlp(in_features, hidden_features, out_features, act_layer=nn.GELU, drop=0.0)`: the timm
   0.3.2 `Mlp` (keys `fc1`, `fc2`) computing fc1 without its bias, then `maefast.ops.bias_gelu`.
 """
@@ -39,13 +39,19 @@ class FusedLayerNorm(nn.LayerNorm):
                              f"or a 1-tuple, got {tuple(self.normalized_shape)}")
         self.impl = impl
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """x (..., D) -> y; with `residual` (..., D) -> (y, s) where s = x + residual, y = LN(s)."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None):
+        """x (..., D) -> y; with `residual` (..., D) -> (y, s) where s = x + residual, y = LN(s).
+
+        out_dtype: y's dtype (default s's). Under autocast, passing the autocast dtype gives the
+        next Linear the same input it would cast to, written once in the narrow dtype.
+        """
         if self.weight is None or self.bias is None:
             s = x if residual is None else x + residual
             y = F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps)
+            y = y if out_dtype is None else y.to(out_dtype)
             return y if residual is None else (y, s)
-        y, s = add_layer_norm(x, residual, self.weight, self.bias, self.eps, impl=self.impl)
+        y, s = add_layer_norm(x, residual, self.weight, self.bias, self.eps, impl=self.impl, out_dtype=out_dtype)
         return y if residual is None else (y, s)
 
     def extra_repr(self) -> str:
