@@ -366,6 +366,11 @@ def test_cuda_bias_gelu_full_size(dtype, rows, width):
 
 @pytest.mark.cuda
 def test_cuda_deterministic_and_auto_is_triton():
+    from maefast.ops import bias_gelu as bg_mod
+    from maefast.ops import layernorm as ln_mod
+
+    assert ln_mod._resolve("auto", torch.device("cuda"), 1024) == "triton"
+    assert bg_mod._resolve("auto", torch.device("cuda")) == "triton"
     x, r, w, b = _ln_inputs((256 * 50, 1024), torch.bfloat16, "cuda")
     gy, gs = randn(*x.shape, dtype=x.dtype, device="cuda"), randn(*x.shape, dtype=x.dtype, device="cuda")
     f = lambda x_, r_, w_, b_: add_layer_norm(x_, r_, w_, b_)  # noqa: E731  (auto -> triton on CUDA)
