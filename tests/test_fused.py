@@ -366,8 +366,11 @@ def test_cuda_bias_gelu_full_size(dtype, rows, width):
 
 @pytest.mark.cuda
 def test_cuda_deterministic_and_auto_is_triton():
-    from maefast.ops import bias_gelu as bg_mod
-    from maefast.ops import layernorm as ln_mod
+    import importlib
+
+    # (maefast.ops.bias_gelu is also the name of the function: fetch the modules by path)
+    ln_mod = importlib.import_module("maefast.ops.layernorm")
+    bg_mod = importlib.import_module("maefast.ops.bias_gelu")
 
     assert ln_mod._resolve("auto", torch.device("cuda"), 1024) == "triton"
     assert bg_mod._resolve("auto", torch.device("cuda")) == "triton"
