@@ -257,9 +257,9 @@ def test_bad_inputs_raise():
         bias_gelu(x, b, impl="fast")
 
 
-def test_triton_width_limit():
-    x = torch.randn(1, 16385)
-    w, b = torch.ones(16385), torch.zeros(16385)
+def test_triton_width_limit(device):
+    x = torch.randn(1, 16385, device=device)
+    w, b = torch.ones(16385, device=device), torch.zeros(16385, device=device)
     with pytest.raises(ValueError, match="16384"):
         add_layer_norm(x, None, w, b, impl="triton")
     assert add_layer_norm(x, None, w, b, impl="auto")[0].shape == x.shape  # auto: reference
@@ -268,14 +268,15 @@ def test_triton_width_limit():
 # -- custom-op registration, torch.compile ------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_opcheck(impl):
-    x, r, w, b = _ln_inputs((2, 3, 24), torch.float32, "cpu")
+def test_opcheck(device, impl):
+    dev = device if impl == "triton" else "cpu"
+    x, r, w, b = _ln_inputs((2, 3, 24), torch.float32, dev)
     args = [t.requires_grad_(True) for t in (x, r, w, b)]
     torch.library.opcheck(torch.ops.maefast.add_layer_norm.default, (*args, EPS, None, impl))
     torch.library.opcheck(torch.ops.maefast.layer_norm.default, (args[0], args[2], args[3], EPS, None, impl))
     torch.library.opcheck(torch.ops.maefast.add_layer_norm.default,
                           (x.detach().bfloat16(), r.detach(), w.detach(), b.detach(), EPS, torch.bfloat16, impl))
-    xg, bg = randn(2, 3, 40).requires_grad_(True), randn(40).requires_grad_(True)
+    xg, bg = randn(2, 3, 40, device=dev).requires_grad_(True), randn(40, device=dev).requires_grad_(True)
     torch.library.opcheck(torch.ops.maefast.bias_gelu.default, (xg, bg, impl))
 
 
