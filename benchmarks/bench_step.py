@@ -2,7 +2,8 @@
 
 Rows (providers, `maefast.bench.STEP_PROVIDERS`): reference (the official computation, eager;
 baseline), sdpa (the reference with torch's scaled_dot_product_attention), compile
-(torch.compile of the sdpa variant), plus whatever `maefast.bench.register_step_provider` added
+(the sdpa variant with each block torch.compile'd; compile-full, the whole model, with
+MAEFAST_BENCH_COMPILE_FULL=1), plus whatever `maefast.bench.register_step_provider` added
 (the fast model's rows: issue 6). Autocast bf16 on a GPU, fp32 on the CPU. Reports step time,
 TFLOP/s (the official model's training FLOPs, `maefast.flops`), img/s, peak memory (GPU), and
 the speed-up against reference eager in the same run.
@@ -38,14 +39,17 @@ def _cases():
 
 
 CASES = _cases()
-PROVIDERS = list(mb.STEP_PROVIDERS)
+# every registered provider (the fast model appends its rows with register_step_provider), except
+# whole-model compile, which costs minutes of compilation per model: opt in with the env var
+PROVIDERS = [p for p in mb.STEP_PROVIDERS
+             if p != "compile-full" or os.environ.get("MAEFAST_BENCH_COMPILE_FULL") == "1"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
 def test_train_step(benchmark, device, case, provider):
     name, batch = case
-    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+    if provider.startswith("compile") and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-import _harness
-
 if not torch.cuda.is_available():
-    # Must be set before triton.jit decorates anything (kernels/ import triton lazily).
+    # Must be set before triton.jit decorates anything, so before maefast (via _harness) is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import _harness  # noqa: E402
 
 
 def pytest_addoption(parser):

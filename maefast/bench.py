@@ -225,13 +225,26 @@ def _provider_sdpa(name, device, **overrides):
     return use_sdpa(build_model(name, "reference", device, **overrides)), False
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional torch.compile: each transformer block compiled in place. Identical blocks share one
+    compiled graph, so this compiles in seconds where the whole model takes minutes, and runs
+    nearly as fast (the blocks are >95% of the FLOPs)."""
+    for blk in list(getattr(model, "blocks", [])) + list(getattr(model, "decoder_blocks", [])):
+        blk.compile()
+    return model
+
+
 def _provider_compile(name, device, **overrides):
+    return compile_blocks(use_sdpa(build_model(name, "reference", device, **overrides))), False
+
+
+def _provider_compile_full(name, device, **overrides):
     return use_sdpa(build_model(name, "reference", device, **overrides)), True
 
 
-# name -> builder(model_name, device, **config_overrides) -> (model, compile?)
+# name -> builder(model_name, device, **config_overrides) -> (model, compile the whole model?)
 STEP_PROVIDERS: dict[str, Callable] = {"reference": _provider_reference, "sdpa": _provider_sdpa,
-                                       "compile": _provider_compile}
+                                       "compile": _provider_compile, "compile-full": _provider_compile_full}
 
 
 def register_step_provider(name: str, builder: Callable) -> None:
