@@ -1,7 +1,7 @@
 """MAE models and factories for the paper's configs."""
 from __future__ import annotations
 
-from ..reference.model import MaskedAutoencoderViT
+from .mae import MaskedAutoencoderViT
 from .configs import ALIASES, MODEL_CONFIGS, model_config, resolve_model_name
 
 

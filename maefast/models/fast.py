@@ -1,0 +1,197 @@
+"""The fast MAE forward on maefast's fused ops.
+
+One forward for every model laid out like the official MAE — maefast's own model, an official
+facebookresearch `MaskedAutoencoderViT`, or transformers' `ViTMAEForPreTraining` — reached through a
+light *view* of its parameters (no copies: gradients land in the model's own parameters):
+
+    masking (Philox, in-kernel ranking) -> patch embedding of the visible patches only ->
+    encoder blocks (visible-token attention on the packed qkv, fused residual+LayerNorm, fused
+    bias+GELU) -> decoder embed -> un-shuffle (mask tokens + positions, one pass) -> decoder blocks
+    -> prediction head on the masked rows only -> fused norm-pix loss.
+
+Numerics follow the official code under autocast: the residual streams stay fp32, matmul inputs
+are in the autocast dtype, every statistic (LayerNorm, softmax, loss) is fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from .._validate import check_images, check_mask_ratio, check_tensor, compiling
+
+# ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
+_CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
+
+
+def op_impl(impl: str, op: str) -> str:
+    if impl == "cuda" and op not in _CUDA_OPS:
+        return "auto"
+    return impl
+
+
+@dataclass
+class BlockView:
+    norm1: nn.LayerNorm
+    qkv: Callable[[], tuple[torch.Tensor, Optional[torch.Tensor]]]  # packed [3D, D] weight and bias
+    num_heads: int
+    scale: float
+    proj: nn.Linear
+    norm2: nn.LayerNorm
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+
+    @property
+    def exact_gelu(self) -> bool:
+        a = self.act
+        if isinstance(a, nn.GELU):
+            return a.approximate == "none"
+        # transformers' GELUActivation (exact erf GELU) for hidden_act="gelu"
+        return type(a).__name__ == "GELUActivation" and getattr(a, "act", None) in (None, F.gelu)
+
+
+@dataclass
+class MAEView:
+    patch_proj: nn.Conv2d
+    pos_embed: torch.Tensor
+    cls_token: torch.Tensor
+    blocks: list
+    norm: nn.LayerNorm
+    decoder_embed: nn.Linear
+    mask_token: torch.Tensor
+    decoder_pos_embed: torch.Tensor
+    decoder_blocks: list
+    decoder_norm: nn.LayerNorm
+    decoder_pred: nn.Linear
+    norm_pix_loss: bool
+    in_chans: int
+    img_size: tuple[int, int]
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_proj.kernel_size[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.pos_embed.shape[1] - 1
+
+
+def _ln(x: torch.Tensor, norm: nn.LayerNorm, fused: bool, impl: str, out_dtype) -> torch.Tensor:
+    if fused:
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, impl=op_impl(impl, "ln"), out_dtype=out_dtype)
+    return norm(x)
+
+
+def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused: bool, out_dtype) -> torch.Tensor:
+    """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
+    h = _ln(x, bv.norm1, fused, impl, out_dtype)
+    w, b = bv.qkv()
+    a = ops.visible_attention(F.linear(h, w, b), bv.num_heads, scale=bv.scale, impl=op_impl(impl, "attention"))
+    a = bv.proj(a)
+    if fused:
+        h2, x = ops.add_layer_norm(a, x, bv.norm2.weight, bv.norm2.bias, bv.norm2.eps, impl=op_impl(impl, "ln"),
+                                   out_dtype=out_dtype)
+    else:
+        x = x + a
+        h2 = bv.norm2(x)
+    if fused and bv.exact_gelu and bv.fc1.bias is not None:
+        m = ops.bias_gelu(F.linear(h2, bv.fc1.weight), bv.fc1.bias, impl=op_impl(impl, "gelu"))
+    else:
+        m = bv.act(bv.fc1(h2))
+    return x + bv.fc2(m)
+
+
+def _run_blocks(blocks, x, impl, fused, out_dtype, grad_checkpointing):
+    for bv in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block_forward, bv, x, impl, fused, out_dtype, use_reentrant=False)
+        else:
+            x = block_forward(bv, x, impl, fused, out_dtype)
+    return x
+
+
+def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
+    if compiling():
+        return
+    p = view.patch_size
+    check_images("imgs", imgs, p, channels=view.in_chans)
+    if tuple(imgs.shape[-2:]) != tuple(view.img_size):
+        raise ValueError(f"imgs must be {view.img_size[0]}x{view.img_size[1]} (img_size of this model), "
+                         f"got {tuple(imgs.shape[-2:])}")
+    check_mask_ratio(mask_ratio, view.num_patches)
+    if noise is not None:
+        check_tensor("noise", noise, ndim=2)
+        if tuple(noise.shape) != (imgs.shape[0], view.num_patches):
+            raise ValueError(f"noise must have shape (N, L) = {(imgs.shape[0], view.num_patches)}, "
+                             f"got {tuple(noise.shape)}")
+
+
+def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None, *,
+                 seed: int | None = None, impl: str = "auto", fused: bool = True, grad_checkpointing: bool = False,
+                 return_pred: bool = True):
+    """The MAE training forward on maefast's ops.
+
+    Returns (loss, pred, mask, ids_restore). With return_pred=True, pred is (N, L, p*p*C) for every
+    patch (the official output; the head then runs on all rows, the loss still reads only masked
+    patches); with return_pred=False the head runs on the masked rows only and pred is None.
+    """
+    check_inputs(view, imgs, mask_ratio, noise)
+    n, L, p = imgs.shape[0], view.num_patches, view.patch_size
+    dev = imgs.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    stream_dtype = torch.float32 if out_dtype is not None else imgs.dtype
+
+    ids_keep, ids_restore, mask = ops.random_masking(n, L, mask_ratio, noise=noise, seed=seed, device=imgs.device,
+                                                     impl=op_impl(impl, "masking"))
+    x = ops.masked_patch_embed(imgs.detach(), ids_keep, view.patch_proj.weight, view.patch_proj.bias,
+                               view.pos_embed, p, impl=op_impl(impl, "patch_embed")).to(stream_dtype)
+    cls = (view.cls_token + view.pos_embed[:, :1, :]).to(stream_dtype).expand(n, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    x = _run_blocks(view.blocks, x, impl, fused, out_dtype, grad_checkpointing)
+    x = _ln(x, view.norm, fused, impl, out_dtype)
+
+    x = view.decoder_embed(x).to(stream_dtype)
+    x = ops.unshuffle(x, view.mask_token, ids_restore, view.decoder_pos_embed, impl=op_impl(impl, "unshuffle"))
+    x = _run_blocks(view.decoder_blocks, x, impl, fused, out_dtype, grad_checkpointing)
+    x = _ln(x, view.decoder_norm, fused, impl, out_dtype)
+
+    head = view.decoder_pred
+    if return_pred:
+        pred = head(x[:, 1:, :])
+        loss = ops.norm_pix_loss(pred, imgs, mask, p, norm_pix=view.norm_pix_loss, pred_on="all",
+                                 impl=op_impl(impl, "loss"))
+    else:
+        pred = None
+        loss = ops.masked_prediction_loss(x, head.weight, head.bias, imgs, ids_restore, ids_keep.shape[1], p,
+                                          norm_pix=view.norm_pix_loss, impl=op_impl(impl, "loss"))
+    return loss, pred, mask, ids_restore
+
+
+# -- views ------------------------------------------------------------------------------------------
+
+def _official_block_view(blk) -> BlockView:
+    attn = blk.attn
+    return BlockView(norm1=blk.norm1, qkv=lambda q=attn.qkv: (q.weight, q.bias), num_heads=attn.num_heads,
+                     scale=float(attn.scale), proj=attn.proj, norm2=blk.norm2, fc1=blk.mlp.fc1, act=blk.mlp.act,
+                     fc2=blk.mlp.fc2)
+
+
+def official_view(model) -> MAEView:
+    """View of a model with the official facebookresearch/mae layout (ours or theirs, duck-typed)."""
+    pe = model.patch_embed
+    img = getattr(pe, "img_size", None)
+    img = (img, img) if isinstance(img, int) else tuple(img)
+    in_chans = pe.proj.in_channels
+    return MAEView(patch_proj=pe.proj, pos_embed=model.pos_embed, cls_token=model.cls_token,
+                   blocks=[_official_block_view(b) for b in model.blocks], norm=model.norm,
+                   decoder_embed=model.decoder_embed, mask_token=model.mask_token,
+                   decoder_pos_embed=model.decoder_pos_embed,
+                   decoder_blocks=[_official_block_view(b) for b in model.decoder_blocks],
+                   decoder_norm=model.decoder_norm, decoder_pred=model.decoder_pred,
+                   norm_pix_loss=bool(getattr(model, "norm_pix_loss", False)), in_chans=in_chans, img_size=img)

@@ -1,0 +1,50 @@
+"""maefast's MaskedAutoencoderViT: the reference class (same constructor, keys, initialisation)
+whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
+from __future__ import annotations
+
+import torch
+
+from ..ops._backend import IMPLS
+from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
+from .fast import fast_forward, official_view
+
+
+class MaskedAutoencoderViT(_ReferenceMAE):
+    """Masked Autoencoder with a ViT backbone on maefast's kernels.
+
+    Extra constructor arguments (all keyword, after the official ones):
+        impl: "auto" | "triton" | "cuda" | "reference". "reference" runs the official computation;
+            the others run the fused path with that backend for every op ("auto": the fastest
+            verified one on CUDA, the reference composition of each op on the CPU).
+        fused: fuse residual-add + LayerNorm and bias + GELU (Triton) in the fused path.
+        grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside).
+
+    forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
+        -> (loss, pred, mask). ``seed`` (int) draws the mask from maefast's Philox stream instead of
+        ``noise``; neither: a seed from torch's CPU generator (no GPU sync). return_pred=False skips
+        the head on the visible rows (pred is None) — what training loops want.
+    """
+
+    def __init__(self, *args, impl: str = "auto", fused: bool = True, grad_checkpointing: bool = False, **kwargs):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        super().__init__(*args, **kwargs)
+        self.impl = impl
+        self.fused = bool(fused)
+        self.grad_checkpointing = bool(grad_checkpointing)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True):
+        if self.impl == "reference":
+            if seed is not None:
+                raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
+            return super().forward(imgs, mask_ratio, noise)
+        loss, pred, mask, _ = fast_forward(official_view(self), imgs, mask_ratio, noise, seed=seed, impl=self.impl,
+                                           fused=self.fused, grad_checkpointing=self.grad_checkpointing,
+                                           return_pred=return_pred)
+        return loss, pred, mask
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}, fused={self.fused}, grad_checkpointing={self.grad_checkpointing}"
+
+
+__all__ = ["MaskedAutoencoderViT"]

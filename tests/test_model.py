@@ -1,0 +1,239 @@
+"""The fast MAE (maefast.models.MaskedAutoencoderViT) and maefast.patch: same loss and gradients as
+the official computation, for our model, an official-layout model and transformers' ViTMAE."""
+import pytest
+import torch
+
+import maefast
+from maefast.models import MaskedAutoencoderViT, create_model
+from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+from maefast.testing import assert_error_ratio
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)  # head dims 16 and 16
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_equal(g, g0, rel=1e-5):
+    assert set(g) == set(g0)
+    scale = max(v.abs().max().item() for v in g0.values())
+    for n in g0:
+        diff = (g[n] - g0[n]).norm().item()
+        # relative per tensor, with a floor at the model's gradient scale (key biases have ~0 grads)
+        assert diff <= rel * g0[n].norm().item() + 1e-6 * scale, (n, diff, g0[n].norm().item())
+
+
+def _run(model, imgs, noise, **kw):
+    model.zero_grad()
+    loss, pred, mask = model(imgs, 0.75, noise, **kw)
+    loss.backward()
+    return loss.detach(), pred, mask, _grads(model)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_path_equals_official_fp32(norm_pix, fused):
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=norm_pix, fused=fused)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    m.impl = "reference"
+    l0, p0, k0, g0 = _run(m, imgs, noise)
+    m.impl = "auto"
+    for return_pred in (True, False):
+        l1, p1, k1, g1 = _run(m, imgs, noise, return_pred=return_pred)
+        assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
+        assert torch.equal(k1, k0)
+        if return_pred:
+            assert torch.allclose(p1, p0, rtol=1e-5, atol=1e-6)
+        else:
+            assert p1 is None
+        _assert_grads_equal(g1, g0)
+
+
+@pytest.mark.slow
+def test_fast_path_triton_interpreter_equals_official():
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    cfg = dict(TINY, depth=1)
+    m = MaskedAutoencoderViT(**cfg, norm_pix_loss=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m.impl = "reference"
+    l0, _, k0, g0 = _run(m, imgs, noise)
+    m.impl = "triton"
+    l1, _, k1, g1 = _run(m, imgs, noise, return_pred=False)
+    assert torch.equal(k1, k0)
+    assert abs(l1.item() - l0.item()) <= 1e-4 * abs(l0.item())
+    _assert_grads_equal(g1, g0, rel=1e-3)
+
+
+def test_bf16_autocast_within_tolerance():
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m.impl = "reference"
+    l32, _, _, g32 = _run(m, imgs, noise)  # the fp32 oracle
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lref, _, _, gref = _run(m, imgs, noise)
+    m.impl = "auto"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l1, _, _, g1 = _run(m, imgs, noise, return_pred=False)
+    assert l1.dtype == torch.float32 and torch.isfinite(l1)
+    assert_error_ratio(l1, lref, l32, torch.bfloat16, "forward", "loss")
+    for n in ("blocks.0.attn.qkv.weight", "decoder_pred.weight", "patch_embed.proj.weight", "mask_token"):
+        assert_error_ratio(g1[n], gref[n], g32[n], torch.bfloat16, "backward", n)
+
+
+def test_fp16_gradscaler_no_nan():
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, _, _ = m(torch.randn(2, 3, 32, 32), return_pred=False)
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_grad_checkpointing_same_mask_and_grads():
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY)
+    imgs = torch.randn(2, 3, 32, 32)
+    l0, _, k0, g0 = _run(m, imgs, None, seed=123)
+    m.grad_checkpointing = True
+    l1, _, k1, g1 = _run(m, imgs, None, seed=123)
+    assert torch.equal(k0, k1) and l0.item() == l1.item()
+    _assert_grads_equal(g1, g0, rel=1e-6)
+
+
+def test_seed_reproducible_and_default_draw_follows_manual_seed():
+    m = MaskedAutoencoderViT(**TINY)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = m(imgs, seed=7)[2]
+        b = m(imgs, seed=7)[2]
+        c = m(imgs, seed=8)[2]
+        torch.manual_seed(5)
+        d = m(imgs)[2]
+        torch.manual_seed(5)
+        e = m(imgs)[2]
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(d, e)
+    with pytest.raises(ValueError, match="seed needs the fused path"):
+        MaskedAutoencoderViT(**TINY, impl="reference")(imgs, seed=1)
+
+
+def test_patch_official_layout_model_in_place():
+    torch.manual_seed(0)
+    ref = ReferenceMAE(**TINY, norm_pix_loss=True)  # the official layout (facebookresearch keys and methods)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    l0, p0, k0, g0 = _run(ref, imgs, noise)
+    params_before = [id(p) for p in ref.parameters()]
+    out = maefast.patch(ref)
+    assert out is ref and [id(p) for p in ref.parameters()] == params_before
+    l1, p1, k1, g1 = _run(ref, imgs, noise)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()) and torch.equal(k0, k1)
+    _assert_grads_equal(g1, g0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)  # the optimizer keeps working on the same tensors
+    opt.step()
+    maefast.patch.__module__  # noqa: B018
+    from maefast.patching import unpatch
+    unpatch(ref)
+    assert "forward" not in ref.__dict__
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_patch_transformers_vitmae(norm_pix):
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    hf = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=norm_pix), mask_ratio=0.75)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    hf.zero_grad()
+    o0 = hf(pixel_values=imgs, noise=noise)
+    o0.loss.backward()
+    g0 = _grads(hf)
+    maefast.patch(hf)
+    hf.zero_grad()
+    o1 = hf(pixel_values=imgs, noise=noise)
+    o1.loss.backward()
+    assert abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
+    assert torch.equal(o1.mask, o0.mask) and torch.equal(o1.ids_restore, o0.ids_restore)
+    assert torch.allclose(o1.logits, o0.logits, rtol=1e-5, atol=1e-6)
+    _assert_grads_equal(_grads(hf), g0)
+
+
+def test_patch_rejects_unknown_models_listing_what_is_missing():
+    class NotMAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList()
+
+    with pytest.raises(TypeError, match="missing: patch_embed.proj, pos_embed"):
+        maefast.patch(NotMAE())
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        maefast.patch(object())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        maefast.patch(ReferenceMAE(**TINY), impl="fast")
+
+
+def test_state_dict_round_trips():
+    pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, load_official_state_dict, to_transformers_model
+
+    official = ReferenceMAE(**TINY)
+    ours = MaskedAutoencoderViT(**TINY)
+    load_official_state_dict(ours, official.state_dict())
+    assert list(ours.state_dict()) == list(official.state_dict())
+    back = ReferenceMAE(**TINY)
+    load_official_state_dict(back, ours.state_dict())
+    for k, v in official.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    hf = to_transformers_model(official)
+    mid = from_transformers_model(hf)
+    assert isinstance(mid, MaskedAutoencoderViT)
+    hf2 = to_transformers_model(mid)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(hf2.state_dict()[k], v), k
+
+
+def test_compile_fullgraph_native_and_patched():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    l0 = m(imgs, noise=noise, return_pred=False)[0]
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    l1 = cm(imgs, noise=noise, return_pred=False)[0]
+    l1.backward()
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    ref = maefast.patch(ReferenceMAE(**TINY))
+    cr = torch.compile(ref, fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(cr(imgs, noise=noise)[0])
+
+
+def test_bad_inputs():
+    m = create_model("tiny")
+    with pytest.raises(ValueError, match="imgs must be 32x32"):
+        m(torch.randn(2, 3, 48, 48))
+    with pytest.raises(ValueError, match="3 channels"):
+        m(torch.randn(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="floating point"):
+        m(torch.ones(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        m(torch.randn(2, 3, 32, 32), mask_ratio=0.0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        m(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 10))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        create_model("tiny", impl="gpu")
+    with pytest.raises(ValueError, match="impl='cuda' is not available"):
+        create_model("tiny", impl="cuda")(torch.randn(2, 3, 32, 32))
