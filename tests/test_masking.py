@@ -199,13 +199,17 @@ def test_unavailable_impl_raises_with_reason():
         random_masking(2, 10, 0.5, seed=1, device="cpu", impl="cuda")
 
 
-# ---- GPU: both kernels at paper shapes ---------------------------------------------------------
+# ---- GPU: paper shapes, every impl (GPU and GPU_IMPLS are globals so the bodies can be dry-run on a CPU) ----
+
+GPU = torch.device("cuda")
+GPU_IMPLS = ("reference", "triton", "cuda")
+
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("impl", GPU_IMPLS[1:])
 @pytest.mark.parametrize("N,L,ratio", SHAPES_GPU)
 def test_gpu_given_noise(impl, N, L, ratio):
-    noise = torch.rand(N, L, device="cuda")
+    noise = torch.rand(N, L, device=GPU)
     want = _stable_reference(noise.cpu(), int(L * (1 - ratio)))
     got = random_masking(N, L, ratio, noise=noise, impl=impl)
     _assert_ids_equal(got, want, f"{impl} N={N} L={L}")
@@ -220,14 +224,14 @@ def test_gpu_given_noise(impl, N, L, ratio):
 def test_gpu_seed_same_mask_on_every_impl(N, L, ratio):
     seed, offset = 987654321, 2 ** 32 + 11
     ref = random_masking(N, L, ratio, seed=seed, offset=offset, device="cpu", impl="reference")
-    for impl in ("reference", "triton", "cuda"):
-        got = random_masking(N, L, ratio, seed=seed, offset=offset, device="cuda", impl=impl)
+    for impl in GPU_IMPLS:
+        got = random_masking(N, L, ratio, seed=seed, offset=offset, device=GPU, impl=impl)
         _assert_ids_equal(got, ref, f"{impl} seeded N={N} L={L}")
 
 
 @pytest.mark.cuda
 def test_gpu_auto_and_statistics():
-    ids = random_masking(8192, 196, 0.75, seed=4, device="cuda")
+    ids = random_masking(8192, 196, 0.75, seed=4, device=GPU)
     _check_invariants(ids, 196, 49)
     kept = (1 - ids.mask).sum(0).cpu()
     p = 49 / 196

@@ -21,6 +21,15 @@ CASES_GPU = [(1, 3, 224, 224, 16, 768, 0.75), (7, 3, 224, 224, 16, 1024, 0.5), (
              (5, 3, 224, 224, 14, 1280, 0.9), (3, 3, 160, 272, 16, 768, 0.75), (2, 3, 42, 70, 14, 200, 0.6)]
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32_conv():
+    """The fp32 reference conv must be IEEE fp32 on a GPU too (cuDNN defaults to TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 def _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad=True, bias=True):
     imgs = randn(N, C, H, W, dtype=dtype, device=device)
     L = (H // p) * (W // p)
@@ -53,8 +62,8 @@ def _check_against_reference(impl, case, dtype, device, pos_requires_grad=True, 
     imgs, ids, w, b, pos = _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad, bias)
     out, grads, g = _run(lambda *a: masked_patch_embed(*a, impl=impl), imgs, ids, w, b, pos, p)
     ref, ref_grads, _ = _run(R.masked_patch_embed, imgs, ids, w, b, pos, p, grad_out=g)
-    oracle, oracle_grads, _ = _run(R.masked_patch_embed, imgs.cpu(), ids.cpu(), w.cpu(), b.cpu() if bias else None,
-                                   pos.cpu(), p, grad_out=g.cpu().double(), cast=torch.float64)
+    oracle, oracle_grads, _ = _run(R.masked_patch_embed, imgs, ids, w, b, pos, p, grad_out=g.double(),
+                                   cast=torch.float64)
     assert out.dtype == dtype and out.shape == (N, ids.shape[1], D)
     assert_error_ratio(out, ref, oracle, dtype, "forward", name=f"{impl} out")
     for name, a, r, o in zip(("weight", "bias", "pos_embed"), grads, ref_grads, oracle_grads):
@@ -220,25 +229,29 @@ def test_compile_fullgraph():
     torch.testing.assert_close(grad, pe.proj.weight.grad)
 
 
-# ---- GPU: paper shapes, both kernels ----------------------------------------------------------
+# ---- GPU: paper shapes, every impl (GPU and GPU_IMPLS are globals so the bodies can be dry-run on a CPU) ----
+
+GPU = torch.device("cuda")
+GPU_IMPLS = ("reference", "triton", "cuda")
+
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("impl", GPU_IMPLS[1:])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES_GPU)
 def test_gpu_paper_shapes(impl, dtype, case):
-    _check_against_reference(impl, case, dtype, torch.device("cuda"))
+    _check_against_reference(impl, case, dtype, GPU)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("impl", GPU_IMPLS[1:])
 def test_gpu_deterministic_backward_and_autocast(impl):
-    dev = torch.device("cuda")
+    dev = GPU
     imgs, ids, w, b, pos = _inputs(7, 3, 224, 224, 14, 1280, 0.75, torch.float32, dev)
     g = randn(7, ids.shape[1], 1280, dtype=torch.bfloat16, device=dev)
 
     def fn(*a):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(GPU.type, dtype=torch.bfloat16):
             return masked_patch_embed(*a, impl=impl)
 
     out1, grads1, _ = _run(fn, imgs, ids, w, b, pos, 14, grad_out=g)
@@ -247,7 +260,7 @@ def test_gpu_deterministic_backward_and_autocast(impl):
     assert torch.equal(out1, out2)
     for a, c in zip(grads1, grads2):
         assert torch.equal(a, c), "backward is not bitwise reproducible"
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(GPU.type, dtype=torch.bfloat16):
         ref = R.masked_patch_embed(imgs, ids, w, b, pos, 14)
     oracle = R.masked_patch_embed(imgs.double(), ids, w.double(), b.double(), pos.double(), 14)
     assert_error_ratio(out1, ref, oracle, torch.bfloat16, "forward", name=f"{impl} autocast")
@@ -255,16 +268,22 @@ def test_gpu_deterministic_backward_and_autocast(impl):
 
 @pytest.mark.cuda
 def test_gpu_module_auto_no_sync():
-    dev = torch.device("cuda")
+    dev = GPU
     m = MaskedPatchEmbed(224, 14, 3, 1280).to(dev)
     imgs = randn(13, 3, 224, 224, device=dev)
     pos = randn(1, 257, 1280, device=dev)
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in forward or backward raises
+    tokens, _, _ = m(imgs, 0.75, pos_embed=pos, seed=3)  # compiles the kernels first
+    tokens.float().square().mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in forward or backward now raises
     try:
         tokens, mask, ids_restore = m(imgs, 0.75, pos_embed=pos, seed=3)
         tokens.float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    ref = R.masked_patch_embed(imgs, random_masking(13, 256, 0.75, seed=3, device=dev, impl="reference").ids_keep,
-                               m.proj.weight, m.proj.bias, pos, 14)
-    torch.testing.assert_close(tokens, ref, atol=1e-4, rtol=1e-4)
+    ids = random_masking(13, 256, 0.75, seed=3, device=dev, impl="reference")
+    assert torch.equal(mask, ids.mask) and torch.equal(ids_restore, ids.ids_restore)
+    ref = R.masked_patch_embed(imgs, ids.ids_keep, m.proj.weight, m.proj.bias, pos, 14)
+    oracle = R.masked_patch_embed(imgs.double(), ids.ids_keep, m.proj.weight.double(), m.proj.bias.double(),
+                                  pos.double(), 14)
+    assert_error_ratio(tokens, ref, oracle, torch.float32, "forward", name="module auto")

@@ -1,0 +1,181 @@
+"""Random masking + visible-only patch embedding (issue 3).
+
+Groups (speed-up = reference composition time / this, same run, same shape):
+  mask-embed-fwd      noise + argsort x2 + mask + patch embedding of the kept tokens (+ pos_embed)
+  mask-embed-fwd-bwd  the same with the backward to the patch-embed weight and bias
+  random-masking      the index side alone (ids_keep, ids_restore, mask)
+  patch-gather        the memory-bound part alone: kept patches -> (N*K, C*p*p) rows (GB/s vs copy)
+Providers: reference (the official composition: conv patch-embed of ALL patches, + pos_embed[1:],
+torch.rand noise, argsort, argsort, gather; the baseline), compile (torch.compile of it), and maefast's
+triton / cuda impls (GPU), or maefast's auto impl (the reference path) on the CPU, where Triton only
+runs interpreted and its timings mean nothing.
+
+GPU (--gpu): ViT-B/16, ViT-L/16 and ViT-H/14 at 224 px, batch 64 and 256, bf16 tensors, ratio 0.75.
+CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
+GB/s counts the useful bytes (kept pixels read, weight read, tokens written, pos rows read) for
+every provider alike, so the reference's extra traffic shows as a lower figure.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _harness import run_bench, sizes
+
+from maefast import ops
+from maefast._cpp_lib import get_C
+from maefast._triton import HAS_TRITON
+
+RATIO = 0.75
+# (name, N, img, p, D)
+CASES = sizes(cpu=[("tiny-p16", 4, 64, 16, 64)],
+              gpu=[("vit_b16", 64, 224, 16, 768), ("vit_b16", 256, 224, 16, 768), ("vit_l16", 256, 224, 16, 1024),
+                   ("vit_h14", 64, 224, 14, 1280), ("vit_h14", 256, 224, 14, 1280)])
+PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
+_COMPILED: dict = {}
+
+
+def _reference_composition(imgs, weight, bias, pos_embed, p, ratio):
+    """The official order: embed all patches, add positions, draw noise, argsort twice, gather."""
+    x = F.conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2)
+    x = x + pos_embed[:, 1:, :].to(x.dtype)
+    N, L, D = x.shape
+    K = int(L * (1 - ratio))
+    noise = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :K]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(N, L, device=x.device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x, mask, ids_restore
+
+
+def _maefast_composition(imgs, weight, bias, pos_embed, p, ratio, impl):
+    N, _, H, W = imgs.shape
+    ids = ops.random_masking(N, (H // p) * (W // p), ratio, device=imgs.device, impl=impl)
+    x = ops.masked_patch_embed(imgs, ids.ids_keep, weight, bias, pos_embed, p, impl=impl)
+    return x, ids.mask, ids.ids_restore
+
+
+def _skip_reason(provider, device):
+    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+        return "torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it"
+    if provider == "maefast" and device.type == "cuda":
+        return "on a GPU the triton and cuda rows are the maefast impls"
+    if provider == "triton" and (device.type != "cuda" or not HAS_TRITON):
+        return "Triton timings need a GPU (the CPU interpreter's are meaningless)"
+    if provider == "cuda" and (device.type != "cuda" or get_C() is None or not hasattr(get_C(), "patch_gather")):
+        return "the CUDA C++ impl needs a GPU and a built maefast._C"
+    return None
+
+
+def _fn(provider, imgs, weight, bias, pos, p, ratio):
+    if provider in ("reference", "compile"):
+        f = _reference_composition
+        if provider == "compile":
+            f = _COMPILED.setdefault("ref", torch.compile(_reference_composition))
+        return lambda: f(imgs, weight, bias, pos, p, ratio)
+    impl = "auto" if provider == "maefast" else provider
+    return lambda: _maefast_composition(imgs, weight, bias, pos, p, ratio, impl)
+
+
+def _setup(case, device, requires_grad=False):
+    name, N, img, p, D = case
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    L = (img // p) ** 2
+    imgs = torch.randn(N, 3, img, img, device=device, dtype=dtype)
+    weight = (torch.randn(D, 3, p, p, device=device) * (3 * p * p) ** -0.5).to(dtype).requires_grad_(requires_grad)
+    bias = torch.randn(D, device=device, dtype=dtype).requires_grad_(requires_grad)
+    pos = torch.randn(1, 1 + L, D, device=device)  # fp32 like the official parameter (frozen)
+    K = int(L * (1 - RATIO))
+    el = imgs.element_size()
+    useful = dict(flops=2 * N * K * 3 * p * p * D,
+                  bytes_moved=N * K * (3 * p * p * el + D * el + D * 4) + D * 3 * p * p * el)
+    shape = dict(model=name, N=N, img=img, p=p, D=D, L=L, K=K)
+    return imgs, weight, bias, pos, p, dtype, useful, shape
+
+
+def _timing_kw(device):
+    return dict(warmup_ms=10.0, rep_ms=200.0, min_reps=5, max_reps=200) if device.type == "cuda" \
+        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_mask_embed_fwd(benchmark, device, case, provider):
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    imgs, weight, bias, pos, p, dtype, useful, shape = _setup(case, device)
+    fn = _fn(provider, imgs, weight, bias, pos, p, RATIO)
+    with torch.no_grad():
+        run_bench(benchmark, fn, group="mask-embed-fwd", provider=provider, baseline=provider == "reference",
+                  shape=shape, dtype=dtype, device=device, **useful, **_timing_kw(device))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_mask_embed_fwd_bwd(benchmark, device, case, provider):
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    imgs, weight, bias, pos, p, dtype, useful, shape = _setup(case, device, requires_grad=True)
+    fwd = _fn(provider, imgs, weight, bias, pos, p, RATIO)
+
+    def step():
+        x = fwd()[0]
+        gw, gb = torch.autograd.grad(x, (weight, bias), torch.ones_like(x))
+        return gw, gb
+
+    run_bench(benchmark, step, group="mask-embed-fwd-bwd", provider=provider, baseline=provider == "reference",
+              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], **_timing_kw(device))
+
+
+@pytest.mark.parametrize("provider", ["reference", "triton", "cuda", "maefast"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_random_masking(benchmark, device, case, provider):
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    _, N, img, p, _ = case
+    L = (img // p) ** 2
+    if provider == "reference":
+        def fn():
+            noise = torch.rand(N, L, device=device)
+            ids_shuffle = torch.argsort(noise, dim=1)
+            ids_restore = torch.argsort(ids_shuffle, dim=1)
+            K = int(L * (1 - RATIO))
+            mask = torch.ones(N, L, device=device)
+            mask[:, :K] = 0
+            return ids_shuffle[:, :K], ids_restore, torch.gather(mask, 1, ids_restore)
+    else:
+        impl = "auto" if provider == "maefast" else provider
+
+        def fn():
+            return ops.random_masking(N, L, RATIO, seed=1234, device=device, impl=impl)
+    run_bench(benchmark, fn, group="random-masking", provider=provider, baseline=provider == "reference",
+              shape=dict(N=N, L=L), device=device, bytes_moved=N * L * (8 + 8 + 4) + N * int(L * (1 - RATIO)) * 8,
+              **_timing_kw(device))
+
+
+@pytest.mark.parametrize("provider", ["reference", "cuda"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
+def test_patch_gather(benchmark, device, case, provider):
+    """The memory-bound part: GB/s of reading the kept pixels and writing them as rows."""
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    from maefast.ops.patch_embed import _rows_cuda, _rows_torch
+
+    imgs, _, _, _, p, dtype, _, shape = _setup(case, device)
+    N, L, K = shape["N"], shape["L"], shape["K"]
+    ids_keep = ops.random_masking(N, L, RATIO, seed=5, device=device).ids_keep
+    rows = _rows_cuda if provider == "cuda" else _rows_torch
+    run_bench(benchmark, lambda: rows(imgs, ids_keep, p), group="patch-gather", provider=provider,
+              baseline=provider == "reference", shape=shape, dtype=dtype, device=device,
+              bytes_moved=2 * N * K * 3 * p * p * imgs.element_size() + N * K * 8, **_timing_kw(device))
