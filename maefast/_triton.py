@@ -1,16 +1,33 @@
-"""Whether Triton kernels can run here, and why not (recorded, never raised at import)."""
+"""Whether Triton kernels can run here, and why not (recorded, never raised at import).
+
+triton is imported on first use (`HAS_TRITON`, `triton_error`, `triton_usable`), not when maefast
+is imported: `import maefast` stays light and the reference never pulls triton in.
+"""
 from __future__ import annotations
 
 import os
 
-triton_error: str | None = None
-try:
-    import triton  # noqa: F401
-    import triton.language  # noqa: F401
-    HAS_TRITON = True
-except Exception as e:  # ImportError on platforms without triton
-    HAS_TRITON = False
-    triton_error = f"{type(e).__name__}: {e}"
+_probe: tuple[bool, str | None] | None = None
+
+
+def _probe_triton() -> tuple[bool, str | None]:
+    global _probe
+    if _probe is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _probe = (True, None)
+        except Exception as e:  # ImportError on platforms without triton, or a broken install
+            _probe = (False, f"{type(e).__name__}: {e}")
+    return _probe
+
+
+def __getattr__(name):
+    if name == "HAS_TRITON":
+        return _probe_triton()[0]
+    if name == "triton_error":
+        return _probe_triton()[1]
+    raise AttributeError(name)
 
 
 def interpret_mode() -> bool:
@@ -19,8 +36,9 @@ def interpret_mode() -> bool:
 
 def triton_usable(device) -> tuple[bool, str]:
     """(usable, reason) for running a Triton kernel on tensors of `device`."""
-    if not HAS_TRITON:
-        return False, f"triton is not importable ({triton_error})"
+    ok, err = _probe_triton()
+    if not ok:
+        return False, f"triton is not importable ({err})"
     dev = str(device)
     if dev.startswith("cuda"):
         return True, ""
