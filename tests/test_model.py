@@ -237,3 +237,51 @@ def test_bad_inputs():
         create_model("tiny", impl="gpu")
     with pytest.raises(ValueError, match="impl='cuda' is not available"):
         create_model("tiny", impl="cuda")(torch.randn(2, 3, 32, 32))
+
+
+GPU_CFG = dict(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4, decoder_embed_dim=128,
+               decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True)  # head dims 64 and 32, L = 196
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["auto", "triton", "cuda"])
+def test_gpu_fast_model_equals_official(impl):
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**GPU_CFG).cuda()
+    imgs, noise = torch.randn(8, 3, 224, 224, device="cuda"), torch.rand(8, 196, device="cuda")
+    m.impl = "reference"
+    l0, _, k0, g0 = _run(m, imgs, noise)
+    m.impl = impl
+    l1, _, k1, g1 = _run(m, imgs, noise, return_pred=False)
+    assert torch.equal(k0, k1)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()), (l1.item(), l0.item())
+    _assert_grads_equal(g1, g0, rel=1e-4)
+    # bf16 autocast within the error-ratio rule against the fp32 oracle
+    m.impl = "reference"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lr, _, _, gr = _run(m, imgs, noise)
+    m.impl = impl
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lb, _, _, gb = _run(m, imgs, noise, return_pred=False)
+    assert_error_ratio(lb, lr, l0, torch.bfloat16, "forward", "loss")
+    for n in ("blocks.0.attn.qkv.weight", "decoder_blocks.1.mlp.fc2.weight", "patch_embed.proj.weight"):
+        assert_error_ratio(gb[n], gr[n], g0[n], torch.bfloat16, "backward", n)
+
+
+@pytest.mark.cuda
+def test_gpu_patched_transformers_equals_unpatched():
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    hf = to_transformers_model(ReferenceMAE(**GPU_CFG)).cuda()
+    imgs, noise = torch.randn(4, 3, 224, 224, device="cuda"), torch.rand(4, 196, device="cuda")
+    o0 = hf(pixel_values=imgs, noise=noise)
+    o0.loss.backward()
+    g0 = _grads(hf)
+    maefast.patch(hf)
+    hf.zero_grad()
+    o1 = hf(pixel_values=imgs, noise=noise)
+    o1.loss.backward()
+    assert abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
+    _assert_grads_equal(_grads(hf), g0, rel=1e-4)
