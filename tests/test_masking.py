@@ -220,6 +220,12 @@ def test_gpu_given_noise(impl, N, L, ratio):
 
 
 @pytest.mark.cuda
+def test_gpu_philox_matches_compiled_triton_rand():
+    for seed, offset in ((0, 0), (1, 1), (2 ** 62 + 99, 2 ** 40)):
+        test_philox_matches_triton_rand(GPU, seed, offset)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("N,L,ratio", SHAPES_GPU)
 def test_gpu_seed_same_mask_on_every_impl(N, L, ratio):
     seed, offset = 987654321, 2 ** 32 + 11
