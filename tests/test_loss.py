@@ -288,8 +288,8 @@ def test_bad_inputs():
 
 # -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
 
-GPU_SHAPES = [(64, 224, 224, 16, 0.75), (13, 224, 224, 14, 0.75), (1, 224, 224, 16, 0.5), (7, 160, 96, 16, 0.9),
-              (5, 16, 16, 4, 0.75)]
+# (N, H, W, p, ratio, norm_pix): few cases, each Triton specialisation costs a compile on the card.
+GPU_SHAPES = [(64, 224, 224, 16, 0.75, True), (13, 224, 224, 14, 0.75, True), (1, 160, 96, 16, 0.9, False)]
 
 
 @pytest.mark.cuda
@@ -298,7 +298,7 @@ GPU_SHAPES = [(64, 224, 224, 16, 0.75), (13, 224, 224, 14, 0.75), (1, 224, 224, 
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ID)
 def test_gpu_matches_reference(impl, shape, pred_on, dtype):
-    _check(Case(*shape, dtype, "cuda"), pred_on, shape[0] != 1, impl, dtype)
+    _check(Case(*shape[:5], dtype, "cuda"), pred_on, shape[5], impl, dtype)
 
 
 @pytest.mark.cuda
