@@ -127,7 +127,8 @@ class MaskTokenEncoderMAE(nn.Module):
         from .reference.masking import masking_ids
 
         m = self.model
-        x = m.patch_embed(imgs)
+        # the conv itself (state-dict key patch_embed.proj): a fused patch_embed module may take other args
+        x = m.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
         n, L, _ = x.shape
         ids = masking_ids(n, L, mask_ratio, noise=noise, device=imgs.device)
         keep = (1.0 - ids.mask).unsqueeze(-1).to(x.dtype)
@@ -135,6 +136,9 @@ class MaskTokenEncoderMAE(nn.Module):
         x = x + m.pos_embed[:, 1:, :]
         cls = m.cls_token + m.pos_embed[:, :1, :]
         x = torch.cat((cls.expand(n, -1, -1), x), dim=1)
+        impl = getattr(m, "impl", "reference")
+        if impl != "reference":
+            return self._fast_rest(x, imgs, ids, impl)
         for blk in m.blocks:
             x = blk(x)
         x = m.norm(x)
@@ -145,6 +149,29 @@ class MaskTokenEncoderMAE(nn.Module):
         from .reference.loss import forward_loss
 
         return forward_loss(imgs, pred, ids.mask, m.patch_embed.patch_size[0], m.norm_pix_loss), pred, ids.mask
+
+    def _fast_rest(self, x, imgs, ids, impl):
+        # maefast's model: the same fused blocks, head and loss as its visible-only forward, here over
+        # all L+1 tokens, so the two modes differ only in what the encoder processes
+        from . import ops
+        from .models import fast
+
+        m = self.model
+        fused = getattr(m, "fused", True)
+        dev = imgs.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        stream_dtype = torch.float32 if out_dtype is not None else imgs.dtype
+        view = fast.official_view(m)
+        x = fast._run_blocks(view.blocks, x.to(stream_dtype), impl, fused, out_dtype, False)
+        x = fast._ln(x, view.norm, fused, impl, out_dtype)
+        x = (view.decoder_embed(x).to(stream_dtype) + view.decoder_pos_embed.to(stream_dtype))
+        x = fast._run_blocks(view.decoder_blocks, x, impl, fused, out_dtype, False)
+        x = fast._ln(x, view.decoder_norm, fused, impl, out_dtype)
+        len_keep = int(ids.ids_keep.shape[1])
+        loss = ops.masked_prediction_loss(x, view.decoder_pred.weight, view.decoder_pred.bias, imgs, ids.ids_restore,
+                                          len_keep, view.patch_size, norm_pix=view.norm_pix_loss,
+                                          impl=fast.op_impl(impl, "loss"))
+        return loss, None, ids.mask
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
@@ -178,6 +205,12 @@ class TrainStep:
         self.opt = torch.optim.AdamW(param_groups(owner), lr=lr, betas=(0.9, 0.95), **kw)
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         self.fwd = torch.compile(model) if compile else model
+        # maefast's model can skip the full prediction a training step does not use
+        try:
+            takes = "return_pred" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        self.fwd_kwargs = {"return_pred": False} if takes and getattr(model, "impl", "reference") != "reference" else {}
         self.loss = None
 
     def autocast(self):
@@ -187,7 +220,7 @@ class TrainStep:
 
     def forward(self):
         with self.autocast():
-            loss = self.fwd(self.imgs, mask_ratio=self.mask_ratio)[0]
+            loss = self.fwd(self.imgs, mask_ratio=self.mask_ratio, **self.fwd_kwargs)[0]
         self.loss = loss
         return loss
 
@@ -277,6 +310,25 @@ def _time_step(step: TrainStep, device, quick: bool) -> dict:
     return timing.time_cpu(step, warmup=1, min_reps=2 if quick else 3, max_reps=5, budget_s=0.2 if quick else 1.0)
 
 
+def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress, overrides) -> dict:
+    # a function of its own: everything it allocates is freed when it returns (or raises)
+    out = {}
+    model = build_model(name, impl, device, decoder_depth=dd, **overrides)
+    imgs = synthetic_batch(model, bs, device)
+    for mode in ("visible", "mask_tokens"):
+        if progress:
+            progress(f"{SHORT.get(name, name)} dec{dd} {impl} {mode}")
+        fwd = model if mode == "visible" else MaskTokenEncoderMAE(model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        st = _time_step(TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio), device, quick)
+        out[f"{mode}_ms"] = st["median_ms"]
+        out[f"{mode}_reps"] = st["reps"]
+        if device.type == "cuda":
+            out[f"{mode}_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, dtype=torch.float32, device=None,
            mask_ratio=0.75, quick=False, progress=None, overrides=None) -> list[dict]:
     """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth)."""
@@ -296,22 +348,10 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                 if paper:
                     row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
                 try:
-                    model = build_model(name, impl, device, decoder_depth=dd, **(overrides or {}))
-                    imgs = synthetic_batch(model, bs, device)
-                    for mode, fwd in (("visible", model), ("mask_tokens", MaskTokenEncoderMAE(model))):
-                        if progress:
-                            progress(f"{SHORT.get(name, name)} dec{dd} {impl} {mode}")
-                        step = TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio)
-                        st = _time_step(step, device, quick)
-                        row[f"{mode}_ms"] = st["median_ms"]
-                        row[f"{mode}_reps"] = st["reps"]
-                        if device.type == "cuda":
-                            row[f"{mode}_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                            torch.cuda.reset_peak_memory_stats(device)
-                        del step
-                    del model, imgs
-                except (torch.cuda.OutOfMemoryError, ValueError, RuntimeError) as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row.update(_time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress,
+                                                 overrides or {}))
+                except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 free_memory()
                 if "visible_ms" in row and "mask_tokens_ms" in row:
                     row["speedup"] = row["mask_tokens_ms"] / row["visible_ms"]

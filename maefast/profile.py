@@ -5,14 +5,16 @@
     maefast profile --trace trace.json --json profile.json
 
 Stages: masking+embed | encoder attention | encoder MLP/norms | decoder embed + un-shuffle |
-decoder | head+loss | backward | optimizer. The model runs its own forward; forward hooks on its
-sub-modules (blocks[i].attn, decoder_embed, decoder_blocks, decoder_norm/decoder_pred) mark the
-stage boundaries. On a GPU each boundary records a CUDA event (or synchronises, with --sync), so a
-stage's time is its span on the GPU timeline; on the CPU, perf_counter. Warm-up steps are excluded;
-the reported time per stage is the median over --steps steps. The step is also timed plainly (no
-hooks) to report the profiler's overhead. FLOPs are the official model's (maefast.flops), bytes the
-minimum traffic of a fused implementation, so GB/s is a lower bound; the roofline note compares
-each stage's arithmetic intensity with the ridge point of the card's *measured* peak.
+decoder | head+loss | backward | optimizer. The model runs its own forward; a TorchFunctionMode
+marks the stage boundaries by the parameters each call reads (qkv/proj: attention; fc1/fc2/norms:
+MLP/norms; decoder_embed/mask_token: un-shuffle; ...), so the reference modules and maefast's fused
+path (which calls ops with the weights) are profiled alike. On a GPU each boundary records a CUDA
+event (or synchronises, with --sync), so a stage's time is its span on the GPU timeline; on the
+CPU, perf_counter. Warm-up steps are excluded; the time per stage is the median over --steps
+steps. Plain steps (no stage marks) alternate with the staged ones to report the profiler's
+overhead. FLOPs are the official model's (maefast.flops; the fused path does slightly fewer),
+bytes the minimum traffic of a fused implementation, so GB/s is a lower bound; the roofline note
+compares each stage's arithmetic intensity with the ridge point of the card's *measured* peak.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import bench as mb
 from . import flops as flops_mod
@@ -78,32 +81,67 @@ class StageClock:
         return out
 
 
-def attach_stage_hooks(model: torch.nn.Module, clock: StageClock) -> list:
-    """Forward hooks that switch the clock's stage at the model's module boundaries."""
-    hs = []
+_NOT_COMPUTE = {"__get__", "__set__", "dim", "size", "shape", "device", "dtype", "numel", "is_floating_point",
+                "requires_grad", "is_contiguous", "data_ptr", "stride", "element_size"}
 
-    def pre(label):
-        return lambda mod, args: clock.switch(label)
 
-    def post(label):
-        return lambda mod, args, out: clock.switch(label)
+def stage_of_param(name: str) -> str | None:
+    """The profile stage a parameter (official MAE state-dict name) belongs to."""
+    n = name.removeprefix("model.").removeprefix("_orig_mod.")
+    if n.startswith(("patch_embed.", "cls_token", "pos_embed", "encoder_mask_token")):
+        return "masking+embed"
+    if n.startswith("blocks."):
+        return "encoder attention" if ".attn." in n else "encoder MLP/norms"
+    if n.startswith("norm."):
+        return "encoder MLP/norms"
+    if n.startswith(("decoder_embed.", "mask_token", "decoder_pos_embed")):
+        return "decoder embed + un-shuffle"
+    if n.startswith(("decoder_blocks.", "decoder_norm.")):
+        return "decoder"
+    if n.startswith("decoder_pred."):
+        return "head+loss"
+    return None
 
-    hs.append(model.register_forward_pre_hook(pre("masking+embed")))
-    for blk in getattr(model, "blocks", []):
-        hs.append(blk.register_forward_pre_hook(pre("encoder MLP/norms")))
-        if hasattr(blk, "attn"):
-            hs.append(blk.attn.register_forward_pre_hook(pre("encoder attention")))
-            hs.append(blk.attn.register_forward_hook(post("encoder MLP/norms")))
-    for name, label in (("norm", "encoder MLP/norms"), ("decoder_embed", "decoder embed + un-shuffle"),
-                        ("decoder_pred", "head+loss")):
-        if hasattr(model, name):
-            hs.append(getattr(model, name).register_forward_pre_hook(pre(label)))
-    for blk in getattr(model, "decoder_blocks", []):
-        hs.append(blk.register_forward_pre_hook(pre("decoder")))
-    if hasattr(model, "decoder_norm"):
-        hs.append(model.decoder_norm.register_forward_pre_hook(pre("decoder")))
-        hs.append(model.decoder_norm.register_forward_hook(post("head+loss")))
-    return hs
+
+class StageMode(TorchFunctionMode):
+    """Switches the clock's stage by the parameters each torch call (or maefast custom op) reads.
+
+    Works for any forward over the official parameter layout — the reference modules, maefast's
+    fused path (which calls ops with the weights, not the modules), or a patched model — because a
+    stage is recognised by *whose weights* it uses: qkv/proj -> encoder attention; norm1/norm2/
+    fc1/fc2/norm -> encoder MLP/norms; decoder_embed/mask_token/decoder_pos_embed -> un-shuffle;
+    decoder_blocks/decoder_norm -> decoder; decoder_pred -> head+loss. Calls without parameters
+    (masking, attention on qkv, the loss) stay in the current stage. Active in the forward only.
+    """
+
+    def __init__(self, model: torch.nn.Module, clock: StageClock):
+        super().__init__()
+        self.clock = clock
+        self.stage_by_id = {}
+        for name, p in model.named_parameters():
+            st = stage_of_param(name)
+            if st is not None:
+                self.stage_by_id[id(p)] = st
+
+    def _find(self, args):
+        for a in args:
+            if isinstance(a, torch.nn.Parameter):
+                st = self.stage_by_id.get(id(a))
+                if st is not None:
+                    return st
+            elif isinstance(a, (list, tuple)):
+                st = self._find(a)
+                if st is not None:
+                    return st
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _NOT_COMPUTE:
+            st = self._find(args) or (self._find(kwargs.values()) if kwargs else None)
+            if st is not None:
+                self.clock.switch(st)
+        return func(*args, **kwargs)
 
 
 def _peak_mem_gib(device) -> tuple[float, str]:
@@ -133,13 +171,16 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = StageClock(device, sync=sync)
-    hooks = [] if compile else attach_stage_hooks(model, clock)
-    fwd_label = COMPILED_STAGES[0] if compile else None
+    mode = None if compile else StageMode(model, clock)
 
     def staged_step():
-        if fwd_label:
-            clock.switch(fwd_label)
-        loss = step.forward()
+        if compile:
+            clock.switch(COMPILED_STAGES[0])
+            loss = step.forward()
+        else:
+            clock.switch("masking+embed")
+            with mode:
+                loss = step.forward()
         clock.switch("backward")
         step.backward(loss)
         clock.switch("optimizer")
@@ -147,7 +188,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         clock.switch(None)
 
     def plain_step() -> float:
-        # the same step with the hooks idle: the baseline for the profiler-overhead figure
+        # the same step without stage marks: the baseline for the profiler-overhead figure
         clock.enabled = False
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -187,8 +228,6 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
                 clock.durations()
         clock.trace = False
         prof.export_chrome_trace(trace)
-    for h in hooks:
-        h.remove()
     mem, mem_how = _peak_mem_gib(device)
     labels = COMPILED_STAGES if compile else STAGES
     med = {s: statistics.median([d.get(s, 0.0) for d in per_step]) for s in labels}
@@ -223,7 +262,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         elif ms > 0:
             r["note"] = f"memory-bound (AI {ai:.0f} < ridge {ridge:.0f}): {100 * r.get('frac_peak_bw', 0):.0f}% of copy BW"
         else:
-            r["note"] = "not reached (no hook fired)"
+            r["note"] = "not reached (no call read this stage's parameters)"
         rows.append(r)
     train_flops = f["train"] * batch
     plain_ms = statistics.median(plain_ms_list)
@@ -256,7 +295,7 @@ def format_profile(r: dict, peak: dict) -> str:
                      f"{(format(s['gbps'], '.1f') if 'gbps' in s else '-'):>8}  {s['note']}")
     lines.append(f"{'sum of stage medians':<28} {r['step_ms_stage_sum']:>9.3f}")
     lines.append(f"{'step (stage-timed, median)':<28} {r['step_ms_staged']:>9.3f}")
-    lines.append(f"{'step (plain, no hooks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead "
+    lines.append(f"{'step (plain, no marks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead "
                  f"{100 * r['profiler_overhead']:+.1f}%")
     lines.append(f"{r['img_per_s']:.1f} img/s, {r['tflops']:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of the measured "
                  f"{peak['matmul_dtype']} matmul peak {peak['matmul_tflops']:.3g} TFLOP/s (model FLOPs: official count, "

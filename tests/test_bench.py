@@ -36,7 +36,7 @@ def _one_thread():
 @pytest.mark.parametrize("mask_tokens", [False, True])
 def test_flops_match_torch_flop_counter(name, mask_tokens):
     torch.manual_seed(0)
-    model = create_model(name)
+    model = mb.build_model(name, "reference", "cpu")  # the official computation
     imgs = torch.randn(2, 3, *model.patch_embed.img_size)
     fwd = mb.MaskTokenEncoderMAE(model) if mask_tokens else model
     with FlopCounterMode(display=False) as fc:
@@ -71,7 +71,7 @@ def test_training_flops_per_image_match_mae_md(name, gflops):
 
 def test_param_count_matches_the_model():
     for name in ("tiny", "small"):
-        m = create_model(name)
+        m = mb.build_model(name, "reference", "cpu")
         assert fl.param_count(m) == sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert fl.dims_of(create_model("small")) == fl.dims_of("small")
 
@@ -87,7 +87,7 @@ def test_stage_flops_sum_to_forward():
 
 def test_mask_token_encoder_sees_all_tokens_and_learns_its_token():
     torch.manual_seed(0)
-    model = create_model("tiny")
+    model = mb.build_model("tiny", "reference", "cpu")
     wrapped = mb.MaskTokenEncoderMAE(model)
     seen = []
     h = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
@@ -102,10 +102,29 @@ def test_mask_token_encoder_sees_all_tokens_and_learns_its_token():
     assert torch.isfinite(loss) and wrapped.encoder_mask_token.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not mb.accepts_impl(), reason="the model constructor does not take impl= in this checkout")
+def test_mask_token_encoder_on_the_fused_path_matches_the_reference_path():
+    # impl="auto" on the CPU runs maefast's fused forward with each op's reference composition
+    torch.manual_seed(0)
+    ref = mb.MaskTokenEncoderMAE(mb.build_model("tiny", "reference", "cpu"))
+    fast = mb.MaskTokenEncoderMAE(mb.build_model("tiny", "auto", "cpu"))
+    fast.load_state_dict(ref.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    l_ref, _, m_ref = ref(imgs, noise=noise)
+    l_fast, _, m_fast = fast(imgs, noise=noise)
+    assert torch.equal(m_ref, m_fast)
+    assert_close(l_fast, l_ref, torch.float32, name="loss")
+    l_ref.backward()
+    l_fast.backward()
+    assert_close(fast.encoder_mask_token.grad, ref.encoder_mask_token.grad, torch.float32, name="token grad")
+    assert_close(fast.model.blocks[0].attn.qkv.weight.grad, ref.model.blocks[0].attn.qkv.weight.grad,
+                 torch.float32, name="qkv grad")
+
+
 def test_sdpa_variant_matches_reference():
     torch.manual_seed(0)
-    ref = create_model("tiny")
-    sdpa = mb.use_sdpa(create_model("tiny"))
+    ref = mb.build_model("tiny", "reference", "cpu")
+    sdpa = mb.use_sdpa(mb.build_model("tiny", "reference", "cpu"))
     sdpa.load_state_dict(ref.state_dict())
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     l1, p1, _ = ref(imgs, noise=noise)
@@ -116,6 +135,7 @@ def test_sdpa_variant_matches_reference():
 
 def test_train_step_updates_parameters():
     step = mb.make_step("reference", "tiny", 2, device="cpu")
+    assert step.fwd_kwargs == {}
     before = step.model.blocks[0].mlp.fc1.weight.detach().clone()
     step()
     assert torch.isfinite(step.loss)
@@ -124,11 +144,14 @@ def test_train_step_updates_parameters():
         mb.make_step("nope", "tiny", 2)
 
 
-def test_build_model_impl_needs_constructor_support():
+def test_build_model_impl():
     if mb.accepts_impl():
-        pytest.skip("the model constructor takes impl= in this checkout")
-    with pytest.raises(ValueError, match="impl"):
-        mb.build_model("tiny", "triton", "cpu")
+        assert mb.build_model("tiny", "reference", "cpu").impl == "reference"
+        with pytest.raises(ValueError, match="impl"):
+            mb.build_model("tiny", "no-such-impl", "cpu")
+    else:
+        with pytest.raises(ValueError, match="impl"):
+            mb.build_model("tiny", "triton", "cpu")
 
 
 def test_parse_dtype():

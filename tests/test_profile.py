@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from maefast import profile as mp
-from maefast.models import create_model
 
 ARGS = ["--model", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--no-progress"]
 
@@ -40,30 +39,49 @@ def test_profile_table_and_json(tmp_path, capsys):
     assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32"
 
 
-def test_stage_hooks_follow_the_forward():
-    model = create_model("tiny")
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_stage_marks_follow_the_forward(impl):
+    from maefast import bench as mb
+
+    if impl != "reference" and not mb.accepts_impl():
+        pytest.skip("the model constructor does not take impl= in this checkout")
+    model = mb.build_model("tiny", impl, "cpu")
     clock = mp.StageClock(torch.device("cpu"))
-    hooks = mp.attach_stage_hooks(model, clock)
-    model(torch.randn(2, 3, 32, 32))
+    clock.switch("masking+embed")
+    with mp.StageMode(model, clock):
+        model(torch.randn(2, 3, 32, 32))
     clock.switch(None)
     order = [label for label, _ in clock.marks if label is not None]
-    for h in hooks:
-        h.remove()
-    # masking+embed, then per encoder block: norms, attention (norms again after the last one and the
-    # final norm); then un-shuffle, decoder, head (a repeated label is one span, not a new mark)
+    # masking+embed, then per encoder block: norms (LN1), attention (qkv, attention, proj), norms
+    # (LN2, MLP; the next block's LN1), then un-shuffle, decoder, head (+ loss)
     depth = len(model.blocks)
     assert order[0] == "masking+embed"
     assert order[1:2 + 2 * depth] == ["encoder MLP/norms", "encoder attention"] * depth + ["encoder MLP/norms"]
-    assert order[-3:] == ["decoder embed + un-shuffle", "decoder", "head+loss"]
+    assert order[2 + 2 * depth:] == ["decoder embed + un-shuffle", "decoder", "head+loss"]
     assert set(clock.durations()) == set(mp.STAGES[:6])
 
 
+def test_stage_of_param():
+    assert mp.stage_of_param("blocks.3.attn.qkv.weight") == "encoder attention"
+    assert mp.stage_of_param("blocks.3.norm1.weight") == "encoder MLP/norms"
+    assert mp.stage_of_param("model.mask_token") == "decoder embed + un-shuffle"
+    assert mp.stage_of_param("decoder_blocks.0.mlp.fc1.bias") == "decoder"
+    assert mp.stage_of_param("decoder_pred.weight") == "head+loss"
+    assert mp.stage_of_param("something_else") is None
+
+
 def test_profile_side_by_side_and_trace(tmp_path, capsys):
+    from maefast import bench as mb
+
+    impls = ["reference", "auto"] if mb.accepts_impl() else ["reference", "reference"]
     trace = tmp_path / "trace.json"
-    assert mp.main(ARGS + ["--impl", "reference,reference", "--trace", str(trace)]) == 0
+    out = tmp_path / "p.json"
+    assert mp.main(ARGS + ["--impl", ",".join(impls), "--trace", str(trace), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "side by side" in text and "speed-up vs reference" in text
-    for impl_trace in (tmp_path / "trace.reference.json",):
+    for r in json.loads(out.read_text())["results"]:
+        assert all(s["ms"] > 0 for s in r["stages"]), (r["impl"], r["stages"])
+    for impl_trace in {tmp_path / f"trace.{i}.json" for i in impls}:
         events = json.loads(impl_trace.read_text())["traceEvents"]
         names = {e.get("name") for e in events}
         assert "maefast::encoder attention" in names and "maefast::optimizer" in names
