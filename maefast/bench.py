@@ -280,6 +280,14 @@ STEP_PROVIDERS: dict[str, Callable] = {"reference": _provider_reference, "sdpa":
                                        "compile": _provider_compile, "compile-full": _provider_compile_full}
 
 
+def _provider_maefast(name, device, **overrides):
+    return build_model(name, "auto", device, **overrides), False
+
+
+if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
+    STEP_PROVIDERS["maefast"] = _provider_maefast
+
+
 def register_step_provider(name: str, builder: Callable) -> None:
     """Adds a row to the step benchmark: builder(model_name, device, **overrides) -> (model, compile)."""
     STEP_PROVIDERS[name] = builder

@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="small (CPU default), base (GPU default), large, huge, tiny, ...")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 64 on a GPU")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
-    p.add_argument("--impl", default="reference", help="comma list, profiled side by side (reference, auto, ...)")
+    p.add_argument("--impl", default=None, help="comma list, profiled side by side (reference, auto, triton, "
+                   "cuda); default: reference,auto (maefast's model) when the model takes impl=, else reference")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
@@ -347,7 +348,8 @@ def main(argv=None) -> int:
     batch = a.batch or (8 if on_cpu else 64)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     steps = a.steps or (5 if on_cpu else 10)
-    impls = [v.strip() for v in a.impl.split(",") if v.strip()]
+    impl_arg = a.impl or ("reference,auto" if mb.accepts_impl() else "reference")
+    impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
     if on_cpu and not a.model:
         print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
               "--model base|large|huge for the paper's", file=sys.stderr)

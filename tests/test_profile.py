@@ -21,7 +21,7 @@ def _restore_threads():
 
 def test_profile_table_and_json(tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert mp.main(ARGS + ["--json", str(out)]) == 0
+    assert mp.main(ARGS + ["--impl", "reference", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for stage in mp.STAGES:
         assert stage in text
@@ -107,3 +107,7 @@ def test_default_profile_is_quick(capsys):
     assert time.perf_counter() - t0 < 60
     captured = capsys.readouterr()
     assert "mae_vit_small_cpu" in captured.out and "CPU: small config by default" in captured.err
+    from maefast import bench as mb
+
+    if mb.accepts_impl():  # the default shows maefast's model beside the reference
+        assert "impl=auto" in captured.out and "side by side" in captured.out
