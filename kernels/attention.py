@@ -10,9 +10,11 @@ Head dims that are not a power of two are split into two power-of-two chunks, D0
 128 (`tl.arange` needs powers of two). Softmax statistics are fp32; the forward saves only the
 logsumexp (natural log, (Nb, H, Lr) fp32). The backward is deterministic (no atomics):
 
-* L <= 128 (the encoder's 50 / 65 visible tokens): one program per (sequence, head) holds the whole
-  K and V, loops over query blocks and writes dq, dk and dv (D = rowsum(dO * O) computed inline);
-* longer sequences (the decoder's 197 / 257): a dQ kernel (which also writes D), then a dK/dV kernel.
+* L <= 128 and Dh <= 80 (the encoder's 50 / 65 visible tokens; fp16/bf16): one program per
+  (sequence, head) holds the whole K and V, loops over query blocks and writes dq, dk and dv
+  (D = rowsum(dO * O) computed inline);
+* otherwise (the decoder's 197 / 257 tokens, Dh 96/128, fp32): a dQ kernel (which also writes D),
+  then a dK/dV kernel.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Single-block sequences: the backward fuses dq into the dk/dv program up to this length.
 FUSED_BWD_MAX_LEN = 128
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
 
 def head_dim_split(head_dim: int, pad: bool = False) -> tuple[int, int]:
@@ -53,11 +54,11 @@ def _store_rows(base_ptr, val, rows, row_mask, cols, col_mask, stride_l, stride_
 def _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN: tl.constexpr):
     """(batch index into the strided tensors, first row, length) of sequence pid_b."""
     if VARLEN:
-        row0 = tl.load(cu_ptr + pid_b).to(tl.int64)
-        n_rows = tl.load(cu_ptr + pid_b + 1).to(tl.int64) - row0
-        return pid_b * 0, row0, n_rows
+        start = tl.load(cu_ptr + pid_b)
+        n_rows = (tl.load(cu_ptr + pid_b + 1) - start).to(tl.int32)
+        return pid_b * 0, start.to(tl.int64), n_rows
     else:
-        return pid_b, pid_b * 0, pid_b * 0 + seqlen
+        return pid_b, pid_b * 0, seqlen
 
 
 @triton.jit
@@ -74,8 +75,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % num_m_blocks
-    pid_h = (pid // num_m_blocks) % num_heads
+    pid_m = (pid % num_m_blocks).to(tl.int32)
+    pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
     batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
@@ -149,8 +150,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % num_m_blocks
-    pid_h = (pid // num_m_blocks) % num_heads
+    pid_m = (pid % num_m_blocks).to(tl.int32)
+    pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
     batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
@@ -231,8 +232,8 @@ def _attn_bwd_dkdv_kernel(
     # FUSED_DQ requires one key block per sequence (n_rows <= BLOCK_N): then this program sees every
     # key of each query row and dq is complete after one pass, with no other program touching it.
     pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % num_n_blocks
-    pid_h = (pid // num_n_blocks) % num_heads
+    pid_n = (pid % num_n_blocks).to(tl.int32)
+    pid_h = ((pid // num_n_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_n_blocks * num_heads)
     batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
@@ -316,26 +317,52 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def fwd_config(max_len: int, head_dim: int) -> dict:
-    """Block sizes by shape (no autotuning: several configs break the interpreter, and these
-    shapes are few). One key block covers sequences up to 128; longer ones loop over 64-key blocks."""
+# Block sizes by shape and dtype, no autotuning (several configs break the interpreter, and MAE has
+# few shapes). Chosen so that the sm_90 builds do not spill (or spill a few registers only: the fused
+# backward at Dh 80), checked by compiling ahead of time for sm_90 and reading the register and stack
+# use: on Hopper, query blocks under 64 rows spill in the forward; the fused backward fits up to
+# Dh 80 with 128 keys; fp32 (exact, no tensor cores) needs small tiles.
+
+def fwd_config(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One key block covers sequences up to 128 tokens; longer ones loop over 64-key blocks."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     block_n = _pow2_block(max_len, 16, 128) if max_len <= 128 else 64
     block_m = _pow2_block(max_len, 16, 64)
-    warps = 8 if block_n * head_dim > 64 * 128 else 4
+    warps = 8 if block_n == 128 and head_dim > 32 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
 
 
-def bwd_config(max_len: int, head_dim: int, fused: bool | None = None) -> dict:
-    fused = max_len <= FUSED_BWD_MAX_LEN if fused is None else fused
+def bwd_fused_default(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether one program per (sequence, head) does dq, dk and dv (the sequence is one key block)."""
+    if dtype == torch.float32:
+        return max_len <= 32
+    return max_len <= 32 or (max_len <= FUSED_BWD_MAX_LEN and head_dim <= 80)
+
+
+def bwd_config(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> dict:
+    """{"fused": bool, "dkdv": launch config, "dq": launch config (unfused only)}."""
+    fused = bwd_fused_default(max_len, head_dim, dtype) if fused is None else fused
+    fp32 = dtype == torch.float32
     if fused:
         block_n = _pow2_block(max_len, 16, 128)
         if max_len > block_n:
             raise ValueError(f"the fused backward needs max_seqlen <= {block_n}, got {max_len}")
+        if fp32:
+            block_m, warps = 16, 4
+        else:
+            block_m = min(block_n, 64 if block_n <= 64 and head_dim <= 64 else 32)
+            warps = 8 if block_n * head_dim >= 64 * 64 else 4
+        return dict(fused=True, dkdv=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2))
+    if fp32:
+        dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
     else:
-        block_n = 64 if max_len > 32 else _pow2_block(max_len, 16, 64)
-    block_m = _pow2_block(max_len, 16, 64 if block_n * head_dim <= 64 * 128 else 32)
-    warps = 8 if block_n * head_dim > 64 * 64 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, FUSED_DQ=fused)
+        warps = 8 if head_dim >= 64 else 4
+        blk = _pow2_block(max_len, 16, 64)
+        dq = dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=warps, num_stages=2)
+        dkdv = dict(BLOCK_M=min(blk, 64 if head_dim <= 96 else 32), BLOCK_N=blk, num_warps=warps, num_stages=2)
+    return dict(fused=False, dq=dq, dkdv=dkdv)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -368,7 +395,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
-    cfg = dict(fwd_config(max_len, head_dim), **(config or {}))
+    cfg = dict(fwd_config(max_len, head_dim, qkv.dtype), **(config or {}))
     num_m_blocks = triton.cdiv(max_len, cfg["BLOCK_M"])
     grid = (nseq * num_heads * num_m_blocks,)
     _attn_fwd_kernel[grid](
@@ -396,22 +423,81 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     if dqkv.numel() == 0 or nseq == 0 or max_len == 0:
         return dqkv.zero_()
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
-    cfg = dict(bwd_config(max_len, head_dim, fused), **(config or {}))
-    fused = cfg.pop("FUSED_DQ")
+    cfg = bwd_config(max_len, head_dim, qkv.dtype, fused)
     common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
               lse.stride(0), lse.stride(1))
     meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(qkv.dtype))
-    delta = lse if fused else torch.empty_like(lse)  # unused when fused
-    if not fused:
-        num_m_blocks = triton.cdiv(max_len, cfg["BLOCK_M"])
+    delta = lse if cfg["fused"] else torch.empty_like(lse)  # unused when fused
+    if not cfg["fused"]:
+        dq_cfg = dict(cfg["dq"], **(config or {}))
+        num_m_blocks = triton.cdiv(max_len, dq_cfg["BLOCK_M"])
         _attn_bwd_dq_kernel[(nseq * num_heads * num_m_blocks,)](
-            qkv, out, dout, lse, delta, dqkv, cu, *common, lr, num_heads, num_m_blocks, scale, **meta, **cfg)
-    num_n_blocks = triton.cdiv(max_len, cfg["BLOCK_N"])
+            qkv, out, dout, lse, delta, dqkv, cu, *common, lr, num_heads, num_m_blocks, scale, **meta, **dq_cfg)
+    kv_cfg = dict(cfg["dkdv"], **(config or {}))
+    num_n_blocks = triton.cdiv(max_len, kv_cfg["BLOCK_N"])
     _attn_bwd_dkdv_kernel[(nseq * num_heads * num_n_blocks,)](
         qkv, out, dout, lse, delta, dqkv, cu, *common, lr, num_heads, num_n_blocks, scale,
-        FUSED_DQ=fused, **meta, **cfg)
+        FUSED_DQ=cfg["fused"], **meta, **kv_cfg)
     return dqkv
+
+
+def compile_report(arch: int = 90, cases=((50, 64), (65, 80), (197, 32), (257, 32)),
+                   dtypes=(torch.bfloat16,)) -> list[dict]:
+    """Compiles every kernel ahead of time for sm_`arch` with the launch configs above (no GPU
+    needed; run it without TRITON_INTERPRET) and returns each kernel's registers and spill stack
+    (read from the cubin with triton's bundled cuobjdump, when present)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    report = []
+    for dtype in dtypes:
+        for max_len, head_dim in cases:
+            d0, d1 = head_dim_split(head_dim)
+            meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=False, DOT_PREC=_dot_precision(dtype))
+            bwd = bwd_config(max_len, head_dim, dtype)
+            launches = [("fwd", _attn_fwd_kernel, fwd_config(max_len, head_dim, dtype), {})]
+            if not bwd["fused"]:
+                launches.append(("bwd_dq", _attn_bwd_dq_kernel, bwd["dq"], {}))
+            launches.append(("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd["dkdv"], dict(FUSED_DQ=bwd["fused"])))
+            for name, kernel, cfg, extra in launches:
+                cfg = dict(cfg)
+                opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+                consts = dict(meta, **cfg, **extra)
+                sig = {}
+                for arg in kernel.arg_names:
+                    if arg in consts:
+                        sig[arg] = "constexpr"
+                    elif arg in ("lse_ptr", "delta_ptr"):
+                        sig[arg] = "*fp32"
+                    elif arg == "cu_ptr":
+                        sig[arg] = "*i32"
+                    elif arg.endswith("_ptr"):
+                        sig[arg] = "*" + tname[dtype]
+                    else:
+                        sig[arg] = "fp32" if arg in ("qk_scale_log2", "sm_scale") else "i32"
+                src = ASTSource(fn=kernel, signature=sig,
+                                constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+                compiled = triton.compile(src, target=target, options=opts)
+                regs = stack = None
+                if os.path.exists(cuobjdump):
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+                    regs, stack = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+                report.append(dict(kernel=name, dtype=tname[dtype], L=max_len, Dh=head_dim, **cfg, **opts,
+                                   registers=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared))
+    return report
 
 
 def flops(batch_tokens_sq: float, num_heads: int, head_dim: int, backward: bool = False) -> float:
@@ -420,5 +506,5 @@ def flops(batch_tokens_sq: float, num_heads: int, head_dim: int, backward: bool 
     return f * 2.5 if backward else f
 
 
-__all__ = ["attention_fwd", "attention_bwd", "head_dim_split", "fwd_config", "bwd_config", "SUPPORTED_HEAD_DIMS",
-           "FUSED_BWD_MAX_LEN"]
+__all__ = ["attention_fwd", "attention_bwd", "head_dim_split", "fwd_config", "bwd_config", "bwd_fused_default",
+           "compile_report", "FUSED_BWD_MAX_LEN"]

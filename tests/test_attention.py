@@ -1,0 +1,424 @@
+"""maefast.ops.visible_attention (Triton under the interpreter on CPU, the CUDA C++ kernel on a GPU),
+its custom op / compile registrations, and the drop-in maefast.nn.Attention / Block."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from maefast.nn.attention import Attention, Block
+from maefast.ops.attention import _resolve, visible_attention
+from maefast.reference import model as ref_model
+from maefast.reference.attention import attention as ref_attention
+from maefast.testing import assert_close, assert_error_ratio, poison_, randn
+
+ON_GPU = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The interpreter computes bf16 dots wrongly: bf16 is covered by the cuda-marked tests.
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def _qkv(n, L, H, dh, dtype, device, requires_grad=True):
+    return randn(n, L, 3 * H * dh, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def _check_vs_oracle(qkv, H, impl, *, cu_seqlens=None, scale=None, name=""):
+    """Forward and backward error of `impl` vs the fp64 reference, relative to the same-dtype
+    reference's error (the issue's 2x / 3x rule)."""
+    dtype = qkv.dtype
+    out = visible_attention(qkv, H, cu_seqlens=cu_seqlens, scale=scale, impl=impl)
+    ref = ref_attention(qkv, H, cu_seqlens=cu_seqlens, scale=scale)
+    x64 = qkv.detach().double().requires_grad_(True)
+    oracle = ref_attention(x64, H, cu_seqlens=cu_seqlens, scale=scale)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_error_ratio(out, ref, oracle, dtype, "forward", name=f"{name} out")
+    dout = randn(*out.shape, dtype=dtype, device=qkv.device)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    (g_ref,) = torch.autograd.grad(ref, qkv, dout)
+    (g_oracle,) = torch.autograd.grad(oracle, x64, dout.double())
+    assert g.shape == qkv.shape
+    assert_error_ratio(g, g_ref, g_oracle, dtype, "backward", name=f"{name} dqkv")
+    return out, g
+
+
+# -- Triton impl (interpreter on CPU) ------------------------------------------------------------------
+
+# (N, L, H, Dh): MAE encoder (50 / 65 tokens, Dh 64 / 80), decoder (197, Dh 32), odd L and head dims.
+INTERP_CASES = [(1, 50, 2, 64), (2, 65, 1, 80), (1, 197, 1, 32), (1, 7, 2, 96), (1, 1, 1, 128), (3, 129, 1, 16),
+                (1, 49, 1, 48), (1, 40, 1, 96)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", INTERP_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_matches_oracle(shape, dtype, device):
+    n, L, H, dh = shape
+    _check_vs_oracle(_qkv(n, L, H, dh, dtype, device), H, "triton", name=f"triton {shape}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_triton_varlen_mixed_lengths(dtype, device):
+    lens = [5, 0, 50, 1, 17]  # includes an empty sequence
+    H, dh = 2, 32
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    qkv = randn(sum(lens), 3 * H * dh, dtype=dtype, device=device).requires_grad_(True)
+    out, g = _check_vs_oracle(qkv, H, "triton", cu_seqlens=cu, name="varlen")
+    assert out.shape == (sum(lens), H * dh)
+    # The (1, T, C) form and a trusted max_seqlen give the same result.
+    out3 = visible_attention(qkv.detach().unsqueeze(0), H, cu_seqlens=cu.long(), max_seqlen=max(lens), impl="triton")
+    assert torch.equal(out3[0], out.detach())
+
+
+def test_triton_varlen_long_sequences_use_the_unfused_backward(device):
+    lens = [130, 3, 70]  # > 128: dq kernel + dk/dv kernel
+    H, dh = 1, 16
+    cu = torch.tensor([0, 130, 133, 203], dtype=torch.int64, device=device)
+    qkv = randn(sum(lens), 3 * H * dh, device=device).requires_grad_(True)
+    _check_vs_oracle(qkv, H, "triton", cu_seqlens=cu, name="varlen long")
+
+
+def test_triton_varlen_equals_batched(device):
+    n, L, H, dh = 2, 20, 2, 32
+    qkv = randn(n, L, 3 * H * dh, device=device)
+    cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32, device=device)
+    a = visible_attention(qkv, H, impl="triton")
+    b = visible_attention(qkv.reshape(n * L, -1), H, cu_seqlens=cu, impl="triton")
+    assert_close(b.reshape(n, L, -1), a, name="varlen vs batched")
+
+
+def test_triton_reads_strided_qkv_in_place(device):
+    n, L, H, dh = 2, 33, 2, 64
+    wide = randn(L, n, 3 * H * dh + 8, device=device)
+    qkv = wide[..., : 3 * H * dh].transpose(0, 1).requires_grad_(True)  # (n, L, 3HD), no unit row stride
+    assert not qkv.is_contiguous()
+    _check_vs_oracle(qkv, H, "triton", scale=0.3, name="strided")
+
+
+def test_triton_writes_every_element_and_is_deterministic(device):
+    from maefast.kernels.attention import attention_bwd, attention_fwd
+
+    n, L, H, dh = 2, 65, 2, 80
+    qkv = randn(n, L, 3 * H * dh, device=device)
+    out = poison_(torch.empty(n, L, H * dh, device=device))
+    lse = poison_(torch.empty(n, H, L, device=device))
+    attention_fwd(qkv, H, dh ** -0.5, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert_close(out, ref_attention(qkv, H), name="poisoned out")
+    dout = randn(n, L, H * dh, device=device)
+    grads = []
+    for fused in (True, False, True):
+        dqkv = poison_(torch.empty_like(qkv))
+        attention_bwd(dout, qkv, out, lse, H, dh ** -0.5, fused=fused, dqkv=dqkv)
+        assert not dqkv.isnan().any()
+        grads.append(dqkv)
+    assert torch.equal(grads[0], grads[2]), "backward is not deterministic"
+    assert_close(grads[1], grads[0], name="fused vs two-kernel backward")
+
+
+def test_split_head_dim_matches_padded(device):
+    """80 = 64 + 16 (two dot chunks) computes the same as the padded 128-wide variant."""
+    from maefast.kernels.attention import attention_bwd, attention_fwd, head_dim_split
+
+    assert head_dim_split(80) == (64, 16) and head_dim_split(96) == (64, 32) and head_dim_split(64) == (64, 0)
+    n, L, H, dh = 1, 40, 1, 80
+    qkv = randn(n, L, 3 * H * dh, device=device)
+    dout = randn(n, L, H * dh, device=device)
+    o1, l1 = attention_fwd(qkv, H, dh ** -0.5)
+    o2, l2 = attention_fwd(qkv, H, dh ** -0.5, pad_head_dim=True)
+    assert_close(o2, o1, name="padded out")
+    assert_close(l2, l1, name="padded lse")
+    g1 = attention_bwd(dout, qkv, o1, l1, H, dh ** -0.5)
+    g2 = attention_bwd(dout, qkv, o2, l2, H, dh ** -0.5, pad_head_dim=True)
+    assert_close(g2, g1, name="padded dqkv")
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Compiles every kernel with its default launch config for sm_90 (no GPU needed): catches
+    code-generation errors the interpreter cannot see before any GPU time is spent."""
+    pytest.importorskip("triton.backends.compiler")
+    code = ("import torch, maefast; from maefast.kernels.attention import compile_report as c; "
+            "r = c(90, cases=((50, 64), (65, 80), (197, 32)), dtypes=(torch.bfloat16, torch.float32)); "
+            "print(len(r), max((x['spill_stack_bytes'] or 0) for x in r))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n, _max_spill = res.stdout.split()[-2:]
+    assert int(n) >= 6  # fwd + bwd kernels for each case
+
+
+def test_reference_impl_matches_oracle(device):
+    qkv = _qkv(2, 11, 2, 24, torch.float32, device)  # any head dim on the reference
+    _check_vs_oracle(qkv, 2, "reference", name="reference")
+
+
+def test_auto_never_picks_the_cuda_kernel(device):
+    qkv = randn(1, 50, 3 * 64, dtype=torch.float16, device=device)
+    assert _resolve("auto", qkv, 64, 50) in ("triton", "reference")
+    assert _resolve("auto", qkv.float()[..., :3 * 24], 24, 50) == "reference"  # unsupported head dim: fall back
+
+
+def test_empty_batch(device):
+    qkv = randn(0, 7, 3 * 64, device=device).requires_grad_(True)
+    out = visible_attention(qkv, 1, impl="triton")
+    assert out.shape == (0, 7, 64)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clearly(device):
+    qkv = randn(2, 10, 3 * 2 * 32, device=device)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        visible_attention(qkv[..., :-1], 2)
+    with pytest.raises(ValueError, match="must divide"):
+        visible_attention(qkv, 5)
+    with pytest.raises(ValueError, match="head dim 24"):
+        visible_attention(randn(2, 10, 3 * 24, device=device), 1, impl="triton")
+    with pytest.raises(ValueError, match="num_heads"):
+        visible_attention(qkv, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        visible_attention(qkv.to(torch.int32), 2)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        visible_attention(qkv.tolist(), 2)
+    with pytest.raises(ValueError, match=r"\(N, L, 3\*H\*Dh\)"):
+        visible_attention(qkv[0], 2)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        visible_attention(qkv, 2, impl="fast")
+    with pytest.raises(ValueError, match="max_seqlen is only meaningful"):
+        visible_attention(qkv, 2, max_seqlen=10)
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="impl='cuda' is not available"):
+            visible_attention(qkv, 2, impl="cuda")
+
+
+def test_bad_cu_seqlens_raise_clearly(device):
+    rows = randn(20, 3 * 2 * 32, device=device)
+    cu = functools.partial(torch.tensor, device=device)
+    with pytest.raises(ValueError, match="end at the number of rows"):
+        visible_attention(rows, 2, cu_seqlens=cu([0, 5, 19], dtype=torch.int32))
+    with pytest.raises(ValueError, match="start at 0"):
+        visible_attention(rows, 2, cu_seqlens=cu([1, 5, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        visible_attention(rows, 2, cu_seqlens=cu([0, 12, 5, 20], dtype=torch.int32))
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        visible_attention(rows, 2, cu_seqlens=cu([0.0, 20.0]))
+    with pytest.raises(ValueError, match="B\\+1 >= 2"):
+        visible_attention(rows, 2, cu_seqlens=cu([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="packed rows"):
+        visible_attention(rows.reshape(2, 10, -1), 2, cu_seqlens=cu([0, 10, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seqlen must be"):
+        visible_attention(rows, 2, cu_seqlens=cu([0, 20], dtype=torch.int32), max_seqlen=-1)
+
+
+# -- custom op registration / compile ----------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_opcheck(impl, varlen, device):
+    H, dh = 2, 16
+    if varlen:
+        qkv = randn(1, 9, 3 * H * dh, device=device).requires_grad_(True)
+        cu, mx = torch.tensor([0, 4, 9], dtype=torch.int32, device=device), 5
+    else:
+        qkv, cu, mx = randn(2, 5, 3 * H * dh, device=device).requires_grad_(True), None, None
+    torch.library.opcheck(torch.ops.maefast.visible_attention.default, (qkv, H, cu, mx, None, impl))
+    out, lse = torch.ops.maefast.visible_attention(qkv.detach(), H, cu, mx, None, impl)
+    dout = randn(*out.shape, device=device)
+    torch.library.opcheck(torch.ops.maefast.visible_attention_backward.default,
+                          (dout, qkv.detach(), out, lse, H, cu, mx, None, impl))
+
+
+def test_reference_lse_matches_triton(device):
+    from maefast.ops.attention import _reference_lse
+
+    qkv = randn(1, 23, 3 * 2 * 32, device=device)
+    cu = torch.tensor([0, 3, 23], dtype=torch.int32, device=device)
+    for c in (None, cu):
+        _, lse_t = torch.ops.maefast.visible_attention(qkv, 2, c, None, None, "triton")
+        assert_close(_reference_lse(qkv, 2, 32 ** -0.5, c), lse_t, name="lse")
+
+
+def test_compile_fullgraph_block():
+    torch._dynamo.reset()
+    blk = Block(64, 2, qkv_bias=True, impl="reference")
+    x = randn(2, 9, 64).requires_grad_(True)
+    cu = torch.tensor([0, 4, 18], dtype=torch.int32)
+
+    def f(x):
+        y = blk(x)
+        z = blk(x.reshape(18, 64), cu_seqlens=cu, max_seqlen=14)
+        return y.square().sum() + z.sum()
+
+    eager = f(x)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    res = compiled(x)
+    (g,) = torch.autograd.grad(res, x)
+    assert_close(res, eager, name="compiled loss")
+    assert_close(g, g_eager, name="compiled grad")
+
+
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    qkv = randn(2, 7, 3 * 2 * 16).requires_grad_(True)
+    f = torch.compile(lambda t: visible_attention(t * 2, 2, impl="reference").sum(), fullgraph=True)
+    res = f(qkv)
+    (g,) = torch.autograd.grad(res, qkv)
+    x = qkv.detach().requires_grad_(True)
+    expect = ref_attention(x * 2, 2).sum()
+    expect.backward()
+    assert_close(res, expect, name="inductor value")
+    assert_close(g, x.grad, name="inductor grad")
+
+
+# -- drop-in modules ------------------------------------------------------------------------------------
+
+def _ref_block(dim, heads, **kw):
+    return ref_model.Block(dim, heads, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **kw)
+
+
+def test_block_has_official_keys_and_outputs():
+    dim, heads = 64, 2
+    ref = _ref_block(dim, heads)
+    ours = Block(dim, heads, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), impl="reference")
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert set(ours.state_dict()) >= {"norm1.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                                       "norm2.bias", "mlp.fc1.weight", "mlp.fc2.bias"}
+    ours.load_state_dict(ref.state_dict())
+    x = randn(3, 17, dim)
+    assert_close(ours(x), ref(x), name="block")
+    attn = Attention(dim, heads, qkv_bias=True)
+    assert list(attn.state_dict()) == list(ref.attn.state_dict())
+    assert attn.scale == (dim // heads) ** -0.5
+
+
+def test_block_triton_and_varlen(device):
+    dim, heads = 64, 2
+    ref = _ref_block(dim, heads).to(device)
+    ours = Block(dim, heads, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+                 impl="triton").to(device)
+    ours.load_state_dict(ref.state_dict())
+    a, b = randn(1, 5, dim, device=device), randn(1, 11, dim, device=device)
+    packed = torch.cat([a, b], 1)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device=device)
+    y = ours(packed, cu_seqlens=cu)
+    assert_close(y[:, :5], ref(a), name="varlen seq 0", scale=10)
+    assert_close(y[:, 5:], ref(b), name="varlen seq 1", scale=10)
+
+
+def test_reference_mae_with_swapped_blocks(device):
+    """An official-layout MAE whose blocks are replaced by maefast Blocks (same weights) gives
+    the same loss and prediction."""
+    torch.manual_seed(0)
+    mae = ref_model.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).to(device)
+    imgs = randn(2, 3, 32, 32, device=device)
+    noise = torch.rand(2, 16, device=device)
+    loss_ref, pred_ref, _ = mae(imgs, noise=noise)
+    for blocks, dim, heads in ((mae.blocks, 64, 2), (mae.decoder_blocks, 32, 2)):
+        for i, old in enumerate(blocks):
+            new = Block(dim, heads, 4.0, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+                        impl="triton").to(device)
+            new.load_state_dict(old.state_dict())
+            blocks[i] = new
+    loss, pred, _ = mae(imgs, noise=noise)
+    assert_close(pred, pred_ref, name="pred", scale=10)
+    assert_close(loss, loss_ref, name="loss", scale=10)
+
+
+def test_attention_dropout_and_drop_path_paths():
+    torch.manual_seed(0)
+    blk = Block(32, 2, attn_drop=0.5, drop_path=0.5, impl="reference")
+    x = randn(4, 6, 32)
+    blk.train()
+    y = blk(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        blk(x.reshape(24, 32), cu_seqlens=torch.tensor([0, 6, 24], dtype=torch.int32))
+    blk.eval()
+    ref = ref_model.Block(32, 2)
+    ref.load_state_dict(blk.state_dict())
+    assert_close(blk(x), ref(x), name="eval block")
+
+
+# -- GPU only (run by the lead on a card) --------------------------------------------------------------
+
+PAPER_CASES = [(7, 50, 12, 64), (8, 50, 16, 64), (8, 65, 16, 80), (8, 197, 16, 32), (7, 257, 16, 32),
+               (3, 129, 4, 96), (2, 49, 4, 128), (1, 1, 2, 64)]
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PAPER_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_triton_paper_shapes(shape, dtype):
+    n, L, H, dh = shape
+    _check_vs_oracle(_qkv(n, L, H, dh, dtype, "cuda"), H, "triton", name=f"triton {shape} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_cuda_triton_varlen_and_determinism(dtype):
+    lens = [49, 64, 1, 0, 257, 100]
+    H, dh = 4, 64
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+    qkv = randn(sum(lens), 3 * H * dh, dtype=dtype, device="cuda").requires_grad_(True)
+    _check_vs_oracle(qkv, H, "triton", cu_seqlens=cu, name="cuda varlen")
+    x = randn(8, 50, 3 * 16 * 64, dtype=dtype, device="cuda").requires_grad_(True)
+    d = randn(8, 50, 16 * 64, dtype=dtype, device="cuda")
+    ga = torch.autograd.grad(visible_attention(x, 16, impl="triton"), x, d)[0]
+    gb = torch.autograd.grad(visible_attention(x, 16, impl="triton"), x, d)[0]
+    assert torch.equal(ga, gb), "backward is not deterministic"
+
+
+# The CUDA C++ kernel (forward; its backward is Triton's): unverified until these pass on a card.
+CUDA_KERNEL_CASES = [(7, 50, 12, 64), (8, 65, 16, 80), (4, 128, 2, 128), (3, 7, 2, 32), (2, 1, 1, 96),
+                     (5, 113, 3, 96), (2, 16, 2, 32)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("shape", CUDA_KERNEL_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernel_matches_oracle(shape, dtype):
+    n, L, H, dh = shape
+    _check_vs_oracle(_qkv(n, L, H, dh, dtype, "cuda"), H, "cuda", name=f"cuda {shape} {dtype}")
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_varlen_lse_and_errors():
+    H, dh = 2, 64
+    lens = [50, 3, 0, 128, 65]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+    qkv = randn(sum(lens), 3 * H * dh, dtype=torch.float16, device="cuda").requires_grad_(True)
+    _check_vs_oracle(qkv, H, "cuda", cu_seqlens=cu, name="cuda varlen")
+    x = qkv.detach().unsqueeze(0)
+    o_c, lse_c = torch.ops.maefast.visible_attention(x, H, cu, None, None, "cuda")
+    o_t, lse_t = torch.ops.maefast.visible_attention(x, H, cu, None, None, "triton")
+    torch.cuda.synchronize()
+    assert_close(lse_c, lse_t, dtype=torch.float32, scale=100, name="cuda lse")
+    with pytest.raises(ValueError, match="L <= 128"):
+        visible_attention(randn(1, 129, 3 * 64, dtype=torch.float16, device="cuda"), 1, impl="cuda")
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        visible_attention(randn(1, 16, 3 * 64, device="cuda"), 1, impl="cuda")
+    with pytest.raises(ValueError, match="head dim 16"):
+        visible_attention(randn(1, 16, 3 * 16, dtype=torch.float16, device="cuda"), 1, impl="cuda")
+    assert _resolve("auto", x, dh, 128) == "triton"
+
+
+@pytest.mark.cuda
+def test_cuda_block_paper_shape_bf16():
+    dim, heads = 1280, 16
+    ref = _ref_block(dim, heads).cuda().to(torch.bfloat16)
+    ours = Block(dim, heads, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).cuda()
+    ours = ours.to(torch.bfloat16)
+    ours.load_state_dict(ref.state_dict())
+    x = randn(16, 65, dim, dtype=torch.bfloat16, device="cuda")
+    ref64 = _ref_block(dim, heads).cuda().double()
+    ref64.load_state_dict(ref.state_dict())
+    assert_error_ratio(ours(x), ref(x), ref64(x.double()), torch.bfloat16, name="ViT-H block")
