@@ -4,6 +4,7 @@ written into the JSON (`--benchmark-json`) and printed as a short table at the e
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ import _harness  # noqa: E402
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="maefast: run the GPU-sized benchmark cases (default: CPU-sized cases)")
+    parser.addoption("--bench-budget-s", type=float, default=None,
+                     help="maefast: skip the remaining cases once this many seconds have passed since the session "
+                          "started (what ran is still reported and saved); list the files in priority order")
 
 
 def pytest_configure(config):
@@ -42,6 +46,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
         elif "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    budget = item.config.getoption("--bench-budget-s")
+    if budget is not None and time.monotonic() - _SESSION_START > budget:
+        pytest.skip(f"--bench-budget-s {budget:g} spent")
 
 
 @pytest.fixture(scope="session")
