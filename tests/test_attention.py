@@ -349,21 +349,22 @@ def test_attention_dropout_and_drop_path_paths():
 
 # -- GPU only (run by the lead on a card) --------------------------------------------------------------
 
-PAPER_CASES = [(7, 50, 12, 64), (8, 50, 16, 64), (8, 65, 16, 80), (8, 197, 16, 32), (7, 257, 16, 32),
-               (3, 129, 4, 96), (2, 49, 4, 128), (1, 1, 2, 64)]
-GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Each distinct (shape class, dtype) compiles new Triton kernels (~1-2 s each on a fresh machine), so
+# the matrix is bf16 at every paper shape and fp16 / fp32 at a few.
+PAPER_CASES = [((7, 50, 12, 64), torch.bfloat16), ((8, 65, 16, 80), torch.bfloat16), ((8, 197, 16, 32), torch.bfloat16),
+               ((7, 257, 16, 32), torch.bfloat16), ((8, 65, 16, 80), torch.float16), ((3, 129, 4, 96), torch.float16),
+               ((2, 49, 4, 128), torch.float32), ((1, 1, 2, 64), torch.float32), ((2, 50, 16, 64), torch.float32)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", PAPER_CASES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,dtype", PAPER_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_cuda_triton_paper_shapes(shape, dtype):
     n, L, H, dh = shape
     _check_vs_oracle(_qkv(n, L, H, dh, dtype, "cuda"), H, "triton", name=f"triton {shape} {dtype}")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("dtype", (torch.bfloat16,), ids=str)
 def test_cuda_triton_varlen_and_determinism(dtype):
     lens = [49, 64, 1, 0, 257, 100]
     H, dh = 4, 64
@@ -378,13 +379,13 @@ def test_cuda_triton_varlen_and_determinism(dtype):
 
 
 # The CUDA C++ kernel (forward; its backward is Triton's): unverified until these pass on a card.
-CUDA_KERNEL_CASES = [(7, 50, 12, 64), (8, 65, 16, 80), (4, 128, 2, 128), (3, 7, 2, 32), (2, 1, 1, 96),
-                     (5, 113, 3, 96), (2, 16, 2, 32)]
+CUDA_KERNEL_CASES = [((7, 50, 12, 64), torch.bfloat16), ((8, 65, 16, 80), torch.bfloat16), ((4, 128, 2, 128), torch.bfloat16),
+                     ((3, 7, 2, 32), torch.bfloat16), ((5, 113, 3, 96), torch.bfloat16), ((7, 50, 12, 64), torch.float16),
+                     ((2, 16, 2, 32), torch.float16), ((2, 1, 1, 96), torch.float16)]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-@pytest.mark.parametrize("shape", CUDA_KERNEL_CASES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,dtype", CUDA_KERNEL_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_cuda_kernel_matches_oracle(shape, dtype):
     n, L, H, dh = shape
     _check_vs_oracle(_qkv(n, L, H, dh, dtype, "cuda"), H, "cuda", name=f"cuda {shape} {dtype}")
