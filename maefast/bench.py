@@ -499,8 +499,13 @@ def table2_main(argv) -> int:
     print(text)
     png = a.png or (a.json.rsplit(".", 1)[0] + ".png" if a.json else None)
     if png:
-        save_chart(rows, png, f"MAE Table 2 on {env['card']} ({env['date'][:10]}, {str(dtype).replace('torch.', '')})")
-        print(f"chart: {png}")
+        try:
+            save_chart(rows, png, f"MAE Table 2 on {env['card']} ({env['date'][:10]}, "
+                                  f"{str(dtype).replace('torch.', '')})")
+            print(f"chart: {png}")
+        except ImportError as e:  # matplotlib is optional: the table and JSON still stand
+            print(f"no chart ({e})", file=sys.stderr)
+            png = None
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows,
