@@ -500,11 +500,5 @@ def compile_report(arch: int = 90, cases=((50, 64), (65, 80), (197, 32), (257, 3
     return report
 
 
-def flops(batch_tokens_sq: float, num_heads: int, head_dim: int, backward: bool = False) -> float:
-    """Matmul FLOPs of attention given sum over sequences of L^2: 4*L^2*H*Dh forward, 2.5x that backward."""
-    f = 4.0 * batch_tokens_sq * num_heads * head_dim
-    return f * 2.5 if backward else f
-
-
 __all__ = ["attention_fwd", "attention_bwd", "head_dim_split", "fwd_config", "bwd_config", "bwd_fused_default",
            "compile_report", "FUSED_BWD_MAX_LEN"]
