@@ -1,6 +1,6 @@
 """`maefast bench`: training-step benchmarks and the paper's Table 2 on this machine.
 
-    maefast bench table2 [--models b,l,h] [--decoder-depths 8,1] [--impl reference,auto] [--batch N]
+    maefast bench table2 [--models base,large,huge] [--decoder-depths 8,1] [--impl reference,auto] [--batch N]
                          [--dtype bf16] [--json out.json] [--png out.png]
 
 Table 2 of the paper compares the training time of MAE (encoder on the visible 25% of the patches)
@@ -455,10 +455,17 @@ def _csv(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
+_LETTERS = {"b": "base", "l": "large", "h": "huge"}
+
+
+def _models(s: str) -> list[str]:
+    return [_LETTERS.get(v.lower(), v) for v in _csv(s)]
+
+
 def table2_main(argv) -> int:
     p = argparse.ArgumentParser(prog="maefast bench table2", description=__doc__.split("\n\n")[1])
-    p.add_argument("--models", default=None, help="comma list (b,l,h / small / tiny / full names); "
-                   "default: b,l,h on a GPU, small on the CPU")
+    p.add_argument("--models", default=None, help="comma list (base,large,huge / small / tiny / full names); "
+                   "default: base,large,huge on a GPU, small on the CPU")
     p.add_argument("--decoder-depths", default="8,1")
     p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda); default: "
                    "reference, plus auto on a GPU when the model takes impl=")
@@ -477,7 +484,7 @@ def table2_main(argv) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device) if a.device else default_device()
     on_cpu = device.type == "cpu"
-    models = _csv(a.models) if a.models else (["small"] if on_cpu else ["b", "l", "h"])
+    models = _models(a.models) if a.models else (["small"] if on_cpu else ["base", "large", "huge"])
     impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if accepts_impl() and not on_cpu else []))
     dtype = parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     depths = [int(v) for v in _csv(a.decoder_depths)]
@@ -488,7 +495,7 @@ def table2_main(argv) -> int:
     note = ""
     if on_cpu and not a.models:
         note = ("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32); the paper's ViT-B/L/H take "
-                "minutes per step here: pass --models b,l,h to run them anyway")
+                "minutes per step here: pass --models base,large,huge to run them anyway")
     if note:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))

@@ -118,11 +118,15 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the maefast checkout (+ '-dirty' when tracked files differ), or 'unknown'."""
+    """HEAD of the maefast checkout (+ '-dirty' when tracked files differ); MAEFAST_GIT_COMMIT when set
+    (a copy of the tree without .git, e.g. on a GPU machine), else 'unknown'."""
+    env = os.environ.get("MAEFAST_GIT_COMMIT")
+    if env:
+        return env
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10)
+        sha = res.stdout.strip()
+        if res.returncode != 0 or len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()

@@ -48,7 +48,7 @@ def test_stage_marks_follow_the_forward(impl):
     model = mb.build_model("tiny", impl, "cpu")
     clock = mp.StageClock(torch.device("cpu"))
     clock.switch("masking+embed")
-    with mp.StageMode(model, clock):
+    with mp.StageMarks(model, clock):
         model(torch.randn(2, 3, 32, 32))
     clock.switch(None)
     order = [label for label, _ in clock.marks if label is not None]
@@ -59,6 +59,11 @@ def test_stage_marks_follow_the_forward(impl):
     assert order[1:2 + 2 * depth] == ["encoder MLP/norms", "encoder attention"] * depth + ["encoder MLP/norms"]
     assert order[2 + 2 * depth:] == ["decoder embed + un-shuffle", "decoder", "head+loss"]
     assert set(clock.durations()) == set(mp.STAGES[:6])
+    import torch.nn.functional as F
+
+    import maefast.ops
+
+    assert not hasattr(F.linear, "__wrapped__") and not hasattr(maefast.ops.layer_norm, "__wrapped__")  # restored
 
 
 def test_stage_of_param():
