@@ -129,7 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true", help="no GPU: collect tests/benchmarks, parse outputs")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: build,tests,benchmarks,table2")
+    ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's time budget")
+    ap.add_argument("--workers", type=int, default=-1, help="pytest-xdist workers for the tests (-1: 8 when installed)")
+    ap.add_argument("--tests", default="tests", help="test paths/args for the tests step (space-separated)")
+    ap.add_argument("--bench", default="benchmarks", help="benchmark paths/args for the benchmarks step (space-separated)")
     args = ap.parse_args(argv)
+    for item in args.budget:
+        k, v = item.split("=")
+        BUDGET[k] = float(v)
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     py = sys.executable
@@ -149,10 +156,16 @@ def main(argv=None) -> int:
 
     if "tests" not in skip:
         xml = os.path.join(args.out, "tests.xml")
-        cmd = [py, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-               "-o", "junit_family=xunit1", "--durations=5"]
+        cmd = [py, "-m", "pytest", *args.tests.split(), "-m", "cuda", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={xml}", "-o", "junit_family=xunit1", "--durations=5"]
+        workers = args.workers
+        if workers < 0:
+            import importlib.util
+            workers = 8 if importlib.util.find_spec("xdist") is not None else 0
         if args.dry_run:
             cmd.append("--collect-only")
+        elif workers > 0:
+            cmd += ["-n", str(workers)]
         rc, secs, out = sh(cmd, BUDGET["tests"], log)
         record["steps"]["tests"] = {"rc": rc, "seconds": secs, **({} if args.dry_run else junit_summary(xml))}
         if args.dry_run:
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
 
     if "benchmarks" not in skip:
         bj = os.path.join(args.out, "bench.json")
-        cmd = [py, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", f"--benchmark-json={bj}"]
+        cmd = [py, "-m", "pytest", *args.bench.split(), "-q", "-p", "no:cacheprovider", f"--benchmark-json={bj}"]
         cmd += ["--collect-only"] if args.dry_run else ["--gpu"]
         rc, secs, out = sh(cmd, BUDGET["benchmarks"], log)
         record["steps"]["benchmarks"] = {"rc": rc, "seconds": secs}
