@@ -37,8 +37,10 @@ def _worker(rank, world, port, out_dir):
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _single(tmp_path):
-    res = train(TrainConfig(**COMMON, batch_size=8, output_dir=str(tmp_path / "single")))
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, global batch 8: the result the 2-process runs must reproduce."""
+    res = train(TrainConfig(**COMMON, batch_size=8, output_dir=str(tmp_path_factory.mktemp("single"))))
     assert res["steps"] == 4 and res["world_size"] == 1
     return {k: v.detach().clone() for k, v in res["model"].state_dict().items()}
 
@@ -58,7 +60,7 @@ def _compare(got: dict, want: dict, what: str, lr: float = 1e-3, steps: int = 4)
         assert_close(a, b, torch.float32, name=f"{what} {k}")
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, single):
     out = str(tmp_path / "ddp")
     os.makedirs(out)
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
@@ -66,7 +68,6 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
-    single = _single(tmp_path)
     _compare(r0, single, "DDP vs 1 process:")
     ck = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert ck["schedule"]["world_size"] == 2 and len(ck["rng"]) == 2
@@ -79,19 +80,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert (r0["blocks.0.attn.qkv.weight"] - init["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3
 
 
-def test_fsdp_via_torchrun_cli_matches_one_process(tmp_path):
+@pytest.mark.parametrize("impl, how", [("auto", "root only"), ("reference", "per block")])
+def test_fsdp_via_torchrun_cli_matches_one_process(tmp_path, single, impl, how):
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maefast",
            "train", "--fsdp", "--model", "tiny", "--data", "synthetic", "--synthetic-size", "32", "--epochs", "1",
            "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0.25", "--workers", "0", "--device", "cpu",
-           "--no-progress", "--no-plot", "--log-every", "1", "--output-dir", str(out)]
+           "--no-progress", "--no-plot", "--log-every", "1", "--impl", impl, "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "on 2 x cpu (FSDP)" in proc.stderr
+    assert f"on 2 x cpu (FSDP, {how})" in proc.stderr
     ck = load_checkpoint(str(out / "checkpoint-last.pth"))
     assert ck["step"] == 4 and ck["optimizer_format"] == "fqn"
-    _compare(ck["model"], _single(tmp_path), "FSDP vs 1 process:")
+    _compare(ck["model"], single, f"FSDP ({how}) vs 1 process:")
     enc = torch.load(out / "mae_pretrain_vit_tiny_test.pth", weights_only=True)["model"]
     for k, v in enc.items():
         assert torch.equal(v, ck["model"][k]), k

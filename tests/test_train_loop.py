@@ -178,3 +178,14 @@ def test_loss_falls_on_an_image_folder(tmp_path):
     first, last = np.mean(losses[:6]), np.mean(losses[-6:])
     assert last < 0.9 * first, (first, last)
     assert res["img_per_s"] > 0
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_smoke_and_exact_resume(tmp_path):
+    """On a GPU: bf16 autocast, pinned memory, 2 workers; loss finite; resume restores the step."""
+    cfg = _cfg(device="cuda", dtype="bfloat16", workers=2, synthetic_size=64, batch_size=8, epochs=1, lr=1e-3,
+               plot=False)
+    res = train(cfg, output_dir=str(tmp_path / "a"), max_steps=4)
+    assert res["steps"] == 4 and np.isfinite(res["final_loss"])
+    res = train(cfg, output_dir=str(tmp_path / "a"), resume=str(tmp_path / "a" / "checkpoint-last.pth"))
+    assert res["steps"] == 8 and res["encoder"].endswith("mae_pretrain_vit_tiny_test.pth")

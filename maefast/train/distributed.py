@@ -55,9 +55,16 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, sync: bool = True) -> None:
+    """Destroys the group we created. ``sync``: barrier first (on success; seen on CPU: a rank
+    that tears gloo down while a peer still finishes the last collective can abort at exit).
+    After an error no barrier: the other ranks may be elsewhere, torchrun stops them."""
     if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sync:
+                barrier(info)
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
@@ -111,17 +118,27 @@ def fsdp_flavor() -> str:
     return "fsdp2" if _fully_shard() is not None else "fsdp1"
 
 
+def fsdp_per_block(model: torch.nn.Module) -> bool:
+    """Whether FSDP may shard per block: only when forward runs through the block modules."""
+    return getattr(model, "impl", "reference") == "reference"
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn.Module:
     """DDP (or FSDP with ``fsdp=True``) around ``model`` when distributed, else ``model`` itself.
 
-    FSDP shards each transformer block (encoder and decoder) and the root. FSDP needs the same
-    initial parameters on every rank (it does not broadcast): the caller seeds before building.
+    FSDP shards each transformer block (encoder and decoder) and the root when the model calls
+    its blocks' forward (impl="reference"); maefast's fused path reads the block weights without
+    calling the block modules, so there only the root is sharded (parameters gathered once per
+    forward: ZeRO-3 storage, whole-model gather). FSDP needs the same initial parameters on every
+    rank (it does not broadcast): the caller seeds before building.
     """
     if fsdp:
         if not info.distributed:
             return model  # nothing to shard over one process
         fully_shard = _fully_shard()
         blocks = [m for name in ("blocks", "decoder_blocks") for m in getattr(model, name, [])]
+        if not fsdp_per_block(model):
+            blocks = []
         if fully_shard is not None:
             for block in blocks:
                 fully_shard(block)

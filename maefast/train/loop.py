@@ -51,6 +51,14 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     return create_model(cfg.model, **kwargs, **extra), kwargs
 
 
+def forward_kwargs(model: torch.nn.Module) -> dict:
+    """``return_pred=False`` when the model supports it (the fused path then skips the head on the
+    visible rows: training needs only the loss)."""
+    if "return_pred" in inspect.signature(model.forward).parameters:
+        return {"return_pred": False}
+    return {}
+
+
 def build_dataset(cfg: TrainConfig, num_patches: int):
     if cfg.data == "synthetic":
         return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, seed=cfg.seed)
@@ -124,15 +132,20 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
     if overrides:
         config = dataclasses.replace(config, **overrides)
     info = dist_lib.init_distributed(config.device)
+    ok = False
     try:
         cfg = resolve_config(config, world_size=info.world_size, cuda=info.device.type == "cuda")
-        return _run(cfg, info)
+        result = _run(cfg, info)
+        ok = True
+        return result
     finally:
-        dist_lib.cleanup(info)
+        dist_lib.cleanup(info, sync=ok)
 
 
 def _run(cfg: TrainConfig, info) -> dict:
     device = info.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the official main_pretrain.py (the patch-embed conv)
     for note in cfg.notes:
         _say(info, note)
     # Same initial weights on every rank (FSDP does not broadcast them), then per-rank streams.
@@ -204,9 +217,11 @@ def _run(cfg: TrainConfig, info) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
     log = _Log(os.path.join(cfg.output_dir, "log.jsonl") if info.is_main else None)
     step_log = _Log(os.path.join(cfg.output_dir, "steps.jsonl") if info.is_main else None)
+    fsdp_desc = f" (FSDP, {'per block' if dist_lib.fsdp_per_block(model) else 'root only'})"
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _say(info, f"{cfg.model} ({n_params / 1e6:.1f}M trainable) at {cfg.input_size}px on {info.world_size} x "
-               f"{device.type}{' (FSDP)' if fsdp else ' (DDP)' if info.distributed else ''}, {cfg.dtype}; "
+               f"{device.type}{fsdp_desc if fsdp else ' (DDP)' if info.distributed else ''}, {cfg.dtype}, "
+               f"impl {getattr(model, 'impl', 'reference')}; "
                f"{len(dataset)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs; effective batch "
                f"{eff_batch}, lr {lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs:g} epochs")
 
@@ -242,11 +257,14 @@ def _run(cfg: TrainConfig, info) -> dict:
                    mininterval=1.0, file=sys.stderr)
 
     ddp = wrapped if info.distributed and not fsdp else None
+    fwd_kwargs = forward_kwargs(model)
     final_loss, skipped_total, run_images, run_time = float("nan"), 0, 0, 0.0
     windows = []  # (images, seconds) per log window, for the steady-state speed
     stop = False
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break  # resumed at (or past) --max-steps: nothing left to do
         sampler.set_epoch(epoch)
         first = start_batch if epoch == start_epoch else 0
         sampler.set_start(first * cfg.batch_size)
@@ -285,7 +303,7 @@ def _run(cfg: TrainConfig, info) -> dict:
                 wrapped.set_requires_gradient_sync(boundary)
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, _, _ = runner(images, mask_ratio=cfg.mask_ratio, noise=noise)
+                    loss, _, _ = runner(images, mask_ratio=cfg.mask_ratio, noise=noise, **fwd_kwargs)
                 scaler.scale(loss * (weight / cfg.accum_iter)).backward()
             loss_d = loss.detach().double() * weight
             loss_sum += loss_d
