@@ -122,7 +122,7 @@ def _official_forward(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, ret
     return loss, pred, mask
 
 
-def patch(model: nn.Module, impl: str = "auto", *, fused: bool = True, grad_checkpointing: bool = False) -> nn.Module:
+def patch(model: nn.Module, impl: str = "auto", *, fused: bool = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
     Official-style models: forward(imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True)

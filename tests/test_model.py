@@ -243,9 +243,20 @@ GPU_CFG = dict(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4,
                decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True)  # head dims 64 and 32, L = 196
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 oracles on the GPU: cuDNN convolutions (the reference patch embedding) default to TF32."""
+    import torch.backends.cudnn as cudnn
+
+    saved = (cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+    yield
+    cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["auto", "triton", "cuda"])
-def test_gpu_fast_model_equals_official(impl):
+def test_gpu_fast_model_equals_official(impl, no_tf32):
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**GPU_CFG).cuda()
     imgs, noise = torch.randn(8, 3, 224, 224, device="cuda"), torch.rand(8, 196, device="cuda")
@@ -269,7 +280,7 @@ def test_gpu_fast_model_equals_official(impl):
 
 
 @pytest.mark.cuda
-def test_gpu_patched_transformers_equals_unpatched():
+def test_gpu_patched_transformers_equals_unpatched(no_tf32):
     pytest.importorskip("transformers")
     from maefast.convert import to_transformers_model
 

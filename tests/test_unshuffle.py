@@ -50,8 +50,8 @@ def _check(impl, x, tok, ids, pos, dtype):
     assert_close(got[1], ref[1], dtype, name=names[1])  # a pure scatter: exact up to rounding of g
     for i in range(2, len(got)):
         assert got[i].dtype == ref[i].dtype
-        if dtype == torch.float32:
-            assert_close(got[i], ref[i], torch.float32, name=names[i])
+        # Reductions over N*(L-K) terms: the fp32 reference itself is inexact there (seen on an H200:
+        # 6e-5 off at |g| ~ 150 for 64x147 terms), so they are judged against the fp64 oracle only.
         assert_error_ratio(got[i], ref[i], oracle[i], dtype, "backward", name=names[i])
 
 

@@ -88,11 +88,23 @@ def _ln(x: torch.Tensor, norm: nn.LayerNorm, fused: bool, impl: str, out_dtype) 
     return norm(x)
 
 
+def attention_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
+    """impl="cuda" at model level: the CUDA C++ attention (fp16/bf16 forward, L <= 128) where it runs,
+    the Triton kernels elsewhere (e.g. fp32, or the decoder's 197/257 tokens)."""
+    if impl != "cuda":
+        return impl
+    from ..ops.attention import _kernel_unsupported
+
+    why = _kernel_unsupported("cuda", qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
+    return "cuda" if why is None else "auto"
+
+
 def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused: bool, out_dtype) -> torch.Tensor:
     """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
     h = _ln(x, bv.norm1, fused, impl, out_dtype)
     w, b = bv.qkv()
-    a = ops.visible_attention(F.linear(h, w, b), bv.num_heads, scale=bv.scale, impl=op_impl(impl, "attention"))
+    qkv = F.linear(h, w, b)
+    a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=attention_impl(impl, qkv, bv.num_heads))
     a = bv.proj(a)
     if fused:
         h2, x = ops.add_layer_norm(a, x, bv.norm2.weight, bv.norm2.bias, bv.norm2.eps, impl=op_impl(impl, "ln"),
@@ -133,7 +145,7 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
 
 
 def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None, *,
-                 seed: int | None = None, impl: str = "auto", fused: bool = True, grad_checkpointing: bool = False,
+                 seed: int | None = None, impl: str = "auto", fused: bool = False, grad_checkpointing: bool = False,
                  return_pred: bool = True):
     """The MAE training forward on maefast's ops.
 

@@ -16,7 +16,10 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         impl: "auto" | "triton" | "cuda" | "reference". "reference" runs the official computation;
             the others run the fused path with that backend for every op ("auto": the fastest
             verified one on CUDA, the reference composition of each op on the CPU).
-        fused: fuse residual-add + LayerNorm and bias + GELU (Triton) in the fused path.
+        fused: use maefast's Triton residual-add + LayerNorm and bias + GELU ops instead of torch's
+            LayerNorm/GELU. Off by default: on an H200 (2026-11-27) the raw kernels ran 1.2-2.0x
+            torch's eager ops, but through the custom-op + autograd path their forward+backward ran at
+            0.11-0.45x (per-call overhead), and the whole step was slower with them (README).
         grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside).
 
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
@@ -25,7 +28,7 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         the head on the visible rows (pred is None) — what training loops want.
     """
 
-    def __init__(self, *args, impl: str = "auto", fused: bool = True, grad_checkpointing: bool = False, **kwargs):
+    def __init__(self, *args, impl: str = "auto", fused: bool = False, grad_checkpointing: bool = False, **kwargs):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         super().__init__(*args, **kwargs)
