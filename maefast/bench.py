@@ -287,8 +287,25 @@ def _provider_maefast(name, device, **overrides):
     return build_model(name, "auto", device, **overrides), False
 
 
+def _provider_maefast_fused(name, device, **overrides):
+    # the same with maefast's Triton residual+LayerNorm and bias+GELU ops (fused=True): the row that
+    # decides the model's `fused` default on a GPU
+    return build_model(name, "auto", device, fused=True, **overrides), False
+
+
+def _provider_maefast_patch(name, device, **overrides):
+    # maefast.patch on an official-layout model (the reference class): what a user of the official code gets
+    from .patching import patch
+
+    model = build_model(name, "reference", device, **overrides)
+    model.impl = "auto"  # TrainStep passes return_pred=False to the patched forward too
+    return patch(model), False
+
+
 if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
     STEP_PROVIDERS["maefast"] = _provider_maefast
+    STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
+    STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
 
 
 def register_step_provider(name: str, builder: Callable) -> None:
