@@ -8,32 +8,15 @@
 // img[n, c, hi * p + p_row, wi * p + p_col]. With norm: fp32 mean, unbiased var, IEEE sqrt/div.
 // Forward writes w * row loss per patch (fp32, summed by torch: deterministic); backward writes
 // grad = (*scale) * w * 2 / P * (pred - target), scale = grad_loss / sum(w) read on the device.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "common.h"
+#include "dtype.cuh"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using maefast::from_f;
+using maefast::to_f;
 
 constexpr int kThreads = 256;  // a multiple of 32, at most 1024 (block_sum's layout)
 constexpr float kEps = 1e-6f;

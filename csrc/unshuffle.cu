@@ -6,32 +6,15 @@
 //   otherwise                     -> tok + pos[1 + l]
 // Any index outside [0, K) reads the mask token, so no access ever leaves its buffer.
 // mask token and pos arrive in x's dtype (rounded in Python, as the reference does); math in fp32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "common.h"
+#include "dtype.cuh"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using maefast::from_f;
+using maefast::to_f;
 
 constexpr int kThreads = 128;
 

@@ -53,3 +53,11 @@ def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"
 def stream_of(t: torch.Tensor) -> int:
     """The current torch CUDA stream of t's device, as an int for maefast._C."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dtype.cuh DTypeCode
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The code maefast._C's kernels take for a float dtype (csrc/dtype.cuh)."""
+    return _DTYPE_CODES[dtype]

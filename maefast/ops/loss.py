@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.patchify import patchify
-from ._backend import choose_impl, stream_of
+from ._backend import choose_impl, dtype_code, stream_of
 
 PRED_ON = ("all", "masked")
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -87,7 +87,7 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
     m = pred.shape[1]
     k = L - m if pred_masked else 0
     common = (n, L, gw, k, m, c, patch_size, *pred.stride(), *imgs.stride(), *wt.stride(), bool(norm_pix),
-              bool(pred_masked), _dtype_code(pred.dtype), _dtype_code(imgs.dtype), stream_of(pred))
+              bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), stream_of(pred))
     if fwd:
         rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
         with torch.cuda.device(pred.device):  # the extension launches on the current device
@@ -98,10 +98,6 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
         C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(),
                             *common)
     return gpred
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
 # -- custom op ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ..reference import unshuffle as _reference_unshuffle
-from ._backend import choose_impl, stream_of
+from ._backend import choose_impl, dtype_code, stream_of
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -57,7 +57,7 @@ def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
     out = torch.empty(n, L + 1, d, dtype=x_vis.dtype, device=x_vis.device)
     with _on_device(x_vis):
         C.unshuffle_fwd(x_vis.data_ptr(), tok.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(),
-                        n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), _dtype_code(x_vis.dtype),
+                        n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), dtype_code(x_vis.dtype),
                         stream_of(x_vis))
     return out
 
@@ -77,7 +77,7 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
     with _on_device(grad):
         C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
                         n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
-                        _dtype_code(grad.dtype), stream_of(grad))
+                        dtype_code(grad.dtype), stream_of(grad))
     return gx, tok_part.sum((0, 1)), (pos_part.sum(0) if need_pos else None)
 
 
@@ -95,10 +95,6 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
 def _on_device(t: torch.Tensor):
     # The extension launches on the current device: make it t's.
     return torch.cuda.device(t.device)
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
 # -- custom op ------------------------------------------------------------------------------------
