@@ -43,14 +43,14 @@ CASES = _cases()
 # every registered provider (the fast model appends its rows with register_step_provider), except
 # whole-model compile, which costs minutes of compilation per model: opt in with the env var
 PROVIDERS = [p for p in mb.STEP_PROVIDERS
-             if p != "compile-full" or os.environ.get("MAEFAST_BENCH_COMPILE_FULL") == "1"]
+             if p not in ("compile-full", "maefast-compile") or os.environ.get("MAEFAST_BENCH_COMPILE_FULL") == "1"]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
 def test_train_step(benchmark, device, case, provider):
     name, batch = case
-    if provider.startswith("compile") and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+    if "compile" in provider and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":

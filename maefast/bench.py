@@ -302,8 +302,15 @@ def _provider_maefast_patch(name, device, **overrides):
     return patch(model), False
 
 
+def _provider_maefast_compile(name, device, **overrides):
+    # torch.compile of the whole fast model (the maefast ops stay opaque): removes the Python glue
+    # between the ops, the suspected limit of the eager fast path at launch-bound batch sizes
+    return build_model(name, "auto", device, **overrides), True
+
+
 if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
     STEP_PROVIDERS["maefast"] = _provider_maefast
+    STEP_PROVIDERS["maefast-compile"] = _provider_maefast_compile
     STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
 

@@ -19,7 +19,7 @@ def masking_ids(batch: int, num_patches: int, mask_ratio: float, *, noise: torch
                 dtype: torch.dtype = torch.float32) -> MaskIds:
     """The index side of random masking.
 
-    ids_shuffle = argsort(noise) (ascending: small noise is kept), ids_restore = argsort(ids_shuffle),
+    ids_shuffle = argsort(noise) (ascending: small noise is kept; ties by index), ids_restore = argsort(ids_shuffle),
     len_keep = floor(L * (1 - mask_ratio)), ids_keep = ids_shuffle[:, :len_keep],
     mask (1 = removed) in the original patch order, float32 like the official (``dtype``).
     """
@@ -32,7 +32,9 @@ def masking_ids(batch: int, num_patches: int, mask_ratio: float, *, noise: torch
             raise ValueError(f"noise must have shape (N, L) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
         if not noise.is_floating_point():
             raise TypeError(f"noise must be a floating point tensor, got {noise.dtype}")
-    ids_shuffle = torch.argsort(noise, dim=1)
+    # stable: equal noise values keep index order, as every maefast kernel does (the official
+    # unstable argsort may order ties either way; for continuous noise there are none)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     mask = torch.ones(batch, num_patches, device=noise.device, dtype=dtype)
