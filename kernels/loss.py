@@ -23,13 +23,13 @@ NORM_PIX_EPS = 1e-6
 @triton.jit
 def _rows(
     pred_ptr, img_ptr, w_ptr, ids_ptr,
-    pid, NL, L, GW, K, M, P, C,
+    pid, NL, L, GW, K, M, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
-    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Loads BLOCK_M patch rows; returns (pred - target in fp32, weight, pred-row offsets, pred-row valid, e valid)."""
@@ -49,11 +49,13 @@ def _rows(
         active = row_ok & (w != 0.0)
         prow = l
         pred_ok = row_ok
-    e = tl.arange(0, BLOCK_P).to(tl.int64)
-    em = e < P
-    c = e % C
-    pc = (e // C) % PATCH
-    pr = e // (C * PATCH)
+    # (p_row, p_col, c) of each element: constexpr divisors (strength-reduced), int32 until the offsets
+    e32 = tl.arange(0, BLOCK_P)
+    em = e32 < P
+    c = (e32 % CHANNELS).to(tl.int64)
+    pc = ((e32 // CHANNELS) % PATCH).to(tl.int64)
+    pr = (e32 // (CHANNELS * PATCH)).to(tl.int64)
+    e = e32.to(tl.int64)
     hi = l // GW
     wi = l % GW
     img_off = (n[:, None] * stride_img_n + c[None, :] * stride_img_c
@@ -79,22 +81,22 @@ def _norm_pix_loss_fwd_kernel(
     w_ptr,      # (N, L) fp32 mask (PRED_MASKED=False)
     ids_ptr,    # (N, L) int64 ids_restore (PRED_MASKED=True)
     part_ptr,   # (num_programs,) fp32 partial sums of w * row loss
-    NL, L, GW, K, M, P, C,
+    NL, L, GW, K, M, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
-    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     diff, w, n, prow, pred_ok, e, em = _rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P, C,
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P,
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        PATCH, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+        PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
     row_loss = tl.sum(diff * diff, axis=1) / P
     contrib = tl.where(pred_ok, row_loss * w, 0.0)
     tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
@@ -105,23 +107,23 @@ def _norm_pix_loss_bwd_kernel(
     pred_ptr, img_ptr, w_ptr, ids_ptr,
     scale_ptr,  # () fp32: grad_loss / sum(w)
     gpred_ptr,  # like pred, contiguous, pred's dtype
-    NL, L, GW, K, M, P, C,
+    NL, L, GW, K, M, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     R,          # rows of pred per sample (L or M)
     eps,
-    PATCH: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
+    PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     diff, w, n, prow, pred_ok, e, em = _rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P, C,
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P,
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        PATCH, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+        PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
     scale = tl.load(scale_ptr)
     g = diff * ((scale * 2.0 / P) * w)[:, None]
     tl.store(gpred_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
@@ -146,10 +148,10 @@ def _args(pred, imgs, weight, ids, patch_size, len_keep):
     M = pred.shape[1]
     wt = weight if weight is not None else ids
     it = ids if ids is not None else weight
-    return (N * L, L, GW, len_keep, M, P, C,
+    return (N * L, L, GW, len_keep, M, P,
             pred.stride(0), pred.stride(1), pred.stride(2),
             imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
-            wt.stride(0), wt.stride(1), it.stride(0), it.stride(1)), (wt, it), N * L, P
+            wt.stride(0), wt.stride(1), it.stride(0), it.stride(1)), (wt, it), N * L, P, C
 
 
 def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
@@ -158,13 +160,13 @@ def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tens
     mask: pred is (N, L, P)) and ids_restore ((N, L) int64: pred is (N, L - len_keep, P), masked
     patches in shuffle order) is given. Returns sum over patches of w * row loss, a 0-d fp32 tensor
     (the caller divides by sum(w))."""
-    args, (wt, it), NL, P = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    args, (wt, it), NL, P, C = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
     block_m, block_p, warps = _config(P, pred.device)
     grid = (triton.cdiv(NL, block_m),)
     part = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
     _norm_pix_loss_fwd_kernel[grid](
         pred, imgs, wt, it, part, *args, NORM_PIX_EPS,
-        PATCH=patch_size, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
     return part.sum()
 
@@ -174,12 +176,12 @@ def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tenso
     """Launcher. scale: 0-d fp32 tensor grad_loss / sum(w) (stays on the device: no host sync).
     Returns grad of pred (contiguous, pred's dtype). With ids_restore, every row is written once
     when ids_restore is a permutation (as from masking)."""
-    args, (wt, it), NL, P = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    args, (wt, it), NL, P, C = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
     block_m, block_p, warps = _config(P, pred.device)
     grid = (triton.cdiv(NL, block_m),)
     gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     _norm_pix_loss_bwd_kernel[grid](
         pred, imgs, wt, it, scale, gpred, *args, pred.shape[1], NORM_PIX_EPS,
-        PATCH=patch_size, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
     return gpred
