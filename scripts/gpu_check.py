@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's time budget")
     ap.add_argument("--workers", type=int, default=-1, help="pytest-xdist workers for the tests (-1: 8 when installed)")
     ap.add_argument("--tests", default="tests", help="test paths/args for the tests step (space-separated)")
-    ap.add_argument("--bench", default="benchmarks -k 'not compile or train_step'", help="benchmark paths/args for the benchmarks step (space-separated)")
+    ap.add_argument("--bench", default="benchmarks/bench_step.py benchmarks/bench_masking.py benchmarks/bench_attention.py "
+                    "benchmarks/bench_loss.py benchmarks/bench_unshuffle.py benchmarks/bench_fused.py "
+                    "-k 'not compile or train_step'", help="benchmark paths/args for the benchmarks step (space-separated)")
     args = ap.parse_args(argv)
     for item in args.budget:
         k, v = item.split("=")
