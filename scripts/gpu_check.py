@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, seconds) -- the total stays under ~8 minutes of an H100 including the build.
-BUDGET = {"build": 90, "tests": 150, "benchmarks": 150, "table2": 100, "profile": 40}
+BUDGET = {"build": 90, "tests": 150, "diagnose": 60, "benchmarks": 150, "table2": 100, "profile": 40}
 
 
 def sh(cmd: list[str], timeout: float, log) -> tuple[int, float, str]:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true", help="no GPU: collect tests/benchmarks, parse outputs")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: build,tests,benchmarks,table2,profile")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: build,tests,diagnose,benchmarks,table2,profile")
     ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's time budget")
     ap.add_argument("--workers", type=int, default=-1, help="pytest-xdist workers for the tests (-1: 8 when installed)")
     ap.add_argument("--tests", default="tests", help="test paths/args for the tests step (space-separated)")
@@ -174,6 +174,14 @@ def main(argv=None) -> int:
         if args.dry_run:
             m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
             record["steps"]["tests"]["collected"] = int(m.group(1)) if m else 0
+
+    if "diagnose" not in skip:
+        dj = os.path.join(args.out, "diagnose.json")
+        cmd = [py, "scripts/diagnose_dispatch.py", dj]
+        rc, secs, out = sh(cmd, BUDGET["diagnose"], log)
+        record["steps"]["diagnose"] = {"rc": rc, "seconds": secs}
+        if os.path.exists(dj):
+            record["diagnose"] = json.load(open(dj))
 
     if "benchmarks" not in skip:
         bj = os.path.join(args.out, "bench.json")
