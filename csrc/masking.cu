@@ -40,11 +40,14 @@ __device__ __forceinline__ float uint_to_uniform(unsigned int u) {
 
 // noise_kind: 0 = draw Philox from (seed, offset), 1 = float32 noise, 2 = float64 noise.
 __global__ void random_masking_kernel(const void* __restrict__ noise, long long stride_n, long long stride_l,
-                                      int noise_kind, unsigned long long seed, unsigned long long offset,
-                                      long long L, long long K, long long* __restrict__ ids_keep,
-                                      long long* __restrict__ ids_restore, float* __restrict__ mask) {
+                                      int noise_kind, unsigned long long seed, const long long* __restrict__ seed_ptr,
+                                      unsigned long long offset, long long L, long long K,
+                                      long long* __restrict__ ids_keep, long long* __restrict__ ids_restore,
+                                      float* __restrict__ mask) {
   extern __shared__ double s_noise[];  // [L]
   const long long n = blockIdx.x;
+  // A device seed (1-element int64 tensor) is read here, so a CUDA graph replays with its current value.
+  if (seed_ptr != nullptr) seed = static_cast<unsigned long long>(*seed_ptr);
   const unsigned int k0 = static_cast<unsigned int>(seed & 0xffffffffull);
   const unsigned int k1 = static_cast<unsigned int>(seed >> 32);
   for (long long j = threadIdx.x; j < L; j += blockDim.x) {
@@ -76,7 +79,8 @@ __global__ void random_masking_kernel(const void* __restrict__ noise, long long 
 
 void random_masking(std::uintptr_t noise, long long stride_n, long long stride_l, int noise_kind,
                     unsigned long long seed, unsigned long long offset, long long N, long long L, long long K,
-                    std::uintptr_t ids_keep, std::uintptr_t ids_restore, std::uintptr_t mask, std::uintptr_t stream) {
+                    std::uintptr_t ids_keep, std::uintptr_t ids_restore, std::uintptr_t mask, std::uintptr_t stream,
+                    std::uintptr_t seed_ptr) {
   if (N < 0 || N > 2147483647LL) throw py::value_error("random_masking: batch must be in [0, 2**31)");
   if (L < 1 || L > MAX_L) throw py::value_error("random_masking: num_patches must be in [1, 4096]");
   if (K < 1 || K > L) throw py::value_error("random_masking: len_keep must be in [1, num_patches]");
@@ -87,7 +91,8 @@ void random_masking(std::uintptr_t noise, long long stride_n, long long stride_l
   const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>((L + RANK_THREADS - 1) / RANK_THREADS));
   const size_t smem = static_cast<size_t>(L) * sizeof(double);
   random_masking_kernel<<<grid, RANK_THREADS, smem, maefast::as_stream(stream)>>>(
-      reinterpret_cast<const void*>(noise), stride_n, stride_l, noise_kind, seed, offset, L, K,
+      reinterpret_cast<const void*>(noise), stride_n, stride_l, noise_kind, seed,
+      reinterpret_cast<const long long*>(seed_ptr), offset, L, K,
       maefast::as_ptr<long long>(ids_keep), maefast::as_ptr<long long>(ids_restore), maefast::as_ptr<float>(mask));
   MAEFAST_LAUNCH_CHECK();
 }
@@ -98,6 +103,8 @@ MAEFAST_REGISTER(masking) {
   m.def("random_masking", &random_masking, py::arg("noise"), py::arg("stride_n"), py::arg("stride_l"),
         py::arg("noise_kind"), py::arg("seed"), py::arg("offset"), py::arg("batch"), py::arg("num_patches"),
         py::arg("len_keep"), py::arg("ids_keep"), py::arg("ids_restore"), py::arg("mask"), py::arg("stream"),
+        py::arg("seed_ptr") = 0,
         "Random masking of (batch, num_patches) into ids_keep (N,K) int64, ids_restore (N,L) int64, mask (N,L) "
-        "float32; noise_kind 0 draws Philox noise from (seed, offset), 1/2 read float32/float64 noise");
+        "float32; noise_kind 0 draws Philox noise from (seed, offset) — seed read from the device int64 at "
+        "seed_ptr when it is not 0 — 1/2 read float32/float64 noise");
 }

@@ -29,15 +29,19 @@ def _random_masking_fwd_kernel(
     ids_keep_ptr,     # (N, K) int64, contiguous
     ids_restore_ptr,  # (N, L) int64, contiguous
     mask_ptr,         # (N, L) float32, contiguous
+    seed_ptr,         # (1,) int64 device seed, read when SEED_FROM_PTR (CUDA-graph replays see its value)
     stride_noise_n, stride_noise_l,
     seed, offset,
     L, K,
     HAS_NOISE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1).to(tl.int64)
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
     valid_i = offs_i < L
     v_i = _noise_block(noise_ptr, stride_noise_n, stride_noise_l, n, offs_i, valid_i, seed, offset, L, HAS_NOISE)
@@ -64,8 +68,10 @@ def _config(L: int) -> tuple[int, int, int]:
 
 
 def random_masking_triton(batch: int, num_patches: int, len_keep: int, noise: torch.Tensor | None,
-                          seed: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher; inputs validated by maefast.ops.random_masking. Returns (ids_keep, ids_restore, mask)."""
+                          seed: int, offset: int, device: torch.device, seed_tensor: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher; inputs validated by maefast.ops.random_masking. Returns (ids_keep, ids_restore, mask).
+    seed_tensor: a 1-element int64 tensor on `device` read by the kernel instead of `seed`."""
     N, L, K = batch, num_patches, len_keep
     ids_keep = torch.empty(N, K, dtype=torch.int64, device=device)
     ids_restore = torch.empty(N, L, dtype=torch.int64, device=device)
@@ -77,7 +83,9 @@ def random_masking_triton(batch: int, num_patches: int, len_keep: int, noise: to
     src = noise if has_noise else mask  # dummy pointer when the kernel draws its own noise
     sn, sl = (noise.stride(0), noise.stride(1)) if has_noise else (0, 0)
     grid = (N, triton.cdiv(L, block_i))
+    from_ptr = seed_tensor is not None and not has_noise
     _random_masking_fwd_kernel[grid](
-        src, ids_keep, ids_restore, mask, sn, sl, seed, offset, L, K,
-        HAS_NOISE=has_noise, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=warps)
+        src, ids_keep, ids_restore, mask, seed_tensor if from_ptr else ids_restore, sn, sl,
+        0 if from_ptr else seed, offset, L, K,
+        HAS_NOISE=has_noise, SEED_FROM_PTR=from_ptr, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=warps)
     return ids_keep, ids_restore, mask

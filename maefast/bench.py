@@ -311,6 +311,7 @@ def _provider_maefast_compile(name, device, **overrides):
 if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
     STEP_PROVIDERS["maefast"] = _provider_maefast
     STEP_PROVIDERS["maefast-compile"] = _provider_maefast_compile
+    STEP_PROVIDERS["maefast-graph"] = _provider_maefast  # the same model, its step captured (GraphTrainStep)
     STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
 
@@ -320,11 +321,40 @@ def register_step_provider(name: str, builder: Callable) -> None:
     STEP_PROVIDERS[name] = builder
 
 
+class GraphTrainStep:
+    """The fast model's step captured in a CUDA graph (`maefast.graphs.CUDAGraphTrainStep`), AdamW
+    with capturable=True and the paper's betas; replays on a fixed batch."""
+
+    def __init__(self, model: nn.Module, imgs: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
+                 mask_ratio: float = 0.75, lr: float = 1.5e-4):
+        from .graphs import CUDAGraphTrainStep
+
+        if imgs.device.type != "cuda":
+            raise ValueError("the CUDA-graph step needs a CUDA device")
+        if dtype == torch.float16:
+            raise ValueError("the CUDA-graph step takes no GradScaler: use bf16 or fp32")
+        self.model, self.imgs = model, imgs
+        self.opt = torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), capturable=True)
+        self.step = CUDAGraphTrainStep(model, self.opt, imgs, mask_ratio=mask_ratio,
+                                       autocast_dtype=None if dtype == torch.float32 else dtype)
+
+    def __call__(self):
+        return self.step(self.imgs)
+
+
+GRAPH_PROVIDERS = {"maefast-graph"}
+
+
 def make_step(provider: str, name: str, batch: int, *, device=None, dtype=torch.float32, mask_ratio=0.75,
               **overrides) -> TrainStep:
     if provider not in STEP_PROVIDERS:
         raise ValueError(f"provider must be one of {sorted(STEP_PROVIDERS)}, got {provider!r}")
     device = torch.device(device) if device is not None else default_device()
+    if provider in GRAPH_PROVIDERS:
+        if device.type != "cuda":
+            raise ValueError("the CUDA-graph step needs a CUDA device")
+        model, _ = STEP_PROVIDERS[provider](name, device, **overrides)
+        return GraphTrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio)
     model, compile_ = STEP_PROVIDERS[provider](name, device, **overrides)
     return TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio,
                      compile=compile_)

@@ -57,7 +57,7 @@ def _reference(batch: int, num_patches: int, len_keep: int, noise: Optional[torc
 
 
 def _cuda(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Tensor], seed: int, offset: int,
-          device: torch.device):
+          device: torch.device, seed_ptr: int = 0):
     C = get_C()
     N, L, K = batch, num_patches, len_keep
     ids_keep = torch.empty(N, K, dtype=torch.int64, device=device)
@@ -72,7 +72,7 @@ def _cuda(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Ten
         ptr, sn, sl = noise.data_ptr(), noise.stride(0), noise.stride(1)
     with torch.cuda.device(device):
         C.random_masking(ptr, sn, sl, kind, seed, offset, N, L, K, ids_keep.data_ptr(), ids_restore.data_ptr(),
-                         mask.data_ptr(), stream_of(mask))
+                         mask.data_ptr(), stream_of(mask), seed_ptr)
     return ids_keep, ids_restore, mask
 
 
@@ -82,16 +82,21 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
                        impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if noise is None and seed is None:
         raise ValueError("maefast::random_masking needs noise or a seed")
-    # seed is a 1-element CPU int64 tensor: reading it never waits on the GPU.
-    s = int(seed.reshape(-1)[0]) if noise is None else 0
+    # seed: a 1-element int64 tensor, on the CPU (read here: never waits on the GPU) or on the output
+    # CUDA device (a "device seed", read by the kernels: CUDA-graph capturable).
+    dev_seed = noise is None and seed.device.type != "cpu"
+    s = int(seed.reshape(-1)[0]) if noise is None and not dev_seed else 0
     device = noise.device if noise is not None else torch.device(device)
     chosen = _resolve(impl, device, num_patches, noise)
     if chosen == "triton":
         from ..kernels.masking import random_masking_triton
 
-        return random_masking_triton(batch, num_patches, len_keep, noise, s, offset, device)
+        return random_masking_triton(batch, num_patches, len_keep, noise, s, offset, device,
+                                     seed_tensor=seed if dev_seed else None)
     if chosen == "cuda":
-        return _cuda(batch, num_patches, len_keep, noise, s, offset, device)
+        return _cuda(batch, num_patches, len_keep, noise, s, offset, device, seed.data_ptr() if dev_seed else 0)
+    if dev_seed:
+        s = int(seed.item())  # the reference reads a device seed on the host (a sync)
     return _reference(batch, num_patches, len_keep, noise, s, offset, device)
 
 
@@ -133,8 +138,11 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         mask_ratio: fraction removed, in (0, 1); K = len_keep = floor(L * (1 - mask_ratio)) >= 1.
         noise: optional (N, L) float noise (any float dtype, finite): the result is then the official
             masking of it (ascending noise is kept; equal values keep index order).
-        seed: without ``noise``, the Philox seed, an int in [0, 2**63) or a 1-element int64 CPU tensor.
-            None draws one from torch's default CPU generator (``torch.manual_seed`` reproduces it).
+        seed: without ``noise``, the Philox seed, an int in [0, 2**63) or a 1-element int64 CPU tensor,
+            or a 1-element int64 tensor on the output CUDA device ("device seed": the kernels read it,
+            so a CUDA graph can capture the op and replay it with a new value; its range is not
+            checked, that would sync). None draws one from torch's default CPU generator
+            (``torch.manual_seed`` reproduces it).
         offset: Philox counter offset (>= 0): sample n, patch l uses counter offset + n*L + l, so
             consecutive draws with one seed use offset += N*L.
         device: where the outputs live when ``noise`` is None (default: torch's default device).
@@ -172,10 +180,15 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
             seed_t = torch.randint(0, SEED_BOUND // 2, (1,), dtype=torch.int64)
         elif isinstance(seed, torch.Tensor):
             if not compiling():
-                if seed.device.type != "cpu" or seed.numel() != 1 or seed.dtype != torch.int64:
-                    raise ValueError("a seed tensor must be a 1-element int64 CPU tensor (reading a GPU tensor "
-                                     f"would sync the host); got {seed.numel()} elements, {seed.dtype} on {seed.device}")
-                check_seed_offset(int(seed.reshape(-1)[0]), offset, batch * num_patches)
+                on_device = seed.device.type == "cuda" and seed.device == out_device
+                if (seed.device.type != "cpu" and not on_device) or seed.numel() != 1 or seed.dtype != torch.int64:
+                    raise ValueError("a seed tensor must be a 1-element int64 tensor on the CPU or on the output "
+                                     f"CUDA device ({out_device}); got {seed.numel()} elements, {seed.dtype} on "
+                                     f"{seed.device}")
+                if on_device:
+                    check_seed_offset(0, offset, batch * num_patches)  # its value is not read here (no sync)
+                else:
+                    check_seed_offset(int(seed.reshape(-1)[0]), offset, batch * num_patches)
             seed_t = seed.reshape(1)
         else:
             if not compiling():
