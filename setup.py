@@ -48,7 +48,7 @@ setup(
     cmdclass={"build_ext": NvccBuildExt},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system=='Linux'",
+        "triton>=3.4; platform_system=='Linux'",  # 3.4+: tl.rand's 32-bit Philox on int64 counters
         "pybind11>=2.12",
         "ninja",
         "numpy",

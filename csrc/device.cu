@@ -59,8 +59,12 @@ py::dict device_properties(int device) {
 }
 
 void synchronize(int device) {
+  int prev = 0;
+  MAEFAST_CUDA_CHECK(cudaGetDevice(&prev));
   MAEFAST_CUDA_CHECK(cudaSetDevice(device));
-  MAEFAST_CUDA_CHECK(cudaDeviceSynchronize());
+  const cudaError_t st = cudaDeviceSynchronize();
+  MAEFAST_CUDA_CHECK(cudaSetDevice(prev));  // leave the caller's (torch's) current device as it was
+  MAEFAST_CUDA_CHECK(st);
 }
 
 std::string error_name(int code) { return cudaGetErrorName(static_cast<cudaError_t>(code)); }

@@ -67,10 +67,15 @@ __global__ void random_masking_kernel(const void* __restrict__ noise, long long 
   const long long i = static_cast<long long>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (i >= L) return;
   const double vi = s_noise[i];
+  const bool nan_i = isnan(vi);
   long long rank = 0;
   for (long long j = 0; j < L; ++j) {
     const double vj = s_noise[j];
-    rank += (vj < vi || (vj == vi && j < i)) ? 1 : 0;
+    const bool nan_j = isnan(vj);
+    // NaN ranks after every number (torch's sort order), NaNs among themselves by index
+    const bool lt = vj < vi || (nan_i && !nan_j);
+    const bool eq = vj == vi || (nan_i && nan_j);
+    rank += (lt || (eq && j < i)) ? 1 : 0;
   }
   ids_restore[n * L + i] = rank;
   mask[n * L + i] = rank >= K ? 1.0f : 0.0f;

@@ -40,13 +40,14 @@ def head_dim_split(head_dim: int, pad: bool = False) -> tuple[int, int]:
 
 @triton.jit
 def _load_rows(base_ptr, rows, row_mask, cols, col_mask, stride_l, stride_c):
-    return tl.load(base_ptr + rows[:, None] * stride_l + cols[None, :] * stride_c,
+    # int64 row offsets: "any strides" admits row strides where rows * stride_l passes 2**31
+    return tl.load(base_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_c,
                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
 
 
 @triton.jit
 def _store_rows(base_ptr, val, rows, row_mask, cols, col_mask, stride_l, stride_c):
-    tl.store(base_ptr + rows[:, None] * stride_l + cols[None, :] * stride_c, val,
+    tl.store(base_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :] * stride_c, val,
              mask=row_mask[:, None] & col_mask[None, :])
 
 

@@ -179,7 +179,9 @@ def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tenso
     args, (wt, it), NL, P, C = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
     block_m, block_p, warps = _config(P, pred.device)
     grid = (triton.cdiv(NL, block_m),)
-    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    # pred_on="masked": zeros, so a row no id maps to (ids_restore not a permutation) is 0, not stale memory
+    alloc = torch.zeros if ids_restore is not None else torch.empty
+    gpred = alloc(pred.shape, dtype=pred.dtype, device=pred.device)
     _norm_pix_loss_bwd_kernel[grid](
         pred, imgs, wt, it, scale, gpred, *args, pred.shape[1], NORM_PIX_EPS,
         PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids_restore is not None,

@@ -51,7 +51,12 @@ def _random_masking_fwd_kernel(
         valid_j = offs_j < L
         v_j = _noise_block(noise_ptr, stride_noise_n, stride_noise_l, n, offs_j, valid_j, seed, offset, L,
                            HAS_NOISE)
-        before = (v_j[None, :] < v_i[:, None]) | ((v_j[None, :] == v_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        # NaN ranks after every number (torch's sort order), NaNs among themselves by index
+        nan_i = (v_i != v_i)[:, None]
+        nan_j = (v_j != v_j)[None, :]
+        lt = (v_j[None, :] < v_i[:, None]) | (nan_i & ~nan_j)
+        eq = (v_j[None, :] == v_i[:, None]) | (nan_i & nan_j)
+        before = lt | (eq & (offs_j[None, :] < offs_i[:, None]))
         before = before & valid_j[None, :]
         rank += tl.sum(before.to(tl.int32), axis=1)
     rank64 = rank.to(tl.int64)

@@ -30,8 +30,8 @@ def _unshuffle_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)  # the batch on axis 0: axes 1 and 2 stop at 65535
+    pid_t = tl.program_id(1).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     row_ok = t < T
     is_patch = row_ok & (t >= 1)
@@ -127,7 +127,7 @@ def unshuffle_fwd(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     if N == 0 or D == 0:
         return out
     block_t, block_d, warps = _config(T, D, x_vis.device)
-    grid = (triton.cdiv(T, block_t), N)
+    grid = (N, triton.cdiv(T, block_t))
     _unshuffle_fwd_kernel[grid](
         x_vis, mask_token, ids_restore, pos_embed, out,
         T, K1 - 1, D,
@@ -157,7 +157,8 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible
     N, T, D = grad_out.shape
     K = num_visible
     dev = grad_out.device
-    gx = torch.empty(N, K + 1, D, dtype=grad_out.dtype, device=dev)
+    # zeros: a row no id maps to (ids_restore not a permutation) reads 0, never stale memory
+    gx = torch.zeros(N, K + 1, D, dtype=grad_out.dtype, device=dev)
     block_t, block_d, warps = _config(T, D, dev)
     t_blocks = triton.cdiv(T, block_t)
     chunks = _n_chunks(N, t_blocks, dev)

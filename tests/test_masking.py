@@ -1,5 +1,7 @@
 """maefast.ops.random_masking: the official masking given noise, seeded Philox masks identical on
 every backend, the sampler's statistics, the custom op, and bad inputs."""
+import os
+
 import pytest
 import torch
 
@@ -243,3 +245,20 @@ def test_gpu_auto_and_statistics():
     p = 49 / 196
     sd = (8192 * p * (1 - p)) ** 0.5
     assert float((kept - 8192 * p).abs().max()) < 5 * sd
+
+
+def test_nan_noise_ranks_last_like_torch_sort(device):
+    """NaN in given noise: every backend ranks it after all numbers (NaNs by index), as torch's
+    stable argsort does, so ids_restore stays a permutation (reviewed, not a paper case)."""
+    from maefast.reference import masking_ids
+
+    noise = torch.rand(3, 40)
+    noise[0, [3, 17]] = float("nan")
+    noise[1, :] = float("nan")
+    noise[2, 5] = float("nan")
+    ref = masking_ids(3, 40, 0.75, noise=noise)
+    impls = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cuda" else [])
+    for impl in impls:
+        got = random_masking(3, 40, 0.75, noise=noise.to(device), impl=impl)
+        for g, r in zip(got, ref):
+            assert torch.equal(g.cpu(), r), impl

@@ -1,6 +1,8 @@
 """Backend choice shared by every op: impl = "auto" | "triton" | "cuda" | "reference"."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._cpp_lib import get_C, load_error
@@ -61,3 +63,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/d
 def dtype_code(dtype: torch.dtype) -> int:
     """The code maefast._C's kernels take for a float dtype (csrc/dtype.cuh)."""
     return _DTYPE_CODES[dtype]
+
+
+def device_guard(t: torch.Tensor):
+    """Makes t's CUDA device current (Triton and maefast._C launch on the current device and its
+    current stream); a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -14,7 +14,7 @@ import torch
 
 from .._validate import check_tensor, compiling
 from ..reference.attention import attention as _reference_attention
-from ._backend import choose_impl, stream_of
+from ._backend import choose_impl, device_guard, stream_of
 
 # Head dims each backend handles. Triton splits non-powers of two into two power-of-two chunks
 # (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16); the CUDA kernel instantiates these five.
@@ -138,7 +138,8 @@ def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tens
     if chosen == "triton":
         from ..kernels.attention import attention_fwd
 
-        return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
+        with device_guard(qkv):
+            return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
     if chosen == "cuda":
         return _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
     out = _reference_attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens)
@@ -165,7 +166,8 @@ def _visible_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torc
     if chosen in ("triton", "cuda"):  # the CUDA C++ impl is forward-only; same lse convention
         from ..kernels.attention import attention_bwd
 
-        return attention_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens, max_len)
+        with device_guard(qkv):
+            return attention_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens, max_len)
     return _reference_backward(dout, qkv, num_heads, scale, cu_seqlens)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
-from ._backend import choose_impl
+from ._backend import choose_impl, device_guard
 
 
 def _resolve(impl: str, device: torch.device) -> str:
@@ -49,7 +49,8 @@ def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tenso
     if impl == "triton":
         from ..kernels.bias_gelu import bias_gelu_fwd
 
-        return bias_gelu_fwd(x.reshape(-1, x.shape[-1]), bias).view(x.shape)
+        with device_guard(x):
+            return bias_gelu_fwd(x.reshape(-1, x.shape[-1]), bias).view(x.shape)
     return _fwd_reference(x, bias)
 
 
@@ -67,7 +68,8 @@ def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, imp
         from ..kernels.bias_gelu import bias_gelu_bwd
 
         n = x.shape[-1]
-        dx, db = bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n), bias)
+        with device_guard(x):
+            dx, db = bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n), bias)
         return dx.view(x.shape), db
     return _bwd_reference(dy, x, bias)
 

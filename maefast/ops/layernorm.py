@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
-from ._backend import choose_impl
+from ._backend import choose_impl, device_guard
 
 MAX_TRITON_WIDTH = 16384  # = maefast.kernels.layernorm.MAX_WIDTH (not imported: no triton import here)
 
@@ -87,7 +87,8 @@ def _forward(x, residual, weight, bias, eps, out_dtype, impl):
         from ..kernels.layernorm import add_layer_norm_fwd
 
         d = x.shape[-1]
-        y, s, mean, rstd = add_layer_norm_fwd(x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
+        with device_guard(x):
+            y, s, mean, rstd = add_layer_norm_fwd(x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
                                               weight, bias, eps, out_dtype)
         lead = x.shape[:-1]
         return y.view(x.shape), (None if s is None else s.view(x.shape)), mean.view(lead), rstd.view(lead)
@@ -136,7 +137,8 @@ def _ln_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, we
         from ..kernels.layernorm import layer_norm_bwd
 
         d = x.shape[-1]
-        dx, dw, db = layer_norm_bwd(dy.reshape(-1, d), None if ds is None else ds.reshape(-1, d), x.reshape(-1, d),
+        with device_guard(x):
+            dx, dw, db = layer_norm_bwd(dy.reshape(-1, d), None if ds is None else ds.reshape(-1, d), x.reshape(-1, d),
                                     weight, mean.reshape(-1), rstd.reshape(-1))
         return dx.view(x.shape), dw, db
     return _bwd_reference(dy, ds, x, weight, mean, rstd)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.patchify import patchify
-from ._backend import choose_impl, dtype_code, stream_of
+from ._backend import choose_impl, device_guard, dtype_code, stream_of
 
 PRED_ON = ("all", "masked")
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -93,7 +93,7 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
         with torch.cuda.device(pred.device):  # the extension launches on the current device
             C.norm_pix_loss_fwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), rows.data_ptr(), *common)
         return rows.sum()
-    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    gpred = (torch.zeros if pred_masked else torch.empty)(pred.shape, dtype=pred.dtype, device=pred.device)
     with torch.cuda.device(pred.device):
         C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(),
                             *common)
@@ -111,7 +111,8 @@ def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, 
 
         weight, ids = _split(mask_or_ids, pred_masked)
         k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
-        return norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, k, norm_pix) / den
+        with device_guard(pred):
+            return norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, k, norm_pix) / den
     if impl == "cuda":
         return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den
     # Reference semantics with fp32 arithmetic whatever the input dtypes.
@@ -135,7 +136,8 @@ def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mas
 
         weight, ids = _split(mask_or_ids, pred_masked)
         k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
-        return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, k, norm_pix)
+        with device_guard(pred):
+            return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, k, norm_pix)
     if impl == "cuda":
         return _cuda_call(False, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale.contiguous())
     target = _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, pred.shape[1])
@@ -204,7 +206,7 @@ def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
     n, L = ids_restore.shape
     ids = ids_restore.to(torch.int64)
     arange = torch.arange(L, device=ids.device).expand(n, L)
-    ids_shuffle = torch.empty_like(ids).scatter_(1, ids, arange)
+    ids_shuffle = torch.zeros_like(ids).scatter_(1, ids, arange)  # zeros: in range even for a bad ids_restore
     return ids_shuffle[:, len_keep:]
 
 

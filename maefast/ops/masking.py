@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import contextlib
+
 import torch
 
 from .._cpp_lib import get_C
@@ -87,12 +89,19 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
     dev_seed = noise is None and seed.device.type != "cpu"
     s = int(seed.reshape(-1)[0]) if noise is None and not dev_seed else 0
     device = noise.device if noise is not None else torch.device(device)
+    if dev_seed and (seed.dtype != torch.int64 or seed.device != device):  # metadata only: no sync
+        raise ValueError(f"a device seed must be an int64 tensor on {device}, got {seed.dtype} on {seed.device}")
     chosen = _resolve(impl, device, num_patches, noise)
+    if dev_seed and chosen == "reference" and impl == "auto":
+        # reading it on the host would sync (and fail inside a CUDA graph capture): say so instead
+        raise ValueError("a device seed needs the Triton or CUDA masking kernels, which cannot run here "
+                         f"(num_patches={num_patches}, limit {KERNEL_MAX_PATCHES}); pass an int seed or noise")
     if chosen == "triton":
         from ..kernels.masking import random_masking_triton
 
-        return random_masking_triton(batch, num_patches, len_keep, noise, s, offset, device,
-                                     seed_tensor=seed if dev_seed else None)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return random_masking_triton(batch, num_patches, len_keep, noise, s, offset, device,
+                                         seed_tensor=seed if dev_seed else None)
     if chosen == "cuda":
         return _cuda(batch, num_patches, len_keep, noise, s, offset, device, seed.data_ptr() if dev_seed else 0)
     if dev_seed:
@@ -136,7 +145,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
     Args:
         batch, num_patches: N and L.
         mask_ratio: fraction removed, in (0, 1); K = len_keep = floor(L * (1 - mask_ratio)) >= 1.
-        noise: optional (N, L) float noise (any float dtype, finite): the result is then the official
+        noise: optional (N, L) float noise (any float dtype; NaN ranks last, as in torch.sort): the official
             masking of it (ascending noise is kept; equal values keep index order).
         seed: without ``noise``, the Philox seed, an int in [0, 2**63) or a 1-element int64 CPU tensor,
             or a 1-element int64 tensor on the output CUDA device ("device seed": the kernels read it,
@@ -175,6 +184,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         out_device = noise.device
     else:
         out_device = torch.device(device) if device is not None else torch.get_default_device()
+        if out_device.type == "cuda" and out_device.index is None:  # "cuda" -> "cuda:<current>"
+            out_device = torch.device("cuda", torch.cuda.current_device())
         if seed is None:
             # Drawn on the CPU from the default generator: reproducible with torch.manual_seed, no GPU sync.
             seed_t = torch.randint(0, SEED_BOUND // 2, (1,), dtype=torch.int64)

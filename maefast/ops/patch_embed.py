@@ -14,7 +14,7 @@ import torch
 from .. import reference
 from .._cpp_lib import get_C
 from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
-from ._backend import choose_impl, stream_of
+from ._backend import choose_impl, device_guard, stream_of
 
 _NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
 _WHAT = "maefast.ops.masked_patch_embed"
@@ -76,7 +76,8 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
         if chosen == "triton":
             from ..kernels.patch_embed import masked_patch_embed_fwd_triton
 
-            return masked_patch_embed_fwd_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+            with device_guard(imgs):
+                return masked_patch_embed_fwd_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size)
         if chosen == "cuda":
             return _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, patch_size)
         return reference.masked_patch_embed(imgs, ids_keep, weight, bias, pos_embed, patch_size).contiguous()
@@ -101,7 +102,8 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
         if chosen == "triton":
             from ..kernels.patch_embed import masked_patch_embed_bwd_triton
 
-            dw, dpos = masked_patch_embed_bwd_triton(grad, imgs, ids_keep, D, patch_size, True, need_pos)
+            with device_guard(imgs):
+                dw, dpos = masked_patch_embed_bwd_triton(grad, imgs, ids_keep, D, patch_size, True, need_pos)
         else:
             rows = _rows_cuda(imgs, ids_keep, patch_size) if chosen == "cuda" else _rows_torch(imgs, ids_keep,
                                                                                                patch_size)

@@ -11,7 +11,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ..reference import unshuffle as _reference_unshuffle
-from ._backend import choose_impl, dtype_code, stream_of
+from ._backend import choose_impl, device_guard, dtype_code, stream_of
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -55,7 +55,7 @@ def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
     n, k1, d = x_vis.shape
     L = ids.shape[1]
     out = torch.empty(n, L + 1, d, dtype=x_vis.dtype, device=x_vis.device)
-    with _on_device(x_vis):
+    with device_guard(x_vis):
         C.unshuffle_fwd(x_vis.data_ptr(), tok.data_ptr(), ids.data_ptr(), pos.data_ptr(), out.data_ptr(),
                         n, L, k1 - 1, d, *x_vis.stride(), *ids.stride(), *pos.stride(), dtype_code(x_vis.dtype),
                         stream_of(x_vis))
@@ -71,10 +71,10 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
     chunks = max(1, min(n, -(-1024 // T)))
     n_per = -(-n // chunks)
     chunks = -(-n // n_per)
-    gx = torch.empty(n, num_visible + 1, d, dtype=grad.dtype, device=grad.device)
+    gx = torch.zeros(n, num_visible + 1, d, dtype=grad.dtype, device=grad.device)  # see kernels/unshuffle.py
     tok_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device)
     pos_part = torch.empty(chunks, T, d, dtype=torch.float32, device=grad.device) if need_pos else tok_part
-    with _on_device(grad):
+    with device_guard(grad):
         C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
                         n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
                         dtype_code(grad.dtype), stream_of(grad))
@@ -92,11 +92,6 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
     return gx, g_tok, g_pos
 
 
-def _on_device(t: torch.Tensor):
-    # The extension launches on the current device: make it t's.
-    return torch.cuda.device(t.device)
-
-
 # -- custom op ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("maefast::unshuffle", mutates_args=())
@@ -106,7 +101,8 @@ def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
         from ..kernels.unshuffle import unshuffle_fwd
 
         tok, ids, pos = _prep(x_vis, mask_token, ids_restore, pos_embed)
-        return unshuffle_fwd(x_vis, tok, ids, pos)
+        with device_guard(x_vis):
+            return unshuffle_fwd(x_vis, tok, ids, pos)
     if impl == "cuda":
         return _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed)
     return _reference_unshuffle(x_vis, mask_token, ids_restore.to(torch.int64), pos_embed).contiguous()
@@ -127,7 +123,8 @@ def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible
     if impl == "triton":
         from ..kernels.unshuffle import unshuffle_bwd
 
-        gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore.to(torch.int64), num_visible, need_pos)
+        with device_guard(grad):
+            gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore.to(torch.int64), num_visible, need_pos)
     elif impl == "cuda":
         gx, g_tok, g_pos = _bwd_cuda(grad, ids_restore, num_visible, need_pos)
     else:
