@@ -163,3 +163,25 @@ def summary_lines() -> list[str]:
                      f"{_fmt(r.get('tflops'), '8.2f'):>8} {_fmt(r.get('gbps'), '8.1f'):>8} "
                      f"{(_fmt(sp, '.2f') + 'x') if sp is not None else '-':>8}")
     return lines
+
+
+def provider_skip_reason(provider: str, device: torch.device, cuda_binding: str) -> str | None:
+    """Why an op benchmark's `provider` row cannot run on `device` (None: it can). Providers:
+    reference, compile, maefast (auto; CPU only: on a GPU the triton/cuda rows are maefast),
+    triton, cuda (needs `cuda_binding` in a built maefast._C)."""
+    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
+        return "torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it"
+    if provider == "maefast" and device.type == "cuda":
+        return "on a GPU the triton and cuda rows are the maefast impls"
+    if provider == "triton":
+        from maefast._triton import HAS_TRITON
+
+        if device.type != "cuda" or not HAS_TRITON:
+            return "Triton timings need a GPU (the CPU interpreter's are meaningless)"
+    if provider == "cuda":
+        from maefast._cpp_lib import get_C
+
+        C = get_C()
+        if device.type != "cuda" or C is None or not hasattr(C, cuda_binding):
+            return "the CUDA C++ impl needs a GPU and a built maefast._C"
+    return None

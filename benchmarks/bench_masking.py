@@ -17,17 +17,14 @@ every provider alike, so the reference's extra traffic shows as a lower figure.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _harness import run_bench, sizes
+from _harness import provider_skip_reason, run_bench, sizes
 
 from maefast import ops
-from maefast._cpp_lib import get_C
-from maefast._triton import HAS_TRITON
 
 RATIO = 0.75
 # (name, N, img, p, D)
@@ -63,15 +60,7 @@ def _maefast_composition(imgs, weight, bias, pos_embed, p, ratio, impl):
 
 
 def _skip_reason(provider, device):
-    if provider == "compile" and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
-        return "torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it"
-    if provider == "maefast" and device.type == "cuda":
-        return "on a GPU the triton and cuda rows are the maefast impls"
-    if provider == "triton" and (device.type != "cuda" or not HAS_TRITON):
-        return "Triton timings need a GPU (the CPU interpreter's are meaningless)"
-    if provider == "cuda" and (device.type != "cuda" or get_C() is None or not hasattr(get_C(), "patch_gather")):
-        return "the CUDA C++ impl needs a GPU and a built maefast._C"
-    return None
+    return provider_skip_reason(provider, device, "patch_gather")
 
 
 def _fn(provider, imgs, weight, bias, pos, p, ratio):
