@@ -2,8 +2,6 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
-import torch
-
 from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
 from .fast import fast_forward, official_view
