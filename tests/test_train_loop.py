@@ -136,7 +136,6 @@ def test_rng_state_roundtrip():
 
 
 def _folder(tmp_path, n_good, n_bad, size=40):
-
     from maefast.train.data import SyntheticDataset
 
     src = SyntheticDataset(n_good, size, 4, data_seed=7)
