@@ -107,6 +107,23 @@ def main(out_path: str | None = None) -> int:
     record("attention 256x50x16x64 fwd+bwd", "op-st", attn_op, single_thread=True)
     record("attention 256x50x16x64 fwd+bwd", "eager-sdpa", attn_sdpa)
 
+    # un-shuffle fwd+bwd (p16 decoder: 256 x 49 visible of 196, width 512): a tiny kernel each way,
+    # so its fwd+bwd time is almost all dispatch
+    from maefast.reference import masking_ids
+
+    Nu = 256 // s
+    ids_u = masking_ids(Nu, 196, 0.75).ids_restore.to(dev)
+    xv = torch.randn(Nu, 50, 512, device=dev, requires_grad=True)
+    tok = torch.randn(1, 1, 512, device=dev, requires_grad=True)
+    pos_u = torch.randn(1, 197, 512, device=dev)
+    gu = torch.randn(Nu, 197, 512, device=dev)
+
+    def unshuffle_op():
+        return torch.autograd.grad(ops.unshuffle(xv, tok, ids_u, pos_u, impl="triton"), (xv, tok), gu)
+
+    record("unshuffle 256x196x512 fwd+bwd", "op", unshuffle_op)
+    record("unshuffle 256x196x512 fwd+bwd", "op-st", unshuffle_op, single_thread=True)
+
     # the ViT-B training step, batch 128, bf16
     from maefast import bench as mb
 
