@@ -62,7 +62,7 @@ def test_gpu_masking_in_a_cuda_graph_draws_fresh_masks(impl):
     with torch.cuda.graph(g):
         seed.add_(1)
         out = ops.random_masking(2, 64, 0.75, seed=seed, device=dev, impl=impl)
-    for expect_seed in (12, 13):
+    for expect_seed in (11, 12):  # capture records the add_ without running it
         g.replay()
         ref = ops.random_masking(2, 64, 0.75, seed=expect_seed, device=dev, impl=impl)
         assert torch.equal(out.ids_keep, ref.ids_keep) and torch.equal(out.mask, ref.mask)
