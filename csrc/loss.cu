@@ -168,33 +168,29 @@ Args make_args(int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C
   return Args{N, L, GW, K, M, C, p, p * p * C, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked};
 }
 
+template <typename TP, typename TI, typename TW>
+void launch_weights(bool fwd, std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t scale,
+                    std::uintptr_t out, const Args& a, cudaStream_t s) {
+  const unsigned blocks = static_cast<unsigned>(a.N * a.L);
+  if (fwd) {
+    norm_pix_loss_fwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
+        maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
+        maefast::as_ptr<float>(out), a);
+  } else {
+    norm_pix_loss_bwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
+        maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
+        maefast::as_ptr<const float>(scale), maefast::as_ptr<TP>(out), a);
+  }
+}
+
 template <typename TP, typename TI>
 void launch(bool fwd, std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t scale,
             std::uintptr_t out, const Args& a, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>(a.N * a.L);
   // The index tensor (pred_masked) is int64, the weight tensor fp32 (converted in Python).
   if (a.pred_masked) {
-    using TW = int64_t;
-    if (fwd) {
-      norm_pix_loss_fwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
-          maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
-          maefast::as_ptr<float>(out), a);
-    } else {
-      norm_pix_loss_bwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
-          maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
-          maefast::as_ptr<const float>(scale), maefast::as_ptr<TP>(out), a);
-    }
+    launch_weights<TP, TI, int64_t>(fwd, pred, img, wt, scale, out, a, s);
   } else {
-    using TW = float;
-    if (fwd) {
-      norm_pix_loss_fwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
-          maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
-          maefast::as_ptr<float>(out), a);
-    } else {
-      norm_pix_loss_bwd_kernel<TP, TI, TW><<<blocks, kThreads, 0, s>>>(
-          maefast::as_ptr<const TP>(pred), maefast::as_ptr<const TI>(img), maefast::as_ptr<const TW>(wt),
-          maefast::as_ptr<const float>(scale), maefast::as_ptr<TP>(out), a);
-    }
+    launch_weights<TP, TI, float>(fwd, pred, img, wt, scale, out, a, s);
   }
   MAEFAST_LAUNCH_CHECK();
 }
