@@ -15,6 +15,7 @@ import torch
 from .._validate import check_tensor, compiling
 from ..reference.attention import attention as _reference_attention
 from ._backend import choose_impl, device_guard, stream_of
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 # Head dims each backend handles. Triton splits non-powers of two into two power-of-two chunks
 # (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16); the CUDA kernel instantiates these five.
@@ -127,7 +128,7 @@ def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
     return out, lse
 
 
-@torch.library.custom_op("maefast::visible_attention", mutates_args=())
+@custom_op("maefast::visible_attention", mutates_args=())
 def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                        scale: float | None, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(Nb, Lr, 3*H*Dh) -> out (Nb, Lr, H*Dh), lse (Nb, H, Lr) fp32. Inputs validated by the caller."""
@@ -153,7 +154,7 @@ def _(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl):
             qkv.new_empty(nb, num_heads, lr, dtype=torch.float32))
 
 
-@torch.library.custom_op("maefast::visible_attention_backward", mutates_args=())
+@custom_op("maefast::visible_attention_backward", mutates_args=())
 def _visible_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                                 scale: float | None, impl: str) -> torch.Tensor:
@@ -186,12 +187,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     qkv, out, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _visible_attention_backward(dout, qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale,
+    dqkv = bwd(ctx, _visible_attention_backward)(dout, qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale,
                                        ctx.impl)
     return dqkv, None, None, None, None, None
 
 
-_visible_attention.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_visible_attention, _backward, setup_context=_setup_context)
 
 
 # -- public entry point ------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
-    out, _ = _visible_attention(x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)
+    out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)
     return out.squeeze(0) if squeeze else out
 
 

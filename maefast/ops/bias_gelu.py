@@ -12,6 +12,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ._backend import choose_impl, device_guard
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 
 def _resolve(impl: str, device: torch.device) -> str:
@@ -43,7 +44,7 @@ def _bwd_reference(dy, x, bias):
     return dz.to(x.dtype), dz.reshape(-1, x.shape[-1]).sum(0)
 
 
-@torch.library.custom_op("maefast::bias_gelu", mutates_args=())
+@custom_op("maefast::bias_gelu", mutates_args=())
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
     impl = _resolve(impl, x.device)
     if impl == "triton":
@@ -59,7 +60,7 @@ def _(x, bias, impl):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("maefast::bias_gelu_backward", mutates_args=())
+@custom_op("maefast::bias_gelu_backward", mutates_args=())
 def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, impl: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx in x's dtype, dbias fp32)."""
@@ -87,11 +88,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = torch.ops.maefast.bias_gelu_backward(dy, x, bias, ctx.impl)
+    dx, db = bwd(ctx, _bias_gelu_bwd_op)(dy, x, bias, ctx.impl)
     return dx, (db if db.dtype == bias.dtype else db.to(bias.dtype)), None
 
 
-_bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(_bias_gelu_op, _backward, setup_context=_setup)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -108,4 +109,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.
     if not compiling():
         _validate(x, bias)
         _resolve(impl, x.device)
-    return torch.ops.maefast.bias_gelu(x, bias, impl)
+    return call(_bias_gelu_op, x, bias, impl)

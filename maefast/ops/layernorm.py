@@ -17,6 +17,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ._backend import choose_impl, device_guard
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 MAX_TRITON_WIDTH = 16384  # = maefast.kernels.layernorm.MAX_WIDTH (not imported: no triton import here)
 
@@ -97,7 +98,7 @@ def _forward(x, residual, weight, bias, eps, out_dtype, impl):
 
 # -- custom ops -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("maefast::add_layer_norm", mutates_args=())
+@custom_op("maefast::add_layer_norm", mutates_args=())
 def _add_ln_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                out_dtype: Optional[torch.dtype], impl: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,7 +114,7 @@ def _(x, residual, weight, bias, eps, out_dtype, impl):
             stat, torch.empty_like(stat))
 
 
-@torch.library.custom_op("maefast::layer_norm", mutates_args=())
+@custom_op("maefast::layer_norm", mutates_args=())
 def _ln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype],
            impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, mean fp32 (...), rstd fp32 (...))."""
@@ -127,7 +128,7 @@ def _(x, weight, bias, eps, out_dtype, impl):
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("maefast::layer_norm_backward", mutates_args=())
+@custom_op("maefast::layer_norm_backward", mutates_args=())
 def _ln_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
                mean: torch.Tensor, rstd: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: the normalised input (s for add_layer_norm). Returns (dx in x's dtype, dweight fp32,
@@ -168,13 +169,13 @@ def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(s)
-    dx, dw, db = torch.ops.maefast.layer_norm_backward(dy, ds, s, weight, mean, rstd, ctx.impl)
+    dx, dw, db = bwd(ctx, _ln_bwd_op)(dy, ds, s, weight, mean, rstd, ctx.impl)
     x_dt, r_dt, w_dt, b_dt = ctx.dtypes
     # d(x + r)/dx = d(x + r)/dr = 1: one tensor serves both (as aten's add backward does).
     return _cast(dx, x_dt), _cast(dx, r_dt), _cast(dw, w_dt), _cast(db, b_dt), None, None, None
 
 
-_add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+register_autograd(_add_ln_op, _add_ln_backward, setup_context=_add_ln_setup)
 
 
 def _ln_setup(ctx, inputs, output):
@@ -190,12 +191,12 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dw, db = torch.ops.maefast.layer_norm_backward(dy, None, x, weight, mean, rstd, ctx.impl)
+    dx, dw, db = bwd(ctx, _ln_bwd_op)(dy, None, x, weight, mean, rstd, ctx.impl)
     w_dt, b_dt = ctx.dtypes
     return dx, _cast(dw, w_dt), _cast(db, b_dt), None, None, None
 
 
-_ln_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+register_autograd(_ln_op, _ln_backward, setup_context=_ln_setup)
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -223,9 +224,9 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
         _validate(x, residual, weight, bias, eps, out_dtype)
         _resolve(impl, x.device, x.shape[-1])  # an unavailable explicit impl raises here
     if residual is None:
-        y, _, _ = torch.ops.maefast.layer_norm(x, weight, bias, float(eps), out_dtype, impl)
+        y, _, _ = call(_ln_op, x, weight, bias, float(eps), out_dtype, impl)
         return y, x
-    y, s, _, _ = torch.ops.maefast.add_layer_norm(x, residual, weight, bias, float(eps), out_dtype, impl)
+    y, s, _, _ = call(_add_ln_op, x, residual, weight, bias, float(eps), out_dtype, impl)
     return y, s
 
 

@@ -18,6 +18,7 @@ from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tens
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.patchify import patchify
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 PRED_ON = ("all", "masked")
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -102,7 +103,7 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
 
 # -- custom op ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("maefast::norm_pix_loss", mutates_args=())
+@custom_op("maefast::norm_pix_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, norm_pix: bool,
              pred_masked: bool, impl: str) -> torch.Tensor:
     den = _denominator(pred, mask_or_ids, pred_masked)
@@ -126,7 +127,7 @@ def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
     return pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("maefast::norm_pix_loss_backward", mutates_args=())
+@custom_op("maefast::norm_pix_loss_backward", mutates_args=())
 def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor,
                  patch_size: int, norm_pix: bool, pred_masked: bool, impl: str) -> torch.Tensor:
     """Grad of pred (pred's shape and dtype, contiguous); grad is the 0-d fp32 grad of the loss."""
@@ -160,11 +161,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     pred, imgs, mask_or_ids = ctx.saved_tensors
-    gpred = _loss_bwd_op(grad, pred, imgs, mask_or_ids, *ctx.args)
+    gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
     return gpred, None, None, None, None, None, None
 
 
-_loss_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_loss_op, _backward, setup_context=_setup_context)
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     if not compiling():
         _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
     impl = choose_impl(impl, pred.device, cuda_op="norm_pix_loss_fwd", what="maefast.ops.norm_pix_loss")
-    return _loss_op(pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl)
+    return call(_loss_op, pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl)
 
 
 def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .._cpp_lib import get_C
 from .._validate import check_mask_ratio, check_tensor, compiling
 from ..reference.philox import SEED_BOUND, check_seed_offset, philox_noise
 from ._backend import choose_impl, stream_of
+from ._dispatch import call, custom_op, register_autograd
 
 # The kernels stage a sample's L noise values (Triton: in blocks; CUDA: in shared memory as doubles).
 KERNEL_MAX_PATCHES = 4096
@@ -78,7 +79,7 @@ def _cuda(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Ten
     return ids_keep, ids_restore, mask
 
 
-@torch.library.custom_op("maefast::random_masking", mutates_args=())
+@custom_op("maefast::random_masking", mutates_args=())
 def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Tensor],
                        seed: Optional[torch.Tensor], offset: int, device: torch.device,
                        impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +127,7 @@ def _backward(ctx, *grads):
     return None, None, None, None, None, None, None, None
 
 
-_random_masking_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_random_masking_op, _backward, setup_context=_setup_context)
 
 
 def _check_int(name: str, v, low: int) -> int:
@@ -209,5 +210,5 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
             check_seed_offset(0, offset, batch * num_patches)
     if not compiling():
         choose_impl(impl, out_device, cuda_op="random_masking", what="maefast.ops.random_masking")
-    out = _random_masking_op(batch, num_patches, len_keep, noise, seed_t, offset, out_device, impl)
+    out = call(_random_masking_op, batch, num_patches, len_keep, noise, seed_t, offset, out_device, impl)
     return MaskIds(*out)

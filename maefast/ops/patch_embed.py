@@ -15,6 +15,7 @@ from .. import reference
 from .._cpp_lib import get_C
 from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
 from ._backend import choose_impl, device_guard, stream_of
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 _NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
 _WHAT = "maefast.ops.masked_patch_embed"
@@ -67,7 +68,7 @@ def _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p):
     return out
 
 
-@torch.library.custom_op("maefast::masked_patch_embed", mutates_args=())
+@custom_op("maefast::masked_patch_embed", mutates_args=())
 def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], patch_size: int,
                            impl: str) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _(imgs, ids_keep, weight, bias, pos_embed, patch_size, impl):
     return imgs.new_empty(ids_keep.shape[0], ids_keep.shape[1], weight.shape[0])
 
 
-@torch.library.custom_op("maefast::masked_patch_embed_backward", mutates_args=())
+@custom_op("maefast::masked_patch_embed_backward", mutates_args=())
 def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor,
                                     weight: torch.Tensor, pos_embed: Optional[torch.Tensor], patch_size: int,
                                     need_pos: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,14 +149,14 @@ def _backward(ctx, grad):
         raise RuntimeError("maefast.ops.masked_patch_embed gives no gradient to imgs (the input images); "
                            "detach them or call .requires_grad_(False)")
     need_pos = bool(ctx.needs_input_grad[4])
-    grad_w, grad_b, grad_pos = _masked_patch_embed_backward_op(grad, imgs, ids_keep, weight, pos_embed,
+    grad_w, grad_b, grad_pos = bwd(ctx, _masked_patch_embed_backward_op)(grad, imgs, ids_keep, weight, pos_embed,
                                                                ctx.patch_size, need_pos, ctx.impl)
     grad_b = grad_b.to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
     return (None, None, grad_w if ctx.needs_input_grad[2] else None, grad_b,
             grad_pos if need_pos else None, None, None)
 
 
-_masked_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_masked_patch_embed_op, _backward, setup_context=_setup_context)
 
 
 def _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size) -> None:
@@ -228,7 +229,7 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
         _resolve(impl, imgs)
     elif imgs.requires_grad:
         raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images")
-    return _masked_patch_embed_op(imgs, ids_keep, weight, bias, pos_embed, patch_size, impl)
+    return call(_masked_patch_embed_op, imgs, ids_keep, weight, bias, pos_embed, patch_size, impl)
 
 
 __all__ = ["masked_patch_embed"]

@@ -12,6 +12,7 @@ import torch
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ..reference import unshuffle as _reference_unshuffle
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
+from ._dispatch import bwd, call, custom_op, register_autograd
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -94,7 +95,7 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
 
 # -- custom op ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("maefast::unshuffle", mutates_args=())
+@custom_op("maefast::unshuffle", mutates_args=())
 def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                   pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "triton":
@@ -114,7 +115,7 @@ def _(x_vis, mask_token, ids_restore, pos_embed, impl):
     return x_vis.new_empty(n, ids_restore.shape[1] + 1, d)
 
 
-@torch.library.custom_op("maefast::unshuffle_backward", mutates_args=())
+@custom_op("maefast::unshuffle_backward", mutates_args=())
 def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, need_pos: bool,
                       impl: str) -> list[torch.Tensor]:
     """Returns [grad_x_vis (N, 1+K, Dd) grad's dtype, grad_mask_token (Dd,) fp32,
@@ -154,13 +155,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     need_pos = bool(ctx.needs_input_grad[3])
-    gx, g_tok, g_pos = _unshuffle_bwd_op(grad.to(ctx.x_dtype), ids_restore, ctx.num_visible, need_pos, ctx.impl)
+    gx, g_tok, g_pos = bwd(ctx, _unshuffle_bwd_op)(grad.to(ctx.x_dtype), ids_restore, ctx.num_visible, need_pos, ctx.impl)
     g_tok = g_tok.to(ctx.tok_dtype).reshape(ctx.tok_shape)
     g_pos = g_pos.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
     return gx, g_tok, None, g_pos, None
 
 
-_unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_unshuffle_op, _backward, setup_context=_setup_context)
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -186,4 +187,4 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     if not compiling():
         _validate(x_vis, mask_token, ids_restore, pos_embed)
     impl = choose_impl(impl, x_vis.device, cuda_op="unshuffle_fwd", what="maefast.ops.unshuffle")
-    return _unshuffle_op(x_vis, mask_token, ids_restore, pos_embed, impl)
+    return call(_unshuffle_op, x_vis, mask_token, ids_restore, pos_embed, impl)

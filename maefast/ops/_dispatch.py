@@ -1,0 +1,118 @@
+"""How the public functions reach their custom ops: through the dispatcher, or directly.
+
+Every maefast op is a `torch.library.custom_op` (fake impl + registered autograd), so
+torch.compile and torch.export see it as one opaque node. Called eagerly, though, a custom op with
+Python autograd costs several times what a plain `torch.autograd.Function` does (measured on this
+project's 2-core CPU, 2026-11-27, torch 2.13: LayerNorm forward+backward through the custom ops
+212 us, through an autograd.Function around the same Python 131 us, the math alone 69 us), and on
+GPU hosts that cost is what bounds a training step at ViT-B sizes.
+
+So the public functions call `call(op, *args)`:
+
+- while torch.compile / export traces (`torch.compiler.is_compiling()`), or when
+  `MAEFAST_EAGER_DISPATCH=custom_op`, it calls the custom op (unchanged semantics);
+- otherwise ("direct", the default) it runs the op's own Python implementation — inside one
+  autograd.Function (same setup_context / backward as the registered autograd) when a gradient is
+  needed, as a plain call when none is. The backward then calls the backward op's implementation
+  directly too (`bwd(ctx, op)`).
+
+Both routes run the same Python and kernels; tests check they agree bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .._validate import compiling
+
+DISPATCH_MODES = ("direct", "custom_op")
+_ENV = "MAEFAST_EAGER_DISPATCH"
+
+
+def _mode_from_env() -> str:
+    mode = os.environ.get(_ENV, "direct") or "direct"
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"{_ENV} must be one of {DISPATCH_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _mode_from_env()
+
+
+def get_eager_dispatch() -> str:
+    """"direct" (default) or "custom_op" (see the module docstring)."""
+    return _mode
+
+
+@contextlib.contextmanager
+def eager_dispatch(mode: str):
+    """Temporarily route eager calls "direct" or through the "custom_op" dispatcher (not thread-safe;
+    meant for tests and benchmarks)."""
+    global _mode
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"mode must be one of {DISPATCH_MODES}, got {mode!r}")
+    old, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = old
+
+
+def custom_op(name: str, *, mutates_args=()):
+    """`torch.library.custom_op(name, mutates_args=...)` that keeps its Python implementation for
+    the direct route."""
+    def deco(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op._maefast_impl = fn
+        op._maefast_name = name.split("::")[-1]
+        op._maefast_function = None
+        return op
+    return deco
+
+
+def register_autograd(op, backward, *, setup_context) -> None:
+    """`op.register_autograd(backward, setup_context=...)` plus the equivalent autograd.Function
+    for the direct route (its ctx carries `maefast_direct = True`, which `bwd` reads)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    impl = op._maefast_impl
+
+    # The old-style forward(ctx, ...): with a separate setup_context, Function.apply binds its
+    # arguments through inspect.signature on every call (~25 us here).
+    def forward(ctx, *args):
+        out = impl(*args)
+        ctx.maefast_direct = True
+        setup_context(ctx, args, out)
+        return out
+
+    def _backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    # named so that its graph node reads e.g. "maefast_layer_normBackward"
+    op._maefast_function = type(f"maefast_{op._maefast_name}", (torch.autograd.Function,),
+                                {"forward": staticmethod(forward), "backward": staticmethod(_backward),
+                                 "__module__": __name__})
+
+
+def _needs_grad(args) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def call(op, *args):
+    """Runs custom op `op` on positional `args` by the route chosen above."""
+    if _mode == "custom_op" or compiling():
+        return op(*args)
+    fn = op._maefast_function
+    if fn is not None and _needs_grad(args):
+        return fn.apply(*args)
+    with torch.no_grad():  # what the custom op's implementation sees too (it runs below autograd)
+        return op._maefast_impl(*args)
+
+
+def bwd(ctx, op):
+    """The callable a registered backward should use for its backward op: the implementation
+    itself on the direct route, the custom op otherwise (e.g. while AOTAutograd traces)."""
+    return op._maefast_impl if getattr(ctx, "maefast_direct", False) else op
