@@ -87,11 +87,28 @@ def update_ratios() -> None:
         if b is not None and r.get("time_ms"):
             r["baseline_provider"] = b["provider"]
             r["speedup_vs_baseline"] = b["time_ms"] / r["time_ms"]
+            if b.get("eager_time_ms") and r.get("eager_time_ms"):
+                r["eager_speedup_vs_baseline"] = b["eager_time_ms"] / r["eager_time_ms"]
+
+
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay. Raises
+    RuntimeError when fn cannot be captured (a host sync, a CPU tensor, ...)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str, baseline: bool = False,
               flops: float | None = None, bytes_moved: float | None = None, shape=None, dtype=None,
-              device=None, **timing_kw) -> dict:
+              device=None, cuda_graph: bool = False, **timing_kw) -> dict:
     """Times `fn` (see the module docstring), records it in `benchmark.extra_info` and returns it.
 
     Args:
@@ -103,10 +120,25 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
         flops / bytes_moved: per call, for TFLOP/s and GB/s (give the one that bounds the op, or both).
         shape: a dict or tuple describing the case (saved as given).
         dtype: recorded as a string.
+        cuda_graph: on CUDA, time fn eagerly (`eager_time_ms`: GPU time plus Python dispatch, what a
+            host-bound loop sees) and then as a CUDA-graph replay (`time_ms`: the GPU time of the
+            kernels alone, what a GPU-bound training step sees); ratios use `time_ms`, and
+            `eager_speedup_vs_baseline` the eager times. If fn cannot be captured, `time_ms` is the
+            eager time and `cuda_graph` says False. MAEFAST_BENCH_EAGER=1 turns graphs off.
         timing_kw: passed to `maefast.timing.time_fn` (warmup_ms, rep_ms, min_reps, budget_s, ...).
     """
     dev = torch.device(device) if device is not None else bench_device()
-    stats = timing.time_fn(fn, dev, **timing_kw)
+    graphed = cuda_graph and dev.type == "cuda" and os.environ.get("MAEFAST_BENCH_EAGER") != "1"
+    eager = None
+    if graphed:
+        eager = timing.time_fn(fn, dev, **timing_kw)
+        try:
+            fn = cuda_graphed(fn)
+        except RuntimeError as e:  # not capturable: the eager time stands, and the record says so
+            graphed = False
+            torch.cuda.synchronize(dev)
+            print(f"{group}/{provider}: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); eager time")
+    stats = eager if (eager is not None and not graphed) else timing.time_fn(fn, dev, **timing_kw)
 
     def once():
         fn()
@@ -120,7 +152,8 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
                 shape_key=_shape_key(shape), dtype=None if dtype is None else str(dtype).replace("torch.", ""),
                 time_ms=stats["median_ms"], time_min_ms=stats["min_ms"], time_p20_ms=stats["p20_ms"],
                 time_p80_ms=stats["p80_ms"], reps=stats["reps"], flops=flops, bytes_moved=bytes_moved,
-                timer="cuda-events median, L2 flushed" if dev.type == "cuda" else "perf_counter median")
+                timer="cuda-events median, L2 flushed" if dev.type == "cuda" else "perf_counter median",
+                cuda_graph=graphed, eager_time_ms=None if eager is None else eager["median_ms"])
     info.update(timing.throughput(stats["median_ms"], flops, bytes_moved, peak))
     info.update(timing.env_info(dev))
     RESULTS.append(info)
@@ -154,14 +187,17 @@ def summary_lines() -> list[str]:
         p = timing._PEAK[str(bench_device())]
         lines.append(f"measured peak: copy {p['copy_gbps']:.0f} GB/s, {p['matmul_dtype']} matmul "
                      f"{p['matmul_tflops']:.3g} TFLOP/s")
-    head = f"{'group':<24} {'shape':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8}"
+    head = (f"{'group':<24} {'shape':<34} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8} "
+            f"{'eager ms':>9} {'eager x':>8}")
     lines += [head, "-" * len(head)]
     for r in sorted(RESULTS, key=lambda r: (r["group"], r["shape_key"], not r.get("baseline"), r["provider"])):
         shape = r["shape_key"].replace('"', "").replace(" ", "")
         sp = r.get("speedup_vs_baseline")
         lines.append(f"{r['group'][:24]:<24} {shape[:34]:<34} {r['provider'][:16]:<16} {r['time_ms']:>9.3f} "
                      f"{_fmt(r.get('tflops'), '8.2f'):>8} {_fmt(r.get('gbps'), '8.1f'):>8} "
-                     f"{(_fmt(sp, '.2f') + 'x') if sp is not None else '-':>8}")
+                     f"{(_fmt(sp, '.2f') + 'x') if sp is not None else '-':>8} "
+                     f"{_fmt(r.get('eager_time_ms'), '9.3f'):>9} "
+                     f"{(_fmt(r.get('eager_speedup_vs_baseline'), '.2f') + 'x') if r.get('eager_speedup_vs_baseline') else '-':>8}")
     return lines
 
 

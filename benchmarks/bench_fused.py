@@ -160,4 +160,4 @@ def test_fused(benchmark, device, case, group, provider):
 
     kw = {} if device.type == "cuda" else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.5)
     run_bench(benchmark, fn, group=group, provider=provider, baseline=provider == "eager",
-              bytes_moved=n_bytes, shape=shape, dtype=dtype, **kw)
+              bytes_moved=n_bytes, shape=shape, dtype=dtype, cuda_graph=True, **kw)

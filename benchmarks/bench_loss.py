@@ -89,7 +89,7 @@ def _run(benchmark, device, case, provider, pred_on, backward):
                 return loss_fn(pred, imgs, idx, p)
     group = f"loss-{pred_on}-{'fwd-bwd' if backward else 'fwd'}"
     run_bench(benchmark, fn, group=group, provider=provider, baseline=provider == "reference", shape=shape,
-              dtype=dtype, device=device, bytes_moved=bwd_bytes if backward else fwd_bytes, **_timing_kw(device))
+              dtype=dtype, device=device, bytes_moved=bwd_bytes if backward else fwd_bytes, cuda_graph=True, **_timing_kw(device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

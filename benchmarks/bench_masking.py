@@ -104,7 +104,7 @@ def test_mask_embed_fwd(benchmark, device, case, provider):
     fn = _fn(provider, imgs, weight, bias, pos, p, RATIO)
     with torch.no_grad():
         run_bench(benchmark, fn, group="mask-embed-fwd", provider=provider, baseline=provider == "reference",
-                  shape=shape, dtype=dtype, device=device, **useful, **_timing_kw(device))
+                  shape=shape, dtype=dtype, device=device, **useful, cuda_graph=True, **_timing_kw(device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -122,7 +122,7 @@ def test_mask_embed_fwd_bwd(benchmark, device, case, provider):
         return gw, gb
 
     run_bench(benchmark, step, group="mask-embed-fwd-bwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], cuda_graph=True, **_timing_kw(device))
 
 
 @pytest.mark.parametrize("provider", ["reference", "triton", "cuda", "maefast"])
@@ -149,7 +149,7 @@ def test_random_masking(benchmark, device, case, provider):
             return ops.random_masking(N, L, RATIO, seed=1234, device=device, impl=impl)
     run_bench(benchmark, fn, group="random-masking", provider=provider, baseline=provider == "reference",
               shape=dict(N=N, L=L), device=device, bytes_moved=N * L * (8 + 8 + 4) + N * int(L * (1 - RATIO)) * 8,
-              **_timing_kw(device))
+              cuda_graph=True, **_timing_kw(device))
 
 
 @pytest.mark.parametrize("provider", ["reference", "cuda"])
@@ -167,4 +167,4 @@ def test_patch_gather(benchmark, device, case, provider):
     rows = _rows_cuda if provider == "cuda" else _rows_torch
     run_bench(benchmark, lambda: rows(imgs, ids_keep, p), group="patch-gather", provider=provider,
               baseline=provider == "reference", shape=shape, dtype=dtype, device=device,
-              bytes_moved=2 * N * K * 3 * p * p * imgs.element_size() + N * K * 8, **_timing_kw(device))
+              bytes_moved=2 * N * K * 3 * p * p * imgs.element_size() + N * K * 8, cuda_graph=True, **_timing_kw(device))

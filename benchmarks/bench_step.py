@@ -3,7 +3,8 @@
 Rows (providers, `maefast.bench.STEP_PROVIDERS`): reference (the official computation, eager;
 baseline), sdpa (the reference with torch's scaled_dot_product_attention), compile
 (the sdpa variant with each block torch.compile'd; compile-full, the whole model, with
-MAEFAST_BENCH_COMPILE_FULL=1), maefast (maefast's model, impl="auto"), plus whatever
+MAEFAST_BENCH_COMPILE_FULL=1), maefast (maefast's model, impl="auto"), maefast-custom-op (the same
+with every op called through the torch.library dispatcher instead of the direct route), plus whatever
 `maefast.bench.register_step_provider` added (e.g. maefast.patch rows). Autocast bf16 on a GPU, fp32 on the CPU. Reports step time,
 TFLOP/s (the official model's training FLOPs, `maefast.flops`), img/s, peak memory (GPU), and
 the speed-up against reference eager in the same run.

@@ -93,7 +93,7 @@ def test_unshuffle_fwd(benchmark, device, case, provider):
             return f(x, tok, ids, pos)
 
     run_bench(benchmark, fn, group="unshuffle-fwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, bytes_moved=fwd_bytes, **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, bytes_moved=fwd_bytes, cuda_graph=True, **_timing_kw(device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -110,4 +110,4 @@ def test_unshuffle_fwd_bwd(benchmark, device, case, provider):
         return torch.autograd.grad(f(x, tok, ids, pos), (x, tok), g)
 
     run_bench(benchmark, fn, group="unshuffle-fwd-bwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, bytes_moved=bwd_bytes, **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, bytes_moved=bwd_bytes, cuda_graph=True, **_timing_kw(device))

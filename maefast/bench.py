@@ -302,6 +302,22 @@ def _provider_maefast_patch(name, device, **overrides):
     return patch(model), False
 
 
+def _provider_maefast_custom_op(name, device, **overrides):
+    # the same model with every op called through the torch.library dispatcher (the route before
+    # 2026-11-27's direct autograd.Functions): the row that measures what the direct route saves
+    from .ops._dispatch import eager_dispatch
+
+    model = build_model(name, "auto", device, **overrides)
+    forward = model.forward
+
+    def forward_via_custom_ops(*args, **kwargs):
+        with eager_dispatch("custom_op"):  # the backward follows the route its forward took
+            return forward(*args, **kwargs)
+
+    model.forward = forward_via_custom_ops
+    return model, False
+
+
 def _provider_maefast_compile(name, device, **overrides):
     # torch.compile of the whole fast model (the maefast ops stay opaque): removes the Python glue
     # between the ops, the suspected limit of the eager fast path at launch-bound batch sizes
@@ -314,6 +330,7 @@ if accepts_impl():  # maefast's own model (impl="auto": its fused path; the refe
     STEP_PROVIDERS["maefast-graph"] = _provider_maefast  # the same model, its step captured (GraphTrainStep)
     STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
+    STEP_PROVIDERS["maefast-custom-op"] = _provider_maefast_custom_op
 
 
 def register_step_provider(name: str, builder: Callable) -> None:
