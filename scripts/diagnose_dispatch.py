@@ -6,7 +6,9 @@ same way, while eager aten was not: the suspect is Python backward nodes (custom
 graphs) run by autograd's device thread. This times one LayerNorm and one attention case, and the
 ViT-B training step, each way:
   raw        the Triton launchers called directly (no autograd)
-  op         maefast.ops through autograd (what the model runs)
+  op         maefast.ops through autograd (what the model runs: the direct autograd.Function route)
+  op-custom  the same through the torch.library dispatcher (MAEFAST_EAGER_DISPATCH=custom_op, the
+             route the H200 figures above were taken on)
   op-st      the same with torch.autograd.set_multithreading_enabled(False) (backward on this thread)
   eager      torch's own ops (C++ autograd nodes)
 and the host wall time per call (perf_counter, synchronised after the loop), plus the Python
@@ -49,7 +51,14 @@ def main(out_path: str | None = None) -> int:
     s = 64 if cpu_check else 1  # shrink factor on the CPU
     rows = []
 
+    from maefast.ops._dispatch import eager_dispatch
+
     def record(case, way, fn, single_thread=False):
+        if way.startswith("op-custom"):
+            def routed(fn=fn):
+                with eager_dispatch("custom_op"):
+                    return fn()
+            fn = routed
         prev = None
         if single_thread:
             prev = torch.autograd.is_multithreading_enabled()
@@ -85,6 +94,7 @@ def main(out_path: str | None = None) -> int:
 
     record("layernorm 12800x768 fwd+bwd", "raw", ln_raw)
     record("layernorm 12800x768 fwd+bwd", "op", ln_op)
+    record("layernorm 12800x768 fwd+bwd", "op-custom", ln_op)
     record("layernorm 12800x768 fwd+bwd", "op-st", ln_op, single_thread=True)
     record("layernorm 12800x768 fwd+bwd", "eager", ln_eager)
     record("layernorm 12800x768 fwd+bwd", "eager-st", ln_eager, single_thread=True)
@@ -104,6 +114,7 @@ def main(out_path: str | None = None) -> int:
         return torch.autograd.grad(o, qkv, dout)
 
     record("attention 256x50x16x64 fwd+bwd", "op", attn_op)
+    record("attention 256x50x16x64 fwd+bwd", "op-custom", attn_op)
     record("attention 256x50x16x64 fwd+bwd", "op-st", attn_op, single_thread=True)
     record("attention 256x50x16x64 fwd+bwd", "eager-sdpa", attn_sdpa)
 
@@ -122,16 +133,18 @@ def main(out_path: str | None = None) -> int:
         return torch.autograd.grad(ops.unshuffle(xv, tok, ids_u, pos_u, impl="triton"), (xv, tok), gu)
 
     record("unshuffle 256x196x512 fwd+bwd", "op", unshuffle_op)
+    record("unshuffle 256x196x512 fwd+bwd", "op-custom", unshuffle_op)
     record("unshuffle 256x196x512 fwd+bwd", "op-st", unshuffle_op, single_thread=True)
 
     # the ViT-B training step, batch 128, bf16
     from maefast import bench as mb
 
     model, batch = ("mae_vit_tiny_test", 2) if cpu_check else ("mae_vit_base_patch16", 128)
-    for provider in ("reference", "maefast"):
+    for provider in ("reference", "maefast", "maefast-custom-op"):
         step = mb.make_step(provider, model, batch, device=dev, dtype=torch.float32 if cpu_check else torch.bfloat16)
         record("ViT-B/16 step b128", provider, step)
-        record("ViT-B/16 step b128", provider + "-st", step, single_thread=True)
+        if provider != "maefast-custom-op":
+            record("ViT-B/16 step b128", provider + "-st", step, single_thread=True)
         del step
         mb.free_memory()
 
