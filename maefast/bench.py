@@ -196,7 +196,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, imgs: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                  mask_ratio: float = 0.75, lr: float = 1.5e-4, compile: bool = False, fused: bool = False,
-                 params_of: nn.Module | None = None):
+                 params_of: nn.Module | None = None, capturable: bool = False):
         self.model = model
         self.imgs = imgs
         self.dtype = dtype
@@ -205,6 +205,8 @@ class TrainStep:
         owner = params_of if params_of is not None else model
         # foreach AdamW by default, like the official loop; fused=True is an option for fast rows
         kw = {"fused": True} if fused else {}
+        if capturable:  # AdamW keeps its step counts on the device: a CUDA graph can capture it
+            kw["capturable"] = True
         self.opt = torch.optim.AdamW(param_groups(owner), lr=lr, betas=(0.9, 0.95), **kw)
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         self.fwd = torch.compile(model) if compile else model
@@ -241,6 +243,54 @@ class TrainStep:
     def __call__(self):
         self.backward(self.forward())
         self.optimizer_step()
+
+
+class GraphedTrainStep:
+    """A `TrainStep` (forward + backward + AdamW step) captured whole in one CUDA graph and replayed:
+    the step's GPU time without Python dispatch or per-kernel launch cost — the way XLA ran the
+    paper's TPU steps. For timing: the batch is fixed, and a model that draws its mask on the host
+    (maefast's without a device seed) replays the mask drawn at capture; `maefast.graphs.
+    CUDAGraphTrainStep` is the training-grade version (fresh mask per replay).
+
+    The TrainStep must be on CUDA, built with capturable=True, and not fp16 (a GradScaler step syncs).
+    Raises ValueError for those, RuntimeError (from CUDA) when something in the step cannot be
+    captured (a host sync, a CPU tensor); the caller decides whether to fall back to eager.
+    """
+
+    def __init__(self, step: TrainStep, warmup_steps: int = 2):
+        if step.device.type != "cuda":
+            raise ValueError("a CUDA-graph step needs a CUDA device")
+        if step.scaler is not None:
+            raise ValueError("an fp16 step (GradScaler) cannot be captured; use bf16 or fp32")
+        if not all(g.get("capturable") for g in step.opt.param_groups):
+            raise ValueError("the TrainStep's optimizer must be built with capturable=True")
+        self.step = step
+        current = torch.cuda.current_stream(step.device)
+        side = torch.cuda.Stream(device=step.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # Triton compiles, autograd and cuBLAS warm up outside the capture
+            for _ in range(warmup_steps):
+                self._body()
+                step.opt.zero_grad(set_to_none=True)
+        current.wait_stream(side)
+        step.opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = self._body()
+
+    def _body(self) -> torch.Tensor:
+        s = self.step
+        ctx = (torch.autocast("cuda", dtype=s.dtype, cache_enabled=False) if s.dtype != torch.float32
+               else contextlib.nullcontext())
+        with ctx:
+            loss = s.fwd(s.imgs, mask_ratio=s.mask_ratio, **s.fwd_kwargs)[0]
+        loss.backward()
+        s.opt.step()
+        return loss.detach()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.static_loss
 
 
 def synthetic_batch(model: nn.Module, batch: int, device=None, seed: int = 0) -> torch.Tensor:
@@ -360,6 +410,9 @@ class GraphTrainStep:
 
 
 GRAPH_PROVIDERS = {"maefast-graph"}
+# rows timed as GraphedTrainStep replays of another provider's step (e.g. the reference's)
+GRAPHED_PROVIDERS = {"reference-graph": "reference"}
+STEP_PROVIDERS["reference-graph"] = _provider_reference
 
 
 def make_step(provider: str, name: str, batch: int, *, device=None, dtype=torch.float32, mask_ratio=0.75,
@@ -372,6 +425,12 @@ def make_step(provider: str, name: str, batch: int, *, device=None, dtype=torch.
             raise ValueError("the CUDA-graph step needs a CUDA device")
         model, _ = STEP_PROVIDERS[provider](name, device, **overrides)
         return GraphTrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio)
+    if provider in GRAPHED_PROVIDERS:
+        if device.type != "cuda":
+            raise ValueError("the CUDA-graph step needs a CUDA device")
+        model, compile_ = STEP_PROVIDERS[GRAPHED_PROVIDERS[provider]](name, device, **overrides)
+        return GraphedTrainStep(TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype,
+                                          mask_ratio=mask_ratio, compile=compile_, capturable=True))
     model, compile_ = STEP_PROVIDERS[provider](name, device, **overrides)
     return TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio,
                      compile=compile_)
@@ -392,7 +451,8 @@ def _time_step(step: TrainStep, device, quick: bool) -> dict:
     return timing.time_cpu(step, warmup=1, min_reps=2 if quick else 3, max_reps=5, budget_s=0.2 if quick else 1.0)
 
 
-def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress, overrides) -> dict:
+def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress, overrides,
+                      cuda_graph=False) -> dict:
     # a function of its own: everything it allocates is freed when it returns (or raises)
     out = {}
     model = build_model(name, impl, device, decoder_depth=dd, **overrides)
@@ -403,7 +463,16 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
         fwd = model if mode == "visible" else MaskTokenEncoderMAE(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        st = _time_step(TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio), device, quick)
+        step = TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio, capturable=cuda_graph)
+        out[f"{mode}_timing"] = "eager"
+        if cuda_graph:
+            try:
+                step = GraphedTrainStep(step)
+                out[f"{mode}_timing"] = "cuda-graph"
+            except (RuntimeError, ValueError) as e:  # time it eagerly and say why
+                torch.cuda.synchronize(device)
+                out[f"{mode}_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        st = _time_step(step, device, quick)
         out[f"{mode}_ms"] = st["median_ms"]
         out[f"{mode}_reps"] = st["reps"]
         if device.type == "cuda":
@@ -412,9 +481,18 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
 
 
 def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, dtype=torch.float32, device=None,
-           mask_ratio=0.75, quick=False, progress=None, overrides=None) -> list[dict]:
-    """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth)."""
+           mask_ratio=0.75, quick=False, progress=None, overrides=None, cuda_graph: bool | None = None) -> list[dict]:
+    """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth).
+
+    cuda_graph (default: on a CUDA device, unless the dtype is fp16): time each step as a CUDA-graph
+    replay (`GraphedTrainStep`), the GPU time without host dispatch, as XLA ran the paper's TPU steps;
+    a step that cannot be captured is timed eagerly and its row says why. False: eager steps.
+    """
     device = torch.device(device) if device is not None else default_device()
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and dtype != torch.float16
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs a CUDA device")
     peak = timing.measure_peak(device)
     rows = []
     for name in [resolve_model_name(m) for m in models]:
@@ -423,7 +501,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
             t_mask_by_depth = {}
             for dd in decoder_depths:
                 row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
-                       "dtype": str(dtype).replace("torch.", ""),
+                       "dtype": str(dtype).replace("torch.", ""), "cuda_graph": bool(cuda_graph),
                        "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
                        flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
                 paper = flops_mod.PAPER_TABLE2.get((name, dd))
@@ -431,7 +509,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                     row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
                 try:
                     row.update(_time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress,
-                                                 overrides or {}))
+                                                 overrides or {}, cuda_graph))
                 except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 free_memory()
@@ -469,6 +547,9 @@ def format_table2(rows: list[dict], env: dict, peak: dict, note: str = "") -> st
         lines.append(note)
     lines.append("speed-up = step time of the encoder with mask tokens / visible-only, same decoder depth; "
                  "FLOP bound = training-FLOP ratio (maefast.flops)")
+    if any(r.get("cuda_graph") for r in rows):
+        lines.append("steps timed as CUDA-graph replays (GPU time without host dispatch, as XLA ran the paper's "
+                     "TPU steps; --eager for eager steps); * = a step that could not be captured, timed eagerly")
     head = (f"{'model':<12} {'dec':>3} {'impl':<10} {'batch':>5} {'visible ms':>10} {'w/[M] ms':>9} "
             f"{'speed-up':>8} {'FLOP bnd':>8} {'of bnd':>6} {'vs[M]d8':>7} {'paper':>5} {'MAE.md':>6} {'MFU':>5}")
     lines += [head, "-" * len(head)]
@@ -477,7 +558,8 @@ def format_table2(rows: list[dict], env: dict, peak: dict, note: str = "") -> st
             lines.append(f"{SHORT.get(r['model'], r['model']):<12} {r['decoder_depth']:>3} {r['impl']:<10} "
                          f"{r['batch']:>5} {r['error']}")
             continue
-        lines.append(f"{SHORT.get(r['model'], r['model']):<12} {r['decoder_depth']:>3} {r['impl']:<10} {r['batch']:>5} "
+        star = "*" if any(r.get(f"{m}_graph_error") for m in ("visible", "mask_tokens")) else ""
+        lines.append(f"{SHORT.get(r['model'], r['model']) + star:<12} {r['decoder_depth']:>3} {r['impl']:<10} {r['batch']:>5} "
                      f"{r['visible_ms']:>10.2f} {r['mask_tokens_ms']:>9.2f} {r['speedup']:>7.2f}x "
                      f"{r['flop_ratio']:>7.2f}x {100 * r['of_flop_bound']:>5.0f}% "
                      f"{_x(r.get('speedup_vs_mask_dec8'), '.2f'):>7} {_x(r.get('paper_speedup'), '.1f'):>5} "
@@ -548,6 +630,8 @@ def table2_main(argv) -> int:
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="fewer timed steps (3 per cell on a GPU)")
+    p.add_argument("--eager", action="store_true", help="GPU: time eager steps (Python dispatch included) instead of "
+                   "CUDA-graph replays (the default on a GPU: the paper's TPU steps ran XLA-compiled)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
     p.add_argument("--json", default=None, help="write rows + environment to this file")
@@ -574,7 +658,8 @@ def table2_main(argv) -> int:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
     rows = table2(models, depths, impls, batch=a.batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
-                  quick=a.quick, progress=progress, overrides=overrides or None)
+                  quick=a.quick, progress=progress, overrides=overrides or None,
+                  cuda_graph=False if (a.eager or on_cpu) else None)
     env, peak = timing.env_info(device), timing.measure_peak(device)
     text = format_table2(rows, env, peak, note)
     print(text)

@@ -239,3 +239,61 @@ def test_harness_records_and_ratios():
     lines = _harness.summary_lines()
     assert any("ref" in ln for ln in lines) and "peak" in _harness.session_record()
     _harness.RESULTS.clear()
+
+
+def test_graphed_step_refuses_what_it_cannot_capture():
+    step = mb.make_step("reference", "tiny", 2, device="cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        mb.GraphedTrainStep(step)
+    with pytest.raises(ValueError, match="CUDA device"):
+        mb.make_step("reference-graph", "tiny", 2, device="cpu")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        mb.table2(["tiny"], (1,), device="cpu", cuda_graph=True)
+
+
+def test_train_step_capturable_optimizer():
+    model = mb.build_model("tiny", "reference", "cpu")
+    step = mb.TrainStep(model, mb.synthetic_batch(model, 2, "cpu"), capturable=True)
+    assert all(g["capturable"] for g in step.opt.param_groups)
+    assert not any(g.get("capturable") for g in mb.TrainStep(model, step.imgs).opt.param_groups)
+
+
+def test_harness_without_cuda_records_eager_only():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import _harness
+    finally:
+        sys.path.pop(0)
+    _harness.RESULTS.clear()
+    b = _FakeBenchmark()
+    a = torch.randn(16, 16)
+    _harness.run_bench(b, lambda: a @ a, group="g", provider="ref", baseline=True, shape=(16,), cuda_graph=True,
+                       budget_s=0.01)
+    assert b.extra_info["cuda_graph"] is False and b.extra_info["eager_time_ms"] is None
+    _harness.RESULTS.clear()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["reference", "maefast"])
+def test_graphed_step_replays_and_trains(provider):
+    """The whole step in one CUDA graph: each replay updates the weights and returns a finite loss."""
+    step = mb.TrainStep(*_tiny_cuda(provider), dtype=torch.bfloat16, capturable=True)
+    g = mb.GraphedTrainStep(step)
+    w = step.model.blocks[0].mlp.fc1.weight
+    before = w.detach().clone()
+    losses = [float(g()) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(before, w.detach())
+
+
+@pytest.mark.cuda
+def test_table2_graph_rows_on_gpu():
+    rows = mb.table2(["tiny"], (1,), ["reference", "auto"], batch=4, dtype=torch.bfloat16, device="cuda", quick=True)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["cuda_graph"] and r["visible_timing"] == "cuda-graph" and r["mask_tokens_timing"] == "cuda-graph", r
+
+
+def _tiny_cuda(provider):
+    model = mb.build_model("tiny", "reference" if provider == "reference" else "auto", "cuda")
+    return model, mb.synthetic_batch(model, 4, "cuda")
