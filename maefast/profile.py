@@ -47,6 +47,17 @@ class StageClock:
         self.current = None
         self.enabled = True
         self._rf = None
+        # CUDA events are created once and reused step after step: creating one per mark (~60 marks a
+        # ViT-B step) cost more host time than recording it, and on a launch-bound step that shows
+        self._events: list = []
+        self._used = 0
+
+    def _event(self):
+        if self._used == len(self._events):
+            self._events.append(torch.cuda.Event(enable_timing=True))
+        ev = self._events[self._used]
+        self._used += 1
+        return ev
 
     def switch(self, label):
         if not self.enabled or label == self.current:
@@ -55,7 +66,7 @@ class StageClock:
             self._rf.__exit__(None, None, None)
             self._rf = None
         if self.cuda and not self.sync:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self._event()
             ev.record()
             self.marks.append((label, ev))
         else:
@@ -77,7 +88,7 @@ class StageClock:
                 continue
             ms = a.elapsed_time(b) if (self.cuda and not self.sync) else (b - a) * 1e3
             out[label] = out.get(label, 0.0) + ms
-        self.marks, self.current = [], None
+        self.marks, self.current, self._used = [], None, 0
         return out
 
 
