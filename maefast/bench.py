@@ -343,6 +343,11 @@ def _provider_maefast_fused(name, device, **overrides):
     return build_model(name, "auto", device, fused=True, **overrides), False
 
 
+def _provider_maefast_block(name, device, **overrides):
+    # each transformer block one op (fused="block"): one autograd node per block, LN/GELU recomputed
+    return build_model(name, "auto", device, fused="block", **overrides), False
+
+
 def _provider_maefast_patch(name, device, **overrides):
     # maefast.patch on an official-layout model (the reference class): what a user of the official code gets
     from .patching import patch
@@ -381,6 +386,7 @@ if accepts_impl():  # maefast's own model (impl="auto": its fused path; the refe
     STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
     STEP_PROVIDERS["maefast-custom-op"] = _provider_maefast_custom_op
+    STEP_PROVIDERS["maefast-block"] = _provider_maefast_block
 
 
 def register_step_provider(name: str, builder: Callable) -> None:

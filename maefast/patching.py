@@ -122,7 +122,7 @@ def _official_forward(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, ret
     return loss, pred, mask
 
 
-def patch(model: nn.Module, impl: str = "auto", *, fused: bool = False, grad_checkpointing: bool = False) -> nn.Module:
+def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
     Official-style models: forward(imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True)
@@ -134,6 +134,9 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool = False, grad_che
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .models.fast import check_fused
+
+    fused = check_fused(fused)
     if _is_transformers_mae(model):
         fwd = _hf_forward
         if getattr(model.config, "hidden_act", "gelu") not in ("gelu",):
@@ -144,7 +147,7 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool = False, grad_che
             raise TypeError(f"maefast.patch does not recognise {type(model).__name__}: neither transformers' "
                             f"ViTMAEForPreTraining nor the official MAE layout; missing: {', '.join(missing)}")
         fwd = _official_forward
-    model._maefast = {"impl": impl, "fused": bool(fused), "grad_checkpointing": bool(grad_checkpointing)}
+    model._maefast = {"impl": impl, "fused": fused, "grad_checkpointing": bool(grad_checkpointing)}
     model.forward = types.MethodType(fwd, model)
     return model
 

@@ -33,7 +33,7 @@ def _run(model, imgs, noise, **kw):
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "block"])
 def test_fast_path_equals_official_fp32(norm_pix, fused):
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**TINY, norm_pix_loss=norm_pix, fused=fused)
@@ -71,9 +71,10 @@ def test_fast_path_triton_interpreter_equals_official():
     _assert_grads_equal(g1, g0, rel=1e-3)
 
 
-def test_bf16_autocast_within_tolerance():
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_bf16_autocast_within_tolerance(fused):
     torch.manual_seed(0)
-    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, fused=fused)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     m.impl = "reference"
     l32, _, _, g32 = _run(m, imgs, noise)  # the fp32 oracle
@@ -84,7 +85,10 @@ def test_bf16_autocast_within_tolerance():
         l1, _, _, g1 = _run(m, imgs, noise, return_pred=False)
     assert l1.dtype == torch.float32 and torch.isfinite(l1)
     assert_error_ratio(l1, lref, l32, torch.bfloat16, "forward", "loss")
-    for n in ("blocks.0.attn.qkv.weight", "decoder_pred.weight", "patch_embed.proj.weight", "mask_token"):
+    names = ("blocks.0.attn.qkv.weight", "decoder_pred.weight", "patch_embed.proj.weight", "mask_token")
+    if fused == "block":
+        names += ("blocks.1.norm1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.attn.proj.bias", "decoder_blocks.0.mlp.fc2.weight")
+    for n in names:
         assert_error_ratio(g1[n], gref[n], g32[n], torch.bfloat16, "backward", n)
 
 
@@ -104,9 +108,10 @@ def test_fp16_gradscaler_no_nan():
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_grad_checkpointing_same_mask_and_grads():
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_grad_checkpointing_same_mask_and_grads(fused):
     torch.manual_seed(0)
-    m = MaskedAutoencoderViT(**TINY)
+    m = MaskedAutoencoderViT(**TINY, fused=fused)
     imgs = torch.randn(2, 3, 32, 32)
     l0, _, k0, g0 = _run(m, imgs, None, seed=123)
     m.grad_checkpointing = True
@@ -219,6 +224,13 @@ def test_compile_fullgraph_native_and_patched():
     ref = maefast.patch(ReferenceMAE(**TINY))
     cr = torch.compile(ref, fullgraph=True, backend="aot_eager")
     assert torch.isfinite(cr(imgs, noise=noise)[0])
+    # the whole-block op traces as one opaque node too
+    torch._dynamo.reset()
+    mb = MaskedAutoencoderViT(**TINY, fused="block")
+    mb.load_state_dict(m.state_dict())
+    lb = torch.compile(mb, fullgraph=True, backend="aot_eager")(imgs, noise=noise, return_pred=False)[0]
+    lb.backward()
+    assert torch.allclose(lb, l0, rtol=1e-5) and mb.blocks[0].mlp.fc1.weight.grad is not None
 
 
 def test_bad_inputs():
@@ -237,6 +249,10 @@ def test_bad_inputs():
         create_model("tiny", impl="gpu")
     with pytest.raises(ValueError, match="impl='cuda' is not available"):
         create_model("tiny", impl="cuda")(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="fused must be False, True or 'block'"):
+        create_model("tiny", fused="blocks")
+    with pytest.raises(ValueError, match="fused must be False, True or 'block'"):
+        maefast.patch(ReferenceMAE(**TINY), fused=2)
 
 
 GPU_CFG = dict(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4, decoder_embed_dim=128,
@@ -276,6 +292,30 @@ def test_gpu_fast_model_equals_official(impl, no_tf32):
         lb, _, _, gb = _run(m, imgs, noise, return_pred=False)
     assert_error_ratio(lb, lr, l0, torch.bfloat16, "forward", "loss")
     for n in ("blocks.0.attn.qkv.weight", "decoder_blocks.1.mlp.fc2.weight", "patch_embed.proj.weight"):
+        assert_error_ratio(gb[n], gr[n], g0[n], torch.bfloat16, "backward", n)
+
+
+@pytest.mark.cuda
+def test_gpu_block_op_model_equals_official(no_tf32):
+    """fused="block" on the card: fp32 grads to 1e-4 of the official, bf16 by the error-ratio rule."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**GPU_CFG, fused="block").cuda()
+    imgs, noise = torch.randn(8, 3, 224, 224, device="cuda"), torch.rand(8, 196, device="cuda")
+    m.impl = "reference"
+    l0, _, _, g0 = _run(m, imgs, noise)
+    m.impl = "auto"
+    l1, _, _, g1 = _run(m, imgs, noise, return_pred=False)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()), (l1.item(), l0.item())
+    _assert_grads_equal(g1, g0, rel=1e-4)
+    m.impl = "reference"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lr, _, _, gr = _run(m, imgs, noise)
+    m.impl = "auto"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lb, _, _, gb = _run(m, imgs, noise, return_pred=False)
+    assert_error_ratio(lb, lr, l0, torch.bfloat16, "forward", "loss")
+    for n in ("blocks.0.attn.qkv.weight", "blocks.1.norm1.weight", "blocks.0.mlp.fc1.bias",
+              "decoder_blocks.1.mlp.fc2.weight", "decoder_blocks.0.norm2.bias"):
         assert_error_ratio(gb[n], gr[n], g0[n], torch.bfloat16, "backward", n)
 
 

@@ -99,8 +99,35 @@ def attention_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
     return "cuda" if why is None else "auto"
 
 
-def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused: bool, out_dtype) -> torch.Tensor:
+FUSED_MODES = (False, True, "block")
+
+
+def check_fused(fused) -> bool | str:
+    """fused: False | True | "block" (1/0 accepted for True/False)."""
+    if isinstance(fused, str):
+        if fused != "block":
+            raise ValueError(f"fused must be False, True or 'block', got {fused!r}")
+        return fused
+    if fused in (0, 1):
+        return bool(fused)
+    raise ValueError(f"fused must be False, True or 'block', got {fused!r}")
+
+
+def _block_op_ok(bv: BlockView) -> bool:
+    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine norms."""
+    return (bv.exact_gelu and bv.fc1.bias is not None and bv.fc2.bias is not None and bv.proj.bias is not None
+            and all(getattr(n, "weight", None) is not None and getattr(n, "bias", None) is not None
+                    for n in (bv.norm1, bv.norm2)))
+
+
+def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -> torch.Tensor:
     """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
+    if fused == "block" and _block_op_ok(bv):
+        w, b = bv.qkv()
+        return ops.vit_block(x, bv.norm1.weight, bv.norm1.bias, w, b, bv.proj.weight, bv.proj.bias, bv.norm2.weight,
+                             bv.norm2.bias, bv.fc1.weight, bv.fc1.bias, bv.fc2.weight, bv.fc2.bias,
+                             num_heads=bv.num_heads, scale=bv.scale, eps1=bv.norm1.eps, eps2=bv.norm2.eps,
+                             impl=impl)
     h = _ln(x, bv.norm1, fused, impl, out_dtype)
     w, b = bv.qkv()
     qkv = F.linear(h, w, b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
-from .fast import fast_forward, official_view
+from .fast import check_fused, fast_forward, official_view
 
 
 class MaskedAutoencoderViT(_ReferenceMAE):
@@ -14,10 +14,13 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         impl: "auto" | "triton" | "cuda" | "reference". "reference" runs the official computation;
             the others run the fused path with that backend for every op ("auto": the fastest
             verified one on CUDA, the reference composition of each op on the CPU).
-        fused: use maefast's Triton residual-add + LayerNorm and bias + GELU ops instead of torch's
-            LayerNorm/GELU. Off by default: on an H200 (2026-11-27) the raw kernels ran 1.2-2.0x
-            torch's eager ops, but through the custom-op + autograd path their forward+backward ran at
-            0.11-0.45x (per-call overhead), and the whole step was slower with them (README).
+        fused: False | True | "block". True: maefast's Triton residual-add + LayerNorm and bias + GELU
+            ops instead of torch's LayerNorm/GELU. "block": each transformer block is one op
+            (`maefast.ops.vit_block`: one autograd node, LayerNorm and GELU recomputed in the backward,
+            ~35% less activation memory than True). Off by default: on an H200 (2026-11-27) the raw
+            kernels ran 1.2-2.0x torch's eager ops, but through the custom-op + autograd path their
+            forward+backward ran at 0.11-0.45x (per-call overhead), and the whole step was slower with
+            them (README); both were changed since (direct dispatch, the block op) and await a GPU.
         grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside).
 
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
@@ -26,12 +29,13 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         the head on the visible rows (pred is None) — what training loops want.
     """
 
-    def __init__(self, *args, impl: str = "auto", fused: bool = False, grad_checkpointing: bool = False, **kwargs):
+    def __init__(self, *args, impl: str = "auto", fused: bool | str = False, grad_checkpointing: bool = False,
+                 **kwargs):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         super().__init__(*args, **kwargs)
         self.impl = impl
-        self.fused = bool(fused)
+        self.fused = check_fused(fused)
         self.grad_checkpointing = bool(grad_checkpointing)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True):

@@ -8,3 +8,4 @@ from .patch_embed import masked_patch_embed  # noqa: F401
 from .attention import visible_attention  # noqa: F401
 from .layernorm import add_layer_norm, layer_norm  # noqa: F401
 from .bias_gelu import bias_gelu  # noqa: F401
+from .block import vit_block  # noqa: F401

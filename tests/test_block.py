@@ -1,0 +1,161 @@
+"""maefast.ops.vit_block: one pre-norm ViT block as one op (LayerNorm and GELU recomputed in the
+backward) against the official Block (maefast.reference.model.Block) — output and every gradient."""
+import os
+
+import pytest
+import torch
+
+import maefast.ops as ops
+from maefast.ops._dispatch import eager_dispatch
+from maefast.reference.model import Block
+from maefast.testing import assert_close, assert_error_ratio
+
+NAMES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+         "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+def _block(dim, heads, device="cpu", qkv_bias=True, seed=0):
+    torch.manual_seed(seed)
+    blk = Block(dim, heads, 4.0, qkv_bias=qkv_bias).to(device)
+    with torch.no_grad():  # non-trivial norms and biases, so their gradients are checked for real
+        for n, p in blk.named_parameters():
+            if n.startswith("norm"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.normal_(std=0.05)
+    return blk
+
+
+def _op(blk, x, impl):
+    params = dict(blk.named_parameters())
+    return ops.vit_block(x, *[params.get(n) for n in NAMES], num_heads=blk.attn.num_heads, scale=blk.attn.scale,
+                         eps1=blk.norm1.eps, eps2=blk.norm2.eps, impl=impl)
+
+
+def _fwd_bwd(fn, blk, x, dy):
+    blk.zero_grad()
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad.detach().clone() for n, p in blk.named_parameters()}
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 17, 64, 4), (3, 5, 48, 2)])  # (N, T, D, H): head dims 16 and 24
+def test_fp32_equals_official_block(shape, qkv_bias):
+    n, t, d, h = shape
+    blk = _block(d, h, qkv_bias=qkv_bias)
+    x, dy = torch.randn(n, t, d), torch.randn(n, t, d)
+    y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
+    y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+    assert_close(y1, y0, name="y")
+    assert_close(dx1, dx0, name="dx")
+    for name in g0:
+        assert_close(g1[name], g0[name], name=name, scale=2.0)
+    assert not qkv_bias or g1["attn.qkv.bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_within_error_ratio(dtype):
+    """Under autocast the op's error vs the fp32 oracle is within the rule's multiple of the official's."""
+    blk = _block(64, 4)
+    x, dy = torch.randn(2, 17, 64), torch.randn(2, 17, 64)
+    y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+    with torch.autocast("cpu", dtype=dtype):
+        yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
+        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+    assert y1.dtype == torch.float32 and dx1.dtype == torch.float32  # the fp32 residual stream stays fp32
+    assert_error_ratio(y1, yr, y32, dtype, "forward", "y")
+    assert_error_ratio(dx1, dxr, dx32, dtype, "backward", "dx")
+    for name in NAMES:
+        assert g1[name].dtype == torch.float32
+        assert_error_ratio(g1[name], gr[name], g32[name], dtype, "backward", name)
+
+
+def test_triton_interpreter_equals_official():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
+    blk = _block(32, 2)
+    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
+    y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "triton"), blk, x, dy)
+    assert_close(y1, y0, name="y", scale=10.0)
+    assert_close(dx1, dx0, name="dx", scale=10.0)
+    for name in g0:
+        assert_close(g1[name], g0[name], name=name, scale=10.0)
+
+
+def test_routes_agree_and_one_node_per_block():
+    blk = _block(64, 4)
+    x, dy = torch.randn(2, 17, 64), torch.randn(2, 17, 64)
+    with eager_dispatch("custom_op"):
+        yc, dxc, gc = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+    yd, dxd, gd = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+    assert torch.equal(yc, yd) and torch.equal(dxc, dxd) and all(torch.equal(gc[n], gd[n]) for n in gc)
+    y = _op(blk, x.requires_grad_(), "reference")
+    assert type(y.grad_fn).__name__ == "maefast_vit_blockBackward"
+
+
+def test_saves_only_x_qkv_out_lse_s_a():
+    """What the op keeps for backward (besides the parameters): x, qkv, attention out, lse, s, a — the
+    LayerNorm outputs and the GELU output are recomputed."""
+    n, t, d, h = 2, 17, 64, 4
+    blk = _block(d, h)
+    params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        st = tensor.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return tensor
+
+    x = torch.randn(n, t, d, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _op(blk, x, "reference")
+    f32, rows = 4, n * t
+    expected = rows * d * f32 + rows * 3 * d * f32 + rows * d * f32 + n * h * t * f32 + rows * d * f32 + rows * 4 * d * f32
+    assert sum(saved.values()) == expected, (sum(saved.values()), expected)
+
+
+def test_bad_inputs():
+    blk = _block(64, 4)
+    params = [dict(blk.named_parameters()).get(n) for n in NAMES]
+    x = torch.randn(2, 5, 64)
+    with pytest.raises(ValueError, match="qkv_w must have shape"):
+        ops.vit_block(x, params[0], params[1], params[2][:96], *params[3:], num_heads=4)
+    with pytest.raises(ValueError, match="num_heads must be a positive int dividing"):
+        ops.vit_block(x, *params, num_heads=5)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        ops.vit_block(x[0], *params, num_heads=4)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.vit_block(x.double(), *params, num_heads=4)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.vit_block(x, *params, num_heads=4, impl="fast")
+
+
+def test_opcheck():
+    blk = _block(32, 2)
+    params = [dict(blk.named_parameters()).get(n) for n in NAMES]
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    args = (x, *params, 2, 16 ** -0.5, 1e-6, 1e-6, None, "reference")
+    torch.library.opcheck(torch.ops.maefast.vit_block.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["auto", "cuda"])
+@pytest.mark.parametrize("shape", [(16, 50, 1024, 16), (8, 65, 1280, 16), (8, 197, 512, 16)])
+def test_gpu_block_bf16_within_error_ratio(shape, impl):
+    n, t, d, h = shape
+    blk = _block(d, h, device="cuda")
+    x, dy = torch.randn(n, t, d, device="cuda"), torch.randn(n, t, d, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
+        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
+    assert_error_ratio(y1, yr, y32, torch.bfloat16, "forward", "y")
+    assert_error_ratio(dx1, dxr, dx32, torch.bfloat16, "backward", "dx")
+    for name in NAMES:
+        assert_error_ratio(g1[name], gr[name], g32[name], torch.bfloat16, "backward", name)
