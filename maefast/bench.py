@@ -487,12 +487,14 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
 
 
 def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, dtype=torch.float32, device=None,
-           mask_ratio=0.75, quick=False, progress=None, overrides=None, cuda_graph: bool | None = None) -> list[dict]:
+           mask_ratio=0.75, quick=False, progress=None, overrides=None, cuda_graph: bool | None = None,
+           on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth).
 
     cuda_graph (default: on a CUDA device, unless the dtype is fp16): time each step as a CUDA-graph
     replay (`GraphedTrainStep`), the GPU time without host dispatch, as XLA ran the paper's TPU steps;
     a step that cannot be captured is timed eagerly and its row says why. False: eager steps.
+    on_row(rows so far) is called after each row (e.g. to save partial results under a time limit).
     """
     device = torch.device(device) if device is not None else default_device()
     if cuda_graph is None:
@@ -529,6 +531,8 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                     row["mfu"] = row["tflops"] / peak["matmul_tflops"]
                     t_mask_by_depth[dd] = row["mask_tokens_ms"]
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
             # the paper's definition: every row against the mask-token encoder with decoder depth 8
             if 8 in t_mask_by_depth:
                 for row in rows[-len(decoder_depths):]:
@@ -663,10 +667,17 @@ def table2_main(argv) -> int:
     if note:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
+    env, peak = timing.env_info(device), timing.measure_peak(device)
+
+    def save_partial(rows_so_far):  # a run cut short (a time limit) still leaves its finished rows
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows_so_far,
+                           "partial": True}, fh, indent=2, default=str)
+
     rows = table2(models, depths, impls, batch=a.batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
                   quick=a.quick, progress=progress, overrides=overrides or None,
-                  cuda_graph=False if (a.eager or on_cpu) else None)
-    env, peak = timing.env_info(device), timing.measure_peak(device)
+                  cuda_graph=False if (a.eager or on_cpu) else None, on_row=save_partial)
     text = format_table2(rows, env, peak, note)
     print(text)
     png = a.png or (a.json.rsplit(".", 1)[0] + ".png" if a.json else None)
