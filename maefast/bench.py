@@ -387,6 +387,7 @@ if accepts_impl():  # maefast's own model (impl="auto": its fused path; the refe
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
     STEP_PROVIDERS["maefast-custom-op"] = _provider_maefast_custom_op
     STEP_PROVIDERS["maefast-block"] = _provider_maefast_block
+    STEP_PROVIDERS["maefast-block-graph"] = _provider_maefast_block  # fused="block", step captured
 
 
 def register_step_provider(name: str, builder: Callable) -> None:
@@ -415,7 +416,7 @@ class GraphTrainStep:
         return self.step(self.imgs)
 
 
-GRAPH_PROVIDERS = {"maefast-graph"}
+GRAPH_PROVIDERS = {"maefast-graph", "maefast-block-graph"}
 # rows timed as GraphedTrainStep replays of another provider's step (e.g. the reference's)
 GRAPHED_PROVIDERS = {"reference-graph": "reference"}
 STEP_PROVIDERS["reference-graph"] = _provider_reference
