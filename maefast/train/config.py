@@ -39,6 +39,8 @@ class TrainConfig:
     clip_grad: float | None = None
     dtype: str = "auto"
     impl: str = "auto"
+    fused: str = "off"
+    grad_checkpointing: bool = False
     compile: bool = False
     fsdp: bool = False
     device: str | None = None
@@ -54,6 +56,9 @@ class TrainConfig:
     export: bool = True
     plot: bool = True
     notes: list = field(default_factory=list)  # filled by resolve_config: which defaults were chosen
+
+
+FUSED = {"off": False, "on": True, "block": "block"}  # --fused -> the model's fused=
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference)")
+    a("--fused", default="off", choices=["off", "on", "block"],
+      help="transformer blocks on the fast path: off (torch LayerNorm/GELU), on (maefast's fused LayerNorm/GELU ops), "
+           "block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less activation memory)")
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing per block (same mask on recompute)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--fsdp", action="store_true", help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
@@ -179,5 +188,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
     if cfg.impl not in ("auto", "triton", "cuda", "reference"):
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
+    if cfg.fused not in FUSED:
+        raise ValueError(f"--fused must be one of {sorted(FUSED)}, got {cfg.fused!r}")
     if cfg.fsdp and cfg.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (no sharded grad scaler here): use bfloat16")

@@ -44,7 +44,9 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     kwargs = {"img_size": cfg.input_size, "norm_pix_loss": cfg.norm_pix_loss}
     extra = {}
     if model_accepts_impl():
-        extra["impl"] = cfg.impl
+        from .config import FUSED
+
+        extra.update(impl=cfg.impl, fused=FUSED[cfg.fused], grad_checkpointing=cfg.grad_checkpointing)
     elif cfg.impl not in ("auto", "reference"):
         raise ValueError(f"--impl {cfg.impl}: the model in this maefast build has no impl= option yet "
                          "(only the reference PyTorch path); use --impl auto")
