@@ -82,14 +82,12 @@ def test_gpu_captured_step_matches_eager_steps():
     imgs = [torch.randn(4, 3, 64, 64, device="cuda") for _ in range(3)]
     opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3, capturable=True)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3, capturable=True)
-    step = CUDAGraphTrainStep(a, opt_a, imgs[0], seed=100, autocast_dtype=None, warmup_steps=1)
-    # the eager twin takes the same seeds and batches: the warm-up step ran with seed 100 (capture only
-    # records, it runs nothing), the replays with 101, 102, 103
-    for s in (100,):
-        opt_b.zero_grad(set_to_none=True)
-        b(imgs[0], 0.75, seed=torch.tensor([s], device="cuda"), return_pred=False)[0].backward()
-        opt_b.step()
-    for i, s in enumerate((101, 102, 103)):
+    step = CUDAGraphTrainStep(a, opt_a, imgs[0], seed=100, autocast_dtype=None, warmup_steps=2)
+    # building the step trained nothing (the warm-up is undone): replay k draws seed 100 + k, and the
+    # eager twin takes the same seeds and batches
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    for i, s in enumerate((100, 101, 102)):
         la = step(imgs[i]).clone()
         opt_b.zero_grad(set_to_none=True)
         lb = b(imgs[i], 0.75, seed=torch.tensor([s], device="cuda"), return_pred=False)[0]
@@ -98,3 +96,37 @@ def test_gpu_captured_step_matches_eager_steps():
         assert torch.allclose(la, lb.detach(), rtol=1e-4, atol=1e-6), (i, la.item(), lb.item())
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_gpu_captured_step_with_noise_and_lr_schedule(fused):
+    """example_noise= (masks from the caller's noise) and set_lr: replays equal eager AdamW steps."""
+    from maefast.graphs import CUDAGraphTrainStep
+    from maefast.models import MaskedAutoencoderViT
+
+    cfg = dict(img_size=64, patch_size=8, embed_dim=128, depth=2, num_heads=2, decoder_embed_dim=64,
+               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True, fused=fused)
+    torch.manual_seed(0)
+    a = MaskedAutoencoderViT(**cfg).cuda()
+    b = MaskedAutoencoderViT(**cfg).cuda()
+    b.load_state_dict(a.state_dict())
+    imgs = [torch.randn(4, 3, 64, 64, device="cuda") for _ in range(3)]
+    noise = [torch.rand(4, 64, device="cuda") for _ in range(3)]
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3, capturable=True)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3)
+    step = CUDAGraphTrainStep(a, opt_a, imgs[0], example_noise=noise[0], autocast_dtype=None)
+    for i, lr in enumerate((1e-3, 5e-4, 2e-4)):
+        step.set_lr(lr)
+        la = step(imgs[i], noise[i]).clone()
+        for g in opt_b.param_groups:
+            g["lr"] = lr
+        opt_b.zero_grad(set_to_none=True)
+        lb = b(imgs[i], 0.75, noise=noise[i], return_pred=False)[0]
+        lb.backward()
+        opt_b.step()
+        assert torch.allclose(la, lb.detach(), rtol=1e-4, atol=1e-6), (i, la.item(), lb.item())
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
+    with pytest.raises(ValueError, match="pass noise="):
+        step(imgs[0])
