@@ -41,6 +41,7 @@ class TrainConfig:
     impl: str = "auto"
     fused: str = "off"
     grad_checkpointing: bool = False
+    cuda_graph: bool = False
     compile: bool = False
     fsdp: bool = False
     device: str | None = None
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="transformer blocks on the fast path: off (torch LayerNorm/GELU), on (maefast's fused LayerNorm/GELU ops), "
            "block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less activation memory)")
     a("--grad-checkpointing", action="store_true", help="activation checkpointing per block (same mask on recompute)")
+    a("--cuda-graph", action="store_true",
+      help="capture the whole training step in a CUDA graph and replay it (one GPU, bf16/fp32, no --accum-iter, "
+           "--clip-grad, --compile or --fsdp; the fast path only): no Python or launch cost per step")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--fsdp", action="store_true", help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
@@ -190,5 +194,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
     if cfg.fused not in FUSED:
         raise ValueError(f"--fused must be one of {sorted(FUSED)}, got {cfg.fused!r}")
+    if cfg.cuda_graph:
+        bad = [why for cond, why in (
+            (cfg.device != "cuda", "a CUDA device"), (cfg.impl == "reference", "the fast path (not --impl reference)"),
+            (cfg.accum_iter != 1, "--accum-iter 1"), (cfg.clip_grad is not None, "no --clip-grad"),
+            (cfg.compile, "no --compile"), (cfg.fsdp, "no --fsdp"),
+            (cfg.dtype == "float16", "bfloat16 or float32 (float16 needs a GradScaler, which syncs)")) if cond]
+        if bad:
+            raise ValueError("--cuda-graph needs " + ", ".join(bad))
     if cfg.fsdp and cfg.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (no sharded grad scaler here): use bfloat16")

@@ -180,8 +180,13 @@ def _run(cfg: TrainConfig, info) -> dict:
             clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
             clean = clean.removeprefix("module.")
             groups[1 if clean in decayed else 0]["params"].append(p)
-    fused = {"fused": True} if device.type == "cuda" and not fsdp else {}
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fused)
+    if cfg.cuda_graph:
+        if info.distributed:
+            raise ValueError("--cuda-graph runs on one GPU (not under torchrun with several processes)")
+        opt_kw = {"capturable": True}  # its step counts live on the device: the graph captures them
+    else:
+        opt_kw = {"fused": True} if device.type == "cuda" and not fsdp else {}
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **opt_kw)
     amp_dtype = DTYPES[cfg.dtype]
     use_amp = amp_dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -231,6 +236,9 @@ def _run(cfg: TrainConfig, info) -> dict:
 
     def save(epoch_next: int, batch_next: int, keep: str | None = None) -> None:
         model_sd, optim_sd = _full_state(wrapped if fsdp else model, optimizer, fsdp)
+        for g in optim_sd.get("param_groups", []):  # --cuda-graph keeps lr as a device tensor: save a float
+            if isinstance(g.get("lr"), torch.Tensor):
+                g["lr"] = float(g["lr"])
         rngs = dist_lib.all_gather_object(ckpt_lib.rng_state(), info)
         if info.is_main:
             state = {"model": model_sd, "optimizer": optim_sd, "optimizer_format": "fqn" if fsdp else "torch",
@@ -259,6 +267,7 @@ def _run(cfg: TrainConfig, info) -> dict:
                    mininterval=1.0, file=sys.stderr)
 
     ddp = wrapped if info.distributed and not fsdp else None
+    graph_step = None  # --cuda-graph: built on the first batch (maefast.graphs.CUDAGraphTrainStep)
     fwd_kwargs = forward_kwargs(model)
     final_loss, skipped_total, run_images, run_time = float("nan"), 0, 0, 0.0
     windows = []  # (images, seconds) per log window, for the steady-state speed
@@ -303,10 +312,22 @@ def _run(cfg: TrainConfig, info) -> dict:
                 sync = contextlib.nullcontext()
             if fsdp and hasattr(wrapped, "set_requires_gradient_sync"):
                 wrapped.set_requires_gradient_sync(boundary)
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, _, _ = runner(images, mask_ratio=cfg.mask_ratio, noise=noise, **fwd_kwargs)
-                scaler.scale(loss * (weight / cfg.accum_iter)).backward()
+            if cfg.cuda_graph:
+                if weight == 0.0:  # a batch of unreadable files: no step (one process, nobody to keep in step)
+                    b += 1
+                    continue
+                if graph_step is None:
+                    from ..graphs import CUDAGraphTrainStep
+
+                    graph_step = CUDAGraphTrainStep(model, optimizer, images, mask_ratio=cfg.mask_ratio,
+                                                    autocast_dtype=amp_dtype if use_amp else None,
+                                                    example_noise=noise)
+                loss = graph_step(images, noise)  # forward, backward and AdamW, replayed
+            else:
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss, _, _ = runner(images, mask_ratio=cfg.mask_ratio, noise=noise, **fwd_kwargs)
+                    scaler.scale(loss * (weight / cfg.accum_iter)).backward()
             loss_d = loss.detach().double() * weight
             loss_sum += loss_d
             win_sum += loss_d
@@ -315,12 +336,13 @@ def _run(cfg: TrainConfig, info) -> dict:
             b += 1
             if not boundary:
                 continue
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if not cfg.cuda_graph:
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             if bar is not None:
                 bar.update(1)

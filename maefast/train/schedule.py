@@ -75,7 +75,11 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
     """Sets every group's lr for this iteration (times the group's ``lr_scale`` if present); returns it."""
     value = lr_at(epoch, lr, warmup_epochs, epochs, min_lr)
     for group in optimizer.param_groups:
-        group["lr"] = value * group["lr_scale"] if "lr_scale" in group else value
+        v = value * group["lr_scale"] if "lr_scale" in group else value
+        if isinstance(group["lr"], torch.Tensor):  # a captured (CUDA-graph) step reads it in place
+            group["lr"].fill_(v)
+        else:
+            group["lr"] = v
     return value
 
 
