@@ -196,10 +196,13 @@ def _progress(total, desc, enabled):
 
 def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device: torch.device, steps: int = 5,
                  warmup: int = 2, compile: bool = False, sync: bool = False, mask_ratio: float = 0.75,
-                 trace: str | None = None, progress: bool = True, peak: dict | None = None, **overrides) -> dict:
-    """Profiles one impl; returns the per-stage record (see the module docstring)."""
+                 trace: str | None = None, progress: bool = True, peak: dict | None = None, fused=False,
+                 **overrides) -> dict:
+    """Profiles one impl; returns the per-stage record (see the module docstring). fused: the fast
+    model's `fused` (False | True | "block"; ignored for impl="reference")."""
     peak = peak or timing.measure_peak(device)
-    model = mb.build_model(name, impl, device, **overrides)
+    extra = {"fused": fused} if fused and impl != "reference" else {}
+    model = mb.build_model(name, impl, device, **extra, **overrides)
     imgs = mb.synthetic_batch(model, batch, device)
     step = mb.TrainStep(model, imgs, dtype=dtype, mask_ratio=mask_ratio, compile=compile)
     if device.type == "cuda":
@@ -300,7 +303,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         rows.append(r)
     train_flops = f["train"] * batch
     plain_ms = statistics.median(plain_ms_list)
-    out = {"model": mb.resolve_model_name(name) if not overrides else name, "impl": impl, "batch": batch,
+    out = {"model": mb.resolve_model_name(name) if not overrides else name, "impl": impl, "fused": extra.get("fused", False), "batch": batch,
            "dtype": str(dtype).replace("torch.", ""), "compile": compile, "mask_ratio": mask_ratio,
            "steps": steps, "warmup": warmup, "stage_timer": ("cuda-events" if not sync else "synchronise+perf_counter")
            if device.type == "cuda" else "perf_counter", "stages": rows, "step_ms_staged": staged_total, "step_ms_stage_sum": stage_sum,
@@ -319,7 +322,8 @@ def _fmt_flops(v):
 
 
 def format_profile(r: dict, peak: dict) -> str:
-    lines = [f"{r['model']}  impl={r['impl']}  batch={r['batch']}  {r['dtype']}" + ("  compiled" if r["compile"] else "")
+    lines = [f"{r['model']}  impl={r['impl']}" + (f"  fused={r['fused']}" if r.get("fused") else "")
+             + f"  batch={r['batch']}  {r['dtype']}" + ("  compiled" if r["compile"] else "")
              + f"  ({r['steps']} steps after {r['warmup']} warm-up, median; stage timer: {r['stage_timer']})"]
     head = f"{'stage':<28} {'ms':>9} {'share':>6} {'GFLOP':>9} {'TFLOP/s':>8} {'GB/s':>8}  roofline"
     lines += [head, "-" * (len(head) + 40)]
@@ -366,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
+    p.add_argument("--fused", default="off", choices=["off", "on", "block"],
+                   help="the fast model's blocks (see maefast train --fused); with 'block' each block is one op, "
+                        "so its attention time is counted in the block's norm/MLP stage")
     p.add_argument("--sync", action="store_true", help="GPU: synchronise at each stage boundary instead of events")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--device", default=None)
@@ -399,7 +406,8 @@ def main(argv=None) -> int:
         try:
             r = profile_impl(name, impl, batch=batch, dtype=dtype, device=device, steps=steps, warmup=a.warmup,
                              compile=a.compile, sync=a.sync, mask_ratio=a.mask_ratio, trace=trace,
-                             progress=not a.no_progress, peak=peak)
+                             progress=not a.no_progress, peak=peak,
+                             fused={"off": False, "on": True, "block": "block"}[a.fused])
         except ValueError as e:
             print(f"impl {impl}: {e}", file=sys.stderr)
             return 2

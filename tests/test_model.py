@@ -136,13 +136,14 @@ def test_seed_reproducible_and_default_draw_follows_manual_seed():
         MaskedAutoencoderViT(**TINY, impl="reference")(imgs, seed=1)
 
 
-def test_patch_official_layout_model_in_place():
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_patch_official_layout_model_in_place(fused):
     torch.manual_seed(0)
     ref = ReferenceMAE(**TINY, norm_pix_loss=True)  # the official layout (facebookresearch keys and methods)
     imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
     l0, p0, k0, g0 = _run(ref, imgs, noise)
     params_before = [id(p) for p in ref.parameters()]
-    out = maefast.patch(ref)
+    out = maefast.patch(ref, fused=fused)
     assert out is ref and [id(p) for p in ref.parameters()] == params_before
     l1, p1, k1, g1 = _run(ref, imgs, noise)
     assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()) and torch.equal(k0, k1)
@@ -155,8 +156,8 @@ def test_patch_official_layout_model_in_place():
     assert "forward" not in ref.__dict__
 
 
-@pytest.mark.parametrize("norm_pix", [False, True])
-def test_patch_transformers_vitmae(norm_pix):
+@pytest.mark.parametrize("norm_pix,fused", [(False, False), (True, False), (True, "block")])
+def test_patch_transformers_vitmae(norm_pix, fused):
     pytest.importorskip("transformers")
     from maefast.convert import to_transformers_model
 
@@ -167,7 +168,7 @@ def test_patch_transformers_vitmae(norm_pix):
     o0 = hf(pixel_values=imgs, noise=noise)
     o0.loss.backward()
     g0 = _grads(hf)
-    maefast.patch(hf)
+    maefast.patch(hf, fused=fused)
     hf.zero_grad()
     o1 = hf(pixel_values=imgs, noise=noise)
     o1.loss.backward()

@@ -116,3 +116,14 @@ def test_default_profile_is_quick(capsys):
 
     if mb.accepts_impl():  # the default shows maefast's model beside the reference
         assert "impl=auto" in captured.out and "side by side" in captured.out
+
+
+def test_profile_fused_block(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert mp.main(ARGS + ["--impl", "auto", "--fused", "block", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fused=block" in text
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["fused"] == "block" and r["step_ms_plain"] > 0
+    ms = {s["stage"]: s["ms"] for s in r["stages"]}
+    assert ms["encoder MLP/norms"] > 0 and ms["decoder"] > 0  # each block op lands in one stage
