@@ -183,7 +183,7 @@ def _run(cfg: TrainConfig, info) -> dict:
     if cfg.cuda_graph:
         if info.distributed:
             raise ValueError("--cuda-graph runs on one GPU (not under torchrun with several processes)")
-        opt_kw = {"capturable": True}  # its step counts live on the device: the graph captures them
+        opt_kw = {"capturable": True, "fused": True}  # step counts and lr on the device: the graph captures them
     else:
         opt_kw = {"fused": True} if device.type == "cuda" and not fsdp else {}
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **opt_kw)
