@@ -11,7 +11,8 @@ the speed-up against reference eager in the same run.
 
 CPU: tiny/small configs; torch.compile is skipped there (its ~20 s compile would dominate the
 suite) unless MAEFAST_BENCH_COMPILE_CPU=1. GPU (--gpu): ViT-B/16 at batch 128 and ViT-H/14 at
-batch 64 (MAEFAST_BENCH_STEP_MODELS=base:128,huge:64 style to change). On an H200 the 8 cases at
+batch 64 (MAEFAST_BENCH_STEP_MODELS=base:128,huge:64 style to change; MAEFAST_BENCH_STEP_PROVIDERS=a,b to
+run only those rows). On an H200 the 8 cases at
 B/128 + H/32 took 57 s, 30 s of it the two regional compiles.
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ CASES = _cases()
 # whole-model compile, which costs minutes of compilation per model: opt in with the env var
 PROVIDERS = [p for p in mb.STEP_PROVIDERS
              if p not in ("compile-full", "maefast-compile") or os.environ.get("MAEFAST_BENCH_COMPILE_FULL") == "1"]
+if os.environ.get("MAEFAST_BENCH_STEP_PROVIDERS"):  # a comma list: only these rows (a short GPU window)
+    _want = [p.strip() for p in os.environ["MAEFAST_BENCH_STEP_PROVIDERS"].split(",") if p.strip()]
+    _unknown = sorted(set(_want) - set(mb.STEP_PROVIDERS))
+    if _unknown:
+        raise ValueError(f"MAEFAST_BENCH_STEP_PROVIDERS: unknown {_unknown}; known {sorted(mb.STEP_PROVIDERS)}")
+    PROVIDERS = _want
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
