@@ -216,13 +216,21 @@ class _FakeBenchmark:
         fn()
 
 
-def test_harness_records_and_ratios():
+@pytest.fixture
+def harness():
+    """benchmarks/_harness.py, imported from the checkout, with an empty result list."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import _harness
     finally:
         sys.path.pop(0)
     _harness.RESULTS.clear()
+    yield _harness
+    _harness.RESULTS.clear()
+
+
+def test_harness_records_and_ratios(harness):
+    _harness = harness
     a = torch.randn(64, 64)
     b1, b2 = _FakeBenchmark(), _FakeBenchmark()
     _harness.run_bench(b2, lambda: torch.mm(a, a), group="g", provider="other", flops=2 * 64**3, shape=(64,),
@@ -258,13 +266,8 @@ def test_train_step_capturable_optimizer():
     assert not any(g.get("capturable") for g in mb.TrainStep(model, step.imgs).opt.param_groups)
 
 
-def test_harness_without_cuda_records_eager_only():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import _harness
-    finally:
-        sys.path.pop(0)
-    _harness.RESULTS.clear()
+def test_harness_without_cuda_records_eager_only(harness):
+    _harness = harness
     b = _FakeBenchmark()
     a = torch.randn(16, 16)
     _harness.run_bench(b, lambda: a @ a, group="g", provider="ref", baseline=True, shape=(16,), cuda_graph=True,
