@@ -513,6 +513,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
             for dd in decoder_depths:
                 row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
                        "dtype": str(dtype).replace("torch.", ""), "cuda_graph": bool(cuda_graph),
+                       "fused": (overrides or {}).get("fused", False) if impl != "reference" else False,
                        "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
                        flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
                 paper = flops_mod.PAPER_TABLE2.get((name, dd))
@@ -573,7 +574,8 @@ def format_table2(rows: list[dict], env: dict, peak: dict, note: str = "") -> st
                          f"{r['batch']:>5} {r['error']}")
             continue
         star = "*" if any(r.get(f"{m}_graph_error") for m in ("visible", "mask_tokens")) else ""
-        lines.append(f"{SHORT.get(r['model'], r['model']) + star:<12} {r['decoder_depth']:>3} {r['impl']:<10} {r['batch']:>5} "
+        impl = r["impl"] + {True: "+fused", "block": "+block"}.get(r.get("fused"), "")
+        lines.append(f"{SHORT.get(r['model'], r['model']) + star:<12} {r['decoder_depth']:>3} {impl:<10} {r['batch']:>5} "
                      f"{r['visible_ms']:>10.2f} {r['mask_tokens_ms']:>9.2f} {r['speedup']:>7.2f}x "
                      f"{r['flop_ratio']:>7.2f}x {100 * r['of_flop_bound']:>5.0f}% "
                      f"{_x(r.get('speedup_vs_mask_dec8'), '.2f'):>7} {_x(r.get('paper_speedup'), '.1f'):>5} "
@@ -646,6 +648,8 @@ def table2_main(argv) -> int:
     p.add_argument("--quick", action="store_true", help="fewer timed steps (3 per cell on a GPU)")
     p.add_argument("--eager", action="store_true", help="GPU: time eager steps (Python dispatch included) instead of "
                    "CUDA-graph replays (the default on a GPU: the paper's TPU steps ran XLA-compiled)")
+    p.add_argument("--fused", default="off", choices=["off", "on", "block"],
+                   help="the fast model's blocks (maefast train --fused); the reference rows ignore it")
     p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
     p.add_argument("--json", default=None, help="write rows + environment to this file")
@@ -664,6 +668,8 @@ def table2_main(argv) -> int:
     for kv in a.override:
         k, _, v = kv.partition("=")
         overrides[k] = float(v) if "." in v else int(v)
+    if a.fused != "off":
+        overrides["fused"] = {"on": True, "block": "block"}[a.fused]
     note = ""
     if on_cpu and not a.models:
         note = ("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32); the paper's ViT-B/L/H take "
