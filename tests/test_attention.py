@@ -440,3 +440,25 @@ def test_cuda_binding_rejects_bad_arguments_before_any_cuda_call():
                           ("num_seqs", 0, "num_seqs"), ("head_dim", 48, "head_dim"), ("out", 0, "null")]:
         with pytest.raises(ValueError, match=msg):
             C.attention_fwd(**dict(good, **{key: bad}))
+
+
+def test_block_fused_runs_one_op_when_it_can():
+    dim, heads = 64, 2
+    ref = _ref_block(dim, heads)
+    ours = Block(dim, heads, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), impl="reference",
+                 fused=True)
+    ours.load_state_dict(ref.state_dict())
+    x = randn(3, 17, dim).requires_grad_()
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "maefast_vit_blockBackward"
+    assert_close(y, ref(x), name="block")
+    gx, = torch.autograd.grad(y.sum(), x)
+    gr, = torch.autograd.grad(ref(x).sum(), x)
+    assert_close(gx, gr, name="dx")
+    # what one op cannot do falls back to the op-by-op block: dropout in training, varlen
+    drop = Block(dim, heads, qkv_bias=True, drop=0.1, impl="reference", fused=True).train()
+    assert type(drop(x).grad_fn).__name__ != "maefast_vit_blockBackward"
+    assert drop.eval()(x).grad_fn is not None and type(drop(x).grad_fn).__name__ == "maefast_vit_blockBackward"
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32)
+    assert type(ours(x[0], cu_seqlens=cu).grad_fn).__name__ != "maefast_vit_blockBackward"
+    assert "fused=True" in repr(ours)
