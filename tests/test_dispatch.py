@@ -115,3 +115,16 @@ def test_compile_sees_the_custom_op():
     f = torch.compile(lambda x, w, b: ops.layer_norm(x, w, b, impl="reference"), backend=backend, fullgraph=True)
     torch.testing.assert_close(f(x, w, b), ops.layer_norm(x, w, b, impl="reference"), rtol=0, atol=0)
     assert any("maefast.layer_norm" in s for s in seen), seen
+
+
+def test_fake_tensors_take_the_custom_op_route():
+    """Under FakeTensorMode the public function reaches the op's fake impl (shapes only, no kernel)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w, b = torch.randn(3, 8), torch.randn(8), torch.randn(8)
+        y = ops.layer_norm(x, w, b, impl="reference")
+        qkv = torch.randn(2, 5, 3 * 2 * 16, requires_grad=True)
+        o = ops.visible_attention(qkv, 2, impl="reference")
+    assert y.shape == (3, 8) and o.shape == (2, 5, 32)
+    assert not type(o.grad_fn).__name__.startswith("maefast_")

@@ -9,8 +9,9 @@ GPU hosts that cost is what bounds a training step at ViT-B sizes.
 
 So the public functions call `call(op, *args)`:
 
-- while torch.compile / export traces (`torch.compiler.is_compiling()`), or when
-  `MAEFAST_EAGER_DISPATCH=custom_op`, it calls the custom op (unchanged semantics);
+- while torch.compile / export traces (`torch.compiler.is_compiling()` / `is_exporting()`), for
+  tensor subclasses (FakeTensor, DTensor, ...), or when `MAEFAST_EAGER_DISPATCH=custom_op`, it
+  calls the custom op (unchanged semantics);
 - otherwise ("direct", the default) it runs the op's own Python implementation — inside one
   autograd.Function (same setup_context / backward as the registered autograd) when a gradient is
   needed, as a plain call when none is. The backward then calls the backward op's implementation
@@ -101,9 +102,23 @@ def _needs_grad(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _exporting() -> bool:
+    f = getattr(torch.compiler, "is_exporting", None)
+    return bool(f and f())
+
+
+def _traced(args) -> bool:
+    """Tensor subclasses (FakeTensor, FunctionalTensor, DTensor, ...) belong to a tracer or a wrapper
+    that knows the custom op (its fake impl, its sharding) and not our Python: they take that route."""
+    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+
+
 def call(op, *args):
     """Runs custom op `op` on positional `args` by the route chosen above."""
-    if _mode == "custom_op" or compiling():
+    if _mode == "custom_op" or compiling() or _exporting() or _traced(args):
         return op(*args)
     fn = op._maefast_function
     if fn is not None and _needs_grad(args):
