@@ -337,3 +337,26 @@ def test_gpu_patched_transformers_equals_unpatched(no_tf32):
     o1.loss.backward()
     assert abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
     _assert_grads_equal(_grads(hf), g0, rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True, "block"])
+def test_gpu_fast_step_never_syncs_the_host(fused):
+    """Forward and backward of the fast model (bf16, int seed and device seed) with torch's sync
+    debugging set to raise: no .item(), no implicit device-to-host copy anywhere."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**GPU_CFG, fused=fused).cuda()
+    imgs = torch.randn(4, 3, 224, 224, device="cuda")
+    dev_seed = torch.tensor([7], device="cuda")
+    for seed in (3, dev_seed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            m(imgs, seed=seed, return_pred=False)[0].backward()  # warm-up: Triton compiles, caches fill
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m(imgs, seed=seed, return_pred=False)[0]
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss)
