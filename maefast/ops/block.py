@@ -108,7 +108,8 @@ def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
 
 
 def _bsum(dout: torch.Tensor) -> torch.Tensor:
-    return dout.reshape(-1, dout.shape[-1]).float().sum(0)
+    """Bias gradient: the column sums, accumulated in fp32 (no fp32 copy of dout is made)."""
+    return dout.reshape(-1, dout.shape[-1]).sum(0, dtype=torch.float32)
 
 
 @custom_op("maefast::vit_block_backward", mutates_args=())
