@@ -150,8 +150,12 @@ def test_gpu_block_bf16_within_error_ratio(shape, impl):
     n, t, d, h = shape
     blk = _block(d, h, device="cuda")
     x, dy = torch.randn(n, t, d, device="cuda"), torch.randn(n, t, d, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 oracle
+    try:
+        y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     with torch.autocast("cuda", dtype=torch.bfloat16):
         yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
         y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
