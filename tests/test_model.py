@@ -92,9 +92,10 @@ def test_bf16_autocast_within_tolerance(fused):
         assert_error_ratio(g1[n], gref[n], g32[n], torch.bfloat16, "backward", n)
 
 
-def test_fp16_gradscaler_no_nan():
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_fp16_gradscaler_no_nan(fused):
     torch.manual_seed(0)
-    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, fused=fused)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     for _ in range(3):
