@@ -3,8 +3,14 @@
 // flattening of the Conv2d weight [D, C, p, p], so rows @ weight.view(D, -1).T is the embedding.
 // The GEMM itself is a torch matmul in maefast/ops/patch_embed.py (no cuBLAS in this extension).
 //
-// A pure copy: elements move as raw 2/4/8-byte words. An ids_keep entry outside [0, h*w) gives a
-// row of NaN (nan_bits) instead of an out-of-bounds read.
+// A pure copy, elements moved as raw words. An ids_keep entry outside [0, h*w) gives a row of NaN
+// (nan_bits) instead of an out-of-bounds read.
+//
+// Fast path (pixels contiguous along W, the usual NCHW): one block per output row; each row is C*p
+// lines of p contiguous pixels, copied in the widest unit U (16/8/4/2 bytes) that divides the line,
+// the image strides and both base addresses, so a bf16 p=16 line is two 16-byte loads. Int32 index
+// math inside a row (the host checks the sizes fit). Anything else (e.g. channels_last) takes the
+// element-wise grid-stride kernel.
 #include "common.h"
 
 #include <algorithm>
@@ -40,6 +46,67 @@ __global__ void patch_gather_kernel(const T* __restrict__ imgs, long long s_n, l
   }
 }
 
+// One block per output row; threads walk the row's units. Strides and offsets in bytes.
+template <typename U>
+__global__ void patch_gather_rows_kernel(const unsigned char* __restrict__ imgs, long long s_n, long long s_c,
+                                         long long s_h, const long long* __restrict__ ids_keep, int K, int P,
+                                         int line_bytes, int line_units, int row_units, int grid_w, int L,
+                                         U nan_unit, U* __restrict__ out) {
+  const long long row = blockIdx.x;
+  const int n = static_cast<int>(row / K);
+  const long long l = ids_keep[row];
+  const bool ok = l >= 0 && l < L;
+  const int li = ok ? static_cast<int>(l) : 0;
+  const int pr = li / grid_w;
+  const int pc = li - pr * grid_w;
+  const unsigned char* base = imgs + n * s_n + static_cast<long long>(pr) * P * s_h +
+                              static_cast<long long>(pc) * line_bytes;
+  U* dst = out + row * row_units;
+  for (int u = threadIdx.x; u < row_units; u += blockDim.x) {
+    const int line = u / line_units;
+    const int j = u - line * line_units;
+    const int c = line / P;
+    const int kh = line - c * P;
+    U v = nan_unit;
+    if (ok) v = *reinterpret_cast<const U*>(base + c * s_c + kh * s_h + static_cast<long long>(j) * sizeof(U));
+    dst[u] = v;
+  }
+}
+
+template <typename U>
+void launch_rows(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, std::uintptr_t ids_keep,
+                 long long rows, long long K, int C, int P, int elem, long long grid_w, long long L,
+                 unsigned long long nan_bits, std::uintptr_t out, cudaStream_t stream) {
+  const int line_bytes = P * elem;
+  const int line_units = line_bytes / static_cast<int>(sizeof(U));
+  const int row_units = C * P * line_units;
+  U nan_unit;
+  unsigned char* nb = reinterpret_cast<unsigned char*>(&nan_unit);
+  for (int i = 0; i < static_cast<int>(sizeof(U)); i += elem) std::memcpy(nb + i, &nan_bits, elem);
+  const int threads = std::min(256, ((row_units + 31) / 32) * 32);
+  patch_gather_rows_kernel<U><<<static_cast<unsigned int>(rows), threads, 0, stream>>>(
+      maefast::as_ptr<const unsigned char>(imgs), s_n, s_c, s_h, maefast::as_ptr<const long long>(ids_keep),
+      static_cast<int>(K), P, line_bytes, line_units, row_units, static_cast<int>(grid_w), static_cast<int>(L),
+      nan_unit, maefast::as_ptr<U>(out));
+  MAEFAST_LAUNCH_CHECK();
+}
+
+// The widest unit the row path can use (0: take the element-wise kernel).
+int row_unit_bytes(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, long long s_w, long long N,
+                   long long K, long long C, long long P, long long grid_h, long long grid_w, int elem,
+                   std::uintptr_t out) {
+  if (s_w != 1) return 0;
+  const long long rows = N * K, L = grid_h * grid_w;
+  if (rows >= (1LL << 31) || L >= (1LL << 31) || C * P * P * elem >= (1LL << 31) || K >= (1LL << 31)) return 0;
+  if (s_n < 0 || s_c < 0 || s_h < 0) return 0;
+  for (int u = 16; u >= elem; u /= 2) {
+    const bool fits = (P * elem) % u == 0 && (s_h * elem) % u == 0 && (s_c * elem) % u == 0 && (s_n * elem) % u == 0 &&
+                      imgs % u == 0 && out % u == 0;
+    if (fits) return u;
+  }
+  return 0;
+}
+
 template <typename T>
 void launch(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, long long s_w, std::uintptr_t ids_keep,
             long long N, long long K, long long C, long long P, long long grid_h, long long grid_w,
@@ -67,6 +134,18 @@ void patch_gather(std::uintptr_t imgs, long long s_n, long long s_c, long long s
   }
   if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather: null pointer");
   cudaStream_t s = maefast::as_stream(stream);
+  if (N * K == 0) return;
+  if (elem_size == 2 || elem_size == 4 || elem_size == 8) {
+    const int u = row_unit_bytes(imgs, s_n, s_c, s_h, s_w, N, K, C, P, grid_h, grid_w, elem_size, out);
+    const long long e = elem_size;  // byte strides for the row kernel
+    switch (u) {
+      case 16: launch_rows<uint4>(imgs, s_n * e, s_c * e, s_h * e, ids_keep, N * K, K, C, P, elem_size, grid_w, grid_h * grid_w, nan_bits, out, s); return;
+      case 8: launch_rows<unsigned long long>(imgs, s_n * e, s_c * e, s_h * e, ids_keep, N * K, K, C, P, elem_size, grid_w, grid_h * grid_w, nan_bits, out, s); return;
+      case 4: launch_rows<unsigned int>(imgs, s_n * e, s_c * e, s_h * e, ids_keep, N * K, K, C, P, elem_size, grid_w, grid_h * grid_w, nan_bits, out, s); return;
+      case 2: launch_rows<unsigned short>(imgs, s_n * e, s_c * e, s_h * e, ids_keep, N * K, K, C, P, elem_size, grid_w, grid_h * grid_w, nan_bits, out, s); return;
+      default: break;  // the element-wise kernel below
+    }
+  }
   switch (elem_size) {
     case 2: launch<unsigned short>(imgs, s_n, s_c, s_h, s_w, ids_keep, N, K, C, P, grid_h, grid_w, nan_bits, out, s); break;
     case 4: launch<unsigned int>(imgs, s_n, s_c, s_h, s_w, ids_keep, N, K, C, P, grid_h, grid_w, nan_bits, out, s); break;
@@ -84,4 +163,8 @@ MAEFAST_REGISTER(patch_embed) {
         py::arg("out"), py::arg("stream"),
         "Gather the kept patches of NCHW images (strides in elements) into rows (N*K, C*p*p) ordered (c, kh, kw); "
         "ids_keep (N, K) int64 contiguous; out contiguous, same element size as imgs");
+  m.def("patch_gather_unit_bytes", &row_unit_bytes, py::arg("imgs"), py::arg("stride_n"), py::arg("stride_c"),
+        py::arg("stride_h"), py::arg("stride_w"), py::arg("batch"), py::arg("len_keep"), py::arg("channels"),
+        py::arg("patch_size"), py::arg("grid_h"), py::arg("grid_w"), py::arg("elem_size"), py::arg("out"),
+        "The copy unit (bytes) patch_gather's row kernel would use for these arguments; 0: the element-wise kernel");
 }

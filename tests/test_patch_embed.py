@@ -287,3 +287,56 @@ def test_gpu_module_auto_no_sync():
     oracle = R.masked_patch_embed(imgs.double(), ids.ids_keep, m.proj.weight.double(), m.proj.bias.double(),
                                   pos.double(), 14)
     assert_error_ratio(tokens, ref, oracle, torch.float32, "forward", name="module auto")
+
+
+def _C_or_skip():
+    from maefast._cpp_lib import get_C
+
+    C = get_C()
+    if C is None or not hasattr(C, "patch_gather_unit_bytes"):
+        pytest.skip("maefast._C is not built")
+    return C
+
+
+@pytest.mark.parametrize("elem,p,base,strides,unit", [
+    (2, 16, 4096, (150528, 50176, 224, 1), 16),   # bf16 NCHW 224, patch 16: 32-byte lines
+    (4, 16, 4096, (150528, 50176, 224, 1), 16),
+    (2, 14, 4096, (150528, 50176, 224, 1), 4),    # 28-byte lines
+    (4, 14, 4096, (150528, 50176, 224, 1), 8),
+    (2, 16, 4098, (150528, 50176, 224, 1), 2),    # a sliced image: 2-byte aligned base
+    (2, 16, 4096, (150528, 1, 672, 3), 0),        # channels_last: the element-wise kernel
+])
+def test_patch_gather_copy_unit(elem, p, base, strides, unit):
+    """The CUDA gather's host-side choice of copy width (pure host code: runs without a GPU)."""
+    C = _C_or_skip()
+    g = 224 // p
+    assert C.patch_gather_unit_bytes(base, *strides, 256, g * g // 4, 3, p, g, g, elem, 1 << 20) == unit
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [16, 14])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_gpu_patch_gather_rows_equal_torch(dtype, p, layout):
+    """maefast._C.patch_gather (row kernel or element-wise) copies exactly what the PyTorch gather does,
+    and a bad id gives a NaN row."""
+    from maefast.ops.patch_embed import _rows_cuda, _rows_torch
+
+    C = _C_or_skip()
+    n, size = 5, 224
+    x = randn(n, 3, size + 2, size, device=GPU).to(dtype)
+    imgs = {"nchw": x[:, :, :size].contiguous(), "channels_last": x[:, :, :size].contiguous(
+        memory_format=torch.channels_last), "sliced": x[:, :, 1:size + 1]}[layout]
+    L = (size // p) ** 2
+    ids = random_masking(n, L, 0.75, seed=4, device=GPU).ids_keep.contiguous()
+    out = torch.empty(1, device=GPU)
+    unit = C.patch_gather_unit_bytes(imgs.data_ptr(), *imgs.stride(), n, ids.shape[1], 3, p, size // p, size // p,
+                                     imgs.element_size(), out.data_ptr())
+    assert (unit == 0) == (layout == "channels_last")
+    assert torch.equal(_rows_cuda(imgs, ids, p), _rows_torch(imgs, ids, p))
+    bad = ids.clone()
+    bad[1, 2] = L + 7
+    rows = _rows_cuda(imgs, bad, p)
+    k = ids.shape[1]
+    assert torch.isnan(rows[k + 2].float()).all()
+    assert torch.equal(rows[: k + 2], _rows_torch(imgs, ids, p)[: k + 2])
