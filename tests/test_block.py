@@ -163,3 +163,20 @@ def test_gpu_block_bf16_within_error_ratio(shape, impl):
     assert_error_ratio(dx1, dxr, dx32, torch.bfloat16, "backward", "dx")
     for name in NAMES:
         assert_error_ratio(g1[name], gr[name], g32[name], torch.bfloat16, "backward", name)
+
+
+def test_triton_interpreter_fp16_autocast_within_error_ratio():
+    """The Triton path under fp16 autocast (the interpreter computes fp16 dots right; bf16 ones it does not)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
+    blk = _block(32, 2)
+    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+    with torch.autocast("cpu", dtype=torch.float16):
+        yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
+        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "triton"), blk, x, dy)
+    assert_error_ratio(y1, yr, y32, torch.float16, "forward", "y")
+    assert_error_ratio(dx1, dxr, dx32, torch.float16, "backward", "dx")
+    for name in NAMES:
+        assert_error_ratio(g1[name], gr[name], g32[name], torch.float16, "backward", name)
