@@ -80,13 +80,24 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, single):
     assert (r0["blocks.0.attn.qkv.weight"] - init["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("impl, how", [("auto", "root only"), ("reference", "per block")])
-def test_fsdp_via_torchrun_cli_matches_one_process(tmp_path, single, impl, how):
+def _per_block_fast_path() -> str:
+    from maefast.train.distributed import fsdp_flavor
+
+    return "per block" if fsdp_flavor() == "fsdp2" else "root only"
+
+
+@pytest.mark.parametrize("impl, how, extra", [
+    ("auto", _per_block_fast_path(), []),
+    ("auto", _per_block_fast_path(), ["--fused", "block", "--grad-checkpointing"]),
+    ("reference", "per block", [])])
+def test_fsdp_via_torchrun_cli_matches_one_process(tmp_path, single, impl, how, extra):
+    """FSDP shards per block on the fast path too (FSDP2: the blocks run through their modules, whose
+    hooks gather the parameters), also with the block op and activation checkpointing."""
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maefast",
            "train", "--fsdp", "--model", "tiny", "--data", "synthetic", "--synthetic-size", "32", "--epochs", "1",
            "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0.25", "--workers", "0", "--device", "cpu",
-           "--no-progress", "--no-plot", "--log-every", "1", "--impl", impl, "--output-dir", str(out)]
+           "--no-progress", "--no-plot", "--log-every", "1", "--impl", impl, "--output-dir", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -46,6 +46,7 @@ class BlockView:
     fc1: nn.Linear
     act: nn.Module
     fc2: nn.Linear
+    module: Optional[nn.Module] = None  # the block module itself (see route_blocks_through_modules)
 
     @property
     def exact_gelu(self) -> bool:
@@ -146,13 +147,38 @@ def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -
     return x + bv.fc2(m)
 
 
+def _block_call(bv: BlockView, x, impl, fused, out_dtype):
+    """block_forward, through the block module's __call__ when its hooks must run (FSDP2 per block)."""
+    if bv.module is not None and getattr(bv.module, "_maefast_module_call", False):
+        return bv.module(x, impl=impl, fused=fused, out_dtype=out_dtype)
+    return block_forward(bv, x, impl, fused, out_dtype)
+
+
 def _run_blocks(blocks, x, impl, fused, out_dtype, grad_checkpointing):
     for bv in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block_forward, bv, x, impl, fused, out_dtype, use_reentrant=False)
+            x = checkpoint(_block_call, bv, x, impl, fused, out_dtype, use_reentrant=False)
         else:
-            x = block_forward(bv, x, impl, fused, out_dtype)
+            x = _block_call(bv, x, impl, fused, out_dtype)
     return x
+
+
+def route_blocks_through_modules(model: nn.Module) -> None:
+    """Makes the fast path call each block *module* (its forward becomes the fused block forward), so
+    that hooks on the blocks run — FSDP2's `fully_shard(block)` gathers a block's parameters in its
+    pre-forward hook and frees them after. Called without the fast-path arguments the block runs
+    its original forward, so the reference path is unchanged. Official-layout models (ours included)."""
+    for blk in list(model.blocks) + list(model.decoder_blocks):
+        bv = _official_block_view(blk)
+        original = type(blk).forward
+
+        def forward(x, impl=None, fused=False, out_dtype=None, _bv=bv, _blk=blk, _orig=original):
+            if impl is None:
+                return _orig(_blk, x)
+            return block_forward(_bv, x, impl, fused, out_dtype)
+
+        blk.forward = forward
+        blk._maefast_module_call = True
 
 
 def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
@@ -218,7 +244,7 @@ def _official_block_view(blk) -> BlockView:
     attn = blk.attn
     return BlockView(norm1=blk.norm1, qkv=lambda q=attn.qkv: (q.weight, q.bias), num_heads=attn.num_heads,
                      scale=float(attn.scale), proj=attn.proj, norm2=blk.norm2, fc1=blk.mlp.fc1, act=blk.mlp.act,
-                     fc2=blk.mlp.fc2)
+                     fc2=blk.mlp.fc2, module=blk)
 
 
 def official_view(model) -> MAEView:

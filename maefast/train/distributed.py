@@ -119,17 +119,19 @@ def fsdp_flavor() -> str:
 
 
 def fsdp_per_block(model: torch.nn.Module) -> bool:
-    """Whether FSDP may shard per block: only when forward runs through the block modules."""
-    return getattr(model, "impl", "reference") == "reference"
+    """Whether FSDP may shard per block: forward must run through the block modules — always on the
+    reference path; on maefast's fast path with FSDP2 (its blocks are then called as modules, see
+    `maefast.models.fast.route_blocks_through_modules`)."""
+    return getattr(model, "impl", "reference") == "reference" or _fully_shard() is not None
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn.Module:
     """DDP (or FSDP with ``fsdp=True``) around ``model`` when distributed, else ``model`` itself.
 
-    FSDP shards each transformer block (encoder and decoder) and the root when the model calls
-    its blocks' forward (impl="reference"); maefast's fused path reads the block weights without
-    calling the block modules, so there only the root is sharded (parameters gathered once per
-    forward: ZeRO-3 storage, whole-model gather). FSDP needs the same initial parameters on every
+    FSDP shards each transformer block (encoder and decoder) and the root. maefast's fast path
+    reads the block weights itself, so with FSDP2 (`fully_shard`) its blocks are first made to run
+    through their modules (their hooks gather and free each block's parameters); with FSDP1 (old
+    torch) the fast path shards the root only (parameters gathered once per forward). FSDP needs the same initial parameters on every
     rank (it does not broadcast): the caller seeds before building.
     """
     if fsdp:
@@ -140,6 +142,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
         if not fsdp_per_block(model):
             blocks = []
         if fully_shard is not None:
+            if blocks and getattr(model, "impl", "reference") != "reference":
+                from ..models.fast import route_blocks_through_modules
+
+                route_blocks_through_modules(model)
             for block in blocks:
                 fully_shard(block)
             fully_shard(model)
