@@ -55,15 +55,12 @@ def test_fp32_equals_official_block(shape, qkv_bias):
     assert not qkv_bias or g1["attn.qkv.bias"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_within_error_ratio(dtype):
+def _check_autocast(blk, x, dy, impl, dtype):
     """Under autocast the op's error vs the fp32 oracle is within the rule's multiple of the official's."""
-    blk = _block(64, 4)
-    x, dy = torch.randn(2, 17, 64), torch.randn(2, 17, 64)
     y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
-        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
     assert y1.dtype == torch.float32 and dx1.dtype == torch.float32  # the fp32 residual stream stays fp32
     assert_error_ratio(y1, yr, y32, dtype, "forward", "y")
     assert_error_ratio(dx1, dxr, dx32, dtype, "backward", "dx")
@@ -72,10 +69,19 @@ def test_autocast_within_error_ratio(dtype):
         assert_error_ratio(g1[name], gr[name], g32[name], dtype, "backward", name)
 
 
-def test_triton_interpreter_equals_official():
+def _interpreter_or_skip():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_within_error_ratio(dtype):
+    _check_autocast(_block(64, 4), torch.randn(2, 17, 64), torch.randn(2, 17, 64), "reference", dtype)
+
+
+def test_triton_interpreter_equals_official():
+    _interpreter_or_skip()
     blk = _block(32, 2)
     x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
@@ -153,30 +159,12 @@ def test_gpu_block_bf16_within_error_ratio(shape, impl):
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 oracle
     try:
-        y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
+        _check_autocast(blk, x, dy, impl, torch.bfloat16)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
-        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
-    assert_error_ratio(y1, yr, y32, torch.bfloat16, "forward", "y")
-    assert_error_ratio(dx1, dxr, dx32, torch.bfloat16, "backward", "dx")
-    for name in NAMES:
-        assert_error_ratio(g1[name], gr[name], g32[name], torch.bfloat16, "backward", name)
 
 
 def test_triton_interpreter_fp16_autocast_within_error_ratio():
     """The Triton path under fp16 autocast (the interpreter computes fp16 dots right; bf16 ones it does not)."""
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
-    blk = _block(32, 2)
-    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
-    y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)
-    with torch.autocast("cpu", dtype=torch.float16):
-        yr, dxr, gr = _fwd_bwd(blk, blk, x, dy)
-        y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "triton"), blk, x, dy)
-    assert_error_ratio(y1, yr, y32, torch.float16, "forward", "y")
-    assert_error_ratio(dx1, dxr, dx32, torch.float16, "backward", "dx")
-    for name in NAMES:
-        assert_error_ratio(g1[name], gr[name], g32[name], torch.float16, "backward", name)
+    _interpreter_or_skip()
+    _check_autocast(_block(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32), "triton", torch.float16)
