@@ -130,3 +130,44 @@ def test_gpu_captured_step_with_noise_and_lr_schedule(fused):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
     with pytest.raises(ValueError, match="pass noise="):
         step(imgs[0])
+
+
+def test_graph_step_snapshot_restore_and_set_lr_on_cpu():
+    """The warm-up undo and set_lr of CUDAGraphTrainStep are plain tensor code: checked here on the
+    CPU on an instance built without its CUDA constructor."""
+    from maefast.graphs import CUDAGraphTrainStep
+    from maefast.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("tiny")
+    opt = torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3), foreach=False)
+    opt.param_groups[0]["lr_scale"] = 0.5
+    step = CUDAGraphTrainStep.__new__(CUDAGraphTrainStep)
+    step.optimizer = opt
+
+    def train_once():
+        opt.zero_grad()
+        m(torch.randn(2, 3, 32, 32), seed=1, return_pred=False)[0].backward()
+        opt.step()
+
+    fresh = {n: p.detach().clone() for n, p in m.named_parameters()}
+    saved = step._snapshot()  # no optimizer state yet
+    train_once()
+    step._restore(saved)
+    for n, p in m.named_parameters():
+        assert torch.equal(p, fresh[n]), n
+    for st in opt.state.values():  # state created by the warm-up starts from zero, like a fresh AdamW
+        assert all(not v.any() for v in st.values() if isinstance(v, torch.Tensor))
+    train_once()
+    after_one = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()}
+    params_one = [p.detach().clone() for p in m.parameters()]
+    saved = step._snapshot()
+    train_once()
+    step._restore(saved)
+    for p, q in zip(m.parameters(), params_one):
+        assert torch.equal(p, q)
+    for p in m.parameters():
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, after_one[p][k]), k
+    step.set_lr(2e-4)
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-4)
