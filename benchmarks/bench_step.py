@@ -1,7 +1,7 @@
 """Training step of the MAE (forward + backward + AdamW, mask ratio 0.75, synthetic batch).
 
-Rows (providers, `maefast.bench.STEP_PROVIDERS`): reference (the official computation, eager;
-baseline), sdpa (the reference with torch's scaled_dot_product_attention), compile
+Rows (providers, `maefast.bench.STEP_PROVIDERS`): reference (the official computation, eager,
+fp16 autocast + GradScaler as the official AMP loop; the baseline), sdpa (the reference with torch's scaled_dot_product_attention), compile
 (the sdpa variant with each block torch.compile'd; compile-full, the whole model, with
 MAEFAST_BENCH_COMPILE_FULL=1), maefast (maefast's model, impl="auto"), maefast-custom-op (the same
 with every op called through the torch.library dispatcher instead of the direct route), plus whatever
@@ -60,7 +60,8 @@ def test_train_step(benchmark, device, case, provider):
     name, batch = case
     if "compile" in provider and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for ~20 s; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # the official recipe's AMP: fp16 autocast + GradScaler for the baseline; bf16 for every other row
+    dtype = (torch.float16 if provider == "reference" else torch.bfloat16) if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         mb.free_memory()
         torch.cuda.reset_peak_memory_stats(device)
@@ -68,7 +69,7 @@ def test_train_step(benchmark, device, case, provider):
         step = mb.make_step(provider, name, batch, device=device, dtype=dtype)
     except ValueError as e:  # a provider that cannot run here (e.g. no fast model yet)
         pytest.skip(str(e))
-    kw = dict(warmup_ms=1.0, rep_ms=1000.0, min_reps=3, max_reps=30, flush_l2=False) if device.type == "cuda" \
+    kw = dict(warmup_ms=1.0, rep_ms=500.0, min_reps=3, max_reps=30, flush_l2=False) if device.type == "cuda" \
         else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.5)
     info = run_bench(benchmark, step, group="train-step", provider=provider, baseline=provider == "reference",
                      flops=mae_flops(name)["train"] * batch, shape=dict(model=name, batch=batch), dtype=dtype,

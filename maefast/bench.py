@@ -357,6 +357,44 @@ def _provider_maefast_patch(name, device, **overrides):
     return patch(model), False
 
 
+class TransformersStepAdapter(nn.Module):
+    """transformers' ViTMAEForPreTraining behind the official call convention TrainStep uses:
+    forward(imgs, mask_ratio) -> (loss, logits, mask); the mask ratio is the model config's."""
+
+    def __init__(self, hf: nn.Module, img_size, in_chans: int):
+        super().__init__()
+        self.hf = hf
+        self.patch_embed = types.SimpleNamespace(img_size=tuple(img_size),  # what synthetic_batch reads
+                                                 proj=types.SimpleNamespace(in_channels=in_chans))
+
+    def forward(self, imgs, mask_ratio: float = 0.75, noise=None):
+        if abs(mask_ratio - self.hf.config.mask_ratio) > 1e-9:
+            raise ValueError(f"mask_ratio {mask_ratio} differs from the transformers config's "
+                             f"{self.hf.config.mask_ratio}")
+        out = self.hf(pixel_values=imgs, noise=noise)
+        return out.loss, out.logits, out.mask
+
+
+def _provider_maefast_patch_hf(name, device, **overrides):
+    # maefast.patch on transformers' ViTMAEForPreTraining (same weights as the reference model)
+    try:
+        from .convert import to_transformers_model
+    except ImportError as e:  # pragma: no cover
+        raise ValueError(f"transformers is not importable ({e})") from None
+    from .patching import patch
+
+    device = torch.device(device)
+    ref = build_model(name, "reference", device, **overrides)
+    try:
+        with device:  # transformers builds and initialises its model right there (ViT-H: seconds, not a minute)
+            hf = to_transformers_model(ref, mask_ratio=0.75)
+    except ImportError as e:
+        raise ValueError(f"transformers is not importable ({e})") from None
+    img, chans = ref.patch_embed.img_size, ref.patch_embed.proj.in_channels
+    del ref
+    return TransformersStepAdapter(patch(hf.to(device), impl="auto"), img, chans), False
+
+
 def _provider_maefast_custom_op(name, device, **overrides):
     # the same model with every op called through the torch.library dispatcher (the route before
     # 2026-11-27's direct autograd.Functions): the row that measures what the direct route saves
@@ -386,6 +424,7 @@ if accepts_impl():  # maefast's own model (impl="auto": its fused path; the refe
     STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
     STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
     STEP_PROVIDERS["maefast-custom-op"] = _provider_maefast_custom_op
+    STEP_PROVIDERS["maefast-patch-hf"] = _provider_maefast_patch_hf
     STEP_PROVIDERS["maefast-block"] = _provider_maefast_block
     STEP_PROVIDERS["maefast-block-graph"] = _provider_maefast_block  # fused="block", step captured
 

@@ -300,3 +300,21 @@ def test_table2_graph_rows_on_gpu():
 def _tiny_cuda(provider):
     model = mb.build_model("tiny", "reference" if provider == "reference" else "auto", "cuda")
     return model, mb.synthetic_batch(model, 4, "cuda")
+
+
+def test_patched_transformers_step_row():
+    """The step row of maefast.patch on transformers' ViTMAE: same weights as the reference model, and
+    its step trains (fp32, CPU)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    step = mb.make_step("maefast-patch-hf", "tiny", 2, device="cpu")
+    torch.manual_seed(0)
+    ref = mb.build_model("tiny", "reference", "cpu")  # what the row converted (built first, same seed)
+    assert isinstance(step.model, mb.TransformersStepAdapter) and step.fwd_kwargs == {}
+    w = step.model.hf.vit.embeddings.patch_embeddings.projection.weight  # the same name in 4.x and 5.x
+    assert torch.equal(w, ref.patch_embed.proj.weight)  # same seed, same init
+    before = w.detach().clone()
+    step()
+    assert torch.isfinite(step.loss) and not torch.equal(before, w)
+    with pytest.raises(ValueError, match="differs from the transformers config"):
+        step.model(step.imgs, mask_ratio=0.5)
