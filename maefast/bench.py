@@ -545,42 +545,43 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
         raise ValueError("cuda_graph=True needs a CUDA device")
     peak = timing.measure_peak(device)
     rows = []
-    for name in [resolve_model_name(m) for m in models]:
+    # impl-major: each impl's rows for every model come together (the first impl's finish first when a
+    # time limit cuts the run short)
+    for impl, name in [(i, resolve_model_name(m)) for i in impls for m in models]:
         bs = batch or (GPU_TABLE2_BATCH.get(name, 64) if device.type == "cuda" else 8)
-        for impl in impls:
-            t_mask_by_depth = {}
-            for dd in decoder_depths:
-                row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
-                       "dtype": str(dtype).replace("torch.", ""), "cuda_graph": bool(cuda_graph),
-                       "fused": (overrides or {}).get("fused", False) if impl != "reference" else False,
-                       "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
-                       flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
-                paper = flops_mod.PAPER_TABLE2.get((name, dd))
-                if paper:
-                    row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
-                try:
-                    row.update(_time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress,
-                                                 overrides or {}, cuda_graph))
-                except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                free_memory()
-                if "visible_ms" in row and "mask_tokens_ms" in row:
-                    row["speedup"] = row["mask_tokens_ms"] / row["visible_ms"]
-                    row["of_flop_bound"] = row["speedup"] / row["flop_ratio"]
-                    f = flops_mod.mae_flops(model_config(name, decoder_depth=dd, **(overrides or {})),
-                                            mask_ratio=mask_ratio)["train"] * bs
-                    row["img_per_s"] = bs / (row["visible_ms"] * 1e-3)
-                    row["tflops"] = f / (row["visible_ms"] * 1e-3) / 1e12
-                    row["mfu"] = row["tflops"] / peak["matmul_tflops"]
-                    t_mask_by_depth[dd] = row["mask_tokens_ms"]
-                rows.append(row)
-                if on_row is not None:
-                    on_row(rows)
-            # the paper's definition: every row against the mask-token encoder with decoder depth 8
-            if 8 in t_mask_by_depth:
-                for row in rows[-len(decoder_depths):]:
-                    if "visible_ms" in row:
-                        row["speedup_vs_mask_dec8"] = t_mask_by_depth[8] / row["visible_ms"]
+        t_mask_by_depth = {}
+        for dd in decoder_depths:
+            row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
+                   "dtype": str(dtype).replace("torch.", ""), "cuda_graph": bool(cuda_graph),
+                   "fused": (overrides or {}).get("fused", False) if impl != "reference" else False,
+                   "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
+                   flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
+            paper = flops_mod.PAPER_TABLE2.get((name, dd))
+            if paper:
+                row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
+            try:
+                row.update(_time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress,
+                                             overrides or {}, cuda_graph))
+            except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            free_memory()
+            if "visible_ms" in row and "mask_tokens_ms" in row:
+                row["speedup"] = row["mask_tokens_ms"] / row["visible_ms"]
+                row["of_flop_bound"] = row["speedup"] / row["flop_ratio"]
+                f = flops_mod.mae_flops(model_config(name, decoder_depth=dd, **(overrides or {})),
+                                        mask_ratio=mask_ratio)["train"] * bs
+                row["img_per_s"] = bs / (row["visible_ms"] * 1e-3)
+                row["tflops"] = f / (row["visible_ms"] * 1e-3) / 1e12
+                row["mfu"] = row["tflops"] / peak["matmul_tflops"]
+                t_mask_by_depth[dd] = row["mask_tokens_ms"]
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
+        # the paper's definition: every row against the mask-token encoder with decoder depth 8
+        if 8 in t_mask_by_depth:
+            for row in rows[-len(decoder_depths):]:
+                if "visible_ms" in row:
+                    row["speedup_vs_mask_dec8"] = t_mask_by_depth[8] / row["visible_ms"]
     return rows
 
 

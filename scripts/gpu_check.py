@@ -205,7 +205,7 @@ def main(argv=None) -> int:
 
     if "table2" not in skip:
         tj, png = os.path.join(args.out, "table2.json"), os.path.join(args.out, "table2.png")
-        # maefast's rows first (the targets are on them), L and H first; rows are saved as they finish
+        # maefast's rows first (the targets are on them), for L, H, then B; rows are saved as they finish
         cmd = [py, "-m", "maefast", "bench", "table2", "--quick", "--models", "large,huge,base", "--impl",
                "auto,reference", "--json", tj, "--png", png]
         if args.dry_run:
