@@ -101,8 +101,13 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.set_stream(current)  # a failed capture_end() leaves the capture's stream current
+        raise
     return graph.replay
 
 

@@ -275,8 +275,13 @@ class GraphedTrainStep:
         current.wait_stream(side)
         step.opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss = self._body()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_loss = self._body()
+        except RuntimeError:
+            # a failed capture_end() leaves the capture's side stream current: restore the caller's
+            torch.cuda.set_stream(current)
+            raise
 
     def _body(self) -> torch.Tensor:
         s = self.step

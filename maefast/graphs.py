@@ -72,7 +72,9 @@ class CUDAGraphTrainStep:
 
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls from other threads (the DataLoader's pin-memory thread) during the
+        # capture must not invalidate it, as the default "global" mode lets them
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self._step(zero_grad=False)
         if saved is not None:
             self._restore(saved)

@@ -316,7 +316,7 @@ def test_patch_gather_copy_unit(elem, p, base, strides, unit):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [16, 14])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "wsliced"])
 def test_gpu_patch_gather_rows_equal_torch(dtype, p, layout):
     """maefast._C.patch_gather (row kernel or element-wise) copies exactly what the PyTorch gather does,
     and a bad id gives a NaN row."""
@@ -324,9 +324,11 @@ def test_gpu_patch_gather_rows_equal_torch(dtype, p, layout):
 
     C = _C_or_skip()
     n, size = 5, 224
-    x = randn(n, 3, size + 2, size, device=GPU).to(dtype)
-    imgs = {"nchw": x[:, :, :size].contiguous(), "channels_last": x[:, :, :size].contiguous(
-        memory_format=torch.channels_last), "sliced": x[:, :, 1:size + 1]}[layout]
+    x = randn(n, 3, size + 2, size + 2, device=GPU).to(dtype)
+    imgs = {"nchw": x[:, :, :size, :size].contiguous(),
+            "channels_last": x[:, :, :size, :size].contiguous(memory_format=torch.channels_last),
+            "sliced": x[:, :, 1:size + 1, :size],  # rows of 226: odd line strides
+            "wsliced": x[:, :, :size, 1:size + 1]}[layout]  # base one element in: the narrowest unit
     L = (size // p) ** 2
     ids = random_masking(n, L, 0.75, seed=4, device=GPU).ids_keep.contiguous()
     out = torch.empty(1, device=GPU)

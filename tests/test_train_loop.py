@@ -250,3 +250,23 @@ def test_cuda_graph_training_matches_eager(tmp_path, fused):
     res = train(cfg, output_dir=str(tmp_path / "graph"), epochs=2,
                 resume=str(tmp_path / "graph" / "checkpoint-last.pth"))
     assert res["steps"] == 8 and math.isfinite(res["final_loss"])
+    # and the other way: an eager run's checkpoint resumed with --cuda-graph (comes back capturable)
+    res = train(cfg, output_dir=str(tmp_path / "eager"), epochs=2, cuda_graph=True,
+                resume=str(tmp_path / "eager" / "checkpoint-last.pth"))
+    assert res["steps"] == 8 and math.isfinite(res["final_loss"])
+
+
+def test_resume_keeps_this_runs_optimizer_implementation():
+    """A checkpoint stores how its run stepped (foreach/fused/capturable); resuming keeps this run's."""
+    from maefast.train.loop import _load_state
+
+    m = create_model("mae_vit_tiny_test")
+    a = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=False)
+    m(torch.randn(2, 3, 32, 32), seed=0, return_pred=False)[0].backward()
+    a.step()
+    b = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
+    ck = {"model": m.state_dict(), "optimizer": a.state_dict()}
+    _load_state(m, b, ck, fsdp=False)
+    assert b.param_groups[0]["foreach"] is True and ck["optimizer"]["param_groups"][0]["foreach"] is False
+    p0 = next(m.parameters())
+    assert torch.equal(b.state[p0]["exp_avg"], a.state[p0]["exp_avg"])

@@ -108,7 +108,15 @@ def _load_state(model, optimizer, ckpt: dict, fsdp: bool) -> None:
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
         return
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    # the checkpoint's implementation flags are how *that* run stepped; keep this run's (a checkpoint
+    # of an eager run resumed with --cuda-graph must come back capturable, and the other way round)
+    sd = dict(ckpt["optimizer"])
+    sd["param_groups"] = [dict(g) for g in sd["param_groups"]]
+    for g, mine in zip(sd["param_groups"], optimizer.param_groups):
+        for key in ("capturable", "fused", "foreach"):
+            if key in mine:
+                g[key] = mine[key]
+    optimizer.load_state_dict(sd)
 
 
 def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
@@ -303,6 +311,11 @@ def _run(cfg: TrainConfig, info) -> dict:
                 noise, weight = torch.rand(1, num_patches), 0.0
             images = images.to(device, non_blocking=True)
             noise = noise.to(device, non_blocking=True)
+            if cfg.cuda_graph and (weight == 0.0 or images.shape[0] != cfg.batch_size):
+                # unreadable files left this batch short (or empty): the captured step takes full batches
+                # only, and one process has nobody to keep in step, so the batch is skipped
+                b += 1
+                continue
             ep_images += int(weight) * images.shape[0]
             win_images += int(weight) * images.shape[0]
             boundary = (b + 1) % cfg.accum_iter == 0
@@ -313,9 +326,6 @@ def _run(cfg: TrainConfig, info) -> dict:
             if fsdp and hasattr(wrapped, "set_requires_gradient_sync"):
                 wrapped.set_requires_gradient_sync(boundary)
             if cfg.cuda_graph:
-                if weight == 0.0:  # a batch of unreadable files: no step (one process, nobody to keep in step)
-                    b += 1
-                    continue
                 if graph_step is None:
                     from ..graphs import CUDAGraphTrainStep
 
