@@ -168,3 +168,21 @@ def test_triton_interpreter_fp16_autocast_within_error_ratio():
     """The Triton path under fp16 autocast (the interpreter computes fp16 dots right; bf16 ones it does not)."""
     _interpreter_or_skip()
     _check_autocast(_block(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32), "triton", torch.float16)
+
+
+def test_cuda_impl_falls_back_in_forward_and_backward_alike():
+    """impl="cuda" where the CUDA C++ attention cannot run (here: the CPU, without the Triton
+    interpreter) picks the same fallback in the backward as in the forward."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from maefast.reference.model import Block; import maefast.ops as ops\n"
+            "torch.manual_seed(0); b = Block(32, 2, qkv_bias=True)\n"
+            "p = dict(b.named_parameters()); names = " + repr(NAMES) + "\n"
+            "x = torch.randn(2, 5, 32, requires_grad=True)\n"
+            "y = ops.vit_block(x, *[p[n] for n in names], num_heads=2, eps1=b.norm1.eps, eps2=b.norm2.eps, impl='cuda'); y.sum().backward()\n"
+            "x2 = x.detach().requires_grad_(); b(x2).sum().backward()\n"
+            "assert torch.allclose(x.grad, x2.grad, atol=1e-5), 'dx'\nprint('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

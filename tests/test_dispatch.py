@@ -128,3 +128,16 @@ def test_fake_tensors_take_the_custom_op_route():
         o = ops.visible_attention(qkv, 2, impl="reference")
     assert y.shape == (3, 8) and o.shape == (2, 5, 32)
     assert not type(o.grad_fn).__name__.startswith("maefast_")
+
+
+def test_second_derivative_raises_on_both_routes():
+    """The backward's own ops treat saved statistics as constants: a double backward would be silently
+    wrong, so it raises on the direct route too (as through the custom op, which has no formula)."""
+    for mode in DISPATCH_MODES:
+        x = torch.randn(3, 8, requires_grad=True)
+        w, b = torch.randn(8), torch.randn(8)
+        with eager_dispatch(mode):
+            y = ops.layer_norm(x, w, b, impl="reference")
+            (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError):
+                torch.autograd.grad(g.sum(), x)

@@ -157,7 +157,10 @@ def _block_call(bv: BlockView, x, impl, fused, out_dtype):
 def _run_blocks(blocks, x, impl, fused, out_dtype, grad_checkpointing):
     for bv in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(_block_call, bv, x, impl, fused, out_dtype, use_reentrant=False)
+            # the fast block draws no random numbers (no dropout): no RNG state to save, which also keeps
+            # the step capturable in a CUDA graph on torch builds that cannot read the RNG state there
+            x = checkpoint(_block_call, bv, x, impl, fused, out_dtype, use_reentrant=False,
+                           preserve_rng_state=False)
         else:
             x = _block_call(bv, x, impl, fused, out_dtype)
     return x
@@ -169,16 +172,23 @@ def route_blocks_through_modules(model: nn.Module) -> None:
     pre-forward hook and frees them after. Called without the fast-path arguments the block runs
     its original forward, so the reference path is unchanged. Official-layout models (ours included)."""
     for blk in list(model.blocks) + list(model.decoder_blocks):
-        bv = _official_block_view(blk)
-        original = type(blk).forward
-
-        def forward(x, impl=None, fused=False, out_dtype=None, _bv=bv, _blk=blk, _orig=original):
-            if impl is None:
-                return _orig(_blk, x)
-            return block_forward(_bv, x, impl, fused, out_dtype)
-
-        blk.forward = forward
+        # an object holding the block (not a closure over it): deep copies and pickles of the model
+        # keep running on their own parameters
+        blk.forward = _RoutedBlockForward(blk)
         blk._maefast_module_call = True
+
+
+class _RoutedBlockForward:
+    """The forward route_blocks_through_modules installs on a block."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, x, impl=None, fused=False, out_dtype=None):
+        blk = self.block
+        if impl is None:  # called as the official block (the reference path)
+            return type(blk).forward(blk, x)
+        return block_forward(_official_block_view(blk), x, impl, fused, out_dtype)
 
 
 def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:

@@ -87,6 +87,9 @@ def register_autograd(op, backward, *, setup_context) -> None:
         setup_context(ctx, args, out)
         return out
 
+    # once_differentiable: the backward's own ops treat the saved statistics as constants, so a second
+    # derivative through them would be silently wrong; it raises instead, as through the custom op
+    @torch.autograd.function.once_differentiable
     def _backward(ctx, *grads):
         return backward(ctx, *grads)
 
@@ -123,11 +126,11 @@ def call(op, *args):
     fn = op._maefast_function
     if fn is not None and _needs_grad(args):
         return fn.apply(*args)
-    with torch.no_grad():  # what the custom op's implementation sees too (it runs below autograd)
+    with torch.no_grad():  # no graph either way (the custom op's implementation runs below autograd)
         return op._maefast_impl(*args)
 
 
 def bwd(ctx, op):
     """The callable a registered backward should use for its backward op: the implementation
     itself on the direct route, the custom op otherwise (e.g. while AOTAutograd traces)."""
-    return op._maefast_impl if getattr(ctx, "maefast_direct", False) else op
+    return op._maefast_impl if getattr(ctx, "maefast_direct", False) and not compiling() else op

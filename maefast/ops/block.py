@@ -143,8 +143,9 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         d_proj_w, d_proj_b = _wgrad(dp, o), _bsum(dp)
         do = dp @ proj_w.to(c)
         del dp
+        attn_bwd = _attn_impl(impl, qkv, num_heads)  # the forward's choice; the CUDA C++ kernel is forward-only
         dqkv = _impl_of(_visible_attention_backward)(do, qkv, o, lse, num_heads, None, None, scale,
-                                                     "triton" if impl == "cuda" else impl)
+                                                     "triton" if attn_bwd == "cuda" else attn_bwd)
         del do
         h, mean1, rstd1 = _ln(x, ln1_w, ln1_b, eps1, c, impl)
         d_qkv_w = _wgrad(dqkv, h)
