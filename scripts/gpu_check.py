@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tests", default="tests", help="test paths/args for the tests step (space-separated)")
     # priority order (the harness stops starting cases when its budget is spent): the step (issue 6), then the
     # ops first timed as CUDA-graph replays (loss, un-shuffle, masking), then those measured before
-    ap.add_argument("--bench", default="benchmarks/bench_step.py benchmarks/bench_loss.py benchmarks/bench_unshuffle.py "
+    ap.add_argument("--bench", default="benchmarks/bench_step.py benchmarks/bench_block.py benchmarks/bench_loss.py "
+                    "benchmarks/bench_unshuffle.py "
                     "benchmarks/bench_masking.py benchmarks/bench_attention.py benchmarks/bench_fused.py "
                     "-k 'not compile or train_step or loss_masked'",
                     help="benchmark paths/args for the benchmarks step (space-separated; compile rows: the step's "
