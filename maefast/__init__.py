@@ -5,6 +5,8 @@ what is missing is recorded (`maefast.backends()` says why), never raised at imp
 """
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 from . import _kernels_path
@@ -30,6 +32,8 @@ def backends() -> dict:
         "_C": C is not None,
         "_C_error": _cpp_lib.load_error,
         "_C_ops": list(getattr(C, "registered", [])) if C is not None else [],
+        # how eager calls reach the ops (maefast/ops/_dispatch.py); read here without importing the ops
+        "eager_dispatch": os.environ.get("MAEFAST_EAGER_DISPATCH") or "direct",
     }
     if _triton.HAS_TRITON:
         import triton

@@ -94,7 +94,8 @@ def test_eager_dispatch_validates_mode():
 
 
 def test_env_var_selects_route_and_rejects_typos():
-    code = "from maefast.ops._dispatch import get_eager_dispatch as g; print(g())"
+    code = ("import maefast; from maefast.ops._dispatch import get_eager_dispatch as g; "
+            "assert maefast.backends()['eager_dispatch'] == g(); print(g())")
     env = {"MAEFAST_EAGER_DISPATCH": "custom_op", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "custom_op", out.stderr
