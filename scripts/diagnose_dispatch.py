@@ -140,10 +140,10 @@ def main(out_path: str | None = None) -> int:
     from maefast import bench as mb
 
     model, batch = ("mae_vit_tiny_test", 2) if cpu_check else ("mae_vit_base_patch16", 128)
-    for provider in ("reference", "maefast", "maefast-custom-op"):
+    for provider in ("reference", "maefast", "maefast-custom-op", "maefast-block"):
         step = mb.make_step(provider, model, batch, device=dev, dtype=torch.float32 if cpu_check else torch.bfloat16)
         record("ViT-B/16 step b128", provider, step)
-        if provider != "maefast-custom-op":
+        if provider in ("reference", "maefast"):
             record("ViT-B/16 step b128", provider + "-st", step, single_thread=True)
         del step
         mb.free_memory()
