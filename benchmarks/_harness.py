@@ -94,20 +94,9 @@ def update_ratios() -> None:
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay. Raises
     RuntimeError when fn cannot be captured (a host sync, a CPU tensor, ...)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    current = torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        torch.cuda.set_stream(current)  # a failed capture_end() leaves the capture's stream current
-        raise
+    from maefast.graphs import capture_cuda_graph
+
+    graph, _ = capture_cuda_graph(fn, warmup_steps=3)
     return graph.replay
 
 

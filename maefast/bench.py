@@ -264,24 +264,19 @@ class GraphedTrainStep:
             raise ValueError("an fp16 step (GradScaler) cannot be captured; use bf16 or fp32")
         if not all(g.get("capturable") for g in step.opt.param_groups):
             raise ValueError("the TrainStep's optimizer must be built with capturable=True")
+        from .graphs import capture_cuda_graph
+
         self.step = step
-        current = torch.cuda.current_stream(step.device)
-        side = torch.cuda.Stream(device=step.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):  # Triton compiles, autograd and cuBLAS warm up outside the capture
-            for _ in range(warmup_steps):
-                self._body()
-                step.opt.zero_grad(set_to_none=True)
-        current.wait_stream(side)
-        step.opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.static_loss = self._body()
-        except RuntimeError:
-            # a failed capture_end() leaves the capture's side stream current: restore the caller's
-            torch.cuda.set_stream(current)
-            raise
+
+        def zero_grad():
+            step.opt.zero_grad(set_to_none=True)
+
+        def warm():
+            self._body()
+            zero_grad()
+
+        self.graph, self.static_loss = capture_cuda_graph(self._body, warmup_steps=warmup_steps, warmup_fn=warm,
+                                                          before_capture=zero_grad, device=step.device)
 
     def _body(self) -> torch.Tensor:
         s = self.step

@@ -28,6 +28,37 @@ from __future__ import annotations
 import torch
 
 
+def capture_cuda_graph(fn, *, warmup_steps: int = 3, warmup_fn=None, before_capture=None, device=None):
+    """Captures one call of `fn` in a CUDA graph; returns (graph, what that call returned: the static
+    outputs each replay overwrites).
+
+    First `warmup_fn` (default `fn`) runs `warmup_steps` times on a side stream (Triton compiles,
+    autograd and cuBLAS warm up outside the capture), then `before_capture()` (e.g. grads set to
+    None, so the captured backward allocates them in the graph's pool). The capture is in
+    thread_local mode: CUDA calls from other threads (the DataLoader's pin-memory thread) do not
+    invalidate it, as they would in the default "global" mode. A failed capture (a host sync, a CPU
+    tensor) raises RuntimeError after restoring the caller's stream (capture_end leaves its own current).
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup_steps):
+            (warmup_fn or fn)()
+    current.wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn()
+    except RuntimeError:
+        torch.cuda.set_stream(current)
+        raise
+    return graph, out
+
+
 class CUDAGraphTrainStep:
     """Captures `optimizer.zero_grad -> model(imgs, mask_ratio, seed) -> backward -> optimizer.step`."""
 
@@ -63,19 +94,9 @@ class CUDAGraphTrainStep:
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=dev)
         saved = self._snapshot() if restore else None
 
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
-        # thread_local: CUDA calls from other threads (the DataLoader's pin-memory thread) during the
-        # capture must not invalidate it, as the default "global" mode lets them
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_loss = self._step(zero_grad=False)
+        self.graph, self.static_loss = capture_cuda_graph(
+            lambda: self._step(zero_grad=False), warmup_steps=warmup_steps, warmup_fn=self._step,
+            before_capture=lambda: self.optimizer.zero_grad(set_to_none=True), device=dev)
         if saved is not None:
             self._restore(saved)
             self.seed.fill_(int(seed) - 1)
