@@ -195,6 +195,23 @@ def summary_lines() -> list[str]:
     return lines
 
 
+def op_timing(device: torch.device, rep_ms: float = 200.0) -> dict:
+    """`run_bench` timing arguments of the per-op benchmarks: on CUDA ~rep_ms of repetitions after
+    10 ms of warm-up; on the CPU a few calls (the interpreter's timings mean nothing)."""
+    if device.type == "cuda":
+        return dict(warmup_ms=10.0, rep_ms=rep_ms, min_reps=5, max_reps=int(rep_ms))
+    return dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
+
+
+def skip_unless_runs(provider: str, device: torch.device, cuda_binding: str) -> None:
+    """pytest.skip with `provider_skip_reason`'s reason when the row cannot run here."""
+    reason = provider_skip_reason(provider, device, cuda_binding)
+    if reason:
+        import pytest
+
+        pytest.skip(reason)
+
+
 def provider_skip_reason(provider: str, device: torch.device, cuda_binding: str) -> str | None:
     """Why an op benchmark's `provider` row cannot run on `device` (None: it can). Providers:
     reference, compile, maefast (auto; CPU only: on a GPU the triton/cuda rows are maefast),

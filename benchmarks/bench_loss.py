@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _harness import provider_skip_reason, run_bench, sizes
+from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
 from maefast import reference as R
@@ -34,10 +34,6 @@ CASES = sizes(cpu=[("tiny-p16", 4, 64, 16)],
               gpu=[("p16", 256, 224, 16), ("p14", 256, 224, 14)])
 PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
 _COMPILED: dict = {}
-
-
-def _skip_reason(provider, device):
-    return provider_skip_reason(provider, device, "norm_pix_loss_fwd")
 
 
 def _setup(case, device, pred_on):
@@ -69,15 +65,8 @@ def _loss_fn(provider, pred_on):
     return lambda pred, imgs, idx, p: ops.norm_pix_loss(pred, imgs, idx, p, norm_pix=True, pred_on=pred_on, impl=impl)
 
 
-def _timing_kw(device):
-    return dict(warmup_ms=10.0, rep_ms=200.0, min_reps=5, max_reps=200) if device.type == "cuda" \
-        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
-
-
 def _run(benchmark, device, case, provider, pred_on, backward):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "norm_pix_loss_fwd")
     imgs, pred, idx, p, dtype, fwd_bytes, bwd_bytes, shape = _setup(case, device, pred_on)
     loss_fn = _loss_fn(provider, pred_on)
     if backward:
@@ -89,7 +78,7 @@ def _run(benchmark, device, case, provider, pred_on, backward):
                 return loss_fn(pred, imgs, idx, p)
     group = f"loss-{pred_on}-{'fwd-bwd' if backward else 'fwd'}"
     run_bench(benchmark, fn, group=group, provider=provider, baseline=provider == "reference", shape=shape,
-              dtype=dtype, device=device, bytes_moved=bwd_bytes if backward else fwd_bytes, cuda_graph=True, **_timing_kw(device))
+              dtype=dtype, device=device, bytes_moved=bwd_bytes if backward else fwd_bytes, cuda_graph=True, **op_timing(device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

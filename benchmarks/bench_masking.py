@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _harness import provider_skip_reason, run_bench, sizes
+from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
 
@@ -59,10 +59,6 @@ def _maefast_composition(imgs, weight, bias, pos_embed, p, ratio, impl):
     return x, ids.mask, ids.ids_restore
 
 
-def _skip_reason(provider, device):
-    return provider_skip_reason(provider, device, "patch_gather")
-
-
 def _fn(provider, imgs, weight, bias, pos, p, ratio):
     if provider in ("reference", "compile"):
         f = _reference_composition
@@ -89,30 +85,21 @@ def _setup(case, device, requires_grad=False):
     return imgs, weight, bias, pos, p, dtype, useful, shape
 
 
-def _timing_kw(device):
-    return dict(warmup_ms=10.0, rep_ms=100.0, min_reps=5, max_reps=100) if device.type == "cuda" \
-        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_mask_embed_fwd(benchmark, device, case, provider):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "patch_gather")
     imgs, weight, bias, pos, p, dtype, useful, shape = _setup(case, device)
     fn = _fn(provider, imgs, weight, bias, pos, p, RATIO)
     with torch.no_grad():
         run_bench(benchmark, fn, group="mask-embed-fwd", provider=provider, baseline=provider == "reference",
-                  shape=shape, dtype=dtype, device=device, **useful, cuda_graph=True, **_timing_kw(device))
+                  shape=shape, dtype=dtype, device=device, **useful, cuda_graph=True, **op_timing(device, rep_ms=100.0))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_mask_embed_fwd_bwd(benchmark, device, case, provider):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "patch_gather")
     imgs, weight, bias, pos, p, dtype, useful, shape = _setup(case, device, requires_grad=True)
     fwd = _fn(provider, imgs, weight, bias, pos, p, RATIO)
 
@@ -122,15 +109,13 @@ def test_mask_embed_fwd_bwd(benchmark, device, case, provider):
         return gw, gb
 
     run_bench(benchmark, step, group="mask-embed-fwd-bwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], cuda_graph=True, **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], cuda_graph=True, **op_timing(device, rep_ms=100.0))
 
 
 @pytest.mark.parametrize("provider", ["reference", "triton", "cuda", "maefast"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_random_masking(benchmark, device, case, provider):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "patch_gather")
     _, N, img, p, _ = case
     L = (img // p) ** 2
     if provider == "reference":
@@ -149,16 +134,14 @@ def test_random_masking(benchmark, device, case, provider):
             return ops.random_masking(N, L, RATIO, seed=1234, device=device, impl=impl)
     run_bench(benchmark, fn, group="random-masking", provider=provider, baseline=provider == "reference",
               shape=dict(N=N, L=L), device=device, bytes_moved=N * L * (8 + 8 + 4) + N * int(L * (1 - RATIO)) * 8,
-              cuda_graph=True, **_timing_kw(device))
+              cuda_graph=True, **op_timing(device, rep_ms=100.0))
 
 
 @pytest.mark.parametrize("provider", ["reference", "cuda"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_patch_gather(benchmark, device, case, provider):
     """The memory-bound part: GB/s of reading the kept pixels and writing them as rows."""
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "patch_gather")
     from maefast.ops.patch_embed import _rows_cuda, _rows_torch
 
     imgs, _, _, _, p, dtype, _, shape = _setup(case, device)
@@ -167,4 +150,4 @@ def test_patch_gather(benchmark, device, case, provider):
     rows = _rows_cuda if provider == "cuda" else _rows_torch
     run_bench(benchmark, lambda: rows(imgs, ids_keep, p), group="patch-gather", provider=provider,
               baseline=provider == "reference", shape=shape, dtype=dtype, device=device,
-              bytes_moved=2 * N * K * 3 * p * p * imgs.element_size() + N * K * 8, cuda_graph=True, **_timing_kw(device))
+              bytes_moved=2 * N * K * 3 * p * p * imgs.element_size() + N * K * 8, cuda_graph=True, **op_timing(device, rep_ms=100.0))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _harness import provider_skip_reason, run_bench, sizes
+from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
 from maefast import reference as R
@@ -42,10 +42,6 @@ def _official(x, mask_token, ids_restore, pos_embed):
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
     x = torch.cat([x[:, :1, :], x_], dim=1)
     return x + pos_embed.to(x.dtype)
-
-
-def _skip_reason(provider, device):
-    return provider_skip_reason(provider, device, "unshuffle_fwd")
 
 
 def _setup(case, device):
@@ -74,17 +70,10 @@ def _fn(provider):
     return lambda x, tok, ids, pos: ops.unshuffle(x, tok, ids, pos, impl=impl)
 
 
-def _timing_kw(device):
-    return dict(warmup_ms=10.0, rep_ms=200.0, min_reps=5, max_reps=200) if device.type == "cuda" \
-        else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.3)
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_unshuffle_fwd(benchmark, device, case, provider):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "unshuffle_fwd")
     x, tok, ids, pos, dtype, fwd_bytes, _, shape = _setup(case, device)
     f = _fn(provider)
 
@@ -93,15 +82,13 @@ def test_unshuffle_fwd(benchmark, device, case, provider):
             return f(x, tok, ids, pos)
 
     run_bench(benchmark, fn, group="unshuffle-fwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, bytes_moved=fwd_bytes, cuda_graph=True, **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, bytes_moved=fwd_bytes, cuda_graph=True, **op_timing(device))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-b{c[1]}" for c in CASES])
 def test_unshuffle_fwd_bwd(benchmark, device, case, provider):
-    reason = _skip_reason(provider, device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_runs(provider, device, "unshuffle_fwd")
     x, tok, ids, pos, dtype, _, bwd_bytes, shape = _setup(case, device)
     f = _fn(provider)
     g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=device).to(dtype)
@@ -110,4 +97,4 @@ def test_unshuffle_fwd_bwd(benchmark, device, case, provider):
         return torch.autograd.grad(f(x, tok, ids, pos), (x, tok), g)
 
     run_bench(benchmark, fn, group="unshuffle-fwd-bwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, bytes_moved=bwd_bytes, cuda_graph=True, **_timing_kw(device))
+              shape=shape, dtype=dtype, device=device, bytes_moved=bwd_bytes, cuda_graph=True, **op_timing(device))
