@@ -181,13 +181,17 @@ def main(argv=None) -> int:
             m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
             record["steps"]["tests"]["collected"] = int(m.group(1)) if m else 0
 
+    def json_step(name: str, cmd: list[str], path: str) -> None:
+        """Runs a step that writes a JSON file (`path`) and puts that file in the record under `name`
+        (also when the step failed or ran out of time after writing it: partial results count)."""
+        rc, secs, _ = sh(cmd, BUDGET[name], log)
+        record["steps"][name] = {"rc": rc, "seconds": secs}
+        if os.path.exists(path):
+            record[name] = json.load(open(path))
+
     if "diagnose" not in skip:
         dj = os.path.join(args.out, "diagnose.json")
-        cmd = [py, "scripts/diagnose_dispatch.py", dj]
-        rc, secs, out = sh(cmd, BUDGET["diagnose"], log)
-        record["steps"]["diagnose"] = {"rc": rc, "seconds": secs}
-        if os.path.exists(dj):
-            record["diagnose"] = json.load(open(dj))
+        json_step("diagnose", [py, "scripts/diagnose_dispatch.py", dj], dj)
 
     if "benchmarks" not in skip:
         bj = os.path.join(args.out, "bench.json")
@@ -212,20 +216,14 @@ def main(argv=None) -> int:
                "auto,reference", "--json", tj, "--png", png]
         if args.dry_run:
             cmd = [py, "-m", "maefast", "bench", "--help"]
-        rc, secs, out = sh(cmd, BUDGET["table2"], log)
-        record["steps"]["table2"] = {"rc": rc, "seconds": secs}
-        if os.path.exists(tj):
-            record["table2"] = json.load(open(tj))
+        json_step("table2", cmd, tj)
 
     if "profile" not in skip:
         pj = os.path.join(args.out, "profile.json")
         cmd = [py, "-m", "maefast", "profile", "--steps", "10", "--json", pj]
         if args.dry_run:
             cmd = [py, "-m", "maefast", "profile", "--help"]
-        rc, secs, out = sh(cmd, BUDGET["profile"], log)
-        record["steps"]["profile"] = {"rc": rc, "seconds": secs}
-        if os.path.exists(pj):
-            record["profile"] = json.load(open(pj))
+        json_step("profile", cmd, pj)
 
     record["total_seconds"] = round(time.time() - t_start, 1)
     with open(os.path.join(args.out, "record.json"), "w") as f:
