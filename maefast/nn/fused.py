@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..ops.bias_gelu import bias_gelu
 from ..ops.layernorm import add_layer_norm
+from ..reference.model import Mlp as _ReferenceMlp
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -58,7 +59,7 @@ class FusedLayerNorm(nn.LayerNorm):
         return super().extra_repr() + f", impl={self.impl!r}"
 
 
-class FusedMlp(nn.Module):
+class FusedMlp(_ReferenceMlp):
     """timm 0.3.2 `Mlp` (as in the official MAE Block) with bias + exact GELU fused after fc1.
 
     Args:
@@ -73,13 +74,7 @@ class FusedMlp(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
                  act_layer=nn.GELU, drop: float = 0.0, impl: str = "auto"):
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
+        super().__init__(in_features, hidden_features, out_features, act_layer=act_layer, drop=drop)
         self.impl = impl
 
     def _fused(self) -> bool:
