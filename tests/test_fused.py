@@ -173,6 +173,16 @@ def _gelu_run(fn, x, b, gy, dtype=None):
     return y.detach(), gx, gb
 
 
+def _check_bias_gelu(x, b, gy, impl, dtype):
+    """bias_gelu(impl) forward and grads within the error-ratio rule of torch's own (fp64 oracle)."""
+    y, gx, gb = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl=impl), x, b, gy)
+    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
+    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
+    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
+    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
+    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+
+
 def _torch_bias_gelu(x, b):
     return F.gelu(x + b, approximate="none")
 
@@ -197,12 +207,7 @@ def test_bias_gelu_triton(device, dtype, width):
 def test_bias_gelu_reference_impl(dtype):
     x, b = randn(3, 4, 96, dtype=dtype, scale=2.0), randn(96, dtype=dtype)
     gy = randn(3, 4, 96, dtype=dtype)
-    y, gx, gb = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="reference"), x, b, gy)
-    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
-    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
-    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
-    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
-    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+    _check_bias_gelu(x, b, gy, "reference", dtype)
 
 
 def test_bias_gelu_many_rows_strided_mixed(device):
@@ -357,12 +362,7 @@ def test_cuda_bias_gelu_full_size(dtype, rows, width):
     x = randn(rows, width, dtype=dtype, device="cuda", scale=2.0)
     b = randn(width, dtype=dtype, device="cuda")
     gy = randn(rows, width, dtype=dtype, device="cuda")
-    y, gx, gb = _gelu_run(lambda x_, b_: bias_gelu(x_, b_, impl="triton"), x, b, gy)
-    y_ref, gx_ref, gb_ref = _gelu_run(_torch_bias_gelu, x, b, gy)
-    y_or, gx_or, gb_or = _gelu_run(_torch_bias_gelu, x, b, gy, dtype=torch.float64)
-    assert_error_ratio(y, y_ref, y_or, dtype, "forward", name="y")
-    assert_error_ratio(gx, gx_ref, gx_or, dtype, "backward", name="dx")
-    assert_error_ratio(gb, gb_ref, gb_or, dtype, "backward", name="dbias")
+    _check_bias_gelu(x, b, gy, "triton", dtype)
 
 
 @pytest.mark.cuda
