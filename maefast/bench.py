@@ -454,7 +454,7 @@ class GraphTrainStep:
                                        restore=False)  # timing only: no need to undo the warm-up
 
     def __call__(self):
-        return self.step(self.imgs)
+        return self.step(self.step.static_imgs)  # the captured buffer itself: no copy in the timed step
 
 
 GRAPH_PROVIDERS = {"maefast-graph", "maefast-block-graph"}

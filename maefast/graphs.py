@@ -154,7 +154,9 @@ class CUDAGraphTrainStep:
 
     def __call__(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One training step on `imgs` (same shape and dtype as the example; with example_noise, `noise`
-        too); returns the loss tensor (overwritten by the next replay: read or copy it before)."""
+        too); returns the loss tensor (overwritten by the next replay: read or copy it before). Inputs
+        are copied into the captured buffers, unless they are those buffers (`step.static_imgs`,
+        `step.static_noise`, e.g. filled by the data pipeline)."""
         if imgs.shape != self.static_imgs.shape or imgs.dtype != self.static_imgs.dtype:
             raise ValueError(f"imgs must match the captured batch: shape {tuple(self.static_imgs.shape)}, "
                              f"{self.static_imgs.dtype}; got {tuple(imgs.shape)}, {imgs.dtype}")
@@ -163,8 +165,10 @@ class CUDAGraphTrainStep:
         if noise is not None:
             if noise.shape != self.static_noise.shape:
                 raise ValueError(f"noise must have shape {tuple(self.static_noise.shape)}, got {tuple(noise.shape)}")
-            self.static_noise.copy_(noise, non_blocking=True)
-        self.static_imgs.copy_(imgs, non_blocking=True)
+            if noise is not self.static_noise:
+                self.static_noise.copy_(noise, non_blocking=True)
+        if imgs is not self.static_imgs:
+            self.static_imgs.copy_(imgs, non_blocking=True)
         self.graph.replay()
         return self.static_loss
 
