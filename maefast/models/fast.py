@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops.attention import model_level_impl
 from .._validate import check_images, check_mask_ratio, check_tensor, compiling
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
@@ -89,17 +90,6 @@ def _ln(x: torch.Tensor, norm: nn.LayerNorm, fused: bool, impl: str, out_dtype) 
     return norm(x)
 
 
-def attention_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
-    """impl="cuda" at model level: the CUDA C++ attention (fp16/bf16 forward, L <= 128) where it runs,
-    the Triton kernels elsewhere (e.g. fp32, or the decoder's 197/257 tokens)."""
-    if impl != "cuda":
-        return impl
-    from ..ops.attention import _kernel_unsupported
-
-    why = _kernel_unsupported("cuda", qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
-    return "cuda" if why is None else "auto"
-
-
 FUSED_MODES = (False, True, "block")
 
 
@@ -132,7 +122,7 @@ def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -
     h = _ln(x, bv.norm1, fused, impl, out_dtype)
     w, b = bv.qkv()
     qkv = F.linear(h, w, b)
-    a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=attention_impl(impl, qkv, bv.num_heads))
+    a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=model_level_impl(impl, qkv, bv.num_heads))
     a = bv.proj(a)
     if fused:
         h2, x = ops.add_layer_norm(a, x, bv.norm2.weight, bv.norm2.bias, bv.norm2.eps, impl=op_impl(impl, "ln"),

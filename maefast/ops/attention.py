@@ -49,6 +49,16 @@ def _kernel_unsupported(impl: str, qkv: torch.Tensor, head_dim: int, max_len: in
     return None
 
 
+def model_level_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
+    """impl="cuda" asked of a whole model or block: the CUDA C++ attention (fp16/bf16 forward, L <= 128)
+    where it runs, "auto" (Triton) elsewhere (e.g. fp32, or the decoder's 197/257 tokens); any other
+    impl as it is."""
+    if impl != "cuda":
+        return impl
+    why = _kernel_unsupported("cuda", qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
+    return "cuda" if why is None else "auto"
+
+
 def _resolve(impl: str, qkv: torch.Tensor, head_dim: int, max_len: int) -> str:
     chosen = choose_impl(impl, qkv.device, auto_order=("triton",), cuda_op="attention_fwd",
                          what="maefast.ops.visible_attention")

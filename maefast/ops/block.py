@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
 from ._backend import IMPLS
 from ._dispatch import bwd, call, custom_op, register_autograd
-from .attention import _visible_attention, _visible_attention_backward
+from .attention import _visible_attention, _visible_attention_backward, model_level_impl
 from .bias_gelu import _bias_gelu_bwd_op, _bias_gelu_op
 from .layernorm import _forward as _ln_forward
 from .layernorm import _ln_bwd_op
@@ -53,22 +53,14 @@ def _sub_impl(impl: str) -> str:
     return "auto" if impl == "cuda" else impl  # LayerNorm and bias+GELU have no CUDA C++ kernel
 
 
-def _attn_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
-    if impl != "cuda":
-        return impl
-    from .attention import _kernel_unsupported  # the CUDA C++ forward where it runs, Triton elsewhere
-
-    why = _kernel_unsupported("cuda", qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
-    return "cuda" if why is None else "auto"
-
-
 def _forward_impl(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
                   num_heads, scale, eps1, eps2, compute_dtype, impl):
     c = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):
         h, _, _ = _ln(x, ln1_w, ln1_b, eps1, c, impl)
         qkv = _linear(h, qkv_w, qkv_b, c)
-        o, lse = _impl_of(_visible_attention)(qkv, num_heads, None, None, scale, _attn_impl(impl, qkv, num_heads))
+        attn = model_level_impl(impl, qkv, num_heads)
+        o, lse = _impl_of(_visible_attention)(qkv, num_heads, None, None, scale, attn)
         p = _linear(o, proj_w, proj_b, c)
         h2, s, _, _ = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, _sub_impl(impl))  # s = p + x in x's dtype
         a = _linear(h2, fc1_w, None, c)
@@ -143,7 +135,7 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         d_proj_w, d_proj_b = _wgrad(dp, o), _bsum(dp)
         do = dp @ proj_w.to(c)
         del dp
-        attn_bwd = _attn_impl(impl, qkv, num_heads)  # the forward's choice; the CUDA C++ kernel is forward-only
+        attn_bwd = model_level_impl(impl, qkv, num_heads)  # the forward's choice; the CUDA C++ kernel is forward-only
         dqkv = _impl_of(_visible_attention_backward)(do, qkv, o, lse, num_heads, None, None, scale,
                                                      "triton" if attn_bwd == "cuda" else attn_bwd)
         del do
