@@ -77,7 +77,8 @@ def _jsonable(shape):
 
 
 def update_ratios() -> None:
-    """speedup_vs_baseline for every record whose group+shape has a baseline in this run."""
+    """speedup_vs_baseline (and peak_mem_vs_baseline where both record peak_mem_gib) for every record
+    whose group+shape has a baseline in this run."""
     base = {}
     for r in RESULTS:
         if r.get("baseline"):
@@ -89,6 +90,8 @@ def update_ratios() -> None:
             r["speedup_vs_baseline"] = b["time_ms"] / r["time_ms"]
             if b.get("eager_time_ms") and r.get("eager_time_ms"):
                 r["eager_speedup_vs_baseline"] = b["eager_time_ms"] / r["eager_time_ms"]
+        if b is not None and b.get("peak_mem_gib") and r.get("peak_mem_gib"):  # the step rows (GPU)
+            r["peak_mem_vs_baseline"] = r["peak_mem_gib"] / b["peak_mem_gib"]
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:

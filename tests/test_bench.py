@@ -249,6 +249,40 @@ def test_harness_records_and_ratios(harness):
     _harness.RESULTS.clear()
 
 
+def test_harness_peak_memory_ratio(harness):
+    _harness = harness
+    b1, b2 = _FakeBenchmark(), _FakeBenchmark()
+    a = torch.randn(16, 16)
+    i1 = _harness.run_bench(b1, lambda: a @ a, group="s", provider="ref", baseline=True, shape=(1,), budget_s=0.01)
+    i2 = _harness.run_bench(b2, lambda: a @ a, group="s", provider="fast", shape=(1,), budget_s=0.01)
+    i1["peak_mem_gib"], i2["peak_mem_gib"] = 10.0, 5.5  # set after the run, as bench_step does
+    _harness.update_ratios()
+    assert i2["peak_mem_vs_baseline"] == pytest.approx(0.55) and i1["peak_mem_vs_baseline"] == 1.0
+    _harness.RESULTS.clear()
+
+
+def test_bench_step_sizes_from_env(harness, monkeypatch):
+    """MAEFAST_BENCH_STEP_MODELS: `name:batch` takes every row, `name:batch@a+b` only those rows."""
+    import importlib
+
+    monkeypatch.setenv("MAEFAST_BENCH_STEP_MODELS", "huge:64, huge:192@reference+maefast-block")
+    monkeypatch.setenv("MAEFAST_BENCH_STEP_PROVIDERS", "reference,sdpa")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setattr(harness, "_GPU_MODE", True)
+    sys.modules.pop("bench_step", None)
+    try:
+        bs = importlib.import_module("bench_step")
+        assert bs.PARAMS == [(("mae_vit_huge_patch14", 64), "reference"), (("mae_vit_huge_patch14", 64), "sdpa"),
+                             (("mae_vit_huge_patch14", 192), "reference"),
+                             (("mae_vit_huge_patch14", 192), "maefast-block")]
+        monkeypatch.setenv("MAEFAST_BENCH_STEP_MODELS", "huge:64@reference+nope")
+        sys.modules.pop("bench_step", None)
+        with pytest.raises(ValueError, match="unknown provider.*nope"):
+            importlib.import_module("bench_step")
+    finally:
+        sys.modules.pop("bench_step", None)
+
+
 def test_graphed_step_refuses_what_it_cannot_capture():
     step = mb.make_step("reference", "tiny", 2, device="cpu")
     with pytest.raises(ValueError, match="CUDA device"):
