@@ -12,7 +12,7 @@ ViT-B training step, each way:
   op-st      the same with torch.autograd.set_multithreading_enabled(False) (backward on this thread)
   eager      torch's own ops (C++ autograd nodes)
 and the host wall time per call (perf_counter, synchronised after the loop), plus the Python
-threads alive. Writes OUT/diagnose.json (argv[1]) and prints a table.
+threads alive. Writes OUT/diagnose.json (argv[1]) and prints a table, both row by row.
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def main(out_path: str | None = None) -> int:
     dev = torch.device("cpu" if cpu_check else "cuda")
     s = 64 if cpu_check else 1  # shrink factor on the CPU
     rows = []
+    env = timing.env_info(dev)
+    print(f"{'case':<34} {'way':<16} {'device ms':>10} {'host us/call':>13}", flush=True)
 
     from maefast.ops._dispatch import eager_dispatch
 
@@ -65,11 +67,20 @@ def main(out_path: str | None = None) -> int:
             torch.autograd.set_multithreading_enabled(False)
         try:
             t = timing.time_fn(fn, dev) if cpu_check else timing.time_cuda(fn, warmup_ms=10, rep_ms=60)
-            h = host_us(fn, dev, n=3 if cpu_check else 50)
+            h = host_us(fn, dev, n=3 if cpu_check else (10 if case.startswith("ViT") else 50))
         finally:
             if prev is not None:
                 torch.autograd.set_multithreading_enabled(prev)
         rows.append(dict(case=case, way=way, device_ms=round(t["median_ms"], 4), host_us_per_call=round(h, 1)))
+        r = rows[-1]
+        print(f"{r['case']:<34} {r['way']:<16} {r['device_ms']:>10.4f} {r['host_us_per_call']:>13.1f}", flush=True)
+        save()  # row by row: a step cut short by its time budget keeps what it measured
+
+    def save():
+        if out_path:
+            result = {"env": env, "rows": rows, "python_threads": [t.name for t in threading.enumerate()]}
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1, default=str)
 
     # LayerNorm fwd+bwd, ViT-B encoder rows (256 x 50), bf16
     M, D = 12800 // s, 768
@@ -148,15 +159,8 @@ def main(out_path: str | None = None) -> int:
         del step
         mb.free_memory()
 
-    threads = [t.name for t in threading.enumerate()]
-    result = {"env": timing.env_info(dev), "rows": rows, "python_threads": threads}
-    print(f"{'case':<34} {'way':<16} {'device ms':>10} {'host us/call':>13}")
-    for r in rows:
-        print(f"{r['case']:<34} {r['way']:<16} {r['device_ms']:>10.4f} {r['host_us_per_call']:>13.1f}")
-    print("python threads:", threads)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    save()
+    print("python threads:", [t.name for t in threading.enumerate()])
     return 0
 
 
