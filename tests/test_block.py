@@ -125,6 +125,34 @@ def test_saves_only_x_qkv_out_lse_s_a():
     assert sum(saved.values()) == expected, (sum(saved.values()), expected)
 
 
+@pytest.mark.parametrize("route", ["direct", "custom_op"])
+def test_backward_fills_no_zero_grads_for_saved_outputs(route):
+    """qkv, o, lse, s and a are outputs only to be saved: the backward must not be handed (and so
+    allocate and fill) zero gradients for them — nor the inner LayerNorm/attention ops for their
+    statistics. Counted at the dispatcher: no zeros-like op runs during the block's backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.zero_fills = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like", "new_full"):
+                self.zero_fills.append(name)
+            return func(*args, **(kwargs or {}))
+
+    blk = _block(64, 4)
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    with eager_dispatch(route):
+        y = _op(blk, x, "reference")
+        with Count() as c:
+            y.backward(torch.randn_like(y))
+    assert c.zero_fills == [], c.zero_fills
+    assert x.grad is not None and all(p.grad is not None for p in blk.parameters())
+
+
 def test_bad_inputs():
     blk = _block(64, 4)
     params = [dict(blk.named_parameters()).get(n) for n in NAMES]

@@ -191,12 +191,15 @@ def _setup_context(ctx, inputs, output):
     qkv, num_heads, cu_seqlens, max_seqlen, scale, impl = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled dlse (and dout stays None when out is unused)
     ctx.save_for_backward(qkv, out, lse, cu_seqlens)
     ctx.num_heads, ctx.max_seqlen, ctx.scale, ctx.impl = num_heads, max_seqlen, scale, impl
 
 
 def _backward(ctx, dout, dlse):
     qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
     dqkv = bwd(ctx, _visible_attention_backward)(dout, qkv, out, lse, ctx.num_heads, cu_seqlens, ctx.max_seqlen, ctx.scale,
                                        ctx.impl)
     return dqkv, None, None, None, None, None

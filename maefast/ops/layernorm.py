@@ -163,6 +163,7 @@ def _add_ln_setup(ctx, inputs, output):
     ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
     ctx.impl = impl
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for mean/rstd (two launches per call)
 
 
 def _add_ln_backward(ctx, dy, ds, _dmean, _drstd):
@@ -185,6 +186,7 @@ def _ln_setup(ctx, inputs, output):
     ctx.dtypes = (weight.dtype, bias.dtype)
     ctx.impl = impl
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for mean/rstd (two launches per call)
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
