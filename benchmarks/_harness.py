@@ -88,6 +88,12 @@ def update_ratios() -> None:
         if b is not None and r.get("time_ms"):
             r["baseline_provider"] = b["provider"]
             r["speedup_vs_baseline"] = b["time_ms"] / r["time_ms"]
+            if bool(b.get("cuda_graph")) != bool(r.get("cuda_graph")):
+                # one of the two could not be captured: compare like with like (both eager) or not at all
+                theirs = b.get("eager_time_ms") or (b["time_ms"] if not b.get("cuda_graph") else None)
+                mine = r.get("eager_time_ms") or (r["time_ms"] if not r.get("cuda_graph") else None)
+                r["speedup_vs_baseline"] = theirs / mine if theirs and mine else None
+                r["speedup_timing"] = "eager (one side could not be captured)"
             if b.get("eager_time_ms") and r.get("eager_time_ms"):
                 r["eager_speedup_vs_baseline"] = b["eager_time_ms"] / r["eager_time_ms"]
         if b is not None and b.get("peak_mem_gib") and r.get("peak_mem_gib"):  # the step rows (GPU)

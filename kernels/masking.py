@@ -23,7 +23,9 @@ def _noise_block(noise_ptr, stride_noise_n, stride_noise_l, n, offs, valid, seed
     return v
 
 
-@triton.jit
+# seed and offset change from call to call: unspecialised, or a value divisible by 16 (or equal to 1)
+# would compile another variant of the kernel on first sight, inside a CUDA-graph capture too
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _random_masking_fwd_kernel(
     noise_ptr,        # (N, L) any float dtype, read only when HAS_NOISE
     ids_keep_ptr,     # (N, K) int64, contiguous

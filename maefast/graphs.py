@@ -89,17 +89,21 @@ class CUDAGraphTrainStep:
         # records the step without running it)
         self.seed = torch.full((1,), int(seed) - 1, dtype=torch.int64, device=dev)
         # learning rates as device tensors, so that set_lr reaches the captured optimizer step
+        # (a float, or a tensor elsewhere / of another dtype: a CPU lr would be read once and baked in)
         for group in optimizer.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=dev)
+            lr = group["lr"]
+            if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
+                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
         saved = self._snapshot() if restore else None
 
-        self.graph, self.static_loss = capture_cuda_graph(
-            lambda: self._step(zero_grad=False), warmup_steps=warmup_steps, warmup_fn=self._step,
-            before_capture=lambda: self.optimizer.zero_grad(set_to_none=True), device=dev)
-        if saved is not None:
-            self._restore(saved)
-            self.seed.fill_(int(seed) - 1)
+        try:
+            self.graph, self.static_loss = capture_cuda_graph(
+                lambda: self._step(zero_grad=False), warmup_steps=warmup_steps, warmup_fn=self._step,
+                before_capture=lambda: self.optimizer.zero_grad(set_to_none=True), device=dev)
+        finally:  # also when the capture fails: a caller falling back to eager gets the model it passed
+            if saved is not None:
+                self._restore(saved)
+                self.seed.fill_(int(seed) - 1)
 
     def _snapshot(self):
         # host copies: a device copy of a ViT-H's parameters and AdamW state would add ~10 GB to the peak

@@ -352,3 +352,33 @@ def test_patched_transformers_step_row():
     assert torch.isfinite(step.loss) and not torch.equal(before, w)
     with pytest.raises(ValueError, match="differs from the transformers config"):
         step.model(step.imgs, mask_ratio=0.5)
+
+
+@pytest.mark.parametrize("fails", ["mask_tokens", "visible"])
+def test_table2_cell_times_both_steps_alike_when_one_cannot_be_captured(monkeypatch, fails):
+    """A row whose mask-token (or visible) step cannot be captured times both steps eagerly: a ratio
+    of a graph replay to an eager step would mean nothing. (The capture itself is faked: CPU.)"""
+    def fake_graphed(step):
+        if isinstance(step.model, mb.MaskTokenEncoderMAE) == (fails == "mask_tokens"):
+            raise RuntimeError("cannot capture this one")
+        return step  # "captured": timed as it is
+
+    monkeypatch.setattr(mb, "GraphedTrainStep", fake_graphed)
+    out = mb._time_table2_cell("tiny", "reference", 1, 2, torch.float32, torch.device("cpu"), 0.75, True, None, {},
+                               cuda_graph=True)
+    assert out["visible_timing"] == out["mask_tokens_timing"] == "eager", out
+    assert out[f"{fails}_graph_error"].startswith("RuntimeError: cannot capture")
+    assert out["visible_ms"] > 0 and out["mask_tokens_ms"] > 0
+    assert ("visible_graph_ms" in out) == (fails == "mask_tokens")
+
+
+def test_harness_ratio_is_like_with_like_when_one_side_was_not_captured(harness):
+    _harness = harness
+    base = dict(group="g", shape_key="k", provider="ref", baseline=True, time_ms=1.0, cuda_graph=True, eager_time_ms=3.0)
+    other = dict(group="g", shape_key="k", provider="x", baseline=False, time_ms=2.0, cuda_graph=False,
+                 eager_time_ms=2.0)
+    _harness.RESULTS.extend([base, other])
+    _harness.update_ratios()
+    assert other["speedup_vs_baseline"] == pytest.approx(1.5) and other["speedup_timing"].startswith("eager")
+    assert base["speedup_vs_baseline"] == 1.0
+    _harness.RESULTS.clear()

@@ -262,3 +262,20 @@ def test_nan_noise_ranks_last_like_torch_sort(device):
         got = random_masking(3, 40, 0.75, noise=noise.to(device), impl=impl)
         for g, r in zip(got, ref):
             assert torch.equal(g.cpu(), r), impl
+
+
+def test_triton_kernel_does_not_specialise_on_seed_or_offset():
+    """Triton compiles a variant per integer argument that is 1 or divisible by 16; the seed changes
+    every call (a CPU-drawn seed), so a specialised seed could compile inside a CUDA-graph capture."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("from maefast.kernels.masking import _random_masking_fwd_kernel as k; "
+            "print(sorted(p.name for p in k.params if p.do_not_specialize))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the JIT function, not the interpreter's
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[-2] == "['offset', 'seed']", res.stdout
