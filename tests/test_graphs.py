@@ -68,6 +68,16 @@ def test_gpu_masking_in_a_cuda_graph_draws_fresh_masks(impl):
         assert torch.equal(out.ids_keep, ref.ids_keep) and torch.equal(out.mask, ref.mask)
 
 
+def _assert_params_close(a, b):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if n.endswith("qkv.bias"):
+            # the key bias's true gradient is 0 (softmax is shift-invariant): AdamW turns its rounding
+            # noise into full-size steps, so compare only the query and value thirds
+            d = p.shape[0] // 3
+            p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([q[:d], q[2 * d:]])
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
+
+
 @pytest.mark.cuda
 def test_gpu_captured_step_matches_eager_steps():
     from maefast.graphs import CUDAGraphTrainStep
@@ -94,8 +104,7 @@ def test_gpu_captured_step_matches_eager_steps():
         lb.backward()
         opt_b.step()
         assert torch.allclose(la, lb.detach(), rtol=1e-4, atol=1e-6), (i, la.item(), lb.item())
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
+    _assert_params_close(a, b)
 
 
 @pytest.mark.cuda
@@ -126,8 +135,7 @@ def test_gpu_captured_step_with_noise_and_lr_schedule(fused):
         lb.backward()
         opt_b.step()
         assert torch.allclose(la, lb.detach(), rtol=1e-4, atol=1e-6), (i, la.item(), lb.item())
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p, q, rtol=1e-3, atol=1e-5), n
+    _assert_params_close(a, b)
     with pytest.raises(ValueError, match="pass noise="):
         step(imgs[0])
 
