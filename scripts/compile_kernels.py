@@ -1,0 +1,195 @@
+"""Compiles every Triton kernel of maefast for a GPU architecture ahead of time — no GPU needed — with
+the launch configurations the launchers pick at the paper's shapes, and prints each variant's
+registers, spill stack and shared memory (from the cubin, with triton's bundled cuobjdump).
+
+    python scripts/compile_kernels.py            # sm_90 (H100/H200), every kernel
+    python scripts/compile_kernels.py --arch 80 --json out.json
+
+Catches code-generation errors (and register spills) that the CPU interpreter cannot see, before any
+GPU time is spent; run it under each Triton version the project supports (3.6 on the GPU machines,
+3.9 here). Run it without TRITON_INTERPRET (it is removed from the environment here anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+CUDA = torch.device("cuda")  # only read by the config functions (device.type), never touched
+FLOAT_ARGS = {"eps", "scale", "sm_scale", "qk_scale_log2"}
+
+
+def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num_stages: int = 1,
+             wide_ints=()) -> dict:
+    """Compiles `kernel` with constexprs `consts`; pointer types from `ptrs` (name -> "*bf16", ...),
+    float scalars by name, every other argument i32 (i64 for `wide_ints`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            sig[arg] = ptrs[arg]
+        elif arg in FLOAT_ARGS:
+            sig[arg] = "fp32"
+        else:
+            sig[arg] = "i64" if arg in wide_ints else "i32"
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    t0 = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    out = dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared,
+               registers=None, spill_stack_bytes=None)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+        if m:
+            out.update(registers=int(m.group(1)), spill_stack_bytes=int(m.group(2)))
+    return out
+
+
+def variants(quick: bool = False):
+    """(name, kernel, consts, ptr types, num_warps, num_stages, wide ints) for each launch the
+    launchers make at the paper's shapes (bf16 activations, fp32 residual stream and images)."""
+    from maefast.kernels import bias_gelu as bg
+    from maefast.kernels import layernorm as ln
+    from maefast.kernels import loss as lo
+    from maefast.kernels import masking as ma
+    from maefast.kernels import patch_embed as pe
+    from maefast.kernels import unshuffle as un
+
+    out = []
+    # masking: L = 196 / 256; given noise or Philox from an int or a device seed
+    for L in ((196,) if quick else (196, 256)):
+        bi, bj, w = ma._config(L)
+        for has_noise, from_ptr in ((True, False), (False, False), (False, True)):
+            out.append((f"masking L{L} noise={has_noise} seed_ptr={from_ptr}", ma._random_masking_fwd_kernel,
+                        dict(HAS_NOISE=has_noise, SEED_FROM_PTR=from_ptr, BLOCK_I=bi, BLOCK_J=bj),
+                        dict(noise_ptr="*fp32", ids_keep_ptr="*i64", ids_restore_ptr="*i64", mask_ptr="*fp32",
+                             seed_ptr="*i64"), w, 1, ("seed", "offset")))
+    # LayerNorm: encoder D 1280 (ViT-H) / 1024 / 768, decoder 512; fp32 stream in, bf16 out
+    for D in ((1280,) if quick else (1280, 1024, 768, 512)):
+        bm, bd, w = ln._fwd_config(D, CUDA)
+        for res in (True, False):
+            out.append((f"layernorm fwd D{D} residual={res}", ln._add_ln_fwd_kernel,
+                        dict(HAS_RESIDUAL=res, BLOCK_M=bm, BLOCK_D=bd),
+                        dict(x_ptr="*bf16", r_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*bf16",
+                             s_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32"), w, 1, ()))
+        bm, bd, w = ln._bwd_config(D, CUDA)
+        for has_ds in (True, False):
+            out.append((f"layernorm bwd D{D} ds={has_ds}", ln._ln_bwd_kernel, dict(HAS_DS=has_ds, BLOCK_M=bm, BLOCK_D=bd),
+                        dict(dy_ptr="*bf16", ds_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", mean_ptr="*fp32",
+                             rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32", db_part_ptr="*fp32"), w, 1, ()))
+    # bias + GELU: MLP widths 5120 (ViT-H), 4096, 2048 (decoder)
+    for N in ((5120,) if quick else (5120, 4096, 2048)):
+        bm, bn, w = bg._config(N, CUDA)
+        out.append((f"bias_gelu fwd N{N}", bg._bias_gelu_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
+                    dict(x_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16"), w, 1, ()))
+        out.append((f"bias_gelu bwd N{N}", bg._bias_gelu_bwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
+                    dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32"), w, 1, ()))
+    # un-shuffle: decoder T = 197 / 257, width 512
+    for T in ((257,) if quick else (197, 257)):
+        bt, bd, w = un._config(T, 512, CUDA)
+        out.append((f"unshuffle fwd T{T}", un._unshuffle_fwd_kernel, dict(BLOCK_T=bt, BLOCK_D=bd),
+                    dict(x_ptr="*bf16", tok_ptr="*bf16", ids_ptr="*i64", pos_ptr="*bf16", out_ptr="*bf16"), w, 1, ()))
+        for need_pos in (True, False):
+            out.append((f"unshuffle bwd T{T} pos={need_pos}", un._unshuffle_bwd_kernel,
+                        dict(NEED_POS=need_pos, BLOCK_T=bt, BLOCK_D=bd),
+                        dict(g_ptr="*bf16", ids_ptr="*i64", gx_ptr="*bf16", tok_part_ptr="*fp32",
+                             pos_part_ptr="*fp32"), w, 1, ()))
+    # norm-pix loss: patch 14 / 16, 3 channels; pred bf16 (masked rows or all), image fp32
+    for patch in ((14,) if quick else (14, 16)):
+        P = patch * patch * 3
+        bm, bp, w = lo._config(P, CUDA)
+        for masked in (True, False):
+            for norm in ((True,) if quick else (True, False)):
+                consts = dict(PATCH=patch, CHANNELS=3, NORM=norm, PRED_MASKED=masked, BLOCK_M=bm, BLOCK_P=bp)
+                ptrs = dict(pred_ptr="*bf16", img_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64", part_ptr="*fp32",
+                            scale_ptr="*fp32", gpred_ptr="*bf16")
+                out.append((f"loss fwd p{patch} masked={masked} norm={norm}", lo._norm_pix_loss_fwd_kernel, consts,
+                            ptrs, w, 1, ()))
+                out.append((f"loss bwd p{patch} masked={masked} norm={norm}", lo._norm_pix_loss_bwd_kernel, consts,
+                            ptrs, w, 1, ()))
+    # masked patch embedding (bf16 and fp32 images), its weight and position-embedding backward
+    for patch in ((14,) if quick else (14, 16)):
+        for dt, (bm, bn, bk, w, st) in (("bf16", (128, 128, 32, 8, 3)), ("fp32", (64, 64, 32, 4, 2))):
+            for has_pos in (True, False):
+                out.append((f"patch_embed fwd p{patch} {dt} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
+                            dict(P=patch, HAS_BIAS=True, HAS_POS=has_pos, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
+                                 BLOCK_K=bk),
+                            dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}", pos_ptr=f"*{dt}",
+                                 out_ptr=f"*{dt}"), w, st, ()))
+            bd, bkd, bm2, w2, st2 = (64, 64, 32, 4, 2) if dt == "fp32" else (128, 64, 64, 8, 3)
+            out.append((f"patch_embed bwd dW p{patch} {dt}", pe._masked_patch_embed_bwd_dw_kernel,
+                        dict(P=patch, IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm2),
+                        dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), w2, st2, ()))
+        for dt in ("bf16", "fp32"):
+            out.append((f"patch_embed bwd dpos {dt}", pe._masked_patch_embed_bwd_dpos_kernel,
+                        dict(IEEE=dt == "fp32", BLOCK_L=64, BLOCK_D=64, BLOCK_K=64),
+                        dict(ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), 4, 2, ()))
+        if quick:
+            break
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="one shape per kernel family (CI)")
+    ap.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows, failed = [], 0
+    print(f"triton {triton.__version__}, sm_{a.arch}")
+    for name, kernel, consts, ptrs, warps, stages, wide in variants(a.quick):
+        try:
+            r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, wide_ints=wide)
+            r.update(kernel=name, num_warps=warps, num_stages=stages)
+        except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
+            failed += 1
+            r = dict(kernel=name, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}")
+        rows.append(r)
+        print(f"  {name:<44} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B "
+                                   f"({r['seconds']} s)" if "error" not in r else "FAILED " + r["error"]), flush=True)
+    if not a.no_attention:
+        from maefast.kernels.attention import compile_report
+
+        cases = ((65, 80),) if a.quick else ((50, 64), (65, 80), (197, 32), (257, 32))
+        try:
+            for r in compile_report(a.arch, cases=cases, dtypes=(torch.bfloat16,)):
+                r = dict(r, kernel=f"attention {r['kernel']} L{r['L']} Dh{r['Dh']} {r['dtype']}")
+                rows.append(r)
+                print(f"  {r['kernel']:<44} regs {r['registers']} spill {r['spill_stack_bytes']} B "
+                      f"smem {r['shared_bytes']} B", flush=True)
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            rows.append(dict(kernel="attention", error=f"{type(e).__name__}: {e}"))
+            print(f"  attention FAILED {type(e).__name__}: {e}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": a.arch, "kernels": rows}, f, indent=1)
+    print(f"{len(rows) - failed} compiled, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
