@@ -13,9 +13,11 @@ GPU (--gpu): patch 16 (ViT-B/L, L=196, P=768) and patch 14 (ViT-H, L=256, P=588)
 cases only: the GPU time of the project is short and each torch.compile costs tens of seconds);
 bf16 pred, fp32 images, ratio 0.75. The loss does not depend on the encoder width.
 CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
-GB/s counts the bytes maefast's kernels move, for every provider alike: forward reads pred and the
-masked image patches; backward reads them again and writes the grad (pred_on="all": every pred row
-is read and every grad row written; the image only where masked).
+GB/s counts the bytes maefast's Triton path moves, for every provider alike: the forward reads pred
+and the masked image patches (forward-only rows); with a gradient to come it also writes the
+gradient for a unit loss gradient, which the backward reads and scales into the grad of pred
+(fwd+bwd rows: pred + image + 3 x pred bytes; pred_on="all": every pred row is read and every grad
+row written, the image only where masked). The cuda impl reads pred and the image twice instead.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def _setup(case, device, pred_on):
     idx = ids.ids_restore if pred_on == "masked" else ids.mask
     el = pred.element_size()
     fwd_bytes = N * rows * P * el + N * M * P * imgs.element_size()
-    bwd_bytes = fwd_bytes + N * rows * P * el
+    bwd_bytes = fwd_bytes + 3 * N * rows * P * el  # + write g (fwd), read g and write g * grad (bwd)
     shape = dict(case=name, N=N, img=img, p=p, L=L, K=K, P=P)
     return imgs, pred, idx, p, dtype, fwd_bytes, bwd_bytes, shape
 

@@ -1,15 +1,18 @@
 """Triton masked MSE on (optionally) per-patch-normalised pixels, read straight from the NCHW image.
 
-Programs walk the (N, L) patch grid, BLOCK_M patches each. For patch l of sample n:
-  PRED_MASKED=False: weight w = mask[n, l] (1 = removed), pred row (n, l); the image patch is read
-      only where w != 0 (a zero-weight row contributes w * mean(pred^2) = 0, or NaN when pred is
-      not finite, as the reference's 0 * loss does).
-  PRED_MASKED=True: j = ids_restore[n, l] - K; the patch is masked iff 0 <= j < M, then pred row
-      (n, j) and w = 1; visible patches are never read.
+Programs walk the rows of pred, BLOCK_M rows each:
+  PRED_MASKED=False: pred (N, L, P), row (n, l) is patch l, weight w = mask[n, l] (1 = removed); the
+      image patch is read only where w != 0 (a zero-weight row contributes w * mean(pred^2) = 0, or
+      NaN when pred is not finite, as the reference's 0 * loss does).
+  PRED_MASKED=True: pred (N, M, P), row (n, j) is patch ids[n, j] (the masked patches in shuffle
+      order, `maefast.ops.masked_patch_ids`; clamped into [0, L)), w = 1: visible patches are never
+      read and every pred row is written by the backward (no zero fill).
 Target t = img patch in the official (p_row, p_col, c) order; with NORM, per patch in fp32:
 mean, unbiased var, (t - mean) / sqrt(var + 1e-6). Row loss = mean((pred - t)^2) * w.
-Forward writes one fp32 partial per program (summed by torch: deterministic); backward writes
-grad = scale * w * 2 / P * (pred - t), scale = grad_loss / sum(w) read from device memory.
+Forward writes one fp32 partial per program (summed by torch: deterministic) and, with GRAD, the
+gradient for a unit loss gradient as well (one pass over pred and the image instead of two; the
+op's backward then only scales it); the backward kernel writes grad = scale * w * 2 / P * (pred - t),
+scale = grad_loss / sum(w) read from device memory.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ NORM_PIX_EPS = 1e-6
 @triton.jit
 def _rows(
     pred_ptr, img_ptr, w_ptr, ids_ptr,
-    pid, NL, L, GW, K, M, P,
+    pid, NR, R, L, GW, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
@@ -32,23 +35,21 @@ def _rows(
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Loads BLOCK_M patch rows; returns (pred - target in fp32, weight, pred-row offsets, pred-row valid, e valid)."""
+    """Loads BLOCK_M pred rows (of NR = N * R) and their image patches; returns (pred - target in
+    fp32, weight, sample, pred row, row valid, e, e valid)."""
     q = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = q < NL
-    n = q // L
-    l = q % L
+    row_ok = q < NR
+    n = q // R
+    prow = q % R
     if PRED_MASKED:
-        r = tl.load(ids_ptr + n * stride_ids_n + l * stride_ids_l, mask=row_ok, other=-1).to(tl.int64)
-        j = r - K
-        active = row_ok & (j >= 0) & (j < M)
-        prow = tl.where(active, j, 0)
-        pred_ok = active
-        w = active.to(tl.float32)
+        l = tl.load(ids_ptr + n * stride_ids_n + prow * stride_ids_l, mask=row_ok, other=0).to(tl.int64)
+        l = tl.minimum(tl.maximum(l, 0), L - 1)  # never outside the image, whatever the ids hold
+        active = row_ok
+        w = row_ok.to(tl.float32)
     else:
+        l = prow
         w = tl.load(w_ptr + n * stride_w_n + l * stride_w_l, mask=row_ok, other=0.0).to(tl.float32)
         active = row_ok & (w != 0.0)
-        prow = l
-        pred_ok = row_ok
     # (p_row, p_col, c) of each element: constexpr divisors (strength-reduced), int32 until the offsets
     e32 = tl.arange(0, BLOCK_P)
     em = e32 < P
@@ -68,38 +69,51 @@ def _rows(
         var = tl.sum(dev * dev, axis=1) / (P - 1)
         t = dev / tl.sqrt_rn(var + eps)[:, None]
     pred_off = n[:, None] * stride_pred_n + prow[:, None] * stride_pred_r + e[None, :] * stride_pred_e
-    pm = pred_ok[:, None] & em[None, :]
+    pm = row_ok[:, None] & em[None, :]
     x = tl.load(pred_ptr + pred_off, mask=pm, other=0.0).to(tl.float32)
     diff = tl.where(pm, x - t, 0.0)
-    return diff, w, n, prow, pred_ok, e, em
+    return diff, w, n, prow, row_ok, e, em
+
+
+@triton.jit
+def _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P):
+    """grad = scale * w * 2 / P * (pred - t), into the contiguous (N, R, P) gpred in its dtype."""
+    scale = tl.load(scale_ptr)
+    g = diff * ((scale * 2.0 / P) * w)[:, None]
+    tl.store(gpred_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & em[None, :])
 
 
 @triton.jit
 def _norm_pix_loss_fwd_kernel(
-    pred_ptr,   # (N, L or M, P) float, any strides
+    pred_ptr,   # (N, R, P) float, any strides (R = L, or M masked rows)
     img_ptr,    # (N, C, H, W) float, any strides
     w_ptr,      # (N, L) fp32 mask (PRED_MASKED=False)
-    ids_ptr,    # (N, L) int64 ids_restore (PRED_MASKED=True)
+    ids_ptr,    # (N, M) int64 masked patch ids in shuffle order (PRED_MASKED=True)
     part_ptr,   # (num_programs,) fp32 partial sums of w * row loss
-    NL, L, GW, K, M, P,
+    scale_ptr,  # () fp32 1 / sum(w) (GRAD)
+    gpred_ptr,  # (N, R, P) contiguous, pred's dtype: the gradient for a unit loss gradient (GRAD)
+    NR, R, L, GW, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    diff, w, n, prow, pred_ok, e, em = _rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P,
+    diff, w, n, prow, row_ok, e, em = _rows(
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NR, R, L, GW, P,
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
         PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
     row_loss = tl.sum(diff * diff, axis=1) / P
-    contrib = tl.where(pred_ok, row_loss * w, 0.0)
+    contrib = tl.where(row_ok, row_loss * w, 0.0)
     tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
+    if GRAD:
+        _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P)
 
 
 @triton.jit
@@ -107,27 +121,23 @@ def _norm_pix_loss_bwd_kernel(
     pred_ptr, img_ptr, w_ptr, ids_ptr,
     scale_ptr,  # () fp32: grad_loss / sum(w)
     gpred_ptr,  # like pred, contiguous, pred's dtype
-    NL, L, GW, K, M, P,
+    NR, R, L, GW, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
-    R,          # rows of pred per sample (L or M)
     eps,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    diff, w, n, prow, pred_ok, e, em = _rows(
-        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NL, L, GW, K, M, P,
+    diff, w, n, prow, row_ok, e, em = _rows(
+        pred_ptr, img_ptr, w_ptr, ids_ptr, pid, NR, R, L, GW, P,
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
         PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
-    scale = tl.load(scale_ptr)
-    g = diff * ((scale * 2.0 / P) * w)[:, None]
-    tl.store(gpred_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
-             mask=pred_ok[:, None] & em[None, :])
+    _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P)
 
 
 def _config(P: int, device: torch.device) -> tuple[int, int, int]:
@@ -140,50 +150,51 @@ def _config(P: int, device: torch.device) -> tuple[int, int, int]:
     return block_m, block_p, warps
 
 
-def _args(pred, imgs, weight, ids, patch_size, len_keep):
+def _args(pred, imgs, weight, ids, patch_size):
     N, C, H, W = imgs.shape
     GW = W // patch_size
     L = (H // patch_size) * GW
     P = patch_size * patch_size * C
-    M = pred.shape[1]
+    R = pred.shape[1]
     wt = weight if weight is not None else ids
     it = ids if ids is not None else weight
-    return (N * L, L, GW, len_keep, M, P,
+    return (N * R, R, L, GW, P,
             pred.stride(0), pred.stride(1), pred.stride(2),
             imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
-            wt.stride(0), wt.stride(1), it.stride(0), it.stride(1)), (wt, it), N * L, P, C
+            wt.stride(0), wt.stride(1), it.stride(0), it.stride(1)), (wt, it), N * R, P, C
 
 
 def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
-                      ids_restore: torch.Tensor | None, patch_size: int, len_keep: int, norm_pix: bool) -> torch.Tensor:
+                      ids: torch.Tensor | None, patch_size: int, norm_pix: bool,
+                      grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher (inputs validated by maefast.ops.norm_pix_loss). Exactly one of weight ((N, L) fp32
-    mask: pred is (N, L, P)) and ids_restore ((N, L) int64: pred is (N, L - len_keep, P), masked
-    patches in shuffle order) is given. Returns sum over patches of w * row loss, a 0-d fp32 tensor
-    (the caller divides by sum(w))."""
-    args, (wt, it), NL, P, C = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    mask: pred is (N, L, P)) and ids ((N, M) int64 masked patch ids in shuffle order: pred is
+    (N, M, P)) is given. Returns (sum over rows of w * row loss, a 0-d fp32 tensor — the caller
+    divides by sum(w) —, and with grad_scale (a 0-d fp32 device tensor, 1 / sum(w)) the gradient of
+    that loss for a unit loss gradient: contiguous, pred's dtype, every row written; else None)."""
+    args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
     block_m, block_p, warps = _config(P, pred.device)
-    grid = (triton.cdiv(NL, block_m),)
+    grid = (triton.cdiv(NR, block_m),)
     part = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
+    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if grad_scale is not None else None
     _norm_pix_loss_fwd_kernel[grid](
-        pred, imgs, wt, it, part, *args, NORM_PIX_EPS,
-        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        pred, imgs, wt, it, part, grad_scale if gpred is not None else part, gpred if gpred is not None else part,
+        *args, NORM_PIX_EPS,
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None, GRAD=gpred is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
-    return part.sum()
+    return part.sum(), gpred
 
 
 def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
-                      ids_restore: torch.Tensor | None, patch_size: int, len_keep: int, norm_pix: bool) -> torch.Tensor:
+                      ids: torch.Tensor | None, patch_size: int, norm_pix: bool) -> torch.Tensor:
     """Launcher. scale: 0-d fp32 tensor grad_loss / sum(w) (stays on the device: no host sync).
-    Returns grad of pred (contiguous, pred's dtype). With ids_restore, every row is written once
-    when ids_restore is a permutation (as from masking)."""
-    args, (wt, it), NL, P, C = _args(pred, imgs, weight, ids_restore, patch_size, len_keep)
+    Returns grad of pred (contiguous, pred's dtype; every row written)."""
+    args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
     block_m, block_p, warps = _config(P, pred.device)
-    grid = (triton.cdiv(NL, block_m),)
-    # pred_on="masked": zeros, so a row no id maps to (ids_restore not a permutation) is 0, not stale memory
-    alloc = torch.zeros if ids_restore is not None else torch.empty
-    gpred = alloc(pred.shape, dtype=pred.dtype, device=pred.device)
+    grid = (triton.cdiv(NR, block_m),)
+    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     _norm_pix_loss_bwd_kernel[grid](
-        pred, imgs, wt, it, scale, gpred, *args, pred.shape[1], NORM_PIX_EPS,
-        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids_restore is not None,
+        pred, imgs, wt, it, scale, gpred, *args, NORM_PIX_EPS,
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
     return gpred

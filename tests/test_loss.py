@@ -163,6 +163,32 @@ def test_triton_deterministic(pred_on, device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@needs_triton
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_triton_forward_written_gradient_equals_the_backward_kernel(pred_on, device):
+    """With a gradient to come, the Triton forward writes it too (one pass) and the backward only
+    scales it: bit for bit what the backward kernel computes (grad 1, and scaled by 2.5)."""
+    c = Case(3, 32, 48, 8, 0.75, torch.float16, device)
+    pred, idx = c.args(pred_on)
+    masked = pred_on == "masked"
+    op = torch.ops.maefast.norm_pix_loss.default
+    loss_f, g = op(pred.detach(), c.imgs, idx, 8, True, masked, "triton", True)
+    loss_u, none = op(pred.detach(), c.imgs, idx, 8, True, masked, "triton", False)
+    assert torch.equal(loss_f, loss_u) and none.numel() == 0 and g.shape == pred.shape and g.dtype == pred.dtype
+    for scale in (1.0, 2.5):
+        grad = torch.tensor(scale, device=device)
+        want = torch.ops.maefast.norm_pix_loss_backward.default(grad, pred.detach(), c.imgs, idx, 8, True, masked,
+                                                                "triton")
+        got = torch.autograd.grad(norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton") * scale,
+                                  pred)[0]
+        if scale == 1.0:
+            assert torch.equal(g, want) and torch.equal(got, want)
+        else:  # one more rounding (fp16) than the backward kernel's single one
+            assert_close(got, want, torch.float16, name="scaled grad")
+    with torch.no_grad():  # no gradient to come: nothing but the loss is written
+        assert torch.equal(norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton"), loss_u)
+
+
 def test_masked_patch_ids_matches_reference(device):
     ids = R.masking_ids(5, 196, 0.75, noise=torch.rand(5, 196, device=device))
     got = masked_patch_ids(ids.ids_restore, 49)
@@ -227,7 +253,9 @@ def test_opcheck(impl, pred_on):
     c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
     pred, idx = c.args(pred_on)
     masked = pred_on == "masked"
-    torch.library.opcheck(torch.ops.maefast.norm_pix_loss.default, (pred, c.imgs, idx, 8, True, masked, impl))
+    for with_grad in (False, True):  # with_grad: the Triton forward also writes the gradient
+        torch.library.opcheck(torch.ops.maefast.norm_pix_loss.default,
+                              (pred, c.imgs, idx, 8, True, masked, impl, with_grad))
     torch.library.opcheck(torch.ops.maefast.norm_pix_loss_backward.default,
                           (torch.tensor(1.5), pred.detach(), c.imgs, idx, 8, True, masked, impl))
 

@@ -103,28 +103,50 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
 
 # -- custom op ------------------------------------------------------------------------------------
 
+def _triton_rows(pred, mask_or_ids, pred_masked: bool):
+    """(weight fp32 or None, ids or None) for the Triton kernels: with pred_on="masked" the kernels walk
+    the rows of pred, so they take the masked patch ids in shuffle order (N, M), not ids_restore."""
+    if pred_masked:
+        return None, masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - pred.shape[1])
+    return mask_or_ids.to(torch.float32), None
+
+
+def _fuses_grad(impl: str, with_grad: bool) -> bool:
+    """Whether the forward also writes the gradient (Triton: one pass over pred and the image for
+    both; the backward then only scales it by the loss's gradient)."""
+    return with_grad and impl == "triton"
+
+
 @custom_op("maefast::norm_pix_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, norm_pix: bool,
-             pred_masked: bool, impl: str) -> torch.Tensor:
+             pred_masked: bool, impl: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, g): g = d loss / d pred for a unit loss gradient where the forward computes it
+    (`_fuses_grad`), else an empty tensor (the backward op then recomputes from pred and imgs)."""
     den = _denominator(pred, mask_or_ids, pred_masked)
+    none = pred.new_empty(0)
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_fwd
 
-        weight, ids = _split(mask_or_ids, pred_masked)
-        k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
+        weight, ids = _triton_rows(pred, mask_or_ids, pred_masked)
         with device_guard(pred):
-            return norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, k, norm_pix) / den
+            total, g = norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix,
+                                         den.reciprocal() if _fuses_grad(impl, with_grad) else None)
+        return total / den, (g if g is not None else none)
     if impl == "cuda":
-        return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den
+        return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den, none
     # Reference semantics with fp32 arithmetic whatever the input dtypes.
     if pred_masked:
-        return forward_loss_masked(imgs.float(), pred.float(), mask_or_ids.to(torch.int64), patch_size, norm_pix)
-    return forward_loss(imgs.float(), pred.float(), mask_or_ids.float(), patch_size, norm_pix)
+        loss = forward_loss_masked(imgs.float(), pred.float(), mask_or_ids.to(torch.int64), patch_size, norm_pix)
+    else:
+        loss = forward_loss(imgs.float(), pred.float(), mask_or_ids.float(), patch_size, norm_pix)
+    return loss, none
 
 
 @_loss_op.register_fake
-def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
-    return pred.new_empty((), dtype=torch.float32)
+def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad):
+    g = torch.empty_like(pred, memory_format=torch.contiguous_format) if _fuses_grad(impl, with_grad) \
+        else pred.new_empty(0)
+    return pred.new_empty((), dtype=torch.float32), g
 
 
 @custom_op("maefast::norm_pix_loss_backward", mutates_args=())
@@ -135,10 +157,9 @@ def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mas
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_bwd
 
-        weight, ids = _split(mask_or_ids, pred_masked)
-        k = mask_or_ids.shape[1] - pred.shape[1] if pred_masked else 0
+        weight, ids = _triton_rows(pred, mask_or_ids, pred_masked)
         with device_guard(pred):
-            return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, k, norm_pix)
+            return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, norm_pix)
     if impl == "cuda":
         return _cuda_call(False, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale.contiguous())
     target = _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, pred.shape[1])
@@ -154,15 +175,26 @@ def _(grad, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
 
 
 def _setup_context(ctx, inputs, output):
-    pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl = inputs
-    ctx.save_for_backward(pred, imgs, mask_or_ids)
+    pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad = inputs
+    _, g = output
+    ctx.mark_non_differentiable(g)
+    ctx.set_materialize_grads(False)
+    ctx.fused = _fuses_grad(impl, with_grad)
+    # the fused forward's gradient is all the backward needs (it replaces pred: the same bytes)
+    ctx.save_for_backward(*((g,) if ctx.fused else (pred, imgs, mask_or_ids)))
     ctx.args = (patch_size, norm_pix, pred_masked, impl)
 
 
-def _backward(ctx, grad):
-    pred, imgs, mask_or_ids = ctx.saved_tensors
-    gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
-    return gpred, None, None, None, None, None, None
+def _backward(ctx, grad, _dg):
+    if grad is None:
+        return None, None, None, None, None, None, None, None
+    if ctx.fused:
+        (g,) = ctx.saved_tensors
+        gpred = g * grad  # grad is 0-d: g's dtype, one rounding (none when grad is 1)
+    else:
+        pred, imgs, mask_or_ids = ctx.saved_tensors
+        gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
+    return gpred, None, None, None, None, None, None, None
 
 
 register_autograd(_loss_op, _backward, setup_context=_setup_context)
@@ -197,7 +229,9 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     if not compiling():
         _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
     impl = choose_impl(impl, pred.device, cuda_op="norm_pix_loss_fwd", what="maefast.ops.norm_pix_loss")
-    return call(_loss_op, pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl)
+    with_grad = torch.is_grad_enabled() and pred.requires_grad
+    return call(_loss_op, pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl,
+                with_grad)[0]
 
 
 def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
