@@ -448,16 +448,8 @@ def compile_report(arch: int = 90, cases=((50, 64), (65, 80), (197, 32), (257, 3
     """Compiles every kernel ahead of time for sm_`arch` with the launch configs above (no GPU
     needed; run it without TRITON_INTERPRET) and returns each kernel's registers and spill stack
     (read from the cubin with triton's bundled cuobjdump, when present)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
+    from ._aot import compile_for, resource_usage
 
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", arch, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     tname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     report = []
     for dtype in dtypes:
@@ -485,17 +477,8 @@ def compile_report(arch: int = 90, cases=((50, 64), (65, 80), (197, 32), (257, 3
                         sig[arg] = "*" + tname[dtype]
                     else:
                         sig[arg] = "fp32" if arg in ("qk_scale_log2", "sm_scale") else "i32"
-                src = ASTSource(fn=kernel, signature=sig,
-                                constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-                compiled = triton.compile(src, target=target, options=opts)
-                regs = stack = None
-                if os.path.exists(cuobjdump):
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(compiled.asm["cubin"])
-                        f.flush()
-                        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-                    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-                    regs, stack = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+                compiled = compile_for(kernel, sig, consts, arch=arch, **opts)
+                regs, stack = resource_usage(compiled)
                 report.append(dict(kernel=name, dtype=tname[dtype], L=max_len, Dh=head_dim, **cfg, **opts,
                                    registers=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared))
     return report

@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -36,8 +33,7 @@ def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num
              wide_ints=()) -> dict:
     """Compiles `kernel` with constexprs `consts`; pointer types from `ptrs` (name -> "*bf16", ...),
     float scalars by name, every other argument i32 (i64 for `wide_ints`)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from maefast.kernels._aot import compile_for, resource_usage
 
     sig = {}
     for arg in kernel.arg_names:
@@ -49,22 +45,11 @@ def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num
             sig[arg] = "fp32"
         else:
             sig[arg] = "i64" if arg in wide_ints else "i32"
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     t0 = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    out = dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared,
-               registers=None, spill_stack_bytes=None)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", res)
-        if m:
-            out.update(registers=int(m.group(1)), spill_stack_bytes=int(m.group(2)))
-    return out
+    compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages)
+    regs, stack = resource_usage(compiled)
+    return dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared, registers=regs,
+                spill_stack_bytes=stack)
 
 
 def variants(quick: bool = False):
