@@ -140,9 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", default="benchmarks/bench_loss.py benchmarks/bench_unshuffle.py "
                     "benchmarks/bench_step.py benchmarks/bench_masking.py benchmarks/bench_block.py "
                     "benchmarks/bench_attention.py benchmarks/bench_fused.py "
-                    "-k 'not compile or train_step or loss_masked'",
+                    "-k '(not compile or train_step or loss_masked) and "
+                    "(not mask_embed and not random_masking or vit_h14-b256)'",
                     help="benchmark paths/args for the benchmarks step (space-separated; compile rows: the step's "
-                         "and the masked loss's, the issue targets that name torch.compile)")
+                         "and the masked loss's, the issue targets that name torch.compile; masking and "
+                         "masking + embed at the target's ViT-H/14 batch 256 only, the patch gather at every size)")
     args = ap.parse_args(argv)
     for item in args.budget:
         k, v = item.split("=")
