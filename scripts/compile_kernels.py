@@ -30,31 +30,53 @@ FLOAT_ARGS = {"eps", "scale", "sm_scale", "qk_scale_log2"}
 
 
 def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num_stages: int = 1,
-             wide_ints=()) -> dict:
-    """Compiles `kernel` with constexprs `consts`; pointer types from `ptrs` (name -> "*bf16", ...),
-    float scalars by name, every other argument i32 (i64 for `wide_ints`)."""
+             ints: dict | None = None) -> dict:
+    """Compiles `kernel` as a launch would specialise it: constexprs `consts`; pointer types from `ptrs`
+    (name -> "*bf16", ...), 16-byte aligned (as torch allocates); float scalars by name; each integer
+    argument from its runtime value in `ints` (== 1: a constant, % 16 == 0: known divisible by 16, as
+    Triton's launcher specialises them; none for the kernel's do_not_specialize arguments, i64 there)."""
     from maefast.kernels._aot import compile_for, resource_usage
 
-    sig = {}
-    for arg in kernel.arg_names:
+    ints = ints or {}
+    fixed = {p.name for p in getattr(kernel, "params", []) if getattr(p, "do_not_specialize", False)}
+    consts = dict(consts)
+    sig, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
         if arg in consts:
             sig[arg] = "constexpr"
         elif arg.endswith("_ptr"):
             sig[arg] = ptrs[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in FLOAT_ARGS:
             sig[arg] = "fp32"
+        elif arg in fixed:
+            sig[arg] = "i64"
+        elif ints.get(arg) == 1:
+            consts[arg] = 1
+            sig[arg] = "constexpr"
         else:
-            sig[arg] = "i64" if arg in wide_ints else "i32"
+            sig[arg] = "i32"
+            if arg in ints and ints[arg] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.perf_counter()
-    compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages)
+    compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages, attrs=attrs)
     regs, stack = resource_usage(compiled)
     return dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared, registers=regs,
                 spill_stack_bytes=stack)
 
 
+def _contiguous_strides(*shape) -> list[int]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return out[::-1]
+
+
 def variants(quick: bool = False):
-    """(name, kernel, consts, ptr types, num_warps, num_stages, wide ints) for each launch the
-    launchers make at the paper's shapes (bf16 activations, fp32 residual stream and images)."""
+    """(name, kernel, consts, ptr types, num_warps, num_stages, runtime ints) for each launch the
+    launchers make at the paper's shapes (ViT-H/14 batch 64 unless said; bf16 activations, fp32
+    residual stream and images, contiguous tensors)."""
     from maefast.kernels import bias_gelu as bg
     from maefast.kernels import layernorm as ln
     from maefast.kernels import loss as lo
@@ -62,78 +84,102 @@ def variants(quick: bool = False):
     from maefast.kernels import patch_embed as pe
     from maefast.kernels import unshuffle as un
 
+    N, img = 64, 224
     out = []
-    # masking: L = 196 / 256; given noise or Philox from an int or a device seed
-    for L in ((196,) if quick else (196, 256)):
+    # masking: L = 196 / 256 at batch 256; given noise or Philox from an int or a device seed
+    for L in ((256,) if quick else (196, 256)):
         bi, bj, w = ma._config(L)
         for has_noise, from_ptr in ((True, False), (False, False), (False, True)):
             out.append((f"masking L{L} noise={has_noise} seed_ptr={from_ptr}", ma._random_masking_fwd_kernel,
                         dict(HAS_NOISE=has_noise, SEED_FROM_PTR=from_ptr, BLOCK_I=bi, BLOCK_J=bj),
                         dict(noise_ptr="*fp32", ids_keep_ptr="*i64", ids_restore_ptr="*i64", mask_ptr="*fp32",
-                             seed_ptr="*i64"), w, 1, ("seed", "offset")))
-    # LayerNorm: encoder D 1280 (ViT-H) / 1024 / 768, decoder 512; fp32 stream in, bf16 out
-    for D in ((1280,) if quick else (1280, 1024, 768, 512)):
+                             seed_ptr="*i64"), w, 1,
+                        dict(stride_noise_n=L, stride_noise_l=1, L=L, K=L // 4)))
+    # LayerNorm and bias + GELU: encoder D 1280 (ViT-H) / 1024 / 768 on its visible tokens, decoder 512 on 257
+    widths = ((1280, N * 65),) if quick else ((1280, N * 65), (1024, N * 50), (768, N * 50), (512, N * 257))
+    for D, M in widths:
         bm, bd, w = ln._fwd_config(D, CUDA)
+        rows = dict(M=M, D=D, stride_x_m=D, stride_x_d=1, stride_r_m=D, stride_r_d=1, stride_dy_m=D, stride_dy_d=1,
+                    stride_ds_m=D, stride_ds_d=1)
         for res in (True, False):
             out.append((f"layernorm fwd D{D} residual={res}", ln._add_ln_fwd_kernel,
                         dict(HAS_RESIDUAL=res, BLOCK_M=bm, BLOCK_D=bd),
                         dict(x_ptr="*bf16", r_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*bf16",
-                             s_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32"), w, 1, ()))
+                             s_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32"), w, 1, rows))
         bm, bd, w = ln._bwd_config(D, CUDA)
         for has_ds in (True, False):
             out.append((f"layernorm bwd D{D} ds={has_ds}", ln._ln_bwd_kernel, dict(HAS_DS=has_ds, BLOCK_M=bm, BLOCK_D=bd),
                         dict(dy_ptr="*bf16", ds_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", mean_ptr="*fp32",
-                             rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32", db_part_ptr="*fp32"), w, 1, ()))
-    # bias + GELU: MLP widths 5120 (ViT-H), 4096, 2048 (decoder)
-    for N in ((5120,) if quick else (5120, 4096, 2048)):
-        bm, bn, w = bg._config(N, CUDA)
-        out.append((f"bias_gelu fwd N{N}", bg._bias_gelu_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
-                    dict(x_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16"), w, 1, ()))
-        out.append((f"bias_gelu bwd N{N}", bg._bias_gelu_bwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
-                    dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32"), w, 1, ()))
-    # un-shuffle: decoder T = 197 / 257, width 512
-    for T in ((257,) if quick else (197, 257)):
-        bt, bd, w = un._config(T, 512, CUDA)
+                             rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32", db_part_ptr="*fp32"), w, 1,
+                        dict(rows, ROWS_PER_PROG=max(bm, M // 528 // bm * bm))))
+        H = 4 * D
+        bm, bn, w = bg._config(H, CUDA)
+        cols = dict(M=M, N=H, stride_x_m=H, stride_x_n=1, stride_dy_m=H, stride_dy_n=1, ROWS_PER_PROG=bm * 8)
+        out.append((f"bias_gelu fwd N{H}", bg._bias_gelu_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
+                    dict(x_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16"), w, 1, cols))
+        out.append((f"bias_gelu bwd N{H}", bg._bias_gelu_bwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
+                    dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32"), w, 1,
+                    cols))
+    # un-shuffle: decoder T = 197 / 257, width 512, batch 256
+    for L in ((256,) if quick else (196, 256)):
+        T, K, D, Nu = L + 1, L // 4, 512, 256
+        bt, bd, w = un._config(T, D, CUDA)
+        ids = dict(stride_ids_n=L, stride_ids_l=1)
         out.append((f"unshuffle fwd T{T}", un._unshuffle_fwd_kernel, dict(BLOCK_T=bt, BLOCK_D=bd),
-                    dict(x_ptr="*bf16", tok_ptr="*bf16", ids_ptr="*i64", pos_ptr="*bf16", out_ptr="*bf16"), w, 1, ()))
+                    dict(x_ptr="*bf16", tok_ptr="*bf16", ids_ptr="*i64", pos_ptr="*bf16", out_ptr="*bf16"), w, 1,
+                    dict(ids, T=T, K=K, D=D, stride_x_n=(K + 1) * D, stride_x_k=D, stride_x_d=1, stride_pos_t=D,
+                         stride_pos_d=1)))
         for need_pos in (True, False):
             out.append((f"unshuffle bwd T{T} pos={need_pos}", un._unshuffle_bwd_kernel,
                         dict(NEED_POS=need_pos, BLOCK_T=bt, BLOCK_D=bd),
                         dict(g_ptr="*bf16", ids_ptr="*i64", gx_ptr="*bf16", tok_part_ptr="*fp32",
-                             pos_part_ptr="*fp32"), w, 1, ()))
-    # norm-pix loss: patch 14 / 16, 3 channels; pred bf16 (masked rows or all), image fp32
+                             pos_part_ptr="*fp32"), w, 1,
+                        dict(ids, N=Nu, T=T, K=K, D=D, N_PER=8, stride_g_n=T * D, stride_g_t=D, stride_g_d=1)))
+    # norm-pix loss: patch 14 / 16, 3 channels, batch 256; pred bf16 (masked rows or all), image fp32
     for patch in ((14,) if quick else (14, 16)):
-        P = patch * patch * 3
+        P, gw, Nl = patch * patch * 3, img // patch, 256
+        L = gw * gw
+        M = L - L // 4
         bm, bp, w = lo._config(P, CUDA)
+        sn, sc, sh, sw = _contiguous_strides(Nl, 3, img, img)
         for masked in (True, False):
+            R = M if masked else L
+            ints = dict(NR=Nl * R, R=R, L=L, GW=gw, P=P, stride_pred_n=R * P, stride_pred_r=P, stride_pred_e=1,
+                        stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw,
+                        stride_w_n=L if not masked else M, stride_w_l=1, stride_ids_n=M if masked else L,
+                        stride_ids_l=1)
             for norm in ((True,) if quick else (True, False)):
                 consts = dict(PATCH=patch, CHANNELS=3, NORM=norm, PRED_MASKED=masked, BLOCK_M=bm, BLOCK_P=bp)
                 ptrs = dict(pred_ptr="*bf16", img_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64", part_ptr="*fp32",
                             scale_ptr="*fp32", gpred_ptr="*bf16")
                 for grad in (True, False):
                     out.append((f"loss fwd p{patch} masked={masked} norm={norm} grad={grad}",
-                                lo._norm_pix_loss_fwd_kernel, dict(consts, GRAD=grad), ptrs, w, 1, ()))
+                                lo._norm_pix_loss_fwd_kernel, dict(consts, GRAD=grad), ptrs, w, 1, ints))
                 out.append((f"loss bwd p{patch} masked={masked} norm={norm}", lo._norm_pix_loss_bwd_kernel, consts,
-                            ptrs, w, 1, ()))
+                            ptrs, w, 1, ints))
     # masked patch embedding (bf16 and fp32 images), its weight and position-embedding backward
-    for patch in ((14,) if quick else (14, 16)):
+    for patch, D in (((14, 1280),) if quick else ((14, 1280), (16, 1024))):
+        gw = img // patch
+        L, KD = gw * gw, 3 * patch * patch
+        K = L // 4
+        sn, sc, sh, sw = _contiguous_strides(N, 3, img, img)
+        ints = dict(stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw, stride_w_d=KD, stride_w_k=1,
+                    stride_pos_l=D, stride_pos_d=1, M=N * K, K=K, D=D, L=L, GRID_W=gw, KD=KD, ROWS_PER_SPLIT=128,
+                    N=N, SAMPLES_PER_SPLIT=4)
         for dt, (bm, bn, bk, w, st) in (("bf16", (128, 128, 32, 8, 3)), ("fp32", (64, 64, 32, 4, 2))):
             for has_pos in (True, False):
                 out.append((f"patch_embed fwd p{patch} {dt} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
                             dict(P=patch, HAS_BIAS=True, HAS_POS=has_pos, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
                                  BLOCK_K=bk),
                             dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}", pos_ptr=f"*{dt}",
-                                 out_ptr=f"*{dt}"), w, st, ()))
+                                 out_ptr=f"*{dt}"), w, st, ints))
             bd, bkd, bm2, w2, st2 = (64, 64, 32, 4, 2) if dt == "fp32" else (128, 64, 64, 8, 3)
             out.append((f"patch_embed bwd dW p{patch} {dt}", pe._masked_patch_embed_bwd_dw_kernel,
                         dict(P=patch, IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm2),
-                        dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), w2, st2, ()))
-        for dt in ("bf16", "fp32"):
-            out.append((f"patch_embed bwd dpos {dt}", pe._masked_patch_embed_bwd_dpos_kernel,
+                        dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), w2, st2, ints))
+            out.append((f"patch_embed bwd dpos p{patch} {dt}", pe._masked_patch_embed_bwd_dpos_kernel,
                         dict(IEEE=dt == "fp32", BLOCK_L=64, BLOCK_D=64, BLOCK_K=64),
-                        dict(ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), 4, 2, ()))
-        if quick:
-            break
+                        dict(ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), 4, 2, ints))
     return out
 
 
@@ -146,9 +192,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rows, failed = [], 0
     print(f"triton {triton.__version__}, sm_{a.arch}")
-    for name, kernel, consts, ptrs, warps, stages, wide in variants(a.quick):
+    for name, kernel, consts, ptrs, warps, stages, ints in variants(a.quick):
         try:
-            r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, wide_ints=wide)
+            r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, ints=ints)
             r.update(kernel=name, num_warps=warps, num_stages=stages)
         except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
             failed += 1
