@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -36,6 +37,9 @@ def test_profile_table_and_json(tmp_path, capsys):
     assert sum(s["share"] for s in r["stages"]) == pytest.approx(1.0)
     assert r["img_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_gib"] > 0
     assert r["step_ms_plain"] > 0 and r["step_ms_staged"] > 0
+    # the overhead: median of the staged/plain pair ratios (the ratio of the medians beside it)
+    assert math.isfinite(r["profiler_overhead"]) and r["profiler_overhead"] > -1
+    assert r["profiler_overhead_of_medians"] == pytest.approx(r["step_ms_staged"] / r["step_ms_plain"] - 1)
     assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32"
 
 
