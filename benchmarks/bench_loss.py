@@ -15,7 +15,7 @@ bf16 pred, fp32 images, ratio 0.75. The loss does not depend on the encoder widt
 CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
 GB/s counts the bytes maefast's Triton path moves, for every provider alike: the forward reads pred
 and the masked image patches (forward-only rows); with a gradient to come it also writes the
-gradient for a unit loss gradient, which the backward reads and scales into the grad of pred
+weighted residual w * (pred - target), which the backward reads and scales into the grad of pred
 (fwd+bwd rows: pred + image + 3 x pred bytes; pred_on="all": every pred row is read and every grad
 row written, the image only where masked). The cuda impl reads pred and the image twice instead.
 """

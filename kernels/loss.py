@@ -10,9 +10,11 @@ Programs walk the rows of pred, BLOCK_M rows each:
 Target t = img patch in the official (p_row, p_col, c) order; with NORM, per patch in fp32:
 mean, unbiased var, (t - mean) / sqrt(var + 1e-6). Row loss = mean((pred - t)^2) * w.
 Forward writes one fp32 partial per program (summed by torch: deterministic) and, with GRAD, the
-gradient for a unit loss gradient as well (one pass over pred and the image instead of two; the
-op's backward then only scales it); the backward kernel writes grad = scale * w * 2 / P * (pred - t),
-scale = grad_loss / sum(w) read from device memory.
+weighted residual w * (pred - t) in pred's dtype as well (one pass over pred and the image instead
+of two; the op's backward then only scales it by grad_loss * 2 / (P * sum(w)) — scaled later, so
+that fp16 holds it: the gradient itself can be below fp16's normal range until GradScaler's factor
+is in); the backward kernel writes grad = scale * w * 2 / P * (pred - t), scale = grad_loss / sum(w)
+read from device memory.
 """
 from __future__ import annotations
 
@@ -76,11 +78,10 @@ def _rows(
 
 
 @triton.jit
-def _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P):
-    """grad = scale * w * 2 / P * (pred - t), into the contiguous (N, R, P) gpred in its dtype."""
-    scale = tl.load(scale_ptr)
-    g = diff * ((scale * 2.0 / P) * w)[:, None]
-    tl.store(gpred_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
+def _store_scaled(out_ptr, factor, diff, w, n, prow, row_ok, e, em, R, P):
+    """factor * w * (pred - t) into the contiguous (N, R, P) out, in its dtype."""
+    g = diff * (factor * w)[:, None]
+    tl.store(out_ptr + (n[:, None] * R + prow[:, None]) * P + e[None, :], g.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & em[None, :])
 
 
@@ -91,8 +92,7 @@ def _norm_pix_loss_fwd_kernel(
     w_ptr,      # (N, L) fp32 mask (PRED_MASKED=False)
     ids_ptr,    # (N, M) int64 masked patch ids in shuffle order (PRED_MASKED=True)
     part_ptr,   # (num_programs,) fp32 partial sums of w * row loss
-    scale_ptr,  # () fp32 1 / sum(w) (GRAD)
-    gpred_ptr,  # (N, R, P) contiguous, pred's dtype: the gradient for a unit loss gradient (GRAD)
+    res_ptr,    # (N, R, P) contiguous, pred's dtype: w * (pred - t) (GRAD)
     NR, R, L, GW, P,
     stride_pred_n, stride_pred_r, stride_pred_e,
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
@@ -112,8 +112,8 @@ def _norm_pix_loss_fwd_kernel(
     row_loss = tl.sum(diff * diff, axis=1) / P
     contrib = tl.where(row_ok, row_loss * w, 0.0)
     tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
-    if GRAD:
-        _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P)
+    if GRAD:  # what the backward needs, ~1 in magnitude whatever N, L and P (fp16 holds it; the scale comes later)
+        _store_scaled(res_ptr, 1.0, diff, w, n, prow, row_ok, e, em, R, P)
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _norm_pix_loss_bwd_kernel(
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
         PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
-    _store_grad(gpred_ptr, scale_ptr, diff, w, n, prow, row_ok, e, em, R, P)
+    _store_scaled(gpred_ptr, tl.load(scale_ptr) * 2.0 / P, diff, w, n, prow, row_ok, e, em, R, P)
 
 
 def _config(P: int, device: torch.device) -> tuple[int, int, int]:
@@ -166,23 +166,23 @@ def _args(pred, imgs, weight, ids, patch_size):
 
 def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
                       ids: torch.Tensor | None, patch_size: int, norm_pix: bool,
-                      grad_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher (inputs validated by maefast.ops.norm_pix_loss). Exactly one of weight ((N, L) fp32
     mask: pred is (N, L, P)) and ids ((N, M) int64 masked patch ids in shuffle order: pred is
     (N, M, P)) is given. Returns (sum over rows of w * row loss, a 0-d fp32 tensor — the caller
-    divides by sum(w) —, and with grad_scale (a 0-d fp32 device tensor, 1 / sum(w)) the gradient of
-    that loss for a unit loss gradient: contiguous, pred's dtype, every row written; else None)."""
+    divides by sum(w) —, and with_residual the weighted residual w * (pred - target) that the
+    gradient is made of (grad = residual * grad_loss * 2 / (P * sum(w))): contiguous, pred's dtype,
+    every row written; else None)."""
     args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
     block_m, block_p, warps = _config(P, pred.device)
     grid = (triton.cdiv(NR, block_m),)
     part = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
-    gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if grad_scale is not None else None
+    res = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if with_residual else None
     _norm_pix_loss_fwd_kernel[grid](
-        pred, imgs, wt, it, part, grad_scale if gpred is not None else part, gpred if gpred is not None else part,
-        *args, NORM_PIX_EPS,
-        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None, GRAD=gpred is not None,
+        pred, imgs, wt, it, part, res if res is not None else part, *args, NORM_PIX_EPS,
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None, GRAD=res is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
-    return part.sum(), gpred
+    return part.sum(), res
 
 
 def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,

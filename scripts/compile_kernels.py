@@ -151,7 +151,7 @@ def variants(quick: bool = False):
             for norm in ((True,) if quick else (True, False)):
                 consts = dict(PATCH=patch, CHANNELS=3, NORM=norm, PRED_MASKED=masked, BLOCK_M=bm, BLOCK_P=bp)
                 ptrs = dict(pred_ptr="*bf16", img_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64", part_ptr="*fp32",
-                            scale_ptr="*fp32", gpred_ptr="*bf16")
+                            scale_ptr="*fp32", gpred_ptr="*bf16", res_ptr="*bf16")
                 for grad in (True, False):
                     out.append((f"loss fwd p{patch} masked={masked} norm={norm} grad={grad}",
                                 lo._norm_pix_loss_fwd_kernel, dict(consts, GRAD=grad), ptrs, w, 1, ints))

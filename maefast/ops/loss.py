@@ -112,16 +112,17 @@ def _triton_rows(pred, mask_or_ids, pred_masked: bool):
 
 
 def _fuses_grad(impl: str, with_grad: bool) -> bool:
-    """Whether the forward also writes the gradient (Triton: one pass over pred and the image for
-    both; the backward then only scales it by the loss's gradient)."""
+    """Whether the forward also writes the weighted residual w * (pred - target) that the gradient is
+    made of (Triton: one pass over pred and the image for both; the backward then only scales it)."""
     return with_grad and impl == "triton"
 
 
 @custom_op("maefast::norm_pix_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, norm_pix: bool,
              pred_masked: bool, impl: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, g): g = d loss / d pred for a unit loss gradient where the forward computes it
-    (`_fuses_grad`), else an empty tensor (the backward op then recomputes from pred and imgs)."""
+    """(loss, r): r = w * (pred - target) in pred's dtype where the forward computes it (`_fuses_grad`;
+    the gradient is r * grad_loss * 2 / (P * sum(w))), else an empty tensor (the backward op then
+    recomputes from pred and imgs)."""
     den = _denominator(pred, mask_or_ids, pred_masked)
     none = pred.new_empty(0)
     if impl == "triton":
@@ -129,9 +130,8 @@ def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, 
 
         weight, ids = _triton_rows(pred, mask_or_ids, pred_masked)
         with device_guard(pred):
-            total, g = norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix,
-                                         den.reciprocal() if _fuses_grad(impl, with_grad) else None)
-        return total / den, (g if g is not None else none)
+            total, r = norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix, _fuses_grad(impl, with_grad))
+        return total / den, (r if r is not None else none)
     if impl == "cuda":
         return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den, none
     # Reference semantics with fp32 arithmetic whatever the input dtypes.
@@ -144,9 +144,9 @@ def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, 
 
 @_loss_op.register_fake
 def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad):
-    g = torch.empty_like(pred, memory_format=torch.contiguous_format) if _fuses_grad(impl, with_grad) \
+    r = torch.empty_like(pred, memory_format=torch.contiguous_format) if _fuses_grad(impl, with_grad) \
         else pred.new_empty(0)
-    return pred.new_empty((), dtype=torch.float32), g
+    return pred.new_empty((), dtype=torch.float32), r
 
 
 @custom_op("maefast::norm_pix_loss_backward", mutates_args=())
@@ -176,12 +176,16 @@ def _(grad, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
 
 def _setup_context(ctx, inputs, output):
     pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad = inputs
-    _, g = output
-    ctx.mark_non_differentiable(g)
+    _, r = output
+    ctx.mark_non_differentiable(r)
     ctx.set_materialize_grads(False)
     ctx.fused = _fuses_grad(impl, with_grad)
-    # the fused forward's gradient is all the backward needs (it replaces pred: the same bytes)
-    ctx.save_for_backward(*((g,) if ctx.fused else (pred, imgs, mask_or_ids)))
+    # the fused forward's residual replaces pred (the same bytes) and imgs; the mask for sum(w)
+    if ctx.fused:
+        ctx.save_for_backward(r, mask_or_ids)
+    else:
+        ctx.save_for_backward(pred, imgs, mask_or_ids)
+    ctx.shape = (pred.shape[0], pred.shape[1], pred.shape[2])
     ctx.args = (patch_size, norm_pix, pred_masked, impl)
 
 
@@ -189,8 +193,12 @@ def _backward(ctx, grad, _dg):
     if grad is None:
         return None, None, None, None, None, None, None, None
     if ctx.fused:
-        (g,) = ctx.saved_tensors
-        gpred = g * grad  # grad is 0-d: g's dtype, one rounding (none when grad is 1)
+        r, mask_or_ids = ctx.saved_tensors
+        n, m, p = ctx.shape
+        pred_masked = ctx.args[2]
+        den = float(n * m) if pred_masked else mask_or_ids.sum(dtype=torch.float32)
+        # the backward kernel's factor, (grad / sum(w)) * 2 / P, in fp32; r * it rounds once to r's dtype
+        gpred = r * ((grad.float() / den) * 2.0 / p)
     else:
         pred, imgs, mask_or_ids = ctx.saved_tensors
         gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
