@@ -552,8 +552,11 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
     a step that cannot be captured is timed eagerly, and so is the other step of its row (a ratio of
     a replay to an eager step would mean nothing); the row says why. False: eager steps.
     on_row(rows so far) is called after each row (e.g. to save partial results under a time limit).
+    batch: one for every model, or {model name: batch} (the others at GPU_TABLE2_BATCH / 8 on the CPU).
     """
     device = torch.device(device) if device is not None else default_device()
+    if isinstance(batch, dict):
+        batch = {resolve_model_name(k): v for k, v in batch.items()}
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and dtype != torch.float16
     if cuda_graph and device.type != "cuda":
@@ -563,7 +566,8 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
     # impl-major: each impl's rows for every model come together (the first impl's finish first when a
     # time limit cuts the run short)
     for impl, name in [(i, resolve_model_name(m)) for i in impls for m in models]:
-        bs = batch or (GPU_TABLE2_BATCH.get(name, 64) if device.type == "cuda" else 8)
+        bs = (batch.get(name) if isinstance(batch, dict) else batch) or \
+            (GPU_TABLE2_BATCH.get(name, 64) if device.type == "cuda" else 8)
         t_mask_by_depth = {}
         for dd in decoder_depths:
             row = {"model": name, "impl": impl, "decoder_depth": dd, "batch": bs, "mask_ratio": mask_ratio,
@@ -689,6 +693,28 @@ def _models(s: str) -> list[str]:
     return [_LETTERS.get(v.lower(), v) for v in _csv(s)]
 
 
+def parse_batches(text: str | None) -> int | dict | None:
+    """`--batch`: "64" (every model) or "large=256,huge=192" (per model, names resolved)."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if "=" not in text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"--batch must be an int or model=N pairs (large=256,huge=192), got {text!r}") from None
+        if n < 1:
+            raise ValueError(f"--batch must be >= 1, got {n}")
+        return n
+    out = {}
+    for item in _csv(text):
+        name, _, n = item.partition("=")
+        if not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--batch: {item!r} is not model=N with N >= 1")
+        out[resolve_model_name(name.strip())] = int(n)
+    return out
+
+
 def table2_main(argv) -> int:
     p = argparse.ArgumentParser(prog="maefast bench table2", description=__doc__.split("\n\n")[1])
     p.add_argument("--models", default=None, help="comma list (base,large,huge / small / tiny / full names); "
@@ -696,7 +722,8 @@ def table2_main(argv) -> int:
     p.add_argument("--decoder-depths", default="8,1")
     p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda); default: "
                    "reference, plus auto on a GPU when the model takes impl=")
-    p.add_argument("--batch", type=int, default=None, help=f"default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
+    p.add_argument("--batch", default=None, help=f"N for every model, or per model: large=256,huge=192 (the others "
+                   f"at their default); default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
     p.add_argument("--dtype", default=None, help="bf16 (GPU default) / fp16 / fp32 (CPU default)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--device", default=None)
@@ -740,7 +767,7 @@ def table2_main(argv) -> int:
                 json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows_so_far,
                            "partial": True}, fh, indent=2, default=str)
 
-    rows = table2(models, depths, impls, batch=a.batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
+    rows = table2(models, depths, impls, batch=parse_batches(a.batch), dtype=dtype, device=device, mask_ratio=a.mask_ratio,
                   quick=a.quick, progress=progress, overrides=overrides or None,
                   cuda_graph=False if (a.eager or on_cpu) else None, on_row=save_partial)
     text = format_table2(rows, env, peak, note)

@@ -382,3 +382,13 @@ def test_harness_ratio_is_like_with_like_when_one_side_was_not_captured(harness)
     assert other["speedup_vs_baseline"] == pytest.approx(1.5) and other["speedup_timing"].startswith("eager")
     assert base["speedup_vs_baseline"] == 1.0
     _harness.RESULTS.clear()
+
+
+def test_table2_batches_per_model():
+    assert mb.parse_batches(None) is None and mb.parse_batches("64") == 64
+    assert mb.parse_batches("large=256, huge=192") == {"mae_vit_large_patch16": 256, "mae_vit_huge_patch14": 192}
+    for bad in ("0", "x", "large=", "huge=-1", "large=2.5"):
+        with pytest.raises(ValueError, match="--batch"):
+            mb.parse_batches(bad)
+    rows = mb.table2(["tiny", "small"], (1,), batch={"tiny": 2}, device="cpu", quick=True)
+    assert [r["batch"] for r in rows] == [2, 8]  # tiny as asked, small at the CPU default
