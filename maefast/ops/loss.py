@@ -185,7 +185,6 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(r, mask_or_ids)
     else:
         ctx.save_for_backward(pred, imgs, mask_or_ids)
-    ctx.shape = (pred.shape[0], pred.shape[1], pred.shape[2])
     ctx.args = (patch_size, norm_pix, pred_masked, impl)
 
 
@@ -193,12 +192,10 @@ def _backward(ctx, grad, _dg):
     if grad is None:
         return None, None, None, None, None, None, None, None
     if ctx.fused:
-        r, mask_or_ids = ctx.saved_tensors
-        n, m, p = ctx.shape
-        pred_masked = ctx.args[2]
-        den = float(n * m) if pred_masked else mask_or_ids.sum(dtype=torch.float32)
+        r, mask_or_ids = ctx.saved_tensors  # r has pred's shape
+        den = _denominator(r, mask_or_ids, ctx.args[2])
         # the backward kernel's factor, (grad / sum(w)) * 2 / P, in fp32; r * it rounds once to r's dtype
-        gpred = r * ((grad.float() / den) * 2.0 / p)
+        gpred = r * ((grad.float() / den) * 2.0 / r.shape[-1])
     else:
         pred, imgs, mask_or_ids = ctx.saved_tensors
         gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
