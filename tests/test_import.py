@@ -65,3 +65,44 @@ import sys, maefast.reference
 print('triton' in sys.modules)
 """)
     assert out.strip() == "False"
+
+
+def _run_in_root(code: str) -> subprocess.CompletedProcess:
+    """`python -c` with the repository root as the working directory: sys.path[0] is the root, as
+    for `python -m pytest`, a REPL or a script there."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_repo_kernels_folder_does_not_shadow_hf_kernels():
+    """transformers >= 5.2x imports Hugging Face's `kernels` package; the root's `kernels/` folder
+    must not stand in for it (it did: ImportError 'CUDAProperties' from kernels/__init__.py)."""
+    r = _run_in_root("""
+        import transformers
+        from transformers import ViTMAEForPreTraining
+        import maefast.kernels, sys
+        assert maefast.kernels.__name__ == 'maefast.kernels'
+        print('ok', sys.modules.get('kernels').__file__ if 'kernels' in sys.modules else None)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+    assert os.path.join(ROOT, "kernels") not in r.stdout  # whatever `kernels` is, it is not ours
+
+
+def test_import_kernels_from_the_root_is_never_ours():
+    """`import kernels` in the root gives the installed package when there is one, and otherwise
+    fails as if the folder were absent; never maefast's Triton folder."""
+    r = _run_in_root("""
+        import os
+        try:
+            import kernels
+        except ModuleNotFoundError as e:
+            assert e.name == 'kernels', e
+            print('absent')
+        else:
+            assert not os.path.samefile(os.path.dirname(kernels.__file__), os.path.join(os.getcwd(), 'kernels'))
+            print('installed', kernels.__file__)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(("absent", "installed")), r.stdout
