@@ -18,15 +18,25 @@ from ._cpp_lib import get_C as _get_C  # noqa: E402
 
 
 def backends() -> dict:
-    """What can run here: triton, the CUDA extension (with load errors), torch's CUDA."""
+    """What can run here, and why not.
+
+    Returns a dict (JSON-ready). What is installed: "torch", "triton" (importable), "triton_version",
+    "triton_error", "_C" (the CUDA C++ extension is built and imports), "_C_error", "_C_ops",
+    "eager_dispatch", "torch_cuda_build" (torch.version.cuda). What can run: "torch_cuda" (torch sees a
+    CUDA GPU), "gpu" (its name, or None),
+    "can_run" ({"reference", "triton", "cuda"} -> bool: whether that impl's kernels run on this
+    machine, compiled; "triton_interpreter" says whether TRITON_INTERPRET=1 is set), "why_not" (impl -> the reason, for those that cannot) and "auto" (what impl="auto"
+    runs here). An installed triton or a built `_C` does not mean either runs: both need a CUDA GPU.
+    """
     import torch
 
     from . import _cpp_lib, _triton
 
     C = _get_C()
+    has_gpu = torch.cuda.is_available()
     info = {
         "torch": torch.__version__,
-        "torch_cuda": torch.cuda.is_available(),
+        "torch_cuda": has_gpu,
         "triton": _triton.HAS_TRITON,
         "triton_error": _triton.triton_error,
         "_C": C is not None,
@@ -39,6 +49,29 @@ def backends() -> dict:
         import triton
 
         info["triton_version"] = triton.__version__
+    info["gpu"] = torch.cuda.get_device_name(0) if has_gpu else None
+    info["torch_cuda_build"] = torch.version.cuda  # None: a CPU-only build of torch
+    why_not = {}
+    if not _triton.HAS_TRITON:
+        why_not["triton"] = f"triton is not importable ({_triton.triton_error})"
+    elif not has_gpu:
+        why_not["triton"] = (f"triton {info['triton_version']} is installed, but its kernels need a CUDA GPU "
+                             "(TRITON_INTERPRET=1 runs them on CPU tensors, slowly: for tests)")
+    if C is None:
+        why_not["cuda"] = (f"maefast._C is not built or does not load ({_cpp_lib.load_error})"
+                           + ("; its kernels would also need a CUDA GPU" if not has_gpu else ""))
+    elif not has_gpu or not _cpp_lib.cuda_available():
+        why_not["cuda"] = "maefast._C is built, but its kernels need a CUDA GPU"
+    info["triton_interpreter"] = _triton.interpret_mode()  # TRITON_INTERPRET=1: tests run Triton on CPU tensors
+    info["can_run"] = {"reference": True, "triton": "triton" not in why_not, "cuda": "cuda" not in why_not}
+    info["why_not"] = why_not
+    if not has_gpu:
+        info["auto"] = ("reference: on CPU tensors every op runs its PyTorch reference; maefast's Triton and "
+                        "CUDA C++ kernels need a CUDA GPU")
+    else:
+        fast = [k for k in ("triton", "cuda") if info["can_run"][k]]
+        info["auto"] = (f"on CUDA tensors each op takes the fastest verified backend ({' or '.join(fast)}), else "
+                        "its PyTorch reference" if fast else "reference: neither triton nor maefast._C can run")
     return info
 
 

@@ -10,16 +10,45 @@ COMMANDS = {
     "bench": ("maefast.bench", "benchmarks, e.g. `maefast bench table2` (the paper's Table 2 on this machine)"),
     "train": ("maefast.train", "MAE pre-training (the paper's recipe) on an image folder or --data synthetic"),
     "visualize": ("maefast.visualize", "PNG grid of original / masked / reconstruction from a checkpoint"),
-    "info": ("maefast.cli", "what can run here: torch, triton, the CUDA extension, the GPU"),
+    "info": ("maefast.cli", "what can run here (reference, Triton, CUDA C++ kernels) and why not; --json"),
 }
 
 
+def format_info(info: dict) -> str:
+    """`maefast.backends()` for a person: what is installed, what can run here, what impl="auto" runs."""
+    import maefast
+
+    cuda_build = info.get("torch_cuda_build")
+    lines = [f"maefast {maefast.__version__}: what can run here", "",
+             f"  torch   {info['torch']}" + (f" (CUDA {cuda_build})" if cuda_build else " (a CPU-only build)"),
+             f"  GPU     {info['gpu'] or 'none (torch.cuda.is_available() is False)'}", "",
+             f"  {'impl':<10} {'runs here':<9}  what"]
+    what = {"reference": "PyTorch ops (the official computation), on CPU and CUDA tensors",
+            "triton": f"maefast's Triton kernels (triton {info.get('triton_version')})",
+            "cuda": "maefast's CUDA C++ kernels (maefast._C: " + (", ".join(info["_C_ops"]) or "built") + ")"}
+    for impl, ok in info["can_run"].items():
+        lines.append(f"  {impl:<10} {'yes' if ok else 'no':<9}  {what[impl] if ok else info['why_not'][impl]}")
+    lines += ["", f'impl="auto" here: {info["auto"]}.']
+    if info.get("triton_interpreter"):
+        lines.append("TRITON_INTERPRET=1 is set: impl=\"triton\" runs the Triton kernels on CPU tensors through the "
+                     "interpreter (slow; for tests).")
+    lines += [f"eager calls reach the ops: {info['eager_dispatch']} (MAEFAST_EAGER_DISPATCH)",
+              "machine-readable: maefast info --json (= maefast.backends())"]
+    return "\n".join(lines)
+
+
 def info_main(argv=None) -> int:
+    import argparse
     import json
 
     import maefast
 
-    print(json.dumps(maefast.backends(), indent=2))
+    p = argparse.ArgumentParser(prog="maefast info", description="What can run here: torch, the GPU, and which "
+                                "of maefast's backends (reference, triton, cuda) run on this machine, and why not.")
+    p.add_argument("--json", action="store_true", help="print maefast.backends() as JSON")
+    a = p.parse_args(argv)
+    info = maefast.backends()
+    print(json.dumps(info, indent=2) if a.json else format_info(info))
     return 0
 
 

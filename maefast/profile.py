@@ -30,6 +30,7 @@ import torch
 from . import bench as mb
 from . import flops as flops_mod
 from . import timing
+from .models.configs import resolve_model_name
 
 STAGES = ["masking+embed", "encoder attention", "encoder MLP/norms", "decoder embed + un-shuffle", "decoder",
           "head+loss", "backward", "optimizer"]
@@ -178,6 +179,72 @@ class StageMarks:
         return False
 
 
+class BackendLog:
+    """Context manager: records which backend ("reference", "triton", "cuda") each maefast op runs on.
+
+    It listens to the ops' own choice: while active, `_resolve` and `choose_impl` in every loaded
+    `maefast.ops` module are wrapped, and the outermost call's result is what the op runs (an op's
+    `_resolve` refines `choose_impl`'s answer, e.g. the attention falls back to the reference for a
+    head dim its kernel lacks). `ran` maps op module (e.g. "attention") -> {backend: calls}. Not
+    for compiled models (the wrappers would be traced).
+    """
+
+    def __init__(self):
+        self.ran: dict[str, dict[str, int]] = {}
+        self._depth = 0
+        self._saved: list = []
+
+    def _wrap(self, op: str, fn):
+        log = self
+
+        def wrapped(*args, **kwargs):
+            log._depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                log._depth -= 1
+            if log._depth == 0 and isinstance(out, str):
+                counts = log.ran.setdefault(op, {})
+                counts[out] = counts.get(out, 0) + 1
+            return out
+
+        wrapped.__wrapped__ = fn
+        return wrapped
+
+    def __enter__(self):
+        try:
+            from . import ops  # noqa: F401 - loads every op module
+        except Exception:  # noqa: BLE001 - no ops (e.g. missing deps): nothing to record
+            return self
+        for name, mod in list(sys.modules.items()):
+            if not name.startswith("maefast.ops.") or name.rsplit(".", 1)[1].startswith("_") or mod is None:
+                continue
+            for attr in ("_resolve", "choose_impl"):
+                fn = getattr(mod, attr, None)
+                if callable(fn):
+                    self._saved.append((mod, attr, fn))
+                    setattr(mod, attr, self._wrap(name.rsplit(".", 1)[1], fn))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, attr, fn in reversed(self._saved):
+            setattr(mod, attr, fn)
+        self._saved.clear()
+        return False
+
+
+def cpu_note(device: torch.device) -> str | None:
+    """What a profile on a device other than CUDA can and cannot show (None on CUDA)."""
+    if device.type == "cuda":
+        return None
+    where = ("this machine has none (`maefast info`)" if not torch.cuda.is_available()
+             else "pass --device cuda to profile them")
+    dev = "CPU" if device.type == "cpu" else device.type
+    return (f"On the {dev} impl=auto runs each maefast op's PyTorch reference: maefast's Triton and CUDA C++ kernels "
+            f"need a CUDA GPU, and {where}. The stage times show where a {dev} step spends its time; they measure no "
+            "speed-up of maefast's kernels.")
+
+
 def _peak_mem_gib(device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max_memory_allocated"
@@ -243,9 +310,14 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
 
     bar = _progress(warmup + steps, f"{impl}", progress)
     per_step, plain_ms_list = [], []
+    backend_log = BackendLog()
     for i in range(warmup + steps):
         # staged and plain steps alternate, so that drift (clocks, other load) hits both alike
-        staged_step()
+        if i == 0 and not compile:  # what each op runs on, as the ops chose in the first step
+            with backend_log:
+                staged_step()
+        else:
+            staged_step()
         d = clock.durations()
         if i >= warmup:
             per_step.append(d)
@@ -307,7 +379,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     # temperature) that a ratio of the two medians keeps
     pair_ratio = statistics.median(sum(d.values()) / p for d, p in zip(per_step, plain_ms_list) if p > 0) \
         if plain_ms_list else float("nan")
-    out = {"model": mb.resolve_model_name(name) if not overrides else name, "impl": impl, "fused": extra.get("fused", False), "batch": batch,
+    out = {"model": resolve_model_name(name) if not overrides else name, "impl": impl, "fused": extra.get("fused", False), "batch": batch,
            "dtype": str(dtype).replace("torch.", ""), "compile": compile, "mask_ratio": mask_ratio,
            "steps": steps, "warmup": warmup, "stage_timer": ("cuda-events" if not sync else "synchronise+perf_counter")
            if device.type == "cuda" else "perf_counter", "stages": rows, "step_ms_staged": staged_total, "step_ms_stage_sum": stage_sum,
@@ -316,7 +388,8 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
            "img_per_s": batch / (plain_ms * 1e-3), "train_flops": train_flops,
            "tflops": train_flops / (plain_ms * 1e-3) / 1e12,
            "mfu": train_flops / (plain_ms * 1e-3) / 1e12 / peak["matmul_tflops"], "peak_mem_gib": mem,
-           "peak_mem_how": mem_how, "trace": trace}
+           "peak_mem_how": mem_how, "trace": trace, "device": device.type,
+           "backends": backend_log.ran if not compile else None}
     del step, model, imgs
     mb.free_memory()
     return out
@@ -330,6 +403,7 @@ def format_profile(r: dict, peak: dict) -> str:
     lines = [f"{r['model']}  impl={r['impl']}" + (f"  fused={r['fused']}" if r.get("fused") else "")
              + f"  batch={r['batch']}  {r['dtype']}" + ("  compiled" if r["compile"] else "")
              + f"  ({r['steps']} steps after {r['warmup']} warm-up, median; stage timer: {r['stage_timer']})"]
+    lines += format_backends(r)
     head = f"{'stage':<28} {'ms':>9} {'share':>6} {'GFLOP':>9} {'TFLOP/s':>8} {'GB/s':>8}  roofline"
     lines += [head, "-" * (len(head) + 40)]
     for s in r["stages"]:
@@ -346,6 +420,21 @@ def format_profile(r: dict, peak: dict) -> str:
     return "\n".join(lines)
 
 
+def format_backends(r: dict) -> list[str]:
+    """'what runs where' lines of one profile: each maefast op's backend, as the ops chose."""
+    dev = r.get("device", "?")
+    if r.get("backends") is None:
+        return [f"what runs where: not recorded under --compile (all on {dev})"]
+    if not r["backends"]:
+        return [f"what runs where: no maefast op ran; every stage is torch's own ops on {dev}"]
+    def ran(counts: dict) -> str:  # the backend; with call counts only where an op ran on more than one
+        return "/".join(f"{b} x{n}" if len(counts) > 1 else b for b, n in counts.items())
+
+    ops = ", ".join(f"{op} {ran(counts)}" for op, counts in r["backends"].items())
+    return [f"what runs where: maefast ops on {dev}: {ops}; the rest (Linear GEMMs, torch's LayerNorm/GELU, AdamW) "
+            f"is torch on {dev}"]
+
+
 def format_side_by_side(results: list[dict]) -> str:
     names = [r["impl"] + (" (compiled)" if r["compile"] else "") for r in results]
     head = f"{'stage (ms)':<28} " + " ".join(f"{n[:14]:>14}" for n in names)
@@ -360,8 +449,12 @@ def format_side_by_side(results: list[dict]) -> str:
     lines.append(f"{'step (plain)':<28} " + " ".join(f"{r['step_ms_plain']:>14.3f}" for r in results))
     lines.append(f"{'img/s':<28} " + " ".join(f"{r['img_per_s']:>14.1f}" for r in results))
     base = results[0]["step_ms_plain"]
-    lines.append(f"{'speed-up vs ' + names[0][:15]:<28} " + " ".join(f"{base / r['step_ms_plain']:>13.2f}x"
-                                                                     for r in results))
+    if all(r.get("device") == "cuda" for r in results):
+        lines.append(f"{'speed-up vs ' + names[0][:15]:<28} " + " ".join(f"{base / r['step_ms_plain']:>13.2f}x"
+                                                                         for r in results))
+    else:  # every impl ran PyTorch ops here: a ratio would compare the reference with itself plus overhead
+        lines.append(f"no speed-up row: on {results[0].get('device')} every impl runs PyTorch ops (see 'what runs "
+                     "where'); maefast's kernels need a CUDA GPU")
     return "\n".join(lines)
 
 
@@ -394,15 +487,21 @@ def main(argv=None) -> int:
     batch = a.batch or (8 if on_cpu else 64)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     steps = a.steps or (5 if on_cpu else 10)
-    impl_arg = a.impl or ("reference,auto" if mb.accepts_impl() else "reference")
+    # on a GPU: maefast's model beside the official computation (the speed-up); elsewhere maefast's model
+    # alone, since both would run the same PyTorch ops
+    impl_arg = a.impl or ("auto" if on_cpu and mb.accepts_impl() else
+                          "reference,auto" if mb.accepts_impl() else "reference")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
     if on_cpu and not a.model:
         print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
               "--model base|large|huge for the paper's", file=sys.stderr)
+    note = cpu_note(device)
     env, peak = timing.env_info(device), timing.measure_peak(device)
     print(f"maefast profile on {env['card']} ({env['date']}, torch {env['torch']}, commit {env['git_commit'][:12]}); "
           f"measured peak: {peak['matmul_dtype']} matmul {peak['matmul_tflops']:.3g} TFLOP/s, copy "
           f"{peak['copy_gbps']:.0f} GB/s (ridge {timing.ridge_point(peak):.0f} FLOP/B)")
+    if note:
+        print(note)
     results = []
     for impl in impls:
         trace = None
@@ -426,6 +525,7 @@ def main(argv=None) -> int:
         print(format_side_by_side(results))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"kind": "maefast.profile", "env": env, "peak": peak, "results": results}, fh, indent=2)
+            json.dump({"kind": "maefast.profile", "env": env, "peak": peak, "note": note, "results": results}, fh,
+                      indent=2)
         print(f"json: {a.json}")
     return 0

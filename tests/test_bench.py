@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maefast import bench as mb
 from maefast import flops as fl
+from maefast import table2 as t2
 from maefast.models import create_model
 from maefast.testing import assert_close
 
@@ -38,7 +40,7 @@ def test_flops_match_torch_flop_counter(name, mask_tokens):
     torch.manual_seed(0)
     model = mb.build_model(name, "reference", "cpu")  # the official computation
     imgs = torch.randn(2, 3, *model.patch_embed.img_size)
-    fwd = mb.MaskTokenEncoderMAE(model) if mask_tokens else model
+    fwd = t2.MaskTokenEncoderMAE(model) if mask_tokens else model
     with FlopCounterMode(display=False) as fc:
         loss = fwd(imgs, mask_ratio=0.75)[0]
     assert fc.get_total_flops() == 2 * fl.mae_flops(model, encoder_mask_tokens=mask_tokens)["forward"]
@@ -88,7 +90,7 @@ def test_stage_flops_sum_to_forward():
 def test_mask_token_encoder_sees_all_tokens_and_learns_its_token():
     torch.manual_seed(0)
     model = mb.build_model("tiny", "reference", "cpu")
-    wrapped = mb.MaskTokenEncoderMAE(model)
+    wrapped = t2.MaskTokenEncoderMAE(model)
     seen = []
     h = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
     imgs = torch.randn(3, 3, 32, 32)
@@ -106,8 +108,8 @@ def test_mask_token_encoder_sees_all_tokens_and_learns_its_token():
 def test_mask_token_encoder_on_the_fused_path_matches_the_reference_path():
     # impl="auto" on the CPU runs maefast's fused forward with each op's reference composition
     torch.manual_seed(0)
-    ref = mb.MaskTokenEncoderMAE(mb.build_model("tiny", "reference", "cpu"))
-    fast = mb.MaskTokenEncoderMAE(mb.build_model("tiny", "auto", "cpu"))
+    ref = t2.MaskTokenEncoderMAE(mb.build_model("tiny", "reference", "cpu"))
+    fast = t2.MaskTokenEncoderMAE(mb.build_model("tiny", "auto", "cpu"))
     fast.load_state_dict(ref.state_dict())
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     l_ref, _, m_ref = ref(imgs, noise=noise)
@@ -162,13 +164,26 @@ def test_parse_dtype():
 
 # -- the CLI --------------------------------------------------------------------------------------
 
-def test_table2_cli_tiny(tmp_path, capsys):
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m maefast ...` as a user runs it, on this checkout, without the tests' TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_table2_cli_tiny(tmp_path):
     out = tmp_path / "t2.json"
-    rc = mb.main(["table2", "--models", "tiny", "--decoder-depths", "8,1", "--batch", "2", "--quick",
-                  "--threads", "1", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert rc == 0, text
+    r = run_cli("bench", "table2", "--models", "tiny", "--decoder-depths", "8,1", "--batch", "2", "--quick",
+                "--threads", "1", "--json", str(out))
+    text = r.stdout
+    assert r.returncode == 0, r.stderr
     assert "Table 2 on CPU" in text and "tiny (test)" in text and "FLOP bound" in text
+    # column names a reader understands without the source
+    for name in ("visible-only", "mask-token", "encoder, ms", "speed-up vs", "mask-token dec 8", "paper's"):
+        assert name in text, name
+    for cryptic in ("w/[M]", "of bnd", "vs[M]d8", "MAE.md"):
+        assert cryptic not in text, cryptic
     rec = json.loads(out.read_text())
     assert rec["kind"] == "maefast.table2" and rec["env"]["card"].startswith("CPU")
     assert {"torch", "git_commit", "date"} <= set(rec["env"]) and rec["peak"]["matmul_tflops"] > 0
@@ -177,6 +192,8 @@ def test_table2_cli_tiny(tmp_path, capsys):
     for r in rows:
         assert "error" not in r
         assert r["visible_ms"] > 0 and r["mask_tokens_ms"] > 0
+        # every cell, the first one too, was warmed up until its time settled
+        assert r["visible_warmup_calls"] >= 3 and r["mask_tokens_warmup_calls"] >= 3
         assert r["speedup"] == pytest.approx(r["mask_tokens_ms"] / r["visible_ms"])
         assert r["flop_ratio"] == pytest.approx(fl.table2_flop_ratio("tiny", r["decoder_depth"]))
         assert r["speedup_vs_mask_dec8"] > 0
@@ -189,10 +206,61 @@ def test_table2_cli_tiny(tmp_path, capsys):
     assert img[..., :3].std() > 0.05  # not a blank canvas
 
 
-def test_bench_usage(capsys):
-    assert mb.main([]) == 0
-    assert "table2" in capsys.readouterr().out
-    assert mb.main(["nope"]) == 2
+def test_table2_chart_labels_read_without_the_source(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    labels = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, path, **kw):  # the legend and tick labels of the chart being saved
+        ax = fig.axes[0]
+        labels.extend(t.get_text() for t in ax.get_legend().get_texts())
+        labels.extend(t.get_text() for t in ax.get_xticklabels())
+        labels.append(ax.get_ylabel())
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    rows = [{"model": "mae_vit_large_patch16", "impl": "reference", "decoder_depth": 8, "speedup": 2.5,
+             "paper_speedup": 2.8, "flop_ratio": 3.23}]
+    t2.save_chart(rows, str(tmp_path / "c.png"), "title")
+    text = " | ".join(labels)
+    assert "mask-token encoder" in text and "8-block decoder" in text and "FLOP bound" in text, text
+    assert not any(c in text for c in ("w/[M]", "[M]", "dec 8)")), text
+
+
+def test_bench_usage_and_unknown_benchmark():
+    r = run_cli("bench", timeout=120)
+    assert r.returncode == 0 and "table2" in r.stdout
+    r = run_cli("bench", "nope", timeout=120)
+    assert r.returncode == 2
+    first = r.stderr.splitlines()[0]
+    assert "unknown benchmark 'nope'" in first and "table2" in first, r.stderr
+    assert "usage: maefast bench" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [(["--batch", "x"], "--batch"), (["--models", "nope"], "unknown model"),
+                                         (["--decoder-depths", "0"], "--decoder-depths"),
+                                         (["--dtype", "int8"], "dtype"), (["--override", "depth=two"], "--override")])
+def test_table2_bad_arguments_are_one_line(args, needle):
+    r = run_cli("bench", "table2", *args, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
+
+
+def test_warm_up_runs_until_the_step_time_settles():
+    """A step that starts slow and speeds up over its first calls (as a cold CPU step does): the timed
+    median is the settled time, not the cold start's."""
+    import time
+
+    cold = [0.080, 0.060, 0.045, 0.030, 0.020]
+    calls = []
+
+    def step():
+        time.sleep(cold[len(calls)] if len(calls) < len(cold) else 0.010)
+        calls.append(1)
+
+    st = t2.time_step(step, torch.device("cpu"), quick=True)
+    assert st["warmup_calls"] >= len(cold) + 1
+    assert st["median_ms"] < 15.0, st
 
 
 def test_format_table2_shows_paper_columns():
@@ -201,8 +269,16 @@ def test_format_table2_shows_paper_columns():
              "speedup_vs_mask_dec8": 4.0, "paper_speedup": 3.7, "maemd_flop_ratio": 3.88, "mfu": 0.3},
             {"model": "mae_vit_huge_patch14", "impl": "auto", "decoder_depth": 8, "batch": 32, "error": "OOM"}]
     env = {"card": "X", "date": "d", "torch": "t", "git_commit": "c" * 40}
-    text = mb.format_table2(rows, env, {"matmul_dtype": "bf16", "matmul_tflops": 700.0, "copy_gbps": 3000.0})
-    assert "ViT-L/16" in text and "3.7x" in text and "3.88x" in text and "4.00x" in text and "OOM" in text
+    text = t2.format_table2(rows, env, {"matmul_dtype": "bf16", "matmul_tflops": 700.0, "copy_gbps": 3000.0})
+    assert "ViT-L/16" in text and "3.7x" in text and "4.00x" in text and "3.87x" in text and "90%" in text
+    assert "OOM" in text
+    header, sub = [ln for ln in text.splitlines() if ln.startswith("model")][0], None
+    lines = text.splitlines()
+    sub = lines[lines.index(header) + 1]
+    row = [ln for ln in lines if ln.startswith("ViT-L/16")][0]
+    # the two header lines and the row line up: each value sits under its own column
+    assert len(header) <= len(row) and len(sub) <= len(row)
+    assert row.index("4.00x") > header.index("speed-up vs") and row.index("3.7x") > header.index("paper's")
 
 
 # -- the benchmark harness's bookkeeping ----------------------------------------------------------
@@ -290,7 +366,7 @@ def test_graphed_step_refuses_what_it_cannot_capture():
     with pytest.raises(ValueError, match="CUDA device"):
         mb.make_step("reference-graph", "tiny", 2, device="cpu")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
-        mb.table2(["tiny"], (1,), device="cpu", cuda_graph=True)
+        t2.table2(["tiny"], (1,), device="cpu", cuda_graph=True)
 
 
 def test_train_step_capturable_optimizer():
@@ -325,7 +401,7 @@ def test_graphed_step_replays_and_trains(provider):
 
 @pytest.mark.cuda
 def test_table2_graph_rows_on_gpu():
-    rows = mb.table2(["tiny"], (1,), ["reference", "auto"], batch=4, dtype=torch.bfloat16, device="cuda", quick=True)
+    rows = t2.table2(["tiny"], (1,), ["reference", "auto"], batch=4, dtype=torch.bfloat16, device="cuda", quick=True)
     for r in rows:
         assert "error" not in r, r
         assert r["cuda_graph"] and r["visible_timing"] == "cuda-graph" and r["mask_tokens_timing"] == "cuda-graph", r
@@ -359,12 +435,12 @@ def test_table2_cell_times_both_steps_alike_when_one_cannot_be_captured(monkeypa
     """A row whose mask-token (or visible) step cannot be captured times both steps eagerly: a ratio
     of a graph replay to an eager step would mean nothing. (The capture itself is faked: CPU.)"""
     def fake_graphed(step):
-        if isinstance(step.model, mb.MaskTokenEncoderMAE) == (fails == "mask_tokens"):
+        if isinstance(step.model, t2.MaskTokenEncoderMAE) == (fails == "mask_tokens"):
             raise RuntimeError("cannot capture this one")
         return step  # "captured": timed as it is
 
     monkeypatch.setattr(mb, "GraphedTrainStep", fake_graphed)
-    out = mb._time_table2_cell("tiny", "reference", 1, 2, torch.float32, torch.device("cpu"), 0.75, True, None, {},
+    out = t2._time_table2_cell("tiny", "reference", 1, 2, torch.float32, torch.device("cpu"), 0.75, True, None, {},
                                cuda_graph=True)
     assert out["visible_timing"] == out["mask_tokens_timing"] == "eager", out
     assert out[f"{fails}_graph_error"].startswith("RuntimeError: cannot capture")
@@ -385,10 +461,10 @@ def test_harness_ratio_is_like_with_like_when_one_side_was_not_captured(harness)
 
 
 def test_table2_batches_per_model():
-    assert mb.parse_batches(None) is None and mb.parse_batches("64") == 64
-    assert mb.parse_batches("large=256, huge=192") == {"mae_vit_large_patch16": 256, "mae_vit_huge_patch14": 192}
+    assert t2.parse_batches(None) is None and t2.parse_batches("64") == 64
+    assert t2.parse_batches("large=256, huge=192") == {"mae_vit_large_patch16": 256, "mae_vit_huge_patch14": 192}
     for bad in ("0", "x", "large=", "huge=-1", "large=2.5"):
         with pytest.raises(ValueError, match="--batch"):
-            mb.parse_batches(bad)
-    rows = mb.table2(["tiny", "small"], (1,), batch={"tiny": 2}, device="cpu", quick=True)
+            t2.parse_batches(bad)
+    rows = t2.table2(["tiny", "small"], (1,), batch={"tiny": 2}, device="cpu", quick=True)
     assert [r["batch"] for r in rows] == [2, 8]  # tiny as asked, small at the CPU default

@@ -48,3 +48,62 @@ def test_choose_impl_rules():
         choose_impl("fast", cpu)
     with pytest.raises(ValueError, match="impl='cuda' is not available.*CUDA tensors"):
         choose_impl("cuda", cpu, what="test op")
+
+
+# -- what `maefast info` / maefast.backends() tell a user -------------------------------------------
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=120)
+
+
+KEYS_CI_PRINTS = {"torch", "torch_cuda", "triton", "triton_error", "_C", "_C_error", "_C_ops", "eager_dispatch"}
+
+
+def test_info_json_keeps_its_keys_and_adds_what_can_run():
+    import json
+
+    r = _run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert KEYS_CI_PRINTS <= set(info)
+    assert set(info["can_run"]) == {"reference", "triton", "cuda"} and info["can_run"]["reference"] is True
+    assert set(info["why_not"]) == {k for k, ok in info["can_run"].items() if not ok}
+    assert info["auto"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without a GPU is told")
+def test_info_without_a_gpu_says_nothing_fast_runs_here():
+    # an installed triton or a built _C does not run without a GPU: `maefast info` must not suggest it does
+    r = _run_cli("info")
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
+    assert rows["reference"] == "yes" and rows["triton"] == "no" and rows["cuda"] == "no", r.stdout
+    assert "need a CUDA GPU" in r.stdout and 'impl="auto" here: reference' in r.stdout
+    assert "GPU     none" in r.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without a GPU is told")
+def test_backends_with_a_built_extension_but_no_gpu(monkeypatch):
+    import types
+
+    import maefast
+
+    fake = types.SimpleNamespace(registered=["device", "attention"], device_count=lambda: 0)
+    monkeypatch.setattr(_cpp_lib, "_C", fake)
+    monkeypatch.setattr(_cpp_lib, "load_error", None)
+    info = maefast.backends()
+    assert info["_C"] is True and info["_C_ops"] == ["device", "attention"]  # built: CI prints this
+    assert info["can_run"]["cuda"] is False and "is built, but its kernels need a CUDA GPU" in info["why_not"]["cuda"]
+    assert info["can_run"]["triton"] is False
+    from maefast.cli import format_info
+
+    text = format_info(info)
+    assert "is built, but its kernels need a CUDA GPU" in text

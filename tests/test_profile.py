@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from maefast import profile as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARGS = ["--model", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--no-progress"]
 
@@ -87,7 +92,8 @@ def test_profile_side_by_side_and_trace(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert mp.main(ARGS + ["--impl", ",".join(impls), "--trace", str(trace), "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "side by side" in text and "speed-up vs reference" in text
+    # on the CPU every impl runs PyTorch ops: no speed-up row, and the table says why
+    assert "side by side" in text and "speed-up vs" not in text and "no speed-up row" in text
     for r in json.loads(out.read_text())["results"]:
         assert all(s["ms"] > 0 for s in r["stages"]), (r["impl"], r["stages"])
     for impl_trace in {tmp_path / f"trace.{i}.json" for i in impls}:
@@ -109,17 +115,61 @@ def test_profile_bad_impl(capsys):
     assert "no-such-impl" in capsys.readouterr().err
 
 
-def test_default_profile_is_quick(capsys):
-    # the embedded default (small MAE, batch 8, synthetic) prints its table well under a minute
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m maefast ...` as a user runs it, on this checkout, without the tests' TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what the main job tells a user without a GPU")
+def test_default_profile_on_the_cpu_says_what_runs_where():
+    # the README's main job, `maefast profile`, on the embedded default (small MAE, batch 8, synthetic):
+    # quick, and on the CPU no "speed-up" that compares the reference ops with themselves
     t0 = time.perf_counter()
-    assert mp.main(["--threads", "1", "--no-progress", "--steps", "2"]) == 0
-    assert time.perf_counter() - t0 < 60
-    captured = capsys.readouterr()
-    assert "mae_vit_small_cpu" in captured.out and "CPU: small config by default" in captured.err
+    r = run_cli("profile", "--threads", "1", "--no-progress", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - t0 < 90
+    out = r.stdout
+    assert "mae_vit_small_cpu" in out and "CPU: small config by default" in r.stderr
+    assert "impl=auto runs each maefast op's PyTorch reference" in out and "need a CUDA GPU" in out
+    assert "speed-up" not in out.replace("no speed-up of maefast's kernels", "")
+    where = [ln for ln in out.splitlines() if ln.startswith("what runs where")]
+    assert len(where) == 1 and "attention reference" in where[0] and "loss reference" in where[0], out
+    for stage in mp.STAGES:
+        assert stage in out
+
+
+def test_side_by_side_speed_up_only_on_a_gpu():
+    def res(impl, ms, device):
+        return {"impl": impl, "compile": False, "device": device, "step_ms_plain": ms, "img_per_s": 8 / ms,
+                "stages": [{"stage": "backward", "ms": ms / 2}]}
+
+    gpu = mp.format_side_by_side([res("reference", 20.0, "cuda"), res("auto", 10.0, "cuda")])
+    assert "speed-up vs reference" in gpu and "2.00x" in gpu
+    cpu = mp.format_side_by_side([res("reference", 20.0, "cpu"), res("auto", 10.0, "cpu")])
+    assert "speed-up vs" not in cpu and "2.00x" not in cpu and "no speed-up row" in cpu
+
+
+def test_backend_log_records_what_the_ops_chose():
     from maefast import bench as mb
 
-    if mb.accepts_impl():  # the default shows maefast's model beside the reference
-        assert "impl=auto" in captured.out and "side by side" in captured.out
+    if not mb.accepts_impl():
+        pytest.skip("the model constructor does not take impl= in this checkout")
+    model = mb.build_model("tiny", "auto", "cpu")
+    with mp.BackendLog() as log:
+        model(torch.randn(2, 3, 32, 32))[0].backward()
+    assert set(log.ran) >= {"masking", "patch_embed", "attention", "unshuffle", "loss"}, log.ran
+    assert all(set(c) == {"reference"} for c in log.ran.values()), log.ran  # auto on CPU tensors
+    import maefast.ops.attention as att
+
+    assert not hasattr(att._resolve, "__wrapped__")  # restored
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs the Triton kernels on CPU tensors
+        model = mb.build_model("tiny", "triton", "cpu")
+        with mp.BackendLog() as log:
+            model(torch.randn(2, 3, 32, 32))
+        assert log.ran["attention"] == {"triton": len(model.blocks) + len(model.decoder_blocks)}, log.ran
 
 
 def test_profile_fused_block(tmp_path, capsys):
