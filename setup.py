@@ -1,8 +1,10 @@
 """maefast: Masked Autoencoder pre-training kernels (Triton + CUDA C++) and models.
 
 `pip install -e .` works on a CPU-only machine. The CUDA C++ extension `maefast._C` is built with
-nvcc + pybind11 (torch-free, see csrc/build.py) whenever nvcc is found; MAEFAST_SKIP_CUDA_BUILD=1
-skips it. The top-level `kernels/` folder ships as `maefast.kernels`.
+nvcc + pybind11 (torch-free, see csrc/build.py) whenever nvcc is found, GPU or not (CI checks that it
+compiles); the build says so on the terminal, with its progress, although pip hides a build's output
+(csrc/build.py `say`). MAEFAST_SKIP_CUDA_BUILD=1 skips it. The top-level `kernels/` folder ships as
+`maefast.kernels`.
 """
 import os
 import sys
@@ -24,11 +26,13 @@ class NvccBuildExt(build_ext):
 
 
 def ext_modules():
+    # setup.py runs once per build hook: these notes go to the (captured) log, not the terminal
     if os.environ.get("MAEFAST_SKIP_CUDA_BUILD", "0") == "1":
-        print("maefast: MAEFAST_SKIP_CUDA_BUILD=1, not building maefast._C")
+        print("maefast: MAEFAST_SKIP_CUDA_BUILD=1, not building maefast._C", file=sys.stderr)
         return []
     if csrc_build.find_nvcc() is None:
-        print("maefast: nvcc not found, not building maefast._C (the Triton and reference paths still work)")
+        print("maefast: nvcc not found, not building maefast._C (the Triton and reference paths still work)",
+              file=sys.stderr)
         return []
     return [Extension("maefast._C", sources=csrc_build.sources())]
 

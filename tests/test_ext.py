@@ -107,3 +107,78 @@ def test_backends_with_a_built_extension_but_no_gpu(monkeypatch):
 
     text = format_info(info)
     assert "is built, but its kernels need a CUDA GPU" in text
+
+
+# -- csrc/build.py: what `pip install -e .` with nvcc present says and how it parallelises ---------
+
+FAKE_NVCC = """#!/bin/sh
+# stands in for nvcc: logs its arguments, writes the -o output and the -MF depfile
+echo "$@" >> "$(dirname "$0")/calls.log"
+case "$1" in --version) echo "Cuda compilation tools, release 99.9, V99.9.1"; exit 0;; esac
+out=""; dep=""; prev=""
+for a in "$@"; do
+  [ "$prev" = "-o" ] && out="$a"
+  [ "$prev" = "-MF" ] && dep="$a"
+  prev="$a"
+done
+[ -n "$dep" ] && echo "$out: " > "$dep"
+: > "$out"
+"""
+
+
+def _csrc_build():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "build.py")
+    spec = importlib.util.spec_from_file_location("maefast_csrc_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_parallelism_splits_cpus_between_files_and_targets(monkeypatch):
+    b = _csrc_build()
+    assert b.parallelism(7, 3, jobs=2) == (2, 1)
+    assert b.parallelism(7, 3, jobs=16) == (16, 2)  # 7 files at once, 2 of each file's 3 targets at once
+    assert b.parallelism(7, 3, jobs=64) == (64, 3)
+    assert b.parallelism(7, 1, jobs=64) == (64, 1)  # one target: --threads would do nothing
+    monkeypatch.setenv("MAEFAST_BUILD_JOBS", "4")
+    assert b.parallelism(7, 3) == (4, 1)
+    assert "--threads" not in b.compile_flags(1) and b.compile_flags(3)[b.compile_flags(3).index("--threads") + 1] == "3"
+    assert b.ninja_command("ninja", "/b", 6)[-2:] == ["-j", "6"]
+
+
+def test_build_announces_itself_and_builds_in_parallel(tmp_path, monkeypatch, capfd):
+    """The whole driver with a stand-in nvcc (no CUDA compile): it says what it builds, why and how to
+    skip it, reports progress, and hands ninja -j and nvcc --threads."""
+    import os
+    import shutil
+    import stat
+
+    b = _csrc_build()
+    if shutil.which("ninja") is None:
+        pytest.importorskip("ninja")
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(FAKE_NVCC)
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("NVCC", str(nvcc))
+    monkeypatch.setenv("MAEFAST_BUILD_JOBS", "16")
+    out = tmp_path / "out" / "_C.so"
+    b.build(str(out), str(tmp_path / "build"))
+    assert out.exists()
+    err = capfd.readouterr().err
+    assert f"building the CUDA C++ extension maefast._C with nvcc ({nvcc}, CUDA 99.9)" in err
+    assert "why: nvcc is on this machine" in err and "needs no GPU" in err
+    assert "MAEFAST_SKIP_CUDA_BUILD=1" in err and "16 parallel job(s) x 2 nvcc thread(s)" in err
+    assert "sm_80, sm_90 + PTX (90)" in err
+    n = len(b.sources())
+    assert f"[{n + 1}/{n + 1}] LINK _C.so" in err and "NVCC attention.cu" in err
+    assert "maefast: built maefast._C in " in err
+    calls = (tmp_path / "bin" / "calls.log").read_text().splitlines()
+    compiles = [c for c in calls if " -c " in f" {c} "]
+    assert len(compiles) == n and all("--threads 2" in c for c in compiles)
+    ninja_file = (tmp_path / "build" / "build.ninja").read_text()
+    assert "--threads 2" in ninja_file
+    assert os.path.basename(str(out)) in ninja_file
