@@ -84,15 +84,22 @@ def parallelism(n_sources: int, n_targets: int, jobs: int | None = None) -> tupl
     return jobs, max(1, min(n_targets, jobs // at_once))
 
 
+_tty_lines = 0  # lines `say` wrote to the terminal
+
+
 def say(msg: str) -> None:
     """A build message where the user sees it: stderr, and the terminal itself when stderr is not one
     (pip runs the build with its output captured and shows it only with -v or when the build fails)."""
+    global _tty_lines
     print(msg, file=sys.stderr, flush=True)
     try:
         if sys.stderr.isatty():
             return
         with open("/dev/tty", "w") as tty:  # no controlling terminal (CI, a daemon): OSError, stderr only
-            tty.write(msg + "\n")
+            # pip's spinner draws at the cursor: the first line leaves pip's "Building ... -" line, the
+            # others start by returning over the spinner's character
+            tty.write(("\n" if _tty_lines == 0 else "\r") + msg + "\n")
+        _tty_lines += 1
     except OSError:
         pass
 
@@ -198,7 +205,7 @@ def build(output: str, build_dir: str, verbose: bool = False) -> str:
             list(pool.map(compile_one, zip(srcs, objs)))  # list(): re-raises a failed compile
         subprocess.run(link + objs + ["-o", output], check=True)
     secs = time.perf_counter() - t0
-    say(f"maefast: built maefast._C in {int(secs // 60)}m{secs % 60:04.1f}s -> {output}")
+    say(f"maefast: built maefast._C in {int(secs // 60)}m{secs % 60:04.1f}s")
     return output
 
 

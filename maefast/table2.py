@@ -12,9 +12,9 @@ beside the paper's and the FLOP bound (`maefast.flops`). On the CPU the default 
 (the paper's models take minutes per step there) and the output says so.
 
 Every step is warmed up before it is timed: on the CPU until its time stops falling (the first
-steps of a process or of a new model pay for allocator growth, page faults and thread start-up:
-+40-50% on the first cell of a `--quick` run without it); on a GPU `timing.time_cuda` runs it
-several times first.
+calls of a cold step pay for allocator growth, page faults and thread start-up: the first cell of a
+small-config run took 1.3x its settled time over its first calls on this project's 2-core CPU,
+2026-12-04, and one warm-up call was not enough); on a GPU `timing.time_cuda` runs it 5 times first.
 """
 from __future__ import annotations
 
