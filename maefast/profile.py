@@ -16,6 +16,11 @@ steps. Plain steps (no stage marks) alternate with the staged ones to report the
 overhead (the median of the staged/plain pair ratios). FLOPs are the official model's (maefast.flops; the fused path does slightly fewer),
 bytes the minimum traffic of a fused implementation, so GB/s is a lower bound; the roofline note
 compares each stage's arithmetic intensity with the ridge point of the card's *measured* peak.
+
+Each profile also says what runs where: the backend each maefast op chose in the first step
+(`BackendLog`). On the CPU impl="auto" runs every op's PyTorch reference (the Triton and CUDA C++
+kernels need a CUDA GPU), so there the default profiles maefast's model alone, the output says so,
+and a side-by-side run prints no speed-up: it would compare the same PyTorch ops with themselves.
 """
 from __future__ import annotations
 
@@ -424,9 +429,10 @@ def format_backends(r: dict) -> list[str]:
     """'what runs where' lines of one profile: each maefast op's backend, as the ops chose."""
     dev = r.get("device", "?")
     if r.get("backends") is None:
-        return [f"what runs where: not recorded under --compile (all on {dev})"]
+        return ["what runs where: not recorded under --compile (the ops' choice is traced, not called)"]
     if not r["backends"]:
         return [f"what runs where: no maefast op ran; every stage is torch's own ops on {dev}"]
+
     def ran(counts: dict) -> str:  # the backend; with call counts only where an op ran on more than one
         return "/".join(f"{b} x{n}" if len(counts) > 1 else b for b, n in counts.items())
 
@@ -464,7 +470,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 64 on a GPU")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
     p.add_argument("--impl", default=None, help="comma list, profiled side by side (reference, auto, triton, "
-                   "cuda); default: reference,auto (maefast's model) when the model takes impl=, else reference")
+                   "cuda); default on a GPU: reference,auto (the official computation and maefast's model, with "
+                   "the speed-up); on the CPU: auto alone (its ops run their PyTorch reference there)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
