@@ -171,6 +171,30 @@ def test_unshuffle_reference_gradient_is_exact_for_any_ids():
         assert_close(a, b, torch.float32, name=f"grad {name}")
 
 
+# -- masked_patch_embed: ids_keep ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_patch_embed_out_of_range_ids_give_nan_rows_and_no_gradient(impl):
+    """The on-device contract (ids_keep not checked on a GPU), through the custom op: an id outside
+    [0, L) gives a NaN row and no weight/pos_embed gradient, in every backend (before: the
+    reference's gather raised)."""
+    pe_mod = sys.modules["maefast.ops.patch_embed"]
+    imgs, L = randn(2, 3, 16, 16), 16
+    w, b, pos = randn(8, 3, 4, 4).requires_grad_(), randn(8).requires_grad_(), randn(1, 17, 8).requires_grad_()
+    ids = torch.tensor([[0, 5, -1, 3], [16, 2, 7, 1000]])
+    ok = ((ids >= 0) & (ids < L)).unsqueeze(-1)
+    out = pe_mod._masked_patch_embed_op(imgs, ids, w, b, pos, 4, impl)
+    want = R.masked_patch_embed(imgs, ids.clamp(0, L - 1), w, b, pos, 4)
+    assert out.masked_select(~ok).isnan().all()
+    assert_close(out.masked_fill(~ok, 0), want.masked_fill(~ok, 0), torch.float32, name="out")
+    g = randn(*out.shape)
+    got = torch.autograd.grad(out, (w, b, pos), g)
+    ref = torch.autograd.grad(want, (w, pos), g * ok)
+    assert_close(got[0], ref[0], torch.float32, name="grad weight")
+    assert_close(got[2], ref[1], torch.float32, name="grad pos_embed")
+    assert_close(got[1], g.sum((0, 1)), torch.float32, name="grad bias")
+
+
 # -- loss: ids_restore, NaN, the masked head's weights ----------------------------------------------
 
 def _loss_case(N=2, p=4, C=3, S=16, ratio=0.75):

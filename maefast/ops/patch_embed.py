@@ -32,12 +32,20 @@ def _resolve(impl: str, imgs: torch.Tensor) -> str:
                      "kernels (float32, float16, bfloat16)")
 
 
+def _valid_ids(ids_keep: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids clamped into [0, L), which ids were in range): the kernels' contract for ids that are not
+    checked on a GPU (an out-of-range id gives a NaN row and no gradient), kept by the reference."""
+    return ids_keep.clamp(0, L - 1), (ids_keep >= 0) & (ids_keep < L)
+
+
 def _rows_torch(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
-    """The kept patches as rows (N*K, C*p*p) ordered (c, kh, kw), in PyTorch."""
+    """The kept patches as rows (N*K, C*p*p) ordered (c, kh, kw), in PyTorch (zero rows for ids
+    outside [0, L))."""
     n, c, H, W = imgs.shape
     h, w = H // p, W // p
+    ids, ok = _valid_ids(ids_keep, h * w)
     x = imgs.reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p)
-    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c * p * p))
+    x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, c * p * p)).masked_fill(~ok.unsqueeze(-1), 0)
     return x.reshape(-1, c * p * p)
 
 
@@ -83,7 +91,10 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
                 return masked_patch_embed_fwd_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size)
         if chosen == "cuda":
             return _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, patch_size)
-        return reference.masked_patch_embed(imgs, ids_keep, weight, bias, pos_embed, patch_size).contiguous()
+        L = (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size)
+        ids, ok = _valid_ids(ids_keep, L)
+        out = reference.masked_patch_embed(imgs, ids, weight, bias, pos_embed, patch_size)
+        return out.masked_fill(~ok.unsqueeze(-1), float("nan")).contiguous()
 
 
 @_masked_patch_embed_op.register_fake
@@ -109,8 +120,11 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
             with device_guard(imgs):
                 dw, dpos = masked_patch_embed_bwd_triton(grad, imgs, ids_keep, D, patch_size, True, need_pos)
         else:
-            rows = _rows_cuda(imgs, ids_keep, patch_size) if chosen == "cuda" else _rows_torch(imgs, ids_keep,
-                                                                                               patch_size)
+            if chosen == "cuda":  # its NaN rows (bad ids) contribute nothing, as in the other backends
+                ok = _valid_ids(ids_keep, (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size))[1]
+                rows = _rows_cuda(imgs, ids_keep, patch_size).masked_fill(~ok.reshape(-1, 1), 0)
+            else:
+                rows = _rows_torch(imgs, ids_keep, patch_size)
             gf = g.float()
             dw = gf.t() @ rows.float()
             dpos = None
