@@ -97,11 +97,6 @@ def values_on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def is_meta(*tensors) -> bool:
-    """Whether any of the tensors (others are ignored) lives on the meta device."""
-    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
-
-
 def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An index tensor as every backend reads it: contiguous (and in `dtype` when given).
 
