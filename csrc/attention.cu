@@ -11,7 +11,10 @@
 // [B: S strip (fp32), then O strip (fp32)]; 160 KiB at Lp = Dh = 128 (fits sm_80 and sm_90).
 // Safety: every global load/store is bounds-checked against the sequence length, which is clamped
 // to the padded length the shared memory was sized for; inputs are validated in Python and again
-// here (alignment for the 16-byte loads, sizes) before the launch.
+// here (alignment for the 16-byte loads, sizes) before the launch. Varlen offsets on the device are
+// not checked on the host (a sync): they are clamped into [0, total_rows] here, and a sequence with
+// out-of-range offsets or longer than max_seqlen writes NaN (out and lse) instead of a truncated
+// result (maefast/_validate.py check_cu_seqlens states the contract).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -40,6 +43,7 @@ struct AttnFwdParams {
   long long stride_qkv_b, stride_qkv_l, stride_out_b, stride_out_l, stride_lse_b, stride_lse_h;
   int num_heads;
   int seqlen;  // L (batched) or max_seqlen (varlen)
+  long long total_rows;  // Lr: rows of each batch entry (varlen: the packed T)
   int lp;      // padded length: multiple of 16, <= kMaxLen; blockDim.x == 2 * lp (lp / 16 warps)
   float scale;
 };
@@ -97,12 +101,16 @@ __global__ void __launch_bounds__(2 * kMaxLen) attention_fwd_wmma_kernel(AttnFwd
 
   long long batch = seq, row0 = 0;
   int len = p.seqlen;
+  bool poison = false;
   if (p.cu_seqlens != nullptr) {
     batch = 0;
-    row0 = p.cu_seqlens[seq];
-    len = p.cu_seqlens[seq + 1] - p.cu_seqlens[seq];
+    const long long a = p.cu_seqlens[seq], b = p.cu_seqlens[seq + 1];
+    row0 = min(max(a, 0LL), p.total_rows);
+    const long long end = min(max(b, row0), p.total_rows);
+    poison = a != row0 || b != end || end - row0 > p.seqlen;
+    len = static_cast<int>(min(end - row0, static_cast<long long>(lp)));
   }
-  len = max(0, min(len, lp));  // never index past the shared tiles (upstream guarantees len <= lp)
+  len = max(0, min(len, lp));  // never index past the shared tiles (a longer sequence is poisoned)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sk = reinterpret_cast<T*>(smem_raw);
@@ -156,7 +164,7 @@ __global__ void __launch_bounds__(2 * kMaxLen) attention_fwd_wmma_kernel(AttnFwd
     for (int c = lane; c < lp; c += kWarp) prow[c] = from_float<T>(c < len ? expf(srow[c] * p.scale - m) * inv : 0.0f);
     const int row = r0 + i;
     if (lane == 0 && row < len) {
-      p.lse[batch * p.stride_lse_b + (long long)head * p.stride_lse_h + row0 + row] = m + logf(sum);
+      p.lse[batch * p.stride_lse_b + (long long)head * p.stride_lse_h + row0 + row] = poison ? NAN : m + logf(sum);
     }
   }
   __syncwarp();
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(2 * kMaxLen) attention_fwd_wmma_kernel(AttnFwd
   for (int i = lane; i < kTile * DH; i += kWarp) {
     const int r = i / DH;
     const int d = i % DH;
-    if (r0 + r < len) out[(long long)(r0 + r) * p.stride_out_l + d] = from_float<T>(sb[r * DH + d]);
+    if (r0 + r < len) out[(long long)(r0 + r) * p.stride_out_l + d] = from_float<T>(poison ? NAN : sb[r * DH + d]);
   }
 }
 
@@ -221,12 +229,14 @@ void require(bool ok, const std::string& msg) {
 }
 
 void attention_fwd(std::uintptr_t qkv, std::uintptr_t out, std::uintptr_t lse, std::uintptr_t cu_seqlens,
-                   int num_seqs, int num_heads, int head_dim, int seqlen, long long stride_qkv_b,
+                   int num_seqs, int num_heads, int head_dim, int seqlen, long long total_rows,
+                   long long stride_qkv_b,
                    long long stride_qkv_l, long long stride_out_b, long long stride_out_l, long long stride_lse_b,
                    long long stride_lse_h, float scale, bool bf16, std::uintptr_t stream) {
   require(qkv != 0 && out != 0 && lse != 0, "null pointer");
   require(num_seqs >= 1 && num_heads >= 1 && num_heads <= 65535, "need num_seqs >= 1 and 1 <= num_heads <= 65535");
   require(seqlen >= 1 && seqlen <= kMaxLen, "seqlen (max_seqlen) must be in [1, 128], got " + std::to_string(seqlen));
+  require(total_rows >= 0, "total_rows must be >= 0");
   require(qkv % 16 == 0, "qkv must be 16-byte aligned");
   require(stride_qkv_b % 8 == 0 && stride_qkv_l % 8 == 0, "qkv strides must be multiples of 8 elements");
   require(stride_qkv_b >= 0 && stride_qkv_l >= 0 && stride_out_b >= 0 && stride_out_l >= 0 && stride_lse_b >= 0 &&
@@ -244,6 +254,7 @@ void attention_fwd(std::uintptr_t qkv, std::uintptr_t out, std::uintptr_t lse, s
   p.stride_lse_h = stride_lse_h;
   p.num_heads = num_heads;
   p.seqlen = seqlen;
+  p.total_rows = total_rows;
   p.lp = (seqlen + kTile - 1) / kTile * kTile;
   p.scale = scale;
   if (bf16) {
@@ -257,9 +268,9 @@ void attention_fwd(std::uintptr_t qkv, std::uintptr_t out, std::uintptr_t lse, s
 
 MAEFAST_REGISTER(attention) {
   m.def("attention_fwd", &attention_fwd, py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"),
-        py::arg("num_seqs"), py::arg("num_heads"), py::arg("head_dim"), py::arg("seqlen"), py::arg("stride_qkv_b"),
-        py::arg("stride_qkv_l"), py::arg("stride_out_b"), py::arg("stride_out_l"), py::arg("stride_lse_b"),
-        py::arg("stride_lse_h"), py::arg("scale"), py::arg("bf16"), py::arg("stream"),
+        py::arg("num_seqs"), py::arg("num_heads"), py::arg("head_dim"), py::arg("seqlen"), py::arg("total_rows"),
+        py::arg("stride_qkv_b"), py::arg("stride_qkv_l"), py::arg("stride_out_b"), py::arg("stride_out_l"),
+        py::arg("stride_lse_b"), py::arg("stride_lse_h"), py::arg("scale"), py::arg("bf16"), py::arg("stream"),
         "Attention forward for L <= 128 (fp16/bf16, WMMA): out (Nb, Lr, H*Dh) and lse (Nb, H, Lr) fp32. "
         "cu_seqlens: int32 device pointer or 0.");
 }

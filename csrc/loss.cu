@@ -1,7 +1,8 @@
 // Masked MSE on (optionally) per-patch-normalised pixels, forward and backward (CUDA C++; Python
 // validates inputs in maefast/ops/loss.py). One block per patch (n, l) of the (N, L) grid:
-//   pred_masked == false: w = mask[n, l]; pred row (n, l); the image patch is read only when w != 0
-//                         (a zero-weight row adds w * mean(pred^2): 0, or NaN for non-finite pred).
+//   pred_masked == false: w = mask[n, l]; pred row (n, l); every image patch is read, also when w == 0
+//                         (a zero-weight row adds w * row loss: 0, or NaN when its pred or image
+//                         patch is not finite, as the official (loss * mask).sum(): 0 * NaN is NaN).
 //   pred_masked == true:  j = ids_restore[n, l] - K; masked iff 0 <= j < M: pred row (n, j), w = 1;
 //                         else the block writes 0 (forward) / nothing (backward) and reads nothing.
 // Target element e of the patch (official order e = (p_row * p + p_col) * C + c) is
@@ -68,7 +69,7 @@ __device__ __forceinline__ Row row_info(const Args& a, const TW* wt, int64_t q) 
     r.w = r.active ? 1.f : 0.f;
   } else {
     r.w = static_cast<float>(wt[r.n * a.s_w_n + l * a.s_w_l]);
-    r.active = r.w != 0.f;
+    r.active = true;  // read the patch even where w == 0: non-finite pixels reach the loss (official)
     r.pred_ok = true;
     r.prow = l;
   }

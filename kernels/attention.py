@@ -52,14 +52,24 @@ def _store_rows(base_ptr, val, rows, row_mask, cols, col_mask, stride_l, stride_
 
 
 @triton.jit
-def _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN: tl.constexpr):
-    """(batch index into the strided tensors, first row, length) of sequence pid_b."""
+def _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN: tl.constexpr):
+    """(batch index into the strided tensors, first row, length, poison) of sequence pid_b.
+
+    Varlen (seqlen = T rows): offsets on a GPU are not checked on the host (a sync), so they are
+    clamped into [0, T] here: no access leaves the tensors whatever cu_seqlens holds. A sequence
+    whose offsets were out of range, or that is longer than max_seqlen (the grid covers only
+    max_seqlen rows of it), gets poison = NaN, else 1.0: the kernels multiply it into what they
+    write, so such a sequence comes out NaN instead of silently wrong."""
     if VARLEN:
-        start = tl.load(cu_ptr + pid_b)
-        n_rows = (tl.load(cu_ptr + pid_b + 1) - start).to(tl.int32)
-        return pid_b * 0, start.to(tl.int64), n_rows
+        a = tl.load(cu_ptr + pid_b).to(tl.int64)
+        b = tl.load(cu_ptr + pid_b + 1).to(tl.int64)
+        start = tl.minimum(tl.maximum(a, 0), seqlen)
+        end = tl.minimum(tl.maximum(b, start), seqlen)
+        n_rows = (end - start).to(tl.int32)
+        bad = (a != start) | (b != end) | (n_rows > max_seqlen)
+        return pid_b * 0, start, n_rows, tl.where(bad, float("nan"), 1.0)
     else:
-        return pid_b, pid_b * 0, seqlen
+        return pid_b, pid_b * 0, seqlen, 1.0
 
 
 @triton.jit
@@ -71,7 +81,7 @@ def _attn_fwd_kernel(
     stride_qkv_b, stride_qkv_l, stride_qkv_c,
     stride_out_b, stride_out_l, stride_out_c,
     stride_lse_b, stride_lse_h,
-    seqlen, num_heads, num_m_blocks, qk_scale_log2,
+    seqlen, max_seqlen, num_heads, num_m_blocks, qk_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -79,7 +89,7 @@ def _attn_fwd_kernel(
     pid_m = (pid % num_m_blocks).to(tl.int32)
     pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
-    batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c
     k_base = q_base + head_stride
@@ -121,7 +131,7 @@ def _attn_fwd_kernel(
             acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PREC)
         m_i = m_new
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0) * poison  # NaN out and lse for a poisoned sequence
     o_base = out_ptr + batch * stride_out_b + row0 * stride_out_l + pid_h * HEAD_DIM * stride_out_c
     _store_rows(o_base, (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), offs_m, m_mask, d0, d0_mask,
                 stride_out_l, stride_out_c)
@@ -146,7 +156,7 @@ def _attn_bwd_dq_kernel(
     stride_do_b, stride_do_l, stride_do_c,
     stride_dqkv_b, stride_dqkv_l, stride_dqkv_c,
     stride_lse_b, stride_lse_h,
-    seqlen, num_heads, num_m_blocks, sm_scale,
+    seqlen, max_seqlen, num_heads, num_m_blocks, sm_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -154,7 +164,8 @@ def _attn_bwd_dq_kernel(
     pid_m = (pid % num_m_blocks).to(tl.int32)
     pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
-    batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
+    sm_scale = sm_scale * poison  # a poisoned sequence: NaN probabilities, so a NaN dq
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c
     k_base = q_base + head_stride
@@ -225,7 +236,7 @@ def _attn_bwd_dkdv_kernel(
     stride_do_b, stride_do_l, stride_do_c,
     stride_dqkv_b, stride_dqkv_l, stride_dqkv_c,
     stride_lse_b, stride_lse_h,
-    seqlen, num_heads, num_n_blocks, sm_scale,
+    seqlen, max_seqlen, num_heads, num_n_blocks, sm_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, FUSED_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -236,7 +247,8 @@ def _attn_bwd_dkdv_kernel(
     pid_n = (pid % num_n_blocks).to(tl.int32)
     pid_h = ((pid // num_n_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_n_blocks * num_heads)
-    batch, row0, n_rows = _seq_bounds(cu_ptr, pid_b, seqlen, VARLEN)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
+    sm_scale = sm_scale * poison  # a poisoned sequence: NaN probabilities, so NaN dk, dv (and dq)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c
     k_base = q_base + head_stride
@@ -371,6 +383,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _alloc(shape, dtype: torch.dtype, device: torch.device, nan: bool) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if nan else \
+        torch.empty(shape, dtype=dtype, device=device)
+
+
 def _layout(qkv: torch.Tensor, num_heads: int, cu_seqlens, max_seqlen):
     nb, lr, width = qkv.shape
     head_dim = width // (3 * num_heads)
@@ -388,11 +405,11 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
     the caller (maefast.ops.visible_attention); with cu_seqlens, Nb == 1 and max_seqlen is given.
     `out` / `lse` may be passed (tests poison them); `lse` must be contiguous."""
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
+    # varlen: rows no sequence covers (only for malformed cu_seqlens) stay NaN, not plausible zeros
     if out is None:
-        alloc = torch.empty if cu_seqlens is None else torch.zeros
-        out = alloc(nb, lr, num_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+        out = _alloc((nb, lr, num_heads * head_dim), qkv.dtype, qkv.device, cu_seqlens is not None)
     if lse is None:
-        lse = torch.empty(nb, num_heads, lr, device=qkv.device, dtype=torch.float32)
+        lse = _alloc((nb, num_heads, lr), torch.float32, qkv.device, cu_seqlens is not None)
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
@@ -404,7 +421,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
         qkv.stride(0), qkv.stride(1), qkv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        lr, num_heads, num_m_blocks, scale * LOG2E,
+        lr, max_len, num_heads, num_m_blocks, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(qkv.dtype),
         **cfg)
     return out, lse
@@ -418,9 +435,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     `lse` must be contiguous (as attention_fwd makes it)."""
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
     if dqkv is None:
-        # varlen: rows outside every sequence (only if cu_seqlens[-1] < T) get zeros, not garbage.
-        alloc = torch.empty if cu_seqlens is None else torch.zeros
-        dqkv = alloc(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device, cu_seqlens is not None)
     if dqkv.numel() == 0 or nseq == 0 or max_len == 0:
         return dqkv.zero_()
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
@@ -434,11 +449,12 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         dq_cfg = dict(cfg["dq"], **(config or {}))
         num_m_blocks = triton.cdiv(max_len, dq_cfg["BLOCK_M"])
         _attn_bwd_dq_kernel[(nseq * num_heads * num_m_blocks,)](
-            qkv, out, dout, lse, delta, dqkv, cu, *common, lr, num_heads, num_m_blocks, scale, **meta, **dq_cfg)
+            qkv, out, dout, lse, delta, dqkv, cu, *common, lr, max_len, num_heads, num_m_blocks, scale, **meta,
+            **dq_cfg)
     kv_cfg = dict(cfg["dkdv"], **(config or {}))
     num_n_blocks = triton.cdiv(max_len, kv_cfg["BLOCK_N"])
     _attn_bwd_dkdv_kernel[(nseq * num_heads * num_n_blocks,)](
-        qkv, out, dout, lse, delta, dqkv, cu, *common, lr, num_heads, num_n_blocks, scale,
+        qkv, out, dout, lse, delta, dqkv, cu, *common, lr, max_len, num_heads, num_n_blocks, scale,
         FUSED_DQ=cfg["fused"], **meta, **kv_cfg)
     return dqkv
 

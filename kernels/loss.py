@@ -1,9 +1,9 @@
 """Triton masked MSE on (optionally) per-patch-normalised pixels, read straight from the NCHW image.
 
 Programs walk the rows of pred, BLOCK_M rows each:
-  PRED_MASKED=False: pred (N, L, P), row (n, l) is patch l, weight w = mask[n, l] (1 = removed); the
-      image patch is read only where w != 0 (a zero-weight row contributes w * mean(pred^2) = 0, or
-      NaN when pred is not finite, as the reference's 0 * loss does).
+  PRED_MASKED=False: pred (N, L, P), row (n, l) is patch l, weight w = mask[n, l] (1 = removed); every
+      image patch is read, also where w == 0: a zero-weight row contributes w * row loss = 0, or NaN
+      when its pred or image patch is not finite, as the official `(loss * mask).sum()` (0 * NaN).
   PRED_MASKED=True: pred (N, M, P), row (n, j) is patch ids[n, j] (the masked patches in shuffle
       order, `maefast.ops.masked_patch_ids`; clamped into [0, L)), w = 1: visible patches are never
       read and every pred row is written by the backward (no zero fill).
@@ -51,7 +51,7 @@ def _rows(
     else:
         l = prow
         w = tl.load(w_ptr + n * stride_w_n + l * stride_w_l, mask=row_ok, other=0.0).to(tl.float32)
-        active = row_ok & (w != 0.0)
+        active = row_ok  # the official loss reads every patch (NaN in an unmasked one reaches it)
     # (p_row, p_col, c) of each element: constexpr divisors (strength-reduced), int32 until the offsets
     e32 = tl.arange(0, BLOCK_P)
     em = e32 < P

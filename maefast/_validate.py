@@ -1,6 +1,19 @@
 """Input validation shared by every public function (user errors -> ValueError/TypeError naming
 the argument). Validation is skipped while torch.compile traces (the fake tensors carry shapes
-only, and the checks were already made eagerly)."""
+only, and the checks were already made eagerly).
+
+What is checked where (the README's "The ops" states the same contracts):
+
+- Shapes, dtypes and devices: always, on the host (metadata only, no device work).
+- Values of index tensors (cu_seqlens, ids_restore, ids_keep): only where reading them is free, i.e.
+  on CPU tensors (`values_on_host`). On a GPU a check would be a host sync (and would break a CUDA
+  graph capture), so values there are trusted, and every kernel stays inside its tensors whatever
+  they hold (clamped or masked indices; see each op).
+- Index tensors reach every backend dense (`dense_index`): one rule, so no kernel ever reads a
+  strided view as contiguous memory.
+- Meta tensors carry no values: the checks of values are skipped and the ops run their fake
+  implementations (shapes, dtypes) through the dispatcher (`maefast.ops._dispatch.call`).
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -75,3 +88,101 @@ def to_2tuple(name: str, v) -> tuple[int, int]:
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
         return (int(v[0]), int(v[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+# -- index tensors ---------------------------------------------------------------------------------
+
+def values_on_host(t: torch.Tensor) -> bool:
+    """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA)."""
+    return t.device.type == "cpu"
+
+
+def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An index tensor as every backend reads it: contiguous (and in `dtype` when given).
+
+    The one rule for cu_seqlens, ids_keep, ids_restore, the loss mask and the masked patch ids:
+    made dense before any kernel sees them (a no-op for what masking returns), so no kernel reads a
+    strided view as contiguous memory. Applied in each custom op's implementation, so the direct
+    route, the dispatcher and torch.compile all pass through it.
+    """
+    t = t.contiguous()
+    return t if dtype is None else t.to(dtype)
+
+
+def _show(values: list) -> str:
+    return str(values if len(values) <= 12 else values[:6] + ["..."] + values[-6:])
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen) -> int | None:
+    """Validates varlen offsets for `total` packed rows; returns the max_seqlen to launch with.
+
+    Contract: cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == total; max_seqlen >= the
+    longest sequence. Checked on the host: max_seqlen's type and range against T and B (always:
+    B sequences of at most max_seqlen rows must hold T rows, so max_seqlen >= ceil(T / B)); the
+    offsets themselves when they are on the CPU (free) or when max_seqlen is None (then computed,
+    one host sync). Offsets on a GPU with a given max_seqlen are trusted (no sync): the kernels
+    clamp every offset into [0, T] (no access leaves the tensors) and write NaN rows for a sequence
+    longer than max_seqlen or with out-of-range offsets, so a too-small max_seqlen is never a
+    silently wrong result. A max_seqlen above T is lowered to T (no sequence can be longer).
+    """
+    nseq = cu_seqlens.numel() - 1
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        least = -(-total // nseq)
+        if max_seqlen < least:
+            raise ValueError(f"max_seqlen={max_seqlen} is too small: T={total} rows in B={nseq} sequences need one "
+                             f"of at least ceil(T/B) = {least} rows")
+        max_seqlen = min(max_seqlen, total)
+    if cu_seqlens.device.type == "meta" or (max_seqlen is not None and not values_on_host(cu_seqlens)):
+        return max_seqlen  # no values to read, or trusted on the device (see above)
+    cu = cu_seqlens.tolist()  # free on the CPU; one sync on a GPU (max_seqlen was not given)
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows T={total}; "
+                         f"got {_show(cu)}")
+    longest = max(lens)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence in cu_seqlens ({longest} rows)")
+    return longest if max_seqlen is None else max_seqlen
+
+
+def check_permutation(name: str, ids: torch.Tensor) -> None:
+    """Each row of `ids` (N, L) must be a permutation of 0..L-1 (as random_masking returns).
+
+    Checked when free (a CPU tensor); on a GPU the values are trusted (a check would sync), and
+    the ops that read them stay inside their tensors whatever they hold.
+    """
+    if not values_on_host(ids) or ids.numel() == 0:
+        return
+    L = ids.shape[-1]
+    ok = (ids.sort(dim=-1).values == torch.arange(L, dtype=ids.dtype)).all(dim=-1)
+    if not bool(ok.all()):
+        row = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"{name} must hold a permutation of 0..{L - 1} in every row (as random_masking returns); "
+                         f"row {row} is {_show(ids[row].tolist())}")
+
+
+def check_index_range(name: str, ids: torch.Tensor, high: int, high_name: str = "L") -> None:
+    """Every value of `ids` must lie in [0, high); checked when free (a CPU tensor)."""
+    if values_on_host(ids) and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= high:
+            raise ValueError(f"{name} values must be in [0, {high_name}={high}), got values in [{lo}, {hi}]")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force for `device`'s type, or None (off; or a device type autocast
+    does not know, such as meta, where torch.is_autocast_enabled would raise)."""
+    if device.type == "meta":
+        return None
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def check_input_dtype(name: str, x: torch.Tensor, weight: torch.Tensor, weight_name: str) -> None:
+    """Outside autocast, `x` must have the dtype of the `weight` it meets (F.conv2d / F.linear would
+    raise an error naming neither); under autocast the op casts both itself."""
+    if x.dtype != weight.dtype and autocast_dtype(x.device) is None:
+        dt = str(weight.dtype).replace("torch.", "")
+        raise TypeError(f"{name} dtype {str(x.dtype).replace('torch.', '')} must match {weight_name} dtype {dt}: "
+                        f"cast {name} (e.g. {name}.to(torch.{dt})) or the model, or run under torch.autocast")

@@ -433,7 +433,7 @@ def test_cuda_binding_rejects_bad_arguments_before_any_cuda_call():
     C = get_C()
     if C is None or not hasattr(C, "attention_fwd"):
         pytest.skip("maefast._C with attention_fwd is not built here")
-    good = dict(qkv=16, out=16, lse=16, cu_seqlens=0, num_seqs=1, num_heads=1, head_dim=64, seqlen=50,
+    good = dict(qkv=16, out=16, lse=16, cu_seqlens=0, num_seqs=1, num_heads=1, head_dim=64, seqlen=50, total_rows=50,
                 stride_qkv_b=50 * 192, stride_qkv_l=192, stride_out_b=50 * 64, stride_out_l=64, stride_lse_b=50,
                 stride_lse_h=50, scale=0.125, bf16=False, stream=0)
     for key, bad, msg in [("seqlen", 129, "seqlen"), ("qkv", 8, "aligned"), ("stride_qkv_l", 196, "multiples of 8"),

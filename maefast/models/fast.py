@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops.attention import model_level_impl
-from .._validate import check_images, check_mask_ratio, check_tensor, compiling
+from .._validate import autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -208,8 +208,7 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
     """
     check_inputs(view, imgs, mask_ratio, noise)
     n, L, p = imgs.shape[0], view.num_patches, view.patch_size
-    dev = imgs.device.type
-    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    out_dtype = autocast_dtype(imgs.device)  # None on meta too (torch.is_autocast_enabled raises there)
     stream_dtype = torch.float32 if out_dtype is not None else imgs.dtype
 
     ids_keep, ids_restore, mask = ops.random_masking(n, L, mask_ratio, noise=noise, seed=seed, device=imgs.device,

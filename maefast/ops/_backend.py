@@ -29,13 +29,16 @@ def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"
     """Resolve `impl` for tensors on `device`.
 
     "auto" tries `auto_order` (only verified-fast backends belong there) and falls back to the
-    reference; an explicit request that cannot run raises ValueError with the reason.
+    reference; an explicit request that cannot run raises ValueError with the reason. On the meta
+    device only the fake implementations run (shapes and dtypes), so any request is accepted there.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = torch.device(device)
     if impl == "reference":
         return "reference"
+    if device.type == "meta":
+        return "reference" if impl == "auto" else impl
     checks = {"triton": lambda: triton_usable(device),
               "cuda": lambda: cuda_ext_usable(device, cuda_op)}
     if impl == "auto":

@@ -10,7 +10,8 @@ GPU hosts that cost is what bounds a training step at ViT-B sizes.
 So the public functions call `call(op, *args)`:
 
 - while torch.compile / export traces (`torch.compiler.is_compiling()` / `is_exporting()`), for
-  tensor subclasses (FakeTensor, DTensor, ...), or when `MAEFAST_EAGER_DISPATCH=custom_op`, it
+  tensor subclasses (FakeTensor, DTensor, ...), for meta tensors (the dispatcher runs the op's fake
+  implementation: shapes and dtypes, no data), or when `MAEFAST_EAGER_DISPATCH=custom_op`, it
   calls the custom op (unchanged semantics);
 - otherwise ("direct", the default) it runs the op's own Python implementation — inside one
   autograd.Function (same setup_context / backward as the registered autograd) when a gradient is
@@ -115,8 +116,10 @@ def _exporting() -> bool:
 
 def _traced(args) -> bool:
     """Tensor subclasses (FakeTensor, FunctionalTensor, DTensor, ...) belong to a tracer or a wrapper
-    that knows the custom op (its fake impl, its sharding) and not our Python: they take that route."""
-    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+    that knows the custom op (its fake impl, its sharding) and not our Python: they take that route.
+    So do meta tensors: the dispatcher's Meta kernel is the registered fake implementation, where our
+    Python would try to read values that a meta tensor does not have."""
+    return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.device.type == "meta") for a in args)
 
 
 def call(op, *args):

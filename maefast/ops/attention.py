@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_tensor, compiling
+from .._validate import check_cu_seqlens, check_tensor, compiling, dense_index
 from ..reference.attention import attention as _reference_attention
 from ._backend import choose_impl, device_guard, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
@@ -118,23 +118,30 @@ def _reference_backward(dout, qkv, num_heads, scale, cu_seqlens) -> torch.Tensor
     return torch.stack((dq, dk, dv), 0).permute(1, 3, 0, 2, 4).reshape(n, L, width).to(qkv.dtype)
 
 
+def _alloc(shape, dtype, device, fill):
+    return torch.empty(shape, dtype=dtype, device=device) if fill is None else \
+        torch.full(shape, fill, dtype=dtype, device=device)
+
+
 def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
     from .._cpp_lib import require_C
 
     C = require_C()
     nb, lr, width = qkv.shape
     dh = width // (3 * num_heads)
-    alloc = torch.empty if cu_seqlens is None else torch.zeros
-    out = alloc(nb, lr, num_heads * dh, device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty(nb, num_heads, lr, device=qkv.device, dtype=torch.float32)
+    # varlen: a row no (well-formed) sequence covers stays NaN (see check_cu_seqlens)
+    fill = None if cu_seqlens is None else float("nan")
+    out = _alloc((nb, lr, num_heads * dh), qkv.dtype, qkv.device, fill)
+    lse = _alloc((nb, num_heads, lr), torch.float32, qkv.device, fill)
     nseq = nb if cu_seqlens is None else cu_seqlens.numel() - 1
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+    cu = None if cu_seqlens is None else dense_index(cu_seqlens, torch.int32)
     with torch.cuda.device(qkv.device):
         C.attention_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), 0 if cu is None else cu.data_ptr(),
-                        nseq, num_heads, dh, max_len, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-                        lse.stride(0), lse.stride(1), float(scale), qkv.dtype == torch.bfloat16, stream_of(qkv))
+                        nseq, num_heads, dh, max_len, lr, qkv.stride(0), qkv.stride(1), out.stride(0),
+                        out.stride(1), lse.stride(0), lse.stride(1), float(scale), qkv.dtype == torch.bfloat16,
+                        stream_of(qkv))
     return out, lse
 
 
@@ -142,6 +149,7 @@ def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
 def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                        scale: float | None, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(Nb, Lr, 3*H*Dh) -> out (Nb, Lr, H*Dh), lse (Nb, H, Lr) fp32. Inputs validated by the caller."""
+    cu_seqlens = None if cu_seqlens is None else dense_index(cu_seqlens)
     dh = qkv.shape[-1] // (3 * num_heads)
     scale = dh ** -0.5 if scale is None else float(scale)
     max_len = _max_len(qkv, cu_seqlens, max_seqlen)
@@ -169,6 +177,7 @@ def _visible_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torc
                                 num_heads: int, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
                                 scale: float | None, impl: str) -> torch.Tensor:
     """-> dqkv (Nb, Lr, 3*H*Dh) in the packed layout of qkv, qkv's dtype."""
+    cu_seqlens = None if cu_seqlens is None else dense_index(cu_seqlens)
     dh = qkv.shape[-1] // (3 * num_heads)
     scale = dh ** -0.5 if scale is None else float(scale)
     max_len = _max_len(qkv, cu_seqlens, max_seqlen)
@@ -211,8 +220,8 @@ register_autograd(_visible_attention, _backward, setup_context=_setup_context)
 # -- public entry point ------------------------------------------------------------------------------
 
 def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None:
-    """Raises on bad input; returns max_seqlen (computed, with one host sync, when cu_seqlens is
-    given without it)."""
+    """Raises on bad input; returns max_seqlen (computed, with one host sync, when device offsets
+    come without it; see `maefast._validate.check_cu_seqlens` for what is trusted)."""
     check_tensor("qkv", qkv, dtypes=_DTYPES)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -241,17 +250,7 @@ def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None
         raise ValueError("qkv's last dim must be non-empty")
     if cu_seqlens is None:
         return None
-    if max_seqlen is not None:
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-        return max_seqlen  # trusted, like flash-attn's varlen API: no host sync
-    cu = cu_seqlens.tolist()
-    total = qkv.shape[-2]
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows T={total}; "
-                         f"got {cu if len(cu) <= 12 else cu[:6] + ['...'] + cu[-6:]}")
-    return max(lens)
+    return check_cu_seqlens(cu_seqlens, qkv.shape[-2], max_seqlen)
 
 
 def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Tensor | None = None,
@@ -266,7 +265,11 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         cu_seqlens: optional (B+1,) int32/int64 on qkv's device: sequence b is rows
             [cu_seqlens[b], cu_seqlens[b+1]); each attends within itself, no padding computed.
         max_seqlen: the longest sequence, with cu_seqlens. When None it is computed and cu_seqlens is
-            checked (one host sync); when given it is trusted (no sync) and must be right.
+            checked (one host sync on a GPU). When given, CPU offsets are still checked (free) and
+            must fit it; GPU offsets are trusted (no sync), and a sequence longer than max_seqlen,
+            or with offsets outside [0, T], comes out as NaN rows (forward and gradient), never as a
+            silently wrong result; no kernel access ever leaves the tensors. Offsets must start at
+            0, not decrease and end at T; a row no sequence covers is NaN.
         scale: softmax scale, default Dh ** -0.5.
         impl: "auto" | "triton" | "cuda" | "reference" (see the module docstring).
 

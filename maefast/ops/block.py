@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._validate import FLOAT_DTYPES, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor, compiling
 from ._backend import IMPLS
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
@@ -210,8 +210,7 @@ def vit_block(x: torch.Tensor, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w
         (N, T, D) in the promoted dtype of x and the matmul dtype (x's, for an fp32 stream).
         Matmuls run in the autocast dtype when autocast is on, else in x's dtype.
     """
-    dev = x.device.type
-    c = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    c = autocast_dtype(x.device)
     if not compiling():
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -8,13 +8,21 @@ Two layouts of `pred` (see `norm_pix_loss`):
   pred_on="masked": pred (N, L-K, P) for the masked patches only, row j of sample n = patch
                     ids_shuffle[n, K + j] (`masked_patch_ids` order); mask_or_ids = ids_restore (N, L)
                     — `maefast.reference.forward_loss_masked`.
+
+Non-finite values follow the reference of each layout in every backend: with pred_on="all" every
+image patch is read, and a NaN/Inf anywhere in the image or in pred makes the loss NaN (the
+official `(loss * mask).sum()`: 0 * NaN is NaN); with pred_on="masked" visible patches are never
+read (as in `forward_loss_masked`), so only masked patches and pred reach the loss.
+ids_restore (pred_on="masked") must be a permutation of 0..L-1 per row: checked on the host for a
+CPU tensor; trusted on a GPU, where every backend still reads inside the image whatever it holds.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
+from .._validate import (FLOAT_DTYPES, check_images, check_input_dtype, check_patch_size, check_permutation,
+                         check_tensor, compiling, dense_index)
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.patchify import patchify
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
@@ -51,6 +59,7 @@ def _validate(pred, imgs, mask_or_ids, patch_size, pred_on) -> None:
         check_tensor("ids_restore", mask_or_ids, ndim=2, dtypes=_INDEX_DTYPES, device=imgs.device)
         if tuple(mask_or_ids.shape) != (n, L):
             raise ValueError(f"ids_restore must have shape (N, L) = {(n, L)}, got {tuple(mask_or_ids.shape)}")
+        check_permutation("ids_restore", mask_or_ids)
 
 
 # -- backends -----------------------------------------------------------------------------------
@@ -123,6 +132,7 @@ def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, 
     """(loss, r): r = w * (pred - target) in pred's dtype where the forward computes it (`_fuses_grad`;
     the gradient is r * grad_loss * 2 / (P * sum(w))), else an empty tensor (the backward op then
     recomputes from pred and imgs)."""
+    mask_or_ids = dense_index(mask_or_ids)
     den = _denominator(pred, mask_or_ids, pred_masked)
     none = pred.new_empty(0)
     if impl == "triton":
@@ -153,6 +163,7 @@ def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_gra
 def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor,
                  patch_size: int, norm_pix: bool, pred_masked: bool, impl: str) -> torch.Tensor:
     """Grad of pred (pred's shape and dtype, contiguous); grad is the 0-d fp32 grad of the loss."""
+    mask_or_ids = dense_index(mask_or_ids)
     scale = (grad.float() / _denominator(pred, mask_or_ids, pred_masked)).reshape(())
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_bwd
@@ -220,7 +231,8 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
         imgs: (N, C, H, W) float images (any strides, e.g. channels_last); H, W multiples of patch_size.
             Only masked patches are read.
         mask_or_ids: pred_on="all": mask (N, L) float, 1 = removed (any weights: sum(w * loss) / sum(w)).
-            pred_on="masked": ids_restore (N, L) int64/int32 from masking (a permutation; K = L - M).
+            pred_on="masked": ids_restore (N, L) int64/int32 from masking (a permutation; K = L - M;
+            checked for a CPU tensor, trusted on a GPU).
         patch_size: p.
         norm_pix: normalise each target patch: (t - mean) / sqrt(unbiased var + 1e-6), in fp32.
         pred_on: "all" (official) | "masked".
@@ -228,8 +240,9 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     Returns:
         0-d fp32 loss, sum(per-patch MSE * w) / sum(w) (fp32 arithmetic for any input dtype).
         Differentiable in pred only; the gradient is zero on unmasked rows (pred_on="all"),
-        computed without host sync and deterministically. NaN/Inf in pred (any row) or in a masked
-        patch of imgs reach the loss; unmasked image patches are never read.
+        computed without host sync and deterministically. NaN/Inf in pred reach the loss; so do
+        NaN/Inf in imgs: anywhere with pred_on="all" (official: 0 * NaN is NaN), in masked patches
+        only with pred_on="masked" (visible patches are not read there).
     """
     if not compiling():
         _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
@@ -242,9 +255,10 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
 def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
     """(N, L) ids_restore -> (N, L - len_keep) int64 masked patches in shuffle order
     (ids_shuffle[:, len_keep:]), by a scatter (ids_restore is a permutation): no sort, no host sync.
-    Same result as `maefast.reference.masked_patch_ids`."""
+    Same result as `maefast.reference.masked_patch_ids`. For a non-permutation (trusted on a GPU,
+    refused on the CPU by the ops) the result is some ids in [0, L): never out of bounds."""
     n, L = ids_restore.shape
-    ids = ids_restore.to(torch.int64)
+    ids = dense_index(ids_restore, torch.int64).clamp(0, L - 1)  # the scatter stays inside ids_shuffle
     arange = torch.arange(L, device=ids.device).expand(n, L)
     ids_shuffle = torch.zeros_like(ids).scatter_(1, ids, arange)  # zeros: in range even for a bad ids_restore
     return ids_shuffle[:, len_keep:]
@@ -270,21 +284,41 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
         loss (0-d fp32), or (loss, pred_masked) when return_pred.
     """
     if not compiling():
-        check_tensor("decoder_out", decoder_out, ndim=3, dtypes=FLOAT_DTYPES)
-        check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=decoder_out.device)
-        L = ids_restore.shape[1]
-        rows = L + 1 if has_cls else L
-        if decoder_out.shape[:2] != (ids_restore.shape[0], rows):
-            raise ValueError(f"decoder_out must have shape (N, {'1+L' if has_cls else 'L'}, Dd) = "
-                             f"({ids_restore.shape[0]}, {rows}, Dd), got {tuple(decoder_out.shape)}")
-        if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep < L:
-            raise ValueError(f"len_keep must be an int in [0, L) = [0, {L}), got {len_keep!r}")
+        _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls)
     x = decoder_out[:, 1:] if has_cls else decoder_out
     ids = masked_patch_ids(ids_restore, len_keep)
     x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     pred = F.linear(x, pred_weight, pred_bias)
     loss = norm_pix_loss(pred, imgs, ids_restore, patch_size, norm_pix=norm_pix, pred_on="masked", impl=impl)
     return (loss, pred) if return_pred else loss
+
+
+def _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls) -> None:
+    check_tensor("decoder_out", decoder_out, ndim=3, dtypes=FLOAT_DTYPES)
+    dev = decoder_out.device
+    check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=dev)
+    L = ids_restore.shape[1]
+    rows = L + 1 if has_cls else L
+    if decoder_out.shape[:2] != (ids_restore.shape[0], rows):
+        raise ValueError(f"decoder_out must have shape (N, {'1+L' if has_cls else 'L'}, Dd) = "
+                         f"({ids_restore.shape[0]}, {rows}, Dd), got {tuple(decoder_out.shape)}")
+    if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep < L:
+        raise ValueError(f"len_keep must be an int in [0, L) = [0, {L}), got {len_keep!r}")
+    check_patch_size(patch_size)
+    check_images("imgs", imgs, patch_size)
+    dd, P = decoder_out.shape[-1], patch_size * patch_size * imgs.shape[1]
+    check_tensor("pred_weight", pred_weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    if tuple(pred_weight.shape) != (P, dd):
+        raise ValueError(f"pred_weight must have shape (p*p*C, Dd) = ({P}, {dd}) (decoder_pred.weight for patch "
+                         f"size {patch_size}, {imgs.shape[1]} channels and decoder width {dd}), "
+                         f"got {tuple(pred_weight.shape)}")
+    if pred_bias is not None:
+        check_tensor("pred_bias", pred_bias, ndim=1, dtypes=FLOAT_DTYPES, device=dev)
+        if pred_bias.shape[0] != P:
+            raise ValueError(f"pred_bias must have shape (p*p*C,) = ({P},), got {tuple(pred_bias.shape)}")
+    check_input_dtype("decoder_out", decoder_out, pred_weight, "pred_weight")  # as F.linear requires
+    if pred_bias is not None:
+        check_input_dtype("decoder_out", decoder_out, pred_bias, "pred_bias")
 
 
 __all__ = ["norm_pix_loss", "masked_patch_ids", "masked_prediction_loss", "NORM_PIX_EPS", "PRED_ON"]

@@ -85,6 +85,10 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
                        impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if noise is None and seed is None:
         raise ValueError("maefast::random_masking needs noise or a seed")
+    if noise is None and torch.device(device).type == "meta":
+        # no meta tensor among the inputs (the seed is a CPU tensor): the dispatcher sends the call
+        # here, not to the fake implementation, so answer with the fake's shapes
+        return _fake(batch, num_patches, len_keep, noise, seed, offset, device, impl)
     # seed: a 1-element int64 tensor, on the CPU (read here: never waits on the GPU) or on the output
     # CUDA device (a "device seed", read by the kernels: CUDA-graph capturable).
     dev_seed = noise is None and seed.device.type != "cpu"
@@ -111,7 +115,7 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
 
 
 @_random_masking_op.register_fake
-def _(batch, num_patches, len_keep, noise, seed, offset, device, impl):
+def _fake(batch, num_patches, len_keep, noise, seed, offset, device, impl):
     device = noise.device if noise is not None else torch.device(device)
     return (torch.empty(batch, len_keep, dtype=torch.int64, device=device),
             torch.empty(batch, num_patches, dtype=torch.int64, device=device),

@@ -13,7 +13,8 @@ import torch
 
 from .. import reference
 from .._cpp_lib import get_C
-from .._validate import FLOAT_DTYPES, check_images, check_patch_size, check_tensor, compiling
+from .._validate import (FLOAT_DTYPES, autocast_dtype, check_images, check_index_range, check_input_dtype,
+                         check_patch_size, check_tensor, compiling, dense_index)
 from ._backend import choose_impl, device_guard, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
 
@@ -31,12 +32,20 @@ def _resolve(impl: str, imgs: torch.Tensor) -> str:
                      "kernels (float32, float16, bfloat16)")
 
 
+def _valid_ids(ids_keep: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids clamped into [0, L), which ids were in range): the kernels' contract for ids that are not
+    checked on a GPU (an out-of-range id gives a NaN row and no gradient), kept by the reference."""
+    return ids_keep.clamp(0, L - 1), (ids_keep >= 0) & (ids_keep < L)
+
+
 def _rows_torch(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
-    """The kept patches as rows (N*K, C*p*p) ordered (c, kh, kw), in PyTorch."""
+    """The kept patches as rows (N*K, C*p*p) ordered (c, kh, kw), in PyTorch (zero rows for ids
+    outside [0, L))."""
     n, c, H, W = imgs.shape
     h, w = H // p, W // p
+    ids, ok = _valid_ids(ids_keep, h * w)
     x = imgs.reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, c * p * p)
-    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c * p * p))
+    x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, c * p * p)).masked_fill(~ok.unsqueeze(-1), 0)
     return x.reshape(-1, c * p * p)
 
 
@@ -72,6 +81,7 @@ def _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p):
 def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], patch_size: int,
                            impl: str) -> torch.Tensor:
+    ids_keep = dense_index(ids_keep)
     chosen = _resolve(impl, imgs)
     with torch.autocast(imgs.device.type, enabled=False):
         if chosen == "triton":
@@ -81,7 +91,10 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
                 return masked_patch_embed_fwd_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size)
         if chosen == "cuda":
             return _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, patch_size)
-        return reference.masked_patch_embed(imgs, ids_keep, weight, bias, pos_embed, patch_size).contiguous()
+        L = (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size)
+        ids, ok = _valid_ids(ids_keep, L)
+        out = reference.masked_patch_embed(imgs, ids, weight, bias, pos_embed, patch_size)
+        return out.masked_fill(~ok.unsqueeze(-1), float("nan")).contiguous()
 
 
 @_masked_patch_embed_op.register_fake
@@ -94,6 +107,7 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
                                     weight: torch.Tensor, pos_embed: Optional[torch.Tensor], patch_size: int,
                                     need_pos: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_weight like weight, grad_bias (D,) in weight's dtype, grad_pos like pos_embed or empty)."""
+    ids_keep = dense_index(ids_keep)
     chosen = _resolve(impl, imgs)
     D = weight.shape[0]
     n, k = ids_keep.shape
@@ -106,8 +120,11 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
             with device_guard(imgs):
                 dw, dpos = masked_patch_embed_bwd_triton(grad, imgs, ids_keep, D, patch_size, True, need_pos)
         else:
-            rows = _rows_cuda(imgs, ids_keep, patch_size) if chosen == "cuda" else _rows_torch(imgs, ids_keep,
-                                                                                               patch_size)
+            if chosen == "cuda":  # its NaN rows (bad ids) contribute nothing, as in the other backends
+                ok = _valid_ids(ids_keep, (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size))[1]
+                rows = _rows_cuda(imgs, ids_keep, patch_size).masked_fill(~ok.reshape(-1, 1), 0)
+            else:
+                rows = _rows_torch(imgs, ids_keep, patch_size)
             gf = g.float()
             dw = gf.t() @ rows.float()
             dpos = None
@@ -170,8 +187,7 @@ def _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size) -> None:
     if tuple(weight.shape[1:]) != (c, patch_size, patch_size):
         raise ValueError(f"weight must have shape [D, C, p, p] = [D, {c}, {patch_size}, {patch_size}], "
                          f"got {list(weight.shape)}")
-    if weight.dtype != imgs.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match imgs dtype {imgs.dtype} (as for F.conv2d)")
+    check_input_dtype("imgs", imgs, weight, "the patch embedding weight")  # as F.conv2d requires
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=dev)
         if bias.shape[0] != D:
@@ -187,10 +203,7 @@ def _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size) -> None:
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=(torch.int64,), device=dev)
     if ids_keep.shape[0] != n:
         raise ValueError(f"ids_keep must have shape (N, K) with N = {n}, got {tuple(ids_keep.shape)}")
-    if dev.type == "cpu" and ids_keep.numel():  # free on the CPU; on a GPU it would sync the host
-        lo, hi = int(ids_keep.min()), int(ids_keep.max())
-        if lo < 0 or hi >= L:
-            raise ValueError(f"ids_keep values must be in [0, L={L}), got values in [{lo}, {hi}]")
+    check_index_range("ids_keep", ids_keep, L)  # free on the CPU; on a GPU it would sync the host
     if imgs.requires_grad and torch.is_grad_enabled():
         raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images "
                          "(detach them)")
@@ -215,9 +228,8 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
         first cast to the autocast dtype, as F.conv2d would, so the tokens come out in that dtype.
         On a GPU, ids outside [0, L) are not checked (that would sync) and give NaN rows.
     """
-    dev_type = imgs.device.type if isinstance(imgs, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(dev_type):
-        dt = torch.get_autocast_dtype(dev_type)
+    dt = autocast_dtype(imgs.device) if isinstance(imgs, torch.Tensor) else None
+    if dt is not None:
         if imgs.is_floating_point():
             imgs = imgs.to(dt)
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():

@@ -4,13 +4,19 @@ decoder position embedding in one pass, with a fused, deterministic backward.
     out = maefast.ops.unshuffle(x_vis, mask_token, ids_restore, pos_embed)  # (N, 1+L, Dd)
 
 equals `maefast.reference.unshuffle` (the official forward_decoder up to the blocks).
+
+Contract for ids_restore (every backend): each row a permutation of 0..L-1, as masking returns;
+checked on the host when it is a CPU tensor. On a GPU it is trusted (a check would sync); every
+backend then reads and writes inside its tensors whatever it holds, with one rule: patch l takes
+visible token ids_restore[n, l] when that is in [0, K), else the mask token. The gradient is the
+exact gradient of that forward, except that a visible token placed twice (never by a permutation)
+gets one of its two gradients in the kernels (they write, they do not accumulate).
 """
 from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, check_tensor, compiling
-from ..reference import unshuffle as _reference_unshuffle
+from .._validate import FLOAT_DTYPES, check_permutation, check_tensor, compiling, dense_index
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
 
@@ -37,6 +43,7 @@ def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
     check_tensor("pos_embed", pos_embed, ndim=3, dtypes=FLOAT_DTYPES, device=x_vis.device)
     if tuple(pos_embed.shape) != (1, L + 1, d):
         raise ValueError(f"pos_embed must have shape (1, 1+L, Dd) = {(1, L + 1, d)}, got {tuple(pos_embed.shape)}")
+    check_permutation("ids_restore", ids_restore)
 
 
 # -- backends -----------------------------------------------------------------------------------
@@ -45,7 +52,19 @@ def _prep(x_vis, mask_token, ids_restore, pos_embed):
     # Kernels see one dtype: the reference rounds mask_token and pos_embed to x_vis's dtype first.
     tok = mask_token.reshape(-1).to(x_vis.dtype).contiguous()
     pos = pos_embed[0].to(x_vis.dtype)
-    return tok, ids_restore.to(torch.int64), pos
+    return tok, ids_restore, pos
+
+
+def _fwd_reference(x_vis, mask_token, ids_restore, pos_embed):
+    """`maefast.reference.unshuffle` under the op's contract: the same values for a permutation
+    (ids >= K pick a mask token there too), and in bounds for any ids (an id outside [0, K) takes
+    the mask token, as in the kernels)."""
+    n, k1, d = x_vis.shape
+    K = k1 - 1
+    src = torch.cat([x_vis[:, 1:], mask_token.to(x_vis.dtype).expand(n, 1, d)], dim=1)  # K visible + 1 mask
+    idx = torch.where((ids_restore >= 0) & (ids_restore < K), ids_restore, K)
+    x = torch.gather(src, 1, idx.unsqueeze(-1).expand(-1, -1, d))
+    return (torch.cat([x_vis[:, :1], x], dim=1) + pos_embed.to(x_vis.dtype)).contiguous()
 
 
 def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
@@ -67,7 +86,7 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
     from .._cpp_lib import require_C
 
     C = require_C()
-    ids = ids_restore.to(torch.int64)
+    ids = ids_restore
     n, T, d = grad.shape
     chunks = max(1, min(n, -(-1024 // T)))
     n_per = -(-n // chunks)
@@ -83,12 +102,18 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
 
 
 def _bwd_reference(grad, ids_restore, num_visible, need_pos):
+    """The exact gradient of `_fwd_reference` for any ids: a visible token placed twice gets both
+    gradients (accumulated in fp32); deterministic for a permutation (each row added once)."""
     n, T, d = grad.shape
+    K = num_visible
     g = grad[:, 1:]
-    # The gather's backward: scatter the patch rows back to [visible..., mask slots...] order.
-    g_ = torch.zeros_like(g).scatter_(1, ids_restore.to(torch.int64).unsqueeze(-1).expand(-1, -1, d), g)
-    gx = torch.cat([grad[:, :1], g_[:, :num_visible]], dim=1)
-    g_tok = g_[:, num_visible:].sum((0, 1), dtype=torch.float32)
+    vis = (ids_restore >= 0) & (ids_restore < K)
+    # The gather's backward: add the patch rows back to their visible token; row K collects the
+    # mask-token rows and is dropped (their sum is taken below, in a fixed order).
+    dst = torch.where(vis, ids_restore, K).unsqueeze(-1).expand(-1, -1, d)
+    g_vis = torch.zeros(n, K + 1, d, dtype=torch.float32, device=grad.device).scatter_add_(1, dst, g.float())
+    gx = torch.cat([grad[:, :1], g_vis[:, :K].to(grad.dtype)], dim=1)
+    g_tok = g.masked_fill(vis.unsqueeze(-1), 0).sum((0, 1), dtype=torch.float32)
     g_pos = grad.sum(0, dtype=torch.float32) if need_pos else None
     return gx, g_tok, g_pos
 
@@ -98,6 +123,7 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
 @custom_op("maefast::unshuffle", mutates_args=())
 def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                   pos_embed: torch.Tensor, impl: str) -> torch.Tensor:
+    ids_restore = dense_index(ids_restore, torch.int64)
     if impl == "triton":
         from ..kernels.unshuffle import unshuffle_fwd
 
@@ -106,7 +132,7 @@ def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
             return unshuffle_fwd(x_vis, tok, ids, pos)
     if impl == "cuda":
         return _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed)
-    return _reference_unshuffle(x_vis, mask_token, ids_restore.to(torch.int64), pos_embed).contiguous()
+    return _fwd_reference(x_vis, mask_token, ids_restore, pos_embed)
 
 
 @_unshuffle_op.register_fake
@@ -121,11 +147,12 @@ def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible
     """Returns [grad_x_vis (N, 1+K, Dd) grad's dtype, grad_mask_token (Dd,) fp32,
     grad_pos_embed (1+L, Dd) fp32 (an empty tensor when need_pos is False)]."""
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
+    ids_restore = dense_index(ids_restore, torch.int64)
     if impl == "triton":
         from ..kernels.unshuffle import unshuffle_bwd
 
         with device_guard(grad):
-            gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore.to(torch.int64), num_visible, need_pos)
+            gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore, num_visible, need_pos)
     elif impl == "cuda":
         gx, g_tok, g_pos = _bwd_cuda(grad, ids_restore, num_visible, need_pos)
     else:
@@ -176,8 +203,9 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
             patches in ids_keep order.
         mask_token: (1, 1, Dd) float (rounded to x_vis's dtype, as the reference does).
         ids_restore: (N, L) int64/int32, a permutation of 0..L-1 per sample (from masking): patch l
-            takes visible token ids_restore[n, l] when it is < K, else the mask token. Not checked
-            on the device (no host sync); an index outside [0, K) reads the mask token.
+            takes visible token ids_restore[n, l] when it is < K, else the mask token. Checked on
+            the host for a CPU tensor (ValueError); trusted on a GPU (no host sync), where an index
+            outside [0, K) takes the mask token in every backend (see the module docstring).
         pos_embed: (1, 1+L, Dd) float, the decoder position embedding (cls row first).
         impl: "auto" | "triton" | "cuda" | "reference".
     Returns:

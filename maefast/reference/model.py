@@ -7,7 +7,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .._validate import check_images, check_tensor, compiling, to_2tuple
+from .._validate import check_images, check_input_dtype, check_tensor, compiling, to_2tuple
 from .attention import attention
 from .loss import forward_loss
 from .masking import random_masking
@@ -154,6 +154,7 @@ class MaskedAutoencoderViT(nn.Module):
         if compiling():
             return
         check_images("imgs", imgs, self.patch_size, channels=self.in_chans)
+        check_input_dtype("imgs", imgs, self.patch_embed.proj.weight, "the model's patch_embed.proj.weight")
         if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
             raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
                              f"(img_size of this model), got {tuple(imgs.shape[-2:])}")
