@@ -252,5 +252,37 @@ def check_bwd_tiles(tiles: BwdTiles, max_len: int) -> None:
         raise ValueError(f"the fused backward {tiles.name} holds {tiles.dkdv.BLOCK_N} keys, got max_seqlen {max_len}")
 
 
-__all__ = ["Tile", "BwdTiles", "ShapeTiles", "TILES", "TABLE_DTYPES", "FUSED_BWD_MAX_LEN", "table_entry",
-           "fwd_tiles", "bwd_tiles", "bwd_fused_default", "check_bwd_tiles"]
+# A candidate replaces the table's tile only when it is this much faster in the same run: two timings
+# of one kernel differ by a few percent from run to run (METHOD.md: a difference under the spread of
+# one version timed twice is noise).
+SWEEP_MIN_GAIN = 1.05
+
+
+def sweep_winners(rows) -> list[dict]:
+    """Reads a tile sweep's rows (benchmarks/bench_attention.py::test_tile_sweep: dicts with group
+    "attention-tiles-fwd"/"-bwd", tile, L, Dh, time_ms, table_tile) and returns, per shape and
+    direction: the table's tile and time, the fastest candidate and its time, gain = table / best,
+    change = gain >= SWEEP_MIN_GAIN, and every candidate's time (fastest first). Pure bookkeeping:
+    scripts/gpu_check.py puts it in the `ops` record; whoever reads it edits TILES."""
+    by_key: dict = {}
+    for r in rows:
+        if not str(r.get("group", "")).startswith("attention-tiles-") or not r.get("time_ms"):
+            continue
+        key = (r["L"], r["Dh"], r["direction"])
+        by_key.setdefault(key, {})[r["tile"]] = r
+    out = []
+    for (L, dh, direction), tiles in by_key.items():
+        ranked = sorted(tiles.values(), key=lambda r: r["time_ms"])
+        table = next((r for r in ranked if r.get("table_tile")), None)
+        best = ranked[0]
+        gain = table["time_ms"] / best["time_ms"] if table is not None else None
+        out.append(dict(L=L, Dh=dh, direction=direction, table=table["tile"] if table else None,
+                        table_ms=round(table["time_ms"], 4) if table else None, best=best["tile"],
+                        best_ms=round(best["time_ms"], 4), gain=gain,
+                        change=bool(gain is not None and gain >= SWEEP_MIN_GAIN),
+                        candidates=[(r["tile"], round(r["time_ms"], 4)) for r in ranked]))
+    return out
+
+
+__all__ = ["Tile", "BwdTiles", "ShapeTiles", "TILES", "TABLE_DTYPES", "FUSED_BWD_MAX_LEN", "SWEEP_MIN_GAIN",
+           "table_entry", "fwd_tiles", "bwd_tiles", "bwd_fused_default", "check_bwd_tiles", "sweep_winners"]
