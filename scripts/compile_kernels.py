@@ -187,11 +187,12 @@ def variants(quick: bool = False):
 def attention_variants(quick: bool = False):
     """The attention launches (same tuple layout as `variants`): every table entry of
     kernels/attention_tiles.py in bf16 ("[table]"), each sweep candidate unless quick, and the generic
-    rule's fp32 tiles at the paper shapes unless quick; batch 64, 16 heads, contiguous packed qkv."""
+    rule's fp32 tiles at the paper shapes unless quick; 16 heads, contiguous packed qkv (the batch
+    enters only the batch strides, multiples of 16 at any batch)."""
     from maefast.kernels import attention as at
     from maefast.kernels import attention_tiles as tt
 
-    N, H = 64, 16
+    H = 16
     out = []
     for (L, dh), entry in tt.TILES.items():
         d0, d1 = at.head_dim_split(dh)

@@ -142,3 +142,18 @@ def test_profile_kernel_classes_and_summary():
 def test_runtime_is_recorded():
     r = rec.runtime()
     assert r["uname_r"] and r["runtime"] in ("gvisor", "firecracker", "unknown")
+
+
+def test_kernel_table_reads_the_profilers_device_events():
+    import types
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    evts = [types.SimpleNamespace(key="_attn_fwd_kernel", count=8, device_type=cuda, self_device_time_total=4000.0),
+            types.SimpleNamespace(key="nvjet_tst_gemm", count=40, device_type=cuda, self_device_time_total=16000.0),
+            types.SimpleNamespace(key="aten::mm", count=40, device_type=cpu, self_device_time_total=0.0)]
+    prof = types.SimpleNamespace(key_averages=lambda: evts)
+    t = profile_step.kernel_table(prof, steps=2)
+    assert t["total_ms_per_step"] == 10.0 and t["attention_ms_per_step"] == 2.0 and t["gemm_share"] == 0.8
+    assert t["top"][0]["name"] == "nvjet_tst_gemm" and t["top"][0]["calls_per_step"] == 20
