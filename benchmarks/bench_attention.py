@@ -14,8 +14,9 @@ What each row times (the issue asks SDPA be charged no layout copy the compiled 
 * SDPA rows (`sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math`, each pinned with
   `sdpa_kernel`) get q, k, v as the strided (N, H, L, Dh) views of that same packed qkv (strides
   (L*3*H*Dh, Dh, 3*H*Dh, 1)): Inductor hands exactly these views to the SDPA kernels, because its
-  SDPA lowering only asks for a unit last stride and 16-byte aligned other strides, which a qkv
-  Linear's output has (Dh 32/64/80 in bf16), so a compiled model makes no q/k/v copy either. The
+  SDPA lowering (`sdpa_constraint` in torch/_inductor/lowering.py) keeps an input whose last stride
+  is 1 and whose other strides are multiples of 8 elements, which a qkv Linear's output has (Dh
+  32/64/80), so a compiled model makes no q/k/v copy either. The
   output is not reshaped (when a backend writes (N, L, H, Dh) memory, proj's view is free; the row
   records `out_layout` so a "bhld" output, which the model would copy, shows). Forward+backward
   takes the gradients of q, k, v as the backend writes them, with dO as proj's backward hands it
