@@ -1,8 +1,11 @@
 """pytest setup for `benchmarks/`: `--gpu` selects the GPU sizes; every result records card, date,
 versions, commit and the card's measured peak; speed-ups against the baseline of the same run are
-written into the JSON (`--benchmark-json`) and printed as a short table at the end."""
+written into the JSON (`--benchmark-json`) and printed as a short table at the end. With
+MAEFAST_BENCH_ROWS=path each finished case is also appended to that file as one JSON line, so a run
+killed at a time limit (scripts/gpu_check.py) keeps every row it finished."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -66,6 +69,24 @@ def pytest_runtest_setup(item):
     budget = item.config.getoption("--bench-budget-s")
     if budget is not None and time.monotonic() - _SESSION_START > budget:
         pytest.skip(f"--bench-budget-s {budget:g} spent")
+
+
+_ROWS_WRITTEN = 0
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Appends the rows this case added (complete: a bench file adds its own fields, e.g. img_per_s,
+    before the case ends) to MAEFAST_BENCH_ROWS."""
+    global _ROWS_WRITTEN
+    path = os.environ.get("MAEFAST_BENCH_ROWS")
+    new = _harness.RESULTS[_ROWS_WRITTEN:]
+    if not path or not new:
+        return
+    _harness.update_ratios()
+    with open(path, "a") as fh:
+        for r in new:
+            fh.write(json.dumps(dict(r, test=item.nodeid), default=str) + "\n")
+    _ROWS_WRITTEN = len(_harness.RESULTS)
 
 
 @pytest.fixture(scope="session")

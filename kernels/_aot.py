@@ -1,6 +1,7 @@
-"""Ahead-of-time compilation of a Triton kernel for a GPU architecture, without a GPU (code
-generation checks and register/spill reports: `kernels.attention.compile_report`,
-scripts/compile_kernels.py). Run without TRITON_INTERPRET."""
+"""Ahead-of-time compilation of a Triton kernel for a GPU architecture, without a GPU: code
+generation checks and register/spill reports (scripts/compile_kernels.py compiles every kernel, the
+attention tile table's entries and sweep candidates among them, as a launch specialises it). Run
+without TRITON_INTERPRET."""
 from __future__ import annotations
 
 import os

@@ -15,6 +15,10 @@ logsumexp (natural log, (Nb, H, Lr) fp32). The backward is deterministic (no ato
   (D = rowsum(dO * O) computed inline);
 * otherwise (the decoder's 197 / 257 tokens, Dh 96/128, fp32): a dQ kernel (which also writes D),
   then a dK/dV kernel.
+
+Block sizes, warps and pipeline stages come from kernels/attention_tiles.py: a table at MAE's four
+shapes (with where each value comes from and the candidates a GPU sweep times), a generic rule
+elsewhere; the launchers take an explicit tile too (`config=`), which the sweep and tests use.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import (FUSED_BWD_MAX_LEN, BwdTiles, Tile, bwd_fused_default, bwd_tiles, check_bwd_tiles,
+                              fwd_tiles)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# Single-block sequences: the backward fuses dq into the dk/dv program up to this length.
-FUSED_BWD_MAX_LEN = 128
 
 
 def head_dim_split(head_dim: int, pad: bool = False) -> tuple[int, int]:
@@ -325,57 +330,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 # -- launchers ---------------------------------------------------------------------------------------
-
-def _pow2_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-# Block sizes by shape and dtype, no autotuning (several configs break the interpreter, and MAE has
-# few shapes). Chosen so that the sm_90 builds do not spill (or spill a few registers only: the fused
-# backward at Dh 80), checked by compiling ahead of time for sm_90 and reading the register and stack
-# use: on Hopper, query blocks under 64 rows spill in the forward; the fused backward fits up to
-# Dh 80 with 128 keys; fp32 (exact, no tensor cores) needs small tiles.
-
-def fwd_config(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """One key block covers sequences up to 128 tokens; longer ones loop over 64-key blocks."""
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    block_n = _pow2_block(max_len, 16, 128) if max_len <= 128 else 64
-    block_m = _pow2_block(max_len, 16, 64)
-    warps = 8 if block_n == 128 and head_dim > 32 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
-
-
-def bwd_fused_default(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether one program per (sequence, head) does dq, dk and dv (the sequence is one key block)."""
-    if dtype == torch.float32:
-        return max_len <= 32
-    return max_len <= 32 or (max_len <= FUSED_BWD_MAX_LEN and head_dim <= 80)
-
-
-def bwd_config(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> dict:
-    """{"fused": bool, "dkdv": launch config, "dq": launch config (unfused only)}."""
-    fused = bwd_fused_default(max_len, head_dim, dtype) if fused is None else fused
-    fp32 = dtype == torch.float32
-    if fused:
-        block_n = _pow2_block(max_len, 16, 128)
-        if max_len > block_n:
-            raise ValueError(f"the fused backward needs max_seqlen <= {block_n}, got {max_len}")
-        if fp32:
-            block_m, warps = 16, 4
-        else:
-            block_m = min(block_n, 64 if block_n <= 64 and head_dim <= 64 else 32)
-            warps = 8 if block_n * head_dim >= 64 * 64 else 4
-        return dict(fused=True, dkdv=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2))
-    if fp32:
-        dq = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        dkdv = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
-    else:
-        warps = 8 if head_dim >= 64 else 4
-        blk = _pow2_block(max_len, 16, 64)
-        dq = dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=warps, num_stages=2)
-        dkdv = dict(BLOCK_M=min(blk, 64 if head_dim <= 96 else 32), BLOCK_N=blk, num_warps=warps, num_stages=2)
-    return dict(fused=False, dq=dq, dkdv=dkdv)
+# Tiles come from kernels/attention_tiles.py: a table at MAE's shapes, a generic rule elsewhere; no
+# autotuning (several configs break the interpreter, and MAE has few shapes).
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -398,13 +354,21 @@ def _layout(qkv: torch.Tensor, num_heads: int, cu_seqlens, max_seqlen):
     return nb, lr, head_dim, nseq, max_len, cu
 
 
+def _fwd_tile(config, max_len: int, head_dim: int, dtype: torch.dtype) -> Tile:
+    if config is None:
+        return fwd_tiles(max_len, head_dim, dtype)
+    return config if isinstance(config, Tile) else Tile.parse(config)
+
+
 def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: torch.Tensor | None = None,
-                  max_seqlen: int | None = None, pad_head_dim: bool = False, config: dict | None = None,
+                  max_seqlen: int | None = None, pad_head_dim: bool = False, config: Tile | str | None = None,
                   out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """qkv (Nb, Lr, 3*H*Dh) -> (out (Nb, Lr, H*Dh), lse (Nb, H, Lr) fp32). Inputs are validated by
     the caller (maefast.ops.visible_attention); with cu_seqlens, Nb == 1 and max_seqlen is given.
+    `config` overrides the tile (a `Tile` or its name, e.g. "m64n32w4s3"; default: `fwd_tiles`).
     `out` / `lse` may be passed (tests poison them); `lse` must be contiguous."""
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
+    tile = _fwd_tile(config, max_len, head_dim, qkv.dtype)
     # varlen: rows no sequence covers (only for malformed cu_seqlens) stay NaN, not plausible zeros
     if out is None:
         out = _alloc((nb, lr, num_heads * head_dim), qkv.dtype, qkv.device, cu_seqlens is not None)
@@ -413,8 +377,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
-    cfg = dict(fwd_config(max_len, head_dim, qkv.dtype), **(config or {}))
-    num_m_blocks = triton.cdiv(max_len, cfg["BLOCK_M"])
+    num_m_blocks = triton.cdiv(max_len, tile.BLOCK_M)
     grid = (nseq * num_heads * num_m_blocks,)
     _attn_fwd_kernel[grid](
         qkv, out, lse, cu,
@@ -423,82 +386,44 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
         lse.stride(0), lse.stride(1),
         lr, max_len, num_heads, num_m_blocks, scale * LOG2E,
         HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(qkv.dtype),
-        **cfg)
+        **tile.launch())
     return out, lse
 
 
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
                   scale: float, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                  fused: bool | None = None, pad_head_dim: bool = False, config: dict | None = None,
+                  fused: bool | None = None, pad_head_dim: bool = False, config: BwdTiles | str | None = None,
                   dqkv: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of attention_fwd: -> dqkv (Nb, Lr, 3*H*Dh) in qkv's dtype (contiguous unless given).
-    `lse` must be contiguous (as attention_fwd makes it)."""
+    `config` overrides the tiles (a `BwdTiles` or its name, e.g. "fused-m16n128w8s1"; default:
+    `bwd_tiles`, which `fused` steers). `lse` must be contiguous (as attention_fwd makes it)."""
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
+    if config is None:
+        tiles = bwd_tiles(max_len, head_dim, qkv.dtype, fused)
+    else:
+        tiles = config if isinstance(config, BwdTiles) else BwdTiles.parse(config)
+    check_bwd_tiles(tiles, max_len)
     if dqkv is None:
         dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device, cu_seqlens is not None)
     if dqkv.numel() == 0 or nseq == 0 or max_len == 0:
         return dqkv.zero_()
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
-    cfg = bwd_config(max_len, head_dim, qkv.dtype, fused)
     common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
               lse.stride(0), lse.stride(1))
     meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(qkv.dtype))
-    delta = lse if cfg["fused"] else torch.empty_like(lse)  # unused when fused
-    if not cfg["fused"]:
-        dq_cfg = dict(cfg["dq"], **(config or {}))
-        num_m_blocks = triton.cdiv(max_len, dq_cfg["BLOCK_M"])
+    delta = lse if tiles.fused else torch.empty_like(lse)  # unused when fused
+    if not tiles.fused:
+        num_m_blocks = triton.cdiv(max_len, tiles.dq.BLOCK_M)
         _attn_bwd_dq_kernel[(nseq * num_heads * num_m_blocks,)](
             qkv, out, dout, lse, delta, dqkv, cu, *common, lr, max_len, num_heads, num_m_blocks, scale, **meta,
-            **dq_cfg)
-    kv_cfg = dict(cfg["dkdv"], **(config or {}))
-    num_n_blocks = triton.cdiv(max_len, kv_cfg["BLOCK_N"])
+            **tiles.dq.launch())
+    num_n_blocks = triton.cdiv(max_len, tiles.dkdv.BLOCK_N)
     _attn_bwd_dkdv_kernel[(nseq * num_heads * num_n_blocks,)](
         qkv, out, dout, lse, delta, dqkv, cu, *common, lr, max_len, num_heads, num_n_blocks, scale,
-        FUSED_DQ=cfg["fused"], **meta, **kv_cfg)
+        FUSED_DQ=tiles.fused, **meta, **tiles.dkdv.launch())
     return dqkv
 
 
-def compile_report(arch: int = 90, cases=((50, 64), (65, 80), (197, 32), (257, 32)),
-                   dtypes=(torch.bfloat16,)) -> list[dict]:
-    """Compiles every kernel ahead of time for sm_`arch` with the launch configs above (no GPU
-    needed; run it without TRITON_INTERPRET) and returns each kernel's registers and spill stack
-    (read from the cubin with triton's bundled cuobjdump, when present)."""
-    from ._aot import compile_for, resource_usage
-
-    tname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    report = []
-    for dtype in dtypes:
-        for max_len, head_dim in cases:
-            d0, d1 = head_dim_split(head_dim)
-            meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, VARLEN=False, DOT_PREC=_dot_precision(dtype))
-            bwd = bwd_config(max_len, head_dim, dtype)
-            launches = [("fwd", _attn_fwd_kernel, fwd_config(max_len, head_dim, dtype), {})]
-            if not bwd["fused"]:
-                launches.append(("bwd_dq", _attn_bwd_dq_kernel, bwd["dq"], {}))
-            launches.append(("bwd_dkdv", _attn_bwd_dkdv_kernel, bwd["dkdv"], dict(FUSED_DQ=bwd["fused"])))
-            for name, kernel, cfg, extra in launches:
-                cfg = dict(cfg)
-                opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-                consts = dict(meta, **cfg, **extra)
-                sig = {}
-                for arg in kernel.arg_names:
-                    if arg in consts:
-                        sig[arg] = "constexpr"
-                    elif arg in ("lse_ptr", "delta_ptr"):
-                        sig[arg] = "*fp32"
-                    elif arg == "cu_ptr":
-                        sig[arg] = "*i32"
-                    elif arg.endswith("_ptr"):
-                        sig[arg] = "*" + tname[dtype]
-                    else:
-                        sig[arg] = "fp32" if arg in ("qk_scale_log2", "sm_scale") else "i32"
-                compiled = compile_for(kernel, sig, consts, arch=arch, **opts)
-                regs, stack = resource_usage(compiled)
-                report.append(dict(kernel=name, dtype=tname[dtype], L=max_len, Dh=head_dim, **cfg, **opts,
-                                   registers=regs, spill_stack_bytes=stack, shared_bytes=compiled.metadata.shared))
-    return report
-
-
-__all__ = ["attention_fwd", "attention_bwd", "head_dim_split", "fwd_config", "bwd_config", "bwd_fused_default",
-           "compile_report", "FUSED_BWD_MAX_LEN"]
+__all__ = ["attention_fwd", "attention_bwd", "head_dim_split", "fwd_tiles", "bwd_tiles", "bwd_fused_default",
+           "Tile", "BwdTiles", "FUSED_BWD_MAX_LEN"]

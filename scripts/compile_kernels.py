@@ -3,6 +3,7 @@ the launch configurations the launchers pick at the paper's shapes, and prints e
 registers, spill stack and shared memory (from the cubin, with triton's bundled cuobjdump).
 
     python scripts/compile_kernels.py            # sm_90 (H100/H200), every kernel
+    python scripts/compile_kernels.py --attention-only   # the attention tile table and every sweep candidate
     python scripts/compile_kernels.py --arch 80 --json out.json
 
 Catches code-generation errors (and register spills) that the CPU interpreter cannot see, before any
@@ -183,16 +184,65 @@ def variants(quick: bool = False):
     return out
 
 
+def attention_variants(quick: bool = False):
+    """The attention launches (same tuple layout as `variants`): every table entry of
+    kernels/attention_tiles.py in bf16 ("[table]"), each sweep candidate unless quick, and the generic
+    rule's fp32 tiles at the paper shapes unless quick; 16 heads, contiguous packed qkv (the batch
+    enters only the batch strides, multiples of 16 at any batch)."""
+    from maefast.kernels import attention as at
+    from maefast.kernels import attention_tiles as tt
+
+    H = 16
+    out = []
+    for (L, dh), entry in tt.TILES.items():
+        d0, d1 = at.head_dim_split(dh)
+        W = 3 * H * dh
+        ints = dict(stride_qkv_b=L * W, stride_qkv_l=W, stride_qkv_c=1, stride_out_b=L * H * dh,
+                    stride_out_l=H * dh, stride_out_c=1, stride_do_b=L * H * dh, stride_do_l=H * dh, stride_do_c=1,
+                    stride_dqkv_b=L * W, stride_dqkv_l=W, stride_dqkv_c=1, stride_lse_b=H * L, stride_lse_h=L,
+                    seqlen=L, num_heads=H)
+        cases = [("bf16", entry.fwd, entry.bwd, "[table]")]
+        if not quick:
+            cases += [("bf16", t, None, "[candidate]") for t in entry.fwd_candidates if t != entry.fwd]
+            cases += [("bf16", None, b, "[candidate]") for b in entry.bwd_candidates if b != entry.bwd]
+            cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]"))
+        for dt, fwd, bwd, tag in cases:
+            ptrs = dict(qkv_ptr=f"*{dt}", out_ptr=f"*{dt}", dout_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", lse_ptr="*fp32",
+                        delta_ptr="*fp32", cu_ptr="*i32")
+            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+            shape = f"L{L} Dh{dh} {dt}"
+            if fwd is not None:
+                out.append((f"attention fwd {shape} {fwd.name} {tag}", at._attn_fwd_kernel,
+                            dict(meta, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N), ptrs, fwd.num_warps, fwd.num_stages,
+                            dict(ints, num_m_blocks=-(-L // fwd.BLOCK_M))))
+            if bwd is not None:
+                if not bwd.fused:
+                    t = bwd.dq
+                    out.append((f"attention bwd-dq {shape} {bwd.name} {tag}", at._attn_bwd_dq_kernel,
+                                dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N), ptrs, t.num_warps, t.num_stages,
+                                dict(ints, num_m_blocks=-(-L // t.BLOCK_M))))
+                t = bwd.dkdv
+                out.append((f"attention bwd-dkdv {shape} {bwd.name} {tag}", at._attn_bwd_dkdv_kernel,
+                            dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, FUSED_DQ=bwd.fused), ptrs, t.num_warps,
+                            t.num_stages, dict(ints, num_n_blocks=-(-L // t.BLOCK_N))))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--quick", action="store_true", help="one shape per kernel family (CI)")
-    ap.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
+    ap.add_argument("--quick", action="store_true", help="one shape per kernel family, the attention table only (CI)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
+    which.add_argument("--attention-only", action="store_true", help="only the attention kernels")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows, failed = [], 0
     print(f"triton {triton.__version__}, sm_{a.arch}")
-    for name, kernel, consts, ptrs, warps, stages, ints in variants(a.quick):
+    todo = [] if a.attention_only else variants(a.quick)
+    if not a.no_attention:
+        todo += attention_variants(a.quick)
+    for name, kernel, consts, ptrs, warps, stages, ints in todo:
         try:
             r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, ints=ints)
             r.update(kernel=name, num_warps=warps, num_stages=stages)
@@ -200,26 +250,14 @@ def main(argv=None) -> int:
             failed += 1
             r = dict(kernel=name, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}")
         rows.append(r)
-        print(f"  {name:<44} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B "
+        print(f"  {name:<60} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B "
                                    f"({r['seconds']} s)" if "error" not in r else "FAILED " + r["error"]), flush=True)
-    if not a.no_attention:
-        from maefast.kernels.attention import compile_report
-
-        cases = ((65, 80),) if a.quick else ((50, 64), (65, 80), (197, 32), (257, 32))
-        try:
-            for r in compile_report(a.arch, cases=cases, dtypes=(torch.bfloat16,)):
-                r = dict(r, kernel=f"attention {r['kernel']} L{r['L']} Dh{r['Dh']} {r['dtype']}")
-                rows.append(r)
-                print(f"  {r['kernel']:<44} regs {r['registers']} spill {r['spill_stack_bytes']} B "
-                      f"smem {r['shared_bytes']} B", flush=True)
-        except Exception as e:  # noqa: BLE001
-            failed += 1
-            rows.append(dict(kernel="attention", error=f"{type(e).__name__}: {e}"))
-            print(f"  attention FAILED {type(e).__name__}: {e}")
+    spilled = [r["kernel"] for r in rows if r.get("spill_stack_bytes")]
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": a.arch, "kernels": rows}, f, indent=1)
-    print(f"{len(rows) - failed} compiled, {failed} failed")
+    print(f"{len(rows) - failed} compiled, {failed} failed; {len(spilled)} spill registers"
+          + "".join(f"\n  spills: {k}" for k in spilled))
     return 1 if failed else 0
 
 

@@ -1,262 +1,342 @@
-"""Driver of scripts/gpu_check.sh: each step runs in a subprocess with its own time budget; a failing
-step is recorded, never aborts the rest. The record lands in OUT/record.json (committed under
-benchmarks/results/ by whoever ran it), the last lines printed are a short table."""
+"""Driver of scripts/gpu_check.sh: presets that each fit in ~5 minutes of a lent GPU machine and write
+their own record. A lent card gives ~15 minutes in all (1-2 of them to start it) and one command may
+run 10, so a session runs two or three presets, in one or two calls.
+
+    scripts/gpu_check.sh --preset step          # one preset
+    scripts/gpu_check.sh --preset verify,ops    # several, in order, each with its own record
+    scripts/gpu_check.sh --dry-run              # every preset, cheaply, no GPU (CI)
+
+Presets (steps in priority order: the rows that decide a target of issue 14 first):
+  verify  build maefast._C; the `cuda`-marked tests; the dispatch diagnosis
+  step    ViT-H/14 b128 step rows: reference, the best maefast and torch-native rows; the
+          torch.profiler kernel table of one captured step (and of the compiled torch-native one);
+          then the other step rows
+  ops     per-op rows, both backends: attention at the four paper shapes vs every SDPA backend,
+          the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
+          then the rest
+  table2  Table 2 with maefast's step (L, H, then B); `maefast profile`'s overhead
+  data    benchmarks/bench_data.py when present; `maefast train --data synthetic` at ViT-H/14 b128
+
+Each step runs in a subprocess under its own budget, clipped to what is left of the preset's
+(default 290 s); pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
+and benchmark rows are appended as they finish (MAEFAST_BENCH_ROWS), so a step cut short keeps what
+it did. A failing step is recorded, never aborts the rest. Per preset, $OUT gets exactly
+`<preset>-record.json` (environment with `uname -r`, card, date, commit from MAEFAST_COMMIT,
+versions, preset, wall time; every step; every row; `targets`: the issue's figures next to their
+thresholds) and `<preset>-log.txt` (+ `table2.png`); intermediate files stay in --work.
+"""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
-# (name, seconds) -- at most ~9.5 minutes in all (H200, 2026-11-27: build 24 s, 180 cuda tests 74 s; there are
-# ~230 cuda tests now, hence 140 s: a tests step cut short loses its junit record). The benchmarks get the
-# most: their rows are what the open issues are decided on.
-BUDGET = {"build": 60, "tests": 140, "diagnose": 45, "benchmarks": 210, "table2": 75, "profile": 35}  # <= 565 s
+import gpu_record as rec  # noqa: E402
 
-
-def sh(cmd: list[str], timeout: float, log) -> tuple[int, float, str]:
-    t0 = time.time()
-    log.write(f"\n$ {' '.join(cmd)}\n")
-    log.flush()
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-        out, rc = r.stdout, r.returncode
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + f"\n[timed out after {timeout}s]"
-        rc = 124
-    log.write(out)
-    log.flush()
-    return rc, round(time.time() - t0, 1), out
-
-
-def git_commit() -> str:
-    c = os.environ.get("MAEFAST_COMMIT") or os.environ.get("MAEFAST_GIT_COMMIT")
-    if c:
-        return c
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+PRESETS = ("verify", "step", "ops", "table2", "data")
+PRESET_BUDGET_S = 290  # each preset, its record written within ~5 minutes
+RESERVE_S = 8  # kept back from the last step for writing the record
+# Per step: (nominal budget, margin): a pytest step stops starting cases `margin` seconds before its
+# budget ends (its longest single case), then is killed at the budget.
+BUDGET = {"build": (70, 0), "tests": (170, 15), "diagnose": (45, 0),
+          "step-rows": (150, 50), "profile-kernels": (110, 0), "step-more": (120, 45),
+          "ops-rows": (280, 25),
+          "table2": (200, 0), "profile-overhead": (70, 0),
+          "bench-data": (150, 20), "train": (120, 0)}
+STEP_MODEL = "huge:128"  # the issue's targets: ViT-H/14, batch 128
+# bench_step rows: the ones the step targets are read from, then the rest (each compile row ~30-60 s)
+STEP_DECISIVE = ("reference", "maefast-block-graph", "compile")
+STEP_MORE = ("maefast-graph", "sdpa", "maefast-block", "reference-graph", "maefast", "maefast-fused", "compile-full")
+PROFILE_PROVIDERS = ("maefast-block-graph", "compile")
 
 
-def environment() -> dict:
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-           "python": platform.python_version(), "host": platform.node()}
-    try:
-        import torch
+class Runner:
+    """Runs a preset's steps under the preset's budget and builds its record."""
 
-        env["torch"] = torch.__version__
-        env["torch_cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            env["card"] = torch.cuda.get_device_name(0)
-            env["sm_count"] = p.multi_processor_count
-            env["memory_gib"] = round(p.total_memory / 2**30, 1)
-            env["capability"] = f"{p.major}.{p.minor}"
-        else:
-            env["card"] = "none (no CUDA device)"
-    except Exception as e:
-        env["torch_error"] = repr(e)
-    try:
-        import triton
+    def __init__(self, preset: str, args):
+        self.preset, self.args = preset, args
+        self.dry = args.dry_run
+        self.work = os.path.join(args.work, preset)
+        os.makedirs(self.work, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
+        self.log = open(os.path.join(args.out, f"{preset}-log.txt"), "w")
+        self.t0 = time.time()
+        self.budget = args.preset_budget
+        self.record = {"kind": "maefast gpu_check", "preset": preset, "dry_run": self.dry, "env": rec.environment(),
+                       "budget_s": self.budget, "steps": {}, "rows": []}
+        self.py = sys.executable
 
-        env["triton"] = triton.__version__
-    except Exception as e:
-        env["triton"] = f"unavailable: {e}"
-    try:
-        import transformers
+    def left(self) -> float:
+        return self.budget - RESERVE_S - (time.time() - self.t0)
 
-        env["transformers"] = transformers.__version__
-    except Exception:
-        env["transformers"] = None
-    if shutil.which("nvidia-smi"):
+    def run(self, name: str, cmd: list[str], env: dict | None = None, note: str = "") -> tuple[int, str]:
+        nominal, margin = BUDGET[name]
+        nominal = self.args.budget.get(name, nominal)
+        budget = max(5.0, min(nominal, self.left()))
+        st = {"rc": None, "seconds": 0.0, "budget_s": round(budget), "cmd": " ".join(shlex.quote(c) for c in cmd)}
+        if note:
+            st["note"] = note
+        self.record["steps"][name] = st
+        if self.left() < 5 and not self.dry:
+            st.update(rc="skipped", note="preset budget spent")
+            return -1, ""
+        full_env = dict(os.environ, **(env or {}))
+        full_env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        full_env["MAEFAST_DEADLINE"] = str(time.time() + budget - margin)
+        self.log.write(f"\n$ {st['cmd']}\n")
+        self.log.flush()
+        t = time.time()
         try:
-            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,"
-                                                "temperature.gpu,power.draw", "--format=csv,noheader"],
-                                               capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception:
-            pass
-    return env
+            r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               timeout=budget, env=full_env)
+            out, rc = r.stdout, r.returncode
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + \
+                f"\n[gpu_check: killed at its budget, {budget:.0f} s]"
+            rc = 124
+        self.log.write(out)
+        self.log.flush()
+        st.update(rc=rc, seconds=round(time.time() - t, 1))
+        return rc, out
+
+    def pytest(self, name: str, targets: list[str], env: dict | None = None, extra: list[str] = (), note: str = ""):
+        """A benchmark step: rows appended to WORK/<name>.jsonl as they finish, then into the record."""
+        rows_path = os.path.join(self.work, f"{name}.jsonl")
+        if os.path.exists(rows_path):
+            os.remove(rows_path)
+        cmd = [self.py, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "pytest_deadline", "--gpu",
+               *extra] + (["--collect-only"] if self.dry else [])
+        rc, out = self.run(name, cmd, dict(env or {}, MAEFAST_BENCH_ROWS=rows_path), note)
+        rows = rec.read_rows(rows_path)
+        self.record["rows"] += rows
+        self.record["steps"][name]["rows"] = len(rows)
+        if self.dry:
+            self.record["steps"][name]["collected"] = sum(1 for ln in out.splitlines() if "::" in ln)
+        return rc, out
+
+    def json_step(self, name: str, cmd: list[str], path: str, key: str, env: dict | None = None):
+        if os.path.exists(path):
+            os.remove(path)
+        rc, out = self.run(name, cmd, env)
+        if os.path.exists(path):
+            try:
+                self.record[key] = json.load(open(path))
+            except ValueError as e:
+                self.record[key] = {"error": f"unreadable JSON: {e}"}
+        return rc, out
+
+    def finish(self) -> dict:
+        self.record["wall_s"] = round(time.time() - self.t0, 1)
+        path = os.path.join(self.args.out, f"{self.preset}-record.json")
+        with open(path, "w") as f:
+            json.dump(self.record, f, indent=1, default=str)
+        self.log.close()
+        print("\n".join(rec.short_lines(self.record)))
+        print(f"record: {path}", flush=True)
+        return self.record
 
 
-def junit_summary(path: str) -> dict:
-    if not os.path.exists(path):
-        return {"error": "no junit xml"}
-    root = ET.parse(path).getroot()
-    cases = root.iter("testcase")
-    s = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "failures": []}
-    for c in cases:
-        name = f"{c.get('classname')}::{c.get('name')}"
-        if c.find("failure") is not None or c.find("error") is not None:
-            s["failed"] += 1
-            el = c.find("failure") if c.find("failure") is not None else c.find("error")
-            s["failures"].append({"test": name, "message": (el.get("message") or "")[:400]})
-        elif c.find("skipped") is not None:
-            s["skipped"] += 1
-        else:
-            s["passed"] += 1
-    return s
+# -- presets -----------------------------------------------------------------------------------------
+
+def ensure_built(r: Runner, always: bool) -> None:
+    """Builds maefast._C in place (sm_90), unless `always` is False and it already imports."""
+    if r.dry:
+        r.run("build", [r.py, "-c", "import sys; sys.path.insert(0, 'csrc'); import build; "
+                        "print(build.sources(), build.compile_flags()[:4])"])
+        return
+    if not always:
+        probe = subprocess.run([r.py, "-c", "import maefast._C"], cwd=ROOT, capture_output=True,
+                               env=dict(os.environ, PYTHONPATH=ROOT))
+        if probe.returncode == 0:
+            r.record["steps"]["build"] = {"rc": 0, "seconds": 0.0, "budget_s": 0, "note": "maefast._C already built"}
+            return
+    env = {"MAEFAST_CUDA_ARCHS": os.environ.get("MAEFAST_CUDA_ARCHS", "90"),
+           "MAEFAST_BUILD_JOBS": os.environ.get("MAEFAST_BUILD_JOBS", str(os.cpu_count() or 8))}
+    r.run("build", [r.py, "csrc/build.py", "--inplace", "--build-dir", os.path.join(ROOT, "build", "gpu_check")], env)
 
 
-def bench_figures(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
+def preset_verify(r: Runner) -> None:
+    ensure_built(r, always=True)
+    xml = os.path.join(r.work, "tests.xml")
+    if os.path.exists(xml):
+        os.remove(xml)
+    cmd = [r.py, "-m", "pytest", *shlex.split(r.args.tests), "-m", "cuda", "-q", "-p", "no:cacheprovider", "-p",
+           "pytest_deadline", f"--junitxml={xml}", "-o", "junit_family=xunit1", "--durations=5"]
+    if r.dry:
+        cmd.append("--collect-only")
+    else:
+        import importlib.util
+        workers = r.args.workers if r.args.workers >= 0 else (8 if importlib.util.find_spec("xdist") else 0)
+        cmd += ["-n", str(workers)] if workers > 0 else []
+    rc, out = r.run("tests", cmd)
+    if r.dry:
+        r.record["steps"]["tests"]["collected"] = sum(1 for ln in out.splitlines() if "::" in ln)
+    else:
+        r.record["tests"] = rec.junit_summary(xml)
+    dj = os.path.join(r.work, "diagnose.json")
+    cmd = [r.py, "-m", "py_compile", "scripts/diagnose_dispatch.py"] if r.dry else \
+        [r.py, "scripts/diagnose_dispatch.py", dj]
+    r.json_step("diagnose", cmd, dj, "diagnose")
+
+
+def preset_step(r: Runner) -> None:
+    common = {"MAEFAST_BENCH_STEP_MODELS": STEP_MODEL, "MAEFAST_BENCH_COMPILE_FULL": "1"}
+    r.pytest("step-rows", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_DECISIVE)))
+    pj = os.path.join(r.work, "profile.json")
+    model, batch = STEP_MODEL.split(":")
+    cmd = [r.py, "scripts/profile_step.py", "--providers", ",".join(PROFILE_PROVIDERS), "--model", model, "--batch",
+           batch, "--json", pj] + (["--dry-run"] if r.dry else [])
+    r.json_step("profile-kernels", cmd, pj, "profile")
+    r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
+             note="compile-full last: whole-model torch.compile of ViT-H takes minutes")
+    targets = {"step": rec.step_targets(r.record["rows"])}
+    prof = r.record.get("profile") or {}
+    if prof.get("attention_ms_ratio") is not None:
+        targets["attention_profile_ratio"] = rec.judge("attention_profile_ratio", prof["attention_ms_ratio"])
+    r.record["targets"] = targets
+
+
+def ops_node_ids(r: Runner) -> list[str]:
+    """The ops preset's benchmark cases in priority order (collected once, ordered by the rules below)."""
+    files = ["benchmarks/bench_attention.py", "benchmarks/bench_masking.py", "benchmarks/bench_unshuffle.py",
+             "benchmarks/bench_loss.py", "benchmarks/bench_block.py", "benchmarks/bench_fused.py"]
+    out = subprocess.run([r.py, "-m", "pytest", *files, "--collect-only", "-q", "-p", "no:cacheprovider", "--gpu"],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    ids = [ln.strip() for ln in out.stdout.splitlines() if "::" in ln]
+    if not ids:
+        raise RuntimeError("collecting the ops benchmarks found nothing:\n" + (out.stdout + out.stderr)[-2000:])
+    h14 = ("vit_h14-b256", "p14-b256")
+    rules = [  # (why, predicate), first match decides a case's place
+        ("attention vs every SDPA backend (targets)", lambda i: "bench_attention.py::test_attention[" in i),
+        ("per-op targets, ViT-H/14 b256", lambda i: any(s in i for s in h14) and "-compile]" not in i and (
+            "mask_embed_fwd_bwd" in i or "patch_gather" in i or "unshuffle_fwd_bwd" in i or "loss_masked_fwd_bwd" in i)),
+        ("attention tile sweep", lambda i: "test_tile_sweep" in i),
+        ("attention: official, math, split/pad", lambda i: "test_attention_more" in i),
+        ("the other op rows at ViT-H/14 b256", lambda i: any(s in i for s in h14)),
+        ("the rest", lambda i: True),
+    ]
+    ordered, seen = [], set()
+    r.record["ops_order"] = []
+    for why, pred in rules:
+        chosen = [i for i in ids if i not in seen and pred(i)]
+        seen.update(chosen)
+        ordered += chosen
+        r.record["ops_order"].append({"group": why, "cases": len(chosen)})
+    return ordered
+
+
+def preset_ops(r: Runner) -> None:
+    ensure_built(r, always=False)  # the cuda rows need maefast._C
     try:
-        data = json.load(open(path))
-    except ValueError:
-        return []
-    rows = []
-    for b in data.get("benchmarks", []):
-        info = dict(b.get("extra_info", {}))
-        info["name"] = b.get("name")
-        info.setdefault("group", b.get("group"))
-        if "time_ms" not in info and b.get("stats"):
-            info["host_median_ms"] = round(b["stats"]["median"] * 1e3, 4)
-        rows.append(info)
-    return rows
+        ids = ops_node_ids(r)
+    except Exception as e:  # noqa: BLE001
+        r.record["steps"]["ops-rows"] = {"rc": 1, "seconds": 0.0, "budget_s": 0, "note": f"collection failed: {e}"}
+        return
+    r.pytest("ops-rows", ids)
+    from maefast.kernels.attention_tiles import TILES, sweep_winners
+
+    r.record["attention_tiles"] = sweep_winners(r.record["rows"])
+    r.record["attention_table"] = {f"L{L} Dh{d}": {"fwd": e.fwd.name, "bwd": e.bwd.name, "source": e.source}
+                                   for (L, d), e in TILES.items()}
+    r.record["targets"] = {"attention": rec.attention_targets(r.record["rows"]), **rec.op_targets(r.record["rows"])}
+
+
+def _find(d, key):
+    if isinstance(d, dict):
+        if key in d:
+            yield d
+        for v in d.values():
+            yield from _find(v, key)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _find(v, key)
+
+
+def preset_table2(r: Runner) -> None:
+    tj, png = os.path.join(r.work, "table2.json"), os.path.join(r.args.out, "table2.png")
+    # maefast's rows first (the targets are on them), for L, H, then B; rows are saved as they finish.
+    # Batches where AdamW's fixed ~3/6 ms (L/H) is small beside the visible step; the whole-block op
+    # so that the mask-token steps fit (ViT-H b192 with mask tokens: ~60 GB)
+    cmd = [r.py, "-m", "maefast", "bench", "table2", "--quick", "--models", "large,huge,base", "--impl",
+           "auto,reference", "--fused", "block", "--batch", "large=256,huge=192", "--json", tj, "--png", png]
+    r.json_step("table2", [r.py, "-m", "maefast", "bench", "--help"] if r.dry else cmd, tj, "table2")
+    pj = os.path.join(r.work, "profile.json")
+    # 30 staged/plain pairs: the overhead figure (target < 5%) is the median of their ratios
+    cmd = [r.py, "-m", "maefast", "profile", "--steps", "30", "--json", pj]
+    r.json_step("profile-overhead", [r.py, "-m", "maefast", "profile", "--help"] if r.dry else cmd, pj, "profile")
+    targets = {"table2": rec.table2_targets(r.record.get("table2"))}
+    overheads = [d["profiler_overhead"] for d in _find(r.record.get("profile"), "profiler_overhead")]
+    if overheads:
+        targets["profile_overhead"] = rec.judge("profile_overhead", max(overheads))
+    r.record["targets"] = targets
+
+
+def preset_data(r: Runner) -> None:
+    bench = os.path.join(ROOT, "benchmarks", "bench_data.py")
+    if os.path.exists(bench):
+        r.pytest("bench-data", ["benchmarks/bench_data.py"])
+    else:
+        r.record["steps"]["bench-data"] = {"rc": "skipped", "seconds": 0.0, "budget_s": 0,
+                                           "note": "benchmarks/bench_data.py is not in this tree"}
+    model, batch = STEP_MODEL.split(":")
+    steps = 40
+    cmd = [r.py, "-m", "maefast", "train", "--data", "synthetic", "--model", model, "--batch-size", batch,
+           "--synthetic-size", str(int(batch) * steps), "--max-steps", str(steps), "--no-progress", "--no-export",
+           "--no-plot", "--output-dir", os.path.join(r.work, "train")]
+    rc, out = r.run("train", [r.py, "-m", "maefast", "train", "--help"] if r.dry else cmd)
+    done = [ln for ln in out.splitlines() if "img/s" in ln]
+    m = re.search(r"([\d.]+) img/s after the first log window", "\n".join(done))
+    # the target (>= 0.95 of the step benchmark's maefast row, same model and batch) divides this by
+    # the `step` record's img_per_s: a ratio across two records
+    r.record["train"] = {"cmd": " ".join(cmd), "lines": done[-3:],
+                         "img_per_s_steady": float(m.group(1)) if m else None}
+
+
+RUN = {"verify": preset_verify, "step": preset_step, "ops": preset_ops, "table2": preset_table2, "data": preset_data}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--dry-run", action="store_true", help="no GPU: collect tests/benchmarks, parse outputs")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: build,tests,diagnose,benchmarks,table2,profile")
-    ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's time budget")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="where the records go ($OUT on the device machine)")
+    ap.add_argument("--work", default=None, help="intermediate files (default: ./out/gpu_check/work)")
+    ap.add_argument("--preset", default=None, help=f"comma list of {', '.join(PRESETS)} or 'all' "
+                                                    "(the default with --dry-run; required otherwise)")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: every preset collects/parses, records written")
+    ap.add_argument("--preset-budget", type=float, default=PRESET_BUDGET_S, help="seconds per preset")
+    ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's budget")
     ap.add_argument("--workers", type=int, default=-1, help="pytest-xdist workers for the tests (-1: 8 when installed)")
-    ap.add_argument("--tests", default="tests", help="test paths/args for the tests step (space-separated)")
-    # priority order (the harness stops starting cases when its budget is spent): the loss and un-shuffle
-    # (issue 5: ~35 cheap rows), masking + patch gather (issue 3: 20 cheap rows), the step (issue 6: the
-    # costly rows, two torch.compile among them), then what is decided already
-    ap.add_argument("--bench", default="benchmarks/bench_loss.py benchmarks/bench_unshuffle.py "
-                    "benchmarks/bench_masking.py benchmarks/bench_step.py benchmarks/bench_block.py "
-                    "benchmarks/bench_attention.py benchmarks/bench_fused.py "
-                    "-k '(not compile or train_step or loss_masked) and "
-                    "(not mask_embed and not random_masking or vit_h14-b256)'",
-                    help="benchmark paths/args for the benchmarks step (space-separated; compile rows: the step's "
-                         "and the masked loss's, the issue targets that name torch.compile; masking and "
-                         "masking + embed at the target's ViT-H/14 batch 256 only, the patch gather at every size)")
+    ap.add_argument("--tests", default="tests", help="test paths/args of verify's tests step (space-separated)")
     args = ap.parse_args(argv)
-    for item in args.budget:
-        k, v = item.split("=")
-        BUDGET[k] = float(v)
-    os.makedirs(args.out, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
-    py = sys.executable
-    record = {"kind": "maefast gpu_check", "dry_run": args.dry_run, "env": environment(), "steps": {}}
-    log = open(os.path.join(args.out, "log.txt"), "w")
-    t_start = time.time()
-
-    if "build" not in skip:
-        if args.dry_run:
-            cmd = [py, "-c", "import sys; sys.path.insert(0, 'csrc'); import build; print(build.sources(), build.compile_flags()[:4])"]
-        else:
-            os.environ.setdefault("MAEFAST_CUDA_ARCHS", "90")  # H100/H200; CI builds 80+90+PTX
-            os.environ.setdefault("MAEFAST_BUILD_JOBS", str(os.cpu_count() or 8))
-            cmd = [py, "csrc/build.py", "--inplace", "--build-dir", os.path.join(ROOT, "build", "gpu_check")]
-        rc, secs, _ = sh(cmd, BUDGET["build"], log)
-        record["steps"]["build"] = {"rc": rc, "seconds": secs}
-
-    if "tests" not in skip:
-        xml = os.path.join(args.out, "tests.xml")
-        cmd = [py, "-m", "pytest", *shlex.split(args.tests), "-m", "cuda", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={xml}", "-o", "junit_family=xunit1", "--durations=5"]
-        workers = args.workers
-        if workers < 0:
-            import importlib.util
-            workers = 8 if importlib.util.find_spec("xdist") is not None else 0
-        if args.dry_run:
-            cmd.append("--collect-only")
-        elif workers > 0:
-            cmd += ["-n", str(workers)]
-        rc, secs, out = sh(cmd, BUDGET["tests"], log)
-        record["steps"]["tests"] = {"rc": rc, "seconds": secs, **({} if args.dry_run else junit_summary(xml))}
-        if args.dry_run:
-            m = re.search(r"(\d+)(?:/\d+)? tests? collected", out)
-            record["steps"]["tests"]["collected"] = int(m.group(1)) if m else 0
-
-    def json_step(name: str, cmd: list[str], path: str) -> None:
-        """Runs a step that writes a JSON file (`path`) and puts that file in the record under `name`
-        (also when the step failed or ran out of time after writing it: partial results count)."""
-        rc, secs, _ = sh(cmd, BUDGET[name], log)
-        record["steps"][name] = {"rc": rc, "seconds": secs}
-        if os.path.exists(path):
-            record[name] = json.load(open(path))
-
-    if "diagnose" not in skip:
-        dj = os.path.join(args.out, "diagnose.json")
-        json_step("diagnose", [py, "scripts/diagnose_dispatch.py", dj], dj)
-
-    if "benchmarks" not in skip:
-        bj = os.path.join(args.out, "bench.json")
-        cmd = [py, "-m", "pytest", *shlex.split(args.bench), "-q", "-p", "no:cacheprovider", f"--benchmark-json={bj}"]
-        # the harness stops starting cases when its own budget is spent and still writes the JSON
-        cmd += ["--collect-only"] if args.dry_run else ["--gpu", f"--bench-budget-s={max(10, BUDGET['benchmarks'] - 25):.0f}"]
-        # the step rows on ViT-H/14 only (the issue's targets; the diagnose step times ViT-B's step): every
-        # row at batch 64, and at 192 the rows for the peak-memory target (<= 0.6x the reference at the same
-        # batch: weights + AdamW state are ~9 GiB of both, so the activations' saving shows at large batch)
-        os.environ.setdefault("MAEFAST_BENCH_STEP_MODELS", "huge:64,huge:192@reference+maefast-block+"
-                              "maefast-block-graph+sdpa+maefast+compile")
-        # the issue's rows and ours, in priority order (the patch rows last: the same fast path on other
-        # classes); maefast-custom-op is timed by the diagnose step
-        os.environ.setdefault("MAEFAST_BENCH_STEP_PROVIDERS", "reference,sdpa,compile,maefast,maefast-block,"
-                              "maefast-graph,maefast-block-graph,reference-graph,maefast-fused,maefast-patch-hf,"
-                              "maefast-patch")
-        rc, secs, out = sh(cmd, BUDGET["benchmarks"], log)
-        record["steps"]["benchmarks"] = {"rc": rc, "seconds": secs}
-        record["benchmarks"] = bench_figures(bj)
-
-    if "table2" not in skip:
-        tj, png = os.path.join(args.out, "table2.json"), os.path.join(args.out, "table2.png")
-        # maefast's rows first (the targets are on them), for L, H, then B; rows are saved as they finish.
-        # Batches where AdamW's fixed ~3/6 ms (L/H, H100) is small beside the visible step, the whole-block
-        # op so that the mask-token steps fit (ViT-H b192 with mask tokens: ~60 GB); the reference rows at
-        # the same sizes may not fit: an out-of-memory row says so
-        cmd = [py, "-m", "maefast", "bench", "table2", "--quick", "--models", "large,huge,base", "--impl",
-               "auto,reference", "--fused", "block", "--batch", "large=256,huge=192", "--json", tj, "--png", png]
-        if args.dry_run:
-            cmd = [py, "-m", "maefast", "bench", "--help"]
-        json_step("table2", cmd, tj)
-
-    if "profile" not in skip:
-        pj = os.path.join(args.out, "profile.json")
-        # 30 staged/plain pairs: the overhead figure (target < 5%) is the median of their ratios
-        cmd = [py, "-m", "maefast", "profile", "--steps", "30", "--json", pj]
-        if args.dry_run:
-            cmd = [py, "-m", "maefast", "profile", "--help"]
-        json_step("profile", cmd, pj)
-
-    record["total_seconds"] = round(time.time() - t_start, 1)
-    with open(os.path.join(args.out, "record.json"), "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    log.close()
-
-    env = record["env"]
-    print(f"\n== maefast gpu_check{' (dry run)' if args.dry_run else ''}: {env.get('card')} | torch {env.get('torch')} "
-          f"| triton {env.get('triton')} | {env['date']} | commit {env['commit'][:12]}")
-    for name, st in record["steps"].items():
-        extra = ""
-        if name == "tests" and "passed" in st:
-            extra = f"passed {st['passed']} failed {st['failed']} skipped {st['skipped']}"
-            for f in st["failures"][:10]:
-                extra += f"\n      FAIL {f['test']}: {f['message'][:160]}"
-        print(f"  {name:<11} rc={st['rc']:<4} {st['seconds']:>7.1f}s  {extra}")
-    for row in record.get("benchmarks", [])[:60]:
-        keys = [k for k in ("provider", "shape", "time_ms", "speedup_vs_baseline", "eager_time_ms", "tflops", "gbps")
-                if row.get(k) is not None]
-        print("  " + (row.get("group") or "") + " | " + " ".join(f"{k}={row[k]}" for k in keys))
-    print(f"record: {os.path.join(args.out, 'record.json')} ({record['total_seconds']}s)")
-    failed = [n for n, st in record["steps"].items() if st["rc"] not in (0,)]
+    if args.preset is None and not args.dry_run:
+        ap.error(f"--preset is required on a GPU run: one or more of {', '.join(PRESETS)} (each <= ~5 minutes)")
+    names = list(PRESETS) if args.preset in (None, "all") else [p.strip() for p in args.preset.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRESETS]
+    if bad:
+        ap.error(f"unknown preset(s) {bad}; presets: {', '.join(PRESETS)}")
+    try:
+        args.budget = {k: float(v) for k, v in (item.split("=") for item in args.budget)}
+    except ValueError:
+        ap.error("--budget takes STEP=SECONDS")
+    args.work = args.work or os.path.join(ROOT, "out", "gpu_check", "work")
+    failed = []
+    for name in names:
+        r = Runner(name, args)
+        try:
+            RUN[name](r)
+        except Exception as e:  # noqa: BLE001 - our bug: still write what the preset has
+            r.record["error"] = f"{type(e).__name__}: {e}"
+            failed.append(name)
+        record = r.finish()
+        failed += [f"{name}/{s}" for s, st in record["steps"].items() if st["rc"] not in (0, "skipped")]
     return 1 if failed else 0
 
 

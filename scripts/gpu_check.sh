@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (H100/H200, ~15 minutes, no network): builds maefast._C in
-# place, runs the cuda-marked tests, the GPU benchmarks and Table 2, and writes one JSON record
-# (card, date, versions, commit, every figure) + chart + logs under $OUT (default ./out/gpu_check).
-#   scripts/gpu_check.sh            # on the GPU machine
-#   scripts/gpu_check.sh --dry-run  # anywhere: checks every step collects/parses, no GPU needed (CI)
+# The command for a lent GPU machine (H100/H200; ~15 minutes of device time in all, a start costs 1-2):
+# presets that each finish in ~5 minutes and write their own record under $OUT (default ./out/gpu_check):
+#   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset step         # verify | step | ops | table2 | data
+#   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset verify,ops   # several, in order
+#   scripts/gpu_check.sh --dry-run    # anywhere: every preset collects/parses, no GPU needed (CI)
+# See scripts/gpu_check.py and benchmarks/results/README.md ("The next GPU run").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,0 +1,218 @@
+"""What scripts/gpu_check.py writes into a record: the machine's runtime, test and benchmark results,
+and per preset the figures the targets of issue 14 are read from (`targets`), each next to its
+threshold. Pure bookkeeping on dicts (no GPU needed; tests/test_gpu_check.py feeds it made-up rows)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The issue's targets (ratios on one card, same run), by the record field they are read from.
+TARGETS = {
+    "step_vs_reference": (">=", 2.0), "step_vs_torch_native": (">=", 1.15), "mfu": (">=", 0.60),
+    "peak_mem_vs_reference": ("<=", 0.5), "attention_profile_ratio": ("<=", 0.67),
+    "attention_fwdbwd_vs_best_sdpa": (">=", 1.5), "attention_fwd_vs_best_sdpa": (">=", 1.0),
+    "mask_embed_fwd_bwd_vs_reference": (">=", 4.0), "memory_bound_frac_peak_bw": (">=", 0.8),
+    "table2_of_flop_bound": (">=", 0.95), "profile_overhead": ("<", 0.05), "train_vs_step": (">=", 0.95),
+}
+TORCH_NATIVE = ("sdpa", "compile", "compile-full")  # torch-native rows bench_step offers today
+
+
+def runtime() -> dict:
+    """uname -r and what it says about the sandbox: gVisor reports kernel 4.4.0 (every eager kernel
+    launch is expensive there, which flatters graphed rows), the lent Firecracker VMs an '-fc' kernel."""
+    rel = platform.release()
+    kind = "gvisor" if rel.startswith("4.4.0") else "firecracker" if "-fc" in rel else "unknown"
+    return {"uname_r": rel, "runtime": kind}
+
+
+def git_commit() -> str:
+    """MAEFAST_COMMIT (the device machine's copy of the tree has no .git), else git, else "unknown"."""
+    c = os.environ.get("MAEFAST_COMMIT") or os.environ.get("MAEFAST_GIT_COMMIT")
+    if c:
+        return c
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - no git here: say so
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+           "python": platform.python_version(), "host": platform.node(), **runtime()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            env.update(card=torch.cuda.get_device_name(0), sm_count=p.multi_processor_count,
+                       memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
+        else:
+            env["card"] = "none (no CUDA device)"
+    except Exception as e:  # noqa: BLE001
+        env["torch_error"] = repr(e)
+    for mod in ("triton", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            env[mod] = f"unavailable: {type(e).__name__}"
+    if shutil.which("nvidia-smi"):
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,"
+                                                "temperature.gpu,power.draw", "--format=csv,noheader"],
+                                               capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001
+            pass
+    return env
+
+
+def junit_summary(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"error": "no junit xml"}
+    s = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for c in ET.parse(path).getroot().iter("testcase"):
+        bad = c.find("failure") if c.find("failure") is not None else c.find("error")
+        if bad is not None:
+            s["failed"] += 1
+            s["failures"].append({"test": f"{c.get('classname')}::{c.get('name')}",
+                                  "message": (bad.get("message") or "")[:400]})
+        elif c.find("skipped") is not None:
+            s["skipped"] += 1
+        else:
+            s["passed"] += 1
+    return s
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows benchmarks/conftest.py appended to MAEFAST_BENCH_ROWS (a torn last line is dropped)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+    return rows
+
+
+def judge(name: str, value) -> dict:
+    """{value (4 decimals, compared as shown), target, met} for one of TARGETS."""
+    op, thr = TARGETS[name]
+    v = None if value is None else round(float(value), 4)
+    ok = None if v is None else (v >= thr if op == ">=" else v <= thr if op == "<=" else v < thr)
+    return {"value": v, "target": f"{op} {thr}", "met": ok}
+
+
+def _fastest(rows, providers):
+    rows = [r for r in rows if r.get("provider") in providers and r.get("time_ms")]
+    return min(rows, key=lambda r: r["time_ms"]) if rows else None
+
+
+def step_targets(rows: list[dict]) -> dict:
+    """Per (model, batch) of the `train-step` rows: every provider's time / img/s / peak memory, the
+    fastest maefast row against the reference and against the fastest torch-native row."""
+    out = {}
+    for key in sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"}):
+        rs = [r for r in rows if r.get("group") == "train-step" and r["shape_key"] == key]
+        ref = _fastest(rs, ("reference",))
+        ours = _fastest(rs, [r["provider"] for r in rs if r["provider"].startswith("maefast")])
+        native = _fastest(rs, TORCH_NATIVE)
+        entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "frac_peak_flops",
+                                                                 "cuda_graph", "eager_time_ms")} for r in rs}}
+        if ours is not None:
+            entry["maefast_best"] = ours["provider"]
+            entry["mfu"] = judge("mfu", ours.get("frac_peak_flops"))
+            if ref is not None:
+                entry["step_vs_reference"] = judge("step_vs_reference", ref["time_ms"] / ours["time_ms"])
+                if ref.get("peak_mem_gib") and ours.get("peak_mem_gib"):
+                    entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference",
+                                                            ours["peak_mem_gib"] / ref["peak_mem_gib"])
+            if native is not None:
+                entry["torch_native_best"] = native["provider"]
+                entry["step_vs_torch_native"] = judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"])
+        out[key] = entry
+    return out
+
+
+def attention_targets(rows: list[dict]) -> dict:
+    """Per paper shape and mode: the best SDPA backend and maefast's rows (triton, cuda) against it."""
+    out = {}
+    for r in rows:
+        if r.get("group") not in ("attention-fwd", "attention-fwdbwd") or not r["provider"] in ("triton", "cuda"):
+            continue
+        mode = r["group"].split("-", 1)[1]
+        same = [o for o in rows if o.get("group") == r["group"] and o["shape_key"] == r["shape_key"]]
+        best = _fastest(same, ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"))
+        shape = r["shape"]
+        e = out.setdefault(f"L{shape['L']} Dh{shape['Dh']} H{shape['H']} N{shape['N']}", {}).setdefault(mode, {})
+        e[f"{r['provider']}_ms"] = r["time_ms"]
+        if best is not None:
+            e["best_sdpa"] = best["provider"]
+            e["best_sdpa_ms"] = best["time_ms"]
+            e["best_sdpa_out_layout"] = best.get("out_layout")
+            e[f"{r['provider']}_vs_best_sdpa"] = judge(f"attention_{mode}_vs_best_sdpa", best["time_ms"] / r["time_ms"])
+    return out
+
+
+def op_targets(rows: list[dict]) -> dict:
+    """masking + embed forward+backward against the official composition, and the memory-bound kernels'
+    fraction of the measured copy bandwidth (patch gather, un-shuffle, loss)."""
+    out = {}
+    for r in rows:
+        g = r.get("group")
+        if g == "mask-embed-fwd-bwd" and r["provider"] != "reference" and r.get("speedup_vs_baseline"):
+            out.setdefault("mask_embed_fwd_bwd_vs_reference", {})[f"{r['shape_key']} {r['provider']}"] = \
+                judge("mask_embed_fwd_bwd_vs_reference", r["speedup_vs_baseline"])
+        if g in ("patch-gather", "unshuffle-fwd-bwd", "loss-masked-fwd-bwd") and r["provider"] in ("cuda", "triton") \
+                and r.get("frac_peak_bw") is not None:
+            out.setdefault("memory_bound_frac_peak_bw", {})[f"{g} {r['shape_key']} {r['provider']}"] = \
+                judge("memory_bound_frac_peak_bw", r["frac_peak_bw"])
+    return out
+
+
+def table2_targets(table2: dict | list | None) -> dict:
+    rows = table2.get("rows", []) if isinstance(table2, dict) else (table2 or [])
+    out = {}
+    for r in rows:
+        if r.get("impl") != "reference" and r.get("of_flop_bound") is not None:
+            out[f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('impl')}"] = judge("table2_of_flop_bound",
+                                                                                           r["of_flop_bound"])
+    return out
+
+
+def short_lines(record: dict) -> list[str]:
+    """The few lines printed last (the device tool returns the end of the output)."""
+    env = record["env"]
+    lines = [f"== gpu_check {record['preset']}{' (dry run)' if record['dry_run'] else ''}: {env.get('card')} | "
+             f"{env.get('runtime')} {env.get('uname_r')} | torch {env.get('torch')} | triton {env.get('triton')} | "
+             f"{env['date']} | commit {str(env['commit'])[:12]} | {record.get('wall_s')} s"]
+    for name, st in record["steps"].items():
+        extra = st.get("note", "")
+        t = record.get("tests")
+        if name == "tests" and isinstance(t, dict) and "passed" in t:
+            extra = f"passed {t['passed']} failed {t['failed']} skipped {t['skipped']}"
+            extra += "".join(f"\n      FAIL {f['test']}: {f['message'][:150]}" for f in t["failures"][:8])
+        lines.append(f"  {name:<14} rc={st['rc']!s:<4} {st['seconds']:>6.1f}s/{st['budget_s']:<5g} {extra}")
+
+    def walk(d, path=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and "met" in v:
+                mark = {True: "ok ", False: "NO ", None: "?  "}[v["met"]]
+                lines.append(f"  {mark}{path}{k} = {v['value']} ({v['target']})")
+            elif isinstance(v, dict) and k != "rows":
+                walk(v, f"{path}{k} / ")
+    walk(record.get("targets", {}))
+    for w in record.get("attention_tiles", []):
+        lines.append(f"  tiles L{w['L']} Dh{w['Dh']} {w['direction']}: table {w['table']} {w['table_ms']} ms, best "
+                     f"{w['best']} {w['best_ms']} ms{'  <- change the table' if w['change'] else ''}")
+    return lines

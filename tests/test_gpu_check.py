@@ -1,0 +1,159 @@
+"""scripts/gpu_check.py's presets and records, without a GPU: the dry run writes one record per
+preset, a real run demands a preset, the figures of the issue's targets are read off made-up rows
+correctly, benchmark rows survive a run cut short, and the profiler's kernel classifier."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import gpu_record as rec  # noqa: E402
+import profile_step  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_gpu_run_needs_a_preset_and_known_names(tmp_path):
+    for args, msg in (([], "--preset is required"), (["--preset", "steps"], "unknown preset")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(tmp_path),
+                            *args], capture_output=True, text=True, env=_env(), timeout=120)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_dry_run_writes_one_record_per_preset(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
+                        str(work), "--dry-run", "--preset", "table2,data"], capture_output=True, text=True, env=_env(),
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert sorted(os.listdir(out)) == ["data-log.txt", "data-record.json", "table2-log.txt", "table2-record.json"]
+    for preset in ("table2", "data"):
+        record = json.loads((out / f"{preset}-record.json").read_text())
+        assert record["preset"] == preset and record["dry_run"] is True
+        env = record["env"]
+        for key in ("uname_r", "runtime", "card", "date", "commit", "torch", "triton"):
+            assert key in env, key
+        assert record["wall_s"] >= 0 and record["steps"]
+    assert "== gpu_check data (dry run)" in r.stdout
+
+
+def _row(group, provider, time_ms, shape, **kw):
+    return dict(group=group, provider=provider, time_ms=time_ms, shape=shape, shape_key=json.dumps(shape, sort_keys=True),
+                **kw)
+
+
+def test_step_targets_read_the_fastest_rows():
+    s = dict(model="mae_vit_huge_patch14", batch=128)
+    rows = [_row("train-step", "reference", 180.0, s, peak_mem_gib=40.0),
+            _row("train-step", "maefast-block-graph", 90.0, s, peak_mem_gib=18.0, frac_peak_flops=0.62),
+            _row("train-step", "maefast", 120.0, s, peak_mem_gib=20.0, frac_peak_flops=0.4),
+            _row("train-step", "compile", 110.0, s), _row("train-step", "sdpa", 140.0, s)]
+    t = rec.step_targets(rows)[json.dumps(s, sort_keys=True)]
+    assert t["maefast_best"] == "maefast-block-graph" and t["torch_native_best"] == "compile"
+    assert t["step_vs_reference"] == {"value": 2.0, "target": ">= 2.0", "met": True}
+    assert t["step_vs_torch_native"]["value"] == pytest.approx(110 / 90, abs=1e-4)
+    assert t["step_vs_torch_native"]["met"] is True
+    assert t["peak_mem_vs_reference"]["value"] == 0.45 and t["peak_mem_vs_reference"]["met"] is True
+    assert t["mfu"]["met"] is True
+
+
+def test_attention_targets_take_the_best_sdpa_backend():
+    s = dict(N=256, L=65, H=16, Dh=80)
+    rows = [_row("attention-fwdbwd", p, ms, s) for p, ms in
+            (("triton", 0.2), ("sdpa-cudnn", 0.35), ("sdpa-flash", 0.3), ("sdpa-efficient", 0.5), ("official", 2.0))]
+    rows.append(_row("attention-fwd", "triton", 0.12, s))
+    rows.append(_row("attention-fwd", "sdpa-cudnn", 0.1, s, out_layout="blhd"))
+    t = rec.attention_targets(rows)["L65 Dh80 H16 N256"]
+    assert t["fwdbwd"]["best_sdpa"] == "sdpa-flash"
+    assert t["fwdbwd"]["triton_vs_best_sdpa"]["value"] == 1.5 and t["fwdbwd"]["triton_vs_best_sdpa"]["met"]
+    assert t["fwd"]["triton_vs_best_sdpa"]["met"] is False and t["fwd"]["best_sdpa_out_layout"] == "blhd"
+    lines = rec.short_lines({"preset": "ops", "dry_run": False, "env": {"date": "d", "commit": "c"}, "steps": {},
+                             "targets": {"attention": {"L65 Dh80 H16 N256": t}}})
+    assert any(ln.startswith("  NO ") and "fwd / triton_vs_best_sdpa" in ln for ln in lines)
+
+
+def test_sweep_winners_and_the_rows_file_of_a_cpu_sweep(tmp_path):
+    """The conftest appends each finished case to MAEFAST_BENCH_ROWS; sweep_winners reads a sweep
+    from those rows (CPU: the interpreter's tiny sweep at L 50; its times mean nothing)."""
+    from maefast.kernels.attention_tiles import TILES, sweep_winners
+
+    path = tmp_path / "rows.jsonl"
+    env = _env()
+    env["MAEFAST_BENCH_ROWS"] = str(path)
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "benchmarks", "bench_attention.py"), "-q",
+                        "-p", "no:cacheprovider", "-k", "tile_sweep and fwd", "--benchmark-disable"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = rec.read_rows(str(path))
+    entry = TILES[(50, 64)]
+    assert sorted(x["tile"] for x in rows) == sorted(t.name for t in entry.fwd_candidates)
+    assert all(x["test"].startswith("benchmarks/bench_attention.py::test_tile_sweep") for x in rows)
+    (w,) = sweep_winners(rows)
+    assert w["table"] == entry.fwd.name and w["direction"] == "fwd" and len(w["candidates"]) == len(rows)
+    # made-up times: a candidate 10% faster than the table's tile is flagged, 2% is noise
+    fake = [dict(x, time_ms=1.0 if x["table_tile"] else 1.5) for x in rows]
+    other = next(x for x in fake if not x["table_tile"])
+    other["time_ms"] = 0.9
+    assert sweep_winners(fake)[0]["change"] is True and sweep_winners(fake)[0]["best"] == other["tile"]
+    other["time_ms"] = 0.98
+    assert sweep_winners(fake)[0]["change"] is False
+    with open(path, "a") as f:
+        f.write('{"torn": ')  # a run killed mid-line
+    assert len(rec.read_rows(str(path))) == len(rows)
+
+
+def test_deadline_plugin_skips_what_has_not_started(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test_a():\n    pass\n")
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "scripts"), env["PYTHONPATH"]])
+    for deadline, expect in (("0", "1 skipped"), ("9999999999", "1 passed")):
+        env["MAEFAST_DEADLINE"] = deadline
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_deadline", "-p", "no:cacheprovider",
+                            str(tmp_path / "test_x.py")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=120)
+        assert expect in r.stdout, r.stdout
+
+
+def test_profile_kernel_classes_and_summary():
+    assert profile_step.classify("_attn_bwd_dkdv_kernel") == "attention"
+    assert profile_step.classify("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
+    assert profile_step.classify("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNT") == "gemm"
+    assert profile_step.classify("triton_per_fused_native_layer_norm_3") == "inductor"
+    assert profile_step.classify("_norm_pix_loss_fwd_kernel") == "maefast"
+    assert profile_step.classify("void at::native::vectorized_elementwise_kernel<4>") == "elementwise"
+    s = profile_step.summarise([dict(name="sm90_xmma_gemm", category="gemm", calls_per_step=10, ms_per_step=6.0),
+                                dict(name="_attn_fwd_kernel", category="attention", calls_per_step=4, ms_per_step=3.0),
+                                dict(name="copy", category="copy", calls_per_step=2, ms_per_step=1.0)])
+    assert s["total_ms_per_step"] == 10.0 and s["gemm_share"] == 0.6 and s["attention_ms_per_step"] == 3.0
+    assert [k["name"] for k in s["top"]] == ["sm90_xmma_gemm", "_attn_fwd_kernel", "copy"]
+    assert s["kernels_per_step"] == 16
+
+
+def test_runtime_is_recorded():
+    r = rec.runtime()
+    assert r["uname_r"] and r["runtime"] in ("gvisor", "firecracker", "unknown")
+
+
+def test_kernel_table_reads_the_profilers_device_events():
+    import types
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    evts = [types.SimpleNamespace(key="_attn_fwd_kernel", count=8, device_type=cuda, self_device_time_total=4000.0),
+            types.SimpleNamespace(key="nvjet_tst_gemm", count=40, device_type=cuda, self_device_time_total=16000.0),
+            types.SimpleNamespace(key="aten::mm", count=40, device_type=cpu, self_device_time_total=0.0)]
+    prof = types.SimpleNamespace(key_averages=lambda: evts)
+    t = profile_step.kernel_table(prof, steps=2)
+    assert t["total_ms_per_step"] == 10.0 and t["attention_ms_per_step"] == 2.0 and t["gemm_share"] == 0.8
+    assert t["top"][0]["name"] == "nvjet_tst_gemm" and t["top"][0]["calls_per_step"] == 20
