@@ -290,6 +290,14 @@ def test_patch_refuses_a_subclass_overriding_what_the_fast_path_replaces(name):
         maefast.patch(osub(**TINY))
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_official_models_keep_the_fused_loss(norm_pix):
+    """The probes find nothing to honour in the official code: its loss stays maefast's fused one."""
+    for cls in (official_class(), ReferenceMAE):
+        m = maefast.patch(cls(**TINY, norm_pix_loss=norm_pix))
+        assert m._maefast.loss_via_model is False and m._maefast.takes_noise is (cls is ReferenceMAE)
+
+
 def test_patch_refuses_an_instance_override():
     m = ReferenceMAE(**TINY)
     m.random_masking = types.MethodType(lambda self, x, r, noise=None: ReferenceMAE.random_masking(self, x, r), m)
