@@ -9,8 +9,8 @@ import torch
 
 import maefast
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
-from test_patching import (L, N, TINY, _assert_grads_equal, _close, _grads, _no_slow_warning, _slow_warning,  # noqa: F401
-                           _warn_again)
+from test_patching import _warn_again  # noqa: F401 - the autouse fixture, used here too
+from test_patching import L, N, TINY, _assert_grads_equal, _close, _grads, _no_slow_warning, _slow_warning
 
 pytest.importorskip("transformers")
 
@@ -251,3 +251,22 @@ def test_transformers_trainer_kwargs_and_unknown_kwargs():
         with pytest.warns(_slow_warning(), match="nope"):
             o1 = patched(pixel_values=imgs, noise=noise, nope=1)
         assert _close(o1.loss, o0.loss)
+
+
+@pytest.mark.cuda
+def test_gpu_transformers_hidden_dropout_equals_plain():
+    """On the card too, the fast path draws transformers' hidden-dropout masks in the original's order
+    (SDPA with dropout_p=0 must not advance the generator for this to hold)."""
+    plain, patched = _hf_pair(hidden_dropout_prob=0.25)
+    plain, patched = plain.cuda().train(), patched.cuda().train()
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        imgs, noise = torch.randn(N, 3, 32, 32, device="cuda"), torch.rand(N, L, device="cuda")
+        o0, g0 = _run_hf(plain, imgs, noise, seed=7)
+        with _no_slow_warning():
+            o1, g1 = _run_hf(patched, imgs, noise, seed=7)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert _close(o1.loss, o0.loss, rel=1e-5), (o1.loss.item(), o0.loss.item())
+    _assert_grads_equal(g1, g0, rel=1e-4)
