@@ -5,6 +5,7 @@ Missing or unexpected keys are reported by name; a shape mismatch is a clear Val
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Mapping
 
@@ -201,7 +202,8 @@ def from_transformers_model(hf_model, **model_kwargs):
     kw = dict(img_size=img, patch_size=patch, in_chans=c.num_channels, embed_dim=c.hidden_size,
               depth=c.num_hidden_layers, num_heads=c.num_attention_heads, decoder_embed_dim=c.decoder_hidden_size,
               decoder_depth=c.decoder_num_hidden_layers, decoder_num_heads=c.decoder_num_attention_heads,
-              mlp_ratio=c.intermediate_size / c.hidden_size, norm_pix_loss=bool(c.norm_pix_loss))
+              mlp_ratio=c.intermediate_size / c.hidden_size, norm_pix_loss=bool(c.norm_pix_loss),
+              norm_layer=functools.partial(torch.nn.LayerNorm, eps=c.layer_norm_eps))
     kw.update(model_kwargs)
     model = MaskedAutoencoderViT(**kw)
     load_official_state_dict(model, from_transformers(hf_model.state_dict()), strict=True)

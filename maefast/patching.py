@@ -2,25 +2,51 @@
 
 Recognises (duck-typed, nothing of theirs is imported):
 - the official facebookresearch/mae `MaskedAutoencoderViT` layout (patch_embed.proj, blocks[i].attn.qkv,
-  random_masking, forward_loss, decoder_* ...), maefast's own model included;
+  random_masking, forward_loss, decoder_* ...), maefast's reference class included;
+- maefast's own `maefast.models.MaskedAutoencoderViT` (its forward already is the fast path: patch
+  sets its impl / fused / grad_checkpointing, so `model.impl` says what runs);
 - transformers' `ViTMAEForPreTraining` (4.x and 5.x module names; separate q/k/v projections, whose
   weights are concatenated on the fly so their gradients reach the original parameters).
-After patching, loss and gradients equal the unpatched model's for the same noise; `unpatch` undoes it.
+
+What a patched model promises (tests/test_patching.py):
+- The fast path serves exactly the calls it computes exactly: same loss, prediction, mask and
+  gradients as the unpatched model for the same noise. Any other call runs the model's original
+  forward, with one `SlowPathWarning` per reason naming why (images that require a gradient; for
+  transformers: output_hidden_states / output_attentions, attention_mask / head_mask,
+  interpolate_pos_encoding, attention dropout in training, an argument the fast path does not know),
+  or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
+  torch's generator in the original's order), gradient_checkpointing_enable() (maefast's per-block
+  checkpointing); maefast's `seed=` (the slow path turns it into the equivalent noise).
+- Methods of the user's that the fast path would replace are never dropped (maefast.models.routing):
+  refused with a TypeError naming them, or, for forward_loss / patchify, the loss runs through the
+  model's own forward_loss. A copy of the official file with another random_masking or forward_loss
+  (no subclass to see) is found by a probe on small tensors at patch time.
+- torch.save / torch.load(weights_only=False) and copy.deepcopy give a patched model that trains
+  its own parameters (the forward is an object holding the model, not a closure).
+`unpatch` undoes it.
 """
 from __future__ import annotations
 
-import types
+import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .models.fast import BlockView, MAEView, _official_block_view, fast_forward, official_view
+from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
+                          official_view)
+from .models.routing import (SlowPathWarning, _layout_root, class_overrides, dropout_modules, instance_overrides,
+                             official_call, refuse, seed_noise, warn_slow)
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "random_masking",
                    "forward_loss")
 _BLOCK_ATTRS = ("norm1", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp.fc1", "mlp.act", "mlp.fc2")
+# block parts of newer timm versions the fast block does not compute: each must be an Identity
+_BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
+# modules whose classes maefast knows (a forward defined elsewhere may compute anything)
+_KNOWN_MODULES = ("timm", "maefast", "torch")
 
 
 def _get(obj, path: str):
@@ -50,16 +76,187 @@ def _is_transformers_mae(model) -> bool:
                                                                and _has(model, "decoder.decoder_layers"))
 
 
-# -- transformers ---------------------------------------------------------------------------------
+def _is_own_model(model) -> bool:
+    from .models.mae import MaskedAutoencoderViT
 
-def _hf_block_view(layer, num_heads: int) -> BlockView:
+    return isinstance(model, MaskedAutoencoderViT)
+
+
+def _defining_class(obj, name: str):
+    return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
+
+
+@dataclass
+class PatchState:
+    """What `patch` decided, kept on the model as `model._maefast` (plain data: it pickles)."""
+    impl: str
+    fused: bool | str
+    grad_checkpointing: bool
+    loss_via_model: bool = False  # the loss runs through the model's own forward_loss
+    takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
+    dropouts: tuple = ()          # the model's dropout / drop-path modules (official layout)
+
+
+# -- official layout -------------------------------------------------------------------------------
+
+class _OfficialForward:
+    """The forward `patch` installs on an official-layout model: an object holding the model (a
+    deep copy or a pickle of the model runs on its own parameters)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True):
+        m = self.model
+        st = m._maefast
+        return official_call(m, type(m).forward.__get__(m), imgs, mask_ratio, noise, seed, return_pred,
+                             impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
+                             loss_via_model=st.loss_via_model, takes_noise=st.takes_noise, dropouts=st.dropouts)
+
+
+def _trusted(cls, root) -> bool:
+    return cls is None or cls.__module__.split(".")[0] in _KNOWN_MODULES or cls.__module__ == root.__module__
+
+
+def _check_blocks(model) -> None:
+    """Refuses block parts the fast block would silently skip (a user's block forward, layer scale, qk norm)."""
+    root = _layout_root(type(model)) or type(model)
+    parts = [("patch_embed", model.patch_embed)]
+    for name in ("blocks", "decoder_blocks"):
+        for i, blk in enumerate(getattr(model, name)):
+            parts += [(f"{name}.{i}", blk), (f"{name}.{i}.attn", blk.attn), (f"{name}.{i}.mlp", blk.mlp)]
+            for extra in _BLOCK_IDENTITIES:
+                if _has(blk, extra) and not isinstance(_get(blk, extra), nn.Identity):
+                    raise TypeError(f"maefast.patch: {name}.{i}.{extra} is a {type(_get(blk, extra)).__name__}, which "
+                                    "maefast's fast block does not compute (only an Identity there)")
+    if _has(model, "patch_embed.norm") and not isinstance(model.patch_embed.norm, nn.Identity):
+        raise TypeError("maefast.patch: patch_embed.norm is not an Identity; the fast patch embedding has no norm")
+    for path, mod in parts:
+        own = mod.__dict__.get("forward")
+        cls = _defining_class(mod, "forward")
+        if (own is not None and not isinstance(own, _RoutedBlockForward)) or not _trusted(cls, root):
+            who = "an instance forward" if own is not None else f"forward of {cls.__module__}.{cls.__qualname__}"
+            raise TypeError(f"maefast.patch: {path} runs {who}, which maefast's fast path would replace with the "
+                            f"official computation (it knows timm's and {root.__module__}'s classes); refusing "
+                            "rather than dropping it")
+
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _masking_differs(model, device) -> str | None:
+    """Runs model.random_masking(x, 0.75) and the official masking from the same generator state."""
+    from .reference.masking import random_masking
+
+    x = torch.randn(2, model.pos_embed.shape[1] - 1, model.pos_embed.shape[-1],
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    state = _rng_state(device)
+    try:
+        with torch.no_grad():
+            got = model.random_masking(x, 0.75)
+            _set_rng_state(state, device)
+            want = random_masking(x, 0.75)
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
+        return f"it failed on a probe ({type(e).__name__}: {e})"
+    finally:
+        _set_rng_state(state, device)  # the user's generator is left as it was
+    same = isinstance(got, (tuple, list)) and len(got) == 3 and all(
+        isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a.to(b.dtype), b) for a, b in zip(got, want))
+    return None if same else "a probe drew another mask than the official masking of the same torch.rand noise"
+
+
+def _loss_differs(model, device) -> bool:
+    """Whether model.forward_loss differs from the official loss on a probe (norm_pix_loss False and True)."""
+    from .reference.loss import forward_loss
+
+    view = official_view(model)
+    p, (h, w), c, L = view.patch_size, view.img_size, view.in_chans, view.num_patches
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(2, c, h, w, generator=g).to(device)
+    pred = torch.randn(2, L, p * p * c, generator=g).to(device)
+    mask = (torch.rand(2, L, generator=g) < 0.75).float()
+    mask[:, 0] = 1.0
+    mask = mask.to(device)
+    had = model.__dict__.get("norm_pix_loss", None)
+    values = (False, True) if isinstance(had, bool) else (bool(getattr(model, "norm_pix_loss", False)),)
+    try:
+        for npl in values:
+            if isinstance(had, bool):
+                model.norm_pix_loss = npl
+            with torch.no_grad():
+                got = model.forward_loss(imgs, pred, mask)
+                want = forward_loss(imgs, pred, mask, p, npl)
+            if not (isinstance(got, torch.Tensor) and got.numel() == 1
+                    and torch.allclose(got.float().reshape(()), want, rtol=1e-5, atol=1e-8)):
+                return True
+    except Exception:  # noqa: BLE001 - its own loss will run (and raise there, as unpatched)
+        return True
+    finally:
+        if isinstance(had, bool):
+            model.norm_pix_loss = had
+    return False
+
+
+def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
+    ov = class_overrides(type(model), forward=True)
+    inst = instance_overrides(model)
+    refused, loss = ov.refused + inst.refused, ov.loss + inst.loss
+    if refused:
+        refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
+    _check_blocks(model)
+    device = model.pos_embed.device
+    if device.type in ("cpu", "cuda"):  # probes need a real device and a generator state to replay
+        why = _masking_differs(model, device)
+        if why is not None:
+            raise TypeError(f"maefast.patch: {type(model).__name__}.random_masking is not the official masking "
+                            f"({why}); maefast's fast path draws its own mask and would drop it")
+        loss = loss or (("forward_loss",) if _loss_differs(model, device) else ())
+    params = inspect.signature(type(model).forward).parameters
+    takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
+                      dropouts=dropout_modules(model))
+
+
+# -- transformers ------------------------------------------------------------------------------------
+
+# what transformers' Trainer passes (the original's loss ignores it too)
+_HF_IGNORED = ("num_items_in_batch", "return_dict")
+
+
+def _hf_attention_dropout(att) -> float:
+    inner = getattr(att, "attention", att)  # 4.x: ViTMAEAttention.attention is the self-attention
+    p = getattr(inner, "attention_dropout", None)  # 5.x
+    if p is None:
+        p = getattr(inner, "dropout_prob", None)  # 4.4x-4.5x
+    if p is None:
+        d = getattr(inner, "dropout", None)  # older 4.x: a Dropout on the probabilities
+        p = d.p if isinstance(d, nn.Dropout) else 0.0
+    return float(p) if inner.training else 0.0
+
+
+def _p(d) -> float:
+    return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
+
+
+def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[BlockView, float]:
+    """(view of one ViTMAELayer, its attention dropout in effect)."""
     att = layer.attention
     if hasattr(att, "q_proj"):  # transformers 5.x
         q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
         fc1, fc2, act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
+        drop_attn = drop_mlp = _p(layer.dropout)
     else:  # 4.x
         q, k, v, o = att.attention.query, att.attention.key, att.attention.value, att.output.dense
         fc1, fc2, act = layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn
+        drop_attn, drop_mlp = _p(att.output.dropout), _p(layer.output.dropout)
     if not isinstance(act, nn.Module):
         act = _Fn(act)
 
@@ -68,9 +265,11 @@ def _hf_block_view(layer, num_heads: int) -> BlockView:
         b = torch.cat([q.bias, k.bias, v.bias], 0) if q.bias is not None else None
         return w, b
 
+    ckpt = (getattr(layer, "gradient_checkpointing", False) or stack_checkpointing) and layer.training
     head_dim = q.out_features // num_heads
     return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=head_dim ** -0.5, proj=o,
-                     norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2)
+                     norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2, drop_attn=drop_attn, drop_mlp=drop_mlp,
+                     checkpoint=bool(ckpt)), _hf_attention_dropout(att)
 
 
 class _Fn(nn.Module):
@@ -82,82 +281,176 @@ class _Fn(nn.Module):
         return self.fn(x)
 
 
+def _hf_layers(model):
+    enc = model.vit.layers if hasattr(model.vit, "layers") else model.vit.encoder.layer
+    return enc, model.decoder.decoder_layers
+
+
 def transformers_view(model) -> MAEView:
+    """View of transformers' ViTMAEForPreTraining (dropout and checkpointing flags as its modules say now)."""
+    return _transformers_view(model)[0]
+
+
+def _transformers_view(model) -> tuple[MAEView, float]:
     c = model.config
     emb = model.vit.embeddings
-    layers = model.vit.layers if hasattr(model.vit, "layers") else model.vit.encoder.layer
+    enc, dec_layers = _hf_layers(model)
+    enc_ckpt = bool(getattr(getattr(model.vit, "encoder", None), "gradient_checkpointing", False))  # older 4.x
+    dec_ckpt = bool(getattr(model.decoder, "gradient_checkpointing", False))
+    blocks = [_hf_block_view(l, c.num_attention_heads, enc_ckpt) for l in enc]
+    dblocks = [_hf_block_view(l, c.decoder_num_attention_heads, dec_ckpt) for l in dec_layers]
     dec = model.decoder
     img = c.image_size if isinstance(c.image_size, (tuple, list)) else (c.image_size, c.image_size)
-    return MAEView(patch_proj=emb.patch_embeddings.projection, pos_embed=emb.position_embeddings,
-                   cls_token=emb.cls_token, blocks=[_hf_block_view(l, c.num_attention_heads) for l in layers],
-                   norm=model.vit.layernorm, decoder_embed=dec.decoder_embed, mask_token=dec.mask_token,
-                   decoder_pos_embed=dec.decoder_pos_embed,
-                   decoder_blocks=[_hf_block_view(l, c.decoder_num_attention_heads) for l in dec.decoder_layers],
-                   decoder_norm=dec.decoder_norm, decoder_pred=dec.decoder_pred, norm_pix_loss=bool(c.norm_pix_loss),
-                   in_chans=c.num_channels, img_size=tuple(img))
+    view = MAEView(patch_proj=emb.patch_embeddings.projection, pos_embed=emb.position_embeddings,
+                   cls_token=emb.cls_token, blocks=[b for b, _ in blocks], norm=model.vit.layernorm,
+                   decoder_embed=dec.decoder_embed, mask_token=dec.mask_token, decoder_pos_embed=dec.decoder_pos_embed,
+                   decoder_blocks=[b for b, _ in dblocks], decoder_norm=dec.decoder_norm,
+                   decoder_pred=dec.decoder_pred, norm_pix_loss=bool(c.norm_pix_loss), in_chans=c.num_channels,
+                   img_size=tuple(img))
+    return view, max([p for _, p in blocks + dblocks], default=0.0)
 
 
-def _hf_forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=False, **kwargs):
-    if pixel_values is None:
-        raise ValueError("pixel_values must be given")
-    if interpolate_pos_encoding:
-        raise ValueError("interpolate_pos_encoding is not supported by maefast's patched forward (call "
-                         "maefast.unpatch(model) for it)")
-    st = self._maefast
-    loss, pred, mask, ids_restore = fast_forward(transformers_view(self), pixel_values, self.config.mask_ratio, noise,
-                                                 seed=kwargs.pop("seed", None), impl=st["impl"], fused=st["fused"],
-                                                 grad_checkpointing=st["grad_checkpointing"], return_pred=True)
-    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+def _hf_slow_reason(model, pixel_values, args, kwargs) -> str | None:
+    if args:
+        return f"{len(args)} positional argument(s) after noise"
+    for k, v in kwargs.items():
+        if k in _HF_IGNORED or k in ("output_hidden_states", "output_attentions"):
+            continue
+        if k == "interpolate_pos_encoding":
+            if v:
+                return "interpolate_pos_encoding=True"
+        elif k in ("attention_mask", "head_mask"):
+            if v is not None:
+                return f"{k} is given"
+        else:
+            return f"argument {k}= (the fast path does not implement it)"
+    for k in ("output_hidden_states", "output_attentions"):
+        v = kwargs.get(k)
+        if v if v is not None else getattr(model.config, k, False):
+            return f"{k}=True (the fast path computes neither hidden states nor attention probabilities)"
+    if torch.is_grad_enabled() and isinstance(pixel_values, torch.Tensor) and pixel_values.requires_grad:
+        return "pixel_values requires a gradient (the fast path reads the images as constants)"
+    return None
 
-    return ViTMAEForPreTrainingOutput(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
+
+class _TransformersForward:
+    """The forward `patch` installs on transformers' ViTMAEForPreTraining (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, pixel_values=None, noise=None, *args, seed=None, **kwargs):
+        m = self.model
+        st = m._maefast
+        why = _hf_slow_reason(m, pixel_values, args, kwargs)
+        if why is None:
+            view, attn_p = _transformers_view(m)
+            if attn_p:
+                why = f"attention dropout (p={attn_p}) is active in training mode"
+        if why is not None:
+            warn_slow(m, why, stacklevel=5)
+            if seed is not None:
+                if noise is not None:
+                    raise ValueError("pass either noise or seed, not both")
+                noise = seed_noise(seed, pixel_values.shape[0], m.vit.embeddings.position_embeddings.shape[1] - 1,
+                                   pixel_values.device)
+            return type(m).forward(m, pixel_values, noise, *args, **kwargs)
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        loss, pred, mask, ids_restore = fast_forward(view, pixel_values, m.config.mask_ratio, noise, seed=seed,
+                                                     impl=st.impl, fused=st.fused,
+                                                     grad_checkpointing=st.grad_checkpointing, return_pred=True,
+                                                     loss_fn=m.forward_loss if st.loss_via_model else None)
+        from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+
+        out = ViTMAEForPreTrainingOutput(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
+        return_dict = kwargs.get("return_dict")
+        if return_dict is None:  # the config's default, as the original decides it (4.x: not when torchscript)
+            return_dict = getattr(m.config, "return_dict", True) and not getattr(m.config, "torchscript", False)
+        return out if return_dict else out.to_tuple()
 
 
-# -- official -------------------------------------------------------------------------------------
+def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
+    """Refuses a transformers model whose classes a user changed where the fast path replaces them."""
+    emb = model.vit.embeddings
+    enc, dec_layers = _hf_layers(model)
+    parts = [("", model, ("forward", "forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
+             ("vit.embeddings", emb, ("forward", "random_masking")),
+             ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)),
+             ("decoder", model.decoder, ("forward",))]
+    for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
+        for i, layer in enumerate(layers):
+            parts += [(f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)) for n, sub in layer.named_modules()
+                      if not type(sub).__module__.startswith("torch.")]
+    refused, loss = [], False
+    for path, obj, names in parts:
+        for name in names:
+            cls = _defining_class(obj, name)
+            if name not in obj.__dict__ and (cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")):
+                continue
+            if path == "" and name in ("forward_loss", "patchify") and hasattr(model, "forward_loss"):
+                loss = True  # transformers 4.x: the loss goes through forward_loss (which reads patchify)
+            else:
+                refused.append(f"{path + '.' if path else ''}{name}")
+    if refused:
+        refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
+    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=loss)
 
-def _official_forward(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True):
-    st = self._maefast
-    loss, pred, mask, _ = fast_forward(official_view(self), imgs, mask_ratio, noise, seed=seed, impl=st["impl"],
-                                       fused=st["fused"], grad_checkpointing=st["grad_checkpointing"],
-                                       return_pred=return_pred)
-    return loss, pred, mask
 
+# -- patch / unpatch -------------------------------------------------------------------------------
 
 def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
     Official-style models: forward(imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True)
-    -> (loss, pred, mask). transformers' ViTMAEForPreTraining: forward(pixel_values, noise=None)
-    -> ViTMAEForPreTrainingOutput(loss, logits, mask, ids_restore), mask ratio from its config.
-    Raises TypeError listing what is missing for a model it does not recognise.
+    -> (loss, pred, mask). transformers' ViTMAEForPreTraining: forward(pixel_values, noise=None, ...,
+    *, seed=None) -> ViTMAEForPreTrainingOutput(loss, logits, mask, ids_restore) (a tuple for
+    return_dict=False), mask ratio from its config. maefast's own model: its impl, fused and
+    grad_checkpointing are set (its forward is the fast path). Patching again replaces the settings.
+
+    Raises TypeError listing what is missing for a model it does not recognise, or naming a method of
+    the user's that the fast path would drop (see the module docstring).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from .models.fast import check_fused
-
     fused = check_fused(fused)
+    if _is_own_model(model):
+        ov = class_overrides(type(model), forward=False)
+        refused = ov.refused + instance_overrides(model).refused
+        if refused:
+            refuse(model, refused, "maefast.patch cannot serve this model (run it with impl='reference')")
+        model.__dict__.setdefault("_maefast_unpatch", (model.impl, model.fused, model.grad_checkpointing))
+        model.impl, model.fused, model.grad_checkpointing = impl, fused, bool(grad_checkpointing)
+        return model
+    unpatch(model)  # patching again starts from the model's own forward
     if _is_transformers_mae(model):
-        fwd = _hf_forward
         if getattr(model.config, "hidden_act", "gelu") not in ("gelu",):
             fused = False  # only the exact GELU is fused; other activations run as they are
+        state, fwd = _hf_state(model, impl, fused, grad_checkpointing), _TransformersForward(model)
     else:
         missing = _missing_official(model)
         if missing:
             raise TypeError(f"maefast.patch does not recognise {type(model).__name__}: neither transformers' "
                             f"ViTMAEForPreTraining nor the official MAE layout; missing: {', '.join(missing)}")
-        fwd = _official_forward
-    model._maefast = {"impl": impl, "fused": fused, "grad_checkpointing": bool(grad_checkpointing)}
-    model.forward = types.MethodType(fwd, model)
+        state, fwd = _official_state(model, impl, fused, grad_checkpointing), _OfficialForward(model)
+    model._maefast = state
+    model.forward = fwd
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undoes `patch` (the class's own forward runs again)."""
-    if "forward" in model.__dict__:
+    """Undoes `patch` (the class's own forward runs again; maefast's own model gets back the impl,
+    fused and grad_checkpointing it had before the first patch)."""
+    if isinstance(model.__dict__.get("forward"), (_OfficialForward, _TransformersForward)):
         del model.__dict__["forward"]
     model.__dict__.pop("_maefast", None)
+    saved = model.__dict__.pop("_maefast_unpatch", None)
+    if saved is not None:
+        model.impl, model.fused, model.grad_checkpointing = saved
     return model
 
 
-__all__ = ["patch", "unpatch", "official_view", "transformers_view", "_official_block_view"]
+__all__ = ["patch", "unpatch", "official_view", "transformers_view", "_official_block_view", "SlowPathWarning",
+           "PatchState"]

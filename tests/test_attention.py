@@ -429,7 +429,8 @@ def test_reference_mae_with_swapped_blocks(device):
     the same loss and prediction."""
     torch.manual_seed(0)
     mae = ref_model.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
-                                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).to(device)
+                                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                                         norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).to(device)
     imgs = randn(2, 3, 32, 32, device=device)
     noise = torch.rand(2, 16, device=device)
     loss_ref, pred_ref, _ = mae(imgs, noise=noise)

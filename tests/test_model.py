@@ -1,5 +1,5 @@
-"""The fast MAE (maefast.models.MaskedAutoencoderViT) and maefast.patch: same loss and gradients as
-the official computation, for our model, an official-layout model and transformers' ViTMAE."""
+"""The fast MAE (maefast.models.MaskedAutoencoderViT): same loss and gradients as the official
+computation (maefast.patch of other models: tests/test_patching.py)."""
 import pytest
 import torch
 
@@ -135,62 +135,6 @@ def test_seed_reproducible_and_default_draw_follows_manual_seed():
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(d, e)
     with pytest.raises(ValueError, match="seed needs the fused path"):
         MaskedAutoencoderViT(**TINY, impl="reference")(imgs, seed=1)
-
-
-@pytest.mark.parametrize("fused", [False, "block"])
-def test_patch_official_layout_model_in_place(fused):
-    torch.manual_seed(0)
-    ref = ReferenceMAE(**TINY, norm_pix_loss=True)  # the official layout (facebookresearch keys and methods)
-    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
-    l0, p0, k0, g0 = _run(ref, imgs, noise)
-    params_before = [id(p) for p in ref.parameters()]
-    out = maefast.patch(ref, fused=fused)
-    assert out is ref and [id(p) for p in ref.parameters()] == params_before
-    l1, p1, k1, g1 = _run(ref, imgs, noise)
-    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()) and torch.equal(k0, k1)
-    _assert_grads_equal(g1, g0)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.1)  # the optimizer keeps working on the same tensors
-    opt.step()
-    maefast.patch.__module__  # noqa: B018
-    from maefast.patching import unpatch
-    unpatch(ref)
-    assert "forward" not in ref.__dict__
-
-
-@pytest.mark.parametrize("norm_pix,fused", [(False, False), (True, False), (True, "block")])
-def test_patch_transformers_vitmae(norm_pix, fused):
-    pytest.importorskip("transformers")
-    from maefast.convert import to_transformers_model
-
-    torch.manual_seed(0)
-    hf = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=norm_pix), mask_ratio=0.75)
-    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
-    hf.zero_grad()
-    o0 = hf(pixel_values=imgs, noise=noise)
-    o0.loss.backward()
-    g0 = _grads(hf)
-    maefast.patch(hf, fused=fused)
-    hf.zero_grad()
-    o1 = hf(pixel_values=imgs, noise=noise)
-    o1.loss.backward()
-    assert abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
-    assert torch.equal(o1.mask, o0.mask) and torch.equal(o1.ids_restore, o0.ids_restore)
-    assert torch.allclose(o1.logits, o0.logits, rtol=1e-5, atol=1e-6)
-    _assert_grads_equal(_grads(hf), g0)
-
-
-def test_patch_rejects_unknown_models_listing_what_is_missing():
-    class NotMAE(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList()
-
-    with pytest.raises(TypeError, match="missing: patch_embed.proj, pos_embed"):
-        maefast.patch(NotMAE())
-    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
-        maefast.patch(object())
-    with pytest.raises(ValueError, match="impl must be one of"):
-        maefast.patch(ReferenceMAE(**TINY), impl="fast")
 
 
 def test_state_dict_round_trips():

@@ -190,7 +190,8 @@ def test_model_official_keys_and_init():
               "decoder_pos_embed", "decoder_blocks.0.attn.qkv.weight", "decoder_norm.weight", "decoder_pred.weight"]:
         assert k in keys, k
     assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
-    assert m.norm.eps == 1e-6 and m.blocks[0].norm1.eps == 1e-6
+    # the official class's own default, norm_layer=nn.LayerNorm (the paper factories pass eps 1e-6)
+    assert m.norm.eps == 1e-5 and m.blocks[0].norm1.eps == 1e-5
     assert torch.equal(m.blocks[0].attn.qkv.bias, torch.zeros(96))
     assert isinstance(m.blocks[0].mlp.act, torch.nn.GELU) and m.blocks[0].mlp.act.approximate == "none"
     with torch.device("meta"):

@@ -1,7 +1,15 @@
 """The paper's model configs (decoder 8 x 512, 16 heads) and small configs for CPU tests."""
 from __future__ import annotations
 
-PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+from functools import partial
+
+import torch.nn as nn
+
+from ..reference.model import LN_EPS
+
+# the official factories pass LayerNorm eps 1e-6 (the class's own default, nn.LayerNorm, is 1e-5)
+PAPER_NORM = partial(nn.LayerNorm, eps=LN_EPS)
+PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, norm_layer=PAPER_NORM)
 
 MODEL_CONFIGS: dict[str, dict] = {
     "mae_vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
@@ -12,9 +20,11 @@ MODEL_CONFIGS: dict[str, dict] = {
                                  mlp_ratio=4.0, **PAPER_DECODER),
     # CPU-sized: head dims 64 and 32 like the paper's encoder/decoder, 8x8 = 64 patches.
     "mae_vit_small_cpu": dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
-                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0),
+                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
+                              norm_layer=PAPER_NORM),
     "mae_vit_tiny_test": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
-                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0),
+                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0,
+                              norm_layer=PAPER_NORM),
 }
 
 ALIASES = {"base": "mae_vit_base_patch16", "b16": "mae_vit_base_patch16", "vit_b": "mae_vit_base_patch16",

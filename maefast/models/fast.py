@@ -48,6 +48,11 @@ class BlockView:
     act: nn.Module
     fc2: nn.Linear
     module: Optional[nn.Module] = None  # the block module itself (see route_blocks_through_modules)
+    # dropout on the attention output (after proj) and on the MLP output (after fc2), as transformers'
+    # ViTMAE layers apply it; 0 outside training. Drawn from torch's generator in the original's order.
+    drop_attn: float = 0.0
+    drop_mlp: float = 0.0
+    checkpoint: bool = False  # checkpoint this block whatever grad_checkpointing says (transformers' flag)
 
     @property
     def exact_gelu(self) -> bool:
@@ -105,8 +110,10 @@ def check_fused(fused) -> bool | str:
 
 
 def _block_op_ok(bv: BlockView) -> bool:
-    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine norms."""
-    return (bv.exact_gelu and bv.fc1.bias is not None and bv.fc2.bias is not None and bv.proj.bias is not None
+    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine norms,
+    no dropout."""
+    return (bv.exact_gelu and not (bv.drop_attn or bv.drop_mlp) and bv.fc1.bias is not None
+            and bv.fc2.bias is not None and bv.proj.bias is not None
             and all(getattr(n, "weight", None) is not None and getattr(n, "bias", None) is not None
                     for n in (bv.norm1, bv.norm2)))
 
@@ -124,6 +131,8 @@ def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -
     qkv = F.linear(h, w, b)
     a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=model_level_impl(impl, qkv, bv.num_heads))
     a = bv.proj(a)
+    if bv.drop_attn:
+        a = F.dropout(a, bv.drop_attn, training=True)
     if fused:
         h2, x = ops.add_layer_norm(a, x, bv.norm2.weight, bv.norm2.bias, bv.norm2.eps, impl=op_impl(impl, "ln"),
                                    out_dtype=out_dtype)
@@ -134,7 +143,10 @@ def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -
         m = ops.bias_gelu(F.linear(h2, bv.fc1.weight), bv.fc1.bias, impl=op_impl(impl, "gelu"))
     else:
         m = bv.act(bv.fc1(h2))
-    return x + bv.fc2(m)
+    m = bv.fc2(m)
+    if bv.drop_mlp:
+        m = F.dropout(m, bv.drop_mlp, training=True)
+    return x + m
 
 
 def _block_call(bv: BlockView, x, impl, fused, out_dtype):
@@ -146,11 +158,12 @@ def _block_call(bv: BlockView, x, impl, fused, out_dtype):
 
 def _run_blocks(blocks, x, impl, fused, out_dtype, grad_checkpointing):
     for bv in blocks:
-        if grad_checkpointing and torch.is_grad_enabled():
-            # the fast block draws no random numbers (no dropout): no RNG state to save, which also keeps
-            # the step capturable in a CUDA graph on torch builds that cannot read the RNG state there
+        if (grad_checkpointing or bv.checkpoint) and torch.is_grad_enabled():
+            # without dropout the block draws no random numbers: no RNG state to save, which also keeps
+            # the step capturable in a CUDA graph on torch builds that cannot read the RNG state there;
+            # with dropout the recompute must draw the forward's masks again
             x = checkpoint(_block_call, bv, x, impl, fused, out_dtype, use_reentrant=False,
-                           preserve_rng_state=False)
+                           preserve_rng_state=bool(bv.drop_attn or bv.drop_mlp))
         else:
             x = _block_call(bv, x, impl, fused, out_dtype)
     return x
@@ -199,14 +212,21 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
 
 def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None, *,
                  seed: int | None = None, impl: str = "auto", fused: bool = False, grad_checkpointing: bool = False,
-                 return_pred: bool = True):
+                 return_pred: bool = True, loss_fn: Callable | None = None):
     """The MAE training forward on maefast's ops.
 
     Returns (loss, pred, mask, ids_restore). With return_pred=True, pred is (N, L, p*p*C) for every
     patch (the official output; the head then runs on all rows, the loss still reads only masked
     patches); with return_pred=False the head runs on the masked rows only and pred is None.
+    loss_fn: the model's own loss, called as loss_fn(imgs, pred (N, L, p*p*C), mask (N, L)) in place of
+    maefast's fused one (pred is then computed for every patch, and returned only with return_pred).
+    Raises ValueError when imgs requires a gradient under grad mode: the fast path reads the images
+    as constants (the model's original forward gives them a gradient).
     """
     check_inputs(view, imgs, mask_ratio, noise)
+    if torch.is_grad_enabled() and imgs.requires_grad:  # checked while compiling too: never a silent None
+        raise ValueError("imgs requires a gradient, which maefast's fast forward does not compute (it reads the "
+                         "images as constants); detach them, or run the official forward for an image gradient")
     n, L, p = imgs.shape[0], view.num_patches, view.patch_size
     out_dtype = autocast_dtype(imgs.device)  # None on meta too (torch.is_autocast_enabled raises there)
     stream_dtype = torch.float32 if out_dtype is not None else imgs.dtype
@@ -226,7 +246,11 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
     x = _ln(x, view.decoder_norm, fused, impl, out_dtype)
 
     head = view.decoder_pred
-    if return_pred:
+    if loss_fn is not None:
+        pred = head(x[:, 1:, :])
+        loss = loss_fn(imgs, pred, mask)
+        pred = pred if return_pred else None
+    elif return_pred:
         pred = head(x[:, 1:, :])
         loss = ops.norm_pix_loss(pred, imgs, mask, p, norm_pix=view.norm_pix_loss, pred_on="all",
                                  impl=op_impl(impl, "loss"))

@@ -2,9 +2,11 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
+from .._validate import compiling
 from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
-from .fast import check_fused, fast_forward, official_view
+from .fast import check_fused
+from .routing import Overrides, class_overrides, dropout_modules, instance_overrides, official_call, refuse
 
 
 class MaskedAutoencoderViT(_ReferenceMAE):
@@ -27,7 +29,18 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         -> (loss, pred, mask). ``seed`` (int) draws the mask from maefast's Philox stream instead of
         ``noise``; neither: a seed from torch's CPU generator (no GPU sync). return_pred=False skips
         the head on the visible rows (pred is None) — what training loops want.
+        A call the fast path cannot serve exactly (images that require a gradient, dropout active in
+        training) runs the official computation with a `SlowPathWarning` (maefast.models.routing);
+        a subclass's forward_loss / patchify is honoured, its random_masking / forward_encoder /
+        forward_decoder is refused with a TypeError unless impl="reference".
     """
+
+    _maefast_overrides = Overrides((), ())
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a user's subclass: which of its methods the fast path would replace (read per call, cheaply)
+        cls._maefast_overrides = class_overrides(cls, forward=False)
 
     def __init__(self, *args, impl: str = "auto", fused: bool | str = False, grad_checkpointing: bool = False,
                  **kwargs):
@@ -43,10 +56,24 @@ class MaskedAutoencoderViT(_ReferenceMAE):
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
             return super().forward(imgs, mask_ratio, noise)
-        loss, pred, mask, _ = fast_forward(official_view(self), imgs, mask_ratio, noise, seed=seed, impl=self.impl,
-                                           fused=self.fused, grad_checkpointing=self.grad_checkpointing,
-                                           return_pred=return_pred)
-        return loss, pred, mask
+        ov = self._maefast_overrides
+        if not compiling():
+            inst = instance_overrides(self)
+            ov = Overrides(ov.refused + inst.refused, ov.loss + inst.loss)
+        if ov.refused:
+            refuse(self, ov.refused, f"its fast path (impl={self.impl!r}) cannot run it; use impl='reference'")
+        return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,
+                             fused=self.fused, grad_checkpointing=self.grad_checkpointing,
+                             loss_via_model=bool(ov.loss), takes_noise=True, dropouts=self._dropouts())
+
+    def _dropouts(self) -> tuple:
+        """The dropout / drop-path modules, scanned at the first call (the fast path checks they are off)."""
+        d = self.__dict__.get("_maefast_dropouts")
+        if d is None:
+            d = dropout_modules(self)
+            if not compiling():
+                self.__dict__["_maefast_dropouts"] = d
+        return d
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, fused={self.fused}, grad_checkpointing={self.grad_checkpointing}"

@@ -2,8 +2,6 @@
 plain PyTorch (no timm) with the official constructor, initialisation and state-dict keys."""
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 
@@ -14,7 +12,7 @@ from .masking import random_masking
 from .patchify import patchify, unpatchify
 from .pos_embed import get_2d_sincos_pos_embed
 
-LN_EPS = 1e-6
+LN_EPS = 1e-6  # what the official paper factories pass; the class's own default is nn.LayerNorm's 1e-5
 
 
 class PatchEmbed(nn.Module):
@@ -94,7 +92,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=partial(nn.LayerNorm, eps=LN_EPS), norm_pix_loss=False):
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches

@@ -1,0 +1,477 @@
+"""maefast.patch keeps every promise of the model it patches: patched vs plain model, same noise,
+same outputs (or a clear error / a SlowPathWarning naming why the original forward ran).
+
+Models: an official-layout class written like facebookresearch/mae's models_mae.py (no `noise`
+argument, torch.rand in random_masking, forward_loss through self.patchify), maefast's reference
+class (the official layout with `noise=`), maefast's own model, and transformers' ViTMAEForPreTraining.
+"""
+import contextlib
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import maefast
+from maefast.models import MaskedAutoencoderViT
+from maefast.patching import unpatch
+from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)  # L = 16
+N, L = 3, 16
+
+
+@pytest.fixture(autouse=True)
+def _warn_again():
+    """SlowPathWarning is once per reason and process: each test starts with none given."""
+    try:
+        from maefast.models import routing
+    except ImportError:  # before the routing module existed
+        yield
+        return
+    routing._WARNED.clear()
+    yield
+    routing._WARNED.clear()
+
+
+def _slow_warning():
+    from maefast.patching import SlowPathWarning
+
+    return SlowPathWarning
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_equal(g, g0, rel=1e-5):
+    assert set(g) == set(g0) and g0
+    scale = max(v.abs().max().item() for v in g0.values())
+    for n in g0:
+        diff = (g[n] - g0[n]).norm().item()
+        assert diff <= rel * g0[n].norm().item() + 1e-6 * scale, (n, diff, g0[n].norm().item())
+
+
+def _close(a, b, rel=1e-5):
+    return abs(a.item() - b.item()) <= rel * abs(b.item())
+
+
+@contextlib.contextmanager
+def _no_slow_warning():
+    """A context in which a SlowPathWarning is an error (the call must stay on the fast path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())
+        yield
+
+
+# -- an official-layout class written like facebookresearch/mae models_mae.py --------------------
+
+def _o_init(self, norm_pix_loss=False, **kw):
+    nn.Module.__init__(self)
+    ref = ReferenceMAE(**kw, norm_pix_loss=norm_pix_loss)  # borrow its modules, parameters and initialisation
+    for name, child in ref.named_children():
+        setattr(self, name, child)
+    for name in ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed"):
+        setattr(self, name, getattr(ref, name))
+    self.norm_pix_loss = norm_pix_loss
+
+
+def _o_patchify(self, imgs):
+    p = self.patch_embed.proj.kernel_size[0]
+    h = w = imgs.shape[2] // p
+    x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(imgs.shape[0], h * w, p ** 2 * 3)
+
+
+def _o_random_masking(self, x, mask_ratio):
+    n, length, d = x.shape
+    len_keep = int(length * (1 - mask_ratio))
+    noise = torch.rand(n, length, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones([n, length], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def _o_forward_encoder(self, x, mask_ratio):
+    x = self.patch_embed(x)
+    x = x + self.pos_embed[:, 1:, :]
+    x, mask, ids_restore = self.random_masking(x, mask_ratio)
+    cls_token = self.cls_token + self.pos_embed[:, :1, :]
+    x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    for blk in self.blocks:
+        x = blk(x)
+    return self.norm(x), mask, ids_restore
+
+
+def _o_forward_loss(self, imgs, pred, mask):
+    target = self.patchify(imgs)
+    if self.norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.e-6) ** .5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def _o_forward(self, imgs, mask_ratio=0.75):
+    latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+    pred = self.forward_decoder(latent, ids_restore)
+    loss = self.forward_loss(imgs, pred, mask)
+    return loss, pred, mask
+
+
+def official_class(name="MaskedAutoencoderViT", **methods):
+    """A root class (no maefast base) with the official methods; `methods` replace some (a "fork")."""
+    ns = dict(__init__=_o_init, patchify=_o_patchify, random_masking=_o_random_masking,
+              forward_encoder=_o_forward_encoder, forward_decoder=ReferenceMAE.forward_decoder,
+              forward_loss=_o_forward_loss, forward=_o_forward)
+    ns.update(methods)
+    return type(name, (nn.Module,), ns)
+
+
+def _official_pair(cls=None, norm_pix=True, **patch_kw):
+    torch.manual_seed(0)
+    plain = (cls or official_class())(norm_pix_loss=norm_pix, **TINY)
+    patched = maefast.patch(copy.deepcopy(plain), **patch_kw)
+    return plain, patched
+
+
+def _run_official(model, imgs, seed, **kw):
+    """The official forward draws its noise with torch.rand: the same seed gives the same mask; the
+    patched forward is handed that noise."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    if model.__dict__.get("forward") is not None and "noise" not in kw:  # patched: the same noise, given
+        kw["noise"] = torch.rand(imgs.shape[0], L)
+    out = model(imgs, 0.75, **kw)
+    out[0].backward()
+    return out, _grads(model)
+
+
+def _run(model, imgs, noise, **kw):
+    model.zero_grad()
+    loss, pred, mask = model(imgs, 0.75, noise, **kw)
+    loss.backward()
+    return loss.detach(), pred, mask, _grads(model)
+
+
+# == 0. same loss, prediction, mask and gradients; the same parameters ==========================
+
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_patch_official_layout_model_in_place(fused):
+    torch.manual_seed(0)
+    ref = ReferenceMAE(**TINY, norm_pix_loss=True)  # the official layout (facebookresearch keys and methods)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    l0, p0, k0, g0 = _run(ref, imgs, noise)
+    params_before = [id(p) for p in ref.parameters()]
+    out = maefast.patch(ref, fused=fused)
+    assert out is ref and [id(p) for p in ref.parameters()] == params_before
+    l1, p1, k1, g1 = _run(ref, imgs, noise)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()) and torch.equal(k0, k1)
+    _assert_grads_equal(g1, g0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)  # the optimizer keeps working on the same tensors
+    opt.step()
+    unpatch(ref)
+    assert "forward" not in ref.__dict__
+
+
+def test_patch_rejects_unknown_models_listing_what_is_missing():
+    class NotMAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList()
+
+    with pytest.raises(TypeError, match="missing: patch_embed.proj, pos_embed"):
+        maefast.patch(NotMAE())
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        maefast.patch(object())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        maefast.patch(ReferenceMAE(**TINY), impl="fast")
+
+
+
+# == 1. input gradients =========================================================================
+
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_image_gradient_official_layout_equals_plain(fused):
+    plain, patched = _official_pair(fused=fused)
+    imgs = torch.randn(N, 3, 32, 32)
+    x0 = imgs.clone().requires_grad_()
+    (l0, p0, k0), g0 = _run_official(plain, x0, seed=1)
+    x1 = imgs.clone().requires_grad_()
+    with pytest.warns(_slow_warning(), match="imgs requires a gradient"):
+        (l1, p1, k1), g1 = _run_official(patched, x1, seed=1, noise=None)  # the official draws the same noise
+    assert x1.grad is not None, "the patched model silently gave no image gradient"
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(k1, k0) and _close(l1, l0)
+    _assert_grads_equal(g1, g0)
+    # once per reason: the second such call is quiet; a call without an image gradient is fast
+    with _no_slow_warning():
+        patched(imgs.clone().requires_grad_(), 0.75)
+        with torch.no_grad():
+            patched(imgs.clone().requires_grad_(), 0.75, seed=3)
+
+
+def test_image_gradient_with_noise_or_seed_needs_an_original_that_takes_noise():
+    """facebookresearch's forward has no `noise`: a seeded call that needs the original forward
+    cannot keep its mask there, and says so."""
+    _, patched = _official_pair()
+    imgs = torch.randn(N, 3, 32, 32, requires_grad=True)
+    with pytest.raises(TypeError, match="takes no noise"), pytest.warns(_slow_warning()):
+        patched(imgs, 0.75, seed=5)
+
+
+def test_image_gradient_reference_layout_keeps_the_seeded_mask():
+    torch.manual_seed(0)
+    plain = ReferenceMAE(**TINY, norm_pix_loss=True)
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs = torch.randn(N, 3, 32, 32)
+    with torch.no_grad():
+        fast_mask = patched(imgs, 0.75, seed=11)[2]
+    x1 = imgs.clone().requires_grad_()
+    with pytest.warns(_slow_warning(), match="imgs requires a gradient"):
+        l1, pred, k1 = patched(x1, 0.75, seed=11, return_pred=False)
+    assert torch.equal(k1, fast_mask) and pred is None
+    l1.backward()
+    from maefast.reference.philox import philox_noise
+
+    x0 = imgs.clone().requires_grad_()
+    l0, _, k0 = plain(x0, 0.75, philox_noise(N, L, 11))
+    l0.backward()
+    assert torch.equal(k0, k1) and _close(l1, l0)
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_image_gradient_own_model_equals_reference_path():
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, fused="block")
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    m.impl = "reference"
+    x0 = imgs.clone().requires_grad_()
+    m(x0, 0.75, noise)[0].backward()
+    m.impl = "auto"
+    x1 = imgs.clone().requires_grad_()
+    with pytest.warns(_slow_warning(), match="imgs requires a gradient"):
+        m(x1, 0.75, noise)[0].backward()
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_forward_refuses_an_image_gradient():
+    from maefast.models.fast import fast_forward, official_view
+
+    m = MaskedAutoencoderViT(**TINY)
+    imgs = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="imgs requires a gradient"):
+        fast_forward(official_view(m), imgs, 0.75, torch.rand(2, L))
+    with torch.no_grad():  # no gradient wanted: fine
+        fast_forward(official_view(m), imgs, 0.75, torch.rand(2, L))
+
+
+# == 2. overridden methods ======================================================================
+
+@pytest.mark.parametrize("name", ["random_masking", "forward_encoder", "forward_decoder", "forward"])
+def test_patch_refuses_a_subclass_overriding_what_the_fast_path_replaces(name):
+    base = getattr(ReferenceMAE, name)
+    sub = type("BlockMaskingMAE", (ReferenceMAE,), {name: lambda self, *a, **k: base(self, *a, **k)})
+    with pytest.raises(TypeError, match=f"BlockMaskingMAE overrides {name}"):
+        maefast.patch(sub(**TINY))
+    off = official_class()
+    osub = type("Sub", (off,), {name: lambda self, *a, **k: getattr(off, name)(self, *a, **k)})
+    with pytest.raises(TypeError, match=f"overrides {name}"):
+        maefast.patch(osub(**TINY))
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_official_models_keep_the_fused_loss(norm_pix):
+    """The probes find nothing to honour in the official code: its loss stays maefast's fused one."""
+    for cls in (official_class(), ReferenceMAE):
+        m = maefast.patch(cls(**TINY, norm_pix_loss=norm_pix))
+        assert m._maefast.loss_via_model is False and m._maefast.takes_noise is (cls is ReferenceMAE)
+
+
+def test_patch_refuses_an_instance_override():
+    m = ReferenceMAE(**TINY)
+    m.random_masking = types.MethodType(lambda self, x, r, noise=None: ReferenceMAE.random_masking(self, x, r), m)
+    with pytest.raises(TypeError, match="overrides random_masking"):
+        maefast.patch(m)
+
+
+def test_patch_refuses_a_fork_whose_masking_differs():
+    """A copy of models_mae.py with its own random_masking (no subclass to see): a probe finds it."""
+
+    def first_patches(self, x, mask_ratio):  # "block masking": always keeps the first patches
+        n, length, d = x.shape
+        keep = int(length * (1 - mask_ratio))
+        ids_restore = torch.arange(length).expand(n, length)
+        mask = (ids_restore >= keep).float()
+        return x[:, :keep], mask, ids_restore
+
+    with pytest.raises(TypeError, match="random_masking"):
+        maefast.patch(official_class(random_masking=first_patches)(**TINY))
+
+
+def _l1_loss(self, imgs, pred, mask):
+    return (((pred - self.patchify(imgs)).abs()).mean(-1) * mask).sum() / mask.sum()
+
+
+def _channel_first_patchify(self, imgs):
+    p = self.patch_embed.proj.kernel_size[0]
+    h = imgs.shape[2] // p
+    x = imgs.reshape(imgs.shape[0], 3, h, p, h, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(imgs.shape[0], h * h, 3 * p * p)
+
+
+@pytest.mark.parametrize("how", ["subclass", "fork", "patchify-subclass", "patchify-fork"])
+@pytest.mark.parametrize("return_pred", [True, False])
+def test_loss_overrides_run_through_the_users_method(how, return_pred):
+    off = official_class()
+    cls = {"subclass": lambda: type("L1MAE", (off,), {"forward_loss": _l1_loss}),
+           "fork": lambda: official_class(forward_loss=_l1_loss),
+           "patchify-subclass": lambda: type("P", (off,), {"patchify": _channel_first_patchify}),
+           "patchify-fork": lambda: official_class(patchify=_channel_first_patchify)}[how]()
+    plain, patched = _official_pair(cls, fused="block")
+    imgs = torch.randn(N, 3, 32, 32)
+    (l0, p0, k0), g0 = _run_official(plain, imgs, seed=2)
+    with _no_slow_warning():
+        (l1, p1, k1), g1 = _run_official(patched, imgs, seed=2, return_pred=return_pred)
+    assert torch.equal(k1, k0) and _close(l1, l0)
+    assert (p1 is None) if not return_pred else torch.allclose(p1, p0, rtol=1e-5, atol=1e-6)
+    _assert_grads_equal(g1, g0)
+
+
+def test_own_model_subclass_overrides():
+    class MyMasking(MaskedAutoencoderViT):
+        def random_masking(self, x, mask_ratio, noise=None):
+            return super().random_masking(x, mask_ratio, noise)
+
+    class MyLoss(MaskedAutoencoderViT):
+        def forward_loss(self, imgs, pred, mask):
+            return _l1_loss(self, imgs, pred, mask)
+
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with pytest.raises(TypeError, match="MyMasking overrides random_masking"):
+        MyMasking(**TINY)(imgs, 0.75, noise)
+    MyMasking(**TINY, impl="reference")(imgs, 0.75, noise)  # the official computation runs it
+    with pytest.raises(TypeError, match="overrides random_masking"):
+        maefast.patch(MyMasking(**TINY, impl="reference"))
+    m = MyLoss(**TINY, fused=True)
+    m.impl = "reference"
+    l0 = m(imgs, 0.75, noise)[0]
+    m.impl = "auto"
+    assert _close(m(imgs, 0.75, noise, return_pred=False)[0], l0)
+
+
+def test_patch_refuses_blocks_it_cannot_see_through():
+    class LayerScale(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.full((dim,), 0.1))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    m = ReferenceMAE(**TINY)
+    m.blocks[1].ls1 = LayerScale(64)
+    with pytest.raises(TypeError, match=r"blocks\.1\.ls1"):
+        maefast.patch(m)
+
+    class MyBlock(type(m.blocks[0])):
+        def forward(self, x):
+            return x + 0.5 * super().forward(x)
+
+    m = ReferenceMAE(**TINY)
+    m.decoder_blocks[0].__class__ = MyBlock
+    with pytest.raises(TypeError, match=r"decoder_blocks\.0.*MyBlock"):
+        maefast.patch(m)
+
+
+# == 3. pickling ================================================================================
+
+OfficialMAE = official_class("OfficialMAE")  # at module level: pickle finds the class by name
+
+
+def _build(kind):
+    torch.manual_seed(0)
+    if kind == "official":
+        return OfficialMAE(norm_pix_loss=True, **TINY)
+    if kind == "reference":
+        return ReferenceMAE(**TINY, norm_pix_loss=True)
+    if kind == "ours":
+        return MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="reference")
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    return to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=True))
+
+
+def _loss(model, kind, imgs, noise):
+    if kind == "transformers":
+        return model(pixel_values=imgs, noise=noise, seed=None).loss
+    return model(imgs, 0.75, noise, seed=None)[0]
+
+
+@pytest.mark.parametrize("kind", ["official", "reference", "ours", "transformers"])
+def test_patched_model_round_trips_torch_save_and_deepcopy(kind, tmp_path):
+    m = maefast.patch(_build(kind), fused="block")
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    l0 = _loss(m, kind, imgs, noise)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for m2 in (loaded, copy.deepcopy(m)):
+        l2 = _loss(m2, kind, imgs, noise)  # seed= is accepted: still the patched forward
+        assert torch.equal(l2, l0)
+        l2.backward()  # and it trains its own parameters
+        assert all(p.grad is None for p in m.parameters())
+        assert any(p.grad is not None for p in m2.parameters())
+        m2.zero_grad()
+
+
+# == 5. model.impl ==============================================================================
+
+def test_patch_own_model_reports_what_runs():
+    m = MaskedAutoencoderViT(**TINY, impl="reference")
+    imgs = torch.randn(2, 3, 32, 32)
+    assert maefast.patch(m, fused="block", grad_checkpointing=True) is m
+    assert (m.impl, m.fused, m.grad_checkpointing) == ("auto", "block", True)
+    m(imgs, seed=3)  # the fast path runs (seed= is the fast path's)
+    assert "impl='auto'" in repr(m)
+    maefast.patch(m, impl="reference")
+    assert m.impl == "reference"
+    unpatch(m)  # back to what the model said before the first patch
+    assert (m.impl, m.fused, m.grad_checkpointing) == ("reference", False, False)
+
+
+# == 6. LayerNorm eps ===========================================================================
+
+def test_class_default_layer_norm_eps_is_the_official_1e_5():
+    from maefast.bench import build_model
+    from maefast.models import create_model, mae_vit_base_patch16
+
+    for cls in (ReferenceMAE, MaskedAutoencoderViT):
+        m = cls(**TINY)
+        assert m.norm.eps == m.blocks[0].norm1.eps == m.decoder_norm.eps == 1e-5
+    assert create_model("tiny").blocks[0].norm2.eps == 1e-6  # the paper's factories pass 1e-6
+    with torch.device("meta"):
+        assert mae_vit_base_patch16().decoder_blocks[0].norm1.eps == 1e-6
+    assert build_model("tiny", device="cpu").norm.eps == 1e-6
+
+
+def test_from_transformers_model_keeps_the_configs_eps():
+    pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, to_transformers_model
+
+    from maefast.models import create_model
+
+    hf = to_transformers_model(create_model("tiny"))
+    assert from_transformers_model(hf).norm.eps == 1e-6
+    hf.config.layer_norm_eps = 1e-12
+    assert from_transformers_model(hf).blocks[0].norm1.eps == 1e-12

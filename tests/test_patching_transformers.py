@@ -1,0 +1,272 @@
+"""maefast.patch of transformers' ViTMAEForPreTraining keeps its promises (4.x and 5.x): patched vs
+plain model, same noise, same outputs, or a SlowPathWarning naming why the original forward ran.
+The official layout and the shared helpers: tests/test_patching.py."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import maefast
+from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+from test_patching import _warn_again  # noqa: F401 - the autouse fixture, used here too
+from test_patching import L, N, TINY, _assert_grads_equal, _close, _grads, _no_slow_warning, _slow_warning
+
+pytest.importorskip("transformers")
+
+
+def _hf_pair(**config):
+    """transformers' ViTMAEForPreTraining with our tiny weights (config overrides applied), and a patched copy."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    plain = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=True), mask_ratio=0.75)
+    if config:  # modules read the config when built: build another with the same weights
+        cfg = copy.deepcopy(plain.config)
+        for k, v in config.items():
+            setattr(cfg, k, v)
+        src, plain = plain, type(plain)(cfg)
+        plain.load_state_dict(src.state_dict())
+    patched = maefast.patch(copy.deepcopy(plain))
+    return plain, patched
+
+
+def _run_hf(model, imgs, noise, seed=0, **kw):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(pixel_values=imgs, noise=noise, **kw)
+    loss = out[0] if isinstance(out, tuple) else out.loss
+    loss.backward()
+    return out, _grads(model)
+
+@pytest.mark.parametrize("norm_pix,fused", [(False, False), (True, False), (True, "block")])
+def test_patch_transformers_vitmae(norm_pix, fused):
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    hf = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=norm_pix), mask_ratio=0.75)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    hf.zero_grad()
+    o0 = hf(pixel_values=imgs, noise=noise)
+    o0.loss.backward()
+    g0 = _grads(hf)
+    maefast.patch(hf, fused=fused)
+    hf.zero_grad()
+    o1 = hf(pixel_values=imgs, noise=noise)
+    o1.loss.backward()
+    assert abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
+    assert torch.equal(o1.mask, o0.mask) and torch.equal(o1.ids_restore, o0.ids_restore)
+    assert torch.allclose(o1.logits, o0.logits, rtol=1e-5, atol=1e-6)
+    _assert_grads_equal(_grads(hf), g0)
+
+def test_image_gradient_transformers_equals_plain():
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    x0 = imgs.clone().requires_grad_()
+    o0, g0 = _run_hf(plain, x0, noise)
+    x1 = imgs.clone().requires_grad_()
+    with pytest.warns(_slow_warning(), match="requires a gradient"):
+        o1, g1 = _run_hf(patched, x1, noise)
+    assert x1.grad is not None
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-5, atol=1e-7)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+def test_patch_refuses_transformers_overrides():
+    plain, _ = _hf_pair()
+    emb = plain.vit.embeddings
+    emb.__class__ = type("MyEmbeddings", (type(emb),), {"random_masking": lambda self, s, noise=None: None})
+    with pytest.raises(TypeError, match="random_masking"):
+        maefast.patch(plain)
+    plain, _ = _hf_pair()
+    base = type(plain)
+
+    def doubled_target(self, x, interpolate_pos_encoding=False):  # another target: the loss must change
+        return 2 * base.patchify(self, x, interpolate_pos_encoding)
+
+    plain.__class__ = type("MyMAE", (base,), {"patchify": doubled_target})
+    if not hasattr(plain, "forward_loss"):  # transformers 5.x computes the loss inside forward
+        with pytest.raises(TypeError, match="patchify"):
+            maefast.patch(plain)
+        return
+    patched = maefast.patch(copy.deepcopy(plain))  # 4.x: the loss goes through forward_loss (and its patchify)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise)
+    o1, g1 = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+# == transformers' forward API ===================================================================
+
+def test_transformers_return_dict_false_is_served_fast():
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    t0, g0 = _run_hf(plain, imgs, noise, return_dict=False)
+    with _no_slow_warning():
+        t1, g1 = _run_hf(patched, imgs, noise, return_dict=False)
+    assert isinstance(t1, tuple) and len(t1) == len(t0) == 4
+    loss, logits, mask, ids = t1
+    assert _close(loss, t0[0]) and torch.equal(mask, t0[2]) and torch.equal(ids, t0[3])
+    torch.testing.assert_close(logits, t0[1], rtol=1e-5, atol=1e-6)
+    _assert_grads_equal(g1, g0)
+    patched.config.return_dict = False  # the config's default too
+    assert isinstance(patched(pixel_values=imgs, noise=noise), tuple)
+
+
+@pytest.mark.parametrize("what", ["output_hidden_states", "output_attentions"])
+@pytest.mark.parametrize("via", ["argument", "config"])
+def test_transformers_outputs_the_fast_path_lacks_run_the_original(what, via):
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    kw = {what: True} if via == "argument" else {}
+    for m in (plain, patched):
+        if what == "output_attentions":  # SDPA gives no attention probabilities (5.x refuses the config)
+            m.set_attn_implementation("eager")
+        if via == "config":
+            setattr(m.config, what, True)
+    o0, g0 = _run_hf(plain, imgs, noise, **kw)
+    with pytest.warns(_slow_warning(), match=what):
+        o1, g1 = _run_hf(patched, imgs, noise, **kw)
+    field = "hidden_states" if what == "output_hidden_states" else "attentions"
+    got, want = getattr(o1, field), getattr(o0, field)
+    assert want is not None and got is not None and len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
+def test_transformers_interpolate_pos_encoding_runs_the_original():
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(2, 3, 48, 48), torch.rand(2, 36)
+    o0, _ = _run_hf(plain, imgs, noise, interpolate_pos_encoding=True)
+    with pytest.warns(_slow_warning(), match="interpolate_pos_encoding"):
+        o1, _ = _run_hf(patched, imgs, noise, interpolate_pos_encoding=True)
+    assert _close(o1.loss, o0.loss) and torch.equal(o1.mask, o0.mask)
+
+
+def test_transformers_masks_run_the_original():
+    import inspect
+
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    params = inspect.signature(type(plain).forward).parameters
+    name = "attention_mask" if "attention_mask" in params else "head_mask"
+    if name == "attention_mask":  # transformers 5.x: a (N, tokens) padding mask over cls + visible tokens
+        value = torch.ones(N, 1 + 4, dtype=torch.long)
+        value[0, -1] = 0
+    else:  # 4.x: a per-head mask
+        value = torch.ones(TINY["num_heads"])
+        value[1] = 0
+    o0, g0 = _run_hf(plain, imgs, noise, **{name: value})
+    with pytest.warns(_slow_warning(), match=name):
+        o1, g1 = _run_hf(patched, imgs, noise, **{name: value})
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
+@pytest.mark.parametrize("fused", [False, True, "block"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_transformers_hidden_dropout_in_train_is_served_fast(fused, checkpointing):
+    plain, patched = _hf_pair(hidden_dropout_prob=0.25)
+    maefast.patch(patched, fused=fused)
+    plain.train()
+    patched.train()
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # 5.x: renamed activation_checkpointing_enable
+            plain.gradient_checkpointing_enable()
+            patched.gradient_checkpointing_enable()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise, seed=7)
+    with _no_slow_warning():
+        o1, g1 = _run_hf(patched, imgs, noise, seed=7)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+    o2, _ = _run_hf(patched, imgs, noise, seed=8)  # the dropout is live: another seed, another loss
+    assert not _close(o2.loss, o1.loss, rel=1e-7)
+    patched.eval()
+    plain.eval()
+    assert _close(patched(pixel_values=imgs, noise=noise).loss, plain(pixel_values=imgs, noise=noise).loss)
+
+
+def test_transformers_attention_dropout_in_train_runs_the_original():
+    plain, patched = _hf_pair(attention_probs_dropout_prob=0.25)
+    plain.train()
+    patched.train()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise, seed=3)
+    with pytest.warns(_slow_warning(), match="attention dropout"):
+        o1, g1 = _run_hf(patched, imgs, noise, seed=3)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+    patched.eval()  # no dropout in eval: fast again
+    with _no_slow_warning():
+        patched(pixel_values=imgs, noise=noise)
+
+
+def _saved_tensors(model, imgs, noise):
+    count = [0]
+
+    def pack(t):
+        count[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(pixel_values=imgs, noise=noise)
+    out.loss.backward()
+    return count[0], _grads(model)
+
+
+def test_transformers_gradient_checkpointing_enable_is_honoured():
+    _, patched = _hf_pair()
+    patched.train()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    n0, g0 = _saved_tensors(patched, imgs, noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        patched.gradient_checkpointing_enable()
+    patched.zero_grad()
+    with _no_slow_warning():
+        n1, g1 = _saved_tensors(patched, imgs, noise)
+    assert n1 < n0 / 2, (n1, n0)  # only the block inputs are kept in the forward
+    _assert_grads_equal(g1, g0, rel=1e-6)
+
+
+def test_transformers_trainer_kwargs_and_unknown_kwargs():
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, _ = _run_hf(plain, imgs, noise)
+    with _no_slow_warning():  # what transformers' Trainer passes: ignored by the original's loss too
+        o1, _ = _run_hf(patched, imgs, noise, num_items_in_batch=torch.tensor(12))
+    assert _close(o1.loss, o0.loss)
+    try:  # an argument the fast path does not know: whatever the original does with it
+        o0 = plain(pixel_values=imgs, noise=noise, nope=1)
+    except TypeError:
+        with pytest.raises(TypeError, match="nope"):
+            patched(pixel_values=imgs, noise=noise, nope=1)
+    else:  # transformers 5.x forwards unknown keyword arguments to its layers, which ignore it
+        with pytest.warns(_slow_warning(), match="nope"):
+            o1 = patched(pixel_values=imgs, noise=noise, nope=1)
+        assert _close(o1.loss, o0.loss)
+
+
+@pytest.mark.cuda
+def test_gpu_transformers_hidden_dropout_equals_plain():
+    """On the card too, the fast path draws transformers' hidden-dropout masks in the original's order
+    (SDPA with dropout_p=0 must not advance the generator for this to hold)."""
+    plain, patched = _hf_pair(hidden_dropout_prob=0.25)
+    plain, patched = plain.cuda().train(), patched.cuda().train()
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        imgs, noise = torch.randn(N, 3, 32, 32, device="cuda"), torch.rand(N, L, device="cuda")
+        o0, g0 = _run_hf(plain, imgs, noise, seed=7)
+        with _no_slow_warning():
+            o1, g1 = _run_hf(patched, imgs, noise, seed=7)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert _close(o1.loss, o0.loss, rel=1e-5), (o1.loss.item(), o0.loss.item())
+    _assert_grads_equal(g1, g0, rel=1e-4)
