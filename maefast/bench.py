@@ -789,7 +789,14 @@ def table2_main(argv) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-SUBCOMMANDS = {"table2": (table2_main, "the paper's Table 2: visible-only vs mask-token encoder step time")}
+def data_main(argv) -> int:  # the loader benchmark is its own module (maefast/bench_data.py)
+    from .bench_data import main as bench_data_main
+
+    return bench_data_main(argv)
+
+
+SUBCOMMANDS = {"table2": (table2_main, "the paper's Table 2: visible-only vs mask-token encoder step time"),
+               "data": (data_main, "images/s of the paper's augmentation: maefast's loader vs the official one")}
 
 
 def main(argv=None) -> int:
