@@ -269,24 +269,29 @@ def _item_fn(dataset, path: str):
     return dataset.__getitem__ if path == "official" else (lambda i: dataset[(0, i)])
 
 
-def per_worker(datasets: dict, n_images: int, rounds: int = 3) -> dict:
-    """images/s of each row in this process on one thread: round r runs every row (interleaved, so a
-    load spike hits all alike) over images [r*n, (r+1)*n) modulo the folder; median of the rounds."""
+def per_worker(datasets: dict, n_images: int, rounds: int = 3, chunk: int = 20) -> dict:
+    """images/s of each row in this process on one thread. Round r covers images [r*n, (r+1)*n)
+    modulo the folder, every row on the same images, the rows taking turns every ``chunk`` images
+    (a load spike on a shared machine then hits all rows alike); median of the rounds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker's setting
     try:
-        rates = {p: [] for p in datasets}
         size = len(next(iter(datasets.values())))
-        for p, ds in datasets.items():  # warm-up: imports, page cache
-            _item_fn(ds, p)(0)
+        getters = {p: _item_fn(ds, p) for p, ds in datasets.items()}
+        for get in getters.values():  # warm-up: imports, first calls
+            get(0)
+        rates = {p: [] for p in datasets}
         for r in range(rounds):
             idx = [(r * n_images + i) % size for i in range(n_images)]
-            for p, ds in datasets.items():
-                get = _item_fn(ds, p)
-                t0 = time.perf_counter()
-                for i in idx:
-                    get(i)
-                rates[p].append(n_images / (time.perf_counter() - t0))
+            spent = dict.fromkeys(datasets, 0.0)
+            for c in range(0, n_images, chunk):
+                for p, get in getters.items():
+                    t0 = time.perf_counter()
+                    for i in idx[c:c + chunk]:
+                        get(i)
+                    spent[p] += time.perf_counter() - t0
+            for p in datasets:
+                rates[p].append(n_images / spent[p])
     finally:
         torch.set_num_threads(threads)
     return {p: {"img_per_s": statistics.median(v), "rounds": v} for p, v in rates.items()}
@@ -297,8 +302,10 @@ def _official_collate(items):
 
 
 def with_workers(dataset, path: str, workers: int, batch: int, n_images: int) -> dict:
-    """images/s through a DataLoader with ``workers`` processes, timed from the first batch on, and
-    the bytes of one batch's tensors (what a training step copies to the GPU)."""
+    """images/s through a DataLoader with ``workers`` processes and the bytes of one batch's tensors
+    (what a training step copies to the GPU). The clock starts at the arrival of the last batch of
+    the first wave (every worker makes one batch at start-up, in parallel): what comes after is the
+    steady state."""
     from .train.data import collate
 
     n = min(n_images, len(dataset))
@@ -308,15 +315,17 @@ def with_workers(dataset, path: str, workers: int, batch: int, n_images: int) ->
         sampler, fn = [(0, i) for i in range(n)], collate
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                                          collate_fn=fn, drop_last=True)
+    first_wave = max(1, workers)
     seen, t0, nbytes = 0, None, 0
-    for b in loader:
+    for k, b in enumerate(loader):
         tensors = [b] if isinstance(b, torch.Tensor) else [t for t in (b["images"], b["noise"]) if t is not None]
-        if t0 is None:  # the first batch pays for the workers' start
-            t0, nbytes = time.perf_counter(), sum(t.nbytes for t in tensors)
-            continue
-        seen += tensors[0].shape[0]
+        nbytes = nbytes or sum(t.nbytes for t in tensors)
+        if k + 1 == first_wave:
+            t0 = time.perf_counter()
+        elif t0 is not None:
+            seen += tensors[0].shape[0]
     dt = time.perf_counter() - t0 if t0 is not None else float("nan")
-    return {"img_per_s": seen / dt if seen else float("nan"), "images": seen, "batch_bytes": nbytes,
+    return {"img_per_s": seen / dt if seen else float("nan"), "images_timed": seen, "batch_bytes": nbytes,
             "bytes_per_image": nbytes / batch}
 
 
@@ -358,7 +367,7 @@ def pixel_difference(root: str, n_images: int, size: int = 224, seed: int = 0) -
 
 
 def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images: int, rounds: int,
-        paths=PATHS, size: int = 224, diff_images: int | None = None, log=print) -> dict:
+        loader_rounds: int = 1, paths=PATHS, size: int = 224, diff_images: int | None = None, log=print) -> dict:
     """Everything `maefast bench data` measures, as a JSON-able dict."""
     from PIL import features
 
@@ -380,11 +389,14 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     log(f"per worker: {len(paths)} rows x {rounds} rounds x {per_worker_images} images ...")
     result["per_worker"] = per_worker(datasets, min(per_worker_images, n_images), rounds)
     if workers > 0:
-        result["loader"] = {}
-        for p in paths:
-            log(f"{workers} workers: {p} ...")
-            result["loader"][p] = with_workers(datasets[p], p, workers, batch, n_images)
-    if "exact" in paths or "fast" in paths:
+        runs = {p: [] for p in paths}
+        for r in range(loader_rounds):  # rows in turn, the order reversed every other round
+            for p in (paths if r % 2 == 0 else paths[::-1]):
+                log(f"{workers} workers, round {r + 1}/{loader_rounds}: {p} ...")
+                runs[p].append(with_workers(datasets[p], p, workers, batch, n_images))
+        result["loader"] = {p: {**v[0], "img_per_s": statistics.median(x["img_per_s"] for x in v),
+                                "rounds": [x["img_per_s"] for x in v]} for p, v in runs.items()}
+    if diff_images != 0 and any(p != "official" for p in paths):
         log("pixel difference fast vs exact ...")
         result["difference"] = pixel_difference(root, diff_images or n_images, size)
     base = result["per_worker"].get("official", {}).get("img_per_s")
@@ -401,6 +413,10 @@ def _f(v, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _x(v) -> str:
+    return f"{_f(v, '10.2f')}x" if v is not None else f"{'-':>11}"
+
+
 def format_result(res: dict) -> str:
     env, fold = res["env"], res["folder"]
     lines = [f"maefast bench data on {env['card']} ({env['cpus']} CPUs, {env['date']}, torch {env['torch']}, "
@@ -413,9 +429,9 @@ def format_result(res: dict) -> str:
     lines += ["", head, "-" * len(head)]
     for p, r in res["per_worker"].items():
         ld = res.get("loader", {}).get(p, {})
-        lines.append(f"{p:<12} {_f(r['img_per_s'], '12.1f')} {_f(r.get('vs_official'), '10.2f')}x "
-                     f"{_f(ld.get('img_per_s'), '12.1f')} {_f(ld.get('vs_official'), '10.2f')}x "
-                     f"{_f(ld.get('bytes_per_image'), '10.0f')}")
+        lines.append(f"{p:<12} {_f(r['img_per_s'], '12.1f')} {_x(r.get('vs_official'))} "
+                     f"{_f(ld.get('img_per_s'), '12.1f'):>12} {_x(ld.get('vs_official'))} "
+                     f"{_f(ld.get('bytes_per_image'), '10.0f'):>10}")
     if "loader" in res:
         lines.append("bytes/img: one batch's images + masking noise (what a step copies to the GPU) / batch")
     diff = res.get("difference")
@@ -439,30 +455,37 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--per-worker-images", type=int, default=1000, help="images per row and round, per worker")
     p.add_argument("--rounds", type=int, default=None, help="per-worker rounds (default 3; --quick 1)")
+    p.add_argument("--loader-rounds", type=int, default=None, help="DataLoader runs per row (default 2; --quick 1)")
     p.add_argument("--paths", default=",".join(PATHS), help="rows, comma-separated: " + ", ".join(PATHS))
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--diff-images", type=int, default=None, help="images for the fast-vs-exact difference "
+                   "(default: all; 0: skip)")
     p.add_argument("--json", default=None, help="write the result here")
     a = p.parse_args(argv)
     n = a.images or (QUICK_IMAGES if a.quick else FULL_IMAGES)
     rounds = a.rounds or (1 if a.quick else 3)
+    loader_rounds = a.loader_rounds or (1 if a.quick else 2)
     paths = [s.strip() for s in a.paths.split(",") if s.strip()]
     bad = [s for s in paths if s not in PATHS]
     errors = [msg for cond, msg in (
         (bool(bad), f"--paths: unknown row(s) {bad}; known {list(PATHS)}"), (n <= 0, f"--images must be > 0, got {n}"),
         (a.workers < 0, f"--workers must be >= 0, got {a.workers}"), (a.batch <= 0, f"--batch must be > 0, got {a.batch}"),
-        (rounds <= 0, f"--rounds must be > 0, got {rounds}"), (a.size <= 0, f"--size must be > 0, got {a.size}"),
-        (a.per_worker_images <= 0, f"--per-worker-images must be > 0, got {a.per_worker_images}")) if cond]
+        (rounds <= 0, f"--rounds must be > 0, got {rounds}"),
+        (loader_rounds <= 0, f"--loader-rounds must be > 0, got {loader_rounds}"), (a.size <= 0, f"--size must be > 0, got {a.size}"),
+        (a.per_worker_images <= 0, f"--per-worker-images must be > 0, got {a.per_worker_images}"),
+        (a.diff_images is not None and a.diff_images < 0, f"--diff-images must be >= 0, got {a.diff_images}")) if cond]
     if errors:
         print(f"maefast bench data: error: {errors[0]}", file=sys.stderr)
         return 2
-    if a.workers > 0 and n < 2 * a.batch:
-        print(f"maefast bench data: error: --images {n} gives the loader fewer than 2 batches of {a.batch}",
-              file=sys.stderr)
+    if a.workers > 0 and n < (a.workers + 1) * a.batch:
+        print(f"maefast bench data: error: --images {n} gives the loader no batch after the first wave "
+              f"({a.workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         res = run(a.folder or default_folder(), n, workers=a.workers, batch=a.batch,
-                  per_worker_images=min(a.per_worker_images, n), rounds=rounds, paths=paths, size=a.size, log=log)
+                  per_worker_images=min(a.per_worker_images, n), rounds=rounds, loader_rounds=loader_rounds,
+                  paths=paths, size=a.size, diff_images=a.diff_images, log=log)
     except ValueError as e:
         print(f"maefast bench data: error: {e}", file=sys.stderr)
         return 2

@@ -378,7 +378,7 @@ def test_bench_data_cli_errors(tmp_path, capsys):
     assert bench_data.main(["--paths", "official,nope", "--folder", str(tmp_path)]) == 2
     assert "unknown row" in capsys.readouterr().err
     assert bench_data.main(["--images", "10", "--batch", "8", "--folder", str(tmp_path)]) == 2
-    assert "fewer than 2 batches" in capsys.readouterr().err
+    assert "no batch after the first wave" in capsys.readouterr().err
     from maefast import bench
 
     assert "data" in bench.SUBCOMMANDS
