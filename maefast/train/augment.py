@@ -102,8 +102,8 @@ def crop_exact(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
 
 def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """The fast path's pixels for the same box (see the module docstring). ``img`` should not be
-    decoded yet (``Image.open``): a JPEG is then decoded at the scale the crop allows. Returns uint8
-    (3, size, size), possibly a strided view."""
+    decoded yet (``Image.open``): a JPEG is then decoded at the scale the crop allows, in place (its
+    ``size`` becomes the reduced one). Returns uint8 (3, size, size), possibly a strided view."""
     Image = _pil()
     top, left, h, w = box
     undecoded = len(getattr(img, "tile", None) or ()) == 1  # opened, pixels not read yet
