@@ -407,7 +407,8 @@ def free_memory() -> None:
 # -- the `maefast bench` command -------------------------------------------------------------------
 
 # name -> (module whose main(argv) runs it, one line of help); modules import on use
-BENCHMARKS = {"table2": ("maefast.table2", "the paper's Table 2: visible-only vs mask-token encoder step time")}
+BENCHMARKS = {"table2": ("maefast.table2", "the paper's Table 2: visible-only vs mask-token encoder step time"),
+              "data": ("maefast.bench_data", "images/s of the paper's augmentation: maefast's loader vs the official one")}
 
 
 def usage() -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .augment import DECODES, DEFAULT_DECODE
 from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -46,6 +47,7 @@ class TrainConfig:
     fsdp: bool = False
     device: str | None = None
     workers: int | None = None
+    decode: str = DEFAULT_DECODE
     output_dir: str = "output_dir"
     resume: str | None = None
     seed: int = 0
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fsdp", action="store_true", help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
     a("--workers", type=int, default=None, help="data-loader workers per process (auto)")
+    a("--decode", default=DEFAULT_DECODE, choices=DECODES,
+      help="how an image folder's crops are made: exact (the official pixels: full Pillow decode + Pillow bicubic) "
+           "or fast (crop box first, JPEG decoded at 1/2-1/8 where the crop allows, torch's uint8 bicubic; "
+           "same boxes and flips, pixels within a level or so: README, Data loading)")
     a("--output-dir", default="output_dir", help="checkpoints, logs, loss curve, exported encoder")
     a("--resume", default=None, help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth)")
     a("--seed", type=int, default=0)
@@ -192,6 +198,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
     if cfg.impl not in ("auto", "triton", "cuda", "reference"):
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
+    if cfg.decode not in DECODES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
     if cfg.fused not in FUSED:
         raise ValueError(f"--fused must be one of {sorted(FUSED)}, got {cfg.fused!r}")
     if cfg.cuda_graph:

@@ -1,6 +1,7 @@
 """Data for MAE pre-training: an image folder or deterministic synthetic images, the paper's
-augmentation (RandomResizedCrop 0.2-1.0 bicubic + horizontal flip + ImageNet normalisation) in
-Pillow + torch, and a resumable distributed sampler.
+augmentation (`maefast.train.augment`: RandomResizedCrop 0.2-1.0 bicubic + horizontal flip +
+ImageNet normalisation; ``decode="exact" | "fast"``, float32 or uint8 images), and a resumable
+distributed sampler.
 
 Every random choice for a sample (crop box, flip, and the masking noise handed to the model) comes
 from a generator seeded by (seed, epoch, index). A sample is therefore the same whichever rank or
@@ -9,7 +10,6 @@ run with the same global batch, and a resumed run replays the data exactly.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator
 
@@ -17,88 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# re-exported: these lived here before augment.py
+from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
+                      _pil, center_transform, denormalize, random_resized_crop_params, to_normalized_tensor)
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SCALE = (0.2, 1.0)
-RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-def _pil():
-    from PIL import Image
-
-    return Image
-
-
-# -- augmentation ------------------------------------------------------------------------------
-def random_resized_crop_params(width: int, height: int, rng: np.random.Generator, scale=SCALE,
-                               ratio=RATIO) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a crop: torchvision's RandomResizedCrop.get_params algorithm.
-
-    10 tries of an area fraction ~ U(scale) and a log-uniform aspect ratio; else a central crop
-    clamped to the ratio range.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def to_normalized_tensor(img) -> torch.Tensor:
-    """PIL RGB image -> float32 (3, H, W), ToTensor (/255) then ImageNet normalisation."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of the ImageNet normalisation on (..., 3, H, W); result in [0, 1] before clamping."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return x * std + mean
-
-
-class PretrainTransform:
-    """RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + RandomHorizontalFlip + ImageNet norm.
-
-    ``__call__(img, rng)`` draws from ``rng`` (a numpy Generator) so the result is reproducible.
-    """
-
-    def __init__(self, size: int = 224, scale=SCALE, ratio=RATIO, hflip: float = 0.5):
-        self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
-
-    def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:
-        Image = _pil()
-        top, left, h, w = random_resized_crop_params(img.width, img.height, rng, self.scale, self.ratio)
-        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BICUBIC)
-        if rng.random() < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(img)
-
-
-def center_transform(img, size: int) -> torch.Tensor:
-    """Deterministic eval view: resize the short side to ``size`` (bicubic), center crop, normalise."""
-    Image = _pil()
-    scale = size / min(img.width, img.height)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -109,14 +32,25 @@ def _split_key(key) -> tuple[int, int]:
 
 
 class _PretrainDataset(Dataset):
-    """Common part: item (epoch, index) -> {"image": (3, S, S) float32, "noise": (L,) float32} or None."""
+    """Common part: item (epoch, index) -> {"image": (3, S, S) float32 or uint8, "noise": (L,)
+    float32}, or {"bad": reason} for an unreadable file.
 
-    def __init__(self, input_size: int, num_patches: int, seed: int = 0):
-        self.transform = PretrainTransform(input_size)
+    ``decode`` ("exact" | "fast") and ``dtype`` (torch.float32: normalised; torch.uint8: 0-255) are
+    `PretrainTransform`'s. The generator of (seed, epoch, index) draws the crop box, the flip, then
+    the masking noise, whichever decode path and dtype.
+    """
+
+    def __init__(self, input_size: int, num_patches: int, seed: int = 0, decode: str = DEFAULT_DECODE,
+                 dtype: torch.dtype = torch.float32):
+        self.transform = PretrainTransform(input_size, decode=decode, dtype=dtype)
         self.num_patches, self.seed = int(num_patches), int(seed)
 
-    def load(self, index: int):  # -> PIL RGB image
+    def load(self, index: int):  # -> PIL RGB image, decoded
         raise NotImplementedError
+
+    def open(self, index: int):
+        """The image to crop, possibly not decoded yet (so the fast path decodes only what it needs)."""
+        return self.load(index)
 
     def name(self, index: int) -> str:
         return str(index)
@@ -124,11 +58,12 @@ class _PretrainDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = _split_key(key)
         rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            img = self.load(index)
+        try:  # the box comes from the header; the pixels are decoded inside the crop
+            with self.open(index) as img:
+                pixels = self.transform.crop(img, rng)
         except Exception as exc:  # corrupt / unreadable / vanished: skipped and counted by the loop
             return {"bad": f"{self.name(index)}: {type(exc).__name__}: {exc}"}
-        image = self.transform(img, rng)
+        image = self.transform.finish(pixels, rng)
         noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
         return {"image": image, "noise": noise}
 
@@ -136,8 +71,9 @@ class _PretrainDataset(Dataset):
 class ImageFolderDataset(_PretrainDataset):
     """Every image file under ``root`` (recursively: class sub-folders or a flat folder), sorted."""
 
-    def __init__(self, root: str, input_size: int, num_patches: int, seed: int = 0):
-        super().__init__(input_size, num_patches, seed)
+    def __init__(self, root: str, input_size: int, num_patches: int, seed: int = 0, decode: str = DEFAULT_DECODE,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(input_size, num_patches, seed, decode, dtype)
         if not os.path.exists(root):
             raise FileNotFoundError(f"--data folder {root!r} does not exist")
         if not os.path.isdir(root):
@@ -162,8 +98,11 @@ class ImageFolderDataset(_PretrainDataset):
         Image = _pil()
         with open(self.files[index], "rb") as f:
             img = Image.open(f)
-            img.load()  # decode now so truncated files fail here, inside the try
+            img.load()  # decode now so truncated files fail here
         return img.convert("RGB")
+
+    def open(self, index: int):
+        return _pil().open(self.files[index])  # reads the header only
 
 
 class SyntheticDataset(_PretrainDataset):
@@ -173,8 +112,9 @@ class SyntheticDataset(_PretrainDataset):
     dataset, and smooth enough that the reconstruction loss falls while training.
     """
 
-    def __init__(self, size: int, input_size: int, num_patches: int, seed: int = 0, data_seed: int = 1234):
-        super().__init__(input_size, num_patches, seed)
+    def __init__(self, size: int, input_size: int, num_patches: int, seed: int = 0, data_seed: int = 1234,
+                 decode: str = DEFAULT_DECODE, dtype: torch.dtype = torch.float32):
+        super().__init__(input_size, num_patches, seed, decode, dtype)
         if size <= 0:
             raise ValueError(f"synthetic dataset size must be positive, got {size}")
         self.size, self.data_seed, self.image_size = int(size), int(data_seed), int(input_size)
@@ -200,7 +140,8 @@ class SyntheticDataset(_PretrainDataset):
 
 
 def collate(items: list) -> dict:
-    """Stacks the good samples; unreadable ones (``{"bad": reason}``) are dropped and listed."""
+    """Stacks the good samples (float32 or uint8 images, as the dataset made them); unreadable ones
+    (``{"bad": reason}``) are dropped and listed."""
     good = [it for it in items if "image" in it]
     bad = [it["bad"] for it in items if "bad" in it]
     if good:

@@ -63,8 +63,8 @@ def forward_kwargs(model: torch.nn.Module) -> dict:
 
 def build_dataset(cfg: TrainConfig, num_patches: int):
     if cfg.data == "synthetic":
-        return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, seed=cfg.seed)
-    return ImageFolderDataset(cfg.data, cfg.input_size, num_patches, seed=cfg.seed)
+        return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
+    return ImageFolderDataset(cfg.data, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
 
 
 class _Log:

@@ -1,0 +1,210 @@
+"""The paper's augmentation: RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + horizontal flip
++ ImageNet normalisation, with two ways to get the crop's pixels (``decode=``):
+
+- ``"exact"``: the official pipeline's pixels, bit for bit: Pillow decodes the whole image, crops
+  and resizes with its bicubic filter (torchvision's ``RandomResizedCrop`` on a PIL image).
+- ``"fast"``: the crop box is drawn first, from the size in the file's header (the same box the
+  exact path draws for the same generator); a JPEG whose crop spans at least k x ``size`` pixels
+  on both sides (k = 8, 4 or 2) is decoded at 1/k in the DCT domain (Pillow's ``Image.draft``,
+  libjpeg-turbo's scaled IDCT) and resampled from the fractional box with Pillow's bicubic; any
+  other crop is resampled by torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in
+  AVX2, ~4x faster than Pillow's resize; it rounds differently by a level here and there).
+  ``maefast bench data`` measures the speed and the per-pixel difference to the exact path.
+
+Both paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
+GPU: the model normalises), ``torch.float32`` normalises it on the CPU with torchvision's
+``ToTensor`` + ``Normalize`` arithmetic (``normalize_uint8``), so the two outputs agree exactly.
+Every random draw comes from the caller's generator, in a fixed order (box, then flip).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALE = (0.2, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+DECODES = ("exact", "fast")
+DEFAULT_DECODE = "fast"  # the README's "Data loading" section gives the measured reason
+DTYPES = (torch.float32, torch.uint8)
+DRAFT_FACTORS = (8, 4, 2)  # the scales libjpeg's DCT decode offers through Pillow (1/8, 1/4, 1/2)
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def random_resized_crop_params(width: int, height: int, rng: np.random.Generator, scale=SCALE,
+                               ratio=RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop: torchvision's RandomResizedCrop.get_params algorithm.
+
+    10 tries of an area fraction ~ U(scale) and a log-uniform aspect ratio; else a central crop
+    clamped to the ratio range. Only the image size is needed, so the box can be drawn before the
+    pixels are decoded.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draft_factor(crop_w: int, crop_h: int, size: int) -> int:
+    """The JPEG decode scale 1/k of the fast path: the largest k in (8, 4, 2) with both crop sides
+    >= k x ``size`` (the reduced crop still has at least ``size`` pixels a side), else 1."""
+    for k in DRAFT_FACTORS:
+        if min(crop_w, crop_h) >= k * size:
+            return k
+    return 1
+
+
+def _hwc_tensor(img) -> torch.Tensor:
+    """PIL RGB image -> uint8 (H, W, 3) tensor over the array Pillow hands out (read-only: we only
+    read it; the later steps copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable NumPy array"
+        return torch.from_numpy(np.asarray(img))
+
+
+def _rgb(img):
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def crop_exact(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The official pixels: full decode, crop, Pillow bicubic resize. Returns uint8 (3, size, size)
+    (a channels-last view). Mode conversion is per pixel, so converting the crop equals
+    converting the image first (torchvision's ``pil_loader``)."""
+    top, left, h, w = box
+    img = _rgb(img.crop((left, top, left + w, top + h)))
+    return _hwc_tensor(img.resize((size, size), _pil().BICUBIC)).permute(2, 0, 1)
+
+
+def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The fast path's pixels for the same box (see the module docstring). ``img`` should not be
+    decoded yet (``Image.open``): a JPEG is then decoded at the scale the crop allows, in place (its
+    ``size`` becomes the reduced one). Returns uint8 (3, size, size), possibly a strided view."""
+    Image = _pil()
+    top, left, h, w = box
+    undecoded = len(getattr(img, "tile", None) or ()) == 1  # opened, pixels not read yet
+    k = draft_factor(w, h, size) if img.format == "JPEG" and undecoded else 1
+    if k > 1:
+        full_w = img.width
+        # Pillow picks the largest of 1/8, 1/4, 1/2 keeping at least the requested size; read the
+        # scale it chose back rather than assume it
+        drafted = img.draft("RGB", (img.width // k, img.height // k))
+        k = full_w / drafted[1][2] if drafted else 1
+    if k > 1:
+        # a reduced pixel i covers original pixels [i*k, (i+1)*k): the box in reduced pixels is
+        # fractional; crop its integer hull and let Pillow resample the exact fractional box
+        x0, y0, x1, y1 = left / k, top / k, (left + w) / k, (top + h) / k
+        X0, Y0 = math.floor(x0), math.floor(y0)
+        X1, Y1 = min(math.ceil(x1), img.width), min(math.ceil(y1), img.height)
+        img = _rgb(img.crop((X0, Y0, X1, Y1)))
+        img = img.resize((size, size), Image.BICUBIC, box=(x0 - X0, y0 - Y0, x1 - X0, y1 - Y0))
+        return _hwc_tensor(img).permute(2, 0, 1)
+    crop = _hwc_tensor(_rgb(img.crop((left, top, left + w, top + h)))).permute(2, 0, 1)
+    return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) in 0-255 -> float32 ImageNet-normalised, as torchvision's ``ToTensor``
+    (``/255``) then ``Normalize`` (``-mean``, ``/std``) compute it in float32 (bit for bit)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8: x must be uint8, got {x.dtype}")
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"normalize_uint8: x must be (..., 3, H, W), got shape {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+def to_uint8_tensor(img) -> torch.Tensor:
+    """PIL image -> uint8 (3, H, W), contiguous, in RGB."""
+    return _hwc_tensor(_rgb(img)).permute(2, 0, 1).contiguous()
+
+
+def to_normalized_tensor(img) -> torch.Tensor:
+    """PIL image -> float32 (3, H, W): ToTensor (/255) then ImageNet normalisation."""
+    return normalize_uint8(to_uint8_tensor(img))
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ImageNet normalisation on (..., 3, H, W); result in [0, 1] before clamping."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * std + mean
+
+
+def check_decode(decode: str) -> str:
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    return decode
+
+
+class PretrainTransform:
+    """RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + RandomHorizontalFlip + ImageNet norm.
+
+    ``__call__(img, rng)`` draws from ``rng`` (a numpy Generator: the box, then the flip) so the
+    result is reproducible. Datasets call its two halves: ``crop`` (draws the box from the header's
+    size and decodes: a bad file fails here) and ``finish`` (flip, layout, dtype).
+
+    Args:
+        size: output side S.
+        scale, ratio: RandomResizedCrop's area fraction and aspect ratio ranges.
+        hflip: flip probability.
+        decode: "exact" or "fast" (module docstring).
+        dtype: torch.float32 (normalised) or torch.uint8 (0-255, not normalised).
+    """
+
+    def __init__(self, size: int = 224, scale=SCALE, ratio=RATIO, hflip: float = 0.5,
+                 decode: str = DEFAULT_DECODE, dtype: torch.dtype = torch.float32):
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
+        self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
+        self.decode, self.dtype = check_decode(decode), dtype
+
+    def crop(self, img, rng: np.random.Generator) -> torch.Tensor:
+        """PIL image (decoded or only opened) -> uint8 (3, S, S) crop, maybe a strided view."""
+        box = random_resized_crop_params(img.width, img.height, rng, self.scale, self.ratio)
+        return (crop_fast if self.decode == "fast" else crop_exact)(img, box, self.size)
+
+    def finish(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 (3, S, S) crop -> (3, S, S) contiguous ``dtype``, flipped with probability hflip."""
+        if rng.random() < self.hflip:
+            pixels = pixels.flip(-1)
+        pixels = pixels.contiguous()
+        return pixels if self.dtype == torch.uint8 else normalize_uint8(pixels)
+
+    def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:
+        return self.finish(self.crop(img, rng), rng)
+
+
+def center_transform(img, size: int) -> torch.Tensor:
+    """Deterministic eval view: resize the short side to ``size`` (bicubic), center crop, normalise."""
+    Image = _pil()
+    scale = size / min(img.width, img.height)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))

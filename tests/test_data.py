@@ -1,0 +1,384 @@
+"""The data path (`maefast.train.augment`, the datasets of `maefast.train.data`) and the loader
+benchmark (`maefast.bench_data`): the exact path gives the official pixels; the fast path draws the
+same boxes and flips and stays close; uint8 output normalises to the float32 output bit for bit;
+crop boxes follow torchvision's get_params distribution; samples are a function of (seed, epoch,
+index) on every worker, rank and resume; unreadable files are skipped and counted."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maefast import bench_data
+from maefast.train import augment
+from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8, random_resized_crop_params
+from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
+
+S = 32  # output side: small images still reach the 1/2, 1/4 and 1/8 decode scales (crops >= 64, 128, 256)
+PATHS = [("exact", torch.float32), ("exact", torch.uint8), ("fast", torch.float32), ("fast", torch.uint8)]
+
+
+def _photo(rng, w, h):
+    """A textured RGB image (smooth colour + fine detail + grain), uint8 (h, w, 3)."""
+    from PIL import Image
+
+    low = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    a = np.asarray(low).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a += 25 * np.sin(xx * rng.uniform(0.05, 0.5) + yy * rng.uniform(0.05, 0.5))[..., None]
+    a += rng.normal(0, 6, (h, w, 1))
+    a[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 256, 3)  # a hard edge
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def _jpeg_folder(root, sizes=((300, 220), (220, 300), (160, 120), (640, 480), (90, 70), (300, 300)), seed=0):
+    from PIL import Image
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(_photo(rng, w, h)).save(os.path.join(root, f"im{i}.jpg"), quality=90)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _jpeg_folder(tmp_path_factory.mktemp("jpegs"))
+
+
+def _items(ds, epoch=0):
+    return [ds[(epoch, i)] for i in range(len(ds))]
+
+
+# -- exactness ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_uint8_output_normalises_to_the_float32_output(folder, decode):
+    f32 = ImageFolderDataset(folder, S, 16, seed=3, decode=decode)
+    u8 = ImageFolderDataset(folder, S, 16, seed=3, decode=decode, dtype=torch.uint8)
+    for epoch in (0, 1):
+        for a, b in zip(_items(f32, epoch), _items(u8, epoch)):
+            assert a["image"].dtype == torch.float32 and b["image"].dtype == torch.uint8
+            assert b["image"].shape == (3, S, S) and b["image"].is_contiguous()
+            assert torch.equal(normalize_uint8(b["image"]), a["image"])
+            assert torch.equal(a["noise"], b["noise"])
+    batch = collate(_items(u8))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (len(u8), 3, S, S)
+    assert batch["images"][0].nbytes * 4 == collate(_items(f32))["images"][0].nbytes
+    torch.testing.assert_close(normalize_uint8(batch["images"]), collate(_items(f32))["images"], rtol=0, atol=0)
+
+
+def test_normalize_uint8_is_torchvision_totensor_normalize():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    # ToTensor: float / 255; Normalize: (x - mean) / std, all float32 (torchvision's ops, restated)
+    mean = torch.as_tensor(augment.IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(augment.IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
+    want = x.to(torch.float32).div(255).sub(mean).div(std)
+    assert torch.equal(normalize_uint8(x), want)
+    # and the numpy formula the dataset used before uint8 existed
+    arr = x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0
+    arr = (arr - np.asarray(augment.IMAGENET_MEAN, np.float32)) / np.asarray(augment.IMAGENET_STD, np.float32)
+    assert torch.equal(normalize_uint8(x), torch.from_numpy(arr).permute(0, 3, 1, 2))
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_uint8(x.float())
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        normalize_uint8(x[:, :2])
+
+
+def _box_and_flip(path, seed, epoch, index):
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, epoch, index])
+    with Image.open(path) as im:
+        box = random_resized_crop_params(im.width, im.height, rng)
+    return box, bool(rng.random() < 0.5)
+
+
+def test_exact_path_is_the_official_pipeline_bit_for_bit(folder):
+    from PIL import Image
+
+    official = bench_data.OfficialPipeline(S)
+    ds = ImageFolderDataset(folder, S, 16, seed=5, decode="exact")
+    flips = 0
+    for epoch in (0, 1, 2):
+        for i, path in enumerate(ds.files):
+            box, flip = _box_and_flip(path, 5, epoch, i)
+            flips += flip
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+            assert torch.equal(ds[(epoch, i)]["image"], official.apply(img, box, flip)), (path, epoch)
+    assert 0 < flips < 3 * len(ds)
+
+
+def test_fast_path_same_boxes_and_flips_scaled_decode_close_to_exact(folder, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    boxes, drafts = {"exact": [], "fast": []}, []
+    real_params, real_draft = augment.random_resized_crop_params, JpegImagePlugin.JpegImageFile.draft
+
+    def spy_draft(self, mode, size):
+        out = real_draft(self, mode, size)
+        drafts.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy_draft)
+    ds = {d: ImageFolderDataset(folder, S, 16, seed=1, decode=d, dtype=torch.uint8) for d in boxes}
+    scales, diffs = [], []
+    for epoch in range(6):
+        for i in range(len(ds["exact"])):
+            out = {}
+            for d in boxes:
+                monkeypatch.setattr(augment, "random_resized_crop_params",
+                                    lambda *a, _d=d, **k: boxes[_d].append(real_params(*a, **k)) or boxes[_d][-1])
+                out[d] = ds[d][(epoch, i)]
+            assert boxes["exact"][-1] == boxes["fast"][-1]
+            assert torch.equal(out["exact"]["noise"], out["fast"]["noise"])  # the generator advanced alike
+            _, _, h, w = boxes["fast"][-1]
+            scales.append(draft_factor(w, h, S))
+            diffs.append((out["exact"]["image"].double() - out["fast"]["image"].double()).abs().mean().item())
+    scales, diffs = np.array(scales), np.array(diffs)
+    assert {1, 2, 4} <= set(scales.tolist())  # the folder exercises the scaled decodes
+    assert len(drafts) == (scales > 1).sum()  # draft is asked for exactly when the crop allows it
+    # a box mapped wrongly onto the reduced image would be off by tens of levels; the resampling
+    # differences are below a level at full scale and a few levels from the DCT-scaled decode
+    # (measured here: 0.005 at full scale; 1.2 mean, 2.1 worst image scaled; 2.2 and 5.9 with the
+    # box rounded to whole reduced pixels)
+    assert diffs[scales == 1].mean() < 0.3 and diffs[scales == 1].max() < 1.0
+    assert diffs[scales > 1].mean() < 1.6 and diffs[scales > 1].max() < 3.0
+
+
+def test_fast_path_decodes_at_the_reduced_scale(folder):
+    from PIL import Image
+
+    path = os.path.join(folder, "im3.jpg")  # 640x480
+    box = (10, 20, 300, 400)  # crop >= 8 x 32 px
+    assert draft_factor(400, 300, S) == 8
+    with Image.open(path) as im:
+        out = augment.crop_fast(im, box, S)
+        assert im.size == (80, 60)  # decoded at 1/8
+    with Image.open(path) as im:
+        ref = augment.crop_exact(im, box, S)
+    assert out.shape == ref.shape == (3, S, S) and out.dtype == torch.uint8
+    assert (out.double() - ref.double()).abs().mean() < 3.0
+    # an image already decoded is not re-decoded: full-scale path
+    with Image.open(path) as im:
+        im.load()
+        assert torch.equal(augment.crop_fast(im, (10, 20, 30, 40), S), augment.crop_fast(im.copy(), (10, 20, 30, 40), S))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
+def test_other_modes_and_formats(tmp_path, mode):
+    from PIL import Image
+
+    rgb = Image.fromarray(_photo(np.random.default_rng(2), 300, 200))
+    img = rgb.convert(mode)
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    path = tmp_path / f"x.{fmt.lower()}"
+    img.save(path, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    for decode in ("exact", "fast"):
+        ds = ImageFolderDataset(str(tmp_path), S, 4, decode=decode, dtype=torch.uint8)
+        items = _items(ds) + _items(ds, 1)
+        assert all(it["image"].shape == (3, S, S) for it in items)
+    ex = ImageFolderDataset(str(tmp_path), S, 4, decode="exact", dtype=torch.uint8)
+    fa = ImageFolderDataset(str(tmp_path), S, 4, decode="fast", dtype=torch.uint8)
+    for e in range(4):
+        d = (ex[(e, 0)]["image"].double() - fa[(e, 0)]["image"].double()).abs().mean()
+        assert d < 3.0, (mode, e, d)
+
+
+# -- the crop-box distribution -----------------------------------------------------------------------
+def _ks(a, b) -> float:
+    from scipy.stats import ks_2samp
+
+    return ks_2samp(a, b).pvalue
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (64, 64), (300, 90)])
+def test_crop_box_distribution_matches_torchvision_get_params(size):
+    W, H = size
+    n = 4000
+    rng = np.random.default_rng(0)
+    ours = np.array([random_resized_crop_params(W, H, rng) for _ in range(n)], dtype=np.float64)
+    torch.manual_seed(0)
+    theirs = np.array([bench_data.official_crop_params(W, H) for _ in range(n)], dtype=np.float64)
+
+    def stats(b):
+        top, left, h, w = b.T
+        return {"area": h * w / (H * W), "log_aspect": np.log(w / h),
+                "top": np.where(H > h, top / np.maximum(H - h, 1), 0.5),
+                "left": np.where(W > w, left / np.maximum(W - w, 1), 0.5), "w": w, "h": h}
+
+    a, b = stats(ours), stats(theirs)
+    for k in a:
+        p = _ks(a[k], b[k])
+        assert p > 1e-3, (size, k, p)
+    # a wrong scale or ratio range (e.g. 0.08-1, torchvision's default, or a linear ratio) is rejected
+    rng = np.random.default_rng(1)
+    wrong = np.array([random_resized_crop_params(W, H, rng, scale=(0.08, 1.0)) for _ in range(n)], np.float64)
+    assert _ks(stats(wrong)["area"], b["area"]) < 1e-6
+    assert (ours[:, 2] <= H).all() and (ours[:, 3] <= W).all() and (ours[:, :2] >= 0).all()
+
+
+def test_crop_box_fallback_is_torchvisions():
+    # an extreme aspect ratio never fits in 10 tries: the central crop clamped to the ratio range
+    for W, H in ((1000, 10), (10, 1000)):
+        torch.manual_seed(0)
+        assert random_resized_crop_params(W, H, np.random.default_rng(1)) == bench_data.official_crop_params(W, H)
+
+
+# -- reproducibility -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("decode,dtype", PATHS)
+def test_samples_are_a_function_of_seed_epoch_index(folder, decode, dtype):
+    ds = ImageFolderDataset(folder, S, 16, seed=7, decode=decode, dtype=dtype)
+    again = ImageFolderDataset(folder, S, 16, seed=7, decode=decode, dtype=dtype)
+    ref = {(e, i): ds[(e, i)] for e in (0, 1) for i in range(len(ds))}
+    for key in reversed(list(ref)):  # another instance, another order
+        got = again[key]
+        assert torch.equal(got["image"], ref[key]["image"]) and torch.equal(got["noise"], ref[key]["noise"])
+    assert not torch.equal(ref[(0, 0)]["noise"], ref[(1, 0)]["noise"])
+    assert not torch.equal(ref[(0, 0)]["image"], ref[(1, 0)]["image"])
+    other_seed = ImageFolderDataset(folder, S, 16, seed=8, decode=decode, dtype=dtype)
+    assert not torch.equal(other_seed[(0, 0)]["noise"], ref[(0, 0)]["noise"])
+
+    # two ranks, each with 2 data-loader workers, mid-epoch resume on rank 1: the same samples
+    def loader(sampler, workers):
+        return torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers, collate_fn=collate)
+
+    seen = {}
+    for rank in (0, 1):
+        sampler = ResumableDistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(1)
+        keys = list(iter(sampler))
+        for start in ((0, 1) if rank == 1 else (0,)):
+            sampler.set_start(start)
+            images = torch.cat([b["images"] for b in loader(sampler, 2)])
+            for k, img in zip(keys[start:], images):
+                assert torch.equal(img, ref[k]["image"]), (rank, start, k)
+                seen[k] = True
+    assert len(seen) == len(ds)
+
+
+def test_synthetic_dataset_both_paths(tmp_path):
+    for decode in ("exact", "fast"):
+        ds = SyntheticDataset(6, S, 16, seed=2, decode=decode)
+        u8 = SyntheticDataset(6, S, 16, seed=2, decode=decode, dtype=torch.uint8)
+        for i in range(6):
+            assert torch.equal(normalize_uint8(u8[(0, i)]["image"]), ds[(0, i)]["image"])
+    # exact and fast differ only by the resampler's rounding on these (full-scale) images
+    a, b = SyntheticDataset(6, S, 16, decode="exact"), SyntheticDataset(6, S, 16, decode="fast")
+    d = max((a[(0, i)]["image"] - b[(0, i)]["image"]).abs().max().item() for i in range(6))
+    assert d < 0.1  # 0.1 normalised ~ 6 levels
+
+
+# -- unreadable files ------------------------------------------------------------------------------------
+def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path):
+    root = _jpeg_folder(tmp_path / "d", sizes=((300, 220), (640, 480), (100, 80)))
+    big = open(os.path.join(root, "im1.jpg"), "rb").read()
+    (tmp_path / "d" / "truncated.jpg").write_bytes(big[: len(big) // 2])  # the header is fine: fails in the decode
+    (tmp_path / "d" / "noise.jpg").write_bytes(os.urandom(300))  # not an image: fails in the open
+    (tmp_path / "d" / "empty.png").write_bytes(b"")
+    for decode, dtype in PATHS:
+        ds = ImageFolderDataset(root, S, 8, decode=decode, dtype=dtype)
+        assert len(ds) == 6
+        for epoch in range(4):  # some epochs draw crops the 1/8 decode takes
+            items = _items(ds, epoch)
+            bad = [it["bad"] for it in items if "bad" in it]
+            assert len(bad) == 3, (decode, bad)
+            assert any("truncated.jpg" in b for b in bad) and any("noise.jpg" in b for b in bad)
+            batch = collate(items)
+            assert batch["images"].shape == (3, 3, S, S) and batch["images"].dtype == dtype
+            assert len(batch["bad"]) == 3
+
+
+def test_options_are_checked(folder):
+    with pytest.raises(ValueError, match="decode must be one of exact, fast, got 'gpu'"):
+        ImageFolderDataset(folder, S, 4, decode="gpu")
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.uint8, got torch.float16"):
+        PretrainTransform(S, dtype=torch.float16)
+    from maefast.train.config import TrainConfig, config_from_args, resolve_config
+
+    assert config_from_args([]).decode == augment.DEFAULT_DECODE
+    assert config_from_args(["--decode", "exact"]).decode == "exact"
+    with pytest.raises(SystemExit):
+        config_from_args(["--decode", "gpu"])
+    with pytest.raises(ValueError, match="--decode"):
+        resolve_config(TrainConfig(decode="draft"), cuda=False)
+
+
+def test_train_resumes_bit_exactly_on_a_jpeg_folder(tmp_path):
+    from maefast.train import TrainConfig, load_checkpoint, train
+
+    data = _jpeg_folder(tmp_path / "data", sizes=[(140 + 13 * i, 100 + 7 * i) for i in range(12)])
+    cfg = TrainConfig(model="mae_vit_tiny_test", data=data, batch_size=3, epochs=1, lr=1e-3, progress=False,
+                      workers=0, device="cpu", plot=False, export=False, decode="fast")
+    train(cfg, output_dir=str(tmp_path / "straight"))
+    train(cfg, output_dir=str(tmp_path / "split"), max_steps=2)
+    train(cfg, output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint-last.pth"))
+    a = load_checkpoint(str(tmp_path / "straight" / "checkpoint-last.pth"))
+    b = load_checkpoint(str(tmp_path / "split" / "checkpoint-last.pth"))
+    assert a["step"] == b["step"] == 4 and a["config"]["decode"] == "fast"
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# -- the loader benchmark ----------------------------------------------------------------------------------
+def test_bench_folder_is_generated_once_and_never_over_foreign_files(tmp_path):
+    root = str(tmp_path / "set")
+    paths = bench_data.make_folder(root, 4, processes=1)
+    assert [os.path.basename(p) for p in paths] == [f"img{i:05d}.jpg" for i in range(4)]
+    stamp = [os.path.getmtime(p) for p in paths]
+    assert bench_data.make_folder(root, 3, processes=1) == paths[:3]  # cached
+    more = bench_data.make_folder(root, 6, processes=1)  # grows
+    assert more[:4] == paths and [os.path.getmtime(p) for p in paths] == stamp
+    from PIL import Image
+
+    with Image.open(more[5]) as im:  # image i depends on (seed, i) only
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(bench_data.make_folder(
+            str(tmp_path / "again"), 6, processes=1)[5])))
+        assert im.format == "JPEG" and 250 <= max(im.size) <= 1000
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="not a maefast benchmark folder"):
+        bench_data.make_folder(str(foreign), 2)
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious" and os.listdir(foreign) == ["holiday.jpg"]
+    with pytest.raises(ValueError, match="another generator or seed"):
+        bench_data.make_folder(root, 2, seed=1)
+
+
+def test_generated_images_look_photographic():
+    sizes = [bench_data.image_size(np.random.default_rng([0, i])) for i in range(400)]
+    longs = np.array([max(s) for s in sizes])
+    assert 0.6 < np.mean(longs == 500) < 0.9 and longs.min() >= 250 and longs.max() <= 1000
+    img = np.asarray(bench_data.make_image(0, 3)).astype(np.float32)
+    assert img.std() > 20  # not flat colour
+    grad = np.abs(np.diff(img, axis=1)).mean()
+    assert 1.5 < grad < 40  # texture and edges, not white noise
+
+
+def test_bench_data_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = bench_data.main(["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "1", "--batch", "4",
+                          "--per-worker-images", "6", "--rounds", "2", "--size", "64", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for row in bench_data.PATHS:
+        assert row in text
+    res = json.loads(out.read_text())
+    assert set(res["per_worker"]) == set(bench_data.PATHS) and res["per_worker"]["official"]["vs_official"] == 1.0
+    assert all(r["img_per_s"] > 0 and len(r["rounds"]) == 2 for r in res["per_worker"].values())
+    lo = res["loader"]
+    assert lo["official"]["bytes_per_image"] == 3 * 64 * 64 * 4
+    assert lo["fast-uint8"]["bytes_per_image"] == 3 * 64 * 64 + 196 * 4  # uint8 image + fp32 noise (L=196)
+    assert res["difference"]["all"]["samples"] == 12 and res["difference"]["all"]["max_abs_255"] >= 0
+    assert res["folder"]["images"] == 12 and res["env"]["pillow"]
+
+
+def test_bench_data_cli_errors(tmp_path, capsys):
+    assert bench_data.main(["--paths", "official,nope", "--folder", str(tmp_path)]) == 2
+    assert "unknown row" in capsys.readouterr().err
+    assert bench_data.main(["--images", "10", "--batch", "8", "--folder", str(tmp_path)]) == 2
+    assert "no batch after the first wave" in capsys.readouterr().err
+    from maefast import bench
+
+    assert "data" in bench.SUBCOMMANDS
