@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable
 
 import torch
 import torch.nn as nn

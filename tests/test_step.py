@@ -440,12 +440,6 @@ def test_torch_native_ratios():
 
 # -- CUDA ------------------------------------------------------------------------------------------
 
-def _cuda_twins(**overrides):
-    torch.manual_seed(0)
-    a = mb.build_model("tiny", "auto", "cuda", img_size=64, **overrides)
-    return a, copy.deepcopy(a)
-
-
 def _assert_params_close(a, b):
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         if n.endswith("qkv.bias"):
