@@ -85,7 +85,11 @@ def __getattr__(name):
         from .patching import patch
 
         return patch
+    if name == "TrainStep":  # torch only: no triton, no custom ops until a step runs
+        from .step import TrainStep
+
+        return TrainStep
     raise AttributeError(f"module 'maefast' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "backends", "models", "reference", "ops", "nn", "patch"]
+__all__ = ["__version__", "backends", "models", "reference", "ops", "nn", "patch", "TrainStep"]

@@ -1,12 +1,14 @@
 """`maefast bench`: the dispatcher of the `maefast bench <benchmark>` command, and the library the
 training-step benchmarks share (`benchmarks/bench_step.py`, `maefast profile`, `maefast bench table2`):
-`build_model`, `use_sdpa`, `TrainStep`, `GraphedTrainStep`, `STEP_PROVIDERS`.
+`build_model`, `use_sdpa`, `adamw`, `STEP_PROVIDERS` and `make_step` (every row steps through
+`maefast.TrainStep`).
 
     maefast bench table2 [options]      # the paper's Table 2 on this machine (maefast/table2.py)
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import gc
 import inspect
 import sys
@@ -101,112 +103,6 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class TrainStep:
-    """One MAE training step: forward under autocast(dtype), backward, AdamW (the paper's betas).
-
-    fp16 uses a GradScaler (as the official AMP loop); fp32 runs without autocast. Call it to run
-    a step; `forward`, `backward` and `optimizer_step` are the pieces `maefast profile` times.
-    """
-
-    def __init__(self, model: nn.Module, imgs: torch.Tensor, *, dtype: torch.dtype = torch.float32,
-                 mask_ratio: float = 0.75, lr: float = 1.5e-4, compile: bool = False, fused: bool = False,
-                 params_of: nn.Module | None = None, capturable: bool = False):
-        self.model = model
-        self.imgs = imgs
-        self.dtype = dtype
-        self.mask_ratio = mask_ratio
-        self.device = imgs.device
-        owner = params_of if params_of is not None else model
-        # foreach AdamW by default, like the official loop; fused=True is an option for fast rows
-        kw = {"fused": True} if fused else {}
-        if capturable:  # AdamW keeps its step counts on the device: a CUDA graph can capture it
-            kw["capturable"] = True
-        self.opt = torch.optim.AdamW(param_groups(owner), lr=lr, betas=(0.9, 0.95), **kw)
-        self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
-        self.fwd = torch.compile(model) if compile else model
-        # maefast's model can skip the full prediction a training step does not use
-        try:
-            takes = "return_pred" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            takes = False
-        self.fwd_kwargs = {"return_pred": False} if takes and getattr(model, "impl", "reference") != "reference" else {}
-        self.loss = None
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def forward(self):
-        with self.autocast():
-            loss = self.fwd(self.imgs, mask_ratio=self.mask_ratio, **self.fwd_kwargs)[0]
-        self.loss = loss
-        return loss
-
-    def backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def optimizer_step(self):
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def __call__(self):
-        self.backward(self.forward())
-        self.optimizer_step()
-
-
-class GraphedTrainStep:
-    """A `TrainStep` (forward + backward + AdamW step) captured whole in one CUDA graph and replayed:
-    the step's GPU time without Python dispatch or per-kernel launch cost — the way XLA ran the
-    paper's TPU steps. For timing: the batch is fixed, and a model that draws its mask on the host
-    (maefast's without a device seed) replays the mask drawn at capture; `maefast.graphs.
-    CUDAGraphTrainStep` is the training-grade version (fresh mask per replay).
-
-    The TrainStep must be on CUDA, built with capturable=True, and not fp16 (a GradScaler step syncs).
-    Raises ValueError for those, RuntimeError (from CUDA) when something in the step cannot be
-    captured (a host sync, a CPU tensor); the caller decides whether to fall back to eager.
-    """
-
-    def __init__(self, step: TrainStep, warmup_steps: int = 2):
-        if step.device.type != "cuda":
-            raise ValueError("a CUDA-graph step needs a CUDA device")
-        if step.scaler is not None:
-            raise ValueError("an fp16 step (GradScaler) cannot be captured; use bf16 or fp32")
-        if not all(g.get("capturable") for g in step.opt.param_groups):
-            raise ValueError("the TrainStep's optimizer must be built with capturable=True")
-        from .graphs import capture_cuda_graph
-
-        self.step = step
-
-        def zero_grad():
-            step.opt.zero_grad(set_to_none=True)
-
-        def warm():
-            self._body()
-            zero_grad()
-
-        self.graph, self.static_loss = capture_cuda_graph(self._body, warmup_steps=warmup_steps, warmup_fn=warm,
-                                                          before_capture=zero_grad, device=step.device)
-
-    def _body(self) -> torch.Tensor:
-        s = self.step
-        ctx = (torch.autocast("cuda", dtype=s.dtype, cache_enabled=False) if s.dtype != torch.float32
-               else contextlib.nullcontext())
-        with ctx:
-            loss = s.fwd(s.imgs, mask_ratio=s.mask_ratio, **s.fwd_kwargs)[0]
-        loss.backward()
-        s.opt.step()
-        return loss.detach()
-
-    def __call__(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.static_loss
-
-
 def synthetic_batch(model: nn.Module, batch: int, device=None, seed: int = 0) -> torch.Tensor:
     """ImageNet-normalised-looking random images for `model`'s img_size."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -215,65 +111,69 @@ def synthetic_batch(model: nn.Module, batch: int, device=None, seed: int = 0) ->
     return torch.randn(batch, model.patch_embed.proj.in_channels, h, w, generator=g).to(device)
 
 
-# -- step providers (rows of the step benchmark; issue 6 appends maefast's) ----------------------
-
-def _provider_reference(name, device, **overrides):
-    return build_model(name, "reference", device, **overrides), False
-
-
-def _provider_sdpa(name, device, **overrides):
-    return use_sdpa(build_model(name, "reference", device, **overrides)), False
-
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional torch.compile: each transformer block compiled in place. Identical blocks share one
-    compiled graph, so this compiles in seconds where the whole model takes minutes, and runs
-    nearly as fast (the blocks are >95% of the FLOPs)."""
-    for blk in list(getattr(model, "blocks", [])) + list(getattr(model, "decoder_blocks", [])):
-        blk.compile()
-    return model
+def adamw(model: nn.Module, lr: float = 1.5e-4, *, fused: bool = False, capturable: bool = False) -> torch.optim.AdamW:
+    """The paper's AdamW (betas 0.9/0.95, the official decay split). fused=False: the default
+    implementation (foreach on CUDA), as the official loop; fused=True: one kernel over all
+    parameters; capturable=True: step counts on the device (a captured step needs it)."""
+    kw = {"fused": True} if fused else {}
+    if capturable:
+        kw["capturable"] = True
+    return torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), **kw)
 
 
-def _provider_compile(name, device, **overrides):
-    return compile_blocks(use_sdpa(build_model(name, "reference", device, **overrides))), False
+# -- step providers (the rows of the step benchmark) ----------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepRecipe:
+    """How a step-benchmark row builds its model and steps it.
+
+    build(model_name, device, **config_overrides) -> the model. official_amp: fp16 autocast +
+    GradScaler on a GPU with the default (foreach) AdamW, the official recipe; otherwise bf16 and
+    fused AdamW. compile: torch.compile of the whole model. capture: the step captured in one CUDA
+    graph (`maefast.TrainStep(capture=True)`); a row that cannot capture does not run.
+    """
+
+    build: Callable[..., nn.Module]
+    compile: bool = False
+    capture: bool = False
+    official_amp: bool = False
+    what: str = ""
 
 
-def _provider_compile_full(name, device, **overrides):
-    return use_sdpa(build_model(name, "reference", device, **overrides)), True
+def _reference(name, device, **overrides):
+    return build_model(name, "reference", device, **overrides)
 
 
-# name -> builder(model_name, device, **config_overrides) -> (model, compile the whole model?)
-STEP_PROVIDERS: dict[str, Callable] = {"reference": _provider_reference, "sdpa": _provider_sdpa,
-                                       "compile": _provider_compile, "compile-full": _provider_compile_full}
+def _sdpa(name, device, **overrides):
+    return use_sdpa(build_model(name, "reference", device, **overrides))
 
 
-def _provider_maefast(name, device, **overrides):
-    return build_model(name, "auto", device, **overrides), False
+def _maefast(name, device, **overrides):
+    return build_model(name, "auto", device, **overrides)
 
 
-def _provider_maefast_fused(name, device, **overrides):
-    # the same with maefast's Triton residual+LayerNorm and bias+GELU ops (fused=True): the row that
-    # decides the model's `fused` default on a GPU
-    return build_model(name, "auto", device, fused=True, **overrides), False
+def _maefast_fused(name, device, **overrides):
+    # maefast's Triton residual+LayerNorm and bias+GELU ops (fused=True)
+    return build_model(name, "auto", device, fused=True, **overrides)
 
 
-def _provider_maefast_block(name, device, **overrides):
+def _maefast_block(name, device, **overrides):
     # each transformer block one op (fused="block"): one autograd node per block, LN/GELU recomputed
-    return build_model(name, "auto", device, fused="block", **overrides), False
+    return build_model(name, "auto", device, fused="block", **overrides)
 
 
-def _provider_maefast_patch(name, device, **overrides):
+def _maefast_patch(name, device, **overrides):
     # maefast.patch on an official-layout model (the reference class): what a user of the official code gets
     from .patching import patch
 
     model = build_model(name, "reference", device, **overrides)
-    model.impl = "auto"  # TrainStep passes return_pred=False to the patched forward too
-    return patch(model), False
+    model.impl = "auto"  # the class's own impl= says "reference"; the patched forward takes seed= and return_pred=
+    return patch(model)
 
 
 class TransformersStepAdapter(nn.Module):
     """transformers' ViTMAEForPreTraining behind the official call convention TrainStep uses:
-    forward(imgs, mask_ratio) -> (loss, logits, mask); the mask ratio is the model config's."""
+    forward(imgs, mask_ratio, noise=None) -> (loss, logits, mask); the mask ratio is the config's."""
 
     def __init__(self, hf: nn.Module, img_size, in_chans: int):
         super().__init__()
@@ -289,7 +189,7 @@ class TransformersStepAdapter(nn.Module):
         return out.loss, out.logits, out.mask
 
 
-def _provider_maefast_patch_hf(name, device, **overrides):
+def _maefast_patch_hf(name, device, **overrides):
     # maefast.patch on transformers' ViTMAEForPreTraining (same weights as the reference model)
     try:
         from .convert import to_transformers_model
@@ -306,97 +206,134 @@ def _provider_maefast_patch_hf(name, device, **overrides):
         raise ValueError(f"transformers is not importable ({e})") from None
     img, chans = ref.patch_embed.img_size, ref.patch_embed.proj.in_channels
     del ref
-    return TransformersStepAdapter(patch(hf.to(device), impl="auto"), img, chans), False
+    return TransformersStepAdapter(patch(hf.to(device), impl="auto"), img, chans)
 
 
-def _provider_maefast_custom_op(name, device, **overrides):
-    # the same model with every op called through the torch.library dispatcher (the route before
-    # 2026-11-27's direct autograd.Functions): the row that measures what the direct route saves
+def _maefast_custom_op(name, device, **overrides):
+    # every op called through the torch.library dispatcher (the route before 2026-11-27's direct
+    # autograd.Functions): the row that measures what the direct route saves
     from .ops._dispatch import eager_dispatch
 
     model = build_model(name, "auto", device, **overrides)
     forward = model.forward
 
+    @functools.wraps(forward)  # TrainStep reads the signature: seed= and return_pred= as the maefast row
     def forward_via_custom_ops(*args, **kwargs):
         with eager_dispatch("custom_op"):  # the backward follows the route its forward took
             return forward(*args, **kwargs)
 
     model.forward = forward_via_custom_ops
-    return model, False
+    return model
 
 
-def _provider_maefast_compile(name, device, **overrides):
-    # torch.compile of the whole fast model (the maefast ops stay opaque): removes the Python glue
-    # between the ops, the suspected limit of the eager fast path at launch-bound batch sizes
-    return build_model(name, "auto", device, **overrides), True
-
+# name -> recipe, in the order the step benchmark runs them (the baselines first)
+STEP_PROVIDERS: dict[str, StepRecipe] = {
+    "reference": StepRecipe(_reference, official_amp=True,
+                            what="the official computation, eager, fp16 autocast + GradScaler, foreach AdamW"),
+    "sdpa": StepRecipe(_sdpa, what="torch-native, not compiled: the reference with scaled_dot_product_attention"),
+    "torch-native": StepRecipe(_sdpa, compile=True, what="SDPA model under torch.compile (whole model), eager step"),
+    "torch-native-graph": StepRecipe(_sdpa, compile=True, capture=True, what="torch-native, the step captured"),
+}
+# the rows whose fastest is "best torch-native": what a strong engineer writes with torch alone
+TORCH_NATIVE_ROWS = ("sdpa", "torch-native", "torch-native-graph")
 
 if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
-    STEP_PROVIDERS["maefast"] = _provider_maefast
-    STEP_PROVIDERS["maefast-compile"] = _provider_maefast_compile
-    STEP_PROVIDERS["maefast-graph"] = _provider_maefast  # the same model, its step captured (GraphTrainStep)
-    STEP_PROVIDERS["maefast-fused"] = _provider_maefast_fused
-    STEP_PROVIDERS["maefast-patch"] = _provider_maefast_patch
-    STEP_PROVIDERS["maefast-custom-op"] = _provider_maefast_custom_op
-    STEP_PROVIDERS["maefast-patch-hf"] = _provider_maefast_patch_hf
-    STEP_PROVIDERS["maefast-block"] = _provider_maefast_block
-    STEP_PROVIDERS["maefast-block-graph"] = _provider_maefast_block  # fused="block", step captured
+    STEP_PROVIDERS.update({
+        "maefast": StepRecipe(_maefast, what="maefast's model (fused=False), eager step"),
+        "maefast-graph": StepRecipe(_maefast, capture=True, what="maefast, the step captured"),
+        "maefast-block": StepRecipe(_maefast_block, what='fused="block", eager step'),
+        "maefast-block-graph": StepRecipe(_maefast_block, capture=True, what='fused="block", the step captured'),
+        "maefast-compile": StepRecipe(_maefast, compile=True, what="maefast's model under torch.compile, eager step"),
+        "maefast-compile-graph": StepRecipe(_maefast, compile=True, capture=True,
+                                            what="maefast's model under torch.compile, the step captured"),
+        "maefast-fused": StepRecipe(_maefast_fused, what="fused=True, eager step"),
+        "maefast-patch": StepRecipe(_maefast_patch, what="maefast.patch on the official class, eager step"),
+        "maefast-patch-hf": StepRecipe(_maefast_patch_hf, what="maefast.patch on transformers' ViTMAE, eager step"),
+        "maefast-custom-op": StepRecipe(_maefast_custom_op, what="ops through the torch.library dispatcher"),
+    })
 
 
-def register_step_provider(name: str, builder: Callable) -> None:
-    """Adds a row to the step benchmark: builder(model_name, device, **overrides) -> (model, compile)."""
-    STEP_PROVIDERS[name] = builder
+def register_step_provider(name: str, recipe: StepRecipe) -> None:
+    """Adds a row to the step benchmark."""
+    if not isinstance(recipe, StepRecipe):
+        raise TypeError(f"recipe must be a maefast.bench.StepRecipe, got {type(recipe).__name__}")
+    STEP_PROVIDERS[name] = recipe
 
 
-class GraphTrainStep:
-    """The fast model's step captured in a CUDA graph (`maefast.graphs.CUDAGraphTrainStep`), AdamW
-    with capturable=True and the paper's betas; replays on a fixed batch."""
-
-    def __init__(self, model: nn.Module, imgs: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
-                 mask_ratio: float = 0.75, lr: float = 1.5e-4):
-        from .graphs import CUDAGraphTrainStep
-
-        if imgs.device.type != "cuda":
-            raise ValueError("the CUDA-graph step needs a CUDA device")
-        if dtype == torch.float16:
-            raise ValueError("the CUDA-graph step takes no GradScaler: use bf16 or fp32")
-        self.model, self.imgs = model, imgs
-        # fused AdamW: one kernel over all parameters (foreach makes ~5 passes); capturable for the graph
-        self.opt = torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), capturable=True, fused=True)
-        self.step = CUDAGraphTrainStep(model, self.opt, imgs, mask_ratio=mask_ratio,
-                                       autocast_dtype=None if dtype == torch.float32 else dtype,
-                                       restore=False)  # timing only: no need to undo the warm-up
-
-    def __call__(self):
-        return self.step(self.step.static_imgs)  # the captured buffer itself: no copy in the timed step
+def step_dtype(provider: str, device) -> torch.dtype:
+    """A row's autocast dtype: the official fp16 for `reference` on a GPU, bf16 for the others; fp32 on the CPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.float16 if STEP_PROVIDERS[provider].official_amp else torch.bfloat16
 
 
-GRAPH_PROVIDERS = {"maefast-graph", "maefast-block-graph"}
-# rows timed as GraphedTrainStep replays of another provider's step (e.g. the reference's)
-GRAPHED_PROVIDERS = {"reference-graph": "reference"}
-STEP_PROVIDERS["reference-graph"] = _provider_reference
+class StepRow:
+    """A step-benchmark row: `step` (a `maefast.TrainStep`) bound to a fixed synthetic batch; calling
+    it runs one training step (a captured step reads its own input buffer: no copy is timed)."""
+
+    def __init__(self, provider: str, step, imgs: torch.Tensor, model: nn.Module, recipe: StepRecipe):
+        self.provider, self.step, self.model, self.recipe = provider, step, model, recipe
+        step.prepare(imgs)
+        self.imgs = step.static_imgs if step.captured else imgs
+
+    def __call__(self) -> torch.Tensor:
+        return self.step(self.imgs)
+
+    def describe(self) -> dict:
+        """What the record says about how this row stepped."""
+        s = self.step
+        return {"captured": s.captured, "eager_reason": s.eager_reason, "compiled": self.recipe.compile,
+                "mask_source": s.mask_source, "amp": str(s.dtype).replace("torch.", "")
+                + (" + GradScaler" if s.scaler is not None and s.scaler.is_enabled() else ""),
+                "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else "default (foreach)")
+                + (", capturable" if s.optimizer.param_groups[0].get("capturable") else ""),
+                "recipe": self.recipe.what}
 
 
-def make_step(provider: str, name: str, batch: int, *, device=None, dtype=torch.float32, mask_ratio=0.75,
-              **overrides) -> TrainStep:
+def make_step(provider: str, name: str, batch: int, *, device=None, dtype: torch.dtype | None = None,
+              mask_ratio: float = 0.75, compile_backend: str | None = None, **overrides) -> StepRow:
+    """The step of one benchmark row, prepared (captured where the row captures) on a synthetic batch.
+
+    Raises ValueError when the row cannot run here (unknown provider, no fast model, a captured row
+    off a GPU) and RuntimeError when its capture fails. compile_backend: torch.compile's backend
+    (default inductor; tests use "aot_eager").
+    """
     if provider not in STEP_PROVIDERS:
         raise ValueError(f"provider must be one of {sorted(STEP_PROVIDERS)}, got {provider!r}")
-    device = torch.device(device) if device is not None else default_device()
-    if provider in GRAPH_PROVIDERS:
-        if device.type != "cuda":
-            raise ValueError("the CUDA-graph step needs a CUDA device")
-        model, _ = STEP_PROVIDERS[provider](name, device, **overrides)
-        return GraphTrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio)
-    if provider in GRAPHED_PROVIDERS:
-        if device.type != "cuda":
-            raise ValueError("the CUDA-graph step needs a CUDA device")
-        model, compile_ = STEP_PROVIDERS[GRAPHED_PROVIDERS[provider]](name, device, **overrides)
-        return GraphedTrainStep(TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype,
-                                          mask_ratio=mask_ratio, compile=compile_, capturable=True, fused=True))
-    model, compile_ = STEP_PROVIDERS[provider](name, device, **overrides)
-    return TrainStep(model, synthetic_batch(model, batch, device), dtype=dtype, mask_ratio=mask_ratio,
-                     compile=compile_)
+    from .step import TrainStep
 
+    device = torch.device(device) if device is not None else default_device()
+    recipe = STEP_PROVIDERS[provider]
+    dtype = dtype if dtype is not None else step_dtype(provider, device)
+    model = recipe.build(name, device, **overrides)
+    fwd = model
+    if recipe.compile:
+        # a fresh cache per row: rows and sizes share the forward's code object, and dynamo would
+        # otherwise guard each new model into a recompile (falling back to eager past its limit) and
+        # turn a batch that changed between sizes into a dynamic dimension
+        torch._dynamo.reset()
+        fwd = torch.compile(model, dynamic=False, **({"backend": compile_backend} if compile_backend else {}))
+    opt = adamw(model, fused=not recipe.official_amp, capturable=recipe.capture)
+    # the warm-up's updates are kept (restore=False): a benchmark needs no pristine weights
+    step = TrainStep(fwd, opt, dtype=dtype, mask_ratio=mask_ratio, capture=recipe.capture, restore=False)
+    return StepRow(provider, step, synthetic_batch(model, batch, device), model, recipe)
+
+
+def torch_native_ratios(records: list[dict]) -> None:
+    """Adds, in place, to every train-step record: the best torch-native row of its shape
+    (`best_torch_native_provider`, `best_torch_native_ms`) and `speedup_vs_best_torch_native`
+    (that time / this one)."""
+    best: dict[str, dict] = {}
+    for r in records:
+        if r.get("group") == "train-step" and r.get("provider") in TORCH_NATIVE_ROWS and r.get("time_ms"):
+            b = best.get(r["shape_key"])
+            if b is None or r["time_ms"] < b["time_ms"]:
+                best[r["shape_key"]] = r
+    for r in records:
+        b = best.get(r.get("shape_key")) if r.get("group") == "train-step" else None
+        if b is not None and r.get("time_ms"):
+            r.update(best_torch_native_provider=b["provider"], best_torch_native_ms=b["time_ms"],
+                     speedup_vs_best_torch_native=b["time_ms"] / r["time_ms"])
 
 def free_memory() -> None:
     gc.collect()

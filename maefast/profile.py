@@ -36,6 +36,7 @@ from . import bench as mb
 from . import flops as flops_mod
 from . import timing
 from .models.configs import resolve_model_name
+from .step import TrainStep
 
 STAGES = ["masking+embed", "encoder attention", "encoder MLP/norms", "decoder embed + un-shuffle", "decoder",
           "head+loss", "backward", "optimizer"]
@@ -276,7 +277,9 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     extra = {"fused": fused} if fused and impl != "reference" else {}
     model = mb.build_model(name, impl, device, **extra, **overrides)
     imgs = mb.synthetic_batch(model, batch, device)
-    step = mb.TrainStep(model, imgs, dtype=dtype, mask_ratio=mask_ratio, compile=compile)
+    # eager (stage marks need the Python between the stages), the default AdamW as the official loop
+    step = TrainStep(torch.compile(model) if compile else model, mb.adamw(model), dtype=dtype, mask_ratio=mask_ratio,
+                     capture=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = StageClock(device, sync=sync)
@@ -285,11 +288,11 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     def staged_step():
         if compile:
             clock.switch(COMPILED_STAGES[0])
-            loss = step.forward()
+            loss = step.forward(imgs)
         else:
             clock.switch("masking+embed")
             with marks:
-                loss = step.forward()
+                loss = step.forward(imgs)
         clock.switch("backward")
         step.backward(loss)
         clock.switch("optimizer")
@@ -302,13 +305,13 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            step()
+            step(imgs)
             b.record()
             torch.cuda.synchronize(device)
             ms = a.elapsed_time(b)
         else:
             t0 = time.perf_counter()
-            step()
+            step(imgs)
             ms = (time.perf_counter() - t0) * 1e3
         clock.enabled = True
         return ms

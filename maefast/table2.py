@@ -151,6 +151,8 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
                       cuda_graph=False) -> dict:
     # a function of its own: everything it allocates is freed when it returns (or raises)
     out = {}
+    from .step import TrainStep
+
     model = mb.build_model(name, impl, device, decoder_depth=dd, **overrides)
     imgs = mb.synthetic_batch(model, bs, device)
     graph_ok = cuda_graph  # both steps of a row are timed the same way: a speed-up of graph vs eager means nothing
@@ -160,18 +162,19 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
         fwd = model if mode == "visible" else MaskTokenEncoderMAE(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step = mb.TrainStep(fwd, imgs, dtype=dtype, mask_ratio=mask_ratio, capturable=cuda_graph, fused=cuda_graph)
-        out[f"{mode}_timing"] = "eager"
-        if graph:
-            try:
-                step = mb.GraphedTrainStep(step)
-                out[f"{mode}_timing"] = "cuda-graph"
-            except (RuntimeError, ValueError) as e:  # time it eagerly and say why
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                graph_ok = False
-                out[f"{mode}_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        st = time_step(step, device, quick)
+        # the graph rows take fused, capturable AdamW; the eager ones the official loop's default (foreach)
+        opt = mb.adamw(fwd, fused=cuda_graph, capturable=cuda_graph)
+        step = TrainStep(fwd, opt, dtype=dtype, mask_ratio=mask_ratio, capture="auto" if graph else False,
+                         restore=False)
+        step.prepare(imgs)
+        out[f"{mode}_timing"] = "cuda-graph" if step.captured else "eager"
+        if graph and not step.captured:  # timed eagerly, and the record says why
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            graph_ok = False
+            out[f"{mode}_graph_error"] = step.eager_reason
+        x = step.static_imgs if step.captured else imgs  # a captured step reads its own buffer: no copy timed
+        st = time_step(lambda: step(x), device, quick)
         out[f"{mode}_ms"] = st["median_ms"]
         out[f"{mode}_reps"] = st["reps"]
         out[f"{mode}_warmup_calls"] = st["warmup_calls"]
@@ -197,7 +200,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
     """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth).
 
     cuda_graph (default: on a CUDA device, unless the dtype is fp16): time each step as a CUDA-graph
-    replay (`GraphedTrainStep`), the GPU time without host dispatch, as XLA ran the paper's TPU steps;
+    replay (`maefast.TrainStep`, captured), the GPU time without host dispatch, as XLA ran the paper's TPU steps;
     a step that cannot be captured is timed eagerly, and so is the other step of its row (a ratio of
     a replay to an eager step would mean nothing); the row says why. False: eager steps.
     on_row(rows so far) is called after each row (e.g. to save partial results under a time limit).

@@ -136,12 +136,12 @@ def test_sdpa_variant_matches_reference():
 
 
 def test_train_step_updates_parameters():
-    step = mb.make_step("reference", "tiny", 2, device="cpu")
-    assert step.fwd_kwargs == {}
-    before = step.model.blocks[0].mlp.fc1.weight.detach().clone()
-    step()
-    assert torch.isfinite(step.loss)
-    assert not torch.equal(before, step.model.blocks[0].mlp.fc1.weight)
+    row = mb.make_step("reference", "tiny", 2, device="cpu")
+    assert row.step.mask_source == "model" and not row.step.captured  # the official model draws its mask
+    before = row.model.blocks[0].mlp.fc1.weight.detach().clone()
+    loss = row()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, row.model.blocks[0].mlp.fc1.weight)
     with pytest.raises(ValueError, match="provider"):
         mb.make_step("nope", "tiny", 2)
 
@@ -359,21 +359,22 @@ def test_bench_step_sizes_from_env(harness, monkeypatch):
         sys.modules.pop("bench_step", None)
 
 
-def test_graphed_step_refuses_what_it_cannot_capture():
-    step = mb.make_step("reference", "tiny", 2, device="cpu")
-    with pytest.raises(ValueError, match="CUDA device"):
-        mb.GraphedTrainStep(step)
-    with pytest.raises(ValueError, match="CUDA device"):
-        mb.make_step("reference-graph", "tiny", 2, device="cpu")
+def test_captured_rows_refuse_the_cpu():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        mb.make_step("maefast-graph", "tiny", 2, device="cpu")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         t2.table2(["tiny"], (1,), device="cpu", cuda_graph=True)
 
 
-def test_train_step_capturable_optimizer():
+def test_step_rows_optimizers():
+    """reference: the official loop's default (foreach) AdamW and fp16 + GradScaler on a GPU; every
+    other row fused AdamW and bf16; the captured rows' AdamW capturable."""
+    assert mb.step_dtype("reference", "cuda") is torch.float16 and mb.step_dtype("sdpa", "cuda") is torch.bfloat16
+    assert mb.step_dtype("reference", "cpu") is torch.float32
     model = mb.build_model("tiny", "reference", "cpu")
-    step = mb.TrainStep(model, mb.synthetic_batch(model, 2, "cpu"), capturable=True)
-    assert all(g["capturable"] for g in step.opt.param_groups)
-    assert not any(g.get("capturable") for g in mb.TrainStep(model, step.imgs).opt.param_groups)
+    assert all(g["capturable"] and g["fused"] for g in mb.adamw(model, fused=True, capturable=True).param_groups)
+    assert not any(g.get("capturable") or g.get("fused") for g in mb.adamw(model).param_groups)
+    assert mb.adamw(model).defaults["betas"] == (0.9, 0.95)
 
 
 def test_harness_without_cuda_records_eager_only(harness):
@@ -387,19 +388,6 @@ def test_harness_without_cuda_records_eager_only(harness):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["reference", "maefast"])
-def test_graphed_step_replays_and_trains(provider):
-    """The whole step in one CUDA graph: each replay updates the weights and returns a finite loss."""
-    step = mb.TrainStep(*_tiny_cuda(provider), dtype=torch.bfloat16, capturable=True)
-    g = mb.GraphedTrainStep(step)
-    w = step.model.blocks[0].mlp.fc1.weight
-    before = w.detach().clone()
-    losses = [float(g()) for _ in range(3)]
-    torch.cuda.synchronize()
-    assert all(torch.isfinite(torch.tensor(losses))) and not torch.equal(before, w.detach())
-
-
-@pytest.mark.cuda
 def test_table2_graph_rows_on_gpu():
     rows = t2.table2(["tiny"], (1,), ["reference", "auto"], batch=4, dtype=torch.bfloat16, device="cuda", quick=True)
     for r in rows:
@@ -407,43 +395,47 @@ def test_table2_graph_rows_on_gpu():
         assert r["cuda_graph"] and r["visible_timing"] == "cuda-graph" and r["mask_tokens_timing"] == "cuda-graph", r
 
 
-def _tiny_cuda(provider):
-    model = mb.build_model("tiny", "reference" if provider == "reference" else "auto", "cuda")
-    return model, mb.synthetic_batch(model, 4, "cuda")
-
-
 def test_patched_transformers_step_row():
     """The step row of maefast.patch on transformers' ViTMAE: same weights as the reference model, and
     its step trains (fp32, CPU)."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    step = mb.make_step("maefast-patch-hf", "tiny", 2, device="cpu")
+    row = mb.make_step("maefast-patch-hf", "tiny", 2, device="cpu")
     torch.manual_seed(0)
     ref = mb.build_model("tiny", "reference", "cpu")  # what the row converted (built first, same seed)
-    assert isinstance(step.model, mb.TransformersStepAdapter) and step.fwd_kwargs == {}
-    w = step.model.hf.vit.embeddings.patch_embeddings.projection.weight  # the same name in 4.x and 5.x
+    assert isinstance(row.model, mb.TransformersStepAdapter) and row.step._fwd_kwargs == {}
+    w = row.model.hf.vit.embeddings.patch_embeddings.projection.weight  # the same name in 4.x and 5.x
     assert torch.equal(w, ref.patch_embed.proj.weight)  # same seed, same init
     before = w.detach().clone()
-    step()
-    assert torch.isfinite(step.loss) and not torch.equal(before, w)
+    assert torch.isfinite(row()) and not torch.equal(before, w)
     with pytest.raises(ValueError, match="differs from the transformers config"):
-        step.model(step.imgs, mask_ratio=0.5)
+        row.model(row.imgs, mask_ratio=0.5)
 
 
 @pytest.mark.parametrize("fails", ["mask_tokens", "visible"])
 def test_table2_cell_times_both_steps_alike_when_one_cannot_be_captured(monkeypatch, fails):
     """A row whose mask-token (or visible) step cannot be captured times both steps eagerly: a ratio
-    of a graph replay to an eager step would mean nothing. (The capture itself is faked: CPU.)"""
-    def fake_graphed(step):
-        if isinstance(step.model, t2.MaskTokenEncoderMAE) == (fails == "mask_tokens"):
-            raise RuntimeError("cannot capture this one")
-        return step  # "captured": timed as it is
+    of a graph replay to an eager step would mean nothing. (CPU: the capture is a stand-in whose
+    replay runs the step again; the failing one raises as a real capture does.)"""
+    from maefast import graphs
+    from maefast import step as step_mod
 
-    monkeypatch.setattr(mb, "GraphedTrainStep", fake_graphed)
+    real_blocker = step_mod.capture_blocker
+    captures = []
+
+    def fake_capture(fn, *, warmup_steps=3, warmup_fn=None, before_capture=None, device=None, pool=None):
+        captures.append(fn)
+        if len(captures) == (1 if fails == "visible" else 2):  # visible is captured first, mask-token second
+            raise RuntimeError("cannot capture this one")
+        out = fn()
+        return type("G", (), {"replay": lambda self: out.copy_(fn())})(), out
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", fake_capture)
+    monkeypatch.setattr(step_mod, "capture_blocker", lambda m, o, s, d: real_blocker(m, o, s, torch.device("cuda")))
     out = t2._time_table2_cell("tiny", "reference", 1, 2, torch.float32, torch.device("cpu"), 0.75, True, None, {},
                                cuda_graph=True)
     assert out["visible_timing"] == out["mask_tokens_timing"] == "eager", out
-    assert out[f"{fails}_graph_error"].startswith("RuntimeError: cannot capture")
+    assert out[f"{fails}_graph_error"] == "capture failed: RuntimeError: cannot capture this one"
     assert out["visible_ms"] > 0 and out["mask_tokens_ms"] > 0
     assert ("visible_graph_ms" in out) == (fails == "mask_tokens")
 

@@ -1,0 +1,467 @@
+"""`maefast.TrainStep`: one MAE training step (forward, backward, optimizer step), eager or captured
+whole in one CUDA graph. `maefast train`, the step benchmarks, `maefast profile` and users all step
+through it.
+
+At the batch sizes MAE trains with, an eager step is launch-bound on a fast GPU (the official ViT-B
+step at batch 64 reached 10% MFU on an H200, 2026-11-27; maefast's captured ViT-H/14 step at batch
+128 ran 114 ms against 124 ms eager, 2026-12-04). A captured step replays forward, backward, the
+optimizer (AdamW with ``capturable=True``; fused AdamW also takes fp16's GradScaler without a host
+sync: the scaler hands it ``grad_scale``/``found_inf`` as device tensors and updates its scale on
+the device) and the learning rate (a device tensor ``set_lr`` writes) without Python or per-kernel
+launch cost. The mask is drawn on the device: from a device seed that the graph advances by one per
+call (maefast's models), from the caller's per-call noise (the official convention), or by the
+model itself (the official code's ``torch.rand``: torch's CUDA generator hands each replay fresh
+numbers).
+
+    step = maefast.TrainStep(model, optimizer, dtype=torch.bfloat16)   # captured on CUDA, else eager
+    for imgs in loader:
+        step.set_lr(schedule(it))        # optional
+        loss = step(imgs)                # a 0-d tensor; read it (.item()) only when you log
+
+Capturing needs: a CUDA model, an optimizer built with ``capturable=True`` (fused AdamW for fp16),
+no distributed wrapper (DDP / FSDP communicate outside the graph), batches of one shape, and a
+forward without host syncs. ``capture="auto"`` (default) captures when it can and otherwise steps
+eagerly with the reason in ``step.eager_reason``; ``capture=True`` raises instead; ``False`` is eager.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn as nn
+
+from . import graphs
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
+_SEED_LIMIT = 2 ** 62
+
+
+def _unwrap(model: nn.Module) -> list[nn.Module]:
+    """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP/FSDP1 (.module)."""
+    chain = [model]
+    while True:
+        m = chain[-1]
+        inner = m._modules.get("_orig_mod")
+        if inner is None and hasattr(m, "no_sync"):
+            inner = m._modules.get("module")
+        if not isinstance(inner, nn.Module):
+            return chain
+        chain.append(inner)
+
+
+def _sync_wrapper(model: nn.Module) -> nn.Module | None:
+    """The distributed wrapper in `model`'s chain: one with no_sync() (DDP, FSDP1) or
+    set_requires_gradient_sync() (FSDP2); None for a plain model."""
+    for m in _unwrap(model):
+        if hasattr(m, "no_sync") or hasattr(m, "set_requires_gradient_sync"):
+            return m
+    return None
+
+
+def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> str | None:
+    """Why a step of `model` with `optimizer` (and `scaler`) cannot be captured in a CUDA graph on
+    `device`, or None when nothing known prevents it (the capture itself may still fail: a host sync
+    in the forward, a CPU tensor)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the model is on {device.type})"
+    if _sync_wrapper(model) is not None:
+        return (f"{type(_sync_wrapper(model)).__name__} steps eagerly: its gradient communication is not "
+                "captured here")
+    for group in optimizer.param_groups:
+        if "capturable" in group and not group["capturable"]:
+            return (f"{type(optimizer).__name__} was built without capturable=True (its step counts live on "
+                    "the host)")
+    if scaler is not None and scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return (f"GradScaler steps {type(optimizer).__name__} after reading found_inf on the host (a sync); "
+                "a fused AdamW (fused=True) takes it on the device, or use bf16")
+    return None
+
+
+class TrainStep:
+    """One MAE training step of `model` with `optimizer`; each call is one (micro-)batch.
+
+    Args:
+        model: an MAE whose ``forward(imgs, mask_ratio=..., noise=None)`` returns the loss first (the
+            official convention: ``(loss, pred, mask)``), or a ``torch.compile``/DDP/FSDP wrapper of
+            one. ``return_pred=False`` is passed when the forward takes it (maefast's head then runs on
+            the masked rows only), ``seed=`` when it takes one (and its ``impl`` is not "reference").
+        optimizer: over the model's parameters; for a captured step built with ``capturable=True``
+            (``torch.optim.AdamW(..., fused=True, capturable=True)``: one kernel, and fp16-capturable).
+        dtype: the autocast dtype: torch.bfloat16 or torch.float16 (autocast), torch.float32 (none).
+            Default: bf16 on CUDA, fp32 elsewhere.
+        mask_ratio: the fraction of patches removed.
+        scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
+            fine), False for none, or None: a new one for fp16, none otherwise.
+        accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
+            a call passes ``update=True``), each micro-batch's loss scaled by 1/accum_steps.
+        clip_grad: max global gradient norm (unscaled first under a GradScaler), or None.
+        capture: "auto" (capture when it can, else eager with ``eager_reason``), True (capture or
+            raise), False (eager).
+        seed: the masks' Philox seed (models that take ``seed=``): call k draws with seed + k. None:
+            drawn from torch's default generator (``torch.manual_seed`` reproduces it).
+        warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
+            autograd and cuBLAS warm up); undone afterwards unless ``restore=False``.
+        restore: put the parameters, optimizer state, learning rates, scaler and seed back as they
+            were before the warm-up (the weights go through host memory: a device copy of a ViT-H's
+            weights and AdamW state would add ~10 GB to the peak). False keeps the warm-up's updates
+            (benchmarks: saves the copy).
+
+    Attributes:
+        captured: whether calls replay a CUDA graph (decided by the first call or ``prepare``).
+        eager_reason: why the step runs eagerly (None while capturing or captured).
+        mask_source: "seed", "noise" or "model" (decided by the first call).
+        static_imgs, static_noise: a captured step's input buffers (each call copies its inputs in,
+            unless it passes these very tensors).
+        calls, optimizer_steps: micro-batches and optimizer steps run through this object.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, dtype: torch.dtype | None = None,
+                 mask_ratio: float = 0.75, scaler=None, accum_steps: int = 1, clip_grad: float | None = None,
+                 capture: bool | str = "auto", seed: int | None = None, warmup_steps: int = 3, restore: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        try:
+            self.device = next(model.parameters()).device
+        except StopIteration:
+            raise ValueError("model has no parameters to train") from None
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        if capture not in ("auto", True, False):
+            raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+        for name, v, low in (("accum_steps", accum_steps, 1), ("warmup_steps", warmup_steps, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if clip_grad is not None and (isinstance(clip_grad, bool) or not isinstance(clip_grad, (int, float))
+                                      or not clip_grad > 0):
+            raise ValueError(f"clip_grad must be a number > 0 or None, got {clip_grad!r}")
+        if seed is None:
+            seed = int(torch.randint(0, _SEED_LIMIT, (1,)))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
+        if scaler is None:
+            scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else False
+        if scaler is not False and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, False or None, got {type(scaler).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.dtype, self.mask_ratio = dtype, mask_ratio
+        self.scaler = scaler if scaler is not False else None
+        self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.seed, self.warmup_steps, self.restore = seed, warmup_steps, bool(restore)
+        self._capture = capture
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        inner = _unwrap(model)[-1]
+        try:
+            takes = inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):
+            takes = {}
+        self._fwd_kwargs = {"return_pred": False} if "return_pred" in takes else {}
+        # maefast's class with impl="reference" runs the official forward, which refuses seed=
+        self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
+        self._sync = _sync_wrapper(model)
+        self.eager_reason = "capture=False" if capture is False else capture_blocker(model, optimizer, self.scaler,
+                                                                                      self.device)
+        if capture is True and self.eager_reason is not None:
+            raise ValueError(f"capture=True: {self.eager_reason}")
+        self.captured = False
+        self.mask_source: str | None = None
+        self.static_imgs = self.static_noise = None
+        self.calls = self.optimizer_steps = 0
+        self._in_cycle = 0  # micro-batches since the last optimizer step
+        self._graphs: dict[bool, tuple] = {}  # update? -> (graph, static loss)
+
+    # -- the pieces of an eager step (`maefast profile` times them apart) ---------------------------
+
+    def _autocast(self, cache: bool = True):
+        if self.dtype == torch.float32:  # the step's dtype rules, also inside a caller's autocast region
+            return torch.autocast(self.device.type, enabled=False)
+        # a CUDA graph must not keep autocast's cast cache (torch.cuda.graph's documented requirement)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
+
+    def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
+              cache: bool = True) -> torch.Tensor:
+        kw = dict(self._fwd_kwargs)
+        if self.mask_source == "noise":
+            kw["noise"] = noise
+        elif self.mask_source == "seed":
+            kw["seed"] = seed
+        with self._autocast(cache):
+            out = self.model(imgs, mask_ratio=self.mask_ratio, **kw)
+        loss = out if isinstance(out, torch.Tensor) else out[0]
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("the model's forward must return the scalar loss (alone or first, as the official "
+                             f"(loss, pred, mask)), got {type(loss).__name__} "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        return loss
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The next micro-batch's forward under the step's autocast (eager steps only).
+
+        Args:
+            imgs: (N, C, H, W) float images on the model's device.
+            noise: (N, L) float, the official per-sample noise that orders the patches; give it on
+                every call or on none.
+        Returns:
+            the 0-d loss, attached to the autograd graph.
+        """
+        if self.captured:
+            raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
+        if self.mask_source is None and self.eager_reason is None:
+            self.eager_reason = "stepped through forward()/backward()/optimizer_step() before any call"
+        self._set_mask_source(noise)
+        # a host seed: the op reads it without waiting on the GPU; a compiled model sees a tensor, not a
+        # new int per call (which would recompile)
+        seed = torch.tensor([self.seed + self.calls], dtype=torch.int64) if self.mask_source == "seed" else None
+        loss = self._loss(imgs, noise, seed)
+        self.calls += 1
+        return loss
+
+    def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
+        """Backward of ``loss * weight / accum_steps`` (through the GradScaler when there is one)."""
+        factor = weight / self.accum_steps
+        scaled = loss if factor == 1.0 else loss * factor
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def _update(self) -> None:
+        # unscale (if clipping), clip, step, scale update: every piece runs on the device
+        if self.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def optimizer_step(self) -> None:
+        """Clip, optimizer (and scaler) step, gradients set to None (eager steps only)."""
+        if self.captured:
+            raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
+        self._update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        self._in_cycle = 0
+
+    # -- the step -------------------------------------------------------------------------------------
+
+    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor | None = None, *, weight: float = 1.0,
+                 update: bool | None = None) -> torch.Tensor:
+        """One micro-batch: forward, backward and, when it ends the accumulation, the optimizer step.
+
+        Args:
+            imgs: (N, C, H, W) float images on the model's device (captured: the first call's shape
+                and dtype; passing ``step.static_imgs`` itself skips the copy).
+            noise: (N, L) per-sample noise ordering the patches (the official convention), on every
+                call or on none.
+            weight: the loss's weight in the accumulated gradient (eager only; e.g. 0 for a batch a
+                distributed run must step through without data).
+            update: step the optimizer after this micro-batch; default: every accum_steps-th call.
+        Returns:
+            the micro-batch's loss, 0-d, detached, unscaled (captured: overwritten by the next call).
+        """
+        if update is None:
+            update = self._in_cycle + 1 >= self.accum_steps
+        elif not update and self.accum_steps == 1:
+            raise ValueError("update=False accumulates gradients: build the step with accum_steps > 1")
+        if self.mask_source is None:
+            self.prepare(imgs, noise)
+        if self.captured:
+            return self._replay(imgs, noise, weight, bool(update))
+        if self._sync is not None and hasattr(self._sync, "set_requires_gradient_sync"):
+            self._sync.set_requires_gradient_sync(bool(update))
+        # DDP/FSDP1 all-reduce only when the accumulation ends (the forward must be inside no_sync too)
+        ctx = self._sync.no_sync() if self._sync is not None and hasattr(self._sync, "no_sync") and not update \
+            else contextlib.nullcontext()
+        with ctx:
+            loss = self.forward(imgs, noise)
+            self.backward(loss, weight)
+        self._in_cycle += 1
+        if update:
+            self.optimizer_step()
+        return loss.detach()
+
+    def zero_grad(self) -> None:
+        """Drops a partial accumulation: the next call starts a new one (eager: gradients set to None;
+        captured: the graphs' gradients zeroed in place, since the graphs keep their addresses)."""
+        if self.captured:
+            with torch.no_grad():
+                torch._foreach_zero_([g for g in self._static_grads if g is not None])
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._in_cycle = 0
+
+    def set_lr(self, lr: float) -> None:
+        """Every group's learning rate for the next steps (times its ``lr_scale`` if present); a captured
+        step's are device tensors, written in place (no host sync)."""
+        for group in self.optimizer.param_groups:
+            v = float(lr) * group["lr_scale"] if "lr_scale" in group else float(lr)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(v)
+            else:
+                group["lr"] = v
+
+    def _set_mask_source(self, noise) -> None:
+        source = "noise" if noise is not None else ("seed" if self._takes_seed else "model")
+        if self.mask_source is None:
+            self.mask_source = source
+        elif (source == "noise") != (self.mask_source == "noise"):
+            raise ValueError("pass noise= on every call or on none (the first call " +
+                             ("had noise)" if self.mask_source == "noise" else "had none)"))
+
+    # -- capture --------------------------------------------------------------------------------------
+
+    def prepare(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> "TrainStep":
+        """Fixes the mask source and, for a step that captures, the batch shape: warms up, captures
+        (and restores what the warm-up changed). The first call does this itself; call it to capture
+        before the loop, or to have ``static_imgs`` to fill. Returns self."""
+        if self.mask_source is not None:
+            raise RuntimeError("prepare: this step is already prepared (by an earlier call)")
+        self._set_mask_source(noise)
+        if self.eager_reason is not None:
+            return self
+        try:
+            self._capture_step(imgs, noise)
+        except (RuntimeError, ValueError) as e:
+            if self._capture is True:
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            self.eager_reason = f"capture failed: {type(e).__name__}: {first}"
+            self.static_imgs = self.static_noise = None
+            self._graphs.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+        return self
+
+    def _capture_step(self, imgs, noise) -> None:
+        dev = self.device
+        for name, t in (("imgs", imgs), ("noise", noise)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.device != dev):
+                raise ValueError(f"{name} must be a tensor on the model's device {dev}, got "
+                                 f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
+        self.static_imgs = imgs.detach().clone()
+        self.static_noise = None if noise is None else noise.detach().clone()
+        # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
+        self._seed_dev = torch.full((1,), self.seed - 1, dtype=torch.int64, device=dev)
+        # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in)
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
+                group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
+        saved = self._snapshot() if self.restore else None
+        try:
+            if self.accum_steps == 1:
+                graph, out = graphs.capture_cuda_graph(lambda: self._body(True), warmup_steps=self.warmup_steps,
+                                                       device=dev)
+                self._graphs = {True: (graph, out)}
+            else:
+                # the gradients persist across micro-batches: allocated by the warm-up (outside the
+                # graphs), accumulated in place, zeroed by the updating graph; both graphs share one pool
+                def cycle():
+                    for j in range(self.accum_steps):
+                        self._body(j == self.accum_steps - 1)
+
+                acc = graphs.capture_cuda_graph(lambda: self._body(False), warmup_steps=self.warmup_steps,
+                                                warmup_fn=cycle, device=dev)
+                upd = graphs.capture_cuda_graph(lambda: self._body(True), warmup_steps=0, device=dev,
+                                                pool=acc[0].pool())
+                self._graphs = {False: acc, True: upd}
+        finally:  # also when the capture fails: a caller falling back to eager gets the model it passed
+            if saved is not None:
+                self._restore(saved)
+        # the graphs write and read these gradients at fixed addresses: held here, they stay allocated
+        # even if the caller sets p.grad to None (optimizer.zero_grad(set_to_none=True) between epochs)
+        self._static_grads = [p.grad for p in self._params]
+        self.captured = True
+
+    def _body(self, update: bool) -> torch.Tensor:
+        """One captured micro-batch (also its warm-up): reads only the static buffers."""
+        if self.accum_steps == 1:
+            # Python only: the backward then writes fresh gradients (at capture: in the graph's pool,
+            # at the same addresses every replay), as the CUDA-graph recipe for whole networks does
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.mask_source == "seed":
+            self._seed_dev.add_(1)
+        loss = self._loss(self.static_imgs, self.static_noise, self._seed_dev, cache=False)
+        self.backward(loss)
+        if update:
+            self._update()
+            if self.accum_steps > 1:
+                torch._foreach_zero_([p.grad for p in self._params if p.grad is not None])
+        return loss.detach()
+
+    def _replay(self, imgs, noise, weight, update) -> torch.Tensor:
+        if weight != 1.0:
+            raise ValueError(f"weight={weight}: a captured step takes full batches of weight 1 (skip the batch, "
+                             "or build the step with capture=False)")
+        s = self.static_imgs
+        if not isinstance(imgs, torch.Tensor) or imgs.shape != s.shape or imgs.dtype != s.dtype \
+                or imgs.device != s.device:
+            got = (tuple(imgs.shape), imgs.dtype, imgs.device) if isinstance(imgs, torch.Tensor) else type(imgs)
+            raise ValueError(f"imgs must match the captured batch {tuple(s.shape)}, {s.dtype} on {s.device} "
+                             f"(a captured step takes one batch shape: skip or pad short batches), got {got}")
+        self._set_mask_source(noise)
+        if noise is not None:
+            if noise.shape != self.static_noise.shape or noise.device != self.static_noise.device:
+                raise ValueError(f"noise must have shape {tuple(self.static_noise.shape)} on {self.static_noise.device}"
+                                 f", got {tuple(noise.shape)} on {noise.device}")
+            if noise is not self.static_noise:
+                self.static_noise.copy_(noise, non_blocking=True)
+        if imgs is not s:
+            s.copy_(imgs, non_blocking=True)
+        graph, out = self._graphs[update]
+        graph.replay()
+        self.calls += 1
+        self._in_cycle += 1
+        if update:
+            self.optimizer_steps += 1
+            self._in_cycle = 0
+        return out
+
+    def _snapshot(self):
+        def host(t):
+            return t.detach().to("cpu", copy=True)
+
+        state = {p: {k: host(v) for k, v in self.optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+                 for p in self._params if p in self.optimizer.state}
+        lrs = [host(g["lr"]) for g in self.optimizer.param_groups]
+        sc = self.scaler
+        scaler = [host(t) for t in (sc._scale, sc._growth_tracker)] if sc is not None and sc.is_enabled() else None
+        return [host(p) for p in self._params], state, lrs, scaler
+
+    @torch.no_grad()
+    def _restore(self, saved) -> None:
+        """Parameters, optimizer state, lrs, scaler and seed as before the warm-up, written into the same
+        tensors (the graph replays on their addresses); state the warm-up created starts from zero, as
+        a fresh AdamW state does."""
+        values, state, lrs, scaler = saved
+        for p, v in zip(self._params, values):
+            p.copy_(v)
+        for p in self._params:
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    v.copy_(state[p][k]) if p in state and k in state[p] else v.zero_()
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"].copy_(lr)
+        if scaler is not None:
+            self.scaler._scale.copy_(scaler[0])
+            self.scaler._growth_tracker.copy_(scaler[1])
+        self._seed_dev.fill_(self.seed - 1)
+        if self.accum_steps > 1:
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    def __repr__(self) -> str:
+        how = "captured" if self.captured else f"eager ({self.eager_reason})" if self.eager_reason else "not prepared"
+        return (f"TrainStep({type(_unwrap(self.model)[-1]).__name__}, {type(self.optimizer).__name__}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, accum_steps={self.accum_steps}, {how})")
+
+
+__all__ = ["TrainStep", "capture_blocker"]
