@@ -54,9 +54,9 @@ BUDGET = {"build": (70, 0), "tests": (170, 15), "diagnose": (45, 0),
           "bench-data": (150, 20), "train": (120, 0)}
 STEP_MODEL = "huge:128"  # the targets: ViT-H/14, batch 128
 # bench_step rows: the ones the step targets are read from, then the rest (each compile row ~30-60 s)
-STEP_DECISIVE = ("reference", "maefast-block-graph", "compile")
-STEP_MORE = ("maefast-graph", "sdpa", "maefast-block", "reference-graph", "maefast", "maefast-fused", "compile-full")
-PROFILE_PROVIDERS = ("maefast-block-graph", "compile")
+STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph", "torch-native-graph")
+STEP_MORE = ("maefast-compile-graph", "torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
+PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
 
 
 class Runner:
@@ -197,7 +197,7 @@ def preset_step(r: Runner) -> None:
            batch, "--json", pj] + (["--dry-run"] if r.dry else [])
     r.json_step("profile-kernels", cmd, pj, "profile")
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
-             note="compile-full last: whole-model torch.compile of ViT-H takes minutes")
+             note="the eager and compiled-eager rows last: each whole-model torch.compile of ViT-H takes ~1 min")
     targets = {"step": rec.step_targets(r.record["rows"])}
     prof = r.record.get("profile") or {}
     if prof.get("attention_ms_ratio") is not None:

@@ -2,7 +2,7 @@
 by kernel, with the GEMM share and the attention time per step, so the next change is chosen from
 data (issue 14: "attention kernel time per step vs cuDNN's inside the compiled torch-native step").
 
-    python scripts/profile_step.py --providers maefast-block-graph,compile --model huge --batch 128 \\
+    python scripts/profile_step.py --providers maefast-block-graph,torch-native-graph --model huge --batch 128 \\
         --json profile.json
 
 Each provider is a row of benchmarks/bench_step.py (`maefast.bench.make_step`): built, warmed up
@@ -40,7 +40,8 @@ CATEGORIES = (
     ("copy", ("copy", "memcpy", "memset", "cast", "fill", "catarray")),
     ("elementwise", ("elementwise", "vectorized", "reduce_kernel", "softmax", "gelu", "unrolled")),
 )
-EAGER_OF_GRAPH = {"maefast-block-graph": "maefast-block", "maefast-graph": "maefast", "reference-graph": "reference"}
+EAGER_OF_GRAPH = {"maefast-block-graph": "maefast-block", "maefast-graph": "maefast", "torch-native-graph": "torch-native",
+                  "maefast-compile-graph": "maefast-compile"}
 
 
 def classify(name: str) -> str:
@@ -146,7 +147,7 @@ def format_table(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--providers", default="maefast-block-graph,compile",
+    ap.add_argument("--providers", default="maefast-block-graph,torch-native-graph",
                     help="comma list of maefast.bench step providers, profiled in this order")
     ap.add_argument("--model", default="huge")
     ap.add_argument("--batch", type=int, default=128)

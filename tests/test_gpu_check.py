@@ -57,9 +57,9 @@ def test_step_targets_read_the_fastest_rows():
     rows = [_row("train-step", "reference", 180.0, s, peak_mem_gib=40.0),
             _row("train-step", "maefast-block-graph", 90.0, s, peak_mem_gib=18.0, frac_peak_flops=0.62),
             _row("train-step", "maefast", 120.0, s, peak_mem_gib=20.0, frac_peak_flops=0.4),
-            _row("train-step", "compile", 110.0, s), _row("train-step", "sdpa", 140.0, s)]
+            _row("train-step", "torch-native-graph", 110.0, s), _row("train-step", "sdpa", 140.0, s)]
     t = rec.step_targets(rows)[json.dumps(s, sort_keys=True)]
-    assert t["maefast_best"] == "maefast-block-graph" and t["torch_native_best"] == "compile"
+    assert t["maefast_best"] == "maefast-block-graph" and t["torch_native_best"] == "torch-native-graph"
     assert t["step_vs_reference"] == {"value": 2.0, "target": ">= 2.0", "met": True}
     assert t["step_vs_torch_native"]["value"] == pytest.approx(110 / 90, abs=1e-4)
     assert t["step_vs_torch_native"]["met"] is True
