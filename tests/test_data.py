@@ -381,4 +381,4 @@ def test_bench_data_cli_errors(tmp_path, capsys):
     assert "no batch after the first wave" in capsys.readouterr().err
     from maefast import bench
 
-    assert "data" in bench.SUBCOMMANDS
+    assert bench.BENCHMARKS["data"][0] == "maefast.bench_data"
