@@ -100,6 +100,37 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def agreed(fn, info: DistInfo):
+    """Runs ``fn()`` on every rank and returns its result; when it fails on any rank, every rank stops.
+
+    One process: ``fn``'s exception as is. Several: the failing rank raises its own exception when it is
+    a bug of ours (a traceback), every other rank a RunError with the first failure's message, quiet
+    except on rank 0 (printed once, not once per process). For the steps before the first one, where
+    a rank that failed alone would leave the others waiting in the next collective.
+    """
+    from .errors import USER_ERRORS, RunError
+
+    failure, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # gathered below; re-raised on this rank
+        failure = exc
+    if not info.distributed:
+        if failure is not None:
+            raise failure
+        return result
+    mine = None if failure is None else (str(failure), isinstance(failure, USER_ERRORS + (RunError,)))
+    reports = [(r, rep) for r, rep in enumerate(all_gather_object(mine, info)) if rep is not None]
+    if not reports:
+        return result
+    if failure is not None and not mine[1]:
+        raise failure
+    first_rank, (msg, user) = reports[0]
+    same = len(reports) == info.world_size and len({rep[0] for _, rep in reports}) == 1
+    text = msg if same else f"rank {first_rank}: {msg}" if user else f"rank {first_rank} failed: {msg}"
+    raise RunError(text, quiet=not info.is_main) from failure
+
+
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
