@@ -41,7 +41,9 @@ def _interrupt(tmp_path, sig, nproc):
     proc = start(*ARGS, "--output-dir", cut, nproc=nproc)
     try:
         wait_for_steps(proc, os.path.join(cut, "steps.jsonl"), 3)
-        os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C or `kill -TERM -PGID`
+        # the process group, as a terminal's Ctrl-C or `kill -TERM -PGID` (torchrun's workers run in
+        # sessions of their own: torchrun forwards the signal to them)
+        os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=180)
     finally:
         kill_group(proc)
@@ -68,6 +70,6 @@ def test_ctrl_c_one_process(tmp_path):
 
 
 def test_sigterm_under_torchrun(tmp_path):
-    """Both workers get SIGTERM twice (from the kill of the group, and forwarded by torchrun); they stop
-    at the same step and write one checkpoint of it, which resumes bit-exactly on 2 processes."""
+    """torchrun forwards SIGTERM to both workers; they stop at the same step and write one checkpoint
+    of it, which resumes bit-exactly on 2 processes."""
     _interrupt(tmp_path, signal.SIGTERM, nproc=2)

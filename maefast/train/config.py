@@ -50,6 +50,7 @@ class TrainConfig:
     output_dir: str = "output_dir"
     resume: str | None = None
     overwrite: bool = False
+    dist_timeout: float = 300.0
     seed: int = 0
     max_steps: int | None = None
     save_every_steps: int = 0
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth if there is one)")
     a("--overwrite", action="store_true",
       help="start over in an --output-dir that holds a run: its checkpoints, logs and export are deleted")
+    a("--dist-timeout", type=float, default=300.0,
+      help="seconds before a rank that stopped answering stops the run (named in the message); also the wait "
+           "limit of every collective, so the slowest step, a checkpoint write and a first --compile step must fit")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops, flips and masks")
     a("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps in total")
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: epoch ends only)")
@@ -243,6 +247,7 @@ def validate_config(cfg: TrainConfig) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
+    _positive("--dist-timeout", cfg.dist_timeout)
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)
     if cfg.synthetic_size is not None:

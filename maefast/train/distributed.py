@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,73 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     kwargs = {"device_id": dev} if device == "cuda" else {}
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
+
+
+class Heartbeat:
+    """Finds a rank that stopped answering (SIGSTOP, a hung machine, a lost network) and names it.
+
+    Each rank's thread publishes a counter in the rendezvous store every second and watches the next
+    rank's (a ring: every rank is watched once, store traffic O(world)). Being a thread, it beats while
+    its main thread waits in a collective or writes a checkpoint: only a process that is not running
+    at all falls silent. When the watched counter has not moved for ``timeout`` seconds, the watcher
+    prints one line naming that rank and ends its own process (its main thread is stuck in a
+    collective with the silent rank); torchrun then stops the others. The process group's own
+    timeout is set a little longer, as the backstop for a rank that runs but never arrives.
+    """
+
+    PERIOD = 1.0
+
+    def __init__(self, info: DistInfo, timeout_s: float):
+        self.info, self.timeout = info, float(timeout_s)
+        self._stop = threading.Event()
+        self._thread = None
+        self.store = None
+
+    def _key(self, rank: int) -> str:
+        return f"maefast/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+    def start(self) -> None:
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not self.info.distributed or not host or not port:
+            return
+        try:  # its own client connection: never shares a socket with the process group's use of the store
+            self.store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=min(self.timeout, 30.0)))
+        except Exception:  # no store to beat in (an unusual init method): no watch, the group timeout remains
+            return
+        self._thread = threading.Thread(target=self._run, name="maefast-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rank, world = self.info.rank, self.info.world_size
+        mine, peer = self._key(rank), (rank + 1) % world
+        count, seen, since = 0, None, time.monotonic()
+        while not self._stop.wait(self.PERIOD):
+            count += 1
+            try:
+                self.store.set(mine, str(count))
+                value = self.store.get(self._key(peer)) if self.store.check([self._key(peer)]) else None
+            except Exception:  # the store's host is gone (the launcher): no verdict on the peer
+                continue
+            now = time.monotonic()
+            if value != seen or value == b"done":
+                seen, since = value, now
+            elif now - since > self.timeout and not self._stop.is_set():
+                print(f"maefast train: error: rank {peer} stopped answering (no heartbeat for {now - since:.0f} s, "
+                      f"--dist-timeout {self.timeout:g}); stopping the run: its last checkpoint is intact, "
+                      "--resume auto continues from it", file=sys.stderr, flush=True)
+                os._exit(2)
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        try:
+            self.store.set(self._key(self.info.rank), "done")  # a rank that finished is not a silent one
+        except Exception:
+            pass
+        self._thread.join(timeout=5)
+        self._thread = None
 
 
 def cleanup(info: DistInfo, sync: bool = True) -> None:

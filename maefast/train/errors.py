@@ -35,13 +35,19 @@ class Interrupted(RunError):
 
 
 def mount_point(path: str) -> str:
-    """The mount point holding ``path`` (the nearest existing ancestor's)."""
+    """The file system holding ``path``, as "DEVICE mounted at MOUNT" (or MOUNT where /proc says nothing)."""
     path = os.path.abspath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     while not os.path.ismount(path):
         path = os.path.dirname(path)
-    return path
+    try:
+        with open("/proc/self/mounts") as f:
+            devices = {fields[1]: fields[0] for fields in (line.split() for line in f) if len(fields) > 1}
+    except OSError:
+        devices = {}
+    device = devices.get(path)
+    return f"{device} mounted at {path}" if device else path
 
 
 def no_space_cause(exc: BaseException) -> OSError | None:

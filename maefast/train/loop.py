@@ -19,14 +19,14 @@ import torch
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .config import DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_config
-from .control import EXIT_CODES, StopControl, ignore_stop_signals_in_worker
+from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
-from .resume import recorded_position, resume_source
+from .resume import reconcile, recorded_position, resume_source
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
 from .setup import build_dataset, build_model, build_optimizer, checkpoint_bytes, forward_kwargs, seed_all
-from .state import full_model_state, full_states, restore_states
+from .state import full_model_state, restore_states, save_checkpoint
 
 # kept importable from here (older callers and tests)
 __all__ = ["train", "build_model", "forward_kwargs"]
@@ -69,8 +69,13 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         SIGINT/SIGTERM, once the checkpoint of the step reached is saved.
     """
     config = _as_config(config, overrides)
-    info = dist_lib.init_distributed(config.device)
+    if not config.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be > 0, got {config.dist_timeout}")
+    # the group's own timeout a little after the heartbeat's: the heartbeat names the silent rank
+    info = dist_lib.init_distributed(config.device, timeout_s=config.dist_timeout + GROUP_TIMEOUT_MARGIN_S)
     trainer = _Trainer(config, info)
+    heartbeat = dist_lib.Heartbeat(info, config.dist_timeout)
+    heartbeat.start()
     ok = False
     try:
         with trainer.ctl:
@@ -80,9 +85,19 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
     except Interrupted:
         ok = True  # every rank stopped at the same step, after the same collectives
         raise
+    except RuntimeError as exc:
+        if info.distributed and ("timed out" in str(exc).lower() or "timeout" in str(exc).lower()):
+            raise RunError(f"a collective waited more than --dist-timeout {config.dist_timeout:g} s (+"
+                           f"{GROUP_TIMEOUT_MARGIN_S} s) for another rank; the last checkpoint is intact, --resume "
+                           "auto continues from it", quiet=not info.is_main) from exc
+        raise
     finally:
+        heartbeat.stop()
         trainer.close()
         dist_lib.cleanup(info, sync=ok)
+
+
+GROUP_TIMEOUT_MARGIN_S = 30
 
 
 @dataclasses.dataclass
@@ -101,8 +116,9 @@ class _EpochStats:
 class _Trainer:
     def __init__(self, config: TrainConfig, info):
         self.config, self.info = config, info
-        self.ctl = StopControl(info)
+        self.ctl = StopControl(info, timeout_s=config.dist_timeout + GROUP_TIMEOUT_MARGIN_S)
         self.folder: RunFolder | None = None
+        self.pending: RunError | None = None  # a rank-local failure, raised once all ranks agree to stop
 
     def say(self, msg: str) -> None:
         say(self.info.is_main, msg)
@@ -125,11 +141,16 @@ class _Trainer:
         info = self.info
         cfg = self.config
         source = resume_source(cfg)
-        ck = None
+        ck, notes, self.changed = None, [], {}
         if source is not None:
             ck = ckpt_lib.load_checkpoint(source, states=False)
             ckpt_lib.check_resumable(ck, source)
+            shards = ckpt_lib.shards_dir(ck, source)
+            if shards is not None and not os.path.isdir(shards):
+                raise FileNotFoundError(f"--resume {source}: its sharded state {shards!r} is missing")
+            cfg, notes, self.changed = reconcile(cfg, ck, source, info.world_size)
         cfg = resolve_config(cfg, world_size=info.world_size, cuda=info.device.type == "cuda")
+        cfg.notes += notes
         if cfg.resume == "auto":
             cfg.notes.append("--resume auto: " + (f"continuing from {source}" if source else
                                                   "no checkpoint, fresh start"))
@@ -151,6 +172,10 @@ class _Trainer:
             if ck.get("model_name") != cfg.model or ck.get("model_kwargs", model_kwargs) != model_kwargs:
                 raise ValueError(f"--resume {source}: the checkpoint is {ck.get('model_name')} "
                                  f"{ck.get('model_kwargs')}, this run is {cfg.model} {model_kwargs}")
+            recorded_size = ck.get("schedule", {}).get("dataset_size", len(dataset))
+            if recorded_size != len(dataset):
+                raise ValueError(f"--resume {source}: the run trained on {recorded_size} images, --data {cfg.data} "
+                                 f"has {len(dataset)}: another data set would change every step's samples")
             epoch, samples, step = recorded_position(ck)
             if samples % global_batch:
                 raise ValueError(f"--resume {source}: the checkpoint stopped {samples} samples into epoch {epoch}, "
@@ -185,10 +210,14 @@ class _Trainer:
         self.amp_dtype = DTYPES[cfg.dtype]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.carry = _EpochStats()
+        self.history = []
         ck = self.ck
         if ck is None:
             return
-        restore_states(ck, None, model, self.wrapped, self.optimizer, sharded=self.fsdp)
+        restore_states(ck, ckpt_lib.shards_dir(ck, self.source), model, self.wrapped, self.optimizer,
+                       sharded=self.fsdp)
+        for group in self.optimizer.param_groups:  # the recorded value by the resume contract; set, not assumed
+            group["weight_decay"] = cfg.weight_decay if group["weight_decay"] else 0.0
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
         rngs = ck.get("rng") or []
@@ -198,36 +227,27 @@ class _Trainer:
             self.carry = _EpochStats(**ck["epoch_stats"])
         self.say(f"resumed from {self.source}: epoch {self.start_epoch}, {self.start_samples} samples into it, "
                  f"step {self.step}")
+        self.history = list(ck.get("history") or []) + [{"resumed_at_step": self.step, "world_size": info.world_size,
+                                                          "changed": self.changed}]
         self.ck = None  # the tensors are in the model now
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, epoch_next: int, samples_next: int, stats: _EpochStats | None, keep: str | None = None) -> None:
         """Checkpoint of the current step (collective): the position is the next sample to train on."""
         cfg, info = self.cfg, self.info
-        model_sd, optim_sd = full_states(self.wrapped, self.optimizer)
         rngs = dist_lib.all_gather_object(ckpt_lib.rng_state(), info)
-        error = None
-        if info.is_main:
-            state = {"model": model_sd, "optimizer": optim_sd, "optimizer_format": "fqn",
-                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                     "epoch": epoch_next, "samples": samples_next, "step": self.step, "rng": rngs,
-                     "epoch_stats": dataclasses.asdict(stats) if stats is not None and samples_next else None,
-                     "model_name": cfg.model, "model_kwargs": self.model_kwargs,
-                     "schedule": {"epochs": cfg.epochs, "lr": self.lr, "warmup_epochs": cfg.warmup_epochs,
-                                  "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch,
-                                  "dataset_size": len(self.dataset), "world_size": info.world_size,
-                                  "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter},
-                     "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INTERNAL_FIELDS},
-                     "format_version": ckpt_lib.FORMAT_VERSION}
-            try:
-                ckpt_lib.atomic_save(state, self.ckpt_path)
-                if keep:
-                    ckpt_lib.link_or_copy(self.ckpt_path, self.folder.join(keep))
-            except RunError as exc:
-                error = str(exc)
-        error = dist_lib.broadcast_object(error, info)
-        if error is not None:
-            raise RunError(error, quiet=not info.is_main)
+        meta = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": epoch_next, "samples": samples_next, "step": self.step, "rng": rngs,
+                "epoch_stats": dataclasses.asdict(stats) if stats is not None and samples_next else None,
+                "model_name": cfg.model, "model_kwargs": self.model_kwargs,
+                "schedule": {"epochs": cfg.epochs, "lr": self.lr, "warmup_epochs": cfg.warmup_epochs,
+                             "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch,
+                             "dataset_size": len(self.dataset), "world_size": info.world_size,
+                             "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter},
+                "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INTERNAL_FIELDS},
+                "history": self.history, "format_version": ckpt_lib.FORMAT_VERSION}
+        save_checkpoint(meta, cfg.output_dir, ckpt_lib.CHECKPOINT_NAME, self.wrapped, self.optimizer, info,
+                        sharded=self.fsdp, keep=keep)
 
     @property
     def ckpt_path(self) -> str:
@@ -273,9 +293,9 @@ class _Trainer:
         self.final_loss, self.skipped_total, self.run_images, self.run_time = float("nan"), 0, 0, 0.0
         self.windows = []  # (images, seconds) per log window, for the steady-state speed
         self.epoch = self.start_epoch
-        reason = self.ctl.agree()
+        reason = self._agree()
         if reason is not None:  # a signal during the start: no step done, nothing to save
-            raise Interrupted(f"interrupted by {reason} before the first step: nothing changed",
+            raise Interrupted(f"interrupted by {self.ctl.describe(reason)} before the first step: nothing changed",
                               EXIT_CODES.get(reason, 2), quiet=not info.is_main)
         hit_max = False
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -321,7 +341,7 @@ class _Trainer:
                 self.step += 1
                 if bar is not None:
                     bar.update(1)
-                reason = self.ctl.agree()
+                reason = self._agree()
                 hit_max = cfg.max_steps is not None and self.step >= cfg.max_steps
                 if (self.step % cfg.log_every == 0 or b >= batches_used or hit_max or reason is not None):
                     s, n, imgs = dist_lib.all_reduce_sum([win_sum.item(), win_n, win_images], info)
@@ -333,7 +353,7 @@ class _Trainer:
                         if not math.isfinite(self.final_loss):
                             raise RunError(f"loss is {self.final_loss} at step {self.step} (epoch {epoch}): with --dtype "
                                            "float16 try bfloat16, or lower --blr", quiet=not info.is_main)
-                        step_log.write({"step": self.step, "epoch": epoch + b / batches_used, "loss": self.final_loss,
+                        self._write(step_log, {"step": self.step, "epoch": epoch + b / batches_used, "loss": self.final_loss,
                                         "lr": lr_now, "img_per_s": ips})
                         if bar is not None:
                             bar.set_postfix(loss=f"{self.final_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}",
@@ -362,7 +382,7 @@ class _Trainer:
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
             self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep)
             # logged only once its checkpoint is written: log.jsonl never claims a save that failed
-            log.write({"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.n, 1),
+            self._write(log, {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.n, 1),
                        "train_lr": lr_now, "images": int(totals.images), "time_s": round(totals.time_s, 3),
                        "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
                        "skipped_examples": totals.bad_names, "complete": finished})
@@ -374,14 +394,33 @@ class _Trainer:
             if reason is not None:
                 if bar is not None:
                     bar.close()
+                if self.pending is not None:
+                    raise self.pending
                 where = f"epoch {epoch}, {100 * (b if not finished else batches_used) / batches_used:.0f}% through it"
-                raise Interrupted(f"interrupted by {reason}: stopped after step {self.step} ({where}), checkpoint "
+                raise Interrupted(f"interrupted by {self.ctl.describe(reason)}: stopped after step {self.step} ({where}), checkpoint "
                                   f"saved to {self.ckpt_path}; continue with --resume auto (same --output-dir)",
                                   EXIT_CODES.get(reason, 2), quiet=not info.is_main)
             if hit_max:
                 break
         if bar is not None:
             bar.close()
+        self._agree()  # a log write that failed on one rank after the last step
+
+    def _agree(self) -> str | None:
+        """All ranks' decision at a step boundary: None (go on) or the stop reason (collective)."""
+        reason = self.ctl.agree(local_error=self.pending is not None)
+        if reason == REASONS[ERROR]:
+            raise self.pending if self.pending is not None else RunError("stopped: another rank failed", quiet=True)
+        return reason
+
+    def _write(self, log: JsonlLog, record: dict) -> None:
+        """Rank 0 writes a log line; a failure (a full disk) stops every rank at the next agreement."""
+        try:
+            log.write(record)
+        except RunError as exc:
+            if not self.info.distributed:
+                raise
+            self.pending = self.pending or exc
 
     def _epoch_totals(self, stats, loss_sum, ep_n, ep_images, ep_bad, bad_names, t_epoch) -> _EpochStats:
         """This epoch's sums over ranks so far, plus what a resumed epoch carried (collective)."""

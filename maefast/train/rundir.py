@@ -201,16 +201,17 @@ class RunFolder:
 
     def trim_logs(self, step: int) -> None:
         """Keeps the log lines that count for a run continuing from ``step``: steps.jsonl up to it,
-        log.jsonl's complete epochs up to it (the resumed epoch writes its own full record)."""
+        log.jsonl's complete epochs up to it (the resumed epoch writes its own full record). A torn
+        last line (a kill mid-write) goes too."""
         for name, keep in (("steps.jsonl", lambda r: r.get("step", 0) <= step),
                            ("log.jsonl", lambda r: r.get("step", 0) <= step and r.get("complete", True))):
             path = self.join(name)
             if not os.path.exists(path):
                 continue
-            records = read_jsonl(path)
-            kept = [r for r in records if keep(r)]
-            if len(kept) != len(records) or os.path.getsize(path) != len("".join(json.dumps(r) + "\n"
-                                                                                 for r in records)):
+            with open(path) as f:
+                raw = [line for line in f if line.strip()]
+            kept = [r for r in read_jsonl(path) if keep(r)]
+            if len(kept) != len(raw):
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
