@@ -222,5 +222,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:  # a traceback only for our own bugs
         print(f"maefast visualize: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("maefast visualize: interrupted", file=sys.stderr)
+        return 130
     print(f"maefast visualize: wrote {res['out']} (loss {', '.join(f'{v:.4f}' for v in res['losses'])})")
     return 0

@@ -39,7 +39,8 @@ def test_options_left_out_keep_the_run_and_run_defining_ones_cannot_change(tmp_p
     assert ck["step"] == 12 and (ck["config"]["epochs"], ck["config"]["weight_decay"]) == (3, 0.3)
     assert (ck["config"]["mask_ratio"], ck["config"]["batch_size"]) == (0.5, 4)
     assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.0, 0.3]
-    assert ck["history"] == [{"resumed_at_step": 2, "world_size": 1, "changed": {"epochs": [2, 3], "log_every": [10, 1]}}]
+    assert ck["history"] == [{"resumed_at_step": 2, "world_size": 1,
+                              "changed": {"epochs": [2, 3], "log_every": [10, 1]}}]
     steps = [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))]
     assert steps == [2] + list(range(3, 13))  # one line per step (the first run logged at its --max-steps)
 

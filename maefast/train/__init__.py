@@ -37,8 +37,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: stopped at once (second Ctrl-C): the step in progress is lost, the last checkpoint is "
-              "intact", file=sys.stderr, flush=True)
+        print(f"{PROG}: stopped at once (Ctrl-C again, or before the run started): the step in progress is lost, "
+              "the last checkpoint is intact", file=sys.stderr, flush=True)
         return 130
     return 0
 

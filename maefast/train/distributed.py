@@ -232,8 +232,8 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
     FSDP shards each transformer block (encoder and decoder) and the root. maefast's fast path
     reads the block weights itself, so with FSDP2 (`fully_shard`) its blocks are first made to run
     through their modules (their hooks gather and free each block's parameters); with FSDP1 (old
-    torch) the fast path shards the root only (parameters gathered once per forward). FSDP needs the same initial parameters on every
-    rank (it does not broadcast): the caller seeds before building.
+    torch) the fast path shards the root only (parameters gathered once per forward). FSDP needs the
+    same initial parameters on every rank (it does not broadcast): the caller seeds before building.
     """
     if fsdp:
         if not info.distributed:

@@ -295,8 +295,8 @@ class _Trainer:
         self.epoch = self.start_epoch
         reason = self._agree()
         if reason is not None:  # a signal during the start: no step done, nothing to save
-            raise Interrupted(f"interrupted by {self.ctl.describe(reason)} before the first step: nothing changed",
-                              EXIT_CODES.get(reason, 2), quiet=not info.is_main)
+            raise Interrupted(f"interrupted by {self.ctl.describe(reason)} before the first step: no checkpoint "
+                              "written", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
         hit_max = False
         for epoch in range(self.start_epoch, cfg.epochs):
             self.epoch = epoch
@@ -351,10 +351,10 @@ class _Trainer:
                     if n > 0:
                         self.final_loss = s / n
                         if not math.isfinite(self.final_loss):
-                            raise RunError(f"loss is {self.final_loss} at step {self.step} (epoch {epoch}): with --dtype "
-                                           "float16 try bfloat16, or lower --blr", quiet=not info.is_main)
-                        self._write(step_log, {"step": self.step, "epoch": epoch + b / batches_used, "loss": self.final_loss,
-                                        "lr": lr_now, "img_per_s": ips})
+                            raise RunError(f"loss is {self.final_loss} at step {self.step} (epoch {epoch}): with "
+                                           "--dtype float16 try bfloat16, or lower --blr", quiet=not info.is_main)
+                        self._write(step_log, {"step": self.step, "epoch": epoch + b / batches_used,
+                                               "loss": self.final_loss, "lr": lr_now, "img_per_s": ips})
                         if bar is not None:
                             bar.set_postfix(loss=f"{self.final_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}",
                                             refresh=False)
@@ -396,10 +396,10 @@ class _Trainer:
                     bar.close()
                 if self.pending is not None:
                     raise self.pending
-                where = f"epoch {epoch}, {100 * (b if not finished else batches_used) / batches_used:.0f}% through it"
-                raise Interrupted(f"interrupted by {self.ctl.describe(reason)}: stopped after step {self.step} ({where}), checkpoint "
-                                  f"saved to {self.ckpt_path}; continue with --resume auto (same --output-dir)",
-                                  EXIT_CODES.get(reason, 2), quiet=not info.is_main)
+                where = f"epoch {epoch}, {100 * min(b, batches_used) / batches_used:.0f}% through it"
+                raise Interrupted(f"interrupted by {self.ctl.describe(reason)}: stopped after step {self.step} "
+                                  f"({where}), checkpoint saved to {self.ckpt_path}; continue with --resume auto "
+                                  "(same --output-dir)", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
             if hit_max:
                 break
         if bar is not None:

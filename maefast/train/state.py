@@ -133,7 +133,8 @@ def _save_failure(path: str, exc: Exception) -> str:
         return (f"no space left on {mount_point(path)}: {os.path.basename(path)} not written, the previous one "
                 f"(if any) is intact in {os.path.dirname(os.path.abspath(path))}")
     if isinstance(exc, OSError) or "Errno" in str(exc):
-        return f"{os.path.basename(path)} not written ({str(exc).strip().splitlines()[0][:200]}); the previous one is intact"
+        why = str(exc).strip().splitlines()[0][:200]
+        return f"{os.path.basename(path)} not written ({why}); the previous one is intact"
     raise exc
 
 
