@@ -21,32 +21,64 @@ TITLES = ("original", "masked {ratio}", "reconstruction", "reconstruction + visi
 
 def load_model(checkpoint: str, model_name: str | None = None, norm_pix_loss: bool | None = None):
     """(model in eval mode, model name, norm_pix_loss) from a ``maefast train`` checkpoint (or an
-    official full MAE checkpoint with a decoder, given ``model_name``)."""
-    from .models import create_model
-    from .train.checkpoint import load_checkpoint
+    official full MAE checkpoint with a decoder, given ``model_name``).
+
+    The model is the one the checkpoint records; ``model_name`` only names it for a checkpoint that
+    records none, and a ``model_name`` that contradicts the recorded one is refused (ValueError).
+    """
+    from .models import create_model, resolve_model_name
+    from .train.checkpoint import is_encoder_only, load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     state = ck["model"]
-    if not any(k.startswith("decoder_") for k in state):
+    if is_encoder_only(state):
         raise ValueError(f"{checkpoint!r} has no decoder weights (an encoder export such as mae_pretrain_*.pth?); "
                          "visualize needs a full training checkpoint such as OUTPUT_DIR/checkpoint-last.pth")
-    name = model_name or ck.get("model_name")
     kwargs = dict(ck.get("model_kwargs") or {})
     args = ck.get("args")
-    if name is None and args is not None:
-        name = getattr(args, "model", None)
+    recorded = ck.get("model_name") or (getattr(args, "model", None) if args is not None else None)
+    if recorded is not None and model_name is not None:
+        try:
+            same = resolve_model_name(model_name) == resolve_model_name(recorded)
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(f"--model {model_name} contradicts the model recorded in {checkpoint!r} ({recorded}): "
+                             "drop --model (the recorded model is used)")
+    name = recorded or model_name
     if name is None:
         raise ValueError(f"{checkpoint!r} does not record its model: pass --model")
-    if "img_size" not in kwargs:
+    if "img_size" not in kwargs and "pos_embed" in state and "patch_embed.proj.weight" in state:
         kwargs["img_size"] = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * \
             int(state["patch_embed.proj.weight"].shape[-1])
     if norm_pix_loss is not None:
         kwargs["norm_pix_loss"] = norm_pix_loss
     elif "norm_pix_loss" not in kwargs and args is not None:
         kwargs["norm_pix_loss"] = bool(getattr(args, "norm_pix_loss", False))
+    name = resolve_model_name(name)
     model = create_model(name, **kwargs)
+    mismatch = _mismatch(model.state_dict(), state)
+    if mismatch:  # the weights are another model's (a name given for an unlabelled file)
+        raise ValueError(f"the weights in {checkpoint!r} do not fit {name}: {mismatch}")
     model.load_state_dict(state)
     return model.eval(), name, bool(kwargs.get("norm_pix_loss", False))
+
+
+def _mismatch(want: dict, got: dict) -> str:
+    """'' when ``got`` loads into a model with state ``want``, else a short account of why not."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape (e.g. {k}: {tuple(got[k].shape)} in the file, "
+                     f"{tuple(want[k].shape)} in the model)")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return "; ".join(parts)
 
 
 @torch.no_grad()
@@ -140,9 +172,11 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
         images = [images]
     if not images:
         raise ValueError("images: give at least one image file")
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    from ._validate import check_mask_ratio
+
+    check_mask_ratio(mask_ratio)
     model, name, npl = load_model(checkpoint, model_name, norm_pix_loss)
+    check_mask_ratio(mask_ratio, model.patch_embed.num_patches)  # the model's own rule, before any work
     size = model.patch_embed.img_size[0]
     rows = []
     for i, path in enumerate(images):
@@ -155,31 +189,41 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     panel = size * max(1, PANEL_MIN // size)
     caption = caption_for(name, npl, mask_ratio, seed)
     canvas, boxes = render(rows, caption, mask_ratio, panel)
-    canvas.save(out, format="PNG")
+    try:
+        canvas.save(out, format="PNG")
+    except OSError as exc:
+        raise ValueError(f"cannot write --out {out!r}: {exc.strerror or exc}") from None
     return {"out": out, "boxes": boxes, "caption": caption, "losses": [r["loss"] for r in rows], "panel": panel}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maefast visualize", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .train.config import HelpFormatter, OneLineParser
+
+    p = OneLineParser(prog="maefast visualize", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a maefast train checkpoint (OUTPUT_DIR/checkpoint-last.pth)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s); one row each")
     p.add_argument("--out", default="reconstruction.png", help="PNG to write")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    p.add_argument("--model", default=None, help="model name, if the checkpoint does not record it")
+    p.add_argument("--model", default=None,
+                   help="model name, for a checkpoint that does not record it (one that does uses its own)")
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint's norm_pix_loss setting")
     return p
 
 
 def main(argv=None) -> int:
+    from .train.errors import USER_ERRORS
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         res = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.model,
                         args.norm_pix_loss)
-    except (ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:  # a traceback only for our own bugs
         print(f"maefast visualize: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("maefast visualize: interrupted", file=sys.stderr)
+        return 130
     print(f"maefast visualize: wrote {res['out']} (loss {', '.join(f'{v:.4f}' for v in res['losses'])})")
     return 0

@@ -103,7 +103,9 @@ def test_fsdp_via_torchrun_cli_matches_one_process(tmp_path, single, impl, how, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"on 2 x cpu (FSDP, {how})" in proc.stderr
     ck = load_checkpoint(str(out / "checkpoint-last.pth"))
-    assert ck["step"] == 4 and ck["optimizer_format"] == "fqn"
+    # sharded (torch.distributed.checkpoint) beside the file, read back whole on one process
+    assert ck["step"] == 4 and ck["shards"].startswith("checkpoint-last.pth.dcp-") and (out / ck["shards"]).is_dir()
+    assert [p.name for p in out.iterdir() if ".dcp-" in p.name] == [ck["shards"]]
     _compare(ck["model"], single, f"FSDP ({how}) vs 1 process:")
     enc = torch.load(out / "mae_pretrain_vit_tiny_test.pth", weights_only=True)["model"]
     for k, v in enc.items():

@@ -51,7 +51,7 @@ def test_cli_writes_checkpoint_logs_curve_and_encoder(tmp_path, capsys):
     assert blue.sum() > 200  # the tab:blue loss line is drawn
 
     ck = load_checkpoint(str(out / "checkpoint-last.pth"))
-    assert (ck["epoch"], ck["batch"], ck["step"], ck["model_name"]) == (2, 0, 12, "mae_vit_tiny_test")
+    assert (ck["epoch"], ck["samples"], ck["step"], ck["model_name"]) == (2, 0, 12, "mae_vit_tiny_test")
     assert {"model", "optimizer", "scaler", "rng", "schedule", "config"} <= set(ck)
 
     enc = torch.load(out / "mae_pretrain_vit_tiny_test.pth", weights_only=True)
@@ -80,7 +80,7 @@ def test_resume_is_bit_exact(tmp_path, accum):
     train(cfg, output_dir=str(tmp_path / "straight"))
     train(cfg, output_dir=str(tmp_path / "split"), max_steps=2)
     half = _params(tmp_path / "split" / "checkpoint-last.pth")
-    assert (half["step"], half["epoch"], half["batch"]) == (2, 0, 2 * accum)
+    assert (half["step"], half["epoch"], half["samples"]) == (2, 0, 2 * 4 * accum)  # 2 steps of 4 x accum
     res = train(cfg, output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint-last.pth"))
     assert res["steps"] == 4
     a = _params(tmp_path / "straight" / "checkpoint-last.pth")
@@ -256,17 +256,24 @@ def test_cuda_graph_training_matches_eager(tmp_path, fused):
     assert res["steps"] == 8 and math.isfinite(res["final_loss"])
 
 
-def test_resume_keeps_this_runs_optimizer_implementation():
-    """A checkpoint stores how its run stepped (foreach/fused/capturable); resuming keeps this run's."""
-    from maefast.train.loop import _load_state
+@pytest.mark.parametrize("layout", ["names", "ids"])
+def test_resume_keeps_this_runs_optimizer_implementation(layout):
+    """A checkpoint stores how its run stepped (foreach/fused/capturable); resuming keeps this run's.
+    Both layouts: parameter names (format 2) and format 1's parameter ids."""
+    from maefast.train.state import full_states, restore_states
 
     m = create_model("mae_vit_tiny_test")
     a = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=False)
     m(torch.randn(2, 3, 32, 32), seed=0, return_pred=False)[0].backward()
     a.step()
-    b = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
-    ck = {"model": m.state_dict(), "optimizer": a.state_dict()}
-    _load_state(m, b, ck, fsdp=False)
+    if layout == "names":
+        msd, osd = full_states(m, a)
+        ck = {"model": msd, "optimizer": osd, "optimizer_format": "fqn"}
+    else:
+        ck = {"model": m.state_dict(), "optimizer": a.state_dict()}
+    m2 = create_model("mae_vit_tiny_test")
+    b = torch.optim.AdamW(m2.parameters(), lr=1e-3, foreach=True)
+    restore_states(ck, None, m2, m2, b, sharded=False)
     assert b.param_groups[0]["foreach"] is True and ck["optimizer"]["param_groups"][0]["foreach"] is False
-    p0 = next(m.parameters())
-    assert torch.equal(b.state[p0]["exp_avg"], a.state[p0]["exp_avg"])
+    p0, q0 = next(m.parameters()), next(m2.parameters())
+    assert torch.equal(b.state[q0]["exp_avg"], a.state[p0]["exp_avg"]) and torch.equal(q0, p0)

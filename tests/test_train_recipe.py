@@ -177,8 +177,38 @@ def test_resumable_sampler_ranks_and_start():
     assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
     s = ResumableDistributedSampler(ds, 2, 1, seed=3)
     s.set_epoch(2)
-    s.set_start(4)
+    s.set_position(8)  # 8 samples of the epoch done: 4 of each rank's share
     assert [i for _, i in s] == ranks[1][4:] and len(s) == 8
+    with pytest.raises(ValueError, match="whole number of global batches"):
+        ResumableDistributedSampler(ds, 2, 0, seed=3, global_batch=8).set_position(4)
+
+
+@pytest.mark.parametrize("size", [31, 32, 37])
+def test_sampler_same_steps_and_samples_at_every_world_size(size):
+    """Every split of a global batch of 8 (1 x 8, 2 x 4, 4 x 2 processes) gives the same steps per epoch
+    and the same samples in each step (the tail of len % 8 dropped everywhere), also when resuming at
+    another world size: each sample of the epoch exactly once."""
+    ds = list(range(size))
+
+    def steps(world, start=0):
+        per_rank = []
+        for r in range(world):
+            s = ResumableDistributedSampler(ds, world, r, seed=5, global_batch=8)
+            s.set_epoch(1)
+            s.set_position(start)
+            per_rank.append([i for _, i in s])
+        b = 8 // world
+        n = len(per_rank[0]) // b
+        assert all(len(p) == n * b for p in per_rank)
+        return [sorted(x for p in per_rank for x in p[k * b:(k + 1) * b]) for k in range(n)]
+
+    want = steps(1)
+    assert len(want) == size // 8 and all(len(st) == 8 for st in want)
+    assert steps(2) == want and steps(4) == want
+    # 2 steps done on 2 processes, the rest on 4 (or 1): the remaining steps are the straight run's
+    assert steps(4, start=16) == want[2:] and steps(1, start=16) == want[2:]
+    seen = [x for st in want for x in st]
+    assert len(seen) == len(set(seen)) == size // 8 * 8
 
 
 # -- configuration ---------------------------------------------------------------------------------

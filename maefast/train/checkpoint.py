@@ -1,46 +1,40 @@
-"""Checkpoints: atomic writes, exact-resume state (RNG included), and the encoder export in the
-official release layout (``mae_pretrain_vit_base.pth`` & co.: ``{"model": encoder state dict}``)."""
+"""Checkpoints: atomic writes, exact-resume state (RNG included), clear errors for files that are not
+training checkpoints, and the encoder export in the official release layout
+(``mae_pretrain_vit_base.pth`` & co.: ``{"model": encoder state dict}``).
+
+Two layouts, one file name (``checkpoint-last.pth``), and either resumes the other's run:
+  - single file (one process, DDP): model and optimizer state (full tensors, parameter names as keys)
+    in the file itself;
+  - sharded (FSDP): the file holds the run's position and settings, and names a folder beside it,
+    ``checkpoint-last.pth.dcp-<id>/``, written by every rank with ``torch.distributed.checkpoint``
+    (sharded, parallel, loadable at another world size and into an unsharded model).
+The file is replaced atomically after its folder is complete, so a kill at any point leaves the
+previous checkpoint whole.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 
+from .errors import RunError, mount_point, no_space_cause
+
 CHECKPOINT_NAME = "checkpoint-last.pth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter names, position in samples, optional shards
+SHARDS_SUFFIX = ".dcp-"
 # Keys of the encoder in the official release files (timm VisionTransformer names).
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 RELEASE_NAMES = {"mae_vit_base_patch16": "vit_base", "mae_vit_large_patch16": "vit_large",
                  "mae_vit_huge_patch14": "vit_huge"}
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace onto ``path``.
-
-    A crash or kill at any point leaves either the previous file or the new one, never a torn file.
-    """
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
+def _fsync_dir(folder: str) -> None:
+    try:  # make a rename durable
         dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -50,6 +44,87 @@ def atomic_save(obj, path: str) -> None:
         pass
 
 
+def _no_space(path: str, exc: BaseException) -> RunError | None:
+    if no_space_cause(exc) is None:
+        return None
+    return RunError(f"no space left on {mount_point(path)}: {os.path.basename(path)} not written, the previous one "
+                    f"(if any) is intact in {os.path.dirname(os.path.abspath(path))}")
+
+
+def _atomic_write(path: str, write) -> None:
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        full = _no_space(path, exc) if isinstance(exc, Exception) else None
+        if full is not None:
+            raise full from exc
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace onto ``path``.
+
+    A crash or kill at any point leaves either the previous file or the new one, never a torn file.
+    A full disk raises RunError("no space left on <mount>: ... the previous one is intact").
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replaces a text file atomically (same rules as ``atomic_save``)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """``dst`` (a new name) becomes a copy of the file or folder ``src``: hard links where the file
+    system allows (no space used: checkpoint files are never modified in place), else a copy. Built
+    under a temporary name and renamed, so ``dst`` is whole or absent."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}.tmp")
+    try:
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp, copy_function=_link_or_copy_file)
+        else:
+            _link_or_copy_file(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+        full = _no_space(dst, exc) if isinstance(exc, Exception) else None
+        if full is not None:
+            raise full from exc
+        raise
+    _fsync_dir(folder)
+
+
+def _link_or_copy_file(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# -- RNG ---------------------------------------------------------------------------------------
 def rng_state() -> dict:
     """Python, numpy, torch CPU and (if initialised) CUDA generator states of this process, as
     tensors / tuples of ints so the checkpoint loads with ``weights_only=True``."""
@@ -73,21 +148,114 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str) -> dict:
+# -- reading -----------------------------------------------------------------------------------
+def _torch_load(path: str, mmap: bool = False) -> dict:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder: pass the checkpoint file (e.g. "
+                                f"{os.path.join(path, CHECKPOINT_NAME)})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot read checkpoint {path!r}: {exc.strerror}") from None
+    except Exception as exc:  # torch reports a torn / foreign file in many ways; all mean "not readable"
+        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in why or "weights_only" in why:
+            why = "it holds Python objects, not only tensors and plain data"
+        raise ValueError(f"{path!r} is not a readable maefast/MAE checkpoint (truncated, corrupt or another kind "
+                         f"of file: {why})") from None
+
+
+def shards_dir(ck: dict, path: str) -> str | None:
+    """The sharded-state folder a checkpoint file names (absolute), or None for a single file."""
+    name = ck.get("shards")
+    return os.path.join(os.path.dirname(os.path.abspath(path)), name) if name else None
+
+
+def load_checkpoint(path: str, states: bool = True) -> dict:
     """Loads a checkpoint of ``maefast train`` or of the official code onto the CPU.
 
     ``weights_only=True`` (no arbitrary pickled code); the official files' ``args`` (an
-    argparse.Namespace) is allowed explicitly.
+    argparse.Namespace) is allowed explicitly. A sharded checkpoint's ``model`` and ``optimizer``
+    are read from its folder when ``states`` (full tensors, one process, no process group needed).
+    A file that is not a checkpoint raises ValueError naming it (one line for the CLI).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    ck = _torch_load(path)
+    if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
-    return ckpt
+    folder = shards_dir(ck, path)
+    if folder is not None and states:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint {path!r} names its sharded state {folder!r}, which is missing")
+        full = _load_full_shards(folder)
+        ck["model"], ck["optimizer"] = full["model"], full.get("optimizer")
+    return ck
 
 
+def _load_full_shards(folder: str) -> dict:
+    """Every tensor of a torch.distributed.checkpoint folder, unsharded, in this process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+            return _load_state_dict_from_keys(checkpoint_id=folder)
+        except ImportError:  # older torch: the public converter, through a temporary file
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            with tempfile.TemporaryDirectory() as tmp:
+                dcp_to_torch_save(folder, os.path.join(tmp, "full.pth"))
+                return torch.load(os.path.join(tmp, "full.pth"), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"sharded checkpoint folder {folder!r} is not readable ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''})") from None
+
+
+def is_encoder_only(state: dict) -> bool:
+    return not any(k.startswith(("decoder_", "mask_token")) for k in state)
+
+
+def check_resumable(ck: dict, path: str) -> None:
+    """ValueError (one line) unless ``ck`` is a ``maefast train`` checkpoint that can continue a run."""
+    if "shards" not in ck and is_encoder_only(ck.get("model", {})):
+        raise ValueError(f"{path!r} is an encoder-only file (an export such as mae_pretrain_*.pth: no decoder, "
+                         "no optimizer state): it cannot resume training; pass OUTPUT_DIR/checkpoint-last.pth")
+    missing = [k for k in ("optimizer", "step", "epoch", "model_name") if k not in ck and
+               not (k == "optimizer" and "shards" in ck)]
+    if missing:
+        raise ValueError(f"{path!r} holds model weights but not a maefast train run's state (no "
+                         f"{', '.join(missing)}): it cannot resume a run (maefast.convert.load_official_state_dict "
+                         "loads its weights into a model)")
+    if int(ck.get("format_version", 1)) > FORMAT_VERSION:
+        raise ValueError(f"{path!r} was written by a newer maefast (checkpoint format {ck['format_version']}, this "
+                         f"one reads up to {FORMAT_VERSION})")
+
+
+def referenced_shards(folder: str, only: str | None = None) -> set[str]:
+    """Names of the sharded-state folders that checkpoint files in ``folder`` refer to (``only``: that
+    file's). Files are read memory-mapped: a large single-file checkpoint costs nothing here."""
+    from .rundir import SHARDS_DIR
+
+    if not os.path.isdir(folder):
+        return set()
+    names = os.listdir(folder)
+    owners = {m.group("owner") for n in names for m in [SHARDS_DIR.match(n)] if m}
+    if only is not None:
+        owners &= {only}
+    live = set()
+    for owner in owners:
+        try:
+            ck = _torch_load(os.path.join(folder, owner), mmap=True)
+        except (OSError, ValueError, RuntimeError):
+            continue  # the owner file is gone or torn: its folders are stale
+        if isinstance(ck, dict) and ck.get("shards"):
+            live.add(ck["shards"])
+    return live
+
+
+# -- encoder export ----------------------------------------------------------------------------
 def encoder_state_dict(model_state: dict) -> dict:
     """The encoder part of a full MAE state dict, with the official release keys
     (cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*), tensors cloned to the CPU."""

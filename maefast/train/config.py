@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,8 @@ class TrainConfig:
     decode: str = DEFAULT_DECODE
     output_dir: str = "output_dir"
     resume: str | None = None
+    overwrite: bool = False
+    dist_timeout: float = 300.0
     seed: int = 0
     max_steps: int | None = None
     save_every_steps: int = 0
@@ -59,22 +62,52 @@ class TrainConfig:
     export: bool = True
     plot: bool = True
     notes: list = field(default_factory=list)  # filled by resolve_config: which defaults were chosen
+    # the options the user set (the command line's flags; in Python, the fields that differ from the
+    # defaults): on --resume the others take the checkpoint's values (see maefast.train.resume)
+    explicit: tuple | None = None
+
+
+INTERNAL_FIELDS = ("notes", "explicit")  # not options: never recorded in a checkpoint's config
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for a real default ("auto" options say what they resolve to themselves)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 FUSED = {"off": False, "on": True, "block": "block"}  # --fused -> the model's fused=
 
 
+def _model_names() -> str:
+    from ..models.configs import ALIASES, MODEL_CONFIGS
+
+    return ", ".join(MODEL_CONFIGS) + " (aliases: " + ", ".join(ALIASES) + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="maefast train",
         description="MAE pre-training with the paper's recipe (AdamW 0.9/0.95, wd 0.05, lr = blr x batch / 256, "
                     "warm-up + cosine per iteration, RandomResizedCrop 0.2-1 + flip). Multi-GPU: "
-                    "torchrun --nproc_per_node=N -m maefast train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "torchrun --nproc_per_node=N -m maefast train ... On --resume, options you leave out keep "
+                    "the checkpoint's values (README, Training: the resume contract).",
+        formatter_class=HelpFormatter)
     a = p.add_argument
+    on_off = argparse.BooleanOptionalAction
     a("--data", default="synthetic", help="image folder (flat or class sub-folders) or 'synthetic'")
     a("--synthetic-size", type=int, default=None, help="images in the synthetic set (auto: ~1 min on the CPU)")
-    a("--model", default=None, help=f"model name (auto: {GPU_MODEL} on a GPU, {CPU_MODEL} on the CPU)")
+    a("--model", default=None, help=f"one of {_model_names()} (auto: {GPU_MODEL} on a GPU, {CPU_MODEL} on the CPU)")
     a("--input-size", type=int, default=None, help="image size (auto: the model's img_size)")
     a("--epochs", type=int, default=None, help=f"auto: {PAPER_EPOCHS} (paper) for a folder, 1 for synthetic")
     a("--batch-size", type=int, default=None, help=f"per-process batch (auto: {GPU_BATCH} GPU, {CPU_BATCH} CPU)")
@@ -82,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--blr", type=float, default=BASE_LR, help="base lr: lr = blr x batch x accum x world / 256")
     a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     a("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
-    a("--weight-decay", type=float, default=WEIGHT_DECAY)
+    a("--weight-decay", type=float, default=WEIGHT_DECAY,
+      help="AdamW weight decay, on weights only (not biases, norm weights or the frozen pos_embed)")
     a("--warmup-epochs", type=float, default=None, help="auto: epochs x 40/800 (the paper's proportion)")
-    a("--mask-ratio", type=float, default=0.75)
-    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=False,
+    a("--mask-ratio", type=float, default=0.75,
+      help="fraction of the patches removed from each image, in (0, 1), at least one patch kept")
+    a("--norm-pix-loss", action=on_off, default=False,
       help="per-patch normalised pixel targets (the official release recipe uses it)")
     a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
@@ -93,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fused", default="off", choices=["off", "on", "block"],
       help="transformer blocks on the fast path: off (torch LayerNorm/GELU), on (maefast's fused LayerNorm/GELU ops), "
            "block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less activation memory)")
-    a("--grad-checkpointing", action="store_true", help="activation checkpointing per block (same mask on recompute)")
-    a("--cuda-graph", action="store_true",
+    a("--grad-checkpointing", action=on_off, default=False,
+      help="activation checkpointing per block (same mask on recompute)")
+    a("--cuda-graph", action=on_off, default=False,
       help="capture the whole training step in a CUDA graph and replay it (one GPU, bf16/fp32, no --accum-iter, "
            "--clip-grad, --compile or --fsdp; the fast path only): no Python or launch cost per step")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--fsdp", action="store_true", help="shard with torch FSDP instead of DDP (under torchrun)")
+    a("--compile", action=on_off, default=False, help="torch.compile the model")
+    a("--fsdp", action=on_off, default=False, help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
     a("--workers", type=int, default=None, help="data-loader workers per process (auto)")
     a("--decode", default=DEFAULT_DECODE, choices=DECODES,
@@ -106,21 +142,36 @@ def build_parser() -> argparse.ArgumentParser:
            "or fast (crop box first, JPEG decoded at 1/2-1/8 where the crop allows, torch's uint8 bicubic; "
            "same boxes and flips, pixels within a level or so: README, Data loading)")
     a("--output-dir", default="output_dir", help="checkpoints, logs, loss curve, exported encoder")
-    a("--resume", default=None, help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth)")
-    a("--seed", type=int, default=0)
+    a("--resume", default=None,
+      help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth if there is one)")
+    a("--overwrite", action="store_true",
+      help="start over in an --output-dir that holds a run: its checkpoints, logs and export are deleted")
+    a("--dist-timeout", type=float, default=300.0,
+      help="seconds before a rank that stopped answering stops the run (named in the message); also the wait "
+           "limit of every collective, so the slowest step, a checkpoint write and a first --compile step must fit")
+    a("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops, flips and masks")
     a("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps in total")
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: epoch ends only)")
     a("--keep-every-epochs", type=int, default=0, help="keep checkpoint-EPOCH.pth every N epochs (0: only the last)")
     a("--log-every", type=int, default=10, help="optimizer steps between loss readings (steps.jsonl, bar)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    a("--no-export", dest="export", action="store_false", help="do not write mae_pretrain_*.pth")
-    a("--no-plot", dest="plot", action="store_false", help="do not write loss_curve.png")
+    a("--progress", action=on_off, default=True, help="progress bar on stderr")
+    a("--export", action=on_off, default=True, help="write the encoder as mae_pretrain_<model>.pth at the end")
+    a("--plot", action=on_off, default=True, help="draw loss_curve.png after every epoch")
     return p
 
 
+def explicit_options(argv: list[str]) -> tuple[str, ...]:
+    """The TrainConfig fields set on the command line ``argv`` (whatever their value)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return tuple(sorted(vars(quiet.parse_args(argv))))
+
+
 def config_from_args(argv=None) -> TrainConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
-    return TrainConfig(**vars(ns))
+    return TrainConfig(**vars(ns), explicit=explicit_options(argv))
 
 
 def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = None) -> TrainConfig:
@@ -167,10 +218,8 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
                          "--synthetic-size to change them")
     elif synthetic and (cfg.epochs == SYNTHETIC_EPOCHS):
         cfg.notes.append(f"synthetic data: {cfg.synthetic_size} images, {cfg.epochs} epoch(s)")
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.output_dir, "checkpoint-last.pth")
-        cfg.resume = path if os.path.isfile(path) else None
-        cfg.notes.append(f"--resume auto: {'continuing from ' + path if cfg.resume else 'no checkpoint, fresh start'}")
+    if cfg.overwrite and cfg.resume == "auto":
+        raise ValueError("--overwrite starts the run in --output-dir over, --resume auto continues it: pass one")
     validate_config(cfg)
     return cfg
 
@@ -180,7 +229,23 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_geometry(cfg: TrainConfig) -> None:
+    """--input-size against the model's patch size, and --mask-ratio by the model's own rule (one rule,
+    one message: the one the model would raise at its first step)."""
+    from .._validate import check_mask_ratio
+    from ..models import model_config
+
+    patch = int(model_config(cfg.model)["patch_size"])
+    if cfg.input_size % patch:
+        raise ValueError(f"--input-size must be a multiple of {cfg.model}'s patch size {patch}, got {cfg.input_size}")
+    try:
+        check_mask_ratio(cfg.mask_ratio, (cfg.input_size // patch) ** 2)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc).replace("mask_ratio", "--mask-ratio", 1)) from None
+
+
 def validate_config(cfg: TrainConfig) -> None:
+    """Every option's rule, before anything is created (ValueError naming the option)."""
     for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
     for name in ("blr", "min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
@@ -188,12 +253,12 @@ def validate_config(cfg: TrainConfig) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
+    _positive("--dist-timeout", cfg.dist_timeout)
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)
     if cfg.synthetic_size is not None:
         _positive("--synthetic-size", cfg.synthetic_size)
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    _check_geometry(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
     if cfg.impl not in ("auto", "triton", "cuda", "reference"):

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, Sampler
 
 # re-exported: these lived here before augment.py
 from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
@@ -153,24 +153,54 @@ def collate(items: list) -> dict:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (shuffle by seed + epoch, ranks interleaved) that can start mid-epoch
-    and yields ``(epoch, index)`` so each sample's augmentation is seeded by its epoch even inside
-    persistent data-loader workers."""
+class ResumableDistributedSampler(Sampler):
+    """The epoch's samples for one rank, the same set per optimizer step at every world size.
+
+    The epoch's order is a permutation of the dataset seeded by ``seed + epoch`` (DistributedSampler's
+    shuffle), cut to whole global batches: the same tail (``len % global_batch`` samples) is dropped
+    at every world size, so every world size runs the same number of steps on the same samples and
+    the same lr schedule. Rank ``r`` of ``W`` takes ``order[start + r], order[start + r + W], ...``
+    where ``start`` is the position (samples of the epoch already trained on, a multiple of the
+    global batch): optimizer step ``s`` then trains on ``order[s*G:(s+1)*G]`` whatever the split of
+    G = batch x accumulation x world, which makes a resume at another world size exact in samples.
+
+    Yields ``(epoch, index)`` so each sample's augmentation is seeded by its epoch even inside
+    persistent data-loader workers.
+    """
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
+                 global_batch: int | None = None):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.size, self.num_replicas, self.rank = len(dataset), int(num_replicas), int(rank)
+        self.shuffle, self.seed = shuffle, int(seed)
+        self.global_batch = int(global_batch or num_replicas)
+        if self.global_batch % self.num_replicas:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of num_replicas {num_replicas}")
+        self.used = self.size // self.global_batch * self.global_batch  # samples per epoch
+        self.epoch, self.start = 0, 0
 
-    def set_start(self, start: int) -> None:
-        """Skip the first ``start`` samples of this rank's share of the current epoch (resume)."""
-        self.start = int(start)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_position(self, samples: int) -> None:
+        """Start this epoch after its first ``samples`` samples (a resume; a multiple of the global batch)."""
+        if samples % self.global_batch or not 0 <= samples <= self.used:
+            raise ValueError(f"position {samples} is not a whole number of global batches of {self.global_batch} "
+                             f"within the epoch's {self.used} samples")
+        self.start = int(samples)
+
+    def order(self) -> list[int]:
+        """This epoch's global order (every rank's samples, interleaved), tail dropped."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(self.size, generator=g)[: self.used].tolist()
+        return list(range(self.used))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
-        return iter([(self.epoch, i) for i in indices])
+        mine = self.order()[self.start + self.rank: self.used: self.num_replicas]
+        return iter([(self.epoch, i) for i in mine])
 
     def __len__(self) -> int:
-        return max(self.num_samples - self.start, 0)
+        return (self.used - self.start) // self.num_replicas

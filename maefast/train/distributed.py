@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +58,73 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
 
 
+class Heartbeat:
+    """Finds a rank that stopped answering (SIGSTOP, a hung machine, a lost network) and names it.
+
+    Each rank's thread publishes a counter in the rendezvous store every second and watches the next
+    rank's (a ring: every rank is watched once, store traffic O(world)). Being a thread, it beats while
+    its main thread waits in a collective or writes a checkpoint: only a process that is not running
+    at all falls silent. When the watched counter has not moved for ``timeout`` seconds, the watcher
+    prints one line naming that rank and ends its own process (its main thread is stuck in a
+    collective with the silent rank); torchrun then stops the others. The process group's own
+    timeout is set a little longer, as the backstop for a rank that runs but never arrives.
+    """
+
+    PERIOD = 1.0
+
+    def __init__(self, info: DistInfo, timeout_s: float):
+        self.info, self.timeout = info, float(timeout_s)
+        self._stop = threading.Event()
+        self._thread = None
+        self.store = None
+
+    def _key(self, rank: int) -> str:
+        return f"maefast/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+    def start(self) -> None:
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not self.info.distributed or not host or not port:
+            return
+        try:  # its own client connection: never shares a socket with the process group's use of the store
+            self.store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=min(self.timeout, 30.0)))
+        except Exception:  # no store to beat in (an unusual init method): no watch, the group timeout remains
+            return
+        self._thread = threading.Thread(target=self._run, name="maefast-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        rank, world = self.info.rank, self.info.world_size
+        mine, peer = self._key(rank), (rank + 1) % world
+        count, seen, since = 0, None, time.monotonic()
+        while not self._stop.wait(self.PERIOD):
+            count += 1
+            try:
+                self.store.set(mine, str(count))
+                value = self.store.get(self._key(peer)) if self.store.check([self._key(peer)]) else None
+            except Exception:  # the store's host is gone (the launcher): no verdict on the peer
+                continue
+            now = time.monotonic()
+            if value != seen or value == b"done":
+                seen, since = value, now
+            elif now - since > self.timeout and not self._stop.is_set():
+                print(f"maefast train: error: rank {peer} stopped answering (no heartbeat for {now - since:.0f} s, "
+                      f"--dist-timeout {self.timeout:g}); stopping the run: its last checkpoint is intact, "
+                      "--resume auto continues from it", file=sys.stderr, flush=True)
+                os._exit(2)
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        try:
+            self.store.set(self._key(self.info.rank), "done")  # a rank that finished is not a silent one
+        except Exception:
+            pass
+        self._thread.join(timeout=5)
+        self._thread = None
+
+
 def cleanup(info: DistInfo, sync: bool = True) -> None:
     """Destroys the group we created. ``sync``: barrier first (on success; seen on CPU: a rank
     that tears gloo down while a peer still finishes the last collective can abort at exit).
@@ -100,6 +170,37 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def agreed(fn, info: DistInfo):
+    """Runs ``fn()`` on every rank and returns its result; when it fails on any rank, every rank stops.
+
+    One process: ``fn``'s exception as is. Several: the failing rank raises its own exception when it is
+    a bug of ours (a traceback), every other rank a RunError with the first failure's message, quiet
+    except on rank 0 (printed once, not once per process). For the steps before the first one, where
+    a rank that failed alone would leave the others waiting in the next collective.
+    """
+    from .errors import USER_ERRORS, RunError
+
+    failure, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # gathered below; re-raised on this rank
+        failure = exc
+    if not info.distributed:
+        if failure is not None:
+            raise failure
+        return result
+    mine = None if failure is None else (str(failure), isinstance(failure, USER_ERRORS + (RunError,)))
+    reports = [(r, rep) for r, rep in enumerate(all_gather_object(mine, info)) if rep is not None]
+    if not reports:
+        return result
+    if failure is not None and not mine[1]:
+        raise failure
+    first_rank, (msg, user) = reports[0]
+    same = len(reports) == info.world_size and len({rep[0] for _, rep in reports}) == 1
+    text = msg if same else f"rank {first_rank}: {msg}" if user else f"rank {first_rank} failed: {msg}"
+    raise RunError(text, quiet=not info.is_main) from failure
+
+
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
@@ -131,8 +232,8 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
     FSDP shards each transformer block (encoder and decoder) and the root. maefast's fast path
     reads the block weights itself, so with FSDP2 (`fully_shard`) its blocks are first made to run
     through their modules (their hooks gather and free each block's parameters); with FSDP1 (old
-    torch) the fast path shards the root only (parameters gathered once per forward). FSDP needs the same initial parameters on every
-    rank (it does not broadcast): the caller seeds before building.
+    torch) the fast path shards the root only (parameters gathered once per forward). FSDP needs the
+    same initial parameters on every rank (it does not broadcast): the caller seeds before building.
     """
     if fsdp:
         if not info.distributed:

@@ -1,29 +1,22 @@
 """Loss-curve PNG from the training logs (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
-import json
 import os
 
+from .rundir import read_jsonl
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
+__all__ = ["plot_loss_curve", "read_jsonl"]
 
 
 def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None = None) -> str | None:
     """Plots loss per logged step (steps.jsonl) and per epoch (log.jsonl) into loss_curve.png.
 
+    The per-step line is drawn last, above the epoch means, with a marker on every reading: on a
+    short run its few points fall on the epoch points, and it must stay visible there.
     Returns the PNG path, or None when there is nothing to plot yet.
     """
     steps = read_jsonl(os.path.join(output_dir, "steps.jsonl"))
-    epochs = read_jsonl(os.path.join(output_dir, "log.jsonl"))
+    epochs = [r for r in read_jsonl(os.path.join(output_dir, "log.jsonl")) if "train_loss" in r]
     if not steps and not epochs:
         return None
     import matplotlib
@@ -32,12 +25,13 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if steps:
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", lw=1.2,
-                label="train loss (mean over log window)")
     if epochs:
-        ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:orange",
-                lw=1.5, ms=5, label="epoch mean")
+        ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o--", color="tab:orange",
+                lw=1.0, ms=9, mfc="none", mew=1.5, zorder=2, label="epoch mean")
+    if steps:
+        few = len(steps) <= 50
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], "o-" if few else "-", color="tab:blue",
+                lw=1.2, ms=3.5, zorder=3, label="train loss (mean over log window)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reconstruction loss (masked patches)")
     ax.grid(alpha=0.3)
@@ -46,8 +40,8 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
         ax.set_title(title)
     fig.tight_layout()
     out = out or os.path.join(output_dir, "loss_curve.png")
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     os.replace(tmp, out)
     return out

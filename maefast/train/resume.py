@@ -1,0 +1,128 @@
+"""Continuing a run (``--resume``): which checkpoint, where in the data the run continues, and how the
+options of the new command relate to the recorded ones (the resume contract, README: Training)."""
+from __future__ import annotations
+
+import os
+
+from .checkpoint import CHECKPOINT_NAME
+from .config import TrainConfig
+
+
+def resume_source(cfg: TrainConfig) -> str | None:
+    """The checkpoint file to continue from: ``--resume PATH``, or with ``--resume auto`` the one in
+    ``--output-dir`` if there is one (None: a fresh start)."""
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output_dir, CHECKPOINT_NAME)
+        return path if os.path.isfile(path) else None
+    return cfg.resume
+
+
+def recorded_position(ck: dict) -> tuple[int, int, int]:
+    """(epoch, samples of that epoch already trained on, optimizer steps done) of a checkpoint.
+
+    Format 1 recorded a per-rank micro-batch index; it is converted with that run's batch and world size.
+    """
+    if "samples" in ck:
+        return int(ck["epoch"]), int(ck["samples"]), int(ck["step"])
+    sched = ck.get("schedule", {})
+    samples = int(ck.get("batch", 0)) * int(sched.get("batch_size", 1)) * int(sched.get("world_size", 1))
+    return int(ck["epoch"]), samples, int(ck["step"])
+
+
+# The resume contract (README, Training). An option left out takes the checkpoint's value, except
+# the per-invocation ones. One set again to another value is:
+#   - refused, when it defines the run (its data order, masks, optimisation): continuing with it would
+#     make a run that is neither the recorded one nor a fresh one;
+#   - applied, announced and recorded, when it changes how the run is computed or kept (the same
+#     steps up to float rounding, or more of them: --epochs recomputes the lr schedule from here on).
+# The global batch (batch x accum x processes) defines the run too: any split of the same global
+# batch resumes exactly (same samples per step, same schedule); another global batch is refused.
+RUN_DEFINING = ("model", "input_size", "norm_pix_loss", "seed", "mask_ratio", "synthetic_size", "blr", "lr",
+                "min_lr", "weight_decay", "warmup_epochs", "clip_grad")
+CHANGEABLE = ("epochs", "data", "decode", "dtype", "impl", "fused", "grad_checkpointing", "cuda_graph", "compile", "fsdp",
+              "save_every_steps", "keep_every_epochs", "log_every", "export", "plot", "accum_iter", "batch_size")
+PER_INVOCATION = ("device", "workers", "output_dir", "resume", "overwrite", "max_steps", "progress", "dist_timeout")
+
+
+def _norm(name: str, value):
+    """A comparable form of an option's value (model aliases, dtype spellings, ints given as floats)."""
+    if value is None:
+        return None
+    if name == "model":
+        from ..models import resolve_model_name
+
+        try:
+            return resolve_model_name(value)
+        except ValueError:
+            return value
+    if name == "dtype":
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def recorded_global_batch(ck: dict) -> int:
+    sched = ck.get("schedule", {})
+    if "global_batch" in sched:
+        return int(sched["global_batch"])
+    return int(sched.get("batch_size", 1)) * int(sched.get("accum_iter", 1)) * int(sched.get("world_size", 1))
+
+
+def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple[TrainConfig, list[str], dict]:
+    """``cfg`` for continuing the run of checkpoint ``ck`` on ``world_size`` processes (see the contract
+    above); returns (config, notes to print, the changes {option: (recorded, new)}).
+
+    Raises:
+        ValueError: a run-defining option set to another value, or a batch that changes the global batch.
+    """
+    import dataclasses
+
+    recorded = dict(ck.get("config") or {})
+    explicit = set(cfg.explicit or ())
+    values, conflicts, changed = {}, [], {}
+    for name in RUN_DEFINING + CHANGEABLE:
+        if name not in recorded:
+            continue
+        old, new = recorded[name], getattr(cfg, name)
+        if name not in explicit or _norm(name, new) == _norm(name, old):
+            values[name] = old
+        elif name in RUN_DEFINING:
+            conflicts.append(f"{_flag(name)} {new} (the run's: {old})")
+        elif name not in ("batch_size", "accum_iter"):
+            changed[name] = (old, new)
+    if conflicts:
+        raise ValueError(f"--resume {source}: {', '.join(conflicts)}: these options define the run and cannot change "
+                         "when it continues; leave them out, or start a new run (another --output-dir)")
+    global_batch = recorded_global_batch(ck)
+    accum = cfg.accum_iter if "accum_iter" in explicit else int(recorded.get("accum_iter", cfg.accum_iter))
+    if "batch_size" in explicit:
+        batch = cfg.batch_size
+    elif global_batch % (accum * world_size) == 0:
+        batch = global_batch // (accum * world_size)
+    else:
+        raise ValueError(f"--resume {source}: the run's global batch {global_batch} does not split over {world_size} "
+                         f"processes x --accum-iter {accum}; resume on a number of processes that divides it")
+    if batch * accum * world_size != global_batch:
+        raise ValueError(f"--resume {source}: --batch-size {batch} x --accum-iter {accum} x {world_size} process(es) "
+                         f"is a global batch of {batch * accum * world_size}, the run's is {global_batch} (another "
+                         "would change the samples of each step, the lr and the schedule); keep the product at "
+                         f"{global_batch}")
+    for name, new in (("batch_size", batch), ("accum_iter", accum)):
+        if name in recorded and recorded[name] != new:
+            changed[name] = (recorded[name], new)
+    values.update(batch_size=batch, accum_iter=accum)
+    for name, (old, new) in changed.items():
+        values[name] = new
+    notes = []
+    if changed:
+        said = ", ".join(f"{_flag(k)} {old} -> {new}" for k, (old, new) in changed.items())
+        notes.append(f"continuing with {said} (recorded in the checkpoint)"
+                     + ("; the lr schedule is recomputed for the new --epochs from here on" if "epochs" in changed
+                        else "") + ("; the same global batch: the same samples per step" if
+                                    {"batch_size", "accum_iter"} & set(changed) else ""))
+    return dataclasses.replace(cfg, **values), notes, {k: list(v) for k, v in changed.items()}

@@ -1,0 +1,100 @@
+"""What a run is built from: the model, the data, the optimizer, and the checks on them that must
+pass before anything is created (an unreadable image folder, a checkpoint that cannot resume)."""
+from __future__ import annotations
+
+import inspect
+import random
+
+import numpy as np
+import torch
+
+from .config import FUSED, TrainConfig
+from .data import ImageFolderDataset, SyntheticDataset
+from .schedule import BETAS, decay_split
+
+PROBE_FILES = 16  # images tried before the first step: a folder where none of them reads is refused
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def model_accepts_impl() -> bool:
+    """Whether this build's model constructor takes ``impl=`` (added by the kernels work)."""
+    from .. import models
+
+    for fn in (models.create_model, models.MaskedAutoencoderViT.__init__):
+        if "impl" in inspect.signature(fn).parameters:
+            return True
+    return False
+
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
+    """The MAE of ``cfg.model`` at ``cfg.input_size``; returns (model, constructor kwargs to record)."""
+    from ..models import create_model
+
+    kwargs = {"img_size": cfg.input_size, "norm_pix_loss": cfg.norm_pix_loss}
+    extra = {}
+    if model_accepts_impl():
+        extra.update(impl=cfg.impl, fused=FUSED[cfg.fused], grad_checkpointing=cfg.grad_checkpointing)
+    elif cfg.impl not in ("auto", "reference"):
+        raise ValueError(f"--impl {cfg.impl}: the model in this maefast build has no impl= option yet "
+                         "(only the reference PyTorch path); use --impl auto")
+    return create_model(cfg.model, **kwargs, **extra), kwargs
+
+
+def forward_kwargs(model: torch.nn.Module) -> dict:
+    """``return_pred=False`` when the model supports it (the fused path then skips the head on the
+    visible rows: training needs only the loss)."""
+    if "return_pred" in inspect.signature(model.forward).parameters:
+        return {"return_pred": False}
+    return {}
+
+
+def build_dataset(cfg: TrainConfig, num_patches: int):
+    if cfg.data == "synthetic":
+        return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
+    dataset = ImageFolderDataset(cfg.data, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
+    probe_readable(dataset)
+    return dataset
+
+
+def probe_readable(dataset, tries: int = PROBE_FILES) -> None:
+    """ValueError when none of ``tries`` files spread over the folder decodes (a folder of unreadable
+    files would otherwise fail only at the end of the first epoch). Some unreadable files are fine:
+    they are skipped and counted while training."""
+    n = len(dataset)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(tries, n))})
+    errors = []
+    for i in picks:
+        try:
+            dataset.load(i)
+            return
+        except Exception as exc:  # the same net as the dataset's own: any decode failure is "unreadable"
+            errors.append(f"{dataset.name(i)}: {type(exc).__name__}")
+    every = "any of its" if len(picks) == n else f"any of the {len(picks)} files tried of its"
+    raise ValueError(f"--data {dataset.root!r}: cannot read {every} {n} image files as an image (e.g. {errors[0]})")
+
+
+def build_optimizer(model: torch.nn.Module, wrapped: torch.nn.Module, cfg: TrainConfig, lr: float,
+                    **kwargs) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) over ``wrapped``'s parameters, grouped by the names decided on the bare
+    ``model`` (wrappers add prefixes / flatten): no decay on biases and 1-D tensors."""
+    decayed = set(decay_split(model, cfg.weight_decay)[0])
+    groups = [{"params": [], "weight_decay": 0.0}, {"params": [], "weight_decay": cfg.weight_decay}]
+    for name, p in wrapped.named_parameters():
+        if p.requires_grad:
+            clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            clean = clean.removeprefix("module.")
+            groups[1 if clean in decayed else 0]["params"].append(p)
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, **kwargs)
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Disk space one checkpoint and the encoder export take (fp32 weights + AdamW's two moments,
+    + the encoder again), with 5% and 1 MiB of headroom: what must be free before the first step."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return int(1.05 * (weights + 2 * trainable + weights)) + 2 ** 20

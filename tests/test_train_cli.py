@@ -1,0 +1,154 @@
+"""`maefast train` and `maefast visualize` as a user runs them (subprocesses): a run folder is never
+written over without --resume/--overwrite, a rejected option or unreadable data leaves nothing behind,
+files that are not checkpoints are one-line errors, --help reads right, the loss curve shows both lines."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from train_cli_helpers import TINY, cli, lines, one_line_error
+
+from maefast.models import create_model
+from maefast.train.checkpoint import atomic_save, encoder_state_dict
+
+
+def test_help_reads_right():
+    proc = cli("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    # on/off options show both spellings, so "(default: True)" reads as "on"
+    for name, words in (("progress", "progress bar"), ("export", "encoder"), ("plot", "loss_curve.png")):
+        assert f"--{name}, --no-{name} " in text and words in text
+    assert "(default: None)" not in text
+    for option, words in (("--mask-ratio", "fraction of the patches removed"), ("--weight-decay", "AdamW weight decay"),
+                          ("--seed", "seed of the initial weights"), ("--overwrite", "start over")):
+        assert words in text.split(option, 2)[2][:200], option
+    for name in ("mae_vit_base_patch16", "mae_vit_huge_patch14", "mae_vit_tiny_test"):
+        assert name in text.split("--model MODEL", 2)[2][:400]
+    bad = cli("train", "--epochs", "two")
+    one_line_error(bad, "maefast train", "--epochs", "invalid int value")
+
+
+def _snapshot(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+@pytest.mark.slow
+def test_existing_run_is_refused_then_overwritten_or_continued(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["train", *TINY, "--synthetic-size", "12", "--batch-size", "4", "--epochs", "1", "--log-every", "1",
+            "--output-dir", out]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _snapshot(out)
+    assert "checkpoint-last.pth" in before and len(lines(os.path.join(out, "steps.jsonl"))) == 3
+    again = cli(*args)  # the same command again: refused, nothing touched
+    one_line_error(again, "maefast train", out, "--resume auto", "--overwrite")
+    assert _snapshot(out) == before
+    over = cli(*args, "--overwrite", "--max-steps", "1")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))] == [1]  # the old run's lines are gone
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["step"] == 1
+
+
+def _unreadable_folder(path, n=3):
+    os.makedirs(path)
+    for i in range(n):
+        (path / f"img{i}.jpg").write_bytes(os.urandom(300))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_rejected_input_leaves_no_folder(tmp_path):
+    common = ["train", *TINY, "--synthetic-size", "8", "--batch-size", "4"]
+    out = tmp_path / "out"
+    # --mask-ratio 0 passed a first check "[0, 1)" and failed the model's "(0, 1)" after the folder existed;
+    # 0.95 keeps no patch of the tiny model's 16: the same rule, the model's, before anything is created
+    for ratio, words in (("0", "(0, 1)"), ("0.95", "at least one patch")):
+        one_line_error(cli(*common, "--mask-ratio", ratio, "--output-dir", str(out)), "maefast train",
+                       "--mask-ratio", words)
+        assert not out.exists()
+    bad = _unreadable_folder(tmp_path / "bad")
+    one_line_error(cli(*common[:1], *TINY, "--data", bad, "--output-dir", str(out)), "maefast train",
+                   "cannot read", "img0.jpg")
+    assert not out.exists()
+
+
+def _files(tmp_path):
+    """A random-bytes file, a truncated checkpoint, an encoder-only export, a full checkpoint of another model."""
+    model = create_model("mae_vit_tiny_test")
+    full = tmp_path / "full.pth"
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test",
+                 "model_kwargs": {"img_size": 32, "norm_pix_loss": False}}, str(full))
+    rand = tmp_path / "random.pth"
+    rand.write_bytes(os.urandom(4096))
+    cut = tmp_path / "truncated.pth"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    enc = tmp_path / "mae_pretrain_vit_tiny_test.pth"
+    atomic_save({"model": encoder_state_dict(model.state_dict())}, str(enc))
+    return str(rand), str(cut), str(enc), str(full)
+
+
+@pytest.mark.slow
+def test_files_that_are_not_checkpoints_are_one_line_errors(tmp_path):
+    rand, cut, enc, full = _files(tmp_path)
+    common = ["train", *TINY, "--synthetic-size", "8", "--batch-size", "4", "--output-dir", str(tmp_path / "o")]
+    for path, words in ((rand, "not a readable maefast/MAE checkpoint"), (cut, "not a readable"),
+                        (enc, "encoder-only"), (full, "cannot resume a run")):
+        line = one_line_error(cli(*common, "--resume", path), "maefast train", path, words)
+        assert "weights_only" not in line  # torch's advice to unpickle anything is not ours to give
+    assert not (tmp_path / "o").exists()
+    img = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(img)
+    vis = ["visualize", "--image", str(img), "--out", str(tmp_path / "v.png")]
+    one_line_error(cli(*vis, "--checkpoint", rand), "maefast visualize", rand, "not a readable")
+    one_line_error(cli(*vis, "--checkpoint", full, "--model", "small"), "maefast visualize",
+                   "--model small contradicts", "mae_vit_tiny_test")
+    one_line_error(cli(*vis, "--checkpoint", full, "--mask-ratio", "0"), "maefast visualize", "(0, 1)")
+    one_line_error(cli(*vis[:-1], str(tmp_path / "no" / "v.png"), "--checkpoint", full), "maefast visualize",
+                   "cannot write --out")
+    ok = cli(*vis, "--checkpoint", full, "--model", "tiny")  # the same model by an alias: fine
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_visualize_in_process_errors(tmp_path):
+    """The remaining file kinds through visualize's main (same code path as the CLI)."""
+    from maefast import visualize as vis
+
+    rand, cut, enc, full = _files(tmp_path)
+    official = tmp_path / "official.pth"  # records no model: --model names it, a wrong one is refused clearly
+    atomic_save({"model": torch.load(full, weights_only=True)["model"]}, str(official))
+    img = str(tmp_path / "img.png")
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(img)
+    for path, model, words in ((cut, None, "not a readable"), (enc, None, "no decoder weights"),
+                               (str(official), None, "does not record its model"),
+                               (str(official), "small", "do not fit mae_vit_small_cpu"),
+                               (str(tmp_path), None, "is a folder")):
+        with pytest.raises((ValueError, OSError), match=words):
+            vis.visualize(path, img, str(tmp_path / "x.png"), model_name=model)
+    assert vis.visualize(str(official), img, str(tmp_path / "x.png"), model_name="tiny")["losses"][0] > 0
+
+
+def test_loss_curve_shows_the_step_line_on_short_runs(tmp_path):
+    """On a short run the per-step readings fall on the epoch means; the step line must stay visible."""
+    import json
+
+    from PIL import Image
+
+    from maefast.train.plot import plot_loss_curve
+
+    with open(tmp_path / "steps.jsonl", "w") as f:
+        for s, v in ((3, 1.0), (6, 0.8)):
+            f.write(json.dumps({"step": s, "loss": v}) + "\n")
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for s, v in ((3, 1.0), (6, 0.8)):
+            f.write(json.dumps({"epoch": s // 3 - 1, "step": s, "train_loss": v, "complete": True}) + "\n")
+    arr = np.asarray(Image.open(plot_loss_curve(str(tmp_path))).convert("RGB")).astype(int)
+    blue = (abs(arr[..., 0] - 31) < 30) & (abs(arr[..., 1] - 119) < 30) & (abs(arr[..., 2] - 180) < 30)
+    assert blue[:, : int(0.6 * arr.shape[1])].sum() > 100  # the line itself, left of the legend

@@ -1,0 +1,218 @@
+"""Disk and rank failures, made for real: a read-only and a too-small file system (a tmpfs mounted in
+a user namespace), a disk that fills mid-run, stale temporaries of a killed save, a SIGKILLed
+torchrun launcher, a SIGSTOPped rank."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_cli_helpers import ROOT, TINY, cli, command, env, kill_group, lines, start, wait_for_steps
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+LONG = ["train", *TINY, "--synthetic-size", "2000", "--batch-size", "4", "--epochs", "1", "--lr", "1e-3"]
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs unshare -Urm (user namespaces) to mount a tmpfs")
+
+
+def _in_tmpfs(tmp_path, options: str, script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``script`` (sh) with a fresh tmpfs (mount ``options``) at $M, in a user namespace."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    full = f"M={shlex.quote(str(mnt))}; mount -t tmpfs -o {options} tmpfs \"$M\" && {script}"
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", full], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _cmd(*args, nproc=0) -> str:
+    return " ".join(shlex.quote(a) for a in command(*args, nproc=nproc))
+
+
+@pytest.mark.slow
+@needs_mount
+@pytest.mark.parametrize("nproc", [0, 2])
+def test_unwritable_output_dir_is_found_before_the_first_step(tmp_path, nproc):
+    # --log-every 1000: the first log write used to come after a whole epoch of compute, then a
+    # PermissionError traceback (and SIGABRT of rank 0 under torchrun)
+    proc = _in_tmpfs(tmp_path, "ro,size=1m", _cmd(*LONG, "--log-every", "1000", "--output-dir", "$M/run",
+                                                  nproc=nproc).replace("'$M/run'", '"$M/run"'))
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("maefast train")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert "cannot create --output-dir" in ours[0] and "Read-only file system" in ours[0]
+    assert f'File "{ROOT}' not in proc.stderr and "Signal 6" not in proc.stderr and "SIGABRT" not in proc.stderr
+    if not nproc:
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@needs_mount
+def test_too_little_space_is_found_before_the_first_step(tmp_path):
+    script = _cmd(*LONG, "--output-dir", "$M/run").replace("'$M/run'", '"$M/run"') + '; echo "rc=$?"; ls -A "$M"'
+    proc = _in_tmpfs(tmp_path, "size=1m", script)  # a checkpoint of the tiny model needs ~3 MiB
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "not enough space for a checkpoint" in err[0] and "tmpfs mounted at" in err[0], proc.stderr
+    out = proc.stdout.split()
+    assert out[0] == "rc=2" and out[1:] == []  # the folder this run created is gone again
+
+
+@pytest.mark.slow
+@needs_mount
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(tmp_path):
+    """The disk fills after the checkpoint of step 5: the save of step 10 fails with one line, the
+    checkpoint of step 5 stays whole, no temporary is left and log.jsonl claims no save."""
+    run = _cmd(*LONG, "--save-every-steps", "5", "--log-every", "1000", "--output-dir", "$M/run").replace(
+        "'$M/run'", '"$M/run"')
+    check = (f"{shlex.quote(sys.executable)} -c 'import json, os, sys, torch; d = sys.argv[1]; "
+             "ck = torch.load(os.path.join(d, \"checkpoint-last.pth\"), weights_only=True); "
+             "print(json.dumps({\"step\": ck[\"step\"], \"files\": sorted(os.listdir(d))}))' \"$M/run\"")
+    script = (f"{run} & pid=$!; "
+              'while [ ! -f "$M/run/checkpoint-last.pth" ]; do sleep 0.05; done; '
+              'dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null; '
+              'wait $pid; echo "rc=$?"; rm -f "$M/filler"; ' + check)
+    proc = _in_tmpfs(tmp_path, "size=24m", script)
+    out = proc.stdout.strip().splitlines()
+    assert out and out[0] == "rc=2", proc.stdout + proc.stderr[-3000:]
+    said = [ln for ln in proc.stderr.splitlines() if ln.startswith("maefast train: error")]
+    assert len(said) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "no space left on tmpfs mounted at" in said[0] and "checkpoint-last.pth not written" in said[0]
+    assert "the previous one (if any) is intact" in said[0]
+    state = json.loads(out[1])
+    assert state["step"] >= 5 and state["step"] % 5 == 0
+    # no temporary left, and no log.jsonl line claiming a checkpoint (no epoch ended)
+    assert [f for f in state["files"] if not f.startswith(".maefast-train.lock")] == ["checkpoint-last.pth"]
+
+
+@pytest.mark.slow
+def test_stale_temporaries_of_a_killed_save_are_removed_on_resume(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", *TINY, "--synthetic-size", "16", "--batch-size", "4", "--output-dir", str(out)]
+    assert cli(*base, "--max-steps", "1").returncode == 0
+    # what a kill during saves leaves (atomic writes' temporaries, a sharded folder never named by a
+    # checkpoint), beside files of the user's that look alike
+    stale = [".checkpoint-last.pth.k2j4h1.tmp", ".mae_pretrain_vit_tiny_test.pth.abc.tmp", ".log.jsonl.x1.tmp",
+             ".loss_curve.png.123.tmp", "checkpoint-last.pth.dcp-0badc0ffee00"]
+    mine = ["notes.txt", ".my.tmp", "checkpoint-last.pth.bak", "data.tmp"]
+    for name in stale[:-1] + mine:
+        (out / name).write_bytes(b"partial")
+    (out / stale[-1]).mkdir()
+    (out / stale[-1] / "__0_0.distcp").write_bytes(b"partial")
+    res = cli(*base, "--resume", "auto", "--max-steps", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    left = set(os.listdir(out))
+    assert not left & set(stale) and set(mine) <= left
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env_vars = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env_vars[b"RANK"])
+
+
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # torchrun starts each worker in a session of its own
+        except ProcessLookupError:
+            pass
+
+
+def _workers(launcher: int) -> dict:
+    """rank -> pid of torchrun's workers (they start a moment after the launcher)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = {}
+        for pid in _children(launcher):
+            try:
+                found[_rank_of(pid)] = pid
+            except (OSError, KeyError, ValueError):
+                pass
+        if len(found) == 2:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("torchrun's workers not found")
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of torchrun used to leave both workers training on as orphans; now they stop together
+    at a step boundary, checkpoint it and exit."""
+    out = tmp_path / "run"
+    proc = start(*LONG, "--log-every", "1", "--output-dir", str(out), nproc=2)  # 250 steps
+    workers = {}
+    try:
+        workers = _workers(proc.pid)
+        wait_for_steps(proc, out / "steps.jsonl", 3)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        deadline = time.monotonic() + 90
+        while any(_alive(p) for p in workers.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers.values()), "workers still running without their launcher"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_group(proc)
+        _kill(workers.values())
+    said = [ln for ln in err.splitlines() if "interrupted by" in ln]
+    assert len(said) == 1 and "torchrun launcher" in said[0], err[-3000:]
+    ck = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    logged = [r["step"] for r in lines(out / "steps.jsonl")]
+    assert ck["step"] == logged[-1] < 250 and logged == list(range(1, ck["step"] + 1))
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_within_the_dist_timeout(tmp_path):
+    out = tmp_path / "run"
+    proc = start(*LONG, "--log-every", "1", "--dist-timeout", "5", "--output-dir", str(out), nproc=2)
+    workers = {}
+    try:
+        workers = _workers(proc.pid)
+        wait_for_steps(proc, out / "steps.jsonl", 3)
+        os.kill(workers[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        while _alive(workers[0]) and time.monotonic() - t0 < 90:
+            time.sleep(0.1)
+        waited = time.monotonic() - t0
+        assert not _alive(workers[0]), "rank 0 still waits for the stopped rank"
+    finally:
+        kill_group(proc)
+        _kill(workers.values())  # SIGKILL ends a stopped process too
+    _, err = proc.communicate(timeout=60)
+    said = [ln for ln in err.splitlines() if "stopped answering" in ln]
+    assert len(said) == 1 and said[0].startswith("maefast train: error: rank 1 stopped answering"), err[-3000:]
+    assert "--dist-timeout 5" in said[0] and 3 <= waited < 60  # the heartbeat is read once a second

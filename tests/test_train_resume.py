@@ -1,0 +1,140 @@
+"""The resume contract through the CLI: options left out keep the run's values, run-defining ones
+cannot change, the global batch is the run's at any world size (the resumed position is exact in
+samples), steps.jsonl holds one line per step, and sharded (FSDP, torch.distributed.checkpoint) and
+single-file checkpoints resume each other at another world size (gloo on the CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+from train_cli_helpers import TINY, assert_states_close, cli, lines, one_line_error
+
+from maefast.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.mark.slow
+def test_options_left_out_keep_the_run_and_run_defining_ones_cannot_change(tmp_path):
+    out = str(tmp_path / "run")
+    base = ["train", *TINY, "--synthetic-size", "16", "--output-dir", out]
+    first = cli(*base, "--batch-size", "4", "--epochs", "2", "--max-steps", "2", "--weight-decay", "0.3",
+                "--mask-ratio", "0.5")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # --weight-decay 0.3 on resume used to be ignored while the config recorded it; --seed / --mask-ratio
+    # changed data order and masks without a word: now one line names each with the run's value
+    line = one_line_error(cli(*base, "--resume", "auto", "--weight-decay", "0.05", "--seed", "1", "--mask-ratio",
+                              "0.5"), "maefast train", "--weight-decay 0.05 (the run's: 0.3)",
+                          "--seed 1 (the run's: 0)")
+    assert "--mask-ratio" not in line  # the same value as recorded is no change
+    one_line_error(cli(*base, "--resume", "auto", "--batch-size", "8"), "maefast train",
+                   "global batch of 8, the run's is 4")
+    # left out: the run's values (batch 4, weight decay 0.3, mask ratio 0.5); --epochs may change: announced
+    res = cli(*base, "--resume", "auto", "--epochs", "3", "--log-every", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "continuing with --epochs 2 -> 3" in res.stderr and "lr schedule is recomputed" in res.stderr
+    ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ck["step"] == 12 and (ck["config"]["epochs"], ck["config"]["weight_decay"]) == (3, 0.3)
+    assert (ck["config"]["mask_ratio"], ck["config"]["batch_size"]) == (0.5, 4)
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.0, 0.3]
+    assert ck["history"] == [{"resumed_at_step": 2, "world_size": 1,
+                              "changed": {"epochs": [2, 3], "log_every": [10, 1]}}]
+    steps = [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))]
+    assert steps == [2] + list(range(3, 13))  # one line per step (the first run logged at its --max-steps)
+
+
+@pytest.mark.slow
+def test_a_fresh_start_never_mixes_its_logs_with_an_old_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = [{"step": s, "epoch": 0.1 * s, "loss": 9.0, "lr": 0.0, "img_per_s": 1.0} for s in range(1, 8)]
+    (out / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))  # a run killed before its save
+    base = ["train", *TINY, "--synthetic-size", "8", "--batch-size", "4", "--log-every", "1", "--output-dir", str(out)]
+    one_line_error(cli(*base), "maefast train", "steps.jsonl", "--resume auto", "--overwrite")
+    res = cli(*base, "--resume", "auto")  # nothing to continue: a fresh start, the dead run's lines dropped
+    assert res.returncode == 0 and "no checkpoint, fresh start" in res.stderr, res.stderr[-3000:]
+    assert [(r["step"], r["loss"] != 9.0) for r in lines(out / "steps.jsonl")] == [(1, True), (2, True)]
+
+
+def _common(n=36):
+    # 36 images, global batch 8: 4 steps, the same 32 samples at every world size (the tail of 4 dropped)
+    return ["train", *TINY, "--synthetic-size", str(n), "--epochs", "1", "--lr", "1e-3", "--warmup-epochs", "0.25",
+            "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight"))
+    res = cli(*_common(), "--batch-size", "8", "--output-dir", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [
+    ("ddp2", "one"),     # single file from 2 processes, resumed on 1 (batch 4 -> 8: the same global batch)
+    ("fsdp2", "one"),    # sharded (torch.distributed.checkpoint), resumed unsharded on 1 process
+    ("one", "fsdp2")])   # single file from 1 process, resumed sharded on 2
+def test_resume_at_another_world_size_and_layout(tmp_path, straight, first, then):
+    out = str(tmp_path / "run")
+    how = {"one": (["--batch-size", "8"], 0), "ddp2": (["--batch-size", "4"], 2),
+           "fsdp2": (["--batch-size", "4", "--fsdp"], 2)}
+    extra, nproc = how[first]
+    a = cli(*_common(), *extra, "--max-steps", "2", "--output-dir", out, nproc=nproc)
+    assert a.returncode == 0, a.stderr[-3000:]
+    ck = load_checkpoint(os.path.join(out, "checkpoint-last.pth"), states=False)
+    assert (ck["step"], ck["samples"], bool(ck.get("shards"))) == (2, 16, first == "fsdp2")
+    assert "4 steps/epoch" in a.stderr  # 36 images: 4 steps of 8 at every world size (the same 4 dropped)
+    extra, nproc = how[then]
+    extra = extra[2:]  # --batch-size left out: derived from the run's global batch
+    b = cli(*_common(), *extra, "--resume", "auto", "--keep-every-epochs", "1", "--output-dir", out, nproc=nproc)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "the same global batch" in b.stderr
+    got = load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
+    want = load_checkpoint(os.path.join(straight, "checkpoint-last.pth"))
+    assert got["step"] == want["step"] == 4 and bool(got.get("shards")) == (then == "fsdp2")
+    assert_states_close(got["model"], want["model"], f"{first} -> {then}")
+    epoch = lines(os.path.join(out, "log.jsonl"))
+    assert [(r["epoch"], r["images"], r["complete"]) for r in epoch] == [(0, 32, True)]  # the whole epoch, once
+    assert [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))] == [1, 2, 3, 4]
+    # the sharded folder of the checkpoint being replaced is gone; the kept copy of epoch 0 (hard links)
+    # has its own; visualize reads either layout
+    kept = load_checkpoint(os.path.join(out, "checkpoint-0000.pth"))
+    assert kept["step"] == 4 and all(torch.equal(kept["model"][k], v) for k, v in got["model"].items())
+    assert sorted(n for n in os.listdir(out) if ".dcp-" in n) == (
+        sorted([got["shards"], kept["shards"]]) if then == "fsdp2" else [])
+    from maefast.visualize import load_model
+
+    assert load_model(os.path.join(out, "checkpoint-last.pth"))[1] == "mae_vit_tiny_test"
+
+
+def test_global_batch_rules():
+    """Resuming splits the recorded global batch over the new world size, or refuses in one line."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import reconcile
+
+    ck = {"config": {"batch_size": 4, "accum_iter": 1, "seed": 0}, "schedule": {"global_batch": 8}}
+    cfg, notes, changed = reconcile(TrainConfig(explicit=()), ck, "ck.pth", world_size=1)
+    assert (cfg.batch_size, changed) == (8, {"batch_size": [4, 8]}) and "same global batch" in notes[0]
+    cfg, _, _ = reconcile(TrainConfig(accum_iter=2, explicit=("accum_iter",)), ck, "ck.pth", world_size=2)
+    assert (cfg.batch_size, cfg.accum_iter) == (2, 2)
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        reconcile(TrainConfig(explicit=()), ck, "ck.pth", world_size=3)
+    with pytest.raises(ValueError, match="global batch of 12, the run's is 8"):
+        reconcile(TrainConfig(batch_size=4, explicit=("batch_size",)), ck, "ck.pth", world_size=3)
+
+
+def test_every_option_has_a_resume_rule():
+    """A new TrainConfig field must be placed in the resume contract (maefast/train/resume.py), or a
+    resumed run would take the new value silently (--decode was added without one)."""
+    import dataclasses
+
+    from maefast.train.config import INTERNAL_FIELDS, TrainConfig
+    from maefast.train.resume import CHANGEABLE, PER_INVOCATION, RUN_DEFINING
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(INTERNAL_FIELDS)
+    ruled = [*RUN_DEFINING, *CHANGEABLE, *PER_INVOCATION]
+    assert len(ruled) == len(set(ruled)), "an option in two rules"
+    assert fields == set(ruled), f"no rule: {sorted(fields - set(ruled))}; not an option: {sorted(set(ruled) - fields)}"
