@@ -26,7 +26,9 @@ class MaskedAutoencoderViT(_ReferenceMAE):
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
         -> (loss, pred, mask). ``seed`` (int) draws the mask from maefast's Philox stream instead of
         ``noise``; neither: a seed from torch's CPU generator (no GPU sync). return_pred=False skips
-        the head on the visible rows (pred is None) — what training loops want.
+        the head on the visible rows (pred is None) — what training loops want. imgs may be uint8 raw
+        pixels: ``mean=``/``std=`` (per channel; None: ImageNet's) normalise them, in the kernels on the
+        fused path; the result is that of the fp32 images normalised first.
     """
 
     def __init__(self, *args, impl: str = "auto", fused: bool | str = False, grad_checkpointing: bool = False,
@@ -38,14 +40,15 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         self.fused = check_fused(fused)
         self.grad_checkpointing = bool(grad_checkpointing)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
+                mean=None, std=None):
         if self.impl == "reference":
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
-            return super().forward(imgs, mask_ratio, noise)
+            return super().forward(imgs, mask_ratio, noise, mean=mean, std=std)
         loss, pred, mask, _ = fast_forward(official_view(self), imgs, mask_ratio, noise, seed=seed, impl=self.impl,
                                            fused=self.fused, grad_checkpointing=self.grad_checkpointing,
-                                           return_pred=return_pred)
+                                           return_pred=return_pred, mean=mean, std=std)
         return loss, pred, mask
 
     def extra_repr(self) -> str:
