@@ -15,7 +15,7 @@ of two; the op's backward then only scales it by grad_loss * 2 / (P * sum(w)) �
 that fp16 holds it: the gradient itself can be below fp16's normal range until GradScaler's factor
 is in); the backward kernel writes grad = scale * w * 2 / P * (pred - t), scale = grad_loss / sum(w)
 read from device memory.
-uint8 images (NORMALIZE): each pixel is normalised as it is read, v * scale_c + shift_c in fp32
+uint8 images (NORMALIZE): each pixel is normalised as it is read, (v - offset_c) * scale_c in fp32
 (kernels/_pixels.py), before the per-patch statistics — the target of a float image normalised first.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _rows(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
-    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -72,8 +72,8 @@ def _rows(
     tm = active[:, None] & em[None, :]
     t = tl.load(img_ptr + img_off, mask=tm, other=0)
     if NORMALIZE:
-        t = tl.where(tm, normalize_pixels(t, c[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_shift0,
-                                          px_shift1, px_shift2, px_shift3), 0.0)
+        t = tl.where(tm, normalize_pixels(t, c[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_offset0,
+                                          px_offset1, px_offset2, px_offset3), 0.0)
     t = t.to(tl.float32)
     if NORM:
         mean = tl.sum(t, axis=1) / P
@@ -109,7 +109,7 @@ def _norm_pix_loss_fwd_kernel(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
-    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     NORMALIZE: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -119,7 +119,7 @@ def _norm_pix_loss_fwd_kernel(
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+        px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
         PATCH, CHANNELS, NORM, PRED_MASKED, NORMALIZE, BLOCK_M, BLOCK_P)
     row_loss = tl.sum(diff * diff, axis=1) / P
     contrib = tl.where(row_ok, row_loss * w, 0.0)
@@ -139,7 +139,7 @@ def _norm_pix_loss_bwd_kernel(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
-    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -149,7 +149,7 @@ def _norm_pix_loss_bwd_kernel(
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+        px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
         PATCH, CHANNELS, NORM, PRED_MASKED, NORMALIZE, BLOCK_M, BLOCK_P)
     _store_scaled(gpred_ptr, tl.load(scale_ptr) * 2.0 / P, diff, w, n, prow, row_ok, e, em, R, P)
 
@@ -186,7 +186,7 @@ def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tens
     (N, M, P)) is given. Returns (sum over rows of w * row loss, a 0-d fp32 tensor — the caller
     divides by sum(w) —, and with_residual the weighted residual w * (pred - target) that the
     gradient is made of (grad = residual * grad_loss * 2 / (P * sum(w))): contiguous, pred's dtype,
-    every row written; else None). uint8 imgs need `affine`, (scale, shift) of 4 floats each
+    every row written; else None). uint8 imgs need `affine`, (scale, offset) of 4 floats each
     (maefast.ops._pixels)."""
     args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
     block_m, block_p, warps = _config(P, pred.device)

@@ -12,7 +12,7 @@ launcher; no atomics):
 computed as one-hot(ids) @ G per sample, so repeated ids add up like the reference's gather.
 An id outside [0, L) gives a NaN output row and contributes nothing to the gradients.
 
-uint8 images (NORMALIZE): the prologue normalises each gathered pixel, v * scale_c + shift_c in fp32
+uint8 images (NORMALIZE): the prologue normalises each gathered pixel, (v - offset_c) * scale_c in fp32
 (kernels/_pixels.py), and rounds it to the weight's dtype, the dtype of the GEMM — what a float
 image normalised first and cast to that dtype would hold; no float image is ever written.
 """
@@ -53,13 +53,13 @@ def _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P: tl.constex
 
 
 @triton.jit
-def _pixels(imgs_ptr, offs, mask, c, px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2,
-            px_shift3, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
+def _pixels(imgs_ptr, offs, mask, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2,
+            px_offset3, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
     """The A tile in the GEMM's dtype: pixels as stored, or (NORMALIZE) uint8 normalised; 0 where ~mask."""
     a = tl.load(imgs_ptr + offs, mask=mask, other=0)
     if NORMALIZE:
-        a = tl.where(mask, normalize_pixels(a, c, px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1,
-                                            px_shift2, px_shift3), 0.0)
+        a = tl.where(mask, normalize_pixels(a, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
+                                            px_offset2, px_offset3), 0.0)
     return a.to(DTYPE)
 
 
@@ -75,7 +75,7 @@ def _masked_patch_embed_fwd_kernel(
     stride_w_d, stride_w_k,
     stride_pos_l, stride_pos_d,
     M, K, D, L, GRID_W, KD,
-    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
@@ -99,8 +99,8 @@ def _masked_patch_embed_fwd_kernel(
         k_valid = offs_k < KD
         col = _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P)
         a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :],
-                    (offs_k // (P * P))[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1,
-                    px_shift2, px_shift3, NORMALIZE, w_ptr.dtype.element_ty)
+                    (offs_k // (P * P))[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
+                    px_offset2, px_offset3, NORMALIZE, w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs_n[None, :] * stride_w_d + offs_k[:, None] * stride_w_k,
                     mask=k_valid[:, None] & n_valid[None, :], other=0.0)
         if IEEE:
@@ -128,7 +128,7 @@ def _masked_patch_embed_bwd_dw_kernel(
     part_ptr,   # (SPLIT, D, KD) float32 partial sums of dW
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     M, K, D, L, GRID_W, KD, ROWS_PER_SPLIT,
-    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     P: tl.constexpr,
     NORMALIZE: tl.constexpr,
     IEEE: tl.constexpr,
@@ -154,7 +154,7 @@ def _masked_patch_embed_bwd_dw_kernel(
         base, row_valid, _ = _gather_rows(imgs_ptr, ids_ptr, offs_m, m_valid, K, L, GRID_W,
                                           stride_img_n, stride_img_c, stride_img_h, stride_img_w, P)
         a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :], chan,
-                    px_scale0, px_scale1, px_scale2, px_scale3, px_shift0, px_shift1, px_shift2, px_shift3,
+                    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
                     NORMALIZE, g_ptr.dtype.element_ty)
         gt = tl.load(g_ptr + offs_m[None, :] * D + offs_d[:, None], mask=m_valid[None, :] & d_valid[:, None],
                      other=0.0)
@@ -211,7 +211,7 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
                                   bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
                                   patch_size: int, affine=None) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops): returns (N, K, D) in the weight's dtype (float imgs
-    have it too). uint8 imgs need `affine`, (scale, shift) of 4 floats each (maefast.ops._pixels)."""
+    have it too). uint8 imgs need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = weight.shape[0]
