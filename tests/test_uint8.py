@@ -14,7 +14,7 @@ from maefast.nn import MaskedPatchEmbed, NormPixLoss
 from maefast.ops import masked_patch_embed, masked_prediction_loss, norm_pix_loss, random_masking
 from maefast.ops._pixels import pixel_affine
 from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
-from maefast.testing import assert_close, assert_error_ratio, randn, tol
+from maefast.testing import assert_close, assert_error_ratio, randn
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 IMPLS = ["reference", pytest.param("triton", marks=needs_triton)]
@@ -284,3 +284,251 @@ def test_loss_module():
     own = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     assert torch.equal(crit(u, pred, mask), crit(normalize(u, *IMAGENET), pred, mask))
     assert torch.equal(crit(u, pred, mask, mean=own[0], std=own[1]), crit(normalize(u, *own), pred, mask))
+
+
+# -- custom ops: opcheck, compile, meta -----------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    u = _pixels(2, 3, 16, 24)
+    L = 6
+    ids = random_masking(2, L, 0.5, seed=3).ids_keep
+    w, b, pos = randn(16, 3, 8, 8, scale=0.05), randn(16), randn(1, 1 + L, 16)
+    st = [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    for p_ in (w, b, pos):
+        p_.requires_grad_()
+    torch.library.opcheck(torch.ops.maefast.masked_patch_embed.default, (u, ids, w, b, pos, 8, impl, *st))
+    torch.library.opcheck(torch.ops.maefast.masked_patch_embed_backward.default,
+                          (randn(2, 3, 16), u, ids, w.detach(), pos.detach(), 8, True, impl, *st))
+    masking = R.masking_ids(2, L, 0.5, noise=torch.rand(2, L))
+    for masked, pred, idx in ((False, randn(2, L, 192), masking.mask), (True, randn(2, 3, 192), masking.ids_restore)):
+        for with_grad in (False, True):
+            torch.library.opcheck(torch.ops.maefast.norm_pix_loss.default,
+                                  (pred.requires_grad_(), u, idx, 8, True, masked, impl, with_grad, *st))
+        torch.library.opcheck(torch.ops.maefast.norm_pix_loss_backward.default,
+                              (torch.tensor(1.5), pred.detach(), u, idx, 8, True, masked, impl, *st))
+
+
+def test_compile_fullgraph():
+    torch.manual_seed(0)
+    u = _pixels(2, 3, 16, 24)
+    ids = random_masking(2, 6, 0.5, seed=3)
+    w, b, pos = randn(16, 3, 8, 8, scale=0.05).requires_grad_(), randn(16), randn(1, 7, 16)
+    own = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+
+    def f(u, w):
+        tok = masked_patch_embed(u, ids.ids_keep, w, b, pos, 8, impl="reference", mean=own[0], std=own[1])
+        pred = tok.sum(-1, keepdim=True).expand(-1, -1, 192)
+        return norm_pix_loss(pred, u, ids.ids_restore, 8, pred_on="masked", impl="reference", mean=own[0],
+                             std=own[1])
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(u, w)
+    want = f(u, w)
+    assert_close(got, want, torch.float32)
+    assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0], torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "cuda"])
+def test_meta(impl):
+    m = dict(device="meta")
+    u = torch.empty(2, 3, 16, 24, dtype=torch.uint8, **m)
+    ids = random_masking(2, 6, 0.5, device="meta", impl=impl)
+    w = torch.empty(16, 3, 8, 8, dtype=torch.bfloat16, **m).requires_grad_()
+    tok = masked_patch_embed(u, ids.ids_keep, w, None, None, 8, impl=impl)
+    assert tok.shape == (2, 3, 16) and tok.dtype == torch.bfloat16 and tok.device.type == "meta"
+    pred = torch.empty(2, 6, 192, **m).requires_grad_()
+    loss = norm_pix_loss(pred, u, ids.mask, 8, impl=impl)
+    (loss + tok.float().sum()).backward()
+    assert loss.shape == () and pred.grad.shape == pred.shape and w.grad.dtype == torch.bfloat16
+
+
+# -- bad inputs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), ValueError, r"mean must have 3 values \(one per channel of imgs"),
+    (dict(mean=(0.5,) * 3, std=(0.2,) * 4), ValueError, "std must have 3 values"),
+    (dict(mean=(0.5,) * 3, std=(0.2, 0.0, 0.2)), ValueError, "std must be > 0"),
+    (dict(mean=(0.5,) * 3, std=(0.2, -1, 0.2)), ValueError, "std must be > 0"),
+    (dict(mean=(0.5, float("nan"), 0.5), std=(0.2,) * 3), ValueError, "mean must be finite"),
+    (dict(mean=(0.5,) * 3), ValueError, "std must be given with mean"),
+    (dict(std=(0.2,) * 3), ValueError, "mean must be given with std"),
+    (dict(mean="rgb", std=(0.2,) * 3), TypeError, "mean must be a sequence of 3 floats"),
+    (dict(mean=torch.tensor([0.5] * 3), std=(0.2,) * 3), TypeError, "mean must be a sequence"),
+    (dict(mean=(True, 0.5, 0.5), std=(0.2,) * 3), TypeError, "mean must hold real numbers"),
+    (dict(imgs="float", mean=(0.5,) * 3, std=(0.2,) * 3), ValueError, "taken as already normalised"),
+    (dict(imgs="int16"), TypeError, "floating point tensor or uint8"),
+    (dict(imgs="grey"), ValueError, "with 1 channels need mean= and std="),
+    (dict(imgs="5ch", impl="triton"), ValueError, "impl='triton' is not available .* uint8 imgs with 5 channels"),
+])
+@pytest.mark.parametrize("op", ["embed", "loss", "head", "model"])
+def test_bad_inputs_name_the_argument(op, kw, exc, match):
+    kw = dict(kw)
+    kind = kw.pop("imgs", "uint8")
+    impl = kw.pop("impl", "auto")
+    c = {"grey": 1, "5ch": 5}.get(kind, 3)
+    u = _pixels(2, c, 16, 16)
+    imgs = {"float": normalize(_pixels(2, 3, 16, 16), *IMAGENET), "int16": u.to(torch.int16)}.get(kind, u)
+    if op == "model":
+        if kind == "5ch" or kind == "grey":
+            pytest.skip("the model's channel count is checked first")
+        run = lambda: MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,  # noqa: E731
+                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                           impl=impl)(imgs, **kw)
+    elif op == "embed":
+        ids = random_masking(2, 4, 0.5, seed=1).ids_keep
+        run = lambda: masked_patch_embed(imgs, ids, randn(8, c, 8, 8), None, None, 8, impl=impl, **kw)  # noqa: E731
+    elif op == "loss":
+        mask = R.masking_ids(2, 4, 0.5, noise=torch.rand(2, 4)).mask
+        run = lambda: norm_pix_loss(randn(2, 4, 64 * c), imgs, mask, 8, impl=impl, **kw)  # noqa: E731
+    else:
+        ids = R.masking_ids(2, 4, 0.5, noise=torch.rand(2, 4))
+        run = lambda: masked_prediction_loss(randn(2, 5, 16), randn(64 * c, 16), None, imgs,  # noqa: E731
+                                             ids.ids_restore, 2, 8, impl=impl, **kw)
+    if kind == "5ch" and op == "head":
+        pytest.skip("covered by 'loss' (the head calls it)")
+    with pytest.raises(exc, match=match):
+        run()
+
+
+def test_five_channels_take_the_reference_under_auto():
+    own = (tuple([0.5] * 5), tuple([0.25] * 5))
+    u = _pixels(2, 5, 16, 16)
+    ids = random_masking(2, 4, 0.5, seed=1).ids_keep
+    w = randn(8, 5, 8, 8)
+    assert torch.equal(masked_patch_embed(u, ids, w, None, None, 8, mean=own[0], std=own[1]),
+                       masked_patch_embed(normalize(u, *own), ids, w, None, None, 8))
+
+
+def test_cuda_bindings_check_the_channels():
+    """maefast._C refuses uint8 images it cannot normalise, before any CUDA call (host code: runs
+    without a GPU when the extension is built)."""
+    from maefast._cpp_lib import get_C
+
+    C = get_C()
+    if C is None or not hasattr(C, "patch_gather_normalize"):
+        pytest.skip("maefast._C is not built")
+    one = [1.0] * 5
+    with pytest.raises(ValueError, match="1 to 4 channels"):
+        C.patch_gather_normalize(16, 1, 1, 1, 1, 16, 1, 1, 5, 8, 2, 2, one, one, 0, 16, 0)
+    with pytest.raises(ValueError, match="a scale and offset per channel"):
+        C.patch_gather_normalize(16, 1, 1, 1, 1, 16, 1, 1, 3, 8, 2, 2, one[:2], one[:2], 0, 16, 0)
+    with pytest.raises(ValueError, match="out dtype code"):
+        C.patch_gather_normalize(16, 1, 1, 1, 1, 16, 1, 1, 3, 8, 2, 2, one, one, 3, 16, 0)
+    with pytest.raises(ValueError, match="1 to 4 channels"):
+        C.norm_pix_loss_fwd(16, 16, 16, 16, 1, 4, 2, 0, 4, 5, 8, 1, 1, 1, 1, 1, 1, 1, 1, 1, True, False, 0, 3,
+                            one, one, 0)
+
+
+# -- GPU (run by scripts/gpu_check): paper shapes, the CUDA C++ backend, no sync, no float image ---
+
+GPU = torch.device("cuda")
+# (N, C, H, W, p, D, ratio, stats): ViT-B/16 and ViT-H/14 at 224 with prime batches, odd shapes, grey
+GPU_EMBED = [(7, 3, 224, 224, 16, 768, 0.75, "imagenet"), (5, 3, 224, 224, 14, 1280, 0.75, "own"),
+             (3, 3, 42, 70, 14, 200, 0.6, "own"), (2, 1, 32, 48, 8, 64, 0.75, "own")]
+GPU_LOSS = [(64, 3, 224, 224, 16, 0.75, "imagenet"), (13, 3, 224, 224, 14, 0.75, "own"), (3, 4, 32, 48, 8, 0.5, "own")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_EMBED, ids=lambda c: "x".join(map(str, c[:7])) + c[7])
+def test_gpu_embed_equals_normalise_first(impl, mode, case):
+    res, _ = _embed_both(impl, case, mode, GPU)
+    _check_embed(res, _autocast(mode, GPU)[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+@pytest.mark.parametrize("case", GPU_LOSS, ids=lambda c: "x".join(map(str, c[:6])) + c[6])
+def test_gpu_loss_equals_normalise_first(impl, case, pred_on, dtype):
+    ((loss8, g8), (loss, g)), _ = _loss_both(impl, case, pred_on, True, dtype, GPU)
+    assert_close(loss8, loss, torch.float32, name="loss")
+    assert_close(g8, g, dtype, name="grad pred")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_loss_raw_and_head(impl):
+    for pred_on in ("all", "masked"):
+        ((loss8, g8), (loss, g)), _ = _loss_both(impl, GPU_LOSS[1], pred_on, False, torch.bfloat16, GPU)
+        assert_close(loss8, loss, torch.float32, name="loss")
+        assert_close(g8, g, torch.bfloat16, name="grad pred")
+    ((loss8, gw8), (loss, gw)), _ = _loss_both(impl, GPU_LOSS[0], "masked", True, torch.float32, GPU, head=True)
+    assert_close(loss8, loss, torch.float32, name="loss")
+    assert_close(gw8, gw, torch.float32, name="grad pred_weight", scale=10)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [16, 14])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_gpu_patch_gather_normalize_rows(dtype, p, layout):
+    """maefast._C.patch_gather_normalize writes exactly the fold of the gathered pixels (bit for bit,
+    it is the same two fp32 operations), which is the official normalisation to the table (and bit for
+    bit in bf16/fp16); a bad id gives a NaN row."""
+    from maefast.ops.patch_embed import _rows_cuda, _rows_torch
+
+    n, size = 5, 224
+    x = _pixels(n, 3, size + 2, size + 2, device=GPU)
+    u = {"nchw": x[:, :, :size, :size].contiguous(),
+         "channels_last": x[:, :, :size, :size].contiguous(memory_format=torch.channels_last),
+         "sliced": x[:, :, 1:size + 1, 1:size + 1]}[layout]
+    L = (size // p) ** 2
+    ids = random_masking(n, L, 0.75, seed=4, device=GPU).ids_keep.contiguous()
+    scale, offset = pixel_affine(IMAGENET)
+    rows = _rows_cuda(u, ids, p, dtype, (scale, offset))
+    fold = (u.float() - torch.tensor(offset[:3], device=GPU).reshape(1, 3, 1, 1)) * \
+        torch.tensor(scale[:3], device=GPU).reshape(1, 3, 1, 1)
+    assert torch.equal(rows, _rows_torch(fold.to(dtype), ids, p))
+    official = _rows_torch(normalize(u, *IMAGENET).to(dtype), ids, p)
+    if dtype == torch.float32:
+        assert_close(rows, official, dtype, name="rows")
+    else:
+        assert torch.equal(rows, official)
+    bad = ids.clone()
+    bad[1, 2] = L + 7
+    rows = _rows_cuda(u, bad, p, dtype, (scale, offset))
+    assert torch.isnan(rows[ids.shape[1] + 2].float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_gpu_uint8_step_never_syncs_nor_makes_a_float_image(impl):
+    """Masked embedding + loss, forward and backward, at ViT-B/16 batch 256 under bf16 autocast: no
+    host sync, and no more device memory than the same step given the normalised image already in
+    memory (bf16 for the embedding, fp32 for the loss): a float copy of the image would add 77 MB
+    (bf16) or 154 MB (fp32)."""
+    torch.manual_seed(0)
+    N, L, D = 256, 196, 768
+    m = MaskedPatchEmbed(224, 16, 3, D, impl=impl).to(GPU)
+    pos = randn(1, 1 + L, D, device=GPU)
+    head = torch.nn.Linear(D, 768).to(GPU)
+    u = _pixels(N, 3, 224, 224, device=GPU)
+    x = normalize(u, *IMAGENET)
+    xb = x.bfloat16()
+
+    def step(imgs_embed, imgs_loss):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            tokens, mask, _ = m(imgs_embed, 0.75, pos_embed=pos, seed=3)
+            dec = torch.cat([tokens, tokens, tokens, tokens], 1)[:, :L]  # any (N, L, D) function of the tokens
+            loss = norm_pix_loss(head(dec), imgs_loss, mask, 16, impl=impl)
+        loss.backward()
+        return loss.detach()
+
+    peaks = []
+    for imgs in ((u, u), (xb, x), (u, u)):  # the first call compiles
+        step(*imgs)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = step(*imgs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        peaks.append((torch.cuda.max_memory_allocated() - base, loss))
+    assert peaks[2][0] <= peaks[1][0] + 8 * 2 ** 20, (peaks[2][0], peaks[1][0])
+    assert_close(peaks[2][1], peaks[1][1], torch.float32, name="loss", scale=10)
