@@ -86,8 +86,8 @@ __device__ __forceinline__ float target_at(const Args& a, const TI* img, const R
   const int64_t c = e % a.C;
   const int64_t pc = (e / a.C) % a.p;
   const int64_t pr = e / (a.C * a.p);
-  return maefast::pixel_f(img[r.img_base + c * a.s_img_c + (r.hi * a.p + pr) * a.s_img_h + (r.wi * a.p + pc) * a.s_img_w],
-                          c, a.px);
+  const int64_t off = r.img_base + c * a.s_img_c + (r.hi * a.p + pr) * a.s_img_h + (r.wi * a.p + pc) * a.s_img_w;
+  return maefast::pixel_f(img[off], c, a.px);
 }
 
 // mean and 1 / denominator of the normalisation (0 and 1 when not normalising or not active).

@@ -218,10 +218,14 @@ void patch_gather_normalize(std::uintptr_t imgs, long long s_n, long long s_c, l
   cudaStream_t s = maefast::as_stream(stream);
   if (N * K == 0) return;
   const int c = static_cast<int>(C), p = static_cast<int>(P);
+  auto go = [&](auto tag) {
+    using TO = decltype(tag);
+    launch_normalize<TO>(imgs, s_n, s_c, s_h, s_w, ids_keep, N * K, K, c, p, grid_w, grid_h * grid_w, px, out, s);
+  };
   switch (out_dtype) {
-    case maefast::kFloat32: launch_normalize<float>(imgs, s_n, s_c, s_h, s_w, ids_keep, N * K, K, c, p, grid_w, grid_h * grid_w, px, out, s); break;
-    case maefast::kFloat16: launch_normalize<__half>(imgs, s_n, s_c, s_h, s_w, ids_keep, N * K, K, c, p, grid_w, grid_h * grid_w, px, out, s); break;
-    case maefast::kBFloat16: launch_normalize<__nv_bfloat16>(imgs, s_n, s_c, s_h, s_w, ids_keep, N * K, K, c, p, grid_w, grid_h * grid_w, px, out, s); break;
+    case maefast::kFloat32: go(float{}); break;
+    case maefast::kFloat16: go(__half{}); break;
+    case maefast::kBFloat16: go(__nv_bfloat16{}); break;
     default: throw py::value_error("patch_gather_normalize: out dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   }
 }

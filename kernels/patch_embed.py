@@ -287,7 +287,8 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
                 imgs, ids, g, part,
                 imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
                 M, K, D, L, grid_w, KD, rows_per_split, *affine_args(affine),
-                P=P, NORMALIZE=imgs.dtype == torch.uint8, IEEE=ieee, BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+                P=P, NORMALIZE=imgs.dtype == torch.uint8, IEEE=ieee, BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm,
+                num_warps=warps, num_stages=stages)
         dw = part.sum(0) if split > 1 else part[0]
     if need_pos:
         bl, bd = (32, 32) if interp else (64, 64)

@@ -87,7 +87,8 @@ def _embed_both(impl, case, mode, device, layout="nchw"):
     """((out, grads) from the uint8 images, the same from the images normalised first), one upstream grad."""
     N, C, H, W, p, D, ratio, kind = case
     stats = _stats(C, kind)
-    u = _pixels(N, C, H, W + 4, device=device)[..., 2:2 + W] if layout == "sliced" else _pixels(N, C, H, W, device=device)
+    u = _pixels(N, C, H, W + 4, device=device)
+    u = u[..., 2:2 + W] if layout == "sliced" else u[..., :W].contiguous()
     if layout == "channels_last":
         u = u.contiguous(memory_format=torch.channels_last)
     L = (H // p) * (W // p)

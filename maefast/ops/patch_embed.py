@@ -266,7 +266,8 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
             weight's dtype (the kernels do it where they read the pixels: no float image is made).
             They get no gradient: a ValueError is raised if they require one.
         ids_keep: (N, K) int64 kept patch indices in [0, L), L = (H/p)*(W/p), row-major patch grid.
-        weight: Conv2d weight [D, C, p, p], bias (D,) or None, both in imgs' dtype.
+        weight: Conv2d weight [D, C, p, p], bias (D,) or None, both in float imgs' dtype (any float dtype
+            for uint8 imgs).
         pos_embed: (1, 1 + L, D) (row 0 is the cls position, rows 1: the patches) or None; any float
             dtype, cast to the output dtype before it is added (like the reference).
         patch_size: p.
@@ -275,8 +276,9 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
             ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)). Must be None for float imgs.
 
     Returns:
-        (N, K, D) tokens in weight's dtype, which float imgs share (fp32 accumulation). Under autocast, imgs, weight and bias are
-        first cast to the autocast dtype, as F.conv2d would, so the tokens come out in that dtype.
+        (N, K, D) tokens in weight's dtype, which float imgs share (fp32 accumulation). Under
+        autocast, float imgs, weight and bias are first cast to the autocast dtype, as F.conv2d
+        would (uint8 imgs are then normalised into it), so the tokens come out in that dtype.
         On a GPU, ids outside [0, L) are not checked (that would sync) and give NaN rows.
     """
     dt = autocast_dtype(imgs.device) if isinstance(imgs, torch.Tensor) else None
