@@ -218,9 +218,9 @@ void run(bool fwd, std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, s
          std::uintptr_t out, int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C, int64_t p,
          int64_t spn, int64_t spr, int64_t spe, int64_t sin, int64_t sic, int64_t sih, int64_t siw, int64_t swn,
          int64_t swl, bool norm, bool pred_masked, int pred_dtype, int img_dtype, const std::vector<float>& px_scale,
-         const std::vector<float>& px_shift, std::uintptr_t stream) {
+         const std::vector<float>& px_offset, std::uintptr_t stream) {
   const maefast::PixelAffine px =
-      maefast::make_pixel_affine(px_scale, px_shift, C, img_dtype == maefast::kUInt8, "norm_pix_loss");
+      maefast::make_pixel_affine(px_scale, px_offset, C, img_dtype == maefast::kUInt8, "norm_pix_loss");
   const Args a = make_args(N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked, px);
   if (!pred || !img || !wt || !out || (!fwd && !scale)) throw py::value_error("norm_pix_loss: null pointer");
   cudaStream_t s = maefast::as_stream(stream);
@@ -236,19 +236,19 @@ void norm_pix_loss_fwd(std::uintptr_t pred, std::uintptr_t img, std::uintptr_t w
                        int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C, int64_t p, int64_t spn, int64_t spr,
                        int64_t spe, int64_t sin, int64_t sic, int64_t sih, int64_t siw, int64_t swn, int64_t swl,
                        bool norm, bool pred_masked, int pred_dtype, int img_dtype, const std::vector<float>& px_scale,
-                       const std::vector<float>& px_shift, std::uintptr_t stream) {
+                       const std::vector<float>& px_offset, std::uintptr_t stream) {
   run(true, pred, img, wt, 0, row_out, N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm,
-      pred_masked, pred_dtype, img_dtype, px_scale, px_shift, stream);
+      pred_masked, pred_dtype, img_dtype, px_scale, px_offset, stream);
 }
 
 void norm_pix_loss_bwd(std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t scale,
                        std::uintptr_t gpred, int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C,
                        int64_t p, int64_t spn, int64_t spr, int64_t spe, int64_t sin, int64_t sic, int64_t sih,
                        int64_t siw, int64_t swn, int64_t swl, bool norm, bool pred_masked, int pred_dtype,
-                       int img_dtype, const std::vector<float>& px_scale, const std::vector<float>& px_shift,
+                       int img_dtype, const std::vector<float>& px_scale, const std::vector<float>& px_offset,
                        std::uintptr_t stream) {
   run(false, pred, img, wt, scale, gpred, N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm,
-      pred_masked, pred_dtype, img_dtype, px_scale, px_shift, stream);
+      pred_masked, pred_dtype, img_dtype, px_scale, px_offset, stream);
 }
 
 }  // namespace
@@ -257,9 +257,9 @@ MAEFAST_REGISTER(loss) {
   m.def("norm_pix_loss_fwd", &norm_pix_loss_fwd,
         "Per-patch w * MSE rows: (pred, img, mask-or-ids, row_out pointers, N, L, GW, K, M, C, p, pred strides (3), "
         "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, uint8 pixel scales and "
-        "shifts (C floats each, empty for float images), stream)");
+        "offsets (C floats each, empty for float images), stream)");
   m.def("norm_pix_loss_bwd", &norm_pix_loss_bwd,
         "Grad of pred: (pred, img, mask-or-ids, scale, gpred pointers, N, L, GW, K, M, C, p, pred strides (3), "
         "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, uint8 pixel scales and "
-        "shifts (C floats each, empty for float images), stream)");
+        "offsets (C floats each, empty for float images), stream)");
 }

@@ -13,7 +13,7 @@
 // element-wise grid-stride kernel.
 //
 // uint8 images (patch_gather_normalize): the same rows, each pixel normalised as it is read
-// (pixels.cuh: v * scale_c + shift_c in fp32) and rounded to the GEMM's dtype (fp32/fp16/bf16), so
+// (pixels.cuh: (v - offset_c) * scale_c in fp32) and rounded to the GEMM's dtype (fp32/fp16/bf16), so
 // the rows are what the gather of a float image normalised first would give, and no float image
 // is made. One block per row, any strides.
 #include <pybind11/stl.h>
@@ -205,13 +205,13 @@ void launch_normalize(std::uintptr_t imgs, long long s_n, long long s_c, long lo
 void patch_gather_normalize(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, long long s_w,
                             std::uintptr_t ids_keep, long long N, long long K, long long C, long long P,
                             long long grid_h, long long grid_w, const std::vector<float>& scale,
-                            const std::vector<float>& shift, int out_dtype, std::uintptr_t out,
+                            const std::vector<float>& offset, int out_dtype, std::uintptr_t out,
                             std::uintptr_t stream) {
   if (N < 0 || K < 0 || C < 1 || P < 1 || grid_h < 1 || grid_w < 1) {
     throw py::value_error("patch_gather_normalize: sizes must be positive (N, K >= 0)");
   }
   if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather_normalize: null pointer");
-  const maefast::PixelAffine px = maefast::make_pixel_affine(scale, shift, C, true, "patch_gather_normalize");
+  const maefast::PixelAffine px = maefast::make_pixel_affine(scale, offset, C, true, "patch_gather_normalize");
   if (N * K >= (1LL << 31) || C * P * P >= (1LL << 31)) {
     throw py::value_error("patch_gather_normalize: N*K and C*p*p must be below 2^31");
   }
@@ -246,8 +246,8 @@ MAEFAST_REGISTER(patch_embed) {
   m.def("patch_gather_normalize", &patch_gather_normalize, py::arg("imgs"), py::arg("stride_n"), py::arg("stride_c"),
         py::arg("stride_h"), py::arg("stride_w"), py::arg("ids_keep"), py::arg("batch"), py::arg("len_keep"),
         py::arg("channels"), py::arg("patch_size"), py::arg("grid_h"), py::arg("grid_w"), py::arg("scale"),
-        py::arg("shift"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        py::arg("offset"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "Gather the kept patches of uint8 NCHW images (strides in elements) into rows (N*K, C*p*p) ordered "
-        "(c, kh, kw), each pixel normalised as v * scale[c] + shift[c] in fp32 and stored in out's dtype (code "
+        "(c, kh, kw), each pixel normalised as (v - offset[c]) * scale[c] in fp32 and stored in out's dtype (code "
         "0 fp32, 1 fp16, 2 bf16); ids_keep (N, K) int64 contiguous; out contiguous; 1 to 4 channels");
 }

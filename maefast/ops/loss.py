@@ -84,11 +84,6 @@ def _denominator(pred, mask_or_ids, pred_masked: bool) -> torch.Tensor:
     return mask_or_ids.sum(dtype=torch.float32)
 
 
-def _stats(imgs, mean, std):
-    """(mean, std) tuples for uint8 imgs (the op's list arguments, defaulted), None for float imgs."""
-    return pixel_stats(imgs, None if mean is None else tuple(mean), None if std is None else tuple(std))
-
-
 def _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, m, stats):
     target = patchify(as_float_images(imgs, stats), patch_size)
     if pred_masked:
@@ -108,9 +103,9 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
     L = (H // patch_size) * gw
     m = pred.shape[1]
     k = L - m if pred_masked else 0
-    px_scale, px_shift = affine if affine is not None else ([], [])
+    px_scale, px_offset = affine if affine is not None else ([], [])
     common = (n, L, gw, k, m, c, patch_size, *pred.stride(), *imgs.stride(), *wt.stride(), bool(norm_pix),
-              bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), px_scale, px_shift, stream_of(pred))
+              bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), px_scale, px_offset, stream_of(pred))
     if fwd:
         rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
         with torch.cuda.device(pred.device):  # the extension launches on the current device
@@ -149,7 +144,7 @@ def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, 
     mask_or_ids = dense_index(mask_or_ids)
     den = _denominator(pred, mask_or_ids, pred_masked)
     none = pred.new_empty(0)
-    stats = _stats(imgs, mean, std)
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_fwd
@@ -184,7 +179,7 @@ def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mas
     """Grad of pred (pred's shape and dtype, contiguous); grad is the 0-d fp32 grad of the loss."""
     mask_or_ids = dense_index(mask_or_ids)
     scale = (grad.float() / _denominator(pred, mask_or_ids, pred_masked)).reshape(())
-    stats = _stats(imgs, mean, std)
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_bwd

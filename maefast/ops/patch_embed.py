@@ -44,11 +44,6 @@ def _resolve(impl: str, imgs: torch.Tensor) -> str:
     raise ValueError(f"impl={impl!r} is not available for {_WHAT}: {why}")
 
 
-def _stats(imgs, mean, std):
-    """(mean, std) tuples for uint8 imgs (the op's list arguments, defaulted), None for float imgs."""
-    return pixel_stats(imgs, None if mean is None else tuple(mean), None if std is None else tuple(std))
-
-
 def _float_imgs(imgs, stats, dtype):
     """What the reference computes with: uint8 imgs normalised (fp32), rounded to the GEMM's dtype."""
     return imgs if stats is None else as_float_images(imgs, stats).to(dtype)
@@ -74,7 +69,7 @@ def _rows_torch(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Ten
 def _rows_cuda(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int, dtype: torch.dtype | None = None,
                affine=None) -> torch.Tensor:
     """The same rows through maefast._C.patch_gather (NaN rows for ids outside [0, L)); uint8 imgs
-    through patch_gather_normalize, normalised with `affine` (scale, shift) into `dtype`."""
+    through patch_gather_normalize, normalised with `affine` (scale, offset) into `dtype`."""
     n, c, H, W = imgs.shape
     k = ids_keep.shape[1]
     ids = ids_keep.contiguous()
@@ -115,7 +110,7 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
     """Tokens (N, K, D) in weight's dtype; uint8 imgs are normalised with mean/std (None: ImageNet's)."""
     ids_keep = dense_index(ids_keep)
     chosen = _resolve(impl, imgs)
-    stats = _stats(imgs, mean, std)
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     with torch.autocast(imgs.device.type, enabled=False):
         if chosen == "triton":
@@ -146,7 +141,7 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
     """(grad_weight like weight, grad_bias (D,) in weight's dtype, grad_pos like pos_embed or empty)."""
     ids_keep = dense_index(ids_keep)
     chosen = _resolve(impl, imgs)
-    stats = _stats(imgs, mean, std)
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     D = weight.shape[0]
     n, k = ids_keep.shape
