@@ -1,5 +1,6 @@
 // Float dtypes shared by the kernels: the codes Python passes (maefast.ops._backend.dtype_code) and
-// the fp32 load/store conversions (round-to-nearest on the way back).
+// the fp32 load/store conversions (round-to-nearest on the way back). kUInt8: raw pixels, read
+// through pixels.cuh's normalisation.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,7 +8,7 @@
 
 namespace maefast {
 
-enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kUInt8 = 3 };
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v);

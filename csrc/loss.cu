@@ -9,8 +9,12 @@
 // img[n, c, hi * p + p_row, wi * p + p_col]. With norm: fp32 mean, unbiased var, IEEE sqrt/div.
 // Forward writes w * row loss per patch (fp32, summed by torch: deterministic); backward writes
 // grad = (*scale) * w * 2 / P * (pred - target), scale = grad_loss / sum(w) read on the device.
+// uint8 images: each pixel is normalised as it is read (pixels.cuh), before the statistics.
+#include <pybind11/stl.h>
+
 #include "common.h"
 #include "dtype.cuh"
+#include "pixels.cuh"
 
 namespace py = pybind11;
 
@@ -45,6 +49,7 @@ struct Args {
   int64_t s_img_n, s_img_c, s_img_h, s_img_w;
   int64_t s_w_n, s_w_l;
   bool norm, pred_masked;
+  maefast::PixelAffine px;  // uint8 images only
 };
 
 struct Row {
@@ -81,7 +86,8 @@ __device__ __forceinline__ float target_at(const Args& a, const TI* img, const R
   const int64_t c = e % a.C;
   const int64_t pc = (e / a.C) % a.p;
   const int64_t pr = e / (a.C * a.p);
-  return to_f(img[r.img_base + c * a.s_img_c + (r.hi * a.p + pr) * a.s_img_h + (r.wi * a.p + pc) * a.s_img_w]);
+  const int64_t off = r.img_base + c * a.s_img_c + (r.hi * a.p + pr) * a.s_img_h + (r.wi * a.p + pc) * a.s_img_w;
+  return maefast::pixel_f(img[off], c, a.px);
 }
 
 // mean and 1 / denominator of the normalisation (0 and 1 when not normalising or not active).
@@ -158,7 +164,7 @@ __global__ void norm_pix_loss_bwd_kernel(const TP* __restrict__ pred, const TI* 
 
 Args make_args(int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C, int64_t p, int64_t spn,
                int64_t spr, int64_t spe, int64_t sin, int64_t sic, int64_t sih, int64_t siw, int64_t swn,
-               int64_t swl, bool norm, bool pred_masked) {
+               int64_t swl, bool norm, bool pred_masked, const maefast::PixelAffine& px) {
   if (N < 1 || L < 1 || GW < 1 || L % GW != 0 || C < 1 || p < 1 || M < 1 || M > L || K < 0 || K > L) {
     throw py::value_error("norm_pix_loss: bad sizes N=" + std::to_string(N) + " L=" + std::to_string(L) + " GW=" +
                           std::to_string(GW) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
@@ -166,7 +172,7 @@ Args make_args(int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C
   }
   if (!pred_masked && M != L) throw py::value_error("norm_pix_loss: pred must have L rows when pred_masked is false");
   if (N * L > 0x7fffffffLL) throw py::value_error("norm_pix_loss: N * L exceeds the grid size");
-  return Args{N, L, GW, K, M, C, p, p * p * C, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked};
+  return Args{N, L, GW, K, M, C, p, p * p * C, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked, px};
 }
 
 template <typename TP, typename TI, typename TW>
@@ -203,15 +209,19 @@ void dispatch_img(bool fwd, int img_dtype, std::uintptr_t pred, std::uintptr_t i
     case 0: launch<TP, float>(fwd, pred, img, wt, scale, out, a, s); break;
     case 1: launch<TP, __half>(fwd, pred, img, wt, scale, out, a, s); break;
     case 2: launch<TP, __nv_bfloat16>(fwd, pred, img, wt, scale, out, a, s); break;
-    default: throw py::value_error("norm_pix_loss: imgs dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+    case 3: launch<TP, uint8_t>(fwd, pred, img, wt, scale, out, a, s); break;
+    default: throw py::value_error("norm_pix_loss: imgs dtype code must be 0 (fp32), 1 (fp16), 2 (bf16) or 3 (uint8)");
   }
 }
 
 void run(bool fwd, std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t scale,
          std::uintptr_t out, int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C, int64_t p,
          int64_t spn, int64_t spr, int64_t spe, int64_t sin, int64_t sic, int64_t sih, int64_t siw, int64_t swn,
-         int64_t swl, bool norm, bool pred_masked, int pred_dtype, int img_dtype, std::uintptr_t stream) {
-  const Args a = make_args(N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked);
+         int64_t swl, bool norm, bool pred_masked, int pred_dtype, int img_dtype, const std::vector<float>& px_scale,
+         const std::vector<float>& px_offset, std::uintptr_t stream) {
+  const maefast::PixelAffine px =
+      maefast::make_pixel_affine(px_scale, px_offset, C, img_dtype == maefast::kUInt8, "norm_pix_loss");
+  const Args a = make_args(N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm, pred_masked, px);
   if (!pred || !img || !wt || !out || (!fwd && !scale)) throw py::value_error("norm_pix_loss: null pointer");
   cudaStream_t s = maefast::as_stream(stream);
   switch (pred_dtype) {
@@ -225,18 +235,20 @@ void run(bool fwd, std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, s
 void norm_pix_loss_fwd(std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t row_out, int64_t N,
                        int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C, int64_t p, int64_t spn, int64_t spr,
                        int64_t spe, int64_t sin, int64_t sic, int64_t sih, int64_t siw, int64_t swn, int64_t swl,
-                       bool norm, bool pred_masked, int pred_dtype, int img_dtype, std::uintptr_t stream) {
+                       bool norm, bool pred_masked, int pred_dtype, int img_dtype, const std::vector<float>& px_scale,
+                       const std::vector<float>& px_offset, std::uintptr_t stream) {
   run(true, pred, img, wt, 0, row_out, N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm,
-      pred_masked, pred_dtype, img_dtype, stream);
+      pred_masked, pred_dtype, img_dtype, px_scale, px_offset, stream);
 }
 
 void norm_pix_loss_bwd(std::uintptr_t pred, std::uintptr_t img, std::uintptr_t wt, std::uintptr_t scale,
                        std::uintptr_t gpred, int64_t N, int64_t L, int64_t GW, int64_t K, int64_t M, int64_t C,
                        int64_t p, int64_t spn, int64_t spr, int64_t spe, int64_t sin, int64_t sic, int64_t sih,
                        int64_t siw, int64_t swn, int64_t swl, bool norm, bool pred_masked, int pred_dtype,
-                       int img_dtype, std::uintptr_t stream) {
+                       int img_dtype, const std::vector<float>& px_scale, const std::vector<float>& px_offset,
+                       std::uintptr_t stream) {
   run(false, pred, img, wt, scale, gpred, N, L, GW, K, M, C, p, spn, spr, spe, sin, sic, sih, siw, swn, swl, norm,
-      pred_masked, pred_dtype, img_dtype, stream);
+      pred_masked, pred_dtype, img_dtype, px_scale, px_offset, stream);
 }
 
 }  // namespace
@@ -244,8 +256,10 @@ void norm_pix_loss_bwd(std::uintptr_t pred, std::uintptr_t img, std::uintptr_t w
 MAEFAST_REGISTER(loss) {
   m.def("norm_pix_loss_fwd", &norm_pix_loss_fwd,
         "Per-patch w * MSE rows: (pred, img, mask-or-ids, row_out pointers, N, L, GW, K, M, C, p, pred strides (3), "
-        "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, stream)");
+        "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, uint8 pixel scales and "
+        "offsets (C floats each, empty for float images), stream)");
   m.def("norm_pix_loss_bwd", &norm_pix_loss_bwd,
         "Grad of pred: (pred, img, mask-or-ids, scale, gpred pointers, N, L, GW, K, M, C, p, pred strides (3), "
-        "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, stream)");
+        "img strides (4), mask/ids strides (2), norm, pred_masked, pred dtype, img dtype, uint8 pixel scales and "
+        "offsets (C floats each, empty for float images), stream)");
 }

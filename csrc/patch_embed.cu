@@ -11,7 +11,16 @@
 // the image strides and both base addresses, so a bf16 p=16 line is two 16-byte loads. Int32 index
 // math inside a row (the host checks the sizes fit). Anything else (e.g. channels_last) takes the
 // element-wise grid-stride kernel.
+//
+// uint8 images (patch_gather_normalize): the same rows, each pixel normalised as it is read
+// (pixels.cuh: (v - offset_c) * scale_c in fp32) and rounded to the GEMM's dtype (fp32/fp16/bf16), so
+// the rows are what the gather of a float image normalised first would give, and no float image
+// is made. One block per row, any strides.
+#include <pybind11/stl.h>
+
 #include "common.h"
+#include "dtype.cuh"
+#include "pixels.cuh"
 
 #include <algorithm>
 #include <cstring>
@@ -154,6 +163,73 @@ void patch_gather(std::uintptr_t imgs, long long s_n, long long s_c, long long s
   }
 }
 
+// One block per output row; threads walk its C*p*p columns (c, kh, kw), reading bytes (consecutive
+// along a patch line when s_w == 1) and writing TO contiguously. NaN row for an id outside [0, L).
+template <typename TO>
+__global__ void patch_gather_normalize_kernel(const uint8_t* __restrict__ imgs, long long s_n, long long s_c,
+                                              long long s_h, long long s_w, const long long* __restrict__ ids_keep,
+                                              long long K, int P, long long grid_w, long long L, int cols,
+                                              maefast::PixelAffine px, TO* __restrict__ out) {
+  const long long row = blockIdx.x;
+  const long long n = row / K;
+  const long long l = ids_keep[row];
+  const bool ok = l >= 0 && l < L;
+  const long long pr = ok ? l / grid_w : 0;
+  const long long pc = ok ? l - pr * grid_w : 0;
+  const uint8_t* base = imgs + n * s_n + pr * P * s_h + pc * P * s_w;
+  TO* dst = out + row * cols;
+  const int pp = P * P;
+  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+    const int c = col / pp;
+    const int r = col - c * pp;
+    const int kh = r / P;
+    const int kw = r - kh * P;
+    float v = __int_as_float(0x7fc00000);  // NaN
+    if (ok) v = maefast::normalize_pixel(base[c * s_c + kh * s_h + kw * s_w], c, px);
+    dst[col] = maefast::from_f<TO>(v);
+  }
+}
+
+template <typename TO>
+void launch_normalize(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, long long s_w,
+                      std::uintptr_t ids_keep, long long rows, long long K, int C, int P, long long grid_w,
+                      long long L, const maefast::PixelAffine& px, std::uintptr_t out, cudaStream_t stream) {
+  const int cols = C * P * P;
+  const int threads = std::min(256, ((cols + 31) / 32) * 32);
+  patch_gather_normalize_kernel<TO><<<static_cast<unsigned int>(rows), threads, 0, stream>>>(
+      maefast::as_ptr<const uint8_t>(imgs), s_n, s_c, s_h, s_w, maefast::as_ptr<const long long>(ids_keep), K, P,
+      grid_w, L, cols, px, maefast::as_ptr<TO>(out));
+  MAEFAST_LAUNCH_CHECK();
+}
+
+void patch_gather_normalize(std::uintptr_t imgs, long long s_n, long long s_c, long long s_h, long long s_w,
+                            std::uintptr_t ids_keep, long long N, long long K, long long C, long long P,
+                            long long grid_h, long long grid_w, const std::vector<float>& scale,
+                            const std::vector<float>& offset, int out_dtype, std::uintptr_t out,
+                            std::uintptr_t stream) {
+  if (N < 0 || K < 0 || C < 1 || P < 1 || grid_h < 1 || grid_w < 1) {
+    throw py::value_error("patch_gather_normalize: sizes must be positive (N, K >= 0)");
+  }
+  if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather_normalize: null pointer");
+  const maefast::PixelAffine px = maefast::make_pixel_affine(scale, offset, C, true, "patch_gather_normalize");
+  if (N * K >= (1LL << 31) || C * P * P >= (1LL << 31)) {
+    throw py::value_error("patch_gather_normalize: N*K and C*p*p must be below 2^31");
+  }
+  cudaStream_t s = maefast::as_stream(stream);
+  if (N * K == 0) return;
+  const int c = static_cast<int>(C), p = static_cast<int>(P);
+  auto go = [&](auto tag) {
+    using TO = decltype(tag);
+    launch_normalize<TO>(imgs, s_n, s_c, s_h, s_w, ids_keep, N * K, K, c, p, grid_w, grid_h * grid_w, px, out, s);
+  };
+  switch (out_dtype) {
+    case maefast::kFloat32: go(float{}); break;
+    case maefast::kFloat16: go(__half{}); break;
+    case maefast::kBFloat16: go(__nv_bfloat16{}); break;
+    default: throw py::value_error("patch_gather_normalize: out dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  }
+}
+
 }  // namespace
 
 MAEFAST_REGISTER(patch_embed) {
@@ -167,4 +243,11 @@ MAEFAST_REGISTER(patch_embed) {
         py::arg("stride_h"), py::arg("stride_w"), py::arg("batch"), py::arg("len_keep"), py::arg("channels"),
         py::arg("patch_size"), py::arg("grid_h"), py::arg("grid_w"), py::arg("elem_size"), py::arg("out"),
         "The copy unit (bytes) patch_gather's row kernel would use for these arguments; 0: the element-wise kernel");
+  m.def("patch_gather_normalize", &patch_gather_normalize, py::arg("imgs"), py::arg("stride_n"), py::arg("stride_c"),
+        py::arg("stride_h"), py::arg("stride_w"), py::arg("ids_keep"), py::arg("batch"), py::arg("len_keep"),
+        py::arg("channels"), py::arg("patch_size"), py::arg("grid_h"), py::arg("grid_w"), py::arg("scale"),
+        py::arg("offset"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        "Gather the kept patches of uint8 NCHW images (strides in elements) into rows (N*K, C*p*p) ordered "
+        "(c, kh, kw), each pixel normalised as (v - offset[c]) * scale[c] in fp32 and stored in out's dtype (code "
+        "0 fp32, 1 fp16, 2 bf16); ids_keep (N, K) int64 contiguous; out contiguous; 1 to 4 channels");
 }

@@ -15,12 +15,16 @@ of two; the op's backward then only scales it by grad_loss * 2 / (P * sum(w)) �
 that fp16 holds it: the gradient itself can be below fp16's normal range until GradScaler's factor
 is in); the backward kernel writes grad = scale * w * 2 / P * (pred - t), scale = grad_loss / sum(w)
 read from device memory.
+uint8 images (NORMALIZE): each pixel is normalised as it is read, (v - offset_c) * scale_c in fp32
+(kernels/_pixels.py), before the per-patch statistics — the target of a float image normalised first.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ._pixels import affine_args, normalize_pixels
 
 NORM_PIX_EPS = 1e-6
 
@@ -34,8 +38,9 @@ def _rows(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Loads BLOCK_M pred rows (of NR = N * R) and their image patches; returns (pred - target in
     fp32, weight, sample, pred row, row valid, e, e valid)."""
@@ -64,7 +69,12 @@ def _rows(
     img_off = (n[:, None] * stride_img_n + c[None, :] * stride_img_c
                + (hi[:, None] * PATCH + pr[None, :]) * stride_img_h
                + (wi[:, None] * PATCH + pc[None, :]) * stride_img_w)
-    t = tl.load(img_ptr + img_off, mask=active[:, None] & em[None, :], other=0.0).to(tl.float32)
+    tm = active[:, None] & em[None, :]
+    t = tl.load(img_ptr + img_off, mask=tm, other=0)
+    if NORMALIZE:
+        t = tl.where(tm, normalize_pixels(t, c[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_offset0,
+                                          px_offset1, px_offset2, px_offset3), 0.0)
+    t = t.to(tl.float32)
     if NORM:
         mean = tl.sum(t, axis=1) / P
         dev = tl.where(em[None, :], t - mean[:, None], 0.0)
@@ -88,7 +98,7 @@ def _store_scaled(out_ptr, factor, diff, w, n, prow, row_ok, e, em, R, P):
 @triton.jit
 def _norm_pix_loss_fwd_kernel(
     pred_ptr,   # (N, R, P) float, any strides (R = L, or M masked rows)
-    img_ptr,    # (N, C, H, W) float, any strides
+    img_ptr,    # (N, C, H, W) float or uint8 (NORMALIZE), any strides
     w_ptr,      # (N, L) fp32 mask (PRED_MASKED=False)
     ids_ptr,    # (N, M) int64 masked patch ids in shuffle order (PRED_MASKED=True)
     part_ptr,   # (num_programs,) fp32 partial sums of w * row loss
@@ -99,8 +109,9 @@ def _norm_pix_loss_fwd_kernel(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
-    GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORMALIZE: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     diff, w, n, prow, row_ok, e, em = _rows(
@@ -108,7 +119,8 @@ def _norm_pix_loss_fwd_kernel(
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+        px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
+        PATCH, CHANNELS, NORM, PRED_MASKED, NORMALIZE, BLOCK_M, BLOCK_P)
     row_loss = tl.sum(diff * diff, axis=1) / P
     contrib = tl.where(row_ok, row_loss * w, 0.0)
     tl.store(part_ptr + pid, tl.sum(contrib, axis=0))
@@ -127,8 +139,9 @@ def _norm_pix_loss_bwd_kernel(
     stride_w_n, stride_w_l,
     stride_ids_n, stride_ids_l,
     eps,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM: tl.constexpr, PRED_MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     diff, w, n, prow, row_ok, e, em = _rows(
@@ -136,7 +149,8 @@ def _norm_pix_loss_bwd_kernel(
         stride_pred_n, stride_pred_r, stride_pred_e,
         stride_img_n, stride_img_c, stride_img_h, stride_img_w,
         stride_w_n, stride_w_l, stride_ids_n, stride_ids_l, eps,
-        PATCH, CHANNELS, NORM, PRED_MASKED, BLOCK_M, BLOCK_P)
+        px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
+        PATCH, CHANNELS, NORM, PRED_MASKED, NORMALIZE, BLOCK_M, BLOCK_P)
     _store_scaled(gpred_ptr, tl.load(scale_ptr) * 2.0 / P, diff, w, n, prow, row_ok, e, em, R, P)
 
 
@@ -166,27 +180,29 @@ def _args(pred, imgs, weight, ids, patch_size):
 
 def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
                       ids: torch.Tensor | None, patch_size: int, norm_pix: bool,
-                      with_residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_residual: bool = False, affine=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher (inputs validated by maefast.ops.norm_pix_loss). Exactly one of weight ((N, L) fp32
     mask: pred is (N, L, P)) and ids ((N, M) int64 masked patch ids in shuffle order: pred is
     (N, M, P)) is given. Returns (sum over rows of w * row loss, a 0-d fp32 tensor — the caller
     divides by sum(w) —, and with_residual the weighted residual w * (pred - target) that the
     gradient is made of (grad = residual * grad_loss * 2 / (P * sum(w))): contiguous, pred's dtype,
-    every row written; else None)."""
+    every row written; else None). uint8 imgs need `affine`, (scale, offset) of 4 floats each
+    (maefast.ops._pixels)."""
     args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
     block_m, block_p, warps = _config(P, pred.device)
     grid = (triton.cdiv(NR, block_m),)
     part = torch.empty(grid[0], dtype=torch.float32, device=pred.device)
     res = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if with_residual else None
     _norm_pix_loss_fwd_kernel[grid](
-        pred, imgs, wt, it, part, res if res is not None else part, *args, NORM_PIX_EPS,
-        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None, GRAD=res is not None,
+        pred, imgs, wt, it, part, res if res is not None else part, *args, NORM_PIX_EPS, *affine_args(affine),
+        PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None,
+        NORMALIZE=imgs.dtype == torch.uint8, GRAD=res is not None,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
     return part.sum(), res
 
 
 def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor | None,
-                      ids: torch.Tensor | None, patch_size: int, norm_pix: bool) -> torch.Tensor:
+                      ids: torch.Tensor | None, patch_size: int, norm_pix: bool, affine=None) -> torch.Tensor:
     """Launcher. scale: 0-d fp32 tensor grad_loss / sum(w) (stays on the device: no host sync).
     Returns grad of pred (contiguous, pred's dtype; every row written)."""
     args, (wt, it), NR, P, C = _args(pred, imgs, weight, ids, patch_size)
@@ -194,7 +210,8 @@ def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tenso
     grid = (triton.cdiv(NR, block_m),)
     gpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     _norm_pix_loss_bwd_kernel[grid](
-        pred, imgs, wt, it, scale, gpred, *args, NORM_PIX_EPS,
+        pred, imgs, wt, it, scale, gpred, *args, NORM_PIX_EPS, *affine_args(affine),
         PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None,
+        NORMALIZE=imgs.dtype == torch.uint8,
         BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
     return gpred

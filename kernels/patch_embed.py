@@ -11,12 +11,18 @@ launcher; no atomics):
   dpos[1 + l, d] = sum_{n, j : ids_keep[n, j] = l} G[n*K + j, d]
 computed as one-hot(ids) @ G per sample, so repeated ids add up like the reference's gather.
 An id outside [0, L) gives a NaN output row and contributes nothing to the gradients.
+
+uint8 images (NORMALIZE): the prologue normalises each gathered pixel, (v - offset_c) * scale_c in fp32
+(kernels/_pixels.py), and rounds it to the weight's dtype, the dtype of the GEMM — what a float
+image normalised first and cast to that dtype would hold; no float image is ever written.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ._pixels import affine_args, normalize_pixels
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs; a split heuristic, not a device query
@@ -47,20 +53,33 @@ def _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P: tl.constex
 
 
 @triton.jit
+def _pixels(imgs_ptr, offs, mask, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2,
+            px_offset3, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
+    """The A tile in the GEMM's dtype: pixels as stored, or (NORMALIZE) uint8 normalised; 0 where ~mask."""
+    a = tl.load(imgs_ptr + offs, mask=mask, other=0)
+    if NORMALIZE:
+        a = tl.where(mask, normalize_pixels(a, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
+                                            px_offset2, px_offset3), 0.0)
+    return a.to(DTYPE)
+
+
+@triton.jit
 def _masked_patch_embed_fwd_kernel(
-    imgs_ptr,   # (N, C, H, W) any strides
+    imgs_ptr,   # (N, C, H, W) any strides; float in the weight's dtype, or uint8 (NORMALIZE)
     ids_ptr,    # (N, K) int64, contiguous
     w_ptr,      # (D, C*P*P) the Conv2d weight flattened, strides (stride_w_d, stride_w_k)
     b_ptr,      # (D,) contiguous, read when HAS_BIAS
     pos_ptr,    # (1 + L, D) strides (stride_pos_l, stride_pos_d), read when HAS_POS
-    out_ptr,    # (N*K, D) contiguous, imgs' dtype
+    out_ptr,    # (N*K, D) contiguous, the weight's dtype
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_d, stride_w_k,
     stride_pos_l, stride_pos_d,
     M, K, D, L, GRID_W, KD,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -79,7 +98,9 @@ def _masked_patch_embed_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_valid = offs_k < KD
         col = _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P)
-        a = tl.load(imgs_ptr + base[:, None] + col[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :],
+                    (offs_k // (P * P))[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
+                    px_offset2, px_offset3, NORMALIZE, w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs_n[None, :] * stride_w_d + offs_k[:, None] * stride_w_k,
                     mask=k_valid[:, None] & n_valid[None, :], other=0.0)
         if IEEE:
@@ -101,13 +122,15 @@ def _masked_patch_embed_fwd_kernel(
 
 @triton.jit
 def _masked_patch_embed_bwd_dw_kernel(
-    imgs_ptr,   # (N, C, H, W) any strides
+    imgs_ptr,   # (N, C, H, W) any strides; float in g's dtype, or uint8 (NORMALIZE)
     ids_ptr,    # (N, K) int64, contiguous
-    g_ptr,      # (N*K, D) contiguous: grad of the output
+    g_ptr,      # (N*K, D) contiguous: grad of the output, in the weight's dtype
     part_ptr,   # (SPLIT, D, KD) float32 partial sums of dW
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     M, K, D, L, GRID_W, KD, ROWS_PER_SPLIT,
+    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
     P: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_KD: tl.constexpr,
@@ -121,6 +144,7 @@ def _masked_patch_embed_bwd_dw_kernel(
     d_valid = offs_d < D
     k_valid = offs_k < KD
     col = _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P)
+    chan = (offs_k // (P * P))[None, :]
     acc = tl.zeros((BLOCK_D, BLOCK_KD), dtype=tl.float32)
     m_start = pid_s * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
@@ -129,7 +153,9 @@ def _masked_patch_embed_bwd_dw_kernel(
         m_valid = offs_m < m_end
         base, row_valid, _ = _gather_rows(imgs_ptr, ids_ptr, offs_m, m_valid, K, L, GRID_W,
                                           stride_img_n, stride_img_c, stride_img_h, stride_img_w, P)
-        a = tl.load(imgs_ptr + base[:, None] + col[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :], chan,
+                    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
+                    NORMALIZE, g_ptr.dtype.element_ty)
         gt = tl.load(g_ptr + offs_m[None, :] * D + offs_d[:, None], mask=m_valid[None, :] & d_valid[:, None],
                      other=0.0)
         if IEEE:
@@ -183,8 +209,9 @@ def _interpreted(t: torch.Tensor) -> bool:
 
 def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
-                                  patch_size: int) -> torch.Tensor:
-    """Launcher (inputs validated by maefast.ops): returns (N, K, D) in imgs' dtype."""
+                                  patch_size: int, affine=None) -> torch.Tensor:
+    """Launcher (inputs validated by maefast.ops): returns (N, K, D) in the weight's dtype (float imgs
+    have it too). uint8 imgs need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = weight.shape[0]
@@ -195,14 +222,16 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
     M = N * K
     w2 = weight.reshape(D, KD)
     ids = ids_keep.contiguous()
-    out = torch.empty(N, K, D, dtype=imgs.dtype, device=imgs.device)
+    dt = weight.dtype
+    normalize = imgs.dtype == torch.uint8
+    out = torch.empty(N, K, D, dtype=dt, device=imgs.device)
     if M == 0 or D == 0:
         return out
     pos2 = pos_embed.reshape(pos_embed.shape[-2], D) if pos_embed is not None else None
     b = bias.contiguous() if bias is not None else None
     if _interpreted(imgs):
         bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
-    elif imgs.dtype == torch.float32:
+    elif dt == torch.float32:
         bm, bn, bk, warps, stages = 64, 64, 32, 4, 2
     else:
         bm, bn, bk, warps, stages = 128, 128, 32, 8, 3
@@ -212,8 +241,8 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
         imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
         w2.stride(0), w2.stride(1),
         pos2.stride(0) if pos2 is not None else 0, pos2.stride(1) if pos2 is not None else 0,
-        M, K, D, L, grid_w, KD,
-        P=P, HAS_BIAS=b is not None, HAS_POS=pos2 is not None, IEEE=imgs.dtype == torch.float32,
+        M, K, D, L, grid_w, KD, *affine_args(affine),
+        P=P, HAS_BIAS=b is not None, HAS_POS=pos2 is not None, NORMALIZE=normalize, IEEE=dt == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
@@ -225,9 +254,11 @@ def _split(work_items: int, programs: int, interpreted: bool) -> int:
 
 
 def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, num_embed: int,
-                                  patch_size: int, need_weight: bool, need_pos: bool
-                                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D)."""
+                                  patch_size: int, need_weight: bool, need_pos: bool, dtype: torch.dtype | None = None,
+                                  affine=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D).
+    dtype: the weight's (the GEMM's; default imgs' dtype, which float imgs share with it); uint8 imgs
+    need it and `affine` as in the forward."""
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = num_embed
@@ -236,7 +267,7 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
     L = (H // P) * grid_w
     KD = C * P * P
     M = N * K
-    g = grad.reshape(M, D).to(imgs.dtype).contiguous()
+    g = grad.reshape(M, D).to(dtype or imgs.dtype).contiguous()
     ids = ids_keep.contiguous()
     interp = _interpreted(imgs)
     ieee = g.dtype == torch.float32
@@ -255,8 +286,9 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
             _masked_patch_embed_bwd_dw_kernel[(triton.cdiv(D, bd), triton.cdiv(KD, bkd), split)](
                 imgs, ids, g, part,
                 imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
-                M, K, D, L, grid_w, KD, rows_per_split,
-                P=P, IEEE=ieee, BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm, num_warps=warps, num_stages=stages)
+                M, K, D, L, grid_w, KD, rows_per_split, *affine_args(affine),
+                P=P, NORMALIZE=imgs.dtype == torch.uint8, IEEE=ieee, BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm,
+                num_warps=warps, num_stages=stages)
         dw = part.sum(0) if split > 1 else part[0]
     if need_pos:
         bl, bd = (32, 32) if interp else (64, 64)

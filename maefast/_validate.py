@@ -16,6 +16,8 @@ What is checked where (the README's "The ops" states the same contracts):
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -67,11 +69,14 @@ def check_patch_size(patch_size) -> int:
     return patch_size
 
 
-def check_images(name: str, imgs, patch_size: int, *, channels: int | None = None) -> tuple[int, int]:
-    """Validates an NCHW image batch; returns the patch grid (h, w)."""
+def check_images(name: str, imgs, patch_size: int, *, channels: int | None = None,
+                 uint8: bool = False) -> tuple[int, int]:
+    """Validates an NCHW image batch (float; or raw uint8 pixels where `uint8`, see
+    `check_pixel_stats`); returns the patch grid (h, w)."""
     check_tensor(name, imgs, ndim=4)
-    if not imgs.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {imgs.dtype}")
+    if not imgs.is_floating_point() and not (uint8 and imgs.dtype == torch.uint8):
+        raise TypeError(f"{name} must be a floating point tensor{' or uint8 (raw pixels)' if uint8 else ''}, "
+                        f"got {imgs.dtype}")
     n, c, H, W = imgs.shape
     if channels is not None and c != channels:
         raise ValueError(f"{name} must have {channels} channels (shape (N, {channels}, H, W)), got shape {tuple(imgs.shape)}")
@@ -80,6 +85,40 @@ def check_images(name: str, imgs, patch_size: int, *, channels: int | None = Non
     if H == 0 or W == 0 or n == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(imgs.shape)}")
     return H // patch_size, W // patch_size
+
+
+def check_pixel_stats(name: str, imgs: torch.Tensor, mean, std) -> None:
+    """mean/std (per channel) normalise uint8 images: both None (ImageNet's, 3 channels) or both
+    sequences of C finite reals, std > 0. Float images are already normalised (the official
+    convention): mean and std must be None for them."""
+    if imgs.dtype != torch.uint8:
+        if mean is not None or std is not None:
+            raise ValueError(f"mean/std normalise uint8 {name}, but {name} has dtype "
+                             f"{str(imgs.dtype).replace('torch.', '')} and is taken as already normalised (the "
+                             "official convention): pass mean=None and std=None, or the raw uint8 pixels")
+        return
+    c = imgs.shape[1]
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise ValueError(f"{missing} must be given with {given} (both per channel, or neither for ImageNet's)")
+    if mean is None:
+        if c != 3:
+            raise ValueError(f"uint8 {name} with {c} channels need mean= and std= ({c} values each); the default "
+                             "is ImageNet's, for 3 channels")
+        return
+    for arg, values in (("mean", mean), ("std", std)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{arg} must be a sequence of {c} floats (one per channel of {name}), "
+                            f"got {type(values).__name__}")
+        if len(values) != c:
+            raise ValueError(f"{arg} must have {c} values (one per channel of {name}, shape "
+                             f"{tuple(imgs.shape)}), got {len(values)}: {tuple(values)}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{arg} must hold real numbers, got {tuple(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{arg} must be finite, got {tuple(values)}")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std must be > 0 for every channel, got {tuple(std)}")
 
 
 def to_2tuple(name: str, v) -> tuple[int, int]:

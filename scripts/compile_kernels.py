@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 CUDA = torch.device("cuda")  # only read by the config functions (device.type), never touched
-FLOAT_ARGS = {"eps", "scale", "sm_scale", "qk_scale_log2"}
+FLOAT_ARGS = {"eps", "scale", "sm_scale", "qk_scale_log2"} | {f"px_{k}{c}" for k in ("scale", "offset")
+                                                             for c in range(4)}  # uint8 pixels' factors
 
 
 def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num_stages: int = 1,
@@ -149,15 +150,17 @@ def variants(quick: bool = False):
                         stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw,
                         stride_w_n=L if not masked else M, stride_w_l=1, stride_ids_n=M if masked else L,
                         stride_ids_l=1)
-            for norm in ((True,) if quick else (True, False)):
-                consts = dict(PATCH=patch, CHANNELS=3, NORM=norm, PRED_MASKED=masked, BLOCK_M=bm, BLOCK_P=bp)
-                ptrs = dict(pred_ptr="*bf16", img_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64", part_ptr="*fp32",
+            for norm, img_t in ((True, "fp32"), (True, "u8")) + (() if quick else ((False, "fp32"), (False, "u8"))):
+                consts = dict(PATCH=patch, CHANNELS=3, NORM=norm, PRED_MASKED=masked, NORMALIZE=img_t == "u8",
+                              BLOCK_M=bm, BLOCK_P=bp)
+                ptrs = dict(pred_ptr="*bf16", img_ptr=f"*{img_t}", w_ptr="*fp32", ids_ptr="*i64", part_ptr="*fp32",
                             scale_ptr="*fp32", gpred_ptr="*bf16", res_ptr="*bf16")
+                tag = " uint8" if img_t == "u8" else ""
                 for grad in (True, False):
-                    out.append((f"loss fwd p{patch} masked={masked} norm={norm} grad={grad}",
+                    out.append((f"loss fwd p{patch} masked={masked} norm={norm} grad={grad}{tag}",
                                 lo._norm_pix_loss_fwd_kernel, dict(consts, GRAD=grad), ptrs, w, 1, ints))
-                out.append((f"loss bwd p{patch} masked={masked} norm={norm}", lo._norm_pix_loss_bwd_kernel, consts,
-                            ptrs, w, 1, ints))
+                out.append((f"loss bwd p{patch} masked={masked} norm={norm}{tag}", lo._norm_pix_loss_bwd_kernel,
+                            consts, ptrs, w, 1, ints))
     # masked patch embedding (bf16 and fp32 images), its weight and position-embedding backward
     for patch, D in (((14, 1280),) if quick else ((14, 1280), (16, 1024))):
         gw = img // patch
@@ -167,17 +170,24 @@ def variants(quick: bool = False):
         ints = dict(stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw, stride_w_d=KD, stride_w_k=1,
                     stride_pos_l=D, stride_pos_d=1, M=N * K, K=K, D=D, L=L, GRID_W=gw, KD=KD, ROWS_PER_SPLIT=128,
                     N=N, SAMPLES_PER_SPLIT=4)
-        for dt, (bm, bn, bk, w, st) in (("bf16", (128, 128, 32, 8, 3)), ("fp32", (64, 64, 32, 4, 2))):
+        # (GEMM dtype, image dtype): float images in the GEMM's dtype, and uint8 ones normalised in the prologue
+        for (dt, img_t), (bm, bn, bk, w, st) in ((("bf16", "bf16"), (128, 128, 32, 8, 3)),
+                                                  (("fp32", "fp32"), (64, 64, 32, 4, 2)),
+                                                  (("bf16", "u8"), (128, 128, 32, 8, 3))):
+            tag = f"{dt} uint8" if img_t == "u8" else dt
             for has_pos in (True, False):
-                out.append((f"patch_embed fwd p{patch} {dt} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
-                            dict(P=patch, HAS_BIAS=True, HAS_POS=has_pos, IEEE=dt == "fp32", BLOCK_M=bm, BLOCK_N=bn,
-                                 BLOCK_K=bk),
-                            dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}", pos_ptr=f"*{dt}",
-                                 out_ptr=f"*{dt}"), w, st, ints))
+                out.append((f"patch_embed fwd p{patch} {tag} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
+                            dict(P=patch, HAS_BIAS=True, HAS_POS=has_pos, NORMALIZE=img_t == "u8", IEEE=dt == "fp32",
+                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                            dict(imgs_ptr=f"*{img_t}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}",
+                                 pos_ptr=f"*{dt}", out_ptr=f"*{dt}"), w, st, ints))
             bd, bkd, bm2, w2, st2 = (64, 64, 32, 4, 2) if dt == "fp32" else (128, 64, 64, 8, 3)
-            out.append((f"patch_embed bwd dW p{patch} {dt}", pe._masked_patch_embed_bwd_dw_kernel,
-                        dict(P=patch, IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd, BLOCK_M=bm2),
-                        dict(imgs_ptr=f"*{dt}", ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), w2, st2, ints))
+            out.append((f"patch_embed bwd dW p{patch} {tag}", pe._masked_patch_embed_bwd_dw_kernel,
+                        dict(P=patch, NORMALIZE=img_t == "u8", IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd,
+                             BLOCK_M=bm2),
+                        dict(imgs_ptr=f"*{img_t}", ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), w2, st2, ints))
+            if img_t == "u8":
+                continue  # the position backward does not read the image
             out.append((f"patch_embed bwd dpos p{patch} {dt}", pe._masked_patch_embed_bwd_dpos_kernel,
                         dict(IEEE=dt == "fp32", BLOCK_L=64, BLOCK_D=64, BLOCK_K=64),
                         dict(ids_ptr="*i64", g_ptr=f"*{dt}", part_ptr="*fp32"), 4, 2, ints))

@@ -185,8 +185,8 @@ def test_bad_inputs():
         m(torch.randn(2, 3, 48, 48))
     with pytest.raises(ValueError, match="3 channels"):
         m(torch.randn(2, 1, 32, 32))
-    with pytest.raises(TypeError, match="floating point"):
-        m(torch.ones(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="floating point tensor or uint8"):  # uint8: raw pixels (test_uint8_model)
+        m(torch.ones(2, 3, 32, 32, dtype=torch.int16))
     with pytest.raises(ValueError, match="mask_ratio"):
         m(torch.randn(2, 3, 32, 32), mask_ratio=0.0)
     with pytest.raises(ValueError, match="noise must have shape"):

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops.attention import model_level_impl
 from .._validate import autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
+from ..reference.normalize import normalize, pixel_stats
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -198,7 +199,7 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
     if compiling():
         return
     p = view.patch_size
-    check_images("imgs", imgs, p, channels=view.in_chans)
+    check_images("imgs", imgs, p, channels=view.in_chans, uint8=True)
     if tuple(imgs.shape[-2:]) != tuple(view.img_size):
         raise ValueError(f"imgs must be {view.img_size[0]}x{view.img_size[1]} (img_size of this model), "
                          f"got {tuple(imgs.shape[-2:])}")
@@ -212,8 +213,12 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
 
 def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None, *,
                  seed: int | None = None, impl: str = "auto", fused: bool = False, grad_checkpointing: bool = False,
-                 return_pred: bool = True, loss_fn: Callable | None = None):
+                 return_pred: bool = True, loss_fn: Callable | None = None, mean=None, std=None):
     """The MAE training forward on maefast's ops.
+
+    imgs: float (already normalised, official) or uint8 raw pixels, which the patch embedding and
+    the loss normalise with mean/std (per channel; None: ImageNet's) where they read them: the same
+    as normalising first (`maefast.reference.normalize`) and passing the fp32 images.
 
     Returns (loss, pred, mask, ids_restore). With return_pred=True, pred is (N, L, p*p*C) for every
     patch (the official output; the head then runs on all rows, the loss still reads only masked
@@ -229,12 +234,16 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
                          "images as constants); detach them, or run the official forward for an image gradient")
     n, L, p = imgs.shape[0], view.num_patches, view.patch_size
     out_dtype = autocast_dtype(imgs.device)  # None on meta too (torch.is_autocast_enabled raises there)
-    stream_dtype = torch.float32 if out_dtype is not None else imgs.dtype
+    # uint8 images are read in the patch weight's dtype (float images have it, outside autocast)
+    stream_dtype = torch.float32 if out_dtype is not None else (
+        imgs.dtype if imgs.is_floating_point() else view.patch_proj.weight.dtype)
+    stats = pixel_stats(imgs, mean, std)
+    px = dict(mean=stats[0], std=stats[1]) if stats is not None else {}
 
     ids_keep, ids_restore, mask = ops.random_masking(n, L, mask_ratio, noise=noise, seed=seed, device=imgs.device,
                                                      impl=op_impl(impl, "masking"))
     x = ops.masked_patch_embed(imgs.detach(), ids_keep, view.patch_proj.weight, view.patch_proj.bias,
-                               view.pos_embed, p, impl=op_impl(impl, "patch_embed")).to(stream_dtype)
+                               view.pos_embed, p, impl=op_impl(impl, "patch_embed"), **px).to(stream_dtype)
     cls = (view.cls_token + view.pos_embed[:, :1, :]).to(stream_dtype).expand(n, -1, -1)
     x = torch.cat([cls, x], dim=1)
     x = _run_blocks(view.blocks, x, impl, fused, out_dtype, grad_checkpointing)
@@ -248,16 +257,17 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
     head = view.decoder_pred
     if loss_fn is not None:
         pred = head(x[:, 1:, :])
-        loss = loss_fn(imgs, pred, mask)
+        # the model's own loss reads images as the official code gives them: normalised floats
+        loss = loss_fn(normalize(imgs, *stats) if stats is not None else imgs, pred, mask)
         pred = pred if return_pred else None
     elif return_pred:
         pred = head(x[:, 1:, :])
         loss = ops.norm_pix_loss(pred, imgs, mask, p, norm_pix=view.norm_pix_loss, pred_on="all",
-                                 impl=op_impl(impl, "loss"))
+                                 impl=op_impl(impl, "loss"), **px)
     else:
         pred = None
         loss = ops.masked_prediction_loss(x, head.weight, head.bias, imgs, ids_restore, ids_keep.shape[1], p,
-                                          norm_pix=view.norm_pix_loss, impl=op_impl(impl, "loss"))
+                                          norm_pix=view.norm_pix_loss, impl=op_impl(impl, "loss"), **px)
     return loss, pred, mask, ids_restore
 
 

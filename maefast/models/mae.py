@@ -28,7 +28,9 @@ class MaskedAutoencoderViT(_ReferenceMAE):
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
         -> (loss, pred, mask). ``seed`` (int) draws the mask from maefast's Philox stream instead of
         ``noise``; neither: a seed from torch's CPU generator (no GPU sync). return_pred=False skips
-        the head on the visible rows (pred is None) — what training loops want.
+        the head on the visible rows (pred is None) — what training loops want. imgs may be uint8 raw
+        pixels: ``mean=``/``std=`` (per channel; None: ImageNet's) normalise them, in the kernels on the
+        fused path; the result is that of the fp32 images normalised first.
         A call the fast path cannot serve exactly (images that require a gradient, dropout active in
         training) runs the official computation with a `SlowPathWarning` (maefast.models.routing);
         a subclass's forward_loss / patchify is honoured, its random_masking / forward_encoder /
@@ -51,11 +53,12 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         self.fused = check_fused(fused)
         self.grad_checkpointing = bool(grad_checkpointing)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
+                mean=None, std=None):
         if self.impl == "reference":
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
-            return super().forward(imgs, mask_ratio, noise)
+            return super().forward(imgs, mask_ratio, noise, mean=mean, std=std)
         ov = self._maefast_overrides
         if not compiling():
             inst = instance_overrides(self)
@@ -64,7 +67,8 @@ class MaskedAutoencoderViT(_ReferenceMAE):
             refuse(self, ov.refused, f"its fast path (impl={self.impl!r}) cannot run it; use impl='reference'")
         return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,
                              fused=self.fused, grad_checkpointing=self.grad_checkpointing,
-                             loss_via_model=bool(ov.loss), takes_noise=True, dropouts=self._dropouts())
+                             loss_via_model=bool(ov.loss), takes_noise=True, dropouts=self._dropouts(),
+                             mean=mean, std=std)
 
     def _dropouts(self) -> tuple:
         """The dropout / drop-path modules, scanned at the first call (the fast path checks they are off)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import compiling
+from ..reference.normalize import normalize, pixel_stats
 from .fast import fast_forward, official_view
 
 # official-layout methods the fast forward replaces: a user's version would be dropped
@@ -148,15 +149,19 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
 
 def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise, seed, return_pred: bool, *,
                   impl: str, fused, grad_checkpointing: bool, loss_via_model: bool, takes_noise: bool,
-                  dropouts: tuple = ()):
+                  dropouts: tuple = (), mean=None, std=None):
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
-    call the fast path cannot serve (see the module docstring)."""
+    call the fast path cannot serve (see the module docstring). uint8 images (with mean/std) reach the
+    original forward normalised first, as the official code takes them."""
     why = image_grad_reason(imgs) or (dropout_reason(dropouts) if model.training else None)
     if why is not None:
+        stats = pixel_stats(imgs, mean, std)
+        if stats is not None:
+            imgs = normalize(imgs, *stats)
         return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,
                                        grad_checkpointing=grad_checkpointing, return_pred=return_pred,
-                                       loss_fn=model.forward_loss if loss_via_model else None)
+                                       loss_fn=model.forward_loss if loss_via_model else None, mean=mean, std=std)
     return loss, pred, mask
 
 

@@ -1,6 +1,8 @@
 """Drop-in MAE reconstruction loss module (the official `MaskedAutoencoderViT.forward_loss`)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -17,7 +19,8 @@ class NormPixLoss(nn.Module):
 
     forward(imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) float 1 = removed) -> 0-d fp32 loss.
     With ``pred_on="masked"``, pred is (N, L-K, p*p*C) (masked patches in shuffle order) and the
-    third argument is ids_restore (N, L); see `maefast.ops.norm_pix_loss`.
+    third argument is ids_restore (N, L); see `maefast.ops.norm_pix_loss`. uint8 imgs (raw pixels)
+    are normalised with ``mean``/``std`` per channel (None: ImageNet's) as the kernels read them.
     """
 
     def __init__(self, patch_size: int, norm_pix_loss: bool = False, impl: str = "auto"):
@@ -26,9 +29,10 @@ class NormPixLoss(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.impl = impl
 
-    def forward(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_on: str = "all") -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_on: str = "all", *,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
         return norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, pred_on=pred_on,
-                             impl=self.impl)
+                             impl=self.impl, mean=mean, std=std)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, norm_pix_loss={self.norm_pix_loss}, impl={self.impl!r}"

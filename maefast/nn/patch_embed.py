@@ -2,6 +2,8 @@
 only the kept patches (maefast.ops.random_masking + maefast.ops.masked_patch_embed)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -40,28 +42,32 @@ class MaskedPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch, stride=patch)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float, pos_embed: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None, offset: int = 0):
+                noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None, offset: int = 0, *,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         """Masks, then embeds the kept patches.
 
         Args:
-            imgs: (N, C, H, W) images (no gradient flows to them).
+            imgs: (N, C, H, W) images (no gradient flows to them): float, already normalised, or
+                uint8 raw pixels normalised with mean/std in the kernels (`ops.masked_patch_embed`).
             mask_ratio: fraction of patches removed, in (0, 1).
             pos_embed: (1, 1 + L, D) position embeddings added to the kept tokens, or None.
             noise: optional (N, L) noise (official semantics); else ``seed``/``offset`` (Philox) or,
                 with neither, a seed drawn from torch's default CPU generator.
+            mean, std: per-channel statistics of uint8 imgs (None: ImageNet's); None for float imgs.
 
         Returns:
-            tokens (N, K, D) in imgs' dtype (autocast dtype under autocast), mask (N, L) float32
+            tokens (N, K, D) in the weight's dtype (autocast dtype under autocast), mask (N, L) float32
             (1 = removed), ids_restore (N, L) int64 — as the official ``random_masking`` returns them.
         """
         p = self.patch_size[0]
         if not compiling():
-            check_images("imgs", imgs, p)
+            check_images("imgs", imgs, p, uint8=True)
         n, _, H, W = imgs.shape
         L = (H // p) * (W // p)
         ids = random_masking(n, L, mask_ratio, noise=noise, seed=seed, offset=offset, device=imgs.device,
                              impl=self.impl)
-        tokens = masked_patch_embed(imgs, ids.ids_keep, self.proj.weight, self.proj.bias, pos_embed, p, impl=self.impl)
+        tokens = masked_patch_embed(imgs, ids.ids_keep, self.proj.weight, self.proj.bias, pos_embed, p, impl=self.impl,
+                                    mean=mean, std=std)
         return tokens, ids.mask, ids.ids_restore
 
     def extra_repr(self) -> str:

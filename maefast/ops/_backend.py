@@ -60,11 +60,11 @@ def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dtype.cuh DTypeCode
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}  # csrc/dtype.cuh DTypeCode
 
 
 def dtype_code(dtype: torch.dtype) -> int:
-    """The code maefast._C's kernels take for a float dtype (csrc/dtype.cuh)."""
+    """The code maefast._C's kernels take for a dtype (csrc/dtype.cuh; uint8: raw pixels)."""
     return _DTYPE_CODES[dtype]
 
 

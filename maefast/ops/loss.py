@@ -15,8 +15,13 @@ official `(loss * mask).sum()`: 0 * NaN is NaN); with pred_on="masked" visible p
 read (as in `forward_loss_masked`), so only masked patches and pred reach the loss.
 ids_restore (pred_on="masked") must be a permutation of 0..L-1 per row: checked on the host for a
 CPU tensor; trusted on a GPU, where every backend still reads inside the image whatever it holds.
+uint8 images are normalised per channel (mean/std, ImageNet's by default) as the kernels read them,
+in fp32 before the per-patch statistics: the target of the same images normalised first, without a
+float image in memory (the reference backend normalises first: it is the definition).
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +29,11 @@ import torch.nn.functional as F
 from .._validate import (FLOAT_DTYPES, check_images, check_input_dtype, check_patch_size, check_permutation,
                          check_tensor, compiling, dense_index)
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
+from ..reference.normalize import as_float_images, pixel_stats
 from ..reference.patchify import patchify
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
+from ._pixels import kernels_take, pixel_affine
 
 PRED_ON = ("all", "masked")
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -36,12 +43,12 @@ def _validate(pred, imgs, mask_or_ids, patch_size, pred_on) -> None:
     check_patch_size(patch_size)
     if pred_on not in PRED_ON:
         raise ValueError(f"pred_on must be one of {PRED_ON}, got {pred_on!r}")
-    h, w = check_images("imgs", imgs, patch_size)
+    h, w = check_images("imgs", imgs, patch_size, uint8=True)
     n, c = imgs.shape[:2]
     L, P = h * w, patch_size * patch_size * c
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES, device=imgs.device)
-    if imgs.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"imgs must be float32/float16/bfloat16, got {imgs.dtype}")
+    if imgs.dtype not in FLOAT_DTYPES + (torch.uint8,):
+        raise TypeError(f"imgs must be float32/float16/bfloat16 or uint8, got {imgs.dtype}")
     if pred_on == "all":
         if tuple(pred.shape) != (n, L, P):
             raise ValueError(f"pred must have shape (N, L, p*p*C) = {(n, L, P)} for pred_on='all', "
@@ -77,15 +84,15 @@ def _denominator(pred, mask_or_ids, pred_masked: bool) -> torch.Tensor:
     return mask_or_ids.sum(dtype=torch.float32)
 
 
-def _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, m):
-    target = patchify(imgs.float(), patch_size)
+def _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, m, stats):
+    target = patchify(as_float_images(imgs, stats), patch_size)
     if pred_masked:
         ids = masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - m)
         target = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
     return norm_pix_target(target) if norm_pix else target
 
 
-def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale=None):
+def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, affine, scale=None):
     from .._cpp_lib import require_C
 
     C = require_C()
@@ -96,8 +103,9 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
     L = (H // patch_size) * gw
     m = pred.shape[1]
     k = L - m if pred_masked else 0
+    px_scale, px_offset = affine if affine is not None else ([], [])
     common = (n, L, gw, k, m, c, patch_size, *pred.stride(), *imgs.stride(), *wt.stride(), bool(norm_pix),
-              bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), stream_of(pred))
+              bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), px_scale, px_offset, stream_of(pred))
     if fwd:
         rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
         with torch.cuda.device(pred.device):  # the extension launches on the current device
@@ -128,32 +136,37 @@ def _fuses_grad(impl: str, with_grad: bool) -> bool:
 
 @custom_op("maefast::norm_pix_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, norm_pix: bool,
-             pred_masked: bool, impl: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             pred_masked: bool, impl: str, with_grad: bool, mean: Optional[list[float]] = None,
+             std: Optional[list[float]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, r): r = w * (pred - target) in pred's dtype where the forward computes it (`_fuses_grad`;
     the gradient is r * grad_loss * 2 / (P * sum(w))), else an empty tensor (the backward op then
-    recomputes from pred and imgs)."""
+    recomputes from pred and imgs). uint8 imgs are normalised with mean/std (None: ImageNet's)."""
     mask_or_ids = dense_index(mask_or_ids)
     den = _denominator(pred, mask_or_ids, pred_masked)
     none = pred.new_empty(0)
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
+    affine = pixel_affine(stats) if stats is not None else None
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_fwd
 
         weight, ids = _triton_rows(pred, mask_or_ids, pred_masked)
         with device_guard(pred):
-            total, r = norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix, _fuses_grad(impl, with_grad))
+            total, r = norm_pix_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix, _fuses_grad(impl, with_grad),
+                                         affine)
         return total / den, (r if r is not None else none)
     if impl == "cuda":
-        return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked) / den, none
+        return _cuda_call(True, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, affine) / den, none
     # Reference semantics with fp32 arithmetic whatever the input dtypes.
+    x = as_float_images(imgs, stats)
     if pred_masked:
-        loss = forward_loss_masked(imgs.float(), pred.float(), mask_or_ids.to(torch.int64), patch_size, norm_pix)
+        loss = forward_loss_masked(x, pred.float(), mask_or_ids.to(torch.int64), patch_size, norm_pix)
     else:
-        loss = forward_loss(imgs.float(), pred.float(), mask_or_ids.float(), patch_size, norm_pix)
+        loss = forward_loss(x, pred.float(), mask_or_ids.float(), patch_size, norm_pix)
     return loss, none
 
 
 @_loss_op.register_fake
-def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad):
+def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad, mean=None, std=None):
     r = torch.empty_like(pred, memory_format=torch.contiguous_format) if _fuses_grad(impl, with_grad) \
         else pred.new_empty(0)
     return pred.new_empty((), dtype=torch.float32), r
@@ -161,19 +174,23 @@ def _(pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_gra
 
 @custom_op("maefast::norm_pix_loss_backward", mutates_args=())
 def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor,
-                 patch_size: int, norm_pix: bool, pred_masked: bool, impl: str) -> torch.Tensor:
+                 patch_size: int, norm_pix: bool, pred_masked: bool, impl: str, mean: Optional[list[float]] = None,
+                 std: Optional[list[float]] = None) -> torch.Tensor:
     """Grad of pred (pred's shape and dtype, contiguous); grad is the 0-d fp32 grad of the loss."""
     mask_or_ids = dense_index(mask_or_ids)
     scale = (grad.float() / _denominator(pred, mask_or_ids, pred_masked)).reshape(())
+    stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
+    affine = pixel_affine(stats) if stats is not None else None
     if impl == "triton":
         from ..kernels.loss import norm_pix_loss_bwd
 
         weight, ids = _triton_rows(pred, mask_or_ids, pred_masked)
         with device_guard(pred):
-            return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, norm_pix)
+            return norm_pix_loss_bwd(scale.contiguous(), pred, imgs, weight, ids, patch_size, norm_pix, affine)
     if impl == "cuda":
-        return _cuda_call(False, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, scale.contiguous())
-    target = _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, pred.shape[1])
+        return _cuda_call(False, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, affine,
+                          scale.contiguous())
+    target = _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, pred.shape[1], stats)
     g = (pred.float() - target) * (scale * 2.0 / pred.shape[-1])
     if not pred_masked:
         g = g * mask_or_ids.float().unsqueeze(-1)
@@ -181,12 +198,12 @@ def _loss_bwd_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mas
 
 
 @_loss_bwd_op.register_fake
-def _(grad, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl):
+def _(grad, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, mean=None, std=None):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad = inputs
+    pred, imgs, mask_or_ids, patch_size, norm_pix, pred_masked, impl, with_grad, mean, std = inputs
     _, r = output
     ctx.mark_non_differentiable(r)
     ctx.set_materialize_grads(False)
@@ -196,12 +213,12 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(r, mask_or_ids)
     else:
         ctx.save_for_backward(pred, imgs, mask_or_ids)
-    ctx.args = (patch_size, norm_pix, pred_masked, impl)
+    ctx.args = (patch_size, norm_pix, pred_masked, impl, mean, std)
 
 
 def _backward(ctx, grad, _dg):
     if grad is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 10
     if ctx.fused:
         r, mask_or_ids = ctx.saved_tensors  # r has pred's shape
         den = _denominator(r, mask_or_ids, ctx.args[2])
@@ -210,7 +227,7 @@ def _backward(ctx, grad, _dg):
     else:
         pred, imgs, mask_or_ids = ctx.saved_tensors
         gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)
-    return gpred, None, None, None, None, None, None, None
+    return (gpred,) + (None,) * 9
 
 
 register_autograd(_loss_op, _backward, setup_context=_setup_context)
@@ -219,7 +236,8 @@ register_autograd(_loss_op, _backward, setup_context=_setup_context)
 # -- public API -----------------------------------------------------------------------------------
 
 def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Tensor, patch_size: int, *,
-                  norm_pix: bool = True, pred_on: str = "all", impl: str = "auto") -> torch.Tensor:
+                  norm_pix: bool = True, pred_on: str = "all", impl: str = "auto",
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """MAE reconstruction loss: mean over the masked patches of the per-patch MSE against the
     (optionally per-patch-normalised) image pixels.
 
@@ -228,8 +246,10 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
             pred_on="all":    (N, L, P), every patch (the official decoder output without cls).
             pred_on="masked": (N, M, P), M = L - K masked patches only; row j of sample n predicts
                               patch ids_shuffle[n, K + j] (see `masked_patch_ids`).
-        imgs: (N, C, H, W) float images (any strides, e.g. channels_last); H, W multiples of patch_size.
-            Only masked patches are read.
+        imgs: (N, C, H, W) images (any strides, e.g. channels_last); H, W multiples of patch_size:
+            float (already normalised, the official convention) or uint8 raw pixels, normalised per
+            channel in fp32 as torchvision's ToTensor + Normalize(mean, std) would, where the kernels
+            read them (no float image is made); the target is then that of the normalised images.
         mask_or_ids: pred_on="all": mask (N, L) float, 1 = removed (any weights: sum(w * loss) / sum(w)).
             pred_on="masked": ids_restore (N, L) int64/int32 from masking (a permutation; K = L - M;
             checked for a CPU tensor, trusted on a GPU).
@@ -237,6 +257,8 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
         norm_pix: normalise each target patch: (t - mean) / sqrt(unbiased var + 1e-6), in fp32.
         pred_on: "all" (official) | "masked".
         impl: "auto" | "triton" | "cuda" | "reference".
+        mean, std: per-channel statistics for uint8 imgs (C floats each, std > 0; both None:
+            ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)). Must be None for float imgs.
     Returns:
         0-d fp32 loss, sum(per-patch MSE * w) / sum(w) (fp32 arithmetic for any input dtype).
         Differentiable in pred only; the gradient is zero on unmasked rows (pred_on="all"),
@@ -246,10 +268,23 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     """
     if not compiling():
         _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
-    impl = choose_impl(impl, pred.device, cuda_op="norm_pix_loss_fwd", what="maefast.ops.norm_pix_loss")
+    impl = _resolve(impl, pred, imgs)
+    stats = pixel_stats(imgs, mean, std)
+    m, s = (list(stats[0]), list(stats[1])) if stats is not None else (None, None)
     with_grad = torch.is_grad_enabled() and pred.requires_grad
     return call(_loss_op, pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl,
-                with_grad)[0]
+                with_grad, m, s)[0]
+
+
+def _resolve(impl: str, pred: torch.Tensor, imgs: torch.Tensor) -> str:
+    what = "maefast.ops.norm_pix_loss"
+    chosen = choose_impl(impl, pred.device, cuda_op="norm_pix_loss_fwd", what=what)
+    ok, why = kernels_take(imgs)
+    if chosen == "reference" or ok:
+        return chosen
+    if impl == "auto":
+        return "reference"
+    raise ValueError(f"impl={impl!r} is not available for {what}: {why}")
 
 
 def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
@@ -267,7 +302,8 @@ def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
 def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor, pred_bias: torch.Tensor | None,
                            imgs: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, patch_size: int, *,
                            norm_pix: bool = True, has_cls: bool = True, return_pred: bool = False,
-                           impl: str = "auto"):
+                           impl: str = "auto", mean: Sequence[float] | None = None,
+                           std: Sequence[float] | None = None):
     """Prediction head + loss on the masked patches only (the decoder blocks still see every token).
 
     Gathers the L - K masked rows of the decoder output, applies `decoder_pred` (F.linear) to them
@@ -278,7 +314,8 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
     Args:
         decoder_out: (N, 1+L, Dd) after decoder_norm (cls first; has_cls=False: (N, L, Dd)).
         pred_weight: (p*p*C, Dd), pred_bias: (p*p*C,) or None — `decoder_pred.weight/.bias`.
-        imgs: (N, C, H, W). ids_restore: (N, L) from masking. len_keep: K.
+        imgs: (N, C, H, W), float or uint8 (normalised with mean/std; see `norm_pix_loss`).
+        ids_restore: (N, L) from masking. len_keep: K.
         return_pred: also return the (N, L-K, P) masked predictions (rows in `masked_patch_ids` order).
     Returns:
         loss (0-d fp32), or (loss, pred_masked) when return_pred.
@@ -289,7 +326,8 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
     ids = masked_patch_ids(ids_restore, len_keep)
     x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     pred = F.linear(x, pred_weight, pred_bias)
-    loss = norm_pix_loss(pred, imgs, ids_restore, patch_size, norm_pix=norm_pix, pred_on="masked", impl=impl)
+    loss = norm_pix_loss(pred, imgs, ids_restore, patch_size, norm_pix=norm_pix, pred_on="masked", impl=impl,
+                         mean=mean, std=std)
     return (loss, pred) if return_pred else loss
 
 
@@ -305,7 +343,7 @@ def _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_k
     if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep < L:
         raise ValueError(f"len_keep must be an int in [0, L) = [0, {L}), got {len_keep!r}")
     check_patch_size(patch_size)
-    check_images("imgs", imgs, patch_size)
+    check_images("imgs", imgs, patch_size, uint8=True)
     dd, P = decoder_out.shape[-1], patch_size * patch_size * imgs.shape[1]
     check_tensor("pred_weight", pred_weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     if tuple(pred_weight.shape) != (P, dd):

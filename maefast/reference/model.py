@@ -9,6 +9,7 @@ from .._validate import check_images, check_input_dtype, check_tensor, compiling
 from .attention import attention
 from .loss import forward_loss
 from .masking import random_masking
+from .normalize import normalize, pixel_stats
 from .patchify import patchify, unpatchify
 from .pos_embed import get_2d_sincos_pos_embed
 
@@ -88,6 +89,8 @@ class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a ViT backbone (official semantics and state-dict keys).
 
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L)) -> (loss, pred (N, L, p*p*C), mask (N, L)).
+    imgs are ImageNet-normalised floats (official), or uint8 raw pixels: forward(..., mean=, std=) then
+    normalises them first (`reference.normalize`, ImageNet's statistics by default) and runs on those.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
@@ -151,8 +154,9 @@ class MaskedAutoencoderViT(nn.Module):
     def check_inputs(self, imgs, noise=None):
         if compiling():
             return
-        check_images("imgs", imgs, self.patch_size, channels=self.in_chans)
-        check_input_dtype("imgs", imgs, self.patch_embed.proj.weight, "the model's patch_embed.proj.weight")
+        check_images("imgs", imgs, self.patch_size, channels=self.in_chans, uint8=True)
+        if imgs.is_floating_point():  # uint8: normalised, then cast to the weight's dtype (forward)
+            check_input_dtype("imgs", imgs, self.patch_embed.proj.weight, "the model's patch_embed.proj.weight")
         if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
             raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
                              f"(img_size of this model), got {tuple(imgs.shape[-2:])}")
@@ -190,9 +194,16 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs, pred, mask):
         return forward_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=0.75, noise=None, *, mean=None, std=None):
         self.check_inputs(imgs, noise)
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        x = imgs
+        stats = pixel_stats(imgs, mean, std)
+        if stats is not None:
+            # uint8: the official input is the normalised fp32 image; the patch embedding reads it in its
+            # weight's dtype (as the kernels do), the loss target stays fp32
+            imgs = normalize(imgs, *stats)
+            x = imgs.to(self.patch_embed.proj.weight.dtype)
+        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask

@@ -1,0 +1,45 @@
+"""uint8 images: the official input normalisation (torchvision ToTensor, then Normalize).
+
+The official model takes images already normalised: `x = (img / 255 - mean) / std` per channel, in
+fp32, with ImageNet's mean/std. maefast's ops and models also take the raw uint8 NCHW batch and
+normalise it themselves; this is what they must equal.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .._validate import check_pixel_stats, compiling
+
+# timm's IMAGENET_DEFAULT_MEAN / _STD, as the official main_pretrain.py passes them to Normalize
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixel_stats(imgs: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel (mean, std) that `imgs` are normalised with: None for float images (already
+    normalised, the official convention; mean/std must then be None); for uint8 images, the given
+    values or ImageNet's (3 channels), as tuples of C floats. Checked unless torch.compile traces."""
+    if not compiling():
+        check_pixel_stats("imgs", imgs, mean, std)
+    if imgs.dtype != torch.uint8:
+        return None
+    return (tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean)),
+            tuple(float(s) for s in (IMAGENET_STD if std is None else std)))
+
+
+def normalize(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> fp32 ``(imgs / 255 - mean) / std``, torchvision's ToTensor + Normalize
+    operation for operation (each rounded in fp32; mean/std as fp32 values)."""
+    x = imgs.to(torch.float32).div(255)
+    # Python scalars per channel (the same fp32 arithmetic as Normalize's (C, 1, 1) tensors) so that
+    # no host-to-device copy is made for them
+    return torch.stack([x[:, c].sub(m).div(s) for c, (m, s) in enumerate(zip(mean, std))], dim=1)
+
+
+def as_float_images(imgs: torch.Tensor, stats: tuple | None) -> torch.Tensor:
+    """The fp32 images an op computes with: `normalize` for uint8 (stats from `pixel_stats`), else
+    imgs in fp32."""
+    return normalize(imgs, *stats) if stats is not None else imgs.float()

@@ -1,0 +1,92 @@
+"""uint8 images into the model (maefast.models.MaskedAutoencoderViT, fused path and official
+computation): uint8 + mean/std gives what normalising first (`maefast.reference.normalize`) and
+passing the fp32 images gives — bit for bit on the CPU's reference ops, to the tolerance table on the
+kernels. The ops themselves: tests/test_uint8.py."""
+import pytest
+import torch
+
+from maefast._triton import HAS_TRITON
+from maefast.models import MaskedAutoencoderViT
+from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+from maefast.testing import assert_close
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+OWN = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+GPU = torch.device("cuda")
+
+
+def _pixels(*shape, device="cpu"):
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)
+
+
+def _model_step(m, imgs, noise, mode="fp32", **kw):
+    m.zero_grad()
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+        loss, pred, mask = m(imgs, 0.75, noise, **kw)
+    loss.backward()
+    return loss.detach(), pred, mask, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("stats", ["imagenet", "own"])
+def test_model_equals_normalise_first(impl, mode, stats):
+    """On the CPU (the reference ops) uint8 + mean/std is the normalised fp32 run bit for bit, loss,
+    pred, mask and every gradient, for the official computation and the fused path."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl=impl)
+    st = IMAGENET if stats == "imagenet" else OWN
+    u, noise = _pixels(3, 3, 32, 32), torch.rand(3, 16)
+    kw = dict(return_pred=True) if impl != "reference" else {}
+    got = _model_step(m, u, noise, mode, **({} if st is IMAGENET else dict(mean=st[0], std=st[1])), **kw)
+    want = _model_step(m, normalize(u, *st), noise, mode, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert got[3].keys() == want[3].keys() and all(torch.equal(got[3][n], want[3][n]) for n in want[3])
+
+
+@pytest.mark.slow
+@needs_triton
+def test_model_triton_equals_normalise_first(device):
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**dict(TINY, depth=1), norm_pix_loss=True, impl="triton").to(device)
+    u, noise = _pixels(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    got = _model_step(m, u, noise, return_pred=False)
+    want = _model_step(m, normalize(u, *IMAGENET), noise, return_pred=False)
+    assert_close(got[0], want[0], torch.float32, name="loss")
+    for n in want[3]:
+        assert_close(got[3][n], want[3][n], torch.float32, name=f"grad {n}", scale=10)
+
+
+def test_model_bf16_weights_read_uint8_in_their_dtype():
+    """A bf16 model without autocast: the patch embedding reads the normalised pixels in bf16 (the
+    fused path and the official computation alike), the loss target stays fp32."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True).bfloat16()
+    u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        fast = m(u, 0.75, noise)
+        m.impl = "reference"
+        ref = m(u, 0.75, noise)
+    assert fast[1].dtype == torch.bfloat16 and torch.isfinite(fast[0])
+    assert_close(fast[0], ref[0], torch.bfloat16, name="loss")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["auto", "cuda", "reference"])
+def test_gpu_model_uint8(impl):
+    torch.manual_seed(0)
+    cfg = dict(img_size=224, patch_size=16, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=128,
+               decoder_depth=1, decoder_num_heads=4)
+    m = MaskedAutoencoderViT(**cfg, norm_pix_loss=True, impl=impl).to(GPU)
+    u, noise = _pixels(8, 3, 224, 224, device=GPU), torch.rand(8, 196, device=GPU)
+    got = _model_step(m, u, noise, "bf16")
+    want = _model_step(m, normalize(u, *IMAGENET), noise, "bf16")
+    assert torch.equal(got[2], want[2])
+    assert_close(got[0], want[0], torch.float32, name="loss", scale=10)
+    for n in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"):
+        assert_close(got[3][n], want[3][n], torch.bfloat16, name=f"grad {n}")
