@@ -90,3 +90,32 @@ def test_gpu_model_uint8(impl):
     assert_close(got[0], want[0], torch.float32, name="loss", scale=10)
     for n in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"):
         assert_close(got[3][n], want[3][n], torch.bfloat16, name=f"grad {n}")
+
+
+def test_routed_calls_see_normalised_images():
+    """A call the fast path hands elsewhere (a subclass's own forward_loss; dropout active in training,
+    which runs the original forward) gets the images normalised first, as the official code takes them."""
+    seen = []
+
+    class OwnLoss(MaskedAutoencoderViT):
+        def forward_loss(self, imgs, pred, mask):
+            seen.append(imgs.dtype)
+            return super().forward_loss(imgs, pred, mask)
+
+    torch.manual_seed(0)
+    u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
+    m = OwnLoss(**TINY, norm_pix_loss=True, impl="auto")
+    got = _model_step(m, u, noise, mean=OWN[0], std=OWN[1])
+    want = _model_step(m, normalize(u, *OWN), noise)
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(got[0], want[0])
+
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="auto")
+    m.blocks[0].mlp.drop = torch.nn.Dropout(0.1)  # active in train(): the original forward runs
+    m.train()
+    with pytest.warns(Warning, match="dropout|Dropout"):
+        torch.manual_seed(1)
+        got = _model_step(m, u, noise)
+    torch.manual_seed(1)
+    want = _model_step(m, normalize(u, *IMAGENET), noise)
+    assert torch.equal(got[0], want[0])
