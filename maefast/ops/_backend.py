@@ -11,6 +11,9 @@ from .._triton import triton_usable
 IMPLS = ("auto", "triton", "cuda", "reference")
 
 
+# While torch.compile traces, the answer is taken as a constant (this runs in Python, untraced): the
+# first call may load the extension, and Dynamo refuses to trace importlib.import_module (fullgraph fails).
+@torch.compiler.assume_constant_result
 def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, str]:
     """(usable, reason) for the CUDA C++ extension on `device` (and, if given, its binding `op`)."""
     if device.type != "cuda":
