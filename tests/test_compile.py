@@ -105,7 +105,8 @@ def _assert_error_ratio(got, want, oracle, dtype, what: str) -> None:
     assert_error_ratio(got[0], want[0], oracle[0], dtype, "forward", name=f"{what}: loss")
     assert set(got[1]) == set(want[1]) == set(oracle[1]) and want[1]
     for name in want[1]:
-        assert_error_ratio(got[1][name], want[1][name], oracle[1][name], dtype, "backward", name=f"{what}: grad of {name}")
+        assert_error_ratio(got[1][name], want[1][name], oracle[1][name], dtype, "backward",
+                           name=f"{what}: grad of {name}")
 
 
 def _compare(kind, impl="auto", fused=False, ckpt=False, amp=None, mask="noise", device="cpu", backend="inductor"):
@@ -260,3 +261,44 @@ def test_backend_choice_traces_before_the_extension_is_loaded(monkeypatch):
     x = torch.zeros(1)
     got = torch.compile(f, fullgraph=True, backend="eager")(x)
     assert torch.equal(got, f(x))
+
+
+# == 4. opcheck of the ops the other test files do not opcheck =======================================
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck_backward_ops_and_triton_forwards(impl):
+    """torch.library.opcheck (schema: no input mutated or aliased by an output; fake vs real metadata;
+    AOT dispatch) of the backward ops of LayerNorm, bias+GELU, patch embedding and the whole block, and
+    of masking and patch embedding on the Triton kernels."""
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    ops = torch.ops.maefast
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    x, ln_w, ln_b = rnd(2, 5, 32), rnd(32), rnd(32)
+    _, mean, rstd = ops.layer_norm(x, ln_w, ln_b, 1e-6, None, impl)
+    for ds in (None, rnd(2, 5, 32)):
+        torch.library.opcheck(ops.layer_norm_backward.default, (rnd(2, 5, 32), ds, x, ln_w, mean, rstd, impl))
+    torch.library.opcheck(ops.bias_gelu_backward.default, (rnd(2, 5, 40), rnd(2, 5, 40), rnd(40), impl))
+
+    for noise, seed in ((torch.rand(3, 16, generator=g).to(dev), None), (None, torch.tensor([5]))):
+        torch.library.opcheck(ops.random_masking.default, (3, 16, 4, noise, seed, 0, torch.device(dev), impl))
+    imgs, w_pe, b_pe, pos = rnd(3, 3, 32, 32), rnd(24, 3, 8, 8), rnd(24), rnd(1, 17, 24)
+    ids_keep = ops.random_masking(3, 16, 4, None, torch.tensor([5]), 0, torch.device(dev), impl)[0]
+    torch.library.opcheck(ops.masked_patch_embed.default, (imgs, ids_keep, w_pe.requires_grad_(), b_pe, pos, 8, impl))
+    for need_pos in (False, True):
+        torch.library.opcheck(ops.masked_patch_embed_backward.default,
+                              (rnd(3, 4, 24), imgs, ids_keep, w_pe.detach(), pos, 8, need_pos, impl))
+
+    d, hid, heads, scale = 32, 64, 2, 16 ** -0.5
+    w = dict(ln1_w=rnd(d), ln1_b=rnd(d), qkv_w=rnd(3 * d, d) * 0.2, qkv_b=rnd(3 * d), proj_w=rnd(d, d) * 0.2,
+             proj_b=rnd(d), ln2_w=rnd(d), ln2_b=rnd(d), fc1_w=rnd(hid, d) * 0.2, fc1_b=rnd(hid),
+             fc2_w=rnd(d, hid) * 0.2, fc2_b=rnd(d))
+    xb = rnd(2, 5, d)
+    _, qkv, o, lse, s, a = ops.vit_block(xb, *w.values(), heads, scale, 1e-6, 1e-6, None, impl)
+    torch.library.opcheck(ops.vit_block_backward.default,
+                          (rnd(2, 5, d), xb, qkv, o, lse, s, a, w["ln1_w"], w["ln1_b"], w["qkv_w"], True, w["proj_w"],
+                           w["ln2_w"], w["ln2_b"], w["fc1_w"], w["fc1_b"], w["fc2_w"], heads, scale, 1e-6, 1e-6, None,
+                           impl))

@@ -11,9 +11,6 @@ from .._triton import triton_usable
 IMPLS = ("auto", "triton", "cuda", "reference")
 
 
-# While torch.compile traces, the answer is taken as a constant (this runs in Python, untraced): the
-# first call may load the extension, and Dynamo refuses to trace importlib.import_module (fullgraph fails).
-@torch.compiler.assume_constant_result
 def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, str]:
     """(usable, reason) for the CUDA C++ extension on `device` (and, if given, its binding `op`)."""
     if device.type != "cuda":
@@ -25,6 +22,13 @@ def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, 
     if op is not None and not hasattr(C, op):
         return False, f"maefast._C has no '{op}' (rebuild the extension)"
     return True, ""
+
+
+# While torch.compile traces, Dynamo calls cuda_ext_usable as plain Python and takes its answer as a constant:
+# the first call may load the extension, and Dynamo refuses to trace importlib.import_module (a fullgraph
+# compile would fail). This is the mark torch.compiler.assume_constant_result sets; calling that would
+# import torch._dynamo, and with it triton, at `import maefast` (tests/test_import.py).
+cuda_ext_usable._dynamo_marked_constant = True
 
 
 def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"), cuda_op: str | None = None,
