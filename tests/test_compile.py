@@ -230,6 +230,22 @@ def test_fullgraph_and_fake_ops_match_real_ops(kind, impl, fused, variant):
         _assert_same(res["compiled"][i], res["eager"][i], amp or torch.float32, f"{what}, call {i}")
 
 
+def test_a_new_batch_size_recompiles_once():
+    """A short last batch compiles the step once more, with a symbolic batch size; no further size
+    recompiles (nothing in the forward or the traced backward may specialise the batch). On the Triton
+    kernels, the GPU's default (their loss backward once did)."""
+    device = TRITON_DEVICE
+    torch._dynamo.reset()
+    model = _own("triton", False, False).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for i, n in enumerate((3, 2, 4)):  # (1 is a size of its own for torch.compile)
+        imgs, noise = torch.randn(n, 3, 32, 32, device=device), torch.rand(n, L, device=device)
+        with torch._dynamo.config.patch(error_on_recompile=i == 2):
+            got = _step(model, compiled, "own", imgs, {"noise": noise})
+        _assert_same(got, _step(model, model, "own", imgs, {"noise": noise}), torch.float32, f"batch {n}")
+    torch._dynamo.reset()
+
+
 # == 3. decisions taken while tracing ===================================================================
 
 def test_cuda_attention_choice_traces_without_a_data_pointer():
