@@ -24,6 +24,13 @@ def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, 
     return True, ""
 
 
+# While torch.compile traces, Dynamo calls cuda_ext_usable as plain Python and takes its answer as a constant:
+# the first call may load the extension, and Dynamo refuses to trace importlib.import_module (a fullgraph
+# compile would fail). This is the mark torch.compiler.assume_constant_result sets; calling that would
+# import torch._dynamo, and with it triton, at `import maefast` (tests/test_import.py).
+cuda_ext_usable._dynamo_marked_constant = True
+
+
 def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"), cuda_op: str | None = None,
                 what: str = "this op") -> str:
     """Resolve `impl` for tensors on `device`.

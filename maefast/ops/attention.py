@@ -43,7 +43,10 @@ def _kernel_unsupported(impl: str, qkv: torch.Tensor, head_dim: int, max_len: in
         if max_len > CUDA_MAX_SEQLEN:
             return f"the CUDA C++ kernel holds a whole sequence in one block: L <= {CUDA_MAX_SEQLEN}, got {max_len}"
         es = qkv.element_size()
-        if qkv.stride(-1) != 1 or qkv.data_ptr() % 16 or any(s % (16 // es) for s in qkv.stride()[:-1]):
+        # while torch.compile traces there is no data pointer: qkv is then a Linear's fresh output (the
+        # allocators align far beyond 16 bytes), and the op checks the pointer again when it runs
+        misaligned = not compiling() and qkv.data_ptr() % 16
+        if qkv.stride(-1) != 1 or misaligned or any(s % (16 // es) for s in qkv.stride()[:-1]):
             return ("the CUDA C++ kernel needs qkv's last dim contiguous, its data 16-byte aligned and the other "
                     f"strides multiples of 8 elements; got strides {tuple(qkv.stride())}")
     return None

@@ -80,7 +80,8 @@ def _split(mask_or_ids, pred_masked: bool):
 
 def _denominator(pred, mask_or_ids, pred_masked: bool) -> torch.Tensor:
     if pred_masked:
-        return torch.full((), float(pred.shape[0] * pred.shape[1]), dtype=torch.float32, device=pred.device)
+        # the count stays an int: float() of a traced shape would specialise torch.compile to one batch size
+        return torch.full((), pred.shape[0] * pred.shape[1], dtype=torch.float32, device=pred.device)
     return mask_or_ids.sum(dtype=torch.float32)
 
 

@@ -1,0 +1,321 @@
+"""torch.compile of the fast MAE step: maefast's ops stay opaque custom ops, Inductor compiles everything
+around them, `fullgraph=True`, and forward + backward equal eager (the tolerance table of maefast.testing).
+
+- Inductor (the default backend) on the CPU, one test per model kind: maefast's own model on the per-op
+  reference backend (fp32; bf16 autocast with grad checkpointing and a seed tensor) and on the Triton
+  kernels (TRITON_INTERPRET=1 here, fp32: the interpreter's bf16 dot is wrong), a `maefast.patch`-ed
+  official-layout model and a patched transformers ViTMAEForPreTraining. The generated code calls each
+  maefast op once per use, while LayerNorm, GELU and the residual adds are Inductor's own fused kernels.
+  A second call with new images and a new mask must not recompile.
+- Every model kind x fused mode on the crossref backend (AOTAutograd without Inductor's codegen, each
+  custom op run for real next to its fake implementation): one graph, fake outputs with the real
+  shapes, strides and dtypes (what Inductor relies on), equal to eager.
+- Decisions taken while tracing that once failed only under compile, on the CPU.
+
+Inductor compiles a model for tens of seconds on the CPU: each configuration compiles once per module
+(module-scoped fixtures shared by the tests that read it).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import maefast
+from maefast.models import MaskedAutoencoderViT
+from maefast.ops._backend import choose_impl
+from maefast.ops.attention import model_level_impl
+from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+from maefast.testing import assert_close, assert_error_ratio
+from test_patching import official_class
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)  # L = 16 patches, K = 4 kept, head dims 16
+N, L = 3, 16
+HAS_CUDA = torch.cuda.is_available()
+# the Triton kernels run on the card when there is one, else interpreted on the CPU (tests/conftest.py)
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+# -- models and one training step ---------------------------------------------------------------------
+
+def _own(impl, fused, ckpt):
+    return MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl=impl, fused=fused, grad_checkpointing=ckpt)
+
+
+def _official(impl, fused, ckpt):
+    """The facebookresearch layout written as models_mae.py (no noise argument), patched."""
+    model = official_class()(norm_pix_loss=True, **TINY)
+    return maefast.patch(model, impl, fused=fused, grad_checkpointing=ckpt)
+
+
+def _transformers(impl, fused, ckpt):
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    model = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=True), mask_ratio=0.75)
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    return maefast.patch(model, impl, fused=fused)
+
+
+BUILD = {"own": _own, "official": _official, "transformers": _transformers}
+
+
+def _loss(model, kind: str, imgs: torch.Tensor, mask: dict) -> torch.Tensor:
+    if kind == "transformers":
+        return model(pixel_values=imgs, **mask).loss
+    return model(imgs, 0.75, **mask, return_pred=False)[0]
+
+
+def _inputs(i: int, mask: str, device) -> tuple[torch.Tensor, dict]:
+    """Images and the mask argument of call i: noise=, or seed= as a 1-element int64 tensor on the
+    device (a device seed on a GPU: what a captured step feeds)."""
+    g = torch.Generator().manual_seed(100 + i)
+    imgs = torch.randn(N, 3, 32, 32, generator=g).to(device)
+    if mask == "noise":
+        return imgs, {"noise": torch.rand(N, L, generator=g).to(device)}
+    return imgs, {"seed": torch.tensor([7 + i], dtype=torch.int64, device=device)}
+
+
+def _autocast(amp, device):
+    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def _step(model, run, kind, imgs, mask):
+    """(loss, {name: grad}) of one forward + backward of `run` (the model or its compiled wrapper)."""
+    model.zero_grad(set_to_none=True)
+    loss = _loss(run, kind, imgs, mask)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, want, dtype, what: str) -> None:
+    assert_close(got[0], want[0], dtype, name=f"{what}: loss")
+    assert set(got[1]) == set(want[1]) and want[1], f"{what}: parameters with a gradient differ"
+    for name, g in want[1].items():
+        assert_close(got[1][name], g, dtype, name=f"{what}: grad of {name}")
+
+
+def _assert_error_ratio(got, want, oracle, dtype, what: str) -> None:
+    assert_error_ratio(got[0], want[0], oracle[0], dtype, "forward", name=f"{what}: loss")
+    assert set(got[1]) == set(want[1]) == set(oracle[1]) and want[1]
+    for name in want[1]:
+        assert_error_ratio(got[1][name], want[1][name], oracle[1][name], dtype, "backward",
+                           name=f"{what}: grad of {name}")
+
+
+def _compare(kind, impl="auto", fused=False, ckpt=False, amp=None, mask="noise", device="cpu", backend="inductor"):
+    """Eager and `torch.compile(model, fullgraph=True, backend=...)` on two calls with fresh images and
+    masks (the second must not recompile). Returns dict(eager, compiled, oracle (eager fp32, with amp),
+    code (Inductor's generated code of the first call))."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BUILD[kind](impl, fused, ckpt).to(device).train()
+    calls = [_inputs(i, mask, device) for i in range(2)]
+    out = {"code": ""}
+    if amp is not None:
+        out["oracle"] = [_step(model, model, kind, *c) for c in calls]
+    with _autocast(amp, device):
+        out["eager"] = [_step(model, model, kind, *c) for c in calls]
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        if backend == "inductor":
+            first, code = run_and_get_code(_step, model, compiled, kind, *calls[0])
+            out["code"] = "\n".join(code)
+        else:
+            first = _step(model, compiled, kind, *calls[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out["compiled"] = [first, _step(model, compiled, kind, *calls[1])]
+    torch._dynamo.reset()
+    return out
+
+
+def _check(res, what, amp=None) -> None:
+    for i in range(2):
+        if amp is None:
+            _assert_same(res["compiled"][i], res["eager"][i], torch.float32, f"{what}, call {i}")
+        else:
+            _assert_error_ratio(res["compiled"][i], res["eager"][i], res["oracle"][i], amp, f"{what}, call {i}")
+
+
+# == 1. Inductor, fullgraph=True: compiled == eager, per model kind ===================================
+
+@pytest.fixture(scope="module")
+def own_reference():
+    return _compare("own", "auto")  # "auto" on the CPU: every op's reference composition
+
+
+@pytest.mark.slow
+def test_inductor_own_model_reference_backend(own_reference):
+    _check(own_reference, "own model, reference ops, fp32")
+
+
+@pytest.mark.slow
+def test_inductor_keeps_maefast_ops_opaque_and_fuses_the_rest(own_reference):
+    """fused=False, the configuration meant for Inductor: each maefast op is one extern call per use in
+    the generated code (forward and backward), and the LayerNorms, GELUs and residual adds are fused
+    kernels Inductor generated itself (no eager fallback for them)."""
+    code = own_reference["code"]
+    calls = Counter(re.findall(r"torch\.ops\.maefast\.(\w+)\.default\(", code))
+    blocks = TINY["depth"] + TINY["decoder_depth"]
+    assert calls == {"random_masking": 1, "masked_patch_embed": 1, "masked_patch_embed_backward": 1,
+                     "visible_attention": blocks, "visible_attention_backward": blocks, "unshuffle": 1,
+                     "unshuffle_backward": 1, "norm_pix_loss": 1, "norm_pix_loss_backward": 1}, calls
+    eager_fallback = r"aten\.(native_layer_norm|native_layer_norm_backward|gelu|gelu_backward|add)\.\w+\("
+    assert not re.search(eager_fallback, code)
+    kernels = set(re.findall(r"\b\w*fused_\w+", code))
+    for fused_op in ("add_native_layer_norm", "gelu", "native_layer_norm_backward", "gelu_backward"):
+        assert any(fused_op in k for k in kernels), f"no Inductor kernel fuses {fused_op}: {sorted(kernels)}"
+    # no host sync in the step: nothing reads a tensor's value on the host
+    assert "_local_scalar_dense" not in code and ".item()" not in code
+
+
+@pytest.mark.slow
+def test_inductor_own_model_triton_kernels():
+    res = _compare("own", "triton", device=TRITON_DEVICE)
+    _check(res, "own model, Triton kernels, fp32")
+
+
+@pytest.mark.slow
+def test_inductor_own_model_bf16_checkpointed_seeded():
+    """The training configuration: bf16 autocast, grad checkpointing, the mask from a seed tensor. The
+    compiled step's error against the fp32 eager step is within the table's ratio of eager bf16's."""
+    res = _compare("own", "auto", ckpt=True, amp=torch.bfloat16, mask="seed")
+    _check(res, "own model, bf16 autocast, checkpointed, seed tensor", amp=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_inductor_patched_official_layout_model():
+    _check(_compare("official", "auto"), "patched official-layout model")
+
+
+@pytest.mark.slow
+def test_inductor_patched_transformers_model():
+    res = _compare("transformers", "auto", ckpt=True, mask="seed")
+    _check(res, "patched transformers ViTMAE, gradient checkpointing, seed tensor")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_inductor_on_the_card(fused):
+    """The fast step compiled for the GPU: Triton kernels, bf16 autocast, a device seed, no recompile on
+    a new seed, and the error ratio against fp32 eager."""
+    res = _compare("own", "auto", fused=fused, amp=torch.bfloat16, mask="seed", device="cuda")
+    _check(res, f"own model on the card, fused={fused!r}", amp=torch.bfloat16)
+
+
+# == 2. every model kind x fused mode: one graph, exact fake implementations, compiled == eager ======
+
+_CROSSREF = [(kind, "auto", fused, variant) for kind in BUILD for fused in (False, True, "block")
+             for variant in ("fp32", "bf16-ckpt-seed")]
+_CROSSREF += [("own", "triton", fused, "fp32") for fused in (False, True, "block")]
+
+
+@pytest.mark.parametrize("kind,impl,fused,variant", _CROSSREF)
+def test_fullgraph_and_fake_ops_match_real_ops(kind, impl, fused, variant):
+    """fullgraph=True (a graph break raises), no recompile on a second call with new inputs, and every
+    custom op's fake output metadata (shape, strides, dtype) equal to its real output's (the crossref
+    backend raises otherwise): Inductor's layout decisions rest on them."""
+    amp = torch.bfloat16 if variant.startswith("bf16") else None
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    res = _compare(kind, impl, fused=fused, ckpt=amp is not None, amp=amp,
+                   mask="seed" if amp is not None else "noise", device=device,
+                   backend="aot_eager_decomp_partition_crossref")
+    what = f"{kind}, impl={impl}, fused={fused!r}, {variant}"
+    for i in range(2):
+        _assert_same(res["compiled"][i], res["eager"][i], amp or torch.float32, f"{what}, call {i}")
+
+
+def test_a_new_batch_size_recompiles_once():
+    """A short last batch compiles the step once more, with a symbolic batch size; no further size
+    recompiles (nothing in the forward or the traced backward may specialise the batch). On the Triton
+    kernels, the GPU's default (their loss backward once did)."""
+    device = TRITON_DEVICE
+    torch._dynamo.reset()
+    model = _own("triton", False, False).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for i, n in enumerate((3, 2, 4)):  # (1 is a size of its own for torch.compile)
+        imgs, noise = torch.randn(n, 3, 32, 32, device=device), torch.rand(n, L, device=device)
+        with torch._dynamo.config.patch(error_on_recompile=i == 2):
+            got = _step(model, compiled, "own", imgs, {"noise": noise})
+        _assert_same(got, _step(model, model, "own", imgs, {"noise": noise}), torch.float32, f"batch {n}")
+    torch._dynamo.reset()
+
+
+# == 3. decisions taken while tracing ===================================================================
+
+def test_cuda_attention_choice_traces_without_a_data_pointer():
+    """impl="cuda" at the model level takes the CUDA C++ attention where it runs, which includes a
+    16-byte alignment check of qkv's data; while torch.compile traces there is no data (FakeTensor)."""
+    qkv = torch.randn(2, 50, 3 * 2 * 64, dtype=torch.bfloat16)  # a shape the CUDA C++ kernel takes
+
+    def f(t):
+        return t * (1.0 if model_level_impl("cuda", t, 2) == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(qkv), f(qkv))
+
+
+def test_backend_choice_traces_before_the_extension_is_loaded(monkeypatch):
+    """Choosing a backend while tracing must not trace the extension's import (torch.compile refuses
+    importlib.import_module): the first compiled call of a process may come before any eager one."""
+    from maefast import _cpp_lib
+
+    monkeypatch.setattr(_cpp_lib, "_C", None)
+    monkeypatch.setattr(_cpp_lib, "load_error", None)
+    dev = torch.device("cuda", 0)
+
+    def f(x):
+        impl = choose_impl("auto", dev, auto_order=("cuda",), cuda_op="unshuffle_fwd")
+        return x + (1.0 if impl == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    x = torch.zeros(1)
+    got = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, f(x))
+
+
+# == 4. opcheck of the ops the other test files do not opcheck =======================================
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck_backward_ops_and_triton_forwards(impl):
+    """torch.library.opcheck (schema: no input mutated or aliased by an output; fake vs real metadata;
+    AOT dispatch) of the backward ops of LayerNorm, bias+GELU, patch embedding and the whole block, and
+    of masking and patch embedding on the Triton kernels."""
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    ops = torch.ops.maefast
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    x, ln_w, ln_b = rnd(2, 5, 32), rnd(32), rnd(32)
+    _, mean, rstd = ops.layer_norm(x, ln_w, ln_b, 1e-6, None, impl)
+    for ds in (None, rnd(2, 5, 32)):
+        torch.library.opcheck(ops.layer_norm_backward.default, (rnd(2, 5, 32), ds, x, ln_w, mean, rstd, impl))
+    torch.library.opcheck(ops.bias_gelu_backward.default, (rnd(2, 5, 40), rnd(2, 5, 40), rnd(40), impl))
+
+    for noise, seed in ((torch.rand(3, 16, generator=g).to(dev), None), (None, torch.tensor([5]))):
+        torch.library.opcheck(ops.random_masking.default, (3, 16, 4, noise, seed, 0, torch.device(dev), impl))
+    imgs, w_pe, b_pe, pos = rnd(3, 3, 32, 32), rnd(24, 3, 8, 8), rnd(24), rnd(1, 17, 24)
+    ids_keep = ops.random_masking(3, 16, 4, None, torch.tensor([5]), 0, torch.device(dev), impl)[0]
+    torch.library.opcheck(ops.masked_patch_embed.default, (imgs, ids_keep, w_pe.requires_grad_(), b_pe, pos, 8, impl))
+    for need_pos in (False, True):
+        torch.library.opcheck(ops.masked_patch_embed_backward.default,
+                              (rnd(3, 4, 24), imgs, ids_keep, w_pe.detach(), pos, 8, need_pos, impl))
+
+    d, hid, heads, scale = 32, 64, 2, 16 ** -0.5
+    w = dict(ln1_w=rnd(d), ln1_b=rnd(d), qkv_w=rnd(3 * d, d) * 0.2, qkv_b=rnd(3 * d), proj_w=rnd(d, d) * 0.2,
+             proj_b=rnd(d), ln2_w=rnd(d), ln2_b=rnd(d), fc1_w=rnd(hid, d) * 0.2, fc1_b=rnd(hid),
+             fc2_w=rnd(d, hid) * 0.2, fc2_b=rnd(d))
+    xb = rnd(2, 5, d)
+    _, qkv, o, lse, s, a = ops.vit_block(xb, *w.values(), heads, scale, 1e-6, 1e-6, None, impl)
+    torch.library.opcheck(ops.vit_block_backward.default,
+                          (rnd(2, 5, d), xb, qkv, o, lse, s, a, w["ln1_w"], w["ln1_b"], w["qkv_w"], True, w["proj_w"],
+                           w["ln2_w"], w["ln2_b"], w["fc1_w"], w["fc1_b"], w["fc2_w"], heads, scale, 1e-6, 1e-6, None,
+                           impl))
