@@ -424,6 +424,24 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
         assert row.imgs is row.step.static_imgs  # the timed call copies nothing
 
 
+def test_patch_row_patches_an_official_layout_model():
+    """The maefast-patch row measures what a user of the official code gets: maefast.patch on an
+    official-layout instance (not maefast's own class, whose forward is the fast path already), whose
+    parameters the patched forward trains."""
+    from maefast.models import MaskedAutoencoderViT
+    from maefast.patching import _OfficialForward
+
+    model = mb.STEP_PROVIDERS["maefast-patch"].build("tiny", CPU)
+    assert not isinstance(model, MaskedAutoencoderViT) and isinstance(model.__dict__.get("forward"), _OfficialForward)
+    from maefast.models.configs import model_config
+    from maefast.reference import MaskedAutoencoderViT as OfficialLayout
+
+    plain = OfficialLayout(**model_config("tiny"))
+    assert list(dict(model.named_parameters())) == list(dict(plain.named_parameters()))  # the official keys
+    row = mb.make_step("maefast-patch", "tiny", 2, device=CPU)
+    assert row.step._fwd_kwargs == {"return_pred": False} and row.step._takes_seed
+
+
 def test_torch_native_ratios():
     recs = [dict(group="train-step", shape_key="a", provider="reference", time_ms=200.0),
             dict(group="train-step", shape_key="a", provider="torch-native", time_ms=120.0),
