@@ -287,7 +287,7 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True  # as the official main_pretrain.py (the patch-embed conv)
         for note in cfg.notes:
             self.say(note)
-        model, wrapped, optimizer = self.model, self.wrapped, self.optimizer
+        model, optimizer = self.model, self.optimizer
         A, G = cfg.accum_iter, self.global_batch
         batches_used = self.steps_per_epoch * A  # micro-batches per rank and epoch
         total_steps = self.steps_per_epoch * cfg.epochs
