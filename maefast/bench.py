@@ -163,12 +163,16 @@ def _maefast_block(name, device, **overrides):
 
 
 def _maefast_patch(name, device, **overrides):
-    # maefast.patch on an official-layout model (the reference class): what a user of the official code gets
+    # maefast.patch on an official-layout instance (the reference class: facebookresearch/mae's keys and
+    # methods, not maefast's own class, whose forward is the fast path already): what a user of the
+    # official code gets
     from .patching import patch
+    from .reference import MaskedAutoencoderViT as OfficialLayout
 
-    model = build_model(name, "reference", device, **overrides)
-    model.impl = "auto"  # the class's own impl= says "reference"; the patched forward takes seed= and return_pred=
-    return patch(model)
+    device = torch.device(device)
+    with device:  # initialise on the device (ViT-H on the CPU first would take seconds)
+        model = OfficialLayout(**model_config(name, **overrides))
+    return patch(model.to(device), impl="auto")
 
 
 class TransformersStepAdapter(nn.Module):

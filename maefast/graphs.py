@@ -1,10 +1,8 @@
-"""CUDA-graph capture (`capture_cuda_graph`), shared by `maefast.TrainStep` (maefast/step.py) and the
-per-op benchmarks, and `CUDAGraphTrainStep`, the deprecated name of a captured `maefast.TrainStep`
-(kept while `maefast train` still calls it).
+"""CUDA-graph capture (`capture_cuda_graph`), shared by `maefast.TrainStep` (maefast/step.py: the
+captured training step) and the per-op benchmarks.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -47,19 +45,4 @@ def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmu
     return graph, out
 
 
-def CUDAGraphTrainStep(model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_imgs: torch.Tensor, *,
-                       mask_ratio: float = 0.75, seed: int = 0, autocast_dtype: torch.dtype | None = torch.bfloat16,
-                       warmup_steps: int = 3, example_noise: torch.Tensor | None = None, restore: bool = True):
-    """Deprecated: ``maefast.TrainStep(model, optimizer, capture=True, ...).prepare(example_imgs,
-    example_noise)``, which this returns (called the same way: ``step(imgs, noise)``, ``set_lr``)."""
-    warnings.warn("maefast.graphs.CUDAGraphTrainStep is deprecated: use maefast.TrainStep (captured by default on "
-                  "CUDA)", DeprecationWarning, stacklevel=2)
-    if not isinstance(example_imgs, torch.Tensor) or example_imgs.device.type != "cuda":
-        raise ValueError("example_imgs must be a CUDA tensor (CUDA graphs need a GPU)")
-    from .step import TrainStep
-
-    return TrainStep(model, optimizer, dtype=autocast_dtype or torch.float32, mask_ratio=mask_ratio, capture=True,
-                     seed=seed, warmup_steps=warmup_steps, restore=restore).prepare(example_imgs, example_noise)
-
-
-__all__ = ["capture_cuda_graph", "CUDAGraphTrainStep"]
+__all__ = ["capture_cuda_graph"]

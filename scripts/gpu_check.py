@@ -15,7 +15,9 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
           then the rest
   table2  Table 2 with maefast's step (L, H, then B); `maefast profile`'s overhead
-  data    benchmarks/bench_data.py when present; `maefast train --data synthetic` at ViT-H/14 b128
+  data    `maefast bench data` (16 workers, 4000 JPEGs: the loader's img/s, issue 15); `maefast train`
+          on those JPEGs vs `--data synthetic`, ViT-L/16 b128 (ratio >= 0.9, issue 15); `maefast
+          train --data synthetic` ViT-H/14 b128 (>= 0.95x the step record's row, issue 14)
 
 Each step runs in a subprocess under its own budget, clipped to what is left of the preset's
 (default 290 s); pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
@@ -51,12 +53,22 @@ BUDGET = {"build": (70, 0), "tests": (170, 15), "diagnose": (45, 0),
           "step-rows": (150, 50), "profile-kernels": (110, 0), "step-more": (120, 45),
           "ops-rows": (280, 25),
           "table2": (200, 0), "profile-overhead": (70, 0),
-          "bench-data": (150, 20), "train": (120, 0)}
+          "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
 STEP_MODEL = "huge:128"  # the issue's targets: ViT-H/14, batch 128
 # bench_step rows: the ones the step targets are read from, then the rest (each compile row ~30-60 s)
 STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph", "torch-native-graph")
 STEP_MORE = ("maefast-compile-graph", "torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
 PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
+# data preset: the benchmark's JPEG folder (issue 15: 16 workers, a few thousand files), ViT-L/16 at
+# a batch that fits for the JPEG-vs-synthetic ratio, ViT-H/14 b128 for train vs the step row
+DATA_IMAGES, DATA_WORKERS, TRAIN_WORKERS = 4000, 16, 15  # one core left to the training process
+LOADER_MODEL, LOADER_BATCH, LOADER_STEPS = "large", 128, 130
+# each JPEG linked this many times: 20000 entries, 156-step epochs (4000 files would make 31-step epochs,
+# each starting with an empty pipeline: an artifact of the small folder, not of the loader)
+LOADER_COPIES = 5
+PREFETCH_FACTOR = 4  # maefast train's DataLoader: batches made ahead per worker, so the first
+# TRAIN_WORKERS x PREFETCH_FACTOR steps may eat batches made during start-up and capture: not timed
+HUGE_STEPS = 40
 
 
 class Runner:
@@ -280,25 +292,67 @@ def preset_table2(r: Runner) -> None:
     r.record["targets"] = targets
 
 
+def _train_cmd(r: Runner, name: str, data: str, model: str, batch: int, steps: int, extra=()) -> list[str]:
+    """A short `maefast train` run for a figure: no checkpoint, export, plot or bar (a ViT-H checkpoint
+    would be ~7.6 GB to write), a log line every 10 steps (steps.jsonl: the windowed img/s)."""
+    return [r.py, "-m", "maefast", "train", "--data", data, "--model", model, "--batch-size", str(batch),
+            "--max-steps", str(steps), "--epochs", "1", "--log-every", "10", "--workers", str(TRAIN_WORKERS),
+            "--no-save", "--no-export", "--no-plot", "--no-progress", "--overwrite",
+            "--output-dir", os.path.join(r.work, name), *extra]
+
+
+def _train_step(r: Runner, name: str, cmd: list[str], batch: int, skip_steps: int) -> None:
+    rc, out = r.run(name, [r.py, "-m", "maefast", "train", "--help"] if r.dry else cmd)
+    rows = rec.read_rows(os.path.join(r.work, name, "steps.jsonl")) if not r.dry else []
+    said = ("training step:", "batches:", "--compile", "done:", "error")
+    m = re.search(r"([\d.]+) img/s after the first log window", out)
+    r.record.setdefault("train", {})[name] = {
+        "cmd": " ".join(cmd), "rc": rc, "lines": [ln for ln in out.splitlines() if ln.startswith("maefast train")
+                                                and any(k in ln for k in said)][-6:],
+        "img_per_s": rec.window_rate(rows, batch, skip_steps), "timed_after_step": skip_steps,
+        "img_per_s_after_first_window": float(m.group(1)) if m else None}
+
+
+def _linked_folder(src: str, dst: str, copies: int) -> None:
+    """``dst`` holding ``copies`` symbolic links to each JPEG of ``src`` (other names: other crops)."""
+    os.makedirs(dst, exist_ok=True)
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".jpg"):
+            for c in range(copies):
+                link = os.path.join(dst, f"c{c}-{f}")
+                if not os.path.lexists(link):
+                    os.symlink(os.path.join(src, f), link)
+
+
 def preset_data(r: Runner) -> None:
-    bench = os.path.join(ROOT, "benchmarks", "bench_data.py")
-    if os.path.exists(bench):
-        r.pytest("bench-data", ["benchmarks/bench_data.py"])
-    else:
-        r.record["steps"]["bench-data"] = {"rc": "skipped", "seconds": 0.0, "budget_s": 0,
-                                           "note": "benchmarks/bench_data.py is not in this tree"}
+    jpegs, bj = os.path.join(r.work, "jpegs"), os.path.join(r.work, "bench-data.json")
+    # the loader's img/s: official and maefast's default path (fast decode, uint8) at 16 workers; the
+    # per-worker rows short (the CPU target is the CPU record's) and no pixel difference
+    cmd = [r.py, "-m", "maefast", "bench", "data", "--workers", str(DATA_WORKERS), "--images", str(DATA_IMAGES),
+           "--folder", jpegs, "--paths", "official,fast-uint8", "--batch", str(LOADER_BATCH), "--rounds", "1",
+           "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", "0", "--json", bj]
+    r.record["bench_data_cmd"] = " ".join(cmd)
+    r.json_step("bench-data", [r.py, "-m", "maefast", "bench", "data", "--help"] if r.dry else cmd, bj, "bench_data")
+    linked = os.path.join(r.work, "jpegs-linked")
+    if not r.dry and os.path.isdir(jpegs):
+        _linked_folder(jpegs, linked, LOADER_COPIES)
+    skip = TRAIN_WORKERS * PREFETCH_FACTOR + 10
+    n = DATA_IMAGES * LOADER_COPIES
+    _train_step(r, "train-jpeg", _train_cmd(r, "train-jpeg", linked, LOADER_MODEL, LOADER_BATCH, LOADER_STEPS),
+                LOADER_BATCH, skip)
+    _train_step(r, "train-synthetic", _train_cmd(r, "train-synthetic", "synthetic", LOADER_MODEL, LOADER_BATCH,
+                                                 LOADER_STEPS, ["--synthetic-size", str(n)]), LOADER_BATCH, skip)
     model, batch = STEP_MODEL.split(":")
-    steps = 40
-    cmd = [r.py, "-m", "maefast", "train", "--data", "synthetic", "--model", model, "--batch-size", batch,
-           "--synthetic-size", str(int(batch) * steps), "--max-steps", str(steps), "--no-progress", "--no-export",
-           "--no-plot", "--output-dir", os.path.join(r.work, "train")]
-    rc, out = r.run("train", [r.py, "-m", "maefast", "train", "--help"] if r.dry else cmd)
-    done = [ln for ln in out.splitlines() if "img/s" in ln]
-    m = re.search(r"([\d.]+) img/s after the first log window", "\n".join(done))
-    # the target (>= 0.95 of the step benchmark's maefast row, same model and batch) divides this by
-    # the `step` record's img_per_s: a ratio across two records
-    r.record["train"] = {"cmd": " ".join(cmd), "lines": done[-3:],
-                         "img_per_s_steady": float(m.group(1)) if m else None}
+    # all of its steps may be prefetched: this figure is the loop's overhead on the step, not the loader's
+    _train_step(r, "train-huge", _train_cmd(r, "train-huge", "synthetic", model, int(batch), HUGE_STEPS,
+                                            ["--synthetic-size", str(int(batch) * HUGE_STEPS)]), int(batch), 10)
+    step_record = None
+    path = r.args.step_record or os.path.join(r.args.out, "step-record.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            step_record = json.load(f)
+    r.record["step_record"] = path if step_record is not None else None
+    r.record["targets"] = rec.data_targets(r.record, step_record, STEP_MODEL)
 
 
 RUN = {"verify": preset_verify, "step": preset_step, "ops": preset_ops, "table2": preset_table2, "data": preset_data}
@@ -315,6 +369,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS", help="override a step's budget")
     ap.add_argument("--workers", type=int, default=-1, help="pytest-xdist workers for the tests (-1: 8 when installed)")
     ap.add_argument("--tests", default="tests", help="test paths/args of verify's tests step (space-separated)")
+    ap.add_argument("--step-record", default=None, help="the data preset's train-vs-step ratio reads the step rows "
+                    "from this record (default: OUT/step-record.json when a step preset wrote one)")
     args = ap.parse_args(argv)
     if args.preset is None and not args.dry_run:
         ap.error(f"--preset is required on a GPU run: one or more of {', '.join(PRESETS)} (each <= ~5 minutes)")

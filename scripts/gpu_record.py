@@ -1,5 +1,5 @@
 """What scripts/gpu_check.py writes into a record: the machine's runtime, test and benchmark results,
-and per preset the figures the targets of issue 14 are read from (`targets`), each next to its
+and per preset the figures the targets of issues 14 and 15 are read from (`targets`), each next to its
 threshold. Pure bookkeeping on dicts (no GPU needed; tests/test_gpu_check.py feeds it made-up rows)."""
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ TARGETS = {
     "attention_fwdbwd_vs_best_sdpa": (">=", 1.5), "attention_fwd_vs_best_sdpa": (">=", 1.0),
     "mask_embed_fwd_bwd_vs_reference": (">=", 4.0), "memory_bound_frac_peak_bw": (">=", 0.8),
     "table2_of_flop_bound": (">=", 0.95), "profile_overhead": ("<", 0.05), "train_vs_step": (">=", 0.95),
+    "train_jpeg_vs_synthetic": (">=", 0.9), "loader_vs_step": (">=", 1.0),
 }
+# the step row that runs what `maefast train` runs by default (maefast's model, fused off, captured)
+TRAIN_STEP_ROW = "maefast-graph"
 TORCH_NATIVE = ("sdpa", "torch-native", "torch-native-graph")  # bench_step's torch-native rows
 
 
@@ -190,6 +193,67 @@ def table2_targets(table2: dict | list | None) -> dict:
     return out
 
 
+def window_rate(steps: list[dict], batch: int, after_step: int = 0) -> float | None:
+    """img/s of a `maefast train` run from its steps.jsonl lines (one per log window: ``step`` at the
+    window's end, ``img_per_s`` over it), over the windows that start at or after ``after_step``
+    (the earlier ones hold start-up, capture and prefetched batches). None when no window qualifies."""
+    images = seconds = 0.0
+    prev = 0
+    for row in sorted(steps, key=lambda x: x.get("step", 0)):
+        step, ips = row.get("step"), row.get("img_per_s")
+        if step is None:
+            continue
+        if prev >= after_step and ips and step > prev:
+            n = (step - prev) * batch
+            images += n
+            seconds += n / ips
+        prev = step
+    return images / seconds if seconds > 0 else None
+
+
+def _step_rows(step_record: dict | None, model: str, batch: int) -> dict:
+    """provider -> img/s of the `train-step` rows of ``model`` (a substring of the row's model name) at
+    ``batch`` in a step record."""
+    out = {}
+    for r in (step_record or {}).get("rows", []):
+        shape = r.get("shape") or {}
+        if r.get("group") == "train-step" and model in str(shape.get("model")) and shape.get("batch") == batch \
+                and r.get("img_per_s"):
+            out[r["provider"]] = r["img_per_s"]
+    return out
+
+
+def data_targets(record: dict, step_record: dict | None, step_model: str = "huge:128") -> dict:
+    """The data preset's figures: the loader's img/s (16 workers, maefast's default path and the
+    official one); `maefast train` on the JPEG folder against synthetic data (ViT-L/16, issue 15's
+    >= 0.9); the synthetic ViT-H/14 run against the step record's row of the same configuration
+    (``TRAIN_STEP_ROW``, issue 14's >= 0.95; also the fastest maefast row, for information) and the
+    loader against the ViT-B/16 maefast step row, where the step record has them."""
+    out = {}
+    loader = ((record.get("bench_data") or {}).get("loader") or {})
+    ours = (loader.get("fast-uint8") or {}).get("img_per_s")
+    out["loader_img_per_s"] = {p: v.get("img_per_s") for p, v in loader.items()}
+    train = record.get("train") or {}
+    jpeg, synth = ((train.get(k) or {}).get("img_per_s") for k in ("train-jpeg", "train-synthetic"))
+    out["train_jpeg_img_per_s"], out["train_synthetic_img_per_s"] = jpeg, synth
+    out["train_jpeg_vs_synthetic"] = judge("train_jpeg_vs_synthetic", jpeg / synth if jpeg and synth else None)
+    model, batch = step_model.split(":")
+    huge = (train.get("train-huge") or {}).get("img_per_s")
+    out["train_huge_img_per_s"] = huge
+    rows = _step_rows(step_record, model, int(batch))
+    same = rows.get(TRAIN_STEP_ROW)
+    out["train_vs_step"] = judge("train_vs_step", huge / same if huge and same else None)
+    out["train_vs_step"]["step_row"] = TRAIN_STEP_ROW
+    best = max((v, p) for p, v in rows.items() if p.startswith("maefast")) if any(
+        p.startswith("maefast") for p in rows) else None
+    if best is not None and huge:
+        out["train_vs_best_step_row"] = {"row": best[1], "value": round(huge / best[0], 4)}
+    base = {p: v for p, v in _step_rows(step_record, "base", 128).items() if p.startswith("maefast")}
+    if base and ours:
+        out["loader_vs_step"] = judge("loader_vs_step", ours / max(base.values()))
+    return out
+
+
 def short_lines(record: dict) -> list[str]:
     """The few lines printed last (the device tool returns the end of the output)."""
     env = record["env"]
@@ -212,6 +276,10 @@ def short_lines(record: dict) -> list[str]:
             elif isinstance(v, dict) and k != "rows":
                 walk(v, f"{path}{k} / ")
     walk(record.get("targets", {}))
+    for name, t in (record.get("train") or {}).items():
+        ips = t.get("img_per_s")
+        lines.append(f"  {name}: {'-' if ips is None else f'{ips:.1f}'} img/s (windows from step "
+                     f"{t.get('timed_after_step')})")
     for w in record.get("attention_tiles", []):
         lines.append(f"  tiles L{w['L']} Dh{w['Dh']} {w['direction']}: table {w['table']} {w['table_ms']} ms, best "
                      f"{w['best']} {w['best_ms']} ms{'  <- change the table' if w['change'] else ''}")

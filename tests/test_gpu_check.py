@@ -45,6 +45,18 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
             assert key in env, key
         assert record["wall_s"] >= 0 and record["steps"]
     assert "== gpu_check data (dry run)" in r.stdout
+    data = json.loads((out / "data-record.json").read_text())
+    assert list(data["steps"]) == ["bench-data", "train-jpeg", "train-synthetic", "train-huge"]
+    assert all(st["rc"] == 0 for st in data["steps"].values()), data["steps"]
+    assert sum(st["budget_s"] for st in data["steps"].values()) <= 290
+    cmds = {k: v["cmd"] for k, v in data["train"].items()}
+    for name, cmd in cmds.items():  # short runs that write no multi-GB checkpoint, export or plot
+        assert all(f in cmd for f in ("--max-steps", "--no-save", "--no-export", "--no-plot")), (name, cmd)
+    assert "--model large --batch-size 128" in cmds["train-jpeg"] and "jpegs-linked" in cmds["train-jpeg"]
+    assert "--data synthetic --model large --batch-size 128" in cmds["train-synthetic"]
+    assert "--data synthetic --model huge --batch-size 128" in cmds["train-huge"]
+    assert "bench data --workers 16 --images 4000" in data["bench_data_cmd"] and "--json" in data["bench_data_cmd"]
+    assert set(data["targets"]) >= {"train_jpeg_vs_synthetic", "train_vs_step", "loader_img_per_s"}
 
 
 def _row(group, provider, time_ms, shape, **kw):
@@ -65,6 +77,30 @@ def test_step_targets_read_the_fastest_rows():
     assert t["step_vs_torch_native"]["met"] is True
     assert t["peak_mem_vs_reference"]["value"] == 0.45 and t["peak_mem_vs_reference"]["met"] is True
     assert t["mfu"]["met"] is True
+
+
+def test_data_targets_read_the_train_windows_and_the_step_record():
+    """img/s from steps.jsonl windows after the prefetched ones; JPEG vs synthetic; train vs the step
+    row of the same configuration (and the loader vs the ViT-B row) when a step record has them."""
+    steps = [dict(step=s, img_per_s=ips) for s, ips in ((10, 50.0), (20, 100.0), (30, 200.0), (40, 100.0))]
+    # windows of 10 steps x batch 10 = 100 images: 2 s, 1 s, 0.5 s, 1 s
+    assert rec.window_rate(steps, 10) == pytest.approx(400 / 4.5)
+    assert rec.window_rate(steps, 10, after_step=20) == pytest.approx(200 / 1.5)  # windows (20, 30], (30, 40]
+    assert rec.window_rate(steps, 10, after_step=40) is None and rec.window_rate([], 10) is None
+    record = {"bench_data": {"loader": {"official": {"img_per_s": 1500.0}, "fast-uint8": {"img_per_s": 3000.0}}},
+              "train": {"train-jpeg": {"img_per_s": 1800.0}, "train-synthetic": {"img_per_s": 2000.0},
+                        "train-huge": {"img_per_s": 1100.0}}}
+    t = rec.data_targets(record, None)
+    assert t["train_jpeg_vs_synthetic"] == {"value": 0.9, "target": ">= 0.9", "met": True}
+    assert t["train_vs_step"]["met"] is None and "loader_vs_step" not in t
+    assert t["loader_img_per_s"] == {"official": 1500.0, "fast-uint8": 3000.0}
+    step = {"rows": [_row("train-step", "maefast-graph", 110.0, dict(model="huge", batch=128), img_per_s=1150.0),
+                     _row("train-step", "maefast-block-graph", 100.0, dict(model="huge", batch=128), img_per_s=1280.0),
+                     _row("train-step", "maefast-graph", 40.0, dict(model="base", batch=128), img_per_s=3200.0)]}
+    t = rec.data_targets(record, step)
+    assert t["train_vs_step"]["value"] == pytest.approx(1100 / 1150, abs=1e-4) and t["train_vs_step"]["met"] is True
+    assert t["train_vs_best_step_row"]["row"] == "maefast-block-graph"
+    assert t["loader_vs_step"]["value"] == pytest.approx(3000 / 3200, abs=1e-4) and t["loader_vs_step"]["met"] is False
 
 
 def test_attention_targets_take_the_best_sdpa_backend():

@@ -323,6 +323,22 @@ def test_bad_inputs():
         masked_prediction_loss(x[:, 1:], w, None, imgs, ids, 3, 8)
 
 
+def test_images_that_require_grad_are_refused():
+    """The loss gives imgs no gradient (its target is data): an imgs that requires one is refused
+    with a ValueError, as masked_patch_embed refuses it, never a silent None; under no_grad it is fine."""
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    imgs = c.imgs.clone().requires_grad_()
+    for impl in ("reference", "auto"):
+        with pytest.raises(ValueError, match="imgs must not require grad"):
+            norm_pix_loss(c.pred_all, imgs, c.mask, 8, impl=impl)
+        with pytest.raises(ValueError, match="imgs must not require grad"):
+            norm_pix_loss(c.pred_masked, imgs, c.ids_restore, 8, pred_on="masked", impl=impl)
+    with pytest.raises(ValueError, match="imgs must not require grad"):
+        masked_prediction_loss(torch.randn(2, 1 + 6, 16), torch.randn(192, 16), None, imgs, c.ids_restore, 3, 8)
+    with torch.no_grad():
+        norm_pix_loss(c.pred_all, imgs, c.mask, 8)
+
+
 # -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
 
 # (N, H, W, p, ratio, norm_pix): few cases, each Triton specialisation costs a compile on the card.

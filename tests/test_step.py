@@ -4,7 +4,7 @@ and users share.
 On the CPU the eager step is checked against a hand-written official loop, and the captured step's
 Python (static buffers, device seed, device lrs, GradScaler, accumulation graphs, warm-up undone,
 fallback) against the eager step through a stand-in for CUDA-graph capture whose replay runs the
-captured function again (`fake_capture`). The `cuda` tests replay real graphs.
+captured function again (`fake_capture`, tests/fake_capture.py). The `cuda` tests replay real graphs.
 """
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import subprocess
 import sys
 import textwrap
 
+import fake_capture as fake_capture_lib
 import pytest
 import torch
 import torch.nn as nn
 
 from maefast import bench as mb
-from maefast import graphs
-from maefast import step as step_mod
 from maefast.step import TrainStep, capture_blocker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,46 +36,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-class _FakeGraph:
-    """torch.cuda.CUDAGraph's stand-in: a replay runs the captured function again and writes its
-    result into the static output, as a real replay overwrites it."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out, self.replays = fn, out, 0
-
-    def replay(self):
-        self.out.copy_(self.fn())
-        self.replays += 1
-
-    def pool(self):
-        return None
-
-
 @pytest.fixture
 def fake_capture(monkeypatch):
-    """CPU 'capture': the blocker is the real one asked about a CUDA device, and capture runs the
-    warm-up and the function once (a real capture only records it: tests keep restore=True, which
-    undoes both). Returns the list of captures made; set `.fail` to an exception to make the next
-    capture raise it."""
-    real_blocker = capture_blocker
-    made = []
-
-    def capture(fn, *, warmup_steps=3, warmup_fn=None, before_capture=None, device=None, pool=None):
-        if getattr(capture, "fail", None) is not None:
-            raise capture.fail
-        for _ in range(warmup_steps):
-            (warmup_fn or fn)()
-        if before_capture is not None:
-            before_capture()
-        out = fn()
-        made.append(_FakeGraph(fn, out))
-        return made[-1], out
-
-    capture.made = made
-    monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
-    monkeypatch.setattr(step_mod, "capture_blocker",
-                        lambda model, opt, scaler, device: real_blocker(model, opt, scaler, torch.device("cuda")))
-    return capture
+    """CPU 'capture' (tests/fake_capture.py); returns the capture function (``.made``, ``.fail``)."""
+    return fake_capture_lib.install(monkeypatch)
 
 
 def _twins(impl="auto", seed=0, **overrides):
@@ -377,13 +340,6 @@ def test_bad_arguments_name_themselves(kw, match):
         TrainStep(lambda x: x, torch.optim.AdamW(m.parameters()))
 
 
-def test_deprecated_graph_step_name():
-    m = mb.build_model("tiny", "auto", CPU)
-    with pytest.warns(DeprecationWarning, match="maefast.TrainStep"):
-        with pytest.raises(ValueError, match="CUDA tensor"):
-            graphs.CUDAGraphTrainStep(m, torch.optim.AdamW(m.parameters()), torch.randn(2, 3, 32, 32))
-
-
 def test_public_and_light():
     """maefast.TrainStep is the class; `import maefast` and the attribute import no triton."""
     code = textwrap.dedent("""
@@ -422,6 +378,24 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     assert ("fused" in d["optimizer"]) != recipe.official_amp, d
     if recipe.capture:
         assert row.imgs is row.step.static_imgs  # the timed call copies nothing
+
+
+def test_patch_row_patches_an_official_layout_model():
+    """The maefast-patch row measures what a user of the official code gets: maefast.patch on an
+    official-layout instance (not maefast's own class, whose forward is the fast path already), whose
+    parameters the patched forward trains."""
+    from maefast.models import MaskedAutoencoderViT
+    from maefast.patching import _OfficialForward
+
+    model = mb.STEP_PROVIDERS["maefast-patch"].build("tiny", CPU)
+    assert not isinstance(model, MaskedAutoencoderViT) and isinstance(model.__dict__.get("forward"), _OfficialForward)
+    from maefast.models.configs import model_config
+    from maefast.reference import MaskedAutoencoderViT as OfficialLayout
+
+    plain = OfficialLayout(**model_config("tiny"))
+    assert list(dict(model.named_parameters())) == list(dict(plain.named_parameters()))  # the official keys
+    row = mb.make_step("maefast-patch", "tiny", 2, device=CPU)
+    assert row.step._fwd_kwargs == {"return_pred": False} and row.step._takes_seed
 
 
 def test_torch_native_ratios():

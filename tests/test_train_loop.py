@@ -217,26 +217,39 @@ def test_fused_option_is_checked():
 
 
 def test_cuda_graph_option_is_checked():
-    from maefast.train.config import resolve_config
+    """--cuda-graph auto|on|off (auto by default); `on` is refused only where no step can be captured
+    (the CPU, several processes); accumulation, clipping, compile and fp16 capture now (TrainStep)."""
+    from maefast.train.config import config_from_args, resolve_config
 
-    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
-        resolve_config(TrainConfig(cuda_graph=True), cuda=False)
-    with pytest.raises(ValueError, match=r"--cuda-graph needs .*--accum-iter 1.*no --clip-grad"):
-        resolve_config(TrainConfig(cuda_graph=True, device="cuda", accum_iter=2, clip_grad=1.0), cuda=True)
-    with pytest.raises(ValueError, match="float16 needs a GradScaler"):
-        resolve_config(TrainConfig(cuda_graph=True, device="cuda", dtype="float16"), cuda=True)
+    assert TrainConfig().cuda_graph == "auto" and config_from_args([]).cuda_graph == "auto"
+    assert resolve_config(TrainConfig(), cuda=False).cuda_graph == "auto"
+    with pytest.raises(ValueError, match="--cuda-graph on needs a CUDA device"):
+        resolve_config(TrainConfig(cuda_graph="on"), cuda=False)
+    with pytest.raises(ValueError, match=r"--cuda-graph on needs one process .*this run has 2"):
+        resolve_config(TrainConfig(cuda_graph="on", device="cuda"), world_size=2, cuda=True)
+    with pytest.raises(ValueError, match="--cuda-graph must be one of auto, on, off"):
+        resolve_config(TrainConfig(cuda_graph="yes"), cuda=False)
+    ok = resolve_config(TrainConfig(cuda_graph="on", device="cuda", accum_iter=2, clip_grad=1.0, compile=True,
+                                    dtype="float16"), cuda=True)
+    assert ok.cuda_graph == "on"
+    # the Python API's and older checkpoints' booleans
+    assert resolve_config(TrainConfig(cuda_graph=False), cuda=False).cuda_graph == "off"
+    assert resolve_config(TrainConfig(cuda_graph=True, device="cuda"), cuda=True).cuda_graph == "on"
+    with pytest.raises(SystemExit):
+        config_from_args(["--cuda-graph", "maybe"])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fused", ["off", "block"])
 def test_cuda_graph_training_matches_eager(tmp_path, fused):
-    """--cuda-graph replays the same steps as the eager loop (same noise, same lr schedule): same losses
-    and weights up to rounding; its checkpoint resumes an eager run (lr saved as a float)."""
+    """--cuda-graph on replays the same steps as the eager loop (same noise, same lr schedule): same
+    losses and weights up to rounding; its checkpoint resumes an eager run (lr saved as a float)."""
     cfg = TrainConfig(model="mae_vit_tiny_test", data="synthetic", synthetic_size=32, batch_size=8, epochs=1,
                       device="cuda", dtype="bfloat16", workers=0, progress=False, plot=False, export=False,
                       log_every=1, lr=1e-3, fused=fused)
-    train(cfg, output_dir=str(tmp_path / "eager"))
-    train(cfg, output_dir=str(tmp_path / "graph"), cuda_graph=True)
+    train(cfg, output_dir=str(tmp_path / "eager"), cuda_graph="off")
+    res = train(cfg, output_dir=str(tmp_path / "graph"), cuda_graph="on")
+    assert res["train_step"]["captured"], res["train_step"]
     la = [r["loss"] for r in _read_jsonl(str(tmp_path / "eager" / "steps.jsonl"))]
     lb = [r["loss"] for r in _read_jsonl(str(tmp_path / "graph" / "steps.jsonl"))]
     assert len(la) == len(lb) == 4
@@ -247,13 +260,13 @@ def test_cuda_graph_training_matches_eager(tmp_path, fused):
     for k in a["model"]:
         if not k.endswith("qkv.bias"):  # the key bias's gradient is rounding noise (see above)
             torch.testing.assert_close(b["model"][k], a["model"][k], rtol=5e-2, atol=5e-3, msg=k)
-    res = train(cfg, output_dir=str(tmp_path / "graph"), epochs=2,
+    res = train(cfg, output_dir=str(tmp_path / "graph"), epochs=2, cuda_graph="off",
                 resume=str(tmp_path / "graph" / "checkpoint-last.pth"))
-    assert res["steps"] == 8 and math.isfinite(res["final_loss"])
-    # and the other way: an eager run's checkpoint resumed with --cuda-graph (comes back capturable)
-    res = train(cfg, output_dir=str(tmp_path / "eager"), epochs=2, cuda_graph=True,
+    assert res["steps"] == 8 and math.isfinite(res["final_loss"]) and not res["train_step"]["captured"]
+    # and the other way: an eager run's checkpoint resumed captured (the optimizer comes back capturable)
+    res = train(cfg, output_dir=str(tmp_path / "eager"), epochs=2, cuda_graph="on",
                 resume=str(tmp_path / "eager" / "checkpoint-last.pth"))
-    assert res["steps"] == 8 and math.isfinite(res["final_loss"])
+    assert res["steps"] == 8 and math.isfinite(res["final_loss"]) and res["train_step"]["captured"]
 
 
 @pytest.mark.parametrize("layout", ["names", "ids"])

@@ -43,12 +43,13 @@ class TrainConfig:
     impl: str = "auto"
     fused: str = "off"
     grad_checkpointing: bool = False
-    cuda_graph: bool = False
+    cuda_graph: str = "auto"
     compile: bool = False
     fsdp: bool = False
     device: str | None = None
     workers: int | None = None
     decode: str = DEFAULT_DECODE
+    image_dtype: str = "uint8"
     output_dir: str = "output_dir"
     resume: str | None = None
     overwrite: bool = False
@@ -58,6 +59,7 @@ class TrainConfig:
     save_every_steps: int = 0
     keep_every_epochs: int = 0
     log_every: int = 10
+    save: bool = True
     progress: bool = True
     export: bool = True
     plot: bool = True
@@ -87,6 +89,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 FUSED = {"off": False, "on": True, "block": "block"}  # --fused -> the model's fused=
+CUDA_GRAPH = ("auto", "on", "off")  # --cuda-graph -> TrainStep's capture= "auto" / True / False
+# --image-dtype: what the data loader hands the model. uint8 (raw pixels, normalised inside the model's
+# kernels) moves 4x fewer bytes to the GPU than float32 (normalised on the CPU) and trains the same
+IMAGE_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 
 
 def _model_names() -> str:
@@ -130,10 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
            "block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less activation memory)")
     a("--grad-checkpointing", action=on_off, default=False,
       help="activation checkpointing per block (same mask on recompute)")
-    a("--cuda-graph", action=on_off, default=False,
-      help="capture the whole training step in a CUDA graph and replay it (one GPU, bf16/fp32, no --accum-iter, "
-           "--clip-grad, --compile or --fsdp; the fast path only): no Python or launch cost per step")
-    a("--compile", action=on_off, default=False, help="torch.compile the model")
+    a("--cuda-graph", default="auto", choices=CUDA_GRAPH,
+      help="capture the whole training step (forward, backward, AdamW, GradScaler, clipping, accumulation) in "
+           "CUDA graphs and replay them: no Python or launch cost per step. auto: on one GPU when the step "
+           "captures, else eager with the reason (several processes step eagerly); on: capture or stop; off: eager")
+    a("--compile", action=on_off, default=False,
+      help="torch.compile the model (fullgraph, static shapes; a model that breaks the graph is compiled with "
+           "graph breaks, said once)")
     a("--fsdp", action=on_off, default=False, help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
     a("--workers", type=int, default=None, help="data-loader workers per process (auto)")
@@ -141,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="how an image folder's crops are made: exact (the official pixels: full Pillow decode + Pillow bicubic) "
            "or fast (crop box first, JPEG decoded at 1/2-1/8 where the crop allows, torch's uint8 bicubic; "
            "same boxes and flips, pixels within a level or so: README, Data loading)")
+    a("--image-dtype", default="uint8", choices=list(IMAGE_DTYPES),
+      help="images as the loader hands them to the model: uint8 (raw pixels, 150 KB per 224px image, normalised "
+           "inside the model) or float32 (normalised on the CPU, 602 KB; for a model that cannot take uint8)")
     a("--output-dir", default="output_dir", help="checkpoints, logs, loss curve, exported encoder")
     a("--resume", default=None,
       help="checkpoint to continue exactly from, or 'auto' (OUTPUT_DIR/checkpoint-last.pth if there is one)")
@@ -154,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: epoch ends only)")
     a("--keep-every-epochs", type=int, default=0, help="keep checkpoint-EPOCH.pth every N epochs (0: only the last)")
     a("--log-every", type=int, default=10, help="optimizer steps between loss readings (steps.jsonl, bar)")
+    a("--save", action=on_off, default=True,
+      help="write checkpoints (--no-save: a benchmark run; nothing to resume from, an interrupt loses the run)")
     a("--progress", action=on_off, default=True, help="progress bar on stderr")
     a("--export", action=on_off, default=True, help="write the encoder as mae_pretrain_<model>.pth at the end")
     a("--plot", action=on_off, default=True, help="draw loss_curve.png after every epoch")
@@ -210,6 +224,7 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
         bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
         cfg.dtype = "bfloat16" if on_gpu and bf16_ok else "float32"
     cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+    cfg.cuda_graph = cuda_graph_mode(cfg.cuda_graph)
     if cfg.workers is None:
         cpus = os.cpu_count() or 1
         cfg.workers = min(10, max(1, cpus // world_size - 1)) if on_gpu else (0 if cpus <= 4 else 2)
@@ -220,8 +235,15 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
         cfg.notes.append(f"synthetic data: {cfg.synthetic_size} images, {cfg.epochs} epoch(s)")
     if cfg.overwrite and cfg.resume == "auto":
         raise ValueError("--overwrite starts the run in --output-dir over, --resume auto continues it: pass one")
-    validate_config(cfg)
+    validate_config(cfg, world_size)
     return cfg
+
+
+def cuda_graph_mode(value) -> str:
+    """--cuda-graph's value as "auto" | "on" | "off" (a bool: the Python API and checkpoints before 'auto')."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -244,7 +266,7 @@ def _check_geometry(cfg: TrainConfig) -> None:
         raise ValueError(str(exc).replace("mask_ratio", "--mask-ratio", 1)) from None
 
 
-def validate_config(cfg: TrainConfig) -> None:
+def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Every option's rule, before anything is created (ValueError naming the option)."""
     for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
@@ -267,13 +289,19 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
     if cfg.fused not in FUSED:
         raise ValueError(f"--fused must be one of {sorted(FUSED)}, got {cfg.fused!r}")
-    if cfg.cuda_graph:
+    if cfg.cuda_graph not in CUDA_GRAPH:
+        raise ValueError(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH)}, got {cfg.cuda_graph!r}")
+    if cfg.cuda_graph == "on":  # what TrainStep cannot capture whatever the model (auto steps these eagerly)
         bad = [why for cond, why in (
-            (cfg.device != "cuda", "a CUDA device"), (cfg.impl == "reference", "the fast path (not --impl reference)"),
-            (cfg.accum_iter != 1, "--accum-iter 1"), (cfg.clip_grad is not None, "no --clip-grad"),
-            (cfg.compile, "no --compile"), (cfg.fsdp, "no --fsdp"),
-            (cfg.dtype == "float16", "bfloat16 or float32 (float16 needs a GradScaler, which syncs)")) if cond]
+            (cfg.device != "cuda", "a CUDA device"),
+            (world_size > 1, f"one process (DDP/FSDP step eagerly; this run has {world_size})")) if cond]
         if bad:
-            raise ValueError("--cuda-graph needs " + ", ".join(bad))
+            raise ValueError("--cuda-graph on needs " + " and ".join(bad) + "; --cuda-graph auto falls back to eager")
+    if cfg.image_dtype not in IMAGE_DTYPES:
+        raise ValueError(f"--image-dtype must be one of {', '.join(IMAGE_DTYPES)}, got {cfg.image_dtype!r}")
+    if not cfg.save:
+        said = [f"--{n.replace('_', '-')}" for n in ("save_every_steps", "keep_every_epochs") if getattr(cfg, n)]
+        if said:
+            raise ValueError(f"{' and '.join(said)} write checkpoints, --no-save writes none: pass one")
     if cfg.fsdp and cfg.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (no sharded grad scaler here): use bfloat16")

@@ -7,7 +7,6 @@ ranks stop together at a step boundary (``control.StopControl``).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -18,21 +17,28 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .config import DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_config
+from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_config
 from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
+from .feed import DeviceFeed, bytes_per_image
 from .resume import reconcile, recorded_position, resume_source
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
-from .setup import build_dataset, build_model, build_optimizer, checkpoint_bytes, forward_kwargs, seed_all
+from .setup import (build_dataset, build_model, build_optimizer, checkpoint_bytes, compile_model, fullgraph_failure,
+                    seed_all)
 from .state import full_model_state, restore_states, save_checkpoint
 
 # kept importable from here (older callers and tests)
-__all__ = ["train", "build_model", "forward_kwargs"]
+__all__ = ["train", "build_model"]
 # The process group's timeout is --dist-timeout + this: the heartbeat (distributed.Heartbeat) fires
 # first and names the rank that stopped answering; the group's timeout is the backstop.
 GROUP_TIMEOUT_MARGIN_S = 30
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig:
@@ -59,12 +65,13 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
             Under torchrun each process calls this; the process group is joined from the env.
 
     Returns:
-        dict with ``output_dir``, ``checkpoint`` (checkpoint-last.pth), ``encoder`` (the
-        ``mae_pretrain_*.pth`` export or None), ``loss_curve``, ``log``, ``final_loss`` (mean
-        loss of the last log window), ``img_per_s`` (global, whole run), ``steps`` (optimizer
-        steps done in total), ``epoch``, ``world_size``, ``skipped_files``, ``config`` (resolved)
-        and ``model`` (the trained module, unwrapped; sharded DTensors under FSDP). Files are
-        written by rank 0 only.
+        dict with ``output_dir``, ``checkpoint`` (checkpoint-last.pth; None with --no-save),
+        ``encoder`` (the ``mae_pretrain_*.pth`` export or None), ``loss_curve``, ``log``,
+        ``final_loss`` (mean loss of the last log window), ``img_per_s`` (global, whole run),
+        ``steps`` (optimizer steps done in total), ``epoch``, ``world_size``, ``skipped_files``,
+        ``config`` (resolved), ``model`` (the trained module, unwrapped; sharded DTensors under
+        FSDP) and ``train_step`` (``captured``, ``eager_reason``: how the `maefast.TrainStep` ran;
+        ``compiled``: "fullgraph", "graph breaks" or None). Files are written by rank 0 only.
 
     Raises:
         ValueError (and FileNotFoundError & co.): a bad option or input, before anything is created.
@@ -190,7 +197,7 @@ class _Trainer:
     def _prepare_folder(self) -> None:
         cfg = self.cfg
         self.folder = RunFolder(cfg.output_dir, self.info.is_main)
-        self.folder.prepare(checkpoint_bytes(self.model), overwrite=cfg.overwrite,
+        self.folder.prepare(checkpoint_bytes(self.model, save=cfg.save, export=cfg.export), overwrite=cfg.overwrite,
                             keep=(self.source,) if self.source else (),
                             trim_to_step=self.step if cfg.resume is not None else None)
 
@@ -200,20 +207,37 @@ class _Trainer:
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.global_batch)
         self.wrapped = dist_lib.wrap_model(model, info, fsdp=cfg.fsdp)
         self.fsdp = cfg.fsdp and info.distributed
-        if cfg.cuda_graph:
-            if info.distributed:
-                raise ValueError("--cuda-graph runs on one GPU (not under torchrun with several processes)")
-            opt_kw = {"capturable": True, "fused": True}  # step counts and lr on the device: the graph captures them
-        else:
-            opt_kw = {"fused": True} if info.device.type == "cuda" and not self.fsdp else {}
+        opt_kw = {}
+        if info.device.type == "cuda" and not self.fsdp:
+            opt_kw["fused"] = True  # one kernel; it also takes the fp16 GradScaler on the device
+            if cfg.cuda_graph != "off" and not info.distributed:
+                opt_kw["capturable"] = True  # step counts and lrs on the device: a captured step replays them
         self.optimizer = build_optimizer(model, self.wrapped, cfg, self.lr, **opt_kw)
         self.amp_dtype = DTYPES[cfg.dtype]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.carry = _EpochStats()
         self.history = []
-        ck = self.ck
-        if ck is None:
-            return
+        if self.ck is not None:
+            self._restore()
+        self.fullgraph = cfg.compile
+        self.runner = compile_model(self.wrapped) if cfg.compile else self.wrapped
+        self.train_step = self._make_step()  # after the restore: the step starts from the loaded state
+
+    def _make_step(self):
+        from ..step import TrainStep
+
+        cfg = self.cfg
+        # the masks come from the per-sample noise of the data (a function of seed, epoch and index: the
+        # same at any world size), so TrainStep's own seed is never drawn from; given, it draws nothing
+        # from torch's generator either (whose state the checkpoints carry)
+        return TrainStep(self.runner, self.optimizer, dtype=self.amp_dtype, mask_ratio=cfg.mask_ratio,
+                         scaler=self.scaler, accum_steps=cfg.accum_iter, clip_grad=cfg.clip_grad,
+                         capture={"auto": "auto", "on": True, "off": False}[cfg.cuda_graph],
+                         seed=cfg.seed % 2 ** 62)
+
+    def _restore(self) -> None:
+        """The checkpoint's model, optimizer, scaler, RNG and epoch state into this run."""
+        cfg, info, model, ck = self.cfg, self.info, self.model, self.ck
         restore_states(ck, ckpt_lib.shards_dir(ck, self.source), model, self.wrapped, self.optimizer,
                        sharded=self.fsdp)
         for group in self.optimizer.param_groups:  # the recorded value by the resume contract; set, not assumed
@@ -233,8 +257,11 @@ class _Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, epoch_next: int, samples_next: int, stats: _EpochStats | None, keep: str | None = None) -> None:
-        """Checkpoint of the current step (collective): the position is the next sample to train on."""
+        """Checkpoint of the current step (collective): the position is the next sample to train on.
+        Nothing with --no-save (on every rank alike: no collective either)."""
         cfg, info = self.cfg, self.info
+        if not cfg.save:
+            return
         rngs = dist_lib.all_gather_object(ckpt_lib.rng_state(), info)
         meta = {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "epoch": epoch_next, "samples": samples_next, "step": self.step, "rng": rngs,
@@ -260,7 +287,7 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True  # as the official main_pretrain.py (the patch-embed conv)
         for note in cfg.notes:
             self.say(note)
-        model, wrapped, optimizer = self.model, self.wrapped, self.optimizer
+        model, optimizer = self.model, self.optimizer
         A, G = cfg.accum_iter, self.global_batch
         batches_used = self.steps_per_epoch * A  # micro-batches per rank and epoch
         total_steps = self.steps_per_epoch * cfg.epochs
@@ -271,6 +298,10 @@ class _Trainer:
                  f"impl {getattr(model, 'impl', 'reference')}; {len(self.dataset)} images, {self.steps_per_epoch} "
                  f"steps/epoch x {cfg.epochs} epochs; global batch {G}, lr {self.lr:.3g} (blr {cfg.blr:g}), "
                  f"warm-up {cfg.warmup_epochs:g} epochs")
+        kb = {name: bytes_per_image(cfg.input_size, dt) / 1e3 for name, dt in IMAGE_DTYPES.items()}
+        self.say(f"batches: {cfg.image_dtype} images, {kb[cfg.image_dtype]:.1f} KB each to the {device.type}"
+                 + (f" (float32: {kb['float32']:.1f} KB)" if cfg.image_dtype != "float32" else "")
+                 + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else ""))
         log = JsonlLog(self.folder.join("log.jsonl") if info.is_main else None)
         step_log = JsonlLog(self.folder.join("steps.jsonl") if info.is_main else None)
         sampler = ResumableDistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank,
@@ -286,10 +317,6 @@ class _Trainer:
 
             bar = tqdm(total=total_steps, initial=min(self.step, total_steps), unit="step", dynamic_ncols=True,
                        mininterval=1.0, file=sys.stderr)
-        self.ddp = wrapped if info.distributed and not self.fsdp else None
-        self.runner = torch.compile(wrapped) if cfg.compile else wrapped
-        self.graph_step = None  # --cuda-graph: built on the first batch (maefast.graphs.CUDAGraphTrainStep)
-        self.fwd_kwargs = forward_kwargs(model)
         self.final_loss, self.skipped_total, self.run_images, self.run_time = float("nan"), 0, 0, 0.0
         self.windows = []  # (images, seconds) per log window, for the steady-state speed
         self.epoch = self.start_epoch
@@ -307,7 +334,7 @@ class _Trainer:
             sampler.set_position(first // A * G)
             stats = self.carry if epoch == self.start_epoch else _EpochStats()
             self.runner.train()
-            optimizer.zero_grad(set_to_none=True)
+            self.train_step.zero_grad()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             win_sum = torch.zeros((), dtype=torch.float64, device=device)
             win_n, ep_n, ep_images, ep_bad, bad_names = 0, 0, 0, 0, []
@@ -315,7 +342,7 @@ class _Trainer:
             win_images, lr_now, b, reason = 0, 0.0, first, None
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            for batch in loader:
+            for batch in DeviceFeed(loader, device):
                 if b >= batches_used:
                     break
                 if b % A == 0:
@@ -337,8 +364,7 @@ class _Trainer:
                 win_images += n_img
                 if (b % A) != 0:
                     continue
-                self._optimizer_step()
-                self.step += 1
+                self.step += 1  # the step ran its optimizer update at this boundary
                 if bar is not None:
                     bar.update(1)
                 reason = self._agree()
@@ -381,7 +407,7 @@ class _Trainer:
             keep = (f"checkpoint-{epoch:04d}.pth" if finished and cfg.keep_every_epochs
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
             self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep)
-            # logged only once its checkpoint is written: log.jsonl never claims a save that failed
+            # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
             self._write(log, {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.n, 1),
                        "train_lr": lr_now, "images": int(totals.images), "time_s": round(totals.time_s, 3),
                        "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
@@ -397,9 +423,10 @@ class _Trainer:
                 if self.pending is not None:
                     raise self.pending
                 where = f"epoch {epoch}, {100 * min(b, batches_used) / batches_used:.0f}% through it"
+                kept = (f"checkpoint saved to {self.ckpt_path}; continue with --resume auto (same --output-dir)"
+                        if cfg.save else "no checkpoint written (--no-save)")
                 raise Interrupted(f"interrupted by {self.ctl.describe(reason)}: stopped after step {self.step} "
-                                  f"({where}), checkpoint saved to {self.ckpt_path}; continue with --resume auto "
-                                  "(same --output-dir)", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
+                                  f"({where}), {kept}", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
             if hit_max:
                 break
         if bar is not None:
@@ -431,48 +458,50 @@ class _Trainer:
                            bad_names=(stats.bad_names + names)[:10])
 
     def _micro_step(self, batch: dict, b: int):
-        """Forward and backward of one micro-batch; returns (counted, loss, weight, images)."""
-        cfg, device = self.cfg, self.info.device
+        """One micro-batch through the training step (forward, backward and, at the accumulation's end,
+        the optimizer update); returns (counted, loss, weight, images)."""
+        cfg, device, step = self.cfg, self.info.device, self.train_step
         images, noise, weight = batch["images"], batch["noise"], 1.0
-        if images is None:  # every file of this batch was unreadable: a zero-weight step keeps ranks in step
-            images = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
-            noise, weight = torch.rand(1, self.model.patch_embed.num_patches), 0.0
-        images = images.to(device, non_blocking=True)
-        noise = noise.to(device, non_blocking=True)
-        if cfg.cuda_graph and (weight == 0.0 or images.shape[0] != cfg.batch_size):
-            # unreadable files left this batch short (or empty): the captured step takes full batches
-            # only, and one process has nobody to keep in step, so the batch is skipped
-            return False, None, 0.0, 0
         boundary = (b + 1) % cfg.accum_iter == 0
-        sync = self.ddp.no_sync() if self.ddp is not None and not boundary else contextlib.nullcontext()
-        if self.fsdp and hasattr(self.wrapped, "set_requires_gradient_sync"):
-            self.wrapped.set_requires_gradient_sync(boundary)
-        use_amp = self.amp_dtype != torch.float32
-        if cfg.cuda_graph:
-            if self.graph_step is None:
-                from ..graphs import CUDAGraphTrainStep
-
-                self.graph_step = CUDAGraphTrainStep(self.model, self.optimizer, images, mask_ratio=cfg.mask_ratio,
-                                                     autocast_dtype=self.amp_dtype if use_amp else None,
-                                                     example_noise=noise)
-            loss = self.graph_step(images, noise)  # forward, backward and AdamW, replayed
-        else:
-            with sync:
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=use_amp):
-                    loss, _, _ = self.runner(images, mask_ratio=cfg.mask_ratio, noise=noise, **self.fwd_kwargs)
-                self.scaler.scale(loss * (weight / cfg.accum_iter)).backward()
+        if step.eager_reason is None and (images is None or images.shape[0] != cfg.batch_size):
+            # unreadable files left this batch short (or empty): a captured step takes full batches only,
+            # and its one process has nobody to keep in step, so the batch is skipped. Skipped at the end of
+            # an accumulation, the cycle's partial gradients are dropped: its optimizer step is not taken
+            if boundary:
+                step.zero_grad()
+            return False, None, 0.0, 0
+        if images is None:  # every file of this batch was unreadable: a zero-weight step keeps ranks in step
+            images = torch.zeros(1, 3, cfg.input_size, cfg.input_size, dtype=IMAGE_DTYPES[cfg.image_dtype],
+                                 device=device)
+            noise, weight = torch.rand(1, self.model.patch_embed.num_patches).to(device), 0.0
+        loss = self._call_step(images, noise, weight, boundary)
         return True, loss, weight, int(weight) * images.shape[0]
 
-    def _optimizer_step(self) -> None:
-        cfg = self.cfg
-        if cfg.cuda_graph:
-            return  # the captured step ran AdamW already
-        if cfg.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _call_step(self, images, noise, weight: float, update: bool) -> torch.Tensor:
+        """``train_step(...)``; the first call also settles how every step runs: a model that does not
+        compile as one graph is compiled again with graph breaks (said once), a step that
+        ``--cuda-graph on`` cannot capture stops the run with the reason."""
+        step = self.train_step
+        if step.calls:
+            return step(images, noise, weight=weight, update=update)
+        try:
+            loss = step(images, noise, weight=weight, update=update)
+        except RuntimeError as exc:
+            failure = fullgraph_failure(exc) if self.fullgraph else None
+            if failure is None:
+                if step.eager_reason is None and not step.captured and self.cfg.cuda_graph == "on":
+                    raise RunError(f"--cuda-graph on: the training step could not be captured ({_first_line(exc)}); "
+                                   "--cuda-graph auto steps eagerly when it cannot") from exc
+                raise
+            self.say(f"--compile: the model does not compile as one graph ({failure}); compiling it with graph breaks")
+            self.fullgraph = False
+            self.runner = compile_model(self.wrapped, fullgraph=False)
+            self.train_step = step = self._make_step()
+            return self._call_step(images, noise, weight, update)
+        if self.info.device.type == "cuda" or self.cfg.cuda_graph == "on":
+            self.say("training step: " + ("captured in CUDA graphs, replayed" if step.captured
+                                          else f"eager ({step.eager_reason})"))
+        return loss
 
     # -- after the last step --------------------------------------------------------------------
     def _finish(self) -> dict:
@@ -493,11 +522,15 @@ class _Trainer:
         steady = self.windows[1:] if len(self.windows) > 1 else self.windows  # the first holds start-up and warm-up
         steady_ips = sum(w[0] for w in steady) / max(sum(w[1] for w in steady), 1e-9) if steady else float("nan")
         self.say(f"done: {self.step} steps, last loss {self.final_loss:.4f}, {img_per_s:.1f} img/s over the run, "
-                 f"{steady_ips:.1f} img/s after the first log window ({info.world_size} x {info.device.type}); "
-                 f"checkpoint {self.ckpt_path}" + (f", encoder {encoder}" if encoder else ""))
-        return {"output_dir": cfg.output_dir, "checkpoint": self.ckpt_path, "encoder": encoder,
+                 f"{steady_ips:.1f} img/s after the first log window ({info.world_size} x {info.device.type})"
+                 + (f"; checkpoint {self.ckpt_path}" if cfg.save else "; no checkpoint (--no-save)")
+                 + (f", encoder {encoder}" if encoder else ""))
+        step = self.train_step
+        return {"output_dir": cfg.output_dir, "checkpoint": self.ckpt_path if cfg.save else None, "encoder": encoder,
                 "loss_curve": os.path.join(cfg.output_dir, "loss_curve.png") if cfg.plot else None,
                 "log": os.path.join(cfg.output_dir, "log.jsonl"), "final_loss": self.final_loss,
                 "img_per_s": img_per_s, "img_per_s_steady": steady_ips, "steps": self.step, "epoch": self.epoch,
                 "world_size": info.world_size, "skipped_files": self.skipped_total, "config": cfg,
-                "model": self.model}
+                "model": self.model, "train_step": {"captured": step.captured, "eager_reason": step.eager_reason,
+                                                    "compiled": ("fullgraph" if self.fullgraph else "graph breaks")
+                                                    if cfg.compile else None}}

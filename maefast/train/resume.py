@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import CHECKPOINT_NAME
-from .config import TrainConfig
+from .config import TrainConfig, cuda_graph_mode
 
 
 def resume_source(cfg: TrainConfig) -> str | None:
@@ -39,9 +39,12 @@ def recorded_position(ck: dict) -> tuple[int, int, int]:
 # batch resumes exactly (same samples per step, same schedule); another global batch is refused.
 RUN_DEFINING = ("model", "input_size", "norm_pix_loss", "seed", "mask_ratio", "synthetic_size", "blr", "lr",
                 "min_lr", "weight_decay", "warmup_epochs", "clip_grad")
-CHANGEABLE = ("epochs", "data", "decode", "dtype", "impl", "fused", "grad_checkpointing", "cuda_graph", "compile", "fsdp",
-              "save_every_steps", "keep_every_epochs", "log_every", "export", "plot", "accum_iter", "batch_size")
-PER_INVOCATION = ("device", "workers", "output_dir", "resume", "overwrite", "max_steps", "progress", "dist_timeout")
+CHANGEABLE = ("epochs", "data", "decode", "image_dtype", "dtype", "impl", "fused", "grad_checkpointing", "cuda_graph",
+              "compile", "fsdp", "save_every_steps", "keep_every_epochs", "log_every", "export", "plot", "accum_iter",
+              "batch_size")
+# --save: whether this invocation writes checkpoints (a benchmark run does not), not how the run computes
+PER_INVOCATION = ("device", "workers", "output_dir", "resume", "overwrite", "max_steps", "progress", "dist_timeout",
+                  "save")
 
 
 def _norm(name: str, value):
@@ -57,6 +60,8 @@ def _norm(name: str, value):
             return value
     if name == "dtype":
         return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+    if name == "cuda_graph":  # recorded as a bool before "auto" existed
+        return cuda_graph_mode(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .config import FUSED, TrainConfig
+from .config import FUSED, IMAGE_DTYPES, TrainConfig
 from .data import ImageFolderDataset, SyntheticDataset
 from .schedule import BETAS, decay_split
 
@@ -45,18 +45,42 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     return create_model(cfg.model, **kwargs, **extra), kwargs
 
 
-def forward_kwargs(model: torch.nn.Module) -> dict:
-    """``return_pred=False`` when the model supports it (the fused path then skips the head on the
-    visible rows: training needs only the loss)."""
-    if "return_pred" in inspect.signature(model.forward).parameters:
-        return {"return_pred": False}
-    return {}
+# torch.compile's backend for --compile (None: torch's default, Inductor); tests set "aot_eager", which
+# traces the same graphs without Inductor's minutes of code generation on a small CPU
+COMPILE_BACKEND: str | None = None
+
+
+def compile_model(model: torch.nn.Module, fullgraph: bool = True) -> torch.nn.Module:
+    """``torch.compile(model, fullgraph=True, dynamic=False)``: maefast's ops are opaque custom ops
+    inside one graph, and a batch has one shape (a short batch, from unreadable files, compiles its
+    own graph). ``fullgraph=False`` is the fallback for a model that breaks the graph (see
+    ``fullgraph_failure``)."""
+    kw = {"backend": COMPILE_BACKEND} if COMPILE_BACKEND else {}
+    return torch.compile(model, fullgraph=fullgraph, dynamic=False, **kw)
+
+
+def fullgraph_failure(exc: BaseException) -> str | None:
+    """The one-line reason when ``exc`` is torch.compile refusing a graph break under fullgraph=True
+    (dynamo's ``Unsupported``, also as the cause of another error), else None."""
+    try:
+        from torch._dynamo.exc import Unsupported
+    except ImportError:  # pragma: no cover - a torch without dynamo compiles nothing
+        return None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Unsupported):
+            text = str(exc).strip()
+            return text.splitlines()[0][:160] if text else type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def build_dataset(cfg: TrainConfig, num_patches: int):
+    kw = dict(seed=cfg.seed, decode=cfg.decode, dtype=IMAGE_DTYPES[cfg.image_dtype])
     if cfg.data == "synthetic":
-        return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
-    dataset = ImageFolderDataset(cfg.data, cfg.input_size, num_patches, seed=cfg.seed, decode=cfg.decode)
+        return SyntheticDataset(cfg.synthetic_size, cfg.input_size, num_patches, **kw)
+    dataset = ImageFolderDataset(cfg.data, cfg.input_size, num_patches, **kw)
     probe_readable(dataset)
     return dataset
 
@@ -92,9 +116,10 @@ def build_optimizer(model: torch.nn.Module, wrapped: torch.nn.Module, cfg: Train
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, **kwargs)
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """Disk space one checkpoint and the encoder export take (fp32 weights + AdamW's two moments,
-    + the encoder again), with 5% and 1 MiB of headroom: what must be free before the first step."""
+def checkpoint_bytes(model: torch.nn.Module, save: bool = True, export: bool = True) -> int:
+    """Disk space one checkpoint (fp32 weights + AdamW's two moments; ``save``) and the encoder
+    export (the weights again, an upper bound; ``export``) take, with 5% and 1 MiB of headroom: what
+    must be free before the first step."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    return int(1.05 * (weights + 2 * trainable + weights)) + 2 ** 20
+    return int(1.05 * ((weights + 2 * trainable if save else 0) + (weights if export else 0))) + 2 ** 20

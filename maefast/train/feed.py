@@ -1,0 +1,75 @@
+"""Batches from the data loader to the device, one batch ahead (issue 15: uint8 batches, pinned,
+non-blocking, prefetched on a side stream).
+
+The loader's worker processes decode and augment; its pin-memory thread puts each batch in
+page-locked host memory (``pin_memory=True``), from which a copy to the GPU runs asynchronously.
+`DeviceFeed` issues batch k+1's copy on a side CUDA stream while step k runs on the current stream,
+so the copy overlaps compute instead of preceding it. A uint8 224x224 image is 150 KB on the wire,
+a float32 one 602 KB.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+BATCH_TENSORS = ("images", "noise")  # the tensors of a `data.collate` batch that go to the device
+
+
+def bytes_per_image(input_size: int, dtype: torch.dtype, channels: int = 3) -> int:
+    """Bytes one image of the batches takes on the way to the device (the masking noise aside)."""
+    return channels * input_size * input_size * torch.empty((), dtype=dtype).element_size()
+
+
+class DeviceFeed:
+    """Iterates ``loader``'s batches (``data.collate`` dicts) with their tensors on ``device``.
+
+    On CUDA, the copy of the next batch is issued on a side stream before the current batch is
+    handed out. Stream rules that keep this correct: the consumer's stream waits for the side stream
+    before it gets a batch (``wait_stream``: the copy is complete when the step reads it), and each
+    copied tensor is recorded as used by the consumer's stream (``record_stream``: the caching
+    allocator does not give its memory to a later copy on the side stream until the step that read it
+    is done). The host side needs no care: a non-blocking copy from pinned memory records its own
+    event, so the pinned block is not reused before the copy completes. Anywhere else (the CPU) the
+    tensors are moved with ``.to(device)`` and no stream is involved. A batch without images (every
+    file unreadable) passes with None.
+    """
+
+    def __init__(self, loader: Iterable[dict], device: torch.device):
+        self.loader, self.device = loader, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+
+    def _issue(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
+        if not self.cuda:
+            return {k: (v.to(self.device) if k in BATCH_TENSORS and v is not None else v) for k, v in batch.items()}
+        out = dict(batch)
+        # no wait on the consumer: the pinned source was filled by the host, and the memory of earlier
+        # batches is protected by record_stream
+        with torch.cuda.stream(self._stream):
+            for k in BATCH_TENSORS:
+                if batch.get(k) is not None:
+                    out[k] = batch[k].to(self.device, non_blocking=True)
+        return out
+
+    def _hand_out(self, batch: dict) -> dict:
+        if self.cuda:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_stream(self._stream)
+            for k in BATCH_TENSORS:
+                if batch.get(k) is not None:
+                    batch[k].record_stream(consumer)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        it = iter(self.loader)
+        ahead = self._issue(next(it, None))
+        while ahead is not None:
+            batch = self._hand_out(ahead)
+            ahead = self._issue(next(it, None))  # in flight while the caller steps on `batch`
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
