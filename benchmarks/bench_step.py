@@ -8,7 +8,7 @@ Rows (providers, `maefast.bench.STEP_PROVIDERS`, in this order unless chosen):
   torch-native         + torch.compile of the whole model, eager step
   torch-native-graph   + the step captured in one CUDA graph
   maefast, maefast-graph, maefast-block, maefast-block-graph, maefast-compile, maefast-compile-graph,
-  maefast-fused, maefast-patch, maefast-patch-hf, maefast-custom-op   (see `STEP_PROVIDERS[...].what`)
+  maefast-patch, maefast-patch-hf, maefast-custom-op   (see `STEP_PROVIDERS[...].what`)
 Every row but reference: bf16 autocast and fused AdamW (capturable in the captured rows). The fastest
 of sdpa / torch-native / torch-native-graph at a size is "best torch-native": every record carries
 `best_torch_native_provider`, `best_torch_native_ms` and `speedup_vs_best_torch_native`. A captured

@@ -152,11 +152,6 @@ def _maefast(name, device, **overrides):
     return build_model(name, "auto", device, **overrides)
 
 
-def _maefast_fused(name, device, **overrides):
-    # maefast's Triton residual+LayerNorm and bias+GELU ops (fused=True)
-    return build_model(name, "auto", device, fused=True, **overrides)
-
-
 def _maefast_block(name, device, **overrides):
     # each transformer block one op (fused="block"): one autograd node per block, LN/GELU recomputed
     return build_model(name, "auto", device, fused="block", **overrides)
@@ -250,7 +245,6 @@ if accepts_impl():  # maefast's own model (impl="auto": its fused path; the refe
         "maefast-compile": StepRecipe(_maefast, compile=True, what="maefast's model under torch.compile, eager step"),
         "maefast-compile-graph": StepRecipe(_maefast, compile=True, capture=True,
                                             what="maefast's model under torch.compile, the step captured"),
-        "maefast-fused": StepRecipe(_maefast_fused, what="fused=True, eager step"),
         "maefast-patch": StepRecipe(_maefast_patch, what="maefast.patch on the official class, eager step"),
         "maefast-patch-hf": StepRecipe(_maefast_patch_hf, what="maefast.patch on transformers' ViTMAE, eager step"),
         "maefast-custom-op": StepRecipe(_maefast_custom_op, what="ops through the torch.library dispatcher"),

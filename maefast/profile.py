@@ -478,7 +478,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
-    p.add_argument("--fused", default="off", choices=["off", "on", "block"],
+    p.add_argument("--fused", default="off", choices=["off", "block"],
                    help="the fast model's blocks (see maefast train --fused); with 'block' each block is one op, "
                         "so its attention time is counted in the block's norm/MLP stage")
     p.add_argument("--sync", action="store_true", help="GPU: synchronise at each stage boundary instead of events")
@@ -521,7 +521,7 @@ def main(argv=None) -> int:
             r = profile_impl(name, impl, batch=batch, dtype=dtype, device=device, steps=steps, warmup=a.warmup,
                              compile=a.compile, sync=a.sync, mask_ratio=a.mask_ratio, trace=trace,
                              progress=not a.no_progress, peak=peak,
-                             fused={"off": False, "on": True, "block": "block"}[a.fused])
+                             fused={"off": False, "block": "block"}[a.fused])
         except ValueError as e:
             print(f"impl {impl}: {e}", file=sys.stderr)
             return 2

@@ -363,7 +363,7 @@ def test_own_model_subclass_overrides():
     MyMasking(**TINY, impl="reference")(imgs, 0.75, noise)  # the official computation runs it
     with pytest.raises(TypeError, match="overrides random_masking"):
         maefast.patch(MyMasking(**TINY, impl="reference"))
-    m = MyLoss(**TINY, fused=True)
+    m = MyLoss(**TINY, fused="block")
     m.impl = "reference"
     l0 = m(imgs, 0.75, noise)[0]
     m.impl = "auto"

@@ -5,8 +5,8 @@ facebookresearch `MaskedAutoencoderViT`, or transformers' `ViTMAEForPreTraining`
 light *view* of its parameters (no copies: gradients land in the model's own parameters):
 
     masking (Philox, in-kernel ranking) -> patch embedding of the visible patches only ->
-    encoder blocks (visible-token attention on the packed qkv, fused residual+LayerNorm, fused
-    bias+GELU) -> decoder embed -> un-shuffle (mask tokens + positions, one pass) -> decoder blocks
+    encoder blocks (visible-token attention on the packed qkv; torch's LayerNorm, GELU and Linear,
+    or each block as one `ops.vit_block` with fused="block") -> decoder embed -> un-shuffle (mask tokens + positions, one pass) -> decoder blocks
     -> prediction head on the masked rows only -> fused norm-pix loss.
 
 Numerics follow the official code under autocast: the residual streams stay fp32, matmul inputs
@@ -90,24 +90,22 @@ class MAEView:
         return self.pos_embed.shape[1] - 1
 
 
-def _ln(x: torch.Tensor, norm: nn.LayerNorm, fused: bool, impl: str, out_dtype) -> torch.Tensor:
-    if fused:
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps, impl=op_impl(impl, "ln"), out_dtype=out_dtype)
-    return norm(x)
-
-
-FUSED_MODES = (False, True, "block")
+FUSED_MODES = (False, "block")
 
 
 def check_fused(fused) -> bool | str:
-    """fused: False | True | "block" (1/0 accepted for True/False)."""
-    if isinstance(fused, str):
-        if fused != "block":
-            raise ValueError(f"fused must be False, True or 'block', got {fused!r}")
+    """fused: False (torch LayerNorm/GELU/Linear around maefast's attention: what Inductor fuses under
+    torch.compile) or "block" (each block one `ops.vit_block` op). 0 is accepted for False."""
+    if fused is True or (fused == 1 and not isinstance(fused, str)):
+        raise ValueError("fused=True (maefast's eager residual+LayerNorm and bias+GELU ops between torch's "
+                         "matmuls) was removed: it never beat torch's own ops in a measured step (H200, "
+                         "2026-11-27) and under torch.compile Inductor fuses that work itself; use fused=False "
+                         "(and torch.compile) or fused='block'")
+    if fused == "block":
         return fused
-    if fused in (0, 1):
-        return bool(fused)
-    raise ValueError(f"fused must be False, True or 'block', got {fused!r}")
+    if fused is False or (fused == 0 and not isinstance(fused, str)):
+        return False
+    raise ValueError(f"fused must be False or 'block', got {fused!r}")
 
 
 def _block_op_ok(bv: BlockView) -> bool:
@@ -119,7 +117,7 @@ def _block_op_ok(bv: BlockView) -> bool:
                     for n in (bv.norm1, bv.norm2)))
 
 
-def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -> torch.Tensor:
+def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused) -> torch.Tensor:
     """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
     if fused == "block" and _block_op_ok(bv):
         w, b = bv.qkv()
@@ -127,46 +125,37 @@ def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused, out_dtype) -
                              bv.norm2.bias, bv.fc1.weight, bv.fc1.bias, bv.fc2.weight, bv.fc2.bias,
                              num_heads=bv.num_heads, scale=bv.scale, eps1=bv.norm1.eps, eps2=bv.norm2.eps,
                              impl=impl)
-    h = _ln(x, bv.norm1, fused, impl, out_dtype)
+    h = bv.norm1(x)
     w, b = bv.qkv()
     qkv = F.linear(h, w, b)
     a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=model_level_impl(impl, qkv, bv.num_heads))
     a = bv.proj(a)
     if bv.drop_attn:
         a = F.dropout(a, bv.drop_attn, training=True)
-    if fused:
-        h2, x = ops.add_layer_norm(a, x, bv.norm2.weight, bv.norm2.bias, bv.norm2.eps, impl=op_impl(impl, "ln"),
-                                   out_dtype=out_dtype)
-    else:
-        x = x + a
-        h2 = bv.norm2(x)
-    if fused and bv.exact_gelu and bv.fc1.bias is not None:
-        m = ops.bias_gelu(F.linear(h2, bv.fc1.weight), bv.fc1.bias, impl=op_impl(impl, "gelu"))
-    else:
-        m = bv.act(bv.fc1(h2))
-    m = bv.fc2(m)
+    x = x + a
+    m = bv.fc2(bv.act(bv.fc1(bv.norm2(x))))
     if bv.drop_mlp:
         m = F.dropout(m, bv.drop_mlp, training=True)
     return x + m
 
 
-def _block_call(bv: BlockView, x, impl, fused, out_dtype):
+def _block_call(bv: BlockView, x, impl, fused):
     """block_forward, through the block module's __call__ when its hooks must run (FSDP2 per block)."""
     if bv.module is not None and getattr(bv.module, "_maefast_module_call", False):
-        return bv.module(x, impl=impl, fused=fused, out_dtype=out_dtype)
-    return block_forward(bv, x, impl, fused, out_dtype)
+        return bv.module(x, impl=impl, fused=fused)
+    return block_forward(bv, x, impl, fused)
 
 
-def _run_blocks(blocks, x, impl, fused, out_dtype, grad_checkpointing):
+def _run_blocks(blocks, x, impl, fused, grad_checkpointing):
     for bv in blocks:
         if (grad_checkpointing or bv.checkpoint) and torch.is_grad_enabled():
             # without dropout the block draws no random numbers: no RNG state to save, which also keeps
             # the step capturable in a CUDA graph on torch builds that cannot read the RNG state there;
             # with dropout the recompute must draw the forward's masks again
-            x = checkpoint(_block_call, bv, x, impl, fused, out_dtype, use_reentrant=False,
+            x = checkpoint(_block_call, bv, x, impl, fused, use_reentrant=False,
                            preserve_rng_state=bool(bv.drop_attn or bv.drop_mlp))
         else:
-            x = _block_call(bv, x, impl, fused, out_dtype)
+            x = _block_call(bv, x, impl, fused)
     return x
 
 
@@ -188,11 +177,11 @@ class _RoutedBlockForward:
     def __init__(self, block: nn.Module):
         self.block = block
 
-    def __call__(self, x, impl=None, fused=False, out_dtype=None):
+    def __call__(self, x, impl=None, fused=False):
         blk = self.block
         if impl is None:  # called as the official block (the reference path)
             return type(blk).forward(blk, x)
-        return block_forward(_official_block_view(blk), x, impl, fused, out_dtype)
+        return block_forward(_official_block_view(blk), x, impl, fused)
 
 
 def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
@@ -246,13 +235,13 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
                                view.pos_embed, p, impl=op_impl(impl, "patch_embed"), **px).to(stream_dtype)
     cls = (view.cls_token + view.pos_embed[:, :1, :]).to(stream_dtype).expand(n, -1, -1)
     x = torch.cat([cls, x], dim=1)
-    x = _run_blocks(view.blocks, x, impl, fused, out_dtype, grad_checkpointing)
-    x = _ln(x, view.norm, fused, impl, out_dtype)
+    x = _run_blocks(view.blocks, x, impl, fused, grad_checkpointing)
+    x = view.norm(x)
 
     x = view.decoder_embed(x).to(stream_dtype)
     x = ops.unshuffle(x, view.mask_token, ids_restore, view.decoder_pos_embed, impl=op_impl(impl, "unshuffle"))
-    x = _run_blocks(view.decoder_blocks, x, impl, fused, out_dtype, grad_checkpointing)
-    x = _ln(x, view.decoder_norm, fused, impl, out_dtype)
+    x = _run_blocks(view.decoder_blocks, x, impl, fused, grad_checkpointing)
+    x = view.decoder_norm(x)
 
     head = view.decoder_pred
     if loss_fn is not None:

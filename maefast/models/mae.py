@@ -16,13 +16,11 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         impl: "auto" | "triton" | "cuda" | "reference". "reference" runs the official computation;
             the others run the fused path with that backend for every op ("auto": the fastest
             verified one on CUDA, the reference composition of each op on the CPU).
-        fused: False | True | "block". True: maefast's Triton residual-add + LayerNorm and bias + GELU
-            ops instead of torch's LayerNorm/GELU. "block": each transformer block is one op
-            (`maefast.ops.vit_block`: one autograd node, LayerNorm and GELU recomputed in the backward,
-            ~35% less activation memory than True). Off by default: on an H200 (2026-11-27) the raw
-            kernels ran 1.2-2.0x torch's eager ops, but through the custom-op + autograd path their
-            forward+backward ran at 0.11-0.45x (per-call overhead), and the whole step was slower with
-            them (README); both were changed since (direct dispatch, the block op) and await a GPU.
+        fused: False | "block". False: torch's LayerNorm, GELU and Linear around maefast's attention
+            (under torch.compile, Inductor fuses the element-wise work). "block": each transformer
+            block is one op (`maefast.ops.vit_block`: one autograd node, LayerNorm and GELU recomputed
+            in the backward, ~1/3 less activation memory). (fused=True, maefast's eager LayerNorm/GELU
+            ops between torch's matmuls, was removed: no measured step had it ahead.)
         grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside).
 
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
