@@ -138,3 +138,12 @@ def test_every_option_has_a_resume_rule():
     ruled = [*RUN_DEFINING, *CHANGEABLE, *PER_INVOCATION]
     assert len(ruled) == len(set(ruled)), "an option in two rules"
     assert fields == set(ruled), f"no rule: {sorted(fields - set(ruled))}; not an option: {sorted(set(ruled) - fields)}"
+
+
+def test_a_run_recorded_with_the_removed_fused_on_says_how_to_continue():
+    """--fused on was removed (issue 14); a checkpoint that recorded it resumes only with another mode,
+    and says which: never a traceback, never a silent other mode."""
+    from maefast.train.config import TrainConfig, resolve_config
+
+    with pytest.raises(ValueError, match="--fused on was removed.*--fused off or --fused block"):
+        resolve_config(TrainConfig(data="synthetic", fused="on", model="mae_vit_tiny_test"), cuda=False)

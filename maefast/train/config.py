@@ -88,7 +88,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-FUSED = {"off": False, "on": True, "block": "block"}  # --fused -> the model's fused=
+FUSED = {"off": False, "block": "block"}  # --fused -> the model's fused=
 CUDA_GRAPH = ("auto", "on", "off")  # --cuda-graph -> TrainStep's capture= "auto" / True / False
 # --image-dtype: what the data loader hands the model. uint8 (raw pixels, normalised inside the model's
 # kernels) moves 4x fewer bytes to the GPU than float32 (normalised on the CPU) and trains the same
@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference)")
-    a("--fused", default="off", choices=["off", "on", "block"],
-      help="transformer blocks on the fast path: off (torch LayerNorm/GELU), on (maefast's fused LayerNorm/GELU ops), "
-           "block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less activation memory)")
+    a("--fused", default="off", choices=["off", "block"],
+      help="transformer blocks on the fast path: off (torch LayerNorm/GELU/Linear around maefast's attention; "
+           "what --compile fuses), block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less "
+           "activation memory)")
     a("--grad-checkpointing", action=on_off, default=False,
       help="activation checkpointing per block (same mask on recompute)")
     a("--cuda-graph", default="auto", choices=CUDA_GRAPH,
@@ -287,6 +288,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
     if cfg.decode not in DECODES:
         raise ValueError(f"--decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
+    if cfg.fused == "on":  # a run recorded before it was removed
+        raise ValueError("--fused on was removed (it never beat torch's LayerNorm/GELU in a measured step): "
+                         "pass --fused off or --fused block")
     if cfg.fused not in FUSED:
         raise ValueError(f"--fused must be one of {sorted(FUSED)}, got {cfg.fused!r}")
     if cfg.cuda_graph not in CUDA_GRAPH:
