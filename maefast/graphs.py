@@ -1,48 +1,164 @@
 """CUDA-graph capture (`capture_cuda_graph`), shared by `maefast.TrainStep` (maefast/step.py: the
 captured training step) and the per-op benchmarks.
+
+A capture that fails inside ``torch.cuda.graph`` cannot be stepped past in the same process on
+torch 2.11: its ``CUDAGraph::capture_end`` raises on the failed ``cudaStreamEndCapture`` before it
+hands the capture's memory pool back to the caching allocator (fixed upstream by pytorch#180395,
+2026-04), so afterwards every ``torch.cuda.empty_cache()`` fails an internal assert (and with it
+every later capture, whose ``__enter__`` calls it), frees recorded on other streams (``record_stream``:
+every batch of ``maefast train``'s feed) are deferred forever, and the failed capture's memory stays
+reserved. So failures are found before the capture where possible: the last warm-up iteration runs
+with torch's sync debug mode set to "error", which raises on the host syncs that would invalidate the
+capture (``.item()``, ``.cpu()``, ``nonzero``, blocking copies, ``Stream.synchronize()``; not
+``torch.cuda.synchronize()`` nor a ``non_blocking`` copy from pageable memory), as a `HostSyncError`
+before anything is captured. A failure inside the capture is a `CaptureError`: the caller must not
+go on as if nothing happened.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import traceback
 from typing import Callable
 
 import torch
 
+_SYNC_MESSAGE = "called a synchronizing CUDA operation"  # c10::cuda::warn_or_error_on_sync
+# one capture stream per device: graphs sharing a memory pool are best captured on the same stream
+# (torch.cuda.graph's note), and torch's own default stream is one per process, made on whichever
+# device was current when the first capture ran
+_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+class HostSyncError(RuntimeError):
+    """The captured function synchronizes with the host (found by the warm-up, before any capture
+    began): a capture would fail; nothing is left behind, so falling back to eager steps is safe."""
+
+
+class CaptureError(RuntimeError):
+    """A failure inside ``torch.cuda.graph``, after the capture began.
+
+    Attributes:
+        reason: the first line of the error that failed the capture (the first in the chain: on torch
+            2.11 the one raised by ``capture_end`` only says that an earlier one invalidated it).
+        broken: whether torch's CUDA caching allocator is left unusable by it (``empty_cache()``
+            raises; see the module docstring). False on a torch that cleans up after a failed capture.
+    """
+
+    def __init__(self, reason: str, broken: bool):
+        self.reason, self.broken = reason, broken
+        state = (f"torch {torch.__version__}'s CUDA caching allocator is left unusable by it (empty_cache() fails, "
+                 "memory freed across streams is never reused), so this process cannot go on" if broken else
+                 "a failure inside a capture is not stepped past (it may leave CUDA state behind)")
+        super().__init__(f"the CUDA-graph capture failed inside the graph ({reason}); {state}: run again without "
+                         "capturing (capture=False), or remove what failed it (a host sync, a CPU tensor)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _where(exc: BaseException) -> str:
+    """' at FILE:LINE in FUNC' of the innermost frame of `exc` outside torch (the model's line that
+    synced: the sync itself is raised in C++), or ''."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+
+
+@contextlib.contextmanager
+def _host_syncs_raise():
+    """torch's sync debug mode "error" (process-wide) for the block, the previous mode restored after;
+    a sync in the block becomes a HostSyncError."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    except RuntimeError as e:
+        sync = next((x for x in _chain(e) if _SYNC_MESSAGE in str(x)), None)
+        if sync is None:
+            raise
+        raise HostSyncError(f"the step synchronizes with the host{_where(sync)} (found by the warm-up, before "
+                            "capture: a capture would fail on it)") from e
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def allocator_usable() -> bool:
+    """Whether torch's CUDA caching allocator still works after a failed capture (its
+    ``empty_cache()`` asserts that no capture is under way: it raises when one never ended)."""
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        return False
+    return True
+
 
 def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmup_fn: Callable[[], object] | None = None,
-                       before_capture: Callable[[], object] | None = None, device=None, pool=None):
+                       before_capture: Callable[[], object] | None = None, device=None, pool=None,
+                       check_syncs: bool = True):
     """Captures one call of `fn` in a CUDA graph; returns (graph, what that call returned: the static
     outputs each replay overwrites).
 
     First `warmup_fn` (default `fn`) runs `warmup_steps` times on a side stream (Triton compiles,
-    autograd and cuBLAS warm up outside the capture), then `before_capture()` (e.g. grads set to
-    None, so the captured backward allocates them in the graph's pool). `pool` (another graph's
-    ``pool()``) shares its memory pool: replay such graphs in the order they were captured. The
-    capture is in thread_local mode: CUDA calls from other threads (the DataLoader's pin-memory
-    thread) do not invalidate it, as they would in the default "global" mode. A failed capture (a
-    host sync, a CPU tensor) raises RuntimeError after restoring the caller's stream (capture_end
-    leaves its own current).
+    autograd and cuBLAS warm up outside the capture), the last time with host syncs raising
+    (`check_syncs`; with ``warmup_steps=1`` that is also the first call: a one-off sync of a first
+    call, e.g. ``.item()`` in a lazy initialisation, is then reported too), then `before_capture()`
+    (e.g. grads set to None, so the captured backward allocates them in the graph's pool). `pool`
+    (another graph's ``pool()``) shares its memory pool: replay such graphs in the order they were
+    captured. Warm-up and capture run with `device` current, the capture on a stream of that device.
+    The capture is in thread_local mode: CUDA calls from other threads (the DataLoader's pin-memory
+    thread) do not invalidate it, as they would in the default "global" mode.
+
+    Raises:
+        HostSyncError: the last warm-up synchronized with the host (nothing was captured).
+        CaptureError: the capture itself failed (see its ``broken``); the caller's stream is current
+            again (capture_end leaves its own current).
+        Whatever `warmup_fn` raises (out of memory, ...), once the caller's stream waits for the
+        warm-up's work (what the caller writes next is ordered after it).
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    current = torch.cuda.current_stream(device)
-    if warmup_steps:
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(warmup_steps):
-                (warmup_fn or fn)()
-        current.wait_stream(side)
-    if before_capture is not None:
-        before_capture()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = fn()
-    except RuntimeError:
-        torch.cuda.set_stream(current)
-        raise
+    with torch.cuda.device(device):
+        current = torch.cuda.current_stream(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = _streams.get(index)
+        if stream is None:
+            stream = _streams[index] = torch.cuda.Stream(device=device)
+        if warmup_steps:
+            stream.wait_stream(current)
+            try:
+                with torch.cuda.stream(stream):
+                    for i in range(warmup_steps):
+                        last = check_syncs and i == warmup_steps - 1
+                        with _host_syncs_raise() if last else contextlib.nullcontext():
+                            (warmup_fn or fn)()
+            finally:
+                current.wait_stream(stream)
+        if before_capture is not None:
+            before_capture()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                out = fn()
+        except Exception as e:
+            torch.cuda.set_stream(current)
+            first = list(_chain(e))[-1]  # the error that invalidated the capture, not capture_end's
+            raise CaptureError(_first_line(first), broken=not allocator_usable()) from e
     return graph, out
 
 
-__all__ = ["capture_cuda_graph"]
+__all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable"]

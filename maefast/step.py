@@ -22,11 +22,16 @@ Capturing needs: a CUDA model, an optimizer built with ``capturable=True`` (fuse
 no distributed wrapper (DDP / FSDP communicate outside the graph), batches of one shape, and a
 forward without host syncs. ``capture="auto"`` (default) captures when it can and otherwise steps
 eagerly with the reason in ``step.eager_reason``; ``capture=True`` raises instead; ``False`` is eager.
+``auto`` falls back only for reasons found before the capture begins (the checks above, or a host
+sync that the last warm-up step finds): a capture that fails inside the graph leaves torch 2.11's
+CUDA allocator unusable (maefast/graphs.py), so it raises `maefast.graphs.CaptureError` whatever
+``capture`` says, and the step refuses further calls.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import defaultdict
 
 import torch
 import torch.nn as nn
@@ -39,13 +44,14 @@ _SEED_LIMIT = 2 ** 62
 
 
 def _unwrap(model: nn.Module) -> list[nn.Module]:
-    """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP/FSDP1 (.module)."""
+    """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP (.module), FSDP1
+    (registered as _fsdp_wrapped_module; its .module is a property)."""
     chain = [model]
     while True:
         m = chain[-1]
         inner = m._modules.get("_orig_mod")
         if inner is None and hasattr(m, "no_sync"):
-            inner = m._modules.get("module")
+            inner = m._modules.get("module", m._modules.get("_fsdp_wrapped_module"))
         if not isinstance(inner, nn.Module):
             return chain
         chain.append(inner)
@@ -174,6 +180,7 @@ class TrainStep:
         self.calls = self.optimizer_steps = 0
         self._in_cycle = 0  # micro-batches since the last optimizer step
         self._graphs: dict[bool, tuple] = {}  # update? -> (graph, static loss)
+        self._refused: str | None = None  # why this step takes no more calls (its capture failed for good)
 
     # -- the pieces of an eager step (`maefast profile` times them apart) ---------------------------
 
@@ -211,6 +218,8 @@ class TrainStep:
         """
         if self.captured:
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
+        if self._refused is not None:
+            raise RuntimeError(f"this step takes no more calls: {self._refused}")
         if self.mask_source is None and self.eager_reason is None:
             self.eager_reason = "stepped through forward()/backward()/optimizer_step() before any call"
         self._set_mask_source(noise)
@@ -327,15 +336,32 @@ class TrainStep:
             return self
         try:
             self._capture_step(imgs, noise)
-        except (RuntimeError, ValueError) as e:
+        except graphs.CaptureError as e:  # inside the graph: never stepped past (see the module docstring)
+            self._drop_capture()
+            self._refused = str(e)
+            raise
+        except (RuntimeError, ValueError) as e:  # before the capture began: the process is intact
+            self._drop_capture()
             if self._capture is True:
+                self.mask_source = None  # unprepared again: a later call tries again, never steps eagerly
                 raise
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            self.eager_reason = f"capture failed: {type(e).__name__}: {first}"
-            self.static_imgs = self.static_noise = None
-            self._graphs.clear()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.eager_reason = f"capture failed: {graphs._first_line(e)}"
         return self
+
+    def _drop_capture(self) -> None:
+        """What a failed capture leaves that an eager step must not see: the static buffers and graphs,
+        gradients, GradScaler's per-step record (after its unscale_ the stage stays UNSCALED: the next
+        unscale_ would raise) and what GradScaler.step hands a fused optimizer (kept when its step
+        raised)."""
+        self.static_imgs = self.static_noise = None
+        self._graphs.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+            self.scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)  # as its update() does
+        for name in ("grad_scale", "found_inf"):
+            self.optimizer.__dict__.pop(name, None)
 
     def _capture_step(self, imgs, noise) -> None:
         dev = self.device

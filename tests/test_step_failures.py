@@ -1,0 +1,182 @@
+"""A step that cannot be captured: `maefast.graphs.capture_cuda_graph`'s own code on the CPU, through
+the stand-in of torch.cuda's capture API in tests/fake_capture.py (`FakeCuda`, which fails a capture
+the way torch 2.11 does, allocator and all), and `maefast.TrainStep` around it.
+
+What is found before the capture (a host sync in the last warm-up step, an out-of-memory in the
+warm-up, a blocker) falls back to eager steps with the model, optimizer and GradScaler as they were;
+a failure inside the capture raises `CaptureError` and the step takes no more calls. The card's own
+check of the same: scripts/capture_probe.py (gpu_check's verify preset)."""
+from __future__ import annotations
+
+import copy
+
+import fake_capture as fake_capture_lib
+import pytest
+import torch
+import torch.nn as nn
+
+from maefast import bench as mb
+from maefast import graphs
+from maefast.step import TrainStep
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _twins(seed=0):
+    torch.manual_seed(seed)
+    a = mb.build_model("tiny", "auto", CPU)
+    return a, copy.deepcopy(a)
+
+
+def _batches(n, batch=3):
+    return [torch.randn(batch, 3, 32, 32) for _ in range(n)], [torch.rand(batch, 16) for _ in range(n)]
+
+
+def _same_params(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def _adamw(m):
+    # the lr a float32 tensor, as a (tried) capture leaves it: an eager twin computes the same way
+    return torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True)
+
+
+class Hooked(nn.Module):
+    """An MAE whose forward calls ``hook(loss)`` (e.g. a logging line's ``loss.item()``: a host sync)."""
+
+    def __init__(self, inner, hook):
+        super().__init__()
+        self.inner, self.hook = inner, hook
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        out = self.inner(imgs, mask_ratio, noise)
+        self.hook(out[0])
+        return out
+
+
+def test_host_sync_is_found_by_the_warm_up_before_capture(monkeypatch):
+    """capture="auto", a forward with `.item()`: the last warm-up step runs under the sync debug mode
+    "error" (restored after), the sync is found there, nothing is captured (the allocator is
+    untouched), and the step falls back to eager steps that train as an eager twin's."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    a, b = _twins()
+    imgs, noise = _batches(2)
+    step = TrainStep(Hooked(a, lambda loss: loss.item()), _adamw(a), seed=3).prepare(imgs[0], noise[0])
+    assert not step.captured and step.static_imgs is None
+    assert step.eager_reason.startswith("capture failed: HostSyncError: the step synchronizes with the host at ")
+    assert step.eager_reason.endswith("(found by the warm-up, before capture: a capture would fail on it)")
+    assert not any(e[0] == "capture" for e in cuda.log) and not cuda.broken  # never got as far as capturing
+    assert [e for e in cuda.log if e[0] == "sync_mode"] == [("sync_mode", 2), ("sync_mode", 0)]  # last step only
+    assert _same_params(a, b)  # the warm-up is undone
+    eager = TrainStep(Hooked(b, lambda loss: loss.item()), _adamw(b), capture=False, seed=3)
+    for i in range(2):
+        assert torch.equal(step(imgs[i], noise[i]), eager(imgs[i], noise[i]))
+    assert _same_params(a, b)
+    torch.cuda.empty_cache()  # the (stand-in) allocator works
+
+
+@pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "fixed-torch"])
+@pytest.mark.parametrize("capture", ["auto", True])
+def test_a_failure_inside_the_capture_raises_and_the_step_takes_no_more_calls(monkeypatch, fixed_torch, capture):
+    """What the sync debug mode cannot see (a non_blocking copy from pageable memory) fails the capture
+    itself: torch 2.11 then leaves its allocator broken, so neither "auto" nor True steps on in this
+    process: CaptureError names the first error and whether the allocator is broken; the caller's
+    stream is current again, the model as it was, and later calls are refused."""
+    cuda = fake_capture_lib.FakeCuda(fixed_torch=fixed_torch).install(monkeypatch)
+    a, b = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(Hooked(a, lambda loss: cuda.pageable_copy()), _adamw(a), capture=capture)
+    with pytest.raises(graphs.CaptureError) as info:
+        step.prepare(imgs[0], noise[0])
+    err = info.value
+    assert err.reason == f"RuntimeError: {fake_capture_lib.CAPTURING_ERROR}" and err.broken is (not fixed_torch)
+    assert "run again without capturing (capture=False)" in str(err)
+    assert ("torch" in str(err) and "left unusable" in str(err)) is (not fixed_torch)
+    assert cuda.streams[0].name == "default0"  # capture_end left its stream current; the caller's is back
+    assert _same_params(a, b) and all(p.grad is None for p in a.parameters())
+    assert not step.captured and step.static_imgs is None
+    with pytest.raises(RuntimeError, match="this step takes no more calls: the CUDA-graph capture failed inside"):
+        step(imgs[0], noise[0])
+
+
+def test_a_warm_up_failure_waits_for_the_side_stream_before_restoring(monkeypatch):
+    """Out of memory in the 2nd warm-up step: the caller's stream waits for the warm-up's stream
+    before the step restores the parameters and AdamW state on it (the warm-up's kernels may still
+    be queued there); then eager steps, with the reason."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    a, b = _twins()
+    imgs, noise = _batches(1)
+    calls = []
+
+    def hook(loss):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    step = TrainStep(Hooked(a, hook), _adamw(a))
+    real_restore = step._restore
+    monkeypatch.setattr(step, "_restore", lambda saved: (cuda.log.append(("restore",)), real_restore(saved)))
+    step.prepare(imgs[0], noise[0])
+    assert step.eager_reason == "capture failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    waits = [e for e in cuda.log if e[0] in ("wait", "restore")]
+    side = waits[0][2] if waits[0][1] == "default0" else waits[0][1]
+    assert waits[0] == ("wait", side, "default0")  # the warm-up starts after the caller's work
+    assert waits[-2:] == [("wait", "default0", side), ("restore",)], waits
+    assert _same_params(a, b)
+
+
+def test_capture_runs_on_the_models_device(monkeypatch):
+    """A model on cuda:1 while cuda:0 is current (and torch's default capture stream was made on
+    cuda:0 by an earlier capture): warm-up and capture run with cuda:1 current, on a cuda:1 stream;
+    cuda:0 is current again after."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    cuda.default_capture_stream = fake_capture_lib.FakeStream(cuda, 0, "torch-default@0")
+    seen = []
+
+    def fn():
+        seen.append((cuda.current, torch.cuda.current_stream().device.index))
+        return torch.zeros(())
+
+    graph, out = graphs.capture_cuda_graph(fn, warmup_steps=2, device="cuda:1")
+    assert seen == [(1, 1)] * 3, seen  # two warm-up calls and the captured one
+    (cap,) = [e for e in cuda.log if e[0] == "capture"]
+    assert cap[2:] == (1, 1, "thread_local"), cap  # a cuda:1 stream, cuda:1 current
+    assert cuda.current == 0 and cuda.streams[1].name == "default1"
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["fused-step", "unscaled-then-clipped"])
+def test_a_failure_in_the_warm_ups_update_leaves_no_scaler_or_optimizer_state_behind(monkeypatch, clip):
+    """fp16 with a GradScaler and a fused AdamW whose step syncs (found by the warm-up, inside
+    GradScaler.step: after its unscale_ when clipping): the eager steps that follow are the official
+    AMP loop's, not ones that see a stage left UNSCALED ("unscale_() has already been called") or
+    the grad_scale/found_inf the scaler handed the interrupted fused step."""
+    fake_capture_lib.FakeCuda().install(monkeypatch)
+    a, b = _twins()
+    imgs, noise = _batches(2)
+
+    def syncing(opt):
+        real = opt.step
+
+        def step(closure=None):
+            opt.param_groups[0]["lr"].item()  # a sync: fine eagerly, found by the warm-up's check
+            return real(closure)
+
+        opt.step = step
+        return opt
+
+    opt_a, opt_b = syncing(_adamw(a)), syncing(_adamw(b))
+    step = TrainStep(a, opt_a, dtype=torch.float16, clip_grad=clip, seed=5).prepare(imgs[0], noise[0])
+    assert step.eager_reason.startswith("capture failed: HostSyncError"), step.eager_reason
+    assert "grad_scale" not in opt_a.__dict__ and "found_inf" not in opt_a.__dict__
+    eager = TrainStep(b, opt_b, dtype=torch.float16, clip_grad=clip, capture=False, seed=5)
+    for i in range(2):
+        assert torch.equal(step(imgs[i], noise[i]), eager(imgs[i], noise[i]))
+    assert _same_params(a, b) and step.scaler.get_scale() == eager.scaler.get_scale()
