@@ -34,7 +34,8 @@ def install(monkeypatch):
     """CPU 'capture': the blocker is the real one asked about a CUDA device, and capture runs the
     warm-up and the function once (a real capture only records it: TrainStep's restore=True undoes
     both). Returns the capture function; ``.made`` lists the graphs made; set ``.fail`` to an
-    exception to make the next capture raise it."""
+    exception to make the next capture raise it (a `maefast.graphs.CaptureError` stands for a failure
+    inside the capture, anything else for one before it)."""
     real_blocker = step_mod.capture_blocker
     made = []
 
