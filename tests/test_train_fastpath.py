@@ -142,6 +142,60 @@ def test_captured_training_skips_short_batches(tmp_path, capturable, capsys):
     assert "skipped 2 unreadable" in capsys.readouterr().err
 
 
+def _cli(tmp_path, *extra):
+    return ["--model", "mae_vit_tiny_test", "--data", "synthetic", "--synthetic-size", "8", "--batch-size", "4",
+            "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-plot", "--no-export",
+            "--output-dir", str(tmp_path / "run"), *extra]
+
+
+@pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "fixed-torch"])
+def test_a_capture_that_fails_inside_the_graph_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys, fixed_torch):
+    """--cuda-graph auto, a forward that fails only under capture (a copy from pageable memory, which
+    the warm-up's sync check cannot see; graphs.capture_cuda_graph's own code through the CPU stand-in
+    of torch.cuda): no eager fallback in this process, one line that says to run with --cuda-graph
+    off, exit 2, no step taken."""
+    from maefast.models import MaskedAutoencoderViT
+    from maefast.train import main
+
+    cuda = fake_capture.FakeCuda(fixed_torch=fixed_torch).install(monkeypatch)
+    real = loop_mod.build_optimizer
+    monkeypatch.setattr(loop_mod, "build_optimizer",
+                        lambda model, wrapped, cfg, lr, **kw: real(model, wrapped, cfg, lr, fused=True, capturable=True))
+    forward = MaskedAutoencoderViT.forward
+
+    @functools.wraps(forward)
+    def copying(self, *args, **kwargs):
+        cuda.pageable_copy()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward", copying)
+    assert main(_cli(tmp_path)) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and err[0].startswith("maefast train: error: --cuda-graph auto: the training step failed "
+                                               "inside its CUDA-graph capture (RuntimeError: CUDA error: operation not "
+                                               "permitted when stream is capturing); "), err
+    assert err[0].endswith(": run again with --cuda-graph off")
+    assert ("allocator is left unusable" in err[0]) is (not fixed_torch)
+    assert not (tmp_path / "run" / "steps.jsonl").exists() or not _losses(tmp_path / "run")
+
+
+def test_a_capture_failure_inside_the_graph_is_not_taken_for_a_compile_failure(tmp_path, capturable, aot_eager):
+    """--compile: a capture failure whose cause is dynamo's (a recompile refused under capture) stops
+    the run; it never rebuilds the step with graph breaks (its capture would meet the broken allocator)."""
+    from torch._dynamo.exc import Unsupported
+
+    from maefast import graphs
+
+    try:
+        raise Unsupported("data-dependent branching")
+    except Unsupported as cause:
+        err = graphs.CaptureError(f"Unsupported: {cause}", broken=True)
+        err.__cause__ = cause
+    capturable.fail = err
+    with pytest.raises(loop_mod.RunError, match="failed inside its CUDA-graph capture .*--cuda-graph off"):
+        train(_cfg(synthetic_size=8), output_dir=str(tmp_path / "run"), compile=True)
+
+
 def test_cuda_graph_is_changeable_and_older_booleans_read(tmp_path):
     from maefast.train.resume import reconcile
 

@@ -480,12 +480,22 @@ class _Trainer:
     def _call_step(self, images, noise, weight: float, update: bool) -> torch.Tensor:
         """``train_step(...)``; the first call also settles how every step runs: a model that does not
         compile as one graph is compiled again with graph breaks (said once), a step that
-        ``--cuda-graph on`` cannot capture stops the run with the reason."""
+        ``--cuda-graph on`` cannot capture stops the run with the reason, and so does a capture that
+        failed inside the graph (whatever --cuda-graph says: torch 2.11's CUDA allocator is left
+        unusable by it, maefast/graphs.py)."""
+        from ..graphs import CaptureError
+
         step = self.train_step
         if step.calls:
             return step(images, noise, weight=weight, update=update)
         try:
             loss = step(images, noise, weight=weight, update=update)
+        except CaptureError as exc:
+            state = ("this process's CUDA memory allocator is left unusable by it" if exc.broken
+                     else "a failure inside a capture is not stepped past")
+            raise RunError(f"--cuda-graph {self.cfg.cuda_graph}: the training step failed inside its CUDA-graph "
+                           f"capture ({exc.reason}); {state}: run again with --cuda-graph off",
+                           quiet=not self.info.is_main) from exc
         except RuntimeError as exc:
             failure = fullgraph_failure(exc) if self.fullgraph else None
             if failure is None:
