@@ -67,6 +67,12 @@ class StopControl:
         self._old.clear()
         if self._launcher is not None:
             _parent_death_signal(0)
+        if self._group is not None:
+            # destroyed with the default group only when maefast made that one: a caller's process group
+            # would otherwise keep one gloo group (its sockets and threads) per train() call
+            if dist.is_initialized():
+                dist.destroy_process_group(self._group)
+            self._group = None
 
     def describe(self, reason: str) -> str:
         """How the stop message names ``reason``. A SIGTERM from the kernel on the launcher's death can
