@@ -59,6 +59,25 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert set(data["targets"]) >= {"train_jpeg_vs_synthetic", "train_vs_step", "loader_img_per_s"}
 
 
+def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
+    """verify: the capture probe and TrainStep's `cuda` tests before (and apart from) the other `cuda`
+    tests, so that a capture failed inside its graph (torch 2.11: the allocator left broken for its
+    process) cannot fail unrelated tests; the steps' budgets fit the preset's."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
+                        str(work), "--dry-run", "--preset", "verify"], capture_output=True, text=True, env=_env(),
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    steps = json.loads((out / "verify-record.json").read_text())["steps"]
+    assert list(steps) == ["build", "capture-probe", "step-tests", "tests", "diagnose"]
+    assert all(st["rc"] == 0 for st in steps.values()), steps
+    assert "scripts/capture_probe.py" in steps["capture-probe"]["cmd"]
+    assert steps["step-tests"]["cmd"].startswith(f"{sys.executable} -m pytest tests/test_step.py -m cuda")
+    assert steps["step-tests"]["collected"] >= 8  # the captured-vs-eager cases at least
+    assert "--ignore=tests/test_step.py" in steps["tests"]["cmd"] and steps["tests"]["collected"] > 0
+    assert sum(st["budget_s"] for st in steps.values()) <= 290
+
+
 def _row(group, provider, time_ms, shape, **kw):
     return dict(group=group, provider=provider, time_ms=time_ms, shape=shape, shape_key=json.dumps(shape, sort_keys=True),
                 **kw)
