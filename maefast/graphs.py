@@ -3,11 +3,12 @@ captured training step) and the per-op benchmarks.
 
 A capture that fails inside ``torch.cuda.graph`` cannot be stepped past in the same process on
 torch 2.11: its ``CUDAGraph::capture_end`` raises on the failed ``cudaStreamEndCapture`` before it
-hands the capture's memory pool back to the caching allocator (fixed upstream by pytorch#180395,
-2026-04), so afterwards every ``torch.cuda.empty_cache()`` fails an internal assert (and with it
-every later capture, whose ``__enter__`` calls it), frees recorded on other streams (``record_stream``:
-every batch of ``maefast train``'s feed) are deferred forever, and the failed capture's memory stays
-reserved. So failures are found before the capture where possible: the last warm-up iteration runs
+ends the capture's allocation to its memory pool (fixed by pytorch#180395, 2026-04, in 2.12), so
+afterwards every ``torch.cuda.empty_cache()`` fails an internal assert (and with it every later
+capture, whose ``__enter__`` calls it), frees recorded on other streams (``record_stream``: every
+batch of ``maefast train``'s feed) are deferred forever, and the failed capture's memory stays
+reserved (which even a torch with that fix keeps until the process exits, up to pytorch#190348,
+2026-07). So failures are found before the capture where possible: the last warm-up iteration runs
 with torch's sync debug mode set to "error", which raises on the host syncs that would invalidate the
 capture (``.item()``, ``.cpu()``, ``nonzero``, blocking copies, ``Stream.synchronize()``; not
 ``torch.cuda.synchronize()`` nor a ``non_blocking`` copy from pageable memory), as a `HostSyncError`
@@ -49,7 +50,8 @@ class CaptureError(RuntimeError):
         self.reason, self.broken = reason, broken
         state = (f"torch {torch.__version__}'s CUDA caching allocator is left unusable by it (empty_cache() fails, "
                  "memory freed across streams is never reused), so this process cannot go on" if broken else
-                 "a failure inside a capture is not stepped past (it may leave CUDA state behind)")
+                 "a failure inside a capture is not stepped past (its memory pool may stay reserved until the "
+                 "process exits)")
         super().__init__(f"the CUDA-graph capture failed inside the graph ({reason}); {state}: run again without "
                          "capturing (capture=False), or remove what failed it (a host sync, a CPU tensor)")
 

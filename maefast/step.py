@@ -104,11 +104,14 @@ class TrainStep:
             a call passes ``update=True``), each micro-batch's loss scaled by 1/accum_steps.
         clip_grad: max global gradient norm (unscaled first under a GradScaler), or None.
         capture: "auto" (capture when it can, else eager with ``eager_reason``), True (capture or
-            raise), False (eager).
+            raise), False (eager). A capture that fails inside the graph raises
+            `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
         seed: the masks' Philox seed (models that take ``seed=``): call k draws with seed + k. None:
             drawn from torch's default generator (``torch.manual_seed`` reproduces it).
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
-            autograd and cuBLAS warm up); undone afterwards unless ``restore=False``.
+            autograd and cuBLAS warm up); undone afterwards unless ``restore=False``. The last one runs
+            with host syncs raising (torch's sync debug mode): a sync found there is a reason to step
+            eagerly, found before anything is captured.
         restore: put the parameters, optimizer state, learning rates, scaler and seed back as they
             were before the warm-up (the weights go through host memory: a device copy of a ViT-H's
             weights and AdamW state would add ~10 GB to the peak). False keeps the warm-up's updates
@@ -328,7 +331,14 @@ class TrainStep:
     def prepare(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> "TrainStep":
         """Fixes the mask source and, for a step that captures, the batch shape: warms up, captures
         (and restores what the warm-up changed). The first call does this itself; call it to capture
-        before the loop, or to have ``static_imgs`` to fill. Returns self."""
+        before the loop, or to have ``static_imgs`` to fill. Returns self.
+
+        Raises:
+            maefast.graphs.CaptureError: the capture failed inside the graph (the step takes no more
+                calls; see the module docstring).
+            RuntimeError, ValueError: with ``capture=True``, what prevented the capture before it began
+                (the step is unprepared again).
+        """
         if self.mask_source is not None:
             raise RuntimeError("prepare: this step is already prepared (by an earlier call)")
         self._set_mask_source(noise)
