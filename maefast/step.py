@@ -495,7 +495,8 @@ class TrainStep:
                     p.grad.zero_()
 
     def __repr__(self) -> str:
-        how = "captured" if self.captured else f"eager ({self.eager_reason})" if self.eager_reason else "not prepared"
+        how = "captured" if self.captured else f"eager ({self.eager_reason})" if self.eager_reason else \
+            "refused (its capture failed inside the graph)" if self._refused else "not prepared"
         return (f"TrainStep({type(_unwrap(self.model)[-1]).__name__}, {type(self.optimizer).__name__}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, accum_steps={self.accum_steps}, {how})")
 

@@ -102,7 +102,7 @@ def test_a_failure_inside_the_capture_raises_and_the_step_takes_no_more_calls(mo
     assert ("torch" in str(err) and "left unusable" in str(err)) is (not fixed_torch)
     assert cuda.streams[0].name == "default0"  # capture_end left its stream current; the caller's is back
     assert _same_params(a, b) and all(p.grad is None for p in a.parameters())
-    assert not step.captured and step.static_imgs is None
+    assert not step.captured and step.static_imgs is None and "refused" in repr(step)
     with pytest.raises(RuntimeError, match="this step takes no more calls: the CUDA-graph capture failed inside"):
         step(imgs[0], noise[0])
 
