@@ -159,8 +159,11 @@ def test_a_capture_that_fails_inside_the_graph_stops_the_run_in_one_line(tmp_pat
 
     cuda = fake_capture.FakeCuda(fixed_torch=fixed_torch).install(monkeypatch)
     real = loop_mod.build_optimizer
-    monkeypatch.setattr(loop_mod, "build_optimizer",
-                        lambda model, wrapped, cfg, lr, **kw: real(model, wrapped, cfg, lr, fused=True, capturable=True))
+
+    def build(model, wrapped, cfg, lr, **kw):
+        return real(model, wrapped, cfg, lr, fused=True, capturable=True)
+
+    monkeypatch.setattr(loop_mod, "build_optimizer", build)
     forward = MaskedAutoencoderViT.forward
 
     @functools.wraps(forward)
