@@ -31,6 +31,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # the checkout, also when maefast is not pip-installed
     sys.path.insert(0, _ROOT)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from maefast import timing  # noqa: E402
@@ -100,6 +101,15 @@ def update_ratios() -> None:
             r["peak_mem_vs_baseline"] = r["peak_mem_gib"] / b["peak_mem_gib"]
 
 
+def _stop_if_broken(exc: BaseException) -> None:
+    """A capture that failed inside the graph leaves this process's CUDA allocator unusable (torch
+    2.11): every later row would fail or leak, so the session stops here with the rows so far."""
+    from maefast.graphs import process_broken
+
+    if process_broken(exc):
+        pytest.exit(f"stopping the benchmarks: {str(exc).splitlines()[0][:300]}", returncode=1)
+
+
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay. Raises
     RuntimeError when fn cannot be captured (a host sync, a CPU tensor, ...)."""
@@ -138,6 +148,7 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
         try:
             fn = cuda_graphed(fn)
         except RuntimeError as e:  # not capturable: the eager time stands, and the record says so
+            _stop_if_broken(e)
             graphed = False
             torch.cuda.synchronize(dev)
             print(f"{group}/{provider}: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); eager time")

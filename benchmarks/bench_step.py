@@ -33,7 +33,7 @@ import os
 import pytest
 import torch
 
-from _harness import RESULTS, gpu_mode, run_bench, sizes
+from _harness import RESULTS, _stop_if_broken, gpu_mode, run_bench, sizes
 
 from maefast import bench as mb
 from maefast.flops import mae_flops
@@ -84,6 +84,7 @@ def test_train_step(benchmark, device, case, provider):
         mb.free_memory()
         pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory building the step")
     except (ValueError, RuntimeError) as e:  # a row that cannot run here (no fast model, no GPU, no capture)
+        _stop_if_broken(e)
         mb.free_memory()
         pytest.skip(f"{provider}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
     kw = dict(warmup_ms=1.0, rep_ms=500.0, min_reps=3, max_reps=30, flush_l2=False) if device.type == "cuda" \

@@ -163,4 +163,14 @@ def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmu
     return graph, out
 
 
-__all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable"]
+def process_broken(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a `CaptureError` that left this process's
+    CUDA allocator unusable: a caller that catches errors per row or per case must stop, not go on."""
+    while exc is not None:
+        if isinstance(exc, CaptureError) and exc.broken:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+__all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken"]

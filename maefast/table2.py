@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from . import bench as mb
 from . import flops as flops_mod
+from . import graphs
 from . import timing
 from .models.configs import model_config, resolve_model_name
 
@@ -233,6 +234,8 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                 row.update(_time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress,
                                              overrides or {}, cuda_graph))
             except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
+                if graphs.process_broken(e):  # the CUDA allocator is unusable: no later row can be trusted
+                    raise
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             mb.free_memory()
             if "visible_ms" in row and "mask_tokens_ms" in row:

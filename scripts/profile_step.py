@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from maefast.graphs import process_broken  # noqa: E402
+
 # First match wins: attention before gemm (cuDNN's and CUTLASS's attention kernels name wgmma/cutlass).
 CATEGORIES = (
     ("attention", ("_attn_", "attention", "flash", "fmha", "sdpa", "mha_", "_mha")),
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
         try:
             r = profile_provider(p, model, a.batch, a.steps, a.top, dev)
         except Exception as e:  # noqa: BLE001 - one provider failing (out of memory, no capture) is a fact
+            if process_broken(e):  # the CUDA allocator is unusable: the next providers could not be trusted
+                raise
             r = dict(provider=p, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         out["results"].append(r)
         save()

@@ -180,3 +180,19 @@ def test_a_failure_in_the_warm_ups_update_leaves_no_scaler_or_optimizer_state_be
     for i in range(2):
         assert torch.equal(step(imgs[i], noise[i]), eager(imgs[i], noise[i]))
     assert _same_params(a, b) and step.scaler.get_scale() == eager.scaler.get_scale()
+
+
+def test_process_broken_reads_the_chain():
+    """Callers that catch per row (benchmarks, table2, profile_step) stop on a capture that left the
+    allocator unusable, also when it arrives wrapped in another error."""
+    from maefast.graphs import CaptureError, process_broken
+
+    broken, fine = CaptureError("x", broken=True), CaptureError("x", broken=False)
+    assert process_broken(broken) and not process_broken(fine) and not process_broken(RuntimeError("y"))
+    try:
+        try:
+            raise broken
+        except CaptureError as e:
+            raise RuntimeError("step failed") from e
+    except RuntimeError as wrapped:
+        assert process_broken(wrapped)
