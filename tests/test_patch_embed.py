@@ -179,6 +179,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.maefast.masked_patch_embed.default, (imgs, ids, w, None, None, 8, "reference"))
 
 
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
+def test_backward_fake_matches_real_for_a_channels_last_weight(impl):
+    """The backward op's fake gives the real op's layouts: the weight gradient contiguous whatever
+    the weight's strides (before: empty_like kept a channels_last weight's strides, and a compiled
+    graph planned for a layout the op does not return)."""
+    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, torch.float32, "cpu")
+    w = w.detach().contiguous(memory_format=torch.channels_last)
+    g = randn(2, ids.shape[1], 16)
+    args = (g, imgs, ids, w, pos.detach(), 8, True, impl)
+    op = torch.ops.maefast.masked_patch_embed_backward.default
+    real = op(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    for name, r, f in zip(("weight", "bias", "pos_embed"), real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), name
+    torch.library.opcheck(op, args)
+
+
 # ---- the drop-in module ---------------------------------------------------------------------
 
 def test_module_matches_official_composition():
