@@ -5,6 +5,7 @@ registers, spill stack and shared memory (from the cubin, with triton's bundled 
     python scripts/compile_kernels.py            # sm_90 (H100/H200), every kernel
     python scripts/compile_kernels.py --attention-only   # the attention tile table and every sweep candidate
     python scripts/compile_kernels.py --arch 80 --json out.json
+    python scripts/compile_kernels.py --match "patch_embed bwd dW"   # the variants whose name contains it
 
 Catches code-generation errors (and register spills) that the CPU interpreter cannot see, before any
 GPU time is spent; run it under each Triton version the project supports (3.6 on the GPU machines,
@@ -170,10 +171,12 @@ def variants(quick: bool = False):
         ints = dict(stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw, stride_w_d=KD, stride_w_k=1,
                     stride_pos_l=D, stride_pos_d=1, M=N * K, K=K, D=D, L=L, GRID_W=gw, KD=KD, ROWS_PER_SPLIT=128,
                     N=N, SAMPLES_PER_SPLIT=4)
-        # (GEMM dtype, image dtype): float images in the GEMM's dtype, and uint8 ones normalised in the prologue
-        for (dt, img_t), (bm, bn, bk, w, st) in ((("bf16", "bf16"), (128, 128, 32, 8, 3)),
-                                                  (("fp32", "fp32"), (64, 64, 32, 4, 2)),
-                                                  (("bf16", "u8"), (128, 128, 32, 8, 3))):
+        # (GEMM dtype = the weight's, image dtype): float images in the GEMM's dtype, and uint8 ones
+        # normalised in the prologue into the weight's dtype (bf16/fp16 under autocast, fp32 without)
+        pairs = [("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "u8"), ("fp32", "u8")]
+        for dt, img_t in pairs + ([] if quick else [("fp16", "u8")]):
+            torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+            bm, bn, bk, w, st = pe._fwd_config(torch_dt, CUDA)  # the launchers' tiles
             tag = f"{dt} uint8" if img_t == "u8" else dt
             for has_pos in (True, False):
                 out.append((f"patch_embed fwd p{patch} {tag} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
@@ -181,7 +184,7 @@ def variants(quick: bool = False):
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                             dict(imgs_ptr=f"*{img_t}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}",
                                  pos_ptr=f"*{dt}", out_ptr=f"*{dt}"), w, st, ints))
-            bd, bkd, bm2, w2, st2 = (64, 64, 32, 4, 2) if dt == "fp32" else (128, 64, 64, 8, 3)
+            bd, bkd, bm2, w2, st2 = pe._dw_config(torch_dt, img_t == "u8", CUDA)
             out.append((f"patch_embed bwd dW p{patch} {tag}", pe._masked_patch_embed_bwd_dw_kernel,
                         dict(P=patch, NORMALIZE=img_t == "u8", IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd,
                              BLOCK_M=bm2),
@@ -245,6 +248,7 @@ def main(argv=None) -> int:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
     which.add_argument("--attention-only", action="store_true", help="only the attention kernels")
+    ap.add_argument("--match", default=None, metavar="TEXT", help="only the variants whose name contains TEXT")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows, failed = [], 0
@@ -252,6 +256,8 @@ def main(argv=None) -> int:
     todo = [] if a.attention_only else variants(a.quick)
     if not a.no_attention:
         todo += attention_variants(a.quick)
+    if a.match:
+        todo = [v for v in todo if a.match in v[0]]
     for name, kernel, consts, ptrs, warps, stages, ints in todo:
         try:
             r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, ints=ints)
