@@ -199,45 +199,54 @@ def variants(quick: bool = False):
 
 def attention_variants(quick: bool = False):
     """The attention launches (same tuple layout as `variants`): every table entry of
-    kernels/attention_tiles.py in bf16 ("[table]"), each sweep candidate unless quick, and the generic
-    rule's fp32 tiles at the paper shapes unless quick; 16 heads, contiguous packed qkv (the batch
-    enters only the batch strides, multiples of 16 at any batch)."""
+    kernels/attention_tiles.py in bf16 ("[table]"), and varlen with int32 and int64 cu_seqlens at its
+    tiles ("[table varlen i32]": 64 sequences of L packed; quick: the first shape only); unless quick,
+    each sweep candidate and the generic rule's fp32 tiles at the paper shapes; 16 heads, contiguous
+    packed qkv (the batch enters only the batch strides, multiples of 16 at any batch)."""
     from maefast.kernels import attention as at
     from maefast.kernels import attention_tiles as tt
 
-    H = 16
+    H, B = 16, 64
     out = []
-    for (L, dh), entry in tt.TILES.items():
+    for i, ((L, dh), entry) in enumerate(tt.TILES.items()):
         d0, d1 = at.head_dim_split(dh)
         W = 3 * H * dh
         ints = dict(stride_qkv_b=L * W, stride_qkv_l=W, stride_qkv_c=1, stride_out_b=L * H * dh,
                     stride_out_l=H * dh, stride_out_c=1, stride_do_b=L * H * dh, stride_do_l=H * dh, stride_do_c=1,
                     stride_dqkv_b=L * W, stride_dqkv_l=W, stride_dqkv_c=1, stride_lse_b=H * L, stride_lse_h=L,
                     seqlen=L, num_heads=H)
-        cases = [("bf16", entry.fwd, entry.bwd, "[table]")]
+        # varlen: one (1, B*L, W) tensor, seqlen = its B*L rows, max_seqlen = L
+        T = B * L
+        varlen_ints = dict(ints, stride_qkv_b=T * W, stride_out_b=T * H * dh, stride_do_b=T * H * dh,
+                           stride_dqkv_b=T * W, stride_lse_b=H * T, stride_lse_h=T, seqlen=T, max_seqlen=L)
+        cases = [("bf16", entry.fwd, entry.bwd, "[table]", None)]
+        if not quick or i == 0:
+            cases += [("bf16", entry.fwd, entry.bwd, f"[table varlen {cu}]", cu) for cu in ("i32", "i64")]
         if not quick:
-            cases += [("bf16", t, None, "[candidate]") for t in entry.fwd_candidates if t != entry.fwd]
-            cases += [("bf16", None, b, "[candidate]") for b in entry.bwd_candidates if b != entry.bwd]
-            cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]"))
-        for dt, fwd, bwd, tag in cases:
+            cases += [("bf16", t, None, "[candidate]", None) for t in entry.fwd_candidates if t != entry.fwd]
+            cases += [("bf16", None, b, "[candidate]", None) for b in entry.bwd_candidates if b != entry.bwd]
+            cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]",
+                          None))
+        for dt, fwd, bwd, tag, cu in cases:
             ptrs = dict(qkv_ptr=f"*{dt}", out_ptr=f"*{dt}", dout_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", lse_ptr="*fp32",
-                        delta_ptr="*fp32", cu_ptr="*i32")
-            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+                        delta_ptr="*fp32", cu_ptr=f"*{cu or 'i32'}")
+            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=cu is not None, DOT_PREC="ieee" if dt == "fp32" else "tf32")
             shape = f"L{L} Dh{dh} {dt}"
+            args = varlen_ints if cu else ints
             if fwd is not None:
                 out.append((f"attention fwd {shape} {fwd.name} {tag}", at._attn_fwd_kernel,
                             dict(meta, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N), ptrs, fwd.num_warps, fwd.num_stages,
-                            dict(ints, num_m_blocks=-(-L // fwd.BLOCK_M))))
+                            dict(args, num_m_blocks=-(-L // fwd.BLOCK_M))))
             if bwd is not None:
                 if not bwd.fused:
                     t = bwd.dq
                     out.append((f"attention bwd-dq {shape} {bwd.name} {tag}", at._attn_bwd_dq_kernel,
                                 dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N), ptrs, t.num_warps, t.num_stages,
-                                dict(ints, num_m_blocks=-(-L // t.BLOCK_M))))
+                                dict(args, num_m_blocks=-(-L // t.BLOCK_M))))
                 t = bwd.dkdv
                 out.append((f"attention bwd-dkdv {shape} {bwd.name} {tag}", at._attn_bwd_dkdv_kernel,
                             dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, FUSED_DQ=bwd.fused), ptrs, t.num_warps,
-                            t.num_stages, dict(ints, num_n_blocks=-(-L // t.BLOCK_N))))
+                            t.num_stages, dict(args, num_n_blocks=-(-L // t.BLOCK_N))))
     return out
 
 

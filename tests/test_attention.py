@@ -138,9 +138,10 @@ def test_split_head_dim_matches_padded(device):
 
 
 def test_every_attention_tile_compiles_for_sm90_without_spills(tmp_path):
-    """Every table entry and sweep candidate (kernels/attention_tiles.py), and the fp32 rule at the
-    paper shapes, compiles for sm_90 as a launch specialises it (scripts/compile_kernels.py; no GPU)
-    and spills no register: code-generation errors the interpreter cannot see fail here."""
+    """Every table entry and sweep candidate (kernels/attention_tiles.py), the table's tiles on
+    varlen input (int32 and int64 cu_seqlens), and the fp32 rule at the paper shapes, compiles for
+    sm_90 as a launch specialises it (scripts/compile_kernels.py; no GPU) and spills no register:
+    code-generation errors the interpreter cannot see fail here."""
     pytest.importorskip("triton.backends.compiler")
     from maefast.kernels.attention_tiles import TILES
 
@@ -161,6 +162,9 @@ def test_every_attention_tile_compiles_for_sm90_without_spills(tmp_path):
         for b in entry.bwd_candidates:
             assert f"bwd-dkdv L{L} Dh{dh} bf16 {b.name} " in names
         assert f"fwd L{L} Dh{dh} bf16 {entry.fwd.name} [table]" in names
+        for cu in ("i32", "i64"):
+            assert f"fwd L{L} Dh{dh} bf16 {entry.fwd.name} [table varlen {cu}]" in names
+            assert f"bwd-dkdv L{L} Dh{dh} bf16 {entry.bwd.name} [table varlen {cu}]" in names
 
 
 # -- the tile table ------------------------------------------------------------------------------------
