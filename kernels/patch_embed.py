@@ -209,6 +209,17 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+def _check_uint8_args(imgs: torch.Tensor, affine, dtype: torch.dtype | None = None, need_dtype: bool = False) -> None:
+    """uint8 imgs carry neither the GEMM's dtype nor their normalisation: without them the launchers
+    would cast the gradient to uint8, or read unnormalised pixels, silently."""
+    if imgs.dtype != torch.uint8:
+        return
+    if affine is None:
+        raise ValueError("uint8 imgs need affine=(scale, offset), their normalisation (maefast.ops._pixels.pixel_affine)")
+    if need_dtype and dtype not in _TL_DTYPE:
+        raise ValueError(f"uint8 imgs need dtype=, the weight's float dtype (the GEMM's), got {dtype}")
+
+
 def _fwd_config(dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the forward, by the GEMM's (weight's) dtype."""
     if device.type != "cuda":
@@ -237,6 +248,7 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
                                   patch_size: int, affine=None) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops): returns (N, K, D) in the weight's dtype (float imgs
     have it too). uint8 imgs need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
+    _check_uint8_args(imgs, affine)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = weight.shape[0]
@@ -278,7 +290,8 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
                                   affine=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D).
     dtype: the weight's (the GEMM's; default imgs' dtype, which float imgs share with it); uint8 imgs
-    need it and `affine` as in the forward."""
+    need it and `affine` as in the forward (ValueError without them)."""
+    _check_uint8_args(imgs, affine, dtype, need_dtype=True)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = num_embed
