@@ -12,9 +12,10 @@
 // Safety: every global load/store is bounds-checked against the sequence length, which is clamped
 // to the padded length the shared memory was sized for; inputs are validated in Python and again
 // here (alignment for the 16-byte loads, sizes) before the launch. Varlen offsets on the device are
-// not checked on the host (a sync): they are clamped into [0, total_rows] here, and a sequence with
-// out-of-range offsets or longer than max_seqlen writes NaN (out and lse) instead of a truncated
-// result (maefast/_validate.py check_cu_seqlens states the contract).
+// not checked on the host (a sync): they are clamped into [0, total_rows] here; offsets that do not
+// start at 0, decrease or end beyond the rows make every sequence write NaN (out and lse), and a
+// sequence longer than max_seqlen writes NaN instead of a truncated result (maefast/_validate.py
+// check_cu_seqlens states the contract).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -130,7 +131,18 @@ __global__ void __launch_bounds__(2 * kMaxLen) attention_fwd_wmma_kernel(AttnFwd
   load_tile<T, DH>(sv, v_rows, p.stride_qkv_l, lp, len, tid, blockDim.x);
   const int r0 = warp * kTile;  // this warp's first query row
   load_tile<T, DH>(sa, q_rows + r0 * p.stride_qkv_l, p.stride_qkv_l, kTile, len - r0, lane, kWarp);
-  __syncthreads();  // the only block-wide barrier: every thread reaches it
+  // Varlen: every block checks the whole offset array (B+1 values, in cache after the first block):
+  // sequences that decreasing offsets make overlap are each well-formed on their own and would race
+  // on shared rows, so offsets that do not start at 0, decrease or end beyond the rows poison every
+  // sequence. The vote rides on the barrier the block needs anyway.
+  int malformed = 0;
+  if (p.cu_seqlens != nullptr) {
+    const int num_seqs = gridDim.x;
+    for (int i = tid; i < num_seqs; i += blockDim.x) malformed |= p.cu_seqlens[i + 1] < p.cu_seqlens[i];
+    if (tid == 0) malformed |= p.cu_seqlens[0] != 0 || p.cu_seqlens[num_seqs] > p.total_rows;
+  }
+  // the only block-wide barrier: every thread reaches it
+  poison = __syncthreads_or(malformed) != 0 || poison;
   if (r0 >= len) return;  // warp-uniform; no barrier follows
 
   const int ntiles = lp / kTile;

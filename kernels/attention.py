@@ -57,21 +57,42 @@ def _store_rows(base_ptr, val, rows, row_mask, cols, col_mask, stride_l, stride_
 
 
 @triton.jit
-def _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN: tl.constexpr):
-    """(batch index into the strided tensors, first row, length, poison) of sequence pid_b.
+def _offsets_malformed(cu_ptr, nseq, seqlen):
+    """Whether the B+1 = nseq+1 offsets break the contract: cu[0] != 0, a decrease, or cu[B] > T.
 
-    Varlen (seqlen = T rows): offsets on a GPU are not checked on the host (a sync), so they are
-    clamped into [0, T] here: no access leaves the tensors whatever cu_seqlens holds. A sequence
-    whose offsets were out of range, or that is longer than max_seqlen (the grid covers only
-    max_seqlen rows of it), gets poison = NaN, else 1.0: the kernels multiply it into what they
-    write, so such a sequence comes out NaN instead of silently wrong."""
+    Every program checks the whole array: sequences that decreasing offsets make overlap are each
+    well-formed on their own, and would race on their shared rows; only a global check makes each of
+    them poison what it writes. B+1 values, L2-resident after the first program, read in chunks of
+    64 (no constexpr on B, so no recompile per batch size); a device flag computed by the op instead
+    would add launches to every call."""
+    n_bad = (tl.load(cu_ptr) != 0).to(tl.int32) + (tl.load(cu_ptr + nseq) > seqlen).to(tl.int32)
+    chunk = tl.arange(0, 64)
+    for i0 in range(0, nseq, 64):
+        i = i0 + chunk
+        ok = i < nseq
+        lo = tl.load(cu_ptr + i, mask=ok, other=0)
+        hi = tl.load(cu_ptr + i + 1, mask=ok, other=0)
+        n_bad += tl.sum((hi < lo).to(tl.int32), 0)
+    return n_bad > 0
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, pid_b, nseq, seqlen, max_seqlen, VARLEN: tl.constexpr):
+    """(batch index into the strided tensors, first row, length, poison) of sequence pid_b of nseq.
+
+    Varlen (seqlen = T rows): offsets on a GPU are not checked on the host (a sync). Each program
+    checks the whole array (`_offsets_malformed`): offsets that do not start at 0, decrease or end
+    beyond T poison every sequence; a sequence longer than max_seqlen (the grid covers only
+    max_seqlen rows of it) poisons itself. poison = NaN or 1.0: the kernels multiply it into what
+    they write, so such input comes out NaN instead of silently wrong. Offsets are clamped into
+    [0, T] as well: no access leaves the tensors whatever cu_seqlens holds."""
     if VARLEN:
         a = tl.load(cu_ptr + pid_b).to(tl.int64)
         b = tl.load(cu_ptr + pid_b + 1).to(tl.int64)
         start = tl.minimum(tl.maximum(a, 0), seqlen)
         end = tl.minimum(tl.maximum(b, start), seqlen)
         n_rows = (end - start).to(tl.int32)
-        bad = (a != start) | (b != end) | (n_rows > max_seqlen)
+        bad = _offsets_malformed(cu_ptr, nseq, seqlen) | (n_rows > max_seqlen)
         return pid_b * 0, start, n_rows, tl.where(bad, float("nan"), 1.0)
     else:
         return pid_b, pid_b * 0, seqlen, 1.0
@@ -94,7 +115,8 @@ def _attn_fwd_kernel(
     pid_m = (pid % num_m_blocks).to(tl.int32)
     pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
-    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
+    nseq = tl.num_programs(0) // (num_m_blocks * num_heads)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, nseq, seqlen, max_seqlen, VARLEN)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c
     k_base = q_base + head_stride
@@ -169,7 +191,8 @@ def _attn_bwd_dq_kernel(
     pid_m = (pid % num_m_blocks).to(tl.int32)
     pid_h = ((pid // num_m_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_m_blocks * num_heads)
-    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
+    nseq = tl.num_programs(0) // (num_m_blocks * num_heads)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, nseq, seqlen, max_seqlen, VARLEN)
     sm_scale = sm_scale * poison  # a poisoned sequence: NaN probabilities, so a NaN dq
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c
@@ -252,7 +275,8 @@ def _attn_bwd_dkdv_kernel(
     pid_n = (pid % num_n_blocks).to(tl.int32)
     pid_h = ((pid // num_n_blocks) % num_heads).to(tl.int32)
     pid_b = pid // (num_n_blocks * num_heads)
-    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, seqlen, max_seqlen, VARLEN)
+    nseq = tl.num_programs(0) // (num_n_blocks * num_heads)
+    batch, row0, n_rows, poison = _seq_bounds(cu_ptr, pid_b, nseq, seqlen, max_seqlen, VARLEN)
     sm_scale = sm_scale * poison  # a poisoned sequence: NaN probabilities, so NaN dk, dv (and dq)
     head_stride = num_heads * HEAD_DIM * stride_qkv_c
     q_base = qkv_ptr + batch * stride_qkv_b + row0 * stride_qkv_l + pid_h * HEAD_DIM * stride_qkv_c

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pixels import affine_args, normalize_pixels
+from ._pixels import affine_args, apply_pixel_factors, pixel_factors
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs; a split heuristic, not a device query
@@ -53,13 +53,13 @@ def _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P: tl.constex
 
 
 @triton.jit
-def _pixels(imgs_ptr, offs, mask, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2,
-            px_offset3, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
-    """The A tile in the GEMM's dtype: pixels as stored, or (NORMALIZE) uint8 normalised; 0 where ~mask."""
+def _pixels(imgs_ptr, offs, mask, scale_k, offset_k, NORMALIZE: tl.constexpr, DTYPE: tl.constexpr):
+    """The A tile in the GEMM's dtype: pixels as stored, or (NORMALIZE) uint8 normalised with the
+    per-column factors scale_k / offset_k (1-D over the tile's columns: `pixel_factors` of each
+    column's channel, computed once per column, not per element); 0 where ~mask."""
     a = tl.load(imgs_ptr + offs, mask=mask, other=0)
     if NORMALIZE:
-        a = tl.where(mask, normalize_pixels(a, c, px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
-                                            px_offset2, px_offset3), 0.0)
+        a = tl.where(mask, apply_pixel_factors(a, scale_k[None, :], offset_k[None, :]), 0.0)
     return a.to(DTYPE)
 
 
@@ -98,9 +98,10 @@ def _masked_patch_embed_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_valid = offs_k < KD
         col = _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P)
-        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :],
-                    (offs_k // (P * P))[None, :], px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1,
-                    px_offset2, px_offset3, NORMALIZE, w_ptr.dtype.element_ty)
+        scale_k, offset_k = pixel_factors(offs_k // (P * P), px_scale0, px_scale1, px_scale2, px_scale3, px_offset0,
+                                          px_offset1, px_offset2, px_offset3)  # per column, not per element
+        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :], scale_k, offset_k,
+                    NORMALIZE, w_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs_n[None, :] * stride_w_d + offs_k[:, None] * stride_w_k,
                     mask=k_valid[:, None] & n_valid[None, :], other=0.0)
         if IEEE:
@@ -144,7 +145,9 @@ def _masked_patch_embed_bwd_dw_kernel(
     d_valid = offs_d < D
     k_valid = offs_k < KD
     col = _col_offsets(offs_k, stride_img_c, stride_img_h, stride_img_w, P)
-    chan = (offs_k // (P * P))[None, :]
+    # the channel depends on the column only: its factors once, outside the row loop
+    scale_k, offset_k = pixel_factors(offs_k // (P * P), px_scale0, px_scale1, px_scale2, px_scale3, px_offset0,
+                                      px_offset1, px_offset2, px_offset3)
     acc = tl.zeros((BLOCK_D, BLOCK_KD), dtype=tl.float32)
     m_start = pid_s * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
@@ -153,8 +156,7 @@ def _masked_patch_embed_bwd_dw_kernel(
         m_valid = offs_m < m_end
         base, row_valid, _ = _gather_rows(imgs_ptr, ids_ptr, offs_m, m_valid, K, L, GRID_W,
                                           stride_img_n, stride_img_c, stride_img_h, stride_img_w, P)
-        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :], chan,
-                    px_scale0, px_scale1, px_scale2, px_scale3, px_offset0, px_offset1, px_offset2, px_offset3,
+        a = _pixels(imgs_ptr, base[:, None] + col[None, :], row_valid[:, None] & k_valid[None, :], scale_k, offset_k,
                     NORMALIZE, g_ptr.dtype.element_ty)
         gt = tl.load(g_ptr + offs_m[None, :] * D + offs_d[:, None], mask=m_valid[None, :] & d_valid[:, None],
                      other=0.0)
@@ -207,11 +209,46 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+def _check_uint8_args(imgs: torch.Tensor, affine, dtype: torch.dtype | None = None, need_dtype: bool = False) -> None:
+    """uint8 imgs carry neither the GEMM's dtype nor their normalisation: without them the launchers
+    would cast the gradient to uint8, or read unnormalised pixels, silently."""
+    if imgs.dtype != torch.uint8:
+        return
+    if affine is None:
+        raise ValueError("uint8 imgs need affine=(scale, offset), their normalisation (maefast.ops._pixels.pixel_affine)")
+    if need_dtype and dtype not in _TL_DTYPE:
+        raise ValueError(f"uint8 imgs need dtype=, the weight's float dtype (the GEMM's), got {dtype}")
+
+
+def _fwd_config(dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the forward, by the GEMM's (weight's) dtype."""
+    if device.type != "cuda":
+        return 32, 64, 32, 4, 1
+    return (64, 64, 32, 4, 2) if dtype == torch.float32 else (128, 128, 32, 8, 3)
+
+
+def _dw_config(dtype: torch.dtype, uint8: bool, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_D, BLOCK_KD, BLOCK_M, num_warps, num_stages) of the weight backward.
+
+    fp32 (IEEE products: FMA, no tensor cores) with uint8 images runs one stage: pipelined, the
+    16-wide uint8 tile (16 bytes a thread) on top of the FMA tiles spilled at 255 registers under
+    Triton 3.6 (sm_90: 824 B at p14, 392 B at p16), unpipelined 227 / 88 registers and no spill
+    (3.9: 160 / 90); the loop's arithmetic and order are the same. fp32 images keep two stages: no
+    spill under 3.6 (168 / 174 registers; one stage: 227 / 96), ~3 KB under 3.9 (one stage: none);
+    a GPU measurement decides. scripts/compile_kernels.py prints these figures."""
+    if device.type != "cuda":
+        return 32, 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 1 if uint8 else 2
+    return 128, 64, 64, 8, 3
+
+
 def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
                                   patch_size: int, affine=None) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops): returns (N, K, D) in the weight's dtype (float imgs
     have it too). uint8 imgs need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
+    _check_uint8_args(imgs, affine)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = weight.shape[0]
@@ -229,12 +266,7 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
         return out
     pos2 = pos_embed.reshape(pos_embed.shape[-2], D) if pos_embed is not None else None
     b = bias.contiguous() if bias is not None else None
-    if _interpreted(imgs):
-        bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
-    elif dt == torch.float32:
-        bm, bn, bk, warps, stages = 64, 64, 32, 4, 2
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 32, 8, 3
+    bm, bn, bk, warps, stages = _fwd_config(dt, imgs.device)
     grid = (triton.cdiv(M, bm), triton.cdiv(D, bn))
     _masked_patch_embed_fwd_kernel[grid](
         imgs, ids, w2, b if b is not None else out, pos2 if pos2 is not None else out, out,
@@ -258,7 +290,8 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
                                   affine=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D).
     dtype: the weight's (the GEMM's; default imgs' dtype, which float imgs share with it); uint8 imgs
-    need it and `affine` as in the forward."""
+    need it and `affine` as in the forward (ValueError without them)."""
+    _check_uint8_args(imgs, affine, dtype, need_dtype=True)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
     D = num_embed
@@ -273,10 +306,7 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
     ieee = g.dtype == torch.float32
     dw = dpos = None
     if need_weight:
-        if interp:
-            bd, bkd, bm, warps, stages = 32, 32, 32, 4, 1
-        else:
-            bd, bkd, bm, warps, stages = (64, 64, 32, 4, 2) if ieee else (128, 64, 64, 8, 3)
+        bd, bkd, bm, warps, stages = _dw_config(g.dtype, imgs.dtype == torch.uint8, imgs.device)
         tiles = triton.cdiv(D, bd) * triton.cdiv(KD, bkd)
         split = _split(triton.cdiv(M, bm), tiles, interp) if M else 1
         rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm if M else bm

@@ -159,10 +159,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen) -> int | 
     longest sequence. Checked on the host: max_seqlen's type and range against T and B (always:
     B sequences of at most max_seqlen rows must hold T rows, so max_seqlen >= ceil(T / B)); the
     offsets themselves when they are on the CPU (free) or when max_seqlen is None (then computed,
-    one host sync). Offsets on a GPU with a given max_seqlen are trusted (no sync): the kernels
-    clamp every offset into [0, T] (no access leaves the tensors) and write NaN rows for a sequence
-    longer than max_seqlen or with out-of-range offsets, so a too-small max_seqlen is never a
-    silently wrong result. A max_seqlen above T is lowered to T (no sequence can be longer).
+    one host sync). Offsets on a GPU with a given max_seqlen are trusted (no sync) and checked on
+    the device instead, never silently wrong: every kernel program reads the whole array, and
+    offsets that do not start at 0, decrease or end beyond T make every row NaN (out, lse, dqkv;
+    sequences they make overlap would otherwise race on shared rows); a sequence longer than
+    max_seqlen comes out as NaN rows; rows after cu_seqlens[-1] (padding) are NaN. Offsets are
+    also clamped into [0, T]: no access leaves the tensors. A max_seqlen above T is lowered to T
+    (no sequence can be longer).
     """
     nseq = cu_seqlens.numel() - 1
     if max_seqlen is not None:

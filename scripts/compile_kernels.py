@@ -5,6 +5,7 @@ registers, spill stack and shared memory (from the cubin, with triton's bundled 
     python scripts/compile_kernels.py            # sm_90 (H100/H200), every kernel
     python scripts/compile_kernels.py --attention-only   # the attention tile table and every sweep candidate
     python scripts/compile_kernels.py --arch 80 --json out.json
+    python scripts/compile_kernels.py --match "patch_embed bwd dW"   # the variants whose name contains it
 
 Catches code-generation errors (and register spills) that the CPU interpreter cannot see, before any
 GPU time is spent; run it under each Triton version the project supports (3.6 on the GPU machines,
@@ -170,10 +171,12 @@ def variants(quick: bool = False):
         ints = dict(stride_img_n=sn, stride_img_c=sc, stride_img_h=sh, stride_img_w=sw, stride_w_d=KD, stride_w_k=1,
                     stride_pos_l=D, stride_pos_d=1, M=N * K, K=K, D=D, L=L, GRID_W=gw, KD=KD, ROWS_PER_SPLIT=128,
                     N=N, SAMPLES_PER_SPLIT=4)
-        # (GEMM dtype, image dtype): float images in the GEMM's dtype, and uint8 ones normalised in the prologue
-        for (dt, img_t), (bm, bn, bk, w, st) in ((("bf16", "bf16"), (128, 128, 32, 8, 3)),
-                                                  (("fp32", "fp32"), (64, 64, 32, 4, 2)),
-                                                  (("bf16", "u8"), (128, 128, 32, 8, 3))):
+        # (GEMM dtype = the weight's, image dtype): float images in the GEMM's dtype, and uint8 ones
+        # normalised in the prologue into the weight's dtype (bf16/fp16 under autocast, fp32 without)
+        pairs = [("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "u8"), ("fp32", "u8")]
+        for dt, img_t in pairs + ([] if quick else [("fp16", "u8")]):
+            torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+            bm, bn, bk, w, st = pe._fwd_config(torch_dt, CUDA)  # the launchers' tiles
             tag = f"{dt} uint8" if img_t == "u8" else dt
             for has_pos in (True, False):
                 out.append((f"patch_embed fwd p{patch} {tag} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
@@ -181,7 +184,7 @@ def variants(quick: bool = False):
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                             dict(imgs_ptr=f"*{img_t}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}",
                                  pos_ptr=f"*{dt}", out_ptr=f"*{dt}"), w, st, ints))
-            bd, bkd, bm2, w2, st2 = (64, 64, 32, 4, 2) if dt == "fp32" else (128, 64, 64, 8, 3)
+            bd, bkd, bm2, w2, st2 = pe._dw_config(torch_dt, img_t == "u8", CUDA)
             out.append((f"patch_embed bwd dW p{patch} {tag}", pe._masked_patch_embed_bwd_dw_kernel,
                         dict(P=patch, NORMALIZE=img_t == "u8", IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd,
                              BLOCK_M=bm2),
@@ -196,45 +199,54 @@ def variants(quick: bool = False):
 
 def attention_variants(quick: bool = False):
     """The attention launches (same tuple layout as `variants`): every table entry of
-    kernels/attention_tiles.py in bf16 ("[table]"), each sweep candidate unless quick, and the generic
-    rule's fp32 tiles at the paper shapes unless quick; 16 heads, contiguous packed qkv (the batch
-    enters only the batch strides, multiples of 16 at any batch)."""
+    kernels/attention_tiles.py in bf16 ("[table]"), and varlen with int32 and int64 cu_seqlens at its
+    tiles ("[table varlen i32]": 64 sequences of L packed; quick: the first shape only); unless quick,
+    each sweep candidate and the generic rule's fp32 tiles at the paper shapes; 16 heads, contiguous
+    packed qkv (the batch enters only the batch strides, multiples of 16 at any batch)."""
     from maefast.kernels import attention as at
     from maefast.kernels import attention_tiles as tt
 
-    H = 16
+    H, B = 16, 64
     out = []
-    for (L, dh), entry in tt.TILES.items():
+    for i, ((L, dh), entry) in enumerate(tt.TILES.items()):
         d0, d1 = at.head_dim_split(dh)
         W = 3 * H * dh
         ints = dict(stride_qkv_b=L * W, stride_qkv_l=W, stride_qkv_c=1, stride_out_b=L * H * dh,
                     stride_out_l=H * dh, stride_out_c=1, stride_do_b=L * H * dh, stride_do_l=H * dh, stride_do_c=1,
                     stride_dqkv_b=L * W, stride_dqkv_l=W, stride_dqkv_c=1, stride_lse_b=H * L, stride_lse_h=L,
                     seqlen=L, num_heads=H)
-        cases = [("bf16", entry.fwd, entry.bwd, "[table]")]
+        # varlen: one (1, B*L, W) tensor, seqlen = its B*L rows, max_seqlen = L
+        T = B * L
+        varlen_ints = dict(ints, stride_qkv_b=T * W, stride_out_b=T * H * dh, stride_do_b=T * H * dh,
+                           stride_dqkv_b=T * W, stride_lse_b=H * T, stride_lse_h=T, seqlen=T, max_seqlen=L)
+        cases = [("bf16", entry.fwd, entry.bwd, "[table]", None)]
+        if not quick or i == 0:
+            cases += [("bf16", entry.fwd, entry.bwd, f"[table varlen {cu}]", cu) for cu in ("i32", "i64")]
         if not quick:
-            cases += [("bf16", t, None, "[candidate]") for t in entry.fwd_candidates if t != entry.fwd]
-            cases += [("bf16", None, b, "[candidate]") for b in entry.bwd_candidates if b != entry.bwd]
-            cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]"))
-        for dt, fwd, bwd, tag in cases:
+            cases += [("bf16", t, None, "[candidate]", None) for t in entry.fwd_candidates if t != entry.fwd]
+            cases += [("bf16", None, b, "[candidate]", None) for b in entry.bwd_candidates if b != entry.bwd]
+            cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]",
+                          None))
+        for dt, fwd, bwd, tag, cu in cases:
             ptrs = dict(qkv_ptr=f"*{dt}", out_ptr=f"*{dt}", dout_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", lse_ptr="*fp32",
-                        delta_ptr="*fp32", cu_ptr="*i32")
-            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+                        delta_ptr="*fp32", cu_ptr=f"*{cu or 'i32'}")
+            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=cu is not None, DOT_PREC="ieee" if dt == "fp32" else "tf32")
             shape = f"L{L} Dh{dh} {dt}"
+            args = varlen_ints if cu else ints
             if fwd is not None:
                 out.append((f"attention fwd {shape} {fwd.name} {tag}", at._attn_fwd_kernel,
                             dict(meta, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N), ptrs, fwd.num_warps, fwd.num_stages,
-                            dict(ints, num_m_blocks=-(-L // fwd.BLOCK_M))))
+                            dict(args, num_m_blocks=-(-L // fwd.BLOCK_M))))
             if bwd is not None:
                 if not bwd.fused:
                     t = bwd.dq
                     out.append((f"attention bwd-dq {shape} {bwd.name} {tag}", at._attn_bwd_dq_kernel,
                                 dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N), ptrs, t.num_warps, t.num_stages,
-                                dict(ints, num_m_blocks=-(-L // t.BLOCK_M))))
+                                dict(args, num_m_blocks=-(-L // t.BLOCK_M))))
                 t = bwd.dkdv
                 out.append((f"attention bwd-dkdv {shape} {bwd.name} {tag}", at._attn_bwd_dkdv_kernel,
                             dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, FUSED_DQ=bwd.fused), ptrs, t.num_warps,
-                            t.num_stages, dict(ints, num_n_blocks=-(-L // t.BLOCK_N))))
+                            t.num_stages, dict(args, num_n_blocks=-(-L // t.BLOCK_N))))
     return out
 
 
@@ -245,6 +257,7 @@ def main(argv=None) -> int:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--no-attention", action="store_true", help="skip the attention kernels")
     which.add_argument("--attention-only", action="store_true", help="only the attention kernels")
+    ap.add_argument("--match", default=None, metavar="TEXT", help="only the variants whose name contains TEXT")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows, failed = [], 0
@@ -252,6 +265,8 @@ def main(argv=None) -> int:
     todo = [] if a.attention_only else variants(a.quick)
     if not a.no_attention:
         todo += attention_variants(a.quick)
+    if a.match:
+        todo = [v for v in todo if a.match in v[0]]
     for name, kernel, consts, ptrs, warps, stages, ints in todo:
         try:
             r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, ints=ints)

@@ -82,16 +82,29 @@ def _seq_reference(qkv, g, s, e):
     return out, torch.autograd.grad(out, x, g[s:e])[0]
 
 
+ALL_NAN = ((0, 40),)
+
+
 @needs_triton
-@pytest.mark.parametrize("cu,max_seqlen,bad", [([0, 30, 40], 20, (0, 30)), ([0, 10, 1000], 40, (10, 40)),
-                                               ([-4, 3, 40], 40, (0, 3))],
-                         ids=["longer-than-max_seqlen", "end-beyond-rows", "negative-start"])
-def test_attention_device_offsets_stay_in_bounds_and_bad_sequences_come_out_nan(cu, max_seqlen, bad, tmp_path):
+@pytest.mark.parametrize("cu,max_seqlen,nan_rows,good", [
+    ([0, 30, 40], 20, ((0, 30),), ((30, 40),)),
+    ([0, 20, 30], 20, ((30, 40),), ((0, 20), (20, 30))),
+    ([0, 10, 1000], 40, ALL_NAN, ()),
+    ([-4, 3, 40], 40, ALL_NAN, ()),
+    ([5, 20, 40], 20, ALL_NAN, ()),
+    ([0, 25, 15, 40], 25, ALL_NAN, ()),
+    ([0, 30, 20, 25, 40], 40, ALL_NAN, ()),
+], ids=["longer-than-max_seqlen", "padding-after-the-last", "end-beyond-rows", "negative-start", "nonzero-start",
+        "decreasing", "decreasing-unfused-bwd"])
+def test_attention_device_offsets_stay_in_bounds_and_bad_offsets_come_out_nan(cu, max_seqlen, nan_rows, good,
+                                                                               tmp_path):
     """The on-device contract, through the custom op (which, like a GPU run given max_seqlen, does
-    not read the offsets on the host): the kernels clamp every offset into [0, T] and write NaN rows
-    (output, logsumexp and gradient) for a sequence longer than max_seqlen or with out-of-range
-    offsets; the well-formed sequences stay exact. max_seqlen 20 runs the fused backward, 40 the
-    two-kernel one. Before: rows left as zeros, or out-of-bounds accesses (hence the subprocess)."""
+    not read the offsets on the host): no access leaves the tensors; a sequence longer than
+    max_seqlen comes out NaN (output, logsumexp and gradient) and the others exact; rows after the
+    last offset (padding) are NaN; offsets that do not start at 0, decrease or end beyond the rows
+    make every row NaN, since sequences they make overlap would race on shared rows. max_seqlen
+    <= 32 runs the fused backward, 40 the two-kernel one. Before: rows left as zeros, out-of-bounds
+    accesses (hence the subprocess), and for decreasing offsets rows written twice, no NaN."""
     path = str(tmp_path / "res.pt")
     run_isolated(f"""
         import sys, torch
@@ -105,13 +118,13 @@ def test_attention_device_offsets_stay_in_bounds_and_bad_sequences_come_out_nan(
         torch.save(dict(qkv=qkv.detach()[0], out=out.detach()[0], lse=lse[0], g=g[0], dqkv=dqkv[0]), sys.argv[1])
     """, path)
     r = torch.load(path)
-    s, e = bad
-    assert r["out"][s:e].isnan().all() and r["lse"][:, s:e].isnan().all() and r["dqkv"][s:e].isnan().all()
-    for a, b in ((0, s), (e, 40)):  # the well-formed sequences around the bad one: exact
-        if b > a:
-            out, dq = _seq_reference(r["qkv"], r["g"], a, b)
-            assert_close(r["out"][a:b], out, torch.float32, name="out")
-            assert_close(r["dqkv"][a:b], dq, torch.float32, name="dqkv")
+    for s, e in nan_rows:
+        assert r["out"][s:e].isnan().all() and r["lse"][:, s:e].isnan().all() and r["dqkv"][s:e].isnan().all()
+    for a, b in good:  # the well-formed sequences: exact
+        out, dq = _seq_reference(r["qkv"], r["g"], a, b)
+        assert_close(r["out"][a:b], out, torch.float32, name="out")
+        assert_close(r["dqkv"][a:b], dq, torch.float32, name="dqkv")
+        assert not r["lse"][:, a:b].isnan().any()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -379,6 +392,26 @@ def test_gpu_attention_too_small_max_seqlen_gives_nan_rows(impl):
     got = visible_attention(qkv, H, cu_seqlens=strided, max_seqlen=30, impl=impl)
     want = visible_attention(qkv, H, cu_seqlens=strided.contiguous(), impl="reference")
     assert_close(got, want, dtype, name="strided cu_seqlens")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("cu", [[0, 25, 15, 40], [5, 20, 40], [0, 20, 50]],
+                         ids=["decreasing", "nonzero-start", "end-beyond-rows"])
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+def test_gpu_attention_malformed_offsets_make_every_row_nan(impl, cu, cu_dtype):
+    """Trusted device offsets that break the contract poison every sequence (forward; the gradient
+    through the Triton backward for both impls): decreasing ones make well-formed neighbours
+    overlap, which before raced on rows 15-24 with no NaN anywhere."""
+    qkv = randn(40, 3 * H * 32, dtype=torch.float16, device="cuda").requires_grad_()
+    out = visible_attention(qkv, H, cu_seqlens=torch.tensor(cu, dtype=cu_dtype, device="cuda"), max_seqlen=25,
+                            impl=impl)  # trusted: no sync
+    assert out.isnan().all()
+    dqkv, = torch.autograd.grad(out, qkv, torch.randn_like(out))
+    assert dqkv.isnan().all()
+    padded = visible_attention(qkv, H, cu_seqlens=torch.tensor([0, 20, 30], dtype=cu_dtype, device="cuda"),
+                               max_seqlen=20, impl=impl)
+    assert padded[30:].isnan().all() and not padded[:30].isnan().any()
 
 
 @pytest.mark.cuda

@@ -14,21 +14,30 @@ per call, so a CUDA graph captures it), MAX_CHANNELS of each.
 """
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 import torch
 
 MAX_CHANNELS = 4  # grey, RGB, RGBA; more channels take the reference (impl="auto") or raise
 
 
-def pixel_affine(stats: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[list[float], list[float]]:
+def pixel_affine(stats: tuple[Sequence[float], Sequence[float]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(scale, offset), MAX_CHANNELS fp32-representable floats each (padded with 1, 0), from
-    (mean, std) per channel (`maefast.reference.normalize.pixel_stats`)."""
+    (mean, std) per channel (`maefast.reference.normalize.pixel_stats`). Cached by the values: every
+    op call asks again, and building them (CPU tensors) cost ~15 us a call; no device work either way."""
     mean, std = stats
+    return _pixel_affine(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     m = torch.tensor(mean, dtype=torch.float32).double()  # the values Normalize computes with
     s = torch.tensor(std, dtype=torch.float32).double()
     scale = (1.0 / (255.0 * s)).float().tolist()
     offset = (255.0 * m).float().tolist()
     pad = MAX_CHANNELS - len(scale)
-    return scale + [1.0] * pad, offset + [0.0] * pad
+    return tuple(scale + [1.0] * pad), tuple(offset + [0.0] * pad)  # tuples: a cached value must not change
 
 
 def kernels_take(imgs: torch.Tensor) -> tuple[bool, str]:

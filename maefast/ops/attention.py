@@ -269,10 +269,11 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
             [cu_seqlens[b], cu_seqlens[b+1]); each attends within itself, no padding computed.
         max_seqlen: the longest sequence, with cu_seqlens. When None it is computed and cu_seqlens is
             checked (one host sync on a GPU). When given, CPU offsets are still checked (free) and
-            must fit it; GPU offsets are trusted (no sync), and a sequence longer than max_seqlen,
-            or with offsets outside [0, T], comes out as NaN rows (forward and gradient), never as a
-            silently wrong result; no kernel access ever leaves the tensors. Offsets must start at
-            0, not decrease and end at T; a row no sequence covers is NaN.
+            must fit it. Offsets must start at 0, not decrease and end at T. GPU offsets given with
+            max_seqlen are trusted (no sync) and checked by the kernels instead, never silently
+            wrong: offsets that do not start at 0, decrease or end beyond T make every row NaN
+            (output, logsumexp, gradient); a sequence longer than max_seqlen comes out as NaN rows;
+            rows after cu_seqlens[-1] (padding) are NaN; no kernel access leaves the tensors.
         scale: softmax scale, default Dh ** -0.5.
         impl: "auto" | "triton" | "cuda" | "reference" (see the module docstring).
 

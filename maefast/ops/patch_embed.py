@@ -183,8 +183,10 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
 @_masked_patch_embed_backward_op.register_fake
 def _(grad, imgs, ids_keep, weight, pos_embed, patch_size, need_pos, impl, mean=None, std=None):
     need_pos = need_pos and pos_embed is not None
-    return (torch.empty_like(weight), weight.new_empty(weight.shape[0]),
-            torch.empty_like(pos_embed) if need_pos else grad.new_empty(0))
+    # contiguous, as the real op returns them (a reshape of a fresh (D, C*p*p) matrix; a fresh tensor),
+    # whatever the weight's or pos_embed's strides (empty_like would keep channels_last)
+    return (weight.new_empty(weight.shape), weight.new_empty(weight.shape[0]),
+            pos_embed.new_empty(pos_embed.shape) if need_pos else grad.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
