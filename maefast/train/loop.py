@@ -301,7 +301,9 @@ class _Trainer:
         kb = {name: bytes_per_image(cfg.input_size, dt) / 1e3 for name, dt in IMAGE_DTYPES.items()}
         self.say(f"batches: {cfg.image_dtype} images, {kb[cfg.image_dtype]:.1f} KB each to the {device.type}"
                  + (f" (float32: {kb['float32']:.1f} KB)" if cfg.image_dtype != "float32" else "")
-                 + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else ""))
+                 + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else "")
+                 + ("; JPEGs decoded, cropped and resized on the GPU (nvJPEG), the other files on the CPU"
+                    if cfg.decode == "gpu" else ""))
         log = JsonlLog(self.folder.join("log.jsonl") if info.is_main else None)
         step_log = JsonlLog(self.folder.join("steps.jsonl") if info.is_main else None)
         sampler = ResumableDistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank,
@@ -342,7 +344,7 @@ class _Trainer:
             win_images, lr_now, b, reason = 0, 0.0, first, None
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            for batch in DeviceFeed(loader, device):
+            for batch in DeviceFeed(loader, device, decode=self.dataset.device_decode):
                 if b >= batches_used:
                     break
                 if b % A == 0:
