@@ -12,8 +12,9 @@ The work is split so that every random choice stays where the other paths make i
   JPEGs in one call (``decode_jpegs``, the only GPU-only call: tests put a Pillow decode in its
   place), crops each from its box, resizes it with torch's antialiased bicubic (the fast path's
   filter, in float32 as CUDA has no uint8 kernel for it, with the uint8 kernel's rounding between
-  its two passes: within 2 levels of it, nearly always equal; ``resized_crop``) and flips it. A JPEG nvJPEG rejects is decoded by Pillow with the fast path,
-  and if that fails too, skipped and counted.
+  its two passes: within 2 levels of it, nearly always equal; ``resized_crop``) and flips it. A
+  JPEG nvJPEG rejects is decoded by Pillow with the fast path, and if that fails too, skipped and
+  counted.
 
 nvJPEG's pixels are not libjpeg-turbo's (another IDCT and chroma upsampling): ``maefast bench
 data`` reports the difference to the exact path on the GPU machine.
