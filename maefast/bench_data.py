@@ -13,14 +13,20 @@ ImageNet normalisation. Rows:
   official pixels bit for bit) or ``"fast"`` (box first, DCT-scaled JPEG decode where the crop
   allows, torch's uint8 antialiased bicubic; `maefast.train.augment`), float32 out, plus the
   masking noise each sample carries. ``fast-uint8``: the fast path handing uint8 to the GPU.
+- ``gpu``: ``decode="gpu"`` (`maefast.train.gpu_decode`): the workers read the files and draw the
+  boxes, flips and noise; the batches are decoded by nvJPEG, cropped and resized on the GPU
+  (`maefast.train.feed.DeviceFeed`), uint8 out. Where torchvision or CUDA is missing the row is
+  skipped with the reason. Its per-worker figure is the workers' share only (read + header + draws);
+  its loader figure is the whole path, to uint8 batches on the GPU; ``gpu_stage`` times the GPU
+  half alone on batches made beforehand (``bench_data_gpu``).
 
 Per worker: one process, one thread (as a DataLoader worker runs), the same images for every row,
 the rows taking turns every 20 images; img/s is the median of the rounds, "vs official" the median
 of the per-round ratios. At N workers: a DataLoader with N worker processes over the folder, timed
 after the first wave of batches (one per worker, made at start-up), each row twice. On a machine
 shared with other jobs the loader rows (run one after another) move with the load; the per-worker
-ratios hold better. Also the bytes each batch moves to the GPU, and the per-pixel difference of
-the fast path to the exact one (same boxes and flips) on the whole folder.
+ratios hold better. Also the bytes each batch moves to the GPU (for ``gpu``: the JPEG files), and
+the per-pixel difference of the fast path (and of ``gpu``) to the exact one (same boxes and flips).
 
 The folder is generated here, never downloaded: photographic-like JPEGs (smooth light and colour
 fields, 1/f-like luma texture, hard-edged shapes, optics blur, sensor grain) at quality 90, sizes
@@ -41,12 +47,13 @@ import time
 import numpy as np
 import torch
 
+from . import bench_data_gpu
 from .train.augment import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, draft_factor, random_resized_crop_params
 
 GENERATOR_VERSION = 1
 MANIFEST = "maefast-bench-data.json"
 FULL_IMAGES, QUICK_IMAGES = 3000, 256
-PATHS = ("official", "exact", "fast", "fast-uint8")
+PATHS = ("official", "exact", "fast", "fast-uint8", "gpu")
 
 
 # -- the benchmark folder ------------------------------------------------------------------------
@@ -258,14 +265,14 @@ class OfficialDataset(torch.utils.data.Dataset):
 # -- measurements --------------------------------------------------------------------------------
 
 def build_dataset(path: str, root: str, size: int = 224, num_patches: int = 196, seed: int = 0):
-    """The dataset of a row (``official``, ``exact``, ``fast``, ``fast-uint8``)."""
+    """The dataset of a row (``official``, ``exact``, ``fast``, ``fast-uint8``, ``gpu``: uint8)."""
     from .train.data import ImageFolderDataset
 
     if path == "official":
         return OfficialDataset(ImageFolderDataset(root, size, num_patches).files, size)
     decode, _, dtype = path.partition("-")
     return ImageFolderDataset(root, size, num_patches, seed=seed, decode=decode,
-                              dtype=torch.uint8 if dtype == "uint8" else torch.float32)
+                              dtype=torch.uint8 if dtype == "uint8" or decode == "gpu" else torch.float32)
 
 
 def _item_fn(dataset, path: str):
@@ -316,17 +323,24 @@ def with_workers(dataset, path: str, workers: int, batch: int, n_images: int) ->
         sampler, fn = range(n), _official_collate
     else:
         sampler, fn = [(0, i) for i in range(n)], collate
+    device = bench_data_gpu.device() if path == "gpu" else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                         collate_fn=fn, drop_last=True)
+                                         collate_fn=fn, drop_last=True, pin_memory=device is not None and
+                                         device.type == "cuda")
+    sizes = []
+    if device is not None:  # the whole GPU path: batches decoded on the device, one ahead on a side stream
+        loader = bench_data_gpu.feed(loader, dataset, device, sizes)
     first_wave = max(1, workers)
     seen, t0, nbytes = 0, None, 0
     for k, b in enumerate(loader):
         tensors = [b] if isinstance(b, torch.Tensor) else [t for t in (b["images"], b["noise"]) if t is not None]
-        nbytes = nbytes or sum(t.nbytes for t in tensors)
+        nbytes = nbytes or (sizes[0] if sizes else sum(t.nbytes for t in tensors))
         if k + 1 == first_wave:
+            bench_data_gpu.sync(device)
             t0 = time.perf_counter()
         elif t0 is not None:
             seen += tensors[0].shape[0]
+    bench_data_gpu.sync(device)
     dt = time.perf_counter() - t0 if t0 is not None else float("nan")
     return {"img_per_s": seen / dt if seen else float("nan"), "images_timed": seen, "batch_bytes": nbytes,
             "bytes_per_image": nbytes / batch}
@@ -377,6 +391,13 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     from . import timing
 
     files = make_folder(root, n_images, log=log)
+    skipped = {}
+    if "gpu" in paths:
+        why = bench_data_gpu.unavailable_reason()
+        if why is not None:
+            log(f"gpu row skipped: the GPU decode cannot run here: {why}")
+            skipped["gpu"] = why
+            paths = tuple(p for p in paths if p != "gpu")
     datasets = {p: build_dataset(p, root, size) for p in paths}
     for p, ds in datasets.items():  # only the first n_images of a larger cached folder
         if p == "official":
@@ -386,11 +407,13 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     env = timing.env_info("cpu")
     env.update(pillow=__import__("PIL").__version__, libjpeg=features.version("jpg"),
                libjpeg_turbo=bool(features.check_feature("libjpeg_turbo")), cpus=os.cpu_count())
+    if "gpu" in paths:
+        env.update(bench_data_gpu.env_extra(bench_data_gpu.device()))
     result = {"kind": "maefast.bench_data", "env": env, "folder": {"path": root, **folder_stats(files)},
-              "size": size, "batch": batch, "workers": workers}
+              "size": size, "batch": batch, "workers": workers, "skipped": skipped}
     torch.manual_seed(0)
     log(f"per worker: {len(paths)} rows x {rounds} rounds x {per_worker_images} images ...")
-    result["per_worker"] = per_worker(datasets, min(per_worker_images, n_images), rounds)
+    result["per_worker"] = per_worker(datasets, min(per_worker_images, n_images), rounds) if paths else {}
     if workers > 0:
         runs = {p: [] for p in paths}
         for r in range(loader_rounds):  # rows in turn, the order reversed every other round
@@ -399,14 +422,22 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
                 runs[p].append(with_workers(datasets[p], p, workers, batch, n_images))
         result["loader"] = {p: {**v[0], "img_per_s": statistics.median(x["img_per_s"] for x in v),
                                 "rounds": [x["img_per_s"] for x in v]} for p, v in runs.items()}
-    if diff_images != 0 and any(p != "official" for p in paths):
+    if "gpu" in paths:
+        log("the GPU half alone ...")
+        result["gpu_stage"] = bench_data_gpu.stage_rate(datasets["gpu"], batch, min(n_images, 4 * batch))
+    if diff_images != 0 and any(p in ("exact", "fast", "fast-uint8") for p in paths):
         log("pixel difference fast vs exact ...")
         result["difference"] = pixel_difference(root, diff_images or n_images, size)
+    if diff_images != 0 and "gpu" in paths:
+        log("pixel difference gpu vs exact ...")
+        result["difference_gpu"] = bench_data_gpu.pixel_difference(root, diff_images or n_images, size, batch)
     for kind in ("per_worker", "loader"):  # ratio per round (same conditions), median over the rounds
         base = result.get(kind, {}).get("official")
         for r in result.get(kind, {}).values():
             r["vs_official"] = (statistics.median(a / b for a, b in zip(r["rounds"], base["rounds"]))
                                 if base else None)
+    if "gpu" in result["per_worker"]:  # the workers' share of the gpu path (no decode): no ratio to a whole pipeline
+        result["per_worker"]["gpu"]["vs_official"] = None
     result["table"] = format_result(result).splitlines()
     return result
 
@@ -436,6 +467,7 @@ def format_result(res: dict) -> str:
                      f"{_f(ld.get('bytes_per_image'), '10.0f'):>10}")
     if "loader" in res:
         lines.append("bytes/img: one batch's images + masking noise (what a step copies to the GPU) / batch")
+    lines += bench_data_gpu.table_lines(res)
     diff = res.get("difference")
     if diff:
         lines += ["", "fast vs exact (same boxes and flips):",

@@ -17,9 +17,10 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
           then the rest
   table2  Table 2 with maefast's step (L, H, then B); `maefast profile`'s overhead
-  data    `maefast bench data` (16 workers, 4000 JPEGs: the loader's img/s, issue 15); `maefast train`
-          on those JPEGs vs `--data synthetic`, ViT-L/16 b128 (ratio >= 0.9, issue 15); `maefast
-          train --data synthetic` ViT-H/14 b128 (>= 0.95x the step record's row, issue 14)
+  data    `maefast bench data` (16 workers, 4000 JPEGs: the loader's img/s, the CPU path and the GPU
+          decode, issue 15); `maefast train` on those JPEGs vs `--data synthetic`, ViT-L/16 b128
+          (ratio >= 0.9, issue 15); `maefast train --data synthetic` ViT-H/14 b128 (>= 0.95x the
+          step record's row, issue 14)
 
 Each step runs in a subprocess under its own budget, clipped to what is left of the preset's
 (default 290 s); pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
@@ -66,6 +67,7 @@ PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
 # data preset: the benchmark's JPEG folder (issue 15: 16 workers, a few thousand files), ViT-L/16 at
 # a batch that fits for the JPEG-vs-synthetic ratio, ViT-H/14 b128 for train vs the step row
 DATA_IMAGES, DATA_WORKERS, TRAIN_WORKERS = 4000, 16, 15  # one core left to the training process
+DIFF_IMAGES = 256  # bench data's pixel differences to the exact path (fast and gpu): ~2 s each
 LOADER_MODEL, LOADER_BATCH, LOADER_STEPS = "large", 128, 130
 # each JPEG linked this many times: 20000 entries, 156-step epochs (4000 files would make 31-step epochs,
 # each starting with an empty pipeline: an artifact of the small folder, not of the loader)
@@ -354,11 +356,13 @@ def _linked_folder(src: str, dst: str, copies: int) -> None:
 
 def preset_data(r: Runner) -> None:
     jpegs, bj = os.path.join(r.work, "jpegs"), os.path.join(r.work, "bench-data.json")
-    # the loader's img/s: official and maefast's default path (fast decode, uint8) at 16 workers; the
-    # per-worker rows short (the CPU target is the CPU record's) and no pixel difference
+    # the loader's img/s: official, maefast's default path (fast decode, uint8) and the GPU decode (nvJPEG;
+    # skipped with the reason where torchvision cannot decode on the card) at 16 workers; the per-worker rows
+    # short (the CPU target is the CPU record's); the pixel difference to the exact path on a few hundred
+    # images (the GPU decode's has no record yet)
     cmd = [r.py, "-m", "maefast", "bench", "data", "--workers", str(DATA_WORKERS), "--images", str(DATA_IMAGES),
-           "--folder", jpegs, "--paths", "official,fast-uint8", "--batch", str(LOADER_BATCH), "--rounds", "1",
-           "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", "0", "--json", bj]
+           "--folder", jpegs, "--paths", "official,fast-uint8,gpu", "--batch", str(LOADER_BATCH), "--rounds", "1",
+           "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", str(DIFF_IMAGES), "--json", bj]
     r.record["bench_data_cmd"] = " ".join(cmd)
     r.json_step("bench-data", [r.py, "-m", "maefast", "bench", "data", "--help"] if r.dry else cmd, bj, "bench_data")
     linked = os.path.join(r.work, "jpegs-linked")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maefast import bench_data
+from maefast import bench_data, bench_data_gpu
 from maefast.train import augment
 from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8, random_resized_crop_params
 from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
@@ -291,16 +291,17 @@ def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path):
 
 
 def test_options_are_checked(folder):
-    with pytest.raises(ValueError, match="decode must be one of exact, fast, got 'gpu'"):
-        ImageFolderDataset(folder, S, 4, decode="gpu")
+    with pytest.raises(ValueError, match="decode must be one of exact, fast, gpu, got 'auto'"):
+        ImageFolderDataset(folder, S, 4, decode="auto")  # auto is the command line's, resolved there
     with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.uint8, got torch.float16"):
         PretrainTransform(S, dtype=torch.float16)
     from maefast.train.config import TrainConfig, config_from_args, resolve_config
 
     assert config_from_args([]).decode == augment.DEFAULT_DECODE
     assert config_from_args(["--decode", "exact"]).decode == "exact"
+    assert config_from_args(["--decode", "gpu"]).decode == "gpu"
     with pytest.raises(SystemExit):
-        config_from_args(["--decode", "gpu"])
+        config_from_args(["--decode", "nvjpeg"])
     with pytest.raises(ValueError, match="--decode"):
         resolve_config(TrainConfig(decode="draft"), cuda=False)
 
@@ -362,10 +363,18 @@ def test_bench_data_cli(tmp_path, capsys):
                           "--per-worker-images", "6", "--rounds", "2", "--size", "64", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    for row in bench_data.PATHS:
+    cpu_rows = [p for p in bench_data.PATHS if p != "gpu"]
+    for row in cpu_rows:
         assert row in text
     res = json.loads(out.read_text())
-    assert set(res["per_worker"]) == set(bench_data.PATHS) and res["per_worker"]["official"]["vs_official"] == 1.0
+    # without torchvision + CUDA the gpu row is skipped with the reason (tests/test_gpu_decode.py runs it on the CPU)
+    why = bench_data_gpu.unavailable_reason()
+    if why is not None:
+        assert f"gpu: skipped (the GPU decode cannot run here: {why})" in text
+        assert res["skipped"] == {"gpu": why} and "gpu" not in res["per_worker"]
+    else:
+        assert res["skipped"] == {} and res["loader"]["gpu"]["img_per_s"] > 0
+    assert set(res["per_worker"]) - {"gpu"} == set(cpu_rows) and res["per_worker"]["official"]["vs_official"] == 1.0
     assert all(r["img_per_s"] > 0 and len(r["rounds"]) == 2 for r in res["per_worker"].values())
     lo = res["loader"]
     assert lo["official"]["bytes_per_image"] == 3 * 64 * 64 * 4

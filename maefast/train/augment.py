@@ -10,11 +10,15 @@
   other crop is resampled by torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in
   AVX2, ~4x faster than Pillow's resize; it rounds differently by a level here and there).
   ``maefast bench data`` measures the speed and the per-pixel difference to the exact path.
+- ``"gpu"``: the data-loader worker reads the file and draws the box, flip and noise as ``"fast"``
+  does; the JPEG is decoded on the GPU with nvJPEG, then cropped, resized (the same antialiased
+  bicubic, in float32) and flipped there (`maefast.train.gpu_decode`). Anything nvJPEG cannot take
+  gets the fast path's pixels on the CPU.
 
-Both paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
+The CPU paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
 GPU: the model normalises), ``torch.float32`` normalises it on the CPU with torchvision's
 ``ToTensor`` + ``Normalize`` arithmetic (``normalize_uint8``), so the two outputs agree exactly.
-Every random draw comes from the caller's generator, in a fixed order (box, then flip).
+Every random draw comes from the caller's generator, in a fixed order (box, then flip), on every path.
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE = (0.2, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
-DECODES = ("exact", "fast")
+DECODES = ("exact", "fast", "gpu")
+# --decode auto: resolved by `maefast.train.gpu_decode.resolve_decode` (the path fastest on the record)
+DECODE_CHOICES = (*DECODES, "auto")
 DEFAULT_DECODE = "fast"  # the README's "Data loading" section gives the measured reason
 DTYPES = (torch.float32, torch.uint8)
 DRAFT_FACTORS = (8, 4, 2)  # the scales libjpeg's DCT decode offers through Pillow (1/8, 1/4, 1/2)
@@ -167,13 +173,15 @@ class PretrainTransform:
 
     ``__call__(img, rng)`` draws from ``rng`` (a numpy Generator: the box, then the flip) so the
     result is reproducible. Datasets call its two halves: ``crop`` (draws the box from the header's
-    size and decodes: a bad file fails here) and ``finish`` (flip, layout, dtype).
+    size and decodes: a bad file fails here) and ``finish`` (flip, layout, dtype); the GPU decode
+    draws with ``draw_box`` and ``draw_flip`` (the same draws) and leaves the pixels to the GPU.
 
     Args:
         size: output side S.
         scale, ratio: RandomResizedCrop's area fraction and aspect ratio ranges.
         hflip: flip probability.
-        decode: "exact" or "fast" (module docstring).
+        decode: "exact", "fast" or "gpu" (module docstring; a PIL image given to a "gpu" transform
+            gets the fast path's pixels).
         dtype: torch.float32 (normalised) or torch.uint8 (0-255, not normalised).
     """
 
@@ -184,16 +192,28 @@ class PretrainTransform:
         self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
         self.decode, self.dtype = check_decode(decode), dtype
 
+    def draw_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The crop box (top, left, h, w) of an image of ``width`` x ``height`` (the first draws)."""
+        return random_resized_crop_params(width, height, rng, self.scale, self.ratio)
+
+    def draw_flip(self, rng: np.random.Generator) -> bool:
+        """Whether to flip (the draw after the box)."""
+        return bool(rng.random() < self.hflip)
+
     def crop(self, img, rng: np.random.Generator) -> torch.Tensor:
         """PIL image (decoded or only opened) -> uint8 (3, S, S) crop, maybe a strided view."""
-        box = random_resized_crop_params(img.width, img.height, rng, self.scale, self.ratio)
-        return (crop_fast if self.decode == "fast" else crop_exact)(img, box, self.size)
+        box = self.draw_box(img.width, img.height, rng)
+        return (crop_exact if self.decode == "exact" else crop_fast)(img, box, self.size)
+
+    def flip(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 (3, S, S) crop -> uint8 (3, S, S) contiguous, flipped with probability hflip."""
+        if self.draw_flip(rng):
+            pixels = pixels.flip(-1)
+        return pixels.contiguous()
 
     def finish(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """uint8 (3, S, S) crop -> (3, S, S) contiguous ``dtype``, flipped with probability hflip."""
-        if rng.random() < self.hflip:
-            pixels = pixels.flip(-1)
-        pixels = pixels.contiguous()
+        pixels = self.flip(pixels, rng)
         return pixels if self.dtype == torch.uint8 else normalize_uint8(pixels)
 
     def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .augment import DECODES, DEFAULT_DECODE
+from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE
 from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -147,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fsdp", action=on_off, default=False, help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
     a("--workers", type=int, default=None, help="data-loader workers per process (auto)")
-    a("--decode", default=DEFAULT_DECODE, choices=DECODES,
-      help="how an image folder's crops are made: exact (the official pixels: full Pillow decode + Pillow bicubic) "
-           "or fast (crop box first, JPEG decoded at 1/2-1/8 where the crop allows, torch's uint8 bicubic; "
-           "same boxes and flips, pixels within a level or so: README, Data loading)")
+    a("--decode", default=DEFAULT_DECODE, choices=DECODE_CHOICES,
+      help="how an image folder's crops are made: exact (the official pixels: full Pillow decode + Pillow bicubic), "
+           "fast (crop box first, JPEG decoded at 1/2-1/8 where the crop allows, torch's uint8 bicubic), gpu (JPEGs "
+           "decoded by nvJPEG through torchvision, cropped and resized on the GPU; needs torchvision and CUDA) or "
+           "auto (the faster of gpu and fast on the record: fast until a record shows gpu ahead). Same boxes, "
+           "flips and masks on every path; pixels within a level or so (README, Data loading)")
     a("--image-dtype", default="uint8", choices=list(IMAGE_DTYPES),
       help="images as the loader hands them to the model: uint8 (raw pixels, 150 KB per 224px image, normalised "
            "inside the model) or float32 (normalised on the CPU, 602 KB; for a model that cannot take uint8)")
@@ -226,6 +228,11 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
         cfg.dtype = "bfloat16" if on_gpu and bf16_ok else "float32"
     cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
     cfg.cuda_graph = cuda_graph_mode(cfg.cuda_graph)
+    if cfg.decode == "auto":
+        from .gpu_decode import resolve_decode
+
+        cfg.decode, note = resolve_decode(cfg.decode, cfg.device)
+        cfg.notes.append(note)
     if cfg.workers is None:
         cpus = os.cpu_count() or 1
         cfg.workers = min(10, max(1, cpus // world_size - 1)) if on_gpu else (0 if cpus <= 4 else 2)
@@ -287,7 +294,14 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.impl not in ("auto", "triton", "cuda", "reference"):
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
     if cfg.decode not in DECODES:
-        raise ValueError(f"--decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {cfg.decode!r}")
+    if cfg.decode == "gpu":
+        from .gpu_decode import unavailable_reason
+
+        why = unavailable_reason(cfg.device)
+        if why is not None:
+            raise ValueError(f"--decode gpu (JPEGs decoded by nvJPEG through torchvision) cannot run here: {why}; "
+                             "--decode fast decodes on the CPU with the same boxes, flips and masks")
     if cfg.fused == "on":  # a run recorded before it was removed
         raise ValueError("--fused on was removed (it never beat torch's LayerNorm/GELU in a measured step): "
                          "pass --fused off or --fused block")

@@ -1,7 +1,7 @@
 """Data for MAE pre-training: an image folder or deterministic synthetic images, the paper's
 augmentation (`maefast.train.augment`: RandomResizedCrop 0.2-1.0 bicubic + horizontal flip +
-ImageNet normalisation; ``decode="exact" | "fast"``, float32 or uint8 images), and a resumable
-distributed sampler.
+ImageNet normalisation; ``decode="exact" | "fast" | "gpu"``, float32 or uint8 images), and a
+resumable distributed sampler.
 
 Every random choice for a sample (crop box, flip, and the masking noise handed to the model) comes
 from a generator seeded by (seed, epoch, index). A sample is therefore the same whichever rank or
@@ -10,6 +10,7 @@ run with the same global batch, and a resumed run replays the data exactly.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Iterator
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 # re-exported: these lived here before augment.py
 from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
                       _pil, center_transform, denormalize, random_resized_crop_params, to_normalized_tensor)
+from .gpu_decode import DeviceDecode, gpu_decodable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -35,15 +37,22 @@ class _PretrainDataset(Dataset):
     """Common part: item (epoch, index) -> {"image": (3, S, S) float32 or uint8, "noise": (L,)
     float32}, or {"bad": reason} for an unreadable file.
 
-    ``decode`` ("exact" | "fast") and ``dtype`` (torch.float32: normalised; torch.uint8: 0-255) are
-    `PretrainTransform`'s. The generator of (seed, epoch, index) draws the crop box, the flip, then
-    the masking noise, whichever decode path and dtype.
+    ``decode`` ("exact" | "fast" | "gpu") and ``dtype`` (torch.float32: normalised; torch.uint8:
+    0-255) are `PretrainTransform`'s. The generator of (seed, epoch, index) draws the crop box, the
+    flip, then the masking noise, whichever decode path and dtype.
+
+    With ``decode="gpu"`` an item leaves the pixels to the device (`maefast.train.gpu_decode`):
+    {"jpeg": the file's bytes, uint8 (nbytes,), "size": (W, H) from the header, "box", "flip",
+    "noise", "name"}; a file nvJPEG is not given is cropped here by the fast path: {"pixels": uint8
+    (3, S, S), flipped, "noise"}. `collate` gathers them in a ``deferred`` part and
+    ``device_decode`` (a `DeviceDecode`, given to `maefast.train.feed.DeviceFeed`) makes the images.
     """
 
     def __init__(self, input_size: int, num_patches: int, seed: int = 0, decode: str = DEFAULT_DECODE,
                  dtype: torch.dtype = torch.float32):
         self.transform = PretrainTransform(input_size, decode=decode, dtype=dtype)
         self.num_patches, self.seed = int(num_patches), int(seed)
+        self.device_decode = DeviceDecode(input_size, dtype) if decode == "gpu" else None
 
     def load(self, index: int):  # -> PIL RGB image, decoded
         raise NotImplementedError
@@ -52,6 +61,10 @@ class _PretrainDataset(Dataset):
         """The image to crop, possibly not decoded yet (so the fast path decodes only what it needs)."""
         return self.load(index)
 
+    def encoded(self, index: int) -> bytes | None:
+        """The file's bytes (what the GPU decodes), or None when the images are not files."""
+        return None
+
     def name(self, index: int) -> str:
         return str(index)
 
@@ -59,13 +72,30 @@ class _PretrainDataset(Dataset):
         epoch, index = _split_key(key)
         rng = np.random.default_rng([self.seed, epoch, index])
         try:  # the box comes from the header; the pixels are decoded inside the crop
+            if self.device_decode is not None:
+                return self._deferred_item(index, rng)
             with self.open(index) as img:
                 pixels = self.transform.crop(img, rng)
         except Exception as exc:  # corrupt / unreadable / vanished: skipped and counted by the loop
             return {"bad": f"{self.name(index)}: {type(exc).__name__}: {exc}"}
         image = self.transform.finish(pixels, rng)
-        noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
-        return {"image": image, "noise": noise}
+        return {"image": image, "noise": self._noise(rng)}
+
+    def _noise(self, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
+
+    def _deferred_item(self, index: int, rng: np.random.Generator) -> dict:
+        """``decode="gpu"``: the file's bytes and the sample's draws (box, flip, noise: the order of
+        ``__getitem__``), or the fast path's uint8 pixels for a file nvJPEG is not given."""
+        data = self.encoded(index)
+        with (_pil().open(io.BytesIO(data)) if data is not None else self.open(index)) as img:
+            if data is not None and gpu_decodable(img, data):
+                box = self.transform.draw_box(img.width, img.height, rng)
+                flip = self.transform.draw_flip(rng)
+                return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "size": img.size, "box": box,
+                        "flip": flip, "noise": self._noise(rng), "name": self.name(index)}
+            pixels = self.transform.crop(img, rng)
+        return {"pixels": self.transform.flip(pixels, rng), "noise": self._noise(rng)}
 
 
 class ImageFolderDataset(_PretrainDataset):
@@ -104,6 +134,10 @@ class ImageFolderDataset(_PretrainDataset):
     def open(self, index: int):
         return _pil().open(self.files[index])  # reads the header only
 
+    def encoded(self, index: int) -> bytes:
+        with open(self.files[index], "rb") as f:
+            return f.read()
+
 
 class SyntheticDataset(_PretrainDataset):
     """Deterministic synthetic images (no files): smooth random colour fields with a few shapes.
@@ -139,17 +173,40 @@ class SyntheticDataset(_PretrainDataset):
         return Image.fromarray(np.asarray(img) // 16 * 15 + grain)
 
 
+DEFERRED_KEYS = ("jpeg", "pixels")  # items of ``decode="gpu"``: the images are made on the device
+
+
 def collate(items: list) -> dict:
     """Stacks the good samples (float32 or uint8 images, as the dataset made them); unreadable ones
-    (``{"bad": reason}``) are dropped and listed."""
-    good = [it for it in items if "image" in it]
+    (``{"bad": reason}``) are dropped and listed.
+
+    Items of ``decode="gpu"`` give ``images`` None and a ``deferred`` dict for
+    `maefast.train.gpu_decode.DeviceDecode`: ``data`` (every JPEG's bytes, concatenated: one uint8
+    tensor, one shared-memory block and one pinned copy per batch), ``offsets`` (J+1,), ``sizes`` (J, 2)
+    header (W, H), ``boxes`` (J, 4), ``flips`` (J,), ``slots`` (J,) their places in the batch, ``names``;
+    ``pixels`` (P, 3, S, S) uint8 made by the workers (or None) and ``pixel_slots`` (P,); ``count``.
+    ``noise`` follows the batch's order either way."""
+    good = [it for it in items if "bad" not in it]
     bad = [it["bad"] for it in items if "bad" in it]
-    if good:
-        images = torch.stack([it["image"] for it in good])
-        noise = torch.stack([it["noise"] for it in good])
-    else:
-        images, noise = None, None
-    return {"images": images, "noise": noise, "bad": bad}
+    noise = torch.stack([it["noise"] for it in good]) if good else None
+    if not any(k in it for it in good for k in DEFERRED_KEYS):
+        images = torch.stack([it["image"] for it in good]) if good else None
+        return {"images": images, "noise": noise, "bad": bad}
+    jpegs = [(slot, it) for slot, it in enumerate(good) if "jpeg" in it]
+    pixels = [(slot, it["pixels"]) for slot, it in enumerate(good) if "pixels" in it]
+    lengths = [it["jpeg"].numel() for _, it in jpegs]
+    deferred = {
+        "count": len(good),
+        "data": torch.cat([it["jpeg"] for _, it in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8),
+        "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), dtype=torch.long),
+        "sizes": torch.tensor([list(it["size"]) for _, it in jpegs], dtype=torch.long).view(-1, 2),
+        "boxes": torch.tensor([list(it["box"]) for _, it in jpegs], dtype=torch.long).view(-1, 4),
+        "flips": torch.tensor([bool(it["flip"]) for _, it in jpegs], dtype=torch.bool),
+        "slots": torch.tensor([s for s, _ in jpegs], dtype=torch.long),
+        "names": [it["name"] for _, it in jpegs],
+        "pixels": torch.stack([p for _, p in pixels]) if pixels else None,
+        "pixel_slots": torch.tensor([s for s, _ in pixels], dtype=torch.long)}
+    return {"images": None, "noise": noise, "bad": bad, "deferred": deferred}
 
 
 # -- sampling ----------------------------------------------------------------------------------

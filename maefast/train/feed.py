@@ -6,10 +6,14 @@ page-locked host memory (``pin_memory=True``), from which a copy to the GPU runs
 `DeviceFeed` issues batch k+1's copy on a side CUDA stream while step k runs on the current stream,
 so the copy overlaps compute instead of preceding it. A uint8 224x224 image is 150 KB on the wire,
 a float32 one 602 KB.
+
+With ``--decode gpu`` the batch carries JPEG files' bytes instead of images (``deferred``, see
+`maefast.train.data.collate`): the same side stream decodes them (nvJPEG), crops, resizes and
+flips them (`maefast.train.gpu_decode.DeviceDecode`), one batch ahead as well.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -33,22 +37,49 @@ class DeviceFeed:
     event, so the pinned block is not reused before the copy completes. Anywhere else (the CPU) the
     tensors are moved with ``.to(device)`` and no stream is involved. A batch without images (every
     file unreadable) passes with None.
+
+    Args:
+        loader: yields `maefast.train.data.collate` batches.
+        device: where the batches go.
+        decode: the dataset's ``device_decode`` (``decode="gpu"``): makes the images of batches that
+            carry a ``deferred`` part; its unreadable files join the batch's ``bad`` list.
     """
 
-    def __init__(self, loader: Iterable[dict], device: torch.device):
-        self.loader, self.device = loader, torch.device(device)
+    def __init__(self, loader: Iterable[dict], device: torch.device,
+                 decode: Callable[[dict, torch.device], tuple] | None = None):
+        self.loader, self.device, self.decode = loader, torch.device(device), decode
         self.cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+
+    def _decode(self, batch: dict) -> dict:
+        """A batch with a ``deferred`` part -> its images made on the device, the noise of the samples
+        that made it (a file that fails here is dropped and listed in ``bad``)."""
+        if self.decode is None:
+            raise RuntimeError("DeviceFeed: a batch to decode on the device (decode='gpu') but no decode= given")
+        images, keep, bad = self.decode(batch["deferred"], self.device)
+        noise = batch["noise"] if bool(keep.all()) else batch["noise"][keep]
+        out = {k: v for k, v in batch.items() if k != "deferred"}
+        out.update(images=images, noise=noise if images is not None else None, bad=list(batch["bad"]) + bad)
+        return out
 
     def _issue(self, batch: dict | None) -> dict | None:
         if batch is None:
             return None
         if not self.cuda:
+            if batch.get("deferred") is not None:
+                batch = self._decode(batch)
             return {k: (v.to(self.device) if k in BATCH_TENSORS and v is not None else v) for k, v in batch.items()}
-        out = dict(batch)
         # no wait on the consumer: the pinned source was filled by the host, and the memory of earlier
         # batches is protected by record_stream
         with torch.cuda.stream(self._stream):
+            if batch.get("deferred") is not None:
+                # nvJPEG's hardware decoder writes its outputs without waiting for the work queued on its
+                # stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): the output blocks the caching
+                # allocator hands it may be ones this stream's kernels still read (the last batch's crops).
+                # Draining this side stream first costs no step time: the training stream goes on
+                self._stream.synchronize()
+                batch = self._decode(batch)
+            out = dict(batch)
             for k in BATCH_TENSORS:
                 if batch.get(k) is not None:
                     out[k] = batch[k].to(self.device, non_blocking=True)

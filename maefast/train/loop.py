@@ -299,9 +299,13 @@ class _Trainer:
                  f"steps/epoch x {cfg.epochs} epochs; global batch {G}, lr {self.lr:.3g} (blr {cfg.blr:g}), "
                  f"warm-up {cfg.warmup_epochs:g} epochs")
         kb = {name: bytes_per_image(cfg.input_size, dt) / 1e3 for name, dt in IMAGE_DTYPES.items()}
-        self.say(f"batches: {cfg.image_dtype} images, {kb[cfg.image_dtype]:.1f} KB each to the {device.type}"
-                 + (f" (float32: {kb['float32']:.1f} KB)" if cfg.image_dtype != "float32" else "")
-                 + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else ""))
+        if cfg.decode == "gpu":
+            self.say(f"batches: the JPEG files to the {device.type}, decoded (nvJPEG), cropped and resized there one "
+                     f"batch ahead on a side stream into {cfg.image_dtype} images; other files made on the CPU")
+        else:
+            self.say(f"batches: {cfg.image_dtype} images, {kb[cfg.image_dtype]:.1f} KB each to the {device.type}"
+                     + (f" (float32: {kb['float32']:.1f} KB)" if cfg.image_dtype != "float32" else "")
+                     + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else ""))
         log = JsonlLog(self.folder.join("log.jsonl") if info.is_main else None)
         step_log = JsonlLog(self.folder.join("steps.jsonl") if info.is_main else None)
         sampler = ResumableDistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank,
@@ -342,7 +346,7 @@ class _Trainer:
             win_images, lr_now, b, reason = 0, 0.0, first, None
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            for batch in DeviceFeed(loader, device):
+            for batch in DeviceFeed(loader, device, decode=self.dataset.device_decode):
                 if b >= batches_used:
                     break
                 if b % A == 0:
