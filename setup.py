@@ -57,6 +57,7 @@ setup(
         "ninja",
         "numpy",
         "pillow",
+        "simplejpeg",  # the CPU data paths' JPEG reader (maefast/train/augment.py); Pillow stands in without it
         "tqdm",
         "matplotlib",
     ],

@@ -12,7 +12,8 @@ ImageNet normalisation. Rows:
 - ``exact`` / ``fast``: `maefast.train.data.ImageFolderDataset` with ``decode="exact"`` (the
   official pixels bit for bit) or ``"fast"`` (box first, DCT-scaled JPEG decode where the crop
   allows, torch's uint8 antialiased bicubic; `maefast.train.augment`), float32 out, plus the
-  masking noise each sample carries. ``fast-uint8``: the fast path handing uint8 to the GPU.
+  masking noise each sample carries. ``fast-uint8``: the fast path handing uint8 to the GPU. Both
+  read JPEGs with simplejpeg where installed, else Pillow (the same pixels; the record names it).
 - ``gpu``: ``decode="gpu"`` (`maefast.train.gpu_decode`): the workers read the files and draw the
   boxes, flips and noise; the batches are decoded by nvJPEG, cropped and resized on the GPU
   (`maefast.train.feed.DeviceFeed`), uint8 out. Where torchvision or CUDA is missing the row is
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from . import bench_data_gpu
+from .train import augment
 from .train.augment import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, draft_factor, random_resized_crop_params
 
 GENERATOR_VERSION = 1
@@ -406,7 +408,8 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
             ds.files = ds.files[:n_images]
     env = timing.env_info("cpu")
     env.update(pillow=__import__("PIL").__version__, libjpeg=features.version("jpg"),
-               libjpeg_turbo=bool(features.check_feature("libjpeg_turbo")), cpus=os.cpu_count())
+               libjpeg_turbo=bool(features.check_feature("libjpeg_turbo")), cpus=os.cpu_count(),
+               simplejpeg=getattr(augment.simplejpeg, "__version__", None))  # the CPU paths' JPEG reader
     if "gpu" in paths:
         env.update(bench_data_gpu.env_extra(bench_data_gpu.device()))
     result = {"kind": "maefast.bench_data", "env": env, "folder": {"path": root, **folder_stats(files)},
@@ -453,7 +456,9 @@ def _x(v) -> str:
 def format_result(res: dict) -> str:
     env, fold = res["env"], res["folder"]
     lines = [f"maefast bench data on {env['card']} ({env['cpus']} CPUs, {env['date']}, torch {env['torch']}, "
-             f"Pillow {env['pillow']} / libjpeg-turbo {env['libjpeg']}, commit {env['git_commit'][:12]})",
+             f"Pillow {env['pillow']} / libjpeg-turbo {env['libjpeg']}, "
+             f"JPEG reader {'simplejpeg ' + env['simplejpeg'] if env.get('simplejpeg') else 'Pillow'}, "
+             f"commit {env['git_commit'][:12]})",
              f"folder: {fold['images']} JPEGs q90, mean {fold['mean_width']:.0f}x{fold['mean_height']:.0f}, "
              f"{fold['mean_file_kb']:.0f} KB/file, {100 * fold['share_long_side_500']:.0f}% long side 500 ({fold['path']})",
              f"output {res['size']}x{res['size']}; per worker = 1 process, 1 thread; "

@@ -30,6 +30,16 @@ def device():
     return torch.device("cuda" if _HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (modules opt in with ``usefixtures``): the CPU here is shared,
+    and one thread is faster and steadier than two oversubscribed ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

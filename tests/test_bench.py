@@ -23,13 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPU here is shared: one thread is faster and steadier than two oversubscribed ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- FLOP counter ---------------------------------------------------------------------------------

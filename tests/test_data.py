@@ -47,6 +47,16 @@ def folder(tmp_path_factory):
     return _jpeg_folder(tmp_path_factory.mktemp("jpegs"))
 
 
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def reader(request, monkeypatch):
+    """The JPEG reader of the CPU paths: simplejpeg where installed, else Pillow (the same pixels)."""
+    if request.param == "pillow":
+        monkeypatch.setattr(augment, "simplejpeg", None)
+    elif augment.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    return request.param
+
+
 def _items(ds, epoch=0):
     return [ds[(epoch, i)] for i in range(len(ds))]
 
@@ -94,7 +104,7 @@ def _box_and_flip(path, seed, epoch, index):
     return box, bool(rng.random() < 0.5)
 
 
-def test_exact_path_is_the_official_pipeline_bit_for_bit(folder):
+def test_exact_path_is_the_official_pipeline_bit_for_bit(folder, reader):
     from PIL import Image
 
     official = bench_data.OfficialPipeline(S)
@@ -110,18 +120,26 @@ def test_exact_path_is_the_official_pipeline_bit_for_bit(folder):
     assert 0 < flips < 3 * len(ds)
 
 
-def test_fast_path_same_boxes_and_flips_scaled_decode_close_to_exact(folder, monkeypatch):
+def test_fast_path_same_boxes_and_flips_scaled_decode_close_to_exact(folder, reader, monkeypatch):
     from PIL import JpegImagePlugin
 
     boxes, drafts = {"exact": [], "fast": []}, []
-    real_params, real_draft = augment.random_resized_crop_params, JpegImagePlugin.JpegImageFile.draft
+    real_params, real_draft, real_decode = (augment.random_resized_crop_params, JpegImagePlugin.JpegImageFile.draft,
+                                            augment.decode_jpeg)
 
     def spy_draft(self, mode, size):
         out = real_draft(self, mode, size)
         drafts.append(self.size)
         return out
 
+    def spy_decode(data, width, height, k=1):
+        out = real_decode(data, width, height, k)
+        if k > 1:
+            drafts.append(out.shape)
+        return out
+
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy_draft)
+    monkeypatch.setattr(augment, "decode_jpeg", spy_decode)
     ds = {d: ImageFolderDataset(folder, S, 16, seed=1, decode=d, dtype=torch.uint8) for d in boxes}
     scales, diffs = [], []
     for epoch in range(6):
@@ -147,7 +165,7 @@ def test_fast_path_same_boxes_and_flips_scaled_decode_close_to_exact(folder, mon
     assert diffs[scales > 1].mean() < 1.6 and diffs[scales > 1].max() < 3.0
 
 
-def test_fast_path_decodes_at_the_reduced_scale(folder):
+def test_fast_path_decodes_at_the_reduced_scale(folder):  # Pillow's reader (test_jpeg_reader: the other)
     from PIL import Image
 
     path = os.path.join(folder, "im3.jpg")  # 640x480
@@ -167,7 +185,7 @@ def test_fast_path_decodes_at_the_reduced_scale(folder):
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
-def test_other_modes_and_formats(tmp_path, mode):
+def test_other_modes_and_formats(tmp_path, mode, reader):
     from PIL import Image
 
     rgb = Image.fromarray(_photo(np.random.default_rng(2), 300, 200))
@@ -271,7 +289,7 @@ def test_synthetic_dataset_both_paths(tmp_path):
 
 
 # -- unreadable files ------------------------------------------------------------------------------------
-def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path):
+def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path, reader):
     root = _jpeg_folder(tmp_path / "d", sizes=((300, 220), (640, 480), (100, 80)))
     big = open(os.path.join(root, "im1.jpg"), "rb").read()
     (tmp_path / "d" / "truncated.jpg").write_bytes(big[: len(big) // 2])  # the header is fine: fails in the decode

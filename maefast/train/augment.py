@@ -5,15 +5,22 @@
   and resizes with its bicubic filter (torchvision's ``RandomResizedCrop`` on a PIL image).
 - ``"fast"``: the crop box is drawn first, from the size in the file's header (the same box the
   exact path draws for the same generator); a JPEG whose crop spans at least k x ``size`` pixels
-  on both sides (k = 8, 4 or 2) is decoded at 1/k in the DCT domain (Pillow's ``Image.draft``,
-  libjpeg-turbo's scaled IDCT) and resampled from the fractional box with Pillow's bicubic; any
-  other crop is resampled by torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in
-  AVX2, ~4x faster than Pillow's resize; it rounds differently by a level here and there).
-  ``maefast bench data`` measures the speed and the per-pixel difference to the exact path.
+  on both sides (k = 8, 4 or 2) is decoded at 1/k in the DCT domain (libjpeg-turbo's scaled IDCT)
+  and resampled from the fractional box with Pillow's bicubic; any other crop is resampled by
+  torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in AVX2, ~4x faster than Pillow's
+  resize; it rounds differently by a level here and there). ``maefast bench data`` measures the
+  speed and the per-pixel difference to the exact path.
 - ``"gpu"``: the data-loader worker reads the file and draws the box, flip and noise as ``"fast"``
   does; the JPEG is decoded on the GPU with nvJPEG, then cropped, resized (the same antialiased
   bicubic, in float32) and flipped there (`maefast.train.gpu_decode`). Anything nvJPEG cannot take
   gets the fast path's pixels on the CPU.
+
+Decoding, on both CPU paths: a file's bytes (`PretrainTransform.crop_encoded`) holding a YCbCr or
+grey JPEG are decoded by libjpeg-turbo through ``simplejpeg`` (a dependency; ~30% faster than
+Pillow's reader, as it hands numpy the pixels without Pillow's chunked reads and image copies), with
+the decoder settings Pillow uses, so the pixels are Pillow's bit for bit at every scale (the tests
+check it); any other file, a JPEG libjpeg reports damage in, or a machine without ``simplejpeg``
+goes through Pillow (``Image.draft`` for the scaled decode), with the same box and the same pixels.
 
 The CPU paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
 GPU: the model normalises), ``torch.float32`` normalises it on the CPU with torchvision's
@@ -22,12 +29,18 @@ Every random draw comes from the caller's generator, in a fixed order (box, then
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:  # the faster JPEG reader (module docstring); Pillow gives the same pixels without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - installed with maefast; absent on some GPU machines
+    simplejpeg = None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,40 +110,81 @@ def _rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a file `decode_jpeg` takes: a YCbCr or grey JPEG within Pillow's pixel
+    limit, with ``simplejpeg`` installed. None for anything else (Pillow's to decode)."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    limit = _pil().MAX_IMAGE_PIXELS  # Pillow warns or refuses above it: let it
+    if colorspace not in ("YCbCr", "Gray") or (limit is not None and width * height > limit):
+        return None
+    return width, height
+
+
+def decode_jpeg(data: bytes, width: int, height: int, k: int = 1) -> np.ndarray | None:
+    """uint8 (ceil(H/k), ceil(W/k), 3) RGB of a `jpeg_header` file, decoded at 1/k: libjpeg-turbo's
+    accurate integer IDCT and smooth chroma upsampling, as Pillow decodes (and ``Image.draft``
+    scales). None when libjpeg reports damage (a truncated file, stray bytes): Pillow then decides,
+    refusing or accepting the file as it always did."""
+    try:
+        return simplejpeg.decode_jpeg(data, "RGB", min_factor=k, min_height=-(-height // k),
+                                      min_width=-(-width // k), strict=True)
+    except ValueError:
+        return None
+
+
 def crop_exact(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The official pixels: full decode, crop, Pillow bicubic resize. Returns uint8 (3, size, size)
-    (a channels-last view). Mode conversion is per pixel, so converting the crop equals
-    converting the image first (torchvision's ``pil_loader``)."""
+    """The official pixels: full decode, crop, Pillow bicubic resize. ``img`` is a PIL image or the
+    decoded uint8 (H, W, 3) RGB pixels. Returns uint8 (3, size, size) (a channels-last view). Mode
+    conversion is per pixel, so converting the crop equals converting the image first
+    (torchvision's ``pil_loader``)."""
     top, left, h, w = box
-    img = _rgb(img.crop((left, top, left + w, top + h)))
+    if isinstance(img, np.ndarray):
+        img = _pil().fromarray(np.ascontiguousarray(img[top:top + h, left:left + w]))
+    else:
+        img = _rgb(img.crop((left, top, left + w, top + h)))
     return _hwc_tensor(img.resize((size, size), _pil().BICUBIC)).permute(2, 0, 1)
 
 
 def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The fast path's pixels for the same box (see the module docstring). ``img`` should not be
-    decoded yet (``Image.open``): a JPEG is then decoded at the scale the crop allows, in place (its
-    ``size`` becomes the reduced one). Returns uint8 (3, size, size), possibly a strided view."""
-    Image = _pil()
+    """The fast path's pixels for the same box (see the module docstring) from a PIL image. ``img``
+    should not be decoded yet (``Image.open``): a JPEG is then decoded at the scale the crop allows,
+    in place (its ``size`` becomes the reduced one). Returns uint8 (3, size, size), possibly a
+    strided view."""
     top, left, h, w = box
     undecoded = len(getattr(img, "tile", None) or ()) == 1  # opened, pixels not read yet
-    k = draft_factor(w, h, size) if img.format == "JPEG" and undecoded else 1
+    k = draft_factor(w, h, size) if img.format in ("JPEG", "MPO") and undecoded else 1
     if k > 1:
         full_w = img.width
         # Pillow picks the largest of 1/8, 1/4, 1/2 keeping at least the requested size; read the
         # scale it chose back rather than assume it
         drafted = img.draft("RGB", (img.width // k, img.height // k))
-        k = full_w / drafted[1][2] if drafted else 1
+        k = round(full_w / drafted[1][2]) if drafted else 1
     if k > 1:
-        # a reduced pixel i covers original pixels [i*k, (i+1)*k): the box in reduced pixels is
-        # fractional; crop its integer hull and let Pillow resample the exact fractional box
-        x0, y0, x1, y1 = left / k, top / k, (left + w) / k, (top + h) / k
-        X0, Y0 = math.floor(x0), math.floor(y0)
-        X1, Y1 = min(math.ceil(x1), img.width), min(math.ceil(y1), img.height)
-        img = _rgb(img.crop((X0, Y0, X1, Y1)))
-        img = img.resize((size, size), Image.BICUBIC, box=(x0 - X0, y0 - Y0, x1 - X0, y1 - Y0))
-        return _hwc_tensor(img).permute(2, 0, 1)
+        return resample_fast(np.asarray(_rgb(img)), box, k, size)
     crop = _hwc_tensor(_rgb(img.crop((left, top, left + w, top + h)))).permute(2, 0, 1)
     return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def resample_fast(pixels: np.ndarray, box: tuple[int, int, int, int], k: int, size: int) -> torch.Tensor:
+    """The fast path's resampling of ``box`` (in full-scale pixels) from uint8 (H', W', 3) RGB
+    decoded at 1/k. Returns uint8 (3, size, size), possibly a strided view."""
+    top, left, h, w = box
+    if k == 1:
+        crop = _hwc_tensor(pixels[top:top + h, left:left + w]).permute(2, 0, 1)
+        return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+    # a reduced pixel i covers original pixels [i*k, (i+1)*k): the box in reduced pixels is
+    # fractional; crop its integer hull and let Pillow resample the exact fractional box
+    x0, y0, x1, y1 = left / k, top / k, (left + w) / k, (top + h) / k
+    X0, Y0 = math.floor(x0), math.floor(y0)
+    X1, Y1 = min(math.ceil(x1), pixels.shape[1]), min(math.ceil(y1), pixels.shape[0])
+    img = _pil().fromarray(np.ascontiguousarray(pixels[Y0:Y1, X0:X1]))
+    img = img.resize((size, size), _pil().BICUBIC, box=(x0 - X0, y0 - Y0, x1 - X0, y1 - Y0))
+    return _hwc_tensor(img).permute(2, 0, 1)
 
 
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +258,23 @@ class PretrainTransform:
         """PIL image (decoded or only opened) -> uint8 (3, S, S) crop, maybe a strided view."""
         box = self.draw_box(img.width, img.height, rng)
         return (crop_exact if self.decode == "exact" else crop_fast)(img, box, self.size)
+
+    def crop_encoded(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
+        """A file's bytes -> `crop`'s result (the same draws and pixels): a JPEG `jpeg_header`
+        takes is decoded by ``simplejpeg`` (at the fast path's scale), anything else by Pillow. A
+        file neither can read raises (the datasets count it as bad)."""
+        header = jpeg_header(data)
+        if header is None:
+            with _pil().open(io.BytesIO(data)) as img:
+                return self.crop(img, rng)
+        box = self.draw_box(*header, rng)
+        exact = self.decode == "exact"
+        k = 1 if exact else draft_factor(box[3], box[2], self.size)
+        pixels = decode_jpeg(data, *header, k)
+        if pixels is None:  # damaged: Pillow's verdict and pixels, for the same box
+            with _pil().open(io.BytesIO(data)) as img:
+                return (crop_exact if exact else crop_fast)(img, box, self.size)
+        return crop_exact(pixels, box, self.size) if exact else resample_fast(pixels, box, k, self.size)
 
     def flip(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """uint8 (3, S, S) crop -> uint8 (3, S, S) contiguous, flipped with probability hflip."""

@@ -57,12 +57,9 @@ class _PretrainDataset(Dataset):
     def load(self, index: int):  # -> PIL RGB image, decoded
         raise NotImplementedError
 
-    def open(self, index: int):
-        """The image to crop, possibly not decoded yet (so the fast path decodes only what it needs)."""
-        return self.load(index)
-
     def encoded(self, index: int) -> bytes | None:
-        """The file's bytes (what the GPU decodes), or None when the images are not files."""
+        """The file's bytes (decoded inside the crop, on the CPU or the GPU), or None when the images
+        are not files (then `load` gives them)."""
         return None
 
     def name(self, index: int) -> str:
@@ -74,8 +71,12 @@ class _PretrainDataset(Dataset):
         try:  # the box comes from the header; the pixels are decoded inside the crop
             if self.device_decode is not None:
                 return self._deferred_item(index, rng)
-            with self.open(index) as img:
-                pixels = self.transform.crop(img, rng)
+            data = self.encoded(index)
+            if data is not None:
+                pixels = self.transform.crop_encoded(data, rng)
+            else:
+                with self.load(index) as img:
+                    pixels = self.transform.crop(img, rng)
         except Exception as exc:  # corrupt / unreadable / vanished: skipped and counted by the loop
             return {"bad": f"{self.name(index)}: {type(exc).__name__}: {exc}"}
         image = self.transform.finish(pixels, rng)
@@ -88,7 +89,7 @@ class _PretrainDataset(Dataset):
         """``decode="gpu"``: the file's bytes and the sample's draws (box, flip, noise: the order of
         ``__getitem__``), or the fast path's uint8 pixels for a file nvJPEG is not given."""
         data = self.encoded(index)
-        with (_pil().open(io.BytesIO(data)) if data is not None else self.open(index)) as img:
+        with (_pil().open(io.BytesIO(data)) if data is not None else self.load(index)) as img:
             if data is not None and gpu_decodable(img, data):
                 box = self.transform.draw_box(img.width, img.height, rng)
                 flip = self.transform.draw_flip(rng)
@@ -130,9 +131,6 @@ class ImageFolderDataset(_PretrainDataset):
             img = Image.open(f)
             img.load()  # decode now so truncated files fail here
         return img.convert("RGB")
-
-    def open(self, index: int):
-        return _pil().open(self.files[index])  # reads the header only
 
     def encoded(self, index: int) -> bytes:
         with open(self.files[index], "rb") as f:
