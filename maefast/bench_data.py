@@ -209,14 +209,7 @@ def official_crop_params(width: int, height: int, scale=SCALE, ratio=RATIO) -> t
             top = int(torch.randint(0, height - h + 1, size=(1,)).item())
             left = int(torch.randint(0, width - w + 1, size=(1,)).item())
             return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return augment.central_crop_params(width, height, ratio)
 
 
 class OfficialPipeline:

@@ -15,8 +15,10 @@ What a patched model promises (tests/test_patching.py):
   transformers: output_hidden_states / output_attentions, attention_mask / head_mask,
   interpolate_pos_encoding, attention dropout in training, an argument the fast path does not know),
   or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
-  torch's generator in the original's order), gradient_checkpointing_enable() (maefast's per-block
-  checkpointing); maefast's `seed=` (the slow path turns it into the equivalent noise).
+  torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
+  activation_checkpointing_enable(every_n_layers, offload) (maefast's blocks checkpointed where the
+  original's layers are, through each layer's own checkpoint function); maefast's `seed=` (the slow
+  path turns it into the equivalent noise).
 - Methods of the user's that the fast path would replace are never dropped (maefast.models.routing):
   refused with a TypeError naming them, or, for forward_loss / patchify, the loss runs through the
   model's own forward_loss. A copy of the official file with another random_masking or forward_loss
@@ -265,11 +267,16 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
         b = torch.cat([q.bias, k.bias, v.bias], 0) if q.bias is not None else None
         return w, b
 
-    ckpt = (getattr(layer, "gradient_checkpointing", False) or stack_checkpointing) and layer.training
+    # a layer with its own flag (transformers' GradientCheckpointingLayer, late 4.x and 5.x) obeys it
+    # alone: 5.x's activation_checkpointing_enable(every_n_layers=n) sets every n-th; older layers
+    # follow their stack's flag. Checkpointing goes through the layer's own function when it has one
+    # (offload=True wraps it in save_on_cpu; the user's checkpoint kwargs ride along).
+    ckpt = getattr(layer, "gradient_checkpointing", stack_checkpointing) and layer.training
+    ckpt_fn = getattr(layer, "_gradient_checkpointing_func", None) if ckpt else None
     head_dim = q.out_features // num_heads
     return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=head_dim ** -0.5, proj=o,
                      norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2, drop_attn=drop_attn, drop_mlp=drop_mlp,
-                     checkpoint=bool(ckpt)), _hf_attention_dropout(att)
+                     checkpoint=bool(ckpt), checkpoint_fn=ckpt_fn), _hf_attention_dropout(att)
 
 
 class _Fn(nn.Module):

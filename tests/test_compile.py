@@ -58,8 +58,8 @@ def _transformers(impl, fused, ckpt):
     from maefast.convert import to_transformers_model
 
     model = to_transformers_model(ReferenceMAE(**TINY, norm_pix_loss=True), mask_ratio=0.75)
-    if ckpt:
-        model.gradient_checkpointing_enable()
+    if ckpt:  # 5.25+ renamed it; the old name warns
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return maefast.patch(model, impl, fused=fused)
 
 

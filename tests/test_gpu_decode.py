@@ -20,7 +20,7 @@ from maefast.train import gpu_decode
 from maefast.train.augment import draft_factor, normalize_uint8
 from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
 from maefast.train.feed import DeviceFeed
-from test_data import _box_and_flip, _jpeg_folder, _photo
+from test_data import _box_and_flip, _jpeg_folder, _photo, resumed_equals_straight
 
 S = 32
 CPU = torch.device("cpu")
@@ -257,19 +257,7 @@ def test_synthetic_images_take_the_fast_path(calls):
 
 
 def test_train_resumes_bit_exactly_with_gpu_decode(tmp_path, calls):
-    from maefast.train import TrainConfig, load_checkpoint, train
-
-    data = _jpeg_folder(tmp_path / "data", sizes=[(140 + 13 * i, 100 + 7 * i) for i in range(12)])
-    cfg = TrainConfig(model="mae_vit_tiny_test", data=data, batch_size=3, epochs=1, lr=1e-3, progress=False,
-                      workers=0, device="cpu", plot=False, export=False, decode="gpu")
-    train(cfg, output_dir=str(tmp_path / "straight"))
-    train(cfg, output_dir=str(tmp_path / "split"), max_steps=2)
-    train(cfg, output_dir=str(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint-last.pth"))
-    a = load_checkpoint(str(tmp_path / "straight" / "checkpoint-last.pth"))
-    b = load_checkpoint(str(tmp_path / "split" / "checkpoint-last.pth"))
-    assert a["step"] == b["step"] == 4 and a["config"]["decode"] == "gpu"
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    resumed_equals_straight(tmp_path, "gpu")
     assert calls and max(calls) == 3  # batches went through the batched decode
 
 

@@ -270,3 +270,49 @@ def test_gpu_transformers_hidden_dropout_equals_plain():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert _close(o1.loss, o0.loss, rel=1e-5), (o1.loss.item(), o0.loss.item())
     _assert_grads_equal(g1, g0, rel=1e-4)
+
+
+def _spy_checkpoint_funcs(model) -> dict:
+    """Wrap each layer's checkpoint function (set by transformers when checkpointing is enabled) with a
+    call counter; returns {layer name: [calls]}."""
+    calls = {}
+    for name, m in model.named_modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if fn is not None and name.split(".")[-2:-1] and name.split(".")[-1].isdigit():
+            calls[name] = [0]
+
+            def spy(*a, _fn=fn, _c=calls[name], **k):
+                _c[0] += 1
+                return _fn(*a, **k)
+
+            m._gradient_checkpointing_func = spy
+    return calls
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_transformers_activation_checkpointing_every_n_layers(every):
+    """5.x's activation_checkpointing_enable(every_n_layers=n): the fast path checkpoints the layers the
+    original does, through each layer's own checkpoint function (so offload=True, which wraps that
+    function in save_on_cpu, is honoured too: it needs a pinned-memory allocator, not here)."""
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)  # 2 + 2 layers: with n = 2 a decoder layer is left out too
+    plain = to_transformers_model(ReferenceMAE(**{**TINY, "decoder_depth": 2}, norm_pix_loss=True), mask_ratio=0.75)
+    patched = maefast.patch(copy.deepcopy(plain))
+    if not hasattr(patched, "activation_checkpointing_enable"):
+        pytest.skip("this transformers has no activation_checkpointing_enable(every_n_layers=...)")
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    runs = {}
+    for name, model in (("plain", plain), ("patched", patched)):
+        model.train()
+        model.activation_checkpointing_enable(every_n_layers=every)
+        calls = _spy_checkpoint_funcs(model)
+        with _no_slow_warning() if name == "patched" else warnings.catch_warnings():
+            out, grads = _run_hf(model, imgs, noise)
+        runs[name] = out, grads, {k: c[0] for k, c in calls.items()}
+    (o0, g0, c0), (o1, g1, c1) = runs["plain"], runs["patched"]
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0, rel=1e-6)
+    assert c1 == c0, (c0, c1)  # the same layers, once each, through their own function
+    called = [k for k, v in c0.items() if v]
+    assert len(c0) >= 4 and (len(called) == len(c0) if every == 1 else 0 < len(called) < len(c0)), c0

@@ -54,6 +54,8 @@ class BlockView:
     drop_attn: float = 0.0
     drop_mlp: float = 0.0
     checkpoint: bool = False  # checkpoint this block whatever grad_checkpointing says (transformers' flag)
+    # what checkpoints it (transformers' per-layer function: torch's checkpoint, maybe offloading); None: torch's
+    checkpoint_fn: Optional[Callable] = None
 
     @property
     def exact_gelu(self) -> bool:
@@ -152,8 +154,8 @@ def _run_blocks(blocks, x, impl, fused, grad_checkpointing):
             # without dropout the block draws no random numbers: no RNG state to save, which also keeps
             # the step capturable in a CUDA graph on torch builds that cannot read the RNG state there;
             # with dropout the recompute must draw the forward's masks again
-            x = checkpoint(_block_call, bv, x, impl, fused, use_reentrant=False,
-                           preserve_rng_state=bool(bv.drop_attn or bv.drop_mlp))
+            x = (bv.checkpoint_fn or checkpoint)(_block_call, bv, x, impl, fused, use_reentrant=False,
+                                                 preserve_rng_state=bool(bv.drop_attn or bv.drop_mlp))
         else:
             x = _block_call(bv, x, impl, fused)
     return x

@@ -79,6 +79,11 @@ def random_resized_crop_params(width: int, height: int, rng: np.random.Generator
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
+    return central_crop_params(width, height, ratio)
+
+
+def central_crop_params(width: int, height: int, ratio=RATIO) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback after 10 misses: the central crop clamped to the ratio range."""
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
