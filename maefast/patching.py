@@ -270,7 +270,8 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
     # a layer with its own flag (transformers' GradientCheckpointingLayer, late 4.x and 5.x) obeys it
     # alone: 5.x's activation_checkpointing_enable(every_n_layers=n) sets every n-th; older layers
     # follow their stack's flag. Checkpointing goes through the layer's own function when it has one
-    # (offload=True wraps it in save_on_cpu; the user's checkpoint kwargs ride along).
+    # (offload=True wraps it in save_on_cpu; the user's checkpoint kwargs ride along, except
+    # use_reentrant and preserve_rng_state, which maefast's blocks set: fast.py's _run_blocks).
     ckpt = getattr(layer, "gradient_checkpointing", stack_checkpointing) and layer.training
     ckpt_fn = getattr(layer, "_gradient_checkpointing_func", None) if ckpt else None
     head_dim = q.out_features // num_heads

@@ -12,7 +12,10 @@ export PYTHONUNBUFFERED=1
 # wheels the machine lacks travel in .whl/ (git-ignored; run with carry [".whl"]), e.g. simplejpeg, the CPU
 # data paths' JPEG reader (without it the data preset measures Pillow's reader, same pixels, slower)
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install --quiet --no-index --no-deps --target .whl/site .whl/*.whl &&
+  if python3 -m pip install --quiet --no-index --no-deps --target .whl/site .whl/*.whl; then
     export PYTHONPATH="$PWD/.whl/site:$PYTHONPATH"
+  else
+    echo "gpu_check: the wheels in .whl/ did not install (another python?); going on without them" >&2
+  fi
 fi
 exec python3 scripts/gpu_check.py --out "${OUT:-$PWD/out/gpu_check}" "$@"

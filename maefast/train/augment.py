@@ -1,8 +1,9 @@
 """The paper's augmentation: RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + horizontal flip
 + ImageNet normalisation, with two ways to get the crop's pixels (``decode=``):
 
-- ``"exact"``: the official pipeline's pixels, bit for bit: Pillow decodes the whole image, crops
-  and resizes with its bicubic filter (torchvision's ``RandomResizedCrop`` on a PIL image).
+- ``"exact"``: the official pipeline's pixels, bit for bit: the whole image decoded (Pillow's
+  pixels), cropped and resized with Pillow's bicubic filter (torchvision's ``RandomResizedCrop`` on a
+  PIL image).
 - ``"fast"``: the crop box is drawn first, from the size in the file's header (the same box the
   exact path draws for the same generator); a JPEG whose crop spans at least k x ``size`` pixels
   on both sides (k = 8, 4 or 2) is decoded at 1/k in the DCT domain (libjpeg-turbo's scaled IDCT)
@@ -15,12 +16,14 @@
   bicubic, in float32) and flipped there (`maefast.train.gpu_decode`). Anything nvJPEG cannot take
   gets the fast path's pixels on the CPU.
 
-Decoding, on both CPU paths: a file's bytes (`PretrainTransform.crop_encoded`) holding a YCbCr or
-grey JPEG are decoded by libjpeg-turbo through ``simplejpeg`` (a dependency; ~30% faster than
-Pillow's reader, as it hands numpy the pixels without Pillow's chunked reads and image copies), with
-the decoder settings Pillow uses, so the pixels are Pillow's bit for bit at every scale (the tests
-check it); any other file, a JPEG libjpeg reports damage in, or a machine without ``simplejpeg``
-goes through Pillow (``Image.draft`` for the scaled decode), with the same box and the same pixels.
+Decoding, on both CPU paths: Pillow opens a file's bytes (`PretrainTransform.crop_encoded`: its
+verdict on the header and its size, as before); a YCbCr or grey JPEG is then decoded by
+libjpeg-turbo through ``simplejpeg`` (a dependency; ~30% faster than Pillow's reader, as it hands
+numpy the pixels without Pillow's chunked reads and image copies), with the decoder settings Pillow
+uses, so the pixels are Pillow's bit for bit at every scale (the tests check it, and each process
+checks it once on a small JPEG before trusting it: `_readers_agree`). Any other file, a JPEG
+libjpeg reports damage in, or a machine without ``simplejpeg`` (or with a Pillow not built on
+libjpeg-turbo) goes through Pillow (``Image.draft`` for the scaled decode): the same box and pixels.
 
 The CPU paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
 GPU: the model normalises), ``torch.float32`` normalises it on the CPU with torchvision's
@@ -115,23 +118,53 @@ def _rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def jpeg_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a file `decode_jpeg` takes: a YCbCr or grey JPEG within Pillow's pixel
-    limit, with ``simplejpeg`` installed. None for anything else (Pillow's to decode)."""
-    if simplejpeg is None or data[:3] != b"\xff\xd8\xff":
-        return None
+def _readers_agree() -> bool:
+    """Whether simplejpeg decodes as this Pillow does: Pillow built on libjpeg-turbo, and a small
+    4:2:0 JPEG with a hard chroma edge decoded alike at 1/1, 1/2, 1/4 and 1/8 (checked once per
+    process; another libjpeg under Pillow, e.g. IJG's, rounds otherwise and keeps Pillow's reader)."""
+    global _AGREE
+    if _AGREE is None:
+        from PIL import features
+
+        _AGREE = False
+        if simplejpeg is not None and features.check_feature("libjpeg_turbo"):
+            Image = _pil()
+            yy, xx = np.mgrid[0:67, 0:93]
+            a = np.stack([xx * 2, yy * 3, (xx * yy) % 256], -1).astype(np.uint8)
+            a[20:40, 30:60] = (250, 10, 120)
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
+            agree = True
+            for k in (1, 2, 4, 8):
+                with Image.open(io.BytesIO(data)) as img:
+                    if k > 1:
+                        img.draft("RGB", (img.width // k, img.height // k))
+                    want = np.asarray(img.convert("RGB"))
+                got = decode_jpeg(data, 93, 67, k)
+                agree = agree and got is not None and np.array_equal(got, want)
+            _AGREE = agree
+    return _AGREE
+
+
+_AGREE = None
+
+
+def simplejpeg_takes(img, data: bytes) -> bool:
+    """Whether `decode_jpeg` decodes this file (Pillow opened ``img`` from ``data``, not decoded yet):
+    a YCbCr or grey JPEG (Pillow's RGB or L), with ``simplejpeg`` installed and decoding as Pillow
+    does (`_readers_agree`). Anything else is Pillow's to decode."""
+    if simplejpeg is None or img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
+        return False
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
     except ValueError:
-        return None
-    limit = _pil().MAX_IMAGE_PIXELS  # Pillow warns or refuses above it: let it
-    if colorspace not in ("YCbCr", "Gray") or (limit is not None and width * height > limit):
-        return None
-    return width, height
+        return False
+    return colorspace in ("YCbCr", "Gray") and _readers_agree()
 
 
 def decode_jpeg(data: bytes, width: int, height: int, k: int = 1) -> np.ndarray | None:
-    """uint8 (ceil(H/k), ceil(W/k), 3) RGB of a `jpeg_header` file, decoded at 1/k: libjpeg-turbo's
+    """uint8 (ceil(H/k), ceil(W/k), 3) RGB of a `simplejpeg_takes` file, decoded at 1/k: libjpeg-turbo's
     accurate integer IDCT and smooth chroma upsampling, as Pillow decodes (and ``Image.draft``
     scales). None when libjpeg reports damage (a truncated file, stray bytes): Pillow then decides,
     refusing or accepting the file as it always did."""
@@ -265,19 +298,23 @@ class PretrainTransform:
         return (crop_exact if self.decode == "exact" else crop_fast)(img, box, self.size)
 
     def crop_encoded(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
-        """A file's bytes -> `crop`'s result (the same draws and pixels): a JPEG `jpeg_header`
-        takes is decoded by ``simplejpeg`` (at the fast path's scale), anything else by Pillow. A
-        file neither can read raises (the datasets count it as bad)."""
-        header = jpeg_header(data)
-        if header is None:
-            with _pil().open(io.BytesIO(data)) as img:
+        """A file's bytes -> `crop`'s result (the same draws and pixels). Pillow opens the file (its
+        verdict on the header, its size, its pixel-count limit); a JPEG `simplejpeg_takes` is then
+        decoded by simplejpeg (at the fast path's scale), anything else, or a JPEG libjpeg reports
+        damage in, by Pillow. A file Pillow cannot read raises (the datasets count it as bad)."""
+        Image = _pil()
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError:  # Pillow would name the BytesIO object
+            raise Image.UnidentifiedImageError("cannot identify image file") from None
+        with img:
+            if not simplejpeg_takes(img, data):
                 return self.crop(img, rng)
-        box = self.draw_box(*header, rng)
-        exact = self.decode == "exact"
-        k = 1 if exact else draft_factor(box[3], box[2], self.size)
-        pixels = decode_jpeg(data, *header, k)
-        if pixels is None:  # damaged: Pillow's verdict and pixels, for the same box
-            with _pil().open(io.BytesIO(data)) as img:
+            box = self.draw_box(img.width, img.height, rng)
+            exact = self.decode == "exact"
+            k = 1 if exact else draft_factor(box[3], box[2], self.size)
+            pixels = decode_jpeg(data, img.width, img.height, k)
+            if pixels is None:  # damaged: Pillow's verdict and pixels, for the same box
                 return (crop_exact if exact else crop_fast)(img, box, self.size)
         return crop_exact(pixels, box, self.size) if exact else resample_fast(pixels, box, k, self.size)
 
