@@ -51,6 +51,21 @@ def _no_space(path: str, exc: BaseException) -> RunError | None:
                     f"(if any) is intact in {os.path.dirname(os.path.abspath(path))}")
 
 
+def _discard_and_reraise(tmp: str, path: str, exc: BaseException):
+    """A write to ``tmp`` (meant for ``path``) failed: remove what it left, then re-raise, as a one-line
+    RunError when the disk is full."""
+    import shutil
+
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+        os.unlink(tmp)
+    full = _no_space(path, exc) if isinstance(exc, Exception) else None
+    if full is not None:
+        raise full from exc
+    raise exc
+
+
 def _atomic_write(path: str, write) -> None:
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -66,12 +81,7 @@ def _atomic_write(path: str, write) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        full = _no_space(path, exc) if isinstance(exc, Exception) else None
-        if full is not None:
-            raise full from exc
-        raise
+        _discard_and_reraise(tmp, path, exc)
     _fsync_dir(folder)
 
 
@@ -104,14 +114,7 @@ def link_or_copy(src: str, dst: str) -> None:
             _link_or_copy_file(src, tmp)
         os.replace(tmp, dst)
     except BaseException as exc:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
-        full = _no_space(dst, exc) if isinstance(exc, Exception) else None
-        if full is not None:
-            raise full from exc
-        raise
+        _discard_and_reraise(tmp, dst, exc)
     _fsync_dir(folder)
 
 
