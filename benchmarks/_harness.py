@@ -88,12 +88,8 @@ def update_ratios() -> None:
         b = base.get((r["group"], r["shape_key"]))
         if b is not None and r.get("time_ms"):
             r["baseline_provider"] = b["provider"]
-            r["speedup_vs_baseline"] = b["time_ms"] / r["time_ms"]
+            r["speedup_vs_baseline"] = timing.speedup(b, r)  # like with like
             if bool(b.get("cuda_graph")) != bool(r.get("cuda_graph")):
-                # one of the two could not be captured: compare like with like (both eager) or not at all
-                theirs = b.get("eager_time_ms") or (b["time_ms"] if not b.get("cuda_graph") else None)
-                mine = r.get("eager_time_ms") or (r["time_ms"] if not r.get("cuda_graph") else None)
-                r["speedup_vs_baseline"] = theirs / mine if theirs and mine else None
                 r["speedup_timing"] = "eager (one side could not be captured)"
             if b.get("eager_time_ms") and r.get("eager_time_ms"):
                 r["eager_speedup_vs_baseline"] = b["eager_time_ms"] / r["eager_time_ms"]

@@ -217,6 +217,24 @@ def throughput(time_ms: float, flops: float | None = None, bytes_moved: float | 
     return out
 
 
+def speedup(base: dict, row: dict) -> float | None:
+    """``base``'s time / ``row``'s of two benchmark records, like with like: as timed when both are
+    CUDA-graph replays or both eager; when only one could be captured, the two eager times (None when
+    either has none)."""
+    if bool(base.get("cuda_graph")) == bool(row.get("cuda_graph")):
+        return base["time_ms"] / row["time_ms"] if base.get("time_ms") and row.get("time_ms") else None
+    theirs = base.get("eager_time_ms") or (base.get("time_ms") if not base.get("cuda_graph") else None)
+    mine = row.get("eager_time_ms") or (row.get("time_ms") if not row.get("cuda_graph") else None)
+    return theirs / mine if theirs and mine else None
+
+
+def best_rival(rivals: list[dict], row: dict) -> tuple[dict, float] | None:
+    """The rival record ``row`` compares worst against (`speedup`, like with like), and that speedup."""
+    pairs = [(o, speedup(o, row)) for o in rivals]
+    pairs = [(o, x) for o, x in pairs if x is not None]
+    return min(pairs, key=lambda p: p[1]) if pairs else None
+
+
 def ridge_point(peak: dict) -> float:
     """FLOP/byte at which the measured roofline turns from memory- to compute-bound."""
     return peak["matmul_tflops"] * 1e12 / (peak["copy_gbps"] * 1e9)

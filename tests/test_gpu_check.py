@@ -137,6 +137,20 @@ def test_attention_targets_take_the_best_sdpa_backend():
     assert any(ln.startswith("  NO ") and "fwd / triton_vs_best_sdpa" in ln for ln in lines)
 
 
+def test_attention_targets_compare_like_with_like():
+    """A backend that could not be captured is timed eagerly (with Python dispatch): it is set against
+    triton's eager time, not its graph replay."""
+    s = dict(N=256, L=50, H=16, Dh=64)
+    rows = [_row("attention-fwdbwd", "triton", 0.2, s, cuda_graph=True, eager_time_ms=0.4),
+            _row("attention-fwdbwd", "sdpa-flash", 0.5, s, cuda_graph=True, eager_time_ms=0.7),
+            _row("attention-fwdbwd", "sdpa-cudnn", 0.45, s, cuda_graph=False)]  # capture failed: eager time
+    t = rec.attention_targets(rows)["L50 Dh64 H16 N256"]["fwdbwd"]
+    assert t["best_sdpa"] == "sdpa-cudnn" and t["triton_vs_best_sdpa"]["value"] == pytest.approx(0.45 / 0.4)
+    rows[2]["cuda_graph"] = True  # all captured: the replay times
+    t = rec.attention_targets(rows)["L50 Dh64 H16 N256"]["fwdbwd"]
+    assert t["best_sdpa"] == "sdpa-cudnn" and t["triton_vs_best_sdpa"]["value"] == pytest.approx(0.45 / 0.2)
+
+
 def test_sweep_winners_and_the_rows_file_of_a_cpu_sweep(tmp_path):
     """The conftest appends each finished case to MAEFAST_BENCH_ROWS; sweep_winners reads a sweep
     from those rows (CPU: the interpreter's tiny sweep at L 50; its times mean nothing)."""
