@@ -152,3 +152,28 @@ def test_loss_curve_shows_the_step_line_on_short_runs(tmp_path):
     arr = np.asarray(Image.open(plot_loss_curve(str(tmp_path))).convert("RGB")).astype(int)
     blue = (abs(arr[..., 0] - 31) < 30) & (abs(arr[..., 1] - 119) < 30) & (abs(arr[..., 2] - 180) < 30)
     assert blue[:, : int(0.6 * arr.shape[1])].sum() > 100  # the line itself, left of the legend
+
+
+def test_a_full_disk_while_plotting_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The loss curve is written like a checkpoint: a full disk there ends the run with one line
+    (exit 2), no temporary left, the run's checkpoint intact."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from maefast.cli import main
+
+    def full(self, f, **kw):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "mae_vit_tiny_test", "--synthetic-size", "6", "--batch-size", "3", "--epochs", "1",
+               "--device", "cpu", "--workers", "0", "--no-progress", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    said = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(said) == 1 and "no space left" in said[0] and "loss_curve.png not written" in said[0], err
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+    assert (out / "checkpoint-last.pth").is_file() and not (out / "loss_curve.png").exists()

@@ -419,8 +419,8 @@ class _Trainer:
             if info.is_main and cfg.plot:
                 from .plot import plot_loss_curve
 
-                plot_loss_curve(cfg.output_dir, title=f"maefast train: {cfg.model} {cfg.input_size}px, "
-                                                      f"global batch {G}")
+                self._rank0(plot_loss_curve, cfg.output_dir,
+                            title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {G}")
             if reason is not None:
                 if bar is not None:
                     bar.close()
@@ -446,8 +446,13 @@ class _Trainer:
 
     def _write(self, log: JsonlLog, record: dict) -> None:
         """Rank 0 writes a log line; a failure (a full disk) stops every rank at the next agreement."""
+        self._rank0(log.write, record)
+
+    def _rank0(self, write, *args, **kwargs) -> None:
+        """A write only rank 0 makes: its RunError (a full disk) stops every rank at the next agreement
+        (at once when there is one process)."""
         try:
-            log.write(record)
+            write(*args, **kwargs)
         except RunError as exc:
             if not self.info.distributed:
                 raise

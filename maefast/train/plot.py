@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from .checkpoint import _atomic_write
 from .rundir import read_jsonl
 
 __all__ = ["plot_loss_curve", "read_jsonl"]
@@ -13,7 +14,8 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
 
     The per-step line is drawn last, above the epoch means, with a marker on every reading: on a
     short run its few points fall on the epoch points, and it must stay visible there.
-    Returns the PNG path, or None when there is nothing to plot yet.
+    Returns the PNG path, or None when there is nothing to plot yet. Written atomically; a full disk
+    raises RunError.
     """
     steps = read_jsonl(os.path.join(output_dir, "steps.jsonl"))
     epochs = [r for r in read_jsonl(os.path.join(output_dir, "log.jsonl")) if "train_loss" in r]
@@ -40,8 +42,8 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
         ax.set_title(title)
     fig.tight_layout()
     out = out or os.path.join(output_dir, "loss_curve.png")
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:  # a full disk: RunError, one line, no temporary left
+        _atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return out
