@@ -38,7 +38,7 @@ import torch.nn as nn
 from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
                           official_view)
 from .models.routing import (SlowPathWarning, _layout_root, class_overrides, dropout_modules, instance_overrides,
-                             official_call, refuse, seed_noise, warn_slow)
+                             image_grad_reason, official_call, original_inputs, refuse, warn_slow)
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -336,9 +336,7 @@ def _hf_slow_reason(model, pixel_values, args, kwargs) -> str | None:
         v = kwargs.get(k)
         if v if v is not None else getattr(model.config, k, False):
             return f"{k}=True (the fast path computes neither hidden states nor attention probabilities)"
-    if torch.is_grad_enabled() and isinstance(pixel_values, torch.Tensor) and pixel_values.requires_grad:
-        return "pixel_values requires a gradient (the fast path reads the images as constants)"
-    return None
+    return image_grad_reason(pixel_values, "pixel_values")
 
 
 class _TransformersForward:
@@ -357,11 +355,8 @@ class _TransformersForward:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
         if why is not None:
             warn_slow(m, why, stacklevel=5)
-            if seed is not None:
-                if noise is not None:
-                    raise ValueError("pass either noise or seed, not both")
-                noise = seed_noise(seed, pixel_values.shape[0], m.vit.embeddings.position_embeddings.shape[1] - 1,
-                                   pixel_values.device)
+            pixel_values, noise = original_inputs(pixel_values, noise, seed,
+                                                  m.vit.embeddings.position_embeddings.shape[1] - 1)
             return type(m).forward(m, pixel_values, noise, *args, **kwargs)
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")

@@ -207,6 +207,22 @@ def test_transformers_attention_dropout_in_train_runs_the_original():
         patched(pixel_values=imgs, noise=noise)
 
 
+def test_transformers_uint8_images_on_the_slow_path_are_normalised_first():
+    """uint8 pixel_values (served fast, normalised in the kernels) reach the original forward of a
+    slow-path call normalised, as the fast path reads them (ImageNet's mean and std)."""
+    from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    plain, patched = _hf_pair(attention_probs_dropout_prob=0.25)
+    plain.train()
+    patched.train()
+    u8, noise = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, normalize(u8, IMAGENET_MEAN, IMAGENET_STD), noise, seed=3)
+    with pytest.warns(_slow_warning(), match="attention dropout"):
+        o1, g1 = _run_hf(patched, u8, noise, seed=3)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
 def _saved_tensors(model, imgs, noise):
     count = [0]
 

@@ -47,9 +47,9 @@ def warn_slow(model: nn.Module, why: str, stacklevel: int = 7) -> None:
                   f"(slower, same result): {why}. Warned once per reason.", SlowPathWarning, stacklevel=stacklevel)
 
 
-def image_grad_reason(imgs) -> str | None:
+def image_grad_reason(imgs, name: str = "imgs") -> str | None:
     if torch.is_grad_enabled() and isinstance(imgs, torch.Tensor) and imgs.requires_grad:
-        return "imgs requires a gradient (the fast path reads the images as constants)"
+        return f"{name} requires a gradient (the fast path reads the images as constants)"
     return None
 
 
@@ -128,15 +128,27 @@ def seed_noise(seed, batch: int, num_patches: int, device) -> torch.Tensor:
     return philox_noise(batch, num_patches, seed, 0, device=device)
 
 
-def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_ratio, noise, seed, return_pred: bool,
-                 takes_noise: bool):
-    """The official-layout forward original(imgs, mask_ratio[, noise]) for a call the fast path cannot
-    serve; a `seed` becomes the noise that gives the fast path's mask."""
-    warn_slow(model, why)
+def original_inputs(imgs, noise, seed, num_patches: int, mean=None, std=None):
+    """(images, noise) for an original forward serving a call the fast path cannot: uint8 images
+    normalised (with mean/std, default ImageNet's), as the original code takes them, and a `seed`
+    turned into the noise that gives the fast path's mask."""
+    if isinstance(imgs, torch.Tensor):
+        stats = pixel_stats(imgs, mean, std)
+        if stats is not None:
+            imgs = normalize(imgs, *stats)
     if seed is not None:
         if noise is not None:
             raise ValueError("pass either noise or seed, not both")
-        noise = seed_noise(seed, imgs.shape[0], model.pos_embed.shape[1] - 1, imgs.device)
+        noise = seed_noise(seed, imgs.shape[0], num_patches, imgs.device)
+    return imgs, noise
+
+
+def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_ratio, noise, seed, return_pred: bool,
+                 takes_noise: bool, mean=None, std=None):
+    """The official-layout forward original(imgs, mask_ratio[, noise]) for a call the fast path cannot
+    serve (inputs by `original_inputs`)."""
+    warn_slow(model, why)
+    imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
     if noise is None:
         loss, pred, mask = original(imgs, mask_ratio)
     elif takes_noise:
@@ -155,15 +167,12 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     original forward normalised first, as the official code takes them."""
     why = image_grad_reason(imgs) or (dropout_reason(dropouts) if model.training else None)
     if why is not None:
-        stats = pixel_stats(imgs, mean, std)
-        if stats is not None:
-            imgs = normalize(imgs, *stats)
-        return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise)
+        return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,
                                        grad_checkpointing=grad_checkpointing, return_pred=return_pred,
                                        loss_fn=model.forward_loss if loss_via_model else None, mean=mean, std=std)
     return loss, pred, mask
 
 
-__all__ = ["SlowPathWarning", "official_call", "run_original", "class_overrides", "instance_overrides",
+__all__ = ["SlowPathWarning", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
            "dropout_modules", "dropout_reason", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
