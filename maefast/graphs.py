@@ -56,9 +56,10 @@ class CaptureError(RuntimeError):
                          "capturing (capture=False), or remove what failed it (a host sync, a CPU tensor)")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, width: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``width``): an error said in one line."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0][:width]}" if text else type(exc).__name__
 
 
 def _chain(exc: BaseException | None):
@@ -159,18 +160,14 @@ def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmu
         except Exception as e:
             torch.cuda.set_stream(current)
             first = list(_chain(e))[-1]  # the error that invalidated the capture, not capture_end's
-            raise CaptureError(_first_line(first), broken=not allocator_usable()) from e
+            raise CaptureError(first_line(first), broken=not allocator_usable()) from e
     return graph, out
 
 
 def process_broken(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it was raised from) is a `CaptureError` that left this process's
     CUDA allocator unusable: a caller that catches errors per row or per case must stop, not go on."""
-    while exc is not None:
-        if isinstance(exc, CaptureError) and exc.broken:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(x, CaptureError) and x.broken for x in _chain(exc))
 
 
 __all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken"]

@@ -355,7 +355,7 @@ class TrainStep:
             if self._capture is True:
                 self.mask_source = None  # unprepared again: a later call tries again, never steps eagerly
                 raise
-            self.eager_reason = f"capture failed: {graphs._first_line(e)}"
+            self.eager_reason = f"capture failed: {graphs.first_line(e)}"
         return self
 
     def _drop_capture(self) -> None:

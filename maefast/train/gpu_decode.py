@@ -29,6 +29,7 @@ import io
 import torch
 import torch.nn.functional as F
 
+from ..graphs import first_line
 from .augment import crop_fast, normalize_uint8
 
 # `--decode auto` takes gpu (where it is available) only once a record shows it ahead of fast: `maefast
@@ -131,11 +132,6 @@ def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int)
     return F.interpolate(wide, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
-
-
 class DeviceDecode:
     """The device half of ``--decode gpu``: a collated batch's ``deferred`` part -> its images.
 
@@ -200,7 +196,7 @@ class DeviceDecode:
                 out[slots[j]] = (pixels.flip(-1) if flips[j] else pixels).to(device)
             except Exception as exc:  # noqa: BLE001 - corrupt: skipped and counted, as on the other paths
                 keep[slots[j]] = False
-                bad.append(f"{deferred['names'][j]}: {_first_line(exc)}")
+                bad.append(f"{deferred['names'][j]}: {first_line(exc, 160)}")
         if res:  # the last rounding, one pass for the batch
             u8 = torch.stack(res).round_().clamp_(0, 255).to(torch.uint8)
             out.index_copy_(0, torch.tensor(done, dtype=torch.long).to(device), u8)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ..graphs import first_line
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
 from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_config
@@ -34,11 +35,6 @@ __all__ = ["train", "build_model"]
 # The process group's timeout is --dist-timeout + this: the heartbeat (distributed.Heartbeat) fires
 # first and names the rank that stopped answering; the group's timeout is the backstop.
 GROUP_TIMEOUT_MARGIN_S = 30
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig:
@@ -509,7 +505,7 @@ class _Trainer:
             failure = fullgraph_failure(exc) if self.fullgraph else None
             if failure is None:
                 if step.eager_reason is None and not step.captured and self.cfg.cuda_graph == "on":
-                    raise RunError(f"--cuda-graph on: the training step could not be captured ({_first_line(exc)}); "
+                    raise RunError(f"--cuda-graph on: the training step could not be captured ({first_line(exc)}); "
                                    "--cuda-graph auto steps eagerly when it cannot") from exc
                 raise
             self.say(f"--compile: the model does not compile as one graph ({failure}); compiling it with graph breaks")

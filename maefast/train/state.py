@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as dist_lib
-from .checkpoint import SHARDS_SUFFIX, atomic_save, link_or_copy
-from .errors import RunError, mount_point, no_space_cause
+from .checkpoint import SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy
+from .errors import RunError
 
 # How the optimizer of *this* run steps; a checkpoint's values (how that run stepped) are not taken:
 # a checkpoint of an eager run resumed with --cuda-graph must come back capturable, and the other way.
@@ -129,9 +129,9 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
 
 
 def _save_failure(path: str, exc: Exception) -> str:
-    if no_space_cause(exc) is not None:
-        return (f"no space left on {mount_point(path)}: {os.path.basename(path)} not written, the previous one "
-                f"(if any) is intact in {os.path.dirname(os.path.abspath(path))}")
+    full = _no_space(path, exc)
+    if full is not None:
+        return str(full)
     if isinstance(exc, OSError) or "Errno" in str(exc):
         why = str(exc).strip().splitlines()[0][:200]
         return f"{os.path.basename(path)} not written ({why}); the previous one is intact"
