@@ -188,10 +188,10 @@ class StageMarks:
 class BackendLog:
     """Context manager: records which backend ("reference", "triton", "cuda") each maefast op runs on.
 
-    It listens to the ops' own choice: while active, `_resolve` and `choose_impl` in every loaded
-    `maefast.ops` module are wrapped, and the outermost call's result is what the op runs (an op's
-    `_resolve` refines `choose_impl`'s answer, e.g. the attention falls back to the reference for a
-    head dim its kernel lacks). `ran` maps op module (e.g. "attention") -> {backend: calls}. Not
+    It listens to the ops' own choice: while active, each loaded `maefast.ops` module's `_resolve`
+    (or `choose_impl`, in a module without one) is wrapped, and its result is what the op runs (an
+    op's `_resolve` refines `choose_impl`'s answer, e.g. the attention falls back to the reference
+    for a head dim its kernel lacks). `ran` maps op module (e.g. "attention") -> {backend: calls}. Not
     for compiled models (the wrappers would be traced).
     """
 
@@ -225,11 +225,13 @@ class BackendLog:
         for name, mod in list(sys.modules.items()):
             if not name.startswith("maefast.ops.") or name.rsplit(".", 1)[1].startswith("_") or mod is None:
                 continue
-            for attr in ("_resolve", "choose_impl"):
-                fn = getattr(mod, attr, None)
-                if callable(fn):
-                    self._saved.append((mod, attr, fn))
-                    setattr(mod, attr, self._wrap(name.rsplit(".", 1)[1], fn))
+            # an op's _resolve is its last word where it has one (its own choose_impl calls, e.g. a
+            # check of an explicit impl before _resolve runs, would count a backend that never ran)
+            attr = "_resolve" if callable(getattr(mod, "_resolve", None)) else "choose_impl"
+            fn = getattr(mod, attr, None)
+            if callable(fn):
+                self._saved.append((mod, attr, fn))
+                setattr(mod, attr, self._wrap(name.rsplit(".", 1)[1], fn))
         return self
 
     def __exit__(self, *exc):

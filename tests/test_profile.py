@@ -162,6 +162,7 @@ def test_backend_log_records_what_the_ops_chose():
         model(torch.randn(2, 3, 32, 32))[0].backward()
     assert set(log.ran) >= {"masking", "patch_embed", "attention", "unshuffle", "loss"}, log.ran
     assert all(set(c) == {"reference"} for c in log.ran.values()), log.ran  # auto on CPU tensors
+    assert log.ran["masking"] == {"reference": 1}, log.ran  # one masking, counted once (not its checks)
     import maefast.ops.attention as att
 
     assert not hasattr(att._resolve, "__wrapped__")  # restored
