@@ -13,17 +13,19 @@ import triton
 
 
 def compile_for(kernel, signature: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4,
-                num_stages: int = 1, attrs: dict | None = None):
+                num_stages: int = 1, attrs: dict | None = None, options: dict | None = None):
     """triton.compile of `kernel` (a JITFunction) for sm_`arch`: signature maps every argument name to
     its type ("*bf16", "i32", "fp32", "constexpr"), constexprs the constexpr ones to their values,
-    attrs argument positions to their specialisation (e.g. {(3,): [["tt.divisibility", 16]]})."""
+    attrs argument positions to their specialisation (e.g. {(3,): [["tt.divisibility", 16]]}),
+    options further compile options of the launch (e.g. enable_fp_fusion)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
-                                                                                 num_stages=num_stages))
+                                                                                 num_stages=num_stages,
+                                                                                 **(options or {})))
 
 
 def resource_usage(compiled) -> tuple[int | None, int | None]:

@@ -26,6 +26,11 @@ import triton.language as tl
 
 from ._pixels import affine_args, normalize_pixels
 
+# no fma contraction: a uint8 pixel's normalised value is rounded as such before pred - target uses it
+# (the target of a float image normalised first, as csrc/pixels.cuh's __fmul_rn keeps it), and the
+# squared residuals are rounded before they are summed, as the reference's ops do
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 NORM_PIX_EPS = 1e-6
 
 
@@ -197,7 +202,7 @@ def norm_pix_loss_fwd(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tens
         pred, imgs, wt, it, part, res if res is not None else part, *args, NORM_PIX_EPS, *affine_args(affine),
         PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None,
         NORMALIZE=imgs.dtype == torch.uint8, GRAD=res is not None,
-        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps, **LAUNCH_OPTIONS)
     return part.sum(), res
 
 
@@ -213,5 +218,5 @@ def norm_pix_loss_bwd(scale: torch.Tensor, pred: torch.Tensor, imgs: torch.Tenso
         pred, imgs, wt, it, scale, gpred, *args, NORM_PIX_EPS, *affine_args(affine),
         PATCH=patch_size, CHANNELS=C, NORM=norm_pix, PRED_MASKED=ids is not None,
         NORMALIZE=imgs.dtype == torch.uint8,
-        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps, **LAUNCH_OPTIONS)
     return gpred

@@ -62,10 +62,13 @@ def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num
             if arg in ints and ints[arg] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.perf_counter()
-    compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages, attrs=attrs)
+    # the launch's own compile options (kernels/loss.py: LAUNCH_OPTIONS), as its launcher passes them
+    options = getattr(sys.modules[kernel.fn.__module__], "LAUNCH_OPTIONS", None)
+    compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages, attrs=attrs,
+                           options=options)
     regs, stack = resource_usage(compiled)
     return dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared, registers=regs,
-                spill_stack_bytes=stack)
+                spill_stack_bytes=stack, fma_f32=compiled.asm["ptx"].count("fma.rn.f32"))
 
 
 def _contiguous_strides(*shape) -> list[int]:
