@@ -11,9 +11,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from .bench import default_device as device  # the benchmarks' device: cuda where present
+from .timing import synchronize
 
 
 def unavailable_reason() -> str | None:
@@ -24,8 +23,8 @@ def unavailable_reason() -> str | None:
 
 
 def sync(dev: torch.device | None) -> None:
-    if dev is not None and dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    """Waits for ``dev`` (nothing to wait for: None or the CPU)."""
+    synchronize(dev if dev is not None else "cpu")
 
 
 def env_extra(dev: torch.device) -> dict:

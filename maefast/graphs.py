@@ -110,14 +110,13 @@ def allocator_usable() -> bool:
 
 
 def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmup_fn: Callable[[], object] | None = None,
-                       before_capture: Callable[[], object] | None = None, device=None, pool=None,
-                       check_syncs: bool = True):
+                       before_capture: Callable[[], object] | None = None, device=None, pool=None):
     """Captures one call of `fn` in a CUDA graph; returns (graph, what that call returned: the static
     outputs each replay overwrites).
 
     First `warmup_fn` (default `fn`) runs `warmup_steps` times on a side stream (Triton compiles,
     autograd and cuBLAS warm up outside the capture), the last time with host syncs raising
-    (`check_syncs`; with ``warmup_steps=1`` that is also the first call: a one-off sync of a first
+    (with ``warmup_steps=1`` that is also the first call: a one-off sync of a first
     call, e.g. ``.item()`` in a lazy initialisation, is then reported too), then `before_capture()`
     (e.g. grads set to None, so the captured backward allocates them in the graph's pool). `pool`
     (another graph's ``pool()``) shares its memory pool: replay such graphs in the order they were
@@ -146,7 +145,7 @@ def capture_cuda_graph(fn: Callable[[], object], *, warmup_steps: int = 3, warmu
             try:
                 with torch.cuda.stream(stream):
                     for i in range(warmup_steps):
-                        last = check_syncs and i == warmup_steps - 1
+                        last = i == warmup_steps - 1
                         with _host_syncs_raise() if last else contextlib.nullcontext():
                             (warmup_fn or fn)()
             finally:

@@ -72,9 +72,9 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
     in the forward, a CPU tensor)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device (the model is on {device.type})"
-    if _sync_wrapper(model) is not None:
-        return (f"{type(_sync_wrapper(model)).__name__} steps eagerly: its gradient communication is not "
-                "captured here")
+    wrapper = _sync_wrapper(model)
+    if wrapper is not None:
+        return f"{type(wrapper).__name__} steps eagerly: its gradient communication is not captured here"
     for group in optimizer.param_groups:
         if "capturable" in group and not group["capturable"]:
             return (f"{type(optimizer).__name__} was built without capturable=True (its step counts live on "

@@ -15,6 +15,7 @@ from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype's short spellings
 GPU_MODEL, CPU_MODEL = "mae_vit_base_patch16", "mae_vit_small_cpu"
 PAPER_EPOCHS, GPU_BATCH, CPU_BATCH = 800, 64, 32
 SYNTHETIC_EPOCHS, CPU_SYNTHETIC_SIZE, GPU_SYNTHETIC_STEPS = 1, 4096, 200
@@ -226,7 +227,7 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
     if cfg.dtype == "auto":
         bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
         cfg.dtype = "bfloat16" if on_gpu and bf16_ok else "float32"
-    cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+    cfg.dtype = DTYPE_NAMES.get(cfg.dtype, cfg.dtype)
     cfg.cuda_graph = cuda_graph_mode(cfg.cuda_graph)
     if cfg.decode == "auto":
         from .gpu_decode import resolve_decode

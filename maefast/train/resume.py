@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import CHECKPOINT_NAME
-from .config import TrainConfig, cuda_graph_mode
+from .config import DTYPE_NAMES, TrainConfig, cuda_graph_mode
 
 
 def resume_source(cfg: TrainConfig) -> str | None:
@@ -59,7 +59,7 @@ def _norm(name: str, value):
         except ValueError:
             return value
     if name == "dtype":
-        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(value, value)
+        return DTYPE_NAMES.get(value, value)
     if name == "cuda_graph":  # recorded as a bool before "auto" existed
         return cuda_graph_mode(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
