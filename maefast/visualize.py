@@ -29,7 +29,7 @@ def load_model(checkpoint: str, model_name: str | None = None, norm_pix_loss: bo
     from .models import create_model, resolve_model_name
     from .train.checkpoint import is_encoder_only, load_checkpoint
 
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, optimizer=False)  # the weights only
     state = ck["model"]
     if is_encoder_only(state):
         raise ValueError(f"{checkpoint!r} has no decoder weights (an encoder export such as mae_pretrain_*.pth?); "

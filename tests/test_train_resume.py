@@ -103,6 +103,9 @@ def test_resume_at_another_world_size_and_layout(tmp_path, straight, first, then
     # has its own; visualize reads either layout
     kept = load_checkpoint(os.path.join(out, "checkpoint-0000.pth"))
     assert kept["step"] == 4 and all(torch.equal(kept["model"][k], v) for k, v in got["model"].items())
+    weights = load_checkpoint(os.path.join(out, "checkpoint-last.pth"), optimizer=False)  # what visualize reads
+    assert all(torch.equal(weights["model"][k], v) for k, v in got["model"].items())
+    assert got["optimizer"] and (weights.get("optimizer") is None) == (then == "fsdp2")  # not unsharded
     assert sorted(n for n in os.listdir(out) if ".dcp-" in n) == (
         sorted([got["shards"], kept["shards"]]) if then == "fsdp2" else [])
     from maefast.visualize import load_model

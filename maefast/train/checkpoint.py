@@ -177,34 +177,37 @@ def shards_dir(ck: dict, path: str) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(path)), name) if name else None
 
 
-def load_checkpoint(path: str, states: bool = True) -> dict:
+def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> dict:
     """Loads a checkpoint of ``maefast train`` or of the official code onto the CPU.
 
     ``weights_only=True`` (no arbitrary pickled code); the official files' ``args`` (an
     argparse.Namespace) is allowed explicitly. A sharded checkpoint's ``model`` and ``optimizer``
     are read from its folder when ``states`` (full tensors, one process, no process group needed).
-    A file that is not a checkpoint raises ValueError naming it (one line for the CLI).
+    ``optimizer=False`` (a reader of the weights only): a single file is memory-mapped, so the
+    optimizer's moments (twice the weights) are never read, and a sharded one's optimizer is not
+    unsharded. A file that is not a checkpoint raises ValueError naming it (one line for the CLI).
     """
-    ck = _torch_load(path)
+    ck = _torch_load(path, mmap=not optimizer)
     if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
     folder = shards_dir(ck, path)
     if folder is not None and states:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"checkpoint {path!r} names its sharded state {folder!r}, which is missing")
-        full = _load_full_shards(folder)
+        full = _load_full_shards(folder, None if optimizer else {"model"})
         ck["model"], ck["optimizer"] = full["model"], full.get("optimizer")
     return ck
 
 
-def _load_full_shards(folder: str) -> dict:
-    """Every tensor of a torch.distributed.checkpoint folder, unsharded, in this process."""
+def _load_full_shards(folder: str, keys: set[str] | None = None) -> dict:
+    """The tensors (under the top-level ``keys``, default all) of a torch.distributed.checkpoint
+    folder, unsharded, in this process."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-            return _load_state_dict_from_keys(checkpoint_id=folder)
+            return _load_state_dict_from_keys(keys, checkpoint_id=folder)
         except ImportError:  # older torch: the public converter, through a temporary file
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
