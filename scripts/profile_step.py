@@ -42,8 +42,6 @@ CATEGORIES = (
     ("copy", ("copy", "memcpy", "memset", "cast", "fill", "catarray")),
     ("elementwise", ("elementwise", "vectorized", "reduce_kernel", "softmax", "gelu", "unrolled")),
 )
-EAGER_OF_GRAPH = {"maefast-block-graph": "maefast-block", "maefast-graph": "maefast", "torch-native-graph": "torch-native",
-                  "maefast-compile-graph": "maefast-compile"}
 
 
 def classify(name: str) -> str:
@@ -104,10 +102,10 @@ def profile_provider(provider: str, model: str, batch: int, steps: int, top: int
 
     from maefast import bench as mb
 
-    dtype = torch.float16 if provider in ("reference",) else torch.bfloat16
     t0 = time.time()
     mb.free_memory()
-    step = mb.make_step(provider, model, batch, device=device, dtype=dtype)
+    step = mb.make_step(provider, model, batch, device=device)  # the row's own dtype (maefast.bench.step_dtype)
+    dtype = step.step.dtype
     for _ in range(2):  # warm-up: compile, capture, autotune, allocator
         step()
     torch.cuda.synchronize(device)
@@ -121,15 +119,17 @@ def profile_provider(provider: str, model: str, batch: int, steps: int, top: int
         return kernel_table(prof, steps, top)
 
     table = run(step)
-    profiled = "graph replay" if provider in EAGER_OF_GRAPH else "eager step"
-    if table["kernels_per_step"] == 0 and provider in EAGER_OF_GRAPH:
+    captured = step.step.captured
+    eager_row = provider.removesuffix("-graph")  # the same row, not captured
+    profiled = "graph replay" if captured else "eager step"
+    if table["kernels_per_step"] == 0 and captured:
         del step
         mb.free_memory()
-        step = mb.make_step(EAGER_OF_GRAPH[provider], model, batch, device=device, dtype=dtype)
+        step = mb.make_step(eager_row, model, batch, device=device, dtype=dtype)
         for _ in range(2):
             step()
         table = run(step)
-        profiled = f"eager step of {EAGER_OF_GRAPH[provider]} (the profiler saw no kernel inside the graph replay)"
+        profiled = f"eager step of {eager_row} (the profiler saw no kernel inside the graph replay)"
     del step
     mb.free_memory()
     return dict(provider=provider, model=model, batch=batch, dtype=str(dtype).replace("torch.", ""), steps=steps,
