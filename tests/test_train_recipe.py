@@ -69,7 +69,10 @@ def test_weight_decay_groups_match_official_rule():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert (name in plain) == (p.ndim <= 1 or name.endswith(".bias")), name
-    opt = schedule.build_optimizer(model, lr=1e-3)
+    from maefast.train.config import TrainConfig
+    from maefast.train.setup import build_optimizer
+
+    opt = build_optimizer(model, model, TrainConfig(), lr=1e-3)  # what maefast train builds
     assert opt.defaults["betas"] == (0.9, 0.95)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(decayed) + len(plain)

@@ -191,9 +191,9 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
     if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
     folder = shards_dir(ck, path)
+    if folder is not None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint {path!r} names its sharded state {folder!r}, which is missing")
     if folder is not None and states:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint {path!r} names its sharded state {folder!r}, which is missing")
         full = _load_full_shards(folder, None if optimizer else {"model"})
         ck["model"], ck["optimizer"] = full["model"], full.get("optimizer")
     return ck

@@ -146,11 +146,8 @@ class _Trainer:
         source = resume_source(cfg)
         ck, notes, self.changed = None, [], {}
         if source is not None:
-            ck = ckpt_lib.load_checkpoint(source, states=False)
+            ck = ckpt_lib.load_checkpoint(source, states=False)  # a missing sharded folder raises here
             ckpt_lib.check_resumable(ck, source)
-            shards = ckpt_lib.shards_dir(ck, source)
-            if shards is not None and not os.path.isdir(shards):
-                raise FileNotFoundError(f"--resume {source}: its sharded state {shards!r} is missing")
             cfg, notes, self.changed = reconcile(cfg, ck, source, info.world_size)
         cfg = resolve_config(cfg, world_size=info.world_size, cuda=info.device.type == "cuda")
         cfg.notes += notes

@@ -81,11 +81,3 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
         else:
             group["lr"] = v
     return value
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = WEIGHT_DECAY,
-                    betas: tuple[float, float] = BETAS, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over ``param_groups_weight_decay(model)`` (the paper's optimiser)."""
-    groups = param_groups_weight_decay(model, weight_decay)
-    kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
