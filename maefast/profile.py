@@ -191,8 +191,9 @@ class BackendLog:
     It listens to the ops' own choice: while active, each loaded `maefast.ops` module's `_resolve`
     (or `choose_impl`, in a module without one) is wrapped, and its result is what the op runs (an
     op's `_resolve` refines `choose_impl`'s answer, e.g. the attention falls back to the reference
-    for a head dim its kernel lacks). `ran` maps op module (e.g. "attention") -> {backend: calls}. Not
-    for compiled models (the wrappers would be traced).
+    for a head dim its kernel lacks). `ran` maps op module (e.g. "attention") -> {backend: calls}, a
+    forward and a backward that each choose counting one call each. Not for compiled models (the
+    wrappers would be traced).
     """
 
     def __init__(self):

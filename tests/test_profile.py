@@ -163,6 +163,8 @@ def test_backend_log_records_what_the_ops_chose():
     assert set(log.ran) >= {"masking", "patch_embed", "attention", "unshuffle", "loss"}, log.ran
     assert all(set(c) == {"reference"} for c in log.ran.values()), log.ran  # auto on CPU tensors
     assert log.ran["masking"] == {"reference": 1}, log.ran  # one masking, counted once (not its checks)
+    # each op call that resolves counts once: the embedding's forward and backward, not its argument checks
+    assert log.ran["patch_embed"] == {"reference": 2}, log.ran
     import maefast.ops.attention as att
 
     assert not hasattr(att._resolve, "__wrapped__")  # restored

@@ -108,5 +108,4 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.
     """
     if not compiling():
         _validate(x, bias)
-        _resolve(impl, x.device)
     return call(_bias_gelu_op, x, bias, impl)

@@ -288,7 +288,6 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
             bias = bias.to(dt)
     if not compiling():
         _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size)
-        _resolve(impl, imgs)
     elif imgs.requires_grad:
         raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images")
     stats = pixel_stats(imgs, mean, std)
