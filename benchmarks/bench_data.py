@@ -6,16 +6,17 @@ interleaved rounds, N workers, the bytes per batch and the pixel difference fast
 file puts the per-worker rows into the pytest suite's JSON and summary.
 
 CPU: 64 images of the cached folder per call; GPU machines (--gpu): 256 (their CPUs feed the card).
-Each row's record carries img_per_s and bytes_per_image (what one image costs the host-to-GPU copy).
+Each row's record carries img_per_s and bytes_per_image (what one image costs the host-to-GPU copy;
+for ``gpu``, whose workers only read the file and draw the crop, the JPEG's bytes).
 """
 from __future__ import annotations
 
 import pytest
-import torch
 
 from _harness import run_bench, sizes
 
 from maefast import bench_data as bd
+from maefast.timing import torch_threads
 
 N_IMAGES = sizes(cpu=[64], gpu=[256])[0]
 
@@ -29,10 +30,8 @@ def folder():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a DataLoader worker's setting
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # a DataLoader worker's setting
+        yield
 
 
 @pytest.mark.parametrize("path", bd.PATHS)
@@ -42,8 +41,10 @@ def test_augment_per_worker(benchmark, folder, one_thread, path):
         ds.paths = ds.paths[:N_IMAGES]
     else:
         ds.files = ds.files[:N_IMAGES]
-    get = (lambda i: ds[i]) if path == "official" else (lambda i: ds[(0, i)])
-    image = get(0)[0] if path == "official" else get(0)["image"]
+    get = bd.item_getter(ds, path)
+    item = get(0)
+    # what crosses to the GPU for one image: the pixels, or for `gpu` the JPEG file (decoded there)
+    image = item[0] if path == "official" else next(item[k] for k in ("image", "jpeg", "pixels") if k in item)
 
     def fn():
         for i in range(N_IMAGES):

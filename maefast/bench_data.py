@@ -48,7 +48,7 @@ import time
 import numpy as np
 import torch
 
-from . import bench_data_gpu
+from . import bench_data_gpu, timing
 from .train import augment
 from .train.augment import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, draft_factor, random_resized_crop_params
 
@@ -270,7 +270,8 @@ def build_dataset(path: str, root: str, size: int = 224, num_patches: int = 196,
                               dtype=torch.uint8 if dtype == "uint8" or decode == "gpu" else torch.float32)
 
 
-def _item_fn(dataset, path: str):
+def item_getter(dataset, path: str):
+    """index -> the row's sample: the official dataset's (image, label), maefast's dict for epoch 0."""
     return dataset.__getitem__ if path == "official" else (lambda i: dataset[(0, i)])
 
 
@@ -278,11 +279,9 @@ def per_worker(datasets: dict, n_images: int, rounds: int = 3, chunk: int = 20) 
     """images/s of each row in this process on one thread. Round r covers images [r*n, (r+1)*n)
     modulo the folder, every row on the same images, the rows taking turns every ``chunk`` images
     (a load spike on a shared machine then hits all rows alike); median of the rounds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a DataLoader worker's setting
-    try:
+    with timing.torch_threads(1):  # a DataLoader worker's setting
         size = len(next(iter(datasets.values())))
-        getters = {p: _item_fn(ds, p) for p, ds in datasets.items()}
+        getters = {p: item_getter(ds, p) for p, ds in datasets.items()}
         for get in getters.values():  # warm-up: imports, first calls
             get(0)
         rates = {p: [] for p in datasets}
@@ -297,8 +296,6 @@ def per_worker(datasets: dict, n_images: int, rounds: int = 3, chunk: int = 20) 
                     spent[p] += time.perf_counter() - t0
             for p in datasets:
                 rates[p].append(n_images / spent[p])
-    finally:
-        torch.set_num_threads(threads)
     return {p: {"img_per_s": statistics.median(v), "rounds": v} for p, v in rates.items()}
 
 

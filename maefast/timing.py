@@ -8,6 +8,7 @@ once per process. Nothing here touches CUDA at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -26,6 +27,18 @@ def synchronize(device: torch.device | str | None = None) -> None:
     dev = torch.device(device) if device is not None else None
     if (dev is None and torch.cuda.is_available()) or (dev is not None and dev.type == "cuda"):
         torch.cuda.synchronize(dev)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch's intra-op thread count set to `n` inside the block and restored after (one thread: a
+    DataLoader worker's setting, and steadier than oversubscribed threads on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _summary(times_ms: list[float]) -> dict:

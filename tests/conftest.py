@@ -34,10 +34,10 @@ def device():
 def one_thread():
     """torch on one thread for the test (modules opt in with ``usefixtures``): the CPU here is shared,
     and one thread is faster and steadier than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    from maefast.timing import torch_threads  # after TRITON_INTERPRET is set above
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

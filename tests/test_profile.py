@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from maefast import profile as mp
+from maefast.timing import torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,9 +21,8 @@ ARGS = ["--model", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--t
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(torch.get_num_threads()):  # --threads 1 sets it for the process
+        yield
 
 
 def test_profile_table_and_json(tmp_path, capsys):
