@@ -76,14 +76,15 @@ def _run_in_root(code: str) -> subprocess.CompletedProcess:
 
 
 def test_repo_kernels_folder_does_not_shadow_hf_kernels():
-    """transformers >= 5.2x imports Hugging Face's `kernels` package; the root's `kernels/` folder
-    must not stand in for it (it did: ImportError 'CUDAProperties' from kernels/__init__.py)."""
+    """transformers >= 5.2x imports Hugging Face's `kernels` package (5.17 does when it finds one); the
+    root's `kernels/` folder must not stand in for it (it did: ImportError 'CUDAProperties' from
+    kernels/__init__.py) nor break the import where none is installed."""
     r = _run_in_root("""
         import transformers
         from transformers import ViTMAEForPreTraining
         import maefast.kernels, sys
         assert maefast.kernels.__name__ == 'maefast.kernels'
-        print('ok', sys.modules.get('kernels').__file__ if 'kernels' in sys.modules else None)
+        print('ok', getattr(sys.modules.get('kernels'), '__file__', None))  # None: absent, or a namespace face
     """)
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout
@@ -92,13 +93,13 @@ def test_repo_kernels_folder_does_not_shadow_hf_kernels():
 
 def test_import_kernels_from_the_root_is_never_ours():
     """`import kernels` in the root gives the installed package when there is one, and otherwise
-    fails as if the folder were absent; never maefast's Triton folder."""
+    what Python gives for a folder without __init__.py (an empty namespace package); never
+    maefast's Triton folder."""
     r = _run_in_root("""
         import os
-        try:
-            import kernels
-        except ModuleNotFoundError as e:
-            assert e.name == 'kernels', e
+        import kernels
+        if getattr(kernels, '__file__', None) is None:
+            assert list(kernels.__path__) == [] and not hasattr(kernels, '__version__'), vars(kernels)
             print('absent')
         else:
             assert not os.path.samefile(os.path.dirname(kernels.__file__), os.path.join(os.getcwd(), 'kernels'))
@@ -106,3 +107,26 @@ def test_import_kernels_from_the_root_is_never_ours():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(("absent", "installed")), r.stdout
+
+
+def test_transformers_availability_check_without_hf_kernels_installed():
+    """transformers 5.17 (the GPU machines') does not depend on `kernels`: its
+    `_is_package_available("kernels")` finds the root's folder with find_spec, finds no
+    distribution's version, imports it uncaught and reads __version__ / __file__. That import must
+    succeed and look like a namespace folder (not an install), or `from transformers import
+    ViTMAEForPreTraining` fails in the root. Run here with every site-packages hidden from the
+    lookup, so the installed `kernels` (transformers 5.25 depends on it) is not found."""
+    r = _run_in_root("""
+        import importlib, importlib.util, sys
+        sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]
+        assert importlib.util.find_spec('kernels') is not None  # the root's folder
+        m = importlib.import_module('kernels')
+        exists = not (getattr(m, '__version__', 'N/A') == 'N/A' and getattr(m, '__file__', None) is None)
+        print('exists' if exists else 'namespace')
+        try:
+            import kernels.attention
+        except ModuleNotFoundError:
+            print('no submodules')
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["namespace", "no", "submodules"], r.stdout
