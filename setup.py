@@ -62,7 +62,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40", "scipy"],  # scipy: the crop-box KS tests
     },
     entry_points={"console_scripts": ["maefast = maefast.cli:main"]},
 )

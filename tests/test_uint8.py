@@ -391,7 +391,8 @@ def test_meta(impl):
     (dict(imgs="float", mean=(0.5,) * 3, std=(0.2,) * 3), ValueError, "taken as already normalised"),
     (dict(imgs="int16"), TypeError, "floating point tensor or uint8"),
     (dict(imgs="grey"), ValueError, "with 1 channels need mean= and std="),
-    (dict(imgs="5ch", impl="triton"), ValueError, "impl='triton' is not available .* uint8 imgs with 5 channels"),
+    (dict(imgs="5ch", impl="triton", mean=(0.5,) * 5, std=(0.2,) * 5), ValueError,
+     "impl='triton' is not available .* uint8 imgs with 5 channels"),
 ])
 @pytest.mark.parametrize("op", ["embed", "loss", "head", "model"])
 def test_bad_inputs_name_the_argument(op, kw, exc, match):
