@@ -29,6 +29,7 @@ What a patched model promises (tests/test_patching.py):
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -111,7 +112,8 @@ class _OfficialForward:
     def __call__(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True):
         m = self.model
         st = m._maefast
-        return official_call(m, type(m).forward.__get__(m), imgs, mask_ratio, noise, seed, return_pred,
+        # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
+        return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
                              impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
                              loss_via_model=st.loss_via_model, takes_noise=st.takes_noise, dropouts=st.dropouts)
 
