@@ -131,9 +131,9 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the maefast checkout (+ '-dirty' when tracked files differ); MAEFAST_GIT_COMMIT when set
-    (a copy of the tree without .git, e.g. on a GPU machine), else 'unknown'."""
-    env = os.environ.get("MAEFAST_GIT_COMMIT")
+    """MAEFAST_COMMIT when set (a copy of the tree without .git, e.g. on a GPU machine: scripts/gpu_check.sh
+    is run with it), else HEAD of the maefast checkout (+ '-dirty' when tracked files differ), else 'unknown'."""
+    env = os.environ.get("MAEFAST_COMMIT")
     if env:
         return env
     try:

@@ -37,7 +37,7 @@ def runtime() -> dict:
 
 def git_commit() -> str:
     """MAEFAST_COMMIT (the device machine's copy of the tree has no .git), else git, else "unknown"."""
-    c = os.environ.get("MAEFAST_COMMIT") or os.environ.get("MAEFAST_GIT_COMMIT")
+    c = os.environ.get("MAEFAST_COMMIT")  # as maefast.timing.git_commit, which the benchmark rows record
     if c:
         return c
     try:

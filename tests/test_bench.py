@@ -454,3 +454,18 @@ def test_table2_batches_per_model():
             t2.parse_batches(bad)
     rows = t2.table2(["tiny", "small"], (1,), batch={"tiny": 2}, device="cpu", quick=True)
     assert [r["batch"] for r in rows] == [2, 8]  # tiny as asked, small at the CPU default
+
+
+def test_git_commit_comes_from_maefast_commit_where_there_is_no_git(monkeypatch):
+    """The GPU machine's copy of the tree has no .git: gpu_check.sh is run with MAEFAST_COMMIT=<sha>,
+    and every benchmark row must record that commit, as the preset's record does."""
+    from maefast import timing
+
+    monkeypatch.setenv("MAEFAST_COMMIT", "ab" * 20)
+    assert timing.git_commit() == "ab" * 20
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import gpu_record
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    assert gpu_record.git_commit() == "ab" * 20
