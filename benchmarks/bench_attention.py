@@ -266,4 +266,5 @@ def _summaries():
               + (": interpreter timings, meaningless" if cpu else "") + ":")
         for w in winners:
             print(f"  L{w['L']} Dh{w['Dh']} {w['direction']}: table {w['table']} {w['table_ms']} ms, best {w['best']} "
-                  f"{w['best_ms']} ms ({w['gain']:.2f}x){'  <- change the table' if w['change'] else ''}")
+                  f"{w['best_ms']} ms ({'no table row' if w['gain'] is None else format(w['gain'], '.2f') + 'x'})"
+                  f"{'  <- change the table' if w['change'] else ''}")

@@ -29,6 +29,7 @@ order). A size that does not fit the card skips with "out of GPU memory".
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -78,6 +79,7 @@ def test_train_step(benchmark, device, case, provider):
         mb.free_memory()
         torch.cuda.reset_peak_memory_stats(device)
     oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+    t_build = time.perf_counter()
     try:
         row = mb.make_step(provider, name, batch, device=device)
     except oom:
@@ -87,6 +89,8 @@ def test_train_step(benchmark, device, case, provider):
         _stop_if_broken(e)
         mb.free_memory()
         pytest.skip(f"{provider}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    # building: the model, torch.compile's compile, the warm-up and capture (what a GPU preset's budget pays)
+    build_s = time.perf_counter() - t_build
     kw = dict(warmup_ms=1.0, rep_ms=500.0, min_reps=3, max_reps=30, flush_l2=False) if device.type == "cuda" \
         else dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.5)
     try:
@@ -98,6 +102,7 @@ def test_train_step(benchmark, device, case, provider):
         mb.free_memory()
         pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
     info["img_per_s"] = batch / (info["time_ms"] * 1e-3)
+    info["build_s"] = round(build_s, 1)
     info.update(row.describe())
     if device.type == "cuda":
         # allocator high-water mark since before the model was built: weights, AdamW state, activations

@@ -262,8 +262,10 @@ def sweep_winners(rows) -> list[dict]:
     """Reads a tile sweep's rows (benchmarks/bench_attention.py::test_tile_sweep: dicts with group
     "attention-tiles-fwd"/"-bwd", tile, L, Dh, time_ms, table_tile) and returns, per shape and
     direction: the table's tile and time, the fastest candidate and its time, gain = table / best,
-    change = gain >= SWEEP_MIN_GAIN, and every candidate's time (fastest first). Pure bookkeeping:
-    scripts/gpu_check.py puts it in the `ops` record; whoever reads it edits TILES."""
+    change = gain >= SWEEP_MIN_GAIN, and every candidate's time (fastest first). Like with like: only
+    candidates timed as the table's tile was (CUDA-graph replays, or eager where its capture failed)
+    are ranked; the others are listed under `not_compared`. Pure bookkeeping: scripts/gpu_check.py
+    puts it in the `ops` record; whoever reads it edits TILES."""
     by_key: dict = {}
     for r in rows:
         if not str(r.get("group", "")).startswith("attention-tiles-") or not r.get("time_ms"):
@@ -272,15 +274,18 @@ def sweep_winners(rows) -> list[dict]:
         by_key.setdefault(key, {})[r["tile"]] = r
     out = []
     for (L, dh, direction), tiles in by_key.items():
-        ranked = sorted(tiles.values(), key=lambda r: r["time_ms"])
-        table = next((r for r in ranked if r.get("table_tile")), None)
+        table = next((r for r in tiles.values() if r.get("table_tile")), None)
+        graphed = bool(table.get("cuda_graph")) if table is not None else \
+            any(r.get("cuda_graph") for r in tiles.values())
+        ranked = sorted((r for r in tiles.values() if bool(r.get("cuda_graph")) == graphed), key=lambda r: r["time_ms"])
         best = ranked[0]
         gain = table["time_ms"] / best["time_ms"] if table is not None else None
         out.append(dict(L=L, Dh=dh, direction=direction, table=table["tile"] if table else None,
                         table_ms=round(table["time_ms"], 4) if table else None, best=best["tile"],
                         best_ms=round(best["time_ms"], 4), gain=gain,
                         change=bool(gain is not None and gain >= SWEEP_MIN_GAIN),
-                        candidates=[(r["tile"], round(r["time_ms"], 4)) for r in ranked]))
+                        candidates=[(r["tile"], round(r["time_ms"], 4)) for r in ranked],
+                        not_compared=sorted(r["tile"] for r in tiles.values() if r not in ranked)))
     return out
 
 

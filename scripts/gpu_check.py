@@ -10,9 +10,11 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
   verify  build maefast._C; scripts/capture_probe.py (a host sync refused before capture, the allocator
           whole after it); the `cuda` tests of tests/test_step.py (TrainStep's captures), then the other
           `cuda`-marked tests, each in a process of its own; the dispatch diagnosis
-  step    ViT-H/14 b128 step rows: reference, the best maefast and torch-native rows; the
-          torch.profiler kernel table of one captured step (and of the compiled torch-native one);
-          then the other step rows
+  step    ViT-H/14 b128 step rows, in two budgets so that no compile starves the rest: reference and
+          maefast's captured rows (+ ViT-B/16 b128's, the loader's target), then the compiled captured
+          rows (torch-native-graph, the baseline; maefast-compile-graph)
+  profile the torch.profiler kernel table of one captured ViT-H step and of the compiled torch-native
+          one (the attention target); then the eager and compiled-eager step rows
   ops     per-op rows, both backends: attention at the four paper shapes vs every SDPA backend,
           the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
           then the rest
@@ -33,6 +35,7 @@ thresholds) and `<preset>-log.txt` (+ `table2.png`); intermediate files stay in 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -47,7 +50,7 @@ sys.path.insert(0, HERE)
 
 import gpu_record as rec  # noqa: E402
 
-PRESETS = ("verify", "step", "ops", "table2", "data")
+PRESETS = ("verify", "step", "profile", "ops", "table2", "data")
 PRESET_BUDGET_S = 290  # each preset, its record written within ~5 minutes
 RESERVE_S = 8  # kept back from the last step for writing the record
 # Per step: (nominal budget, margin): a pytest step stops starting cases `margin` seconds before its
@@ -55,17 +58,27 @@ RESERVE_S = 8  # kept back from the last step for writing the record
 # verify's split of its 290 s is a guess (the capture tests have not run on a card yet): the probe ~1 min
 # with Triton's compiles, TrainStep's tests incl. one torch.compile row, then the rest
 BUDGET = {"build": (60, 0), "capture-probe": (45, 0), "step-tests": (70, 20), "tests": (85, 15), "diagnose": (30, 0),
-          "step-rows": (150, 50), "profile-kernels": (110, 0), "step-more": (120, 45),
+          # step: each row's build (compile, warm-up, capture) is recorded as build_s: tune these from it.
+          # Unmeasured guesses: Triton's cold compiles ~30 s for the first maefast row; one whole-model
+          # Inductor compile of ViT-H ~60-90 s (a second one in the same machine session reads its caches)
+          "step-rows": (110, 30), "step-compiled": (165, 75),
+          "profile-kernels": (170, 0), "step-more": (105, 45),
           "ops-rows": (280, 25),
           "table2": (200, 0), "profile-overhead": (70, 0),
           "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
+# verify's `cuda` tests in this order (333 of them on 2026-12-04; 180 took ~67 s with 8 workers on
+# 2026-11-27, so the step's deadline may skip the tail): the ops the step presets time, then the
+# uint8 path (the training default), then the rest of tests/
+VERIFY_TEST_ORDER = ("attention", "masking", "patch_embed", "loss", "unshuffle", "block", "fused", "graphs", "compile",
+                     "model", "uint8", "uint8_model", "validation")
 STEP_MODEL = "huge:128"  # the issue's targets: ViT-H/14, batch 128
 LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the loader must keep up with
 # bench_step rows: the ones the step targets are read from, then the rest that fits the preset (each
 # compile row ~30-60 s); the patch and custom-op rows (maefast-patch, -patch-hf, -custom-op) are left
 # to a run of benchmarks/bench_step.py of its own
-STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph", "torch-native-graph")
-STEP_MORE = ("maefast-compile-graph", "torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
+STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph")  # no compile: each ~10 s once Triton is warm
+STEP_COMPILED = ("torch-native-graph", "maefast-compile-graph")  # the baseline first: no target without it
+STEP_MORE = ("torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
 PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
 # data preset: the benchmark's JPEG folder (issue 15: 16 workers, a few thousand files), ViT-L/16 at
 # a batch that fits for the JPEG-vs-synthetic ratio, ViT-H/14 b128 for train vs the step row
@@ -224,7 +237,13 @@ def preset_verify(r: Runner) -> None:
         r.record["steps"]["step-tests"]["note"] = (
             f"passed {s.get('passed')} failed {s.get('failed')} skipped {s.get('skipped')}"
             + "".join(f"\n      FAIL {f['test']}: {f['message'][:150]}" for f in s.get("failures", [])[:8]))
-    s = _cuda_tests(r, "tests", [*shlex.split(r.args.tests), "--ignore=tests/test_step.py"])
+    paths = shlex.split(r.args.tests)
+    if paths == ["tests"]:  # the default: every file of the folder, named one by one (pytest sorts a
+        # folder's files, also when some are named beside it), the decisive ones first
+        first = [f"tests/test_{n}.py" for n in VERIFY_TEST_ORDER]
+        paths = first + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
+                               if os.path.relpath(p, ROOT) not in first + ["tests/test_step.py"])
+    s = _cuda_tests(r, "tests", [*paths, "--ignore=tests/test_step.py"])
     if s is not None:
         r.record["tests"] = s
     dj = os.path.join(r.work, "diagnose.json")
@@ -239,14 +258,22 @@ def preset_step(r: Runner) -> None:
     first = {"MAEFAST_BENCH_STEP_MODELS": f"{STEP_MODEL},{LOADER_STEP_ROWS}"}
     r.pytest("step-rows", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_DECISIVE),
                                                                **first))
+    r.pytest("step-compiled", ["benchmarks/bench_step.py"],
+             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED)),
+             note="each whole-model torch.compile of ViT-H takes ~1 min (build_s in each row)")
+    r.record["targets"] = {"step": rec.step_targets(r.record["rows"])}
+
+
+def preset_profile(r: Runner) -> None:
+    common = {"MAEFAST_BENCH_STEP_MODELS": STEP_MODEL}
     pj = os.path.join(r.work, "profile.json")
     model, batch = STEP_MODEL.split(":")
     cmd = [r.py, "scripts/profile_step.py", "--providers", ",".join(PROFILE_PROVIDERS), "--model", model, "--batch",
            batch, "--json", pj] + (["--dry-run"] if r.dry else [])
     r.json_step("profile-kernels", cmd, pj, "profile")
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
-             note="the eager and compiled-eager rows last: each whole-model torch.compile of ViT-H takes ~1 min")
-    targets = {"step": rec.step_targets(r.record["rows"])}
+             note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min")
+    targets = {"step": rec.step_targets(r.record["rows"])} if r.record["rows"] else {}
     prof = r.record.get("profile") or {}
     if prof.get("attention_ms_ratio") is not None:
         targets["attention_profile_ratio"] = rec.judge("attention_profile_ratio", prof["attention_ms_ratio"])
@@ -393,7 +420,7 @@ def preset_data(r: Runner) -> None:
     r.record["targets"] = rec.data_targets(r.record, step_record, STEP_MODEL)
 
 
-RUN = {"verify": preset_verify, "step": preset_step, "ops": preset_ops, "table2": preset_table2, "data": preset_data}
+RUN = {"verify": preset_verify, "step": preset_step, "profile": preset_profile, "ops": preset_ops, "table2": preset_table2, "data": preset_data}
 
 
 def main(argv=None) -> int:

@@ -131,7 +131,7 @@ def step_targets(rows: list[dict]) -> dict:
         ours = _fastest(rs, [r["provider"] for r in rs if r["provider"].startswith("maefast")])
         native = _fastest(rs, TORCH_NATIVE)
         entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "frac_peak_flops",
-                                                                 "cuda_graph", "eager_time_ms")} for r in rs}}
+                                                                 "cuda_graph", "eager_time_ms", "build_s")} for r in rs}}
         if ours is not None:
             entry["maefast_best"] = ours["provider"]
             entry["mfu"] = judge("mfu", ours.get("frac_peak_flops"))

@@ -75,7 +75,29 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
     assert steps["step-tests"]["cmd"].startswith(f"{sys.executable} -m pytest tests/test_step.py -m cuda")
     assert steps["step-tests"]["collected"] >= 8  # the captured-vs-eager cases at least
     assert "--ignore=tests/test_step.py" in steps["tests"]["cmd"] and steps["tests"]["collected"] > 0
+    # every file named, the step's ops first (pytest would sort a folder's files), test_step.py not again
+    assert steps["tests"]["cmd"].split(" -m pytest ")[1].startswith("tests/test_attention.py tests/test_masking.py")
+    assert " tests/test_step.py" not in steps["tests"]["cmd"]
     assert sum(st["budget_s"] for st in steps.values()) <= 290
+
+
+def test_step_and_profile_presets_fit_their_budgets(tmp_path):
+    """step: the rows without a compile, then the compiled ones (the torch-native baseline first), each
+    under a budget of its own; profile: the kernel table, then the eager rows. Each fits ~5 minutes."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
+                        str(work), "--dry-run", "--preset", "step,profile"], capture_output=True, text=True, env=_env(),
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    step = json.loads((out / "step-record.json").read_text())["steps"]
+    prof = json.loads((out / "profile-record.json").read_text())["steps"]
+    assert list(step) == ["step-rows", "step-compiled"] and list(prof) == ["profile-kernels", "step-more"]
+    for steps in (step, prof):
+        assert all(st["rc"] == 0 for st in steps.values()), steps
+        assert sum(st["budget_s"] for st in steps.values()) <= 290 - 8
+    assert step["step-rows"]["collected"] == 5 and step["step-compiled"]["collected"] == 2
+    compiled = (out / "step-log.txt").read_text().split("$ ")[-1]  # the log of the last step: its collection
+    assert compiled.index("huge_patch14-b128-torch-native-graph") < compiled.index("b128-maefast-compile-graph")
 
 
 def _row(group, provider, time_ms, shape, **kw):
@@ -176,6 +198,12 @@ def test_sweep_winners_and_the_rows_file_of_a_cpu_sweep(tmp_path):
     assert sweep_winners(fake)[0]["change"] is True and sweep_winners(fake)[0]["best"] == other["tile"]
     other["time_ms"] = 0.98
     assert sweep_winners(fake)[0]["change"] is False
+    # like with like: a candidate timed eagerly (its capture failed) beside graph replays is not ranked
+    graphed = [dict(x, cuda_graph=True) for x in fake]
+    eager = next(x for x in graphed if not x["table_tile"])
+    eager.update(cuda_graph=False, time_ms=0.5)
+    (w,) = sweep_winners(graphed)
+    assert w["best"] != eager["tile"] and w["not_compared"] == [eager["tile"]], w
     with open(path, "a") as f:
         f.write('{"torn": ')  # a run killed mid-line
     assert len(rec.read_rows(str(path))) == len(rows)
