@@ -270,7 +270,9 @@ def preset_profile(r: Runner) -> None:
     model, batch = STEP_MODEL.split(":")
     cmd = [r.py, "scripts/profile_step.py", "--providers", ",".join(PROFILE_PROVIDERS), "--model", model, "--batch",
            batch, "--json", pj] + (["--dry-run"] if r.dry else [])
-    r.json_step("profile-kernels", cmd, pj, "profile")
+    # two profiler sessions in one process with CUDA graphs alive: CUPTI's teardown between them has
+    # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
+    r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
              note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min")
     targets = {"step": rec.step_targets(r.record["rows"])} if r.record["rows"] else {}
