@@ -23,6 +23,16 @@ def _env():
     return env
 
 
+def _dry_run(tmp_path, presets: str):
+    """scripts/gpu_check.py --dry-run of `presets`: (the folder its records went to, what it printed)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
+                        str(work), "--dry-run", "--preset", presets], capture_output=True, text=True, env=_env(),
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return out, r.stdout
+
+
 def test_gpu_run_needs_a_preset_and_known_names(tmp_path):
     for args, msg in (([], "--preset is required"), (["--preset", "steps"], "unknown preset")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(tmp_path),
@@ -31,11 +41,7 @@ def test_gpu_run_needs_a_preset_and_known_names(tmp_path):
 
 
 def test_dry_run_writes_one_record_per_preset(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
-                        str(work), "--dry-run", "--preset", "table2,data"], capture_output=True, text=True, env=_env(),
-                       timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out, printed = _dry_run(tmp_path, "table2,data")
     assert sorted(os.listdir(out)) == ["data-log.txt", "data-record.json", "table2-log.txt", "table2-record.json"]
     for preset in ("table2", "data"):
         record = json.loads((out / f"{preset}-record.json").read_text())
@@ -44,7 +50,7 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
         for key in ("uname_r", "runtime", "card", "date", "commit", "torch", "triton"):
             assert key in env, key
         assert record["wall_s"] >= 0 and record["steps"]
-    assert "== gpu_check data (dry run)" in r.stdout
+    assert "== gpu_check data (dry run)" in printed
     data = json.loads((out / "data-record.json").read_text())
     assert list(data["steps"]) == ["bench-data", "train-jpeg", "train-synthetic", "train-huge"]
     assert all(st["rc"] == 0 for st in data["steps"].values()), data["steps"]
@@ -63,11 +69,7 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
     """verify: the capture probe and TrainStep's `cuda` tests before (and apart from) the other `cuda`
     tests, so that a capture failed inside its graph (torch 2.11: the allocator left broken for its
     process) cannot fail unrelated tests; the steps' budgets fit the preset's."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
-                        str(work), "--dry-run", "--preset", "verify"], capture_output=True, text=True, env=_env(),
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out, _ = _dry_run(tmp_path, "verify")
     steps = json.loads((out / "verify-record.json").read_text())["steps"]
     assert list(steps) == ["build", "capture-probe", "step-tests", "tests", "diagnose"]
     assert all(st["rc"] == 0 for st in steps.values()), steps
@@ -84,11 +86,7 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
 def test_step_and_profile_presets_fit_their_budgets(tmp_path):
     """step: the rows without a compile, then the compiled ones (the torch-native baseline first), each
     under a budget of its own; profile: the kernel table, then the eager rows. Each fits ~5 minutes."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
-                        str(work), "--dry-run", "--preset", "step,profile"], capture_output=True, text=True, env=_env(),
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out, _ = _dry_run(tmp_path, "step,profile")
     step = json.loads((out / "step-record.json").read_text())["steps"]
     prof = json.loads((out / "profile-record.json").read_text())["steps"]
     assert list(step) == ["step-rows", "step-compiled"] and list(prof) == ["profile-kernels", "step-more"]
