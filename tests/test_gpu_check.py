@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -61,6 +62,14 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert "--model large --batch-size 128" in cmds["train-jpeg"] and "jpegs-linked" in cmds["train-jpeg"]
     assert "--data synthetic --model large --batch-size 128" in cmds["train-synthetic"]
     assert "--data synthetic --model huge --batch-size 128" in cmds["train-huge"]
+    # the dry run only asks each command for --help: the real train arguments must parse and validate
+    # as on the card (a CUDA run, one process), or the card's minutes go to an exit code 2
+    from maefast.train.config import config_from_args, resolve_config, validate_config
+
+    for name, cmd in cmds.items():
+        argv = shlex.split(cmd)
+        cfg = resolve_config(config_from_args(argv[argv.index("train") + 1:]), cuda=True)
+        validate_config(cfg)
     assert "bench data --workers 16 --images 4000" in data["bench_data_cmd"] and "--json" in data["bench_data_cmd"]
     assert set(data["targets"]) >= {"train_jpeg_vs_synthetic", "train_vs_step", "loader_img_per_s"}
 
