@@ -441,3 +441,27 @@ def test_gpu_loss_nan_in_a_visible_patch_and_bad_ids_stay_in_bounds(impl):
     assert int(masked_patch_ids(bad, K).max()) < L
     loss = norm_pix_loss(randn(2, L - K, P, device="cuda"), imgs.cuda(), bad, 4, pred_on="masked", impl=impl)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("impl,match", [("bogus", "impl must be one of"), (None, "impl must be one of"),
+                                        ("cuda", "impl='cuda' is not available for")])
+@pytest.mark.parametrize("route", ["direct", "custom_op"])
+def test_impl_is_checked_on_every_route(route, device, impl, match):
+    """A bad impl is a ValueError naming it before dispatch, also where no backend is resolved (meta
+    tensors: their fakes run) and through the torch.library dispatcher (custom_op route). 'cuda'
+    only for the ops without a CUDA C++ kernel."""
+    from maefast.ops._dispatch import eager_dispatch
+    from maefast.ops.bias_gelu import bias_gelu
+    from maefast.ops.layernorm import add_layer_norm
+
+    x, b = torch.zeros(4, 8, device=device), torch.zeros(8, device=device)
+    calls = [lambda: bias_gelu(x, b, impl=impl), lambda: add_layer_norm(x, None, b, b, impl=impl)]
+    if impl != "cuda":
+        imgs, w = torch.zeros(2, 3, 16, 16, device=device), torch.zeros(8, 3, 8, 8, device=device)
+        ids = torch.zeros(2, 2, dtype=torch.int64, device=device)
+        calls.append(lambda: masked_patch_embed(imgs, ids, w, None, None, 8, impl=impl))
+    with eager_dispatch(route):
+        for call in calls:
+            with pytest.raises(ValueError, match=match):
+                call()

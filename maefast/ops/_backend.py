@@ -31,6 +31,18 @@ def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, 
 cuda_ext_usable._dynamo_marked_constant = True
 
 
+def check_impl(impl, what: str, cuda: bool = True) -> None:
+    """The check of ``impl`` itself that every public op makes before dispatching, on every route (the
+    meta and fake tensors of tracing never resolve a backend): one of IMPLS, and not "cuda" for an op
+    without a CUDA C++ kernel (``cuda=False``). Whether a backend can run on the tensors given is the
+    op's own resolve, made where the op runs."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "cuda" and not cuda:
+        raise ValueError(f"impl='cuda' is not available for {what}: it has no CUDA C++ kernel "
+                         "(use 'triton', 'reference' or 'auto')")
+
+
 def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"), cuda_op: str | None = None,
                 what: str = "this op") -> str:
     """Resolve `impl` for tensors on `device`.
@@ -39,8 +51,7 @@ def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"
     reference; an explicit request that cannot run raises ValueError with the reason. On the meta
     device only the fake implementations run (shapes and dtypes), so any request is accepted there.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl, what)
     device = torch.device(device)
     if impl == "reference":
         return "reference"

@@ -11,14 +11,12 @@ from __future__ import annotations
 import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor, compiling
-from ._backend import choose_impl, device_guard
+from ._backend import check_impl, choose_impl, device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
 
 
 def _resolve(impl: str, device: torch.device) -> str:
-    if impl == "cuda":
-        raise ValueError("impl='cuda' is not available for bias_gelu: it has no CUDA C++ kernel "
-                         "(use 'triton', 'reference' or 'auto')")
+    check_impl(impl, "bias_gelu", cuda=False)
     return choose_impl(impl, device, auto_order=("triton",), what="bias_gelu")
 
 
@@ -108,4 +106,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, impl: str = "auto") -> torch.
     """
     if not compiling():
         _validate(x, bias)
+        check_impl(impl, "bias_gelu", cuda=False)  # the rest where the op runs (what a profile counts)
     return call(_bias_gelu_op, x, bias, impl)
