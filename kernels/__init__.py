@@ -16,32 +16,30 @@ if __name__ == "kernels":
     def _defer() -> None:
         import importlib
         import importlib.machinery
+        import importlib.util
         import os
         import sys
         import types
 
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ours = sys.modules.pop("kernels")
-        # Every sys.path entry but the repository root ("" and "." included).
-        others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-        spec = importlib.machinery.PathFinder.find_spec("kernels", others)
-        if spec is None:  # nothing installed: a namespace package's face, empty
-            shadow = types.ModuleType("kernels")
-            shadow.__spec__ = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
-            shadow.__path__ = []
-            shadow.__package__ = "kernels"
-            sys.modules["kernels"] = shadow
-            del ours
-            return
         saved = list(sys.path)
-        sys.path[:] = others
+        # Every sys.path entry but the repository root ("" and "." included); the finders on
+        # sys.meta_path (an editable install's among them) are asked too.
+        sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != here]
         try:
-            real = importlib.import_module("kernels")  # its own errors are its own: they propagate
+            if importlib.util.find_spec("kernels") is None:  # nothing installed: a namespace package's face
+                shadow = types.ModuleType("kernels")
+                shadow.__spec__ = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+                shadow.__path__ = []
+                shadow.__package__ = "kernels"
+                sys.modules["kernels"] = shadow
+                return
+            sys.modules["kernels"] = importlib.import_module("kernels")  # its own errors propagate
         finally:
             # Entries the imported package added stay; the removed ones come back in front.
             added = [p for p in sys.path if p not in saved]
             sys.path[:] = saved + added
             del ours
-        sys.modules["kernels"] = real
 
     _defer()

@@ -130,3 +130,28 @@ def test_transformers_availability_check_without_hf_kernels_installed():
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["namespace", "no", "submodules"], r.stdout
+
+
+def test_a_kernels_only_a_meta_path_finder_serves_is_handed_on(tmp_path):
+    """An editable install serves its package through a finder on sys.meta_path, not a sys.path
+    entry: `import kernels` in the root must reach it too (not the empty stand-in)."""
+    pkg = tmp_path / "elsewhere" / "kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = 'from-the-finder'\n")
+    r = _run_in_root(f"""
+        import importlib.machinery, sys
+        sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]
+
+        class Finder:  # as setuptools' editable finder: a fixed mapping, on meta_path
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
+                if name == 'kernels':
+                    return importlib.machinery.PathFinder.find_spec(name, [{str(pkg.parent)!r}])
+                return None
+
+        sys.meta_path.append(Finder)
+        import kernels
+        print(kernels.__version__)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "from-the-finder", r.stdout
