@@ -9,8 +9,9 @@ an op saves shows here before a card measures it.
     python scripts/saved_activations.py --model large --batch 256 --providers reference,maefast-block --json out.json
 
 The model runs in --dtype directly (autocast does not run on meta tensors): as under autocast, the
-GEMMs save half-precision activations; unlike it, no fp32 weight is cast per step. Rows that compile
-or capture step the same model, and Inductor decides anew what to save, so they are not counted.
+GEMMs save half-precision activations and weights (the count includes the weights, as autocast keeps
+its half-precision copies of the fp32 ones for the backward). Rows that compile or capture step the
+same model, and Inductor decides anew what to save, so they are not counted.
 Weights, gradients and AdamW's two moments (fp32 parameters: 16 bytes each) are listed beside it.
 """
 from __future__ import annotations
