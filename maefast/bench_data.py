@@ -376,8 +376,11 @@ def pixel_difference(root: str, n_images: int, size: int = 224, seed: int = 0) -
 
 
 def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images: int, rounds: int,
-        loader_rounds: int = 1, paths=PATHS, size: int = 224, diff_images: int | None = None, log=print) -> dict:
-    """Everything `maefast bench data` measures, as a JSON-able dict."""
+        loader_rounds: int = 1, paths=PATHS, size: int = 224, diff_images: int | None = None, log=print,
+        save=None) -> dict:
+    """Everything `maefast bench data` measures, as a JSON-able dict. ``save(result)``, when given, is
+    called after each section with what is measured so far (``"complete": False`` until the end), so a
+    run killed at a deadline keeps its finished rows."""
     from PIL import features
 
     from . import timing
@@ -403,24 +406,29 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     if "gpu" in paths:
         env.update(bench_data_gpu.env_extra(bench_data_gpu.device()))
     result = {"kind": "maefast.bench_data", "env": env, "folder": {"path": root, **folder_stats(files)},
-              "size": size, "batch": batch, "workers": workers, "skipped": skipped}
+              "size": size, "batch": batch, "workers": workers, "skipped": skipped, "complete": False}
+    save = save or (lambda res: None)
     torch.manual_seed(0)
     log(f"per worker: {len(paths)} rows x {rounds} rounds x {per_worker_images} images ...")
     result["per_worker"] = per_worker(datasets, min(per_worker_images, n_images), rounds) if paths else {}
+    save(result)
     if workers > 0:
         runs = {p: [] for p in paths}
         for r in range(loader_rounds):  # rows in turn, the order reversed every other round
             for p in (paths if r % 2 == 0 else paths[::-1]):
                 log(f"{workers} workers, round {r + 1}/{loader_rounds}: {p} ...")
                 runs[p].append(with_workers(datasets[p], p, workers, batch, n_images))
-        result["loader"] = {p: {**v[0], "img_per_s": statistics.median(x["img_per_s"] for x in v),
-                                "rounds": [x["img_per_s"] for x in v]} for p, v in runs.items()}
+                result["loader"] = {q: {**v[0], "img_per_s": statistics.median(x["img_per_s"] for x in v),
+                                        "rounds": [x["img_per_s"] for x in v]} for q, v in runs.items() if v}
+                save(result)
     if "gpu" in paths:
         log("the GPU half alone ...")
         result["gpu_stage"] = bench_data_gpu.stage_rate(datasets["gpu"], batch, min(n_images, 4 * batch))
+        save(result)
     if diff_images != 0 and any(p in ("exact", "fast", "fast-uint8") for p in paths):
         log("pixel difference fast vs exact ...")
         result["difference"] = pixel_difference(root, diff_images or n_images, size)
+        save(result)
     if diff_images != 0 and "gpu" in paths:
         log("pixel difference gpu vs exact ...")
         result["difference_gpu"] = bench_data_gpu.pixel_difference(root, diff_images or n_images, size, batch)
@@ -432,6 +440,8 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     if "gpu" in result["per_worker"]:  # the workers' share of the gpu path (no decode): no ratio to a whole pipeline
         result["per_worker"]["gpu"]["vs_official"] = None
     result["table"] = format_result(result).splitlines()
+    result["complete"] = True
+    save(result)
     return result
 
 
@@ -511,16 +521,18 @@ def main(argv=None) -> int:
               f"({a.workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    save = None
+    if a.json:  # written as each section finishes (atomically): a run killed at a deadline keeps its rows
+        from .train.checkpoint import atomic_write_text
+        save = lambda res: atomic_write_text(a.json, json.dumps(res, indent=2))  # noqa: E731
     try:
         res = run(a.folder or default_folder(), n, workers=a.workers, batch=a.batch,
                   per_worker_images=min(a.per_worker_images, n), rounds=rounds, loader_rounds=loader_rounds,
-                  paths=paths, size=a.size, diff_images=a.diff_images, log=log)
+                  paths=paths, size=a.size, diff_images=a.diff_images, log=log, save=save)
     except ValueError as e:
         print(f"maefast bench data: error: {e}", file=sys.stderr)
         return 2
     print("\n".join(res["table"]))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
         print(f"json: {a.json}")
     return 0

@@ -516,6 +516,13 @@ def main(argv=None) -> int:
     if note:
         print(note)
     results = []
+
+    def save(complete: bool) -> None:  # after each impl, atomically: a run killed at a deadline keeps its rows
+        if a.json:
+            from .train.checkpoint import atomic_write_text
+            atomic_write_text(a.json, json.dumps({"kind": "maefast.profile", "env": env, "peak": peak, "note": note,
+                                                  "results": results, "complete": complete}, indent=2))
+
     for impl in impls:
         trace = None
         if a.trace:
@@ -529,6 +536,7 @@ def main(argv=None) -> int:
             print(f"impl {impl}: {e}", file=sys.stderr)
             return 2
         results.append(r)
+        save(complete=False)
         print()
         print(format_profile(r, peak))
         if trace:
@@ -537,8 +545,6 @@ def main(argv=None) -> int:
         print()
         print(format_side_by_side(results))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"kind": "maefast.profile", "env": env, "peak": peak, "note": note, "results": results}, fh,
-                      indent=2)
+        save(complete=True)
         print(f"json: {a.json}")
     return 0

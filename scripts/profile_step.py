@@ -169,10 +169,10 @@ def main(argv=None) -> int:
     model = resolve_model_name(a.model)
     out = dict(model=model, batch=a.batch, steps=a.steps, providers=providers, results=[])
 
-    def save():
+    def save():  # atomically: a kill at the preset's budget leaves the last whole file
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(out, f, indent=1, default=str)
+            from maefast.train.checkpoint import atomic_write_text
+            atomic_write_text(a.json, json.dumps(out, indent=1, default=str))
 
     if a.dry_run:
         probe = {"_attn_fwd_kernel": "attention", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention",

@@ -404,7 +404,25 @@ def test_bench_data_cli(tmp_path, capsys):
     assert lo["official"]["bytes_per_image"] == 3 * 64 * 64 * 4
     assert lo["fast-uint8"]["bytes_per_image"] == 3 * 64 * 64 + 196 * 4  # uint8 image + fp32 noise (L=196)
     assert res["difference"]["all"]["samples"] == 12 and res["difference"]["all"]["max_abs_255"] >= 0
-    assert res["folder"]["images"] == 12 and res["env"]["pillow"]
+    assert res["folder"]["images"] == 12 and res["env"]["pillow"] and res["complete"] is True
+
+
+def test_bench_data_json_keeps_finished_rows(tmp_path, monkeypatch):
+    # the GPU presets kill a step at its budget: the JSON is rewritten (atomically) as each section ends
+    out = tmp_path / "r.json"
+
+    def killed(*a, **k):
+        assert json.loads(out.read_text())["loader"]["fast-uint8"]["img_per_s"] > 0  # written before the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_data, "pixel_difference", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench_data.main(["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "1", "--batch", "4",
+                         "--per-worker-images", "4", "--rounds", "1", "--size", "32", "--paths", "official,fast-uint8",
+                         "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and set(res["per_worker"]) == set(res["loader"]) == {"official", "fast-uint8"}
+    assert "difference" not in res and [p.name for p in tmp_path.iterdir()] == ["f", "r.json"]  # no temp file left
 
 
 def test_bench_data_cli_errors(tmp_path, capsys):

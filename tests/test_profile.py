@@ -45,7 +45,24 @@ def test_profile_table_and_json(tmp_path, capsys):
     # the overhead: median of the staged/plain pair ratios (the ratio of the medians beside it)
     assert math.isfinite(r["profiler_overhead"]) and r["profiler_overhead"] > -1
     assert r["profiler_overhead_of_medians"] == pytest.approx(r["step_ms_staged"] / r["step_ms_plain"] - 1)
-    assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32"
+    assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32" and rec["complete"] is True
+
+
+def test_profile_json_keeps_finished_impls(tmp_path, monkeypatch):
+    # written after each impl: a run killed at a GPU preset's budget keeps the impls it finished
+    out = tmp_path / "p.json"
+    real = mp.profile_impl
+
+    def second_killed(name, impl, **kw):
+        if impl == "auto":
+            raise KeyboardInterrupt
+        return real(name, impl, **kw)
+
+    monkeypatch.setattr(mp, "profile_impl", second_killed)
+    with pytest.raises(KeyboardInterrupt):
+        mp.main(ARGS + ["--impl", "reference,auto", "--json", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["complete"] is False and [r["impl"] for r in rec["results"]] == ["reference"]
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto"])
