@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
 import torch
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ._commit import git_commit
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
@@ -128,24 +126,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """MAEFAST_COMMIT when set (a copy of the tree without .git, e.g. on a GPU machine: scripts/gpu_check.sh
-    is run with it), else HEAD of the maefast checkout (+ '-dirty' when tracked files differ), else 'unknown'."""
-    env = os.environ.get("MAEFAST_COMMIT")
-    if env:
-        return env
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=10)
-        sha = res.stdout.strip()
-        if res.returncode != 0 or len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 _ENV: dict = {}

@@ -35,16 +35,17 @@ def runtime() -> dict:
     return {"uname_r": rel, "runtime": kind}
 
 
-def git_commit() -> str:
-    """MAEFAST_COMMIT (the device machine's copy of the tree has no .git), else git, else "unknown"."""
-    c = os.environ.get("MAEFAST_COMMIT")  # as maefast.timing.git_commit, which the benchmark rows record
-    if c:
-        return c
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - no git here: say so
-        return "unknown"
+def _load_commit_module():
+    """maefast/_commit.py by path (importing the maefast package imports torch, which may be what failed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maefast_commit", os.path.join(ROOT, "maefast", "_commit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+git_commit = _load_commit_module().git_commit  # the one the benchmark rows record (maefast.timing's)
 
 
 def environment() -> dict:

@@ -456,19 +456,35 @@ def test_table2_batches_per_model():
     assert [r["batch"] for r in rows] == [2, 8]  # tiny as asked, small at the CPU default
 
 
-def test_git_commit_comes_from_maefast_commit_where_there_is_no_git(monkeypatch):
+def test_git_commit_comes_from_maefast_commit_where_there_is_no_git(monkeypatch, tmp_path):
     """The GPU machine's copy of the tree has no .git: gpu_check.sh is run with MAEFAST_COMMIT=<sha>,
-    and every benchmark row must record that commit, as the preset's record does."""
-    from maefast import timing
+    and every benchmark row must record that commit, as the preset's record does. In a git checkout the
+    checkout's HEAD wins (a MAEFAST_COMMIT left set in a shell must not name another commit); a copy
+    inside some other repository is not a checkout of its own."""
+    from maefast import _commit, timing
 
-    monkeypatch.setenv("MAEFAST_COMMIT", "ab" * 20)
-    assert timing.git_commit() == "ab" * 20
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import gpu_record
     finally:
         sys.path.remove(os.path.join(ROOT, "scripts"))
-    assert gpu_record.git_commit() == "ab" * 20
+    monkeypatch.setenv("MAEFAST_COMMIT", "ab" * 20)
+    assert timing.git_commit is _commit.git_commit
+    if _commit._git("rev-parse", "--show-toplevel") == ROOT:  # a git checkout (CI's clean clone is one)
+        assert timing.git_commit()[:40] == gpu_record.git_commit()[:40] == _commit._git("rev-parse", "HEAD")
+    copy = tmp_path / "copy"
+    (copy / "maefast").mkdir(parents=True)
+    src = os.path.join(ROOT, "maefast", "_commit.py")
+    (copy / "maefast" / "_commit.py").write_text(open(src).read())
+    for outer_git in (False, True):
+        if outer_git:  # the copy sits inside another repository
+            subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+        ns = {"__file__": str(copy / "maefast" / "_commit.py"), "__name__": "copied_commit"}
+        exec(compile(open(src).read(), src, "exec"), ns)
+        assert ns["git_commit"]() == "ab" * 20
+        monkeypatch.delenv("MAEFAST_COMMIT")
+        assert ns["git_commit"]() == "unknown"
+        monkeypatch.setenv("MAEFAST_COMMIT", "ab" * 20)
 
 
 def test_saved_activations_counts_what_each_row_keeps_for_backward(capsys):
