@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 from collections import defaultdict
 
 import torch
@@ -41,6 +43,18 @@ from . import graphs
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
 _SEED_LIMIT = 2 ** 62
+
+
+def _check_number(name: str, v) -> float:
+    """``v`` as a float: a real number (or a one-element tensor), finite and >= 0 (a NaN weight or
+    learning rate would fill every parameter with NaN)."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                   and not v.dtype.is_complex)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    f = float(v)
+    if not (math.isfinite(f) and f >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return f
 
 
 def _unwrap(model: nn.Module) -> list[nn.Module]:
@@ -235,7 +249,7 @@ class TrainStep:
 
     def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
         """Backward of ``loss * weight / accum_steps`` (through the GradScaler when there is one)."""
-        factor = weight / self.accum_steps
+        factor = _check_number("weight", weight) / self.accum_steps
         scaled = loss if factor == 1.0 else loss * factor
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
@@ -277,6 +291,7 @@ class TrainStep:
         Returns:
             the micro-batch's loss, 0-d, detached, unscaled (captured: overwritten by the next call).
         """
+        weight = _check_number("weight", weight)
         if update is None:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:
@@ -311,8 +326,9 @@ class TrainStep:
     def set_lr(self, lr: float) -> None:
         """Every group's learning rate for the next steps (times its ``lr_scale`` if present); a captured
         step's are device tensors, written in place (no host sync)."""
+        lr = _check_number("lr", lr)
         for group in self.optimizer.param_groups:
-            v = float(lr) * group["lr_scale"] if "lr_scale" in group else float(lr)
+            v = lr * group["lr_scale"] if "lr_scale" in group else lr
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(v)
             else:

@@ -112,6 +112,26 @@ def test_eager_accumulation_clipping_and_weight():
         TrainStep(a, opt_a, capture=False)(imgs[0], noise[0], update=False)
 
 
+def test_bad_weight_and_lr_name_themselves():
+    """A NaN weight or learning rate would silently fill every parameter with NaN; a string would fail
+    deep inside. Both are refused, naming the argument, before anything runs."""
+    a, _ = _twins()
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), lr=1e-3), capture=False)
+    before = [p.detach().clone() for p in a.parameters()]
+    imgs, noise = _batches(1)
+    for bad, err in ((float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError), ("a", TypeError),
+                     (True, TypeError), (None, TypeError)):
+        with pytest.raises(err, match="weight must be"):
+            step(imgs[0], noise[0], weight=bad)
+        with pytest.raises(err, match="weight must be"):
+            step.backward(torch.zeros((), requires_grad=True), bad)
+        with pytest.raises(err, match="lr must be"):
+            step.set_lr(bad)
+    assert step.calls == 0 and all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    step.set_lr(torch.tensor(2e-3))  # a one-element tensor is a number too
+    assert step.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
 def test_eager_fp16_grad_scaler_is_the_official_amp_loop():
     """dtype=fp16 brings a GradScaler (fused AdamW: found_inf goes to the optimizer on the device);
     the steps equal the official AMP loop (autocast fp16, scaler.scale/step/update)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor, compiling
-from ._backend import IMPLS
+from . import _backend
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
 from .bias_gelu import _bias_gelu_bwd_op, _bias_gelu_op
@@ -210,11 +210,13 @@ def vit_block(x: torch.Tensor, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w
         (N, T, D) in the promoted dtype of x and the matmul dtype (x's, for an fp32 stream).
         Matmuls run in the autocast dtype when autocast is on, else in x's dtype.
     """
-    c = autocast_dtype(x.device)
     if not compiling():
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+        # "triton" and "cuda" must be able to run here (the CUDA C++ kernel is the attention forward's;
+        # a shape it does not take runs Triton, but a machine without it raises, as every op does); called
+        # through its module: a profile's BackendLog counts an op module's own choose_impl as a run
+        _backend.choose_impl(impl, x.device, auto_order=("triton",), cuda_op="attention_fwd", what="maefast.ops.vit_block")
+        check_tensor("fc1_w", fc1_w, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
         d = x.shape[-1]
         shapes = {"ln1_w": (d,), "ln1_b": (d,), "qkv_w": (3 * d, d), "qkv_b": (3 * d,), "proj_w": (d, d),
                   "proj_b": (d,), "ln2_w": (d,), "ln2_b": (d,), "fc1_w": (fc1_w.shape[0], d),
@@ -229,6 +231,12 @@ def vit_block(x: torch.Tensor, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w
                                  f"got {tuple(t.shape)}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or d % num_heads:
             raise ValueError(f"num_heads must be a positive int dividing D={d}, got {num_heads!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        for name, eps in (("eps1", eps1), ("eps2", eps2)):
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+                raise ValueError(f"{name} must be a float >= 0, got {eps!r}")
+    c = autocast_dtype(x.device)
     head_dim = x.shape[-1] // num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)
     return call(_vit_block_op, x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
