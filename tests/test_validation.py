@@ -278,6 +278,31 @@ def test_masked_prediction_loss_names_a_wrong_head():
         masked_prediction_loss(dec.bfloat16(), randn(P, 32), None, imgs, ids.ids_restore, K, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them itself: no error
         masked_prediction_loss(dec.bfloat16(), randn(P, 32), randn(P), imgs, ids.ids_restore, K, 4)
+    # imgs that do not match ids_restore were reported as a wrong 'pred' (an argument nobody passed)
+    w = randn(P, 32)
+    with pytest.raises(ValueError, match=r"imgs must be N = 2 images of L = 16 patches"):
+        masked_prediction_loss(dec, w, None, torch.cat([imgs, imgs[:1]]), ids.ids_restore, K, 4)
+    with pytest.raises(ValueError, match=r"imgs must be N = 2 images of L = 16 patches"):
+        masked_prediction_loss(dec, w, None, imgs[..., :8, :], ids.ids_restore, K, 4)
+    with pytest.raises(ValueError, match="imgs must be on decoder_out's device cpu, got meta"):
+        masked_prediction_loss(dec, w, None, imgs.to("meta"), ids.ids_restore, K, 4)
+
+
+def test_masked_patch_ids_and_random_masking_name_bad_arguments():
+    r = random_masking(2, 16, 0.75, seed=0).ids_restore
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(ValueError, match=r"len_keep must be an int in \[0, L\] = \[0, 16\]"):
+            masked_patch_ids(r, bad)
+    with pytest.raises(ValueError, match="ids_restore must have 2 dimensions"):
+        masked_patch_ids(r[0], 4)
+    with pytest.raises(TypeError, match="ids_restore must be a torch.Tensor"):
+        masked_patch_ids(r.tolist(), 4)
+    assert masked_patch_ids(r, 16).shape == (2, 0)  # mask ratio 0: nothing masked
+    if not torch.cuda.is_available():  # was torch's AssertionError "Torch not compiled with CUDA enabled"
+        with pytest.raises(ValueError, match="device='cuda': CUDA is not available here"):
+            random_masking(2, 16, 0.75, seed=0, device="cuda")
+    with pytest.raises(ValueError, match="device must name a torch device, got 'gpu0'"):
+        random_masking(2, 16, 0.75, seed=0, device="gpu0")
 
 
 # -- one rule for index tensors: strided views ------------------------------------------------------

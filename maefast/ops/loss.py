@@ -88,7 +88,7 @@ def _denominator(pred, mask_or_ids, pred_masked: bool) -> torch.Tensor:
 def _reference_target(imgs, mask_or_ids, patch_size, norm_pix, pred_masked, m, stats):
     target = patchify(as_float_images(imgs, stats), patch_size)
     if pred_masked:
-        ids = masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - m)
+        ids = _masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - m)
         target = torch.gather(target, 1, ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
     return norm_pix_target(target) if norm_pix else target
 
@@ -125,7 +125,7 @@ def _triton_rows(pred, mask_or_ids, pred_masked: bool):
     """(weight fp32 or None, ids or None) for the Triton kernels: with pred_on="masked" the kernels walk
     the rows of pred, so they take the masked patch ids in shuffle order (N, M), not ids_restore."""
     if pred_masked:
-        return None, masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - pred.shape[1])
+        return None, _masked_patch_ids(mask_or_ids, mask_or_ids.shape[1] - pred.shape[1])
     return mask_or_ids.to(torch.float32), None
 
 
@@ -297,6 +297,15 @@ def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
     (ids_shuffle[:, len_keep:]), by a scatter (ids_restore is a permutation): no sort, no host sync.
     Same result as `maefast.reference.masked_patch_ids`. For a non-permutation (trusted on a GPU,
     refused on the CPU by the ops) the result is some ids in [0, L): never out of bounds."""
+    if not compiling():
+        check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES)
+        L = ids_restore.shape[1]
+        if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep <= L:
+            raise ValueError(f"len_keep must be an int in [0, L] = [0, {L}], got {len_keep!r}")
+    return _masked_patch_ids(ids_restore, len_keep)
+
+
+def _masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
     n, L = ids_restore.shape
     ids = dense_index(ids_restore, torch.int64).clamp(0, L - 1)  # the scatter stays inside ids_shuffle
     arange = torch.arange(L, device=ids.device).expand(n, L)
@@ -328,7 +337,7 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
     if not compiling():
         _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls)
     x = decoder_out[:, 1:] if has_cls else decoder_out
-    ids = masked_patch_ids(ids_restore, len_keep)
+    ids = _masked_patch_ids(ids_restore, len_keep)
     x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     pred = F.linear(x, pred_weight, pred_bias)
     loss = norm_pix_loss(pred, imgs, ids_restore, patch_size, norm_pix=norm_pix, pred_on="masked", impl=impl,
@@ -348,7 +357,12 @@ def _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_k
     if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep < L:
         raise ValueError(f"len_keep must be an int in [0, L) = [0, {L}), got {len_keep!r}")
     check_patch_size(patch_size)
-    check_images("imgs", imgs, patch_size, uint8=True)
+    h, w = check_images("imgs", imgs, patch_size, uint8=True)
+    if imgs.device != dev:
+        raise ValueError(f"imgs must be on decoder_out's device {dev}, got {imgs.device}")
+    if imgs.shape[0] != ids_restore.shape[0] or h * w != L:
+        raise ValueError(f"imgs must be N = {ids_restore.shape[0]} images of L = {L} patches of {patch_size}x"
+                         f"{patch_size} (ids_restore's shape), got shape {tuple(imgs.shape)} ({h * w} patches)")
     dd, P = decoder_out.shape[-1], patch_size * patch_size * imgs.shape[1]
     check_tensor("pred_weight", pred_weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
     if tuple(pred_weight.shape) != (P, dd):

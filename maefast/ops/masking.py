@@ -188,7 +188,12 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         noise = noise.detach()
         out_device = noise.device
     else:
-        out_device = torch.device(device) if device is not None else torch.get_default_device()
+        try:
+            out_device = torch.device(device) if device is not None else torch.get_default_device()
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device, got {device!r}") from e
+        if out_device.type == "cuda" and not compiling() and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here (torch {torch.__version__})")
         if out_device.type == "cuda" and out_device.index is None:  # "cuda" -> "cuda:<current>"
             out_device = torch.device("cuda", torch.cuda.current_device())
         if seed is None:
