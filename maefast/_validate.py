@@ -122,11 +122,14 @@ def check_pixel_stats(name: str, imgs: torch.Tensor, mean, std) -> None:
 
 
 def to_2tuple(name: str, v) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    """A size (image, patch, grid): an int > 0 or a pair of them."""
+    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be > 0, got {v!r}")
+    return (int(pair[0]), int(pair[1]))
 
 
 # -- index tensors ---------------------------------------------------------------------------------

@@ -201,6 +201,36 @@ def test_bad_inputs():
         maefast.patch(ReferenceMAE(**TINY), fused=2)
     with pytest.raises(ValueError, match="fused=True .* was removed"):  # a clear word, not a silent other mode
         create_model("tiny", fused=True)
+    # errors that named internals (x_vis, a 'device' nobody passed) or came from deep inside
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 weights; this model's are float64"):
+        create_model("tiny").double()(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise must be on cpu, got meta"):
+        m(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 16, device="meta"))
+    with pytest.raises(ValueError, match="imgs must be on the model's device cpu, got meta"):
+        m(torch.randn(2, 3, 32, 32, device="meta"))
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(patch_size=0), ValueError, r"patch_size must be > 0, got 0"),
+    (dict(img_size=(32, -32)), ValueError, r"img_size must be > 0"),
+    (dict(patch_size=2.5), TypeError, "patch_size must be an int or a pair of ints"),
+    (dict(embed_dim=0), ValueError, "embed_dim must be an int >= 1"),
+    (dict(depth=-1), ValueError, "depth must be an int >= 0"),
+    (dict(in_chans=0), ValueError, "in_chans must be an int >= 1"),
+    (dict(decoder_num_heads=1.0), ValueError, "decoder_num_heads must be an int >= 1"),
+    (dict(mlp_ratio=0), ValueError, "mlp_ratio must be a number > 0"),
+])
+@pytest.mark.parametrize("cls", [ReferenceMAE, MaskedAutoencoderViT])
+def test_bad_configs_name_themselves(cls, kw, err, match):
+    with pytest.raises(err, match=match):
+        cls(**{**TINY, **kw})
+
+
+def test_bad_model_name():
+    with pytest.raises(TypeError, match="the model name must be a str, got NoneType"):
+        create_model(None)
+    with pytest.raises(ValueError, match="unknown model 'vit_q'"):
+        create_model("vit_q")
 
 
 GPU_CFG = dict(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4, decoder_embed_dim=128,

@@ -34,6 +34,9 @@ ALIASES = {"base": "mae_vit_base_patch16", "b16": "mae_vit_base_patch16", "vit_b
 
 
 def resolve_model_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"the model name must be a str, got {type(name).__name__}; choose one of "
+                        f"{sorted(MODEL_CONFIGS)} or {sorted(ALIASES)}")
     key = name.lower().replace("-", "_").replace("/", "")
     key = ALIASES.get(key, key)
     for suffix in ("_dec512d8b",):

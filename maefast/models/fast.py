@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops.attention import model_level_impl
-from .._validate import autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
@@ -194,9 +194,15 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
     if tuple(imgs.shape[-2:]) != tuple(view.img_size):
         raise ValueError(f"imgs must be {view.img_size[0]}x{view.img_size[1]} (img_size of this model), "
                          f"got {tuple(imgs.shape[-2:])}")
+    w = view.patch_proj.weight
+    if w.dtype not in FLOAT_DTYPES:  # maefast's kernels take these (the official forward runs any float)
+        raise TypeError(f"maefast's fast forward runs float32, bfloat16 or float16 weights; this model's are "
+                        f"{str(w.dtype).replace('torch.', '')} (cast it, or build it with impl='reference')")
+    if imgs.device != w.device:
+        raise ValueError(f"imgs must be on the model's device {w.device}, got {imgs.device}")
     check_mask_ratio(mask_ratio, view.num_patches)
     if noise is not None:
-        check_tensor("noise", noise, ndim=2)
+        check_tensor("noise", noise, ndim=2, device=imgs.device)
         if tuple(noise.shape) != (imgs.shape[0], view.num_patches):
             raise ValueError(f"noise must have shape (N, L) = {(imgs.shape[0], view.num_patches)}, "
                              f"got {tuple(noise.shape)}")

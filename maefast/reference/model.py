@@ -97,6 +97,13 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
+        for name, v, low in (("in_chans", in_chans, 1), ("embed_dim", embed_dim, 1), ("depth", depth, 0),
+                             ("num_heads", num_heads, 1), ("decoder_embed_dim", decoder_embed_dim, 1),
+                             ("decoder_depth", decoder_depth, 0), ("decoder_num_heads", decoder_num_heads, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.in_chans = in_chans
