@@ -46,11 +46,37 @@ def test_existing_run_is_refused_then_overwritten_or_continued(tmp_path):
     again = cli(*args)  # the same command again: refused, nothing touched
     one_line_error(again, "maefast train", out, "--resume auto", "--overwrite")
     assert _snapshot(out) == before
+    # --overwrite with an option refused later (by the step, the optimizer, the first loss) deleted the old
+    # run first: every option is checked before the folder is touched
+    for bad in (["--clip-grad", "-1"], ["--lr", "nan"], ["--weight-decay", "inf"], ["--blr", "inf"]):
+        one_line_error(cli(*args, "--overwrite", *bad), "maefast train", bad[0], "finite")
+        assert _snapshot(out) == before, bad
     over = cli(*args, "--overwrite", "--max-steps", "1")
     assert over.returncode == 0, over.stderr[-3000:]
     assert [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))] == [1]  # the old run's lines are gone
     ck = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert ck["step"] == 1
+
+
+@pytest.mark.slow
+def test_resume_auto_without_a_checkpoint_keeps_a_finished_run(tmp_path):
+    """--resume auto where no checkpoint-last.pth is: a run stopped before its first checkpoint (logs only)
+    starts fresh; a finished --no-save run (its encoder export is its only result) is refused, untouched."""
+    out = str(tmp_path / "run")
+    args = ["train", *[a for a in TINY if a != "--no-export"], "--synthetic-size", "8", "--batch-size", "4",
+            "--epochs", "1", "--output-dir", out]
+    first = cli(*args, "--no-save")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _snapshot(out)
+    assert any(n.startswith("mae_pretrain_") for n in before) and "checkpoint-last.pth" not in before
+    one_line_error(cli(*args, "--resume", "auto"), "maefast train", "--resume auto", "checkpoint-last.pth",
+                   "--overwrite")
+    assert _snapshot(out) == before
+    for n in before:  # only the logs of a run stopped before it saved anything: a fresh start
+        if n.startswith("mae_pretrain_"):
+            os.remove(os.path.join(out, n))
+    again = cli(*args, "--resume", "auto", "--no-save")
+    assert again.returncode == 0 and "no checkpoint, fresh start" in again.stderr + again.stdout, again.stderr[-3000:]
 
 
 def _unreadable_folder(path, n=3):

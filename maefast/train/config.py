@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -256,8 +257,9 @@ def cuda_graph_mode(value) -> str:
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN
+    if value is None or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def _check_geometry(cfg: TrainConfig) -> None:
@@ -284,6 +286,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
+    if cfg.clip_grad is not None:
+        _positive("--clip-grad", cfg.clip_grad)
     _positive("--dist-timeout", cfg.dist_timeout)
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)
@@ -294,6 +298,13 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
     if cfg.impl not in ("auto", "triton", "cuda", "reference"):
         raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
+    if cfg.impl in ("triton", "cuda") and cfg.device is not None:  # else the first step would say it
+        from ..ops._backend import choose_impl
+
+        try:
+            choose_impl(cfg.impl, torch.device(cfg.device), cuda_op="attention_fwd", what="this run's model")
+        except ValueError as e:
+            raise ValueError(f"--impl {cfg.impl}: {e}") from None
     if cfg.decode not in DECODES:
         raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {cfg.decode!r}")
     if cfg.decode == "gpu":

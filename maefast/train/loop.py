@@ -133,8 +133,10 @@ class _Trainer:
     # -- before the first step ------------------------------------------------------------------
     def run(self) -> dict:
         dist_lib.agreed(self._plan, self.info)
-        dist_lib.agreed(self._prepare_folder, self.info)
+        # the optimizer and the step check their arguments too: all of it before the folder is touched
+        # (an --overwrite that then failed on a bad option had already deleted the old run)
         dist_lib.agreed(self._build_state, self.info)
+        dist_lib.agreed(self._prepare_folder, self.info)
         self.ctl.setup()
         self._steps()
         return self._finish()

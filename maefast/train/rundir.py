@@ -50,9 +50,17 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise NotADirectoryError(f"--output-dir {output_dir!r} is a file, not a folder")
     files = run_files(output_dir)
+    shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+    if resume == "auto" and not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME)):
+        # nothing to continue: a fresh start trims the logs to step 0, which is right for a run stopped
+        # before its first checkpoint, but would replace what a finished --no-save run left (its export)
+        results = [f for f in files if f not in ("log.jsonl", "steps.jsonl", "loss_curve.png")]
+        if results:
+            raise ValueError(f"--resume auto: --output-dir {output_dir!r} holds a run ({shown}) but no "
+                             f"{CHECKPOINT_NAME} to continue from, and a fresh start would write over it: pick "
+                             "another --output-dir, or start over with --overwrite instead of --resume auto")
     if resume == "auto" or not files or overwrite:
         return
-    shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
     if resume is None:
         raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}): pass --resume auto to "
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
