@@ -8,6 +8,7 @@ statistics are ones the model never saw), and the caption says so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -161,9 +162,22 @@ def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: int):
     return canvas, boxes
 
 
+def _check_out(out: str, inputs: list[str], overwrite: bool) -> None:
+    """--out must not be one of the inputs, nor a file that exists unless ``overwrite`` says so."""
+    for path in inputs:
+        if os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            raise ValueError(f"--out {out!r} is one of the inputs ({path!r}): pick another --out")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder: give the PNG file to write")
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"--out {out!r} exists: pass --overwrite to replace it, or another --out")
+
+
 def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstruction.png", mask_ratio: float = 0.75,
-              seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None) -> dict:
-    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel"}."""
+              seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None,
+              overwrite: bool = False) -> dict:
+    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel"}. An existing
+    ``out`` is replaced only with ``overwrite`` (never when it is the checkpoint or an image)."""
     from PIL import Image
 
     from .train.data import center_transform
@@ -172,6 +186,7 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
         images = [images]
     if not images:
         raise ValueError("images: give at least one image file")
+    _check_out(out, [checkpoint, *images], overwrite)
     from ._validate import check_mask_ratio
 
     check_mask_ratio(mask_ratio)
@@ -203,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a maefast train checkpoint (OUTPUT_DIR/checkpoint-last.pth)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s); one row each")
     p.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.add_argument("--model", default=None,
@@ -218,7 +234,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         res = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.model,
-                        args.norm_pix_loss)
+                        args.norm_pix_loss, overwrite=args.overwrite)
     except USER_ERRORS as exc:  # a traceback only for our own bugs
         print(f"maefast visualize: error: {exc}", file=sys.stderr)
         return 2

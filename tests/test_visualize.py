@@ -25,6 +25,24 @@ def _image(tmp_path, i=0, size=57):
     return str(path)
 
 
+def test_out_never_replaces_an_input_nor_an_existing_file_unasked(tmp_path):
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    saved = {p: open(p, "rb").read() for p in (ck, img)}
+    for out in (ck, img):  # even with --overwrite
+        with pytest.raises(ValueError, match="is one of the inputs"):
+            vis.visualize(ck, img, out, overwrite=True)
+    with pytest.raises(ValueError, match="is a folder"):
+        vis.visualize(ck, img, str(tmp_path))
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's")
+    with pytest.raises(ValueError, match="exists: pass --overwrite"):
+        vis.visualize(ck, img, str(out))
+    assert out.read_bytes() == b"the user's" and all(open(p, "rb").read() == v for p, v in saved.items())
+    vis.visualize(ck, img, str(out), overwrite=True)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+
+
 def test_grid_png_size_and_panels(tmp_path):
     ck, img = _checkpoint(tmp_path), _image(tmp_path)
     out = str(tmp_path / "grid.png")
