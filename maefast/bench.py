@@ -29,11 +29,27 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}") from None
+        raise ValueError(f"--dtype must be one of {sorted(set(DTYPES))}, got {name!r}") from None
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(name: str | None) -> torch.device:
+    """--device of the bench and profile commands: a device torch knows and this machine has (default:
+    CUDA when there is a GPU, else the CPU)."""
+    if name is None:
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must name a torch device (cpu, cuda, cuda:1), got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    return dev
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -362,7 +378,9 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     if argv[0] not in BENCHMARKS:
-        print(f"maefast bench: unknown benchmark {argv[0]!r} (known: {', '.join(BENCHMARKS)})\n\n{usage()}",
-              file=sys.stderr)
+        print(f"maefast bench: error: unknown benchmark {argv[0]!r} (known: {', '.join(BENCHMARKS)}; see maefast "
+              "bench --help)", file=sys.stderr)
         return 2
-    return int(importlib.import_module(BENCHMARKS[argv[0]][0]).main(argv[1:]) or 0)
+    from .cli import guarded
+
+    return guarded(f"maefast bench {argv[0]}", importlib.import_module(BENCHMARKS[argv[0]][0]).main, argv[1:])

@@ -145,9 +145,15 @@ def make_folder(root: str, n: int, seed: int = 0, processes: int | None = None, 
     manifest_path = os.path.join(root, MANIFEST)
     want = {"kind": "maefast.bench_data.folder", "generator_version": GENERATOR_VERSION, "seed": seed}
     have = 0
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"--folder {root!r} is a file, not a folder")
     if os.path.isfile(manifest_path):
-        with open(manifest_path) as fh:
-            manifest = json.load(fh)
+        try:
+            with open(manifest_path) as fh:
+                manifest = json.load(fh)
+        except ValueError as e:
+            raise ValueError(f"--folder {root!r}: its {MANIFEST} is unreadable ({e}); pass another --folder, or "
+                             "delete that file to have the set written anew") from None
         if {k: manifest.get(k) for k in want} != want:
             raise ValueError(f"--folder {root!r} holds a benchmark set of another generator or seed "
                              f"({ {k: manifest.get(k) for k in want} }, want {want}): pass another --folder")
@@ -485,8 +491,10 @@ def format_result(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="maefast bench data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .cli import HelpFormatter, OneLineParser, check_out_file
+
+    p = OneLineParser(prog="maefast bench data", description=__doc__.split("\n\n")[0],
+                      formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, 1 round, fewer loader images")
     p.add_argument("--images", type=int, default=None, help=f"images in the folder (default {FULL_IMAGES})")
     p.add_argument("--folder", default=None, help="where the generated JPEGs live (default: a cache folder)")
@@ -501,9 +509,9 @@ def main(argv=None) -> int:
                    "(default: all; 0: skip)")
     p.add_argument("--json", default=None, help="write the result here")
     a = p.parse_args(argv)
-    n = a.images or (QUICK_IMAGES if a.quick else FULL_IMAGES)
-    rounds = a.rounds or (1 if a.quick else 3)
-    loader_rounds = a.loader_rounds or (1 if a.quick else 2)
+    n = a.images if a.images is not None else (QUICK_IMAGES if a.quick else FULL_IMAGES)
+    rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
+    loader_rounds = a.loader_rounds if a.loader_rounds is not None else (1 if a.quick else 2)
     paths = [s.strip() for s in a.paths.split(",") if s.strip()]
     bad = [s for s in paths if s not in PATHS]
     errors = [msg for cond, msg in (
@@ -520,18 +528,16 @@ def main(argv=None) -> int:
         print(f"maefast bench data: error: --images {n} gives the loader no batch after the first wave "
               f"({a.workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
+    check_out_file("--json", a.json)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     save = None
     if a.json:  # written as each section finishes (atomically): a run killed at a deadline keeps its rows
         from .train.checkpoint import atomic_write_text
         save = lambda res: atomic_write_text(a.json, json.dumps(res, indent=2))  # noqa: E731
-    try:
-        res = run(a.folder or default_folder(), n, workers=a.workers, batch=a.batch,
-                  per_worker_images=min(a.per_worker_images, n), rounds=rounds, loader_rounds=loader_rounds,
-                  paths=paths, size=a.size, diff_images=a.diff_images, log=log, save=save)
-    except ValueError as e:
-        print(f"maefast bench data: error: {e}", file=sys.stderr)
-        return 2
+    # a ValueError or a folder that cannot be written is one line, exit 2 (maefast.cli.guarded)
+    res = run(a.folder or default_folder(), n, workers=a.workers, batch=a.batch,
+              per_worker_images=min(a.per_worker_images, n), rounds=rounds, loader_rounds=loader_rounds,
+              paths=paths, size=a.size, diff_images=a.diff_images, log=log, save=save)
     print("\n".join(res["table"]))
     if a.json:
         print(f"json: {a.json}")

@@ -2,7 +2,9 @@
 imported only when used, so `maefast --help` is fast and works without triton or a GPU."""
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -12,6 +14,58 @@ COMMANDS = {
     "visualize": ("maefast.visualize", "PNG grid of original / masked / reconstruction from a checkpoint"),
     "info": ("maefast.cli", "what can run here (reference, Triton, CUDA C++ kernels) and why not; --json"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for a real default ("auto" options say what they resolve to themselves)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (argparse prints the whole usage block first); every
+    subcommand's parser."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_out_file(flag: str, path: str | None) -> None:
+    """An output file a command will write at its end: refused now (ValueError naming the flag) when it is
+    a folder or its folder does not exist, instead of after the work."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: the folder {folder!r} does not exist")
+
+
+def positive(flag: str, value, allow_zero: bool = False):
+    """``value`` when it is None or an int > 0 (>= 0 with allow_zero); else ValueError naming the flag."""
+    if value is not None and (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def guarded(prog: str, fn, argv) -> int:
+    """Runs a subcommand's main: a user's error (bad value, missing or unwritable file) is one line on
+    stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""
+    from .train.errors import USER_ERRORS
+
+    try:
+        return int(fn(argv) or 0)
+    except (*USER_ERRORS, OSError) as e:
+        msg = str(e).strip().splitlines()
+        print(f"{prog}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def format_info(info: dict) -> str:
@@ -38,13 +92,12 @@ def format_info(info: dict) -> str:
 
 
 def info_main(argv=None) -> int:
-    import argparse
     import json
 
     import maefast
 
-    p = argparse.ArgumentParser(prog="maefast info", description="What can run here: torch, the GPU, and which "
-                                "of maefast's backends (reference, triton, cuda) run on this machine, and why not.")
+    p = OneLineParser(prog="maefast info", description="What can run here: torch, the GPU, and which "
+                      "of maefast's backends (reference, triton, cuda) run on this machine, and why not.")
     p.add_argument("--json", action="store_true", help="print maefast.backends() as JSON")
     a = p.parse_args(argv)
     info = maefast.backends()
@@ -68,13 +121,15 @@ def main(argv=None) -> int:
     if argv and not argv[0].startswith("-"):
         cmd = argv.pop(0)
     if cmd not in COMMANDS:
-        print(f"maefast: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        print(f"maefast: error: unknown command {cmd!r} (commands: {', '.join(COMMANDS)}; see maefast --help)",
+              file=sys.stderr)
         return 2
-    if cmd == "info":
-        return info_main(argv)
-    module = importlib.import_module(COMMANDS[cmd][0])
-    rc = module.main(argv)
-    return int(rc or 0)
+    try:
+        fn = info_main if cmd == "info" else importlib.import_module(COMMANDS[cmd][0]).main
+    except KeyboardInterrupt:  # while importing torch
+        print(f"maefast {cmd}: interrupted", file=sys.stderr)
+        return 130
+    return guarded(f"maefast {cmd}", fn, argv)
 
 
 if __name__ == "__main__":

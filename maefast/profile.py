@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -471,7 +472,9 @@ def format_side_by_side(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="maefast profile", description=__doc__.split("\n\n")[0])
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="maefast profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="small (CPU default), base (GPU default), large, huge, tiny, ...")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 64 on a GPU")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
@@ -492,19 +495,38 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = torch.device(a.device) if a.device else mb.default_device()
+    from ._validate import check_mask_ratio
+    from .cli import check_out_file, positive
+    from .models.configs import resolve_model_name
+    from .ops._backend import IMPLS
+
+    # every option checked before any work (an error one line, exit 2: maefast.cli.guarded)
+    for flag, v, zero in (("--batch", a.batch, False), ("--steps", a.steps, False), ("--warmup", a.warmup, True),
+                          ("--threads", a.threads, False)):
+        positive(flag, v, allow_zero=zero)
+    device = mb.parse_device(a.device)
     on_cpu = device.type == "cpu"
     name = a.model or ("small" if on_cpu else "base")
-    batch = a.batch or (8 if on_cpu else 64)
+    resolve_model_name(name)
+    try:
+        check_mask_ratio(a.mask_ratio)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
+    batch = a.batch if a.batch is not None else (8 if on_cpu else 64)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
-    steps = a.steps or (5 if on_cpu else 10)
+    steps = a.steps if a.steps is not None else (5 if on_cpu else 10)
     # on a GPU: maefast's model beside the official computation (the speed-up); elsewhere maefast's model
     # alone, since both would run the same PyTorch ops
     impl_arg = a.impl or ("auto" if on_cpu and mb.accepts_impl() else
                           "reference,auto" if mb.accepts_impl() else "reference")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {a.impl!r}")
+    check_out_file("--json", a.json)
+    check_out_file("--trace", a.trace)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if on_cpu and not a.model:
         print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
               "--model base|large|huge for the paper's", file=sys.stderr)
@@ -525,8 +547,9 @@ def main(argv=None) -> int:
 
     for impl in impls:
         trace = None
-        if a.trace:
-            trace = a.trace if len(impls) == 1 else a.trace.replace(".json", f".{impl}.json")
+        if a.trace:  # one file per impl when there are several: trace.json -> trace.auto.json
+            root, ext = os.path.splitext(a.trace)
+            trace = a.trace if len(impls) == 1 else f"{root}.{impl}{ext or '.json'}"
         try:
             r = profile_impl(name, impl, batch=batch, dtype=dtype, device=device, steps=steps, warmup=a.warmup,
                              compile=a.compile, sync=a.sync, mask_ratio=a.mask_ratio, trace=trace,

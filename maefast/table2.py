@@ -396,7 +396,9 @@ def parse_batches(text: str | None) -> int | dict | None:
 def main(argv=None) -> int:
     """`maefast bench table2`: prints the table, writes --json / --png; exit 1 when a row failed, 2 on a
     user error (one line on stderr)."""
-    p = argparse.ArgumentParser(prog="maefast bench table2", description=__doc__.split("\n\n")[2])
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="maefast bench table2", description=__doc__.split("\n\n")[2])
     p.add_argument("--models", default=None, help="comma list (base,large,huge / small / tiny / full names); "
                    "default: base,large,huge on a GPU, small on the CPU")
     p.add_argument("--decoder-depths", default="8,1")
@@ -418,28 +420,43 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
+    from ._validate import check_mask_ratio
+    from .cli import check_out_file, positive
+    from .models import model_config
+    from .ops._backend import IMPLS
+
+    # every option checked before any work: a user's error is one line, exit 2 (maefast.cli.guarded)
+    positive("--threads", a.threads)
+    device = mb.parse_device(a.device)
+    on_cpu = device.type == "cpu"
+    models = _models(a.models) if a.models else (["small"] if on_cpu else ["base", "large", "huge"])
+    for m in models:
+        resolve_model_name(m)
+    impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if mb.accepts_impl() and not on_cpu else []))
+    if not impls or any(i not in IMPLS for i in impls):
+        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {a.impl!r}")
+    try:
+        check_mask_ratio(a.mask_ratio)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
+    dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
+    depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
+    batch = parse_batches(a.batch)
+    overrides = {}
+    known = set(model_config(models[0]))
+    for kv in a.override:
+        k, _, v = kv.partition("=")
+        try:
+            overrides[k] = float(v) if "." in v else int(v)
+        except ValueError:
+            raise ValueError(f"--override takes KEY=NUMBER (e.g. depth=2), got {kv!r}") from None
+        if k not in known or k == "norm_layer":
+            raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of "
+                             f"{', '.join(sorted(known - {'norm_layer'}))})")
+    check_out_file("--json", a.json)
+    check_out_file("--png", a.png)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        device = torch.device(a.device) if a.device else mb.default_device()
-        on_cpu = device.type == "cpu"
-        models = _models(a.models) if a.models else (["small"] if on_cpu else ["base", "large", "huge"])
-        for m in models:
-            resolve_model_name(m)
-        impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if mb.accepts_impl() and not on_cpu else []))
-        dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
-        depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
-        batch = parse_batches(a.batch)
-        overrides = {}
-        for kv in a.override:
-            k, _, v = kv.partition("=")
-            try:
-                overrides[k] = float(v) if "." in v else int(v)
-            except ValueError:
-                raise ValueError(f"--override takes KEY=NUMBER (e.g. depth=2), got {kv!r}") from None
-    except (ValueError, RuntimeError) as e:  # RuntimeError: torch.device("nonsense")
-        print(f"maefast bench table2: {e}", file=sys.stderr)
-        return 2
     if a.fused != "off":
         overrides["fused"] = "block"
     note = ""
@@ -453,9 +470,10 @@ def main(argv=None) -> int:
 
     def save_partial(rows_so_far):  # a run cut short (a time limit) still leaves its finished rows
         if a.json:
-            with open(a.json, "w") as fh:
-                json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows_so_far,
-                           "partial": True}, fh, indent=2, default=str)
+            from .train.checkpoint import atomic_write_text
+
+            atomic_write_text(a.json, json.dumps({"kind": "maefast.table2", "env": env, "peak": peak, "note": note,
+                                                  "rows": rows_so_far, "partial": True}, indent=2, default=str))
 
     rows = table2(models, depths, impls, batch=batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
                   quick=a.quick, progress=progress, overrides=overrides or None,
@@ -472,9 +490,10 @@ def main(argv=None) -> int:
             print(f"no chart ({e})", file=sys.stderr)
             png = None
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"kind": "maefast.table2", "env": env, "peak": peak, "note": note, "rows": rows,
-                       "table": text.splitlines(), "png": png}, fh, indent=2)
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps({"kind": "maefast.table2", "env": env, "peak": peak, "note": note,
+                                              "rows": rows, "table": text.splitlines(), "png": png}, indent=2))
         print(f"json: {a.json}")
     return 0 if all("error" not in r for r in rows) else 1
 

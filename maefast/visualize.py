@@ -212,7 +212,7 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import HelpFormatter, OneLineParser
+    from .cli import HelpFormatter, OneLineParser
 
     p = OneLineParser(prog="maefast visualize", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a maefast train checkpoint (OUTPUT_DIR/checkpoint-last.pth)")

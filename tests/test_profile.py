@@ -127,9 +127,32 @@ def test_profile_compile_path(monkeypatch, capsys):
     assert "forward (compiled)" in text and "compiled" in text
 
 
-def test_profile_bad_impl(capsys):
-    assert mp.main(ARGS + ["--impl", "no-such-impl"]) == 2
-    assert "no-such-impl" in capsys.readouterr().err
+def test_profile_bad_impl():
+    with pytest.raises(ValueError, match="--impl takes a comma list of .* got 'no-such-impl'"):
+        mp.main(ARGS + ["--impl", "no-such-impl"])  # `maefast profile` prints it as one line, exit 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--batch", "0"], "--batch must be > 0"),  # 0 was replaced by the default
+    (["profile", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["profile", "--dtype", "foo"], "--dtype must be one of"),
+    (["profile", "--device", "foo"], "--device must name a torch device"),
+    (["profile", "--device", "cuda:0"] if not torch.cuda.is_available() else ["profile", "--device", "mps"],
+     "--device"),
+    (["profile", "--mask-ratio", "1.5"], "--mask-ratio must be in"),
+    (["profile", "--json", "/"], "--json '/' is a folder"),
+    (["profile", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "data", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "data", "--images", "0"], "--images must be > 0"),
+    (["bench", "data", "--json", "/no/such/dir/x.json"], "--json '/no/such/dir/x.json': the folder"),
+    (["bench", "data", "--folder", __file__, "--quick"], "is a file, not a folder"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    (["nope"], "unknown command 'nope'"),
+])
+def test_cli_user_errors_are_one_line_exit_2(args, needle):
+    """A user's error in any command: one line on stderr, exit 2, no traceback, before any work."""
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and needle in r.stderr, (r.returncode, r.stderr)
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:

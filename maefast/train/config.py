@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cli import HelpFormatter, OneLineParser  # noqa: F401 - the train and visualize parsers'
+
 from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE
 from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
 
@@ -72,22 +74,6 @@ class TrainConfig:
 
 
 INTERNAL_FIELDS = ("notes", "explicit")  # not options: never recorded in a checkpoint's config
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only for a real default ("auto" options say what they resolve to themselves)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (argparse prints the whole usage block first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 FUSED = {"off": False, "block": "block"}  # --fused -> the model's fused=
