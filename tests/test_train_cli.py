@@ -100,6 +100,12 @@ def test_rejected_input_leaves_no_folder(tmp_path):
     one_line_error(cli(*common[:1], *TINY, "--data", bad, "--output-dir", str(out)), "maefast train",
                    "cannot read", "img0.jpg")
     assert not out.exists()
+    # a run folder inside the data folder: its loss curve PNG would become a training image (and a resume
+    # then blamed "another data set")
+    inner = os.path.join(bad, "run")
+    one_line_error(cli(*common[:1], *TINY, "--data", bad, "--output-dir", inner), "maefast train",
+                   "is inside --data")
+    assert not os.path.exists(inner)
 
 
 def _files(tmp_path):

@@ -291,6 +291,11 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
             choose_impl(cfg.impl, torch.device(cfg.device), cuda_op="attention_fwd", what="this run's model")
         except ValueError as e:
             raise ValueError(f"--impl {cfg.impl}: {e}") from None
+    if cfg.data != "synthetic" and cfg.data and os.path.isdir(cfg.data):
+        data, out = os.path.realpath(cfg.data), os.path.realpath(cfg.output_dir)
+        if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--output-dir {cfg.output_dir!r} is inside --data {cfg.data!r}: the run's own files "
+                             "(its loss curve PNG) would become training images; put it elsewhere")
     if cfg.decode not in DECODES:
         raise ValueError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {cfg.decode!r}")
     if cfg.decode == "gpu":

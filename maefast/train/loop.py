@@ -184,6 +184,9 @@ class _Trainer:
                                  f"not a whole number of this run's global batches of {global_batch}")
             if samples >= steps_per_epoch * global_batch:
                 epoch, samples = epoch + 1, 0
+            if epoch >= cfg.epochs:  # it trained nothing and rewrote the export, reporting a NaN loss
+                raise ValueError(f"--resume {source}: the run has trained {epoch} epoch(s) (step {step}); "
+                                 f"--epochs {cfg.epochs} leaves nothing to train: pass --epochs > {epoch} to go on")
         self.cfg, self.ck, self.source = cfg, ck, source
         self.model, self.model_kwargs, self.dataset = model, model_kwargs, dataset
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
