@@ -187,6 +187,8 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     if not images:
         raise ValueError("images: give at least one image file")
     _check_out(out, [checkpoint, *images], overwrite)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63 - len(images):
+        raise ValueError(f"--seed must be an int in [0, 2**63), got {seed!r}")  # torch.Generator's range
     from ._validate import check_mask_ratio
 
     check_mask_ratio(mask_ratio)
