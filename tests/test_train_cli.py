@@ -106,6 +106,9 @@ def test_rejected_input_leaves_no_folder(tmp_path):
     one_line_error(cli(*common[:1], *TINY, "--data", bad, "--output-dir", inner), "maefast train",
                    "is inside --data")
     assert not os.path.exists(inner)
+    one_line_error(cli(*common[:1], *TINY, "--data", bad, "--synthetic-size", "8", "--output-dir", str(out)),
+                   "maefast train", "--synthetic-size is the size of --data synthetic")  # it was silently ignored
+    assert not out.exists()
 
 
 def _files(tmp_path):

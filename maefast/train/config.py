@@ -229,6 +229,10 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
                          "--synthetic-size to change them")
     elif synthetic and (cfg.epochs == SYNTHETIC_EPOCHS):
         cfg.notes.append(f"synthetic data: {cfg.synthetic_size} images, {cfg.epochs} epoch(s)")
+    if cfg.fsdp and world_size == 1:
+        cfg.notes.append("--fsdp: one process, nothing to shard; the model trains unsharded (run it under torchrun)")
+    if not synthetic and cfg.synthetic_size is not None and "synthetic_size" in (cfg.explicit or ()):
+        raise ValueError(f"--synthetic-size is the size of --data synthetic; --data {cfg.data!r} has its own images")
     if cfg.overwrite and cfg.resume == "auto":
         raise ValueError("--overwrite starts the run in --output-dir over, --resume auto continues it: pass one")
     validate_config(cfg, world_size)

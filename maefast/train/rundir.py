@@ -152,8 +152,9 @@ class RunFolder:
             self._delete_run_files(keep)
         free = shutil.disk_usage(self.path).free
         if free < need_bytes:
+            digits = 1 if need_bytes < 100 * 2 ** 20 else 0  # never "3 MiB needed, 3 MiB free"
             raise RunError(f"not enough space for a checkpoint in --output-dir {self.path!r}: about "
-                           f"{need_bytes / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free on "
+                           f"{need_bytes / 2**20:.{digits}f} MiB needed, {free / 2**20:.{digits}f} MiB free on "
                            f"{mount_point(self.path)}")
         if trim_to_step is not None:
             self.trim_logs(trim_to_step)
