@@ -55,11 +55,17 @@ def positive(flag: str, value, allow_zero: bool = False):
 def guarded(prog: str, fn, argv) -> int:
     """Runs a subcommand's main: a user's error (bad value, missing or unwritable file) is one line on
     stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""
+    import errno
+
     from .train.errors import USER_ERRORS
 
+    # a folder or file the user named that cannot be written (full, read-only, in the way): their fix
+    env_errnos = (errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
     try:
         return int(fn(argv) or 0)
-    except (*USER_ERRORS, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's
+        if not isinstance(e, USER_ERRORS) and not (isinstance(e, OSError) and e.errno in env_errnos):
+            raise
         msg = str(e).strip().splitlines()
         print(f"{prog}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2

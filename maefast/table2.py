@@ -450,6 +450,8 @@ def main(argv=None) -> int:
             overrides[k] = float(v) if "." in v else int(v)
         except ValueError:
             raise ValueError(f"--override takes KEY=NUMBER (e.g. depth=2), got {kv!r}") from None
+        if k == "decoder_depth":
+            raise ValueError(f"--override {kv!r}: the decoder depths are --decoder-depths (each is a column)")
         if k not in known or k == "norm_layer":
             raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of "
                              f"{', '.join(sorted(known - {'norm_layer'}))})")

@@ -187,8 +187,9 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     if not images:
         raise ValueError("images: give at least one image file")
     _check_out(out, [checkpoint, *images], overwrite)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63 - len(images):
-        raise ValueError(f"--seed must be an int in [0, 2**63), got {seed!r}")  # torch.Generator's range
+    # torch.Generator's range; image i is drawn with seed + i
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed <= 2 ** 64 - len(images):
+        raise ValueError(f"--seed must be an int in [-2**63, 2**64 - {len(images)}], got {seed!r}")
     from ._validate import check_mask_ratio
 
     check_mask_ratio(mask_ratio)

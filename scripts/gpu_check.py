@@ -170,6 +170,11 @@ class Runner:
                 self.record[key] = json.load(open(path))
             except ValueError as e:
                 self.record[key] = {"error": f"unreadable JSON: {e}"}
+            # written section by section: one the step's budget cut short says so (its figures are partial)
+            if isinstance(self.record[key], dict) and self.record[key].get("complete") is False:
+                st = self.record["steps"][name]
+                st["note"] = (st.get("note", "") + "; " if st.get("note") else "") + "partial: cut short, its JSON " \
+                    "holds the sections that finished"
         return rc, out
 
     def finish(self) -> dict:

@@ -235,6 +235,7 @@ def test_bench_usage_and_unknown_benchmark():
                                          (["--decoder-depths", "0"], "--decoder-depths"),
                                          (["--dtype", "int8"], "dtype"), (["--override", "depth=two"], "--override"),
                                          (["--override", "nope=3"], "'nope' is not a model setting"),
+                                         (["--override", "decoder_depth=2"], "--decoder-depths"),
                                          (["--impl", "foo"], "--impl takes"), (["--mask-ratio", "1.5"], "--mask-ratio"),
                                          (["--threads", "-1"], "--threads"), (["--bogus"], "unrecognized"),
                                          (["--png", "/no/such/dir/x.png"], "--png")])

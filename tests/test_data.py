@@ -422,7 +422,7 @@ def test_bench_data_json_keeps_finished_rows(tmp_path, monkeypatch):
                          "--json", str(out)])
     res = json.loads(out.read_text())
     assert res["complete"] is False and set(res["per_worker"]) == set(res["loader"]) == {"official", "fast-uint8"}
-    assert "difference" not in res and [p.name for p in tmp_path.iterdir()] == ["f", "r.json"]  # no temp file left
+    assert "difference" not in res and sorted(p.name for p in tmp_path.iterdir()) == ["f", "r.json"]  # no temp file left
 
 
 def test_bench_data_cli_errors(tmp_path, capsys):

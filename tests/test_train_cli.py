@@ -48,8 +48,9 @@ def test_existing_run_is_refused_then_overwritten_or_continued(tmp_path):
     assert _snapshot(out) == before
     # --overwrite with an option refused later (by the step, the optimizer, the first loss) deleted the old
     # run first: every option is checked before the folder is touched
-    for bad in (["--clip-grad", "-1"], ["--lr", "nan"], ["--weight-decay", "inf"], ["--blr", "inf"]):
-        one_line_error(cli(*args, "--overwrite", *bad), "maefast train", bad[0], "finite")
+    for bad in (["--clip-grad", "-1"], ["--clip-grad", "nan"], ["--lr", "nan"], ["--weight-decay", "inf"],
+                ["--blr", "inf"]):
+        one_line_error(cli(*args, "--overwrite", *bad), "maefast train", bad[0], "must be")
         assert _snapshot(out) == before, bad
     over = cli(*args, "--overwrite", "--max-steps", "1")
     assert over.returncode == 0, over.stderr[-3000:]
@@ -77,6 +78,27 @@ def test_resume_auto_without_a_checkpoint_keeps_a_finished_run(tmp_path):
             os.remove(os.path.join(out, n))
     again = cli(*args, "--resume", "auto", "--no-save")
     assert again.returncode == 0 and "no checkpoint, fresh start" in again.stderr + again.stdout, again.stderr[-3000:]
+
+
+def test_resume_auto_folder_rule(tmp_path):
+    """What --resume auto without a checkpoint-last.pth may start fresh over: logs, a loss curve and the
+    shards folder of a first save cut short (a temporary); not an export or a kept checkpoint."""
+    from maefast.train.rundir import check_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("log.jsonl", "steps.jsonl", "loss_curve.png"):
+        (out / name).write_text("x")
+    (out / "checkpoint-last.pth.dcp-0a1b2c").mkdir()
+    check_folder(str(out), "auto", False)
+    for result in ("mae_pretrain_vit_tiny_test.pth", "checkpoint-0001.pth"):
+        (out / result).write_text("x")
+        with pytest.raises(ValueError, match="no checkpoint-last.pth to continue from"):
+            check_folder(str(out), "auto", False)
+        (out / result).unlink()
+    (out / "checkpoint-last.pth").write_text("x")  # something to continue: the resume's own checks follow
+    (out / "mae_pretrain_vit_tiny_test.pth").write_text("x")
+    check_folder(str(out), "auto", False)
 
 
 def _unreadable_folder(path, n=3):

@@ -126,6 +126,16 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ck.pth"]  # no temp file left behind
 
 
+def test_atomic_write_text_writes_through_a_link(tmp_path):
+    """A --json given as a symbolic link: the file it points to is replaced, the link stays a link."""
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    ckpt_lib.atomic_write_text(str(link), "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
+
+
 def test_rng_state_roundtrip():
     import random
 

@@ -43,13 +43,16 @@ def test_options_left_out_keep_the_run_and_run_defining_ones_cannot_change(tmp_p
                               "changed": {"epochs": [2, 3], "log_every": [10, 1]}}]
     steps = [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))]
     assert steps == [2] + list(range(3, 13))  # one line per step (the first run logged at its --max-steps)
-    # the run is finished (3 epochs): resuming it with --epochs 3 or fewer has nothing to train; it used to
-    # rewrite the export and report a NaN loss at 0 img/s
+    # the run is finished (3 epochs): --epochs 1 would end it before that (it was announced as "continuing
+    # with --epochs 3 -> 1" and reported a NaN loss at 0 img/s); --epochs 3 finishes what a finished run
+    # writes (a run stopped after its last checkpoint, or one without its export), saying so
     before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
-    for epochs in ("3", "1"):
-        one_line_error(cli(*base, "--resume", "auto", "--epochs", epochs), "maefast train",
-                       "has trained 3 epoch(s) (step 12)", f"--epochs {epochs} leaves nothing to train")
+    one_line_error(cli(*base, "--resume", "auto", "--epochs", "1"), "maefast train",
+                   "has trained 3 epochs (step 12)", "--epochs 1 would end it before that")
     assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+    res = cli(*base, "--resume", "auto", "--export")
+    assert res.returncode == 0 and "nothing left to train" in res.stderr, res.stderr[-3000:]
+    assert "loss nan" not in res.stderr and any(n.startswith("mae_pretrain_") for n in os.listdir(out))
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def test_out_never_replaces_an_input_nor_an_existing_file_unasked(tmp_path):
     with pytest.raises(ValueError, match="exists: pass --overwrite"):
         vis.visualize(ck, img, str(out))
     assert out.read_bytes() == b"the user's" and all(open(p, "rb").read() == v for p, v in saved.items())
-    for bad in (-1, 2 ** 64, 1.5):
+    for bad in (-2 ** 63 - 1, 2 ** 64, 1.5):
         with pytest.raises(ValueError, match="--seed must be an int"):
             vis.visualize(ck, img, str(out), seed=bad, overwrite=True)
     vis.visualize(ck, img, str(out), overwrite=True)

@@ -95,8 +95,9 @@ def atomic_save(obj, path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Replaces a text file atomically (same rules as ``atomic_save``)."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    """Replaces a text file atomically (same rules as ``atomic_save``); through a symbolic link, the file
+    it points to (the link stays)."""
+    _atomic_write(os.path.realpath(path), lambda f: f.write(text.encode()))
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -276,8 +276,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
-    if cfg.clip_grad is not None:
-        _positive("--clip-grad", cfg.clip_grad)
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
+        raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     _positive("--dist-timeout", cfg.dist_timeout)
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)

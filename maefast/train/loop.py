@@ -132,11 +132,11 @@ class _Trainer:
 
     # -- before the first step ------------------------------------------------------------------
     def run(self) -> dict:
+        # every option is checked in _plan (validate_config), before the folder is touched: an --overwrite
+        # that then failed on a bad option had already deleted the old run
         dist_lib.agreed(self._plan, self.info)
-        # the optimizer and the step check their arguments too: all of it before the folder is touched
-        # (an --overwrite that then failed on a bad option had already deleted the old run)
+        dist_lib.agreed(self._prepare_folder, self.info)  # takes the folder's lock before the restore reads
         dist_lib.agreed(self._build_state, self.info)
-        dist_lib.agreed(self._prepare_folder, self.info)
         self.ctl.setup()
         self._steps()
         return self._finish()
@@ -184,9 +184,12 @@ class _Trainer:
                                  f"not a whole number of this run's global batches of {global_batch}")
             if samples >= steps_per_epoch * global_batch:
                 epoch, samples = epoch + 1, 0
-            if epoch >= cfg.epochs:  # it trained nothing and rewrote the export, reporting a NaN loss
-                raise ValueError(f"--resume {source}: the run has trained {epoch} epoch(s) (step {step}); "
-                                 f"--epochs {cfg.epochs} leaves nothing to train: pass --epochs > {epoch} to go on")
+            if epoch > cfg.epochs:
+                raise ValueError(f"--resume {source}: the run has trained {epoch} epochs (step {step}); --epochs "
+                                 f"{cfg.epochs} would end it before that: pass --epochs >= {epoch}")
+            if epoch == cfg.epochs:  # stopped after its last checkpoint (before or during its export): finish it
+                cfg.notes.append(f"--resume {source}: the run has trained all its {epoch} epochs (step {step}): "
+                                 "nothing left to train, only what a finished run writes")
         self.cfg, self.ck, self.source = cfg, ck, source
         self.model, self.model_kwargs, self.dataset = model, model_kwargs, dataset
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
@@ -538,8 +541,10 @@ class _Trainer:
         img_per_s = self.run_images / max(self.run_time, 1e-9)
         steady = self.windows[1:] if len(self.windows) > 1 else self.windows  # the first holds start-up and warm-up
         steady_ips = sum(w[0] for w in steady) / max(sum(w[1] for w in steady), 1e-9) if steady else float("nan")
-        self.say(f"done: {self.step} steps, last loss {self.final_loss:.4f}, {img_per_s:.1f} img/s over the run, "
-                 f"{steady_ips:.1f} img/s after the first log window ({info.world_size} x {info.device.type})"
+        trained = (f"last loss {self.final_loss:.4f}, {img_per_s:.1f} img/s over the run, {steady_ips:.1f} img/s "
+                   f"after the first log window ({info.world_size} x {info.device.type})" if self.run_images else
+                   "nothing left to train in this start")
+        self.say(f"done: {self.step} steps, {trained}"
                  + (f"; checkpoint {self.ckpt_path}" if cfg.save else "; no checkpoint (--no-save)")
                  + (f", encoder {encoder}" if encoder else ""))
         step = self.train_step

@@ -54,7 +54,9 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
     if resume == "auto" and not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME)):
         # nothing to continue: a fresh start trims the logs to step 0, which is right for a run stopped
         # before its first checkpoint, but would replace what a finished --no-save run left (its export)
-        results = [f for f in files if f not in ("log.jsonl", "steps.jsonl", "loss_curve.png")]
+        # (a shards folder without its checkpoint file is a first save cut short: a stale temporary)
+        results = [f for f in files if f not in ("log.jsonl", "steps.jsonl", "loss_curve.png")
+                   and not SHARDS_DIR.match(f)]
         if results:
             raise ValueError(f"--resume auto: --output-dir {output_dir!r} holds a run ({shown}) but no "
                              f"{CHECKPOINT_NAME} to continue from, and a fresh start would write over it: pick "
