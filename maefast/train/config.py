@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save", action=on_off, default=True,
       help="write checkpoints (--no-save: a benchmark run; nothing to resume from, an interrupt loses the run)")
     a("--progress", action=on_off, default=True, help="progress bar on stderr")
-    a("--export", action=on_off, default=True, help="write the encoder as mae_pretrain_<model>.pth at the end")
+    a("--export", action=on_off, default=True,
+      help="write the encoder at the end (mae_pretrain_vit_base.pth etc.: the official release's names and layout)")
     a("--plot", action=on_off, default=True, help="draw loss_curve.png after every epoch")
     return p
 
