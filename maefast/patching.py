@@ -13,16 +13,19 @@ What a patched model promises (tests/test_patching.py):
   gradients as the unpatched model for the same noise. Any other call runs the model's original
   forward, with one `SlowPathWarning` per reason naming why (images that require a gradient; for
   transformers: output_hidden_states / output_attentions, attention_mask / head_mask,
-  interpolate_pos_encoding, attention dropout in training, an argument the fast path does not know),
-  or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
+  interpolate_pos_encoding, attention dropout in training, an argument the fast path does not know;
+  official layout: a dropout module in training mode; both: float64 weights, a mask ratio that keeps
+  no patch), or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
   torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
   activation_checkpointing_enable(every_n_layers, offload) (maefast's blocks checkpointed where the
   original's layers are, through each layer's own checkpoint function); maefast's `seed=` (the slow
   path turns it into the equivalent noise).
 - Methods of the user's that the fast path would replace are never dropped (maefast.models.routing):
   refused with a TypeError naming them, or, for forward_loss / patchify, the loss runs through the
-  model's own forward_loss. A copy of the official file with another random_masking or forward_loss
-  (no subclass to see) is found by a probe on small tensors at patch time.
+  model's own forward_loss. A copy of the official file with another random_masking, forward_loss,
+  forward_encoder / forward_decoder / forward or block class (no subclass to see) is found by probes
+  on small tensors at patch time (the whole forward on one image, fp32 models only). A torch.compile
+  wrapper is refused: patch the model, then compile it.
 - torch.save / torch.load(weights_only=False) and copy.deepcopy give a patched model that trains
   its own parameters (the forward is an object holding the model, not a closure).
 `unpatch` undoes it.
@@ -38,8 +41,8 @@ import torch.nn as nn
 
 from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
                           official_view)
-from .models.routing import (SlowPathWarning, _layout_root, class_overrides, dropout_modules, instance_overrides,
-                             image_grad_reason, official_call, original_inputs, refuse, warn_slow)
+from .models.routing import (SlowPathWarning, _layout_root, class_overrides, dropout_modules, fast_unsupported,
+                             image_grad_reason, instance_overrides, official_call, original_inputs, refuse, warn_slow)
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -109,13 +112,14 @@ class _OfficialForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True):
+    def __call__(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
                              impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
-                             loss_via_model=st.loss_via_model, takes_noise=st.takes_noise, dropouts=st.dropouts)
+                             loss_via_model=st.loss_via_model, takes_noise=st.takes_noise, dropouts=st.dropouts,
+                             mean=mean, std=std)
 
 
 def _trusted(cls, root) -> bool:
@@ -209,10 +213,59 @@ def _loss_differs(model, device) -> bool:
     return False
 
 
+def _one_of_each(blocks) -> nn.ModuleList:
+    seen, out = set(), []
+    for b in blocks:
+        if type(b) not in seen:
+            seen.add(type(b))
+            out.append(b)
+    return nn.ModuleList(out)
+
+
+def _forward_differs(model, device, loss_via_model: bool) -> str | None:
+    """The model's own forward against the fast one (the reference ops) on one random image, from the
+    same torch.rand noise, in eval mode and fp32, with the encoder and the decoder cut to one block of
+    each class they hold: a copied file's forward_encoder / forward_decoder / forward or block class
+    that computes something else is found here. Models whose weights are not fp32 are not probed."""
+    if model.pos_embed.dtype != torch.float32:
+        return None
+    blocks, dec_blocks = model.blocks, model.decoder_blocks
+    modes = [(m, m.training) for m in model.modules()]
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    rng = _rng_state(device)
+    try:
+        model.blocks, model.decoder_blocks = _one_of_each(blocks), _one_of_each(dec_blocks)
+        model.eval()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 oracle
+        view = official_view(model)
+        imgs = torch.randn(1, view.in_chans, *view.img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            want = type(model).forward(model, imgs, 0.75)  # the official forward draws torch.rand(N, L) noise
+            _set_rng_state(rng, device)
+            noise = torch.rand(1, view.num_patches, device=device)
+            got = fast_forward(view, imgs, 0.75, noise, impl="reference", fused=False,
+                               loss_fn=model.forward_loss if loss_via_model else None)
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
+        return f"it failed on a probe ({type(e).__name__}: {e})"
+    finally:
+        model.blocks, model.decoder_blocks = blocks, dec_blocks
+        for m, mode in modes:
+            m.training = mode
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        _set_rng_state(rng, device)  # the user's generator is left as it was
+    same = (isinstance(want, (tuple, list)) and len(want) == 3
+            and all(isinstance(t, torch.Tensor) and t.shape == u.shape for t, u in zip(want, got[:3]))
+            and torch.allclose(want[0], got[0], rtol=1e-4, atol=1e-6)
+            and torch.allclose(want[1], got[1], rtol=1e-4, atol=1e-5) and torch.equal(want[2].float(), got[2].float()))
+    return None if same else "on a probe its forward's (loss, pred, mask) differed from the official computation's"
+
+
 def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     ov = class_overrides(type(model), forward=True)
     inst = instance_overrides(model)
     refused, loss = ov.refused + inst.refused, ov.loss + inst.loss
+    if "forward" in model.__dict__:  # set on the instance (patch's own was removed by unpatch)
+        refused += ("forward",)
     if refused:
         refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
     _check_blocks(model)
@@ -223,6 +276,10 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
             raise TypeError(f"maefast.patch: {type(model).__name__}.random_masking is not the official masking "
                             f"({why}); maefast's fast path draws its own mask and would drop it")
         loss = loss or (("forward_loss",) if _loss_differs(model, device) else ())
+        why = _forward_differs(model, device, bool(loss))
+        if why is not None:
+            raise TypeError(f"maefast.patch: {type(model).__name__} does not compute the official MAE ({why}); "
+                            "maefast's fast path would replace its forward, so run it unpatched")
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
@@ -350,7 +407,8 @@ class _TransformersForward:
     def __call__(self, pixel_values=None, noise=None, *args, seed=None, **kwargs):
         m = self.model
         st = m._maefast
-        why = _hf_slow_reason(m, pixel_values, args, kwargs)
+        why = _hf_slow_reason(m, pixel_values, args, kwargs) or \
+            fast_unsupported(m.vit.embeddings.position_embeddings, m.config.mask_ratio)
         if why is None:
             view, attn_p = _transformers_view(m)
             if attn_p:
@@ -421,6 +479,9 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused = check_fused(fused)
+    if isinstance(model._modules.get("_orig_mod"), nn.Module):  # torch.compile's OptimizedModule
+        raise TypeError("maefast.patch: this is a torch.compile wrapper (its forward is the compiled one); patch the "
+                        "model, then compile it: maefast.patch(model); model = torch.compile(model)")
     if _is_own_model(model):
         ov = class_overrides(type(model), forward=False)
         refused = ov.refused + instance_overrides(model).refused

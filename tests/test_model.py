@@ -202,8 +202,17 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="fused=True .* was removed"):  # a clear word, not a silent other mode
         create_model("tiny", fused=True)
     # errors that named internals (x_vis, a 'device' nobody passed) or came from deep inside
-    with pytest.raises(TypeError, match="float32, bfloat16 or float16 weights; this model's are float64"):
-        create_model("tiny").double()(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    # float64 weights: maefast's kernels take none, so the official computation runs (it named x_vis)
+    from maefast.models import routing
+    from maefast.models.routing import SlowPathWarning
+
+    routing._WARNED.clear()  # one warning per reason and process
+    m64, x64 = create_model("tiny").double(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    noise = torch.rand(2, 16, dtype=torch.float64)
+    with pytest.warns(SlowPathWarning, match="float64 weights"):
+        got = m64(x64, 0.75, noise)[0]
+    m64.impl = "reference"
+    assert torch.equal(got, m64(x64, 0.75, noise)[0])
     with pytest.raises(ValueError, match="noise must be on cpu, got meta"):
         m(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 16, device="meta"))
     with pytest.raises(ValueError, match="imgs must be on the model's device cpu, got meta"):

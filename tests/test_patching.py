@@ -319,6 +319,79 @@ def test_patch_refuses_a_fork_whose_masking_differs():
         maefast.patch(official_class(random_masking=first_patches)(**TINY))
 
 
+def _decoder_without_norm(self, x, ids_restore):  # a fork's forward_decoder that skips decoder_norm
+    x = self.decoder_embed(x)
+    mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+        x = blk(x)
+    return self.decoder_pred(x)[:, 1:, :]
+
+
+def test_patch_refuses_a_fork_whose_forward_or_blocks_differ():
+    """A copy of models_mae.py whose forward_decoder (or a Block class written in the same file) computes
+    something else: a probe of the whole forward on one image finds it (it ran the official computation
+    silently: loss 1.32 for the fork's 1.30)."""
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(official_class(forward_decoder=_decoder_without_norm)(**TINY))
+    from maefast.reference.model import Block
+
+    post_norm = type("Block", (Block,), {"forward": lambda self, x: self.norm2(
+        (y := self.norm1(x + self.attn(x))) + self.mlp(y)), "__module__": __name__})
+    fork = official_class()
+    fork.__module__ = __name__  # the root's own file: its block classes are trusted, then probed
+    m = fork(**TINY)
+    m.decoder_blocks[0].__class__ = post_norm
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(m)
+    ok = fork(**TINY)  # the same file with the official blocks: patched
+    assert maefast.patch(ok)._maefast is not None and ok.training
+
+
+def test_patch_refuses_a_compiled_model_and_an_instance_forward():
+    m = ReferenceMAE(**TINY)
+    with pytest.raises(TypeError, match="torch.compile wrapper.*patch the model, then compile it"):
+        maefast.patch(torch.compile(m))
+    m.forward = types.MethodType(lambda self, *a, **k: "mine", m)
+    with pytest.raises(TypeError, match="overrides forward"):
+        maefast.patch(m)
+    assert m(torch.randn(1, 3, 32, 32)) == "mine"  # left as it was
+
+
+def test_dropout_in_a_training_block_of_an_eval_model_takes_the_slow_path():
+    plain = ReferenceMAE(**TINY)
+    plain.blocks[0].mlp.drop.p = 0.3
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    for x in (plain, patched):
+        x.eval()
+        x.blocks[0].train()
+    torch.manual_seed(1)
+    want = plain(imgs, 0.75, noise)[0]
+    torch.manual_seed(1)
+    with pytest.warns(_slow_warning(), match="Dropout"):
+        got = patched(imgs, 0.75, noise)[0]
+    assert torch.equal(got, want)
+
+
+def test_calls_the_fast_path_cannot_take_run_the_original():
+    """float64 weights and a mask ratio that keeps no patch: the original forward runs (with a warning),
+    as unpatched; uint8 images with mean/std reach the patched forward as the reference class takes them."""
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    plain = ReferenceMAE(**TINY).double()
+    patched = maefast.patch(copy.deepcopy(plain))
+    with pytest.warns(_slow_warning(), match="float64 weights"):
+        got = patched(imgs.double(), 0.75, noise)[0]
+    assert torch.equal(got, plain(imgs.double(), 0.75, noise)[0])
+    plain = ReferenceMAE(**TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    u8 = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8)
+    stats = dict(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    assert _close(patched(u8, 0.75, noise, **stats)[0], plain(u8, 0.75, noise, **stats)[0])
+
+
 def _l1_loss(self, imgs, pred, mask):
     return (((pred - self.patchify(imgs)).abs()).mean(-1) * mask).sum() / mask.sum()
 

@@ -332,3 +332,15 @@ def test_transformers_activation_checkpointing_every_n_layers(every):
     assert c1 == c0, (c0, c1)  # the same layers, once each, through their own function
     called = [k for k, v in c0.items() if v]
     assert len(c0) >= 4 and (len(called) == len(c0) if every == 1 else 0 < len(called) < len(c0)), c0
+
+
+def test_transformers_mask_ratio_the_fast_path_refuses_runs_the_original():
+    """A config mask ratio that keeps no patch (0.95 of 16): the original forward ran it unpatched, so the
+    patched model runs it too (with a warning) instead of raising."""
+    plain, patched = _hf_pair(mask_ratio=0.95)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with torch.no_grad():
+        want = plain(pixel_values=imgs, noise=noise).loss
+        with pytest.warns(_slow_warning(), match="mask_ratio"):
+            got = patched(pixel_values=imgs, noise=noise).loss
+    assert torch.equal(got, want)

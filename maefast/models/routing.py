@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from .._validate import compiling
+from .._validate import FLOAT_DTYPES, check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .fast import fast_forward, official_view
 
@@ -67,6 +67,20 @@ def dropout_reason(modules) -> str | None:
         p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else m.drop_prob
         if p and m.training:
             return f"{type(m).__name__}(p={p}) is active in training mode (the fast path has no dropout there)"
+    return None
+
+
+def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
+    """Why the fast path cannot take a call the model's own forward can: weights in a dtype maefast's
+    kernels do not take, or a mask ratio outside (0, 1) keeping at least one patch."""
+    if compiling():
+        return None
+    if weight.dtype not in FLOAT_DTYPES:
+        return f"{str(weight.dtype).replace('torch.', '')} weights (maefast's kernels take float32, bfloat16, float16)"
+    try:
+        check_mask_ratio(mask_ratio, weight.shape[1] - 1)
+    except (TypeError, ValueError) as e:
+        return f"the fast path's rule: {e}"
     return None
 
 
@@ -165,7 +179,8 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
     call the fast path cannot serve (see the module docstring). uint8 images (with mean/std) reach the
     original forward normalised first, as the official code takes them."""
-    why = image_grad_reason(imgs) or (dropout_reason(dropouts) if model.training else None)
+    # each dropout module's own training flag decides (a model in eval() may hold a block in train())
+    why = image_grad_reason(imgs) or dropout_reason(dropouts) or fast_unsupported(model.pos_embed, mask_ratio)
     if why is not None:
         return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,
@@ -174,5 +189,5 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     return loss, pred, mask
 
 
-__all__ = ["SlowPathWarning", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
+__all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
            "dropout_modules", "dropout_reason", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
