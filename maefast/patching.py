@@ -255,8 +255,10 @@ def _forward_differs(model, device, loss_via_model: bool) -> str | None:
         _set_rng_state(rng, device)  # the user's generator is left as it was
     same = (isinstance(want, (tuple, list)) and len(want) == 3
             and all(isinstance(t, torch.Tensor) and t.shape == u.shape for t, u in zip(want, got[:3]))
-            and torch.allclose(want[0], got[0], rtol=1e-4, atol=1e-6)
-            and torch.allclose(want[1], got[1], rtol=1e-4, atol=1e-5) and torch.equal(want[2].float(), got[2].float()))
+            # loose enough for a GPU's fp32 summation orders (conv vs gather GEMM), far below what another
+            # computation changes (a decoder without its norm: 2% of the loss)
+            and torch.allclose(want[0], got[0], rtol=1e-3, atol=1e-5)
+            and torch.allclose(want[1], got[1], rtol=1e-3, atol=1e-4) and torch.equal(want[2].float(), got[2].float()))
     return None if same else "on a probe its forward's (loss, pred, mask) differed from the official computation's"
 
 
