@@ -62,6 +62,21 @@ def _items(ds, epoch=0):
 
 
 # -- exactness ---------------------------------------------------------------------------------------
+def test_a_link_loop_lists_each_image_once(tmp_path):
+    """Links back up the tree (torchvision's walk follows them too) listed each file ~40 times, and two
+    of them in one folder made the walk run forever."""
+    from PIL import Image
+
+    (tmp_path / "cls").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / "cls" / f"{i}.png")
+    os.symlink("..", tmp_path / "cls" / "up")
+    os.symlink(".", tmp_path / "cls" / "a")
+    os.symlink(".", tmp_path / "cls" / "b")
+    ds = ImageFolderDataset(str(tmp_path), S, 16)
+    assert sorted(os.path.basename(f) for f in ds.files) == ["0.png", "1.png", "2.png"]
+
+
 @pytest.mark.parametrize("decode", ["exact", "fast"])
 def test_uint8_output_normalises_to_the_float32_output(folder, decode):
     f32 = ImageFolderDataset(folder, S, 16, seed=3, decode=decode)

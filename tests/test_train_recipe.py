@@ -231,7 +231,9 @@ def test_cpu_defaults_and_paper_defaults():
 
 @pytest.mark.parametrize("field, value, match", [
     ("mask_ratio", 1.0, "mask-ratio"), ("batch_size", 0, "batch-size"), ("dtype", "int8", "dtype"),
-    ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model")])
+    ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model"),
+    ("seed", -1, "--seed must be >= 0"), ("lr", float("nan"), "--lr must be a finite number"),
+    ("clip_grad", float("nan"), "--clip-grad must be a number > 0")])
 def test_bad_options_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         resolve_config(TrainConfig(**{field: value}), cuda=False)

@@ -280,6 +280,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     _positive("--dist-timeout", cfg.dist_timeout)
+    if cfg.seed < 0:  # numpy's per-sample generators take none (it failed at the first batch)
+        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)
     if cfg.synthetic_size is not None:

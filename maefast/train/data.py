@@ -110,7 +110,13 @@ class ImageFolderDataset(_PretrainDataset):
         if not os.path.isdir(root):
             raise NotADirectoryError(f"--data {root!r} is not a folder (pass a folder of images or 'synthetic')")
         files = []
+        seen = set()  # each real folder walked once: a link back up (a loop) would list it again and again
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files += [os.path.join(dirpath, f) for f in sorted(filenames)
                       if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
