@@ -45,13 +45,30 @@ _TOP = {
 }
 
 
+# what wrappers put before every key of a state dict saved through them: DDP, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict: Mapping) -> dict:
+    """``state_dict`` without the prefix a DDP or torch.compile wrapper put before every key (repeatedly:
+    a compiled DDP model's keys start with both)."""
+    sd = dict(state_dict)
+    while sd:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def unwrap_checkpoint(obj) -> dict:
-    """Accepts a state dict or a checkpoint holding one under 'model' / 'state_dict'."""
+    """Accepts a state dict or a checkpoint holding one under 'model' / 'state_dict' (keys saved through
+    a DDP or torch.compile wrapper lose its prefix)."""
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state"):
             if key in obj and isinstance(obj[key], Mapping):
-                return dict(obj[key])
-        return dict(obj)
+                return strip_wrapper_prefixes(obj[key])
+        return strip_wrapper_prefixes(obj)
     raise TypeError(f"checkpoint must be a state dict (a mapping), got {type(obj).__name__}")
 
 
@@ -107,6 +124,9 @@ def to_transformers(state_dict: Mapping, target_keys: Iterable[str] | None = Non
     attention.query`, or 5.x `layers.N.attention.q_proj`); default: the newest naming.
     """
     sd = unwrap_checkpoint(state_dict)
+    if not any(k in sd for k in _TOP):
+        raise ValueError(f"not an official MAE state dict: none of its keys (e.g. {sorted(_TOP)[:3]}) is here; "
+                         f"got keys like {sorted(sd)[:3]}")
     tk = set(target_keys) if target_keys is not None else {"vit.layers.0.attention.q_proj.weight"}
     out = {}
     for k, hk in _TOP.items():
@@ -149,8 +169,10 @@ def from_transformers(hf_state_dict: Mapping) -> dict:
             qkv = _QKV_NAMES[0] if any(k.startswith(_QKV_NAMES[0][0]) for k in inner) else _QKV_NAMES[1]
             for p in ("weight", "bias"):
                 out[f"{which}.{i}.attn.qkv.{p}"] = torch.cat([hf[f"{src}{n_}.{p}"] for n_ in qkv], dim=0)
-    used = set(_TOP.values()) & keys
-    return out if used else out
+    if not out:
+        raise ValueError("not a transformers ViTMAEForPreTraining state dict: none of its keys (e.g. "
+                         f"{sorted(_TOP.values())[:3]}) is here; got keys like {sorted(keys)[:3]}")
+    return out
 
 
 def transformers_config(model, **overrides):
@@ -197,6 +219,11 @@ def from_transformers_model(hf_model, **model_kwargs):
     from .models import MaskedAutoencoderViT
 
     c = hf_model.config
+    # what maefast's model computes: the exact GELU, biased q/k/v (the released MAE configs)
+    if getattr(c, "hidden_act", "gelu") != "gelu" or not getattr(c, "qkv_bias", True):
+        raise ValueError(f"maefast's MAE has the exact GELU and q/k/v biases; this config has hidden_act="
+                         f"{getattr(c, 'hidden_act', None)!r}, qkv_bias={getattr(c, 'qkv_bias', None)!r} "
+                         "(maefast.patch runs such a model as it is)")
     img = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
     patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
     kw = dict(img_size=img, patch_size=patch, in_chans=c.num_channels, embed_dim=c.hidden_size,

@@ -28,7 +28,8 @@ def load_model(checkpoint: str, model_name: str | None = None, norm_pix_loss: bo
     records none, and a ``model_name`` that contradicts the recorded one is refused (ValueError).
     """
     from .models import create_model, resolve_model_name
-    from .train.checkpoint import is_encoder_only, load_checkpoint
+    from .convert import is_encoder_only
+    from .train.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint, optimizer=False)  # the weights only
     state = ck["model"]

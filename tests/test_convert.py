@@ -90,3 +90,51 @@ def test_transformers_model_roundtrip():
     rect = create_model("tiny", img_size=(32, 48))
     with pytest.raises(ValueError, match="square images"):
         to_transformers_model(rect)
+
+
+def test_checkpoints_saved_through_ddp_or_compile_load_as_the_model(tmp_path):
+    """'module.' / '_orig_mod.' key prefixes (a DDP or torch.compile wrapper's state dict) were taken for
+    an encoder-only file (no 'decoder_' key) and loaded nothing under strict=False."""
+    from maefast.train.checkpoint import load_checkpoint
+
+    a, b = _tiny(), _tiny()
+    wrapped = {f"_orig_mod.module.{k}": v for k, v in a.state_dict().items()}
+    assert load_official_state_dict(b, {"model": wrapped})["encoder_only"] is False
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    path = tmp_path / "ck.pth"
+    torch.save({"model": wrapped}, path)
+    assert set(load_checkpoint(str(path), optimizer=False)["model"]) == set(a.state_dict())
+    legacy = tmp_path / "legacy.pth"  # torch's pre-zip format cannot be memory-mapped: read whole
+    torch.save({"model": a.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    assert set(load_checkpoint(str(legacy), optimizer=False)["model"]) == set(a.state_dict())
+
+
+def test_conversions_refuse_what_they_do_not_recognise(tmp_path):
+    """A state dict of another layout converted to {} without a word; a transformers config maefast's
+    model does not compute (another activation, no q/k/v bias) converted silently or with a KeyError."""
+    sd = _tiny().state_dict()
+    with pytest.raises(ValueError, match="not a transformers ViTMAEForPreTraining state dict"):
+        from_transformers(sd)
+    with pytest.raises(ValueError, match="not an official MAE state dict"):
+        to_transformers({"vit.embeddings.cls_token": torch.zeros(1)})
+    pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, to_transformers_model
+
+    hf = to_transformers_model(_tiny())
+    for field, value in (("hidden_act", "relu"), ("qkv_bias", False)):
+        setattr(hf.config, field, value)
+        with pytest.raises(ValueError, match="exact GELU and q/k/v biases"):
+            from_transformers_model(hf)
+        setattr(hf.config, field, {"hidden_act": "gelu", "qkv_bias": True}[field])
+
+
+def test_a_damaged_shards_folder_is_one_clear_error(tmp_path):
+    """torch.distributed.checkpoint raises CheckpointException, a BaseException: it escaped the ValueError."""
+    from maefast.train.checkpoint import _load_full_shards
+
+    folder = tmp_path / "checkpoint-last.pth.dcp-0a1b"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"not a pickle")
+    (folder / "__0_0.distcp").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="is not readable \\(damaged or incomplete"):
+        _load_full_shards(str(folder))

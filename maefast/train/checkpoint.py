@@ -22,13 +22,13 @@ import warnings
 import numpy as np
 import torch
 
+from ..convert import ENCODER_PREFIXES, is_encoder_only, strip_wrapper_prefixes
 from .errors import RunError, mount_point, no_space_cause
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter names, position in samples, optional shards
 SHARDS_SUFFIX = ".dcp-"
 # Keys of the encoder in the official release files (timm VisionTransformer names).
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 RELEASE_NAMES = {"mae_vit_base_patch16": "vit_base", "mae_vit_large_patch16": "vit_large",
                  "mae_vit_huge_patch14": "vit_huge"}
 
@@ -161,7 +161,12 @@ def _torch_load(path: str, mmap: bool = False) -> dict:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:  # torch's legacy (pre-zip) format cannot be memory-mapped
+                if not (mmap and "mmap" in str(exc)):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as exc:
         raise PermissionError(f"cannot read checkpoint {path!r}: {exc.strerror}") from None
     except Exception as exc:  # torch reports a torn / foreign file in many ways; all mean "not readable"
@@ -191,6 +196,8 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
     ck = _torch_load(path, mmap=not optimizer)
     if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
+    if isinstance(ck.get("model"), dict):  # saved through DDP / torch.compile: their key prefixes dropped
+        ck["model"] = strip_wrapper_prefixes(ck["model"])
     folder = shards_dir(ck, path)
     if folder is not None and not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint {path!r} names its sharded state {folder!r}, which is missing")
@@ -215,13 +222,19 @@ def _load_full_shards(folder: str, keys: set[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 dcp_to_torch_save(folder, os.path.join(tmp, "full.pth"))
                 return torch.load(os.path.join(tmp, "full.pth"), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"sharded checkpoint folder {folder!r} is not readable ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''})") from None
+        except BaseException as exc:  # torch's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise unreadable_shards(folder, exc) from None
 
 
-def is_encoder_only(state: dict) -> bool:
-    return not any(k.startswith(("decoder_", "mask_token")) for k in state)
+def unreadable_shards(folder: str, exc: BaseException) -> ValueError:
+    """The one-line error for a torn, partial or foreign torch.distributed.checkpoint folder."""
+    why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return ValueError(f"sharded checkpoint folder {folder!r} is not readable (damaged or incomplete: "
+                      f"{type(exc).__name__}: {why})")
+
+
 
 
 def check_resumable(ck: dict, path: str) -> None:
