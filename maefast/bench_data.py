@@ -37,7 +37,6 @@ A benchmark reports; it does not assert timings.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -52,6 +52,24 @@ def positive(flag: str, value, allow_zero: bool = False):
     return value
 
 
+def check_mask_ratio_flag(ratio, num_patches: int | None = None) -> None:
+    """--mask-ratio by the model's own rule (maefast._validate.check_mask_ratio), the error naming the flag."""
+    from ._validate import check_mask_ratio
+
+    try:
+        check_mask_ratio(ratio, num_patches)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
+
+
+def check_impls(impls: list[str], given) -> None:
+    """--impl's comma list: every name one of maefast's backends."""
+    from .ops._backend import IMPLS
+
+    if not impls or any(i not in IMPLS for i in impls):
+        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {given!r}")
+
+
 def guarded(prog: str, fn, argv) -> int:
     """Runs a subcommand's main: a user's error (bad value, missing or unwritable file) is one line on
     stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""

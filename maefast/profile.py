@@ -24,7 +24,6 @@ and a side-by-side run prints no speed-up: it would compare the same PyTorch ops
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -495,10 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from ._validate import check_mask_ratio
-    from .cli import check_out_file, positive
+    from .cli import check_impls, check_mask_ratio_flag, check_out_file, positive
     from .models.configs import resolve_model_name
-    from .ops._backend import IMPLS
 
     # every option checked before any work (an error one line, exit 2: maefast.cli.guarded)
     for flag, v, zero in (("--batch", a.batch, False), ("--steps", a.steps, False), ("--warmup", a.warmup, True),
@@ -508,10 +505,7 @@ def main(argv=None) -> int:
     on_cpu = device.type == "cpu"
     name = a.model or ("small" if on_cpu else "base")
     resolve_model_name(name)
-    try:
-        check_mask_ratio(a.mask_ratio)
-    except (TypeError, ValueError) as e:
-        raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
+    check_mask_ratio_flag(a.mask_ratio)
     batch = a.batch if a.batch is not None else (8 if on_cpu else 64)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     steps = a.steps if a.steps is not None else (5 if on_cpu else 10)
@@ -520,9 +514,7 @@ def main(argv=None) -> int:
     impl_arg = a.impl or ("auto" if on_cpu and mb.accepts_impl() else
                           "reference,auto" if mb.accepts_impl() else "reference")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
-    bad = [i for i in impls if i not in IMPLS]
-    if bad or not impls:
-        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {a.impl!r}")
+    check_impls(impls, a.impl)
     check_out_file("--json", a.json)
     check_out_file("--trace", a.trace)
     if a.threads:

@@ -18,7 +18,6 @@ small-config run took 1.3x its settled time over its first calls on this project
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -420,10 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from ._validate import check_mask_ratio
-    from .cli import check_out_file, positive
-    from .models import model_config
-    from .ops._backend import IMPLS
+    from .cli import check_impls, check_mask_ratio_flag, check_out_file, positive
 
     # every option checked before any work: a user's error is one line, exit 2 (maefast.cli.guarded)
     positive("--threads", a.threads)
@@ -433,12 +429,8 @@ def main(argv=None) -> int:
     for m in models:
         resolve_model_name(m)
     impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if mb.accepts_impl() and not on_cpu else []))
-    if not impls or any(i not in IMPLS for i in impls):
-        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {a.impl!r}")
-    try:
-        check_mask_ratio(a.mask_ratio)
-    except (TypeError, ValueError) as e:
-        raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
+    check_impls(impls, a.impl)
+    check_mask_ratio_flag(a.mask_ratio)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
     batch = parse_batches(a.batch)

@@ -186,6 +186,13 @@ class _RoutedBlockForward:
         return block_forward(_official_block_view(blk), x, impl, fused)
 
 
+def unsupported_weights(weight: torch.Tensor) -> str | None:
+    """Why maefast's kernels cannot take a model's weights (the official forward runs any float), or None."""
+    if weight.dtype not in FLOAT_DTYPES:
+        return f"{str(weight.dtype).replace('torch.', '')} weights (maefast's kernels take float32, bfloat16, float16)"
+    return None
+
+
 def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
     if compiling():
         return
@@ -195,9 +202,9 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
         raise ValueError(f"imgs must be {view.img_size[0]}x{view.img_size[1]} (img_size of this model), "
                          f"got {tuple(imgs.shape[-2:])}")
     w = view.patch_proj.weight
-    if w.dtype not in FLOAT_DTYPES:  # maefast's kernels take these (the official forward runs any float)
-        raise TypeError(f"maefast's fast forward runs float32, bfloat16 or float16 weights; this model's are "
-                        f"{str(w.dtype).replace('torch.', '')} (cast it, or build it with impl='reference')")
+    why = unsupported_weights(w)
+    if why is not None:
+        raise TypeError(f"maefast's fast forward cannot take {why}")
     if imgs.device != w.device:
         raise ValueError(f"imgs must be on the model's device {w.device}, got {imgs.device}")
     check_mask_ratio(mask_ratio, view.num_patches)

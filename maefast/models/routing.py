@@ -17,9 +17,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from .._validate import FLOAT_DTYPES, check_mask_ratio, compiling
+from .._validate import check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
-from .fast import fast_forward, official_view
+from .fast import fast_forward, official_view, unsupported_weights
 
 # official-layout methods the fast forward replaces: a user's version would be dropped
 REPLACED = ("forward_encoder", "forward_decoder", "random_masking")
@@ -75,8 +75,9 @@ def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
     kernels do not take, or a mask ratio outside (0, 1) keeping at least one patch."""
     if compiling():
         return None
-    if weight.dtype not in FLOAT_DTYPES:
-        return f"{str(weight.dtype).replace('torch.', '')} weights (maefast's kernels take float32, bfloat16, float16)"
+    why = unsupported_weights(weight)
+    if why is not None:
+        return why
     try:
         check_mask_ratio(mask_ratio, weight.shape[1] - 1)
     except (TypeError, ValueError) as e:

@@ -256,16 +256,13 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 def _check_geometry(cfg: TrainConfig) -> None:
     """--input-size against the model's patch size, and --mask-ratio by the model's own rule (one rule,
     one message: the one the model would raise at its first step)."""
-    from .._validate import check_mask_ratio
+    from ..cli import check_mask_ratio_flag
     from ..models import model_config
 
     patch = int(model_config(cfg.model)["patch_size"])
     if cfg.input_size % patch:
         raise ValueError(f"--input-size must be a multiple of {cfg.model}'s patch size {patch}, got {cfg.input_size}")
-    try:
-        check_mask_ratio(cfg.mask_ratio, (cfg.input_size // patch) ** 2)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(str(exc).replace("mask_ratio", "--mask-ratio", 1)) from None
+    check_mask_ratio_flag(cfg.mask_ratio, (cfg.input_size // patch) ** 2)
 
 
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
