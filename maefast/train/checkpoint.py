@@ -14,6 +14,7 @@ previous checkpoint whole.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import tempfile
@@ -210,30 +211,31 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
 def _load_full_shards(folder: str, keys: set[str] | None = None) -> dict:
     """The tensors (under the top-level ``keys``, default all) of a torch.distributed.checkpoint
     folder, unsharded, in this process."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), reading_shards(folder):
         warnings.simplefilter("ignore")
         try:
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-            return _load_state_dict_from_keys(keys, checkpoint_id=folder)
         except ImportError:  # older torch: the public converter, through a temporary file
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
             with tempfile.TemporaryDirectory() as tmp:
                 dcp_to_torch_save(folder, os.path.join(tmp, "full.pth"))
                 return torch.load(os.path.join(tmp, "full.pth"), map_location="cpu", weights_only=True)
-        except BaseException as exc:  # torch's CheckpointException derives from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-                raise
-            raise unreadable_shards(folder, exc) from None
+        return _load_state_dict_from_keys(keys, checkpoint_id=folder)
 
 
-def unreadable_shards(folder: str, exc: BaseException) -> ValueError:
-    """The one-line error for a torn, partial or foreign torch.distributed.checkpoint folder."""
-    why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-    return ValueError(f"sharded checkpoint folder {folder!r} is not readable (damaged or incomplete: "
-                      f"{type(exc).__name__}: {why})")
-
+@contextlib.contextmanager
+def reading_shards(folder: str):
+    """Around a read of a torch.distributed.checkpoint folder: a torn, partial or foreign one is one
+    ValueError naming it (torch's CheckpointException derives from BaseException, not Exception)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise ValueError(f"sharded checkpoint folder {folder!r} is not readable (damaged or incomplete: "
+                         f"{type(exc).__name__}: {why})") from None
 
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as dist_lib
-from .checkpoint import SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy, unreadable_shards
+from .checkpoint import SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy, reading_shards
 from .errors import RunError
 
 # How the optimizer of *this* run steps; a checkpoint's values (how that run stepped) are not taken:
@@ -63,12 +63,8 @@ def restore_states(ck: dict, shards: str | None, model: torch.nn.Module, target:
 
         msd, osd = get_state_dict(target, optimizer)  # this run's layout: dcp reshards into it
         state = {"model": msd, "optimizer": osd}
-        try:
+        with reading_shards(shards):
             dcp.load(state, checkpoint_id=shards, no_dist=not dist.is_initialized())
-        except BaseException as exc:  # torch's CheckpointException derives from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-                raise
-            raise unreadable_shards(shards, exc) from None
         msd, osd, opts = state["model"], state["optimizer"], None
     elif ck.get("optimizer_format", "torch") == "torch":  # format 1 (one process / DDP): parameter ids
         if sharded:
