@@ -193,9 +193,11 @@ def table_entry(max_len: int, head_dim: int, dtype: torch.dtype) -> ShapeTiles |
 
 
 # -- the generic rule (shapes outside the table; fp32) -------------------------------------------------
-# Chosen so that the sm_90 builds do not spill: on Hopper, query blocks under 64 rows spill in the
-# forward with 128-key tiles; the fused backward fits up to Dh 80 with 128 keys; fp32 (exact, no
-# tensor cores) needs small tiles.
+# Chosen so that the sm_90 builds do not spill (under triton 3.6 and 3.9; scripts/compile_kernels.py
+# builds every tile this rule gives at the head dims 16-128): on Hopper, query blocks under 64 rows
+# spill in the forward with 128-key tiles; the fused backward fits up to Dh 80 with 128 keys, and at
+# 32 keys with Dh over 64 only in 16-row steps at 8 warps; fp32 (exact, no tensor cores) needs small
+# tiles, and 8 warps from Dh 32 in the fused backward and over Dh 96 in the forward.
 
 def bwd_fused_default(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether one program per (sequence, head) does dq, dk and dv (the sequence is one key block)."""
@@ -214,7 +216,7 @@ def fwd_tiles(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) 
     if entry is not None:
         return entry.fwd
     if dtype == torch.float32:
-        return Tile(32, 32, 4, 2)
+        return Tile(32, 32, 8 if head_dim > 96 else 4, 2)
     block_n = _pow2_block(max_len, 16, 128) if max_len <= 128 else 64
     block_m = _pow2_block(max_len, 16, 64)
     return Tile(block_m, block_n, 8 if block_n == 128 and head_dim > 32 else 4, 2)
@@ -233,12 +235,15 @@ def bwd_tiles(max_len: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
         block_n = _pow2_block(max_len, 16, 128)
         if max_len > block_n:
             raise ValueError(f"the fused backward needs max_seqlen <= {block_n}, got {max_len}")
+        stages = 2
         if fp32:
-            block_m, warps = 16, 4
+            block_m, warps = 16, 8 if head_dim >= 32 else 4
+        elif block_n == 32 and head_dim > 64:
+            block_m, warps, stages = 16, 8, 1 if head_dim <= 80 else 2
         else:
             block_m = min(block_n, 64 if block_n <= 64 and head_dim <= 64 else 32)
             warps = 8 if block_n * head_dim >= 64 * 64 else 4
-        return BwdTiles(True, Tile(block_m, block_n, warps, 2))
+        return BwdTiles(True, Tile(block_m, block_n, warps, stages))
     if fp32:
         return BwdTiles(False, Tile(16, 32, 4, 2), Tile(32, 32, 4, 2))
     warps = 8 if head_dim >= 64 else 4

@@ -204,20 +204,16 @@ def attention_variants(quick: bool = False):
     """The attention launches (same tuple layout as `variants`): every table entry of
     kernels/attention_tiles.py in bf16 ("[table]"), and varlen with int32 and int64 cu_seqlens at its
     tiles ("[table varlen i32]": 64 sequences of L packed; quick: the first shape only); unless quick,
-    each sweep candidate and the generic rule's fp32 tiles at the paper shapes; 16 heads, contiguous
-    packed qkv (the batch enters only the batch strides, multiples of 16 at any batch)."""
+    each sweep candidate, the generic rule's fp32 tiles at the paper shapes, and every tile the generic
+    rule gives elsewhere ("[generic rule]"); 16 heads, contiguous packed qkv (the batch enters only the
+    batch strides, multiples of 16 at any batch)."""
     from maefast.kernels import attention as at
     from maefast.kernels import attention_tiles as tt
 
     H, B = 16, 64
     out = []
     for i, ((L, dh), entry) in enumerate(tt.TILES.items()):
-        d0, d1 = at.head_dim_split(dh)
-        W = 3 * H * dh
-        ints = dict(stride_qkv_b=L * W, stride_qkv_l=W, stride_qkv_c=1, stride_out_b=L * H * dh,
-                    stride_out_l=H * dh, stride_out_c=1, stride_do_b=L * H * dh, stride_do_l=H * dh, stride_do_c=1,
-                    stride_dqkv_b=L * W, stride_dqkv_l=W, stride_dqkv_c=1, stride_lse_b=H * L, stride_lse_h=L,
-                    seqlen=L, num_heads=H)
+        W, ints = 3 * H * dh, _strides(L, dh, H)
         # varlen: one (1, B*L, W) tensor, seqlen = its B*L rows, max_seqlen = L
         T = B * L
         varlen_ints = dict(ints, stride_qkv_b=T * W, stride_out_b=T * H * dh, stride_do_b=T * H * dh,
@@ -230,26 +226,62 @@ def attention_variants(quick: bool = False):
             cases += [("bf16", None, b, "[candidate]", None) for b in entry.bwd_candidates if b != entry.bwd]
             cases.append(("fp32", tt.fwd_tiles(L, dh, torch.float32), tt.bwd_tiles(L, dh, torch.float32), "[fp32 rule]",
                           None))
-        for dt, fwd, bwd, tag, cu in cases:
-            ptrs = dict(qkv_ptr=f"*{dt}", out_ptr=f"*{dt}", dout_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", lse_ptr="*fp32",
-                        delta_ptr="*fp32", cu_ptr=f"*{cu or 'i32'}")
-            meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=cu is not None, DOT_PREC="ieee" if dt == "fp32" else "tf32")
-            shape = f"L{L} Dh{dh} {dt}"
-            args = varlen_ints if cu else ints
-            if fwd is not None:
-                out.append((f"attention fwd {shape} {fwd.name} {tag}", at._attn_fwd_kernel,
-                            dict(meta, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N), ptrs, fwd.num_warps, fwd.num_stages,
-                            dict(args, num_m_blocks=-(-L // fwd.BLOCK_M))))
-            if bwd is not None:
-                if not bwd.fused:
-                    t = bwd.dq
-                    out.append((f"attention bwd-dq {shape} {bwd.name} {tag}", at._attn_bwd_dq_kernel,
-                                dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N), ptrs, t.num_warps, t.num_stages,
-                                dict(args, num_m_blocks=-(-L // t.BLOCK_M))))
-                t = bwd.dkdv
-                out.append((f"attention bwd-dkdv {shape} {bwd.name} {tag}", at._attn_bwd_dkdv_kernel,
-                            dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, FUSED_DQ=bwd.fused), ptrs, t.num_warps,
-                            t.num_stages, dict(args, num_n_blocks=-(-L // t.BLOCK_N))))
+        out += _launches(at, L, dh, ints, varlen_ints, cases)
+    if not quick:
+        out += _generic_rule_variants(at, tt)
+    return out
+
+
+def _strides(L: int, dh: int, H: int) -> dict:
+    W = 3 * H * dh
+    return dict(stride_qkv_b=L * W, stride_qkv_l=W, stride_qkv_c=1, stride_out_b=L * H * dh, stride_out_l=H * dh,
+                stride_out_c=1, stride_do_b=L * H * dh, stride_do_l=H * dh, stride_do_c=1, stride_dqkv_b=L * W,
+                stride_dqkv_l=W, stride_dqkv_c=1, stride_lse_b=H * L, stride_lse_h=L, seqlen=L, num_heads=H)
+
+
+def _generic_rule_variants(at, tt, H: int = 16):
+    """Every distinct tile the generic rule (shapes outside the table) gives for head dims 16-128 and
+    sequences of 1-299 and 577 tokens, bf16 and fp32, once each at the first length that gets it."""
+    seen, out = set(), []
+    for dt, torch_dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for dh in (16, 32, 48, 64, 80, 96, 128):
+            for L in [*range(1, 300), 577]:
+                if tt.table_entry(L, dh, torch_dt) is not None:
+                    continue
+                fwd, bwd = tt.fwd_tiles(L, dh, torch_dt), tt.bwd_tiles(L, dh, torch_dt)
+                fwd = None if (dt, dh, "fwd", fwd) in seen else fwd
+                bwd = None if (dt, dh, "bwd", bwd) in seen else bwd
+                if fwd is None and bwd is None:
+                    continue
+                seen.update({(dt, dh, "fwd", fwd), (dt, dh, "bwd", bwd)})
+                out += _launches(at, L, dh, _strides(L, dh, H), None, [(dt, fwd, bwd, "[generic rule]", None)])
+    return out
+
+
+def _launches(at, L, dh, ints, varlen_ints, cases):
+    """The launches of (dtype, fwd tile, bwd tiles, tag, cu_seqlens type) cases at one shape."""
+    out = []
+    d0, d1 = at.head_dim_split(dh)
+    for dt, fwd, bwd, tag, cu in cases:
+        ptrs = dict(qkv_ptr=f"*{dt}", out_ptr=f"*{dt}", dout_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", lse_ptr="*fp32",
+                    delta_ptr="*fp32", cu_ptr=f"*{cu or 'i32'}")
+        meta = dict(HEAD_DIM=dh, D0=d0, D1=d1, VARLEN=cu is not None, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+        shape = f"L{L} Dh{dh} {dt}"
+        args = varlen_ints if cu else ints
+        if fwd is not None:
+            out.append((f"attention fwd {shape} {fwd.name} {tag}", at._attn_fwd_kernel,
+                        dict(meta, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N), ptrs, fwd.num_warps, fwd.num_stages,
+                        dict(args, num_m_blocks=-(-L // fwd.BLOCK_M))))
+        if bwd is not None:
+            if not bwd.fused:
+                t = bwd.dq
+                out.append((f"attention bwd-dq {shape} {bwd.name} {tag}", at._attn_bwd_dq_kernel,
+                            dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N), ptrs, t.num_warps, t.num_stages,
+                            dict(args, num_m_blocks=-(-L // t.BLOCK_M))))
+            t = bwd.dkdv
+            out.append((f"attention bwd-dkdv {shape} {bwd.name} {tag}", at._attn_bwd_dkdv_kernel,
+                        dict(meta, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, FUSED_DQ=bwd.fused), ptrs, t.num_warps,
+                        t.num_stages, dict(args, num_n_blocks=-(-L // t.BLOCK_N))))
     return out
 
 
