@@ -433,6 +433,49 @@ def test_five_channels_take_the_reference_under_auto():
                        masked_patch_embed(normalize(u, *own), ids, w, None, None, 8))
 
 
+def test_float64_weight_takes_the_reference_under_auto_and_is_refused_by_a_kernel():
+    """uint8 imgs are normalised into the weight's dtype; the kernels write fp32/fp16/bf16 only (the CUDA
+    C++ route failed with a bare KeyError for a float64 weight)."""
+    u = _pixels(2, 3, 16, 16)
+    ids = random_masking(2, 4, 0.5, seed=1).ids_keep
+    w = randn(8, 3, 8, 8).double()
+    want = masked_patch_embed(normalize(u, *IMAGENET).double(), ids, w, None, None, 8, impl="reference")
+    assert torch.equal(masked_patch_embed(u, ids, w, None, None, 8), want)
+    for impl in ("triton", "cuda"):
+        with pytest.raises(ValueError, match="float64" if impl == "triton" or _has_cuda_kernels() else impl):
+            masked_patch_embed(u, ids, w, None, None, 8, impl=impl)
+
+
+def _has_cuda_kernels() -> bool:
+    from maefast._cpp_lib import get_C
+
+    return torch.cuda.is_available() and get_C() is not None
+
+
+def test_every_backend_gets_int64_ids_under_compile(monkeypatch):
+    """torch.compile skips the public checks, so an int32 ids_keep reaches the op: the op hands int64
+    to every backend (the CUDA C++ gathers read int64; an int32 buffer read as int64 merged two ids
+    and read past its end)."""
+    import maefast.ops.patch_embed as pe
+
+    seen = []
+
+    def fake_forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p, affine):
+        seen.append(ids_keep.dtype)
+        return weight.new_zeros(ids_keep.shape[0], ids_keep.shape[1], weight.shape[0])
+
+    monkeypatch.setattr(pe, "_resolve", lambda *a: "cuda")
+    monkeypatch.setattr(pe, "_forward_cuda", fake_forward_cuda)
+    u = _pixels(2, 3, 16, 16)
+    ids = random_masking(2, 4, 0.5, seed=1).ids_keep.to(torch.int32)
+    w = randn(8, 3, 8, 8)
+    torch._dynamo.reset()
+    f = torch.compile(lambda u, i: masked_patch_embed(u, i, w, None, None, 8, impl="cuda"), backend="aot_eager",
+                      fullgraph=True)
+    f(u, ids)
+    assert seen == [torch.int64]
+
+
 def test_cuda_bindings_check_the_channels():
     """maefast._C refuses uint8 images it cannot normalise, before any CUDA call (host code: runs
     without a GPU when the extension is built)."""

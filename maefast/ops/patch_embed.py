@@ -28,15 +28,17 @@ _NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0
 _WHAT = "maefast.ops.masked_patch_embed"
 
 
-def _resolve(impl: str, imgs: torch.Tensor) -> str:
+def _resolve(impl: str, imgs: torch.Tensor, weight: torch.Tensor) -> str:
     u8 = imgs.dtype == torch.uint8
     chosen = choose_impl(impl, imgs.device, auto_order=("triton", "cuda"),
                          cuda_op="patch_gather_normalize" if u8 else "patch_gather", what=_WHAT)
     if chosen == "reference":
         return chosen
-    ok, why = kernels_take(imgs) if u8 else (
-        imgs.dtype in FLOAT_DTYPES, f"dtype {imgs.dtype} is not supported by the kernels (float32, float16, "
-                                    "bfloat16, uint8)")
+    # uint8 imgs are normalised into the weight's dtype: the kernels write fp32, fp16 and bf16 only
+    ok, why = (kernels_take(imgs) if weight.dtype in FLOAT_DTYPES else
+               (False, f"weight dtype {weight.dtype} is not supported by the kernels (float32, float16, bfloat16)")) \
+        if u8 else (imgs.dtype in FLOAT_DTYPES, f"dtype {imgs.dtype} is not supported by the kernels (float32, "
+                                                 "float16, bfloat16, uint8)")
     if ok:
         return chosen
     if impl == "auto":
@@ -108,8 +110,8 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
                            impl: str, mean: Optional[list[float]] = None,
                            std: Optional[list[float]] = None) -> torch.Tensor:
     """Tokens (N, K, D) in weight's dtype; uint8 imgs are normalised with mean/std (None: ImageNet's)."""
-    ids_keep = dense_index(ids_keep)
-    chosen = _resolve(impl, imgs)
+    ids_keep = dense_index(ids_keep, torch.int64)  # the CUDA C++ kernels read int64 ids
+    chosen = _resolve(impl, imgs, weight)
     stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     with torch.autocast(imgs.device.type, enabled=False):
@@ -139,8 +141,8 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
                                     std: Optional[list[float]] = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_weight like weight, grad_bias (D,) in weight's dtype, grad_pos like pos_embed or empty)."""
-    ids_keep = dense_index(ids_keep)
-    chosen = _resolve(impl, imgs)
+    ids_keep = dense_index(ids_keep, torch.int64)  # the CUDA C++ kernels read int64 ids
+    chosen = _resolve(impl, imgs, weight)
     stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     D = weight.shape[0]
