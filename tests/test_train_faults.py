@@ -72,29 +72,38 @@ def test_too_little_space_is_found_before_the_first_step(tmp_path):
 
 @pytest.mark.slow
 @needs_mount
-def test_disk_full_mid_run_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["one-file", "fsdp-shards"])
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(tmp_path, fsdp):
     """The disk fills after the checkpoint of step 5: the save of step 10 fails with one line, the
-    checkpoint of step 5 stays whole, no temporary is left and log.jsonl claims no save."""
-    run = _cmd(*LONG, "--save-every-steps", "5", "--log-every", "1000", "--output-dir", "$M/run").replace(
-        "'$M/run'", '"$M/run"')
+    checkpoint of step 5 stays whole, no temporary is left and log.jsonl claims no save. Sharded (2
+    ranks, --fsdp): torch.distributed.checkpoint raises the full disk as a CheckpointException, a
+    BaseException (it was a traceback on every rank, exit 1)."""
+    extra, nproc = (["--fsdp"], 2) if fsdp else ([], 0)
+    run = _cmd(*LONG, *extra, "--save-every-steps", "5", "--log-every", "1000", "--output-dir", "$M/run",
+               nproc=nproc).replace("'$M/run'", '"$M/run"')
     check = (f"{shlex.quote(sys.executable)} -c 'import json, os, sys, torch; d = sys.argv[1]; "
              "ck = torch.load(os.path.join(d, \"checkpoint-last.pth\"), weights_only=True); "
-             "print(json.dumps({\"step\": ck[\"step\"], \"files\": sorted(os.listdir(d))}))' \"$M/run\"")
+             "print(json.dumps({\"step\": ck[\"step\"], \"shards\": ck.get(\"shards\"), "
+             "\"files\": sorted(os.listdir(d))}))' \"$M/run\"")
     script = (f"{run} & pid=$!; "
               'while [ ! -f "$M/run/checkpoint-last.pth" ]; do sleep 0.05; done; '
               'dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null; '
               'wait $pid; echo "rc=$?"; rm -f "$M/filler"; ' + check)
     proc = _in_tmpfs(tmp_path, "size=24m", script)
     out = proc.stdout.strip().splitlines()
-    assert out and out[0] == "rc=2", proc.stdout + proc.stderr[-3000:]
+    assert out and out[0] == ("rc=1" if nproc else "rc=2"), proc.stdout + proc.stderr[-3000:]  # torchrun: 1
     said = [ln for ln in proc.stderr.splitlines() if ln.startswith("maefast train: error")]
-    assert len(said) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(said) == 1 and f'File "{ROOT}' not in proc.stderr and "CheckpointException" not in proc.stderr, \
+        proc.stderr[-3000:]
     assert "no space left on tmpfs mounted at" in said[0] and "checkpoint-last.pth not written" in said[0]
     assert "the previous one (if any) is intact" in said[0]
+    if not nproc:
+        assert "Traceback" not in proc.stderr
     state = json.loads(out[1])
     assert state["step"] >= 5 and state["step"] % 5 == 0
-    # no temporary left, and no log.jsonl line claiming a checkpoint (no epoch ended)
-    assert [f for f in state["files"] if not f.startswith(".maefast-train.lock")] == ["checkpoint-last.pth"]
+    # no temporary left (nor a partial shards folder), and no log.jsonl line claiming a checkpoint
+    want = ["checkpoint-last.pth"] + ([state["shards"]] if fsdp else [])
+    assert [f for f in state["files"] if not f.startswith(".maefast-train.lock")] == sorted(want)
 
 
 @pytest.mark.slow
@@ -216,3 +225,26 @@ def test_a_stopped_rank_is_named_within_the_dist_timeout(tmp_path):
     said = [ln for ln in err.splitlines() if "stopped answering" in ln]
     assert len(said) == 1 and said[0].startswith("maefast train: error: rank 1 stopped answering"), err[-3000:]
     assert "--dist-timeout 5" in said[0] and 3 <= waited < 60  # the heartbeat is read once a second
+
+
+def test_a_failed_write_on_rank_0_is_told_to_every_rank(tmp_path, monkeypatch):
+    """An OSError other than a full disk from rank 0's checkpoint write (read-only remount, I/O error)
+    becomes the RunError every rank receives (it was raised on rank 0 alone: the other ranks then
+    waited for its broadcast or died with a gloo traceback)."""
+    import errno
+
+    from maefast.train import state as st
+    from maefast.train.distributed import DistInfo
+    from maefast.train.errors import RunError
+
+    def read_only(obj, path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    told = []
+    monkeypatch.setattr(st, "atomic_save", read_only)
+    monkeypatch.setattr(st.dist_lib, "broadcast_object", lambda obj, info: told.append(obj) or obj)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(RunError, match=r"checkpoint-last.pth not written \(\[Errno 30\] Read-only file system"):
+        st.save_checkpoint({"step": 1}, str(tmp_path), "checkpoint-last.pth", model, opt, DistInfo(), sharded=False)
+    assert told and "Read-only file system" in told[-1]

@@ -105,10 +105,12 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
     if sharded:
         shards = dist_lib.broadcast_object(f"{name}{SHARDS_SUFFIX}{secrets.token_hex(6)}" if info.is_main else None,
                                            info)
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             save_shards(os.path.join(folder, shards), target, optimizer)
-        except Exception as exc:  # dcp gathers every rank's failure and raises it on all of them
-            error = _save_failure(path, exc)
+        except (Exception, CheckpointException) as exc:  # dcp gathers every rank's failure and raises it
+            error = _save_failure(path, exc)  # on all of them, as a CheckpointException (a BaseException)
         meta = {**meta, "shards": shards}
     else:
         model_sd, optim_sd = full_states(target, optimizer)
@@ -120,6 +122,8 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
                 _keep_copy(meta, folder, name, keep, shards)
         except RunError as exc:
             error = str(exc)
+        except OSError as exc:  # told to every rank below (raised here, the others would wait for rank 0)
+            error = _save_failure(path, exc)
         else:
             drop_unreferenced_shards(folder, name, shards)
     if info.is_main and error is not None and shards is not None:
@@ -129,7 +133,7 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
         raise RunError(error, quiet=not info.is_main)
 
 
-def _save_failure(path: str, exc: Exception) -> str:
+def _save_failure(path: str, exc: BaseException) -> str:
     full = _no_space(path, exc)
     if full is not None:
         return str(full)
