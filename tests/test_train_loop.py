@@ -96,6 +96,23 @@ def test_resume_is_bit_exact(tmp_path, accum):
     assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], a["model"]["blocks.0.attn.qkv.weight"])
 
 
+def test_resume_of_a_checkpoint_counting_micro_batches(tmp_path):
+    """A mid-epoch checkpoint written before 2026-12-05 carried the epoch's loss as a sum of micro-batch
+    means and their count n; its resumed epoch's loss is still the whole epoch's per-image mean."""
+    cfg = _cfg(synthetic_size=16, epochs=1, lr=1e-3, plot=False, export=False)
+    train(cfg, output_dir=str(tmp_path / "straight"))
+    train(cfg, output_dir=str(tmp_path / "old"), max_steps=2)
+    path = str(tmp_path / "old" / "checkpoint-last.pth")
+    ck = torch.load(path, weights_only=False)
+    st = ck["epoch_stats"]
+    assert st["images"] == 8 and "n" not in st
+    ck["epoch_stats"] = {**st, "loss_sum": st["loss_sum"] / st["images"] * 2, "n": 2}  # 2 micro-batches of 4
+    torch.save(ck, path)
+    train(cfg, output_dir=str(tmp_path / "old"), resume=path)
+    got, want = (_read_jsonl(tmp_path / d / "log.jsonl")[-1] for d in ("old", "straight"))
+    assert got["images"] == want["images"] == 16 and got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-9)
+
+
 def test_resume_across_epochs_and_auto(tmp_path):
     cfg = _cfg(synthetic_size=12, epochs=2, lr=1e-3, plot=False, export=False)
     train(cfg, output_dir=str(tmp_path / "straight"))
@@ -168,6 +185,27 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, capsys):
     assert rec["skipped_files"] == 2 and rec["images"] == 12
     assert all("bad" in e for e in rec["skipped_examples"])
     assert "skipped 2 unreadable" in capsys.readouterr().err
+
+
+def test_unreadable_files_weigh_the_same_at_any_split_of_the_batch(tmp_path):
+    """A batch with unreadable files trains the same whether its 4 images run as one micro-batch or as
+    2 x 2 accumulated (or on 2 ranks: DDP averages the ranks as accumulation does): each micro-batch's
+    loss weighs its readable images / --batch-size. (Before, a micro-batch's mean weighed 1 however few
+    images it kept: a micro-batch with 1 readable image of 2 counted that image twice.)"""
+    from train_cli_helpers import assert_states_close
+
+    data = str(_folder(tmp_path / "d", 10, 6))
+    runs = {}
+    for b, a in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{b}a{a}"
+        res = train(_cfg(data=data, batch_size=b, accum_iter=a, epochs=1, plot=False, export=False,
+                         output_dir=str(out)))
+        assert res["skipped_files"] == 6 and res["steps"] == 4
+        runs[b] = (load_checkpoint(str(out / "checkpoint-last.pth"))["model"], _read_jsonl(out / "log.jsonl")[0])
+    (w4, log4), (w2, log2) = runs[4], runs[2]
+    assert_states_close(w2, w4, "batch 2 x accumulation 2 vs batch 4")
+    assert log2["images"] == log4["images"] == 10
+    assert log2["train_loss"] == pytest.approx(log4["train_loss"], rel=1e-6)
 
 
 def test_empty_or_missing_folder_is_a_clear_cli_error(tmp_path, capsys):

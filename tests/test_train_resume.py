@@ -108,6 +108,10 @@ def test_resume_at_another_world_size_and_layout(tmp_path, straight, first, then
     assert_states_close(got["model"], want["model"], f"{first} -> {then}")
     epoch = lines(os.path.join(out, "log.jsonl"))
     assert [(r["epoch"], r["images"], r["complete"]) for r in epoch] == [(0, 32, True)]  # the whole epoch, once
+    # and its loss is the straight run's: a per-image mean, whatever split of the global batch each part ran
+    # (it counted micro-batches: 2 x 2 of 4 images then 2 of 8 weighed 8 images as much as 4)
+    want_loss = lines(os.path.join(straight, "log.jsonl"))[0]["train_loss"]
+    assert epoch[0]["train_loss"] == pytest.approx(want_loss, rel=1e-5, abs=0), (first, then)
     assert [r["step"] for r in lines(os.path.join(out, "steps.jsonl"))] == [1, 2, 3, 4]
     # the sharded folder of the checkpoint being replaced is gone; the kept copy of epoch 0 (hard links)
     # has its own; visualize reads either layout

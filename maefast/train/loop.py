@@ -106,10 +106,10 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
 @dataclasses.dataclass
 class _EpochStats:
     """Sums over all ranks of one epoch (carried in a mid-epoch checkpoint, so the epoch's record
-    after a resume covers the whole epoch)."""
+    after a resume covers the whole epoch). loss_sum: each micro-batch's loss times its images, so the
+    epoch's loss is loss_sum / images whatever the split of the global batch (ranks, accumulation)."""
 
     loss_sum: float = 0.0
-    n: int = 0
     images: int = 0
     bad: int = 0
     time_s: float = 0.0
@@ -249,7 +249,11 @@ class _Trainer:
         if len(rngs) == info.world_size:
             ckpt_lib.set_rng_state(rngs[info.rank])
         if ck.get("epoch_stats") and self.start_samples > 0:
-            self.carry = _EpochStats(**ck["epoch_stats"])
+            carried = dict(ck["epoch_stats"])
+            n = carried.pop("n", None)  # written before 2026-12-05: a sum of micro-batch means, n of them
+            if n is not None:
+                carried["loss_sum"] = carried["loss_sum"] / n * carried["images"] if n else 0.0
+            self.carry = _EpochStats(**carried)
         self.say(f"resumed from {self.source}: epoch {self.start_epoch}, {self.start_samples} samples into it, "
                  f"step {self.step}")
         self.history = list(ck.get("history") or []) + [{"resumed_at_step": self.step, "world_size": info.world_size,
@@ -342,7 +346,7 @@ class _Trainer:
             self.train_step.zero_grad()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             win_sum = torch.zeros((), dtype=torch.float64, device=device)
-            win_n, ep_n, ep_images, ep_bad, bad_names = 0, 0, 0, 0, []
+            ep_images, ep_bad, bad_names = 0, 0, []
             t_epoch = t_win = time.perf_counter()
             win_images, lr_now, b, reason = 0, 0.0, first, None
             if bar is not None:
@@ -356,17 +360,16 @@ class _Trainer:
                 if batch["bad"]:
                     ep_bad += len(batch["bad"])
                     bad_names += batch["bad"][: max(0, 5 - len(bad_names))]
-                done, loss, weight, n_img = self._micro_step(batch, b)
+                done, loss, n_img = self._micro_step(batch, b)
                 b += 1
                 if not done:
                     continue
-                loss_d = loss.detach().double() * weight
-                loss_sum += loss_d
-                win_sum += loss_d
-                ep_n += int(weight)
-                win_n += int(weight)
-                ep_images += n_img
-                win_images += n_img
+                if n_img:
+                    loss_d = loss.detach().double() * n_img
+                    loss_sum += loss_d
+                    win_sum += loss_d
+                    ep_images += n_img
+                    win_images += n_img
                 if (b % A) != 0:
                     continue
                 self.step += 1  # the step ran its optimizer update at this boundary
@@ -375,12 +378,12 @@ class _Trainer:
                 reason = self._agree()
                 hit_max = cfg.max_steps is not None and self.step >= cfg.max_steps
                 if (self.step % cfg.log_every == 0 or b >= batches_used or hit_max or reason is not None):
-                    s, n, imgs = dist_lib.all_reduce_sum([win_sum.item(), win_n, win_images], info)
+                    s, imgs = dist_lib.all_reduce_sum([win_sum.item(), win_images], info)
                     now = time.perf_counter()
                     ips = imgs / max(now - t_win, 1e-9)
                     self.windows.append((imgs, now - t_win))
-                    if n > 0:
-                        self.final_loss = s / n
+                    if imgs > 0:
+                        self.final_loss = s / imgs
                         if not math.isfinite(self.final_loss):
                             raise RunError(f"loss is {self.final_loss} at step {self.step} (epoch {epoch}): with "
                                            "--dtype float16 try bfloat16, or lower --blr", quiet=not info.is_main)
@@ -390,19 +393,19 @@ class _Trainer:
                             bar.set_postfix(loss=f"{self.final_loss:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}",
                                             refresh=False)
                     win_sum.zero_()
-                    win_n, win_images, t_win = 0, 0, now
+                    win_images, t_win = 0, now
                 if reason is not None or hit_max:
                     break
                 if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and b < batches_used:
-                    partial = self._epoch_totals(stats, loss_sum, ep_n, ep_images, ep_bad, bad_names, t_epoch)
+                    partial = self._epoch_totals(stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch)
                     self._save(epoch, b // A * G, partial)
             # -- end of the epoch, or of the run (--max-steps, a stop request) --------------------
-            totals = self._epoch_totals(stats, loss_sum, ep_n, ep_images, ep_bad, bad_names, t_epoch)
+            totals = self._epoch_totals(stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch)
             ep_time = time.perf_counter() - t_epoch
             self.skipped_total += int(totals.bad - stats.bad)
             self.run_images += int(totals.images - stats.images)
             self.run_time += ep_time
-            if b > first and totals.n == 0:
+            if b > first and totals.images == 0:
                 raise RunError(f"no readable image in epoch {epoch} ({int(totals.bad)} files failed to load, e.g. "
                                f"{totals.bad_names[:3]})", quiet=not info.is_main)
             if totals.bad > stats.bad:
@@ -413,7 +416,7 @@ class _Trainer:
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
             self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep)
             # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
-            self._write(log, {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.n, 1),
+            self._write(log, {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.images, 1),
                        "train_lr": lr_now, "images": int(totals.images), "time_s": round(totals.time_s, 3),
                        "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
                        "skipped_examples": totals.bad_names, "complete": finished})
@@ -459,17 +462,22 @@ class _Trainer:
                 raise
             self.pending = self.pending or exc
 
-    def _epoch_totals(self, stats, loss_sum, ep_n, ep_images, ep_bad, bad_names, t_epoch) -> _EpochStats:
+    def _epoch_totals(self, stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch) -> _EpochStats:
         """This epoch's sums over ranks so far, plus what a resumed epoch carried (collective)."""
-        s, n, imgs, bad = dist_lib.all_reduce_sum([loss_sum.item(), ep_n, ep_images, ep_bad], self.info)
+        s, imgs, bad = dist_lib.all_reduce_sum([loss_sum.item(), ep_images, ep_bad], self.info)
         names = [x for ns in dist_lib.all_gather_object(bad_names, self.info) for x in ns]
-        return _EpochStats(loss_sum=stats.loss_sum + s, n=stats.n + int(n), images=stats.images + int(imgs),
+        return _EpochStats(loss_sum=stats.loss_sum + s, images=stats.images + int(imgs),
                            bad=stats.bad + int(bad), time_s=stats.time_s + time.perf_counter() - t_epoch,
                            bad_names=(stats.bad_names + names)[:10])
 
     def _micro_step(self, batch: dict, b: int):
         """One micro-batch through the training step (forward, backward and, at the accumulation's end,
-        the optimizer update); returns (counted, loss, weight, images)."""
+        the optimizer update); returns (counted, loss, images it averaged).
+
+        The loss's weight in the gradient is its images / --batch-size: an unreadable file is a slot
+        that contributes no gradient, so the step's gradient is the sum over the global batch's good
+        images / G however G is split over ranks and accumulation (DDP and FSDP average the ranks'
+        gradients whatever each one held; one process with the whole batch gets the same)."""
         cfg, device, step = self.cfg, self.info.device, self.train_step
         images, noise, weight = batch["images"], batch["noise"], 1.0
         boundary = (b + 1) % cfg.accum_iter == 0
@@ -479,13 +487,15 @@ class _Trainer:
             # an accumulation, the cycle's partial gradients are dropped: its optimizer step is not taken
             if boundary:
                 step.zero_grad()
-            return False, None, 0.0, 0
+            return False, None, 0
         if images is None:  # every file of this batch was unreadable: a zero-weight step keeps ranks in step
             images = torch.zeros(1, 3, cfg.input_size, cfg.input_size, dtype=IMAGE_DTYPES[cfg.image_dtype],
                                  device=device)
             noise, weight = torch.rand(1, self.model.patch_embed.num_patches).to(device), 0.0
+        elif images.shape[0] != cfg.batch_size:
+            weight = images.shape[0] / cfg.batch_size
         loss = self._call_step(images, noise, weight, boundary)
-        return True, loss, weight, int(weight) * images.shape[0]
+        return True, loss, images.shape[0] if weight else 0
 
     def _call_step(self, images, noise, weight: float, update: bool) -> torch.Tensor:
         """``train_step(...)``; the first call also settles how every step runs: a model that does not
