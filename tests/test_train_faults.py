@@ -248,3 +248,28 @@ def test_a_failed_write_on_rank_0_is_told_to_every_rank(tmp_path, monkeypatch):
     with pytest.raises(RunError, match=r"checkpoint-last.pth not written \(\[Errno 30\] Read-only file system"):
         st.save_checkpoint({"step": 1}, str(tmp_path), "checkpoint-last.pth", model, opt, DistInfo(), sharded=False)
     assert told and "Read-only file system" in told[-1]
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_checkpoints_refuse_to_start(tmp_path):
+    """--resume auto where rank 1 does not see the checkpoint rank 0 resumes from (no shared file
+    system): one line, before any step (rank 1 started fresh beside a resumed rank 0)."""
+    out = tmp_path / "run"
+    first = cli(*LONG, "--max-steps", "2", "--output-dir", str(out), nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    script = tmp_path / "blind_rank1.py"
+    script.write_text("import os, runpy, sys\n"
+                      "from maefast.train import loop\n"
+                      "if os.environ.get('RANK') == '1':\n"
+                      "    loop.resume_source = lambda cfg: None  # this rank's disk has no checkpoint\n"
+                      "sys.argv = ['maefast'] + sys.argv[1:]\n"
+                      "runpy.run_module('maefast', run_name='__main__')\n")
+    before = (out / "steps.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *LONG, "--resume", "auto", "--output-dir", str(out)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    said = [ln for ln in proc.stderr.splitlines() if ln.startswith("maefast train: error")]
+    assert proc.returncode != 0 and len(said) == 1, proc.stderr[-3000:]
+    assert "the ranks disagree on where the run starts" in said[0] and "rank 1 a fresh start" in said[0]
+    assert "shared file system" in said[0] and f'File "{ROOT}' not in proc.stderr
+    assert (out / "steps.jsonl").read_text() == before

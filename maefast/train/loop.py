@@ -135,6 +135,7 @@ class _Trainer:
         # every option is checked in _plan (validate_config), before the folder is touched: an --overwrite
         # that then failed on a bad option had already deleted the old run
         dist_lib.agreed(self._plan, self.info)
+        dist_lib.agreed(self._same_start, self.info)
         dist_lib.agreed(self._prepare_folder, self.info)  # takes the folder's lock before the restore reads
         dist_lib.agreed(self._build_state, self.info)
         self.ctl.setup()
@@ -194,6 +195,21 @@ class _Trainer:
         self.model, self.model_kwargs, self.dataset = model, model_kwargs, dataset
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.start_epoch, self.start_samples, self.step = epoch, samples, step
+
+    def _same_start(self) -> None:
+        """Every rank continues from the same checkpoint and position (collective). Each rank looks for
+        --resume auto's checkpoint itself: without a file system they all see, rank 0 would resume while
+        the others started fresh (DDP would hand them rank 0's weights, not its optimizer or position)."""
+        mine = (self.source, self.start_epoch, self.start_samples, self.step)
+        starts = dist_lib.all_gather_object(mine, self.info)
+        odd = [r for r, start in enumerate(starts) if start != starts[0]]
+        if odd:
+            def where(start):
+                return f"{start[0]} (epoch {start[1]}, step {start[3]})" if start[0] else "a fresh start"
+
+            raise ValueError(f"the ranks disagree on where the run starts: rank 0 sees {where(starts[0])}, rank "
+                             f"{odd[0]} {where(starts[odd[0]])}; every rank must see --output-dir (and --resume) on "
+                             "one shared file system")
 
     def _prepare_folder(self) -> None:
         cfg = self.cfg
