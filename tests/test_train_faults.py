@@ -273,3 +273,25 @@ def test_ranks_that_see_different_checkpoints_refuse_to_start(tmp_path):
     assert "the ranks disagree on where the run starts" in said[0] and "rank 1 a fresh start" in said[0]
     assert "shared file system" in said[0] and f'File "{ROOT}' not in proc.stderr
     assert (out / "steps.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_one_line_on_the_others(tmp_path):
+    """A rank killed outright (the OOM killer): the others' lost connection is one line, not a gloo
+    traceback; the launcher's report names the rank. (The launcher also sends SIGTERM to the others: a
+    rank it reaches after its error but before the line is printed ends silently; most runs print it.)"""
+    out = tmp_path / "run"
+    proc = start(*LONG, "--log-every", "1", "--output-dir", str(out), nproc=2)
+    workers = {}
+    try:
+        workers = _workers(proc.pid)
+        wait_for_steps(proc, out / "steps.jsonl", 3)
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+        _kill(workers.values())
+    said = [ln for ln in err.splitlines() if ln.startswith("maefast train: error")]
+    assert proc.returncode != 0 and len(said) <= 1 and "[rank0]: RuntimeError" not in err, err[-3000:]
+    assert all("the connection to another rank was lost" in ln for ln in said) and f'File "{ROOT}' not in err
+    assert "rank      : 1 (local_rank: 1)" in err and "(SIGKILL)" in err

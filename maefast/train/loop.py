@@ -92,15 +92,24 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         ok = True  # every rank stopped at the same step, after the same collectives
         raise
     except RuntimeError as exc:
-        if info.distributed and "timed out" in str(exc).lower():  # gloo: "Timed out waiting ... for recv"
+        said = str(exc).lower()
+        if info.distributed and "timed out" in said:  # gloo: "Timed out waiting ... for recv"
             raise RunError(f"a collective waited more than --dist-timeout {config.dist_timeout:g} s (+"
                            f"{GROUP_TIMEOUT_MARGIN_S} s) for another rank; the last checkpoint is intact, --resume "
                            "auto continues from it", quiet=not info.is_main) from exc
+        if info.distributed and any(w in said for w in _PEER_GONE):  # a rank killed (OOM killer, SIGKILL)
+            raise RunError("the connection to another rank was lost (it ended without a word: the launcher's "
+                           "report names it and its exit code); the last checkpoint is intact, --resume auto "
+                           "continues from it", quiet=not info.is_main) from exc
         raise
     finally:
         heartbeat.stop()
         trainer.close()
         dist_lib.cleanup(info, sync=ok)
+
+
+# what gloo (and NCCL's socket transport) say when a peer process is gone
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
 
 @dataclasses.dataclass
