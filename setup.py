@@ -30,7 +30,11 @@ def ext_modules():
     if os.environ.get("MAEFAST_SKIP_CUDA_BUILD", "0") == "1":
         print("maefast: MAEFAST_SKIP_CUDA_BUILD=1, not building maefast._C", file=sys.stderr)
         return []
-    if csrc_build.find_nvcc() is None:
+    try:
+        nvcc = csrc_build.find_nvcc()
+    except RuntimeError as exc:  # NVCC names no compiler
+        sys.exit(f"maefast: {exc}")
+    if nvcc is None:
         print("maefast: nvcc not found, not building maefast._C (the Triton and reference paths still work)",
               file=sys.stderr)
         return []

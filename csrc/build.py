@@ -29,9 +29,15 @@ ROOT = os.path.dirname(HERE)
 
 
 def find_nvcc() -> str | None:
+    """NVCC's compiler (an error when it names none: the build was asked for that one), else nvcc on
+    PATH, else CUDA_HOME's, CUDA_PATH's or /usr/local/cuda's; None: not found."""
     cand = os.environ.get("NVCC")
     if cand:
-        return cand if os.path.exists(cand) or shutil.which(cand) else None
+        found = cand if os.path.isfile(cand) and os.access(cand, os.X_OK) else shutil.which(cand)
+        if not found:
+            raise RuntimeError(f"NVCC={cand!r} is not an executable (unset NVCC to look for nvcc on PATH and in "
+                               "CUDA_HOME, or MAEFAST_SKIP_CUDA_BUILD=1 to build without maefast._C)")
+        return found
     found = shutil.which("nvcc")
     if found:
         return found

@@ -182,3 +182,18 @@ def test_build_announces_itself_and_builds_in_parallel(tmp_path, monkeypatch, ca
     ninja_file = (tmp_path / "build" / "build.ninja").read_text()
     assert "--threads 2" in ninja_file
     assert os.path.basename(str(out)) in ninja_file
+
+
+def test_an_nvcc_that_does_not_exist_is_an_error_not_a_skipped_build(tmp_path, monkeypatch):
+    """NVCC names the compiler to build with: a wrong path stops the build saying so (it silently built
+    no extension, even with nvcc on PATH)."""
+    b = _csrc_build()
+    monkeypatch.setenv("NVCC", str(tmp_path / "no" / "nvcc"))
+    with pytest.raises(RuntimeError, match=r"NVCC=.*/no/nvcc' is not an executable .*MAEFAST_SKIP_CUDA_BUILD=1"):
+        b.find_nvcc()
+    (tmp_path / "nvcc").write_text("not executable")
+    monkeypatch.setenv("NVCC", str(tmp_path / "nvcc"))
+    with pytest.raises(RuntimeError, match="is not an executable"):
+        b.find_nvcc()
+    monkeypatch.setenv("NVCC", "sh")  # a name on PATH
+    assert b.find_nvcc().endswith("/sh")
