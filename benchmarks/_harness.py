@@ -22,6 +22,7 @@ Imports and runs without a GPU and without triton.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -209,6 +210,28 @@ def summary_lines() -> list[str]:
                      f"{_fmt(r.get('eager_time_ms'), '9.3f'):>9} "
                      f"{(_fmt(r.get('eager_speedup_vs_baseline'), '.2f') + 'x') if r.get('eager_speedup_vs_baseline') else '-':>8}")
     return lines
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Before a row is built: the card's peak measured first (`timing.measure_peak`, once per process: its
+    ~2.25 GiB of copy and matmul buffers, allocated later beside a resident row, would be that row's
+    high-water mark), the allocator's cache emptied and its peak statistics reset. No-op off CUDA."""
+    if device.type != "cuda":
+        return
+    timing.measure_peak(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The allocator's high-water marks since `reset_peak_memory`, GiB: `peak_mem_gib` (tensors allocated)
+    and `peak_mem_reserved_gib` (segments reserved: also what the allocator holds for reuse, such as a
+    captured step's private graph pool). {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def op_timing(device: torch.device, rep_ms: float = 200.0) -> dict:

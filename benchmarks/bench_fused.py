@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from _harness import run_bench, sizes
 
 from maefast._triton import HAS_TRITON
+from maefast.bench import compile_static
 from maefast.ops.bias_gelu import bias_gelu
 from maefast.ops.layernorm import add_layer_norm
 
@@ -95,10 +96,7 @@ def _fn(group: str, provider: str):
                 "ln": lambda x, w, b: add_layer_norm(x, None, w, b, EPS, impl="triton")[0],
                 "bias_gelu": lambda x, b: bias_gelu(x, b, impl="triton")}[op]
     f = {"add_ln": _eager_add_ln, "ln": _eager_ln, "bias_gelu": _eager_bias_gelu}[op]
-    if provider == "compile":
-        torch._dynamo.reset()  # fresh caches: one static-shape compile per case, no recompile limit
-        f = torch.compile(f, dynamic=False)
-    return f
+    return compile_static(f) if provider == "compile" else f
 
 
 def _case(group: str, rows: int, d: int, name: str, device, dtype):

@@ -29,13 +29,13 @@ from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
 from maefast import reference as R
+from maefast.bench import compile_static
 
 RATIO = 0.75
 # (name, N, img, p)
 CASES = sizes(cpu=[("tiny-p16", 4, 64, 16)],
               gpu=[("p16", 256, 224, 16), ("p14", 256, 224, 14)])
 PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
-_COMPILED: dict = {}
 
 
 def _setup(case, device, pred_on):
@@ -61,7 +61,7 @@ def _loss_fn(provider, pred_on):
     if provider in ("reference", "compile"):
         f = R.forward_loss_masked if pred_on == "masked" else R.forward_loss
         if provider == "compile":
-            f = _COMPILED.setdefault(pred_on, torch.compile(f))
+            f = compile_static(f)
         return lambda pred, imgs, idx, p: f(imgs, pred, idx, p, True)
     impl = "auto" if provider == "maefast" else provider
     return lambda pred, imgs, idx, p: ops.norm_pix_loss(pred, imgs, idx, p, norm_pix=True, pred_on=pred_on, impl=impl)

@@ -25,14 +25,17 @@ import torch.nn.functional as F
 from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
+from maefast.bench import compile_static
 
 RATIO = 0.75
+# mask-embed-fwd-bwd FLOPs = this x the forward's: the backward computes the weight gradient (one matmul
+# the size of the forward's) and no input gradient (imgs need none); tests/test_bench.py counts it
+FWD_BWD_FLOPS = 2
 # (name, N, img, p, D)
 CASES = sizes(cpu=[("tiny-p16", 4, 64, 16, 64)],
               gpu=[("vit_b16", 256, 224, 16, 768), ("vit_l16", 128, 224, 16, 1024), ("vit_h14", 64, 224, 14, 1280),
                    ("vit_h14", 256, 224, 14, 1280)])
 PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
-_COMPILED: dict = {}
 
 
 def _reference_composition(imgs, weight, bias, pos_embed, p, ratio):
@@ -61,9 +64,7 @@ def _maefast_composition(imgs, weight, bias, pos_embed, p, ratio, impl):
 
 def _fn(provider, imgs, weight, bias, pos, p, ratio):
     if provider in ("reference", "compile"):
-        f = _reference_composition
-        if provider == "compile":
-            f = _COMPILED.setdefault("ref", torch.compile(_reference_composition))
+        f = compile_static(_reference_composition) if provider == "compile" else _reference_composition
         return lambda: f(imgs, weight, bias, pos, p, ratio)
     impl = "auto" if provider == "maefast" else provider
     return lambda: _maefast_composition(imgs, weight, bias, pos, p, ratio, impl)
@@ -109,7 +110,8 @@ def test_mask_embed_fwd_bwd(benchmark, device, case, provider):
         return gw, gb
 
     run_bench(benchmark, step, group="mask-embed-fwd-bwd", provider=provider, baseline=provider == "reference",
-              shape=shape, dtype=dtype, device=device, flops=3 * useful["flops"], cuda_graph=True, **op_timing(device, rep_ms=100.0))
+              shape=shape, dtype=dtype, device=device, flops=FWD_BWD_FLOPS * useful["flops"], cuda_graph=True,
+              **op_timing(device, rep_ms=100.0))
 
 
 @pytest.mark.parametrize("provider", ["reference", "triton", "cuda", "maefast"])

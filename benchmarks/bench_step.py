@@ -15,9 +15,12 @@ of sdpa / torch-native / torch-native-graph at a size is "best torch-native": ev
 row that cannot capture does not run (skipped with the reason): it is never timed eagerly.
 
 Each record: time_ms, img_per_s, tflops (the official model's training FLOPs, `maefast.flops`),
-frac_peak_flops (of the bf16 matmul peak measured in the same run), peak_mem_gib (the allocator's
-high-water mark from before the model is built) and peak_mem_vs_baseline (/ the reference row's at
-the same size), and how the row stepped (`captured`, `compiled`, `amp`, `optimizer`, `mask_source`).
+frac_peak_flops (of the bf16 matmul peak measured in the same run, before the first row is built),
+peak_mem_gib and peak_mem_reserved_gib (the allocator's high-water marks of allocated and reserved
+memory from before the model is built; reserved also holds a captured row's graph pool) and
+peak_mem_vs_baseline (allocated / the reference row's at the same size), and how the row stepped
+(`captured`, `compiled`, `amp`, `optimizer`, `mask_source`, `cudnn_benchmark`: on for every row, as the
+official recipe sets it).
 
 CPU: tiny/small configs in fp32; the compile rows skip unless MAEFAST_BENCH_COMPILE_CPU=1 (Inductor
 compiles a tiny model for ~80 s on a 2-core CPU) and the captured rows skip (no GPU); tests/test_step.py
@@ -34,7 +37,7 @@ import time
 import pytest
 import torch
 
-from _harness import RESULTS, _stop_if_broken, gpu_mode, run_bench, sizes
+from _harness import RESULTS, _stop_if_broken, gpu_mode, peak_memory, reset_peak_memory, run_bench, sizes
 
 from maefast import bench as mb
 from maefast.flops import mae_flops
@@ -76,9 +79,7 @@ def test_train_step(benchmark, device, case, provider):
     recipe = mb.STEP_PROVIDERS[provider]
     if recipe.compile and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for minutes; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
-    if device.type == "cuda":
-        mb.free_memory()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # the card's peak measured before the row exists: its buffers are not the row's
     oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
     t_build = time.perf_counter()
     try:
@@ -111,10 +112,12 @@ def test_train_step(benchmark, device, case, provider):
         pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
     info["img_per_s"] = batch / (info["time_ms"] * 1e-3)
     info["build_s"] = round(build_s, 1)
-    info.update(row.describe())
-    if device.type == "cuda":
-        # allocator high-water mark since before the model was built: weights, AdamW state, activations
-        info["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    info.update(row.describe())  # `captured`: whether the row's step is a graph replay
+    # run_bench's `cuda_graph` says whether the harness captured fn, which it never does here: False would
+    # read as "not captured" in a captured row. Dropped; ratios compare the rows' own step times.
+    info.pop("cuda_graph", None)
+    # allocator high-water marks since before the model was built: weights, AdamW state, activations
+    info.update(peak_memory(device))
     mb.torch_native_ratios(RESULTS)
     del row
     mb.free_memory()

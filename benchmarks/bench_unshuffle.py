@@ -26,13 +26,13 @@ from _harness import op_timing, run_bench, sizes, skip_unless_runs
 
 from maefast import ops
 from maefast import reference as R
+from maefast.bench import compile_static
 
 RATIO = 0.75
 DEC_DIM = 512
 # (name, N, L)
 CASES = sizes(cpu=[("tiny", 4, 16)], gpu=[("p16", 256, 196), ("p14", 256, 256)])
 PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
-_COMPILED: dict = {}
 
 
 def _official(x, mask_token, ids_restore, pos_embed):
@@ -62,10 +62,7 @@ def _setup(case, device):
 
 def _fn(provider):
     if provider in ("reference", "compile"):
-        f = _official
-        if provider == "compile":
-            f = _COMPILED.setdefault("ref", torch.compile(_official))
-        return f
+        return compile_static(_official) if provider == "compile" else _official
     impl = "auto" if provider == "maefast" else provider
     return lambda x, tok, ids, pos: ops.unshuffle(x, tok, ids, pos, impl=impl)
 

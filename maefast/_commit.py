@@ -1,8 +1,10 @@
-"""The commit a measurement records. No torch import: scripts/gpu_record.py loads this file by path, so
-a GPU record names its commit even where torch fails to import."""
+"""What every measurement's record names about where it ran, without torch: the commit and the machine's
+runtime. No torch import: scripts/gpu_record.py loads this file by path, so a GPU record names both even
+where torch fails to import; maefast.timing.env_info records the same for every benchmark row."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,3 +29,11 @@ def git_commit() -> str:
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         return sha + ("-dirty" if dirty else "")
     return os.environ.get("MAEFAST_COMMIT") or "unknown"
+
+
+def runtime() -> dict:
+    """uname -r and what it says about the sandbox: gVisor reports kernel 4.4.0 (every eager kernel
+    launch is expensive there, which flatters graphed rows), the lent Firecracker VMs an '-fc' kernel."""
+    rel = platform.release()
+    kind = "gvisor" if rel.startswith("4.4.0") else "firecracker" if "-fc" in rel else "unknown"
+    return {"uname_r": rel, "runtime": kind}

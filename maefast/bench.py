@@ -301,7 +301,15 @@ class StepRow:
                 + (" + GradScaler" if s.scaler is not None and s.scaler.is_enabled() else ""),
                 "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else "default (foreach)")
                 + (", capturable" if s.optimizer.param_groups[0].get("capturable") else ""),
-                "recipe": self.recipe.what}
+                "recipe": self.recipe.what, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def cudnn_benchmark() -> bool:
+    """Sets torch.backends.cudnn.benchmark = True, as the official main_pretrain.py and `maefast train` do
+    (cuDNN times its algorithms for the patch embedding's conv and keeps the fastest), and returns the
+    setting for the record. Every step row (`make_step`) and every Table 2 cell sets it: all rows alike."""
+    torch.backends.cudnn.benchmark = True
+    return torch.backends.cudnn.benchmark
 
 
 def make_step(provider: str, name: str, batch: int, *, device=None, dtype: torch.dtype | None = None,
@@ -318,19 +326,24 @@ def make_step(provider: str, name: str, batch: int, *, device=None, dtype: torch
 
     device = torch.device(device) if device is not None else default_device()
     recipe = STEP_PROVIDERS[provider]
+    cudnn_benchmark()
     dtype = dtype if dtype is not None else step_dtype(provider, device)
     model = recipe.build(name, device, **overrides)
-    fwd = model
-    if recipe.compile:
-        # a fresh cache per row: rows and sizes share the forward's code object, and dynamo would
-        # otherwise guard each new model into a recompile (falling back to eager past its limit) and
-        # turn a batch that changed between sizes into a dynamic dimension
-        torch._dynamo.reset()
-        fwd = torch.compile(model, dynamic=False, **({"backend": compile_backend} if compile_backend else {}))
+    fwd = compile_static(model, compile_backend) if recipe.compile else model
     opt = adamw(model, fused=not recipe.official_amp, capturable=recipe.capture)
     # the warm-up's updates are kept (restore=False): a benchmark needs no pristine weights
     step = TrainStep(fwd, opt, dtype=dtype, mask_ratio=mask_ratio, capture=recipe.capture, restore=False)
     return StepRow(provider, step, synthetic_batch(model, batch, device), model, recipe)
+
+
+def compile_static(fn, backend=None):
+    """torch.compile of `fn` for one benchmark case (a step row, an op's compile row): dynamo's caches
+    reset first and static shapes. Rows and sizes share code objects: without the reset dynamo guards
+    each new case into a recompile (falling back to eager past its limit), and its automatic-dynamic
+    rule compiles a size after the first with symbolic shapes, so a later case (ViT-H/14 b256) would
+    time dynamic-shape code. backend: torch.compile's (a name or a callable; default inductor)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, **({"backend": backend} if backend else {}))
 
 
 def torch_native_ratios(records: list[dict]) -> None:

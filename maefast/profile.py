@@ -358,8 +358,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     byt = flops_mod.stage_bytes(model, batch, act_bytes=elt, mask_ratio=mask_ratio)
     stage_flops = {k: v * batch for k, v in f["stage_fwd"].items()}
     fwd_total = f["forward"] * batch
-    # images need no gradient: backward skips the patch-embedding input gradient
-    stage_flops["backward"] = 2 * fwd_total - f["patch_embed"] * batch
+    stage_flops["backward"] = f["backward"] * batch  # maefast.flops' rule: no patch-embedding input gradient
     stage_flops["optimizer"] = 0
     fwd_bytes = sum(v for k, v in byt.items() if k != "optimizer")
     byt["backward"] = 2 * fwd_bytes
@@ -427,7 +426,8 @@ def format_profile(r: dict, peak: dict) -> str:
                  f"{100 * r['profiler_overhead']:+.1f}% (median of staged/plain pairs)")
     lines.append(f"{r['img_per_s']:.1f} img/s, {r['tflops']:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of the measured "
                  f"{peak['matmul_dtype']} matmul peak {peak['matmul_tflops']:.3g} TFLOP/s (model FLOPs: official count, "
-                 f"3 x forward); peak memory {r['peak_mem_gib']:.2f} GiB ({r['peak_mem_how']})")
+                 f"forward + backward without the images' gradient); peak memory {r['peak_mem_gib']:.2f} GiB "
+                 f"({r['peak_mem_how']})")
     return "\n".join(lines)
 
 

@@ -149,7 +149,7 @@ def time_step(step: Callable[[], object], device: torch.device, quick: bool) -> 
 def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress, overrides,
                       cuda_graph=False) -> dict:
     # a function of its own: everything it allocates is freed when it returns (or raises)
-    out = {}
+    out = {"cudnn_benchmark": mb.cudnn_benchmark()}  # as the official recipe (and the step rows)
     from .step import TrainStep
 
     model = mb.build_model(name, impl, device, decoder_depth=dd, **overrides)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ._commit import git_commit
+from ._commit import git_commit, runtime
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
@@ -132,7 +132,8 @@ _ENV: dict = {}
 
 
 def env_info(device=None) -> dict:
-    """card, date (UTC), torch/triton/CUDA versions, git commit, python; cached per device."""
+    """card, date (UTC), torch/triton/CUDA versions, git commit, python, the machine's runtime (`uname_r`,
+    `runtime`: gVisor, Firecracker; scripts/gpu_record.py records the same); cached per device."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     key = str(dev)
     if key not in _ENV:
@@ -152,7 +153,7 @@ def env_info(device=None) -> dict:
         _ENV[key] = {"card": card, "device": dev.type, "date": datetime.datetime.now(datetime.timezone.utc)
                      .strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__, "triton": triton_v,
                      "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": git_commit(),
-                     **extra}
+                     **runtime(), **extra}
     return dict(_ENV[key])
 
 

@@ -97,6 +97,29 @@ PREFETCH_FACTOR = 4  # maefast train's DataLoader: batches made ahead per worker
 HUGE_STEPS = 40
 
 
+def parse_only() -> None:
+    """`python -c 'import gpu_check; gpu_check.parse_only()' -m <module> <args>`, the dry run's form of a
+    preset's command: runs `python -m <module> <args>` as far as its first argparse parse (the real parser
+    on the real argument list), then exits 0 without running the job; a bad argument exits 2 with the
+    parser's message, as it would on the card."""
+    import argparse
+    import runpy
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        real(self, args, namespace)
+        print(f"{self.prog}: the arguments parse (dry run: not run)", flush=True)
+        raise SystemExit(0)
+
+    if sys.argv[1:2] != ["-m"] or len(sys.argv) < 3:
+        raise SystemExit("parse_only: usage: python -c 'import gpu_check; gpu_check.parse_only()' -m <module> [args]")
+    argparse.ArgumentParser.parse_args = parse_and_stop
+    sys.argv = sys.argv[2:]  # [module, args...], as `python -m module args...` sees them
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    raise SystemExit(f"parse_only: {sys.argv[0]} ended without parsing its arguments")
+
+
 class Runner:
     """Runs a preset's steps under the preset's budget and builds its record."""
 
@@ -112,6 +135,14 @@ class Runner:
         self.record = {"kind": "maefast gpu_check", "preset": preset, "dry_run": self.dry, "env": rec.environment(),
                        "budget_s": self.budget, "steps": {}, "rows": []}
         self.py = sys.executable
+
+    def job(self, cmd: list[str]) -> list[str]:
+        """`cmd` (`python -m <module> <args>`), or on a dry run the same argument list through the real
+        parser and no further (`parse_only`): a flag the card would refuse fails here."""
+        if not self.dry:
+            return cmd
+        assert cmd[:2] == [self.py, "-m"], cmd
+        return [self.py, "-c", "import gpu_check; gpu_check.parse_only()", *cmd[1:]]
 
     def left(self) -> float:
         return self.budget - RESERVE_S - (time.time() - self.t0)
@@ -284,11 +315,13 @@ def preset_profile(r: Runner) -> None:
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
              note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min")
-    targets = {}  # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
+    # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
     prof = r.record.get("profile") or {}
-    if prof.get("attention_ms_ratio") is not None:
-        targets["attention_profile_ratio"] = rec.judge("attention_profile_ratio", prof["attention_ms_ratio"])
-    r.record["targets"] = targets
+    done = {x.get("provider") for x in prof.get("results", []) if x.get("attention_ms_per_step")}
+    lacking = [p for p in PROFILE_PROVIDERS if p not in done]
+    r.record["targets"] = {"attention_profile_ratio": rec.judge(
+        "attention_profile_ratio", prof.get("attention_ms_ratio"),
+        f"missing row: {', '.join(lacking)} (no attention time profiled)" if lacking else "no ratio in the profile")}
 
 
 def ops_node_ids(r: Runner) -> list[str]:
@@ -357,15 +390,15 @@ def preset_table2(r: Runner) -> None:
     # out-of-memory inside a capture, which ends the process
     cmd = [r.py, "-m", "maefast", "bench", "table2", "--quick", "--models", "large,huge,base", "--impl",
            "auto", "--fused", "block", "--batch", "large=256,huge=192", "--json", tj, "--png", png]
-    r.json_step("table2", [r.py, "-m", "maefast", "bench", "--help"] if r.dry else cmd, tj, "table2")
+    r.json_step("table2", r.job(cmd), tj, "table2")
     pj = os.path.join(r.work, "profile.json")
     # 30 staged/plain pairs: the overhead figure (target < 5%) is the median of their ratios
     cmd = [r.py, "-m", "maefast", "profile", "--steps", "30", "--json", pj]
-    r.json_step("profile-overhead", [r.py, "-m", "maefast", "profile", "--help"] if r.dry else cmd, pj, "profile")
+    r.json_step("profile-overhead", r.job(cmd), pj, "profile")
     targets = {"table2": rec.table2_targets(r.record.get("table2"))}
     overheads = [d["profiler_overhead"] for d in _find(r.record.get("profile"), "profiler_overhead")]
-    if overheads:
-        targets["profile_overhead"] = rec.judge("profile_overhead", max(overheads))
+    targets["profile_overhead"] = rec.judge("profile_overhead", max(overheads) if overheads else None,
+                                            "missing: maefast profile wrote no profiler_overhead")
     r.record["targets"] = targets
 
 
@@ -379,7 +412,7 @@ def _train_cmd(r: Runner, name: str, data: str, model: str, batch: int, steps: i
 
 
 def _train_step(r: Runner, name: str, cmd: list[str], batch: int, skip_steps: int) -> None:
-    rc, out = r.run(name, [r.py, "-m", "maefast", "train", "--help"] if r.dry else cmd)
+    rc, out = r.run(name, r.job(cmd))
     rows = rec.read_rows(os.path.join(r.work, name, "steps.jsonl")) if not r.dry else []
     said = ("training step:", "batches:", "--compile", "done:", "error")
     m = re.search(r"([\d.]+) img/s after the first log window", out)
@@ -411,7 +444,7 @@ def preset_data(r: Runner) -> None:
            "--folder", jpegs, "--paths", "official,fast-uint8,gpu", "--batch", str(BENCH_DATA_BATCH), "--rounds", "1",
            "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", str(DIFF_IMAGES), "--json", bj]
     r.record["bench_data_cmd"] = " ".join(cmd)
-    r.json_step("bench-data", [r.py, "-m", "maefast", "bench", "data", "--help"] if r.dry else cmd, bj, "bench_data")
+    r.json_step("bench-data", r.job(cmd), bj, "bench_data")
     linked = os.path.join(r.work, "jpegs-linked")
     if not r.dry and os.path.isdir(jpegs):
         _linked_folder(jpegs, linked, LOADER_COPIES)
@@ -461,6 +494,11 @@ def main(argv=None) -> int:
         args.budget = {k: float(v) for k, v in (item.split("=") for item in args.budget)}
     except ValueError:
         ap.error("--budget takes STEP=SECONDS")
+    if not args.dry_run and rec.git_commit() == "unknown":  # a record that cannot name its commit is worthless
+        print("gpu_check: refusing a GPU run with no commit to record (no .git here, MAEFAST_COMMIT unset): run "
+              "MAEFAST_COMMIT=<sha> scripts/gpu_check.sh ..., <sha> from `git rev-parse HEAD` in the checkout",
+              file=sys.stderr)
+        return 2
     args.work = args.work or os.path.join(ROOT, "out", "gpu_check", "work")
     failed = []
     for name in names:

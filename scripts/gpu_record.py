@@ -27,14 +27,6 @@ TRAIN_STEP_ROW = "maefast-graph"
 TORCH_NATIVE = ("sdpa", "torch-native", "torch-native-graph")  # bench_step's torch-native rows
 
 
-def runtime() -> dict:
-    """uname -r and what it says about the sandbox: gVisor reports kernel 4.4.0 (every eager kernel
-    launch is expensive there, which flatters graphed rows), the lent Firecracker VMs an '-fc' kernel."""
-    rel = platform.release()
-    kind = "gvisor" if rel.startswith("4.4.0") else "firecracker" if "-fc" in rel else "unknown"
-    return {"uname_r": rel, "runtime": kind}
-
-
 def _load_commit_module():
     """maefast/_commit.py by path (importing the maefast package imports torch, which may be what failed)."""
     import importlib.util
@@ -45,7 +37,8 @@ def _load_commit_module():
     return mod
 
 
-git_commit = _load_commit_module().git_commit  # the one the benchmark rows record (maefast.timing's)
+_where = _load_commit_module()
+git_commit, runtime = _where.git_commit, _where.runtime  # the ones the benchmark rows record (maefast.timing's)
 
 
 def environment() -> dict:
@@ -109,12 +102,16 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def judge(name: str, value) -> dict:
-    """{value (4 decimals, compared as shown), target, met} for one of TARGETS."""
+def judge(name: str, value, missing: str | None = None) -> dict:
+    """{value (4 decimals, compared as shown), target, met} for one of TARGETS; where the value could not
+    be read (a row skipped, out of memory, cut at the deadline), `missing` says which: met None + reason."""
     op, thr = TARGETS[name]
     v = None if value is None else round(float(value), 4)
     ok = None if v is None else (v >= thr if op == ">=" else v <= thr if op == "<=" else v < thr)
-    return {"value": v, "target": f"{op} {thr}", "met": ok}
+    out = {"value": v, "target": f"{op} {thr}", "met": ok}
+    if v is None and missing:
+        out["reason"] = missing
+    return out
 
 
 def _fastest(rows, providers):
@@ -122,28 +119,44 @@ def _fastest(rows, providers):
     return min(rows, key=lambda r: r["time_ms"]) if rows else None
 
 
+STEP_TARGETS = ("mfu", "step_vs_reference", "peak_mem_vs_reference", "step_vs_torch_native")
+
+
 def step_targets(rows: list[dict]) -> dict:
     """Per (model, batch) of the `train-step` rows: every provider's time / img/s / peak memory, the
-    fastest maefast row against the reference and against the fastest torch-native row."""
+    fastest maefast row against the reference and against the fastest torch-native row of the same
+    record (baselines come from the same run). Every target of STEP_TARGETS is there for every shape:
+    one whose row is missing has met None and a reason naming the row (also with no train-step row)."""
     out = {}
-    for key in sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"}):
+    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"})
+    if not keys:
+        return {"(no train-step row)": {t: judge(t, None, "missing row: no train-step row in this record")
+                                        for t in STEP_TARGETS}}
+    for key in keys:
         rs = [r for r in rows if r.get("group") == "train-step" and r["shape_key"] == key]
         ref = _fastest(rs, ("reference",))
         ours = _fastest(rs, [r["provider"] for r in rs if r["provider"].startswith("maefast")])
         native = _fastest(rs, TORCH_NATIVE)
-        entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "frac_peak_flops",
-                                                                 "cuda_graph", "eager_time_ms", "build_s")} for r in rs}}
+        entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib",
+                                                                 "peak_mem_reserved_gib", "frac_peak_flops",
+                                                                 "captured", "eager_time_ms", "build_s")}
+                          for r in rs}}
+        no_ours = None if ours is not None else "missing row: no maefast row"
+        no_ref = "missing row: reference" if ref is None else None
+        no_native = None if native is not None else f"missing row: no torch-native row ({' / '.join(TORCH_NATIVE)})"
         if ours is not None:
             entry["maefast_best"] = ours["provider"]
-            entry["mfu"] = judge("mfu", ours.get("frac_peak_flops"))
-            if ref is not None:
-                entry["step_vs_reference"] = judge("step_vs_reference", ref["time_ms"] / ours["time_ms"])
-                if ref.get("peak_mem_gib") and ours.get("peak_mem_gib"):
-                    entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference",
-                                                            ours["peak_mem_gib"] / ref["peak_mem_gib"])
-            if native is not None:
-                entry["torch_native_best"] = native["provider"]
-                entry["step_vs_torch_native"] = judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"])
+        if native is not None:
+            entry["torch_native_best"] = native["provider"]
+        entry["mfu"] = judge("mfu", ours and ours.get("frac_peak_flops"),
+                             no_ours or f"{ours['provider']} has no frac_peak_flops")
+        entry["step_vs_reference"] = judge("step_vs_reference", ref["time_ms"] / ours["time_ms"]
+                                           if ref and ours else None, no_ours or no_ref)
+        mem = ref and ours and ref.get("peak_mem_gib") and ours.get("peak_mem_gib")
+        entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference", ours["peak_mem_gib"] / ref["peak_mem_gib"]
+                                               if mem else None, no_ours or no_ref or "no peak_mem_gib in the rows")
+        entry["step_vs_torch_native"] = judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
+                                              if native and ours else None, no_ours or no_native)
         out[key] = entry
     return out
 
@@ -163,12 +176,16 @@ def attention_targets(rows: list[dict]) -> dict:
         shape = r["shape"]
         e = out.setdefault(f"L{shape['L']} Dh{shape['Dh']} H{shape['H']} N{shape['N']}", {}).setdefault(mode, {})
         e[f"{r['provider']}_ms"] = r["time_ms"]
+        target = f"{r['provider']}_vs_best_sdpa"
         if found is not None:
             best, ratio = found
             e["best_sdpa"] = best["provider"]
             e["best_sdpa_ms"] = best["time_ms"]
             e["best_sdpa_out_layout"] = best.get("out_layout")
-            e[f"{r['provider']}_vs_best_sdpa"] = judge(f"attention_{mode}_vs_best_sdpa", ratio)
+            e[target] = judge(f"attention_{mode}_vs_best_sdpa", ratio)
+        else:
+            e[target] = judge(f"attention_{mode}_vs_best_sdpa", None, "missing row: no sdpa-* row timed like it "
+                              "at this shape" if r.get("time_ms") else f"{r['provider']} has no time")
     return out
 
 
@@ -178,9 +195,9 @@ def op_targets(rows: list[dict]) -> dict:
     out = {}
     for r in rows:
         g = r.get("group")
-        if g == "mask-embed-fwd-bwd" and r["provider"] != "reference" and r.get("speedup_vs_baseline"):
+        if g == "mask-embed-fwd-bwd" and r["provider"] != "reference":
             out.setdefault("mask_embed_fwd_bwd_vs_reference", {})[f"{r['shape_key']} {r['provider']}"] = \
-                judge("mask_embed_fwd_bwd_vs_reference", r["speedup_vs_baseline"])
+                judge("mask_embed_fwd_bwd_vs_reference", r.get("speedup_vs_baseline"), "missing row: reference")
         if g in ("patch-gather", "unshuffle-fwd-bwd", "loss-masked-fwd-bwd") and r["provider"] in ("cuda", "triton") \
                 and r.get("frac_peak_bw") is not None:
             out.setdefault("memory_bound_frac_peak_bw", {})[f"{g} {r['shape_key']} {r['provider']}"] = \
@@ -192,9 +209,10 @@ def table2_targets(table2: dict | list | None) -> dict:
     rows = table2.get("rows", []) if isinstance(table2, dict) else (table2 or [])
     out = {}
     for r in rows:
-        if r.get("impl") != "reference" and r.get("of_flop_bound") is not None:
-            out[f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('impl')}"] = judge("table2_of_flop_bound",
-                                                                                           r["of_flop_bound"])
+        if r.get("impl") != "reference":
+            out[f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('impl')}"] = judge(
+                "table2_of_flop_bound", r.get("of_flop_bound"),
+                r.get("error") or "missing: a step of the row was not timed")
     return out
 
 
@@ -242,21 +260,26 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
     train = record.get("train") or {}
     jpeg, synth = ((train.get(k) or {}).get("img_per_s") for k in ("train-jpeg", "train-synthetic"))
     out["train_jpeg_img_per_s"], out["train_synthetic_img_per_s"] = jpeg, synth
-    out["train_jpeg_vs_synthetic"] = judge("train_jpeg_vs_synthetic", jpeg / synth if jpeg and synth else None)
+    lacking = [k for k, v in (("train-jpeg", jpeg), ("train-synthetic", synth)) if not v]
+    out["train_jpeg_vs_synthetic"] = judge("train_jpeg_vs_synthetic", jpeg / synth if jpeg and synth else None,
+                                           f"missing run: {' and '.join(lacking)}")
     model, batch = step_model.split(":")
     huge = (train.get("train-huge") or {}).get("img_per_s")
     out["train_huge_img_per_s"] = huge
     rows = _step_rows(step_record, model, int(batch))
     same = rows.get(TRAIN_STEP_ROW)
-    out["train_vs_step"] = judge("train_vs_step", huge / same if huge and same else None)
+    out["train_vs_step"] = judge("train_vs_step", huge / same if huge and same else None,
+                                 "missing run: train-huge" if not huge else
+                                 f"missing row: {TRAIN_STEP_ROW} {step_model} in the step record")
     out["train_vs_step"]["step_row"] = TRAIN_STEP_ROW
     best = max((v, p) for p, v in rows.items() if p.startswith("maefast")) if any(
         p.startswith("maefast") for p in rows) else None
     if best is not None and huge:
         out["train_vs_best_step_row"] = {"row": best[1], "value": round(huge / best[0], 4)}
     base = {p: v for p, v in _step_rows(step_record, "base", 128).items() if p.startswith("maefast")}
-    if base and ours:
-        out["loader_vs_step"] = judge("loader_vs_step", ours / max(base.values()))
+    out["loader_vs_step"] = judge("loader_vs_step", ours / max(base.values()) if base and ours else None,
+                                  "missing: the fast-uint8 / gpu loader rows" if not ours else
+                                  "missing row: the step record's maefast rows at base:128")
     return out
 
 
@@ -278,7 +301,8 @@ def short_lines(record: dict) -> list[str]:
         for k, v in d.items():
             if isinstance(v, dict) and "met" in v:
                 mark = {True: "ok ", False: "NO ", None: "?  "}[v["met"]]
-                lines.append(f"  {mark}{path}{k} = {v['value']} ({v['target']})")
+                why = f": {v['reason']}" if v.get("reason") else ""
+                lines.append(f"  {mark}{path}{k} = {v['value']} ({v['target']}){why}")
             elif isinstance(v, dict) and k != "rows":
                 walk(v, f"{path}{k} / ")
     walk(record.get("targets", {}))

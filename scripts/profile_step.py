@@ -30,23 +30,58 @@ if ROOT not in sys.path:
 
 from maefast.graphs import process_broken  # noqa: E402
 
-# First match wins: attention before gemm (cuDNN's and CUTLASS's attention kernels name wgmma/cutlass).
+# Inductor's generated kernels first, by prefix: it names a kernel after the ops fused into it, so a
+# layout copy or cast feeding SDPA reads `triton_poi_fused__scaled_dot_product_efficient_attention_clone_0`
+# and a substring rule would count it as attention time.
+INDUCTOR_PREFIXES = (
+    ("gemm", ("triton_tem_",)),  # Inductor's matmul templates
+    ("inductor", ("triton_poi", "triton_red", "triton_per", "triton_for", "triton_unk")),  # fused pointwise/reductions
+)
+# Then substrings, first match wins: attention before gemm (cuDNN's and CUTLASS's attention kernels name
+# wgmma/cutlass). Attention = the kernels themselves: cuDNN's sdpa, flash_fwd/bwd, the mem-efficient
+# fmha_cutlass* / attention_kernel_batched_impl / attention_backward_kernel, maefast's Triton `_attn_*`
+# and its CUDA C++ `attention_fwd_wmma_kernel`.
 CATEGORIES = (
     ("attention", ("_attn_", "attention", "flash", "fmha", "sdpa", "mha_", "_mha")),
-    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "triton_tem_", "_mm_", "splitk", "sm90_",
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "_mm_", "splitk", "sm90_",
               "sm80_", "wgmma", "hmma")),
-    ("inductor", ("triton_poi", "triton_red", "triton_per")),  # Inductor's fused element-wise/reductions
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("maefast", ("_bias_gelu", "norm_pix_loss", "unshuffle", "random_masking", "patch_embed", "patch_gather")),
     ("norm", ("layer_norm", "layernorm", "_ln_")),
     ("copy", ("copy", "memcpy", "memset", "cast", "fill", "catarray")),
     ("elementwise", ("elementwise", "vectorized", "reduce_kernel", "softmax", "gelu", "unrolled")),
 )
+# Kernel names as the profiler reports them -> their category: the dry run and tests/test_gpu_check.py check it.
+PROBE = {
+    "_attn_fwd_kernel": "attention", "_attn_bwd_dkdv_kernel": "attention",
+    "void (anonymous namespace)::attention_fwd_wmma_kernel<__nv_bfloat16, 64>((anonymous namespace)::AttnFwdParams)":
+        "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, false, false>(Flash_fwd_params)":
+        "attention",
+    "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>(Flash_bwd_params)":
+        "attention",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+    "void attention_kernel_batched_impl<AttentionKernel<cutlass::bfloat16_t, cutlass::arch::Sm80, true, 64, 64, 64>>":
+        "attention",
+    "triton_poi_fused__scaled_dot_product_efficient_attention_clone_0": "inductor",
+    "triton_poi_fused__scaled_dot_product_cudnn_attention_permute_view_3": "inductor",
+    "triton_red_fused__scaled_dot_product_flash_attention_backward_sum_7": "inductor",
+    "triton_per_fused_native_layer_norm_3": "inductor", "triton_poi_fused_add_gelu_0": "inductor",
+    "triton_tem_fused_addmm_0": "gemm",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm", "nvjet_tst_128x256": "gemm",
+    "multi_tensor_apply_kernel": "optimizer", "_norm_pix_loss_fwd_kernel": "maefast", "_ln_bwd_kernel": "norm",
+    "void at::native::vectorized_elementwise_kernel<4>": "elementwise",
+}
 
 
 def classify(name: str) -> str:
-    """The category of a kernel, from its name (lower-cased substring match, first match wins)."""
+    """The category of a kernel, from its name (lower-cased): Inductor's prefixes, then substrings, first
+    match wins."""
     low = name.lower()
+    for cat, prefixes in INDUCTOR_PREFIXES:
+        if low.startswith(prefixes):
+            return cat
     for cat, keys in CATEGORIES:
         if any(k in low for k in keys):
             return cat
@@ -175,12 +210,7 @@ def main(argv=None) -> int:
             atomic_write_text(a.json, json.dumps(out, indent=1, default=str))
 
     if a.dry_run:
-        probe = {"_attn_fwd_kernel": "attention", "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": "attention",
-                 "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm", "nvjet_tst_128x256": "gemm",
-                 "triton_poi_fused_add_gelu_0": "inductor", "multi_tensor_apply_kernel": "optimizer",
-                 "_norm_pix_loss_fwd_kernel": "maefast", "_ln_bwd_kernel": "norm",
-                 "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention"}
-        bad = {k: (classify(k), v) for k, v in probe.items() if classify(k) != v}
+        bad = {k: (classify(k), v) for k, v in PROBE.items() if classify(k) != v}
         out["dry_run"] = True
         out["classifier_check"] = "ok" if not bad else bad
         save()

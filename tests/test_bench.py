@@ -40,29 +40,29 @@ def test_flops_match_torch_flop_counter(name, mask_tokens):
     assert fc.get_total_flops() == 2 * fl.mae_flops(model, encoder_mask_tokens=mask_tokens)["forward"]
     with FlopCounterMode(display=False) as fcb:
         loss.backward()
-    expected_bwd = 2 * (2 * fl.mae_flops(model, encoder_mask_tokens=mask_tokens)["forward"]
-                        - fl.mae_flops(model)["patch_embed"])
-    assert fcb.get_total_flops() == expected_bwd
+    f = fl.mae_flops(model, encoder_mask_tokens=mask_tokens)
+    # the images need no gradient: the backward has no patch-embedding input gradient, and neither has
+    # the count every FLOP rate uses (train: bench_step, table2, maefast profile's MFU and stages)
+    assert fcb.get_total_flops() == 2 * f["backward"] == 2 * (2 * f["forward"] - f["patch_embed"])
+    assert fc.get_total_flops() + fcb.get_total_flops() == 2 * f["train"]
 
 
 @pytest.mark.parametrize("name,dec8,dec1", [("mae_vit_base_patch16", 2.36, 3.58), ("mae_vit_large_patch16", 3.23, 3.88),
                                             ("mae_vit_huge_patch14", 3.60, 3.97)])
 def test_table2_flop_ratios_match_mae_md(name, dec8, dec1):
-    # The exact count of the official model gives B 2.351/3.558, L 3.228/3.866, H 3.594/3.969.
-    # MAE.md's decoder-1 figures for B and L are 0.02 / 0.014 higher than any natural convention
-    # reproduces (patch embedding of all vs visible patches, decoder cls, prediction on all vs
-    # masked patches; see maefast/flops.py), so those two get 0.025; the other four match to 0.01.
+    # The exact count of the official model (no patch-embedding input gradient: the images need none)
+    # gives B 2.356/3.577, L 3.234/3.875, H 3.598/3.974: every one within 0.005 of MAE.md (the 3x-forward
+    # count, with that gradient, left B and L decoder-1 0.02 / 0.014 off).
     r8, r1 = fl.table2_flop_ratio(name, 8), fl.table2_flop_ratio(name, 1)
-    assert abs(r8 - dec8) <= 0.01, (name, r8)
-    tol1 = 0.025 if name in ("mae_vit_base_patch16", "mae_vit_large_patch16") else 0.01
-    assert abs(r1 - dec1) <= tol1, (name, r1)
+    assert abs(r8 - dec8) <= 0.005, (name, r8)
+    assert abs(r1 - dec1) <= 0.005, (name, r1)
     assert fl.PAPER_TABLE2[(name, 8)][2] == dec8 and fl.PAPER_TABLE2[(name, 1)][2] == dec1
 
 
 @pytest.mark.parametrize("name,gflops", [("mae_vit_base_patch16", 58.5), ("mae_vit_large_patch16", 124.3),
                                          ("mae_vit_huge_patch14", 291.3)])
 def test_training_flops_per_image_match_mae_md(name, gflops):
-    assert abs(fl.mae_flops(name)["train"] / 1e9 - gflops) / gflops < 0.005
+    assert abs(fl.mae_flops(name)["train"] / 1e9 - gflops) / gflops < 0.0015
 
 
 def test_param_count_matches_the_model():

@@ -41,6 +41,21 @@ def test_gpu_run_needs_a_preset_and_known_names(tmp_path):
         assert r.returncode == 2 and msg in r.stderr, r.stderr
 
 
+def test_gpu_run_refuses_a_tree_without_a_commit(tmp_path):
+    """The GPU machine's copy has no .git: without MAEFAST_COMMIT a run would write records naming no
+    commit, so it refuses before anything starts (one line, exit 2); a dry run needs no commit."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "maefast").mkdir()
+    for rel in ("scripts/gpu_check.py", "scripts/gpu_record.py", "maefast/_commit.py"):
+        (tmp_path / rel).write_text(open(os.path.join(ROOT, rel)).read())
+    env = {k: v for k, v in _env().items() if k != "MAEFAST_COMMIT"}
+    cmd = [sys.executable, str(tmp_path / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "out"),
+           "--preset", "step"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "MAEFAST_COMMIT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, no record written
+
+
 def test_dry_run_writes_one_record_per_preset(tmp_path):
     out, printed = _dry_run(tmp_path, "table2,data")
     assert sorted(os.listdir(out)) == ["data-log.txt", "data-record.json", "table2-log.txt", "table2-record.json"]
@@ -62,8 +77,9 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert "--model large --batch-size 128" in cmds["train-jpeg"] and "jpegs-linked" in cmds["train-jpeg"]
     assert "--data synthetic --model large --batch-size 128" in cmds["train-synthetic"]
     assert "--data synthetic --model huge --batch-size 128" in cmds["train-huge"]
-    # the dry run only asks each command for --help: the real train arguments must parse and validate
-    # as on the card (a CUDA run, one process), or the card's minutes go to an exit code 2
+    # the dry run parses each command's real argument list with its real parser (gpu_check.parse_only);
+    # the train arguments must also validate as on the card (a CUDA run, one process), or the card's
+    # minutes go to an exit code 2
     from maefast.train.config import config_from_args, resolve_config, validate_config
 
     for name, cmd in cmds.items():
@@ -72,6 +88,33 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
         validate_config(cfg)
     assert "bench data --workers 16 --images 4000" in data["bench_data_cmd"] and "--json" in data["bench_data_cmd"]
     assert set(data["targets"]) >= {"train_jpeg_vs_synthetic", "train_vs_step", "loader_img_per_s"}
+
+
+def test_dry_run_parses_each_presets_real_arguments(tmp_path):
+    """table2, profile-overhead, bench-data and the train runs: the dry run puts the preset's real argument
+    list through the command's real parser (not --help), so a flag the card would refuse fails here."""
+    out, _ = _dry_run(tmp_path, "table2,data")
+    log = (out / "table2-log.txt").read_text() + (out / "data-log.txt").read_text()
+    for preset, names in (("table2", ("table2", "profile-overhead")),
+                          ("data", ("bench-data", "train-jpeg", "train-synthetic", "train-huge"))):
+        steps = json.loads((out / f"{preset}-record.json").read_text())["steps"]
+        for name in names:
+            cmd = shlex.split(steps[name]["cmd"])
+            assert cmd[1:3] == ["-c", "import gpu_check; gpu_check.parse_only()"] and "--help" not in cmd, cmd
+            assert steps[name]["rc"] == 0, steps[name]
+            assert "--json" in cmd or "--max-steps" in cmd, cmd  # the real argument list, not a stand-in
+    assert "--fused block --batch large=256,huge=192" in json.loads((out / "table2-record.json").read_text())[
+        "steps"]["table2"]["cmd"]
+    assert log.count("the arguments parse (dry run: not run)") == 6
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")]))
+    parse = [sys.executable, "-c", "import gpu_check; gpu_check.parse_only()", "-m", "maefast"]
+    for args, rc in ((["bench", "table2", "--quick", "--fused", "block"], 0),
+                     (["bench", "table2", "--fused", "blocks"], 2),
+                     (["profile", "--steps", "30"], 0), (["profile", "--steps", "30", "--nope"], 2),
+                     (["bench", "data", "--workers", "16"], 0), (["train", "--max-step", "x"], 2)):
+        r = subprocess.run(parse + args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert r.returncode == rc, (args, r.stdout, r.stderr[-2000:])
+        assert ("the arguments parse" in r.stdout) == (rc == 0), (args, r.stdout)
 
 
 def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
@@ -115,8 +158,9 @@ def _row(group, provider, time_ms, shape, **kw):
 def test_step_targets_read_the_fastest_rows():
     s = dict(model="mae_vit_huge_patch14", batch=128)
     rows = [_row("train-step", "reference", 180.0, s, peak_mem_gib=40.0),
-            _row("train-step", "maefast-block-graph", 90.0, s, peak_mem_gib=18.0, frac_peak_flops=0.62),
-            _row("train-step", "maefast", 120.0, s, peak_mem_gib=20.0, frac_peak_flops=0.4),
+            _row("train-step", "maefast-block-graph", 90.0, s, peak_mem_gib=18.0, frac_peak_flops=0.62, captured=True,
+                 peak_mem_reserved_gib=21.0),
+            _row("train-step", "maefast", 120.0, s, peak_mem_gib=20.0, frac_peak_flops=0.4, captured=False),
             _row("train-step", "torch-native-graph", 110.0, s), _row("train-step", "sdpa", 140.0, s)]
     t = rec.step_targets(rows)[json.dumps(s, sort_keys=True)]
     assert t["maefast_best"] == "maefast-block-graph" and t["torch_native_best"] == "torch-native-graph"
@@ -125,6 +169,34 @@ def test_step_targets_read_the_fastest_rows():
     assert t["step_vs_torch_native"]["met"] is True
     assert t["peak_mem_vs_reference"]["value"] == 0.45 and t["peak_mem_vs_reference"]["met"] is True
     assert t["mfu"]["met"] is True
+    # how each row stepped, as the row says (bench_step's rows carry `captured`, not the harness's cuda_graph)
+    assert t["rows"]["maefast-block-graph"]["captured"] is True and t["rows"]["maefast"]["captured"] is False
+    assert t["rows"]["maefast-block-graph"]["peak_mem_reserved_gib"] == 21.0
+
+
+def test_step_targets_say_which_baseline_row_is_missing():
+    """A baseline row that did not run (capture skipped, out of memory, the deadline) leaves its target
+    in the record with met None and the missing row named, and the printed summary says so: no target
+    disappears and no row is taken from another record."""
+    s = dict(model="mae_vit_huge_patch14", batch=128)
+    key = json.dumps(s, sort_keys=True)
+    rows = [_row("train-step", "maefast-block-graph", 90.0, s, peak_mem_gib=18.0, frac_peak_flops=0.62)]
+    t = rec.step_targets(rows)[key]
+    assert set(rec.STEP_TARGETS) <= set(t) and t["mfu"]["met"] is True
+    for name in ("step_vs_reference", "peak_mem_vs_reference"):
+        assert t[name]["met"] is None and t[name]["reason"] == "missing row: reference", t[name]
+    assert t["step_vs_torch_native"]["met"] is None and "torch-native-graph" in t["step_vs_torch_native"]["reason"]
+    lines = rec.short_lines({"preset": "step", "dry_run": False, "env": {"date": "d", "commit": "c"}, "steps": {},
+                             "targets": {"step": rec.step_targets(rows)}})
+    (native,) = [ln for ln in lines if "step_vs_torch_native" in ln]
+    assert native.startswith("  ?  ") and "missing row: no torch-native row" in native, native
+    assert not any(ln.startswith("  ok ") and "step_vs_reference" in ln for ln in lines)
+    # the reference there, the maefast rows missing: every target None, naming them
+    t = rec.step_targets([_row("train-step", "reference", 180.0, s, peak_mem_gib=40.0)])[key]
+    assert all(t[n]["met"] is None and t[n]["reason"] == "missing row: no maefast row" for n in rec.STEP_TARGETS)
+    t = rec.step_targets([])  # no train-step row at all: still every target, each saying so
+    assert all(v["met"] is None and "no train-step row" in v["reason"] for e in t.values() for v in e.values())
+    assert set(next(iter(t.values()))) == set(rec.STEP_TARGETS)
 
 
 def test_data_targets_read_the_train_windows_and_the_step_record():
@@ -140,7 +212,8 @@ def test_data_targets_read_the_train_windows_and_the_step_record():
                         "train-huge": {"img_per_s": 1100.0}}}
     t = rec.data_targets(record, None)
     assert t["train_jpeg_vs_synthetic"] == {"value": 0.9, "target": ">= 0.9", "met": True}
-    assert t["train_vs_step"]["met"] is None and "loader_vs_step" not in t
+    assert t["train_vs_step"]["met"] is None and t["loader_vs_step"]["met"] is None  # no step record
+    assert "maefast-graph" in t["train_vs_step"]["reason"] and "base:128" in t["loader_vs_step"]["reason"]
     assert t["loader_img_per_s"] == {"official": 1500.0, "fast-uint8": 3000.0}
     step = {"rows": [_row("train-step", "maefast-graph", 110.0, dict(model="huge", batch=128), img_per_s=1150.0),
                      _row("train-step", "maefast-block-graph", 100.0, dict(model="huge", batch=128), img_per_s=1280.0),
@@ -229,6 +302,13 @@ def test_deadline_plugin_skips_what_has_not_started(tmp_path):
 
 
 def test_profile_kernel_classes_and_summary():
+    bad = {k: (profile_step.classify(k), v) for k, v in profile_step.PROBE.items() if profile_step.classify(k) != v}
+    assert not bad, bad  # the dry run's probe: every attention kernel named, and no Inductor kernel among them
+    # Inductor names a layout copy feeding SDPA after it: that is element-wise work, not attention time
+    assert profile_step.classify("triton_poi_fused__scaled_dot_product_efficient_attention_clone_0") == "inductor"
+    assert profile_step.classify("triton_poi_fused__scaled_dot_product_flash_attention_cat_2") == "inductor"
+    assert profile_step.classify("void (anonymous namespace)::attention_fwd_wmma_kernel<float, 64>(P)") == "attention"
+    assert profile_step.classify("void pytorch_flash::flash_bwd_convert_dq_kernel<T>(P)") == "attention"
     assert profile_step.classify("_attn_bwd_dkdv_kernel") == "attention"
     assert profile_step.classify("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
     assert profile_step.classify("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNT") == "gemm"
@@ -244,8 +324,15 @@ def test_profile_kernel_classes_and_summary():
 
 
 def test_runtime_is_recorded():
+    """The machine's runtime goes into every record: gpu_check's env and every benchmark row's
+    (maefast.timing.env_info), from one implementation (maefast/_commit.py, torch-free)."""
+    from maefast import _commit, timing
+
     r = rec.runtime()
     assert r["uname_r"] and r["runtime"] in ("gvisor", "firecracker", "unknown")
+    assert timing.runtime is _commit.runtime and rec.runtime.__code__.co_filename == _commit.runtime.__code__.co_filename
+    env = timing.env_info("cpu")
+    assert {k: env[k] for k in r} == r
 
 
 def test_kernel_table_reads_the_profilers_device_events():

@@ -46,6 +46,12 @@ def test_profile_table_and_json(tmp_path, capsys):
     assert math.isfinite(r["profiler_overhead"]) and r["profiler_overhead"] > -1
     assert r["profiler_overhead_of_medians"] == pytest.approx(r["step_ms_staged"] / r["step_ms_plain"] - 1)
     assert r["model"] == "mae_vit_tiny_test" and r["dtype"] == "float32" and rec["complete"] is True
+    # one FLOP rule (maefast.flops): the stages sum to its training count, which has no image gradient
+    from maefast import flops
+
+    f = flops.mae_flops(r["model"])
+    assert sum(s["flops"] for s in r["stages"]) == r["train_flops"] == f["train"] * r["batch"]
+    assert next(s["flops"] for s in r["stages"] if s["stage"] == "backward") == f["backward"] * r["batch"]
 
 
 def test_profile_json_keeps_finished_impls(tmp_path, monkeypatch):

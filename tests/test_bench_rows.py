@@ -1,0 +1,165 @@
+"""What the benchmark rows record, checked on the CPU: each case's torch.compile is static and fresh,
+FLOP counts have no gradient no one computes, a step row's peak memory is its own and it says whether
+it was captured, every step row and Table 2 cell runs with cudnn.benchmark on, and README's ops table
+quotes its record."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from maefast import bench as mb
+from maefast import table2 as t2
+from test_bench import _FakeBenchmark, harness  # noqa: F401 - the harness fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_step_row_peak_memory_excludes_the_card_peak_measurement(harness, monkeypatch):
+    """A step row's peak memory is its own: the card's peak (timing.measure_peak: ~2.25 GiB of buffers,
+    once per process, which run_bench needs) is measured before the row is built and the allocator's
+    peaks reset, not while the row is resident; reserved memory is recorded beside allocated. (CPU: a
+    stand-in allocator counting GiB.)"""
+    mem = {"cur": 0.0, "peak": 0.0, "reserved": 0.0}
+    measured = []
+
+    def measure_peak(dev):  # like the real one: its buffers allocated on the first call only
+        if not measured:
+            mem["peak"] = max(mem["peak"], mem["cur"] + 2.25)
+            measured.append(dev)
+        return {"matmul_tflops": 1.0, "copy_gbps": 1.0}
+
+    monkeypatch.setattr(harness.timing, "measure_peak", measure_peak)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev: mem.update(peak=mem["cur"], reserved=mem["cur"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: mem["peak"] * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda dev: mem["reserved"] * 2**30)
+    dev = torch.device("cuda")
+    harness.reset_peak_memory(dev)
+    assert measured == [dev]
+    mem.update(cur=0.5, peak=1.0, reserved=1.5)  # the row built and stepped: 1 GiB at its peak
+    harness.timing.measure_peak(dev)  # what run_bench calls with the row resident: measured already
+    assert harness.peak_memory(dev) == {"peak_mem_gib": 1.0, "peak_mem_reserved_gib": 1.5}
+    assert harness.peak_memory(torch.device("cpu")) == {}
+    src = open(os.path.join(ROOT, "benchmarks", "bench_step.py")).read()
+    assert src.index("reset_peak_memory(device)") < src.index("mb.make_step(") < src.index("peak_memory(device))")
+
+
+def test_compile_static_compiles_each_case_with_static_shapes():
+    """One torch.compile object reused for a second shape is recompiled by dynamo's automatic-dynamic
+    rule with symbolic sizes (the bug the op benchmarks' compile rows had); `mb.compile_static`, called
+    per case as the benchmarks do, compiles every shape static."""
+    dynamic = []
+
+    def backend(gm, example_inputs):  # records whether dynamo handed over symbolic sizes
+        dynamic.append(any(isinstance(v, torch.SymInt) for t in example_inputs
+                           for v in (t.shape if isinstance(t, torch.Tensor) else (t,))))
+        return gm.forward
+
+    def f(x):
+        return (x * 2).sum(1)
+
+    reused = torch.compile(f, backend=backend)
+    for n in (4, 6):
+        reused(torch.randn(n, 8))
+    assert dynamic == [False, True]  # the reuse the benchmarks no longer do
+    dynamic.clear()
+    for n in (4, 6):
+        mb.compile_static(f, backend)(torch.randn(n, 8))
+    assert dynamic == [False, False]
+    for name in ("bench_masking", "bench_unshuffle", "bench_loss", "bench_fused"):  # every op compile row uses it
+        src = open(os.path.join(ROOT, "benchmarks", f"{name}.py")).read()
+        assert "compile_static(" in src and "torch.compile(" not in src, name
+
+
+def test_mask_embed_fwd_bwd_flops_count_no_input_gradient(monkeypatch):
+    """bench_masking's fwd+bwd FLOP rate: the backward of the official composition computes the patch
+    embedding's weight gradient and no image gradient, FlopCounterMode says 2x the forward (not 3x)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("bench_masking", None)
+    import bench_masking as bm
+
+    imgs, weight, bias, pos, p, _, _, _ = bm._setup(bm.CASES[0], torch.device("cpu"), requires_grad=True)
+    fwd = bm._fn("reference", imgs, weight, bias, pos, p, bm.RATIO)
+    with FlopCounterMode(display=False) as fc:
+        x = fwd()[0]
+    with FlopCounterMode(display=False) as fcb:
+        torch.autograd.grad(x, (weight, bias), torch.ones_like(x))
+    assert not imgs.requires_grad and fcb.get_total_flops() > 0
+    assert (fc.get_total_flops() + fcb.get_total_flops()) / fc.get_total_flops() == bm.FWD_BWD_FLOPS == 2
+    sys.modules.pop("bench_masking", None)
+
+
+def test_step_rows_record_whether_they_were_captured(harness, monkeypatch):
+    """A step row's record says how the row stepped (`captured`, the TrainStep's flag) and carries no
+    `cuda_graph` (run_bench's flag for a capture of its own, which it never makes of a step row: False
+    read as "not captured" in a captured row); the ratios still compare the rows' step times. (CPU: a
+    stand-in capture, tests/fake_capture.py.)"""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    try:
+        import fake_capture
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tests"))
+    fake_capture.install(monkeypatch)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("bench_step", None)
+    import bench_step
+
+    try:
+        case = ("mae_vit_tiny_test", 2)
+        for provider in ("reference", "maefast-graph"):
+            bench_step.test_train_step(_FakeBenchmark(), torch.device("cpu"), case, provider)
+    finally:
+        sys.modules.pop("bench_step", None)
+    ref, graph = harness.RESULTS
+    assert (ref["captured"], graph["captured"]) == (False, True)
+    assert "cuda_graph" not in ref and "cuda_graph" not in graph
+    assert graph["speedup_vs_baseline"] == pytest.approx(ref["time_ms"] / graph["time_ms"])
+    harness.RESULTS.clear()
+
+
+def test_step_rows_and_table2_cells_set_cudnn_benchmark(monkeypatch):
+    """Every step row and Table 2 cell runs with torch.backends.cudnn.benchmark on, as the official
+    recipe and `maefast train` (the patch embedding's conv gets cuDNN's fastest algorithm in every row
+    alike), and the record says so."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    row = mb.make_step("reference", "tiny", 2, device="cpu")
+    assert torch.backends.cudnn.benchmark is True and row.describe()["cudnn_benchmark"] is True
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    (cell,) = t2.table2(["tiny"], (1,), device="cpu", batch=2, quick=True)
+    assert cell["cudnn_benchmark"] is True and torch.backends.cudnn.benchmark is True
+
+
+def test_readme_ops_table_quotes_its_record():
+    """README's ops table: every time is the 2026-11-27 record's (as rounded there), each ratio is the
+    record's, and a row where the same run's torch.compile beat maefast says so."""
+    rec = json.load(open(os.path.join(ROOT, "benchmarks", "results", "2026-11-27-h200-bench-suite.json")))
+    times = {}
+    for b in rec["benchmarks"]:
+        e, shape = b["extra_info"], b["extra_info"]["shape"]
+        if isinstance(shape, dict) and "N" in shape:
+            times[(e["group"], shape.get("model") or shape.get("case"), shape["N"], e["provider"])] = e["time_ms"]
+    cases = {"masking + visible patch embed, fwd (": ("mask-embed-fwd", "vit_h14"),
+             "masking + visible patch embed, fwd+bwd": ("mask-embed-fwd-bwd", "vit_h14"),
+             "un-shuffle fwd (": ("unshuffle-fwd", "p14"), "un-shuffle fwd+bwd": ("unshuffle-fwd-bwd", "p14"),
+             "norm-pix loss fwd+bwd": ("loss-masked-fwd-bwd", "p14")}
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    table = readme[readme.index("| op (shape) | maefast Triton |"):]
+    rows = [ln.split("|")[1:-1] for ln in table.split("\n\n")[0].splitlines()[2:]]
+    assert len(rows) == len(cases)
+    for label, ours, base, speedup, comp, vs_comp in rows:
+        (group, shape), = [v for k, v in cases.items() if label.strip().startswith(k)]
+        t = {p: times[(group, shape, 256, p)] for p in ("triton", "reference", "compile")}
+        for cell, ms in ((ours, t["triton"]), (base, t["reference"]), (comp, t["compile"])):
+            shown = cell.strip().removesuffix(" ms")
+            assert float(shown) == pytest.approx(ms, abs=0.51 * 10 ** -len(shown.split(".")[1])), (label, cell, ms)
+        assert float(speedup.strip().rstrip("x")) == pytest.approx(t["reference"] / t["triton"], abs=0.051), label
+        ratio = t["compile"] / t["triton"]
+        assert float(vs_comp.strip(" *").split("x")[0]) == pytest.approx(ratio, abs=0.051), label
+        assert ("compile faster" in vs_comp) == (ratio < 1), (label, vs_comp)
