@@ -161,6 +161,16 @@ def test_layer_norm_alias_and_edge_widths(device):
     assert add_layer_norm(empty, empty, w8, b8, impl="triton")[0].shape == (0, 8)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_eps_counts_for_rows_of_small_variance(device, impl):
+    """Rows whose variance is near eps (1e-4 to 1e-8 against 1e-6): unit-variance inputs cannot tell an
+    ignored or wrong eps from the right one, these rows can (an eps of 1e-12 instead fails here)."""
+    x, r, w, b = _ln_inputs((6, 3, 80), torch.float32, device)
+    scales = torch.tensor([1e-2, 1e-3, 3e-4, 1e-4, 1e-3, 1e-2], device=device).reshape(6, 1, 1)
+    _check_ln(x * scales, r * scales, w, b, impl, torch.float32)
+    _check_ln(x * scales, None, w, b, impl, torch.float32)
+
+
 # -- bias_gelu -------------------------------------------------------------------------------------
 
 def _gelu_run(fn, x, b, gy, dtype=None):

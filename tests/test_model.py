@@ -94,8 +94,12 @@ def test_bf16_autocast_within_tolerance(fused):
 
 @pytest.mark.parametrize("fused", [False, "block"])
 def test_fp16_gradscaler_no_nan(fused):
+    """fp16 autocast + GradScaler at the official initial scale: every step's gradients are finite (the
+    scaler skips a step with inf/NaN gradients silently and halves its scale, so finite weights alone
+    prove nothing) and every step updates the weights."""
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, fused=fused)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}  # not the sin-cos tables
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     for _ in range(3):
@@ -106,7 +110,10 @@ def test_fp16_gradscaler_no_nan(fused):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
+    assert scaler.get_scale() == 2.0 ** 16  # no step skipped for inf/NaN gradients
     assert all(torch.isfinite(p).all() for p in m.parameters())
+    moved = [n for n, p in m.named_parameters() if n in before and not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before), sorted(set(before) - set(moved))
 
 
 @pytest.mark.parametrize("fused", [False, "block"])

@@ -217,3 +217,16 @@ def test_model_rectangular_and_bad_inputs():
         m(imgs, mask_ratio=1.0)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         R.MaskedAutoencoderViT(img_size=30, patch_size=8)
+
+
+def test_imagenet_statistics_are_the_official_ones():
+    """The normalisation every path uses (uint8 kernels, the loaders, the reference): the official
+    main_pretrain.py's Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), timm's
+    IMAGENET_DEFAULT_MEAN / _STD. Every other test reads these constants from the code it tests, so
+    only this one would notice a changed digit; and there is one definition of them."""
+    from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD
+    from maefast.train import augment, data
+
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert augment.IMAGENET_MEAN is IMAGENET_MEAN and augment.IMAGENET_STD is IMAGENET_STD
+    assert data.IMAGENET_MEAN is IMAGENET_MEAN and data.IMAGENET_STD is IMAGENET_STD

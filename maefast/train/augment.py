@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..reference.normalize import IMAGENET_MEAN, IMAGENET_STD
+
 try:  # the faster JPEG reader (module docstring); Pillow gives the same pixels without it
     import simplejpeg
 except ImportError:  # pragma: no cover - installed with maefast; absent on some GPU machines
     simplejpeg = None
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE = (0.2, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DECODES = ("exact", "fast", "gpu")
