@@ -19,6 +19,9 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
           then the rest
   table2  Table 2 with maefast's step (L, H, then B); `maefast profile`'s overhead
+  kernels the `device` tests (those taking the `device` fixture: every op and kernel against the
+          reference on fresh random inputs, run on the CPU's Triton interpreter in CI) on the card,
+          the ops the step presets time first: compiled code the interpreter cannot check
   data    `maefast bench data` (16 workers, 4000 JPEGs: the loader's img/s, the CPU path and the GPU
           decode, issue 15); `maefast train` on those JPEGs vs `--data synthetic`, ViT-L/16 b128
           (ratio >= 0.9, issue 15); `maefast train --data synthetic` ViT-H/14 b128 (>= 0.95x the
@@ -50,7 +53,7 @@ sys.path.insert(0, HERE)
 
 import gpu_record as rec  # noqa: E402
 
-PRESETS = ("verify", "step", "profile", "ops", "table2", "data")
+PRESETS = ("verify", "step", "profile", "ops", "table2", "kernels", "data")
 PRESET_BUDGET_S = 290  # each preset, its record written within ~5 minutes
 RESERVE_S = 8  # kept back from the last step for writing the record
 # Per step: (nominal budget, margin): a pytest step stops starting cases `margin` seconds before its
@@ -65,7 +68,7 @@ BUDGET = {"build": (45, 0), "capture-probe": (45, 0), "step-tests": (70, 20), "t
           "step-rows": (110, 30), "step-compiled": (165, 75),
           "profile-kernels": (170, 0), "step-more": (105, 45),
           "ops-rows": (280, 25),
-          "table2": (200, 0), "profile-overhead": (70, 0),
+          "table2": (200, 0), "profile-overhead": (70, 0), "kernel-tests": (240, 0),
           "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
 # verify's `cuda` tests in this order (333 of them on 2026-12-04; 180 took 74 s with 8 workers on
 # 2026-11-27, so the step's deadline may skip the tail): the ops the step presets time, then the
@@ -238,13 +241,13 @@ def ensure_built(r: Runner, always: bool) -> None:
     r.run("build", [r.py, "csrc/build.py", "--inplace", "--build-dir", os.path.join(ROOT, "build", "gpu_check")], env)
 
 
-def _cuda_tests(r: Runner, name: str, targets: list[str]) -> dict | None:
-    """The `cuda`-marked tests of `targets` in one pytest process (and its xdist workers); returns the
-    junit summary (None on a dry run: the cases collected go in the step)."""
+def _cuda_tests(r: Runner, name: str, targets: list[str], marker: str = "cuda") -> dict | None:
+    """The `marker` tests of `targets` in one pytest process (and its xdist workers); returns the junit
+    summary (None on a dry run: the cases collected go in the step)."""
     xml = os.path.join(r.work, f"{name}.xml")
     if os.path.exists(xml):
         os.remove(xml)
-    cmd = [r.py, "-m", "pytest", *targets, "-m", "cuda", "-q", "-p", "no:cacheprovider", "-p",
+    cmd = [r.py, "-m", "pytest", *targets, "-m", marker, "-q", "-p", "no:cacheprovider", "-p",
            "pytest_deadline", f"--junitxml={xml}", "-o", "junit_family=xunit1", "--durations=5"]
     if r.dry:
         cmd.append("--collect-only")
@@ -277,12 +280,7 @@ def preset_verify(r: Runner) -> None:
         r.record["steps"]["step-tests"]["note"] = (
             f"passed {s.get('passed')} failed {s.get('failed')} skipped {s.get('skipped')}"
             + "".join(f"\n      FAIL {f['test']}: {f['message'][:150]}" for f in s.get("failures", [])[:8]))
-    paths = shlex.split(r.args.tests)
-    if paths == ["tests"]:  # the default: every file of the folder, named one by one (pytest sorts a
-        # folder's files, also when some are named beside it), the decisive ones first
-        first = [f"tests/test_{n}.py" for n in VERIFY_TEST_ORDER if os.path.exists(os.path.join(ROOT, f"tests/test_{n}.py"))]
-        paths = first + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
-                               if os.path.relpath(p, ROOT) not in first + ["tests/test_step.py"])
+    paths = [p for p in _test_files(r) if p != "tests/test_step.py"]
     s = _cuda_tests(r, "tests", [*paths, "--ignore=tests/test_step.py"])
     if s is not None:
         r.record["tests"] = s
@@ -290,6 +288,24 @@ def preset_verify(r: Runner) -> None:
     cmd = [r.py, "-m", "py_compile", "scripts/diagnose_dispatch.py"] if r.dry else \
         [r.py, "scripts/diagnose_dispatch.py", dj]
     r.json_step("diagnose", cmd, dj, "diagnose")
+
+
+def _test_files(r: Runner) -> list[str]:
+    """--tests' paths; the default: every file of tests/ named one by one (pytest sorts a folder's files,
+    also when some are named beside it), VERIFY_TEST_ORDER's first."""
+    paths = shlex.split(r.args.tests)
+    if paths != ["tests"]:
+        return paths
+    first = [f"tests/test_{n}.py" for n in VERIFY_TEST_ORDER if os.path.exists(os.path.join(ROOT, f"tests/test_{n}.py"))]
+    return first + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
+                          if os.path.relpath(p, ROOT) not in first)
+
+
+def preset_kernels(r: Runner) -> None:
+    ensure_built(r, always=False)
+    s = _cuda_tests(r, "kernel-tests", _test_files(r), marker="device")
+    if s is not None:
+        r.record["tests"] = s
 
 
 def preset_step(r: Runner) -> None:
@@ -467,7 +483,8 @@ def preset_data(r: Runner) -> None:
     r.record["targets"] = rec.data_targets(r.record, step_record, STEP_MODEL)
 
 
-RUN = {"verify": preset_verify, "step": preset_step, "profile": preset_profile, "ops": preset_ops, "table2": preset_table2, "data": preset_data}
+RUN = {"verify": preset_verify, "step": preset_step, "profile": preset_profile, "ops": preset_ops, "table2": preset_table2,
+       "kernels": preset_kernels, "data": preset_data}
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """Test setup: CPU-only machines run Triton kernels under the interpreter; `cuda`-marked tests
-skip with the reason when no GPU is present."""
+skip with the reason when no GPU is present; tests taking the `device` fixture (the kernels on CUDA
+when present, else the CPU) are marked `device`."""
 import os
 
 import pytest
@@ -16,6 +17,9 @@ if not _HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # `-m device` selects them (scripts/gpu_check.py's kernels preset, on a card)
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker("device")
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -135,6 +135,18 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
     assert sum(st["budget_s"] for st in steps.values()) <= 290
 
 
+def test_kernels_preset_runs_the_device_tests_on_the_card(tmp_path):
+    """kernels: every test taking the `device` fixture (run on the CPU's interpreter in CI, never on a card
+    by verify's `-m cuda`), the step's ops first, within the preset's budget."""
+    out, _ = _dry_run(tmp_path, "kernels")
+    steps = json.loads((out / "kernels-record.json").read_text())["steps"]
+    assert list(steps) == ["build", "kernel-tests"] and all(st["rc"] == 0 for st in steps.values()), steps
+    cmd = steps["kernel-tests"]["cmd"]
+    assert " -m device " in cmd and cmd.split(" -m pytest ")[1].startswith("tests/test_attention.py tests/test_masking.py")
+    assert steps["kernel-tests"]["collected"] > 200
+    assert sum(st["budget_s"] for st in steps.values()) <= 290
+
+
 def test_step_and_profile_presets_fit_their_budgets(tmp_path):
     """step: the rows without a compile, then the compiled ones (the torch-native baseline first), each
     under a budget of its own; profile: the kernel table, then the eager rows. Each fits ~5 minutes."""
