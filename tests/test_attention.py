@@ -449,13 +449,20 @@ def test_reference_mae_with_swapped_blocks(device):
     assert_close(loss, loss_ref, name="loss", scale=10)
 
 
-def test_attention_dropout_and_drop_path_paths():
+@pytest.mark.parametrize("flag", ["attn_drop", "drop_path"])
+def test_attention_dropout_and_drop_path_paths(flag):
+    """Each flag alone is live in training (the output moves), refuses cu_seqlens there, and is off in
+    eval (the official block's output). Their semantics (per-sample drops, rescaling, the same draws as
+    softmax -> dropout -> @ v) are pinned in tests/test_dropout.py."""
     torch.manual_seed(0)
-    blk = Block(32, 2, attn_drop=0.5, drop_path=0.5, impl="reference")
+    blk = Block(32, 2, impl="reference", **{flag: 0.5})
     x = randn(4, 6, 32)
+    blk.eval()
+    y_eval = blk(x)
     blk.train()
     y = blk(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
+    assert not torch.allclose(y, y_eval), f"{flag}=0.5 changed nothing in training"
     with pytest.raises(ValueError, match="cu_seqlens"):
         blk(x.reshape(24, 32), cu_seqlens=torch.tensor([0, 6, 24], dtype=torch.int32))
     blk.eval()

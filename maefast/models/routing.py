@@ -55,16 +55,21 @@ def image_grad_reason(imgs, name: str = "imgs") -> str | None:
 
 # -- dropout -------------------------------------------------------------------------------------
 
+# where a module keeps its drop-path rate: timm's DropPath (drop_prob), maefast.nn.Block (drop_path_prob)
+_DROP_PATH_ATTRS = ("drop_prob", "drop_path_prob")
+
+
 def dropout_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     """The dropout and drop-path modules of `model` (scanned once: a scan per call costs ~0.3 ms at ViT-H)."""
     return tuple(m for m in model.modules()
-                 if isinstance(m, nn.modules.dropout._DropoutNd) or "drop_prob" in m.__dict__)
+                 if isinstance(m, nn.modules.dropout._DropoutNd) or any(a in m.__dict__ for a in _DROP_PATH_ATTRS))
 
 
 def dropout_reason(modules) -> str | None:
-    """Why the fast path cannot run: a dropout (p) or drop-path (drop_prob) module active in training."""
+    """Why the fast path cannot run: a dropout (p) or drop-path module active in training."""
     for m in modules:
-        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else m.drop_prob
+        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else \
+            next(m.__dict__[a] for a in _DROP_PATH_ATTRS if a in m.__dict__)
         if p and m.training:
             return f"{type(m).__name__}(p={p}) is active in training mode (the fast path has no dropout there)"
     return None

@@ -48,7 +48,8 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        x = attention(self.qkv(x), self.num_heads, scale=self.scale)
+        drop = self.attn_drop if self.training and self.attn_drop.p > 0 else None
+        x = attention(self.qkv(x), self.num_heads, scale=self.scale, dropout=drop)
         return self.proj_drop(self.proj(x))
 
 
