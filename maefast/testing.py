@@ -49,6 +49,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                              f"(atol={t['atol'] * scale:g}, rtol={t['rtol'] * scale:g}); {_where(a, e)}")
 
 
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                      name: str = "") -> None:
+    """assert_close with the table's tolerance taken relative to the reference gradient's largest finite
+    magnitude (scale=max|expected|). A mean loss's gradients sit at 1e-6..1e-2, often below the table's
+    atol, where the plain check passes an all-zero gradient; here a zeroed or halved one fails. The scale
+    is at least the stored dtype's smallest normal: below it (fp16 from 6.1e-5) values are subnormal,
+    spaced by a fixed step a relative tolerance cannot resolve (fp16: atol 2 steps, 1.2e-7)."""
+    e = expected.detach().double().abs()
+    e = e[torch.isfinite(e)]
+    m = e.max().item() if e.numel() else 0.0
+    if m == 0.0:
+        raise AssertionError(f"{name}: the reference gradient has no nonzero finite value to set the scale")
+    tiny = max(torch.finfo(t.dtype).smallest_normal for t in (actual, expected) if t.is_floating_point())
+    assert_close(actual, expected, dtype, name, scale=max(m, tiny))
+
+
 def rel_err(x: torch.Tensor, oracle: torch.Tensor) -> float:
     """||x - oracle|| / ||oracle|| in float64 (inf if x has NaN where oracle has none)."""
     x, o = x.detach().double().cpu(), oracle.detach().double().cpu()

@@ -92,8 +92,6 @@ def test_reference_impl(case, dtype):
 @pytest.mark.parametrize("case", CASES_CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
 def test_triton_impl(device, case, dtype):
-    if dtype == torch.float16 and device.type == "cpu" and case[3] > 64:
-        pytest.skip("fp16 conv on the CPU at 224 px is slow; covered on the GPU")
     _check_against_reference("triton", case, dtype, device)
 
 

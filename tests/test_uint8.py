@@ -14,7 +14,7 @@ from maefast.nn import MaskedPatchEmbed, NormPixLoss
 from maefast.ops import masked_patch_embed, masked_prediction_loss, norm_pix_loss, random_masking
 from maefast.ops._pixels import pixel_affine
 from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
-from maefast.testing import assert_close, assert_error_ratio, randn
+from maefast.testing import assert_close, assert_error_ratio, assert_grad_close, randn
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 IMPLS = ["reference", pytest.param("triton", marks=needs_triton)]
@@ -69,8 +69,6 @@ def test_folded_affine_rounding():
     for x in (folded, official):
         err = (x.double() - exact).abs()
         assert err.max() <= 2.6e-7 and err[near0].max() <= 3.4e-8
-    for dt in (torch.bfloat16, torch.float16):
-        assert torch.equal(folded.to(dt), official.to(dt))
     for dt in (torch.bfloat16, torch.float16):
         assert torch.equal(folded.to(dt), official.to(dt))
 
@@ -151,10 +149,9 @@ def test_triton_launchers_refuse_uint8_without_dtype_or_affine(device):
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", EMBED_CASES, ids=lambda c: "x".join(map(str, c[:7])) + c[7])
 def test_embed_equals_normalise_first(impl, case, mode, device):
-    if device.type == "cpu" and (mode == "bf16" and impl == "triton" or mode == "fp16" and impl == "reference"):
-        pytest.skip("the interpreter's bf16 tl.dot is wrong; fp16 conv on the CPU is slow (both on the GPU)")
-    if device.type == "cpu" and mode == "fp16" and case[3] > 64:
-        pytest.skip("fp16 under the interpreter at 224 px is slow; covered on the GPU")
+    if device.type == "cpu" and mode == "bf16" and impl == "triton":
+        # both sides go through the same wrong product and agree: a pass here would prove nothing
+        pytest.skip("the interpreter's bf16 tl.dot is wrong (covered on the GPU)")
     res, (u, ids, (w, b, pos), stats) = _embed_both(impl, case, mode, device)
     _check_embed(res, _autocast(mode, device)[1])
     if impl == "reference" and mode == "fp32":  # the definition, bit for bit
@@ -244,7 +241,7 @@ def _loss_both(impl, case, pred_on, norm, dtype, device, imgs=None, head=False):
 def test_loss_equals_normalise_first(impl, case, pred_on, norm, device):
     ((loss8, g8), (loss, g)), (pred, idx, x) = _loss_both(impl, case, pred_on, norm, torch.float32, device)
     assert_close(loss8, loss, torch.float32, name="loss")
-    assert_close(g8, g, torch.float32, name="grad pred")
+    assert_grad_close(g8, g, torch.float32, name="grad pred")
     if impl == "reference":  # the definition, bit for bit
         ref = (R.forward_loss if pred_on == "all" else R.forward_loss_masked)(x, pred.detach(), idx, case[4], norm)
         assert torch.equal(loss8, ref)
@@ -257,7 +254,7 @@ def test_loss_half_pred(impl, pred_on, dtype, device):
     ((loss8, g8), (loss, g)), _ = _loss_both(impl, LOSS_CASES[0], pred_on, True, dtype, device)
     assert g8.dtype == dtype
     assert_close(loss8, loss, torch.float32, name="loss")
-    assert_close(g8, g, dtype, name="grad pred")
+    assert_grad_close(g8, g, dtype, name="grad pred")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -377,7 +374,7 @@ def test_meta(impl):
 
 # -- bad inputs -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw,exc,match", [
+BAD_INPUTS = [
     (dict(mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), ValueError, r"mean must have 3 values \(one per channel of imgs"),
     (dict(mean=(0.5,) * 3, std=(0.2,) * 4), ValueError, "std must have 3 values"),
     (dict(mean=(0.5,) * 3, std=(0.2, 0.0, 0.2)), ValueError, "std must be > 0"),
@@ -393,8 +390,14 @@ def test_meta(impl):
     (dict(imgs="grey"), ValueError, "with 1 channels need mean= and std="),
     (dict(imgs="5ch", impl="triton", mean=(0.5,) * 5, std=(0.2,) * 5), ValueError,
      "impl='triton' is not available .* uint8 imgs with 5 channels"),
-])
-@pytest.mark.parametrize("op", ["embed", "loss", "head", "model"])
+]
+
+
+# The model is built for 3 channels and says so first: grey and 5-channel images are no case for it.
+@pytest.mark.parametrize("op,kw,exc,match", [
+    pytest.param(op, kw, exc, match, id=f"{op}-kw{i}-{exc.__name__}-{match}")
+    for op in ("embed", "loss", "head", "model") for i, (kw, exc, match) in enumerate(BAD_INPUTS)
+    if not (op == "model" and kw.get("imgs") in ("grey", "5ch"))])
 def test_bad_inputs_name_the_argument(op, kw, exc, match):
     kw = dict(kw)
     kind = kw.pop("imgs", "uint8")
@@ -403,8 +406,6 @@ def test_bad_inputs_name_the_argument(op, kw, exc, match):
     u = _pixels(2, c, 16, 16)
     imgs = {"float": normalize(_pixels(2, 3, 16, 16), *IMAGENET), "int16": u.to(torch.int16)}.get(kind, u)
     if op == "model":
-        if kind == "5ch" or kind == "grey":
-            pytest.skip("the model's channel count is checked first")
         run = lambda: MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,  # noqa: E731
                                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                                            impl=impl)(imgs, **kw)
@@ -418,8 +419,6 @@ def test_bad_inputs_name_the_argument(op, kw, exc, match):
         ids = R.masking_ids(2, 4, 0.5, noise=torch.rand(2, 4))
         run = lambda: masked_prediction_loss(randn(2, 5, 16), randn(64 * c, 16), None, imgs,  # noqa: E731
                                              ids.ids_restore, 2, 8, impl=impl, **kw)
-    if kind == "5ch" and op == "head":
-        pytest.skip("covered by 'loss' (the head calls it)")
     with pytest.raises(exc, match=match):
         run()
 
@@ -522,7 +521,7 @@ def test_gpu_embed_equals_normalise_first(impl, mode, case):
 def test_gpu_loss_equals_normalise_first(impl, case, pred_on, dtype):
     ((loss8, g8), (loss, g)), _ = _loss_both(impl, case, pred_on, True, dtype, GPU)
     assert_close(loss8, loss, torch.float32, name="loss")
-    assert_close(g8, g, dtype, name="grad pred")
+    assert_grad_close(g8, g, dtype, name="grad pred")
 
 
 @pytest.mark.cuda
@@ -531,7 +530,7 @@ def test_gpu_loss_raw_and_head(impl):
     for pred_on in ("all", "masked"):
         ((loss8, g8), (loss, g)), _ = _loss_both(impl, GPU_LOSS[1], pred_on, False, torch.bfloat16, GPU)
         assert_close(loss8, loss, torch.float32, name="loss")
-        assert_close(g8, g, torch.bfloat16, name="grad pred")
+        assert_grad_close(g8, g, torch.bfloat16, name="grad pred")
     ((loss8, gw8), (loss, gw)), _ = _loss_both(impl, GPU_LOSS[0], "masked", True, torch.float32, GPU, head=True)
     assert_close(loss8, loss, torch.float32, name="loss")
     assert_close(gw8, gw, torch.float32, name="grad pred_weight", scale=10)
