@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import inspect
 import sys
 import types
 from typing import Callable
@@ -54,37 +53,18 @@ def parse_device(name: str | None) -> torch.device:
 
 # -- models ---------------------------------------------------------------------------------------
 
-def model_class():
-    """maefast.models.MaskedAutoencoderViT (the fast class once it exists; today the reference)."""
-    from . import models
-
-    return models.MaskedAutoencoderViT
-
-
-def accepts_impl() -> bool:
-    """Whether the model constructor takes ``impl=`` (explicitly; **kwargs does not count)."""
-    try:
-        return "impl" in inspect.signature(model_class().__init__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def build_model(name: str, impl: str = "reference", device=None, **overrides) -> nn.Module:
     """A model by name (``base``, ``mae_vit_large_patch16``, ...) built directly on `device`.
 
-    ``impl="reference"`` is the official computation; any other impl is passed to the constructor's
-    ``impl=`` and raises ValueError when the constructor does not take it.
+    ``impl="reference"`` is the official computation; any other impl is maefast.models.MaskedAutoencoderViT's
+    ``impl=`` (a ValueError names an unknown one).
     """
+    from .models import MaskedAutoencoderViT
+
     device = torch.device(device) if device is not None else default_device()
     cfg = model_config(name, **overrides)
-    cls = model_class()
-    if accepts_impl():
-        cfg["impl"] = impl
-    elif impl != "reference":
-        raise ValueError(f"impl={impl!r}: {cls.__module__}.{cls.__name__} does not take impl= (only the reference "
-                         f"model exists in this checkout)")
     with torch.device(device):  # initialise on the device: ViT-H on the CPU first would take seconds
-        model = cls(**cfg)
+        model = MaskedAutoencoderViT(**cfg, impl=impl)
     return model.to(device)
 
 
@@ -252,19 +232,18 @@ STEP_PROVIDERS: dict[str, StepRecipe] = {
 # the rows whose fastest is "best torch-native": what a strong engineer writes with torch alone
 TORCH_NATIVE_ROWS = ("sdpa", "torch-native", "torch-native-graph")
 
-if accepts_impl():  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
-    STEP_PROVIDERS.update({
-        "maefast": StepRecipe(_maefast, what="maefast's model (fused=False), eager step"),
-        "maefast-graph": StepRecipe(_maefast, capture=True, what="maefast, the step captured"),
-        "maefast-block": StepRecipe(_maefast_block, what='fused="block", eager step'),
-        "maefast-block-graph": StepRecipe(_maefast_block, capture=True, what='fused="block", the step captured'),
-        "maefast-compile": StepRecipe(_maefast, compile=True, what="maefast's model under torch.compile, eager step"),
-        "maefast-compile-graph": StepRecipe(_maefast, compile=True, capture=True,
-                                            what="maefast's model under torch.compile, the step captured"),
-        "maefast-patch": StepRecipe(_maefast_patch, what="maefast.patch on the official class, eager step"),
-        "maefast-patch-hf": StepRecipe(_maefast_patch_hf, what="maefast.patch on transformers' ViTMAE, eager step"),
-        "maefast-custom-op": StepRecipe(_maefast_custom_op, what="ops through the torch.library dispatcher"),
-    })
+STEP_PROVIDERS.update({  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
+    "maefast": StepRecipe(_maefast, what="maefast's model (fused=False), eager step"),
+    "maefast-graph": StepRecipe(_maefast, capture=True, what="maefast, the step captured"),
+    "maefast-block": StepRecipe(_maefast_block, what='fused="block", eager step'),
+    "maefast-block-graph": StepRecipe(_maefast_block, capture=True, what='fused="block", the step captured'),
+    "maefast-compile": StepRecipe(_maefast, compile=True, what="maefast's model under torch.compile, eager step"),
+    "maefast-compile-graph": StepRecipe(_maefast, compile=True, capture=True,
+                                        what="maefast's model under torch.compile, the step captured"),
+    "maefast-patch": StepRecipe(_maefast_patch, what="maefast.patch on the official class, eager step"),
+    "maefast-patch-hf": StepRecipe(_maefast_patch_hf, what="maefast.patch on transformers' ViTMAE, eager step"),
+    "maefast-custom-op": StepRecipe(_maefast_custom_op, what="ops through the torch.library dispatcher"),
+})
 
 
 def register_step_provider(name: str, recipe: StepRecipe) -> None:

@@ -511,8 +511,7 @@ def main(argv=None) -> int:
     steps = a.steps if a.steps is not None else (5 if on_cpu else 10)
     # on a GPU: maefast's model beside the official computation (the speed-up); elsewhere maefast's model
     # alone, since both would run the same PyTorch ops
-    impl_arg = a.impl or ("auto" if on_cpu and mb.accepts_impl() else
-                          "reference,auto" if mb.accepts_impl() else "reference")
+    impl_arg = a.impl or ("auto" if on_cpu else "reference,auto")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
     check_impls(impls, a.impl)
     check_out_file("--json", a.json)

@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     models = _models(a.models) if a.models else (["small"] if on_cpu else ["base", "large", "huge"])
     for m in models:
         resolve_model_name(m)
-    impls = _csv(a.impl) if a.impl else (["reference"] + (["auto"] if mb.accepts_impl() and not on_cpu else []))
+    impls = _csv(a.impl) if a.impl else (["reference"] + ([] if on_cpu else ["auto"]))
     check_impls(impls, a.impl)
     check_mask_ratio_flag(a.mask_ratio)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)

@@ -98,7 +98,6 @@ def test_mask_token_encoder_sees_all_tokens_and_learns_its_token():
     assert torch.isfinite(loss) and wrapped.encoder_mask_token.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not mb.accepts_impl(), reason="the model constructor does not take impl= in this checkout")
 def test_mask_token_encoder_on_the_fused_path_matches_the_reference_path():
     # impl="auto" on the CPU runs maefast's fused forward with each op's reference composition
     torch.manual_seed(0)
@@ -141,13 +140,9 @@ def test_train_step_updates_parameters():
 
 
 def test_build_model_impl():
-    if mb.accepts_impl():
-        assert mb.build_model("tiny", "reference", "cpu").impl == "reference"
-        with pytest.raises(ValueError, match="impl"):
-            mb.build_model("tiny", "no-such-impl", "cpu")
-    else:
-        with pytest.raises(ValueError, match="impl"):
-            mb.build_model("tiny", "triton", "cpu")
+    assert mb.build_model("tiny", "reference", "cpu").impl == "reference"
+    with pytest.raises(ValueError, match="impl"):
+        mb.build_model("tiny", "no-such-impl", "cpu")
 
 
 def test_parse_dtype():

@@ -75,8 +75,6 @@ def test_profile_json_keeps_finished_impls(tmp_path, monkeypatch):
 def test_stage_marks_follow_the_forward(impl):
     from maefast import bench as mb
 
-    if impl != "reference" and not mb.accepts_impl():
-        pytest.skip("the model constructor does not take impl= in this checkout")
     model = mb.build_model("tiny", impl, "cpu")
     clock = mp.StageClock(torch.device("cpu"))
     clock.switch("masking+embed")
@@ -108,9 +106,7 @@ def test_stage_of_param():
 
 
 def test_profile_side_by_side_and_trace(tmp_path, capsys):
-    from maefast import bench as mb
-
-    impls = ["reference", "auto"] if mb.accepts_impl() else ["reference", "reference"]
+    impls = ["reference", "auto"]
     trace = tmp_path / "trace.json"
     out = tmp_path / "p.json"
     assert mp.main(ARGS + ["--impl", ",".join(impls), "--trace", str(trace), "--json", str(out)]) == 0
@@ -201,8 +197,6 @@ def test_side_by_side_speed_up_only_on_a_gpu():
 def test_backend_log_records_what_the_ops_chose():
     from maefast import bench as mb
 
-    if not mb.accepts_impl():
-        pytest.skip("the model constructor does not take impl= in this checkout")
     model = mb.build_model("tiny", "auto", "cpu")
     with mp.BackendLog() as log:
         model(torch.randn(2, 3, 32, 32))[0].backward()

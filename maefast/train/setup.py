@@ -2,7 +2,6 @@
 pass before anything is created (an unreadable image folder, a checkpoint that cannot resume)."""
 from __future__ import annotations
 
-import inspect
 import random
 
 import numpy as np
@@ -21,28 +20,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_accepts_impl() -> bool:
-    """Whether this build's model constructor takes ``impl=`` (added by the kernels work)."""
-    from .. import models
-
-    for fn in (models.create_model, models.MaskedAutoencoderViT.__init__):
-        if "impl" in inspect.signature(fn).parameters:
-            return True
-    return False
-
-
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     """The MAE of ``cfg.model`` at ``cfg.input_size``; returns (model, constructor kwargs to record)."""
     from ..models import create_model
 
     kwargs = {"img_size": cfg.input_size, "norm_pix_loss": cfg.norm_pix_loss}
-    extra = {}
-    if model_accepts_impl():
-        extra.update(impl=cfg.impl, fused=FUSED[cfg.fused], grad_checkpointing=cfg.grad_checkpointing)
-    elif cfg.impl not in ("auto", "reference"):
-        raise ValueError(f"--impl {cfg.impl}: the model in this maefast build has no impl= option yet "
-                         "(only the reference PyTorch path); use --impl auto")
-    return create_model(cfg.model, **kwargs, **extra), kwargs
+    model = create_model(cfg.model, **kwargs, impl=cfg.impl, fused=FUSED[cfg.fused],
+                         grad_checkpointing=cfg.grad_checkpointing)
+    return model, kwargs
 
 
 # torch.compile's backend for --compile (None: torch's default, Inductor); tests set "aot_eager", which
