@@ -41,8 +41,8 @@ import torch.nn as nn
 
 from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
                           official_view)
-from .models.routing import (SlowPathWarning, _layout_root, class_overrides, dropout_modules, fast_unsupported,
-                             image_grad_reason, instance_overrides, official_call, original_inputs, refuse, warn_slow)
+from .models.routing import (SlowPathWarning, _layout_root, class_overrides, fast_unsupported, image_grad_reason,
+                             instance_overrides, official_call, original_inputs, refuse, trusted_class, warn_slow)
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -51,8 +51,6 @@ _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm
 _BLOCK_ATTRS = ("norm1", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp.fc1", "mlp.act", "mlp.fc2")
 # block parts of newer timm versions the fast block does not compute: each must be an Identity
 _BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
-# modules whose classes maefast knows (a forward defined elsewhere may compute anything)
-_KNOWN_MODULES = ("timm", "maefast", "torch")
 
 
 def _get(obj, path: str):
@@ -100,7 +98,6 @@ class PatchState:
     grad_checkpointing: bool
     loss_via_model: bool = False  # the loss runs through the model's own forward_loss
     takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
-    dropouts: tuple = ()          # the model's dropout / drop-path modules (official layout)
 
 
 # -- official layout -------------------------------------------------------------------------------
@@ -118,12 +115,8 @@ class _OfficialForward:
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
                              impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
-                             loss_via_model=st.loss_via_model, takes_noise=st.takes_noise, dropouts=st.dropouts,
+                             loss_via_model=st.loss_via_model, takes_noise=st.takes_noise,
                              mean=mean, std=std)
-
-
-def _trusted(cls, root) -> bool:
-    return cls is None or cls.__module__.split(".")[0] in _KNOWN_MODULES or cls.__module__ == root.__module__
 
 
 def _check_blocks(model) -> None:
@@ -142,7 +135,8 @@ def _check_blocks(model) -> None:
     for path, mod in parts:
         own = mod.__dict__.get("forward")
         cls = _defining_class(mod, "forward")
-        if (own is not None and not isinstance(own, _RoutedBlockForward)) or not _trusted(cls, root):
+        if (own is not None and not isinstance(own, _RoutedBlockForward)) or \
+                not trusted_class(type(mod), root.__module__):
             who = "an instance forward" if own is not None else f"forward of {cls.__module__}.{cls.__qualname__}"
             raise TypeError(f"maefast.patch: {path} runs {who}, which maefast's fast path would replace with the "
                             f"official computation (it knows timm's and {root.__module__}'s classes); refusing "
@@ -284,8 +278,7 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
                             "maefast's fast path would replace its forward, so run it unpatched")
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
-                      dropouts=dropout_modules(model))
+    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise)
 
 
 # -- transformers ------------------------------------------------------------------------------------

@@ -111,11 +111,11 @@ def check_fused(fused) -> bool | str:
 
 
 def _block_op_ok(bv: BlockView) -> bool:
-    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine norms,
-    no dropout."""
+    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine
+    LayerNorms (torch's: another norm with a weight, bias and eps computes something else), no dropout."""
     return (bv.exact_gelu and not (bv.drop_attn or bv.drop_mlp) and bv.fc1.bias is not None
             and bv.fc2.bias is not None and bv.proj.bias is not None
-            and all(getattr(n, "weight", None) is not None and getattr(n, "bias", None) is not None
+            and all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None
                     for n in (bv.norm1, bv.norm2)))
 
 

@@ -6,7 +6,7 @@ from .._validate import compiling
 from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
 from .fast import check_fused
-from .routing import Overrides, class_overrides, dropout_modules, instance_overrides, official_call, refuse
+from .routing import Overrides, class_overrides, instance_overrides, official_call, refuse
 
 
 class MaskedAutoencoderViT(_ReferenceMAE):
@@ -65,17 +65,8 @@ class MaskedAutoencoderViT(_ReferenceMAE):
             refuse(self, ov.refused, f"its fast path (impl={self.impl!r}) cannot run it; use impl='reference'")
         return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,
                              fused=self.fused, grad_checkpointing=self.grad_checkpointing,
-                             loss_via_model=bool(ov.loss), takes_noise=True, dropouts=self._dropouts(),
+                             loss_via_model=bool(ov.loss), takes_noise=True,
                              mean=mean, std=std)
-
-    def _dropouts(self) -> tuple:
-        """The dropout / drop-path modules, scanned at the first call (the fast path checks they are off)."""
-        d = self.__dict__.get("_maefast_dropouts")
-        if d is None:
-            d = dropout_modules(self)
-            if not compiling():
-                self.__dict__["_maefast_dropouts"] = d
-        return d
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, fused={self.fused}, grad_checkpointing={self.grad_checkpointing}"

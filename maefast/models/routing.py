@@ -2,7 +2,8 @@
 patched by `maefast.patch`.
 
 The fast path serves exactly the calls it computes exactly. Any other call runs the model's original
-forward (correct, slower: one `SlowPathWarning` per reason and process says why) or raises. Methods
+forward (correct, slower: one `SlowPathWarning` per reason and process says why) or raises. What the
+module tree says is checked on every call (`structure_reason`: dropout, hooks, replaced forwards). Methods
 the fast forward would replace are checked, so that a user's override is never silently dropped:
 - `random_masking`, `forward_encoder`, `forward_decoder` (and `forward`, for a patched model) of a
   user's subclass: refused with a TypeError naming them (the fast path cannot call into them);
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from .._validate import check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
-from .fast import fast_forward, official_view, unsupported_weights
+from .fast import _RoutedBlockForward, fast_forward, official_view, unsupported_weights
 
 # official-layout methods the fast forward replaces: a user's version would be dropped
 REPLACED = ("forward_encoder", "forward_decoder", "random_masking")
@@ -53,26 +54,99 @@ def image_grad_reason(imgs, name: str = "imgs") -> str | None:
     return None
 
 
-# -- dropout -------------------------------------------------------------------------------------
+# -- what the module tree says --------------------------------------------------------------------------
 
 # where a module keeps its drop-path rate: timm's DropPath (drop_prob), maefast.nn.Block (drop_path_prob)
 _DROP_PATH_ATTRS = ("drop_prob", "drop_path_prob")
+# packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
+KNOWN_PACKAGES = ("timm", "maefast", "torch")
+# inside a block, the modules the unfused fast block calls (their hooks run); fused="block" calls none
+_CALLED_IN_BLOCK = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2")
+_TRUST: dict = {}
 
 
-def dropout_modules(model: nn.Module) -> tuple[nn.Module, ...]:
-    """The dropout and drop-path modules of `model` (scanned once: a scan per call costs ~0.3 ms at ViT-H)."""
-    return tuple(m for m in model.modules()
-                 if isinstance(m, nn.modules.dropout._DropoutNd) or any(a in m.__dict__ for a in _DROP_PATH_ATTRS))
+def trusted_class(cls: type, root_module: str) -> bool:
+    """Whether the forward `cls` runs is one maefast knows: defined in timm, maefast or torch, or in the
+    module of the model's official-layout class (its Block copy). Cached per class."""
+    key = (cls, root_module)
+    ok = _TRUST.get(key)
+    if ok is None:
+        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+        ok = c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+        _TRUST[key] = ok
+    return ok
 
 
-def dropout_reason(modules) -> str | None:
-    """Why the fast path cannot run: a dropout (p) or drop-path module active in training."""
-    for m in modules:
-        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else \
-            next(m.__dict__[a] for a in _DROP_PATH_ATTRS if a in m.__dict__)
-        if p and m.training:
-            return f"{type(m).__name__}(p={p}) is active in training mode (the fast path has no dropout there)"
+def _drop_rate(m: nn.Module) -> float:
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p
+    d = m.__dict__
+    return next((d[a] for a in _DROP_PATH_ATTRS if a in d), 0.0)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
+    """Why the fast path would not compute what this official-layout model's module tree says, or None.
+    Checked on every call (a walk of the modules, ~0.3 ms at ViT-H; modules added, replaced or hooked
+    after the first call count):
+    - a dropout or drop-path module active in training (each module's own flag: an eval() model may
+      hold a block in train());
+    - a block, its attention or MLP, or the patch embedding whose forward is an instance attribute or a
+      class maefast does not know (the fast path replaces those forwards with the official computation);
+      the head of a return_pred=False call that is not a Linear (its weight is read directly);
+    - forward hooks (also global ones) on a module the fast path does not call: inside the patch
+      embedding or a block (with fused="block" all of a block; unfused, all but its norms, attention
+      projection and MLP layers), or the head of a return_pred=False call. A block routed through its
+      module (FSDP2, `route_blocks_through_modules`) runs its own hooks.
+    Under torch.compile only the dropout rule applies (traced once)."""
+    hooks = False
+    for m in model.modules():
+        rate = _drop_rate(m)
+        if rate and m.training:
+            return f"{type(m).__name__}(p={rate}) is active in training mode (the fast path has no dropout there)"
+        hooks = hooks or (m is not model and _hooked(m))
+    if compiling():
+        return None
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return "global module forward hooks are registered (the fast path does not call every module)"
+    root = (_layout_root(type(model)) or type(model)).__module__
+    head = model.decoder_pred
+    if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
+        return f"decoder_pred is a {type(head).__name__} (the masked-only head reads a Linear's weight and bias)"
+    parts = [("patch_embed", model.patch_embed)] + [
+        (f"{name}.{i}", blk) for name in ("blocks", "decoder_blocks") for i, blk in enumerate(getattr(model, name))]
+    for path, mod in parts:
+        routed = getattr(mod, "_maefast_module_call", False)
+        replaced = [(path, mod)] if path == "patch_embed" else [(path, mod), (f"{path}.attn", mod.attn),
+                                                                (f"{path}.mlp", mod.mlp)]
+        for sub, m in replaced:
+            own = m.__dict__.get("forward")
+            if own is not None and not isinstance(own, _RoutedBlockForward):
+                return f"{sub} has an instance forward, which the fast path would replace"
+            if not trusted_class(type(m), root):
+                c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+                return f"{sub} runs {c.__module__}.{c.__qualname__}.forward, which the fast path would replace"
+        if hooks:
+            called = set() if fused == "block" or path == "patch_embed" else \
+                {id(_get_path(mod, a)) for a in _CALLED_IN_BLOCK if _get_path(mod, a) is not None}
+            for name, m in mod.named_modules(prefix=path):
+                if _hooked(m) and id(m) not in called and not (routed and m is mod):
+                    return f"{name} has forward hooks, which the fast path would not run (it does not call {name})"
+    if hooks and not return_pred and _hooked(head):
+        return "decoder_pred has forward hooks (a return_pred=False call reads its weight, not calls it)"
     return None
+
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
@@ -181,12 +255,12 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
 
 def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise, seed, return_pred: bool, *,
                   impl: str, fused, grad_checkpointing: bool, loss_via_model: bool, takes_noise: bool,
-                  dropouts: tuple = (), mean=None, std=None):
+                  mean=None, std=None):
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
-    call the fast path cannot serve (see the module docstring). uint8 images (with mean/std) reach the
-    original forward normalised first, as the official code takes them."""
-    # each dropout module's own training flag decides (a model in eval() may hold a block in train())
-    why = image_grad_reason(imgs) or dropout_reason(dropouts) or fast_unsupported(model.pos_embed, mask_ratio)
+    call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
+    (with mean/std) reach the original forward normalised first, as the official code takes them."""
+    why = (image_grad_reason(imgs) or structure_reason(model, fused, return_pred)
+           or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
         return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,
@@ -196,4 +270,4 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
 
 
 __all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
-           "dropout_modules", "dropout_reason", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
+           "structure_reason", "trusted_class", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]

@@ -61,7 +61,7 @@ class MaskedPatchEmbed(nn.Module):
         """
         p = self.patch_size[0]
         if not compiling():
-            check_images("imgs", imgs, p, uint8=True)
+            check_images("imgs", imgs, p, channels=self.proj.in_channels, uint8=True)
         n, _, H, W = imgs.shape
         L = (H // p) * (W // p)
         ids = random_masking(n, L, mask_ratio, noise=noise, seed=seed, offset=offset, device=imgs.device,

@@ -1,0 +1,187 @@
+"""The fast path serves a call only when it computes what the module tree says (maefast/models/routing.py,
+`structure_reason`): hooks on modules it does not call, replaced or instance-patched block forwards,
+a head it reads by weight, dropout added after earlier calls — each runs the model's original forward
+with a SlowPathWarning, equal to the reference; hooks on modules it does call keep the fast path and
+run. Checked on maefast's own model (impl="auto": the reference ops on the CPU) and on a patched
+official-layout model."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import maefast
+from maefast.models import create_model
+from maefast.models import routing
+from maefast.models.configs import PAPER_NORM
+from maefast.models.fast import route_blocks_through_modules
+from maefast.models.routing import SlowPathWarning
+from maefast.nn import MaskedPatchEmbed
+from maefast.reference.model import Block as RefBlock
+from maefast.testing import assert_close
+
+IMGS_SHAPE, L = (2, 3, 32, 32), 16
+
+
+@pytest.fixture(autouse=True)
+def _warn_every_time(monkeypatch):
+    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process otherwise
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    fast = create_model("tiny", impl="auto", norm_pix_loss=True, **kw)
+    ref = create_model("tiny", impl="reference", norm_pix_loss=True)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(*IMGS_SHAPE, generator=g), torch.rand(IMGS_SHAPE[0], L, generator=g)
+
+
+def _loss(model, return_pred=True):
+    imgs, noise = _inputs()
+    torch.manual_seed(2)
+    return model(imgs, 0.75, noise, return_pred=return_pred)[0]
+
+
+def _check(fast, ref, slow: str | None, return_pred=True):
+    """fast equals ref; a SlowPathWarning matching `slow` (None: no warning, the fast path served it)."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        got = _loss(fast, return_pred)
+    slow_said = [str(w.message) for w in said if issubclass(w.category, SlowPathWarning)]
+    if slow is None:
+        assert not slow_said, slow_said
+    else:
+        assert len(slow_said) == 1 and slow in slow_said[0], slow_said
+    assert_close(got, _loss(ref), torch.float32, name="loss")
+
+
+def _both(fast, ref, change):
+    change(fast)
+    change(ref)
+
+
+class PostNormBlock(RefBlock):  # a user's block: the fast path cannot know its forward
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+@pytest.mark.parametrize("where, return_pred, slow", [
+    ("blocks.0", True, "blocks.0 has forward hooks"),
+    ("blocks.0.attn", True, "blocks.0.attn has forward hooks"),
+    ("blocks.0.attn.qkv", True, "blocks.0.attn.qkv has forward hooks"),
+    ("decoder_blocks.0.mlp", True, "decoder_blocks.0.mlp has forward hooks"),
+    ("patch_embed", True, "patch_embed has forward hooks"),
+    ("patch_embed.proj", True, "patch_embed.proj has forward hooks"),
+    ("decoder_pred", False, "decoder_pred has forward hooks"),
+    ("decoder_pred", True, None),          # called as a module when the prediction is returned
+    ("blocks.0.norm1", True, None),        # the unfused fast block calls its norms and MLP layers
+    ("blocks.1.mlp.fc2", True, None),
+    ("norm", True, None),
+])
+def test_a_hook_the_fast_path_would_skip_sends_the_call_to_the_original_forward(where, return_pred, slow):
+    fast, ref = _pair()
+    seen = []
+
+    def double(mod, args, out):
+        seen.append(mod)
+        return out * 2
+
+    _both(fast, ref, lambda m: m.get_submodule(where).register_forward_hook(double))
+    _check(fast, ref, slow, return_pred)
+    assert seen, "the hook did not run"
+
+
+def test_a_pre_hook_and_a_global_hook_count_too():
+    fast, ref = _pair()
+    _both(fast, ref, lambda m: m.blocks[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,)))
+    _check(fast, ref, "blocks.1 has forward hooks")
+    fast, ref = _pair()
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
+    try:
+        _check(fast, ref, "global module forward hooks")
+    finally:
+        handle.remove()
+
+
+def test_with_fused_block_every_block_module_is_skipped():
+    fast, ref = _pair(fused="block")
+    _both(fast, ref, lambda m: m.blocks[0].norm1.register_forward_hook(lambda mod, args, out: out + 1))
+    _check(fast, ref, "blocks.0.norm1 has forward hooks")
+
+
+def test_blocks_routed_through_their_modules_run_their_hooks_fast():
+    """FSDP2's per-block hooks (maefast train --fsdp routes the blocks through their modules)."""
+    fast, ref = _pair()
+    route_blocks_through_modules(fast)
+    seen = []
+    for blk in fast.blocks:
+        blk.register_forward_pre_hook(lambda mod, args: seen.append(mod))
+    _check(fast, ref, None)
+    assert len(seen) == len(fast.blocks)
+
+
+@pytest.mark.parametrize("change, return_pred, slow", [
+    (lambda m: m.blocks.__setitem__(0, _post_norm(m.blocks[0])), True, "test_routing.PostNormBlock.forward"),
+    (lambda m: setattr(m.blocks[1].mlp, "forward", lambda x, f=m.blocks[1].mlp.forward: 3 * f(x)), True,
+     "blocks.1.mlp has an instance forward"),
+    (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), False,
+     "decoder_pred is a Sequential"),
+    (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), True, None),
+])
+def test_a_replaced_module_is_run_not_duck_typed(change, return_pred, slow):
+    fast, ref = _pair()
+    _both(fast, ref, change)
+    _check(fast, ref, slow, return_pred)
+
+
+def _post_norm(old):
+    new = PostNormBlock(64, 2, 4.0, qkv_bias=True, norm_layer=PAPER_NORM)
+    new.load_state_dict(old.state_dict())
+    return new
+
+
+def test_dropout_added_after_earlier_calls_is_seen():
+    fast, ref = _pair()
+    _loss(fast)  # earlier calls (the dropout modules were cached at the first one)
+    _both(fast, ref, lambda m: setattr(m.blocks[0].attn, "proj_drop", nn.Dropout(0.5)))
+    _check(fast.train(), ref.train(), "Dropout(p=0.5) is active in training mode")
+    fast.eval(), ref.eval()
+    _check(fast, ref, None)
+
+
+def test_fused_block_computes_only_torch_layernorms_in_one_op():
+    """A norm with a weight, bias and eps that is not a LayerNorm (an RMS norm): fused="block" runs that
+    block unfused, as the module says, rather than as a LayerNorm."""
+    class RMSNormWithBias(nn.Module):
+        def __init__(self, d, eps=1e-6):
+            super().__init__()
+            self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+    fast, ref = _pair(fused="block")
+    _both(fast, ref, lambda m: setattr(m.blocks[0], "norm1", RMSNormWithBias(64)))
+    _check(fast, ref, None)
+
+
+def test_a_patched_official_model_hooked_after_patching():
+    torch.manual_seed(0)
+    official = create_model("tiny", impl="reference", norm_pix_loss=True)
+    ref = create_model("tiny", impl="reference", norm_pix_loss=True)
+    ref.load_state_dict(official.state_dict())
+    patched = maefast.patch(official)
+    _both(patched, ref, lambda m: m.blocks[0].attn.register_forward_hook(lambda mod, args, out: out * 0))
+    _check(patched, ref, "blocks.0.attn has forward hooks")
+
+
+def test_masked_patch_embed_names_the_images_for_a_wrong_channel_count():
+    pe = MaskedPatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=64)
+    with pytest.raises(ValueError, match="imgs"):
+        pe(torch.randn(2, 4, 32, 32), 0.75)
