@@ -41,8 +41,10 @@ import torch.nn as nn
 
 from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
                           official_view)
-from .models.routing import (SlowPathWarning, _layout_root, class_overrides, fast_unsupported, image_grad_reason,
-                             instance_overrides, official_call, original_inputs, refuse, trusted_class, warn_slow)
+from .models.routing import (SlowPathWarning, _global_hooks, _hooked, _layout_root, class_overrides, fast_unsupported,
+                             image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
+                             skipped_hooks_reason, trusted_class, warn_slow)
+from ._validate import compiling
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -372,6 +374,16 @@ def _transformers_view(model) -> tuple[MAEView, float]:
     return view, max([p for _, p in blocks + dblocks], default=0.0)
 
 
+def _hf_called(view: MAEView, fused) -> list:
+    """The modules the fast path calls as modules (their hooks run): the final norms, the decoder's
+    embedding and head, and unless fused="block" each layer's norms, attention output and MLP layers."""
+    called = [view.norm, view.decoder_embed, view.decoder_norm, view.decoder_pred]
+    if fused != "block":
+        for b in (*view.blocks, *view.decoder_blocks):
+            called += [b.norm1, b.norm2, b.proj, b.fc1, b.act, b.fc2]
+    return called
+
+
 def _hf_slow_reason(model, pixel_values, args, kwargs) -> str | None:
     if args:
         return f"{len(args)} positional argument(s) after noise"
@@ -408,6 +420,8 @@ class _TransformersForward:
             view, attn_p = _transformers_view(m)
             if attn_p:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
+            elif not compiling() and (_global_hooks() or any(_hooked(x) for x in m.modules() if x is not m)):
+                why = skipped_hooks_reason(m, _hf_called(view, st.fused))
         if why is not None:
             warn_slow(m, why, stacklevel=5)
             pixel_values, noise = original_inputs(pixel_values, noise, seed,

@@ -344,3 +344,24 @@ def test_transformers_mask_ratio_the_fast_path_refuses_runs_the_original():
         with pytest.warns(_slow_warning(), match="mask_ratio"):
             got = patched(pixel_values=imgs, noise=noise).loss
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("where, slow", [
+    ("vit.embeddings", True),           # the fast path never calls the embeddings, the layers or attention
+    ("decoder.decoder_layers.0", True),
+    ("vit.layernorm", False),           # called as modules: their hooks run on the fast path
+    ("decoder.decoder_pred", False),
+])
+def test_transformers_hooks_the_fast_path_would_skip_run_the_original(where, slow):
+    plain, patched = _hf_pair()
+    seen = []
+    for m in (plain, patched):
+        m.get_submodule(where).register_forward_hook(lambda mod, args, out: seen.append(mod))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, _ = _run_hf(plain, imgs, noise)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        o1, _ = _run_hf(patched, imgs, noise)
+    slow_said = [str(w.message) for w in said if issubclass(w.category, _slow_warning())]
+    assert bool(slow_said) == slow and all(f"{where} has forward hooks" in s for s in slow_said), slow_said
+    assert _close(o1.loss, o0.loss) and len(seen) == 2

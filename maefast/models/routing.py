@@ -110,9 +110,6 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
         hooks = hooks or (m is not model and _hooked(m))
     if compiling():
         return None
-    g = nn.modules.module
-    if g._global_forward_hooks or g._global_forward_pre_hooks:
-        return "global module forward hooks are registered (the fast path does not call every module)"
     root = (_layout_root(type(model)) or type(model)).__module__
     head = model.decoder_pred
     if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
@@ -120,7 +117,6 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     parts = [("patch_embed", model.patch_embed)] + [
         (f"{name}.{i}", blk) for name in ("blocks", "decoder_blocks") for i, blk in enumerate(getattr(model, name))]
     for path, mod in parts:
-        routed = getattr(mod, "_maefast_module_call", False)
         replaced = [(path, mod)] if path == "patch_embed" else [(path, mod), (f"{path}.attn", mod.attn),
                                                                 (f"{path}.mlp", mod.mlp)]
         for sub, m in replaced:
@@ -130,14 +126,29 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
             if not trusted_class(type(m), root):
                 c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
                 return f"{sub} runs {c.__module__}.{c.__qualname__}.forward, which the fast path would replace"
-        if hooks:
-            called = set() if fused == "block" or path == "patch_embed" else \
-                {id(_get_path(mod, a)) for a in _CALLED_IN_BLOCK if _get_path(mod, a) is not None}
-            for name, m in mod.named_modules(prefix=path):
-                if _hooked(m) and id(m) not in called and not (routed and m is mod):
-                    return f"{name} has forward hooks, which the fast path would not run (it does not call {name})"
-    if hooks and not return_pred and _hooked(head):
-        return "decoder_pred has forward hooks (a return_pred=False call reads its weight, not calls it)"
+    if hooks or _global_hooks():
+        called = [model.norm, model.decoder_embed, model.decoder_norm] + ([head] if return_pred else [])
+        for blk in (*model.blocks, *model.decoder_blocks):
+            called += [blk] if getattr(blk, "_maefast_module_call", False) else []
+            called += [] if fused == "block" else [_get_path(blk, a) for a in _CALLED_IN_BLOCK]
+        return skipped_hooks_reason(model, called)
+    return None
+
+
+def _global_hooks() -> bool:
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
+
+
+def skipped_hooks_reason(model: nn.Module, called) -> str | None:
+    """Why hooks would be skipped: global forward hooks, or hooks on a submodule of `model` that is not in
+    `called` (the modules the fast path calls as modules, so their hooks run), or None."""
+    if _global_hooks():
+        return "global module forward hooks are registered (the fast path does not call every module)"
+    ids = {id(m) for m in called if m is not None}
+    for name, m in model.named_modules():
+        if m is not model and _hooked(m) and id(m) not in ids:
+            return f"{name} has forward hooks, which the fast path would not run (it does not call {name})"
     return None
 
 
@@ -270,4 +281,4 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
 
 
 __all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
-           "structure_reason", "trusted_class", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
+           "structure_reason", "skipped_hooks_reason", "trusted_class", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
