@@ -286,7 +286,8 @@ class StepRow:
 def cudnn_benchmark() -> bool:
     """Sets torch.backends.cudnn.benchmark = True, as the official main_pretrain.py and `maefast train` do
     (cuDNN times its algorithms for the patch embedding's conv and keeps the fastest), and returns the
-    setting for the record. Every step row (`make_step`) and every Table 2 cell sets it: all rows alike."""
+    setting for the record. Every step row (`make_step`), every Table 2 cell and every `maefast profile` impl
+    sets it: all rows alike."""
     torch.backends.cudnn.benchmark = True
     return torch.backends.cudnn.benchmark
 

@@ -278,6 +278,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     model's `fused` (False | True | "block"; ignored for impl="reference")."""
     peak = peak or timing.measure_peak(device)
     extra = {"fused": fused} if fused and impl != "reference" else {}
+    mb.cudnn_benchmark()  # as the official loop, `maefast train` and the benchmark rows
     model = mb.build_model(name, impl, device, **extra, **overrides)
     imgs = mb.synthetic_batch(model, batch, device)
     # eager (stage marks need the Python between the stages), the default AdamW as the official loop
