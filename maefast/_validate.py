@@ -61,6 +61,13 @@ def check_mask_ratio(mask_ratio, num_patches: int | None = None) -> int | None:
     return len_keep
 
 
+def check_int(name: str, v, low: int) -> int:
+    """``v`` as given: an int (not a bool) >= low, else a ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return v
+
+
 def check_patch_size(patch_size) -> int:
     if isinstance(patch_size, bool) or not isinstance(patch_size, int):
         raise TypeError(f"patch_size must be an int, got {type(patch_size).__name__}")

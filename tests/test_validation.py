@@ -19,6 +19,7 @@ import torch
 from maefast import reference as R
 from maefast._triton import HAS_TRITON
 from maefast.models import mae_vit_tiny_test
+from maefast.nn import MaskedPatchEmbed, NormPixLoss
 from maefast.ops import (masked_patch_embed, masked_patch_ids, masked_prediction_loss, norm_pix_loss, random_masking,
                          unshuffle, visible_attention)
 from maefast.testing import assert_close, randn
@@ -489,3 +490,17 @@ def test_impl_is_checked_on_every_route(route, device, impl, match):
         for call in calls:
             with pytest.raises(ValueError, match=match):
                 call()
+
+
+@pytest.mark.parametrize("build, exc, match", [
+    (lambda: NormPixLoss(patch_size="8"), TypeError, "patch_size must be an int"),
+    (lambda: NormPixLoss(8, norm_pix_loss="no"), TypeError, "norm_pix_loss must be a bool"),
+    (lambda: NormPixLoss(8, impl="fast"), ValueError, "impl must be one of"),
+    (lambda: MaskedPatchEmbed(32, 8, in_chans=0), ValueError, "in_chans must be an int >= 1"),
+    (lambda: MaskedPatchEmbed(32, 8, embed_dim=0), ValueError, "embed_dim must be an int >= 1"),
+    (lambda: MaskedPatchEmbed(32, 8, impl="fast"), ValueError, "impl must be one of"),
+])
+def test_nn_modules_check_their_arguments_when_built(build, exc, match):
+    """Not at the first forward (a string "no" for norm_pix_loss was taken as True)."""
+    with pytest.raises(exc, match=match):
+        build()

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .._validate import check_patch_size
+from ..ops._backend import check_impl
 from ..ops.loss import norm_pix_loss
 
 
@@ -25,6 +27,10 @@ class NormPixLoss(nn.Module):
 
     def __init__(self, patch_size: int, norm_pix_loss: bool = False, impl: str = "auto"):
         super().__init__()
+        check_patch_size(patch_size)
+        if not isinstance(norm_pix_loss, bool):
+            raise TypeError(f"norm_pix_loss must be a bool, got {norm_pix_loss!r}")
+        check_impl(impl, "maefast.nn.NormPixLoss")
         self.patch_size = patch_size
         self.norm_pix_loss = norm_pix_loss
         self.impl = impl

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import check_images, compiling, to_2tuple
+from .._validate import check_images, check_int, compiling, to_2tuple
+from ..ops._backend import check_impl
 from ..ops.masking import random_masking
 from ..ops.patch_embed import masked_patch_embed
 
@@ -38,6 +39,9 @@ class MaskedPatchEmbed(nn.Module):
         self.patch_size = patch
         self.grid_size = (self.img_size[0] // patch[0], self.img_size[1] // patch[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        check_int("in_chans", in_chans, 1)
+        check_int("embed_dim", embed_dim, 1)
+        check_impl(impl, "maefast.nn.MaskedPatchEmbed")
         self.impl = impl
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch, stride=patch)
 

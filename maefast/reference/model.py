@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._validate import check_images, check_input_dtype, check_tensor, compiling, to_2tuple
+from .._validate import check_images, check_input_dtype, check_int, check_tensor, compiling, to_2tuple
 from .attention import attention
 from .loss import forward_loss
 from .masking import random_masking
@@ -101,8 +101,7 @@ class MaskedAutoencoderViT(nn.Module):
         for name, v, low in (("in_chans", in_chans, 1), ("embed_dim", embed_dim, 1), ("depth", depth, 0),
                              ("num_heads", num_heads, 1), ("decoder_embed_dim", decoder_embed_dim, 1),
                              ("decoder_depth", decoder_depth, 0), ("decoder_num_heads", decoder_num_heads, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            check_int(name, v, low)
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
