@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
                           official_view)
-from .models.routing import (SlowPathWarning, _global_hooks, _hooked, _layout_root, class_overrides, fast_unsupported,
+from .models.routing import (SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
                              image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
                              skipped_hooks_reason, trusted_class, warn_slow)
 from ._validate import compiling
@@ -420,7 +420,7 @@ class _TransformersForward:
             view, attn_p = _transformers_view(m)
             if attn_p:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
-            elif not compiling() and (_global_hooks() or any(_hooked(x) for x in m.modules() if x is not m)):
+            elif not compiling() and any(_hooked(x) for x in m.modules() if x is not m):
                 why = skipped_hooks_reason(m, _hf_called(view, st.fused))
         if why is not None:
             warn_slow(m, why, stacklevel=5)

@@ -97,7 +97,8 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     - a block, its attention or MLP, or the patch embedding whose forward is an instance attribute or a
       class maefast does not know (the fast path replaces those forwards with the official computation);
       the head of a return_pred=False call that is not a Linear (its weight is read directly);
-    - forward hooks (also global ones) on a module the fast path does not call: inside the patch
+    - forward hooks on a module the fast path does not call (global hooks excepted, see
+      `skipped_hooks_reason`): inside the patch
       embedding or a block (with fused="block" all of a block; unfused, all but its norms, attention
       projection and MLP layers), or the head of a return_pred=False call. A block routed through its
       module (FSDP2, `route_blocks_through_modules`) runs its own hooks.
@@ -126,7 +127,7 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
             if not trusted_class(type(m), root):
                 c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
                 return f"{sub} runs {c.__module__}.{c.__qualname__}.forward, which the fast path would replace"
-    if hooks or _global_hooks():
+    if hooks:
         called = [model.norm, model.decoder_embed, model.decoder_norm] + ([head] if return_pred else [])
         for blk in (*model.blocks, *model.decoder_blocks):
             called += [blk] if getattr(blk, "_maefast_module_call", False) else []
@@ -135,16 +136,10 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     return None
 
 
-def _global_hooks() -> bool:
-    g = nn.modules.module
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
-
-
 def skipped_hooks_reason(model: nn.Module, called) -> str | None:
-    """Why hooks would be skipped: global forward hooks, or hooks on a submodule of `model` that is not in
-    `called` (the modules the fast path calls as modules, so their hooks run), or None."""
-    if _global_hooks():
-        return "global module forward hooks are registered (the fast path does not call every module)"
+    """Why hooks would be skipped: hooks on a submodule of `model` that is not in `called` (the modules
+    the fast path calls as modules, so their hooks run), or None. Global module hooks do not count: they
+    are observers (torch's ModuleTracker, so FlopCounterMode) that see the modules the fast path calls."""
     ids = {id(m) for m in called if m is not None}
     for name, m in model.named_modules():
         if m is not model and _hooked(m) and id(m) not in ids:
