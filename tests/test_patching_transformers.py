@@ -363,5 +363,21 @@ def test_transformers_hooks_the_fast_path_would_skip_run_the_original(where, slo
         warnings.simplefilter("always")
         o1, _ = _run_hf(patched, imgs, noise)
     slow_said = [str(w.message) for w in said if issubclass(w.category, _slow_warning())]
-    assert bool(slow_said) == slow and all(f"{where} has forward hooks" in s for s in slow_said), slow_said
+    assert bool(slow_said) == slow and all(f"{where} has hooks" in s for s in slow_said), slow_said
     assert _close(o1.loss, o0.loss) and len(seen) == 2
+
+
+def test_transformers_output_capturing_hooks_do_not_slow_later_calls():
+    """transformers 5.x installs its output-capturing hooks for good at the first output_hidden_states
+    call (which runs the original); the calls after it are still served fast."""
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _slow_warning())
+        _run_hf(patched, imgs, noise, output_hidden_states=True)
+    o0, _ = _run_hf(plain, imgs, noise)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        o1, _ = _run_hf(patched, imgs, noise)
+    assert not [w for w in said if issubclass(w.category, _slow_warning())], [str(w.message) for w in said]
+    assert _close(o1.loss, o0.loss)

@@ -72,13 +72,13 @@ class PostNormBlock(RefBlock):  # a user's block: the fast path cannot know its 
 
 
 @pytest.mark.parametrize("where, return_pred, slow", [
-    ("blocks.0", True, "blocks.0 has forward hooks"),
-    ("blocks.0.attn", True, "blocks.0.attn has forward hooks"),
-    ("blocks.0.attn.qkv", True, "blocks.0.attn.qkv has forward hooks"),
-    ("decoder_blocks.0.mlp", True, "decoder_blocks.0.mlp has forward hooks"),
-    ("patch_embed", True, "patch_embed has forward hooks"),
-    ("patch_embed.proj", True, "patch_embed.proj has forward hooks"),
-    ("decoder_pred", False, "decoder_pred has forward hooks"),
+    ("blocks.0", True, "blocks.0 has hooks"),
+    ("blocks.0.attn", True, "blocks.0.attn has hooks"),
+    ("blocks.0.attn.qkv", True, "blocks.0.attn.qkv has hooks"),
+    ("decoder_blocks.0.mlp", True, "decoder_blocks.0.mlp has hooks"),
+    ("patch_embed", True, "patch_embed has hooks"),
+    ("patch_embed.proj", True, "patch_embed.proj has hooks"),
+    ("decoder_pred", False, "decoder_pred has hooks"),
     ("decoder_pred", True, None),          # called as a module when the prediction is returned
     ("blocks.0.norm1", True, None),        # the unfused fast block calls its norms and MLP layers
     ("blocks.1.mlp.fc2", True, None),
@@ -101,7 +101,7 @@ def test_a_pre_hook_counts_too_and_global_observers_keep_the_fast_path():
     """Global module hooks are observers (torch's ModuleTracker: FlopCounterMode counts the fast path)."""
     fast, ref = _pair()
     _both(fast, ref, lambda m: m.blocks[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,)))
-    _check(fast, ref, "blocks.1 has forward hooks")
+    _check(fast, ref, "blocks.1 has hooks")
     fast, ref = _pair()
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -112,7 +112,7 @@ def test_a_pre_hook_counts_too_and_global_observers_keep_the_fast_path():
 def test_with_fused_block_every_block_module_is_skipped():
     fast, ref = _pair(fused="block")
     _both(fast, ref, lambda m: m.blocks[0].norm1.register_forward_hook(lambda mod, args, out: out + 1))
-    _check(fast, ref, "blocks.0.norm1 has forward hooks")
+    _check(fast, ref, "blocks.0.norm1 has hooks")
 
 
 def test_blocks_routed_through_their_modules_run_their_hooks_fast():
@@ -178,10 +178,23 @@ def test_a_patched_official_model_hooked_after_patching():
     ref.load_state_dict(official.state_dict())
     patched = maefast.patch(official)
     _both(patched, ref, lambda m: m.blocks[0].attn.register_forward_hook(lambda mod, args, out: out * 0))
-    _check(patched, ref, "blocks.0.attn has forward hooks")
+    _check(patched, ref, "blocks.0.attn has hooks")
 
 
 def test_masked_patch_embed_names_the_images_for_a_wrong_channel_count():
     pe = MaskedPatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=64)
     with pytest.raises(ValueError, match="imgs"):
         pe(torch.randn(2, 4, 32, 32), 0.75)
+
+
+def test_a_backward_hook_counts():
+    """A gradient monitor's full backward hook on a module the fast path does not call never fired."""
+    fast, ref = _pair()
+    seen = []
+    _both(fast, ref, lambda m: m.blocks[0].attn.register_full_backward_hook(lambda mod, gi, go: seen.append(mod)))
+    _check(fast, ref, "blocks.0.attn has hooks")
+    imgs, noise = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        fast(imgs, 0.75, noise)[0].backward()
+    assert seen

@@ -84,8 +84,18 @@ def _drop_rate(m: nn.Module) -> float:
     return next((d[a] for a in _DROP_PATH_ATTRS if a in d), 0.0)
 
 
+# hooks that act only in calls the fast path never serves: transformers 5.x installs its output-capturing
+# hooks for good at the first output_hidden_states / output_attentions call (that call runs the original)
+_INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Whether `m` has forward or backward hooks (a gradient monitor's full backward hook never fires on
+    a module the fast path does not call either)."""
+    for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+        if any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values()):
+            return True
+    return False
 
 
 def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
@@ -97,11 +107,11 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     - a block, its attention or MLP, or the patch embedding whose forward is an instance attribute or a
       class maefast does not know (the fast path replaces those forwards with the official computation);
       the head of a return_pred=False call that is not a Linear (its weight is read directly);
-    - forward hooks on a module the fast path does not call (global hooks excepted, see
-      `skipped_hooks_reason`): inside the patch
-      embedding or a block (with fused="block" all of a block; unfused, all but its norms, attention
-      projection and MLP layers), or the head of a return_pred=False call. A block routed through its
-      module (FSDP2, `route_blocks_through_modules`) runs its own hooks.
+    - forward or backward hooks on a module the fast path does not call (global hooks excepted, see
+      `skipped_hooks_reason`): inside the patch embedding or a block (with fused="block" all of a
+      block; unfused, all but its norms, attention projection and MLP layers), or the head of a
+      return_pred=False call. A block routed through its module (FSDP2, `route_blocks_through_modules`)
+      runs its own hooks.
     Under torch.compile only the dropout rule applies (traced once)."""
     hooks = False
     for m in model.modules():
@@ -143,7 +153,7 @@ def skipped_hooks_reason(model: nn.Module, called) -> str | None:
     ids = {id(m) for m in called if m is not None}
     for name, m in model.named_modules():
         if m is not model and _hooked(m) and id(m) not in ids:
-            return f"{name} has forward hooks, which the fast path would not run (it does not call {name})"
+            return f"{name} has hooks, which the fast path would not run (it does not call {name})"
     return None
 
 
