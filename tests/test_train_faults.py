@@ -295,3 +295,30 @@ def test_a_killed_rank_is_one_line_on_the_others(tmp_path):
     assert proc.returncode != 0 and len(said) <= 1 and "[rank0]: RuntimeError" not in err, err[-3000:]
     assert all("the connection to another rank was lost" in ln for ln in said) and f'File "{ROOT}' not in err
     assert "rank      : 1 (local_rank: 1)" in err and "(SIGKILL)" in err
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "shards"])
+def test_a_failed_keep_copy_says_the_checkpoint_is_written(tmp_path, monkeypatch, sharded):
+    """The copy checkpoint-NNNN.pth fails after checkpoint-last.pth was replaced: the message says the
+    checkpoint is written (it said "not written; the previous one is intact"), and under --fsdp the
+    shards the new checkpoint names are kept (they were removed, leaving it pointing at nothing)."""
+    import errno
+
+    from maefast.train import state as st
+    from maefast.train.checkpoint import load_checkpoint
+    from maefast.train.distributed import DistInfo
+    from maefast.train.errors import RunError
+
+    def failing_copy(meta, folder, name, keep, shards):
+        raise OSError(errno.EIO, "Input/output error", os.path.join(folder, keep))
+
+    monkeypatch.setattr(st, "_keep_copy", failing_copy)
+    if sharded:  # one process stands in for the ranks: the shards folder as torch.distributed.checkpoint writes it
+        monkeypatch.setattr(st, "save_shards", lambda path, target, optimizer: os.makedirs(path))
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RunError, match=r"checkpoint-last.pth \(step 7\) is written, but its copy "
+                                       r"checkpoint-0009.pth is not \(\[Errno 5\] Input/output error"):
+        st.save_checkpoint({"step": 7}, str(tmp_path), "checkpoint-last.pth", model,
+                           torch.optim.AdamW(model.parameters()), DistInfo(), sharded=sharded, keep="checkpoint-0009.pth")
+    ck = load_checkpoint(str(tmp_path / "checkpoint-last.pth"), states=False)
+    assert ck["step"] == 7 and (not sharded or (tmp_path / ck["shards"]).is_dir())

@@ -285,5 +285,6 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     return loss, pred, mask
 
 
-__all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides", "instance_overrides",
-           "structure_reason", "skipped_hooks_reason", "trusted_class", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
+__all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides",
+           "instance_overrides", "structure_reason", "skipped_hooks_reason", "trusted_class", "image_grad_reason",
+           "seed_noise", "warn_slow", "Overrides"]

@@ -115,18 +115,26 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
     else:
         model_sd, optim_sd = full_states(target, optimizer)
         meta = {**meta, "model": model_sd, "optimizer": optim_sd, "optimizer_format": "fqn"}
+    written = False
     if info.is_main and error is None:
         try:
             atomic_save(meta, path)
-            if keep is not None:
-                _keep_copy(meta, folder, name, keep, shards)
         except RunError as exc:
             error = str(exc)
         except OSError as exc:  # told to every rank below (raised here, the others would wait for rank 0)
             error = _save_failure(path, exc)
         else:
+            written = True
             drop_unreferenced_shards(folder, name, shards)
-    if info.is_main and error is not None and shards is not None:
+            if keep is not None:
+                try:
+                    _keep_copy(meta, folder, name, keep, shards)
+                except (RunError, OSError) as exc:  # the checkpoint itself is whole: say so, keep its shards
+                    if not os.path.exists(os.path.join(folder, keep)):
+                        drop_unreferenced_shards(folder, keep, None)
+                    why = str(exc).strip().splitlines()[0][:200]
+                    error = f"{name} (step {meta.get('step')}) is written, but its copy {keep} is not ({why})"
+    if info.is_main and error is not None and shards is not None and not written:
         shutil.rmtree(os.path.join(folder, shards), ignore_errors=True)
     error = dist_lib.broadcast_object(error, info)
     if error is not None:
