@@ -33,7 +33,7 @@ def find_nvcc() -> str | None:
     PATH, else CUDA_HOME's, CUDA_PATH's or /usr/local/cuda's; None: not found."""
     cand = os.environ.get("NVCC")
     if cand:
-        found = cand if os.path.isfile(cand) and os.access(cand, os.X_OK) else shutil.which(cand)
+        found = os.path.abspath(cand) if os.path.isfile(cand) and os.access(cand, os.X_OK) else shutil.which(cand)
         if not found:
             raise RuntimeError(f"NVCC={cand!r} is not an executable (unset NVCC to look for nvcc on PATH and in "
                                "CUDA_HOME, or MAEFAST_SKIP_CUDA_BUILD=1 to build without maefast._C)")

@@ -68,7 +68,7 @@ BUDGET = {"build": (45, 0), "capture-probe": (45, 0), "step-tests": (70, 20), "t
           "step-rows": (110, 30), "step-compiled": (165, 75),
           "profile-kernels": (170, 0), "step-more": (105, 45),
           "ops-rows": (280, 25),
-          "table2": (200, 0), "profile-overhead": (70, 0), "kernel-tests": (240, 0),
+          "table2": (200, 0), "profile-overhead": (70, 0), "kernel-tests": (240, 25),
           "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
 # verify's `cuda` tests in this order (333 of them on 2026-12-04; 180 took 74 s with 8 workers on
 # 2026-11-27, so the step's deadline may skip the tail): the ops the step presets time, then the

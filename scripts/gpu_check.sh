@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The command for a lent GPU machine (H100/H200; ~15 minutes of device time in all, a start costs 1-2):
 # presets that each finish in ~5 minutes and write their own record under $OUT (default ./out/gpu_check):
-#   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset step         # verify | step | profile | ops | table2 | data
+#   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset step         # verify | step | profile | ops | table2 | kernels | data
 #   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset verify,ops   # several, in order
 #   scripts/gpu_check.sh --dry-run    # anywhere: every preset collects/parses, no GPU needed (CI)
 # See scripts/gpu_check.py and benchmarks/results/README.md ("The next GPU run").

@@ -197,3 +197,9 @@ def test_an_nvcc_that_does_not_exist_is_an_error_not_a_skipped_build(tmp_path, m
         b.find_nvcc()
     monkeypatch.setenv("NVCC", "sh")  # a name on PATH
     assert b.find_nvcc().endswith("/sh")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NVCC", "bin/nvcc")  # relative: absolute for ninja, which runs in the build folder
+    assert b.find_nvcc() == str(tmp_path / "bin" / "nvcc")

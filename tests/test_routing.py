@@ -198,3 +198,19 @@ def test_a_backward_hook_counts():
         warnings.simplefilter("ignore", SlowPathWarning)
         fast(imgs, 0.75, noise)[0].backward()
     assert seen
+
+
+def test_which_norms_the_block_op_computes():
+    """`ops.vit_block` computes torch's LayerNorm: a subclass that keeps its forward (timm's, a user's
+    that only adds attributes) stays on the fused block; one with its own forward does not."""
+    from maefast.models.fast import is_layer_norm
+
+    class Tagged(nn.LayerNorm):
+        tag = "mine"
+
+    class Centred(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x - x.mean())
+
+    assert is_layer_norm(nn.LayerNorm(8)) and is_layer_norm(Tagged(8))
+    assert not is_layer_norm(Centred(8)) and not is_layer_norm(nn.RMSNorm(8))

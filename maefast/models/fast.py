@@ -110,13 +110,35 @@ def check_fused(fused) -> bool | str:
     raise ValueError(f"fused must be False or 'block', got {fused!r}")
 
 
+# packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
+KNOWN_PACKAGES = ("timm", "maefast", "torch")
+_TRUST: dict = {}
+
+
+def trusted_class(cls: type, root_module: str = "") -> bool:
+    """Whether the forward `cls` runs is one maefast knows: defined in timm, maefast or torch, or in
+    `root_module` (the module of the model's official-layout class: its Block copy). Cached per class."""
+    key = (cls, root_module)
+    ok = _TRUST.get(key)
+    if ok is None:
+        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+        ok = c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+        _TRUST[key] = ok
+    return ok
+
+
+def is_layer_norm(n) -> bool:
+    """A torch LayerNorm, or a subclass whose forward maefast knows (timm's LayerNorm computes the same):
+    what `ops.vit_block` computes as its norms. Another norm with a weight, bias and eps does not."""
+    return isinstance(n, nn.LayerNorm) and trusted_class(type(n))
+
+
 def _block_op_ok(bv: BlockView) -> bool:
     """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine
-    LayerNorms (torch's: another norm with a weight, bias and eps computes something else), no dropout."""
+    LayerNorms (`is_layer_norm`), no dropout."""
     return (bv.exact_gelu and not (bv.drop_attn or bv.drop_mlp) and bv.fc1.bias is not None
             and bv.fc2.bias is not None and bv.proj.bias is not None
-            and all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None
-                    for n in (bv.norm1, bv.norm2)))
+            and all(is_layer_norm(n) and n.weight is not None and n.bias is not None for n in (bv.norm1, bv.norm2)))
 
 
 def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .._validate import check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
-from .fast import _RoutedBlockForward, fast_forward, official_view, unsupported_weights
+from .fast import _RoutedBlockForward, fast_forward, official_view, trusted_class, unsupported_weights
 
 # official-layout methods the fast forward replaces: a user's version would be dropped
 REPLACED = ("forward_encoder", "forward_decoder", "random_masking")
@@ -58,23 +58,8 @@ def image_grad_reason(imgs, name: str = "imgs") -> str | None:
 
 # where a module keeps its drop-path rate: timm's DropPath (drop_prob), maefast.nn.Block (drop_path_prob)
 _DROP_PATH_ATTRS = ("drop_prob", "drop_path_prob")
-# packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
-KNOWN_PACKAGES = ("timm", "maefast", "torch")
 # inside a block, the modules the unfused fast block calls (their hooks run); fused="block" calls none
 _CALLED_IN_BLOCK = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2")
-_TRUST: dict = {}
-
-
-def trusted_class(cls: type, root_module: str) -> bool:
-    """Whether the forward `cls` runs is one maefast knows: defined in timm, maefast or torch, or in the
-    module of the model's official-layout class (its Block copy). Cached per class."""
-    key = (cls, root_module)
-    ok = _TRUST.get(key)
-    if ok is None:
-        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        ok = c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
-        _TRUST[key] = ok
-    return ok
 
 
 def _drop_rate(m: nn.Module) -> float:

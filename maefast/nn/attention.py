@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.fast import is_layer_norm
 from ..ops.attention import visible_attention
 from ..reference.model import Attention as _ReferenceAttention
 from ..reference.model import Mlp  # plain PyTorch: the same module as the reference
@@ -95,7 +96,7 @@ class Block(nn.Module):
                               or self.mlp.drop.p):
             return False
         act = self.mlp.act
-        norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
+        norms_ok = all(is_layer_norm(n) and n.weight is not None and n.bias is not None
                        for n in (self.norm1, self.norm2))
         return (norms_ok and isinstance(act, nn.GELU) and act.approximate == "none"
                 and None not in (self.attn.proj.bias, self.mlp.fc1.bias, self.mlp.fc2.bias))
