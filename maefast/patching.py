@@ -39,11 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .models.fast import (BlockView, MAEView, _official_block_view, _RoutedBlockForward, check_fused, fast_forward,
-                          official_view)
+from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
 from .models.routing import (SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
                              image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
-                             skipped_hooks_reason, trusted_class, warn_slow)
+                             replaced_forward, skipped_hooks_reason, warn_slow)
 from ._validate import compiling
 from .ops._backend import IMPLS
 
@@ -124,25 +123,19 @@ class _OfficialForward:
 def _check_blocks(model) -> None:
     """Refuses block parts the fast block would silently skip (a user's block forward, layer scale, qk norm)."""
     root = _layout_root(type(model)) or type(model)
-    parts = [("patch_embed", model.patch_embed)]
     for name in ("blocks", "decoder_blocks"):
         for i, blk in enumerate(getattr(model, name)):
-            parts += [(f"{name}.{i}", blk), (f"{name}.{i}.attn", blk.attn), (f"{name}.{i}.mlp", blk.mlp)]
             for extra in _BLOCK_IDENTITIES:
                 if _has(blk, extra) and not isinstance(_get(blk, extra), nn.Identity):
                     raise TypeError(f"maefast.patch: {name}.{i}.{extra} is a {type(_get(blk, extra)).__name__}, which "
                                     "maefast's fast block does not compute (only an Identity there)")
     if _has(model, "patch_embed.norm") and not isinstance(model.patch_embed.norm, nn.Identity):
         raise TypeError("maefast.patch: patch_embed.norm is not an Identity; the fast patch embedding has no norm")
-    for path, mod in parts:
-        own = mod.__dict__.get("forward")
-        cls = _defining_class(mod, "forward")
-        if (own is not None and not isinstance(own, _RoutedBlockForward)) or \
-                not trusted_class(type(mod), root.__module__):
-            who = "an instance forward" if own is not None else f"forward of {cls.__module__}.{cls.__qualname__}"
-            raise TypeError(f"maefast.patch: {path} runs {who}, which maefast's fast path would replace with the "
-                            f"official computation (it knows timm's and {root.__module__}'s classes); refusing "
-                            "rather than dropping it")
+    found = replaced_forward(model, root.__module__)
+    if found is not None:
+        raise TypeError(f"maefast.patch: {found[0]} runs {found[1]}, which maefast's fast path would replace with "
+                        f"the official computation (it knows timm's and {root.__module__}'s classes); refusing "
+                        "rather than dropping it")
 
 
 def _rng_state(device):

@@ -127,9 +127,9 @@ def test_blocks_routed_through_their_modules_run_their_hooks_fast():
 
 
 @pytest.mark.parametrize("change, return_pred, slow", [
-    (lambda m: m.blocks.__setitem__(0, _post_norm(m.blocks[0])), True, "test_routing.PostNormBlock.forward"),
+    (lambda m: m.blocks.__setitem__(0, _post_norm(m.blocks[0])), True, "forward of test_routing.PostNormBlock"),
     (lambda m: setattr(m.blocks[1].mlp, "forward", lambda x, f=m.blocks[1].mlp.forward: 3 * f(x)), True,
-     "blocks.1.mlp has an instance forward"),
+     "blocks.1.mlp runs an instance forward"),
     (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), False,
      "decoder_pred is a Sequential"),
     (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), True, None),

@@ -110,24 +110,33 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     head = model.decoder_pred
     if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
         return f"decoder_pred is a {type(head).__name__} (the masked-only head reads a Linear's weight and bias)"
-    parts = [("patch_embed", model.patch_embed)] + [
-        (f"{name}.{i}", blk) for name in ("blocks", "decoder_blocks") for i, blk in enumerate(getattr(model, name))]
-    for path, mod in parts:
-        replaced = [(path, mod)] if path == "patch_embed" else [(path, mod), (f"{path}.attn", mod.attn),
-                                                                (f"{path}.mlp", mod.mlp)]
-        for sub, m in replaced:
-            own = m.__dict__.get("forward")
-            if own is not None and not isinstance(own, _RoutedBlockForward):
-                return f"{sub} has an instance forward, which the fast path would replace"
-            if not trusted_class(type(m), root):
-                c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
-                return f"{sub} runs {c.__module__}.{c.__qualname__}.forward, which the fast path would replace"
+    found = replaced_forward(model, root)
+    if found is not None:
+        return f"{found[0]} runs {found[1]}, which the fast path would replace"
     if hooks:
         called = [model.norm, model.decoder_embed, model.decoder_norm] + ([head] if return_pred else [])
         for blk in (*model.blocks, *model.decoder_blocks):
             called += [blk] if getattr(blk, "_maefast_module_call", False) else []
             called += [] if fused == "block" else [_get_path(blk, a) for a in _CALLED_IN_BLOCK]
         return skipped_hooks_reason(model, called)
+    return None
+
+
+def replaced_forward(model: nn.Module, root_module: str) -> tuple[str, str] | None:
+    """The first module whose forward the fast path replaces with the official computation (the patch
+    embedding; each block, its attention and its MLP) that runs an instance forward or a class maefast
+    does not know (`trusted_class`), as (path, what it runs); None when there is none."""
+    parts = [("patch_embed", model.patch_embed)]
+    for name in ("blocks", "decoder_blocks"):
+        for i, blk in enumerate(getattr(model, name)):
+            parts += [(f"{name}.{i}", blk), (f"{name}.{i}.attn", blk.attn), (f"{name}.{i}.mlp", blk.mlp)]
+    for path, m in parts:
+        own = m.__dict__.get("forward")
+        if own is not None and not isinstance(own, _RoutedBlockForward):
+            return path, "an instance forward"
+        if not trusted_class(type(m), root_module):
+            c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+            return path, f"forward of {c.__module__}.{c.__qualname__}"
     return None
 
 
@@ -271,5 +280,5 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
 
 
 __all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides",
-           "instance_overrides", "structure_reason", "skipped_hooks_reason", "trusted_class", "image_grad_reason",
-           "seed_noise", "warn_slow", "Overrides"]
+           "instance_overrides", "structure_reason", "replaced_forward", "skipped_hooks_reason", "trusted_class",
+           "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
