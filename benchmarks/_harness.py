@@ -22,7 +22,6 @@ Imports and runs without a GPU and without triton.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -218,9 +217,10 @@ def reset_peak_memory(device: torch.device) -> None:
     high-water mark), the allocator's cache emptied and its peak statistics reset. No-op off CUDA."""
     if device.type != "cuda":
         return
+    from maefast.bench import free_memory
+
     timing.measure_peak(device)
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     torch.cuda.reset_peak_memory_stats(device)
 
 
