@@ -28,6 +28,7 @@ import maefast
 from maefast.models import MaskedAutoencoderViT
 from maefast.nn.attention import Attention, Block, drop_path
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+from maefast.reference.model import Attention as ReferenceAttention
 from maefast.reference.model import Mlp
 from maefast.testing import TOLERANCES, assert_close, randn
 
@@ -204,17 +205,9 @@ class DropPath(nn.Module):
         return x.div(keep) * mask
 
 
-class TimmAttention(nn.Module):
-    """timm 0.3.2's Attention: dropout on the attention probabilities."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+class TimmAttention(ReferenceAttention):
+    """timm 0.3.2's Attention (the same modules as maefast's reference one; its own forward, written as
+    timm's: dropout on the attention probabilities)."""
 
     def forward(self, x):
         B, N, C = x.shape
