@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import maefast
-from maefast.models import MaskedAutoencoderViT, create_model
+from maefast.models import MaskedAutoencoderViT, create_model, resolve_model_name
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from maefast.testing import assert_error_ratio
 
@@ -247,6 +247,15 @@ def test_bad_model_name():
         create_model(None)
     with pytest.raises(ValueError, match="unknown model 'vit_q'"):
         create_model("vit_q")
+
+
+@pytest.mark.parametrize("name,want", [("ViT-B/16", "mae_vit_base_patch16"), ("ViT-L/16", "mae_vit_large_patch16"),
+                                       ("ViT-H/14", "mae_vit_huge_patch14"), ("vit_h14", "mae_vit_huge_patch14"),
+                                       ("mae_vit_huge_patch14_dec512d8b", "mae_vit_huge_patch14")])
+def test_the_papers_model_names_resolve(name, want):
+    assert resolve_model_name(name) == want
+    with pytest.raises(ValueError, match="unknown model 'ViT-H/16'"):
+        resolve_model_name("ViT-H/16")  # the paper has no such model: no guessing
 
 
 GPU_CFG = dict(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4, decoder_embed_dim=128,

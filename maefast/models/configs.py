@@ -30,7 +30,9 @@ MODEL_CONFIGS: dict[str, dict] = {
 ALIASES = {"base": "mae_vit_base_patch16", "b16": "mae_vit_base_patch16", "vit_b": "mae_vit_base_patch16",
            "large": "mae_vit_large_patch16", "l16": "mae_vit_large_patch16", "vit_l": "mae_vit_large_patch16",
            "huge": "mae_vit_huge_patch14", "h14": "mae_vit_huge_patch14", "vit_h": "mae_vit_huge_patch14",
-           "small": "mae_vit_small_cpu", "tiny": "mae_vit_tiny_test"}
+           "small": "mae_vit_small_cpu", "tiny": "mae_vit_tiny_test",
+           # the paper's spelling: ViT-B/16, ViT-L/16, ViT-H/14
+           "vit_b16": "mae_vit_base_patch16", "vit_l16": "mae_vit_large_patch16", "vit_h14": "mae_vit_huge_patch14"}
 
 
 def resolve_model_name(name: str) -> str:
