@@ -507,6 +507,7 @@ def main(argv=None) -> int:
     p.add_argument("--diff-images", type=int, default=None, help="images for the fast-vs-exact difference "
                    "(default: all; 0: skip)")
     p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     a = p.parse_args(argv)
     n = a.images if a.images is not None else (QUICK_IMAGES if a.quick else FULL_IMAGES)
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
@@ -527,7 +528,7 @@ def main(argv=None) -> int:
         print(f"maefast bench data: error: --images {n} gives the loader no batch after the first wave "
               f"({a.workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
-    check_out_file("--json", a.json)
+    check_out_file("--json", a.json, a.overwrite)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     save = None
     if a.json:  # written as each section finishes (atomically): a run killed at a deadline keeps its rows

@@ -33,16 +33,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def check_out_file(flag: str, path: str | None) -> None:
+def check_out_file(flag: str, path: str | None, overwrite: bool = False) -> None:
     """An output file a command will write at its end: refused now (ValueError naming the flag) when it is
-    a folder or its folder does not exist, instead of after the work."""
+    a folder, its folder does not exist, or it exists and ``overwrite`` (the command's --overwrite) is not
+    given: nothing a user made is replaced without their say."""
     if path is None:
         return
+    if path == "":
+        raise ValueError(f"{flag} is empty: give a file name")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a folder: give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path!r}: the folder {folder!r} does not exist")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{flag} {path!r} exists: pass --overwrite to replace it, or another {flag}")
 
 
 def positive(flag: str, value, allow_zero: bool = False):

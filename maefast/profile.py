@@ -270,6 +270,22 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, file=sys.stderr)
 
 
+def _export_trace(prof, path: str) -> None:
+    """The profiler's Chrome trace written under a temporary name beside ``path``, then renamed onto it: an
+    interrupted write leaves the previous file (torch.profiler writes to a path, not a file object)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device: torch.device, steps: int = 5,
                  warmup: int = 2, compile: bool = False, sync: bool = False, mask_ratio: float = 0.75,
                  trace: str | None = None, progress: bool = True, peak: dict | None = None, fused=False,
@@ -348,7 +364,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
                 staged_step()
                 clock.durations()
         clock.trace = False
-        prof.export_chrome_trace(trace)
+        _export_trace(prof, trace)
     mem, mem_how = _peak_mem_gib(device)
     labels = COMPILED_STAGES if compile else STAGES
     med = {s: statistics.median([d.get(s, 0.0) for d in per_step]) for s in labels}
@@ -492,6 +508,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--trace", default=None, help="write a Chrome trace (torch.profiler) of 2 steps here")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--overwrite", action="store_true", help="replace --json / --trace files that exist")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
@@ -515,8 +532,12 @@ def main(argv=None) -> int:
     impl_arg = a.impl or ("auto" if on_cpu else "reference,auto")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
     check_impls(impls, a.impl)
-    check_out_file("--json", a.json)
-    check_out_file("--trace", a.trace)
+    # one trace per impl when there are several: trace.json -> trace.auto.json
+    root, ext = os.path.splitext(a.trace or "")
+    traces = {i: a.trace if len(impls) == 1 or not a.trace else f"{root}.{i}{ext or '.json'}" for i in impls}
+    check_out_file("--json", a.json, a.overwrite)
+    for t in dict.fromkeys(traces.values()):
+        check_out_file("--trace", t, a.overwrite)
     if a.threads:
         torch.set_num_threads(a.threads)
     if on_cpu and not a.model:
@@ -538,10 +559,7 @@ def main(argv=None) -> int:
                                                   "results": results, "complete": complete}, indent=2))
 
     for impl in impls:
-        trace = None
-        if a.trace:  # one file per impl when there are several: trace.json -> trace.auto.json
-            root, ext = os.path.splitext(a.trace)
-            trace = a.trace if len(impls) == 1 else f"{root}.{impl}{ext or '.json'}"
+        trace = traces[impl]
         try:
             r = profile_impl(name, impl, batch=batch, dtype=dtype, device=device, steps=steps, warmup=a.warmup,
                              compile=a.compile, sync=a.sync, mask_ratio=a.mask_ratio, trace=trace,

@@ -19,6 +19,7 @@ small-config run took 1.3x its settled time over its first calls on this project
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -349,8 +350,12 @@ def save_chart(rows: list[dict], path: str, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .train.checkpoint import _atomic_write
+
+    try:  # under a temporary name, then renamed: an interrupted write leaves the previous chart
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _csv(s: str) -> list[str]:
@@ -417,6 +422,7 @@ def main(argv=None) -> int:
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
     p.add_argument("--json", default=None, help="write rows + environment to this file")
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json / --png files that exist")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
     from .cli import check_impls, check_mask_ratio_flag, check_out_file, positive
@@ -447,8 +453,9 @@ def main(argv=None) -> int:
         if k not in known or k == "norm_layer":
             raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of "
                              f"{', '.join(sorted(known - {'norm_layer'}))})")
-    check_out_file("--json", a.json)
-    check_out_file("--png", a.png)
+    check_out_file("--json", a.json, a.overwrite)
+    png = a.png or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
+    check_out_file("--png", png, a.overwrite)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.fused != "off":
@@ -474,7 +481,6 @@ def main(argv=None) -> int:
                   cuda_graph=False if (a.eager or on_cpu) else None, on_row=save_partial)
     text = format_table2(rows, env, peak, note)
     print(text)
-    png = a.png or (a.json.rsplit(".", 1)[0] + ".png" if a.json else None)
     if png:
         try:
             save_chart(rows, png, f"MAE Table 2 on {env['card']} ({env['date'][:10]}, "

@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import torch
 
-PANEL_MIN = 224  # panels are upscaled (nearest, so patches stay visible) to at least this size
+PANEL_MIN = 224  # panels are upscaled (nearest, so patches stay visible) by a whole factor to at least this size
 MARGIN, TITLE_H, LINE_H = 8, 18, 14
 TITLES = ("original", "masked {ratio}", "reconstruction", "reconstruction + visible")
 
@@ -110,19 +110,20 @@ def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.75, seed: int 
             "pasted": (x * (1 - m) + rec * m)[0], "mask": m[0, 0], "loss": float(loss)}
 
 
-def _to_pil(x: torch.Tensor, size: int):
+def _to_pil(x: torch.Tensor, size: tuple[int, int]):
+    """A normalised (3, H, W) image as a Pillow image of ``size`` = (height, width), upscaled with nearest."""
     from PIL import Image
 
     from .train.data import denormalize
 
     arr = (denormalize(x).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(np.ascontiguousarray(arr))
-    return img.resize((size, size), Image.NEAREST) if size != img.width else img
+    return img.resize((size[1], size[0]), Image.NEAREST) if (size[1], size[0]) != img.size else img
 
 
-def caption_for(model_name: str, norm_pix_loss: bool, mask_ratio: float, seed: int) -> list[str]:
-    lines = [f"{model_name}, mask ratio {mask_ratio:g}, mask seed {seed}; loss = mean squared error on "
-             "masked patches."]
+def caption_for(model_name: str, norm_pix_loss: bool, mask_ratio: float, seed: int, rows: int = 1) -> list[str]:
+    seeds = f"mask seed {seed}" if rows == 1 else f"mask seeds {seed}..{seed + rows - 1} (one per row)"
+    lines = [f"{model_name}, mask ratio {mask_ratio:g}, {seeds}; loss = mean squared error on masked patches."]
     if norm_pix_loss:
         lines.append("norm_pix_loss model: the prediction (per-patch normalised pixels) is un-normalised with the "
                      "mean and variance of each patch of the ORIGINAL image, masked patches included (statistics "
@@ -132,15 +133,17 @@ def caption_for(model_name: str, norm_pix_loss: bool, mask_ratio: float, seed: i
     return lines
 
 
-def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: int):
-    """Pillow grid: one row per image, 4 panels; returns (image, boxes[row][col] = (x0, y0, x1, y1))."""
+def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: tuple[int, int]):
+    """Pillow grid: one row per image, 4 panels of ``panel`` = (height, width) pixels; returns (image,
+    boxes[row][col] = (x0, y0, x1, y1))."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    chars = max(40, (4 * panel + 3 * MARGIN) // 6)
+    ph, pw = panel
+    chars = max(40, (4 * pw + 3 * MARGIN) // 6)
     wrapped = [w for line in caption for w in textwrap.wrap(line, chars)]
-    width = 4 * panel + 5 * MARGIN
-    row_h = TITLE_H + panel + MARGIN
+    width = 4 * pw + 5 * MARGIN
+    row_h = TITLE_H + ph + MARGIN
     height = MARGIN + len(rows) * row_h + len(wrapped) * LINE_H + MARGIN
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -149,13 +152,13 @@ def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: int):
         y = MARGIN + r * row_h
         row_boxes = []
         for c, key in enumerate(("original", "masked", "reconstruction", "pasted")):
-            x = MARGIN + c * (panel + MARGIN)
+            x = MARGIN + c * (pw + MARGIN)
             title = TITLES[c].format(ratio=f"{mask_ratio:.0%}")
             if c == 2:
                 title += f" (loss {row['loss']:.3f})"
             draw.text((x, y + 2), title, fill=(0, 0, 0), font=font)
             canvas.paste(_to_pil(row[key], panel), (x, y + TITLE_H))
-            row_boxes.append((x, y + TITLE_H, x + panel, y + TITLE_H + panel))
+            row_boxes.append((x, y + TITLE_H, x + pw, y + TITLE_H + ph))
         boxes.append(row_boxes)
     y = MARGIN + len(rows) * row_h
     for i, line in enumerate(wrapped):
@@ -164,23 +167,26 @@ def render(rows: list[dict], caption: list[str], mask_ratio: float, panel: int):
 
 
 def _check_out(out: str, inputs: list[str], overwrite: bool) -> None:
-    """--out must not be one of the inputs, nor a file that exists unless ``overwrite`` says so."""
+    """--out must not be one of the inputs, nor a folder, nor in a missing folder, nor a file that exists
+    unless ``overwrite`` says so."""
+    from .cli import check_out_file
+
     for path in inputs:
         if os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
             raise ValueError(f"--out {out!r} is one of the inputs ({path!r}): pick another --out")
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a folder: give the PNG file to write")
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"--out {out!r} exists: pass --overwrite to replace it, or another --out")
+    check_out_file("--out", out, overwrite)
 
 
 def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstruction.png", mask_ratio: float = 0.75,
               seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None,
               overwrite: bool = False) -> dict:
-    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel"}. An existing
-    ``out`` is replaced only with ``overwrite`` (never when it is the checkpoint or an image)."""
+    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel" (height,
+    width)}. An existing ``out`` is replaced only with ``overwrite`` (never when it is the checkpoint or an
+    image), and atomically: an interrupted write leaves the previous file."""
     from PIL import Image
 
+    from .cli import check_mask_ratio_flag
+    from .train.checkpoint import _atomic_write
     from .train.data import center_transform
 
     if isinstance(images, str):
@@ -191,25 +197,24 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     # torch.Generator's range; image i is drawn with seed + i
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed <= 2 ** 64 - len(images):
         raise ValueError(f"--seed must be an int in [-2**63, 2**64 - {len(images)}], got {seed!r}")
-    from ._validate import check_mask_ratio
-
-    check_mask_ratio(mask_ratio)
+    check_mask_ratio_flag(mask_ratio)
     model, name, npl = load_model(checkpoint, model_name, norm_pix_loss)
-    check_mask_ratio(mask_ratio, model.patch_embed.num_patches)  # the model's own rule, before any work
-    size = model.patch_embed.img_size[0]
+    check_mask_ratio_flag(mask_ratio, model.patch_embed.num_patches)  # the model's own rule, before any work
+    size = tuple(model.patch_embed.img_size)  # (height, width)
     rows = []
     for i, path in enumerate(images):
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read image {path!r}: {exc}") from exc
         rows.append(reconstruct(model, center_transform(img, size), mask_ratio, seed + i))
-    panel = size * max(1, PANEL_MIN // size)
-    caption = caption_for(name, npl, mask_ratio, seed)
+    k = -(-PANEL_MIN // min(size))  # the smallest whole factor giving at least PANEL_MIN pixels
+    panel = (size[0] * k, size[1] * k)
+    caption = caption_for(name, npl, mask_ratio, seed, len(rows))
     canvas, boxes = render(rows, caption, mask_ratio, panel)
     try:
-        canvas.save(out, format="PNG")
+        _atomic_write(out, lambda f: canvas.save(f, format="PNG"))
     except OSError as exc:
         raise ValueError(f"cannot write --out {out!r}: {exc.strerror or exc}") from None
     return {"out": out, "boxes": boxes, "caption": caption, "losses": [r["loss"] for r in rows], "panel": panel}

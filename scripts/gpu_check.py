@@ -405,11 +405,11 @@ def preset_table2(r: Runner) -> None:
     # ~40% of the time, and its ViT-H b192 mask-token step (~130 of the card's 140 GiB) risks an
     # out-of-memory inside a capture, which ends the process
     cmd = [r.py, "-m", "maefast", "bench", "table2", "--quick", "--models", "large,huge,base", "--impl",
-           "auto", "--fused", "block", "--batch", "large=256,huge=192", "--json", tj, "--png", png]
+           "auto", "--fused", "block", "--batch", "large=256,huge=192", "--json", tj, "--png", png, "--overwrite"]
     r.json_step("table2", r.job(cmd), tj, "table2")
     pj = os.path.join(r.work, "profile.json")
     # 30 staged/plain pairs: the overhead figure (target < 5%) is the median of their ratios
-    cmd = [r.py, "-m", "maefast", "profile", "--steps", "30", "--json", pj]
+    cmd = [r.py, "-m", "maefast", "profile", "--steps", "30", "--json", pj, "--overwrite"]
     r.json_step("profile-overhead", r.job(cmd), pj, "profile")
     targets = {"table2": rec.table2_targets(r.record.get("table2"))}
     overheads = [d["profiler_overhead"] for d in _find(r.record.get("profile"), "profiler_overhead")]
@@ -458,7 +458,8 @@ def preset_data(r: Runner) -> None:
     # images (the GPU decode's has no record yet)
     cmd = [r.py, "-m", "maefast", "bench", "data", "--workers", str(DATA_WORKERS), "--images", str(DATA_IMAGES),
            "--folder", jpegs, "--paths", "official,fast-uint8,gpu", "--batch", str(BENCH_DATA_BATCH), "--rounds", "1",
-           "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", str(DIFF_IMAGES), "--json", bj]
+           "--per-worker-images", "200", "--loader-rounds", "1", "--diff-images", str(DIFF_IMAGES), "--json", bj,
+           "--overwrite"]
     r.record["bench_data_cmd"] = " ".join(cmd)
     r.json_step("bench-data", r.job(cmd), bj, "bench_data")
     linked = os.path.join(r.work, "jpegs-linked")

@@ -119,6 +119,14 @@ def test_profile_side_by_side_and_trace(tmp_path, capsys):
         events = json.loads(impl_trace.read_text())["traceEvents"]
         names = {e.get("name") for e in events}
         assert "maefast::encoder attention" in names and "maefast::optimizer" in names
+    # a derived trace file that exists is the user's: refused before any work unless --overwrite
+    (tmp_path / "t2.auto.json").write_text("mine")
+    with pytest.raises(ValueError, match="--trace .*t2.auto.json' exists: pass --overwrite"):
+        mp.main(ARGS + ["--impl", ",".join(impls), "--trace", str(tmp_path / "t2.json")])
+    assert (tmp_path / "t2.auto.json").read_text() == "mine" and not (tmp_path / "t2.reference.json").exists()
+    assert mp.main(ARGS + ["--impl", "auto", "--trace", str(tmp_path / "t2.auto.json"), "--overwrite"]) == 0
+    assert "traceEvents" in json.loads((tmp_path / "t2.auto.json").read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
 def test_profile_compile_path(monkeypatch, capsys):
@@ -143,6 +151,11 @@ def test_profile_bad_impl():
      "--device"),
     (["profile", "--mask-ratio", "1.5"], "--mask-ratio must be in"),
     (["profile", "--json", "/"], "--json '/' is a folder"),
+    (["profile", "--json", ""], "--json is empty"),
+    (["profile", "--json", __file__], "exists: pass --overwrite to replace it"),
+    (["profile", "--trace", __file__], "--trace '" + __file__ + "' exists: pass --overwrite"),
+    (["bench", "data", "--json", __file__], "--json '" + __file__ + "' exists: pass --overwrite"),
+    (["bench", "table2", "--json", __file__], "exists: pass --overwrite"),
     (["profile", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--images", "0"], "--images must be > 0"),

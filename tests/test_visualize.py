@@ -38,6 +38,8 @@ def test_out_never_replaces_an_input_nor_an_existing_file_unasked(tmp_path):
     with pytest.raises(ValueError, match="exists: pass --overwrite"):
         vis.visualize(ck, img, str(out))
     assert out.read_bytes() == b"the user's" and all(open(p, "rb").read() == v for p, v in saved.items())
+    with pytest.raises(ValueError, match="the folder .* does not exist"):  # before the model runs
+        vis.visualize(ck, img, str(tmp_path / "no" / "such.png"))
     for bad in (-2 ** 63 - 1, 2 ** 64, 1.5):
         with pytest.raises(ValueError, match="--seed must be an int"):
             vis.visualize(ck, img, str(out), seed=bad, overwrite=True)
@@ -51,12 +53,12 @@ def test_grid_png_size_and_panels(tmp_path):
     out = str(tmp_path / "grid.png")
     res = vis.visualize(ck, [img, _image(tmp_path, 1)], out, mask_ratio=0.75, seed=3)
     panel = res["panel"]
-    assert panel == 224  # 32 px upscaled 7x
+    assert panel == (224, 224)  # 32 px upscaled 7x
     with Image.open(out) as im:
         assert im.format == "PNG"
         arr = np.asarray(im.convert("RGB")).astype(int)
-    assert arr.shape[1] == 4 * panel + 5 * vis.MARGIN
-    assert arr.shape[0] > 2 * (panel + vis.TITLE_H)
+    assert arr.shape[1] == 4 * panel[1] + 5 * vis.MARGIN
+    assert arr.shape[0] > 2 * (panel[0] + vis.TITLE_H)
     assert len(res["boxes"]) == 2 and all(len(r) == 4 for r in res["boxes"])
 
     def crop(box):
@@ -89,7 +91,7 @@ def test_caption_and_unnormalisation_for_norm_pix_loss(tmp_path):
     text = " ".join(res["caption"])
     assert "norm_pix_loss" in text and "ORIGINAL image" in text
     with Image.open(tmp_path / "npl.png") as im:
-        assert im.size[0] == 4 * res["panel"] + 5 * vis.MARGIN
+        assert im.size[0] == 4 * res["panel"][1] + 5 * vis.MARGIN
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
@@ -128,3 +130,53 @@ def test_errors(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with Image.open(tmp_path / "ok.png") as im:
         assert im.size[0] == 4 * 224 + 5 * vis.MARGIN
+
+
+def test_an_interrupted_write_keeps_the_previous_png(tmp_path, monkeypatch):
+    """--overwrite replaces the file atomically: a write that fails half-way (a full disk) leaves the old one."""
+    import errno
+
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    out = tmp_path / "keep.png"
+    vis.visualize(ck, img, str(out))
+    before = out.read_bytes()
+
+    def half_written(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Image.Image, "save", half_written)
+    with pytest.raises(ValueError, match="cannot write --out"):
+        vis.visualize(ck, img, str(out), seed=1, overwrite=True)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))  == []
+
+
+def test_an_image_too_large_for_pillow_is_a_user_error(tmp_path, monkeypatch):
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 66x57 image is now a "decompression bomb"
+    with pytest.raises(ValueError, match="cannot read image .*exceeds limit"):
+        vis.visualize(ck, img, str(tmp_path / "out.png"))
+
+
+def test_rectangular_model(tmp_path):
+    """A model of 32x48 images: the image is cropped to 32x48 (not 32x32), panels keep the aspect."""
+    model = create_model("mae_vit_tiny_test", img_size=(32, 48))
+    ck = tmp_path / "rect.pth"
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test",
+                 "model_kwargs": {"img_size": (32, 48)}}, str(ck))
+    img = _image(tmp_path)
+    res = vis.visualize(str(ck), img, str(tmp_path / "rect.png"))
+    assert res["panel"] == (224, 336)  # 7x
+    x0, y0, x1, y1 = res["boxes"][0][0]
+    assert (y1 - y0, x1 - x0) == (224, 336)
+    x = center_transform(Image.open(img).convert("RGB"), (32, 48))
+    assert x.shape == (3, 32, 48)
+    with Image.open(tmp_path / "rect.png") as im:
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    assert np.array_equal(arr[y0:y1, x0:x1], np.asarray(vis._to_pil(x, (224, 336))).astype(int))
+
+
+def test_square_center_crop_unchanged():
+    """center_transform(img, S) == center_transform(img, (S, S)): one rule for squares and rectangles."""
+    img = SyntheticDataset(4, 57, 4, data_seed=3).load(1).resize((70, 57))
+    assert torch.equal(center_transform(img, 32), center_transform(img, (32, 32)))

@@ -333,11 +333,13 @@ class PretrainTransform:
         return self.finish(self.crop(img, rng), rng)
 
 
-def center_transform(img, size: int) -> torch.Tensor:
-    """Deterministic eval view: resize the short side to ``size`` (bicubic), center crop, normalise."""
+def center_transform(img, size: int | tuple[int, int]) -> torch.Tensor:
+    """Deterministic eval view: resize (bicubic) to cover ``size`` = S or (height, width) (the short side
+    to S for a square), center crop, normalise."""
     Image = _pil()
-    scale = size / min(img.width, img.height)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    sh, sw = (size, size) if isinstance(size, int) else size
+    scale = max(sw / img.width, sh / img.height)
+    w, h = max(sw, round(img.width * scale)), max(sh, round(img.height * scale))
     img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
+    left, top = (w - sw) // 2, (h - sh) // 2
+    return to_normalized_tensor(img.crop((left, top, left + sw, top + sh)))
