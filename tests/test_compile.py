@@ -319,3 +319,64 @@ def test_opcheck_backward_ops_and_triton_forwards(impl):
                           (rnd(2, 5, d), xb, qkv, o, lse, s, a, w["ln1_w"], w["ln1_b"], w["qkv_w"], True, w["proj_w"],
                            w["ln2_w"], w["ln2_b"], w["fc1_w"], w["fc1_b"], w["fc2_w"], heads, scale, 1e-6, 1e-6, None,
                            impl))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck_transposed_inputs(impl):
+    """Fake vs real metadata when the inputs are dense but not contiguous (a transposed activation, noise
+    drawn as (L, N).t()): every output is contiguous, as the fake ops say; before, the references kept the
+    input's layout and Inductor failed its stride assertion (`torch.compile` of a LayerNorm on x.transpose)."""
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    ops = torch.ops.maefast
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape):  # (a, b, ...) stored as (b, a, ...)
+        return torch.randn(shape[1], shape[0], *shape[2:], generator=g).to(dev).transpose(0, 1)
+
+    w, b = t(1, 32)[0], t(1, 32)[0]
+    x, r = t(5, 2, 32), t(5, 2, 32)
+    torch.library.opcheck(ops.layer_norm.default, (x, w, b, 1e-6, None, impl))
+    torch.library.opcheck(ops.add_layer_norm.default, (x, r, w, b, 1e-6, None, impl))
+    _, mean, rstd = ops.layer_norm(x, w, b, 1e-6, None, impl)
+    for ds in (None, t(5, 2, 32)):
+        torch.library.opcheck(ops.layer_norm_backward.default, (t(5, 2, 32), ds, x, w, mean.t().contiguous().t(),
+                                                                rstd, impl))
+    bias = t(1, 40)[0]
+    torch.library.opcheck(ops.bias_gelu.default, (t(5, 2, 40), bias, impl))
+    torch.library.opcheck(ops.bias_gelu_backward.default, (t(5, 2, 40), t(5, 2, 40), bias, impl))
+    noise = torch.rand(16, 3, generator=g).to(dev).t()
+    torch.library.opcheck(ops.random_masking.default, (3, 16, 4, noise, None, 0, torch.device(dev), impl))
+
+
+def test_compiled_layer_norm_and_masking_of_transposed_inputs():
+    """The model-level symptom: Inductor's stride assertion on a transposed input (CPU, reference backend)."""
+    from maefast.ops import layer_norm, random_masking
+
+    torch._dynamo.reset()
+    x, w, b = torch.randn(5, 2, 32).transpose(0, 1), torch.randn(32), torch.randn(32)
+    f = torch.compile(lambda x: layer_norm(x, w, b) * 2, fullgraph=True)
+    assert_close(f(x), layer_norm(x, w, b) * 2)
+    noise = torch.rand(16, 3).t()
+    g = torch.compile(lambda n: random_masking(3, 16, 0.75, noise=n).mask + 1, fullgraph=True)
+    assert torch.equal(g(noise), random_masking(3, 16, 0.75, noise=noise).mask + 1)
+
+
+def test_random_masking_without_device_compiles_fullgraph():
+    """The documented default (device=None: torch's default device) under fullgraph: no graph break."""
+    from maefast.ops import random_masking
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda s: random_masking(2, 16, 0.75, seed=s).ids_keep, fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(torch.tensor([7])), random_masking(2, 16, 0.75, seed=torch.tensor([7])).ids_keep)
+
+
+def test_compiled_model_refuses_a_mask_ratio_that_keeps_no_patch():
+    """Under torch.compile the eager validation is skipped, but a ratio keeping no patch must still raise
+    (before: the compiled model ran on 0 visible patches and returned a loss)."""
+    model = maefast.models.create_model("mae_vit_tiny_test")
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    torch._dynamo.reset()
+    c = torch.compile(model, backend="aot_eager")
+    c(x, 0.75, noise)
+    with pytest.raises(ValueError, match="keep at least one patch"):
+        c(x, 0.99, noise)

@@ -131,14 +131,21 @@ def test_fake_tensors_take_the_custom_op_route():
     assert not type(o.grad_fn).__name__.startswith("maefast_")
 
 
-def test_second_derivative_raises_on_both_routes():
-    """The backward's own ops treat saved statistics as constants: a double backward would be silently
-    wrong, so it raises on the direct route too (as through the custom op, which has no formula)."""
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CASES)
+def test_second_derivative_raises_on_both_routes(name, impl, device):
+    """The backwards treat saved statistics (and the fused loss's residual) as constants: a gradient of a
+    gradient would be silently wrong, so create_graph=True raises, on both routes and every backend. Before,
+    a gradient penalty (``grad(loss, x, create_graph=True)``, its upstream gradient not requiring grad, then
+    ``grad(penalty, x)``) got silently first-order gradients: torch's once_differentiable let it through."""
     for mode in DISPATCH_MODES:
-        x = torch.randn(3, 8, requires_grad=True)
-        w, b = torch.randn(8), torch.randn(8)
+        fn, leaves = _case_tensors(name, device)
+        leaves = [t.requires_grad_() for t in leaves]
         with eager_dispatch(mode):
-            y = ops.layer_norm(x, w, b, impl="reference")
-            (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-            with pytest.raises(RuntimeError):
-                torch.autograd.grad(g.sum(), x)
+            out = fn(*leaves, impl)
+            outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum()
+                       for o in outs)
+            with pytest.raises(RuntimeError, match="has no second derivative"):
+                torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, leaves, allow_unused=True)  # first order: fine (the graph was kept)

@@ -339,6 +339,19 @@ def test_images_that_require_grad_are_refused():
         norm_pix_loss(c.pred_all, imgs, c.mask, 8)
 
 
+def test_a_mask_that_requires_grad_is_refused():
+    """Soft mask weights that require a gradient (a learned mask) would get None from the ops, where the
+    official forward_loss gives one: refused, never silent; fine under no_grad or detached."""
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    soft = (c.mask * 0.5 + 0.25).requires_grad_()
+    for impl in ("reference", "auto"):
+        with pytest.raises(ValueError, match="mask_or_ids must not require grad"):
+            norm_pix_loss(c.pred_all, c.imgs, soft, 8, impl=impl)
+    assert torch.isfinite(norm_pix_loss(c.pred_all, c.imgs, soft.detach(), 8))
+    with torch.no_grad():
+        norm_pix_loss(c.pred_all, c.imgs, soft, 8)
+
+
 # -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
 
 # (N, H, W, p, ratio, norm_pix): few cases, each Triton specialisation costs a compile on the card.

@@ -23,6 +23,7 @@ Both routes run the same Python and kernels; tests check they agree bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -74,9 +75,30 @@ def custom_op(name: str, *, mutates_args=()):
     return deco
 
 
+def first_order_only(name: str, backward):
+    """``backward`` that refuses ``create_graph=True`` (a gradient of the gradient) with a clear error.
+
+    The backwards treat the saved statistics (and the fused loss's residual) as constants, so a second
+    derivative through them would be silently wrong. torch's ``once_differentiable`` raises only when the
+    incoming gradient requires grad, and its raising node hangs off detached copies, so
+    ``torch.autograd.grad(penalty, inputs)`` prunes it: a gradient penalty on a loss made of these ops got
+    first-order gradients silently. Raising here, when the backward runs with the graph kept, is the one
+    place that sees every such use."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not compiling():  # the engine enables grad mode only for create_graph
+            raise RuntimeError(f"maefast::{name} has no second derivative: backward(create_graph=True) through "
+                               "it would give wrong higher-order gradients (its backward treats saved statistics "
+                               "as constants); for a gradient penalty or meta-learning use torch's own ops")
+        return backward(ctx, *grads)
+    return wrapper
+
+
 def register_autograd(op, backward, *, setup_context) -> None:
     """`op.register_autograd(backward, setup_context=...)` plus the equivalent autograd.Function
-    for the direct route (its ctx carries `maefast_direct = True`, which `bwd` reads)."""
+    for the direct route (its ctx carries `maefast_direct = True`, which `bwd` reads). On both routes the
+    gradients are first order only (`first_order_only`)."""
+    backward = first_order_only(op._maefast_name, backward)
     op.register_autograd(backward, setup_context=setup_context)
     impl = op._maefast_impl
 
@@ -88,15 +110,9 @@ def register_autograd(op, backward, *, setup_context) -> None:
         setup_context(ctx, args, out)
         return out
 
-    # once_differentiable: the backward's own ops treat the saved statistics as constants, so a second
-    # derivative through them would be silently wrong; it raises instead, as through the custom op
-    @torch.autograd.function.once_differentiable
-    def _backward(ctx, *grads):
-        return backward(ctx, *grads)
-
     # named so that its graph node reads e.g. "maefast_layer_normBackward"
     op._maefast_function = type(f"maefast_{op._maefast_name}", (torch.autograd.Function,),
-                                {"forward": staticmethod(forward), "backward": staticmethod(_backward),
+                                {"forward": staticmethod(forward), "backward": staticmethod(backward),
                                  "__module__": __name__})
 
 

@@ -56,7 +56,9 @@ def _validate(x, residual, weight, bias, eps, out_dtype) -> None:
 # -- backends -----------------------------------------------------------------------------------
 
 def _fwd_reference(x, residual, weight, bias, eps, out_dtype):
-    s = x + residual if residual is not None else x
+    # contiguous outputs whatever the inputs' layout, as the fake ops (and the kernels) say
+    x = x.contiguous()
+    s = x + residual.contiguous() if residual is not None else x
     sf = s.float()
     mean = sf.mean(-1)
     diff = sf - mean.unsqueeze(-1)
@@ -67,6 +69,7 @@ def _fwd_reference(x, residual, weight, bias, eps, out_dtype):
 
 def _bwd_reference(dy, ds, x, weight, mean, rstd):
     d = x.shape[-1]
+    x, dy, mean, rstd = x.contiguous(), dy.contiguous(), mean.contiguous(), rstd.contiguous()
     xhat = (x.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
     dyf = dy.float()
     wdy = dyf * weight.float()

@@ -262,7 +262,7 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
             ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)). Must be None for float imgs.
     Returns:
         0-d fp32 loss, sum(per-patch MSE * w) / sum(w) (fp32 arithmetic for any input dtype).
-        Differentiable in pred only (imgs that require a gradient raise ValueError); the gradient is
+        Differentiable in pred only (imgs or a mask that require a gradient raise ValueError); the gradient is
         zero on unmasked rows (pred_on="all"), computed without host sync and deterministically.
         NaN/Inf in pred reach the loss; so do NaN/Inf in imgs: anywhere with pred_on="all"
         (official: 0 * NaN is NaN), in masked patches only with pred_on="masked" (visible patches
@@ -273,6 +273,9 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     if imgs.requires_grad and torch.is_grad_enabled():  # the target is data: never a silent None gradient
         raise ValueError("imgs must not require grad: norm_pix_loss gives no gradient to the input images "
                          "(detach them)")
+    if mask_or_ids.requires_grad and torch.is_grad_enabled():  # a learned soft mask would get None silently
+        raise ValueError("mask_or_ids must not require grad: norm_pix_loss gives no gradient to the mask weights "
+                         "(detach it, or use maefast.reference.forward_loss for a learned mask)")
     impl = _resolve(impl, pred, imgs)
     stats = pixel_stats(imgs, mean, std)
     m, s = (list(stats[0]), list(stats[1])) if stats is not None else (None, None)

@@ -51,6 +51,7 @@ def _reference(batch: int, num_patches: int, len_keep: int, noise: Optional[torc
                device: torch.device):
     if noise is None:
         noise = philox_noise(batch, num_patches, seed, offset, device=device)
+    noise = noise.contiguous()  # argsort keeps a layout: the outputs are contiguous, as the fake op says
     # Stable: equal noise values keep index order, like the kernels' rank (and CPU torch.argsort).
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -169,6 +170,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
     """
     if compiling():
         len_keep = int(num_patches * (1 - float(mask_ratio)))
+        if len_keep < 1 or len_keep > num_patches:  # a constant message: dynamo formats no symbolic value
+            raise ValueError("mask_ratio must be in [0, 1) and keep at least one patch (maefast random_masking)")
     else:
         _check_int("batch", batch, 0)
         _check_int("num_patches", num_patches, 1)
@@ -189,7 +192,10 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         out_device = noise.device
     else:
         try:
-            out_device = torch.device(device) if device is not None else torch.get_default_device()
+            if device is not None:
+                out_device = torch.device(device)
+            else:  # dynamo cannot trace get_default_device(); a new tensor's device is the default device
+                out_device = torch.empty(0).device if compiling() else torch.get_default_device()
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device must name a torch device, got {device!r}") from e
         if out_device.type == "cuda" and not compiling() and not torch.cuda.is_available():
