@@ -117,23 +117,46 @@ def _layer_count(keys: Iterable[str], pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+class _Reader:
+    """Reads a source state dict key by key: a missing key is a ValueError naming it (not a bare KeyError),
+    and `check_all_read` refuses keys the conversion has no place for (they were silently dropped)."""
+
+    def __init__(self, sd: Mapping, what: str):
+        self.sd, self.what, self.read = sd, what, set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.sd:
+            raise ValueError(f"{self.what}: the state dict has no {key!r} (another model, or a partial file?)")
+        self.read.add(key)
+        return self.sd[key]
+
+    def check_all_read(self) -> None:
+        left = sorted(set(self.sd) - self.read)
+        if left:
+            raise ValueError(f"{self.what}: {len(left)} key(s) with no counterpart, e.g. {left[:5]} (drop them "
+                             "first if they are not the MAE's)")
+
+
 def to_transformers(state_dict: Mapping, target_keys: Iterable[str] | None = None) -> dict:
     """Official MAE state dict -> transformers ViTMAEForPreTraining state dict.
 
     `target_keys` (the HF model's state_dict keys) selects its naming (4.x `encoder.layer.N.attention.
-    attention.query`, or 5.x `layers.N.attention.q_proj`); default: the newest naming.
+    attention.query`, or 5.x `layers.N.attention.q_proj`); default: the newest naming. A layer key that is
+    missing, or a key with no transformers counterpart, raises ValueError naming it; the top-level tensors
+    (e.g. the decoder's, for an encoder-only file) are converted where present.
     """
     sd = unwrap_checkpoint(state_dict)
     if not any(k in sd for k in _TOP):
         raise ValueError(f"not an official MAE state dict: none of its keys (e.g. {sorted(_TOP)[:3]}) is here; "
                          f"got keys like {sorted(sd)[:3]}")
     tk = set(target_keys) if target_keys is not None else {"vit.layers.0.attention.q_proj.weight"}
+    src_sd, sd = sd, _Reader(sd, "to_transformers")
     out = {}
     for k, hk in _TOP.items():
-        if k in sd:
+        if k in src_sd:
             out[hk] = sd[k]
     for which, layer_fmts in (("blocks", _ENC_LAYER), ("decoder_blocks", _DEC_LAYER)):
-        n = _layer_count(sd, rf"{which}\.(\d+)\.")
+        n = _layer_count(src_sd, rf"{which}\.(\d+)\.")
         for i in range(n):
             src = f"{which}.{i}."
             dst = _pick(tk, layer_fmts, {"i": i})
@@ -146,15 +169,17 @@ def to_transformers(state_dict: Mapping, target_keys: Iterable[str] | None = Non
             for p in ("weight", "bias"):
                 for name, chunk in zip(qkv_names, sd[f"{src}attn.qkv.{p}"].chunk(3, dim=0)):
                     out[f"{dst}{name}.{p}"] = chunk.clone()
+    sd.check_all_read()
     return out
 
 
 def from_transformers(hf_state_dict: Mapping) -> dict:
-    """transformers ViTMAEForPreTraining state dict (4.x or 5.x names) -> official MAE state dict."""
-    hf = dict(hf_state_dict)
-    keys = set(hf)
+    """transformers ViTMAEForPreTraining state dict (4.x or 5.x names) -> official MAE state dict. A layer
+    key that is missing, q/k/v of unequal shapes, or a key with no official counterpart raise ValueError."""
+    keys = set(hf_state_dict)
+    hf = _Reader(dict(hf_state_dict), "from_transformers")
     inv_top = {v: k for k, v in _TOP.items()}
-    out = {inv_top[k]: v for k, v in hf.items() if k in inv_top}
+    out = {inv_top[k]: hf[k] for k in keys if k in inv_top}
     for which, layer_fmts in (("blocks", _ENC_LAYER), ("decoder_blocks", _DEC_LAYER)):
         fmt = _pick(keys, [f.replace("{i}", "0") for f in layer_fmts])
         base = [f for f in layer_fmts if f.replace("{i}", "0") == fmt][0]
@@ -168,10 +193,15 @@ def from_transformers(hf_state_dict: Mapping) -> dict:
                     out[f"{which}.{i}.{ours}.{p}"] = hf[f"{src}{theirs}.{p}"]
             qkv = _QKV_NAMES[0] if any(k.startswith(_QKV_NAMES[0][0]) for k in inner) else _QKV_NAMES[1]
             for p in ("weight", "bias"):
-                out[f"{which}.{i}.attn.qkv.{p}"] = torch.cat([hf[f"{src}{n_}.{p}"] for n_ in qkv], dim=0)
+                parts = [hf[f"{src}{n_}.{p}"] for n_ in qkv]
+                if len({tuple(t.shape) for t in parts}) != 1:
+                    raise ValueError(f"from_transformers: {src}{{{','.join(qkv)}}}.{p} have unequal shapes "
+                                     f"{[tuple(t.shape) for t in parts]}")
+                out[f"{which}.{i}.attn.qkv.{p}"] = torch.cat(parts, dim=0)
     if not out:
         raise ValueError("not a transformers ViTMAEForPreTraining state dict: none of its keys (e.g. "
                          f"{sorted(_TOP.values())[:3]}) is here; got keys like {sorted(keys)[:3]}")
+    hf.check_all_read()
     return out
 
 
@@ -224,12 +254,20 @@ def from_transformers_model(hf_model, **model_kwargs):
         raise ValueError(f"maefast's MAE has the exact GELU and q/k/v biases; this config has hidden_act="
                          f"{getattr(c, 'hidden_act', None)!r}, qkv_bias={getattr(c, 'qkv_bias', None)!r} "
                          "(maefast.patch runs such a model as it is)")
+    # maefast's MAE builds every MLP as int(width * mlp_ratio), one ratio for encoder and decoder
+    ratio = c.intermediate_size / c.hidden_size
+    dec_inter = getattr(c, "decoder_intermediate_size", None) or c.intermediate_size
+    if int(c.hidden_size * ratio) != c.intermediate_size or int(c.decoder_hidden_size * ratio) != dec_inter:
+        raise ValueError(f"maefast's MAE has one MLP ratio for encoder and decoder (hidden = int(width * ratio)); "
+                         f"this config has intermediate_size {c.intermediate_size} for hidden_size {c.hidden_size} "
+                         f"and decoder_intermediate_size {dec_inter} for decoder_hidden_size "
+                         f"{c.decoder_hidden_size} (maefast.patch runs such a model as it is)")
     img = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
     patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
     kw = dict(img_size=img, patch_size=patch, in_chans=c.num_channels, embed_dim=c.hidden_size,
               depth=c.num_hidden_layers, num_heads=c.num_attention_heads, decoder_embed_dim=c.decoder_hidden_size,
               decoder_depth=c.decoder_num_hidden_layers, decoder_num_heads=c.decoder_num_attention_heads,
-              mlp_ratio=c.intermediate_size / c.hidden_size, norm_pix_loss=bool(c.norm_pix_loss),
+              mlp_ratio=ratio, norm_pix_loss=bool(c.norm_pix_loss),
               norm_layer=functools.partial(torch.nn.LayerNorm, eps=c.layer_norm_eps))
     kw.update(model_kwargs)
     model = MaskedAutoencoderViT(**kw)

@@ -76,6 +76,44 @@ def test_transformers_names_both_generations_roundtrip():
         assert torch.equal(again4[k], hf4[k]), k
 
 
+def test_transformers_conversions_name_missing_and_leftover_keys():
+    """A missing layer key was a bare KeyError, a key with no counterpart was dropped silently, q/k/v of
+    unequal shapes were concatenated: each is a ValueError naming the key."""
+    sd = _tiny().state_dict()
+    hf = to_transformers(sd)
+    cases = [
+        (to_transformers, {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc1.bias"}, "no 'blocks.1.mlp.fc1.bias'"),
+        (to_transformers, {**sd, "head.weight": torch.zeros(3)}, r"no counterpart, e.g. \['head.weight'\]"),
+        (from_transformers, {k: v for k, v in hf.items() if k != "vit.layers.1.mlp.fc1.bias"},
+         "no 'vit.layers.1.mlp.fc1.bias'"),
+        (from_transformers, {**hf, "vit.pooler.dense.weight": torch.zeros(3)}, "vit.pooler.dense.weight"),
+        (from_transformers, {**hf, "vit.layers.0.attention.q_proj.weight": torch.zeros(5, 64)}, "unequal shapes"),
+    ]
+    for fn, state, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn(state)
+    # an encoder-only file converts its encoder (the decoder's tensors are simply absent)
+    enc = to_transformers(encoder_state_dict(sd))
+    assert "vit.layers.1.attention.k_proj.weight" in enc and not any(k.startswith("decoder.") for k in enc)
+
+
+def test_transformers_config_with_two_mlp_ratios_is_named():
+    """maefast's MAE has one MLP ratio; a ViTMAEConfig whose decoder has another was refused as a 'shape
+    mismatch' of a decoder weight (a corrupt checkpoint, it read): the message now says why."""
+    transformers = pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model
+
+    base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32,
+                patch_size=8, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2)
+    for kw in (dict(decoder_intermediate_size=32), dict(hidden_size=112, num_attention_heads=2,
+                                                           intermediate_size=488, decoder_intermediate_size=64)):
+        hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**{**base, **kw}))
+        with pytest.raises(ValueError, match="one MLP ratio for encoder and decoder"):
+            from_transformers_model(hf)
+    ok = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**base, decoder_intermediate_size=64))
+    assert from_transformers_model(ok).decoder_blocks[0].mlp.fc1.out_features == 64
+
+
 def test_transformers_model_roundtrip():
     pytest.importorskip("transformers")
     from maefast.convert import from_transformers_model, to_transformers_model

@@ -167,7 +167,11 @@ def test_files_that_are_not_checkpoints_are_one_line_errors(tmp_path):
                    "--model small contradicts", "mae_vit_tiny_test")
     one_line_error(cli(*vis, "--checkpoint", full, "--mask-ratio", "0"), "maefast visualize", "(0, 1)")
     one_line_error(cli(*vis[:-1], str(tmp_path / "no" / "v.png"), "--checkpoint", full), "maefast visualize",
-                   "cannot write --out")
+                   "--out", "does not exist")
+    not_sd = tmp_path / "listmodel.pth"  # a dict with a 'model' that is no state dict: was a traceback
+    torch.save({"model": [1, 2]}, not_sd)
+    one_line_error(cli(*vis, "--checkpoint", str(not_sd)), "maefast visualize", "'model' is a list")
+    one_line_error(cli(*common, "--resume", str(not_sd)), "maefast train", "'model' is a list")
     ok = cli(*vis, "--checkpoint", full, "--model", "tiny")  # the same model by an alias: fine
     assert ok.returncode == 0, ok.stderr
 

@@ -201,6 +201,11 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
     ck = _torch_load(path, mmap=not optimizer)
     if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
+    model = ck.get("model")
+    if "model" in ck and not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                               for k, v in model.items())):
+        what = type(model).__name__ if not isinstance(model, dict) else "dict with non-tensor entries"
+        raise ValueError(f"{path!r} is not a maefast/MAE checkpoint ('model' is a {what}, not a state dict)")
     if isinstance(ck.get("model"), dict):  # saved through DDP / torch.compile: their key prefixes dropped
         ck["model"] = strip_wrapper_prefixes(ck["model"])
     folder = shards_dir(ck, path)
