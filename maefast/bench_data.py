@@ -356,7 +356,7 @@ def pixel_difference(root: str, n_images: int, size: int = 224, seed: int = 0) -
     fast = ImageFolderDataset(root, size, 1, seed=seed, decode="fast", dtype=torch.uint8)
     groups: dict = {}
     for i in range(min(n_images, len(exact))):
-        with Image.open(exact.files[i]) as im:
+        with Image.open(exact.name(i)) as im:
             _, _, h, w = random_resized_crop_params(im.width, im.height, np.random.default_rng([seed, 0, i]))
         k = draft_factor(w, h, size)
         a, b = exact[(0, i)]["image"], fast[(0, i)]["image"]

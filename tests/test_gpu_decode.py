@@ -96,7 +96,7 @@ def test_device_stage_is_the_fast_path_given_the_same_decoded_pixels(tmp_path, c
     assert batch["images"].shape == (len(keys), 3, S, S) and batch["images"].dtype == torch.uint8
     full, vs_exact = [], []
     for row, ((e, i), img) in enumerate(zip(keys, batch["images"])):
-        _, _, h, w = _box_and_flip(u8["gpu"].files[i], 1, e, i)[0]
+        _, _, h, w = _box_and_flip(u8["gpu"].name(i), 1, e, i)[0]
         assert torch.equal(batch["noise"][row], u8["fast"][(e, i)]["noise"])
         d = (img.int() - u8["exact"][(e, i)]["image"].int()).abs()
         vs_exact.append((d.max().item(), d.float().mean().item()))
@@ -210,6 +210,7 @@ def test_corrupt_files_are_skipped_and_counted_as_on_the_other_paths(tmp_path, c
         b = batches[0]
         names = sorted(os.path.basename(x.split(":")[0]) for x in b["bad"])
         assert names == ["empty.png", "huffman.jpg", "noise.jpg", "truncated.jpg"], b["bad"]
+        assert not any("BytesIO" in x for x in b["bad"]), b["bad"]  # the reasons read as on the CPU paths
         assert sorted(os.path.basename(x.split(":")[0]) for x in collate([fast[k] for k in keys])["bad"]) == names
         good = [k for k in keys if "bad" not in fast[k]]
         assert b["images"].shape == (3, 3, S, S) and b["noise"].shape[0] == 3

@@ -99,6 +99,13 @@ def test_resume_auto_folder_rule(tmp_path):
     (out / "checkpoint-last.pth").write_text("x")  # something to continue: the resume's own checks follow
     (out / "mae_pretrain_vit_tiny_test.pth").write_text("x")
     check_folder(str(out), "auto", False)
+    # rewinding in place to a kept epoch checkpoint is named as that (it read "holds another run")
+    (out / "checkpoint-0000.pth").write_text("x")
+    with pytest.raises(ValueError, match="is an earlier checkpoint of the run in --output-dir"):
+        check_folder(str(out), str(out / "checkpoint-0000.pth"), False)
+    with pytest.raises(ValueError, match="holds another run"):
+        check_folder(str(out), str(tmp_path / "elsewhere.pth"), False)
+    check_folder(str(out), str(out / "checkpoint-0000.pth"), True)
 
 
 def _unreadable_folder(path, n=3):

@@ -322,3 +322,31 @@ def test_a_failed_keep_copy_says_the_checkpoint_is_written(tmp_path, monkeypatch
                            torch.optim.AdamW(model.parameters()), DistInfo(), sharded=sharded, keep="checkpoint-0009.pth")
     ck = load_checkpoint(str(tmp_path / "checkpoint-last.pth"), states=False)
     assert ck["step"] == 7 and (not sharded or (tmp_path / ck["shards"]).is_dir())
+
+
+def test_loader_workers_stop_when_train_raises(tmp_path, monkeypatch):
+    """An error inside the step loop (an out-of-memory error, say): the caller that keeps the exception
+    (a notebook's sys.last_value) must not keep the loader's worker processes alive with it."""
+    import gc
+    import multiprocessing as mp
+
+    from maefast.train import TrainConfig, loop, train
+
+    cfg = TrainConfig(model="mae_vit_tiny_test", data="synthetic", synthetic_size=12, batch_size=3, epochs=1,
+                      lr=1e-3, progress=False, workers=2, device="cpu", plot=False, export=False, save=False)
+    real = loop._Trainer._micro_step
+
+    def boom(self, batch, b):
+        if b == 1:
+            raise RuntimeError("simulated failure in the step")
+        return real(self, batch, b)
+
+    before = {p.pid for p in mp.active_children()}
+    monkeypatch.setattr(loop._Trainer, "_micro_step", boom)
+    with pytest.raises(RuntimeError, match="simulated failure") as info:
+        train(cfg, output_dir=str(tmp_path / "run"))
+    gc.collect()
+    deadline = time.time() + 10
+    while time.time() < deadline and {p.pid for p in mp.active_children()} - before:
+        time.sleep(0.1)
+    assert info.value is not None and not {p.pid for p in mp.active_children()} - before

@@ -232,7 +232,8 @@ def test_cpu_defaults_and_paper_defaults():
 @pytest.mark.parametrize("field, value, match", [
     ("mask_ratio", 1.0, "mask-ratio"), ("batch_size", 0, "batch-size"), ("dtype", "int8", "dtype"),
     ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model"),
-    ("seed", -1, "--seed must be >= 0"), ("lr", float("nan"), "--lr must be a finite number"),
+    ("seed", -1, r"--seed must be in \[0, 2\*\*32\)"), ("seed", 2 ** 32, r"--seed must be in .*got 4294967296"),
+    ("lr", float("nan"), "--lr must be a finite number"),
     ("clip_grad", float("nan"), "--clip-grad must be a number > 0")])
 def test_bad_options_raise(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -302,12 +302,7 @@ class PretrainTransform:
         verdict on the header, its size, its pixel-count limit); a JPEG `simplejpeg_takes` is then
         decoded by simplejpeg (at the fast path's scale), anything else, or a JPEG libjpeg reports
         damage in, by Pillow. A file Pillow cannot read raises (the datasets count it as bad)."""
-        Image = _pil()
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.UnidentifiedImageError:  # Pillow would name the BytesIO object
-            raise Image.UnidentifiedImageError("cannot identify image file") from None
-        with img:
+        with open_bytes(data) as img:
             if not simplejpeg_takes(img, data):
                 return self.crop(img, rng)
             box = self.draw_box(img.width, img.height, rng)
@@ -331,6 +326,16 @@ class PretrainTransform:
 
     def __call__(self, img, rng: np.random.Generator) -> torch.Tensor:
         return self.finish(self.crop(img, rng), rng)
+
+
+def open_bytes(data: bytes):
+    """Pillow's image of a file's bytes; one it cannot read raises UnidentifiedImageError("cannot identify
+    image file"), as for a path (Pillow's own message would name the BytesIO object)."""
+    Image = _pil()
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise Image.UnidentifiedImageError("cannot identify image file") from None
 
 
 def center_transform(img, size: int | tuple[int, int]) -> torch.Tensor:

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dist-timeout", type=float, default=300.0,
       help="seconds before a rank that stopped answering stops the run (named in the message); also the wait "
            "limit of every collective, so the slowest step, a checkpoint write and a first --compile step must fit")
-    a("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops, flips and masks")
+    a("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops, flips and masks "
+                                          "(0 <= seed < 2**32)")
     a("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps in total")
     a("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: epoch ends only)")
     a("--keep-every-epochs", type=int, default=0, help="keep checkpoint-EPOCH.pth every N epochs (0: only the last)")
@@ -277,8 +278,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     _positive("--dist-timeout", cfg.dist_timeout)
-    if cfg.seed < 0:  # numpy's per-sample generators take none (it failed at the first batch)
-        raise ValueError(f"--seed must be >= 0, got {cfg.seed}")
+    # numpy's per-sample generators take no negative seed (it failed at the first batch); from 2**32 on a
+    # seed is two 32-bit words and (seed, epoch, index) streams alias others' ([2**32, 5, 0] = [0, 1, 5])
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)
     if cfg.synthetic_size is not None:

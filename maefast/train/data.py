@@ -10,7 +10,6 @@ run with the same global batch, and a resumed run replays the data exactly.
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Iterator
 
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 # re-exported: these lived here before augment.py
 from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
-                      _pil, center_transform, denormalize, random_resized_crop_params, to_normalized_tensor)
+                      _pil, center_transform, denormalize, open_bytes, random_resized_crop_params, to_normalized_tensor)
 from .gpu_decode import DeviceDecode, gpu_decodable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -89,7 +88,7 @@ class _PretrainDataset(Dataset):
         """``decode="gpu"``: the file's bytes and the sample's draws (box, flip, noise: the order of
         ``__getitem__``), or the fast path's uint8 pixels for a file nvJPEG is not given."""
         data = self.encoded(index)
-        with (_pil().open(io.BytesIO(data)) if data is not None else self.load(index)) as img:
+        with (open_bytes(data) if data is not None else self.load(index)) as img:
             if data is not None and gpu_decodable(img, data):
                 box = self.transform.draw_box(img.width, img.height, rng)
                 flip = self.transform.draw_flip(rng)
@@ -125,21 +124,32 @@ class ImageFolderDataset(_PretrainDataset):
                              f"{', '.join(IMG_EXTENSIONS)})")
         self.root, self.files = root, files
 
+    # The paths live in one numpy buffer: a list of str would be copied into every worker process page by
+    # page as reading a path touches its reference count (~140 MiB per worker for ImageNet's 1.28 M files).
+    @property
+    def files(self) -> list[str]:
+        """The image paths (a new list each time: index with `name(i)` in a loop)."""
+        return [os.fsdecode(p) for p in self._paths]
+
+    @files.setter
+    def files(self, paths) -> None:
+        self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._paths)
 
     def name(self, index: int) -> str:
-        return self.files[index]
+        return os.fsdecode(self._paths[index])
 
     def load(self, index: int):
         Image = _pil()
-        with open(self.files[index], "rb") as f:
+        with open(self._paths[index], "rb") as f:
             img = Image.open(f)
             img.load()  # decode now so truncated files fail here
         return img.convert("RGB")
 
     def encoded(self, index: int) -> bytes:
-        with open(self.files[index], "rb") as f:
+        with open(self._paths[index], "rb") as f:
             return f.read()
 
 

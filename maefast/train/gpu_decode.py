@@ -189,9 +189,9 @@ class DeviceDecode:
                 done.append(slots[j])
                 continue
             try:  # nvJPEG rejected the file (or decoded another size than its header's): the fast path's pixels
-                from PIL import Image
+                from .augment import open_bytes
 
-                with Image.open(io.BytesIO(data[j].numpy().tobytes())) as im:
+                with open_bytes(data[j].numpy().tobytes()) as im:
                     pixels = crop_fast(im, tuple(boxes[j]), size)
                 out[slots[j]] = (pixels.flip(-1) if flips[j] else pixels).to(device)
             except Exception as exc:  # noqa: BLE001 - corrupt: skipped and counted, as on the other paths

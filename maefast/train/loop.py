@@ -148,8 +148,21 @@ class _Trainer:
         dist_lib.agreed(self._prepare_folder, self.info)  # takes the folder's lock before the restore reads
         dist_lib.agreed(self._build_state, self.info)
         self.ctl.setup()
-        self._steps()
+        try:
+            self._steps()
+        finally:
+            self._stop_workers()
         return self._finish()
+
+    def _stop_workers(self) -> None:
+        """Shuts the loader's persistent workers down now: after an error, the exception's traceback keeps
+        `_steps`' frame (and its loader) alive as long as the caller holds it (a notebook does), and with it
+        the worker processes and their prefetched batches."""
+        loader, self._loader = getattr(self, "_loader", None), None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            loader._iterator = None
 
     def _plan(self) -> None:
         """Options, checkpoint, model and data, checked on every rank; nothing is created."""
@@ -345,6 +358,7 @@ class _Trainer:
             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
             worker_init_fn=ignore_stop_signals_in_worker if cfg.workers > 0 else None)
+        self._loader = loader
         bar = None
         if info.is_main and cfg.progress:
             from tqdm.auto import tqdm

@@ -67,6 +67,10 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
         raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}): pass --resume auto to "
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
     if not _same_path(resume, os.path.join(output_dir, CHECKPOINT_NAME)):
+        if _same_path(os.path.dirname(os.path.abspath(resume)), output_dir):  # rewinding the run to a kept epoch
+            raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
+                             f"continuing from it in place would write over its later checkpoints and logs "
+                             f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite")
         raise ValueError(f"--output-dir {output_dir!r} holds another run ({shown}) that continuing from "
                          f"--resume {resume!r} would write over: pick another --output-dir, or add --overwrite")
 
