@@ -43,7 +43,6 @@ from .models.fast import BlockView, MAEView, _official_block_view, check_fused, 
 from .models.routing import (SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
                              image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
                              replaced_forward, skipped_hooks_reason, warn_slow)
-from ._validate import compiling
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -413,7 +412,7 @@ class _TransformersForward:
             view, attn_p = _transformers_view(m)
             if attn_p:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
-            elif not compiling() and any(_hooked(x) for x in m.modules() if x is not m):
+            elif any(_hooked(x) for x in m.modules() if x is not m):  # traced under torch.compile too
                 why = skipped_hooks_reason(m, _hf_called(view, st.fused))
         if why is not None:
             warn_slow(m, why, stacklevel=5)

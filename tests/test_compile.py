@@ -378,5 +378,5 @@ def test_compiled_model_refuses_a_mask_ratio_that_keeps_no_patch():
     torch._dynamo.reset()
     c = torch.compile(model, backend="aot_eager")
     c(x, 0.75, noise)
-    with pytest.raises(ValueError, match="keep at least one patch"):
+    with pytest.raises(ValueError, match="at least one patch"):
         c(x, 0.99, noise)

@@ -214,3 +214,29 @@ def test_which_norms_the_block_op_computes():
 
     assert is_layer_norm(nn.LayerNorm(8)) and is_layer_norm(Tagged(8))
     assert not is_layer_norm(Centred(8)) and not is_layer_norm(nn.RMSNorm(8))
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_compiled_calls_follow_the_same_rules(patched):
+    """Under torch.compile the rules are traced too: a hook the fast path would skip (present when the
+    model is compiled) runs, as in eager calls; an instance override is refused (before: the compiled model
+    skipped the hook, and the override, silently)."""
+    torch.manual_seed(0)
+    fast, ref = _pair()
+    if patched:
+        official = create_model("tiny", impl="reference", norm_pix_loss=True)
+        official.load_state_dict(ref.state_dict())
+        fast = maefast.patch(official)
+    _both(fast, ref, lambda m: m.blocks[0].attn.register_forward_hook(lambda mod, args, out: out * 0))
+    imgs, noise = _inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        got = compiled(imgs, 0.75, noise)[0]
+    assert_close(got, ref(imgs, 0.75, noise)[0], torch.float32, name="compiled loss with a hook")
+    if not patched:
+        fast.random_masking = lambda *a, **k: None
+        torch._dynamo.reset()
+        with pytest.raises(TypeError, match="overrides random_masking"):
+            torch.compile(fast, backend="aot_eager")(imgs, 0.75, noise)

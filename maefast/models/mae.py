@@ -2,7 +2,6 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
-from .._validate import compiling
 from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
 from .fast import check_fused
@@ -58,9 +57,8 @@ class MaskedAutoencoderViT(_ReferenceMAE):
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
             return super().forward(imgs, mask_ratio, noise, mean=mean, std=std)
         ov = self._maefast_overrides
-        if not compiling():
-            inst = instance_overrides(self)
-            ov = Overrides(ov.refused + inst.refused, ov.loss + inst.loss)
+        inst = instance_overrides(self)  # traced under torch.compile too: a compiled call must not differ
+        ov = Overrides(ov.refused + inst.refused, ov.loss + inst.loss)
         if ov.refused:
             refuse(self, ov.refused, f"its fast path (impl={self.impl!r}) cannot run it; use impl='reference'")
         return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,

@@ -97,15 +97,15 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
       block; unfused, all but its norms, attention projection and MLP layers), or the head of a
       return_pred=False call. A block routed through its module (FSDP2, `route_blocks_through_modules`)
       runs its own hooks.
-    Under torch.compile only the dropout rule applies (traced once)."""
+    Under torch.compile the same rules are traced into the graph (before, only the dropout rule was, and
+    a compiled model skipped hooks that its eager calls ran); as for any compiled module, hooks added after
+    the compile are seen only after a recompile (torch's `skip_nnmodule_hook_guards`)."""
     hooks = False
     for m in model.modules():
         rate = _drop_rate(m)
         if rate and m.training:
             return f"{type(m).__name__}(p={rate}) is active in training mode (the fast path has no dropout there)"
         hooks = hooks or (m is not model and _hooked(m))
-    if compiling():
-        return None
     root = (_layout_root(type(model)) or type(model)).__module__
     head = model.decoder_pred
     if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
@@ -162,8 +162,6 @@ def _get_path(obj, path: str):
 def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
     """Why the fast path cannot take a call the model's own forward can: weights in a dtype maefast's
     kernels do not take, or a mask ratio outside (0, 1) keeping at least one patch."""
-    if compiling():
-        return None
     why = unsupported_weights(weight)
     if why is not None:
         return why
