@@ -515,7 +515,8 @@ def main(argv=None) -> int:
     paths = [s.strip() for s in a.paths.split(",") if s.strip()]
     bad = [s for s in paths if s not in PATHS]
     errors = [msg for cond, msg in (
-        (bool(bad), f"--paths: unknown row(s) {bad}; known {list(PATHS)}"), (n <= 0, f"--images must be > 0, got {n}"),
+        (bool(bad), f"--paths: unknown row(s) {bad}; known {list(PATHS)}"),
+        (not paths, f"--paths names no row; known {list(PATHS)}"), (n <= 0, f"--images must be > 0, got {n}"),
         (a.workers < 0, f"--workers must be >= 0, got {a.workers}"), (a.batch <= 0, f"--batch must be > 0, got {a.batch}"),
         (rounds <= 0, f"--rounds must be > 0, got {rounds}"),
         (loader_rounds <= 0, f"--loader-rounds must be > 0, got {loader_rounds}"), (a.size <= 0, f"--size must be > 0, got {a.size}"),

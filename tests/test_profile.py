@@ -159,6 +159,7 @@ def test_profile_bad_impl():
     (["profile", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--images", "0"], "--images must be > 0"),
+    (["bench", "data", "--paths", ","], "--paths names no row"),
     (["bench", "data", "--json", "/no/such/dir/x.json"], "--json '/no/such/dir/x.json': the folder"),
     (["bench", "data", "--folder", __file__, "--quick"], "is a file, not a folder"),
     (["info", "--bogus"], "unrecognized arguments: --bogus"),

@@ -157,7 +157,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
             or a 1-element int64 tensor on the output CUDA device ("device seed": the kernels read it,
             so a CUDA graph can capture the op and replay it with a new value; its range is not
             checked, that would sync). None draws one from torch's default CPU generator
-            (``torch.manual_seed`` reproduces it).
+            (``torch.manual_seed`` reproduces it; inside a graph Inductor compiled, the draw is Inductor's
+            own, reproducible from run to run but not the eager call's: pass a seed to get the same mask).
         offset: Philox counter offset (>= 0): sample n, patch l uses counter offset + n*L + l, so
             consecutive draws with one seed use offset += N*L.
         device: where the outputs live when ``noise`` is None (default: torch's default device).
