@@ -265,8 +265,14 @@ class StepRow:
     it runs one training step (a captured step reads its own input buffer: no copy is timed)."""
 
     def __init__(self, provider: str, step, imgs: torch.Tensor, model: nn.Module, recipe: StepRecipe):
+        from torch._dynamo.utils import counters
+
         self.provider, self.step, self.model, self.recipe = provider, step, model, recipe
-        step.prepare(imgs)
+        counters["graph_break"].clear()
+        step.prepare(imgs)  # the warm-up compiles a compiled row
+        # a compiled row's graph breaks (0: the model compiled as one graph, as with fullgraph=True); a
+        # break would time a split graph, the record shows it
+        self.graph_breaks = sum(counters["graph_break"].values()) if recipe.compile else None
         self.imgs = step.static_imgs if step.captured else imgs
 
     def __call__(self) -> torch.Tensor:
@@ -276,6 +282,7 @@ class StepRow:
         """What the record says about how this row stepped."""
         s = self.step
         return {"captured": s.captured, "eager_reason": s.eager_reason, "compiled": self.recipe.compile,
+                "graph_breaks": self.graph_breaks,
                 "mask_source": s.mask_source, "amp": str(s.dtype).replace("torch.", "")
                 + (" + GradScaler" if s.scaler is not None and s.scaler.is_enabled() else ""),
                 "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else "default (foreach)")

@@ -419,6 +419,7 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     assert torch.isfinite(loss) and not torch.equal(before, w)
     d = row.describe()
     assert d["captured"] == recipe.capture and d["compiled"] == recipe.compile, d
+    assert d["graph_breaks"] == (0 if recipe.compile else None), d  # compiled rows: one graph (fullgraph)
     assert d["amp"] == ("float16 + GradScaler" if recipe.official_amp else "float32"), d
     assert ("fused" in d["optimizer"]) != recipe.official_amp, d
     if recipe.capture:
