@@ -89,16 +89,6 @@ def use_sdpa(model: nn.Module) -> nn.Module:
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """The official split: no decay on biases and 1-D (norm) weights; tokens are decayed."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def synthetic_batch(model: nn.Module, batch: int, device=None, seed: int = 0) -> torch.Tensor:
     """ImageNet-normalised-looking random images for `model`'s img_size."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -114,7 +104,9 @@ def adamw(model: nn.Module, lr: float = 1.5e-4, *, fused: bool = False, capturab
     kw = {"fused": True} if fused else {}
     if capturable:
         kw["capturable"] = True
-    return torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), **kw)
+    from .train.schedule import param_groups_weight_decay  # the official split (tokens are decayed)
+
+    return torch.optim.AdamW(param_groups_weight_decay(model), lr=lr, betas=(0.9, 0.95), **kw)
 
 
 # -- step providers (the rows of the step benchmark) ----------------------------------------------

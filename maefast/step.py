@@ -90,7 +90,9 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
     if wrapper is not None:
         return f"{type(wrapper).__name__} steps eagerly: its gradient communication is not captured here"
     for group in optimizer.param_groups:
-        if "capturable" in group and not group["capturable"]:
+        if "capturable" not in group:  # e.g. SGD: its step reads the learning rate on the host (.item())
+            return f"{type(optimizer).__name__} has no capturable option (its step reads values on the host)"
+        if not group["capturable"]:
             return (f"{type(optimizer).__name__} was built without capturable=True (its step counts live on "
                     "the host)")
     if scaler is not None and scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -121,7 +123,8 @@ class TrainStep:
             raise), False (eager). A capture that fails inside the graph raises
             `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
         seed: the masks' Philox seed (models that take ``seed=``): call k draws with seed + k. None:
-            drawn from torch's default generator (``torch.manual_seed`` reproduces it).
+            drawn from torch's default generator (``torch.manual_seed`` reproduces it). To continue a
+            run's masks in a new step (a resume), pass ``seed=old.seed + old.calls``.
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
             autograd and cuBLAS warm up); undone afterwards unless ``restore=False``. The last one runs
             with host syncs raising (torch's sync debug mode): a sync found there is a reason to step
@@ -178,6 +181,11 @@ class TrainStep:
         self.seed, self.warmup_steps, self.restore = seed, warmup_steps, bool(restore)
         self._capture = capture
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        own = {id(p) for p in model.parameters()}
+        stray = next((i for i, p in enumerate(self._params) if id(p) not in own), None)
+        if stray is not None:  # it would step tensors the model never uses: nothing would train
+            raise ValueError(f"optimizer: its parameter {stray} (shape {tuple(self._params[stray].shape)}) is not "
+                             "one of the model's; build the optimizer over model.parameters()")
         inner = _unwrap(model)[-1]
         try:
             takes = inspect.signature(inner.forward).parameters
@@ -197,7 +205,16 @@ class TrainStep:
         self.calls = self.optimizer_steps = 0
         self._in_cycle = 0  # micro-batches since the last optimizer step
         self._graphs: dict[bool, tuple] = {}  # update? -> (graph, static loss)
+        self._replaying = False  # (a CPU stand-in's replay runs the Python body again)
         self._refused: str | None = None  # why this step takes no more calls (its capture failed for good)
+
+    # baked into a captured step's graphs: changing one afterwards would be honoured by eager steps only
+    _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler")
+
+    def __setattr__(self, name, value):
+        if name in self._FROZEN_WHEN_CAPTURED and self.__dict__.get("captured"):
+            raise AttributeError(f"{name} is baked into the captured graphs: build a new TrainStep to change it")
+        super().__setattr__(name, value)
 
     # -- the pieces of an eager step (`maefast profile` times them apart) ---------------------------
 
@@ -249,6 +266,8 @@ class TrainStep:
 
     def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
         """Backward of ``loss * weight / accum_steps`` (through the GradScaler when there is one)."""
+        if self.captured and not self._replaying:  # the graphs own the gradients' buffers
+            raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
         factor = _check_number("weight", weight) / self.accum_steps
         scaled = loss if factor == 1.0 else loss * factor
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -296,10 +315,23 @@ class TrainStep:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:
             raise ValueError("update=False accumulates gradients: build the step with accum_steps > 1")
-        if self.mask_source is None:
+        first = self.mask_source is None
+        if first:
             self.prepare(imgs, noise)
         if self.captured:
             return self._replay(imgs, noise, weight, bool(update))
+        try:
+            return self._eager_call(imgs, noise, weight, update)
+        except Exception:
+            # the first call fell back from a capture and fails eagerly too: the caller's inputs are at fault,
+            # not the capture, so nothing is decided (a corrected call may still capture)
+            if first and self._capture == "auto" and self.eager_reason and self.eager_reason.startswith(
+                    "capture failed"):
+                self.mask_source, self.eager_reason = None, capture_blocker(self.model, self.optimizer, self.scaler,
+                                                                            self.device)
+            raise
+
+    def _eager_call(self, imgs, noise, weight: float, update: bool) -> torch.Tensor:
         if self._sync is not None and hasattr(self._sync, "set_requires_gradient_sync"):
             self._sync.set_requires_gradient_sync(bool(update))
         # DDP/FSDP1 all-reduce only when the accumulation ends (the forward must be inside no_sync too)
@@ -327,6 +359,8 @@ class TrainStep:
         """Every group's learning rate for the next steps (times its ``lr_scale`` if present); a captured
         step's are device tensors, written in place (no host sync)."""
         lr = _check_number("lr", lr)
+        if self.captured:
+            self._check_optimizer_intact()
         for group in self.optimizer.param_groups:
             v = lr * group["lr_scale"] if "lr_scale" in group else lr
             if isinstance(group["lr"], torch.Tensor):
@@ -357,6 +391,11 @@ class TrainStep:
         """
         if self.mask_source is not None:
             raise RuntimeError("prepare: this step is already prepared (by an earlier call)")
+        if self.eager_reason is None:  # the caller's mistake, not a reason to step eagerly for good
+            for name, t in (("imgs", imgs), ("noise", noise)):
+                if t is not None and (not isinstance(t, torch.Tensor) or t.device != self.device):
+                    raise ValueError(f"{name} must be a tensor on the model's device {self.device}, got "
+                                     f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
         self._set_mask_source(noise)
         if self.eager_reason is not None:
             return self
@@ -391,10 +430,6 @@ class TrainStep:
 
     def _capture_step(self, imgs, noise) -> None:
         dev = self.device
-        for name, t in (("imgs", imgs), ("noise", noise)):
-            if t is not None and (not isinstance(t, torch.Tensor) or t.device != dev):
-                raise ValueError(f"{name} must be a tensor on the model's device {dev}, got "
-                                 f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
         self.static_imgs = imgs.detach().clone()
         self.static_noise = None if noise is None else noise.detach().clone()
         # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
@@ -430,7 +465,20 @@ class TrainStep:
         # the graphs write and read these gradients at fixed addresses: held here, they stay allocated
         # even if the caller sets p.grad to None (optimizer.zero_grad(set_to_none=True) between epochs)
         self._static_grads = [p.grad for p in self._params]
+        # and read these: the learning rates and the first parameter's optimizer state
+        self._graph_reads = [g["lr"] for g in self.optimizer.param_groups] + \
+            list(self.optimizer.state.get(self._params[0], {}).values())
         self.captured = True
+
+    def _check_optimizer_intact(self) -> None:
+        """The graphs read the tensors the optimizer held at capture: an optimizer.load_state_dict() since
+        then replaced them, and the step would go on updating (and set_lr writing) tensors no one reads."""
+        now = [g["lr"] for g in self.optimizer.param_groups] + \
+            list(self.optimizer.state.get(self._params[0], {}).values())
+        if len(now) != len(self._graph_reads) or any(a is not b for a, b in zip(now, self._graph_reads)):
+            raise RuntimeError("the optimizer's learning rates or state were replaced after the capture (an "
+                               "optimizer.load_state_dict()?): the captured graphs still read the old tensors. Load "
+                               "checkpoints before the step's first call, or build a new TrainStep")
 
     def _body(self, update: bool) -> torch.Tensor:
         """One captured micro-batch (also its warm-up): reads only the static buffers."""
@@ -468,7 +516,12 @@ class TrainStep:
         if imgs is not s:
             s.copy_(imgs, non_blocking=True)
         graph, out = self._graphs[update]
-        graph.replay()
+        self._check_optimizer_intact()
+        self._replaying = True
+        try:
+            graph.replay()
+        finally:
+            self._replaying = False
         self.calls += 1
         self._in_cycle += 1
         if update:

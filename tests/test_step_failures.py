@@ -191,3 +191,60 @@ def test_process_broken_reads_the_chain():
             raise RuntimeError("step failed") from e
     except RuntimeError as wrapped:
         assert process_broken(wrapped)
+
+
+# -- misuse of a step: refused, never silently decided or dropped ---------------------------------
+
+def test_a_first_call_with_bad_inputs_decides_nothing(monkeypatch):
+    """capture="auto": the caller's mistake in the first call (an ndarray, noise of another shape) raises and
+    leaves the step unprepared: the corrected call still captures (it stepped eagerly for good before)."""
+    fake_capture_lib.install(monkeypatch)
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(a, _adamw(a), seed=3)
+    with pytest.raises((TypeError, ValueError)):
+        step(imgs[0].numpy(), noise[0])
+    assert step.mask_source is None and step.eager_reason is None
+    with pytest.raises(ValueError, match="noise must have shape"):
+        step(imgs[0], noise[0][:, :10])
+    assert step.mask_source is None and step.eager_reason is None
+    step(imgs[0], noise[0])
+    assert step.captured, step.eager_reason
+
+
+def test_misuse_after_capture_is_refused(monkeypatch):
+    """A captured step's graphs own the gradients, the learning-rate tensors and the settings they were
+    captured with: backward(), a replaced optimizer state (load_state_dict) and a changed setting raise
+    instead of being silently ignored by the replays."""
+    fake_capture_lib.install(monkeypatch)
+    a, _ = _twins()
+    imgs, noise = _batches(2)
+    opt = _adamw(a)
+    step = TrainStep(a, opt, seed=3)
+    loss = step(imgs[0], noise[0])
+    assert step.captured
+    with pytest.raises(RuntimeError, match="this step is captured"):
+        step.backward(loss)
+    for name, value in (("mask_ratio", 0.5), ("accum_steps", 2), ("clip_grad", 1.0)):
+        with pytest.raises(AttributeError, match=f"{name} is baked into the captured graphs"):
+            setattr(step, name, value)
+    step.set_lr(5e-4)
+    step(imgs[1], noise[1])
+    opt.load_state_dict(opt.state_dict())  # new tensors: the graphs would go on reading the old ones
+    with pytest.raises(RuntimeError, match="replaced after the capture"):
+        step.set_lr(1e-4)
+    with pytest.raises(RuntimeError, match="replaced after the capture"):
+        step(imgs[1], noise[1])
+
+
+def test_an_optimizer_over_other_parameters_is_refused():
+    a, b = _twins()
+    with pytest.raises(ValueError, match="optimizer: its parameter 0 .* is not one of the model's"):
+        TrainStep(a, torch.optim.AdamW(b.parameters()), capture=False)
+
+
+def test_an_optimizer_without_a_capturable_option_steps_eagerly_saying_why(monkeypatch):
+    fake_capture_lib.FakeCuda().install(monkeypatch)
+    a, _ = _twins()
+    step = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.1), seed=3)
+    assert step.eager_reason == "SGD has no capturable option (its step reads values on the host)"
