@@ -61,8 +61,9 @@ def test_existing_run_is_refused_then_overwritten_or_continued(tmp_path):
 
 @pytest.mark.slow
 def test_resume_auto_without_a_checkpoint_keeps_a_finished_run(tmp_path):
-    """--resume auto where no checkpoint-last.pth is: a run stopped before its first checkpoint (logs only)
-    starts fresh; a finished --no-save run (its encoder export is its only result) is refused, untouched."""
+    """--resume auto where no checkpoint-last.pth is: a run stopped before its first checkpoint (steps.jsonl
+    only) starts fresh; a finished --no-save run (its encoder export, its log.jsonl epoch records) is
+    refused, untouched."""
     out = str(tmp_path / "run")
     args = ["train", *[a for a in TINY if a != "--no-export"], "--synthetic-size", "8", "--batch-size", "4",
             "--epochs", "1", "--output-dir", out]
@@ -73,9 +74,12 @@ def test_resume_auto_without_a_checkpoint_keeps_a_finished_run(tmp_path):
     one_line_error(cli(*args, "--resume", "auto"), "maefast train", "--resume auto", "checkpoint-last.pth",
                    "--overwrite")
     assert _snapshot(out) == before
-    for n in before:  # only the logs of a run stopped before it saved anything: a fresh start
+    for n in before:
         if n.startswith("mae_pretrain_"):
             os.remove(os.path.join(out, n))
+    # its epoch records are still the user's (log.jsonl gets one only after a checkpoint, or with --no-save)
+    one_line_error(cli(*args, "--resume", "auto"), "maefast train", "--resume auto", "log.jsonl", "--overwrite")
+    os.remove(os.path.join(out, "log.jsonl"))  # steps.jsonl only: a run stopped before it saved: a fresh start
     again = cli(*args, "--resume", "auto", "--no-save")
     assert again.returncode == 0 and "no checkpoint, fresh start" in again.stderr + again.stdout, again.stderr[-3000:]
 

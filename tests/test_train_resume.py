@@ -164,3 +164,72 @@ def test_a_run_recorded_with_the_removed_fused_on_says_how_to_continue():
 
     with pytest.raises(ValueError, match="--fused on was removed.*--fused off or --fused block"):
         resolve_config(TrainConfig(data="synthetic", fused="on", model="mae_vit_tiny_test"), cuda=False)
+
+
+# -- in process (maefast.train.train): the log and the folder rules around a resume --------------------
+
+def _cfg(out, **kw):
+    from maefast.train import TrainConfig
+
+    base = dict(model="mae_vit_tiny_test", data="synthetic", synthetic_size=12, batch_size=4, epochs=2, lr=1e-3,
+                progress=False, workers=0, device="cpu", plot=False, export=False, log_every=1,
+                output_dir=str(out))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_an_epoch_line_a_crash_missed_is_written_on_resume(tmp_path, monkeypatch):
+    """A stop between an epoch's checkpoint and its log.jsonl line lost the line for good (the resume
+    starts at the next epoch): the checkpoint carries it and the resume writes it."""
+    from maefast.train import loop, train
+
+    real = loop._Trainer._write
+
+    def crash(self, log, record):
+        if record.get("epoch") == 0 and "train_loss" in record:
+            raise RuntimeError("killed after the checkpoint, before the log line")
+        return real(self, log, record)
+
+    monkeypatch.setattr(loop._Trainer, "_write", crash)
+    with pytest.raises(RuntimeError, match="killed after the checkpoint"):
+        train(_cfg(tmp_path / "run"))
+    monkeypatch.setattr(loop._Trainer, "_write", real)
+    assert lines(str(tmp_path / "run" / "log.jsonl")) == []
+    train(_cfg(tmp_path / "run", resume="auto"))
+    train(_cfg(tmp_path / "straight"))
+    got, want = (lines(str(tmp_path / d / "log.jsonl")) for d in ("run", "straight"))
+    assert [(r["epoch"], r["step"]) for r in got] == [(0, 3), (1, 6)] == [(r["epoch"], r["step"]) for r in want]
+    assert got[0]["train_loss"] == want[0]["train_loss"]
+
+
+def test_folder_rules_around_a_resume(tmp_path):
+    """--resume auto over a finished --no-save run (its logs, no checkpoint) is refused (it deleted the logs
+    for a 'fresh start'); --no-save resumes a run recorded with --save-every-steps; a mid-epoch checkpoint
+    resumed with --epochs equal to its epoch is refused (it ended the run past --epochs, 'finished')."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "nosave", save=False))
+    before = open(tmp_path / "nosave" / "log.jsonl").read()
+    with pytest.raises(ValueError, match="no checkpoint-last.pth to continue from"):
+        train(_cfg(tmp_path / "nosave", resume="auto", max_steps=2))
+    with pytest.raises(ValueError, match="with no checkpoint-last.pth to continue from: pick another"):
+        train(_cfg(tmp_path / "nosave"))
+    assert open(tmp_path / "nosave" / "log.jsonl").read() == before
+    run = tmp_path / "run"
+    train(_cfg(run, max_steps=4, save_every_steps=2, keep_every_epochs=1))  # stops 1 step into epoch 1
+    res = train(_cfg(run, resume="auto", save=False, max_steps=5))
+    assert res is not None
+    with pytest.raises(ValueError, match=r"trained 1 epochs and 4 samples of the next .*--epochs >= 2"):
+        train(_cfg(run, resume="auto", epochs=1))
+
+
+def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
+    from maefast.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(run, keep_every_epochs=1))
+    assert os.path.exists(run / "checkpoint-0000.pth")
+    with pytest.raises(ValueError, match="is an earlier checkpoint of the run"):
+        train(_cfg(run, resume=str(run / "checkpoint-0000.pth")))
+    train(_cfg(run, resume=str(run / "checkpoint-0000.pth"), overwrite=True))
+    assert [r["step"] for r in lines(str(run / "steps.jsonl"))] == list(range(1, 7))
+    assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1]

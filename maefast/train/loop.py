@@ -207,9 +207,11 @@ class _Trainer:
                                  f"not a whole number of this run's global batches of {global_batch}")
             if samples >= steps_per_epoch * global_batch:
                 epoch, samples = epoch + 1, 0
-            if epoch > cfg.epochs:
-                raise ValueError(f"--resume {source}: the run has trained {epoch} epochs (step {step}); --epochs "
-                                 f"{cfg.epochs} would end it before that: pass --epochs >= {epoch}")
+            if epoch > cfg.epochs or (epoch == cfg.epochs and samples > 0):  # trained into epoch `epoch`
+                least = epoch + (samples > 0)
+                raise ValueError(f"--resume {source}: the run has trained {epoch} epochs" +
+                                 (f" and {samples} samples of the next" if samples else "") + f" (step {step}); "
+                                 f"--epochs {cfg.epochs} would end it before that: pass --epochs >= {least}")
             if epoch == cfg.epochs:  # stopped after its last checkpoint (before or during its export): finish it
                 cfg.notes.append(f"--resume {source}: the run has trained all its {epoch} epochs (step {step}): "
                                  "nothing left to train, only what a finished run writes")
@@ -238,7 +240,8 @@ class _Trainer:
         self.folder = RunFolder(cfg.output_dir, self.info.is_main)
         self.folder.prepare(checkpoint_bytes(self.model, save=cfg.save, export=cfg.export), overwrite=cfg.overwrite,
                             keep=(self.source,) if self.source else (),
-                            trim_to_step=self.step if cfg.resume is not None else None)
+                            trim_to_step=self.step if cfg.resume is not None else None,
+                            last_record=(self.ck or {}).get("log_record"))
 
     def _build_state(self) -> None:
         """Wraps the model (DDP/FSDP), builds the optimizer and restores the checkpoint's state."""
@@ -299,7 +302,8 @@ class _Trainer:
         self.ck = None  # the tensors are in the model now
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, epoch_next: int, samples_next: int, stats: _EpochStats | None, keep: str | None = None) -> None:
+    def _save(self, epoch_next: int, samples_next: int, stats: _EpochStats | None, keep: str | None = None,
+              log_record: dict | None = None) -> None:
         """Checkpoint of the current step (collective): the position is the next sample to train on.
         Nothing with --no-save (on every rank alike: no collective either)."""
         cfg, info = self.cfg, self.info
@@ -315,7 +319,7 @@ class _Trainer:
                              "dataset_size": len(self.dataset), "world_size": info.world_size,
                              "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter},
                 "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INTERNAL_FIELDS},
-                "history": self.history, "format_version": ckpt_lib.FORMAT_VERSION}
+                "history": self.history, "log_record": log_record, "format_version": ckpt_lib.FORMAT_VERSION}
         save_checkpoint(meta, cfg.output_dir, ckpt_lib.CHECKPOINT_NAME, self.wrapped, self.optimizer, info,
                         sharded=self.fsdp, keep=keep)
 
@@ -453,12 +457,14 @@ class _Trainer:
             finished = b >= batches_used
             keep = (f"checkpoint-{epoch:04d}.pth" if finished and cfg.keep_every_epochs
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
-            self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep)
+            record = {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.images, 1),
+                      "train_lr": lr_now, "images": int(totals.images), "time_s": round(totals.time_s, 3),
+                      "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
+                      "skipped_examples": totals.bad_names, "complete": finished}
+            # the checkpoint carries the record (a crash before the line below: the resume writes it)
+            self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep, record)
             # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
-            self._write(log, {"epoch": epoch, "step": self.step, "train_loss": totals.loss_sum / max(totals.images, 1),
-                       "train_lr": lr_now, "images": int(totals.images), "time_s": round(totals.time_s, 3),
-                       "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
-                       "skipped_examples": totals.bad_names, "complete": finished})
+            self._write(log, record)
             if info.is_main and cfg.plot:
                 from .plot import plot_loss_curve
 

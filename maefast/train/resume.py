@@ -93,6 +93,8 @@ def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple
     for name in RUN_DEFINING + CHANGEABLE:
         if name not in recorded:
             continue
+        if not cfg.save and name in ("save_every_steps", "keep_every_epochs") and name not in explicit:
+            continue  # --no-save writes no checkpoint: the run's checkpoint rhythm does not apply to it
         old, new = recorded[name], getattr(cfg, name)
         if name not in explicit or _norm(name, new) == _norm(name, old):
             values[name] = old

@@ -57,6 +57,10 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
         # (a shards folder without its checkpoint file is a first save cut short: a stale temporary)
         results = [f for f in files if f not in ("log.jsonl", "steps.jsonl", "loss_curve.png")
                    and not SHARDS_DIR.match(f)]
+        # log.jsonl gets an epoch's record only after its checkpoint is written: records without a
+        # checkpoint are a finished --no-save run's (or the checkpoint was removed), a fresh start deletes them
+        if not results and "log.jsonl" in files and read_jsonl(os.path.join(output_dir, "log.jsonl")):
+            results = ["log.jsonl"]
         if results:
             raise ValueError(f"--resume auto: --output-dir {output_dir!r} holds a run ({shown}) but no "
                              f"{CHECKPOINT_NAME} to continue from, and a fresh start would write over it: pick "
@@ -64,13 +68,19 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
     if resume == "auto" or not files or overwrite:
         return
     if resume is None:
+        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME)) and \
+                read_jsonl(os.path.join(output_dir, "log.jsonl")):  # a finished --no-save run: nothing to continue
+            raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}) with no {CHECKPOINT_NAME} "
+                             "to continue from: pick another --output-dir, or --overwrite to start over (deletes "
+                             "its logs and export)")
         raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}): pass --resume auto to "
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
     if not _same_path(resume, os.path.join(output_dir, CHECKPOINT_NAME)):
         if _same_path(os.path.dirname(os.path.abspath(resume)), output_dir):  # rewinding the run to a kept epoch
             raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
                              f"continuing from it in place would write over its later checkpoints and logs "
-                             f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite")
+                             f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite "
+                             "(deletes the later checkpoints and export, keeps the log lines up to it)")
         raise ValueError(f"--output-dir {output_dir!r} holds another run ({shown}) that continuing from "
                          f"--resume {resume!r} would write over: pick another --output-dir, or add --overwrite")
 
@@ -126,7 +136,7 @@ class RunFolder:
         return os.path.join(self.path, name)
 
     def prepare(self, need_bytes: int, overwrite: bool, keep: tuple[str, ...] = (),
-                trim_to_step: int | None = None) -> None:
+                trim_to_step: int | None = None, last_record: dict | None = None) -> None:
         """Creates and locks the folder, checks it can take a checkpoint, removes stale temporaries.
 
         Args:
@@ -134,6 +144,8 @@ class RunFolder:
             overwrite: delete the run files there (--overwrite), except ``keep`` (the checkpoint
                 being resumed from, when it lies in this folder).
             trim_to_step: on a resume, the logs keep only the lines up to this step (None: fresh).
+            last_record: the log.jsonl record the resumed checkpoint was saved with: written when the
+                log lacks it (the run stopped between its checkpoint and its log line).
         """
         if not self.is_main:
             return
@@ -164,6 +176,12 @@ class RunFolder:
                            f"{mount_point(self.path)}")
         if trim_to_step is not None:
             self.trim_logs(trim_to_step)
+            if last_record is not None and last_record.get("complete", True):
+                path = self.join("log.jsonl")
+                have = read_jsonl(path) if os.path.exists(path) else []
+                if not any(r.get("epoch") == last_record["epoch"] and r.get("step") == last_record["step"]
+                           for r in have):
+                    JsonlLog(path).write(last_record)
 
     def _take_lock(self) -> None:
         try:
@@ -210,6 +228,8 @@ class RunFolder:
         keep_names = {os.path.basename(k) for k in keep if _same_path(os.path.dirname(os.path.abspath(k)),
                                                                       self.path)}
         keep_names |= {d for k in keep_names for d in referenced_shards(self.path, only=k)}
+        if keep_names:  # rewinding in place to a kept checkpoint: its logs up to it still apply (trimmed later)
+            keep_names |= {"log.jsonl", "steps.jsonl"}
         for name in run_files(self.path):
             if name not in keep_names:
                 _remove(self.join(name))
