@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,14 +22,16 @@ def _git(*args: str) -> str | None:
 def git_commit() -> str:
     """HEAD of this maefast checkout (+ '-dirty' when tracked files differ); where the tree is not a git
     checkout of its own (the GPU machine's copy has no .git: scripts/gpu_check.sh is run with
-    MAEFAST_COMMIT=<sha>), MAEFAST_COMMIT; else 'unknown'. The checkout wins over the variable, so one
-    left set in a shell cannot name the wrong commit."""
+    MAEFAST_COMMIT=<sha>), MAEFAST_COMMIT when it is a commit (7-40 hex digits, optionally '-dirty');
+    else 'unknown'. The checkout wins over the variable, so one left set in a shell cannot name the wrong
+    commit."""
     top = _git("rev-parse", "--show-toplevel")
     sha = _git("rev-parse", "HEAD") if top and os.path.realpath(top) == os.path.realpath(_REPO_ROOT) else None
     if sha and len(sha) == 40 and all(c in "0123456789abcdef" for c in sha):
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         return sha + ("-dirty" if dirty else "")
-    return os.environ.get("MAEFAST_COMMIT") or "unknown"
+    given = os.environ.get("MAEFAST_COMMIT", "")
+    return given if re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", given) else "unknown"
 
 
 def runtime() -> dict:

@@ -1,6 +1,7 @@
 """Driver of scripts/gpu_check.sh: presets that each fit in ~5 minutes of a lent GPU machine and write
 their own record. A lent card gives ~15 minutes in all (1-2 of them to start it) and one command may
-run 10, so a session runs two or three presets, in one or two calls.
+run 10, so a session runs two presets: in one call (`--preset step,profile --preset-budget 280`,
+timeout_s 600), or two calls of one each.
 
     scripts/gpu_check.sh --preset step          # one preset
     scripts/gpu_check.sh --preset verify,ops    # several, in order, each with its own record
@@ -30,7 +31,9 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
 Each step runs in a subprocess under its own budget, clipped to what is left of the preset's
 (default 290 s); pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
 and benchmark rows are appended as they finish (MAEFAST_BENCH_ROWS), so a step cut short keeps what
-it did. A failing step is recorded, never aborts the rest. Per preset, $OUT gets exactly
+it did. A failing step is recorded, never aborts the rest; a step stopped at its budget takes its whole
+process group with it; the record is rewritten after every step (`complete` false until the preset
+ends; a SIGTERM writes it too), so a call the device tool kills keeps what finished. Per preset, $OUT gets exactly
 `<preset>-record.json` (environment with `uname -r`, card, date, commit from MAEFAST_COMMIT,
 versions, preset, wall time; every step; every row; `targets`: the issue's figures next to their
 thresholds) and `<preset>-log.txt` (+ `table2.png`); intermediate files stay in --work.
@@ -60,8 +63,9 @@ RESERVE_S = 8  # kept back from the last step for writing the record
 # budget ends (its longest single case), then is killed at the budget.
 # verify's split of its 290 s is a guess (the capture tests have not run on a card yet): the probe ~1 min
 # with Triton's compiles, TrainStep's tests incl. one torch.compile row, then the rest
-# (the build took 23.5 s on 2026-11-27; 180 `cuda` tests 74 s with 8 workers: today's 333 need more)
-BUDGET = {"build": (45, 0), "capture-probe": (45, 0), "step-tests": (70, 20), "tests": (110, 15), "diagnose": (20, 0),
+# (the build took 23.5 s on 2026-11-27; 180 `cuda` tests 74 s with 8 workers: today's 333 need more, the
+# deadline's skips are counted as not_run; the probe said ~1 min, its budget has a margin over it)
+BUDGET = {"build": (35, 0), "capture-probe": (75, 0), "step-tests": (65, 20), "tests": (95, 15), "diagnose": (20, 0),
           # step: each row's build (compile, warm-up, capture) is recorded as build_s: tune these from it.
           # Unmeasured guesses: Triton's cold compiles ~30 s for the first maefast row; one whole-model
           # Inductor compile of ViT-H ~60-90 s (a second one in the same machine session reads its caches)
@@ -123,6 +127,22 @@ def parse_only() -> None:
     raise SystemExit(f"parse_only: {sys.argv[0]} ended without parsing its arguments")
 
 
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> bytes:
+    """Stops `proc`'s process group (SIGINT, then SIGKILL after `grace` s); returns the output it wrote."""
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.communicate(timeout=wait)[0]
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.communicate()[0]
+
+
 class Runner:
     """Runs a preset's steps under the preset's budget and builds its record."""
 
@@ -138,6 +158,7 @@ class Runner:
         self.record = {"kind": "maefast gpu_check", "preset": preset, "dry_run": self.dry, "env": rec.environment(),
                        "budget_s": self.budget, "steps": {}, "rows": []}
         self.py = sys.executable
+        self.child: subprocess.Popen | None = None
 
     def job(self, cmd: list[str]) -> list[str]:
         """`cmd` (`python -m <module> <args>`), or on a dry run the same argument list through the real
@@ -167,17 +188,26 @@ class Runner:
         self.log.write(f"\n$ {st['cmd']}\n")
         self.log.flush()
         t = time.time()
+        # a session of its own: at the budget the whole group stops (pytest's xdist workers, DataLoader
+        # workers, Inductor's compile pool), not only the child, which would leave them running into the
+        # next step's timings; SIGINT first, so that pytest still writes its junit XML
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
+        self.child = proc
         try:
-            r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               timeout=budget, env=full_env)
-            out, rc = r.stdout, r.returncode
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + \
-                f"\n[gpu_check: killed at its budget, {budget:.0f} s]"
-            rc = 124
+            raw, _ = proc.communicate(timeout=budget)
+            rc = proc.returncode
+            tail = ""
+        except subprocess.TimeoutExpired:
+            raw, rc = _stop_group(proc), 124
+            tail = f"\n[gpu_check: stopped at its budget, {budget:.0f} s]"
+        finally:
+            self.child = None
+        out = (raw or b"").decode(errors="replace") + tail
         self.log.write(out)
         self.log.flush()
         st.update(rc=rc, seconds=round(time.time() - t, 1))
+        self.save(complete=False)
         return rc, out
 
     def pytest(self, name: str, targets: list[str], env: dict | None = None, extra: list[str] = (), note: str = ""):
@@ -211,11 +241,19 @@ class Runner:
                     "holds the sections that finished"
         return rc, out
 
-    def finish(self) -> dict:
+    def save(self, complete: bool) -> str:
+        """The record so far, written atomically: after every step (a preset the device tool kills keeps
+        what it finished) and at the end (``complete``)."""
         self.record["wall_s"] = round(time.time() - self.t0, 1)
+        self.record["complete"] = complete
         path = os.path.join(self.args.out, f"{self.preset}-record.json")
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(self.record, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        return path
+
+    def finish(self) -> dict:
+        path = self.save(complete=True)
         self.log.close()
         print("\n".join(rec.short_lines(self.record)))
         print(f"record: {path}", flush=True)
@@ -224,18 +262,13 @@ class Runner:
 
 # -- presets -----------------------------------------------------------------------------------------
 
-def ensure_built(r: Runner, always: bool) -> None:
-    """Builds maefast._C in place (sm_90), unless `always` is False and it already imports."""
+def ensure_built(r: Runner) -> None:
+    """Builds maefast._C in place (sm_90); incremental (ninja: ~1 s when csrc is unchanged), so a warm
+    machine's .so from an older tree is never reused."""
     if r.dry:
         r.run("build", [r.py, "-c", "import sys; sys.path.insert(0, 'csrc'); import build; "
                         "print(build.sources(), build.compile_flags()[:4])"])
         return
-    if not always:
-        probe = subprocess.run([r.py, "-c", "import maefast._C"], cwd=ROOT, capture_output=True,
-                               env=dict(os.environ, PYTHONPATH=ROOT))
-        if probe.returncode == 0:
-            r.record["steps"]["build"] = {"rc": 0, "seconds": 0.0, "budget_s": 0, "note": "maefast._C already built"}
-            return
     env = {"MAEFAST_CUDA_ARCHS": os.environ.get("MAEFAST_CUDA_ARCHS", "90"),
            "MAEFAST_BUILD_JOBS": os.environ.get("MAEFAST_BUILD_JOBS", str(os.cpu_count() or 8))}
     r.run("build", [r.py, "csrc/build.py", "--inplace", "--build-dir", os.path.join(ROOT, "build", "gpu_check")], env)
@@ -263,7 +296,7 @@ def _cuda_tests(r: Runner, name: str, targets: list[str], marker: str = "cuda") 
 
 
 def preset_verify(r: Runner) -> None:
-    ensure_built(r, always=True)
+    ensure_built(r)
     # first, each in a process of its own: a capture that fails inside its graph leaves torch 2.11's
     # CUDA allocator broken for the rest of its process (maefast/graphs.py), which must not take the
     # unrelated tests down with it
@@ -302,7 +335,7 @@ def _test_files(r: Runner) -> list[str]:
 
 
 def preset_kernels(r: Runner) -> None:
-    ensure_built(r, always=False)
+    ensure_built(r)
     s = _cuda_tests(r, "kernel-tests", _test_files(r), marker="device")
     if s is not None:
         r.record["tests"] = s
@@ -317,7 +350,7 @@ def preset_step(r: Runner) -> None:
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED)),
              note="each whole-model torch.compile of ViT-H takes ~1 min (build_s in each row)")
-    r.record["targets"] = {"step": rec.step_targets(r.record["rows"])}
+    r.record["targets"] = {"step": rec.step_targets(r.record["rows"], STEP_MODEL)}
 
 
 def preset_profile(r: Runner) -> None:
@@ -370,7 +403,7 @@ def ops_node_ids(r: Runner) -> list[str]:
 
 
 def preset_ops(r: Runner) -> None:
-    ensure_built(r, always=False)  # the cuda rows need maefast._C
+    ensure_built(r)  # the cuda rows need maefast._C
     try:
         ids = ops_node_ids(r)
     except Exception as e:  # noqa: BLE001
@@ -512,15 +545,33 @@ def main(argv=None) -> int:
         args.budget = {k: float(v) for k, v in (item.split("=") for item in args.budget)}
     except ValueError:
         ap.error("--budget takes STEP=SECONDS")
+    unknown = sorted(set(args.budget) - set(BUDGET))
+    if unknown:
+        ap.error(f"--budget: unknown step(s) {unknown}; steps: {', '.join(BUDGET)}")
     if not args.dry_run and rec.git_commit() == "unknown":  # a record that cannot name its commit is worthless
-        print("gpu_check: refusing a GPU run with no commit to record (no .git here, MAEFAST_COMMIT unset): run "
-              "MAEFAST_COMMIT=<sha> scripts/gpu_check.sh ..., <sha> from `git rev-parse HEAD` in the checkout",
-              file=sys.stderr)
+        print("gpu_check: refusing a GPU run with no commit to record (no .git here, MAEFAST_COMMIT unset or not a "
+              "commit sha): run MAEFAST_COMMIT=<sha> scripts/gpu_check.sh ..., <sha> from `git rev-parse HEAD` in the "
+              "checkout (+ '-dirty' when it has uncommitted changes)", file=sys.stderr)
         return 2
     args.work = args.work or os.path.join(ROOT, "out", "gpu_check", "work")
     failed = []
+    current: list[Runner] = []
+
+    def on_term(signum, frame):  # the device tool's time limit: the running step stops, the record stays
+        if current:
+            r = current[0]
+            if r.child is not None:
+                _stop_group(r.child, grace=2.0)
+            r.record["error"] = f"stopped by signal {signum} (a time limit?): the steps before it are complete"
+            r.save(complete=False)
+        raise SystemExit(128 + signum)
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)
     for name in names:
         r = Runner(name, args)
+        current[:] = [r]
         try:
             RUN[name](r)
         except Exception as e:  # noqa: BLE001 - our bug: still write what the preset has

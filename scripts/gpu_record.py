@@ -75,7 +75,8 @@ def environment() -> dict:
 def junit_summary(path: str) -> dict:
     if not os.path.exists(path):
         return {"error": "no junit xml"}
-    s = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    # not_run: skipped by the step's deadline (scripts/pytest_deadline.py), not by the test's own rule
+    s = {"passed": 0, "failed": 0, "skipped": 0, "not_run": 0, "failures": []}
     for c in ET.parse(path).getroot().iter("testcase"):
         bad = c.find("failure") if c.find("failure") is not None else c.find("error")
         if bad is not None:
@@ -83,7 +84,9 @@ def junit_summary(path: str) -> dict:
             s["failures"].append({"test": f"{c.get('classname')}::{c.get('name')}",
                                   "message": (bad.get("message") or "")[:400]})
         elif c.find("skipped") is not None:
-            s["skipped"] += 1
+            skip = c.find("skipped")
+            said = (skip.get("message") or "") + (skip.text or "")
+            s["not_run" if "time budget is spent" in said else "skipped"] += 1
         else:
             s["passed"] += 1
     return s
@@ -120,18 +123,37 @@ def _fastest(rows, providers):
 
 
 STEP_TARGETS = ("mfu", "step_vs_reference", "peak_mem_vs_reference", "step_vs_torch_native")
+PAPER_ATTENTION_L = (50, 65, 197, 257)  # issue 14: encoder L 50 (B/L), 65 (H); decoder 197, 257
+TABLE2_MODELS = ("mae_vit_large_patch16", "mae_vit_huge_patch14")
 
 
-def step_targets(rows: list[dict]) -> dict:
+def _is_shape(key: str, only: str | None) -> bool:
+    """Whether a train-step shape key is the issue's ``only`` ("huge:128": the model name holds "huge", batch
+    128); every key when ``only`` is None."""
+    if only is None:
+        return True
+    model, batch = only.split(":")
+    try:
+        shape = json.loads(key)
+    except ValueError:
+        return False
+    return model in str(shape.get("model")) and shape.get("batch") == int(batch)
+
+
+def step_targets(rows: list[dict], only: str | None = None) -> dict:
     """Per (model, batch) of the `train-step` rows: every provider's time / img/s / peak memory, the
     fastest maefast row against the reference and against the fastest torch-native row of the same
-    record (baselines come from the same run). Every target of STEP_TARGETS is there for every shape:
-    one whose row is missing has met None and a reason naming the row (also with no train-step row)."""
+    record (baselines come from the same run). Every target of STEP_TARGETS is there for the issue's
+    shape (``only``, e.g. "huge:128"; every shape when None): one whose row is missing has met None and a
+    reason naming the row (also with no row of that shape). Other shapes (the loader's ViT-B/16 rows)
+    get their rows only, for information."""
     out = {}
-    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"})
+    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step" and _is_shape(r["shape_key"], only)})
+    info = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"} - set(keys))
     if not keys:
-        return {"(no train-step row)": {t: judge(t, None, "missing row: no train-step row in this record")
-                                        for t in STEP_TARGETS}}
+        out = {f"({only or 'no train-step row'})": {t: judge(t, None, f"missing row: no train-step row"
+                                                             f"{' of ' + only if only else ''} in this record")
+                                                    for t in STEP_TARGETS}}
     for key in keys:
         rs = [r for r in rows if r.get("group") == "train-step" and r["shape_key"] == key]
         ref = _fastest(rs, ("reference",))
@@ -158,6 +180,9 @@ def step_targets(rows: list[dict]) -> dict:
         entry["step_vs_torch_native"] = judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
                                               if native and ours else None, no_ours or no_native)
         out[key] = entry
+    for key in info:
+        out[key] = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "captured")}
+                             for r in rows if r.get("group") == "train-step" and r["shape_key"] == key}}
     return out
 
 
@@ -186,6 +211,11 @@ def attention_targets(rows: list[dict]) -> dict:
         else:
             e[target] = judge(f"attention_{mode}_vs_best_sdpa", None, "missing row: no sdpa-* row timed like it "
                               "at this shape" if r.get("time_ms") else f"{r['provider']} has no time")
+    for L in PAPER_ATTENTION_L:  # a paper shape with no row (cut short, skipped) still reads `?`
+        if not any(k.startswith(f"L{L} ") for k in out):
+            out[f"L{L}"] = {mode: {f"{p}_vs_best_sdpa": judge(f"attention_{mode}_vs_best_sdpa", None,
+                                                              f"missing row: no {p} attention row at L {L}")
+                                   for p in ("triton", "cuda")} for mode in ("fwd", "fwdbwd")}
     return out
 
 
@@ -202,6 +232,10 @@ def op_targets(rows: list[dict]) -> dict:
                 and r.get("frac_peak_bw") is not None:
             out.setdefault("memory_bound_frac_peak_bw", {})[f"{g} {r['shape_key']} {r['provider']}"] = \
                 judge("memory_bound_frac_peak_bw", r["frac_peak_bw"])
+    for name, what in (("mask_embed_fwd_bwd_vs_reference", "mask-embed-fwd-bwd"),
+                       ("memory_bound_frac_peak_bw", "patch-gather / unshuffle-fwd-bwd / loss-masked-fwd-bwd")):
+        if name not in out:  # none of its rows ran: still written, as `?`
+            out[name] = {"(no row)": judge(name, None, f"missing row: no {what} row of triton/cuda")}
     return out
 
 
@@ -213,6 +247,11 @@ def table2_targets(table2: dict | list | None) -> dict:
             out[f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('impl')}"] = judge(
                 "table2_of_flop_bound", r.get("of_flop_bound"),
                 r.get("error") or "missing: a step of the row was not timed")
+    for model in TABLE2_MODELS:  # the issue's cells (ViT-L and ViT-H, decoder 8 and 1): `?` when missing
+        for depth in (8, 1):
+            if not any(k.startswith(f"{model} dec{depth} ") for k in out):
+                out[f"{model} dec{depth}"] = judge("table2_of_flop_bound", None,
+                                                   f"missing row: no maefast cell {model} decoder {depth}")
     return out
 
 
@@ -266,10 +305,18 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
     model, batch = step_model.split(":")
     huge = (train.get("train-huge") or {}).get("img_per_s")
     out["train_huge_img_per_s"] = huge
+    # a ratio between two records holds only for the same card and commit (the step record may be older)
+    mine, theirs = record.get("env") or {}, (step_record or {}).get("env") or {}
+    other = [f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}" for k in ("card", "commit")
+             if step_record is not None and theirs.get(k) != mine.get(k)]
+    if other:
+        out["step_record_differs"] = "; ".join(other)
+        step_record = None
     rows = _step_rows(step_record, model, int(batch))
     same = rows.get(TRAIN_STEP_ROW)
     out["train_vs_step"] = judge("train_vs_step", huge / same if huge and same else None,
                                  "missing run: train-huge" if not huge else
+                                 f"the step record is another run's ({out['step_record_differs']})" if other else
                                  f"missing row: {TRAIN_STEP_ROW} {step_model} in the step record")
     out["train_vs_step"]["step_row"] = TRAIN_STEP_ROW
     best = max((v, p) for p, v in rows.items() if p.startswith("maefast")) if any(
@@ -279,6 +326,7 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
     base = {p: v for p, v in _step_rows(step_record, "base", 128).items() if p.startswith("maefast")}
     out["loader_vs_step"] = judge("loader_vs_step", ours / max(base.values()) if base and ours else None,
                                   "missing: the fast-uint8 / gpu loader rows" if not ours else
+                                  f"the step record is another run's ({out['step_record_differs']})" if other else
                                   "missing row: the step record's maefast rows at base:128")
     return out
 
@@ -293,7 +341,7 @@ def short_lines(record: dict) -> list[str]:
         extra = st.get("note", "")
         t = record.get("tests")
         if name == "tests" and isinstance(t, dict) and "passed" in t:
-            extra = f"passed {t['passed']} failed {t['failed']} skipped {t['skipped']}"
+            extra = f"passed {t['passed']} failed {t['failed']} skipped {t['skipped']} not run {t.get('not_run', 0)}"
             extra += "".join(f"\n      FAIL {f['test']}: {f['message'][:150]}" for f in t["failures"][:8])
         lines.append(f"  {name:<14} rc={st['rc']!s:<4} {st['seconds']:>6.1f}s/{st['budget_s']:<5g} {extra}")
 

@@ -360,3 +360,74 @@ def test_kernel_table_reads_the_profilers_device_events():
     t = profile_step.kernel_table(prof, steps=2)
     assert t["total_ms_per_step"] == 10.0 and t["attention_ms_per_step"] == 2.0 and t["gemm_share"] == 0.8
     assert t["top"][0]["name"] == "nvjet_tst_gemm" and t["top"][0]["calls_per_step"] == 20
+
+
+def test_records_judge_the_issues_shapes_and_say_what_is_missing():
+    """The step targets judge the issue's shape only (the loader's ViT-B/16 rows are information); ops and
+    table2 records with no row still carry every target as `?`; a data record compares with a step record
+    only of the same card and commit; pytest's deadline skips are counted apart (not_run)."""
+    h, b = dict(model="mae_vit_huge_patch14", batch=128), dict(model="mae_vit_base_patch16", batch=128)
+    rows = [_row("train-step", "reference", 180.0, h, peak_mem_gib=40.0),
+            _row("train-step", "maefast-graph", 100.0, h, peak_mem_gib=18.0, frac_peak_flops=0.6),
+            _row("train-step", "maefast-graph", 40.0, b)]
+    t = rec.step_targets(rows, "huge:128")
+    assert set(t[json.dumps(h, sort_keys=True)]) >= set(rec.STEP_TARGETS)
+    assert set(t[json.dumps(b, sort_keys=True)]) == {"rows"}  # no "? step_vs_reference" for the loader's rows
+    assert all(v["met"] is None for v in rec.step_targets(rows[2:], "huge:128")["(huge:128)"].values())
+    att = rec.attention_targets([])
+    assert {k for k in att} == {"L50", "L65", "L197", "L257"}
+    assert att["L65"]["fwd"]["triton_vs_best_sdpa"]["met"] is None
+    ops = rec.op_targets([])
+    assert {k for k in ops} == {"mask_embed_fwd_bwd_vs_reference", "memory_bound_frac_peak_bw"}
+    t2 = rec.table2_targets({"rows": []})
+    assert len(t2) == 4 and all(v["met"] is None for v in t2.values())
+    record = {"env": {"card": "NVIDIA H200", "commit": "abc1234"}, "bench_data": {},
+              "train": {"train-huge": {"img_per_s": 1100.0}}}
+    step = {"env": {"card": "NVIDIA H100 80GB HBM3", "commit": "abc1234"},
+            "rows": [_row("train-step", "maefast-graph", 110.0, dict(model="huge", batch=128), img_per_s=1150.0)]}
+    t = rec.data_targets(record, step)
+    assert t["train_vs_step"]["met"] is None and "another run's" in t["train_vs_step"]["reason"]
+    assert "card" in t["step_record_differs"]
+    step["env"]["card"] = "NVIDIA H200"
+    assert rec.data_targets(record, step)["train_vs_step"]["met"] is True
+
+
+def test_junit_counts_deadline_skips_apart(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuite><testcase classname="a" name="t1"/>'
+                   '<testcase classname="a" name="t2"><skipped message="needs a CUDA GPU"/></testcase>'
+                   '<testcase classname="a" name="t3"><skipped message="gpu_check: this step\'s time budget is spent"/>'
+                   '</testcase></testsuite>')
+    s = rec.junit_summary(str(xml))
+    assert (s["passed"], s["skipped"], s["not_run"]) == (1, 1, 1)
+
+
+def test_a_step_stopped_at_its_budget_takes_its_children_with_it_and_the_record_is_kept(tmp_path):
+    """A step killed at its budget: its whole process group stops (a grandchild, like pytest's xdist
+    workers, kept running into the next step's timings), and the preset's record is on disk after every
+    step, not only at the end (a preset the device tool kills keeps what it finished)."""
+    import argparse
+    import gpu_check
+
+    args = argparse.Namespace(dry_run=False, work=str(tmp_path / "work"), out=str(tmp_path / "out"),
+                              preset_budget=60.0, budget={"diagnose": 2.0})
+    r = gpu_check.Runner("verify", args)
+    pid_file = tmp_path / "grandchild.pid"
+    cmd = [sys.executable, "-c", "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+           "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)", str(pid_file)]
+    rc, out = r.run("diagnose", cmd)
+    assert rc == 124 and "stopped at its budget" in out
+    pid = int(pid_file.read_text())
+    import time
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the grandchild outlived its step")
+    saved = json.loads((tmp_path / "out" / "verify-record.json").read_text())
+    assert saved["complete"] is False and saved["steps"]["diagnose"]["rc"] == 124
+    r.finish()
+    assert json.loads((tmp_path / "out" / "verify-record.json").read_text())["complete"] is True
