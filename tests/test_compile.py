@@ -380,3 +380,19 @@ def test_compiled_model_refuses_a_mask_ratio_that_keeps_no_patch():
     c(x, 0.75, noise)
     with pytest.raises(ValueError, match="at least one patch"):
         c(x, 0.99, noise)
+
+
+def test_a_model_compiled_before_any_eager_call_compiles_once(monkeypatch):
+    """The README's promise (a seed tensor or noise per call: no recompile) also when the first call is a
+    compiled one: a per-class cache that the first trace filled failed that trace's guards at the next call."""
+    from maefast.models import fast
+
+    monkeypatch.setattr(fast, "_TRUST", {})  # as in a fresh process
+    torch._dynamo.reset()
+    model = maefast.models.create_model("mae_vit_tiny_test")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    compiled(x, 0.75, seed=torch.tensor([1]))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in (2, 3):
+            compiled(x, 0.75, seed=torch.tensor([s]))

@@ -226,10 +226,12 @@ def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
     from maefast.train import train
 
     run = tmp_path / "run"
-    train(_cfg(run, keep_every_epochs=1))
-    assert os.path.exists(run / "checkpoint-0000.pth")
+    train(_cfg(run, keep_every_epochs=1, epochs=3))
+    assert all(os.path.exists(run / f"checkpoint-000{e}.pth") for e in (0, 1, 2))
     with pytest.raises(ValueError, match="is an earlier checkpoint of the run"):
-        train(_cfg(run, resume=str(run / "checkpoint-0000.pth")))
-    train(_cfg(run, resume=str(run / "checkpoint-0000.pth"), overwrite=True))
-    assert [r["step"] for r in lines(str(run / "steps.jsonl"))] == list(range(1, 7))
-    assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1]
+        train(_cfg(run, resume=str(run / "checkpoint-0001.pth"), epochs=3))
+    kept0 = os.stat(run / "checkpoint-0000.pth").st_mtime_ns
+    train(_cfg(run, resume=str(run / "checkpoint-0001.pth"), epochs=3, overwrite=True))
+    assert [r["step"] for r in lines(str(run / "steps.jsonl"))] == list(range(1, 10))
+    assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1, 2]
+    assert os.stat(run / "checkpoint-0000.pth").st_mtime_ns == kept0  # the earlier kept checkpoint stays

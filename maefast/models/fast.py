@@ -117,13 +117,16 @@ _TRUST: dict = {}
 
 def trusted_class(cls: type, root_module: str = "") -> bool:
     """Whether the forward `cls` runs is one maefast knows: defined in timm, maefast or torch, or in
-    `root_module` (the module of the model's official-layout class: its Block copy). Cached per class."""
+    `root_module` (the module of the model's official-layout class: its Block copy). Cached per class,
+    except while dynamo traces: a cache filled by the first trace would fail that trace's guards at the
+    next call (a recompile of a model compiled before any eager call)."""
     key = (cls, root_module)
-    ok = _TRUST.get(key)
+    ok = None if compiling() else _TRUST.get(key)
     if ok is None:
         c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
         ok = c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
-        _TRUST[key] = ok
+        if not compiling():
+            _TRUST[key] = ok
     return ok
 
 

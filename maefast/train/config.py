@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     on_off = argparse.BooleanOptionalAction
     a("--data", default="synthetic", help="image folder (flat or class sub-folders) or 'synthetic'")
-    a("--synthetic-size", type=int, default=None, help="images in the synthetic set (auto: ~1 min on the CPU)")
+    a("--synthetic-size", type=int, default=None, help=f"images in the synthetic set (auto: {CPU_SYNTHETIC_SIZE} on "
+                                                       f"the CPU, ~20 s on 2 idle cores; {GPU_SYNTHETIC_STEPS} "
+                                                       "global batches on a GPU)")
     a("--model", default=None, help=f"one of {_model_names()} (auto: {GPU_MODEL} on a GPU, {CPU_MODEL} on the CPU)")
     a("--input-size", type=int, default=None, help="image size (auto: the model's img_size)")
     a("--epochs", type=int, default=None, help=f"auto: {PAPER_EPOCHS} (paper) for a folder, 1 for synthetic")

@@ -26,6 +26,9 @@ SHARDS_DIR = re.compile(r"^(?P<owner>checkpoint-(last|\d{4,})\.pth)" + re.escape
 TEMP = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 
+_KEPT = re.compile(r"checkpoint-(\d+)\.pth")  # a kept epoch's checkpoint (--keep-every-epochs)
+
+
 def run_files(folder: str) -> list[str]:
     """Names in ``folder`` that a ``maefast train`` run wrote (sorted; [] when it does not exist)."""
     if not os.path.isdir(folder):
@@ -80,7 +83,8 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
             raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
                              f"continuing from it in place would write over its later checkpoints and logs "
                              f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite "
-                             "(deletes the later checkpoints and export, keeps the log lines up to it)")
+                             "(deletes the later checkpoints and export, keeps the earlier ones and the log lines "
+                             "up to it)")
         raise ValueError(f"--output-dir {output_dir!r} holds another run ({shown}) that continuing from "
                          f"--resume {resume!r} would write over: pick another --output-dir, or add --overwrite")
 
@@ -228,8 +232,13 @@ class RunFolder:
         keep_names = {os.path.basename(k) for k in keep if _same_path(os.path.dirname(os.path.abspath(k)),
                                                                       self.path)}
         keep_names |= {d for k in keep_names for d in referenced_shards(self.path, only=k)}
-        if keep_names:  # rewinding in place to a kept checkpoint: its logs up to it still apply (trimmed later)
+        if keep_names:  # rewinding in place to a kept checkpoint: its logs up to it (trimmed later) and the
+            # checkpoints kept before it still apply; the later ones and the export go
             keep_names |= {"log.jsonl", "steps.jsonl"}
+            upto = [int(m.group(1)) for k in keep_names if (m := _KEPT.fullmatch(k))]
+            if upto:
+                earlier = {n for n in run_files(self.path) if (m := _KEPT.fullmatch(n)) and int(m.group(1)) < max(upto)}
+                keep_names |= earlier | {d for k in earlier for d in referenced_shards(self.path, only=k)}
         for name in run_files(self.path):
             if name not in keep_names:
                 _remove(self.join(name))
