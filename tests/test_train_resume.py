@@ -143,6 +143,19 @@ def test_global_batch_rules():
         reconcile(TrainConfig(batch_size=4, explicit=("batch_size",)), ck, "ck.pth", world_size=3)
 
 
+def test_data_may_move_but_not_turn_synthetic():
+    """--data on resume: another path is a moved copy (applied, announced); synthetic images for a folder
+    (of the same size) or the other way round is other data: refused like a run-defining option."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import reconcile
+
+    ck = {"config": {"batch_size": 4, "accum_iter": 1, "data": "/data/a"}, "schedule": {"global_batch": 4}}
+    _, _, changed = reconcile(TrainConfig(data="/data/b", explicit=("data",)), ck, "ck.pth", world_size=1)
+    assert changed == {"data": ["/data/a", "/data/b"]}
+    with pytest.raises(ValueError, match="--data synthetic \\(the run's: /data/a\\)"):
+        reconcile(TrainConfig(data="synthetic", explicit=("data",)), ck, "ck.pth", world_size=1)
+
+
 def test_every_option_has_a_resume_rule():
     """A new TrainConfig field must be placed in the resume contract (maefast/train/resume.py), or a
     resumed run would take the new value silently (--decode was added without one)."""

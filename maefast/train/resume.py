@@ -98,7 +98,8 @@ def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple
         old, new = recorded[name], getattr(cfg, name)
         if name not in explicit or _norm(name, new) == _norm(name, old):
             values[name] = old
-        elif name in RUN_DEFINING:
+        elif name in RUN_DEFINING or (name == "data" and "synthetic" in (old, new)):
+            # --data may name a moved copy of the folder; synthetic images and a folder are other data
             conflicts.append(f"{_flag(name)} {new} (the run's: {old})")
         elif name not in ("batch_size", "accum_iter"):
             changed[name] = (old, new)
