@@ -73,3 +73,28 @@ def test_sigterm_under_torchrun(tmp_path):
     """torchrun forwards SIGTERM to both workers; they stop at the same step and write one checkpoint
     of it, which resumes bit-exactly on 2 processes."""
     _interrupt(tmp_path, signal.SIGTERM, nproc=2)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch-end"])
+def test_a_stop_asked_during_a_save_stops_on_that_checkpoint(tmp_path, monkeypatch, where):
+    """SIGTERM while a checkpoint is written (torchrun's grace period is short): the run stops on that
+    checkpoint, not one step and one more full checkpoint write later."""
+    from maefast.train import TrainConfig, loop, train
+    from maefast.train.errors import Interrupted
+
+    real, saves = loop._Trainer._save, []
+
+    def save_then_signal(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        saves.append(self.step)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop._Trainer, "_save", save_then_signal)
+    # 12 images, batch 4: 3 steps an epoch; mid-epoch: --save-every-steps 2; epoch-end: 2 steps an epoch
+    kw = dict(synthetic_size=12, save_every_steps=2) if where == "mid-epoch" else dict(synthetic_size=8)
+    cfg = TrainConfig(model="mae_vit_tiny_test", data="synthetic", batch_size=4, epochs=3, lr=1e-3, progress=False,
+                      workers=0, device="cpu", plot=False, export=False, output_dir=str(tmp_path / "run"), **kw)
+    with pytest.raises(Interrupted, match="stopped after step 2"):
+        train(cfg)
+    assert saves == [2]

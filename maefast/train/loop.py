@@ -391,7 +391,7 @@ class _Trainer:
             win_sum = torch.zeros((), dtype=torch.float64, device=device)
             ep_images, ep_bad, bad_names = 0, 0, []
             t_epoch = t_win = time.perf_counter()
-            win_images, lr_now, b, reason = 0, 0.0, first, None
+            win_images, lr_now, b, reason, saved_at = 0, 0.0, first, None, None
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
             for batch in DeviceFeed(loader, device, decode=self.dataset.device_decode):
@@ -442,6 +442,12 @@ class _Trainer:
                 if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and b < batches_used:
                     partial = self._epoch_totals(stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch)
                     self._save(epoch, b // A * G, partial)
+                    # a stop asked for during the save stops on the checkpoint just written, not one step
+                    # and one more checkpoint write later (torchrun's grace period may not hold both)
+                    reason = self._agree()
+                    if reason is not None:
+                        saved_at = self.step
+                        break
             # -- end of the epoch, or of the run (--max-steps, a stop request) --------------------
             totals = self._epoch_totals(stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch)
             ep_time = time.perf_counter() - t_epoch
@@ -462,7 +468,8 @@ class _Trainer:
                       "img_per_s": totals.images / max(totals.time_s, 1e-9), "skipped_files": int(totals.bad),
                       "skipped_examples": totals.bad_names, "complete": finished}
             # the checkpoint carries the record (a crash before the line below: the resume writes it)
-            self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep, record)
+            if saved_at != self.step:
+                self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep, record)
             # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
             self._write(log, record)
             if info.is_main and cfg.plot:
@@ -470,6 +477,8 @@ class _Trainer:
 
                 self._rank0(plot_loss_curve, cfg.output_dir,
                             title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {G}")
+            if reason is None and finished and not hit_max and epoch + 1 < cfg.epochs:
+                reason = self._agree()  # asked during the epoch's save: stop on it, not a step into the next
             if reason is not None:
                 if bar is not None:
                     bar.close()
