@@ -230,3 +230,24 @@ def test_imagenet_statistics_are_the_official_ones():
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
     assert augment.IMAGENET_MEAN is IMAGENET_MEAN and augment.IMAGENET_STD is IMAGENET_STD
     assert data.IMAGENET_MEAN is IMAGENET_MEAN and data.IMAGENET_STD is IMAGENET_STD
+
+
+@pytest.mark.parametrize("dim, heads", [(768, 12), (512, 16), (1280, 16)])  # head dims 64, 32 (decoder), 80 (ViT-H)
+def test_reference_attention_is_timms_bit_for_bit(dim, heads):
+    """The official model's Attention (timm 0.3.2, as written there) and the reference give the same bits in
+    fp32: the scale multiplies q @ k^T (scaling q first differed in the last bit where the scale is not a
+    power of two: head dims 32 and 80, the decoder and ViT-H)."""
+    torch.manual_seed(0)
+    qkv_lin = torch.nn.Linear(dim, 3 * dim)
+    x = torch.randn(2, 50, dim)
+
+    def timm_attention(x):  # timm 0.3.2 vision_transformer.Attention.forward, projection left out
+        B, N, C = x.shape
+        qkv = qkv_lin(x).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * (C // heads) ** -0.5
+        attn = attn.softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+    with torch.no_grad():
+        assert torch.equal(R.attention(qkv_lin(x), heads), timm_attention(x))

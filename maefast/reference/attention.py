@@ -30,7 +30,7 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
     dh = hd // num_heads
     scale = dh ** -0.5 if scale is None else scale
     q, k, v = qkv.reshape(n, L, 3, num_heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = (q @ k.transpose(-2, -1)) * scale  # timm 0.3.2's order (scaling q first rounds differently)
     # softmax statistics in fp32 for half inputs (float64 stays float64 for oracles)
     attn = attn.softmax(dim=-1, dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype).to(q.dtype)
     if dropout is not None:

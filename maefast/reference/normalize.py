@@ -33,10 +33,14 @@ def pixel_stats(imgs: torch.Tensor, mean: Sequence[float] | None = None, std: Se
 def normalize(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, C, H, W) uint8 -> fp32 ``(imgs / 255 - mean) / std``, torchvision's ToTensor + Normalize
     operation for operation (each rounded in fp32; mean/std as fp32 values)."""
-    x = imgs.to(torch.float32).div(255)
-    # Python scalars per channel (the same fp32 arithmetic as Normalize's (C, 1, 1) tensors) so that
-    # no host-to-device copy is made for them
-    return torch.stack([x[:, c].sub(m).div(s) for c, (m, s) in enumerate(zip(mean, std))], dim=1)
+    # Divisors as 0-d tensors on the images' device (torch.full: a fill kernel, no host-to-device copy, so
+    # a captured step may hold it): a Python scalar divisor is a reciprocal multiply on CUDA ("may lose
+    # one bit", ATen's BinaryDivTrueKernel), where ToTensor + Normalize divide on the CPU, exactly
+    def div(t, v):
+        return t.div(torch.full((), v, dtype=torch.float32, device=t.device))
+
+    x = div(imgs.to(torch.float32), 255.0)
+    return torch.stack([div(x[:, c].sub(m), s) for c, (m, s) in enumerate(zip(mean, std))], dim=1)
 
 
 def as_float_images(imgs: torch.Tensor, stats: tuple | None) -> torch.Tensor:
