@@ -25,6 +25,16 @@ def bytes_per_image(input_size: int, dtype: torch.dtype, channels: int = 3) -> i
     return channels * input_size * input_size * torch.empty((), dtype=dtype).element_size()
 
 
+def stop_workers(loader) -> None:
+    """Shuts a DataLoader's persistent workers down now: after an error, the exception's traceback keeps
+    the training loop's frame (and its loader) alive as long as the caller holds it (a notebook does),
+    and with it the worker processes and their prefetched batches."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None
+
+
 class DeviceFeed:
     """Iterates ``loader``'s batches (``data.collate`` dicts) with their tensors on ``device``.
 

@@ -22,7 +22,7 @@ from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_
 from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
-from .feed import DeviceFeed, bytes_per_image
+from .feed import DeviceFeed, bytes_per_image, stop_workers
 from .resume import reconcile, recorded_position, resume_source
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
@@ -151,18 +151,9 @@ class _Trainer:
         try:
             self._steps()
         finally:
-            self._stop_workers()
+            stop_workers(getattr(self, "_loader", None))
+            self._loader = None
         return self._finish()
-
-    def _stop_workers(self) -> None:
-        """Shuts the loader's persistent workers down now: after an error, the exception's traceback keeps
-        `_steps`' frame (and its loader) alive as long as the caller holds it (a notebook does), and with it
-        the worker processes and their prefetched batches."""
-        loader, self._loader = getattr(self, "_loader", None), None
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-            loader._iterator = None
 
     def _plan(self) -> None:
         """Options, checkpoint, model and data, checked on every rank; nothing is created."""
