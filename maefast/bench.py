@@ -260,11 +260,8 @@ class StepRow:
         from torch._dynamo.utils import counters
 
         self.provider, self.step, self.model, self.recipe = provider, step, model, recipe
-        counters["graph_break"].clear()
-        step.prepare(imgs)  # the warm-up compiles a compiled row
-        # a compiled row's graph breaks (0: the model compiled as one graph, as with fullgraph=True); a
-        # break would time a split graph, the record shows it
-        self.graph_breaks = sum(counters["graph_break"].values()) if recipe.compile else None
+        counters["graph_break"].clear()  # this row's compile counts from here (`describe`)
+        step.prepare(imgs)  # a captured row's warm-up compiles; an eager one compiles at its first call
         self.imgs = step.static_imgs if step.captured else imgs
 
     def __call__(self) -> torch.Tensor:
@@ -273,8 +270,13 @@ class StepRow:
     def describe(self) -> dict:
         """What the record says about how this row stepped."""
         s = self.step
+        from torch._dynamo.utils import counters
+
+        # a compiled row's graph breaks since it was built (0: one graph, as with fullgraph=True; a break
+        # would time a split graph); read after the row ran (its first eager call compiles)
+        breaks = sum(counters["graph_break"].values()) if self.recipe.compile and s.calls else None
         return {"captured": s.captured, "eager_reason": s.eager_reason, "compiled": self.recipe.compile,
-                "graph_breaks": self.graph_breaks,
+                "graph_breaks": breaks,
                 "mask_source": s.mask_source, "amp": str(s.dtype).replace("torch.", "")
                 + (" + GradScaler" if s.scaler is not None and s.scaler.is_enabled() else ""),
                 "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else "default (foreach)")

@@ -272,14 +272,18 @@ def _progress(total, desc, enabled):
 
 def _export_trace(prof, path: str) -> None:
     """The profiler's Chrome trace written under a temporary name beside ``path``, then renamed onto it: an
-    interrupted write leaves the previous file (torch.profiler writes to a path, not a file object)."""
+    interrupted write leaves the previous file (torch.profiler writes to a path, not a file object). The
+    temporary keeps the name's ending (torch gzips a path ending in .gz) and the file a replaced one's mode."""
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + (
+        ".json.gz" if path.endswith(".gz") else ".json"), dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
+        from .train.checkpoint import file_mode
+
         prof.export_chrome_trace(tmp)
+        os.chmod(tmp, file_mode(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -209,7 +209,7 @@ class TrainStep:
         self._refused: str | None = None  # why this step takes no more calls (its capture failed for good)
 
     # baked into a captured step's graphs: changing one afterwards would be honoured by eager steps only
-    _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler")
+    _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler", "seed", "model", "optimizer")
 
     def __setattr__(self, name, value):
         if name in self._FROZEN_WHEN_CAPTURED and self.__dict__.get("captured"):
@@ -315,20 +315,20 @@ class TrainStep:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:
             raise ValueError("update=False accumulates gradients: build the step with accum_steps > 1")
-        first = self.mask_source is None
+        first, calls = self.mask_source is None, self.calls
         if first:
             self.prepare(imgs, noise)
         if self.captured:
             return self._replay(imgs, noise, weight, bool(update))
         try:
             return self._eager_call(imgs, noise, weight, update)
-        except Exception:
-            # the first call fell back from a capture and fails eagerly too: the caller's inputs are at fault,
-            # not the capture, so nothing is decided (a corrected call may still capture)
-            if first and self._capture == "auto" and self.eager_reason and self.eager_reason.startswith(
-                    "capture failed"):
-                self.mask_source, self.eager_reason = None, capture_blocker(self.model, self.optimizer, self.scaler,
-                                                                            self.device)
+        except (TypeError, ValueError):
+            # a first call that fails on the caller's inputs decides nothing (the mask source; after a
+            # capture that failed on them too, the capture: a corrected call may still capture)
+            if first:
+                self.mask_source, self.calls = None, calls
+                if self._capture == "auto" and (self.eager_reason or "").startswith("capture failed"):
+                    self.eager_reason = capture_blocker(self.model, self.optimizer, self.scaler, self.device)
             raise
 
     def _eager_call(self, imgs, noise, weight: float, update: bool) -> torch.Tensor:

@@ -137,10 +137,11 @@ def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> bytes:
         except ProcessLookupError:
             break
         try:
-            return proc.communicate(timeout=wait)[0]
-        except subprocess.TimeoutExpired:
+            return proc.communicate(timeout=wait if wait is not None else 10)[0]
+        except subprocess.TimeoutExpired:  # after SIGKILL: a process outside the group holds the pipe
             continue
-    return proc.communicate()[0]
+    proc.kill()
+    return b""
 
 
 class Runner:
@@ -188,11 +189,12 @@ class Runner:
         self.log.write(f"\n$ {st['cmd']}\n")
         self.log.flush()
         t = time.time()
-        # a session of its own: at the budget the whole group stops (pytest's xdist workers, DataLoader
+        # a process group of its own: at the budget the whole group stops (pytest's xdist workers, DataLoader
         # workers, Inductor's compile pool), not only the child, which would leave them running into the
-        # next step's timings; SIGINT first, so that pytest still writes its junit XML
+        # next step's timings; SIGINT first, so that pytest still writes its junit XML. A group, not a
+        # session: the device tool kills what a command leaves behind except a new session's processes
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+                                preexec_fn=os.setpgrp)
         self.child = proc
         try:
             raw, _ = proc.communicate(timeout=budget)

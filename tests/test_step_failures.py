@@ -210,6 +210,14 @@ def test_a_first_call_with_bad_inputs_decides_nothing(monkeypatch):
     assert step.mask_source is None and step.eager_reason is None
     step(imgs[0], noise[0])
     assert step.captured, step.eager_reason
+    # an eager step too: the failed first call fixed neither the mask source nor the call count
+    a2, _ = _twins()
+    eager = TrainStep(a2, _adamw(a2), seed=3, capture=False)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        eager(imgs[0], noise[0][:, :10])
+    assert eager.mask_source is None and eager.calls == 0
+    eager(imgs[0])  # no noise now: fine (it said "pass noise= on every call or on none")
+    assert eager.mask_source == "seed" and eager.calls == 1
 
 
 def test_misuse_after_capture_is_refused(monkeypatch):
@@ -225,7 +233,7 @@ def test_misuse_after_capture_is_refused(monkeypatch):
     assert step.captured
     with pytest.raises(RuntimeError, match="this step is captured"):
         step.backward(loss)
-    for name, value in (("mask_ratio", 0.5), ("accum_steps", 2), ("clip_grad", 1.0)):
+    for name, value in (("mask_ratio", 0.5), ("accum_steps", 2), ("clip_grad", 1.0), ("seed", 7)):
         with pytest.raises(AttributeError, match=f"{name} is baked into the captured graphs"):
             setattr(step, name, value)
     step.set_lr(5e-4)

@@ -248,3 +248,16 @@ def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
     assert [r["step"] for r in lines(str(run / "steps.jsonl"))] == list(range(1, 10))
     assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1, 2]
     assert os.stat(run / "checkpoint-0000.pth").st_mtime_ns == kept0  # the earlier kept checkpoint stays
+    # continuing in place from checkpoint-last.pth with --overwrite keeps the epochs' checkpoints too
+    train(_cfg(run, resume=str(run / "checkpoint-last.pth"), epochs=4, overwrite=True))
+    assert all(os.path.exists(run / f"checkpoint-000{e}.pth") for e in (0, 1, 2, 3))
+    assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1, 2, 3]
+
+
+def test_a_resume_into_a_new_folder_writes_no_old_epoch_line(tmp_path):
+    """The checkpoint's own epoch line is written back only into its own run's log (in place)."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "a", epochs=1))
+    train(_cfg(tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "checkpoint-last.pth")))
+    assert [r["epoch"] for r in lines(str(tmp_path / "b" / "log.jsonl"))] == [1]

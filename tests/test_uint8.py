@@ -608,3 +608,14 @@ def test_gpu_uint8_step_never_syncs_nor_makes_a_float_image(impl):
         peaks.append((torch.cuda.max_memory_allocated() - base, loss))
     assert peaks[2][0] <= peaks[1][0] + 8 * 2 ** 20, (peaks[2][0], peaks[1][0])
     assert_close(peaks[2][1], peaks[1][1], torch.float32, name="loss", scale=10)
+
+
+@pytest.mark.cuda
+def test_gpu_normalize_is_the_cpus_bit_for_bit():
+    """The reference normalisation on a CUDA tensor gives ToTensor + Normalize's CPU bits (a Python-scalar
+    divisor is a reciprocal multiply on CUDA: every (value, channel) pair is checked), eagerly and compiled."""
+    u = torch.arange(256, dtype=torch.uint8).repeat(3, 1).reshape(1, 3, 16, 16)
+    want = normalize(u, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(normalize(u.to(GPU), IMAGENET_MEAN, IMAGENET_STD).cpu(), want)
+    compiled = torch.compile(lambda x: normalize(x, IMAGENET_MEAN, IMAGENET_STD), fullgraph=True)
+    assert torch.equal(compiled(u.to(GPU)).cpu(), want)

@@ -177,6 +177,13 @@ def test_rectangular_model(tmp_path):
 
 
 def test_square_center_crop_unchanged():
-    """center_transform(img, S) == center_transform(img, (S, S)): one rule for squares and rectangles."""
+    """center_transform(img, S) and (S, S) are the square rule it always had: the short side resized to S
+    (bicubic), then the centre crop."""
+    from maefast.train.augment import to_normalized_tensor
+
     img = SyntheticDataset(4, 57, 4, data_seed=3).load(1).resize((70, 57))
-    assert torch.equal(center_transform(img, 32), center_transform(img, (32, 32)))
+    scale = 32 / min(img.width, img.height)  # the rule before rectangles
+    w, h = max(32, round(img.width * scale)), max(32, round(img.height * scale))
+    left, top = (w - 32) // 2, (h - 32) // 2
+    want = to_normalized_tensor(img.resize((w, h), Image.BICUBIC).crop((left, top, left + 32, top + 32)))
+    assert torch.equal(center_transform(img, 32), want) and torch.equal(center_transform(img, (32, 32)), want)

@@ -171,8 +171,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
     """
     if compiling():
         len_keep = int(num_patches * (1 - float(mask_ratio)))
-        if len_keep < 1 or len_keep > num_patches:  # a constant message: dynamo formats no symbolic value
-            raise ValueError("mask_ratio must be in [0, 1) and keep at least one patch (maefast random_masking)")
+        if not 0 < float(mask_ratio) < 1 or len_keep < 1:  # the eager rule; a constant message (dynamo)
+            raise ValueError("mask_ratio must be in the open interval (0, 1) and keep at least one patch")
     else:
         _check_int("batch", batch, 0)
         _check_int("num_patches", num_patches, 1)

@@ -67,6 +67,17 @@ def _discard_and_reraise(tmp: str, path: str, exc: BaseException):
     raise exc
 
 
+def file_mode(path: str) -> int:
+    """The permissions a file written to ``path`` under a temporary name (mkstemp makes 0600) should get:
+    those of the file it replaces, else a new file's usual ones."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_write(path: str, write) -> None:
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -77,13 +88,7 @@ def _atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        try:  # mkstemp makes 0600: a replaced file keeps its permissions, a new one gets a new file's usual
-            mode = os.stat(path).st_mode & 0o7777
-        except OSError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode(path))
         os.replace(tmp, path)
     except BaseException as exc:
         _discard_and_reraise(tmp, path, exc)

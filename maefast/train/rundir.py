@@ -140,7 +140,8 @@ class RunFolder:
         return os.path.join(self.path, name)
 
     def prepare(self, need_bytes: int, overwrite: bool, keep: tuple[str, ...] = (),
-                trim_to_step: int | None = None, last_record: dict | None = None) -> None:
+                trim_to_step: int | None = None, last_record: dict | None = None,
+                resume_epoch: int | None = None) -> None:
         """Creates and locks the folder, checks it can take a checkpoint, removes stale temporaries.
 
         Args:
@@ -149,7 +150,9 @@ class RunFolder:
                 being resumed from, when it lies in this folder).
             trim_to_step: on a resume, the logs keep only the lines up to this step (None: fresh).
             last_record: the log.jsonl record the resumed checkpoint was saved with: written when the
-                log lacks it (the run stopped between its checkpoint and its log line).
+                log lacks it (the run in this folder stopped between its checkpoint and its log line).
+            resume_epoch: the epoch the resume continues from: with ``overwrite`` and the checkpoint in this
+                folder (a rewind), the epochs' kept checkpoints before it stay.
         """
         if not self.is_main:
             return
@@ -170,8 +173,9 @@ class RunFolder:
         except OSError as exc:
             raise _os_error(f"cannot write to --output-dir {self.path!r}", exc) from exc
         self.remove_stale_temporaries()
+        in_place = any(_same_path(os.path.dirname(os.path.abspath(k)), self.path) for k in keep)
         if overwrite:
-            self._delete_run_files(keep)
+            self._delete_run_files(keep, resume_epoch if in_place else None)
         free = shutil.disk_usage(self.path).free
         if free < need_bytes:
             digits = 1 if need_bytes < 100 * 2 ** 20 else 0  # never "3 MiB needed, 3 MiB free"
@@ -180,7 +184,7 @@ class RunFolder:
                            f"{mount_point(self.path)}")
         if trim_to_step is not None:
             self.trim_logs(trim_to_step)
-            if last_record is not None and last_record.get("complete", True):
+            if in_place and last_record is not None and last_record.get("complete", True):
                 path = self.join("log.jsonl")
                 have = read_jsonl(path) if os.path.exists(path) else []
                 if not any(r.get("epoch") == last_record["epoch"] and r.get("step") == last_record["step"]
@@ -226,19 +230,18 @@ class RunFolder:
                 removed.append(name)
         return removed
 
-    def _delete_run_files(self, keep: tuple[str, ...]) -> None:
+    def _delete_run_files(self, keep: tuple[str, ...], resume_epoch: int | None = None) -> None:
         from .checkpoint import referenced_shards
 
         keep_names = {os.path.basename(k) for k in keep if _same_path(os.path.dirname(os.path.abspath(k)),
                                                                       self.path)}
-        keep_names |= {d for k in keep_names for d in referenced_shards(self.path, only=k)}
-        if keep_names:  # rewinding in place to a kept checkpoint: its logs up to it (trimmed later) and the
-            # checkpoints kept before it still apply; the later ones and the export go
+        if resume_epoch is not None:  # continuing in place from one of its checkpoints (a rewind): its logs
+            # up to it (trimmed later) and the epochs' checkpoints kept before it still apply; the later ones
+            # and the export go
             keep_names |= {"log.jsonl", "steps.jsonl"}
-            upto = [int(m.group(1)) for k in keep_names if (m := _KEPT.fullmatch(k))]
-            if upto:
-                earlier = {n for n in run_files(self.path) if (m := _KEPT.fullmatch(n)) and int(m.group(1)) < max(upto)}
-                keep_names |= earlier | {d for k in earlier for d in referenced_shards(self.path, only=k)}
+            keep_names |= {n for n in run_files(self.path)
+                           if (m := _KEPT.fullmatch(n)) and int(m.group(1)) < resume_epoch}
+        keep_names |= {d for k in list(keep_names) for d in referenced_shards(self.path, only=k)}
         for name in run_files(self.path):
             if name not in keep_names:
                 _remove(self.join(name))
