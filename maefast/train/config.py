@@ -335,3 +335,22 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ValueError(f"{' and '.join(said)} write checkpoints, --no-save writes none: pass one")
     if cfg.fsdp and cfg.dtype == "float16":
         raise ValueError("--fsdp with --dtype float16 is not supported (no sharded grad scaler here): use bfloat16")
+
+
+def as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig:
+    """`maefast.train.train`'s arguments as one TrainConfig; in the Python API the fields that differ from
+    the defaults (or are overridden) count as set (`explicit`: the resume contract's "options you set")."""
+    import dataclasses
+
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        config = TrainConfig(**config)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    if config.explicit is None:
+        default = TrainConfig()
+        config = dataclasses.replace(config, explicit=tuple(sorted(
+            f.name for f in dataclasses.fields(TrainConfig) if f.name not in INTERNAL_FIELDS
+            and (getattr(config, f.name) != getattr(default, f.name) or f.name in overrides))))
+    return config

@@ -18,7 +18,7 @@ import torch
 from ..graphs import first_line
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, resolve_config
+from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, as_config, resolve_config
 from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
@@ -35,21 +35,6 @@ __all__ = ["train", "build_model"]
 # The process group's timeout is --dist-timeout + this: the heartbeat (distributed.Heartbeat) fires
 # first and names the rank that stopped answering; the group's timeout is the backstop.
 GROUP_TIMEOUT_MARGIN_S = 30
-
-
-def _as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig:
-    if config is None:
-        config = TrainConfig()
-    elif isinstance(config, dict):
-        config = TrainConfig(**config)
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
-    if config.explicit is None:  # Python API: the fields that differ from the defaults count as set
-        default = TrainConfig()
-        config = dataclasses.replace(config, explicit=tuple(sorted(
-            f.name for f in dataclasses.fields(TrainConfig) if f.name not in INTERNAL_FIELDS
-            and (getattr(config, f.name) != getattr(default, f.name) or f.name in overrides))))
-    return config
 
 
 def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
@@ -74,7 +59,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         RunError: the run cannot start or go on (e.g. no space); ``Interrupted`` (a RunError) after
         SIGINT/SIGTERM, once the checkpoint of the step reached is saved.
     """
-    config = _as_config(config, overrides)
+    config = as_config(config, overrides)
     if not config.dist_timeout > 0:
         raise ValueError(f"--dist-timeout must be > 0, got {config.dist_timeout}")
     # the group's own timeout a little after the heartbeat's: the heartbeat names the silent rank
