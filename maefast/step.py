@@ -468,7 +468,13 @@ class TrainStep:
         # and read these: the learning rates and the first parameter's optimizer state
         self._graph_reads = [g["lr"] for g in self.optimizer.param_groups] + \
             list(self.optimizer.state.get(self._params[0], {}).values())
+        # and were recorded with these Python values (a weight-decay schedule would change them unseen)
+        self._baked = self._group_scalars()
         self.captured = True
+
+    def _group_scalars(self) -> list[dict]:
+        return [{k: v for k, v in g.items() if k not in ("params", "lr") and not isinstance(v, torch.Tensor)}
+                for g in self.optimizer.param_groups]
 
     def _check_optimizer_intact(self) -> None:
         """The graphs read the tensors the optimizer held at capture: an optimizer.load_state_dict() since
@@ -479,6 +485,12 @@ class TrainStep:
             raise RuntimeError("the optimizer's learning rates or state were replaced after the capture (an "
                                "optimizer.load_state_dict()?): the captured graphs still read the old tensors. Load "
                                "checkpoints before the step's first call, or build a new TrainStep")
+        changed = [f"group {i} {k}" for i, (was, g) in enumerate(zip(self._baked, self._group_scalars()))
+                   for k in was if g.get(k) != was[k]]
+        if changed:
+            raise RuntimeError(f"{', '.join(changed)} changed after the capture: the captured graphs keep the "
+                               "values they were captured with (only the learning rate is a tensor they read; "
+                               "set it with set_lr); build a new TrainStep, or step eagerly (capture=False)")
 
     def _body(self, update: bool) -> torch.Tensor:
         """One captured micro-batch (also its warm-up): reads only the static buffers."""

@@ -238,6 +238,12 @@ def test_misuse_after_capture_is_refused(monkeypatch):
             setattr(step, name, value)
     step.set_lr(5e-4)
     step(imgs[1], noise[1])
+    wd = opt.param_groups[0]["weight_decay"]
+    opt.param_groups[0]["weight_decay"] = wd * 2  # a weight-decay schedule: baked into the graphs
+    with pytest.raises(RuntimeError, match="group 0 weight_decay changed after the capture"):
+        step(imgs[1], noise[1])
+    opt.param_groups[0]["weight_decay"] = wd
+    step(imgs[1], noise[1])
     opt.load_state_dict(opt.state_dict())  # new tensors: the graphs would go on reading the old ones
     with pytest.raises(RuntimeError, match="replaced after the capture"):
         step.set_lr(1e-4)
