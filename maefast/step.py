@@ -466,11 +466,14 @@ class TrainStep:
         # even if the caller sets p.grad to None (optimizer.zero_grad(set_to_none=True) between epochs)
         self._static_grads = [p.grad for p in self._params]
         # and read these: the learning rates and the first parameter's optimizer state
-        self._graph_reads = [g["lr"] for g in self.optimizer.param_groups] + \
-            list(self.optimizer.state.get(self._params[0], {}).values())
+        self._graph_reads = self._read_tensors()
         # and were recorded with these Python values (a weight-decay schedule would change them unseen)
         self._baked = self._group_scalars()
         self.captured = True
+
+    def _read_tensors(self) -> list:
+        return [g["lr"] for g in self.optimizer.param_groups] + \
+            list(self.optimizer.state.get(self._params[0], {}).values())
 
     def _group_scalars(self) -> list[dict]:
         return [{k: v for k, v in g.items() if k not in ("params", "lr") and not isinstance(v, torch.Tensor)}
@@ -479,8 +482,7 @@ class TrainStep:
     def _check_optimizer_intact(self) -> None:
         """The graphs read the tensors the optimizer held at capture: an optimizer.load_state_dict() since
         then replaced them, and the step would go on updating (and set_lr writing) tensors no one reads."""
-        now = [g["lr"] for g in self.optimizer.param_groups] + \
-            list(self.optimizer.state.get(self._params[0], {}).values())
+        now = self._read_tensors()
         if len(now) != len(self._graph_reads) or any(a is not b for a, b in zip(now, self._graph_reads)):
             raise RuntimeError("the optimizer's learning rates or state were replaced after the capture (an "
                                "optimizer.load_state_dict()?): the captured graphs still read the old tensors. Load "

@@ -41,6 +41,11 @@ def _same_path(a: str, b: str) -> bool:
                                                          and os.path.samefile(a, b))
 
 
+def _in_folder(path: str, folder: str) -> bool:
+    """Whether the file ``path`` lies in ``folder`` (a resume from the run's own checkpoints)."""
+    return _same_path(os.path.dirname(os.path.abspath(path)), folder)
+
+
 def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
     """Refuses (ValueError, nothing touched) an ``output_dir`` whose run this start would write over.
 
@@ -54,15 +59,18 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
         raise NotADirectoryError(f"--output-dir {output_dir!r} is a file, not a folder")
     files = run_files(output_dir)
     shown = ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
-    if resume == "auto" and not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME)):
+    no_checkpoint = not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME))
+    # log.jsonl gets an epoch's record only after its checkpoint is written: records without a checkpoint
+    # are a finished --no-save run's (or the checkpoint was removed): nothing to continue, and a fresh
+    # start would delete them
+    finished_unsaved = no_checkpoint and bool(read_jsonl(os.path.join(output_dir, "log.jsonl")))
+    if resume == "auto" and no_checkpoint:
         # nothing to continue: a fresh start trims the logs to step 0, which is right for a run stopped
         # before its first checkpoint, but would replace what a finished --no-save run left (its export)
         # (a shards folder without its checkpoint file is a first save cut short: a stale temporary)
         results = [f for f in files if f not in ("log.jsonl", "steps.jsonl", "loss_curve.png")
                    and not SHARDS_DIR.match(f)]
-        # log.jsonl gets an epoch's record only after its checkpoint is written: records without a
-        # checkpoint are a finished --no-save run's (or the checkpoint was removed), a fresh start deletes them
-        if not results and "log.jsonl" in files and read_jsonl(os.path.join(output_dir, "log.jsonl")):
+        if not results and finished_unsaved:
             results = ["log.jsonl"]
         if results:
             raise ValueError(f"--resume auto: --output-dir {output_dir!r} holds a run ({shown}) but no "
@@ -71,15 +79,14 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
     if resume == "auto" or not files or overwrite:
         return
     if resume is None:
-        if not os.path.isfile(os.path.join(output_dir, CHECKPOINT_NAME)) and \
-                read_jsonl(os.path.join(output_dir, "log.jsonl")):  # a finished --no-save run: nothing to continue
+        if finished_unsaved:
             raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}) with no {CHECKPOINT_NAME} "
                              "to continue from: pick another --output-dir, or --overwrite to start over (deletes "
                              "its logs and export)")
         raise ValueError(f"--output-dir {output_dir!r} already holds a run ({shown}): pass --resume auto to "
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
     if not _same_path(resume, os.path.join(output_dir, CHECKPOINT_NAME)):
-        if _same_path(os.path.dirname(os.path.abspath(resume)), output_dir):  # rewinding the run to a kept epoch
+        if _in_folder(resume, output_dir):  # rewinding the run to a kept epoch
             raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
                              f"continuing from it in place would write over its later checkpoints and logs "
                              f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite "
@@ -173,7 +180,7 @@ class RunFolder:
         except OSError as exc:
             raise _os_error(f"cannot write to --output-dir {self.path!r}", exc) from exc
         self.remove_stale_temporaries()
-        in_place = any(_same_path(os.path.dirname(os.path.abspath(k)), self.path) for k in keep)
+        in_place = any(_in_folder(k, self.path) for k in keep)
         if overwrite:
             self._delete_run_files(keep, resume_epoch if in_place else None)
         free = shutil.disk_usage(self.path).free
@@ -186,9 +193,8 @@ class RunFolder:
             self.trim_logs(trim_to_step)
             if in_place and last_record is not None and last_record.get("complete", True):
                 path = self.join("log.jsonl")
-                have = read_jsonl(path) if os.path.exists(path) else []
                 if not any(r.get("epoch") == last_record["epoch"] and r.get("step") == last_record["step"]
-                           for r in have):
+                           for r in read_jsonl(path)):
                     JsonlLog(path).write(last_record)
 
     def _take_lock(self) -> None:
@@ -233,8 +239,7 @@ class RunFolder:
     def _delete_run_files(self, keep: tuple[str, ...], resume_epoch: int | None = None) -> None:
         from .checkpoint import referenced_shards
 
-        keep_names = {os.path.basename(k) for k in keep if _same_path(os.path.dirname(os.path.abspath(k)),
-                                                                      self.path)}
+        keep_names = {os.path.basename(k) for k in keep if _in_folder(k, self.path)}
         if resume_epoch is not None:  # continuing in place from one of its checkpoints (a rewind): its logs
             # up to it (trimmed later) and the epochs' checkpoints kept before it still apply; the later ones
             # and the export go
