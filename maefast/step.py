@@ -476,7 +476,9 @@ class TrainStep:
             list(self.optimizer.state.get(self._params[0], {}).values())
 
     def _group_scalars(self) -> list[dict]:
-        return [{k: v for k, v in g.items() if k not in ("params", "lr") and not isinstance(v, torch.Tensor)}
+        # lr_scale is set_lr's (it writes the lr tensor the graphs read), not the optimizer's
+        return [{k: v for k, v in g.items()
+                 if k not in ("params", "lr", "lr_scale") and not isinstance(v, torch.Tensor)}
                 for g in self.optimizer.param_groups]
 
     def _check_optimizer_intact(self) -> None:

@@ -262,3 +262,19 @@ def test_an_optimizer_without_a_capturable_option_steps_eagerly_saying_why(monke
     a, _ = _twins()
     step = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.1), seed=3)
     assert step.eager_reason == "SGD has no capturable option (its step reads values on the host)"
+
+
+def test_a_changed_lr_scale_is_set_lrs_not_baked(monkeypatch):
+    """Layer-wise lr scales (the fine-tuning recipe's lr_scale) are read by set_lr, which writes the lr tensor
+    the graphs read: changing one after capture is honoured, not refused."""
+    fake_capture_lib.install(monkeypatch)
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    opt = torch.optim.AdamW([{"params": list(a.parameters()), "lr_scale": 1.0}], lr=torch.tensor(1e-3), fused=True,
+                            capturable=True)
+    step = TrainStep(a, opt, seed=3)
+    step(imgs[0], noise[0])
+    opt.param_groups[0]["lr_scale"] = 0.5
+    step.set_lr(1e-3)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(5e-4)
+    step(imgs[0], noise[0])
