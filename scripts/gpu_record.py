@@ -127,17 +127,10 @@ PAPER_ATTENTION_L = (50, 65, 197, 257)  # issue 14: encoder L 50 (B/L), 65 (H); 
 TABLE2_MODELS = ("mae_vit_large_patch16", "mae_vit_huge_patch14")
 
 
-def _is_shape(key: str, only: str | None) -> bool:
-    """Whether a train-step shape key is the issue's ``only`` ("huge:128": the model name holds "huge", batch
-    128); every key when ``only`` is None."""
-    if only is None:
-        return True
-    model, batch = only.split(":")
-    try:
-        shape = json.loads(key)
-    except ValueError:
-        return False
-    return model in str(shape.get("model")) and shape.get("batch") == int(batch)
+def _is_shape(row: dict, model: str, batch: int) -> bool:
+    """Whether a row's shape is ``model`` (a substring of its model name: "huge") at ``batch``."""
+    shape = row.get("shape") or {}
+    return model in str(shape.get("model")) and shape.get("batch") == batch
 
 
 def step_targets(rows: list[dict], only: str | None = None) -> dict:
@@ -148,7 +141,9 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
     reason naming the row (also with no row of that shape). Other shapes (the loader's ViT-B/16 rows)
     get their rows only, for information."""
     out = {}
-    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step" and _is_shape(r["shape_key"], only)})
+    model, _, batch = (only or ":").partition(":")
+    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"
+                   and (only is None or _is_shape(r, model, int(batch)))})
     info = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"} - set(keys))
     if not keys:
         out = {f"({only or 'no train-step row'})": {t: judge(t, None, f"missing row: no train-step row"
@@ -278,9 +273,7 @@ def _step_rows(step_record: dict | None, model: str, batch: int) -> dict:
     ``batch`` in a step record."""
     out = {}
     for r in (step_record or {}).get("rows", []):
-        shape = r.get("shape") or {}
-        if r.get("group") == "train-step" and model in str(shape.get("model")) and shape.get("batch") == batch \
-                and r.get("img_per_s"):
+        if r.get("group") == "train-step" and _is_shape(r, model, batch) and r.get("img_per_s"):
             out[r["provider"]] = r["img_per_s"]
     return out
 
