@@ -128,17 +128,18 @@ def parse_only() -> None:
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> bytes:
-    """Stops `proc`'s process group (SIGINT, then SIGKILL after `grace` s); returns the output it wrote."""
+    """Stops `proc`'s process group (SIGINT, then SIGKILL after `grace` s); returns the output it wrote
+    (nothing when, even after SIGKILL, a process outside the group still holds the pipe)."""
     import signal
 
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
         try:
-            return proc.communicate(timeout=wait if wait is not None else 10)[0]
-        except subprocess.TimeoutExpired:  # after SIGKILL: a process outside the group holds the pipe
+            return proc.communicate(timeout=wait)[0]
+        except subprocess.TimeoutExpired:
             continue
     proc.kill()
     return b""
