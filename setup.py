@@ -3,14 +3,18 @@
 `pip install -e .` works on a CPU-only machine. The CUDA C++ extension `maefast._C` is built with
 nvcc + pybind11 (torch-free, see csrc/build.py) whenever nvcc is found, GPU or not (CI checks that it
 compiles); the build says so on the terminal, with its progress, although pip hides a build's output
-(csrc/build.py `say`). MAEFAST_SKIP_CUDA_BUILD=1 skips it. The top-level `kernels/` folder ships as
-`maefast.kernels`.
+(csrc/build.py `say`). MAEFAST_SKIP_CUDA_BUILD=1 skips it. `maefast._jpeg`, the data loader's windowed
+JPEG reader (plain C, csrc/jpeg_region.c), is built with the host C compiler against the system's
+libjpeg-turbo where its headers are (Debian/Ubuntu: libjpeg-dev); an optional extension: without it the
+install goes on and the loader reads JPEGs with simplejpeg (the same pixels, slower). The top-level
+`kernels/` folder ships as `maefast.kernels`.
 """
 import os
 import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
@@ -18,18 +22,26 @@ import build as csrc_build  # noqa: E402  (csrc/build.py)
 
 
 class NvccBuildExt(build_ext):
-    """Builds maefast._C with csrc/build.py instead of the host compiler."""
+    """Builds maefast._C (nvcc) and maefast._jpeg (the host compiler) with csrc/build.py."""
 
     def build_extension(self, ext):
         out = self.get_ext_fullpath(ext.name)
+        if ext.name == "maefast._jpeg":
+            try:
+                csrc_build.build_jpeg(out)
+            except RuntimeError as exc:  # optional: setuptools warns and goes on
+                csrc_build.say(f"maefast: maefast._jpeg not built ({exc}); the loader reads JPEGs with simplejpeg")
+                raise CompileError(str(exc)) from None
+            return
         csrc_build.build(out, os.path.join(os.path.abspath(self.build_temp), "csrc"))
 
 
 def ext_modules():
     # setup.py runs once per build hook: these notes go to the (captured) log, not the terminal
+    jpeg = [Extension("maefast._jpeg", sources=[os.path.join("csrc", "jpeg_region.c")], optional=True)]
     if os.environ.get("MAEFAST_SKIP_CUDA_BUILD", "0") == "1":
         print("maefast: MAEFAST_SKIP_CUDA_BUILD=1, not building maefast._C", file=sys.stderr)
-        return []
+        return jpeg
     try:
         nvcc = csrc_build.find_nvcc()
     except RuntimeError as exc:  # NVCC names no compiler
@@ -37,8 +49,8 @@ def ext_modules():
     if nvcc is None:
         print("maefast: nvcc not found, not building maefast._C (the Triton and reference paths still work)",
               file=sys.stderr)
-        return []
-    return [Extension("maefast._C", sources=csrc_build.sources())]
+        return jpeg
+    return [Extension("maefast._C", sources=csrc_build.sources())] + jpeg
 
 
 packages = find_packages(include=["maefast", "maefast.*"]) + ["maefast.kernels"]

@@ -2,6 +2,7 @@
 and builds against the CPU torch here). Used by setup.py and runnable alone:
 
     python csrc/build.py --inplace        # writes maefast/_C<ext suffix>
+    python csrc/build.py --inplace --jpeg # writes maefast/_jpeg<ext suffix> (build_jpeg)
 
 Incremental through ninja when it is installed (one object per csrc/*.cu), else a pool of nvcc
 processes. Parallel twice over: ninja compiles files side by side, and nvcc --threads compiles one
@@ -215,15 +216,52 @@ def build(output: str, build_dir: str, verbose: bool = False) -> str:
     return output
 
 
+def jpeg_output_name() -> str:
+    return "_jpeg" + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def build_jpeg(output: str) -> str:
+    """Compiles csrc/jpeg_region.c (the data loader's windowed JPEG reader, plain C on the Python C API)
+    into the extension at `output` with the host C compiler (CC, else Python's, else cc), linked to the
+    system's libjpeg-turbo (the headers of libjpeg-turbo >= 1.5: Debian's libjpeg62-turbo-dev). Raises
+    RuntimeError saying why it could not (no compiler, no headers, an older libjpeg): the loader then
+    reads JPEGs with simplejpeg or Pillow, the same pixels, slower."""
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise RuntimeError(f"no C compiler ({' '.join(cc) or 'CC'} not found)")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp{os.getpid()}"  # a failed build leaves no half-written extension behind
+    cmd = cc + ["-O2", "-std=c99", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
+                os.path.join(HERE, "jpeg_region.c"), "-o", tmp, "-ljpeg"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        lines = [ln for ln in proc.stdout.splitlines() if "error" in ln] or proc.stdout.splitlines() or ["?"]
+        raise RuntimeError(f"{' '.join(cmd[:1])} could not build it against libjpeg-turbo: {lines[0].strip()}")
+    os.replace(tmp, output)
+    say(f"maefast: built maefast._jpeg (windowed JPEG reader) in {time.perf_counter() - t0:.1f}s")
+    return output
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inplace", action="store_true", help="write maefast/_C<suffix> in the source tree")
+    ap.add_argument("--jpeg", action="store_true", help="build maefast._jpeg (build_jpeg), not maefast._C")
     ap.add_argument("--output", help="output path of the extension")
     ap.add_argument("--build-dir", default=os.path.join(ROOT, "build", "csrc"))
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    out = args.output or os.path.join(ROOT, "maefast", output_name())
-    build(out, args.build_dir, args.verbose)
+    out = args.output or os.path.join(ROOT, "maefast", jpeg_output_name() if args.jpeg else output_name())
+    if args.jpeg:
+        try:
+            build_jpeg(out)
+        except RuntimeError as exc:
+            print(f"maefast._jpeg not built: {exc}", file=sys.stderr)
+            return 1
+    else:
+        build(out, args.build_dir, args.verbose)
     print(f"built {out}")
     return 0
 

@@ -27,6 +27,8 @@ def backends() -> dict:
     "can_run" ({"reference", "triton", "cuda"} -> bool: whether that impl's kernels run on this
     machine, compiled; "triton_interpreter" says whether TRITON_INTERPRET=1 is set), "why_not" (impl -> the reason, for those that cannot) and "auto" (what impl="auto"
     runs here). An installed triton or a built `_C` does not mean either runs: both need a CUDA GPU.
+    "jpeg_reader": the data loader's JPEG reader (`maefast.train.jpeg`), "jpeg_window_error": why its
+    windowed one (maefast._jpeg) is not used, or None.
     """
     import torch
 
@@ -65,6 +67,11 @@ def backends() -> dict:
     info["triton_interpreter"] = _triton.interpret_mode()  # TRITON_INTERPRET=1: tests run Triton on CPU tensors
     info["can_run"] = {"reference": True, "triton": "triton" not in why_not, "cuda": "cuda" not in why_not}
     info["why_not"] = why_not
+    from .train import jpeg
+
+    info["jpeg_reader"] = jpeg.describe()
+    info["jpeg_window_error"] = None if jpeg.reader() == "window" else (
+        jpeg.load_error or "maefast._jpeg does not decode as this Pillow does (or Pillow is not on libjpeg-turbo)")
     if not has_gpu:
         info["auto"] = ("reference: on CPU tensors every op runs its PyTorch reference; maefast's Triton and "
                         "CUDA C++ kernels need a CUDA GPU")

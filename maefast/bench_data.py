@@ -13,7 +13,8 @@ ImageNet normalisation. Rows:
   official pixels bit for bit) or ``"fast"`` (box first, DCT-scaled JPEG decode where the crop
   allows, torch's uint8 antialiased bicubic; `maefast.train.augment`), float32 out, plus the
   masking noise each sample carries. ``fast-uint8``: the fast path handing uint8 to the GPU. Both
-  read JPEGs with simplejpeg where installed, else Pillow (the same pixels; the record names it).
+  read JPEGs with the fastest reader the process has (`maefast.train.jpeg`: the crop's window only,
+  else the whole image with simplejpeg, else Pillow; the same pixels; the record names it).
 - ``gpu``: ``decode="gpu"`` (`maefast.train.gpu_decode`): the workers read the files and draw the
   boxes, flips and noise; the batches are decoded by nvJPEG, cropped and resized on the GPU
   (`maefast.train.feed.DeviceFeed`), uint8 out. Where torchvision or CUDA is missing the row is
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 
 from . import bench_data_gpu, timing
-from .train import augment
+from .train import augment, jpeg
 from .train.augment import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, draft_factor, random_resized_crop_params
 
 GENERATOR_VERSION = 1
@@ -425,7 +426,7 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
     env = timing.env_info("cpu")
     env.update(pillow=__import__("PIL").__version__, libjpeg=features.version("jpg"),
                libjpeg_turbo=bool(features.check_feature("libjpeg_turbo")), cpus=os.cpu_count(),
-               simplejpeg=getattr(augment.simplejpeg, "__version__", None))  # the CPU paths' JPEG reader
+               jpeg_reader=jpeg.describe())  # the CPU paths' JPEG reader
     if "gpu" in paths:
         env.update(bench_data_gpu.env_extra(bench_data_gpu.device()))
     result = {"kind": "maefast.bench_data", "env": env, "folder": {"path": root, **folder_stats(files)},
@@ -476,11 +477,18 @@ def _x(v) -> str:
     return f"{_f(v, '10.2f')}x" if v is not None else f"{'-':>11}"
 
 
+def _reader(env: dict) -> str:
+    """The record's JPEG reader in words (records before 2026-12-05 name only simplejpeg's version)."""
+    if "jpeg_reader" in env:
+        return env["jpeg_reader"]
+    return f"simplejpeg {env['simplejpeg']}" if env.get("simplejpeg") else "Pillow"
+
+
 def format_result(res: dict) -> str:
     env, fold = res["env"], res["folder"]
     lines = [f"maefast bench data on {env['card']} ({env['cpus']} CPUs, {env['date']}, torch {env['torch']}, "
              f"Pillow {env['pillow']} / libjpeg-turbo {env['libjpeg']}, "
-             f"JPEG reader {'simplejpeg ' + env['simplejpeg'] if env.get('simplejpeg') else 'Pillow'}, "
+             f"JPEG reader {_reader(env)}, "
              f"commit {env['git_commit'][:12]})",
              f"folder: {fold['images']} JPEGs q90, mean {fold['mean_width']:.0f}x{fold['mean_height']:.0f}, "
              f"{fold['mean_file_kb']:.0f} KB/file, {100 * fold['share_long_side_500']:.0f}% long side 500 ({fold['path']})",

@@ -115,6 +115,9 @@ def format_info(info: dict) -> str:
     if info.get("triton_interpreter"):
         lines.append("TRITON_INTERPRET=1 is set: impl=\"triton\" runs the Triton kernels on CPU tensors through the "
                      "interpreter (slow; for tests).")
+    if "jpeg_reader" in info:
+        lines.append(f"JPEG reader of the data loader: {info['jpeg_reader']}"
+                     + (f" (not the windowed one: {info['jpeg_window_error']})" if info.get("jpeg_window_error") else ""))
     lines += [f"eager calls reach the ops: {info['eager_dispatch']} (MAEFAST_EAGER_DISPATCH)",
               "machine-readable: maefast info --json (= maefast.backends())"]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from maefast import bench_data, bench_data_gpu
-from maefast.train import augment
+from maefast.train import augment, jpeg
 from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8, random_resized_crop_params
 from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
 
@@ -47,13 +47,14 @@ def folder(tmp_path_factory):
     return _jpeg_folder(tmp_path_factory.mktemp("jpegs"))
 
 
-@pytest.fixture(params=["simplejpeg", "pillow"])
+@pytest.fixture(params=["window", "simplejpeg", "pillow"])
 def reader(request, monkeypatch):
-    """The JPEG reader of the CPU paths: simplejpeg where installed, else Pillow (the same pixels)."""
-    if request.param == "pillow":
-        monkeypatch.setattr(augment, "simplejpeg", None)
-    elif augment.simplejpeg is None:
+    """The JPEG reader of the CPU paths (`maefast.train.jpeg`): each gives the same pixels."""
+    if request.param == "window" and jpeg._load_window_reader() is None:
+        pytest.skip(f"maefast._jpeg is not built: {jpeg.load_error}")
+    if request.param == "simplejpeg" and jpeg.simplejpeg is None:
         pytest.skip("simplejpeg is not installed")
+    monkeypatch.setattr(jpeg, "_READER", request.param)
     return request.param
 
 
@@ -157,21 +158,21 @@ def test_fast_path_same_boxes_and_flips_scaled_decode_close_to_exact(folder, rea
 
     boxes, drafts = {"exact": [], "fast": []}, []
     real_params, real_draft, real_decode = (augment.random_resized_crop_params, JpegImagePlugin.JpegImageFile.draft,
-                                            augment.decode_jpeg)
+                                            jpeg.decode)
 
     def spy_draft(self, mode, size):
         out = real_draft(self, mode, size)
         drafts.append(self.size)
         return out
 
-    def spy_decode(data, width, height, k=1):
-        out = real_decode(data, width, height, k)
+    def spy_decode(data, width, height, k, window):
+        out = real_decode(data, width, height, k, window)
         if k > 1:
             drafts.append(out.shape)
         return out
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy_draft)
-    monkeypatch.setattr(augment, "decode_jpeg", spy_decode)
+    monkeypatch.setattr(jpeg, "decode", spy_decode)
     ds = {d: ImageFolderDataset(folder, S, 16, seed=1, decode=d, dtype=torch.uint8) for d in boxes}
     scales, diffs = [], []
     for epoch in range(6):

@@ -203,3 +203,38 @@ def test_an_nvcc_that_does_not_exist_is_an_error_not_a_skipped_build(tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NVCC", "bin/nvcc")  # relative: absolute for ninja, which runs in the build folder
     assert b.find_nvcc() == str(tmp_path / "bin" / "nvcc")
+
+
+# -- csrc/build.py --jpeg: the data loader's windowed JPEG reader (plain C, the host compiler) -------
+
+def test_jpeg_reader_builds_or_says_why_not(tmp_path, monkeypatch):
+    """It builds with the host compiler where libjpeg-turbo's headers are (CI's machine has them), and
+    a failed build says why and leaves nothing behind (setup.py then installs without it)."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    b = _csrc_build()
+    out = tmp_path / ("_jpeg" + sysconfig.get_config_var("EXT_SUFFIX"))
+    headers = shutil.which("cc") is not None and subprocess.run(
+        ["cc", "-E", "-x", "c", "-"], input="#include <jpeglib.h>\n", capture_output=True, text=True).returncode == 0
+    if headers:
+        b.build_jpeg(str(out))
+        r = subprocess.run([sys.executable, "-c", "import _jpeg; print(_jpeg.LIBJPEG_TURBO_VERSION_NUMBER)"],
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0 and int(r.stdout) >= 1005000, r.stderr  # jpeg_skip/crop_scanline: >= 1.5
+        out.unlink()
+    monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        b.build_jpeg(str(out))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    with pytest.raises(RuntimeError, match="could not build it against libjpeg-turbo"):
+        b.build_jpeg(str(out))
+    assert not os.listdir(tmp_path) and not glob.glob(str(out) + "*")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "csrc", "build.py"), "--jpeg", "--output", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ, CC="false"))
+    assert r.returncode == 1 and r.stderr.startswith("maefast._jpeg not built: ") and not out.exists()

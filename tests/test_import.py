@@ -155,3 +155,18 @@ def test_a_kernels_only_a_meta_path_finder_serves_is_handed_on(tmp_path):
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "from-the-finder", r.stdout
+
+
+def test_import_without_jpeg_extension():
+    """Without maefast._jpeg (no libjpeg-turbo headers at install) the loader reads JPEGs whole with
+    simplejpeg, and `maefast info` says why."""
+    out = _run(BLOCK.replace('NAMES', repr(["maefast._jpeg"])) + """
+import maefast
+from maefast.train import jpeg
+info = maefast.backends()
+assert jpeg.reader() in ('simplejpeg', 'pillow'), jpeg.reader()
+assert 'blocked' in info['jpeg_window_error'] and 'csrc/build.py --inplace --jpeg' in info['jpeg_window_error']
+assert info['jpeg_reader'] == jpeg.describe()
+print('ok')
+""")
+    assert "ok" in out

@@ -1,17 +1,16 @@
-"""The CPU paths' JPEG reader (`maefast.train.augment`): Pillow opens every file; a YCbCr or grey
-JPEG is decoded by simplejpeg (libjpeg-turbo into numpy), anything else by Pillow, and the choice
-never shows in a crop: the same box, the same pixels bit for bit at every decode scale, the same
-verdict on a damaged file, on both the exact and the fast path."""
+"""The CPU paths' JPEG readers (`maefast.train.jpeg`): Pillow opens every file; a YCbCr or grey JPEG
+is decoded by maefast._jpeg (only the crop's window), else simplejpeg (the whole image), else Pillow,
+and the choice never shows in a crop: the same box, the same pixels bit for bit at every decode
+scale, the same verdict on a damaged file, on both the exact and the fast path."""
 import io
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from maefast.train import augment
+from maefast.train import augment, jpeg
 from maefast.train.augment import PretrainTransform, draft_factor
-
-pytest.importorskip("simplejpeg")
 
 S = 32
 
@@ -34,13 +33,19 @@ VARIANTS = {
 }
 
 
+def _variant(name: str) -> bytes:
+    kw = dict(VARIANTS[name])
+    return _jpeg(**{k: kw.pop(k) for k in ("mode", "w", "h") if k in kw}, **kw)
+
+
 def _boxes(w, h):
-    """Crops decoded at each scale the image allows (1, 2, 4, 8), at odd offsets."""
-    out = [(h // 7, w // 5, max(1, h // 9), max(1, w // 11)), (0, 0, h, w)]
+    """Crops decoded at each scale the image allows (1, 2, 4, 8), at odd offsets, and at the edges."""
+    out = [(h // 7, w // 5, max(1, h // 9), max(1, w // 11)), (0, 0, h, w), (h - h // 3, w - w // 4, h // 3, w // 4)]
     for k in (2, 4, 8):
         side = k * S + 3
         if side <= min(w, h):
             out.append(((h - side) // 3, (w - side) // 2 + 1, side, side + (w > side)))
+            out.append((h - side, w - side - (w > side), side, side + (w > side)))  # at the far corner
     return out
 
 
@@ -57,28 +62,103 @@ def _opened(data):
     return Image.open(io.BytesIO(data))
 
 
+def _use(monkeypatch, name):
+    """Makes ``name`` this process's reader (skips where it is not installed)."""
+    if name == "window" and jpeg._load_window_reader() is None:
+        pytest.skip(f"maefast._jpeg is not built: {jpeg.load_error}")
+    if name == "simplejpeg" and jpeg.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    monkeypatch.setattr(jpeg, "_READER", name)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("decode", ["exact", "fast"])
-def test_simplejpeg_and_pillow_give_the_same_pixels(variant, decode, monkeypatch):
-    kw = dict(VARIANTS[variant])
-    data = _jpeg(**{k: kw.pop(k) for k in ("mode", "w", "h") if k in kw}, **kw)
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_each_reader_gives_pillows_pixels(name, variant, decode, monkeypatch):
+    data = _variant(variant)
+    _use(monkeypatch, name)
     with _opened(data) as img:
-        assert augment.simplejpeg_takes(img, data)  # this file takes the simplejpeg route
+        assert jpeg.takes(img, data)  # this file takes the reader's route
         w, h = img.size
     scales = set()
     for box in _boxes(w, h):
         k = 1 if decode == "exact" else draft_factor(box[3], box[2], S)
         scales.add(draft_factor(box[3], box[2], S))
-        decoded = augment.decode_jpeg(data, w, h, k)  # the route really decodes (no quiet fallback)
-        assert decoded is not None and decoded.shape == (-(-h // k), -(-w // k), 3)
+        win = augment.window(box, k, w, h)
+        decoded = jpeg.decode(data, w, h, k, win)  # the route really decodes (no quiet fallback)
+        assert decoded is not None and decoded.shape == (win[2] - win[0], win[3] - win[1], 3)
         fast = _crop(data, decode, box)
         with monkeypatch.context() as m:
-            m.setattr(augment, "simplejpeg", None)
+            m.setattr(jpeg, "_READER", "pillow")
             with _opened(data) as img:
-                assert not augment.simplejpeg_takes(img, data)
+                assert not jpeg.takes(img, data)
             slow = _crop(data, decode, box)
-        assert fast.shape == (3, S, S) and torch.equal(fast, slow), (variant, decode, box)
+        assert fast.shape == (3, S, S) and torch.equal(fast, slow), (name, variant, decode, box)
     assert scales == ({1, 2, 4, 8} if min(w, h) >= 8 * S + 3 else {1, 2})
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_windows_are_the_whole_images_pixels(variant, monkeypatch):
+    """maefast._jpeg's windows, anywhere (edges, one pixel, off the iMCU grid), at every scale: the same
+    pixels as the whole image decoded (simplejpeg: libjpeg-turbo, all of it)."""
+    _use(monkeypatch, "window")
+    if jpeg.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    data = _variant(variant)
+    with _opened(data) as img:
+        w, h = img.size
+    rng = np.random.default_rng(len(variant))
+    for k in (1, 2, 4, 8):
+        full = jpeg._decode("simplejpeg", data, w, h, k, (0, 0, -(-h // k), -(-w // k)))
+        H, W = full.shape[:2]
+        wins = [(0, 0, H, W), (0, 0, 1, 1), (H - 1, W - 1, H, W), (0, W - 1, H, W), (H // 2, 0, H // 2 + 1, W)]
+        for _ in range(12):
+            y0, y1 = sorted(rng.choice(H + 1, 2, replace=False))
+            x0, x1 = sorted(rng.choice(W + 1, 2, replace=False))
+            wins.append((int(y0), int(x0), int(y1), int(x1)))
+        for y0, x0, y1, x1 in wins:
+            got = jpeg._decode("window", data, w, h, k, (y0, x0, y1, x1))
+            assert got is not None and np.array_equal(got, full[y0:y1, x0:x1]), (variant, k, (y0, x0, y1, x1))
+
+
+def test_window_reader_refuses_bad_arguments(monkeypatch):
+    _use(monkeypatch, "window")
+    data = _jpeg(w=64, h=48)
+    with pytest.raises(ValueError, match="k must be 1, 2, 4 or 8, got 3"):
+        jpeg._jpeg.decode_region(data, 3, 0, 0, 4, 4)
+    with pytest.raises(ValueError, match="at least 1 x 1, got 0 x 4"):
+        jpeg._jpeg.decode_region(data, 1, 0, 0, 0, 4)
+    with pytest.raises(IndexError, match=r"outside the 24 x 32 image at 1/2"):  # our bug, not the file's
+        jpeg._jpeg.decode_region(data, 2, 20, 0, 5, 4)
+    with pytest.raises(TypeError):
+        jpeg._jpeg.decode_region("not bytes", 1, 0, 0, 4, 4)
+    for bad in (b"", b"\xff\xd8\xff", data[:200]):  # empty, no header, no scan
+        with pytest.raises(ValueError, match="decode_region: "):
+            jpeg._jpeg.decode_region(bad, 1, 0, 0, 4, 4)
+    with pytest.raises(ValueError, match="colour space"):  # CMYK: Pillow's to convert
+        jpeg._jpeg.decode_region(_jpeg("CMYK", w=64, h=48), 1, 0, 0, 4, 4)
+    # memoryview and bytearray inputs read the same bytes
+    want = jpeg._jpeg.decode_region(data, 1, 3, 5, 7, 9)
+    assert jpeg._jpeg.decode_region(bytearray(data), 1, 3, 5, 7, 9) == want
+    assert jpeg._jpeg.decode_region(memoryview(data), 1, 3, 5, 7, 9) == want
+
+
+def test_window_reader_decodes_in_threads_alike(monkeypatch):
+    """The GIL is released while decoding: threads decoding at once get what one thread gets."""
+    _use(monkeypatch, "window")
+    files = [_jpeg(w=300 + 7 * i, h=200 + 5 * i, seed=i) for i in range(4)]
+    want = [jpeg._jpeg.decode_region(d, 1, 10, 20, 150, 200) for d in files]
+    got = {}
+
+    def work(t):
+        got[t] = [jpeg._jpeg.decode_region(d, 1, 10, 20, 150, 200) for d in files * 5]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[t] == want * 5 for t in range(4))
 
 
 def test_routes(monkeypatch):
@@ -86,46 +166,84 @@ def test_routes(monkeypatch):
 
     def takes(data):
         with _opened(data) as img:
-            return augment.simplejpeg_takes(img, data)
+            return jpeg.takes(img, data)
 
-    assert takes(_jpeg(w=300, h=200)) and takes(_jpeg("L", w=300, h=200))
+    monkeypatch.setattr(jpeg, "_READER", None)
+    name = jpeg.reader()
+    assert name in jpeg.READERS and jpeg.describe()
+    if name != "pillow":
+        assert takes(_jpeg(w=300, h=200)) and takes(_jpeg("L", w=300, h=200))
     assert not takes(_jpeg("CMYK", w=300, h=200))  # Pillow converts CMYK itself: its route
     cmyk = _jpeg("CMYK", w=300, h=200)
     for decode in ("exact", "fast"):
         assert _crop(cmyk, decode, (10, 20, 150, 200)).shape == (3, S, S)
-    # the readers are compared once per process before simplejpeg is trusted
-    assert augment._readers_agree()
-    monkeypatch.setattr(augment, "_AGREE", None)
+    # the readers are compared with Pillow once per process, the windowed one first
+    if jpeg._load_window_reader() is not None:
+        assert name == "window"
+        monkeypatch.setattr(jpeg, "_READER", None)
+        monkeypatch.setattr(jpeg, "_jpeg", None)  # not built: the whole-image reader
+        monkeypatch.setattr(jpeg, "load_error", "ImportError: not built")
+        assert jpeg.reader() == ("simplejpeg" if jpeg.simplejpeg is not None else "pillow")
+        monkeypatch.undo()
+    real = jpeg._decode
+    for off in ("window", "simplejpeg"):  # a reader that is off at one scale is not trusted
+        monkeypatch.setattr(jpeg, "_READER", None)
+        monkeypatch.setattr(jpeg, "_decode", lambda n, *a, _off=off: None if n == _off and a[3] == 8 else real(n, *a))
+        assert jpeg.reader() != off
+    monkeypatch.setattr(jpeg, "_READER", None)
     monkeypatch.setattr(features, "check_feature", lambda name: False)  # a Pillow on another libjpeg
+    assert jpeg.reader() == "pillow" and jpeg.describe() == "Pillow"
     assert not takes(_jpeg(w=300, h=200))
-    monkeypatch.undo()
-    real = augment.decode_jpeg
-    monkeypatch.setattr(augment, "_AGREE", None)
-    monkeypatch.setattr(augment, "decode_jpeg", lambda *a: None if a[3] == 8 else real(*a))  # off at one scale
-    assert not takes(_jpeg(w=300, h=200))
-    monkeypatch.setattr(augment, "_AGREE", None)
+    monkeypatch.setattr(jpeg, "_READER", None)
 
 
 @pytest.mark.parametrize("decode", ["exact", "fast"])
-def test_damaged_files_get_pillows_verdict(decode, monkeypatch):
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_damaged_files_get_pillows_verdict(name, decode, monkeypatch):
     from PIL import Image
 
+    _use(monkeypatch, name)
     data = _jpeg(w=300, h=300)
     sos = data.index(b"\xff\xda")
     stray = data[:sos] + b"\0\0" + data[sos:]  # libjpeg warns ("extraneous bytes"); Pillow decodes it
     box = (5, 7, 280, 290)  # decoded at 1/8 on the fast path
-    assert augment.decode_jpeg(stray, 300, 300, draft_factor(290, 280, S)) is None
+    k = draft_factor(290, 280, S)
+    assert jpeg.decode(stray, 300, 300, k, augment.window(box, k, 300, 300)) is None
     got = _crop(stray, decode, box)
     with monkeypatch.context() as m:
-        m.setattr(augment, "simplejpeg", None)
+        m.setattr(jpeg, "_READER", "pillow")
         assert torch.equal(got, _crop(stray, decode, box))
-    truncated = data[: len(data) // 2]  # the header is whole: both readers fail in the decode
+    truncated = data[: len(data) // 2]  # the header is whole: every reader fails in the decode
     with pytest.raises(OSError, match="truncated"):
         _crop(truncated, decode, box)
+    # a crop above the damage: the window reader never decodes the rows that are missing, yet the file
+    # gets Pillow's verdict (no end-of-image marker: Pillow decides), whatever the crop
+    top = (3, 5, 60, 70)
+    for cut in (len(data) * 3 // 4, len(data) - 2, len(data) - 1):
+        assert jpeg.decode(data[:cut], 300, 300, 1, (3, 5, 63, 75)) is None
+        with pytest.raises(OSError, match="truncated"):
+            _crop(data[:cut], decode, top)
+    assert data.endswith(b"\xff\xd9")
+    junk = data[:-2] + b"\xff\xc4\x00\x02" + data[-2:]  # a marker between the scan and its end: Pillow's to judge
+    if name == "window":  # (libjpeg reads this empty DHT whole: simplejpeg decodes the file)
+        assert jpeg.decode(junk, 300, 300, 1, (3, 5, 63, 75)) is None
+    with monkeypatch.context() as m:
+        m.setattr(jpeg, "_READER", "pillow")
+        try:
+            want = _crop(junk, decode, top)
+        except OSError as exc:
+            want = exc
+    try:
+        got_junk = _crop(junk, decode, top)
+    except OSError as exc:
+        got_junk = exc
+    assert type(got_junk) is type(want) and (str(got_junk) == str(want) if isinstance(want, OSError) else torch.equal(got_junk, want))
+    # trailing bytes after the end-of-image marker change nothing
+    assert torch.equal(_crop(data + b"trailing", decode, top), _crop(data, decode, top))
     # a short JFIF segment: libjpeg decodes it, Pillow refuses the file, as the official loader
     assert data[2:4] == b"\xff\xe0"
     short_app0 = data[:2] + b"\xff\xe0\x00\x07JFIF\x00" + data[4 + int.from_bytes(data[4:6], "big"):]
-    assert augment.decode_jpeg(short_app0, 300, 300) is not None
+    assert jpeg.decode(short_app0, 300, 300, 1, (0, 0, 300, 300)) is not None
     with pytest.raises(Image.UnidentifiedImageError, match=r"^cannot identify image file$"):
         _crop(short_app0, decode, box)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)  # Pillow's bomb check is still made

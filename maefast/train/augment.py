@@ -17,13 +17,10 @@
   gets the fast path's pixels on the CPU.
 
 Decoding, on both CPU paths: Pillow opens a file's bytes (`PretrainTransform.crop_encoded`: its
-verdict on the header and its size, as before); a YCbCr or grey JPEG is then decoded by
-libjpeg-turbo through ``simplejpeg`` (a dependency; ~30% faster than Pillow's reader, as it hands
-numpy the pixels without Pillow's chunked reads and image copies), with the decoder settings Pillow
-uses, so the pixels are Pillow's bit for bit at every scale (the tests check it, and each process
-checks it once on a small JPEG before trusting it: `_readers_agree`). Any other file, a JPEG
-libjpeg reports damage in, or a machine without ``simplejpeg`` (or with a Pillow not built on
-libjpeg-turbo) goes through Pillow (``Image.draft`` for the scaled decode): the same box and pixels.
+verdict on the header and its size); a YCbCr or grey JPEG's pixels then come from the fastest reader
+this process has (`maefast.train.jpeg`: libjpeg-turbo decoding only the crop's window, else the
+whole image through ``simplejpeg``, else Pillow), each giving Pillow's pixels bit for bit at every
+scale. The exact path reads the box, the fast path the pixels its resampling reads (`window`).
 
 The CPU paths yield a uint8 (3, S, S) crop; ``dtype=torch.uint8`` stops there (4x fewer bytes to the
 GPU: the model normalises), ``torch.float32`` normalises it on the CPU with torchvision's
@@ -41,11 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.normalize import IMAGENET_MEAN, IMAGENET_STD
-
-try:  # the faster JPEG reader (module docstring); Pillow gives the same pixels without it
-    import simplejpeg
-except ImportError:  # pragma: no cover - installed with maefast; absent on some GPU machines
-    simplejpeg = None
+from . import jpeg
 
 SCALE = (0.2, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -118,70 +111,14 @@ def _rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _readers_agree() -> bool:
-    """Whether simplejpeg decodes as this Pillow does: Pillow built on libjpeg-turbo, and a small
-    4:2:0 JPEG with a hard chroma edge decoded alike at 1/1, 1/2, 1/4 and 1/8 (checked once per
-    process; another libjpeg under Pillow, e.g. IJG's, rounds otherwise and keeps Pillow's reader)."""
-    global _AGREE
-    if _AGREE is None:
-        from PIL import features
-
-        _AGREE = False
-        if simplejpeg is not None and features.check_feature("libjpeg_turbo"):
-            Image = _pil()
-            yy, xx = np.mgrid[0:67, 0:93]
-            a = np.stack([xx * 2, yy * 3, (xx * yy) % 256], -1).astype(np.uint8)
-            a[20:40, 30:60] = (250, 10, 120)
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, "JPEG", quality=90)
-            data = buf.getvalue()
-            agree = True
-            for k in (1, 2, 4, 8):
-                with Image.open(io.BytesIO(data)) as img:
-                    if k > 1:
-                        img.draft("RGB", (img.width // k, img.height // k))
-                    want = np.asarray(img.convert("RGB"))
-                got = decode_jpeg(data, 93, 67, k)
-                agree = agree and got is not None and np.array_equal(got, want)
-            _AGREE = agree
-    return _AGREE
-
-
-_AGREE = None
-
-
-def simplejpeg_takes(img, data: bytes) -> bool:
-    """Whether `decode_jpeg` decodes this file (Pillow opened ``img`` from ``data``, not decoded yet):
-    a YCbCr or grey JPEG (Pillow's RGB or L), with ``simplejpeg`` installed and decoding as Pillow
-    does (`_readers_agree`). Anything else is Pillow's to decode."""
-    if simplejpeg is None or img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
-        return False
-    try:
-        colorspace = simplejpeg.decode_jpeg_header(data)[2]
-    except ValueError:
-        return False
-    return colorspace in ("YCbCr", "Gray") and _readers_agree()
-
-
-def decode_jpeg(data: bytes, width: int, height: int, k: int = 1) -> np.ndarray | None:
-    """uint8 (ceil(H/k), ceil(W/k), 3) RGB of a `simplejpeg_takes` file, decoded at 1/k: libjpeg-turbo's
-    accurate integer IDCT and smooth chroma upsampling, as Pillow decodes (and ``Image.draft``
-    scales). None when libjpeg reports damage (a truncated file, stray bytes): Pillow then decides,
-    refusing or accepting the file as it always did."""
-    try:
-        return simplejpeg.decode_jpeg(data, "RGB", min_factor=k, min_height=-(-height // k),
-                                      min_width=-(-width // k), strict=True)
-    except ValueError:
-        return None
-
-
-def crop_exact(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The official pixels: full decode, crop, Pillow bicubic resize. ``img`` is a PIL image or the
-    decoded uint8 (H, W, 3) RGB pixels. Returns uint8 (3, size, size) (a channels-last view). Mode
-    conversion is per pixel, so converting the crop equals converting the image first
-    (torchvision's ``pil_loader``)."""
+def crop_exact(img, box: tuple[int, int, int, int], size: int, origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The official pixels: full decode, crop, Pillow bicubic resize. ``img`` is a PIL image or decoded
+    uint8 (H, W, 3) RGB pixels whose first pixel is the image's ``origin`` (row, column): a window
+    holding the box. Returns uint8 (3, size, size) (a channels-last view). Mode conversion is per
+    pixel, so converting the crop equals converting the image first (torchvision's ``pil_loader``)."""
     top, left, h, w = box
     if isinstance(img, np.ndarray):
+        top, left = top - origin[0], left - origin[1]
         img = _pil().fromarray(np.ascontiguousarray(img[top:top + h, left:left + w]))
     else:
         img = _rgb(img.crop((left, top, left + w, top + h)))
@@ -208,20 +145,32 @@ def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
 
 
-def resample_fast(pixels: np.ndarray, box: tuple[int, int, int, int], k: int, size: int) -> torch.Tensor:
-    """The fast path's resampling of ``box`` (in full-scale pixels) from uint8 (H', W', 3) RGB
-    decoded at 1/k. Returns uint8 (3, size, size), possibly a strided view."""
+def window(box: tuple[int, int, int, int], k: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1): the pixels of the ``width`` x ``height`` image decoded at 1/k that the fast
+    path's resampling of ``box`` (full-scale pixels) reads: the box itself at k = 1, else its
+    integer hull (a reduced pixel i covers original pixels [i*k, (i+1)*k)), inside the reduced image."""
     top, left, h, w = box
     if k == 1:
-        crop = _hwc_tensor(pixels[top:top + h, left:left + w]).permute(2, 0, 1)
+        return top, left, top + h, left + w
+    return (top // k, left // k, min(-(-(top + h) // k), -(-height // k)), min(-(-(left + w) // k), -(-width // k)))
+
+
+def resample_fast(pixels: np.ndarray, box: tuple[int, int, int, int], k: int, size: int,
+                  origin: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The fast path's resampling of ``box`` (in full-scale pixels) from uint8 RGB decoded at 1/k: the
+    reduced image, or a window of it holding `window`'s pixels whose first pixel is the reduced
+    image's ``origin`` (row, column). Returns uint8 (3, size, size), possibly a strided view."""
+    top, left, h, w = box
+    oy, ox = origin
+    if k == 1:
+        crop = _hwc_tensor(pixels[top - oy:top - oy + h, left - ox:left - ox + w]).permute(2, 0, 1)
         return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
-    # a reduced pixel i covers original pixels [i*k, (i+1)*k): the box in reduced pixels is
-    # fractional; crop its integer hull and let Pillow resample the exact fractional box
-    x0, y0, x1, y1 = left / k, top / k, (left + w) / k, (top + h) / k
-    X0, Y0 = math.floor(x0), math.floor(y0)
-    X1, Y1 = min(math.ceil(x1), pixels.shape[1]), min(math.ceil(y1), pixels.shape[0])
-    img = _pil().fromarray(np.ascontiguousarray(pixels[Y0:Y1, X0:X1]))
-    img = img.resize((size, size), _pil().BICUBIC, box=(x0 - X0, y0 - Y0, x1 - X0, y1 - Y0))
+    # the box in reduced pixels is fractional: crop its integer hull and let Pillow resample the exact
+    # fractional box
+    y0, x0, y1, x1 = window(box, k, (ox + pixels.shape[1]) * k, (oy + pixels.shape[0]) * k)
+    img = _pil().fromarray(np.ascontiguousarray(pixels[y0 - oy:y1 - oy, x0 - ox:x1 - ox]))
+    img = img.resize((size, size), _pil().BICUBIC,
+                     box=(left / k - x0, top / k - y0, (left + w) / k - x0, (top + h) / k - y0))
     return _hwc_tensor(img).permute(2, 0, 1)
 
 
@@ -299,19 +248,23 @@ class PretrainTransform:
 
     def crop_encoded(self, data: bytes, rng: np.random.Generator) -> torch.Tensor:
         """A file's bytes -> `crop`'s result (the same draws and pixels). Pillow opens the file (its
-        verdict on the header, its size, its pixel-count limit); a JPEG `simplejpeg_takes` is then
-        decoded by simplejpeg (at the fast path's scale), anything else, or a JPEG libjpeg reports
-        damage in, by Pillow. A file Pillow cannot read raises (the datasets count it as bad)."""
+        verdict on the header, its size, its pixel-count limit); a JPEG `maefast.train.jpeg` `takes`
+        is then decoded by its reader (at the fast path's scale, only the window the crop reads where
+        the reader can), anything else, or a JPEG libjpeg reports damage in, by Pillow. A file Pillow
+        cannot read raises (the datasets count it as bad)."""
         with open_bytes(data) as img:
-            if not simplejpeg_takes(img, data):
+            if not jpeg.takes(img, data):
                 return self.crop(img, rng)
             box = self.draw_box(img.width, img.height, rng)
             exact = self.decode == "exact"
             k = 1 if exact else draft_factor(box[3], box[2], self.size)
-            pixels = decode_jpeg(data, img.width, img.height, k)
+            win = window(box, k, img.width, img.height)
+            pixels = jpeg.decode(data, img.width, img.height, k, win)
             if pixels is None:  # damaged: Pillow's verdict and pixels, for the same box
                 return (crop_exact if exact else crop_fast)(img, box, self.size)
-        return crop_exact(pixels, box, self.size) if exact else resample_fast(pixels, box, k, self.size)
+        if exact:
+            return crop_exact(pixels, box, self.size, win[:2])
+        return resample_fast(pixels, box, k, self.size, win[:2])
 
     def flip(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """uint8 (3, S, S) crop -> uint8 (3, S, S) contiguous, flipped with probability hflip."""
