@@ -68,6 +68,19 @@ static int scan_ends_cleanly(j_decompress_ptr cinfo) {
   return 0;
 }
 
+/* Grey, or YCbCr with luma sampled 1x1, 2x1 or 2x2 and chroma 1x1 (4:4:4, 4:2:2, 4:2:0: nearly every
+   photograph): the samplings whose windows tests/test_jpeg_reader.py and the loader's check against
+   Pillow compare with a whole decode. Any other is read from its first row at full width (libjpeg-
+   turbo's skipping has had sampling-specific bugs), still stopping after the window. */
+static int common_sampling(j_decompress_ptr cinfo) {
+  if (cinfo->num_components == 1) return 1;
+  if (cinfo->num_components != 3) return 0;
+  jpeg_component_info *c = cinfo->comp_info;
+  if (c[1].h_samp_factor != 1 || c[1].v_samp_factor != 1 || c[2].h_samp_factor != 1 || c[2].v_samp_factor != 1)
+    return 0;
+  return (c[0].h_samp_factor == 1 && c[0].v_samp_factor == 1) || (c[0].h_samp_factor == 2 && c[0].v_samp_factor <= 2);
+}
+
 static int decode(const unsigned char *data, size_t size, int k, int top, int left, int height,
                   int width, unsigned char *out, char *message) {
   struct jpeg_decompress_struct cinfo;
@@ -112,6 +125,11 @@ static int decode(const unsigned char *data, size_t size, int k, int top, int le
   int x1 = left + width + imcu_w > (int)cinfo.output_width ? (int)cinfo.output_width : left + width + imcu_w;
   int y0 = top - imcu_h < 0 ? 0 : top - imcu_h;
   int y1 = top + height + imcu_h > (int)cinfo.output_height ? (int)cinfo.output_height : top + height + imcu_h;
+  if (!common_sampling(&cinfo)) { /* skip and crop only where the tests and the loader's check look */
+    x0 = 0;
+    x1 = (int)cinfo.output_width;
+    y0 = 0;
+  }
   JDIMENSION xoffset = (JDIMENSION)x0, cwidth = (JDIMENSION)(x1 - x0);
   if (x0 > 0 || x1 < (int)cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoffset, &cwidth);
   /* jpeg_crop_scanline moves xoffset down to an iMCU boundary and sets output_width */

@@ -121,6 +121,33 @@ def test_windows_are_the_whole_images_pixels(variant, monkeypatch):
             assert got is not None and np.array_equal(got, full[y0:y1, x0:x1]), (variant, k, (y0, x0, y1, x1))
 
 
+@pytest.mark.parametrize("subsampling", ["440", "411"])
+def test_windows_of_rarer_samplings(subsampling, monkeypatch):
+    """4:4:0 and 4:1:1 (Pillow does not write them; simplejpeg does): read from the first row at full
+    width, stopping after the window, and still the whole image's pixels."""
+    _use(monkeypatch, "window")
+    if jpeg.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    w, h = 301, 203
+    a = np.asarray(Image.open(io.BytesIO(_jpeg(w=w, h=h))).convert("RGB"))
+    data = jpeg.simplejpeg.encode_jpeg(np.ascontiguousarray(a), quality=90, colorsubsampling=subsampling)
+    for k in (1, 2, 4, 8):
+        full = jpeg._decode("simplejpeg", data, w, h, k, (0, 0, -(-h // k), -(-w // k)))
+        H, W = full.shape[:2]
+        for _ in range(10):
+            y0, y1 = sorted(int(v) for v in rng.choice(H + 1, 2, replace=False))
+            x0, x1 = sorted(int(v) for v in rng.choice(W + 1, 2, replace=False))
+            got = jpeg._decode("window", data, w, h, k, (y0, x0, y1, x1))
+            assert got is not None and np.array_equal(got, full[y0:y1, x0:x1]), (subsampling, k, (y0, x0, y1, x1))
+        with Image.open(io.BytesIO(data)) as img:  # and Pillow's pixels
+            if k > 1:
+                img.draft("RGB", (img.width // k, img.height // k))
+            assert np.array_equal(np.asarray(img.convert("RGB")), full)
+
+
 def test_window_reader_refuses_bad_arguments(monkeypatch):
     _use(monkeypatch, "window")
     data = _jpeg(w=64, h=48)

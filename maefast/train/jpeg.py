@@ -66,26 +66,27 @@ def _decode(name: str, data: bytes, width: int, height: int, k: int, window: Win
 
 
 def _agrees(name: str) -> bool:
-    """Whether reader ``name`` decodes as this Pillow does: a small 4:2:0 JPEG with a hard chroma edge,
-    at 1/1, 1/2, 1/4 and 1/8, whole and in a window off the iMCU grid."""
+    """Whether reader ``name`` decodes as this Pillow does: small JPEGs with a hard chroma edge (4:2:0,
+    4:2:2, 4:4:4, grey) at 1/1, 1/2, 1/4 and 1/8, whole and in a window off the iMCU grid."""
     from PIL import Image
 
     yy, xx = np.mgrid[0:67, 0:93]
     a = np.stack([xx * 2, yy * 3, (xx * yy) % 256], -1).astype(np.uint8)
     a[20:40, 30:60] = (250, 10, 120)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "JPEG", quality=90)
-    data = buf.getvalue()
-    for k in (1, 2, 4, 8):
-        with Image.open(io.BytesIO(data)) as img:
-            if k > 1:
-                img.draft("RGB", (img.width // k, img.height // k))
-            want = np.asarray(img.convert("RGB"))
-        h, w = want.shape[:2]
-        for y0, x0, y1, x1 in ((0, 0, h, w), (h // 3, w // 3 + 1, h - h // 4, w - 1)):
-            got = _decode(name, data, 93, 67, k, (y0, x0, y1, x1))
-            if got is None or not np.array_equal(got, want[y0:y1, x0:x1]):
-                return False
+    for image, subsampling in ((a, 2), (a, 1), (a, 0), (a[..., 1], -1)):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "JPEG", quality=90, subsampling=subsampling)
+        data = buf.getvalue()
+        for k in (1, 2, 4, 8):
+            with Image.open(io.BytesIO(data)) as img:
+                if k > 1:
+                    img.draft(img.mode, (img.width // k, img.height // k))
+                want = np.asarray(img.convert("RGB"))
+            h, w = want.shape[:2]
+            for y0, x0, y1, x1 in ((0, 0, h, w), (h // 3, w // 3 + 1, h - h // 4, w - 1)):
+                got = _decode(name, data, 93, 67, k, (y0, x0, y1, x1))
+                if got is None or not np.array_equal(got, want[y0:y1, x0:x1]):
+                    return False
     return True
 
 
