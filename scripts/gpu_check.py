@@ -23,8 +23,9 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
   kernels the `device` tests (those taking the `device` fixture: every op and kernel against the
           reference on fresh random inputs, run on the CPU's Triton interpreter in CI) on the card,
           the ops the step presets time first: compiled code the interpreter cannot check
-  data    `maefast bench data` (16 workers, 4000 JPEGs: the loader's img/s, the CPU path and the GPU
-          decode, issue 15); `maefast train` on those JPEGs vs `--data synthetic`, ViT-L/16 b128
+  data    build maefast._jpeg (the windowed JPEG reader; where libjpeg-turbo's headers are missing
+          the loader reads with simplejpeg); `maefast bench data` (16 workers, 4000 JPEGs: the
+          loader's img/s, the CPU path and the GPU decode, issue 15); `maefast train` on those JPEGs vs `--data synthetic`, ViT-L/16 b128
           (ratio >= 0.9, issue 15); `maefast train --data synthetic` ViT-H/14 b128 (>= 0.95x the
           step record's row, issue 14)
 
@@ -73,7 +74,7 @@ BUDGET = {"build": (35, 0), "capture-probe": (75, 0), "step-tests": (65, 20), "t
           "profile-kernels": (170, 0), "step-more": (105, 45),
           "ops-rows": (280, 25),
           "table2": (200, 0), "profile-overhead": (70, 0), "kernel-tests": (240, 25),
-          "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
+          "build-jpeg": (5, 0), "bench-data": (75, 0), "train-jpeg": (75, 0), "train-synthetic": (60, 0), "train-huge": (70, 0)}
 # verify's `cuda` tests in this order (333 of them on 2026-12-04; 180 took 74 s with 8 workers on
 # 2026-11-27, so the step's deadline may skip the tail): the ops the step presets time, then the
 # uint8 path (the training default), then the rest of tests/
@@ -488,6 +489,10 @@ def _linked_folder(src: str, dst: str, copies: int) -> None:
 
 def preset_data(r: Runner) -> None:
     jpegs, bj = os.path.join(r.work, "jpegs"), os.path.join(r.work, "bench-data.json")
+    # the windowed JPEG reader (~0.1 s); where libjpeg-turbo's headers are missing the step fails saying so
+    # and the loader reads with simplejpeg (the bench record names the reader)
+    out = [] if not r.dry else ["--output", os.path.join(r.work, "_jpeg-dry-run.so")]
+    r.run("build-jpeg", [r.py, "csrc/build.py", "--inplace", "--jpeg"] + out)
     # the loader's img/s: official, maefast's default path (fast decode, uint8) and the GPU decode (nvJPEG;
     # skipped with the reason where torchvision cannot decode on the card) at 16 workers; the per-worker rows
     # short (the CPU target is the CPU record's); the pixel difference to the exact path on a few hundred

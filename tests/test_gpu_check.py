@@ -68,7 +68,10 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
         assert record["wall_s"] >= 0 and record["steps"]
     assert "== gpu_check data (dry run)" in printed
     data = json.loads((out / "data-record.json").read_text())
-    assert list(data["steps"]) == ["bench-data", "train-jpeg", "train-synthetic", "train-huge"]
+    assert list(data["steps"]) == ["build-jpeg", "bench-data", "train-jpeg", "train-synthetic", "train-huge"]
+    headers = subprocess.run("cc -E -x c - <<< '#include <jpeglib.h>'", shell=True, executable="/bin/bash",
+                             capture_output=True).returncode == 0
+    assert data["steps"]["build-jpeg"]["rc"] == (0 if headers else 1)  # the windowed JPEG reader, where it can
     assert all(st["rc"] == 0 for st in data["steps"].values()), data["steps"]
     assert sum(st["budget_s"] for st in data["steps"].values()) <= 290
     cmds = {k: v["cmd"] for k, v in data["train"].items()}
