@@ -73,7 +73,7 @@ setup(
         "ninja",
         "numpy",
         "pillow",
-        "simplejpeg",  # the CPU data paths' JPEG reader (maefast/train/augment.py); Pillow stands in without it
+        "simplejpeg",  # a CPU data path's JPEG reader (maefast/train/jpeg.py); Pillow stands in without it
         "tqdm",
         "matplotlib",
     ],

@@ -220,18 +220,33 @@ def jpeg_output_name() -> str:
     return "_jpeg" + sysconfig.get_config_var("EXT_SUFFIX")
 
 
+def c_compiler() -> list[str]:
+    """The host C compiler build_jpeg uses: CC, else the one Python was built with, else cc."""
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+def jpeg_headers_found() -> bool:
+    """Whether `c_compiler` finds libjpeg's header (jpeglib.h): build_jpeg can then build."""
+    cc = c_compiler()
+    if not cc or shutil.which(cc[0]) is None:
+        return False
+    return subprocess.run(cc + ["-E", "-x", "c", "-"], input="#include <stdio.h>\n#include <jpeglib.h>\n",
+                          capture_output=True, text=True).returncode == 0
+
+
 def build_jpeg(output: str) -> str:
     """Compiles csrc/jpeg_region.c (the data loader's windowed JPEG reader, plain C on the Python C API)
     into the extension at `output` with the host C compiler (CC, else Python's, else cc), linked to the
     system's libjpeg-turbo (the headers of libjpeg-turbo >= 1.5: Debian's libjpeg62-turbo-dev). Raises
     RuntimeError saying why it could not (no compiler, no headers, an older libjpeg): the loader then
     reads JPEGs with simplejpeg or Pillow, the same pixels, slower."""
-    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cc = c_compiler()
     if not cc or shutil.which(cc[0]) is None:
         raise RuntimeError(f"no C compiler ({' '.join(cc) or 'CC'} not found)")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = f"{output}.tmp{os.getpid()}"  # a failed build leaves no half-written extension behind
-    cmd = cc + ["-O2", "-std=c99", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
+    link = ["-shared", "-undefined", "dynamic_lookup"] if sys.platform == "darwin" else ["-shared"]
+    cmd = cc + ["-O2", "-std=c99", "-fPIC", *link, "-I" + sysconfig.get_paths()["include"],
                 os.path.join(HERE, "jpeg_region.c"), "-o", tmp, "-ljpeg"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -9,7 +9,7 @@
    the window touches (jpeg_skip_scanlines, jpeg_crop_scanline: libjpeg-turbo >= 1.5). The window
    is widened by one iMCU on each side inside the decoder and cut back when copied out, so the
    smooth upsampling at its edges reads the same neighbours as in a full decode
-   (tests/test_jpeg_region.py checks the equality on every subsampling, scale and edge).
+   (tests/test_jpeg_reader.py checks the equality on every subsampling, scale and edge).
 
    Raises ValueError when libjpeg reports an error or a warning (a damaged file: the caller lets
    Pillow decide), and IndexError when the window is outside the reduced image. The rows below the
@@ -17,7 +17,10 @@
    (Pillow refuses a truncated file whatever the crop): a single-scan file must also show, after the
    rows read, entropy-coded data (stuffed bytes, restart markers) up to an end-of-image marker, else
    it is reported damaged (`scan_ends_cleanly`). A multi-scan (progressive) file is read whole by
-   libjpeg before its first row anyway. YCbCr and grey JPEGs only (the
+   libjpeg before its first row anyway; one whose scans stop before every coefficient is complete
+   (legal: Pillow decodes it, smoothing the missing coefficients) is reported damaged too, as
+   libjpeg-turbo's block smoothing has changed between versions (2.1 vs 3.x: up to 3 levels) and
+   this library need not be the one inside Pillow. YCbCr and grey JPEGs only (the
    caller checks the colour space first); grey comes out as RGB with R = G = B, as Pillow's
    convert("RGB"). The GIL is released while decoding. */
 #define PY_SSIZE_T_CLEAN
@@ -81,6 +84,16 @@ static int common_sampling(j_decompress_ptr cinfo) {
   return (c[0].h_samp_factor == 1 && c[0].v_samp_factor == 1) || (c[0].h_samp_factor == 2 && c[0].v_samp_factor <= 2);
 }
 
+/* Whether a progressive file's scans left some coefficient without its last bits (coef_bits: -1 never
+   sent, > 0 the successive-approximation bit still missing; 0 complete). */
+static int incomplete_progressive(j_decompress_ptr cinfo) {
+  if (!cinfo->progressive_mode || cinfo->coef_bits == NULL) return 0;
+  for (int c = 0; c < cinfo->num_components; c++)
+    for (int i = 0; i < DCTSIZE2; i++)
+      if (cinfo->coef_bits[c][i] != 0) return 1;
+  return 0;
+}
+
 static int decode(const unsigned char *data, size_t size, int k, int top, int left, int height,
                   int width, unsigned char *out, char *message) {
   struct jpeg_decompress_struct cinfo;
@@ -111,8 +124,13 @@ static int decode(const unsigned char *data, size_t size, int k, int top, int le
   cinfo.dct_method = JDCT_ISLOW;
   cinfo.do_fancy_upsampling = TRUE;
   jpeg_start_decompress(&cinfo);
-  if (top < 0 || left < 0 || height < 1 || width < 1 || (JDIMENSION)(top + height) > cinfo.output_height ||
-      (JDIMENSION)(left + width) > cinfo.output_width) {
+  if (incomplete_progressive(&cinfo)) {
+    snprintf(message, JMSG_LENGTH_MAX, "a progressive file whose coefficients are incomplete (Pillow's to smooth)");
+    jpeg_destroy_decompress(&cinfo);
+    return -1;
+  }
+  if (top < 0 || left < 0 || (long long)top + height > (long long)cinfo.output_height ||
+      (long long)left + width > (long long)cinfo.output_width) {
     snprintf(message, JMSG_LENGTH_MAX, "window (top %d, left %d, %d x %d) outside the %u x %u image at 1/%d",
              top, left, height, width, cinfo.output_height, cinfo.output_width, k);
     jpeg_destroy_decompress(&cinfo);
@@ -172,6 +190,11 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     PyBuffer_Release(&data);
     return PyErr_Format(PyExc_ValueError, "decode_region: the window must be at least 1 x 1, got %d x %d",
                         height, width);
+  }
+  if (top < 0 || left < 0 || height > JPEG_MAX_DIMENSION || width > JPEG_MAX_DIMENSION) {
+    PyBuffer_Release(&data); /* before the output's allocation: no JPEG is that large */
+    return PyErr_Format(PyExc_IndexError, "decode_region: window (top %d, left %d, %d x %d) outside any JPEG",
+                        top, left, height, width);
   }
   PyObject *out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)height * width * 3);
   if (out == NULL) {

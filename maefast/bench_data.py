@@ -424,8 +424,10 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
         else:
             ds.files = ds.files[:n_images]
     env = timing.env_info("cpu")
+    # "libjpeg" is Pillow's libjpeg API level (6.2), "libjpeg_turbo" the version of the libjpeg-turbo inside it
     env.update(pillow=__import__("PIL").__version__, libjpeg=features.version("jpg"),
-               libjpeg_turbo=bool(features.check_feature("libjpeg_turbo")), cpus=os.cpu_count(),
+               libjpeg_turbo=features.version("libjpeg_turbo") if features.check_feature("libjpeg_turbo") else False,
+               cpus=os.cpu_count(),
                jpeg_reader=jpeg.describe())  # the CPU paths' JPEG reader
     if "gpu" in paths:
         env.update(bench_data_gpu.env_extra(bench_data_gpu.device()))
@@ -477,6 +479,14 @@ def _x(v) -> str:
     return f"{_f(v, '10.2f')}x" if v is not None else f"{'-':>11}"
 
 
+def _pillow_jpeg(env: dict) -> str:
+    """Pillow's JPEG library in words (records before 2026-12-05 hold a bool and the API level, 6.2)."""
+    turbo = env.get("libjpeg_turbo")
+    if isinstance(turbo, str):
+        return f"libjpeg-turbo {turbo}"
+    return f"libjpeg{'-turbo' if turbo else ''} (API {env['libjpeg']})"
+
+
 def _reader(env: dict) -> str:
     """The record's JPEG reader in words (records before 2026-12-05 name only simplejpeg's version)."""
     if "jpeg_reader" in env:
@@ -487,7 +497,7 @@ def _reader(env: dict) -> str:
 def format_result(res: dict) -> str:
     env, fold = res["env"], res["folder"]
     lines = [f"maefast bench data on {env['card']} ({env['cpus']} CPUs, {env['date']}, torch {env['torch']}, "
-             f"Pillow {env['pillow']} / libjpeg-turbo {env['libjpeg']}, "
+             f"Pillow {env['pillow']} / {_pillow_jpeg(env)}, "
              f"JPEG reader {_reader(env)}, "
              f"commit {env['git_commit'][:12]})",
              f"folder: {fold['images']} JPEGs q90, mean {fold['mean_width']:.0f}x{fold['mean_height']:.0f}, "

@@ -212,22 +212,20 @@ def test_jpeg_reader_builds_or_says_why_not(tmp_path, monkeypatch):
     a failed build says why and leaves nothing behind (setup.py then installs without it)."""
     import glob
     import os
-    import shutil
     import subprocess
     import sys
     import sysconfig
 
     b = _csrc_build()
     out = tmp_path / ("_jpeg" + sysconfig.get_config_var("EXT_SUFFIX"))
-    headers = shutil.which("cc") is not None and subprocess.run(
-        ["cc", "-E", "-x", "c", "-"], input="#include <jpeglib.h>\n", capture_output=True, text=True).returncode == 0
-    if headers:
+    if b.jpeg_headers_found():
         b.build_jpeg(str(out))
         r = subprocess.run([sys.executable, "-c", "import _jpeg; print(_jpeg.LIBJPEG_TURBO_VERSION_NUMBER)"],
                            cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0 and int(r.stdout) >= 1005000, r.stderr  # jpeg_skip/crop_scanline: >= 1.5
         out.unlink()
     monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    assert not b.jpeg_headers_found()
     with pytest.raises(RuntimeError, match="no C compiler"):
         b.build_jpeg(str(out))
     monkeypatch.setenv("CC", "false")  # a compiler that fails

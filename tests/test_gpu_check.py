@@ -69,10 +69,14 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert "== gpu_check data (dry run)" in printed
     data = json.loads((out / "data-record.json").read_text())
     assert list(data["steps"]) == ["build-jpeg", "bench-data", "train-jpeg", "train-synthetic", "train-huge"]
-    headers = subprocess.run("cc -E -x c - <<< '#include <jpeglib.h>'", shell=True, executable="/bin/bash",
-                             capture_output=True).returncode == 0
-    assert data["steps"]["build-jpeg"]["rc"] == (0 if headers else 1)  # the windowed JPEG reader, where it can
-    assert all(st["rc"] == 0 for st in data["steps"].values()), data["steps"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("maefast_csrc_build", os.path.join(ROOT, "csrc", "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    # the windowed JPEG reader, where this machine can build it; without it the loader reads with simplejpeg
+    assert data["steps"]["build-jpeg"]["rc"] == (0 if build.jpeg_headers_found() else 1)
+    assert all(st["rc"] == 0 for name, st in data["steps"].items() if name != "build-jpeg"), data["steps"]
     assert sum(st["budget_s"] for st in data["steps"].values()) <= 290
     cmds = {k: v["cmd"] for k, v in data["train"].items()}
     for name, cmd in cmds.items():  # short runs that write no multi-GB checkpoint, export or plot

@@ -148,6 +148,52 @@ def test_windows_of_rarer_samplings(subsampling, monkeypatch):
             assert np.array_equal(np.asarray(img.convert("RGB")), full)
 
 
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_incomplete_progressive_files_get_pillows_pixels(name, monkeypatch):
+    """A progressive file whose scans stop early (legal, EOI after the last scan: Pillow decodes it,
+    smoothing the missing coefficients): libjpeg-turbo 2.1 and 3.x smooth differently (up to 3 levels),
+    and the windowed reader links the system's, not Pillow's: it leaves such files to Pillow."""
+    _use(monkeypatch, name)
+    data = _jpeg(w=640, h=480, seed=1, progressive=True)
+    sos = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    assert len(sos) >= 8
+    box = (100, 150, 300, 400)
+    for n in (2, 3, 5, 7):
+        cut = data[:sos[n]] + b"\xff\xd9"
+        with _opened(cut) as img:
+            img.load()  # Pillow accepts it
+        if name == "window":
+            assert jpeg.decode(cut, 640, 480, 1, (0, 0, 480, 640)) is None
+        for decode in ("exact", "fast"):
+            got = _crop(cut, decode, box)
+            with monkeypatch.context() as m:
+                m.setattr(jpeg, "_READER", "pillow")
+                assert torch.equal(got, _crop(cut, decode, box)), (name, n, decode)
+    assert jpeg.decode(data, 640, 480, 1, (0, 0, 480, 640)) is not None  # the whole file: decoded
+
+
+def test_window_reader_does_not_decode_below_the_window(monkeypatch):
+    """The rows below the window are never decoded: damage there that libjpeg only warns about (Pillow
+    decodes the file) leaves a window above it decodable, while a whole decode (simplejpeg, strict)
+    reports it; both crops are Pillow's pixels."""
+    _use(monkeypatch, "window")
+    data = _jpeg(w=320, h=320, seed=2)
+    eoi = len(data) - 2
+    at = data.rindex(b"\xff\x00", 0, eoi - 40) + 2  # a data byte near the scan's end, not inside a stuffed pair
+    damaged = data[:at] + b"\xff\xd3" + data[at:]  # a restart marker where none is due: a warning
+    with _opened(damaged) as img:
+        img.load()
+    assert jpeg._decode("window", damaged, 320, 320, 1, (0, 0, 40, 320)) is not None
+    assert jpeg.simplejpeg is None or jpeg._decode("simplejpeg", damaged, 320, 320, 1, (0, 0, 40, 320)) is None
+    assert jpeg._decode("window", damaged, 320, 320, 1, (0, 0, 320, 320)) is None  # the damage's rows: reported
+    top = (2, 3, 36, 300)
+    for decode in ("exact", "fast"):
+        got = _crop(damaged, decode, top)
+        with monkeypatch.context() as m:
+            m.setattr(jpeg, "_READER", "pillow")
+            assert torch.equal(got, _crop(damaged, decode, top))
+
+
 def test_window_reader_refuses_bad_arguments(monkeypatch):
     _use(monkeypatch, "window")
     data = _jpeg(w=64, h=48)
@@ -157,6 +203,9 @@ def test_window_reader_refuses_bad_arguments(monkeypatch):
         jpeg._jpeg.decode_region(data, 1, 0, 0, 0, 4)
     with pytest.raises(IndexError, match=r"outside the 24 x 32 image at 1/2"):  # our bug, not the file's
         jpeg._jpeg.decode_region(data, 2, 20, 0, 5, 4)
+    for bad in ((-1, 0, 4, 4), (0, 0, 2**31 - 1, 2**31 - 1), (0, 0, 100000, 4), (2**31 - 2, 0, 4, 4)):
+        with pytest.raises(IndexError, match="outside"):  # refused before the output is allocated
+            jpeg._jpeg.decode_region(data, 1, *bad)
     with pytest.raises(TypeError):
         jpeg._jpeg.decode_region("not bytes", 1, 0, 0, 4, 4)
     for bad in (b"", b"\xff\xd8\xff", data[:200]):  # empty, no header, no scan

@@ -9,7 +9,11 @@ these readers that this process has, and that decodes as this Pillow does (`read
   upsampling or colour conversion), the rows below it not at all, and only the iMCU columns it
   touches are converted. The window's pixels are those of a full decode, bit for bit (the decoder
   widens the window by an iMCU each side so that the smooth chroma upsampling sees the same
-  neighbours). Built where libjpeg-turbo's headers are (setup.py; csrc/build.py ``--jpeg``).
+  neighbours). It links the system's libjpeg-turbo, not the copy inside Pillow's wheel: a file
+  whose decode could depend on the version (a progressive file with incomplete coefficients, which
+  libjpeg-turbo smooths differently across versions) it leaves to Pillow, as it does a file it
+  cannot vouch for whole (no end-of-image marker after the scan). Built where libjpeg-turbo's
+  headers are (setup.py; csrc/build.py ``--jpeg``).
   Measured on the benchmark folder (2-core CPU, 2026-12-05): 15-20% less time per decode than the
   whole image, the rows above the crop being most of what is left.
 - ``"simplejpeg"``: the whole image decoded by libjpeg-turbo into numpy (a dependency; ~30% faster
@@ -63,19 +67,22 @@ def _decode(name: str, data: bytes, width: int, height: int, k: int, window: Win
         return full[y0:y1, x0:x1]
     except ValueError:  # libjpeg reported damage (or, for "window", a colour space it does not take)
         return None
+    except IndexError:  # "window": libjpeg's size is not the one Pillow read from the header (a file that
+        return None     # odd is Pillow's to judge)
 
 
 def _agrees(name: str) -> bool:
     """Whether reader ``name`` decodes as this Pillow does: small JPEGs with a hard chroma edge (4:2:0,
-    4:2:2, 4:4:4, grey) at 1/1, 1/2, 1/4 and 1/8, whole and in a window off the iMCU grid."""
+    4:2:2, 4:4:4, grey, progressive) at 1/1, 1/2, 1/4 and 1/8, whole and in a window off the iMCU grid."""
     from PIL import Image
 
     yy, xx = np.mgrid[0:67, 0:93]
     a = np.stack([xx * 2, yy * 3, (xx * yy) % 256], -1).astype(np.uint8)
     a[20:40, 30:60] = (250, 10, 120)
-    for image, subsampling in ((a, 2), (a, 1), (a, 0), (a[..., 1], -1)):
+    for image, save in ((a, {"subsampling": 2}), (a, {"subsampling": 1}), (a, {"subsampling": 0}), (a[..., 1], {}),
+                        (a, {"progressive": True})):
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "JPEG", quality=90, subsampling=subsampling)
+        Image.fromarray(image).save(buf, "JPEG", quality=90, **save)
         data = buf.getvalue()
         for k in (1, 2, 4, 8):
             with Image.open(io.BytesIO(data)) as img:
