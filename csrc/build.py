@@ -237,7 +237,7 @@ def jpeg_headers_found() -> bool:
 def build_jpeg(output: str) -> str:
     """Compiles csrc/jpeg_region.c (the data loader's windowed JPEG reader, plain C on the Python C API)
     into the extension at `output` with the host C compiler (CC, else Python's, else cc), linked to the
-    system's libjpeg-turbo (the headers of libjpeg-turbo >= 1.5: Debian's libjpeg62-turbo-dev). Raises
+    system's libjpeg-turbo (its headers: Debian's libjpeg62-turbo-dev; the loader uses it from 2.1). Raises
     RuntimeError saying why it could not (no compiler, no headers, an older libjpeg): the loader then
     reads JPEGs with simplejpeg or Pillow, the same pixels, slower."""
     cc = c_compiler()

@@ -6,7 +6,8 @@
    the decoder settings Pillow uses (accurate integer IDCT, smooth chroma upsampling: libjpeg's
    defaults). The decoder skips the rows above the window (entropy decoding only: no IDCT,
    upsampling or colour conversion), stops after its last row, and converts only the iMCU columns
-   the window touches (jpeg_skip_scanlines, jpeg_crop_scanline: libjpeg-turbo >= 1.5). The window
+   the window touches (jpeg_skip_scanlines, jpeg_crop_scanline: libjpeg-turbo >= 1.5; the loader
+   uses this reader from 2.1, what it is tested on). The window
    is widened by one iMCU on each side inside the decoder and cut back when copied out, so the
    smooth upsampling at its edges reads the same neighbours as in a full decode
    (tests/test_jpeg_reader.py checks the equality on every subsampling, scale and edge).

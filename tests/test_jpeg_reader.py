@@ -261,6 +261,16 @@ def test_routes(monkeypatch):
         monkeypatch.setattr(jpeg, "load_error", "ImportError: not built")
         assert jpeg.reader() == ("simplejpeg" if jpeg.simplejpeg is not None else "pillow")
         monkeypatch.undo()
+    if jpeg._load_window_reader() is not None:  # a libjpeg-turbo older than the one the windows are tested on
+        import types
+
+        old = types.SimpleNamespace(LIBJPEG_TURBO_VERSION_NUMBER=2000006)
+        monkeypatch.setattr(jpeg, "_READER", None)
+        monkeypatch.setattr(jpeg, "_jpeg", None)
+        monkeypatch.setattr(jpeg, "load_error", None)
+        monkeypatch.setattr(jpeg.importlib, "import_module", lambda name: old)
+        assert jpeg.reader() != "window" and "libjpeg-turbo 2.0.6, older than 2.1.0" in jpeg.load_error
+        monkeypatch.undo()
     real = jpeg._decode
     for off in ("window", "simplejpeg"):  # a reader that is off at one scale is not trusted
         monkeypatch.setattr(jpeg, "_READER", None)

@@ -46,14 +46,28 @@ load_error: str | None = None  # why maefast._jpeg is not there (None: it loaded
 _READER: str | None = None
 
 
+MIN_LIBJPEG_TURBO = 2001000  # 2.1: what the windows are tested on (older ones fixed skip/crop bugs since)
+
+
 def _load_window_reader():
     global _jpeg, load_error
     if _jpeg is None and load_error is None:
         try:
-            _jpeg = importlib.import_module("maefast._jpeg")
+            mod = importlib.import_module("maefast._jpeg")
         except ImportError as exc:
             load_error = f"{type(exc).__name__}: {exc} (build it: python csrc/build.py --inplace --jpeg)"
+            return None
+        v = mod.LIBJPEG_TURBO_VERSION_NUMBER
+        if v < MIN_LIBJPEG_TURBO:
+            load_error = (f"maefast._jpeg is built on libjpeg-turbo {_version(v)}, older than "
+                          f"{_version(MIN_LIBJPEG_TURBO)} (its scanline skipping and cropping had bugs)")
+        else:
+            _jpeg = mod
     return _jpeg
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
 
 
 def _decode(name: str, data: bytes, width: int, height: int, k: int, window: Window) -> np.ndarray | None:
@@ -117,8 +131,7 @@ def describe() -> str:
     """The reader in words, for records: its name and version."""
     name = reader()
     if name == "window":
-        v = _jpeg.LIBJPEG_TURBO_VERSION_NUMBER
-        return f"maefast._jpeg (windowed, libjpeg-turbo {v // 1000000}.{v // 1000 % 1000}.{v % 1000})"
+        return f"maefast._jpeg (windowed, libjpeg-turbo {_version(_jpeg.LIBJPEG_TURBO_VERSION_NUMBER)})"
     if name == "simplejpeg":
         return f"simplejpeg {simplejpeg.__version__}"
     return "Pillow"
