@@ -60,8 +60,8 @@ class BlockView:
     @property
     def exact_gelu(self) -> bool:
         a = self.act
-        if isinstance(a, nn.GELU):
-            return a.approximate == "none"
+        if isinstance(a, nn.GELU):  # a subclass with its own forward (a QuickGELU) is not torch's GELU
+            return a.approximate == "none" and trusted_class(type(a))
         # transformers' GELUActivation (exact erf GELU) for hidden_act="gelu"
         return type(a).__name__ == "GELUActivation" and getattr(a, "act", None) in (None, F.gelu)
 

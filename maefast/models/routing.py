@@ -56,8 +56,8 @@ def image_grad_reason(imgs, name: str = "imgs") -> str | None:
 
 # -- what the module tree says --------------------------------------------------------------------------
 
-# where a module keeps its drop-path rate: timm's DropPath (drop_prob), maefast.nn.Block (drop_path_prob)
-_DROP_PATH_ATTRS = ("drop_prob", "drop_path_prob")
+# where a module keeps its drop-path rate: timm's DropPath and maefast.nn.DropPath (drop_prob)
+_DROP_PATH_ATTRS = ("drop_prob",)
 # inside a block, the modules the unfused fast block calls (their hooks run); fused="block" calls none
 _CALLED_IN_BLOCK = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.act", "mlp.fc2")
 

@@ -8,16 +8,22 @@ lengths (x is then (T, C) or (1, T, C)).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.fast import is_layer_norm
+from .._validate import FLOAT_DTYPES
+from ..ops._backend import check_impl
+from ..models.fast import is_layer_norm, trusted_class
+from ..models.routing import _hooked
 from ..ops.attention import visible_attention
+from ..reference.attention import attention as reference_attention
 from ..reference.model import Attention as _ReferenceAttention
 from ..reference.model import Mlp  # plain PyTorch: the same module as the reference
 
-__all__ = ["Attention", "Block", "Mlp", "drop_path"]
+__all__ = ["Attention", "Block", "DropPath", "Mlp", "drop_path"]
 
 
 class Attention(_ReferenceAttention):
@@ -25,17 +31,29 @@ class Attention(_ReferenceAttention):
 
     forward(x (N, L, C), cu_seqlens=None, max_seqlen=None) -> (N, L, C). With attn_drop > 0 in
     training mode, the probabilities need dropout, which the kernels do not do: that case runs
-    PyTorch's SDPA (with the layout copies) instead. MAE pre-training uses attn_drop = 0.
+    PyTorch's SDPA (with the layout copies) instead. MAE pre-training uses attn_drop = 0. With hooks
+    on ``attn_drop`` (the usual way to capture attention maps) the probabilities are materialised,
+    as timm computes them, so the hooks see them.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
                  impl: str = "auto"):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                          proj_drop=proj_drop)
+        check_impl(impl, "maefast.nn.Attention")
         self.impl = impl
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
+        if cu_seqlens is None and x.dim() != 3:
+            raise ValueError(f"x must be (N, L, C) (or packed rows (T, C) with cu_seqlens), got shape {tuple(x.shape)}")
+        if _hooked(self.attn_drop):
+            if cu_seqlens is not None:
+                raise ValueError("hooks on attn_drop need the attention probabilities, which are not materialised "
+                                 "with cu_seqlens")
+            # timm's computation: attn_drop called on the probabilities (an identity in eval mode)
+            return self.proj_drop(self.proj(reference_attention(self.qkv(x), self.num_heads, scale=self.scale,
+                                                                dropout=self.attn_drop)))
         qkv = self.qkv(x)
         if self.training and self.attn_drop.p > 0:
             x = self._sdpa_with_dropout(qkv, cu_seqlens)
@@ -65,6 +83,26 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
+class DropPath(nn.Module):
+    """timm's ``DropPath`` (its attribute ``drop_prob``, which stochastic-depth schedules set): `drop_path`."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = _drop_rate(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+def _drop_rate(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"drop_path must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with timm 0.3.2's arguments and attribute names.
 
@@ -73,37 +111,55 @@ class Block(nn.Module):
 
     fused=True runs the whole block as one op (`maefast.ops.vit_block`: one autograd node, LayerNorm
     and GELU recomputed in the backward, ~1/3 less activation memory) whenever it computes the same
-    thing: no cu_seqlens, no active dropout/drop-path, exact GELU, affine LayerNorms, proj/fc biases.
-    Otherwise (and always with fused=False) the block runs op by op.
+    thing: no cu_seqlens, no active dropout/drop-path, torch's exact GELU, affine LayerNorms, proj/fc
+    biases, this module's own attention and MLP (their forwards not replaced), no hooks on the
+    parts it would not call, a float32/16 input. Otherwise (and always with fused=False) the block
+    runs op by op, calling its parts as modules.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, impl: str = "auto",
                  fused: bool = False):
         super().__init__()
-        self.fused = bool(fused)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                               proj_drop=drop, impl=impl)
-        self.drop_path_prob = float(drop_path)
+        # timm's attribute: a DropPath (drop_prob) or Identity; a schedule may set drop_prob or swap the module
+        self.drop_path = DropPath(drop_path) if _drop_rate(drop_path) > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def _one_op(self, cu_seqlens) -> bool:
-        if not self.fused or cu_seqlens is not None:
+    @property
+    def drop_path_prob(self) -> float:
+        """The drop-path rate in effect (the ``drop_path`` module's ``drop_prob``; 0 for Identity)."""
+        return float(getattr(self.drop_path, "drop_prob", 0.0) or 0.0)
+
+    def _one_op(self, x: torch.Tensor, cu_seqlens) -> bool:
+        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES:
             return False
-        if self.training and (self.drop_path_prob or self.attn.attn_drop.p or self.attn.proj_drop.p
-                              or self.mlp.drop.p):
+        a, m = self.attn, self.mlp
+        if self.training and (self.drop_path_prob or a.attn_drop.p or a.proj_drop.p or m.drop.p):
             return False
-        act = self.mlp.act
+        if not (isinstance(a, Attention) and isinstance(m, Mlp) and isinstance(self.drop_path, (DropPath, nn.Identity))):
+            return False  # a part replaced by another module: its own forward runs (op by op)
+        parts = (self.norm1, a, a.qkv, a.attn_drop, a.proj, a.proj_drop, self.drop_path, self.norm2, m, m.fc1, m.act,
+                 m.drop, m.fc2)
+        # the one op computes these modules' official forwards without calling them: their classes must be
+        # ones maefast knows (a subclass's own forward, e.g. a QuickGELU deriving from nn.GELU, would be
+        # skipped) and none may have hooks (they would not fire)
+        if not all(trusted_class(type(p)) and not _hooked(p) for p in parts):
+            return False
         norms_ok = all(is_layer_norm(n) and n.weight is not None and n.bias is not None
                        for n in (self.norm1, self.norm2))
-        return (norms_ok and isinstance(act, nn.GELU) and act.approximate == "none"
-                and None not in (self.attn.proj.bias, self.mlp.fc1.bias, self.mlp.fc2.bias))
+        return (norms_ok and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+                and None not in (a.proj.bias, m.fc1.bias, m.fc2.bias))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
-        if self._one_op(cu_seqlens):
+        if self._one_op(x, cu_seqlens):
             from ..ops.block import vit_block
 
             a, m = self.attn, self.mlp
@@ -111,13 +167,12 @@ class Block(nn.Module):
                              a.proj.bias, self.norm2.weight, self.norm2.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight,
                              m.fc2.bias, num_heads=a.num_heads, scale=a.scale, eps1=self.norm1.eps,
                              eps2=self.norm2.eps, impl=a.impl)
-        p = self.drop_path_prob if self.training else 0.0
-        if p and cu_seqlens is not None:
+        if cu_seqlens is not None and self.training and self.drop_path_prob:
             raise ValueError("drop_path > 0 in training mode is not supported with cu_seqlens (it drops whole samples)")
-        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), p, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), p, self.training)
+        # the packed-sequence arguments only when given: a timm Attention put in as `attn` takes x alone
+        extra = () if cu_seqlens is None else (cu_seqlens, max_seqlen)
+        x = x + self.drop_path(self.attn(self.norm1(x), *extra))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
-        parts = ([f"drop_path={self.drop_path_prob:g}"] if self.drop_path_prob else []) + (["fused=True"] if self.fused
-                                                                                          else [])
-        return ", ".join(parts)
+        return "fused=True" if self.fused else ""

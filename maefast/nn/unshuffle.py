@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops._backend import check_impl
 from ..ops.unshuffle import unshuffle
 
 
@@ -11,15 +12,21 @@ class Unshuffle(nn.Module):
     """Stateless: the model keeps ``mask_token`` and ``decoder_pos_embed`` (official state-dict keys).
 
     forward(x_vis (N, 1+K, Dd), mask_token (1, 1, Dd), ids_restore (N, L), pos_embed (1, 1+L, Dd))
-    -> (N, 1+L, Dd); see `maefast.ops.unshuffle`.
+    -> (N, 1+L, Dd) in the dtype the official code's ``torch.cat`` and ``+`` promote to (under autocast
+    a bf16 ``x_vis`` with the fp32 parameters gives fp32, as the official decoder's stream); see
+    `maefast.ops.unshuffle`.
     """
 
     def __init__(self, impl: str = "auto"):
         super().__init__()
+        check_impl(impl, "maefast.nn.Unshuffle")
         self.impl = impl
 
     def forward(self, x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                 pos_embed: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
+        if dt != x_vis.dtype and dt in (torch.float32, torch.float16, torch.bfloat16):
+            x_vis = x_vis.to(dt)  # exact: the official code's cat converts x_vis the same way
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)
 
     def extra_repr(self) -> str:

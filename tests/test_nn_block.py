@@ -1,0 +1,140 @@
+"""`maefast.nn.Block` / `Attention` / `Unshuffle` as drop-ins for timm 0.3.2's and the official code's:
+the one-op block (fused=True) runs only where it computes what the module tree says (a GELU subclass,
+a replaced part, hooks, float64 run op by op), hooks see what timm's would, ``drop_path`` is timm's
+module attribute, and bad arguments fail at construction."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from maefast.nn import Block, DropPath, Unshuffle
+from maefast.reference.unshuffle import unshuffle as ref_unshuffle  # noqa: F401 - the op's reference
+from maefast.testing import assert_close, randn
+from test_dropout import TimmAttention, TimmBlock
+
+D, H = 32, 2
+
+
+class QuickGELU(nn.GELU):
+    """A GELU subclass computing something else (CLIP's approximation)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _pair(**kw):
+    """A timm 0.3.2 block and maefast's fused one with the same weights."""
+    torch.manual_seed(0)
+    timm = TimmBlock(D, H, qkv_bias=True, **kw)
+    ours = Block(D, H, qkv_bias=True, fused=True, **kw)
+    ours.load_state_dict(timm.state_dict())
+    return timm.eval(), ours.eval()
+
+
+def test_fused_block_runs_a_gelu_subclass_as_its_own_forward():
+    timm, ours = _pair(act_layer=QuickGELU)
+    x = randn(3, 7, D)
+    assert_close(ours(x), timm(x), name="fused block with QuickGELU")
+    plain, ours_plain = _pair()
+    assert not torch.allclose(ours(x), ours_plain(x))  # the activation matters here
+
+
+def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward():
+    import warnings
+
+    from maefast.models import mae_vit_tiny_test
+
+    imgs, noise = randn(2, 3, 32, 32), torch.rand(2, 16)
+    preds = {}
+    for impl, fused in (("reference", False), ("auto", "block")):
+        torch.manual_seed(0)
+        m = mae_vit_tiny_test(impl=impl, fused=fused)
+        for blk in (*m.blocks, *m.decoder_blocks):
+            blk.mlp.act = QuickGELU()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            preds[impl] = m(imgs, noise=noise)[1]  # pred (the loss moves too little to tell: QuickGELU ~ GELU)
+    assert_close(preds["auto"], preds["reference"], name="fused='block' pred with QuickGELU blocks")
+
+
+def test_fused_block_calls_hooked_parts_and_attention_maps_reach_attn_drop_hooks():
+    timm, ours = _pair()
+    x = randn(2, 5, D)
+    seen = {"timm": [], "ours": []}
+    for name, blk in (("timm", timm), ("ours", ours)):
+        for part in ("norm1", "attn", "mlp"):
+            getattr(blk, part).register_forward_hook(lambda m, i, o, _n=name, _p=part: seen[_n].append(_p))
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, o, _n=name: seen[_n].append(o.shape))
+        with torch.no_grad():
+            out = blk(x)
+        seen[name].append(out)
+    assert seen["ours"][:-1] == seen["timm"][:-1] == ["norm1", torch.Size([2, H, 5, 5]), "attn", "mlp"]
+    assert_close(seen["ours"][-1], seen["timm"][-1], name="hooked block")
+    maps = []
+    ours.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o))
+    ours.fused = False
+    with torch.no_grad():
+        ours(x)
+    assert maps and torch.allclose(maps[0].sum(-1), torch.ones(2, H, 5))  # probabilities, op by op too
+
+
+def test_fused_block_with_a_replaced_attention_or_float64():
+    timm, ours = _pair()
+    x = randn(2, 5, D)
+    ours.attn = TimmAttention(D, H, qkv_bias=True)  # timm's own module in our block
+    ours.attn.load_state_dict(timm.attn.state_dict())
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name="block with timm's Attention")
+    timm, ours = _pair()
+    x64 = x.double()
+    timm.double(), ours.double()
+    with torch.no_grad():
+        assert torch.allclose(ours(x64), timm(x64), rtol=1e-12, atol=1e-12)  # op by op, not refused
+
+
+def test_drop_path_is_timms_module_attribute():
+    blk = Block(D, H, drop_path=0.25)
+    assert isinstance(blk.drop_path, DropPath) and blk.drop_path.drop_prob == 0.25 and blk.drop_path_prob == 0.25
+    assert isinstance(Block(D, H).drop_path, nn.Identity) and Block(D, H).drop_path_prob == 0.0
+    assert "drop_path" not in "".join(blk.state_dict())  # no new keys
+    # a stochastic-depth schedule sets drop_prob: the block follows it
+    x = randn(8, 3, D)
+    blk.train()
+    blk.drop_path.drop_prob = 0.0
+    with torch.no_grad():
+        assert torch.equal(blk(x), blk.eval()(x))
+    for bad in (-0.1, 1.0, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="drop_path must be a number in"):
+            Block(D, H, drop_path=bad)
+
+
+def test_bad_impl_and_fused_fail_at_construction():
+    from maefast.nn import Attention
+
+    for make in (lambda: Attention(D, H, impl="bogus"), lambda: Block(D, H, impl="bogus"),
+                 lambda: Unshuffle(impl="bogus")):
+        with pytest.raises(ValueError, match="impl must be one of"):
+            make()
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        Block(D, H, fused="block")
+    with pytest.raises(ValueError, match=r"x must be \(N, L, C\)"):
+        Attention(D, H)(randn(5, D))
+
+
+def test_unshuffle_promotes_as_the_official_decoder():
+    """The official forward_decoder concatenates the fp32 mask token and adds the fp32 position
+    embedding: a bf16 x_vis (autocast) gives an fp32 stream, its values exact."""
+    n, L, keep = 2, 16, 4
+    x_vis = randn(n, 1 + keep, D).bfloat16()
+    mask_token, pos = randn(1, 1, D), randn(1, 1 + L, D)
+    ids_restore = torch.stack([torch.randperm(L) for _ in range(n)])
+    # the official code, written out
+    x_ = torch.cat([x_vis[:, 1:, :], mask_token.repeat(n, L + 1 - x_vis.shape[1], 1)], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, D))
+    want = torch.cat([x_vis[:, :1, :], x_], dim=1) + pos
+    assert want.dtype == torch.float32
+    got = Unshuffle(impl="reference")(x_vis, mask_token, ids_restore, pos)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    same = Unshuffle(impl="reference")(x_vis, mask_token.bfloat16(), ids_restore, pos.bfloat16())
+    assert same.dtype == torch.bfloat16  # all bf16: stays bf16
