@@ -35,7 +35,7 @@ import torch
 from . import bench as mb
 from . import flops as flops_mod
 from . import timing
-from .models.configs import resolve_model_name
+from .models.configs import check_config, model_config, resolve_model_name
 from .step import TrainStep
 
 STAGES = ["masking+embed", "encoder attention", "encoder MLP/norms", "decoder embed + un-shuffle", "decoder",
@@ -341,19 +341,26 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         return ms
 
     bar = _progress(warmup + steps, f"{impl}", progress)
-    per_step, plain_ms_list = [], []
+    per_step, plain_ms_list, pair_ok = [], [], []
     backend_log = BackendLog()
     for i in range(warmup + steps):
-        # staged and plain steps alternate, so that drift (clocks, other load) hits both alike
+        # staged and plain steps alternate, each first in every other pair, so that drift (clocks, other
+        # load) and the order within a pair hit both alike
+        timed = i >= warmup
+        plain_first = timed and (i - warmup) % 2 == 1
+        p = plain_step() if plain_first else None
         if i == 0 and not compile:  # what each op runs on, as the ops chose in the first step
             with backend_log:
                 staged_step()
         else:
             staged_step()
         d = clock.durations()
-        if i >= warmup:
+        if i == 0:
+            plain_step()  # untimed: the plain step's first call is not timed cold either
+        if timed:
             per_step.append(d)
-            plain_ms_list.append(plain_step())
+            plain_ms_list.append(p if plain_first else plain_step())
+            pair_ok.append(i > 0)  # with --warmup 0 the first staged step is cold: not an overhead pair
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -408,13 +415,13 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     plain_ms = statistics.median(plain_ms_list)
     # staged and plain steps alternate: the median of the per-pair ratios cancels slow drift (clocks,
     # temperature) that a ratio of the two medians keeps
-    pair_ratio = statistics.median(sum(d.values()) / p for d, p in zip(per_step, plain_ms_list) if p > 0) \
-        if plain_ms_list else float("nan")
+    pairs = [sum(d.values()) / p for d, p, ok in zip(per_step, plain_ms_list, pair_ok) if ok and p > 0]
+    pair_ratio = statistics.median(pairs) if pairs else float("nan")
     out = {"model": resolve_model_name(name) if not overrides else name, "impl": impl, "fused": extra.get("fused", False), "batch": batch,
            "dtype": str(dtype).replace("torch.", ""), "compile": compile, "mask_ratio": mask_ratio,
            "steps": steps, "warmup": warmup, "stage_timer": ("cuda-events" if not sync else "synchronise+perf_counter")
            if device.type == "cuda" else "perf_counter", "stages": rows, "step_ms_staged": staged_total, "step_ms_stage_sum": stage_sum,
-           "step_ms_plain": plain_ms, "profiler_overhead": pair_ratio - 1.0,
+           "step_ms_plain": plain_ms, "profiler_overhead": pair_ratio - 1.0, "overhead_pairs": len(pairs),
            "profiler_overhead_of_medians": staged_total / plain_ms - 1.0,
            "img_per_s": batch / (plain_ms * 1e-3), "train_flops": train_flops,
            "tflops": train_flops / (plain_ms * 1e-3) / 1e12,
@@ -443,8 +450,9 @@ def format_profile(r: dict, peak: dict) -> str:
                      f"{(format(s['gbps'], '.1f') if 'gbps' in s else '-'):>8}  {s['note']}")
     lines.append(f"{'sum of stage medians':<28} {r['step_ms_stage_sum']:>9.3f}")
     lines.append(f"{'step (stage-timed, median)':<28} {r['step_ms_staged']:>9.3f}")
-    lines.append(f"{'step (plain, no marks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead "
-                 f"{100 * r['profiler_overhead']:+.1f}% (median of staged/plain pairs)")
+    overhead = (f"{100 * r['profiler_overhead']:+.1f}% (median of {r.get('overhead_pairs', 'the')} staged/plain pairs)"
+                if r['profiler_overhead'] == r['profiler_overhead'] else "n/a (no warm pair: run more --steps)")
+    lines.append(f"{'step (plain, no marks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead {overhead}")
     lines.append(f"{r['img_per_s']:.1f} img/s, {r['tflops']:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of the measured "
                  f"{peak['matmul_dtype']} matmul peak {peak['matmul_tflops']:.3g} TFLOP/s (model FLOPs: official count, "
                  f"forward + backward without the images' gradient); peak memory {r['peak_mem_gib']:.2f} GiB "
@@ -517,7 +525,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
     from .cli import check_impls, check_mask_ratio_flag, check_out_file, positive
-    from .models.configs import resolve_model_name
 
     # every option checked before any work (an error one line, exit 2: maefast.cli.guarded)
     for flag, v, zero in (("--batch", a.batch, False), ("--steps", a.steps, False), ("--warmup", a.warmup, True),
@@ -526,8 +533,7 @@ def main(argv=None) -> int:
     device = mb.parse_device(a.device)
     on_cpu = device.type == "cpu"
     name = a.model or ("small" if on_cpu else "base")
-    resolve_model_name(name)
-    check_mask_ratio_flag(a.mask_ratio)
+    check_mask_ratio_flag(a.mask_ratio, check_config(model_config(name)))  # on the model's patch count
     batch = a.batch if a.batch is not None else (8 if on_cpu else 64)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     steps = a.steps if a.steps is not None else (5 if on_cpu else 10)
@@ -548,6 +554,8 @@ def main(argv=None) -> int:
         print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
               "--model base|large|huge for the paper's", file=sys.stderr)
     note = cpu_note(device)
+    if device.type == "cuda":  # events, synchronisations and the peak on the card asked for (--device cuda:N)
+        torch.cuda.set_device(device)
     env, peak = timing.env_info(device), timing.measure_peak(device)
     print(f"maefast profile on {env['card']} ({env['date']}, torch {env['torch']}, commit {env['git_commit'][:12]}); "
           f"measured peak: {peak['matmul_dtype']} matmul {peak['matmul_tflops']:.3g} TFLOP/s, copy "

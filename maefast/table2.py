@@ -31,7 +31,7 @@ from . import bench as mb
 from . import flops as flops_mod
 from . import graphs
 from . import timing
-from .models.configs import model_config, resolve_model_name
+from .models.configs import check_config, model_config, resolve_model_name
 
 SHORT = {"mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16", "mae_vit_huge_patch14": "ViT-H/14",
          "mae_vit_small_cpu": "small (CPU)", "mae_vit_tiny_test": "tiny (test)"}
@@ -162,8 +162,10 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
         fwd = model if mode == "visible" else MaskTokenEncoderMAE(model)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        # the graph rows take fused, capturable AdamW; the eager ones the official loop's default (foreach)
+        # a graph run's steps take fused, capturable AdamW (a step that then fails to capture keeps it: both
+        # steps of a row are timed alike); an eager run's the official loop's default (foreach)
         opt = mb.adamw(fwd, fused=cuda_graph, capturable=cuda_graph)
+        out[f"{mode}_optimizer"] = "AdamW fused, capturable" if cuda_graph else "AdamW foreach"
         step = TrainStep(fwd, opt, dtype=dtype, mask_ratio=mask_ratio, capture="auto" if graph else False,
                          restore=False)
         step.prepare(imgs)
@@ -196,7 +198,7 @@ def _time_table2_cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, prog
 
 def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, dtype=torch.float32, device=None,
            mask_ratio=0.75, quick=False, progress=None, overrides=None, cuda_graph: bool | None = None,
-           on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+           on_row: Callable[[list[dict]], None] | None = None, peak: dict | None = None) -> list[dict]:
     """Times visible-only vs mask-token encoders; one row per (model, impl, decoder depth).
 
     cuda_graph (default: on a CUDA device, unless the dtype is fp16): time each step as a CUDA-graph
@@ -204,6 +206,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
     a step that cannot be captured is timed eagerly, and so is the other step of its row (a ratio of
     a replay to an eager step would mean nothing); the row says why. False: eager steps.
     on_row(rows so far) is called after each row (e.g. to save partial results under a time limit).
+    peak: `timing.measure_peak`'s result for the MFU column (measured here when None).
     batch: one for every model, or {model name: batch} (the others at GPU_TABLE2_BATCH / 8 on the CPU).
     """
     device = torch.device(device) if device is not None else mb.default_device()
@@ -213,7 +216,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
         cuda_graph = device.type == "cuda" and dtype != torch.float16
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device")
-    peak = timing.measure_peak(device)
+    peak = peak or timing.measure_peak(device)
     rows = []
     # impl-major: each impl's rows for every model come together (the first impl's finish first when a
     # time limit cuts the run short)
@@ -227,7 +230,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                    "fused": (overrides or {}).get("fused", False) if impl != "reference" else False,
                    "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
                    flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
-            paper = flops_mod.PAPER_TABLE2.get((name, dd))
+            paper = flops_mod.PAPER_TABLE2.get((name, dd)) if mask_ratio == 0.75 else None  # the paper's ratio only
             if paper:
                 row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
             try:
@@ -246,15 +249,22 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                 row["img_per_s"] = bs / (row["visible_ms"] * 1e-3)
                 row["tflops"] = f / (row["visible_ms"] * 1e-3) / 1e12
                 row["mfu"] = row["tflops"] / peak["matmul_tflops"]
-                t_mask_by_depth[dd] = row["mask_tokens_ms"]
+                t_mask_by_depth[dd] = (row["mask_tokens_ms"], row.get("mask_tokens_timing"))
             rows.append(row)
             if on_row is not None:
                 on_row(rows)
         # the paper's definition: every row against the mask-token encoder with decoder depth 8
         if 8 in t_mask_by_depth:
+            t8, how8 = t_mask_by_depth[8]
             for row in rows[-len(decoder_depths):]:
-                if "visible_ms" in row:
-                    row["speedup_vs_mask_dec8"] = t_mask_by_depth[8] / row["visible_ms"]
+                if "visible_ms" not in row:
+                    continue
+                if row.get("visible_timing") == how8:  # a replay against a replay, an eager step against one
+                    row["speedup_vs_mask_dec8"] = t8 / row["visible_ms"]
+                else:
+                    row["speedup_vs_mask_dec8"] = None
+                    row["speedup_vs_mask_dec8_note"] = (f"the decoder-8 mask-token step was timed {how8}, this row's "
+                                                        f"visible step {row.get('visible_timing')}: not comparable")
     return rows
 
 
@@ -439,6 +449,8 @@ def main(argv=None) -> int:
     check_mask_ratio_flag(a.mask_ratio)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
+    if not depths:
+        raise ValueError(f"--decoder-depths must name at least one depth, got {a.decoder_depths!r}")
     batch = parse_batches(a.batch)
     overrides = {}
     known = set(model_config(models[0]))
@@ -453,6 +465,13 @@ def main(argv=None) -> int:
         if k not in known or k == "norm_layer":
             raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of "
                              f"{', '.join(sorted(known - {'norm_layer'}))})")
+    for m in models:  # each model's config with the overrides, and the mask ratio on its patch count
+        where = f" (with --override {' '.join(a.override)})" if a.override else ""
+        try:
+            num_patches = check_config(model_config(m, **overrides))
+        except ValueError as e:
+            raise ValueError(f"{m}{where}: {e}") from None
+        check_mask_ratio_flag(a.mask_ratio, num_patches)
     check_out_file("--json", a.json, a.overwrite)
     png = a.png or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
     check_out_file("--png", png, a.overwrite)
@@ -467,6 +486,8 @@ def main(argv=None) -> int:
     if note:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
+    if device.type == "cuda":  # events, synchronisations and the peak on the card asked for (--device cuda:N)
+        torch.cuda.set_device(device)
     env, peak = timing.env_info(device), timing.measure_peak(device)
 
     def save_partial(rows_so_far):  # a run cut short (a time limit) still leaves its finished rows
@@ -478,7 +499,7 @@ def main(argv=None) -> int:
 
     rows = table2(models, depths, impls, batch=batch, dtype=dtype, device=device, mask_ratio=a.mask_ratio,
                   quick=a.quick, progress=progress, overrides=overrides or None,
-                  cuda_graph=False if (a.eager or on_cpu) else None, on_row=save_partial)
+                  cuda_graph=False if (a.eager or on_cpu) else None, on_row=save_partial, peak=peak)
     text = format_table2(rows, env, peak, note)
     print(text)
     if png:

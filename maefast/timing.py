@@ -59,8 +59,13 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
 
 def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 5,
               max_reps: int = 1000, flush_l2: bool = True, device=None) -> dict:
-    """Median time of `fn()` on the current CUDA stream (do_bench-style). Returns a dict of ms stats."""
+    """Median time of `fn()` on ``device``'s current CUDA stream (do_bench-style). Returns a dict of ms stats."""
     device = torch.device(device if device is not None else "cuda")
+    with torch.cuda.device(device):  # the events go to the stream fn runs on, not the current device's
+        return _time_cuda(fn, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, device)
+
+
+def _time_cuda(fn, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, device) -> dict:
     cache = _flush_buffer(device) if flush_l2 else None
     fn()
     torch.cuda.synchronize(device)

@@ -233,7 +233,11 @@ def test_bench_usage_and_unknown_benchmark():
                                          (["--override", "decoder_depth=2"], "--decoder-depths"),
                                          (["--impl", "foo"], "--impl takes"), (["--mask-ratio", "1.5"], "--mask-ratio"),
                                          (["--threads", "-1"], "--threads"), (["--bogus"], "unrecognized"),
-                                         (["--png", "/no/such/dir/x.png"], "--png")])
+                                         (["--png", "/no/such/dir/x.png"], "--png"),
+                                         (["--decoder-depths", ","], "at least one depth"),
+                                         (["--override", "patch_size=0"], "patch_size must be a positive integer"),
+                                         (["--override", "num_heads=5"], "not divisible by num_heads=5"),
+                                         (["--models", "tiny", "--mask-ratio", "0.99"], "= 0 patches")])
 def test_table2_bad_arguments_are_one_line(args, needle):
     r = run_cli("bench", "table2", *args, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and needle in r.stderr, r.stderr
@@ -506,3 +510,34 @@ def test_saved_activations_counts_what_each_row_keeps_for_backward(capsys):
     assert "x reference" in capsys.readouterr().out
     assert sa.main(["--providers", "nosuch"]) == 2
     assert "--providers: unknown row(s) ['nosuch']" in capsys.readouterr().err
+
+
+def test_check_config():
+    from maefast.models.configs import check_config, model_config
+
+    assert check_config(model_config("base")) == 196 and check_config(model_config("huge")) == 256
+    for bad, needle in (({"patch_size": 0}, "patch_size must be"), ({"depth": 2.0}, "depth must be"),
+                        ({"mlp_ratio": 0}, "mlp_ratio must be"), ({"img_size": 100}, "whole number"),
+                        ({"decoder_num_heads": 3}, "decoder_embed_dim=512 is not divisible")):
+        with pytest.raises(ValueError, match=needle):
+            check_config(model_config("base", **bad))
+
+
+def test_table2_compares_like_with_like_and_the_paper_at_its_ratio(monkeypatch):
+    """The decoder-8 column divides times taken the same way (a replay by a replay); the paper's
+    columns only at its mask ratio; each step's optimizer is recorded."""
+    cells = {8: {"visible_ms": 100.0, "mask_tokens_ms": 300.0, "visible_timing": "eager", "mask_tokens_timing": "eager"},
+             1: {"visible_ms": 40.0, "mask_tokens_ms": 150.0, "visible_timing": "cuda-graph",
+                 "mask_tokens_timing": "cuda-graph"}}
+    monkeypatch.setattr(t2, "_time_table2_cell", lambda name, impl, dd, *a, **k: dict(cells[dd]))
+    peak = {"matmul_dtype": "fp32", "matmul_tflops": 1.0, "copy_gbps": 1.0}
+    rows = t2.table2(["large"], (8, 1), device="cpu", peak=peak)
+    assert rows[0]["speedup_vs_mask_dec8"] == pytest.approx(3.0)
+    assert rows[1]["speedup_vs_mask_dec8"] is None and "not comparable" in rows[1]["speedup_vs_mask_dec8_note"]
+    assert "paper_speedup" in rows[0]
+    cells[1].update(visible_timing="eager", mask_tokens_timing="eager")
+    rows = t2.table2(["large"], (8, 1), device="cpu", peak=peak, mask_ratio=0.5)
+    assert rows[1]["speedup_vs_mask_dec8"] == pytest.approx(7.5)
+    assert not any("paper_speedup" in r for r in rows)  # the paper measured 0.75
+    assert "-" in t2.format_table2(rows, {"card": "CPU", "date": "2026-12-05", "torch": "x", "git_commit": "0" * 12},
+                                   peak)

@@ -150,6 +150,7 @@ def test_profile_bad_impl():
     (["profile", "--device", "cuda:0"] if not torch.cuda.is_available() else ["profile", "--device", "mps"],
      "--device"),
     (["profile", "--mask-ratio", "1.5"], "--mask-ratio must be in"),
+    (["profile", "--model", "tiny", "--mask-ratio", "0.99"], "= 0 patches"),  # the model's patch count
     (["profile", "--json", "/"], "--json '/' is a folder"),
     (["profile", "--json", ""], "--json is empty"),
     (["profile", "--json", __file__], "exists: pass --overwrite to replace it"),
@@ -238,3 +239,13 @@ def test_profile_fused_block(tmp_path, capsys):
     assert r["fused"] == "block" and r["step_ms_plain"] > 0
     ms = {s["stage"]: s["ms"] for s in r["stages"]}
     assert ms["encoder MLP/norms"] > 0 and ms["decoder"] > 0  # each block op lands in one stage
+
+
+def test_profiler_overhead_pairs_are_warm():
+    """--warmup 0: the first staged step is cold (first calls, backend choice): not an overhead pair;
+    the plain step gets an untimed first call; one step alone has no pair to give."""
+    for steps, pairs in ((1, 0), (3, 2)):
+        r = mp.profile_impl("tiny", "auto", batch=1, dtype=torch.float32, device=torch.device("cpu"), steps=steps,
+                            warmup=0)
+        assert r["overhead_pairs"] == pairs and r["steps"] == steps
+        assert (pairs == 0) == math.isnan(r["profiler_overhead"])

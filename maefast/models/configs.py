@@ -48,6 +48,28 @@ def resolve_model_name(name: str) -> str:
     return key
 
 
+_POSITIVE_INTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                  "decoder_depth", "decoder_num_heads")
+
+
+def check_config(cfg: dict) -> int:
+    """A config's sizes are a model (positive sizes, whole patches, widths split evenly among heads), else
+    ValueError naming the setting; returns the number of patches L."""
+    for k in _POSITIVE_INTS:
+        v = cfg.get(k)
+        if k in cfg and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    r = cfg.get("mlp_ratio", 4.0)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+        raise ValueError(f"mlp_ratio must be a positive number, got {r!r}")
+    if cfg["img_size"] % cfg["patch_size"]:
+        raise ValueError(f"img_size={cfg['img_size']} is not a whole number of patch_size={cfg['patch_size']} patches")
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        if cfg[width] % cfg[heads]:
+            raise ValueError(f"{width}={cfg[width]} is not divisible by {heads}={cfg[heads]}")
+    return (cfg["img_size"] // cfg["patch_size"]) ** 2
+
+
 def model_config(name: str, **overrides) -> dict:
     cfg = dict(MODEL_CONFIGS[resolve_model_name(name)])
     cfg.update(overrides)
