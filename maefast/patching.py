@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
-from .models.routing import (SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
+from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
                              image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
                              replaced_forward, skipped_hooks_reason, warn_slow)
 from .ops._backend import IMPLS
@@ -49,8 +49,6 @@ _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "random_masking",
                    "forward_loss")
 _BLOCK_ATTRS = ("norm1", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp.fc1", "mlp.act", "mlp.fc2")
-# block parts of newer timm versions the fast block does not compute: each must be an Identity
-_BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
 
 
 def _get(obj, path: str):
@@ -124,7 +122,7 @@ def _check_blocks(model) -> None:
     root = _layout_root(type(model)) or type(model)
     for name in ("blocks", "decoder_blocks"):
         for i, blk in enumerate(getattr(model, name)):
-            for extra in _BLOCK_IDENTITIES:
+            for extra in BLOCK_IDENTITIES:
                 if _has(blk, extra) and not isinstance(_get(blk, extra), nn.Identity):
                     raise TypeError(f"maefast.patch: {name}.{i}.{extra} is a {type(_get(blk, extra)).__name__}, which "
                                     "maefast's fast block does not compute (only an Identity there)")

@@ -111,7 +111,13 @@ def check_fused(fused) -> bool | str:
 
 
 # packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
-KNOWN_PACKAGES = ("timm", "maefast", "torch")
+KNOWN_PACKAGES = ("maefast", "torch")
+# timm's classes whose forwards the fast path computes (the official model's Block, Attention, Mlp,
+# PatchEmbed, and the layers they hold), by module and name: timm's other blocks (post-norm, LayerScale,
+# relative position bias, ...) compute something else and are not trusted by their package alone
+TIMM_CLASSES = {"timm.models.vision_transformer": ("Block", "Attention", "Mlp", "PatchEmbed"),
+                "timm.models.layers": ("Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU"),
+                "timm.layers": ("Attention", "Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU")}
 _TRUST: dict = {}
 
 
@@ -124,10 +130,18 @@ def trusted_class(cls: type, root_module: str = "") -> bool:
     ok = None if compiling() else _TRUST.get(key)
     if ok is None:
         c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        ok = c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+        ok = (c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+              or _timm_class(c))
         if not compiling():
             _TRUST[key] = ok
     return ok
+
+
+def _timm_class(c: type) -> bool:
+    """Whether c is one of `TIMM_CLASSES` (timm.layers' submodules included: timm.layers.mlp.Mlp)."""
+    mod = c.__module__
+    return any(c.__qualname__ in names and (mod == m or (m != "timm.models.vision_transformer" and mod.startswith(m + ".")))
+               for m, names in TIMM_CLASSES.items())
 
 
 def is_layer_norm(n) -> bool:

@@ -110,7 +110,7 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     head = model.decoder_pred
     if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
         return f"decoder_pred is a {type(head).__name__} (the masked-only head reads a Linear's weight and bias)"
-    found = replaced_forward(model, root)
+    found = replaced_forward(model, root, fused)
     if found is not None:
         return f"{found[0]} runs {found[1]}, which the fast path would replace"
     if hooks:
@@ -122,14 +122,40 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     return None
 
 
-def replaced_forward(model: nn.Module, root_module: str) -> tuple[str, str] | None:
+# block parts of newer timm versions the fast block does not compute: each must be an Identity
+BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
+# inside a block, the layers whose weights the fast path reads instead of calling them: qkv always (the
+# attention op takes its packed output), the rest with fused="block" (one op for the whole block)
+_READ_ALWAYS = ("attn.qkv",)
+_READ_FUSED = ("attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def _plain_layer(m: nn.Module, cls: type) -> bool:
+    """Whether a layer whose weight and bias the fast path reads computes cls's forward on them alone: a
+    torch ``cls`` (a parametrized one reads its weight through the parametrization), no instance forward,
+    no child modules (a LoRA adapter's would be skipped)."""
+    return (isinstance(m, cls) and trusted_class(type(m)) and "forward" not in m.__dict__
+            and all(name == "parametrizations" for name, _ in m.named_children()))
+
+
+def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[str, str] | None:
     """The first module whose forward the fast path replaces with the official computation (the patch
     embedding; each block, its attention and its MLP) that runs an instance forward or a class maefast
-    does not know (`trusted_class`), as (path, what it runs); None when there is none."""
+    does not know (`trusted_class`), a layer whose weights it reads instead of calling it (the patch
+    projection, each qkv; with fused="block" each attention projection and MLP layer) that is not a plain
+    torch layer (`_plain_layer`), or a newer timm block part that is not an Identity (`BLOCK_IDENTITIES`),
+    as (path, what it runs); None when there is none."""
     parts = [("patch_embed", model.patch_embed)]
+    layers = [("patch_embed.proj", getattr(model.patch_embed, "proj", None), nn.Conv2d)]
+    read = _READ_ALWAYS + (_READ_FUSED if fused == "block" else ())
     for name in ("blocks", "decoder_blocks"):
         for i, blk in enumerate(getattr(model, name)):
             parts += [(f"{name}.{i}", blk), (f"{name}.{i}.attn", blk.attn), (f"{name}.{i}.mlp", blk.mlp)]
+            layers += [(f"{name}.{i}.{a}", _get_path(blk, a), nn.Linear) for a in read]
+            for extra in BLOCK_IDENTITIES:
+                m = _get_path(blk, extra)
+                if m is not None and not isinstance(m, nn.Identity):
+                    return f"{name}.{i}.{extra}", f"a {type(m).__name__} (the fast block computes an Identity there)"
     for path, m in parts:
         own = m.__dict__.get("forward")
         if own is not None and not isinstance(own, _RoutedBlockForward):
@@ -137,6 +163,15 @@ def replaced_forward(model: nn.Module, root_module: str) -> tuple[str, str] | No
         if not trusted_class(type(m), root_module):
             c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
             return path, f"forward of {c.__module__}.{c.__qualname__}"
+    for path, m, cls in layers:
+        if not _plain_layer(m, cls):
+            if "forward" in getattr(m, "__dict__", {}):
+                what = "an instance forward"
+            elif isinstance(m, cls) and trusted_class(type(m)):
+                what = f"a {cls.__name__} with child modules ({', '.join(n for n, _ in m.named_children())})"
+            else:
+                what = f"a {type(m).__module__}.{type(m).__qualname__}"
+            return path, f"{what} (the fast path reads its weights and never calls it)"
     return None
 
 
@@ -261,13 +296,21 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
     return loss, (pred if return_pred else None), mask
 
 
+def _late_override(model: nn.Module, loss_via_model: bool) -> str | None:
+    """A method set on the instance after maefast.patch (one set before is refused, or its loss routed
+    through model.forward_loss there): the call runs the original forward, which calls it."""
+    ov = instance_overrides(model)
+    late = ov.refused + (() if loss_via_model else ov.loss)
+    return f"model.{', model.'.join(late)} set on the instance (the fast path would not call it)" if late else None
+
+
 def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise, seed, return_pred: bool, *,
                   impl: str, fused, grad_checkpointing: bool, loss_via_model: bool, takes_noise: bool,
                   mean=None, std=None):
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
     call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
     (with mean/std) reach the original forward normalised first, as the official code takes them."""
-    why = (image_grad_reason(imgs) or structure_reason(model, fused, return_pred)
+    why = (image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
            or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
         return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)

@@ -1,0 +1,148 @@
+"""maefast.patch and the parts of a model whose forward the fast path never calls: layers whose weights it
+reads (each qkv, the patch projection; with fused="block" every block layer), timm's other blocks, newer
+timm block parts and methods set on the instance after patching. Each is seen on every call: the call
+runs the original forward (a SlowPathWarning names the part) and computes what the unpatched model does."""
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+import maefast
+from maefast.models import routing
+from maefast.models.fast import trusted_class
+from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+from test_patching import TINY, L, N, _slow_warning
+
+
+@pytest.fixture(autouse=True)
+def _warn_again():
+    routing._WARNED.clear()
+    yield
+    routing._WARNED.clear()
+
+
+class LoRALinear(nn.Linear):
+    """A LoRA adapter as peft-like code writes it: the frozen Linear plus B @ A, B zero at first."""
+
+    def __init__(self, base: nn.Linear, r: int = 2, b_init: float = 0.0):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.lora_a = nn.Linear(base.in_features, r, bias=False)
+        self.lora_b = nn.Linear(r, base.out_features, bias=False)
+        nn.init.constant_(self.lora_b.weight, b_init)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_b(self.lora_a(x))
+
+
+def _pair(fused=False):
+    torch.manual_seed(0)
+    plain = ReferenceMAE(norm_pix_loss=True, **TINY)
+    return plain, maefast.patch(copy.deepcopy(plain), fused=fused)
+
+
+def _same_call(plain, patched, match):
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    want = plain(imgs, 0.75, noise)[0]
+    want.backward()
+    with pytest.warns(_slow_warning(), match=match):
+        got = patched(imgs, 0.75, noise)[0]
+    got.backward()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), (got.item(), want.item())
+    return {n: p.grad for n, p in patched.named_parameters()}
+
+
+@pytest.mark.parametrize("where", ["blocks.0.attn.qkv", "patch_embed.proj"])
+def test_an_adapter_on_a_layer_whose_weights_are_read_is_not_dropped(where):
+    plain, patched = _pair()
+    for m in (plain, patched):
+        parent, name = m.get_submodule(where.rsplit(".", 1)[0]), where.rsplit(".", 1)[1]
+        old = getattr(parent, name)
+        if isinstance(old, nn.Conv2d):  # a weight-standardised convolution: another forward, no children
+            class StdConv(nn.Conv2d):
+                def forward(self, x):
+                    w = self.weight
+                    return self._conv_forward(x, (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5), self.bias)
+            new = StdConv(old.in_channels, old.out_channels, old.kernel_size, old.stride)
+            new.load_state_dict(old.state_dict())
+        else:
+            torch.manual_seed(3)
+            new = LoRALinear(old, b_init=0.01)
+        setattr(parent, name, new)
+    grads = _same_call(plain, patched, where.replace(".", r"\."))
+    if "qkv" in where:
+        assert grads[f"{where}.lora_a.weight"] is not None  # the adapter trains
+
+
+def test_layers_the_one_op_block_reads_are_plain_or_run_as_modules():
+    """fused="block" reads every block layer's weights; unfused calls proj and the MLP layers as modules."""
+    for fused in ("block", False):
+        plain, patched = _pair(fused)
+        for m in (plain, patched):
+            torch.manual_seed(3)
+            m.blocks[1].mlp.fc1 = LoRALinear(m.blocks[1].mlp.fc1, b_init=0.01)
+        if fused == "block":
+            _same_call(plain, patched, r"blocks\.1\.mlp\.fc1")
+        else:
+            imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", _slow_warning())  # served fast: fc1 is called as a module
+                got = patched(imgs, 0.75, noise)[0]
+            assert torch.allclose(got, plain(imgs, 0.75, noise)[0], rtol=1e-6)
+
+
+def test_a_parametrized_layer_is_read_through_its_parametrization():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    plain, patched = _pair()
+    for m in (plain, patched):
+        parametrize.register_parametrization(m.blocks[0].attn.qkv, "weight", Double())
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())
+        got = patched(imgs, 0.75, noise)[0]
+    assert torch.allclose(got, plain(imgs, 0.75, noise)[0], rtol=1e-6)
+
+
+def test_timm_is_trusted_class_by_class():
+    def cls(module, name):
+        return type(name, (nn.Module,), {"__module__": module, "forward": lambda self, x: x})
+
+    assert trusted_class(cls("timm.models.vision_transformer", "Block"))
+    assert trusted_class(cls("timm.layers.mlp", "Mlp")) and trusted_class(cls("timm.layers.attention", "Attention"))
+    assert trusted_class(cls("timm.models.layers.drop", "DropPath"))
+    for module, name in (("timm.models.vision_transformer", "ResPostBlock"), ("timm.models.beit", "Block"),
+                         ("timm.models.vision_transformer_relpos", "Attention"), ("timm.layers.mlp", "GluMlp")):
+        assert not trusted_class(cls(module, name)), (module, name)
+
+
+def test_a_newer_timm_part_or_an_instance_method_set_after_patching_runs_the_original():
+    plain, patched = _pair()
+
+    class LayerScale(nn.Module):
+        def forward(self, x):
+            return 0.5 * x
+
+    for m in (plain, patched):
+        m.blocks[0].ls1 = LayerScale()
+        m.blocks[0].forward = types.MethodType(lambda self, x: x + self.ls1(self.attn(self.norm1(x))) +
+                                               self.mlp(self.norm2(x)), m.blocks[0])
+    _same_call(plain, patched, r"blocks\.0")
+    plain, patched = _pair()
+
+    def l1(self, imgs, pred, mask):
+        return ((pred - self.patchify(imgs)).abs().mean(-1) * mask).sum() / mask.sum()
+
+    for m in (plain, patched):
+        m.forward_loss = types.MethodType(l1, m)
+    _same_call(plain, patched, r"model\.forward_loss set on the instance")
