@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
-from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _hooked, _layout_root, class_overrides, fast_unsupported,
+from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _plain_layer, _hooked, _layout_root, class_overrides, fast_unsupported,
                              image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
                              replaced_forward, skipped_hooks_reason, warn_slow)
 from .ops._backend import IMPLS
@@ -294,16 +294,24 @@ def _p(d) -> float:
     return float(d.p) if isinstance(d, nn.Dropout) and d.training else 0.0
 
 
+def _hf_linears(layer) -> tuple:
+    """(q, k, v, o, fc1, fc2) of one ViTMAELayer (transformers 5.x or 4.x names)."""
+    att = layer.attention
+    if hasattr(att, "q_proj"):  # transformers 5.x
+        return att.q_proj, att.k_proj, att.v_proj, att.o_proj, layer.mlp.fc1, layer.mlp.fc2
+    return (att.attention.query, att.attention.key, att.attention.value, att.output.dense, layer.intermediate.dense,
+            layer.output.dense)
+
+
 def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[BlockView, float]:
     """(view of one ViTMAELayer, its attention dropout in effect)."""
     att = layer.attention
+    q, k, v, o, fc1, fc2 = _hf_linears(layer)
     if hasattr(att, "q_proj"):  # transformers 5.x
-        q, k, v, o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-        fc1, fc2, act = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
+        act = layer.mlp.activation_fn
         drop_attn = drop_mlp = _p(layer.dropout)
     else:  # 4.x
-        q, k, v, o = att.attention.query, att.attention.key, att.attention.value, att.output.dense
-        fc1, fc2, act = layer.intermediate.dense, layer.output.dense, layer.intermediate.intermediate_act_fn
+        act = layer.intermediate.intermediate_act_fn
         drop_attn, drop_mlp = _p(att.output.dropout), _p(layer.output.dropout)
     if not isinstance(act, nn.Module):
         act = _Fn(act)
@@ -321,7 +329,9 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
     ckpt = getattr(layer, "gradient_checkpointing", stack_checkpointing) and layer.training
     ckpt_fn = getattr(layer, "_gradient_checkpointing_func", None) if ckpt else None
     head_dim = q.out_features // num_heads
-    return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=head_dim ** -0.5, proj=o,
+    # 5.x keeps the scale it multiplies by (a user may set it); 4.x divides by sqrt(head_dim)
+    scale = float(getattr(att, "scaling", head_dim ** -0.5))
+    return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=scale, proj=o,
                      norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2, drop_attn=drop_attn, drop_mlp=drop_mlp,
                      checkpoint=bool(ckpt), checkpoint_fn=ckpt_fn), _hf_attention_dropout(att)
 
@@ -365,9 +375,10 @@ def _transformers_view(model) -> tuple[MAEView, float]:
 
 
 def _hf_called(view: MAEView, fused) -> list:
-    """The modules the fast path calls as modules (their hooks run): the final norms, the decoder's
-    embedding and head, and unless fused="block" each layer's norms, attention output and MLP layers."""
-    called = [view.norm, view.decoder_embed, view.decoder_norm, view.decoder_pred]
+    """The modules the fast path calls as modules on what the original gives them (their hooks run): the
+    final norms, the decoder's embedding, and unless fused="block" each layer's norms, attention output
+    and MLP layers (not the head: the fast path gives it the L patch rows without the cls row)."""
+    called = [view.norm, view.decoder_embed, view.decoder_norm]
     if fused != "block":
         for b in (*view.blocks, *view.decoder_blocks):
             called += [b.norm1, b.norm2, b.proj, b.fc1, b.act, b.fc2]
@@ -412,6 +423,7 @@ class _TransformersForward:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
             elif any(_hooked(x) for x in m.modules() if x is not m):  # traced under torch.compile too
                 why = skipped_hooks_reason(m, _hf_called(view, st.fused))
+            why = why or _hf_changed_reason(m, st)
         if why is not None:
             warn_slow(m, why, stacklevel=5)
             pixel_values, noise = original_inputs(pixel_values, noise, seed,
@@ -419,6 +431,8 @@ class _TransformersForward:
             return type(m).forward(m, pixel_values, noise, *args, **kwargs)
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
+        if isinstance(noise, torch.Tensor) and not noise.is_floating_point() and not noise.is_complex():
+            noise = noise.double()  # integer noise (a permutation) sorts alike in float64, as the original takes it
         loss, pred, mask, ids_restore = fast_forward(view, pixel_values, m.config.mask_ratio, noise, seed=seed,
                                                      impl=st.impl, fused=st.fused,
                                                      grad_checkpointing=st.grad_checkpointing, return_pred=True,
@@ -430,6 +444,36 @@ class _TransformersForward:
         if return_dict is None:  # the config's default, as the original decides it (4.x: not when torchscript)
             return_dict = getattr(m.config, "return_dict", True) and not getattr(m.config, "torchscript", False)
         return out if return_dict else out.to_tuple()
+
+
+def _hf_changed_reason(model, st: PatchState) -> str | None:
+    """What a user changed since patching that the fast path would drop, seen on every call: a method
+    set on the model or its parts' instances, a layer part of a class outside transformers and torch or
+    with an instance forward, and a layer whose weights the fast path reads instead of calling it (the
+    patch projection, each q/k/v; with fused="block" every layer Linear) that is not a plain torch layer
+    (a LoRA adapter's children)."""
+    emb = model.vit.embeddings
+    owners = [("", model, () if st.loss_via_model else ("forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
+              ("vit.embeddings", emb, ("forward", "random_masking")),
+              ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)), ("decoder", model.decoder, ("forward",))]
+    for path, obj, names in owners:
+        for name in names:
+            if name in obj.__dict__:
+                return f"{path + '.' if path else ''}{name} is set on the instance (the fast path would not call it)"
+    read = [("vit.embeddings.patch_embeddings.projection", emb.patch_embeddings.projection, nn.Conv2d)]
+    enc, dec_layers = _hf_layers(model)
+    for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
+        for i, layer in enumerate(layers):
+            for n, sub in layer.named_modules():
+                cls = _defining_class(sub, "forward")
+                if "forward" in sub.__dict__ or not (cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")):
+                    return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
+            lin = _hf_linears(layer)
+            read += [(f"{prefix} {i} linear {j}", x, nn.Linear) for j, x in enumerate(lin if st.fused == "block" else lin[:3])]
+    for path, m, cls in read:
+        if not _plain_layer(m, cls):
+            return f"{path} is not a plain {cls.__name__} (the fast path reads its weights and never calls it)"
+    return None
 
 
 def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:

@@ -146,3 +146,87 @@ def test_a_newer_timm_part_or_an_instance_method_set_after_patching_runs_the_ori
     for m in (plain, patched):
         m.forward_loss = types.MethodType(l1, m)
     _same_call(plain, patched, r"model\.forward_loss set on the instance")
+
+
+# -- transformers' ViTMAEForPreTraining: the same rules on every call ------------------------------------
+
+def _hf(**config):
+    from test_patching_transformers import _hf_pair
+
+    return _hf_pair(**config)
+
+
+def _hf_same(plain, patched, match, noise=None):
+    imgs = torch.randn(N, 3, 32, 32)
+    noise = torch.rand(N, L) if noise is None else noise
+    plain.zero_grad(), patched.zero_grad()
+    want = plain(pixel_values=imgs, noise=noise)
+    want.loss.backward()
+    if match is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _slow_warning())
+            got = patched(pixel_values=imgs, noise=noise)
+    else:
+        with pytest.warns(_slow_warning(), match=match):
+            got = patched(pixel_values=imgs, noise=noise)
+    got.loss.backward()
+    assert torch.allclose(got.loss, want.loss, rtol=1e-5) and torch.allclose(got.logits, want.logits, atol=1e-5)
+    return {n: p.grad for n, p in patched.named_parameters()}
+
+
+def test_transformers_adapters_and_instance_forwards_after_patching_run_the_original():
+    plain, patched = _hf()
+    for m in (plain, patched):
+        att = m.vit.encoder.layer[0].attention if hasattr(m.vit, "encoder") else m.vit.layers[0].attention
+        name = "q_proj" if hasattr(att, "q_proj") else None
+        if name is None:
+            pytest.skip("transformers 4.x names")
+        torch.manual_seed(3)
+        setattr(att, name, LoRALinear(getattr(att, name), b_init=0.01))
+    grads = _hf_same(plain, patched, "encoder layer 0")
+    assert any("lora_a" in n and g is not None for n, g in grads.items())  # the adapter trains
+    plain, patched = _hf()
+    for m in (plain, patched):
+        proj = m.vit.embeddings.patch_embeddings.projection
+        proj.forward = types.MethodType(lambda self, x: nn.Conv2d.forward(self, x) * 1.5, proj)
+    _hf_same(plain, patched, "projection is not a plain Conv2d")
+    plain, patched = _hf()
+    fixed = torch.rand(N, L)
+    for m in (plain, patched):
+        emb = m.vit.embeddings
+        real = type(emb).random_masking
+        emb.random_masking = types.MethodType(lambda self, seq, noise=None, _r=real: _r(self, seq, noise=fixed), emb)
+    _hf_same(plain, patched, "random_masking is set on the instance")
+
+
+def test_transformers_attention_scaling_and_integer_noise():
+    plain, patched = _hf()
+    layers = [*(plain.vit.layers if hasattr(plain.vit, "layers") else plain.vit.encoder.layer)]
+    if not hasattr(layers[0].attention, "scaling"):
+        pytest.skip("transformers 4.x computes the scale")
+    for m in (plain, patched):
+        for layer in (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer):
+            layer.attention.scaling = 0.5
+    _hf_same(plain, patched, None)
+    plain, patched = _hf()
+    _hf_same(plain, patched, None, noise=torch.stack([torch.randperm(L) for _ in range(N)]))  # a permutation
+
+
+def test_transformers_heads_narrower_than_the_width_run_the_block_unfused():
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                       decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=0.75,
+                       norm_pix_loss=True, layer_norm_eps=1e-6, head_dim=8)  # 4 x 8 = 32 < hidden 64
+    torch.manual_seed(0)
+    plain = ViTMAEForPreTraining(cfg)
+    q = plain.vit.layers[0].attention.q_proj if hasattr(plain.vit, "layers") else None
+    if q is None or q.out_features == 64:
+        pytest.skip("this transformers has no head_dim setting")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    _hf_same(plain, maefast.patch(copy.deepcopy(plain), fused="block"), None)

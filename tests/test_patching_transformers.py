@@ -350,7 +350,7 @@ def test_transformers_mask_ratio_the_fast_path_refuses_runs_the_original():
     ("vit.embeddings", True),           # the fast path never calls the embeddings, the layers or attention
     ("decoder.decoder_layers.0", True),
     ("vit.layernorm", False),           # called as modules: their hooks run on the fast path
-    ("decoder.decoder_pred", False),
+    ("decoder.decoder_pred", True),     # called on the L patch rows only (the original: 1+L rows)
 ])
 def test_transformers_hooks_the_fast_path_would_skip_run_the_original(where, slow):
     plain, patched = _hf_pair()

@@ -79,7 +79,8 @@ class PostNormBlock(RefBlock):  # a user's block: the fast path cannot know its 
     ("patch_embed", True, "patch_embed has hooks"),
     ("patch_embed.proj", True, "patch_embed.proj has hooks"),
     ("decoder_pred", False, "decoder_pred has hooks"),
-    ("decoder_pred", True, None),          # called as a module when the prediction is returned
+    ("decoder_pred", True, "decoder_pred has hooks"),  # called on the L patch rows only: a hook would see
+                                                         # 16 rows where the original gives it 17
     ("blocks.0.norm1", True, None),        # the unfused fast block calls its norms and MLP layers
     ("blocks.1.mlp.fc2", True, None),
     ("norm", True, None),

@@ -152,8 +152,9 @@ def is_layer_norm(n) -> bool:
 
 def _block_op_ok(bv: BlockView) -> bool:
     """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine
-    LayerNorms (`is_layer_norm`), no dropout."""
+    LayerNorms (`is_layer_norm`), no dropout, an attention as wide as the block."""
     return (bv.exact_gelu and not (bv.drop_attn or bv.drop_mlp) and bv.fc1.bias is not None
+            and bv.proj.in_features == bv.proj.out_features  # heads x head_dim = width (a config may differ)
             and bv.fc2.bias is not None and bv.proj.bias is not None
             and all(is_layer_norm(n) and n.weight is not None and n.bias is not None for n in (bv.norm1, bv.norm2)))
 

@@ -94,8 +94,8 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
       the head of a return_pred=False call that is not a Linear (its weight is read directly);
     - forward or backward hooks on a module the fast path does not call (global hooks excepted, see
       `skipped_hooks_reason`): inside the patch embedding or a block (with fused="block" all of a
-      block; unfused, all but its norms, attention projection and MLP layers), or the head of a
-      return_pred=False call. A block routed through its module (FSDP2, `route_blocks_through_modules`)
+      block; unfused, all but its norms, attention projection and MLP layers), or the head (called on
+      the patch rows only, or not at all for return_pred=False). A block routed through its module (FSDP2, `route_blocks_through_modules`)
       runs its own hooks.
     Under torch.compile the same rules are traced into the graph (before, only the dropout rule was, and
     a compiled model skipped hooks that its eager calls ran); as for any compiled module, hooks added after
@@ -114,7 +114,8 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     if found is not None:
         return f"{found[0]} runs {found[1]}, which the fast path would replace"
     if hooks:
-        called = [model.norm, model.decoder_embed, model.decoder_norm] + ([head] if return_pred else [])
+        # not the head: the fast path gives it the L patch rows without the cls row (its hooks would see that)
+        called = [model.norm, model.decoder_embed, model.decoder_norm]
         for blk in (*model.blocks, *model.decoder_blocks):
             called += [blk] if getattr(blk, "_maefast_module_call", False) else []
             called += [] if fused == "block" else [_get_path(blk, a) for a in _CALLED_IN_BLOCK]
