@@ -24,8 +24,10 @@ What a patched model promises (tests/test_patching.py):
   refused with a TypeError naming them, or, for forward_loss / patchify, the loss runs through the
   model's own forward_loss. A copy of the official file with another random_masking, forward_loss,
   forward_encoder / forward_decoder / forward or block class (no subclass to see) is found by probes
-  on small tensors at patch time (the whole forward on one image, fp32 models only). A torch.compile
-  wrapper is refused: patch the model, then compile it.
+  on small tensors at patch time (maefast.models.probes: the whole forward on one image, through a
+  float32 copy for a meta or half model). What changes after patching (methods set on the instance,
+  parts replaced, adapters on layers whose weights the fast path reads) is seen on every call and
+  runs the original forward. A torch.compile wrapper is refused: patch the model, then compile it.
 - torch.save / torch.load(weights_only=False) and copy.deepcopy give a patched model that trains
   its own parameters (the forward is an object holding the model, not a closure).
 `unpatch` undoes it.
@@ -40,9 +42,10 @@ import torch
 import torch.nn as nn
 
 from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
-from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _plain_layer, _hooked, _layout_root, class_overrides, fast_unsupported,
-                             image_grad_reason, instance_overrides, official_call, original_inputs, refuse,
-                             replaced_forward, skipped_hooks_reason, warn_slow)
+from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
+from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
+                             fast_unsupported, image_grad_reason, instance_overrides, official_call, original_inputs,
+                             refuse, replaced_forward, skipped_hooks_reason, warn_slow)
 from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
@@ -96,6 +99,7 @@ class PatchState:
     grad_checkpointing: bool
     loss_via_model: bool = False  # the loss runs through the model's own forward_loss
     takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
+    mask_ratio: float = 0.75      # the original forward's default mask_ratio (a fork may have another)
 
 
 # -- official layout -------------------------------------------------------------------------------
@@ -107,9 +111,11 @@ class _OfficialForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
+    def __call__(self, imgs, mask_ratio=None, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
+        if mask_ratio is None:  # the original forward's default (0.75 in the official code)
+            mask_ratio = st.mask_ratio
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
                              impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
@@ -135,119 +141,6 @@ def _check_blocks(model) -> None:
                         "rather than dropping it")
 
 
-def _rng_state(device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state, device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def _masking_differs(model, device) -> str | None:
-    """Runs model.random_masking(x, 0.75) and the official masking from the same generator state."""
-    from .reference.masking import random_masking
-
-    x = torch.randn(2, model.pos_embed.shape[1] - 1, model.pos_embed.shape[-1],
-                    generator=torch.Generator().manual_seed(0)).to(device)
-    state = _rng_state(device)
-    try:
-        with torch.no_grad():
-            got = model.random_masking(x, 0.75)
-            _set_rng_state(state, device)
-            want = random_masking(x, 0.75)
-    except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
-        return f"it failed on a probe ({type(e).__name__}: {e})"
-    finally:
-        _set_rng_state(state, device)  # the user's generator is left as it was
-    same = isinstance(got, (tuple, list)) and len(got) == 3 and all(
-        isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a.to(b.dtype), b) for a, b in zip(got, want))
-    return None if same else "a probe drew another mask than the official masking of the same torch.rand noise"
-
-
-def _loss_differs(model, device) -> bool:
-    """Whether model.forward_loss differs from the official loss on a probe (norm_pix_loss False and True)."""
-    from .reference.loss import forward_loss
-
-    view = official_view(model)
-    p, (h, w), c, L = view.patch_size, view.img_size, view.in_chans, view.num_patches
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(2, c, h, w, generator=g).to(device)
-    pred = torch.randn(2, L, p * p * c, generator=g).to(device)
-    mask = (torch.rand(2, L, generator=g) < 0.75).float()
-    mask[:, 0] = 1.0
-    mask = mask.to(device)
-    had = model.__dict__.get("norm_pix_loss", None)
-    values = (False, True) if isinstance(had, bool) else (bool(getattr(model, "norm_pix_loss", False)),)
-    try:
-        for npl in values:
-            if isinstance(had, bool):
-                model.norm_pix_loss = npl
-            with torch.no_grad():
-                got = model.forward_loss(imgs, pred, mask)
-                want = forward_loss(imgs, pred, mask, p, npl)
-            if not (isinstance(got, torch.Tensor) and got.numel() == 1
-                    and torch.allclose(got.float().reshape(()), want, rtol=1e-5, atol=1e-8)):
-                return True
-    except Exception:  # noqa: BLE001 - its own loss will run (and raise there, as unpatched)
-        return True
-    finally:
-        if isinstance(had, bool):
-            model.norm_pix_loss = had
-    return False
-
-
-def _one_of_each(blocks) -> nn.ModuleList:
-    seen, out = set(), []
-    for b in blocks:
-        if type(b) not in seen:
-            seen.add(type(b))
-            out.append(b)
-    return nn.ModuleList(out)
-
-
-def _forward_differs(model, device, loss_via_model: bool) -> str | None:
-    """The model's own forward against the fast one (the reference ops) on one random image, from the
-    same torch.rand noise, in eval mode and fp32, with the encoder and the decoder cut to one block of
-    each class they hold: a copied file's forward_encoder / forward_decoder / forward or block class
-    that computes something else is found here. Models whose weights are not fp32 are not probed."""
-    if model.pos_embed.dtype != torch.float32:
-        return None
-    blocks, dec_blocks = model.blocks, model.decoder_blocks
-    modes = [(m, m.training) for m in model.modules()]
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    rng = _rng_state(device)
-    try:
-        model.blocks, model.decoder_blocks = _one_of_each(blocks), _one_of_each(dec_blocks)
-        model.eval()
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 oracle
-        view = official_view(model)
-        imgs = torch.randn(1, view.in_chans, *view.img_size, generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            want = type(model).forward(model, imgs, 0.75)  # the official forward draws torch.rand(N, L) noise
-            _set_rng_state(rng, device)
-            noise = torch.rand(1, view.num_patches, device=device)
-            got = fast_forward(view, imgs, 0.75, noise, impl="reference", fused=False,
-                               loss_fn=model.forward_loss if loss_via_model else None)
-    except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
-        return f"it failed on a probe ({type(e).__name__}: {e})"
-    finally:
-        model.blocks, model.decoder_blocks = blocks, dec_blocks
-        for m, mode in modes:
-            m.training = mode
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        _set_rng_state(rng, device)  # the user's generator is left as it was
-    same = (isinstance(want, (tuple, list)) and len(want) == 3
-            and all(isinstance(t, torch.Tensor) and t.shape == u.shape for t, u in zip(want, got[:3]))
-            # loose enough for a GPU's fp32 summation orders (conv vs gather GEMM), far below what another
-            # computation changes (a decoder without its norm: 2% of the loss)
-            and torch.allclose(want[0], got[0], rtol=1e-3, atol=1e-5)
-            and torch.allclose(want[1], got[1], rtol=1e-3, atol=1e-4) and torch.equal(want[2].float(), got[2].float()))
-    return None if same else "on a probe its forward's (loss, pred, mask) differed from the official computation's"
-
-
 def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     ov = class_overrides(type(model), forward=True)
     inst = instance_overrides(model)
@@ -258,19 +151,25 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
         refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
     _check_blocks(model)
     device = model.pos_embed.device
-    if device.type in ("cpu", "cuda"):  # probes need a real device and a generator state to replay
-        why = _masking_differs(model, device)
+    # probes need a real device and a generator state to replay: a meta model's run on the CPU (its methods
+    # on CPU tensors; its forward on a copy with random weights)
+    device = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    with hooks_off(model):
+        why = masking_differs(model, device)
         if why is not None:
             raise TypeError(f"maefast.patch: {type(model).__name__}.random_masking is not the official masking "
                             f"({why}); maefast's fast path draws its own mask and would drop it")
-        loss = loss or (("forward_loss",) if _loss_differs(model, device) else ())
-        why = _forward_differs(model, device, bool(loss))
-        if why is not None:
-            raise TypeError(f"maefast.patch: {type(model).__name__} does not compute the official MAE ({why}); "
-                            "maefast's fast path would replace its forward, so run it unpatched")
+        loss = loss or (("forward_loss",) if loss_differs(model, device) else ())
+        why = forward_differs(model, device, bool(loss))
+    if why is not None:
+        raise TypeError(f"maefast.patch: {type(model).__name__} does not compute the official MAE ({why}); "
+                        "maefast's fast path would replace its forward, so run it unpatched")
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise)
+    default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
+    mask_ratio = 0.75 if default is inspect.Parameter.empty or default is None else default
+    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
+                      mask_ratio=mask_ratio)
 
 
 # -- transformers ------------------------------------------------------------------------------------
@@ -508,7 +407,8 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
 def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
-    Official-style models: forward(imgs, mask_ratio=0.75, noise=None, *, seed=None, return_pred=True)
+    Official-style models: forward(imgs, mask_ratio=None, noise=None, *, seed=None, return_pred=True)
+    (mask_ratio None: the original forward's default, 0.75 in the official code)
     -> (loss, pred, mask). transformers' ViTMAEForPreTraining: forward(pixel_values, noise=None, ...,
     *, seed=None) -> ViTMAEForPreTrainingOutput(loss, logits, mask, ids_restore) (a tuple for
     return_dict=False), mask ratio from its config. maefast's own model: its impl, fused and

@@ -230,3 +230,65 @@ def test_transformers_heads_narrower_than_the_width_run_the_block_unfused():
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     _hf_same(plain, maefast.patch(copy.deepcopy(plain), fused="block"), None)
+
+
+# -- patch-time probes of official-layout forks: any device, any dtype, the user's hooks aside ------------
+
+def _first_patches(self, x, mask_ratio):  # "block masking": always keeps the first patches
+    n, length, d = x.shape
+    keep = int(length * (1 - mask_ratio))
+    ids_restore = torch.arange(length, device=x.device).expand(n, length)
+    return x[:, :keep], (ids_restore >= keep).float(), ids_restore
+
+
+def test_forks_are_probed_on_the_meta_device_and_in_bf16():
+    from test_patching import _decoder_without_norm, official_class
+
+    with torch.device("meta"):
+        masking_fork = official_class(random_masking=_first_patches)(**TINY)
+        decoder_fork = official_class(forward_decoder=_decoder_without_norm)(**TINY)
+        plain = official_class()(**TINY)
+    with pytest.raises(TypeError, match="random_masking"):
+        maefast.patch(masking_fork)
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(decoder_fork)
+    assert maefast.patch(plain)._maefast is not None and plain.pos_embed.device.type == "meta"
+    torch.manual_seed(0)
+    bf16_fork = official_class(forward_decoder=_decoder_without_norm)(**TINY).bfloat16()
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(bf16_fork)
+    assert maefast.patch(official_class()(**TINY).bfloat16())._maefast is not None
+
+
+def test_probes_leave_the_users_hooks_alone_and_take_sequential_blocks():
+    from test_patching import official_class
+
+    torch.manual_seed(0)
+    m = official_class()(**TINY)
+    seen = []
+    m.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    m.blocks[1].register_forward_hook(lambda mod, args, out: out + 0.1)  # changes what the model computes
+    maefast.patch(m)  # not refused: the hook is the user's, the routing sends hooked calls to the original
+    assert seen == [] and len(m.blocks[0]._forward_hooks) == 1 and len(m.blocks[1]._forward_hooks) == 1
+    torch.manual_seed(0)
+    seq = official_class()(**TINY)
+    seq.blocks = nn.Sequential(*seq.blocks)
+    assert maefast.patch(seq)._maefast is not None
+
+
+def test_a_forks_default_mask_ratio_is_kept():
+    from test_patching import _o_forward, official_class
+
+    def forward(self, imgs, mask_ratio=0.5):
+        return _o_forward(self, imgs, mask_ratio)
+
+    torch.manual_seed(0)
+    plain = official_class(forward=forward)(**TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs = torch.randn(N, 3, 32, 32)
+    torch.manual_seed(1)
+    want = plain(imgs)
+    torch.manual_seed(1)
+    got = patched(imgs, noise=torch.rand(N, L))
+    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N  # half the 16 patches masked
+    assert torch.allclose(got[0], want[0], rtol=1e-5)
