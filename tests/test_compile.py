@@ -385,9 +385,9 @@ def test_compiled_model_refuses_a_mask_ratio_that_keeps_no_patch():
 def test_a_model_compiled_before_any_eager_call_compiles_once(monkeypatch):
     """The README's promise (a seed tensor or noise per call: no recompile) also when the first call is a
     compiled one: a per-class cache that the first trace filled failed that trace's guards at the next call."""
-    from maefast.models import fast
+    from maefast import _modules
 
-    monkeypatch.setattr(fast, "_TRUST", {})  # as in a fresh process
+    monkeypatch.setattr(_modules, "_TRUST", {})  # as in a fresh process
     torch._dynamo.reset()
     model = maefast.models.create_model("mae_vit_tiny_test")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -26,6 +26,7 @@ from .. import ops
 from ..ops.attention import model_level_impl
 from .._validate import FLOAT_DTYPES, autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
+from .._modules import KNOWN_PACKAGES, TIMM_CLASSES, is_layer_norm, trusted_class  # noqa: F401 - re-exported
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -108,46 +109,6 @@ def check_fused(fused) -> bool | str:
     if fused is False or (fused == 0 and not isinstance(fused, str)):
         return False
     raise ValueError(f"fused must be False or 'block', got {fused!r}")
-
-
-# packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
-KNOWN_PACKAGES = ("maefast", "torch")
-# timm's classes whose forwards the fast path computes (the official model's Block, Attention, Mlp,
-# PatchEmbed, and the layers they hold), by module and name: timm's other blocks (post-norm, LayerScale,
-# relative position bias, ...) compute something else and are not trusted by their package alone
-TIMM_CLASSES = {"timm.models.vision_transformer": ("Block", "Attention", "Mlp", "PatchEmbed"),
-                "timm.models.layers": ("Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU"),
-                "timm.layers": ("Attention", "Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU")}
-_TRUST: dict = {}
-
-
-def trusted_class(cls: type, root_module: str = "") -> bool:
-    """Whether the forward `cls` runs is one maefast knows: defined in timm, maefast or torch, or in
-    `root_module` (the module of the model's official-layout class: its Block copy). Cached per class,
-    except while dynamo traces: a cache filled by the first trace would fail that trace's guards at the
-    next call (a recompile of a model compiled before any eager call)."""
-    key = (cls, root_module)
-    ok = None if compiling() else _TRUST.get(key)
-    if ok is None:
-        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        ok = (c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
-              or _timm_class(c))
-        if not compiling():
-            _TRUST[key] = ok
-    return ok
-
-
-def _timm_class(c: type) -> bool:
-    """Whether c is one of `TIMM_CLASSES` (timm.layers' submodules included: timm.layers.mlp.Mlp)."""
-    mod = c.__module__
-    return any(c.__qualname__ in names and (mod == m or (m != "timm.models.vision_transformer" and mod.startswith(m + ".")))
-               for m, names in TIMM_CLASSES.items())
-
-
-def is_layer_norm(n) -> bool:
-    """A torch LayerNorm, or a subclass whose forward maefast knows (timm's LayerNorm computes the same):
-    what `ops.vit_block` computes as its norms. Another norm with a weight, bias and eps does not."""
-    return isinstance(n, nn.LayerNorm) and trusted_class(type(n))
 
 
 def _block_op_ok(bv: BlockView) -> bool:

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
+from .._modules import hooked as _hooked
 from .._validate import check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .fast import _RoutedBlockForward, fast_forward, official_view, trusted_class, unsupported_weights
@@ -67,20 +68,6 @@ def _drop_rate(m: nn.Module) -> float:
         return m.p
     d = m.__dict__
     return next((d[a] for a in _DROP_PATH_ATTRS if a in d), 0.0)
-
-
-# hooks that act only in calls the fast path never serves: transformers 5.x installs its output-capturing
-# hooks for good at the first output_hidden_states / output_attentions call (that call runs the original)
-_INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether `m` has forward or backward hooks (a gradient monitor's full backward hook never fires on
-    a module the fast path does not call either)."""
-    for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
-        if any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values()):
-            return True
-    return False
 
 
 def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:

@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._modules import hooked, is_layer_norm, trusted_class
 from .._validate import FLOAT_DTYPES
 from ..ops._backend import check_impl
-from ..models.fast import is_layer_norm, trusted_class
-from ..models.routing import _hooked
 from ..ops.attention import visible_attention
 from ..reference.attention import attention as reference_attention
 from ..reference.model import Attention as _ReferenceAttention
@@ -47,7 +46,7 @@ class Attention(_ReferenceAttention):
                 max_seqlen: int | None = None) -> torch.Tensor:
         if cu_seqlens is None and x.dim() != 3:
             raise ValueError(f"x must be (N, L, C) (or packed rows (T, C) with cu_seqlens), got shape {tuple(x.shape)}")
-        if _hooked(self.attn_drop):
+        if hooked(self.attn_drop):
             if cu_seqlens is not None:
                 raise ValueError("hooks on attn_drop need the attention probabilities, which are not materialised "
                                  "with cu_seqlens")
@@ -150,7 +149,7 @@ class Block(nn.Module):
         # the one op computes these modules' official forwards without calling them: their classes must be
         # ones maefast knows (a subclass's own forward, e.g. a QuickGELU deriving from nn.GELU, would be
         # skipped) and none may have hooks (they would not fire)
-        if not all(trusted_class(type(p)) and not _hooked(p) for p in parts):
+        if not all(trusted_class(type(p)) and not hooked(p) for p in parts):
             return False
         norms_ok = all(is_layer_norm(n) and n.weight is not None and n.bias is not None
                        for n in (self.norm1, self.norm2))

@@ -1,0 +1,62 @@
+"""What maefast knows about module classes and hooks: which forwards the fast paths may compute in a
+module's place (`trusted_class`, `is_layer_norm`) and whether a module has hooks a skipped call would
+not fire (`hooked`). Shared by the drop-in modules (maefast.nn) and the model routing (maefast.models)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ._validate import compiling
+
+# packages whose module classes maefast knows (a forward defined elsewhere may compute anything)
+KNOWN_PACKAGES = ("maefast", "torch")
+# timm's classes whose forwards the fast path computes (the official model's Block, Attention, Mlp,
+# PatchEmbed, and the layers they hold), by module and name: timm's other blocks (post-norm, LayerScale,
+# relative position bias, ...) compute something else and are not trusted by their package alone
+TIMM_CLASSES = {"timm.models.vision_transformer": ("Block", "Attention", "Mlp", "PatchEmbed"),
+                "timm.models.layers": ("Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU"),
+                "timm.layers": ("Attention", "Mlp", "PatchEmbed", "DropPath", "LayerNorm", "GELU")}
+_TRUST: dict = {}
+
+
+def trusted_class(cls: type, root_module: str = "") -> bool:
+    """Whether the forward `cls` runs is one maefast knows: defined in maefast or torch, one of timm's
+    `TIMM_CLASSES`, or in `root_module` (the module of the model's official-layout class: its Block
+    copy). Cached per class,
+    except while dynamo traces: a cache filled by the first trace would fail that trace's guards at the
+    next call (a recompile of a model compiled before any eager call)."""
+    key = (cls, root_module)
+    ok = None if compiling() else _TRUST.get(key)
+    if ok is None:
+        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+        ok = (c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+              or _timm_class(c))
+        if not compiling():
+            _TRUST[key] = ok
+    return ok
+
+
+def _timm_class(c: type) -> bool:
+    """Whether c is one of `TIMM_CLASSES` (timm.layers' submodules included: timm.layers.mlp.Mlp)."""
+    mod = c.__module__
+    return any(c.__qualname__ in names and (mod == m or (m != "timm.models.vision_transformer" and mod.startswith(m + ".")))
+               for m, names in TIMM_CLASSES.items())
+
+
+def is_layer_norm(n) -> bool:
+    """A torch LayerNorm, or a subclass whose forward maefast knows (timm's LayerNorm computes the same):
+    what `ops.vit_block` computes as its norms. Another norm with a weight, bias and eps does not."""
+    return isinstance(n, nn.LayerNorm) and trusted_class(type(n))
+
+
+# hooks that act only in calls the fast path never serves: transformers 5.x installs its output-capturing
+# hooks for good at the first output_hidden_states / output_attentions call (that call runs the original)
+_INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether `m` has forward or backward hooks (a gradient monitor's full backward hook never fires on
+    a module the fast path does not call either)."""
+    for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+        if any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values()):
+            return True
+    return False
