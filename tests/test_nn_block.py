@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from maefast.nn import Block, DropPath, Unshuffle
-from maefast.reference.unshuffle import unshuffle as ref_unshuffle  # noqa: F401 - the op's reference
 from maefast.testing import assert_close, randn
 from test_dropout import TimmAttention, TimmBlock
 
@@ -122,6 +121,14 @@ def test_bad_impl_and_fused_fail_at_construction():
         Attention(D, H)(randn(5, D))
 
 
+def _official_unshuffle(x_vis, mask_token, ids_restore, pos):
+    """The official forward_decoder's un-shuffle, written out."""
+    n, L = ids_restore.shape
+    x_ = torch.cat([x_vis[:, 1:, :], mask_token.repeat(n, L + 1 - x_vis.shape[1], 1)], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x_vis.shape[-1]))
+    return torch.cat([x_vis[:, :1, :], x_], dim=1) + pos
+
+
 def test_unshuffle_promotes_as_the_official_decoder():
     """The official forward_decoder concatenates the fp32 mask token and adds the fp32 position
     embedding: a bf16 x_vis (autocast) gives an fp32 stream, its values exact."""
@@ -129,12 +136,27 @@ def test_unshuffle_promotes_as_the_official_decoder():
     x_vis = randn(n, 1 + keep, D).bfloat16()
     mask_token, pos = randn(1, 1, D), randn(1, 1 + L, D)
     ids_restore = torch.stack([torch.randperm(L) for _ in range(n)])
-    # the official code, written out
-    x_ = torch.cat([x_vis[:, 1:, :], mask_token.repeat(n, L + 1 - x_vis.shape[1], 1)], dim=1)
-    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, D))
-    want = torch.cat([x_vis[:, :1, :], x_], dim=1) + pos
+    want = _official_unshuffle(x_vis, mask_token, ids_restore, pos)
     assert want.dtype == torch.float32
     got = Unshuffle(impl="reference")(x_vis, mask_token, ids_restore, pos)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     same = Unshuffle(impl="reference")(x_vis, mask_token.bfloat16(), ids_restore, pos.bfloat16())
     assert same.dtype == torch.bfloat16  # all bf16: stays bf16
+
+
+def test_loss_and_unshuffle_take_what_the_official_code_takes():
+    """A bool mask (official: (loss * mask).sum() / mask.sum()) and float64 inputs."""
+    from maefast.nn import NormPixLoss
+    from maefast.reference.loss import forward_loss
+
+    imgs, pred = randn(2, 3, 16, 16), randn(2, 16, 48)
+    mask = torch.rand(2, 16) < 0.75
+    loss = NormPixLoss(4, norm_pix_loss=True, impl="reference")
+    assert torch.equal(loss(imgs, pred, mask), loss(imgs, pred, mask.float()))
+    want = forward_loss(imgs.double(), pred.double(), mask.double(), 4, True)
+    assert want.dtype == torch.float64 and torch.equal(loss(imgs.double(), pred.double(), mask.double()), want)
+    n, L, keep = 2, 16, 4
+    x_vis, token, pos = randn(n, 1 + keep, D).double(), randn(1, 1, D).double(), randn(1, 1 + L, D).double()
+    ids = torch.stack([torch.randperm(L) for _ in range(n)])
+    got = Unshuffle()(x_vis, token, ids, pos)
+    assert got.dtype == torch.float64 and torch.equal(got, _official_unshuffle(x_vis, token, ids, pos))

@@ -9,6 +9,7 @@ import torch.nn as nn
 from .._validate import check_patch_size
 from ..ops._backend import check_impl
 from ..ops.loss import norm_pix_loss
+from ..reference.loss import forward_loss
 
 
 class NormPixLoss(nn.Module):
@@ -19,7 +20,8 @@ class NormPixLoss(nn.Module):
         norm_pix_loss: normalise each target patch (official flag, default False like the official model).
         impl: "auto" | "triton" | "cuda" | "reference".
 
-    forward(imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) float 1 = removed) -> 0-d fp32 loss.
+    forward(imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) float or bool, 1 = removed) -> 0-d fp32
+    loss (float64 inputs: the official computation in float64).
     With ``pred_on="masked"``, pred is (N, L-K, p*p*C) (masked patches in shuffle order) and the
     third argument is ids_restore (N, L); see `maefast.ops.norm_pix_loss`. uint8 imgs (raw pixels)
     are normalised with ``mean``/``std`` per channel (None: ImageNet's) as the kernels read them.
@@ -37,6 +39,11 @@ class NormPixLoss(nn.Module):
 
     def forward(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, pred_on: str = "all", *,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+        if pred_on == "all" and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            mask = mask.to(torch.float32)  # the official (loss * mask).sum() / mask.sum() reads it as 0/1: exact
+        if pred_on == "all" and mean is None and std is None and torch.float64 in (
+                getattr(imgs, "dtype", None), getattr(pred, "dtype", None)):
+            return forward_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)  # float64: the official ops
         return norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, pred_on=pred_on,
                              impl=self.impl, mean=mean, std=std)
 

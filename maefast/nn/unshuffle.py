@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ..ops._backend import check_impl
 from ..ops.unshuffle import unshuffle
+from ..reference.unshuffle import unshuffle as reference_unshuffle
 
 
 class Unshuffle(nn.Module):
@@ -25,7 +26,9 @@ class Unshuffle(nn.Module):
     def forward(self, x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                 pos_embed: torch.Tensor) -> torch.Tensor:
         dt = torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
-        if dt != x_vis.dtype and dt in (torch.float32, torch.float16, torch.bfloat16):
+        if dt == torch.float64:  # the official ops in float64 (the kernels take float32/16)
+            return reference_unshuffle(x_vis.to(dt), mask_token.to(dt), ids_restore, pos_embed.to(dt))
+        if dt != x_vis.dtype:
             x_vis = x_vis.to(dt)  # exact: the official code's cat converts x_vis the same way
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)
 
