@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
-from .models.routing import (BLOCK_IDENTITIES, SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
+from .models.routing import (SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
                              fast_unsupported, image_grad_reason, instance_overrides, official_call, original_inputs,
                              refuse, replaced_forward, skipped_hooks_reason, warn_slow)
 from .ops._backend import IMPLS
@@ -91,6 +91,13 @@ def _defining_class(obj, name: str):
     return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
+class _Default:
+    """The patched forward's mask_ratio when the caller gives none: the original forward's default."""
+
+    def __repr__(self) -> str:
+        return "<the original forward's default>"
+
+
 @dataclass
 class PatchState:
     """What `patch` decided, kept on the model as `model._maefast` (plain data: it pickles)."""
@@ -99,10 +106,15 @@ class PatchState:
     grad_checkpointing: bool
     loss_via_model: bool = False  # the loss runs through the model's own forward_loss
     takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
-    mask_ratio: float = 0.75      # the original forward's default mask_ratio (a fork may have another)
+    # the original forward's default mask_ratio (a fork may have another; None: the model decides it, e.g.
+    # `mask_ratio=None` then `self.mask_ratio`, so such calls run the original forward)
+    mask_ratio: float | None = 0.75
 
 
 # -- official layout -------------------------------------------------------------------------------
+
+_DEFAULT = _Default()
+
 
 class _OfficialForward:
     """The forward `patch` installs on an official-layout model: an object holding the model (a
@@ -111,10 +123,10 @@ class _OfficialForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, imgs, mask_ratio=None, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
+    def __call__(self, imgs, mask_ratio=_DEFAULT, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
-        if mask_ratio is None:  # the original forward's default (0.75 in the official code)
+        if mask_ratio is _DEFAULT:  # the original forward's default (0.75 in the official code; None: see below)
             mask_ratio = st.mask_ratio
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
@@ -123,18 +135,11 @@ class _OfficialForward:
                              mean=mean, std=std)
 
 
-def _check_blocks(model) -> None:
-    """Refuses block parts the fast block would silently skip (a user's block forward, layer scale, qk norm)."""
+def _check_blocks(model, fused) -> None:
+    """Refuses parts the fast path would silently skip (a user's block forward, layer scale, qk norm, an
+    adapter on a layer whose weights it reads): `replaced_forward`, which every call checks again."""
     root = _layout_root(type(model)) or type(model)
-    for name in ("blocks", "decoder_blocks"):
-        for i, blk in enumerate(getattr(model, name)):
-            for extra in BLOCK_IDENTITIES:
-                if _has(blk, extra) and not isinstance(_get(blk, extra), nn.Identity):
-                    raise TypeError(f"maefast.patch: {name}.{i}.{extra} is a {type(_get(blk, extra)).__name__}, which "
-                                    "maefast's fast block does not compute (only an Identity there)")
-    if _has(model, "patch_embed.norm") and not isinstance(model.patch_embed.norm, nn.Identity):
-        raise TypeError("maefast.patch: patch_embed.norm is not an Identity; the fast patch embedding has no norm")
-    found = replaced_forward(model, root.__module__)
+    found = replaced_forward(model, root.__module__, fused)
     if found is not None:
         raise TypeError(f"maefast.patch: {found[0]} runs {found[1]}, which maefast's fast path would replace with "
                         f"the official computation (it knows timm's and {root.__module__}'s classes); refusing "
@@ -149,7 +154,7 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
         refused += ("forward",)
     if refused:
         refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
-    _check_blocks(model)
+    _check_blocks(model, fused)
     device = model.pos_embed.device
     # probes need a real device and a generator state to replay: a meta model's run on the CPU (its methods
     # on CPU tensors; its forward on a copy with random weights)
@@ -167,7 +172,10 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
-    mask_ratio = 0.75 if default is inspect.Parameter.empty or default is None else default
+    if default is inspect.Parameter.empty:
+        mask_ratio = 0.75  # the original needs one: the patched forward keeps the official default
+    else:
+        mask_ratio = default if isinstance(default, (int, float)) and not isinstance(default, bool) else None
     return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
                       mask_ratio=mask_ratio)
 
@@ -322,7 +330,7 @@ class _TransformersForward:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
             elif any(_hooked(x) for x in m.modules() if x is not m):  # traced under torch.compile too
                 why = skipped_hooks_reason(m, _hf_called(view, st.fused))
-            why = why or _hf_changed_reason(m, st)
+            why = why or _hf_changed_reason(m, st, view)
         if why is not None:
             warn_slow(m, why, stacklevel=5)
             pixel_values, noise = original_inputs(pixel_values, noise, seed,
@@ -345,12 +353,23 @@ class _TransformersForward:
         return out if return_dict else out.to_tuple()
 
 
-def _hf_changed_reason(model, st: PatchState) -> str | None:
+_KNOWN_FORWARD: dict = {}  # class -> whether its forward is transformers' or torch's (per class, once)
+
+
+def _known_forward(cls: type) -> bool:
+    ok = _KNOWN_FORWARD.get(cls)
+    if ok is None:
+        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
+        ok = _KNOWN_FORWARD[cls] = c is None or c.__module__.split(".")[0] in ("transformers", "torch")
+    return ok
+
+
+def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
     """What a user changed since patching that the fast path would drop, seen on every call: a method
-    set on the model or its parts' instances, a layer part of a class outside transformers and torch or
-    with an instance forward, and a layer whose weights the fast path reads instead of calling it (the
-    patch projection, each q/k/v; with fused="block" every layer Linear) that is not a plain torch layer
-    (a LoRA adapter's children)."""
+    set on the model or its parts' instances, a layer part the fast path does not call as a module
+    (`_hf_called`) of a class outside transformers and torch or with an instance forward, and a layer
+    whose weights the fast path reads instead of calling it (the patch projection, each q/k/v; with
+    fused="block" every layer Linear) that is not a plain torch layer (a LoRA adapter's children)."""
     emb = model.vit.embeddings
     owners = [("", model, () if st.loss_via_model else ("forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
               ("vit.embeddings", emb, ("forward", "random_masking")),
@@ -361,11 +380,11 @@ def _hf_changed_reason(model, st: PatchState) -> str | None:
                 return f"{path + '.' if path else ''}{name} is set on the instance (the fast path would not call it)"
     read = [("vit.embeddings.patch_embeddings.projection", emb.patch_embeddings.projection, nn.Conv2d)]
     enc, dec_layers = _hf_layers(model)
+    called = {id(c) for c in _hf_called(view, st.fused)}  # their own forwards run
     for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
         for i, layer in enumerate(layers):
             for n, sub in layer.named_modules():
-                cls = _defining_class(sub, "forward")
-                if "forward" in sub.__dict__ or not (cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")):
+                if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
             lin = _hf_linears(layer)
             read += [(f"{prefix} {i} linear {j}", x, nn.Linear) for j, x in enumerate(lin if st.fused == "block" else lin[:3])]
@@ -407,8 +426,9 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
 def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
-    Official-style models: forward(imgs, mask_ratio=None, noise=None, *, seed=None, return_pred=True)
-    (mask_ratio None: the original forward's default, 0.75 in the official code)
+    Official-style models: forward(imgs, mask_ratio=<default>, noise=None, *, seed=None, return_pred=True)
+    (mask_ratio not given: the original forward's default, 0.75 in the official code; a default the
+    model decides, such as None, and an explicit None run the original forward)
     -> (loss, pred, mask). transformers' ViTMAEForPreTraining: forward(pixel_values, noise=None, ...,
     *, seed=None) -> ViTMAEForPreTrainingOutput(loss, logits, mask, ids_restore) (a tuple for
     return_dict=False), mask ratio from its config. maefast's own model: its impl, fused and

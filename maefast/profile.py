@@ -416,12 +416,13 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     # staged and plain steps alternate: the median of the per-pair ratios cancels slow drift (clocks,
     # temperature) that a ratio of the two medians keeps
     pairs = [sum(d.values()) / p for d, p, ok in zip(per_step, plain_ms_list, pair_ok) if ok and p > 0]
-    pair_ratio = statistics.median(pairs) if pairs else float("nan")
+    pair_ratio = statistics.median(pairs) if pairs else None
     out = {"model": resolve_model_name(name) if not overrides else name, "impl": impl, "fused": extra.get("fused", False), "batch": batch,
            "dtype": str(dtype).replace("torch.", ""), "compile": compile, "mask_ratio": mask_ratio,
            "steps": steps, "warmup": warmup, "stage_timer": ("cuda-events" if not sync else "synchronise+perf_counter")
            if device.type == "cuda" else "perf_counter", "stages": rows, "step_ms_staged": staged_total, "step_ms_stage_sum": stage_sum,
-           "step_ms_plain": plain_ms, "profiler_overhead": pair_ratio - 1.0, "overhead_pairs": len(pairs),
+           "step_ms_plain": plain_ms, "overhead_pairs": len(pairs),
+           "profiler_overhead": pair_ratio - 1.0 if pairs else None,  # None: no warm pair (JSON has no NaN)
            "profiler_overhead_of_medians": staged_total / plain_ms - 1.0,
            "img_per_s": batch / (plain_ms * 1e-3), "train_flops": train_flops,
            "tflops": train_flops / (plain_ms * 1e-3) / 1e12,
@@ -451,7 +452,7 @@ def format_profile(r: dict, peak: dict) -> str:
     lines.append(f"{'sum of stage medians':<28} {r['step_ms_stage_sum']:>9.3f}")
     lines.append(f"{'step (stage-timed, median)':<28} {r['step_ms_staged']:>9.3f}")
     overhead = (f"{100 * r['profiler_overhead']:+.1f}% (median of {r.get('overhead_pairs', 'the')} staged/plain pairs)"
-                if r['profiler_overhead'] == r['profiler_overhead'] else "n/a (no warm pair: run more --steps)")
+                if r['profiler_overhead'] is not None else "n/a (no warm pair: run more --steps)")
     lines.append(f"{'step (plain, no marks)':<28} {r['step_ms_plain']:>9.3f}   profiler overhead {overhead}")
     lines.append(f"{r['img_per_s']:.1f} img/s, {r['tflops']:.3f} TFLOP/s = MFU {100 * r['mfu']:.1f}% of the measured "
                  f"{peak['matmul_dtype']} matmul peak {peak['matmul_tflops']:.3g} TFLOP/s (model FLOPs: official count, "
@@ -554,8 +555,7 @@ def main(argv=None) -> int:
         print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
               "--model base|large|huge for the paper's", file=sys.stderr)
     note = cpu_note(device)
-    if device.type == "cuda":  # events, synchronisations and the peak on the card asked for (--device cuda:N)
-        torch.cuda.set_device(device)
+    timing.use_device(device)  # --device cuda:N: events, synchronisations and the peak on that card
     env, peak = timing.env_info(device), timing.measure_peak(device)
     print(f"maefast profile on {env['card']} ({env['date']}, torch {env['torch']}, commit {env['git_commit'][:12]}); "
           f"measured peak: {peak['matmul_dtype']} matmul {peak['matmul_tflops']:.3g} TFLOP/s, copy "

@@ -230,7 +230,9 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
                    "fused": (overrides or {}).get("fused", False) if impl != "reference" else False,
                    "flop_ratio": flops_mod.table2_flop_ratio(name, dd, mask_ratio) if not overrides else
                    flops_mod.table2_flop_ratio(model_config(name, **overrides), dd, mask_ratio)}
-            paper = flops_mod.PAPER_TABLE2.get((name, dd)) if mask_ratio == 0.75 else None  # the paper's ratio only
+            # the paper's figures only for the paper's setting: its mask ratio, its model (fused is not a change)
+            changed = {k for k in (overrides or {}) if k != "fused"}
+            paper = flops_mod.PAPER_TABLE2.get((name, dd)) if mask_ratio == 0.75 and not changed else None
             if paper:
                 row.update(paper_hours=paper[0], paper_speedup=paper[1], maemd_flop_ratio=paper[2])
             try:
@@ -486,8 +488,7 @@ def main(argv=None) -> int:
     if note:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
-    if device.type == "cuda":  # events, synchronisations and the peak on the card asked for (--device cuda:N)
-        torch.cuda.set_device(device)
+    timing.use_device(device)  # --device cuda:N: events, synchronisations and the peak on that card
     env, peak = timing.env_info(device), timing.measure_peak(device)
 
     def save_partial(rows_so_far):  # a run cut short (a time limit) still leaves its finished rows

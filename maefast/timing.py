@@ -95,6 +95,13 @@ def _time_cuda(fn, warmup_ms, rep_ms, min_reps, max_reps, flush_l2, device) -> d
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def use_device(device: torch.device) -> None:
+    """A CLI's CUDA work (events, synchronisations, the peak) on the card it was asked for: ``cuda:N``
+    becomes the current device; plain ``cuda`` (the current one) and the CPU change nothing."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def time_cpu(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3, max_reps: int = 20,
              budget_s: float = 0.5) -> dict:
     """Median wall time of `fn()` on the CPU: `warmup` calls, then at least `min_reps` calls and at

@@ -290,7 +290,7 @@ def test_patched_official_model_keeps_its_blocks_dropout(flag, match):
 
 
 # -- maefast's own model: attention dropout (the reference Attention ignored attn_drop) and blocks whose
-# drop path the routing did not see (maefast.nn.Block keeps it as drop_path_prob, timm as drop_prob) ------
+# drop path the routing did not see (maefast.nn.Block keeps it in a DropPath, as timm: drop_prob) ---------
 
 def _own_model(seed=0):
     torch.manual_seed(seed)

@@ -103,9 +103,23 @@ def test_drop_path_is_timms_module_attribute():
     blk.drop_path.drop_prob = 0.0
     with torch.no_grad():
         assert torch.equal(blk(x), blk.eval()(x))
-    for bad in (-0.1, 1.0, 1.5, "0.1", True):
-        with pytest.raises(ValueError, match="drop_path must be a number in"):
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"drop_path must be in \[0, 1\)"):
             Block(D, H, drop_path=bad)
+    for bad in ("0.1", True, None):
+        with pytest.raises(TypeError, match="drop_path must be a number"):
+            Block(D, H, drop_path=bad)
+    import numpy as np
+
+    # what stochastic-depth schedules pass: a linspace's element, with or without .item(), numpy floats
+    dpr = torch.linspace(0, 0.1, 3)
+    for p in (dpr[2], dpr[2].item(), np.float64(0.05), np.array(0.05), 0):
+        assert Block(D, H, drop_path=p).drop_path_prob == pytest.approx(float(p))
+    blk = Block(D, H)
+    blk.drop_path_prob = 0.2  # the attribute older code set
+    assert isinstance(blk.drop_path, DropPath) and blk.drop_path.drop_prob == 0.2
+    with pytest.raises(ValueError, match="drop_prob must be in"):
+        DropPath(2.0)
 
 
 def test_bad_impl_and_fused_fail_at_construction():

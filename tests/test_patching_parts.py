@@ -292,3 +292,87 @@ def test_a_forks_default_mask_ratio_is_kept():
     got = patched(imgs, noise=torch.rand(N, L))
     assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N  # half the 16 patches masked
     assert torch.allclose(got[0], want[0], rtol=1e-5)
+
+
+def test_parts_the_fast_path_computes_changed_after_patching_run_the_original():
+    """A newer-timm block (trusted class, its forward unchanged) given a LayerScale, the patch embedding
+    given a norm, a fused block's norm or activation given an instance forward, and the head given one
+    for a return_pred=False call: each on every call, not only at patch time."""
+    from maefast.reference.model import Block as ReferenceBlock
+
+    class LayerScale(nn.Module):
+        def forward(self, x):
+            return 0.5 * x
+
+    def timm_forward(self, x):  # timm >= 0.9's Block.forward (ls1/ls2 Identity unless init_values)
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    timm_block = type("Block", (ReferenceBlock,), {"__module__": "timm.models.vision_transformer",
+                                                   "forward": timm_forward})
+    plain, patched = _pair()
+    for m in (plain, patched):
+        for blk in m.blocks:
+            blk.__class__ = timm_block
+            blk.ls1, blk.ls2 = nn.Identity(), nn.Identity()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())  # timm's own Block with Identities: served fast
+        assert torch.allclose(patched(imgs, 0.75, noise)[0], plain(imgs, 0.75, noise)[0], rtol=1e-6)
+    for m in (plain, patched):
+        m.blocks[1].ls2 = LayerScale()
+    _same_call(plain, patched, r"blocks\.1\.ls2")
+    plain, patched = _pair()
+    for m in (plain, patched):
+        m.patch_embed.norm = nn.LayerNorm(TINY["embed_dim"])
+        real = type(m.patch_embed).forward
+        m.patch_embed.forward = types.MethodType(lambda self, x, _r=real: self.norm(_r(self, x)), m.patch_embed)
+    _same_call(plain, patched, r"patch_embed\.norm")
+    plain, patched = _pair(fused="block")
+    for m in (plain, patched):
+        n1 = m.blocks[0].norm1
+        n1.forward = types.MethodType(lambda self, x: 1.5 * nn.LayerNorm.forward(self, x), n1)
+    _same_call(plain, patched, r"blocks\.0\.norm1")
+    plain, patched = _pair()
+    for m in (plain, patched):
+        head = m.decoder_pred
+        head.forward = types.MethodType(lambda self, x: 1.5 * nn.Linear.forward(self, x), head)
+    with pytest.warns(_slow_warning(), match="decoder_pred is an instance forward"):
+        got = patched(imgs, 0.75, noise, return_pred=False)[0]
+    assert torch.allclose(got, plain(imgs, 0.75, noise)[0], rtol=1e-6)
+
+
+def test_transformers_attention_class_changed_after_patching_runs_the_original():
+    plain, patched = _hf()
+    for m in (plain, patched):
+        layers = m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer
+        att = layers[0].attention
+        real = type(att).forward
+        att.__class__ = type("ScaledAttention", (type(att),), {"forward": lambda self, *a, _r=real, **k: (
+            lambda out: (out[0] * 1.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 1.5)(_r(self, *a, **k))})
+    _hf_same(plain, patched, "encoder layer 0.attention runs its own forward")
+
+
+def test_a_forks_none_default_mask_ratio_is_the_models_to_decide():
+    from test_patching import _o_forward, official_class
+
+    def forward(self, imgs, mask_ratio=None):  # a common fork: the ratio from the model
+        return _o_forward(self, imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
+
+    torch.manual_seed(0)
+    plain = official_class(forward=forward)(**TINY)
+    plain.mask_ratio = 0.5
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs = torch.randn(N, 3, 32, 32)
+    torch.manual_seed(1)
+    want = plain(imgs)
+    torch.manual_seed(1)
+    with pytest.warns(_slow_warning(), match="mask_ratio is None"):
+        got = patched(imgs)
+    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N and torch.equal(got[0], want[0])
+    torch.manual_seed(0)
+    official = maefast.patch(official_class()(**TINY))
+    with pytest.raises(TypeError):  # an explicit None: what the unpatched official forward does (the
+        official(imgs, None)        # warning was given above: once per reason)

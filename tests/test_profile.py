@@ -248,4 +248,18 @@ def test_profiler_overhead_pairs_are_warm():
         r = mp.profile_impl("tiny", "auto", batch=1, dtype=torch.float32, device=torch.device("cpu"), steps=steps,
                             warmup=0)
         assert r["overhead_pairs"] == pairs and r["steps"] == steps
-        assert (pairs == 0) == math.isnan(r["profiler_overhead"])
+        assert (pairs == 0) == (r["profiler_overhead"] is None)
+
+
+def test_a_device_index_selects_the_card_and_plain_cuda_keeps_the_current_one(monkeypatch):
+    """`maefast profile` / `bench table2` on `--device cuda` (the default on a GPU) must not call
+    torch.cuda.set_device (it needs an index); `cuda:1` makes that card current."""
+    from maefast import timing
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    for d in ("cpu", "cuda"):
+        timing.use_device(torch.device(d))
+    assert calls == []
+    timing.use_device(torch.device("cuda:1"))
+    assert calls == [torch.device("cuda:1")]

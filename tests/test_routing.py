@@ -132,7 +132,7 @@ def test_blocks_routed_through_their_modules_run_their_hooks_fast():
     (lambda m: setattr(m.blocks[1].mlp, "forward", lambda x, f=m.blocks[1].mlp.forward: 3 * f(x)), True,
      "blocks.1.mlp runs an instance forward"),
     (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), False,
-     "decoder_pred is a Sequential"),
+     "decoder_pred is a torch.nn.modules.container.Sequential"),
     (lambda m: setattr(m, "decoder_pred", nn.Sequential(m.decoder_pred, nn.Tanh())), True, None),
 ])
 def test_a_replaced_module_is_run_not_duck_typed(change, return_pred, slow):

@@ -72,7 +72,8 @@ def _drop_rate(m: nn.Module) -> float:
 
 def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     """Why the fast path would not compute what this official-layout model's module tree says, or None.
-    Checked on every call (a walk of the modules, ~0.3 ms at ViT-H; modules added, replaced or hooked
+    Checked on every call (a walk of the modules: ViT-H 1.4 ms, 1.8 with fused="block", on the 2-core
+    development CPU, 2026-12-05; a captured TrainStep replays without it; modules added, replaced or hooked
     after the first call count):
     - a dropout or drop-path module active in training (each module's own flag: an eval() model may
       hold a block in train());
@@ -95,8 +96,8 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
         hooks = hooks or (m is not model and _hooked(m))
     root = (_layout_root(type(model)) or type(model)).__module__
     head = model.decoder_pred
-    if not return_pred and not (isinstance(head, nn.Linear) and trusted_class(type(head), root)):
-        return f"decoder_pred is a {type(head).__name__} (the masked-only head reads a Linear's weight and bias)"
+    if not return_pred and not _plain_layer(head, nn.Linear):
+        return f"decoder_pred is {_not_plain(head, nn.Linear)} (the masked-only head reads a Linear's weight and bias)"
     found = replaced_forward(model, root, fused)
     if found is not None:
         return f"{found[0]} runs {found[1]}, which the fast path would replace"
@@ -110,12 +111,16 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     return None
 
 
-# block parts of newer timm versions the fast block does not compute: each must be an Identity
+# block parts of newer timm versions the fast block does not compute: each must be an Identity (and the
+# patch embedding's norm: the fast patch embedding has none)
 BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm")
 # inside a block, the layers whose weights the fast path reads instead of calling them: qkv always (the
-# attention op takes its packed output), the rest with fused="block" (one op for the whole block)
+# attention op takes its packed output), the rest with fused="block" (one op for the whole block), whose
+# norms and activation are also computed, not called (their classes are checked by is_layer_norm and
+# exact_gelu, their instance forwards here)
 _READ_ALWAYS = ("attn.qkv",)
 _READ_FUSED = ("attn.proj", "mlp.fc1", "mlp.fc2")
+_COMPUTED_FUSED = ("norm1", "norm2", "mlp.act")
 
 
 def _plain_layer(m: nn.Module, cls: type) -> bool:
@@ -126,40 +131,62 @@ def _plain_layer(m: nn.Module, cls: type) -> bool:
             and all(name == "parametrizations" for name, _ in m.named_children()))
 
 
+def _not_plain(m, cls: type) -> str:
+    if "forward" in getattr(m, "__dict__", {}):
+        return "an instance forward"
+    if isinstance(m, cls) and trusted_class(type(m)):
+        return f"a {cls.__name__} with child modules ({', '.join(n for n, _ in m.named_children())})"
+    return f"a {type(m).__module__}.{type(m).__qualname__}"
+
+
 def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[str, str] | None:
     """The first module whose forward the fast path replaces with the official computation (the patch
     embedding; each block, its attention and its MLP) that runs an instance forward or a class maefast
     does not know (`trusted_class`), a layer whose weights it reads instead of calling it (the patch
     projection, each qkv; with fused="block" each attention projection and MLP layer) that is not a plain
-    torch layer (`_plain_layer`), or a newer timm block part that is not an Identity (`BLOCK_IDENTITIES`),
-    as (path, what it runs); None when there is none."""
-    parts = [("patch_embed", model.patch_embed)]
-    layers = [("patch_embed.proj", getattr(model.patch_embed, "proj", None), nn.Conv2d)]
+    torch layer (`_plain_layer`), a newer timm part that is not an Identity (`BLOCK_IDENTITIES`, the patch
+    embedding's norm), or with fused="block" a norm or activation with an instance forward, as (path,
+    what it runs); None when there is none. Paths are built only for the answer (it runs on every call)."""
+    pe = model.patch_embed
+    norm = _get_path(pe, "norm")
+    if norm is not None and not isinstance(norm, nn.Identity):
+        return "patch_embed.norm", f"a {type(norm).__name__} (the fast patch embedding has no norm)"
+    found = _replaced("patch_embed", pe, root_module)
+    if found is None and not _plain_layer(getattr(pe, "proj", None), nn.Conv2d):
+        found = "patch_embed.proj", _not_plain(getattr(pe, "proj", None), nn.Conv2d) + \
+            " (the fast path reads its weights and never calls it)"
+    if found is not None:
+        return found
     read = _READ_ALWAYS + (_READ_FUSED if fused == "block" else ())
     for name in ("blocks", "decoder_blocks"):
         for i, blk in enumerate(getattr(model, name)):
-            parts += [(f"{name}.{i}", blk), (f"{name}.{i}.attn", blk.attn), (f"{name}.{i}.mlp", blk.mlp)]
-            layers += [(f"{name}.{i}.{a}", _get_path(blk, a), nn.Linear) for a in read]
             for extra in BLOCK_IDENTITIES:
                 m = _get_path(blk, extra)
                 if m is not None and not isinstance(m, nn.Identity):
                     return f"{name}.{i}.{extra}", f"a {type(m).__name__} (the fast block computes an Identity there)"
-    for path, m in parts:
-        own = m.__dict__.get("forward")
-        if own is not None and not isinstance(own, _RoutedBlockForward):
-            return path, "an instance forward"
-        if not trusted_class(type(m), root_module):
-            c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
-            return path, f"forward of {c.__module__}.{c.__qualname__}"
-    for path, m, cls in layers:
-        if not _plain_layer(m, cls):
-            if "forward" in getattr(m, "__dict__", {}):
-                what = "an instance forward"
-            elif isinstance(m, cls) and trusted_class(type(m)):
-                what = f"a {cls.__name__} with child modules ({', '.join(n for n, _ in m.named_children())})"
-            else:
-                what = f"a {type(m).__module__}.{type(m).__qualname__}"
-            return path, f"{what} (the fast path reads its weights and never calls it)"
+            for part, m in (("", blk), (".attn", blk.attn), (".mlp", blk.mlp)):
+                found = _replaced(f"{name}.{i}{part}", m, root_module)
+                if found is not None:
+                    return found
+            for attr in read:
+                m = _get_path(blk, attr)
+                if not _plain_layer(m, nn.Linear):
+                    return f"{name}.{i}.{attr}", _not_plain(m, nn.Linear) + \
+                        " (the fast path reads its weights and never calls it)"
+            if fused == "block":
+                for attr in _COMPUTED_FUSED:
+                    if "forward" in getattr(_get_path(blk, attr), "__dict__", {}):
+                        return f"{name}.{i}.{attr}", "an instance forward (fused='block' computes it, never calls it)"
+    return None
+
+
+def _replaced(path: str, m: nn.Module, root_module: str) -> tuple[str, str] | None:
+    own = m.__dict__.get("forward")
+    if own is not None and not isinstance(own, _RoutedBlockForward):
+        return path, "an instance forward"
+    if not trusted_class(type(m), root_module):
+        c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+        return path, f"forward of {c.__module__}.{c.__qualname__}"
     return None
 
 
@@ -298,8 +325,9 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
     call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
     (with mean/std) reach the original forward normalised first, as the official code takes them."""
-    why = (image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
-           or fast_unsupported(model.pos_embed, mask_ratio))
+    why = ("mask_ratio is None (the model's own forward decides it)" if mask_ratio is None else None) or (
+        image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
+        or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
         return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,

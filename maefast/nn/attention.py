@@ -87,7 +87,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        self.drop_prob = _drop_rate(drop_prob)
+        self.drop_prob = _drop_rate(drop_prob, "drop_prob")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
@@ -96,9 +96,15 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:g}"
 
 
-def _drop_rate(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"drop_path must be a number in [0, 1), got {p!r}")
+def _drop_rate(p, name: str = "drop_path") -> float:
+    """A drop-path rate as a float in [0, 1): a number, or a 0-d tensor or array (timm-style schedules
+    pass ``torch.linspace(...)[i]``)."""
+    if hasattr(p, "ndim") and getattr(p, "ndim") == 0 and hasattr(p, "item"):
+        p = p.item()
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(p).__name__} {p!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p!r}")
     return float(p)
 
 
@@ -133,8 +139,17 @@ class Block(nn.Module):
 
     @property
     def drop_path_prob(self) -> float:
-        """The drop-path rate in effect (the ``drop_path`` module's ``drop_prob``; 0 for Identity)."""
+        """The drop-path rate in effect (the ``drop_path`` module's ``drop_prob``; 0 for Identity); setting it
+        sets that (an Identity becomes a DropPath)."""
         return float(getattr(self.drop_path, "drop_prob", 0.0) or 0.0)
+
+    @drop_path_prob.setter
+    def drop_path_prob(self, p) -> None:
+        p = _drop_rate(p, "drop_path_prob")
+        if isinstance(self.drop_path, DropPath):
+            self.drop_path.drop_prob = p
+        else:
+            self.drop_path = DropPath(p)
 
     def _one_op(self, x: torch.Tensor, cu_seqlens) -> bool:
         if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES:
