@@ -42,6 +42,14 @@ def _timm_class(c: type) -> bool:
                for m, names in TIMM_CLASSES.items())
 
 
+def plain_layer(m: nn.Module, cls: type) -> bool:
+    """Whether a layer whose weight and bias a fast path reads computes cls's forward on them alone: a
+    torch ``cls`` (a parametrized one reads its weight through the parametrization), no instance forward,
+    no child modules (a LoRA adapter's would be skipped)."""
+    return (isinstance(m, cls) and trusted_class(type(m)) and "forward" not in m.__dict__
+            and all(name == "parametrizations" for name, _ in m.named_children()))
+
+
 def is_layer_norm(n) -> bool:
     """A torch LayerNorm, or a subclass whose forward maefast knows (timm's LayerNorm computes the same):
     what `ops.vit_block` computes as its norms. Another norm with a weight, bias and eps does not."""

@@ -78,6 +78,21 @@ def test_fused_block_calls_hooked_parts_and_attention_maps_reach_attn_drop_hooks
     assert maps and torch.allclose(maps[0].sum(-1), torch.ones(2, H, 5))  # probabilities, op by op too
 
 
+def test_fused_block_with_an_adapter_or_an_instance_forward_runs_op_by_op():
+    from test_patching_parts import LoRALinear
+
+    for change in (lambda b: setattr(b.mlp, "fc1", LoRALinear(b.mlp.fc1, b_init=0.01)),
+                   lambda b: setattr(b.norm2, "forward", lambda x, _n=b.norm2: 1.5 * nn.LayerNorm.forward(_n, x))):
+        timm, ours = _pair()
+        torch.manual_seed(3)
+        change(timm)
+        torch.manual_seed(3)
+        change(ours)
+        x = randn(2, 5, D)
+        with torch.no_grad():
+            assert_close(ours(x), timm(x), name="fused block with a changed part")
+
+
 def test_fused_block_with_a_replaced_attention_or_float64():
     timm, ours = _pair()
     x = randn(2, 5, D)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .._modules import hooked as _hooked
+from .._modules import plain_layer as _plain_layer
 from .._validate import check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .fast import _RoutedBlockForward, fast_forward, official_view, trusted_class, unsupported_weights
@@ -121,14 +122,6 @@ BLOCK_IDENTITIES = ("ls1", "ls2", "attn.q_norm", "attn.k_norm", "attn.norm", "ml
 _READ_ALWAYS = ("attn.qkv",)
 _READ_FUSED = ("attn.proj", "mlp.fc1", "mlp.fc2")
 _COMPUTED_FUSED = ("norm1", "norm2", "mlp.act")
-
-
-def _plain_layer(m: nn.Module, cls: type) -> bool:
-    """Whether a layer whose weight and bias the fast path reads computes cls's forward on them alone: a
-    torch ``cls`` (a parametrized one reads its weight through the parametrization), no instance forward,
-    no child modules (a LoRA adapter's would be skipped)."""
-    return (isinstance(m, cls) and trusted_class(type(m)) and "forward" not in m.__dict__
-            and all(name == "parametrizations" for name, _ in m.named_children()))
 
 
 def _not_plain(m, cls: type) -> str:

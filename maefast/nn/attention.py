@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._modules import hooked, is_layer_norm, trusted_class
+from .._modules import hooked, is_layer_norm, plain_layer, trusted_class
 from .._validate import FLOAT_DTYPES
 from ..ops._backend import check_impl
 from ..ops.attention import visible_attention
@@ -163,8 +163,11 @@ class Block(nn.Module):
                  m.drop, m.fc2)
         # the one op computes these modules' official forwards without calling them: their classes must be
         # ones maefast knows (a subclass's own forward, e.g. a QuickGELU deriving from nn.GELU, would be
-        # skipped) and none may have hooks (they would not fire)
-        if not all(trusted_class(type(p)) and not hooked(p) for p in parts):
+        # skipped), none may have an instance forward or hooks (they would not run), and the layers whose
+        # weights it reads must be plain (a LoRA adapter's children would be skipped)
+        if not all(trusted_class(type(p)) and "forward" not in p.__dict__ and not hooked(p) for p in parts):
+            return False
+        if not all(plain_layer(lin, nn.Linear) for lin in (a.qkv, a.proj, m.fc1, m.fc2)):
             return False
         norms_ok = all(is_layer_norm(n) and n.weight is not None and n.bias is not None
                        for n in (self.norm1, self.norm2))
