@@ -21,9 +21,8 @@ _TRUST: dict = {}
 def trusted_class(cls: type, root_module: str = "") -> bool:
     """Whether the forward `cls` runs is one maefast knows: defined in maefast or torch, one of timm's
     `TIMM_CLASSES`, or in `root_module` (the module of the model's official-layout class: its Block
-    copy). Cached per class,
-    except while dynamo traces: a cache filled by the first trace would fail that trace's guards at the
-    next call (a recompile of a model compiled before any eager call)."""
+    copy). Cached per class, except while dynamo traces: a cache filled by the first trace would fail
+    that trace's guards at the next call (a recompile of a model compiled before any eager call)."""
     key = (cls, root_module)
     ok = None if compiling() else _TRUST.get(key)
     if ok is None:
@@ -38,7 +37,8 @@ def trusted_class(cls: type, root_module: str = "") -> bool:
 def _timm_class(c: type) -> bool:
     """Whether c is one of `TIMM_CLASSES` (timm.layers' submodules included: timm.layers.mlp.Mlp)."""
     mod = c.__module__
-    return any(c.__qualname__ in names and (mod == m or (m != "timm.models.vision_transformer" and mod.startswith(m + ".")))
+    return any(c.__qualname__ in names
+               and (mod == m or (m != "timm.models.vision_transformer" and mod.startswith(m + ".")))
                for m, names in TIMM_CLASSES.items())
 
 

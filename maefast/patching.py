@@ -353,14 +353,18 @@ class _TransformersForward:
         return out if return_dict else out.to_tuple()
 
 
-_KNOWN_FORWARD: dict = {}  # class -> whether its forward is transformers' or torch's (per class, once)
+def _from_library(cls: type | None) -> bool:
+    """Whether a method's defining class (`_defining_class`) is transformers' or torch's (or none defines it)."""
+    return cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")
+
+
+_KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, once: it is asked on every call)
 
 
 def _known_forward(cls: type) -> bool:
     ok = _KNOWN_FORWARD.get(cls)
     if ok is None:
-        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        ok = _KNOWN_FORWARD[cls] = c is None or c.__module__.split(".")[0] in ("transformers", "torch")
+        ok = _KNOWN_FORWARD[cls] = _from_library(next((c for c in cls.__mro__ if "forward" in c.__dict__), None))
     return ok
 
 
@@ -373,7 +377,8 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
     emb = model.vit.embeddings
     owners = [("", model, () if st.loss_via_model else ("forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
               ("vit.embeddings", emb, ("forward", "random_masking")),
-              ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)), ("decoder", model.decoder, ("forward",))]
+              ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)),
+              ("decoder", model.decoder, ("forward",))]
     for path, obj, names in owners:
         for name in names:
             if name in obj.__dict__:
@@ -387,7 +392,8 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
                 if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
             lin = _hf_linears(layer)
-            read += [(f"{prefix} {i} linear {j}", x, nn.Linear) for j, x in enumerate(lin if st.fused == "block" else lin[:3])]
+            lin = lin if st.fused == "block" else lin[:3]  # q, k, v are read always; the rest by the one op
+            read += [(f"{prefix} {i} linear {j}", x, nn.Linear) for j, x in enumerate(lin)]
     for path, m, cls in read:
         if not _plain_layer(m, cls):
             return f"{path} is not a plain {cls.__name__} (the fast path reads its weights and never calls it)"
@@ -409,8 +415,7 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
-            cls = _defining_class(obj, name)
-            if name not in obj.__dict__ and (cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")):
+            if name not in obj.__dict__ and _from_library(_defining_class(obj, name)):
                 continue
             if path == "" and name in ("forward_loss", "patchify") and hasattr(model, "forward_loss"):
                 loss = True  # transformers 4.x: the loss goes through forward_loss (which reads patchify)

@@ -84,8 +84,8 @@ def structure_reason(model: nn.Module, fused, return_pred: bool) -> str | None:
     - forward or backward hooks on a module the fast path does not call (global hooks excepted, see
       `skipped_hooks_reason`): inside the patch embedding or a block (with fused="block" all of a
       block; unfused, all but its norms, attention projection and MLP layers), or the head (called on
-      the patch rows only, or not at all for return_pred=False). A block routed through its module (FSDP2, `route_blocks_through_modules`)
-      runs its own hooks.
+      the patch rows only, or not at all for return_pred=False). A block routed through its module
+      (FSDP2, `route_blocks_through_modules`) runs its own hooks.
     Under torch.compile the same rules are traced into the graph (before, only the dropout rule was, and
     a compiled model skipped hooks that its eager calls ran); as for any compiled module, hooks added after
     the compile are seen only after a recompile (torch's `skip_nnmodule_hook_guards`)."""

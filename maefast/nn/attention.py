@@ -157,7 +157,8 @@ class Block(nn.Module):
         a, m = self.attn, self.mlp
         if self.training and (self.drop_path_prob or a.attn_drop.p or a.proj_drop.p or m.drop.p):
             return False
-        if not (isinstance(a, Attention) and isinstance(m, Mlp) and isinstance(self.drop_path, (DropPath, nn.Identity))):
+        if not (isinstance(a, Attention) and isinstance(m, Mlp)
+                and isinstance(self.drop_path, (DropPath, nn.Identity))):
             return False  # a part replaced by another module: its own forward runs (op by op)
         parts = (self.norm1, a, a.qkv, a.attn_drop, a.proj, a.proj_drop, self.drop_path, self.norm2, m, m.fc1, m.act,
                  m.drop, m.fc2)
