@@ -70,7 +70,7 @@ def _masked_patch_embed_fwd_kernel(
     w_ptr,      # (D, C*P*P) the Conv2d weight flattened, strides (stride_w_d, stride_w_k)
     b_ptr,      # (D,) contiguous, read when HAS_BIAS
     pos_ptr,    # (1 + L, D) strides (stride_pos_l, stride_pos_d), read when HAS_POS
-    out_ptr,    # (N*K, D) contiguous, the weight's dtype
+    out_ptr,    # (N*K, D) contiguous: the weight's dtype promoted with pos_embed's (HAS_POS)
     stride_img_n, stride_img_c, stride_img_h, stride_img_w,
     stride_w_d, stride_w_k,
     stride_pos_l, stride_pos_d,
@@ -112,9 +112,11 @@ def _masked_patch_embed_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
+        # the reference's (the official's) roundings: the conv's output in the weight's dtype, then
+        # + pos_embed in the output dtype (both promoted: fp32 for bf16 weights and an fp32 pos_embed)
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
         pos = tl.load(pos_ptr + (1 + l)[:, None] * stride_pos_l + offs_n[None, :] * stride_pos_d,
                       mask=row_valid[:, None] & n_valid[None, :], other=0.0)
-        # The reference adds pos_embed cast to the output dtype.
         acc += pos.to(out_dtype).to(tl.float32)
     acc = tl.where(row_valid[:, None], acc, float("nan"))
     tl.store(out_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(out_dtype),
@@ -221,10 +223,15 @@ def _check_uint8_args(imgs: torch.Tensor, affine, dtype: torch.dtype | None = No
 
 
 def _fwd_config(dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the forward, by the GEMM's (weight's) dtype."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the forward, by the GEMM's (weight's) dtype.
+
+    16-bit: 128 x 64 tiles. 128 x 128 (before 2026-12-05) spilled 8-32 B at p14 once the tokens became
+    fp32 with an fp32 pos_embed (the autocast case: Triton 3.6 with uint8 images, 3.9 with bf16 ones);
+    128 x 64 compiles without spills under both, 132-254 registers (scripts/compile_kernels.py). A
+    GEMM of ~12 GFLOP at ViT-H/14 b128, well under 0.1% of the step: unmeasured."""
     if device.type != "cuda":
         return 32, 64, 32, 4, 1
-    return (64, 64, 32, 4, 2) if dtype == torch.float32 else (128, 128, 32, 8, 3)
+    return (64, 64, 32, 4, 2) if dtype == torch.float32 else (128, 64, 32, 8, 3)
 
 
 def _dw_config(dtype: torch.dtype, uint8: bool, device: torch.device) -> tuple[int, int, int, int, int]:
@@ -247,7 +254,8 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
                                   bias: torch.Tensor | None, pos_embed: torch.Tensor | None,
                                   patch_size: int, affine=None) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops): returns (N, K, D) in the weight's dtype (float imgs
-    have it too). uint8 imgs need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
+    have it too), promoted with pos_embed's when it is given (`x + pos_embed` in torch). uint8 imgs
+    need `affine`, (scale, offset) of 4 floats each (maefast.ops._pixels)."""
     _check_uint8_args(imgs, affine)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
@@ -261,7 +269,8 @@ def masked_patch_embed_fwd_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, we
     ids = ids_keep.contiguous()
     dt = weight.dtype
     normalize = imgs.dtype == torch.uint8
-    out = torch.empty(N, K, D, dtype=dt, device=imgs.device)
+    out_dt = torch.promote_types(dt, pos_embed.dtype) if pos_embed is not None else dt
+    out = torch.empty(N, K, D, dtype=out_dt, device=imgs.device)
     if M == 0 or D == 0:
         return out
     pos2 = pos_embed.reshape(pos_embed.shape[-2], D) if pos_embed is not None else None
@@ -288,9 +297,10 @@ def _split(work_items: int, programs: int, interpreted: bool) -> int:
 def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, num_embed: int,
                                   patch_size: int, need_weight: bool, need_pos: bool, dtype: torch.dtype | None = None,
                                   affine=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D).
-    dtype: the weight's (the GEMM's; default imgs' dtype, which float imgs share with it); uint8 imgs
-    need it and `affine` as in the forward (ValueError without them)."""
+    """Launcher: (dW (D, C*p*p) float32 or None, dpos[1:] (L, D) float32 or None); grad (N, K, D) in
+    the forward's output dtype: dW from it rounded to `dtype`, dpos from it as given. dtype: the
+    weight's (the GEMM's; default imgs' dtype, which float imgs share with it); uint8 imgs need it
+    and `affine` as in the forward (ValueError without them)."""
     _check_uint8_args(imgs, affine, dtype, need_dtype=True)
     N, C, H, W = imgs.shape
     K = ids_keep.shape[1]
@@ -300,7 +310,7 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
     L = (H // P) * grid_w
     KD = C * P * P
     M = N * K
-    g = grad.reshape(M, D).to(dtype or imgs.dtype).contiguous()
+    g = grad.reshape(M, D).to(dtype or imgs.dtype).contiguous()  # as autograd gives it to the conv
     ids = ids_keep.contiguous()
     interp = _interpreted(imgs)
     ieee = g.dtype == torch.float32
@@ -328,9 +338,10 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
         per = triton.cdiv(N, split) if N else 1
         split = triton.cdiv(N, per) if N else 1
         part = torch.zeros(split, L, D, dtype=torch.float32, device=imgs.device)
+        gp = grad.reshape(M, D).contiguous()  # pos_embed's gradient from the output's (fp32 when promoted)
         if M:
             _masked_patch_embed_bwd_dpos_kernel[(triton.cdiv(L, bl), triton.cdiv(D, bd), split)](
-                ids, g, part, N, K, D, L, per,
-                IEEE=ieee, BLOCK_L=bl, BLOCK_D=bd, BLOCK_K=bk, num_warps=4, num_stages=1 if interp else 2)
+                ids, gp, part, N, K, D, L, per,
+                IEEE=gp.dtype == torch.float32, BLOCK_L=bl, BLOCK_D=bd, BLOCK_K=bk, num_warps=4, num_stages=1 if interp else 2)
         dpos = part.sum(0) if split > 1 else part[0]
     return dw, dpos

@@ -181,12 +181,13 @@ def variants(quick: bool = False):
             torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
             bm, bn, bk, w, st = pe._fwd_config(torch_dt, CUDA)  # the launchers' tiles
             tag = f"{dt} uint8" if img_t == "u8" else dt
+            # with a position embedding as the models keep it (fp32) the tokens are fp32 (promoted)
             for has_pos in (True, False):
                 out.append((f"patch_embed fwd p{patch} {tag} pos={has_pos}", pe._masked_patch_embed_fwd_kernel,
                             dict(P=patch, HAS_BIAS=True, HAS_POS=has_pos, NORMALIZE=img_t == "u8", IEEE=dt == "fp32",
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                             dict(imgs_ptr=f"*{img_t}", ids_ptr="*i64", w_ptr=f"*{dt}", b_ptr=f"*{dt}",
-                                 pos_ptr=f"*{dt}", out_ptr=f"*{dt}"), w, st, ints))
+                                 pos_ptr="*fp32", out_ptr="*fp32" if has_pos else f"*{dt}"), w, st, ints))
             bd, bkd, bm2, w2, st2 = pe._dw_config(torch_dt, img_t == "u8", CUDA)
             out.append((f"patch_embed bwd dW p{patch} {tag}", pe._masked_patch_embed_bwd_dw_kernel,
                         dict(P=patch, NORMALIZE=img_t == "u8", IEEE=dt == "fp32", BLOCK_D=bd, BLOCK_KD=bkd,

@@ -149,3 +149,65 @@ def test_second_derivative_raises_on_both_routes(name, impl, device):
             with pytest.raises(RuntimeError, match="has no second derivative"):
                 torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             torch.autograd.grad(loss, leaves, allow_unused=True)  # first order: fine (the graph was kept)
+
+
+def test_compile_cache_key_carries_the_ops_fingerprint(tmp_path):
+    """torch's FX-graph/AOTAutograd caches do not hash a custom op's fake implementation or backward:
+    a graph cached by another maefast would be reused with its old output dtypes (a NaN loss, seen
+    when masked_patch_embed's output became fp32 under autocast). maefast's import puts a fingerprint
+    of its op sources in `torch.compiler.config.cache_key_tag`, after the user's own tag, once."""
+    from maefast.ops._dispatch import ops_fingerprint, tag_compile_caches
+
+    cfg = pytest.importorskip("torch.compiler.config")
+    if not hasattr(cfg, "cache_key_tag"):
+        pytest.skip("this torch has no cache key tag")
+    own = "maefast-ops-" + ops_fingerprint()
+    old = cfg.cache_key_tag
+    try:
+        assert cfg.cache_key_tag.split("+")[-1] == own
+        cfg.cache_key_tag = "mine+maefast-ops-0123"  # the user's tag, and one from another maefast
+        tag_compile_caches()
+        tag_compile_caches()
+        assert cfg.cache_key_tag == "mine+" + own
+    finally:
+        cfg.cache_key_tag = old
+    # the fingerprint follows the sources: one changed byte in one file changes it
+    for name, text in (("a.py", "x = 1\n"), ("b.py", "y = 2\n"), ("notes.txt", "not code")):
+        (tmp_path / name).write_text(text)
+    first = ops_fingerprint(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("changed, but not a source")
+    assert ops_fingerprint(str(tmp_path)) == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert ops_fingerprint(str(tmp_path)) != first
+    assert ops_fingerprint() != first and len(first) == 16
+
+
+def test_another_tag_misses_inductors_cache(tmp_path, monkeypatch):
+    """The tag is in the key torch computes for a graph: the same graph compiled again hits the FX-graph
+    cache, under another maefast's tag it compiles afresh."""
+    cfg = pytest.importorskip("torch.compiler.config")
+    if not hasattr(cfg, "cache_key_tag"):
+        pytest.skip("this torch has no cache key tag")
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    monkeypatch.setattr(inductor_config, "fx_graph_remote_cache", False)
+    old = cfg.cache_key_tag
+    x = torch.randn(8, 8)
+
+    def compiled_once():
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(lambda t: (t * 2 + 1).relu().sum(), fullgraph=True)(x)
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    try:
+        assert compiled_once() == (0, 1)
+        assert compiled_once() == (1, 0)
+        cfg.cache_key_tag = old.replace("maefast-ops-", "maefast-ops-other")
+        assert compiled_once() == (0, 1)
+    finally:
+        cfg.cache_key_tag = old
+        torch._dynamo.reset()

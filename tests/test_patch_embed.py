@@ -36,13 +36,13 @@ def _no_tf32_conv():
     torch.backends.cudnn.allow_tf32 = old
 
 
-def _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad=True, bias=True):
+def _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad=True, bias=True, pos_dtype=torch.float32):
     imgs = randn(N, C, H, W, dtype=dtype, device=device)
     L = (H // p) * (W // p)
     ids = random_masking(N, L, ratio, seed=int(torch.randint(0, 2 ** 31, (1,))), device=device).ids_keep
     w = randn(D, C, p, p, dtype=dtype, device=device, scale=(C * p * p) ** -0.5)
     b = randn(D, dtype=dtype, device=device) if bias else None
-    pos = randn(1, 1 + L, D, dtype=torch.float32, device=device)
+    pos = randn(1, 1 + L, D, dtype=pos_dtype, device=device)
     params = [w] + ([b] if bias else []) + [pos]
     for t in params:
         t.requires_grad_(t is not pos or pos_requires_grad)
@@ -63,14 +63,15 @@ def _run(fn, imgs, ids, w, b, pos, p, grad_out=None, cast=None):
     return out, grads, grad_out
 
 
-def _check_against_reference(impl, case, dtype, device, pos_requires_grad=True, bias=True):
+def _check_against_reference(impl, case, dtype, device, pos_requires_grad=True, bias=True, pos_dtype=torch.float32):
+    """pos_dtype float32 with 16-bit weights: the tokens are fp32 (the official `x + pos_embed` promotes)."""
     N, C, H, W, p, D, ratio = case
-    imgs, ids, w, b, pos = _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad, bias)
+    imgs, ids, w, b, pos = _inputs(N, C, H, W, p, D, ratio, dtype, device, pos_requires_grad, bias, pos_dtype)
     out, grads, g = _run(lambda *a: masked_patch_embed(*a, impl=impl), imgs, ids, w, b, pos, p)
     ref, ref_grads, _ = _run(R.masked_patch_embed, imgs, ids, w, b, pos, p, grad_out=g)
     oracle, oracle_grads, _ = _run(R.masked_patch_embed, imgs, ids, w, b, pos, p, grad_out=g.double(),
                                    cast=torch.float64)
-    assert out.dtype == dtype and out.shape == (N, ids.shape[1], D)
+    assert out.dtype == ref.dtype == torch.promote_types(dtype, pos_dtype) and out.shape == (N, ids.shape[1], D)
     assert_error_ratio(out, ref, oracle, dtype, "forward", name=f"{impl} out")
     for name, a, r, o in zip(("weight", "bias", "pos_embed"), grads, ref_grads, oracle_grads):
         if o is None:
@@ -93,6 +94,12 @@ def test_reference_impl(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
 def test_triton_impl(device, case, dtype):
     _check_against_reference("triton", case, dtype, device)
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_pos_embed_in_the_weights_dtype(device, impl):
+    """A 16-bit pos_embed (a model cast to half): the tokens stay in the weight's dtype."""
+    _check_against_reference(impl, CASES_CPU[1], torch.float16, device, pos_dtype=torch.float16)
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
@@ -131,16 +138,46 @@ def test_triton_backward_is_deterministic(device):
         assert torch.equal(a, c)
 
 
-def test_autocast_follows_conv2d():
+def _official_tokens(imgs, ids, w, b, pos, p):
+    """The official order of operations: patch_embed (a Conv2d, autocast's dtype), + pos_embed (fp32:
+    the sum is promoted), then the kept rows."""
+    x = torch.nn.functional.conv2d(imgs, w, b, stride=p).flatten(2).transpose(1, 2) + pos[:, 1:, :]
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def test_autocast_is_the_official_composition():
+    """Under autocast the conv rounds to bf16 and pos_embed is added in fp32 (the official tokens, bit
+    for bit), and the gradients are autograd's of that composition."""
     imgs, ids, w, b, pos = _inputs(2, 3, 32, 32, 8, 32, 0.75, torch.float32, "cpu")
+    leaves = [t.detach().clone().requires_grad_() for t in (w, b, pos)]
+    g = randn(2, ids.shape[1], 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = masked_patch_embed(imgs, ids, w, b, pos, 8, impl="reference")
-        conv = torch.nn.functional.conv2d(imgs, w, b, stride=8)
-    assert out.dtype == conv.dtype == torch.bfloat16
-    want = R.masked_patch_embed(imgs.bfloat16(), ids, w.bfloat16(), b.bfloat16(), pos, 8)
-    assert_close(out, want, torch.bfloat16, name="autocast tokens")
-    out.float().sum().backward()
-    assert w.grad is not None and w.grad.dtype == torch.float32
+        want = _official_tokens(imgs, ids, *leaves, 8)
+    assert out.dtype == want.dtype == torch.float32
+    assert torch.equal(out, want)
+    out.backward(g)
+    want.backward(g)
+    for name, t, o in zip(("weight", "bias", "pos_embed"), (w, b, pos), leaves):
+        assert t.grad.dtype == torch.float32, name
+        assert_grad_close(t.grad, o.grad, torch.float32 if name == "pos_embed" else torch.bfloat16, name=name)
+
+
+@needs_triton
+def test_triton_autocast_rounds_the_conv_then_adds_pos_in_fp32(device):
+    """The Triton epilogue rounds the conv's output to the autocast dtype before the fp32 pos_embed add
+    (fp16: the interpreter's bf16 dot is wrong): equal to the official tokens but where fp32
+    accumulation order moves a conv value across a rounding boundary (one fp16 ulp)."""
+    imgs, ids, w, b, pos = _inputs(2, 3, 32, 48, 8, 64, 0.5, torch.float32, device)
+    pos = pos * 100  # an fp16 sum would round pos_embed's bits away; the fp32 one keeps them
+    with torch.autocast(torch.device(device).type, dtype=torch.float16):
+        out = masked_patch_embed(imgs, ids, w, b, pos, 8, impl="triton")
+        want = _official_tokens(imgs, ids, w, b, pos, 8)
+    assert out.dtype == want.dtype == torch.float32
+    diff = (out - want).abs()
+    assert (diff == 0).float().mean() > 0.9, "the tokens are not the official roundings"
+    conv = (want - torch.gather(pos[:, 1:].expand(2, -1, -1), 1, ids.unsqueeze(-1).expand(-1, -1, 64))).abs()
+    assert (diff <= conv * 2.0 ** -10 + 1e-6).all()
 
 
 def test_imgs_requiring_grad_raise():
@@ -304,7 +341,7 @@ def test_gpu_deterministic_backward_and_autocast(impl):
 
     out1, grads1, _ = _run(fn, imgs, ids, w, b, pos, 14, grad_out=g)
     out2, grads2, _ = _run(fn, imgs, ids, w, b, pos, 14, grad_out=g)
-    assert out1.dtype == torch.bfloat16
+    assert out1.dtype == torch.float32  # the bf16 conv + the fp32 pos_embed, as the official
     assert torch.equal(out1, out2)
     for a, c in zip(grads1, grads2):
         assert torch.equal(a, c), "backward is not bitwise reproducible"

@@ -106,8 +106,9 @@ def _embed_both(impl, case, mode, device, layout="nchw"):
 
 
 def _check_embed(res, dt):
+    """dt: the GEMM's dtype (the tolerance); the tokens are fp32, the fp32 pos_embed added in fp32."""
     (out, grads), (want, want_grads) = res
-    assert out.dtype == want.dtype == dt
+    assert out.dtype == want.dtype == torch.float32
     assert_close(out, want, dt, name="tokens")
     for name, a, b in zip(("weight", "bias", "pos_embed"), grads, want_grads):
         assert_close(a, b, dt, name=f"grad {name}")
@@ -198,9 +199,12 @@ def test_embed_module_and_bf16_weights_outside_autocast():
     t, mask, r = m(normalize(u, *IMAGENET), 0.5, pos_embed=pos, seed=4)
     assert torch.equal(t8, t) and torch.equal(mask8, mask) and torch.equal(r8, r)
     m.bfloat16()  # uint8 images are read in the weight's dtype: no autocast needed
-    t16, _, _ = m(u, 0.5, pos_embed=pos, seed=4)
+    t16, _, _ = m(u, 0.5, pos_embed=pos.bfloat16(), seed=4)
     assert t16.dtype == torch.bfloat16
-    assert torch.equal(t16, m(normalize(u, *IMAGENET).bfloat16(), 0.5, pos_embed=pos, seed=4)[0])
+    assert torch.equal(t16, m(normalize(u, *IMAGENET).bfloat16(), 0.5, pos_embed=pos.bfloat16(), seed=4)[0])
+    t32, _, _ = m(u, 0.5, pos_embed=pos, seed=4)  # an fp32 pos_embed: added in fp32, as `x + pos_embed`
+    assert t32.dtype == torch.float32
+    assert torch.equal(t32, m(normalize(u, *IMAGENET).bfloat16(), 0.5, pos_embed=pos, seed=4)[0])
 
 
 # -- loss -----------------------------------------------------------------------------------------

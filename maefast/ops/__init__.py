@@ -9,3 +9,6 @@ from .attention import visible_attention  # noqa: F401
 from .layernorm import add_layer_norm, layer_norm  # noqa: F401
 from .bias_gelu import bias_gelu  # noqa: F401
 from .block import vit_block  # noqa: F401
+from ._dispatch import tag_compile_caches
+
+tag_compile_caches()  # compiled graphs cached by another maefast are not reused (see its docstring)

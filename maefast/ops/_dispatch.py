@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 
 import torch
@@ -153,3 +154,33 @@ def bwd(ctx, op):
     """The callable a registered backward should use for its backward op: the implementation
     itself on the direct route, the custom op otherwise (e.g. while AOTAutograd traces)."""
     return op._maefast_impl if getattr(ctx, "maefast_direct", False) and not compiling() else op
+
+
+_TAG_PREFIX = "maefast-ops-"
+
+
+def ops_fingerprint(folder: str | None = None) -> str:
+    """A hash of the sources of maefast's op definitions: the .py files of `folder` (default this
+    package: schemas, fake implementations, autograd formulas)."""
+    folder = folder or os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+def tag_compile_caches() -> None:
+    """Adds `ops_fingerprint()` to torch.compile's cache key tag (`torch.compiler.config.cache_key_tag`,
+    the user's own tag kept in front). torch's FX-graph and AOTAutograd caches key a graph by its nodes
+    and inputs, not by what a custom op's fake implementation or backward says: after maefast changes
+    one (an output dtype, a gradient formula), a graph cached by the old maefast would be reused with
+    the old metadata and give wrong numbers silently (seen: a cached graph read an op's new fp32
+    output as bf16, NaN loss). With the fingerprint in the key a changed maefast compiles afresh."""
+    cfg = getattr(getattr(torch, "compiler", None), "config", None)
+    if cfg is None or not hasattr(cfg, "cache_key_tag"):
+        return  # an older torch: no tag to set
+    own = _TAG_PREFIX + ops_fingerprint()
+    parts = [t for t in str(cfg.cache_key_tag or "").split("+") if t and not t.startswith(_TAG_PREFIX)]
+    cfg.cache_key_tag = "+".join(parts + [own])

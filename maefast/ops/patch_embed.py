@@ -89,6 +89,11 @@ def _rows_cuda(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int, dtype: torch.
     return out
 
 
+def _out_dtype(weight: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
+    """The tokens' dtype: the conv's (the weight's), promoted with pos_embed's as `x + pos_embed`."""
+    return weight.dtype if pos_embed is None else torch.promote_types(weight.dtype, pos_embed.dtype)
+
+
 def _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p, affine):
     n, k = ids_keep.shape
     D = weight.shape[0]
@@ -98,9 +103,9 @@ def _forward_cuda(imgs, ids_keep, weight, bias, pos_embed, p, affine):
     out = out.reshape(n, k, D)
     if pos_embed is not None:
         L = pos_embed.shape[1] - 1
+        dt = _out_dtype(weight, pos_embed)
         # Clamped so a bad id cannot index out of bounds; its row is NaN already.
-        pos = pos_embed[0, 1:].to(out.dtype)[ids_keep.clamp(0, L - 1)]
-        out = out + pos
+        out = out.to(dt) + pos_embed[0, 1:].to(dt)[ids_keep.clamp(0, L - 1)]
     return out
 
 
@@ -109,7 +114,7 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
                            bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], patch_size: int,
                            impl: str, mean: Optional[list[float]] = None,
                            std: Optional[list[float]] = None) -> torch.Tensor:
-    """Tokens (N, K, D) in weight's dtype; uint8 imgs are normalised with mean/std (None: ImageNet's)."""
+    """Tokens (N, K, D) in `_out_dtype`; uint8 imgs are normalised with mean/std (None: ImageNet's)."""
     ids_keep = dense_index(ids_keep, torch.int64)  # the CUDA C++ kernels read int64 ids
     chosen = _resolve(impl, imgs, weight)
     stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
@@ -131,7 +136,8 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
 
 @_masked_patch_embed_op.register_fake
 def _(imgs, ids_keep, weight, bias, pos_embed, patch_size, impl, mean=None, std=None):
-    return weight.new_empty(ids_keep.shape[0], ids_keep.shape[1], weight.shape[0])
+    return weight.new_empty(ids_keep.shape[0], ids_keep.shape[1], weight.shape[0],
+                            dtype=_out_dtype(weight, pos_embed))
 
 
 @custom_op("maefast::masked_patch_embed_backward", mutates_args=())
@@ -162,15 +168,16 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
                 rows = _rows_cuda(imgs, ids_keep, patch_size, weight.dtype, affine).masked_fill(~ok.reshape(-1, 1), 0)
             else:
                 rows = _rows_torch(_float_imgs(imgs, stats, weight.dtype), ids_keep, patch_size)
-            gf = g.float()
-            dw = gf.t() @ rows.float()
+            dw = g.to(weight.dtype).float().t() @ rows.float()
             dpos = None
             if need_pos:
                 L = pos_embed.shape[1] - 1
                 # one-hot(ids) @ G: repeated ids add up; a matmul, so deterministic (no scatter-add atomics).
                 onehot = (ids_keep.reshape(1, -1) == torch.arange(L, device=g.device).unsqueeze(1)).float()
-                dpos = onehot @ gf
-        db = g.float().sum(0)
+                dpos = onehot @ g.float()
+        # the conv's gradients from the output's rounded to the conv's dtype (as autograd's promotion
+        # gives it), pos_embed's from the output's as it is
+        db = g.to(weight.dtype).float().sum(0)
         grad_w = dw.reshape(weight.shape).to(weight.dtype)
         grad_b = db.to(weight.dtype)
         if need_pos:
@@ -268,16 +275,18 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
         weight: Conv2d weight [D, C, p, p], bias (D,) or None, both in float imgs' dtype (any float dtype
             for uint8 imgs).
         pos_embed: (1, 1 + L, D) (row 0 is the cls position, rows 1: the patches) or None; any float
-            dtype, cast to the output dtype before it is added (like the reference).
+            dtype: added as the official ``x + pos_embed`` adds it, to the conv's output rounded to
+            the weight's dtype, in the two dtypes' promotion (fp32 under autocast).
         patch_size: p.
         impl: "auto" | "triton" | "cuda" | "reference".
         mean, std: per-channel statistics for uint8 imgs (C floats each, std > 0; both None:
             ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)). Must be None for float imgs.
 
     Returns:
-        (N, K, D) tokens in weight's dtype, which float imgs share (fp32 accumulation). Under
-        autocast, float imgs, weight and bias are first cast to the autocast dtype, as F.conv2d
-        would (uint8 imgs are then normalised into it), so the tokens come out in that dtype.
+        (N, K, D) tokens in weight's dtype, which float imgs share (fp32 accumulation), promoted
+        with pos_embed's when it is given. Under autocast, float imgs, weight and bias are first
+        cast to the autocast dtype, as F.conv2d would (uint8 imgs are then normalised into it), so
+        the tokens are that dtype, or fp32 with an fp32 pos_embed (the official fp32 stream).
         On a GPU, ids outside [0, L) are not checked (that would sync) and give NaN rows.
     """
     dt = autocast_dtype(imgs.device) if isinstance(imgs, torch.Tensor) else None
