@@ -13,8 +13,8 @@ GPU (--gpu): decoder width 512, L = 196 (ViT-B/L, patch 16) and L = 256 (ViT-H, 
 embedding, ratio 0.75.
 CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
 GB/s counts the bytes maefast's kernels move, for every provider alike: forward reads x_vis and
-ids_restore and writes the (N, 1+L, Dd) output; backward reads the output grad and ids_restore and
-writes the x_vis grad.
+ids_restore and writes the (N, 1+L, Dd) output (fp32: the promotion); backward reads the output grad
+(fp32) and ids_restore and writes the x_vis grad.
 """
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
 
 
 def _official(x, mask_token, ids_restore, pos_embed):
-    """forward_decoder of the official code, between decoder_embed and the blocks."""
-    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1).to(x.dtype)
+    """forward_decoder of the official code, between decoder_embed and the blocks (a bf16 x with the
+    fp32 mask token and position embedding: cat and + promote, the output is fp32, as maefast's)."""
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
     x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
     x = torch.cat([x[:, :1, :], x_], dim=1)
-    return x + pos_embed.to(x.dtype)
+    return x + pos_embed
 
 
 def _setup(case, device):
@@ -53,9 +54,9 @@ def _setup(case, device):
     x = torch.randn(N, 1 + K, D, device=device).to(dtype).requires_grad_()
     tok = (torch.randn(1, 1, D, device=device) * 0.02).requires_grad_()
     pos = torch.randn(1, 1 + L, D, device=device)
-    el = x.element_size()
-    fwd_bytes = N * (1 + K) * D * el + N * (1 + L) * D * el + N * L * 8
-    bwd_bytes = fwd_bytes + N * (1 + L) * D * el + N * (1 + K) * D * el + N * L * 8
+    el, out_el = x.element_size(), torch.promote_types(dtype, pos.dtype).itemsize  # fp32 out for bf16 x
+    fwd_bytes = N * (1 + K) * D * el + N * (1 + L) * D * out_el + N * L * 8
+    bwd_bytes = fwd_bytes + N * (1 + L) * D * out_el + N * (1 + K) * D * el + N * L * 8
     shape = dict(case=name, N=N, L=L, K=K, D=D)
     return x, tok, ids.ids_restore, pos, dtype, fwd_bytes, bwd_bytes, shape
 
@@ -88,7 +89,7 @@ def test_unshuffle_fwd_bwd(benchmark, device, case, provider):
     skip_unless_runs(provider, device, "unshuffle_fwd")
     x, tok, ids, pos, dtype, _, bwd_bytes, shape = _setup(case, device)
     f = _fn(provider)
-    g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=device).to(dtype)
+    g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=device)  # the fp32 output's grad
 
     def fn():
         return torch.autograd.grad(f(x, tok, ids, pos), (x, tok), g)

@@ -19,10 +19,10 @@ import triton.language as tl
 @triton.jit
 def _unshuffle_fwd_kernel(
     x_ptr,      # (N, 1+K, D) x_vis, any strides
-    tok_ptr,    # (D,) mask token, contiguous, x's dtype
+    tok_ptr,    # (D,) mask token, contiguous, out's dtype
     ids_ptr,    # (N, L) int64 ids_restore
-    pos_ptr,    # (1+L, D) position embedding, x's dtype
-    out_ptr,    # (N, 1+L, D) contiguous, x's dtype
+    pos_ptr,    # (1+L, D) position embedding, out's dtype
+    out_ptr,    # (N, 1+L, D) contiguous: x's dtype promoted with tok's and pos's
     T, K, D,
     stride_x_n, stride_x_k, stride_x_d,
     stride_ids_n, stride_ids_l,
@@ -117,13 +117,13 @@ def unshuffle_fwd(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
                   pos_embed: torch.Tensor) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops.unshuffle).
 
-    x_vis (N, 1+K, D); mask_token (D,) and pos_embed (1+L, D) in x_vis's dtype; ids_restore (N, L)
-    int64. Returns the contiguous (N, 1+L, D) decoder input in x_vis's dtype.
+    x_vis (N, 1+K, D); mask_token (D,) and pos_embed (1+L, D) in one dtype; ids_restore (N, L)
+    int64. Returns the contiguous (N, 1+L, D) decoder input in x_vis's dtype promoted with theirs.
     """
     N, K1, D = x_vis.shape
     L = ids_restore.shape[1]
     T = L + 1
-    out = torch.empty(N, T, D, dtype=x_vis.dtype, device=x_vis.device)
+    out = torch.empty(N, T, D, dtype=torch.promote_types(x_vis.dtype, pos_embed.dtype), device=x_vis.device)
     if N == 0 or D == 0:
         return out
     block_t, block_d, warps = _config(T, D, x_vis.device)

@@ -34,7 +34,7 @@ def _inputs(N, L, ratio, D, dtype, device, pos_grad=False):
 def _grads(fn, x, tok, ids, pos, g):
     out = fn(x, tok, ids, pos)
     wrt = (x, tok, pos) if pos.requires_grad else (x, tok)
-    return (out,) + torch.autograd.grad(out, wrt, g)
+    return (out,) + torch.autograd.grad(out, wrt, g.to(out.dtype))
 
 
 def _check(impl, x, tok, ids, pos, dtype):
@@ -45,7 +45,9 @@ def _check(impl, x, tok, ids, pos, dtype):
     oracle = _grads(R.unshuffle, x.detach().double().requires_grad_(), tok.detach().double().requires_grad_(), ids,
                     pos.detach().double().requires_grad_(pos.requires_grad), g.double())
     names = ("out", "grad x_vis", "grad mask_token", "grad pos_embed")
-    assert got[0].dtype == dtype and got[0].is_contiguous()
+    # 16-bit x_vis with the fp32 mask_token / pos_embed: fp32 out, as the official cat and add promote
+    assert got[0].dtype == ref[0].dtype == torch.promote_types(dtype, pos.dtype) and got[0].is_contiguous()
+    assert got[1].dtype == x.dtype
     assert_close(got[0], ref[0], dtype, name=names[0])
     assert_close(got[1], ref[1], dtype, name=names[1])  # a pure scatter: exact up to rounding of g
     for i in range(2, len(got)):
@@ -66,6 +68,28 @@ def test_matches_reference_fp32(impl, shape, device):
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_half(impl, shape, dtype, device):
     _check(impl, *_inputs(*shape, dtype, device), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_half_x_is_the_official_composition(impl, dtype, device):
+    """decoder_embed's 16-bit output with the fp32 mask_token and pos_embed (autocast): the official
+    cat/gather/add in fp32, bit for bit (each output one fp32 add of exact values), and x_vis's
+    gradient the fp32 one rounded once to its dtype."""
+    x, tok, ids, pos = _inputs(3, 49, 0.75, 40, dtype, device, pos_grad=True)
+    pos = (pos.detach() * 100).requires_grad_()  # a 16-bit add would round pos_embed's bits away
+    g = torch.randn(3, 50, 40, device=device)
+    got = _grads(lambda *a: unshuffle(*a, impl=impl), x, tok, ids, pos, g)
+    n, K = x.shape[0], x.shape[1] - 1
+    x_ = torch.cat([x[:, 1:, :], tok.repeat(n, ids.shape[1] + 1 - x.shape[1], 1)], dim=1)  # models_mae.py
+    x_ = torch.gather(x_, dim=1, index=ids.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    want = torch.cat([x[:, :1, :], x_], dim=1) + pos
+    ref = (want,) + torch.autograd.grad(want, (x, tok, pos), g)
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], ref[0])
+    assert got[1].dtype == dtype and torch.equal(got[1], ref[1])
+    for name, a, b in zip(("mask_token", "pos_embed"), got[2:], ref[2:]):
+        assert a.dtype == torch.float32
+        assert_close(a, b, torch.float32, name=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

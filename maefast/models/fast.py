@@ -254,7 +254,8 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
     x = _run_blocks(view.blocks, x, impl, fused, grad_checkpointing)
     x = view.norm(x)
 
-    x = view.decoder_embed(x).to(stream_dtype)
+    # decoder_embed's output as it is: unshuffle promotes with the fp32 mask_token / pos_embed (the fp32 stream)
+    x = view.decoder_embed(x)
     x = ops.unshuffle(x, view.mask_token, ids_restore, view.decoder_pos_embed, impl=op_impl(impl, "unshuffle"))
     x = _run_blocks(view.decoder_blocks, x, impl, fused, grad_checkpointing)
     x = view.decoder_norm(x)

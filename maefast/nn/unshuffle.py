@@ -27,10 +27,8 @@ class Unshuffle(nn.Module):
                 pos_embed: torch.Tensor) -> torch.Tensor:
         dt = torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
         if dt == torch.float64:  # the official ops in float64 (the kernels take float32/16)
-            return reference_unshuffle(x_vis.to(dt), mask_token.to(dt), ids_restore, pos_embed.to(dt))
-        if dt != x_vis.dtype:
-            x_vis = x_vis.to(dt)  # exact: the official code's cat converts x_vis the same way
-        return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)
+            return reference_unshuffle(x_vis, mask_token, ids_restore, pos_embed)
+        return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)  # it promotes too
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"

@@ -48,10 +48,16 @@ def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
 
 # -- backends -----------------------------------------------------------------------------------
 
+def _out_dtype(x_vis, mask_token, pos_embed) -> torch.dtype:
+    """The official composition's dtype: cat([x, mask_tokens]) and `+ pos_embed` promote."""
+    return torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
+
+
 def _prep(x_vis, mask_token, ids_restore, pos_embed):
-    # Kernels see one dtype: the reference rounds mask_token and pos_embed to x_vis's dtype first.
-    tok = mask_token.reshape(-1).to(x_vis.dtype).contiguous()
-    pos = pos_embed[0].to(x_vis.dtype)
+    # mask_token and pos_embed in the output dtype (exact: it is their promotion with x's)
+    dt = _out_dtype(x_vis, mask_token, pos_embed)
+    tok = mask_token.reshape(-1).to(dt).contiguous()
+    pos = pos_embed[0].to(dt)
     return tok, ids_restore, pos
 
 
@@ -61,10 +67,12 @@ def _fwd_reference(x_vis, mask_token, ids_restore, pos_embed):
     the mask token, as in the kernels)."""
     n, k1, d = x_vis.shape
     K = k1 - 1
-    src = torch.cat([x_vis[:, 1:], mask_token.to(x_vis.dtype).expand(n, 1, d)], dim=1)  # K visible + 1 mask
+    dt = _out_dtype(x_vis, mask_token, pos_embed)
+    x_vis = x_vis.to(dt)  # exact: the promotion cat does
+    src = torch.cat([x_vis[:, 1:], mask_token.to(dt).expand(n, 1, d)], dim=1)  # K visible + 1 mask
     idx = torch.where((ids_restore >= 0) & (ids_restore < K), ids_restore, K)
     x = torch.gather(src, 1, idx.unsqueeze(-1).expand(-1, -1, d))
-    return (torch.cat([x_vis[:, :1], x], dim=1) + pos_embed.to(x_vis.dtype)).contiguous()
+    return (torch.cat([x_vis[:, :1], x], dim=1) + pos_embed.to(dt)).contiguous()
 
 
 def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
@@ -72,6 +80,7 @@ def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
 
     C = require_C()
     tok, ids, pos = _prep(x_vis, mask_token, ids_restore, pos_embed)
+    x_vis = x_vis.to(tok.dtype)  # the C++ kernel reads one dtype
     n, k1, d = x_vis.shape
     L = ids.shape[1]
     out = torch.empty(n, L + 1, d, dtype=x_vis.dtype, device=x_vis.device)
@@ -138,7 +147,7 @@ def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
 @_unshuffle_op.register_fake
 def _(x_vis, mask_token, ids_restore, pos_embed, impl):
     n, _, d = x_vis.shape
-    return x_vis.new_empty(n, ids_restore.shape[1] + 1, d)
+    return x_vis.new_empty(n, ids_restore.shape[1] + 1, d, dtype=_out_dtype(x_vis, mask_token, pos_embed))
 
 
 @custom_op("maefast::unshuffle_backward", mutates_args=())
@@ -182,7 +191,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     need_pos = bool(ctx.needs_input_grad[3])
-    gx, g_tok, g_pos = bwd(ctx, _unshuffle_bwd_op)(grad.to(ctx.x_dtype), ids_restore, ctx.num_visible, need_pos, ctx.impl)
+    # the output's gradient as it is (fp32 when promoted) for every sum; x_vis's rounded to its dtype, as
+    # autograd's promotion would
+    gx, g_tok, g_pos = bwd(ctx, _unshuffle_bwd_op)(grad, ids_restore, ctx.num_visible, need_pos, ctx.impl)
+    gx = gx.to(ctx.x_dtype)
     g_tok = g_tok.to(ctx.tok_dtype).reshape(ctx.tok_shape)
     g_pos = g_pos.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
     return gx, g_tok, None, g_pos, None
@@ -201,7 +213,7 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     Args:
         x_vis: (N, 1+K, Dd) fp32/bf16/fp16 decoder-embedded tokens, cls first, then the K visible
             patches in ids_keep order.
-        mask_token: (1, 1, Dd) float (rounded to x_vis's dtype, as the reference does).
+        mask_token: (1, 1, Dd) float.
         ids_restore: (N, L) int64/int32, a permutation of 0..L-1 per sample (from masking): patch l
             takes visible token ids_restore[n, l] when it is < K, else the mask token. Checked on
             the host for a CPU tensor (ValueError); trusted on a GPU (no host sync), where an index
@@ -209,7 +221,9 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
         pos_embed: (1, 1+L, Dd) float, the decoder position embedding (cls row first).
         impl: "auto" | "triton" | "cuda" | "reference".
     Returns:
-        (N, 1+L, Dd) contiguous, x_vis's dtype. Differentiable in x_vis, mask_token (fp32 sum over the
+        (N, 1+L, Dd) contiguous, in the promotion of the three dtypes, as the official composition
+        (`cat([x, mask_tokens])`, `+ pos_embed`) computes it: fp32 for bf16 x_vis (decoder_embed
+        under autocast) and the models' fp32 mask_token / pos_embed. Differentiable in x_vis, mask_token (fp32 sum over the
         masked slots, deterministic) and pos_embed (fp32 sum over the batch, only when it requires grad).
     """
     if not compiling():
