@@ -12,8 +12,9 @@ runs interpreted and its timings mean nothing.
 
 GPU (--gpu): ViT-B/16 b256, ViT-L/16 b128, ViT-H/14 b64 and b256 at 224 px, bf16 tensors, ratio 0.75.
 CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
-GB/s counts the useful bytes (kept pixels read, weight read, tokens written, pos rows read) for
-every provider alike, so the reference's extra traffic shows as a lower figure.
+GB/s counts the useful bytes (kept pixels read, weight read, tokens written (fp32: the bf16 conv +
+the fp32 pos_embed promote, in the official code and in maefast since 2026-12-05), pos rows read)
+for every provider alike, so the reference's extra traffic shows as a lower figure.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ PROVIDERS = ["reference", "compile", "maefast", "triton", "cuda"]
 def _reference_composition(imgs, weight, bias, pos_embed, p, ratio):
     """The official order: embed all patches, add positions, draw noise, argsort twice, gather."""
     x = F.conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2)
-    x = x + pos_embed[:, 1:, :].to(x.dtype)
+    x = x + pos_embed[:, 1:, :]  # bf16 conv + the fp32 parameter: fp32 tokens, as maefast's
     N, L, D = x.shape
     K = int(L * (1 - ratio))
     noise = torch.rand(N, L, device=x.device)
@@ -79,9 +80,9 @@ def _setup(case, device, requires_grad=False):
     bias = torch.randn(D, device=device, dtype=dtype).requires_grad_(requires_grad)
     pos = torch.randn(1, 1 + L, D, device=device)  # fp32 like the official parameter (frozen)
     K = int(L * (1 - RATIO))
-    el = imgs.element_size()
+    el, out_el = imgs.element_size(), torch.promote_types(dtype, pos.dtype).itemsize  # fp32 tokens
     useful = dict(flops=2 * N * K * 3 * p * p * D,
-                  bytes_moved=N * K * (3 * p * p * el + D * el + D * 4) + D * 3 * p * p * el)
+                  bytes_moved=N * K * (3 * p * p * el + D * out_el + D * 4) + D * 3 * p * p * el)
     shape = dict(model=name, N=N, img=img, p=p, D=D, L=L, K=K)
     return imgs, weight, bias, pos, p, dtype, useful, shape
 

@@ -180,6 +180,10 @@ def test_compile_cache_key_carries_the_ops_fingerprint(tmp_path):
     (tmp_path / "b.py").write_text("y = 3\n")
     assert ops_fingerprint(str(tmp_path)) != first
     assert ops_fingerprint() != first and len(first) == 16
+    # no sources to read (a sourceless install, a missing folder): a fingerprint still, never an error
+    (tmp_path / "empty").mkdir()
+    assert len(ops_fingerprint(str(tmp_path / "empty"))) == 16
+    assert len(ops_fingerprint(str(tmp_path / "missing"))) == 16
 
 
 def test_another_tag_misses_inductors_cache(tmp_path, monkeypatch):

@@ -164,10 +164,22 @@ def ops_fingerprint(folder: str | None = None) -> str:
     package: schemas, fake implementations, autograd formulas)."""
     folder = folder or os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                h.update(name.encode() + b"\0" + f.read())
+    read = 0
+    try:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+                read += 1
+    except OSError:
+        read = 0
+    if not read:  # no readable sources (a zip or sourceless install): the installed version, at least
+        try:
+            from importlib.metadata import version
+
+            h.update(b"version\0" + version("maefast").encode())
+        except Exception:  # noqa: BLE001 - not installed either: a constant tag, as without one
+            h.update(b"unknown")
     return h.hexdigest()[:16]
 
 

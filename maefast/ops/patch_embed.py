@@ -28,7 +28,7 @@ _NAN_BITS = {torch.float32: 0x7FC00000, torch.float16: 0x7E00, torch.bfloat16: 0
 _WHAT = "maefast.ops.masked_patch_embed"
 
 
-def _resolve(impl: str, imgs: torch.Tensor, weight: torch.Tensor) -> str:
+def _resolve(impl: str, imgs: torch.Tensor, weight: torch.Tensor, pos_embed: torch.Tensor | None) -> str:
     u8 = imgs.dtype == torch.uint8
     chosen = choose_impl(impl, imgs.device, auto_order=("triton", "cuda"),
                          cuda_op="patch_gather_normalize" if u8 else "patch_gather", what=_WHAT)
@@ -39,6 +39,9 @@ def _resolve(impl: str, imgs: torch.Tensor, weight: torch.Tensor) -> str:
                (False, f"weight dtype {weight.dtype} is not supported by the kernels (float32, float16, bfloat16)")) \
         if u8 else (imgs.dtype in FLOAT_DTYPES, f"dtype {imgs.dtype} is not supported by the kernels (float32, "
                                                  "float16, bfloat16, uint8)")
+    if ok and pos_embed is not None and pos_embed.dtype not in FLOAT_DTYPES:
+        # the tokens would be float64 (the promotion), which the kernels' fp32 epilogue cannot add exactly
+        ok, why = False, f"pos_embed dtype {pos_embed.dtype} is not supported by the kernels (float32, float16, bfloat16)"
     if ok:
         return chosen
     if impl == "auto":
@@ -116,7 +119,7 @@ def _masked_patch_embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: t
                            std: Optional[list[float]] = None) -> torch.Tensor:
     """Tokens (N, K, D) in `_out_dtype`; uint8 imgs are normalised with mean/std (None: ImageNet's)."""
     ids_keep = dense_index(ids_keep, torch.int64)  # the CUDA C++ kernels read int64 ids
-    chosen = _resolve(impl, imgs, weight)
+    chosen = _resolve(impl, imgs, weight, pos_embed)
     stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     with torch.autocast(imgs.device.type, enabled=False):
@@ -148,7 +151,7 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_weight like weight, grad_bias (D,) in weight's dtype, grad_pos like pos_embed or empty)."""
     ids_keep = dense_index(ids_keep, torch.int64)  # the CUDA C++ kernels read int64 ids
-    chosen = _resolve(impl, imgs, weight)
+    chosen = _resolve(impl, imgs, weight, pos_embed)
     stats = pixel_stats(imgs, mean, std)  # tuples for uint8 imgs (defaulted), else None
     affine = pixel_affine(stats) if stats is not None else None
     D = weight.shape[0]
@@ -174,14 +177,15 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
                 L = pos_embed.shape[1] - 1
                 # one-hot(ids) @ G: repeated ids add up; a matmul, so deterministic (no scatter-add atomics).
                 onehot = (ids_keep.reshape(1, -1) == torch.arange(L, device=g.device).unsqueeze(1)).float()
-                dpos = onehot @ g.float()
+                gp = g.to(torch.promote_types(g.dtype, torch.float32))  # fp64 stays fp64
+                dpos = onehot.to(gp.dtype) @ gp
         # the conv's gradients from the output's rounded to the conv's dtype (as autograd's promotion
         # gives it), pos_embed's from the output's as it is
         db = g.to(weight.dtype).float().sum(0)
         grad_w = dw.reshape(weight.shape).to(weight.dtype)
         grad_b = db.to(weight.dtype)
         if need_pos:
-            grad_pos = torch.zeros(pos_embed.shape, dtype=torch.float32, device=pos_embed.device)
+            grad_pos = torch.zeros(pos_embed.shape, dtype=dpos.dtype, device=pos_embed.device)
             grad_pos[0, 1:] = dpos
             grad_pos = grad_pos.to(pos_embed.dtype)
         else:
