@@ -196,8 +196,6 @@ def test_another_tag_misses_inductors_cache(tmp_path, monkeypatch):
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(inductor_config, "fx_graph_remote_cache", False)
     old = cfg.cache_key_tag
     x = torch.randn(8, 8)
 
@@ -208,10 +206,11 @@ def test_another_tag_misses_inductors_cache(tmp_path, monkeypatch):
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
     try:
-        assert compiled_once() == (0, 1)
-        assert compiled_once() == (1, 0)
-        cfg.cache_key_tag = old.replace("maefast-ops-", "maefast-ops-other")
-        assert compiled_once() == (0, 1)
+        with inductor_config.patch(fx_graph_cache=True):  # the config's own patch (torch 2.11 broke under monkeypatch)
+            assert compiled_once() == (0, 1)
+            assert compiled_once() == (1, 0)
+            cfg.cache_key_tag = old.replace("maefast-ops-", "maefast-ops-other")
+            assert compiled_once() == (0, 1)
     finally:
         cfg.cache_key_tag = old
         torch._dynamo.reset()
