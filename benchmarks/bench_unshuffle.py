@@ -14,7 +14,8 @@ embedding, ratio 0.75.
 CPU: a tiny case that runs in seconds; torch.compile is skipped there unless MAEFAST_BENCH_COMPILE_CPU=1.
 GB/s counts the bytes maefast's kernels move, for every provider alike: forward reads x_vis and
 ids_restore and writes the (N, 1+L, Dd) output (fp32: the promotion); backward reads the output grad
-(fp32) and ids_restore and writes the x_vis grad.
+(fp32) and ids_restore and writes the x_vis grad (bf16). The cuda provider's casts (x_vis to fp32
+before its kernel, its fp32 x_vis grad to bf16 after) are not counted.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
 //   0 <= ids_restore[n, l] < K    -> x[n, 1 + ids_restore[n, l]] + pos[1 + l]
 //   otherwise                     -> tok + pos[1 + l]
 // Any index outside [0, K) reads the mask token, so no access ever leaves its buffer.
-// mask token and pos arrive in x's dtype (rounded in Python, as the reference does); math in fp32.
+// x, mask token and pos arrive in one dtype, their promotion (Python casts them: exact); math in fp32.
+// The backward writes x's gradient in the output gradient's dtype (Python rounds it to x's).
 #include "common.h"
 #include "dtype.cuh"
 

@@ -57,7 +57,7 @@ def _unshuffle_fwd_kernel(
 def _unshuffle_bwd_kernel(
     g_ptr,         # (N, 1+L, D) grad of the output, any strides
     ids_ptr,       # (N, L) int64 ids_restore
-    gx_ptr,        # (N, 1+K, D) grad of x_vis, contiguous, g's dtype
+    gx_ptr,        # (N, 1+K, D) grad of x_vis, contiguous, x_vis's dtype (g rounded where stored)
     tok_part_ptr,  # (N_CHUNKS * T_BLOCKS, D) fp32 per-program mask-token partial sums
     pos_part_ptr,  # (N_CHUNKS, 1+L, D) fp32 per-chunk position-embedding partial sums (NEED_POS)
     N, T, K, D, N_PER,
@@ -147,18 +147,19 @@ def _n_chunks(N: int, t_blocks: int, device: torch.device) -> int:
 
 
 def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
-                  need_pos: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  need_pos: bool, x_dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launcher. grad_out (N, 1+L, D); ids_restore (N, L) int64 (a permutation of 0..L-1, as from
     masking: then every row of the x_vis grad is written exactly once).
 
-    Returns (grad_x_vis (N, 1+K, D) in grad_out's dtype, grad_mask_token (D,) fp32,
-    grad_pos_embed (1+L, D) fp32 or None).
+    Returns (grad_x_vis (N, 1+K, D) in x_dtype (default grad_out's; rounded where the kernel stores
+    it), grad_mask_token (D,) fp32, grad_pos_embed (1+L, D) fp32 or None).
     """
     N, T, D = grad_out.shape
     K = num_visible
     dev = grad_out.device
     # zeros: a row no id maps to (ids_restore not a permutation) reads 0, never stale memory
-    gx = torch.zeros(N, K + 1, D, dtype=grad_out.dtype, device=dev)
+    gx = torch.zeros(N, K + 1, D, dtype=x_dtype or grad_out.dtype, device=dev)
     block_t, block_d, warps = _config(T, D, dev)
     t_blocks = triton.cdiv(T, block_t)
     chunks = _n_chunks(N, t_blocks, dev)

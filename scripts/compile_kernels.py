@@ -131,17 +131,19 @@ def variants(quick: bool = False):
         T, K, D, Nu = L + 1, L // 4, 512, 256
         bt, bd, w = un._config(T, D, CUDA)
         ids = dict(stride_ids_n=L, stride_ids_l=1)
-        # decoder_embed's bf16 output, the fp32 mask token / pos_embed: fp32 out (promoted), fp32 grad
-        out.append((f"unshuffle fwd T{T}", un._unshuffle_fwd_kernel, dict(BLOCK_T=bt, BLOCK_D=bd),
-                    dict(x_ptr="*bf16", tok_ptr="*fp32", ids_ptr="*i64", pos_ptr="*fp32", out_ptr="*fp32"), w, 1,
-                    dict(ids, T=T, K=K, D=D, stride_x_n=(K + 1) * D, stride_x_k=D, stride_x_d=1, stride_pos_t=D,
-                         stride_pos_d=1)))
-        for need_pos in (True, False):
-            out.append((f"unshuffle bwd T{T} pos={need_pos}", un._unshuffle_bwd_kernel,
-                        dict(NEED_POS=need_pos, BLOCK_T=bt, BLOCK_D=bd),
-                        dict(g_ptr="*fp32", ids_ptr="*i64", gx_ptr="*fp32", tok_part_ptr="*fp32",
-                             pos_part_ptr="*fp32"), w, 1,
-                        dict(ids, N=Nu, T=T, K=K, D=D, N_PER=8, stride_g_n=T * D, stride_g_t=D, stride_g_d=1)))
+        # decoder_embed's bf16 output with the fp32 mask token / pos_embed (autocast): fp32 out and grad,
+        # x_vis's grad in bf16; and an all-bf16 model ("bf16 params")
+        for params, o in (("", "fp32"), (" bf16 params", "bf16")):
+            out.append((f"unshuffle fwd T{T}{params}", un._unshuffle_fwd_kernel, dict(BLOCK_T=bt, BLOCK_D=bd),
+                        dict(x_ptr="*bf16", tok_ptr=f"*{o}", ids_ptr="*i64", pos_ptr=f"*{o}", out_ptr=f"*{o}"), w,
+                        1, dict(ids, T=T, K=K, D=D, stride_x_n=(K + 1) * D, stride_x_k=D, stride_x_d=1,
+                                stride_pos_t=D, stride_pos_d=1)))
+            for need_pos in (True, False):
+                out.append((f"unshuffle bwd T{T} pos={need_pos}{params}", un._unshuffle_bwd_kernel,
+                            dict(NEED_POS=need_pos, BLOCK_T=bt, BLOCK_D=bd),
+                            dict(g_ptr=f"*{o}", ids_ptr="*i64", gx_ptr="*bf16", tok_part_ptr="*fp32",
+                                 pos_part_ptr="*fp32"), w, 1,
+                            dict(ids, N=Nu, T=T, K=K, D=D, N_PER=8, stride_g_n=T * D, stride_g_t=D, stride_g_d=1)))
     # norm-pix loss: patch 14 / 16, 3 channels, batch 256; pred bf16 (masked rows or all), image fp32
     for patch in ((14,) if quick else (14, 16)):
         P, gw, Nl = patch * patch * 3, img // patch, 256

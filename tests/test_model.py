@@ -114,6 +114,27 @@ def test_fast_forward_is_the_official_forward_bit_for_bit(amp):
     assert torch.equal(k1, k0)
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_model_cast_to_bf16_streams_as_the_official(amp):
+    """A model cast to bf16 (`model.bfloat16()`, pos_embed too): the official residual stream is then
+    bf16, also under autocast (`x + pos_embed` and torch.cat promote nothing); the fast path takes the
+    same dtypes (under CPU autocast it fed an fp32 stream to the bf16 LayerNorm, which raised) and
+    predicts the official values bit for bit. (The loss: the official computes it in bf16, maefast's in
+    fp32 from the same pred.)"""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY).bfloat16()
+    imgs, noise = torch.randn(2, 3, 32, 32).bfloat16(), torch.rand(2, 16)
+    out = {}
+    for impl in ("reference", "auto"):
+        m.impl = impl
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out[impl] = m(imgs, 0.75, noise)
+    (l0, p0, k0), (l1, p1, k1) = out["reference"][:3], out["auto"][:3]
+    assert p1.dtype == p0.dtype == torch.bfloat16 and torch.equal(p1, p0)
+    assert torch.equal(k1, k0)
+    assert abs(l1.item() - l0.item()) <= 4e-3 * abs(l0.item())
+
+
 @pytest.mark.parametrize("fused", [False, "block"])
 def test_fp16_gradscaler_no_nan(fused):
     """fp16 autocast + GradScaler at the official initial scale: every step's gradients are finite (the

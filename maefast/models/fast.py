@@ -238,19 +238,19 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
         raise ValueError("imgs requires a gradient, which maefast's fast forward does not compute (it reads the "
                          "images as constants); detach them, or run the official forward for an image gradient")
     n, L, p = imgs.shape[0], view.num_patches, view.patch_size
-    out_dtype = autocast_dtype(imgs.device)  # None on meta too (torch.is_autocast_enabled raises there)
-    # uint8 images are read in the patch weight's dtype (float images have it, outside autocast)
-    stream_dtype = torch.float32 if out_dtype is not None else (
-        imgs.dtype if imgs.is_floating_point() else view.patch_proj.weight.dtype)
     stats = pixel_stats(imgs, mean, std)
     px = dict(mean=stats[0], std=stats[1]) if stats is not None else {}
 
     ids_keep, ids_restore, mask = ops.random_masking(n, L, mask_ratio, noise=noise, seed=seed, device=imgs.device,
                                                      impl=op_impl(impl, "masking"))
+    # the residual stream's dtype is the official one's, the promotions of `x + pos_embed` (the op's
+    # output) and of torch.cat with the cls token: fp32 under autocast with fp32 parameters, the
+    # parameters' dtype for a model cast to bf16/fp16 (uint8 images are read in the patch weight's)
     x = ops.masked_patch_embed(imgs.detach(), ids_keep, view.patch_proj.weight, view.patch_proj.bias,
-                               view.pos_embed, p, impl=op_impl(impl, "patch_embed"), **px).to(stream_dtype)
-    cls = (view.cls_token + view.pos_embed[:, :1, :]).to(stream_dtype).expand(n, -1, -1)
-    x = torch.cat([cls, x], dim=1)
+                               view.pos_embed, p, impl=op_impl(impl, "patch_embed"), **px)
+    cls = view.cls_token + view.pos_embed[:, :1, :]
+    stream_dtype = torch.promote_types(x.dtype, cls.dtype)
+    x = torch.cat([cls.to(stream_dtype).expand(n, -1, -1), x.to(stream_dtype)], dim=1)
     x = _run_blocks(view.blocks, x, impl, fused, grad_checkpointing)
     x = view.norm(x)
 

@@ -91,7 +91,7 @@ def _fwd_cuda(x_vis, mask_token, ids_restore, pos_embed):
     return out
 
 
-def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
+def _bwd_cuda(grad, ids_restore, num_visible, need_pos, x_dtype):
     from .._cpp_lib import require_C
 
     C = require_C()
@@ -107,10 +107,11 @@ def _bwd_cuda(grad, ids_restore, num_visible, need_pos):
         C.unshuffle_bwd(grad.data_ptr(), ids.data_ptr(), gx.data_ptr(), tok_part.data_ptr(), pos_part.data_ptr(),
                         n, T - 1, num_visible, d, n_per, chunks, *grad.stride(), *ids.stride(), bool(need_pos),
                         dtype_code(grad.dtype), stream_of(grad))
-    return gx, tok_part.sum((0, 1)), (pos_part.sum(0) if need_pos else None)
+    # the C++ kernel writes one dtype: x_vis's gradient rounded here (a pass the Triton kernel does not make)
+    return gx.to(x_dtype), tok_part.sum((0, 1)), (pos_part.sum(0) if need_pos else None)
 
 
-def _bwd_reference(grad, ids_restore, num_visible, need_pos):
+def _bwd_reference(grad, ids_restore, num_visible, need_pos, x_dtype):
     """The exact gradient of `_fwd_reference` for any ids: a visible token placed twice gets both
     gradients (accumulated in fp32); deterministic for a permutation (each row added once)."""
     n, T, d = grad.shape
@@ -121,7 +122,7 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos):
     # mask-token rows and is dropped (their sum is taken below, in a fixed order).
     dst = torch.where(vis, ids_restore, K).unsqueeze(-1).expand(-1, -1, d)
     g_vis = torch.zeros(n, K + 1, d, dtype=torch.float32, device=grad.device).scatter_add_(1, dst, g.float())
-    gx = torch.cat([grad[:, :1], g_vis[:, :K].to(grad.dtype)], dim=1)
+    gx = torch.cat([grad[:, :1].to(x_dtype), g_vis[:, :K].to(x_dtype)], dim=1)
     g_tok = g.masked_fill(vis.unsqueeze(-1), 0).sum((0, 1), dtype=torch.float32)
     g_pos = grad.sum(0, dtype=torch.float32) if need_pos else None
     return gx, g_tok, g_pos
@@ -152,30 +153,31 @@ def _(x_vis, mask_token, ids_restore, pos_embed, impl):
 
 @custom_op("maefast::unshuffle_backward", mutates_args=())
 def _unshuffle_bwd_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, need_pos: bool,
-                      impl: str) -> list[torch.Tensor]:
-    """Returns [grad_x_vis (N, 1+K, Dd) grad's dtype, grad_mask_token (Dd,) fp32,
-    grad_pos_embed (1+L, Dd) fp32 (an empty tensor when need_pos is False)]."""
+                      impl: str, x_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Returns [grad_x_vis (N, 1+K, Dd) in x_dtype (the output's gradient rounded once, as autograd's
+    promotion would), grad_mask_token (Dd,) fp32, grad_pos_embed (1+L, Dd) fp32 (an empty tensor when
+    need_pos is False)]; the sums are of the output's gradient as it is."""
     grad = grad.contiguous() if grad.stride(-1) != 1 else grad
     ids_restore = dense_index(ids_restore, torch.int64)
     if impl == "triton":
         from ..kernels.unshuffle import unshuffle_bwd
 
         with device_guard(grad):
-            gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore, num_visible, need_pos)
+            gx, g_tok, g_pos = unshuffle_bwd(grad, ids_restore, num_visible, need_pos, x_dtype)
     elif impl == "cuda":
-        gx, g_tok, g_pos = _bwd_cuda(grad, ids_restore, num_visible, need_pos)
+        gx, g_tok, g_pos = _bwd_cuda(grad, ids_restore, num_visible, need_pos, x_dtype)
     else:
-        gx, g_tok, g_pos = _bwd_reference(grad, ids_restore, num_visible, need_pos)
+        gx, g_tok, g_pos = _bwd_reference(grad, ids_restore, num_visible, need_pos, x_dtype)
     if g_pos is None:
         g_pos = grad.new_empty(0, dtype=torch.float32)
     return [gx, g_tok, g_pos]
 
 
 @_unshuffle_bwd_op.register_fake
-def _(grad, ids_restore, num_visible, need_pos, impl):
+def _(grad, ids_restore, num_visible, need_pos, impl, x_dtype):
     n, T, d = grad.shape
     g_pos = grad.new_empty(T, d, dtype=torch.float32) if need_pos else grad.new_empty(0, dtype=torch.float32)
-    return [grad.new_empty(n, num_visible + 1, d), grad.new_empty(d, dtype=torch.float32), g_pos]
+    return [grad.new_empty(n, num_visible + 1, d, dtype=x_dtype), grad.new_empty(d, dtype=torch.float32), g_pos]
 
 
 def _setup_context(ctx, inputs, output):
@@ -192,9 +194,9 @@ def _backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     need_pos = bool(ctx.needs_input_grad[3])
     # the output's gradient as it is (fp32 when promoted) for every sum; x_vis's rounded to its dtype, as
-    # autograd's promotion would
-    gx, g_tok, g_pos = bwd(ctx, _unshuffle_bwd_op)(grad, ids_restore, ctx.num_visible, need_pos, ctx.impl)
-    gx = gx.to(ctx.x_dtype)
+    # autograd's promotion would (by the kernel, where it writes it)
+    gx, g_tok, g_pos = bwd(ctx, _unshuffle_bwd_op)(grad, ids_restore, ctx.num_visible, need_pos, ctx.impl,
+                                                   ctx.x_dtype)
     g_tok = g_tok.to(ctx.tok_dtype).reshape(ctx.tok_shape)
     g_pos = g_pos.to(ctx.pos_dtype).reshape(ctx.pos_shape) if need_pos else None
     return gx, g_tok, None, g_pos, None
@@ -223,8 +225,12 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     Returns:
         (N, 1+L, Dd) contiguous, in the promotion of the three dtypes, as the official composition
         (`cat([x, mask_tokens])`, `+ pos_embed`) computes it: fp32 for bf16 x_vis (decoder_embed
-        under autocast) and the models' fp32 mask_token / pos_embed. Differentiable in x_vis, mask_token (fp32 sum over the
-        masked slots, deterministic) and pos_embed (fp32 sum over the batch, only when it requires grad).
+        under autocast) and the models' fp32 mask_token / pos_embed. Differentiable in x_vis (the
+        output's gradient rounded once to its dtype), mask_token (fp32 sum over the masked slots,
+        deterministic) and pos_embed (fp32 sum over the batch, only when it requires grad); the sums
+        are of the output's gradient as it is, rounded once to a 16-bit parameter's dtype (autograd
+        would round each term first: up to ~2e-3 relative apart for a bf16 mask_token under an fp32
+        output).
     """
     if not compiling():
         _validate(x_vis, mask_token, ids_restore, pos_embed)
