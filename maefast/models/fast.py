@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops.attention import model_level_impl
-from .._validate import FLOAT_DTYPES, autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .._modules import KNOWN_PACKAGES, TIMM_CLASSES, is_layer_norm, trusted_class  # noqa: F401 - re-exported
 
