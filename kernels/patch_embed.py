@@ -342,6 +342,7 @@ def masked_patch_embed_bwd_triton(grad: torch.Tensor, imgs: torch.Tensor, ids_ke
         if M:
             _masked_patch_embed_bwd_dpos_kernel[(triton.cdiv(L, bl), triton.cdiv(D, bd), split)](
                 ids, gp, part, N, K, D, L, per,
-                IEEE=gp.dtype == torch.float32, BLOCK_L=bl, BLOCK_D=bd, BLOCK_K=bk, num_warps=4, num_stages=1 if interp else 2)
+                IEEE=gp.dtype == torch.float32, BLOCK_L=bl, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
+                num_stages=1 if interp else 2)
         dpos = part.sum(0) if split > 1 else part[0]
     return dw, dpos

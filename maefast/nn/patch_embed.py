@@ -62,7 +62,8 @@ class MaskedPatchEmbed(nn.Module):
         Returns:
             tokens (N, K, D) in the weight's dtype (autocast dtype under autocast) promoted with
             pos_embed's (fp32 under autocast with an fp32 pos_embed, as the official ``x + pos_embed``),
-            mask (N, L) float32 (1 = removed), ids_restore (N, L) int64 — as the official ``random_masking`` returns them.
+            mask (N, L) float32 (1 = removed), ids_restore (N, L) int64 — as the official
+            ``random_masking`` returns them.
         """
         p = self.patch_size[0]
         if not compiling():

@@ -41,7 +41,8 @@ def _resolve(impl: str, imgs: torch.Tensor, weight: torch.Tensor, pos_embed: tor
                                                  "float16, bfloat16, uint8)")
     if ok and pos_embed is not None and pos_embed.dtype not in FLOAT_DTYPES:
         # the tokens would be float64 (the promotion), which the kernels' fp32 epilogue cannot add exactly
-        ok, why = False, f"pos_embed dtype {pos_embed.dtype} is not supported by the kernels (float32, float16, bfloat16)"
+        ok, why = False, (f"pos_embed dtype {pos_embed.dtype} is not supported by the kernels (float32, float16, "
+                          "bfloat16)")
     if ok:
         return chosen
     if impl == "auto":
