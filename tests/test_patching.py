@@ -166,6 +166,23 @@ def _run(model, imgs, noise, **kw):
 
 # == 0. same loss, prediction, mask and gradients; the same parameters ==========================
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16], ids=str)
+def test_patched_forward_is_the_official_bit_for_bit(amp):
+    """maefast.patch() on the official code's layout, on the CPU's per-op reference backends: the official
+    forward's loss, pred and mask bit for bit, in fp32 and under bf16/fp16 autocast (the patch embedding
+    and un-shuffle round and promote as the official code does)."""
+    plain, patched = _official_pair()
+    imgs = torch.randn(3, 3, 32, 32)
+    outs = []
+    for m in (plain, patched):
+        torch.manual_seed(5)  # the official draws its noise with torch.rand; the patched one is handed it
+        kw = {"noise": torch.rand(3, L)} if m is patched else {}
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            outs.append(m(imgs, 0.75, **kw)[:3])
+    for name, a, b in zip(("loss", "pred", "mask"), *outs):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("fused", [False, "block"])
 def test_patch_official_layout_model_in_place(fused):
     torch.manual_seed(0)
