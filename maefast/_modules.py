@@ -56,6 +56,15 @@ def is_layer_norm(n) -> bool:
     return isinstance(n, nn.LayerNorm) and trusted_class(type(n))
 
 
+def vit_block_computes(norms, exact_gelu: bool, proj: nn.Module, fc1: nn.Module, fc2: nn.Module) -> bool:
+    """Whether `ops.vit_block` computes a pre-norm block with these parts exactly (dropout and the parts'
+    classes checked by the caller): affine LayerNorms (`is_layer_norm`), torch's exact GELU, biases on
+    the attention projection and both MLP layers, an attention as wide as the block (heads x head dim =
+    width; a config may differ)."""
+    return (exact_gelu and None not in (proj.bias, fc1.bias, fc2.bias) and proj.in_features == proj.out_features
+            and all(is_layer_norm(n) and n.weight is not None and n.bias is not None for n in norms))
+
+
 # hooks that act only in calls the fast path never serves: transformers 5.x installs its output-capturing
 # hooks for good at the first output_hidden_states / output_attentions call (that call runs the original)
 _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)

@@ -27,6 +27,7 @@ from ..ops.attention import model_level_impl
 from .._validate import FLOAT_DTYPES, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .._modules import KNOWN_PACKAGES, TIMM_CLASSES, is_layer_norm, trusted_class  # noqa: F401 - re-exported
+from .._modules import vit_block_computes
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -112,12 +113,9 @@ def check_fused(fused) -> bool | str:
 
 
 def _block_op_ok(bv: BlockView) -> bool:
-    """Whether `ops.vit_block` computes this block exactly: exact GELU, the biases it takes, affine
-    LayerNorms (`is_layer_norm`), no dropout, an attention as wide as the block."""
-    return (bv.exact_gelu and not (bv.drop_attn or bv.drop_mlp) and bv.fc1.bias is not None
-            and bv.proj.in_features == bv.proj.out_features  # heads x head_dim = width (a config may differ)
-            and bv.fc2.bias is not None and bv.proj.bias is not None
-            and all(is_layer_norm(n) and n.weight is not None and n.bias is not None for n in (bv.norm1, bv.norm2)))
+    """Whether `ops.vit_block` computes this block exactly: no dropout, and `vit_block_computes`."""
+    return not (bv.drop_attn or bv.drop_mlp) and vit_block_computes((bv.norm1, bv.norm2), bv.exact_gelu, bv.proj,
+                                                                      bv.fc1, bv.fc2)
 
 
 def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused) -> torch.Tensor:

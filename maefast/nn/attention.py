@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._modules import hooked, is_layer_norm, plain_layer, trusted_class
+from .._modules import hooked, plain_layer, trusted_class, vit_block_computes
 from .._validate import FLOAT_DTYPES
 from ..ops._backend import check_impl
 from ..ops.attention import visible_attention
@@ -170,10 +170,8 @@ class Block(nn.Module):
             return False
         if not all(plain_layer(lin, nn.Linear) for lin in (a.qkv, a.proj, m.fc1, m.fc2)):
             return False
-        norms_ok = all(is_layer_norm(n) and n.weight is not None and n.bias is not None
-                       for n in (self.norm1, self.norm2))
-        return (norms_ok and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
-                and None not in (a.proj.bias, m.fc1.bias, m.fc2.bias))
+        exact_gelu = isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+        return vit_block_computes((self.norm1, self.norm2), exact_gelu, a.proj, m.fc1, m.fc2)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
