@@ -85,7 +85,7 @@ def test_half_x_is_the_official_composition(impl, dtype, device):
     pos = (pos.detach() * 100).requires_grad_()  # a 16-bit add would round pos_embed's bits away
     g = torch.randn(3, 50, 40, device=device)
     got = _grads(lambda *a: unshuffle(*a, impl=impl), x, tok, ids, pos, g)
-    n, K = x.shape[0], x.shape[1] - 1
+    n = x.shape[0]
     x_ = torch.cat([x[:, 1:, :], tok.repeat(n, ids.shape[1] + 1 - x.shape[1], 1)], dim=1)  # models_mae.py
     x_ = torch.gather(x_, dim=1, index=ids.unsqueeze(-1).repeat(1, 1, x.shape[2]))
     want = torch.cat([x[:, :1, :], x_], dim=1) + pos

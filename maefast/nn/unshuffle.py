@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..ops._backend import check_impl
-from ..ops.unshuffle import unshuffle
+from ..ops.unshuffle import out_dtype, unshuffle
 from ..reference.unshuffle import unshuffle as reference_unshuffle
 
 
@@ -25,8 +25,8 @@ class Unshuffle(nn.Module):
 
     def forward(self, x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                 pos_embed: torch.Tensor) -> torch.Tensor:
-        dt = torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
-        if dt == torch.float64:  # the official ops in float64 (the kernels take float32/16)
+        # the official ops in float64 (the kernels take float32/16; the op promotes the rest itself)
+        if out_dtype(x_vis, mask_token, pos_embed) == torch.float64:
             return reference_unshuffle(x_vis, mask_token, ids_restore, pos_embed)
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)  # it promotes too
 

@@ -48,14 +48,14 @@ def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
 
 # -- backends -----------------------------------------------------------------------------------
 
-def _out_dtype(x_vis, mask_token, pos_embed) -> torch.dtype:
+def out_dtype(x_vis, mask_token, pos_embed) -> torch.dtype:
     """The official composition's dtype: cat([x, mask_tokens]) and `+ pos_embed` promote."""
     return torch.promote_types(torch.promote_types(x_vis.dtype, mask_token.dtype), pos_embed.dtype)
 
 
 def _prep(x_vis, mask_token, ids_restore, pos_embed):
     # mask_token and pos_embed in the output dtype (exact: it is their promotion with x's)
-    dt = _out_dtype(x_vis, mask_token, pos_embed)
+    dt = out_dtype(x_vis, mask_token, pos_embed)
     tok = mask_token.reshape(-1).to(dt).contiguous()
     pos = pos_embed[0].to(dt)
     return tok, ids_restore, pos
@@ -67,7 +67,7 @@ def _fwd_reference(x_vis, mask_token, ids_restore, pos_embed):
     the mask token, as in the kernels)."""
     n, k1, d = x_vis.shape
     K = k1 - 1
-    dt = _out_dtype(x_vis, mask_token, pos_embed)
+    dt = out_dtype(x_vis, mask_token, pos_embed)
     x_vis = x_vis.to(dt)  # exact: the promotion cat does
     src = torch.cat([x_vis[:, 1:], mask_token.to(dt).expand(n, 1, d)], dim=1)  # K visible + 1 mask
     idx = torch.where((ids_restore >= 0) & (ids_restore < K), ids_restore, K)
@@ -148,7 +148,7 @@ def _unshuffle_op(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
 @_unshuffle_op.register_fake
 def _(x_vis, mask_token, ids_restore, pos_embed, impl):
     n, _, d = x_vis.shape
-    return x_vis.new_empty(n, ids_restore.shape[1] + 1, d, dtype=_out_dtype(x_vis, mask_token, pos_embed))
+    return x_vis.new_empty(n, ids_restore.shape[1] + 1, d, dtype=out_dtype(x_vis, mask_token, pos_embed))
 
 
 @custom_op("maefast::unshuffle_backward", mutates_args=())
