@@ -16,6 +16,20 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    # Interpreted kernels address raw host memory one program at a time: an access outside every tensor
+    # argument, or two programs of a launch racing, pass silently there and not on a GPU. Checked on
+    # every interpreted launch (tests/triton_memcheck.py).
+    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MAEFAST_MEMCHECK", "1") != "0":
+        try:
+            import triton  # noqa: F401
+        except ImportError:  # the tests of maefast without triton
+            return
+        from triton_memcheck import install
+
+        install()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:  # `-m device` selects them (scripts/gpu_check.py's kernels preset, on a card)
         if "device" in getattr(item, "fixturenames", ()):
