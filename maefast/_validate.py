@@ -1,6 +1,8 @@
 """Input validation shared by every public function (user errors -> ValueError/TypeError naming
-the argument). Validation is skipped while torch.compile traces (the fake tensors carry shapes
-only, and the checks were already made eagerly).
+the argument). The same checks run while torch.compile traces, on its fake tensors (shapes, dtypes,
+devices; a compiled function may never have run eagerly, and a kernel handed a tensor of the wrong
+shape would read or write outside it); the checks of values are skipped there (fake tensors have
+none; under fullgraph=True torch reports the error as an "Observed exception" quoting ours).
 
 What is checked where (the README's "The ops" states the same contracts):
 
@@ -142,8 +144,9 @@ def to_2tuple(name: str, v) -> tuple[int, int]:
 # -- index tensors ---------------------------------------------------------------------------------
 
 def values_on_host(t: torch.Tensor) -> bool:
-    """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA)."""
-    return t.device.type == "cpu"
+    """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA), and not
+    while torch.compile traces (its fake tensors have no values; the shapes are still checked)."""
+    return t.device.type == "cpu" and not compiling()
 
 
 def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -186,7 +189,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen) -> int | 
             raise ValueError(f"max_seqlen={max_seqlen} is too small: T={total} rows in B={nseq} sequences need one "
                              f"of at least ceil(T/B) = {least} rows")
         max_seqlen = min(max_seqlen, total)
-    if cu_seqlens.device.type == "meta" or (max_seqlen is not None and not values_on_host(cu_seqlens)):
+    if cu_seqlens.device.type == "meta" or compiling() or (max_seqlen is not None and not values_on_host(cu_seqlens)):
         return max_seqlen  # no values to read, or trusted on the device (see above)
     cu = cu_seqlens.tolist()  # free on the CPU; one sync on a GPU (max_seqlen was not given)
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]

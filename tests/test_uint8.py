@@ -456,9 +456,10 @@ def _has_cuda_kernels() -> bool:
 
 
 def test_every_backend_gets_int64_ids_under_compile(monkeypatch):
-    """torch.compile skips the public checks, so an int32 ids_keep reaches the op: the op hands int64
-    to every backend (the CUDA C++ gathers read int64; an int32 buffer read as int64 merged two ids
-    and read past its end)."""
+    """An int32 ids_keep is refused by the public function, eagerly and (since 2026-12-05) under
+    torch.compile; one that reaches the custom op itself (torch.ops.maefast.masked_patch_embed, traced)
+    is handed to every backend as int64 (the CUDA C++ gathers read int64; an int32 buffer read as int64
+    merged two ids and read past its end)."""
     import maefast.ops.patch_embed as pe
 
     seen = []
@@ -473,9 +474,15 @@ def test_every_backend_gets_int64_ids_under_compile(monkeypatch):
     ids = random_masking(2, 4, 0.5, seed=1).ids_keep.to(torch.int32)
     w = randn(8, 3, 8, 8)
     torch._dynamo.reset()
-    f = torch.compile(lambda u, i: masked_patch_embed(u, i, w, None, None, 8, impl="cuda"), backend="aot_eager",
-                      fullgraph=True)
-    f(u, ids)
+    public = torch.compile(lambda u, i: masked_patch_embed(u, i, w, None, None, 8, impl="cuda"), backend="aot_eager",
+                           fullgraph=True)
+    with pytest.raises(Exception, match=r"ids_keep must have dtype in \(int64\), got int32"):
+        public(u, ids)
+    assert seen == []
+    torch._dynamo.reset()
+    op = torch.compile(lambda u, i: torch.ops.maefast.masked_patch_embed(u, i, w, None, None, 8, "cuda"),
+                       backend="aot_eager", fullgraph=True)
+    op(u, ids)
     assert seen == [torch.int64]
 
 

@@ -504,3 +504,31 @@ def test_nn_modules_check_their_arguments_when_built(build, exc, match):
     """Not at the first forward (a string "no" for norm_pix_loss was taken as True)."""
     with pytest.raises(exc, match=match):
         build()
+
+
+def _malformed(cu: list[int], total: int) -> bool:
+    """The kernels' contract check (kernels/attention.py `_offsets_malformed`, csrc/attention.cu)."""
+    return cu[0] != 0 or cu[-1] > total or any(b < a for a, b in zip(cu[:-1], cu[1:]))
+
+
+def test_int64_offsets_reach_the_cuda_kernel_as_int32_without_wrapping_into_well_formed_ones():
+    from maefast.ops.attention import int32_offsets
+
+    total = 100
+    wrapping = torch.tensor([0, 2 ** 32 + 50], dtype=torch.int64)  # a plain int32 cast gives [0, 50]
+    assert _malformed(wrapping.tolist(), total) and not _malformed(wrapping.to(torch.int32).tolist(), total)
+    assert _malformed(int32_offsets(wrapping, total).tolist(), total)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(2, 7, (1,), generator=g))
+        big = torch.randint(-2 ** 40, 2 ** 40, (n,), generator=g)
+        small = torch.randint(-3, total + 4, (n,), generator=g)
+        cu = torch.where(torch.rand(n, generator=g) < 0.3, big, small).sort().values
+        if torch.rand(1, generator=g) < 0.5:  # unsorted too
+            cu = cu[torch.randperm(n, generator=g)]
+        got = int32_offsets(cu, total)
+        assert got.dtype == torch.int32 and got.is_contiguous()
+        assert _malformed(got.tolist(), total) == _malformed(cu.tolist(), total), cu.tolist()
+    ok = torch.tensor([0, 3, 3, 50, total], dtype=torch.int64)
+    assert int32_offsets(ok, total).tolist() == ok.tolist()
+    assert int32_offsets(ok.to(torch.int32)[::1], total).tolist() == ok.tolist()

@@ -77,6 +77,16 @@ def _resolve(impl: str, qkv: torch.Tensor, head_dim: int, max_len: int) -> str:
 
 # -- implementations ---------------------------------------------------------------------------------
 
+def int32_offsets(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """cu_seqlens as the int32 the CUDA C++ kernel reads, without a sync. int64 offsets are clamped to
+    [-1, T+1] first: a plain cast would wrap one from 2**31 up into a well-formed offset (the kernel
+    would compute a sequence instead of poisoning it); clamped, every array that breaks the contract
+    (a start other than 0, a decrease, an end past T) still does, and a well-formed one is unchanged."""
+    if cu_seqlens.dtype == torch.int64:
+        cu_seqlens = cu_seqlens.clamp(-1, total + 1)
+    return dense_index(cu_seqlens, torch.int32)
+
+
 def _max_len(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> int:
     if cu_seqlens is None:
         return qkv.shape[1]
@@ -139,7 +149,7 @@ def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
     nseq = nb if cu_seqlens is None else cu_seqlens.numel() - 1
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
-    cu = None if cu_seqlens is None else dense_index(cu_seqlens, torch.int32)
+    cu = None if cu_seqlens is None else int32_offsets(cu_seqlens, lr)
     with torch.cuda.device(qkv.device):
         C.attention_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), 0 if cu is None else cu.data_ptr(),
                         nseq, num_heads, dh, max_len, lr, qkv.stride(0), qkv.stride(1), out.stride(0),
@@ -282,8 +292,7 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         gradient arrives in the packed layout). Softmax statistics are fp32; the backward is
         deterministic and recomputes the probabilities from the saved logsumexp.
     """
-    if not compiling():
-        max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
+    max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor
 from . import _backend
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
@@ -210,32 +210,31 @@ def vit_block(x: torch.Tensor, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w
         (N, T, D) in the promoted dtype of x and the matmul dtype (x's, for an fp32 stream).
         Matmuls run in the autocast dtype when autocast is on, else in x's dtype.
     """
-    if not compiling():
-        check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-        # "triton" and "cuda" must be able to run here (the CUDA C++ kernel is the attention forward's;
-        # a shape it does not take runs Triton, but a machine without it raises, as every op does); called
-        # through its module: a profile's BackendLog counts an op module's own choose_impl as a run
-        _backend.choose_impl(impl, x.device, auto_order=("triton",), cuda_op="attention_fwd", what="maefast.ops.vit_block")
-        check_tensor("fc1_w", fc1_w, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-        d = x.shape[-1]
-        shapes = {"ln1_w": (d,), "ln1_b": (d,), "qkv_w": (3 * d, d), "qkv_b": (3 * d,), "proj_w": (d, d),
-                  "proj_b": (d,), "ln2_w": (d,), "ln2_b": (d,), "fc1_w": (fc1_w.shape[0], d),
-                  "fc1_b": (fc1_w.shape[0],), "fc2_w": (d, fc1_w.shape[0]), "fc2_b": (d,)}
-        for name, t in zip(_WEIGHTS, (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
-                                      fc2_w, fc2_b)):
-            if t is None and name == "qkv_b":
-                continue
-            check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
-            if tuple(t.shape) != shapes[name]:
-                raise ValueError(f"{name} must have shape {shapes[name]} for x of shape {tuple(x.shape)}, "
-                                 f"got {tuple(t.shape)}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or d % num_heads:
-            raise ValueError(f"num_heads must be a positive int dividing D={d}, got {num_heads!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        for name, eps in (("eps1", eps1), ("eps2", eps2)):
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-                raise ValueError(f"{name} must be a float >= 0, got {eps!r}")
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    # "triton" and "cuda" must be able to run here (the CUDA C++ kernel is the attention forward's;
+    # a shape it does not take runs Triton, but a machine without it raises, as every op does); called
+    # through its module: a profile's BackendLog counts an op module's own choose_impl as a run
+    _backend.choose_impl(impl, x.device, auto_order=("triton",), cuda_op="attention_fwd", what="maefast.ops.vit_block")
+    check_tensor("fc1_w", fc1_w, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    d = x.shape[-1]
+    shapes = {"ln1_w": (d,), "ln1_b": (d,), "qkv_w": (3 * d, d), "qkv_b": (3 * d,), "proj_w": (d, d),
+              "proj_b": (d,), "ln2_w": (d,), "ln2_b": (d,), "fc1_w": (fc1_w.shape[0], d),
+              "fc1_b": (fc1_w.shape[0],), "fc2_w": (d, fc1_w.shape[0]), "fc2_b": (d,)}
+    for name, t in zip(_WEIGHTS, (ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
+                                  fc2_w, fc2_b)):
+        if t is None and name == "qkv_b":
+            continue
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]} for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or d % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing D={d}, got {num_heads!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    for name, eps in (("eps1", eps1), ("eps2", eps2)):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{name} must be a float >= 0, got {eps!r}")
     c = autocast_dtype(x.device)
     head_dim = x.shape[-1] // num_heads
     scale = head_dim ** -0.5 if scale is None else float(scale)

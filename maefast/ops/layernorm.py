@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import FLOAT_DTYPES, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, check_tensor
 from ._backend import check_impl, choose_impl, device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
 
@@ -223,9 +223,8 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
         (y, s): y (..., D) = LN(s) in out_dtype, s = x + residual (..., D) in the promoted dtype;
         with residual None, s is x itself (not a copy). Mean and 1/std are computed in fp32.
     """
-    if not compiling():
-        _validate(x, residual, weight, bias, eps, out_dtype)
-        check_impl(impl, "layer_norm", cuda=False)  # the rest where the op runs (what a profile counts)
+    _validate(x, residual, weight, bias, eps, out_dtype)
+    check_impl(impl, "layer_norm", cuda=False)  # the rest where the op runs (what a profile counts)
     if residual is None:
         y, _, _ = call(_ln_op, x, weight, bias, float(eps), out_dtype, impl)
         return y, x

@@ -268,8 +268,7 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
         (official: 0 * NaN is NaN), in masked patches only with pred_on="masked" (visible patches
         are not read there).
     """
-    if not compiling():
-        _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
+    _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
     if imgs.requires_grad and torch.is_grad_enabled():  # the target is data: never a silent None gradient
         raise ValueError("imgs must not require grad: norm_pix_loss gives no gradient to the input images "
                          "(detach them)")
@@ -337,8 +336,7 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
     Returns:
         loss (0-d fp32), or (loss, pred_masked) when return_pred.
     """
-    if not compiling():
-        _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls)
+    _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls)
     x = decoder_out[:, 1:] if has_cls else decoder_out
     ids = _masked_patch_ids(ids_restore, len_keep)
     x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -178,17 +178,16 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         _check_int("num_patches", num_patches, 1)
         len_keep = check_mask_ratio(mask_ratio, num_patches)
     seed_t = None
-    if noise is not None:
-        if not compiling():
-            check_tensor("noise", noise, ndim=2)
-            if tuple(noise.shape) != (batch, num_patches):
-                raise ValueError(f"noise must have shape (N, L) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
-            if not noise.is_floating_point():
-                raise TypeError(f"noise must be a floating point tensor, got {noise.dtype}")
-            if seed is not None:
-                raise ValueError("pass either noise or seed, not both")
-            if device is not None and torch.device(device) != noise.device:
-                raise ValueError(f"device={device} differs from noise.device={noise.device}")
+    if noise is not None:  # checked while torch.compile traces too: the kernels read N*L values of it
+        check_tensor("noise", noise, ndim=2)
+        if tuple(noise.shape) != (batch, num_patches):
+            raise ValueError(f"noise must have shape (N, L) = ({batch}, {num_patches}), got {tuple(noise.shape)}")
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating point tensor, got {noise.dtype}")
+        if seed is not None:
+            raise ValueError("pass either noise or seed, not both")
+        if device is not None and torch.device(device) != noise.device:
+            raise ValueError(f"device={device} differs from noise.device={noise.device}")
         noise = noise.detach()
         out_device = noise.device
     else:
@@ -207,16 +206,15 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
             # Drawn on the CPU from the default generator: reproducible with torch.manual_seed, no GPU sync.
             seed_t = torch.randint(0, SEED_BOUND // 2, (1,), dtype=torch.int64)
         elif isinstance(seed, torch.Tensor):
-            if not compiling():
-                on_device = seed.device.type == "cuda" and seed.device == out_device
-                if (seed.device.type != "cpu" and not on_device) or seed.numel() != 1 or seed.dtype != torch.int64:
-                    raise ValueError("a seed tensor must be a 1-element int64 tensor on the CPU or on the output "
-                                     f"CUDA device ({out_device}); got {seed.numel()} elements, {seed.dtype} on "
-                                     f"{seed.device}")
-                if on_device:
-                    check_seed_offset(0, offset, batch * num_patches)  # its value is not read here (no sync)
-                else:
-                    check_seed_offset(int(seed.reshape(-1)[0]), offset, batch * num_patches)
+            on_device = seed.device.type == "cuda" and seed.device == out_device
+            if (seed.device.type != "cpu" and not on_device) or seed.numel() != 1 or seed.dtype != torch.int64:
+                raise ValueError("a seed tensor must be a 1-element int64 tensor on the CPU or on the output "
+                                 f"CUDA device ({out_device}); got {seed.numel()} elements, {seed.dtype} on "
+                                 f"{seed.device}")
+            if on_device or compiling():  # its value is not read: no sync (a traced tensor has none)
+                check_seed_offset(0, offset, batch * num_patches)
+            else:
+                check_seed_offset(int(seed.reshape(-1)[0]), offset, batch * num_patches)
             seed_t = seed.reshape(1)
         else:
             if not compiling():

@@ -18,7 +18,7 @@ import torch
 from .. import reference
 from .._cpp_lib import get_C
 from .._validate import (FLOAT_DTYPES, autocast_dtype, check_images, check_index_range, check_input_dtype,
-                         check_patch_size, check_tensor, compiling, dense_index)
+                         check_patch_size, check_tensor, dense_index)
 from ..reference.normalize import as_float_images, pixel_stats
 from ._backend import check_impl, choose_impl, device_guard, dtype_code, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
@@ -302,11 +302,8 @@ def masked_patch_embed(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch
             weight = weight.to(dt)
         if isinstance(bias, torch.Tensor) and bias.is_floating_point():
             bias = bias.to(dt)
-    if not compiling():
-        _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size)
-        check_impl(impl, _WHAT)  # the rest where the op runs (what a profile counts)
-    elif imgs.requires_grad:
-        raise ValueError("imgs must not require grad: masked_patch_embed gives no gradient to the input images")
+    _validate(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+    check_impl(impl, _WHAT)  # the rest where the op runs (what a profile counts)
     stats = pixel_stats(imgs, mean, std)
     m, s = (list(stats[0]), list(stats[1])) if stats is not None else (None, None)
     return call(_masked_patch_embed_op, imgs, ids_keep, weight, bias, pos_embed, patch_size, impl, m, s)

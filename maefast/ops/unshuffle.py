@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES, check_permutation, check_tensor, compiling, dense_index
+from .._validate import FLOAT_DTYPES, check_permutation, check_tensor, dense_index
 from ._backend import choose_impl, device_guard, dtype_code, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
 
@@ -232,7 +232,6 @@ def unshuffle(x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
         would round each term first: up to ~2e-3 relative apart for a bf16 mask_token under an fp32
         output).
     """
-    if not compiling():
-        _validate(x_vis, mask_token, ids_restore, pos_embed)
+    _validate(x_vis, mask_token, ids_restore, pos_embed)
     impl = choose_impl(impl, x_vis.device, cuda_op="unshuffle_fwd", what="maefast.ops.unshuffle")
     return call(_unshuffle_op, x_vis, mask_token, ids_restore, pos_embed, impl)
