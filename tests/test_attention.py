@@ -278,6 +278,25 @@ def test_auto_never_picks_the_cuda_kernel(device):
     assert _resolve("auto", qkv.float()[..., :3 * 24], 24, 50) == "reference"  # unsupported head dim: fall back
 
 
+def test_model_level_cuda_falls_back_where_the_cuda_kernel_lacks_shared_memory(monkeypatch):
+    """impl="cuda" of a model: the CUDA C++ forward where it runs, else "auto". Its shared memory
+    (csrc/attention.cu smem_bytes) at L 128, Dh 64 passes the ~99 KB sm_86/sm_89 allow: there it raised
+    from C++ instead of falling back; on an H100/H200 (227 KB) every head dim fits up to L 128."""
+    import maefast.ops.attention as A
+
+    assert A.cuda_smem_bytes(128, 128, 2) == 163840 and A.cuda_smem_bytes(128, 64, 2) == 131072
+    assert A.cuda_smem_bytes(65, 80, 2) == 64000  # ViT-H/14's encoder: 80 padded rows
+    qkv = randn(1, 128, 3 * 2 * 64, dtype=torch.float16)
+    for optin, fits in ((101376, False), (232448, True), (None, True)):
+        monkeypatch.setattr(A, "_smem_optin", lambda device, v=optin: v)
+        why = A._kernel_unsupported("cuda", qkv, 64, 128)
+        assert (why is None) == fits, why
+        if not fits:
+            assert "131072 bytes of shared memory" in why and "allows 101376" in why
+            assert A.model_level_impl("cuda", qkv, 2) == "auto"
+        assert A._kernel_unsupported("cuda", qkv[:, :96], 64, 96) is None  # 79872 bytes fit everywhere
+
+
 def test_empty_batch(device):
     qkv = randn(0, 7, 3 * 64, device=device).requires_grad_(True)
     out = visible_attention(qkv, 1, impl="triton")

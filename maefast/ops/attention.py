@@ -49,7 +49,26 @@ def _kernel_unsupported(impl: str, qkv: torch.Tensor, head_dim: int, max_len: in
         if qkv.stride(-1) != 1 or misaligned or any(s % (16 // es) for s in qkv.stride()[:-1]):
             return ("the CUDA C++ kernel needs qkv's last dim contiguous, its data 16-byte aligned and the other "
                     f"strides multiples of 8 elements; got strides {tuple(qkv.stride())}")
+        need, have = cuda_smem_bytes(max_len, head_dim, es), _smem_optin(qkv.device)
+        if have is not None and need > have:  # e.g. L 128, Dh 64 on sm_86/sm_89 (~99 KB)
+            return (f"the CUDA C++ kernel needs {need} bytes of shared memory per block at L={max_len}, "
+                    f"Dh={head_dim}; this GPU allows {have}")
     return None
+
+
+def cuda_smem_bytes(max_len: int, head_dim: int, elem_size: int) -> int:
+    """The CUDA C++ forward's dynamic shared memory (csrc/attention.cu `smem_bytes`): K and V of the
+    sequence padded to 16 rows, plus one 16-row strip of scores (fp32) and probabilities per warp."""
+    lp = -(-max_len // 16) * 16
+    strip = 16 * max(lp, head_dim)
+    return 2 * lp * head_dim * elem_size + (lp // 16) * (strip * elem_size + strip * 4)
+
+
+def _smem_optin(device: torch.device) -> int | None:
+    """The most shared memory a block may opt into on `device` (None where torch does not say)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def model_level_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
