@@ -368,6 +368,14 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device, nan: bool) -> torch.
         torch.empty(shape, dtype=dtype, device=device)
 
 
+def int32_columns(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when a row's column offsets (width x last-dim stride) reach 2**31: the
+    kernels compute the per-head column offsets in int32 (batch and row offsets are int64). Only a
+    view with a far-strided last dim gets there (e.g. (3HD, N, L).permute(1, 2, 0) with N*L >= 2**31 /
+    3HD: ViT-H at 448 px from N = 1638); a Linear's output never does."""
+    return t.contiguous() if t.shape[-1] * abs(t.stride(-1)) >= 2 ** 31 else t
+
+
 def _layout(qkv: torch.Tensor, num_heads: int, cu_seqlens, max_seqlen):
     nb, lr, width = qkv.shape
     head_dim = width // (3 * num_heads)
@@ -391,6 +399,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: t
     the caller (maefast.ops.visible_attention); with cu_seqlens, Nb == 1 and max_seqlen is given.
     `config` overrides the tile (a `Tile` or its name, e.g. "m64n32w4s3"; default: `fwd_tiles`).
     `out` / `lse` may be passed (tests poison them); `lse` must be contiguous."""
+    qkv = int32_columns(qkv)
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
     tile = _fwd_tile(config, max_len, head_dim, qkv.dtype)
     # varlen: rows no sequence covers (only for malformed cu_seqlens) stay NaN, not plausible zeros
@@ -421,6 +430,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     """Gradient of attention_fwd: -> dqkv (Nb, Lr, 3*H*Dh) in qkv's dtype (contiguous unless given).
     `config` overrides the tiles (a `BwdTiles` or its name, e.g. "fused-m16n128w8s1"; default:
     `bwd_tiles`, which `fused` steers). `lse` must be contiguous (as attention_fwd makes it)."""
+    dout, qkv, out = int32_columns(dout), int32_columns(qkv), int32_columns(out)
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
     if config is None:
         tiles = bwd_tiles(max_len, head_dim, qkv.dtype, fused)
@@ -429,6 +439,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     check_bwd_tiles(tiles, max_len)
     if dqkv is None:
         dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device, cu_seqlens is not None)
+    elif int32_columns(dqkv) is not dqkv:
+        raise ValueError("dqkv: its last-dim stride times its width reaches 2**31 (the kernels' column offsets "
+                         "are int32); pass a contiguous one")
     if dqkv.numel() == 0 or nseq == 0 or max_len == 0:
         return dqkv.zero_()
     d0, d1 = head_dim_split(head_dim, pad_head_dim)

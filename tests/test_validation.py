@@ -532,3 +532,18 @@ def test_int64_offsets_reach_the_cuda_kernel_as_int32_without_wrapping_into_well
     ok = torch.tensor([0, 3, 3, 50, total], dtype=torch.int64)
     assert int32_offsets(ok, total).tolist() == ok.tolist()
     assert int32_offsets(ok.to(torch.int32)[::1], total).tolist() == ok.tolist()
+
+
+@needs_triton
+def test_attention_kernels_never_compute_column_offsets_past_int32():
+    """The Triton attention's per-head column offsets are int32 (H*Dh x the last-dim stride): a view
+    whose last dim is strided that far is copied contiguous first (meta tensors: no memory needed)."""
+    from maefast.kernels.attention import int32_columns
+
+    big = torch.empty(0, device="meta").as_strided((2, 3, 3 * 1280), (1, 2, 2 ** 20))  # 3840 * 2**20 >= 2**31
+    fixed = int32_columns(big)
+    assert fixed.is_contiguous() and fixed.shape == big.shape
+    small = torch.empty(0, device="meta").as_strided((2, 3, 3 * 1280), (1, 2, 2 ** 18))  # 3840 * 2**18 < 2**31
+    assert int32_columns(small) is small
+    qkv = randn(2, 5, 3 * 2 * 16)
+    assert int32_columns(qkv) is qkv
