@@ -71,6 +71,11 @@ def _smem_optin(device: torch.device) -> int | None:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
+# a constant of the device while torch.compile traces (as _backend.cuda_ext_usable: the mark
+# torch.compiler.assume_constant_result sets, without importing torch._dynamo here)
+_smem_optin._dynamo_marked_constant = True
+
+
 def model_level_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
     """impl="cuda" asked of a whole model or block: the CUDA C++ attention (fp16/bf16 forward, L <= 128)
     where it runs, "auto" (Triton) elsewhere (e.g. fp32, or the decoder's 197/257 tokens); any other
