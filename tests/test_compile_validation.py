@@ -44,6 +44,11 @@ def _cases():
         "masked_patch_embed: fewer ids_keep rows than images": (
             lambda i, ids, w, b: ops.masked_patch_embed(i, ids, w, b, None, 16, impl="triton"),
             (imgs, ids_keep[:1], w, b), r"ids_keep must have shape \(N, K\) with N = 2"),
+        "masked_patch_embed: uint8 images with a mean per channel short": (
+            lambda u, ids, w, b: ops.masked_patch_embed(u, ids, w, b, None, 16, impl="triton", mean=(0.5, 0.5),
+                                                        std=(0.2, 0.2)),
+            (torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8).to(d), ids_keep, w, b),
+            r"mean must have 3 values"),
         "masked_patch_embed: pos_embed of another width": (
             lambda i, ids, w, b, pos: ops.masked_patch_embed(i, ids, w, b, pos, 16, impl="triton"),
             (imgs, ids_keep, w, b, r(1, 5, 4)), r"pos_embed must have shape \(1, 1 \+ L, D\)"),

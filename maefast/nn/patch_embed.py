@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import check_images, check_int, compiling, to_2tuple
+from .._validate import check_images, check_int, to_2tuple
 from ..ops._backend import check_impl
 from ..ops.masking import random_masking
 from ..ops.patch_embed import masked_patch_embed
@@ -66,8 +66,7 @@ class MaskedPatchEmbed(nn.Module):
             ``random_masking`` returns them.
         """
         p = self.patch_size[0]
-        if not compiling():
-            check_images("imgs", imgs, p, channels=self.proj.in_channels, uint8=True)
+        check_images("imgs", imgs, p, channels=self.proj.in_channels, uint8=True)
         n, _, H, W = imgs.shape
         L = (H // p) * (W // p)
         ids = random_masking(n, L, mask_ratio, noise=noise, seed=seed, offset=offset, device=imgs.device,

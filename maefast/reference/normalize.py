@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .._validate import check_pixel_stats, compiling
+from .._validate import check_pixel_stats
 
 # timm's IMAGENET_DEFAULT_MEAN / _STD, as the official main_pretrain.py passes them to Normalize
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,9 +21,9 @@ def pixel_stats(imgs: torch.Tensor, mean: Sequence[float] | None = None, std: Se
                 ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The per-channel (mean, std) that `imgs` are normalised with: None for float images (already
     normalised, the official convention; mean/std must then be None); for uint8 images, the given
-    values or ImageNet's (3 channels), as tuples of C floats. Checked unless torch.compile traces."""
-    if not compiling():
-        check_pixel_stats("imgs", imgs, mean, std)
+    values or ImageNet's (3 channels), as tuples of C floats. Checked, also while torch.compile traces
+    (as every public op's shapes: the error comes from the call, not from inside the compiled graph)."""
+    check_pixel_stats("imgs", imgs, mean, std)
     if imgs.dtype != torch.uint8:
         return None
     return (tuple(float(m) for m in (IMAGENET_MEAN if mean is None else mean)),
