@@ -368,12 +368,17 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device, nan: bool) -> torch.
         torch.empty(shape, dtype=dtype, device=device)
 
 
+def _columns_overflow(t: torch.Tensor) -> bool:
+    """Whether a row's column offsets (width x last-dim stride) reach 2**31: the kernels compute the
+    per-head column offsets in int32 (batch and row offsets are int64). Only a view with a far-strided
+    last dim gets there (e.g. (3HD, N, L).permute(1, 2, 0) with N*L >= 2**31 / 3HD: ViT-H at 448 px from
+    N = 1638); a Linear's output never does."""
+    return t.shape[-1] * abs(t.stride(-1)) >= 2 ** 31
+
+
 def int32_columns(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy when a row's column offsets (width x last-dim stride) reach 2**31: the
-    kernels compute the per-head column offsets in int32 (batch and row offsets are int64). Only a
-    view with a far-strided last dim gets there (e.g. (3HD, N, L).permute(1, 2, 0) with N*L >= 2**31 /
-    3HD: ViT-H at 448 px from N = 1638); a Linear's output never does."""
-    return t.contiguous() if t.shape[-1] * abs(t.stride(-1)) >= 2 ** 31 else t
+    """t, or a contiguous copy of it when its column offsets would overflow int32 (`_columns_overflow`)."""
+    return t.contiguous() if _columns_overflow(t) else t
 
 
 def _layout(qkv: torch.Tensor, num_heads: int, cu_seqlens, max_seqlen):
@@ -439,7 +444,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     check_bwd_tiles(tiles, max_len)
     if dqkv is None:
         dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device, cu_seqlens is not None)
-    elif int32_columns(dqkv) is not dqkv:
+    elif _columns_overflow(dqkv):
         raise ValueError("dqkv: its last-dim stride times its width reaches 2**31 (the kernels' column offsets "
                          "are int32); pass a contiguous one")
     if dqkv.numel() == 0 or nseq == 0 or max_len == 0:

@@ -41,6 +41,13 @@ def _cases():
         "unshuffle: pos_embed shorter than 1+L": (
             lambda x, t, ids, pos: ops.unshuffle(x, t, ids, pos, impl="triton"),
             (r(2, 2, 8), r(1, 1, 8), ids_restore, r(1, 3, 8)), r"pos_embed must have shape \(1, 1\+L, Dd\)"),
+        "masked_patch_ids: len_keep past L": (
+            lambda ids: ops.masked_patch_ids(ids, 99), (ids_restore,), r"len_keep must be an int in \[0, L\]"),
+        "random_masking: a negative seed": (
+            lambda: ops.random_masking(2, 8, 0.75, seed=-1, impl="triton"), (), r"seed must be in \[0, 2\*\*63\)"),
+        "random_masking: a negative offset": (
+            lambda: ops.random_masking(2, 8, 0.75, seed=3, offset=-5, impl="triton"), (),
+            r"offset must be >= 0"),
         "masked_patch_embed: fewer ids_keep rows than images": (
             lambda i, ids, w, b: ops.masked_patch_embed(i, ids, w, b, None, 16, impl="triton"),
             (imgs, ids_keep[:1], w, b), r"ids_keep must have shape \(N, K\) with N = 2"),
@@ -59,9 +66,11 @@ def _cases():
             lambda qkv: ops.visible_attention(qkv, 2, impl="triton"), (r(2, 5, 3 * 16 + 3),),
             r"must divide the q/k/v width"),
         "layer_norm: weight shorter than D": (
-            lambda x, w, b: ops.layer_norm(x, w, b, impl="triton"), (r(2, 5, 16), r(8), r(8)), r"weight"),
+            lambda x, w, b: ops.layer_norm(x, w, b, impl="triton"), (r(2, 5, 16), r(8), r(8)),
+            r"weight must have shape \(D,\) = \(16,\)"),
         "bias_gelu: bias shorter than N": (
-            lambda x, b: ops.bias_gelu(x, b, impl="triton"), (r(2, 5, 16), r(8)), r"bias"),
+            lambda x, b: ops.bias_gelu(x, b, impl="triton"), (r(2, 5, 16), r(8)),
+            r"bias must have shape \(N,\) = \(16,\)"),
         "vit_block: ln1_w shorter than D": (
             lambda x, *w: ops.vit_block(x, *w, num_heads=2, impl="triton"),
             (r(2, 5, 16), r(8), r(16), r(48, 16), r(48), r(16, 16), r(16), r(16), r(16), r(32, 16), r(32),

@@ -50,6 +50,15 @@ def _all_to_one(x_ptr, y_ptr, BLOCK: tl.constexpr):
     tl.store(y_ptr, tl.sum(x, 0))
 
 
+@triton.jit
+def _wide_then_narrow(y_ptr):
+    """Program 0 stores one int32 over int16 elements 0-1; program 1 stores int16 element 1."""
+    if tl.program_id(0) == 0:
+        tl.store(y_ptr.to(tl.pointer_type(tl.int32)), 7)
+    else:
+        tl.store(y_ptr + 1, 3)
+
+
 def test_installed_under_the_interpreter():
     assert installed()
 
@@ -114,5 +123,19 @@ def test_two_programs_storing_to_one_place_raises():
     assert torch.allclose(y, x.sum())
 
 
-def test_the_error_type():
+def test_an_access_covers_every_cell_of_its_width():
+    with pytest.raises(Exception, match="write-write race"):
+        _wide_then_narrow[(2,)](torch.zeros(2, dtype=torch.int16))
+
+
+def test_the_error_types():
+    """Raised before the access, inside a program: the interpreter wraps it (InterpreterError quoting
+    it); a read-write race, found when the launch ends, is a MemcheckError itself."""
+    from triton.runtime.errors import InterpreterError
+
+    with pytest.raises(InterpreterError, match="MemcheckError"):
+        _run(torch.randn(10), torch.empty(16), 10, mask_load=False)
+    x = torch.randn(64)
+    with pytest.raises(MemcheckError, match="read-write race"):
+        _blocks[(3,)](x, x, 64, SHIFT=1, IN_PLACE=True, BLOCK=16)
     assert issubclass(MemcheckError, AssertionError)

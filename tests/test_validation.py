@@ -547,3 +547,25 @@ def test_attention_kernels_never_compute_column_offsets_past_int32():
     assert int32_columns(small) is small
     qkv = randn(2, 5, 3 * 2 * 16)
     assert int32_columns(qkv) is qkv
+
+
+@needs_triton
+def test_attention_launchers_pass_every_strided_operand_through_int32_columns(monkeypatch):
+    """With every operand taken as overflowing, the launchers hand the kernels contiguous copies (same
+    results) and refuse a caller's dqkv, without copying it."""
+    import maefast.kernels.attention as A
+
+    qkv = randn(2, 9, 2 * 3 * 2 * 16)[..., ::2]  # last-dim stride 2
+    ref_out, ref_lse = A.attention_fwd(qkv, 2, 0.25)
+    dout = randn(2, 9, 2 * 2 * 16)[..., ::2]
+    ref_dqkv = A.attention_bwd(dout, qkv, ref_out, ref_lse, 2, 0.25)
+    seen = []
+    real = A.int32_columns
+    monkeypatch.setattr(A, "_columns_overflow", lambda t: True)
+    monkeypatch.setattr(A, "int32_columns", lambda t: seen.append(t.stride(-1)) or real(t))
+    out, lse = A.attention_fwd(qkv, 2, 0.25)
+    dqkv = A.attention_bwd(dout, qkv, out, lse, 2, 0.25)
+    assert seen == [2, 2, 2, 1]  # qkv; then dout, qkv, out
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse) and torch.equal(dqkv, ref_dqkv)
+    with pytest.raises(ValueError, match="dqkv: its last-dim stride"):
+        A.attention_bwd(dout, qkv, out, lse, 2, 0.25, dqkv=torch.empty_like(qkv))

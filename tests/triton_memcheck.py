@@ -16,12 +16,19 @@ GPU bugs pass silently there:
   program reads what another writes in the same launch.
 
 `install()` wraps the interpreter's masked load and store (every `tl.load` / `tl.store` goes
-through them) and its argument setup and teardown; a violation raises `MemcheckError` naming the
-kernel, the access, the program(s) and the tensor argument. tests/conftest.py installs it for every
-test run under the interpreter. It patches triton's private interpreter (`GridExecutor`'s
-`_init_args_hst` / `_restore_args_dev`, `InterpreterBuilder.create_masked_load` / `_store`), whose
-names are those of triton 3.6 to 3.9; a triton without them fails `install()` loudly (the tests
-would otherwise pass unchecked).
+through them, tensor-descriptor loads included) and its argument setup and teardown; a violation
+raises `MemcheckError` naming the kernel, the access, the program(s) and the tensor argument, before
+the access is made (an out-of-bounds store would write into the test process). Raised inside a
+program, the interpreter re-raises it as `triton.runtime.errors.InterpreterError` quoting it; a
+read-write race, found when the launch ends, comes out as `MemcheckError` itself. Race cells are the
+gcd of the element sizes of the arguments sharing memory; an access covers every cell of its width
+(an access narrower than a cell, e.g. bytes of an fp32 tensor through a uint8 pointer, counts as the
+whole cell: two programs writing different bytes of one element would be reported, which maefast's
+kernels never do). tests/conftest.py installs it for every test run under the interpreter.
+
+It patches triton's private interpreter (`GridExecutor`'s `_init_args_hst` / `_restore_args_dev`,
+`InterpreterBuilder.create_masked_load` / `_store`), whose names are those of triton 3.6 to 3.9; a
+triton without them fails `install()` loudly (the tests would otherwise pass unchecked).
 """
 from __future__ import annotations
 
@@ -58,7 +65,7 @@ def _tensor_args(names, values) -> list[tuple[str, int, int, int]]:
             for i, x in enumerate(v):
                 visit(f"{name}[{i}]", x)
             return
-        if type(v).__name__ == "TensorWrapper":  # triton's reinterpretation of a tensor's dtype
+        if type(v).__name__ in ("TensorWrapper", "TensorDescriptor"):  # a dtype reinterpretation; a TMA view
             v = v.base
         if hasattr(v, "data_ptr") and hasattr(v, "numel"):
             ext = _extent(v)
@@ -126,8 +133,11 @@ class _Launch:
         pid = self._pid()
         single = bool((reg == reg[0]).all())
         for r in ([int(reg[0])] if single else np.unique(reg).tolist()):
-            cells = self.regions[r].cells(p if single else p[reg == r])
-            writer, reader = self.regions[r].arrays()
+            region = self.regions[r]
+            first = region.cells(p if single else p[reg == r])
+            width = max(1, int(es) // region.grain)  # an fp32 access spans two cells of a region of fp16 too
+            cells = first if width == 1 else (first[:, None] + np.arange(width, dtype=first.dtype)).reshape(-1)
+            writer, reader = region.arrays()
             if kind == "load":
                 seen = reader[cells]
                 reader[cells] = np.where((seen == -1) | (seen == pid), pid, -2)
@@ -206,16 +216,16 @@ def install() -> None:
         return restore(self, *a, **k)
 
     @functools.wraps(load)
-    def masked_load(self, ptrs, mask, *rest):
+    def masked_load(self, ptrs, mask, *rest, **kw):  # descriptor loads pass the cache options by name
         if _current[0] is not None:
             _current[0].access("load", ptrs, mask)
-        return load(self, ptrs, mask, *rest)
+        return load(self, ptrs, mask, *rest, **kw)
 
     @functools.wraps(store)
-    def masked_store(self, ptrs, value, mask, *rest):
+    def masked_store(self, ptrs, value, mask, *rest, **kw):
         if _current[0] is not None:
             _current[0].access("store", ptrs, mask)
-        return store(self, ptrs, value, mask, *rest)
+        return store(self, ptrs, value, mask, *rest, **kw)
 
     ge._init_args_hst, ge._restore_args_dev = init_args, restore_args
     ib.create_masked_load, ib.create_masked_store = masked_load, masked_store

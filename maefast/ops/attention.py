@@ -3,10 +3,11 @@ qkv Linear, (N, L, 3*H*Dh), written as (N, L, H*Dh) for `proj`; varlen through c
 
 Custom ops `maefast::visible_attention` (-> out, lse) and `maefast::visible_attention_backward`
 (-> dqkv), with fake and autograd registrations so torch.compile sees them whole. Backends:
-"triton" (forward + backward, any L, head dims 16..128), "cuda" (C++ WMMA forward for L <= 128,
-fp16/bf16; its backward is the Triton one, fed by the same natural-log logsumexp) and "reference"
-(the PyTorch reference forward; its backward is the same math written out in fp32). "auto" = Triton on CUDA, else the reference;
-it never picks the CUDA C++ kernel until that kernel has been verified on a card.
+"triton" (forward + backward, any L, head dims 16..128), "cuda" (C++ WMMA forward for L <= 128
+where the GPU's shared memory holds the sequence, fp16/bf16; its backward is the Triton one, fed by
+the same natural-log logsumexp) and "reference" (the PyTorch reference forward; its backward is the
+same math written out in fp32). "auto" = Triton on CUDA, else the reference; it never picks the CUDA
+C++ kernel until that kernel has been verified on a card.
 """
 from __future__ import annotations
 
@@ -302,7 +303,8 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         cu_seqlens: optional (B+1,) int32/int64 on qkv's device: sequence b is rows
             [cu_seqlens[b], cu_seqlens[b+1]); each attends within itself, no padding computed.
         max_seqlen: the longest sequence, with cu_seqlens. When None it is computed and cu_seqlens is
-            checked (one host sync on a GPU). When given, CPU offsets are still checked (free) and
+            checked (one host sync on a GPU; under torch.compile computed where the op runs, the
+            offsets then checked by the kernels as below). When given, CPU offsets are still checked (free) and
             must fit it. Offsets must start at 0, not decrease and end at T. GPU offsets given with
             max_seqlen are trusted (no sync) and checked by the kernels instead, never silently
             wrong: offsets that do not start at 0, decrease or end beyond T make every row NaN

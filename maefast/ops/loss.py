@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import (FLOAT_DTYPES, check_images, check_input_dtype, check_patch_size, check_permutation,
-                         check_tensor, compiling, dense_index)
+                         check_tensor, dense_index)
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.normalize import as_float_images, pixel_stats
 from ..reference.patchify import patchify
@@ -299,11 +299,10 @@ def masked_patch_ids(ids_restore: torch.Tensor, len_keep: int) -> torch.Tensor:
     (ids_shuffle[:, len_keep:]), by a scatter (ids_restore is a permutation): no sort, no host sync.
     Same result as `maefast.reference.masked_patch_ids`. For a non-permutation (trusted on a GPU,
     refused on the CPU by the ops) the result is some ids in [0, L): never out of bounds."""
-    if not compiling():
-        check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES)
-        L = ids_restore.shape[1]
-        if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep <= L:
-            raise ValueError(f"len_keep must be an int in [0, L] = [0, {L}], got {len_keep!r}")
+    check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES)
+    L = ids_restore.shape[1]
+    if isinstance(len_keep, bool) or not isinstance(len_keep, int) or not 0 <= len_keep <= L:
+        raise ValueError(f"len_keep must be an int in [0, L] = [0, {L}], got {len_keep!r}")
     return _masked_patch_ids(ids_restore, len_keep)
 
 

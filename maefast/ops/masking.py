@@ -217,11 +217,9 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
                 check_seed_offset(int(seed.reshape(-1)[0]), offset, batch * num_patches)
             seed_t = seed.reshape(1)
         else:
-            if not compiling():
-                check_seed_offset(seed, offset, batch * num_patches)
+            check_seed_offset(seed, offset, batch * num_patches)
             seed_t = torch.tensor([seed], dtype=torch.int64)
-        if not compiling():
-            check_seed_offset(0, offset, batch * num_patches)
+        check_seed_offset(0, offset, batch * num_patches)
     if not compiling():
         choose_impl(impl, out_device, cuda_op="random_masking", what="maefast.ops.random_masking")
     out = call(_random_masking_op, batch, num_patches, len_keep, noise, seed_t, offset, out_device, impl)
