@@ -32,6 +32,11 @@ FLOAT_ARGS = {"eps", "scale", "sm_scale", "qk_scale_log2"} | {f"px_{k}{c}" for k
                                                              for c in range(4)}  # uint8 pixels' factors
 
 
+# The most shared memory one block may opt into (CUDA's cudaDevAttrMaxSharedMemoryPerBlockOptin): a
+# kernel compiled with more fails at its launch, which only a card would show.
+SHARED_OPTIN = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+
+
 def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num_stages: int = 1,
              ints: dict | None = None) -> dict:
     """Compiles `kernel` as a launch would specialise it: constexprs `consts`; pointer types from `ptrs`
@@ -306,10 +311,14 @@ def main(argv=None) -> int:
         todo += attention_variants(a.quick)
     if a.match:
         todo = [v for v in todo if a.match in v[0]]
+    limit = SHARED_OPTIN.get(a.arch)
     for name, kernel, consts, ptrs, warps, stages, ints in todo:
         try:
             r = _compile(kernel, consts, ptrs, arch=a.arch, num_warps=warps, num_stages=stages, ints=ints)
             r.update(kernel=name, num_warps=warps, num_stages=stages)
+            if limit is not None and r["shared_bytes"] is not None and r["shared_bytes"] > limit:
+                # compiles, but the launch fails on the card (triton's OutOfResources)
+                raise RuntimeError(f"needs {r['shared_bytes']} bytes of shared memory; sm_{a.arch} allows {limit}")
         except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
             failed += 1
             r = dict(kernel=name, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}")
