@@ -17,6 +17,12 @@ if not _HAS_CUDA:
 
 
 def pytest_configure(config):
+    # Fresh allocations start poisoned (NaN / 0xA5 bytes), as a GPU's recycled memory is never zeros: a
+    # kernel leaving part of a torch.empty output unwritten, or reading it first, shows (tests/poison_alloc.py).
+    if os.environ.get("MAEFAST_POISON_EMPTY", "1") != "0":
+        from poison_alloc import install as poison_allocations
+
+        poison_allocations()
     # Interpreted kernels address raw host memory one program at a time: an access outside every tensor
     # argument, or two programs of a launch racing, pass silently there and not on a GPU. Checked on
     # every interpreted launch (tests/triton_memcheck.py).
