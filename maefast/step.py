@@ -444,8 +444,12 @@ class TrainStep:
         saved = self._snapshot() if self.restore else None
         try:
             if self.accum_steps == 1:
-                graph, out = graphs.capture_cuda_graph(lambda: self._body(True), warmup_steps=self.warmup_steps,
-                                                       device=dev)
+                # the warm-up's gradients released before the capture begins (torch empties the
+                # allocator's cache then): held through it, ~2.6 GB of ViT-H's fp32 gradients stayed
+                # reserved beside the graph pool's own for the life of the step
+                graph, out = graphs.capture_cuda_graph(
+                    lambda: self._body(True), warmup_steps=self.warmup_steps, device=dev,
+                    before_capture=lambda: self.optimizer.zero_grad(set_to_none=True))
                 self._graphs = {True: (graph, out)}
             else:
                 # the gradients persist across micro-batches: allocated by the warm-up (outside the
