@@ -30,7 +30,8 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           step record's row, issue 14)
 
 Each step runs in a subprocess under its own budget, clipped to what is left of the preset's
-(default 290 s); pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
+(default 290 s; the step and profile presets' last steps, the compiled rows, take all that is left);
+pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
 and benchmark rows are appended as they finish (MAEFAST_BENCH_ROWS), so a step cut short keeps what
 it did. A failing step is recorded, never aborts the rest; a step stopped at its budget takes its whole
 process group with it; the record is rewritten after every step (`complete` false until the preset
@@ -174,10 +175,14 @@ class Runner:
     def left(self) -> float:
         return self.budget - RESERVE_S - (time.time() - self.t0)
 
-    def run(self, name: str, cmd: list[str], env: dict | None = None, note: str = "") -> tuple[int, str]:
+    def run(self, name: str, cmd: list[str], env: dict | None = None, note: str = "",
+            last: bool = False) -> tuple[int, str]:
+        """Runs one step under its budget: BUDGET's nominal one (or --budget's), clipped to what is left
+        of the preset's; the preset's `last` step gets all that is left (what earlier steps did not use
+        would otherwise go unused: the compiled step rows need it when the rows before them ran fast)."""
         nominal, margin = BUDGET[name]
         nominal = self.args.budget.get(name, nominal)
-        budget = max(5.0, min(nominal, self.left()))
+        budget = max(5.0, self.left() if last else min(nominal, self.left()))
         st = {"rc": None, "seconds": 0.0, "budget_s": round(budget), "cmd": " ".join(shlex.quote(c) for c in cmd)}
         if note:
             st["note"] = note
@@ -214,14 +219,15 @@ class Runner:
         self.save(complete=False)
         return rc, out
 
-    def pytest(self, name: str, targets: list[str], env: dict | None = None, extra: list[str] = (), note: str = ""):
+    def pytest(self, name: str, targets: list[str], env: dict | None = None, extra: list[str] = (), note: str = "",
+               last: bool = False):
         """A benchmark step: rows appended to WORK/<name>.jsonl as they finish, then into the record."""
         rows_path = os.path.join(self.work, f"{name}.jsonl")
         if os.path.exists(rows_path):
             os.remove(rows_path)
         cmd = [self.py, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "pytest_deadline", "--gpu",
                *extra] + (["--collect-only"] if self.dry else [])
-        rc, out = self.run(name, cmd, dict(env or {}, MAEFAST_BENCH_ROWS=rows_path), note)
+        rc, out = self.run(name, cmd, dict(env or {}, MAEFAST_BENCH_ROWS=rows_path), note, last)
         rows = rec.read_rows(rows_path)
         self.record["rows"] += rows
         self.record["steps"][name]["rows"] = len(rows)
@@ -353,7 +359,7 @@ def preset_step(r: Runner) -> None:
                                                                **first))
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED)),
-             note="each whole-model torch.compile of ViT-H takes ~1 min (build_s in each row)")
+             note="each whole-model torch.compile of ViT-H takes ~1 min (build_s in each row)", last=True)
     r.record["targets"] = {"step": rec.step_targets(r.record["rows"], STEP_MODEL)}
 
 
@@ -367,7 +373,7 @@ def preset_profile(r: Runner) -> None:
     # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
-             note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min")
+             note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min", last=True)
     # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
     prof = r.record.get("profile") or {}
     done = {x.get("provider") for x in prof.get("results", []) if x.get("attention_ms_per_step")}
