@@ -178,9 +178,11 @@ class Runner:
     def run(self, name: str, cmd: list[str], env: dict | None = None, note: str = "",
             last: bool = False) -> tuple[int, str]:
         """Runs one step under its budget: BUDGET's nominal one (or --budget's), clipped to what is left
-        of the preset's; the preset's `last` step gets all that is left (what earlier steps did not use
-        would otherwise go unused: the compiled step rows need it when the rows before them ran fast)."""
+        of the preset's; the preset's `last` step gets all that is left unless --budget names it (what
+        earlier steps did not use would otherwise go unused: the compiled step rows need it when the
+        rows before them ran fast)."""
         nominal, margin = BUDGET[name]
+        last = last and name not in self.args.budget  # a --budget given for the step is kept
         nominal = self.args.budget.get(name, nominal)
         budget = max(5.0, self.left() if last else min(nominal, self.left()))
         st = {"rc": None, "seconds": 0.0, "budget_s": round(budget), "cmd": " ".join(shlex.quote(c) for c in cmd)}
