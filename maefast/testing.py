@@ -87,10 +87,20 @@ def assert_error_ratio(out: torch.Tensor, ref: torch.Tensor, oracle: torch.Tenso
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with NaN (floats) or a sentinel (ints) so unwritten elements show."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    return t.fill_(-(2 ** 31) + 7 if t.dtype in (torch.int32, torch.int64) else 0)
+    """Fill a buffer so unwritten (or read-before-written) elements show: NaN (floating, complex), 0xA5
+    bytes (integers, as glibc's MALLOC_PERTURB_; negative for signed ones), True (bool). Also for a
+    leaf that requires grad (filled under no_grad). tests/poison_alloc.py applies it to every fresh
+    allocation in the tests."""
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        elif t.dtype == torch.uint8:
+            t.fill_(0xA5)
+        elif t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+            t.view(-1).view(torch.uint8).fill_(0xA5) if t.is_contiguous() else t.fill_(-91)  # -91: 0xA5 as int8
+    return t
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):

@@ -19,21 +19,9 @@ import functools
 
 import torch
 
+from maefast.testing import poison_
+
 _installed = False
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fills t with NaN (floating/complex) or 0xA5 bytes (integers; bool: True)."""
-    with torch.no_grad():
-        if t.is_floating_point() or t.is_complex():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.bool:
-            t.fill_(True)
-        elif t.dtype == torch.uint8:
-            t.fill_(0xA5)
-        elif t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
-            t.view(-1).view(torch.uint8).fill_(0xA5) if t.is_contiguous() else t.fill_(-91)  # -91: 0xA5 as int8
-    return t
 
 
 def _has_data(t) -> bool:
@@ -50,7 +38,7 @@ def _wrap(make):
         t = make(*args, **kwargs)
         if torch.compiler.is_compiling() or not _has_data(t):
             return t
-        return poison(t)
+        return poison_(t)
 
     return poisoned
 
