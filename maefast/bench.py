@@ -140,6 +140,12 @@ def _maefast(name, device, **overrides):
     return build_model(name, "auto", device, **overrides)
 
 
+def _maefast_sdpa(name, device, **overrides):
+    # the same model with torch's SDPA (cuDNN / flash on a GPU) for the attention: maefast's attention
+    # against torch's with everything else equal
+    return build_model(name, "sdpa", device, **overrides)
+
+
 def _maefast_block(name, device, **overrides):
     # each transformer block one op (fused="block"): one autograd node per block, LN/GELU recomputed
     return build_model(name, "auto", device, fused="block", **overrides)
@@ -227,6 +233,8 @@ TORCH_NATIVE_ROWS = ("sdpa", "torch-native", "torch-native-graph")
 STEP_PROVIDERS.update({  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
     "maefast": StepRecipe(_maefast, what="maefast's model (fused=False), eager step"),
     "maefast-graph": StepRecipe(_maefast, capture=True, what="maefast, the step captured"),
+    "maefast-sdpa-graph": StepRecipe(_maefast_sdpa, capture=True,
+                                     what='impl="sdpa": maefast\'s model with torch\'s SDPA attention, the step captured'),
     "maefast-block": StepRecipe(_maefast_block, what='fused="block", eager step'),
     "maefast-block-graph": StepRecipe(_maefast_block, capture=True, what='fused="block", the step captured'),
     "maefast-compile": StepRecipe(_maefast, compile=True, what="maefast's model under torch.compile, eager step"),

@@ -67,12 +67,15 @@ def check_mask_ratio_flag(ratio, num_patches: int | None = None) -> None:
         raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
 
 
-def check_impls(impls: list[str], given) -> None:
-    """--impl's comma list: every name one of maefast's backends."""
-    from .ops._backend import IMPLS
+def check_impls(impls: list[str], given, fused: str = "off") -> None:
+    """--impl's comma list: every name one of the models' backends, none that --fused rules out."""
+    from .ops._backend import MODEL_IMPLS
 
-    if not impls or any(i not in IMPLS for i in impls):
-        raise ValueError(f"--impl takes a comma list of {', '.join(IMPLS)}, got {given!r}")
+    if not impls or any(i not in MODEL_IMPLS for i in impls):
+        raise ValueError(f"--impl takes a comma list of {', '.join(MODEL_IMPLS)}, got {given!r}")
+    if fused == "block" and "sdpa" in impls:
+        raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
+                         "maefast's own attention inside each block's one op")
 
 
 def guarded(prog: str, fn, argv) -> int:

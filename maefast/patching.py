@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .models.fast import BlockView, MAEView, _official_block_view, check_fused, fast_forward, official_view
+from .models.fast import (BlockView, MAEView, _official_block_view, check_fused, check_model_impl, fast_forward,
+                          official_view)
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
 from .models.routing import (SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
                              fast_unsupported, image_grad_reason, instance_overrides, official_call, original_inputs,
                              refuse, replaced_forward, skipped_hooks_reason, warn_slow)
-from .ops._backend import IMPLS
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "random_masking",
@@ -442,11 +442,10 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
     Raises TypeError listing what is missing for a model it does not recognise, or naming a method of
     the user's that the fast path would drop (see the module docstring).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused = check_fused(fused)
+    check_model_impl(impl, fused)
     if isinstance(model._modules.get("_orig_mod"), nn.Module):  # torch.compile's OptimizedModule
         raise TypeError("maefast.patch: this is a torch.compile wrapper (its forward is the compiled one); patch the "
                         "model, then compile it: maefast.patch(model); model = torch.compile(model)")

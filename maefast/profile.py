@@ -508,7 +508,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU, 64 on a GPU")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
     p.add_argument("--impl", default=None, help="comma list, profiled side by side (reference, auto, triton, "
-                   "cuda); default on a GPU: reference,auto (the official computation and maefast's model, with "
+                   "cuda, sdpa); default on a GPU: reference,auto (the official computation and maefast's model, with "
                    "the speed-up); on the CPU: auto alone (its ops run their PyTorch reference there)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, default=2)
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
     # alone, since both would run the same PyTorch ops
     impl_arg = a.impl or ("auto" if on_cpu else "reference,auto")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
-    check_impls(impls, a.impl)
+    check_impls(impls, a.impl, a.fused)
     # one trace per impl when there are several: trace.json -> trace.auto.json
     root, ext = os.path.splitext(a.trace or "")
     traces = {i: a.trace if len(impls) == 1 or not a.trace else f"{root}.{i}{ext or '.json'}" for i in impls}

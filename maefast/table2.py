@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=None, help="comma list (base,large,huge / small / tiny / full names); "
                    "default: base,large,huge on a GPU, small on the CPU")
     p.add_argument("--decoder-depths", default="8,1")
-    p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda); default: "
+    p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda, sdpa); default: "
                    "reference, plus auto on a GPU when the model takes impl=")
     p.add_argument("--batch", default=None, help=f"N for every model, or per model: large=256,huge=192 (the others "
                    f"at their default); default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
     for m in models:
         resolve_model_name(m)
     impls = _csv(a.impl) if a.impl else (["reference"] + ([] if on_cpu else ["auto"]))
-    check_impls(impls, a.impl)
+    check_impls(impls, a.impl, a.fused)
     check_mask_ratio_flag(a.mask_ratio)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]

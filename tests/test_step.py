@@ -553,7 +553,7 @@ def test_gpu_replays_draw_fresh_masks_and_train():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["torch-native-graph", "maefast-graph", "maefast-block-graph",
+@pytest.mark.parametrize("provider", ["torch-native-graph", "maefast-graph", "maefast-sdpa-graph", "maefast-block-graph",
                                       "maefast-compile-graph"])
 def test_gpu_captured_benchmark_rows_capture(provider):
     if provider not in mb.STEP_PROVIDERS:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops._backend import MODEL_IMPLS
 from ..ops.attention import model_level_impl
 from .._validate import FLOAT_DTYPES, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
@@ -34,7 +35,9 @@ _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
 
 
 def op_impl(impl: str, op: str) -> str:
-    if impl == "cuda" and op not in _CUDA_OPS:
+    """A model's impl as one op takes it: "cuda" for an op without a CUDA C++ kernel, and "sdpa" (attention
+    only, `model_level_impl`) for every other op, are "auto"."""
+    if (impl == "cuda" and op not in _CUDA_OPS) or impl == "sdpa":
         return "auto"
     return impl
 
@@ -112,6 +115,15 @@ def check_fused(fused) -> bool | str:
     raise ValueError(f"fused must be False or 'block', got {fused!r}")
 
 
+def check_model_impl(impl, fused) -> None:
+    """A model's impl (MODEL_IMPLS) and its combination with `fused` (already checked)."""
+    if not isinstance(impl, str) or impl not in MODEL_IMPLS:
+        raise ValueError(f"impl must be one of {MODEL_IMPLS}, got {impl!r}")
+    if impl == "sdpa" and fused == "block":
+        raise ValueError("fused='block' runs maefast's own attention inside each block's one op; impl='sdpa' "
+                         "(torch's SDPA) needs fused=False")
+
+
 def _block_op_ok(bv: BlockView) -> bool:
     """Whether `ops.vit_block` computes this block exactly: no dropout, and `vit_block_computes`."""
     return not (bv.drop_attn or bv.drop_mlp) and vit_block_computes((bv.norm1, bv.norm2), bv.exact_gelu, bv.proj,
@@ -120,7 +132,7 @@ def _block_op_ok(bv: BlockView) -> bool:
 
 def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused) -> torch.Tensor:
     """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
-    if fused == "block" and _block_op_ok(bv):
+    if fused == "block" and impl != "sdpa" and _block_op_ok(bv):  # the block op runs maefast's attention
         w, b = bv.qkv()
         return ops.vit_block(x, bv.norm1.weight, bv.norm1.bias, w, b, bv.proj.weight, bv.proj.bias, bv.norm2.weight,
                              bv.norm2.bias, bv.fc1.weight, bv.fc1.bias, bv.fc2.weight, bv.fc2.bias,

@@ -2,9 +2,8 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
-from ..ops._backend import IMPLS
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
-from .fast import check_fused
+from .fast import check_fused, check_model_impl
 from .routing import Overrides, class_overrides, instance_overrides, official_call, refuse
 
 
@@ -12,9 +11,11 @@ class MaskedAutoencoderViT(_ReferenceMAE):
     """Masked Autoencoder with a ViT backbone on maefast's kernels.
 
     Extra constructor arguments (all keyword, after the official ones):
-        impl: "auto" | "triton" | "cuda" | "reference". "reference" runs the official computation;
-            the others run the fused path with that backend for every op ("auto": the fastest
-            verified one on CUDA, the reference composition of each op on the CPU).
+        impl: "auto" | "triton" | "cuda" | "reference" | "sdpa". "reference" runs the official
+            computation; the others run the fused path with that backend for every op ("auto": the
+            fastest verified one on CUDA, the reference composition of each op on the CPU; "cuda" where
+            an op has a CUDA C++ kernel, "auto" elsewhere; "sdpa": the attention on torch's
+            scaled_dot_product_attention, every other op "auto", with fused=False only).
         fused: False | "block". False: torch's LayerNorm, GELU and Linear around maefast's attention
             (under torch.compile, Inductor fuses the element-wise work). "block": each transformer
             block is one op (`maefast.ops.vit_block`: one autograd node, LayerNorm and GELU recomputed
@@ -43,11 +44,11 @@ class MaskedAutoencoderViT(_ReferenceMAE):
 
     def __init__(self, *args, impl: str = "auto", fused: bool | str = False, grad_checkpointing: bool = False,
                  **kwargs):
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        fused = check_fused(fused)
+        check_model_impl(impl, fused)
         super().__init__(*args, **kwargs)
         self.impl = impl
-        self.fused = check_fused(fused)
+        self.fused = fused
         self.grad_checkpointing = bool(grad_checkpointing)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,

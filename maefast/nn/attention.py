@@ -32,14 +32,15 @@ class Attention(_ReferenceAttention):
     training mode, the probabilities need dropout, which the kernels do not do: that case runs
     PyTorch's SDPA (with the layout copies) instead. MAE pre-training uses attn_drop = 0. With hooks
     on ``attn_drop`` (the usual way to capture attention maps) the probabilities are materialised,
-    as timm computes them, so the hooks see them.
+    as timm computes them, so the hooks see them. impl: as `maefast.ops.visible_attention`'s ("sdpa":
+    torch's scaled_dot_product_attention on the same views; no cu_seqlens).
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
                  impl: str = "auto"):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
                          proj_drop=proj_drop)
-        check_impl(impl, "maefast.nn.Attention")
+        check_impl(impl, "maefast.nn.Attention", sdpa=True)  # "sdpa": torch's SDPA, no cu_seqlens
         self.impl = impl
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -118,8 +119,8 @@ class Block(nn.Module):
     and GELU recomputed in the backward, ~1/3 less activation memory) whenever it computes the same
     thing: no cu_seqlens, no active dropout/drop-path, torch's exact GELU, affine LayerNorms, proj/fc
     biases, this module's own attention and MLP (their forwards not replaced), no hooks on the
-    parts it would not call, a float32/16 input. Otherwise (and always with fused=False) the block
-    runs op by op, calling its parts as modules.
+    parts it would not call, a float32/16 input, an attention impl other than "sdpa". Otherwise (and
+    always with fused=False) the block runs op by op, calling its parts as modules.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
@@ -128,6 +129,9 @@ class Block(nn.Module):
         super().__init__()
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
+        if fused and impl == "sdpa":
+            raise ValueError("fused=True runs maefast's own attention inside the block's one op; impl='sdpa' "
+                             "(torch's SDPA) needs fused=False")
         self.fused = fused
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
@@ -152,9 +156,9 @@ class Block(nn.Module):
             self.drop_path = DropPath(p)
 
     def _one_op(self, x: torch.Tensor, cu_seqlens) -> bool:
-        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES:
-            return False
         a, m = self.attn, self.mlp
+        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES or getattr(a, "impl", None) == "sdpa":
+            return False
         if self.training and (self.drop_path_prob or a.attn_drop.p or a.proj_drop.p or m.drop.p):
             return False
         if not (isinstance(a, Attention) and isinstance(m, Mlp)

@@ -1,4 +1,5 @@
-"""Backend choice shared by every op: impl = "auto" | "triton" | "cuda" | "reference"."""
+"""Backend choice shared by every op: impl = "auto" | "triton" | "cuda" | "reference"; attention (and the
+models and blocks built on it) also takes "sdpa": torch's scaled_dot_product_attention."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,11 @@ from .._cpp_lib import get_C, load_error
 from .._triton import triton_usable
 
 IMPLS = ("auto", "triton", "cuda", "reference")
+# What a model, a block or `maefast.ops.visible_attention` takes: "sdpa" runs the attention through torch's
+# F.scaled_dot_product_attention on views of the packed qkv (cuDNN / flash on a GPU: what a compiled
+# torch-native step uses), every other op as "auto". The step benchmark's `maefast-sdpa-graph` row measures
+# it against maefast's own attention in the same model (issue 14: keep only what wins).
+MODEL_IMPLS = IMPLS + ("sdpa",)
 
 
 def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, str]:
@@ -31,13 +37,18 @@ def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, 
 cuda_ext_usable._dynamo_marked_constant = True
 
 
-def check_impl(impl, what: str, cuda: bool = True) -> None:
+def check_impl(impl, what: str, cuda: bool = True, sdpa: bool = False) -> None:
     """The check of ``impl`` itself that every public op makes before dispatching, on every route (the
-    meta and fake tensors of tracing never resolve a backend): one of IMPLS, and not "cuda" for an op
-    without a CUDA C++ kernel (``cuda=False``). Whether a backend can run on the tensors given is the
-    op's own resolve, made where the op runs."""
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    meta and fake tensors of tracing never resolve a backend): one of IMPLS (MODEL_IMPLS where ``sdpa``:
+    attention and what is built on it), and not "cuda" for an op without a CUDA C++ kernel
+    (``cuda=False``). Whether a backend can run on the tensors given is the op's own resolve, made where
+    the op runs."""
+    allowed = MODEL_IMPLS if sdpa else IMPLS
+    if not isinstance(impl, str) or impl not in allowed:
+        if impl == "sdpa":
+            raise ValueError(f"impl='sdpa' is not available for {what}: only attention runs on torch's SDPA "
+                             "(a model or block given impl='sdpa' runs its other ops as 'auto')")
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     if impl == "cuda" and not cuda:
         raise ValueError(f"impl='cuda' is not available for {what}: it has no CUDA C++ kernel "
                          "(use 'triton', 'reference' or 'auto')")

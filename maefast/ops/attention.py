@@ -7,15 +7,20 @@ Custom ops `maefast::visible_attention` (-> out, lse) and `maefast::visible_atte
 where the GPU's shared memory holds the sequence, fp16/bf16; its backward is the Triton one, fed by
 the same natural-log logsumexp) and "reference" (the PyTorch reference forward; its backward is the
 same math written out in fp32). "auto" = Triton on CUDA, else the reference; it never picks the CUDA
-C++ kernel until that kernel has been verified on a card.
+C++ kernel until that kernel has been verified on a card. "sdpa" is no custom op: torch's
+`F.scaled_dot_product_attention` on (N, H, L, Dh) views of the packed qkv, its output viewed back as
+(N, L, H*Dh) (cuDNN and flash allocate it in that layout: no copies), its backward torch's; dense
+batches only. It is what a compiled torch-native model runs, offered in maefast's model so the step
+benchmark can time both attentions with everything else equal (the `maefast-sdpa-graph` row).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._validate import check_cu_seqlens, check_tensor, compiling, dense_index
 from ..reference.attention import attention as _reference_attention
-from ._backend import choose_impl, device_guard, stream_of
+from ._backend import check_impl, choose_impl, device_guard, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
 
 # Head dims each backend handles. Triton splits non-powers of two into two power-of-two chunks
@@ -255,6 +260,16 @@ def _backward(ctx, dout, dlse):
 register_autograd(_visible_attention, _backward, setup_context=_setup_context)
 
 
+def _sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
+    """impl="sdpa": torch's scaled_dot_product_attention on views of the packed (N, L, 3*H*Dh) qkv."""
+    n, L, width = qkv.shape
+    if qkv.numel() == 0:  # an empty output, still differentiable (not every SDPA backend takes empty inputs)
+        return qkv.narrow(-1, 0, width // 3) * 0
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, L, Dh) views
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(n, L, width // 3)
+
+
 # -- public entry point ------------------------------------------------------------------------------
 
 def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None:
@@ -267,6 +282,10 @@ def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a str, got {type(impl).__name__}")
+    check_impl(impl, "maefast.ops.visible_attention", sdpa=True)
+    if impl == "sdpa" and cu_seqlens is not None:
+        raise ValueError("impl='sdpa' takes no cu_seqlens (torch's scaled_dot_product_attention has no packed-"
+                         "sequence form here); use impl='auto' for packed sequences")
     if cu_seqlens is None:
         if qkv.dim() != 3:
             raise ValueError(f"qkv must be (N, L, 3*H*Dh), got shape {tuple(qkv.shape)}")
@@ -311,7 +330,8 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
             (output, logsumexp, gradient); a sequence longer than max_seqlen comes out as NaN rows;
             rows after cu_seqlens[-1] (padding) are NaN; no kernel access leaves the tensors.
         scale: softmax scale, default Dh ** -0.5.
-        impl: "auto" | "triton" | "cuda" | "reference" (see the module docstring).
+        impl: "auto" | "triton" | "cuda" | "reference" | "sdpa" (see the module docstring; "sdpa"
+            without cu_seqlens).
 
     Returns:
         (N, L, H*Dh) (or (T, H*Dh) / (1, T, H*Dh)), qkv's dtype; differentiable w.r.t. qkv (the
@@ -319,6 +339,8 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         deterministic and recomputes the probabilities from the saved logsumexp.
     """
     max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
+    if impl == "sdpa":
+        return _sdpa_attention(qkv, num_heads, None if scale is None else float(scale))
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)

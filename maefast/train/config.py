@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="per-patch normalised pixel targets (the official release recipe uses it)")
     a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
     a("--dtype", default="auto", choices=["auto", *DTYPES], help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
-    a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference)")
+    a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference|sdpa)")
     a("--fused", default="off", choices=["off", "block"],
       help="transformer blocks on the fast path: off (torch LayerNorm/GELU/Linear around maefast's attention; "
            "what --compile fuses), block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less "
@@ -291,8 +291,11 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_geometry(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
-    if cfg.impl not in ("auto", "triton", "cuda", "reference"):
-        raise ValueError(f"--impl must be auto, triton, cuda or reference, got {cfg.impl!r}")
+    if cfg.impl not in ("auto", "triton", "cuda", "reference", "sdpa"):
+        raise ValueError(f"--impl must be auto, triton, cuda, reference or sdpa, got {cfg.impl!r}")
+    if cfg.impl == "sdpa" and cfg.fused == "block":
+        raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
+                         "maefast's own attention inside each block's one op")
     if cfg.impl in ("triton", "cuda") and cfg.device is not None:  # else the first step would say it
         from ..ops._backend import choose_impl
 
