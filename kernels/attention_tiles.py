@@ -159,7 +159,9 @@ TILES: dict[tuple[int, int], ShapeTiles] = {
     # 25% fewer scores, exponentials and MMAs than 64x128 tiles, at ~115 registers (2 programs per
     # SM; the 64x128 8-warp tile, ~170, ran alone). Backward: fused (every key in one 128-key
     # block), in 16-row steps (80 padded rows, not 96 or 128); it still runs alone on its SM
-    # (~240 registers: K, V and the dK, dV accumulators of 128 keys), hence the unfused candidate.
+    # (~240 registers: K, V and the dK, dV accumulators of 128 keys), and its dq product (16 rows x 128
+    # keys) compiles to mma.sync, the others to wgmma (compile_kernels.py counts both), hence the
+    # unfused candidate, all wgmma.
     (65, 80): ShapeTiles(
         fwd=_T("m128n32w8s2"), bwd=_B("fused-m16n128w8s1"), source=_REASONED,
         fwd_candidates=(_T("m64n128w8s2"), _T("m128n32w8s2"), _T("m64n128w4s1"), _T("m64n64w4s1"),

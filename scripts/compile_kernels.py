@@ -72,8 +72,12 @@ def _compile(kernel, consts: dict, ptrs: dict, *, arch: int, num_warps: int, num
     compiled = compile_for(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages, attrs=attrs,
                            options=options)
     regs, stack = resource_usage(compiled)
+    ptx = compiled.asm["ptx"]
+    # the tensor-core instructions tl.dot became: Hopper's warpgroup wgmma (what the tiles are chosen
+    # for on sm_90) or the older warp-level mma.sync (Triton's choice under 64 rows a warpgroup)
     return dict(seconds=round(time.perf_counter() - t0, 2), shared_bytes=compiled.metadata.shared, registers=regs,
-                spill_stack_bytes=stack, fma_f32=compiled.asm["ptx"].count("fma.rn.f32"))
+                spill_stack_bytes=stack, fma_f32=ptx.count("fma.rn.f32"), wgmma=ptx.count("wgmma.mma_async"),
+                mma_sync=ptx.count("mma.sync"))
 
 
 def _contiguous_strides(*shape) -> list[int]:
@@ -323,8 +327,9 @@ def main(argv=None) -> int:
             failed += 1
             r = dict(kernel=name, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}")
         rows.append(r)
-        print(f"  {name:<60} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B "
-                                   f"({r['seconds']} s)" if "error" not in r else "FAILED " + r["error"]), flush=True)
+        mma = f" wgmma {r['wgmma']} mma.sync {r['mma_sync']}" if r.get("wgmma") or r.get("mma_sync") else ""
+        print(f"  {name:<60} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B"
+                                   f"{mma} ({r['seconds']} s)" if "error" not in r else "FAILED " + r["error"]), flush=True)
     spilled = [r["kernel"] for r in rows if r.get("spill_stack_bytes")]
     if a.json:
         with open(a.json, "w") as f:

@@ -31,3 +31,11 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     # normalised value is rounded before pred - target uses it, as a float image normalised first
     loss = [r for r in rows if r["kernel"].startswith("loss")]
     assert loss and all(r["fma_f32"] == 0 for r in loss), [(r["kernel"], r["fma_f32"]) for r in loss]
+    # Hopper's tensor cores through wgmma where the tile table says so (kernels/attention_tiles.py): every
+    # forward and dq tile of the table (>= 64 query rows), the decoder's dk/dv tiles and the bf16 patch
+    # embedding; only the fused backward's 16-row dq product may fall back to warp-level mma.sync
+    wg = [r for r in rows if r.get("mma_sync") == 0 and r.get("wgmma")]
+    want = [r for r in rows if ("[table]" in r["kernel"] and ("attention fwd" in r["kernel"] or "bwd-dq" in r["kernel"]
+                                                              or "dkdv-" in r["kernel"].split()[-2]))
+            or (r["kernel"].startswith("patch_embed") and "bf16" in r["kernel"])]
+    assert len(want) >= 14 and all(r in wg for r in want), [(r["kernel"], r["wgmma"], r["mma_sync"]) for r in want]
