@@ -88,9 +88,10 @@ LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the load
 # to a run of benchmarks/bench_step.py of its own
 STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph")  # no compile: each ~10 s once Triton is warm
 STEP_COMPILED = ("torch-native-graph", "maefast-compile-graph")  # the baseline first: no target without it
-# first the captured row with torch's SDPA as maefast's attention (no compile: ~10 s): against the step
-# record's maefast-graph, maefast's attention against cuDNN's with everything else equal (keep only what wins)
-STEP_MORE = ("maefast-sdpa-graph", "torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
+# first maefast's captured step with its own attention and with torch's SDPA (no compile: ~10 s each), side
+# by side in one run: maefast's attention against cuDNN's with everything else equal (keep only what wins)
+STEP_MORE = ("maefast-graph", "maefast-sdpa-graph", "torch-native", "sdpa", "maefast", "maefast-block",
+             "maefast-compile")
 PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
 # data preset: the benchmark's JPEG folder (issue 15: 16 workers, a few thousand files), ViT-L/16 at
 # a batch that fits for the JPEG-vs-synthetic ratio, ViT-H/14 b128 for train vs the step row

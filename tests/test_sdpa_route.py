@@ -50,13 +50,14 @@ def test_sdpa_matches_the_oracle(shape, dtype):
 
 
 def test_sdpa_takes_strided_qkv_and_a_scale():
-    """A view whose rows are strided (a slice of a wider Linear output) and an explicit scale."""
-    wide = randn(2, 9, 3 * 2 * 16 + 5, device=_device())
-    qkv = wide[..., 5:].requires_grad_(False).clone().requires_grad_(True)
-    view = torch.cat([torch.zeros_like(qkv[..., :5]), qkv], -1)[..., 5:]  # same values, row stride 101
+    """qkv as the slice of a wider Linear output (rows strided 101 apart) and an explicit scale; the
+    gradient arrives in the packed layout."""
+    wide = randn(2, 9, 5 + 3 * 2 * 16, device=_device()).requires_grad_(True)
+    view = wide[..., 5:]
     assert not view.is_contiguous()
     _check_vs_oracle(view, 2, scale=0.3, name="strided")
-    assert_close(ops.visible_attention(view, 2, impl="sdpa"), ref_attention(view, 2), torch.float32)
+    ops.visible_attention(view, 2, impl="sdpa").sum().backward()
+    assert torch.equal(wide.grad[..., :5], torch.zeros_like(wide.grad[..., :5]))
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 2, 8), (2, 0, 2, 8)])
@@ -140,6 +141,37 @@ def test_model_on_sdpa_equals_the_official_computation():
         _tiny("sdpa", fused="block")
     fast.fused = "block"  # set afterwards: the blocks run op by op (sdpa) rather than the block op
     assert_close(fast(imgs, 0.75, noise)[0], l0, torch.float32, name="loss, fused set afterwards")
+
+
+def test_model_on_sdpa_under_autocast():
+    """Under bf16 autocast (the training recipe) the sdpa model's loss and gradients are those of the
+    "auto" model to the bf16 tolerance, in the same dtypes."""
+    a, s = _tiny("auto"), _tiny("sdpa")
+    s.load_state_dict(a.state_dict())
+    imgs = torch.randn(2, 3, *a.patch_embed.img_size)
+    noise = torch.rand(2, a.patch_embed.num_patches)
+    got = []
+    for m in (a, s):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, pred, _ = m(imgs, 0.75, noise)
+        loss.backward()
+        got.append((loss, pred, m.blocks[0].attn.qkv.weight.grad))
+    (la, pa, ga), (ls, ps, gs) = got
+    assert (ls.dtype, ps.dtype, gs.dtype) == (la.dtype, pa.dtype, ga.dtype)
+    assert_close(ls, la, torch.bfloat16, name="loss")
+    assert_close(ps, pa, torch.bfloat16, name="pred")
+    assert_close(gs, ga, torch.bfloat16, name="qkv weight grad")
+
+
+def test_profile_counts_the_sdpa_attention():
+    """`maefast profile`'s backend log (which backend each op ran) names sdpa for the attention."""
+    from maefast.profile import BackendLog
+
+    m = _tiny("sdpa")
+    with BackendLog() as log:
+        m(torch.randn(2, 3, *m.patch_embed.img_size))
+    assert log.ran["attention"] == {"sdpa": len(m.blocks) + len(m.decoder_blocks)}, log.ran
+    assert set(log.ran["loss"]) == {"reference"}  # the other ops as "auto" (the reference on the CPU)
 
 
 def test_patch_takes_sdpa():

@@ -66,7 +66,7 @@ class Attention(_ReferenceAttention):
         if cu_seqlens is not None:
             raise ValueError("attn_drop > 0 in training mode is not supported with cu_seqlens")
         n, L, width = qkv.shape
-        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2))  # one copy back
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
         return out.transpose(1, 2).reshape(n, L, width // 3)
 

@@ -46,8 +46,8 @@ def check_impl(impl, what: str, cuda: bool = True, sdpa: bool = False) -> None:
     allowed = MODEL_IMPLS if sdpa else IMPLS
     if not isinstance(impl, str) or impl not in allowed:
         if impl == "sdpa":
-            raise ValueError(f"impl='sdpa' is not available for {what}: only attention runs on torch's SDPA "
-                             "(a model or block given impl='sdpa' runs its other ops as 'auto')")
+            raise ValueError(f"impl='sdpa' is not available for {what}: only the attention runs on torch's SDPA "
+                             "(a model or block given impl='sdpa' runs its other ops as 'auto', with fused=False)")
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
     if impl == "cuda" and not cuda:
         raise ValueError(f"impl='cuda' is not available for {what}: it has no CUDA C++ kernel "

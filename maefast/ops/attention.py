@@ -93,6 +93,8 @@ def model_level_impl(impl: str, qkv: torch.Tensor, num_heads: int) -> str:
 
 
 def _resolve(impl: str, qkv: torch.Tensor, head_dim: int, max_len: int) -> str:
+    if impl == "sdpa":  # torch's op runs any shape and dtype it is given (checked by _validate)
+        return impl
     chosen = choose_impl(impl, qkv.device, auto_order=("triton",), cuda_op="attention_fwd",
                          what="maefast.ops.visible_attention")
     if chosen == "reference":
@@ -261,11 +263,15 @@ register_autograd(_visible_attention, _backward, setup_context=_setup_context)
 
 
 def _sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
-    """impl="sdpa": torch's scaled_dot_product_attention on views of the packed (N, L, 3*H*Dh) qkv."""
+    """impl="sdpa": torch's scaled_dot_product_attention on views of the packed (N, L, 3*H*Dh) qkv.
+
+    Unbound on the packed [3] dim, then transposed: the backward's only copy is the one stack of dq, dk,
+    dv into the packed dqkv (unbinding a (3, N, H, L, Dh) permutation instead stacks them in that
+    order and then copies the result back into the packed layout: a second full copy)."""
     n, L, width = qkv.shape
-    if qkv.numel() == 0:  # an empty output, still differentiable (not every SDPA backend takes empty inputs)
-        return qkv.narrow(-1, 0, width // 3) * 0
-    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, L, Dh) views
+    if qkv.numel() == 0:  # not every SDPA backend takes empty inputs; the reference's dtype under autocast
+        return _reference_attention(qkv, num_heads, scale=scale)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, num_heads, -1)).unbind(2))  # (N, H, L, Dh) views
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(n, L, width // 3)
 
@@ -339,7 +345,8 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         deterministic and recomputes the probabilities from the saved logsumexp.
     """
     max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
-    if impl == "sdpa":
+    if impl == "sdpa":  # torch's own op, no custom op; _resolve says "sdpa" (what `maefast profile` counts)
+        _resolve(impl, qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
         return _sdpa_attention(qkv, num_heads, None if scale is None else float(scale))
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv

@@ -291,8 +291,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_geometry(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
-    if cfg.impl not in ("auto", "triton", "cuda", "reference", "sdpa"):
-        raise ValueError(f"--impl must be auto, triton, cuda, reference or sdpa, got {cfg.impl!r}")
+    from ..ops._backend import MODEL_IMPLS
+
+    if cfg.impl not in MODEL_IMPLS:
+        raise ValueError(f"--impl must be one of {', '.join(MODEL_IMPLS)}, got {cfg.impl!r}")
     if cfg.impl == "sdpa" and cfg.fused == "block":
         raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
                          "maefast's own attention inside each block's one op")
