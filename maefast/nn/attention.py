@@ -157,7 +157,9 @@ class Block(nn.Module):
 
     def _one_op(self, x: torch.Tensor, cu_seqlens) -> bool:
         a, m = self.attn, self.mlp
-        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES or getattr(a, "impl", None) == "sdpa":
+        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES:
+            return False
+        if getattr(a, "impl", None) == "sdpa":  # torch's attention: the block op would run maefast's
             return False
         if self.training and (self.drop_path_prob or a.attn_drop.p or a.proj_drop.p or m.drop.p):
             return False
