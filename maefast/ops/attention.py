@@ -10,8 +10,9 @@ same math written out in fp32). "auto" = Triton on CUDA, else the reference; it 
 C++ kernel until that kernel has been verified on a card. "sdpa" is no custom op: torch's
 `F.scaled_dot_product_attention` on (N, H, L, Dh) views of the packed qkv, its output viewed back as
 (N, L, H*Dh) (cuDNN and flash allocate it in that layout: no copy forward), its backward torch's (one
-copy: dq, dk, dv stacked into the packed gradient); dense batches only. It is what a compiled torch-native model runs, offered in maefast's model so the step
-benchmark can time both attentions with everything else equal (the `maefast-sdpa-graph` row).
+copy: dq, dk, dv stacked into the packed gradient); dense batches only. It is what a compiled
+torch-native model runs, offered in maefast's model so the step benchmark can time both attentions
+with everything else equal (the `maefast-sdpa-graph` row).
 """
 from __future__ import annotations
 
