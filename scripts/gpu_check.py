@@ -378,8 +378,10 @@ def preset_profile(r: Runner) -> None:
     # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
-             note="the eager and compiled-eager rows: each whole-model torch.compile of ViT-H takes ~1 min", last=True)
+             note="maefast-graph beside maefast-sdpa-graph, then the eager and compiled-eager rows: each whole-model "
+             "torch.compile of ViT-H takes ~1 min", last=True)
     # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
+    r.record["attention_route"] = rec.attention_route(r.record["rows"], STEP_MODEL)
     prof = r.record.get("profile") or {}
     done = {x.get("provider") for x in prof.get("results", []) if x.get("attention_ms_per_step")}
     lacking = [p for p in PROFILE_PROVIDERS if p not in done]

@@ -181,6 +181,39 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
     return out
 
 
+ROUTE_ROWS = {"triton": "maefast-graph", "sdpa": "maefast-sdpa-graph"}  # the same captured step, two attentions
+
+
+def attention_route(rows: list[dict], only: str) -> dict:
+    """Which attention maefast's step should run (issue 14: keep only what wins), from the captured step
+    with its own attention (`maefast-graph`) and with torch's SDPA (`maefast-sdpa-graph`), same run, same
+    shape (``only``, e.g. "huge:128"). `faster` is a backend only where the two timings' spreads do not
+    overlap (one's 80th percentile under the other's 20th: a difference under the spread is noise);
+    `sdpa_speedup` = triton ms / sdpa ms. Not a target: a decision, with the rows it reads."""
+    model, _, batch = only.partition(":")
+    got = {k: next((r for r in rows if r.get("group") == "train-step" and r.get("provider") == p and r.get("time_ms")
+                    and _is_shape(r, model, int(batch))), None) for k, p in ROUTE_ROWS.items()}
+    out = {"shape": only, "rows": {k: None if r is None else {f: r.get(f) for f in ("provider", "time_ms", "time_p20_ms",
+                                                                                  "time_p80_ms", "captured")}
+                                   for k, r in got.items()}}
+    missing = [ROUTE_ROWS[k] for k, r in got.items() if r is None]
+    if missing:
+        return dict(out, faster=None, sdpa_speedup=None, decide=f"missing row: {', '.join(missing)}")
+    t, s = got["triton"], got["sdpa"]
+
+    def lo(r):
+        return r.get("time_p20_ms") or r["time_ms"]
+
+    def hi(r):
+        return r.get("time_p80_ms") or r["time_ms"]
+
+    faster = "sdpa" if hi(s) < lo(t) else "triton" if hi(t) < lo(s) else None
+    decide = {"sdpa": "route auto's attention to sdpa where the ops record's SDPA rows (no layout copies) beat Triton",
+              "triton": "keep Triton; delete impl='sdpa' and its row",
+              None: "within the spread: neither wins; keep Triton (auto) and drop impl='sdpa'"}[faster]
+    return dict(out, faster=faster, sdpa_speedup=round(t["time_ms"] / s["time_ms"], 4), decide=decide)
+
+
 def attention_targets(rows: list[dict]) -> dict:
     """Per paper shape and mode: the best SDPA backend and maefast's rows (triton, cuda) against it."""
     from maefast import timing
@@ -351,6 +384,12 @@ def short_lines(record: dict) -> list[str]:
         ips = t.get("img_per_s")
         lines.append(f"  {name}: {'-' if ips is None else f'{ips:.1f}'} img/s (windows from step "
                      f"{t.get('timed_after_step')})")
+    route = record.get("attention_route")
+    if route:
+        ms = {k: (v or {}).get("time_ms") for k, v in route["rows"].items()}
+        gain = f" (sdpa {route['sdpa_speedup']}x)" if route.get("sdpa_speedup") else ""
+        lines.append(f"  attention route {route['shape']}: triton {ms['triton']} ms, sdpa {ms['sdpa']} ms{gain}: "
+                     f"{route['decide']}")
     for w in record.get("attention_tiles", []):
         lines.append(f"  tiles L{w['L']} Dh{w['Dh']} {w['direction']}: table {w['table']} {w['table_ms']} ms, best "
                      f"{w['best']} {w['best_ms']} ms{'  <- change the table' if w['change'] else ''}")

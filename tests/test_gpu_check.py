@@ -200,6 +200,29 @@ def test_step_targets_read_the_fastest_rows():
     assert t["rows"]["maefast-block-graph"]["peak_mem_reserved_gib"] == 21.0
 
 
+def test_attention_route_decides_only_beyond_the_spread():
+    """The profile preset's decision between maefast's attention and torch's SDPA in the same captured
+    step: a backend wins only where the two timings' p20-p80 spreads do not overlap."""
+    h = dict(model="mae_vit_huge_patch14", batch=128)
+
+    def rows(t, s):
+        return [_row("train-step", "maefast-graph", t[1], h, time_p20_ms=t[0], time_p80_ms=t[2], captured=True),
+                _row("train-step", "maefast-sdpa-graph", s[1], h, time_p20_ms=s[0], time_p80_ms=s[2], captured=True),
+                _row("train-step", "maefast-sdpa-graph", 50.0, dict(h, batch=64))]  # another shape: not read
+
+    r = rec.attention_route(rows((113.9, 114.0, 114.2), (110.8, 111.0, 111.3)), "huge:128")
+    assert r["faster"] == "sdpa" and r["sdpa_speedup"] == round(114.0 / 111.0, 4) and "route auto" in r["decide"]
+    assert r["rows"]["sdpa"]["time_ms"] == 111.0
+    assert rec.attention_route(rows((113.9, 114.0, 114.2), (115.0, 115.2, 115.4)), "huge:128")["faster"] == "triton"
+    tie = rec.attention_route(rows((113.0, 114.0, 115.0), (113.5, 113.8, 114.5)), "huge:128")
+    assert tie["faster"] is None and tie["sdpa_speedup"] > 1 and "neither" in tie["decide"]
+    gone = rec.attention_route(rows((113.9, 114.0, 114.2), (1, 1, 1))[:1], "huge:128")
+    assert gone["faster"] is None and gone["decide"] == "missing row: maefast-sdpa-graph"
+    lines = rec.short_lines({"env": {"date": "d", "commit": "c"}, "preset": "profile", "dry_run": True, "steps": {},
+                             "attention_route": r})
+    assert any("attention route huge:128: triton 114.0 ms, sdpa 111.0 ms" in x for x in lines), lines
+
+
 def test_step_targets_say_which_baseline_row_is_missing():
     """A baseline row that did not run (capture skipped, out of memory, the deadline) leaves its target
     in the record with met None and the missing row named, and the printed summary says so: no target
