@@ -29,8 +29,10 @@ copy, ~600-790 TFLOP/s bf16 wgmma, ~4e12 exp2/s on the special-function units):
   query block, and to latency: a program that needs ~250 registers a thread at 8 warps runs alone
   on its SM, so nothing overlaps its loads.
 * Under 64 query rows Triton emits mma.sync instead of Hopper's wgmma, and 16/32-row blocks
-  multiply the K/V re-reads (through L2) by 3-5: the entries keep 64- or 128-row blocks and cut the
-  key padding instead (32-key tiles: 65 -> 96 padded keys, 257 -> 288).
+  multiply the K/V re-reads (through L2) by 3-5: the forward and dq entries keep 64- or 128-row
+  blocks and cut the key padding instead (32-key tiles: 65 -> 96 padded keys, 257 -> 288). The fused
+  backwards (L 50, 65) step 16 query rows against all keys: their dk/dv products (64 or 128 key rows)
+  are wgmma, their dq product mma.sync (scripts/compile_kernels.py counts both).
 * The decoder (Dh 32) does L^2 exponentials for only 2 x 32 MACs each: exponentials and padding,
   not bytes, bound it, so its tiles are the least-padded wgmma tiles, with 3 pipeline stages for
   their 7-9 key-tile loops.
@@ -148,7 +150,8 @@ TILES: dict[tuple[int, int], ShapeTiles] = {
     # two), so only latency is left to win: the key loop runs once, so a second pipeline stage buys
     # nothing and costs 24 KB of shared memory (and 146 registers instead of 122 under triton 3.9).
     # The fused backward in 16-row steps needs ~128 registers at 4 warps (4 programs per SM) where
-    # the 64-row, 8-warp tile needed ~200 (1 per SM: nothing overlaps its loads).
+    # the 64-row, 8-warp tile needed ~200 (1 per SM: nothing overlaps its loads); its 16-row dq product
+    # is mma.sync (the 64-row tile's is wgmma).
     (50, 64): ShapeTiles(
         fwd=_T("m64n64w4s1"), bwd=_B("fused-m16n64w4s1"), source=_REASONED,
         fwd_candidates=(_T("m64n64w4s2"), _T("m64n64w4s1"), _T("m64n64w8s1"), _T("m64n32w4s2")),

@@ -166,6 +166,8 @@ class Runner:
                        "budget_s": self.budget, "steps": {}, "rows": []}
         self.py = sys.executable
         self.child: subprocess.Popen | None = None
+        self.pending_rows: tuple[str, str] | None = None  # the running benchmark step's (name, rows file)
+        self.summarize = None  # the preset's own summary of its rows, also made when a signal stops it
 
     def job(self, cmd: list[str]) -> list[str]:
         """`cmd` (`python -m <module> <args>`), or on a dry run the same argument list through the real
@@ -232,13 +234,32 @@ class Runner:
             os.remove(rows_path)
         cmd = [self.py, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "pytest_deadline", "--gpu",
                *extra] + (["--collect-only"] if self.dry else [])
+        self.pending_rows = (name, rows_path)
         rc, out = self.run(name, cmd, dict(env or {}, MAEFAST_BENCH_ROWS=rows_path), note, last)
-        rows = rec.read_rows(rows_path)
-        self.record["rows"] += rows
-        self.record["steps"][name]["rows"] = len(rows)
+        self.collect_rows()
         if self.dry:
             self.record["steps"][name]["collected"] = sum(1 for ln in out.splitlines() if "::" in ln)
         return rc, out
+
+    def collect_rows(self) -> None:
+        """The running benchmark step's finished rows into the record (also when a signal stops it)."""
+        if self.pending_rows is None:
+            return
+        (name, path), self.pending_rows = self.pending_rows, None
+        rows = rec.read_rows(path)
+        self.record["rows"] += rows
+        self.record["steps"].setdefault(name, {})["rows"] = len(rows)
+
+    def stop(self, signum: int) -> str:
+        """A signal (the device tool's time limit): the running step stops, the rows it finished and the
+        preset's summary go into the record, which is saved (complete: false)."""
+        if self.child is not None:
+            _stop_group(self.child, grace=2.0)
+        self.collect_rows()
+        if self.summarize is not None:
+            self.summarize()
+        self.record["error"] = f"stopped by signal {signum} (a time limit?): the steps before it are complete"
+        return self.save(complete=False)
 
     def json_step(self, name: str, cmd: list[str], path: str, key: str, env: dict | None = None):
         if os.path.exists(path):
@@ -377,11 +398,12 @@ def preset_profile(r: Runner) -> None:
     # two profiler sessions in one process with CUDA graphs alive: CUPTI's teardown between them has
     # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
+    r.summarize = lambda: r.record.update(attention_route=rec.attention_route(r.record["rows"], STEP_MODEL))
     r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
              note="maefast-graph beside maefast-sdpa-graph, then the eager and compiled-eager rows: each whole-model "
              "torch.compile of ViT-H takes ~1 min", last=True)
     # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
-    r.record["attention_route"] = rec.attention_route(r.record["rows"], STEP_MODEL)
+    r.summarize()
     prof = r.record.get("profile") or {}
     done = {x.get("provider") for x in prof.get("results", []) if x.get("attention_ms_per_step")}
     lacking = [p for p in PROFILE_PROVIDERS if p not in done]
@@ -581,11 +603,7 @@ def main(argv=None) -> int:
 
     def on_term(signum, frame):  # the device tool's time limit: the running step stops, the record stays
         if current:
-            r = current[0]
-            if r.child is not None:
-                _stop_group(r.child, grace=2.0)
-            r.record["error"] = f"stopped by signal {signum} (a time limit?): the steps before it are complete"
-            r.save(complete=False)
+            current[0].stop(signum)
         raise SystemExit(128 + signum)
 
     import signal

@@ -182,20 +182,23 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
 
 
 ROUTE_ROWS = {"triton": "maefast-graph", "sdpa": "maefast-sdpa-graph"}  # the same captured step, two attentions
+# A captured step's few timings spread ~0.1% (H200, 2026-11-27), less than what run order or the card's clock
+# can shift between two rows timed one after the other: a winner needs this margin too.
+ROUTE_MIN_GAIN = 1.02
 
 
 def attention_route(rows: list[dict], only: str) -> dict:
     """Which attention maefast's step should run (issue 14: keep only what wins), from the captured step
     with its own attention (`maefast-graph`) and with torch's SDPA (`maefast-sdpa-graph`), same run, same
-    shape (``only``, e.g. "huge:128"). `faster` is a backend only where the two timings' spreads do not
-    overlap (one's 80th percentile under the other's 20th: a difference under the spread is noise);
-    `sdpa_speedup` = triton ms / sdpa ms. Not a target: a decision, with the rows it reads."""
+    shape (``only``, e.g. "huge:128"). `faster` is a backend only where it is ROUTE_MIN_GAIN faster and
+    the two timings' spreads do not overlap (one's 80th percentile under the other's 20th: a difference
+    under the spread is noise); `sdpa_speedup` = triton ms / sdpa ms. Not a target: a decision, with
+    the rows it reads. fused="block" keeps maefast's attention whatever this says (its one op runs it)."""
     model, _, batch = only.partition(":")
     got = {k: next((r for r in rows if r.get("group") == "train-step" and r.get("provider") == p and r.get("time_ms")
                     and _is_shape(r, model, int(batch))), None) for k, p in ROUTE_ROWS.items()}
-    out = {"shape": only, "rows": {k: None if r is None else {f: r.get(f) for f in ("provider", "time_ms", "time_p20_ms",
-                                                                                  "time_p80_ms", "captured")}
-                                   for k, r in got.items()}}
+    fields = ("provider", "time_ms", "time_p20_ms", "time_p80_ms", "reps", "captured")
+    out = {"shape": only, "rows": {k: None if r is None else {f: r.get(f) for f in fields} for k, r in got.items()}}
     missing = [ROUTE_ROWS[k] for k, r in got.items() if r is None]
     if missing:
         return dict(out, faster=None, sdpa_speedup=None, decide=f"missing row: {', '.join(missing)}")
@@ -207,11 +210,15 @@ def attention_route(rows: list[dict], only: str) -> dict:
     def hi(r):
         return r.get("time_p80_ms") or r["time_ms"]
 
-    faster = "sdpa" if hi(s) < lo(t) else "triton" if hi(t) < lo(s) else None
-    decide = {"sdpa": "route auto's attention to sdpa where the ops record's SDPA rows (no layout copies) beat Triton",
+    gain = t["time_ms"] / s["time_ms"]
+    faster = "sdpa" if hi(s) < lo(t) and gain >= ROUTE_MIN_GAIN else \
+        "triton" if hi(t) < lo(s) and 1 / gain >= ROUTE_MIN_GAIN else None
+    decide = {"sdpa": "route auto's attention (fused=False) to sdpa where the ops record's SDPA rows (no layout "
+                      "copies) beat Triton, if maefast-sdpa-graph also beats the step record's maefast-block-graph",
               "triton": "keep Triton; delete impl='sdpa' and its row",
-              None: "within the spread: neither wins; keep Triton (auto) and drop impl='sdpa'"}[faster]
-    return dict(out, faster=faster, sdpa_speedup=round(t["time_ms"] / s["time_ms"], 4), decide=decide)
+              None: f"under {ROUTE_MIN_GAIN}x or within the spread: neither wins; keep Triton (auto) and drop "
+                    "impl='sdpa'"}[faster]
+    return dict(out, faster=faster, sdpa_speedup=round(gain, 4), decide=decide)
 
 
 def attention_targets(rows: list[dict]) -> dict:
