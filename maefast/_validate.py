@@ -23,6 +23,7 @@ import numbers
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself: costs nothing here
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,8 +146,9 @@ def to_2tuple(name: str, v) -> tuple[int, int]:
 
 def values_on_host(t: torch.Tensor) -> bool:
     """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA), and not
-    while torch.compile traces (its fake tensors have no values; the shapes are still checked)."""
-    return t.device.type == "cpu" and not compiling()
+    while torch.compile traces, nor a fake tensor met eagerly (a FakeTensorMode memory estimate): they
+    have no values; the shapes are still checked."""
+    return t.device.type == "cpu" and not compiling() and not isinstance(t, FakeTensor)
 
 
 def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
