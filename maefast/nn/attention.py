@@ -12,12 +12,11 @@ import numbers
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .._modules import hooked, plain_layer, trusted_class, vit_block_computes
 from .._validate import FLOAT_DTYPES
 from ..ops._backend import check_impl
-from ..ops.attention import visible_attention
+from ..ops.attention import sdpa_attention, visible_attention
 from ..reference.attention import attention as reference_attention
 from ..reference.model import Attention as _ReferenceAttention
 from ..reference.model import Mlp  # plain PyTorch: the same module as the reference
@@ -65,10 +64,7 @@ class Attention(_ReferenceAttention):
     def _sdpa_with_dropout(self, qkv: torch.Tensor, cu_seqlens) -> torch.Tensor:
         if cu_seqlens is not None:
             raise ValueError("attn_drop > 0 in training mode is not supported with cu_seqlens")
-        n, L, width = qkv.shape
-        q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2))  # one copy back
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, scale=self.scale)
-        return out.transpose(1, 2).reshape(n, L, width // 3)
+        return sdpa_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, scale={self.scale:g}, impl={self.impl!r}"

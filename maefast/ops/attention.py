@@ -263,8 +263,9 @@ def _backward(ctx, dout, dlse):
 register_autograd(_visible_attention, _backward, setup_context=_setup_context)
 
 
-def _sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
-    """impl="sdpa": torch's scaled_dot_product_attention on views of the packed (N, L, 3*H*Dh) qkv.
+def sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """impl="sdpa" (and nn.Attention's dropout case): torch's scaled_dot_product_attention on views of the
+    packed (N, L, 3*H*Dh) qkv, dropout_p on the probabilities.
 
     Unbound on the packed [3] dim, then transposed: the backward's only copy is the one stack of dq, dk,
     dv into the packed dqkv (unbinding a (3, N, H, L, Dh) permutation instead stacks them in that
@@ -273,7 +274,7 @@ def _sdpa_attention(qkv: torch.Tensor, num_heads: int, scale: float | None) -> t
     if qkv.numel() == 0:  # not every SDPA backend takes empty inputs; the reference's dtype under autocast
         return _reference_attention(qkv, num_heads, scale=scale)
     q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, num_heads, -1)).unbind(2))  # (N, H, L, Dh) views
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2).reshape(n, L, width // 3)
 
 
@@ -348,7 +349,7 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
     max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
     if impl == "sdpa":  # torch's own op, no custom op; _resolve says "sdpa" (what `maefast profile` counts)
         _resolve(impl, qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
-        return _sdpa_attention(qkv, num_heads, None if scale is None else float(scale))
+        return sdpa_attention(qkv, num_heads, None if scale is None else float(scale))
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)
