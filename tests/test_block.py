@@ -103,9 +103,12 @@ def test_routes_agree_and_one_node_per_block():
     assert type(y.grad_fn).__name__ == "maefast_vit_blockBackward"
 
 
-def test_saves_only_x_qkv_out_lse_s_a():
-    """What the op keeps for backward (besides the parameters): x, qkv, attention out, lse, s, a — the
-    LayerNorm outputs and the GELU output are recomputed."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saves_only_x_qkv_out_lse_p_a(autocast):
+    """What the op keeps for backward (besides the parameters): x, qkv, attention out, lse, the
+    attention projection p, a — the LayerNorm outputs, the mid-block residual s = x + p and the GELU
+    output are recomputed. Under bf16 autocast x (the fp32 stream) and lse are fp32 and the rest bf16:
+    p instead of s is what makes the block keep 2 bytes less per token and width unit."""
     n, t, d, h = 2, 17, 64, 4
     blk = _block(d, h)
     params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
@@ -114,20 +117,23 @@ def test_saves_only_x_qkv_out_lse_s_a():
     def pack(tensor):
         st = tensor.untyped_storage()
         if st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
+            saved[st.data_ptr()] = (st.nbytes(), tensor.dtype)
         return tensor
 
     x = torch.randn(n, t, d, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         _op(blk, x, "reference")
-    f32, rows = 4, n * t
-    expected = rows * d * f32 + rows * 3 * d * f32 + rows * d * f32 + n * h * t * f32 + rows * d * f32 + rows * 4 * d * f32
-    assert sum(saved.values()) == expected, (sum(saved.values()), expected)
+    f32, c, rows = 4, (2 if autocast else 4), n * t
+    expected = rows * d * f32 + rows * 3 * d * c + rows * d * c + n * h * t * f32 + rows * d * c + rows * 4 * d * c
+    assert sum(b for b, _ in saved.values()) == expected, (saved, expected)
+    if autocast:
+        assert sorted(str(dt) for _, dt in saved.values()) == ["torch.bfloat16"] * 4 + ["torch.float32"] * 2
 
 
 @pytest.mark.parametrize("route", ["direct", "custom_op"])
 def test_backward_fills_no_zero_grads_for_saved_outputs(route):
-    """qkv, o, lse, s and a are outputs only to be saved: the backward must not be handed (and so
+    """qkv, o, lse, p and a are outputs only to be saved: the backward must not be handed (and so
     allocate and fill) zero gradients for them — nor the inner LayerNorm/attention ops for their
     statistics. Counted at the dispatcher: no zeros-like op runs during the block's backward."""
     from torch.utils._python_dispatch import TorchDispatchMode

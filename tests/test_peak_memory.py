@@ -54,9 +54,13 @@ def test_tiny_rows_estimate_and_split():
 def test_vit_h_rows_as_a_card_measured_them():
     """ViT-H/14 b128 (fake tensors: seconds): the estimate beside the H200's peak_mem_gib of 2026-12-04
     (reference 33.54 GiB, maefast 25.37, maefast-block-graph 19.13), which it undershoots by 1.4-3.8%
-    (the allocator's rounding, cuBLAS workspaces). A change to what the ops save moves these."""
+    (the allocator's rounding, cuBLAS workspaces). A change to what the ops save moves these: since
+    2026-12-05 the block keeps its bf16 attention projection instead of the fp32 mid-block residual,
+    2 bytes less per token and width unit in each of the 32 encoder and 8 decoder blocks (unmeasured
+    on a card: the band below is the 2026-12-04 figure less exactly that)."""
     gib = {p: pm.peak_bytes(p)["peak_bytes"] / 2 ** 30 for p in ("reference", "maefast", "maefast-block")}
-    for p, card in (("reference", 33.54), ("maefast", 25.37), ("maefast-block", 19.13)):
+    p_not_s = 2 * (32 * 128 * 65 * 1280 + 8 * 128 * 257 * 512) / 2 ** 30
+    for p, card in (("reference", 33.54), ("maefast", 25.37), ("maefast-block", 19.13 - p_not_s)):
         assert 0.94 * card < gib[p] <= card, gib
 
 

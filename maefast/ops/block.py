@@ -6,10 +6,11 @@
 Forward (matmul dtype c = the autocast dtype, else x's dtype; the residual stream stays in x's):
     h = LN1(x) [c];  qkv = h W_qkv^T + b_qkv;  o, lse = attention(qkv);  p = o W_proj^T + b_proj
     s = x + p;  h2 = LN2(s) [c];  a = h2 W_1^T;  g = gelu(a + b_1);  y = s + g W_2^T + b_2
-Saved for backward: x, qkv, o, lse, s, a — not h, h2 (LayerNorm is recomputed from x and s) nor g
-(GELU is recomputed from a), nor the c-dtype weight copies (re-cast). Per ViT-H/14 encoder block and
-image that is ~2.0 MB instead of ~3.0 MB of the block-by-op path (`fused=True`) and ~4.6 MB of
-the official one (bf16; measured with saved-tensor hooks, see tests/test_block.py).
+Saved for backward: x, qkv, o, lse, p, a — not h, h2, s (LN1 is recomputed from x; s, LN2's
+statistics and h2 by the forward's own add+LayerNorm call on p and x, so bit for bit), nor g (GELU is
+recomputed from a), nor the c-dtype weight copies (re-cast). Under bf16 autocast p is bf16 where s is
+the fp32 stream's: 11 values of 2 bytes per token and width unit instead of 12 (ViT-H/14, b128: 0.89
+GiB less at the step's peak by scripts/peak_memory.py), for one more read of x and p in the backward.
 
 Backward runs the same kernels as the per-op path (LayerNorm backward with the residual gradient
 fused in, attention backward, bias+GELU backward) around torch matmuls; weight gradients are
@@ -67,7 +68,7 @@ def _forward_impl(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, f
         g = _impl_of(_bias_gelu_op)(a, fc1_b, _sub_impl(impl))
         m = _linear(g, fc2_w, fc2_b, c)
         y = s + m
-    return y, qkv, o, lse, s, a
+    return y, qkv, o, lse, p, a
 
 
 @custom_op("maefast::vit_block", mutates_args=())
@@ -77,7 +78,7 @@ def _vit_block_op(x: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, qkv
                   fc2_b: torch.Tensor, num_heads: int, scale: float, eps1: float, eps2: float,
                   compute_dtype: Optional[torch.dtype], impl: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, and what the backward needs: qkv, attention out, lse, s, a)."""
+    """Returns (y, and what the backward needs: qkv, attention out, lse, attention projection p, a)."""
     return _forward_impl(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
                          num_heads, scale, eps1, eps2, compute_dtype, impl)
 
@@ -91,7 +92,7 @@ def _(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
     return (x.new_empty(x.shape, dtype=s_dtype), x.new_empty(*lead, qkv_w.shape[0], dtype=c),
             x.new_empty(*lead, qkv_w.shape[0] // 3, dtype=c),
             x.new_empty(x.shape[0], num_heads, x.shape[1], dtype=torch.float32),
-            x.new_empty(x.shape, dtype=s_dtype), x.new_empty(*lead, fc1_w.shape[0], dtype=c))
+            x.new_empty(x.shape, dtype=c), x.new_empty(*lead, fc1_w.shape[0], dtype=c))
 
 
 def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ def _bsum(dout: torch.Tensor) -> torch.Tensor:
 
 @custom_op("maefast::vit_block_backward", mutates_args=())
 def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                      s: torch.Tensor, a: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, qkv_w: torch.Tensor,
+                      p: torch.Tensor, a: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, qkv_w: torch.Tensor,
                       has_qkv_b: bool, proj_w: torch.Tensor, ln2_w: torch.Tensor, ln2_b: torch.Tensor,
                       fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, num_heads: int, scale: float,
                       eps1: float, eps2: float, compute_dtype: Optional[torch.dtype], impl: str) -> list[torch.Tensor]:
@@ -123,7 +124,7 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         dg = dm @ fc2_w.to(c)
         da, d_fc1_b = _impl_of(_bias_gelu_bwd_op)(dg, a, fc1_b, sub)
         del dg
-        h2, mean2, rstd2 = _ln(s, ln2_w, ln2_b, eps2, c, impl)  # recomputed (the same deterministic kernel)
+        h2, s, mean2, rstd2 = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, sub)  # the forward's call: bit for bit
         d_fc1_w = _wgrad(da, h2)
         del h2
         dh2 = da @ fc1_w.to(c)
@@ -151,7 +152,7 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
 
 
 @_vit_block_bwd_op.register_fake
-def _(dy, x, qkv, o, lse, s, a, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
+def _(dy, x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
       num_heads, scale, eps1, eps2, compute_dtype, impl):
     c = compute_dtype or x.dtype
     f32 = torch.float32
@@ -167,12 +168,12 @@ def _(dy, x, qkv, o, lse, s, a, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, l
 def _setup(ctx, inputs, output):
     (x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, num_heads, scale,
      eps1, eps2, compute_dtype, impl) = inputs
-    _, qkv, o, lse, s, a = output
-    ctx.mark_non_differentiable(qkv, o, lse, s, a)
+    _, qkv, o, lse, p, a = output
+    ctx.mark_non_differentiable(qkv, o, lse, p, a)
     # the saved-only outputs get no gradient: without this autograd would hand the backward five
     # zero-filled tensors of their sizes (~0.4 GB a ViT-H block at batch 256) that it never reads
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, qkv, o, lse, s, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w)
+    ctx.save_for_backward(x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w)
     ctx.args = (num_heads, scale, eps1, eps2, compute_dtype, impl)
     ctx.has_qkv_b = qkv_b is not None
     ctx.dtypes = [t.dtype if t is not None else None for t in
@@ -180,10 +181,10 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy, *_unused):
-    x, qkv, o, lse, s, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w = ctx.saved_tensors
+    x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros_like(s)
-    grads = bwd(ctx, _vit_block_bwd_op)(dy, x, qkv, o, lse, s, a, ln1_w, ln1_b, qkv_w, ctx.has_qkv_b, proj_w,
+        dy = x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, p.dtype))
+    grads = bwd(ctx, _vit_block_bwd_op)(dy, x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, ctx.has_qkv_b, proj_w,
                                         ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, *ctx.args)
     out = []
     for g, dt in zip(grads, ctx.dtypes):
