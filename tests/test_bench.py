@@ -490,28 +490,6 @@ def test_git_commit_comes_from_maefast_commit_where_there_is_no_git(monkeypatch,
         monkeypatch.setenv("MAEFAST_COMMIT", "ab" * 20)
 
 
-def test_saved_activations_counts_what_each_row_keeps_for_backward(capsys):
-    """scripts/saved_activations.py: the fused block recomputes LayerNorm and GELU, so it keeps less
-    than the unfused model, which keeps less than the official one (its attention matrices); a
-    compiled row is refused (Inductor decides what it saves); user errors are one line, exit 2."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import saved_activations as sa
-    finally:
-        sys.path.remove(os.path.join(ROOT, "scripts"))
-    res = {p: sa.saved_bytes(p, "tiny", 4, torch.float32) for p in ("reference", "maefast", "maefast-block")}
-    assert res["reference"]["saved_bytes"] > res["maefast"]["saved_bytes"] > res["maefast-block"]["saved_bytes"] > 0
-    assert all(r["by_shape"][0][2] >= r["by_shape"][-1][2] for r in res.values())  # largest first
-    n = sum(p.numel() for p in mb.build_model("tiny", "reference", "meta").parameters())
-    assert res["reference"]["param_state_bytes"] == 16 * n
-    with pytest.raises(ValueError, match="torch-native-graph: a compiled or captured row"):
-        sa.saved_bytes("torch-native-graph", "tiny", 4)
-    assert sa.main(["--model", "tiny", "--batch", "4", "--dtype", "fp32"]) == 0
-    assert "x reference" in capsys.readouterr().out
-    assert sa.main(["--providers", "nosuch"]) == 2
-    assert "--providers: unknown row(s) ['nosuch']" in capsys.readouterr().err
-
-
 def test_check_config():
     from maefast.models.configs import check_config, model_config
 
