@@ -295,9 +295,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
     if cfg.impl not in MODEL_IMPLS:
         raise ValueError(f"--impl must be one of {', '.join(MODEL_IMPLS)}, got {cfg.impl!r}")
-    if cfg.impl == "sdpa" and cfg.fused == "block":
-        raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
-                         "maefast's own attention inside each block's one op")
+    from ..cli import check_impls
+
+    check_impls([cfg.impl], cfg.impl, cfg.fused)  # what --fused rules out, in the other CLIs' words
     if cfg.impl in ("triton", "cuda") and cfg.device is not None:  # else the first step would say it
         from ..ops._backend import choose_impl
 
