@@ -93,6 +93,7 @@ def variants(quick: bool = False):
     launchers make at the paper's shapes (ViT-H/14 batch 64 unless said; bf16 activations, fp32
     residual stream and images, contiguous tensors)."""
     from maefast.kernels import bias_gelu as bg
+    from maefast.kernels import colsum as cs
     from maefast.kernels import layernorm as ln
     from maefast.kernels import loss as lo
     from maefast.kernels import masking as ma
@@ -135,6 +136,14 @@ def variants(quick: bool = False):
         out.append((f"bias_gelu bwd N{H}", bg._bias_gelu_bwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
                     dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32"), w, 1,
                     cols))
+        # the block backward's bias gradients: fc2 / proj (the fp32 stream's gradient cast to bf16 on
+        # the way) and qkv (the attention backward's bf16 output, summed only)
+        for width, x_t, write in ((D, "fp32", True), (3 * D, "bf16", False)):
+            bm, bn, w = cs.config(width, CUDA)
+            out.append((f"colsum N{width} {x_t}{' -> bf16' if write else ''}", cs._colsum_kernel,
+                        dict(WRITE_Y=write, BLOCK_M=bm, BLOCK_N=bn),
+                        dict(x_ptr=f"*{x_t}", y_ptr="*bf16" if write else f"*{x_t}", part_ptr="*fp32"), w, 1,
+                        dict(M=M, N=width, ROWS_PER_PROG=2 * bm, stride_x_m=width, stride_x_n=1)))  # a GPU's
     # un-shuffle: decoder T = 197 / 257, width 512, batch 256
     for L in ((256,) if quick else (196, 256)):
         T, K, D, Nu = L + 1, L // 4, 512, 256

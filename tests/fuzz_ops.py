@@ -191,7 +191,30 @@ def case_gelu():
     check_pair(res, f"bias_gelu N{N}")
 
 
-CASES = [case_attention, case_masking, case_embed, case_unshuffle, case_loss, case_ln, case_gelu]
+def case_block():
+    """One whole ViT block (`ops.vit_block`: its LayerNorms, attention and bias+GELU kernels, the residual
+    recomputed in the backward), fp32 or under fp16 autocast (the fp32 stream, fp16 matmuls)."""
+    dh, H = rng.choice(TRITON_HEAD_DIMS[:4]), rng.randint(1, 2)
+    D, T, N = dh * H, rng.choice([1, 2, 5, 17, 33, 50, 65]), rng.randint(1, 2)
+    hid = rng.choice([D, 2 * D + 8, 4 * D])
+    qkv_bias = rng.random() < 0.7
+    autocast = rng.random() < 0.4
+    shapes = [(D,), (D,), (3 * D, D), (3 * D,) if qkv_bias else None, (D, D), (D,), (D,), (D,), (hid, D), (hid,),
+              (D, hid), (D,)]
+    ws = [None if s is None else (torch.randn(s) * (0.1 if len(s) == 1 else D ** -0.5) + (len(s) == 1 and i in (0, 6)))
+          for i, s in enumerate(shapes)]
+    x = torch.randn(N, T, D)
+
+    def run(impl, xx, *w):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            return ops.vit_block(xx, *w, num_heads=H, impl=impl)
+
+    res = both(lambda impl, xx, *w: run(impl, xx, *[None if s is None else t for s, t in zip(shapes, w)]), x,
+               *[t if t is not None else torch.zeros(0) for t in ws])
+    check_pair(res, f"vit_block N{N} T{T} D{D} H{H} hid{hid} qkv_bias={qkv_bias} autocast={autocast}")
+
+
+CASES = [case_attention, case_masking, case_embed, case_unshuffle, case_loss, case_ln, case_gelu, case_block]
 t0, n = time.time(), 0
 while time.time() - t0 < budget:
     case = rng.choice(CASES)

@@ -14,7 +14,9 @@ GiB less at the step's peak by scripts/peak_memory.py), for one more read of x a
 
 Backward runs the same kernels as the per-op path (LayerNorm backward with the residual gradient
 fused in, attention backward, bias+GELU backward) around torch matmuls; weight gradients are
-computed in c (as autocast's linear backward does) and bias gradients summed in fp32. One autograd
+computed in c (as autocast's linear backward does) and bias gradients summed in fp32 (on the Triton
+path by kernels/colsum.py, fused with the cast of the fp32 stream's gradient to c that the matmuls
+need). One autograd
 node per block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes
 `impl` as its own op does ("auto": Triton on CUDA, the reference elsewhere).
 """
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor
 from . import _backend
+from ._backend import device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
 from .bias_gelu import _bias_gelu_bwd_op, _bias_gelu_op
@@ -100,9 +103,19 @@ def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return dout.reshape(-1, dout.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
 
 
-def _bsum(dout: torch.Tensor) -> torch.Tensor:
-    """Bias gradient: the column sums, accumulated in fp32 (no fp32 copy of dout is made)."""
-    return dout.reshape(-1, dout.shape[-1]).sum(0, dtype=torch.float32)
+def _cast_bsum(dout: torch.Tensor, dtype: torch.dtype | None, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dout in `dtype` (dout itself when None or its own), the bias gradient: the column sums of those
+    values, accumulated in fp32). Triton: one kernel reads dout once for both (kernels/colsum.py)."""
+    n = dout.shape[-1]
+    # through its module: a profile's BackendLog counts the block's choice once, in vit_block
+    if _backend.choose_impl(impl, dout.device, auto_order=("triton",), what="maefast.ops.vit_block") == "triton":
+        from ..kernels.colsum import colsum
+
+        with device_guard(dout):
+            y, sums = colsum(dout.reshape(-1, n), dtype)
+        return y.view(dout.shape), sums
+    y = dout if dtype is None else dout.to(dtype)
+    return y, y.reshape(-1, n).sum(0, dtype=torch.float32)
 
 
 @custom_op("maefast::vit_block_backward", mutates_args=())
@@ -117,9 +130,9 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
     sub = _sub_impl(impl)
     with torch.autocast(x.device.type, enabled=False):
         # MLP: g recomputed from a
-        dm = dy.to(c)
+        dm, d_fc2_b = _cast_bsum(dy, c, sub)
         g = _impl_of(_bias_gelu_op)(a, fc1_b, sub)
-        d_fc2_w, d_fc2_b = _wgrad(dm, g), _bsum(dm)
+        d_fc2_w = _wgrad(dm, g)
         del g
         dg = dm @ fc2_w.to(c)
         da, d_fc1_b = _impl_of(_bias_gelu_bwd_op)(dg, a, fc1_b, sub)
@@ -132,8 +145,8 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         ds, d_ln2_w, d_ln2_b = _impl_of(_ln_bwd_op)(dh2, dy.to(s.dtype), s, ln2_w, mean2, rstd2, sub)  # + dy
         del dh2
         # attention half
-        dp = ds.to(c)
-        d_proj_w, d_proj_b = _wgrad(dp, o), _bsum(dp)
+        dp, d_proj_b = _cast_bsum(ds, c, sub)
+        d_proj_w = _wgrad(dp, o)
         do = dp @ proj_w.to(c)
         del dp
         attn_bwd = model_level_impl(impl, qkv, num_heads)  # the forward's choice; the CUDA C++ kernel is forward-only
@@ -142,7 +155,7 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         del do
         h, mean1, rstd1 = _ln(x, ln1_w, ln1_b, eps1, c, impl)
         d_qkv_w = _wgrad(dqkv, h)
-        d_qkv_b = _bsum(dqkv) if has_qkv_b else dqkv.new_empty(0, dtype=torch.float32)
+        d_qkv_b = _cast_bsum(dqkv, None, sub)[1] if has_qkv_b else dqkv.new_empty(0, dtype=torch.float32)
         del h
         dh = dqkv @ qkv_w.to(c)
         del dqkv
