@@ -133,9 +133,11 @@ def variants(quick: bool = False):
         cols = dict(M=M, N=H, stride_x_m=H, stride_x_n=1, stride_dy_m=H, stride_dy_n=1, ROWS_PER_PROG=bm * 8)
         out.append((f"bias_gelu fwd N{H}", bg._bias_gelu_fwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
                     dict(x_ptr="*bf16", b_ptr="*fp32", y_ptr="*bf16"), w, 1, cols))
-        out.append((f"bias_gelu bwd N{H}", bg._bias_gelu_bwd_kernel, dict(BLOCK_M=bm, BLOCK_N=bn),
-                    dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32"), w, 1,
-                    cols))
+        for write_y in (False, True):  # True: vit_block's backward, which takes the GELU output back too
+            out.append((f"bias_gelu bwd N{H}{' +y' if write_y else ''}", bg._bias_gelu_bwd_kernel,
+                        dict(WRITE_Y=write_y, BLOCK_M=bm, BLOCK_N=bn),
+                        dict(dy_ptr="*bf16", x_ptr="*bf16", b_ptr="*fp32", dx_ptr="*bf16", db_part_ptr="*fp32",
+                             y_ptr="*bf16"), w, 1, cols))
         # the block backward's bias gradients: fc2 / proj (the fp32 stream's gradient cast to bf16 on
         # the way) and qkv (the attention backward's bf16 output, summed only)
         for width, x_t, write in ((D, "fp32", True), (3 * D, "bf16", False)):

@@ -234,6 +234,31 @@ def test_bias_gelu_many_rows_strided_mixed(device):
     assert_close(gb, gb_ref, name="dbias", scale=10.0)
 
 
+def _check_backward_and_output(x, b, gy, impl):
+    """`backward_and_output` (vit_block's backward): dx and dbias equal the op's backward, and the GELU
+    output it writes equals the forward's, bit for bit (same kernel expression / same reference)."""
+    from maefast.ops.bias_gelu import _bias_gelu_bwd_op, _bias_gelu_op, backward_and_output
+
+    dx, db, y = backward_and_output(gy, x, b, impl)
+    dx0, db0 = _bias_gelu_bwd_op._maefast_impl(gy, x, b, impl)
+    y0 = _bias_gelu_op._maefast_impl(x, b, impl)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    assert torch.equal(y, y0) and torch.equal(dx, dx0) and torch.equal(db, db0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu_backward_and_output(device, impl, dtype):
+    if impl == "reference":
+        device = torch.device("cpu")
+    for shape in ((2, 5, 1000), (3, 7, 40), (1, 1, 1)):
+        x = randn(*shape, dtype=dtype, device=device, scale=3.0)
+        _check_backward_and_output(x, randn(shape[-1], device=device), randn(*shape, dtype=dtype, device=device), impl)
+    strided = randn(30, 2 * 50, dtype=dtype, device=device, scale=3.0)[:, ::2]  # many rows, a column stride
+    _check_backward_and_output(strided, randn(50, dtype=dtype, device=device), randn(30, 50, dtype=dtype,
+                                                                                      device=device), impl)
+
+
 # -- bad inputs -------------------------------------------------------------------------------------
 
 def test_bad_inputs_raise():
@@ -336,6 +361,7 @@ def test_cuda_bias_gelu_full_size(dtype, rows, width):
     b = randn(width, dtype=dtype, device="cuda")
     gy = randn(rows, width, dtype=dtype, device="cuda")
     _check_bias_gelu(x, b, gy, "triton", dtype)
+    _check_backward_and_output(x, b, gy, "triton")
 
 
 @pytest.mark.cuda

@@ -36,13 +36,34 @@ def _fwd_reference(x, bias):
     return torch.nn.functional.gelu(x.contiguous().float() + bias.float(), approximate="none").to(x.dtype)
 
 
-def _bwd_reference(dy, x, bias):
+def _bwd_reference(dy, x, bias, want_y=False):
     x, dy = x.contiguous(), dy.contiguous()
     z = x.float() + bias.float()
     cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
     pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
     dz = dy.float() * (cdf + z * pdf)
-    return dz.to(x.dtype), dz.reshape(-1, x.shape[-1]).sum(0)
+    out = (dz.to(x.dtype), dz.reshape(-1, x.shape[-1]).sum(0))
+    return out + (_fwd_reference(x, bias),) if want_y else out
+
+
+def _bwd(dy, x, bias, impl, want_y):
+    impl = _resolve(impl, x.device)
+    if impl == "triton":
+        from ..kernels.bias_gelu import bias_gelu_bwd
+
+        n = x.shape[-1]
+        with device_guard(x):
+            out = bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n), bias, want_y)
+        return (out[0].view(x.shape), out[1]) + ((out[2].view(x.shape),) if want_y else ())
+    return _bwd_reference(dy, x, bias, want_y)
+
+
+def backward_and_output(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, impl: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dbias fp32, gelu(x + bias) as the forward computes it) in one pass over x:
+    `ops.vit_block`'s backward needs the GELU output again for fc2's weight gradient. Not an op of
+    its own: called inside `maefast::vit_block_backward` (inputs checked there)."""
+    return _bwd(dy, x, bias, impl, True)
 
 
 @custom_op("maefast::bias_gelu", mutates_args=())
@@ -65,15 +86,7 @@ def _(x, bias, impl):
 def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, impl: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx in x's dtype, dbias fp32)."""
-    impl = _resolve(impl, x.device)
-    if impl == "triton":
-        from ..kernels.bias_gelu import bias_gelu_bwd
-
-        n = x.shape[-1]
-        with device_guard(x):
-            dx, db = bias_gelu_bwd(dy.reshape(-1, n), x.reshape(-1, n), bias)
-        return dx.view(x.shape), db
-    return _bwd_reference(dy, x, bias)
+    return _bwd(dy, x, bias, impl, False)
 
 
 @_bias_gelu_bwd_op.register_fake

@@ -7,8 +7,9 @@ Forward (matmul dtype c = the autocast dtype, else x's dtype; the residual strea
     h = LN1(x) [c];  qkv = h W_qkv^T + b_qkv;  o, lse = attention(qkv);  p = o W_proj^T + b_proj
     s = x + p;  h2 = LN2(s) [c];  a = h2 W_1^T;  g = gelu(a + b_1);  y = s + g W_2^T + b_2
 Saved for backward: x, qkv, o, lse, p, a — not h, h2, s (LN1 is recomputed from x; s, LN2's
-statistics and h2 by the forward's own add+LayerNorm call on p and x, so bit for bit), nor g (GELU is
-recomputed from a), nor the c-dtype weight copies (re-cast). Under bf16 autocast p is bf16 where s is
+statistics and h2 by the forward's own add+LayerNorm call on p and x, so bit for bit), nor g (the
+bias+GELU backward writes it again from a, by the forward's expression, in the pass that reads a for
+the GELU gradient), nor the c-dtype weight copies (re-cast). Under bf16 autocast p is bf16 where s is
 the fp32 stream's: 11 values of 2 bytes per token and width unit instead of 12 (ViT-H/14, b128: 0.89
 GiB less at the step's peak by scripts/peak_memory.py), for one more read of x and p in the backward.
 
@@ -16,8 +17,7 @@ Backward runs the same kernels as the per-op path (LayerNorm backward with the r
 fused in, attention backward, bias+GELU backward) around torch matmuls; weight gradients are
 computed in c (as autocast's linear backward does) and bias gradients summed in fp32 (on the Triton
 path by kernels/colsum.py, fused with the cast of the fp32 stream's gradient to c that the matmuls
-need). One autograd
-node per block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes
+need). One autograd node per block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes
 `impl` as its own op does ("auto": Triton on CUDA, the reference elsewhere).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from . import _backend
 from ._backend import device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
-from .bias_gelu import _bias_gelu_bwd_op, _bias_gelu_op
+from .bias_gelu import _bias_gelu_op, backward_and_output
 from .layernorm import _forward as _ln_forward
 from .layernorm import _ln_bwd_op
 
@@ -131,12 +131,11 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
     with torch.autocast(x.device.type, enabled=False):
         # MLP: g recomputed from a
         dm, d_fc2_b = _cast_bsum(dy, c, sub)
-        g = _impl_of(_bias_gelu_op)(a, fc1_b, sub)
+        dg = dm @ fc2_w.to(c)
+        da, d_fc1_b, g = backward_and_output(dg, a, fc1_b, sub)  # g as the forward made it, same pass
+        del dg
         d_fc2_w = _wgrad(dm, g)
         del g
-        dg = dm @ fc2_w.to(c)
-        da, d_fc1_b = _impl_of(_bias_gelu_bwd_op)(dg, a, fc1_b, sub)
-        del dg
         h2, s, mean2, rstd2 = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, sub)  # the forward's call: bit for bit
         d_fc1_w = _wgrad(da, h2)
         del h2
