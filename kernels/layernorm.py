@@ -10,6 +10,11 @@ Backward: dx = rstd * (w*dy - xhat * mean(xhat*w*dy) - mean(w*dy)) + ds (ds: the
 reached s from its other use, so the residual branch costs no extra pass); dr = dx. dweight and
 dbias are summed per program in fp32 over a fixed, contiguous range of rows and written as
 (P, D) partials, then reduced with `.sum(0)`: deterministic, no atomics (Liger-Kernel layer_norm).
+With the forward's statistics (mean, rstd) it can also take the forward's operands instead of s
+(HAS_R: s = x + r again, rounded as the forward rounds it) and write the forward's output y again
+(WRITE_Y, by the forward's expression): `maefast.ops.vit_block`'s backward needs LN(s) for a weight
+gradient and would otherwise run the forward a second time (80 of the 162 forward launches of a
+ViT-H/14 step on the 2026-12-04 H200, and a second read of the fp32 stream).
 
 Rows are tiles of BLOCK_M rows x BLOCK_D = next_power_of_2(D) columns; the tail of an odd width
 is masked.
@@ -72,18 +77,24 @@ def _add_ln_fwd_kernel(
 def _ln_bwd_kernel(
     dy_ptr,       # (M, D) grad of y, any strides
     ds_ptr,       # (M, D) grad of s from its other uses, any strides (HAS_DS)
-    x_ptr,        # (M, D) the normalised input (s, or x for a plain LN), any strides
+    x_ptr,        # (M, D) the normalised input (s, or x for a plain LN; with HAS_R the forward's x), any strides
+    r_ptr,        # (M, D) the forward's residual, any strides (HAS_R: the input is s = x + r)
     w_ptr,        # (D,) weight, contiguous
+    b_ptr,        # (D,) bias, contiguous (WRITE_Y)
     mean_ptr,     # (M,) fp32
     rstd_ptr,     # (M,) fp32
-    dx_ptr,       # (M, D) grad of the input, contiguous
+    dx_ptr,       # (M, D) grad of the input, contiguous, in the input's (s's) dtype
     dw_part_ptr,  # (P, D) fp32 per-program partial sums of dy * xhat
     db_part_ptr,  # (P, D) fp32 per-program partial sums of dy
+    y_ptr,        # (M, D) the forward's output again, contiguous (WRITE_Y)
     M, D, ROWS_PER_PROG,
     stride_dy_m, stride_dy_d,
     stride_ds_m, stride_ds_d,
     stride_x_m, stride_x_d,
+    stride_r_m, stride_r_d,
     HAS_DS: tl.constexpr,
+    HAS_R: tl.constexpr,
+    WRITE_Y: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -93,6 +104,8 @@ def _ln_bwd_kernel(
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     col_ok = cols < D
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if WRITE_Y:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * ROWS_PER_PROG
@@ -103,11 +116,17 @@ def _ln_bwd_kernel(
         m = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x_m + cols[None, :] * stride_x_d, mask=m,
                     other=0.0).to(tl.float32)
+        if HAS_R:  # s as the forward made it: the fp32 sum rounded to s's dtype (dx's)
+            r = tl.load(r_ptr + rows[:, None] * stride_r_m + cols[None, :] * stride_r_d, mask=m, other=0.0)
+            x = (x + r.to(tl.float32)).to(dx_ptr.dtype.element_ty).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy_m + cols[None, :] * stride_dy_d, mask=m,
                      other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if WRITE_Y:  # the forward kernel's (x - mean) * rstd * w + b, operation for operation
+            yv = xhat * w[None, :] + b[None, :]
+            tl.store(y_ptr + rows[:, None] * D + cols[None, :], yv.to(y_ptr.dtype.element_ty), mask=m)
         wdy = dy * w[None, :]
         c1 = tl.sum(xhat * wdy, axis=1) / D
         c2 = tl.sum(wdy, axis=1) / D
@@ -185,18 +204,25 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 
 
 def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                   mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher. dy, ds (or None), x: (M, D), any strides; mean, rstd (M,) fp32.
+                   mean: torch.Tensor, rstd: torch.Tensor, residual: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> tuple:
+    """Launcher. dy, ds (or None), x: (M, D), any strides; mean, rstd (M,) fp32: the forward's.
 
-    Returns (dx (M, D) in x's dtype, dweight (D,) fp32, dbias (D,) fp32).
+    x is the normalised input, or with `residual` the forward's x: the input is s = x + residual in
+    their promoted dtype, formed again as the forward formed it. Returns (dx (M, D) in the input's
+    dtype, dweight (D,) fp32, dbias (D,) fp32), and with `out_dtype` (needs `bias`) also the forward's
+    output LN(input) (M, D) in out_dtype, as `add_layer_norm_fwd` wrote it.
     """
     M, D = x.shape
     _check_width(D)
     dev = x.device
-    dx = torch.empty(M, D, dtype=x.dtype, device=dev)
+    s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    dx = torch.empty(M, D, dtype=s_dtype, device=dev)
+    want_y = out_dtype is not None
+    y = torch.empty(M, D, dtype=out_dtype, device=dev) if want_y else dx  # dx: a placeholder never written
     if M == 0 or D == 0:
         z = torch.zeros(D, dtype=torch.float32, device=dev)
-        return dx, z, z.clone()
+        return (dx, z, z.clone(), y) if want_y else (dx, z, z.clone())
     block_m, block_d, warps = _bwd_config(D, dev)
     target = 4 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
         if dev.type == "cuda" else 2
@@ -206,10 +232,14 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, w
     dw_part = torch.empty(progs, D, dtype=torch.float32, device=dev)
     db_part = torch.empty(progs, D, dtype=torch.float32, device=dev)
     g = ds if ds is not None else dy
+    r = residual if residual is not None else x
+    w = weight.contiguous()
     _ln_bwd_kernel[(progs,)](
-        dy, g, x, weight.contiguous(), mean, rstd, dx, dw_part, db_part,
+        dy, g, x, r, w, bias.contiguous() if want_y else w, mean, rstd, dx, dw_part, db_part, y,
         M, D, rows_per,
-        dy.stride(0), dy.stride(1), g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        HAS_DS=ds is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+        dy.stride(0), dy.stride(1), g.stride(0), g.stride(1), x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+        HAS_DS=ds is not None, HAS_R=residual is not None, WRITE_Y=want_y, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=warps,
     )
-    return dx, dw_part.sum(0), db_part.sum(0)
+    out = (dx, dw_part.sum(0), db_part.sum(0))
+    return out + (y,) if want_y else out

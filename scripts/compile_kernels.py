@@ -123,10 +123,16 @@ def variants(quick: bool = False):
                         dict(x_ptr="*bf16", r_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*bf16",
                              s_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32"), w, 1, rows))
         bm, bd, w = ln._bwd_config(D, CUDA)
-        for has_ds in (True, False):
-            out.append((f"layernorm bwd D{D} ds={has_ds}", ln._ln_bwd_kernel, dict(HAS_DS=has_ds, BLOCK_M=bm, BLOCK_D=bd),
-                        dict(dy_ptr="*bf16", ds_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", mean_ptr="*fp32",
-                             rstd_ptr="*fp32", dx_ptr="*fp32", dw_part_ptr="*fp32", db_part_ptr="*fp32"), w, 1,
+        # the per-op LayerNorm's backward (ds: the residual's gradient or none), and vit_block's: LN2 from
+        # p (bf16) + x (fp32) formed again, LN1 from x, both writing the forward's bf16 output again
+        for has_ds, has_r, write_y in ((True, False, False), (False, False, False), (True, True, True),
+                                       (True, False, True)):
+            tag = f"ds={has_ds}" + (" from x+r" if has_r else "") + (" +y" if write_y else "")
+            out.append((f"layernorm bwd D{D} {tag}", ln._ln_bwd_kernel,
+                        dict(HAS_DS=has_ds, HAS_R=has_r, WRITE_Y=write_y, BLOCK_M=bm, BLOCK_D=bd),
+                        dict(dy_ptr="*bf16", ds_ptr="*fp32", x_ptr="*bf16" if has_r else "*fp32", r_ptr="*fp32",
+                             w_ptr="*fp32", b_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*fp32",
+                             dw_part_ptr="*fp32", db_part_ptr="*fp32", y_ptr="*bf16"), w, 1,
                         dict(rows, ROWS_PER_PROG=max(bm, M // 528 // bm * bm))))
         H = 4 * D
         bm, bn, w = bg._config(H, CUDA)

@@ -314,10 +314,10 @@ def test_opcheck_backward_ops_and_triton_forwards(impl):
              proj_b=rnd(d), ln2_w=rnd(d), ln2_b=rnd(d), fc1_w=rnd(hid, d) * 0.2, fc1_b=rnd(hid),
              fc2_w=rnd(d, hid) * 0.2, fc2_b=rnd(d))
     xb = rnd(2, 5, d)
-    _, qkv, o, lse, p, a = ops.vit_block(xb, *w.values(), heads, scale, 1e-6, 1e-6, None, impl)
+    _, qkv, o, lse, p, a, stats = ops.vit_block(xb, *w.values(), heads, scale, 1e-6, 1e-6, None, impl)
     torch.library.opcheck(ops.vit_block_backward.default,
-                          (rnd(2, 5, d), xb, qkv, o, lse, p, a, w["ln1_w"], w["ln1_b"], w["qkv_w"], True, w["proj_w"],
-                           w["ln2_w"], w["ln2_b"], w["fc1_w"], w["fc1_b"], w["fc2_w"], heads, scale, 1e-6, 1e-6, None,
+                          (rnd(2, 5, d), xb, qkv, o, lse, p, a, stats, w["ln1_w"], w["ln1_b"], w["qkv_w"], True,
+                           w["proj_w"], w["ln2_w"], w["ln2_b"], w["fc1_w"], w["fc1_b"], w["fc2_w"], heads, scale, None,
                            impl))
 
 

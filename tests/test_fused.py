@@ -234,6 +234,42 @@ def test_bias_gelu_many_rows_strided_mixed(device):
     assert_close(gb, gb_ref, name="dbias", scale=10.0)
 
 
+def _check_ln_backward_and_output(x, r, w, b, dy, ds, out_dtype, impl):
+    """`layernorm.backward_and_output` (vit_block's backward) from the forward's operands and statistics:
+    the forward's output again and the op backward's gradients on the forward's s, bit for bit."""
+    from maefast.ops.layernorm import _forward, _ln_bwd_op, backward_and_output
+
+    y0, s0, mean, rstd = _forward(x, r, w, b, 1e-6, out_dtype, impl)
+    s0 = x if r is None else s0
+    dx0, dw0, db0 = _ln_bwd_op._maefast_impl(dy, ds, s0, w, mean, rstd, impl)
+    dx, dw, db, y = backward_and_output(dy, ds, x, r, w, b, mean, rstd, out_dtype, impl)
+    assert y.dtype == out_dtype and y.is_contiguous() and dx.dtype == s0.dtype
+    assert torch.equal(y, y0), "the forward's output, formed again"
+    assert torch.equal(dx, dx0) and torch.equal(dw, dw0) and torch.equal(db, db0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("case", ["block_ln2", "block_ln1", "bf16_stream", "odd_strided"])
+def test_layer_norm_backward_and_output(device, impl, case):
+    if impl == "reference":
+        device = torch.device("cpu")
+    f32, bf16 = torch.float32, torch.bfloat16
+    if case == "block_ln2":  # s = p (bf16 projection) + x (fp32 stream), bf16 output, + the stream's gradient
+        x, r, w, b = _ln_inputs((2, 9, 1280), bf16, device, param_dtype=f32, r_dtype=f32)
+        dy, ds, out = randn(2, 9, 1280, dtype=bf16, device=device), randn(2, 9, 1280, device=device), bf16
+    elif case == "block_ln1":  # LN1 of the fp32 stream, bf16 output, + the residual's gradient
+        x, _, w, b = _ln_inputs((3, 5, 512), f32, device, residual=False)
+        r, dy, ds, out = None, randn(3, 5, 512, dtype=bf16, device=device), randn(3, 5, 512, device=device), bf16
+    elif case == "bf16_stream":  # a bf16 model: s rounded to bf16, as the forward rounds it
+        x, r, w, b = _ln_inputs((4, 6, 768), bf16, device)
+        dy, ds, out = randn(4, 6, 768, dtype=bf16, device=device), None, bf16
+    else:  # an odd width, strided operands, fp16 output
+        x, r, w, b = _ln_inputs((5, 2 * 333), f32, device)
+        x, r, w, b = x[:, ::2], r[:, 1::2], w[:333], b[:333]
+        dy, ds, out = randn(5, 333, device=device), randn(5, 333, device=device), torch.float16
+    _check_ln_backward_and_output(x, r, w, b, dy, ds, out, impl)
+
+
 def _check_backward_and_output(x, b, gy, impl):
     """`backward_and_output` (vit_block's backward): dx and dbias equal the op's backward, and the GELU
     output it writes equals the forward's, bit for bit (same kernel expression / same reference)."""
@@ -362,6 +398,18 @@ def test_cuda_bias_gelu_full_size(dtype, rows, width):
     gy = randn(rows, width, dtype=dtype, device="cuda")
     _check_bias_gelu(x, b, gy, "triton", dtype)
     _check_backward_and_output(x, b, gy, "triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,width", [(128 * 65, 1280), (128 * 257, 512)])
+def test_cuda_layer_norm_backward_and_output_full_size(rows, width):
+    """On the GPU the kernels' FMA contraction decides: the backward's output must still equal the
+    forward's bit for bit (the same expression in both kernels)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    x, r, w, b = _ln_inputs((rows, width), bf16, "cuda", param_dtype=f32, r_dtype=f32)
+    dy, ds = randn(rows, width, dtype=bf16, device="cuda"), randn(rows, width, device="cuda")
+    _check_ln_backward_and_output(x, r, w, b, dy, ds, bf16, "triton")
+    _check_ln_backward_and_output(r, None, w, b, dy, ds, bf16, "triton")
 
 
 @pytest.mark.cuda

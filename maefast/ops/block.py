@@ -6,19 +6,21 @@
 Forward (matmul dtype c = the autocast dtype, else x's dtype; the residual stream stays in x's):
     h = LN1(x) [c];  qkv = h W_qkv^T + b_qkv;  o, lse = attention(qkv);  p = o W_proj^T + b_proj
     s = x + p;  h2 = LN2(s) [c];  a = h2 W_1^T;  g = gelu(a + b_1);  y = s + g W_2^T + b_2
-Saved for backward: x, qkv, o, lse, p, a — not h, h2, s (LN1 is recomputed from x; s, LN2's
-statistics and h2 by the forward's own add+LayerNorm call on p and x, so bit for bit), nor g (the
-bias+GELU backward writes it again from a, by the forward's expression, in the pass that reads a for
-the GELU gradient), nor the c-dtype weight copies (re-cast). Under bf16 autocast p is bf16 where s is
-the fp32 stream's: 11 values of 2 bytes per token and width unit instead of 12 (ViT-H/14, b128: 0.89
-GiB less at the step's peak by scripts/peak_memory.py), for one more read of x and p in the backward.
+Saved for backward: x, qkv, o, lse, p, a and the LayerNorms' statistics (8 bytes a token each) —
+not h, h2, s, g: the LayerNorm and bias+GELU backward kernels form their input again (s = p + x,
+rounded as the forward rounds it) and write the forward's outputs h, h2, g again (the forward's
+expression on the forward's statistics) in the pass that reads those inputs for the gradient, for
+the weight gradients that need them; nor the c-dtype weight copies (re-cast). Under bf16 autocast p
+is bf16 where s is the fp32 stream's: 11 values of 2 bytes per token and width unit instead of 12
+(ViT-H/14, b128: 0.89 GiB less at the step's peak by scripts/peak_memory.py).
 
-Backward runs the same kernels as the per-op path (LayerNorm backward with the residual gradient
-fused in, attention backward, bias+GELU backward) around torch matmuls; weight gradients are
-computed in c (as autocast's linear backward does) and bias gradients summed in fp32 (on the Triton
-path by kernels/colsum.py, fused with the cast of the fp32 stream's gradient to c that the matmuls
-need). One autograd node per block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes
-`impl` as its own op does ("auto": Triton on CUDA, the reference elsewhere).
+Backward: torch matmuls around those kernels, the attention backward and the bias-gradient column
+sums (kernels/colsum.py, fused with the cast of the fp32 stream's gradient to c that the matmuls
+need); weight gradients in c (as autocast's linear backward computes them), LayerNorm and bias
+gradients in fp32. No forward kernel runs again: the 2026-12-04 H200 profile (ViT-H/14 b128) had the
+recomputes at 80 of 162 LayerNorm and 40 of 80 bias+GELU forward launches. One autograd node per
+block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes `impl` as its
+own op does ("auto": Triton on CUDA, the reference elsewhere).
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from . import _backend
 from ._backend import device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
 from .attention import _visible_attention, _visible_attention_backward, model_level_impl
-from .bias_gelu import _bias_gelu_op, backward_and_output
+from .bias_gelu import _bias_gelu_op
+from .bias_gelu import backward_and_output as _gelu_backward_and_output
 from .layernorm import _forward as _ln_forward
-from .layernorm import _ln_bwd_op
+from .layernorm import backward_and_output as _ln_backward_and_output
 
 _WEIGHTS = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b", "ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w",
             "fc2_b")
@@ -61,17 +64,17 @@ def _forward_impl(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, f
                   num_heads, scale, eps1, eps2, compute_dtype, impl):
     c = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        h, _, _ = _ln(x, ln1_w, ln1_b, eps1, c, impl)
+        h, mean1, rstd1 = _ln(x, ln1_w, ln1_b, eps1, c, impl)
         qkv = _linear(h, qkv_w, qkv_b, c)
         attn = model_level_impl(impl, qkv, num_heads)
         o, lse = _impl_of(_visible_attention)(qkv, num_heads, None, None, scale, attn)
         p = _linear(o, proj_w, proj_b, c)
-        h2, s, _, _ = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, _sub_impl(impl))  # s = p + x in x's dtype
+        h2, s, mean2, rstd2 = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, _sub_impl(impl))  # s = p + x in x's dtype
         a = _linear(h2, fc1_w, None, c)
         g = _impl_of(_bias_gelu_op)(a, fc1_b, _sub_impl(impl))
         m = _linear(g, fc2_w, fc2_b, c)
         y = s + m
-    return y, qkv, o, lse, p, a
+    return y, qkv, o, lse, p, a, torch.stack((mean1, rstd1, mean2, rstd2))
 
 
 @custom_op("maefast::vit_block", mutates_args=())
@@ -80,8 +83,10 @@ def _vit_block_op(x: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, qkv
                   ln2_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor,
                   fc2_b: torch.Tensor, num_heads: int, scale: float, eps1: float, eps2: float,
                   compute_dtype: Optional[torch.dtype], impl: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, and what the backward needs: qkv, attention out, lse, attention projection p, a)."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor]:
+    """Returns (y, and what the backward needs: qkv, attention out, lse, attention projection p, a, the
+    two LayerNorms' statistics (mean1, rstd1, mean2, rstd2) stacked fp32)."""
     return _forward_impl(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
                          num_heads, scale, eps1, eps2, compute_dtype, impl)
 
@@ -95,7 +100,8 @@ def _(x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b,
     return (x.new_empty(x.shape, dtype=s_dtype), x.new_empty(*lead, qkv_w.shape[0], dtype=c),
             x.new_empty(*lead, qkv_w.shape[0] // 3, dtype=c),
             x.new_empty(x.shape[0], num_heads, x.shape[1], dtype=torch.float32),
-            x.new_empty(x.shape, dtype=c), x.new_empty(*lead, fc1_w.shape[0], dtype=c))
+            x.new_empty(x.shape, dtype=c), x.new_empty(*lead, fc1_w.shape[0], dtype=c),
+            x.new_empty(4, *lead, dtype=torch.float32))
 
 
 def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
@@ -120,29 +126,32 @@ def _cast_bsum(dout: torch.Tensor, dtype: torch.dtype | None, impl: str) -> tupl
 
 @custom_op("maefast::vit_block_backward", mutates_args=())
 def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                      p: torch.Tensor, a: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, qkv_w: torch.Tensor,
-                      has_qkv_b: bool, proj_w: torch.Tensor, ln2_w: torch.Tensor, ln2_b: torch.Tensor,
-                      fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, num_heads: int, scale: float,
-                      eps1: float, eps2: float, compute_dtype: Optional[torch.dtype], impl: str) -> list[torch.Tensor]:
+                      p: torch.Tensor, a: torch.Tensor, stats: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor,
+                      qkv_w: torch.Tensor, has_qkv_b: bool, proj_w: torch.Tensor, ln2_w: torch.Tensor,
+                      ln2_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor,
+                      num_heads: int, scale: float, compute_dtype: Optional[torch.dtype], impl: str
+                      ) -> list[torch.Tensor]:
     """Returns [dx, d ln1_w, d ln1_b, d qkv_w, d qkv_b (empty without bias), d proj_w, d proj_b, d ln2_w,
     d ln2_b, d fc1_w, d fc1_b, d fc2_w, d fc2_b]; weight grads in c, LayerNorm and bias grads fp32."""
     c = compute_dtype or x.dtype
     sub = _sub_impl(impl)
     with torch.autocast(x.device.type, enabled=False):
         # MLP: g recomputed from a
+        mean1, rstd1, mean2, rstd2 = stats.unbind(0)
         dm, d_fc2_b = _cast_bsum(dy, c, sub)
         dg = dm @ fc2_w.to(c)
-        da, d_fc1_b, g = backward_and_output(dg, a, fc1_b, sub)  # g as the forward made it, same pass
+        da, d_fc1_b, g = _gelu_backward_and_output(dg, a, fc1_b, sub)  # g as the forward made it, same pass
         del dg
         d_fc2_w = _wgrad(dm, g)
-        del g
-        h2, s, mean2, rstd2 = _ln_forward(p, x, ln2_w, ln2_b, eps2, c, sub)  # the forward's call: bit for bit
-        d_fc1_w = _wgrad(da, h2)
-        del h2
+        del g, dm
         dh2 = da @ fc1_w.to(c)
-        del da
-        ds, d_ln2_w, d_ln2_b = _impl_of(_ln_bwd_op)(dh2, dy.to(s.dtype), s, ln2_w, mean2, rstd2, sub)  # + dy
+        # LN2's backward from the forward's p and x (s = p + x formed again) and statistics, + dy; h2 back
+        # from the same pass, as the forward made it
+        ds, d_ln2_w, d_ln2_b, h2 = _ln_backward_and_output(dh2, dy.to(torch.promote_types(p.dtype, x.dtype)), p, x,
+                                                           ln2_w, ln2_b, mean2, rstd2, c, sub)
         del dh2
+        d_fc1_w = _wgrad(da, h2)
+        del da, h2
         # attention half
         dp, d_proj_b = _cast_bsum(ds, c, sub)
         d_proj_w = _wgrad(dp, o)
@@ -152,20 +161,20 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
         dqkv = _impl_of(_visible_attention_backward)(do, qkv, o, lse, num_heads, None, None, scale,
                                                      "triton" if attn_bwd == "cuda" else attn_bwd)
         del do
-        h, mean1, rstd1 = _ln(x, ln1_w, ln1_b, eps1, c, impl)
-        d_qkv_w = _wgrad(dqkv, h)
         d_qkv_b = _cast_bsum(dqkv, None, sub)[1] if has_qkv_b else dqkv.new_empty(0, dtype=torch.float32)
-        del h
         dh = dqkv @ qkv_w.to(c)
-        del dqkv
-        dx, d_ln1_w, d_ln1_b = _impl_of(_ln_bwd_op)(dh, ds.to(x.dtype), x, ln1_w, mean1, rstd1, sub)  # + ds
+        dx, d_ln1_w, d_ln1_b, h = _ln_backward_and_output(dh, ds.to(x.dtype), x, None, ln1_w, ln1_b, mean1, rstd1,
+                                                          c, sub)  # + ds; h as the forward made it
+        del dh
+        d_qkv_w = _wgrad(dqkv, h)
+        del dqkv, h
     return [dx, d_ln1_w, d_ln1_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_ln2_w, d_ln2_b, d_fc1_w, d_fc1_b,
             d_fc2_w, d_fc2_b]
 
 
 @_vit_block_bwd_op.register_fake
-def _(dy, x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
-      num_heads, scale, eps1, eps2, compute_dtype, impl):
+def _(dy, x, qkv, o, lse, p, a, stats, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w,
+      num_heads, scale, compute_dtype, impl):
     c = compute_dtype or x.dtype
     f32 = torch.float32
     d = x.shape[-1]
@@ -180,23 +189,23 @@ def _(dy, x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, has_qkv_b, proj_w, ln2_w, l
 def _setup(ctx, inputs, output):
     (x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, num_heads, scale,
      eps1, eps2, compute_dtype, impl) = inputs
-    _, qkv, o, lse, p, a = output
-    ctx.mark_non_differentiable(qkv, o, lse, p, a)
-    # the saved-only outputs get no gradient: without this autograd would hand the backward five
+    _, qkv, o, lse, p, a, stats = output
+    ctx.mark_non_differentiable(qkv, o, lse, p, a, stats)
+    # the saved-only outputs get no gradient: without this autograd would hand the backward six
     # zero-filled tensors of their sizes (~0.4 GB a ViT-H block at batch 256) that it never reads
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w)
-    ctx.args = (num_heads, scale, eps1, eps2, compute_dtype, impl)
+    ctx.save_for_backward(x, qkv, o, lse, p, a, stats, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w)
+    ctx.args = (num_heads, scale, compute_dtype, impl)  # the eps live on in the saved statistics
     ctx.has_qkv_b = qkv_b is not None
     ctx.dtypes = [t.dtype if t is not None else None for t in
                   (x, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)]
 
 
 def _backward(ctx, dy, *_unused):
-    x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w = ctx.saved_tensors
+    x, qkv, o, lse, p, a, stats, ln1_w, ln1_b, qkv_w, proj_w, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w = ctx.saved_tensors
     if dy is None:
         dy = x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, p.dtype))
-    grads = bwd(ctx, _vit_block_bwd_op)(dy, x, qkv, o, lse, p, a, ln1_w, ln1_b, qkv_w, ctx.has_qkv_b, proj_w,
+    grads = bwd(ctx, _vit_block_bwd_op)(dy, x, qkv, o, lse, p, a, stats, ln1_w, ln1_b, qkv_w, ctx.has_qkv_b, proj_w,
                                         ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, *ctx.args)
     out = []
     for g, dt in zip(grads, ctx.dtypes):

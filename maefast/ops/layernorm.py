@@ -97,6 +97,31 @@ def _forward(x, residual, weight, bias, eps, out_dtype, impl):
     return _fwd_reference(x, residual, weight, bias, eps, out_dtype)
 
 
+def backward_and_output(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor,
+                        residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                        mean: torch.Tensor, rstd: torch.Tensor, out_dtype: torch.dtype, impl: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of `_forward(x, residual, weight, bias, ...)` from the forward's operands and its
+    statistics (mean, rstd), handing back the forward's output y again, bit for bit, from the same pass:
+    (d s (= dx = d residual, in s's dtype; includes ds), dweight fp32, dbias fp32, y in out_dtype).
+    s = x + residual is formed again as the forward formed it, never stored. Not an op of its own:
+    called inside `maefast::vit_block_backward` (inputs checked there)."""
+    impl = _resolve(impl, x.device, x.shape[-1])
+    if impl == "triton":
+        from ..kernels.layernorm import layer_norm_bwd
+
+        d = x.shape[-1]
+        flat = (lambda t: None if t is None else t.reshape(-1, d))  # noqa: E731
+        with device_guard(x):
+            dx, dw, db, y = layer_norm_bwd(flat(dy), flat(ds), flat(x), weight, mean.reshape(-1), rstd.reshape(-1),
+                                           flat(residual), bias, out_dtype)
+        return dx.view(x.shape), dw, db, y.view(x.shape)
+    x = x.contiguous()
+    s = x + residual.contiguous() if residual is not None else x  # _fwd_reference's s, its y below
+    y = ((s.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * weight.float() + bias.float()).to(out_dtype)
+    return (*_bwd_reference(dy, ds, s, weight, mean, rstd), y)
+
+
 # -- custom ops -----------------------------------------------------------------------------------
 
 @custom_op("maefast::add_layer_norm", mutates_args=())
