@@ -112,10 +112,10 @@ class Block(nn.Module):
     the packed rows (T, C) or (1, T, C) of several sequences (drop_path is then not supported).
 
     fused=True runs the whole block as one op (`maefast.ops.vit_block`: one autograd node, LayerNorm
-    and GELU recomputed in the backward, ~1/3 less activation memory) whenever it computes the same
-    thing: no cu_seqlens, no active dropout/drop-path, torch's exact GELU, affine LayerNorms, proj/fc
-    biases, this module's own attention and MLP (their forwards not replaced), no hooks on the
-    parts it would not call, a float32/16 input, an attention impl other than "sdpa". Otherwise (and
+    and GELU recomputed in the backward, ~40% less activation memory than False) whenever it
+    computes the same thing: no cu_seqlens, no active dropout/drop-path, torch's exact GELU, affine
+    LayerNorms, proj/fc biases, this module's own attention and MLP (their forwards not replaced), no
+    hooks on the parts it would not call, a float32/16 input, an attention impl other than "sdpa". Otherwise (and
     always with fused=False) the block runs op by op, calling its parts as modules.
     """
 

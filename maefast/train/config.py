@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--impl", default="auto", help="kernel implementation handed to the model (auto|triton|cuda|reference|sdpa)")
     a("--fused", default="off", choices=["off", "block"],
       help="transformer blocks on the fast path: off (torch LayerNorm/GELU/Linear around maefast's attention; "
-           "what --compile fuses), block (each block one op, LayerNorm/GELU recomputed in backward: ~1/3 less "
+           "what --compile fuses), block (each block one op, LayerNorm/GELU recomputed in backward: ~40%% less "
            "activation memory)")
     a("--grad-checkpointing", action=on_off, default=False,
       help="activation checkpointing per block (same mask on recompute)")
