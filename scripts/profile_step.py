@@ -46,7 +46,8 @@ CATEGORIES = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "_mm_", "splitk", "sm90_",
               "sm80_", "wgmma", "hmma")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("maefast", ("_bias_gelu", "norm_pix_loss", "unshuffle", "random_masking", "patch_embed", "patch_gather")),
+    ("maefast", ("_bias_gelu", "_colsum", "norm_pix_loss", "unshuffle", "random_masking", "patch_embed",
+                 "patch_gather")),
     ("norm", ("layer_norm", "layernorm", "_ln_")),
     ("copy", ("copy", "memcpy", "memset", "cast", "fill", "catarray")),
     ("elementwise", ("elementwise", "vectorized", "reduce_kernel", "softmax", "gelu", "unrolled")),
@@ -71,6 +72,7 @@ PROBE = {
     "triton_tem_fused_addmm_0": "gemm",
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "gemm", "nvjet_tst_128x256": "gemm",
     "multi_tensor_apply_kernel": "optimizer", "_norm_pix_loss_fwd_kernel": "maefast", "_ln_bwd_kernel": "norm",
+    "_colsum_kernel": "maefast",
     "void at::native::vectorized_elementwise_kernel<4>": "elementwise",
 }
 
