@@ -216,6 +216,8 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, w
     M, D = x.shape
     _check_width(D)
     dev = x.device
+    if out_dtype is not None and bias is None:
+        raise ValueError("layer_norm_bwd: out_dtype (write the forward's output again) needs the LayerNorm's bias")
     s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     dx = torch.empty(M, D, dtype=s_dtype, device=dev)
     want_y = out_dtype is not None

@@ -133,6 +133,28 @@ def test_saves_only_x_qkv_out_lse_p_a_stats(autocast):
         assert sorted(str(dt) for _, dt in saved.values()) == ["torch.bfloat16"] * 4 + ["torch.float32"] * 3
 
 
+def test_backward_runs_no_forward_kernel(monkeypatch):
+    """The backward forms the LayerNorm and GELU outputs in its gradient kernels' pass: no LayerNorm or
+    bias+GELU forward kernel launches between the forward and the end of the backward (a recompute
+    brought back would cost a second read of the fp32 stream and of fc1's output)."""
+    _interpreter_or_skip()
+    import maefast.kernels.bias_gelu as kbg
+    import maefast.kernels.layernorm as kln
+
+    launches = []
+    for mod, name in ((kln, "add_layer_norm_fwd"), (kbg, "bias_gelu_fwd")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: launches.append(_name) or _real(*a, **k))
+    blk = _block(32, 2)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = _op(blk, x, "triton")
+    assert sorted(launches) == ["add_layer_norm_fwd", "add_layer_norm_fwd", "bias_gelu_fwd"], launches
+    y.backward(torch.randn_like(y))
+    assert len(launches) == 3, launches
+    assert x.grad is not None and all(p.grad is not None for p in blk.parameters())
+
+
 @pytest.mark.parametrize("route", ["direct", "custom_op"])
 def test_backward_fills_no_zero_grads_for_saved_outputs(route):
     """qkv, o, lse, p, a and the statistics are outputs only to be saved: the backward must not be handed (and so

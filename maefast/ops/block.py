@@ -20,7 +20,9 @@ need); weight gradients in c (as autocast's linear backward computes them), Laye
 gradients in fp32. No forward kernel runs again: the 2026-12-04 H200 profile (ViT-H/14 b128) had the
 recomputes at 80 of 162 LayerNorm and 40 of 80 bias+GELU forward launches. One autograd node per
 block instead of ~12 (what a launch-bound step pays for in Python). Each sub-op takes `impl` as its
-own op does ("auto": Triton on CUDA, the reference elsewhere).
+own op does ("auto": Triton on CUDA, the reference elsewhere). Inside one block's backward a few
+more hidden-width temporaries are alive at once than a recompute-first order would hold (g beside
+dg and da); the step's peak is at the end of the forward, far above them.
 """
 from __future__ import annotations
 
