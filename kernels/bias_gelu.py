@@ -13,11 +13,11 @@ On request (`want_y`) the backward also writes y, by the forward's own expressio
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._rows import row_split
 
 @triton.jit
 def _bias_gelu_fwd_kernel(
@@ -87,11 +87,6 @@ def _bias_gelu_bwd_kernel(
 
 # -- launchers ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _config(N: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) by width; no autotune (the interpreter cannot run it)."""
     block_n = min(triton.next_power_of_2(N), 1024)
@@ -133,15 +128,7 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, want_y:
         return (dx, db, y) if want_y else (dx, db)
     block_m, block_n, warps = _config(N, dev)
     n_blocks = triton.cdiv(N, block_n)
-    if dev.type == "cuda":
-        # ~8 programs per SM in all; each column block then reduces over M / (progs / n_blocks) rows.
-        target = max(1, 8 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
-                     // n_blocks)
-    else:
-        target = 2
-    progs = max(1, min(triton.cdiv(M, block_m), target))
-    rows_per = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m
-    progs = triton.cdiv(M, rows_per)
+    progs, rows_per = row_split(M, block_m, n_blocks, dev, per_sm=8)
     db_part = torch.empty(progs, N, dtype=torch.float32, device=dev)
     _bias_gelu_bwd_kernel[(n_blocks, progs)](
         dy, x, bias.contiguous(), dx, db_part, y, M, N, rows_per,

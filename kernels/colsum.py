@@ -15,11 +15,11 @@ Each program sums a fixed range of rows for BLOCK_N columns in order into a (P, 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._rows import row_split
 
 
 @triton.jit
@@ -55,11 +55,6 @@ def _colsum_kernel(
     tl.store(part_ptr + pid_p * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def config(N: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). 256 columns divide every width MAE sums (512, 768, 1024, 1280,
     1536, 3072, 3840), so no column block runs mostly masked; no autotune (the interpreter cannot)."""
@@ -67,20 +62,6 @@ def config(N: int, device: torch.device) -> tuple[int, int, int]:
     if device.type != "cuda":
         return max(1, min(64, 8192 // block_n)), block_n, 4  # interpreter: few, large programs
     return max(1, 4096 // block_n), block_n, 8  # 16 elements a thread: <= 48 registers (sm_90)
-
-
-def programs(M: int, N: int, device: torch.device) -> tuple[int, int]:
-    """(programs along the rows, rows per program): ~8 programs per SM in all on a GPU."""
-    block_m, block_n, _ = config(N, device)
-    n_blocks = triton.cdiv(N, block_n)
-    if device.type == "cuda":
-        target = max(1, 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-                     // n_blocks)
-    else:
-        target = 2
-    progs = max(1, min(triton.cdiv(M, block_m), target))
-    rows_per = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m
-    return triton.cdiv(M, rows_per), rows_per
 
 
 def colsum(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +77,7 @@ def colsum(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> tuple[torch
     if M == 0 or N == 0:
         return y, torch.zeros(N, dtype=torch.float32, device=dev)
     block_m, block_n, warps = config(N, dev)
-    progs, rows_per = programs(M, N, dev)
+    progs, rows_per = row_split(M, block_m, triton.cdiv(N, block_n), dev, per_sm=8)
     part = torch.empty(progs, N, dtype=torch.float32, device=dev)
     _colsum_kernel[(triton.cdiv(N, block_n), progs)](
         x, y, part, M, N, rows_per, x.stride(0), x.stride(1),

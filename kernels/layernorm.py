@@ -21,11 +21,11 @@ is masked.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._rows import row_split
 
 MAX_WIDTH = 16384  # one row must fit in one tile (registers)
 
@@ -143,11 +143,6 @@ def _ln_bwd_kernel(
 
 # -- launchers ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _fwd_config(D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) by width; no autotune (the interpreter cannot run it)."""
     block_d = triton.next_power_of_2(D)
@@ -226,11 +221,7 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, w
         z = torch.zeros(D, dtype=torch.float32, device=dev)
         return (dx, z, z.clone(), y) if want_y else (dx, z, z.clone())
     block_m, block_d, warps = _bwd_config(D, dev)
-    target = 4 * _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
-        if dev.type == "cuda" else 2
-    progs = max(1, min(triton.cdiv(M, block_m), target))
-    rows_per = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m
-    progs = triton.cdiv(M, rows_per)
+    progs, rows_per = row_split(M, block_m, 1, dev, per_sm=4)
     dw_part = torch.empty(progs, D, dtype=torch.float32, device=dev)
     db_part = torch.empty(progs, D, dtype=torch.float32, device=dev)
     g = ds if ds is not None else dy

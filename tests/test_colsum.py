@@ -89,3 +89,19 @@ def test_cuda_colsum_full_size(rows, width):
     x = randn(rows, width, device="cuda")
     _check(colsum, x, torch.bfloat16)
     _check(colsum, x.to(torch.bfloat16), None)
+
+
+@pytest.mark.parametrize("M,block_m,col_blocks,per_sm",
+                         [(8320, 16, 5, 8), (32896, 16, 2, 8), (8320, 1, 1, 4), (7, 16, 15, 8), (1, 1, 1, 4)])
+def test_row_split_covers_every_row_once(monkeypatch, M, block_m, col_blocks, per_sm):
+    """kernels/_rows.py (the LayerNorm and bias+GELU backwards', the column sums'): contiguous ranges of a
+    multiple of block_m rows, the last one reaching M and none empty, about per_sm programs an SM (a 132-SM
+    card, its count stubbed) over the column blocks; two under the interpreter."""
+    pytest.importorskip("triton")
+    from maefast.kernels import _rows
+
+    monkeypatch.setattr(_rows, "_sm_count", lambda index: 132)
+    for device, target in ((torch.device("cuda", 0), max(1, per_sm * 132 // col_blocks)), (torch.device("cpu"), 2)):
+        progs, rows_per = _rows.row_split(M, block_m, col_blocks, device, per_sm)
+        assert rows_per % block_m == 0 and (progs - 1) * rows_per < M <= progs * rows_per
+        assert 1 <= progs <= target
