@@ -138,7 +138,7 @@ def _vit_block_bwd_op(dy: torch.Tensor, x: torch.Tensor, qkv: torch.Tensor, o: t
     c = compute_dtype or x.dtype
     sub = _sub_impl(impl)
     with torch.autocast(x.device.type, enabled=False):
-        # MLP: g recomputed from a
+        # MLP: g written again by the GELU backward from a, as the forward wrote it
         mean1, rstd1, mean2, rstd2 = stats.unbind(0)
         dm, d_fc2_b = _cast_bsum(dy, c, sub)
         dg = dm @ fc2_w.to(c)
