@@ -63,8 +63,12 @@ def _fwd_reference(x, residual, weight, bias, eps, out_dtype):
     mean = sf.mean(-1)
     diff = sf - mean.unsqueeze(-1)
     rstd = torch.rsqrt((diff * diff).mean(-1) + eps)
-    y = (diff * rstd.unsqueeze(-1) * weight.float() + bias.float()).to(out_dtype or s.dtype)
-    return y, (s if residual is not None else None), mean, rstd
+    return _normalize(diff, rstd, weight, bias, out_dtype or s.dtype), (s if residual is not None else None), mean, rstd
+
+
+def _normalize(diff, rstd, weight, bias, out_dtype):
+    """y from s - mean: the forward's expression, also the backward's when it hands y back."""
+    return (diff * rstd.unsqueeze(-1) * weight.float() + bias.float()).to(out_dtype)
 
 
 def _bwd_reference(dy, ds, x, weight, mean, rstd):
@@ -106,6 +110,11 @@ def backward_and_output(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.T
     (d s (= dx = d residual, in s's dtype; includes ds), dweight fp32, dbias fp32, y in out_dtype).
     s = x + residual is formed again as the forward formed it, never stored. Not an op of its own:
     called inside `maefast::vit_block_backward` (inputs checked there)."""
+    return _backward(dy, ds, x, residual, weight, bias, mean, rstd, out_dtype, impl)
+
+
+def _backward(dy, ds, x, residual, weight, bias, mean, rstd, out_dtype, impl) -> tuple:
+    """(dx, dweight, dbias), and y with out_dtype: the op backward and `backward_and_output`."""
     impl = _resolve(impl, x.device, x.shape[-1])
     if impl == "triton":
         from ..kernels.layernorm import layer_norm_bwd
@@ -113,13 +122,15 @@ def backward_and_output(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.T
         d = x.shape[-1]
         flat = (lambda t: None if t is None else t.reshape(-1, d))  # noqa: E731
         with device_guard(x):
-            dx, dw, db, y = layer_norm_bwd(flat(dy), flat(ds), flat(x), weight, mean.reshape(-1), rstd.reshape(-1),
-                                           flat(residual), bias, out_dtype)
-        return dx.view(x.shape), dw, db, y.view(x.shape)
+            out = layer_norm_bwd(flat(dy), flat(ds), flat(x), weight, mean.reshape(-1), rstd.reshape(-1),
+                                 flat(residual), bias, out_dtype)
+        return (out[0].view(x.shape), *out[1:3]) + ((out[3].view(x.shape),) if out_dtype is not None else ())
     x = x.contiguous()
-    s = x + residual.contiguous() if residual is not None else x  # _fwd_reference's s, its y below
-    y = ((s.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1) * weight.float() + bias.float()).to(out_dtype)
-    return (*_bwd_reference(dy, ds, s, weight, mean, rstd), y)
+    s = x + residual.contiguous() if residual is not None else x  # _fwd_reference's s
+    grads = _bwd_reference(dy, ds, s, weight, mean, rstd)
+    if out_dtype is None:
+        return grads
+    return (*grads, _normalize(s.float() - mean.unsqueeze(-1), rstd, weight, bias, out_dtype))
 
 
 # -- custom ops -----------------------------------------------------------------------------------
@@ -159,16 +170,7 @@ def _ln_bwd_op(dy: torch.Tensor, ds: Optional[torch.Tensor], x: torch.Tensor, we
                mean: torch.Tensor, rstd: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: the normalised input (s for add_layer_norm). Returns (dx in x's dtype, dweight fp32,
     dbias fp32); dx includes ds."""
-    impl = _resolve(impl, x.device, x.shape[-1])
-    if impl == "triton":
-        from ..kernels.layernorm import layer_norm_bwd
-
-        d = x.shape[-1]
-        with device_guard(x):
-            dx, dw, db = layer_norm_bwd(dy.reshape(-1, d), None if ds is None else ds.reshape(-1, d), x.reshape(-1, d),
-                                    weight, mean.reshape(-1), rstd.reshape(-1))
-        return dx.view(x.shape), dw, db
-    return _bwd_reference(dy, ds, x, weight, mean, rstd)
+    return _backward(dy, ds, x, None, weight, None, mean, rstd, None, impl)
 
 
 @_ln_bwd_op.register_fake
