@@ -48,20 +48,34 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torc
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
-def check_mask_ratio(mask_ratio, num_patches: int | None = None) -> int | None:
-    """Returns len_keep = floor(L*(1-r)) when num_patches is given."""
+def check_mask_ratio(mask_ratio, num_patches: int | None = None, *, official: bool = False) -> int | None:
+    """Returns len_keep = floor(L*(1-r)) when num_patches is given. maefast's rule (training, the fast
+    path, the ops): r in (0, 1) keeping at least one patch. official=True: the official code's domain,
+    r in [0, 1] (r = 0 keeps every patch, e.g. `forward_encoder(imgs, 0.0)` for features, and its loss
+    over no masked patch is 0/0 = NaN; a ratio that keeps none leaves the encoder the cls token alone)."""
+    interval = "[0, 1]" if official else "(0, 1)"
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a float in (0, 1), got {type(mask_ratio).__name__}")
-    if not (0.0 < float(mask_ratio) < 1.0):
-        raise ValueError(f"mask_ratio must be in the open interval (0, 1), got {mask_ratio}")
+        raise TypeError(f"mask_ratio must be a float in {interval}, got {type(mask_ratio).__name__}")
+    r = float(mask_ratio)
+    if not ((0.0 <= r <= 1.0) if official else (0.0 < r < 1.0)):
+        raise ValueError(f"mask_ratio must be in {'the interval' if official else 'the open interval'} {interval}, "
+                         f"got {mask_ratio}")
     if num_patches is None:
         return None
-    len_keep = int(num_patches * (1 - float(mask_ratio)))
-    if len_keep < 1:
+    len_keep = int(num_patches * (1 - r))
+    if len_keep < 1 and not official:
         raise ValueError(
             f"mask_ratio={mask_ratio} keeps floor({num_patches}*(1-{mask_ratio})) = 0 patches; "
             "at least one patch must stay visible")
     return len_keep
+
+
+def check_bool(name: str, v) -> bool:
+    """``v`` itself when it is a bool, else a TypeError naming ``name`` (a string such as "no" would be
+    true, a tensor would sync)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
+    return v
 
 
 def check_int(name: str, v, low: int) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ._validate import check_bool
 from .models.fast import (BlockView, MAEView, _official_block_view, check_fused, check_model_impl, fast_forward,
                           official_view)
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
@@ -319,9 +320,13 @@ class _TransformersForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, pixel_values=None, noise=None, *args, seed=None, **kwargs):
+    def __call__(self, pixel_values=None, noise=None, *args, seed=None, mask_ratio=None, mean=None, std=None,
+                 **kwargs):
         m = self.model
         st = m._maefast
+        if mask_ratio is not None and mask_ratio != m.config.mask_ratio:  # the original would drop it silently
+            raise ValueError(f"mask_ratio={mask_ratio}, but this model takes its ratio from model.config.mask_ratio "
+                             f"({m.config.mask_ratio}): set that instead")
         why = _hf_slow_reason(m, pixel_values, args, kwargs) or \
             fast_unsupported(m.vit.embeddings.position_embeddings, m.config.mask_ratio)
         if why is None:
@@ -334,7 +339,7 @@ class _TransformersForward:
         if why is not None:
             warn_slow(m, why, stacklevel=5)
             pixel_values, noise = original_inputs(pixel_values, noise, seed,
-                                                  m.vit.embeddings.position_embeddings.shape[1] - 1)
+                                                  m.vit.embeddings.position_embeddings.shape[1] - 1, mean, std)
             return type(m).forward(m, pixel_values, noise, *args, **kwargs)
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
@@ -343,7 +348,8 @@ class _TransformersForward:
         loss, pred, mask, ids_restore = fast_forward(view, pixel_values, m.config.mask_ratio, noise, seed=seed,
                                                      impl=st.impl, fused=st.fused,
                                                      grad_checkpointing=st.grad_checkpointing, return_pred=True,
-                                                     loss_fn=m.forward_loss if st.loss_via_model else None)
+                                                     loss_fn=m.forward_loss if st.loss_via_model else None,
+                                                     mean=mean, std=std)
         from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
 
         out = ViTMAEForPreTrainingOutput(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
@@ -435,8 +441,10 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
     (mask_ratio not given: the original forward's default, 0.75 in the official code; a default the
     model decides, such as None, and an explicit None run the original forward)
     -> (loss, pred, mask). transformers' ViTMAEForPreTraining: forward(pixel_values, noise=None, ...,
-    *, seed=None) -> ViTMAEForPreTrainingOutput(loss, logits, mask, ids_restore) (a tuple for
-    return_dict=False), mask ratio from its config. maefast's own model: its impl, fused and
+    *, seed=None, mask_ratio=None, mean=None, std=None) -> ViTMAEForPreTrainingOutput(loss, logits, mask,
+    ids_restore) (a tuple for return_dict=False), mask ratio from its config (a mask_ratio= that differs
+    from it raises: the original forward would drop it); uint8 pixel_values are normalised with
+    mean/std (None: ImageNet's), as for the official layout. maefast's own model: its impl, fused and
     grad_checkpointing are set (its forward is the fast path). Patching again replaces the settings.
 
     Raises TypeError listing what is missing for a model it does not recognise, or naming a method of
@@ -446,6 +454,7 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused = check_fused(fused)
     check_model_impl(impl, fused)
+    check_bool("grad_checkpointing", grad_checkpointing)
     if isinstance(model._modules.get("_orig_mod"), nn.Module):  # torch.compile's OptimizedModule
         raise TypeError("maefast.patch: this is a torch.compile wrapper (its forward is the compiled one); patch the "
                         "model, then compile it: maefast.patch(model); model = torch.compile(model)")

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import graphs
+from ._validate import check_bool, check_mask_ratio
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
@@ -113,7 +114,9 @@ class TrainStep:
             (``torch.optim.AdamW(..., fused=True, capturable=True)``: one kernel, and fp16-capturable).
         dtype: the autocast dtype: torch.bfloat16 or torch.float16 (autocast), torch.float32 (none).
             Default: bf16 on CUDA, fp32 elsewhere.
-        mask_ratio: the fraction of patches removed.
+        mask_ratio: the fraction of patches removed, in (0, 1). A model that takes its ratio from
+            ``model.config.mask_ratio`` (transformers' ViTMAE, whose forward would drop ``mask_ratio=``)
+            gets none passed: the two must agree (else ValueError).
         scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
             fine), False for none, or None: a new one for fp16, none otherwise.
         accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
@@ -158,8 +161,10 @@ class TrainStep:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-        if capture not in ("auto", True, False):
+        if capture not in ("auto", True, False) or (capture != "auto" and not isinstance(capture, bool)):
             raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
+        check_mask_ratio(mask_ratio)
+        check_bool("restore", restore)
         for name, v, low in (("accum_steps", accum_steps, 1), ("warmup_steps", warmup_steps, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
@@ -178,7 +183,7 @@ class TrainStep:
         self.dtype, self.mask_ratio = dtype, mask_ratio
         self.scaler = scaler if scaler is not False else None
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
-        self.seed, self.warmup_steps, self.restore = seed, warmup_steps, bool(restore)
+        self.seed, self.warmup_steps, self.restore = seed, warmup_steps, restore
         self._capture = capture
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         own = {id(p) for p in model.parameters()}
@@ -192,6 +197,12 @@ class TrainStep:
         except (TypeError, ValueError):
             takes = {}
         self._fwd_kwargs = {"return_pred": False} if "return_pred" in takes else {}
+        # transformers' ViTMAE reads its ratio from its config on every call and drops an unknown
+        # mask_ratio= into **kwargs: the step checks that the two agree instead of passing it
+        self._config = None if "mask_ratio" in takes else getattr(inner, "config", None)
+        if not isinstance(getattr(self._config, "mask_ratio", None), (int, float)):
+            self._config = None
+        self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
         self._sync = _sync_wrapper(model)
@@ -224,15 +235,25 @@ class TrainStep:
         # a CUDA graph must not keep autocast's cast cache (torch.cuda.graph's documented requirement)
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
 
+    def _check_config_ratio(self) -> None:
+        if self._config is not None and self._config.mask_ratio != self.mask_ratio:
+            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(_unwrap(self.model)[-1]).__name__} takes its "
+                             f"ratio from model.config.mask_ratio ({self._config.mask_ratio}): build the step with "
+                             f"mask_ratio={self._config.mask_ratio}, or set model.config.mask_ratio")
+
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
               cache: bool = True) -> torch.Tensor:
         kw = dict(self._fwd_kwargs)
+        if self._config is None:
+            kw["mask_ratio"] = self.mask_ratio
+        else:
+            self._check_config_ratio()
         if self.mask_source == "noise":
             kw["noise"] = noise
         elif self.mask_source == "seed":
             kw["seed"] = seed
         with self._autocast(cache):
-            out = self.model(imgs, mask_ratio=self.mask_ratio, **kw)
+            out = self.model(imgs, **kw)
         loss = out if isinstance(out, torch.Tensor) else out[0]
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("the model's forward must return the scalar loss (alone or first, as the official "
@@ -311,6 +332,8 @@ class TrainStep:
             the micro-batch's loss, 0-d, detached, unscaled (captured: overwritten by the next call).
         """
         weight = _check_number("weight", weight)
+        if update is not None:
+            check_bool("update", update)
         if update is None:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:

@@ -229,6 +229,27 @@ def test_compile_fullgraph_native_and_patched():
     assert torch.allclose(lb, l0, rtol=1e-5) and mb.blocks[0].mlp.fc1.weight.grad is not None
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_mask_ratios_only_the_official_code_takes_run_its_forward(ratio):
+    # 0 (features from forward_encoder(imgs, 0.0)) and a ratio keeping no patch: the official code runs
+    # them, maefast's fast path keeps one patch at least, so the call runs the official computation
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY)
+    ref = ReferenceMAE(**TINY)
+    ref.load_state_dict(m.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    from maefast.models import routing
+
+    routing._WARNED.clear()  # one warning per reason and process
+    with pytest.warns(routing.SlowPathWarning, match="fast path's rule"):
+        loss, pred, mask = m(imgs, ratio, noise)
+    want = ref(imgs, ratio, noise)
+    assert torch.equal(mask, want[2]) and torch.equal(pred, want[1])
+    assert torch.equal(loss, want[0]) or (loss.isnan() and want[0].isnan())  # ratio 0: 0/0, as the official
+    latent, mask, _ = m.forward_encoder(imgs, ratio, noise)
+    assert latent.shape == (2, 1 + (16 if ratio == 0 else 0), TINY["embed_dim"])
+
+
 def test_bad_inputs():
     m = create_model("tiny")
     with pytest.raises(ValueError, match="imgs must be 32x32"):
@@ -237,8 +258,14 @@ def test_bad_inputs():
         m(torch.randn(2, 1, 32, 32))
     with pytest.raises(TypeError, match="floating point tensor or uint8"):  # uint8: raw pixels (test_uint8_model)
         m(torch.ones(2, 3, 32, 32, dtype=torch.int16))
-    with pytest.raises(ValueError, match="mask_ratio"):
-        m(torch.randn(2, 3, 32, 32), mask_ratio=0.0)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in the interval \[0, 1\]"):
+        m(torch.randn(2, 3, 32, 32), mask_ratio=1.5)
+    with pytest.raises(TypeError, match="mask_ratio must be a float"):
+        m(torch.randn(2, 3, 32, 32), mask_ratio="0.75")
+    with pytest.raises(TypeError, match="grad_checkpointing must be True or False"):
+        create_model("tiny", grad_checkpointing="no")
+    with pytest.raises(TypeError, match="return_pred must be True or False"):
+        m(torch.randn(2, 3, 32, 32), return_pred="no")
     with pytest.raises(ValueError, match="noise must have shape"):
         m(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 10))
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -223,6 +223,32 @@ def test_transformers_uint8_images_on_the_slow_path_are_normalised_first():
     _assert_grads_equal(g1, g0)
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_transformers_uint8_images_take_mean_and_std(slow):
+    """mean=/std= normalise uint8 pixel_values on the fast path and before the original forward (they
+    were dropped into the original's **kwargs: ImageNet's statistics were used whatever was given)."""
+    plain, patched = _hf_pair()
+    plain.eval()
+    patched.eval()
+    u8, noise = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8), torch.rand(N, L)
+    mean, std = (0.25, 0.5, 0.75), (0.5, 0.25, 1.0)
+    want = plain(pixel_values=(u8.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1),
+                 noise=noise).loss
+    kw = dict(output_hidden_states=True) if slow else {}
+    with (pytest.warns(_slow_warning(), match="output_hidden_states") if slow else _no_slow_warning()):
+        got = patched(pixel_values=u8, noise=noise, mean=mean, std=std, **kw).loss
+    assert _close(got, want)
+
+
+def test_transformers_mask_ratio_argument_must_match_the_config():
+    _, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with _no_slow_warning():
+        patched(pixel_values=imgs, noise=noise, mask_ratio=0.75)  # the config's: fine
+    with pytest.raises(ValueError, match=r"mask_ratio=0.5, but this model takes its ratio from model.config"):
+        patched(pixel_values=imgs, noise=noise, mask_ratio=0.5)
+
+
 def _saved_tensors(model, imgs, noise):
     count = [0]
 

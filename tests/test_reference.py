@@ -64,15 +64,24 @@ def test_random_masking_tensor_form_gathers_kept_tokens():
     assert torch.equal(a.ids_keep, b.ids_keep)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
-def test_mask_ratio_outside_open_interval(ratio):
-    with pytest.raises(ValueError, match="mask_ratio"):
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])
+def test_mask_ratio_outside_the_official_domain(ratio):
+    with pytest.raises(ValueError, match=r"mask_ratio must be in the interval \[0, 1\]"):
         R.masking_ids(2, 16, ratio)
 
 
+@pytest.mark.parametrize("ratio,keep", [(0.0, 16), (0.9, 1), (0.97, 0), (1.0, 0)])
+def test_mask_ratio_official_domain(ratio, keep):
+    # the official code keeps floor(L*(1-r)) for any r in [0, 1], none at all included
+    ids = R.masking_ids(2, 16, ratio, noise=torch.rand(2, 16))
+    assert ids.ids_keep.shape == (2, keep)
+    assert torch.equal(ids.mask.sum(1), torch.full((2,), 16.0 - keep))
+    x = torch.randn(2, 16, 8)
+    x_masked, mask, ids_restore = R.random_masking(x, ratio, noise=torch.rand(2, 16))
+    assert x_masked.shape == (2, keep, 8) and mask.sum() == 2 * (16 - keep)
+
+
 def test_masking_bad_inputs():
-    with pytest.raises(ValueError, match="at least one patch"):
-        R.masking_ids(2, 4, 0.9)
     with pytest.raises(TypeError, match="mask_ratio"):
         R.masking_ids(2, 4, "0.5")
     with pytest.raises(ValueError, match="noise must have shape"):
@@ -214,7 +223,7 @@ def test_model_rectangular_and_bad_inputs():
     with pytest.raises(ValueError, match="noise must have shape"):
         m(imgs, noise=torch.rand(2, 23))
     with pytest.raises(ValueError, match="mask_ratio"):
-        m(imgs, mask_ratio=1.0)
+        m(imgs, mask_ratio=1.01)  # outside the official code's [0, 1]
     with pytest.raises(ValueError, match="multiple of patch_size"):
         R.MaskedAutoencoderViT(img_size=30, patch_size=8)
 

@@ -401,7 +401,10 @@ def test_compiled_model_steps_like_the_plain_one():
 @pytest.mark.parametrize("kw,match", [(dict(capture="yes"), "capture must be"), (dict(accum_steps=0), "accum_steps"),
                                       (dict(clip_grad=0), "clip_grad"), (dict(dtype=torch.int32), "dtype"),
                                       (dict(seed=-1), "seed"), (dict(warmup_steps=0), "warmup_steps"),
-                                      (dict(scaler="yes"), "scaler")])
+                                      (dict(scaler="yes"), "scaler"), (dict(capture=1), "capture must be"),
+                                      (dict(restore="no"), "restore must be True or False"),
+                                      (dict(mask_ratio=1.5), "mask_ratio must be in the open interval"),
+                                      (dict(mask_ratio="0.75"), "mask_ratio must be a float")])
 def test_bad_arguments_name_themselves(kw, match):
     m = mb.build_model("tiny", "auto", CPU)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -410,6 +413,37 @@ def test_bad_arguments_name_themselves(kw, match):
         TrainStep(m, None)
     with pytest.raises(TypeError, match="model must be"):
         TrainStep(lambda x: x, torch.optim.AdamW(m.parameters()))
+
+
+def test_update_must_be_a_bool():
+    m = mb.build_model("tiny", "auto", CPU)
+    step = TrainStep(m, torch.optim.AdamW(m.parameters()), accum_steps=2, capture=False)
+    with pytest.raises(TypeError, match="update must be True or False"):  # "no" would have stepped
+        step(torch.randn(2, 3, 32, 32), update="no")
+
+
+def test_transformers_model_takes_the_ratio_of_its_config():
+    """transformers' ViTMAE reads its ratio from its config and would drop a mask_ratio= into **kwargs:
+    the step passes none, and a ratio that differs from the config's is an error, not ignored."""
+    pytest.importorskip("transformers")
+    import maefast
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    for patched in (False, True):
+        hf = to_transformers_model(mb.build_model("tiny", "reference", CPU), mask_ratio=0.5)
+        if patched:
+            maefast.patch(hf)
+        opt = torch.optim.AdamW(hf.parameters())
+        with pytest.raises(ValueError, match=r"model.config.mask_ratio \(0.5\)"):
+            TrainStep(hf, opt, capture=False)(imgs, noise)  # the step's default 0.75
+        step = TrainStep(hf, opt, mask_ratio=0.5, capture=False)
+        want = hf(pixel_values=imgs, noise=noise).loss
+        torch.testing.assert_close(step(imgs, noise), want.detach())
+        hf.config.mask_ratio = 0.25  # changed under a built step: refused at the next call
+        with pytest.raises(ValueError, match="takes its ratio from model.config.mask_ratio"):
+            step(imgs, noise)
 
 
 def test_public_and_light():

@@ -2,6 +2,7 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
+from .._validate import check_bool
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
 from .fast import check_fused, check_model_impl
 from .routing import Overrides, class_overrides, instance_overrides, official_call, refuse
@@ -49,7 +50,7 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         super().__init__(*args, **kwargs)
         self.impl = impl
         self.fused = fused
-        self.grad_checkpointing = bool(grad_checkpointing)
+        self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
                 mean=None, std=None):

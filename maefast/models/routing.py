@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .._modules import hooked as _hooked
 from .._modules import plain_layer as _plain_layer
-from .._validate import check_mask_ratio, compiling
+from .._validate import check_bool, check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .fast import _RoutedBlockForward, fast_forward, official_view, trusted_class, unsupported_weights
 
@@ -204,13 +204,16 @@ def _get_path(obj, path: str):
 
 def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
     """Why the fast path cannot take a call the model's own forward can: weights in a dtype maefast's
-    kernels do not take, or a mask ratio outside (0, 1) keeping at least one patch."""
+    kernels do not take, or a mask ratio the official code takes (0 <= r <= 1) outside maefast's rule
+    ((0, 1), keeping at least one patch). A ratio the official code does not take raises here."""
+    num_patches = weight.shape[1] - 1
+    check_mask_ratio(mask_ratio, num_patches, official=True)
     why = unsupported_weights(weight)
     if why is not None:
         return why
     try:
-        check_mask_ratio(mask_ratio, weight.shape[1] - 1)
-    except (TypeError, ValueError) as e:
+        check_mask_ratio(mask_ratio, num_patches)
+    except ValueError as e:
         return f"the fast path's rule: {e}"
     return None
 
@@ -318,6 +321,7 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
     call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
     (with mean/std) reach the original forward normalised first, as the official code takes them."""
+    check_bool("return_pred", return_pred)
     why = ("mask_ratio is None (the model's own forward decides it)" if mask_ratio is None else None) or (
         image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
         or fast_unsupported(model.pos_embed, mask_ratio))

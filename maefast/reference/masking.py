@@ -23,7 +23,7 @@ def masking_ids(batch: int, num_patches: int, mask_ratio: float, *, noise: torch
     len_keep = floor(L * (1 - mask_ratio)), ids_keep = ids_shuffle[:, :len_keep],
     mask (1 = removed) in the original patch order, float32 like the official (``dtype``).
     """
-    len_keep = check_mask_ratio(mask_ratio, num_patches)
+    len_keep = check_mask_ratio(mask_ratio, num_patches, official=True)  # the official code's domain
     if noise is None:
         noise = torch.rand(batch, num_patches, generator=generator, device=device)
     else:
@@ -51,7 +51,8 @@ def random_masking(x, mask_ratio: float, noise: torch.Tensor | None = None,
         x: either tokens (N, L, D) -> returns ``(x_masked (N, K, D), mask (N, L), ids_restore (N, L))``
            exactly like the official code, or a shape ``(N, L)`` -> returns ``MaskIds(ids_keep,
            ids_restore, mask)``.
-        mask_ratio: fraction removed, in (0, 1); K = floor(L * (1 - mask_ratio)) >= 1.
+        mask_ratio: fraction removed, in [0, 1] as the official code takes it; K = floor(L * (1 - mask_ratio))
+            (0 keeps every patch; K may be 0). maefast's fast path and ops keep one patch at least.
         noise: optional (N, L) uniform noise (same convention as the official ``noise``).
         generator: torch.Generator for the noise draw when noise is None.
     """
