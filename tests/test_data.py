@@ -350,6 +350,26 @@ def test_options_are_checked(folder):
         ImageFolderDataset(folder, S, 4, decode="auto")  # auto is the command line's, resolved there
     with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.uint8, got torch.float16"):
         PretrainTransform(S, dtype=torch.float16)
+    # each was accepted, then failed every sample inside the dataset (counted as unreadable files),
+    # or aliased another sample's draws (seed >= 2**32), or yielded fewer samples than len() said
+    for kw, err, match in ((dict(size=0), ValueError, "size must be an int >= 1"),
+                           (dict(size=224.7), ValueError, "size must be an int"),
+                           (dict(scale=(0.2,)), ValueError, r"scale must be two numbers \(lo, hi\)"),
+                           (dict(ratio=(0, 1)), ValueError, "ratio must be two numbers"),
+                           (dict(scale=(1.0, 0.2)), ValueError, "0 < lo <= hi"),
+                           (dict(hflip=7), ValueError, r"hflip must be a probability in \[0, 1\]")):
+        with pytest.raises(err, match=match):
+            PretrainTransform(**kw)
+    for kw, match in ((dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"), (dict(seed=2 ** 32), "seed must be"),
+                      (dict(num_patches=-1), "num_patches must be an int >= 0"), (dict(input_size=0), "size must be")):
+        with pytest.raises(ValueError, match=match):
+            SyntheticDataset(**{**dict(size=4, input_size=S, num_patches=4), **kw})
+    for kw, match in ((dict(global_batch=-4, num_replicas=2), "global_batch must be an int >= 1"),
+                      (dict(global_batch=0), "global_batch must be an int >= 1"),
+                      (dict(num_replicas=0), "num_replicas must be an int >= 1"),
+                      (dict(global_batch=3, num_replicas=2), "not a multiple of num_replicas")):
+        with pytest.raises(ValueError, match=match):
+            ResumableDistributedSampler(range(10), **kw)
     from maefast.train.config import TrainConfig, config_from_args, resolve_config
 
     assert config_from_args([]).decode == augment.DEFAULT_DECODE

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_int
 from ..reference.normalize import IMAGENET_MEAN, IMAGENET_STD
 from . import jpeg
 
@@ -209,6 +210,15 @@ def check_decode(decode: str) -> str:
     return decode
 
 
+def _check_range(name: str, v) -> tuple[float, float]:
+    """(lo, hi): two finite numbers with 0 < lo <= hi (RandomResizedCrop's scale and ratio ranges)."""
+    ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not ok or not 0 < v[0] <= v[1]:
+        raise ValueError(f"{name} must be two numbers (lo, hi) with 0 < lo <= hi, got {v!r}")
+    return float(v[0]), float(v[1])
+
+
 class PretrainTransform:
     """RandomResizedCrop(size, scale (0.2, 1.0), bicubic) + RandomHorizontalFlip + ImageNet norm.
 
@@ -230,7 +240,12 @@ class PretrainTransform:
                  decode: str = DEFAULT_DECODE, dtype: torch.dtype = torch.float32):
         if dtype not in DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
-        self.size, self.scale, self.ratio, self.hflip = int(size), scale, ratio, hflip
+        # checked here: inside a dataset a bad value failed every sample, counted as unreadable files
+        self.size = check_int("size", size, 1)
+        self.scale, self.ratio = _check_range("scale", scale), _check_range("ratio", ratio)
+        if isinstance(hflip, bool) or not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:
+            raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
+        self.hflip = float(hflip)
         self.decode, self.dtype = check_decode(decode), dtype
 
     def draw_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:

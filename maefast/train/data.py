@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .._validate import check_int
+
 # re-exported: these lived here before augment.py
 from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
                       _pil, center_transform, denormalize, open_bytes, random_resized_crop_params, to_normalized_tensor)
@@ -50,7 +52,12 @@ class _PretrainDataset(Dataset):
     def __init__(self, input_size: int, num_patches: int, seed: int = 0, decode: str = DEFAULT_DECODE,
                  dtype: torch.dtype = torch.float32):
         self.transform = PretrainTransform(input_size, decode=decode, dtype=dtype)
-        self.num_patches, self.seed = int(num_patches), int(seed)
+        self.num_patches = check_int("num_patches", num_patches, 0)
+        # numpy's generators take no negative seed; from 2**32 on, (seed, epoch, index) streams alias
+        # others' ([2**32, 5, 0] = [0, 1, 5]): the every-sample-its-own-draws promise needs this range
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        self.seed = seed
         self.device_decode = DeviceDecode(input_size, dtype) if decode == "gpu" else None
 
     def load(self, index: int):  # -> PIL RGB image, decoded
@@ -253,11 +260,14 @@ class ResumableDistributedSampler(Sampler):
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
                  global_batch: int | None = None):
-        if not 0 <= rank < num_replicas:
+        check_int("num_replicas", num_replicas, 1)
+        if not 0 <= check_int("rank", rank, 0) < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        self.size, self.num_replicas, self.rank = len(dataset), int(num_replicas), int(rank)
+        if global_batch is not None:
+            check_int("global_batch", global_batch, 1)
+        self.size, self.num_replicas, self.rank = len(dataset), num_replicas, rank
         self.shuffle, self.seed = shuffle, int(seed)
-        self.global_batch = int(global_batch or num_replicas)
+        self.global_batch = global_batch or num_replicas
         if self.global_batch % self.num_replicas:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of num_replicas {num_replicas}")
         self.used = self.size // self.global_batch * self.global_batch  # samples per epoch
