@@ -328,10 +328,7 @@ def format_table2(rows: list[dict], env: dict, peak: dict, note: str = "") -> st
 
 def save_chart(rows: list[dict], path: str, title: str) -> None:
     """Grouped bars per (model, decoder depth): measured speed-up per impl, the paper's, the FLOP bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switched in a caller's session
 
     keys = []
     for r in rows:
@@ -347,7 +344,8 @@ def save_chart(rows: list[dict], path: str, title: str) -> None:
                    {(r["model"], r["decoder_depth"]): r.get("flop_ratio") for r in rows}))
     series = [(label, vals) for label, vals in series if any(v for v in vals.values())]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2))
+    ax = fig.subplots()
     for j, (label, vals) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keys))]
         ys = [vals.get(k) or 0.0 for k in keys]
@@ -364,10 +362,8 @@ def save_chart(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     from .train.checkpoint import _atomic_write
 
-    try:  # under a temporary name, then renamed: an interrupted write leaves the previous chart
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    # under a temporary name, then renamed: an interrupted write leaves the previous chart
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def _csv(s: str) -> list[str]:

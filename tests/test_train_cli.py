@@ -221,7 +221,16 @@ def test_loss_curve_shows_the_step_line_on_short_runs(tmp_path):
     with open(tmp_path / "log.jsonl", "w") as f:
         for s, v in ((3, 1.0), (6, 0.8)):
             f.write(json.dumps({"epoch": s // 3 - 1, "step": s, "train_loss": v, "complete": True}) + "\n")
-    arr = np.asarray(Image.open(plot_loss_curve(str(tmp_path))).convert("RGB")).astype(int)
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a caller's own choice (a notebook's inline backend): plotting must keep it
+    try:
+        arr = np.asarray(Image.open(plot_loss_curve(str(tmp_path))).convert("RGB")).astype(int)
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []  # nor leave pyplot a figure
+    finally:
+        matplotlib.use(backend)
     blue = (abs(arr[..., 0] - 31) < 30) & (abs(arr[..., 1] - 119) < 30) & (abs(arr[..., 2] - 180) < 30)
     assert blue[:, : int(0.6 * arr.shape[1])].sum() > 100  # the line itself, left of the legend
 

@@ -264,6 +264,29 @@ def test_fused_option_is_checked():
         resolve_config(TrainConfig(fused="yes"), cuda=False)
 
 
+def test_api_options_are_type_checked_and_paths_taken_as_given(tmp_path):
+    """train()'s options typed as the command line's parser types them: a str "no" for a bool was
+    true, a float step count ran, a str number failed deep inside naming nothing; pathlib paths, a
+    torch.device and numpy ints are what a Python caller passes."""
+    from maefast.train.config import as_config
+
+    for kw, match in ((dict(norm_pix_loss="no"), "--norm-pix-loss must be bool, got str 'no'"),
+                      (dict(max_steps=1.5), "--max-steps must be int or None, got float"),
+                      (dict(epochs="2"), "--epochs must be int or None, got str"),
+                      (dict(epochs=True), "--epochs must be int or None, got bool"),
+                      (dict(output_dir=None), "--output-dir must be str, got NoneType"),
+                      (dict(clip_grad="1"), "--clip-grad must be float or None"),
+                      (dict(keep_every_epochs=0.5), "--keep-every-epochs must be int, got float")):
+        with pytest.raises(TypeError, match=match):
+            train(**kw)
+    cfg = as_config(None, dict(output_dir=tmp_path / "run", device=torch.device("cpu"), epochs=np.int64(2)))
+    assert (cfg.output_dir, cfg.device, cfg.epochs) == (str(tmp_path / "run"), "cpu", 2)
+    # a timeout the process group cannot hold: refused before it is built (inf was a traceback per rank)
+    for bad in (float("inf"), 1e10, 0):
+        with pytest.raises(ValueError, match="--dist-timeout must be"):
+            train(dist_timeout=bad)
+
+
 def test_cuda_graph_option_is_checked():
     """--cuda-graph auto|on|off (auto by default); `on` is refused only where no step can be captured
     (the CPU, several processes); accumulation, clipping, compile and fp16 capture now (TrainStep)."""

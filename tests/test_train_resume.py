@@ -141,6 +141,11 @@ def test_global_batch_rules():
         reconcile(TrainConfig(explicit=()), ck, "ck.pth", world_size=3)
     with pytest.raises(ValueError, match="global batch of 12, the run's is 8"):
         reconcile(TrainConfig(batch_size=4, explicit=("batch_size",)), ck, "ck.pth", world_size=3)
+    # checked before it divides by them (--accum-iter 0 on resume was a ZeroDivisionError traceback)
+    with pytest.raises(ValueError, match="--accum-iter must be a finite number > 0, got 0"):
+        reconcile(TrainConfig(accum_iter=0, explicit=("accum_iter",)), ck, "ck.pth", world_size=1)
+    with pytest.raises(ValueError, match="--batch-size must be a finite number > 0, got -2"):
+        reconcile(TrainConfig(batch_size=-2, explicit=("batch_size",)), ck, "ck.pth", world_size=1)
 
 
 def test_data_may_move_but_not_turn_synthetic():
@@ -261,3 +266,24 @@ def test_a_resume_into_a_new_folder_writes_no_old_epoch_line(tmp_path):
     train(_cfg(tmp_path / "a", epochs=1))
     train(_cfg(tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "checkpoint-last.pth")))
     assert [r["epoch"] for r in lines(str(tmp_path / "b" / "log.jsonl"))] == [1]
+
+
+def test_api_resume_is_exact_and_its_overrides_count_as_set(tmp_path):
+    """In Python: a mid-epoch resume continues the straight run bit for bit, torch's RNG state included
+    (the loader drew its workers' base seed from torch's global generator: one draw more per resume),
+    and keyword overrides of a config that lists what was set (a run's result, the command line's)
+    count as set (epochs=2 was dropped for the checkpoint's 1)."""
+    from maefast.train import train
+
+    straight = train(_cfg(tmp_path / "straight", epochs=None))  # synthetic data: 1 epoch of 3 steps
+    cut = train(_cfg(tmp_path / "cut", epochs=None), max_steps=2)  # stopped inside it
+    done = train(cut["config"], resume="auto", max_steps=None)
+    a = load_checkpoint(os.path.join(straight["output_dir"], "checkpoint-last.pth"))
+    b = load_checkpoint(os.path.join(done["output_dir"], "checkpoint-last.pth"))
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert "epochs" not in done["config"].explicit
+    more = train(done["config"], resume="auto", epochs=2)
+    ck = load_checkpoint(os.path.join(more["output_dir"], "checkpoint-last.pth"), states=False)
+    assert ck["step"] == 6 and ck["config"]["epochs"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass, field
@@ -250,6 +251,38 @@ def cuda_graph_mode(value) -> str:
     return value
 
 
+# what a distributed timeout can hold: torch passes it on in milliseconds as a 64-bit count
+# (~9e12 s), Python's timedelta up to ~8.6e13 s; inf overflowed either (a traceback per rank)
+MAX_DIST_TIMEOUT_S = 1e9
+
+
+def check_dist_timeout(value) -> None:
+    _positive("--dist-timeout", value)
+    if value > MAX_DIST_TIMEOUT_S:
+        raise ValueError(f"--dist-timeout must be at most {MAX_DIST_TIMEOUT_S:.0e} seconds, got {value}")
+
+
+_KINDS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Each option's type as its field declares it (the Python API; the command line's parser gives
+    these): TypeError naming the option. A str "no" for a bool option was true, a float epoch count
+    ran, an int option given as a str failed deep inside with a message naming nothing."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in INTERNAL_FIELDS:
+            continue
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if f.name == "cuda_graph":
+            kinds.append("bool")  # --cuda-graph's value as the Python API and older checkpoints give it
+        v = getattr(cfg, f.name)
+        if v is None and "None" in kinds:
+            continue
+        if not any(isinstance(v, _KINDS[k]) and (k == "bool" or not isinstance(v, bool)) for k in kinds if k in _KINDS):
+            want = " or ".join(k for k in kinds if k != "None") + (" or None" if "None" in kinds else "")
+            raise TypeError(f"--{f.name.replace('_', '-')} must be {want}, got {type(v).__name__} {v!r}")
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN
     if value is None or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
@@ -279,7 +312,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive("--lr", cfg.lr)
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
-    _positive("--dist-timeout", cfg.dist_timeout)
+    check_dist_timeout(cfg.dist_timeout)
     # numpy's per-sample generators take no negative seed (it failed at the first batch); from 2**32 on a
     # seed is two 32-bit words and (seed, epoch, index) streams alias others' ([2**32, 5, 0] = [0, 1, 5])
     if not 0 <= cfg.seed < 2 ** 32:
@@ -358,4 +391,14 @@ def as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig
         config = dataclasses.replace(config, explicit=tuple(sorted(
             f.name for f in dataclasses.fields(TrainConfig) if f.name not in INTERNAL_FIELDS
             and (getattr(config, f.name) != getattr(default, f.name) or f.name in overrides))))
+    elif overrides:  # a config that says what was set (the command line's, a run's result): overrides are set too
+        config = dataclasses.replace(config, explicit=tuple(sorted(
+            set(config.explicit) | {k for k in overrides if k not in INTERNAL_FIELDS})))
+    # paths as pathlib gives them, a torch.device: the strings the command line gives
+    given = {k: os.fspath(v) for k in ("data", "output_dir", "resume") if isinstance(v := getattr(config, k), os.PathLike)}
+    if isinstance(config.device, torch.device):
+        given["device"] = str(config.device)
+    if given:
+        config = dataclasses.replace(config, **given)
+    check_types(config)
     return config

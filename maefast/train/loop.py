@@ -18,7 +18,7 @@ import torch
 from ..graphs import first_line
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_lib
-from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, as_config, resolve_config
+from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, as_config, check_dist_timeout, resolve_config
 from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
@@ -60,8 +60,7 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         SIGINT/SIGTERM, once the checkpoint of the step reached is saved.
     """
     config = as_config(config, overrides)
-    if not config.dist_timeout > 0:
-        raise ValueError(f"--dist-timeout must be > 0, got {config.dist_timeout}")
+    check_dist_timeout(config.dist_timeout)  # before the process group is built with it
     # the group's own timeout a little after the heartbeat's: the heartbeat names the silent rank
     info = dist_lib.init_distributed(config.device, timeout_s=config.dist_timeout + GROUP_TIMEOUT_MARGIN_S)
     trainer = _Trainer(config, info)
@@ -333,8 +332,12 @@ class _Trainer:
         step_log = JsonlLog(self.folder.join("steps.jsonl") if info.is_main else None)
         sampler = ResumableDistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank,
                                               shuffle=True, seed=cfg.seed, global_batch=G)
+        # the loader's own generator (seeded per epoch below) draws its workers' base seed: drawn from
+        # torch's global one, a mid-epoch resume made one draw more than the run it continues
+        loader_gen = torch.Generator()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+            generator=loader_gen,
             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
             prefetch_factor=4 if cfg.workers > 0 else None,
             worker_init_fn=ignore_stop_signals_in_worker if cfg.workers > 0 else None)
@@ -360,6 +363,7 @@ class _Trainer:
             first = self.start_samples // G * A if epoch == self.start_epoch else 0
             sampler.set_epoch(epoch)
             sampler.set_position(first // A * G)
+            loader_gen.manual_seed(cfg.seed * 100003 + epoch)
             stats = self.carry if epoch == self.start_epoch else _EpochStats()
             self.runner.train()
             self.train_step.zero_grad()

@@ -1,4 +1,4 @@
-"""Loss-curve PNG from the training logs (matplotlib, Agg backend: no display needed)."""
+"""Loss-curve PNG from the training logs (matplotlib's Figure drawn straight to PNG: no display, no pyplot)."""
 from __future__ import annotations
 
 import os
@@ -21,12 +21,11 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
     epochs = [r for r in read_jsonl(os.path.join(output_dir, "log.jsonl")) if "train_loss" in r]
     if not steps and not epochs:
         return None
-    import matplotlib
+    # a Figure of its own, not pyplot's: no backend switched or figure left open in a caller's session
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
     if epochs:
         ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o--", color="tab:orange",
                 lw=1.0, ms=9, mfc="none", mew=1.5, zorder=2, label="epoch mean")
@@ -42,8 +41,6 @@ def plot_loss_curve(output_dir: str, out: str | None = None, title: str | None =
         ax.set_title(title)
     fig.tight_layout()
     out = out or os.path.join(output_dir, "loss_curve.png")
-    try:  # a full disk: RunError, one line, no temporary left
-        _atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    # a full disk: RunError, one line, no temporary left
+    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return out
