@@ -395,7 +395,8 @@ def as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig
         config = dataclasses.replace(config, explicit=tuple(sorted(
             set(config.explicit) | {k for k in overrides if k not in INTERNAL_FIELDS})))
     # paths as pathlib gives them, a torch.device: the strings the command line gives
-    given = {k: os.fspath(v) for k in ("data", "output_dir", "resume") if isinstance(v := getattr(config, k), os.PathLike)}
+    given = {k: os.fspath(getattr(config, k)) for k in ("data", "output_dir", "resume")
+             if isinstance(getattr(config, k), os.PathLike)}
     if isinstance(config.device, torch.device):
         given["device"] = str(config.device)
     if given:
