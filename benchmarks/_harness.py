@@ -162,7 +162,8 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
                 shape_key=_shape_key(shape), dtype=None if dtype is None else str(dtype).replace("torch.", ""),
                 time_ms=stats["median_ms"], time_min_ms=stats["min_ms"], time_p20_ms=stats["p20_ms"],
                 time_p80_ms=stats["p80_ms"], reps=stats["reps"], flops=flops, bytes_moved=bytes_moved,
-                timer="cuda-events median, L2 flushed" if dev.type == "cuda" else "perf_counter median",
+                timer=("cuda-events median" + (", L2 flushed" if timing_kw.get("flush_l2", True) else "")
+                       if dev.type == "cuda" else "perf_counter median"),
                 cuda_graph=graphed, eager_time_ms=None if eager is None else eager["median_ms"])
     info.update(timing.throughput(stats["median_ms"], flops, bytes_moved, peak))
     info.update(timing.env_info(dev))

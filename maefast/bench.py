@@ -117,13 +117,15 @@ class StepRecipe:
 
     build(model_name, device, **config_overrides) -> the model. official_amp: fp16 autocast +
     GradScaler on a GPU with the default (foreach) AdamW, the official recipe; otherwise bf16 and
-    fused AdamW. compile: torch.compile of the whole model. capture: the step captured in one CUDA
-    graph (`maefast.TrainStep(capture=True)`); a row that cannot capture does not run.
+    fused AdamW. compile: torch.compile of the whole model (compile_mode: Inductor's mode, e.g.
+    "max-autotune-no-cudagraphs"). capture: the step captured in one CUDA graph
+    (`maefast.TrainStep(capture=True)`); a row that cannot capture does not run.
     """
 
     build: Callable[..., nn.Module]
     compile: bool = False
     capture: bool = False
+    compile_mode: str | None = None
     official_amp: bool = False
     what: str = ""
 
@@ -226,9 +228,15 @@ STEP_PROVIDERS: dict[str, StepRecipe] = {
     "sdpa": StepRecipe(_sdpa, what="torch-native, not compiled: the reference with scaled_dot_product_attention"),
     "torch-native": StepRecipe(_sdpa, compile=True, what="SDPA model under torch.compile (whole model), eager step"),
     "torch-native-graph": StepRecipe(_sdpa, compile=True, capture=True, what="torch-native, the step captured"),
+    # the best variant a strong engineer would also try: Inductor's GEMM autotuning (its own Triton GEMM
+    # templates against cuBLAS, epilogues fused), the graphs left to the captured step. Compiles for
+    # minutes (not in the GPU check's presets; MAEFAST_BENCH_STEP_PROVIDERS runs it)
+    "torch-native-autotune-graph": StepRecipe(_sdpa, compile=True, capture=True,
+                                              compile_mode="max-autotune-no-cudagraphs",
+                                              what="torch-native-graph compiled with mode='max-autotune-no-cudagraphs'"),
 }
 # the rows whose fastest is "best torch-native": what a strong engineer writes with torch alone
-TORCH_NATIVE_ROWS = ("sdpa", "torch-native", "torch-native-graph")
+TORCH_NATIVE_ROWS = ("sdpa", "torch-native", "torch-native-graph", "torch-native-autotune-graph")
 
 STEP_PROVIDERS.update({  # maefast's own model (impl="auto": its fused path; the reference ops on the CPU)
     "maefast": StepRecipe(_maefast, what="maefast's model (fused=False), eager step"),
@@ -280,8 +288,8 @@ class StepRow:
         s = self.step
         from torch._dynamo.utils import counters
 
-        # a compiled row's graph breaks since it was built (0: one graph, as with fullgraph=True; a break
-        # would time a split graph); read after the row ran (its first eager call compiles)
+        # a compiled row's graph breaks since it was built (0: compiled with fullgraph=True, a break raises);
+        # read after the row ran (its first eager call compiles)
         breaks = sum(counters["graph_break"].values()) if self.recipe.compile and s.calls else None
         return {"captured": s.captured, "eager_reason": s.eager_reason, "compiled": self.recipe.compile,
                 "graph_breaks": breaks,
@@ -318,21 +326,24 @@ def make_step(provider: str, name: str, batch: int, *, device=None, dtype: torch
     cudnn_benchmark()
     dtype = dtype if dtype is not None else step_dtype(provider, device)
     model = recipe.build(name, device, **overrides)
-    fwd = compile_static(model, compile_backend) if recipe.compile else model
+    fwd = compile_static(model, compile_backend, recipe.compile_mode) if recipe.compile else model
     opt = adamw(model, fused=not recipe.official_amp, capturable=recipe.capture)
     # the warm-up's updates are kept (restore=False): a benchmark needs no pristine weights
     step = TrainStep(fwd, opt, dtype=dtype, mask_ratio=mask_ratio, capture=recipe.capture, restore=False)
     return StepRow(provider, step, synthetic_batch(model, batch, device), model, recipe)
 
 
-def compile_static(fn, backend=None):
+def compile_static(fn, backend=None, mode: str | None = None):
     """torch.compile of `fn` for one benchmark case (a step row, an op's compile row): dynamo's caches
     reset first and static shapes. Rows and sizes share code objects: without the reset dynamo guards
     each new case into a recompile (falling back to eager past its limit), and its automatic-dynamic
     rule compiles a size after the first with symbolic shapes, so a later case (ViT-H/14 b256) would
-    time dynamic-shape code. backend: torch.compile's (a name or a callable; default inductor)."""
+    time dynamic-shape code. fullgraph=True, as a strong engineer compiles a model: a graph break fails
+    the row (its record says why) instead of timing a split, weaker graph. backend: torch.compile's (a
+    name or a callable; default inductor; `mode` is Inductor's, ignored for another backend)."""
     torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False, **({"backend": backend} if backend else {}))
+    kw = {"backend": backend} if backend else ({"mode": mode} if mode else {})
+    return torch.compile(fn, dynamic=False, fullgraph=True, **kw)
 
 
 def torch_native_ratios(records: list[dict]) -> None:

@@ -24,7 +24,8 @@ TARGETS = {
 }
 # the step row that runs what `maefast train` runs by default (maefast's model, fused off, captured)
 TRAIN_STEP_ROW = "maefast-graph"
-TORCH_NATIVE = ("sdpa", "torch-native", "torch-native-graph")  # bench_step's torch-native rows
+# bench_step's torch-native rows
+TORCH_NATIVE = ("sdpa", "torch-native", "torch-native-graph", "torch-native-autotune-graph")
 
 
 def _load_commit_module():
@@ -117,6 +118,20 @@ def judge(name: str, value, missing: str | None = None) -> dict:
     return out
 
 
+def with_spread(judged: dict, base: dict | None, ours: dict | None) -> dict:
+    """A speed ratio's judgement (base time / ours) with the range its timings' spreads allow
+    (`spread`: base p20 / ours p80 to base p80 / ours p20) and `within_noise`: whether the target lies
+    inside it, so a met or missed target there is not a result (METHOD.md: a difference under the
+    spread of one version timed twice is noise). Rows without percentiles leave it as it is."""
+    if not (base and ours and judged.get("value") is not None
+            and all(r.get(k) for r in (base, ours) for k in ("time_p20_ms", "time_p80_ms"))):
+        return judged
+    lo = base["time_p20_ms"] / ours["time_p80_ms"]
+    hi = base["time_p80_ms"] / ours["time_p20_ms"]
+    thr = float(judged["target"].split()[1])
+    return dict(judged, spread=[round(lo, 4), round(hi, 4)], within_noise=bool(lo < thr <= hi))
+
+
 def _fastest(rows, providers):
     rows = [r for r in rows if r.get("provider") in providers and r.get("time_ms")]
     return min(rows, key=lambda r: r["time_ms"]) if rows else None
@@ -156,7 +171,8 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
         native = _fastest(rs, TORCH_NATIVE)
         entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib",
                                                                  "peak_mem_reserved_gib", "frac_peak_flops",
-                                                                 "captured", "eager_time_ms", "build_s")}
+                                                                 "frac_spec_flops", "time_p20_ms", "time_p80_ms",
+                                                                 "reps", "captured", "eager_time_ms", "build_s")}
                           for r in rs}}
         no_ours = None if ours is not None else "missing row: no maefast row"
         no_ref = "missing row: reference" if ref is None else None
@@ -167,13 +183,14 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
             entry["torch_native_best"] = native["provider"]
         entry["mfu"] = judge("mfu", ours and ours.get("frac_peak_flops"),
                              no_ours or f"{ours['provider']} has no frac_peak_flops")
-        entry["step_vs_reference"] = judge("step_vs_reference", ref["time_ms"] / ours["time_ms"]
-                                           if ref and ours else None, no_ours or no_ref)
+        entry["step_vs_reference"] = with_spread(judge("step_vs_reference", ref["time_ms"] / ours["time_ms"]
+                                                       if ref and ours else None, no_ours or no_ref), ref, ours)
         mem = ref and ours and ref.get("peak_mem_gib") and ours.get("peak_mem_gib")
         entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference", ours["peak_mem_gib"] / ref["peak_mem_gib"]
                                                if mem else None, no_ours or no_ref or "no peak_mem_gib in the rows")
-        entry["step_vs_torch_native"] = judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
-                                              if native and ours else None, no_ours or no_native)
+        entry["step_vs_torch_native"] = with_spread(judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
+                                                          if native and ours else None, no_ours or no_native),
+                                                    native, ours)
         out[key] = entry
     for key in info:
         out[key] = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "captured")}

@@ -200,6 +200,28 @@ def test_step_targets_read_the_fastest_rows():
     assert t["rows"]["maefast-block-graph"]["peak_mem_reserved_gib"] == 21.0
 
 
+def test_step_ratios_say_when_the_target_lies_inside_the_spread():
+    """A ratio judged against its target also carries the range the two rows' p20-p80 spreads allow:
+    a target inside it is not a result (`within_noise`)."""
+    s = dict(model="mae_vit_huge_patch14", batch=128)
+
+    def rows(ours_ms, ours_p20, ours_p80):
+        return [_row("train-step", "reference", 216.0, s, time_p20_ms=215.0, time_p80_ms=217.0),
+                _row("train-step", "maefast-block-graph", ours_ms, s, time_p20_ms=ours_p20, time_p80_ms=ours_p80),
+                _row("train-step", "torch-native-graph", 104.0, s, time_p20_ms=103.5, time_p80_ms=104.5)]
+
+    t = rec.step_targets(rows(88.0, 87.8, 88.2))[json.dumps(s, sort_keys=True)]  # 1.18x, spread 1.174-1.19
+    native = t["step_vs_torch_native"]
+    assert native["met"] is True and native["within_noise"] is False
+    assert native["spread"] == [round(103.5 / 88.2, 4), round(104.5 / 87.8, 4)]
+    t = rec.step_targets(rows(90.4, 88.0, 92.0))[json.dumps(s, sort_keys=True)]  # 1.1504x, spread 1.125-1.188
+    assert t["step_vs_torch_native"]["met"] is True and t["step_vs_torch_native"]["within_noise"] is True
+    assert t["step_vs_reference"]["within_noise"] is False  # 2.39x, far from 2.0
+    assert "spread" not in rec.step_targets([_row("train-step", "reference", 2.0, s),
+                                             _row("train-step", "maefast-graph", 1.0, s)])[
+        json.dumps(s, sort_keys=True)]["step_vs_reference"]  # no percentiles: the value alone
+
+
 def test_attention_route_decides_only_beyond_the_spread():
     """The profile preset's decision between maefast's attention and torch's SDPA in the same captured
     step: a backend wins only by 2% and where the two timings' p20-p80 spreads do not overlap."""
