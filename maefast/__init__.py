@@ -17,6 +17,11 @@ from . import models, reference  # noqa: E402
 from ._cpp_lib import get_C as _get_C  # noqa: E402
 
 
+def _eager_dispatch_said() -> str:
+    mode = os.environ.get("MAEFAST_EAGER_DISPATCH") or "direct"
+    return mode if mode in ("direct", "custom_op") else f"invalid {mode!r} (direct or custom_op; every op call raises)"
+
+
 def backends() -> dict:
     """What can run here, and why not.
 
@@ -45,7 +50,7 @@ def backends() -> dict:
         "_C_error": _cpp_lib.load_error,
         "_C_ops": list(getattr(C, "registered", [])) if C is not None else [],
         # how eager calls reach the ops (maefast/ops/_dispatch.py); read here without importing the ops
-        "eager_dispatch": os.environ.get("MAEFAST_EAGER_DISPATCH") or "direct",
+        "eager_dispatch": _eager_dispatch_said(),
     }
     if _triton.HAS_TRITON:
         import triton

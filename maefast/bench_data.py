@@ -154,6 +154,9 @@ def make_folder(root: str, n: int, seed: int = 0, processes: int | None = None, 
         except ValueError as e:
             raise ValueError(f"--folder {root!r}: its {MANIFEST} is unreadable ({e}); pass another --folder, or "
                              "delete that file to have the set written anew") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"--folder {root!r}: its {MANIFEST} is unreadable (not a JSON object); pass another "
+                             "--folder, or delete that file to have the set written anew")
         if {k: manifest.get(k) for k in want} != want:
             raise ValueError(f"--folder {root!r} holds a benchmark set of another generator or seed "
                              f"({ {k: manifest.get(k) for k in want} }, want {want}): pass another --folder")
@@ -409,14 +412,15 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
 
     from . import timing
 
+    gpu_why = bench_data_gpu.unavailable_reason() if "gpu" in paths else None
+    if gpu_why is not None and all(p == "gpu" for p in paths):  # nothing to measure: an error, not an empty record
+        raise ValueError(f"--paths gpu: the GPU decode cannot run here: {gpu_why}")
     files = make_folder(root, n_images, log=log)
     skipped = {}
-    if "gpu" in paths:
-        why = bench_data_gpu.unavailable_reason()
-        if why is not None:
-            log(f"gpu row skipped: the GPU decode cannot run here: {why}")
-            skipped["gpu"] = why
-            paths = tuple(p for p in paths if p != "gpu")
+    if gpu_why is not None:
+        log(f"gpu row skipped: the GPU decode cannot run here: {gpu_why}")
+        skipped["gpu"] = gpu_why
+        paths = tuple(p for p in paths if p != "gpu")
     datasets = {p: build_dataset(p, root, size) for p in paths}
     for p, ds in datasets.items():  # only the first n_images of a larger cached folder
         if p == "official":

@@ -48,6 +48,25 @@ def check_out_file(flag: str, path: str | None, overwrite: bool = False) -> None
         raise ValueError(f"{flag} {path!r}: the folder {folder!r} does not exist")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{flag} {path!r} exists: pass --overwrite to replace it, or another {flag}")
+    import tempfile
+
+    try:  # written at the end through a temporary beside it: a folder that takes no file fails now, not then
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".maefast-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: cannot write in {folder!r} ({e.strerror or e})") from None
+
+
+def check_distinct_outputs(paths: dict) -> None:
+    """Output files of one command ({flag: path or None}) are distinct: one would replace another."""
+    seen: dict = {}
+    for flag, path in paths.items():
+        if not path:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} name the same file {path!r}: give each its own")
+        seen[key] = flag
 
 
 def positive(flag: str, value, allow_zero: bool = False):
@@ -67,8 +86,9 @@ def check_mask_ratio_flag(ratio, num_patches: int | None = None) -> None:
         raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
 
 
-def check_impls(impls: list[str], given, fused: str = "off") -> None:
-    """--impl's comma list: every name one of the models' backends, none that --fused rules out."""
+def check_impls(impls: list[str], given, fused: str = "off", device=None) -> None:
+    """--impl's comma list: every name one of the models' backends, none that --fused rules out, and
+    with `device` each explicit backend able to run there (before any work, not at its turn)."""
     from .ops._backend import MODEL_IMPLS
 
     if not impls or any(i not in MODEL_IMPLS for i in impls):
@@ -76,6 +96,18 @@ def check_impls(impls: list[str], given, fused: str = "off") -> None:
     if fused == "block" and "sdpa" in impls:
         raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
                          "maefast's own attention inside each block's one op")
+    if device is None:
+        return
+    import torch
+
+    from .ops._backend import choose_impl
+
+    for impl in impls:
+        if impl in ("triton", "cuda"):  # auto, reference and sdpa run anywhere
+            try:
+                choose_impl(impl, torch.device(device), cuda_op="attention_fwd", what="the model")
+            except ValueError as e:
+                raise ValueError(f"--impl {impl}: {e}") from None
 
 
 def guarded(prog: str, fn, argv) -> int:
@@ -89,6 +121,10 @@ def guarded(prog: str, fn, argv) -> int:
     env_errnos = (errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
     try:
         return int(fn(argv) or 0)
+    except BrokenPipeError:  # the reader went away (`maefast profile | head`): stop quietly, as a shell tool
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not raise again
+        return 141
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's
         if not isinstance(e, USER_ERRORS) and not (isinstance(e, OSError) and e.errno in env_errnos):
             raise

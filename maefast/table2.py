@@ -434,7 +434,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --json / --png files that exist")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from .cli import check_impls, check_mask_ratio_flag, check_out_file, positive
+    from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, positive
 
     # every option checked before any work: a user's error is one line, exit 2 (maefast.cli.guarded)
     positive("--threads", a.threads)
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     for m in models:
         resolve_model_name(m)
     impls = _csv(a.impl) if a.impl else (["reference"] + ([] if on_cpu else ["auto"]))
-    check_impls(impls, a.impl, a.fused)
+    check_impls(impls, a.impl, a.fused, device=device)
     check_mask_ratio_flag(a.mask_ratio)
     dtype = mb.parse_dtype(a.dtype) if a.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
@@ -474,6 +474,7 @@ def main(argv=None) -> int:
     check_out_file("--json", a.json, a.overwrite)
     png = a.png or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
     check_out_file("--png", png, a.overwrite)
+    check_distinct_outputs({"--json": a.json, "--png": png})
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.fused != "off":

@@ -487,6 +487,16 @@ def test_bench_data_cli_errors(tmp_path, capsys):
     assert "unknown row" in capsys.readouterr().err
     assert bench_data.main(["--images", "10", "--batch", "8", "--folder", str(tmp_path)]) == 2
     assert "no batch after the first wave" in capsys.readouterr().err
+    from maefast.cli import main
+
+    if bench_data_gpu.unavailable_reason() is not None:  # a run measuring nothing: an error, and no folder made
+        assert main(["bench", "data", "--paths", "gpu", "--folder", str(tmp_path / "g")]) == 2
+        assert "--paths gpu: the GPU decode cannot run here" in capsys.readouterr().err
+        assert not (tmp_path / "g").exists()
+    (tmp_path / "m").mkdir()  # a manifest that is JSON but no object: one line (was an AttributeError)
+    (tmp_path / "m" / bench_data.MANIFEST).write_text("[1, 2]")
+    assert main(["bench", "data", "--quick", "--images", "8", "--workers", "0", "--folder", str(tmp_path / "m")]) == 2
+    assert "unreadable (not a JSON object)" in capsys.readouterr().err
     from maefast import bench
 
     assert bench.BENCHMARKS["data"][0] == "maefast.bench_data"

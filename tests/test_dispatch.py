@@ -102,6 +102,21 @@ def test_env_var_selects_route_and_rejects_typos():
     env["MAEFAST_EAGER_DISPATCH"] = "fast"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "MAEFAST_EAGER_DISPATCH must be one of" in out.stderr
+    # a typo is refused where an op is first called, not at import: the CLIs say it in one line (exit 2)
+    # and --help still works
+    op = "import maefast, torch; maefast.ops.layer_norm(torch.ones(2, 4), torch.ones(4), torch.zeros(4))"
+    out = subprocess.run([sys.executable, "-c", op], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "ValueError: MAEFAST_EAGER_DISPATCH must be one of" in out.stderr
+    cli = [sys.executable, "-m", "maefast"]
+    out = subprocess.run(cli + ["--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(cli + ["info"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "invalid 'fast'" in out.stdout, out.stderr
+    out = subprocess.run(cli + ["profile", "--model", "tiny", "--steps", "1", "--warmup", "0"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "maefast profile: error: impl auto: MAEFAST_EAGER_DISPATCH must be one of ('direct', 'custom_op'), got 'fast'"
+    ), out.stderr
 
 
 def test_compile_sees_the_custom_op():

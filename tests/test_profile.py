@@ -137,6 +137,15 @@ def test_profile_compile_path(monkeypatch, capsys):
     assert "forward (compiled)" in text and "compiled" in text
 
 
+def test_profile_broken_pipe_is_quiet():
+    """`maefast profile | head -1`: the reader goes away; no traceback (it was a BrokenPipeError)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(f"{sys.executable} -m maefast profile --model tiny --steps 1 --warmup 0 | head -1",
+                       shell=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.stdout.startswith("maefast profile on") and "Traceback" not in r.stderr, r.stderr
+
+
 def test_profile_bad_impl():
     with pytest.raises(ValueError, match="--impl takes a comma list of .* got 'no-such-impl'"):
         mp.main(ARGS + ["--impl", "no-such-impl"])  # `maefast profile` prints it as one line, exit 2
@@ -165,7 +174,16 @@ def test_profile_bad_impl():
     (["bench", "data", "--folder", __file__, "--quick"], "is a file, not a folder"),
     (["info", "--bogus"], "unrecognized arguments: --bogus"),
     (["nope"], "unknown command 'nope'"),
-])
+    # two outputs of one run on one name: the JSON replaced the trace just written
+    (["profile", "--trace", "/tmp/maefast-same.json", "--json", "/tmp/maefast-same.json"],
+     "--json and --trace (auto) name the same file"),
+    (["bench", "table2", "--json", "/tmp/maefast-t2.json", "--png", "/tmp/maefast-t2.json"],
+     "--json and --png name the same file"),
+    (["profile", "--json", "/proc/maefast-x.json"], "cannot write in '/proc'"),  # refused before the work
+] + ([] if torch.cuda.is_available() else [  # a backend this machine cannot run: refused before any work
+    (["profile", "--impl", "auto,triton"], "--impl triton: impl='triton' is not available"),
+    (["bench", "table2", "--models", "tiny", "--quick", "--impl", "triton"], "--impl triton:"),
+]))
 def test_cli_user_errors_are_one_line_exit_2(args, needle):
     """A user's error in any command: one line on stderr, exit 2, no traceback, before any work."""
     r = run_cli(*args, timeout=120)

@@ -35,11 +35,15 @@ DISPATCH_MODES = ("direct", "custom_op")
 _ENV = "MAEFAST_EAGER_DISPATCH"
 
 
-def _mode_from_env() -> str:
+def _mode_from_env() -> str | None:
+    """The variable's route, or None for a value that is none: refused at the first call of an op (or
+    of get_eager_dispatch), not at import, so that `maefast --help` and the CLIs' one-line errors work."""
     mode = os.environ.get(_ENV, "direct") or "direct"
-    if mode not in DISPATCH_MODES:
-        raise ValueError(f"{_ENV} must be one of {DISPATCH_MODES}, got {mode!r}")
-    return mode
+    return mode if mode in DISPATCH_MODES else None
+
+
+def _bad_env() -> ValueError:
+    return ValueError(f"{_ENV} must be one of {DISPATCH_MODES}, got {os.environ.get(_ENV)!r}")
 
 
 _mode = _mode_from_env()
@@ -47,6 +51,8 @@ _mode = _mode_from_env()
 
 def get_eager_dispatch() -> str:
     """"direct" (default) or "custom_op" (see the module docstring)."""
+    if _mode is None:
+        raise _bad_env()
     return _mode
 
 
@@ -141,7 +147,9 @@ def _traced(args) -> bool:
 
 def call(op, *args):
     """Runs custom op `op` on positional `args` by the route chosen above."""
-    if _mode == "custom_op" or compiling() or _exporting() or _traced(args):
+    if _mode != "direct" or compiling() or _exporting() or _traced(args):
+        if _mode is None:
+            raise _bad_env()
         return op(*args)
     fn = op._maefast_function
     if fn is not None and _needs_grad(args):

@@ -330,14 +330,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"--impl must be one of {', '.join(MODEL_IMPLS)}, got {cfg.impl!r}")
     from ..cli import check_impls
 
-    check_impls([cfg.impl], cfg.impl, cfg.fused)  # what --fused rules out, in the other CLIs' words
-    if cfg.impl in ("triton", "cuda") and cfg.device is not None:  # else the first step would say it
-        from ..ops._backend import choose_impl
-
-        try:
-            choose_impl(cfg.impl, torch.device(cfg.device), cuda_op="attention_fwd", what="this run's model")
-        except ValueError as e:
-            raise ValueError(f"--impl {cfg.impl}: {e}") from None
+    # what --fused rules out, and whether the backend runs on --device, in the other CLIs' words
+    check_impls([cfg.impl], cfg.impl, cfg.fused, device=cfg.device)
     if cfg.data != "synthetic" and cfg.data and os.path.isdir(cfg.data):
         data, out = os.path.realpath(cfg.data), os.path.realpath(cfg.output_dir)
         if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
