@@ -20,6 +20,9 @@ struct CudaError : std::runtime_error {
 
 inline void check_cuda(cudaError_t status, const char* what, const char* file, int line) {
   if (status != cudaSuccess) {
+    // reset the runtime's last-error state (a non-sticky error, e.g. an invalid device or a missing kernel
+    // image): left set, the next launch check anywhere (another op's, or torch's) would report it as its own
+    (void)cudaGetLastError();
     throw CudaError(std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status) + " (in " + what +
                     " at " + file + ":" + std::to_string(line) + ")");
   }

@@ -370,16 +370,28 @@ def test_random_masking_without_device_compiles_fullgraph():
     assert torch.equal(f(torch.tensor([7])), random_masking(2, 16, 0.75, seed=torch.tensor([7])).ids_keep)
 
 
-def test_compiled_model_refuses_a_mask_ratio_that_keeps_no_patch():
-    """Under torch.compile the eager validation is skipped, but a ratio keeping no patch must still raise
-    (before: the compiled model ran on 0 visible patches and returned a loss)."""
+def test_compiled_model_runs_the_official_forward_for_a_ratio_keeping_no_patch():
+    """Under torch.compile the eager validation is skipped, but a ratio keeping no patch must still not
+    reach the fast path (before issue 17 the compiled model ran it on 0 visible patches). The official
+    code takes such a ratio (the encoder sees the cls token alone): the call runs the official
+    computation, compiled or not, as ratio 0 does."""
+    import warnings
+
+    from maefast.models import routing
+
     model = maefast.models.create_model("mae_vit_tiny_test")
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     torch._dynamo.reset()
     c = torch.compile(model, backend="aot_eager")
     c(x, 0.75, noise)
-    with pytest.raises(ValueError, match="at least one patch"):
-        c(x, 0.99, noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", routing.SlowPathWarning)
+        got = c(x, 0.99, noise)
+        want = model(x, 0.99, noise)
+    assert torch.equal(got[2], want[2]) and got[2].sum() == 2 * 16  # every patch removed
+    torch.testing.assert_close(got[0], want[0])
+    with pytest.raises(ValueError, match=r"mask_ratio must be in the interval \[0, 1\]"):
+        c(x, 1.5, noise)
 
 
 def test_a_model_compiled_before_any_eager_call_compiles_once(monkeypatch):

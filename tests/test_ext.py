@@ -38,6 +38,21 @@ def test_device_properties_on_a_gpu():
     assert C.runtime_version() >= 11000
 
 
+def test_cuda_kernels_refuse_cards_before_sm_80(monkeypatch):
+    """A T4 (sm_75) has no kernel image in the build (sm_80, sm_90): impl='cuda' is a ValueError saying so,
+    not a CudaError at the first launch."""
+    import torch
+
+    from maefast.ops import _backend
+
+    monkeypatch.setattr(_backend, "get_C", lambda: type("C", (), {"attention_fwd": None})())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    ok, why = _backend.cuda_ext_usable(torch.device("cuda", 0), "attention_fwd")
+    assert not ok and "compute capability 8.0 or newer; cuda:0 is 7.5" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert _backend.cuda_ext_usable(torch.device("cuda", 0), "attention_fwd") == (True, "")
+
+
 def test_choose_impl_rules():
     import torch
 

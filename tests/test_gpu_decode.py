@@ -139,13 +139,15 @@ def test_float32_output_is_the_normalised_uint8_output(folder, calls):
     assert b["images"].dtype == torch.float32 and torch.equal(normalize_uint8(a["images"]), b["images"])
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "RGB-coded"])
 def test_what_nvjpeg_is_not_given_gets_the_fast_path_in_the_worker(tmp_path, calls, mode):
     from PIL import Image
 
-    img = Image.fromarray(_photo(np.random.default_rng(3), 300, 200)).convert(mode)
-    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
-    img.save(tmp_path / f"x.{fmt.lower()}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    img = Image.fromarray(_photo(np.random.default_rng(3), 300, 200)).convert(mode.split("-")[0])
+    fmt = "JPEG" if mode in ("L", "CMYK", "RGB-coded") else "PNG"
+    # RGB-coded: an Adobe marker with transform 0, no YCbCr conversion (not checked on nvJPEG: the CPU's)
+    kw = dict(quality=90, keep_rgb=mode == "RGB-coded") if fmt == "JPEG" else {}
+    img.save(tmp_path / f"x.{fmt.lower()}", fmt, **kw)
     gpu = ImageFolderDataset(str(tmp_path), S, 4, seed=6, decode="gpu", dtype=torch.uint8)
     fast = ImageFolderDataset(str(tmp_path), S, 4, seed=6, decode="fast", dtype=torch.uint8)
     exact = ImageFolderDataset(str(tmp_path), S, 4, seed=6, decode="exact", dtype=torch.uint8)
@@ -328,10 +330,14 @@ def test_bench_data_gpu_row(tmp_path, calls, capsys):
 
 def test_bench_data_gpu_row_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_data_gpu, "unavailable_reason", lambda: "it needs a CUDA device (this run is on the cpu)")
-    rc = bench_data.main(["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "0", "--batch", "4",
-                          "--per-worker-images", "4", "--rounds", "1", "--size", "64", "--paths", "gpu"])
-    assert rc == 0
+    args = ["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "0", "--batch", "4",
+            "--per-worker-images", "4", "--rounds", "1", "--size", "64", "--paths"]
+    assert bench_data.main(args + ["fast,gpu"]) == 0
     assert "gpu: skipped (the GPU decode cannot run here: it needs a CUDA device" in capsys.readouterr().out
+    # the gpu row alone would measure nothing: an error, before the folder is written
+    with pytest.raises(ValueError, match="--paths gpu: the GPU decode cannot run here: it needs a CUDA device"):
+        bench_data.main(args + ["gpu"] + ["--folder", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
 
 
 # -- on a GPU: nvJPEG itself ---------------------------------------------------------------------------

@@ -110,9 +110,23 @@ def resolve_decode(decode: str, device: str | torch.device) -> tuple[str, str | 
 
 def gpu_decodable(img, data: bytes) -> bool:
     """Whether the file ``data`` (``img``: its header, opened by Pillow) goes to nvJPEG: a JPEG in RGB or
-    greyscale with an end-of-image marker in its last bytes (a truncated file has none: it takes the
-    CPU path, where the decode fails and the file is counted)."""
-    return img.format == "JPEG" and img.mode in GPU_MODES and EOI in data[-64:]
+    greyscale, its three components coded as YCbCr (`ycbcr_or_grey`), with an end-of-image marker in its
+    last bytes (a truncated file has none: it takes the CPU path, where the decode fails and the file is
+    counted)."""
+    return img.format == "JPEG" and img.mode in GPU_MODES and ycbcr_or_grey(img) and EOI in data[-64:]
+
+
+def ycbcr_or_grey(img) -> bool:
+    """Whether a JPEG's samples are grey or YCbCr as libjpeg reads the header (jdapimin.c): a JFIF marker
+    means YCbCr; else an Adobe marker's transform 0 means RGB; else component ids 'R', 'G', 'B' mean RGB.
+    RGB-coded files (Pillow saves them with keep_rgb=True) go to the CPU path, which decodes them as
+    Pillow does, as the windowed CPU reader leaves them to Pillow: whether nvJPEG honours the marker
+    has not been checked on a card."""
+    if img.mode == "L" or "jfif" in img.info:
+        return True
+    if "adobe" in img.info:
+        return img.info.get("adobe_transform") != 0
+    return [c[0] for c in getattr(img, "layer", ())] not in ([82, 71, 66], [b"R", b"G", b"B"])
 
 
 def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
