@@ -362,6 +362,31 @@ def test_cuda_nvjpeg_pixels_close_to_libjpeg_turbo(folder):
 
 
 @pytest.mark.cuda
+def test_cuda_nvjpeg_pixels_do_not_depend_on_the_batch(folder, tmp_path):
+    """A sample is the same on every rank and world size only if nvJPEG decodes a file to the same
+    pixels whatever else is in its batch (batches differ by rank; a failed batch is decoded file by
+    file), and an RGB-coded JPEG (Adobe transform 0), which the loader keeps from nvJPEG, is shown
+    here against Pillow so a record can say whether nvJPEG honours the marker."""
+    _needs_nvjpeg()
+    from PIL import Image
+
+    cuda = torch.device("cuda")
+    files = ImageFolderDataset(folder, S, 4).files
+    data = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8) for f in files]
+    whole = gpu_decode.decode_jpegs(data, cuda)
+    for i, d in enumerate(data):
+        alone = gpu_decode.decode_jpegs([d], cuda)[0]
+        assert torch.equal(alone, whole[i]), files[i]
+    assert torch.equal(gpu_decode.decode_jpegs(data[::-1], cuda)[-1], whole[0])
+    buf = io.BytesIO()
+    Image.fromarray(_photo(np.random.default_rng(5), 96, 64)).save(buf, "JPEG", quality=90, keep_rgb=True)
+    rgb = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    got = gpu_decode.decode_jpegs([rgb], cuda)[0].cpu().int()
+    want = pillow_decode([rgb], CPU)[0].int()
+    print(f"RGB-coded JPEG: nvJPEG vs Pillow mean |diff| {(got - want).abs().float().mean().item():.2f} levels")
+
+
+@pytest.mark.cuda
 def test_cuda_stage_is_the_cpu_stage_within_a_level(folder, monkeypatch):
     _needs_nvjpeg()
     monkeypatch.setattr(gpu_decode, "decode_jpegs", pillow_decode)  # the same decoded pixels on both devices
