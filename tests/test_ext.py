@@ -46,6 +46,7 @@ def test_cuda_kernels_refuse_cards_before_sm_80(monkeypatch):
     from maefast.ops import _backend
 
     monkeypatch.setattr(_backend, "get_C", lambda: type("C", (), {"attention_fwd": None})())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     ok, why = _backend.cuda_ext_usable(torch.device("cuda", 0), "attention_fwd")
     assert not ok and "compute capability 8.0 or newer; cuda:0 is 7.5" in why

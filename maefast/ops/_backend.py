@@ -27,8 +27,10 @@ def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, 
         return False, f"maefast._C is not built or failed to load ({_cpp_lib.load_error or load_error})"
     if op is not None and not hasattr(C, op):
         return False, f"maefast._C has no '{op}' (rebuild the extension)"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:  # bf16/fp16 WMMA and the built archs (sm_80, sm_90): no kernel image runs there
+    # bf16/fp16 WMMA and the built archs (sm_80, sm_90): no kernel image runs before 8.0 (asked only where
+    # torch has CUDA: a CPU build cannot, and has no CUDA tensors to run on)
+    major, minor = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (8, 0)
+    if major < 8:
         return False, f"the CUDA C++ kernels need compute capability 8.0 or newer; {device} is {major}.{minor}"
     return True, ""
 
