@@ -73,9 +73,13 @@ def check_mask_ratio(mask_ratio, num_patches: int | None = None, *, official: bo
 def check_bool(name: str, v) -> bool:
     """``v`` itself when it is a bool, else a TypeError naming ``name`` (a string such as "no" would be
     true, a tensor would sync)."""
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
-    return v
+    if isinstance(v, bool):
+        return v
+    t = type(v)
+    if t.__module__ == "numpy" and t.__name__ in ("bool_", "bool"):  # numpy's bool scalar
+        return bool(v)
+    where = "" if t.__module__ == "builtins" else t.__module__ + "."
+    raise TypeError(f"{name} must be True or False, got {where}{t.__qualname__} {v!r}")
 
 
 def check_int(name: str, v, low: int) -> int:

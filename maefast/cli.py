@@ -110,6 +110,18 @@ def check_impls(impls: list[str], given, fused: str = "off", device=None) -> Non
                 raise ValueError(f"--impl {impl}: {e}") from None
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a stdout without a descriptor
+        return False
+
+
 def guarded(prog: str, fn, argv) -> int:
     """Runs a subcommand's main: a user's error (bad value, missing or unwritable file) is one line on
     stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""
@@ -120,10 +132,18 @@ def guarded(prog: str, fn, argv) -> int:
     # a folder or file the user named that cannot be written (full, read-only, in the way): their fix
     env_errnos = (errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
     try:
+        if prog != "maefast info":  # info shows it; every other command would fail at its first op, after work
+            from .ops._dispatch import get_eager_dispatch
+
+            get_eager_dispatch()  # a bad MAEFAST_EAGER_DISPATCH: ValueError, one line below
         return int(fn(argv) or 0)
-    except BrokenPipeError:  # the reader went away (`maefast profile | head`): stop quietly, as a shell tool
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not raise again
+    except BrokenPipeError:  # the reader of stdout went away (`maefast profile | head`): stop quietly
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's, a socket): not ours to hide
+        try:  # the interpreter's last flush of stdout must not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
         return 141
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's
         if not isinstance(e, USER_ERRORS) and not (isinstance(e, OSError) and e.errno in env_errnos):

@@ -114,9 +114,9 @@ class TrainStep:
             (``torch.optim.AdamW(..., fused=True, capturable=True)``: one kernel, and fp16-capturable).
         dtype: the autocast dtype: torch.bfloat16 or torch.float16 (autocast), torch.float32 (none).
             Default: bf16 on CUDA, fp32 elsewhere.
-        mask_ratio: the fraction of patches removed, in (0, 1). A model that takes its ratio from
-            ``model.config.mask_ratio`` (transformers' ViTMAE, whose forward would drop ``mask_ratio=``)
-            gets none passed: the two must agree (else ValueError).
+        mask_ratio: the fraction of patches removed, in (0, 1). A forward without a ``mask_ratio``
+            parameter whose model has ``config.mask_ratio`` (transformers' ViTMAE, which would drop the
+            keyword) gets none passed: the two must agree (else ValueError, when built and per call).
         scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
             fine), False for none, or None: a new one for fp16, none otherwise.
         accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
@@ -199,9 +199,8 @@ class TrainStep:
         self._fwd_kwargs = {"return_pred": False} if "return_pred" in takes else {}
         # transformers' ViTMAE reads its ratio from its config on every call and drops an unknown
         # mask_ratio= into **kwargs: the step checks that the two agree instead of passing it
-        self._config = None if "mask_ratio" in takes else getattr(inner, "config", None)
-        if not isinstance(getattr(self._config, "mask_ratio", None), (int, float)):
-            self._config = None
+        cfg = None if "mask_ratio" in takes else getattr(inner, "config", None)
+        self._config = cfg if isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
@@ -237,17 +236,16 @@ class TrainStep:
 
     def _check_config_ratio(self) -> None:
         if self._config is not None and self._config.mask_ratio != self.mask_ratio:
-            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(_unwrap(self.model)[-1]).__name__} takes its "
-                             f"ratio from model.config.mask_ratio ({self._config.mask_ratio}): build the step with "
-                             f"mask_ratio={self._config.mask_ratio}, or set model.config.mask_ratio")
+            r = self._config.mask_ratio
+            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(_unwrap(self.model)[-1]).__name__} takes its ratio "
+                             f"from model.config.mask_ratio ({r}): build the step with mask_ratio={r}, or set that")
 
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
               cache: bool = True) -> torch.Tensor:
         kw = dict(self._fwd_kwargs)
+        self._check_config_ratio()
         if self._config is None:
             kw["mask_ratio"] = self.mask_ratio
-        else:
-            self._check_config_ratio()
         if self.mask_source == "noise":
             kw["noise"] = noise
         elif self.mask_source == "seed":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -176,8 +177,8 @@ _PEAK: dict = {}
 
 # dense bf16 tensor-core TFLOP/s of the data sheets (no sparsity), by a part of the device name;
 # the first that matches (so "H100 PCIe" before "H100")
-SPEC_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4), ("A100", 312.0),
-                    ("B200", 2250.0))
+SPEC_BF16_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4),
+                    ("A100", 312.0), ("GB200", 2500.0), ("B200", 2250.0))
 
 
 def spec_bf16_tflops(name: str) -> float | None:
@@ -208,13 +209,13 @@ def measure_peak(device=None) -> dict:
     dst = torch.empty_like(src)
     # long warm-up: a cold GPU ramps its clocks
     kw = dict(warmup_ms=200.0, rep_ms=200.0, min_reps=5, flush_l2=False, budget_s=0.3)
-    t_copy = time_fn(lambda: dst.copy_(src), dev, **kw)["median_ms"]
+    t_copy = time_fn(functools.partial(dst.copy_, src), dev, **kw)["median_ms"]
     del src, dst
     best = 0.0
     for m, k, n in shapes:
         a = torch.randn(m, k, device=dev, dtype=mm_dtype)
         b = torch.randn(k, n, device=dev, dtype=mm_dtype)
-        t_mm = time_fn(lambda: a @ b, dev, **kw)["min_ms"]
+        t_mm = time_fn(functools.partial(torch.matmul, a, b), dev, **kw)["min_ms"]
         best = max(best, 2 * m * k * n / (t_mm * 1e-3) / 1e12)
         del a, b
     out = {"copy_gbps": 2 * n_copy * 4 / (t_copy * 1e-3) / 1e9, "matmul_tflops": best,

@@ -360,6 +360,7 @@ def test_options_are_checked(folder):
                            (dict(hflip=7), ValueError, r"hflip must be a probability in \[0, 1\]")):
         with pytest.raises(err, match=match):
             PretrainTransform(**kw)
+    assert (PretrainTransform(hflip=False).hflip, PretrainTransform(hflip=True).hflip) == (0.0, 1.0)
     for kw, match in ((dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"), (dict(seed=2 ** 32), "seed must be"),
                       (dict(num_patches=-1), "num_patches must be an int >= 0"), (dict(input_size=0), "size must be")):
         with pytest.raises(ValueError, match=match):

@@ -115,8 +115,8 @@ def test_env_var_selects_route_and_rejects_typos():
     out = subprocess.run(cli + ["profile", "--model", "tiny", "--steps", "1", "--warmup", "0"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
-        "maefast profile: error: impl auto: MAEFAST_EAGER_DISPATCH must be one of ('direct', 'custom_op'), got 'fast'"
-    ), out.stderr
+        "maefast profile: error: MAEFAST_EAGER_DISPATCH must be one of ('direct', 'custom_op'), got 'fast'"
+    ), out.stderr  # refused before any work (the CLIs check it first)
 
 
 def test_compile_sees_the_custom_op():

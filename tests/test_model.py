@@ -262,8 +262,13 @@ def test_bad_inputs():
         m(torch.randn(2, 3, 32, 32), mask_ratio=1.5)
     with pytest.raises(TypeError, match="mask_ratio must be a float"):
         m(torch.randn(2, 3, 32, 32), mask_ratio="0.75")
-    with pytest.raises(TypeError, match="grad_checkpointing must be True or False"):
+    with pytest.raises(TypeError, match="grad_checkpointing must be True or False, got str"):
         create_model("tiny", grad_checkpointing="no")
+    import numpy as np
+
+    assert create_model("tiny", grad_checkpointing=np.True_).grad_checkpointing is True  # numpy's bool is one
+    with pytest.raises(ValueError, match=r"mask_ratio must be in the interval \[0, 1\]"):  # whichever forward
+        m(torch.randn(2, 3, 32, 32).requires_grad_(), mask_ratio=1.5)  # runs (image gradients: the official)
     with pytest.raises(TypeError, match="return_pred must be True or False"):
         m(torch.randn(2, 3, 32, 32), return_pred="no")
     with pytest.raises(ValueError, match="noise must have shape"):

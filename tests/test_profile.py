@@ -137,6 +137,18 @@ def test_profile_compile_path(monkeypatch, capsys):
     assert "forward (compiled)" in text and "compiled" in text
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden():
+    """Only the reader of stdout leaving ends a command quietly; a BrokenPipeError from elsewhere (a
+    worker's pipe, a socket) is a traceback as before."""
+    from maefast.cli import guarded
+
+    def fn(argv):
+        raise BrokenPipeError("a worker's pipe")
+
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        guarded("maefast x", fn, [])
+
+
 def test_profile_broken_pipe_is_quiet():
     """`maefast profile | head -1`: the reader goes away; no traceback (it was a BrokenPipeError)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -279,12 +279,30 @@ def test_api_options_are_type_checked_and_paths_taken_as_given(tmp_path):
                       (dict(keep_every_epochs=0.5), "--keep-every-epochs must be int, got float")):
         with pytest.raises(TypeError, match=match):
             train(**kw)
-    cfg = as_config(None, dict(output_dir=tmp_path / "run", device=torch.device("cpu"), epochs=np.int64(2)))
-    assert (cfg.output_dir, cfg.device, cfg.epochs) == (str(tmp_path / "run"), "cpu", 2)
+    cfg = as_config(None, dict(output_dir=tmp_path / "run", device=torch.device("cpu"), epochs=np.int64(2),
+                               batch_size=np.int64(8), blr=np.float32(1e-3)))
+    assert (cfg.output_dir, cfg.device, cfg.epochs, cfg.batch_size) == (str(tmp_path / "run"), "cpu", 2, 8)
+    assert type(cfg.batch_size) is int and type(cfg.blr) is float  # numpy's numbers as the rest expects them
     # a timeout the process group cannot hold: refused before it is built (inf was a traceback per rank)
     for bad in (float("inf"), 1e10, 0):
         with pytest.raises(ValueError, match="--dist-timeout must be"):
             train(dist_timeout=bad)
+
+
+def test_a_bad_eager_dispatch_setting_is_refused_before_the_folder_is_touched(tmp_path, monkeypatch):
+    """MAEFAST_EAGER_DISPATCH is read lazily (a typo must not break `maefast --help`); train checks it with
+    the options, before --overwrite empties a run's folder (it failed at the first step, after that)."""
+    from maefast.ops import _dispatch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes(b"theirs")
+    monkeypatch.setattr(_dispatch, "_mode", None)
+    monkeypatch.setenv("MAEFAST_EAGER_DISPATCH", "fast")
+    with pytest.raises(ValueError, match="MAEFAST_EAGER_DISPATCH must be one of"):
+        train(model="mae_vit_tiny_test", synthetic_size=8, batch_size=4, device="cpu", workers=0, progress=False,
+              output_dir=str(out), overwrite=True)
+    assert (out / "checkpoint-last.pth").read_bytes() == b"theirs"
 
 
 def test_cuda_graph_option_is_checked():

@@ -204,16 +204,14 @@ def _get_path(obj, path: str):
 
 def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
     """Why the fast path cannot take a call the model's own forward can: weights in a dtype maefast's
-    kernels do not take, or a mask ratio the official code takes (0 <= r <= 1) outside maefast's rule
-    ((0, 1), keeping at least one patch). A ratio the official code does not take raises here."""
-    num_patches = weight.shape[1] - 1
-    check_mask_ratio(mask_ratio, num_patches, official=True)
+    kernels do not take, or a mask ratio outside maefast's rule ((0, 1) keeping at least one patch; the
+    official code also takes 0 and ratios keeping none, and a ratio that is not a Python number)."""
     why = unsupported_weights(weight)
     if why is not None:
         return why
     try:
-        check_mask_ratio(mask_ratio, num_patches)
-    except ValueError as e:
+        check_mask_ratio(mask_ratio, weight.shape[1] - 1)
+    except (TypeError, ValueError) as e:
         return f"the fast path's rule: {e}"
     return None
 
@@ -322,6 +320,8 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
     (with mean/std) reach the original forward normalised first, as the official code takes them."""
     check_bool("return_pred", return_pred)
+    if isinstance(mask_ratio, (int, float)):  # a number outside the official code's [0, 1]: refused, whichever
+        check_mask_ratio(mask_ratio, official=True)  # forward the call would run (a tensor or numpy one: theirs)
     why = ("mask_ratio is None (the model's own forward decides it)" if mask_ratio is None else None) or (
         image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
         or fast_unsupported(model.pos_embed, mask_ratio))

@@ -243,7 +243,7 @@ class PretrainTransform:
         # checked here: inside a dataset a bad value failed every sample, counted as unreadable files
         self.size = check_int("size", size, 1)
         self.scale, self.ratio = _check_range("scale", scale), _check_range("ratio", ratio)
-        if isinstance(hflip, bool) or not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:
+        if not isinstance(hflip, (int, float)) or not 0 <= hflip <= 1:  # False / True: never / always
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
         self.hflip = float(hflip)
         self.decode, self.dtype = check_decode(decode), dtype

@@ -303,6 +303,9 @@ def _check_geometry(cfg: TrainConfig) -> None:
 
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Every option's rule, before anything is created (ValueError naming the option)."""
+    from ..ops._dispatch import get_eager_dispatch
+
+    get_eager_dispatch()  # a bad MAEFAST_EAGER_DISPATCH, before --overwrite empties a folder (not at a first step)
     for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
     for name in ("blr", "min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
@@ -393,6 +396,10 @@ def as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig
              if isinstance(getattr(config, k), os.PathLike)}
     if isinstance(config.device, torch.device):
         given["device"] = str(config.device)
+    for f in dataclasses.fields(TrainConfig):  # numpy's numbers (np.int64(8)) as Python's, as the rest expects
+        v = getattr(config, f.name)
+        if isinstance(v, numbers.Number) and not isinstance(v, (bool, int, float)) and hasattr(v, "item"):
+            given[f.name] = v.item()
     if given:
         config = dataclasses.replace(config, **given)
     check_types(config)
