@@ -42,6 +42,9 @@ from ..reference.normalize import IMAGENET_MEAN, IMAGENET_STD
 from . import jpeg
 
 SCALE = (0.2, 1.0)
+# seeds of the per-sample draws, default_rng([seed, epoch, index]): numpy takes no negative one, and from
+# 2**32 on a seed is two 32-bit words, so streams alias others' ([2**32, 5, 0] = [0, 1, 5])
+SEED_LIMIT = 2 ** 32
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DECODES = ("exact", "fast", "gpu")
 # --decode auto: resolved by `maefast.train.gpu_decode.resolve_decode` (the path fastest on the record)

@@ -14,7 +14,7 @@ import torch
 
 from ..cli import HelpFormatter, OneLineParser  # noqa: F401 - the train and visualize parsers'
 
-from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE
+from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE, SEED_LIMIT
 from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -316,9 +316,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     check_dist_timeout(cfg.dist_timeout)
-    # numpy's per-sample generators take no negative seed (it failed at the first batch); from 2**32 on a
-    # seed is two 32-bit words and (seed, epoch, index) streams alias others' ([2**32, 5, 0] = [0, 1, 5])
-    if not 0 <= cfg.seed < 2 ** 32:
+    if not 0 <= cfg.seed < SEED_LIMIT:  # the per-sample draws' range (maefast.train.augment)
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.max_steps is not None:
         _positive("--max-steps", cfg.max_steps)

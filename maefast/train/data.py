@@ -20,8 +20,8 @@ from torch.utils.data import Dataset, Sampler
 from .._validate import check_int
 
 # re-exported: these lived here before augment.py
-from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, PretrainTransform,  # noqa: F401
-                      _pil, center_transform, denormalize, open_bytes, random_resized_crop_params, to_normalized_tensor)
+from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, SEED_LIMIT,  # noqa: F401
+                      PretrainTransform, _pil, center_transform, denormalize, open_bytes, random_resized_crop_params, to_normalized_tensor)
 from .gpu_decode import DeviceDecode, gpu_decodable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -53,9 +53,7 @@ class _PretrainDataset(Dataset):
                  dtype: torch.dtype = torch.float32):
         self.transform = PretrainTransform(input_size, decode=decode, dtype=dtype)
         self.num_patches = check_int("num_patches", num_patches, 0)
-        # numpy's generators take no negative seed; from 2**32 on, (seed, epoch, index) streams alias
-        # others' ([2**32, 5, 0] = [0, 1, 5]): the every-sample-its-own-draws promise needs this range
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         self.seed = seed
         self.device_decode = DeviceDecode(input_size, dtype) if decode == "gpu" else None
