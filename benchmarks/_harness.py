@@ -156,15 +156,27 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
 
     benchmark.group = group
     benchmark.pedantic(once, rounds=1, iterations=1, warmup_rounds=0)
+    timer = ("cuda-events median" + (", L2 flushed" if timing_kw.get("flush_l2", True) else "")
+             if dev.type == "cuda" else "perf_counter median")
+    return record_row(benchmark.extra_info, stats, group=group, provider=provider, baseline=baseline, flops=flops,
+                      bytes_moved=bytes_moved, shape=shape, dtype=dtype, device=dev, timer=timer,
+                      cuda_graph=graphed, eager_time_ms=None if eager is None else eager["median_ms"])
+
+
+def record_row(info: dict, stats: dict, *, group: str, provider: str, baseline: bool = False,
+               flops: float | None = None, bytes_moved: float | None = None, shape=None, dtype=None,
+               device=None, timer: str, **extra) -> dict:
+    """Fills `info` (a benchmark's extra_info, or a dict of its own for a second row of one case) with a
+    row's record from `stats` (a `maefast.timing` summary: median_ms, min_ms, p20_ms, p80_ms, reps), the
+    throughput against the card's measured peak and the environment, plus `extra`; appends it to RESULTS
+    and refreshes the ratios. Returns `info`."""
+    dev = torch.device(device) if device is not None else bench_device()
     peak = timing.measure_peak(dev)
-    info = benchmark.extra_info
     info.update(provider=provider, group=group, baseline=bool(baseline), shape=_jsonable(shape),
                 shape_key=_shape_key(shape), dtype=None if dtype is None else str(dtype).replace("torch.", ""),
                 time_ms=stats["median_ms"], time_min_ms=stats["min_ms"], time_p20_ms=stats["p20_ms"],
                 time_p80_ms=stats["p80_ms"], reps=stats["reps"], flops=flops, bytes_moved=bytes_moved,
-                timer=("cuda-events median" + (", L2 flushed" if timing_kw.get("flush_l2", True) else "")
-                       if dev.type == "cuda" else "perf_counter median"),
-                cuda_graph=graphed, eager_time_ms=None if eager is None else eager["median_ms"])
+                timer=timer, **extra)
     info.update(timing.throughput(stats["median_ms"], flops, bytes_moved, peak))
     info.update(timing.env_info(dev))
     RESULTS.append(info)

@@ -30,19 +30,33 @@ runs every row once on the CPU. GPU (--gpu): ViT-B/16 at batch 128 and ViT-H/14 
 (MAEFAST_BENCH_STEP_MODELS=base:128,huge:64 style to change, `huge:192@reference+maefast-block` for
 only those rows at that size; MAEFAST_BENCH_STEP_PROVIDERS=a,b to run only those rows, in that
 order). A size that does not fit the card skips with "out of GPU memory".
+
+The decisive pair, interleaved (`test_train_step_pair`, group `train-step-pair`): two rows built side
+by side in one process and timed in alternating rounds (`maefast.timing.time_interleaved`: A B, B A,
+..., ~0.5 s each, 8 rounds), so that the card's clock, its temperature or the order of the rows weighs
+on both alike: rows timed minutes apart in separate processes, and the fastest of several maefast rows
+set against one torch-native row, lean toward maefast. MAEFAST_BENCH_STEP_PAIR=base+ours names the pair
+(default `torch-native-graph+maefast-block-graph` on a GPU, `sdpa+maefast-block` on the CPU; "none"
+for no pair), at every size that runs every row; with MAEFAST_BENCH_STEP_PROVIDERS set and no
+MAEFAST_BENCH_STEP_PAIR, no pair runs. The pair's two rows carry the usual fields (their time: the median
+of their rounds) and the ours row `pair_ratio` (the median of the rounds' base / ours ratios),
+`pair_ratio_rounds`, `pair_ratio_range` and `peak_mem_pair_gib` (both rows resident: not a row's own).
 """
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 
 import pytest
 import torch
 
-from _harness import RESULTS, _stop_if_broken, gpu_mode, peak_memory, reset_peak_memory, run_bench, sizes
+from _harness import (RESULTS, _stop_if_broken, gpu_mode, peak_memory, record_row, reset_peak_memory, run_bench,
+                      sizes)
 
 from maefast import bench as mb
+from maefast import timing
 from maefast.flops import mae_flops
 from maefast.timing import synchronize
 from maefast.models.configs import resolve_model_name
@@ -74,15 +88,39 @@ if _unknown:
                      f"known {sorted(mb.STEP_PROVIDERS)}")
 # (model, batch) outer, provider inner: the harness budget cuts the last size's last rows first
 PARAMS = [((name, batch), p) for name, batch, only in CASES for p in (only if only is not None else PROVIDERS)]
+DEFAULT_PAIR = {"gpu": "torch-native-graph+maefast-block-graph", "cpu": "sdpa+maefast-block"}
 
 
-@pytest.mark.parametrize("case,provider", PARAMS, ids=[f"{n}-b{b}-{p}" for (n, b), p in PARAMS])
-def test_train_step(benchmark, device, case, provider):
-    name, batch = case
+def _pair() -> tuple[str, str] | None:
+    """(base, ours) of MAEFAST_BENCH_STEP_PAIR, or the default pair of a whole run; None: no pair."""
+    env = os.environ.get("MAEFAST_BENCH_STEP_PAIR")
+    if env is None:
+        if os.environ.get("MAEFAST_BENCH_STEP_PROVIDERS"):
+            return None  # a chosen list of rows: the pair only when asked for
+        env = DEFAULT_PAIR["gpu" if gpu_mode() else "cpu"]
+    if env.strip().lower() in ("", "none"):
+        return None
+    pair = tuple(p.strip() for p in env.split("+"))
+    if len(pair) != 2 or pair[0] == pair[1]:
+        raise ValueError(f"MAEFAST_BENCH_STEP_PAIR must be two different rows, base+ours, got {env!r}")
+    unknown = sorted(set(pair) - set(mb.STEP_PROVIDERS))
+    if unknown:
+        raise ValueError(f"MAEFAST_BENCH_STEP_PAIR: unknown provider(s) {unknown}; known {sorted(mb.STEP_PROVIDERS)}")
+    return pair
+
+
+PAIR = _pair()
+PAIR_PARAMS = [(name, batch) for name, batch, only in CASES if only is None] if PAIR else []
+
+
+def _skip_unbuildable(provider: str, device) -> None:
     recipe = mb.STEP_PROVIDERS[provider]
     if recipe.compile and device.type == "cpu" and os.environ.get("MAEFAST_BENCH_COMPILE_CPU") != "1":
         pytest.skip("torch.compile on the CPU compiles for minutes; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
-    reset_peak_memory(device)  # the card's peak measured before the row exists: its buffers are not the row's
+
+
+def _build(provider: str, name: str, batch: int, device):
+    """(the row, built and stepped once; seconds that took), or pytest.skip with the reason it cannot run."""
     oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
     t_build = time.perf_counter()
     try:
@@ -102,7 +140,70 @@ def test_train_step(benchmark, device, case, provider):
         mb.free_memory()
         pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
     # building to a first step done: the model, compiles, warm-up and capture (what a GPU preset's budget pays)
-    build_s = time.perf_counter() - t_build
+    return row, round(time.perf_counter() - t_build, 1)
+
+
+def _train_step_pair(benchmark, device, case):
+    """The pair (base, ours) in one process, timed in alternating rounds (see the module docstring)."""
+    name, batch = case
+    base_p, ours_p = PAIR
+    for p in PAIR:
+        _skip_unbuildable(p, device)
+    reset_peak_memory(device)
+    built = []
+    try:  # a failure or a skip of the second build gives the first row's memory back before the next case
+        for p in PAIR:
+            built.append(_build(p, name, batch, device))
+    except BaseException:
+        built.clear()
+        mb.free_memory()
+        raise
+    (base, base_s), (ours, ours_s) = built
+    built.clear()
+    kw = dict(rounds=8, round_ms=500.0, warmup_ms=500.0) if device.type == "cuda" \
+        else dict(rounds=2, round_ms=0.0, warmup_ms=0.0)
+    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+    try:
+        t_base, t_ours = timing.time_interleaved([base, ours], device, **kw)
+    except oom:
+        t_base = t_ours = None
+    if t_base is None:
+        base = ours = None
+        mb.free_memory()
+        pytest.skip(f"{base_p} + {ours_p} {name} batch {batch}: out of GPU memory")
+    benchmark.group = "train-step-pair"
+    benchmark.pedantic(lambda row=ours: (row(), synchronize(device)), rounds=1, iterations=1, warmup_rounds=0)
+    ratios = [b / o for b, o in zip(t_base["rounds_ms"], t_ours["rounds_ms"])]
+    mem = peak_memory(device)
+    common = dict(group="train-step-pair", flops=mae_flops(name)["train"] * batch, shape=dict(model=name, batch=batch),
+                  device=device, timer=("cuda-events over each round's calls, interleaved rounds"
+                                        if device.type == "cuda" else "perf_counter over each round's calls"))
+    for row, t, build_s, info, extra in (
+            (base, t_base, base_s, {}, {}),
+            (ours, t_ours, ours_s, benchmark.extra_info,
+             dict(paired_with=base_p, pair_ratio=statistics.median(ratios), pair_ratio_rounds=ratios,
+                  pair_ratio_range=[min(ratios), max(ratios)],
+                  peak_mem_pair_gib=mem.get("peak_mem_gib")))):
+        record_row(info, t, provider=row.provider, baseline=row is base, dtype=row.step.dtype,
+                   rounds_ms=t["rounds_ms"], calls_per_round=t["calls_per_round"], build_s=build_s,
+                   img_per_s=batch / (t["median_ms"] * 1e-3), **common, **extra, **row.describe())
+    mb.torch_native_ratios(RESULTS)
+    del base, ours, row
+    mb.free_memory()
+
+
+if PAIR_PARAMS:  # no case, no test (an empty parametrisation would add a skipped one to every count)
+    test_train_step_pair = pytest.mark.parametrize(
+        "case", PAIR_PARAMS, ids=[f"{n}-b{b}-{'-vs-'.join(PAIR)}" for n, b in PAIR_PARAMS])(_train_step_pair)
+
+
+@pytest.mark.parametrize("case,provider", PARAMS, ids=[f"{n}-b{b}-{p}" for (n, b), p in PARAMS])
+def test_train_step(benchmark, device, case, provider):
+    name, batch = case
+    _skip_unbuildable(provider, device)
+    reset_peak_memory(device)  # the card's peak measured before the row exists: its buffers are not the row's
+    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+    row, build_s = _build(provider, name, batch, device)
     # >= 10 timed steps (a ViT-H/14 b128 step: ~14 in 1.5 s): 3-4 (500 ms) spread ~2.5% on the 2026-12-04
     # H200, more than the gains the record has to tell apart; the step preset's row budget has room for it
     kw = dict(warmup_ms=1.0, rep_ms=1500.0, min_reps=10, max_reps=40, flush_l2=False) if device.type == "cuda" \
@@ -123,7 +224,7 @@ def test_train_step(benchmark, device, case, provider):
         scale1 = scaler.get_scale()
         info["grad_scale"] = [scale0, scale1]
         info["skipped_steps_min"] = max(0, round(math.log2(scale0 / scale1))) if scale0 and scale1 else None
-    info["build_s"] = round(build_s, 1)
+    info["build_s"] = build_s
     info.update(row.describe())  # `captured`: whether the row's step is a graph replay
     # run_bench's `cuda_graph` says whether the harness captured fn, which it never does here: False would
     # read as "not captured" in a captured row. Dropped; ratios compare the rows' own step times.

@@ -347,17 +347,18 @@ def compile_static(fn, backend=None, mode: str | None = None):
 
 
 def torch_native_ratios(records: list[dict]) -> None:
-    """Adds, in place, to every train-step record: the best torch-native row of its shape
-    (`best_torch_native_provider`, `best_torch_native_ms`) and `speedup_vs_best_torch_native`
-    (that time / this one)."""
+    """Adds, in place, to every train-step record (and the interleaved pair's, `train-step-pair`): the
+    best torch-native row of its shape in either group (`best_torch_native_provider`,
+    `best_torch_native_ms`) and `speedup_vs_best_torch_native` (that time / this one)."""
+    groups = ("train-step", "train-step-pair")
     best: dict[str, dict] = {}
     for r in records:
-        if r.get("group") == "train-step" and r.get("provider") in TORCH_NATIVE_ROWS and r.get("time_ms"):
+        if r.get("group") in groups and r.get("provider") in TORCH_NATIVE_ROWS and r.get("time_ms"):
             b = best.get(r["shape_key"])
             if b is None or r["time_ms"] < b["time_ms"]:
                 best[r["shape_key"]] = r
     for r in records:
-        b = best.get(r.get("shape_key")) if r.get("group") == "train-step" else None
+        b = best.get(r.get("shape_key")) if r.get("group") in groups else None
         if b is not None and r.get("time_ms"):
             r.update(best_torch_native_provider=b["provider"], best_torch_native_ms=b["time_ms"],
                      speedup_vs_best_torch_native=b["time_ms"] / r["time_ms"])

@@ -14,7 +14,7 @@ import functools
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -116,6 +116,62 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 1, min_reps: int = 3, ma
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return _summary(times)
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device=None, *, rounds: int = 8,
+                     round_ms: float = 500.0, warmup_ms: float = 200.0) -> list[dict]:
+    """Times several functions in alternation, for a comparison that the card's clock, its temperature
+    or another tenant cannot bias: `rounds` rounds, each running every fn back to back for ~`round_ms`
+    (a whole number of calls, at least one), in the given order in even rounds and reversed in odd
+    ones (A B, B A, ...: a drift during the run weighs on both alike). One time per fn and round: its
+    calls' total over their count (CUDA events around the round's calls, no L2 flush: for whole training
+    steps, where the next call's inputs are what a real loop leaves; perf_counter on the CPU).
+
+    Returns one dict per fn, in order: `_summary` of its round times (median_ms, min_ms, p20_ms, p80_ms,
+    mean_ms, reps = rounds) plus `rounds_ms` (the times in round order) and `calls_per_round`. The
+    ratio of two fns is best taken per round (`rounds_ms` side by side), each pair timed seconds apart.
+    """
+    fns = list(fns)
+    if not fns or not all(callable(f) for f in fns):
+        raise TypeError("fns must be a non-empty sequence of callables")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    for name, v in (("round_ms", round_ms), ("warmup_ms", warmup_ms)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+
+    def timed(fn, n: int) -> float:
+        """ms per call of n back-to-back calls."""
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            torch.cuda.synchronize(dev)
+            return start.elapsed_time(end) / n
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    ctx = torch.cuda.device(dev) if cuda else contextlib.nullcontext()
+    with ctx:  # the events go to the stream the fns run on
+        calls = []
+        for fn in fns:  # one call each to size the rounds, then the warm-up
+            est = max(timed(fn, 1), 1e-3)
+            n_warm = int(warmup_ms / est)
+            if n_warm:
+                timed(fn, n_warm)
+            calls.append(max(1, int(round_ms / est + 0.5)))
+        times: list[list[float]] = [[] for _ in fns]
+        for r in range(rounds):
+            order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+            for i in order:
+                times[i].append(timed(fns[i], calls[i]))
+    return [dict(_summary(ts), rounds_ms=ts, calls_per_round=n) for ts, n in zip(times, calls)]
 
 
 def time_fn(fn: Callable[[], object], device=None, **kw) -> dict:

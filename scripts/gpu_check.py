@@ -12,10 +12,12 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           whole after it); the `cuda` tests of tests/test_step.py (TrainStep's captures), then the other
           `cuda`-marked tests, each in a process of its own; the dispatch diagnosis
   step    ViT-H/14 b128 step rows, in two budgets so that no compile starves the rest: reference and
-          maefast's captured rows (+ ViT-B/16 b128's, the loader's target), then the compiled captured
-          rows (torch-native-graph, the baseline; maefast-compile-graph)
+          maefast's captured rows (+ ViT-B/16 b128's, the loader's target), then the decisive pair
+          interleaved in one process (torch-native-graph, the baseline, against maefast-block-graph:
+          alternating rounds, bench_step's test_train_step_pair) and maefast-compile-graph
   profile the torch.profiler kernel table of one captured ViT-H step and of the compiled torch-native
-          one (the attention target); then the eager and compiled-eager step rows
+          one (the attention target); maefast-graph interleaved with maefast-sdpa-graph (the attention
+          route); then the eager and compiled-eager step rows
   ops     per-op rows, both backends: attention at the four paper shapes vs every SDPA backend,
           the masking/embedding, un-shuffle and loss rows of the targets, the attention tile sweep,
           then the rest
@@ -87,11 +89,15 @@ LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the load
 # compile row ~30-60 s); the patch and custom-op rows (maefast-patch, -patch-hf, -custom-op) are left
 # to a run of benchmarks/bench_step.py of its own
 STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph")  # no compile: each ~10 s once Triton is warm
-STEP_COMPILED = ("torch-native-graph", "maefast-compile-graph")  # the baseline first: no target without it
-# first maefast's captured step with its own attention and with torch's SDPA (no compile: ~10 s each), side
-# by side in one run: maefast's attention against cuDNN's with everything else equal (keep only what wins)
-STEP_MORE = ("maefast-graph", "maefast-sdpa-graph", "torch-native", "sdpa", "maefast", "maefast-block",
-             "maefast-compile")
+# the baseline against maefast's fastest captured step (2026-12-04), interleaved in one process: the
+# step_vs_torch_native_paired target, and the only torch-native-graph timing of the preset (one compile)
+STEP_PAIR = ("torch-native-graph", "maefast-block-graph")
+STEP_COMPILED = ("maefast-compile-graph",)  # after the pair: no target without the baseline
+# first maefast's captured step with its own attention and with torch's SDPA (no compile: ~10 s each),
+# interleaved in one process: maefast's attention against cuDNN's with everything else equal (keep only
+# what wins; gpu_record.attention_route); then the eager and compiled-eager rows
+ROUTE_PAIR = ("maefast-graph", "maefast-sdpa-graph")
+STEP_MORE = ("torch-native", "sdpa", "maefast", "maefast-block", "maefast-compile")
 PROFILE_PROVIDERS = ("maefast-block-graph", "torch-native-graph")
 # data preset: the benchmark's JPEG folder (issue 15: 16 workers, a few thousand files), ViT-L/16 at
 # a batch that fits for the JPEG-vs-synthetic ratio, ViT-H/14 b128 for train vs the step row
@@ -384,8 +390,9 @@ def preset_step(r: Runner) -> None:
     r.pytest("step-rows", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_DECISIVE),
                                                                **first))
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
-             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED)),
-             note="each whole-model torch.compile of ViT-H takes ~1 min (build_s in each row)", last=True)
+             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED), MAEFAST_BENCH_STEP_PAIR="+".join(STEP_PAIR)),
+             note="the interleaved pair first; each whole-model torch.compile of ViT-H takes ~1 min (build_s in each "
+             "row)", last=True)
     r.record["targets"] = {"step": rec.step_targets(r.record["rows"], STEP_MODEL)}
 
 
@@ -399,9 +406,10 @@ def preset_profile(r: Runner) -> None:
     # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
     r.summarize = lambda: r.record.update(attention_route=rec.attention_route(r.record["rows"], STEP_MODEL))
-    r.pytest("step-more", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE)),
-             note="maefast-graph beside maefast-sdpa-graph, then the eager and compiled-eager rows: each whole-model "
-             "torch.compile of ViT-H takes ~1 min", last=True)
+    r.pytest("step-more", ["benchmarks/bench_step.py"],
+             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE), MAEFAST_BENCH_STEP_PAIR="+".join(ROUTE_PAIR)),
+             note="maefast-graph interleaved with maefast-sdpa-graph, then the eager and compiled-eager rows: each "
+             "whole-model torch.compile of ViT-H takes ~1 min", last=True)
     # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
     r.summarize()
     prof = r.record.get("profile") or {}

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The issue's targets (ratios on one card, same run), by the record field they are read from.
 TARGETS = {
-    "step_vs_reference": (">=", 2.0), "step_vs_torch_native": (">=", 1.15), "mfu": (">=", 0.60),
+    "step_vs_reference": (">=", 2.0), "step_vs_torch_native": (">=", 1.15),
+    "step_vs_torch_native_paired": (">=", 1.15), "mfu": (">=", 0.60),
     "peak_mem_vs_reference": ("<=", 0.5), "attention_profile_ratio": ("<=", 0.67),
     "attention_fwdbwd_vs_best_sdpa": (">=", 1.5), "attention_fwd_vs_best_sdpa": (">=", 1.0),
     "mask_embed_fwd_bwd_vs_reference": (">=", 4.0), "memory_bound_frac_peak_bw": (">=", 0.8),
@@ -137,7 +138,12 @@ def _fastest(rows, providers):
     return min(rows, key=lambda r: r["time_ms"]) if rows else None
 
 
-STEP_TARGETS = ("mfu", "step_vs_reference", "peak_mem_vs_reference", "step_vs_torch_native")
+STEP_TARGETS = ("mfu", "step_vs_reference", "peak_mem_vs_reference", "step_vs_torch_native",
+                "step_vs_torch_native_paired")
+STEP_GROUPS = ("train-step", "train-step-pair")  # bench_step's rows timed alone, and the interleaved pair's
+ROW_FIELDS = ("time_ms", "img_per_s", "peak_mem_gib", "peak_mem_reserved_gib", "frac_peak_flops", "frac_spec_flops",
+              "time_p20_ms", "time_p80_ms", "reps", "captured", "eager_time_ms", "build_s")
+PAIR_FIELDS = ("paired_with", "pair_ratio", "pair_ratio_range", "peak_mem_pair_gib")
 PAPER_ATTENTION_L = (50, 65, 197, 257)  # issue 14: encoder L 50 (B/L), 65 (H); decoder 197, 257
 TABLE2_MODELS = ("mae_vit_large_patch16", "mae_vit_huge_patch14")
 
@@ -148,53 +154,87 @@ def _is_shape(row: dict, model: str, batch: int) -> bool:
     return model in str(shape.get("model")) and shape.get("batch") == batch
 
 
+def _paired(rows: list[dict]) -> dict | None:
+    """The interleaved pair's maefast row set against a torch-native one (bench_step's
+    test_train_step_pair); of several such pairs, the one maefast wins least (no pick of the best)."""
+    pairs = [r for r in rows if r.get("group") == "train-step-pair" and r.get("pair_ratio")
+             and str(r.get("provider")).startswith("maefast") and r.get("paired_with") in TORCH_NATIVE]
+    return min(pairs, key=lambda r: r["pair_ratio"]) if pairs else None
+
+
+def _paired_target(pair: dict | None) -> dict:
+    """step_vs_torch_native_paired: the median of the pair's per-round ratios, `spread` the rounds' range."""
+    if pair is None:
+        return judge("step_vs_torch_native_paired", None, "missing row: no interleaved pair of a maefast row and a "
+                     "torch-native row (bench_step's test_train_step_pair)")
+    judged = dict(judge("step_vs_torch_native_paired", pair["pair_ratio"]),
+                  pair=f"{pair['paired_with']} / {pair['provider']}", rounds=len(pair.get("pair_ratio_rounds") or []))
+    rng = pair.get("pair_ratio_range")
+    if rng and len(rng) == 2:
+        lo, hi, thr = float(rng[0]), float(rng[1]), TARGETS["step_vs_torch_native_paired"][1]
+        judged.update(spread=[round(lo, 4), round(hi, 4)], within_noise=bool(lo < thr <= hi))
+    return judged
+
+
 def step_targets(rows: list[dict], only: str | None = None) -> dict:
-    """Per (model, batch) of the `train-step` rows: every provider's time / img/s / peak memory, the
-    fastest maefast row against the reference and against the fastest torch-native row of the same
-    record (baselines come from the same run). Every target of STEP_TARGETS is there for the issue's
-    shape (``only``, e.g. "huge:128"; every shape when None): one whose row is missing has met None and a
-    reason naming the row (also with no row of that shape). Other shapes (the loader's ViT-B/16 rows)
-    get their rows only, for information."""
+    """Per (model, batch) of the step rows (`train-step`: each row timed alone; `train-step-pair`: the
+    interleaved pair, keyed "<provider> (paired)"): every provider's time / img/s / peak memory, the
+    fastest maefast row of either group against the reference and against the fastest torch-native row
+    of either group (baselines come from the same run; the pair's base may be the only torch-native
+    row), and the pair's own ratio (`step_vs_torch_native_paired`). The peak memory is that of the
+    fastest maefast provider's row timed alone (the pair's two rows are resident together). Every target
+    of STEP_TARGETS is there for the issue's shape (``only``, e.g. "huge:128"; every shape when None):
+    one whose row is missing has met None and a reason naming the row (also with no row of that shape).
+    Other shapes (the loader's ViT-B/16 rows) get their rows only, for information."""
     out = {}
     model, _, batch = (only or ":").partition(":")
-    keys = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"
-                   and (only is None or _is_shape(r, model, int(batch)))})
-    info = sorted({r["shape_key"] for r in rows if r.get("group") == "train-step"} - set(keys))
+    step_rows = [r for r in rows if r.get("group") in STEP_GROUPS]
+    keys = sorted({r["shape_key"] for r in step_rows if only is None or _is_shape(r, model, int(batch))})
+    info = sorted({r["shape_key"] for r in step_rows} - set(keys))
     if not keys:
         out = {f"({only or 'no train-step row'})": {t: judge(t, None, f"missing row: no train-step row"
                                                              f"{' of ' + only if only else ''} in this record")
                                                     for t in STEP_TARGETS}}
+
+    def name(r):
+        return r["provider"] + (" (paired)" if r["group"] == "train-step-pair" else "")
+
     for key in keys:
-        rs = [r for r in rows if r.get("group") == "train-step" and r["shape_key"] == key]
+        rs = [r for r in step_rows if r["shape_key"] == key]
+        alone = [r for r in rs if r["group"] == "train-step"]
         ref = _fastest(rs, ("reference",))
         ours = _fastest(rs, [r["provider"] for r in rs if r["provider"].startswith("maefast")])
         native = _fastest(rs, TORCH_NATIVE)
-        entry = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib",
-                                                                 "peak_mem_reserved_gib", "frac_peak_flops",
-                                                                 "frac_spec_flops", "time_p20_ms", "time_p80_ms",
-                                                                 "reps", "captured", "eager_time_ms", "build_s")}
+        entry = {"rows": {name(r): {k: r.get(k) for k in ROW_FIELDS + tuple(k for k in PAIR_FIELDS if k in r)}
                           for r in rs}}
         no_ours = None if ours is not None else "missing row: no maefast row"
         no_ref = "missing row: reference" if ref is None else None
         no_native = None if native is not None else f"missing row: no torch-native row ({' / '.join(TORCH_NATIVE)})"
         if ours is not None:
-            entry["maefast_best"] = ours["provider"]
+            entry["maefast_best"] = name(ours)
         if native is not None:
-            entry["torch_native_best"] = native["provider"]
+            entry["torch_native_best"] = name(native)
         entry["mfu"] = judge("mfu", ours and ours.get("frac_peak_flops"),
                              no_ours or f"{ours['provider']} has no frac_peak_flops")
         entry["step_vs_reference"] = with_spread(judge("step_vs_reference", ref["time_ms"] / ours["time_ms"]
                                                        if ref and ours else None, no_ours or no_ref), ref, ours)
-        mem = ref and ours and ref.get("peak_mem_gib") and ours.get("peak_mem_gib")
-        entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference", ours["peak_mem_gib"] / ref["peak_mem_gib"]
-                                               if mem else None, no_ours or no_ref or "no peak_mem_gib in the rows")
+        mem_row = ours
+        if ours is not None and not ours.get("peak_mem_gib"):  # the pair's row: the same provider's alone
+            mem_row = _fastest([r for r in alone if r.get("peak_mem_gib")], (ours["provider"],))
+        mem = ref and mem_row and ref.get("peak_mem_gib") and mem_row.get("peak_mem_gib")
+        no_mem = no_ours or no_ref or ("no peak_mem_gib in the rows" if mem_row is not None else
+                                       f"{ours['provider']} was timed only in the interleaved pair, whose rows "
+                                       "record no peak memory of their own")
+        entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference", mem_row["peak_mem_gib"] / ref["peak_mem_gib"]
+                                               if mem else None, no_mem)
         entry["step_vs_torch_native"] = with_spread(judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
                                                           if native and ours else None, no_ours or no_native),
                                                     native, ours)
+        entry["step_vs_torch_native_paired"] = _paired_target(_paired(rs))
         out[key] = entry
     for key in info:
-        out[key] = {"rows": {r["provider"]: {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "captured")}
-                             for r in rows if r.get("group") == "train-step" and r["shape_key"] == key}}
+        out[key] = {"rows": {name(r): {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "captured")}
+                             for r in step_rows if r["shape_key"] == key}}
     return out
 
 
@@ -209,13 +249,29 @@ def attention_route(rows: list[dict], only: str) -> dict:
     with its own attention (`maefast-graph`) and with torch's SDPA (`maefast-sdpa-graph`), same run, same
     shape (``only``, e.g. "huge:128"). `faster` is a backend only where it is ROUTE_MIN_GAIN faster and
     the two timings' spreads do not overlap (one's 80th percentile under the other's 20th: a difference
-    under the spread is noise); `sdpa_speedup` = triton ms / sdpa ms. Not a target: a decision, with
-    the rows it reads. fused="block" keeps maefast's attention whatever this says (its one op runs it)."""
+    under the spread is noise); `sdpa_speedup` = triton ms / sdpa ms. Where the two ran as bench_step's
+    interleaved pair (`train-step-pair`, either way round), that is read instead (`timing` says which):
+    `sdpa_speedup` the median of its rounds' ratios, a winner needing every round on its side. Not a
+    target: a decision, with the rows it reads. fused="block" keeps maefast's attention whatever this
+    says (its one op runs it)."""
     model, _, batch = only.partition(":")
-    got = {k: next((r for r in rows if r.get("group") == "train-step" and r.get("provider") == p and r.get("time_ms")
-                    and _is_shape(r, model, int(batch))), None) for k, p in ROUTE_ROWS.items()}
+
+    def find(group, p, **match):
+        return next((r for r in rows if r.get("group") == group and r.get("provider") == p and r.get("time_ms")
+                     and _is_shape(r, model, int(batch)) and all(r.get(k) == v for k, v in match.items())), None)
+
+    pair = None
+    for ours, base in (("sdpa", "triton"), ("triton", "sdpa")):
+        row = find("train-step-pair", ROUTE_ROWS[ours], paired_with=ROUTE_ROWS[base])
+        if row is not None and row.get("pair_ratio") and row.get("pair_ratio_range"):
+            pair = (ours, row)
+            got = {ours: row, base: find("train-step-pair", ROUTE_ROWS[base])}
+            break
+    if pair is None:
+        got = {k: find("train-step", p) for k, p in ROUTE_ROWS.items()}
     fields = ("provider", "time_ms", "time_p20_ms", "time_p80_ms", "reps", "captured")
-    out = {"shape": only, "rows": {k: None if r is None else {f: r.get(f) for f in fields} for k, r in got.items()}}
+    out = {"shape": only, "rows": {k: None if r is None else {f: r.get(f) for f in fields} for k, r in got.items()},
+           "timing": "interleaved pair" if pair else "rows timed one after the other"}
     missing = [ROUTE_ROWS[k] for k, r in got.items() if r is None]
     if missing:
         return dict(out, faster=None, sdpa_speedup=None, decide=f"missing row: {', '.join(missing)}")
@@ -227,9 +283,17 @@ def attention_route(rows: list[dict], only: str) -> dict:
     def hi(r):
         return r.get("time_p80_ms") or r["time_ms"]
 
-    gain = t["time_ms"] / s["time_ms"]
-    faster = "sdpa" if hi(s) < lo(t) and gain >= ROUTE_MIN_GAIN else \
-        "triton" if hi(t) < lo(s) and 1 / gain >= ROUTE_MIN_GAIN else None
+    if pair is not None:  # base / ours per round: triton / sdpa when sdpa is ours
+        ours, row = pair
+        flip = (lambda x: x) if ours == "sdpa" else (lambda x: 1 / x)
+        gain = flip(row["pair_ratio"])
+        rounds = sorted(flip(x) for x in row["pair_ratio_range"])
+        faster = "sdpa" if rounds[0] > 1 and gain >= ROUTE_MIN_GAIN else \
+            "triton" if rounds[1] < 1 and 1 / gain >= ROUTE_MIN_GAIN else None
+    else:
+        gain = t["time_ms"] / s["time_ms"]
+        faster = "sdpa" if hi(s) < lo(t) and gain >= ROUTE_MIN_GAIN else \
+            "triton" if hi(t) < lo(s) and 1 / gain >= ROUTE_MIN_GAIN else None
     decide = {"sdpa": "route auto's attention (fused=False) to sdpa where the ops record's SDPA rows (no layout "
                       "copies) beat Triton, if maefast-sdpa-graph also beats the step record's maefast-block-graph",
               "triton": "keep Triton; delete impl='sdpa' and its row",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -48,7 +49,13 @@ def test_step_row_peak_memory_excludes_the_card_peak_measurement(harness, monkey
     assert harness.peak_memory(dev) == {"peak_mem_gib": 1.0, "peak_mem_reserved_gib": 1.5}
     assert harness.peak_memory(torch.device("cpu")) == {}
     src = open(os.path.join(ROOT, "benchmarks", "bench_step.py")).read()
-    assert src.index("reset_peak_memory(device)") < src.index("mb.make_step(") < src.index("peak_memory(device))")
+    assert "mb.make_step(" in src[src.index("def _build("):src.index("def _train_step_pair(")]
+    for name in ("test_train_step", "_train_step_pair"):  # a row alone, and the pair (its two rows together)
+        body = src[src.index(f"def {name}("):]
+        end = body.find("\ndef ", 1)
+        body = body if end < 0 else body[:end]
+        read = re.search(r"(?<!reset_)peak_memory\(device\)", body)
+        assert read and body.index("reset_peak_memory(device)") < body.index("_build(") < read.start(), name
 
 
 def test_compile_static_compiles_each_case_with_static_shapes():

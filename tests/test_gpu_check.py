@@ -155,8 +155,10 @@ def test_kernels_preset_runs_the_device_tests_on_the_card(tmp_path):
 
 
 def test_step_and_profile_presets_fit_their_budgets(tmp_path):
-    """step: the rows without a compile, then the compiled ones (the torch-native baseline first), each
-    under a budget of its own; profile: the kernel table, then the eager rows. Each fits ~5 minutes."""
+    """step: the rows without a compile, then the torch-native baseline interleaved with maefast's block
+    step (one process, alternating rounds) and the other compiled row, each under a budget of its own;
+    profile: the kernel table, then the attention route's interleaved pair and the eager rows. Each fits
+    ~5 minutes."""
     out, _ = _dry_run(tmp_path, "step,profile")
     step = json.loads((out / "step-record.json").read_text())["steps"]
     prof = json.loads((out / "profile-record.json").read_text())["steps"]
@@ -173,7 +175,11 @@ def test_step_and_profile_presets_fit_their_budgets(tmp_path):
         assert nominal[1] < last["budget_s"] <= 290 - 8 - first["seconds"] + 1
     assert step["step-rows"]["collected"] == 5 and step["step-compiled"]["collected"] == 2
     compiled = (out / "step-log.txt").read_text().split("$ ")[-1]  # the log of the last step: its collection
-    assert compiled.index("huge_patch14-b128-torch-native-graph") < compiled.index("b128-maefast-compile-graph")
+    assert compiled.index("test_train_step_pair[mae_vit_huge_patch14-b128-torch-native-graph-vs-maefast-block-graph]") \
+        < compiled.index("b128-maefast-compile-graph")
+    more = (out / "profile-log.txt").read_text().split("$ ")[-1]
+    assert more.index("test_train_step_pair[mae_vit_huge_patch14-b128-maefast-graph-vs-maefast-sdpa-graph]") \
+        < more.index("b128-torch-native]") and prof["step-more"]["collected"] == 6
 
 
 def _row(group, provider, time_ms, shape, **kw):
@@ -285,12 +291,14 @@ def test_step_targets_say_which_baseline_row_is_missing():
     assert t["step_vs_torch_native"]["met"] is None and "torch-native-graph" in t["step_vs_torch_native"]["reason"]
     lines = rec.short_lines({"preset": "step", "dry_run": False, "env": {"date": "d", "commit": "c"}, "steps": {},
                              "targets": {"step": rec.step_targets(rows)}})
-    (native,) = [ln for ln in lines if "step_vs_torch_native" in ln]
+    (native,) = [ln for ln in lines if "step_vs_torch_native =" in ln]
     assert native.startswith("  ?  ") and "missing row: no torch-native row" in native, native
     assert not any(ln.startswith("  ok ") and "step_vs_reference" in ln for ln in lines)
     # the reference there, the maefast rows missing: every target None, naming them
     t = rec.step_targets([_row("train-step", "reference", 180.0, s, peak_mem_gib=40.0)])[key]
-    assert all(t[n]["met"] is None and t[n]["reason"] == "missing row: no maefast row" for n in rec.STEP_TARGETS)
+    assert all(t[n]["met"] is None and t[n]["reason"] == "missing row: no maefast row" for n in rec.STEP_TARGETS
+               if n != "step_vs_torch_native_paired")
+    assert t["step_vs_torch_native_paired"]["reason"].startswith("missing row: no interleaved pair")
     t = rec.step_targets([])  # no train-step row at all: still every target, each saying so
     assert all(v["met"] is None and "no train-step row" in v["reason"] for e in t.values() for v in e.values())
     assert set(next(iter(t.values()))) == set(rec.STEP_TARGETS)

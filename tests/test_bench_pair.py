@@ -1,0 +1,202 @@
+"""The interleaved pair of step rows, checked on the CPU: `maefast.timing.time_interleaved` alternates the
+order of its functions round by round and times whole rounds; bench_step's `test_train_step_pair` records
+both rows and the per-round ratio; the GPU record judges `step_vs_torch_native_paired` from it (with the
+rounds' range as its spread) and the attention route reads an interleaved pair before rows timed apart."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from maefast import timing
+from test_bench import _FakeBenchmark, harness  # noqa: F401 - the harness fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import gpu_record as rec  # noqa: E402
+
+H = dict(model="mae_vit_huge_patch14", batch=128)
+KEY = json.dumps(H, sort_keys=True)
+
+
+def test_time_interleaved_alternates_the_order_and_times_whole_rounds(monkeypatch):
+    """Rounds run A..B then B..A (a drift weighs on both alike), each fn a whole number of calls sized
+    from one timed call to ~round_ms, warm-up calls first; a round's time is its calls' total / count."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def fn(name, ms):
+        def run():
+            calls.append(name)
+            clock["t"] += ms / 1e3
+        return run
+
+    a, b = timing.time_interleaved([fn("a", 2.0), fn("b", 5.0)], "cpu", rounds=4, round_ms=10.0, warmup_ms=4.0)
+    assert a["calls_per_round"] == 5 and b["calls_per_round"] == 2  # 10 ms / 2 ms, 10 ms / 5 ms
+    # sizing + warm-up: a once + 2 warm-up calls, b once + no warm-up (4 ms < one 5 ms call)
+    assert calls[:4] == ["a", "a", "a", "b"]
+    assert "".join(calls[4:]) == "aaaaabb" + "bbaaaaa" + "aaaaabb" + "bbaaaaa"
+    assert a["rounds_ms"] == pytest.approx([2.0] * 4) and b["rounds_ms"] == pytest.approx([5.0] * 4)
+    assert a["reps"] == 4 and a["median_ms"] == pytest.approx(2.0) and b["p80_ms"] == pytest.approx(5.0)
+
+
+def test_time_interleaved_checks_its_arguments():
+    with pytest.raises(TypeError, match="fns"):
+        timing.time_interleaved([], "cpu")
+    with pytest.raises(TypeError, match="fns"):
+        timing.time_interleaved([lambda: None, 3], "cpu")
+    for kw, name in ((dict(rounds=0), "rounds"), (dict(rounds=True), "rounds"), (dict(round_ms=-1.0), "round_ms"),
+                     (dict(warmup_ms=float("nan")), "warmup_ms"), (dict(round_ms=float("inf")), "round_ms")):
+        with pytest.raises(ValueError, match=name):
+            timing.time_interleaved([lambda: None], "cpu", **kw)
+    one = timing.time_interleaved([lambda: None], "cpu", rounds=3, round_ms=0.0, warmup_ms=0.0)
+    assert len(one) == 1 and one[0]["calls_per_round"] == 1 and len(one[0]["rounds_ms"]) == 3
+
+
+def _import_bench_step(monkeypatch, **env):
+    for k in ("MAEFAST_BENCH_STEP_PAIR", "MAEFAST_BENCH_STEP_PROVIDERS", "MAEFAST_BENCH_STEP_MODELS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("bench_step", None)
+    try:
+        return importlib.import_module("bench_step")
+    finally:
+        sys.modules.pop("bench_step", None)
+
+
+def test_bench_step_pair_from_env(harness, monkeypatch):
+    """The pair runs by default in a whole run (no row list), when named, never with a row list alone;
+    a bad MAEFAST_BENCH_STEP_PAIR is a ValueError naming it."""
+    bs = _import_bench_step(monkeypatch)
+    assert bs.PAIR == ("sdpa", "maefast-block") and hasattr(bs, "test_train_step_pair")
+    assert len(bs.PAIR_PARAMS) == len(bs.CASES)
+    bs = _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PROVIDERS="reference")
+    assert bs.PAIR is None and bs.PAIR_PARAMS == [] and not hasattr(bs, "test_train_step_pair")
+    bs = _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PROVIDERS="reference", MAEFAST_BENCH_STEP_PAIR="none")
+    assert bs.PAIR is None
+    monkeypatch.setattr(harness, "_GPU_MODE", True)
+    bs = _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PROVIDERS="maefast-compile-graph",
+                            MAEFAST_BENCH_STEP_PAIR=" torch-native-graph + maefast-block-graph",
+                            MAEFAST_BENCH_STEP_MODELS="huge:128,base:128@maefast-graph")
+    assert bs.PAIR == ("torch-native-graph", "maefast-block-graph")
+    assert bs.PAIR_PARAMS == [("mae_vit_huge_patch14", 128)]  # not at a size that runs only chosen rows
+    assert _import_bench_step(monkeypatch).PAIR == ("torch-native-graph", "maefast-block-graph")  # the GPU default
+    for bad, msg in (("sdpa", "two different rows"), ("sdpa+sdpa", "two different rows"), ("a+b+c", "two different"),
+                     ("sdpa+nope", "unknown provider.*nope")):
+        with pytest.raises(ValueError, match=f"MAEFAST_BENCH_STEP_PAIR.*{msg}"):
+            _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PAIR=bad)
+
+
+def test_bench_step_pair_records_both_rows_and_the_rounds_ratio(harness, monkeypatch):
+    """Both rows of the pair are built in one process and timed interleaved; the base row is the group's
+    baseline, the ours row carries the median of the per-round ratios and their range, and the peak memory
+    of the two together under its own name (not a row's own peak)."""
+    bs = _import_bench_step(monkeypatch)
+    rounds = {"base": [10.0, 12.0, 11.0], "ours": [5.0, 4.0, 5.5]}
+
+    def fake_interleaved(fns, device, **kw):
+        assert [f.provider for f in fns] == ["sdpa", "maefast-block"]
+        return [dict(timing._summary(rounds[k]), rounds_ms=rounds[k], calls_per_round=n)
+                for k, n in (("base", 3), ("ours", 7))]
+
+    monkeypatch.setattr(bs.timing, "time_interleaved", fake_interleaved)
+    bench = _FakeBenchmark()
+    bs._train_step_pair(bench, torch.device("cpu"), ("mae_vit_tiny_test", 2))
+    base, ours = harness.RESULTS
+    assert bench.extra_info is ours and bench.calls == 1
+    assert (base["group"], ours["group"]) == ("train-step-pair", "train-step-pair")
+    assert base["provider"] == "sdpa" and base["baseline"] and not ours["baseline"]
+    assert base["time_ms"] == 11.0 and ours["time_ms"] == 5.0 and ours["rounds_ms"] == [5.0, 4.0, 5.5]
+    assert ours["calls_per_round"] == 7 and ours["paired_with"] == "sdpa" and "paired_with" not in base
+    ratios = [10.0 / 5.0, 12.0 / 4.0, 11.0 / 5.5]
+    assert ours["pair_ratio_rounds"] == pytest.approx(ratios) and ours["pair_ratio"] == pytest.approx(2.0)
+    assert ours["pair_ratio_range"] == pytest.approx([2.0, 3.0])
+    assert ours["speedup_vs_baseline"] == pytest.approx(11.0 / 5.0)  # the medians' ratio, beside the rounds'
+    assert ours["peak_mem_pair_gib"] is None and "peak_mem_gib" not in ours  # the CPU has no allocator record
+    assert ours["img_per_s"] == pytest.approx(2 / 5e-3) and ours["build_s"] >= 0 and ours["captured"] is False
+    assert ours["speedup_vs_best_torch_native"] == pytest.approx(11.0 / 5.0)  # sdpa is a torch-native row
+    assert "interleaved" in ours["timer"] or "round" in ours["timer"]
+
+
+def _row(group, provider, time_ms, **kw):
+    return dict(group=group, provider=provider, time_ms=time_ms, shape=H, shape_key=KEY, **kw)
+
+
+def _pair(base, ours, base_ms, ours_ms, ratio, lo, hi):
+    return [_row("train-step-pair", base, base_ms, baseline=True),
+            _row("train-step-pair", ours, ours_ms, paired_with=base, pair_ratio=ratio, pair_ratio_range=[lo, hi],
+                 pair_ratio_rounds=[lo, ratio, hi], frac_peak_flops=0.55)]
+
+
+def test_step_targets_read_the_interleaved_pair():
+    """step_vs_torch_native_paired is the pair's median per-round ratio, its spread the rounds' range;
+    the pair's base counts as a torch-native row (the step preset times the baseline only there); the peak
+    memory comes from the fastest maefast provider's row timed alone."""
+    rows = [_row("train-step", "reference", 180.0, peak_mem_gib=34.0),
+            _row("train-step", "maefast-block-graph", 92.0, peak_mem_gib=17.0, frac_peak_flops=0.54),
+            *_pair("torch-native-graph", "maefast-block-graph", 104.0, 90.0, 1.16, 1.14, 1.18)]
+    t = rec.step_targets(rows, "huge:128")[KEY]
+    assert t["torch_native_best"] == "torch-native-graph (paired)"
+    assert t["maefast_best"] == "maefast-block-graph (paired)"
+    assert t["step_vs_torch_native"]["value"] == round(104.0 / 90.0, 4)
+    paired = t["step_vs_torch_native_paired"]
+    assert paired["value"] == 1.16 and paired["met"] is True and paired["spread"] == [1.14, 1.18]
+    assert paired["within_noise"] is True and paired["pair"] == "torch-native-graph / maefast-block-graph"
+    assert paired["rounds"] == 3
+    assert t["peak_mem_vs_reference"]["value"] == 0.5  # 17 / 34: the provider's own row
+    assert t["rows"]["maefast-block-graph (paired)"]["pair_ratio"] == 1.16
+    assert "pair_ratio" not in t["rows"]["maefast-block-graph"]
+    assert t["mfu"]["value"] == 0.55  # the fastest maefast row's (the pair's)
+    # clear of the spread either way: not within the noise
+    t = rec.step_targets(rows[:2] + _pair("torch-native-graph", "maefast-block-graph", 104.0, 85.0, 1.22, 1.2, 1.25),
+                         "huge:128")[KEY]
+    assert t["step_vs_torch_native_paired"]["within_noise"] is False
+
+
+def test_step_targets_without_or_with_an_unpaired_provider():
+    """No pair: the paired target is missing with the reason; ours timed only in the pair: the memory
+    target says why it has no figure; a pair of two maefast rows (the attention route's) is no baseline
+    pair, and of several baseline pairs the one maefast wins least is judged."""
+    rows = [_row("train-step", "reference", 180.0, peak_mem_gib=34.0),
+            _row("train-step", "maefast-graph", 100.0, peak_mem_gib=20.0),
+            _row("train-step", "torch-native-graph", 104.0)]
+    t = rec.step_targets(rows, "huge:128")[KEY]
+    assert t["step_vs_torch_native_paired"]["met"] is None
+    assert "test_train_step_pair" in t["step_vs_torch_native_paired"]["reason"]
+    t = rec.step_targets(rows[:1] + _pair("torch-native-graph", "maefast-block-graph", 104.0, 90.0, 1.16, 1.1, 1.2),
+                         "huge:128")[KEY]
+    assert t["peak_mem_vs_reference"]["met"] is None and "only in the interleaved pair" in \
+        t["peak_mem_vs_reference"]["reason"]
+    route = _pair("maefast-graph", "maefast-sdpa-graph", 114.0, 111.0, 1.027, 1.02, 1.03)
+    assert rec.step_targets(rows + route, "huge:128")[KEY]["step_vs_torch_native_paired"]["met"] is None
+    two = (_pair("torch-native-graph", "maefast-block-graph", 104.0, 90.0, 1.16, 1.1, 1.2)
+           + _pair("sdpa", "maefast-graph", 140.0, 100.0, 1.4, 1.3, 1.5))
+    assert rec.step_targets(rows + two, "huge:128")[KEY]["step_vs_torch_native_paired"]["value"] == 1.16
+    assert "step_vs_torch_native_paired" in rec.step_targets([], "huge:128")["(huge:128)"]
+
+
+def test_attention_route_reads_the_interleaved_pair_first():
+    """The profile preset times maefast-graph and maefast-sdpa-graph as an interleaved pair: the route
+    reads its per-round ratios (every round on the winner's side, 2% in the median) before any rows
+    timed one after the other, whichever way round the pair was named."""
+    apart = [_row("train-step", "maefast-graph", 114.0, time_p20_ms=113.9, time_p80_ms=114.2),
+             _row("train-step", "maefast-sdpa-graph", 116.5, time_p20_ms=116.4, time_p80_ms=116.7)]
+    assert rec.attention_route(apart, "huge:128")["faster"] == "triton"
+    r = rec.attention_route(apart + _pair("maefast-graph", "maefast-sdpa-graph", 114.0, 111.0, 1.027, 1.01, 1.04),
+                            "huge:128")
+    assert r["timing"] == "interleaved pair" and r["faster"] == "sdpa" and r["sdpa_speedup"] == 1.027
+    assert r["rows"]["triton"]["time_ms"] == 114.0 and r["rows"]["sdpa"]["time_ms"] == 111.0
+    straddle = _pair("maefast-graph", "maefast-sdpa-graph", 114.0, 111.0, 1.027, 0.99, 1.04)  # one round lost
+    assert rec.attention_route(straddle, "huge:128")["faster"] is None
+    flipped = _pair("maefast-sdpa-graph", "maefast-graph", 116.5, 114.0, 1.022, 1.021, 1.03)  # triton is ours
+    r = rec.attention_route(flipped, "huge:128")
+    assert r["faster"] == "triton" and r["sdpa_speedup"] == round(1 / 1.022, 4)
+    assert rec.attention_route(apart, "huge:128")["timing"] == "rows timed one after the other"
