@@ -1,5 +1,6 @@
 """CUDA-graph capture (`capture_cuda_graph`), shared by `maefast.TrainStep` (maefast/step.py: the
-captured training step) and the per-op benchmarks.
+captured training step) and the per-op benchmarks, and what keeps a training step from being captured
+(`capture_blocker`: no CUDA device, a distributed wrapper, an optimizer that is not capturable).
 
 A capture that fails inside ``torch.cuda.graph`` cannot be stepped past in the same process on
 torch 2.11: its ``CUDAGraph::capture_end`` raises on the failed ``cudaStreamEndCapture`` before it
@@ -23,6 +24,7 @@ import traceback
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 _SYNC_MESSAGE = "called a synchronizing CUDA operation"  # c10::cuda::warn_or_error_on_sync
 # one capture stream per device: graphs sharing a memory pool are best captured on the same stream
@@ -169,4 +171,53 @@ def process_broken(exc: BaseException) -> bool:
     return any(isinstance(x, CaptureError) and x.broken for x in _chain(exc))
 
 
-__all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken"]
+
+
+# -- what keeps a training step from being captured (maefast.TrainStep) -----------------------------
+
+def unwrap(model: nn.Module) -> list[nn.Module]:
+    """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP (.module), FSDP1
+    (registered as _fsdp_wrapped_module; its .module is a property)."""
+    chain = [model]
+    while True:
+        m = chain[-1]
+        inner = m._modules.get("_orig_mod")
+        if inner is None and hasattr(m, "no_sync"):
+            inner = m._modules.get("module", m._modules.get("_fsdp_wrapped_module"))
+        if not isinstance(inner, nn.Module):
+            return chain
+        chain.append(inner)
+
+
+def sync_wrapper(model: nn.Module) -> nn.Module | None:
+    """The distributed wrapper in `model`'s chain: one with no_sync() (DDP, FSDP1) or
+    set_requires_gradient_sync() (FSDP2); None for a plain model."""
+    for m in unwrap(model):
+        if hasattr(m, "no_sync") or hasattr(m, "set_requires_gradient_sync"):
+            return m
+    return None
+
+
+def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> str | None:
+    """Why a step of `model` with `optimizer` (and `scaler`) cannot be captured in a CUDA graph on
+    `device`, or None when nothing known prevents it (the capture itself may still fail: a host sync
+    in the forward, a CPU tensor)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the model is on {device.type})"
+    wrapper = sync_wrapper(model)
+    if wrapper is not None:
+        return f"{type(wrapper).__name__} steps eagerly: its gradient communication is not captured here"
+    for group in optimizer.param_groups:
+        if "capturable" not in group:  # e.g. SGD: its step reads the learning rate on the host (.item())
+            return f"{type(optimizer).__name__} has no capturable option (its step reads values on the host)"
+        if not group["capturable"]:
+            return (f"{type(optimizer).__name__} was built without capturable=True (its step counts live on "
+                    "the host)")
+    if scaler is not None and scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return (f"GradScaler steps {type(optimizer).__name__} after reading found_inf on the host (a sync); "
+                "a fused AdamW (fused=True) takes it on the device, or use bf16")
+    return None
+
+
+__all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken",
+           "capture_blocker", "sync_wrapper", "unwrap"]

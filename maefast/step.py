@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import graphs
+from .graphs import capture_blocker, sync_wrapper, unwrap
 from ._validate import check_bool, check_mask_ratio
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,50 +57,6 @@ def _check_number(name: str, v) -> float:
     if not (math.isfinite(f) and f >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     return f
-
-
-def _unwrap(model: nn.Module) -> list[nn.Module]:
-    """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP (.module), FSDP1
-    (registered as _fsdp_wrapped_module; its .module is a property)."""
-    chain = [model]
-    while True:
-        m = chain[-1]
-        inner = m._modules.get("_orig_mod")
-        if inner is None and hasattr(m, "no_sync"):
-            inner = m._modules.get("module", m._modules.get("_fsdp_wrapped_module"))
-        if not isinstance(inner, nn.Module):
-            return chain
-        chain.append(inner)
-
-
-def _sync_wrapper(model: nn.Module) -> nn.Module | None:
-    """The distributed wrapper in `model`'s chain: one with no_sync() (DDP, FSDP1) or
-    set_requires_gradient_sync() (FSDP2); None for a plain model."""
-    for m in _unwrap(model):
-        if hasattr(m, "no_sync") or hasattr(m, "set_requires_gradient_sync"):
-            return m
-    return None
-
-
-def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> str | None:
-    """Why a step of `model` with `optimizer` (and `scaler`) cannot be captured in a CUDA graph on
-    `device`, or None when nothing known prevents it (the capture itself may still fail: a host sync
-    in the forward, a CPU tensor)."""
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device (the model is on {device.type})"
-    wrapper = _sync_wrapper(model)
-    if wrapper is not None:
-        return f"{type(wrapper).__name__} steps eagerly: its gradient communication is not captured here"
-    for group in optimizer.param_groups:
-        if "capturable" not in group:  # e.g. SGD: its step reads the learning rate on the host (.item())
-            return f"{type(optimizer).__name__} has no capturable option (its step reads values on the host)"
-        if not group["capturable"]:
-            return (f"{type(optimizer).__name__} was built without capturable=True (its step counts live on "
-                    "the host)")
-    if scaler is not None and scaler.is_enabled() and not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return (f"GradScaler steps {type(optimizer).__name__} after reading found_inf on the host (a sync); "
-                "a fused AdamW (fused=True) takes it on the device, or use bf16")
-    return None
 
 
 class TrainStep:
@@ -191,7 +148,7 @@ class TrainStep:
         if stray is not None:  # it would step tensors the model never uses: nothing would train
             raise ValueError(f"optimizer: its parameter {stray} (shape {tuple(self._params[stray].shape)}) is not "
                              "one of the model's; build the optimizer over model.parameters()")
-        inner = _unwrap(model)[-1]
+        inner = unwrap(model)[-1]
         try:
             takes = inspect.signature(inner.forward).parameters
         except (TypeError, ValueError):
@@ -204,7 +161,7 @@ class TrainStep:
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
-        self._sync = _sync_wrapper(model)
+        self._sync = sync_wrapper(model)
         self.eager_reason = "capture=False" if capture is False else capture_blocker(model, optimizer, self.scaler,
                                                                                       self.device)
         if capture is True and self.eager_reason is not None:
@@ -237,7 +194,7 @@ class TrainStep:
     def _check_config_ratio(self) -> None:
         if self._config is not None and self._config.mask_ratio != self.mask_ratio:
             r = self._config.mask_ratio
-            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(_unwrap(self.model)[-1]).__name__} takes its ratio "
+            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(unwrap(self.model)[-1]).__name__} takes its ratio "
                              f"from model.config.mask_ratio ({r}): build the step with mask_ratio={r}, or set that")
 
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
@@ -607,8 +564,8 @@ class TrainStep:
     def __repr__(self) -> str:
         how = "captured" if self.captured else f"eager ({self.eager_reason})" if self.eager_reason else \
             "refused (its capture failed inside the graph)" if self._refused else "not prepared"
-        return (f"TrainStep({type(_unwrap(self.model)[-1]).__name__}, {type(self.optimizer).__name__}, "
+        return (f"TrainStep({type(unwrap(self.model)[-1]).__name__}, {type(self.optimizer).__name__}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, accum_steps={self.accum_steps}, {how})")
 
 
-__all__ = ["TrainStep", "capture_blocker"]
+__all__ = ["TrainStep"]

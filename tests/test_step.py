@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from maefast import bench as mb
 from maefast import graphs
-from maefast.step import TrainStep, capture_blocker
+from maefast.graphs import capture_blocker
+from maefast.step import TrainStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
