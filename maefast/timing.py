@@ -122,7 +122,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device=None, *, rounds
                      round_ms: float = 500.0, warmup_ms: float = 200.0) -> list[dict]:
     """Times several functions in alternation, for a comparison that the card's clock, its temperature
     or another tenant cannot bias: `rounds` rounds, each running every fn back to back for ~`round_ms`
-    (a whole number of calls, at least one), in the given order in even rounds and reversed in odd
+    (a whole number of calls, at least one, sized from the second of two calls: the first may compile),
+    in the given order in even rounds and reversed in odd
     ones (A B, B A, ...: a drift during the run weighs on both alike). One time per fn and round: its
     calls' total over their count (CUDA events around the round's calls, no L2 flush: for whole training
     steps, where the next call's inputs are what a real loop leaves; perf_counter on the CPU).
@@ -160,7 +161,9 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device=None, *, rounds
     ctx = torch.cuda.device(dev) if cuda else contextlib.nullcontext()
     with ctx:  # the events go to the stream the fns run on
         calls = []
-        for fn in fns:  # one call each to size the rounds, then the warm-up
+        for fn in fns:  # one call each that is not timed (a lazy compile, e.g. after another fn's
+            # torch._dynamo.reset(), happens there), one that sizes the rounds, then the warm-up
+            timed(fn, 1)
             est = max(timed(fn, 1), 1e-3)
             n_warm = int(warmup_ms / est)
             if n_warm:

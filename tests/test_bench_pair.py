@@ -26,22 +26,24 @@ KEY = json.dumps(H, sort_keys=True)
 
 def test_time_interleaved_alternates_the_order_and_times_whole_rounds(monkeypatch):
     """Rounds run A..B then B..A (a drift weighs on both alike), each fn a whole number of calls sized
-    from one timed call to ~round_ms, warm-up calls first; a round's time is its calls' total / count."""
+    to ~round_ms from a timed call after an untimed one (which may compile: a first call that took seconds
+    would size every round to one call), warm-up calls first; a round's time is its calls' total / count."""
     clock = {"t": 0.0}
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
     calls = []
 
-    def fn(name, ms):
+    def fn(name, ms, first_ms=None):
         def run():
+            slow = first_ms is not None and name not in calls  # a first call that compiles
             calls.append(name)
-            clock["t"] += ms / 1e3
+            clock["t"] += (first_ms if slow else ms) / 1e3
         return run
 
-    a, b = timing.time_interleaved([fn("a", 2.0), fn("b", 5.0)], "cpu", rounds=4, round_ms=10.0, warmup_ms=4.0)
+    a, b = timing.time_interleaved([fn("a", 2.0, first_ms=3000.0), fn("b", 5.0)], "cpu", rounds=4, round_ms=10.0, warmup_ms=4.0)
     assert a["calls_per_round"] == 5 and b["calls_per_round"] == 2  # 10 ms / 2 ms, 10 ms / 5 ms
-    # sizing + warm-up: a once + 2 warm-up calls, b once + no warm-up (4 ms < one 5 ms call)
-    assert calls[:4] == ["a", "a", "a", "b"]
-    assert "".join(calls[4:]) == "aaaaabb" + "bbaaaaa" + "aaaaabb" + "bbaaaaa"
+    # an untimed call, a sizing call + warm-up: a twice + 2 warm-up calls, b twice + none (4 ms < one 5 ms call)
+    assert calls[:6] == ["a", "a", "a", "a", "b", "b"]
+    assert "".join(calls[6:]) == "aaaaabb" + "bbaaaaa" + "aaaaabb" + "bbaaaaa"
     assert a["rounds_ms"] == pytest.approx([2.0] * 4) and b["rounds_ms"] == pytest.approx([5.0] * 4)
     assert a["reps"] == 4 and a["median_ms"] == pytest.approx(2.0) and b["p80_ms"] == pytest.approx(5.0)
 
