@@ -90,7 +90,9 @@ LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the load
 # to a run of benchmarks/bench_step.py of its own
 STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph")  # no compile: each ~10 s once Triton is warm
 # the baseline against maefast's fastest captured step (2026-12-04), interleaved in one process: the
-# step_vs_torch_native_paired target, and the only torch-native-graph timing of the preset (one compile)
+# step_vs_torch_native_paired target, and the only torch-native-graph timing of the preset (one compile).
+# When a record's fastest maefast row (targets.step.<shape>.maefast_best) is another, pair that one: the
+# pair decides the target, so it must hold the step maefast ships
 STEP_PAIR = ("torch-native-graph", "maefast-block-graph")
 STEP_COMPILED = ("maefast-compile-graph",)  # after the pair: no target without the baseline
 # first maefast's captured step with its own attention and with torch's SDPA (no compile: ~10 s each),
