@@ -184,6 +184,14 @@ def record_row(info: dict, stats: dict, *, group: str, provider: str, baseline: 
     return info
 
 
+def other_rows(extra_infos: list[dict]) -> list[dict]:
+    """The rows of this session that no benchmark's extra_info holds (a case that records two rows,
+    such as bench_step's interleaved pair, hands the fixture one): the JSON keeps them beside its
+    `benchmarks`, so every row a ratio names is in the file."""
+    held = {id(e) for e in extra_infos}
+    return [r for r in RESULTS if id(r) not in held]
+
+
 def session_record() -> dict:
     """What the whole session adds to the JSON: environment, the measured peak, and the ratios."""
     dev = bench_device()

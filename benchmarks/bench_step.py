@@ -36,11 +36,14 @@ by side in one process and timed in alternating rounds (`maefast.timing.time_int
 ..., ~0.5 s each, 8 rounds), so that the card's clock, its temperature or the order of the rows weighs
 on both alike: rows timed minutes apart in separate processes, and the fastest of several maefast rows
 set against one torch-native row, lean toward maefast. MAEFAST_BENCH_STEP_PAIR=base+ours names the pair
-(default `torch-native-graph+maefast-block-graph` on a GPU, `sdpa+maefast-block` on the CPU; "none"
+(default `torch-native-graph+maefast-block-graph` under --gpu, `sdpa+maefast-block` without; "none"
 for no pair), at every size that runs every row; with MAEFAST_BENCH_STEP_PROVIDERS set and no
 MAEFAST_BENCH_STEP_PAIR, no pair runs. The pair's two rows carry the usual fields (their time: the median
 of their rounds) and the ours row `pair_ratio` (the median of the rounds' base / ours ratios),
 `pair_ratio_rounds`, `pair_ratio_range` and `peak_mem_pair_gib` (both rows resident: not a row's own).
+When the second row does not fit beside the first (out of GPU memory), the base is timed alone as a
+`train-step` row with `pair_failed` saying why (a preset whose only baseline timing is the pair keeps
+its other targets) and the pair skips.
 """
 from __future__ import annotations
 
@@ -119,26 +122,26 @@ def _skip_unbuildable(provider: str, device) -> None:
         pytest.skip("torch.compile on the CPU compiles for minutes; set MAEFAST_BENCH_COMPILE_CPU=1 to include it")
 
 
-def _build(provider: str, name: str, batch: int, device):
-    """(the row, built and stepped once; seconds that took), or pytest.skip with the reason it cannot run."""
-    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
+def _build(provider: str, name: str, batch: int, device, oom_skips: bool = True):
+    """(the row, built and stepped once; seconds that took), or pytest.skip with the reason it cannot run
+    (out of memory: with oom_skips=False the OutOfMemoryError itself, what was built freed)."""
     t_build = time.perf_counter()
     try:
         row = mb.make_step(provider, name, batch, device=device)
-    except oom:
-        mb.free_memory()
-        pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory building the step")
+        try:  # the first step: an eager row's compiles (Inductor's, Triton's JIT) happen in it
+            row()
+            synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            row = None
+            raise
     except (ValueError, RuntimeError) as e:  # a row that cannot run here (no fast model, no GPU, no capture)
+        mb.free_memory()
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            if not oom_skips:
+                raise
+            pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
         _stop_if_broken(e)
-        mb.free_memory()
         pytest.skip(f"{provider}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
-    try:  # the first step: an eager row's compiles (Inductor's, Triton's JIT) happen in it
-        row()
-        synchronize(device)
-    except oom:
-        del row
-        mb.free_memory()
-        pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
     # building to a first step done: the model, compiles, warm-up and capture (what a GPU preset's budget pays)
     return row, round(time.perf_counter() - t_build, 1)
 
@@ -150,27 +153,28 @@ def _train_step_pair(benchmark, device, case):
     for p in PAIR:
         _skip_unbuildable(p, device)
     reset_peak_memory(device)
-    built = []
+    base, base_s = _build(base_p, name, batch, device)
+    described = {base_p: base.describe()}  # now: a later build resets the graph-break counters
     try:  # a failure or a skip of the second build gives the first row's memory back before the next case
-        for p in PAIR:
-            built.append(_build(p, name, batch, device))
+        ours, ours_s = _build(ours_p, name, batch, device, oom_skips=False)
+        kw = dict(rounds=8, round_ms=500.0, warmup_ms=500.0) if device.type == "cuda" \
+            else dict(rounds=2, round_ms=0.0, warmup_ms=0.0)
+        t_base, t_ours = timing.time_interleaved([base, ours], device, **kw)
+    except torch.cuda.OutOfMemoryError:
+        ours = None
     except BaseException:
-        built.clear()
+        base = None
         mb.free_memory()
         raise
-    (base, base_s), (ours, ours_s) = built
-    built.clear()
-    kw = dict(rounds=8, round_ms=500.0, warmup_ms=500.0) if device.type == "cuda" \
-        else dict(rounds=2, round_ms=0.0, warmup_ms=0.0)
-    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
-    try:
-        t_base, t_ours = timing.time_interleaved([base, ours], device, **kw)
-    except oom:
-        t_base = t_ours = None
-    if t_base is None:
-        base = ours = None
+    if ours is None:  # the two do not fit together: the baseline alone keeps the record's other targets
         mb.free_memory()
-        pytest.skip(f"{base_p} + {ours_p} {name} batch {batch}: out of GPU memory")
+        info = _time_alone(benchmark, device, base, name, batch, base_s, described[base_p])
+        info["pair_failed"] = f"{ours_p} did not fit beside {base_p}: out of GPU memory; {base_p} timed alone"
+        mb.torch_native_ratios(RESULTS)
+        base = None
+        mb.free_memory()
+        pytest.skip(info["pair_failed"])
+    described[ours_p] = ours.describe()
     benchmark.group = "train-step-pair"
     benchmark.pedantic(lambda row=ours: (row(), synchronize(device)), rounds=1, iterations=1, warmup_rounds=0)
     ratios = [b / o for b, o in zip(t_base["rounds_ms"], t_ours["rounds_ms"])]
@@ -186,7 +190,7 @@ def _train_step_pair(benchmark, device, case):
                   peak_mem_pair_gib=mem.get("peak_mem_gib")))):
         record_row(info, t, provider=row.provider, baseline=row is base, dtype=row.step.dtype,
                    rounds_ms=t["rounds_ms"], calls_per_round=t["calls_per_round"], build_s=build_s,
-                   img_per_s=batch / (t["median_ms"] * 1e-3), **common, **extra, **row.describe())
+                   img_per_s=batch / (t["median_ms"] * 1e-3), **common, **extra, **described[row.provider])
     mb.torch_native_ratios(RESULTS)
     del base, ours, row
     mb.free_memory()
@@ -202,8 +206,19 @@ def test_train_step(benchmark, device, case, provider):
     name, batch = case
     _skip_unbuildable(provider, device)
     reset_peak_memory(device)  # the card's peak measured before the row exists: its buffers are not the row's
-    oom = getattr(torch.cuda, "OutOfMemoryError", RuntimeError)
     row, build_s = _build(provider, name, batch, device)
+    info = _time_alone(benchmark, device, row, name, batch, build_s, row.describe())
+    # allocator high-water marks since before the model was built: weights, AdamW state, activations
+    info.update(peak_memory(device))
+    mb.torch_native_ratios(RESULTS)
+    del row
+    mb.free_memory()
+
+
+def _time_alone(benchmark, device, row, name: str, batch: int, build_s: float, described: dict) -> dict:
+    """Times a built row on its own (a `train-step` row) and returns its record; skips (the row freed)
+    when the card runs out of memory."""
+    provider = row.provider
     # >= 10 timed steps (a ViT-H/14 b128 step: ~14 in 1.5 s): 3-4 (500 ms) spread ~2.5% on the 2026-12-04
     # H200, more than the gains the record has to tell apart; the step preset's row budget has room for it
     kw = dict(warmup_ms=1.0, rep_ms=1500.0, min_reps=10, max_reps=40, flush_l2=False) if device.type == "cuda" \
@@ -214,8 +229,8 @@ def test_train_step(benchmark, device, case, provider):
         info = run_bench(benchmark, row, group="train-step", provider=provider, baseline=provider == "reference",
                          flops=mae_flops(name)["train"] * batch, shape=dict(model=name, batch=batch),
                          dtype=row.step.dtype, device=device, **kw)
-    except oom:  # a batch too large for this card: say so, free it, go on with the next row
-        del row
+    except torch.cuda.OutOfMemoryError:  # a batch too large for this card: say so, free it, go on
+        row = None
         mb.free_memory()
         pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
     info["img_per_s"] = batch / (info["time_ms"] * 1e-3)
@@ -225,12 +240,8 @@ def test_train_step(benchmark, device, case, provider):
         info["grad_scale"] = [scale0, scale1]
         info["skipped_steps_min"] = max(0, round(math.log2(scale0 / scale1))) if scale0 and scale1 else None
     info["build_s"] = build_s
-    info.update(row.describe())  # `captured`: whether the row's step is a graph replay
+    info.update(described)  # `captured`: whether the row's step is a graph replay
     # run_bench's `cuda_graph` says whether the harness captured fn, which it never does here: False would
     # read as "not captured" in a captured row. Dropped; ratios compare the rows' own step times.
     info.pop("cuda_graph", None)
-    # allocator high-water marks since before the model was built: weights, AdamW state, activations
-    info.update(peak_memory(device))
-    mb.torch_native_ratios(RESULTS)
-    del row
-    mb.free_memory()
+    return info

@@ -126,7 +126,8 @@ if HAVE_PYTEST_BENCHMARK:
             entry = by_name.get(getattr(bench, "fullname", None))
             if entry is not None:
                 entry["extra_info"] = dict(bench.extra_info)
-        output_json["maefast"] = {**_harness.session_record(), "summary": _harness.summary_lines()}
+        output_json["maefast"] = {**_harness.session_record(), "summary": _harness.summary_lines(),
+                                  "other_rows": _harness.other_rows([b.extra_info for b in benchmarks])}
 else:
     class _StandInBenchmark:
         """What run_bench needs from pytest-benchmark's fixture: pedantic, group, extra_info."""
@@ -158,7 +159,8 @@ else:
         out = {"machine_info": {"maefast": rec}, "note": "pytest-benchmark not installed: maefast's stand-in JSON",
                "benchmarks": [{"name": b.name, "fullname": b.fullname, "group": b.group, "extra_info": b.extra_info}
                               for b in _STAND_INS if b.extra_info],
-               "maefast": {**rec, "summary": _harness.summary_lines()}}
+               "maefast": {**rec, "summary": _harness.summary_lines(),
+                           "other_rows": _harness.other_rows([b.extra_info for b in _STAND_INS])}}
         with open(path, "w") as fh:
             json.dump(out, fh, indent=2, default=str)
 

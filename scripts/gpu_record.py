@@ -179,9 +179,9 @@ def _paired_target(pair: dict | None) -> dict:
 def step_targets(rows: list[dict], only: str | None = None) -> dict:
     """Per (model, batch) of the step rows (`train-step`: each row timed alone; `train-step-pair`: the
     interleaved pair, keyed "<provider> (paired)"): every provider's time / img/s / peak memory, the
-    fastest maefast row of either group against the reference and against the fastest torch-native row
-    of either group (baselines come from the same run; the pair's base may be the only torch-native
-    row), and the pair's own ratio (`step_vs_torch_native_paired`). The peak memory is that of the
+    fastest maefast row against the reference and against the fastest torch-native row (baselines come
+    from the same run; a provider's row timed alone where it has one, else its pair row: the pair's base
+    may be the only torch-native row), and the pair's own ratio (`step_vs_torch_native_paired`). The peak memory is that of the
     fastest maefast provider's row timed alone (the pair's two rows are resident together). Every target
     of STEP_TARGETS is there for the issue's shape (``only``, e.g. "huge:128"; every shape when None):
     one whose row is missing has met None and a reason naming the row (also with no row of that shape).
@@ -202,9 +202,13 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
     for key in keys:
         rs = [r for r in step_rows if r["shape_key"] == key]
         alone = [r for r in rs if r["group"] == "train-step"]
-        ref = _fastest(rs, ("reference",))
-        ours = _fastest(rs, [r["provider"] for r in rs if r["provider"].startswith("maefast")])
-        native = _fastest(rs, TORCH_NATIVE)
+        # a provider timed alone is read from that row, its pair row only where it has none (no pick of the
+        # faster of two timings of one step)
+        cands = alone + [r for r in rs if r["group"] != "train-step" and r["provider"] not in
+                         {a["provider"] for a in alone}]
+        ref = _fastest(cands, ("reference",))
+        ours = _fastest(cands, [r["provider"] for r in cands if r["provider"].startswith("maefast")])
+        native = _fastest(cands, TORCH_NATIVE)
         entry = {"rows": {name(r): {k: r.get(k) for k in ROW_FIELDS + tuple(k for k in PAIR_FIELDS if k in r)}
                           for r in rs}}
         no_ours = None if ours is not None else "missing row: no maefast row"

@@ -125,7 +125,37 @@ def test_bench_step_pair_records_both_rows_and_the_rounds_ratio(harness, monkeyp
     assert ours["peak_mem_pair_gib"] is None and "peak_mem_gib" not in ours  # the CPU has no allocator record
     assert ours["img_per_s"] == pytest.approx(2 / 5e-3) and ours["build_s"] >= 0 and ours["captured"] is False
     assert ours["speedup_vs_best_torch_native"] == pytest.approx(11.0 / 5.0)  # sdpa is a torch-native row
-    assert "interleaved" in ours["timer"] or "round" in ours["timer"]
+    assert "round" in ours["timer"]
+    assert harness.other_rows([bench.extra_info]) == [base]  # what --benchmark-json keeps beside the fixture's
+
+
+@pytest.mark.parametrize("where", ["build", "timing"])
+def test_bench_step_pair_times_the_baseline_alone_when_the_two_do_not_fit(harness, monkeypatch, where):
+    """The step preset's only baseline timing is the pair's: when the second row does not fit beside the
+    first (out of memory building it or timing the two), the baseline is timed alone as a `train-step`
+    row saying why, and the pair skips with that reason; the JSON keeps rows no benchmark holds."""
+    bs = _import_bench_step(monkeypatch)
+    make_step = bs.mb.make_step
+
+    def oom_for_ours(provider, *a, **kw):
+        if provider == "maefast-block" and where == "build":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return make_step(provider, *a, **kw)
+
+    def oom_interleaved(fns, device, **kw):
+        if len(fns) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return timing.time_interleaved(fns, device, **kw)
+
+    monkeypatch.setattr(bs.mb, "make_step", oom_for_ours)
+    monkeypatch.setattr(bs.timing, "time_interleaved", oom_interleaved)
+    bench = _FakeBenchmark()
+    with pytest.raises(pytest.skip.Exception, match="maefast-block did not fit beside sdpa"):
+        bs._train_step_pair(bench, torch.device("cpu"), ("mae_vit_tiny_test", 2))
+    (alone,) = harness.RESULTS
+    assert alone["group"] == "train-step" and alone["provider"] == "sdpa" and alone["time_ms"] > 0
+    assert "timed alone" in alone["pair_failed"] and bench.extra_info is alone
+    assert harness.other_rows([bench.extra_info]) == [] and harness.other_rows([]) == [alone]
 
 
 def _row(group, provider, time_ms, **kw):
@@ -147,8 +177,9 @@ def test_step_targets_read_the_interleaved_pair():
             *_pair("torch-native-graph", "maefast-block-graph", 104.0, 90.0, 1.16, 1.14, 1.18)]
     t = rec.step_targets(rows, "huge:128")[KEY]
     assert t["torch_native_best"] == "torch-native-graph (paired)"
-    assert t["maefast_best"] == "maefast-block-graph (paired)"
-    assert t["step_vs_torch_native"]["value"] == round(104.0 / 90.0, 4)
+    # maefast-block-graph timed alone is read from that row, not the faster of its two timings
+    assert t["maefast_best"] == "maefast-block-graph"
+    assert t["step_vs_torch_native"]["value"] == round(104.0 / 92.0, 4)
     paired = t["step_vs_torch_native_paired"]
     assert paired["value"] == 1.16 and paired["met"] is True and paired["spread"] == [1.14, 1.18]
     assert paired["within_noise"] is True and paired["pair"] == "torch-native-graph / maefast-block-graph"
@@ -156,7 +187,9 @@ def test_step_targets_read_the_interleaved_pair():
     assert t["peak_mem_vs_reference"]["value"] == 0.5  # 17 / 34: the provider's own row
     assert t["rows"]["maefast-block-graph (paired)"]["pair_ratio"] == 1.16
     assert "pair_ratio" not in t["rows"]["maefast-block-graph"]
-    assert t["mfu"]["value"] == 0.55  # the fastest maefast row's (the pair's)
+    assert t["mfu"]["value"] == 0.54  # the row timed alone
+    t = rec.step_targets(rows[:1] + rows[2:], "huge:128")[KEY]  # timed only in the pair: its pair row
+    assert t["maefast_best"] == "maefast-block-graph (paired)" and t["mfu"]["value"] == 0.55
     # clear of the spread either way: not within the noise
     t = rec.step_targets(rows[:2] + _pair("torch-native-graph", "maefast-block-graph", 104.0, 85.0, 1.22, 1.2, 1.25),
                          "huge:128")[KEY]
