@@ -181,8 +181,9 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
     interleaved pair, keyed "<provider> (paired)"): every provider's time / img/s / peak memory, the
     fastest maefast row against the reference and against the fastest torch-native row (baselines come
     from the same run; a provider's row timed alone where it has one, else its pair row: the pair's base
-    may be the only torch-native row), and the pair's own ratio (`step_vs_torch_native_paired`). The peak memory is that of the
-    fastest maefast provider's row timed alone (the pair's two rows are resident together). Every target
+    may be the only torch-native row), and the pair's own ratio (`step_vs_torch_native_paired`). The
+    peak memory is that of the fastest maefast provider's row timed alone (the pair's two rows are
+    resident together). Every target
     of STEP_TARGETS is there for the issue's shape (``only``, e.g. "huge:128"; every shape when None):
     one whose row is missing has met None and a reason naming the row (also with no row of that shape).
     Other shapes (the loader's ViT-B/16 rows) get their rows only, for information."""
