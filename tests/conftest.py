@@ -48,6 +48,60 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Triton launches run by the interpreter in this process (counted where the interpreter runs a launch's
+# grid, whatever the memory checker does): a test parametrized impl="triton" must launch one.
+_LAUNCHES = [0]
+
+
+def _count_interpreted_launches() -> bool:
+    try:
+        from triton.runtime import interpreter as itp
+    except ImportError:  # the tests of maefast without triton
+        return False
+    ge = itp.GridExecutor
+    if getattr(ge.__call__, "_maefast_counts", False):
+        return True
+    call = ge.__call__
+
+    def counted(self, *args, **kwargs):
+        _LAUNCHES[0] += 1
+        return call(self, *args, **kwargs)
+
+    counted._maefast_counts = True
+    ge.__call__ = counted
+    return True
+
+
+def _asks_for_triton(item) -> bool:
+    """Whether a test is parametrized to run the Triton backend (a parameter whose value is "triton")."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v == "triton" for v in params.values())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Counts the Triton launches of a test's body (see pytest_runtest_makereport)."""
+    counting = os.environ.get("TRITON_INTERPRET") == "1" and _asks_for_triton(item) and _count_interpreted_launches()
+    before = _LAUNCHES[0]
+    yield
+    item._maefast_launches = _LAUNCHES[0] - before if counting else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test parametrized impl="triton" (any parameter valued "triton") that passed without launching a
+    Triton kernel under the interpreter fails: a dispatch that quietly ran the reference instead would
+    compare the reference with itself and pass. A test whose "triton" case checks a refusal, or runs on
+    meta tensors (nothing launches), says so with @pytest.mark.no_triton_launch."""
+    outcome = yield
+    rep = outcome.get_result()
+    if (call.when == "call" and rep.passed and getattr(item, "_maefast_launches", None) == 0
+            and item.get_closest_marker("no_triton_launch") is None):
+        rep.outcome = "failed"
+        rep.longrepr = ("parametrized impl='triton', but no Triton kernel was launched: did the op run the "
+                        "reference? (a test of a refusal is marked @pytest.mark.no_triton_launch)")
+
+
 @pytest.fixture
 def device():
     """The device kernels are tested on: CUDA when present, else the CPU (Triton interpreted)."""

@@ -48,6 +48,7 @@ def run_isolated(code: str, *argv: str) -> str:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cu", [[-4, 3, 10], [0, 1000], [0, 4, 12], [0, 7, 4, 10]],
                          ids=["negative", "beyond-tokens", "above-rows", "decreasing"])
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_attention_bad_offsets_are_refused_on_the_host(impl, cu):
     """CPU offsets are checked whether or not max_seqlen is given (free there); before, a given
     max_seqlen skipped the check and the Triton kernels read and wrote out of bounds."""
@@ -70,6 +71,7 @@ def test_attention_bad_offsets_are_refused_on_the_host(impl, cu):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cu,max_seqlen", [([0, 40], 16), ([0, 40], 0), ([0, 30, 40], 20)],
                          ids=["below-T/B", "zero", "below-longest"])
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_attention_too_small_max_seqlen_is_refused_on_the_host(impl, cu, max_seqlen):
     qkv = randn(40, 3 * H * DH)
     with pytest.raises(ValueError, match="max_seqlen"):
@@ -158,6 +160,7 @@ BAD_IDS = {"duplicate": [0, 0, 2, 3, 4, 5, 6, 7], "zeros": [0] * 8, "equal-L": [
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(BAD_IDS))
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_unshuffle_refuses_a_non_permutation(impl, case):
     """One contract for every backend: ids_restore is a permutation (checked where free). Before:
     the forward ran and the gradients were wrong in both backends (a duplicate, a row of zeros), and
@@ -220,6 +223,7 @@ def _loss_case(N=2, p=4, C=3, S=16, ratio=0.75):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", ["duplicate", "equal-L"])
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_loss_masked_refuses_a_non_permutation(impl, case):
     """Before: a duplicate id gave a different loss per backend with no error; id == L passed the
     reference silently and raised an unclear error in Triton."""
@@ -340,6 +344,7 @@ META_IMPLS = [pytest.param("triton", marks=needs_triton), "reference", "auto"]
 
 
 @pytest.mark.parametrize("impl", META_IMPLS)
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_meta_tensors_run_the_fake_implementations(impl):
     """Meta inputs (memory counting, lazy construction) give meta outputs of the right shapes and
     dtypes, forward and backward, through the ops' fake implementations. Before: "Cannot copy out of
@@ -379,6 +384,7 @@ def test_meta_tensors_run_the_fake_implementations(impl):
 @pytest.mark.parametrize("impl, return_pred", [  # the reference model always returns pred
     *(pytest.param("triton", rp, marks=needs_triton) for rp in (True, False)), ("reference", True), ("auto", True),
     ("auto", False)])
+@pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_meta_model(impl, return_pred):
     """Before: "unknown device type for autocast" from the fast path."""
     model = mae_vit_tiny_test(impl=impl).to("meta")
