@@ -163,6 +163,27 @@ def test_triton_deterministic(pred_on, device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_backward_op_matches_the_reference_gradient(impl, dtype, norm, pred_on, device):
+    """The standalone backward op, its Triton kernel included (autograd's path in the tests above takes
+    the residual the forward writes; this op runs where none was written: a forward without a gradient
+    to come, a direct call): against the reference's autograd gradient, for both losses and every
+    dtype, at two loss-gradient scales; fp32 to the table, every dtype by the error-ratio rule."""
+    c = Case(3, 32, 48, 8, 0.5, dtype, device)
+    pred, idx = c.args(pred_on)
+    ref, orc = c.reference(pred_on, norm)[1], c.oracle(pred_on, norm)[1]
+    for scale in (1.0, 3.0):
+        got = torch.ops.maefast.norm_pix_loss_backward.default(torch.tensor(scale, device=device), pred.detach(),
+                                                               c.imgs, idx, 8, norm, pred_on == "masked", impl)
+        assert got.dtype == dtype and got.shape == pred.shape
+        if dtype == torch.float32:
+            assert_grad_close(got, ref * scale, torch.float32, name=f"grad pred x{scale}")
+        assert_error_ratio(got, ref * scale, orc * scale, dtype, "backward", name=f"grad pred x{scale}")
+
+
 @needs_triton
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_triton_forward_written_residual_gives_the_backward_kernels_gradient(pred_on, device):

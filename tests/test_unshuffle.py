@@ -39,6 +39,15 @@ def _grads(fn, x, tok, ids, pos, g):
     return (out,) + torch.autograd.grad(out, wrt, g.to(out.dtype))
 
 
+def _within_one_rounding(a, b, name):
+    """a == b up to one rounding to their dtype: the interpreter rounds fp32 -> bf16 toward zero, a GPU
+    and torch to nearest (one ulp: at most eps * |b|, or the subnormal step)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    fi = torch.finfo(b.dtype)
+    diff, bound = (a.double() - b.double()).abs(), b.double().abs() * fi.eps + fi.smallest_normal * fi.eps
+    assert (diff <= bound).all(), f"{name}: {int((diff > bound).sum())} values beyond one rounding, max {diff.max()}"
+
+
 def _check(impl, x, tok, ids, pos, dtype):
     g = torch.randn(x.shape[0], ids.shape[1] + 1, x.shape[2], device=x.device).to(dtype)
     got = _grads(lambda *a: unshuffle(*a, impl=impl), x, tok, ids, pos, g)
@@ -50,8 +59,10 @@ def _check(impl, x, tok, ids, pos, dtype):
     # 16-bit x_vis with the fp32 mask_token / pos_embed: fp32 out, as the official cat and add promote
     assert got[0].dtype == ref[0].dtype == torch.promote_types(dtype, pos.dtype) and got[0].is_contiguous()
     assert got[1].dtype == x.dtype
-    assert_close(got[0], ref[0], dtype, name=names[0])
-    assert_close(got[1], ref[1], dtype, name=names[1])  # a pure scatter: exact up to rounding of g
+    # each output one add of two exact values, x_vis's gradient a scatter of g: the reference's values up
+    # to one rounding (the table's 16-bit tolerance would pass a uniform 1% error)
+    _within_one_rounding(got[0], ref[0], names[0])
+    _within_one_rounding(got[1], ref[1], names[1])
     for i in range(2, len(got)):
         assert got[i].dtype == ref[i].dtype
         # Reductions over N*(L-K) terms: the fp32 reference itself is inexact there (seen on an H200:
