@@ -79,12 +79,18 @@ def _asks_for_triton(item) -> bool:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    """Counts the Triton launches of a test's body (see pytest_runtest_makereport)."""
+def pytest_runtest_setup(item):
+    """Starts counting a test's Triton launches, its fixtures' included (see pytest_runtest_makereport)."""
     counting = os.environ.get("TRITON_INTERPRET") == "1" and _asks_for_triton(item) and _count_interpreted_launches()
-    before = _LAUNCHES[0]
+    item._maefast_launch_base = _LAUNCHES[0] if counting else None
     yield
-    item._maefast_launches = _LAUNCHES[0] - before if counting else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield
+    base = getattr(item, "_maefast_launch_base", None)
+    item._maefast_launches = None if base is None else _LAUNCHES[0] - base
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -156,6 +156,12 @@ def test_bench_step_pair_times_the_baseline_alone_when_the_two_do_not_fit(harnes
     assert alone["group"] == "train-step" and alone["provider"] == "sdpa" and alone["time_ms"] > 0
     assert "timed alone" in alone["pair_failed"] and bench.extra_info is alone
     assert harness.other_rows([bench.extra_info]) == [] and harness.other_rows([]) == [alone]
+    # at a size whose own cases time the baseline alone: no second row of it
+    harness.RESULTS.clear()
+    assert (("mae_vit_tiny_test", 4), "sdpa") in bs.PARAMS
+    with pytest.raises(pytest.skip.Exception, match="has its own row"):
+        bs._train_step_pair(_FakeBenchmark(), torch.device("cpu"), ("mae_vit_tiny_test", 4))
+    assert harness.RESULTS == []
 
 
 def _row(group, provider, time_ms, **kw):

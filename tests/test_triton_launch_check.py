@@ -33,6 +33,18 @@ def test_skipped(impl):
     pytest.skip("a skip is not judged")
 
 
+@pytest.fixture
+def launched_in_setup(impl):
+    from maefast.ops import unshuffle
+    ids = torch.argsort(torch.rand(2, 5), 1)
+    return unshuffle(torch.randn(2, 3, 8), torch.randn(1, 1, 8), ids, torch.randn(1, 6, 8), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton"])
+def test_launched_by_a_fixture(impl, launched_in_setup):
+    assert launched_in_setup.shape == (2, 6, 8)
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_launches(impl):
     from maefast.ops import unshuffle
@@ -57,6 +69,7 @@ def test_a_triton_case_that_launches_nothing_fails(tmp_path):
             if line.startswith(word + " "):
                 outcome[line.split()[1].split("::")[-1]] = word
     assert outcome == {"test_runs_nothing[reference]": "PASSED", "test_runs_nothing[triton]": "FAILED",
-                       "test_a_refusal[triton]": "PASSED", "test_launches[reference]": "PASSED",
+                       "test_a_refusal[triton]": "PASSED", "test_launched_by_a_fixture[triton]": "PASSED",
+                       "test_launches[reference]": "PASSED",
                        "test_launches[triton]": "PASSED"}, out
     assert "1 skipped" in out and "no Triton kernel was launched" in out and r.returncode == 1, out
