@@ -39,7 +39,8 @@ def test_time_interleaved_alternates_the_order_and_times_whole_rounds(monkeypatc
             clock["t"] += (first_ms if slow else ms) / 1e3
         return run
 
-    a, b = timing.time_interleaved([fn("a", 2.0, first_ms=3000.0), fn("b", 5.0)], "cpu", rounds=4, round_ms=10.0, warmup_ms=4.0)
+    a, b = timing.time_interleaved([fn("a", 2.0, first_ms=3000.0), fn("b", 5.0)], "cpu", rounds=4, round_ms=10.0,
+                                   warmup_ms=4.0)
     assert a["calls_per_round"] == 5 and b["calls_per_round"] == 2  # 10 ms / 2 ms, 10 ms / 5 ms
     # an untimed call, a sizing call + warm-up: a twice + 2 warm-up calls, b twice + none (4 ms < one 5 ms call)
     assert calls[:6] == ["a", "a", "a", "a", "b", "b"]
