@@ -123,8 +123,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device=None, *, rounds
     """Times several functions in alternation, for a comparison that the card's clock, its temperature
     or another tenant cannot bias: `rounds` rounds, each running every fn back to back for ~`round_ms`
     (a whole number of calls, at least one, sized from the second of two calls: the first may compile),
-    in the given order in even rounds and reversed in odd
-    ones (A B, B A, ...: a drift during the run weighs on both alike). One time per fn and round: its
+    in the given order in even rounds and reversed in odd ones (A B, B A, ...: a drift during the run
+    weighs on both alike). One time per fn and round: its
     calls' total over their count (CUDA events around the round's calls, no L2 flush: for whole training
     steps, where the next call's inputs are what a real loop leaves; perf_counter on the CPU).
 
