@@ -26,14 +26,22 @@ def pytest_configure(config):
     # Interpreted kernels address raw host memory one program at a time: an access outside every tensor
     # argument, or two programs of a launch racing, pass silently there and not on a GPU. Checked on
     # every interpreted launch (tests/triton_memcheck.py).
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MAEFAST_MEMCHECK", "1") != "0":
-        try:
-            import triton  # noqa: F401
-        except ImportError:  # the tests of maefast without triton
-            return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the tests of maefast without triton
+        return
+    if os.environ.get("MAEFAST_MEMCHECK", "1") != "0":
         from triton_memcheck import install
 
         install()
+    # The interpreter's bf16 tl.dot multiplies raw bits and its fp32 -> bf16 casts truncate: patched to
+    # compute as a GPU does, so the bf16 paths are tested here too (tests/triton_bf16.py).
+    if os.environ.get("MAEFAST_INTERP_BF16", "1") != "0":
+        from triton_bf16 import install as bf16_as_on_a_gpu
+
+        bf16_as_on_a_gpu()
 
 
 def pytest_collection_modifyitems(config, items):

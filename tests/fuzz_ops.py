@@ -1,8 +1,9 @@
 """Fuzzing of the Triton ops on the CPU: random odd shapes (head dims, lengths 1..257, patch sizes 1..16,
 1-4 channels, uint8 and float images, strided and varlen qkv, widths that no block divides) through
 every op forward and backward under the interpreter, with the memory checker (tests/triton_memcheck.py)
-and poisoned allocations (tests/poison_alloc.py) on, compared with the reference loosely (it looks for
-faults, races, unwritten or NaN outputs and gross errors; the tests hold the tolerances).
+and poisoned allocations (tests/poison_alloc.py) on and bf16 computed as a GPU does (tests/triton_bf16.py),
+compared with the reference loosely (it looks for faults, races, unwritten or NaN outputs and gross
+errors; the tests hold the tolerances).
 
     python tests/fuzz_ops.py [SEED] [SECONDS]      # e.g. 1 420; prints each failure, then a count
 
@@ -18,10 +19,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import poison_alloc  # noqa: E402
+import triton_bf16  # noqa: E402
 import triton_memcheck  # noqa: E402
 
 poison_alloc.install()
 triton_memcheck.install()
+triton_bf16.install()
 import torch  # noqa: E402
 
 from maefast import ops  # noqa: E402
@@ -78,7 +81,7 @@ def case_attention():
     H = rng.randint(1, 3)
     L = rng.choice([1, 2, 7, 16, 17, 31, 33, 50, 63, 65, 100, 129, 197, 257])
     N = rng.randint(1, 2)
-    dtype = rng.choice([torch.float32, torch.float16])
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
     qkv = torch.randn(N, L, 3 * H * dh).to(dtype)
     if rng.random() < 0.3:  # strided view
         qkv = torch.randn(N, L, 3 * H * dh + 8).to(dtype)[..., 4:4 + 3 * H * dh]
@@ -193,12 +196,13 @@ def case_gelu():
 
 def case_block():
     """One whole ViT block (`ops.vit_block`: its LayerNorms, attention and bias+GELU kernels, the residual
-    recomputed in the backward), fp32 or under fp16 autocast (the fp32 stream, fp16 matmuls)."""
+    recomputed in the backward), fp32 or under fp16 / bf16 autocast (the fp32 stream, 16-bit matmuls)."""
     dh, H = rng.choice(TRITON_HEAD_DIMS[:4]), rng.randint(1, 2)
     D, T, N = dh * H, rng.choice([1, 2, 5, 17, 33, 50, 65]), rng.randint(1, 2)
     hid = rng.choice([D, 2 * D + 8, 4 * D])
     qkv_bias = rng.random() < 0.7
     autocast = rng.random() < 0.4
+    amp = rng.choice([torch.float16, torch.bfloat16])
     shapes = [(D,), (D,), (3 * D, D), (3 * D,) if qkv_bias else None, (D, D), (D,), (D,), (D,), (hid, D), (hid,),
               (D, hid), (D,)]
     ws = [None if s is None else (torch.randn(s) * (0.1 if len(s) == 1 else D ** -0.5) + (len(s) == 1 and i in (0, 6)))
@@ -206,12 +210,12 @@ def case_block():
     x = torch.randn(N, T, D)
 
     def run(impl, xx, *w):
-        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        with torch.autocast("cpu", dtype=amp, enabled=autocast):
             return ops.vit_block(xx, *w, num_heads=H, impl=impl)
 
     res = both(lambda impl, xx, *w: run(impl, xx, *[None if s is None else t for s, t in zip(shapes, w)]), x,
                *[t if t is not None else torch.zeros(0) for t in ws])
-    check_pair(res, f"vit_block N{N} T{T} D{D} H{H} hid{hid} qkv_bias={qkv_bias} autocast={autocast}")
+    check_pair(res, f"vit_block N{N} T{T} D{D} H{H} hid{hid} qkv_bias={qkv_bias} autocast={autocast and amp}")
 
 
 CASES = [case_attention, case_masking, case_embed, case_unshuffle, case_loss, case_ln, case_gelu, case_block]

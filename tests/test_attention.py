@@ -20,8 +20,8 @@ from maefast.testing import assert_close, assert_error_ratio, poison_, randn
 
 ON_GPU = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The interpreter computes bf16 dots wrongly: bf16 is covered by the cuda-marked tests.
-CPU_DTYPES = (torch.float32, torch.float16)
+# bf16 under the interpreter: its dots and roundings patched to a GPU's (tests/triton_bf16.py).
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _qkv(n, L, H, dh, dtype, device, requires_grad=True):
@@ -182,8 +182,8 @@ def _tile_cases():
 @pytest.mark.parametrize("L,dh,direction,name", _tile_cases(), ids=lambda v: str(v))
 def test_every_tile_candidate_matches_the_reference(L, dh, direction, name, device):
     """Each tile of the table and of its sweep, forced on the raw launchers at its own shape (batch 2,
-    one head; fp16: the interpreter's bf16 dots are wrong): outputs poisoned first, forward and
-    backward within the error-ratio rule of the fp16 reference vs an fp64 oracle."""
+    one head; fp16, whose finer rounding shows a tile's error sooner than bf16's): outputs poisoned
+    first, forward and backward within the error-ratio rule of the fp16 reference vs an fp64 oracle."""
     from maefast.kernels.attention import attention_bwd, attention_fwd
 
     n, H, dtype = 2, 1, torch.float16

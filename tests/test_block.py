@@ -242,10 +242,12 @@ def test_gpu_block_bf16_within_error_ratio(shape, impl):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_triton_interpreter_fp16_autocast_within_error_ratio():
-    """The Triton path under fp16 autocast (the interpreter computes fp16 dots right; bf16 ones it does not)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_interpreter_autocast_within_error_ratio(dtype):
+    """The Triton path under fp16 and bf16 autocast (the training step's dtype; the interpreter's bf16
+    dots and roundings patched to a GPU's: tests/triton_bf16.py)."""
     _interpreter_or_skip()
-    _check_autocast(_block(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32), "triton", torch.float16)
+    _check_autocast(_block(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32), "triton", dtype)
 
 
 def test_cuda_impl_falls_back_in_forward_and_backward_alike():

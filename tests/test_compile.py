@@ -3,7 +3,7 @@ around them, `fullgraph=True`, and forward + backward equal eager (the tolerance
 
 - Inductor (the default backend) on the CPU, one test per model kind: maefast's own model on the per-op
   reference backend (fp32; bf16 autocast with grad checkpointing and a seed tensor) and on the Triton
-  kernels (TRITON_INTERPRET=1 here, fp32: the interpreter's bf16 dot is wrong), a `maefast.patch`-ed
+  kernels (TRITON_INTERPRET=1 here, fp32), a `maefast.patch`-ed
   official-layout model and a patched transformers ViTMAEForPreTraining. The generated code calls each
   maefast op once per use, while LayerNorm, GELU and the residual adds are Inductor's own fused kernels.
   A second call with new images and a new mask must not recompile.

@@ -81,7 +81,7 @@ def _check_against_reference(impl, case, dtype, device, pos_requires_grad=True, 
         assert_error_ratio(a, r, o, dtype, "backward", name=f"{impl} grad {name}")
 
 
-# ---- CPU: reference path in every dtype, Triton under the interpreter in fp32/fp16 ---------------
+# ---- CPU: reference path in every dtype, Triton under the interpreter in every dtype -------------
 
 @pytest.mark.parametrize("case", CASES_CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -91,7 +91,7 @@ def test_reference_impl(case, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES_CPU)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_triton_impl(device, case, dtype):
     _check_against_reference("triton", case, dtype, device)
 
@@ -146,11 +146,12 @@ def _official_tokens(imgs, ids, w, b, pos, p):
 
 
 @pytest.mark.parametrize("impl,amp", [("reference", torch.bfloat16),
-                                       pytest.param("triton", torch.float16, marks=needs_triton)])
+                                       pytest.param("triton", torch.float16, marks=needs_triton),
+                                       pytest.param("triton", torch.bfloat16, marks=needs_triton)])
 def test_autocast_is_the_official_composition(device, impl, amp):
     """Under autocast the conv rounds to the autocast dtype and pos_embed is added in fp32: the official
-    tokens (bit for bit on the reference backend; the Triton epilogue (fp16: the interpreter's bf16 dot
-    is wrong) where its fp32 summation order does not move a conv value across a rounding boundary).
+    tokens (bit for bit on the reference backend; the Triton epilogue where its fp32 summation order does
+    not move a conv value across a rounding boundary).
     The gradients are autograd's of that composition from an fp32 output gradient: pos_embed's from
     it as it is, bias's (and on the reference backend the weight's) from it rounded to the autocast
     dtype, bit for bit; the Triton weight gradient within one ulp of the autocast dtype (its GEMM's

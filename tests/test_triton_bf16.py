@@ -1,0 +1,81 @@
+"""tests/triton_bf16.py: the interpreter's bf16 dots and fp32 -> bf16 casts compute as a GPU's (and
+torch's) do, so the bf16 paths of the kernels are tested on the CPU."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU the real dots run; nothing to check
+    pytest.skip("checks the interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+import triton_bf16  # noqa: E402
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, c16_ptr, M: tl.constexpr):
+    r = tl.arange(0, M)
+    a = tl.load(a_ptr + r[:, None] * M + r[None, :])  # (M, M) bf16
+    b = tl.load(b_ptr + r[:, None] * M + r[None, :])  # (M, M) bf16
+    c = tl.dot(a, b)
+    tl.store(c_ptr + r[:, None] * M + r[None, :], c)  # (M, M) fp32
+    tl.store(c16_ptr + r[:, None] * M + r[None, :], c.to(tl.bfloat16))  # (M, M) bf16
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, z_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)  # (n,) fp32
+    tl.store(y_ptr + offs, x.to(tl.bfloat16), mask=offs < n)  # (n,) bf16
+    tl.store(z_ptr + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtz"), mask=offs < n)  # (n,) bf16
+
+
+def _edge_values():
+    """Ties (to even and odd), values just off them, subnormals, the largest finite bf16, overflow,
+    signed zeros and infinities, and random normals."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x00008000, 0x00018000, 0x00000001,
+                     0x007FFFFF, 0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0x80000000, 0x00000000, 0x7F800000,
+                     0xFF800000, 0xBF808000, 0xBF818000], dtype=np.uint32)
+    special = torch.from_numpy(bits.view(np.float32).copy())
+    return torch.cat([special, torch.randn(4096) * 3, torch.randn(256) * 1e-39])
+
+
+def test_installed_under_the_interpreter():
+    assert triton_bf16.installed()
+
+
+def test_round_to_nearest_even_equals_torch():
+    x = _edge_values()
+    got = torch.from_numpy(triton_bf16.f32_to_bf16_bits(x.numpy()).view(np.int16))
+    assert torch.equal(got, x.to(torch.bfloat16).view(torch.int16))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    back = triton_bf16.bf16_bits_to_f32(triton_bf16.f32_to_bf16_bits(nan.numpy()))
+    assert np.isnan(back).all()
+
+
+def test_kernel_casts_round_as_a_gpu():
+    """`x.to(tl.bfloat16)` rounds to nearest even (the unpatched interpreter truncated); an explicit
+    `fp_downcast_rounding="rtz"` still truncates."""
+    x = _edge_values()
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    z = torch.empty_like(y)
+    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, z, x.numel(), BLOCK=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    finite = torch.isfinite(x)
+    truncated = (x.view(torch.int32) >> 16).to(torch.int16)
+    assert torch.equal(z.view(torch.int16)[finite], truncated[finite])
+
+
+def test_bf16_dot_multiplies_the_values():
+    """A bf16 tl.dot equals the fp32 product of the bf16 values (the unpatched interpreter multiplied
+    their bit patterns as integers)."""
+    M = 32
+    a, b = torch.randn(M, M).bfloat16(), torch.randn(M, M).bfloat16()
+    c, c16 = torch.empty(M, M), torch.empty(M, M, dtype=torch.bfloat16)
+    _dot_kernel[(1,)](a, b, c, c16, M)
+    want = a.double() @ b.double()
+    assert (c.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(c16, c.bfloat16())

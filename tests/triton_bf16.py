@@ -1,0 +1,88 @@
+"""bf16 in the Triton interpreter (TRITON_INTERPRET=1) as on a GPU, so that the CPU tests can cover the
+bf16 paths, the dtype maefast's training step runs in.
+
+The interpreter holds bf16 values as their raw uint16 bits (numpy has no bfloat16), and two of its
+operations get that wrong (triton 3.6 to 3.9):
+
+* **`tl.dot` with bf16 operands** hands the uint16 bits to `np.matmul(..., dtype=float32)`, which
+  multiplies the integers the bits spell, not the numbers: the result is garbage. The fix widens each
+  bf16 operand to fp32 first (exact: a bf16 is the top half of an fp32) and, for a bf16 accumulator,
+  narrows the sum back.
+* **fp32 -> bf16 casts** drop the low 16 bits (rounding toward zero; its RTNE mode rounds ties up;
+  subnormals come out wrong in both); a GPU (and torch) rounds to nearest, ties to even. The fix
+  rounds to nearest even (NaN stays NaN; an overflow becomes inf, as on a GPU); an explicit
+  `fp_downcast_rounding="rtz"` truncates, subnormals too.
+
+`install()` patches `InterpreterBuilder.create_dot` and `triton.runtime.interpreter._convert_float`
+(every bf16 narrowing of the interpreter goes through it: `cast_impl`, `create_fp_to_fp`, `get_bf16`).
+tests/conftest.py installs it for every test run under the interpreter; `MAEFAST_INTERP_BF16=0` turns it
+off (then the tests that depend on it fail, which is how tests/test_triton_bf16.py shows it is needed).
+A triton whose interpreter lacks those names fails `install()` loudly.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+_installed = False
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bits -> float32 values (exact)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray, toward_zero: bool = False) -> np.ndarray:
+    """float32 values -> uint16 bf16 bits, rounded to nearest, ties to even (as torch and a GPU do), or
+    toward zero (the low 16 bits dropped, subnormals included)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if toward_zero:
+        rounded = u >> 16
+    else:
+        rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16  # wraps for no finite input: 0xFFFF7FFF + 0x8000 < 2**32
+    rounded = np.where(nan, (u >> 16) | 0x0040, rounded)  # a quiet NaN, sign kept
+    return rounded.astype(np.uint16)
+
+
+def installed() -> bool:
+    return _installed
+
+
+def install() -> None:
+    """Patches the interpreter's dot and its fp32 -> bf16 narrowing (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter as itp
+
+    ib = itp.InterpreterBuilder
+    if not hasattr(ib, "create_dot") or not hasattr(itp, "_convert_float") or not hasattr(itp, "TensorHandle"):
+        raise RuntimeError("tests/triton_bf16.py: this triton's interpreter has no create_dot / _convert_float / "
+                           "TensorHandle: update the patch")
+    dot, convert = ib.create_dot, itp._convert_float
+    rtne, rtz = itp._ir.ROUNDING_MODE.RTNE, itp._ir.ROUNDING_MODE.RTZ  # `x.to(tl.bfloat16)` passes None: RTNE
+
+    @functools.wraps(dot)
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        bf16 = [h.dtype.scalar == tl.bfloat16 for h in (a, b, d)]
+        if not any(bf16):
+            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a_data, b_data, d_data = (bf16_bits_to_f32(h.data) if is_bf16 else h.data
+                                  for h, is_bf16 in zip((a, b, d), bf16))
+        acc = np.matmul(a_data.astype(np.float32), b_data.astype(np.float32), dtype=np.float32) + d_data
+        if bf16[2]:
+            return itp.TensorHandle(f32_to_bf16_bits(acc), d.dtype.scalar)
+        return itp.TensorHandle(acc.astype(d.data.dtype), d.dtype.scalar)
+
+    @functools.wraps(convert)
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and rounding_mode in (None, rtne, rtz):
+            return f32_to_bf16_bits(input, toward_zero=rounding_mode == rtz)
+        return convert(input, input_dtype, output_dtype, rounding_mode)
+
+    ib.create_dot = create_dot
+    itp._convert_float = convert_float
+    _installed = True
