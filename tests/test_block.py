@@ -55,6 +55,23 @@ def test_fp32_equals_official_block(shape, qkv_bias):
     assert not qkv_bias or g1["attn.qkv.bias"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_each_layer_norm_keeps_its_own_eps(impl):
+    """norm1 and norm2 with different eps (1e-6, 1e-2: 0.5% apart on unit-variance rows): each LayerNorm,
+    forward and in the backward's recomputation, uses its own."""
+    if impl == "triton":
+        _interpreter_or_skip()
+    blk = _block(32, 2)
+    blk.norm1.eps, blk.norm2.eps = 1e-6, 1e-2
+    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
+    y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
+    assert_close(y1, y0, name="y")
+    assert_close(dx1, dx0, name="dx")
+    for name in g0:
+        assert_close(g1[name], g0[name], name=name, scale=2.0)
+
+
 def _check_autocast(blk, x, dy, impl, dtype):
     """Under autocast the op's error vs the fp32 oracle is within the rule's multiple of the official's."""
     y32, dx32, g32 = _fwd_bwd(blk, blk, x, dy)

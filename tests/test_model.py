@@ -34,6 +34,27 @@ def _run(model, imgs, noise, **kw):
     return loss.detach(), pred, mask, _grads(model)
 
 
+# The paper's models (the official models_mae.py factories): patch, width, depth, heads; decoder 512 x 8, 16 heads.
+PAPER = {"base": (16, 768, 12, 12), "large": (16, 1024, 24, 16), "huge": (14, 1280, 32, 16)}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_configs_are_the_official_factories(name):
+    """Every size of the paper's three models, and LayerNorm eps 1e-6 everywhere (the factories' partial);
+    the FLOP count does not see the head counts, so they are checked here."""
+    p, d, depth, heads = PAPER[name]
+    with torch.device("meta"):
+        m = create_model(name)
+    assert m.patch_embed.proj.kernel_size == (p, p) and m.patch_embed.proj.stride == (p, p)
+    assert m.pos_embed.shape == (1, 1 + (224 // p) ** 2, d) and len(m.blocks) == depth
+    assert all(b.attn.num_heads == heads and b.mlp.fc1.out_features == 4 * d for b in m.blocks)
+    assert m.decoder_embed.in_features == d and m.decoder_embed.out_features == 512 and len(m.decoder_blocks) == 8
+    assert all(b.attn.num_heads == 16 and b.mlp.fc1.out_features == 2048 for b in m.decoder_blocks)
+    assert m.decoder_pred.out_features == p * p * 3
+    eps = {mod.eps for mod in m.modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert eps == {1e-6}
+
+
 @pytest.mark.parametrize("norm_pix", [False, True])
 @pytest.mark.parametrize("fused", [False, "block"])
 def test_fast_path_equals_official_fp32(norm_pix, fused):

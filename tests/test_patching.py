@@ -201,6 +201,22 @@ def test_patch_official_layout_model_in_place(fused):
     assert "forward" not in ref.__dict__
 
 
+@pytest.mark.parametrize("kind", ["official", "reference"])
+def test_patch_keeps_the_state_dict(kind):
+    """Patching adds and renames nothing in the state dict (a checkpoint saved patched loads into the
+    plain model, strict, and back), and unpatching leaves it as it was."""
+    torch.manual_seed(0)
+    plain = official_class()(norm_pix_loss=True, **TINY) if kind == "official" else ReferenceMAE(**TINY)
+    before = plain.state_dict()
+    m = maefast.patch(copy.deepcopy(plain))
+    sd = m.state_dict()
+    assert list(sd) == list(before) and all(torch.equal(sd[k], before[k]) for k in before)
+    plain.load_state_dict(sd, strict=True)
+    m.load_state_dict(before, strict=True)
+    unpatch(m)
+    assert list(m.state_dict()) == list(before)
+
+
 def test_patch_rejects_unknown_models_listing_what_is_missing():
     class NotMAE(torch.nn.Module):
         def __init__(self):

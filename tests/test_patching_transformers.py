@@ -240,6 +240,33 @@ def test_transformers_uint8_images_take_mean_and_std(slow):
     assert _close(got, want)
 
 
+def test_patch_keeps_the_transformers_state_dict():
+    """A patched ViTMAEForPreTraining saves the same keys (save_pretrained / load_state_dict round trips)."""
+    plain, patched = _hf_pair()
+    before = plain.state_dict()
+    sd = patched.state_dict()
+    assert list(sd) == list(before) and all(torch.equal(sd[k], before[k]) for k in before)
+    plain.load_state_dict(sd, strict=True)
+    patched.load_state_dict(before, strict=True)
+    from maefast.patching import unpatch
+
+    unpatch(patched)
+    assert list(patched.state_dict()) == list(before)
+
+
+def test_transformers_fast_path_takes_the_configs_mask_ratio():
+    """The fast path masks with config.mask_ratio (here 0.6, not the paper's 0.75): the same mask, loss and
+    gradients as the plain model."""
+    plain, patched = _hf_pair(mask_ratio=0.6)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise)
+    with _no_slow_warning():
+        o1, g1 = _run_hf(patched, imgs, noise)
+    assert int(o1.mask.sum()) == N * (L - int(L * (1 - 0.6)))
+    assert torch.equal(o1.mask, o0.mask) and abs(o1.loss.item() - o0.loss.item()) <= 1e-5 * abs(o0.loss.item())
+    _assert_grads_equal(g1, g0)
+
+
 def test_transformers_mask_ratio_argument_must_match_the_config():
     _, patched = _hf_pair()
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)

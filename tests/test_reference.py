@@ -121,9 +121,10 @@ def test_pos_embed_matches_transformers_init():
     assert torch.allclose(emb.position_embeddings[0].detach(), ours, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.01])  # 0.01: per-patch variance ~1e-4, where eps 1e-6 vs 1e-5 shows
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_loss_definition(norm_pix):
-    imgs = torch.randn(2, 3, 32, 32)
+def test_loss_definition(norm_pix, scale):
+    imgs = torch.randn(2, 3, 32, 32) * scale
     p = 8
     pred = torch.randn(2, 16, p * p * 3)
     mask = R.masking_ids(2, 16, 0.75).mask
@@ -207,6 +208,40 @@ def test_model_official_keys_and_init():
         b = mae_vit_base_patch16()
     assert b.pos_embed.shape == (1, 197, 768) and len(b.blocks) == 12 and len(b.decoder_blocks) == 8
     assert b.decoder_pred.out_features == 768
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_model_initialisation_is_the_official(fast):
+    """models_mae.py's initialize_weights: xavier_uniform on every Linear and on patch_embed.proj viewed
+    as 2-D (out, C*p*p), zero Linear biases, LayerNorm 1 / 0, cls_token and mask_token normal(std 0.02); the
+    oracle (transformers) is handed our weights, so it cannot see the initialisation."""
+    from maefast.models import MaskedAutoencoderViT as Fast
+
+    torch.manual_seed(0)
+    cls = Fast if fast else R.MaskedAutoencoderViT
+    m = cls(img_size=32, patch_size=8, embed_dim=256, depth=1, num_heads=4, decoder_embed_dim=512, decoder_depth=1,
+            decoder_num_heads=4)
+
+    def near_bound(w, bound, name):  # uniform(-bound, bound): the largest |w| of thousands of draws is near it
+        top = w.abs().max().item()
+        assert 0.95 * bound < top <= bound, f"{name}: max |w| {top:.4g}, xavier bound {bound:.4g}"
+
+    w = m.patch_embed.proj.weight
+    near_bound(w, math.sqrt(6 / (w[0].numel() + w.shape[0])), "patch_embed.proj.weight")  # 4-D xavier: 8x smaller
+    b = m.patch_embed.proj.bias  # not re-initialised by the official code: Conv2d's own uniform(1 / sqrt(fan_in))
+    assert b.any() and b.abs().max().item() <= w[0].numel() ** -0.5
+    n_linear = 0
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            near_bound(mod.weight, math.sqrt(6 / (mod.in_features + mod.out_features)), name)
+            assert mod.bias is None or not mod.bias.any(), name
+            n_linear += 1
+        elif isinstance(mod, torch.nn.LayerNorm):
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight)) and not mod.bias.any(), name
+    assert n_linear == 2 * 4 + 2  # two blocks of qkv/proj/fc1/fc2, decoder_embed, decoder_pred
+    for name in ("cls_token", "mask_token"):
+        std = getattr(m, name).std().item()
+        assert 0.017 < std < 0.023, (name, std)
 
 
 def test_model_rectangular_and_bad_inputs():
