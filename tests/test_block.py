@@ -260,11 +260,13 @@ def test_gpu_block_bf16_within_error_ratio(shape, impl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_interpreter_autocast_within_error_ratio(dtype):
+@pytest.mark.parametrize("shape", [(2, 9, 32, 2), (1, 65, 160, 2)], ids=["small", "vit_h_heads"])  # (N, T, D, H)
+def test_triton_interpreter_autocast_within_error_ratio(dtype, shape):
     """The Triton path under fp16 and bf16 autocast (the training step's dtype; the interpreter's bf16
-    dots and roundings patched to a GPU's: tests/triton_bf16.py)."""
+    dots and roundings patched to a GPU's: tests/triton_bf16.py); also at ViT-H's 65 tokens and head dim 80."""
     _interpreter_or_skip()
-    _check_autocast(_block(32, 2), torch.randn(2, 9, 32), torch.randn(2, 9, 32), "triton", dtype)
+    n, t, d, h = shape
+    _check_autocast(_block(d, h), torch.randn(n, t, d), torch.randn(n, t, d), "triton", dtype)
 
 
 def test_cuda_impl_falls_back_in_forward_and_backward_alike():
