@@ -4,6 +4,7 @@ same boxes and flips and stays close; uint8 output normalises to the float32 out
 crop boxes follow torchvision's get_params distribution; samples are a function of (seed, epoch,
 index) on every worker, rank and resume; unreadable files are skipped and counted."""
 import json
+import math
 import os
 
 import numpy as np
@@ -268,6 +269,34 @@ def test_crop_box_distribution_matches_torchvision_get_params(size):
     wrong = np.array([random_resized_crop_params(W, H, rng, scale=(0.08, 1.0)) for _ in range(n)], np.float64)
     assert _ks(stats(wrong)["area"], b["area"]) < 1e-6
     assert (ours[:, 2] <= H).all() and (ours[:, 3] <= W).all() and (ours[:, :2] >= 0).all()
+
+
+class _Draws:
+    """A generator whose uniform draws are given (fractions of their range); integers() gives the low end."""
+
+    def __init__(self, fractions):
+        self.fractions = list(fractions)
+
+    def uniform(self, lo, hi):
+        return lo + (hi - lo) * self.fractions.pop(0)
+
+    def integers(self, lo, hi):
+        return lo
+
+
+def test_crop_size_is_rounded_as_torchvision():
+    """torchvision's get_params rounds the crop's sides (int(round(...))), it does not truncate: a half-pixel
+    bias the distribution test cannot see."""
+    rounded_up = 0
+    for W, H in ((500, 375), (97, 61), (224, 224)):
+        for a, r in ((0.3, 0.2), (0.77, 0.9), (0.51, 0.5), (0.12, 0.66)):
+            area = W * H * (0.2 + 0.8 * a)  # scale (0.2, 1.0); log-uniform aspect in (3/4, 4/3)
+            aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r)
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if round(w) <= W and round(h) <= H:
+                assert random_resized_crop_params(W, H, _Draws([a, r]))[2:] == (round(h), round(w)), (W, H, a, r)
+                rounded_up += (round(w) != int(w)) + (round(h) != int(h))
+    assert rounded_up >= 4  # the cases tell rounding from truncation
 
 
 def test_crop_box_fallback_is_torchvisions():

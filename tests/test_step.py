@@ -313,18 +313,20 @@ def test_capture_blocker_reasons():
 
 
 class DDPLike(nn.Module):
-    """DistributedDataParallel's shape: .module, no_sync() (records when it is entered)."""
+    """DistributedDataParallel's shape: .module, no_sync() (records when it is entered: the number of
+    forwards run before)."""
 
     def __init__(self, module):
         super().__init__()
-        self.module, self.entered = module, []
+        self.module, self.entered, self.forwards = module, [], 0
 
     @contextlib.contextmanager
     def no_sync(self):
-        self.entered.append(True)
+        self.entered.append(self.forwards)
         yield
 
     def forward(self, *a, **kw):
+        self.forwards += 1
         return self.module(*a, **kw)
 
 
@@ -378,7 +380,8 @@ def test_distributed_wrappers_skip_the_gradient_sync_inside_an_accumulation():
     assert step._fwd_kwargs == {"return_pred": False} and step._takes_seed  # read through .module
     for i in range(4):
         step(imgs[i], noise[i])
-    assert ddp.entered == [True, True] and step.optimizer_steps == 2  # micro-batches 0 and 2 only
+    # micro-batches 0 and 2 accumulate without the all-reduce; 1 and 3, which update, sync
+    assert ddp.entered == [0, 2] and step.optimizer_steps == 2
     fsdp = FSDP2Like(m)
     step = TrainStep(fsdp, torch.optim.AdamW(m.parameters()), accum_steps=2)
     for i in range(4):

@@ -198,14 +198,30 @@ def test_unreadable_files_weigh_the_same_at_any_split_of_the_batch(tmp_path):
     runs = {}
     for b, a in ((4, 1), (2, 2)):
         out = tmp_path / f"b{b}a{a}"
-        res = train(_cfg(data=data, batch_size=b, accum_iter=a, epochs=1, plot=False, export=False,
-                         output_dir=str(out)))
+        # an lr that moves the weights well past the comparison's tolerance (the default, blr * 4 / 256
+        # with the first step at lr 0, moved them by < 4e-6: a micro-batch weighed wrong passed)
+        res = train(_cfg(data=data, batch_size=b, accum_iter=a, epochs=1, plot=False, export=False, lr=1e-3,
+                         warmup_epochs=0.25, output_dir=str(out)))
         assert res["skipped_files"] == 6 and res["steps"] == 4
         runs[b] = (load_checkpoint(str(out / "checkpoint-last.pth"))["model"], _read_jsonl(out / "log.jsonl")[0])
     (w4, log4), (w2, log2) = runs[4], runs[2]
     assert_states_close(w2, w4, "batch 2 x accumulation 2 vs batch 4")
     assert log2["images"] == log4["images"] == 10
     assert log2["train_loss"] == pytest.approx(log4["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_each_step_runs_at_the_official_schedules_lr(tmp_path, accum):
+    """The lr a step logs is the official adjust_learning_rate's at that step's first micro-batch
+    (iteration k of the official loop: epoch + k / steps per epoch), with and without accumulation."""
+    from maefast.train import schedule
+
+    out = tmp_path / "run"
+    train(_cfg(synthetic_size=16 * accum, epochs=2, accum_iter=accum, lr=1e-3, warmup_epochs=1, min_lr=1e-5,
+               log_every=1, plot=False, export=False, output_dir=str(out)))
+    got = [r["lr"] for r in _read_jsonl(out / "steps.jsonl")]
+    want = [schedule.lr_at(k / 4, 1e-3, 1, 2, 1e-5) for k in range(8)]  # 4 optimizer steps per epoch
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
 
 
 def test_empty_or_missing_folder_is_a_clear_cli_error(tmp_path, capsys):

@@ -166,6 +166,17 @@ def test_image_folder_empty_or_missing_is_a_clear_error(tmp_path):
         ImageFolderDataset(str(tmp_path / "f.png"), 32, 16)
 
 
+def test_resumable_sampler_shuffles_anew_each_epoch():
+    """Epoch e's order is torch.randperm with seed + e (DistributedSampler's rule): a new one every epoch."""
+    s = ResumableDistributedSampler(list(range(64)), 1, 0, seed=3)
+    orders = []
+    for e in (0, 1, 2):
+        s.set_epoch(e)
+        orders.append([i for _, i in s])
+        assert orders[e] == torch.randperm(64, generator=torch.Generator().manual_seed(3 + e)).tolist()
+    assert orders[0] != orders[1] != orders[2]
+
+
 def test_resumable_sampler_ranks_and_start():
     ds = list(range(24))
     one = ResumableDistributedSampler(ds, 1, 0, seed=3)
@@ -234,7 +245,7 @@ def test_cpu_defaults_and_paper_defaults():
     ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model"),
     ("seed", -1, r"--seed must be in \[0, 2\*\*32\)"), ("seed", 2 ** 32, r"--seed must be in .*got 4294967296"),
     ("lr", float("nan"), "--lr must be a finite number"),
-    ("clip_grad", float("nan"), "--clip-grad must be a number > 0")])
+    ("clip_grad", float("nan"), "--clip-grad must be a number > 0"), ("accum_iter", 0, "accum-iter")])
 def test_bad_options_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         resolve_config(TrainConfig(**{field: value}), cuda=False)

@@ -287,3 +287,61 @@ def test_api_resume_is_exact_and_its_overrides_count_as_set(tmp_path):
     more = train(done["config"], resume="auto", epochs=2)
     ck = load_checkpoint(os.path.join(more["output_dir"], "checkpoint-last.pth"), states=False)
     assert ck["step"] == 6 and ck["config"]["epochs"] == 2
+
+
+def test_a_mid_epoch_resume_then_whole_epochs_is_exact(tmp_path):
+    """Stopped inside epoch 1 of 3 and resumed: the rest of epoch 1 starts where the stop left it, and
+    epoch 2 runs whole (the offset is the resumed epoch's only); the weights are the straight run's."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "straight", epochs=3))
+    train(_cfg(tmp_path / "cut", epochs=3, max_steps=4))  # 1 step into epoch 1 (3 steps an epoch)
+    train(_cfg(tmp_path / "cut", epochs=3, resume="auto"))
+    a, b = (load_checkpoint(str(tmp_path / d / "checkpoint-last.pth")) for d in ("straight", "cut"))
+    assert a["step"] == b["step"] == 9
+    assert [r["images"] for r in lines(str(tmp_path / "cut" / "log.jsonl"))] == [12, 12, 12]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_an_fp16_resume_restores_the_grad_scaler(tmp_path):
+    """fp16 (GradScaler) stopped and resumed: the scaler's scale and growth tracker continue, as straight."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "straight", epochs=1, synthetic_size=16, dtype="float16"))
+    train(_cfg(tmp_path / "cut", epochs=1, synthetic_size=16, dtype="float16", max_steps=2))
+    train(_cfg(tmp_path / "cut", epochs=1, synthetic_size=16, dtype="float16", resume="auto"))
+    a, b = (load_checkpoint(str(tmp_path / d / "checkpoint-last.pth")) for d in ("straight", "cut"))
+    assert a["scaler"] and a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_overwrite_never_deletes_the_checkpoint_it_resumes_from(tmp_path):
+    """--overwrite with --resume of the folder's own checkpoint-last.pth (here a run with nothing left to
+    train) clears the folder but keeps the checkpoint it continues from."""
+    from maefast.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(run, epochs=1, max_steps=2))
+    ck = run / "checkpoint-last.pth"
+    train(_cfg(run, epochs=1, max_steps=2, resume=str(ck), overwrite=True))
+    assert ck.is_file() and load_checkpoint(str(ck))["step"] == 2
+
+
+# a recorded value and another for each run-defining option
+_OTHER = {"model": ("mae_vit_tiny_test", "mae_vit_small_cpu"), "input_size": (32, 48), "norm_pix_loss": (False, True),
+          "seed": (0, 1), "mask_ratio": (0.75, 0.5), "synthetic_size": (16, 32), "blr": (1.5e-4, 1e-3),
+          "lr": (1e-3, 2e-3), "min_lr": (0.0, 1e-6), "weight_decay": (0.05, 0.1), "warmup_epochs": (1.0, 2.0),
+          "clip_grad": (1.0, 2.0)}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER))
+def test_every_run_defining_option_is_refused_on_resume(name):
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import RUN_DEFINING, reconcile
+
+    assert set(_OTHER) == set(RUN_DEFINING)  # a new run-defining option gets its case here
+    old, new = _OTHER[name]
+    ck = {"config": {"batch_size": 4, "accum_iter": 1, name: old}, "schedule": {"global_batch": 4}}
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} {new} \\(the run's: {old}\\)"):
+        reconcile(TrainConfig(**{name: new}, explicit=(name,)), ck, "ck.pth", world_size=1)
