@@ -214,6 +214,7 @@ def test_inductor_on_the_card(fused):
 _CROSSREF = [(kind, "auto", fused, variant) for kind in BUILD for fused in (False, "block")
              for variant in ("fp32", "bf16-ckpt-seed")]
 _CROSSREF += [("own", "triton", fused, "fp32") for fused in (False, "block")]
+_CROSSREF += [("own", "triton", "block", "bf16-ckpt-seed")]  # the card's compiled step: Triton, bf16, the block op
 
 
 @pytest.mark.parametrize("kind,impl,fused,variant", _CROSSREF)
