@@ -271,6 +271,26 @@ def test_crop_box_distribution_matches_torchvision_get_params(size):
     assert (ours[:, 2] <= H).all() and (ours[:, 3] <= W).all() and (ours[:, :2] >= 0).all()
 
 
+def test_draft_factor_at_its_boundaries():
+    """The largest k in (8, 4, 2, 1) with the crop's smaller side at least k times the output side."""
+    assert draft_factor(8 * S, 8 * S, S) == 8 and draft_factor(8 * S - 1, 9 * S, S) == 4
+    assert draft_factor(4 * S, 5 * S, S) == 4 and draft_factor(9 * S, 4 * S - 1, S) == 2
+    assert draft_factor(2 * S, 2 * S, S) == 2 and draft_factor(2 * S - 1, 500, S) == 1
+
+
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_a_decompression_bomb_is_skipped_and_counted(tmp_path, decode, monkeypatch):
+    """Pillow's DecompressionBombError (not an OSError) marks the file unreadable, as a corrupt one."""
+    from PIL import Image
+
+    root = _jpeg_folder(tmp_path / "d", sizes=((300, 300), (64, 48)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)  # 2x over it: an error, not a warning
+    ds = ImageFolderDataset(root, S, 4, decode=decode, dtype=torch.uint8)
+    items = [ds[(0, i)] for i in range(len(ds))]
+    assert "DecompressionBombError" in items[0]["bad"] and "image" in items[1]
+    assert len(collate(items)["bad"]) == 1
+
+
 class _Draws:
     """A generator whose uniform draws are given (fractions of their range); integers() gives the low end."""
 

@@ -66,6 +66,58 @@ def test_choose_impl_rules():
         choose_impl("cuda", cpu, what="test op")
 
 
+def test_auto_takes_the_first_usable_backend_of_its_order_on_cuda(monkeypatch):
+    """On a CUDA device `auto` takes the first backend of auto_order that can run, else the reference; an
+    explicit one that cannot run raises with its reason (the backends' checks faked: no GPU here)."""
+    import torch
+
+    from maefast.ops import _backend
+
+    dev = torch.device("cuda", 0)
+    usable = {"triton": (True, ""), "cuda": (True, "")}
+    monkeypatch.setattr(_backend, "triton_usable", lambda d: usable["triton"])
+    monkeypatch.setattr(_backend, "cuda_ext_usable", lambda d, op=None: usable["cuda"])
+    assert choose_impl("auto", dev) == "triton"
+    assert choose_impl("auto", dev, auto_order=("cuda", "triton")) == "cuda"
+    assert choose_impl("auto", dev, auto_order=("triton",)) == "triton"
+    usable["triton"] = (False, "no Triton here")
+    assert choose_impl("auto", dev) == "cuda"
+    assert choose_impl("auto", dev, auto_order=("triton",)) == "reference"
+    with pytest.raises(ValueError, match="impl='triton' is not available for op x: no Triton here"):
+        choose_impl("triton", dev, what="op x")
+    usable["cuda"] = (False, "no extension here")
+    assert choose_impl("auto", dev) == "reference"
+    with pytest.raises(ValueError, match="impl='cuda' is not available for op x: no extension here"):
+        choose_impl("cuda", dev, what="op x")
+
+
+def test_cuda_ext_without_the_ops_binding_is_not_usable(monkeypatch):
+    import torch
+
+    from maefast.ops import _backend
+
+    monkeypatch.setattr(_backend, "get_C", lambda: type("C", (), {"attention_fwd": None})())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    dev = torch.device("cuda", 0)
+    assert _backend.cuda_ext_usable(dev, "attention_fwd") == (True, "")
+    ok, why = _backend.cuda_ext_usable(dev, "norm_pix_loss_fwd")
+    assert not ok and "maefast._C has no 'norm_pix_loss_fwd'" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    ok, why = _backend.cuda_ext_usable(dev, "attention_fwd")
+    assert not ok and "compute capability 8.0 or newer" in why
+
+
+def test_meta_tensors_keep_an_explicit_impl():
+    """On the meta device (tracing) only the fake implementations run: an explicit backend is kept, `auto`
+    is the reference."""
+    import torch
+
+    meta = torch.device("meta")
+    assert [choose_impl(i, meta) for i in ("auto", "triton", "cuda", "reference")] == \
+        ["reference", "triton", "cuda", "reference"]
+
+
 # -- what `maefast info` / maefast.backends() tell a user -------------------------------------------
 
 def _run_cli(*args):

@@ -265,9 +265,12 @@ def test_train_resumes_bit_exactly_with_gpu_decode(tmp_path, calls):
 
 
 # -- availability, --decode auto, the command line -----------------------------------------------------
-def test_unavailable_says_why():
+def test_unavailable_says_why(monkeypatch):
     why = gpu_decode.unavailable_reason("cpu")
     assert why.startswith("it needs a CUDA device (this run is on the cpu)")
+    with monkeypatch.context() as m:  # a cuda device torch does not see (a CPU build, no driver)
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert gpu_decode.unavailable_reason("cuda").startswith("it needs a CUDA device (torch sees none)")
     try:
         import torchvision  # noqa: F401
     except ImportError:

@@ -335,3 +335,58 @@ def test_damaged_files_get_pillows_verdict(name, decode, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)  # Pillow's bomb check is still made
     with pytest.raises(Image.DecompressionBombError):
         _crop(data, decode, box)
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xd8", b"\xff\xc0\x00\x02", b"\xff\xc4\x00\x02", b"\xff\xfe\x00\x04ab"],
+                         ids=["SOI", "SOF0", "DHT", "COM"])
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_a_marker_after_the_scan_gets_pillows_verdict_for_a_window_reaching_the_last_rows(marker, decode,
+                                                                                          monkeypatch):
+    """A marker between the scan and the end-of-image marker, read by libjpeg only when the window reaches
+    the last MCU rows: the window reader leaves the file to Pillow (which refuses some: a corrupt file is
+    counted, not trained on)."""
+    _use(monkeypatch, "window")
+    data = _jpeg(w=300, h=300)
+    junk = data[:-2] + marker + data[-2:]
+    assert jpeg.decode(junk, 300, 300, 1, (240, 0, 300, 300)) is None
+    bottom = (200, 10, 100, 280)
+    with monkeypatch.context() as m:
+        m.setattr(jpeg, "_READER", "pillow")
+        try:
+            want = _crop(junk, decode, bottom)
+        except OSError as exc:
+            want = exc
+    try:
+        got = _crop(junk, decode, bottom)
+    except OSError as exc:
+        got = exc
+    assert type(got) is type(want)
+    assert str(got) == str(want) if isinstance(want, OSError) else torch.equal(got, want)
+
+
+def _drop_ac_scans(data: bytes, component: int) -> bytes:
+    """A progressive JPEG without the AC scans of one component (with their tables): its AC coefficients
+    are never sent, which libjpeg accepts and Pillow decodes."""
+    sos = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    starts, prev = [], 0
+    for s in sos:  # each scan with the tables (DHT) written just before it
+        starts.append(next(q for q in range(prev, s + 1) if data[q] == 0xFF and data[q + 1] in (0xC4, 0xDA)))
+        prev = s + 2
+    out, last = [], 0
+    for s, a, b in zip(sos, starts, starts[1:] + [len(data) - 2]):
+        ns = data[s + 4]
+        if ns == 1 and data[s + 5] == component and data[s + 5 + 2 * ns] > 0:  # one component, Ss > 0: AC
+            out.append(data[last:a])
+            last = b
+    return b"".join(out + [data[last:]])
+
+
+def test_a_progressive_file_with_coefficients_never_sent_is_left_to_pillow(monkeypatch):
+    _use(monkeypatch, "window")
+    data = _jpeg(w=320, h=240, seed=1, progressive=True)
+    cut = _drop_ac_scans(data, component=3)
+    assert len(cut) < len(data)
+    with _opened(cut) as img:
+        img.load()  # Pillow decodes it
+    assert jpeg.decode(cut, 320, 240, 1, (0, 0, 240, 320)) is None
+    assert jpeg.decode(data, 320, 240, 1, (0, 0, 240, 320)) is not None

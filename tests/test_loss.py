@@ -316,6 +316,7 @@ def test_bad_inputs():
         ((pa, imgs, m, 0), {}, ValueError, "patch_size must be >= 1"),
         ((pa, imgs, m, 8.0), {}, TypeError, "patch_size must be an int"),
         ((pa, imgs, m, 5), {}, ValueError, "multiples of patch_size"),
+        ((pa, torch.randn(2, 3, 16, 28), m, 8), {}, ValueError, r"\(16, 28\) must be multiples of patch_size=8"),
         ((pa, imgs[0], m, 8), {}, ValueError, "imgs must have 4 dimensions"),
         ((pa.long(), imgs, m, 8), {}, TypeError, "pred must have dtype"),
         ((pa[:, :-1], imgs, m, 8), {}, ValueError, r"pred must have shape \(N, L, p\*p\*C\)"),
