@@ -519,3 +519,25 @@ def test_table2_compares_like_with_like_and_the_paper_at_its_ratio(monkeypatch):
     assert not any("paper_speedup" in r for r in rows)  # the paper measured 0.75
     assert "-" in t2.format_table2(rows, {"card": "CPU", "date": "2026-12-05", "torch": "x", "git_commit": "0" * 12},
                                    peak)
+
+
+def test_record_row_keeps_the_spread_and_the_flop_rate(harness, monkeypatch):
+    from maefast import timing
+
+    monkeypatch.setattr(timing, "measure_peak", lambda dev=None: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    info = harness.record_row({}, {"median_ms": 2.0, "min_ms": 1.0, "p20_ms": 1.5, "p80_ms": 3.0, "reps": 5},
+                              group="g", provider="p", flops=2e9, shape=(1,), device="cpu", timer="t")
+    assert (info["time_p20_ms"], info["time_p80_ms"]) == (1.5, 3.0) and info["tflops"] == pytest.approx(1.0)
+
+
+def test_table2_fraction_of_the_flop_bound_and_mfu(monkeypatch):
+    from maefast.models.configs import model_config
+
+    monkeypatch.setattr(t2, "_time_table2_cell", lambda *a, **k: {"visible_ms": 100.0, "mask_tokens_ms": 300.0,
+                                                                   "visible_timing": "eager",
+                                                                   "mask_tokens_timing": "eager"})
+    (row,) = t2.table2(["large"], (8,), device="cpu", batch=4,
+                       peak={"matmul_dtype": "fp32", "matmul_tflops": 2.0, "copy_gbps": 1.0})
+    assert row["speedup"] == pytest.approx(3.0) and row["of_flop_bound"] == pytest.approx(3.0 / row["flop_ratio"])
+    f = fl.mae_flops(model_config("mae_vit_large_patch16", decoder_depth=8))["train"] * 4
+    assert row["mfu"] == pytest.approx(f / 0.1 / 1e12 / 2.0)

@@ -242,3 +242,17 @@ def test_attention_route_reads_the_interleaved_pair_first():
     r = rec.attention_route(flipped, "huge:128")
     assert r["faster"] == "triton" and r["sdpa_speedup"] == round(1 / 1.022, 4)
     assert rec.attention_route(apart, "huge:128")["timing"] == "rows timed one after the other"
+
+
+def test_torch_native_ratios_take_the_fastest_native_row():
+    from maefast import bench as mb
+
+    rows = [_row("train-step", "sdpa", 140.0), _row("train-step", "torch-native-graph", 104.0),
+            _row("train-step-pair", "torch-native-graph", 106.0), _row("train-step", "maefast-graph", 80.0)]
+    mb.torch_native_ratios(rows)
+    assert rows[3]["speedup_vs_best_torch_native"] == pytest.approx(104 / 80)
+
+
+def test_summary_percentiles():
+    s = timing._summary([float(x) for x in range(1, 11)])
+    assert (s["p20_ms"], s["median_ms"], s["p80_ms"]) == (3.0, 5.5, 8.0)

@@ -170,3 +170,22 @@ def test_readme_ops_table_quotes_its_record():
         ratio = t["compile"] / t["triton"]
         assert float(vs_comp.strip(" *").split("x")[0]) == pytest.approx(ratio, abs=0.051), label
         assert ("compile faster" in vs_comp) == (ratio < 1), (label, vs_comp)
+
+
+def test_step_rows_count_training_flops_and_img_per_s(harness, monkeypatch):
+    """A step row's FLOPs are the training step's (forward + backward) for its batch; img/s is the batch
+    over the median step time."""
+    from maefast import timing
+    from maefast.flops import mae_flops
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("bench_step", None)
+    import bench_step
+
+    try:
+        row = mb.make_step("sdpa", "mae_vit_tiny_test", 2, device="cpu")
+        monkeypatch.setattr(timing, "time_fn", lambda fn, dev, **kw: timing._summary([4.0, 4.0, 4.0]))
+        info = bench_step._time_alone(_FakeBenchmark(), torch.device("cpu"), row, "mae_vit_tiny_test", 2, 0.0, {})
+    finally:
+        sys.modules.pop("bench_step", None)
+    assert info["flops"] == mae_flops("mae_vit_tiny_test")["train"] * 2 and info["img_per_s"] == pytest.approx(500.0)

@@ -524,3 +524,95 @@ def test_a_step_stopped_at_its_budget_takes_its_children_with_it_and_the_record_
     assert saved["complete"] is False and saved["steps"]["diagnose"]["rc"] == 124
     r.finish()
     assert json.loads((tmp_path / "out" / "verify-record.json").read_text())["complete"] is True
+
+
+# -- the verdicts' numbers (from a mutation audit: each of these passed a wrong threshold or comparison) --
+
+_H = dict(model="mae_vit_huge_patch14", batch=128)
+
+
+def test_targets_thresholds_are_the_issues():
+    assert rec.TARGETS["mfu"] == (">=", 0.60) and rec.TARGETS["peak_mem_vs_reference"] == ("<=", 0.5)
+    assert rec.judge("mfu", 0.59)["met"] is False and rec.judge("peak_mem_vs_reference", 0.51)["met"] is False
+    assert rec.judge("profile_overhead", 0.05)["met"] is False
+    assert rec.judge("table2_of_flop_bound", 0.94)["met"] is False
+    assert rec.judge("mfu", 0.60)["met"] and rec.judge("peak_mem_vs_reference", 0.5)["met"]
+
+
+def test_attention_route_needs_apart_spreads_even_past_the_gain():
+    """A gain above ROUTE_MIN_GAIN whose rows' p20-p80 spreads overlap decides nothing."""
+    rows = [_row("train-step", "maefast-graph", 114.0, _H, time_p20_ms=108.0, time_p80_ms=118.0),
+            _row("train-step", "maefast-sdpa-graph", 110.0, _H, time_p20_ms=106.0, time_p80_ms=115.0)]
+    r = rec.attention_route(rows, "huge:128")
+    assert r["sdpa_speedup"] > rec.ROUTE_MIN_GAIN and r["faster"] is None
+
+
+def test_a_clearly_missed_target_is_not_within_noise():
+    key = json.dumps(_H, sort_keys=True)
+    pair = [_row("train-step-pair", "torch-native-graph", 104.0, _H, baseline=True),
+            _row("train-step-pair", "maefast-block-graph", 98.0, _H, paired_with="torch-native-graph",
+                 pair_ratio=1.06, pair_ratio_range=[1.04, 1.08], pair_ratio_rounds=[1.04, 1.06, 1.08])]
+    p = rec.step_targets(pair, "huge:128")[key]["step_vs_torch_native_paired"]
+    assert p["met"] is False and p["within_noise"] is False
+    alone = [_row("train-step", "torch-native-graph", 104.0, _H, time_p20_ms=103.5, time_p80_ms=104.5),
+             _row("train-step", "maefast-graph", 98.0, _H, time_p20_ms=97.5, time_p80_ms=98.5)]
+    assert rec.step_targets(alone, "huge:128")[key]["step_vs_torch_native"]["within_noise"] is False
+
+
+def test_table2_targets_judge_the_fraction_of_the_flop_bound():
+    rows = [dict(model="mae_vit_large_patch16", decoder_depth=8, impl=i, speedup=s, flop_ratio=3.5,
+                 of_flop_bound=s / 3.5) for i, s in (("auto", 3.2), ("reference", 3.4))]
+    t = rec.table2_targets({"rows": rows})
+    assert t["mae_vit_large_patch16 dec8 auto"]["value"] == round(3.2 / 3.5, 4)
+    assert not any(k.endswith(" reference") for k in t)  # the official computation is not judged
+
+
+def test_op_targets_read_the_graphed_speedup():
+    s = dict(N=256, L=256)
+    rows = [_row("mask-embed-fwd-bwd", "reference", 1.0, s, baseline=True, speedup_vs_baseline=1.0),
+            _row("mask-embed-fwd-bwd", "triton", 0.2, s, speedup_vs_baseline=5.0, eager_speedup_vs_baseline=2.0)]
+    t = rec.op_targets(rows)["mask_embed_fwd_bwd_vs_reference"]
+    assert list(t) == [f"{rows[1]['shape_key']} triton"] and t[list(t)[0]]["value"] == 5.0
+
+
+def test_loader_vs_step_reads_the_fastest_step_row():
+    record = {"bench_data": {"loader": {"official": {"img_per_s": 9000.0}, "fast-uint8": {"img_per_s": 3000.0}}},
+              "train": {}}
+    b = dict(model="mae_vit_base_patch16", batch=128)
+    step = {"rows": [_row("train-step", "maefast-graph", 40.0, b, img_per_s=3200.0),
+                     _row("train-step", "maefast-block-graph", 50.0, b, img_per_s=2500.0)]}
+    assert rec.data_targets(record, step)["loader_vs_step"]["value"] == round(3000 / 3200, 4)
+
+
+def test_profile_overhead_target_is_the_worst_impls(tmp_path, monkeypatch):
+    import argparse
+
+    import gpu_check
+
+    r = gpu_check.Runner("table2", argparse.Namespace(dry_run=True, work=str(tmp_path / "w"), out=str(tmp_path / "o"),
+                                                      preset_budget=60.0, budget={}))
+
+    def fake(name, cmd, path, key, env=None):
+        if key == "profile":
+            r.record["profile"] = {"results": [{"profiler_overhead": 0.01}, {"profiler_overhead": 0.08}]}
+        return 0, ""
+
+    monkeypatch.setattr(r, "json_step", fake)
+    try:
+        gpu_check.preset_table2(r)
+        assert r.record["targets"]["profile_overhead"]["value"] == 0.08
+    finally:
+        r.log.close()
+
+
+def test_profile_step_attention_ratio_is_against_the_fastest_torch_native(monkeypatch, tmp_path):
+    import torch
+
+    fake = {"maefast-block-graph": 2.0, "torch-native-graph": 4.0, "sdpa": 5.0}
+    monkeypatch.setattr(profile_step, "profile_provider",
+                        lambda p, *a, **k: dict(provider=p, attention_ms_per_step=fake[p]))
+    monkeypatch.setattr(profile_step, "format_table", lambda r: "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "p.json"
+    assert profile_step.main(["--providers", ",".join(fake), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["attention_ms_ratio"] == 0.5

@@ -293,3 +293,21 @@ def test_a_device_index_selects_the_card_and_plain_cuda_keeps_the_current_one(mo
     assert calls == []
     timing.use_device(torch.device("cuda:1"))
     assert calls == [torch.device("cuda:1")]
+
+
+def test_overhead_mfu_and_img_per_s_are_the_plain_steps(monkeypatch):
+    """img/s and MFU come from the plain step (not the one with the stage clock), and the profiler's
+    overhead is the staged step's extra time over the plain one (30 ms added to each staged step here)."""
+    real = mp.StageClock.switch
+
+    def slow(self, label):
+        real(self, label)
+        if self.enabled and label == "backward":
+            time.sleep(0.03)
+
+    monkeypatch.setattr(mp.StageClock, "switch", slow)
+    r = mp.profile_impl("tiny", "reference", batch=2, dtype=torch.float32, device=torch.device("cpu"), steps=3,
+                        warmup=1, progress=False, peak={"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    assert r["img_per_s"] == pytest.approx(2 / (r["step_ms_plain"] * 1e-3))
+    assert r["mfu"] == pytest.approx(r["train_flops"] / (r["step_ms_plain"] * 1e-3) / 1e12)
+    assert r["profiler_overhead"] > 0.2
