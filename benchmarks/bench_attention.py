@@ -206,7 +206,7 @@ def test_tile_sweep(benchmark, device, L, dh, H, N, direction, tile):
     from maefast.kernels.attention import attention_bwd, attention_fwd
 
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float16  # the interpreter's bf16 dots are wrong
+    dtype = torch.bfloat16 if on_gpu else torch.float16  # the interpreter's bf16 dots are wrong (patched in tests only)
     scale = dh ** -0.5
     qkv = torch.randn(N, L, 3 * H * dh, device=device, dtype=dtype)
     out = torch.empty(N, L, H * dh, device=device, dtype=dtype)

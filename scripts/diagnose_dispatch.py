@@ -112,7 +112,7 @@ def main(out_path: str | None = None) -> int:
 
     # attention fwd+bwd, ViT-L encoder (256 x 50, 16 heads x 64), bf16
     B = 256 // s
-    adt = torch.float16 if cpu_check else torch.bfloat16  # the interpreter's bf16 dot is wrong
+    adt = torch.float16 if cpu_check else torch.bfloat16  # interpreter: bf16 dots wrong (patched in tests only)
     qkv = torch.randn(B, 50, 3 * 1024, device=dev, dtype=adt, requires_grad=True)
     dout = torch.randn(B, 50, 1024, device=dev, dtype=adt)
 

@@ -96,10 +96,11 @@ def test_triton_impl(device, case, dtype):
     _check_against_reference("triton", case, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
-def test_pos_embed_in_the_weights_dtype(device, impl):
-    """A 16-bit pos_embed (a model cast to half): the tokens stay in the weight's dtype."""
-    _check_against_reference(impl, CASES_CPU[1], torch.float16, device, pos_dtype=torch.float16)
+def test_pos_embed_in_the_weights_dtype(device, impl, dtype):
+    """A 16-bit pos_embed (a model cast to half or bf16): the tokens stay in the weight's dtype."""
+    _check_against_reference(impl, CASES_CPU[1], dtype, device, pos_dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])

@@ -297,17 +297,18 @@ def test_a_device_index_selects_the_card_and_plain_cuda_keeps_the_current_one(mo
 
 def test_overhead_mfu_and_img_per_s_are_the_plain_steps(monkeypatch):
     """img/s and MFU come from the plain step (not the one with the stage clock), and the profiler's
-    overhead is the staged step's extra time over the plain one (30 ms added to each staged step here)."""
+    overhead is the staged step's extra time over the plain one (100 ms added to each staged step here: a
+    shared CPU's noise stays below it; the tiny step itself takes a few ms)."""
     real = mp.StageClock.switch
 
     def slow(self, label):
         real(self, label)
         if self.enabled and label == "backward":
-            time.sleep(0.03)
+            time.sleep(0.1)
 
     monkeypatch.setattr(mp.StageClock, "switch", slow)
     r = mp.profile_impl("tiny", "reference", batch=2, dtype=torch.float32, device=torch.device("cpu"), steps=3,
                         warmup=1, progress=False, peak={"matmul_tflops": 1.0, "copy_gbps": 1.0})
     assert r["img_per_s"] == pytest.approx(2 / (r["step_ms_plain"] * 1e-3))
     assert r["mfu"] == pytest.approx(r["train_flops"] / (r["step_ms_plain"] * 1e-3) / 1e12)
-    assert r["profiler_overhead"] > 0.2
+    assert r["step_ms_staged"] >= 100 and r["profiler_overhead"] > 0

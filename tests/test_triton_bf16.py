@@ -79,3 +79,42 @@ def test_bf16_dot_multiplies_the_values():
     want = a.double() @ b.double()
     assert (c.double() - want).abs().max() <= 1e-5 * want.abs().max()
     assert torch.equal(c16, c.bfloat16())
+
+
+@triton.jit
+def _int_cast_kernel(i_ptr, b_ptr, x_ptr, f_ptr, j_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    i = tl.load(i_ptr + offs)  # (BLOCK,) int32
+    tl.store(b_ptr + offs, (i % 3 == 0).to(tl.bfloat16))  # (BLOCK,) bf16: a bool's 1.0 / 0.0
+    tl.store(x_ptr + offs, i.to(tl.bfloat16))  # (BLOCK,) bf16
+    x = tl.load(x_ptr + offs)
+    tl.store(f_ptr + offs, x.to(tl.float32))  # (BLOCK,) fp32
+    tl.store(j_ptr + offs, x.to(tl.int32))  # (BLOCK,) int32
+
+
+def test_casts_between_bf16_and_ints_or_bools_go_through_the_values():
+    """A bool or an int cast to bf16 is its value (the unpatched interpreter kept its low 16 bits: True
+    became 9e-41), and a bf16 cast to an int is its value truncated; bf16 -> fp32 is exact."""
+    n = 64
+    i = torch.arange(-n // 2, n // 2, dtype=torch.int32) * 37
+    b, x = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    f, j = torch.empty(n), torch.empty(n, dtype=torch.int32)
+    _int_cast_kernel[(1,)](i, b, x, f, j, BLOCK=n)
+    assert torch.equal(b, (i % 3 == 0).to(torch.bfloat16))
+    assert torch.equal(x, i.to(torch.bfloat16)) and torch.equal(f, x.float()) and torch.equal(j, x.to(torch.int32))
+
+
+def test_bf16_subnormals_widen_exactly():
+    bits = np.arange(0, 1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).float()
+    x = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+    y = torch.empty(x.numel())
+    _widen_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    nan = torch.isnan(want)
+    assert torch.equal(y[~nan], want[~nan]) and torch.isnan(y[nan]).all()
+
+
+@triton.jit
+def _widen_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.float32), mask=offs < n)  # (n,) bf16 -> fp32

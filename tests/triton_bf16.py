@@ -1,7 +1,7 @@
 """bf16 in the Triton interpreter (TRITON_INTERPRET=1) as on a GPU, so that the CPU tests can cover the
 bf16 paths, the dtype maefast's training step runs in.
 
-The interpreter holds bf16 values as their raw uint16 bits (numpy has no bfloat16), and two of its
+The interpreter holds bf16 values as their raw uint16 bits (numpy has no bfloat16), and several of its
 operations get that wrong (triton 3.6 to 3.9):
 
 * **`tl.dot` with bf16 operands** hands the uint16 bits to `np.matmul(..., dtype=float32)`, which
@@ -12,9 +12,16 @@ operations get that wrong (triton 3.6 to 3.9):
   subnormals come out wrong in both); a GPU (and torch) rounds to nearest, ties to even. The fix
   rounds to nearest even (NaN stays NaN; an overflow becomes inf, as on a GPU); an explicit
   `fp_downcast_rounding="rtz"` truncates, subnormals too.
+* **bf16 -> fp32** got subnormals wrong: now exact.
+* **casts between bf16 and ints, bools, fp16 or fp64** (`cast_impl`'s plain `astype`) took the value's
+  low 16 bits as the bf16 (`True` became 9e-41), or the bf16's bits as an integer: now through fp32.
 
-`install()` patches `InterpreterBuilder.create_dot` and `triton.runtime.interpreter._convert_float`
-(every bf16 narrowing of the interpreter goes through it: `cast_impl`, `create_fp_to_fp`, `get_bf16`).
+Left as they are (no maefast kernel does them): arithmetic and comparisons on bf16 values themselves
+(`x + y`, `tl.maximum` on bf16 act on the bits; the kernels compute in fp32).
+
+`install()` patches `InterpreterBuilder.create_dot`, `InterpreterBuilder.cast_impl` and
+`triton.runtime.interpreter._convert_float` (what `cast_impl`, `create_fp_to_fp` and `get_bf16` convert
+fp32 <-> bf16 with).
 tests/conftest.py installs it for every test run under the interpreter; `MAEFAST_INTERP_BF16=0` turns it
 off (then the tests that depend on it fail, which is how tests/test_triton_bf16.py shows it is needed).
 A triton whose interpreter lacks those names fails `install()` loudly.
@@ -59,10 +66,12 @@ def install() -> None:
     from triton.runtime import interpreter as itp
 
     ib = itp.InterpreterBuilder
-    if not hasattr(ib, "create_dot") or not hasattr(itp, "_convert_float") or not hasattr(itp, "TensorHandle"):
-        raise RuntimeError("tests/triton_bf16.py: this triton's interpreter has no create_dot / _convert_float / "
-                           "TensorHandle: update the patch")
-    dot, convert = ib.create_dot, itp._convert_float
+    names = [(ib, "create_dot"), (ib, "cast_impl"), (itp, "_convert_float"), (itp, "TensorHandle"),
+             (itp, "_get_np_dtype")]
+    missing = [n for o, n in names if not hasattr(o, n)]
+    if missing:
+        raise RuntimeError(f"tests/triton_bf16.py: this triton's interpreter has no {missing}: update the patch")
+    dot, cast, convert = ib.create_dot, ib.cast_impl, itp._convert_float
     rtne, rtz = itp._ir.ROUNDING_MODE.RTNE, itp._ir.ROUNDING_MODE.RTZ  # `x.to(tl.bfloat16)` passes None: RTNE
 
     @functools.wraps(dot)
@@ -77,12 +86,25 @@ def install() -> None:
             return itp.TensorHandle(f32_to_bf16_bits(acc), d.dtype.scalar)
         return itp.TensorHandle(acc.astype(d.data.dtype), d.dtype.scalar)
 
+    @functools.wraps(cast)
+    def cast_impl(self, src, dst_type):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if (s == tl.bfloat16) == (d == tl.bfloat16) or tl.float32 in (s, d):
+            return cast(self, src, dst_type)  # no bf16, or bf16 <-> fp32 (through _convert_float, below)
+        if d == tl.bfloat16:  # ints, bools, fp16, fp64 -> bf16 (it took their values' low 16 bits): through fp32
+            return itp.TensorHandle(f32_to_bf16_bits(src.data.astype(np.float32)), d)
+        # bf16 -> ints, bools, fp16, fp64 (it converted the bits as an integer): from the fp32 value
+        return itp.TensorHandle(bf16_bits_to_f32(src.data).astype(itp._get_np_dtype(dst_type)), d)
+
     @functools.wraps(convert)
     def convert_float(input, input_dtype, output_dtype, rounding_mode):
         if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and rounding_mode in (None, rtne, rtz):
             return f32_to_bf16_bits(input, toward_zero=rounding_mode == rtz)
+        if input_dtype == tl.bfloat16 and output_dtype == tl.float32:  # exact (its subnormals came out wrong)
+            return bf16_bits_to_f32(input)
         return convert(input, input_dtype, output_dtype, rounding_mode)
 
     ib.create_dot = create_dot
+    ib.cast_impl = cast_impl
     itp._convert_float = convert_float
     _installed = True
