@@ -283,6 +283,22 @@ def test_routes(monkeypatch):
     monkeypatch.setattr(jpeg, "_READER", None)
 
 
+def _assert_pillows_verdict(monkeypatch, data, decode, box):
+    """The crop of ``box`` is what the Pillow reader gives: the same pixels, or the same OSError."""
+    def crop():
+        try:
+            return _crop(data, decode, box)
+        except OSError as exc:
+            return exc
+
+    with monkeypatch.context() as m:
+        m.setattr(jpeg, "_READER", "pillow")
+        want = crop()
+    got = crop()
+    assert type(got) is type(want)
+    assert str(got) == str(want) if isinstance(want, OSError) else torch.equal(got, want)
+
+
 @pytest.mark.parametrize("decode", ["exact", "fast"])
 @pytest.mark.parametrize("name", ["window", "simplejpeg"])
 def test_damaged_files_get_pillows_verdict(name, decode, monkeypatch):
@@ -313,17 +329,7 @@ def test_damaged_files_get_pillows_verdict(name, decode, monkeypatch):
     junk = data[:-2] + b"\xff\xc4\x00\x02" + data[-2:]  # a marker between the scan and its end: Pillow's to judge
     if name == "window":  # (libjpeg reads this empty DHT whole: simplejpeg decodes the file)
         assert jpeg.decode(junk, 300, 300, 1, (3, 5, 63, 75)) is None
-    with monkeypatch.context() as m:
-        m.setattr(jpeg, "_READER", "pillow")
-        try:
-            want = _crop(junk, decode, top)
-        except OSError as exc:
-            want = exc
-    try:
-        got_junk = _crop(junk, decode, top)
-    except OSError as exc:
-        got_junk = exc
-    assert type(got_junk) is type(want) and (str(got_junk) == str(want) if isinstance(want, OSError) else torch.equal(got_junk, want))
+    _assert_pillows_verdict(monkeypatch, junk, decode, top)
     # trailing bytes after the end-of-image marker change nothing
     assert torch.equal(_crop(data + b"trailing", decode, top), _crop(data, decode, top))
     # a short JFIF segment: libjpeg decodes it, Pillow refuses the file, as the official loader
@@ -349,19 +355,7 @@ def test_a_marker_after_the_scan_gets_pillows_verdict_for_a_window_reaching_the_
     data = _jpeg(w=300, h=300)
     junk = data[:-2] + marker + data[-2:]
     assert jpeg.decode(junk, 300, 300, 1, (240, 0, 300, 300)) is None
-    bottom = (200, 10, 100, 280)
-    with monkeypatch.context() as m:
-        m.setattr(jpeg, "_READER", "pillow")
-        try:
-            want = _crop(junk, decode, bottom)
-        except OSError as exc:
-            want = exc
-    try:
-        got = _crop(junk, decode, bottom)
-    except OSError as exc:
-        got = exc
-    assert type(got) is type(want)
-    assert str(got) == str(want) if isinstance(want, OSError) else torch.equal(got, want)
+    _assert_pillows_verdict(monkeypatch, junk, decode, (200, 10, 100, 280))
 
 
 def _drop_ac_scans(data: bytes, component: int) -> bytes:

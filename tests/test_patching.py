@@ -207,14 +207,18 @@ def test_patch_keeps_the_state_dict(kind):
     plain model, strict, and back), and unpatching leaves it as it was."""
     torch.manual_seed(0)
     plain = official_class()(norm_pix_loss=True, **TINY) if kind == "official" else ReferenceMAE(**TINY)
+    assert_patch_keeps_the_state_dict(plain, maefast.patch(copy.deepcopy(plain)))
+
+
+def assert_patch_keeps_the_state_dict(plain, patched):
+    """The same keys and values, strict loads both ways, and unpatching changes nothing."""
     before = plain.state_dict()
-    m = maefast.patch(copy.deepcopy(plain))
-    sd = m.state_dict()
+    sd = patched.state_dict()
     assert list(sd) == list(before) and all(torch.equal(sd[k], before[k]) for k in before)
     plain.load_state_dict(sd, strict=True)
-    m.load_state_dict(before, strict=True)
-    unpatch(m)
-    assert list(m.state_dict()) == list(before)
+    patched.load_state_dict(before, strict=True)
+    unpatch(patched)
+    assert list(patched.state_dict()) == list(before)
 
 
 def test_patch_rejects_unknown_models_listing_what_is_missing():

@@ -11,6 +11,7 @@ import maefast
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from test_patching import _warn_again  # noqa: F401 - the autouse fixture, used here too
 from test_patching import L, N, TINY, _assert_grads_equal, _close, _grads, _no_slow_warning, _slow_warning
+from test_patching import assert_patch_keeps_the_state_dict
 
 pytest.importorskip("transformers")
 
@@ -242,16 +243,7 @@ def test_transformers_uint8_images_take_mean_and_std(slow):
 
 def test_patch_keeps_the_transformers_state_dict():
     """A patched ViTMAEForPreTraining saves the same keys (save_pretrained / load_state_dict round trips)."""
-    plain, patched = _hf_pair()
-    before = plain.state_dict()
-    sd = patched.state_dict()
-    assert list(sd) == list(before) and all(torch.equal(sd[k], before[k]) for k in before)
-    plain.load_state_dict(sd, strict=True)
-    patched.load_state_dict(before, strict=True)
-    from maefast.patching import unpatch
-
-    unpatch(patched)
-    assert list(patched.state_dict()) == list(before)
+    assert_patch_keeps_the_state_dict(*_hf_pair())
 
 
 def test_transformers_fast_path_takes_the_configs_mask_ratio():
