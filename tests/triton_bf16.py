@@ -58,7 +58,7 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Patches the interpreter's dot and its fp32 -> bf16 narrowing (idempotent)."""
+    """Patches the interpreter's dot and its bf16 casts (idempotent)."""
     global _installed
     if _installed:
         return
