@@ -106,6 +106,9 @@ def test_noise_dtypes_and_ties(device, impl, dtype):
     noise = (torch.randint(0, 8, (N, L), device=device).to(dtype) / 8)  # many ties: broken by index
     got = random_masking(N, L, ratio, noise=noise, impl=impl)
     _assert_ids_equal(got, _stable_reference(noise.cpu(), 16), f"{impl} {dtype} ties")
+    signed = noise - 0.5  # negative values too (the interpreter once compared bf16 bits)
+    got = random_masking(N, L, ratio, noise=signed, impl=impl)
+    _assert_ids_equal(got, _stable_reference(signed.cpu(), 16), f"{impl} {dtype} signed ties")
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])

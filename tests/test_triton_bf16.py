@@ -118,3 +118,24 @@ def test_bf16_subnormals_widen_exactly():
 def _widen_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.float32), mask=offs < n)  # (n,) bf16 -> fp32
+
+
+@triton.jit
+def _arith_kernel(x_ptr, y_ptr, s_ptr, lt_ptr, mx_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)  # (BLOCK,) bf16
+    y = tl.load(y_ptr + offs)  # (BLOCK,) bf16
+    tl.store(s_ptr + offs, x + y)  # (BLOCK,) bf16
+    tl.store(lt_ptr + offs, (x < y).to(tl.int32))  # (BLOCK,) int32
+    tl.store(mx_ptr + offs, tl.maximum(x, y))  # (BLOCK,) bf16
+
+
+def test_bf16_arithmetic_and_comparisons_act_on_the_values():
+    """x + y rounded once (as torch: the fp32 sum rounded to bf16), x < y and max by value (the bits of a
+    negative bf16 compared above every positive one)."""
+    n = 256
+    x, y = torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
+    s, mx = torch.empty_like(x), torch.empty_like(x)
+    lt = torch.empty(n, dtype=torch.int32)
+    _arith_kernel[(1,)](x, y, s, lt, mx, BLOCK=n)
+    assert torch.equal(s, x + y) and torch.equal(lt, (x < y).int()) and torch.equal(mx, torch.maximum(x, y))

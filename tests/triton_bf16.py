@@ -16,12 +16,15 @@ operations get that wrong (triton 3.6 to 3.9):
 * **casts between bf16 and ints, bools, fp16 or fp64** (`cast_impl`'s plain `astype`) took the value's
   low 16 bits as the bf16 (`True` became 9e-41), or the bf16's bits as an integer: now through fp32.
 
-Left as they are (no maefast kernel does them): arithmetic and comparisons on bf16 values themselves
-(`x + y`, `tl.maximum` on bf16 act on the bits; the kernels compute in fp32).
+* **arithmetic and comparisons of bf16 values** (`x + y`, `x < y`, `tl.maximum`) acted on the bits
+  (a negative bf16 compared above every positive one): now on the fp32 values, a result rounded once.
 
-`install()` patches `InterpreterBuilder.create_dot`, `InterpreterBuilder.cast_impl` and
-`triton.runtime.interpreter._convert_float` (what `cast_impl`, `create_fp_to_fp` and `get_bf16` convert
-fp32 <-> bf16 with).
+Left as they are (no maefast kernel does them): math functions of bf16 values (`tl.exp`, `tl.sqrt`;
+the kernels compute them in fp32).
+
+`install()` patches `InterpreterBuilder.create_dot`, `.cast_impl` and `.binary_op` (every two-operand
+arithmetic, comparison, min and max) and `triton.runtime.interpreter._convert_float` (what `cast_impl`,
+`create_fp_to_fp` and `get_bf16` convert fp32 <-> bf16 with).
 tests/conftest.py installs it for every test run under the interpreter; `MAEFAST_INTERP_BF16=0` turns it
 off (then the tests that depend on it fail, which is how tests/test_triton_bf16.py shows it is needed).
 A triton whose interpreter lacks those names fails `install()` loudly.
@@ -66,17 +69,17 @@ def install() -> None:
     from triton.runtime import interpreter as itp
 
     ib = itp.InterpreterBuilder
-    names = [(ib, "create_dot"), (ib, "cast_impl"), (itp, "_convert_float"), (itp, "TensorHandle"),
-             (itp, "_get_np_dtype")]
+    names = [(ib, "create_dot"), (ib, "cast_impl"), (ib, "binary_op"), (itp, "_convert_float"),
+             (itp, "TensorHandle"), (itp, "_get_np_dtype")]
     missing = [n for o, n in names if not hasattr(o, n)]
     if missing:
         raise RuntimeError(f"tests/triton_bf16.py: this triton's interpreter has no {missing}: update the patch")
-    dot, cast, convert = ib.create_dot, ib.cast_impl, itp._convert_float
+    dot, cast, binary, convert = ib.create_dot, ib.cast_impl, ib.binary_op, itp._convert_float
     rtne, rtz = itp._ir.ROUNDING_MODE.RTNE, itp._ir.ROUNDING_MODE.RTZ  # `x.to(tl.bfloat16)` passes None: RTNE
 
     @functools.wraps(dot)
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        bf16 = [h.dtype.scalar == tl.bfloat16 for h in (a, b, d)]
+        bf16 = [h.dtype.scalar == tl.bfloat16 and h.data.dtype == np.uint16 for h in (a, b, d)]
         if not any(bf16):
             return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         a_data, b_data, d_data = (bf16_bits_to_f32(h.data) if is_bf16 else h.data
@@ -88,13 +91,29 @@ def install() -> None:
 
     @functools.wraps(cast)
     def cast_impl(self, src, dst_type):
+        # a handle's dtype can be its operands' (a comparison of bf16 values holds bools "as bf16"): bf16 is
+        # what holds bf16 bits
         s, d = src.dtype.scalar, dst_type.scalar
-        if (s == tl.bfloat16) == (d == tl.bfloat16) or tl.float32 in (s, d):
+        from_bf16, to_bf16 = s == tl.bfloat16 and src.data.dtype == np.uint16, d == tl.bfloat16
+        if from_bf16 == to_bf16 or (from_bf16 and d == tl.float32) or (to_bf16 and s == tl.float32):
             return cast(self, src, dst_type)  # no bf16, or bf16 <-> fp32 (through _convert_float, below)
-        if d == tl.bfloat16:  # ints, bools, fp16, fp64 -> bf16 (it took their values' low 16 bits): through fp32
+        if to_bf16:  # ints, bools, fp16, fp64 -> bf16 (it took their values' low 16 bits): through fp32
             return itp.TensorHandle(f32_to_bf16_bits(src.data.astype(np.float32)), d)
         # bf16 -> ints, bools, fp16, fp64 (it converted the bits as an integer): from the fp32 value
         return itp.TensorHandle(bf16_bits_to_f32(src.data).astype(itp._get_np_dtype(dst_type)), d)
+
+    @functools.wraps(binary)
+    def binary_op(self, lhs, rhs, op):
+        if not any(h.dtype.scalar == tl.bfloat16 and h.data.dtype == np.uint16 for h in (lhs, rhs)):
+            return binary(self, lhs, rhs, op)
+        # arithmetic and comparisons of bf16 values (it compared and added their bits): on the fp32 values,
+        # a result rounded to bf16 once
+        f32 = [itp.TensorHandle(bf16_bits_to_f32(h.data), tl.float32) if h.data.dtype == np.uint16 else h
+               for h in (lhs, rhs)]
+        out = binary(self, *f32, op)
+        if out.data.dtype == np.float32:
+            return itp.TensorHandle(f32_to_bf16_bits(out.data), tl.bfloat16)
+        return itp.TensorHandle(out.data, lhs.dtype.scalar)  # a comparison's bools, typed as it typed them
 
     @functools.wraps(convert)
     def convert_float(input, input_dtype, output_dtype, rounding_mode):
@@ -106,5 +125,6 @@ def install() -> None:
 
     ib.create_dot = create_dot
     ib.cast_impl = cast_impl
+    ib.binary_op = binary_op
     itp._convert_float = convert_float
     _installed = True
