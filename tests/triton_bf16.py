@@ -19,8 +19,8 @@ operations get that wrong (triton 3.6 to 3.9):
 * **arithmetic and comparisons of bf16 values** (`x + y`, `x < y`, `tl.maximum`) acted on the bits
   (a negative bf16 compared above every positive one): now on the fp32 values, a result rounded once.
 
-Left as they are (no maefast kernel does them): math functions of bf16 values (`tl.exp`, `tl.sqrt`;
-the kernels compute them in fp32).
+Left as they are (no maefast kernel does them): math functions and reductions of bf16 values
+(`tl.exp`, `tl.sqrt`, `tl.sum`; the kernels compute them in fp32).
 
 `install()` patches `InterpreterBuilder.create_dot`, `.cast_impl` and `.binary_op` (every two-operand
 arithmetic, comparison, min and max) and `triton.runtime.interpreter._convert_float` (what `cast_impl`,
