@@ -36,8 +36,8 @@ def pytest_configure(config):
         from triton_memcheck import install
 
         install()
-    # The interpreter's bf16 tl.dot multiplies raw bits and its fp32 -> bf16 casts truncate: patched to
-    # compute as a GPU does, so the bf16 paths are tested here too (tests/triton_bf16.py).
+    # The interpreter computes on bf16 values' raw bits (tl.dot, casts, comparisons) and truncates fp32 ->
+    # bf16: patched to compute as a GPU does, so the bf16 paths are tested here too (tests/triton_bf16.py).
     if os.environ.get("MAEFAST_INTERP_BF16", "1") != "0":
         from triton_bf16 import install as bf16_as_on_a_gpu
 

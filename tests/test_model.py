@@ -1,7 +1,5 @@
 """The fast MAE (maefast.models.MaskedAutoencoderViT): same loss and gradients as the official
 computation (maefast.patch of other models: tests/test_patching.py)."""
-import os
-
 import pytest
 import torch
 
@@ -9,6 +7,7 @@ import maefast
 from maefast.models import MaskedAutoencoderViT, create_model, resolve_model_name
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from maefast.testing import assert_error_ratio
+from test_block import _interpreter_or_skip
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)  # head dims 16 and 16
@@ -75,15 +74,9 @@ def test_fast_path_equals_official_fp32(norm_pix, fused):
         _assert_grads_equal(g1, g0)
 
 
-def _triton_or_skip():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU run of the Triton kernels needs TRITON_INTERPRET=1")
-
-
 @pytest.mark.slow
 def test_fast_path_triton_interpreter_equals_official():
-    _triton_or_skip()
+    _interpreter_or_skip()
     torch.manual_seed(0)
     cfg = dict(TINY, depth=1)
     m = MaskedAutoencoderViT(**cfg, norm_pix_loss=True)
@@ -105,7 +98,7 @@ def test_bf16_autocast_within_tolerance(fused, impl):
     on the CPU; `triton` runs every Triton kernel (interpreted here: its bf16 dots and roundings patched
     to a GPU's, tests/triton_bf16.py)."""
     if impl == "triton":
-        _triton_or_skip()
+        _interpreter_or_skip()
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, fused=fused)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)

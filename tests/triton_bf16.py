@@ -5,9 +5,8 @@ The interpreter holds bf16 values as their raw uint16 bits (numpy has no bfloat1
 operations get that wrong (triton 3.6 to 3.9):
 
 * **`tl.dot` with bf16 operands** hands the uint16 bits to `np.matmul(..., dtype=float32)`, which
-  multiplies the integers the bits spell, not the numbers: the result is garbage. The fix widens each
-  bf16 operand to fp32 first (exact: a bf16 is the top half of an fp32) and, for a bf16 accumulator,
-  narrows the sum back.
+  multiplies the integers the bits spell, not the numbers: the result is garbage. The fix widens both
+  bf16 operands to fp32 first (exact: a bf16 is the top half of an fp32).
 * **fp32 -> bf16 casts** drop the low 16 bits (rounding toward zero; its RTNE mode rounds ties up;
   subnormals come out wrong in both); a GPU (and torch) rounds to nearest, ties to even. The fix
   rounds to nearest even (NaN stays NaN; an overflow becomes inf, as on a GPU); an explicit
@@ -79,15 +78,10 @@ def install() -> None:
 
     @functools.wraps(dot)
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        bf16 = [h.dtype.scalar == tl.bfloat16 and h.data.dtype == np.uint16 for h in (a, b, d)]
-        if not any(bf16):
-            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        a_data, b_data, d_data = (bf16_bits_to_f32(h.data) if is_bf16 else h.data
-                                  for h, is_bf16 in zip((a, b, d), bf16))
-        acc = np.matmul(a_data.astype(np.float32), b_data.astype(np.float32), dtype=np.float32) + d_data
-        if bf16[2]:
-            return itp.TensorHandle(f32_to_bf16_bits(acc), d.dtype.scalar)
-        return itp.TensorHandle(acc.astype(d.data.dtype), d.dtype.scalar)
+        # bf16 operands (tl.dot refuses mixed operands and a bf16 accumulator): widened, the fp32 dot
+        if a.dtype.scalar == tl.bfloat16 and a.data.dtype == np.uint16:
+            a, b = (itp.TensorHandle(bf16_bits_to_f32(h.data), tl.float32) for h in (a, b))
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     @functools.wraps(cast)
     def cast_impl(self, src, dst_type):
