@@ -97,3 +97,17 @@ def test_argument_checks_name_the_argument(case, impl):
     _, call, exc, match = case
     with pytest.raises(exc, match=match):  # the checks run before any backend is chosen
         call(impl)
+
+
+@needs_triton
+def test_random_masking_kernels_take_exactly_kernel_max_patches():
+    """The patch limit is inclusive: KERNEL_MAX_PATCHES itself runs the kernels (explicitly, and under auto
+    on a GPU); one more is refused (above). Resolved without a launch: 4096 interpreted patches take minutes."""
+    from maefast.ops.masking import _resolve
+
+    dev = _dev()
+    assert _resolve("triton", dev, KERNEL_MAX_PATCHES, None) == "triton"
+    assert _resolve("triton", dev, KERNEL_MAX_PATCHES, torch.empty(1, 1, dtype=torch.float64)) == "triton"
+    if dev.type == "cuda":
+        assert _resolve("auto", dev, KERNEL_MAX_PATCHES, None) != "reference"
+        assert _resolve("auto", dev, KERNEL_MAX_PATCHES + 1, None) == "reference"

@@ -374,6 +374,34 @@ def test_a_mask_that_requires_grad_is_refused():
         norm_pix_loss(c.pred_all, c.imgs, soft, 8)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_mask_is_summed_in_fp32(impl, mask_dtype, device):
+    """A bf16/fp16 weight mask: sum(w) in fp32, as the reference's mask.float().sum(), not rounded to the
+    mask's dtype (36 weights of bf16(0.7) sum to 25.17, not a bf16 value)."""
+    c = Case(3, 32, 48, 8, 0.5, torch.float32, device)
+    w = (c.mask * 0.7).to(mask_dtype)
+    loss = norm_pix_loss(c.pred_all, c.imgs, w, c.p, impl=impl)
+    ref = R.forward_loss(c.imgs, c.pred_all, w.float(), c.p, True)
+    assert_close(loss, ref, torch.float32, name="loss")
+    g, = torch.autograd.grad(loss, c.pred_all)
+    assert_grad_close(g, torch.autograd.grad(ref, c.pred_all)[0], torch.float32, name="grad pred")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_small_and_zero_weight_sums_are_not_clamped(impl, device):
+    """sum(w) < 1 divides by sum(w) (weights 1e-3: the weighted mean, not 1e-3 times it), and an all-zero
+    mask gives the official 0/0 = NaN, not 0."""
+    c = Case(3, 32, 48, 8, 0.5, torch.float32, device)
+    w = c.mask * 1e-3
+    assert_close(norm_pix_loss(c.pred_all, c.imgs, w, c.p, impl=impl),
+                 R.forward_loss(c.imgs, c.pred_all, w, c.p, True), torch.float32, name="loss, sum(w) < 1")
+    zero = torch.zeros_like(c.mask)
+    with torch.no_grad():
+        assert torch.isnan(norm_pix_loss(c.pred_all, c.imgs, zero, c.p, impl=impl))
+        assert torch.isnan(R.forward_loss(c.imgs, c.pred_all, zero, c.p, True))
+
+
 # -- GPU only (written for the card; run by scripts/gpu_check) --------------------------------------
 
 # (N, H, W, p, ratio, norm_pix): few cases, each Triton specialisation costs a compile on the card.

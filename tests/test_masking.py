@@ -180,6 +180,9 @@ def test_opcheck():
     (dict(batch=-1), ValueError, "batch"),
     (dict(num_patches=0), ValueError, "num_patches"),
     (dict(batch=2.0), TypeError, "batch"),
+    (dict(batch=True), TypeError, "batch must be an int, got bool"),  # True would be batch 1
+    (dict(num_patches=True), TypeError, "num_patches must be an int, got bool"),
+    (dict(noise=torch.rand(2, 10), device="meta"), ValueError, "differs from noise.device"),
     (dict(noise=torch.rand(2, 9)), ValueError, "noise must have shape"),
     (dict(noise=torch.ones(2, 10, dtype=torch.int64)), TypeError, "floating point"),
     (dict(noise=torch.rand(2, 10), seed=3), ValueError, "not both"),
@@ -195,6 +198,39 @@ def test_bad_inputs(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         random_masking(args.pop("batch"), args.pop("num_patches"), args.pop("mask_ratio"), **args)
+
+
+def test_bad_impl_is_refused_on_the_meta_device_too():
+    """On meta with no tensor input (the op answers with the fake's shapes before resolving impl) a
+    misspelt impl still raises, as on every other device."""
+    with pytest.raises(ValueError, match="impl"):
+        random_masking(2, 16, 0.75, seed=1, device="meta", impl="fast")
+
+
+def test_custom_op_needs_noise_or_seed():
+    """The op called directly (torch.ops, a traced graph) names the missing input."""
+    with pytest.raises(ValueError, match="needs noise or a seed"):
+        torch.ops.maefast.random_masking.default(2, 10, 5, None, None, 0, torch.device("cpu"), "reference")
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.no_triton_launch  # an empty grid: nothing to launch
+def test_empty_batch(device, impl):
+    """batch 0 is allowed: empty outputs of the right shapes and dtypes."""
+    for kw in (dict(seed=1, device=device), dict(noise=torch.rand(0, 16, device=device))):
+        got = random_masking(0, 16, 0.75, impl=impl, **kw)
+        assert [tuple(t.shape) for t in got] == [(0, 4), (0, 16), (0, 16)]
+        assert [t.dtype for t in got] == [torch.int64, torch.int64, torch.float32]
+
+
+def test_unseeded_calls_draw_fresh_masks():
+    """seed=None draws a new seed from torch's default generator on every call: two calls differ (a
+    constant seed would pass the reproducibility test above and train on one mask per batch shape)."""
+    torch.manual_seed(3)
+    a, b = random_masking(4, 196, 0.75), random_masking(4, 196, 0.75)
+    assert not torch.equal(a.mask, b.mask)
+    torch.manual_seed(4)
+    assert not torch.equal(random_masking(4, 196, 0.75).mask, a.mask)
 
 
 def test_unavailable_impl_raises_with_reason():

@@ -49,6 +49,7 @@ def _loss(model, return_pred=True):
 
 def _check(fast, ref, slow: str | None, return_pred=True):
     """fast equals ref; a SlowPathWarning matching `slow` (None: no warning, the fast path served it)."""
+    routing._WARNED.clear()  # a reason warned earlier in the test would otherwise go unsaid: "no warning" proves nothing
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         got = _loss(fast, return_pred)
@@ -154,6 +155,18 @@ def test_dropout_added_after_earlier_calls_is_seen():
     _check(fast.train(), ref.train(), "Dropout(p=0.5) is active in training mode")
     fast.eval(), ref.eval()
     _check(fast, ref, None)
+
+
+def test_slow_path_warning_points_at_the_users_call():
+    """The SlowPathWarning's stacklevel reaches the model(...) call through nn.Module's call wrappers."""
+    fast, _ = _pair()
+    fast.blocks[0].register_forward_hook(lambda mod, args, out: out)
+    imgs, noise = _inputs()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fast(imgs, 0.75, noise)
+    slow = [w for w in said if issubclass(w.category, SlowPathWarning)]
+    assert len(slow) == 1 and slow[0].filename == __file__, [(w.filename, w.lineno) for w in slow]
 
 
 def test_fused_block_computes_only_torch_layernorms_in_one_op():
