@@ -49,7 +49,7 @@ def _loss(model, return_pred=True):
 
 def _check(fast, ref, slow: str | None, return_pred=True):
     """fast equals ref; a SlowPathWarning matching `slow` (None: no warning, the fast path served it)."""
-    routing._WARNED.clear()  # a reason warned earlier in the test would otherwise go unsaid: "no warning" proves nothing
+    routing._WARNED.clear()  # a reason warned earlier in the test would go unsaid: "no warning" would prove nothing
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         got = _loss(fast, return_pred)
