@@ -205,6 +205,10 @@ class Runner:
         if self.left() < 5 and not self.dry:
             st.update(rc="skipped", note="preset budget spent")
             return -1, ""
+        if margin and budget <= margin and not self.dry:  # pytest's deadline would be past: no case would start
+            st.update(rc="skipped", note=f"preset budget spent: {budget:.0f} s left, not over its longest case "
+                                         f"({margin} s)")
+            return -1, ""
         full_env = dict(os.environ, **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         full_env["MAEFAST_DEADLINE"] = str(time.time() + budget - margin)
@@ -602,6 +606,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.budget) - set(BUDGET))
     if unknown:
         ap.error(f"--budget: unknown step(s) {unknown}; steps: {', '.join(BUDGET)}")
+    short = [f"{k}={v:g} (margin {BUDGET[k][1]} s)" for k, v in args.budget.items() if v <= BUDGET[k][1]]
+    if short:  # its pytest would start no case: the deadline is the budget less the margin (its longest case)
+        ap.error(f"--budget: {', '.join(short)}: a step's budget must exceed its margin, the time its longest "
+                 "case takes")
     if not args.dry_run and rec.git_commit() == "unknown":  # a record that cannot name its commit is worthless
         print("gpu_check: refusing a GPU run with no commit to record (no .git here, MAEFAST_COMMIT unset or not a "
               "commit sha): run MAEFAST_COMMIT=<sha> scripts/gpu_check.sh ..., <sha> from `git rev-parse HEAD` in the "

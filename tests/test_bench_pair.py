@@ -256,3 +256,99 @@ def test_torch_native_ratios_take_the_fastest_native_row():
 def test_summary_percentiles():
     s = timing._summary([float(x) for x in range(1, 11)])
     assert (s["p20_ms"], s["median_ms"], s["p80_ms"]) == (3.0, 5.5, 8.0)
+
+
+# -- maefast.timing's summaries, CPU timer, measured peak and ratios (from a mutation audit: each of these
+#    passed a wrong index, factor, keyword or comparison) --
+
+def test_summary_min_and_mean():
+    s = timing._summary([6.0, 1.0, 2.0])
+    assert (s["min_ms"], s["median_ms"], s["mean_ms"], s["reps"]) == (1.0, 2.0, 3.0, 3)
+
+
+def test_time_cpu_warms_up_then_times_min_reps_to_max_reps_within_its_budget(monkeypatch):
+    """`warmup` untimed calls; then timed calls until `budget_s` is spent (at least `min_reps`, at most
+    `max_reps`); ms per call."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def fn():
+        calls.append(clock["t"])
+        clock["t"] += 0.002  # 2 ms a call
+
+    s = timing.time_cpu(fn, warmup=2, min_reps=3, max_reps=20, budget_s=0.011)
+    assert len(calls) == 2 + 6 and s["reps"] == 6  # the budget, from after the warm-up: 6 calls to pass 11 ms
+    assert s["median_ms"] == pytest.approx(2.0) and s["min_ms"] == pytest.approx(2.0)
+    assert timing.time_cpu(fn, warmup=0, min_reps=1, max_reps=4, budget_s=10.0)["reps"] == 4
+    assert timing.time_cpu(fn, warmup=0, min_reps=3, max_reps=20, budget_s=0.0)["reps"] == 3
+
+
+def test_time_interleaved_rounds_the_calls_per_round_to_the_nearest(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+
+    def fn():
+        clock["t"] += 0.006  # 6 ms a call
+
+    (a,) = timing.time_interleaved([fn], "cpu", rounds=1, round_ms=10.0, warmup_ms=0.0)
+    assert a["calls_per_round"] == 2  # 10 ms / 6 ms = 1.67 calls: 2, not 1
+
+
+def test_time_fn_gives_the_cpu_timer_its_own_keywords(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(timing, "time_cpu", lambda fn, **kw: seen.update(kw) or timing._summary([1.0]))
+    timing.time_fn(lambda: None, "cpu", warmup_ms=200.0, rep_ms=200.0, min_reps=5, flush_l2=False, budget_s=0.3)
+    assert seen == {"min_reps": 5, "budget_s": 0.3}  # measure_peak's keywords: the CUDA ones dropped
+
+
+def test_measure_peak_counts_2mnk_flops_over_the_fastest_call_and_read_plus_write_bytes(monkeypatch):
+    """The CPU's branch (fp32 1024^3 matmul, a 2^23-float copy) with its timer faked: each call's fastest
+    time 2 ms, median 4 ms. FLOPs 2*M*N*K over the fastest matmul call (a median under a ramping clock
+    understates the peak); bytes read + written over the copy's median; cached, the caller gets a copy."""
+    seen = []
+
+    def fake_time_fn(fn, dev, **kw):
+        seen.append(kw)
+        return {"median_ms": 4.0, "min_ms": 2.0}
+
+    monkeypatch.setattr(timing, "time_fn", fake_time_fn)
+    monkeypatch.setattr(timing, "_PEAK", {})
+    tflops = 2 * 1024**3 / 2e-3 / 1e12
+    for _ in range(3):  # measured by the first call; each call gives its caller a copy of the cached peak
+        p = timing.measure_peak("cpu")
+        assert p["matmul_tflops"] == pytest.approx(tflops) and p["matmul_shapes"] == [[1024, 1024, 1024]]
+        assert p["copy_gbps"] == pytest.approx(2 * 2**23 * 4 / 4e-3 / 1e9) and p["copy_bytes"] == 2**23 * 4
+        p["matmul_tflops"] = 0.0
+    assert len(seen) == 2  # one copy and one matmul, timed once
+
+
+def test_throughput_fractions_are_of_their_own_peaks_and_the_ridge_point():
+    peak = {"matmul_tflops": 100.0, "copy_gbps": 2000.0, "matmul_spec_tflops": 200.0}
+    out = timing.throughput(2.0, flops=1e11, bytes_moved=2e9, peak=peak)  # 50 TFLOP/s, 1000 GB/s
+    assert out == pytest.approx({"tflops": 50.0, "frac_peak_flops": 0.5, "frac_spec_flops": 0.25, "gbps": 1000.0,
+                                 "frac_peak_bw": 0.5})
+    assert timing.throughput(2.0, flops=1e11) == pytest.approx({"tflops": 50.0})  # no peak: the rates alone
+    assert timing.ridge_point(peak) == pytest.approx(50.0)  # FLOP/byte: 100e12 / 2000e9
+
+
+def test_speedup_never_sets_a_graph_replay_against_an_eager_time():
+    graph_only = {"time_ms": 2.0, "cuda_graph": True}  # captured, no eager time recorded
+    eager = {"time_ms": 4.0, "cuda_graph": False}
+    assert timing.speedup(graph_only, eager) is None and timing.speedup(eager, graph_only) is None
+    assert timing.speedup(dict(graph_only, eager_time_ms=6.0), eager) == pytest.approx(1.5)
+
+
+def test_best_rival_skips_the_rivals_it_cannot_compare_with():
+    row = {"time_ms": 2.0, "cuda_graph": False}
+    rivals = [{"time_ms": 3.0, "cuda_graph": False}, {"time_ms": 1.0, "cuda_graph": True}, {"time_ms": 5.0}]
+    rival, x = timing.best_rival(rivals, row)
+    assert rival is rivals[0] and x == pytest.approx(1.5)  # the closest comparable rival; the graph-only one skipped
+    assert timing.best_rival([rivals[1]], row) is None
+
+
+def test_spec_peak_reads_the_most_specific_card_name():
+    assert timing.spec_bf16_tflops("NVIDIA H100 PCIe") == 756.5 and timing.spec_bf16_tflops("NVIDIA H100 NVL") == 835.5
+    assert timing.spec_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert timing.spec_bf16_tflops("NVIDIA H200 NVL") == 835.5 and timing.spec_bf16_tflops("NVIDIA H200") == 989.4
+    assert timing.spec_bf16_tflops("NVIDIA GB200") == 2500.0 and timing.spec_bf16_tflops("Tesla T4") is None

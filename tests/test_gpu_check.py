@@ -616,3 +616,166 @@ def test_profile_step_attention_ratio_is_against_the_fastest_torch_native(monkey
     out = tmp_path / "p.json"
     assert profile_step.main(["--providers", ",".join(fake), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["attention_ms_ratio"] == 0.5
+
+
+# -- a step's budget, the deadline it hands pytest, the reserve, the dry run (from a mutation audit) --
+
+def _runner(tmp_path, preset_budget, budget=None, dry_run=False):
+    import argparse
+
+    import gpu_check
+
+    return gpu_check.Runner("step", argparse.Namespace(dry_run=dry_run, work=str(tmp_path / "work"),
+                                                       out=str(tmp_path / "out"), preset_budget=preset_budget,
+                                                       budget=budget or {}))
+
+
+# what is left of the step's deadline when it starts (MAEFAST_DEADLINE: seconds since the epoch)
+_DEADLINE_LEFT = [sys.executable, "-c", "import os, time; print(float(os.environ['MAEFAST_DEADLINE']) - time.time())"]
+
+
+def test_a_steps_budget_is_clipped_to_the_presets_and_pytests_deadline_keeps_its_margin(tmp_path):
+    """BUDGET's nominal budget (or --budget's) clipped to what is left of the preset's less RESERVE_S (the
+    record's writing); the last step gets all that is left unless --budget names it; pytest stops starting
+    cases the step's margin (its longest case) before the budget ends."""
+    import gpu_check
+
+    assert gpu_check.BUDGET["step-rows"] == (110, 30) and gpu_check.RESERVE_S == 8
+    def deadline_left(name, want, **kw):  # the child starts after the deadline is set: at most `want`
+        rc, out = r.run(name, _DEADLINE_LEFT, **kw)
+        assert rc == 0 and want - 10 < float(out) <= want + 0.5, (name, out)
+
+    r = _runner(tmp_path, 100.0, budget={"step-more": 60.0})
+    try:
+        deadline_left("step-rows", 92 - 30)  # nominal 110 s > 100 - 8 left: clipped to ~92, less its margin
+        assert r.record["steps"]["step-rows"]["budget_s"] in (90, 91, 92)
+        deadline_left("step-more", 60 - 45, last=True)  # last, but --budget names it: 60 s kept, margin 45
+        assert r.record["steps"]["step-more"]["budget_s"] == 60
+        left = r.left()
+        r.run("step-compiled", _DEADLINE_LEFT, last=True)  # the last step: all that is left
+        assert r.record["steps"]["step-compiled"]["budget_s"] == pytest.approx(left, abs=3) and left > 85
+    finally:
+        r.log.close()
+
+
+def test_a_step_left_no_more_than_its_margin_is_skipped_and_a_budget_under_it_refused(tmp_path, capsys):
+    """Its pytest's deadline would already be past (every case skipped after pytest's start-up): the step
+    is skipped, saying why; a --budget at or under a step's margin is a one-line usage error."""
+    import gpu_check
+
+    r = _runner(tmp_path, 8 + 70.0)  # step-compiled (margin 75) gets at most 70 s
+    try:
+        assert r.run("step-compiled", [sys.executable, "-c", "pass"], last=True) == (-1, "")
+        st = r.record["steps"]["step-compiled"]
+        assert st["rc"] == "skipped" and "not over its longest case (75 s)" in st["note"], st
+    finally:
+        r.log.close()
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--out", str(tmp_path / "o"), "--preset", "step", "--budget", "step-compiled=75"])
+    assert e.value.code == 2 and "step-compiled=75 (margin 75 s)" in capsys.readouterr().err
+
+
+def test_a_spent_preset_skips_its_steps_except_on_a_dry_run(tmp_path):
+    """Under 5 s left (10 - RESERVE_S = 2 here): a real run records the step as skipped without starting it;
+    a dry run still runs it (it checks every command), at the 5 s floor."""
+    for dry in (False, True):
+        r = _runner(tmp_path / str(dry), 10.0, dry_run=dry)
+        try:
+            rc, _ = r.run("step-rows", [sys.executable, "-c", "pass"])
+            st = r.record["steps"]["step-rows"]
+            assert st["budget_s"] == 5
+            assert (rc, st["rc"]) == ((0, 0) if dry else (-1, "skipped")), st
+        finally:
+            r.log.close()
+
+
+def test_every_pytest_steps_margin_is_inside_its_budget():
+    """A margin at or above its step's budget puts pytest's deadline at the start: every case skipped."""
+    import gpu_check
+
+    assert all(0 <= margin < budget for budget, margin in gpu_check.BUDGET.values()), gpu_check.BUDGET
+    assert gpu_check.PRESET_BUDGET_S == 290
+
+
+def test_a_step_at_its_budget_is_interrupted_before_it_is_killed():
+    """SIGINT first (pytest then writes its junit XML and the rows it has), SIGKILL only after the grace."""
+    import gpu_check
+
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(3)))\n"
+            "print('ready', flush=True)\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=os.setpgrp)
+    assert proc.stdout.readline() == b"ready\n"
+    out = gpu_check._stop_group(proc, grace=10.0)
+    assert b"interrupted" in out and proc.returncode == 3
+
+
+def test_main_counts_skipped_steps_as_no_failure_and_a_dry_run_needs_no_commit(tmp_path, monkeypatch):
+    import signal
+
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check.rec, "git_commit", lambda: "unknown")  # a tree without .git
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        for steps, want in (({"a": 0, "b": "skipped"}, 0), ({"a": 0, "b": 1}, 1)):
+            monkeypatch.setitem(gpu_check.RUN, "table2", lambda r, s=steps: r.record["steps"].update(
+                {k: {"rc": v, "seconds": 0.0, "budget_s": 5} for k, v in s.items()}))
+            assert gpu_check.main(["--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--dry-run",
+                                   "--preset", "table2"]) == want
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--out", str(tmp_path / "o"), "--preset", "step", "--budget", "step-row=30"])
+        assert e.value.code == 2  # a typo in a step's name: refused, not silently unbudgeted
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def test_sigterm_stops_the_running_step_and_saves_the_record(tmp_path):
+    """The device tool's time limit (SIGTERM to gpu_check): main's handler stops the running step and saves
+    the record, incomplete and saying why."""
+    import signal
+    import time
+
+    code = ("import sys, gpu_check\n"
+            "gpu_check.RUN['table2'] = lambda r: r.run('table2', [sys.executable, '-c',\n"
+            "                                                  'import time; time.sleep(60)'])\n"
+            "sys.exit(gpu_check.main(sys.argv[1:]))")
+    out = tmp_path / "o"
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "scripts"), _env()["PYTHONPATH"]]))
+    p = subprocess.Popen([sys.executable, "-c", code, "--out", str(out), "--work", str(tmp_path / "w"), "--dry-run",
+                          "--preset", "table2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):  # the step has started: its command is in the log
+            if (out / "table2-log.txt").exists() and "$ " in (out / "table2-log.txt").read_text():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+    record = json.loads((out / "table2-record.json").read_text())
+    assert record["complete"] is False and "stopped by signal 15" in record["error"]
+
+
+def test_workers_zero_runs_the_cuda_tests_without_xdist(tmp_path, monkeypatch):
+    """--workers 0: one pytest process (no -n); -1: 8 xdist workers where xdist is installed."""
+    import argparse
+    import importlib.util
+
+    import gpu_check
+
+    for workers, want in ((0, None), (3, "3"), (-1, "8" if importlib.util.find_spec("xdist") else None)):
+        args = argparse.Namespace(dry_run=False, work=str(tmp_path / "w"), out=str(tmp_path / "o"),
+                                  preset_budget=60.0, budget={}, workers=workers)
+        r = gpu_check.Runner("verify", args)
+        cmds = []
+        monkeypatch.setattr(r, "run", lambda name, cmd, **kw: cmds.append(cmd) or (0, ""))
+        monkeypatch.setattr(gpu_check.rec, "junit_summary", lambda xml: {})
+        try:
+            gpu_check._cuda_tests(r, "tests", ["tests/test_ext.py"])
+        finally:
+            r.log.close()
+        (cmd,) = cmds
+        assert (cmd[cmd.index("-n") + 1] if "-n" in cmd else None) == want, cmd

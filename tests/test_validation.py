@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from maefast import _validate as V
 from maefast import reference as R
 from maefast._triton import HAS_TRITON
 from maefast.models import mae_vit_tiny_test
@@ -576,3 +577,71 @@ def test_attention_launchers_pass_every_strided_operand_through_int32_columns(mo
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse) and torch.equal(dqkv, ref_dqkv)
     with pytest.raises(ValueError, match="dqkv: its last-dim stride"):
         A.attention_bwd(dout, qkv, out, lse, 2, 0.25, dqkv=torch.empty_like(qkv))
+
+
+# -- the shared checks at their edges (maefast/_validate.py; from a mutation audit: each of these let a
+#    wrong check through) --
+
+def test_image_checks_refuse_an_empty_batch_and_give_the_grid_as_rows_then_columns():
+    with pytest.raises(ValueError, match=r"imgs must be non-empty, got shape \(0, 3, 16, 16\)"):
+        V.check_images("imgs", torch.zeros(0, 3, 16, 16), 8)
+    assert V.check_images("imgs", torch.zeros(1, 3, 16, 32), 8) == (2, 4)  # (H/p, W/p)
+
+
+def test_pixel_stats_are_refused_with_float_images_even_one_of_them():
+    imgs = torch.zeros(1, 3, 8, 8)
+    for mean, std in (((0.5,) * 3, None), (None, (0.2,) * 3)):
+        with pytest.raises(ValueError, match="taken as already normalised"):
+            V.check_pixel_stats("imgs", imgs, mean, std)
+
+
+def test_sizes_are_one_int_or_a_pair_of_ints():
+    assert V.to_2tuple("img_size", 32) == (32, 32) and V.to_2tuple("img_size", [32, 48]) == (32, 48)
+    for bad in ((32, 48, 3), (True, 8), (32,), 32.0):
+        with pytest.raises(TypeError, match="img_size must be an int or a pair of ints"):
+            V.to_2tuple("img_size", bad)
+    with pytest.raises(ValueError, match="img_size must be > 0"):
+        V.to_2tuple("img_size", (32, 0))
+
+
+def test_cu_seqlens_host_checks_at_their_edges(monkeypatch):
+    cu = torch.tensor([0, 30, 40], dtype=torch.int32)
+    assert V.check_cu_seqlens(cu, 40, None) == 30  # computed: the longest sequence
+    assert V.check_cu_seqlens(cu, 40, 35) == 35  # the given one is launched with
+    assert V.check_cu_seqlens(cu, 40, 1000) == 40  # lowered to T: no sequence is longer
+    with pytest.raises(ValueError, match=r"max_seqlen=29 is smaller than the longest sequence in cu_seqlens \(30"):
+        V.check_cu_seqlens(cu, 40, 29)
+    assert V.check_cu_seqlens(torch.tensor([0, 0], dtype=torch.int32), 0, 0) == 0  # no rows: 0 is a length
+    # offsets without values (meta; a GPU's, trusted): max_seqlen >= ceil(T/B) is still checked
+    meta = torch.empty(3, dtype=torch.int32, device="meta")  # B = 2
+    assert V.check_cu_seqlens(meta, 41, 21) == 21
+    with pytest.raises(ValueError, match=r"ceil\(T/B\) = 21"):
+        V.check_cu_seqlens(meta, 41, 20)
+    # offsets whose reading is a host sync (a GPU's): read when max_seqlen is not given, else trusted
+    monkeypatch.setattr(V, "values_on_host", lambda t: False)
+    assert V.check_cu_seqlens(cu, 40, None) == 30
+    assert V.check_cu_seqlens(torch.tensor([0, 45, 40], dtype=torch.int32), 40, 20) == 20
+
+
+def test_permutation_check_names_the_first_bad_row():
+    ids = torch.stack([torch.arange(4), torch.tensor([0, 0, 2, 3]), torch.tensor([3, 3, 1, 0])])
+    with pytest.raises(ValueError, match=r"permutation of 0\.\.3 in every row .*; row 1 is \[0, 0, 2, 3\]"):
+        V.check_permutation("ids_restore", ids)
+
+
+def test_index_range_refuses_negative_and_too_large_ids():
+    V.check_index_range("ids_keep", torch.tensor([[0, 5]]), 6)
+    for bad, got in (([[-1, 2]], r"\[-1, 2\]"), ([[0, 6]], r"\[0, 6\]")):
+        with pytest.raises(ValueError, match=r"ids_keep values must be in \[0, L=6\), got values in " + got):
+            V.check_index_range("ids_keep", torch.tensor(bad), 6)
+
+
+def test_small_checks_at_their_edges():
+    for shape in ((2, 3), (2, 3, 4, 5)):  # too few and too many dimensions
+        with pytest.raises(ValueError, match=r"x must have 3 dimensions, got shape"):
+            V.check_tensor("x", torch.zeros(shape), ndim=3)
+    assert V.check_int("in_chans", 1, 1) == 1  # the bound itself is allowed
+    np = pytest.importorskip("numpy")
+    assert V.check_bool("flag", np.False_) is False
+    with pytest.raises(TypeError, match="flag must be True or False, got numpy.int64"):
+        V.check_bool("flag", np.int64(1))  # numpy's bool scalar only, not any numpy number
