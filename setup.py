@@ -78,7 +78,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40", "scipy"],  # scipy: the crop-box KS tests
+        # pytest-xdist: the README's test command runs a worker per core; scipy: the crop-box KS tests
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "pytest-benchmark>=4", "transformers>=4.40", "scipy"],
     },
     entry_points={"console_scripts": ["maefast = maefast.cli:main"]},
 )

@@ -44,6 +44,13 @@ def pytest_configure(config):
         bf16_as_on_a_gpu()
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 8 on a GPU machine (each worker holds a CUDA context and the
+    `cuda` tests' paper-sized tensors: scripts/gpu_check.py's tests step runs 8 too)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(n, 8) if _HAS_CUDA else n
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:  # `-m device` selects them (scripts/gpu_check.py's kernels preset, on a card)
         if "device" in getattr(item, "fixturenames", ()):
