@@ -340,6 +340,8 @@ def _cuda_tests(r: Runner, name: str, targets: list[str], marker: str = "cuda") 
     if r.dry:
         r.record["steps"][name]["collected"] = sum(1 for ln in out.splitlines() if "::" in ln)
         return None
+    if r.record["steps"].get(name, {}).get("rc") == "skipped":  # not started: its note says why, kept
+        return None
     return rec.junit_summary(xml)
 
 
@@ -606,10 +608,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.budget) - set(BUDGET))
     if unknown:
         ap.error(f"--budget: unknown step(s) {unknown}; steps: {', '.join(BUDGET)}")
-    short = [f"{k}={v:g} (margin {BUDGET[k][1]} s)" for k, v in args.budget.items() if v <= BUDGET[k][1]]
+    short = [f"{k}={v:g} (margin {BUDGET[k][1]} s)" for k, v in args.budget.items()
+             if BUDGET[k][1] and v <= BUDGET[k][1]]
     if short:  # its pytest would start no case: the deadline is the budget less the margin (its longest case)
-        ap.error(f"--budget: {', '.join(short)}: a step's budget must exceed its margin, the time its longest "
-                 "case takes")
+        ap.error(f"--budget: {', '.join(short)}: a pytest step's budget must exceed its margin, the time its "
+                 "longest case takes")
     if not args.dry_run and rec.git_commit() == "unknown":  # a record that cannot name its commit is worthless
         print("gpu_check: refusing a GPU run with no commit to record (no .git here, MAEFAST_COMMIT unset or not a "
               "commit sha): run MAEFAST_COMMIT=<sha> scripts/gpu_check.sh ..., <sha> from `git rev-parse HEAD` in the "

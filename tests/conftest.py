@@ -17,6 +17,11 @@ if not _HAS_CUDA:
 
 
 def pytest_configure(config):
+    # An xdist worker: torch's threads share the CPUs with the other workers (n workers each running a
+    # thread per CPU oversubscribe them, and OpenMP's barriers then stall for whole time slices).
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and os.environ.get("PYTEST_XDIST_WORKER") and "torch" in globals():
+        torch.set_num_threads(max(1, _cpus() // int(workers)))
     # Fresh allocations start poisoned (NaN / 0xA5 bytes), as a GPU's recycled memory is never zeros: a
     # kernel leaving part of a torch.empty output unwritten, or reading it first, shows (tests/poison_alloc.py).
     if os.environ.get("MAEFAST_POISON_EMPTY", "1") != "0":
@@ -44,11 +49,18 @@ def pytest_configure(config):
         bf16_as_on_a_gpu()
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown (and ignored) without it
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker per core, at most 8 on a GPU machine (each worker holds a CUDA context and the
-    `cuda` tests' paper-sized tensors: scripts/gpu_check.py's tests step runs 8 too)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(n, 8) if _HAS_CUDA else n
+    """`-n auto` on a GPU machine: at most 8 workers (each holds a CUDA context and the `cuda` tests'
+    paper-sized tensors; scripts/gpu_check.py's tests step runs 8 too). Elsewhere, or with
+    PYTEST_XDIST_AUTO_NUM_WORKERS set, xdist's own rule (a worker per core)."""
+    if not _HAS_CUDA or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return min(_cpus(), 8)
 
 
 def pytest_collection_modifyitems(config, items):
