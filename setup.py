@@ -78,7 +78,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # pytest-xdist: the README's test command (3.6.1+: tests on each worker's main thread, as the signal tests need); scipy: the crop-box KS tests
+        # pytest-xdist: the README's test command (3.6.1+ runs tests on each worker's main thread, as the
+        # signal tests need); scipy: the crop-box KS tests
         "test": ["pytest>=7", "pytest-xdist>=3.6.1", "pytest-benchmark>=4", "transformers>=4.40", "scipy"],
     },
     entry_points={"console_scripts": ["maefast = maefast.cli:main"]},
