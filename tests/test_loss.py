@@ -186,6 +186,30 @@ def test_backward_op_matches_the_reference_gradient(impl, dtype, norm, pred_on, 
 
 @needs_triton
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_triton_forward_writes_no_residual_without_a_gradient_to_come(pred_on, device, monkeypatch):
+    """The residual w * (pred - target) is written only for a gradient to come: a pred that requires
+    grad under no_grad (evaluation) gets the loss alone, as a pred that does not require grad does."""
+    import maefast.kernels.loss as kl
+
+    fwd, fused = kl.norm_pix_loss_fwd, []
+
+    def spy(*args, **kwargs):
+        fused.append(args[6])
+        return fwd(*args, **kwargs)
+
+    monkeypatch.setattr(kl, "norm_pix_loss_fwd", spy)
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
+    pred, idx = c.args(pred_on)
+    assert pred.requires_grad
+    with torch.no_grad():
+        norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton")
+    norm_pix_loss(pred.detach(), c.imgs, idx, 8, pred_on=pred_on, impl="triton")
+    norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton")
+    assert fused == [False, False, True]
+
+
+@needs_triton
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_triton_forward_written_residual_gives_the_backward_kernels_gradient(pred_on, device):
     """With a gradient to come, the Triton forward also writes w * (pred - target) (one pass) and the
     backward only scales it: the backward kernel's gradient to within one rounding, for a unit and a

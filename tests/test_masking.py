@@ -233,6 +233,18 @@ def test_unseeded_calls_draw_fresh_masks():
     assert not torch.equal(random_masking(4, 196, 0.75).mask, a.mask)
 
 
+def test_compiled_masking_refuses_a_ratio_keeping_no_patch():
+    """Under torch.compile random_masking checks the ratio without the eager helpers (a constant message
+    for dynamo), by the same rule: 0.95 of 16 patches keeps floor(0.8) = 0, refused as eagerly (a compiled
+    call must not hand the kernels len_keep = 0)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda s: random_masking(2, 16, 0.95, seed=s).ids_keep, fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match="at least one patch"):
+        random_masking(2, 16, 0.95, seed=torch.tensor([7]))
+    with pytest.raises(Exception, match=r"open interval \(0, 1\) and keep at least one patch"):
+        f(torch.tensor([7]))
+
+
 def test_unavailable_impl_raises_with_reason():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: impl='cuda' may be available")

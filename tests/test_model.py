@@ -1,10 +1,12 @@
 """The fast MAE (maefast.models.MaskedAutoencoderViT): same loss and gradients as the official
 computation (maefast.patch of other models: tests/test_patching.py)."""
+import warnings
+
 import pytest
 import torch
 
 import maefast
-from maefast.models import MaskedAutoencoderViT, create_model, resolve_model_name
+from maefast.models import MaskedAutoencoderViT, create_model, resolve_model_name, routing
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from maefast.testing import assert_error_ratio
 from test_block import _interpreter_or_skip
@@ -253,16 +255,17 @@ def test_compile_fullgraph_native_and_patched():
     assert torch.allclose(lb, l0, rtol=1e-5) and mb.blocks[0].mlp.fc1.weight.grad is not None
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0])
+@pytest.mark.parametrize("ratio", [0.0, 0.94, 1.0])
 def test_mask_ratios_only_the_official_code_takes_run_its_forward(ratio):
     # 0 (features from forward_encoder(imgs, 0.0)) and a ratio keeping no patch: the official code runs
-    # them, maefast's fast path keeps one patch at least, so the call runs the official computation
+    # them, maefast's fast path keeps one patch at least, so the call runs the official computation.
+    # 0.94 keeps floor(16 * 0.06) = 0 of the L = 16 patches, but would keep one of L + 1 = 17 (the
+    # pos_embed rows, cls included): the rule counts the patches only
     torch.manual_seed(0)
     m = MaskedAutoencoderViT(**TINY)
     ref = ReferenceMAE(**TINY)
     ref.load_state_dict(m.state_dict())
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
-    from maefast.models import routing
 
     routing._WARNED.clear()  # one warning per reason and process
     with pytest.warns(routing.SlowPathWarning, match="fast path's rule"):
@@ -309,7 +312,6 @@ def test_bad_inputs():
         create_model("tiny", fused=True)
     # errors that named internals (x_vis, a 'device' nobody passed) or came from deep inside
     # float64 weights: maefast's kernels take none, so the official computation runs (it named x_vis)
-    from maefast.models import routing
     from maefast.models.routing import SlowPathWarning
 
     routing._WARNED.clear()  # one warning per reason and process
@@ -485,3 +487,15 @@ def test_routed_blocks_survive_deepcopy_and_pickle():
     assert torch.allclose(l3, l0(imgs, noise=noise, return_pred=False)[0])
     m.impl = "reference"  # the routed blocks still run as official blocks on the reference path
     assert torch.isfinite(m(imgs, noise=noise)[0])
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["fast", "original forward"])
+def test_noise_and_seed_together_are_refused_on_either_path(slow):
+    """noise= and seed= together are refused whichever forward the call runs: the original forward
+    (images that require a gradient) must not silently replace the given noise by the seed's."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY)
+    imgs, noise = torch.randn(2, 3, 32, 32).requires_grad_(slow), torch.rand(2, 16)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="pass either noise or seed, not both"):
+        warnings.simplefilter("ignore", routing.SlowPathWarning)
+        m(imgs, 0.75, noise, seed=3)

@@ -585,3 +585,16 @@ def test_from_transformers_model_keeps_the_configs_eps():
     assert from_transformers_model(hf).norm.eps == 1e-6
     hf.config.layer_norm_eps = 1e-12
     assert from_transformers_model(hf).blocks[0].norm1.eps == 1e-12
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.5])
+def test_a_ratio_outside_the_official_interval_is_refused_before_the_original_forward(ratio):
+    """A number outside [0, 1] is refused whichever forward the call would run: the official code does not
+    check it (1.5: int(16 * -0.5) = -8 keeps ids_shuffle[:, :-8], 8 patches; -0.5 keeps all 16), so
+    the slow path must not be its way around the check."""
+    plain, patched = _official_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in the interval \[0, 1\]"):
+        patched(imgs, ratio, noise)
+    plain(imgs, ratio)  # the unpatched official code runs it: the check is maefast's
+

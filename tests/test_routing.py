@@ -157,6 +157,17 @@ def test_dropout_added_after_earlier_calls_is_seen():
     _check(fast, ref, None)
 
 
+def test_a_hook_on_the_model_itself_keeps_the_fast_path():
+    """The model's own hooks run around its forward, fast or not: only its submodules' hooks count, also
+    beside a hook on a module the fast path calls (its norm)."""
+    fast, ref = _pair()
+    seen = []
+    _both(fast, ref, lambda m: m.register_forward_pre_hook(lambda mod, args: seen.append(mod)))
+    _both(fast, ref, lambda m: m.norm.register_forward_hook(lambda mod, args, out: out * 2))
+    _check(fast, ref, None)
+    assert fast in seen
+
+
 def test_slow_path_warning_points_at_the_users_call():
     """The SlowPathWarning's stacklevel reaches the model(...) call through nn.Module's call wrappers."""
     fast, _ = _pair()

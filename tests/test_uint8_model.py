@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maefast._triton import HAS_TRITON
-from maefast.models import MaskedAutoencoderViT
+from maefast.models import MaskedAutoencoderViT, routing
 from maefast.reference.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 from maefast.testing import assert_close, assert_grad_close
 
@@ -90,6 +90,25 @@ def test_gpu_model_uint8(impl):
     assert_close(got[0], want[0], torch.float32, name="loss", scale=10)
     for n in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"):
         assert_grad_close(got[3][n], want[3][n], torch.bfloat16, name=f"grad {n}")
+
+
+def test_the_original_forward_gets_images_normalised_with_the_calls_stats():
+    """A call the fast path hands to the original forward (dropout active in training) normalises uint8
+    images with the call's own mean/std, not ImageNet's: the loss, pred, mask and gradients of the
+    images normalised first."""
+    torch.manual_seed(0)
+    u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="auto")
+    m.blocks[0].mlp.drop = torch.nn.Dropout(0.1)  # active in train(): the original forward runs
+    m.train()
+    routing._WARNED.clear()  # one warning per reason and process
+    with pytest.warns(routing.SlowPathWarning, match="Dropout"):
+        torch.manual_seed(1)
+        got = _model_step(m, u, noise, mean=OWN[0], std=OWN[1])
+    torch.manual_seed(1)
+    want = _model_step(m, normalize(u, *OWN), noise)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
 
 
 def test_routed_calls_see_normalised_images():
