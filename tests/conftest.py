@@ -17,11 +17,6 @@ if not _HAS_CUDA:
 
 
 def pytest_configure(config):
-    # An xdist worker: torch's threads share the CPUs with the other workers (n workers each running a
-    # thread per CPU oversubscribe them, and OpenMP's barriers then stall for whole time slices).
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers and os.environ.get("PYTEST_XDIST_WORKER") and "torch" in globals():
-        torch.set_num_threads(max(1, _cpus() // int(workers)))
     # Fresh allocations start poisoned (NaN / 0xA5 bytes), as a GPU's recycled memory is never zeros: a
     # kernel leaving part of a torch.empty output unwritten, or reading it first, shows (tests/poison_alloc.py).
     if os.environ.get("MAEFAST_POISON_EMPTY", "1") != "0":

@@ -92,7 +92,7 @@ def test_gpu_model_uint8(impl):
         assert_grad_close(got[3][n], want[3][n], torch.bfloat16, name=f"grad {n}")
 
 
-def test_the_original_forward_gets_images_normalised_with_the_calls_stats():
+def test_the_original_forward_gets_images_normalised_with_the_calls_stats(monkeypatch):
     """A call the fast path hands to the original forward (dropout active in training) normalises uint8
     images with the call's own mean/std, not ImageNet's: the loss, pred, mask and gradients of the
     images normalised first."""
@@ -101,7 +101,7 @@ def test_the_original_forward_gets_images_normalised_with_the_calls_stats():
     m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="auto")
     m.blocks[0].mlp.drop = torch.nn.Dropout(0.1)  # active in train(): the original forward runs
     m.train()
-    routing._WARNED.clear()  # one warning per reason and process
+    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
     with pytest.warns(routing.SlowPathWarning, match="Dropout"):
         torch.manual_seed(1)
         got = _model_step(m, u, noise, mean=OWN[0], std=OWN[1])
@@ -111,7 +111,7 @@ def test_the_original_forward_gets_images_normalised_with_the_calls_stats():
     assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
 
 
-def test_routed_calls_see_normalised_images():
+def test_routed_calls_see_normalised_images(monkeypatch):
     """A call the fast path hands elsewhere (a subclass's own forward_loss; dropout active in training,
     which runs the original forward) gets the images normalised first, as the official code takes them."""
     seen = []
@@ -132,6 +132,7 @@ def test_routed_calls_see_normalised_images():
     m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="auto")
     m.blocks[0].mlp.drop = torch.nn.Dropout(0.1)  # active in train(): the original forward runs
     m.train()
+    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: a fresh set
     with pytest.warns(Warning, match="dropout|Dropout"):
         torch.manual_seed(1)
         got = _model_step(m, u, noise)
