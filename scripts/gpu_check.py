@@ -202,12 +202,10 @@ class Runner:
         if note:
             st["note"] = note
         self.record["steps"][name] = st
-        if self.left() < 5 and not self.dry:
-            st.update(rc="skipped", note="preset budget spent")
-            return -1, ""
-        if margin and budget <= margin and not self.dry:  # pytest's deadline would be past: no case would start
-            st.update(rc="skipped", note=f"preset budget spent: {budget:.0f} s left, not over its longest case "
-                                         f"({margin} s)")
+        # spent, or not over the step's longest case (its pytest's deadline would be past: no case would start)
+        if (self.left() < 5 or (margin and budget <= margin)) and not self.dry:
+            st.update(rc="skipped", note="preset budget spent" + (f": {budget:.0f} s left, not over its longest "
+                                                                  f"case ({margin} s)" if margin else ""))
             return -1, ""
         full_env = dict(os.environ, **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])

@@ -44,10 +44,6 @@ def pytest_configure(config):
         bf16_as_on_a_gpu()
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown (and ignored) without it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` on a GPU machine: at most 8 workers (each holds a CUDA context and the `cuda` tests'
@@ -55,7 +51,7 @@ def pytest_xdist_auto_num_workers(config):
     PYTEST_XDIST_AUTO_NUM_WORKERS set, xdist's own rule (a worker per core)."""
     if not _HAS_CUDA or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    return min(_cpus(), 8)
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -777,15 +777,13 @@ def test_sigterm_stops_the_running_step_and_saves_the_record(tmp_path):
 
 def test_workers_zero_runs_the_cuda_tests_without_xdist(tmp_path, monkeypatch):
     """--workers 0: one pytest process (no -n); -1: 8 xdist workers where xdist is installed."""
-    import argparse
     import importlib.util
 
     import gpu_check
 
     for workers, want in ((0, None), (3, "3"), (-1, "8" if importlib.util.find_spec("xdist") else None)):
-        args = argparse.Namespace(dry_run=False, work=str(tmp_path / "w"), out=str(tmp_path / "o"),
-                                  preset_budget=60.0, budget={}, workers=workers)
-        r = gpu_check.Runner("verify", args)
+        r = _runner(tmp_path, monkeypatch, 60.0)
+        r.args.workers = workers
         cmds = []
         monkeypatch.setattr(r, "run", lambda name, cmd, **kw: cmds.append(cmd) or (0, ""))
         monkeypatch.setattr(gpu_check.rec, "junit_summary", lambda xml: {})
