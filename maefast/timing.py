@@ -244,6 +244,11 @@ def spec_bf16_tflops(name: str) -> float | None:
     return next((v for part, v in SPEC_BF16_TFLOPS if part in name), None)
 
 
+# (fp32 elements copied, matmul dtype, matmul shapes (M, K, N)): 1 GiB of fp32 on a card; 32 MiB on the CPU
+_PEAK_SETUP = {"cuda": (2**28, torch.bfloat16, ((8192, 8192, 8192), (8320, 1280, 5120))),
+               "cpu": (2**23, torch.float32, ((1024, 1024, 1024),))}
+
+
 def measure_peak(device=None) -> dict:
     """The card's measured peak, once per process per device.
 
@@ -258,12 +263,7 @@ def measure_peak(device=None) -> dict:
     key = str(dev)
     if key in _PEAK:
         return dict(_PEAK[key])
-    if dev.type == "cuda":
-        n_copy, mm_dtype = 2**28, torch.bfloat16  # 1 GiB of fp32
-        shapes = ((8192, 8192, 8192), (8320, 1280, 5120))  # (M, K, N)
-    else:
-        n_copy, mm_dtype = 2**23, torch.float32  # 32 MiB
-        shapes = ((1024, 1024, 1024),)
+    n_copy, mm_dtype, shapes = _PEAK_SETUP["cuda" if dev.type == "cuda" else "cpu"]
     src = torch.empty(n_copy, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     # long warm-up: a cold GPU ramps its clocks

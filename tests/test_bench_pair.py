@@ -323,6 +323,24 @@ def test_measure_peak_counts_2mnk_flops_over_the_fastest_call_and_read_plus_writ
     assert len(seen) == 2  # one copy and one matmul, timed once
 
 
+def test_measure_peak_is_the_fastest_rate_over_its_matmul_shapes(monkeypatch):
+    """A card times two matmuls (8192^3 and ViT-H's MLP product): the peak is the higher of the two
+    rates, whichever shape gave it, not the last one timed. The CPU's setup with two small shapes and a
+    timer that makes the first shape's rate the highest."""
+    shapes = ((64, 32, 16), (32, 16, 8))
+    times = iter([1.0, 1.0, 1.0])  # the copy, then each matmul's fastest call: 1 ms each
+
+    monkeypatch.setattr(timing, "time_fn", lambda fn, dev, **kw: {"median_ms": 1.0, "min_ms": next(times)})
+    monkeypatch.setattr(timing, "_PEAK", {})
+    monkeypatch.setitem(timing._PEAK_SETUP, "cpu", (1024, torch.float32, shapes))
+    p = timing.measure_peak("cpu")
+    assert p["matmul_tflops"] == pytest.approx(2 * 64 * 32 * 16 / 1e-3 / 1e12)  # 8x the second's FLOPs
+    assert p["matmul_shapes"] == [[64, 32, 16], [32, 16, 8]] and p["matmul_n"] == 64 and p["copy_bytes"] == 4096
+    monkeypatch.setattr(timing, "_PEAK", {})
+    times = iter([1.0, 1.0, 0.01])  # the second shape now 100x faster a call: 12.5x the first's rate
+    assert timing.measure_peak("cpu")["matmul_tflops"] == pytest.approx(2 * 32 * 16 * 8 / 1e-5 / 1e12)
+
+
 def test_throughput_fractions_are_of_their_own_peaks_and_the_ridge_point():
     peak = {"matmul_tflops": 100.0, "copy_gbps": 2000.0, "matmul_spec_tflops": 200.0}
     out = timing.throughput(2.0, flops=1e11, bytes_moved=2e9, peak=peak)  # 50 TFLOP/s, 1000 GB/s

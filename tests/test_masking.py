@@ -289,6 +289,40 @@ def test_gpu_seed_same_mask_on_every_impl(N, L, ratio):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", ("auto",) + GPU_IMPLS)
+def test_gpu_device_seed_same_mask_as_int_seed(impl):
+    """A 1-element int64 seed on the output device (what a captured step feeds) is read by the kernels:
+    the same mask as the int seed, and a new value in the same tensor gives the new seed's mask."""
+    N, L, ratio, offset = 7, 196, 0.75, 2 ** 33 + 5
+    seed = torch.tensor([123456789], dtype=torch.int64, device=GPU)
+    for value in (123456789, 2 ** 62 + 17):
+        seed.fill_(value)
+        ref = random_masking(N, L, ratio, seed=value, offset=offset, device="cpu", impl="reference")
+        got = random_masking(N, L, ratio, seed=seed, offset=offset, device=GPU, impl=impl)
+        _assert_ids_equal(got, ref, f"{impl} device seed {value}")
+
+
+@pytest.mark.cuda
+def test_gpu_device_seed_refusals():
+    """The wrapper refuses a device seed that is not int64; the op itself (called directly, as a
+    compiled graph does) refuses it too; past the kernels' patch limit `auto` refuses a device seed
+    (the reference would read it on the host: a sync, and an error inside a capture)."""
+    from maefast.ops.masking import KERNEL_MAX_PATCHES
+
+    with pytest.raises(ValueError, match="1-element int64"):
+        random_masking(2, 16, 0.75, seed=torch.tensor([3], dtype=torch.int32, device=GPU), device=GPU)
+    for impl in GPU_IMPLS[1:]:
+        with pytest.raises(ValueError, match="device seed must be an int64 tensor"):
+            torch.ops.maefast.random_masking(2, 16, 4, None, torch.tensor([3], dtype=torch.int32, device=GPU), 0,
+                                             GPU, impl)
+    L = KERNEL_MAX_PATCHES + 1
+    with pytest.raises(ValueError, match="device seed needs the Triton or CUDA masking kernels"):
+        random_masking(1, L, 0.75, seed=torch.tensor([3], device=GPU), device=GPU)
+    got = random_masking(1, L, 0.75, seed=torch.tensor([3], device=GPU), device=GPU, impl="reference")
+    _assert_ids_equal(got, random_masking(1, L, 0.75, seed=3, device="cpu"), "reference, device seed past the limit")
+
+
+@pytest.mark.cuda
 def test_gpu_auto_and_statistics():
     ids = random_masking(8192, 196, 0.75, seed=4, device=GPU)
     _check_invariants(ids, 196, 49)
