@@ -34,6 +34,19 @@ def _dry_run(tmp_path, presets: str):
     return out, r.stdout
 
 
+def _runner(tmp_path, monkeypatch, preset_budget=60.0, budget=None, dry_run=False, preset="step"):
+    """gpu_check's Runner for `preset` as its command line would build it, writing under tmp_path."""
+    import argparse
+
+    import gpu_check
+
+    # no torch import, CUDA or nvidia-smi on the clock; what the printed summary needs
+    monkeypatch.setattr(gpu_check.rec, "environment", lambda: {"date": "2026-12-06", "commit": "0123456"})
+    return gpu_check.Runner(preset, argparse.Namespace(dry_run=dry_run, work=str(tmp_path / "work"),
+                                                       out=str(tmp_path / "out"), preset_budget=preset_budget,
+                                                       budget=budget or {}))
+
+
 def test_gpu_run_needs_a_preset_and_known_names(tmp_path):
     for args, msg in (([], "--preset is required"), (["--preset", "steps"], "unknown preset")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(tmp_path),
@@ -253,15 +266,12 @@ def test_attention_route_decides_only_beyond_the_spread():
     assert any("attention route huge:128: triton 114.0 ms, sdpa 111.0 ms" in x for x in lines), lines
 
 
-def test_a_signal_keeps_the_running_steps_rows_and_the_presets_summary(tmp_path):
+def test_a_signal_keeps_the_running_steps_rows_and_the_presets_summary(tmp_path, monkeypatch):
     """The device tool's time limit (SIGTERM) during a benchmark step: the rows that step finished (in its
     rows file) and the preset's summary (the profile preset's attention_route) reach the saved record."""
-    import argparse
     import gpu_check
 
-    args = argparse.Namespace(dry_run=False, work=str(tmp_path / "work"), out=str(tmp_path / "out"),
-                              preset_budget=60.0, budget={})
-    r = gpu_check.Runner("profile", args)
+    r = _runner(tmp_path, monkeypatch, preset="profile")
     h = dict(model="mae_vit_huge_patch14", batch=128)
     rows_file = tmp_path / "rows.jsonl"
     rows_file.write_text("".join(json.dumps(_row("train-step", p, t, h, captured=True)) + "\n"
@@ -495,16 +505,11 @@ def test_junit_counts_deadline_skips_apart(tmp_path):
     assert (s["passed"], s["skipped"], s["not_run"]) == (1, 1, 1)
 
 
-def test_a_step_stopped_at_its_budget_takes_its_children_with_it_and_the_record_is_kept(tmp_path):
+def test_a_step_stopped_at_its_budget_takes_its_children_with_it_and_the_record_is_kept(tmp_path, monkeypatch):
     """A step killed at its budget: its whole process group stops (a grandchild, like pytest's xdist
     workers, kept running into the next step's timings), and the preset's record is on disk after every
     step, not only at the end (a preset the device tool kills keeps what it finished)."""
-    import argparse
-    import gpu_check
-
-    args = argparse.Namespace(dry_run=False, work=str(tmp_path / "work"), out=str(tmp_path / "out"),
-                              preset_budget=60.0, budget={"diagnose": 2.0})
-    r = gpu_check.Runner("verify", args)
+    r = _runner(tmp_path, monkeypatch, budget={"diagnose": 2.0}, preset="verify")
     pid_file = tmp_path / "grandchild.pid"
     cmd = [sys.executable, "-c", "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
            "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)", str(pid_file)]
@@ -585,12 +590,9 @@ def test_loader_vs_step_reads_the_fastest_step_row():
 
 
 def test_profile_overhead_target_is_the_worst_impls(tmp_path, monkeypatch):
-    import argparse
-
     import gpu_check
 
-    r = gpu_check.Runner("table2", argparse.Namespace(dry_run=True, work=str(tmp_path / "w"), out=str(tmp_path / "o"),
-                                                      preset_budget=60.0, budget={}))
+    r = _runner(tmp_path, monkeypatch, dry_run=True, preset="table2")
 
     def fake(name, cmd, path, key, env=None):
         if key == "profile":
@@ -619,17 +621,6 @@ def test_profile_step_attention_ratio_is_against_the_fastest_torch_native(monkey
 
 
 # -- a step's budget, the deadline it hands pytest, the reserve, the dry run (from a mutation audit) --
-
-def _runner(tmp_path, monkeypatch, preset_budget, budget=None, dry_run=False):
-    import argparse
-
-    import gpu_check
-
-    monkeypatch.setattr(gpu_check.rec, "environment", dict)  # no torch import, CUDA or nvidia-smi on the clock
-    return gpu_check.Runner("step", argparse.Namespace(dry_run=dry_run, work=str(tmp_path / "work"),
-                                                       out=str(tmp_path / "out"), preset_budget=preset_budget,
-                                                       budget=budget or {}))
-
 
 # what is left of the step's deadline when it starts (MAEFAST_DEADLINE: seconds since the epoch)
 _DEADLINE_LEFT = [sys.executable, "-c", "import os, time; print(float(os.environ['MAEFAST_DEADLINE']) - time.time())"]
