@@ -70,7 +70,8 @@ class TrainStep:
         optimizer: over the model's parameters; for a captured step built with ``capturable=True``
             (``torch.optim.AdamW(..., fused=True, capturable=True)``: one kernel, and fp16-capturable).
         dtype: the autocast dtype: torch.bfloat16 or torch.float16 (autocast), torch.float32 (none).
-            Default: bf16 on CUDA, fp32 elsewhere.
+            Default: bf16 on CUDA, fp32 elsewhere. It rules inside a caller's autocast region too: the
+            forward runs under the step's own, the backward and the update under none.
         mask_ratio: the fraction of patches removed, in (0, 1). A forward without a ``mask_ratio``
             parameter whose model has ``config.mask_ratio`` (transformers' ViTMAE, which would drop the
             keyword) gets none passed: the two must agree (else ValueError, when built and per call).
@@ -246,19 +247,24 @@ class TrainStep:
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
         factor = _check_number("weight", weight) / self.accum_steps
         scaled = loss if factor == 1.0 else loss * factor
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        # a caller's autocast region would turn the backward's matmuls to its dtype (an fp32 step's
+        # gradients in bf16): each backward op takes its forward op's dtype, as in torch's AMP recipe
+        with torch.autocast(self.device.type, enabled=False):
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
     def _update(self) -> None:
-        # unscale (if clipping), clip, step, scale update: every piece runs on the device
-        if self.clip_grad is not None:
+        # unscale (if clipping), clip, step, scale update: every piece runs on the device, in the
+        # optimizer's own dtypes whatever autocast region the caller is in
+        with torch.autocast(self.device.type, enabled=False):
+            if self.clip_grad is not None:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
 
     def optimizer_step(self) -> None:
         """Clip, optimizer (and scaler) step, gradients set to None (eager steps only)."""

@@ -623,3 +623,280 @@ def test_zero_grad_drops_a_partial_accumulation(fake_capture):
             assert all(p.grad is None for p in a.parameters())
         step(imgs[1], noise[1])
         assert step.optimizer_steps == 0  # a new cycle: the first of two micro-batches
+
+
+# -- gaps found by mutation testing ---------------------------------------------------------------
+
+def test_default_seed_comes_from_torchs_generator():
+    """seed=None: drawn from torch's default generator, so torch.manual_seed reproduces a run's masks and
+    another seed gives other masks (not one fixed seed for every run)."""
+    m = mb.build_model("tiny", "auto", CPU)
+    opt = torch.optim.AdamW(m.parameters())
+    seeds = []
+    for s in (1, 1, 2):
+        torch.manual_seed(s)
+        seeds.append(TrainStep(m, opt, capture=False).seed)
+    assert seeds[0] == seeds[1] != seeds[2], seeds
+    assert all(0 <= s < 2 ** 62 for s in seeds)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_steps_dtype_rules_inside_a_callers_autocast(dtype):
+    """The step's dtype rules its forward, backward and update, also inside a caller's autocast region: a
+    loop wrapped in torch.autocast(fp16) steps as it would outside it (an fp32 step's backward once ran
+    its matmuls in the caller's 16-bit dtype: the loss equal, the parameters an update apart)."""
+    a, b = _twins(impl="reference")
+    imgs, noise = _batches(2)
+    sa = TrainStep(a, torch.optim.AdamW(a.parameters(), lr=1e-3), dtype=dtype, capture=False, clip_grad=1.0)
+    sb = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=1e-3), dtype=dtype, capture=False, clip_grad=1.0)
+    for i in range(2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            la = sa(imgs[i], noise[i])
+        lb = sb(imgs[i], noise[i])
+        assert la.dtype == lb.dtype and torch.equal(la, lb), (la, lb)
+    _assert_same_params(a, b)
+
+
+class Returns(nn.Module):
+    """An MAE whose forward returns the official tuple ("tuple"), the loss alone ("alone") or one loss
+    per sample ("vector", not a scalar)."""
+
+    def __init__(self, inner, how):
+        super().__init__()
+        self.inner, self.how = inner, how
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        out = self.inner(imgs, mask_ratio, noise)
+        return out if self.how == "tuple" else out[0] if self.how == "alone" else out[0].expand(imgs.shape[0])
+
+
+def test_a_forward_may_return_the_loss_alone_but_not_a_vector():
+    a, b = _twins()
+    imgs, noise = _batches(2)
+    sa = TrainStep(Returns(a, "alone"), torch.optim.AdamW(a.parameters(), lr=1e-3), capture=False)
+    sb = TrainStep(Returns(b, "tuple"), torch.optim.AdamW(b.parameters(), lr=1e-3), capture=False)
+    for i in range(2):
+        assert torch.equal(sa(imgs[i], noise[i]), sb(imgs[i], noise[i]))
+    _assert_same_params(a, b)
+    bad = TrainStep(Returns(b, "vector"), torch.optim.AdamW(b.parameters()), capture=False)
+    with pytest.raises(ValueError, match=r"must return the scalar loss .* got Tensor \(3,\)"):
+        bad(imgs[0], noise[0])
+
+
+def test_a_captured_step_refuses_its_eager_pieces(fake_capture):
+    """forward() and optimizer_step() of a captured step raise (the graphs own the gradients): they would
+    step the optimizer or count calls behind the replays' back."""
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), seed=3)
+    step(imgs[0], noise[0])
+    assert step.captured
+    before = [p.detach().clone() for p in a.parameters()]
+    for piece in (lambda: step.forward(imgs[0], noise[0]), step.optimizer_step):
+        with pytest.raises(RuntimeError, match="this step is captured"):
+            piece()
+    assert step.calls == step.optimizer_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+
+
+def test_stepping_through_the_pieces_first_makes_the_step_eager_saying_why(fake_capture):
+    """forward()/backward()/optimizer_step() before any call: the step is eager from then on (a capture
+    would not see the pieces' state), and eager_reason and repr say so."""
+    a, b = _twins()
+    imgs, noise = _batches(2)
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), lr=1e-3, fused=True, capturable=True), seed=3)
+    eager = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=1e-3, fused=True, capturable=True), capture=False,
+                      seed=3)
+    step.backward(step.forward(imgs[0], noise[0]))
+    step.optimizer_step()
+    eager(imgs[0], noise[0])
+    assert step.eager_reason == "stepped through forward()/backward()/optimizer_step() before any call"
+    assert "eager (stepped through" in repr(step)
+    assert torch.equal(step(imgs[1], noise[1]), eager(imgs[1], noise[1]))
+    assert not step.captured and not fake_capture.made and step.calls == step.optimizer_steps == 2
+    _assert_same_params(a, b)
+
+
+def test_prepare_runs_once_and_checks_the_device(fake_capture):
+    """prepare() of a prepared step raises (it would capture again); a batch on another device than the
+    model's is the caller's mistake: refused, the step left unprepared, not made eager for good."""
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), seed=3)
+    with pytest.raises(ValueError, match="imgs must be a tensor on the model's device cpu, got meta"):
+        step(imgs[0].to("meta"), noise[0])
+    with pytest.raises(ValueError, match="noise must be a tensor on the model's device cpu, got meta"):
+        step.prepare(imgs[0], noise[0].to("meta"))
+    assert step.mask_source is None and step.eager_reason is None and not fake_capture.made
+    step.prepare(imgs[0], noise[0])
+    assert step.captured and len(fake_capture.made) == 1
+    with pytest.raises(RuntimeError, match="already prepared"):
+        step.prepare(imgs[0], noise[0])
+    assert len(fake_capture.made) == 1
+
+
+def test_capture_true_tries_again_after_a_failure_before_the_capture(fake_capture):
+    """capture=True: a capture that failed before it began (e.g. out of memory in the warm-up) raises and
+    leaves the step unprepared, with the model as it was; the next call tries to capture again, never
+    stepping eagerly."""
+    a, b = _twins()
+    imgs, noise = _batches(1)
+    fake_capture.fail = RuntimeError("CUDA out of memory")
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), capture=True, seed=4)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            step(imgs[0], noise[0])
+        assert step.mask_source is None and not step.captured and step.calls == step.optimizer_steps == 0
+    _assert_same_params(a, b)
+    fake_capture.fail = None
+    step(imgs[0], noise[0])
+    assert step.captured and step.eager_reason is None and step.optimizer_steps == 1
+
+
+def test_captured_step_owns_its_buffers_and_checks_each_batch(fake_capture):
+    """The static buffers are copies (the caller's first batch is never overwritten by later ones); a
+    batch of another dtype, or noise of another shape (which would broadcast: one sample's noise for
+    all), is refused rather than cast or broadcast into the buffers."""
+    a, _ = _twins()
+    imgs, noise = _batches(2)
+    first = imgs[0].clone(), noise[0].clone()
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), seed=3)
+    step(imgs[0], noise[0])
+    step(imgs[1], noise[1])
+    assert torch.equal(imgs[0], first[0]) and torch.equal(noise[0], first[1])
+    assert step.static_imgs is not imgs[0] and step.static_noise is not noise[0]
+    with pytest.raises(ValueError, match="captured batch"):
+        step(imgs[1].double(), noise[1])
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 16\)"):
+        step(imgs[1], noise[1][:1])
+    assert step.calls == 2
+
+
+def test_the_warm_up_steps_the_optimizer_before_the_capture(fake_capture, monkeypatch):
+    """warmup_steps are optimizer steps (AdamW's state and its kernels made outside the graphs), also with
+    accumulation, where each warm-up step is a whole cycle ending in an update."""
+    real = graphs.capture_cuda_graph
+    for accum in (1, 2):
+        a, _ = _twins()
+        opt = torch.optim.AdamW(a.parameters(), fused=True, capturable=True)
+        p0 = next(a.parameters())
+        seen = []
+
+        def capture(fn, *, warmup_steps=3, warmup_fn=None, **kw):
+            for _ in range(warmup_steps):
+                (warmup_fn or fn)()
+            if warmup_steps:  # what the warm-up left, before the capture
+                seen.append(float(opt.state[p0]["step"]) if p0 in opt.state else 0.0)
+            return real(fn, warmup_steps=0, **kw)
+
+        monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
+        TrainStep(a, opt, accum_steps=accum, warmup_steps=2).prepare(_batches(1)[0][0])
+        assert seen == [2.0], (accum, seen)
+
+
+def test_capture_undoes_the_warm_up_back_to_a_resumed_optimizers_state(fake_capture):
+    """An optimizer with state (resumed from a checkpoint, or stepped before the step was built): the
+    warm-up is undone back to that state, not to a fresh one, and the steps continue as an eager
+    twin's."""
+    a, b = _twins()
+    imgs, noise = _batches(3)
+    opts = []
+    for m in (a, b):
+        opt = torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True)
+        m(imgs[0], 0.75, noise[0], return_pred=False)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        opts.append(opt)
+    cap = TrainStep(a, opts[0], capture=True, seed=5)
+    eager = TrainStep(b, opts[1], capture=False, seed=5)
+    for i in (1, 2):
+        assert torch.equal(cap(imgs[i], noise[i]), eager(imgs[i], noise[i]))
+        _assert_same_params(a, b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        for k, v in opts[1].state[q].items():
+            assert torch.equal(opts[0].state[p][k], v), k
+
+
+def test_an_optimizer_changed_after_the_capture_is_refused(fake_capture):
+    """The graphs step the groups and read the state they were captured with: a group added later
+    (add_param_group) would never train (its learning rate written by set_lr, read by no one), and a
+    state dropped later (opt.state.clear()) would leave them reading tensors no one holds."""
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    params = list(a.parameters())
+    opt = torch.optim.AdamW(params[:-1], lr=torch.tensor(1e-3), fused=True, capturable=True)
+    step = TrainStep(a, opt, seed=3)
+    step(imgs[0], noise[0])
+    opt.add_param_group({"params": params[-1:]})
+    with pytest.raises(RuntimeError, match="replaced after the capture"):
+        step(imgs[0], noise[0])
+    with pytest.raises(RuntimeError, match="replaced after the capture"):
+        step.set_lr(1e-4)
+    opt.param_groups.pop()
+    step(imgs[0], noise[0])  # as captured again: fine
+    opt.state.clear()
+    with pytest.raises(RuntimeError, match="replaced after the capture"):
+        step(imgs[0], noise[0])
+
+
+def test_a_disabled_grad_scaler_does_not_block_the_capture():
+    """A disabled GradScaler (e.g. restored from a bf16 run's checkpoint) is no scaler: the step still
+    captures with a non-fused capturable AdamW."""
+    m = mb.build_model("tiny", "auto", CPU)
+    foreach = torch.optim.AdamW(m.parameters(), capturable=True, foreach=True)
+    assert capture_blocker(m, foreach, torch.amp.GradScaler("cpu", enabled=False), torch.device("cuda")) is None
+
+
+class Wrapped(nn.Module):
+    """A user's module around an MAE, held as ``self.module`` (no distributed wrapper: no no_sync()),
+    with its own forward, which takes neither seed= nor return_pred=."""
+
+    def __init__(self, mae):
+        super().__init__()
+        self.module = mae
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        return self.module(imgs, mask_ratio, noise)
+
+
+def test_a_plain_module_named_module_is_not_unwrapped():
+    """Only a distributed wrapper (no_sync()) is read through its .module: a user's wrapper is called
+    with what its own forward takes."""
+    a, b = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(Wrapped(a), torch.optim.AdamW(a.parameters(), lr=1e-3), capture=False)
+    assert step._fwd_kwargs == {} and not step._takes_seed and repr(step).startswith("TrainStep(Wrapped")
+    eager = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=1e-3), capture=False)
+    torch.testing.assert_close(step(imgs[0], noise[0]), eager(imgs[0], noise[0]))
+
+
+def test_a_transformers_ratio_that_differs_is_refused_when_built():
+    """The config/ratio disagreement is found when the step is built, not first at its first call."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    hf = to_transformers_model(mb.build_model("tiny", "reference", CPU), mask_ratio=0.5)
+    with pytest.raises(ValueError, match=r"mask_ratio=0.75, but .* model.config.mask_ratio \(0.5\)"):
+        TrainStep(hf, torch.optim.AdamW(hf.parameters()), capture=False)
+
+
+def test_a_captured_forward_runs_without_autocasts_cast_cache(fake_capture, monkeypatch):
+    """torch.cuda.graph requires autocast's cast cache off inside a capture (a cached cast would replay
+    stale weights): the captured body's autocast has cache_enabled=False; an eager step keeps the cache."""
+    seen = []
+    real = torch.autocast
+
+    def spy(*args, **kw):
+        if kw.get("dtype") == torch.float16:
+            seen.append(kw.get("cache_enabled", True))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    a, _ = _twins()
+    imgs, noise = _batches(1)
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), dtype=torch.float16)
+    step(imgs[0], noise[0])
+    assert step.captured and seen and not any(seen), seen
+    seen.clear()
+    TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True), dtype=torch.float16, capture=False)(imgs[0], noise[0])
+    assert seen == [True]

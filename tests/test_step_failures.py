@@ -278,3 +278,117 @@ def test_a_changed_lr_scale_is_set_lrs_not_baked(monkeypatch):
     step.set_lr(1e-3)
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(5e-4)
     step(imgs[0], noise[0])
+
+
+# -- capture_cuda_graph's own code (gaps found by mutation testing) ---------------------------------
+
+def test_only_the_last_warm_up_step_must_not_sync_and_the_callers_mode_is_restored(monkeypatch):
+    """A sync in an earlier warm-up step (a lazy initialisation's .item() on the first call) is fine: the
+    capture goes ahead. The caller's own sync debug mode ("warn") is put back after the check, not
+    reset to "default"."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    torch.cuda.set_sync_debug_mode("warn")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 1:
+            torch.zeros(()).item()  # a first call's one-off sync
+        return torch.zeros(())
+
+    graphs.capture_cuda_graph(fn, warmup_steps=3, device="cuda:0")
+    assert len(calls) == 4 and any(e[0] == "captured" for e in cuda.log)
+    assert [e for e in cuda.log if e[0] == "sync_mode"] == [("sync_mode", 1), ("sync_mode", 2), ("sync_mode", 1)]
+    assert torch.cuda.get_sync_debug_mode() == 1
+
+
+def test_another_error_in_the_last_warm_up_step_is_raised_as_it_is(monkeypatch):
+    """Only a host sync becomes a HostSyncError: another error of the checked (last) warm-up step, out of
+    memory say, reaches the caller as it was raised, and TrainStep steps eagerly saying so."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+
+    def fn():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 4.00 GiB"):
+        graphs.capture_cuda_graph(fn, warmup_steps=1, device="cuda:0")
+    assert cuda.sync_mode == 0 and not any(e[0] == "capture" for e in cuda.log)
+    a, b = _twins()
+    imgs, noise = _batches(1)
+    calls = []
+
+    def hook(loss):
+        calls.append(1)
+        if len(calls) == 2:  # the last of 2 warm-up steps
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    step = TrainStep(Hooked(a, hook), _adamw(a), warmup_steps=2).prepare(imgs[0], noise[0])
+    assert step.eager_reason == "capture failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert _same_params(a, b)
+
+
+def test_warmup_steps_zero_captures_at_once_and_bad_counts_are_refused(monkeypatch):
+    """warmup_steps=0 (TrainStep's second accumulation graph, warmed up by the first): no warm-up, no sync
+    check, straight to before_capture and the capture. A negative or bool count is refused."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    order = []
+    graph, out = graphs.capture_cuda_graph(lambda: order.append("fn") or torch.ones(()), warmup_steps=0,
+                                           before_capture=lambda: order.append("before"), device="cuda:0")
+    assert order == ["before", "fn"] and float(out) == 1.0
+    assert not any(e[0] in ("sync_mode", "wait") for e in cuda.log)
+    order.clear()
+    graphs.capture_cuda_graph(lambda: order.append("fn"), warmup_steps=2, before_capture=lambda: order.append("before"),
+                              device="cuda:0")
+    assert order == ["fn", "fn", "before", "fn"]  # after the warm-up, before the capture
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+            graphs.capture_cuda_graph(lambda: None, warmup_steps=bad, device="cuda:0")
+
+
+def test_captures_on_one_device_share_one_stream(monkeypatch):
+    """Graphs sharing a memory pool are best captured on the same stream (torch.cuda.graph's note): every
+    capture on a device uses that device's one capture stream, and hands the pool on."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    pools = []
+    real_graph = cuda.graph
+
+    def graph(g, pool=None, **kw):
+        pools.append(pool)
+        return real_graph(g, pool=pool, **kw)
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    first, _ = graphs.capture_cuda_graph(lambda: torch.zeros(()), warmup_steps=1, device="cuda:0")
+    graphs.capture_cuda_graph(lambda: torch.zeros(()), warmup_steps=1, device="cuda:0", pool=first.pool())
+    graphs.capture_cuda_graph(lambda: torch.zeros(()), warmup_steps=1, device="cuda:1")
+    caps = [e for e in cuda.log if e[0] == "capture"]
+    assert caps[0][1] == caps[1][1] != caps[2][1], caps
+    assert pools == [None, first.pool(), None]
+
+
+def test_where_names_the_innermost_frame_outside_torch():
+    """A sync is raised inside torch: the HostSyncError names the caller's line that led there."""
+    def model_line():
+        torch.nn.functional.dropout(torch.zeros(2), p=2.0)  # raises inside torch/nn/functional.py
+
+    try:
+        model_line()
+    except ValueError as e:
+        where = graphs._where(e)
+    line = model_line.__code__.co_firstlineno + 1
+    assert where == f" at test_step_failures.py:{line} in model_line", where
+
+
+def test_process_broken_ends_on_a_cyclic_chain():
+    """An error chain that loops (x from y, y from x) is read once round, not forever (run in a thread:
+    a loop fails the test instead of hanging it)."""
+    import threading
+
+    from maefast.graphs import process_broken
+
+    x, y = RuntimeError("x"), RuntimeError("y")
+    x.__cause__, y.__cause__ = y, x
+    got = []
+    t = threading.Thread(target=lambda: got.append(process_broken(x)), daemon=True)
+    t.start()
+    t.join(10)
+    assert got == [False]
