@@ -354,9 +354,20 @@ class _TransformersForward:
 
         out = ViTMAEForPreTrainingOutput(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
         return_dict = kwargs.get("return_dict")
-        if return_dict is None:  # the config's default, as the original decides it (4.x: not when torchscript)
-            return_dict = getattr(m.config, "return_dict", True) and not getattr(m.config, "torchscript", False)
+        if return_dict is None:
+            return_dict = _config_return_dict(m.config)
         return out if return_dict else out.to_tuple()
+
+
+def _config_return_dict(config) -> bool:
+    """The config's default return_dict as the original forward decides it: 4.x's `use_return_dict`
+    (False under torchscript); 5.x's `return_dict` alone (it has no torchscript mode: a config's
+    `torchscript` attribute changes nothing there)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return bool(getattr(config, "return_dict", True))
+    return bool(config.use_return_dict)
 
 
 def _from_library(cls: type | None) -> bool:

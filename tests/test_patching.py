@@ -235,6 +235,32 @@ def test_patch_rejects_unknown_models_listing_what_is_missing():
         maefast.patch(ReferenceMAE(**TINY), impl="fast")
 
 
+def test_patch_validates_its_arguments_before_touching_the_model():
+    m = ReferenceMAE(**TINY)
+    with pytest.raises(TypeError, match="grad_checkpointing"):
+        maefast.patch(m, grad_checkpointing="yes")
+    with pytest.raises((TypeError, ValueError), match="fused"):
+        maefast.patch(m, fused="yes")
+    assert "forward" not in m.__dict__ and not hasattr(m, "_maefast")
+
+
+def test_unpatch_leaves_no_patch_state():
+    """unpatch removes the patched forward and the PatchState (a plain model again: it pickles and patches
+    as one)."""
+    m = maefast.patch(official_class()(**TINY))
+    assert isinstance(m._maefast, maefast.patching.PatchState)
+    assert unpatch(m) is m
+    assert "forward" not in m.__dict__ and "_maefast" not in m.__dict__
+
+@pytest.mark.parametrize("where", ["blocks", "decoder_blocks"])
+def test_patch_names_the_block_part_that_is_missing(where):
+    """The first encoder and decoder block are checked part by part; the error names the stack."""
+    m = ReferenceMAE(**TINY)
+    del getattr(m, where)[0].attn.qkv  # e.g. separate q/k/v projections: not the official block
+    with pytest.raises(TypeError, match=rf"does not recognise MaskedAutoencoderViT.*missing: {where}\[0\]\.attn\.qkv$"):
+        maefast.patch(m)
+    assert "forward" not in m.__dict__
+
 
 # == 1. input gradients =========================================================================
 
@@ -265,6 +291,35 @@ def test_image_gradient_with_noise_or_seed_needs_an_original_that_takes_noise():
     imgs = torch.randn(N, 3, 32, 32, requires_grad=True)
     with pytest.raises(TypeError, match="takes no noise"), pytest.warns(_slow_warning()):
         patched(imgs, 0.75, seed=5)
+
+
+def _kwargs_forward(self, imgs, mask_ratio=0.75, **kwargs):
+    """A fork's forward that hands its keywords on (noise= among them) without naming them."""
+    latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, **kwargs)
+    pred = self.forward_decoder(latent, ids_restore)
+    return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def test_image_gradient_with_a_seed_reaches_a_forward_taking_noise_through_kwargs():
+    """A forward with **kwargs may take noise: the seeded call that needs the original forward (an image
+    gradient) hands it noise= by keyword (positionally it was a raw TypeError from the fork's forward),
+    and keeps the fast path's mask."""
+    torch.manual_seed(0)
+    fork = official_class(forward=_kwargs_forward, forward_encoder=ReferenceMAE.forward_encoder,
+                          random_masking=ReferenceMAE.random_masking)
+    plain = fork(norm_pix_loss=True, **TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    assert patched._maefast.takes_noise
+    imgs = torch.randn(N, 3, 32, 32)
+    with torch.no_grad():
+        fast_mask = patched(imgs, 0.75, seed=11)[2]
+    x1 = imgs.clone().requires_grad_()
+    with pytest.warns(_slow_warning(), match="imgs requires a gradient"):
+        l1, _, k1 = patched(x1, 0.75, seed=11)
+    from maefast.reference.philox import philox_noise
+
+    l0, _, k0 = plain(imgs, 0.75, noise=philox_noise(N, L, 11))
+    assert torch.equal(k1, fast_mask) and torch.equal(k1, k0) and _close(l1, l0)
 
 
 def test_image_gradient_reference_layout_keeps_the_seeded_mask():
@@ -387,6 +442,28 @@ def test_patch_refuses_a_fork_whose_forward_or_blocks_differ():
     assert maefast.patch(ok)._maefast is not None and ok.training
 
 
+def test_a_subclass_in_another_file_keeps_the_block_classes_of_the_roots_file():
+    """The block classes trusted are those of the official-layout class's own file (the root of the MRO),
+    not the file of a user's subclass that only adds a method: its Block copy is patched and served fast."""
+    from maefast.reference.model import Block
+
+    fork = official_class()
+    fork.__module__ = "my_models_mae"  # a copy of models_mae.py, with its own Block class
+    block_copy = type("Block", (Block,), {"forward": Block.forward, "__module__": "my_models_mae"})
+    sub = type("MyMAE", (fork,), {"__module__": "my_train_script", "describe": lambda self: "mine"})
+    torch.manual_seed(0)
+    plain = sub(norm_pix_loss=True, **TINY)
+    for blk in (*plain.blocks, *plain.decoder_blocks):
+        blk.__class__ = block_copy
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs = torch.randn(N, 3, 32, 32)
+    (l0, _, k0), g0 = _run_official(plain, imgs, seed=3)
+    with _no_slow_warning():
+        (l1, _, k1), g1 = _run_official(patched, imgs, seed=3)
+    assert torch.equal(k1, k0) and _close(l1, l0)
+    _assert_grads_equal(g1, g0)
+
+
 def test_patch_refuses_a_compiled_model_and_an_instance_forward():
     m = ReferenceMAE(**TINY)
     with pytest.raises(TypeError, match="torch.compile wrapper.*patch the model, then compile it"):
@@ -502,6 +579,37 @@ def test_patch_refuses_blocks_it_cannot_see_through():
     m.decoder_blocks[0].__class__ = MyBlock
     with pytest.raises(TypeError, match=r"decoder_blocks\.0.*MyBlock"):
         maefast.patch(m)
+
+
+def test_patch_official_layout_grad_checkpointing_is_honoured():
+    """patch(grad_checkpointing=True) on an official-layout model checkpoints its blocks: far fewer tensors
+    kept for the backward than the plain model keeps (the fast path without checkpointing keeps about as
+    many), the same loss, mask and gradients."""
+    def saved(model, imgs, **kw):
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        model.zero_grad()
+        torch.manual_seed(4)  # the official draws its noise with torch.rand; the patched one is handed it
+        if model.__dict__.get("forward") is not None:
+            kw["noise"] = torch.rand(imgs.shape[0], L)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _, mask = model(imgs, 0.75, **kw)
+        loss.backward()
+        return count[0], loss.detach(), mask, _grads(model)
+
+    plain, patched = _official_pair(grad_checkpointing=True)
+    assert patched._maefast.grad_checkpointing is True
+    imgs = torch.randn(N, 3, 32, 32)
+    n0, l0, k0, g0 = saved(plain, imgs)
+    with _no_slow_warning():
+        n1, l1, k1, g1 = saved(patched, imgs)
+    assert n1 < n0 / 2, (n1, n0)  # only the block inputs are kept in the forward
+    assert torch.equal(k1, k0) and _close(l1, l0)
+    _assert_grads_equal(g1, g0)
 
 
 # == 3. pickling ================================================================================

@@ -294,6 +294,27 @@ def test_a_forks_default_mask_ratio_is_kept():
     assert torch.allclose(got[0], want[0], rtol=1e-5)
 
 
+def test_a_forward_without_a_mask_ratio_parameter_keeps_the_official_default():
+    """A forward that names no mask_ratio (a wrapper passing *args through): a call without a ratio is
+    served with the official 0.75, the ratio the original's own default gives."""
+    from test_patching import _o_forward, official_class
+
+    def forward(self, imgs, *args):
+        return _o_forward(self, imgs, *args)
+
+    torch.manual_seed(0)
+    plain = official_class(forward=forward)(**TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    assert patched._maefast.mask_ratio == 0.75
+    imgs = torch.randn(N, 3, 32, 32)
+    torch.manual_seed(1)
+    want = plain(imgs)
+    torch.manual_seed(1)
+    got = patched(imgs, noise=torch.rand(N, L))
+    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [12.0] * N
+    assert torch.allclose(got[0], want[0], rtol=1e-5)
+
+
 def test_parts_the_fast_path_computes_changed_after_patching_run_the_original():
     """A newer-timm block (trusted class, its forward unchanged) given a LayerScale, the patch embedding
     given a norm, a fused block's norm or activation given an instance forward, and the head given one

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 import maefast
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
@@ -116,6 +117,18 @@ def test_transformers_return_dict_false_is_served_fast():
     assert isinstance(patched(pixel_values=imgs, noise=noise), tuple)
 
 
+def test_transformers_return_type_follows_the_installed_versions_rule_under_torchscript():
+    """config.torchscript=True: 4.x's original returns a tuple (use_return_dict is False), 5.x's the output
+    object (it has no torchscript mode); the patched forward returns what the original does."""
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    for m in (plain, patched):
+        m.config.torchscript = True
+    with torch.no_grad():
+        want, got = plain(pixel_values=imgs, noise=noise), patched(pixel_values=imgs, noise=noise)
+    assert type(got) is type(want), (type(got), type(want))
+
+
 @pytest.mark.parametrize("what", ["output_hidden_states", "output_attentions"])
 @pytest.mark.parametrize("via", ["argument", "config"])
 def test_transformers_outputs_the_fast_path_lacks_run_the_original(what, via):
@@ -208,6 +221,23 @@ def test_transformers_attention_dropout_in_train_runs_the_original():
         patched(pixel_values=imgs, noise=noise)
 
 
+def test_transformers_attention_dropout_in_eval_is_served_fast(monkeypatch):
+    """A model configured with attention dropout is served fast in eval mode (no dropout there), also when
+    no training call came first."""
+    from maefast.models import routing
+
+    monkeypatch.setattr(routing, "_WARNED", set())
+    plain, patched = _hf_pair(attention_probs_dropout_prob=0.25)
+    plain.eval()
+    patched.eval()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise)
+    with _no_slow_warning():
+        o1, g1 = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
 def test_transformers_uint8_images_on_the_slow_path_are_normalised_first():
     """uint8 pixel_values (served fast, normalised in the kernels) reach the original forward of a
     slow-path call normalised, as the fast path reads them (ImageNet's mean and std)."""
@@ -268,6 +298,12 @@ def test_transformers_mask_ratio_argument_must_match_the_config():
         patched(pixel_values=imgs, noise=noise, mask_ratio=0.5)
 
 
+def test_transformers_without_pixel_values_is_a_clear_error():
+    _, patched = _hf_pair()  # (transformers 4.x's own message; 5.x fails on None.shape)
+    with pytest.raises(ValueError, match="You have to specify pixel_values"):
+        patched(noise=torch.rand(N, L))
+
+
 def _saved_tensors(model, imgs, noise):
     count = [0]
 
@@ -293,6 +329,24 @@ def test_transformers_gradient_checkpointing_enable_is_honoured():
     with _no_slow_warning():
         n1, g1 = _saved_tensors(patched, imgs, noise)
     assert n1 < n0 / 2, (n1, n0)  # only the block inputs are kept in the forward
+    _assert_grads_equal(g1, g0, rel=1e-6)
+
+
+def test_transformers_gradient_checkpointing_is_off_in_eval():
+    """As in the original (its layers checkpoint only in training), an eval call with gradients keeps
+    what an unchecked forward keeps: checkpointing does not recompute the blocks in eval."""
+    _, patched = _hf_pair()
+    patched.eval()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    n0, g0 = _saved_tensors(patched, imgs, noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        patched.gradient_checkpointing_enable()
+    patched.eval()
+    patched.zero_grad()
+    with _no_slow_warning():
+        n1, g1 = _saved_tensors(patched, imgs, noise)
+    assert n1 == n0, (n1, n0)
     _assert_grads_equal(g1, g0, rel=1e-6)
 
 
@@ -412,6 +466,21 @@ def test_transformers_hooks_the_fast_path_would_skip_run_the_original(where, slo
     assert _close(o1.loss, o0.loss) and len(seen) == 2
 
 
+def test_transformers_hooks_on_a_layer_the_fast_path_calls_run_on_the_fast_path():
+    """A forward hook on an MLP layer (unfused: called as a module) runs on the fast path, no warning."""
+    plain, patched = _hf_pair()
+    seen = []
+    for m in (plain, patched):
+        layer = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer)[1]
+        fc1 = layer.mlp.fc1 if hasattr(layer, "mlp") else layer.intermediate.dense
+        fc1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, _ = _run_hf(plain, imgs, noise)
+    with _no_slow_warning():
+        o1, _ = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss) and len(seen) == 2 and seen[0] == seen[1]
+
+
 def test_transformers_output_capturing_hooks_do_not_slow_later_calls():
     """transformers 5.x installs its output-capturing hooks for good at the first output_hidden_states
     call (which runs the original); the calls after it are still served fast."""
@@ -426,3 +495,147 @@ def test_transformers_output_capturing_hooks_do_not_slow_later_calls():
         o1, _ = _run_hf(patched, imgs, noise)
     assert not [w for w in said if issubclass(w.category, _slow_warning())], [str(w.message) for w in said]
     assert _close(o1.loss, o0.loss)
+
+
+def test_transformers_seed_on_the_slow_path_keeps_the_fast_paths_mask(monkeypatch):
+    """seed= on a call that runs the original forward (here output_hidden_states=True) becomes the noise
+    over the L patches (position_embeddings has 1 + L rows: the cls row is not a patch) that gives the
+    fast path's mask, and the same loss."""
+    from maefast.models import routing
+
+    monkeypatch.setattr(routing, "_WARNED", set())
+    _, patched = _hf_pair()
+    imgs = torch.randn(N, 3, 32, 32)
+    with torch.no_grad(), _no_slow_warning():
+        fast = patched(pixel_values=imgs, seed=5)
+    with torch.no_grad(), pytest.warns(_slow_warning(), match="output_hidden_states"):
+        slow = patched(pixel_values=imgs, seed=5, output_hidden_states=True)
+    assert slow.mask.shape == (N, L) and torch.equal(slow.mask, fast.mask)
+    assert torch.equal(slow.ids_restore, fast.ids_restore) and _close(slow.loss, fast.loss)
+
+
+def test_patch_refuses_a_transformers_vit_that_is_not_an_mae():
+    """A transformers ViT without the MAE decoder (vit.embeddings.patch_embeddings alone) is not taken for
+    ViTMAEForPreTraining: the unrecognised-model TypeError, not an AttributeError from inside patch."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64)
+    vit = ViTForImageClassification(cfg)
+    assert vit.vit.embeddings.patch_embeddings is not None
+    with pytest.raises(TypeError, match="does not recognise ViTForImageClassification"):
+        maefast.patch(vit)
+    assert "forward" not in vit.__dict__ and not hasattr(vit, "_maefast")
+
+
+def test_transformers_arguments_given_positionally_run_the_original():
+    """Arguments after noise given positionally (5.x: interpolate_pos_encoding, attention_mask; 4.x:
+    head_mask ...) are not dropped: the call runs the original forward, which honours them."""
+    import inspect
+
+    plain, patched = _hf_pair()
+    params = list(inspect.signature(type(plain).forward).parameters)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    name = "attention_mask" if "attention_mask" in params else "head_mask"
+    if name == "attention_mask":  # a padding mask over cls + the 4 visible tokens
+        value = torch.ones(N, 1 + 4, dtype=torch.long)
+        value[0, -1] = 0
+    else:
+        value = torch.ones(TINY["num_heads"])
+        value[1] = 0
+    args = [None] * (params.index(name) - 3) + [value]  # after self, pixel_values, noise
+    o0, _ = _run_hf(plain, imgs, noise)
+    want = plain(imgs, noise, *args)
+    assert not _close(want.loss, o0.loss, rel=1e-7)  # the mask changes the loss
+    with pytest.warns(_slow_warning(), match="positional argument"):
+        got = patched(imgs, noise, *args)
+    assert _close(got.loss, want.loss) and torch.equal(got.mask, want.mask)
+
+
+def test_transformers_arguments_at_their_defaults_are_served_fast():
+    """interpolate_pos_encoding=False, attention_mask=None / head_mask=None and an explicit
+    output_hidden_states=False / output_attentions=False (over a config that says True) change nothing
+    the fast path computes: served fast, the plain model's loss and gradients."""
+    plain, patched = _hf_pair()
+    for m in (plain, patched):
+        m.config.output_hidden_states = True
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    kw = dict(interpolate_pos_encoding=False, attention_mask=None, head_mask=None, output_hidden_states=False,
+              output_attentions=False)
+    o0, g0 = _run_hf(plain, imgs, noise, output_hidden_states=False)
+    with _no_slow_warning():
+        o1, g1 = _run_hf(patched, imgs, noise, **kw)
+    assert _close(o1.loss, o0.loss) and torch.equal(o1.mask, o0.mask)
+    _assert_grads_equal(g1, g0)
+
+
+def test_transformers_attention_dropout_of_one_layer_runs_the_original():
+    """Attention dropout set on one layer only (the others at 0) still sends a training call to the
+    original forward: the fast path has no attention dropout."""
+    plain, patched = _hf_pair()
+    for m in (plain, patched):
+        layer = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer)[1]
+        inner = getattr(layer.attention, "attention", layer.attention)
+        if not hasattr(inner, "attention_dropout") and not hasattr(inner, "dropout_prob"):
+            pytest.skip("this transformers keeps the attention dropout in a Dropout module")
+        setattr(inner, "attention_dropout" if hasattr(inner, "attention_dropout") else "dropout_prob", 0.25)
+        m.train()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise, seed=3)
+    with pytest.warns(_slow_warning(), match=r"attention dropout \(p=0.25\)"):
+        o1, g1 = _run_hf(patched, imgs, noise, seed=3)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_transformers_mlp_layer_wrapped_in_torch_modules(fused):
+    """An MLP layer replaced by torch modules (a Sequential: the Linear, then a Tanh): with fused="block"
+    the fast path would read its weights, so the call runs the original forward; unfused it is called as
+    a module (served fast, the Tanh runs). Either way the plain model's loss and gradients."""
+    plain, patched = _hf_pair()
+    maefast.patch(patched, fused=fused)
+    for m in (plain, patched):
+        layer = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer)[0]
+        parent, name = (layer.mlp, "fc1") if hasattr(layer, "mlp") else (layer.intermediate, "dense")
+        setattr(parent, name, nn.Sequential(getattr(parent, name), nn.Tanh()))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise)
+    with (pytest.warns(_slow_warning(), match="encoder layer 0 linear 4 is not a plain Linear") if fused == "block"
+          else _no_slow_warning()):
+        o1, g1 = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
+def test_transformers_instance_methods_after_patching():
+    """An instance forward on a layer part the fast path computes (the attention) runs the original
+    forward; one on a part it calls as a module (a layer norm, unfused) is served fast and runs; an instance
+    patchify (5.x's forward computes its loss target with it) runs the original forward."""
+    import types
+
+    def scaled(cls):
+        return lambda self, *a, **k: (lambda out: (out[0] * 1.5,) + tuple(out[1:]) if isinstance(out, tuple)
+                                      else out * 1.5)(cls.forward(self, *a, **k))
+
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    for what in ("attention", "layernorm_before", "patchify"):
+        plain, patched = _hf_pair()
+        for m in (plain, patched):
+            layer = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer)[0]
+            if what == "patchify":
+                base = type(m).patchify
+                m.patchify = types.MethodType(lambda self, x, *a, _b=base, **k: 2 * _b(self, x, *a, **k), m)
+            else:
+                part = getattr(layer, what)
+                part.forward = types.MethodType(scaled(type(part)), part)
+        o0, g0 = _run_hf(plain, imgs, noise)
+        if what == "layernorm_before":
+            with _no_slow_warning():
+                o1, g1 = _run_hf(patched, imgs, noise)
+        else:
+            with pytest.warns(_slow_warning(), match="encoder layer 0.attention runs its own forward"
+                              if what == "attention" else "patchify is set on the instance"):
+                o1, g1 = _run_hf(patched, imgs, noise)
+        assert _close(o1.loss, o0.loss), what
+        _assert_grads_equal(g1, g0)

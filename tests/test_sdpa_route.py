@@ -186,9 +186,34 @@ def test_patch_takes_sdpa():
     with pytest.raises(ValueError, match="fused='block' .* impl='sdpa'"):
         patch(official, impl="sdpa", fused="block")
     patch(official, impl="sdpa")
-    assert_close(official(imgs, 0.75, noise)[0], want, torch.float32)
+    from maefast.profile import BackendLog
+
+    with BackendLog() as log:  # the patched forward runs on the impl patch was given, not on "auto"
+        got = official(imgs, 0.75, noise)[0]
+    assert log.ran["attention"] == {"sdpa": len(official.blocks) + len(official.decoder_blocks)}, log.ran
+    assert_close(got, want, torch.float32)
     with pytest.raises(ValueError, match="impl must be one of"):
         patch(official, impl="flash")
+
+
+def test_patch_takes_sdpa_for_transformers():
+    """maefast.patch(hf_model, impl="sdpa"): transformers' ViTMAEForPreTraining runs its attention on sdpa."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+    from maefast.patching import patch
+    from maefast.profile import BackendLog
+    from maefast.reference import MaskedAutoencoderViT as OfficialLayout
+
+    torch.manual_seed(0)
+    hf = to_transformers_model(OfficialLayout(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    want = hf(pixel_values=imgs, noise=noise).loss
+    patch(hf, impl="sdpa")
+    with BackendLog() as log:
+        got = hf(pixel_values=imgs, noise=noise).loss
+    assert log.ran["attention"] == {"sdpa": 3}, log.ran
+    assert_close(got, want, torch.float32)
 
 
 def test_model_on_sdpa_compiles_in_one_graph():

@@ -297,8 +297,8 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
     imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
     if noise is None:
         loss, pred, mask = original(imgs, mask_ratio)
-    elif takes_noise:
-        loss, pred, mask = original(imgs, mask_ratio, noise)
+    elif takes_noise:  # by keyword: a forward that takes it through **kwargs has no third positional
+        loss, pred, mask = original(imgs, mask_ratio, noise=noise)
     else:
         raise TypeError(f"{type(model).__name__}'s original forward takes no noise (nor seed), and this call needs "
                         f"it because {why}; call without noise= and seed= (it then draws its own mask)")
