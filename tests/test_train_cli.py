@@ -258,3 +258,104 @@ def test_a_full_disk_while_plotting_is_one_line_and_leaves_nothing(tmp_path, mon
     assert len(said) == 1 and "no space left" in said[0] and "loss_curve.png not written" in said[0], err
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
     assert (out / "checkpoint-last.pth").is_file() and not (out / "loss_curve.png").exists()
+
+
+def test_what_counts_as_a_run_for_a_fresh_start(tmp_path):
+    """Each file a run writes, alone, makes a fresh start refuse the folder (a loss curve or a sharded
+    state folder is the user's too); --output-dir that is a file is named as that; a resume through
+    another path to the folder's own checkpoint (a symbolic link) is that run continuing, not another's."""
+    from maefast.train.rundir import check_folder
+
+    for name in ("loss_curve.png", "steps.jsonl", "checkpoint-last.pth.dcp-0a1b", "checkpoint-0003.pth"):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).mkdir() if ".dcp-" in name else (out / name).write_text("x")
+        with pytest.raises(ValueError, match="already holds a run"):
+            check_folder(str(out), None, False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        check_folder(str(tmp_path / "afile"), None, False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-last.pth").write_text("x")
+    (tmp_path / "link").symlink_to(run)
+    check_folder(str(run), str(tmp_path / "link" / "checkpoint-last.pth"), False)
+
+
+def _sharded(folder, name, shards):
+    atomic_save({"shards": shards, "step": 1}, str(folder / name))
+    (folder / shards).mkdir()
+    (folder / shards / "__0_0.distcp").write_bytes(b"shard")
+
+
+def test_run_folder_upkeep_keeps_named_shards_and_the_users_files(tmp_path):
+    """Stale temporaries go (a killed start's write probe too), the sharded folders a checkpoint names
+    stay (a resume reads them next), a user's file that merely looks like a temporary stays; --overwrite
+    removes the old run's sharded folders with their files; a rewind keeps the earlier kept epochs and
+    the resumed one's shards."""
+    from maefast.train.checkpoint import referenced_shards
+    from maefast.train.rundir import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _sharded(out, "checkpoint-last.pth", "checkpoint-last.pth.dcp-0a")
+    _sharded(out, "checkpoint-0001.pth", "checkpoint-0001.pth.dcp-0b")
+    (out / "checkpoint-last.pth.dcp-0c").mkdir()  # a save cut short: named by no file
+    (out / "checkpoint-0002.pth").write_bytes(b"torn")  # not readable: its folder is stale
+    (out / "checkpoint-0002.pth.dcp-0d").mkdir()
+    for name in (".checkpoint-last.pth.k2j4.tmp", ".maefast-write-test.1234.tmp", ".notes.draft.tmp", "notes.txt"):
+        (out / name).write_text("x")
+    assert referenced_shards(str(out)) == {"checkpoint-last.pth.dcp-0a", "checkpoint-0001.pth.dcp-0b"}
+    assert referenced_shards(str(out), only="checkpoint-0001.pth") == {"checkpoint-0001.pth.dcp-0b"}
+    folder = RunFolder(str(out), is_main=True)
+    removed = folder.remove_stale_temporaries()
+    assert ".checkpoint-last.pth.k2j4.tmp" in removed and ".notes.draft.tmp" not in removed
+    assert ".maefast-write-test.1234.tmp" in removed  # the write probe of a run killed at its start
+    assert {"checkpoint-last.pth.dcp-0c", "checkpoint-0002.pth.dcp-0d"} <= set(removed)
+    assert (out / "checkpoint-last.pth.dcp-0a" / "__0_0.distcp").is_file() and (out / ".notes.draft.tmp").is_file()
+    # a rewind in place to checkpoint-0001.pth (it continues at epoch 2): the later run files go
+    (out / "checkpoint-0000.pth").write_text("x")
+    (out / "log.jsonl").write_text("")
+    folder.prepare(0, overwrite=True, keep=(str(out / "checkpoint-0001.pth"),), resume_epoch=2)
+    folder.close()
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+        "checkpoint-0000.pth", "checkpoint-0001.pth", "checkpoint-0001.pth.dcp-0b", "log.jsonl", "notes.txt"]
+    # --overwrite for a fresh start: every run file goes, sharded folders included; the user's stay
+    folder = RunFolder(str(out), is_main=True)
+    folder.prepare(0, overwrite=True, resume_epoch=0)  # as a fresh start passes it
+    folder.close()
+    assert sorted(os.listdir(out)) == [".notes.draft.tmp", "notes.txt"]
+
+
+def test_one_run_per_folder_and_a_failed_start_leaves_no_folder(tmp_path, monkeypatch):
+    """A second run in a folder another run holds is refused naming its pid; the lock goes with the run.
+    Too little free space is found before the first step, and the folder this start created is removed."""
+    import errno
+    import shutil
+
+    from maefast.train import rundir
+    from maefast.train.errors import RunError
+
+    out = tmp_path / "run"
+    out.mkdir()  # the user's: stays, empty
+    first = rundir.RunFolder(str(out), is_main=True)
+    first.prepare(0, overwrite=False)
+    with pytest.raises(RunError, match=f"another maefast train \\(pid {os.getpid()}\\) is running"):
+        rundir.RunFolder(str(out), is_main=True).prepare(0, overwrite=False)
+    first.close()
+    assert os.listdir(out) == []
+    second = rundir.RunFolder(str(out), is_main=True)
+    second.prepare(0, overwrite=False)
+    second.close()
+    new = tmp_path / "new"
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * 2 ** 20, 9 * 2 ** 20, 2 ** 20))
+    folder = rundir.RunFolder(str(new), is_main=True)
+    with pytest.raises(RunError, match="not enough space for a checkpoint .*about 3.0 MiB needed, 1.0 MiB free"):
+        folder.prepare(3 * 2 ** 20, overwrite=False)
+    folder.close()
+    assert not new.exists()
+    # a log line that cannot be written is one line naming the file and why (a full disk as that)
+    with pytest.raises(RunError, match="cannot write .*log.jsonl: No such file"):
+        rundir.JsonlLog(str(tmp_path / "gone" / "log.jsonl")).write({"step": 1})
+    full = rundir._os_error("cannot write log.jsonl", OSError(errno.ENOSPC, "No space left", str(tmp_path)))
+    assert "no space left on" in str(full)

@@ -395,3 +395,152 @@ def test_resume_keeps_this_runs_optimizer_implementation(layout):
     assert b.param_groups[0]["foreach"] is True and ck["optimizer"]["param_groups"][0]["foreach"] is False
     p0, q0 = next(m.parameters()), next(m2.parameters())
     assert torch.equal(b.state[q0]["exp_avg"], a.state[p0]["exp_avg"]) and torch.equal(q0, p0)
+
+
+def test_atomic_save_gives_a_new_file_the_usual_mode_and_keeps_a_replaced_ones(tmp_path):
+    """mkstemp makes its temporary 0600: a checkpoint must not end up unreadable to the group that read
+    the file it replaces, nor a new one to those a plain new file would allow."""
+    ref = tmp_path / "ref"
+    ref.write_bytes(b"")  # what the umask gives a new file
+    new = tmp_path / "new.pth"
+    ckpt_lib.atomic_save({"w": torch.ones(1)}, str(new))
+    assert new.stat().st_mode & 0o7777 == ref.stat().st_mode & 0o7777
+    old = tmp_path / "old.pth"
+    old.write_bytes(b"")
+    os.chmod(old, 0o640)
+    ckpt_lib.atomic_save({"w": torch.ones(1)}, str(old))
+    assert old.stat().st_mode & 0o7777 == 0o640
+
+
+def test_atomic_save_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """The contract of a durable replace: the data reaches the disk before the new name points at it,
+    and the rename itself is made durable (fsync of the folder)."""
+    import stat
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt_lib.atomic_save({"w": torch.ones(1)}, str(tmp_path / "ck.pth"))
+    assert events == ["fsync file", "replace", "fsync folder"]
+
+
+def test_link_or_copy_copies_without_hard_links_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """--keep-every-epochs' copies: a file system without hard links (or another device) gets a real
+    copy; a copy that fails (a full disk) leaves neither its temporary nor a partial destination."""
+    import errno
+    import shutil
+
+    from maefast.train.errors import RunError
+
+    src_file, src_dir = tmp_path / "checkpoint-last.pth", tmp_path / "checkpoint-last.pth.dcp-0a"
+    src_file.write_bytes(b"ck")
+    src_dir.mkdir()
+    (src_dir / "__0_0.distcp").write_bytes(b"shard")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ckpt_lib.link_or_copy(str(src_file), str(tmp_path / "checkpoint-0001.pth"))
+    ckpt_lib.link_or_copy(str(src_dir), str(tmp_path / "checkpoint-0001.pth.dcp-0a"))
+    assert (tmp_path / "checkpoint-0001.pth").read_bytes() == b"ck"
+    assert (tmp_path / "checkpoint-0001.pth.dcp-0a" / "__0_0.distcp").read_bytes() == b"shard"
+    before = sorted(os.listdir(tmp_path))
+
+    def full(src, dst, **kw):
+        with open(dst, "wb") as f:
+            f.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    for src, dst in ((src_file, "checkpoint-0002.pth"), (src_dir, "checkpoint-0002.pth.dcp-0a")):
+        with pytest.raises((OSError, RunError), match="No space left|no space left"):
+            ckpt_lib.link_or_copy(str(src), str(tmp_path / dst))
+        assert sorted(os.listdir(tmp_path)) == before, dst
+
+
+def test_load_checkpoint_names_what_is_wrong_with_a_file(tmp_path, monkeypatch):
+    """Each kind of file that is not a checkpoint is one clear error naming it: a missing path, a file
+    holding a bare tensor or non-tensor weights or pickled Python objects (never unpickled), a sharded
+    checkpoint whose folder is gone, a file this user may not read."""
+    import fractions
+
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth' does not exist"):
+        load_checkpoint(missing)
+    cases = {"tensor.pth": (torch.zeros(2), "no 'model' entry"),
+             "numbers.pth": ({"model": {"w": 1}}, "'model' is a dict with non-tensor entries"),
+             "objects.pth": ({"model": {"w": torch.ones(1)}, "note": fractions.Fraction(1, 3)},
+                             "it holds Python objects, not only tensors")}
+    for name, (obj, words) in cases.items():
+        torch.save(obj, tmp_path / name)
+        for optimizer in (True, False):
+            with pytest.raises(ValueError, match=words) as info:
+                load_checkpoint(str(tmp_path / name), optimizer=optimizer)
+            assert name in str(info.value) and "weights_only" not in str(info.value)
+    sharded = tmp_path / "checkpoint-last.pth"
+    ckpt_lib.atomic_save({"shards": "checkpoint-last.pth.dcp-0a", "step": 1}, str(sharded))
+    with pytest.raises(FileNotFoundError, match="checkpoint-last.pth.dcp-0a'?, which is missing"):
+        load_checkpoint(str(sharded), states=False)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(PermissionError, match="cannot read checkpoint .*checkpoint-last.pth'?: Permission denied"):
+        load_checkpoint(str(sharded))
+
+
+def test_a_sharded_checkpoint_read_for_its_weights_leaves_the_optimizer_and_ctrl_c_is_not_damage(tmp_path):
+    """load_checkpoint(optimizer=False) of a sharded checkpoint (what visualize reads) unshards the model
+    only; a Ctrl-C while the shards are read stays a KeyboardInterrupt (not "damaged or incomplete")."""
+    from maefast.train.state import save_shards
+
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    save_shards(str(tmp_path / "checkpoint-last.pth.dcp-0a"), m, opt)
+    ckpt_lib.atomic_save({"shards": "checkpoint-last.pth.dcp-0a", "step": 1}, str(tmp_path / "checkpoint-last.pth"))
+    weights = load_checkpoint(str(tmp_path / "checkpoint-last.pth"), optimizer=False)
+    assert weights["optimizer"] is None and torch.equal(weights["model"]["weight"], m.weight.detach())
+    assert load_checkpoint(str(tmp_path / "checkpoint-last.pth"))["optimizer"]["state"]
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt_lib.reading_shards(str(tmp_path / "checkpoint-last.pth.dcp-0a")):
+            raise KeyboardInterrupt
+
+
+def test_check_resumable_refuses_what_cannot_continue_a_run():
+    """An export, weights without the run's optimizer or position, a newer format: each refused in one
+    line naming what is missing; a sharded checkpoint's optimizer is in its folder (not missing)."""
+    sd = create_model("mae_vit_tiny_test").state_dict()
+    run = {"model": sd, "optimizer": {}, "step": 3, "epoch": 1, "model_name": "mae_vit_tiny_test"}
+    ckpt_lib.check_resumable(run, "ck.pth")
+    ckpt_lib.check_resumable({**{k: v for k, v in run.items() if k not in ("model", "optimizer")},
+                              "shards": "ck.pth.dcp-0a"}, "ck.pth")
+    with pytest.raises(ValueError, match="encoder-only file"):
+        ckpt_lib.check_resumable({"model": ckpt_lib.encoder_state_dict(sd)}, "ck.pth")
+    for key in ("optimizer", "step", "epoch", "model_name"):
+        with pytest.raises(ValueError, match=f"not a maefast train run's state \\(no {key}\\)"):
+            ckpt_lib.check_resumable({k: v for k, v in run.items() if k != key}, "ck.pth")
+    with pytest.raises(ValueError, match="written by a newer maefast \\(checkpoint format 3"):
+        ckpt_lib.check_resumable({**run, "format_version": ckpt_lib.FORMAT_VERSION + 1}, "ck.pth")
+
+
+def test_encoder_export_names_and_refusals():
+    """The official release file names for the official models; a state dict with no MAE encoder
+    (another model's) is refused, not exported as an empty file."""
+    assert ckpt_lib.release_filename("mae_vit_base_patch16") == "mae_pretrain_vit_base.pth"
+    assert ckpt_lib.release_filename("mae_vit_huge_patch14") == "mae_pretrain_vit_huge.pth"
+    assert ckpt_lib.release_filename("mae_vit_tiny_test") == "mae_pretrain_vit_tiny_test.pth"
+    with pytest.raises(ValueError, match="no MAE encoder keys"):
+        ckpt_lib.encoder_state_dict({"fc.weight": torch.ones(2)})

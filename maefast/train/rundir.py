@@ -229,7 +229,7 @@ class RunFolder:
         for name in names:
             m = TEMP.match(name)
             stale = bool(m) and (RUN_FILE.match(m.group("name")) or SHARDS_DIR.match(m.group("name"))
-                                 or m.group("name").startswith(PROBE_NAME))
+                                 or m.group("name") == PROBE_NAME.lstrip("."))  # TEMP's name has no dot
             stale = stale or (SHARDS_DIR.match(name) is not None and name not in live)
             if stale:
                 _remove(self.join(name))
