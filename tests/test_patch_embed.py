@@ -205,6 +205,26 @@ def test_float64_pos_embed(device):
             masked_patch_embed(imgs, ids, w, b, pos64, 8, impl="triton")
 
 
+def test_auto_takes_the_reference_where_the_kernels_refuse(monkeypatch):
+    """On a GPU "auto" picks a kernel, then takes the reference for what the kernels refuse (a float64
+    pos_embed; uint8 imgs with 5 channels or with a float64 weight) rather than raising as an explicit
+    impl does. On the CPU "auto" is the reference from the start, so the GPU's pick is simulated here."""
+    import maefast.ops.patch_embed as pe
+
+    real = pe.choose_impl
+    monkeypatch.setattr(pe, "choose_impl", lambda impl, *a, **k: "triton" if impl == "auto" else real(impl, *a, **k))
+    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, torch.float32, "cpu")
+    w, b, pos64 = w.detach(), b.detach(), pos.detach().double()
+    u5, w5 = torch.randint(0, 256, (2, 5, 16, 24), dtype=torch.uint8), randn(16, 5, 8, 8)
+    u3 = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8)
+    stats5 = dict(mean=[0.5] * 5, std=[0.25] * 5)
+    for args, kw in (((imgs, ids, w, b, pos64, 8), {}), ((u5, ids, w5, None, None, 8), stats5),
+                     ((u3, ids, w.double(), b.double(), None, 8), {})):
+        with pytest.raises(ValueError, match="impl='triton' is not available"):
+            masked_patch_embed(*args, impl="triton", **kw)
+        assert torch.equal(masked_patch_embed(*args, **kw), masked_patch_embed(*args, impl="reference", **kw))
+
+
 def test_imgs_requiring_grad_raise():
     imgs, ids, w, b, pos = _inputs(1, 3, 16, 16, 8, 16, 0.5, torch.float32, "cpu")
     with pytest.raises(ValueError, match="imgs must not require grad"):
@@ -246,14 +266,17 @@ def test_opcheck():
 
 
 
+@pytest.mark.parametrize("dtype,pos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
-def test_backward_fake_matches_real_for_a_channels_last_weight(impl):
-    """The backward op's fake gives the real op's layouts: the weight gradient contiguous whatever
-    the weight's strides (before: empty_like kept a channels_last weight's strides, and a compiled
-    graph planned for a layout the op does not return)."""
-    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, torch.float32, "cpu")
+def test_backward_fake_matches_real_for_a_channels_last_weight(impl, dtype, pos_dtype):
+    """The backward op's fake gives the real op's layouts and dtypes: the weight gradient contiguous
+    whatever the weight's strides (before: empty_like kept a channels_last weight's strides, and a
+    compiled graph planned for a layout the op does not return), the weight's and bias's gradients in
+    the weight's dtype, pos_embed's in its own (a bf16 weight with an fp32 pos_embed: the autocast case)."""
+    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, dtype, "cpu", pos_dtype=pos_dtype)
     w = w.detach().contiguous(memory_format=torch.channels_last)
-    g = randn(2, ids.shape[1], 16)
+    g = randn(2, ids.shape[1], 16, dtype=torch.promote_types(dtype, pos_dtype))
     args = (g, imgs, ids, w, pos.detach(), 8, True, impl)
     op = torch.ops.maefast.masked_patch_embed_backward.default
     real = op(*args)
@@ -265,6 +288,38 @@ def test_backward_fake_matches_real_for_a_channels_last_weight(impl):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), name
     torch.library.opcheck(op, args)
 
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
+def test_backward_op_without_pos_embed_ignores_need_pos(impl):
+    """The backward op called with need_pos=True and no pos_embed (a direct call, or a graph that
+    traced one) returns what its fake says: an empty pos_embed gradient, the weight's and bias's as usual."""
+    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, torch.float32, "cpu")
+    g = randn(2, ids.shape[1], 16)
+    op = torch.ops.maefast.masked_patch_embed_backward.default
+    dw, db, dpos = op(g, imgs, ids, w.detach(), None, 8, True, impl)
+    want = op(g, imgs, ids, w.detach(), None, 8, False, impl)
+    assert dpos.numel() == 0 and torch.equal(dw, want[0]) and torch.equal(db, want[1])
+    torch.library.opcheck(op, (g, imgs, ids, w.detach(), None, 8, True, impl))
+
+
+@pytest.mark.parametrize("dtype,pos_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, None),
+                                             (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
+def test_forward_fake_matches_real_dtype(impl, dtype, pos_dtype):
+    """The forward op's fake gives the real tokens' shape and dtype: the weight's, promoted with
+    pos_embed's (fp32 for a bf16 weight and an fp32 pos_embed; fp32 for fp16 with bf16), so a compiled
+    graph plans for what the op returns."""
+    imgs, ids, w, b, pos = _inputs(2, 3, 16, 24, 8, 16, 0.5, dtype, "cpu", pos_dtype=pos_dtype or dtype)
+    args = (imgs, ids, w.detach(), b.detach(), pos.detach() if pos_dtype else None, 8, impl)
+    op = torch.ops.maefast.masked_patch_embed.default
+    real = op(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert real.dtype == torch.promote_types(dtype, pos_dtype or dtype)
+    assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
 
 
 def test_uint8_kernels_compile_for_sm90_without_spills(tmp_path):

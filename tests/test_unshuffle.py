@@ -159,6 +159,60 @@ def test_out_of_range_ids_read_the_mask_token(impl, device):
         assert_close(a, b, torch.float32, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unplaced_visible_token_gets_a_zero_gradient(impl, device):
+    """Below the host check (a GPU run), a visible token no id points at (ids_restore not a permutation)
+    gets a zero gradient in every backend, never stale memory: the Triton kernel writes only the rows
+    placed, into a zeroed buffer."""
+    N, L, K, D = 2, 8, 3, 16
+    x = torch.randn(N, 1 + K, D, device=device, requires_grad=True)
+    tok = torch.randn(1, 1, D, device=device, requires_grad=True)
+    pos = torch.randn(1, 1 + L, D, device=device)
+    ids = torch.tensor([[0, -1, 2, 99, 5, 3, -7, 4], [2, 4, 5, 6, 7, 3, 1, -2]], device=device)  # 1; 0 unplaced
+    out = ops_mod._unshuffle_op(x, tok, ids, pos, impl)
+    gx, = torch.autograd.grad(out, (x,), torch.randn_like(out))
+    assert torch.isfinite(gx).all()
+    assert (gx[0, 2] == 0).all() and (gx[1, 1] == 0).all()
+    assert (gx[0, 1] != 0).all() and (gx[1, 2] != 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_visible_tokens_from_none_to_all_patches(impl, device):
+    """1 + K tokens for 0 <= K <= L are accepted (mask_ratio 1 and 0: every patch or no patch a mask
+    token), and equal the reference; a token more than the L patches is refused."""
+    N, L, D = 2, 6, 8
+    for K in (0, L):
+        ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+        x = torch.randn(N, 1 + K, D, device=device, requires_grad=True)
+        tok = torch.randn(1, 1, D, device=device, requires_grad=True)
+        pos = torch.randn(1, 1 + L, D, device=device, requires_grad=True)
+        g = torch.randn(N, 1 + L, D, device=device)
+        got = _grads(lambda *a: unshuffle(*a, impl=impl), x, tok, ids, pos, g)
+        ref = _grads(R.unshuffle, x, tok, ids, pos, g)
+        for name, a, b in zip(("out", "grad x_vis", "grad mask_token", "grad pos_embed"), got, ref):
+            assert_close(a, b, torch.float32, name=f"K={K} {name}")
+    with pytest.raises(ValueError, match="K <= L visible"):
+        unshuffle(torch.randn(N, 2 + L, D, device=device), tok, ids, pos, impl=impl)
+
+
+def test_pos_embed_gradient_only_when_it_requires_one(monkeypatch):
+    """A frozen pos_embed (the fixed sin-cos table of the official models) costs no position-embedding
+    reduction in the backward: the backward op is asked for it only when pos_embed requires grad."""
+    asked = []
+    real = ops_mod._bwd_reference
+
+    def spy(grad, ids_restore, num_visible, need_pos, x_dtype):
+        asked.append(need_pos)
+        return real(grad, ids_restore, num_visible, need_pos, x_dtype)
+
+    monkeypatch.setattr(ops_mod, "_bwd_reference", spy)
+    for pos_grad in (False, True):
+        x, tok, ids, pos = _inputs(2, 16, 0.75, 8, torch.float32, "cpu", pos_grad=pos_grad)
+        unshuffle(x, tok, ids, pos, impl="reference").sum().backward()
+        assert (pos.grad is not None) == pos_grad
+    assert asked == [False, True]
+
+
 def test_module_and_auto(device):
     x, tok, ids, pos = _inputs(2, 16, 0.75, 24, torch.float32, device)
     m = Unshuffle()
