@@ -605,3 +605,135 @@ def test_block_fused_runs_one_op_when_it_can():
     cu = torch.tensor([0, 5, 17], dtype=torch.int32)
     assert type(ours(x[0], cu_seqlens=cu).grad_fn).__name__ != "maefast_vit_blockBackward"
     assert "fused=True" in repr(ours)
+
+
+# -- from a mutation audit (2026-12-06): each test below failed a wrong variant of the code the suite let through --
+
+def test_model_level_cuda_keeps_the_cuda_kernel_only_where_it_runs(monkeypatch):
+    """impl="cuda" of a model keeps the CUDA C++ forward only for fp16/bf16, its head dims and a qkv whose
+    last dim is contiguous and other strides are multiples of 16 bytes (else "auto"); exactly the shared
+    memory a block may opt into fits; any other impl passes through as it is. Decided from dtypes, shapes
+    and strides: checked on the CPU."""
+    import maefast.ops.attention as A
+
+    H, dh, L = 2, 64, 50
+    qkv = randn(1, L, 3 * H * dh, dtype=torch.float16)
+    assert A.model_level_impl("cuda", qkv, H) == "cuda"
+    for impl in ("auto", "triton", "reference", "sdpa"):
+        assert A.model_level_impl(impl, qkv, H) == impl
+    assert A.model_level_impl("cuda", qkv.float(), H) == "auto"  # fp32: no tensor-core kernel
+    assert "float16/bfloat16" in A._kernel_unsupported("cuda", qkv.float(), dh, L)
+    assert A.model_level_impl("cuda", randn(1, L, 3 * 4 * 16, dtype=torch.float16), 4) == "auto"  # head dim 16
+    for pad, runs in ((4, False), (8, True)):  # rows 8 or 16 bytes longer than the packed width
+        view = randn(1, L, 3 * H * dh + pad, dtype=torch.float16)[..., :3 * H * dh]
+        assert (A.model_level_impl("cuda", view, H) == "cuda") == runs, pad
+    every_other = randn(1, L, 2 * 3 * H * dh, dtype=torch.float16)[..., ::2]  # last-dim stride 2
+    assert "last dim contiguous" in A._kernel_unsupported("cuda", every_other, dh, L)
+    need = A.cuda_smem_bytes(L, dh, 2)
+    monkeypatch.setattr(A, "_smem_optin", lambda device: need)
+    assert A._kernel_unsupported("cuda", qkv, dh, L) is None
+    monkeypatch.setattr(A, "_smem_optin", lambda device: need - 1)
+    assert f"{need} bytes of shared memory" in A._kernel_unsupported("cuda", qkv, dh, L)
+
+
+def test_auto_falls_back_to_the_reference_where_the_triton_kernels_cannot_run(monkeypatch):
+    """On a GPU "auto" chooses Triton, then the reference for an input Triton cannot take (an explicit
+    "triton" raises instead). The GPU's choice faked: on a CPU "auto" is the reference before any check."""
+    import maefast.ops.attention as A
+
+    monkeypatch.setattr(A, "choose_impl", lambda impl, device, **kw: "triton" if impl == "auto" else impl)
+    qkv = randn(1, 9, 3 * 2 * 24)
+    assert A._resolve("auto", randn(1, 9, 3 * 2 * 16), 16, 9) == "triton"
+    assert A._resolve("auto", qkv, 24, 9) == "reference"  # head dim 24
+    assert A._resolve("auto", randn(1, 9, 3 * 2 * 16, dtype=torch.float64), 16, 9) == "reference"
+    with pytest.raises(ValueError, match="impl='triton' cannot run this input: head dim 24"):
+        A._resolve("triton", qkv, 24, 9)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_opcheck_bf16_and_permuted_qkv(impl, device):
+    """The fake implementations give what the real ones do where it differs from fp32 contiguous input: the
+    logsumexp stays fp32 and dqkv takes qkv's dtype for bf16, and dqkv is contiguous for a qkv whose memory
+    is dense but permuted ((L, N, C) transposed)."""
+    H, dh = 2, 16
+    bf16 = randn(2, 5, 3 * H * dh, dtype=torch.bfloat16, device=device)
+    permuted = randn(5, 2, 3 * H * dh, device=device).transpose(0, 1)
+    for qkv in (bf16, permuted):
+        torch.library.opcheck(torch.ops.maefast.visible_attention.default, (qkv, H, None, None, None, impl))
+        out, lse = torch.ops.maefast.visible_attention(qkv, H, None, None, None, impl)
+        assert lse.dtype == torch.float32 and out.dtype == qkv.dtype
+        dout = randn(*out.shape, dtype=qkv.dtype, device=device)
+        torch.library.opcheck(torch.ops.maefast.visible_attention_backward.default,
+                              (dout, qkv, out, lse, H, None, None, None, impl))
+        dqkv = torch.ops.maefast.visible_attention_backward(dout, qkv, out, lse, H, None, None, None, impl)
+        assert dqkv.dtype == qkv.dtype and dqkv.is_contiguous()
+
+
+def test_head_dim_split_pads_when_asked():
+    """pad=True (what the split saves is measured against it) gives one power-of-two chunk."""
+    from maefast.kernels.attention import head_dim_split
+
+    assert head_dim_split(80, pad=True) == (128, 0) and head_dim_split(48, pad=True) == (64, 0)
+    assert head_dim_split(64, pad=True) == (64, 0) and head_dim_split(48) == (32, 16)
+
+
+def test_launchers_launch_the_tiles_and_grids_asked_for(monkeypatch):
+    """An explicit tile (the sweep's candidates) is the one launched, `fused` picks the backward's kernels,
+    and each grid has one program per (sequence, head, block of rows): a block count from the other tile
+    dimension still computes the right numbers (the extra programs store nothing) but times another launch."""
+    import maefast.kernels.attention as KA
+
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, tuple(kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
+                                 kw.get("FUSED_DQ")))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        monkeypatch.setattr(KA, name, Spy(getattr(KA, name)))
+    n, L, H, dh = 2, 40, 2, 16
+    qkv, dout = randn(n, L, 3 * H * dh), randn(n, L, H * dh)
+    out, lse = KA.attention_fwd(qkv, H, 0.25, config="m32n16w4s1")
+    assert launches == [((n * H * 2,), (32, 16, 4, 1), None)]  # ceil(40 / 32) query blocks
+    assert_close(out, ref_attention(qkv, H, scale=0.25), name="out")
+    launches.clear()
+    KA.attention_bwd(dout, qkv, out, lse, H, 0.25, config="dq-m32n16w4s2+dkdv-m16n32w4s1")
+    assert launches == [((n * H * 2,), (32, 16, 4, 2), None), ((n * H * 2,), (16, 32, 4, 1), False)]
+    for fused, kernels in ((True, [True]), (False, [None, False])):  # fp32 at L 40: unfused unless asked
+        launches.clear()
+        KA.attention_bwd(dout, qkv, out, lse, H, 0.25, fused=fused)
+        assert [f for _, _, f in launches] == kernels, fused
+
+
+def test_argument_types_are_refused_by_name(device):
+    """A bool is no head count or scale, a scale is a number, impl a str, and qkv's width is not empty."""
+    qkv = randn(2, 10, 3 * 2 * 32, device=device)
+    with pytest.raises(ValueError, match="num_heads must be a positive int, got True"):
+        visible_attention(qkv, True)
+    for bad, name in (("0.5", "str"), (True, "bool")):
+        with pytest.raises(TypeError, match=f"scale must be a float or None, got {name}"):
+            visible_attention(qkv, 2, scale=bad)
+    with pytest.raises(TypeError, match="impl must be a str, got NoneType"):
+        visible_attention(qkv, 2, impl=None)
+    with pytest.raises(ValueError, match="qkv's last dim must be non-empty"):
+        visible_attention(randn(2, 10, 0, device=device), 2)
+
+
+def test_generic_tile_rule_at_its_edges():
+    """The rule outside the table at its bounds: fp32 fuses the backward up to 32 keys, 16-bit forwards hold
+    up to 128 keys in one block, a fused backward past 128 keys is refused, and tiles are at least 16."""
+    from maefast.kernels.attention_tiles import Tile, bwd_fused_default, bwd_tiles, fwd_tiles
+
+    assert bwd_fused_default(32, 64, torch.float32) and not bwd_fused_default(33, 64, torch.float32)
+    assert fwd_tiles(128, 64, torch.float16).BLOCK_N == 128 and fwd_tiles(129, 64, torch.float16).BLOCK_N == 64
+    with pytest.raises(ValueError, match="fused backward needs max_seqlen <= 128, got 129"):
+        bwd_tiles(129, 64, torch.float16, fused=True)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        Tile(8, 16)

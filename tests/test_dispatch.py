@@ -229,3 +229,27 @@ def test_another_tag_misses_inductors_cache(tmp_path, monkeypatch):
     finally:
         cfg.cache_key_tag = old
         torch._dynamo.reset()
+
+
+def test_env_var_empty_or_unset_is_the_direct_route(monkeypatch):
+    """MAEFAST_EAGER_DISPATCH= (set but empty, as `env VAR= cmd` or a CI matrix's blank entry) is the
+    default, not a typo; read where the module loads (no subprocess needed to check the rule)."""
+    from maefast.ops import _dispatch
+
+    for value, mode in (("", "direct"), ("custom_op", "custom_op"), ("direct", "direct"), ("fast", None)):
+        monkeypatch.setenv("MAEFAST_EAGER_DISPATCH", value)
+        assert _dispatch._mode_from_env() == mode, value
+    monkeypatch.delenv("MAEFAST_EAGER_DISPATCH")
+    assert _dispatch._mode_from_env() == "direct"
+
+
+def test_eager_dispatch_restores_the_route_it_replaced():
+    before = get_eager_dispatch()
+    other = "custom_op" if before == "direct" else "direct"
+    with eager_dispatch(other):
+        assert get_eager_dispatch() == other
+    assert get_eager_dispatch() == before
+    with pytest.raises(KeyError):
+        with eager_dispatch(other):
+            raise KeyError("raised inside")
+    assert get_eager_dispatch() == before
