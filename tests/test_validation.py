@@ -131,6 +131,34 @@ def test_attention_device_offsets_stay_in_bounds_and_bad_offsets_come_out_nan(cu
         assert not r["lse"][:, a:b].isnan().any()
 
 
+@pytest.mark.parametrize("cu,max_seqlen,nan_rows,good", [
+    ([0, 30, 40], 20, ((0, 30),), ((30, 40),)),
+    ([0, 20, 30], 20, ((30, 40),), ((0, 20), (20, 30))),
+    ([0, 10, 1000], 40, ALL_NAN, ()),
+    ([5, 20, 40], 20, ALL_NAN, ()),
+    ([0, 25, 15, 40], 25, ALL_NAN, ()),
+], ids=["longer-than-max_seqlen", "padding-after-the-last", "end-beyond-rows", "nonzero-start", "decreasing"])
+def test_reference_attention_keeps_the_device_offsets_contract(cu, max_seqlen, nan_rows, good):
+    """The reference backend (what "auto" takes on a GPU for a head dim or dtype the kernels refuse) under
+    the kernels' contract for trusted offsets: NaN rows where they are, the well-formed sequences exact
+    (before: a RuntimeError from a size mismatch or a negative repeat count)."""
+    from maefast.ops import attention as attn_mod
+
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 40, 3 * H * DH, requires_grad=True)
+    out, lse = attn_mod._visible_attention(qkv, H, torch.tensor(cu, dtype=torch.int32), max_seqlen, None,
+                                           "reference")
+    g = torch.randn_like(out)
+    dqkv, = torch.autograd.grad(out, qkv, g)
+    for s, e in nan_rows:
+        assert out[0, s:e].isnan().all() and lse[0, :, s:e].isnan().all() and dqkv[0, s:e].isnan().all()
+    for a, b in good:
+        want, dq = _seq_reference(qkv.detach()[0], g[0], a, b)
+        assert_close(out[0, a:b], want, torch.float32, name="out")
+        assert_close(dqkv[0, a:b], dq, torch.float32, name="dqkv")
+        assert not lse[0, :, a:b].isnan().any()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_strided_cu_seqlens(impl):
     """A strided view is read through its strides, not as contiguous memory (before: the Triton
