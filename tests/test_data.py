@@ -79,6 +79,19 @@ def test_a_link_loop_lists_each_image_once(tmp_path):
     assert sorted(os.path.basename(f) for f in ds.files) == ["0.png", "1.png", "2.png"]
 
 
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    """Dot folders (.git, .ipynb_checkpoints, a trash folder) and dot files are not training images; the
+    extension is matched whatever its case."""
+    from PIL import Image
+
+    for rel in ("cls/a.png", "cls/B.JPG", "cls/.c.png", ".hidden/d.png", "cls/.ipynb_checkpoints/e.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (9, 0, 0)).save(tmp_path / rel, "PNG")
+    ds = ImageFolderDataset(str(tmp_path), S, 16)
+    want = [os.path.join("cls", "B.JPG"), os.path.join("cls", "a.png")]  # sorted: upper case first
+    assert [os.path.relpath(f, tmp_path) for f in ds.files] == want
+
+
 def test_paths_live_in_one_buffer_and_round_trip(tmp_path):
     """The paths are one numpy buffer (a list of str is copied into every worker as reading a path touches
     its reference count: ~140 MiB per worker for ImageNet); names round-trip exactly, odd bytes included."""
@@ -110,6 +123,14 @@ def test_uint8_output_normalises_to_the_float32_output(folder, decode):
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (len(u8), 3, S, S)
     assert batch["images"][0].nbytes * 4 == collate(_items(f32))["images"][0].nbytes
     torch.testing.assert_close(normalize_uint8(batch["images"]), collate(_items(f32))["images"], rtol=0, atol=0)
+
+
+def test_denormalize_undoes_the_normalisation():
+    """`maefast visualize` shows images through denormalize: it must give back ToTensor's x / 255."""
+    x = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
+    y = augment.denormalize(normalize_uint8(x))
+    torch.testing.assert_close(y, x.to(torch.float32) / 255, rtol=0, atol=1e-6)
+    assert y.dtype == torch.float32 and y.shape == (3, 16, 16)
 
 
 def test_normalize_uint8_is_torchvision_totensor_normalize():
@@ -324,7 +345,9 @@ def test_crop_box_fallback_is_torchvisions():
     # (top, left, h, w) written out from torchvision's get_params: in_ratio > 4/3: h = H, w = round(H * 4/3);
     # < 3/4: w = W, h = round(W / (3/4)); centred with // 2 (the bench's official pipeline reuses maefast's
     # fallback, so it alone would not pin it)
-    for (W, H), want in (((1000, 10), (0, 493, 10, 13)), ((10, 1000), (493, 0, 13, 10))):
+    # 11 px: 11 * 4/3 = 14.67 and 11 / (3/4) = 14.67 round to 15 (truncation: 14)
+    for (W, H), want in (((1000, 10), (0, 493, 10, 13)), ((10, 1000), (493, 0, 13, 10)),
+                         ((1000, 11), (0, 492, 11, 15)), ((11, 1000), (492, 0, 15, 11))):
         torch.manual_seed(0)
         assert random_resized_crop_params(W, H, np.random.default_rng(1)) == want
         assert bench_data.official_crop_params(W, H) == want
@@ -360,6 +383,19 @@ def test_samples_are_a_function_of_seed_epoch_index(folder, decode, dtype):
                 assert torch.equal(img, ref[k]["image"]), (rank, pos, k)
                 seen[k] = True
     assert len(seen) == len(ds)
+
+
+def test_an_index_alone_is_epoch_0():
+    """ds[i] (a plain DataLoader's key) is the sample (epoch 0, i); a bool seed is refused as any non-int."""
+    ds = SyntheticDataset(4, S, 16, seed=3, dtype=torch.uint8)
+    for i in range(2):
+        a, b = ds[i], ds[(0, i)]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["noise"], b["noise"])
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+        SyntheticDataset(4, S, 16, seed=True)
+    # and each index its own image (not a few repeated): the set is fixed by (data_seed, index)
+    imgs = [np.asarray(ds.load(i)).tobytes() for i in range(6)]
+    assert len(set(imgs)) == 6
 
 
 def test_synthetic_dataset_both_paths(tmp_path):
@@ -429,6 +465,36 @@ def test_options_are_checked(folder):
         config_from_args(["--decode", "nvjpeg"])
     with pytest.raises(ValueError, match="--decode"):
         resolve_config(TrainConfig(decode="draft"), cuda=False)
+
+
+def test_range_and_flip_edges_are_checked():
+    """scale and ratio: two finite non-bool numbers with 0 < lo <= hi (lo == hi allowed: a fixed crop area
+    or shape); hflip a probability in [0, 1]. Unchecked, an infinite bound, a bool or a negative hflip would be
+    accepted and fail every sample (inf: counted as unreadable) or quietly never flip."""
+    t = PretrainTransform(S, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # a whole-image square crop of a square
+    assert (t.scale, t.ratio) == ((1.0, 1.0), (1.0, 1.0))
+    assert random_resized_crop_params(40, 40, np.random.default_rng(0), t.scale, t.ratio) == (0, 0, 40, 40)
+    for kw, match in ((dict(scale=(0.2, math.inf)), "scale must be two numbers"),
+                      (dict(ratio=(0.75, math.inf)), "ratio must be two numbers"),
+                      (dict(scale=(0.5, True)), "scale must be two numbers"),
+                      (dict(ratio=(True, True)), "ratio must be two numbers"),
+                      (dict(hflip=-0.5), r"hflip must be a probability in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            PretrainTransform(S, **kw)
+
+
+def test_the_flip_is_drawn_whatever_its_probability():
+    """Box, then flip, then (in the datasets) the noise: the flip's draw is made at hflip 0 and 1 too, so
+    what follows in the generator does not depend on hflip."""
+    from PIL import Image
+
+    img = Image.fromarray(_photo(np.random.default_rng(0), 60, 50))
+    after = []
+    for p in (0.0, 0.5, 1.0):
+        rng = np.random.default_rng(3)
+        PretrainTransform(S, hflip=p, dtype=torch.uint8)(img, rng)
+        after.append(rng.random())
+    assert after[0] == after[1] == after[2]
 
 
 def resumed_equals_straight(tmp_path, decode: str) -> None:

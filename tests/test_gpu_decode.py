@@ -163,6 +163,21 @@ def test_what_nvjpeg_is_not_given_gets_the_fast_path_in_the_worker(tmp_path, cal
         assert torch.equal(item["noise"], want["noise"])
 
 
+def test_a_batch_mixing_jpegs_and_other_files_keeps_each_image_in_its_row(tmp_path, calls):
+    """The device's images and the workers' pixels go back to their own rows, with their own noise."""
+    from PIL import Image
+
+    root = _jpeg_folder(tmp_path / "d", sizes=((120, 90), (90, 120), (100, 100)))
+    Image.fromarray(_photo(np.random.default_rng(4), 110, 80)).save(os.path.join(root, "a.png"))  # sorted first
+    gpu = ImageFolderDataset(root, S, 8, seed=5, decode="gpu", dtype=torch.uint8)
+    keys = [(0, i) for i in range(len(gpu))]
+    assert "pixels" in gpu[keys[0]] and all("jpeg" in gpu[k] for k in keys[1:])
+    batch = _made(gpu, keys)
+    for row, k in enumerate(keys):
+        one = _made(gpu, [k])
+        assert torch.equal(batch["images"][row], one["images"][0]) and torch.equal(batch["noise"][row], one["noise"][0])
+
+
 def test_a_file_nvjpeg_rejects_gets_the_fast_path_pixels(folder, monkeypatch):
     gpu = ImageFolderDataset(folder, S, 16, seed=8, decode="gpu", dtype=torch.uint8)
     fast = ImageFolderDataset(folder, S, 16, seed=8, decode="fast", dtype=torch.uint8)

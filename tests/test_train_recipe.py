@@ -197,6 +197,19 @@ def test_resumable_sampler_ranks_and_start():
         ResumableDistributedSampler(ds, 2, 0, seed=3, global_batch=8).set_position(4)
 
 
+def test_sampler_position_at_and_past_the_epochs_end():
+    """A checkpoint after an epoch's last step resumes at its end (nothing left of it); a position past
+    the end is refused, not a negative length."""
+    s = ResumableDistributedSampler(list(range(21)), 2, 1, seed=3, global_batch=4)
+    assert s.used == 20
+    s.set_position(20)
+    assert list(s) == [] and len(s) == 0
+    with pytest.raises(ValueError, match="whole number of global batches of 4 within the epoch's 20 samples"):
+        s.set_position(24)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        ResumableDistributedSampler(list(range(21)), 2, 2, seed=3, global_batch=4)
+
+
 @pytest.mark.parametrize("size", [31, 32, 37])
 def test_sampler_same_steps_and_samples_at_every_world_size(size):
     """Every split of a global batch of 8 (1 x 8, 2 x 4, 4 x 2 processes) gives the same steps per epoch
