@@ -317,36 +317,22 @@ def _saved_tensors(model, imgs, noise):
     return count[0], _grads(model)
 
 
-def test_transformers_gradient_checkpointing_enable_is_honoured():
+@pytest.mark.parametrize("training", [True, False])
+def test_transformers_gradient_checkpointing_enable_is_honoured(training):
+    """gradient_checkpointing_enable(): in training only the block inputs are kept for the backward; in
+    eval, as in the original (its layers checkpoint only in training), what an unchecked forward keeps."""
     _, patched = _hf_pair()
-    patched.train()
+    patched.train(training)
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
     n0, g0 = _saved_tensors(patched, imgs, noise)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         patched.gradient_checkpointing_enable()
+    patched.train(training)  # (it may switch the model to training)
     patched.zero_grad()
     with _no_slow_warning():
         n1, g1 = _saved_tensors(patched, imgs, noise)
-    assert n1 < n0 / 2, (n1, n0)  # only the block inputs are kept in the forward
-    _assert_grads_equal(g1, g0, rel=1e-6)
-
-
-def test_transformers_gradient_checkpointing_is_off_in_eval():
-    """As in the original (its layers checkpoint only in training), an eval call with gradients keeps
-    what an unchecked forward keeps: checkpointing does not recompute the blocks in eval."""
-    _, patched = _hf_pair()
-    patched.eval()
-    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
-    n0, g0 = _saved_tensors(patched, imgs, noise)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        patched.gradient_checkpointing_enable()
-    patched.eval()
-    patched.zero_grad()
-    with _no_slow_warning():
-        n1, g1 = _saved_tensors(patched, imgs, noise)
-    assert n1 == n0, (n1, n0)
+    assert n1 < n0 / 2 if training else n1 == n0, (n1, n0)
     _assert_grads_equal(g1, g0, rel=1e-6)
 
 
