@@ -447,8 +447,8 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
     elif _columns_overflow(dqkv):
         raise ValueError("dqkv: its last-dim stride times its width reaches 2**31 (the kernels' column offsets "
                          "are int32); pass a contiguous one")
-    if dqkv.numel() == 0 or nseq == 0 or max_len == 0:
-        return dqkv.zero_()
+    if dqkv.numel() == 0 or nseq == 0 or max_len == 0:  # varlen: no row any sequence computes (NaN, as forward)
+        return dqkv.fill_(float("nan")) if cu_seqlens is not None else dqkv.zero_()
     d0, d1 = head_dim_split(head_dim, pad_head_dim)
     common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1), out.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),

@@ -98,8 +98,9 @@ ALL_NAN = ((0, 40),)
     ([5, 20, 40], 20, ALL_NAN, ()),
     ([0, 25, 15, 40], 25, ALL_NAN, ()),
     ([0, 30, 20, 25, 40], 40, ALL_NAN, ()),
+    ([0, 0, 0], 0, ALL_NAN, ()),
 ], ids=["longer-than-max_seqlen", "padding-after-the-last", "end-beyond-rows", "negative-start", "nonzero-start",
-        "decreasing", "decreasing-unfused-bwd"])
+        "decreasing", "decreasing-unfused-bwd", "only-padding"])
 def test_attention_device_offsets_stay_in_bounds_and_bad_offsets_come_out_nan(cu, max_seqlen, nan_rows, good,
                                                                                tmp_path):
     """The on-device contract, through the custom op (which, like a GPU run given max_seqlen, does
@@ -137,7 +138,9 @@ def test_attention_device_offsets_stay_in_bounds_and_bad_offsets_come_out_nan(cu
     ([0, 10, 1000], 40, ALL_NAN, ()),
     ([5, 20, 40], 20, ALL_NAN, ()),
     ([0, 25, 15, 40], 25, ALL_NAN, ()),
-], ids=["longer-than-max_seqlen", "padding-after-the-last", "end-beyond-rows", "nonzero-start", "decreasing"])
+    ([0, 0, 0], 0, ALL_NAN, ()),
+], ids=["longer-than-max_seqlen", "padding-after-the-last", "end-beyond-rows", "nonzero-start", "decreasing",
+        "only-padding"])
 def test_reference_attention_keeps_the_device_offsets_contract(cu, max_seqlen, nan_rows, good):
     """The reference backend (what "auto" takes on a GPU for a head dim or dtype the kernels refuse) under
     the kernels' contract for trusted offsets: NaN rows where they are, the well-formed sequences exact
