@@ -141,13 +141,13 @@ def _reference_lse(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: 
     return s.logsumexp(-1)
 
 
-def _contract_segments(cu_seqlens: torch.Tensor, total: int, max_len: int) -> list[tuple[int, int]] | None:
+def _contract_segments(bounds: list[int], total: int, max_len: int) -> list[tuple[int, int]] | None:
     """Offsets trusted on a GPU (given with max_seqlen, never checked on the host) under the kernels'
     contract: None for the plain case (start 0, non-decreasing, end at the last row, no sequence past
     max_len); else the (start, end) of the sequences that come out, every other row NaN: none when
     the offsets do not start at 0, decrease or end past the rows (sequences would overlap), else the
     ones no longer than max_len (rows after the last offset are padding)."""
-    b = [int(v) for v in cu_seqlens.tolist()]  # the reference reads them on the host anyway
+    b = bounds
     pairs = list(zip(b[:-1], b[1:]))
     if not b or b[0] != 0 or any(e < s for s, e in pairs) or b[-1] > total:
         return []
@@ -167,19 +167,15 @@ def _reference_segments(qkv, num_heads, scale, segments) -> tuple[torch.Tensor, 
     return out, lse
 
 
-def _reference_backward(dout, qkv, num_heads, scale, cu_seqlens, max_len=None) -> torch.Tensor:
+def _reference_backward(dout, qkv, num_heads, scale, cu_seqlens, max_len: int = 0) -> torch.Tensor:
     """The attention gradient in plain PyTorch, fp32 (fp64 for fp64). Written out because autograd
     cannot run inside a custom op's implementation. Trusted offsets outside the plain case: NaN rows
     where the forward's are (`_contract_segments`)."""
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
-        segments = None if max_len is None else _contract_segments(cu_seqlens, qkv.shape[1], max_len)
-        if segments is None:
-            dqkv = torch.zeros_like(qkv, memory_format=torch.contiguous_format)
-            segments = list(zip(bounds[:-1], bounds[1:]))
-        else:
-            dqkv = torch.full_like(qkv, float("nan"), memory_format=torch.contiguous_format)
-        for s, e in segments:
+        bounds = [int(v) for v in cu_seqlens.tolist()]  # the reference reads them on the host anyway
+        segments = _contract_segments(bounds, qkv.shape[1], max_len)
+        dqkv = torch.full_like(qkv, 0.0 if segments is None else float("nan"), memory_format=torch.contiguous_format)
+        for s, e in zip(bounds[:-1], bounds[1:]) if segments is None else segments:
             if e > s:
                 dqkv[:, s:e] = _reference_backward(dout[:, s:e], qkv[:, s:e], num_heads, scale, None)
         return dqkv
@@ -239,7 +235,8 @@ def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tens
             return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
     if chosen == "cuda":
         return _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
-    segments = None if cu_seqlens is None else _contract_segments(cu_seqlens, qkv.shape[1], max_len)
+    segments = None if cu_seqlens is None else _contract_segments([int(v) for v in cu_seqlens.tolist()],
+                                                                   qkv.shape[1], max_len)
     if segments is not None:
         return _reference_segments(qkv, num_heads, scale, segments)
     out = _reference_attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens)
