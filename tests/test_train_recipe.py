@@ -177,6 +177,21 @@ def test_resumable_sampler_shuffles_anew_each_epoch():
     assert orders[0] != orders[1] != orders[2]
 
 
+def test_resumable_sampler_without_shuffle_keeps_the_datasets_order():
+    """shuffle=False: the dataset's order at every epoch, cut to whole global batches, split across ranks."""
+    ds = list(range(10))
+    for epoch in (0, 3):
+        ranks = []
+        for r in range(2):
+            s = ResumableDistributedSampler(ds, 2, r, shuffle=False, seed=5, global_batch=4)
+            s.set_epoch(epoch)
+            ranks.append([i for _, i in s])
+        assert ranks == [[0, 2, 4, 6], [1, 3, 5, 7]]  # the tail (8, 9) is less than a global batch
+    s = ResumableDistributedSampler(ds, 2, 1, shuffle=False, global_batch=4)
+    s.set_position(4)
+    assert [i for _, i in s] == [5, 7] and len(s) == 2
+
+
 def test_resumable_sampler_ranks_and_start():
     ds = list(range(24))
     one = ResumableDistributedSampler(ds, 1, 0, seed=3)
