@@ -6,6 +6,7 @@ Missing or unexpected keys are reported by name; a shape mismatch is a clear Val
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Iterable, Mapping
 
@@ -256,6 +257,8 @@ def from_transformers_model(hf_model, **model_kwargs):
                          "(maefast.patch runs such a model as it is)")
     # maefast's MAE builds every MLP as int(width * mlp_ratio), one ratio for encoder and decoder
     ratio = c.intermediate_size / c.hidden_size
+    if int(c.hidden_size * ratio) != c.intermediate_size:  # e.g. 112 * (488 / 112) = 487.99999999999994
+        ratio = math.nextafter(ratio, math.inf)
     dec_inter = getattr(c, "decoder_intermediate_size", None) or c.intermediate_size
     if int(c.hidden_size * ratio) != c.intermediate_size or int(c.decoder_hidden_size * ratio) != dec_inter:
         raise ValueError(f"maefast's MAE has one MLP ratio for encoder and decoder (hidden = int(width * ratio)); "

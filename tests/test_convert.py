@@ -176,3 +176,71 @@ def test_a_damaged_shards_folder_is_one_clear_error(tmp_path):
     (folder / "__0_0.distcp").write_bytes(b"torn")
     with pytest.raises(ValueError, match="is not readable \\(damaged or incomplete"):
         _load_full_shards(str(folder))
+
+
+def test_strict_loading_refuses_an_unexpected_key_alone_and_a_missing_decoder_key():
+    a, b = _tiny(), _tiny()
+    with pytest.raises(ValueError, match=re.escape("unexpected keys ['head.weight']")):
+        load_official_state_dict(b, {**a.state_dict(), "head.weight": torch.zeros(3)})
+    sd = a.state_dict()
+    sd.pop("decoder_pred.bias")  # a full checkpoint (it has a decoder) short of one decoder tensor
+    with pytest.raises(ValueError, match=re.escape("missing keys ['decoder_pred.bias']")):
+        load_official_state_dict(b, sd)
+    assert load_official_state_dict(b, sd, strict=False)["missing"] == ["decoder_pred.bias"]
+
+
+def test_wrapper_prefixes_are_stripped_only_when_every_key_has_one():
+    from maefast.convert import strip_wrapper_prefixes
+
+    assert strip_wrapper_prefixes({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
+    assert strip_wrapper_prefixes({"module._orig_mod.a": 1, "module._orig_mod.b": 2}) == {"a": 1, "b": 2}
+
+
+def test_default_transformers_names_are_the_newest():
+    """Without target_keys every layer key takes transformers 5.x's name (o_proj, mlp.fc1, q_proj)."""
+    hf = to_transformers(_tiny().state_dict())
+    for layer in ("vit.layers.0.", "vit.layers.1.", "decoder.decoder_layers.0."):
+        for name in ("attention.q_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2", "layernorm_before"):
+            assert f"{layer}{name}.weight" in hf, (layer, name)
+    assert not [k for k in hf if "attention.attention." in k or "intermediate" in k or "output.dense" in k]
+
+
+def test_from_transformers_model_computes_as_the_transformers_model():
+    """A ViTMAEConfig of transformers' defaults where they differ from maefast's (LayerNorm eps 1e-12),
+    MLP ratio 2, decoder heads unlike the encoder's: the converted model gives transformers' loss and pred."""
+    transformers = pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, to_transformers_model
+
+    cfg = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                    image_size=16, patch_size=4, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                                    decoder_num_attention_heads=1, decoder_intermediate_size=32, norm_pix_loss=True,
+                                    mask_ratio=0.5)
+    hf = transformers.ViTMAEForPreTraining(cfg).eval()
+    m = from_transformers_model(hf, impl="reference")
+    assert m.impl == "reference" and m.norm_pix_loss and m.norm.eps == m.decoder_blocks[0].norm1.eps == 1e-12
+    assert (m.blocks[0].attn.num_heads, m.decoder_blocks[0].attn.num_heads) == (4, 1)
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    with torch.no_grad():
+        out = hf(pixel_values=imgs, noise=noise)
+        loss, pred, mask = m(imgs, mask_ratio=0.5, noise=noise)
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    back = to_transformers_model(m, mask_ratio=0.5)  # and back: the same config and weights
+    for field in ("intermediate_size", "decoder_intermediate_size", "decoder_num_attention_heads", "layer_norm_eps"):
+        assert getattr(back.config, field) == getattr(cfg, field), field
+    for k, v in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_one_mlp_ratio_that_floating_point_does_not_round_trip():
+    """intermediate 488 for hidden 112 (encoder and decoder alike): 112 * (488 / 112) is 487.99999999999994 in
+    floating point, and int() of it made a 487-wide MLP: the config was refused as having two MLP ratios."""
+    transformers = pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model
+
+    cfg = transformers.ViTMAEConfig(hidden_size=112, num_hidden_layers=1, num_attention_heads=2, intermediate_size=488,
+                                    image_size=16, patch_size=8, decoder_hidden_size=112, decoder_num_hidden_layers=1,
+                                    decoder_num_attention_heads=2, decoder_intermediate_size=488)
+    m = from_transformers_model(transformers.ViTMAEForPreTraining(cfg))
+    assert m.blocks[0].mlp.fc1.out_features == m.decoder_blocks[0].mlp.fc1.out_features == 488

@@ -115,6 +115,22 @@ def test_perfect_prediction_reconstructs_the_original(norm_pix_loss):
     assert out["mask"].mean().item() == pytest.approx(0.75)
 
 
+def test_low_contrast_patches_unnormalise_with_the_losss_eps():
+    """norm_pix_loss: the target is (x - mean) / sqrt(var + 1e-6); on patches of variance ~1e-4 another eps
+    shows (a perfect prediction must still give the image back)."""
+    model = create_model("mae_vit_tiny_test", norm_pix_loss=True).eval()
+    x = 0.3 + 0.01 * torch.randn(3, 32, 32)
+    original = model.forward
+
+    def oracle(imgs, mask_ratio=0.75, noise=None):
+        loss, _, mask = original(imgs, mask_ratio, noise)
+        t = patchify(imgs, 8)
+        return loss, (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5, mask
+
+    model.forward = oracle
+    torch.testing.assert_close(vis.reconstruct(model, x, 0.75, seed=0)["reconstruction"], x, atol=1e-5, rtol=1e-5)
+
+
 def test_errors(tmp_path, capsys):
     model = create_model("mae_vit_tiny_test")
     enc = tmp_path / "enc.pth"
@@ -187,3 +203,93 @@ def test_square_center_crop_unchanged():
     left, top = (w - 32) // 2, (h - 32) // 2
     want = to_normalized_tensor(img.resize((w, h), Image.BICUBIC).crop((left, top, left + 32, top + 32)))
     assert torch.equal(center_transform(img, 32), want) and torch.equal(center_transform(img, (32, 32)), want)
+
+
+def test_rows_are_the_checkpoints_model_on_mask_seed_plus_row(tmp_path):
+    """Row i is the checkpoint's own weights on the mask of torch.Generator seeded seed + i (the caption's
+    'mask seeds'): its loss is the model's, recomputed here without visualize's code."""
+    ck, imgs = _checkpoint(tmp_path), [_image(tmp_path, 0), _image(tmp_path, 1)]
+    res = vis.visualize(ck, imgs, str(tmp_path / "rows.png"), mask_ratio=0.5, seed=5)
+    model = create_model("mae_vit_tiny_test").eval()
+    model.load_state_dict(torch.load(ck, weights_only=True)["model"])
+    for i, path in enumerate(imgs):
+        x = center_transform(Image.open(path).convert("RGB"), 32).unsqueeze(0)
+        noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(5 + i))
+        with torch.no_grad():
+            loss = model(x, mask_ratio=0.5, noise=noise)[0]
+        assert res["losses"][i] == pytest.approx(loss.item(), rel=1e-5)
+    (ph, pw), m = res["panel"], vis.MARGIN  # panels apart by MARGIN, rows by MARGIN + a title line
+    for r, row in enumerate(res["boxes"]):
+        assert [b[0] for b in row] == [m + c * (pw + m) for c in range(4)]
+        assert {b[1] for b in row} == {m + vis.TITLE_H + r * (vis.TITLE_H + ph + m)}
+
+
+def test_official_checkpoint_with_args_and_norm_pix_loss_override(tmp_path, capsys):
+    """An official training checkpoint records its model and norm_pix_loss in ``args`` (an argparse
+    Namespace); --norm-pix-loss / --no-norm-pix-loss override what the checkpoint says."""
+    import argparse
+
+    model = create_model("mae_vit_tiny_test", norm_pix_loss=True)
+    ck = str(tmp_path / "official.pth")
+    atomic_save({"model": model.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_test",
+                                                                           norm_pix_loss=True)}, ck)
+    img = _image(tmp_path)
+    res = vis.visualize(ck, img, str(tmp_path / "a.png"))
+    assert res["caption"][0].startswith("mae_vit_tiny_test") and "norm_pix_loss model" in res["caption"][1]
+    res = vis.visualize(ck, img, str(tmp_path / "b.png"), norm_pix_loss=False)
+    assert "pixel-loss model" in res["caption"][1]
+    plain = _checkpoint(tmp_path)  # records norm_pix_loss False; the flag changes the loss main prints
+    npl = vis.visualize(plain, img, str(tmp_path / "d.png"), norm_pix_loss=True)
+    assert npl["caption"][1].startswith("norm_pix")
+    capsys.readouterr()
+    assert vis.main(["--checkpoint", plain, "--image", img, "--out", str(tmp_path / "c.png"), "--norm-pix-loss"]) == 0
+    assert f"(loss {npl['losses'][0]:.4f})" in capsys.readouterr().out
+
+
+def test_refusals_before_any_work(tmp_path):
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    out = str(tmp_path / "o.png")
+    with pytest.raises(ValueError, match="contradicts"):  # a name no model has contradicts the recorded one too
+        vis.visualize(ck, img, out, model_name="no_such_model")
+    with pytest.raises(ValueError, match="images"):
+        vis.visualize(ck, [], out)
+    for seed, images in ((True, [img]), (2 ** 64 - 1, [img, img])):  # image i draws seed + i: in range too
+        with pytest.raises(ValueError, match="--seed must be an int"):
+            vis.visualize(ck, images, out, seed=seed)
+    with pytest.raises(ValueError, match="--mask-ratio"):  # 16 patches: 0.95 keeps none
+        vis.visualize(ck, img, out, mask_ratio=0.95)
+    assert not (tmp_path / "o.png").exists()
+    assert vis.visualize(ck, img, out, seed=-2 ** 63)["losses"][0] > 0  # torch.Generator's range
+
+
+def test_a_checkpoint_missing_a_weight_is_named(tmp_path):
+    model = create_model("mae_vit_tiny_test")
+    state = model.state_dict()
+    del state["decoder_pred.bias"]
+    ck = str(tmp_path / "partial.pth")
+    atomic_save({"model": state, "model_name": "mae_vit_tiny_test"}, ck)
+    with pytest.raises(ValueError, match="1 missing .*decoder_pred.bias"):
+        vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
+
+
+def test_panel_pixels_are_the_image_pixels():
+    """_to_pil undoes the normalisation to the very 0-255 values (a rectangle keeps its orientation), and
+    clamps what a reconstruction overshoots instead of wrapping it around."""
+    from maefast.train.augment import to_normalized_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    x = to_normalized_tensor(Image.fromarray(pixels))
+    assert np.array_equal(np.asarray(vis._to_pil(x, (5, 7))), pixels)
+    assert np.array_equal(np.asarray(vis._to_pil(x, (10, 14))), pixels.repeat(2, 0).repeat(2, 1))
+    assert (np.asarray(vis._to_pil(torch.full((3, 2, 2), 9.0), (2, 2))) == 255).all()
+    assert (np.asarray(vis._to_pil(torch.full((3, 2, 2), -9.0), (2, 2))) == 0).all()
+
+
+def test_panels_are_at_least_panel_min_pixels(tmp_path):
+    """48 px images: 224 / 48 rounds up to 5, 240 px panels (not 4, 192 px)."""
+    model = create_model("mae_vit_tiny_test", img_size=48)
+    ck = str(tmp_path / "48.pth")
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test", "model_kwargs": {"img_size": 48}},
+                ck)
+    res = vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
+    assert res["panel"] == (240, 240) and min(res["panel"]) >= vis.PANEL_MIN

@@ -1,0 +1,263 @@
+"""The loader benchmark (`maefast.bench_data`) beyond tests/test_data.py: the generated folder (sizes, aspects,
+quality, determinism, repair), its statistics, the rates' and ratios' arithmetic on a fake clock, the
+fast-vs-exact summary, and the CLI's defaults and validation."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maefast import bench_data
+from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8
+
+
+def test_generated_sizes_keep_the_documented_aspects_and_portrait_share():
+    sizes = [bench_data.image_size(np.random.default_rng([0, i])) for i in range(400)]
+    portrait = np.mean([w < h for w, h in sizes])
+    assert 0.15 < portrait < 0.35  # a quarter portrait
+    for w, h in sizes:  # 4:3, 3:2 or 1:1, the short side rounded
+        short, long = min(w, h), max(w, h)
+        assert any(abs(short - round(long * r)) == 0 for r in (0.75, 0.666, 1.0)), (w, h)
+
+
+def test_image_i_depends_on_both_seed_and_index():
+    a, b, c = (np.asarray(bench_data.make_image(s, i)) for s, i in ((0, 1), (0, 2), (1, 1)))
+    assert not (a.shape == b.shape and np.array_equal(a, b))
+    assert not (a.shape == c.shape and np.array_equal(a, c))
+    assert np.array_equal(a, np.asarray(bench_data.make_image(0, 1)))
+
+
+def test_folder_is_q90_repaired_and_refused_when_not_a_folder(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="must be positive"):
+        bench_data.make_folder(str(tmp_path / "none"), 0, processes=1)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        bench_data.make_folder(str(tmp_path / "file"), 1, processes=1)
+    root = str(tmp_path / "set")
+    paths = bench_data.make_folder(root, 4, processes=1)
+    q90 = io.BytesIO()
+    bench_data.make_image(0, 0).save(q90, "JPEG", quality=90)
+    with Image.open(paths[0]) as im, Image.open(q90) as ref:  # "JPEGs at quality 90": the same tables
+        assert im.quantization == ref.quantization
+    inodes = [os.stat(p).st_ino for p in paths]
+    os.remove(paths[1])  # a file lost from the cache is written again, the others kept
+    assert bench_data.make_folder(root, 2, processes=1) == paths[:2] and os.path.isfile(paths[1])
+    assert [os.stat(p).st_ino for p in paths[2:]] == inodes[2:]
+    with open(os.path.join(root, bench_data.MANIFEST)) as fh:  # a smaller n never shrinks the set on record
+        assert json.load(fh)["images"] == 4
+    bench_data.make_folder(root, 4, processes=1)
+    assert [os.stat(p).st_ino for p in paths[2:]] == inodes[2:]
+
+
+def test_folder_stats(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, (w, h) in enumerate(((500, 375), (300, 500), (200, 100))):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.new("RGB", (w, h), (10 * i, 50, 90)).save(paths[-1], quality=90)
+    st = bench_data.folder_stats(paths)
+    assert st["images"] == 3 and st["mean_width"] == pytest.approx(1000 / 3) and st["mean_height"] == pytest.approx(325)
+    assert st["share_long_side_500"] == pytest.approx(2 / 3)  # the portrait 300x500 counts too
+    assert st["mean_file_kb"] == pytest.approx(np.mean([os.path.getsize(p) for p in paths]) / 1024)
+
+
+def test_each_row_builds_its_decode_and_dtype(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    want = {"exact": ("exact", torch.float32), "fast": ("fast", torch.float32), "fast-uint8": ("fast", torch.uint8),
+            "gpu": ("gpu", torch.uint8)}  # the gpu row hands uint8 batches to the device
+    for row, (decode, dtype) in want.items():
+        t = bench_data.build_dataset(row, str(tmp_path), 16, 4).transform
+        assert (t.decode, t.dtype, t.size) == (decode, dtype, 16), row
+    assert bench_data.build_dataset("official", str(tmp_path), 16, 4).pipeline.size == 16
+
+
+# -- the arithmetic, on a fake clock -------------------------------------------------------------------
+def test_per_worker_rounds_cover_their_images_and_take_the_median(monkeypatch):
+    clock, calls = {"t": 0.0}, []
+    per_round = [4e-3, 2e-3, 8e-3]  # seconds an image of the official row, by round (images 10r .. 10r+9)
+
+    def getter(ds, p):
+        def get(i):
+            calls.append((p, i))
+            clock["t"] += per_round[(i // 10) % 3] / (1 if p == "official" else 2)
+        return get
+
+    monkeypatch.setattr(bench_data.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(bench_data, "_read_files", lambda ds, idx: None)
+    monkeypatch.setattr(bench_data, "item_getter", getter)
+    res = bench_data.per_worker({"official": list(range(40)), "fast": list(range(40))}, 10, rounds=3, chunk=4)
+    assert res["official"]["rounds"] == pytest.approx([250.0, 500.0, 125.0])  # every chunk's time summed
+    assert res["official"]["img_per_s"] == pytest.approx(250.0) and res["fast"]["img_per_s"] == pytest.approx(500.0)
+    timed = calls[2:]  # after the warm-up's get(0) of each row
+    assert [i for p, i in timed if p == "fast"] == list(range(30))  # round r: images [10r, 10r + 10)
+    assert timed[:8] == [("official", i) for i in range(4)] + [("fast", i) for i in range(4)]  # rows take turns
+
+
+def test_with_workers_times_after_the_first_wave(monkeypatch):
+    """6 batches of 4, one every 0.5 s, 2 workers: the clock starts at batch 2; 16 images in 2 s."""
+    clock = {"t": 0.0}
+
+    class Loader:
+        def __init__(self, dataset, batch_size, sampler, **kw):
+            self.n = len(sampler) // batch_size
+            self.batch = batch_size
+
+        def __iter__(self):
+            for _ in range(self.n):
+                clock["t"] += 0.5
+                yield {"images": torch.zeros(self.batch, 3, 4, 4, dtype=torch.uint8),
+                       "noise": torch.zeros(self.batch, 16)}
+
+    monkeypatch.setattr(bench_data.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+    res = bench_data.with_workers(list(range(30)), "fast", workers=2, batch=4, n_images=24)
+    assert res["images_timed"] == 16 and res["img_per_s"] == pytest.approx(8.0)
+    assert res["batch_bytes"] == 4 * 48 + 4 * 16 * 4 and res["bytes_per_image"] == 48 + 16 * 4
+
+
+def test_run_medians_slices_and_difference_arguments(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(bench_data, "make_folder", lambda root, n, log=None: [])
+    monkeypatch.setattr(bench_data, "folder_stats", lambda f: dict(images=8, mean_width=500, mean_height=375,
+                                                                   mean_file_kb=1.0, share_long_side_500=0.75))
+    monkeypatch.setattr(bench_data, "build_dataset",
+                        lambda p, root, size: type("D", (), {"paths": list(range(12)), "files": list(range(12))})())
+
+    def per_worker(ds, n, rounds):
+        seen["per_worker"] = n, {p: len(d.paths if p == "official" else d.files) for p, d in ds.items()}
+        return {"official": {"img_per_s": 100.0, "rounds": [100.0, 200.0, 50.0]},
+                "fast": {"img_per_s": 300.0, "rounds": [300.0, 500.0, 400.0]}}
+
+    rates, order = {"official": iter([10.0, 20.0, 30.0]), "fast": iter([50.0, 40.0, 60.0])}, []
+    monkeypatch.setattr(bench_data, "per_worker", per_worker)
+    monkeypatch.setattr(bench_data, "with_workers", lambda ds, p, w, b, n: order.append(p) or dict(
+        img_per_s=next(rates[p]), images_timed=4, batch_bytes=8, bytes_per_image=2.0))
+    monkeypatch.setattr(bench_data, "pixel_difference", lambda root, n, size: seen.setdefault("diff", n) and {
+        "all": dict(samples=n, identical_samples=0, mean_abs_255=0.0, max_abs_255=0, mean_abs_norm=0.0,
+                    max_abs_norm=0.0), "by_decode_scale": {}})
+    res = bench_data.run(str(tmp_path), 8, workers=1, batch=4, per_worker_images=20, rounds=3, loader_rounds=3,
+                         paths=("official", "fast"), diff_images=5, log=lambda *a: None)
+    assert seen["per_worker"] == (8, {"official": 8, "fast": 8})  # only the first 8 of the cached 12
+    assert seen["diff"] == 5
+    assert order == ["official", "fast", "fast", "official", "official", "fast"]  # reversed every other round
+    lo = res["loader"]
+    assert lo["official"]["img_per_s"] == 20.0 and lo["fast"]["img_per_s"] == 50.0  # medians of the rounds
+    # median of the per-round ratios (3, 2.5, 8 -> 3), not the ratio of the medians (400 / 100 = 4)
+    assert res["per_worker"]["fast"]["vs_official"] == pytest.approx(3.0)
+    assert lo["fast"]["vs_official"] == pytest.approx(2.0)  # 5, 2, 2
+    assert res["complete"] is True
+
+
+def test_run_without_a_cpu_decode_row_has_no_difference(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_data, "make_folder", lambda root, n, log=None: [])
+    monkeypatch.setattr(bench_data, "folder_stats", lambda f: dict(images=8, mean_width=500, mean_height=375,
+                                                                   mean_file_kb=1.0, share_long_side_500=0.75))
+    monkeypatch.setattr(bench_data, "build_dataset",
+                        lambda p, root, size: type("D", (), {"paths": [], "files": []})())
+    monkeypatch.setattr(bench_data, "per_worker", lambda ds, n, rounds: {
+        "official": {"img_per_s": 100.0, "rounds": [100.0]}})
+
+    def no_difference(*a, **k):
+        raise AssertionError("the official row alone has no fast-vs-exact difference to measure")
+
+    monkeypatch.setattr(bench_data, "pixel_difference", no_difference)
+    res = bench_data.run(str(tmp_path), 8, workers=0, batch=4, per_worker_images=8, rounds=1,
+                         paths=("official",), log=lambda *a: None)
+    assert "difference" not in res and res["complete"] is True
+
+
+def test_pixel_difference_sums_by_decode_scale(tmp_path, monkeypatch):
+    """Sample i differs from the exact one by 5 - i levels everywhere: each figure is known, and the group a
+    sample falls in is the decode scale of the box its generator (seed, epoch 0, i) draws."""
+    from PIL import Image
+
+    from maefast.train import data
+
+    sizes = ((640, 480), (300, 220), (90, 70), (400, 400), (160, 120), (500, 300))
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (i, 2 * i, 3 * i)).save(tmp_path / f"im{i}.jpg")
+    S = 32
+
+    class Fake:
+        def __init__(self, root, size, num_patches, seed=0, decode="fast", dtype=None):
+            self.files, self.decode = sorted(os.listdir(root)), decode
+
+        def __len__(self):
+            return len(self.files)
+
+        def name(self, i):
+            return str(tmp_path / self.files[i])
+
+        def __getitem__(self, key):
+            _, i = key
+            return {"image": torch.full((3, S, S), 0 if self.decode == "exact" else 5 - i, dtype=torch.uint8)}
+
+    monkeypatch.setattr(data, "ImageFolderDataset", Fake)
+    res = bench_data.pixel_difference(str(tmp_path), len(sizes), S, seed=0)
+    box = PretrainTransform(S).draw_box
+    groups = {}
+    for i, (w, h) in enumerate(sizes):
+        b = box(w, h, np.random.default_rng([0, 0, i]))
+        groups.setdefault(f"1/{draft_factor(b[3], b[2], S)}", []).append(i)
+    assert len(groups) > 1 and sorted(res["by_decode_scale"]) == sorted(groups)
+
+    def norm(i):  # normalised units of a difference of i levels, averaged over the channels
+        return (normalize_uint8(torch.full((3, 1, 1), i, dtype=torch.uint8))
+                - normalize_uint8(torch.zeros(3, 1, 1, dtype=torch.uint8))).abs()
+
+    for name, idx in [("all", list(range(len(sizes)))), *groups.items()]:
+        got = res["all"] if name == "all" else res["by_decode_scale"][name]
+        d = [5 - i for i in idx]  # the largest first in each group
+        assert got["samples"] == len(idx) and got["identical_samples"] == int(0 in d)
+        assert got["mean_abs_255"] == pytest.approx(np.mean(d)) and got["max_abs_255"] == max(d)
+        assert got["mean_abs_norm"] == pytest.approx(np.mean([norm(v).double().mean().item() for v in d]))
+        assert got["max_abs_norm"] == pytest.approx(max(norm(v).max().item() for v in d))
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def runs(monkeypatch):
+    """bench_data.run replaced: the CLI's arguments to it, recorded."""
+    calls = []
+    monkeypatch.setattr(bench_data, "run", lambda root, n, **kw: calls.append(dict(n=n, **kw)) or {"table": []})
+    return calls
+
+
+def test_cli_defaults_and_quick(runs, tmp_path):
+    assert bench_data.main(["--folder", str(tmp_path), "--workers", "1"]) == 0  # --workers: any machine's CPUs
+    quick = ["--quick", "--workers", "1", "--folder", str(tmp_path), "--paths", " official , fast "]
+    assert bench_data.main(quick) == 0
+    full, quick = runs
+    assert (full["n"], full["rounds"], full["loader_rounds"], full["per_worker_images"]) == (3000, 3, 2, 1000)
+    assert full["paths"] == list(bench_data.PATHS) and full["size"] == 224 and full["diff_images"] is None
+    assert (quick["n"], quick["rounds"], quick["loader_rounds"]) == (256, 1, 1)
+    assert quick["paths"] == ["official", "fast"]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--workers", "-1"], "--workers"), (["--batch", "0"], "--batch"), (["--rounds", "0"], "--rounds"),
+    (["--loader-rounds", "0"], "--loader-rounds"), (["--size", "0"], "--size"), (["--images", "0"], "--images"),
+    (["--per-worker-images", "0"], "--per-worker-images"), (["--diff-images", "-1"], "--diff-images"),
+    (["--paths", " , "], "--paths"), (["--images", "11", "--workers", "2", "--batch", "4"], "--images 11"),
+])
+def test_cli_refuses_bad_flags_before_any_work(runs, tmp_path, capsys, args, flag):
+    assert bench_data.main(["--folder", str(tmp_path / "f"), "--workers", "1", *args]) == 2
+    assert flag in capsys.readouterr().err and runs == [] and not (tmp_path / "f").exists()
+
+
+def test_cli_first_wave_boundary_and_existing_json(runs, tmp_path):
+    # 2 workers x batch 4 make the first wave; 12 images leave one batch to time
+    assert bench_data.main(["--folder", str(tmp_path), "--images", "12", "--workers", "2", "--batch", "4"]) == 0
+    out = tmp_path / "r.json"
+    out.write_text("mine")
+    with pytest.raises(ValueError, match="--json"):
+        bench_data.main(["--folder", str(tmp_path), "--images", "12", "--workers", "1", "--batch", "4",
+                        "--json", str(out)])
+    assert out.read_text() == "mine" and len(runs) == 1
