@@ -6,7 +6,6 @@ Missing or unexpected keys are reported by name; a shape mismatch is a clear Val
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Iterable, Mapping
 
@@ -248,6 +247,7 @@ def to_transformers_model(model, mask_ratio: float = 0.75):
 def from_transformers_model(hf_model, **model_kwargs):
     """Builds maefast's MaskedAutoencoderViT from transformers' ViTMAEForPreTraining (weights copied)."""
     from .models import MaskedAutoencoderViT
+    from .models.configs import mlp_ratio_of
 
     c = hf_model.config
     # what maefast's model computes: the exact GELU, biased q/k/v (the released MAE configs)
@@ -256,9 +256,7 @@ def from_transformers_model(hf_model, **model_kwargs):
                          f"{getattr(c, 'hidden_act', None)!r}, qkv_bias={getattr(c, 'qkv_bias', None)!r} "
                          "(maefast.patch runs such a model as it is)")
     # maefast's MAE builds every MLP as int(width * mlp_ratio), one ratio for encoder and decoder
-    ratio = c.intermediate_size / c.hidden_size
-    if int(c.hidden_size * ratio) != c.intermediate_size:  # e.g. 112 * (488 / 112) = 487.99999999999994
-        ratio = math.nextafter(ratio, math.inf)
+    ratio = mlp_ratio_of(c.hidden_size, c.intermediate_size)
     dec_inter = getattr(c, "decoder_intermediate_size", None) or c.intermediate_size
     if int(c.hidden_size * ratio) != c.intermediate_size or int(c.decoder_hidden_size * ratio) != dec_inter:
         raise ValueError(f"maefast's MAE has one MLP ratio for encoder and decoder (hidden = int(width * ratio)); "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from .models.configs import model_config
+from .models.configs import mlp_ratio_of, model_config
 
 # the paper's Table 2 (800 epochs, 128 TPU-v3 cores) and MAE.md's FLOP ratios
 PAPER_TABLE2 = {
@@ -76,7 +76,7 @@ def dims_of(model_or_cfg, **overrides) -> MAEDims:
                    num_heads=blk.attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
                    decoder_depth=len(m.decoder_blocks),
                    decoder_num_heads=dblk.attn.num_heads if dblk is not None else 1,
-                   mlp_ratio=blk.mlp.fc1.out_features / m.pos_embed.shape[-1])
+                   mlp_ratio=mlp_ratio_of(m.pos_embed.shape[-1], blk.mlp.fc1.out_features))
     cfg.update(overrides)
     if isinstance(cfg.get("img_size"), int):
         cfg["img_size"] = (cfg["img_size"], cfg["img_size"])

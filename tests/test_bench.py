@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maefast import bench as mb
 from maefast import flops as fl
+from maefast.models.configs import mlp_ratio_of
 from maefast import table2 as t2
 from maefast.models import create_model
 from maefast.testing import assert_close
@@ -45,6 +46,21 @@ def test_flops_match_torch_flop_counter(name, ratio, mask_tokens):
     # the count every FLOP rate uses (train: bench_step, table2, maefast profile's MFU and stages)
     assert fcb.get_total_flops() == 2 * f["backward"] == 2 * (2 * f["forward"] - f["patch_embed"])
     assert fc.get_total_flops() + fcb.get_total_flops() == 2 * f["train"]
+
+
+def test_mlp_ratio_of_gives_back_the_hidden_width():
+    """int(width * ratio) is how the official model sizes its MLP: the ratio read off a model gives its width back,
+    also where hidden / width lands a float just under the product (112 * (488 / 112) = 487.99999999999994)."""
+    assert all(int(w * mlp_ratio_of(w, h)) == h for w in range(1, 200) for h in range(1, 5 * w))
+    from maefast.reference.model import MaskedAutoencoderViT
+
+    model = MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=112, depth=1, num_heads=2,
+                                 decoder_embed_dim=112, decoder_depth=1, decoder_num_heads=2,
+                                 mlp_ratio=mlp_ratio_of(112, 488))
+    assert model.blocks[0].mlp.fc1.out_features == 488
+    with FlopCounterMode(display=False) as fc:
+        model(torch.randn(1, 3, 16, 16))
+    assert fc.get_total_flops() == fl.mae_flops(model)["forward"]  # one image
 
 
 @pytest.mark.parametrize("name,dec8,dec1", [("mae_vit_base_patch16", 2.36, 3.58), ("mae_vit_large_patch16", 3.23, 3.88),

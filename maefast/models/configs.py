@@ -1,6 +1,7 @@
 """The paper's model configs (decoder 8 x 512, 16 heads) and small configs for CPU tests."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch.nn as nn
@@ -33,6 +34,13 @@ ALIASES = {"base": "mae_vit_base_patch16", "b16": "mae_vit_base_patch16", "vit_b
            "small": "mae_vit_small_cpu", "tiny": "mae_vit_tiny_test",
            # the paper's spelling: ViT-B/16, ViT-L/16, ViT-H/14
            "vit_b16": "mae_vit_base_patch16", "vit_l16": "mae_vit_large_patch16", "vit_h14": "mae_vit_huge_patch14"}
+
+
+def mlp_ratio_of(width: int, hidden: int) -> float:
+    """The mlp_ratio for which the official int(width * mlp_ratio) gives ``hidden``: hidden / width, one ulp up
+    where floating point lands just under the integer (112 * (488 / 112) is 487.99999999999994)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
 def resolve_model_name(name: str) -> str:
