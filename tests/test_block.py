@@ -7,6 +7,7 @@ import torch
 
 import maefast.ops as ops
 from maefast.ops._dispatch import eager_dispatch
+from maefast.ops.block import _WEIGHTS
 from maefast.reference.model import Block
 from maefast.testing import assert_close, assert_error_ratio
 
@@ -70,6 +71,33 @@ def test_each_layer_norm_keeps_its_own_eps(impl):
     assert_close(dx1, dx0, name="dx")
     for name in g0:
         assert_close(g1[name], g0[name], name=name, scale=2.0)
+
+
+def test_a_given_scale_reaches_forward_and_backward():
+    """A softmax scale other than the default (0.5, head dim 16's default 0.25): the forward and the
+    backward's attention gradient each take it (one falling back to the default passes every test above)."""
+    blk = _block(32, 2)
+    blk.attn.scale = 0.5  # the official Attention's qk_scale
+    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
+    y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
+    assert_close(y1, y0, name="y")
+    assert_close(dx1, dx0, name="dx")
+    for name in g0:
+        assert_close(g1[name], g0[name], name=name, scale=2.0)
+
+
+def test_defaults_are_the_head_dim_scale_and_eps_1e_6():
+    """Called without scale and eps the op is the paper's block: scale head dim ** -0.5 (not D ** -0.5)
+    and both LayerNorms' eps 1e-6, bit for bit the explicit call (rows of variance ~1e-5, where the eps shows)."""
+    blk = _block(32, 2)
+    params = [dict(blk.named_parameters()).get(n) for n in NAMES]
+    x, dy = 3e-3 * torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    explicit = lambda x: ops.vit_block(x, *params, num_heads=2, scale=16 ** -0.5, eps1=1e-6, eps2=1e-6,  # noqa: E731
+                                       impl="reference")
+    y0, dx0, g0 = _fwd_bwd(explicit, blk, x, dy)
+    y1, dx1, g1 = _fwd_bwd(lambda x: ops.vit_block(x, *params, num_heads=2, impl="reference"), blk, x, dy)
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0) and all(torch.equal(g1[n], g0[n]) for n in g0)
 
 
 def _check_autocast(blk, x, dy, impl, dtype):
@@ -236,12 +264,56 @@ def test_bad_inputs():
     assert "impl='triton' is not available for maefast.ops.vit_block" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
+def test_bad_arguments_name_themselves():
+    """Each refusal names its argument: head counts that are no positive int (0 divided D by zero, True ran one
+    head), a bool scale, a missing weight other than qkv_b, a weight on another device than x."""
+    blk = _block(32, 2)
+    params = [dict(blk.named_parameters()).get(n) for n in NAMES]
+    x = torch.randn(2, 5, 32)
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="num_heads"):
+            ops.vit_block(x, *params, num_heads=bad)
+    with pytest.raises(TypeError, match="scale"):
+        ops.vit_block(x, *params, num_heads=2, scale=True)
+    for i, name in enumerate(NAMES):
+        if name != "attn.qkv.bias":
+            with pytest.raises(TypeError, match=_WEIGHTS[i]):
+                ops.vit_block(x, *params[:i], None, *params[i + 1:], num_heads=2)
+        with pytest.raises(ValueError, match=f"{_WEIGHTS[i]} must be on cpu"):
+            ops.vit_block(x, *params[:i], params[i].to("meta"), *params[i + 1:], num_heads=2)
+
+
 def test_opcheck():
     blk = _block(32, 2)
     params = [dict(blk.named_parameters()).get(n) for n in NAMES]
     x = torch.randn(2, 5, 32, requires_grad=True)
     args = (x, *params, 2, 16 ** -0.5, 1e-6, 1e-6, None, "reference")
     torch.library.opcheck(torch.ops.maefast.vit_block.default, args)
+
+
+def test_fake_output_dtypes_for_a_half_stream_under_the_other_half_autocast():
+    """An fp16 stream under bf16 autocast: y is their promotion (fp32), and the fake op (what torch.compile
+    plans its buffers by) must say so, not x's dtype."""
+    blk = _block(32, 2)
+    params = [dict(blk.named_parameters()).get(n) for n in NAMES]
+    x = torch.randn(2, 5, 32, dtype=torch.float16, requires_grad=True)
+    args = (x, *params, 2, 16 ** -0.5, 1e-6, 1e-6, torch.bfloat16, "reference")
+    assert torch.ops.maefast.vit_block.default(*args)[0].dtype == torch.float32
+    torch.library.opcheck(torch.ops.maefast.vit_block.default, args, test_utils=("test_faketensor",))
+
+
+def test_backward_fake_outputs_without_qkv_bias():
+    """qkv_bias=False (a timm block's default): the backward's qkv-bias gradient is empty, fake and real
+    alike (test_compile's opcheck of the backward op has a bias)."""
+    blk = _block(32, 2, qkv_bias=False)
+    p = dict(blk.named_parameters())
+    x = torch.randn(2, 5, 32)
+    w = [p.get(n) for n in NAMES]
+    _, qkv, o, lse, pp, a, stats = torch.ops.maefast.vit_block(x, *w, 2, 16 ** -0.5, 1e-6, 1e-6, None, "reference")
+    args = (torch.randn(2, 5, 32), x, qkv, o, lse, pp, a, stats, w[0], w[1], w[2], False, w[4], w[6], w[7], w[8],
+            w[9], w[10], 2, 16 ** -0.5, None, "reference")
+    assert torch.ops.maefast.vit_block_backward(*args)[4].shape == (0,)
+    torch.library.opcheck(torch.ops.maefast.vit_block_backward.default, args, test_utils=("test_faketensor",))
 
 
 @pytest.mark.cuda

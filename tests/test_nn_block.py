@@ -39,7 +39,10 @@ def test_fused_block_runs_a_gelu_subclass_as_its_own_forward():
     assert not torch.allclose(ours(x), ours_plain(x))  # the activation matters here
 
 
-def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward():
+@pytest.mark.parametrize("act", [QuickGELU, lambda: nn.GELU(approximate="tanh")], ids=["QuickGELU", "tanh_GELU"])
+def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward(act):
+    """The fast model with fused='block' runs an activation other than exact GELU as itself (a subclass, or
+    torch's GELU with approximate='tanh': the block op computes the erf GELU only)."""
     import warnings
 
     from maefast.models import mae_vit_tiny_test
@@ -50,11 +53,11 @@ def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward():
         torch.manual_seed(0)
         m = mae_vit_tiny_test(impl=impl, fused=fused)
         for blk in (*m.blocks, *m.decoder_blocks):
-            blk.mlp.act = QuickGELU()
+            blk.mlp.act = act()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             preds[impl] = m(imgs, noise=noise)[1]  # pred (the loss moves too little to tell: QuickGELU ~ GELU)
-    assert_close(preds["auto"], preds["reference"], name="fused='block' pred with QuickGELU blocks")
+    assert_close(preds["auto"], preds["reference"], name="fused='block' pred with the blocks' own activation")
 
 
 def test_fused_block_calls_hooked_parts_and_attention_maps_reach_attn_drop_hooks():

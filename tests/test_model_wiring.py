@@ -1,0 +1,119 @@
+"""The fast MAE model's wiring beyond the equality tests of test_model.py: what it reads from the model
+(the cls token's position row, each attention's scale, each norm's eps), its options reaching every block,
+an instance's forward_loss, and the mapping of its impl per op."""
+import types
+import warnings
+
+import pytest
+import torch
+
+import maefast
+from maefast.models import MaskedAutoencoderViT, create_model, routing
+from test_model import TINY, _assert_grads_equal, _run
+
+
+@pytest.mark.parametrize("what", ["cls_position", "attention_scale", "norm2_eps"])
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_fast_path_reads_the_models_own_values(what, fused):
+    """The fast path takes what the official forward reads, not what the official initialisation leaves: the
+    cls token's position row (zeros after init, not in a loaded or retrained checkpoint), each
+    attention's scale (qk_scale; head dim ** -0.5 by default) and each LayerNorm's eps."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, fused=fused)
+    with torch.no_grad():
+        if what == "cls_position":
+            m.pos_embed[:, 0].normal_()
+        for blk in (*m.blocks, *m.decoder_blocks):
+            if what == "attention_scale":
+                blk.attn.scale = 0.5
+            elif what == "norm2_eps":  # each block's norms keep their own eps (the one op takes two)
+                blk.norm2.eps = 1e-2
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m.impl = "reference"
+    l0, p0, _, g0 = _run(m, imgs, noise)
+    m.impl = "auto"
+    l1, p1, _, g1 = _run(m, imgs, noise)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
+    assert torch.allclose(p1, p0, rtol=1e-5, atol=1e-6)
+    _assert_grads_equal(g1, g0)
+
+
+def test_op_impl_maps_a_models_impl_per_op():
+    """A model's impl as each op takes it: "cuda" stays "cuda" for the ops with a CUDA C++ kernel (the loss
+    included) and is "auto" for the others; "sdpa" is the attention's alone; the rest pass as they are."""
+    from maefast.models.fast import op_impl
+
+    for op in ("masking", "patch_embed", "attention", "unshuffle", "loss"):
+        assert op_impl("cuda", op) == "cuda", op
+        assert op_impl("sdpa", op) == "auto", op
+        for impl in ("auto", "triton", "reference"):
+            assert op_impl(impl, op) == impl, (impl, op)
+    for op in ("layernorm", "bias_gelu"):
+        assert op_impl("cuda", op) == "auto", op
+
+
+def test_fused_takes_zero_as_false():
+    """check_fused's documented 0 (an int flag from a config file) is fused=False;
+    1 is the removed fused=True, refused."""
+    from maefast.models.fast import check_fused
+
+    assert check_fused(0) is False and check_fused(False) is False and check_fused("block") == "block"
+    assert create_model("tiny", fused=0).fused is False
+    with pytest.raises(ValueError, match="fused"):
+        check_fused(1)
+
+
+def test_fused_and_grad_checkpointing_reach_every_block(monkeypatch):
+    """The model's defaults (impl="auto", fused=False, no checkpointing), and its fused / grad_checkpointing
+    settings reaching every encoder and decoder block: the loss and gradients are the same either way, so
+    the calls are counted (the block op, torch's checkpoint) in one forward."""
+    import maefast.models.fast as fast
+
+    calls = {}
+    for mod, name in ((maefast.ops, "vit_block"), (fast, "checkpoint")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name,
+                            lambda *a, _r=real, _n=name, **k: calls.update({_n: calls[_n] + 1}) or _r(*a, **k))
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY)
+    assert (m.impl, m.fused, m.grad_checkpointing) == ("auto", False, False)
+    imgs, noise, n = torch.randn(2, 3, 32, 32), torch.rand(2, 16), TINY["depth"] + TINY["decoder_depth"]
+    for fused, ckpt in ((False, False), ("block", False), (False, True), ("block", True)):
+        m.fused, m.grad_checkpointing = fused, ckpt
+        calls.update(vit_block=0, checkpoint=0)
+        m(imgs, 0.75, noise, return_pred=False)
+        assert calls == {"vit_block": n if fused else 0, "checkpoint": n if ckpt else 0}, (fused, ckpt)
+
+
+def test_fast_forward_refuses_images_that_require_a_gradient():
+    """fast_forward itself (what patch() and the probes call) refuses images that require a gradient
+    under grad mode: it reads them as constants. maefast's loss op refuses them too, but the model's own
+    loss_fn takes them as its target: their gradient would then silently miss the encoder's part."""
+    from maefast.models.fast import fast_forward, official_view
+
+    m = MaskedAutoencoderViT(**TINY)
+    imgs, noise = torch.randn(2, 3, 32, 32, requires_grad=True), torch.rand(2, 16)
+    for loss_fn in (None, m.forward_loss):
+        with pytest.raises(ValueError, match="imgs"):
+            fast_forward(official_view(m), imgs, 0.75, noise, loss_fn=loss_fn)
+    with torch.no_grad():
+        assert torch.isfinite(fast_forward(official_view(m), imgs, 0.75, noise)[0])
+
+
+def test_an_instance_forward_loss_runs_on_the_fast_path():
+    """forward_loss set on the instance (not the class) is the model's loss: the fast path calls it in
+    place of maefast's (no SlowPathWarning), with the official value."""
+    def l1_loss(self, imgs, pred, mask):
+        return ((pred - self.patchify(imgs)).abs().mean(-1) * mask).sum() / mask.sum()
+
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, impl="reference")
+    m.forward_loss = types.MethodType(l1_loss, m)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    l0 = m(imgs, 0.75, noise)[0]
+    m.impl = "auto"
+    routing._WARNED.clear()  # one warning per reason and process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", routing.SlowPathWarning)
+        l1 = m(imgs, 0.75, noise, return_pred=False)[0]
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
