@@ -359,3 +359,33 @@ def test_one_run_per_folder_and_a_failed_start_leaves_no_folder(tmp_path, monkey
         rundir.JsonlLog(str(tmp_path / "gone" / "log.jsonl")).write({"step": 1})
     full = rundir._os_error("cannot write log.jsonl", OSError(errno.ENOSPC, "No space left", str(tmp_path)))
     assert "no space left on" in str(full)
+
+
+def test_exit_codes_and_the_one_line_of_a_users_error(monkeypatch, capsys):
+    """`maefast train`'s main: a user's error is its first line after `maefast train: error:` and exit 2;
+    a RunError its own exit code, said by rank 0 only (the others' are quiet); an interruption 130/143
+    with no "error:"; the CLI's guard turns a full disk into one line, and keeps the traceback of a bug."""
+    import errno
+
+    import maefast.train as train_mod
+    from maefast.cli import guarded
+    from maefast.train.errors import Interrupted, RunError
+
+    def raising(exc):
+        def fn(*args, **kwargs):
+            raise exc
+        return fn
+
+    for exc, rc, said in ((ValueError("--x is bad"), 2, "maefast train: error: --x is bad"),
+                          (RunError("no space", quiet=True), 2, ""),
+                          (RunError("no space"), 2, "maefast train: error: no space"),
+                          (Interrupted("stopped after step 3", 143), 143, "maefast train: stopped after step 3")):
+        monkeypatch.setattr(train_mod, "train", raising(exc))
+        assert train_mod.main(["--device", "cpu"]) == rc, exc
+        assert capsys.readouterr().err.strip() == said
+    assert guarded("maefast x", raising(ValueError("first line\nmore detail")), []) == 2
+    assert capsys.readouterr().err == "maefast x: error: first line\n"
+    assert guarded("maefast x", raising(OSError(errno.ENOSPC, "No space left on device")), []) == 2
+    assert capsys.readouterr().err == "maefast x: error: [Errno 28] No space left on device\n"
+    with pytest.raises(OSError, match="Input/output error"):
+        guarded("maefast x", raising(OSError(errno.EIO, "Input/output error")), [])

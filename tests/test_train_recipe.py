@@ -277,3 +277,65 @@ def test_cpu_defaults_and_paper_defaults():
 def test_bad_options_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         resolve_config(TrainConfig(**{field: value}), cuda=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_steps=0), "--max-steps must be a finite number > 0"),
+    (dict(synthetic_size=0), "--synthetic-size must be a finite number > 0"),
+    (dict(log_every=0), "--log-every must be a finite number > 0"),  # else a ZeroDivisionError at step 1
+    (dict(workers=-1), "--workers must be a finite number >= 0"),
+    (dict(lr=0.0), "--lr must be a finite number > 0"),
+    (dict(model="tiny", input_size=36), "--input-size must be a multiple of mae_vit_tiny_test's patch size 8, got 36"),
+    (dict(fsdp=True, dtype="fp16"), "--fsdp with --dtype float16 is not supported"),
+    (dict(overwrite=True, resume="auto"), "--overwrite starts the run in --output-dir over, --resume auto"),
+    (dict(save=False, keep_every_epochs=1), "--keep-every-epochs write checkpoints, --no-save writes none"),
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
+def test_bad_options_and_combinations_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(TrainConfig(**kw), cuda=False)
+
+
+def test_auto_defaults_follow_the_machine(monkeypatch):
+    """Loader workers by the CPUs (none on a small CPU machine; per process, one core left, at most 10 on a
+    GPU); the synthetic set on a GPU is 200 global batches (accumulation and processes included); the
+    dtype's short spellings are recorded by their names; the warm-up is 5% of the epochs."""
+    for cpus, want in ((4, 0), (5, 2)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        assert resolve_config(TrainConfig(), cuda=False).workers == want
+    for cpus, world, want in ((16, 2, 7), (64, 1, 10), (2, 2, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        assert resolve_config(TrainConfig(device="cuda"), world_size=world, cuda=True).workers == want
+    gpu = resolve_config(TrainConfig(device="cuda", batch_size=8, accum_iter=2), world_size=2, cuda=True)
+    assert gpu.synthetic_size == 200 * 8 * 2 * 2
+    assert [resolve_config(TrainConfig(dtype=d), cuda=False).dtype for d in ("fp32", "bf16", "fp16")] == [
+        "float32", "bfloat16", "float16"]
+    assert resolve_config(TrainConfig(epochs=20), cuda=False).warmup_epochs == pytest.approx(1.0)
+    # a GPU without bf16 (before Ampere) trains in fp32 by default, not in a bf16 it emulates slowly
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_config(TrainConfig(device="cuda"), cuda=True).dtype == "float32"
+
+
+def test_output_dir_inside_data_is_refused_and_beside_it_is_not(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for out in (data, data / "run"):
+        with pytest.raises(ValueError, match="is inside --data"):
+            resolve_config(TrainConfig(data=str(data), output_dir=str(out)), cuda=False)
+    # a sibling whose name starts with the data folder's is elsewhere
+    assert resolve_config(TrainConfig(data=str(data), output_dir=str(tmp_path / "images-run")), cuda=False)
+
+
+def test_what_counts_as_set(tmp_path):
+    """The resume contract's "options you set": on the command line each flag given (its value the default or
+    not); in Python the fields that differ from the defaults and every keyword override, whatever its value."""
+    from pathlib import Path
+
+    from maefast.train.config import as_config
+
+    assert config_from_args(["--seed", "0", "--epochs", "3"]).explicit == ("epochs", "seed")
+    assert config_from_args([]).explicit == ()
+    assert as_config(TrainConfig(seed=0, epochs=3), {}).explicit == ("epochs",)
+    assert as_config(TrainConfig(epochs=3), {"seed": 0}).explicit == ("epochs", "seed")
+    cfg = as_config(None, {"resume": Path(tmp_path / "ck.pth"), "cuda_graph": False})
+    assert cfg.resume == str(tmp_path / "ck.pth") and cfg.cuda_graph is False  # a bool: older runs' value
