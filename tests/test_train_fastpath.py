@@ -142,6 +142,40 @@ def test_captured_training_skips_short_batches(tmp_path, capturable, capsys):
     assert "skipped 2 unreadable" in capsys.readouterr().err
 
 
+def test_captured_accumulation_skipping_its_last_micro_batch_starts_the_next_from_zero(tmp_path, capturable,
+                                                                                      monkeypatch):
+    """accum_iter 2: a short batch at a cycle's end is skipped with the cycle's partial gradient dropped
+    (its optimizer step is not taken); every later cycle starts from zero gradients, not from the skipped
+    cycle's first micro-batch (the captured graphs accumulate in place)."""
+    from PIL import Image
+
+    from maefast.train.data import ResumableDistributedSampler, SyntheticDataset
+
+    n, seed = 12, 0
+    order = ResumableDistributedSampler(range(n), shuffle=True, seed=seed, global_batch=4).order()
+    bad = order[2]  # micro-batch 1 (of 2 images): the end of the first accumulation cycle
+    root = tmp_path / "d"
+    root.mkdir()
+    src = SyntheticDataset(n, 32, 4, data_seed=7)
+    for i in range(n):
+        if i == bad:
+            (root / f"{i:02d}.jpg").write_bytes(os.urandom(200))
+        else:
+            src.load(i).save(root / f"{i:02d}.jpg", quality=90)
+    starts, real = [], loop_mod._Trainer._micro_step
+
+    def micro_step(self, batch, b):
+        step = self.train_step
+        if b % 2 == 0 and step.captured:  # a cycle's first micro-batch: the gradients it accumulates into
+            starts.append(max(g.abs().max().item() for g in step._static_grads if g is not None))
+        return real(self, batch, b)
+
+    monkeypatch.setattr(loop_mod._Trainer, "_micro_step", micro_step)
+    res = train(_cfg(data=str(root), batch_size=2, accum_iter=2, seed=seed), output_dir=str(tmp_path / "run"))
+    assert res["train_step"]["captured"] and res["skipped_files"] == 1
+    assert len(starts) == 2 and starts == [0.0, 0.0], starts  # micro-batches 2 and 4 (0: not yet captured)
+
+
 def _cli(tmp_path, *extra):
     return ["--model", "mae_vit_tiny_test", "--data", "synthetic", "--synthetic-size", "8", "--batch-size", "4",
             "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-plot", "--no-export",
