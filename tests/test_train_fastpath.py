@@ -147,8 +147,6 @@ def test_captured_accumulation_skipping_its_last_micro_batch_starts_the_next_fro
     """accum_iter 2: a short batch at a cycle's end is skipped with the cycle's partial gradient dropped
     (its optimizer step is not taken); every later cycle starts from zero gradients, not from the skipped
     cycle's first micro-batch (the captured graphs accumulate in place)."""
-    from PIL import Image
-
     from maefast.train.data import ResumableDistributedSampler, SyntheticDataset
 
     n, seed = 12, 0
