@@ -227,6 +227,7 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, w
     g = ds if ds is not None else dy
     r = residual if residual is not None else x
     w = weight.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # the kernel reads them at mean_ptr + row
     _ln_bwd_kernel[(progs,)](
         dy, g, x, r, w, bias.contiguous() if want_y else w, mean, rstd, dx, dw_part, db_part, y,
         M, D, rows_per,
