@@ -434,8 +434,9 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
                   dqkv: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of attention_fwd: -> dqkv (Nb, Lr, 3*H*Dh) in qkv's dtype (contiguous unless given).
     `config` overrides the tiles (a `BwdTiles` or its name, e.g. "fused-m16n128w8s1"; default:
-    `bwd_tiles`, which `fused` steers). `lse` must be contiguous (as attention_fwd makes it)."""
+    `bwd_tiles`, which `fused` steers). `lse` of any strides (the kernels read it row-contiguous)."""
     dout, qkv, out = int32_columns(dout), int32_columns(qkv), int32_columns(out)
+    lse = lse.contiguous()  # a view (e.g. (Nb, Lr, H) transposed) was read as if contiguous: wrong dqkv
     nb, lr, head_dim, nseq, max_len, cu = _layout(qkv, num_heads, cu_seqlens, max_seqlen)
     if config is None:
         tiles = bwd_tiles(max_len, head_dim, qkv.dtype, fused)

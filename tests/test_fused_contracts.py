@@ -1,7 +1,7 @@
 """maefast.ops.add_layer_norm / layer_norm / bias_gelu beyond their numerics (tests/test_fused.py): each
 argument check on its own, eps = 0 and the default eps, out_dtype through layer_norm, gradients in each
-input's dtype, a gradient through s alone, strided parameters, upstream gradients and statistics, the
-width limit's edge, and the fakes' dtypes (opcheck)."""
+input's dtype, a gradient through s alone, strided parameters, upstream gradients and statistics (the
+attention backward's lse too), the width limit's edge, and the fakes' dtypes (opcheck)."""
 from __future__ import annotations
 
 import importlib
@@ -172,6 +172,24 @@ def test_layer_norm_backward_op_reads_strided_statistics(device, impl):
     got = ops.layer_norm_backward(dy, ds, x, w, spread(mean), spread(rstd), impl)
     for name, a, e in zip(["dx", "dweight", "dbias"], got, want):
         assert torch.equal(a, e), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_attention_backward_op_reads_strided_lse(device, impl, varlen):
+    """The same for `maefast::visible_attention_backward`'s lse (Nb, H, Lr): a transposed copy, equal values
+    but rows not contiguous, gives the same dqkv (the Triton backward read it as contiguous before)."""
+    dev = device if impl == "triton" else "cpu"
+    ops, heads = torch.ops.maefast, 2
+    qkv = randn(1 if varlen else 2, 9, 3 * heads * 16, device=dev)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=dev) if varlen else None
+    max_len = 5 if varlen else None
+    out, lse = ops.visible_attention(qkv, heads, cu, max_len, None, impl)
+    dout = randn(*out.shape, device=dev)
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(strided, lse) and not strided.is_contiguous()
+    want = ops.visible_attention_backward(dout, qkv, out, lse, heads, cu, max_len, None, impl)
+    assert torch.equal(ops.visible_attention_backward(dout, qkv, out, strided, heads, cu, max_len, None, impl), want)
 
 
 def test_bias_gelu_width_past_a_column_block_triton(device):
