@@ -189,3 +189,121 @@ def test_step_rows_count_training_flops_and_img_per_s(harness, monkeypatch):
     finally:
         sys.modules.pop("bench_step", None)
     assert info["flops"] == mae_flops("mae_vit_tiny_test")["train"] * 2 and info["img_per_s"] == pytest.approx(500.0)
+
+
+# -- what each step row builds (README's rows, bench_step's names) ----------------------------------
+
+def _sdpa_swapped(model) -> bool:
+    from maefast.reference.model import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    return bool(attns) and all(getattr(m.forward, "__func__", None) is mb._sdpa_attention_forward for m in attns)
+
+
+@pytest.mark.parametrize("provider", [p for p in mb.STEP_PROVIDERS if p != "maefast-patch-hf"])
+def test_each_step_row_builds_what_its_name_says(provider):
+    """The rows' names are the record's and README's: "-graph" rows capture the step, the torch-native and
+    "-compile" rows compile the model (only the autotune row with Inductor's max-autotune), only the
+    reference row takes the official fp16 recipe; the torch-native rows are the official model with
+    torch's SDPA, maefast's rows its own model (sdpa / block where the name says so)."""
+    recipe = mb.STEP_PROVIDERS[provider]
+    assert recipe.capture == provider.endswith("-graph"), provider
+    assert recipe.compile == (provider.startswith("torch-native") or "-compile" in provider), provider
+    assert recipe.compile_mode == ("max-autotune-no-cudagraphs" if "autotune" in provider else None), provider
+    assert recipe.official_amp == (provider == "reference"), provider
+    assert (provider in mb.TORCH_NATIVE_ROWS) == (provider == "sdpa" or provider.startswith("torch-native"))
+    model = recipe.build("tiny", "cpu")
+    assert _sdpa_swapped(model) == (provider in mb.TORCH_NATIVE_ROWS), provider
+    if provider == "reference" or provider in mb.TORCH_NATIVE_ROWS:
+        assert model.impl == "reference", provider
+    elif provider != "maefast-patch":  # maefast.patch on the official class: tests/test_step.py
+        want = ("sdpa" if "sdpa" in provider else "auto", "block" if "block" in provider else False)
+        assert (model.impl, model.fused) == want, provider
+
+
+def test_make_step_builds_the_row_it_is_asked_for(monkeypatch):
+    """make_step hands TrainStep the compiled model for a compiled row (the backend and the row's mode
+    passed on), the batch size and mask ratio asked for, and keeps the warm-up's updates (restore=False:
+    a benchmark needs no pristine weights, and ViT-H would hold a second copy of them)."""
+    compiled = []
+    monkeypatch.setattr(mb, "compile_static", lambda m, backend=None, mode=None: compiled.append((backend, mode)) or m)
+    row = mb.make_step("maefast", "tiny", 3, device="cpu", mask_ratio=0.5)
+    assert compiled == [] and row.imgs.shape == (3, 3, 32, 32) and row.step.mask_ratio == 0.5
+    assert row.step.restore is False
+    row = mb.make_step("maefast-compile", "tiny", 2, device="cpu", compile_backend="aot_eager")
+    assert compiled == [("aot_eager", None)]
+    compiled.clear()
+    monkeypatch.setitem(mb.STEP_PROVIDERS, "compiled-mode", mb.StepRecipe(mb._maefast, compile=True, compile_mode="m"))
+    mb.make_step("compiled-mode", "tiny", 2, device="cpu")
+    assert compiled == [(None, "m")]
+
+
+def test_compile_static_is_one_graph_with_the_mode_asked_for(monkeypatch):
+    """fullgraph=True: a graph break fails the row instead of timing a split graph; Inductor's mode goes
+    to torch.compile, and not with another backend (it would refuse a mode)."""
+    def broken(x):
+        torch._dynamo.graph_break()
+        return x + 1
+
+    with pytest.raises(Exception, match="(?i)graph.?break"):
+        mb.compile_static(broken, "eager")(torch.randn(2))
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    mb.compile_static(broken, None, "max-autotune-no-cudagraphs")
+    mb.compile_static(broken, "aot_eager", "max-autotune-no-cudagraphs")
+    assert [kw.get("mode") for kw in seen] == ["max-autotune-no-cudagraphs", None]
+    assert [kw.get("backend") for kw in seen] == [None, "aot_eager"]
+
+
+def test_step_row_helpers():
+    # use_sdpa on a model without the official Attention would change nothing: a torch-native row would
+    # time the model it was meant to replace
+    with pytest.raises(ValueError, match="no reference Attention"):
+        mb.use_sdpa(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    model = mb.build_model("tiny", "reference", "cpu", img_size=(32, 48))  # rectangular: (H, W)
+    imgs = mb.synthetic_batch(model, 2, seed=1)
+    assert imgs.shape == (2, 3, 32, 48) and torch.equal(imgs, mb.synthetic_batch(model, 2, seed=1))
+    assert not torch.equal(imgs, mb.synthetic_batch(model, 2, seed=2))
+    assert mb.parse_dtype("fp16") is torch.float16 and mb.parse_dtype("BF16") is torch.bfloat16
+    assert mb.parse_dtype("float32") is torch.float32
+    for bad in ("meta", "xla"):  # devices torch knows that the commands cannot run on
+        with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+            mb.parse_device(bad)
+
+
+def test_custom_op_row_goes_through_the_dispatcher():
+    """maefast-custom-op measures the torch.library route: its ops reach the dispatcher as maefast::
+    ops (the maefast row's direct autograd.Functions do not), and its forward keeps the signature
+    TrainStep reads (seed=, return_pred=) as the maefast row's does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Namespaces(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    for provider, via_dispatcher in (("maefast-custom-op", True), ("maefast", False)):
+        row = mb.make_step(provider, "tiny", 2, device="cpu")
+        assert row.step._takes_seed and row.step._fwd_kwargs == {"return_pred": False}, provider
+        with Namespaces() as mode:
+            row()
+        assert ("maefast" in mode.seen) == via_dispatcher, (provider, mode.seen)
+
+
+def test_adamw_is_the_papers_and_rows_are_recipes():
+    from maefast.train.schedule import param_groups_weight_decay
+
+    model = mb.build_model("tiny", "reference", "cpu")
+    opt = mb.adamw(model)
+    assert opt.defaults["lr"] == 1.5e-4  # the paper's base lr
+    # the official decay split (no decay for biases and norms), not one group decayed alike
+    want = [({id(p) for p in g["params"]}, g["weight_decay"]) for g in param_groups_weight_decay(model)]
+    assert [({id(p) for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups] == want
+    assert len({wd for _, wd in want}) == 2
+    with pytest.raises(TypeError, match="StepRecipe"):
+        mb.register_step_provider("mine", lambda name, device: None)
+    assert "mine" not in mb.STEP_PROVIDERS

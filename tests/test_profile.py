@@ -33,6 +33,7 @@ def test_profile_table_and_json(tmp_path, capsys):
     for stage in mp.STAGES:
         assert stage in text
     assert "img/s" in text and "MFU" in text and "profiler overhead" in text and "peak memory" in text
+    assert "side by side" not in text  # one impl
     rec = json.loads(out.read_text())
     assert rec["kind"] == "maefast.profile" and {"card", "date", "torch", "git_commit"} <= set(rec["env"])
     (r,) = rec["results"]
@@ -104,6 +105,11 @@ def test_stage_of_param():
     assert mp.stage_of_param("decoder_blocks.0.mlp.fc1.bias") == "decoder"
     assert mp.stage_of_param("decoder_pred.weight") == "head+loss"
     assert mp.stage_of_param("something_else") is None
+    # a compiled model's names (torch.compile's _orig_mod.), the mask-token encoder's token, the decoder's
+    # positions (the fused path passes them to its un-shuffle op)
+    assert mp.stage_of_param("_orig_mod.blocks.0.attn.proj.bias") == "encoder attention"
+    assert mp.stage_of_param("encoder_mask_token") == "masking+embed"
+    assert mp.stage_of_param("decoder_pos_embed") == "decoder embed + un-shuffle"
 
 
 def test_profile_side_by_side_and_trace(tmp_path, capsys):
@@ -130,12 +136,21 @@ def test_profile_side_by_side_and_trace(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
-def test_profile_compile_path(monkeypatch, capsys):
+def test_profile_compile_path(monkeypatch, capsys, tmp_path):
     # the compiled path's bookkeeping, without paying for inductor on the CPU
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
-    assert mp.main(ARGS + ["--compile"]) == 0
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    out = tmp_path / "p.json"
+    assert mp.main(ARGS + ["--compile", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "forward (compiled)" in text and "compiled" in text
+    assert "forward (compiled)" in text and "compiled" in text and len(compiled) == 1
+    assert "what runs where: not recorded under --compile" in text
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["backends"] is None and [s["stage"] for s in r["stages"]] == mp.COMPILED_STAGES
+    from maefast import flops
+
+    f = flops.mae_flops(r["model"])
+    assert [s["flops"] for s in r["stages"]] == [f["forward"] * 2, f["backward"] * 2, 0]
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_hidden():
@@ -315,3 +330,199 @@ def test_overhead_mfu_and_img_per_s_are_the_plain_steps(monkeypatch):
     assert r["img_per_s"] == pytest.approx(2 / (r["step_ms_plain"] * 1e-3))
     assert r["mfu"] == pytest.approx(r["train_flops"] / (r["step_ms_plain"] * 1e-3) / 1e12)
     assert r["step_ms_staged"] >= 100 and r["profiler_overhead"] > 0
+
+
+# -- the record's arithmetic, each step's settings and the defaults ---------------------------------
+
+PEAK = {"matmul_dtype": "fp32", "matmul_tflops": 2.0, "copy_gbps": 1.0}
+
+
+class _Ticks:
+    """time's stand-in in maefast.profile: each perf_counter read 1 ms after the last, so a timed span
+    is its number of reads and every step's times repeat exactly."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self):
+        self.t += 1e-3
+        return self.t
+
+
+def test_record_arithmetic_on_a_deterministic_clock(monkeypatch):
+    """Every staged/plain pair but one (a stalled step) has one ratio here: the overhead is it minus 1
+    (the ratio of the medians too); img/s, TFLOP/s and MFU are the plain step's against the measured
+    peak (2 TFLOP/s, so a dropped division shows); a stage's bound is its intensity against the ridge
+    point."""
+    ticks, optimizer_ends = _Ticks(), []
+    monkeypatch.setattr(mp, "time", ticks)
+    real_switch = mp.StageClock.switch
+
+    def switch(self, label):  # the first timed step's optimizer stalls for a second: the medians ignore it
+        if label is None and self.enabled and self.current == "optimizer":
+            optimizer_ends.append(1)
+            ticks.t += 1.0 if len(optimizer_ends) == 2 else 0.0
+        real_switch(self, label)
+
+    monkeypatch.setattr(mp.StageClock, "switch", switch)
+    peak = dict(PEAK, copy_gbps=1e5)  # ridge 20 FLOP/B: the tiny model's stages fall on both sides
+    r = mp.profile_impl("tiny", "reference", batch=2, dtype=torch.float32, device=torch.device("cpu"), steps=3,
+                        warmup=1, progress=False, peak=peak)
+    assert r["step_ms_plain"] == pytest.approx(1.0)  # two reads around the plain step
+    staged = r["step_ms_staged"]
+    assert staged == pytest.approx(r["step_ms_stage_sum"]) and staged > 2
+    assert r["overhead_pairs"] == 3
+    assert {s["stage"]: s["ms"] for s in r["stages"]}["optimizer"] == pytest.approx(1.0)  # each step's own marks
+    assert r["profiler_overhead"] == pytest.approx(staged - 1.0) == pytest.approx(r["profiler_overhead_of_medians"])
+    assert r["img_per_s"] == pytest.approx(2000.0)
+    assert r["tflops"] == pytest.approx(r["train_flops"] / 1e-3 / 1e12)
+    assert r["mfu"] == pytest.approx(r["tflops"] / 2.0)
+    ridge = timing.ridge_point(peak)
+    assert {s["bound"] for s in r["stages"]} == {"compute", "memory"}
+    for s in r["stages"]:
+        assert s["bound"] == ("compute" if s["intensity"] > ridge else "memory"), s
+    by = {s["stage"]: s["bytes"] for s in r["stages"]}
+    assert by["backward"] == 2 * sum(by[s] for s in mp.STAGES[:6])  # the backward reads and writes twice the forward's
+    # getrusage's ru_maxrss is KiB on Linux: a process with torch loaded holds far more than 50 MiB
+    assert r["peak_mem_gib"] > 0.05
+
+
+def test_each_impl_steps_eagerly_with_the_official_optimizer(monkeypatch):
+    """profile_impl's step: eager (stage marks need the Python between stages), the default AdamW
+    (foreach, not fused or capturable: the official loop's), the dtype and mask ratio asked for, with
+    cudnn.benchmark on; its bytes count dtype-sized activations and its FLOPs that mask ratio."""
+    from maefast import flops
+
+    seen = {}
+    real = mp.TrainStep
+
+    def spy(fwd, opt, **kw):
+        seen.update(opt=opt, **kw)
+        return real(fwd, opt, **kw)
+
+    monkeypatch.setattr(mp, "TrainStep", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    r = mp.profile_impl("tiny", "auto", batch=1, dtype=torch.bfloat16, device=torch.device("cpu"), steps=1, warmup=0,
+                        mask_ratio=0.5, progress=False, peak=PEAK)
+    assert seen["capture"] is False and seen["dtype"] is torch.bfloat16 and seen["mask_ratio"] == 0.5
+    assert all(not g.get("fused") and not g.get("capturable") and g["betas"] == (0.9, 0.95)
+               for g in seen["opt"].param_groups)
+    assert torch.backends.cudnn.benchmark is True
+    byt = flops.stage_bytes(r["model"], 1, act_bytes=2, mask_ratio=0.5)
+    assert {s["stage"]: s["bytes"] for s in r["stages"] if s["stage"] in mp.STAGES[:6]} == {
+        k: v for k, v in byt.items() if k in mp.STAGES[:6]}
+    assert r["train_flops"] == flops.mae_flops(r["model"], mask_ratio=0.5)["train"]
+    assert set(r["backends"]["attention"]) == {"reference"}  # logged in the first step, even with one step
+
+
+def test_staged_and_plain_steps_alternate():
+    """The timed steps come in pairs, staged first in one, plain first in the next; the plain step's
+    first (cold) call comes right after the first staged step, untimed."""
+    order = []
+
+    class Recorded(mp.TrainStep):
+        def __call__(self, *a, **kw):
+            order.append("plain")
+            self._plain = True
+            try:
+                return super().__call__(*a, **kw)
+            finally:
+                self._plain = False
+
+        def forward(self, *a, **kw):
+            if not getattr(self, "_plain", False):
+                order.append("staged")
+            return super().forward(*a, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(mp, "TrainStep", Recorded):
+        mp.profile_impl("tiny", "reference", batch=1, dtype=torch.float32, device=torch.device("cpu"), steps=2,
+                        warmup=1, progress=False, peak=PEAK)
+    assert order == ["staged", "plain"] + ["staged", "plain", "plain", "staged"]
+
+
+def test_profile_reference_ignores_fused():
+    """--fused block is the fast model's: the reference impl beside it runs the official computation."""
+    r = mp.profile_impl("tiny", "reference", batch=1, dtype=torch.float32, device=torch.device("cpu"), steps=1,
+                        warmup=0, progress=False, peak=PEAK, fused="block")
+    assert r["fused"] is False and r["impl"] == "reference"
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_defaults_per_device(monkeypatch, gpu):
+    """`maefast profile` with no options (README): the small config, batch 8, fp32, 5 steps, maefast's
+    model alone on the CPU; ViT-B, batch 64, bf16, 10 steps, the official computation then maefast's on
+    a GPU (a stand-in: the device, its peak and environment faked; profile_impl records its call)."""
+    calls = []
+    monkeypatch.setattr(mp, "profile_impl", lambda name, impl, **kw: calls.append((name, impl, kw)) or {})
+    monkeypatch.setattr(mp, "format_profile", lambda r, peak: "")
+    monkeypatch.setattr(mp, "format_side_by_side", lambda results: "")
+    monkeypatch.setattr(mp.timing, "measure_peak", lambda dev=None: PEAK)
+    if gpu:
+        monkeypatch.setattr(mp.mb, "parse_device", lambda name: torch.device("cuda"))
+        monkeypatch.setattr(mp.timing, "env_info", lambda dev=None: {"card": "GPU", "date": "d", "torch": "t",
+                                                                     "git_commit": "0" * 40})
+    assert mp.main(["--no-progress"]) == 0
+    want = (("mae_vit_base_patch16" if gpu else "small"), 64 if gpu else 8, torch.bfloat16 if gpu else torch.float32,
+            10 if gpu else 5)
+    assert [c[1] for c in calls] == (["reference", "auto"] if gpu else ["auto"])
+    for name, _, kw in calls:
+        assert (mp.resolve_model_name(name), kw["batch"], kw["dtype"], kw["steps"]) == (
+            mp.resolve_model_name(want[0]), *want[1:])
+        assert kw["warmup"] == 2 and kw["mask_ratio"] == 0.75 and kw["compile"] is False and kw["fused"] is False
+
+
+def test_options_reach_each_impl(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mp, "profile_impl", lambda name, impl, **kw: calls.append(
+        (kw, torch.get_num_threads())) or {})
+    monkeypatch.setattr(mp, "format_profile", lambda r, peak: "")
+    monkeypatch.setattr(mp.timing, "measure_peak", lambda dev=None: PEAK)
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    assert mp.main(["--model", "tiny", "--mask-ratio", "0.5", "--threads", "1", "--no-progress"]) == 0
+    ((kw, threads),) = calls
+    assert kw["mask_ratio"] == 0.5 and threads == 1
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--threads"])
+def test_profile_refuses_zero_counts(flag):
+    # --steps 0 left no step to take a median of (a StatisticsError traceback after the peak measurement)
+    with pytest.raises(ValueError, match=f"{flag} must be > 0"):
+        mp.main([flag, "0", "--no-progress"])
+
+
+def test_single_impl_prints_no_side_by_side(monkeypatch, capsys):
+    monkeypatch.setattr(mp, "profile_impl", lambda name, impl, **kw: {"impl": impl})
+    monkeypatch.setattr(mp, "format_profile", lambda r, peak: "")
+    monkeypatch.setattr(mp.timing, "measure_peak", lambda dev=None: PEAK)
+    assert mp.main(["--model", "tiny", "--no-progress"]) == 0
+    assert "side by side" not in capsys.readouterr().out
+
+
+def test_stage_marks_read_weights_passed_by_keyword():
+    from maefast import bench as mb
+    import torch.nn.functional as F
+
+    model = mb.build_model("tiny", "reference", "cpu")
+    fc1 = model.decoder_blocks[0].mlp.fc1
+    clock = mp.StageClock(torch.device("cpu"))
+    clock.switch("masking+embed")
+    with mp.StageMarks(model, clock):
+        F.linear(torch.randn(2, fc1.in_features), weight=fc1.weight, bias=fc1.bias)
+    assert clock.current == "decoder"
+
+
+def test_export_trace_keeps_a_replaced_files_mode(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("old")
+    os.chmod(path, 0o640)
+
+    class Prof:  # torch.profiler's writer stand-in
+        def export_chrome_trace(self, p):
+            with open(p, "w") as f:
+                f.write('{"traceEvents": []}')
+
+    mp._export_trace(Prof(), str(path))
+    assert json.loads(path.read_text()) == {"traceEvents": []} and path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # no temporary left

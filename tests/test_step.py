@@ -480,6 +480,7 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     row = mb.make_step(provider, "tiny", 2, device=CPU, dtype=dtype, compile_backend="aot_eager")
     w = [p for p in row.model.parameters() if p.requires_grad and p.dim() == 2][0]
     before = w.detach().clone()
+    assert row.describe()["graph_breaks"] is None  # not read before the row ran: an eager compile is at its first call
     loss = row()
     assert torch.isfinite(loss) and not torch.equal(before, w)
     d = row.describe()
@@ -487,6 +488,7 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     assert d["graph_breaks"] == (0 if recipe.compile else None), d  # compiled rows: one graph (fullgraph)
     assert d["amp"] == ("float16 + GradScaler" if recipe.official_amp else "float32"), d
     assert ("fused" in d["optimizer"]) != recipe.official_amp, d
+    assert ("capturable" in d["optimizer"]) == recipe.capture, d
     if recipe.capture:
         assert row.imgs is row.step.static_imgs  # the timed call copies nothing
 
