@@ -332,6 +332,67 @@ def test_feed_is_one_batch_ahead_on_the_cpu():
             assert torch.equal(batch["images"], src[k]["images"]) and torch.equal(batch["noise"], src[k]["noise"])
 
 
+def test_feed_moves_the_batch_tensors_to_its_device():
+    """Off CUDA the tensors go with ``.to(device)``: both the images and the noise reach the device (the
+    meta device here stands in for one that is not the CPU); the file list and an empty batch pass as given."""
+    src = _batches(2)
+    got = list(DeviceFeed(src, torch.device("meta")))
+    assert [b["images"] is None for b in got] == [b["images"] is None for b in src]
+    for b, want in zip(got, src):
+        assert b["bad"] == want["bad"]
+        if want["images"] is not None:
+            assert (b["images"].device.type, b["noise"].device.type) == ("meta", "meta")
+            assert (b["images"].dtype, b["images"].shape) == (torch.uint8, want["images"].shape)
+
+
+def test_feed_decodes_a_deferred_batch_with_the_noise_of_the_samples_that_made_it():
+    """A ``deferred`` batch (--decode gpu): the decoder's images, the noise rows of the files it kept (in
+    order), the workers' unreadable files then the decoder's; a batch whose every file fails has no noise."""
+    noise = torch.rand(3, 4)
+    calls = []
+
+    def decode(deferred, device):
+        calls.append((deferred, device))
+        keep = torch.tensor(deferred["keep"])
+        images = torch.full((int(keep.sum()), 3, 8, 8), 7, dtype=torch.uint8) if keep.any() else None
+        return images, keep, [f"{n}: nvjpeg" for n, k in zip("abc", deferred["keep"]) if not k]
+
+    batches = [{"images": None, "noise": noise, "bad": ["w.jpg: OSError"], "deferred": {"keep": keep}}
+               for keep in ([True, False, True], [True] * 3, [False] * 3)]
+    out = list(DeviceFeed(batches, "cpu", decode=decode))
+    assert [d["keep"] for d, _ in calls] == [b["deferred"]["keep"] for b in batches]
+    assert all(dev == torch.device("cpu") for _, dev in calls) and all("deferred" not in b for b in out)
+    assert torch.equal(out[0]["noise"], noise[[0, 2]]) and out[0]["images"].shape[0] == 2
+    assert out[0]["bad"] == ["w.jpg: OSError", "b: nvjpeg"]
+    assert torch.equal(out[1]["noise"], noise) and out[1]["bad"] == ["w.jpg: OSError"]
+    assert out[2]["images"] is None and out[2]["noise"] is None
+    assert out[2]["bad"] == ["w.jpg: OSError", "a: nvjpeg", "b: nvjpeg", "c: nvjpeg"]
+    assert batches[0]["bad"] == ["w.jpg: OSError"]  # the loader's batch is not modified
+
+
+def test_stop_workers_shuts_a_persistent_iterator_down_now():
+    """The workers stop at the call (not whenever the iterator is collected) and the loader forgets the
+    iterator (its next epoch starts new workers); a loader without one, or a single-process iterator, is left."""
+    from maefast.train.feed import stop_workers
+
+    class Workers:
+        shut = 0
+
+        def _shutdown_workers(self):
+            Workers.shut += 1
+
+    loader = type("Loader", (), {})()
+    loader._iterator = Workers()
+    stop_workers(loader)
+    assert Workers.shut == 1 and loader._iterator is None
+    stop_workers(loader)  # again: nothing left to stop
+    stop_workers(object())
+    single = type("Loader", (), {})()
+    single._iterator = it = object()  # no workers to stop
+    stop_workers(single)
+    assert Workers.shut == 1 and single._iterator is it
+
+
 @pytest.mark.cuda
 def test_feed_copies_on_a_side_stream_and_the_step_reads_them_complete():
     """On CUDA: pinned uint8 batches arrive on the device intact although a long kernel occupies the

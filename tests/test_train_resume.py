@@ -161,6 +161,67 @@ def test_data_may_move_but_not_turn_synthetic():
         reconcile(TrainConfig(data="synthetic", explicit=("data",)), ck, "ck.pth", world_size=1)
 
 
+def test_recorded_position_and_global_batch_of_older_checkpoints():
+    """Format 2 records the position in samples; format 1 a per-rank micro-batch index (converted with that
+    run's batch and world size), and a schedule without its global batch has batch x accum x world."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import recorded_global_batch, recorded_position, reconcile
+
+    assert recorded_position({"epoch": 1, "samples": 24, "step": 9, "batch": 5}) == (1, 24, 9)
+    old = {"epoch": 2, "batch": 3, "step": 11, "schedule": {"batch_size": 4, "accum_iter": 2, "world_size": 2}}
+    assert recorded_position(old) == (2, 24, 11)
+    assert recorded_global_batch(old) == 16 and recorded_global_batch({}) == 1
+    ck = {"config": {"batch_size": 4, "accum_iter": 2}, "schedule": old["schedule"]}
+    cfg, _, changed = reconcile(TrainConfig(explicit=()), ck, "ck.pth", world_size=1)
+    assert (cfg.batch_size, cfg.accum_iter, changed) == (8, 2, {"batch_size": [4, 8]})
+
+
+def test_the_same_value_spelled_otherwise_is_no_change():
+    """A model alias, --dtype's short spelling, an int given as a float: the recorded value, no change
+    announced (nor refused)."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import reconcile
+
+    rec = {"model": "mae_vit_tiny_test", "dtype": "bfloat16", "epochs": 2, "batch_size": 4, "accum_iter": 1}
+    ck = {"config": rec, "schedule": {"global_batch": 4}}
+    cfg, notes, changed = reconcile(TrainConfig(model="tiny", dtype="bf16", epochs=2.0,
+                                                explicit=("model", "dtype", "epochs")), ck, "ck.pth", world_size=1)
+    assert (changed, notes) == ({}, [])
+    assert (cfg.model, cfg.dtype, cfg.epochs) == ("mae_vit_tiny_test", "bfloat16", 2)
+
+
+def test_changes_are_announced_with_what_they_change():
+    """Each change is named with both values; the lr schedule is said to be recomputed for a new --epochs
+    only; --no-save does not take the run's checkpoint rhythm (it writes no checkpoint)."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import reconcile
+
+    rec = {"epochs": 2, "dtype": "float32", "batch_size": 4, "accum_iter": 1, "save_every_steps": 2,
+           "keep_every_epochs": 1}
+    ck = {"config": rec, "schedule": {"global_batch": 4}}
+    cfg, notes, changed = reconcile(TrainConfig(dtype="bfloat16", explicit=("dtype",)), ck, "ck.pth", world_size=1)
+    assert changed == {"dtype": ["float32", "bfloat16"]} and (cfg.save_every_steps, cfg.keep_every_epochs) == (2, 1)
+    assert len(notes) == 1 and "--dtype float32 -> bfloat16" in notes[0] and "lr schedule" not in notes[0]
+    assert "global batch" not in notes[0]
+    cfg, notes, changed = reconcile(TrainConfig(epochs=3, save=False, explicit=("epochs", "save")), ck, "ck.pth", 1)
+    assert changed == {"epochs": [2, 3]} and "--epochs 2 -> 3" in notes[0] and "lr schedule is recomputed" in notes[0]
+    assert (cfg.epochs, cfg.save_every_steps, cfg.keep_every_epochs) == (3, 0, 0)
+
+
+def test_resume_source(tmp_path):
+    """--resume auto: the folder's checkpoint-last.pth if there is one; a path: itself; no --resume: a fresh
+    start even over a folder holding a checkpoint (the folder rules refuse it later, by name)."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import resume_source
+
+    auto = TrainConfig(resume="auto", output_dir=str(tmp_path))
+    assert resume_source(auto) is None
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
+    assert resume_source(auto) == str(tmp_path / "checkpoint-last.pth")
+    assert resume_source(TrainConfig(output_dir=str(tmp_path))) is None
+    assert resume_source(TrainConfig(resume="/x/ck.pth", output_dir=str(tmp_path))) == "/x/ck.pth"
+
+
 def test_every_option_has_a_resume_rule():
     """A new TrainConfig field must be placed in the resume contract (maefast/train/resume.py), or a
     resumed run would take the new value silently (--decode was added without one)."""
