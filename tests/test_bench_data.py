@@ -122,13 +122,29 @@ def test_with_workers_times_after_the_first_wave(monkeypatch):
     assert res["batch_bytes"] == 4 * 48 + 4 * 16 * 4 and res["bytes_per_image"] == 48 + 16 * 4
 
 
-def test_run_medians_slices_and_difference_arguments(monkeypatch, tmp_path):
-    seen = {}
+def _stub_folder(monkeypatch, n_files=0):
+    """bench_data.run's folder, its statistics and datasets replaced: datasets of n_files names."""
     monkeypatch.setattr(bench_data, "make_folder", lambda root, n, log=None: [])
     monkeypatch.setattr(bench_data, "folder_stats", lambda f: dict(images=8, mean_width=500, mean_height=375,
                                                                    mean_file_kb=1.0, share_long_side_500=0.75))
+    names = list(range(n_files))
     monkeypatch.setattr(bench_data, "build_dataset",
-                        lambda p, root, size: type("D", (), {"paths": list(range(12)), "files": list(range(12))})())
+                        lambda p, root, size: type("D", (), {"paths": names, "files": names})())
+
+
+def test_vs_official_is_ours_over_the_official(monkeypatch, tmp_path):
+    _stub_folder(monkeypatch)
+    monkeypatch.setattr(bench_data, "per_worker", lambda ds, n, rounds: {
+        "official": {"img_per_s": 100.0, "rounds": [100.0, 120.0, 80.0]},
+        "fast": {"img_per_s": 300.0, "rounds": [300.0, 300.0, 320.0]}})
+    res = bench_data.run(str(tmp_path), 8, workers=0, batch=4, per_worker_images=8, rounds=3,
+                         paths=("official", "fast"), diff_images=0, log=lambda *a: None)
+    assert res["per_worker"]["fast"]["vs_official"] == pytest.approx(3.0)
+
+
+def test_run_medians_slices_and_difference_arguments(monkeypatch, tmp_path):
+    seen = {}
+    _stub_folder(monkeypatch, 12)
 
     def per_worker(ds, n, rounds):
         seen["per_worker"] = n, {p: len(d.paths if p == "official" else d.files) for p, d in ds.items()}
@@ -156,11 +172,7 @@ def test_run_medians_slices_and_difference_arguments(monkeypatch, tmp_path):
 
 
 def test_run_without_a_cpu_decode_row_has_no_difference(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench_data, "make_folder", lambda root, n, log=None: [])
-    monkeypatch.setattr(bench_data, "folder_stats", lambda f: dict(images=8, mean_width=500, mean_height=375,
-                                                                   mean_file_kb=1.0, share_long_side_500=0.75))
-    monkeypatch.setattr(bench_data, "build_dataset",
-                        lambda p, root, size: type("D", (), {"paths": [], "files": []})())
+    _stub_folder(monkeypatch)
     monkeypatch.setattr(bench_data, "per_worker", lambda ds, n, rounds: {
         "official": {"img_per_s": 100.0, "rounds": [100.0]}})
 

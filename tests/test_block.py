@@ -56,15 +56,10 @@ def test_fp32_equals_official_block(shape, qkv_bias):
     assert not qkv_bias or g1["attn.qkv.bias"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_each_layer_norm_keeps_its_own_eps(impl):
-    """norm1 and norm2 with different eps (1e-6, 1e-2: 0.5% apart on unit-variance rows): each LayerNorm,
-    forward and in the backward's recomputation, uses its own."""
-    if impl == "triton":
-        _interpreter_or_skip()
-    blk = _block(32, 2)
-    blk.norm1.eps, blk.norm2.eps = 1e-6, 1e-2
-    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+def _assert_op_is_the_block(blk, impl):
+    """The op on blk's own parameters and settings: the block's output and gradients (fp32, 2 x 9 tokens)."""
+    x = torch.randn(2, 9, blk.norm1.normalized_shape[0])
+    dy = torch.randn_like(x)
     y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
     y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, impl), blk, x, dy)
     assert_close(y1, y0, name="y")
@@ -73,18 +68,23 @@ def test_each_layer_norm_keeps_its_own_eps(impl):
         assert_close(g1[name], g0[name], name=name, scale=2.0)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_each_layer_norm_keeps_its_own_eps(impl):
+    """norm1 and norm2 with different eps (1e-6, 1e-2: 0.5% apart on unit-variance rows): each LayerNorm,
+    forward and in the backward's recomputation, uses its own."""
+    if impl == "triton":
+        _interpreter_or_skip()
+    blk = _block(32, 2)
+    blk.norm1.eps, blk.norm2.eps = 1e-6, 1e-2
+    _assert_op_is_the_block(blk, impl)
+
+
 def test_a_given_scale_reaches_forward_and_backward():
     """A softmax scale other than the default (0.5, head dim 16's default 0.25): the forward and the
     backward's attention gradient each take it (one falling back to the default passes every test above)."""
     blk = _block(32, 2)
     blk.attn.scale = 0.5  # the official Attention's qk_scale
-    x, dy = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
-    y0, dx0, g0 = _fwd_bwd(blk, blk, x, dy)
-    y1, dx1, g1 = _fwd_bwd(lambda x: _op(blk, x, "reference"), blk, x, dy)
-    assert_close(y1, y0, name="y")
-    assert_close(dx1, dx0, name="dx")
-    for name in g0:
-        assert_close(g1[name], g0[name], name=name, scale=2.0)
+    _assert_op_is_the_block(blk, "reference")
 
 
 def test_defaults_are_the_head_dim_scale_and_eps_1e_6():

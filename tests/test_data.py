@@ -644,28 +644,3 @@ def test_per_worker_reads_every_timed_file_before_timing(folder, monkeypatch):
     bench_data.per_worker(datasets, 3, rounds=1)
     assert read == [[0, 1, 2]]
 
-
-# -- the loader benchmark's arithmetic -----------------------------------------------------------------
-def test_per_worker_rate_is_images_over_the_time_spent(monkeypatch):
-    clock = {"t": 0.0}
-    cost = {"official": 4e-3, "fast": 1e-3}  # seconds an image
-    monkeypatch.setattr(bench_data.time, "perf_counter", lambda: clock["t"])
-    monkeypatch.setattr(bench_data, "_read_files", lambda ds, idx: None)
-    monkeypatch.setattr(bench_data, "item_getter",
-                        lambda ds, p: (lambda i: clock.__setitem__("t", clock["t"] + cost[p])))
-    res = bench_data.per_worker({"official": list(range(40)), "fast": list(range(40))}, 20, rounds=3)
-    assert res["official"]["img_per_s"] == pytest.approx(250.0) and res["fast"]["img_per_s"] == pytest.approx(1000.0)
-
-
-def test_vs_official_is_ours_over_the_official(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench_data, "make_folder", lambda root, n, log=None: [])
-    monkeypatch.setattr(bench_data, "folder_stats", lambda f: dict(images=8, mean_width=500, mean_height=375,
-                                                                   mean_file_kb=1.0, share_long_side_500=0.75))
-    monkeypatch.setattr(bench_data, "build_dataset",
-                        lambda p, root, size: type("D", (), {"paths": [], "files": []})())
-    monkeypatch.setattr(bench_data, "per_worker", lambda ds, n, rounds: {
-        "official": {"img_per_s": 100.0, "rounds": [100.0, 120.0, 80.0]},
-        "fast": {"img_per_s": 300.0, "rounds": [300.0, 300.0, 320.0]}})
-    res = bench_data.run(str(tmp_path), 8, workers=0, batch=4, per_worker_images=8, rounds=3,
-                         paths=("official", "fast"), diff_images=0, log=lambda *a: None)
-    assert res["per_worker"]["fast"]["vs_official"] == pytest.approx(3.0)
