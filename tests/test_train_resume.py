@@ -220,6 +220,8 @@ def test_resume_source(tmp_path):
     assert resume_source(auto) == str(tmp_path / "checkpoint-last.pth")
     assert resume_source(TrainConfig(output_dir=str(tmp_path))) is None
     assert resume_source(TrainConfig(resume="/x/ck.pth", output_dir=str(tmp_path))) == "/x/ck.pth"
+    with pytest.raises(ValueError, match="--resume takes a checkpoint file or 'auto', got ''"):
+        resume_source(TrainConfig(resume="", output_dir=str(tmp_path)))
 
 
 def test_every_option_has_a_resume_rule():

@@ -11,6 +11,8 @@ from .config import DTYPE_NAMES, TrainConfig, cuda_graph_mode
 def resume_source(cfg: TrainConfig) -> str | None:
     """The checkpoint file to continue from: ``--resume PATH``, or with ``--resume auto`` the one in
     ``--output-dir`` if there is one (None: a fresh start)."""
+    if cfg.resume == "":  # an unset shell variable: said as the option, not as a checkpoint named ''
+        raise ValueError("--resume takes a checkpoint file or 'auto', got ''")
     if cfg.resume == "auto":
         path = os.path.join(cfg.output_dir, CHECKPOINT_NAME)
         return path if os.path.isfile(path) else None
