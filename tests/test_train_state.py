@@ -157,9 +157,10 @@ def test_sharded_saves_and_kept_copies_keep_only_the_folders_they_name(tmp_path,
     assert os.listdir(tmp_path / kept["shards"]) == ["__0_0.distcp"]
 
 
-def test_a_failed_kept_file_leaves_no_copy_of_the_shards(tmp_path, fake_shards, monkeypatch):
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-copy", "over-an-earlier-copy"])
+def test_a_failed_kept_file_leaves_no_copy_of_the_shards(tmp_path, fake_shards, monkeypatch, earlier):
     """The kept copy's folder is made, then its file fails: the checkpoint is written (and says so), the
-    half-made copy's folder is removed."""
+    half-made copy's folder is removed, also where an earlier kept copy of that name stays (its folder kept)."""
     real = st.atomic_save
 
     def failing_keep(obj, path):
@@ -167,11 +168,18 @@ def test_a_failed_kept_file_leaves_no_copy_of_the_shards(tmp_path, fake_shards, 
             raise OSError(errno.EIO, "Input/output error", path)
         return real(obj, path)
 
-    monkeypatch.setattr(st, "atomic_save", failing_keep)
     m, opt = _stepped()
+    if earlier:  # a kept copy of step 4 already there (written again after a rewind): it stays whole
+        st.save_checkpoint({"step": 4}, str(tmp_path), LAST, m, opt, DistInfo(), sharded=True,
+                           keep="checkpoint-0001.pth")
+        kept = load_checkpoint(str(tmp_path / "checkpoint-0001.pth"), states=False)["shards"]
+    monkeypatch.setattr(st, "atomic_save", failing_keep)
     with pytest.raises(RunError, match=r"checkpoint-last.pth \(step 5\) is written, but its copy checkpoint-0001.pth"):
         st.save_checkpoint({"step": 5}, str(tmp_path), LAST, m, opt, DistInfo(), sharded=True,
                            keep="checkpoint-0001.pth")
     last = load_checkpoint(str(tmp_path / LAST), states=False)
-    assert last["step"] == 5 and _folders(tmp_path) == [last["shards"]]
-    assert not os.path.exists(tmp_path / "checkpoint-0001.pth")
+    assert last["step"] == 5 and _folders(tmp_path) == sorted([last["shards"]] + ([kept] if earlier else []))
+    if earlier:
+        assert load_checkpoint(str(tmp_path / "checkpoint-0001.pth"), states=False)["step"] == 4
+    else:
+        assert not os.path.exists(tmp_path / "checkpoint-0001.pth")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as dist_lib
-from .checkpoint import SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy, reading_shards
+from .checkpoint import SHARDS_SUFFIX, _no_space, _torch_load, atomic_save, link_or_copy, reading_shards
 from .errors import RunError
 
 # How the optimizer of *this* run steps; a checkpoint's values (how that run stepped) are not taken:
@@ -130,8 +130,7 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
                 try:
                     _keep_copy(meta, folder, name, keep, shards)
                 except (RunError, OSError) as exc:  # the checkpoint itself is whole: say so, keep its shards
-                    if not os.path.exists(os.path.join(folder, keep)):
-                        drop_unreferenced_shards(folder, keep, None)
+                    _drop_failed_copy(folder, keep)
                     why = str(exc).strip().splitlines()[0][:200]
                     error = f"{name} (step {meta.get('step')}) is written, but its copy {keep} is not ({why})"
     if info.is_main and error is not None and shards is not None and not written:
@@ -160,6 +159,19 @@ def _keep_copy(meta: dict, folder: str, name: str, keep: str, shards: str | None
     link_or_copy(os.path.join(folder, shards), os.path.join(folder, kept_shards))
     atomic_save({**meta, "shards": kept_shards}, os.path.join(folder, keep))
     drop_unreferenced_shards(folder, keep, kept_shards)
+
+
+def _drop_failed_copy(folder: str, keep: str) -> None:
+    """After a failed kept copy: its folders but the one a ``keep`` file already there names (an earlier copy,
+    e.g. before a rewind, stays whole); an unreadable ``keep`` file: nothing removed (the next start's upkeep)."""
+    path = os.path.join(folder, keep)
+    current = None
+    if os.path.exists(path):
+        try:
+            current = _torch_load(path, mmap=True).get("shards")
+        except Exception:  # noqa: BLE001 (unreadable: keep every folder rather than guess)
+            return
+    drop_unreferenced_shards(folder, keep, current)
 
 
 def drop_unreferenced_shards(folder: str, owner: str, current: str | None) -> None:
