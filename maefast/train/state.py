@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as dist_lib
-from .checkpoint import SHARDS_SUFFIX, _no_space, _torch_load, atomic_save, link_or_copy, reading_shards
+from .checkpoint import (SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy, reading_shards,
+                         referenced_shards)
 from .errors import RunError
 
 # How the optimizer of *this* run steps; a checkpoint's values (how that run stepped) are not taken:
@@ -163,15 +164,9 @@ def _keep_copy(meta: dict, folder: str, name: str, keep: str, shards: str | None
 
 def _drop_failed_copy(folder: str, keep: str) -> None:
     """After a failed kept copy: its folders but the one a ``keep`` file already there names (an earlier copy,
-    e.g. before a rewind, stays whole); an unreadable ``keep`` file: nothing removed (the next start's upkeep)."""
-    path = os.path.join(folder, keep)
-    current = None
-    if os.path.exists(path):
-        try:
-            current = _torch_load(path, mmap=True).get("shards")
-        except Exception:  # noqa: BLE001 (unreadable: keep every folder rather than guess)
-            return
-    drop_unreferenced_shards(folder, keep, current)
+    e.g. before a rewind, stays whole; the run folder's upkeep rule, `referenced_shards`)."""
+    current = referenced_shards(folder, only=keep)
+    drop_unreferenced_shards(folder, keep, next(iter(current), None))
 
 
 def drop_unreferenced_shards(folder: str, owner: str, current: str | None) -> None:
