@@ -146,3 +146,12 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """CPU 'capture' of `maefast.TrainStep` (tests/fake_capture.py); returns the capture function
+    (``.made``, ``.fail``)."""
+    import fake_capture as fake_capture_lib
+
+    return fake_capture_lib.install(monkeypatch)

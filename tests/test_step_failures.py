@@ -8,31 +8,20 @@ a failure inside the capture raises `CaptureError` and the step takes no more ca
 check of the same: scripts/capture_probe.py (gpu_check's verify preset)."""
 from __future__ import annotations
 
-import copy
 
 import fake_capture as fake_capture_lib
 import pytest
 import torch
 import torch.nn as nn
 
-from maefast import bench as mb
 from maefast import graphs
 from maefast.step import TrainStep
+from step_twins import batches, twins
 
 CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _twins(seed=0):
-    torch.manual_seed(seed)
-    a = mb.build_model("tiny", "auto", CPU)
-    return a, copy.deepcopy(a)
-
-
-def _batches(n, batch=3):
-    return [torch.randn(batch, 3, 32, 32) for _ in range(n)], [torch.rand(batch, 16) for _ in range(n)]
 
 
 def _same_params(a, b) -> bool:
@@ -62,8 +51,8 @@ def test_host_sync_is_found_by_the_warm_up_before_capture(monkeypatch):
     "error" (restored after), the sync is found there, nothing is captured (the allocator is
     untouched), and the step falls back to eager steps that train as an eager twin's."""
     cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
-    a, b = _twins()
-    imgs, noise = _batches(2)
+    a, b = twins()
+    imgs, noise = batches(2)
     step = TrainStep(Hooked(a, lambda loss: loss.item()), _adamw(a), seed=3).prepare(imgs[0], noise[0])
     assert not step.captured and step.static_imgs is None
     assert step.eager_reason.startswith("capture failed: HostSyncError: the step synchronizes with the host at ")
@@ -86,8 +75,8 @@ def test_a_failure_inside_the_capture_raises_and_the_step_takes_no_more_calls(mo
     process: CaptureError names the first error and whether the allocator is broken; the caller's
     stream is current again, the model as it was, and later calls are refused."""
     cuda = fake_capture_lib.FakeCuda(fixed_torch=fixed_torch).install(monkeypatch)
-    a, b = _twins()
-    imgs, noise = _batches(1)
+    a, b = twins()
+    imgs, noise = batches(1)
     step = TrainStep(Hooked(a, lambda loss: cuda.pageable_copy()), _adamw(a), capture=capture)
     with pytest.raises(graphs.CaptureError) as info:
         step.prepare(imgs[0], noise[0])
@@ -107,8 +96,8 @@ def test_a_warm_up_failure_waits_for_the_side_stream_before_restoring(monkeypatc
     before the step restores the parameters and AdamW state on it (the warm-up's kernels may still
     be queued there); then eager steps, with the reason."""
     cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
-    a, b = _twins()
-    imgs, noise = _batches(1)
+    a, b = twins()
+    imgs, noise = batches(1)
     calls = []
 
     def hook(loss):
@@ -154,8 +143,8 @@ def test_a_failure_in_the_warm_ups_update_leaves_no_scaler_or_optimizer_state_be
     AMP loop's, not ones that see a stage left UNSCALED ("unscale_() has already been called") or
     the grad_scale/found_inf the scaler handed the interrupted fused step."""
     fake_capture_lib.FakeCuda().install(monkeypatch)
-    a, b = _twins()
-    imgs, noise = _batches(2)
+    a, b = twins()
+    imgs, noise = batches(2)
 
     def syncing(opt):
         real = opt.step
@@ -199,8 +188,8 @@ def test_a_first_call_with_bad_inputs_decides_nothing(monkeypatch):
     """capture="auto": the caller's mistake in the first call (an ndarray, noise of another shape) raises and
     leaves the step unprepared: the corrected call still captures (it stepped eagerly for good before)."""
     fake_capture_lib.install(monkeypatch)
-    a, _ = _twins()
-    imgs, noise = _batches(1)
+    a, _ = twins()
+    imgs, noise = batches(1)
     step = TrainStep(a, _adamw(a), seed=3)
     with pytest.raises((TypeError, ValueError)):
         step(imgs[0].numpy(), noise[0])
@@ -211,7 +200,7 @@ def test_a_first_call_with_bad_inputs_decides_nothing(monkeypatch):
     step(imgs[0], noise[0])
     assert step.captured, step.eager_reason
     # an eager step too: the failed first call fixed neither the mask source nor the call count
-    a2, _ = _twins()
+    a2, _ = twins()
     eager = TrainStep(a2, _adamw(a2), seed=3, capture=False)
     with pytest.raises(ValueError, match="noise must have shape"):
         eager(imgs[0], noise[0][:, :10])
@@ -225,8 +214,8 @@ def test_misuse_after_capture_is_refused(monkeypatch):
     captured with: backward(), a replaced optimizer state (load_state_dict) and a changed setting raise
     instead of being silently ignored by the replays."""
     fake_capture_lib.install(monkeypatch)
-    a, _ = _twins()
-    imgs, noise = _batches(2)
+    a, _ = twins()
+    imgs, noise = batches(2)
     opt = _adamw(a)
     step = TrainStep(a, opt, seed=3)
     loss = step(imgs[0], noise[0])
@@ -252,14 +241,14 @@ def test_misuse_after_capture_is_refused(monkeypatch):
 
 
 def test_an_optimizer_over_other_parameters_is_refused():
-    a, b = _twins()
+    a, b = twins()
     with pytest.raises(ValueError, match="optimizer: its parameter 0 .* is not one of the model's"):
         TrainStep(a, torch.optim.AdamW(b.parameters()), capture=False)
 
 
 def test_an_optimizer_without_a_capturable_option_steps_eagerly_saying_why(monkeypatch):
     fake_capture_lib.FakeCuda().install(monkeypatch)
-    a, _ = _twins()
+    a, _ = twins()
     step = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.1), seed=3)
     assert step.eager_reason == "SGD has no capturable option (its step reads values on the host)"
 
@@ -268,8 +257,8 @@ def test_a_changed_lr_scale_is_set_lrs_not_baked(monkeypatch):
     """Layer-wise lr scales (the fine-tuning recipe's lr_scale) are read by set_lr, which writes the lr tensor
     the graphs read: changing one after capture is honoured, not refused."""
     fake_capture_lib.install(monkeypatch)
-    a, _ = _twins()
-    imgs, noise = _batches(1)
+    a, _ = twins()
+    imgs, noise = batches(1)
     opt = torch.optim.AdamW([{"params": list(a.parameters()), "lr_scale": 1.0}], lr=torch.tensor(1e-3), fused=True,
                             capturable=True)
     step = TrainStep(a, opt, seed=3)
@@ -313,8 +302,8 @@ def test_another_error_in_the_last_warm_up_step_is_raised_as_it_is(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 4.00 GiB"):
         graphs.capture_cuda_graph(fn, warmup_steps=1, device="cuda:0")
     assert cuda.sync_mode == 0 and not any(e[0] == "capture" for e in cuda.log)
-    a, b = _twins()
-    imgs, noise = _batches(1)
+    a, b = twins()
+    imgs, noise = batches(1)
     calls = []
 
     def hook(loss):
