@@ -9,7 +9,7 @@ timeout_s 600), or two calls of one each.
 
 Presets (steps in priority order: the rows that decide a target of issue 14 first):
   verify  build maefast._C; scripts/capture_probe.py (a host sync refused before capture, the allocator
-          whole after it); the `cuda` tests of tests/test_step.py (TrainStep's captures), then the other
+          whole after it); the `cuda` tests of tests/test_step_capture.py (TrainStep's captures), then the other
           `cuda`-marked tests, each in a process of its own; the dispatch diagnosis
   step    ViT-H/14 b128 step rows, in two budgets so that no compile starves the rest: reference and
           maefast's captured rows (+ ViT-B/16 b128's, the loader's target), then the decisive pair
@@ -83,6 +83,7 @@ BUDGET = {"build": (35, 0), "capture-probe": (75, 0), "step-tests": (65, 20), "t
 # uint8 path (the training default), then the rest of tests/
 VERIFY_TEST_ORDER = ("attention", "masking", "patch_embed", "loss", "unshuffle", "block", "fused", "graphs", "compile",
                      "model", "uint8", "uint8_model", "uint8_gpu", "validation")
+STEP_TESTS = "tests/test_step_capture.py"  # verify runs TrainStep's captures apart, in a process of their own
 STEP_MODEL = "huge:128"  # the issue's targets: ViT-H/14, batch 128
 LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the loader must keep up with
 # bench_step rows: the ones the step targets are read from, then the rest that fits the preset (each
@@ -355,14 +356,14 @@ def preset_verify(r: Runner) -> None:
     if checks:
         r.record["steps"]["capture-probe"]["note"] = ", ".join(f"{k} {'ok' if c.get('ok') else 'FAILED'}"
                                                                for k, c in checks.items())
-    s = _cuda_tests(r, "step-tests", ["tests/test_step.py"])
+    s = _cuda_tests(r, "step-tests", [STEP_TESTS])
     if s is not None:
         r.record["step_tests"] = s
         r.record["steps"]["step-tests"]["note"] = (
             f"passed {s.get('passed')} failed {s.get('failed')} skipped {s.get('skipped')}"
             + "".join(f"\n      FAIL {f['test']}: {f['message'][:150]}" for f in s.get("failures", [])[:8]))
-    paths = [p for p in _test_files(r) if p != "tests/test_step.py"]
-    s = _cuda_tests(r, "tests", [*paths, "--ignore=tests/test_step.py"])
+    paths = [p for p in _test_files(r) if p != STEP_TESTS]
+    s = _cuda_tests(r, "tests", [*paths, f"--ignore={STEP_TESTS}"])
     if s is not None:
         r.record["tests"] = s
     dj = os.path.join(r.work, "diagnose.json")
