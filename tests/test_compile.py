@@ -31,7 +31,7 @@ from maefast.ops._backend import choose_impl
 from maefast.ops.attention import model_level_impl
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from maefast.testing import assert_close, assert_error_ratio
-from test_patching import official_class
+from official_layout import official_class
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)  # L = 16 patches, K = 4 kept, head dims 16

@@ -13,7 +13,7 @@ import maefast
 from maefast.models import routing
 from maefast.models.fast import trusted_class
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
-from test_patching import TINY, L, N, _slow_warning
+from official_layout import TINY, L, N, _slow_warning
 
 
 @pytest.fixture(autouse=True)
@@ -261,7 +261,7 @@ def test_forks_are_probed_on_the_meta_device_and_in_bf16():
 
 
 def test_probes_leave_the_users_hooks_alone_and_take_sequential_blocks():
-    from test_patching import official_class
+    from official_layout import official_class
 
     torch.manual_seed(0)
     m = official_class()(**TINY)
@@ -277,7 +277,7 @@ def test_probes_leave_the_users_hooks_alone_and_take_sequential_blocks():
 
 
 def test_a_forks_default_mask_ratio_is_kept():
-    from test_patching import _o_forward, official_class
+    from official_layout import _o_forward, official_class
 
     def forward(self, imgs, mask_ratio=0.5):
         return _o_forward(self, imgs, mask_ratio)
@@ -297,7 +297,7 @@ def test_a_forks_default_mask_ratio_is_kept():
 def test_a_forward_without_a_mask_ratio_parameter_keeps_the_official_default():
     """A forward that names no mask_ratio (a wrapper passing *args through): a call without a ratio is
     served with the official 0.75, the ratio the original's own default gives."""
-    from test_patching import _o_forward, official_class
+    from official_layout import _o_forward, official_class
 
     def forward(self, imgs, *args):
         return _o_forward(self, imgs, *args)
@@ -377,7 +377,7 @@ def test_transformers_attention_class_changed_after_patching_runs_the_original()
 
 
 def test_a_forks_none_default_mask_ratio_is_the_models_to_decide():
-    from test_patching import _o_forward, official_class
+    from official_layout import _o_forward, official_class
 
     def forward(self, imgs, mask_ratio=None):  # a common fork: the ratio from the model
         return _o_forward(self, imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
