@@ -77,6 +77,21 @@ def test_a_signal_is_a_stop_request_and_a_second_ctrl_c_stops_at_once(clock, mon
     assert ctl.agree() == "SIGINT"
 
 
+def test_a_ctrl_c_after_a_schedulers_sigterm_stops_at_once(clock, monkeypatch):
+    """A SIGTERM asked for a stop at the next boundary; a Ctrl-C half a second or more after it stops
+    now (the user wants out, the previous checkpoint is whole); within half a second (the process group's
+    signal reaching the process beside it) it changes nothing, the reason staying SIGTERM."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ctl = StopControl(_one_process())
+    _signal(ctl, signal.SIGTERM)
+    clock[0] += 0.3
+    _signal(ctl, signal.SIGINT)
+    assert ctl.agree() == "SIGTERM"
+    clock[0] += 0.3
+    with pytest.raises(KeyboardInterrupt):
+        ctl._on_signal(signal.SIGINT, None)
+
+
 def test_requests_only_raise_the_reason_and_a_local_error_stops_every_rank():
     """Reasons by priority (the agreement keeps the highest): a later request of a lower one leaves it; a
     rank's own error is agreed as "error on another rank" (the others raise "another rank failed")."""

@@ -6,8 +6,9 @@ Under torchrun the agreement is a one-integer all-reduce over a gloo (CPU) group
 no GPU synchronisation, a few hundred microseconds on one node (to be measured on the GPU machines
 beside a step). One process needs no collective.
 
-A second Ctrl-C (outside torchrun, at least half a second after the first) stops at once, without a
-checkpoint of the step in progress: the previous checkpoint is whole (writes are atomic). Under
+A Ctrl-C after a stop request (a first Ctrl-C or a scheduler's SIGTERM; outside torchrun, at least
+half a second after it) stops at once, without a checkpoint of the step in progress: the previous
+checkpoint is whole (writes are atomic). A repeated SIGTERM changes nothing. Under
 torchrun a signal reaches a worker twice (from the terminal and again from the launcher), and the
 launcher itself kills the workers if they take too long, so there a repeat is ignored.
 """
@@ -91,7 +92,7 @@ class StopControl:
             self.reason, self._first = name, time.monotonic()
             return
         if signum == signal.SIGINT and not under_launcher() and time.monotonic() - self._first > 0.5:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now (no checkpoint of this step)
+            raise KeyboardInterrupt  # Ctrl-C after a stop request: stop now (no checkpoint of this step)
 
     def request(self, reason: str) -> None:
         """A stop request from inside the process (e.g. the launcher is gone)."""
