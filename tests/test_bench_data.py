@@ -273,3 +273,88 @@ def test_cli_first_wave_boundary_and_existing_json(runs, tmp_path):
         bench_data.main(["--folder", str(tmp_path), "--images", "12", "--workers", "1", "--batch", "4",
                         "--json", str(out)])
     assert out.read_text() == "mine" and len(runs) == 1
+
+
+# -- the gpu row's arithmetic (bench_data_gpu), with Pillow in nvJPEG's place ---------------------------------
+def _gpu_folder(root):
+    """2 JPEGs nvJPEG is given, a JPEG that fails on the device and the CPU (a bogus Huffman table: dropped
+    and counted), a PNG nvJPEG is not given (the workers' pixels), sorted in that order."""
+    from PIL import Image
+    from test_data import _jpeg_folder, _photo
+
+    _jpeg_folder(root, sizes=((120, 90), (90, 130)))
+    bogus = bytearray((root / "im0.jpg").read_bytes())
+    at = bogus.find(b"\xff\xc4")
+    bogus[at + 5: at + 21] = b"\xff" * 16
+    (root / "im2.jpg").write_bytes(bytes(bogus))
+    Image.fromarray(_photo(np.random.default_rng(4), 110, 80)).save(root / "im3.png")
+    return str(root)
+
+
+@pytest.fixture
+def pillow_for_nvjpeg(monkeypatch):
+    from maefast.train import gpu_decode
+    from test_gpu_decode import pillow_decode
+
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", pillow_decode)
+    return gpu_decode
+
+
+def test_gpu_batch_bytes_are_the_files_the_workers_pixels_and_the_noise(tmp_path, pillow_for_nvjpeg):
+    from maefast import bench_data_gpu
+    from maefast.train.data import ImageFolderDataset, collate
+
+    ds = ImageFolderDataset(_gpu_folder(tmp_path), 32, 16, decode="gpu", dtype=torch.uint8)
+    batch = collate([ds[(0, i)] for i in range(4)])
+    files = sum(os.path.getsize(f) for f in ds.files[:3])
+    assert bench_data_gpu.batch_bytes(batch) == files + 3 * 32 * 32 + 4 * 16 * 4  # 3 files, 1 PNG's pixels
+    fast = ImageFolderDataset(ds.root, 32, 16, decode="fast", dtype=torch.uint8)
+    plain = collate([fast[(0, i)] for i in range(4)])  # the bogus file fails in the worker: 3 samples
+    assert bench_data_gpu.batch_bytes(plain) == 3 * 3 * 32 * 32 + 3 * 16 * 4
+
+
+def test_gpu_stage_rate_is_the_median_round_of_whole_batches_after_a_warm_up(tmp_path, pillow_for_nvjpeg,
+                                                                             monkeypatch):
+    from maefast import bench_data_gpu
+    from maefast.train.data import ImageFolderDataset
+
+    root = _gpu_folder(tmp_path)
+    for i in range(4, 10):  # 10 files: 2 whole batches of 4, the last 2 files left out
+        (tmp_path / f"im{i}.jpg").write_bytes((tmp_path / "im1.jpg").read_bytes())
+    ds = ImageFolderDataset(root, 32, 16, decode="gpu", dtype=torch.uint8)
+    clock, seconds, calls = {"t": 0.0}, iter([5.0, 1.0, 1.0, 3.0, 3.0, 2.0, 2.0]), []
+    real = pillow_for_nvjpeg.decode_jpegs
+
+    def decode(data, device):  # the batched call takes the time; the one-by-one retries after a failure none
+        calls.append(len(data))
+        if len(data) > 1:
+            clock["t"] += next(seconds)
+        return real(data, device)
+
+    monkeypatch.setattr(pillow_for_nvjpeg, "decode_jpegs", decode)
+    monkeypatch.setattr(bench_data_gpu.time, "perf_counter", lambda: clock["t"])
+    res = bench_data_gpu.stage_rate(ds, 4, 10, rounds=3)
+    # each round: 7 images made of 8 (the bogus file dropped) in 2, 6 and 4 s
+    assert res["rounds"] == [3.5, 7 / 6, 1.75] and res["img_per_s"] == 1.75 and res["images"] == 8
+    assert [c for c in calls if c > 1] == [3] + [3, 4] * 3  # a warm-up batch, then 3 rounds of both batches
+
+
+def test_gpu_pixel_difference_counts_each_sample_once(tmp_path, pillow_for_nvjpeg):
+    from maefast import bench_data_gpu
+    from maefast.train.data import ImageFolderDataset, collate
+    from maefast.train.feed import DeviceFeed
+
+    root = _gpu_folder(tmp_path)
+    for i in (4, 5):  # the 6th beyond n_images: not compared
+        (tmp_path / f"im{i}.jpg").write_bytes((tmp_path / "im0.jpg").read_bytes())
+    res = bench_data_gpu.pixel_difference(root, 5, 32, batch=2, seed=1)
+    gpu = ImageFolderDataset(root, 32, 1, seed=1, decode="gpu", dtype=torch.uint8)
+    exact = ImageFolderDataset(root, 32, 1, seed=1, decode="exact", dtype=torch.uint8)
+    diffs = []
+    for i in (0, 1, 3, 4):  # the bogus file (im2) is dropped
+        img = next(iter(DeviceFeed([collate([gpu[(0, i)]])], torch.device("cpu"), decode=gpu.device_decode)))
+        diffs.append((img["images"][0].int() - exact[(0, i)]["image"].int()).abs())
+    assert res["samples"] == 4 and res["cpu_fallback_samples"] == 1
+    assert res["identical_samples"] == sum(int(d.max() == 0) for d in diffs) < 4
+    assert res["max_abs_255"] == max(int(d.max()) for d in diffs) > int(diffs[-1].max())  # the worst: not the last
+    assert res["mean_abs_255"] == pytest.approx(np.mean([d.double().mean().item() for d in diffs]))

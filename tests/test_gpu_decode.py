@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from maefast import bench_data, bench_data_gpu
-from maefast.train import gpu_decode
+from maefast.train import gpu_decode, jpeg
 from maefast.train.augment import draft_factor, normalize_uint8
 from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
 from maefast.train.feed import DeviceFeed
@@ -200,6 +200,43 @@ def test_a_file_nvjpeg_rejects_gets_the_fast_path_pixels(folder, monkeypatch):
     assert torch.equal(torch.cat([batch["images"][:2], batch["images"][3:]]), other)
 
 
+def test_files_nvjpeg_rejects_or_decodes_to_another_size_get_the_fast_paths_flips(folder, monkeypatch):
+    """The fast path's pixels for each, flipped as drawn; a decode of another size than the header's is
+    not cropped (its box would be off)."""
+    gpu = ImageFolderDataset(folder, S, 16, seed=8, decode="gpu", dtype=torch.uint8)
+    fast = ImageFolderDataset(folder, S, 16, seed=8, decode="fast", dtype=torch.uint8)
+    keys = [(e, i) for e in range(2) for i in range(len(gpu))]
+    assert 0 < sum(gpu[k]["flip"] for k in keys) < len(keys)
+
+    def decode(data, device):  # a rejected batch, then each file decoded a row short
+        if len(data) > 1:
+            raise RuntimeError("Error while decoding JPEG images: nvjpegDecode failed: 7")
+        return [img[:, 1:] for img in pillow_decode(data, device)]
+
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", decode)
+    batch = _made(gpu, keys)
+    assert batch["bad"] == [] and torch.equal(batch["images"], torch.stack([fast[k]["image"] for k in keys]))
+
+
+def test_a_corrupt_file_after_the_workers_pixels_drops_its_own_row(tmp_path, calls):
+    from PIL import Image
+
+    root = _jpeg_folder(tmp_path / "d", sizes=((120, 90), (90, 120)))
+    Image.fromarray(_photo(np.random.default_rng(4), 110, 80)).save(os.path.join(root, "a.png"))  # sorted first
+    bogus = bytearray(open(os.path.join(root, "im0.jpg"), "rb").read())
+    at = bogus.find(b"\xff\xc4")
+    bogus[at + 5: at + 21] = b"\xff" * 16  # fails on the device and the CPU
+    open(os.path.join(root, "b.jpg"), "wb").write(bytes(bogus))
+    gpu = ImageFolderDataset(root, S, 8, seed=5, decode="gpu", dtype=torch.uint8)
+    keys = [(0, i) for i in range(len(gpu))]  # a.png (the workers' pixels), b.jpg, im0.jpg, im1.jpg
+    batch = _made(gpu, keys)
+    assert len(batch["bad"]) == 1 and batch["bad"][0].split(":")[0].endswith("b.jpg")
+    for row, k in enumerate([keys[0]] + keys[2:]):
+        one = _made(gpu, [k])
+        assert torch.equal(batch["images"][row], one["images"][0])
+        assert torch.equal(batch["noise"][row], one["noise"][0])
+
+
 def _corrupt_folder(root):
     """3 good JPEGs and 4 bad files, each failing in another place."""
     data = _jpeg_folder(root, sizes=((300, 220), (640, 480), (100, 80)))
@@ -286,10 +323,74 @@ def test_unavailable_says_why(monkeypatch):
     with monkeypatch.context() as m:  # a cuda device torch does not see (a CPU build, no driver)
         m.setattr(torch.cuda, "is_available", lambda: False)
         assert gpu_decode.unavailable_reason("cuda").startswith("it needs a CUDA device (torch sees none)")
+    assert "torch sees none" not in why  # a CPU run: the one reason for the device
     try:
         import torchvision  # noqa: F401
     except ImportError:
         assert "torchvision (not installed" in why
+
+
+def test_a_torchvision_that_does_not_decode_on_the_card_is_the_reason(monkeypatch):
+    """Where CUDA and torchvision are present, a small JPEG decoded on the device decides, once per device."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(__version__="0.99"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_card = types.SimpleNamespace(shape=(3, 16, 16), device=torch.device("cuda"))
+    seen = []
+
+    def decoder(result):
+        def decode(data, device):
+            seen.append(str(device))
+            if isinstance(result, Exception):
+                raise result
+            return [result if result is not None else pillow_decode(data, CPU)[0]]
+        return decode
+
+    for result, want in ((on_card, None), (None, "torchvision 0.99's decode_jpeg gave (3, 16, 16) on cpu"),
+                         (RuntimeError("torchvision not compiled with nvJPEG support\nmore"),
+                          "torchvision 0.99 cannot decode JPEGs on cuda "
+                          "(torchvision not compiled with nvJPEG support)"),
+                         (RuntimeError(), "torchvision 0.99 cannot decode JPEGs on cuda (RuntimeError)")):
+        gpu_decode._torchvision_reason.cache_clear()
+        monkeypatch.setattr(gpu_decode, "decode_jpegs", decoder(result))
+        seen.clear()
+        assert gpu_decode.unavailable_reason("cuda") == want and gpu_decode.unavailable_reason("cuda") == want
+        assert seen == ["cuda"]  # decoded once (cached)
+    gpu_decode._torchvision_reason.cache_clear()
+
+
+def _encoded(**save) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo(np.random.default_rng(5), 96, 64)).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_what_nvjpeg_is_given_reads_the_header_as_libjpeg():
+    """YCbCr-coded or not as libjpeg decides it (jdapimin.c): a JFIF marker, else an Adobe marker's transform,
+    else the component ids; and an end-of-image marker in the last bytes (trailing bytes are fine)."""
+    from PIL import Image
+
+    ycc, rgb = _encoded(), _encoded(keep_rgb=True)
+    assert ycc[2:4] == b"\xff\xe0" and rgb[2:4] == b"\xff\xee" and rgb[6:11] == b"Adobe"
+    app0, after_app0, after_app14 = ycc[2:20], 20, 18  # the segments Pillow writes: JFIF (16 bytes), Adobe (14)
+    cases = {"JFIF, ids 1 2 3": (ycc, True), "no marker, ids 1 2 3": (ycc[:2] + ycc[after_app0:], True),
+             "Adobe transform 0, ids R G B": (rgb, False),
+             "Adobe transform 1 (YCbCr)": (rgb[:17] + b"\x01" + rgb[18:], True),
+             "no marker, ids R G B": (rgb[:2] + rgb[after_app14:], False),
+             "JFIF, ids R G B": (rgb[:2] + app0 + rgb[after_app14:], True)}
+    for case, (data, ycbcr) in cases.items():
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.mode == "RGB" and gpu_decode.ycbcr_or_grey(img) == ycbcr, case
+            assert gpu_decode.gpu_decodable(img, data) == ycbcr, case
+        if jpeg.simplejpeg is not None:  # libjpeg-turbo's own reading of the header
+            assert jpeg.simplejpeg.decode_jpeg_header(data)[2] == ("YCbCr" if ycbcr else "RGB"), case
+    with Image.open(io.BytesIO(ycc)) as img:
+        assert gpu_decode.gpu_decodable(img, ycc + b"\0" * 40)  # a camera's trailing bytes
+        assert not gpu_decode.gpu_decodable(img, ycc[:-2]) and not gpu_decode.gpu_decodable(img, ycc[:len(ycc) // 2])
 
 
 def test_decode_gpu_without_torchvision_or_cuda_is_one_line_exit_2(tmp_path):

@@ -384,3 +384,90 @@ def test_a_progressive_file_with_coefficients_never_sent_is_left_to_pillow(monke
         img.load()  # Pillow decodes it
     assert jpeg.decode(cut, 320, 240, 1, (0, 0, 240, 320)) is None
     assert jpeg.decode(data, 320, 240, 1, (0, 0, 240, 320)) is not None
+
+
+def _kind(data: bytes) -> str:
+    """Which of `jpeg._agrees`'s files ``data`` is: its sampling, grey or progressive."""
+    from PIL import JpegImagePlugin
+
+    with _opened(data) as img:
+        if img.mode == "L":
+            return "grey"
+        if img.info.get("progressive"):
+            return "progressive"
+        return {0: "444", 1: "422", 2: "420"}[JpegImagePlugin.get_sampling(img)]
+
+
+@pytest.mark.parametrize("off", ["420", "422", "444", "grey", "progressive", "window"])
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_a_reader_one_level_off_on_any_file_of_the_check_is_not_trusted(name, off, monkeypatch):
+    """`reader` checks every sampling, grey, progressive, the whole image and a window off the iMCU grid:
+    a reader off by one level on one of them only is not used (the next one is)."""
+    _use(monkeypatch, name)
+    real = jpeg._decode
+
+    def decode(n, data, w, h, k, win):
+        got = real(n, data, w, h, k, win)
+        if n == name and got is not None and (win[:2] != (0, 0) if off == "window" else _kind(data) == off):
+            got = got.copy()
+            got[-1, -1, 0] ^= 1
+        return got
+
+    if name == "simplejpeg":  # the windowed reader, tried first, not built
+        monkeypatch.setattr(jpeg, "_jpeg", None)
+        monkeypatch.setattr(jpeg, "load_error", "ImportError: not built")
+    monkeypatch.setattr(jpeg, "_READER", None)
+    assert jpeg.reader() == name  # the check passes as it is
+    monkeypatch.setattr(jpeg, "_decode", decode)
+    monkeypatch.setattr(jpeg, "_READER", None)
+    assert jpeg.reader() == ("simplejpeg" if name == "window" and jpeg.simplejpeg is not None else "pillow")
+
+
+def test_the_reader_is_decided_once_per_process(monkeypatch):
+    monkeypatch.setattr(jpeg, "_READER", None)
+    first = jpeg.reader()
+    monkeypatch.setattr(jpeg, "_agrees", lambda name: pytest.fail("the readers were compared again"))
+    assert jpeg.reader() == first
+
+
+def test_libjpeg_turbo_2_1_0_is_taken(monkeypatch):
+    import types
+
+    for version, taken in ((2001000, True), (3000090, True), (2000090, False)):
+        built = types.SimpleNamespace(LIBJPEG_TURBO_VERSION_NUMBER=version)
+        monkeypatch.setattr(jpeg, "_jpeg", None)
+        monkeypatch.setattr(jpeg, "load_error", None)
+        monkeypatch.setattr(jpeg.importlib, "import_module", lambda name, _m=built: _m)
+        assert (jpeg._load_window_reader() is built) == taken, version
+        assert (jpeg.load_error is None) == taken
+    assert "libjpeg-turbo 2.0.90, older than 2.1.0" in jpeg.load_error
+
+
+def test_a_size_libjpeg_reads_otherwise_than_pillow_is_left_to_pillow(monkeypatch):
+    """The window reader refuses a window outside the image libjpeg reads (IndexError): where Pillow's
+    header gave another size, `decode` answers None and Pillow judges the file."""
+    _use(monkeypatch, "window")
+    data = _jpeg(w=64, h=48)
+    assert jpeg.decode(data, 64, 48, 1, (40, 0, 48, 64)) is not None
+    assert jpeg.decode(data, 64, 56, 1, (40, 0, 56, 64)) is None  # Pillow's header said 56 rows
+    assert jpeg.decode(data, 72, 48, 1, (0, 60, 8, 72)) is None
+
+
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_an_mpo_file_takes_the_readers_route_with_pillows_pixels(name, monkeypatch):
+    """A camera's MPO (a JPEG followed by more images): Pillow and the readers decode its first image."""
+    from PIL import Image
+
+    _use(monkeypatch, name)
+    buf = io.BytesIO()
+    with _opened(_jpeg(w=300, h=200)) as first:
+        first.save(buf, "MPO", save_all=True, append_images=[first.transpose(Image.Transpose.ROTATE_180)])
+    data = buf.getvalue()
+    with _opened(data) as img:
+        assert img.format == "MPO" and jpeg.takes(img, data)
+    for decode in ("exact", "fast"):
+        _assert_pillows_verdict(monkeypatch, data, decode, (20, 30, 150, 240))
+    if name == "simplejpeg":  # a header simplejpeg cannot read (no scan yet): Pillow's route
+        cut = data[:data.index(b"\xff\xda")]
+        with _opened(cut) as img:
+            assert not jpeg.takes(img, cut)

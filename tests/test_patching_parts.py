@@ -126,6 +126,27 @@ def test_timm_is_trusted_class_by_class():
         assert not trusted_class(cls(module, name)), (module, name)
 
 
+def test_packages_are_trusted_by_their_whole_name():
+    """maefast's and torch's modules are trusted; a package whose name only starts alike (torchvision) is not."""
+    def cls(module):
+        return type("Layer", (nn.Module,), {"__module__": module, "forward": lambda self, x: x})
+
+    assert trusted_class(cls("torch.nn.modules.linear")) and trusted_class(cls("maefast.nn.attention"))
+    for module in ("torchvision.ops.misc", "torchaudio.models", "maefast_plugins.layers"):
+        assert not trusted_class(cls(module)), module
+
+
+def test_every_kind_of_hook_counts():
+    from maefast._modules import hooked
+
+    for register in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+                     "register_full_backward_pre_hook"):
+        m = nn.Linear(2, 2)
+        assert not hooked(m)
+        getattr(m, register)(lambda *args: None)
+        assert hooked(m), register
+
+
 def test_a_newer_timm_part_or_an_instance_method_set_after_patching_runs_the_original():
     plain, patched = _pair()
 

@@ -78,6 +78,83 @@ def test_weight_decay_groups_match_official_rule():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(decayed) + len(plain)
 
 
+def test_optimizer_groups_are_named_on_the_bare_model_through_wrappers():
+    """DDP (module.), FSDP (_fsdp_wrapped_module.) and activation checkpointing (_checkpoint_wrapped_module.)
+    prefix the parameters' names: the groups are those of the bare model; a frozen parameter is in none."""
+    import torch.nn as nn
+
+    from maefast.train.setup import build_optimizer
+
+    class Wrapper(nn.Module):
+        def __init__(self, attr, inner):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    def shapes(opt):
+        return [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups]
+
+    model = create_model("mae_vit_tiny_test")
+    want = shapes(build_optimizer(model, model, TrainConfig(), lr=1e-3))
+    inner = create_model("mae_vit_tiny_test")
+    for i, block in enumerate(inner.blocks):
+        inner.blocks[i] = Wrapper("_fsdp_wrapped_module", Wrapper("_checkpoint_wrapped_module", block))
+    wrapped = Wrapper("module", Wrapper("_fsdp_wrapped_module", inner))
+    assert shapes(build_optimizer(model, wrapped, TrainConfig(), lr=1e-3)) == want
+    inner.blocks[0]._fsdp_wrapped_module._checkpoint_wrapped_module.norm1.weight.requires_grad_(False)
+    inner.patch_embed.proj.weight.requires_grad_(False)
+    got = build_optimizer(model, wrapped, TrainConfig(), lr=1e-3)
+    assert [len(g["params"]) for g in got.param_groups] == [len(want[0]) - 1, len(want[1]) - 1]
+    assert all(p.requires_grad for g in got.param_groups for p in g["params"])
+
+
+def test_the_folder_probe_tries_files_spread_over_it_to_the_last(tmp_path):
+    """A folder is refused before the first step when none of the files tried reads; the tries are spread
+    over the folder, its last file included."""
+    from PIL import Image
+
+    from maefast.train.setup import PROBE_FILES, probe_readable
+
+    assert PROBE_FILES == 16
+    for i in range(40):
+        (tmp_path / f"img{i:02d}.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (40, 30), (9, 99, 199)).save(tmp_path / "z_last.png")
+    probe_readable(ImageFolderDataset(str(tmp_path), 32, 16))  # the last file reads: accepted
+    (tmp_path / "z_last.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"^--data .* 16 files tried of its 41 image files.*img00\.jpg: Unidentified"):
+        probe_readable(ImageFolderDataset(str(tmp_path), 32, 16))
+    with pytest.raises(ValueError, match=r"^--data .* any of its 41 image files"):
+        probe_readable(ImageFolderDataset(str(tmp_path), 32, 16), tries=50)
+
+
+def test_checkpoint_space_is_the_weights_adamws_moments_and_the_export():
+    from maefast.train.setup import checkpoint_bytes
+
+    model = create_model("mae_vit_tiny_test")
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # the sin-cos tables too
+    moments = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert checkpoint_bytes(model, save=False, export=False) == 2 ** 20
+    assert checkpoint_bytes(model, save=True, export=False) == int(1.05 * (weights + moments)) + 2 ** 20
+    assert checkpoint_bytes(model, save=False, export=True) == int(1.05 * weights) + 2 ** 20
+    assert checkpoint_bytes(model) == int(1.05 * (2 * weights + moments)) + 2 ** 20
+
+
+def test_a_graph_break_is_found_in_the_exception_chain():
+    from torch._dynamo.exc import Unsupported
+
+    from maefast.train.setup import fullgraph_failure
+
+    cause = Unsupported("data-dependent branching\nmore")
+    raised = RuntimeError("backend failed")
+    raised.__context__ = cause  # raised while handling it
+    assert fullgraph_failure(raised) == "data-dependent branching"
+    chained = RuntimeError("x")
+    chained.__cause__ = Unsupported("")
+    assert fullgraph_failure(chained) == "Unsupported"
+    a, b = ValueError("a"), ValueError("b")
+    a.__context__, b.__context__ = b, a  # a cycle ends the walk
+    assert fullgraph_failure(a) is None and fullgraph_failure(ValueError("no break")) is None
+
+
 # -- augmentation ----------------------------------------------------------------------------------
 def test_random_resized_crop_params_follow_torchvision_rules():
     rng = np.random.default_rng(0)
