@@ -155,6 +155,46 @@ def test_nan_and_inf_propagate(impl, device):
     assert torch.isnan(R.forward_loss(c.imgs, p2, c.mask, 8, True))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_visible_image_patch_reaches_the_loss(impl, device):
+    """pred_on="all" reads every image patch, as the official (loss * mask).sum(): Inf in a visible (w = 0)
+    patch gives it a NaN target and 0 * NaN = NaN, normalised or not; pred_on="masked" never reads it."""
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
+    lv = int((c.mask[1] == 0).nonzero()[0])
+    hi, wi = divmod(lv, 4)
+    imgs = c.imgs.clone()
+    imgs[1, 0, hi * 8 + 1, wi * 8 + 2] = float("inf")
+    with torch.no_grad():
+        for norm in (True, False):
+            assert torch.isnan(norm_pix_loss(c.pred_all, imgs, c.mask, 8, norm_pix=norm, impl=impl)), norm
+            assert torch.isnan(R.forward_loss(imgs, c.pred_all, c.mask, 8, norm))
+            assert torch.isfinite(norm_pix_loss(c.pred_masked, imgs, c.ids_restore, 8, norm_pix=norm,
+                                                pred_on="masked", impl=impl)), norm
+
+
+@needs_triton
+def test_triton_kernels_clamp_masked_ids_into_the_image(device):
+    """Below the ops (which hand the kernels ids already in [0, L)), the kernels' own contract: a masked
+    patch id outside [0, L) reads the nearest patch (clamped), never memory outside the image."""
+    from maefast.kernels.loss import norm_pix_loss_bwd, norm_pix_loss_fwd
+
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, device)  # L = 6 patches, M = 3 masked rows
+    pred = c.pred_masked.detach()
+    bad = torch.tensor([[-1, 6, 2], [-100, 3, 1000]], device=device)
+    clamped = bad.clamp(0, 5)
+    target = R.norm_pix_target(R.patchify(c.imgs, 8))
+    target = torch.gather(target, 1, clamped.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    want = ((pred - target) ** 2).mean(-1).sum()
+    scale = torch.tensor(0.5, device=device)
+    want_grad = scale * 2 / target.shape[-1] * (pred - target)
+    for ids in (bad, clamped):
+        total, res = norm_pix_loss_fwd(pred, c.imgs, None, ids, 8, True, with_residual=True)
+        assert_close(total, want, torch.float32, name="sum of row losses")
+        assert_close(res, pred - target, torch.float32, name="residual")
+        assert_grad_close(norm_pix_loss_bwd(scale, pred, c.imgs, None, ids, 8, True), want_grad, torch.float32,
+                          name="grad pred")
+
+
 @needs_triton
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_triton_deterministic(pred_on, device):

@@ -13,7 +13,9 @@ from maefast.reference.philox import philox4x32, philox_noise, philox_uniform
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 # (N, L, mask_ratio): paper grids (224/p16 -> 196, 224/p14 -> 256), batch 1 and a prime, odd L.
-SHAPES_CPU = [(1, 196, 0.75), (7, 196, 0.5), (2, 256, 0.9), (3, 50, 0.75), (5, 17, 0.3), (2, 2, 0.5)]
+# 129 = 2 * 64 + 1: one patch alone in the last chunk of BLOCK_J = 64 and in a second block of BLOCK_I = 128.
+SHAPES_CPU = [(1, 196, 0.75), (7, 196, 0.5), (2, 256, 0.9), (3, 50, 0.75), (5, 17, 0.3), (2, 2, 0.5),
+              (2, 129, 0.75)]
 SHAPES_GPU = [(1, 196, 0.75), (7, 196, 0.5), (13, 256, 0.75), (256, 196, 0.75), (256, 256, 0.9), (64, 1024, 0.75),
               (3, 4096, 0.6), (5, 333, 0.25)]
 
@@ -131,6 +133,23 @@ def test_seed_same_mask_across_impls(device, N, L, ratio, seed, offset):
     tri = random_masking(N, L, ratio, seed=seed, offset=offset, device=device, impl="triton")
     _assert_ids_equal(tri, ref, "triton vs reference")
     _check_invariants(tri, L, int(L * (1 - ratio)))
+
+
+@needs_triton
+def test_triton_kernel_reads_the_seed_tensor(device):
+    """The launcher's seed_tensor (a device seed, what a CUDA-graph replay feeds) is what the kernel draws
+    from, not the int seed beside it. The op reads a CPU seed tensor on the host, so the launcher is called
+    directly: on a CPU no other test reaches the kernel's SEED_FROM_PTR branch."""
+    from maefast.kernels.masking import random_masking_triton
+
+    N, L, K, offset = 3, 50, 12, 7
+    dev = torch.device(device)
+    for value in (5, 2 ** 62 + 17):
+        want = random_masking(N, L, 0.76, seed=value, offset=offset, device="cpu", impl="reference")
+        assert want.ids_keep.shape[1] == K
+        got = random_masking_triton(N, L, K, None, 999, offset, dev,
+                                    seed_tensor=torch.tensor([value], dtype=torch.int64, device=dev))
+        _assert_ids_equal(got, want, f"seed tensor {value}")
 
 
 def test_seed_reproducible_and_distinct():

@@ -127,6 +127,33 @@ def test_noncontiguous_and_int32(impl, device):
     assert_close(gt, rt, torch.float32, name="grad mask_token")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_transposed_pos_embed(impl, device):
+    """A pos_embed whose last dimension is strided (a transposed copy): read through its strides, the
+    reference's values exactly, and its gradient."""
+    x, tok, ids, pos = _inputs(3, 36, 0.75, 40, torch.float32, device, pos_grad=True)
+    pos_t = pos.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert pos_t.stride(2) != 1
+    _check(impl, x, tok, ids, pos_t, torch.float32)
+
+
+@needs_triton
+def test_triton_backward_kernel_reads_the_grad_through_its_strides(device):
+    """The backward kernel takes grad_out with any strides (the op hands it a unit last stride, so the
+    launcher is called here): a grad whose last dimension is strided gives the reference's gradients."""
+    from maefast.kernels.unshuffle import unshuffle_bwd
+
+    x, tok, ids, pos = _inputs(3, 36, 0.75, 40, torch.float32, device)
+    K = x.shape[1] - 1
+    g = torch.randn(3, 40, 37, device=device).transpose(1, 2)
+    assert g.stride(2) != 1
+    got = unshuffle_bwd(g, ids, K, True)
+    want = ops_mod._bwd_reference(g.contiguous(), ids, K, True, torch.float32)
+    _assert_equal(got[0], want[0], "grad x_vis")
+    for name, a, b in zip(("grad mask_token", "grad pos_embed"), got[1:], want[1:]):
+        assert_close(a, b, torch.float32, name=name)
+
+
 @needs_triton
 def test_triton_deterministic(device):
     x, tok, ids, pos = _inputs(7, 196, 0.75, 64, torch.bfloat16, device, pos_grad=True)
