@@ -1,6 +1,7 @@
-"""The loader benchmark (`maefast.bench_data`) beyond tests/test_data.py: the generated folder (sizes, aspects,
-quality, determinism, repair), its statistics, the rates' and ratios' arithmetic on a fake clock, the
-fast-vs-exact summary, and the CLI's defaults and validation."""
+"""The loader benchmark (`maefast.bench_data`, `maefast bench data`): the generated folder (sizes, aspects,
+quality, determinism, repair, never over foreign files), its statistics, the rates' and ratios' arithmetic on
+a fake clock, the fast-vs-exact summary, the CLI's rows, JSON, defaults and validation, the GPU row's
+arithmetic. The pipeline it measures: tests/test_data.py."""
 import io
 import json
 import os
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from maefast import bench_data
+from maefast import bench_data, bench_data_gpu
 from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8
+from maefast.train.data import collate
+from test_data import S, _jpeg_folder
 
 
 def test_generated_sizes_keep_the_documented_aspects_and_portrait_share():
@@ -358,3 +361,130 @@ def test_gpu_pixel_difference_counts_each_sample_once(tmp_path, pillow_for_nvjpe
     assert res["identical_samples"] == sum(int(d.max() == 0) for d in diffs) < 4
     assert res["max_abs_255"] == max(int(d.max()) for d in diffs) > int(diffs[-1].max())  # the worst: not the last
     assert res["mean_abs_255"] == pytest.approx(np.mean([d.double().mean().item() for d in diffs]))
+
+
+# -- the benchmark folder, the CLI, the batches --------------------------------------------------------------
+def test_bench_folder_is_generated_once_and_never_over_foreign_files(tmp_path):
+    root = str(tmp_path / "set")
+    paths = bench_data.make_folder(root, 4, processes=1)
+    assert [os.path.basename(p) for p in paths] == [f"img{i:05d}.jpg" for i in range(4)]
+    stamp = [os.path.getmtime(p) for p in paths]
+    assert bench_data.make_folder(root, 3, processes=1) == paths[:3]  # cached
+    more = bench_data.make_folder(root, 6, processes=1)  # grows
+    assert more[:4] == paths and [os.path.getmtime(p) for p in paths] == stamp
+    from PIL import Image
+
+    with Image.open(more[5]) as im:  # image i depends on (seed, i) only
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(bench_data.make_folder(
+            str(tmp_path / "again"), 6, processes=1)[5])))
+        assert im.format == "JPEG" and 250 <= max(im.size) <= 1000
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="not a maefast benchmark folder"):
+        bench_data.make_folder(str(foreign), 2)
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious" and os.listdir(foreign) == ["holiday.jpg"]
+    with pytest.raises(ValueError, match="another generator or seed"):
+        bench_data.make_folder(root, 2, seed=1)
+
+
+def test_generated_images_look_photographic():
+    sizes = [bench_data.image_size(np.random.default_rng([0, i])) for i in range(400)]
+    longs = np.array([max(s) for s in sizes])
+    assert 0.6 < np.mean(longs == 500) < 0.9 and longs.min() >= 250 and longs.max() <= 1000
+    img = np.asarray(bench_data.make_image(0, 3)).astype(np.float32)
+    assert img.std() > 20  # not flat colour
+    grad = np.abs(np.diff(img, axis=1)).mean()
+    assert 1.5 < grad < 40  # texture and edges, not white noise
+
+
+def test_bench_data_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = bench_data.main(["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "1", "--batch", "4",
+                          "--per-worker-images", "6", "--rounds", "2", "--size", "64", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    cpu_rows = [p for p in bench_data.PATHS if p != "gpu"]
+    for row in cpu_rows:
+        assert row in text
+    res = json.loads(out.read_text())
+    # without torchvision + CUDA the gpu row is skipped with the reason (tests/test_gpu_decode.py runs it on the CPU)
+    why = bench_data_gpu.unavailable_reason()
+    if why is not None:
+        assert f"gpu: skipped (the GPU decode cannot run here: {why})" in text
+        assert res["skipped"] == {"gpu": why} and "gpu" not in res["per_worker"]
+    else:
+        assert res["skipped"] == {} and res["loader"]["gpu"]["img_per_s"] > 0
+    assert set(res["per_worker"]) - {"gpu"} == set(cpu_rows) and res["per_worker"]["official"]["vs_official"] == 1.0
+    assert all(r["img_per_s"] > 0 and len(r["rounds"]) == 2 for r in res["per_worker"].values())
+    lo = res["loader"]
+    assert lo["official"]["bytes_per_image"] == 3 * 64 * 64 * 4
+    assert lo["fast-uint8"]["bytes_per_image"] == 3 * 64 * 64 + 196 * 4  # uint8 image + fp32 noise (L=196)
+    assert res["difference"]["all"]["samples"] == 12 and res["difference"]["all"]["max_abs_255"] >= 0
+    assert res["folder"]["images"] == 12 and res["env"]["pillow"] and res["complete"] is True
+
+
+def test_bench_data_json_keeps_finished_rows(tmp_path, monkeypatch):
+    # the GPU presets kill a step at its budget: the JSON is rewritten (atomically) as each section ends
+    out = tmp_path / "r.json"
+
+    def killed(*a, **k):
+        assert json.loads(out.read_text())["loader"]["fast-uint8"]["img_per_s"] > 0  # written before the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_data, "pixel_difference", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench_data.main(["--images", "12", "--folder", str(tmp_path / "f"), "--workers", "1", "--batch", "4",
+                         "--per-worker-images", "4", "--rounds", "1", "--size", "32", "--paths", "official,fast-uint8",
+                         "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and set(res["per_worker"]) == set(res["loader"]) == {"official", "fast-uint8"}
+    assert "difference" not in res and sorted(p.name for p in tmp_path.iterdir()) == ["f", "r.json"]  # no temp file left
+
+
+def test_bench_data_cli_errors(tmp_path, capsys):
+    assert bench_data.main(["--paths", "official,nope", "--folder", str(tmp_path)]) == 2
+    assert "unknown row" in capsys.readouterr().err
+    assert bench_data.main(["--images", "10", "--batch", "8", "--folder", str(tmp_path)]) == 2
+    assert "no batch after the first wave" in capsys.readouterr().err
+    from maefast.cli import main
+
+    if bench_data_gpu.unavailable_reason() is not None:  # a run measuring nothing: an error, and no folder made
+        assert main(["bench", "data", "--paths", "gpu", "--folder", str(tmp_path / "g")]) == 2
+        assert "--paths gpu: the GPU decode cannot run here" in capsys.readouterr().err
+        assert not (tmp_path / "g").exists()
+    (tmp_path / "m").mkdir()  # a manifest that is JSON but no object: one line (was an AttributeError)
+    (tmp_path / "m" / bench_data.MANIFEST).write_text("[1, 2]")
+    assert main(["bench", "data", "--quick", "--images", "8", "--workers", "0", "--folder", str(tmp_path / "m")]) == 2
+    assert "unreadable (not a JSON object)" in capsys.readouterr().err
+    from maefast import bench
+
+    assert bench.BENCHMARKS["data"][0] == "maefast.bench_data"
+
+
+def test_batches_are_stacked_into_shared_memory_inside_a_worker(monkeypatch):
+    """Inside a DataLoader worker the batch is stacked straight into shared memory, as torch's default_collate
+    does (a batch stacked in the worker's memory was copied once more to reach the main process); the official
+    row of `bench data` collates as the official loop does."""
+    items = [{"image": torch.full((3, 4, 4), i, dtype=torch.uint8), "noise": torch.rand(16)} for i in range(3)]
+    plain = collate(items)
+    assert not plain["images"].is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    shared = collate(items)
+    assert shared["images"].is_shared() and shared["noise"].is_shared()
+    assert torch.equal(shared["images"], plain["images"]) and torch.equal(shared["noise"], plain["noise"])
+    official = [(torch.rand(3, 4, 4), 0) for _ in range(2)]
+    got = bench_data._official_collate(official)
+    assert got.is_shared() and torch.equal(got, torch.stack([x for x, _ in official]))
+
+
+def test_per_worker_reads_every_timed_file_before_timing(tmp_path, monkeypatch):
+    """Every row times files already in the page cache (the first row of a chunk read them from disk)."""
+    folder = _jpeg_folder(tmp_path)
+    datasets = {p: bench_data.build_dataset(p, folder, S, 16) for p in ("official", "fast")}
+    for ds in datasets.values():  # both kinds of dataset name their files
+        bench_data._read_files(ds, {0, 1})
+    read = []
+    monkeypatch.setattr(bench_data, "_read_files", lambda ds, idx: read.append(sorted(idx)))
+    bench_data.per_worker(datasets, 3, rounds=1)
+    assert read == [[0, 1, 2]]
