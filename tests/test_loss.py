@@ -283,6 +283,16 @@ def test_triton_forward_written_residual_gives_the_backward_kernels_gradient(pre
         assert torch.equal(norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton"), loss_u)
 
 
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_reference_impl_computes_half_images_in_fp32(pred_on):
+    # the reference impl reads bf16 images as fp32 (patchify and the norm-pix statistics in fp32, not in bf16)
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, "cpu", img_dtype=torch.bfloat16)
+    pred, idx = c.args(pred_on)
+    got = norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="reference")
+    official = R.forward_loss if pred_on == "all" else R.forward_loss_masked
+    assert torch.equal(got, official(c.imgs.float(), pred, idx, 8, True))
+
+
 def test_masked_patch_ids_matches_reference(device):
     ids = R.masking_ids(5, 196, 0.75, noise=torch.rand(5, 196, device=device))
     got = masked_patch_ids(ids.ids_restore, 49)

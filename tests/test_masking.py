@@ -89,6 +89,15 @@ def test_philox_noise_is_uniform():
     assert torch.equal(philox_noise(2, 500, 2024, offset=500)[0], x.float().reshape(200, 500)[1])
 
 
+def test_philox_seed_and_offset_bounds():
+    # the last counter may be 2**63 - 1 (offset + N*L == 2**63), one more is refused; a bool is no seed
+    assert philox_noise(1, 2, 0, offset=2 ** 63 - 2).shape == (1, 2)
+    with pytest.raises(ValueError, match="offset"):
+        philox_noise(1, 2, 0, offset=2 ** 63 - 1)
+    with pytest.raises(TypeError, match="seed"):
+        philox_noise(1, 2, True)
+
+
 # ---- given noise: the official masking ------------------------------------------------------
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])

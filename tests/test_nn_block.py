@@ -39,6 +39,29 @@ def test_fused_block_runs_a_gelu_subclass_as_its_own_forward():
     assert not torch.allclose(ours(x), ours_plain(x))  # the activation matters here
 
 
+def test_fused_block_runs_tanh_gelu_and_mlp_dropout_op_by_op():
+    """The block op computes the erf GELU and no dropout: a tanh GELU, or an MLP dropout set on the module in
+    training, runs the block's own modules (same output as timm's, the same dropout draws)."""
+    timm, ours = _pair(act_layer=lambda: nn.GELU(approximate="tanh"))
+    x = randn(3, 7, D)
+    assert_close(ours(x), timm(x), name="fused block with a tanh GELU")
+    timm, ours = _pair()
+    timm.mlp.drop.p = ours.mlp.drop.p = 0.5  # Mlp's own rate (the constructor's `drop` sets proj_drop too)
+    outs = []
+    for blk in (timm.train(), ours.train()):
+        torch.manual_seed(1)
+        outs.append(blk(x))
+    assert_close(outs[1], outs[0], name="fused block with MLP dropout in training")
+
+
+def test_fused_block_keeps_each_layer_norms_eps():
+    # eps 0.1 / 0.3 (not the paper's 1e-6, whose effect hides under fp32 tolerances): the op reads both norms' own
+    timm, ours = _pair(norm_layer=lambda d: nn.LayerNorm(d, eps=0.1))
+    timm.norm2.eps = ours.norm2.eps = 0.3
+    x = randn(3, 7, D)
+    assert_close(ours(x), timm(x), name="fused block with LayerNorm eps 0.1 / 0.3")
+
+
 @pytest.mark.parametrize("act", [QuickGELU, lambda: nn.GELU(approximate="tanh")], ids=["QuickGELU", "tanh_GELU"])
 def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward(act):
     """The fast model with fused='block' runs an activation other than exact GELU as itself (a subclass, or
@@ -140,6 +163,13 @@ def test_drop_path_is_timms_module_attribute():
         DropPath(2.0)
 
 
+def test_drop_path_in_training_refuses_packed_sequences():
+    # drop_path drops whole samples: with cu_seqlens the rows are several sequences, so it is refused, not applied
+    blk = Block(D, H, drop_path=0.1).train()
+    with pytest.raises(ValueError, match="drop_path"):
+        blk(randn(7, D), cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4)
+
+
 def test_bad_impl_and_fused_fail_at_construction():
     from maefast.nn import Attention
 
@@ -192,3 +222,23 @@ def test_loss_and_unshuffle_take_what_the_official_code_takes():
     ids = torch.stack([torch.randperm(L) for _ in range(n)])
     got = Unshuffle()(x_vis, token, ids, pos)
     assert got.dtype == torch.float64 and torch.equal(got, _official_unshuffle(x_vis, token, ids, pos))
+
+
+def test_loss_module_defaults_and_a_float64_prediction_and_impls_reach_the_ops():
+    """NormPixLoss(p) is the official default (norm_pix_loss False); a float64 pred with float32 images takes
+    the official ops as they are (the target in float32, the rest promoted to float64)."""
+    from maefast.nn import NormPixLoss
+    from maefast.reference.loss import forward_loss
+
+    imgs, pred = randn(2, 3, 16, 16), randn(2, 16, 48)
+    mask = (torch.rand(2, 16) < 0.75).float()
+    assert_close(NormPixLoss(4)(imgs, pred, mask), forward_loss(imgs, pred, mask, 4, False), torch.float32)
+    for norm in (False, True):
+        got = NormPixLoss(4, norm_pix_loss=norm)(imgs, pred.double(), mask)
+        assert got.dtype == torch.float64 and torch.equal(got, forward_loss(imgs, pred.double(), mask, 4, norm))
+    with pytest.raises(ValueError, match="impl"):  # the module's impl reaches the op: no CUDA kernels for CPU tensors
+        NormPixLoss(4, impl="cuda")(imgs, pred, mask)
+    n, L, keep = 2, 16, 4
+    ids_restore = torch.stack([torch.randperm(L) for _ in range(n)])
+    with pytest.raises(ValueError, match="impl"):
+        Unshuffle(impl="cuda")(randn(n, 1 + keep, D), randn(1, 1, D), ids_restore, randn(1, 1 + L, D))

@@ -367,6 +367,34 @@ def test_module_matches_official_composition():
     assert t3.shape == (2, 5, 32) and m3.shape == (2, 10) and r3.shape == (2, 10)
 
 
+def test_module_passes_offset_and_pixel_statistics_on():
+    """The module's Philox offset and uint8 mean/std reach the ops: the mask of (seed, offset) is the one the
+    documented noise philox_noise(seed, offset) gives, and uint8 images embed as their normalisation does."""
+    from maefast.reference.normalize import normalize
+    from maefast.reference.philox import philox_noise
+
+    torch.manual_seed(1)
+    m = MaskedPatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16, impl="reference")
+    imgs = randn(2, 3, 16, 16)
+    _, mask, ids_restore = m(imgs, 0.5, seed=7, offset=100)
+    want = R.masking_ids(2, 4, 0.5, noise=philox_noise(2, 4, 7, 100))
+    assert torch.equal(mask, want.mask) and torch.equal(ids_restore, want.ids_restore)
+    u8 = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    noise = torch.rand(2, 4)
+    got, _, _ = m(u8, 0.5, noise=noise, mean=mean, std=std)
+    assert_close(got, m(normalize(u8, mean, std), 0.5, noise=noise)[0], torch.float32)
+
+
+def test_module_refuses_sizes_it_cannot_embed():
+    with pytest.raises(ValueError, match="img_size"):
+        MaskedPatchEmbed(img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="patch_size"):
+        MaskedPatchEmbed(img_size=32, patch_size=(8, 4))
+    with pytest.raises(ValueError, match="imgs"):  # the images are wrong, not the weight
+        MaskedPatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16)(randn(2, 1, 16, 16), 0.5)
+
+
 def test_compile_fullgraph():
     torch.manual_seed(2)
     pe = MaskedPatchEmbed(img_size=(16, 24), patch_size=8, in_chans=3, embed_dim=16, impl="reference")

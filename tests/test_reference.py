@@ -295,3 +295,94 @@ def test_reference_attention_is_timms_bit_for_bit(dim, heads):
 
     with torch.no_grad():
         assert torch.equal(R.attention(qkv_lin(x), heads), timm_attention(x))
+
+
+def test_unpatchify_names_a_bad_patch_vector_length():
+    # 13 values per patch is not p*p*C = 12: a ValueError naming x, not a raw reshape error
+    with pytest.raises(ValueError, match="^x "):
+        R.unpatchify(torch.randn(1, 4, 13), 2, (2, 2), 3)
+
+
+def test_masking_ties_keep_index_order():
+    # noise with ties (quantised): the documented stable order, i.e. argsort of (noise, index) pairs; L = 196 is
+    # long enough that torch's unstable argsort orders ties otherwise
+    N, L, ratio = 3, 196, 0.75
+    noise = torch.randint(0, 3, (N, L)).float()
+    K = int(L * (1 - ratio))
+    shuffle = torch.argsort(noise.double() * L + torch.arange(L, dtype=torch.float64), dim=1)  # distinct keys
+    ids = R.masking_ids(N, L, ratio, noise=noise)
+    assert torch.equal(ids.ids_keep, shuffle[:, :K])
+    assert torch.equal(ids.ids_restore, torch.argsort(shuffle, dim=1))
+
+
+def test_masking_refuses_integer_noise_and_empty_shapes():
+    with pytest.raises(TypeError, match="noise"):
+        R.masking_ids(2, 16, 0.75, noise=torch.randint(0, 100, (2, 16)))
+    for shape in [(0, 16), (2, 0)]:
+        with pytest.raises(ValueError, match="shape"):
+            R.random_masking(shape, 0.75)
+
+
+def test_random_masking_tensor_form_draws_from_the_generator():
+    x = torch.randn(2, 16, 4)
+    outs = [R.random_masking(x, 0.5, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    want = R.random_masking((2, 16), 0.5, generator=torch.Generator().manual_seed(5))
+    for xm, mask, ids_restore in outs:  # the same draw each time: the generator's, not torch's default one
+        assert torch.equal(mask, want.mask) and torch.equal(ids_restore, want.ids_restore)
+        assert torch.equal(xm, torch.gather(x, 1, want.ids_keep[..., None].expand(-1, -1, 4)))
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_loss_on_masked_rows_is_the_official_loss(norm_pix):
+    """forward_loss_masked: row j of sample n predicts patch ids_shuffle[n, K + j] (ids_shuffle = argsort(noise));
+    written out from the official definition (ratio 0.75: K != M, so len_keep = L - M is pinned)."""
+    N, p, L, ratio = 3, 8, 16, 0.75
+    imgs = torch.randn(N, 3, 32, 32)
+    noise = torch.rand(N, L)
+    ids = R.masking_ids(N, L, ratio, noise=noise)
+    K = int(L * (1 - ratio))
+    masked = torch.argsort(noise, dim=1)[:, K:]
+    assert torch.equal(R.masked_patch_ids(ids.ids_restore, K), masked)
+    pred = torch.randn(N, L - K, p * p * 3, dtype=torch.float64)
+    t = R.patchify(imgs, p).double()
+    if norm_pix:
+        m = t.mean(-1, keepdim=True)
+        t = (t - m) / torch.sqrt(((t - m) ** 2).sum(-1, keepdim=True) / (t.shape[-1] - 1) + 1e-6)
+    t = torch.stack([t[n, masked[n]] for n in range(N)])
+    expect = ((pred - t) ** 2).mean(-1).mean()
+    loss = R.forward_loss_masked(imgs.double(), pred, ids.ids_restore, p, norm_pix)
+    assert math.isclose(loss.item(), expect.item(), rel_tol=1e-12)
+
+
+def test_reference_attention_packed_sequences_take_the_scale():
+    qkv = torch.randn(1, 12, 3 * 2 * 8, dtype=torch.float64)
+    out = R.attention(qkv, 2, scale=0.3, cu_seqlens=torch.tensor([0, 5, 12]))
+    for s, e in [(0, 5), (5, 12)]:  # each sequence alone, through torch's SDPA with the same scale
+        q, k, v = qkv[:, s:e].reshape(1, e - s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+        want = want.transpose(1, 2).reshape(1, e - s, 16)
+        assert torch.allclose(out[:, s:e], want, atol=1e-12)
+
+
+def test_reference_attention_no_packed_sequence():
+    # cu_seqlens [0]: no sequence at all -> (0, H*Dh) rows, the width of the output, not of qkv
+    assert R.attention(torch.randn(0, 3 * 16), 2, cu_seqlens=torch.tensor([0])).shape == (0, 16)
+    assert R.attention(torch.randn(1, 0, 3 * 16), 2, cu_seqlens=torch.tensor([0])).shape == (1, 0, 16)
+
+
+def test_unshuffle_adds_the_whole_position_embedding():
+    # a position embedding whose cls row is not zero (a loaded or learned one): the official adds all 1 + L rows
+    xv, token, pos = torch.randn(2, 1 + 3, 8), torch.randn(1, 1, 8), torch.randn(1, 1 + 6, 8)
+    ids_restore = torch.stack([torch.randperm(6) for _ in range(2)])
+    x_ = torch.gather(torch.cat([xv[:, 1:], token.repeat(2, 3, 1)], 1), 1, ids_restore[..., None].repeat(1, 1, 8))
+    assert torch.equal(R.unshuffle(xv, token, ids_restore, pos), torch.cat([xv[:, :1], x_], 1) + pos)
+
+
+def test_model_cls_token_takes_the_first_position_row():
+    """cls_token + pos_embed[:, 0] (the official; a loaded or resized pos_embed may hold a non-zero cls row)."""
+    m = R.MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=16, depth=0, num_heads=2, decoder_embed_dim=8,
+                               decoder_depth=0, decoder_num_heads=2)
+    with torch.no_grad():
+        m.pos_embed[:, 0] = torch.randn(16)
+    latent, _, _ = m.forward_encoder(torch.randn(2, 3, 16, 16), 0.5, torch.rand(2, 4))
+    assert torch.allclose(latent[:, 0], m.norm(m.cls_token[0] + m.pos_embed[:, 0]).expand(2, 16), atol=1e-6)
