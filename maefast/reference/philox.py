@@ -61,7 +61,8 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.T
 
 
 def check_seed_offset(seed, offset, count: int = 0) -> tuple[int, int]:
-    """Validates a Philox seed and counter offset (ints, 0 <= seed < 2**63, offset + count <= 2**63: the last counter 2**63 - 1)."""
+    """Validates a Philox seed and counter offset (ints, 0 <= seed < 2**63, offset + count <= 2**63: the
+    last counter is 2**63 - 1)."""
     for name, v in (("seed", seed), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
