@@ -82,7 +82,7 @@ BUDGET = {"build": (35, 0), "capture-probe": (75, 0), "step-tests": (65, 20), "t
 # 2026-11-27, so the step's deadline may skip the tail): the ops the step presets time, then the
 # uint8 path (the training default), then the rest of tests/
 VERIFY_TEST_ORDER = ("attention", "masking", "patch_embed", "loss", "unshuffle", "block", "fused", "graphs", "compile",
-                     "model", "uint8", "uint8_model", "uint8_gpu", "validation", "attention_offsets")
+                     "model", "uint8", "uint8_model", "uint8_gpu", "validation", "attention_offsets", "attention_tiles")
 STEP_TESTS = "tests/test_step_capture.py"  # verify runs TrainStep's captures apart, in a process of their own
 STEP_MODEL = "huge:128"  # the issue's targets: ViT-H/14, batch 128
 LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the loader must keep up with
