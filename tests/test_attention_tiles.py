@@ -13,10 +13,13 @@ import sys
 import pytest
 import torch
 
+from maefast.kernels.attention_tiles import (SWEEP_MIN_GAIN, BwdTiles, ShapeTiles, Tile, bwd_fused_default, bwd_tiles,
+                                             check_bwd_tiles, fwd_tiles, sweep_winners)
 from maefast.reference.attention import attention as ref_attention
 from maefast.testing import assert_close, assert_error_ratio, poison_, randn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16, FP32 = torch.bfloat16, torch.float32
 
 
 def test_split_head_dim_matches_padded(device):
@@ -218,3 +221,100 @@ def test_generic_tile_rule_at_its_edges():
         bwd_tiles(129, 64, torch.float16, fused=True)
     with pytest.raises(ValueError, match="power of two >= 16"):
         Tile(8, 16)
+
+
+# -- the generic rule's tiles at the edges its comments state, the tile types, the sweep's bookkeeping ------
+# (each tile the rule gives is one scripts/compile_kernels.py built without spills: a changed rule needs a new
+# compile run)
+
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 32, 33, 48, 64, 65, 100, 128, 129, 300, 577])
+def test_generic_forward_tile_is_the_least_padded(L):
+    """16-bit, outside the table: one key block, the smallest power of two >= L (at least 16), holds a
+    sequence up to 128 tokens, longer ones loop over 64-key blocks; query blocks likewise, up to 64."""
+    pow2 = max(16, 1 << (L - 1).bit_length())
+    t = fwd_tiles(L, 48, BF16)
+    assert (t.BLOCK_M, t.BLOCK_N) == (min(pow2, 64), pow2 if L <= 128 else 64), t.name
+
+
+@pytest.mark.parametrize("L,dh,dtype,name", [
+    (100, 64, BF16, "m64n128w8s2"), (100, 32, BF16, "m64n128w4s2"), (60, 128, BF16, "m64n64w4s2"),
+    (50, 96, FP32, "m32n32w4s2"), (50, 128, FP32, "m32n32w8s2"),  # fp32: 8 warps over Dh 96
+])
+def test_generic_forward_warps(L, dh, dtype, name):
+    """8 warps for a 128-key 16-bit tile past Dh 32, and for fp32 past Dh 96; else 4."""
+    assert fwd_tiles(L, dh, dtype).name == name
+
+
+@pytest.mark.parametrize("L,dh,dtype,fused", [
+    (128, 80, BF16, True), (128, 96, BF16, False), (129, 16, BF16, False), (32, 128, BF16, True),
+    (33, 128, BF16, False), (32, 128, FP32, True), (33, 16, FP32, False),
+])
+def test_generic_backward_fuses_where_it_fits(L, dh, dtype, fused):
+    """16-bit: fused up to 32 keys at any head dim, and up to 128 keys up to Dh 80; fp32 up to 32 keys."""
+    assert bwd_fused_default(L, dh, dtype) is fused
+    assert bwd_tiles(L, dh, dtype).fused is fused
+
+
+@pytest.mark.parametrize("L,dh,dtype,name", [
+    # fused, 16-bit: past Dh 64 at 32 keys only in 16-row steps at 8 warps, one stage up to Dh 80
+    (32, 80, BF16, "fused-m16n32w8s1"), (32, 96, BF16, "fused-m16n32w8s2"), (32, 64, BF16, "fused-m32n32w4s2"),
+    (64, 64, BF16, "fused-m64n64w8s2"), (64, 32, BF16, "fused-m64n64w4s2"), (128, 64, BF16, "fused-m32n128w8s2"),
+    (16, 16, BF16, "fused-m16n16w4s2"), (16, 96, BF16, "fused-m16n16w4s2"),  # the 8-warp rule is 32 keys' only
+    # fused, fp32: 16-row steps, 8 warps from Dh 32
+    (20, 16, FP32, "fused-m16n32w4s2"), (20, 32, FP32, "fused-m16n32w8s2"),
+    # unfused
+    (33, 64, FP32, "dq-m32n32w4s2+dkdv-m16n32w4s2"), (200, 32, BF16, "dq-m64n64w4s2+dkdv-m64n64w4s2"),
+    (200, 64, BF16, "dq-m64n64w8s2+dkdv-m64n64w8s2"), (200, 96, BF16, "dq-m64n64w8s2+dkdv-m64n64w8s2"),
+    (200, 128, BF16, "dq-m64n64w8s2+dkdv-m32n64w8s2"), (129, 48, BF16, "dq-m64n64w4s2+dkdv-m64n64w4s2"),
+])
+def test_generic_backward_tiles(L, dh, dtype, name):
+    assert bwd_tiles(L, dh, dtype).name == name
+
+
+def test_a_fused_backward_holds_exactly_its_key_block():
+    """L == BLOCK_N fits one key block (no refusal), L == BLOCK_N + 1 does not."""
+    assert bwd_tiles(128, 64, BF16, fused=True).dkdv.BLOCK_N == 128
+    assert bwd_tiles(64, 64, BF16, fused=True).dkdv.BLOCK_N == 64
+    check_bwd_tiles(BwdTiles.parse("fused-m16n64w4s1"), 64)
+    with pytest.raises(ValueError, match="holds 64 keys"):
+        check_bwd_tiles(BwdTiles.parse("fused-m16n64w4s1"), 65)
+    check_bwd_tiles(BwdTiles.parse("dq-m64n32w4s3+dkdv-m32n64w4s3"), 577)  # unfused: any length
+
+
+def test_tile_types_refuse_what_cannot_launch():
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        Tile(64, 48)
+    with pytest.raises(ValueError, match="num_stages"):
+        Tile(64, 32, 4, 0)
+    with pytest.raises(ValueError, match="needs one"):
+        BwdTiles(False, Tile(64, 64))
+    with pytest.raises(ValueError, match="looks like"):
+        Tile.parse("m64n32w4s3x")
+    fwd, bwd = Tile.parse("m64n64w4s2"), BwdTiles.parse("fused-m16n64w4s1")
+    with pytest.raises(ValueError, match="among its candidates"):
+        ShapeTiles(fwd, bwd, "test", (fwd,), (BwdTiles.parse("fused-m64n64w8s2"),))
+    with pytest.raises(ValueError, match="among its candidates"):
+        ShapeTiles(fwd, bwd, "test", (Tile.parse("m64n32w4s2"),), (bwd,))
+
+
+def _row(tile, ms, table=False, direction="fwd", graph=False, L=50, dh=64):
+    return dict(group=f"attention-tiles-{direction}", tile=tile, L=L, Dh=dh, direction=direction, time_ms=ms,
+                table_tile=table, cuda_graph=graph)
+
+
+def test_sweep_winners_threshold_directions_and_failed_cases():
+    """A candidate exactly SWEEP_MIN_GAIN faster is a change; the forward and the backward of one shape
+    are ranked apart; a case without a time (it failed) is left out; without the table's tile there is
+    no gain, and the fastest is reported among the graph replays."""
+    rows = [_row("m64n64w4s1", SWEEP_MIN_GAIN, table=True), _row("m64n32w4s2", 1.0), _row("m64n64w8s1", None),
+            _row("fused-m16n64w4s1", 2.0, table=True, direction="bwd"), _row("fused-m64n64w8s2", 1.99, direction="bwd")]
+    fwd, bwd = sorted(sweep_winners(rows), key=lambda w: w["direction"], reverse=True)
+    assert (fwd["direction"], fwd["best"], fwd["change"]) == ("fwd", "m64n32w4s2", True)
+    assert fwd["gain"] == pytest.approx(SWEEP_MIN_GAIN) and [t for t, _ in fwd["candidates"]] == ["m64n32w4s2",
+                                                                                                 "m64n64w4s1"]
+    assert (bwd["direction"], bwd["table"], bwd["best"], bwd["change"]) == ("bwd", "fused-m16n64w4s1",
+                                                                             "fused-m64n64w8s2", False)
+    (w,) = sweep_winners([_row("m64n64w4s2", 3.0, graph=True), _row("m64n32w4s2", 2.0, graph=True),
+                          _row("m64n64w8s1", 1.0)])
+    assert (w["table"], w["gain"], w["change"], w["best"]) == (None, None, False, "m64n32w4s2")
+    assert w["not_compared"] == ["m64n64w8s1"]

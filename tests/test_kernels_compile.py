@@ -46,3 +46,133 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
                                                     "bf16 patch embedding": 7}, want
     bad = [(r["kernel"], r["wgmma"], r["mma_sync"]) for v in want.values() for r in v if r["mma_sync"] or not r["wgmma"]]
     assert not bad, bad
+
+
+# -- the script itself, without compiling: what it asks triton for, how it judges the results --------
+
+@pytest.fixture
+def script():
+    """scripts/compile_kernels.py as a module; importing it drops TRITON_INTERPRET, which the rest of the
+    session needs (kernels imported later must still run under the interpreter)."""
+    import importlib.util
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    path = os.path.join(ROOT, "scripts", "compile_kernels.py")
+    spec = importlib.util.spec_from_file_location("compile_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return mod
+
+
+class _Compiled:
+    """What triton.compile returns, as far as the script reads it."""
+
+    def __init__(self, ptx="", shared=1024):
+        self.asm = {"ptx": ptx, "cubin": b""}
+        self.metadata = type("M", (), {"shared": shared})()
+
+
+def test_compile_specialises_the_arguments_as_a_launch_does(script, monkeypatch):
+    """Pointers 16-byte aligned, the pixel factors and eps fp32, an int of 1 a constant, a multiple of 16
+    known divisible, other ints i32, do_not_specialize ones i64; the kernel module's LAUNCH_OPTIONS passed
+    on; the PTX's instructions counted."""
+    import types
+
+    import maefast.kernels._aot as aot
+
+    seen = {}
+
+    def fake_compile_for(kernel, sig, consts, *, arch, num_warps, num_stages, attrs, options):
+        seen.update(sig=sig, consts=consts, attrs=attrs, options=options, launch=(arch, num_warps, num_stages))
+        return _Compiled("fma.rn.f32 a; fma.rn.f32 b; wgmma.mma_async x; mma.sync y; mma.sync z", shared=4096)
+
+    monkeypatch.setattr(aot, "compile_for", fake_compile_for)
+    monkeypatch.setattr(aot, "resource_usage", lambda compiled: (96, 8))
+    names = ["x_ptr", "px_scale2", "eps", "one", "sixteen", "eight", "seed", "BLOCK"]
+    module = types.ModuleType("fake_kernels")
+    module.LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+    monkeypatch.setitem(sys.modules, "fake_kernels", module)
+    kernel = types.SimpleNamespace(arg_names=names, fn=types.SimpleNamespace(__module__="fake_kernels"),
+                                   params=[types.SimpleNamespace(name=n, do_not_specialize=n == "seed") for n in names])
+    r = script._compile(kernel, dict(BLOCK=64), dict(x_ptr="*bf16"), arch=90, num_warps=8, num_stages=3,
+                        ints=dict(one=1, sixteen=48, eight=40, seed=1))
+    assert seen["sig"] == dict(x_ptr="*bf16", px_scale2="fp32", eps="fp32", one="constexpr", sixteen="i32", eight="i32",
+                               seed="i64", BLOCK="constexpr")
+    assert seen["consts"] == dict(BLOCK=64, one=1)
+    assert seen["attrs"] == {(0,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
+    assert seen["options"] == {"enable_fp_fusion": False} and seen["launch"] == (90, 8, 3)
+    assert (r["registers"], r["spill_stack_bytes"], r["shared_bytes"]) == (96, 8, 4096)
+    assert (r["fma_f32"], r["wgmma"], r["mma_sync"]) == (2, 1, 2)
+
+
+def _main(script, monkeypatch, capsys, tmp_path, results):
+    """Runs main over fake variants k0, k1, ... whose _compile gives `results` in turn (a dict over the
+    defaults, or an exception to raise); returns (exit code, JSON rows, stdout)."""
+    todo = [(f"k{i}", None, {}, {}, 4, 1, {}) for i in range(len(results))]
+    given = iter(results)
+
+    def fake_compile(kernel, consts, ptrs, *, arch, num_warps, num_stages, ints):
+        r = next(given)
+        if isinstance(r, Exception):
+            raise r
+        return dict(dict(seconds=0.0, registers=64, spill_stack_bytes=0, shared_bytes=1024, fma_f32=0, wgmma=0,
+                         mma_sync=0), **r)
+
+    monkeypatch.setattr(script, "variants", lambda quick=False: todo)
+    monkeypatch.setattr(script, "attention_variants", lambda quick=False: [])
+    monkeypatch.setattr(script, "_compile", fake_compile)
+    out = tmp_path / "rows.json"
+    rc = script.main(["--json", str(out)])
+    return rc, json.loads(out.read_text())["kernels"], capsys.readouterr().out
+
+
+def test_main_exit_code_fails_errors_and_shared_memory_over_the_limit(script, monkeypatch, capsys, tmp_path):
+    """Exit 1 when a variant fails to compile or needs more shared memory than sm_90 lets a block opt
+    into (its launch would fail on the card); a spill is reported (summary and JSON), not failed: the
+    tests that care judge the JSON (test_attention, test_patch_embed)."""
+    rc, rows, out = _main(script, monkeypatch, capsys, tmp_path, [{}, dict(spill_stack_bytes=24)])
+    assert rc == 0 and rows[1]["spill_stack_bytes"] == 24
+    assert "2 compiled, 0 failed; 1 spill registers" in out and "spills: k1" in out
+    rc, rows, out = _main(script, monkeypatch, capsys, tmp_path, [{}, RuntimeError("ptxas error\nout of registers")])
+    assert rc == 1 and rows[1] == dict(kernel="k1", error="RuntimeError: out of registers")
+    assert "1 compiled, 1 failed" in out
+    limit = script.SHARED_OPTIN[90]
+    rc, rows, _ = _main(script, monkeypatch, capsys, tmp_path, [dict(shared_bytes=limit)])
+    assert rc == 0
+    rc, rows, _ = _main(script, monkeypatch, capsys, tmp_path, [dict(shared_bytes=limit + 1)])
+    assert rc == 1 and "shared memory" in rows[0]["error"]
+
+
+def test_patch_embed_variants_use_the_launchers_gpu_tiles(script):
+    """The patch-embedding variants compile with the tiles, warps and stages the launchers pick on a GPU
+    (kernels/patch_embed.py `_fwd_config` / `_dw_config` for a CUDA device), not the interpreter's, and
+    read the image in its dtype (uint8: normalised in the prologue)."""
+    import torch
+
+    from maefast.kernels import patch_embed as pe
+
+    cuda = torch.device("cuda")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    rows = [v for v in script.variants(quick=False) if v[0].startswith("patch_embed")]
+    assert len(rows) == 34, [v[0] for v in rows]
+    for name, kernel, consts, ptrs, warps, stages, ints in rows:
+        dt = next(t for t in name.split() if t in dtypes)
+        uint8 = "uint8" in name
+        if " dpos " in name:
+            continue  # its tiles are the launcher's inline constants
+        # the GEMM in the weight's dtype (exact "ieee" dots in fp32), the image read as it is stored
+        assert consts["NORMALIZE"] == uint8 and consts["IEEE"] == (dt == "fp32"), name
+        assert ptrs["imgs_ptr"] == ("*u8" if uint8 else f"*{dt}"), name
+        assert ptrs["w_ptr" if " fwd " in name else "g_ptr"] == f"*{dt}", name
+        if " fwd " in name:
+            got = (consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"], warps, stages)
+            assert got == pe._fwd_config(dtypes[dt], cuda), name
+            # the models' fp32 pos_embed promotes the tokens to fp32 (the launcher's out dtype)
+            assert ptrs["out_ptr"] == ("*fp32" if consts["HAS_POS"] else f"*{dt}"), name
+        else:
+            got = (consts["BLOCK_D"], consts["BLOCK_KD"], consts["BLOCK_M"], warps, stages)
+            assert got == pe._dw_config(dtypes[dt], uint8, cuda), name

@@ -57,7 +57,8 @@ def _float_imgs(imgs, stats, dtype):
 
 def _valid_ids(ids_keep: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids clamped into [0, L), which ids were in range): the kernels' contract for ids that are not
-    checked on a GPU (an out-of-range id gives a NaN row and no gradient), kept by the reference."""
+    checked on a GPU (an out-of-range id gives a NaN row, and the weight and pos_embed no gradient from it;
+    the bias's is the upstream gradient's sum, every row), kept by the reference."""
     return ids_keep.clamp(0, L - 1), (ids_keep >= 0) & (ids_keep < L)
 
 
