@@ -5,10 +5,6 @@ and every tile compiled for sm_90 without spills (scripts/compile_kernels.py, no
 attention op itself: tests/test_attention.py."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,8 +13,8 @@ from maefast.kernels.attention_tiles import (SWEEP_MIN_GAIN, BwdTiles, ShapeTile
                                              check_bwd_tiles, fwd_tiles, sweep_winners)
 from maefast.reference.attention import attention as ref_attention
 from maefast.testing import assert_close, assert_error_ratio, poison_, randn
+from test_kernels_compile import compile_kernels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
@@ -44,16 +40,9 @@ def test_every_attention_tile_compiles_for_sm90_without_spills(tmp_path):
     varlen input (int32 and int64 cu_seqlens), and the fp32 rule at the paper shapes, compiles for
     sm_90 as a launch specialises it (scripts/compile_kernels.py; no GPU) and spills no register:
     code-generation errors the interpreter cannot see fail here."""
-    pytest.importorskip("triton.backends.compiler")
     from maefast.kernels.attention_tiles import TILES
 
-    out = tmp_path / "attention.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_kernels.py"), "--attention-only",
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    rows = json.loads(out.read_text())["kernels"]
+    rows = compile_kernels(tmp_path, "--attention-only")
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     spilled = [(r["kernel"], r["spill_stack_bytes"]) for r in rows if r["spill_stack_bytes"]]
     assert not spilled, spilled

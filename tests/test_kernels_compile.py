@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for sm_90 with the launch configs its launcher picks at the paper's
 shapes (scripts/compile_kernels.py; no GPU needed): code-generation errors the interpreter cannot
 see fail here, on the CPU, before any GPU time is spent. --quick: one shape per family and the
-attention tile table's entries (every sweep candidate: test_attention)."""
+attention tile table's entries (every sweep candidate: test_attention_tiles)."""
 import json
 import os
 import subprocess
@@ -12,15 +12,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+def compile_kernels(tmp_path, *args: str, timeout: int = 900) -> list[dict]:
+    """scripts/compile_kernels.py `args` in a process of its own, compiling for real (the interpreter
+    off): its rows, after it exited 0."""
     pytest.importorskip("triton.backends.compiler")
     out = tmp_path / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_kernels.py"), "--quick",
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_kernels.py"), *args,
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    rows = json.loads(out.read_text())["kernels"]
+    return json.loads(out.read_text())["kernels"]
+
+
+def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+    rows = compile_kernels(tmp_path, "--quick")
     families = {r["kernel"].split()[0] for r in rows}
     assert families == {"masking", "layernorm", "bias_gelu", "colsum", "unshuffle", "loss", "patch_embed",
                         "attention"}, families
@@ -133,7 +139,7 @@ def _main(script, monkeypatch, capsys, tmp_path, results):
 def test_main_exit_code_fails_errors_and_shared_memory_over_the_limit(script, monkeypatch, capsys, tmp_path):
     """Exit 1 when a variant fails to compile or needs more shared memory than sm_90 lets a block opt
     into (its launch would fail on the card); a spill is reported (summary and JSON), not failed: the
-    tests that care judge the JSON (test_attention, test_patch_embed)."""
+    tests that care judge the JSON (test_attention_tiles, test_patch_embed)."""
     rc, rows, out = _main(script, monkeypatch, capsys, tmp_path, [{}, dict(spill_stack_bytes=24)])
     assert rc == 0 and rows[1]["spill_stack_bytes"] == 24
     assert "2 compiled, 0 failed; 1 spill registers" in out and "spills: k1" in out
