@@ -325,3 +325,33 @@ def test_model_with_drop_path_blocks_does_not_skip_drop_path():
             warnings.simplefilter("ignore")
             losses = {m(imgs, 0.75, noise)[0].item() for _ in range(3)}
     assert eval_loss.item() not in losses and len(losses) > 1, "drop path was skipped"
+
+
+def test_mlp_dropout_follows_the_activation_and_fc2():
+    """timm 0.3.2's Mlp applies its one Dropout twice: after the activation and after fc2; a fixed-seed run
+    equals fc1 -> GELU -> dropout -> fc2 -> dropout drawn from the same generator state."""
+    p = 0.3
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32, drop=p).train()
+    x = randn(4, 5, 16)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y = mlp(x)
+        torch.manual_seed(3)
+        want = F.dropout(mlp.fc2(F.dropout(mlp.act(mlp.fc1(x)), p)), p)
+        assert torch.equal(mlp.eval()(x), mlp.fc2(mlp.act(mlp.fc1(x))))  # eval: no dropout at all
+    assert_close(y, want, name="Mlp dropout vs fc1 -> GELU -> dropout -> fc2 -> dropout")
+
+
+def test_reference_attention_drops_its_projection_output():
+    """timm 0.3.2's proj_drop: dropout on the output projection in training (the probabilities keep attn_drop)."""
+    p = 0.4
+    torch.manual_seed(0)
+    attn = ReferenceAttention(16, 2, qkv_bias=True, proj_drop=p).train()
+    x = randn(3, 7, 16)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        y = attn(x)
+        torch.manual_seed(5)
+        want = F.dropout(_attention_with_dropout(attn, x, 0.0), p)
+    assert_close(y, want, name="proj_drop vs dropout on the projection from the same generator")

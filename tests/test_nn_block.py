@@ -62,10 +62,19 @@ def test_fused_block_keeps_each_layer_norms_eps():
     assert_close(ours(x), timm(x), name="fused block with LayerNorm eps 0.1 / 0.3")
 
 
-@pytest.mark.parametrize("act", [QuickGELU, lambda: nn.GELU(approximate="tanh")], ids=["QuickGELU", "tanh_GELU"])
-def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward(act):
+class CentredNorm(nn.LayerNorm):
+    """A LayerNorm subclass computing something else (a residual mix of its input)."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.1 * x
+
+
+@pytest.mark.parametrize("act", [QuickGELU, lambda: nn.GELU(approximate="tanh"), "norm"],
+                         ids=["QuickGELU", "tanh_GELU", "LayerNorm_subclass"])
+def test_model_fused_block_runs_a_gelu_or_norm_subclass_as_its_own_forward(act):
     """The fast model with fused='block' runs an activation other than exact GELU as itself (a subclass, or
-    torch's GELU with approximate='tanh': the block op computes the erf GELU only)."""
+    torch's GELU with approximate='tanh': the block op computes the erf GELU only), and a LayerNorm subclass
+    with its own forward too."""
     import warnings
 
     from maefast.models import mae_vit_tiny_test
@@ -76,7 +85,10 @@ def test_model_fused_block_runs_a_gelu_subclass_as_its_own_forward(act):
         torch.manual_seed(0)
         m = mae_vit_tiny_test(impl=impl, fused=fused)
         for blk in (*m.blocks, *m.decoder_blocks):
-            blk.mlp.act = act()
+            if act == "norm":  # the block op computes torch's LayerNorm only
+                blk.norm2.__class__ = CentredNorm
+            else:
+                blk.mlp.act = act()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             preds[impl] = m(imgs, noise=noise)[1]  # pred (the loss moves too little to tell: QuickGELU ~ GELU)
@@ -117,6 +129,19 @@ def test_fused_block_with_an_adapter_or_an_instance_forward_runs_op_by_op():
         x = randn(2, 5, D)
         with torch.no_grad():
             assert_close(ours(x), timm(x), name="fused block with a changed part")
+
+
+@pytest.mark.parametrize("part", ["attn.proj.bias", "mlp.fc1.bias", "mlp.fc2.bias", "norm1.bias", "norm2.weight"])
+def test_fused_block_without_a_bias_or_a_norm_affine_runs_op_by_op(part):
+    """The block op reads each bias and both norms' weight and bias: a block missing one (bias=False,
+    elementwise_affine=False) runs its own modules, as timm's does."""
+    timm, ours = _pair()
+    module, name = part.rsplit(".", 1)
+    for blk in (timm, ours):
+        setattr(blk.get_submodule(module), name, None)
+    x = randn(2, 5, D)
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name=f"fused block without {part}")
 
 
 def test_fused_block_with_a_replaced_attention_or_float64():
@@ -242,3 +267,76 @@ def test_loss_module_defaults_and_a_float64_prediction_and_impls_reach_the_ops()
     ids_restore = torch.stack([torch.randperm(L) for _ in range(n)])
     with pytest.raises(ValueError, match="impl"):
         Unshuffle(impl="cuda")(randn(n, 1 + keep, D), randn(1, 1, D), ids_restore, randn(1, 1 + L, D))
+
+
+def test_drop_path_prob_setter_updates_the_blocks_own_drop_path():
+    """Setting drop_path_prob on a block with a DropPath sets that module's drop_prob (the module a schedule may
+    hold stays the one the block calls); a rate outside [0, 1) is refused by name."""
+    blk = Block(D, H, drop_path=0.25)
+    dp = blk.drop_path
+    blk.drop_path_prob = 0.0
+    assert blk.drop_path is dp and dp.drop_prob == 0.0 and blk.drop_path_prob == 0.0
+    x = randn(8, 3, D)
+    with torch.no_grad():
+        assert torch.equal(blk.train()(x), blk.eval()(x))  # rate 0 in training: no sample dropped
+    blk.drop_path_prob = torch.tensor(0.5)  # a schedule's 0-d tensor
+    assert blk.drop_path is dp and dp.drop_prob == 0.5
+    with pytest.raises(ValueError, match=r"drop_path_prob must be in \[0, 1\)"):
+        blk.drop_path_prob = 1.0
+    with pytest.raises(TypeError, match="drop_path_prob must be a number"):
+        blk.drop_path_prob = True
+    assert dp.drop_prob == 0.5
+
+
+def test_fused_block_with_an_idle_drop_path_runs_the_one_op(monkeypatch):
+    """A DropPath that drops nothing (eval mode, or rate 0 in training) keeps the block one op: the fused path
+    must not fall back to op by op only because a stochastic-depth schedule put a DropPath there."""
+    import maefast.ops.block as block_op
+
+    calls = []
+    real = block_op.vit_block
+    monkeypatch.setattr(block_op, "vit_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    timm, ours = _pair(drop_path=0.1)
+    x = randn(3, 7, D)
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name="fused block with drop_path in eval")
+        assert len(calls) == 1
+        ours.train().drop_path_prob = 0.0
+        assert_close(ours(x), timm(x), name="fused block with drop_path 0 in training")
+    assert len(calls) == 2 and isinstance(ours.drop_path, DropPath)
+    # another torch module put in as drop_path (here a Dropout, whose rate drop_path_prob does not read): called
+    ours.drop_path = timm.drop_path = nn.Dropout(0.5)
+    outs = []
+    for blk in (timm.train(), ours):
+        torch.manual_seed(1)
+        outs.append(blk(x))
+    assert_close(outs[1], outs[0], name="fused block with a Dropout as drop_path in training")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("route", ["one op", "op by op", "sdpa", "attn_drop hook", "attn_drop in training"])
+def test_every_attention_route_takes_qk_scale(route):
+    """A qk_scale other than head_dim ** -0.5 (which every kernel would default to) reaches each route: the block
+    op, the visible-attention op, torch's SDPA, the materialised probabilities and SDPA with dropout."""
+    torch.manual_seed(0)
+    timm = TimmBlock(D, H, qkv_bias=True, qk_scale=0.3)
+    ours = Block(D, H, qkv_bias=True, qk_scale=0.3, fused=route == "one op", impl="sdpa" if route == "sdpa" else "auto")
+    ours.load_state_dict(timm.state_dict())
+    timm.eval(), ours.eval()
+    x = randn(2, 5, D)
+    if route == "attn_drop hook":
+        for blk in (timm, ours):
+            blk.attn.attn_drop.register_forward_hook(lambda m, i, o: None)
+    if route == "attn_drop in training":  # SDPA's dropout on the CPU draws as F.dropout on the probabilities
+        timm.attn.attn_drop.p = ours.attn.attn_drop.p = 0.3
+        timm.train(), ours.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = ours.attn(ours.norm1(x))
+        torch.manual_seed(1)
+        want = timm.attn(timm.norm1(x))
+        assert_close(got, want, name=f"attention with qk_scale=0.3 ({route})")
+        torch.manual_seed(2)
+        got = ours(x)
+        torch.manual_seed(2)
+        assert_close(got, timm(x), name=f"block with qk_scale=0.3 ({route})")

@@ -296,6 +296,10 @@ def test_patch_refuses_a_fork_whose_forward_or_blocks_differ():
     m.decoder_blocks[0].__class__ = post_norm
     with pytest.raises(TypeError, match="does not compute the official MAE"):
         maefast.patch(m)
+    m = fork(**TINY)
+    m.blocks[1].__class__ = post_norm  # after a block of the official class: each class is probed
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(m)
     ok = fork(**TINY)  # the same file with the official blocks: patched
     assert maefast.patch(ok)._maefast is not None and ok.training
 

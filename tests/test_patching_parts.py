@@ -76,6 +76,17 @@ def test_an_adapter_on_a_layer_whose_weights_are_read_is_not_dropped(where):
         assert grads[f"{where}.lora_a.weight"] is not None  # the adapter trains
 
 
+def test_a_torch_layer_with_child_modules_is_not_read_as_plain():
+    """torch's QAT Linear (a trusted class, no instance forward of its own) fake-quantises its weight through
+    a child module: the fast path, which would read the raw weight, runs the original instead."""
+    plain, patched = _pair()
+    for m in (plain, patched):
+        qkv = m.blocks[0].attn.qkv
+        qkv.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+        m.blocks[0].attn.qkv = torch.ao.nn.qat.Linear.from_float(qkv)
+    _same_call(plain, patched, r"blocks\.0\.attn\.qkv")
+
+
 def test_layers_the_one_op_block_reads_are_plain_or_run_as_modules():
     """fused="block" reads every block layer's weights; unfused calls proj and the MLP layers as modules."""
     for fused in ("block", False):
@@ -118,11 +129,19 @@ def test_timm_is_trusted_class_by_class():
     def cls(module, name):
         return type(name, (nn.Module,), {"__module__": module, "forward": lambda self, x: x})
 
-    assert trusted_class(cls("timm.models.vision_transformer", "Block"))
-    assert trusted_class(cls("timm.layers.mlp", "Mlp")) and trusted_class(cls("timm.layers.attention", "Attention"))
-    assert trusted_class(cls("timm.models.layers.drop", "DropPath"))
+    # where timm 0.3.2 (the official code's), 0.4-0.8 (timm.models.layers) and 0.9+ (timm.layers) define them
+    for module, names in (("timm.models.vision_transformer", ("Block", "Attention", "Mlp", "PatchEmbed")),
+                          ("timm.models.layers.mlp", ("Mlp",)), ("timm.models.layers.patch_embed", ("PatchEmbed",)),
+                          ("timm.models.layers.drop", ("DropPath",)), ("timm.models.layers.norm", ("LayerNorm",)),
+                          ("timm.models.layers.activations", ("GELU",)), ("timm.layers.mlp", ("Mlp",)),
+                          ("timm.layers.attention", ("Attention",)), ("timm.layers.patch_embed", ("PatchEmbed",)),
+                          ("timm.layers.drop", ("DropPath",)), ("timm.layers.norm", ("LayerNorm",)),
+                          ("timm.layers.activations", ("GELU",))):
+        assert all(trusted_class(cls(module, name)) for name in names), module
     for module, name in (("timm.models.vision_transformer", "ResPostBlock"), ("timm.models.beit", "Block"),
-                         ("timm.models.vision_transformer_relpos", "Attention"), ("timm.layers.mlp", "GluMlp")):
+                         ("timm.models.vision_transformer_relpos", "Attention"), ("timm.layers.mlp", "GluMlp"),
+                         # vision_transformer is one file: nothing below it; a package only named alike
+                         ("timm.models.vision_transformer.fork", "Block"), ("timm.layers_extra.mlp", "Mlp")):
         assert not trusted_class(cls(module, name)), (module, name)
 
 
@@ -145,6 +164,23 @@ def test_every_kind_of_hook_counts():
         assert not hooked(m)
         getattr(m, register)(lambda *args: None)
         assert hooked(m), register
+
+
+def test_only_transformers_output_capturing_hooks_are_inert():
+    """transformers 5.x's output-capturing hooks (they act only in calls the fast path never serves) do not
+    count; any other hook beside them does, one without a __module__ (a bound builtin method) too."""
+    from maefast._modules import hooked
+
+    def capture(*args):
+        return None
+
+    capture.__module__ = "transformers.utils.output_capturing"  # where transformers defines its hooks
+    m = nn.Linear(2, 2)
+    m.register_forward_hook(capture)
+    assert not hooked(m)
+    seen = {}
+    m.register_forward_pre_hook(seen.setdefault)  # records the inputs by module; its __module__ is None
+    assert hooked(m)
 
 
 def test_a_newer_timm_part_or_an_instance_method_set_after_patching_runs_the_original():
@@ -418,3 +454,109 @@ def test_a_forks_none_default_mask_ratio_is_the_models_to_decide():
     official = maefast.patch(official_class()(**TINY))
     with pytest.raises(TypeError):  # an explicit None: what the unpatched official forward does (the
         official(imgs, None)        # warning was given above: once per reason)
+
+
+def test_probes_leave_the_model_and_the_process_as_they_were():
+    """patch probes an fp32 model itself (in eval mode, TF32 off, each norm_pix_loss, from a generator state it
+    replays) and a bf16 one through a cut-down copy: afterwards each module's training flag, the blocks,
+    norm_pix_loss, torch's generator and the TF32 flags are the user's again."""
+    from official_layout import official_class
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            m = official_class()(norm_pix_loss=False, **TINY).to(dtype)
+            m.blocks[1].eval()  # a block the user holds in eval mode stays so
+            blocks, modes = [*m.blocks], {n: s.training for n, s in m.named_modules()}
+            state = torch.get_rng_state()
+            maefast.patch(m)
+            assert torch.equal(torch.get_rng_state(), state), dtype
+            assert [*m.blocks] == blocks and {n: m.get_submodule(n).training for n in modes} == modes, dtype
+            assert m.norm_pix_loss is False
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_the_loss_probe_tries_both_norm_pix_loss_values():
+    """A fork whose loss differs only with norm_pix_loss=True (a biased variance), built with False: its own
+    loss serves the calls after the user turns norm_pix_loss on."""
+    from official_layout import _o_forward_loss, _official_pair, _run_official, official_class
+
+    def biased_var_loss(self, imgs, pred, mask):
+        if not self.norm_pix_loss:
+            return _o_forward_loss(self, imgs, pred, mask)
+        target = self.patchify(imgs)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-6) ** .5
+        return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+    plain, patched = _official_pair(official_class(forward_loss=biased_var_loss), norm_pix=False)
+    assert patched._maefast.loss_via_model
+    plain.norm_pix_loss = patched.norm_pix_loss = True
+    imgs = torch.randn(N, 3, 32, 32)
+    (l0, _, _), _ = _run_official(plain, imgs, seed=2)
+    (l1, _, _), _ = _run_official(patched, imgs, seed=2)
+    assert torch.allclose(l1, l0, rtol=1e-5), (l1.item(), l0.item())
+
+
+def _sequential_encoder(self, x, mask_ratio):  # a fork that calls its blocks as one nn.Sequential
+    x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+    x, mask, ids_restore = self.random_masking(x, mask_ratio)
+    cls_token = self.cls_token + self.pos_embed[:, :1, :]
+    x = self.blocks(torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1))
+    return self.norm(x), mask, ids_restore
+
+
+def test_probes_call_sequential_blocks_and_set_every_kind_of_hook_aside():
+    from official_layout import official_class
+
+    torch.manual_seed(0)
+    m = official_class(forward_encoder=_sequential_encoder)(**TINY)
+    m.blocks = nn.Sequential(*m.blocks)
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    m.blocks[1].register_forward_hook(lambda mod, args, kwargs, out: seen.append("kw"), with_kwargs=True)
+    m.decoder_blocks[0].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))  # changes the computation
+    assert maefast.patch(m)._maefast is not None and seen == []
+    assert [len(d) for d in (m.blocks[0]._forward_pre_hooks, m.blocks[1]._forward_hooks_with_kwargs)] == [1, 1]
+
+
+def _denormalised(self, imgs, loss, pred, mask):  # a norm_pix fork returning its prediction in pixels
+    target = self.patchify(imgs)
+    return loss, pred * (target.var(-1, keepdim=True) + 1e-6) ** .5 + target.mean(-1, keepdim=True), mask
+
+
+@pytest.mark.parametrize("change", [
+    lambda self, imgs, loss, pred, mask: (loss + 0.01 * self.pos_embed.pow(2).mean(), pred, mask),  # a regulariser
+    _denormalised,
+    lambda self, imgs, loss, pred, mask: (loss, pred.flatten(1), mask),
+    lambda self, imgs, loss, pred, mask: (loss, pred, 1 - mask),  # the kept patches marked
+], ids=["loss", "pred", "pred-shape", "mask"])
+def test_the_forward_probe_compares_each_output(change):
+    """A fork whose forward returns another loss, prediction or mask than the official one (its masking,
+    loss method and blocks official) is refused, with the reason, not served the official outputs."""
+    from official_layout import _o_forward, official_class
+
+    def forward(self, imgs, mask_ratio=0.75):
+        return change(self, imgs, *_o_forward(self, imgs, mask_ratio))
+
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="does not compute the official MAE"):
+        maefast.patch(official_class(forward=forward)(norm_pix_loss=True, **TINY))
+
+
+def _fails(self, *args):
+    raise RuntimeError("this fork needs its own data")
+
+
+@pytest.mark.parametrize("method", ["random_masking", "forward"])
+def test_a_fork_failing_on_a_probe_is_refused_naming_the_method(method):
+    """A fork whose masking or forward raises on the probe's small input is refused, not served the official
+    computation; a failing random_masking is named (the forward probe would only say the forward failed)."""
+    from official_layout import official_class
+
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=method if method == "random_masking" else "does not compute the official"):
+        maefast.patch(official_class(**{method: _fails})(**TINY))

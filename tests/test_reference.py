@@ -386,3 +386,58 @@ def test_model_cls_token_takes_the_first_position_row():
         m.pos_embed[:, 0] = torch.randn(16)
     latent, _, _ = m.forward_encoder(torch.randn(2, 3, 16, 16), 0.5, torch.rand(2, 4))
     assert torch.allclose(latent[:, 0], m.norm(m.cls_token[0] + m.pos_embed[:, 0]).expand(2, 16), atol=1e-6)
+
+
+def test_reference_block_refuses_drop_path():
+    """MAE pre-training has no drop path: the reference block refuses a rate rather than ignore it."""
+    with pytest.raises(ValueError, match="drop_path"):
+        R.Block(16, 2, drop_path=0.1)
+    assert R.Block(16, 2, drop_path=0.0).mlp.fc1.out_features == 64
+
+
+def test_model_refuses_a_non_square_patch_and_a_partial_patch_on_either_side():
+    small = dict(embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ValueError, match="patch_size must be square"):  # the official patchify reads p x p
+        R.MaskedAutoencoderViT(img_size=32, patch_size=(8, 4), **small)
+    for size in ((32, 30), (30, 32)):  # either side alone leaves a partial patch
+        with pytest.raises(ValueError, match="multiple of patch_size"):
+            R.MaskedAutoencoderViT(img_size=size, patch_size=8, **small)
+
+
+def test_reference_attention_takes_qk_scale():
+    """timm's qk_scale replaces head_dim ** -0.5 (the official MAE passes None, the default)."""
+    torch.manual_seed(0)
+    a = R.Attention(16, 2, qkv_bias=True, qk_scale=0.5).double()
+    assert a.scale == 0.5 and R.Attention(16, 2).scale == 8 ** -0.5
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = a.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        want = a.proj(((q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 16))
+        assert torch.allclose(a(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_model_defaults_are_the_official_constructors():
+    """models_mae.py's defaults: ViT-L/16 on 224 x 224 images, a decoder of 8 x 512 with 16 heads, mlp_ratio 4,
+    nn.LayerNorm (eps 1e-5) and norm_pix_loss False."""
+    import inspect
+
+    got = {k: v.default for k, v in inspect.signature(R.MaskedAutoencoderViT).parameters.items()}
+    assert got == dict(img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                       norm_layer=torch.nn.LayerNorm, norm_pix_loss=False)
+
+
+def test_model_refuses_a_width_its_heads_do_not_split():
+    with pytest.raises(ValueError, match="dim=10 must be divisible by num_heads=3"):
+        R.Attention(10, 3)
+    small = dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=1)
+    with pytest.raises(ValueError, match="dim=8 must be divisible by num_heads=3"):
+        R.MaskedAutoencoderViT(**small, decoder_num_heads=3)
+
+
+def test_model_mlp_ratio_sizes_encoder_and_decoder_mlps():
+    """The official passes mlp_ratio to the decoder blocks too: int(width * mlp_ratio) hidden units in both."""
+    m = R.MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8,
+                               decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.5)
+    assert m.blocks[0].mlp.fc1.out_features == 40 and m.decoder_blocks[0].mlp.fc1.out_features == 20
+    assert m(torch.randn(2, 3, 16, 16), 0.5)[1].shape == (2, 4, 192)

@@ -139,3 +139,20 @@ def test_routed_calls_see_normalised_images(monkeypatch):
     torch.manual_seed(1)
     want = _model_step(m, normalize(u, *IMAGENET), noise)
     assert torch.equal(got[0], want[0])
+
+
+def test_reference_bf16_weights_keep_the_fp32_loss_target():
+    """The official model with bf16 weights on uint8 pixels: the patch embedding reads them in bf16, the loss
+    target is the fp32 normalised image (its bf16 rounding would move the loss and make it bf16)."""
+    from maefast.reference import MaskedAutoencoderViT as ReferenceMAE, forward_loss
+
+    torch.manual_seed(0)
+    m = ReferenceMAE(**TINY, norm_pix_loss=True).bfloat16()
+    u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        loss, pred, mask = m(u, 0.75, noise)
+        x = normalize(u, *IMAGENET)
+        want = m(x.bfloat16(), 0.75, noise)  # the same prediction from pixels normalised, then cast, first
+    assert torch.equal(pred, want[1]) and pred.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, forward_loss(x, pred, mask, 8, norm_pix_loss=True))
