@@ -133,6 +133,18 @@ def summarise(kernels: list[dict], top: int = 25) -> dict:
                           share=round(k["ms_per_step"] / total, 4) if total else None) for k in kernels[:top]])
 
 
+def eager_twin(provider: str) -> str:
+    """The step row a captured row's profile falls back to: the same row uncaptured where there is one
+    (maefast-block-graph -> maefast-block), else the nearest eager row by name (torch-native-autotune-graph ->
+    torch-native, maefast-sdpa-graph -> maefast: no uncaptured row of theirs exists)."""
+    from maefast import bench as mb
+
+    name = provider.removesuffix("-graph")
+    while name not in mb.STEP_PROVIDERS and "-" in name:
+        name = name.rsplit("-", 1)[0]
+    return name
+
+
 def profile_provider(provider: str, model: str, batch: int, steps: int, top: int, device) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -157,7 +169,7 @@ def profile_provider(provider: str, model: str, batch: int, steps: int, top: int
 
     table = run(step)
     captured = step.step.captured
-    eager_row = provider.removesuffix("-graph")  # the same row, not captured
+    eager_row = eager_twin(provider)  # the same row, not captured (or the nearest)
     profiled = "graph replay" if captured else "eager step"
     if table["kernels_per_step"] == 0 and captured:
         del step
@@ -203,7 +215,15 @@ def main(argv=None) -> int:
     if unknown:
         print(f"profile_step: unknown provider(s) {unknown}; known {sorted(mb.STEP_PROVIDERS)}", file=sys.stderr)
         return 2
-    model = resolve_model_name(a.model)
+    if min(a.batch, a.steps, a.top) < 1:  # refused here, not by every provider after its build on the card
+        print(f"profile_step: --batch, --steps and --top must be >= 1, got {a.batch}, {a.steps}, {a.top}",
+              file=sys.stderr)
+        return 2
+    try:
+        model = resolve_model_name(a.model)
+    except ValueError as e:
+        print(f"profile_step: --model: {e}", file=sys.stderr)
+        return 2
     out = dict(model=model, batch=a.batch, steps=a.steps, providers=providers, results=[])
 
     def save():  # atomically: a kill at the preset's budget leaves the last whole file

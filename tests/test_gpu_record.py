@@ -326,3 +326,161 @@ def test_profile_step_attention_ratio_is_against_the_fastest_torch_native(monkey
     out = tmp_path / "p.json"
     assert profile_step.main(["--providers", ",".join(fake), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["attention_ms_ratio"] == 0.5
+
+
+def test_profile_kernel_classes_of_copies_norms_and_reductions():
+    """Kernel names as torch's CUDA ops report them: copies (memcpy, memset, a copy kernel named elementwise),
+    the LayerNorm kernel named vectorized, reductions and softmax; the names' case does not matter."""
+    names = {"Memcpy DtoD (Device -> Device)": "copy", "Memset (Device)": "copy",
+             "void at::native::elementwise_kernel<128, 2, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+             "::{lambda()#3}>": "copy",
+             "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>": "norm",
+             "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>":
+                 "elementwise",
+             "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, float, float, float>": "elementwise",
+             "triton_for_fused_0": "inductor", "triton_unk_fused_mul_1": "inductor"}
+    assert {n: profile_step.classify(n) for n in names} == names
+
+
+def test_profile_summary_categories_top_and_an_empty_profile():
+    """Categories largest first with their shares, `top` kernels only; a profile that saw no kernel (a graph
+    replay the profiler cannot see into: profile_provider then profiles the eager step) summarises to zeros."""
+    rows = [dict(name="copy", category="copy", calls_per_step=2, ms_per_step=1.0),
+            dict(name="_attn_fwd_kernel", category="attention", calls_per_step=4, ms_per_step=3.0),
+            dict(name="sm90_xmma_gemm", category="gemm", calls_per_step=10, ms_per_step=6.0)]
+    s = profile_step.summarise(rows, top=2)
+    assert s["categories"] == {"gemm": {"ms": 6.0, "share": 0.6}, "attention": {"ms": 3.0, "share": 0.3},
+                               "copy": {"ms": 1.0, "share": 0.1}}
+    assert list(s["categories"]) == ["gemm", "attention", "copy"]
+    assert [(k["name"], k["share"]) for k in s["top"]] == [("sm90_xmma_gemm", 0.6), ("_attn_fwd_kernel", 0.3)]
+    text = profile_step.format_table(dict(provider="p", model="m", batch=2, profiled="graph replay", **s))
+    assert "gemm 6.0 ms (60%)" in text and "sm90_xmma_gemm" in text and "_attn_fwd_kernel" in text, text
+    empty = profile_step.summarise([])
+    assert empty == dict(total_ms_per_step=0, kernels_per_step=0, categories={}, gemm_share=None,
+                         attention_ms_per_step=0.0, top=[])
+    assert "0 kernels" in profile_step.format_table(dict(provider="p", model="m", batch=2, profiled="x", **empty))
+
+
+def test_kernel_table_counts_device_kernels_only():
+    """A CPU op's self device time is its kernels' (counted once, as kernels); an event timed at 0 is no kernel."""
+    import types
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    evts = [types.SimpleNamespace(key="nvjet_tst_gemm", count=40, device_type=cuda, self_device_time_total=16000.0),
+            types.SimpleNamespace(key="aten::mm", count=40, device_type=cpu, self_device_time_total=16000.0),
+            types.SimpleNamespace(key="Memset (Device)", count=6, device_type=cuda, self_device_time_total=0.0)]
+    t = profile_step.kernel_table(types.SimpleNamespace(key_averages=lambda: evts), steps=2)
+    assert t["total_ms_per_step"] == 8.0 and t["kernels_per_step"] == 20 and [k["name"] for k in t["top"]] == [
+        "nvjet_tst_gemm"]
+
+
+class _FakeStepRow:
+    """maefast.bench.make_step's row, counting its calls."""
+
+    def __init__(self, provider, dtype, captured):
+        self.provider, self.calls = provider, 0
+        self.step = type("S", (), {"dtype": dtype, "captured": captured})()
+
+    def __call__(self):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("captured", [True, False])
+def test_profile_provider_falls_back_to_the_eager_step(monkeypatch, captured):
+    """A captured row whose replay shows no kernel is profiled as its eager twin, in the row's dtype, and the
+    record says so; each step is warmed up twice, then profiled `steps` times; an eager row is not rebuilt."""
+    import contextlib
+
+    import torch
+    import torch.profiler
+
+    from maefast import bench as mb
+
+    built = []
+
+    def make_step(provider, model, batch, device=None, dtype=None):
+        built.append((provider, dtype))
+        built_row = _FakeStepRow(provider, dtype or torch.bfloat16, captured and provider.endswith("-graph"))
+        rows.append(built_row)
+        return built_row
+
+    rows = []
+    tables = [profile_step.summarise([]), profile_step.summarise(
+        [dict(name="_attn_fwd_kernel", category="attention", calls_per_step=4, ms_per_step=3.0)])]
+    monkeypatch.setattr(mb, "make_step", make_step)
+    monkeypatch.setattr(torch.profiler, "profile", lambda **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(profile_step, "kernel_table", lambda prof, steps, top: tables.pop(0))
+    r = profile_step.profile_provider("maefast-block-graph", "tiny", 2, 3, 25, torch.device("cpu"))
+    if captured:
+        assert built == [("maefast-block-graph", None), ("maefast-block", torch.bfloat16)]
+        assert r["profiled"].startswith("eager step of maefast-block ") and r["attention_ms_per_step"] == 3.0
+        assert [row.calls for row in rows] == [2 + 3, 2 + 3]
+    else:
+        assert built == [("maefast-block-graph", None)] and r["profiled"] == "eager step"
+        assert r["kernels_per_step"] == 0 and rows[0].calls == 2 + 3
+    assert r["dtype"] == "bfloat16" and r["provider"] == "maefast-block-graph"
+
+
+def test_profile_step_main_arguments_dry_run_and_no_gpu(monkeypatch, tmp_path, capsys):
+    import torch
+
+    assert profile_step.main(["--providers", "reference,nope", "--dry-run"]) == 2
+    assert "nope" in capsys.readouterr().err
+    out = tmp_path / "d.json"
+    assert profile_step.main(["--dry-run", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["classifier_check"] == "ok"
+    monkeypatch.setitem(profile_step.PROBE, "_attn_fwd_kernel", "gemm")  # a classifier that went wrong
+    assert profile_step.main(["--dry-run", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["classifier_check"] == {"_attn_fwd_kernel": ["attention", "gemm"]}
+    for bad in (["--model", "nope"], ["--steps", "0"], ["--batch", "-1"], ["--top", "0"]):  # before any GPU work
+        assert profile_step.main(["--dry-run", *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert profile_step.main(["--providers", "reference"]) == 2
+
+
+def test_profile_step_eager_twins_are_step_rows():
+    """Every captured row's fallback is a row make_step builds: its own uncaptured row, else the nearest."""
+    from maefast import bench as mb
+
+    twins = {p: profile_step.eager_twin(p) for p in mb.STEP_PROVIDERS if p.endswith("-graph")}
+    assert all(t in mb.STEP_PROVIDERS and not mb.STEP_PROVIDERS[t].capture for t in twins.values()), twins
+    assert twins["maefast-block-graph"] == "maefast-block" and twins["torch-native-graph"] == "torch-native"
+    assert twins["torch-native-autotune-graph"] == "torch-native" and twins["maefast-sdpa-graph"] == "maefast"
+
+
+def test_profile_step_main_keeps_going_after_a_failed_provider(monkeypatch, tmp_path):
+    """A provider that fails is a record with its error's first line, saved before the next one runs; a
+    torch-native row with no attention kernel gives no ratio (no division by zero); a capture that broke the
+    allocator ends the run."""
+    import torch
+
+    from maefast.graphs import CaptureError
+
+    out = tmp_path / "p.json"
+    seen = []
+
+    def fake(p, *a, **k):
+        if p == "reference":
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        seen.append([r["provider"] for r in json.loads(out.read_text())["results"]])
+        return dict(provider=p, attention_ms_per_step={"maefast": 2.0, "sdpa": 0.0}[p])
+
+    monkeypatch.setattr(profile_step, "profile_provider", fake)
+    monkeypatch.setattr(profile_step, "format_table", lambda r: "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert profile_step.main(["--providers", "reference,maefast,sdpa", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert seen == [["reference"], ["reference", "maefast"]]
+    assert rec["results"][0] == {"provider": "reference", "error": "RuntimeError: CUDA out of memory."}
+    assert "attention_ms_ratio" not in rec
+
+    def broken(p, *a, **k):
+        raise CaptureError("capture failed", broken=True)
+
+    monkeypatch.setattr(profile_step, "profile_provider", broken)
+    with pytest.raises(CaptureError):
+        profile_step.main(["--providers", "reference,maefast", "--json", str(out)])

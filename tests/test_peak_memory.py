@@ -82,3 +82,62 @@ def test_ops_run_on_eager_fake_cpu_tensors():
         y = ops.unshuffle(x, torch.randn(1, 1, 8), ids.ids_restore, torch.randn(1, 5, 8))
         loss = ops.norm_pix_loss(torch.randn(2, 4, 768, requires_grad=True), imgs, ids.mask, 16)
     assert x.shape == (2, 2, 8) and y.shape == (2, 5, 8) and loss.shape == ()
+
+
+def test_live_bytes_groups_activations_by_shape():
+    with FakeTensorMode():
+        c = pm.LiveBytes()
+        with c:
+            xs = [torch.empty(MB // 4) for _ in range(3)]  # 3 x 1 MiB of one shape
+            y = torch.empty(MB // 8, dtype=torch.float16)
+    assert c.peak_activations == {((MB // 4,), "float32"): [3, 3 * MB], ((MB // 8,), "float16"): [1, MB // 4]}
+    del xs, y
+    with FakeTensorMode():
+        c = pm.LiveBytes()
+        with c:
+            for c.phase in ("forward 0", "backward 0"):  # the same peak twice: the first phase keeps it
+                x = torch.empty(MB // 4)
+                del x
+    assert (c.peak, c.peak_phase) == (MB, "forward 0")
+
+
+def test_peak_split_and_the_state_after_the_steps():
+    """The gradients at the peak are every trained parameter's (the reference row peaks in its optimizer
+    step); the second step's peak holds AdamW's two moments; after the steps only the parameters, the
+    optimizer state and the batch (images, noise) live (zero_grad frees the gradients); activations
+    largest first; nn.Module.to is torch's again."""
+    to = torch.nn.Module.to
+    ref, fast = pm.peak_bytes("reference", "tiny", 4, steps=1), pm.peak_bytes("maefast", "tiny", 4, steps=2)
+    assert torch.nn.Module.to is to
+    model = pm.mb.STEP_PROVIDERS["reference"].build("tiny", "cpu")
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    batch = 4 * 3 * 32 * 32 * 4 + 4 * 16 * 4
+    assert ref["phase"] == "optimizer 0" and ref["at_peak"]["gradients"] == trained
+    assert fast["phase"] == "backward 1" and fast["at_peak"]["optimizer"] >= 2 * trained
+    n = sum(p.requires_grad for p in model.parameters())
+    for r in (ref, fast):  # AdamW's state: two moments and a step count per trained parameter
+        assert 2 * trained <= r["end_bytes"] - params - batch <= 2 * trained + 8 * n, r["end_bytes"]
+    for r in (ref, fast):
+        sizes = [g["bytes"] for g in r["activations_at_peak"]]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_peak_memory_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pm.main(["--providers", "reference,nope"])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+    for bad in (["--steps", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            pm.main(["--model", "tiny", *bad])
+        assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    out = tmp_path / "p.json"
+    assert pm.main(["--model", "tiny", "--batch", "4", "--steps", "1", "--providers", "reference,maefast",
+                    "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "x reference)" not in lines[0] and any(ln.startswith("maefast: ") and "x reference)" in ln for ln in lines)
+    import json
+
+    rec = json.loads(out.read_text())
+    assert rec["model"] == "tiny" and [r["provider"] for r in rec["rows"]] == ["reference", "maefast"]
+    assert rec["rows"][1]["phase"] == "optimizer 0"  # one step: the peak is in its optimizer step
