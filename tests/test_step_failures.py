@@ -16,16 +16,12 @@ import torch.nn as nn
 
 from maefast import graphs
 from maefast.step import TrainStep
-from step_twins import batches, twins
+from step_twins import assert_same_params, batches, twins
 
 CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _same_params(a, b) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def _adamw(m):
@@ -59,11 +55,11 @@ def test_host_sync_is_found_by_the_warm_up_before_capture(monkeypatch):
     assert step.eager_reason.endswith("(found by the warm-up, before capture: a capture would fail on it)")
     assert not any(e[0] == "capture" for e in cuda.log) and not cuda.broken  # never got as far as capturing
     assert [e for e in cuda.log if e[0] == "sync_mode"] == [("sync_mode", 2), ("sync_mode", 0)]  # last step only
-    assert _same_params(a, b)  # the warm-up is undone
+    assert_same_params(a, b)  # the warm-up is undone
     eager = TrainStep(Hooked(b, lambda loss: loss.item()), _adamw(b), capture=False, seed=3)
     for i in range(2):
         assert torch.equal(step(imgs[i], noise[i]), eager(imgs[i], noise[i]))
-    assert _same_params(a, b)
+    assert_same_params(a, b)
     torch.cuda.empty_cache()  # the (stand-in) allocator works
 
 
@@ -85,7 +81,8 @@ def test_a_failure_inside_the_capture_raises_and_the_step_takes_no_more_calls(mo
     assert "run again without capturing (capture=False)" in str(err)
     assert ("torch" in str(err) and "left unusable" in str(err)) is (not fixed_torch)
     assert cuda.streams[0].name == "default0"  # capture_end left its stream current; the caller's is back
-    assert _same_params(a, b) and all(p.grad is None for p in a.parameters())
+    assert_same_params(a, b)
+    assert all(p.grad is None for p in a.parameters())
     assert not step.captured and step.static_imgs is None and "refused" in repr(step)
     with pytest.raises(RuntimeError, match="this step takes no more calls: the CUDA-graph capture failed inside"):
         step(imgs[0], noise[0])
@@ -114,7 +111,7 @@ def test_a_warm_up_failure_waits_for_the_side_stream_before_restoring(monkeypatc
     side = waits[0][2] if waits[0][1] == "default0" else waits[0][1]
     assert waits[0] == ("wait", side, "default0")  # the warm-up starts after the caller's work
     assert waits[-2:] == [("wait", "default0", side), ("restore",)], waits
-    assert _same_params(a, b)
+    assert_same_params(a, b)
 
 
 def test_capture_runs_on_the_models_device(monkeypatch):
@@ -163,7 +160,8 @@ def test_a_failure_in_the_warm_ups_update_leaves_no_scaler_or_optimizer_state_be
     eager = TrainStep(b, opt_b, dtype=torch.float16, clip_grad=clip, capture=False, seed=5)
     for i in range(2):
         assert torch.equal(step(imgs[i], noise[i]), eager(imgs[i], noise[i]))
-    assert _same_params(a, b) and step.scaler.get_scale() == eager.scaler.get_scale()
+    assert_same_params(a, b)
+    assert step.scaler.get_scale() == eager.scaler.get_scale()
 
 
 def test_process_broken_reads_the_chain():
@@ -313,7 +311,7 @@ def test_another_error_in_the_last_warm_up_step_is_raised_as_it_is(monkeypatch):
 
     step = TrainStep(Hooked(a, hook), _adamw(a), warmup_steps=2).prepare(imgs[0], noise[0])
     assert step.eager_reason == "capture failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert _same_params(a, b)
+    assert_same_params(a, b)
 
 
 def test_warmup_steps_zero_captures_at_once_and_bad_counts_are_refused(monkeypatch):
