@@ -155,3 +155,14 @@ def fake_capture(monkeypatch):
     import fake_capture as fake_capture_lib
 
     return fake_capture_lib.install(monkeypatch)
+
+
+@pytest.fixture
+def warn_again():
+    """SlowPathWarning is once per reason and process: each test starts with none given (modules opt in
+    with ``usefixtures``)."""
+    from maefast.models import routing
+
+    routing._WARNED.clear()
+    yield
+    routing._WARNED.clear()

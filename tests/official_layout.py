@@ -6,32 +6,15 @@ import contextlib
 import copy
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 
 import maefast
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 
-
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)  # L = 16
-
-
 N, L = 3, 16
-
-
-@pytest.fixture(autouse=True)
-def _warn_again():
-    """SlowPathWarning is once per reason and process: each test starts with none given."""
-    try:
-        from maefast.models import routing
-    except ImportError:  # before the routing module existed
-        yield
-        return
-    routing._WARNED.clear()
-    yield
-    routing._WARNED.clear()
 
 
 def _slow_warning():

@@ -32,20 +32,10 @@ from maefast.reference.model import Attention as ReferenceAttention
 from maefast.reference.model import Mlp
 from maefast.testing import TOLERANCES, assert_close, randn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "warn_again")
 
 LN = functools.partial(nn.LayerNorm, eps=1e-6)
 TOL = TOLERANCES[torch.float32]
-
-
-@pytest.fixture(autouse=True)
-def _warn_again():
-    """SlowPathWarning is once per reason and process: each test starts with none given."""
-    from maefast.models import routing
-
-    routing._WARNED.clear()
-    yield
-    routing._WARNED.clear()
 
 
 def _binomial_ok(k: int, n: int, p: float, sigmas: float = 5.0) -> bool:

@@ -17,9 +17,10 @@ import maefast
 from maefast.models import MaskedAutoencoderViT
 from maefast.patching import unpatch
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
-from official_layout import _warn_again  # noqa: F401 - the autouse fixture
 from official_layout import (TINY, L, N, _assert_grads_equal, _close, _grads, _no_slow_warning, _official_pair, _run,
                              _run_official, _slow_warning, official_class)
+
+pytestmark = pytest.mark.usefixtures("warn_again")
 
 
 # == 0. same loss, prediction, mask and gradients; the same parameters ==========================

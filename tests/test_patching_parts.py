@@ -10,17 +10,11 @@ import torch
 import torch.nn as nn
 
 import maefast
-from maefast.models import routing
 from maefast.models.fast import trusted_class
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from official_layout import TINY, L, N, _slow_warning
 
-
-@pytest.fixture(autouse=True)
-def _warn_again():
-    routing._WARNED.clear()
-    yield
-    routing._WARNED.clear()
+pytestmark = pytest.mark.usefixtures("warn_again")
 
 
 class LoRALinear(nn.Linear):

@@ -10,9 +10,10 @@ import torch.nn as nn
 
 import maefast
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
-from official_layout import _warn_again  # noqa: F401 - the autouse fixture, used here too
 from official_layout import L, N, TINY, _assert_grads_equal, _close, _grads, _no_slow_warning, _slow_warning
 from test_patching import assert_patch_keeps_the_state_dict
+
+pytestmark = pytest.mark.usefixtures("warn_again")
 
 pytest.importorskip("transformers")
 
