@@ -13,7 +13,7 @@ import torch
 from maefast import bench_data, bench_data_gpu
 from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8
 from maefast.train.data import collate
-from test_data import S, _jpeg_folder
+from test_data import S, _jpeg_folder, _photo
 
 
 def test_generated_sizes_keep_the_documented_aspects_and_portrait_share():
@@ -283,7 +283,6 @@ def _gpu_folder(root):
     """2 JPEGs nvJPEG is given, a JPEG that fails on the device and the CPU (a bogus Huffman table: dropped
     and counted), a PNG nvJPEG is not given (the workers' pixels), sorted in that order."""
     from PIL import Image
-    from test_data import _jpeg_folder, _photo
 
     _jpeg_folder(root, sizes=((120, 90), (90, 130)))
     bogus = bytearray((root / "im0.jpg").read_bytes())
