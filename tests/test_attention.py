@@ -521,14 +521,15 @@ def test_opcheck_bf16_and_permuted_qkv(impl, device):
 
 
 def test_argument_types_are_refused_by_name(device):
-    """A bool is no head count or scale, a scale is a number, impl a str, and qkv's width is not empty."""
+    """A bool is no head count or scale, a scale is a number, impl one of the names (a ValueError, as every
+    op's impl check), and qkv's width is not empty."""
     qkv = randn(2, 10, 3 * 2 * 32, device=device)
     with pytest.raises(ValueError, match="num_heads must be a positive int, got True"):
         visible_attention(qkv, True)
     for bad, name in (("0.5", "str"), (True, "bool")):
         with pytest.raises(TypeError, match=f"scale must be a float or None, got {name}"):
             visible_attention(qkv, 2, scale=bad)
-    with pytest.raises(TypeError, match="impl must be a str, got NoneType"):
+    with pytest.raises(ValueError, match="impl must be one of .*, got None"):
         visible_attention(qkv, 2, impl=None)
     with pytest.raises(ValueError, match="qkv's last dim must be non-empty"):
         visible_attention(randn(2, 10, 0, device=device), 2)
