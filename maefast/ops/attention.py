@@ -128,17 +128,11 @@ def _max_len(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
 
 
-def _reference_lse(qkv: torch.Tensor, num_heads: int, scale: float, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """(Nb, H, Lr) fp32 natural-log logsumexp of the scaled scores (within each sequence)."""
-    nb, lr, width = qkv.shape
-    dh = width // (3 * num_heads)
+def _reference_lse(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """(Nb, H, Lr) fp32 natural-log logsumexp of the scaled scores of one sequence per batch row."""
+    dh = qkv.shape[-1] // (3 * num_heads)
     qk = qkv.unflatten(-1, (3, num_heads, dh))
-    s = torch.einsum("blhd,bmhd->bhlm", qk[:, :, 0].float(), qk[:, :, 1].float()) * scale
-    if cu_seqlens is not None:
-        seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=qkv.device),
-                                      (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=lr)
-        s = s.masked_fill(seg[:, None] != seg[None, :], float("-inf"))
-    return s.logsumexp(-1)
+    return (torch.einsum("blhd,bmhd->bhlm", qk[:, :, 0].float(), qk[:, :, 1].float()) * scale).logsumexp(-1)
 
 
 def _contract_segments(bounds: list[int], total: int, max_len: int) -> list[tuple[int, int]] | None:
@@ -157,13 +151,13 @@ def _contract_segments(bounds: list[int], total: int, max_len: int) -> list[tupl
 
 
 def _reference_segments(qkv, num_heads, scale, segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """out and lse of the reference for `segments` (`_contract_segments`), NaN elsewhere, as the kernels."""
+    """out and lse of the reference for `segments`, (start, end) row ranges, NaN elsewhere, as the kernels."""
     nb, total, width = qkv.shape
     out = qkv.new_full((nb, total, width // 3), float("nan"))
     lse = torch.full((nb, num_heads, total), float("nan"), dtype=torch.float32, device=qkv.device)
     for s, e in segments:
         out[:, s:e] = _reference_attention(qkv[:, s:e], num_heads, scale=scale)
-        lse[:, :, s:e] = _reference_lse(qkv[:, s:e], num_heads, scale, None)
+        lse[:, :, s:e] = _reference_lse(qkv[:, s:e], num_heads, scale)
     return out, lse
 
 
@@ -235,12 +229,14 @@ def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tens
             return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
     if chosen == "cuda":
         return _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
-    segments = None if cu_seqlens is None else _contract_segments([int(v) for v in cu_seqlens.tolist()],
-                                                                   qkv.shape[1], max_len)
-    if segments is not None:
-        return _reference_segments(qkv, num_heads, scale, segments)
-    out = _reference_attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens)
-    return out.contiguous(), _reference_lse(qkv, num_heads, scale, cu_seqlens)
+    if cu_seqlens is None:
+        return _reference_attention(qkv, num_heads, scale=scale).contiguous(), _reference_lse(qkv, num_heads, scale)
+    # packed: sequence by sequence (one read of the offsets on the host; no (T, T) score matrix)
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    segments = _contract_segments(bounds, qkv.shape[1], max_len)
+    if segments is None:  # the plain case: every row in a sequence
+        segments = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return _reference_segments(qkv, num_heads, scale, segments)
 
 
 @_visible_attention.register_fake
