@@ -13,7 +13,7 @@ import torch
 from maefast import bench_data, bench_data_gpu
 from maefast.train.augment import PretrainTransform, draft_factor, normalize_uint8
 from maefast.train.data import collate
-from test_data import S, _jpeg_folder, _photo
+from test_data import S, _bogus_huffman, _jpeg_folder, _photo
 
 
 def test_generated_sizes_keep_the_documented_aspects_and_portrait_share():
@@ -285,10 +285,7 @@ def _gpu_folder(root):
     from PIL import Image
 
     _jpeg_folder(root, sizes=((120, 90), (90, 130)))
-    bogus = bytearray((root / "im0.jpg").read_bytes())
-    at = bogus.find(b"\xff\xc4")
-    bogus[at + 5: at + 21] = b"\xff" * 16
-    (root / "im2.jpg").write_bytes(bytes(bogus))
+    (root / "im2.jpg").write_bytes(_bogus_huffman((root / "im0.jpg").read_bytes()))
     Image.fromarray(_photo(np.random.default_rng(4), 110, 80)).save(root / "im3.png")
     return str(root)
 

@@ -411,23 +411,39 @@ def test_synthetic_dataset_both_paths(tmp_path):
 
 
 # -- unreadable files ------------------------------------------------------------------------------------
+def _corrupt_folder(root):
+    """3 good JPEGs and 4 bad files, each failing in another place."""
+    data = _jpeg_folder(root, sizes=((300, 220), (640, 480), (100, 80)))
+    good = open(os.path.join(data, "im1.jpg"), "rb").read()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])  # no end-of-image marker: the worker's decode fails
+    (root / "noise.jpg").write_bytes(os.urandom(300))  # not an image: the header fails
+    (root / "empty.png").write_bytes(b"")
+    (root / "huffman.jpg").write_bytes(_bogus_huffman(good))
+    return data
+
+
+def _bogus_huffman(jpeg: bytes) -> bytes:
+    """`jpeg` with its first Huffman table's code counts all 255: header and end marker fine, the decode
+    fails (on the device and the CPU)."""
+    bogus = bytearray(jpeg)
+    at = bogus.find(b"\xff\xc4")
+    bogus[at + 5: at + 21] = b"\xff" * 16
+    return bytes(bogus)
+
+
 def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path, reader):
-    root = _jpeg_folder(tmp_path / "d", sizes=((300, 220), (640, 480), (100, 80)))
-    big = open(os.path.join(root, "im1.jpg"), "rb").read()
-    (tmp_path / "d" / "truncated.jpg").write_bytes(big[: len(big) // 2])  # the header is fine: fails in the decode
-    (tmp_path / "d" / "noise.jpg").write_bytes(os.urandom(300))  # not an image: fails in the open
-    (tmp_path / "d" / "empty.png").write_bytes(b"")
+    root = _corrupt_folder(tmp_path / "d")
     for decode, dtype in PATHS:
         ds = ImageFolderDataset(root, S, 8, decode=decode, dtype=dtype)
-        assert len(ds) == 6
+        assert len(ds) == 7
         for epoch in range(4):  # some epochs draw crops the 1/8 decode takes
             items = _items(ds, epoch)
             bad = [it["bad"] for it in items if "bad" in it]
-            assert len(bad) == 3, (decode, bad)
-            assert any("truncated.jpg" in b for b in bad) and any("noise.jpg" in b for b in bad)
+            assert len(bad) == 4, (decode, bad)
+            assert all(any(name in b for b in bad) for name in ("truncated.jpg", "noise.jpg", "huffman.jpg"))
             batch = collate(items)
             assert batch["images"].shape == (3, 3, S, S) and batch["images"].dtype == dtype
-            assert len(batch["bad"]) == 3
+            assert len(batch["bad"]) == 4
 
 
 def test_options_are_checked(folder):

@@ -20,7 +20,7 @@ from maefast.train import gpu_decode, jpeg
 from maefast.train.augment import draft_factor, normalize_uint8
 from maefast.train.data import ImageFolderDataset, ResumableDistributedSampler, SyntheticDataset, collate
 from maefast.train.feed import DeviceFeed
-from test_data import _box_and_flip, _jpeg_folder, _photo, resumed_equals_straight
+from test_data import _bogus_huffman, _box_and_flip, _corrupt_folder, _jpeg_folder, _photo, resumed_equals_straight
 
 S = 32
 CPU = torch.device("cpu")
@@ -223,10 +223,8 @@ def test_a_corrupt_file_after_the_workers_pixels_drops_its_own_row(tmp_path, cal
 
     root = _jpeg_folder(tmp_path / "d", sizes=((120, 90), (90, 120)))
     Image.fromarray(_photo(np.random.default_rng(4), 110, 80)).save(os.path.join(root, "a.png"))  # sorted first
-    bogus = bytearray(open(os.path.join(root, "im0.jpg"), "rb").read())
-    at = bogus.find(b"\xff\xc4")
-    bogus[at + 5: at + 21] = b"\xff" * 16  # fails on the device and the CPU
-    open(os.path.join(root, "b.jpg"), "wb").write(bytes(bogus))
+    with open(os.path.join(root, "im0.jpg"), "rb") as f, open(os.path.join(root, "b.jpg"), "wb") as out:
+        out.write(_bogus_huffman(f.read()))
     gpu = ImageFolderDataset(root, S, 8, seed=5, decode="gpu", dtype=torch.uint8)
     keys = [(0, i) for i in range(len(gpu))]  # a.png (the workers' pixels), b.jpg, im0.jpg, im1.jpg
     batch = _made(gpu, keys)
@@ -235,20 +233,6 @@ def test_a_corrupt_file_after_the_workers_pixels_drops_its_own_row(tmp_path, cal
         one = _made(gpu, [k])
         assert torch.equal(batch["images"][row], one["images"][0])
         assert torch.equal(batch["noise"][row], one["noise"][0])
-
-
-def _corrupt_folder(root):
-    """3 good JPEGs and 4 bad files, each failing in another place."""
-    data = _jpeg_folder(root, sizes=((300, 220), (640, 480), (100, 80)))
-    good = open(os.path.join(data, "im1.jpg"), "rb").read()
-    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])  # no end-of-image marker: the worker's decode fails
-    (root / "noise.jpg").write_bytes(os.urandom(300))  # not an image: the header fails
-    (root / "empty.png").write_bytes(b"")
-    bogus = bytearray(good)  # header and end marker fine, a bogus Huffman table: fails on the device and the CPU
-    at = bogus.find(b"\xff\xc4")
-    bogus[at + 5: at + 21] = b"\xff" * 16
-    (root / "huffman.jpg").write_bytes(bytes(bogus))
-    return data
 
 
 def test_corrupt_files_are_skipped_and_counted_as_on_the_other_paths(tmp_path, calls):
