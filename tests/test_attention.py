@@ -535,3 +535,51 @@ def test_argument_types_are_refused_by_name(device):
         visible_attention(qkv, 2, impl=None)
     with pytest.raises(ValueError, match="qkv's last dim must be non-empty"):
         visible_attention(randn(2, 10, 0, device=device), 2)
+
+
+# -- the Triton backward's operands and its masked P ----------------------------------------------------
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernel"])
+def test_triton_backward_reads_dout_and_out_through_their_own_strides(fused, device):
+    """Autograd hands the backward a gradient in whatever layout the next op made (a transposed view, or
+    `.sum()`'s expanded one), unrelated to out's: each of dout and out is read through its own strides, in
+    both backwards and both head-dim chunks (48 = 32 + 16)."""
+    from maefast.kernels.attention import attention_bwd, attention_fwd
+
+    n, L, H, dh = 2, 9, 2, 48
+    qkv = randn(n, L, 3 * H * dh, device=device)
+    out, lse = attention_fwd(qkv, H, dh ** -0.5)
+    out_lnc = out.transpose(0, 1).contiguous().transpose(0, 1)  # the same values stored (L, N, C)
+    x = qkv.clone().requires_grad_()
+    ref = ref_attention(x, H)
+    transposed = randn(L, n, H * dh, device=device).transpose(0, 1)
+    for dout in (transposed, randn(1, 1, H * dh, device=device).expand(n, L, -1)):
+        (want,) = torch.autograd.grad(ref, x, dout, retain_graph=True)
+        for o in (out, out_lnc):
+            got = attention_bwd(dout, qkv, o, lse, H, dh ** -0.5, fused=fused)
+            assert_close(got, want, name=f"dqkv, dout strides {dout.stride()}, out strides {o.stride()}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_backward_with_every_score_far_below_zero(dtype, fused, device):
+    """Every score near -140, so each row's logsumexp is too: the padded key columns of a block (L 5 < 16)
+    must be zeroed in P, not left at exp(0 - lse), which overflows to inf and, times the zero-filled padded
+    rows of K, makes dq NaN. Softmax is shift-invariant: the reference is as accurate here as anywhere."""
+    from maefast.kernels.attention import attention_bwd, attention_fwd
+
+    n, L, H, dh = 1, 5, 2, 16
+    u = torch.nn.functional.normalize(randn(H, dh, device=device), dim=-1) * 12  # q.k ~ -144
+    q, k = -u + 0.3 * randn(n, L, H, dh, device=device), u + 0.3 * randn(n, L, H, dh, device=device)
+    qkv = torch.cat([q.flatten(2), k.flatten(2), randn(n, L, H * dh, device=device)], -1).to(dtype)
+    x64 = qkv.double().requires_grad_()
+    oracle, ref = ref_attention(x64, H, scale=1.0), ref_attention(qkv, H, scale=1.0)
+    out, lse = attention_fwd(qkv, H, 1.0)
+    assert lse.max() < -100
+    assert_error_ratio(out, ref, oracle, dtype, "forward", name="out")
+    dout = randn(n, L, H * dh, dtype=dtype, device=device)
+    dqkv = attention_bwd(dout, qkv, out, lse, H, 1.0, fused=fused)
+    (g_oracle,) = torch.autograd.grad(oracle, x64, dout.double())
+    # vs the oracle: P recomputed from the logsumexp carries |s| ~ 144 times fp32's epsilon, ~4x the error
+    # of the fp32 reference's softmax (and the fp16 reference rounds the scores themselves to 0.125)
+    assert_close(dqkv, g_oracle, dtype, name="dqkv", scale=10)

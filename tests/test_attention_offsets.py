@@ -268,3 +268,48 @@ def test_attention_launchers_pass_every_strided_operand_through_int32_columns(mo
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse) and torch.equal(dqkv, ref_dqkv)
     with pytest.raises(ValueError, match="dqkv: its last-dim stride"):
         A.attention_bwd(dout, qkv, out, lse, 2, 0.25, dqkv=torch.empty_like(qkv))
+
+
+# -- the kernels' own offsets check at its edges, in the forward and in each backward ----------------------
+
+@needs_triton
+@pytest.mark.parametrize("cu,max_seqlen", [([0, 10, 41], 40), ([0, 30, 20], 30)],
+                         ids=["end-one-beyond-rows", "last-pair-decreasing"])
+def test_attention_malformed_offsets_at_the_edges_of_the_check_make_every_row_nan(cu, max_seqlen):
+    """`_offsets_malformed` at its edges: an end one row beyond T, a decrease in the last pair. Neither makes
+    sequences overlap, so the rows that look well-formed would otherwise come out finite and wrong."""
+    from maefast.ops import attention as attn_mod
+
+    qkv = randn(1, 40, 3 * H * DH).requires_grad_()
+    out, lse = attn_mod._visible_attention(qkv, H, torch.tensor(cu, dtype=torch.int32), max_seqlen, None, "triton")
+    dqkv, = torch.autograd.grad(out, qkv, randn(*out.shape))
+    assert out.isnan().all() and lse.isnan().all() and dqkv.isnan().all()
+
+
+@needs_triton
+def test_attention_offsets_check_reads_past_the_first_64_offsets():
+    """The check reads the B+1 offsets in chunks of 64 pairs: with 65 sequences, a decrease in the 65th pair
+    (alone in the second chunk, overlapping nothing) makes every row NaN too, as one in the first does."""
+    from maefast.kernels.attention import attention_fwd
+
+    cu = torch.tensor(list(range(64)) + [65, 64], dtype=torch.int32)  # 65 sequences of 65 rows
+    out, lse = attention_fwd(randn(1, 65, 3 * DH), 1, DH ** -0.5, cu, 2)
+    assert out.isnan().all() and lse.isnan().all()
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-kernel"])
+def test_attention_backward_poisons_bad_offsets_itself(fused):
+    """The backward kernels check the offsets on their own, not only through the forward's NaN: given a
+    finite out and logsumexp (those of other offsets, or a forward that did not check), malformed offsets
+    still make the whole gradient NaN and a sequence longer than max_seqlen its own rows."""
+    from maefast.kernels.attention import attention_bwd, attention_fwd
+
+    qkv, dout = randn(1, 20, 3 * H * DH), randn(1, 20, H * DH)
+    out, lse = attention_fwd(qkv, H, DH ** -0.5, torch.tensor([0, 8, 20], dtype=torch.int32), 12)
+    assert not out.isnan().any() and not lse.isnan().any()
+    for cu, max_seqlen, nan_rows in (([3, 8, 20], 12, (0, 20)), ([0, 8, 21], 12, (0, 20)), ([0, 8, 20], 10, (8, 18))):
+        dqkv = attention_bwd(dout, qkv, out, lse, H, DH ** -0.5, torch.tensor(cu, dtype=torch.int32), max_seqlen,
+                             fused=fused)
+        s, e = nan_rows
+        assert dqkv[0, s:e].isnan().all() and not dqkv[0, :s].isnan().any(), (cu, max_seqlen)

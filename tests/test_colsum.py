@@ -92,8 +92,9 @@ def test_cuda_colsum_full_size(rows, width):
 def test_row_split_covers_every_row_once(monkeypatch, M, block_m, col_blocks, per_sm):
     """kernels/_rows.py (the LayerNorm and bias+GELU backwards', the column sums'): contiguous ranges of a
     multiple of block_m rows, the last one reaching M and none empty, about per_sm programs an SM (a 132-SM
-    card, its count stubbed) over the column blocks; two under the interpreter."""
-    pytest.importorskip("triton")
+    card, its count stubbed) over the column blocks; two under the interpreter, exactly where the rows fill
+    two blocks: the CPU tests of the kernels then run the partial sums of more than one program."""
+    triton = pytest.importorskip("triton")
     from maefast.kernels import _rows
 
     monkeypatch.setattr(_rows, "_sm_count", lambda index: 132)
@@ -101,3 +102,4 @@ def test_row_split_covers_every_row_once(monkeypatch, M, block_m, col_blocks, pe
         progs, rows_per = _rows.row_split(M, block_m, col_blocks, device, per_sm)
         assert rows_per % block_m == 0 and (progs - 1) * rows_per < M <= progs * rows_per
         assert 1 <= progs <= target
+    assert progs == min(2, triton.cdiv(M, block_m))  # the CPU's split (the loop's last device)
