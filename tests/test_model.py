@@ -336,6 +336,9 @@ def test_bad_inputs():
     (dict(in_chans=0), ValueError, "in_chans must be an int >= 1"),
     (dict(decoder_num_heads=1.0), ValueError, "decoder_num_heads must be an int >= 1"),
     (dict(mlp_ratio=0), ValueError, "mlp_ratio must be a number > 0"),
+    (dict(num_heads=0), ValueError, "num_heads must be an int >= 1"),  # not a ZeroDivisionError from dim % 0
+    (dict(mlp_ratio=float("nan")), ValueError, "mlp_ratio must be a number > 0"),  # int(dim * nan) names nothing
+    (dict(mlp_ratio=True), ValueError, "mlp_ratio must be a number > 0"),  # a bool is no ratio
 ])
 @pytest.mark.parametrize("cls", [ReferenceMAE, MaskedAutoencoderViT])
 def test_bad_configs_name_themselves(cls, kw, err, match):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from maefast.nn import Block, DropPath, Unshuffle
+from maefast.nn import Attention, Block, DropPath, Unshuffle
 from maefast.testing import assert_close, randn
 from test_dropout import TimmAttention, TimmBlock
 
@@ -340,3 +340,110 @@ def test_every_attention_route_takes_qk_scale(route):
         got = ours(x)
         torch.manual_seed(2)
         assert_close(got, timm(x), name=f"block with qk_scale=0.3 ({route})")
+
+
+def test_attention_and_block_take_timms_defaults_and_mlp_ratio():
+    """timm 0.3.2's defaults: no qkv bias unless asked, and mlp_ratio sizing the MLP (a bias-less timm block with
+    mlp_ratio 2 loads strictly: same keys and shapes)."""
+    assert Attention(D, H).qkv.bias is None and Block(D, H).attn.qkv.bias is None
+    ours = Block(D, H, mlp_ratio=2.0)
+    assert ours.mlp.fc1.out_features == 2 * D
+    ours.load_state_dict(TimmBlock(D, H, mlp_ratio=2.0).state_dict())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["op-by-op", "fused"])
+@pytest.mark.parametrize("where", ["drop", "proj_drop alone"])
+def test_block_drop_is_the_projection_and_mlp_dropout(where, fused):
+    """timm's `drop` is the attention's proj_drop and the MLP's dropout: in training a block with it equals timm's
+    drawn from the same seed, op by op or fused (the one op has no dropout, so it must not run), also with the
+    projection's dropout alone."""
+    timm, ours = _pair(drop=0.3)
+    ours.fused = fused
+    if where == "proj_drop alone":
+        timm.mlp.drop.p = ours.mlp.drop.p = 0.0
+    x = randn(3, 7, D)
+    outs = []
+    with torch.no_grad():
+        plain = timm(x)
+        for blk in (timm.train(), ours.train()):
+            torch.manual_seed(1)
+            outs.append(blk(x))
+    assert_close(outs[1], outs[0], name=f"block with {where} in training ({'fused' if fused else 'op by op'})")
+    assert not torch.allclose(outs[0], plain)  # the dropout drew something
+
+
+def test_attention_on_packed_rows_and_what_it_refuses_there():
+    """Packed rows (T, C) with cu_seqlens: each sequence attends within itself; a max_seqlen the longest sequence
+    overflows is refused (it reaches the op); attention dropout in training and hooks on attn_drop (which need the
+    materialised probabilities of one sequence per row) are refused, not run across the sequences."""
+    torch.manual_seed(0)
+    a = Attention(D, H, qkv_bias=True, impl="reference").eval()
+    x, cu = randn(7, D), torch.tensor([0, 3, 7], dtype=torch.int32)
+    with torch.no_grad():
+        y = a(x, cu, 4)
+        for s, e in ((0, 3), (3, 7)):
+            assert_close(y[s:e], a(x[None, s:e])[0], name=f"packed rows {s}:{e}")
+    with pytest.raises(ValueError, match="max_seqlen=2 is too small"):
+        a(x, cu, 2)
+    a.attn_drop.p = 0.1
+    with pytest.raises(ValueError, match="attn_drop > 0 in training mode is not supported with cu_seqlens"):
+        a.train()(x, cu, 4)
+    a.eval().attn_drop.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ValueError, match="hooks on attn_drop need the attention probabilities"):
+        a(x, cu, 4)
+
+
+def test_block_with_drop_path_runs_packed_rows_in_eval():
+    """drop_path is refused with cu_seqlens in training only: in eval it is the identity and the packed rows run,
+    each sequence as alone."""
+    torch.manual_seed(0)
+    blk = Block(D, H, qkv_bias=True, drop_path=0.1, impl="reference").eval()
+    x, cu = randn(1, 7, D), torch.tensor([0, 3, 7], dtype=torch.int32)
+    with torch.no_grad():
+        y = blk(x, cu_seqlens=cu, max_seqlen=4)
+        for s, e in ((0, 3), (3, 7)):
+            assert_close(y[:, s:e], blk(x[:, s:e]), name=f"packed rows {s}:{e} in eval")
+
+
+def test_hooked_attention_in_training_drops_as_timms():
+    """A hook on attn_drop (attention maps) materialises the probabilities as timm computes them; in training both
+    attn_drop and proj_drop apply there, the draws of timm's from the same seed."""
+    torch.manual_seed(0)
+    timm = TimmAttention(D, H, True, None, 0.2, 0.3)
+    ours = Attention(D, H, qkv_bias=True, attn_drop=0.2, proj_drop=0.3)
+    ours.load_state_dict(timm.state_dict())
+    x, outs, maps = randn(3, 7, D), [], []
+    with torch.no_grad():
+        for a in (timm.train(), ours.train()):
+            a.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o))
+            torch.manual_seed(1)
+            outs.append(a(x))
+    assert_close(outs[1], outs[0], name="hooked attention in training")
+    assert_close(maps[1], maps[0], name="dropped probabilities the hooks saw")
+
+
+def test_fused_block_runs_a_hooked_drop_path():
+    """A hook on drop_path (the one op would not call it) sends the fused block op by op: the hook runs for both
+    residual branches, as timm's."""
+    timm, ours = _pair(drop_path=0.1)
+    calls = {"timm": 0, "ours": 0}
+    for name, blk in (("timm", timm), ("ours", ours)):
+        blk.drop_path.register_forward_hook(lambda m, i, o, _n=name: calls.update({_n: calls[_n] + 1}))
+    x = randn(2, 5, D)
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name="fused block with a hooked drop_path")
+    assert calls == {"timm": 2, "ours": 2}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["op-by-op", "fused"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_block_runs_its_attention_on_its_impl(impl, fused):
+    """The block's impl reaches the op it runs (the visible attention op by op, the block op fused): impl="triton"
+    launches Triton kernels (the launch check of conftest.py), with timm's result either way."""
+    torch.manual_seed(0)
+    timm = TimmBlock(D, H, qkv_bias=True)
+    ours = Block(D, H, qkv_bias=True, impl=impl, fused=fused)
+    ours.load_state_dict(timm.state_dict())
+    x = randn(2, 5, D)
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name=f"block on impl={impl!r}")

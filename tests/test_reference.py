@@ -441,3 +441,65 @@ def test_model_mlp_ratio_sizes_encoder_and_decoder_mlps():
                                decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.5)
     assert m.blocks[0].mlp.fc1.out_features == 40 and m.decoder_blocks[0].mlp.fc1.out_features == 20
     assert m(torch.randn(2, 3, 16, 16), 0.5)[1].shape == (2, 4, 192)
+
+
+def test_model_position_embeddings_are_the_sincos_table_of_its_grid():
+    """initialize_weights fills pos_embed and decoder_pos_embed with the 2-D sin-cos table of the (h, w) patch grid
+    at each width, cls row first; on a rectangular image a transposed grid (w, h) gives other rows, as does a
+    table never written (zeros)."""
+    m = R.MaskedAutoencoderViT(img_size=(16, 40), patch_size=8, embed_dim=16, depth=0, num_heads=2,
+                               decoder_embed_dim=8, decoder_depth=0, decoder_num_heads=2)
+    assert m.patch_embed.grid_size == (2, 5) and m.patch_embed.num_patches == 10
+    for name, width in (("pos_embed", 16), ("decoder_pos_embed", 8)):
+        want = R.get_2d_sincos_pos_embed(width, (2, 5), cls_token=True)
+        assert torch.equal(getattr(m, name)[0], want), name
+
+
+def test_model_linears_have_the_official_biases_and_modules_their_timm_defaults():
+    """The official model builds every Linear with a bias (qkv_bias=True in the encoder and decoder blocks, timm's
+    proj / fc1 / fc2, decoder_embed, decoder_pred): a missing one drops a parameter and its key. timm 0.3.2's own
+    defaults: Attention without a qkv bias, Mlp with hidden = out = in_features."""
+    m = R.MaskedAutoencoderViT(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8,
+                               decoder_depth=1, decoder_num_heads=2)
+    linears = {n: mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert len(linears) == 10 and [n for n, mod in linears.items() if mod.bias is None] == []
+    a = R.Attention(16, 2)
+    assert a.qkv.bias is None and a.proj.bias is not None
+    mlp = R.Mlp(16)
+    assert (mlp.fc1.out_features, mlp.fc2.in_features, mlp.fc2.out_features) == (16, 16, 16)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_model_takes_a_square_patch_size_pair(fast):
+    """PatchEmbed takes an int or a pair (to_2tuple) and refuses a non-square pair by name, so (8, 8) is the
+    model of patch_size=8: the same parameters and state-dict keys, the same loss (decoder_pred's width was
+    once `patch_size ** 2`: a TypeError naming nothing for a pair)."""
+    from maefast.models import MaskedAutoencoderViT as Fast
+
+    cls = Fast if fast else R.MaskedAutoencoderViT
+    small = dict(img_size=16, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=1,
+                 decoder_num_heads=2)
+    m = cls(patch_size=(8, 8), **small)
+    want = cls(patch_size=8, **small)
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in want.state_dict().items()}
+    m.load_state_dict(want.state_dict())
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 4)
+    assert torch.equal(m(imgs, noise=noise)[0], want(imgs, noise=noise)[0])
+    with pytest.raises(ValueError, match="patch_size must be square"):
+        cls(patch_size=(8, 4), **small)
+
+
+def test_one_channel_rectangular_model_round_trips_its_patches_and_checks_both_sides():
+    """in_chans and the (h, w) grid reach the model's helpers: a one-channel 16 x 40 model predicts p * p values per
+    patch, unpatchify(patchify(imgs)) gives the images back, and images of another channel count, or of the right
+    height but another width, are refused naming what the model takes."""
+    m = R.MaskedAutoencoderViT(img_size=(16, 40), patch_size=8, in_chans=1, embed_dim=16, depth=1, num_heads=2,
+                               decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(2, 1, 16, 40)
+    assert torch.equal(m.unpatchify(m.patchify(imgs)), imgs)
+    loss, pred, mask = m(imgs, 0.5)
+    assert pred.shape == (2, 10, 64) and mask.shape == (2, 10) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="1 channels"):
+        m(torch.randn(2, 3, 16, 40))
+    with pytest.raises(ValueError, match="imgs must be 16x40"):
+        m(torch.randn(2, 1, 16, 16))
