@@ -59,6 +59,24 @@ def _check_number(name: str, v) -> float:
     return f
 
 
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
+    captured step's graph reads) is written in place, with no host sync; one that an earlier group holds too
+    (torch.optim gives every group the same tensor when the default lr is a tensor) is first copied for this
+    group, so that each group keeps its own value."""
+    held = set()
+    for group in optimizer.param_groups:
+        v = lr * group["lr_scale"] if "lr_scale" in group else lr
+        t = group["lr"]
+        if isinstance(t, torch.Tensor):
+            if id(t) in held:
+                t = group["lr"] = t.detach().clone()
+            held.add(id(t))
+            t.fill_(v)
+        else:
+            group["lr"] = v
+
+
 class TrainStep:
     """One MAE training step of `model` with `optimizer`; each call is one (micro-)batch.
 
@@ -345,12 +363,7 @@ class TrainStep:
         lr = _check_number("lr", lr)
         if self.captured:
             self._check_optimizer_intact()
-        for group in self.optimizer.param_groups:
-            v = lr * group["lr_scale"] if "lr_scale" in group else lr
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(v)
-            else:
-                group["lr"] = v
+        set_group_lrs(self.optimizer, lr)
 
     def _set_mask_source(self, noise) -> None:
         source = "noise" if noise is not None else ("seed" if self._takes_seed else "model")
@@ -418,11 +431,16 @@ class TrainStep:
         self.static_noise = None if noise is None else noise.detach().clone()
         # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
         self._seed_dev = torch.full((1,), self.seed - 1, dtype=torch.int64, device=dev)
-        # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in)
+        # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in), one
+        # per group (torch.optim gives every group the one tensor of a tensor default lr: set_lr's lr_scale)
+        held = set()
         for group in self.optimizer.param_groups:
             lr = group["lr"]
             if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
                 group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
+            elif id(lr) in held:
+                group["lr"] = lr.detach().clone()
+            held.add(id(group["lr"]))
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
         saved = self._snapshot() if self.restore else None

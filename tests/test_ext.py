@@ -304,3 +304,95 @@ def test_jpeg_reader_builds_or_says_why_not(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, os.path.join(root, "csrc", "build.py"), "--jpeg", "--output", str(out)],
                        capture_output=True, text=True, env=dict(os.environ, CC="false"))
     assert r.returncode == 1 and r.stderr.startswith("maefast._jpeg not built: ") and not out.exists()
+
+
+@pytest.mark.parametrize("devices", [2, 0, "raises", "not built"])
+def test_backends_on_a_gpu_machine(monkeypatch, devices):
+    """Where torch sees a GPU: triton runs; the built _C runs only when it sees a device itself (0 devices,
+    or an error asking, is "cannot run" with the reason, never a crash); an unbuilt _C is told so without
+    the no-GPU remark; impl="auto" names the fast backends that run."""
+    import types
+
+    import torch
+
+    import maefast
+    from maefast import _triton
+
+    def device_count():
+        if devices == "raises":
+            raise RuntimeError("cudaErrorInsufficientDriver")
+        return devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake H100")
+    built = devices != "not built"
+    monkeypatch.setattr(_cpp_lib, "_C", types.SimpleNamespace(registered=["device"], device_count=device_count)
+                        if built else None)
+    monkeypatch.setattr(_cpp_lib, "load_error", None if built else "ImportError: no maefast._C")
+    info = maefast.backends()
+    cuda_runs = devices == 2
+    assert info["torch_cuda"] is True and info["gpu"] == "Fake H100" and info["_C"] is built
+    assert info["can_run"] == {"reference": True, "triton": _triton.HAS_TRITON, "cuda": cuda_runs}
+    assert set(info["why_not"]) == {k for k, ok in info["can_run"].items() if not ok}
+    if built and not cuda_runs:
+        assert info["why_not"]["cuda"] == "maefast._C is built, but its kernels need a CUDA GPU"
+    if not built:
+        assert info["why_not"]["cuda"] == "maefast._C is not built or does not load (ImportError: no maefast._C)"
+    fast = [k for k in ("triton", "cuda") if info["can_run"][k]]
+    assert info["auto"].startswith("on CUDA tensors") and f"({' or '.join(fast)})" in info["auto"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without a GPU is told")
+def test_backends_without_a_gpu_say_so_for_an_unbuilt_extension_and_the_interpreter(monkeypatch):
+    """No GPU and no _C: both reasons are given; "triton_interpreter" follows TRITON_INTERPRET."""
+    import maefast
+
+    monkeypatch.setattr(_cpp_lib, "_C", None)
+    monkeypatch.setattr(_cpp_lib, "load_error", "ImportError: no maefast._C")
+    for env, said in (("1", True), ("0", False), (None, False)):
+        if env is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", env)
+        info = maefast.backends()
+        assert info["triton_interpreter"] is said
+        assert info["why_not"]["cuda"] == ("maefast._C is not built or does not load (ImportError: no maefast._C); "
+                                           "its kernels would also need a CUDA GPU")
+
+
+def test_triton_usable_on_any_cuda_device_and_on_cpu_only_under_the_interpreter(monkeypatch):
+    """Triton runs on every CUDA device (cuda:1 of an 8-GPU rank too) and on CPU tensors only with
+    TRITON_INTERPRET=1 exactly; an importable triton has no error to report."""
+    pytest.importorskip("triton")
+    import torch
+
+    from maefast import _triton
+
+    assert _triton.HAS_TRITON is True and _triton.triton_error is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a GPU machine's setting
+    for dev in ("cuda", "cuda:0", "cuda:1"):
+        assert _triton.triton_usable(torch.device(dev)) == (True, "")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _triton.triton_usable(torch.device("cpu")) == (True, "")
+    for env in ("0", "", None):
+        if env is None:
+            monkeypatch.delenv("TRITON_INTERPRET")
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", env)
+        ok, why = _triton.triton_usable(torch.device("cpu"))
+        assert not ok and "TRITON_INTERPRET=1" in why and why.endswith("got cpu"), why
+
+
+def test_backends_reads_the_eager_dispatch_setting_without_importing_the_ops(monkeypatch):
+    """`maefast info` says how eager calls reach the ops as maefast/ops/_dispatch.py will decide it: unset or
+    empty is "direct" (the default), a typo is said to be invalid (every op call raises)."""
+    import maefast
+
+    for env, said in ((None, "direct"), ("", "direct"), ("direct", "direct"), ("custom_op", "custom_op")):
+        if env is None:
+            monkeypatch.delenv("MAEFAST_EAGER_DISPATCH", raising=False)
+        else:
+            monkeypatch.setenv("MAEFAST_EAGER_DISPATCH", env)
+        assert maefast.backends()["eager_dispatch"] == said, env
+    monkeypatch.setenv("MAEFAST_EAGER_DISPATCH", "fast")
+    assert maefast.backends()["eager_dispatch"].startswith("invalid 'fast'")

@@ -257,8 +257,11 @@ def test_deadline_plugin_skips_what_has_not_started(tmp_path):
     (tmp_path / "test_x.py").write_text("def test_a():\n    pass\n")
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "scripts"), env["PYTHONPATH"]])
-    for deadline, expect in (("0", "1 skipped"), ("9999999999", "1 passed")):
-        env["MAEFAST_DEADLINE"] = deadline
+    # unset or empty (the plugin loaded outside a timed step): no deadline, every test runs
+    for deadline, expect in (("0", "1 skipped"), ("9999999999", "1 passed"), (None, "1 passed"), ("", "1 passed")):
+        env.pop("MAEFAST_DEADLINE", None)
+        if deadline is not None:
+            env["MAEFAST_DEADLINE"] = deadline
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_deadline", "-p", "no:cacheprovider",
                             str(tmp_path / "test_x.py")], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=120)

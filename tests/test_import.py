@@ -127,9 +127,11 @@ def test_transformers_availability_check_without_hf_kernels_installed():
             import kernels.attention
         except ModuleNotFoundError:
             print('no submodules')
+        # as for a namespace folder: an empty __path__, so a submodule lookup answers None, not an error
+        print(list(m.__path__), importlib.util.find_spec('kernels.layers'))
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["namespace", "no", "submodules"], r.stdout
+    assert r.stdout.split() == ["namespace", "no", "submodules", "[]", "None"], r.stdout
 
 
 def test_a_kernels_only_a_meta_path_finder_serves_is_handed_on(tmp_path):
@@ -137,7 +139,9 @@ def test_a_kernels_only_a_meta_path_finder_serves_is_handed_on(tmp_path):
     entry: `import kernels` in the root must reach it too (not the empty stand-in)."""
     pkg = tmp_path / "elsewhere" / "kernels"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("__version__ = 'from-the-finder'\n")
+    # a package that adds a sys.path entry of its own when imported: the entry stays, after the root's
+    (pkg / "__init__.py").write_text("import sys\nsys.path.append('/added/by/kernels')\n"
+                                     "__version__ = 'from-the-finder'\n")
     r = _run_in_root(f"""
         import importlib.machinery, sys
         sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]
@@ -150,11 +154,12 @@ def test_a_kernels_only_a_meta_path_finder_serves_is_handed_on(tmp_path):
                 return None
 
         sys.meta_path.append(Finder)
+        before = list(sys.path)
         import kernels
-        print(kernels.__version__)
+        print(kernels.__version__, sys.path == before + ['/added/by/kernels'])
     """)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "from-the-finder", r.stdout
+    assert r.stdout.split() == ["from-the-finder", "True"], r.stdout
 
 
 def test_import_without_jpeg_extension():
@@ -170,3 +175,49 @@ assert info['jpeg_reader'] == jpeg.describe()
 print('ok')
 """)
     assert "ok" in out
+
+
+def test_lazy_public_names_import_on_first_use_and_nothing_else_is_there():
+    """`maefast.nn`, `maefast.ops`, `maefast.patch` and `maefast.TrainStep` (the README's entry points) are
+    reached from a bare `import maefast` without importing them first; a name maefast lacks raises
+    AttributeError (so `hasattr` and `from maefast import x` tell the truth)."""
+    out = _run("""
+import sys, maefast
+assert 'maefast.nn' not in sys.modules and 'maefast.step' not in sys.modules and 'maefast.patching' not in sys.modules
+assert maefast.nn is sys.modules['maefast.nn'] and maefast.ops is sys.modules['maefast.ops']
+from maefast.patching import patch
+from maefast.step import TrainStep
+assert maefast.patch is patch and maefast.TrainStep is TrainStep
+assert not hasattr(maefast, 'no_such_name') and not hasattr(maefast, 'trainstep')
+try:
+    from maefast import no_such_name
+except ImportError:
+    pass
+else:
+    raise SystemExit('no_such_name imported')
+assert all(getattr(maefast, name) is not None for name in maefast.__all__)
+print('ok')
+""")
+    assert "ok" in out
+
+
+def test_a_kernels_folder_beside_an_installed_maefast_is_not_taken(tmp_path):
+    """maefast/_kernels_path.py maps the `kernels/` beside maefast to `maefast.kernels` only in a source
+    checkout (setup.py beside it): in site-packages a top-level `kernels/` is someone else's package."""
+    for checkout in (False, True):
+        site = tmp_path / ("checkout" if checkout else "site")
+        (site / "maefast").mkdir(parents=True)
+        (site / "kernels").mkdir()
+        with open(os.path.join(ROOT, "maefast", "_kernels_path.py")) as f:
+            (site / "maefast" / "_kernels_path.py").write_text(f.read())
+        (site / "maefast" / "__init__.py").write_text("from . import _kernels_path\n"
+                                                      "_kernels_path.ensure_kernels_package()\n")
+        (site / "kernels" / "__init__.py").write_text("OWNER = 'the folder beside maefast'\n")
+        if checkout:
+            (site / "setup.py").write_text("")
+        r = subprocess.run([sys.executable, "-c", "import sys, maefast; m = sys.modules.get('maefast.kernels'); "
+                            "print(getattr(m, 'OWNER', None), getattr(maefast, 'kernels', None) is m)"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(site)})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == (["the", "folder", "beside", "maefast", "True"] if checkout else ["None", "True"])

@@ -182,3 +182,45 @@ def test_patch_embed_variants_use_the_launchers_gpu_tiles(script):
         else:
             got = (consts["BLOCK_D"], consts["BLOCK_KD"], consts["BLOCK_M"], warps, stages)
             assert got == pe._dw_config(dtypes[dt], uint8, cuda), name
+
+
+AOT_PROBE = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import triton
+import triton.language as tl
+import maefast  # noqa: F401  (maps the checkout's kernels/ to maefast.kernels)
+from maefast.kernels._aot import compile_for, resource_usage
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+
+c = compile_for(_scale_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 256},
+                arch=80, num_warps=2)
+print(json.dumps(dict(usage=resource_usage(c), num_warps=c.metadata.num_warps, arch=c.metadata.target.arch,
+                      ptx_target=".target sm_80" in c.asm["ptx"])))
+'''
+
+
+def test_compile_for_and_resource_usage_on_a_small_kernel(tmp_path):
+    """kernels/_aot.py itself (the script's tests stub it): the kernel is compiled for the arch and warps
+    asked, and its registers per thread and spill stack are read from the cubin, in that order (a kernel
+    this small uses a few dozen registers and spills nothing)."""
+    pytest.importorskip("triton.backends.compiler")
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("triton's bundled cuobjdump is missing")
+    (tmp_path / "probe.py").write_text(AOT_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(tmp_path / "probe.py"), ROOT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    regs, stack = got["usage"]
+    assert isinstance(regs, int) and 8 <= regs <= 255 and stack == 0, got
+    assert (got["num_warps"], got["arch"], got["ptx_target"]) == (2, 80, True), got

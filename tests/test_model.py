@@ -502,3 +502,20 @@ def test_noise_and_seed_together_are_refused_on_either_path(slow):
     with warnings.catch_warnings(), pytest.raises(ValueError, match="pass either noise or seed, not both"):
         warnings.simplefilter("ignore", routing.SlowPathWarning)
         m(imgs, 0.75, noise, seed=3)
+
+
+@pytest.mark.parametrize("factory,name", [("mae_vit_base_patch16", "base"), ("mae_vit_large_patch16", "large"),
+                                          ("mae_vit_huge_patch14", "huge"),
+                                          ("mae_vit_base_patch16_dec512d8b", "base"),
+                                          ("mae_vit_large_patch16_dec512d8b", "large"),
+                                          ("mae_vit_huge_patch14_dec512d8b", "huge")])
+def test_factory_functions_build_their_papers_model(factory, name):
+    """The official factory names (models_mae.py's, as a user's `models_mae.__dict__[args.model]` call reaches
+    them) build the model they name, and pass keyword arguments on."""
+    import maefast.models as models
+
+    p, d, depth, heads = PAPER[name]
+    with torch.device("meta"):
+        m = getattr(models, factory)(norm_pix_loss=True)
+    assert m.patch_embed.proj.kernel_size == (p, p) and m.pos_embed.shape[-1] == d and len(m.blocks) == depth
+    assert m.blocks[0].attn.num_heads == heads and m.norm_pix_loss is True

@@ -431,3 +431,20 @@ def test_a_captured_forward_runs_without_autocasts_cast_cache(fake_capture, monk
     seen.clear()
     TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True), dtype=torch.float16, capture=False)(imgs[0], noise[0])
     assert seen == [True]
+
+
+def test_a_tensor_lr_shared_by_the_groups_becomes_one_per_group(fake_capture):
+    """torch.optim gives every group the one tensor of a tensor default lr: the capture gives each group its
+    own (the graph reads them in place), so set_lr's lr_scale reaches each group, not the last one written."""
+    a, _ = twins()
+    imgs, noise = batches(1)
+    params = list(a.parameters())
+    opt = torch.optim.AdamW([{"params": params[:-1]}, {"params": params[-1:], "lr_scale": 0.25}],
+                            lr=torch.tensor(1e-3), fused=True, capturable=True)
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+    step = TrainStep(a, opt, seed=3)
+    step(imgs[0], noise[0])
+    assert step.captured and opt.param_groups[0]["lr"] is not opt.param_groups[1]["lr"]
+    step.set_lr(2e-4)
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([2e-4, 5e-5])
+    step(imgs[0], noise[0])  # the tensors the graph reads: the optimizer's, unchanged by set_lr

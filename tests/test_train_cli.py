@@ -389,3 +389,55 @@ def test_exit_codes_and_the_one_line_of_a_users_error(monkeypatch, capsys):
     assert capsys.readouterr().err == "maefast x: error: [Errno 28] No space left on device\n"
     with pytest.raises(OSError, match="Input/output error"):
         guarded("maefast x", raising(OSError(errno.EIO, "Input/output error")), [])
+
+
+def test_loss_curve_from_either_log_alone_and_where_it_is_asked(tmp_path):
+    """A run stopped inside its first epoch has only steps.jsonl; a log.jsonl may hold lines without a
+    train_loss: each is plotted from what there is, nothing at all is None; `out` is where the PNG goes."""
+    import json
+
+    from PIL import Image
+
+    from maefast.train.plot import plot_loss_curve
+
+    assert plot_loss_curve(str(tmp_path)) is None
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "note": "resumed"}) + "\n")
+    assert plot_loss_curve(str(tmp_path)) is None
+    with open(tmp_path / "steps.jsonl", "w") as f:
+        for s, v in ((1, 1.0), (2, 0.9), (3, 0.85)):
+            f.write(json.dumps({"step": s, "loss": v}) + "\n")
+    out = plot_loss_curve(str(tmp_path))
+    assert out == str(tmp_path / "loss_curve.png") and Image.open(out).format == "PNG"
+    os.remove(tmp_path / "steps.jsonl")
+    os.remove(out)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 0, "step": 3, "train_loss": 0.9}) + "\n")
+    asked = str(tmp_path / "curve.png")
+    assert plot_loss_curve(str(tmp_path), out=asked) == asked and Image.open(asked).format == "PNG"
+    assert not os.path.exists(tmp_path / "loss_curve.png")
+
+
+@pytest.mark.parametrize("n,marked", [(2, True), (50, True), (51, False)])
+def test_loss_curve_marks_every_reading_of_a_short_run(tmp_path, monkeypatch, n, marked):
+    """Up to 50 step readings each get a marker (a run of a few steps is points, and a single reading draws no
+    line at all); a long run's line is drawn bare. The step line lies above the epoch means."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from maefast.train.plot import plot_loss_curve
+
+    with open(tmp_path / "steps.jsonl", "w") as f:
+        for s in range(1, n + 1):
+            f.write(json.dumps({"step": s, "loss": 1.0 / s}) + "\n")
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 0, "step": n, "train_loss": 0.5}) + "\n")
+    saved = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or savefig(fig, *a, **k))
+    plot_loss_curve(str(tmp_path))
+    (fig,) = saved
+    epoch_line, step_line = fig.axes[0].get_lines()
+    assert list(step_line.get_xdata()) == list(range(1, n + 1))
+    assert (step_line.get_marker() == "o") == marked and step_line.get_zorder() > epoch_line.get_zorder()

@@ -416,3 +416,55 @@ def test_what_counts_as_set(tmp_path):
     assert as_config(TrainConfig(epochs=3), {"seed": 0}).explicit == ("epochs", "seed")
     cfg = as_config(None, {"resume": Path(tmp_path / "ck.pth"), "cuda_graph": False})
     assert cfg.resume == str(tmp_path / "ck.pth") and cfg.cuda_graph is False  # a bool: older runs' value
+
+
+def test_lr_schedule_past_its_end_and_without_a_cosine_span():
+    """`lr_at` (public: maefast.train.lr_at) past the last epoch stays at min_lr instead of climbing back up
+    the cosine; a schedule whose warm-up is the whole run (warmup_epochs == epochs) has no cosine to follow:
+    after it, the peak lr (not min_lr, and no ZeroDivisionError); without a warm-up the run starts at the peak."""
+    lr, min_lr = 1e-3, 1e-5
+    for e in (10.0, 10.25, 12.0, 19.0):
+        assert schedule.lr_at(e, lr, 1, 10, min_lr) == pytest.approx(min_lr, rel=1e-9)
+    assert schedule.lr_at(9.75, lr, 1, 10, min_lr) == pytest.approx(official_lr(9.75, lr, 1, 10, min_lr))
+    assert schedule.lr_at(1.5, lr, 2, 2, min_lr) == pytest.approx(official_lr(1.5, lr, 2, 2, min_lr))  # warm-up
+    for e in (2.0, 2.5):
+        assert schedule.lr_at(e, lr, 2, 2, min_lr) == lr
+    assert schedule.lr_at(0.0, lr, 0, 10, min_lr) == pytest.approx(lr)  # --warmup-epochs 0: the peak at once
+
+
+def test_adjust_learning_rate_fills_a_tensor_lr_in_place():
+    """A captured (CUDA-graph) step reads each group's lr tensor where the graph recorded it: the schedule
+    must write into that tensor, not replace it with a float the graph never sees."""
+    p1, p2 = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    # one tensor per group, as TrainStep's capture makes them (a tensor given as the optimizer's default is shared)
+    opt = torch.optim.AdamW([{"params": [p1], "lr": torch.tensor(1.0)},
+                             {"params": [p2], "lr": torch.tensor(1.0), "lr_scale": 0.25}])
+    tensors = [g["lr"] for g in opt.param_groups]
+    got = schedule.adjust_learning_rate(opt, 3.0, 1e-3, 1, 5, 1e-5)
+    assert got == pytest.approx(official_lr(3.0, 1e-3, 1, 5, 1e-5))
+    assert all(g["lr"] is t for g, t in zip(opt.param_groups, tensors))
+    assert [float(t) for t in tensors] == pytest.approx([got, got * 0.25])
+
+
+def test_param_groups_leave_frozen_tensors_out_and_honour_skip_list():
+    """timm 0.3.2 add_weight_decay, as the official main_pretrain.py calls it: frozen tensors (the sin-cos
+    pos_embed) are not optimised at all; names in skip_list are not decayed whatever their rank; the decayed
+    group carries the weight decay asked for."""
+    model = create_model("mae_vit_tiny_test")
+    no_decay, decay = schedule.param_groups_weight_decay(model, 0.3, skip_list=("mask_token",))
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.3)
+    named = dict(model.named_parameters())
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert id(named["mask_token"]) in ids(no_decay) and id(named["cls_token"]) in ids(decay)
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert frozen and not frozen & (ids(no_decay) | ids(decay))
+    assert len(ids(no_decay) | ids(decay)) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_adjust_learning_rate_with_one_tensor_lr_shared_by_the_groups():
+    """torch.optim gives every group the same tensor when the default lr is a tensor (lr=torch.tensor(...), as
+    for a capturable or fused AdamW): each group must still get lr x its own lr_scale."""
+    p1, p2 = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([{"params": [p1]}, {"params": [p2], "lr_scale": 0.25}], lr=torch.tensor(1.0))
+    got = schedule.adjust_learning_rate(opt, 3.0, 1e-3, 1, 5, 1e-5)
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([got, got * 0.25])

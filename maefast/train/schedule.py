@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..step import set_group_lrs
+
 BETAS = (0.9, 0.95)
 BASE_LR = 1.5e-4
 WEIGHT_DECAY = 0.05
@@ -74,10 +76,5 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, lr: flo
                          epochs: float, min_lr: float = 0.0) -> float:
     """Sets every group's lr for this iteration (times the group's ``lr_scale`` if present); returns it."""
     value = lr_at(epoch, lr, warmup_epochs, epochs, min_lr)
-    for group in optimizer.param_groups:
-        v = value * group["lr_scale"] if "lr_scale" in group else value
-        if isinstance(group["lr"], torch.Tensor):  # a captured (CUDA-graph) step reads it in place
-            group["lr"].fill_(v)
-        else:
-            group["lr"] = v
+    set_group_lrs(optimizer, value)  # a tensor lr in place: a captured (CUDA-graph) step reads it there
     return value
