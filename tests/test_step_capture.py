@@ -433,18 +433,33 @@ def test_a_captured_forward_runs_without_autocasts_cast_cache(fake_capture, monk
     assert seen == [True]
 
 
-def test_a_tensor_lr_shared_by_the_groups_becomes_one_per_group(fake_capture):
-    """torch.optim gives every group the one tensor of a tensor default lr: the capture gives each group its
-    own (the graph reads them in place), so set_lr's lr_scale reaches each group, not the last one written."""
-    a, _ = twins()
-    imgs, noise = batches(1)
-    params = list(a.parameters())
-    opt = torch.optim.AdamW([{"params": params[:-1]}, {"params": params[-1:], "lr_scale": 0.25}],
-                            lr=torch.tensor(1e-3), fused=True, capturable=True)
-    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
-    step = TrainStep(a, opt, seed=3)
-    step(imgs[0], noise[0])
-    assert step.captured and opt.param_groups[0]["lr"] is not opt.param_groups[1]["lr"]
-    step.set_lr(2e-4)
-    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([2e-4, 5e-5])
-    step(imgs[0], noise[0])  # the tensors the graph reads: the optimizer's, unchanged by set_lr
+def test_a_tensor_lr_shared_by_the_groups_is_split_only_by_lr_scale(fake_capture):
+    """torch.optim gives every group the one tensor of a tensor default lr. Groups of one lr_scale keep sharing
+    it through the capture (a caller writing that tensor steers them all, as before the capture); a group of
+    another lr_scale gets its own, so set_lr's scale reaches it, and each replay steps each group at its own
+    lr (as an eager twin steps)."""
+    a, b = twins()
+    imgs, noise = batches(2)
+
+    def groups(model):
+        ps = list(model.parameters())
+        return [{"params": ps[:-2]}, {"params": ps[-2:-1]}, {"params": ps[-1:], "lr_scale": 0.25}]
+
+    lr_t = torch.tensor(1e-3)
+    opt = torch.optim.AdamW(groups(a), lr=lr_t, fused=True, capturable=True)
+    twin = torch.optim.AdamW(groups(b), lr=torch.tensor(1e-3), fused=True, capturable=True)  # the same arithmetic
+    step, eager = TrainStep(a, opt, seed=3), TrainStep(b, twin, seed=3, capture=False)
+    for s in (step, eager):  # captured with the three groups sharing lr_t (no set_lr yet)
+        s(imgs[0], noise[0])
+    g = opt.param_groups
+    assert step.captured and g[0]["lr"] is g[1]["lr"] is lr_t and g[2]["lr"] is not lr_t
+    lr_t.fill_(5e-4)  # the caller's own tensor: both groups that share it
+    assert [float(x["lr"]) for x in g] == pytest.approx([5e-4, 5e-4, 1e-3])
+    for s in (step, eager):
+        s.set_lr(2e-3)
+    assert [float(x["lr"]) for x in g] == pytest.approx([2e-3, 2e-3, 5e-4])
+    assert [float(x["lr"]) for x in twin.param_groups] == pytest.approx([2e-3, 2e-3, 5e-4])
+    assert_same_params(a, b)
+    for s in (step, eager):
+        s(imgs[1], noise[1])
+    assert_same_params(a, b)
