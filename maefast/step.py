@@ -61,20 +61,27 @@ def _check_number(name: str, v) -> float:
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
-    captured step's graph reads) is written in place, with no host sync. torch.optim gives every group the
-    same tensor when the default lr is a tensor: groups that share one keep sharing it where they take the
-    same value, and a group whose ``lr_scale`` gives another value gets its own copy first."""
-    written = {}
+    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first)."""
+    _own_lr_per_scale(optimizer)
     for group in optimizer.param_groups:
         v = lr * group["lr_scale"] if "lr_scale" in group else lr
-        t = group["lr"]
-        if isinstance(t, torch.Tensor):
-            if written.get(id(t), v) != v:
-                t = group["lr"] = t.detach().clone()
-            written[id(t)] = v
-            t.fill_(v)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(v)
         else:
             group["lr"] = v
+
+
+def _own_lr_per_scale(optimizer: torch.optim.Optimizer) -> None:
+    """torch.optim gives every group the same tensor when the default lr is a tensor: groups of one
+    ``lr_scale`` keep sharing it (a caller writing it steers them all), a group of another scale gets its own
+    copy (else the last group's scaled value would be every group's)."""
+    scales = {}
+    for group in optimizer.param_groups:
+        t, scale = group["lr"], group.get("lr_scale", 1.0)
+        if isinstance(t, torch.Tensor):
+            if scales.get(id(t), scale) != scale:
+                t = group["lr"] = t.detach().clone()
+            scales[id(t)] = scale
 
 
 class TrainStep:
@@ -431,17 +438,13 @@ class TrainStep:
         self.static_noise = None if noise is None else noise.detach().clone()
         # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
         self._seed_dev = torch.full((1,), self.seed - 1, dtype=torch.int64, device=dev)
-        # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in). The one
-        # tensor torch.optim gives every group of a tensor default lr stays shared (a caller writing it steers
-        # them all) by the groups of one lr_scale; a group of another scale gets its own (set_group_lrs)
-        scales = {}
+        # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in), one
+        # per lr_scale where groups share one (set_lr then never replaces a tensor the graph reads)
         for group in self.optimizer.param_groups:
-            lr, scale = group["lr"], group.get("lr_scale", 1.0)
+            lr = group["lr"]
             if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
                 group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
-            elif scales.get(id(lr), scale) != scale:
-                group["lr"] = lr.detach().clone()
-            scales[id(group["lr"])] = scale
+        _own_lr_per_scale(self.optimizer)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
         saved = self._snapshot() if self.restore else None
