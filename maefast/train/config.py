@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true",
       help="start over in an --output-dir that holds a run: its checkpoints, logs and export are deleted")
     a("--dist-timeout", type=float, default=300.0,
-      help="seconds before a rank that stopped answering stops the run (named in the message); also the wait "
-           "limit of every collective, so the slowest step, a checkpoint write and a first --compile step must fit")
+      help="seconds before a rank that stopped answering stops the run (named in the message); 30 s more is the "
+           "wait limit of every collective, so the slowest step, a checkpoint write and a first --compile step "
+           "must fit")
     a("--seed", type=int, default=0, help="seed of the initial weights, the data order, crops, flips and masks "
                                           "(0 <= seed < 2**32)")
     a("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many optimizer steps in total")
