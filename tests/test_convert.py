@@ -52,8 +52,10 @@ def _as_4x_names(hf_sd):
     out = {}
     for k, v in hf_sd.items():
         k = re.sub(r"^vit\.layers\.", "vit.encoder.layer.", k)
-        k = k.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
-        k = k.replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense")
+        k = k.replace("attention.q_proj", "attention.attention.query")
+        k = k.replace("attention.k_proj", "attention.attention.key")
+        k = k.replace("attention.v_proj", "attention.attention.value")
+        k = k.replace("attention.o_proj", "attention.output.dense")
         k = k.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
         out[k] = v
     return out
@@ -244,3 +246,81 @@ def test_one_mlp_ratio_that_floating_point_does_not_round_trip():
                                     decoder_num_attention_heads=2, decoder_intermediate_size=488)
     m = from_transformers_model(transformers.ViTMAEForPreTraining(cfg))
     assert m.blocks[0].mlp.fc1.out_features == m.decoder_blocks[0].mlp.fc1.out_features == 488
+
+
+def _distinct(model):
+    """``model`` with every tensor of its state dict made distinct (fresh LayerNorms are all ones and zeros: a
+    swap of two of them converts to the same numbers)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + torch.rand((), generator=gen))
+    return model
+
+
+def test_to_transformers_puts_each_tensor_under_its_own_name():
+    """Every official tensor lands under the transformers name of the same piece (norm1 before the attention,
+    norm2 after it; q, k, v in that order out of qkv), checked on a model whose tensors all differ."""
+    sd = _distinct(_tiny()).state_dict()
+    hf = to_transformers(sd)
+    for src, dst in (("blocks.1.norm1", "vit.layers.1.layernorm_before"),
+                     ("blocks.1.norm2", "vit.layers.1.layernorm_after"),
+                     ("decoder_blocks.0.norm1", "decoder.decoder_layers.0.layernorm_before"),
+                     ("blocks.0.attn.proj", "vit.layers.0.attention.o_proj"), ("norm", "vit.layernorm"),
+                     ("decoder_norm", "decoder.decoder_norm"), ("blocks.0.mlp.fc2", "vit.layers.0.mlp.fc2")):
+        for p in ("weight", "bias"):
+            assert torch.equal(hf[f"{dst}.{p}"], sd[f"{src}.{p}"]), (src, p)
+    q, k, v = sd["blocks.1.attn.qkv.weight"].chunk(3)
+    for name, want in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+        assert torch.equal(hf[f"vit.layers.1.attention.{name}.weight"], want), name
+
+
+def test_transformers_model_computes_as_maefast_on_distinct_weights():
+    """The converted transformers model gives maefast's loss and prediction when no two tensors are alike (the
+    oracle tests start from fresh LayerNorms, which a swapped pair does not change)."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    m = _distinct(create_model("tiny", impl="reference")).eval()
+    hf = to_transformers_model(m, mask_ratio=0.5).eval()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        out = hf(pixel_values=imgs, noise=noise)
+        loss, pred, mask = m(imgs, mask_ratio=0.5, noise=noise)
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_split_qkv_is_saved_as_separate_tensors(tmp_path):
+    """q, k and v are copies, not views of the fused qkv: safetensors (transformers' save format) refuses tensors
+    that share memory, and an edit of the source must not reach the converted dict."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    sd = _tiny().state_dict()
+    hf = to_transformers(sd)
+    safetensors_torch.save_file(hf, str(tmp_path / "model.safetensors"))
+    q = hf["vit.layers.0.attention.q_proj.weight"].clone()
+    sd["blocks.0.attn.qkv.weight"].add_(1.0)
+    assert torch.equal(hf["vit.layers.0.attention.q_proj.weight"], q)
+
+
+def test_checkpoint_layouts_unwrap_to_the_state_dict():
+    """A state dict under 'model', 'state_dict' or 'model_state', or bare; a key that holds no mapping (e.g. a
+    model's name under 'model') is passed over; wrapper prefixes go in every layout."""
+    sd = {"cls_token": torch.zeros(1), "blocks.0.norm1.weight": torch.ones(2)}
+    wrapped = {f"module.{k}": v for k, v in sd.items()}
+    for ck in ({"model": sd}, {"state_dict": sd}, {"model_state": sd},
+               {"model": "mae_vit_base_patch16", "state_dict": sd}, wrapped, {"model_state": wrapped}):
+        assert unwrap_checkpoint(ck) == sd, list(ck)
+
+
+def test_transformers_model_of_a_one_channel_model():
+    """in_chans goes into the config (num_channels): a 1-channel model converts and back."""
+    pytest.importorskip("transformers")
+    from maefast.convert import from_transformers_model, to_transformers_model
+
+    m = _tiny(in_chans=1)
+    hf = to_transformers_model(m)
+    assert hf.config.num_channels == 1
+    back = from_transformers_model(hf)
+    assert back.in_chans == 1 and all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())

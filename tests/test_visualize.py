@@ -293,3 +293,118 @@ def test_panels_are_at_least_panel_min_pixels(tmp_path):
                 ck)
     res = vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
     assert res["panel"] == (240, 240) and min(res["panel"]) >= vis.PANEL_MIN
+
+
+def test_checkpoint_without_model_kwargs_takes_the_image_size_of_its_weights(tmp_path):
+    """A checkpoint that names its model but records no model_kwargs (an official one, a hand-made one): the image
+    size is read off pos_embed and the patch size (48 px here, not the named model's default 32)."""
+    model = create_model("mae_vit_tiny_test", img_size=48)
+    ck = str(tmp_path / "48.pth")
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test"}, ck)
+    res = vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
+    assert res["panel"] == (240, 240) and res["losses"][0] > 0
+
+
+def test_weights_of_another_model_are_named_not_a_load_error(tmp_path):
+    """Weights that do not fit the named model are one ValueError saying how (a shape, an extra tensor), not
+    load_state_dict's RuntimeError (a traceback from the CLI)."""
+    state = create_model("mae_vit_tiny_test").state_dict()
+    shaped = str(tmp_path / "shaped.pth")
+    atomic_save({"model": {**state, "decoder_pred.bias": torch.zeros(5)}, "model_name": "mae_vit_tiny_test"}, shaped)
+    extra = str(tmp_path / "extra.pth")
+    atomic_save({"model": {**state, "head.weight": torch.zeros(3)}, "model_name": "mae_vit_tiny_test"}, extra)
+    img = _image(tmp_path)
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) of another shape \(e.g. decoder_pred.bias: \(5,\) in the"):
+        vis.visualize(shaped, img, str(tmp_path / "o.png"))
+    with pytest.raises(ValueError, match=r"do not fit mae_vit_tiny_test: 1 unexpected \(e.g. head.weight\)"):
+        vis.visualize(extra, img, str(tmp_path / "o.png"))
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_out_spelled_another_way_is_still_the_checkpoint(tmp_path):
+    """--out naming the checkpoint by another path (./, a symlink) is the same file: refused, the checkpoint kept
+    (a string comparison let --overwrite replace the training run's weights with a PNG)."""
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    saved = open(ck, "rb").read()
+    link = tmp_path / "link.pth"
+    link.symlink_to(ck)
+    for out in (str(tmp_path / "." / "ck_0.pth"), str(link)):
+        with pytest.raises(ValueError, match="is one of the inputs"):
+            vis.visualize(ck, img, out, overwrite=True)
+    assert open(ck, "rb").read() == saved
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_images_of_other_modes_are_shown_as_rgb(tmp_path, mode):
+    """A grayscale, RGBA or palette image is converted to RGB as the data path does: its original panel is the
+    RGB conversion's centre crop."""
+    ck = _checkpoint(tmp_path)
+    path = str(tmp_path / f"img.{mode}.png")
+    Image.open(_image(tmp_path)).convert(mode).save(path)
+    res = vis.visualize(ck, path, str(tmp_path / "o.png"))
+    with Image.open(tmp_path / "o.png") as im:
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    x0, y0, x1, y1 = res["boxes"][0][0]
+    x = center_transform(Image.open(path).convert("RGB"), 32)
+    assert np.array_equal(arr[y0:y1, x0:x1], np.asarray(vis._to_pil(x, res["panel"])).astype(int))
+
+
+def test_titles_and_caption_are_drawn_inside_the_grid(tmp_path, monkeypatch):
+    """Each panel's title over it (the loss on the reconstruction's), the caption under the rows wrapped to the
+    grid's width, every line inside the PNG."""
+    from PIL import ImageDraw
+
+    drawn = []
+    real = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append((xy, text))
+                        or real(self, xy, text, *a, **k))
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    res = vis.visualize(ck, img, str(tmp_path / "o.png"), mask_ratio=0.5)
+    boxes = res["boxes"][0]
+    titles = [(xy, t) for xy, t in drawn if xy[1] < boxes[0][1]]
+    assert [t for _, t in titles] == ["original", "masked 50%", f"reconstruction (loss {res['losses'][0]:.3f})",
+                                      "reconstruction + visible"]
+    assert [xy[0] for xy, _ in titles] == [b[0] for b in boxes]
+    lines = [(xy, t) for xy, t in drawn if xy[1] >= boxes[0][3]]
+    assert " ".join(t for _, t in lines) == " ".join(" ".join(c.split()) for c in res["caption"])
+    with Image.open(tmp_path / "o.png") as im:
+        width, height = im.size
+    chars = max(len(t) for _, t in lines)
+    assert len(lines) <= 2 * len(res["caption"]) + 1 and chars * 6 <= width - vis.MARGIN
+    assert lines[-1][0][1] + vis.LINE_H <= height
+
+
+def test_caption_names_the_mask_seed_of_each_row():
+    assert "mask seed 4;" in vis.caption_for("m", False, 0.75, 4)[0]
+    assert "mask seeds 4..6 (one per row)" in vis.caption_for("m", False, 0.75, 4, rows=3)[0]
+
+
+def test_cli_defaults_overwrite_and_interrupt(tmp_path, monkeypatch, capsys):
+    """The flags' defaults (reconstruction.png, 75%, seed 0, the checkpoint's norm_pix_loss); an existing --out
+    kept without --overwrite, replaced with it; Ctrl-C is exit 130 and one line, not a traceback."""
+    a = vis.build_parser().parse_args(["--checkpoint", "c.pth", "--image", "i.png"])
+    assert (a.out, a.mask_ratio, a.seed, a.model, a.norm_pix_loss, a.overwrite) == (
+        "reconstruction.png", 0.75, 0, None, None, False)
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    out = tmp_path / "o.png"
+    out.write_bytes(b"mine")
+    args = ["--checkpoint", ck, "--image", img, "--out", str(out)]
+    assert vis.main(args) == 2 and out.read_bytes() == b"mine"
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert vis.main(args + ["--overwrite"]) == 0 and out.read_bytes().startswith(b"\x89PNG")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vis, "visualize", interrupted)
+    try:
+        rc = vis.main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main: a traceback, not exit 130")
+    assert rc == 130 and capsys.readouterr().err == "maefast visualize: interrupted\n"
+
+
+def test_a_bad_mask_ratio_is_refused_before_the_checkpoint_is_read(tmp_path):
+    """--mask-ratio outside (0, 1) is named first, before a (slow, large) checkpoint is loaded."""
+    with pytest.raises(ValueError, match="--mask-ratio"):
+        vis.visualize(str(tmp_path / "missing.pth"), _image(tmp_path), str(tmp_path / "o.png"), mask_ratio=1.5)
