@@ -59,10 +59,15 @@ def _check_number(name: str, v) -> float:
     return f
 
 
-def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float, keep_tensors: bool = False) -> None:
     """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
-    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first)."""
-    _own_lr_per_scale(optimizer)
+    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first).
+    ``keep_tensors``: no group's tensor is replaced (a captured step's graphs read them): groups sharing one
+    tensor but no longer one ``lr_scale`` are a ValueError, and nothing is written."""
+    for i in _own_lr_per_scale(optimizer, replace=not keep_tensors)[:1]:
+        raise ValueError(f"param group {i}'s lr_scale ({optimizer.param_groups[i].get('lr_scale', 1.0)}) differs "
+                         "from that of a group it shares its lr tensor with, which the captured graphs read: set "
+                         "lr_scale before the step's first call (or give the groups lr tensors of their own)")
     for group in optimizer.param_groups:
         v = lr * group["lr_scale"] if "lr_scale" in group else lr
         if isinstance(group["lr"], torch.Tensor):
@@ -71,17 +76,22 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = v
 
 
-def _own_lr_per_scale(optimizer: torch.optim.Optimizer) -> None:
+def _own_lr_per_scale(optimizer: torch.optim.Optimizer, replace: bool = True) -> list[int]:
     """torch.optim gives every group the same tensor when the default lr is a tensor: groups of one
     ``lr_scale`` keep sharing it (a caller writing it steers them all), a group of another scale gets its own
-    copy (else the last group's scaled value would be every group's)."""
-    scales = {}
-    for group in optimizer.param_groups:
+    copy (else the last group's scaled value would be every group's). With ``replace`` False nothing changes:
+    returns the indices of the groups that would need a copy (empty when none would); with True, []."""
+    scales, split = {}, []
+    for i, group in enumerate(optimizer.param_groups):
         t, scale = group["lr"], group.get("lr_scale", 1.0)
         if isinstance(t, torch.Tensor):
             if scales.get(id(t), scale) != scale:
+                if not replace:
+                    split.append(i)
+                    continue
                 t = group["lr"] = t.detach().clone()
             scales[id(t)] = scale
+    return split
 
 
 class TrainStep:
@@ -220,8 +230,9 @@ class TrainStep:
     def _check_config_ratio(self) -> None:
         if self._config is not None and self._config.mask_ratio != self.mask_ratio:
             r = self._config.mask_ratio
-            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(unwrap(self.model)[-1]).__name__} takes its ratio "
-                             f"from model.config.mask_ratio ({r}): build the step with mask_ratio={r}, or set that")
+            raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(unwrap(self.model)[-1]).__name__} takes its "
+                             f"ratio from model.config.mask_ratio ({r}): build the step with mask_ratio={r}, or set "
+                             "that")
 
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
               cache: bool = True) -> torch.Tensor:
@@ -370,7 +381,7 @@ class TrainStep:
         lr = _check_number("lr", lr)
         if self.captured:
             self._check_optimizer_intact()
-        set_group_lrs(self.optimizer, lr)
+        set_group_lrs(self.optimizer, lr, keep_tensors=self.captured)
 
     def _set_mask_source(self, noise) -> None:
         source = "noise" if noise is not None else ("seed" if self._takes_seed else "model")
@@ -543,6 +554,7 @@ class TrainStep:
             s.copy_(imgs, non_blocking=True)
         graph, out = self._graphs[update]
         self._check_optimizer_intact()
+        self._check_config_ratio()  # the captured Python that checks it does not run in a replay
         self._replaying = True
         try:
             graph.replay()

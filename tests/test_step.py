@@ -150,6 +150,19 @@ def test_capture_blocker_reasons():
         TrainStep(m, good, capture=True)
 
 
+def test_capture_blocker_reads_every_group_and_any_non_cuda_device():
+    """A later param group built with capturable=False blocks the capture as the first would (its step counts
+    live on the host); a model on any device but CUDA (meta here, not only the CPU) is not captured."""
+    m = mb.build_model("tiny", "auto", CPU)
+    ps = list(m.parameters())
+    mixed = torch.optim.AdamW([{"params": ps[:-1]}, {"params": ps[-1:], "capturable": False}], fused=True,
+                              capturable=True)
+    assert "AdamW was built without capturable=True" in capture_blocker(m, mixed, None, torch.device("cuda"))
+    good = torch.optim.AdamW(ps, fused=True, capturable=True)
+    reason = capture_blocker(m, good, None, torch.device("meta"))
+    assert reason == "CUDA graphs need a CUDA device (the model is on meta)"
+
+
 class DDPLike(nn.Module):
     """DistributedDataParallel's shape: .module, no_sync() (records when it is entered: the number of
     forwards run before)."""
@@ -460,3 +473,67 @@ def test_a_transformers_ratio_that_differs_is_refused_when_built():
     hf = to_transformers_model(mb.build_model("tiny", "reference", CPU), mask_ratio=0.5)
     with pytest.raises(ValueError, match=r"mask_ratio=0.75, but .* model.config.mask_ratio \(0.5\)"):
         TrainStep(hf, torch.optim.AdamW(hf.parameters()), capture=False)
+
+
+def test_only_fp16_brings_a_grad_scaler_by_default():
+    """scaler=None: a new GradScaler for fp16 only; bf16 and fp32 have the range of fp32 and step without one (a
+    scaler there would skip steps on its own and, on a captured step, needs a fused AdamW for nothing)."""
+    m = mb.build_model("tiny", "auto", CPU)
+    opt = torch.optim.AdamW(m.parameters())
+    for dtype in (torch.bfloat16, torch.float32):
+        assert TrainStep(m, opt, dtype=dtype, capture=False).scaler is None, dtype
+    assert isinstance(TrainStep(m, opt, dtype=torch.float16, capture=False).scaler, torch.amp.GradScaler)
+
+
+def test_a_seed_past_philoxs_range_is_refused():
+    """Call k draws with seed + k, which must stay inside Philox's [0, 2**63): seeds are refused from 2**62 on
+    (the largest one below is taken)."""
+    m = mb.build_model("tiny", "auto", CPU)
+    opt = torch.optim.AdamW(m.parameters())
+    assert TrainStep(m, opt, seed=2 ** 62 - 1, capture=False).seed == 2 ** 62 - 1
+    for bad in (2 ** 62, 2 ** 63 + 5):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*62\)"):
+            TrainStep(m, opt, seed=bad, capture=False)
+
+
+def test_a_model_without_parameters_is_refused_by_name():
+    """A model with no parameters (a wrapper whose MAE is held outside it, say) has nothing to train and no device
+    to step on: a ValueError saying so, before the optimizer is looked at."""
+    m = mb.build_model("tiny", "auto", CPU)
+    holder = nn.Module()
+    holder.__dict__["mae"] = m  # not registered: holder has no parameters
+    with pytest.raises(ValueError, match="model has no parameters to train"):
+        TrainStep(holder, torch.optim.AdamW(m.parameters()), capture=False)
+
+
+@pytest.mark.parametrize("name", ["accum_steps", "warmup_steps", "clip_grad", "seed"])
+def test_a_bool_is_no_step_count_norm_or_seed(name):
+    """True is the int 1 to Python: accum_steps=True, warmup_steps=True, clip_grad=True (a max norm of 1) or
+    seed=True (seed 1) is a flag passed to the wrong argument, refused by name rather than taken as 1."""
+    m = mb.build_model("tiny", "auto", CPU)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        TrainStep(m, torch.optim.AdamW(m.parameters()), capture=False, **{name: True})
+
+
+class ConfigWithoutRatio(nn.Module):
+    """A wrapper with a ``config`` that has no number for mask_ratio, whose forward takes the ratio in **kwargs."""
+
+    def __init__(self, mae, ratio_attr):
+        super().__init__()
+        self.mae = mae
+        self.config = type("Config", (), {} if ratio_attr is None else {"mask_ratio": ratio_attr})()
+
+    def forward(self, imgs, **kw):
+        return self.mae(imgs, **kw)
+
+
+@pytest.mark.parametrize("ratio_attr", [None, "0.5"], ids=["no-attribute", "not-a-number"])
+def test_a_config_without_a_numeric_ratio_is_not_the_models_ratio(ratio_attr):
+    """Only a config whose mask_ratio is a number (transformers' ViTMAE) takes the ratio away from the step: any
+    other ``config`` is ignored and the step passes its own mask_ratio= (as to a model without one)."""
+    a, b = twins()
+    imgs, noise = batches(1)
+    step = TrainStep(ConfigWithoutRatio(a, ratio_attr), torch.optim.AdamW(a.parameters(), lr=1e-3), mask_ratio=0.5,
+                     capture=False)
+    eager = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=1e-3), mask_ratio=0.5, capture=False)
+    torch.testing.assert_close(step(imgs[0], noise=noise[0]), eager(imgs[0], noise=noise[0]))

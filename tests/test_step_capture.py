@@ -59,7 +59,8 @@ def test_captured_step_equals_eager_step(fake_capture, case):
         assert cap.optimizer_steps == eager.optimizer_steps
     assert sum(g.replays for g in fake_capture.made) == 6
     for g in opt_a.param_groups:
-        assert isinstance(g["lr"], torch.Tensor) and g["lr"].dtype == torch.float32 and float(g["lr"]) == pytest.approx(1e-4)
+        assert isinstance(g["lr"], torch.Tensor) and g["lr"].dtype == torch.float32
+        assert float(g["lr"]) == pytest.approx(1e-4)
     if cap.scaler is not None:
         assert cap.scaler.get_scale() == eager.scaler.get_scale()
 
@@ -219,8 +220,8 @@ def test_gpu_replays_draw_fresh_masks_and_train():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["torch-native-graph", "maefast-graph", "maefast-sdpa-graph", "maefast-block-graph",
-                                      "maefast-compile-graph"])
+@pytest.mark.parametrize("provider", ["torch-native-graph", "maefast-graph", "maefast-sdpa-graph",
+                                      "maefast-block-graph", "maefast-compile-graph"])
 def test_gpu_captured_benchmark_rows_capture(provider):
     if provider not in mb.STEP_PROVIDERS:
         pytest.skip(f"{provider}: not in this checkout")
@@ -463,3 +464,100 @@ def test_a_tensor_lr_shared_by_the_groups_is_split_only_by_lr_scale(fake_capture
     for s in (step, eager):
         s(imgs[1], noise[1])
     assert_same_params(a, b)
+
+
+def test_every_setting_baked_into_the_graphs_is_frozen_after_the_capture(fake_capture):
+    """What the graphs were captured with (the autocast dtype, the GradScaler, the model and optimizer they step,
+    as well as the ratio, clipping, accumulation and seed) cannot be changed on a captured step: the replays would
+    go on with the old one. Before the capture they may be set."""
+    a, _ = twins()
+    imgs, noise = batches(1)
+    opt = torch.optim.AdamW(a.parameters(), fused=True, capturable=True)
+    step = TrainStep(a, opt, seed=3)
+    step.clip_grad = 1.0  # not captured yet: fine
+    step(imgs[0], noise[0])
+    assert step.captured
+    for name, value in (("dtype", torch.float16), ("scaler", torch.amp.GradScaler("cpu")), ("model", a),
+                        ("optimizer", opt), ("mask_ratio", 0.5), ("clip_grad", 2.0), ("accum_steps", 2),
+                        ("seed", 7)):
+        with pytest.raises(AttributeError, match=f"{name} is baked into the captured graphs"):
+            setattr(step, name, value)
+    assert step.dtype == torch.float32 and step.scaler is None and step.clip_grad == 1.0
+
+
+def test_the_accumulation_graphs_share_one_memory_pool(fake_capture, monkeypatch):
+    """accum_steps > 1 captures two graphs (accumulate, update) replayed one after the other: the second is
+    captured into the first's memory pool (else each holds its own copy of the activations' memory)."""
+    real = graphs.capture_cuda_graph
+    seen = []
+
+    def capture(fn, *, pool=None, **kw):
+        graph, out = real(fn, **kw)
+        graph.pool = lambda g=graph: ("pool", id(g))  # a pool of its own, as a real graph's
+        seen.append((graph, pool))
+        return graph, out
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
+    a, _ = twins()
+    opt = torch.optim.AdamW(a.parameters(), fused=True, capturable=True)
+    TrainStep(a, opt, accum_steps=2).prepare(batches(1)[0][0])
+    (acc, first_pool), (_, second_pool) = seen
+    assert first_pool is None and second_pool == acc.pool()
+
+
+def test_the_accumulation_warm_up_ends_each_cycle_with_the_update(fake_capture, monkeypatch):
+    """With accumulation each warm-up step is a whole cycle whose last micro-batch updates (and zeroes the
+    gradients): the warm-up leaves zero gradients behind, not a micro-batch's that the first replayed cycle would
+    add to its own (with restore=False nothing else clears them)."""
+    real = graphs.capture_cuda_graph
+    seen = []
+
+    def capture(fn, *, warmup_steps=3, warmup_fn=None, **kw):
+        for _ in range(warmup_steps):
+            (warmup_fn or fn)()
+        if warmup_steps:
+            seen.append([p.grad is not None and not p.grad.any() for p in a.parameters() if p.requires_grad])
+        return real(fn, warmup_steps=0, **kw)
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
+    a, _ = twins()
+    TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), accum_steps=3, warmup_steps=1,
+              restore=False).prepare(batches(1)[0][0])
+    assert len(seen) == 1 and all(seen[0]), seen
+
+
+def test_a_batch_or_noise_on_another_device_is_refused_by_a_captured_step(fake_capture):
+    """A captured step copies each batch into its buffers on the model's device: a batch or noise on another device
+    (meta here) is refused by name before anything is copied or replayed."""
+    a, _ = twins()
+    imgs, noise = batches(1)
+    step = TrainStep(a, torch.optim.AdamW(a.parameters(), fused=True, capturable=True), seed=3)
+    step(imgs[0], noise[0])
+    with pytest.raises(ValueError, match=r"imgs must match the captured batch \(3, 3, 32, 32\), torch.float32 on cpu"):
+        step(imgs[0].to("meta"), noise[0])
+    with pytest.raises(ValueError, match=r"noise must have shape \(3, 16\) on cpu, got \(3, 16\) on meta"):
+        step(imgs[0], noise[0].to("meta"))
+    assert step.calls == 1 and sum(g.replays for g in fake_capture.made) == 1  # the first call's only
+
+
+def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_capture(fake_capture):
+    """transformers' ViTMAE takes its ratio from model.config.mask_ratio; the step checks it against its own "when
+    built and per call" (TrainStep's docstring), and an eager step does (tests/test_step.py). A captured step's
+    ratio is baked into the graphs (step.mask_ratio is frozen): a config changed after the capture must be refused
+    by the call, not replayed at the old ratio. A real replay runs no Python: the stand-in's replays here do not
+    either."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model
+
+    torch.manual_seed(0)
+    hf = to_transformers_model(mb.build_model("tiny", "reference", torch.device("cpu")), mask_ratio=0.5)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    step = TrainStep(hf, torch.optim.AdamW(hf.parameters(), fused=True, capturable=True), mask_ratio=0.5, seed=3)
+    step(imgs, noise)
+    assert step.captured
+    for g in fake_capture.made:  # replays without Python, as a CUDA graph's
+        g.replay = lambda g=g: setattr(g, "replays", g.replays + 1)
+    step(imgs, noise)
+    hf.config.mask_ratio = 0.25
+    with pytest.raises(ValueError, match="takes its ratio from model.config.mask_ratio"):
+        step(imgs, noise)

@@ -379,3 +379,55 @@ def test_process_broken_ends_on_a_cyclic_chain():
     t.start()
     t.join(10)
     assert got == [False]
+
+
+def test_a_host_sync_wrapped_in_another_error_is_still_a_host_sync(monkeypatch):
+    """A forward that catches the sync's error and raises its own from it (a model's or a library's wrapper) is
+    still found as a host sync: the chain is read, and the step can fall back to eager steps."""
+    fake_capture_lib.FakeCuda().install(monkeypatch)
+
+    def fn():
+        try:
+            torch.zeros(()).item()
+        except RuntimeError as e:
+            raise RuntimeError("the model's forward failed") from e
+        return torch.zeros(())
+
+    with pytest.raises(graphs.HostSyncError, match="the step synchronizes with the host at "):
+        graphs.capture_cuda_graph(fn, warmup_steps=1, device="cuda:0")
+
+
+def test_process_broken_follows_an_implicit_chain_too():
+    """A CaptureError that another error was raised while handling (its __context__, no ``from``) still stops a
+    caller that catches per row."""
+    from maefast.graphs import CaptureError, process_broken
+
+    try:
+        try:
+            raise CaptureError("x", broken=True)
+        except CaptureError:
+            raise RuntimeError("cleanup failed")
+    except RuntimeError as wrapped:
+        assert wrapped.__cause__ is None and process_broken(wrapped)
+
+
+def test_capture_without_a_device_runs_on_the_current_one(monkeypatch):
+    """device=None is the current CUDA device (not cuda:0), and "cuda" without an index is that device too: all
+    three captures below run on cuda:1, on its one capture stream."""
+    cuda = fake_capture_lib.FakeCuda().install(monkeypatch)
+    cuda.current = 1
+    for device in (None, "cuda", "cuda:1"):
+        graphs.capture_cuda_graph(lambda: torch.zeros(()), warmup_steps=1, device=device)
+    caps = [e for e in cuda.log if e[0] == "capture"]
+    assert [c[2:4] for c in caps] == [(1, 1)] * 3, caps
+    assert len({c[1] for c in caps}) == 1, caps
+    assert cuda.current == 1
+
+
+def test_first_line_is_one_line_of_at_most_width_characters():
+    """eager_reason and CaptureError.reason say an error in one line: its type, the first line of its message cut
+    at ``width``; an error without a message is its type's name."""
+    assert graphs.first_line(RuntimeError("a\nb")) == "RuntimeError: a"
+    assert graphs.first_line(ValueError("x" * 500)) == "ValueError: " + "x" * 200
+    assert graphs.first_line(ValueError("x" * 50), width=10) == "ValueError: " + "x" * 10
+    assert graphs.first_line(KeyboardInterrupt()) == "KeyboardInterrupt"
