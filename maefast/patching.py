@@ -107,9 +107,9 @@ class PatchState:
     grad_checkpointing: bool
     loss_via_model: bool = False  # the loss runs through the model's own forward_loss
     takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
-    # the original forward's default mask_ratio (a fork may have another; None: the model decides it, e.g.
-    # `mask_ratio=None` then `self.mask_ratio`, so such calls run the original forward)
-    mask_ratio: float | None = 0.75
+    # the original forward's default mask_ratio, passed on calls without one (a fork may have another; one that
+    # is not a Python number, e.g. None then `self.mask_ratio`, or a numpy scalar: the call runs the original)
+    mask_ratio: object = 0.75
 
 
 # -- official layout -------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class _OfficialForward:
     def __call__(self, imgs, mask_ratio=_DEFAULT, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
-        if mask_ratio is _DEFAULT:  # the original forward's default (0.75 in the official code; None: see below)
+        if mask_ratio is _DEFAULT:  # the original forward's default (0.75 in the official code)
             mask_ratio = st.mask_ratio
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
@@ -173,10 +173,8 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
-    if default is inspect.Parameter.empty:
-        mask_ratio = 0.75  # the original needs one: the patched forward keeps the official default
-    else:
-        mask_ratio = default if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+    # the original needs one where it has none: the patched forward keeps the official default
+    mask_ratio = 0.75 if default is inspect.Parameter.empty else default
     return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
                       mask_ratio=mask_ratio)
 
@@ -429,13 +427,18 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
         for i, layer in enumerate(layers):
             parts += [(f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)) for n, sub in layer.named_modules()
                       if not type(sub).__module__.startswith("torch.")]
+    # transformers 4.x's forward calls forward_loss (which reads patchify); 5.x's computes the loss inline
+    lib = next(c for c in type(model).__mro__ if c.__module__.split(".")[0] == "transformers")
+    calls_loss = hasattr(lib, "forward_loss")
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
             if name not in obj.__dict__ and _from_library(_defining_class(obj, name)):
                 continue
-            if path == "" and name in ("forward_loss", "patchify") and hasattr(model, "forward_loss"):
-                loss = True  # transformers 4.x: the loss goes through forward_loss (which reads patchify)
+            if path == "" and name == "forward_loss" and not calls_loss:
+                continue  # a subclass's forward_loss that 5.x's forward never calls: neither does the fast path
+            if path == "" and name in ("forward_loss", "patchify") and calls_loss:
+                loss = True  # the loss goes through the model's forward_loss
             else:
                 refused.append(f"{path + '.' if path else ''}{name}")
     if refused:

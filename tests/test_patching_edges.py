@@ -1,0 +1,226 @@
+"""maefast.patch at the edges earlier audits left open (a mutation audit of maefast/patching.py,
+maefast/models/routing.py and maefast/models/fast.py): each newer-timm block part the fast block computes
+as an Identity, a fused block's activation given its own forward, a tensor seed on the slow path, patching
+twice, a fork without norm_pix_loss; for transformers a hook on the decoder embedding, where the slow-path
+warning points, an instance forward on a layer the fast path calls (accepted) or on a stack it replaces
+(seen on every call); a fork's numpy default ratio and a transformers 5.x subclass's forward_loss (two bugs
+the audit found). Patched vs plain model, same inputs, same outputs (or the warning or error that names why)."""
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import maefast
+from maefast.models import create_model
+from maefast.testing import assert_close
+from official_layout import TINY, L, N, _slow_warning
+from test_patching_parts import _pair, _same_call
+
+pytestmark = pytest.mark.usefixtures("warn_again")
+
+
+@pytest.mark.parametrize("where", ["attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm"])
+def test_each_newer_timm_block_part_that_is_not_an_identity_is_seen(where):
+    """timm >= 0.9's qk norm (qk_norm=True), attention scale norm and MLP norm: the fast block computes
+    each as an Identity, so one that is a real module sends the call to the original forward, named
+    (each part of BLOCK_IDENTITIES, not only ls1/ls2), and is refused at patch time."""
+    parent, name = where.rsplit(".", 1)
+    plain, patched = _pair()
+    for m in (plain, patched):  # the reference block never calls it: the plain model's loss is unchanged
+        setattr(m.blocks[1].get_submodule(parent), name, nn.LayerNorm(TINY["embed_dim"]))
+    path = rf"blocks\.1\.{where.replace('.', chr(92) + '.')}"
+    _same_call(plain, patched, path)
+    with pytest.raises(TypeError, match=path):
+        maefast.patch(copy.deepcopy(plain))
+
+
+def test_a_fused_blocks_activation_given_its_own_forward_runs_the_original():
+    """fused="block" computes the exact GELU inside the one op and never calls mlp.act: an instance forward
+    set on it after patching sends the call to the original forward, named, with the original's loss."""
+    plain, patched = _pair(fused="block")
+    for m in (plain, patched):
+        act = m.blocks[0].mlp.act
+        act.forward = types.MethodType(lambda self, x: 1.5 * nn.GELU.forward(self, x), act)
+    _same_call(plain, patched, r"blocks\.0\.mlp\.act")
+
+
+def test_a_tensor_seed_on_the_slow_path_gives_the_fast_paths_mask():
+    """A device seed (a one-element tensor, as a captured step passes it) on a call the original forward
+    serves (a hook on a module the fast path skips) is read as that integer: the same mask and loss as the
+    fast path's for seed=int."""
+    torch.manual_seed(0)
+    fast = create_model("tiny", impl="auto", norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        l0, _, k0 = fast(imgs, 0.75, seed=7)
+    fast.blocks[0].attn.register_forward_hook(lambda mod, args, out: None)  # observes only
+    with torch.no_grad(), pytest.warns(_slow_warning(), match="blocks.0.attn has hooks"):
+        l1, _, k1 = fast(imgs, 0.75, seed=torch.tensor([7]))
+    assert torch.equal(k1, k0)
+    assert_close(l1, l0, torch.float32, name="loss")
+
+
+def test_patching_an_official_model_again_replaces_its_settings():
+    """patch on a model already patched starts from the model's own forward (it is not taken for a
+    forward the user set on the instance, which is refused): the new impl / fused / checkpointing apply,
+    and the call still computes the plain model's loss."""
+    plain, patched = _pair()
+    assert maefast.patch(patched, fused="block", grad_checkpointing=True) is patched
+    st = patched._maefast
+    assert (st.impl, st.fused, st.grad_checkpointing) == ("auto", "block", True)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())
+        got = patched(imgs, 0.75, noise)[0]
+    assert_close(got, plain(imgs, 0.75, noise)[0], torch.float32, name="loss")
+
+
+def test_a_fork_without_norm_pix_loss_gets_the_plain_pixel_loss():
+    """A fork that dropped the norm_pix_loss option (no attribute; its forward_loss is the plain per-pixel
+    MSE, the official loss with norm_pix_loss=False) is served maefast's fused loss, without the per-patch
+    normalisation: the fast path reads a missing norm_pix_loss as False."""
+    from official_layout import _o_init, official_class
+
+    def init(self, **kw):
+        _o_init(self, **kw)
+        del self.norm_pix_loss
+
+    def mse(self, imgs, pred, mask):
+        return (((pred - self.patchify(imgs)) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+    torch.manual_seed(0)
+    plain = official_class(__init__=init, forward_loss=mse)(**TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    assert not hasattr(patched, "norm_pix_loss")
+    imgs = torch.randn(N, 3, 32, 32)
+    torch.manual_seed(1)
+    want = plain(imgs)
+    for return_pred in (True, False):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _slow_warning())
+            got = patched(imgs, noise=torch.rand(N, L), return_pred=return_pred)
+        assert torch.equal(got[2], want[2])
+        assert_close(got[0], want[0], torch.float32, name=f"loss (return_pred={return_pred})")
+
+
+def test_a_forks_numpy_default_mask_ratio_reaches_the_original_forward():
+    """A fork whose forward's default ratio is a numpy scalar (read from a numpy config): a call without a
+    ratio runs the original forward with its own default, as unpatched (it was passed mask_ratio=None, a
+    TypeError from inside the user's masking)."""
+    np = pytest.importorskip("numpy")
+    from official_layout import _o_forward, official_class
+
+    def forward(self, imgs, mask_ratio=np.float32(0.5)):
+        return _o_forward(self, imgs, mask_ratio)
+
+    torch.manual_seed(0)
+    plain = official_class(forward=forward)(**TINY)
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs = torch.randn(N, 3, 32, 32)
+    torch.manual_seed(1)
+    want = plain(imgs)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _slow_warning())
+        got = patched(imgs)
+    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N
+    assert torch.equal(got[0], want[0])
+
+
+# -- transformers' ViTMAEForPreTraining ---------------------------------------------------------------
+
+def _hf():
+    from test_patching_transformers import _hf_pair
+
+    return _hf_pair()
+
+
+def test_transformers_a_hook_on_the_decoder_embedding_keeps_the_fast_path():
+    """The fast path calls the decoder embedding as a module, on the 1 + kept rows the original gives it:
+    a hook there, even one that changes the output, is served fast (no warning) with the original's loss,
+    and runs."""
+    from test_patching_parts import _hf_same
+
+    plain, patched = _hf()
+    seen = []
+
+    def scale(mod, args, out):
+        seen.append(out.shape)
+        return out * 1.5
+
+    for m in (plain, patched):
+        m.decoder.decoder_embed.register_forward_hook(scale)
+    _hf_same(plain, patched, None)
+    assert len(seen) == 2 and seen[0] == seen[1]
+
+
+def test_transformers_5_subclass_forward_loss_the_original_never_calls():
+    """transformers 5.x computes the loss inside ViTMAEForPreTraining.forward (4.x called forward_loss): a
+    subclass that defines a forward_loss (an L1 loss here) does not change the unpatched model's loss, so
+    the patched model must compute the same (the inline MSE), not the subclass's method, silently."""
+    from transformers import ViTMAEForPreTraining
+
+    if hasattr(ViTMAEForPreTraining, "forward_loss"):
+        pytest.skip("transformers 4.x calls forward_loss")
+    base, _ = _hf()
+
+    class L1(ViTMAEForPreTraining):
+        def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding=False):
+            return ((pred - self.patchify(pixel_values)).abs().mean(-1) * mask).sum() / mask.sum()
+
+    plain = L1(base.config)
+    plain.load_state_dict(base.state_dict())
+    patched = maefast.patch(copy.deepcopy(plain))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _slow_warning())
+        got = patched(pixel_values=imgs, noise=noise).loss
+    assert_close(got, plain(pixel_values=imgs, noise=noise).loss, torch.float32, name="loss")
+
+
+def test_transformers_slow_path_warning_points_at_the_users_call():
+    """The SlowPathWarning of a transformers call the original forward serves names the user's
+    model(...) line (its stacklevel counts nn.Module's call wrappers), not a line inside maefast or torch."""
+    _, patched = _hf()
+    patched.vit.embeddings.register_forward_hook(lambda mod, args, out: None)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        patched(pixel_values=imgs, noise=noise)
+    slow = [w for w in said if issubclass(w.category, _slow_warning())]
+    assert len(slow) == 1 and slow[0].filename == __file__, [(w.filename, w.lineno) for w in slow]
+
+
+def test_transformers_an_instance_forward_on_a_layer_the_fast_path_calls_is_patched_and_served():
+    """A torch layer inside a transformers layer with a forward set on the instance before patching (a
+    scaled MLP input layer): unfused, the fast path calls that layer as a module, so patch accepts the model
+    (it is not a method the fast path would drop) and serves the call fast, running the user's forward."""
+    from test_patching_parts import _hf_same
+
+    plain, _ = _hf()
+    layer = (plain.vit.layers if hasattr(plain.vit, "layers") else plain.vit.encoder.layer)[1]
+    fc1 = layer.mlp.fc1 if hasattr(layer, "mlp") else layer.intermediate.dense
+    fc1.forward = types.MethodType(lambda self, x: 1.5 * nn.Linear.forward(self, x), fc1)
+    patched = maefast.patch(copy.deepcopy(plain))
+    _hf_same(plain, patched, None)
+
+
+@pytest.mark.parametrize("where", ["vit", "vit.embeddings", "vit.embeddings.patch_embeddings", "decoder"])
+def test_transformers_a_forward_set_on_a_stack_after_patching_runs_the_original(where):
+    """A forward set on the instance of the encoder, the embeddings, the patch embedding or the decoder after
+    patching (the fast path replaces each): every call sees it and runs the original forward, which calls
+    it, named in the warning."""
+    from test_patching_parts import _hf_same
+
+    plain, patched = _hf()
+    seen = []
+    for m in (plain, patched):
+        obj = m.get_submodule(where)
+        real = type(obj).forward
+        obj.forward = types.MethodType(lambda self, *a, _r=real, **k: seen.append(1) or _r(self, *a, **k), obj)
+    _hf_same(plain, patched, rf"^.*: {where.replace('.', chr(92) + '.')}\.forward is set on the instance")
+    assert len(seen) == 2
