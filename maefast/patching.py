@@ -45,7 +45,7 @@ from ._validate import check_bool
 from .models.fast import (BlockView, MAEView, _official_block_view, check_fused, check_model_impl, fast_forward,
                           official_view)
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
-from .models.routing import (SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
+from .models.routing import (OWN_DEFAULT, SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
                              fast_unsupported, image_grad_reason, instance_overrides, official_call, original_inputs,
                              refuse, replaced_forward, skipped_hooks_reason, warn_slow)
 
@@ -92,13 +92,6 @@ def _defining_class(obj, name: str):
     return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
-class _Default:
-    """The patched forward's mask_ratio when the caller gives none: the original forward's default."""
-
-    def __repr__(self) -> str:
-        return "<the original forward's default>"
-
-
 @dataclass
 class PatchState:
     """What `patch` decided, kept on the model as `model._maefast` (plain data: it pickles)."""
@@ -107,14 +100,14 @@ class PatchState:
     grad_checkpointing: bool
     loss_via_model: bool = False  # the loss runs through the model's own forward_loss
     takes_noise: bool = True      # the original forward takes noise= (facebookresearch's does not)
-    # the original forward's default mask_ratio, passed on calls without one (a fork may have another; one that
-    # is not a Python number, e.g. None then `self.mask_ratio`, or a numpy scalar: the call runs the original)
-    mask_ratio: object = 0.75
+    # the original forward's default mask_ratio (a fork may have another). None: one that is not a Python
+    # number (None then `self.mask_ratio`, a numpy float32, a sentinel): calls without a ratio run the original
+    # forward without one, which applies its own
+    mask_ratio: float | None = 0.75
 
 
 # -- official layout -------------------------------------------------------------------------------
 
-_DEFAULT = _Default()
 
 
 class _OfficialForward:
@@ -124,10 +117,10 @@ class _OfficialForward:
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def __call__(self, imgs, mask_ratio=_DEFAULT, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
+    def __call__(self, imgs, mask_ratio=OWN_DEFAULT, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
-        if mask_ratio is _DEFAULT:  # the original forward's default (0.75 in the official code)
+        if mask_ratio is OWN_DEFAULT and st.mask_ratio is not None:  # its default (0.75 in the official code)
             mask_ratio = st.mask_ratio
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
@@ -173,8 +166,10 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     params = inspect.signature(type(model).forward).parameters
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
-    # the original needs one where it has none: the patched forward keeps the official default
-    mask_ratio = 0.75 if default is inspect.Parameter.empty else default
+    if default is inspect.Parameter.empty:
+        mask_ratio = 0.75  # the original needs one: the patched forward keeps the official default
+    else:
+        mask_ratio = default if isinstance(default, (int, float)) and not isinstance(default, bool) else None
     return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
                       mask_ratio=mask_ratio)
 
@@ -376,6 +371,19 @@ def _from_library(cls: type | None) -> bool:
 _KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, once: it is asked on every call)
 
 
+def _library_calls_forward_loss(cls: type) -> bool:
+    """Whether transformers' forward calls forward_loss (4.x; it reads patchify): 5.x's computes the loss
+    inline (and calls patchify), so a subclass's forward_loss is never called."""
+    calls = _CALLS_LOSS.get(cls)
+    if calls is None:  # per class, once: asked on every call
+        calls = _CALLS_LOSS[cls] = any("forward_loss" in c.__dict__ for c in cls.__mro__
+                                       if c.__module__.split(".")[0] == "transformers")
+    return calls
+
+
+_CALLS_LOSS: dict = {}
+
+
 def _known_forward(cls: type) -> bool:
     ok = _KNOWN_FORWARD.get(cls)
     if ok is None:
@@ -390,7 +398,8 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
     whose weights the fast path reads instead of calling it (the patch projection, each q/k/v; with
     fused="block" every layer Linear) that is not a plain torch layer (a LoRA adapter's children)."""
     emb = model.vit.embeddings
-    owners = [("", model, () if st.loss_via_model else ("forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
+    loss_parts = ("forward_loss", "patchify") if _library_calls_forward_loss(type(model)) else ("patchify",)
+    owners = [("", model, () if st.loss_via_model else loss_parts), ("vit", model.vit, ("forward",)),
               ("vit.embeddings", emb, ("forward", "random_masking")),
               ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)),
               ("decoder", model.decoder, ("forward",))]
@@ -427,9 +436,7 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
         for i, layer in enumerate(layers):
             parts += [(f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)) for n, sub in layer.named_modules()
                       if not type(sub).__module__.startswith("torch.")]
-    # transformers 4.x's forward calls forward_loss (which reads patchify); 5.x's computes the loss inline
-    lib = next(c for c in type(model).__mro__ if c.__module__.split(".")[0] == "transformers")
-    calls_loss = hasattr(lib, "forward_loss")
+    calls_loss = _library_calls_forward_loss(type(model))
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:

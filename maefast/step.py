@@ -33,10 +33,12 @@ import contextlib
 import inspect
 import math
 import numbers
+import weakref
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import graphs
 from .graphs import capture_blocker, sync_wrapper, unwrap
@@ -59,15 +61,10 @@ def _check_number(name: str, v) -> float:
     return f
 
 
-def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float, keep_tensors: bool = False) -> None:
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
-    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first).
-    ``keep_tensors``: no group's tensor is replaced (a captured step's graphs read them): groups sharing one
-    tensor but no longer one ``lr_scale`` are a ValueError, and nothing is written."""
-    for i in _own_lr_per_scale(optimizer, replace=not keep_tensors)[:1]:
-        raise ValueError(f"param group {i}'s lr_scale ({optimizer.param_groups[i].get('lr_scale', 1.0)}) differs "
-                         "from that of a group it shares its lr tensor with, which the captured graphs read: set "
-                         "lr_scale before the step's first call (or give the groups lr tensors of their own)")
+    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first)."""
+    _own_lr_per_scale(optimizer)
     for group in optimizer.param_groups:
         v = lr * group["lr_scale"] if "lr_scale" in group else lr
         if isinstance(group["lr"], torch.Tensor):
@@ -76,22 +73,33 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float, keep_tensors: boo
             group["lr"] = v
 
 
-def _own_lr_per_scale(optimizer: torch.optim.Optimizer, replace: bool = True) -> list[int]:
+# lr tensor -> the captured step whose graphs read it (weakly: a step or tensor dropped is forgotten)
+_READ_BY_GRAPHS = WeakIdKeyDictionary()
+
+
+def _own_lr_per_scale(optimizer: torch.optim.Optimizer) -> None:
     """torch.optim gives every group the same tensor when the default lr is a tensor: groups of one
     ``lr_scale`` keep sharing it (a caller writing it steers them all), a group of another scale gets its own
-    copy (else the last group's scaled value would be every group's). With ``replace`` False nothing changes:
-    returns the indices of the groups that would need a copy (empty when none would); with True, []."""
-    scales, split = {}, []
+    copy (else the last group's scaled value would be every group's). A tensor a captured step's graphs
+    read is never replaced: groups sharing one that no longer agree on lr_scale are a ValueError, nothing
+    changed."""
+    first, split = {}, []
     for i, group in enumerate(optimizer.param_groups):
         t, scale = group["lr"], group.get("lr_scale", 1.0)
         if isinstance(t, torch.Tensor):
-            if scales.get(id(t), scale) != scale:
-                if not replace:
-                    split.append(i)
-                    continue
-                t = group["lr"] = t.detach().clone()
-            scales[id(t)] = scale
-    return split
+            j = first.setdefault(id(t), i)
+            if optimizer.param_groups[j].get("lr_scale", 1.0) != scale:
+                split.append((j, i))
+    for j, i in split:
+        ref = _READ_BY_GRAPHS.get(optimizer.param_groups[i]["lr"])
+        if ref is not None and ref() is not None and ref().captured:
+            scales = [optimizer.param_groups[k].get("lr_scale", 1.0) for k in (j, i)]
+            raise ValueError(f"param groups {j} and {i} share one lr tensor, which a captured step's graphs read, "
+                             f"but not one lr_scale ({scales[0]}, {scales[1]}): set lr_scale before the step's "
+                             "first call")
+    for _, i in split:
+        group = optimizer.param_groups[i]
+        group["lr"] = group["lr"].detach().clone()
 
 
 class TrainStep:
@@ -190,10 +198,11 @@ class TrainStep:
         except (TypeError, ValueError):
             takes = {}
         self._fwd_kwargs = {"return_pred": False} if "return_pred" in takes else {}
-        # transformers' ViTMAE reads its ratio from its config on every call and drops an unknown
-        # mask_ratio= into **kwargs: the step checks that the two agree instead of passing it
-        cfg = None if "mask_ratio" in takes else getattr(inner, "config", None)
+        # transformers' ViTMAE reads its ratio from its config on every call (unpatched, it drops an unknown
+        # mask_ratio= into **kwargs): the step checks on every call, replays too, that the two agree
+        cfg = getattr(inner, "config", None)
         self._config = cfg if isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
+        self._pass_ratio = "mask_ratio" in takes or self._config is None
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
@@ -238,7 +247,7 @@ class TrainStep:
               cache: bool = True) -> torch.Tensor:
         kw = dict(self._fwd_kwargs)
         self._check_config_ratio()
-        if self._config is None:
+        if self._pass_ratio:
             kw["mask_ratio"] = self.mask_ratio
         if self.mask_source == "noise":
             kw["noise"] = noise
@@ -381,7 +390,7 @@ class TrainStep:
         lr = _check_number("lr", lr)
         if self.captured:
             self._check_optimizer_intact()
-        set_group_lrs(self.optimizer, lr, keep_tensors=self.captured)
+        set_group_lrs(self.optimizer, lr)
 
     def _set_mask_source(self, noise) -> None:
         source = "noise" if noise is not None else ("seed" if self._takes_seed else "model")
@@ -456,6 +465,8 @@ class TrainStep:
             if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
                 group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
         _own_lr_per_scale(self.optimizer)
+        for group in self.optimizer.param_groups:
+            _READ_BY_GRAPHS[group["lr"]] = weakref.ref(self)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
         saved = self._snapshot() if self.restore else None
@@ -534,6 +545,7 @@ class TrainStep:
         return loss.detach()
 
     def _replay(self, imgs, noise, weight, update) -> torch.Tensor:
+        self._check_config_ratio()  # the captured Python that checks it does not run in a replay
         if weight != 1.0:
             raise ValueError(f"weight={weight}: a captured step takes full batches of weight 1 (skip the batch, "
                              "or build the step with capture=False)")
@@ -554,7 +566,6 @@ class TrainStep:
             s.copy_(imgs, non_blocking=True)
         graph, out = self._graphs[update]
         self._check_optimizer_intact()
-        self._check_config_ratio()  # the captured Python that checks it does not run in a replay
         self._replaying = True
         try:
             graph.replay()

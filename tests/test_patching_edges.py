@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import maefast
-from maefast.models import create_model
+from maefast.models import create_model, routing
 from maefast.testing import assert_close
 from official_layout import TINY, L, N, _slow_warning
 from test_patching_parts import _pair, _same_call
@@ -107,15 +107,24 @@ def test_a_fork_without_norm_pix_loss_gets_the_plain_pixel_loss():
         assert_close(got[0], want[0], torch.float32, name=f"loss (return_pred={return_pred})")
 
 
-def test_a_forks_numpy_default_mask_ratio_reaches_the_original_forward():
-    """A fork whose forward's default ratio is a numpy scalar (read from a numpy config): a call without a
-    ratio runs the original forward with its own default, as unpatched (it was passed mask_ratio=None, a
-    TypeError from inside the user's masking)."""
+_UNSET = object()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "sentinel"])
+def test_a_forks_default_mask_ratio_that_is_no_number_is_the_originals_own(kind):
+    """A fork whose forward's default ratio is not a Python number (a numpy scalar read from a config, a
+    sentinel it resolves itself): a call without a ratio runs the original forward without one, so its own
+    default applies, as unpatched, also in a deep copy (a copied sentinel is another object). It was passed
+    mask_ratio=None: a TypeError from inside the user's masking."""
     np = pytest.importorskip("numpy")
     from official_layout import _o_forward, official_class
 
-    def forward(self, imgs, mask_ratio=np.float32(0.5)):
-        return _o_forward(self, imgs, mask_ratio)
+    if kind == "numpy":
+        def forward(self, imgs, mask_ratio=np.float32(0.5)):
+            return _o_forward(self, imgs, mask_ratio)
+    else:
+        def forward(self, imgs, mask_ratio=_UNSET):
+            return _o_forward(self, imgs, 0.5 if mask_ratio is _UNSET else mask_ratio)
 
     torch.manual_seed(0)
     plain = official_class(forward=forward)(**TINY)
@@ -123,12 +132,13 @@ def test_a_forks_numpy_default_mask_ratio_reaches_the_original_forward():
     imgs = torch.randn(N, 3, 32, 32)
     torch.manual_seed(1)
     want = plain(imgs)
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _slow_warning())
-        got = patched(imgs)
-    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N
-    assert torch.equal(got[0], want[0])
+    for model in (patched, copy.deepcopy(patched)):
+        routing._WARNED.clear()  # (once per reason and process)
+        torch.manual_seed(1)
+        with pytest.warns(_slow_warning(), match="default is not a number"):
+            got = model(imgs)
+        assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N
+        assert torch.equal(got[0], want[0])
 
 
 # -- transformers' ViTMAEForPreTraining ---------------------------------------------------------------
@@ -176,10 +186,47 @@ def test_transformers_5_subclass_forward_loss_the_original_never_calls():
     plain.load_state_dict(base.state_dict())
     patched = maefast.patch(copy.deepcopy(plain))
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _slow_warning())
-        got = patched(pixel_values=imgs, noise=noise).loss
-    assert_close(got, plain(pixel_values=imgs, noise=noise).loss, torch.float32, name="loss")
+    want = plain(pixel_values=imgs, noise=noise).loss
+    on_instance = maefast.patch(copy.deepcopy(base))  # set after patching: still never called, still fast
+    on_instance.forward_loss = types.MethodType(L1.forward_loss, on_instance)
+    for model in (patched, on_instance):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", _slow_warning())  # served fast
+            got = model(pixel_values=imgs, noise=noise).loss
+        assert_close(got, want, torch.float32, name="loss")
+
+
+def test_transformers_forward_loss_is_honoured_where_the_librarys_forward_calls_it():
+    """4.x's ViTMAEForPreTraining defines forward_loss and its forward calls it; 5.x's does not: the rule
+    reads every transformers class of the MRO (a transformers mixin listed first is not the MAE class)."""
+    from maefast.patching import _library_calls_forward_loss
+
+    def lib(name, **attrs):
+        return type(name, (), dict(attrs, __module__="transformers.models.x"))
+
+    mixin, mae4, mae5 = lib("Mixin"), lib("MAE4", forward_loss=lambda self: 0), lib("MAE5")
+    user = {"__module__": "user", "forward_loss": lambda self: 1}
+    assert _library_calls_forward_loss(type("A", (mixin, mae4), user))
+    assert _library_calls_forward_loss(type("B", (mae4,), user))
+    assert not _library_calls_forward_loss(type("C", (mixin, mae5), user))
+
+
+def test_a_model_shaped_like_transformers_mae_without_its_classes_is_refused_by_name():
+    """A user's own module with transformers' attribute layout (config, vit.embeddings.patch_embeddings,
+    decoder.decoder_layers) and no transformers class is refused with a TypeError naming what it overrides,
+    not a bare StopIteration (which map() would swallow)."""
+    base, _ = _hf()
+
+    class Port(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.vit, self.decoder = base.config, base.vit, base.decoder
+
+        def forward(self, pixel_values, noise=None):
+            return base.forward.__func__(self, pixel_values, noise)
+
+    with pytest.raises(TypeError, match="forward"):
+        maefast.patch(Port())
 
 
 def test_transformers_slow_path_warning_points_at_the_users_call():

@@ -540,7 +540,8 @@ def test_a_batch_or_noise_on_another_device_is_refused_by_a_captured_step(fake_c
     assert step.calls == 1 and sum(g.replays for g in fake_capture.made) == 1  # the first call's only
 
 
-def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_capture(fake_capture):
+@pytest.mark.parametrize("patched", [False, True])
+def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_capture(fake_capture, patched):
     """transformers' ViTMAE takes its ratio from model.config.mask_ratio; the step checks it against its own "when
     built and per call" (TrainStep's docstring), and an eager step does (tests/test_step.py). A captured step's
     ratio is baked into the graphs (step.mask_ratio is frozen): a config changed after the capture must be refused
@@ -551,6 +552,10 @@ def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_c
 
     torch.manual_seed(0)
     hf = to_transformers_model(mb.build_model("tiny", "reference", torch.device("cpu")), mask_ratio=0.5)
+    if patched:  # its forward takes mask_ratio= (and refuses another than the config's, in Python)
+        import maefast
+
+        hf = maefast.patch(hf)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     step = TrainStep(hf, torch.optim.AdamW(hf.parameters(), fused=True, capturable=True), mask_ratio=0.5, seed=3)
     step(imgs, noise)

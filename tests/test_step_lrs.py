@@ -4,10 +4,13 @@ of the capture, tests/fake_capture.py). The captured step against an eager twin:
 official schedule writing the lrs: tests/test_train_recipe.py."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from maefast.step import TrainStep, set_group_lrs
+from maefast.train.schedule import adjust_learning_rate
 from step_twins import batches, twins
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,12 +81,21 @@ def test_a_captured_step_keeps_the_lr_tensors_its_graphs_read_when_an_lr_scale_c
     step(imgs[0], noise[0])
     read = [g["lr"] for g in opt.param_groups]
     assert step.captured and read[0] is read[1]
-    opt.param_groups[1]["lr_scale"] = 0.5
+    opt.param_groups[0]["lr_scale"] = 0.5
     before = float(read[0])
-    with pytest.raises(ValueError, match="param group 1's lr_scale"):
+    with pytest.raises(ValueError, match=r"param groups 0 and 1 share one lr tensor.*\(0\.5, 1\.0\)"):
         step.set_lr(1e-4)
+    with pytest.raises(ValueError, match="param groups 0 and 1"):  # the schedule's writer, the same rule
+        adjust_learning_rate(opt, 10.0, 1e-4, 1.0, 100.0)
     assert all(g["lr"] is t for g, t in zip(opt.param_groups, read)) and float(read[0]) == before
-    opt.param_groups[1]["lr_scale"] = 1.0
+    opt.param_groups[0]["lr_scale"] = 1.0
     step.set_lr(1e-3)
     step(imgs[1], noise[1])
     assert step.calls == 2
+    del step  # no graph reads the tensor any more: the group of another scale gets its own copy again
+    fake_capture.made.clear()  # (the stand-in's record of its graphs holds them)
+    gc.collect()
+    opt.param_groups[0]["lr_scale"] = 0.5
+    set_group_lrs(opt, 1e-3)
+    assert opt.param_groups[0]["lr"] is read[0] and opt.param_groups[1]["lr"] is not read[1]
+    assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([5e-4, 1e-3])

@@ -37,6 +37,16 @@ class SlowPathWarning(UserWarning):
 _WARNED: set[str] = set()
 
 
+class _OwnDefault:
+    """A patched forward's mask_ratio when the caller gives none: the original forward's own default."""
+
+    def __repr__(self) -> str:
+        return "<the original forward's default>"
+
+
+OWN_DEFAULT = _OwnDefault()
+
+
 def warn_slow(model: nn.Module, why: str, stacklevel: int = 7) -> None:
     """One SlowPathWarning per (model class, reason) and process; stacklevel: frames up to the user's
     model(...) call (through nn.Module's call wrappers)."""
@@ -295,10 +305,11 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
     serve (inputs by `original_inputs`)."""
     warn_slow(model, why)
     imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
+    ratio = () if mask_ratio is OWN_DEFAULT else (mask_ratio,)  # not given: the original applies its default
     if noise is None:
-        loss, pred, mask = original(imgs, mask_ratio)
+        loss, pred, mask = original(imgs, *ratio)
     elif takes_noise:  # by keyword: a forward that takes it through **kwargs has no third positional
-        loss, pred, mask = original(imgs, mask_ratio, noise=noise)
+        loss, pred, mask = original(imgs, *ratio, noise=noise)
     else:
         raise TypeError(f"{type(model).__name__}'s original forward takes no noise (nor seed), and this call needs "
                         f"it because {why}; call without noise= and seed= (it then draws its own mask)")
@@ -323,6 +334,8 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
     if isinstance(mask_ratio, (int, float)):  # a number outside the official code's [0, 1]: refused, whichever
         check_mask_ratio(mask_ratio, official=True)  # forward the call would run (a tensor or numpy one: theirs)
     why = ("mask_ratio is None (the model's own forward decides it)" if mask_ratio is None else None) or (
+        "no mask_ratio given, and the original forward's default is not a number (it decides)"
+        if mask_ratio is OWN_DEFAULT else None) or (
         image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
         or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
