@@ -33,14 +33,13 @@ import contextlib
 import inspect
 import math
 import numbers
-import weakref
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import graphs
+from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from ._validate import check_bool, check_mask_ratio
 
@@ -59,47 +58,6 @@ def _check_number(name: str, v) -> float:
     if not (math.isfinite(f) and f >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     return f
-
-
-def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
-    captured step's graph reads) is written in place, with no host sync (`_own_lr_per_scale` first)."""
-    _own_lr_per_scale(optimizer)
-    for group in optimizer.param_groups:
-        v = lr * group["lr_scale"] if "lr_scale" in group else lr
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(v)
-        else:
-            group["lr"] = v
-
-
-# lr tensor -> the captured step whose graphs read it (weakly: a step or tensor dropped is forgotten)
-_READ_BY_GRAPHS = WeakIdKeyDictionary()
-
-
-def _own_lr_per_scale(optimizer: torch.optim.Optimizer) -> None:
-    """torch.optim gives every group the same tensor when the default lr is a tensor: groups of one
-    ``lr_scale`` keep sharing it (a caller writing it steers them all), a group of another scale gets its own
-    copy (else the last group's scaled value would be every group's). A tensor a captured step's graphs
-    read is never replaced: groups sharing one that no longer agree on lr_scale are a ValueError, nothing
-    changed."""
-    first, split = {}, []
-    for i, group in enumerate(optimizer.param_groups):
-        t, scale = group["lr"], group.get("lr_scale", 1.0)
-        if isinstance(t, torch.Tensor):
-            j = first.setdefault(id(t), i)
-            if optimizer.param_groups[j].get("lr_scale", 1.0) != scale:
-                split.append((j, i))
-    for j, i in split:
-        ref = _READ_BY_GRAPHS.get(optimizer.param_groups[i]["lr"])
-        if ref is not None and ref() is not None and ref().captured:
-            scales = [optimizer.param_groups[k].get("lr_scale", 1.0) for k in (j, i)]
-            raise ValueError(f"param groups {j} and {i} share one lr tensor, which a captured step's graphs read, "
-                             f"but not one lr_scale ({scales[0]}, {scales[1]}): set lr_scale before the step's "
-                             "first call")
-    for _, i in split:
-        group = optimizer.param_groups[i]
-        group["lr"] = group["lr"].detach().clone()
 
 
 class TrainStep:
@@ -464,9 +422,8 @@ class TrainStep:
             lr = group["lr"]
             if not (isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32):
                 group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=dev)
-        _own_lr_per_scale(self.optimizer)
-        for group in self.optimizer.param_groups:
-            _READ_BY_GRAPHS[group["lr"]] = weakref.ref(self)
+        own_lr_per_scale(self.optimizer)
+        mark_read_by_graphs(self.optimizer, self)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
         saved = self._snapshot() if self.restore else None

@@ -1,7 +1,7 @@
-"""maefast.TrainStep's learning rates: `set_group_lrs` / `_own_lr_per_scale` (a tensor lr that torch.optim gives
-every group), set_lr's argument, and the device lr tensors a captured step's graphs read (through the CPU stand-in
-of the capture, tests/fake_capture.py). The captured step against an eager twin: tests/test_step_capture.py; the
-official schedule writing the lrs: tests/test_train_recipe.py."""
+"""maefast.TrainStep's learning rates: maefast/_lrs.py's `set_group_lrs` / `own_lr_per_scale` (a tensor lr that
+torch.optim gives every group), set_lr's argument, and the device lr tensors a captured step's graphs read (through
+the CPU stand-in of the capture, tests/fake_capture.py). The captured step against an eager twin:
+tests/test_step_capture.py; the official schedule writing the lrs: tests/test_train_recipe.py."""
 from __future__ import annotations
 
 import gc

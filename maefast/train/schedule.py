@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..step import set_group_lrs
+from .._lrs import set_group_lrs
 
 BETAS = (0.9, 0.95)
 BASE_LR = 1.5e-4

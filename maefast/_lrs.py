@@ -1,0 +1,59 @@
+"""The learning rates of an optimizer's param groups as maefast.TrainStep and the official schedule
+(maefast.train.schedule.adjust_learning_rate) write them: ``lr`` times each group's ``lr_scale``, a tensor lr
+(what a captured step's CUDA graphs read) in place, and the tensors torch.optim shares between groups."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["set_group_lrs", "own_lr_per_scale", "mark_read_by_graphs"]
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: ``lr`` times the group's ``lr_scale`` if present. A tensor lr (what a
+    captured step's graph reads) is written in place, with no host sync (`own_lr_per_scale` first)."""
+    own_lr_per_scale(optimizer)
+    for group in optimizer.param_groups:
+        v = lr * group["lr_scale"] if "lr_scale" in group else lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(v)
+        else:
+            group["lr"] = v
+
+
+# lr tensor -> the captured step whose graphs read it (weakly: a step or tensor dropped is forgotten)
+_READ_BY_GRAPHS = WeakIdKeyDictionary()
+
+
+def own_lr_per_scale(optimizer: torch.optim.Optimizer) -> None:
+    """torch.optim gives every group the same tensor when the default lr is a tensor: groups of one
+    ``lr_scale`` keep sharing it (a caller writing it steers them all), a group of another scale gets its own
+    copy (else the last group's scaled value would be every group's). A tensor a captured step's graphs
+    read is never replaced: groups sharing one that no longer agree on lr_scale are a ValueError, nothing
+    changed."""
+    first, split = {}, []
+    for i, group in enumerate(optimizer.param_groups):
+        t, scale = group["lr"], group.get("lr_scale", 1.0)
+        if isinstance(t, torch.Tensor):
+            j = first.setdefault(id(t), i)
+            if optimizer.param_groups[j].get("lr_scale", 1.0) != scale:
+                split.append((j, i))
+    for j, i in split:
+        ref = _READ_BY_GRAPHS.get(optimizer.param_groups[i]["lr"])
+        if ref is not None and ref() is not None and ref().captured:
+            scales = [optimizer.param_groups[k].get("lr_scale", 1.0) for k in (j, i)]
+            raise ValueError(f"param groups {j} and {i} share one lr tensor, which a captured step's graphs read, "
+                             f"but not one lr_scale ({scales[0]}, {scales[1]}): set lr_scale before the step's "
+                             "first call")
+    for _, i in split:
+        group = optimizer.param_groups[i]
+        group["lr"] = group["lr"].detach().clone()
+
+
+def mark_read_by_graphs(optimizer: torch.optim.Optimizer, step) -> None:
+    """Each group's lr tensor is read by ``step``'s graphs (while ``step`` lives and is captured):
+    `own_lr_per_scale` never replaces it."""
+    for group in optimizer.param_groups:
+        _READ_BY_GRAPHS[group["lr"]] = weakref.ref(step)
