@@ -13,6 +13,16 @@ def _tiny(**kw):
     return create_model("tiny", **kw)
 
 
+def _assert_computes_as(hf, m, imgs, noise):
+    """transformers' model `hf` and maefast's `m` (mask ratio 0.5): the same mask, prediction and loss."""
+    with torch.no_grad():
+        out = hf(pixel_values=imgs, noise=noise)
+        loss, pred, mask = m(imgs, mask_ratio=0.5, noise=noise)
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_full_roundtrip_and_wrapped_checkpoint():
     a, b = _tiny(), _tiny()
     info = load_official_state_dict(b, {"model": a.state_dict()})
@@ -222,12 +232,7 @@ def test_from_transformers_model_computes_as_the_transformers_model():
     assert m.impl == "reference" and m.norm_pix_loss and m.norm.eps == m.decoder_blocks[0].norm1.eps == 1e-12
     assert (m.blocks[0].attn.num_heads, m.decoder_blocks[0].attn.num_heads) == (4, 1)
     imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
-    with torch.no_grad():
-        out = hf(pixel_values=imgs, noise=noise)
-        loss, pred, mask = m(imgs, mask_ratio=0.5, noise=noise)
-    assert torch.equal(mask, out.mask)
-    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    _assert_computes_as(hf, m, imgs, noise)
     back = to_transformers_model(m, mask_ratio=0.5)  # and back: the same config and weights
     for field in ("intermediate_size", "decoder_intermediate_size", "decoder_num_attention_heads", "layer_norm_eps"):
         assert getattr(back.config, field) == getattr(cfg, field), field
@@ -284,12 +289,7 @@ def test_transformers_model_computes_as_maefast_on_distinct_weights():
     m = _distinct(create_model("tiny", impl="reference")).eval()
     hf = to_transformers_model(m, mask_ratio=0.5).eval()
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
-    with torch.no_grad():
-        out = hf(pixel_values=imgs, noise=noise)
-        loss, pred, mask = m(imgs, mask_ratio=0.5, noise=noise)
-    assert torch.equal(mask, out.mask)
-    torch.testing.assert_close(pred, out.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    _assert_computes_as(hf, m, imgs, noise)
 
 
 def test_split_qkv_is_saved_as_separate_tensors(tmp_path):

@@ -110,16 +110,19 @@ def test_a_fork_without_norm_pix_loss_gets_the_plain_pixel_loss():
 _UNSET = object()
 
 
-@pytest.mark.parametrize("kind", ["numpy", "sentinel"])
+@pytest.mark.parametrize("kind", ["none", "numpy", "sentinel"])
 def test_a_forks_default_mask_ratio_that_is_no_number_is_the_originals_own(kind):
-    """A fork whose forward's default ratio is not a Python number (a numpy scalar read from a config, a
-    sentinel it resolves itself): a call without a ratio runs the original forward without one, so its own
-    default applies, as unpatched, also in a deep copy (a copied sentinel is another object). It was passed
-    mask_ratio=None: a TypeError from inside the user's masking."""
+    """A fork whose forward's default ratio is not a Python number (None then the model's own, a numpy scalar
+    read from a config, a sentinel it resolves itself): a call without a ratio runs the original forward
+    without one, so its own default applies, as unpatched, also in a deep copy (a copied sentinel is another
+    object). The numpy one was passed mask_ratio=None: a TypeError from inside the user's masking."""
     np = pytest.importorskip("numpy")
     from official_layout import _o_forward, official_class
 
-    if kind == "numpy":
+    if kind == "none":  # a common fork: None, then the ratio from the model
+        def forward(self, imgs, mask_ratio=None):
+            return _o_forward(self, imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
+    elif kind == "numpy":
         def forward(self, imgs, mask_ratio=np.float32(0.5)):
             return _o_forward(self, imgs, mask_ratio)
     else:
@@ -128,6 +131,7 @@ def test_a_forks_default_mask_ratio_that_is_no_number_is_the_originals_own(kind)
 
     torch.manual_seed(0)
     plain = official_class(forward=forward)(**TINY)
+    plain.mask_ratio = 0.5
     patched = maefast.patch(copy.deepcopy(plain))
     imgs = torch.randn(N, 3, 32, 32)
     torch.manual_seed(1)

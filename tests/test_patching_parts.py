@@ -427,27 +427,15 @@ def test_transformers_attention_class_changed_after_patching_runs_the_original()
     _hf_same(plain, patched, "encoder layer 0.attention runs its own forward")
 
 
-def test_a_forks_none_default_mask_ratio_is_the_models_to_decide():
-    from official_layout import _o_forward, official_class
+def test_an_explicit_none_mask_ratio_runs_the_original():
+    """mask_ratio=None given explicitly: what the unpatched official forward does with it (a TypeError), named
+    in the warning. A fork's None default: tests/test_patching_edges.py."""
+    from official_layout import official_class
 
-    def forward(self, imgs, mask_ratio=None):  # a common fork: the ratio from the model
-        return _o_forward(self, imgs, self.mask_ratio if mask_ratio is None else mask_ratio)
-
-    torch.manual_seed(0)
-    plain = official_class(forward=forward)(**TINY)
-    plain.mask_ratio = 0.5
-    patched = maefast.patch(copy.deepcopy(plain))
-    imgs = torch.randn(N, 3, 32, 32)
-    torch.manual_seed(1)
-    want = plain(imgs)
-    torch.manual_seed(1)
-    with pytest.warns(_slow_warning(), match="default is not a number"):
-        got = patched(imgs)
-    assert want[2].sum(1).tolist() == got[2].sum(1).tolist() == [8.0] * N and torch.equal(got[0], want[0])
     torch.manual_seed(0)
     official = maefast.patch(official_class()(**TINY))
     with pytest.warns(_slow_warning(), match="mask_ratio is None"), pytest.raises(TypeError):
-        official(imgs, None)  # an explicit None: what the unpatched official forward does
+        official(torch.randn(N, 3, 32, 32), None)
 
 
 def test_probes_leave_the_model_and_the_process_as_they_were():
