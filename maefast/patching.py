@@ -104,6 +104,9 @@ class PatchState:
     # number (None then `self.mask_ratio`, a numpy float32, a sentinel): calls without a ratio run the original
     # forward without one, which applies its own
     mask_ratio: float | None = 0.75
+    # transformers: its forward calls forward_loss (4.x; 5.x computes the loss inline). Decided at patch time,
+    # not per call: a lookup a compiled forward made would guard on a global
+    calls_loss: bool = True
 
 
 # -- official layout -------------------------------------------------------------------------------
@@ -374,14 +377,7 @@ _KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, o
 def _library_calls_forward_loss(cls: type) -> bool:
     """Whether transformers' forward calls forward_loss (4.x; it reads patchify): 5.x's computes the loss
     inline (and calls patchify), so a subclass's forward_loss is never called."""
-    calls = _CALLS_LOSS.get(cls)
-    if calls is None:  # per class, once: asked on every call
-        calls = _CALLS_LOSS[cls] = any("forward_loss" in c.__dict__ for c in cls.__mro__
-                                       if c.__module__.split(".")[0] == "transformers")
-    return calls
-
-
-_CALLS_LOSS: dict = {}
+    return any("forward_loss" in c.__dict__ for c in cls.__mro__ if c.__module__.split(".")[0] == "transformers")
 
 
 def _known_forward(cls: type) -> bool:
@@ -398,7 +394,7 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
     whose weights the fast path reads instead of calling it (the patch projection, each q/k/v; with
     fused="block" every layer Linear) that is not a plain torch layer (a LoRA adapter's children)."""
     emb = model.vit.embeddings
-    loss_parts = ("forward_loss", "patchify") if _library_calls_forward_loss(type(model)) else ("patchify",)
+    loss_parts = ("forward_loss", "patchify") if st.calls_loss else ("patchify",)
     owners = [("", model, () if st.loss_via_model else loss_parts), ("vit", model.vit, ("forward",)),
               ("vit.embeddings", emb, ("forward", "random_masking")),
               ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)),
@@ -437,6 +433,9 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
             parts += [(f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)) for n, sub in layer.named_modules()
                       if not type(sub).__module__.startswith("torch.")]
     calls_loss = _library_calls_forward_loss(type(model))
+    for layers in (enc, dec_layers):  # the per-call check's cache filled now: a compiled first call must not
+        for sub in (m for layer in layers for m in layer.modules()):  # guard on it half-filled
+            _known_forward(type(sub))
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
@@ -450,7 +449,7 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
                 refused.append(f"{path + '.' if path else ''}{name}")
     if refused:
         refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
-    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=loss)
+    return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=loss, calls_loss=calls_loss)
 
 
 # -- patch / unpatch -------------------------------------------------------------------------------

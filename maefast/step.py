@@ -73,9 +73,10 @@ class TrainStep:
         dtype: the autocast dtype: torch.bfloat16 or torch.float16 (autocast), torch.float32 (none).
             Default: bf16 on CUDA, fp32 elsewhere. It rules inside a caller's autocast region too: the
             forward runs under the step's own, the backward and the update under none.
-        mask_ratio: the fraction of patches removed, in (0, 1). A forward without a ``mask_ratio``
-            parameter whose model has ``config.mask_ratio`` (transformers' ViTMAE, which would drop the
-            keyword) gets none passed: the two must agree (else ValueError, when built and per call).
+        mask_ratio: the fraction of patches removed, in (0, 1). A model that takes its ratio from
+            ``config.mask_ratio`` (transformers' ViTMAE, patched or not, or any model whose forward has no
+            ``mask_ratio`` parameter) must agree (else ValueError, when built and on every call, replays
+            too); a forward without the parameter gets none passed.
         scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
             fine), False for none, or None: a new one for fp16, none otherwise.
         accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
@@ -159,7 +160,9 @@ class TrainStep:
         # transformers' ViTMAE reads its ratio from its config on every call (unpatched, it drops an unknown
         # mask_ratio= into **kwargs): the step checks on every call, replays too, that the two agree
         cfg = getattr(inner, "config", None)
-        self._config = cfg if isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
+        reads_cfg = "mask_ratio" not in takes or any(c.__module__.split(".")[0] == "transformers"
+                                                     for c in type(inner).__mro__)
+        self._config = cfg if reads_cfg and isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
         self._pass_ratio = "mask_ratio" in takes or self._config is None
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=

@@ -409,3 +409,25 @@ def test_a_model_compiled_before_any_eager_call_compiles_once(monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for s in (2, 3):
             compiled(x, 0.75, seed=torch.tensor([s]))
+
+
+def test_a_patched_transformers_model_compiled_first_compiles_once(monkeypatch):
+    """A patched transformers ViTMAE whose first call is a compiled one (fresh per-class caches, as in a new
+    process) does not recompile at its next calls, nor after another transformers model is patched: what the
+    traced forward reads per call is decided at patch time, not in a process-wide cache it would guard on."""
+    pytest.importorskip("transformers")
+    from maefast import patching
+    from maefast.convert import to_transformers_model
+
+    monkeypatch.setattr(patching, "_KNOWN_FORWARD", {})
+    torch._dynamo.reset()
+    model = _transformers("auto", False, False)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    compiled(pixel_values=x, noise=torch.rand(2, 16))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(pixel_values=x, noise=torch.rand(2, 16))
+        other = to_transformers_model(ReferenceMAE(**TINY), mask_ratio=0.75)
+        other.__class__ = type("MyViTMAE", (type(other),), {})
+        maefast.patch(other)
+        compiled(pixel_values=x, noise=torch.rand(2, 16))

@@ -229,7 +229,7 @@ def test_a_model_shaped_like_transformers_mae_without_its_classes_is_refused_by_
         def forward(self, pixel_values, noise=None):
             return base.forward.__func__(self, pixel_values, noise)
 
-    with pytest.raises(TypeError, match="forward"):
+    with pytest.raises(TypeError, match="Port overrides forward"):
         maefast.patch(Port())
 
 

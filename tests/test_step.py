@@ -537,3 +537,16 @@ def test_a_config_without_a_numeric_ratio_is_not_the_models_ratio(ratio_attr):
                      capture=False)
     eager = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=1e-3), mask_ratio=0.5, capture=False)
     torch.testing.assert_close(step(imgs[0], noise=noise[0]), eager(imgs[0], noise=noise[0]))
+
+
+def test_a_config_ratio_binds_only_a_model_that_reads_it():
+    """A model of one's own whose forward takes mask_ratio= and whose config.mask_ratio is only a default is
+    stepped at the step's ratio (transformers' ViTMAE, patched or not, reads the config:
+    tests/test_step_capture.py)."""
+    import types
+
+    model = mb.build_model("tiny", "reference", torch.device("cpu"))
+    model.config = types.SimpleNamespace(mask_ratio=0.25)
+    step = TrainStep(model, torch.optim.AdamW(model.parameters()), mask_ratio=0.75, seed=3)
+    imgs = torch.randn(2, 3, 32, 32)
+    assert step(imgs).dim() == 0

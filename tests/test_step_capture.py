@@ -564,5 +564,7 @@ def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_c
         g.replay = lambda g=g: setattr(g, "replays", g.replays + 1)
     step(imgs, noise)
     hf.config.mask_ratio = 0.25
+    kept = step.static_imgs.clone(), step.static_noise.clone()
     with pytest.raises(ValueError, match="takes its ratio from model.config.mask_ratio"):
-        step(imgs, noise)
+        step(imgs + 1, noise / 2)
+    assert torch.equal(step.static_imgs, kept[0]) and torch.equal(step.static_noise, kept[1])  # nothing copied

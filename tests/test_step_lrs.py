@@ -99,3 +99,37 @@ def test_a_captured_step_keeps_the_lr_tensors_its_graphs_read_when_an_lr_scale_c
     set_group_lrs(opt, 1e-3)
     assert opt.param_groups[0]["lr"] is read[0] and opt.param_groups[1]["lr"] is not read[1]
     assert [float(g["lr"]) for g in opt.param_groups] == pytest.approx([5e-4, 1e-3])
+
+
+@pytest.mark.parametrize("second", ["fails to capture", "captured, then dropped"])
+def test_a_second_step_on_the_optimizer_leaves_the_first_steps_lr_tensors_read(fake_capture, second):
+    """Two steps on one optimizer (a resumed run's new step beside the old one): a second step whose capture
+    fails, or that is captured and then dropped, does not lift the first step's claim on the lr tensor its
+    graphs read: a split is still refused, by set_lr and by the schedule's writer, and the first step steps on."""
+    a, _ = twins()
+    imgs, noise = batches(2)
+    ps = list(a.parameters())
+    opt = torch.optim.AdamW([{"params": ps[:-1]}, {"params": ps[-1:]}], lr=torch.tensor(1e-3), fused=True,
+                            capturable=True)
+    first = TrainStep(a, opt, seed=3)
+    first(imgs[0], noise[0])
+    if second == "fails to capture":
+        fake_capture.fail = RuntimeError("before the capture")
+    other = TrainStep(a, opt, seed=4)
+    other(imgs[0], noise[0])
+    assert first.captured and other.captured == (second != "fails to capture")
+    fake_capture.fail = None
+    if second != "fails to capture":
+        del other
+        fake_capture.made.clear()  # (the stand-in's record of its graphs holds them; the steps hold their own)
+        gc.collect()
+    read = [g["lr"] for g in opt.param_groups]
+    opt.param_groups[0]["lr_scale"] = 0.5
+    with pytest.raises(ValueError, match="param groups 0 and 1"):
+        first.set_lr(1e-4)
+    with pytest.raises(ValueError, match="param groups 0 and 1"):
+        adjust_learning_rate(opt, 10.0, 1e-4, 1.0, 100.0)
+    assert all(g["lr"] is t for g, t in zip(opt.param_groups, read))
+    opt.param_groups[0]["lr_scale"] = 1.0
+    first(imgs[1], noise[1])
+    assert first.calls == 2
