@@ -46,8 +46,8 @@ from .models.fast import (BlockView, MAEView, _official_block_view, check_fused,
                           official_view)
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
 from .models.routing import (OWN_DEFAULT, SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
-                             fast_unsupported, image_grad_reason, instance_overrides, official_call, original_inputs,
-                             refuse, replaced_forward, skipped_hooks_reason, warn_slow)
+                             fast_unsupported, image_grad_reason, instance_overrides, is_own_default, official_call,
+                             original_inputs, refuse, replaced_forward, skipped_hooks_reason, warn_slow)
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "random_masking",
@@ -123,7 +123,7 @@ class _OfficialForward:
     def __call__(self, imgs, mask_ratio=OWN_DEFAULT, noise=None, *, seed=None, return_pred=True, mean=None, std=None):
         m = self.model
         st = m._maefast
-        if mask_ratio is OWN_DEFAULT and st.mask_ratio is not None:  # its default (0.75 in the official code)
+        if is_own_default(mask_ratio) and st.mask_ratio is not None:  # its default (0.75 in the official code)
             mask_ratio = st.mask_ratio
         # functools.partial, not forward.__get__(m): dynamo in torch 2.11 cannot trace the latter
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
@@ -314,7 +314,13 @@ class _TransformersForward:
     """The forward `patch` installs on transformers' ViTMAEForPreTraining (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
+        import transformers
+        from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+
         self.model = model
+        # imported here, not in the call: dynamo in torch 2.11 cannot trace `import transformers` (a _LazyModule)
+        self.output_cls = ViTMAEForPreTrainingOutput
+        self.v5 = int(transformers.__version__.split(".")[0]) >= 5
 
     def __call__(self, pixel_values=None, noise=None, *args, seed=None, mask_ratio=None, mean=None, std=None,
                  **kwargs):
@@ -346,24 +352,18 @@ class _TransformersForward:
                                                      grad_checkpointing=st.grad_checkpointing, return_pred=True,
                                                      loss_fn=m.forward_loss if st.loss_via_model else None,
                                                      mean=mean, std=std)
-        from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
-
-        out = ViTMAEForPreTrainingOutput(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
+        out = self.output_cls(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
         return_dict = kwargs.get("return_dict")
         if return_dict is None:
-            return_dict = _config_return_dict(m.config)
+            return_dict = _config_return_dict(m.config, self.v5)
         return out if return_dict else out.to_tuple()
 
 
-def _config_return_dict(config) -> bool:
+def _config_return_dict(config, v5: bool) -> bool:
     """The config's default return_dict as the original forward decides it: 4.x's `use_return_dict`
     (False under torchscript); 5.x's `return_dict` alone (it has no torchscript mode: a config's
     `torchscript` attribute changes nothing there)."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return bool(getattr(config, "return_dict", True))
-    return bool(config.use_return_dict)
+    return bool(getattr(config, "return_dict", True)) if v5 else bool(config.use_return_dict)
 
 
 def _from_library(cls: type | None) -> bool:

@@ -47,6 +47,12 @@ class _OwnDefault:
 OWN_DEFAULT = _OwnDefault()
 
 
+def is_own_default(mask_ratio) -> bool:
+    """Whether no mask_ratio was given (`OWN_DEFAULT`). isinstance, not `is`: dynamo in torch 2.11 cannot
+    compare a traced float (a SymFloat once the ratio varies) with an object by identity."""
+    return isinstance(mask_ratio, _OwnDefault)
+
+
 def warn_slow(model: nn.Module, why: str, stacklevel: int = 7) -> None:
     """One SlowPathWarning per (model class, reason) and process; stacklevel: frames up to the user's
     model(...) call (through nn.Module's call wrappers)."""
@@ -305,7 +311,7 @@ def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_rati
     serve (inputs by `original_inputs`)."""
     warn_slow(model, why)
     imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
-    ratio = () if mask_ratio is OWN_DEFAULT else (mask_ratio,)  # not given: the original applies its default
+    ratio = () if is_own_default(mask_ratio) else (mask_ratio,)  # not given: the original applies its default
     if noise is None:
         loss, pred, mask = original(imgs, *ratio)
     elif takes_noise:  # by keyword: a forward that takes it through **kwargs has no third positional
@@ -335,7 +341,7 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
         check_mask_ratio(mask_ratio, official=True)  # forward the call would run (a tensor or numpy one: theirs)
     why = ("mask_ratio is None (the model's own forward decides it)" if mask_ratio is None else None) or (
         "no mask_ratio given, and the original forward's default is not a number (it decides)"
-        if mask_ratio is OWN_DEFAULT else None) or (
+        if is_own_default(mask_ratio) else None) or (
         image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
         or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
