@@ -322,6 +322,12 @@ class _TransformersForward:
         self.output_cls = ViTMAEForPreTrainingOutput
         self.v5 = int(transformers.__version__.split(".")[0]) >= 5
 
+    def __setstate__(self, state: dict) -> None:
+        if "output_cls" in state:
+            self.__dict__.update(state)
+        else:  # pickled by an older maefast: only the model
+            self.__init__(state["model"])
+
     def __call__(self, pixel_values=None, noise=None, *args, seed=None, mask_ratio=None, mean=None, std=None,
                  **kwargs):
         m = self.model

@@ -275,3 +275,25 @@ def test_transformers_a_forward_set_on_a_stack_after_patching_runs_the_original(
         obj.forward = types.MethodType(lambda self, *a, _r=real, **k: seen.append(1) or _r(self, *a, **k), obj)
     _hf_same(plain, patched, rf"^.*: {where.replace('.', chr(92) + '.')}\.forward is set on the instance")
     assert len(seen) == 2
+
+
+def test_transformers_patched_forward_pickled_by_an_older_version_still_runs():
+    """A patched model saved by a maefast whose transformers forward held only the model (no output class or
+    version resolved at patch time) loads and runs its fast path."""
+    import pickle
+
+    from maefast.patching import _TransformersForward
+
+    plain, patched = _hf()
+    old = pickle.loads(pickle.dumps(patched))
+    fwd = old.__dict__["forward"]
+    for name in ("output_cls", "v5"):
+        del fwd.__dict__[name]
+    old = pickle.loads(pickle.dumps(old))
+    assert isinstance(old.forward, _TransformersForward) and old.forward.output_cls is type(patched.forward(
+        pixel_values=torch.randn(N, 3, 32, 32), noise=torch.rand(N, L)))
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())
+        got = old(pixel_values=imgs, noise=noise).loss
+    assert_close(got, plain(pixel_values=imgs, noise=noise).loss, torch.float32, name="loss")
