@@ -66,12 +66,9 @@ def test_a_captured_steps_lrs_are_float32_tensors_whatever_the_callers_tensor(fa
         assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(2e-4)
 
 
-def test_a_captured_step_keeps_the_lr_tensors_its_graphs_read_when_an_lr_scale_changes(fake_capture):
-    """Two groups share torch.optim's default tensor lr through the capture (one lr_scale); the caller then gives
-    one group another lr_scale (honoured for a group of its own: tests/test_step_failures.py). set_lr must not
-    replace a tensor the graphs read (that group would step on at the old lr, and every later call is refused as
-    if the optimizer had been reloaded, even once the scale is set back): it refuses the new scale by name,
-    writing nothing; the graphs' tensors stay the groups' and the step steps on."""
+def _two_groups_sharing_one_lr_captured():
+    """(model, optimizer, its step captured after one call, imgs, noise): two param groups sharing torch.optim's
+    default tensor lr."""
     a, _ = twins()
     imgs, noise = batches(2)
     ps = list(a.parameters())
@@ -79,6 +76,16 @@ def test_a_captured_step_keeps_the_lr_tensors_its_graphs_read_when_an_lr_scale_c
                             capturable=True)
     step = TrainStep(a, opt, seed=3)
     step(imgs[0], noise[0])
+    return a, opt, step, imgs, noise
+
+
+def test_a_captured_step_keeps_the_lr_tensors_its_graphs_read_when_an_lr_scale_changes(fake_capture):
+    """Two groups share torch.optim's default tensor lr through the capture (one lr_scale); the caller then gives
+    one group another lr_scale (honoured for a group of its own: tests/test_step_failures.py). set_lr must not
+    replace a tensor the graphs read (that group would step on at the old lr, and every later call is refused as
+    if the optimizer had been reloaded, even once the scale is set back): it refuses the new scale by name,
+    writing nothing; the graphs' tensors stay the groups' and the step steps on."""
+    a, opt, step, imgs, noise = _two_groups_sharing_one_lr_captured()
     read = [g["lr"] for g in opt.param_groups]
     assert step.captured and read[0] is read[1]
     opt.param_groups[0]["lr_scale"] = 0.5
@@ -106,13 +113,7 @@ def test_a_second_step_on_the_optimizer_leaves_the_first_steps_lr_tensors_read(f
     """Two steps on one optimizer (a resumed run's new step beside the old one): a second step whose capture
     fails, or that is captured and then dropped, does not lift the first step's claim on the lr tensor its
     graphs read: a split is still refused, by set_lr and by the schedule's writer, and the first step steps on."""
-    a, _ = twins()
-    imgs, noise = batches(2)
-    ps = list(a.parameters())
-    opt = torch.optim.AdamW([{"params": ps[:-1]}, {"params": ps[-1:]}], lr=torch.tensor(1e-3), fused=True,
-                            capturable=True)
-    first = TrainStep(a, opt, seed=3)
-    first(imgs[0], noise[0])
+    a, opt, first, imgs, noise = _two_groups_sharing_one_lr_captured()
     if second == "fails to capture":
         fake_capture.fail = RuntimeError("before the capture")
     other = TrainStep(a, opt, seed=4)
