@@ -111,8 +111,6 @@ class PatchState:
 
 # -- official layout -------------------------------------------------------------------------------
 
-
-
 class _OfficialForward:
     """The forward `patch` installs on an official-layout model: an object holding the model (a
     deep copy or a pickle of the model runs on its own parameters)."""
