@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import gpu_record as rec  # noqa: E402
+import gpu_runner  # noqa: E402
 
 
 def _env():
@@ -59,7 +60,7 @@ def test_gpu_run_refuses_a_tree_without_a_commit(tmp_path):
     commit, so it refuses before anything starts (one line, exit 2); a dry run needs no commit."""
     (tmp_path / "scripts").mkdir()
     (tmp_path / "maefast").mkdir()
-    for rel in ("scripts/gpu_check.py", "scripts/gpu_record.py", "maefast/_commit.py"):
+    for rel in ("scripts/gpu_check.py", "scripts/gpu_runner.py", "scripts/gpu_record.py", "maefast/_commit.py"):
         (tmp_path / rel).write_text(open(os.path.join(ROOT, rel)).read())
     env = {k: v for k, v in _env().items() if k != "MAEFAST_COMMIT"}
     cmd = [sys.executable, str(tmp_path / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "out"),
@@ -97,7 +98,7 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert "--model large --batch-size 128" in cmds["train-jpeg"] and "jpegs-linked" in cmds["train-jpeg"]
     assert "--data synthetic --model large --batch-size 128" in cmds["train-synthetic"]
     assert "--data synthetic --model huge --batch-size 128" in cmds["train-huge"]
-    # the dry run parses each command's real argument list with its real parser (gpu_check.parse_only);
+    # the dry run parses each command's real argument list with its real parser (gpu_runner.parse_only);
     # the train arguments must also validate as on the card (a CUDA run, one process), or the card's
     # minutes go to an exit code 2
     from maefast.train.config import config_from_args, resolve_config, validate_config
@@ -120,14 +121,14 @@ def test_dry_run_parses_each_presets_real_arguments(tmp_path):
         steps = json.loads((out / f"{preset}-record.json").read_text())["steps"]
         for name in names:
             cmd = shlex.split(steps[name]["cmd"])
-            assert cmd[1:3] == ["-c", "import gpu_check; gpu_check.parse_only()"] and "--help" not in cmd, cmd
+            assert cmd[1:3] == ["-c", "import gpu_runner; gpu_runner.parse_only()"] and "--help" not in cmd, cmd
             assert steps[name]["rc"] == 0, steps[name]
             assert "--json" in cmd or "--max-steps" in cmd, cmd  # the real argument list, not a stand-in
     assert "--fused block --batch large=256,huge=192" in json.loads((out / "table2-record.json").read_text())[
         "steps"]["table2"]["cmd"]
     assert log.count("the arguments parse (dry run: not run)") == 6
     env = dict(_env(), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")]))
-    parse = [sys.executable, "-c", "import gpu_check; gpu_check.parse_only()", "-m", "maefast"]
+    parse = [sys.executable, "-c", "import gpu_runner; gpu_runner.parse_only()", "-m", "maefast"]
     for args, rc in ((["bench", "table2", "--quick", "--fused", "block"], 0),
                      (["bench", "table2", "--fused", "blocks"], 2),
                      (["profile", "--steps", "30"], 0), (["profile", "--steps", "30", "--nope"], 2),
@@ -322,7 +323,7 @@ def test_a_steps_budget_is_clipped_to_the_presets_and_pytests_deadline_keeps_its
     """BUDGET's nominal budget (or --budget's) clipped to what is left of the preset's less RESERVE_S (the
     record's writing); the last step gets all that is left unless --budget names it; pytest stops starting
     cases the step's margin (its longest case) before the budget ends."""
-    from gpu_check import BUDGET, RESERVE_S
+    from gpu_runner import BUDGET, RESERVE_S
 
     rows, more_margin = BUDGET["step-rows"][0], BUDGET["step-more"][1]
     preset, more = rows - 10 + RESERVE_S, more_margin + 15  # step-rows' nominal budget does not fit
@@ -352,7 +353,7 @@ def test_a_step_left_no_more_than_its_margin_is_skipped_and_a_budget_under_it_re
     import gpu_check
 
     margin = gpu_check.BUDGET["step-compiled"][1]
-    r = _runner(tmp_path, monkeypatch, gpu_check.RESERVE_S + margin - 5)
+    r = _runner(tmp_path, monkeypatch, gpu_runner.RESERVE_S + margin - 5)
     try:
         assert r.run("step-compiled", [sys.executable, "-c", "pass"], last=True) == (-1, "")
         st = r.record["steps"]["step-compiled"]
@@ -367,7 +368,7 @@ def test_a_step_left_no_more_than_its_margin_is_skipped_and_a_budget_under_it_re
 def test_a_spent_preset_skips_its_steps_except_on_a_dry_run(tmp_path, monkeypatch):
     """Under 5 s left: a real run records the step as skipped without starting it; a dry run still runs it
     (it checks every command), at the 5 s floor."""
-    from gpu_check import RESERVE_S
+    from gpu_runner import RESERVE_S
 
     for dry in (False, True):
         r = _runner(tmp_path / str(dry), monkeypatch, RESERVE_S + 2.0, dry_run=dry)
@@ -389,8 +390,6 @@ def test_every_pytest_steps_margin_is_inside_its_budget():
 
 def test_a_step_at_its_budget_is_interrupted_before_it_is_killed():
     """SIGINT first (pytest then writes its junit XML and the rows it has), SIGKILL only after the grace."""
-    import gpu_check
-
     code = ("import signal, sys, time\n"
             "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(3)))\n"
             "print('ready', flush=True)\ntime.sleep(60)")
@@ -398,7 +397,7 @@ def test_a_step_at_its_budget_is_interrupted_before_it_is_killed():
                             preexec_fn=os.setpgrp)
     try:
         assert proc.stdout.readline() == b"ready\n"
-        out = gpu_check._stop_group(proc, grace=10.0)
+        out = gpu_runner._stop_group(proc, grace=10.0)
         assert b"interrupted" in out and proc.returncode == 3
     finally:
         if proc.poll() is None:
@@ -483,7 +482,7 @@ def test_a_skipped_test_step_keeps_its_note(tmp_path, monkeypatch):
     import gpu_check
 
     margin = gpu_check.BUDGET["tests"][1]
-    r = _runner(tmp_path, monkeypatch, gpu_check.RESERVE_S + margin - 5)
+    r = _runner(tmp_path, monkeypatch, gpu_runner.RESERVE_S + margin - 5)
     r.args.workers = 0
     try:
         assert gpu_check._cuda_tests(r, "tests", ["tests/test_ext.py"]) is None
