@@ -18,6 +18,16 @@ TIMM_CLASSES = {"timm.models.vision_transformer": ("Block", "Attention", "Mlp", 
 _TRUST: dict = {}
 
 
+def package(cls: type) -> str:
+    """The top-level package that defines `cls` ("transformers" for transformers.models.vit_mae's classes)."""
+    return cls.__module__.split(".")[0]
+
+
+def defining_class(cls: type, name: str) -> type | None:
+    """The class in `cls`'s MRO whose body defines `name` (None: none does)."""
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
 def trusted_class(cls: type, root_module: str = "") -> bool:
     """Whether the forward `cls` runs is one maefast knows: defined in maefast or torch, one of timm's
     `TIMM_CLASSES`, or in `root_module` (the module of the model's official-layout class: its Block
@@ -26,8 +36,8 @@ def trusted_class(cls: type, root_module: str = "") -> bool:
     key = (cls, root_module)
     ok = None if compiling() else _TRUST.get(key)
     if ok is None:
-        c = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        ok = (c is None or c.__module__.split(".")[0] in KNOWN_PACKAGES or c.__module__ == root_module
+        c = defining_class(cls, "forward")
+        ok = (c is None or package(c) in KNOWN_PACKAGES or c.__module__ == root_module
               or _timm_class(c))
         if not compiling():
             _TRUST[key] = ok

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ._modules import defining_class, package
 from ._validate import check_bool
 from .models.fast import (BlockView, MAEView, _official_block_view, check_fused, check_model_impl, fast_forward,
                           official_view)
@@ -86,10 +87,6 @@ def _is_own_model(model) -> bool:
     from .models.mae import MaskedAutoencoderViT
 
     return isinstance(model, MaskedAutoencoderViT)
-
-
-def _defining_class(obj, name: str):
-    return next((c for c in type(obj).__mro__ if name in c.__dict__), None)
 
 
 @dataclass
@@ -371,8 +368,8 @@ def _config_return_dict(config, v5: bool) -> bool:
 
 
 def _from_library(cls: type | None) -> bool:
-    """Whether a method's defining class (`_defining_class`) is transformers' or torch's (or none defines it)."""
-    return cls is None or cls.__module__.split(".")[0] in ("transformers", "torch")
+    """Whether a method's defining class (`defining_class`) is transformers' or torch's (or none defines it)."""
+    return cls is None or package(cls) in ("transformers", "torch")
 
 
 _KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, once: it is asked on every call)
@@ -381,13 +378,13 @@ _KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, o
 def _library_calls_forward_loss(cls: type) -> bool:
     """Whether transformers' forward calls forward_loss (4.x; it reads patchify): 5.x's computes the loss
     inline (and calls patchify), so a subclass's forward_loss is never called."""
-    return any("forward_loss" in c.__dict__ for c in cls.__mro__ if c.__module__.split(".")[0] == "transformers")
+    return any("forward_loss" in c.__dict__ for c in cls.__mro__ if package(c) == "transformers")
 
 
 def _known_forward(cls: type) -> bool:
     ok = _KNOWN_FORWARD.get(cls)
     if ok is None:
-        ok = _KNOWN_FORWARD[cls] = _from_library(next((c for c in cls.__mro__ if "forward" in c.__dict__), None))
+        ok = _KNOWN_FORWARD[cls] = _from_library(defining_class(cls, "forward"))
     return ok
 
 
@@ -443,7 +440,7 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
-            if name not in obj.__dict__ and _from_library(_defining_class(obj, name)):
+            if name not in obj.__dict__ and _from_library(defining_class(type(obj), name)):
                 continue
             if path == "" and name == "forward_loss" and not calls_loss:
                 continue  # a subclass's forward_loss that 5.x's forward never calls: neither does the fast path

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from . import graphs
 from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
+from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from ._validate import check_bool, check_mask_ratio
 
@@ -160,8 +161,7 @@ class TrainStep:
         # transformers' ViTMAE reads its ratio from its config on every call (unpatched, it drops an unknown
         # mask_ratio= into **kwargs): the step checks on every call, replays too, that the two agree
         cfg = getattr(inner, "config", None)
-        reads_cfg = "mask_ratio" not in takes or any(c.__module__.split(".")[0] == "transformers"
-                                                     for c in type(inner).__mro__)
+        reads_cfg = "mask_ratio" not in takes or any(package(c) == "transformers" for c in type(inner).__mro__)
         self._config = cfg if reads_cfg and isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
         self._pass_ratio = "mask_ratio" in takes or self._config is None
         self._check_config_ratio()

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .._modules import hooked as _hooked
+from .._modules import defining_class, package
 from .._modules import plain_layer as _plain_layer
 from .._validate import check_bool, check_mask_ratio, compiling
 from ..reference.normalize import normalize, pixel_stats
@@ -194,7 +195,7 @@ def _replaced(path: str, m: nn.Module, root_module: str) -> tuple[str, str] | No
     if own is not None and not isinstance(own, _RoutedBlockForward):
         return path, "an instance forward"
     if not trusted_class(type(m), root_module):
-        c = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+        c = defining_class(type(m), "forward")
         return path, f"forward of {c.__module__}.{c.__qualname__}"
     return None
 
@@ -249,7 +250,7 @@ def _layout_root(cls: type) -> type | None:
 
 
 def _is_maefast(c: type) -> bool:
-    return c.__module__.split(".")[0] == "maefast"
+    return package(c) == "maefast"
 
 
 def class_overrides(cls: type, *, forward: bool) -> Overrides:
