@@ -431,12 +431,11 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
              ("decoder", model.decoder, ("forward",))]
     for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
         for i, layer in enumerate(layers):
-            parts += [(f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)) for n, sub in layer.named_modules()
-                      if not type(sub).__module__.startswith("torch.")]
+            for n, sub in layer.named_modules():
+                _known_forward(type(sub))  # the per-call check's cache filled now: a compiled first call must
+                if not type(sub).__module__.startswith("torch."):  # not guard on it half-filled
+                    parts.append((f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)))
     calls_loss = _library_calls_forward_loss(type(model))
-    for layers in (enc, dec_layers):  # the per-call check's cache filled now: a compiled first call must not
-        for sub in (m for layer in layers for m in layer.modules()):  # guard on it half-filled
-            _known_forward(type(sub))
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
