@@ -79,6 +79,13 @@ def test_each_layer_norm_keeps_its_own_eps(impl):
     _assert_op_is_the_block(blk, impl)
 
 
+def test_eps_zero_is_allowed():
+    """eps1 = eps2 = 0 is a valid LayerNorm eps (>= 0, as `ops.layer_norm` takes it): the op runs the block."""
+    blk = _block(32, 2)
+    blk.norm1.eps, blk.norm2.eps = 0.0, 0.0
+    _assert_op_is_the_block(blk, "reference")
+
+
 def test_a_given_scale_reaches_forward_and_backward():
     """A softmax scale other than the default (0.5, head dim 16's default 0.25): the forward and the
     backward's attention gradient each take it (one falling back to the default passes every test above)."""
@@ -226,6 +233,29 @@ def test_backward_fills_no_zero_grads_for_saved_outputs(route):
             y.backward(torch.randn_like(y))
     assert c.zero_fills == [], c.zero_fills
     assert x.grad is not None and all(p.grad is not None for p in blk.parameters())
+
+
+@pytest.mark.parametrize("route", ["direct", "custom_op"])
+def test_no_gradient_reaching_y_gives_zero_gradients(route):
+    """A downstream backward that hands y no gradient (None: grads are not materialised): the block's backward
+    runs on zeros, x keeps its other path's gradient alone and every weight gets a zero one."""
+    class NoGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    blk = _block(32, 2)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with eager_dispatch(route):
+        y = _op(blk, x, "reference")
+    (NoGrad.apply(y).sum() + 2 * x.sum()).backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    for name, p in blk.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
 def test_bad_inputs():

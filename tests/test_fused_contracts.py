@@ -95,6 +95,16 @@ def test_auto_takes_the_reference_beyond_the_triton_width(monkeypatch):
         ln_mod._resolve("triton", cuda, 16385)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_y_takes_s_dtype_when_x_is_the_narrower_operand(device, impl):
+    """bf16 x and an fp32 residual: s = x + r is fp32, and y (out_dtype left out) takes s's dtype, not x's,
+    as the fake says (the other tests give the wider dtype to x)."""
+    x, r, w, b = _ln_inputs((3, 40), torch.bfloat16, device, param_dtype=torch.float32, r_dtype=torch.float32)
+    y, s = add_layer_norm(x, r, w, b, impl=impl)
+    assert s.dtype == torch.float32 and y.dtype == torch.float32
+    assert_close(y, F.layer_norm(x.float() + r, (40,), w, b, EPS), name="y")
+
+
 # -- gradients: dtypes, a gradient through s alone, strides ----------------------------------------------
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,6 +223,19 @@ def test_bias_gelu_backward_forms_x_plus_bias_in_fp32(device, impl):
     dz = dy.double() * (0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * (2 * math.pi) ** -0.5)
     assert db.dtype == torch.float32
     assert_close(db, dz.sum(0).float(), name="dbias")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bias_gelu_backward_op_gives_dx_in_x_dtype_for_another_dy_dtype(device, impl):
+    """`maefast::bias_gelu_backward` with an fp32 dy for bf16 x: dx in x's dtype (the fake's, the kernel's),
+    not dy's; its values the fp32 derivative rounded once."""
+    dev = device if impl == "triton" else "cpu"
+    x, b, dy = randn(4, 48, dtype=torch.bfloat16, device=dev), randn(48, device=dev), randn(4, 48, device=dev)
+    dx, db = torch.ops.maefast.bias_gelu_backward(dy, x, b, impl)
+    assert dx.dtype == torch.bfloat16 and db.dtype == torch.float32
+    z = (x.float() + b).requires_grad_(True)
+    (want,) = torch.autograd.grad(F.gelu(z), z, dy)
+    assert_close(dx.float(), want.bfloat16().float(), dtype=torch.bfloat16, name="dx")
 
 
 # -- custom-op registration -----------------------------------------------------------------------------
