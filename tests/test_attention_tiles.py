@@ -307,3 +307,25 @@ def test_sweep_winners_threshold_directions_and_failed_cases():
                           _row("m64n64w8s1", 1.0)])
     assert (w["table"], w["gain"], w["change"], w["best"]) == (None, None, False, "m64n32w4s2")
     assert w["not_compared"] == ["m64n64w8s1"]
+
+
+def test_tile_types_accept_every_launchable_warp_count_and_only_int_blocks():
+    """16 warps is a launch Triton takes; a float block size (64.0: what a JSON reader gives) is refused with
+    the same ValueError, not a TypeError from the power-of-two check; a backward's name with anything after
+    it is refused, not cut short."""
+    assert Tile(64, 64, 16).name == "m64n64w16s2"
+    with pytest.raises(ValueError, match="BLOCK_M must be a power of two"):
+        Tile(64.0, 32)
+    with pytest.raises(ValueError, match="looks like"):
+        BwdTiles.parse("dq-m64n32w4s3+dkdv-m32n64w4s3 m16n16w4s1")
+
+
+def test_sweep_winners_reports_both_times_and_reads_only_the_sweeps_rows():
+    """table_ms is the table tile's time and best_ms the fastest's; rows of other groups in the same
+    record (the ops preset's other attention rows) are not part of any sweep."""
+    rows = [_row("m64n64w4s1", 2.0, table=True), _row("m64n32w4s2", 1.0),
+            dict(group="attention-fwd", provider="maefast", L=50, Dh=64, time_ms=0.5),
+            dict(group="attention", time_ms=0.1)]
+    (w,) = sweep_winners(rows)
+    assert (w["table_ms"], w["best_ms"], w["gain"]) == (2.0, 1.0, 2.0), w
+    assert [t for t, _ in w["candidates"]] == ["m64n32w4s2", "m64n64w4s1"]

@@ -224,3 +224,68 @@ def test_compile_for_and_resource_usage_on_a_small_kernel(tmp_path):
     regs, stack = got["usage"]
     assert isinstance(regs, int) and 8 <= regs <= 255 and stack == 0, got
     assert (got["num_warps"], got["arch"], got["ptx_target"]) == (2, 80, True), got
+
+
+# -- what main compiles, and the attention launches it asks for (no compile) ----------------------------------
+
+def _which(script, monkeypatch, tmp_path, *argv):
+    """The variant names main compiles for `argv` (two non-attention variants, one attention one)."""
+    todo = [(n, None, {}, {}, 4, 1, {}) for n in ("k0 fwd", "k1 bwd")]
+    monkeypatch.setattr(script, "variants", lambda quick=False: list(todo))
+    monkeypatch.setattr(script, "attention_variants", lambda quick=False: [("attention fwd", None, {}, {}, 4, 1, {})])
+    monkeypatch.setattr(script, "_compile", lambda *a, **k: dict(seconds=0.0, registers=64, spill_stack_bytes=0,
+                                                                 shared_bytes=10 ** 6, fma_f32=0, wgmma=0, mma_sync=0))
+    out = tmp_path / "rows.json"
+    rc = script.main([*argv, "--json", str(out)])
+    return rc, [r["kernel"] for r in json.loads(out.read_text())["kernels"]]
+
+
+def test_main_selects_the_variants_asked_for_and_knows_no_limit_for_other_archs(script, monkeypatch, tmp_path):
+    """--attention-only, --no-attention and --match pick the variants; an arch without a known shared-memory
+    limit (sm_75) is not failed for it (sm_90's limit is exceeded here)."""
+    assert _which(script, monkeypatch, tmp_path, "--arch", "75") == (0, ["k0 fwd", "k1 bwd", "attention fwd"])
+    assert _which(script, monkeypatch, tmp_path, "--arch", "75", "--attention-only") == (0, ["attention fwd"])
+    assert _which(script, monkeypatch, tmp_path, "--arch", "75", "--no-attention") == (0, ["k0 fwd", "k1 bwd"])
+    assert _which(script, monkeypatch, tmp_path, "--arch", "75", "--match", "bwd") == (0, ["k1 bwd"])
+    assert _which(script, monkeypatch, tmp_path)[0] == 1  # sm_90: over its limit
+
+
+def test_attention_variants_specialise_each_launch_as_the_launcher_does(script):
+    """Per launch: the grid's block count rounds up (65 rows in 128-row blocks: one block, not none), the
+    fused backward's dk/dv kernel computes dq, varlen launches (the first table shape only under --quick)
+    see one packed sequence of 64 x L tokens through a cu_seqlens of the named int type, fp32 uses exact
+    dots; the generic rule is compiled only where the table does not apply."""
+    import re
+
+    import torch
+
+    from maefast.kernels import attention_tiles as tt
+
+    quick = script.attention_variants(quick=True)
+    first = next(iter(tt.TILES))
+    varlen = {re.search(r"L(\d+) Dh(\d+)", v[0]).group(0) for v in quick if "varlen" in v[0]}
+    assert varlen == {f"L{first[0]} Dh{first[1]}"}
+    every = script.attention_variants(quick=False)
+    assert {(int(m.group(1)), int(m.group(2))) for v in every if "varlen" in v[0]
+            for m in [re.search(r"L(\d+) Dh(\d+)", v[0])]} == set(tt.TILES)
+    for name, kernel, consts, ptrs, warps, stages, ints in quick + every:
+        L, dh = map(int, re.search(r"L(\d+) Dh(\d+)", name).groups())
+        vl = "varlen" in name
+        assert consts["VARLEN"] is vl and consts["DOT_PREC"] == ("ieee" if " fp32 " in name else "tf32"), name
+        assert ptrs["cu_ptr"] == ("*i64" if "varlen i64" in name else "*i32"), name
+        assert (ints["seqlen"], ints["max_seqlen"] if vl else L) == ((64 * L if vl else L), L), name
+        assert ints["stride_qkv_b"] == (64 if vl else 1) * L * 3 * 16 * dh, name
+        if " fwd " in name or " bwd-dq " in name:
+            assert ints["num_m_blocks"] == -(-L // consts["BLOCK_M"]), name
+        else:
+            assert ints["num_n_blocks"] == -(-L // consts["BLOCK_N"]), name
+            assert consts["FUSED_DQ"] is (" fused-" in name), name
+        if "[generic rule]" in name:
+            assert tt.table_entry(L, dh, torch.float32 if " fp32 " in name else torch.bfloat16) is None, name
+
+
+def test_main_records_a_failure_whose_message_is_blank(script, monkeypatch, capsys, tmp_path):
+    """A variant whose exception has a blank message is recorded as failed and the run goes on (it used to
+    stop the whole script with an IndexError)."""
+    rc, rows, _ = _main(script, monkeypatch, capsys, tmp_path, [RuntimeError("\n"), {}])
+    assert rc == 1 and rows[0] == dict(kernel="k0", error="RuntimeError: ") and "error" not in rows[1]
