@@ -97,6 +97,8 @@ def test_the_starts_of_a_run_count_what_each_trained(tmp_path):
     first = train(_cfg(tmp_path / "cut", **kw, max_steps=2))
     rest = train(_cfg(tmp_path / "cut", **kw, resume="auto"))
     assert straight["skipped_files"] == 6 and first["skipped_files"] > 0
+    # the examples each rank sends round are 5 at most (its first ones)
+    assert len(lines(str(tmp_path / "straight" / "log.jsonl"))[0]["skipped_examples"]) == 5
     assert first["skipped_files"] + rest["skipped_files"] == 6
 
 
@@ -148,3 +150,15 @@ def test_an_epoch_without_a_readable_image_stops_the_run(tmp_path):
         (data / f"{i}.jpg").write_bytes(os.urandom(200))
     with pytest.raises(RunError, match="no readable image in epoch 0 \\(8 files failed to load"):
         train(_cfg(tmp_path / "run", data=str(data), synthetic_size=None))
+
+
+def test_a_resume_into_an_epoch_past_the_new_epochs_is_refused_naming_the_least(tmp_path):
+    """A run stopped 1 step into its 2nd epoch (3 steps an epoch): --epochs 1 would end it before that (it
+    trained into epoch 1, not only its 1 epoch) and is refused before anything is touched, naming --epochs 2."""
+    run = tmp_path / "run"
+    train(_cfg(run, epochs=2, max_steps=4))
+    before = sorted(os.listdir(run))
+    with pytest.raises(ValueError, match=r"has trained 1 epochs and 4 samples of the next \(step 4\); --epochs 1 "
+                                         r"would end it before that: pass --epochs >= 2$"):
+        train(_cfg(run, epochs=1, resume="auto"))
+    assert sorted(os.listdir(run)) == before and load_checkpoint(str(run / "checkpoint-last.pth"))["step"] == 4

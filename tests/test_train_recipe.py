@@ -350,7 +350,8 @@ def test_cpu_defaults_and_paper_defaults():
     ("impl", "fast", "impl"), ("epochs", -1, "epochs"), ("model", "vit_xxl", "unknown model"),
     ("seed", -1, r"--seed must be in \[0, 2\*\*32\)"), ("seed", 2 ** 32, r"--seed must be in .*got 4294967296"),
     ("lr", float("nan"), "--lr must be a finite number"),
-    ("clip_grad", float("nan"), "--clip-grad must be a number > 0"), ("accum_iter", 0, "accum-iter")])
+    ("clip_grad", float("nan"), "--clip-grad must be a number > 0"), ("accum_iter", 0, "accum-iter"),
+    ("clip_grad", 0.0, "--clip-grad must be a number > 0")])  # else refused by the step, after the folder
 def test_bad_options_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         resolve_config(TrainConfig(**{field: value}), cuda=False)
@@ -366,6 +367,14 @@ def test_bad_options_raise(field, value, match):
     (dict(fsdp=True, dtype="fp16"), "--fsdp with --dtype float16 is not supported"),
     (dict(overwrite=True, resume="auto"), "--overwrite starts the run in --output-dir over, --resume auto"),
     (dict(save=False, keep_every_epochs=1), "--keep-every-epochs write checkpoints, --no-save writes none"),
+    (dict(save=False, save_every_steps=2), "--save-every-steps write checkpoints, --no-save writes none"),
+    (dict(save_every_steps=-2), "--save-every-steps must be a finite number >= 0"),
+    (dict(keep_every_epochs=-1), "--keep-every-epochs must be a finite number >= 0"),
+    (dict(warmup_epochs=-1.0), "--warmup-epochs must be a finite number >= 0"),
+    (dict(dist_timeout=2e9), "--dist-timeout must be at most 1e\\+09 seconds, got 2000000000.0"),
+    (dict(dist_timeout=-1.0), "--dist-timeout must be a finite number > 0"),
+    (dict(data="/imagenet/train", synthetic_size=8, explicit=("synthetic_size",)),
+     "--synthetic-size is the size of --data synthetic"),
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_bad_options_and_combinations_raise(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -414,6 +423,8 @@ def test_what_counts_as_set(tmp_path):
     assert config_from_args([]).explicit == ()
     assert as_config(TrainConfig(seed=0, epochs=3), {}).explicit == ("epochs",)
     assert as_config(TrainConfig(epochs=3), {"seed": 0}).explicit == ("epochs", "seed")
+    # a config that says what was set (the command line's): its overrides are set too
+    assert as_config(config_from_args(["--epochs", "3"]), {"seed": 0}).explicit == ("epochs", "seed")
     cfg = as_config(None, {"resume": Path(tmp_path / "ck.pth"), "cuda_graph": False})
     assert cfg.resume == str(tmp_path / "ck.pth") and cfg.cuda_graph is False  # a bool: older runs' value
 

@@ -98,3 +98,23 @@ def test_a_stop_asked_during_a_save_stops_on_that_checkpoint(tmp_path, monkeypat
     with pytest.raises(Interrupted, match="stopped after step 2"):
         train(cfg)
     assert saves == [2]
+
+
+def test_a_stop_asked_during_the_last_epochs_save_finishes_the_run(tmp_path, monkeypatch):
+    """SIGTERM while the last epoch's checkpoint is written: nothing is left to train, so the run finishes
+    (the checkpoint of its last step written, no Interrupted), as it would have a moment later."""
+    from maefast.train import TrainConfig, loop, train
+
+    real, saves = loop._Trainer._save, []
+
+    def save_then_signal(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        saves.append(self.step)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop._Trainer, "_save", save_then_signal)
+    cfg = TrainConfig(model="mae_vit_tiny_test", data="synthetic", synthetic_size=8, batch_size=4, epochs=1, lr=1e-3,
+                      progress=False, workers=0, device="cpu", plot=False, export=False,
+                      output_dir=str(tmp_path / "run"))
+    res = train(cfg)
+    assert saves == [2] and res["steps"] == 2 and res["epoch"] == 0
