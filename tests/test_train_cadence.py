@@ -162,3 +162,16 @@ def test_a_resume_into_an_epoch_past_the_new_epochs_is_refused_naming_the_least(
                                          r"would end it before that: pass --epochs >= 2$"):
         train(_cfg(run, epochs=1, resume="auto"))
     assert sorted(os.listdir(run)) == before and load_checkpoint(str(run / "checkpoint-last.pth"))["step"] == 4
+
+
+def test_the_steady_rate_leaves_out_the_first_window_alone(tmp_path):
+    """img_per_s_steady is every log window's images over their time except the first (start-up, warm-up),
+    as steps.jsonl's windows give them (each window's time is its images over its img_per_s)."""
+    res = train(_cfg(tmp_path / "run", epochs=1, save=False))
+    steps = lines(str(tmp_path / "run" / "steps.jsonl"))
+    assert len(steps) == 3 and res["steps"] == 3
+    later = steps[1:]
+    want = sum(4 for _ in later) / sum(4 / s["img_per_s"] for s in later)
+    assert res["img_per_s_steady"] == pytest.approx(want, rel=1e-9)
+    with_first = sum(4 for _ in steps) / sum(4 / s["img_per_s"] for s in steps)
+    assert res["img_per_s_steady"] != pytest.approx(with_first, rel=1e-9)
