@@ -408,6 +408,20 @@ def test_data_preset_reads_the_step_record_from_out_by_default(tmp_path, monkeyp
     assert seen == [{"preset": "step"}, {"preset": "elsewhere"}]
 
 
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended: no such process, or a zombie (an orphan that nothing reaps where the
+    container's PID 1 does not collect orphans)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True  # gone between the two looks
+
+
 def test_a_signal_stops_the_running_steps_process_group(tmp_path, monkeypatch):
     """Runner.stop (main's SIGTERM handler) ends the running step's whole group, not only saves the record:
     a step left running would go on timing into the next call's work."""
@@ -430,9 +444,7 @@ def test_a_signal_stops_the_running_steps_process_group(tmp_path, monkeypatch):
         assert saved["complete"] is False and proc.poll() is not None
         grandchild = int(pid_file.read_text())
         for _ in range(50):
-            try:
-                os.kill(grandchild, 0)
-            except ProcessLookupError:
+            if _gone(grandchild):
                 break
             time.sleep(0.1)
         else:
