@@ -35,6 +35,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from maefast import timing  # noqa: E402
+from maefast.graphs import message_line  # noqa: E402
 
 _GPU_MODE = False  # set by conftest from --gpu
 RESULTS: list[dict] = []  # every run_bench record of this session (the benchmark.extra_info dicts)
@@ -100,10 +101,10 @@ def update_ratios() -> None:
 def _stop_if_broken(exc: BaseException) -> None:
     """A capture that failed inside the graph leaves this process's CUDA allocator unusable (torch
     2.11): every later row would fail or leak, so the session stops here with the rows so far."""
-    from maefast.graphs import process_broken
+    from maefast.graphs import first_line, process_broken
 
     if process_broken(exc):
-        pytest.exit(f"stopping the benchmarks: {str(exc).splitlines()[0][:300]}", returncode=1)
+        pytest.exit(f"stopping the benchmarks: {first_line(exc, 300)}", returncode=1)
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -147,7 +148,7 @@ def run_bench(benchmark, fn: Callable[[], object], *, group: str, provider: str,
             _stop_if_broken(e)
             graphed = False
             torch.cuda.synchronize(dev)
-            print(f"{group}/{provider}: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); eager time")
+            print(f"{group}/{provider}: CUDA graph capture failed ({message_line(e, 120)}); eager time")
     stats = eager if (eager is not None and not graphed) else timing.time_fn(fn, dev, **timing_kw)
 
     def once():

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from _harness import RESULTS, gpu_mode, run_bench, sizes
 
 from maefast import timing
+from maefast.graphs import message_line
 from maefast.kernels.attention_tiles import TILES, sweep_winners
 from maefast.ops.attention import visible_attention
 from maefast.reference.attention import attention as official_attention
@@ -170,7 +171,7 @@ def _run_case(benchmark, device, case, provider, mode):
         if on_gpu:
             torch.cuda.synchronize()
     except (RuntimeError, ValueError) as e:
-        pytest.skip(f"{provider} cannot run {case} {dtype}: {str(e).splitlines()[0][:200]}")
+        pytest.skip(f"{provider} cannot run {case} {dtype}: {message_line(e)}")
     fwd_flops = 4.0 * N * L * L * H * D
     io = N * L * H * D * qkv.element_size()
     info = run_bench(benchmark, fn, group=f"attention-{mode}", provider=provider, baseline=provider == "official",

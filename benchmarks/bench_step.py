@@ -61,6 +61,7 @@ from _harness import (RESULTS, _stop_if_broken, gpu_mode, peak_memory, record_ro
 from maefast import bench as mb
 from maefast import timing
 from maefast.flops import mae_flops
+from maefast.graphs import message_line
 from maefast.timing import synchronize
 from maefast.models.configs import resolve_model_name
 
@@ -141,7 +142,7 @@ def _build(provider: str, name: str, batch: int, device, oom_skips: bool = True)
                 raise
             pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
         _stop_if_broken(e)
-        pytest.skip(f"{provider}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+        pytest.skip(f"{provider}: {message_line(e) or type(e).__name__}")
     # building to a first step done: the model, compiles, warm-up and capture (what a GPU preset's budget pays)
     return row, round(time.perf_counter() - t_build, 1)
 

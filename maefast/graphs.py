@@ -58,10 +58,17 @@ class CaptureError(RuntimeError):
                          "capturing (capture=False), or remove what failed it (a host sync, a CPU tensor)")
 
 
-def first_line(exc: BaseException, width: int = 200) -> str:
-    """``Type: first line of the message`` (cut at ``width``): an error said in one line."""
+def message_line(exc: BaseException, width: int = 200) -> str:
+    """The first line of ``exc``'s message, cut at ``width`` ("" when the message is blank)."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:width]}" if text else type(exc).__name__
+    return text.splitlines()[0][:width] if text else ""
+
+
+def first_line(exc: BaseException, width: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``width``; ``Type`` alone for a blank message): an error
+    said in one line."""
+    line = message_line(exc, width)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def _chain(exc: BaseException | None):

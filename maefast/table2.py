@@ -242,7 +242,7 @@ def table2(models, decoder_depths=(8, 1), impls=("reference",), *, batch=None, d
             except Exception as e:  # noqa: BLE001 - OOM or an impl that cannot run: a row that says so
                 if graphs.process_broken(e):  # the CUDA allocator is unusable: no later row can be trusted
                     raise
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                row["error"] = graphs.first_line(e)
             mb.free_memory()
             if "visible_ms" in row and "mask_tokens_ms" in row:
                 row["speedup"] = row["mask_tokens_ms"] / row["visible_ms"]

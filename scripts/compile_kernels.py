@@ -342,8 +342,8 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"needs {r['shared_bytes']} bytes of shared memory; sm_{a.arch} allows {limit}")
         except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
             failed += 1
-            last = (str(e).strip().splitlines() or [""])[-1]  # a blank message too: recorded, the run goes on
-            r = dict(kernel=name, error=f"{type(e).__name__}: {last[:300]}")
+            last = (str(e).strip().splitlines() or [""])[-1][:300]  # the last line: the compiler's verdict
+            r = dict(kernel=name, error=f"{type(e).__name__}: {last}" if last else type(e).__name__)
         rows.append(r)
         mma = f" wgmma {r['wgmma']} mma.sync {r['mma_sync']}" if r.get("wgmma") or r.get("mma_sync") else ""
         print(f"  {name:<60} " + (f"regs {r['registers']} spill {r['spill_stack_bytes']} B smem {r['shared_bytes']} B"

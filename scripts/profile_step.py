@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from maefast.graphs import process_broken  # noqa: E402
+from maefast.graphs import first_line, process_broken  # noqa: E402
 
 # Inductor's generated kernels first, by prefix: it names a kernel after the ops fused into it, so a
 # layout copy or cast feeding SDPA reads `triton_poi_fused__scaled_dot_product_efficient_attention_clone_0`
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - one provider failing (out of memory, no capture) is a fact
             if process_broken(e):  # the CUDA allocator is unusable: the next providers could not be trusted
                 raise
-            r = dict(provider=p, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            r = dict(provider=p, error=first_line(e, 300))
         out["results"].append(r)
         save()
         print(format_table(r) if "error" not in r else f"{p}: FAILED {r['error']}", flush=True)

@@ -189,3 +189,19 @@ def test_output_names_are_compared_as_files_and_an_empty_impl_list_is_refused(tm
     check_distinct_outputs({"--json": "r.json", "--trace": "t.json", "--png": None})
     with pytest.raises(ValueError, match="--impl takes a comma list of"):
         check_impls([], ",")
+
+
+def test_an_error_with_a_blank_message_is_still_said_in_one_line(tmp_path):
+    """An exception with no message (OSError(), a bare RuntimeError("\\n")): the one-line forms name its type
+    and the save's error path reports it, rather than failing with an IndexError of its own that hides it."""
+    from maefast.graphs import first_line, message_line
+    from maefast.train.state import _save_failure
+
+    for exc in (OSError(), RuntimeError("\n "), ValueError("")):
+        assert message_line(exc) == "" and first_line(exc) == type(exc).__name__
+    assert first_line(RuntimeError("\n  first\nsecond"), width=3) == "RuntimeError: fir"
+    assert message_line(RuntimeError("\n  first\nsecond")) == "first"
+    path = str(tmp_path / "checkpoint-last.pth")
+    assert _save_failure(path, OSError()) == "checkpoint-last.pth not written (OSError); the previous one is intact"
+    assert _save_failure(path, OSError(5, "Input/output error")) == (
+        "checkpoint-last.pth not written ([Errno 5] Input/output error); the previous one is intact")

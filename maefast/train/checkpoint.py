@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..convert import ENCODER_PREFIXES, is_encoder_only, strip_wrapper_prefixes
+from ..graphs import first_line, message_line
 from .errors import RunError, mount_point, no_space_cause
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
@@ -180,7 +181,7 @@ def _torch_load(path: str, mmap: bool = False) -> dict:
     except PermissionError as exc:
         raise PermissionError(f"cannot read checkpoint {path!r}: {exc.strerror}") from None
     except Exception as exc:  # torch reports a torn / foreign file in many ways; all mean "not readable"
-        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        why = message_line(exc, 120) or type(exc).__name__
         if "Weights only load failed" in why or "weights_only" in why:
             why = "it holds Python objects, not only tensors and plain data"
         raise ValueError(f"{path!r} is not a readable maefast/MAE checkpoint (truncated, corrupt or another kind "
@@ -247,9 +248,8 @@ def reading_shards(folder: str):
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:
-        why = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         raise ValueError(f"sharded checkpoint folder {folder!r} is not readable (damaged or incomplete: "
-                         f"{type(exc).__name__}: {why})") from None
+                         f"{first_line(exc, 120)})") from None
 
 
 

@@ -29,7 +29,7 @@ import io
 import torch
 import torch.nn.functional as F
 
-from ..graphs import first_line
+from ..graphs import first_line, message_line
 from .augment import crop_fast, normalize_uint8
 
 # `--decode auto` takes gpu (where it is available) only once a record shows it ahead of fast: `maefast
@@ -64,13 +64,13 @@ def _torchvision_reason(device: str) -> str | None:
     except ImportError:
         return "torchvision is not installed (the GPU machines have it; pip install the torchvision of this torch)"
     except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
-        return f"torchvision does not import ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]})"
+        return f"torchvision does not import ({first_line(exc, 120)})"
     try:
         out = decode_jpegs([_probe_jpeg()], torch.device(device))
         if out[0].shape != (3, 16, 16) or out[0].device.type != "cuda":
             return f"torchvision {torchvision.__version__}'s decode_jpeg gave {tuple(out[0].shape)} on {out[0].device}"
     except Exception as exc:  # noqa: BLE001 - e.g. "torchvision not compiled with nvJPEG support"
-        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        text = message_line(exc, 160) or type(exc).__name__
         return f"torchvision {torchvision.__version__} cannot decode JPEGs on {device} ({text})"
     return None
 

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import torch
 
+from ..graphs import message_line
 from .config import FUSED, IMAGE_DTYPES, TrainConfig
 from .data import ImageFolderDataset, SyntheticDataset
 from .schedule import BETAS, decay_split
@@ -55,8 +56,7 @@ def fullgraph_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, Unsupported):
-            text = str(exc).strip()
-            return text.splitlines()[0][:160] if text else type(exc).__name__
+            return message_line(exc, 160) or type(exc).__name__
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -11,6 +11,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from ..graphs import message_line
 from . import distributed as dist_lib
 from .checkpoint import (SHARDS_SUFFIX, _no_space, atomic_save, link_or_copy, reading_shards,
                          referenced_shards)
@@ -132,7 +133,7 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
                     _keep_copy(meta, folder, name, keep, shards)
                 except (RunError, OSError) as exc:  # the checkpoint itself is whole: say so, keep its shards
                     _drop_failed_copy(folder, keep)
-                    why = str(exc).strip().splitlines()[0][:200]
+                    why = message_line(exc) or type(exc).__name__
                     error = f"{name} (step {meta.get('step')}) is written, but its copy {keep} is not ({why})"
     if info.is_main and error is not None and shards is not None and not written:
         shutil.rmtree(os.path.join(folder, shards), ignore_errors=True)
@@ -146,7 +147,7 @@ def _save_failure(path: str, exc: BaseException) -> str:
     if full is not None:
         return str(full)
     if isinstance(exc, OSError) or "Errno" in str(exc):
-        why = str(exc).strip().splitlines()[0][:200]
+        why = message_line(exc) or type(exc).__name__
         return f"{os.path.basename(path)} not written ({why}); the previous one is intact"
     raise exc
 
