@@ -90,9 +90,9 @@ void random_masking(std::uintptr_t noise, long long stride_n, long long stride_l
   if (L < 1 || L > MAX_L) throw py::value_error("random_masking: num_patches must be in [1, 4096]");
   if (K < 1 || K > L) throw py::value_error("random_masking: len_keep must be in [1, num_patches]");
   if (noise_kind < 0 || noise_kind > 2) throw py::value_error("random_masking: noise_kind must be 0, 1 or 2");
+  if (N == 0) return;  // before the pointer checks: the caching allocator gives empty tensors no memory
   if (noise_kind != 0 && noise == 0) throw py::value_error("random_masking: null noise pointer");
   if (ids_keep == 0 || ids_restore == 0 || mask == 0) throw py::value_error("random_masking: null output pointer");
-  if (N == 0) return;
   const dim3 grid(static_cast<unsigned int>(N), static_cast<unsigned int>((L + RANK_THREADS - 1) / RANK_THREADS));
   const size_t smem = static_cast<size_t>(L) * sizeof(double);
   random_masking_kernel<<<grid, RANK_THREADS, smem, maefast::as_stream(stream)>>>(

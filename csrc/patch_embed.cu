@@ -141,9 +141,9 @@ void patch_gather(std::uintptr_t imgs, long long s_n, long long s_c, long long s
   if (N < 0 || K < 0 || C < 1 || P < 1 || grid_h < 1 || grid_w < 1) {
     throw py::value_error("patch_gather: sizes must be positive (N, K >= 0)");
   }
+  if (N * K == 0) return;  // before the pointer checks: the caching allocator gives empty tensors no memory
   if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather: null pointer");
   cudaStream_t s = maefast::as_stream(stream);
-  if (N * K == 0) return;
   if (elem_size == 2 || elem_size == 4 || elem_size == 8) {
     const int u = row_unit_bytes(imgs, s_n, s_c, s_h, s_w, N, K, C, P, grid_h, grid_w, elem_size, out);
     const long long e = elem_size;  // byte strides for the row kernel
@@ -210,13 +210,13 @@ void patch_gather_normalize(std::uintptr_t imgs, long long s_n, long long s_c, l
   if (N < 0 || K < 0 || C < 1 || P < 1 || grid_h < 1 || grid_w < 1) {
     throw py::value_error("patch_gather_normalize: sizes must be positive (N, K >= 0)");
   }
-  if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather_normalize: null pointer");
   const maefast::PixelAffine px = maefast::make_pixel_affine(scale, offset, C, true, "patch_gather_normalize");
   if (N * K >= (1LL << 31) || C * P * P >= (1LL << 31)) {
     throw py::value_error("patch_gather_normalize: N*K and C*p*p must be below 2^31");
   }
+  if (N * K == 0) return;  // before the pointer checks: the caching allocator gives empty tensors no memory
+  if (imgs == 0 || ids_keep == 0 || out == 0) throw py::value_error("patch_gather_normalize: null pointer");
   cudaStream_t s = maefast::as_stream(stream);
-  if (N * K == 0) return;
   const int c = static_cast<int>(C), p = static_cast<int>(P);
   auto go = [&](auto tag) {
     using TO = decltype(tag);

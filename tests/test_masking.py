@@ -287,6 +287,17 @@ GPU_IMPLS = ("reference", "triton", "cuda")
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_empty_batch(impl):
+    """batch 0 on the card, seeded and with noise: empty outputs of the right shapes (the CUDA C++ kernel
+    checked its pointers before its N = 0 return, and the caching allocator gives an empty tensor none)."""
+    for kw in (dict(seed=1, device=GPU), dict(noise=torch.rand(0, 16, device=GPU))):
+        got = random_masking(0, 16, 0.75, impl=impl, **kw)
+        assert [tuple(t.shape) for t in got] == [(0, 4), (0, 16), (0, 16)]
+        assert all(t.device.type == "cuda" for t in got)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("impl", GPU_IMPLS[1:])
 @pytest.mark.parametrize("N,L,ratio", SHAPES_GPU)
 def test_gpu_given_noise(impl, N, L, ratio):

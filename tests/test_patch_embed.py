@@ -437,6 +437,22 @@ def test_gpu_paper_shapes(impl, dtype, case):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_gpu_no_image_or_no_kept_patch_gives_empty_tokens(impl, dtype):
+    """N = 0 images or K = 0 kept patches: empty tokens of the right shape on every backend, float and uint8
+    images (the CUDA C++ gathers checked their pointers before their empty-size return, and the caching
+    allocator gives an empty tensor none)."""
+    w, b, pos = randn(64, 3, 16, 16, device=GPU), randn(64, device=GPU), randn(1, 17, 64, device=GPU)
+    for n, k in ((0, 4), (2, 0)):
+        imgs = (torch.randint(0, 256, (n, 3, 64, 64), device=GPU, dtype=torch.uint8) if dtype == torch.uint8
+                else randn(n, 3, 64, 64, device=GPU))
+        ids = torch.zeros(n, k, dtype=torch.int64, device=GPU)
+        out = masked_patch_embed(imgs, ids, w, b, pos, 16, impl=impl)
+        assert out.shape == (n, k, 64) and out.dtype == torch.float32, (n, k)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("impl", GPU_IMPLS[1:])
 def test_gpu_deterministic_backward_and_autocast(impl):
     dev = GPU
