@@ -103,7 +103,7 @@ __device__ __forceinline__ void patch_stats(const Args& a, const TI* img, const 
   float ss = 0.f;
   for (int64_t e = threadIdx.x; e < a.P; e += blockDim.x) {
     const float dv = target_at(a, img, r, e) - mean;
-    ss += dv * dv;
+    ss += __fmul_rn(dv, dv);  // rounded before it is summed (no fma), as the Triton kernel and the reference
   }
   const float var = block_sum(ss, smem) / static_cast<float>(a.P - 1);
   denom = sqrtf(var + kEps);
@@ -131,7 +131,7 @@ __global__ void norm_pix_loss_fwd_kernel(const TP* __restrict__ pred, const TI* 
       if (a.norm) t = (t - mean) / denom;
     }
     const float dv = to_f(x[e * a.s_pred_e]) - t;
-    s += dv * dv;
+    s += __fmul_rn(dv, dv);  // rounded before it is summed (no fma), as the Triton kernel and the reference
   }
   const float total = block_sum(s, smem);
   if (threadIdx.x == 0) row_out[q] = total / static_cast<float>(a.P) * r.w;
