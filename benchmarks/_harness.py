@@ -35,7 +35,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from maefast import timing  # noqa: E402
-from maefast.graphs import message_line  # noqa: E402
+from maefast.graphs import capture_cuda_graph, first_line, message_line, process_broken  # noqa: E402
 
 _GPU_MODE = False  # set by conftest from --gpu
 RESULTS: list[dict] = []  # every run_bench record of this session (the benchmark.extra_info dicts)
@@ -101,8 +101,6 @@ def update_ratios() -> None:
 def _stop_if_broken(exc: BaseException) -> None:
     """A capture that failed inside the graph leaves this process's CUDA allocator unusable (torch
     2.11): every later row would fail or leak, so the session stops here with the rows so far."""
-    from maefast.graphs import first_line, process_broken
-
     if process_broken(exc):
         pytest.exit(f"stopping the benchmarks: {first_line(exc, 300)}", returncode=1)
 
@@ -110,7 +108,6 @@ def _stop_if_broken(exc: BaseException) -> None:
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay. Raises
     RuntimeError when fn cannot be captured (a host sync, a CPU tensor, ...)."""
-    from maefast.graphs import capture_cuda_graph
 
     graph, _ = capture_cuda_graph(fn, warmup_steps=3)
     return graph.replay
