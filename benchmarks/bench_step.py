@@ -142,7 +142,7 @@ def _build(provider: str, name: str, batch: int, device, oom_skips: bool = True)
                 raise
             pytest.skip(f"{provider} {name} batch {batch}: out of GPU memory")
         _stop_if_broken(e)
-        pytest.skip(f"{provider}: {message_line(e) or type(e).__name__}")
+        pytest.skip(f"{provider}: {message_line(e)}")
     # building to a first step done: the model, compiles, warm-up and capture (what a GPU preset's budget pays)
     return row, round(time.perf_counter() - t_build, 1)
 

@@ -58,16 +58,21 @@ class CaptureError(RuntimeError):
                          "capturing (capture=False), or remove what failed it (a host sync, a CPU tensor)")
 
 
-def message_line(exc: BaseException, width: int = 200) -> str:
-    """The first line of ``exc``'s message, cut at ``width`` ("" when the message is blank)."""
+def _line(exc: BaseException, width: int) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:width] if text else ""
+
+
+def message_line(exc: BaseException, width: int = 200) -> str:
+    """The first line of ``exc``'s message, cut at ``width``; the type's name when the message is blank
+    (an ``OSError()`` still says what failed)."""
+    return _line(exc, width) or type(exc).__name__
 
 
 def first_line(exc: BaseException, width: int = 200) -> str:
     """``Type: first line of the message`` (cut at ``width``; ``Type`` alone for a blank message): an error
     said in one line."""
-    line = message_line(exc, width)
+    line = _line(exc, width)
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 

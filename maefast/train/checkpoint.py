@@ -181,7 +181,7 @@ def _torch_load(path: str, mmap: bool = False) -> dict:
     except PermissionError as exc:
         raise PermissionError(f"cannot read checkpoint {path!r}: {exc.strerror}") from None
     except Exception as exc:  # torch reports a torn / foreign file in many ways; all mean "not readable"
-        why = message_line(exc, 120) or type(exc).__name__
+        why = message_line(exc, 120)
         if "Weights only load failed" in why or "weights_only" in why:
             why = "it holds Python objects, not only tensors and plain data"
         raise ValueError(f"{path!r} is not a readable maefast/MAE checkpoint (truncated, corrupt or another kind "

@@ -70,7 +70,7 @@ def _torchvision_reason(device: str) -> str | None:
         if out[0].shape != (3, 16, 16) or out[0].device.type != "cuda":
             return f"torchvision {torchvision.__version__}'s decode_jpeg gave {tuple(out[0].shape)} on {out[0].device}"
     except Exception as exc:  # noqa: BLE001 - e.g. "torchvision not compiled with nvJPEG support"
-        text = message_line(exc, 160) or type(exc).__name__
+        text = message_line(exc, 160)
         return f"torchvision {torchvision.__version__} cannot decode JPEGs on {device} ({text})"
     return None
 

@@ -56,7 +56,7 @@ def fullgraph_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, Unsupported):
-            return message_line(exc, 160) or type(exc).__name__
+            return message_line(exc, 160)
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -133,7 +133,7 @@ def save_checkpoint(meta: dict, folder: str, name: str, target: torch.nn.Module,
                     _keep_copy(meta, folder, name, keep, shards)
                 except (RunError, OSError) as exc:  # the checkpoint itself is whole: say so, keep its shards
                     _drop_failed_copy(folder, keep)
-                    why = message_line(exc) or type(exc).__name__
+                    why = message_line(exc)
                     error = f"{name} (step {meta.get('step')}) is written, but its copy {keep} is not ({why})"
     if info.is_main and error is not None and shards is not None and not written:
         shutil.rmtree(os.path.join(folder, shards), ignore_errors=True)
@@ -147,7 +147,7 @@ def _save_failure(path: str, exc: BaseException) -> str:
     if full is not None:
         return str(full)
     if isinstance(exc, OSError) or "Errno" in str(exc):
-        why = message_line(exc) or type(exc).__name__
+        why = message_line(exc)
         return f"{os.path.basename(path)} not written ({why}); the previous one is intact"
     raise exc
 
