@@ -23,7 +23,7 @@ from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signal
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
 from .feed import DeviceFeed, bytes_per_image, stop_workers
-from .resume import reconcile, recorded_position, resume_source
+from .resume import reconcile, resume_source, start_position
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
 from .setup import (build_dataset, build_model, build_optimizer, checkpoint_bytes, compile_model, fullgraph_failure,
@@ -169,27 +169,7 @@ class _Trainer:
                              f"accum_iter x world = {global_batch} images")
         epoch, samples, step = 0, 0, 0
         if ck is not None:
-            if ck.get("model_name") != cfg.model or ck.get("model_kwargs", model_kwargs) != model_kwargs:
-                raise ValueError(f"--resume {source}: the checkpoint is {ck.get('model_name')} "
-                                 f"{ck.get('model_kwargs')}, this run is {cfg.model} {model_kwargs}")
-            recorded_size = ck.get("schedule", {}).get("dataset_size", len(dataset))
-            if recorded_size != len(dataset):
-                raise ValueError(f"--resume {source}: the run trained on {recorded_size} images, --data {cfg.data} "
-                                 f"has {len(dataset)}: another data set would change every step's samples")
-            epoch, samples, step = recorded_position(ck)
-            if samples % global_batch:
-                raise ValueError(f"--resume {source}: the checkpoint stopped {samples} samples into epoch {epoch}, "
-                                 f"not a whole number of this run's global batches of {global_batch}")
-            if samples >= steps_per_epoch * global_batch:
-                epoch, samples = epoch + 1, 0
-            if epoch > cfg.epochs or (epoch == cfg.epochs and samples > 0):  # trained into epoch `epoch`
-                least = epoch + (samples > 0)
-                raise ValueError(f"--resume {source}: the run has trained {epoch} epochs" +
-                                 (f" and {samples} samples of the next" if samples else "") + f" (step {step}); "
-                                 f"--epochs {cfg.epochs} would end it before that: pass --epochs >= {least}")
-            if epoch == cfg.epochs:  # stopped after its last checkpoint (before or during its export): finish it
-                cfg.notes.append(f"--resume {source}: the run has trained all its {epoch} epochs (step {step}): "
-                                 "nothing left to train, only what a finished run writes")
+            epoch, samples, step = start_position(ck, source, cfg, model_kwargs, len(dataset), global_batch)
         self.cfg, self.ck, self.source = cfg, ck, source
         self.model, self.model_kwargs, self.dataset = model, model_kwargs, dataset
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch

@@ -31,6 +31,40 @@ def recorded_position(ck: dict) -> tuple[int, int, int]:
     return int(ck["epoch"]), samples, int(ck["step"])
 
 
+def start_position(ck: dict, source: str, cfg: TrainConfig, model_kwargs: dict, dataset_size: int,
+                   global_batch: int) -> tuple[int, int, int]:
+    """(epoch, samples of it already trained on, optimizer steps done) where this run continues checkpoint
+    ``ck`` (a finished epoch is the start of the next; ``cfg`` reconciled, ``global_batch`` this run's).
+    A run with all its epochs trained gets a note in ``cfg.notes``: only what a finished run writes is left.
+
+    Raises:
+        ValueError: another model or data set than the run's, a position off this run's global batches, or
+            --epochs ending the run before the position.
+    """
+    if ck.get("model_name") != cfg.model or ck.get("model_kwargs", model_kwargs) != model_kwargs:
+        raise ValueError(f"--resume {source}: the checkpoint is {ck.get('model_name')} "
+                         f"{ck.get('model_kwargs')}, this run is {cfg.model} {model_kwargs}")
+    recorded_size = ck.get("schedule", {}).get("dataset_size", dataset_size)
+    if recorded_size != dataset_size:
+        raise ValueError(f"--resume {source}: the run trained on {recorded_size} images, --data {cfg.data} "
+                         f"has {dataset_size}: another data set would change every step's samples")
+    epoch, samples, step = recorded_position(ck)
+    if samples % global_batch:
+        raise ValueError(f"--resume {source}: the checkpoint stopped {samples} samples into epoch {epoch}, "
+                         f"not a whole number of this run's global batches of {global_batch}")
+    if samples >= dataset_size // global_batch * global_batch:
+        epoch, samples = epoch + 1, 0
+    if epoch > cfg.epochs or (epoch == cfg.epochs and samples > 0):  # trained into epoch `epoch`
+        least = epoch + (samples > 0)
+        raise ValueError(f"--resume {source}: the run has trained {epoch} epochs" +
+                         (f" and {samples} samples of the next" if samples else "") + f" (step {step}); "
+                         f"--epochs {cfg.epochs} would end it before that: pass --epochs >= {least}")
+    if epoch == cfg.epochs:  # stopped after its last checkpoint (before or during its export): finish it
+        cfg.notes.append(f"--resume {source}: the run has trained all its {epoch} epochs (step {step}): "
+                         "nothing left to train, only what a finished run writes")
+    return epoch, samples, step
+
+
 # The resume contract (README, Training). An option left out takes the checkpoint's value, except
 # the per-invocation ones. One set again to another value is:
 #   - refused, when it defines the run (its data order, masks, optimisation): continuing with it would
