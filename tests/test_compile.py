@@ -69,6 +69,8 @@ BUILD = {"own": _own, "official": _official, "transformers": _transformers}
 def _loss(model, kind: str, imgs: torch.Tensor, mask: dict) -> torch.Tensor:
     if kind == "transformers":
         return model(pixel_values=imgs, **mask).loss
+    if kind == "plain":  # the official forward's arguments only
+        return model(imgs, 0.75, **mask)[0]
     return model(imgs, 0.75, **mask, return_pred=False)[0]
 
 
@@ -232,19 +234,46 @@ def test_fullgraph_and_fake_ops_match_real_ops(kind, impl, fused, variant):
         _assert_same(res["compiled"][i], res["eager"][i], amp or torch.float32, f"{what}, call {i}")
 
 
-def test_a_new_batch_size_recompiles_once():
+def _reference_model(impl, fused, ckpt):
+    """The reference model itself (the torch-native baselines' model), traced op by op."""
+    return ReferenceMAE(**TINY, norm_pix_loss=True)
+
+
+def _own_reference_ops(impl, fused, ckpt):
+    """maefast's model with impl="reference": the reference compositions traced, not custom ops."""
+    return _own("reference", fused, ckpt)
+
+
+# (model, impl, fused, mask): the mask drawn by the model itself ("own"), from noise= or from a seed tensor
+_NEW_BATCH = [(_own, "triton", False, "noise"), (_reference_model, None, False, "own"),
+              (_own_reference_ops, None, "block", "own"), (_official, "auto", False, "own"),
+              (_transformers, "auto", "block", "seed")]
+
+
+@pytest.mark.parametrize("build,impl,fused,mask", _NEW_BATCH,
+                         ids=["own-triton-noise", "reference-model", "own-impl-reference", "official", "transformers"])
+def test_a_new_batch_size_recompiles_once(build, impl, fused, mask):
     """A short last batch compiles the step once more, with a symbolic batch size; no further size
     recompiles (nothing in the forward or the traced backward may specialise the batch). On the Triton
-    kernels, the GPU's default (their loss backward once did)."""
-    device = TRITON_DEVICE
+    kernels, the GPU's default (their loss backward once did); the reference model drawing its own noise
+    (its torch.rand took no symbolic size before 2026-12-07); patched models through the custom ops."""
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    kind = {_transformers: "transformers", _reference_model: "plain"}.get(build, "own")
     torch._dynamo.reset()
-    model = _own("triton", False, False).to(device)
+    torch.manual_seed(0)
+    model = build(impl, fused, False).to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for i, n in enumerate((3, 2, 4)):  # (1 is a size of its own for torch.compile)
-        imgs, noise = torch.randn(n, 3, 32, 32, device=device), torch.rand(n, L, device=device)
+        imgs = torch.randn(n, 3, 32, 32, device=device)
+        m = {"noise": torch.rand(n, L, device=device)} if mask == "noise" else (
+            {"seed": torch.tensor([7 + i], dtype=torch.int64, device=device)} if mask == "seed" else {})
         with torch._dynamo.config.patch(error_on_recompile=i == 2):
-            got = _step(model, compiled, "own", imgs, {"noise": noise})
-        _assert_same(got, _step(model, model, "own", imgs, {"noise": noise}), torch.float32, f"batch {n}")
+            got = _step(model, compiled, kind, imgs, m)
+        if mask == "own":  # another draw than eager's: a finite loss and every gradient
+            assert torch.isfinite(got[0]) and got[1].keys() == {n for n, p in model.named_parameters()
+                                                                 if p.requires_grad}, f"batch {n}"
+        else:
+            _assert_same(got, _step(model, model, kind, imgs, m), torch.float32, f"batch {n}")
     torch._dynamo.reset()
 
 

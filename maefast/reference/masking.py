@@ -25,7 +25,10 @@ def masking_ids(batch: int, num_patches: int, mask_ratio: float, *, noise: torch
     """
     len_keep = check_mask_ratio(mask_ratio, num_patches, official=True)  # the official code's domain
     if noise is None:
-        noise = torch.rand(batch, num_patches, generator=generator, device=device)
+        # generator=None spelled out selects rand's generator overload, which takes no symbolic sizes: a
+        # model compiled with dynamic shapes (or recompiled so after a batch-size change) failed to trace
+        noise = (torch.rand(batch, num_patches, device=device) if generator is None
+                 else torch.rand(batch, num_patches, generator=generator, device=device))
     else:
         check_tensor("noise", noise, ndim=2)
         if tuple(noise.shape) != (batch, num_patches):
