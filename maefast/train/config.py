@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
            "captures, else eager with the reason (several processes step eagerly); on: capture or stop; off: eager")
     a("--compile", action=on_off, default=False,
       help="torch.compile the model (fullgraph, static shapes; a model that breaks the graph is compiled with "
-           "graph breaks, said once)")
+           "graph breaks, said once; under DDP/FSDP with the graph breaks of torch's wrappers)")
     a("--fsdp", action=on_off, default=False, help="shard with torch FSDP instead of DDP (under torchrun)")
     a("--device", default=None, choices=["cuda", "cpu"], help="auto: cuda when available")
     a("--workers", type=int, default=None, help="data-loader workers per process (auto)")

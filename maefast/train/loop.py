@@ -92,6 +92,13 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         dist_lib.cleanup(info, sync=ok)
 
 
+# what --compile does under several processes (said at the start)
+COMPILE_WRAPPED = {
+    "DDP": "--compile under DDP: torch traces DDP's forward with graph breaks by design; the model's graph is "
+           "split at DDP's gradient buckets (torch's DDPOptimizer), so the all-reduce overlaps the backward",
+    "FSDP": "--compile under FSDP: torch does not trace FSDP's hooks; each sharded block compiles as a graph of its "
+            "own between them"}
+
 # what gloo (and NCCL's socket transport) say when a peer process is gone
 _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
@@ -216,8 +223,12 @@ class _Trainer:
         self.history = []
         if self.ck is not None:
             self._restore()
-        self.fullgraph = cfg.compile
-        self.runner = compile_model(self.wrapped) if cfg.compile else self.wrapped
+        # DDP's forward and FSDP's hooks are graph breaks by torch's design: a fullgraph try always failed
+        # (and a failed FSDP forward left its blocks' parameters gathered: the retry was refused)
+        self.fullgraph = cfg.compile and not info.distributed
+        if cfg.compile and info.distributed:
+            cfg.notes.append(COMPILE_WRAPPED["FSDP" if self.fsdp else "DDP"])
+        self.runner = compile_model(self.wrapped, fullgraph=self.fullgraph) if cfg.compile else self.wrapped
         self.train_step = self._make_step()  # after the restore: the step starts from the loaded state
 
     def _make_step(self):
