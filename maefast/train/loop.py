@@ -96,8 +96,8 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
 COMPILE_WRAPPED = {
     "DDP": "--compile under DDP: torch traces DDP's forward with graph breaks by design; the model's graph is "
            "split at DDP's gradient buckets (torch's DDPOptimizer), so the all-reduce overlaps the backward",
-    "FSDP": "--compile under FSDP: torch does not trace FSDP's hooks; each sharded block compiles as a graph of its "
-            "own between them"}
+    "FSDP": "--compile under FSDP: torch does not trace FSDP's hooks; the model compiles as the graphs between "
+            "them (one per sharded block)"}
 
 # what gloo (and NCCL's socket transport) say when a peer process is gone
 _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
