@@ -39,7 +39,7 @@ def _worker(rank, world, port, out_dir, extra=None):
     res = train(TrainConfig(**COMMON, batch_size=4, output_dir=out_dir, **extra))
     assert res["world_size"] == world and res["steps"] == 4
     if extra.get("compile"):
-        from maefast.train.loop import COMPILE_WRAPPED
+        from maefast.train.setup import COMPILE_WRAPPED
 
         # not a fullgraph try first (it always failed: DDP's forward and FSDP's hooks are graph breaks)
         assert res["train_step"]["compiled"] == "graph breaks"

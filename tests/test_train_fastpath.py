@@ -284,6 +284,51 @@ def test_compile_falls_back_to_graph_breaks_with_one_line(tmp_path, aot_eager, m
     assert len(notes) == 1 and "does not compile as one graph" in notes[0] and "graph breaks" in notes[0], notes
 
 
+def test_compiled_training_on_one_process_skips_short_batches(tmp_path, aot_eager, capsys):
+    """--compile has static shapes: on one process a batch left short by unreadable files is skipped, as by a
+    captured step, and said (before 2026-12-07 each new short size compiled the model again, and a ninth
+    stopped the run at torch's recompile limit under fullgraph)."""
+    data = str(_folder(tmp_path / "d", 14, 2))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        res = train(_cfg(data=data, epochs=2), output_dir=str(tmp_path / "run"), compile=True)
+    assert res["train_step"]["compiled"] == "fullgraph" and res["skipped_files"] == 4
+    assert 4 <= res["steps"] <= 6
+    err = capsys.readouterr().err
+    assert "left short skipped whole (a compiled step takes full batches only)" in err
+
+
+def _every_batch_short(root, n=8, batch=4):
+    """A folder of n files in which each batch of epoch 0 holds one unreadable file."""
+    from maefast.train.data import ResumableDistributedSampler, SyntheticDataset
+
+    order = ResumableDistributedSampler(range(n), shuffle=True, seed=0, global_batch=batch).order()
+    bad = set(order[::batch])
+    root.mkdir()
+    src = SyntheticDataset(n, 32, 4, data_seed=7)
+    for i in range(n):
+        if i in bad:
+            (root / f"{i:02d}.jpg").write_bytes(os.urandom(200))
+        else:
+            src.load(i).save(root / f"{i:02d}.jpg", quality=90)
+    return str(root)
+
+
+@pytest.mark.parametrize("how", ["captured", "compiled"])
+def test_an_epoch_of_only_short_batches_says_why_nothing_trained(tmp_path, how, request):
+    """Every batch left short and skipped (one process, a step taking full batches only): the run stops
+    saying so and how to train on them, not "no readable image" (6 of the 8 files were readable)."""
+    from maefast.train.errors import RunError
+
+    request.getfixturevalue("capturable" if how == "captured" else "aot_eager")
+    data = _every_batch_short(tmp_path / "d")
+    flags = "--cuda-graph off" if how == "captured" else "--no-compile"
+    with pytest.raises(RunError, match=f"every batch of epoch 0 was left short by unreadable files \\(2, .*a {how} "
+                                       f"step on one process takes full batches only: .* run with {flags}$"):
+        train(_cfg(data=data, seed=0), output_dir=str(tmp_path / "run"), compile=how == "compiled")
+    res = train(_cfg(data=data, seed=0), output_dir=str(tmp_path / "eager"), cuda_graph="off")
+    assert res["steps"] == 2 and res["skipped_files"] == 2
+
+
 # -- --no-save --------------------------------------------------------------------------------------
 
 def test_no_save_writes_no_checkpoint(tmp_path, capsys):

@@ -26,8 +26,8 @@ from .feed import DeviceFeed, bytes_per_image, stop_workers
 from .resume import reconcile, resume_source, start_position
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
-from .setup import (build_dataset, build_model, build_optimizer, checkpoint_bytes, compile_model, fullgraph_failure,
-                    seed_all)
+from .setup import (COMPILE_WRAPPED, build_dataset, build_model, build_optimizer, checkpoint_bytes, compile_model,
+                    fullgraph_failure, seed_all)
 from .state import full_model_state, restore_states, save_checkpoint
 
 # kept importable from here (older callers and tests)
@@ -91,13 +91,6 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         trainer.close()
         dist_lib.cleanup(info, sync=ok)
 
-
-# what --compile does under several processes (said at the start)
-COMPILE_WRAPPED = {
-    "DDP": "--compile under DDP: torch traces DDP's forward with graph breaks by design; the model's graph is "
-           "split at DDP's gradient buckets (torch's DDPOptimizer), so the all-reduce overlaps the backward",
-    "FSDP": "--compile under FSDP: torch does not trace FSDP's hooks; the model compiles as the graphs between "
-            "them (one per sharded block)"}
 
 # what gloo (and NCCL's socket transport) say when a peer process is gone
 _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
@@ -360,7 +353,7 @@ class _Trainer:
             self.train_step.zero_grad()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             win_sum = torch.zeros((), dtype=torch.float64, device=device)
-            ep_images, ep_bad, bad_names = 0, 0, []
+            ep_images, ep_bad, bad_names, ep_short = 0, 0, [], 0
             t_epoch = t_win = time.perf_counter()
             win_images, lr_now, b, reason, saved_at = 0, 0.0, first, None, None
             if bar is not None:
@@ -376,7 +369,8 @@ class _Trainer:
                     bad_names += batch["bad"][: max(0, 5 - len(bad_names))]
                 done, loss, n_img = self._micro_step(batch, b)
                 b += 1
-                if not done:
+                if not done:  # a short batch the step takes no part of (one process)
+                    ep_short += 1
                     continue
                 if n_img:
                     loss_d = loss.detach().double() * n_img
@@ -425,12 +419,20 @@ class _Trainer:
             self.skipped_total += int(totals.bad - stats.bad)
             self.run_images += int(totals.images - stats.images)
             self.run_time += ep_time
+            full_only = ("captured" if self.train_step.eager_reason is None else "compiled") + " step"
+            if b > first and totals.images == 0 and ep_short:
+                raise RunError(f"every batch of epoch {epoch} was left short by unreadable files ({int(totals.bad)}, "
+                               f"e.g. {totals.bad_names[:3]}), and a {full_only} on one process takes full batches "
+                               "only: remove the unreadable files, or run with " + " ".join(
+                                   f for f, on in (("--cuda-graph off", "captured" in full_only),
+                                                   ("--no-compile", cfg.compile)) if on), quiet=not info.is_main)
             if b > first and totals.images == 0:
                 raise RunError(f"no readable image in epoch {epoch} ({int(totals.bad)} files failed to load, e.g. "
                                f"{totals.bad_names[:3]})", quiet=not info.is_main)
             if totals.bad > stats.bad:
                 self.say(f"epoch {epoch}: skipped {int(totals.bad)} unreadable image file(s), e.g. "
-                         f"{totals.bad_names[:3]}")
+                         f"{totals.bad_names[:3]}" + (f"; {ep_short} batch(es) they left short skipped whole (a "
+                                                     f"{full_only} takes full batches only)" if ep_short else ""))
             finished = b >= batches_used
             keep = (f"checkpoint-{epoch:04d}.pth" if finished and cfg.keep_every_epochs
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
@@ -506,10 +508,13 @@ class _Trainer:
         cfg, device, step = self.cfg, self.info.device, self.train_step
         images, noise, weight = batch["images"], batch["noise"], 1.0
         boundary = (b + 1) % cfg.accum_iter == 0
-        if step.eager_reason is None and (images is None or images.shape[0] != cfg.batch_size):
-            # unreadable files left this batch short (or empty): a captured step takes full batches only,
-            # and its one process has nobody to keep in step, so the batch is skipped. Skipped at the end of
-            # an accumulation, the cycle's partial gradients are dropped: its optimizer step is not taken
+        full_only = step.eager_reason is None or (cfg.compile and not self.info.distributed)
+        if full_only and (images is None or images.shape[0] != cfg.batch_size):
+            # unreadable files left this batch short (or empty): a captured step takes full batches only, and
+            # so does a compiled one (static shapes: each new size compiled again, a ninth stopped the run in
+            # torch's recompile limit under fullgraph); its one process has nobody to keep in step, so the
+            # batch is skipped. Skipped at the end of an accumulation, the cycle's partial gradients are
+            # dropped: its optimizer step is not taken
             if boundary:
                 step.zero_grad()
             return False, None, 0

@@ -36,11 +36,20 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
 COMPILE_BACKEND: str | None = None
 
 
+# what --compile does under several processes (said at the start)
+COMPILE_WRAPPED = {
+    "DDP": "--compile under DDP: torch traces DDP's forward with graph breaks by design; the model's graph is "
+           "split at DDP's gradient buckets (torch's DDPOptimizer), so the all-reduce overlaps the backward",
+    "FSDP": "--compile under FSDP: torch does not trace FSDP's hooks; the model compiles as the graphs between "
+            "them (one per sharded block)"}
+
+
 def compile_model(model: torch.nn.Module, fullgraph: bool = True) -> torch.nn.Module:
     """``torch.compile(model, fullgraph=True, dynamic=False)``: maefast's ops are opaque custom ops
-    inside one graph, and a batch has one shape (a short batch, from unreadable files, compiles its
-    own graph). ``fullgraph=False`` is the fallback for a model that breaks the graph (see
-    ``fullgraph_failure``)."""
+    inside one graph, and a batch has one shape (one process skips a batch left short by unreadable files;
+    under DDP/FSDP each new short size compiles its own graph, up to torch's recompile limit, then runs
+    eagerly). ``fullgraph=False`` is the fallback for a model that breaks the graph (see
+    ``fullgraph_failure``) and what DDP/FSDP get."""
     kw = {"backend": COMPILE_BACKEND} if COMPILE_BACKEND else {}
     return torch.compile(model, fullgraph=fullgraph, dynamic=False, **kw)
 
