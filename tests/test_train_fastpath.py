@@ -286,7 +286,7 @@ def test_compile_falls_back_to_graph_breaks_with_one_line(tmp_path, aot_eager, m
 
 def test_compiled_training_on_one_process_skips_short_batches(tmp_path, aot_eager, capsys):
     """--compile has static shapes: on one process a batch left short by unreadable files is skipped, as by a
-    captured step, and said (before 2026-12-07 each new short size compiled the model again, and a ninth
+    captured step, and said (before 2026-12-07 each new short size compiled the model again, and the ninth
     stopped the run at torch's recompile limit under fullgraph)."""
     data = str(_folder(tmp_path / "d", 14, 2))
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -511,8 +511,8 @@ class _Trainer:
         full_only = step.eager_reason is None or (cfg.compile and not self.info.distributed)
         if full_only and (images is None or images.shape[0] != cfg.batch_size):
             # unreadable files left this batch short (or empty): a captured step takes full batches only, and
-            # so does a compiled one (static shapes: each new size compiled again, a ninth stopped the run in
-            # torch's recompile limit under fullgraph); its one process has nobody to keep in step, so the
+            # so does a compiled one (static shapes: each new size compiled again, the ninth graph stopped the
+            # run at torch's recompile limit under fullgraph); its one process has nobody to keep in step, so the
             # batch is skipped. Skipped at the end of an accumulation, the cycle's partial gradients are
             # dropped: its optimizer step is not taken
             if boundary:
