@@ -217,7 +217,7 @@ def transformers_config(model, **overrides):
     dec = model.decoder_pos_embed.shape[-1]
     kw = dict(hidden_size=embed, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
               intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=model.norm.eps,
-              image_size=pe.img_size[0], patch_size=pe.patch_size[0], num_channels=model.in_chans, qkv_bias=True,
+              image_size=pe.img_size[0], patch_size=pe.patch_size[0], num_channels=pe.proj.in_channels, qkv_bias=True,
               decoder_hidden_size=dec, decoder_num_hidden_layers=len(model.decoder_blocks),
               decoder_num_attention_heads=dblk.attn.num_heads if dblk is not None else 16,
               decoder_intermediate_size=dblk.mlp.fc1.out_features if dblk is not None else 4 * dec,

@@ -270,7 +270,9 @@ def _transformers_view(model) -> tuple[MAEView, float]:
                    decoder_blocks=[b for b, _ in dblocks], decoder_norm=dec.decoder_norm,
                    decoder_pred=dec.decoder_pred, norm_pix_loss=bool(c.norm_pix_loss), in_chans=c.num_channels,
                    img_size=tuple(img))
-    return view, max([p for _, p in blocks + dblocks], default=0.0)
+    # not max(..., default=0.0): dynamo has no handler for max's default= once the rates are symbolic floats
+    # (torch.compile(dynamic=True) traces module float attributes as such)
+    return view, max([0.0] + [p for _, p in blocks + dblocks])
 
 
 def _hf_called(view: MAEView, fused) -> list:
@@ -454,6 +456,18 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
 
 # -- patch / unpatch -------------------------------------------------------------------------------
 
+def _wrapper(model: nn.Module) -> str | None:
+    """What a distributed wrapper `model` is (DDP, FSDP1, DataParallel: the model is inside it; FSDP2's
+    fully_shard on it or on its blocks: their parameters are sharded DTensors), or None."""
+    inner = model._modules.get("module", model._modules.get("_fsdp_wrapped_module"))
+    if isinstance(inner, nn.Module) and (hasattr(model, "no_sync") or isinstance(model, nn.DataParallel)):
+        return f"is a wrapper of {type(inner).__name__} (its forward calls the model it wraps)"
+    fsdp2 = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+        return "is sharded by FSDP2's fully_shard (its parameters are DTensors)"
+    return None
+
+
 def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, grad_checkpointing: bool = False) -> nn.Module:
     """Makes `model` run on maefast's ops, in place; returns it (same object, same parameters).
 
@@ -467,8 +481,9 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
     mean/std (None: ImageNet's), as for the official layout. maefast's own model: its impl, fused and
     grad_checkpointing are set (its forward is the fast path). Patching again replaces the settings.
 
-    Raises TypeError listing what is missing for a model it does not recognise, or naming a method of
-    the user's that the fast path would drop (see the module docstring).
+    Raises TypeError listing what is missing for a model it does not recognise, naming a method of the
+    user's that the fast path would drop (see the module docstring), or for a torch.compile, DDP, FSDP or
+    DataParallel wrapper (or a model fully_shard has sharded): patch the model before wrapping it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -486,6 +501,10 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
         model.__dict__.setdefault("_maefast_unpatch", (model.impl, model.fused, model.grad_checkpointing))
         model.impl, model.fused, model.grad_checkpointing = impl, fused, bool(grad_checkpointing)
         return model
+    why = _wrapper(model)
+    if why is not None:  # else: "does not recognise ...; missing: <every part>", or a probe failing on DTensors
+        raise TypeError(f"maefast.patch: {type(model).__name__} {why}; patch the model before wrapping or sharding "
+                        "it: maefast.patch(model), then DDP(model) / fully_shard(model)")
     unpatch(model)  # patching again starts from the model's own forward
     if _is_transformers_mae(model):
         if getattr(model.config, "hidden_act", "gelu") not in ("gelu",):

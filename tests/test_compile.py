@@ -277,6 +277,41 @@ def test_a_new_batch_size_recompiles_once(build, impl, fused, mask):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("kind", sorted(BUILD))
+def test_dynamic_true_traces_every_model_kind_as_one_graph(kind):
+    """torch.compile(model, dynamic=True, fullgraph=True): sizes and the modules' float attributes are
+    symbolic from the first call. A patched transformers model's attention-dropout rates were reduced with
+    max(..., default=0.0), for which dynamo has no handler once they are symbolic floats (a graph break,
+    so fullgraph=True raised; before 2026-12-07). Compiled == eager at two batch sizes, no recompile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BUILD[kind]("auto", False, False).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, n in enumerate((5, 2)):  # (not 3: duck sizing would tie the batch to the channels, which specialise)
+        imgs, mask = torch.randn(n, 3, 32, 32), {"noise": torch.rand(n, L)}
+        with torch._dynamo.config.patch(error_on_recompile=i == 1):
+            got = _step(model, compiled, kind, imgs, mask)
+        _assert_same(got, _step(model, model, kind, imgs, mask), torch.float32, f"{kind}, batch {n}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-break", "fullgraph"])
+@pytest.mark.parametrize("kind", sorted(BUILD))
+def test_a_compiled_model_names_the_images_it_cannot_take(kind, fullgraph):
+    """The model-level checks run while torch.compile traces too (before 2026-12-07 they were skipped
+    there, and an op reported a wrong image size as its pos_embed's shape, a wrong channel count as the
+    patch weight's), as the eager call says them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BUILD[kind]("auto", False, False)
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="eager")
+    for shape, msg in (((2, 3, 64, 64), r"imgs must be 32x32"), ((2, 1, 32, 32), r"imgs must have 3 channels")):
+        for run in (model, compiled):
+            with pytest.raises(Exception, match=msg):
+                _loss(run, kind, torch.randn(*shape), {"noise": torch.rand(2, L)})
+    torch._dynamo.reset()
+
+
 # == 3. decisions taken while tracing ===================================================================
 
 def test_cuda_attention_choice_traces_without_a_data_pointer():

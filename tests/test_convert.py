@@ -324,3 +324,20 @@ def test_transformers_model_of_a_one_channel_model():
     assert hf.config.num_channels == 1
     back = from_transformers_model(hf)
     assert back.in_chans == 1 and all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())
+
+
+def test_transformers_model_of_an_official_layout_model():
+    """facebookresearch's MaskedAutoencoderViT keeps no `in_chans` attribute (its patch embedding's conv has
+    it): to_transformers_model of one, patched or not, raised AttributeError before 2026-12-07. The converted
+    model computes as the patched one."""
+    pytest.importorskip("transformers")
+    import maefast
+    from maefast.convert import to_transformers_model
+    from official_layout import TINY, official_class
+
+    torch.manual_seed(0)
+    m = official_class()(norm_pix_loss=True, **TINY)
+    assert not hasattr(m, "in_chans")
+    hf = to_transformers_model(m, mask_ratio=0.5).eval()
+    assert hf.config.num_channels == 3 and hf.config.norm_pix_loss
+    _assert_computes_as(hf, maefast.patch(m).eval(), torch.randn(2, 3, 32, 32), torch.rand(2, 16))

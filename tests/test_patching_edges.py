@@ -297,3 +297,36 @@ def test_transformers_patched_forward_pickled_by_an_older_version_still_runs():
         warnings.simplefilter("error", _slow_warning())
         got = old(pixel_values=imgs, noise=noise).loss
     assert_close(got, plain(pixel_values=imgs, noise=noise).loss, torch.float32, name="loss")
+
+
+class _DDPLike(nn.Module):
+    """DDP as maefast sees it: the model under .module, a no_sync()."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def no_sync(self):
+        raise AssertionError("not called")
+
+    def forward(self, *a, **kw):
+        return self.module(*a, **kw)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "data-parallel", "fully-shard"])
+def test_a_distributed_wrapper_is_refused_saying_to_patch_first(wrap):
+    """maefast.patch(DDP(model)) said it did not recognise DistributedDataParallel, "missing" every part of
+    the model inside it, and a model whose blocks fully_shard had sharded failed the loss probe on DTensors
+    as "does not compute the official MAE": each now says to patch before wrapping or sharding, and leaves
+    the model as it was."""
+    plain, _ = _pair()
+    if wrap == "fully-shard":  # fully_shard swaps a module's class for a subclass of FSDPModule
+        fsdp = pytest.importorskip("torch.distributed.fsdp")
+        model = plain
+        blk = model.blocks[0]
+        blk.__class__ = type("FSDPBlock", (fsdp.FSDPModule, type(blk)), {})
+    else:
+        model = _DDPLike(plain) if wrap == "ddp" else nn.DataParallel(plain)
+    with pytest.raises(TypeError, match="patch the model before wrapping or sharding it") as e:
+        maefast.patch(model)
+    assert "missing" not in str(e.value) and "forward" not in plain.__dict__ and "_maefast" not in plain.__dict__

@@ -205,8 +205,8 @@ def unsupported_weights(weight: torch.Tensor) -> str | None:
 
 
 def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
-    if compiling():
-        return
+    """The model-level checks, also while torch.compile traces (on fake tensors): skipped there, a wrong
+    image size or channel count was reported by an op as its pos_embed's or weight's shape."""
     p = view.patch_size
     check_images("imgs", imgs, p, channels=view.in_chans, uint8=True)
     if tuple(imgs.shape[-2:]) != tuple(view.img_size):
@@ -218,7 +218,8 @@ def check_inputs(view: MAEView, imgs, mask_ratio, noise) -> None:
         raise TypeError(f"maefast's fast forward cannot take {why}")
     if imgs.device != w.device:
         raise ValueError(f"imgs must be on the model's device {w.device}, got {imgs.device}")
-    check_mask_ratio(mask_ratio, view.num_patches)
+    if not compiling():  # (a traced ratio may be symbolic: random_masking checks it then)
+        check_mask_ratio(mask_ratio, view.num_patches)
     if noise is not None:
         check_tensor("noise", noise, ndim=2, device=imgs.device)
         if tuple(noise.shape) != (imgs.shape[0], view.num_patches):
