@@ -42,6 +42,7 @@ from . import graphs
 from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
+from .models.routing import step_seed
 from ._validate import check_bool, check_mask_ratio
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -214,7 +215,7 @@ class TrainStep:
             kw["noise"] = noise
         elif self.mask_source == "seed":
             kw["seed"] = seed
-        with self._autocast(cache):
+        with self._autocast(cache), step_seed():
             out = self.model(imgs, **kw)
         loss = out if isinstance(out, torch.Tensor) else out[0]
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

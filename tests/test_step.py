@@ -550,3 +550,30 @@ def test_a_config_ratio_binds_only_a_model_that_reads_it():
     step = TrainStep(model, torch.optim.AdamW(model.parameters()), mask_ratio=0.75, seed=3)
     imgs = torch.randn(2, 3, 32, 32)
     assert step(imgs).dim() == 0
+
+
+def test_a_patched_official_layout_model_on_its_slow_path_trains_through_the_step():
+    """README: a call the fast path cannot serve runs the original forward (same result, slower) with a
+    SlowPathWarning. TrainStep passes a seed (for fresh masks) that an original forward without noise cannot
+    take: there the original draws its own mask (before 2026-12-07 every call raised, telling the user to
+    call without the seed=, which the user never passed). A seed the caller passes is still refused."""
+    import warnings
+
+    import maefast
+    from maefast.patching import SlowPathWarning
+    from official_layout import TINY, official_class
+
+    torch.manual_seed(0)
+    model = official_class()(**TINY)
+    model.blocks[0].mlp.drop.p = 0.1  # a fork that trains with dropout: served by the original forward
+    maefast.patch(model)
+    before = model.decoder_pred.weight.detach().clone()
+    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    imgs = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        losses = [step(imgs) for _ in range(2)]
+        assert step.mask_source == "seed" and all(torch.isfinite(x) for x in losses)
+        assert not torch.equal(model.decoder_pred.weight, before)
+        with pytest.raises(TypeError, match="original forward takes no noise \\(nor seed\\)"):
+            model(imgs, seed=3)

@@ -12,6 +12,7 @@ the fast forward would replace are checked, so that a user's override is never s
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, NamedTuple
 
@@ -306,11 +307,30 @@ def original_inputs(imgs, noise, seed, num_patches: int, mean=None, std=None):
     return imgs, noise
 
 
+# > 0 while `maefast.TrainStep` calls the model: its seed only asks for a fresh mask per call (the fast
+# path's device seed), which an original forward without noise gives by drawing its own (torch's
+# generator: fresh on every CUDA-graph replay too). A seed the caller passed is refused there instead.
+_STEP_SEEDS = 0
+
+
+@contextlib.contextmanager
+def step_seed():
+    """The model calls inside take `seed=` as TrainStep's (see ``_STEP_SEEDS``)."""
+    global _STEP_SEEDS
+    _STEP_SEEDS += 1
+    try:
+        yield
+    finally:
+        _STEP_SEEDS -= 1
+
+
 def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_ratio, noise, seed, return_pred: bool,
                  takes_noise: bool, mean=None, std=None):
     """The official-layout forward original(imgs, mask_ratio[, noise]) for a call the fast path cannot
     serve (inputs by `original_inputs`)."""
     warn_slow(model, why)
+    if seed is not None and noise is None and not takes_noise and _STEP_SEEDS:
+        seed = None  # TrainStep's: the original draws the call's mask itself
     imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
     ratio = () if is_own_default(mask_ratio) else (mask_ratio,)  # not given: the original applies its default
     if noise is None:
