@@ -302,6 +302,9 @@ class TrainStep:
         weight = _check_number("weight", weight)
         if update is not None:
             check_bool("update", update)
+        if not torch.is_grad_enabled():  # (torch said it as "element 0 of tensors does not require grad")
+            raise RuntimeError("TrainStep was called under torch.no_grad() or torch.inference_mode(): a training "
+                               "step needs gradients (call it outside, or use model(imgs) to evaluate)")
         if update is None:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:

@@ -577,3 +577,17 @@ def test_a_patched_official_layout_model_on_its_slow_path_trains_through_the_ste
         assert not torch.equal(model.decoder_pred.weight, before)
         with pytest.raises(TypeError, match="original forward takes no noise \\(nor seed\\)"):
             model(imgs, seed=3)
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
+def test_a_step_under_no_grad_says_it_needs_gradients(ctx):
+    """Under torch.no_grad() (an evaluation loop's context) torch failed deep in the backward with "element 0
+    of tensors does not require grad"; the step says what is wrong, before touching anything."""
+    model = mb.build_model("tiny", "auto", torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), seed=3)
+    with getattr(torch, ctx)(), pytest.raises(RuntimeError, match="called under torch.no_grad.* needs gradients"):
+        step(torch.randn(2, 3, 32, 32))
+    assert step.calls == 0 and step.mask_source is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert step(torch.randn(2, 3, 32, 32)).dim() == 0  # outside: it steps
