@@ -68,6 +68,10 @@ def unwrap_checkpoint(obj) -> dict:
         for key in ("model", "state_dict", "model_state"):
             if key in obj and isinstance(obj[key], Mapping):
                 return strip_wrapper_prefixes(obj[key])
+        if isinstance(obj.get("shards"), str):  # `maefast train --fsdp`'s file read with torch.load: no weights
+            raise ValueError(f"a sharded maefast train checkpoint (--fsdp): its weights are in the folder "
+                             f"{obj['shards']!r} beside the file; read it with "
+                             "maefast.train.checkpoint.load_checkpoint(path), which gathers them")
         return strip_wrapper_prefixes(obj)
     raise TypeError(f"checkpoint must be a state dict (a mapping), got {type(obj).__name__}")
 

@@ -147,12 +147,7 @@ class TrainStep:
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
         self.seed, self.warmup_steps, self.restore = seed, warmup_steps, restore
         self._capture = capture
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        own = {id(p) for p in model.parameters()}
-        stray = next((i for i, p in enumerate(self._params) if id(p) not in own), None)
-        if stray is not None:  # it would step tensors the model never uses: nothing would train
-            raise ValueError(f"optimizer: its parameter {stray} (shape {tuple(self._params[stray].shape)}) is not "
-                             "one of the model's; build the optimizer over model.parameters()")
+        self._params = self._optimizer_params()
         inner = unwrap(model)[-1]
         try:
             takes = inspect.signature(inner.forward).parameters
@@ -164,7 +159,9 @@ class TrainStep:
         cfg = getattr(inner, "config", None)
         reads_cfg = "mask_ratio" not in takes or any(package(c) == "transformers" for c in type(inner).__mro__)
         self._config = cfg if reads_cfg and isinstance(getattr(cfg, "mask_ratio", None), (int, float)) else None
-        self._pass_ratio = "mask_ratio" in takes or self._config is None
+        # a forward naming no mask_ratio and taking no **kwargs cannot take one (an unreadable signature: passed)
+        open_kw = not takes or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
+        self._pass_ratio = "mask_ratio" in takes or (self._config is None and open_kw)
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
@@ -181,6 +178,18 @@ class TrainStep:
         self._graphs: dict[bool, tuple] = {}  # update? -> (graph, static loss)
         self._replaying = False  # (a CPU stand-in's replay runs the Python body again)
         self._refused: str | None = None  # why this step takes no more calls (its capture failed for good)
+
+    def _optimizer_params(self, known: list | None = None) -> list:
+        """The optimizer's parameters, each the model's (``known`` when they still are those)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if known is not None and len(params) == len(known) and all(a is b for a, b in zip(params, known)):
+            return known
+        own = {id(p) for p in self.model.parameters()}
+        stray = next((i for i, p in enumerate(params) if id(p) not in own), None)
+        if stray is not None:  # it would step tensors the model never uses: nothing would train
+            raise ValueError(f"optimizer: its parameter {stray} (shape {tuple(params[stray].shape)}) is not "
+                             "one of the model's; build the optimizer over model.parameters()")
+        return params
 
     # baked into a captured step's graphs: changing one afterwards would be honoured by eager steps only
     _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler", "seed", "model", "optimizer")
@@ -217,7 +226,10 @@ class TrainStep:
             kw["seed"] = seed
         with self._autocast(cache), step_seed():
             out = self.model(imgs, **kw)
-        loss = out if isinstance(out, torch.Tensor) else out[0]
+        try:  # (a transformers ModelOutput's [0] is its loss; a plain dict, None or () have no first item)
+            loss = out if isinstance(out, torch.Tensor) else out[0]
+        except (KeyError, IndexError, TypeError):
+            loss = out
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("the model's forward must return the scalar loss (alone or first, as the official "
                              f"(loss, pred, mask)), got {type(loss).__name__} "
@@ -253,6 +265,9 @@ class TrainStep:
         if self.captured and not self._replaying:  # the graphs own the gradients' buffers
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
         factor = _check_number("weight", weight) / self.accum_steps
+        if not loss.requires_grad and torch.is_grad_enabled():  # (torch: "element 0 of tensors does not require grad")
+            raise RuntimeError("the model's loss does not require grad: none of the parameters it was computed from "
+                               "requires grad (a model frozen whole, or a forward that detaches its loss?)")
         scaled = loss if factor == 1.0 else loss * factor
         # a caller's autocast region would turn the backward's matmuls to its dtype (an fp32 step's
         # gradients in bf16): each backward op takes its forward op's dtype, as in torch's AMP recipe
@@ -277,6 +292,7 @@ class TrainStep:
         """Clip, optimizer (and scaler) step, gradients set to None (eager steps only)."""
         if self.captured:
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
+        self._params = self._optimizer_params(self._params)  # a group added since (add_param_group): clipped too
         self._update()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1

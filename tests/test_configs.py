@@ -30,6 +30,10 @@ def test_cpu_config_keeps_the_papers_head_widths():
     (dict(num_heads=5), "embed_dim=768 is not divisible by num_heads=5"),  # the encoder's heads too
     (dict(depth=True), "depth must be a positive integer, got True"),  # a bool is no size
     (dict(mlp_ratio=True), "mlp_ratio must be a positive number, got True"),
+    # the sin-cos position embeddings' rule: `maefast bench table2 --override decoder_embed_dim=30` passed this
+    # check and failed every row at the model's constructor (exit 1 after the peak's measurement, not 2)
+    (dict(decoder_embed_dim=30, decoder_num_heads=2), "decoder_embed_dim=30 is not a multiple of 4"),
+    (dict(embed_dim=90, num_heads=3), "embed_dim=90 is not a multiple of 4"),
 ])
 def test_check_config_refuses_encoder_heads_and_bools_by_name(bad, needle):
     with pytest.raises(ValueError, match=needle):

@@ -314,6 +314,17 @@ def test_checkpoint_layouts_unwrap_to_the_state_dict():
         assert unwrap_checkpoint(ck) == sd, list(ck)
 
 
+def test_a_sharded_checkpoint_read_with_torch_load_says_where_its_weights_are():
+    """`maefast train --fsdp` writes the weights into a folder beside the file: the file alone, read with
+    torch.load instead of load_checkpoint, was taken for a state dict (every model key reported missing,
+    'config', 'epoch', ... unexpected)."""
+    ck = {"shards": "checkpoint-last.pth.dcp-0a1b", "config": {}, "epoch": 2, "step": 8}
+    for convert in (lambda c: load_official_state_dict(_tiny(), c), to_transformers):
+        with pytest.raises(ValueError, match=r"sharded maefast train checkpoint \(--fsdp\).*'checkpoint-last"
+                           r"\.pth\.dcp-0a1b'.*load_checkpoint\(path\)"):
+            convert(ck)
+
+
 def test_transformers_model_of_a_one_channel_model():
     """in_chans goes into the config (num_channels): a 1-channel model converts and back."""
     pytest.importorskip("transformers")

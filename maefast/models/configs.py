@@ -75,6 +75,8 @@ def check_config(cfg: dict) -> int:
     for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
         if cfg[width] % cfg[heads]:
             raise ValueError(f"{width}={cfg[width]} is not divisible by {heads}={cfg[heads]}")
+        if cfg[width] % 4:  # (the model's constructor refused it, after the work before it)
+            raise ValueError(f"{width}={cfg[width]} is not a multiple of 4 (the 2-D sin-cos position embedding)")
     return (cfg["img_size"] // cfg["patch_size"]) ** 2
 
 
