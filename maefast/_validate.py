@@ -261,3 +261,15 @@ def check_input_dtype(name: str, x: torch.Tensor, weight: torch.Tensor, weight_n
         dt = str(weight.dtype).replace("torch.", "")
         raise TypeError(f"{name} dtype {str(x.dtype).replace('torch.', '')} must match {weight_name} dtype {dt}: "
                         f"cast {name} (e.g. {name}.to(torch.{dt})) or the model, or run under torch.autocast")
+
+
+def check_nonneg_number(name: str, v) -> float:
+    """``v`` as a float: a real number (or a one-element tensor), finite and >= 0 (a NaN weight or
+    learning rate would fill every parameter with NaN)."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                   and not v.dtype.is_complex)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    f = float(v)
+    if not (math.isfinite(f) and f >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return f

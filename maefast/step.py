@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-import numbers
 from collections import defaultdict
 
 import torch
@@ -43,23 +41,11 @@ from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from .models.routing import step_seed
-from ._validate import check_bool, check_mask_ratio
+from ._validate import check_bool, check_mask_ratio, check_nonneg_number
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
 _SEED_LIMIT = 2 ** 62
-
-
-def _check_number(name: str, v) -> float:
-    """``v`` as a float: a real number (or a one-element tensor), finite and >= 0 (a NaN weight or
-    learning rate would fill every parameter with NaN)."""
-    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
-                                                                   and not v.dtype.is_complex)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    f = float(v)
-    if not (math.isfinite(f) and f >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return f
 
 
 class TrainStep:
@@ -78,7 +64,8 @@ class TrainStep:
         mask_ratio: the fraction of patches removed, in (0, 1). A model that takes its ratio from
             ``config.mask_ratio`` (transformers' ViTMAE, patched or not, or any model whose forward has no
             ``mask_ratio`` parameter) must agree (else ValueError, when built and on every call, replays
-            too); a forward without the parameter gets none passed.
+            too); a forward without the parameter (nor ``**kwargs``) gets none passed, its own ratio
+            applies, and a step built with another ratio than 0.75 for it is refused.
         scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
             fine), False for none, or None: a new one for fp16, none otherwise.
         accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
@@ -87,7 +74,8 @@ class TrainStep:
         capture: "auto" (capture when it can, else eager with ``eager_reason``), True (capture or
             raise), False (eager). A capture that fails inside the graph raises
             `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
-        seed: the masks' Philox seed (models that take ``seed=``): call k draws with seed + k. None:
+        seed: the masks' Philox seed (models that take ``seed=``; a patched official-layout model's call
+            that runs its original forward without ``noise`` draws its own): call k draws with seed + k. None:
             drawn from torch's default generator (``torch.manual_seed`` reproduces it). To continue a
             run's masks in a new step (a resume), pass ``seed=old.seed + old.calls``.
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
@@ -162,6 +150,8 @@ class TrainStep:
         # a forward naming no mask_ratio and taking no **kwargs cannot take one (an unreadable signature: passed)
         open_kw = not takes or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
         self._pass_ratio = "mask_ratio" in takes or (self._config is None and open_kw)
+        if not self._pass_ratio and self._config is None and mask_ratio != 0.75:
+            raise ValueError(f"mask_ratio={mask_ratio}: the model's forward takes no mask_ratio (its own applies)")
         self._check_config_ratio()
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
@@ -264,10 +254,10 @@ class TrainStep:
         """Backward of ``loss * weight / accum_steps`` (through the GradScaler when there is one)."""
         if self.captured and not self._replaying:  # the graphs own the gradients' buffers
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
-        factor = _check_number("weight", weight) / self.accum_steps
+        factor = check_nonneg_number("weight", weight) / self.accum_steps
         if not loss.requires_grad and torch.is_grad_enabled():  # (torch: "element 0 of tensors does not require grad")
-            raise RuntimeError("the model's loss does not require grad: none of the parameters it was computed from "
-                               "requires grad (a model frozen whole, or a forward that detaches its loss?)")
+            raise ValueError("the model's loss does not require grad: none of the parameters it was computed from "
+                             "requires grad (a model frozen whole, or a forward that detaches its loss?)")
         scaled = loss if factor == 1.0 else loss * factor
         # a caller's autocast region would turn the backward's matmuls to its dtype (an fp32 step's
         # gradients in bf16): each backward op takes its forward op's dtype, as in torch's AMP recipe
@@ -315,7 +305,7 @@ class TrainStep:
         Returns:
             the micro-batch's loss, 0-d, detached, unscaled (captured: overwritten by the next call).
         """
-        weight = _check_number("weight", weight)
+        weight = check_nonneg_number("weight", weight)
         if update is not None:
             check_bool("update", update)
         if not torch.is_grad_enabled():  # (torch said it as "element 0 of tensors does not require grad")
@@ -325,6 +315,10 @@ class TrainStep:
             update = self._in_cycle + 1 >= self.accum_steps
         elif not update and self.accum_steps == 1:
             raise ValueError("update=False accumulates gradients: build the step with accum_steps > 1")
+        if not self.captured:  # a group added since (add_param_group): checked, then clipped and zeroed too
+            self._params = self._optimizer_params(self._params)
+            if self._params and not any(p.requires_grad for p in self._params):
+                raise ValueError("optimizer: none of its parameters requires grad (a model frozen whole?)")
         first, calls = self.mask_source is None, self.calls
         if first:
             self.prepare(imgs, noise)
@@ -368,7 +362,7 @@ class TrainStep:
     def set_lr(self, lr: float) -> None:
         """Every group's learning rate for the next steps (times its ``lr_scale`` if present); a captured
         step's are device tensors, written in place (no host sync)."""
-        lr = _check_number("lr", lr)
+        lr = check_nonneg_number("lr", lr)
         if self.captured:
             self._check_optimizer_intact()
         set_group_lrs(self.optimizer, lr)

@@ -568,3 +568,24 @@ def test_a_captured_transformers_step_refuses_a_config_ratio_changed_after_the_c
     with pytest.raises(ValueError, match="takes its ratio from model.config.mask_ratio"):
         step(imgs + 1, noise / 2)
     assert torch.equal(step.static_imgs, kept[0]) and torch.equal(step.static_noise, kept[1])  # nothing copied
+
+
+def test_a_param_group_added_before_the_first_call_is_captured_with_the_rest(fake_capture):
+    """optimizer.add_param_group between building the step and its first call: the capture takes the new
+    group too (its gradients zeroed per accumulation cycle, clipped, its warm-up updates undone); it took
+    the groups the step was built with, and the new group's gradients grew cycle after cycle."""
+    a, b = twins()
+    imgs, _ = batches(4)
+    steps = []
+    for m, capture, lr in ((a, True, 1e-3), (b, False, torch.tensor(1e-3))):
+        dec = [p for n, p in m.named_parameters() if n.startswith("decoder")]
+        opt = torch.optim.AdamW(dec, lr=lr, betas=(0.9, 0.95), fused=True, capturable=True)
+        steps.append(TrainStep(m, opt, capture=capture, seed=5, accum_steps=2, clip_grad=0.05))
+        opt.add_param_group({"params": [p for n, p in m.named_parameters() if not n.startswith("decoder")]})
+    for i, x in enumerate(imgs):
+        torch.manual_seed(i)
+        la = steps[0](x).clone()
+        torch.manual_seed(i)
+        assert torch.equal(la, steps[1](x)), i
+    assert steps[0].captured and steps[0].optimizer_steps == 2
+    assert_same_params(a, b)

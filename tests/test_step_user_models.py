@@ -94,6 +94,25 @@ def test_a_model_frozen_whole_is_told_so():
     'element 0 of tensors does not require grad and does not have a grad_fn'); nothing is stepped."""
     m = TakesRatio().requires_grad_(False)
     step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match="the model's loss does not require grad.*frozen whole"):
+    with pytest.raises(ValueError, match="none of its parameters requires grad \\(a model frozen whole"):
+        step(_imgs(1)[0])
+    assert step.optimizer_steps == step.calls == 0 and step.mask_source is None
+    m.a.requires_grad_(True)  # unfrozen: it steps
+    assert step(_imgs(1)[0]).dim() == 0 and step.optimizer_steps == 1
+
+
+def test_a_forward_that_detaches_its_loss_is_told_so():
+    """The loss needs no gradient although parameters do (a forward that detaches it): the step says so."""
+    m = TakesRatio(lambda loss: loss.detach())
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="the model's loss does not require grad.*detaches its loss"):
         step(_imgs(1)[0])
     assert step.optimizer_steps == 0
+
+
+def test_a_ratio_the_forward_cannot_take_is_refused():
+    """A forward without mask_ratio (nor **kwargs) applies its own ratio: a step built with another is refused
+    (before 2026-12-07 every call was a TypeError; since, it would silently train at the model's ratio)."""
+    m = TwoHeads()
+    with pytest.raises(ValueError, match="mask_ratio=0.5: the model's forward takes no mask_ratio"):
+        TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), mask_ratio=0.5)

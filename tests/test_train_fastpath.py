@@ -329,6 +329,26 @@ def test_an_epoch_of_only_short_batches_says_why_nothing_trained(tmp_path, how, 
     assert res["steps"] == 2 and res["skipped_files"] == 2
 
 
+
+@pytest.mark.parametrize("how", ["captured", "compiled"])
+def test_an_epoch_without_a_readable_image_says_so_on_a_full_batch_step(tmp_path, how, request):
+    """9 files, 8 unreadable, the readable one the epoch's dropped tail: each batch is skipped by a step taking
+    full batches only, but no readable image was lost, so the run says there was none (not "left short")."""
+    from maefast.train.data import ResumableDistributedSampler
+    from maefast.train.errors import RunError
+
+    request.getfixturevalue("capturable" if how == "captured" else "aot_eager")
+    sampler = ResumableDistributedSampler(range(9), shuffle=True, seed=0, global_batch=4)
+    sampler.set_epoch(0)
+    dropped = ({*range(9)} - {i for _, i in sampler}).pop()
+    data = _folder(tmp_path / "d", 1, 0)
+    (data / "0.jpg").rename(data / f"{dropped}.jpg")
+    for i in {*range(9)} - {dropped}:  # sorted by name: file i is the dataset's index i
+        (data / f"{i}.jpg").write_bytes(os.urandom(200))
+    with pytest.raises(RunError, match="no readable image in epoch 0 \\(8 files failed to load"):
+        train(_cfg(data=str(data), seed=0), output_dir=str(tmp_path / "run"), compile=how == "compiled")
+
+
 # -- --no-save --------------------------------------------------------------------------------------
 
 def test_no_save_writes_no_checkpoint(tmp_path, capsys):

@@ -315,7 +315,9 @@ _STEP_SEEDS = 0
 
 @contextlib.contextmanager
 def step_seed():
-    """The model calls inside take `seed=` as TrainStep's (see ``_STEP_SEEDS``)."""
+    """The model calls inside take `seed=` as TrainStep's (see ``_STEP_SEEDS``): process-wide and dynamically
+    scoped (a seed another thread passes meanwhile is taken as the step's; a recompute in the backward is
+    outside it)."""
     global _STEP_SEEDS
     _STEP_SEEDS += 1
     try:

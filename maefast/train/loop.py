@@ -370,7 +370,7 @@ class _Trainer:
                 done, loss, n_img = self._micro_step(batch, b)
                 b += 1
                 if not done:  # a short batch the step takes no part of (one process)
-                    ep_short += 1
+                    ep_short += batch["images"] is not None  # (one of unreadable files only: no image lost)
                     continue
                 if n_img:
                     loss_d = loss.detach().double() * n_img
@@ -419,12 +419,12 @@ class _Trainer:
             self.skipped_total += int(totals.bad - stats.bad)
             self.run_images += int(totals.images - stats.images)
             self.run_time += ep_time
-            full_only = ("captured" if self.train_step.eager_reason is None else "compiled") + " step"
+            full_step = ("captured" if self.train_step.eager_reason is None else "compiled") + " step"
             if b > first and totals.images == 0 and ep_short:
                 raise RunError(f"every batch of epoch {epoch} was left short by unreadable files ({int(totals.bad)}, "
-                               f"e.g. {totals.bad_names[:3]}), and a {full_only} on one process takes full batches "
+                               f"e.g. {totals.bad_names[:3]}), and a {full_step} on one process takes full batches "
                                "only: remove the unreadable files, or run with " + " ".join(
-                                   f for f, on in (("--cuda-graph off", "captured" in full_only),
+                                   f for f, on in (("--cuda-graph off", "captured" in full_step),
                                                    ("--no-compile", cfg.compile)) if on), quiet=not info.is_main)
             if b > first and totals.images == 0:
                 raise RunError(f"no readable image in epoch {epoch} ({int(totals.bad)} files failed to load, e.g. "
@@ -432,7 +432,7 @@ class _Trainer:
             if totals.bad > stats.bad:
                 self.say(f"epoch {epoch}: skipped {int(totals.bad)} unreadable image file(s), e.g. "
                          f"{totals.bad_names[:3]}" + (f"; {ep_short} batch(es) they left short skipped whole (a "
-                                                     f"{full_only} takes full batches only)" if ep_short else ""))
+                                                     f"{full_step} takes full batches only)" if ep_short else ""))
             finished = b >= batches_used
             keep = (f"checkpoint-{epoch:04d}.pth" if finished and cfg.keep_every_epochs
                     and (epoch + 1) % cfg.keep_every_epochs == 0 else None)
