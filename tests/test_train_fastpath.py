@@ -147,19 +147,8 @@ def test_captured_accumulation_skipping_its_last_micro_batch_starts_the_next_fro
     """accum_iter 2: a short batch at a cycle's end is skipped with the cycle's partial gradient dropped
     (its optimizer step is not taken); every later cycle starts from zero gradients, not from the skipped
     cycle's first micro-batch (the captured graphs accumulate in place)."""
-    from maefast.train.data import ResumableDistributedSampler, SyntheticDataset
-
-    n, seed = 12, 0
-    order = ResumableDistributedSampler(range(n), shuffle=True, seed=seed, global_batch=4).order()
-    bad = order[2]  # micro-batch 1 (of 2 images): the end of the first accumulation cycle
-    root = tmp_path / "d"
-    root.mkdir()
-    src = SyntheticDataset(n, 32, 4, data_seed=7)
-    for i in range(n):
-        if i == bad:
-            (root / f"{i:02d}.jpg").write_bytes(os.urandom(200))
-        else:
-            src.load(i).save(root / f"{i:02d}.jpg", quality=90)
+    # micro-batch 1 (of 2 images): the end of the first accumulation cycle
+    root, seed = _folder_of(tmp_path / "d", 12, {_epoch0(12)[2]}), 0
     starts, real = [], loop_mod._Trainer._micro_step
 
     def micro_step(self, batch, b):
@@ -169,7 +158,7 @@ def test_captured_accumulation_skipping_its_last_micro_batch_starts_the_next_fro
         return real(self, batch, b)
 
     monkeypatch.setattr(loop_mod._Trainer, "_micro_step", micro_step)
-    res = train(_cfg(data=str(root), batch_size=2, accum_iter=2, seed=seed), output_dir=str(tmp_path / "run"))
+    res = train(_cfg(data=root, batch_size=2, accum_iter=2, seed=seed), output_dir=str(tmp_path / "run"))
     assert res["train_step"]["captured"] and res["skipped_files"] == 1
     assert len(starts) == 2 and starts == [0.0, 0.0], starts  # micro-batches 2 and 4 (0: not yet captured)
 
@@ -297,12 +286,17 @@ def test_compiled_training_on_one_process_skips_short_batches(tmp_path, aot_eage
     assert "left short skipped whole (a compiled step takes full batches only)" in err
 
 
-def _every_batch_short(root, n=8, batch=4):
-    """A folder of n files in which each batch of epoch 0 holds one unreadable file."""
-    from maefast.train.data import ResumableDistributedSampler, SyntheticDataset
+def _epoch0(n, batch=4):
+    """Epoch 0's order of a folder of n files at seed 0 (the dropped tail left out)."""
+    from maefast.train.data import ResumableDistributedSampler
 
-    order = ResumableDistributedSampler(range(n), shuffle=True, seed=0, global_batch=batch).order()
-    bad = set(order[::batch])
+    return ResumableDistributedSampler(range(n), shuffle=True, seed=0, global_batch=batch).order()
+
+
+def _folder_of(root, n, bad):
+    """n files named by their dataset index, those in ``bad`` unreadable."""
+    from maefast.train.data import SyntheticDataset
+
     root.mkdir()
     src = SyntheticDataset(n, 32, 4, data_seed=7)
     for i in range(n):
@@ -320,7 +314,7 @@ def test_an_epoch_of_only_short_batches_says_why_nothing_trained(tmp_path, how, 
     from maefast.train.errors import RunError
 
     request.getfixturevalue("capturable" if how == "captured" else "aot_eager")
-    data = _every_batch_short(tmp_path / "d")
+    data = _folder_of(tmp_path / "d", 8, set(_epoch0(8)[::4]))  # one unreadable file in each batch
     flags = "--cuda-graph off" if how == "captured" else "--no-compile"
     with pytest.raises(RunError, match=f"every batch of epoch 0 was left short by unreadable files \\(2, .*a {how} "
                                        f"step on one process takes full batches only: .* run with {flags}$"):
@@ -334,19 +328,12 @@ def test_an_epoch_of_only_short_batches_says_why_nothing_trained(tmp_path, how, 
 def test_an_epoch_without_a_readable_image_says_so_on_a_full_batch_step(tmp_path, how, request):
     """9 files, 8 unreadable, the readable one the epoch's dropped tail: each batch is skipped by a step taking
     full batches only, but no readable image was lost, so the run says there was none (not "left short")."""
-    from maefast.train.data import ResumableDistributedSampler
     from maefast.train.errors import RunError
 
     request.getfixturevalue("capturable" if how == "captured" else "aot_eager")
-    sampler = ResumableDistributedSampler(range(9), shuffle=True, seed=0, global_batch=4)
-    sampler.set_epoch(0)
-    dropped = ({*range(9)} - {i for _, i in sampler}).pop()
-    data = _folder(tmp_path / "d", 1, 0)
-    (data / "0.jpg").rename(data / f"{dropped}.jpg")
-    for i in {*range(9)} - {dropped}:  # sorted by name: file i is the dataset's index i
-        (data / f"{i}.jpg").write_bytes(os.urandom(200))
+    data = _folder_of(tmp_path / "d", 9, set(_epoch0(9)))
     with pytest.raises(RunError, match="no readable image in epoch 0 \\(8 files failed to load"):
-        train(_cfg(data=str(data), seed=0), output_dir=str(tmp_path / "run"), compile=how == "compiled")
+        train(_cfg(data=data, seed=0), output_dir=str(tmp_path / "run"), compile=how == "compiled")
 
 
 # -- --no-save --------------------------------------------------------------------------------------
