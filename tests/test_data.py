@@ -105,6 +105,8 @@ def test_paths_live_in_one_buffer_and_round_trip(tmp_path):
     want = sorted(str(tmp_path / n) for n in names)
     assert [ds.name(i) for i in range(len(ds))] == ds.files == want
     assert ds.load(2).getpixel((0, 0)) == Image.open(want[2]).convert("RGB").getpixel((0, 0))
+    with open(want[2], "rb") as f:  # opened by its str name (undecodable bytes escaped)
+        assert ds.encoded(2) == f.read()
     ds.files = ds.files[:2]
     assert len(ds) == 2 and ds.files == want[:2]
 
@@ -444,6 +446,24 @@ def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path, reader):
             batch = collate(items)
             assert batch["images"].shape == (3, 3, S, S) and batch["images"].dtype == dtype
             assert len(batch["bad"]) == 4
+
+
+def test_a_file_gone_or_a_dangling_link_is_named_as_a_path(tmp_path):
+    """The reason a file is skipped names it as the str path it is: the paths live as numpy bytes, and an
+    OSError of opening one showed "np.bytes_(b'...')" in the run's skipped-file messages."""
+    root = _jpeg_folder(tmp_path / "d", sizes=((90, 70),))
+    os.symlink("nowhere.jpg", os.path.join(root, "dangling.jpg"))
+    (tmp_path / "d" / "gone.png").write_bytes(b"")
+    listed = ImageFolderDataset(root, S, 8).files
+    os.remove(os.path.join(root, "gone.png"))  # removed after the listing (a folder changed during a run)
+    want = [f"{p}: FileNotFoundError: [Errno 2] No such file or directory: {p!r}" for p in listed[:2]]
+    for decode in ("exact", "fast"):
+        ds = ImageFolderDataset(root, S, 8, decode=decode)
+        ds.files = listed
+        assert [it.get("bad") for it in _items(ds)] == [*want, None]
+        with pytest.raises(FileNotFoundError) as err:
+            ds.load(0)
+        assert err.value.filename == listed[0]
 
 
 def test_options_are_checked(folder):

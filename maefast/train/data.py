@@ -148,13 +148,13 @@ class ImageFolderDataset(_PretrainDataset):
 
     def load(self, index: int):
         Image = _pil()
-        with open(self._paths[index], "rb") as f:
+        with open(self.name(index), "rb") as f:  # a str: an OSError names it so, not as np.bytes_(b'...')
             img = Image.open(f)
             img.load()  # decode now so truncated files fail here
         return img.convert("RGB")
 
     def encoded(self, index: int) -> bytes:
-        with open(self._paths[index], "rb") as f:
+        with open(self.name(index), "rb") as f:
             return f.read()
 
 
