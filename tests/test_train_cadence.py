@@ -115,8 +115,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
 
 
 def test_data_refused_before_the_first_step(tmp_path):
-    """Too few images for one global batch; a resume on a folder that is not the run's size (another data
-    set); a checkpoint whose position is not a whole number of global batches (an edited file)."""
+    """Too few images for one global batch; a resume on a folder that is not the run's size, or not its
+    file names (another data set; a moved copy is the run's); a checkpoint whose position is not a whole
+    number of global batches (an edited file)."""
     with pytest.raises(ValueError, match="6 images make no optimizer step: .* = 8 images"):
         train(_cfg(tmp_path / "few", synthetic_size=6, batch_size=4, accum_iter=2))
     assert not (tmp_path / "few").exists()
@@ -130,6 +131,14 @@ def test_data_refused_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="the run trained on 8 images, --data .* has 9"):
         train(_cfg(run, **kw, resume="auto"))
     (data / "extra.png").unlink()
+    (data / "0.png").rename(data / "zero.png")  # as many images, another file name
+    with pytest.raises(ValueError, match="has as many images as the run trained on, but other file names"):
+        train(_cfg(run, **kw, resume="auto"))
+    (data / "zero.png").rename(data / "0.png")
+    moved = tmp_path / "moved"  # a moved copy of the folder: the same file names under it
+    data.rename(moved)
+    assert train(_cfg(run, **{**kw, "data": str(moved)}, resume="auto"))["steps"] == 2
+    moved.rename(data)
     ck["samples"] = 2
     torch.save(ck, path)
     with pytest.raises(ValueError, match="stopped 2 samples into epoch 0, not a whole number .* global batches of 4"):

@@ -10,6 +10,7 @@ run with the same global batch, and a resumed run replays the data exactly.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterator
 
@@ -68,6 +69,10 @@ class _PretrainDataset(Dataset):
 
     def name(self, index: int) -> str:
         return str(index)
+
+    def fingerprint(self) -> str | None:
+        """A digest of which files the data set is (None: not files), recorded by checkpoints."""
+        return None
 
     def __getitem__(self, key):
         epoch, index = _split_key(key)
@@ -145,6 +150,14 @@ class ImageFolderDataset(_PretrainDataset):
 
     def name(self, index: int) -> str:
         return os.fsdecode(self._paths[index])
+
+    def fingerprint(self) -> str:
+        """SHA-1 of the file names relative to ``root``, in order: a moved copy of the folder keeps it, a
+        file renamed, added or removed changes it."""
+        cut, h = len(os.fsencode(os.path.join(self.root, ""))), hashlib.sha1()
+        for p in self._paths:
+            h.update(bytes(p)[cut:] + b"\0")
+        return h.hexdigest()
 
     def load(self, index: int):
         Image = _pil()

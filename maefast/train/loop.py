@@ -162,6 +162,7 @@ class _Trainer:
         model.to(info.device)
         seed_all(cfg.seed + info.rank)
         dataset = build_dataset(cfg, model.patch_embed.num_patches)
+        files = dataset.fingerprint()  # (the file names: a resume on other files is refused)
         global_batch = cfg.batch_size * cfg.accum_iter * info.world_size
         steps_per_epoch = len(dataset) // global_batch
         if steps_per_epoch == 0:
@@ -169,9 +170,9 @@ class _Trainer:
                              f"accum_iter x world = {global_batch} images")
         epoch, samples, step = 0, 0, 0
         if ck is not None:
-            epoch, samples, step = start_position(ck, source, cfg, model_kwargs, len(dataset), global_batch)
+            epoch, samples, step = start_position(ck, source, cfg, model_kwargs, len(dataset), global_batch, files)
         self.cfg, self.ck, self.source = cfg, ck, source
-        self.model, self.model_kwargs, self.dataset = model, model_kwargs, dataset
+        self.model, self.model_kwargs, self.dataset, self.files = model, model_kwargs, dataset, files
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.start_epoch, self.start_samples, self.step = epoch, samples, step
 
@@ -275,7 +276,7 @@ class _Trainer:
                 "model_name": cfg.model, "model_kwargs": self.model_kwargs,
                 "schedule": {"epochs": cfg.epochs, "lr": self.lr, "warmup_epochs": cfg.warmup_epochs,
                              "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch,
-                             "dataset_size": len(self.dataset), "world_size": info.world_size,
+                             "dataset_size": len(self.dataset), "files": self.files, "world_size": info.world_size,
                              "batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter},
                 "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INTERNAL_FIELDS},
                 "history": self.history, "log_record": log_record, "format_version": ckpt_lib.FORMAT_VERSION}

@@ -32,9 +32,10 @@ def recorded_position(ck: dict) -> tuple[int, int, int]:
 
 
 def start_position(ck: dict, source: str, cfg: TrainConfig, model_kwargs: dict, dataset_size: int,
-                   global_batch: int) -> tuple[int, int, int]:
+                   global_batch: int, files: str | None = None) -> tuple[int, int, int]:
     """(epoch, samples of it already trained on, optimizer steps done) where this run continues checkpoint
-    ``ck`` (a finished epoch is the start of the next; ``cfg`` reconciled, ``global_batch`` this run's).
+    ``ck`` (a finished epoch is the start of the next; ``cfg`` reconciled, ``global_batch`` this run's;
+    ``files`` the data set's fingerprint).
     A run with all its epochs trained gets a note in ``cfg.notes``: only what a finished run writes is left.
 
     Raises:
@@ -48,6 +49,11 @@ def start_position(ck: dict, source: str, cfg: TrainConfig, model_kwargs: dict, 
     if recorded_size != dataset_size:
         raise ValueError(f"--resume {source}: the run trained on {recorded_size} images, --data {cfg.data} "
                          f"has {dataset_size}: another data set would change every step's samples")
+    recorded_files = ck.get("schedule", {}).get("files")  # recorded since 2026-12-07
+    if recorded_files and files and recorded_files != files:
+        raise ValueError(f"--resume {source}: --data {cfg.data} has as many images as the run trained on, but "
+                         "other file names (one renamed, or one added and another removed): another data set "
+                         "would change every step's samples")
     epoch, samples, step = recorded_position(ck)
     if samples % global_batch:
         raise ValueError(f"--resume {source}: the checkpoint stopped {samples} samples into epoch {epoch}, "
