@@ -420,7 +420,7 @@ class _Trainer:
             self.skipped_total += int(totals.bad - stats.bad)
             self.run_images += int(totals.images - stats.images)
             self.run_time += ep_time
-            full_step = ("captured" if self.train_step.eager_reason is None else "compiled") + " step"
+            full_step = self._full_batches_only()
             if b > first and totals.images == 0 and ep_short:
                 raise RunError(f"every batch of epoch {epoch} was left short by unreadable files ({int(totals.bad)}, "
                                f"e.g. {totals.bad_names[:3]}), and a {full_step} on one process takes full batches "
@@ -509,13 +509,10 @@ class _Trainer:
         cfg, device, step = self.cfg, self.info.device, self.train_step
         images, noise, weight = batch["images"], batch["noise"], 1.0
         boundary = (b + 1) % cfg.accum_iter == 0
-        full_only = step.eager_reason is None or (cfg.compile and not self.info.distributed)
-        if full_only and (images is None or images.shape[0] != cfg.batch_size):
-            # unreadable files left this batch short (or empty): a captured step takes full batches only, and
-            # so does a compiled one (static shapes: each new size compiled again, the ninth graph stopped the
-            # run at torch's recompile limit under fullgraph); its one process has nobody to keep in step, so the
-            # batch is skipped. Skipped at the end of an accumulation, the cycle's partial gradients are
-            # dropped: its optimizer step is not taken
+        if self._full_batches_only() and (images is None or images.shape[0] != cfg.batch_size):
+            # unreadable files left this batch short (or empty), and one process has nobody to keep in step:
+            # skipped (compiled: each new size compiled again, the ninth graph hit torch's recompile limit). At
+            # an accumulation's end the cycle's partial gradients are dropped: its optimizer step is not taken
             if boundary:
                 step.zero_grad()
             return False, None, 0
@@ -527,6 +524,11 @@ class _Trainer:
             weight = images.shape[0] / cfg.batch_size
         loss = self._call_step(images, noise, weight, boundary)
         return True, loss, images.shape[0] if weight else 0
+
+    def _full_batches_only(self) -> str | None:
+        """The step that takes full batches only, said ("captured step", "compiled step"), or None."""
+        compiled = "compiled step" if self.cfg.compile and not self.info.distributed else None
+        return "captured step" if self.train_step.eager_reason is None else compiled
 
     def _call_step(self, images, noise, weight: float, update: bool) -> torch.Tensor:
         """``train_step(...)``; the first call also settles how every step runs: a model that does not
