@@ -89,6 +89,25 @@ def test_philox_noise_is_uniform():
     assert torch.equal(philox_noise(2, 500, 2024, offset=500)[0], x.float().reshape(200, 500)[1])
 
 
+@pytest.mark.parametrize("seed", (0, 7, 2 ** 32 - 1, 2 ** 32, 2 ** 62 + 17, 2 ** 63 - 1))
+def test_philox_tensor_seed_computes_where_it_lives(seed):
+    """A 0-d int64 tensor as the key (a device seed) gives the int seed's bits, and compiles as one graph:
+    its value is never read on the host (on a GPU that read would sync, and fail inside a capture)."""
+    from maefast.reference.philox import philox_randint
+
+    ctr = 2 ** 40 + torch.arange(300)
+    want = philox_uniform(seed, ctr)
+    assert torch.equal(philox_uniform(torch.tensor(seed), ctr).view(torch.int32), want.view(torch.int32))
+    fn = torch.compile(lambda s, c: philox_randint(s, c), backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(torch.tensor([seed]), ctr), philox_randint(seed, ctr))
+    # philox_noise reads a CPU tensor as the int it holds (checked as one), and refuses what is no seed
+    assert torch.equal(philox_noise(3, 5, torch.tensor([seed]), 11), philox_noise(3, 5, seed, 11))
+    with pytest.raises(ValueError, match="1 int64 element"):
+        philox_noise(1, 2, torch.tensor([seed], dtype=torch.float64))
+    with pytest.raises(ValueError, match="seed must be in"):
+        philox_noise(1, 2, torch.tensor([-1]))
+
+
 def test_philox_seed_and_offset_bounds():
     # the last counter may be 2**63 - 1 (offset + N*L == 2**63), one more is refused; a bool is no seed
     assert philox_noise(1, 2, 0, offset=2 ** 63 - 2).shape == (1, 2)
@@ -344,8 +363,8 @@ def test_gpu_device_seed_same_mask_as_int_seed(impl):
 @pytest.mark.cuda
 def test_gpu_device_seed_refusals():
     """The wrapper refuses a device seed that is not int64; the op itself (called directly, as a
-    compiled graph does) refuses it too; past the kernels' patch limit `auto` refuses a device seed
-    (the reference would read it on the host: a sync, and an error inside a capture)."""
+    compiled graph does) refuses it too; past the kernels' patch limit `auto` runs the reference on the
+    device seed (its noise computed on the GPU, without reading the seed on the host: no sync)."""
     from maefast.ops.masking import KERNEL_MAX_PATCHES
 
     with pytest.raises(ValueError, match="1-element int64"):
@@ -355,10 +374,14 @@ def test_gpu_device_seed_refusals():
             torch.ops.maefast.random_masking(2, 16, 4, None, torch.tensor([3], dtype=torch.int32, device=GPU), 0,
                                              GPU, impl)
     L = KERNEL_MAX_PATCHES + 1
-    with pytest.raises(ValueError, match="device seed needs the Triton or CUDA masking kernels"):
-        random_masking(1, L, 0.75, seed=torch.tensor([3], device=GPU), device=GPU)
-    got = random_masking(1, L, 0.75, seed=torch.tensor([3], device=GPU), device=GPU, impl="reference")
-    _assert_ids_equal(got, random_masking(1, L, 0.75, seed=3, device="cpu"), "reference, device seed past the limit")
+    want = random_masking(1, L, 0.75, seed=3, device="cpu")
+    for impl in ("auto", "reference"):
+        torch.cuda.set_sync_debug_mode("error")  # a read of the seed on the host would raise
+        try:
+            got = random_masking(1, L, 0.75, seed=torch.tensor([3], device=GPU), device=GPU, impl=impl)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        _assert_ids_equal(got, want, f"{impl}, device seed past the limit")
 
 
 @pytest.mark.cuda

@@ -172,6 +172,24 @@ def test_transformers_a_hook_on_the_decoder_embedding_keeps_the_fast_path():
     assert len(seen) == 2 and seen[0] == seen[1]
 
 
+def test_transformers_slow_path_takes_a_tensor_seed_inside_one_compiled_graph():
+    """A seed tensor (a captured step's device seed) on the original forward's path (attention dropout in
+    training) becomes its noise as a tensor, never read on the host: the model compiles as one graph
+    (before, reading it was a data-dependent graph break) and draws the mask of that seed."""
+    from test_patching_transformers import _hf_pair
+
+    _, patched = _hf_pair(attention_probs_dropout_prob=0.1)
+    patched.train()
+    imgs = torch.randn(N, 3, 32, 32)
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings():  # said when eager (below); a traced warning is torch's to show or not
+        warnings.simplefilter("ignore", _slow_warning())
+        got = compiled(pixel_values=imgs, seed=torch.tensor([7]))
+    with pytest.warns(_slow_warning(), match="attention dropout"):
+        want = patched(pixel_values=imgs, seed=7)
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.ids_restore, want.ids_restore)
+
+
 def test_transformers_5_subclass_forward_loss_the_original_never_calls():
     """transformers 5.x computes the loss inside ViTMAEForPreTraining.forward (4.x called forward_loss): a
     subclass that defines a forward_loss (an L1 loss here) does not change the unpatched model's loss, so

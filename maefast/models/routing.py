@@ -287,9 +287,7 @@ def seed_noise(seed, batch: int, num_patches: int, device) -> torch.Tensor:
     """The (N, L) noise whose official masking is the mask the fast path draws from `seed`."""
     from ..reference.philox import philox_noise
 
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.reshape(-1)[0])  # a device seed is read on the host: the slow path may sync
-    return philox_noise(batch, num_patches, seed, 0, device=device)
+    return philox_noise(batch, num_patches, seed, 0, device=device)  # a device seed is not read on the host
 
 
 def original_inputs(imgs, noise, seed, num_patches: int, mean=None, std=None):

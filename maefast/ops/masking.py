@@ -47,8 +47,8 @@ def _resolve(impl: str, device: torch.device, num_patches: int, noise: Optional[
     raise ValueError(f"impl={impl!r} is not available for maefast.ops.random_masking: {why}")
 
 
-def _reference(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Tensor], seed: int, offset: int,
-               device: torch.device):
+def _reference(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Tensor], seed: int | torch.Tensor,
+               offset: int, device: torch.device):
     if noise is None:
         noise = philox_noise(batch, num_patches, seed, offset, device=device)
     noise = noise.contiguous()  # argsort keeps a layout: the outputs are contiguous, as the fake op says
@@ -98,10 +98,6 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
     if dev_seed and (seed.dtype != torch.int64 or seed.device != device):  # metadata only: no sync
         raise ValueError(f"a device seed must be an int64 tensor on {device}, got {seed.dtype} on {seed.device}")
     chosen = _resolve(impl, device, num_patches, noise)
-    if dev_seed and chosen == "reference" and impl == "auto":
-        # reading it on the host would sync (and fail inside a CUDA graph capture): say so instead
-        raise ValueError("a device seed needs the Triton or CUDA masking kernels, which cannot run here "
-                         f"(num_patches={num_patches}, limit {KERNEL_MAX_PATCHES}); pass an int seed or noise")
     if chosen == "triton":
         from ..kernels.masking import random_masking_triton
 
@@ -110,9 +106,8 @@ def _random_masking_op(batch: int, num_patches: int, len_keep: int, noise: Optio
                                          seed_tensor=seed if dev_seed else None)
     if chosen == "cuda":
         return _cuda(batch, num_patches, len_keep, noise, s, offset, device, seed.data_ptr() if dev_seed else 0)
-    if dev_seed:
-        s = int(seed.item())  # the reference reads a device seed on the host (a sync)
-    return _reference(batch, num_patches, len_keep, noise, s, offset, device)
+    # the reference computes a device seed's noise on the device (no sync; capturable)
+    return _reference(batch, num_patches, len_keep, noise, seed if dev_seed else s, offset, device)
 
 
 @_random_masking_op.register_fake
@@ -154,9 +149,9 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         noise: optional (N, L) float noise (any float dtype; NaN ranks last, as in torch.sort): the official
             masking of it (ascending noise is kept; equal values keep index order).
         seed: without ``noise``, the Philox seed, an int in [0, 2**63) or a 1-element int64 CPU tensor,
-            or a 1-element int64 tensor on the output CUDA device ("device seed": the kernels read it,
-            so a CUDA graph can capture the op and replay it with a new value; its range is not
-            checked, that would sync). None draws one from torch's default CPU generator
+            or a 1-element int64 tensor on the output CUDA device ("device seed": read on the device by
+            every impl, the reference too, so a CUDA graph can capture the op and replay it with a new
+            value; its range is not checked, that would sync). None draws one from torch's default CPU generator
             (``torch.manual_seed`` reproduces it; inside a graph Inductor compiled, the draw is Inductor's
             own, reproducible from run to run but not the eager call's: pass a seed to get the same mask).
         offset: Philox counter offset (>= 0): sample n, patch l uses counter offset + n*L + l, so

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import compiling
+
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -46,11 +48,12 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & MASK32, lo
 
 
-def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int,
+def philox4x32(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0, k1,
                rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Philox4x32 (Random123 philox4x32_R) on int64 tensors holding uint32 words; key (k0, k1) ints."""
+    """Philox4x32 (Random123 philox4x32_R) on int64 tensors holding uint32 words; key (k0, k1) ints, or
+    0-d int64 tensors (a seed on the device, never read on the host)."""
     c0, c1, c2, c3 = (t.to(torch.int64) & MASK32 for t in (c0, c1, c2, c3))
-    k0, k1 = int(k0) & MASK32, int(k1) & MASK32
+    k0, k1 = (k & MASK32 if isinstance(k, torch.Tensor) else int(k) & MASK32 for k in (k0, k1))
     for _ in range(rounds):
         hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
@@ -73,9 +76,12 @@ def check_seed_offset(seed, offset, count: int = 0) -> tuple[int, int]:
     return int(seed), int(offset)
 
 
-def philox_randint(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """Triton's ``tl.randint(seed, counters)`` for int64 counters: uint32 values held in int64."""
+def philox_randint(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.randint(seed, counters)`` for int64 counters: uint32 values held in int64. ``seed``: an
+    int, or a 1-element int64 tensor, read where it lives (a seed on the GPU is not read on the host)."""
     c = counters.to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(c.device)
     zero = torch.zeros_like(c)
     x, _, _, _ = philox4x32(c & MASK32, (c >> 32) & MASK32, zero, zero, seed & MASK32, (seed >> 32) & MASK32)
     return x
@@ -85,17 +91,30 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's uint_to_uniform_float for 32-bit words (held in int64): float32 in [0, 1)."""
     x = torch.where(x >= 2 ** 31, x - 2 ** 32, x)        # bitcast to int32
     x = torch.where(x < 0, -x - 1, x)                    # ~x
-    scale = torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    scale = torch.full((), UNIFORM_SCALE, dtype=torch.float32, device=x.device)  # filled there: no copy, no sync
     return x.to(torch.float32) * scale
 
 
-def philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+def philox_uniform(seed: int | torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """float32 uniforms in [0, 1), bit-exact with ``tl.rand(seed, counters)`` (counters int64)."""
     return uint32_to_uniform(philox_randint(seed, counters))
 
 
-def philox_noise(batch: int, num_patches: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
-    """The (N, L) float32 noise that maefast's seeded masking draws: philox_uniform(seed, offset + n*L + l)."""
-    seed, offset = check_seed_offset(seed, offset, batch * num_patches)
+def philox_noise(batch: int, num_patches: int, seed: int | torch.Tensor, offset: int = 0,
+                 device=None) -> torch.Tensor:
+    """The (N, L) float32 noise that maefast's seeded masking draws: philox_uniform(seed, offset + n*L + l).
+
+    seed: an int in [0, 2**63), or a 1-element int64 tensor: on the CPU read (and checked) as that int; on a
+    GPU, or while torch.compile traces, used as a tensor, never read on the host (no sync, no graph break;
+    CUDA-graph capturable), its value unchecked, as the kernels read a device seed."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"a seed tensor must hold 1 int64 element, got {seed.numel()} of {seed.dtype}")
+        if seed.device.type == "cpu" and not compiling():
+            seed = int(seed.reshape(()))
+    if isinstance(seed, torch.Tensor):
+        offset = check_seed_offset(0, offset, batch * num_patches)[1]
+    else:
+        seed, offset = check_seed_offset(seed, offset, batch * num_patches)
     ctr = offset + torch.arange(batch * num_patches, dtype=torch.int64, device=device)
     return philox_uniform(seed, ctr).reshape(batch, num_patches)
