@@ -52,6 +52,13 @@ def install() -> None:
     # so that it knows the originals this wrapper calls while it traces (else it graph-breaks on them)
     import torch._dynamo  # noqa: F401
 
+    # `with torch.device(d):` adds d to the calls of the constructors it lists, found by identity in a set that
+    # is built on its first use: built now, it holds the originals that the wrappers call (built after, it
+    # would hold the wrappers, and the originals would run on the CPU: a model built "on the meta device" in a
+    # test would be a real one)
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in ("empty", "empty_like", "empty_strided"):
         setattr(torch, name, _wrap(getattr(torch, name)))
     torch.Tensor.new_empty = _wrap(torch.Tensor.new_empty)

@@ -123,6 +123,19 @@ def test_reference_impl_matches_oracle(device):
     _check_vs_oracle(qkv, 2, "reference", name="reference")
 
 
+def test_reference_under_autocast_computes_in_qkv_dtype(device):
+    """Under autocast the reference computes as the kernels, its fake op and a compiled graph do: in qkv's dtype
+    (autocast ran its matmuls in bf16: a bf16 output for fp32 qkv, where the fake op said fp32)."""
+    for cu in (None, torch.tensor([0, 4, 11], device=device)):
+        qkv = _qkv(1, 11, 2, 16, torch.float32, device)
+        want = visible_attention(qkv, 2, cu_seqlens=cu, impl="reference")
+        (g_want,) = torch.autograd.grad(want.sum(), qkv)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got = visible_attention(qkv, 2, cu_seqlens=cu, impl="reference")
+            (g,) = torch.autograd.grad(got.sum(), qkv)  # its backward run under autocast too
+        assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(g, g_want)
+
+
 def test_auto_never_picks_the_cuda_kernel(device):
     qkv = randn(1, 50, 3 * 64, dtype=torch.float16, device=device)
     assert _resolve("auto", qkv, 64, 50) in ("triton", "reference")

@@ -449,6 +449,21 @@ def test_a_mask_that_requires_grad_is_refused():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_images_made_under_inference_mode_train(impl):
+    """Images made under torch.inference_mode (a GPU augmentation, say) work as in the official loss, which saves
+    none of them: the backends whose backward reads them save a copy (an inference tensor cannot be saved)."""
+    c = Case(2, 16, 24, 8, 0.5, torch.float32, "cpu")
+    with torch.inference_mode():
+        imgs, u8 = c.imgs.clone(), torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8)
+    for x, want_imgs in ((imgs, c.imgs), (u8, u8.clone())):  # clone(): a normal tensor
+        for pred_on in ("all", "masked"):
+            pred, third = c.args(pred_on)[:2]
+            (g,) = torch.autograd.grad(norm_pix_loss(pred, x, third, 8, pred_on=pred_on, impl=impl), pred)
+            (want,) = torch.autograd.grad(norm_pix_loss(pred, want_imgs, third, 8, pred_on=pred_on, impl=impl), pred)
+            assert torch.equal(g, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_mask_is_summed_in_fp32(impl, mask_dtype, device):
     """A bf16/fp16 weight mask: sum(w) in fp32, as the reference's mask.float().sum(), not rounded to the

@@ -28,3 +28,9 @@ def test_leaves_requiring_grad_and_meta_tensors_and_traced_code():
     assert torch.empty(3, device="meta").device.type == "meta"
     compiled = torch.compile(lambda x: torch.empty_like(x).copy_(x) + 1, backend="eager", fullgraph=True)
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_a_default_device_context_still_reaches_the_wrapped_constructors():
+    with torch.device("meta"):
+        made = (torch.empty(2), torch.empty_strided((2,), (1,)), torch.nn.Linear(3, 4).weight, torch.zeros(1))
+    assert [t.device.type for t in made] == ["meta"] * 4

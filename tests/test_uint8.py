@@ -315,6 +315,10 @@ def test_loss_module():
     own = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     assert torch.equal(crit(u, pred, mask), crit(normalize(u, *IMAGENET), pred, mask))
     assert torch.equal(crit(u, pred, mask, mean=own[0], std=own[1]), crit(normalize(u, *own), pred, mask))
+    # a float64 pred takes the official ops in float64, on the images normalised first (as their fp32 images do)
+    pred64 = pred.double()
+    assert torch.equal(crit(u, pred64, mask), crit(normalize(u, *IMAGENET), pred64, mask))
+    assert torch.equal(crit(u, pred64, mask, mean=own[0], std=own[1]), crit(normalize(u, *own), pred64, mask))
 
 
 # -- custom ops: opcheck, compile, meta -----------------------------------------------------------

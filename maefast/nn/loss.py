@@ -6,10 +6,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import check_patch_size
+from .._validate import check_images, check_patch_size
 from ..ops._backend import check_impl
 from ..ops.loss import norm_pix_loss
 from ..reference.loss import forward_loss
+from ..reference.normalize import normalize, pixel_stats
 
 
 class NormPixLoss(nn.Module):
@@ -41,9 +42,12 @@ class NormPixLoss(nn.Module):
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
         if pred_on == "all" and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             mask = mask.to(torch.float32)  # the official (loss * mask).sum() / mask.sum() reads it as 0/1: exact
-        if pred_on == "all" and mean is None and std is None and torch.float64 in (
-                getattr(imgs, "dtype", None), getattr(pred, "dtype", None)):
-            return forward_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)  # float64: the official ops
+        if pred_on == "all" and torch.float64 in (getattr(imgs, "dtype", None), getattr(pred, "dtype", None)):
+            # float64: the official ops, given uint8 imgs normalised first (the fp32 images of the uint8 contract)
+            check_images("imgs", imgs, self.patch_size, uint8=True)
+            stats = pixel_stats(imgs, mean, std)
+            imgs = imgs if stats is None else normalize(imgs, *stats)
+            return forward_loss(imgs, pred, mask, self.patch_size, self.norm_pix_loss)
         return norm_pix_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, pred_on=pred_on,
                              impl=self.impl, mean=mean, std=std)
 

@@ -229,14 +229,17 @@ def _visible_attention(qkv: torch.Tensor, num_heads: int, cu_seqlens: torch.Tens
             return attention_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
     if chosen == "cuda":
         return _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len)
-    if cu_seqlens is None:
-        return _reference_attention(qkv, num_heads, scale=scale).contiguous(), _reference_lse(qkv, num_heads, scale)
-    # packed: sequence by sequence (one read of the offsets on the host; no (T, T) score matrix)
-    bounds = [int(v) for v in cu_seqlens.tolist()]
-    segments = _contract_segments(bounds, qkv.shape[1], max_len)
-    if segments is None:  # the plain case: every row in a sequence
-        segments = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    return _reference_segments(qkv, num_heads, scale, segments)
+    # in qkv's dtype, as the kernels, the fake op and a compiled graph compute it (autocast would run the
+    # reference's matmuls in its dtype: a bf16 output for an fp32 qkv)
+    with torch.autocast(qkv.device.type, enabled=False):
+        if cu_seqlens is None:
+            return _reference_attention(qkv, num_heads, scale=scale).contiguous(), _reference_lse(qkv, num_heads, scale)
+        # packed: sequence by sequence (one read of the offsets on the host; no (T, T) score matrix)
+        bounds = [int(v) for v in cu_seqlens.tolist()]
+        segments = _contract_segments(bounds, qkv.shape[1], max_len)
+        if segments is None:  # the plain case: every row in a sequence
+            segments = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return _reference_segments(qkv, num_heads, scale, segments)
 
 
 @_visible_attention.register_fake
@@ -262,7 +265,8 @@ def _visible_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torc
 
         with device_guard(qkv):
             return attention_bwd(dout, qkv, out, lse, num_heads, scale, cu_seqlens, max_len)
-    return _reference_backward(dout, qkv, num_heads, scale, cu_seqlens, max_len)
+    with torch.autocast(qkv.device.type, enabled=False):  # its fp32 math, also for a backward run under autocast
+        return _reference_backward(dout, qkv, num_heads, scale, cu_seqlens, max_len)
 
 
 @_visible_attention_backward.register_fake

@@ -213,7 +213,9 @@ def _setup_context(ctx, inputs, output):
     if ctx.fused:
         ctx.save_for_backward(r, mask_or_ids)
     else:
-        ctx.save_for_backward(pred, imgs, mask_or_ids)
+        # images made under torch.inference_mode cannot be saved for backward: a copy of them then (eager; the
+        # official loss takes them, as the fused path does: neither saves them)
+        ctx.save_for_backward(pred, imgs.clone() if imgs.is_inference() else imgs, mask_or_ids)
     ctx.args = (patch_size, norm_pix, pred_masked, impl, mean, std)
 
 
