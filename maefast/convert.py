@@ -6,6 +6,7 @@ Missing or unexpected keys are reported by name; a shape mismatch is a clear Val
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Iterable, Mapping
 
@@ -209,23 +210,57 @@ def from_transformers(hf_state_dict: Mapping) -> dict:
     return out
 
 
+def _inexpressible(model, overrides) -> str | None:
+    """A part of `model` that transformers' ViTMAE config cannot express, so a converted model would silently
+    compute something else, or None. The config has one activation (written as hidden_act="gelu": the exact
+    GELU), one LayerNorm eps, q.k scaled by head_dim ** -0.5, and dropout in other places than timm's blocks
+    (so none is taken). A field given in `overrides` is the caller's choice and not checked."""
+    from .models.routing import _drop_rate  # a dropout's p or a drop path's drop_prob
+    eps, dn = model.norm.eps, model.decoder_norm
+    if "layer_norm_eps" not in overrides and isinstance(dn, torch.nn.LayerNorm) and dn.eps != eps:
+        return f"decoder_norm.eps is {dn.eps:g}, norm.eps {eps:g} (the config has one layer_norm_eps)"
+    for name in ("blocks", "decoder_blocks"):
+        for i, blk in enumerate(getattr(model, name)):
+            act = blk.mlp.act
+            if "hidden_act" not in overrides and not (type(act) is torch.nn.GELU and act.approximate == "none"):
+                return f"{name}.{i}.mlp.act is {act!r}, not the exact GELU the config's hidden_act='gelu' names"
+            scale, head_dim = getattr(blk.attn, "scale", None), blk.attn.qkv.out_features // 3 // blk.attn.num_heads
+            if scale is not None and not math.isclose(float(scale), head_dim ** -0.5, rel_tol=1e-6):
+                return f"{name}.{i}.attn.scale is {float(scale):g}, not head_dim ** -0.5 = {head_dim ** -0.5:g}"
+            for sub, m in blk.named_modules():
+                if isinstance(m, torch.nn.LayerNorm) and "layer_norm_eps" not in overrides and m.eps != eps:
+                    return f"{name}.{i}.{sub}.eps is {m.eps:g}, norm.eps {eps:g} (the config has one layer_norm_eps)"
+                if _drop_rate(m):
+                    return (f"{name}.{i}.{sub} is a {type(m).__name__} (rate {_drop_rate(m):g}; the config's dropout "
+                            "sits elsewhere, and it has no drop path)")
+    return None
+
+
 def transformers_config(model, **overrides):
-    """A transformers ViTMAEConfig equal to `model`'s architecture (square images only)."""
+    """A transformers ViTMAEConfig equal to `model`'s architecture (square images only; a block part the config
+    cannot express, such as another activation, is a ValueError naming it)."""
     from transformers import ViTMAEConfig
 
     pe = model.patch_embed
     if pe.img_size[0] != pe.img_size[1]:
         raise ValueError(f"transformers' ViTMAE supports square images only; the model has img_size {pe.img_size}")
-    blk, dblk = model.blocks[0], (model.decoder_blocks[0] if len(model.decoder_blocks) else None)
+    why = _inexpressible(model, overrides)
+    if why is not None:
+        raise ValueError(f"transformers' ViTMAE config cannot express this model: {why}")
+    blk = model.blocks[0] if len(model.blocks) else None
+    dblk = model.decoder_blocks[0] if len(model.decoder_blocks) else None
     embed = model.pos_embed.shape[-1]
     dec = model.decoder_pos_embed.shape[-1]
-    kw = dict(hidden_size=embed, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
-              intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=model.norm.eps,
+    kw = dict(hidden_size=embed, num_hidden_layers=len(model.blocks),
+              num_attention_heads=blk.attn.num_heads if blk is not None else 16,
+              intermediate_size=blk.mlp.fc1.out_features if blk is not None else 4 * embed, hidden_act="gelu",
+              layer_norm_eps=model.norm.eps,
               image_size=pe.img_size[0], patch_size=pe.patch_size[0], num_channels=pe.proj.in_channels, qkv_bias=True,
               decoder_hidden_size=dec, decoder_num_hidden_layers=len(model.decoder_blocks),
               decoder_num_attention_heads=dblk.attn.num_heads if dblk is not None else 16,
               decoder_intermediate_size=dblk.mlp.fc1.out_features if dblk is not None else 4 * dec,
-              norm_pix_loss=bool(model.norm_pix_loss), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+              norm_pix_loss=bool(getattr(model, "norm_pix_loss", False)),
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     kw.update(overrides)
     return ViTMAEConfig(**kw)
 
@@ -259,6 +294,11 @@ def from_transformers_model(hf_model, **model_kwargs):
         raise ValueError(f"maefast's MAE has the exact GELU and q/k/v biases; this config has hidden_act="
                          f"{getattr(c, 'hidden_act', None)!r}, qkv_bias={getattr(c, 'qkv_bias', None)!r} "
                          "(maefast.patch runs such a model as it is)")
+    drops = {k: getattr(c, k, 0.0) or 0.0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+    if any(drops.values()):  # the official MAE pre-trains without dropout, and maefast's MAE has none
+        have = ", ".join(f"{k}={v}" for k, v in drops.items())
+        raise ValueError(f"maefast's MAE has no dropout; this config has {have} (maefast.patch runs such a model "
+                         "as it is)")
     # maefast's MAE builds every MLP as int(width * mlp_ratio), one ratio for encoder and decoder
     ratio = mlp_ratio_of(c.hidden_size, c.intermediate_size)
     dec_inter = getattr(c, "decoder_intermediate_size", None) or c.intermediate_size

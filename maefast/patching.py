@@ -13,7 +13,8 @@ What a patched model promises (tests/test_patching.py):
   gradients as the unpatched model for the same noise. Any other call runs the model's original
   forward, with one `SlowPathWarning` per reason naming why (images that require a gradient; for
   transformers: output_hidden_states / output_attentions, attention_mask / head_mask,
-  interpolate_pos_encoding, attention dropout in training, an argument the fast path does not know;
+  interpolate_pos_encoding, attention dropout in training, an attention function registered with its
+  AttentionInterface, an argument the fast path does not know;
   official layout: a dropout module in training mode; both: float64 weights, a mask ratio that keeps
   no patch), or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
   torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
@@ -75,6 +76,8 @@ def _missing_official(model) -> list[str]:
     if not miss:
         for i, blk in enumerate(list(model.blocks)[:1] + list(model.decoder_blocks)[:1]):
             miss += [f"{'blocks' if i == 0 else 'decoder_blocks'}[0].{a}" for a in _BLOCK_ATTRS if not _has(blk, a)]
+        if getattr(model.patch_embed, "img_size", None) is None:  # the image size the fast path takes and probes
+            miss.append("patch_embed.img_size")
     return miss
 
 
@@ -203,7 +206,8 @@ def _hf_linears(layer) -> tuple:
 
 
 def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[BlockView, float]:
-    """(view of one ViTMAELayer, its attention dropout in effect)."""
+    """(view of one ViTMAELayer, its attention dropout in effect). num_heads: the config's, for a layer that
+    keeps no head size of its own (a config changed after building does not change the layer's)."""
     att = layer.attention
     q, k, v, o, fc1, fc2 = _hf_linears(layer)
     if hasattr(att, "q_proj"):  # transformers 5.x
@@ -217,7 +221,11 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
 
     def qkv():
         w = torch.cat([q.weight, k.weight, v.weight], 0)
-        b = torch.cat([q.bias, k.bias, v.bias], 0) if q.bias is not None else None
+        have = [x.bias for x in (q, k, v) if x.bias is not None]
+        if not have:
+            return w, None
+        # one of them without a bias (a user's k_proj, say): zeros there, as that projection adds none
+        b = torch.cat([x.bias if x.bias is not None else have[0].new_zeros(x.out_features) for x in (q, k, v)], 0)
         return w, b
 
     # a layer with its own flag (transformers' GradientCheckpointingLayer, late 4.x and 5.x) obeys it
@@ -227,7 +235,11 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
     # use_reentrant and preserve_rng_state, which maefast's blocks set: fast.py's _run_blocks).
     ckpt = getattr(layer, "gradient_checkpointing", stack_checkpointing) and layer.training
     ckpt_fn = getattr(layer, "_gradient_checkpointing_func", None) if ckpt else None
-    head_dim = q.out_features // num_heads
+    # the head size the layer splits q/k/v by (5.x head_dim, 4.x attention_head_size; the config's when built)
+    inner = getattr(att, "attention", att)
+    head_dim = getattr(inner, "head_dim", None) or getattr(inner, "attention_head_size", None) or \
+        q.out_features // num_heads
+    num_heads = q.out_features // head_dim
     # 5.x keeps the scale it multiplies by (a user may set it); 4.x divides by sqrt(head_dim)
     scale = float(getattr(att, "scaling", head_dim ** -0.5))
     return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=scale, proj=o,
@@ -263,12 +275,15 @@ def _transformers_view(model) -> tuple[MAEView, float]:
     blocks = [_hf_block_view(l, c.num_attention_heads, enc_ckpt) for l in enc]
     dblocks = [_hf_block_view(l, c.decoder_num_attention_heads, dec_ckpt) for l in dec_layers]
     dec = model.decoder
-    img = c.image_size if isinstance(c.image_size, (tuple, list)) else (c.image_size, c.image_size)
+    # the size the original checks images against: its patch embedding's (set from the config when built)
+    img = getattr(emb.patch_embeddings, "image_size", c.image_size)
+    img = img if isinstance(img, (tuple, list)) else (img, img)
     view = MAEView(patch_proj=emb.patch_embeddings.projection, pos_embed=emb.position_embeddings,
                    cls_token=emb.cls_token, blocks=[b for b, _ in blocks], norm=model.vit.layernorm,
                    decoder_embed=dec.decoder_embed, mask_token=dec.mask_token, decoder_pos_embed=dec.decoder_pos_embed,
                    decoder_blocks=[b for b, _ in dblocks], decoder_norm=dec.decoder_norm,
-                   decoder_pred=dec.decoder_pred, norm_pix_loss=bool(c.norm_pix_loss), in_chans=c.num_channels,
+                   decoder_pred=dec.decoder_pred, norm_pix_loss=bool(c.norm_pix_loss),
+                   in_chans=emb.patch_embeddings.projection.in_channels,
                    img_size=tuple(img))
     # not max(..., default=0.0): dynamo has no handler for max's default= once the rates are symbolic floats
     # (torch.compile(dynamic=True) traces module float attributes as such)
@@ -312,18 +327,21 @@ class _TransformersForward:
 
     def __init__(self, model: nn.Module):
         import transformers
+        from transformers import modeling_utils
         from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
 
         self.model = model
         # imported here, not in the call: dynamo in torch 2.11 cannot trace `import transformers` (a _LazyModule)
         self.output_cls = ViTMAEForPreTrainingOutput
         self.v5 = int(transformers.__version__.split(".")[0]) >= 5
+        # what each layer's config._attn_implementation names (4.48+; None before): the installed transformers'
+        self.attention_functions = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model}  # the rest is the installed transformers', resolved again on loading
 
     def __setstate__(self, state: dict) -> None:
-        if "output_cls" in state:
-            self.__dict__.update(state)
-        else:  # pickled by an older maefast: only the model
-            self.__init__(state["model"])
+        self.__init__(state["model"])  # also a pickle of an older maefast's forward (the model and more, or less)
 
     def __call__(self, pixel_values=None, noise=None, *args, seed=None, mask_ratio=None, mean=None, std=None,
                  **kwargs):
@@ -340,7 +358,7 @@ class _TransformersForward:
                 why = f"attention dropout (p={attn_p}) is active in training mode"
             elif any(_hooked(x) for x in m.modules() if x is not m):  # traced under torch.compile too
                 why = skipped_hooks_reason(m, _hf_called(view, st.fused))
-            why = why or _hf_changed_reason(m, st, view)
+            why = why or _hf_changed_reason(m, st, view, self.attention_functions)
         if why is not None:
             warn_slow(m, why, stacklevel=5)
             pixel_values, noise = original_inputs(pixel_values, noise, seed,
@@ -374,7 +392,8 @@ def _from_library(cls: type | None) -> bool:
     return cls is None or package(cls) in ("transformers", "torch")
 
 
-_KNOWN_FORWARD: dict = {}  # class -> _from_library of its forward (per class, once: it is asked on every call)
+# (class, method name) -> _from_library of that method (per class and name, once: it is asked on every call)
+_KNOWN_FORWARD: dict = {}
 
 
 def _library_calls_forward_loss(cls: type) -> bool:
@@ -383,19 +402,37 @@ def _library_calls_forward_loss(cls: type) -> bool:
     return any("forward_loss" in c.__dict__ for c in cls.__mro__ if package(c) == "transformers")
 
 
-def _known_forward(cls: type) -> bool:
-    ok = _KNOWN_FORWARD.get(cls)
+def _known_forward(cls: type, name: str = "forward") -> bool:
+    ok = _KNOWN_FORWARD.get((cls, name))
     if ok is None:
-        ok = _KNOWN_FORWARD[cls] = _from_library(defining_class(cls, "forward"))
+        ok = _KNOWN_FORWARD[(cls, name)] = _from_library(defining_class(cls, name))
     return ok
 
 
-def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
+def _hf_attention_reason(layer, functions) -> str | None:
+    """Why a layer's attention computes something else than the fast path's: the implementation its config
+    names (`_attn_implementation`, set at construction or by set_attn_implementation) dispatching to a function
+    that is not transformers' own (one registered with AttentionInterface), or None. `functions`: transformers'
+    ALL_ATTENTION_FUNCTIONS (None: a transformers without it, whose attention classes `_known_forward` checks)."""
+    att = layer.attention
+    name = getattr(getattr(getattr(att, "attention", att), "config", None), "_attn_implementation", None)
+    if functions is None or not isinstance(name, str):
+        return None
+    key = name.removeprefix("paged|") if name != "paged|eager" else name  # as get_interface looks it up
+    fn = functions.get(key)  # None: "eager", the model file's own function
+    if fn is None or getattr(fn, "__module__", "").split(".")[0] == "transformers":
+        return None
+    return f"its attention implementation {name!r} is {getattr(fn, '__qualname__', fn)!r}, not transformers' own"
+
+
+def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions=None) -> str | None:
     """What a user changed since patching that the fast path would drop, seen on every call: a method
-    set on the model or its parts' instances, a layer part the fast path does not call as a module
-    (`_hf_called`) of a class outside transformers and torch or with an instance forward, and a layer
-    whose weights the fast path reads instead of calling it (the patch projection, each q/k/v; with
-    fused="block" every layer Linear) that is not a plain torch layer (a LoRA adapter's children)."""
+    set on the model or its parts' instances, a part replaced by one of a class whose forward (or the
+    embeddings' random_masking) is not transformers', a layer part the fast path does not call as a module
+    (`_hf_called`) of a class outside transformers and torch or with an instance forward, an attention
+    implementation of the user's (`_hf_attention_reason`), and a layer whose weights the fast path reads
+    instead of calling it (the patch projection, each q/k/v; with fused="block" every layer Linear) that is
+    not a plain torch layer (a LoRA adapter's children)."""
     emb = model.vit.embeddings
     loss_parts = ("forward_loss", "patchify") if st.calls_loss else ("patchify",)
     owners = [("", model, () if st.loss_via_model else loss_parts), ("vit", model.vit, ("forward",)),
@@ -406,6 +443,9 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
         for name in names:
             if name in obj.__dict__:
                 return f"{path + '.' if path else ''}{name} is set on the instance (the fast path would not call it)"
+            if path and not _known_forward(type(obj), name):  # a part replaced by one of the user's classes
+                c = defining_class(type(obj), name)
+                return f"{path}.{name} is {c.__module__}.{c.__qualname__}.{name} (the fast path would not call it)"
     read = [("vit.embeddings.patch_embeddings.projection", emb.patch_embeddings.projection, nn.Conv2d)]
     enc, dec_layers = _hf_layers(model)
     called = {id(c) for c in _hf_called(view, st.fused)}  # their own forwards run
@@ -414,6 +454,9 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView) -> str | None:
             for n, sub in layer.named_modules():
                 if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
+            why = _hf_attention_reason(layer, attention_functions)
+            if why is not None:
+                return f"{prefix} {i}: {why} (the fast path would replace it)"
             lin = _hf_linears(layer)
             lin = lin if st.fused == "block" else lin[:3]  # q, k, v are read always; the rest by the one op
             read += [(f"{prefix} {i} linear {j}", x, nn.Linear) for j, x in enumerate(lin)]
@@ -441,6 +484,8 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
     refused, loss = [], False
     for path, obj, names in parts:
         for name in names:
+            if path:
+                _known_forward(type(obj), name)  # filled now for the per-call check (as the layers' above)
             if name not in obj.__dict__ and _from_library(defining_class(type(obj), name)):
                 continue
             if path == "" and name == "forward_loss" and not calls_loss:

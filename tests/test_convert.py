@@ -176,6 +176,11 @@ def test_conversions_refuse_what_they_do_not_recognise(tmp_path):
         with pytest.raises(ValueError, match="exact GELU and q/k/v biases"):
             from_transformers_model(hf)
         setattr(hf.config, field, {"hidden_act": "gelu", "qkv_bias": True}[field])
+    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # it converted without its dropout
+        setattr(hf.config, field, 0.1)
+        with pytest.raises(ValueError, match=f"has no dropout; this config has .*{field}=0.1"):
+            from_transformers_model(hf)
+        setattr(hf.config, field, 0.0)
 
 
 def test_a_damaged_shards_folder_is_one_clear_error(tmp_path):
@@ -352,3 +357,34 @@ def test_transformers_model_of_an_official_layout_model():
     hf = to_transformers_model(m, mask_ratio=0.5).eval()
     assert hf.config.num_channels == 3 and hf.config.norm_pix_loss
     _assert_computes_as(hf, maefast.patch(m).eval(), torch.randn(2, 3, 32, 32), torch.rand(2, 16))
+    del m.norm_pix_loss  # a fork without the flag: no norm-pix loss, as maefast.patch takes it (AttributeError before)
+    assert not to_transformers_model(m).config.norm_pix_loss
+
+
+def test_transformers_model_of_a_model_its_config_cannot_express_is_refused():
+    """transformers' config has one activation (hidden_act='gelu': the exact GELU), one LayerNorm eps, q.k
+    scaled by head_dim ** -0.5, and its dropout in other places than timm's blocks: to_transformers_model
+    wrote those for any model, so a block with another activation, scale, eps or a dropout converted
+    without a word into a model computing something else. Now a ValueError names the part (a field the
+    caller gives transformers_config is taken as given). An encoder without blocks raised IndexError."""
+    pytest.importorskip("transformers")
+    from maefast.convert import to_transformers_model, transformers_config
+    from maefast.nn import DropPath
+
+    changes = {"mlp.act": lambda b: setattr(b.mlp, "act", torch.nn.GELU(approximate="tanh")),
+               "attn.scale": lambda b: setattr(b.attn, "scale", 0.1),
+               "norm2.eps": lambda b: setattr(b.norm2, "eps", 1e-3),
+               "attn.attn_drop": lambda b: setattr(b.attn.attn_drop, "p", 0.1),
+               "drop_path": lambda b: setattr(b, "drop_path", DropPath(0.1))}
+    for what, change in changes.items():
+        m = _tiny()
+        change(m.decoder_blocks[0])
+        with pytest.raises(ValueError, match=f"cannot express this model: decoder_blocks.0.{re.escape(what)}"):
+            to_transformers_model(m)
+    m = _tiny()
+    m.blocks[0].mlp.act = torch.nn.GELU(approximate="tanh")
+    assert transformers_config(m, hidden_act="gelu_pytorch_tanh").hidden_act == "gelu_pytorch_tanh"
+    m = _tiny(depth=0)
+    hf = to_transformers_model(m, mask_ratio=0.5)
+    assert hf.config.num_hidden_layers == 0
+    _assert_computes_as(hf, m, torch.randn(2, 3, 32, 32), torch.rand(2, 16))

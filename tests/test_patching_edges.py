@@ -295,6 +295,82 @@ def test_transformers_a_forward_set_on_a_stack_after_patching_runs_the_original(
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("where,name", [("vit", "forward"), ("vit.embeddings", "forward"),
+                                        ("vit.embeddings", "random_masking"),
+                                        ("vit.embeddings.patch_embeddings", "forward"), ("decoder", "forward")])
+def test_transformers_a_stack_of_a_users_class_after_patching_runs_the_original(where, name):
+    """The same parts turned into instances of a user's subclass after patching (its own forward or masking,
+    as a module replaced by one of the user's): every call sees the class and runs the original forward,
+    which calls the method. The per-call check read instance attributes only: the fast path dropped it."""
+    from test_patching_parts import _hf_same
+
+    plain, patched = _hf()
+    seen = []
+    for m in (plain, patched):
+        obj = m.get_submodule(where)
+
+        def method(self, *a, _real=getattr(type(obj), name), **k):
+            seen.append(1)
+            return _real(self, *a, **k)
+
+        obj.__class__ = type(f"My{type(obj).__name__}", (type(obj),), {name: method})
+    _hf_same(plain, patched, rf"^.*: {where.replace('.', chr(92) + '.')}\.{name} is .*\.My\w+\.{name} ")
+    assert len(seen) == 2
+
+
+def test_transformers_images_are_checked_against_the_size_the_model_was_built_with():
+    """transformers' original checks images against its patch embedding's image_size (the config's when
+    built); a config.image_size set afterwards changes nothing there. The fast path read the config: it
+    refused the model's own 32x32 images ("imgs must be 64x64") and let 64x64 ones through to an op's error."""
+    from test_patching_parts import _hf_same
+
+    plain, patched = _hf()
+    for m in (plain, patched):
+        m.config.image_size = 64
+    _hf_same(plain, patched, None)
+    with pytest.raises(ValueError, match="imgs must be 32x32"):
+        patched(pixel_values=torch.randn(N, 3, 64, 64), noise=torch.rand(N, L))
+
+
+def test_transformers_heads_are_the_ones_the_layers_split_by():
+    """Each layer splits q/k/v by the head size it was built with; a config's head counts set afterwards
+    change nothing there. The fast path took the counts from the config: another attention, silently."""
+    from test_patching_parts import _hf_same
+
+    plain, patched = _hf()
+    for m in (plain, patched):
+        m.config.num_attention_heads, m.config.decoder_num_attention_heads = 1, 1
+        enc, dec = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer), m.decoder.decoder_layers
+        with torch.no_grad():
+            for layer in (*enc, *dec):  # sharper attention, where the split shows
+                for lin in maefast.patching._hf_linears(layer)[:2]:
+                    lin.weight.mul_(10)
+    _hf_same(plain, patched, None)
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_transformers_q_or_k_projection_without_a_bias(which):
+    """A layer whose q (or k) projection has no bias while the others have one: the packed qkv bias has zeros
+    there. The fast path took q's bias for all three (k's and v's dropped, silently) or raised a bare
+    TypeError from torch.cat."""
+    from test_patching_parts import _hf_same
+
+    plain, _ = _hf()
+    enc = plain.vit.layers if hasattr(plain.vit, "layers") else plain.vit.encoder.layer
+    for layer in (enc[0], plain.decoder.decoder_layers[0]):
+        lin = maefast.patching._hf_linears(layer)[0 if which == "q" else 1]
+        lin.bias = None
+        with torch.no_grad():  # biases that matter (they start at zero)
+            for other in maefast.patching._hf_linears(layer)[:3]:
+                if other.bias is not None:
+                    other.bias.normal_()
+    patched = maefast.patch(copy.deepcopy(plain))
+    grads = _hf_same(plain, patched, None)
+    for n, p in plain.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_transformers_patched_forward_pickled_by_an_older_version_still_runs():
     """A patched model saved by a maefast whose transformers forward held only the model (no output class or
     version resolved at patch time) loads and runs its fast path."""
@@ -348,3 +424,56 @@ def test_a_distributed_wrapper_is_refused_saying_to_patch_first(wrap):
     with pytest.raises(TypeError, match="patch the model before wrapping or sharding it") as e:
         maefast.patch(model)
     assert "missing" not in str(e.value) and "forward" not in plain.__dict__ and "_maefast" not in plain.__dict__
+
+
+@pytest.mark.parametrize("img_size", ["absent", None])
+def test_a_patch_embedding_without_an_image_size_is_refused_by_name(img_size):
+    """A fork's own patch embedding without img_size (or timm's img_size=None) gives the fast path no image
+    size to check the images against and probe with: a TypeError naming it, not a bare 'NoneType' error."""
+    from official_layout import official_class
+
+    m = official_class()(**TINY)
+    if img_size == "absent":
+        del m.patch_embed.img_size
+    else:
+        m.patch_embed.img_size = None
+    with pytest.raises(TypeError, match=r"does not recognise MaskedAutoencoderViT.*missing: patch_embed\.img_size$"):
+        maefast.patch(m)
+    assert "forward" not in m.__dict__
+
+
+class _QVBiasAttention(nn.Module):
+    """A fork's attention written in its models_mae.py (its module is the model's, so its class is trusted as
+    a copy of the official one) with BEiT's separate q and v biases beside a bias-free qkv."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.num_heads, self.scale, self.qkv, self.proj = attn.num_heads, attn.scale, attn.qkv, attn.proj
+        self.qkv.bias = None
+        dim = attn.proj.in_features
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        n, length, dim = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        q, k, v = nn.functional.linear(x, self.qkv.weight, bias).reshape(
+            n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(n, length, dim))
+
+
+def test_a_forks_attention_with_parameters_the_fast_block_never_reads():
+    """A block part of the model's own module (trusted) holding parameters the fast block never reads (BEiT-style
+    q_bias / v_bias): the fast path dropped them without a word. Refused at patch time, naming the parameter;
+    swapped in after patching, every call runs the original forward."""
+    plain, patched = _pair()
+    _QVBiasAttention.__module__ = type(plain).__module__  # written in the model's file
+    torch.manual_seed(1)
+    for m in (plain, patched):
+        m.blocks[1].attn = _QVBiasAttention(m.blocks[1].attn)
+        with torch.no_grad():
+            m.blocks[1].attn.q_bias.copy_(plain.blocks[1].attn.q_bias)
+            m.blocks[1].attn.v_bias.copy_(plain.blocks[1].attn.v_bias)
+    _same_call(plain, patched, r"blocks\.1\.attn\.q_bias runs a parameter or buffer the fast block never reads")
+    with pytest.raises(TypeError, match=r"maefast\.patch: blocks\.1\.attn\.q_bias runs a parameter or buffer"):
+        maefast.patch(copy.deepcopy(plain))

@@ -153,6 +153,32 @@ def test_transformers_outputs_the_fast_path_lacks_run_the_original(what, via):
     _assert_grads_equal(g1, g0)
 
 
+def test_transformers_attention_function_of_the_users_runs_the_original(monkeypatch):
+    """An attention implementation registered with transformers' AttentionInterface, named by the config
+    (set_attn_implementation, here after patching) runs as the original forward calls it, with a
+    SlowPathWarning naming it; the fast path's attention would silently replace it."""
+    interface = pytest.importorskip("transformers.modeling_utils").__dict__.get("AttentionInterface")
+    if interface is None:
+        pytest.skip("this transformers has no AttentionInterface")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def sharp(module, q, k, v, mask, **kw):  # a user's attention: another softmax temperature
+        return sdpa_attention_forward(module, q, k, v, mask, **{**kw, "scaling": 10 * kw["scaling"]})
+
+    monkeypatch.setitem(interface._global_mapping, "maefast_test_sharp", sharp)
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    eager, _ = _run_hf(plain, imgs, noise)
+    for m in (plain, patched):
+        m.set_attn_implementation("maefast_test_sharp")
+    o0, g0 = _run_hf(plain, imgs, noise)
+    assert not _close(o0.loss, eager.loss)  # the user's attention changes the result
+    with pytest.warns(_slow_warning(), match="'maefast_test_sharp' is '.*sharp', not transformers' own"):
+        o1, g1 = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+
+
 def test_transformers_interpolate_pos_encoding_runs_the_original():
     plain, patched = _hf_pair()
     imgs, noise = torch.randn(2, 3, 48, 48), torch.rand(2, 36)

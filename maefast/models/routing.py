@@ -142,6 +142,28 @@ _READ_FUSED = ("attn.proj", "mlp.fc1", "mlp.fc2")
 _COMPUTED_FUSED = ("norm1", "norm2", "mlp.act")
 
 
+# the children whose parameters the fast path reads or calls, of the modules whose forwards it replaces (the
+# patch embedding, each block, its attention and its MLP); any other parameter or buffer there (a fork's q/v
+# bias, a relative position table, a learned scale) is one the fast path would drop
+_READ_CHILDREN = {"": ("norm1", "attn", "norm2", "mlp"), "attn": ("qkv", "proj"), "mlp": ("fc1", "act", "fc2")}
+
+
+def _unread_state(m: nn.Module, known) -> str | None:
+    """The name of a parameter or buffer of `m` (its own, or in a child not in `known`) the fast path never
+    reads, or None."""
+    if m._parameters or m._buffers:  # (asked on every call: the common case, none, costs a dict test)
+        for n, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                return n
+    for n, child in m._modules.items():
+        if n not in known and child is not None and (child._parameters or child._buffers or child._modules):
+            for sub, x in child.named_modules(prefix=n):
+                for pn, t in (*x._parameters.items(), *x._buffers.items()):
+                    if t is not None:
+                        return f"{sub}.{pn}"
+    return None
+
+
 def _not_plain(m, cls: type) -> str:
     if "forward" in getattr(m, "__dict__", {}):
         return "an instance forward"
@@ -163,6 +185,9 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
     if norm is not None and not isinstance(norm, nn.Identity):
         return "patch_embed.norm", f"a {type(norm).__name__} (the fast patch embedding has no norm)"
     found = _replaced("patch_embed", pe, root_module)
+    unread = _unread_state(pe, ("proj",)) if found is None else None
+    if unread is not None:
+        return f"patch_embed.{unread}", "a parameter or buffer the fast patch embedding never reads"
     if found is None and not _plain_layer(getattr(pe, "proj", None), nn.Conv2d):
         found = "patch_embed.proj", _not_plain(getattr(pe, "proj", None), nn.Conv2d) + \
             " (the fast path reads its weights and never calls it)"
@@ -179,6 +204,9 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
                 found = _replaced(f"{name}.{i}{part}", m, root_module)
                 if found is not None:
                     return found
+                unread = _unread_state(m, _READ_CHILDREN[part[1:]])
+                if unread is not None:
+                    return f"{name}.{i}{part}.{unread}", "a parameter or buffer the fast block never reads"
             for attr in read:
                 m = _get_path(blk, attr)
                 if not _plain_layer(m, nn.Linear):
