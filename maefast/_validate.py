@@ -50,8 +50,9 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torc
 
 def check_mask_ratio(mask_ratio, num_patches: int | None = None, *, official: bool = False) -> int | None:
     """Returns len_keep = floor(L*(1-r)) when num_patches is given. maefast's rule (training, the fast
-    path, the ops): r in (0, 1) keeping at least one patch. official=True: the official code's domain,
-    r in [0, 1] (r = 0 keeps every patch, e.g. `forward_encoder(imgs, 0.0)` for features, and its loss
+    path, the ops): r in (0, 1) keeping at least one patch and masking at least one (a ratio so small that
+    1 - r rounds to 1.0 masks none: the loss over masked patches would be 0/0). official=True: the official
+    code's domain, r in [0, 1] (r = 0 keeps every patch, e.g. `forward_encoder(imgs, 0.0)` for features, and its loss
     over no masked patch is 0/0 = NaN; a ratio that keeps none leaves the encoder the cls token alone)."""
     interval = "[0, 1]" if official else "(0, 1)"
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
@@ -67,6 +68,9 @@ def check_mask_ratio(mask_ratio, num_patches: int | None = None, *, official: bo
         raise ValueError(
             f"mask_ratio={mask_ratio} keeps floor({num_patches}*(1-{mask_ratio})) = 0 patches; "
             "at least one patch must stay visible")
+    if len_keep >= num_patches and not official:
+        raise ValueError(f"mask_ratio={mask_ratio} masks none of the {num_patches} patches (1 - {mask_ratio} rounds "
+                         "to 1.0); at least one patch must be masked")
     return len_keep
 
 

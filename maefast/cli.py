@@ -43,7 +43,9 @@ def check_out_file(flag: str, path: str | None, overwrite: bool = False) -> None
         raise ValueError(f"{flag} is empty: give a file name")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a folder: give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isfile(path):  # the write renames a new file onto it: /dev/null gone
+        raise ValueError(f"{flag} {path!r} is not a regular file (a device or a pipe): give a file name")
+    folder = os.path.dirname(os.path.realpath(path))  # a link's target is written (atomic_write_file)
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path!r}: the folder {folder!r} does not exist")
     if os.path.lexists(path) and not overwrite:
@@ -55,6 +57,24 @@ def check_out_file(flag: str, path: str | None, overwrite: bool = False) -> None
             pass
     except OSError as e:
         raise ValueError(f"{flag} {path!r}: cannot write in {folder!r} ({e.strerror or e})") from None
+
+
+# the image formats an output's name ending asks for (a name without one: PNG), those Pillow writes itself
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
+
+
+def image_format(flag: str, path: str, formats: dict = IMAGE_FORMATS) -> str:
+    """The format of the image file ``path`` ({ending: format} ``formats``, the writer's): the one its name's
+    ending says, PNG for a name without one; another ending is refused (ValueError naming the flag), not
+    written as PNG bytes under a name that says otherwise."""
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        return formats[".png"]
+    if ext not in formats:
+        raise ValueError(f"{flag} {path!r}: the name's ending {ext!r} is no image format written here: end it in "
+                         f"{', '.join(formats)}")
+    return formats[ext]
 
 
 def check_distinct_outputs(paths: dict) -> None:
@@ -86,6 +106,18 @@ def check_mask_ratio_flag(ratio, num_patches: int | None = None) -> None:
         raise ValueError(str(e).replace("mask_ratio", "--mask-ratio", 1)) from None
 
 
+def check_unique(flag: str, items: list, key=None) -> None:
+    """A comma list's items are distinct (by ``key``, e.g. the model a name resolves to): one named twice
+    would be run and reported twice (ValueError naming the flag)."""
+    seen: dict = {}
+    for item in items:
+        k = key(item) if key else item
+        if k in seen:
+            same = "" if item == seen[k] else f" (as {seen[k]!r})"
+            raise ValueError(f"{flag} names {item!r} twice{same}: give each once")
+        seen[k] = item
+
+
 def check_impls(impls: list[str], given, fused: str = "off", device=None) -> None:
     """--impl's comma list: every name one of the models' backends, none that --fused rules out, and
     with `device` each explicit backend able to run there (before any work, not at its turn)."""
@@ -93,6 +125,7 @@ def check_impls(impls: list[str], given, fused: str = "off", device=None) -> Non
 
     if not impls or any(i not in MODEL_IMPLS for i in impls):
         raise ValueError(f"--impl takes a comma list of {', '.join(MODEL_IMPLS)}, got {given!r}")
+    check_unique("--impl", impls)
     if fused == "block" and "sdpa" in impls:
         raise ValueError("--impl sdpa (torch's SDPA for the attention) needs --fused off: --fused block runs "
                          "maefast's own attention inside each block's one op")
@@ -122,9 +155,17 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is the machine's memory running out (a batch or model too large for it: the user's to
+    change, not our bug); torch's CPU allocator says so in a plain RuntimeError."""
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", MemoryError)
+    return isinstance(e, (MemoryError, oom)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def guarded(prog: str, fn, argv) -> int:
-    """Runs a subcommand's main: a user's error (bad value, missing or unwritable file) is one line on
-    stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""
+    """Runs a subcommand's main: a user's error (bad value, missing or unwritable file, a batch too large for
+    the memory) is one line on stderr and exit 2, Ctrl-C one line and 130; a traceback only for our own bugs."""
     import errno
 
     from .train.errors import USER_ERRORS
@@ -146,10 +187,13 @@ def guarded(prog: str, fn, argv) -> int:
             pass
         return 141
     except Exception as e:  # noqa: BLE001 - re-raised below unless it is the user's
-        if not isinstance(e, USER_ERRORS) and not (isinstance(e, OSError) and e.errno in env_errnos):
+        oom = _out_of_memory(e)
+        if not oom and not isinstance(e, USER_ERRORS) and not (isinstance(e, OSError) and e.errno in env_errnos):
             raise
         msg = str(e).strip().splitlines()
-        print(f"{prog}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
+        msg = msg[0] if msg else type(e).__name__
+        print(f"{prog}: error: " + (f"out of memory ({msg}): a smaller batch or model may fit" if oom else msg),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

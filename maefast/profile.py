@@ -273,9 +273,11 @@ def _progress(total, desc, enabled):
 def _export_trace(prof, path: str) -> None:
     """The profiler's Chrome trace written under a temporary name beside ``path``, then renamed onto it: an
     interrupted write leaves the previous file (torch.profiler writes to a path, not a file object). The
-    temporary keeps the name's ending (torch gzips a path ending in .gz) and the file a replaced one's mode."""
+    temporary keeps the name's ending (torch gzips a path ending in .gz) and the file a replaced one's mode;
+    through a symbolic link, the file it points to (as every output: train.checkpoint.atomic_write_file)."""
     import tempfile
 
+    path = os.path.realpath(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + (
         ".json.gz" if path.endswith(".gz") else ".json"), dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
@@ -553,8 +555,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if on_cpu and not a.model:
-        print("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32, synthetic batch); "
-              "--model base|large|huge for the paper's", file=sys.stderr)
+        print(f"CPU: small config by default (mae_vit_small_cpu, batch {batch}, {str(dtype).replace('torch.', '')}, "
+              "synthetic batch); --model base|large|huge for the paper's", file=sys.stderr)
     note = cpu_note(device)
     timing.use_device(device)  # --device cuda:N: events, synchronisations and the peak on that card
     env, peak = timing.env_info(device), timing.measure_peak(device)

@@ -361,10 +361,10 @@ def save_chart(rows: list[dict], path: str, title: str) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    from .train.checkpoint import _atomic_write
+    from .train.checkpoint import atomic_write_file
 
     # under a temporary name, then renamed: an interrupted write leaves the previous chart
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def _csv(s: str) -> list[str]:
@@ -397,7 +397,10 @@ def parse_batches(text: str | None) -> int | dict | None:
         if n < 1:
             raise ValueError(f"--batch must be >= 1, got {n}")
         return n
+    from .cli import check_unique
+
     out = {}
+    check_unique("--batch", [item.partition("=")[0].strip() for item in _csv(text)], key=resolve_model_name)
     for item in _csv(text):
         name, _, n = item.partition("=")
         if not n.strip().isdigit() or int(n) < 1:
@@ -434,15 +437,17 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --json / --png files that exist")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, positive
+    from .cli import (check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, check_unique,
+                      image_format, positive)
 
     # every option checked before any work: a user's error is one line, exit 2 (maefast.cli.guarded)
     positive("--threads", a.threads)
     device = mb.parse_device(a.device)
     on_cpu = device.type == "cpu"
     models = _models(a.models) if a.models else (["small"] if on_cpu else ["base", "large", "huge"])
-    for m in models:
-        resolve_model_name(m)
+    if not models:
+        raise ValueError(f"--models must name at least one model, got {a.models!r}")
+    check_unique("--models", models, key=resolve_model_name)
     impls = _csv(a.impl) if a.impl else (["reference"] + ([] if on_cpu else ["auto"]))
     check_impls(impls, a.impl, a.fused, device=device)
     check_mask_ratio_flag(a.mask_ratio)
@@ -450,6 +455,7 @@ def main(argv=None) -> int:
     depths = [_positive_int("--decoder-depths", v) for v in _csv(a.decoder_depths)]
     if not depths:
         raise ValueError(f"--decoder-depths must name at least one depth, got {a.decoder_depths!r}")
+    check_unique("--decoder-depths", depths)
     batch = parse_batches(a.batch)
     overrides = {}
     known = set(model_config(models[0]))
@@ -475,14 +481,17 @@ def main(argv=None) -> int:
     png = a.png or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
     check_out_file("--png", png, a.overwrite)
     check_distinct_outputs({"--json": a.json, "--png": png})
+    if png:  # the chart is a PNG: a name ending otherwise would hold PNG bytes under another format's name
+        image_format("--png", png, {".png": "png"})
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.fused != "off":
         overrides["fused"] = "block"
     note = ""
     if on_cpu and not a.models:
-        note = ("CPU: small config by default (mae_vit_small_cpu, batch 8, fp32); the paper's ViT-B/L/H take "
-                "minutes per step here: pass --models base,large,huge to run them anyway")
+        bs = (batch.get("mae_vit_small_cpu") if isinstance(batch, dict) else batch) or 8  # as table2() takes it
+        note = (f"CPU: small config by default (mae_vit_small_cpu, batch {bs}, {str(dtype).replace('torch.', '')}); "
+                "the paper's ViT-B/L/H take minutes per step here: pass --models base,large,huge to run them anyway")
     if note:
         print(note, file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))

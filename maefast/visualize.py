@@ -1,4 +1,4 @@
-"""`maefast visualize`: a PNG grid of MAE reconstructions from a training checkpoint.
+"""`maefast visualize`: a grid image (PNG, or what --out's ending names) of MAE reconstructions from a checkpoint.
 
 One row per image: original | masked | reconstruction | reconstruction with the visible patches
 pasted back. For a norm_pix_loss model the prediction is per-patch normalised pixels; it is shown
@@ -180,13 +180,14 @@ def _check_out(out: str, inputs: list[str], overwrite: bool) -> None:
 def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstruction.png", mask_ratio: float = 0.75,
               seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None,
               overwrite: bool = False) -> dict:
-    """Writes the reconstruction grid PNG; returns {"out", "boxes", "caption", "losses", "panel" (height,
+    """Writes the reconstruction grid (a PNG, or the format ``out``'s ending names: .jpg, .webp, .bmp, .tif;
+    another ending is refused before any work); returns {"out", "boxes", "caption", "losses", "panel" (height,
     width)}. An existing ``out`` is replaced only with ``overwrite`` (never when it is the checkpoint or an
     image), and atomically: an interrupted write leaves the previous file."""
     from PIL import Image
 
-    from .cli import check_mask_ratio_flag
-    from .train.checkpoint import _atomic_write
+    from .cli import check_mask_ratio_flag, image_format
+    from .train.checkpoint import atomic_write_file
     from .train.data import center_transform
 
     if isinstance(images, str):
@@ -194,6 +195,7 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     if not images:
         raise ValueError("images: give at least one image file")
     _check_out(out, [checkpoint, *images], overwrite)
+    fmt = image_format("--out", out)
     # torch.Generator's range; image i is drawn with seed + i
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed <= 2 ** 64 - len(images):
         raise ValueError(f"--seed must be an int in [-2**63, 2**64 - {len(images)}], got {seed!r}")
@@ -214,7 +216,7 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     caption = caption_for(name, npl, mask_ratio, seed, len(rows))
     canvas, boxes = render(rows, caption, mask_ratio, panel)
     try:
-        _atomic_write(out, lambda f: canvas.save(f, format="PNG"))
+        atomic_write_file(out, lambda f: canvas.save(f, format=fmt))
     except OSError as exc:
         raise ValueError(f"cannot write --out {out!r}: {exc.strerror or exc}") from None
     return {"out": out, "boxes": boxes, "caption": caption, "losses": [r["loss"] for r in rows], "panel": panel}
@@ -225,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = OneLineParser(prog="maefast visualize", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a maefast train checkpoint (OUTPUT_DIR/checkpoint-last.pth)")
-    p.add_argument("--image", required=True, nargs="+", help="image file(s); one row each")
-    p.add_argument("--out", default="reconstruction.png", help="PNG to write")
+    p.add_argument("--image", required=True, nargs="+", action="extend",
+                   help="image file(s); one row each (--image a.png b.png, or --image repeated)")
+    p.add_argument("--out", default="reconstruction.png",
+                   help="image to write, in the format its name ends with (.png, .jpg, .webp, .bmp, .tif)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed, in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")

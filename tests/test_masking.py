@@ -288,7 +288,19 @@ def test_compiled_masking_refuses_a_ratio_keeping_no_patch():
     f = torch.compile(lambda s: random_masking(2, 16, 0.95, seed=s).ids_keep, fullgraph=True, backend="eager")
     with pytest.raises(ValueError, match="at least one patch"):
         random_masking(2, 16, 0.95, seed=torch.tensor([7]))
-    with pytest.raises(Exception, match=r"open interval \(0, 1\) and keep at least one patch"):
+    with pytest.raises(Exception, match=r"open interval \(0, 1\), keep at least one patch"):
+        f(torch.tensor([7]))
+
+
+def test_a_ratio_masking_no_patch_is_refused():
+    """A ratio in (0, 1) so small that 1 - r rounds to 1.0 keeps all L patches and masks none (the loss over
+    masked patches would be 0/0): refused by the rule, eagerly and compiled, as 0 is; 1e-16 still masks one."""
+    assert random_masking(2, 16, 1e-16, seed=1).ids_keep.shape == (2, 15)
+    with pytest.raises(ValueError, match="masks none of the 16 patches"):
+        random_masking(2, 16, 1e-17, seed=1)
+    torch._dynamo.reset()
+    f = torch.compile(lambda s: random_masking(2, 16, 1e-17, seed=s).ids_keep, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="mask one"):
         f(torch.tensor([7]))
 
 

@@ -208,6 +208,16 @@ def test_profile_bad_impl():
     (["bench", "table2", "--json", "/tmp/maefast-t2.json", "--png", "/tmp/maefast-t2.json"],
      "--json and --png name the same file"),
     (["profile", "--json", "/proc/maefast-x.json"], "cannot write in '/proc'"),  # refused before the work
+    # a list naming one thing twice ran and reported it twice
+    (["profile", "--impl", "auto,reference,auto"], "--impl names 'auto' twice"),
+    (["bench", "table2", "--models", "tiny,mae_vit_tiny_test"], "--models names 'mae_vit_tiny_test' twice (as 'tiny')"),
+    (["bench", "table2", "--models", "tiny", "--decoder-depths", "1,01"], "--decoder-depths names 1 twice"),
+    (["bench", "table2", "--models", ","], "--models must name at least one model"),  # was an IndexError
+    # a ratio so small that it masks nothing: the loss was NaN (visualize, table2) or failed after the setup
+    (["profile", "--model", "tiny", "--mask-ratio", "1e-17"], "masks none of the 16 patches"),
+    # an image name whose ending is no format written: PNG bytes were written under it
+    (["visualize", "--checkpoint", __file__, "--image", __file__, "--out", "/tmp/maefast-x.gif"], "no image format"),
+    (["bench", "table2", "--png", "/tmp/maefast-x.jpg"], "end it in .png"),
 ] + ([] if torch.cuda.is_available() else [  # a backend this machine cannot run: refused before any work
     (["profile", "--impl", "auto,triton"], "--impl triton: impl='triton' is not available"),
     (["bench", "table2", "--models", "tiny", "--quick", "--impl", "triton"], "--impl triton:"),
@@ -224,6 +234,18 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what the main job tells a user without a GPU")
+def test_the_cpu_default_note_names_the_batch_and_dtype_that_run(monkeypatch, capsys):
+    """The small model's note gives the --batch / --dtype given (it said batch 8, fp32 whatever they were)."""
+    def stop(device):
+        raise RuntimeError("stop before the work")
+
+    monkeypatch.setattr(mp.timing, "use_device", stop)
+    with pytest.raises(RuntimeError, match="stop before the work"):
+        mp.main(["--batch", "3", "--dtype", "bf16", "--no-progress"])
+    assert "(mae_vit_small_cpu, batch 3, bfloat16, synthetic batch)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what the main job tells a user without a GPU")

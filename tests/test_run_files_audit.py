@@ -128,6 +128,38 @@ def test_an_output_file_that_is_a_dangling_link_exists(tmp_path):
     check_out_file("--out", str(link), overwrite=True)
 
 
+def test_every_output_file_writes_through_a_link(tmp_path):
+    """An output named by a symbolic link (table2's chart, profile --trace; visualize --out in test_visualize):
+    the file it points to is replaced and the link stays a link, as every --json (these replaced the link
+    itself); a link into a folder that does not exist, and a device (/dev/null, which a root user's rename
+    replaced), are refused before any work."""
+    from maefast.cli import check_out_file
+    from maefast.profile import _export_trace
+    from maefast.table2 import save_chart
+
+    class Prof:
+        def export_chrome_trace(self, path):
+            open(path, "w").write("{}")
+
+    row = dict(model="tiny", decoder_depth=1, impl="auto", speedup=2.0)
+    writers = {"chart.png": lambda p: save_chart([row], p, "t"), "trace.json": lambda p: _export_trace(Prof(), p)}
+    for name, write in writers.items():
+        target, link = tmp_path / f"real-{name}", tmp_path / name
+        target.write_text("old")
+        link.symlink_to(target)
+        write(str(link))
+        assert link.is_symlink() and target.read_bytes() != b"old", name
+    assert sorted(os.listdir(tmp_path)) == sorted([*writers, *(f"real-{n}" for n in writers)])
+    for special in ("/dev/null", str(tmp_path / "null-link")):  # written by a rename: the device itself replaced
+        if special != "/dev/null":
+            os.symlink("/dev/null", special)
+        with pytest.raises(ValueError, match="is not a regular file"):
+            check_out_file("--json", special, overwrite=True)
+    (tmp_path / "far.png").symlink_to(tmp_path / "no" / "such.png")
+    with pytest.raises(ValueError, match="the folder .*no' does not exist"):
+        check_out_file("--out", str(tmp_path / "far.png"), overwrite=True)
+
+
 def test_the_guard_of_every_command(monkeypatch, capsys):
     """An error with no message is named by its kind (never an empty line); Ctrl-C is exit 130; `maefast info`
     runs under a bad MAEFAST_EAGER_DISPATCH (it shows it) where every other command refuses it first."""
@@ -149,6 +181,24 @@ def test_the_guard_of_every_command(monkeypatch, capsys):
     monkeypatch.setattr(_dispatch, "_mode", None)  # what a bad MAEFAST_EAGER_DISPATCH leaves
     assert guarded("maefast info", lambda argv: 0, []) == 0
     assert guarded("maefast profile", lambda argv: 0, []) == 2 and "error:" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """A batch too large for the machine (`maefast profile --batch 10000000`): the allocator's error is one
+    line and exit 2, not a traceback; another RuntimeError stays a traceback (a bug of ours)."""
+    from maefast.cli import guarded
+
+    cpu = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 B"
+    for exc in (RuntimeError(cpu), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                MemoryError()):
+        def fail(argv, exc=exc):
+            raise exc
+
+        assert guarded("maefast profile", fail, []) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("maefast profile: error: out of memory (") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError, match="boom"):
+        guarded("maefast profile", lambda argv: (_ for _ in ()).throw(RuntimeError("boom")), [])
 
 
 def test_options_without_a_command_go_to_profile(monkeypatch):

@@ -280,8 +280,17 @@ def test_table2_main_records_and_exit_codes(fake_run, monkeypatch, tmp_path):
     assert json.loads(out.read_text())["rows"][-1]["error"] == "RuntimeError: boom"
 
 
+def test_table2_cpu_note_names_the_batch_and_dtype_that_ran(fake_run, tmp_path):
+    """The CPU default's note (printed and recorded in the JSON) gives the batch and dtype of the run, not the
+    defaults it said whatever --batch / --dtype were."""
+    out = tmp_path / "t.json"
+    assert t2.main(["--batch", "small=3", "--dtype", "bf16", "--json", str(out)]) == 0
+    assert "(mae_vit_small_cpu, batch 3, bfloat16)" in json.loads(out.read_text())["note"]
+
+
 @pytest.mark.parametrize("args,needle", [(["--decoder-depths", "8,0"], "--decoder-depths"),
-                                         (["--override", "norm_layer=1"], "'norm_layer' is not a model setting")])
+                                         (["--override", "norm_layer=1"], "'norm_layer' is not a model setting"),
+                                         (["--png", "chart.jpg"], r"--png 'chart.jpg': .*end it in \.png")])
 def test_table2_main_refuses_before_any_work(fake_run, args, needle):
     with pytest.raises(ValueError, match=needle):
         t2.main(["--models", "tiny", *args])
@@ -291,3 +300,5 @@ def test_table2_main_refuses_before_any_work(fake_run, args, needle):
 def test_parse_batches_refuses_a_zero_batch_per_model():
     with pytest.raises(ValueError, match="--batch: 'huge=0'"):
         t2.parse_batches("large=2,huge=0")
+    with pytest.raises(ValueError, match="--batch names 'h14' twice .as 'huge'."):  # the last one was taken
+        t2.parse_batches("huge=2,large=4,h14=3")

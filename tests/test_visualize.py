@@ -48,6 +48,35 @@ def test_out_never_replaces_an_input_nor_an_existing_file_unasked(tmp_path):
         assert im.format == "PNG"
 
 
+def test_out_is_written_in_the_format_its_name_ends_with(tmp_path, monkeypatch):
+    """--out x.jpg is a JPEG (it held PNG bytes), .webp/.bmp/.tif the same, a name without an ending a PNG; an
+    ending no image format has is refused before the checkpoint is read, and nothing is written."""
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    for name, fmt in (("g.jpg", "JPEG"), ("g.JPEG", "JPEG"), ("g.webp", "WEBP"), ("g.bmp", "BMP"), ("g.tiff", "TIFF"),
+                      ("grid", "PNG")):
+        vis.visualize(ck, img, str(tmp_path / name))
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt, name
+    monkeypatch.setattr(vis, "load_model", lambda *a: pytest.fail("the checkpoint was read"))
+    for name in ("g.txt", "g.gif", "g."):
+        with pytest.raises(ValueError, match=f"--out .*{name}.* is no image format written here"):
+            vis.visualize(ck, img, str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+
+
+def test_out_through_a_link_replaces_the_file_it_points_to(tmp_path):
+    """--out naming a symbolic link with --overwrite: the grid goes to the file it points to, the link stays
+    a link (as every --json; the link itself was replaced by a file)."""
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    target, link = tmp_path / "real.png", tmp_path / "link.png"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    vis.visualize(ck, img, str(link), overwrite=True)
+    assert link.is_symlink()
+    with Image.open(target) as im:
+        assert im.format == "PNG"
+
+
 def test_grid_png_size_and_panels(tmp_path):
     ck, img = _checkpoint(tmp_path), _image(tmp_path)
     out = str(tmp_path / "grid.png")
@@ -385,6 +414,9 @@ def test_cli_defaults_overwrite_and_interrupt(tmp_path, monkeypatch, capsys):
     a = vis.build_parser().parse_args(["--checkpoint", "c.pth", "--image", "i.png"])
     assert (a.out, a.mask_ratio, a.seed, a.model, a.norm_pix_loss, a.overwrite) == (
         "reconstruction.png", 0.75, 0, None, None, False)
+    # --image repeated adds rows (the last one alone was drawn): as --image a b
+    for images in (["--image", "a", "--image", "b", "c"], ["--image", "a", "b", "c"]):
+        assert vis.build_parser().parse_args(["--checkpoint", "c.pth", *images]).image == ["a", "b", "c"]
     ck, img = _checkpoint(tmp_path), _image(tmp_path)
     out = tmp_path / "o.png"
     out.write_bytes(b"mine")

@@ -250,8 +250,8 @@ def _get_path(obj, path: str):
 
 def fast_unsupported(weight: torch.Tensor, mask_ratio) -> str | None:
     """Why the fast path cannot take a call the model's own forward can: weights in a dtype maefast's
-    kernels do not take, or a mask ratio outside maefast's rule ((0, 1) keeping at least one patch; the
-    official code also takes 0 and ratios keeping none, and a ratio that is not a Python number)."""
+    kernels do not take, or a mask ratio outside maefast's rule ((0, 1) keeping at least one patch and masking
+    one; the official code also takes 0 and ratios keeping none, and a ratio that is not a Python number)."""
     why = unsupported_weights(weight)
     if why is not None:
         return why

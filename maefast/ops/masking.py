@@ -166,8 +166,8 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
     """
     if compiling():
         len_keep = int(num_patches * (1 - float(mask_ratio)))
-        if not 0 < float(mask_ratio) < 1 or len_keep < 1:  # the eager rule; a constant message (dynamo)
-            raise ValueError("mask_ratio must be in the open interval (0, 1) and keep at least one patch")
+        if not 0 < float(mask_ratio) < 1 or not 1 <= len_keep < num_patches:  # the eager rule; a constant message
+            raise ValueError("mask_ratio must be in the open interval (0, 1), keep at least one patch and mask one")
     else:
         _check_int("batch", batch, 0)
         _check_int("num_patches", num_patches, 1)

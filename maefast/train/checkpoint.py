@@ -105,10 +105,15 @@ def atomic_save(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_file(path: str, write) -> None:
+    """Replaces a file a user named (--json, --out, --png, ...) atomically with what ``write(f)`` writes to a
+    binary file (same rules as ``atomic_save``); through a symbolic link, the file it points to (the link stays)."""
+    _atomic_write(os.path.realpath(path), write)
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Replaces a text file atomically (same rules as ``atomic_save``); through a symbolic link, the file
-    it points to (the link stays)."""
-    _atomic_write(os.path.realpath(path), lambda f: f.write(text.encode()))
+    """Replaces a text file atomically (``atomic_write_file``: through a symbolic link, the file it points to)."""
+    atomic_write_file(path, lambda f: f.write(text.encode()))
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="AdamW weight decay, on weights only (not biases, norm weights or the frozen pos_embed)")
     a("--warmup-epochs", type=float, default=None, help="auto: epochs x 40/800 (the paper's proportion)")
     a("--mask-ratio", type=float, default=0.75,
-      help="fraction of the patches removed from each image, in (0, 1), at least one patch kept")
+      help="fraction of the patches removed from each image, in (0, 1), at least one patch kept and one removed")
     a("--norm-pix-loss", action=on_off, default=False,
       help="per-patch normalised pixel targets (the official release recipe uses it)")
     a("--clip-grad", type=float, default=None, help="max grad norm (the paper: none)")
