@@ -117,3 +117,43 @@ def test_an_instance_forward_loss_runs_on_the_fast_path():
         warnings.simplefilter("error", routing.SlowPathWarning)
         l1 = m(imgs, 0.75, noise, return_pred=False)[0]
     assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
+
+
+def test_settings_set_after_construction_are_checked_per_call():
+    """`model.fused = ...` (how tests and maefast.patch switch a built model) is checked on every call as
+    the constructor checks it: a typo or the removed fused=True ran the unfused blocks without a word."""
+    m = MaskedAutoencoderViT(**TINY)
+    imgs = torch.randn(2, 3, 32, 32)
+    for attr, value, match in (("fused", "blocks", "fused must be False or 'block'"),
+                               ("fused", True, "fused=True .* was removed"),
+                               ("impl", "Triton", "impl must be one of"),
+                               ("grad_checkpointing", "yes", "grad_checkpointing must be True or False")):
+        m2 = MaskedAutoencoderViT(**TINY)
+        setattr(m2, attr, value)
+        with pytest.raises((TypeError, ValueError), match=match):
+            m2(imgs, seed=0)
+    m.impl, m.fused = "sdpa", "block"  # the constructor's refusal of the pair, not unfused SDPA blocks
+    with pytest.raises(ValueError, match="impl='sdpa'.*needs fused=False"):
+        m(imgs, seed=0)
+
+
+@pytest.mark.parametrize("fused", [False, "block"])
+@pytest.mark.parametrize("norm", ["no_bias", "no_affine"])
+def test_layer_norms_without_weight_or_bias(norm, fused):
+    """A norm_layer whose LayerNorms have no bias (bias=False) or no weight and bias (elementwise_affine=False):
+    the official initialisation assumed both and raised AttributeError ('NoneType' object has no attribute
+    'fill_') in the constructor; now built, with the official loss and gradients on the fast path (the
+    block op, which takes affine norms only, leaves such blocks to torch's layers)."""
+    from functools import partial
+
+    layer = partial(torch.nn.LayerNorm, eps=1e-6, **({"bias": False} if norm == "no_bias" else
+                                                    {"elementwise_affine": False}))
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_layer=layer, norm_pix_loss=True, impl="reference", fused=fused)
+    assert all(n.bias is None for n in m.modules() if isinstance(n, torch.nn.LayerNorm))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    l0, _, _, g0 = _run(m, imgs, noise)
+    m.impl = "auto"
+    l1, _, _, g1 = _run(m, imgs, noise, return_pred=False)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
+    _assert_grads_equal(g1, g0)

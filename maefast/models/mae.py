@@ -54,6 +54,10 @@ class MaskedAutoencoderViT(_ReferenceMAE):
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
                 mean=None, std=None):
+        # checked per call as in the constructor: `model.fused = ...` (tests, maefast.patch) must not be ignored
+        fused = check_fused(self.fused)
+        check_model_impl(self.impl, fused)
+        grad_checkpointing = check_bool("grad_checkpointing", self.grad_checkpointing)
         if self.impl == "reference":
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
@@ -64,7 +68,7 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         if ov.refused:
             refuse(self, ov.refused, f"its fast path (impl={self.impl!r}) cannot run it; use impl='reference'")
         return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,
-                             fused=self.fused, grad_checkpointing=self.grad_checkpointing,
+                             fused=fused, grad_checkpointing=grad_checkpointing,
                              loss_via_model=bool(ov.loss), takes_noise=True,
                              mean=mean, std=std)
 

@@ -140,9 +140,11 @@ class MaskedAutoencoderViT(nn.Module):
             torch.nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        elif isinstance(m, nn.LayerNorm):  # (the official code assumed an affine one with a bias)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+            if m.weight is not None:
+                nn.init.constant_(m.weight, 1.0)
 
     # -- official helpers ----------------------------------------------------------------------
     @property
