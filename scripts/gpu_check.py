@@ -37,8 +37,10 @@ clipped to what is left of the preset's
 pytest steps stop starting cases near their deadline (scripts/pytest_deadline.py)
 and benchmark rows are appended as they finish (MAEFAST_BENCH_ROWS), so a step cut short keeps what
 it did. A failing step is recorded, never aborts the rest; a step stopped at its budget takes its whole
-process group with it; the record is rewritten after every step (`complete` false until the preset
-ends; a SIGTERM writes it too), so a call the device tool kills keeps what finished. Per preset, $OUT gets exactly
+process group with it; the record is rewritten after every step and every 10 s during one, with the rows
+the running step has finished (`complete` false until the preset ends, the running step's rc "running"; a
+SIGTERM writes it too), and each step's output goes straight into the log, so a call the device tool kills,
+even with SIGKILL, keeps what finished. Per preset, $OUT gets exactly
 `<preset>-record.json` (environment with `uname -r`, card, date, commit from MAEFAST_COMMIT,
 versions, preset, wall time; every step; every row; `targets`: the issue's figures next to their
 thresholds) and `<preset>-log.txt` (+ `table2.png`); intermediate files stay in --work.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -59,7 +62,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import gpu_record as rec  # noqa: E402
-from gpu_runner import BUDGET, PRESET_BUDGET_S, Runner  # noqa: E402
+from gpu_runner import BUDGET, PRESET_BUDGET_S, RESERVE_S, Runner  # noqa: E402
 
 PRESETS = ("verify", "step", "profile", "ops", "table2", "kernels", "data")
 
@@ -190,13 +193,15 @@ def preset_step(r: Runner) -> None:
     common = {"MAEFAST_BENCH_STEP_MODELS": STEP_MODEL}
     # + ViT-B/16 b128's captured maefast rows: issue 15's loader target is the fastest model's step img/s
     first = {"MAEFAST_BENCH_STEP_MODELS": f"{STEP_MODEL},{LOADER_STEP_ROWS}"}
+    # after each benchmark step and when a signal stops one: the targets of the rows measured so far
+    r.summarize = lambda: r.record.update(targets={"step": rec.step_targets(r.record["rows"], STEP_MODEL)})
     r.pytest("step-rows", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_DECISIVE),
                                                                **first))
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED), MAEFAST_BENCH_STEP_PAIR="+".join(STEP_PAIR)),
              note="the interleaved pair first; each whole-model torch.compile of ViT-H takes ~1 min (build_s in each "
              "row)", last=True)
-    r.record["targets"] = {"step": rec.step_targets(r.record["rows"], STEP_MODEL)}
+    r.summarize()
 
 
 def preset_profile(r: Runner) -> None:
@@ -208,13 +213,19 @@ def preset_profile(r: Runner) -> None:
     # two profiler sessions in one process with CUDA graphs alive: CUPTI's teardown between them has
     # crashed the re-init (torch sets this itself only for Inductor's graphs on CUDA < 12.6)
     r.json_step("profile-kernels", cmd, pj, "profile", env={"TEARDOWN_CUPTI": "0"})
-    r.summarize = lambda: r.record.update(attention_route=rec.attention_route(r.record["rows"], STEP_MODEL))
+    # after step-more and when a signal stops it: the profile's target is already known by then
+    r.summarize = lambda: _profile_summary(r)
     r.pytest("step-more", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE), MAEFAST_BENCH_STEP_PAIR="+".join(ROUTE_PAIR)),
              note="maefast-graph interleaved with maefast-sdpa-graph, then the eager and compiled-eager rows: each "
              "whole-model torch.compile of ViT-H takes ~1 min", last=True)
-    # the step targets are the step preset's (its rows are captured); these eager rows are in "rows"
     r.summarize()
+
+
+def _profile_summary(r: Runner) -> None:
+    """The attention route from the rows so far; the profile's target (the step targets are the step preset's:
+    its rows are captured; these eager rows are in "rows")."""
+    r.record["attention_route"] = rec.attention_route(r.record["rows"], STEP_MODEL)
     prof = r.record.get("profile") or {}
     done = {x.get("provider") for x in prof.get("results", []) if x.get("attention_ms_per_step")}
     lacking = [p for p in PROFILE_PROVIDERS if p not in done]
@@ -394,12 +405,21 @@ def main(argv=None) -> int:
         ap.error(f"--preset is required on a GPU run: one or more of {', '.join(PRESETS)} (each <= ~5 minutes)")
     names = list(PRESETS) if args.preset in (None, "all") else [p.strip() for p in args.preset.split(",") if p.strip()]
     bad = [p for p in names if p not in PRESETS]
+    if not names:  # `--preset ""` (an unset shell variable): a call that would measure nothing and exit 0
+        ap.error(f"--preset names no preset; presets: {', '.join(PRESETS)}")
     if bad:
         ap.error(f"unknown preset(s) {bad}; presets: {', '.join(PRESETS)}")
+    if len(set(names)) < len(names):  # a preset's second run would overwrite the first's record
+        ap.error(f"--preset: {sorted({p for p in names if names.count(p) > 1})} named twice; each writes one record")
+    if not math.isfinite(args.preset_budget) or args.preset_budget <= RESERVE_S + 5:
+        ap.error(f"--preset-budget: {args.preset_budget:g} s; give a number of seconds over {RESERVE_S + 5} (the last "
+                 f"{RESERVE_S} are kept for the record, a step takes at least 5)")
     try:
         args.budget = {k: float(v) for k, v in (item.split("=") for item in args.budget)}
     except ValueError:
         ap.error("--budget takes STEP=SECONDS")
+    if not all(math.isfinite(v) and v > 0 for v in args.budget.values()):
+        ap.error("--budget: SECONDS must be a positive number")
     unknown = sorted(set(args.budget) - set(BUDGET))
     if unknown:
         ap.error(f"--budget: unknown step(s) {unknown}; steps: {', '.join(BUDGET)}")

@@ -162,11 +162,12 @@ def _paired(rows: list[dict]) -> dict | None:
     return min(pairs, key=lambda r: r["pair_ratio"]) if pairs else None
 
 
-def _paired_target(pair: dict | None) -> dict:
-    """step_vs_torch_native_paired: the median of the pair's per-round ratios, `spread` the rounds' range."""
+def _paired_target(pair: dict | None, failed: str | None = None) -> dict:
+    """step_vs_torch_native_paired: the median of the pair's per-round ratios, `spread` the rounds' range;
+    without a pair, `failed` (a baseline row's `pair_failed`) says why."""
     if pair is None:
         return judge("step_vs_torch_native_paired", None, "missing row: no interleaved pair of a maefast row and a "
-                     "torch-native row (bench_step's test_train_step_pair)")
+                     "torch-native row (bench_step's test_train_step_pair)" + (f": {failed}" if failed else ""))
     judged = dict(judge("step_vs_torch_native_paired", pair["pair_ratio"]),
                   pair=f"{pair['paired_with']} / {pair['provider']}", rounds=len(pair.get("pair_ratio_rounds") or []))
     rng = pair.get("pair_ratio_range")
@@ -235,7 +236,8 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
         entry["step_vs_torch_native"] = with_spread(judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
                                                           if native and ours else None, no_ours or no_native),
                                                     native, ours)
-        entry["step_vs_torch_native_paired"] = _paired_target(_paired(rs))
+        entry["step_vs_torch_native_paired"] = _paired_target(_paired(rs), next(
+            (r["pair_failed"] for r in rs if r.get("pair_failed")), None))
         out[key] = entry
     for key in info:
         out[key] = {"rows": {name(r): {k: r.get(k) for k in ("time_ms", "img_per_s", "peak_mem_gib", "captured")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import gpu_record as rec  # noqa: E402
 
 PRESET_BUDGET_S = 290  # each preset, its record written within ~5 minutes
 RESERVE_S = 8  # kept back from the last step for writing the record
+SAVE_EVERY_S = 10  # the record (with the running step's rows so far) rewritten this often during a step
 # Per step: (nominal budget, margin): a pytest step stops starting cases `margin` seconds before its
 # budget ends (its longest single case), then is killed at the budget.
 # verify's split of its 290 s is a guess (the capture tests have not run on a card yet): the probe ~1 min
@@ -61,10 +63,8 @@ def parse_only() -> None:
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> bytes:
-    """Stops `proc`'s process group (SIGINT, then SIGKILL after `grace` s); returns the output it wrote
-    (nothing when, even after SIGKILL, a process outside the group still holds the pipe)."""
-    import signal
-
+    """Stops `proc`'s process group (SIGINT, then SIGKILL after `grace` s); returns the output it wrote to a
+    pipe (nothing when it has none or, even after SIGKILL, a process outside the group still holds it)."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -95,6 +95,7 @@ class Runner:
         self.py = sys.executable
         self.child: subprocess.Popen | None = None
         self.pending_rows: tuple[str, str] | None = None  # the running benchmark step's (name, rows file)
+        self.pending_json: tuple[str, str] | None = None  # the running JSON step's (record key, its JSON)
         self.summarize = None  # the preset's own summary of its rows, also made when a signal stops it
 
     def job(self, cmd: list[str]) -> list[str]:
@@ -118,7 +119,8 @@ class Runner:
         last = last and name not in self.args.budget  # a --budget given for the step is kept
         nominal = self.args.budget.get(name, nominal)
         budget = max(5.0, self.left() if last else min(nominal, self.left()))
-        st = {"rc": None, "seconds": 0.0, "budget_s": round(budget), "cmd": " ".join(shlex.quote(c) for c in cmd)}
+        # rc "running" until it ends: what a record saved during the step (a call SIGKILLed then) says of it
+        st = {"rc": "running", "seconds": 0.0, "budget_s": round(budget), "cmd": " ".join(shlex.quote(c) for c in cmd)}
         if note:
             st["note"] = note
         self.record["steps"][name] = st
@@ -132,26 +134,35 @@ class Runner:
         full_env["MAEFAST_DEADLINE"] = str(time.time() + budget - margin)
         self.log.write(f"\n$ {st['cmd']}\n")
         self.log.flush()
+        start = self.log.tell()
         t = time.time()
         # a process group of its own: at the budget the whole group stops (pytest's xdist workers, DataLoader
         # workers, Inductor's compile pool), not only the child, which would leave them running into the
         # next step's timings; SIGINT first, so that pytest still writes its junit XML. A group, not a
-        # session: the device tool kills what a command leaves behind except a new session's processes
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
+        # session: the device tool kills what a command leaves behind except a new session's processes.
+        # Its output goes straight into the log: on disk as it is written, also when the call is killed
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
                                 preexec_fn=os.setpgrp)
         self.child = proc
+        end = t + budget
         try:
-            raw, _ = proc.communicate(timeout=budget)
-            rc = proc.returncode
-            tail = ""
-        except subprocess.TimeoutExpired:
-            raw, rc = _stop_group(proc), 124
-            tail = f"\n[gpu_check: stopped at its budget, {budget:.0f} s]"
+            while True:
+                try:
+                    rc, tail = proc.wait(timeout=max(0.0, min(SAVE_EVERY_S, end - time.time()))), ""
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.time() >= end:
+                        _stop_group(proc)
+                        rc, tail = 124, f"\n[gpu_check: stopped at its budget, {budget:.0f} s]\n"
+                        break
+                    self.save(complete=False)  # the rows it finished so far: a SIGKILL cannot take them
         finally:
             self.child = None
-        out = (raw or b"").decode(errors="replace") + tail
-        self.log.write(out)
+        self.log.write(tail)
         self.log.flush()
+        with open(self.log.name, "rb") as f:
+            f.seek(start)
+            out = f.read().decode(errors="replace")
         st.update(rc=rc, seconds=round(time.time() - t, 1))
         self.save(complete=False)
         return rc, out
@@ -167,6 +178,9 @@ class Runner:
         self.pending_rows = (name, rows_path)
         rc, out = self.run(name, cmd, dict(env or {}, MAEFAST_BENCH_ROWS=rows_path), note, last)
         self.collect_rows()
+        if self.summarize is not None:  # the preset's summary of the rows so far, saved with them
+            self.summary()
+            self.save(complete=False)
         if self.dry:
             self.record["steps"][name]["collected"] = sum(1 for ln in out.splitlines() if "::" in ln)
         return rc, out
@@ -180,21 +194,39 @@ class Runner:
         self.record["rows"] += rows
         self.record["steps"].setdefault(name, {})["rows"] = len(rows)
 
+    def summary(self) -> None:
+        """The preset's summary of its rows so far (`summarize`), between steps and on a signal: our bug in it
+        is recorded (`summary_error`), never keeps the next steps from running or the record from being saved."""
+        if self.summarize is None:
+            return
+        try:
+            self.summarize()
+        except Exception as e:  # noqa: BLE001
+            self.record["summary_error"] = f"{type(e).__name__}: {e}"
+
     def stop(self, signum: int) -> str:
         """A signal (the device tool's time limit): the running step stops, the rows it finished and the
-        preset's summary go into the record, which is saved (complete: false)."""
+        preset's summary go into the record, which is saved (complete: false). A preset that had ended (the
+        signal came as the next one started) keeps its complete record."""
+        if self.record.get("complete"):
+            return os.path.join(self.args.out, f"{self.preset}-record.json")
         if self.child is not None:
             _stop_group(self.child, grace=2.0)
+            self.log.write(f"\n[gpu_check: stopped by signal {signum}]\n")
+            self.log.flush()
         self.collect_rows()
-        if self.summarize is not None:
-            self.summarize()
+        self.summary()
         self.record["error"] = f"stopped by signal {signum} (a time limit?): the steps before it are complete"
         return self.save(complete=False)
 
     def json_step(self, name: str, cmd: list[str], path: str, key: str, env: dict | None = None):
         if os.path.exists(path):
             os.remove(path)
-        rc, out = self.run(name, cmd, env)
+        self.pending_json = (key, path)
+        try:
+            rc, out = self.run(name, cmd, env)
+        finally:
+            self.pending_json = None
         if os.path.exists(path):
             try:
                 self.record[key] = json.load(open(path))
@@ -212,10 +244,25 @@ class Runner:
         what it finished) and at the end (``complete``)."""
         self.record["wall_s"] = round(time.time() - self.t0, 1)
         self.record["complete"] = complete
+        record = self.record
+        if self.pending_rows is not None:  # a benchmark step still running (or stopped): its rows so far
+            record = dict(record, rows=record["rows"] + rec.read_rows(self.pending_rows[1]))
+        if self.pending_json is not None:  # a JSON step still running (or stopped): the sections it has written
+            try:
+                with open(self.pending_json[1]) as f:
+                    record = dict(record, **{self.pending_json[0]: json.load(f)})
+            except (OSError, ValueError):
+                pass
         path = os.path.join(self.args.out, f"{self.preset}-record.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.record, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
+        # SIGTERM held off while the file is written: main's handler saves too, and the interrupted write's
+        # buffer, flushed as the handler's SystemExit closes the file, would land in the replaced record
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1, default=str)
+            os.replace(path + ".tmp", path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return path
 
     def finish(self) -> dict:

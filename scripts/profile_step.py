@@ -224,7 +224,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"profile_step: --model: {e}", file=sys.stderr)
         return 2
-    out = dict(model=model, batch=a.batch, steps=a.steps, providers=providers, results=[])
+    # complete: False until every provider is done (gpu_check notes a profile cut short as partial)
+    out = dict(model=model, batch=a.batch, steps=a.steps, providers=providers, results=[], complete=False)
 
     def save():  # atomically: a kill at the preset's budget leaves the last whole file
         if a.json:
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
 
     if a.dry_run:
         bad = {k: (classify(k), v) for k, v in PROBE.items() if classify(k) != v}
-        out["dry_run"] = True
+        out.update(dry_run=True, complete=True)
         out["classifier_check"] = "ok" if not bad else bad
         save()
         print(f"profile_step (dry run): {providers} on {model} b{a.batch}; classifier {out['classifier_check']}")
@@ -260,6 +261,7 @@ def main(argv=None) -> int:
     if ours and theirs:
         out["attention_ms_ratio"] = round(min(ours) / min(theirs), 3)  # target <= 0.67
         print(f"attention kernel time per step, maefast / torch-native: {out['attention_ms_ratio']}")
+    out["complete"] = True
     save()
     return 0
 

@@ -165,6 +165,25 @@ def test_bench_step_pair_times_the_baseline_alone_when_the_two_do_not_fit(harnes
     assert harness.RESULTS == []
 
 
+def test_bench_step_pair_times_the_baseline_alone_when_the_second_row_cannot_run(harness, monkeypatch):
+    """The pair's second row skipping (a capture refused, no fast model: not out of memory) does not throw
+    away the baseline already built (on a card a whole-model compile): it is timed alone, saying why."""
+    bs = _import_bench_step(monkeypatch)
+    make_step = bs.mb.make_step
+
+    def refuse_ours(provider, *a, **kw):
+        if provider == "maefast-block":
+            raise RuntimeError("capture refused (test)")
+        return make_step(provider, *a, **kw)
+
+    monkeypatch.setattr(bs.mb, "make_step", refuse_ours)
+    with pytest.raises(pytest.skip.Exception, match="capture refused"):
+        bs._train_step_pair(_FakeBenchmark(), torch.device("cpu"), ("mae_vit_tiny_test", 2))
+    (alone,) = harness.RESULTS
+    assert alone["group"] == "train-step" and alone["provider"] == "sdpa" and alone["time_ms"] > 0
+    assert "capture refused" in alone["pair_failed"] and "sdpa timed alone" in alone["pair_failed"]
+
+
 def _row(group, provider, time_ms, **kw):
     return dict(group=group, provider=provider, time_ms=time_ms, shape=H, shape_key=KEY, **kw)
 

@@ -101,6 +101,17 @@ def test_the_paired_target_reads_the_pair_of_its_own_shape():
     assert t["met"] is None and "no interleaved pair" in t["reason"]
 
 
+def test_the_paired_target_says_why_the_pair_failed():
+    """A pair whose second row did not fit or could not run leaves its baseline timed alone with
+    `pair_failed`: the missing paired figure gives that reason, not only "no pair"."""
+    why = "maefast-block-graph did not fit beside torch-native-graph: out of GPU memory; torch-native-graph timed alone"
+    rows = [_row("train-step", "maefast-block-graph", 100.0), _row("train-step", "torch-native-graph", 120.0,
+                                                                    pair_failed=why)]
+    t = rec.step_targets(rows, "huge:128")[KEY]
+    assert t["step_vs_torch_native"]["value"] == 1.2  # the baseline timed alone still gives its target
+    assert t["step_vs_torch_native_paired"]["met"] is None and why in t["step_vs_torch_native_paired"]["reason"]
+
+
 # -- attention_route --
 
 def test_attention_route_reads_only_its_shapes_rows():
