@@ -103,7 +103,7 @@ def test_masked_equals_all(impl, norm, device):
     assert torch.equal(ga[c.mask == 0], torch.zeros_like(ga[c.mask == 0]))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
 def test_layouts_weights_and_grad_scale(impl, device):
     # channels_last images, a non-contiguous pred, a non-binary mask, a scaled upstream grad.
     c = Case(3, 32, 48, 8, 0.5, torch.float32, device)

@@ -112,7 +112,7 @@ def test_pos_embed_grad(impl, dtype, device):
     _check(impl, *_inputs(5, 49, 0.75, 48, dtype, device, pos_grad=True), dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
 def test_noncontiguous_and_int32(impl, device):
     x, tok, ids, pos = _inputs(3, 36, 0.75, 40, torch.float32, device)
     xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (N, 1+K, D), stride(2) != 1
@@ -127,7 +127,7 @@ def test_noncontiguous_and_int32(impl, device):
     assert_close(gt, rt, torch.float32, name="grad mask_token")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
 def test_transposed_pos_embed(impl, device):
     """A pos_embed whose last dimension is strided (a transposed copy): read through its strides, the
     reference's values exactly, and its gradient."""
