@@ -214,7 +214,8 @@ def _inexpressible(model, overrides) -> str | None:
     """A part of `model` that transformers' ViTMAE config cannot express, so a converted model would silently
     compute something else, or None. The config has one activation (written as hidden_act="gelu": the exact
     GELU), one LayerNorm eps, q.k scaled by head_dim ** -0.5, and dropout in other places than timm's blocks
-    (so none is taken). A field given in `overrides` is the caller's choice and not checked."""
+    (so none is taken). hidden_act or layer_norm_eps given in `overrides` is the caller's choice and not checked;
+    a dropout or drop path is refused whatever the overrides (set its rate to 0 to convert the weights anyway)."""
     from .models.routing import _drop_rate  # a dropout's p or a drop path's drop_prob
     eps, dn = model.norm.eps, model.decoder_norm
     if "layer_norm_eps" not in overrides and isinstance(dn, torch.nn.LayerNorm) and dn.eps != eps:
@@ -232,7 +233,7 @@ def _inexpressible(model, overrides) -> str | None:
                     return f"{name}.{i}.{sub}.eps is {m.eps:g}, norm.eps {eps:g} (the config has one layer_norm_eps)"
                 if _drop_rate(m):
                     return (f"{name}.{i}.{sub} is a {type(m).__name__} (rate {_drop_rate(m):g}; the config's dropout "
-                            "sits elsewhere, and it has no drop path)")
+                            "sits elsewhere, and it has no drop path: set the rate to 0 to convert the weights anyway)")
     return None
 
 
@@ -298,7 +299,7 @@ def from_transformers_model(hf_model, **model_kwargs):
     if any(drops.values()):  # the official MAE pre-trains without dropout, and maefast's MAE has none
         have = ", ".join(f"{k}={v}" for k, v in drops.items())
         raise ValueError(f"maefast's MAE has no dropout; this config has {have} (maefast.patch runs such a model "
-                         "as it is)")
+                         "as it is; set them to 0 in hf_model.config to convert the weights anyway)")
     # maefast's MAE builds every MLP as int(width * mlp_ratio), one ratio for encoder and decoder
     ratio = mlp_ratio_of(c.hidden_size, c.intermediate_size)
     dec_inter = getattr(c, "decoder_intermediate_size", None) or c.intermediate_size

@@ -16,7 +16,7 @@ What a patched model promises (tests/test_patching.py):
   interpolate_pos_encoding, attention dropout in training, an attention function registered with its
   AttentionInterface, an argument the fast path does not know;
   official layout: a dropout module in training mode; both: float64 weights, a mask ratio that keeps
-  no patch), or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
+  no patch or masks none), or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
   torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
   activation_checkpointing_enable(every_n_layers, offload) (maefast's blocks checkpointed where the
   original's layers are, through each layer's own checkpoint function); maefast's `seed=` (the slow
@@ -240,8 +240,9 @@ def _hf_block_view(layer, num_heads: int, stack_checkpointing: bool) -> tuple[Bl
     head_dim = getattr(inner, "head_dim", None) or getattr(inner, "attention_head_size", None) or \
         q.out_features // num_heads
     num_heads = q.out_features // head_dim
-    # 5.x keeps the scale it multiplies by (a user may set it); 4.x divides by sqrt(head_dim)
-    scale = float(getattr(att, "scaling", head_dim ** -0.5))
+    # 5.x (and late 4.x, on the self-attention) keep the scale they multiply by (a user may set it); older 4.x
+    # divides by sqrt(head_dim)
+    scale = float(getattr(att, "scaling", getattr(inner, "scaling", head_dim ** -0.5)))
     return BlockView(norm1=layer.layernorm_before, qkv=qkv, num_heads=num_heads, scale=scale, proj=o,
                      norm2=layer.layernorm_after, fc1=fc1, act=act, fc2=fc2, drop_attn=drop_attn, drop_mlp=drop_mlp,
                      checkpoint=bool(ckpt), checkpoint_fn=ckpt_fn), _hf_attention_dropout(att)
@@ -409,20 +410,28 @@ def _known_forward(cls: type, name: str = "forward") -> bool:
     return ok
 
 
+# the implementations of transformers' own that compute plain softmax attention, as the fast path does (another
+# key, say a block-sparse kernel registered from the hub, computes something else even when transformers ships it)
+_HF_DENSE_ATTENTION = ("sdpa", "flex_attention", "paged|eager", "flash_attention_2", "flash_attention_3",
+                       "flash_attention_4")
+
+
 def _hf_attention_reason(layer, functions) -> str | None:
     """Why a layer's attention computes something else than the fast path's: the implementation its config
     names (`_attn_implementation`, set at construction or by set_attn_implementation) dispatching to a function
-    that is not transformers' own (one registered with AttentionInterface), or None. `functions`: transformers'
-    ALL_ATTENTION_FUNCTIONS (None: a transformers without it, whose attention classes `_known_forward` checks)."""
+    that is not transformers' own plain attention (one registered with AttentionInterface, or under a key not
+    in `_HF_DENSE_ATTENTION`), or None. `functions`: transformers' ALL_ATTENTION_FUNCTIONS (None: a transformers
+    without it, whose attention classes `_known_forward` checks)."""
     att = layer.attention
     name = getattr(getattr(getattr(att, "attention", att), "config", None), "_attn_implementation", None)
     if functions is None or not isinstance(name, str):
         return None
     key = name.removeprefix("paged|") if name != "paged|eager" else name  # as get_interface looks it up
     fn = functions.get(key)  # None: "eager", the model file's own function
-    if fn is None or getattr(fn, "__module__", "").split(".")[0] == "transformers":
+    if fn is None or (key in _HF_DENSE_ATTENTION and getattr(fn, "__module__", "").split(".")[0] == "transformers"):
         return None
-    return f"its attention implementation {name!r} is {getattr(fn, '__qualname__', fn)!r}, not transformers' own"
+    return (f"its attention implementation {name!r} is {getattr(fn, '__qualname__', fn)!r}, not one of transformers' "
+            "own plain attentions")
 
 
 def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions=None) -> str | None:

@@ -397,15 +397,16 @@ def parse_batches(text: str | None) -> int | dict | None:
         if n < 1:
             raise ValueError(f"--batch must be >= 1, got {n}")
         return n
-    from .cli import check_unique
-
-    out = {}
-    check_unique("--batch", [item.partition("=")[0].strip() for item in _csv(text)], key=resolve_model_name)
+    out, given = {}, {}
     for item in _csv(text):
         name, _, n = item.partition("=")
         if not n.strip().isdigit() or int(n) < 1:
             raise ValueError(f"--batch: {item!r} is not model=N with N >= 1")
-        out[resolve_model_name(name.strip())] = int(n)
+        key = resolve_model_name(name.strip())
+        if key in out:  # the later value would silently win
+            same = "" if name.strip() == given[key] else f" (as {given[key]!r})"
+            raise ValueError(f"--batch names {name.strip()!r} twice{same}: give each once")
+        out[key], given[key] = int(n), name.strip()
     return out
 
 

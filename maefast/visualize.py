@@ -196,6 +196,9 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
         raise ValueError("images: give at least one image file")
     _check_out(out, [checkpoint, *images], overwrite)
     fmt = image_format("--out", out)
+    Image.init()
+    if fmt not in Image.SAVE:  # a Pillow built without that encoder (WebP's is optional)
+        raise ValueError(f"--out {out!r}: this Pillow cannot write {fmt}; end the name in .png")
     # torch.Generator's range; image i is drawn with seed + i
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed <= 2 ** 64 - len(images):
         raise ValueError(f"--seed must be an int in [-2**63, 2**64 - {len(images)}], got {seed!r}")

@@ -201,6 +201,7 @@ class Runner:
             return
         try:
             self.summarize()
+            self.record.pop("summary_error", None)  # an earlier failure's, now made good
         except Exception as e:  # noqa: BLE001
             self.record["summary_error"] = f"{type(e).__name__}: {e}"
 

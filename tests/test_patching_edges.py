@@ -474,6 +474,17 @@ def test_a_forks_attention_with_parameters_the_fast_block_never_reads():
         with torch.no_grad():
             m.blocks[1].attn.q_bias.copy_(plain.blocks[1].attn.q_bias)
             m.blocks[1].attn.v_bias.copy_(plain.blocks[1].attn.v_bias)
-    _same_call(plain, patched, r"blocks\.1\.attn\.q_bias runs a parameter or buffer the fast block never reads")
-    with pytest.raises(TypeError, match=r"maefast\.patch: blocks\.1\.attn\.q_bias runs a parameter or buffer"):
+    said = r"blocks\.1\.attn runs a forward with its own 'q_bias' \(a parameter or buffer the fast block never reads\)"
+    _same_call(plain, patched, said)
+    with pytest.raises(TypeError, match=r"maefast\.patch: " + said):
         maefast.patch(copy.deepcopy(plain))
+
+
+def test_a_patch_embedding_holding_state_the_fast_path_never_reads_is_seen():
+    """A parameter or buffer added to the patch embedding after patching (a fork's learned scale, say) is one the
+    fast patch embedding never reads: every call runs the original forward, naming it."""
+    plain, patched = _pair()
+    for m in (plain, patched):
+        m.patch_embed.register_buffer("scale", torch.ones(1))
+    _same_call(plain, patched, r"patch_embed runs a forward with its own 'scale' \(a parameter or buffer the fast path "
+                               r"never reads\)")

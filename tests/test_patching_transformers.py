@@ -173,10 +173,20 @@ def test_transformers_attention_function_of_the_users_runs_the_original(monkeypa
         m.set_attn_implementation("maefast_test_sharp")
     o0, g0 = _run_hf(plain, imgs, noise)
     assert not _close(o0.loss, eager.loss)  # the user's attention changes the result
-    with pytest.warns(_slow_warning(), match="'maefast_test_sharp' is '.*sharp', not transformers' own"):
+    with pytest.warns(_slow_warning(), match="'maefast_test_sharp' is '.*sharp', not one of transformers' own plain"):
         o1, g1 = _run_hf(patched, imgs, noise)
     assert _close(o1.loss, o0.loss)
     _assert_grads_equal(g1, g0)
+    # transformers' own function under a key of its plain attentions is served fast; under another key (a kernel
+    # transformers ships for something else, registered from the hub) it is not taken for plain attention
+    for key, slow in (("sdpa", False), ("maefast_test_other", True)):
+        monkeypatch.setitem(interface._global_mapping, key, sdpa_attention_forward)
+        for m in (plain, patched):
+            m.set_attn_implementation(key)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _run_hf(patched, imgs, noise)
+        assert any(issubclass(w.category, _slow_warning()) and key in str(w.message) for w in seen) == slow, key
 
 
 def test_transformers_interpolate_pos_encoding_runs_the_original():

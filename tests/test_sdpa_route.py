@@ -139,8 +139,9 @@ def test_model_on_sdpa_equals_the_official_computation():
             assert_close(g1[k], g0[k], torch.float32, name=k)
     with pytest.raises(ValueError, match="fused='block' .* impl='sdpa'"):
         _tiny("sdpa", fused="block")
-    fast.fused = "block"  # set afterwards: the blocks run op by op (sdpa) rather than the block op
-    assert_close(fast(imgs, 0.75, noise)[0], l0, torch.float32, name="loss, fused set afterwards")
+    fast.fused = "block"  # set afterwards: refused by the call as by the constructor (it ran unfused silently)
+    with pytest.raises(ValueError, match="fused='block' .* impl='sdpa'"):
+        fast(imgs, 0.75, noise)
 
 
 def test_model_on_sdpa_under_autocast():

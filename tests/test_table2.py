@@ -302,3 +302,5 @@ def test_parse_batches_refuses_a_zero_batch_per_model():
         t2.parse_batches("large=2,huge=0")
     with pytest.raises(ValueError, match="--batch names 'h14' twice .as 'huge'."):  # the last one was taken
         t2.parse_batches("huge=2,large=4,h14=3")
+    with pytest.raises(ValueError, match="--batch: '8' is not model=N"):  # not taken for a model's name
+        t2.parse_batches("huge=2,8")

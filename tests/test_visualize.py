@@ -62,6 +62,9 @@ def test_out_is_written_in_the_format_its_name_ends_with(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"--out .*{name}.* is no image format written here"):
             vis.visualize(ck, img, str(tmp_path / name))
         assert not (tmp_path / name).exists()
+    monkeypatch.delitem(Image.SAVE, "WEBP")  # a Pillow built without WebP's encoder: said before any work
+    with pytest.raises(ValueError, match="this Pillow cannot write WEBP"):
+        vis.visualize(ck, img, str(tmp_path / "h.webp"))
 
 
 def test_out_through_a_link_replaces_the_file_it_points_to(tmp_path):

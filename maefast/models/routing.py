@@ -187,7 +187,7 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
     found = _replaced("patch_embed", pe, root_module)
     unread = _unread_state(pe, ("proj",)) if found is None else None
     if unread is not None:
-        return f"patch_embed.{unread}", "a parameter or buffer the fast patch embedding never reads"
+        return "patch_embed", f"a forward with its own {unread!r} (a parameter or buffer the fast path never reads)"
     if found is None and not _plain_layer(getattr(pe, "proj", None), nn.Conv2d):
         found = "patch_embed.proj", _not_plain(getattr(pe, "proj", None), nn.Conv2d) + \
             " (the fast path reads its weights and never calls it)"
@@ -206,7 +206,8 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
                     return found
                 unread = _unread_state(m, _READ_CHILDREN[part[1:]])
                 if unread is not None:
-                    return f"{name}.{i}{part}.{unread}", "a parameter or buffer the fast block never reads"
+                    return f"{name}.{i}{part}", f"a forward with its own {unread!r} (a parameter or buffer the fast " \
+                        "block never reads)"
             for attr in read:
                 m = _get_path(blk, attr)
                 if not _plain_layer(m, nn.Linear):

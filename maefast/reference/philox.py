@@ -106,7 +106,8 @@ def philox_noise(batch: int, num_patches: int, seed: int | torch.Tensor, offset:
 
     seed: an int in [0, 2**63), or a 1-element int64 tensor: on the CPU read (and checked) as that int; on a
     GPU, or while torch.compile traces, used as a tensor, never read on the host (no sync, no graph break;
-    CUDA-graph capturable), its value unchecked, as the kernels read a device seed."""
+    CUDA-graph capturable), its value unchecked, as the kernels read a device seed. The noise is computed on
+    ``device`` (a seed elsewhere is copied there: a GPU seed for CPU noise is read, a sync)."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"a seed tensor must hold 1 int64 element, got {seed.numel()} of {seed.dtype}")
