@@ -16,8 +16,8 @@ What a patched model promises (tests/test_patching.py):
   interpolate_pos_encoding, attention dropout in training, an attention function registered with its
   AttentionInterface, an argument the fast path does not know;
   official layout: a dropout module in training mode; both: float64 weights, a mask ratio that keeps
-  no patch or masks none), or raises. Served fast: transformers' return_dict=False, hidden dropout in training (drawn from
-  torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
+  no patch or masks none), or raises. Served fast: transformers' return_dict=False, hidden dropout in
+  training (drawn from torch's generator in the original's order), gradient_checkpointing_enable() and 5.x's
   activation_checkpointing_enable(every_n_layers, offload) (maefast's blocks checkpointed where the
   original's layers are, through each layer's own checkpoint function); maefast's `seed=` (the slow
   path turns it into the equivalent noise).
