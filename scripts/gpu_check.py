@@ -200,7 +200,8 @@ def preset_step(r: Runner) -> None:
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED), MAEFAST_BENCH_STEP_PAIR="+".join(STEP_PAIR)),
              note="the interleaved pair first; each whole-model torch.compile of ViT-H takes ~1 min (build_s in each "
-             "row)", last=True)  # (r.pytest makes the summary after each step)
+             "row)", last=True)
+    r.summary()  # (r.pytest made it after each step too; the preset's own last word)
 
 
 def preset_profile(r: Runner) -> None:
@@ -217,7 +218,8 @@ def preset_profile(r: Runner) -> None:
     r.pytest("step-more", ["benchmarks/bench_step.py"],
              dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_MORE), MAEFAST_BENCH_STEP_PAIR="+".join(ROUTE_PAIR)),
              note="maefast-graph interleaved with maefast-sdpa-graph, then the eager and compiled-eager rows: each "
-             "whole-model torch.compile of ViT-H takes ~1 min", last=True)  # (then r.pytest makes the summary)
+             "whole-model torch.compile of ViT-H takes ~1 min", last=True)
+    r.summary()  # (r.pytest made it after the step too; the preset's own last word)
 
 
 def _profile_summary(r: Runner) -> None:
