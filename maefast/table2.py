@@ -397,17 +397,16 @@ def parse_batches(text: str | None) -> int | dict | None:
         if n < 1:
             raise ValueError(f"--batch must be >= 1, got {n}")
         return n
-    out, given = {}, {}
+    from .cli import check_unique
+
+    pairs = []
     for item in _csv(text):
         name, _, n = item.partition("=")
         if not n.strip().isdigit() or int(n) < 1:
             raise ValueError(f"--batch: {item!r} is not model=N with N >= 1")
-        key = resolve_model_name(name.strip())
-        if key in out:  # the later value would silently win
-            same = "" if name.strip() == given[key] else f" (as {given[key]!r})"
-            raise ValueError(f"--batch names {name.strip()!r} twice{same}: give each once")
-        out[key], given[key] = int(n), name.strip()
-    return out
+        pairs.append((name.strip(), int(n)))
+    check_unique("--batch", [name for name, _ in pairs], key=resolve_model_name)  # else the later value wins
+    return {resolve_model_name(name): n for name, n in pairs}
 
 
 def main(argv=None) -> int:
