@@ -35,6 +35,12 @@ def compiling() -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result  # read while Dynamo traces (it cannot put the call in a graph)
+def transform_level() -> int | None:
+    """The innermost active torch.func transform's level (grad, vmap, jvp, ...), None outside every one."""
+    return torch._C._functorch.maybe_current_level()
+
+
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None,
                  device: torch.device | None = None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -169,8 +175,9 @@ def to_2tuple(name: str, v) -> tuple[int, int]:
 def values_on_host(t: torch.Tensor) -> bool:
     """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA), and not
     while torch.compile traces, nor a fake tensor met eagerly (a FakeTensorMode memory estimate): they
-    have no values; the shapes are still checked."""
-    return t.device.type == "cpu" and not compiling() and not isinstance(t, FakeTensor)
+    have no values; the shapes are still checked. Nor under a torch.func transform: vmap's batched
+    tensors have no single value to read."""
+    return t.device.type == "cpu" and not compiling() and not isinstance(t, FakeTensor) and transform_level() is None
 
 
 def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -19,6 +19,13 @@ So the public functions call `call(op, *args)`:
   directly too (`bwd(ctx, op)`).
 
 Both routes run the same Python and kernels; tests check they agree bit for bit.
+
+Before either, while a torch.func transform is active (grad, vmap, jvp, jacrev, hessian: also as
+Dynamo traces one) or forward-mode AD gives an argument a tangent, the op runs its reference
+implementation as plain torch ops (`_composite`), which the transform differentiates and batches
+itself: a kernel reads raw storage (no tangent, no batched tensor) and the registered autograd has
+no jvp (through the dispatcher torch.func.jvp got a zero tangent, silently). Slower, exact, and of
+any order (the kernels' backwards are first order only: `first_order_only`).
 """
 from __future__ import annotations
 
@@ -28,8 +35,9 @@ import hashlib
 import os
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
-from .._validate import compiling
+from .._validate import compiling, transform_level
 
 DISPATCH_MODES = ("direct", "custom_op")
 _ENV = "MAEFAST_EAGER_DISPATCH"
@@ -78,6 +86,7 @@ def custom_op(name: str, *, mutates_args=()):
         op._maefast_impl = fn
         op._maefast_name = name.split("::")[-1]
         op._maefast_function = None
+        op._maefast_args = tuple(a.name for a in op._opoverload._schema.arguments)
         return op
     return deco
 
@@ -145,8 +154,28 @@ def _traced(args) -> bool:
     return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.device.type == "meta") for a in args)
 
 
+def _transformed(args) -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is active, or forward-mode AD
+    carries a tangent on one of ``args``: neither the kernels nor the custom ops' autograd serve them
+    (a kernel drops tangents and cannot read a batched tensor; the registered autograd has no jvp)."""
+    if transform_level() is not None:
+        return True
+    return _fwad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
+
+
+def _composite(op, args):
+    """The op's reference implementation run as plain torch ops, which every transform and forward-mode
+    AD differentiate (and batch) themselves: the same values as ``impl="reference"``."""
+    names = op._maefast_args
+    args = tuple("reference" if n == "impl" else a for n, a in zip(names, args))
+    return op._maefast_impl(*args)
+
+
 def call(op, *args):
     """Runs custom op `op` on positional `args` by the route chosen above."""
+    if _transformed(args):
+        return _composite(op, args)
     if _mode != "direct" or compiling() or _exporting() or _traced(args):
         if _mode is None:
             raise _bad_env()
