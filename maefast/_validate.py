@@ -35,10 +35,15 @@ def compiling() -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result  # read while Dynamo traces (it cannot put the call in a graph)
 def transform_level() -> int | None:
     """The innermost active torch.func transform's level (grad, vmap, jvp, ...), None outside every one."""
     return torch._C._functorch.maybe_current_level()
+
+
+# Read while Dynamo traces (it cannot put the call in a graph): what torch.compiler.assume_constant_result
+# sets (torch 2.11-2.13), without its import of torch._dynamo (and Triton: ~1 s) at `import maefast`.
+# tests/test_func_transforms.py compiles a transform through it.
+transform_level._dynamo_marked_constant = True
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtype] | None = None,
@@ -171,6 +176,16 @@ def to_2tuple(name: str, v) -> tuple[int, int]:
 
 
 # -- index tensors ---------------------------------------------------------------------------------
+
+def check_pixel_stat_args(mean, std) -> tuple:
+    """mean/std given ahead of the images (a TrainStep's): checked as `check_pixel_stats` checks them, their
+    count against the images' channels left to each call. Returns them as tuples of floats, or (None, None)."""
+    if mean is None and std is None:
+        return None, None
+    c = len(mean) if isinstance(mean, Sequence) and not isinstance(mean, (str, bytes)) else 3
+    check_pixel_stats("uint8 images", torch.empty(1, c, 1, 1, dtype=torch.uint8, device="meta"), mean, std)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
 
 def values_on_host(t: torch.Tensor) -> bool:
     """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA), and not
