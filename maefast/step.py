@@ -41,7 +41,7 @@ from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from .models.routing import step_seed
-from ._validate import check_bool, check_mask_ratio, check_nonneg_number
+from ._validate import check_bool, check_mask_ratio, check_nonneg_number, check_pixel_stat_args
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
@@ -86,6 +86,9 @@ class TrainStep:
             were before the warm-up (the weights go through host memory: a device copy of a ViT-H's
             weights and AdamW state would add ~10 GB to the peak). False keeps the warm-up's updates
             (benchmarks: saves the copy).
+        mean, std: the per-channel statistics that normalise uint8 images (C floats each), passed on to a
+            forward that takes them (maefast's models and patched ones normalise inside the kernels);
+            None: ImageNet's for uint8 images, none for float ones (already normalised).
 
     Attributes:
         captured: whether calls replay a CUDA graph (decided by the first call or ``prepare``).
@@ -98,7 +101,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, dtype: torch.dtype | None = None,
                  mask_ratio: float = 0.75, scaler=None, accum_steps: int = 1, clip_grad: float | None = None,
-                 capture: bool | str = "auto", seed: int | None = None, warmup_steps: int = 3, restore: bool = True):
+                 capture: bool | str = "auto", seed: int | None = None, warmup_steps: int = 3, restore: bool = True,
+                 mean=None, std=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -153,6 +157,10 @@ class TrainStep:
         if not self._pass_ratio and self._config is None and mask_ratio != 0.75:
             raise ValueError(f"mask_ratio={mask_ratio}: the model's forward takes no mask_ratio (its own applies)")
         self._check_config_ratio()
+        self.mean, self.std = check_pixel_stat_args(mean, std)
+        if self.mean is not None and not ("mean" in takes and "std" in takes or open_kw):
+            raise ValueError(f"mean/std: {type(inner).__name__}.forward takes no mean= and std=; normalise the "
+                             "images before the step instead")
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
         self._takes_seed = "seed" in takes and getattr(inner, "impl", None) != "reference"
         self._sync = sync_wrapper(model)
@@ -182,7 +190,8 @@ class TrainStep:
         return params
 
     # baked into a captured step's graphs: changing one afterwards would be honoured by eager steps only
-    _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler", "seed", "model", "optimizer")
+    _FROZEN_WHEN_CAPTURED = ("mask_ratio", "clip_grad", "accum_steps", "dtype", "scaler", "seed", "model", "optimizer",
+                             "mean", "std")
 
     def __setattr__(self, name, value):
         if name in self._FROZEN_WHEN_CAPTURED and self.__dict__.get("captured"):
@@ -210,6 +219,8 @@ class TrainStep:
         self._check_config_ratio()
         if self._pass_ratio:
             kw["mask_ratio"] = self.mask_ratio
+        if self.mean is not None:
+            kw["mean"], kw["std"] = self.mean, self.std
         if self.mask_source == "noise":
             kw["noise"] = noise
         elif self.mask_source == "seed":
@@ -230,7 +241,7 @@ class TrainStep:
         """The next micro-batch's forward under the step's autocast (eager steps only).
 
         Args:
-            imgs: (N, C, H, W) float images on the model's device.
+            imgs: (N, C, H, W) float images on the model's device, or uint8 (see ``mean``/``std``).
             noise: (N, L) float, the official per-sample noise that orders the patches; give it on
                 every call or on none.
         Returns:
@@ -295,8 +306,8 @@ class TrainStep:
         """One micro-batch: forward, backward and, when it ends the accumulation, the optimizer step.
 
         Args:
-            imgs: (N, C, H, W) float images on the model's device (captured: the first call's shape
-                and dtype; passing ``step.static_imgs`` itself skips the copy).
+            imgs: (N, C, H, W) float images on the model's device, or uint8 ones (normalised with ``mean``/
+                ``std``); captured: the first call's shape and dtype (``step.static_imgs`` itself: no copy).
             noise: (N, L) per-sample noise ordering the patches (the official convention), on every
                 call or on none.
             weight: the loss's weight in the accumulated gradient (eager only; e.g. 0 for a batch a

@@ -479,7 +479,7 @@ def test_every_setting_baked_into_the_graphs_is_frozen_after_the_capture(fake_ca
     assert step.captured
     for name, value in (("dtype", torch.float16), ("scaler", torch.amp.GradScaler("cpu")), ("model", a),
                         ("optimizer", opt), ("mask_ratio", 0.5), ("clip_grad", 2.0), ("accum_steps", 2),
-                        ("seed", 7)):
+                        ("seed", 7), ("mean", (0.5,) * 3), ("std", (0.2,) * 3)):
         with pytest.raises(AttributeError, match=f"{name} is baked into the captured graphs"):
             setattr(step, name, value)
     assert step.dtype == torch.float32 and step.scaler is None and step.clip_grad == 1.0
