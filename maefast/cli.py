@@ -89,6 +89,14 @@ def check_distinct_outputs(paths: dict) -> None:
         seen[key] = flag
 
 
+def labelled_path(path: str, label: str) -> str:
+    """``path`` with ``label`` before its ending, a compressed one whole: trace.json -> trace.auto.json,
+    trace.json.gz -> trace.auto.json.gz (not trace.json.auto.gz: the user's ending kept); none: trace.auto.json."""
+    gz = ".gz" if path.endswith(".gz") else ""
+    root, ext = os.path.splitext(path[:len(path) - len(gz)])
+    return f"{root}.{label}{ext or ('' if gz else '.json')}{gz}"
+
+
 def positive(flag: str, value, allow_zero: bool = False):
     """``value`` when it is None or an int > 0 (>= 0 with allow_zero); else ValueError naming the flag."""
     if value is not None and (value < 0 if allow_zero else value <= 0):

@@ -527,7 +527,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, positive
+    from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, labelled_path, positive
 
     # every option checked before any work (an error one line, exit 2: maefast.cli.guarded)
     for flag, v, zero in (("--batch", a.batch, False), ("--steps", a.steps, False), ("--warmup", a.warmup, True),
@@ -545,9 +545,8 @@ def main(argv=None) -> int:
     impl_arg = a.impl or ("auto" if on_cpu else "reference,auto")
     impls = [v.strip() for v in impl_arg.split(",") if v.strip()]
     check_impls(impls, a.impl, a.fused, device=device)
-    # one trace per impl when there are several: trace.json -> trace.auto.json
-    root, ext = os.path.splitext(a.trace or "")
-    traces = {i: a.trace if len(impls) == 1 or not a.trace else f"{root}.{i}{ext or '.json'}" for i in impls}
+    # one trace per impl when there are several: trace.json -> trace.auto.json, t.json.gz -> t.auto.json.gz
+    traces = {i: a.trace if len(impls) == 1 or not a.trace else labelled_path(a.trace, i) for i in impls}
     check_out_file("--json", a.json, a.overwrite)
     for t in dict.fromkeys(traces.values()):
         check_out_file("--trace", t, a.overwrite)

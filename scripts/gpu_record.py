@@ -270,7 +270,8 @@ def attention_route(rows: list[dict], only: str) -> dict:
     pair = None
     for ours, base in (("sdpa", "triton"), ("triton", "sdpa")):
         row = find("train-step-pair", ROUTE_ROWS[ours], paired_with=ROUTE_ROWS[base])
-        if row is not None and row.get("pair_ratio") and row.get("pair_ratio_range"):
+        rng = (row or {}).get("pair_ratio_range") or ()
+        if row is not None and row.get("pair_ratio") and len(rng) == 2 and min(rng) > 0:  # else: rows timed apart
             pair = (ours, row)
             got = {ours: row, base: find("train-step-pair", ROUTE_ROWS[base])}
             break

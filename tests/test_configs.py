@@ -28,7 +28,10 @@ def test_cpu_config_keeps_the_papers_head_widths():
 
 @pytest.mark.parametrize("bad,needle", [
     (dict(num_heads=5), "embed_dim=768 is not divisible by num_heads=5"),  # the encoder's heads too
-    (dict(depth=True), "depth must be a positive integer, got True"),  # a bool is no size
+    (dict(depth=True), "depth must be a non-negative integer, got True"),  # a bool is no size
+    (dict(decoder_depth=-1), "decoder_depth must be a non-negative integer, got -1"),
+    (dict(img_size=(224, 0)), r"img_size must be a positive integer or \(height, width\) of them, got \(224, 0\)"),
+    (dict(img_size=(224, 100)), "img_size=.224, 100. is not a whole number of patch_size=16 patches"),
     (dict(mlp_ratio=True), "mlp_ratio must be a positive number, got True"),
     # the sin-cos position embeddings' rule: `maefast bench table2 --override decoder_embed_dim=30` passed this
     # check and failed every row at the model's constructor (exit 1 after the peak's measurement, not 2)
@@ -38,6 +41,22 @@ def test_cpu_config_keeps_the_papers_head_widths():
 def test_check_config_refuses_encoder_heads_and_bools_by_name(bad, needle):
     with pytest.raises(ValueError, match=needle):
         check_config(model_config("base", **bad))
+
+
+@pytest.mark.parametrize("change", [dict(depth=0), dict(decoder_depth=0), dict(img_size=(32, 48)),
+                                    dict(img_size=[48, 32], depth=0, decoder_depth=0)])
+def test_check_config_takes_what_the_model_takes(change):
+    """No encoder or decoder block, and (height, width) images, are models the constructor builds and runs:
+    check_config takes them too, its L the model's patch count (it refused them as non-positive ints)."""
+    import torch
+
+    from maefast.models import MaskedAutoencoderViT
+
+    cfg = model_config("tiny", **change)
+    m = MaskedAutoencoderViT(**cfg)
+    assert check_config(cfg) == m.patch_embed.num_patches
+    h, w = m.patch_embed.img_size
+    assert torch.isfinite(m(torch.randn(1, 3, h, w), 0.5)[0])
 
 
 def test_model_config_is_a_copy_with_the_overrides():

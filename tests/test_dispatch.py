@@ -133,6 +133,25 @@ def test_compile_sees_the_custom_op():
     assert any("maefast.layer_norm" in s for s in seen), seen
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_records_the_custom_op(impl, grad):
+    """torch.jit.trace of a direct call recorded what the kernel's launcher does with torch (an empty
+    output; the kernel writes through a raw pointer the tracer does not see, so the trace replayed
+    garbage) or an untraceable Python autograd node: while tracing, every op takes the custom-op route,
+    one `maefast::` node that replays the op on the new input."""
+    class LN(torch.nn.LayerNorm):  # parameters, not closed-over tensors (the tracer refuses those with grad)
+        def forward(self, x):
+            return ops.layer_norm(x, self.weight, self.bias, impl=impl)
+
+    fn = LN(16).requires_grad_(grad)
+    with eager_dispatch("direct"):
+        traced = torch.jit.trace(fn, (torch.randn(3, 16),), check_trace=False)
+        x = torch.randn(5, 3, 16)[1]
+        assert torch.equal(traced(x), fn(x))
+    assert "maefast::layer_norm" in {n.kind() for n in traced.graph.nodes()}
+
+
 def test_fake_tensors_take_the_custom_op_route():
     """Under FakeTensorMode the public function reaches the op's fake impl (shapes only, no kernel)."""
     from torch._subclasses.fake_tensor import FakeTensorMode

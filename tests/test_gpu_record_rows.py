@@ -136,6 +136,20 @@ def test_attention_route_without_the_pairs_rounds_reads_the_rows_timed_apart():
     assert r["timing"] == "rows timed one after the other" and r["faster"] == "triton"
 
 
+def test_attention_route_reads_a_pairs_range_only_of_two_positive_ratios():
+    """A pair row whose range is not two positive ratios (one value, or a 0 from a torn row) cannot say
+    every round agrees: the rows timed one after the other decide, with no ZeroDivisionError."""
+    apart = [_row("train-step", "maefast-graph", 114.0, time_p20_ms=113.9, time_p80_ms=114.2),
+             _row("train-step", "maefast-sdpa-graph", 116.5, time_p20_ms=116.4, time_p80_ms=116.7)]
+    for ours, base, rng in (("maefast-graph", "maefast-sdpa-graph", [0.0, 0.0]),
+                            ("maefast-graph", "maefast-sdpa-graph", [1.03]),
+                            ("maefast-sdpa-graph", "maefast-graph", [0.0, 1.04])):
+        pair = _pair(base, ours, 114.0, 111.0, 1.03, 1.01, 1.04)
+        pair[1]["pair_ratio_range"] = rng
+        r = rec.attention_route(apart + pair, "huge:128")
+        assert r["timing"] == "rows timed one after the other" and r["faster"] == "triton", (rng, r)
+
+
 def test_attention_route_with_triton_as_the_pairs_ours_needs_every_round():
     """The pair named the other way (sdpa the base): triton wins only where every round is on its
     side; one round lost (sdpa faster there) decides nothing, though the median is past the gain."""

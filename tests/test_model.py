@@ -277,6 +277,18 @@ def test_mask_ratios_only_the_official_code_takes_run_its_forward(ratio):
     assert latent.shape == (2, 1 + (16 if ratio == 0 else 0), TINY["embed_dim"])
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("ratio", [torch.tensor(0.75), None])
+def test_a_mask_ratio_that_is_not_a_number_is_one_type_error(impl, ratio):
+    """maefast's own class: its original forward (the reference) takes a Python number only, so a tensor or
+    None is refused up front with one TypeError, not a SlowPathWarning (running the original) and then it."""
+    m = create_model("tiny", impl=impl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="mask_ratio must be a float in"):
+            m(torch.randn(2, 3, 32, 32), mask_ratio=ratio)
+
+
 def test_bad_inputs():
     m = create_model("tiny")
     with pytest.raises(ValueError, match="imgs must be 32x32"):

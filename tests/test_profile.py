@@ -136,6 +136,19 @@ def test_profile_side_by_side_and_trace(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
+def test_profile_traces_per_impl_keep_a_compressed_ending(tmp_path):
+    """Several impls: each trace's label goes before the whole ending, so a .json.gz trace stays one
+    (trace.json.gz -> trace.auto.json.gz, not trace.json.auto.gz); an existing derived file is refused."""
+    from maefast.cli import labelled_path
+
+    assert labelled_path("d.v1/t.json.gz", "auto") == "d.v1/t.auto.json.gz"
+    assert labelled_path("t.gz", "auto") == "t.auto.gz" and labelled_path("t", "auto") == "t.auto.json"
+    (tmp_path / "t.auto.json.gz").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"--trace .*t\.auto\.json\.gz' exists: pass --overwrite"):
+        mp.main(ARGS + ["--impl", "reference,auto", "--trace", str(tmp_path / "t.json.gz")])
+    assert (tmp_path / "t.auto.json.gz").read_bytes() == b"mine"
+
+
 def test_profile_compile_path(monkeypatch, capsys, tmp_path):
     # the compiled path's bookkeeping, without paying for inductor on the CPU
     compiled = []

@@ -56,28 +56,36 @@ def resolve_model_name(name: str) -> str:
     return key
 
 
-_POSITIVE_INTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                  "decoder_depth", "decoder_num_heads")
+_POSITIVE_INTS = ("patch_size", "in_chans", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads")
+_DEPTHS = ("depth", "decoder_depth")  # 0 blocks is a model too (the official loops over none)
+
+
+def _is_int(v, least: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= least
 
 
 def check_config(cfg: dict) -> int:
-    """A config's sizes are a model (positive sizes, whole patches, widths split evenly among heads), else
-    ValueError naming the setting; returns the number of patches L."""
-    for k in _POSITIVE_INTS:
-        v = cfg.get(k)
-        if k in cfg and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    """A config's sizes are a model (positive sizes, depths >= 0, whole patches, widths split evenly among
+    heads), else ValueError naming the setting; returns the number of patches L. img_size: an int or, as the
+    model takes it, (height, width)."""
+    for k in _POSITIVE_INTS + _DEPTHS:
+        if k in cfg and not _is_int(cfg[k], 0 if k in _DEPTHS else 1):
+            raise ValueError(f"{k} must be a {'non-negative' if k in _DEPTHS else 'positive'} integer, got {cfg[k]!r}")
     r = cfg.get("mlp_ratio", 4.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
         raise ValueError(f"mlp_ratio must be a positive number, got {r!r}")
-    if cfg["img_size"] % cfg["patch_size"]:
-        raise ValueError(f"img_size={cfg['img_size']} is not a whole number of patch_size={cfg['patch_size']} patches")
+    img = cfg["img_size"]
+    hw = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
+    if len(hw) != 2 or not all(_is_int(v, 1) for v in hw):
+        raise ValueError(f"img_size must be a positive integer or (height, width) of them, got {img!r}")
+    if hw[0] % cfg["patch_size"] or hw[1] % cfg["patch_size"]:
+        raise ValueError(f"img_size={img} is not a whole number of patch_size={cfg['patch_size']} patches")
     for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
         if cfg[width] % cfg[heads]:
             raise ValueError(f"{width}={cfg[width]} is not divisible by {heads}={cfg[heads]}")
         if cfg[width] % 4:  # (the model's constructor refused it, after the work before it)
             raise ValueError(f"{width}={cfg[width]} is not a multiple of 4 (the 2-D sin-cos position embedding)")
-    return (cfg["img_size"] // cfg["patch_size"]) ** 2
+    return (hw[0] // cfg["patch_size"]) * (hw[1] // cfg["patch_size"])
 
 
 def model_config(name: str, **overrides) -> dict:

@@ -2,7 +2,7 @@
 whose forward runs the fused path (`maefast.models.fast`) unless impl="reference"."""
 from __future__ import annotations
 
-from .._validate import check_bool
+from .._validate import check_bool, check_mask_ratio, compiling
 from ..reference.model import MaskedAutoencoderViT as _ReferenceMAE
 from .fast import check_fused, check_model_impl
 from .routing import Overrides, class_overrides, instance_overrides, official_call, refuse
@@ -58,6 +58,10 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         fused = check_fused(self.fused)
         check_model_impl(self.impl, fused)
         grad_checkpointing = check_bool("grad_checkpointing", self.grad_checkpointing)
+        # the original forward (ours) takes a Python number only: a tensor or None is one TypeError here,
+        # not a SlowPathWarning (the fast path declines it) followed by that forward's TypeError
+        if not compiling():
+            check_mask_ratio(mask_ratio, official=True)
         if self.impl == "reference":
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")

@@ -9,7 +9,9 @@ GPU hosts that cost is what bounds a training step at ViT-B sizes.
 
 So the public functions call `call(op, *args)`:
 
-- while torch.compile / export traces (`torch.compiler.is_compiling()` / `is_exporting()`), for
+- while torch.compile / export / torch.jit.trace traces (`torch.compiler.is_compiling()` /
+  `is_exporting()` / `torch.jit.is_tracing()`: a Triton or CUDA kernel writes through raw pointers
+  the jit tracer never sees, so a direct call's trace would hold its outputs' allocations only), for
   tensor subclasses (FakeTensor, DTensor, ...), for meta tensors (the dispatcher runs the op's fake
   implementation: shapes and dtypes, no data), or when `MAEFAST_EAGER_DISPATCH=custom_op`, it
   calls the custom op (unchanged semantics);
@@ -176,7 +178,7 @@ def call(op, *args):
     """Runs custom op `op` on positional `args` by the route chosen above."""
     if _transformed(args):
         return _composite(op, args)
-    if _mode != "direct" or compiling() or _exporting() or _traced(args):
+    if _mode != "direct" or compiling() or _exporting() or _traced(args) or torch.jit.is_tracing():
         if _mode is None:
             raise _bad_env()
         return op(*args)
