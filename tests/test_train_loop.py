@@ -487,6 +487,10 @@ def test_load_checkpoint_names_what_is_wrong_with_a_file(tmp_path, monkeypatch):
             with pytest.raises(ValueError, match=words) as info:
                 load_checkpoint(str(tmp_path / name), optimizer=optimizer)
             assert name in str(info.value) and "weights_only" not in str(info.value)
+    # a text file (e.g. log.jsonl passed as --resume) is not said to hold Python objects
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(ValueError, match="log.jsonl' is not a readable .*not a file torch.save wrote"):
+        load_checkpoint(str(tmp_path / "log.jsonl"))
     sharded = tmp_path / "checkpoint-last.pth"
     ckpt_lib.atomic_save({"shards": "checkpoint-last.pth.dcp-0a", "step": 1}, str(sharded))
     with pytest.raises(FileNotFoundError, match="checkpoint-last.pth.dcp-0a'?, which is missing"):

@@ -316,6 +316,14 @@ def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
     assert [r["step"] for r in lines(str(run / "steps.jsonl"))] == list(range(1, 10))
     assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1, 2]
     assert os.stat(run / "checkpoint-0000.pth").st_mtime_ns == kept0  # the earlier kept checkpoint stays
+    # checkpoint-last.pth gone: --resume auto names the kept checkpoint to go on from (not only --overwrite,
+    # which alone deletes the kept checkpoints too), and that rewind continues the run
+    os.replace(run / "checkpoint-last.pth", tmp_path / "last.pth")
+    last = os.path.join(str(run), "checkpoint-0002.pth")
+    with pytest.raises(ValueError, match=f"continue from its last kept checkpoint: --resume {last} --overwrite$"):
+        train(_cfg(run, resume="auto", epochs=3))
+    train(_cfg(run, resume=last, epochs=3, overwrite=True))
+    assert [r["epoch"] for r in lines(str(run / "log.jsonl"))] == [0, 1, 2]
     # continuing in place from checkpoint-last.pth with --overwrite keeps the epochs' checkpoints too
     train(_cfg(run, resume=str(run / "checkpoint-last.pth"), epochs=4, overwrite=True))
     assert all(os.path.exists(run / f"checkpoint-000{e}.pth") for e in (0, 1, 2, 3))
@@ -329,6 +337,30 @@ def test_a_resume_into_a_new_folder_writes_no_old_epoch_line(tmp_path):
     train(_cfg(tmp_path / "a", epochs=1))
     train(_cfg(tmp_path / "b", epochs=2, resume=str(tmp_path / "a" / "checkpoint-last.pth")))
     assert [r["epoch"] for r in lines(str(tmp_path / "b" / "log.jsonl"))] == [1]
+
+
+def test_a_start_with_nothing_to_train_still_leaves_the_runs_checkpoint(tmp_path):
+    """A resume that trains nothing (its run has all its epochs, or --max-steps is reached) into a new folder
+    writes checkpoint-last.pth there, the run as it stands (the result and the last line named a file that
+    was not there), so --resume auto continues from that folder; it is not written again where it is."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "a", epochs=1, max_steps=2))
+    src = str(tmp_path / "a" / "checkpoint-last.pth")
+    for out, kw in (("b", dict(epochs=1, max_steps=2)), ("c", dict(epochs=1, max_steps=1))):
+        res = train(_cfg(tmp_path / out, resume=src, **kw))
+        assert res["steps"] == 2 and res["checkpoint"] and os.path.isfile(res["checkpoint"]), out
+        got, want = load_checkpoint(res["checkpoint"]), load_checkpoint(src)
+        assert (got["epoch"], got["samples"], got["step"]) == (want["epoch"], want["samples"], 2) == (0, 8, 2)
+        assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+        assert got["epoch_stats"] == want["epoch_stats"] and got["rng"][0]["torch"].equal(want["rng"][0]["torch"])
+    mtime = os.stat(src).st_mtime_ns
+    train(_cfg(tmp_path / "a", epochs=1, max_steps=2, resume="auto"))  # in place: the file is the source
+    assert os.stat(src).st_mtime_ns == mtime
+    train(_cfg(tmp_path / "b", epochs=1, resume="auto"))
+    straight = train(_cfg(tmp_path / "straight", epochs=1))
+    a, b = (load_checkpoint(os.path.join(d, "checkpoint-last.pth")) for d in (straight["output_dir"], tmp_path / "b"))
+    assert a["step"] == b["step"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_api_resume_is_exact_and_its_overrides_count_as_set(tmp_path):

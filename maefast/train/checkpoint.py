@@ -188,7 +188,9 @@ def _torch_load(path: str, mmap: bool = False) -> dict:
     except Exception as exc:  # torch reports a torn / foreign file in many ways; all mean "not readable"
         why = message_line(exc, 120)
         if "Weights only load failed" in why or "weights_only" in why:
-            why = "it holds Python objects, not only tensors and plain data"
+            # torch says the same first line for pickled objects and for bytes that are no pickle at all
+            why = ("it holds Python objects, not only tensors and plain data" if "Unsupported global" in str(exc)
+                   else "not a file torch.save wrote")
         raise ValueError(f"{path!r} is not a readable maefast/MAE checkpoint (truncated, corrupt or another kind "
                          f"of file: {why})") from None
 

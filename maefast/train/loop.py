@@ -340,7 +340,7 @@ class _Trainer:
         if reason is not None:  # a signal during the start: no step done, nothing to save
             raise Interrupted(f"interrupted by {self.ctl.describe(reason)} before the first step: no checkpoint "
                               "written", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
-        hit_max = False
+        hit_max, start_step = False, self.step
         for epoch in range(self.start_epoch, cfg.epochs):
             self.epoch = epoch
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -465,6 +465,11 @@ class _Trainer:
                                   f"({where}), {kept}", EXIT_CODES.get(reason, 2), quiet=not info.is_main)
             if hit_max:
                 break
+        if self.step == start_step and self.source is not None and cfg.save and dist_lib.broadcast_object(
+                not os.path.exists(self.ckpt_path) if info.is_main else None, info):
+            # nothing trained (a resume at --epochs or --max-steps) into a folder without the run's checkpoint
+            # (a new one, or a rewind that deleted it): written, as a start that trained writes it
+            self._save(self.start_epoch, self.start_samples, self.carry)
         if bar is not None:
             bar.close()
         self._agree()  # a log write that failed on one rank after the last step

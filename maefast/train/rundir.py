@@ -73,9 +73,13 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
         if not results and finished_unsaved:
             results = ["log.jsonl"]
         if results:
+            # --overwrite alone deletes the epochs' kept checkpoints too: name the one the run can go on from
+            kept = sorted((n for n in files if _KEPT.fullmatch(n)), key=lambda n: int(_KEPT.fullmatch(n).group(1)))
+            rewind = (f", or continue from its last kept checkpoint: --resume {os.path.join(output_dir, kept[-1])} "
+                      "--overwrite" if kept else "")
             raise ValueError(f"--resume auto: --output-dir {output_dir!r} holds a run ({shown}) but no "
                              f"{CHECKPOINT_NAME} to continue from, and a fresh start would write over it: pick "
-                             "another --output-dir, or start over with --overwrite instead of --resume auto")
+                             f"another --output-dir, or start over with --overwrite instead of --resume auto{rewind}")
     if resume == "auto" or not files or overwrite:
         return
     if resume is None:
