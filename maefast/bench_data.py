@@ -168,6 +168,8 @@ def make_folder(root: str, n: int, seed: int = 0, processes: int | None = None, 
     missing = [i for i in range(n) if i >= have or not os.path.isfile(paths[i])]
     if missing:
         os.makedirs(root, exist_ok=True)
+        if not os.path.isfile(manifest_path):  # claimed before the first image: a run killed while generating
+            _write_manifest(manifest_path, {**want, "images": 0})  # left a folder the next run refused
         if log:
             log(f"generating {len(missing)} JPEGs in {root} (once; cached) ...")
         t0 = time.perf_counter()
@@ -181,12 +183,16 @@ def make_folder(root: str, n: int, seed: int = 0, processes: int | None = None, 
         else:
             for job in jobs:
                 _write_image(job)
-        with open(manifest_path + ".part", "w") as fh:
-            json.dump({**want, "images": max(n, have)}, fh)
-        os.replace(manifest_path + ".part", manifest_path)
+        _write_manifest(manifest_path, {**want, "images": max(n, have)})
         if log:
             log(f"generated in {time.perf_counter() - t0:.0f} s")
     return paths
+
+
+def _write_manifest(path: str, manifest: dict) -> None:
+    with open(path + ".part", "w") as fh:
+        json.dump(manifest, fh)
+    os.replace(path + ".part", path)
 
 
 def folder_stats(paths: list[str]) -> dict:
@@ -455,13 +461,14 @@ def run(root: str, n_images: int, *, workers: int, batch: int, per_worker_images
         log("the GPU half alone ...")
         result["gpu_stage"] = bench_data_gpu.stage_rate(datasets["gpu"], batch, min(n_images, 4 * batch))
         save(result)
+    diff = min(diff_images or n_images, n_images)  # the benchmark's images: not more of a larger cached folder
     if diff_images != 0 and any(p in ("exact", "fast", "fast-uint8") for p in paths):
         log("pixel difference fast vs exact ...")
-        result["difference"] = pixel_difference(root, diff_images or n_images, size)
+        result["difference"] = pixel_difference(root, diff, size)
         save(result)
     if diff_images != 0 and "gpu" in paths:
         log("pixel difference gpu vs exact ...")
-        result["difference_gpu"] = bench_data_gpu.pixel_difference(root, diff_images or n_images, size, batch)
+        result["difference_gpu"] = bench_data_gpu.pixel_difference(root, diff, size, batch)
     for kind in ("per_worker", "loader"):  # ratio per round (same conditions), median over the rounds
         base = result.get(kind, {}).get("official")
         for r in result.get(kind, {}).values():
@@ -537,7 +544,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, 1 round, fewer loader images")
     p.add_argument("--images", type=int, default=None, help=f"images in the folder (default {FULL_IMAGES})")
     p.add_argument("--folder", default=None, help="where the generated JPEGs live (default: a cache folder)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (0: skip)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the CPUs, at most as many "
+                   "as leave a batch to time after the first wave; 0: skip)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--per-worker-images", type=int, default=1000, help="images per row and round, per worker")
     p.add_argument("--rounds", type=int, default=None, help="per-worker rounds (default 3; --quick 1)")
@@ -556,8 +564,11 @@ def main(argv=None) -> int:
     bad = [s for s in paths if s not in PATHS]
     errors = [msg for cond, msg in (
         (bool(bad), f"--paths: unknown row(s) {bad}; known {list(PATHS)}"),
-        (not paths, f"--paths names no row; known {list(PATHS)}"), (n <= 0, f"--images must be > 0, got {n}"),
-        (a.workers < 0, f"--workers must be >= 0, got {a.workers}"), (a.batch <= 0, f"--batch must be > 0, got {a.batch}"),
+        (not paths, f"--paths names no row; known {list(PATHS)}"),
+        (len(set(paths)) < len(paths), f"--paths names a row twice ({paths}): give each once"),
+        (n <= 0, f"--images must be > 0, got {n}"),
+        (a.workers is not None and a.workers < 0, f"--workers must be >= 0, got {a.workers}"),
+        (a.batch <= 0, f"--batch must be > 0, got {a.batch}"),
         (rounds <= 0, f"--rounds must be > 0, got {rounds}"),
         (loader_rounds <= 0, f"--loader-rounds must be > 0, got {loader_rounds}"), (a.size <= 0, f"--size must be > 0, got {a.size}"),
         (a.per_worker_images <= 0, f"--per-worker-images must be > 0, got {a.per_worker_images}"),
@@ -565,9 +576,12 @@ def main(argv=None) -> int:
     if errors:
         print(f"maefast bench data: error: {errors[0]}", file=sys.stderr)
         return 2
-    if a.workers > 0 and n < (a.workers + 1) * a.batch:
+    workers = a.workers
+    if workers is None:  # the CPUs, at most as many as leave a batch to time (--quick, batch 64: 3 workers)
+        workers = max(1, min(os.cpu_count() or 1, n // a.batch - 1))
+    if workers > 0 and n < (workers + 1) * a.batch:
         print(f"maefast bench data: error: --images {n} gives the loader no batch after the first wave "
-              f"({a.workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
+              f"({workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
     check_out_file("--json", a.json, a.overwrite)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -576,7 +590,7 @@ def main(argv=None) -> int:
         from .train.checkpoint import atomic_write_text
         save = lambda res: atomic_write_text(a.json, json.dumps(res, indent=2))  # noqa: E731
     # a ValueError or a folder that cannot be written is one line, exit 2 (maefast.cli.guarded)
-    res = run(a.folder or default_folder(), n, workers=a.workers, batch=a.batch,
+    res = run(a.folder or default_folder(), n, workers=workers, batch=a.batch,
               per_worker_images=min(a.per_worker_images, n), rounds=rounds, loader_rounds=loader_rounds,
               paths=paths, size=a.size, diff_images=a.diff_images, log=log, save=save)
     print("\n".join(res["table"]))

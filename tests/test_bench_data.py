@@ -174,6 +174,16 @@ def test_run_medians_slices_and_difference_arguments(monkeypatch, tmp_path):
     assert res["complete"] is True
 
 
+def test_difference_stays_within_the_benchmarks_images(tmp_path):
+    """--diff-images beyond --images took the difference over further images of a larger cached folder: a
+    record whose folder line says 3 JPEGs had its difference from 6."""
+    root = str(tmp_path / "set")
+    bench_data.make_folder(root, 6, processes=1)
+    res = bench_data.run(root, 3, workers=0, batch=2, per_worker_images=3, rounds=1, paths=("fast",), size=16,
+                         diff_images=6, log=lambda *a: None)
+    assert res["folder"]["images"] == 3 and res["difference"]["all"]["samples"] == 3
+
+
 def test_run_without_a_cpu_decode_row_has_no_difference(monkeypatch, tmp_path):
     _stub_folder(monkeypatch)
     monkeypatch.setattr(bench_data, "per_worker", lambda ds, n, rounds: {
@@ -256,11 +266,22 @@ def test_cli_defaults_and_quick(runs, tmp_path):
     assert quick["paths"] == ["official", "fast"]
 
 
+def test_cli_quick_runs_on_a_machine_of_many_cpus(runs, tmp_path, monkeypatch):
+    """The default --workers (the CPUs) made --quick's 256 images refused on any machine of 4 CPUs or more (no
+    batch of 64 left after the first wave): the default is now capped to what --images leaves a batch to time."""
+    monkeypatch.setattr(bench_data.os, "cpu_count", lambda: 16)
+    assert bench_data.main(["--quick", "--folder", str(tmp_path)]) == 0
+    assert bench_data.main(["--folder", str(tmp_path)]) == 0
+    assert bench_data.main(["--images", "100", "--folder", str(tmp_path)]) == 2  # 1 worker leaves no batch either
+    assert [(r["n"], r["workers"]) for r in runs] == [(256, 3), (3000, 16)]
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--workers", "-1"], "--workers"), (["--batch", "0"], "--batch"), (["--rounds", "0"], "--rounds"),
     (["--loader-rounds", "0"], "--loader-rounds"), (["--size", "0"], "--size"), (["--images", "0"], "--images"),
     (["--per-worker-images", "0"], "--per-worker-images"), (["--diff-images", "-1"], "--diff-images"),
     (["--paths", " , "], "--paths"), (["--images", "11", "--workers", "2", "--batch", "4"], "--images 11"),
+    (["--paths", "fast, exact,fast"], "--paths names a row twice"),  # it was timed twice, one row reported
 ])
 def test_cli_refuses_bad_flags_before_any_work(runs, tmp_path, capsys, args, flag):
     assert bench_data.main(["--folder", str(tmp_path / "f"), "--workers", "1", *args]) == 2
@@ -382,6 +403,28 @@ def test_bench_folder_is_generated_once_and_never_over_foreign_files(tmp_path):
     assert (foreign / "holiday.jpg").read_bytes() == b"precious" and os.listdir(foreign) == ["holiday.jpg"]
     with pytest.raises(ValueError, match="another generator or seed"):
         bench_data.make_folder(root, 2, seed=1)
+
+
+def test_a_generation_killed_midway_is_resumed_not_refused(tmp_path, monkeypatch):
+    """The manifest was written after the last image only: a first run stopped while generating (Ctrl-C, a
+    deadline) left images without it, and every later run refused the (default, cached) folder as foreign."""
+    root = str(tmp_path / "set")
+    real, count = bench_data._write_image, []
+
+    def stopped_at_the_third(job):
+        count.append(job)
+        if len(count) == 3:
+            raise KeyboardInterrupt
+        real(job)
+
+    monkeypatch.setattr(bench_data, "_write_image", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench_data.make_folder(root, 5, processes=1)
+    monkeypatch.setattr(bench_data, "_write_image", real)
+    paths = bench_data.make_folder(root, 5, processes=1)
+    assert all(os.path.isfile(p) for p in paths)
+    with open(os.path.join(root, bench_data.MANIFEST)) as fh:
+        assert json.load(fh)["images"] == 5
 
 
 def test_generated_images_look_photographic():

@@ -4,6 +4,7 @@ exact path gives the official pixels; the fast path draws the same boxes and fli
 uint8 output normalises to the float32 output bit for bit; crop boxes follow torchvision's get_params
 distribution; samples are a function of (seed, epoch, index) on every worker, rank and resume;
 unreadable files are skipped and counted."""
+import itertools
 import math
 import os
 
@@ -400,6 +401,22 @@ def test_an_index_alone_is_epoch_0():
     assert len(set(imgs)) == 6
 
 
+def test_an_index_out_of_range_is_an_index_error(tmp_path):
+    """The synthetic set made images past its end (`for item in dataset` never stopped); a folder's raised
+    from inside the handler of its own IndexError, a negative index or epoch numpy's "expected non-negative
+    integer"."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (9, 0, 0)).save(tmp_path / "a.png")
+    for ds in (SyntheticDataset(3, S, 4), ImageFolderDataset(str(tmp_path), S, 4, decode="gpu")):
+        assert len(list(itertools.islice(ds, len(ds) + 5))) == len(ds)  # iteration ends at the end
+        for key in (len(ds), -1, (2, len(ds))):
+            with pytest.raises(IndexError, match=f"index -?[0-9]+ is out of range .* {len(ds)} images"):
+                ds[key]
+        with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+            ds[(-1, 0)]
+
+
 def test_synthetic_dataset_both_paths(tmp_path):
     for decode in ("exact", "fast"):
         ds = SyntheticDataset(6, S, 16, seed=2, decode=decode)
@@ -483,7 +500,10 @@ def test_options_are_checked(folder):
             PretrainTransform(**kw)
     assert (PretrainTransform(hflip=False).hflip, PretrainTransform(hflip=True).hflip) == (0.0, 1.0)
     for kw, match in ((dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\)"), (dict(seed=2 ** 32), "seed must be"),
-                      (dict(num_patches=-1), "num_patches must be an int >= 0"), (dict(input_size=0), "size must be")):
+                      (dict(num_patches=-1), "num_patches must be an int >= 0"), (dict(input_size=0), "size must be"),
+                      # numpy refused a negative data_seed inside every sample, each counted as an unreadable file;
+                      # a fractional size was cut to an int
+                      (dict(data_seed=-1), "data_seed must be an int >= 0"), (dict(size=2.5), "^size must be an int")):
         with pytest.raises(ValueError, match=match):
             SyntheticDataset(**{**dict(size=4, input_size=S, num_patches=4), **kw})
     for kw, match in ((dict(global_batch=-4, num_replicas=2), "global_batch must be an int >= 1"),

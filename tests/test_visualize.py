@@ -237,6 +237,17 @@ def test_square_center_crop_unchanged():
     assert torch.equal(center_transform(img, 32), want) and torch.equal(center_transform(img, (32, 32)), want)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L"])
+def test_center_transform_converts_to_rgb_before_resizing(mode):
+    """It converted after the resize: Pillow resizes a palette image by nearest neighbour whatever the filter,
+    an RGBA one premultiplied by its alpha (up to 3 normalised units off the RGB image's view, silently)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA")
+    img = img if mode == "RGBA" else img.convert("RGB").convert(mode)
+    for size in (32, (24, 40)):
+        assert torch.equal(center_transform(img, size), center_transform(img.convert("RGB"), size)), (mode, size)
+
+
 def test_rows_are_the_checkpoints_model_on_mask_seed_plus_row(tmp_path):
     """Row i is the checkpoint's own weights on the mask of torch.Generator seeded seed + i (the caption's
     'mask seeds'): its loss is the model's, recomputed here without visualize's code."""

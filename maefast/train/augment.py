@@ -311,8 +311,10 @@ def open_bytes(data: bytes):
 
 def center_transform(img, size: int | tuple[int, int]) -> torch.Tensor:
     """Deterministic eval view: resize (bicubic) to cover ``size`` = S or (height, width) (the short side
-    to S for a square), center crop, normalise."""
+    to S for a square), center crop, normalise. ``img`` is converted to RGB first, as the official loader does
+    (a palette image resized as such is resampled by nearest neighbour, an RGBA one premultiplied by its alpha)."""
     Image = _pil()
+    img = _rgb(img)
     sh, sw = (size, size) if isinstance(size, int) else size
     scale = max(sw / img.width, sh / img.height)
     w, h = max(sw, round(img.width * scale)), max(sh, round(img.height * scale))

@@ -76,6 +76,12 @@ class _PretrainDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, index = _split_key(key)
+        # checked before the try below, which would count the error as an unreadable file (or, for the synthetic
+        # images, make one past the end: `for item in dataset` never stopped)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} images")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
         rng = np.random.default_rng([self.seed, epoch, index])
         try:  # the box comes from the header; the pixels are decoded inside the crop
             if self.device_decode is not None:
@@ -181,9 +187,9 @@ class SyntheticDataset(_PretrainDataset):
     def __init__(self, size: int, input_size: int, num_patches: int, seed: int = 0, data_seed: int = 1234,
                  decode: str = DEFAULT_DECODE, dtype: torch.dtype = torch.float32):
         super().__init__(input_size, num_patches, seed, decode, dtype)
-        if size <= 0:
-            raise ValueError(f"synthetic dataset size must be positive, got {size}")
-        self.size, self.data_seed, self.image_size = int(size), int(data_seed), int(input_size)
+        # checked here: numpy refuses a negative seed inside every sample, each then counted as unreadable
+        self.size, self.data_seed = check_int("size", size, 1), check_int("data_seed", data_seed, 0)
+        self.image_size = int(input_size)
 
     def __len__(self) -> int:
         return self.size
