@@ -49,7 +49,8 @@ from .models.fast import (BlockView, MAEView, _official_block_view, check_fused,
 from .models.probes import forward_differs, hooks_off, loss_differs, masking_differs
 from .models.routing import (OWN_DEFAULT, SlowPathWarning, _hooked, _layout_root, _plain_layer, class_overrides,
                              fast_unsupported, image_grad_reason, instance_overrides, is_own_default, official_call,
-                             original_inputs, refuse, replaced_forward, skipped_hooks_reason, warn_slow)
+                             original_inputs, patch_conv_reason, refuse, replaced_forward, skipped_hooks_reason,
+                             warn_slow)
 
 _OFFICIAL_ATTRS = ("patch_embed.proj", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "random_masking",
@@ -461,6 +462,8 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions
     for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
         for i, layer in enumerate(layers):
             for n, sub in layer.named_modules():
+                if "parametrizations" in n.split("."):  # computes a tensor the fast path reads (it runs then)
+                    continue
                 if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
             why = _hf_attention_reason(layer, attention_functions)
@@ -472,6 +475,9 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions
     for path, m, cls in read:
         if not _plain_layer(m, cls):
             return f"{path} is not a plain {cls.__name__} (the fast path reads its weights and never calls it)"
+    why = patch_conv_reason(read[0][1])
+    if why is not None:
+        return f"{read[0][0]} is {why}"
     return None
 
 
@@ -487,7 +493,8 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
         for i, layer in enumerate(layers):
             for n, sub in layer.named_modules():
                 _known_forward(type(sub))  # the per-call check's cache filled now: a compiled first call must
-                if not type(sub).__module__.startswith("torch."):  # not guard on it half-filled
+                # not guard on it half-filled; a parametrization computes a tensor the fast path reads (it runs)
+                if not type(sub).__module__.startswith("torch.") and "parametrizations" not in n.split("."):
                     parts.append((f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)))
     calls_loss = _library_calls_forward_loss(type(model))
     refused, loss = [], False

@@ -28,7 +28,7 @@ from ..ops.attention import model_level_impl
 from .._validate import FLOAT_DTYPES, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .._modules import KNOWN_PACKAGES, TIMM_CLASSES, is_layer_norm, trusted_class  # noqa: F401 - re-exported
-from .._modules import vit_block_computes
+from .._modules import plain_layer, vit_block_computes
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -273,12 +273,12 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
 
     head = view.decoder_pred
     if loss_fn is not None:
-        pred = head(x[:, 1:, :])
+        pred = _head_on_patches(head, x)
         # the model's own loss reads images as the official code gives them: normalised floats
         loss = loss_fn(normalize(imgs, *stats) if stats is not None else imgs, pred, mask)
         pred = pred if return_pred else None
     elif return_pred:
-        pred = head(x[:, 1:, :])
+        pred = _head_on_patches(head, x)
         loss = ops.norm_pix_loss(pred, imgs, mask, p, norm_pix=view.norm_pix_loss, pred_on="all",
                                  impl=op_impl(impl, "loss"), **px)
     else:
@@ -286,6 +286,15 @@ def fast_forward(view: MAEView, imgs: torch.Tensor, mask_ratio: float = 0.75, no
         loss = ops.masked_prediction_loss(x, head.weight, head.bias, imgs, ids_restore, ids_keep.shape[1], p,
                                           norm_pix=view.norm_pix_loss, impl=op_impl(impl, "loss"), **px)
     return loss, pred, mask, ids_restore
+
+
+def _head_on_patches(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The head's prediction of the patch rows of x (N, 1+L, D): a plain Linear (row by row) on those rows
+    alone; any other head as the official code calls it, on every row with the cls row dropped after (a
+    head of one's own may mix rows: on the patch rows alone it gave another result, silently)."""
+    if plain_layer(head, nn.Linear):
+        return head(x[:, 1:, :])
+    return head(x)[:, 1:, :]
 
 
 # -- views ------------------------------------------------------------------------------------------

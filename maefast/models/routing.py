@@ -172,6 +172,18 @@ def _not_plain(m, cls: type) -> str:
     return f"a {type(m).__module__}.{type(m).__qualname__}"
 
 
+def patch_conv_reason(conv: nn.Conv2d) -> str | None:
+    """Why the fast patch embedding, which embeds non-overlapping square patches of the kernel's size, does not
+    compute this torch Conv2d (stride other than the kernel, padding, dilation, groups), or None."""
+    k = tuple(conv.kernel_size)
+    if k[0] == k[1] and tuple(conv.stride) == k and conv.padding in ((0, 0), "valid") and \
+            tuple(conv.dilation) == (1, 1) and conv.groups == 1:
+        return None
+    return (f"a Conv2d with kernel_size={k}, stride={tuple(conv.stride)}, padding={conv.padding}, dilation="
+            f"{tuple(conv.dilation)}, groups={conv.groups} (the fast patch embedding takes square patches the "
+            "kernel's size: stride = kernel_size, no padding, dilation 1, groups 1)")
+
+
 def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[str, str] | None:
     """The first module whose forward the fast path replaces with the official computation (the patch
     embedding; each block, its attention and its MLP) that runs an instance forward or a class maefast
@@ -191,6 +203,8 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
     if found is None and not _plain_layer(getattr(pe, "proj", None), nn.Conv2d):
         found = "patch_embed.proj", _not_plain(getattr(pe, "proj", None), nn.Conv2d) + \
             " (the fast path reads its weights and never calls it)"
+    if found is None and patch_conv_reason(pe.proj) is not None:
+        found = "patch_embed.proj", patch_conv_reason(pe.proj)
     if found is not None:
         return found
     read = _READ_ALWAYS + (_READ_FUSED if fused == "block" else ())
@@ -403,5 +417,5 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
 
 
 __all__ = ["SlowPathWarning", "fast_unsupported", "official_call", "original_inputs", "run_original", "class_overrides",
-           "instance_overrides", "structure_reason", "replaced_forward", "skipped_hooks_reason", "trusted_class",
-           "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
+           "instance_overrides", "structure_reason", "replaced_forward", "patch_conv_reason", "skipped_hooks_reason",
+           "trusted_class", "image_grad_reason", "seed_noise", "warn_slow", "Overrides"]
