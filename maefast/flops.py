@@ -8,6 +8,16 @@ memory-bound: `stage_bytes` estimates their traffic instead). Training = forward
 backward 2x the forward less the patch embedding's input gradient (the images need no gradient: no
 one computes it; tests/test_bench.py checks both against torch's FlopCounterMode).
 
+These are model FLOPs as an MFU counts them: the official computation's matmuls once each, whatever
+an implementation re-does (a flash-attention backward recomputes QK^T, which is not counted; torch's
+FlopCounterMode counts a CUDA SDPA backward as 2.5x its forward, recompute included, and the CPU's SDPA
+as 0, so it matches this count on the explicit attention of `maefast.reference`, or on the meta
+device). They are not the fewest the loss needs: the masked patches' embeddings (masking discards
+them) and the head's cls and visible rows (outside the loss) are counted, and maefast's fast path
+skips both. Without them a training image is 0.80% / 0.47% / 0.24% fewer FLOPs for ViT-B / L / H
+(decoder 8; 1.5% for ViT-B with decoder 1): an MFU by that stricter count is that much lower, and
+the Table 2 ratios 0.2-1.1% higher.
+
 `encoder_mask_tokens=True` gives the paper's Table 2 baseline: an encoder that also processes the
 mask tokens (all L+1 tokens), same decoder. `table2_flop_ratio` divides the two at the same
 decoder depth.
@@ -70,13 +80,13 @@ def dims_of(model_or_cfg, **overrides) -> MAEDims:
         cfg = dict(model_or_cfg)
     else:
         m = model_or_cfg
-        blk, dblk = m.blocks[0], (m.decoder_blocks[0] if len(m.decoder_blocks) else None)
+        blk, dblk = (b[0] if len(b) else None for b in (m.blocks, m.decoder_blocks))  # depth 0 has none
         cfg = dict(img_size=tuple(m.patch_embed.img_size), patch_size=m.patch_embed.patch_size[0],
                    in_chans=m.patch_embed.proj.in_channels, embed_dim=m.pos_embed.shape[-1], depth=len(m.blocks),
-                   num_heads=blk.attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
-                   decoder_depth=len(m.decoder_blocks),
+                   num_heads=blk.attn.num_heads if blk is not None else 1,
+                   decoder_embed_dim=m.decoder_embed.out_features, decoder_depth=len(m.decoder_blocks),
                    decoder_num_heads=dblk.attn.num_heads if dblk is not None else 1,
-                   mlp_ratio=mlp_ratio_of(m.pos_embed.shape[-1], blk.mlp.fc1.out_features))
+                   mlp_ratio=_mlp_ratio_of_blocks(blk, dblk))
     cfg.update(overrides)
     if isinstance(cfg.get("img_size"), int):
         cfg["img_size"] = (cfg["img_size"], cfg["img_size"])
@@ -85,6 +95,18 @@ def dims_of(model_or_cfg, **overrides) -> MAEDims:
     cfg["mlp_ratio"] = float(cfg.get("mlp_ratio", 4.0))
     fields = {f.name for f in dataclasses.fields(MAEDims)}
     return MAEDims(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def _mlp_ratio_of_blocks(*blocks) -> float:
+    """The one mlp_ratio that gives every block's MLP width as the official int(width * mlp_ratio): the
+    encoder's width alone does not pin the decoder's (mlp_ratio 2.2: 64 -> 140 and 128 -> 281, but 140 / 64
+    gives 280)."""
+    widths = [(b.mlp.fc1.in_features, b.mlp.fc1.out_features) for b in blocks if b is not None]
+    ratio = max((mlp_ratio_of(w, h) for w, h in widths), default=4.0)  # no blocks: no MLP to count
+    if any(int(w * ratio) != h for w, h in widths):
+        raise ValueError(f"the model's MLP widths {[h for _, h in widths]} (of widths {[w for w, _ in widths]}) "
+                         f"come from no single mlp_ratio, which maefast.flops counts with")
+    return ratio
 
 
 def _block(tokens: int, width: int, mlp_ratio: float) -> dict:
@@ -162,7 +184,12 @@ def stage_bytes(model_or_cfg, batch: int, *, act_bytes: int = 2, weight_bytes: i
     """Minimum forward memory traffic per stage for a batch (bytes): each stage's input read, output
     write and weights, as a fused implementation would move them. A lower bound: the GB/s it gives
     is what the stage achieved at least. ``optimizer`` is AdamW over fp32 parameters (param, grad,
-    exp_avg, exp_avg_sq read; param, exp_avg, exp_avg_sq written)."""
+    exp_avg, exp_avg_sq read; param, exp_avg, exp_avg_sq written).
+
+    masking+embed and head+loss each count the whole fp32 image read, and head+loss all L+1 decoder
+    rows, as the official computation reads them (its conv and patchify read every pixel). maefast's
+    fast path reads the K visible patches' pixels in the one and the L-K masked patches' pixels and
+    rows in the other: for it these two stages' bytes (and `mae_flops`' FLOPs) are not lower bounds."""
     d = dims_of(model_or_cfg, **overrides)
     L, N = d.num_patches, batch
     T = d.len_keep(mask_ratio) + 1

@@ -13,8 +13,11 @@ profiled alike. On a GPU each boundary records a CUDA
 event (or synchronises, with --sync), so a stage's time is its span on the GPU timeline; on the
 CPU, perf_counter. Warm-up steps are excluded; the time per stage is the median over --steps
 steps. Plain steps (no stage marks) alternate with the staged ones to report the profiler's
-overhead (the median of the staged/plain pair ratios). FLOPs are the official model's (maefast.flops; the fused path does slightly fewer),
-bytes the minimum traffic of a fused implementation, so GB/s is a lower bound; the roofline note
+overhead (the median of the staged/plain pair ratios). FLOPs are the official model's (maefast.flops; maefast's
+model does 0.2-1.5% fewer in all, but in masking+embed it embeds the K visible patches only, 1/4 of the stage's
+count at mask ratio 0.75, and in head+loss runs the head on the L-K masked rows only: those two stages' TFLOP/s
+and GB/s overstate its rates), bytes the minimum traffic of a fused implementation of that computation, so GB/s
+is a lower bound (but for those two stages of maefast's model); the roofline note
 compares each stage's arithmetic intensity with the ridge point of the card's *measured* peak.
 
 Each profile also says what runs where: the backend each maefast op chose in the first step

@@ -126,3 +126,30 @@ def test_paper_speed_ups_are_its_hours():
         if name in fl.PAPER_MASK_TOKEN_HOURS:
             assert round(fl.PAPER_MASK_TOKEN_HOURS[name] / hours, 1) == speedup, (name, depth)
     assert sum(name in fl.PAPER_MASK_TOKEN_HOURS for name, _ in fl.PAPER_TABLE2) == 4
+
+
+def test_flops_of_a_model_whose_decoder_mlp_width_the_encoders_does_not_pin():
+    """mlp_ratio 2.2 makes the encoder's MLP 140 wide (64 x 2.2 = 140.8) and the decoder's 281 (128 x 2.2); a
+    ratio read off the encoder alone (140 / 64) gives the decoder 280: dims_of reads one ratio that gives both,
+    so the count and param_count of the model instance are torch's and the model's own."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=128,
+                             decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.2)
+    assert (m.blocks[0].mlp.fc1.out_features, m.decoder_blocks[0].mlp.fc1.out_features) == (140, 281)
+    with FlopCounterMode(display=False) as fc:
+        m(torch.randn(1, 3, 32, 32))
+    assert fc.get_total_flops() == fl.mae_flops(m)["forward"]
+    assert fl.param_count(m) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_flops_of_models_without_encoder_or_decoder_blocks():
+    """depth 0 / decoder_depth 0 (the model takes both): the count of a model instance is torch's (it raised
+    IndexError reading the first encoder block's heads and MLP)."""
+    torch.manual_seed(0)
+    for depth, decoder_depth in ((0, 1), (1, 0), (0, 0)):
+        m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2,
+                                 decoder_embed_dim=16, decoder_depth=decoder_depth, decoder_num_heads=2)
+        with FlopCounterMode(display=False) as fc:
+            m(torch.randn(1, 3, 32, 32))
+        assert fc.get_total_flops() == fl.mae_flops(m)["forward"], (depth, decoder_depth)
+        assert fl.param_count(m) == sum(p.numel() for p in m.parameters() if p.requires_grad)

@@ -304,3 +304,25 @@ def test_parse_batches_refuses_a_zero_batch_per_model():
         t2.parse_batches("huge=2,large=4,h14=3")
     with pytest.raises(ValueError, match="--batch: '8' is not model=N"):  # not taken for a model's name
         t2.parse_batches("huge=2,8")
+
+
+@pytest.mark.parametrize("name", ["base", "large", "huge"])
+def test_flop_bound_of_the_paper_models_is_torchs_count(name):
+    """The FLOP bound printed for the paper's ViT-B/16, L/16, H/14 (224 px: 196 / 256 patches, 49 / 64 kept),
+    decoder depth 8 and 1: torch's FlopCounterMode over the full-size models' forward + backward (on the meta
+    device: shapes only) of two images, visible-only and with mask tokens, per image exactly mae_flops' train
+    counts, and their ratio table2_flop_ratio (tests/test_bench.py checks these sizes against MAE.md's figures
+    only to 0.005)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from maefast.reference import MaskedAutoencoderViT
+
+    for depth in (8, 1):
+        with torch.device("meta"):
+            m = MaskedAutoencoderViT(**model_config(name, decoder_depth=depth))
+        counts = []
+        for fwd, mask_tokens in ((m, False), (t2.MaskTokenEncoderMAE(m), True)):
+            with FlopCounterMode(display=False) as fc:
+                fwd(torch.empty(2, 3, 224, 224, device="meta"), mask_ratio=0.75)[0].backward()
+            counts.append(fc.get_total_flops())
+            assert counts[-1] == 2 * fl.mae_flops(name, decoder_depth=depth, encoder_mask_tokens=mask_tokens)["train"]
+        assert fl.table2_flop_ratio(name, depth) == counts[1] / counts[0]

@@ -326,7 +326,7 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
     Gathers the L - K masked rows of the decoder output, applies `decoder_pred` (F.linear) to them
     only, and takes `norm_pix_loss(..., pred_on="masked")`. Same loss and the same gradients for
     every parameter as the official `decoder_pred` on all rows + `forward_loss` (unmasked rows get
-    zero gradient there), with 1/4 of the head's FLOPs at ratio 0.75.
+    zero gradient there), with 3/4 of its FLOPs at ratio 0.75 (L - K of the 1 + L rows).
 
     Args:
         decoder_out: (N, 1+L, Dd) after decoder_norm (cls first; has_cls=False: (N, L, Dd)).
