@@ -12,7 +12,8 @@ Rows (providers, `maefast.bench.STEP_PROVIDERS`, in this order unless chosen):
   maefast, maefast-graph, maefast-block, maefast-block-graph, maefast-compile, maefast-compile-graph,
   maefast-patch, maefast-patch-hf, maefast-custom-op   (see `STEP_PROVIDERS[...].what`)
 Every row but reference: bf16 autocast and fused AdamW (capturable in the captured rows). The fastest
-of sdpa / torch-native / torch-native-graph at a size is "best torch-native": every record carries
+of the torch-native rows that ran at a size (sdpa, torch-native, torch-native-graph,
+torch-native-autotune-graph: `maefast.bench.TORCH_NATIVE_ROWS`) is "best torch-native": every record carries
 `best_torch_native_provider`, `best_torch_native_ms` and `speedup_vs_best_torch_native`. A captured
 row that cannot capture does not run (skipped with the reason): it is never timed eagerly.
 

@@ -310,3 +310,55 @@ def test_adamw_is_the_papers_and_rows_are_recipes():
     with pytest.raises(TypeError, match="StepRecipe"):
         mb.register_step_provider("mine", lambda name, device: None)
     assert "mine" not in mb.STEP_PROVIDERS
+
+
+def test_torch_native_rows_run_torchs_sdpa(monkeypatch):
+    """The torch-native rows' attention is F.scaled_dot_product_attention (issue 14), one call per block:
+    in the eager row (a spy counts the calls) and inside the graph torch.compile traces of the whole model
+    (dynamo follows the swapped forward; no softmax left); the reference row calls it nowhere."""
+    import torch.nn.functional as F
+
+    real, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    blocks = 2 + 1  # tiny: depth 2, decoder_depth 1
+    for provider, want in (("reference", 0), ("sdpa", blocks)):
+        calls.clear()
+        mb.make_step(provider, "tiny", 2, device="cpu")()
+        assert len(calls) == want, provider
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    row = mb.make_step("torch-native", "tiny", 2, device="cpu", compile_backend=backend)
+    row()
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert len(graphs) == 1 and row.describe()["graph_breaks"] == 0
+    assert sum("scaled_dot_product_attention" in t for t in targets) == blocks
+    assert not any("softmax" in t for t in targets)
+
+
+def test_every_step_row_steps_with_the_same_adamw_batch_and_mask_ratio(fake_capture):
+    """Every row steps the same data at the same mask ratio with the paper's AdamW (lr, betas, eps, the
+    official decay split over the same parameters); only the optimizer's kernel differs as the row's
+    recipe says: foreach for the official recipe (`reference`), fused elsewhere, capturable where the step
+    is captured. (CPU: a stand-in capture, compiled rows with aot_eager.)"""
+    def groups(opt):  # (a captured step's lr is a float32 device tensor: compared as one)
+        f32 = lambda v: torch.tensor(float(v), dtype=torch.float32).item()  # noqa: E731
+        return [(f32(g["lr"]), g["betas"], g["eps"], g["weight_decay"], sum(p.numel() for p in g["params"]))
+                for g in opt.param_groups]
+
+    ref = mb.make_step("reference", "tiny", 2, device="cpu")
+    for provider, recipe in mb.STEP_PROVIDERS.items():
+        if provider == "maefast-patch-hf":  # transformers' layout: tests/test_bench.py
+            continue
+        row = mb.make_step(provider, "tiny", 2, device="cpu", compile_backend="aot_eager")
+        row()
+        opt, g0 = row.step.optimizer, row.step.optimizer.param_groups[0]
+        assert groups(opt) == groups(ref.step.optimizer), provider
+        want = (not recipe.official_amp, recipe.capture)
+        assert (bool(g0.get("fused")), bool(g0.get("capturable"))) == want, provider
+        assert row.step.captured == recipe.capture and row.step.mask_ratio == 0.75, provider
+        assert torch.equal(row.imgs, ref.imgs), provider
