@@ -158,7 +158,7 @@ class TrainStep:
             raise ValueError(f"mask_ratio={mask_ratio}: the model's forward takes no mask_ratio (its own applies)")
         self._check_config_ratio()
         self.mean, self.std = check_pixel_stat_args(mean, std)
-        if self.mean is not None and not ("mean" in takes and "std" in takes or open_kw):
+        if self.mean is not None and takes and not ("mean" in takes and "std" in takes):  # not into a **kwargs
             raise ValueError(f"mean/std: {type(inner).__name__}.forward takes no mean= and std=; normalise the "
                              "images before the step instead")
         # maefast's class with impl="reference" runs the official forward, which refuses seed=
@@ -282,7 +282,10 @@ class TrainStep:
             if self.clip_grad is not None:
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad)
+                # in the model's order, as the official loop's clip_grad_norm_(model.parameters()): the norms are
+                # summed in the order given (the groups' order, e.g. [no decay, decay], differs in the last bits)
+                mine = {id(p) for p in self._params}
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if id(p) in mine], self.clip_grad)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()

@@ -113,3 +113,15 @@ def test_statistics_with_float_images_are_refused_at_the_call():
     step = TrainStep(a, torch.optim.AdamW(a.parameters()), capture=False, mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="mean/std normalise uint8"):
         step(torch.randn(2, 3, 32, 32))
+
+
+def test_a_forward_taking_kwargs_only_is_not_handed_the_statistics():
+    """A forward with **kwargs but no mean/std parameters (transformers' unpatched ViTMAE) would drop them
+    unread: refused as for a forward without them."""
+    class Kw(_NoStats):
+        def forward(self, imgs, mask_ratio=0.75, **kwargs):
+            return super().forward(imgs)
+
+    m = Kw()
+    with pytest.raises(ValueError, match="Kw.forward takes no mean= and std="):
+        TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), mean=MEAN, std=STD)

@@ -1,0 +1,221 @@
+"""`maefast.TrainStep` around what wraps or feeds a model (patched official-layout and transformers models,
+DDP, torch.compile, a checkpoint's optimizer and GradScaler), each against the plain hand-written loop: autocast
+forward, backward, clip, optimizer.step, zero_grad (a GradScaler for fp16), which must give the same losses and
+parameters bit for bit. Found by exploring feature combinations."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import maefast
+from maefast.step import TrainStep
+from maefast.train.schedule import param_groups_weight_decay, set_group_lrs
+from official_layout import TINY, official_class
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _official():
+    torch.manual_seed(0)
+    return maefast.patch(official_class()(**TINY))
+
+
+def _official_loss(m, imgs, noise):
+    return m(imgs, 0.75, noise, return_pred=False)[0]
+
+
+def _data(n, overflow=()):
+    """n batches with their noise; the batches in `overflow` overflow fp16 (GradScaler skips their update)."""
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randn(3, 3, 32, 32, generator=g) * (1e6 if i in overflow else 1) for i in range(n)]
+    return imgs, [torch.rand(3, 16, generator=g) for _ in range(n)]
+
+
+def _groups(model, lr_scale=0.5):
+    """The official recipe's groups [no decay, decay], the first with an lr_scale (layer-decay style)."""
+    groups = param_groups_weight_decay(model, 0.05)
+    groups[0]["lr_scale"] = lr_scale
+    return groups
+
+
+def _plain_loop(model, opt, imgs, noises, loss_fn, *, dtype=torch.float32, accum=1, clip=None, scaler=None,
+                lrs=None):
+    """The hand-written loop; returns its losses."""
+    losses = []
+    for i, (x, n) in enumerate(zip(imgs, noises)):
+        if lrs is not None:
+            set_group_lrs(opt, lrs[i])
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn(model, x, n)
+        losses.append(loss.detach())
+        scaled = loss / accum if accum > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if (i + 1) % accum == 0:
+            if clip is not None:
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+    return losses
+
+
+def _same(losses_a, losses_b, a, b):
+    assert all(torch.equal(x, y) or (x.isnan() and y.isnan()) for x, y in zip(losses_a, losses_b, strict=True))
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Linear(12, 12) for _ in range(4)])
+        self.norm = nn.LayerNorm(12)
+
+    def forward(self, imgs, mask_ratio=0.75):
+        return (self.norm(self.blocks(imgs.flatten(1))) * 3).pow(2).mean()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clip_grad_sums_the_norms_in_the_models_order(seed):
+    """The official groups list the parameters [no decay, decay], not in the model's order; clip_grad_norm_ sums
+    the per-parameter norms in the order it is given: the step clipped the groups' order, the official loop
+    clip_grad_norm_(model.parameters()), and the parameters parted in the last bits (before 2026-12-07)."""
+    torch.manual_seed(seed)
+    a = Stack()
+    b = copy.deepcopy(a)
+    imgs = [torch.randn(4, 3, 2, 2) for _ in range(3)]
+    step = TrainStep(a, torch.optim.SGD(param_groups_weight_decay(a, 0.05), lr=0.1), clip_grad=0.1)
+    opt = torch.optim.SGD(param_groups_weight_decay(b, 0.05), lr=0.1)
+    losses = [step(x) for x in imgs]
+    _same(losses, _plain_loop(b, opt, imgs, [None] * 3, lambda m, x, n: m(x), clip=0.1), a, b)
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_fp16_overflow_steps_are_skipped_as_the_plain_loop_skips_them(fake_capture, captured):
+    """A patched official-layout model, fp16 with a GradScaler, accumulation, clipping, lr_scale groups and
+    set_lr: the micro-batches that overflow skip the same updates and halve the same scale as the plain loop."""
+    a = _official()
+    b = copy.deepcopy(a)
+    imgs, noises = _data(6, overflow=(1, 4))
+    lrs = [1e-3, 2e-3, 3e-3, 1e-3, 5e-4, 4e-4]
+    opt_a = torch.optim.AdamW(_groups(a), lr=1e-3, fused=True, capturable=captured)
+    opt_b = torch.optim.AdamW(_groups(b), lr=torch.tensor(1e-3) if captured else 1e-3, fused=True,
+                              capturable=captured)
+    step = TrainStep(a, opt_a, dtype=torch.float16, accum_steps=2, clip_grad=0.5, capture=captured,
+                     scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    losses = []
+    for i in range(6):
+        step.set_lr(lrs[i])
+        losses.append(step(imgs[i], noises[i]).clone())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    want = _plain_loop(b, opt_b, imgs, noises, _official_loss, dtype=torch.float16, accum=2, clip=0.5,
+                       scaler=scaler, lrs=lrs)
+    assert step.captured == captured and step.scaler.get_scale() == scaler.get_scale() == 2.0 ** 8
+    _same(losses, want, a, b)
+
+
+def test_a_ddp_model_syncs_only_the_update_and_steps_as_the_plain_loop(tmp_path):
+    """DDP (gloo, one process) around a patched official-layout model, accumulation 3 in fp16: the gradients are
+    all-reduced on the updating micro-batch only (no_sync before), and the result is the plain loop's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        a = _official()
+        b = copy.deepcopy(a)
+        ddp = DDP(a)
+        reduced = []
+
+        def hook(state, bucket):  # world size 1: the all-reduce is the identity, counted
+            reduced.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, hook)
+        imgs, noises = _data(6)
+        step = TrainStep(ddp, torch.optim.AdamW(a.parameters(), lr=1e-3, fused=True), dtype=torch.float16,
+                         accum_steps=3, clip_grad=0.5)
+        losses = [step(imgs[i], noises[i]) for i in range(6)]
+        want = _plain_loop(b, torch.optim.AdamW(b.parameters(), lr=1e-3, fused=True), imgs, noises, _official_loss,
+                           dtype=torch.float16, accum=3, clip=0.5, scaler=torch.amp.GradScaler("cpu"))
+        assert step.optimizer_steps == 2 and len(reduced) == 2 * len(set(reduced))
+        _same(losses, want, a, b)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_a_run_resumed_from_its_checkpoint_continues_as_one_run(fake_capture, captured):
+    """Model, optimizer and GradScaler saved after 4 calls (2 updates, one skipped by an fp16 overflow), restored
+    into a new model, optimizer and TrainStep with seed=old.seed + old.calls: the masks drawn from the seed, the
+    updates and the scale go on as in the uninterrupted run."""
+    def build(model):
+        return torch.optim.AdamW(_groups(model), lr=1e-3, fused=True, capturable=captured)
+
+    kw = dict(dtype=torch.float16, accum_steps=2, clip_grad=0.5, capture=captured)
+    imgs, _ = _data(8, overflow=(2,))
+    lrs = [1e-3, 2e-3, 3e-3, 1e-3, 5e-4, 4e-4, 3e-4, 2e-4]
+    whole, first = _official(), _official()
+    run = TrainStep(whole, build(whole), seed=11, **kw)
+    want = []
+    for i in range(8):
+        run.set_lr(lrs[i])
+        want.append(run(imgs[i]).clone())
+    old = TrainStep(first, build(first), seed=11, **kw)
+    got = []
+    for i in range(4):
+        old.set_lr(lrs[i])
+        got.append(old(imgs[i]).clone())
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": old.optimizer.state_dict(),
+                "scaler": old.scaler.state_dict(), "seed": old.seed + old.calls}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = _official()
+    resumed.load_state_dict(ckpt["model"])
+    opt = build(resumed)
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(ckpt["scaler"])
+    new = TrainStep(resumed, opt, scaler=scaler, seed=ckpt["seed"], **kw)
+    for i in range(4, 8):
+        new.set_lr(lrs[i])
+        got.append(new(imgs[i]).clone())
+    assert new.mask_source == "seed" and new.captured == captured
+    assert new.scaler.get_scale() == run.scaler.get_scale() == 2.0 ** 15
+    _same(got, want, resumed, whole)
+
+
+def test_a_compiled_model_takes_each_calls_seed_without_recompiling(fake_capture):
+    """torch.compile (aot_eager) of a patched official-layout model inside a captured step with accumulation:
+    one graph for the seed-drawn masks of every call (the seed is a tensor), the eager step's losses."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    a = _official()
+    b = copy.deepcopy(a)
+    imgs, _ = _data(4)
+    cap = TrainStep(torch.compile(a, backend="aot_eager"),
+                    torch.optim.AdamW(a.parameters(), lr=1e-3, fused=True, capturable=True),
+                    accum_steps=2, seed=4, capture=True)
+    eager = TrainStep(b, torch.optim.AdamW(b.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True),
+                      accum_steps=2, seed=4, capture=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for x in imgs:
+            torch.testing.assert_close(cap(x), eager(x), rtol=1e-5, atol=1e-6)
+    assert cap.captured and cap.mask_source == "seed" and counters["stats"]["unique_graphs"] == 1
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    torch._dynamo.reset()
