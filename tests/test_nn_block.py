@@ -447,3 +447,125 @@ def test_block_runs_its_attention_on_its_impl(impl, fused):
     x = randn(2, 5, D)
     with torch.no_grad():
         assert_close(ours(x), timm(x), name=f"block on impl={impl!r}")
+
+
+def _set_dropouts(blk, on: bool):
+    for mod in blk.modules():
+        if isinstance(mod, nn.Dropout) or type(mod).__name__ == "DropPath":
+            mod.train(on)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["op-by-op", "fused"])
+@pytest.mark.parametrize("kw", [dict(drop=0.3), dict(attn_drop=0.3), dict(drop_path=0.3)],
+                         ids=["drop", "attn_drop", "drop_path"])
+def test_each_dropout_follows_its_own_mode_as_timms(kw, fused):
+    """A dropout drops when its own module is in training mode, as calling it does in timm's block: Monte Carlo
+    dropout (an eval() block whose Dropouts/DropPaths are set back to train()) drops, and a train() block whose
+    dropouts were set to eval() does not (the one op skipped the first, the attention's rate read the block's or
+    the attention's mode instead of attn_drop's)."""
+    timm, ours = _pair(**kw)
+    ours.fused = fused
+    x = randn(3, 7, D)
+    with torch.no_grad():
+        plain = timm(x)
+        for mode in ("monte carlo", "dropouts off in training"):
+            outs = []
+            for blk in (timm, ours):
+                blk.train(mode != "monte carlo")
+                _set_dropouts(blk, mode == "monte carlo")
+                torch.manual_seed(1)
+                outs.append(blk(x))
+            if mode == "monte carlo":
+                assert not torch.allclose(outs[1], plain, atol=1e-4), f"{kw}: no dropout in {mode}"
+                if "drop_path" not in kw:  # same draws (drop path: same distribution, other draws)
+                    assert_close(outs[1], outs[0], name=f"{kw} in {mode}")
+            else:
+                assert_close(outs[1], plain, name=f"{kw} in {mode}")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["op-by-op", "fused"])
+@pytest.mark.parametrize("part", ["attn.attn_drop", "attn.proj_drop", "mlp.drop"])
+def test_a_dropout_replaced_by_identity_trains(part, fused):
+    """Stripping a dropout by putting an nn.Identity in its place works in training as in timm's block (it raised
+    AttributeError: 'Identity' object has no attribute 'p')."""
+    timm, ours = _pair(drop=0.3, attn_drop=0.3)
+    for blk in (timm, ours):
+        for name in ("attn.attn_drop", "attn.proj_drop", "mlp.drop"):
+            parent, attr = name.rsplit(".", 1)
+            setattr(blk.get_submodule(parent), attr, nn.Identity() if name == part else nn.Dropout(0.0))
+    ours.fused = fused
+    x = randn(3, 7, D)
+    with torch.no_grad():
+        assert_close(ours.train()(x), timm.train()(x), name=f"block with {part} an Identity in training")
+
+
+def test_fused_block_refuses_an_input_of_another_dtype_as_timms():
+    """Outside autocast a bf16 input on an fp32 block raises as timm's (F.linear's dtype error) instead of running
+    the one op with the weights cast to bf16; under autocast both run."""
+    timm, ours = _pair()
+    x = randn(2, 5, D).bfloat16()
+    for blk in (timm, ours):
+        with pytest.raises(RuntimeError, match="dtype"):
+            blk(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close(ours(x), timm(x), dtype=torch.bfloat16, name="fused block under bf16 autocast")
+
+
+def test_reference_attention_drops_by_attn_drops_own_mode():
+    """maefast.reference's Attention (the truth the drop-ins are checked against) calls attn_drop as timm's does:
+    Monte Carlo dropout on an eval() attention drops, with timm's draws; attn_drop set to eval() in training does
+    not; an Identity in its place trains."""
+    from maefast.reference.model import Attention as ReferenceAttention
+
+    torch.manual_seed(0)
+    timm = TimmAttention(D, H, True, None, 0.3, 0.0)
+    ref = ReferenceAttention(D, H, qkv_bias=True, attn_drop=0.3)
+    ref.load_state_dict(timm.state_dict())
+    x = randn(3, 7, D)
+    with torch.no_grad():
+        plain = timm.eval()(x)
+        for train_attn in (False, True):
+            outs = []
+            for a in (timm, ref):
+                a.train(train_attn).attn_drop.train(not train_attn)
+                torch.manual_seed(1)
+                outs.append(a(x))
+            assert_close(outs[1], outs[0], name=f"reference attention, attn_drop.training={not train_attn}")
+            assert torch.allclose(outs[1], plain) == train_attn
+        ref.attn_drop = nn.Identity()
+        assert_close(ref.train()(x), plain, name="reference attention with an Identity attn_drop")
+
+
+class HalfProbs(nn.Module):
+    """A module put at attn_drop that changes the probabilities (no `p`): timm calls it on them."""
+
+    def forward(self, attn):
+        return attn * 0.5
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("fused", [False, True], ids=["op-by-op", "fused"])
+def test_another_module_at_attn_drop_is_called_on_the_probabilities(fused, train):
+    """A module other than nn.Dropout / nn.Identity at attn_drop is called on the materialised probabilities as in
+    timm's attention (it was skipped in eval and raised AttributeError (no `p`) in training); with packed rows it is
+    refused, naming its class."""
+    timm, ours = _pair()
+    timm.attn.attn_drop, ours.attn.attn_drop = HalfProbs(), HalfProbs()
+    ours.fused = fused
+    x = randn(3, 7, D)
+    with torch.no_grad():
+        assert_close(ours.train(train)(x), timm.train(train)(x), name="block with HalfProbs at attn_drop")
+        with pytest.raises(ValueError, match="attn_drop of class HalfProbs"):
+            ours.attn(randn(7, D), torch.tensor([0, 3, 7], dtype=torch.int32), 4)
+
+
+def test_float64_unshuffle_checks_its_inputs_as_the_op_does():
+    """The float64 route (the official ops) names a bad argument as the fp32 one does (it raised torch's size
+    mismatch from the `+`, or ran a non-permutation ids_restore)."""
+    n, L, keep = 2, 4, 2
+    x_vis, token, pos = randn(n, 1 + keep, D).double(), randn(1, 1, D).double(), randn(1, 1 + L, D).double()
+    ids = torch.stack([torch.randperm(L) for _ in range(n)])
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(1, 1\+L, Dd\)"):
+        Unshuffle()(x_vis, token, ids, pos[:, 1:])
+    with pytest.raises(ValueError, match="ids_restore"):
+        Unshuffle()(x_vis, token, torch.zeros_like(ids), pos)

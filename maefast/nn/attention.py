@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .._modules import hooked, plain_layer, trusted_class, vit_block_computes
-from .._validate import FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, autocast_dtype
 from ..ops._backend import check_impl
 from ..ops.attention import sdpa_attention, visible_attention
 from ..reference.attention import attention as reference_attention
@@ -28,10 +28,11 @@ class Attention(_ReferenceAttention):
     """timm/official `Attention` (same arguments, defaults and keys) on the fused op.
 
     forward(x (N, L, C), cu_seqlens=None, max_seqlen=None) -> (N, L, C). With attn_drop > 0 in
-    training mode, the probabilities need dropout, which the kernels do not do: that case runs
-    PyTorch's SDPA (with the layout copies) instead. MAE pre-training uses attn_drop = 0. With hooks
-    on ``attn_drop`` (the usual way to capture attention maps) the probabilities are materialised,
-    as timm computes them, so the hooks see them. impl: as `maefast.ops.visible_attention`'s ("sdpa":
+    training mode (attn_drop's own mode, as calling it decides), the probabilities need dropout, which
+    the kernels do not do: that case runs PyTorch's SDPA (with the layout copies) instead. MAE
+    pre-training uses attn_drop = 0. With hooks on ``attn_drop`` (the usual way to capture attention
+    maps), or a module other than nn.Dropout / nn.Identity there, the probabilities are materialised,
+    as timm computes them, and attn_drop is called on them. impl: as `maefast.ops.visible_attention`'s ("sdpa":
     torch's scaled_dot_product_attention on the same views; no cu_seqlens).
     """
 
@@ -46,15 +47,17 @@ class Attention(_ReferenceAttention):
                 max_seqlen: int | None = None) -> torch.Tensor:
         if cu_seqlens is None and x.dim() != 3:
             raise ValueError(f"x must be (N, L, C) (or packed rows (T, C) with cu_seqlens), got shape {tuple(x.shape)}")
-        if hooked(self.attn_drop):
+        rate = _dropout_rate(self.attn_drop)
+        if rate is None or hooked(self.attn_drop):
             if cu_seqlens is not None:
-                raise ValueError("hooks on attn_drop need the attention probabilities, which are not materialised "
-                                 "with cu_seqlens")
+                why = ("hooks on attn_drop need" if hooked(self.attn_drop) else
+                       f"an attn_drop of class {type(self.attn_drop).__name__} (not nn.Dropout) needs")
+                raise ValueError(f"{why} the attention probabilities, which are not materialised with cu_seqlens")
             # timm's computation: attn_drop called on the probabilities (an identity in eval mode)
             return self.proj_drop(self.proj(reference_attention(self.qkv(x), self.num_heads, scale=self.scale,
                                                                 dropout=self.attn_drop)))
         qkv = self.qkv(x)
-        if self.training and self.attn_drop.p > 0:
+        if rate:
             x = self._sdpa_with_dropout(qkv, cu_seqlens)
         else:
             x = visible_attention(qkv, self.num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -68,6 +71,15 @@ class Attention(_ReferenceAttention):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, scale={self.scale:g}, impl={self.impl!r}"
+
+
+def _dropout_rate(m: nn.Module) -> float | None:
+    """The rate at which a dropout slot (attn_drop, proj_drop, mlp.drop) drops now, by its own mode as calling it
+    would (Monte Carlo dropout trains the Dropouts of an eval() block): a torch Dropout's p in training, else 0,
+    and 0 for an Identity; None for another module (its own forward must run)."""
+    if "forward" in m.__dict__ or type(m) not in (nn.Dropout, nn.Identity):
+        return None
+    return m.p if type(m) is nn.Dropout and m.training else 0.0
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -113,7 +125,8 @@ class Block(nn.Module):
 
     fused=True runs the whole block as one op (`maefast.ops.vit_block`: one autograd node, LayerNorm
     and GELU recomputed in the backward, ~40% less activation memory than False) whenever it
-    computes the same thing: no cu_seqlens, no active dropout/drop-path, torch's exact GELU, affine
+    computes the same thing: no cu_seqlens, no dropout/drop-path in training mode (each module's own, as
+    Monte Carlo dropout sets them), weights of x's dtype outside autocast, torch's exact GELU, affine
     LayerNorms, proj/fc biases, this module's own attention and MLP (their forwards not replaced), no
     hooks on the parts it would not call, a float32/16 input, an attention impl other than "sdpa". Otherwise (and
     always with fused=False) the block runs op by op, calling its parts as modules.
@@ -157,11 +170,17 @@ class Block(nn.Module):
             return False
         if getattr(a, "impl", None) == "sdpa":  # torch's attention: the block op would run maefast's
             return False
-        if self.training and (self.drop_path_prob or a.attn_drop.p or a.proj_drop.p or m.drop.p):
-            return False
         if not (isinstance(a, Attention) and isinstance(m, Mlp)
                 and isinstance(self.drop_path, (DropPath, nn.Identity))):
             return False  # a part replaced by another module: its own forward runs (op by op)
+        # each dropout by its own mode (an Identity in a dropout's place drops nothing)
+        if any(_dropout_rate(d) != 0.0 for d in (a.attn_drop, a.proj_drop, m.drop)):
+            return False
+        if self.drop_path.training and self.drop_path_prob:
+            return False
+        linears = (a.qkv, a.proj, m.fc1, m.fc2)
+        if autocast_dtype(x.device) is None and any(lin.weight.dtype != x.dtype for lin in linears):
+            return False  # the op would cast the weights to x's dtype; the modules raise (F.linear), as timm's
         parts = (self.norm1, a, a.qkv, a.attn_drop, a.proj, a.proj_drop, self.drop_path, self.norm2, m, m.fc1, m.act,
                  m.drop, m.fc2)
         # the one op computes these modules' official forwards without calling them: their classes must be
@@ -185,7 +204,7 @@ class Block(nn.Module):
                              a.proj.bias, self.norm2.weight, self.norm2.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight,
                              m.fc2.bias, num_heads=a.num_heads, scale=a.scale, eps1=self.norm1.eps,
                              eps2=self.norm2.eps, impl=a.impl)
-        if cu_seqlens is not None and self.training and self.drop_path_prob:
+        if cu_seqlens is not None and self.drop_path.training and self.drop_path_prob:
             raise ValueError("drop_path > 0 in training mode is not supported with cu_seqlens (it drops whole samples)")
         # the packed-sequence arguments only when given: a timm Attention put in as `attn` takes x alone
         extra = () if cu_seqlens is None else (cu_seqlens, max_seqlen)

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from ..ops._backend import check_impl
-from ..ops.unshuffle import out_dtype, unshuffle
+from .._validate import FLOAT_DTYPES
+from ..ops.unshuffle import _validate, out_dtype, unshuffle
 from ..reference.unshuffle import unshuffle as reference_unshuffle
 
 
@@ -27,6 +28,7 @@ class Unshuffle(nn.Module):
                 pos_embed: torch.Tensor) -> torch.Tensor:
         # the official ops in float64 (the kernels take float32/16; the op promotes the rest itself)
         if out_dtype(x_vis, mask_token, pos_embed) == torch.float64:
+            _validate(x_vis, mask_token, ids_restore, pos_embed, dtypes=FLOAT_DTYPES + (torch.float64,))
             return reference_unshuffle(x_vis, mask_token, ids_restore, pos_embed)
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)  # it promotes too
 

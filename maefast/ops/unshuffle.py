@@ -23,8 +23,8 @@ from ._dispatch import bwd, call, custom_op, register_autograd
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
-    check_tensor("x_vis", x_vis, ndim=3, dtypes=FLOAT_DTYPES)
+def _validate(x_vis, mask_token, ids_restore, pos_embed, dtypes=FLOAT_DTYPES) -> None:
+    check_tensor("x_vis", x_vis, ndim=3, dtypes=dtypes)
     n, k1, d = x_vis.shape
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=x_vis.device)
     L = ids_restore.shape[1]
@@ -37,10 +37,10 @@ def _validate(x_vis, mask_token, ids_restore, pos_embed) -> None:
     if not 1 <= k1 <= L + 1:
         raise ValueError(f"x_vis must hold the cls token and K <= L visible tokens: shape (N, 1+K, Dd) with "
                          f"1 <= 1+K <= 1+L = {L + 1}, got {tuple(x_vis.shape)}")
-    check_tensor("mask_token", mask_token, dtypes=FLOAT_DTYPES, device=x_vis.device)
+    check_tensor("mask_token", mask_token, dtypes=dtypes, device=x_vis.device)
     if tuple(mask_token.shape) != (1, 1, d):
         raise ValueError(f"mask_token must have shape (1, 1, Dd) = {(1, 1, d)}, got {tuple(mask_token.shape)}")
-    check_tensor("pos_embed", pos_embed, ndim=3, dtypes=FLOAT_DTYPES, device=x_vis.device)
+    check_tensor("pos_embed", pos_embed, ndim=3, dtypes=dtypes, device=x_vis.device)
     if tuple(pos_embed.shape) != (1, L + 1, d):
         raise ValueError(f"pos_embed must have shape (1, 1+L, Dd) = {(1, L + 1, d)}, got {tuple(pos_embed.shape)}")
     check_permutation("ids_restore", ids_restore)

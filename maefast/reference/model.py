@@ -48,8 +48,8 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
-        drop = self.attn_drop if self.training and self.attn_drop.p > 0 else None
-        x = attention(self.qkv(x), self.num_heads, scale=self.scale, dropout=drop)
+        # timm's: attn_drop called on the probabilities (its own mode decides; an identity in eval)
+        x = attention(self.qkv(x), self.num_heads, scale=self.scale, dropout=self.attn_drop)
         return self.proj_drop(self.proj(x))
 
 
