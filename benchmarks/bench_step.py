@@ -84,7 +84,9 @@ def _cases():
 
 
 CASES = _cases()
-PROVIDERS = list(mb.STEP_PROVIDERS)
+# rows that run only when named (MAEFAST_BENCH_STEP_PROVIDERS or a size's @rows): minutes of compiling each
+ON_REQUEST = ("torch-native-autotune-graph",)
+PROVIDERS = [p for p in mb.STEP_PROVIDERS if p not in ON_REQUEST]
 if os.environ.get("MAEFAST_BENCH_STEP_PROVIDERS"):  # a comma list: only these rows (a short GPU window)
     PROVIDERS = [p.strip() for p in os.environ["MAEFAST_BENCH_STEP_PROVIDERS"].split(",") if p.strip()]
 _unknown = sorted({p for p in PROVIDERS + [q for *_, only in CASES for q in (only or [])]} - set(mb.STEP_PROVIDERS))

@@ -11,7 +11,7 @@ COMMANDS = {
     "profile": ("maefast.profile", "per-stage timing of an MAE training step (default: small model, synthetic batch)"),
     "bench": ("maefast.bench", "benchmarks, e.g. `maefast bench table2` (the paper's Table 2 on this machine)"),
     "train": ("maefast.train", "MAE pre-training (the paper's recipe) on an image folder or --data synthetic"),
-    "visualize": ("maefast.visualize", "PNG grid of original / masked / reconstruction from a checkpoint"),
+    "visualize": ("maefast.visualize", "original / masked / reconstruction grid from a checkpoint (--out's format)"),
     "info": ("maefast.cli", "what can run here (reference, Triton, CUDA C++ kernels) and why not; --json"),
 }
 

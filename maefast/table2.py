@@ -419,7 +419,7 @@ def main(argv=None) -> int:
                    "default: base,large,huge on a GPU, small on the CPU")
     p.add_argument("--decoder-depths", default="8,1")
     p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda, sdpa); default: "
-                   "reference, plus auto on a GPU when the model takes impl=")
+                   "reference, plus auto on a GPU")
     p.add_argument("--batch", default=None, help=f"N for every model, or per model: large=256,huge=192 (the others "
                    f"at their default); default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
     p.add_argument("--dtype", default=None, help="bf16 (GPU default) / fp16 / fp32 (CPU default)")

@@ -98,6 +98,19 @@ def test_bench_step_pair_from_env(harness, monkeypatch):
             _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PAIR=bad)
 
 
+def test_the_autotune_row_runs_only_when_named(harness, monkeypatch):
+    """torch-native-autotune-graph compiles for minutes: a whole run leaves it out (README: 'on request'),
+    a row list or a size's @rows runs it."""
+    monkeypatch.setattr(harness, "_GPU_MODE", True)
+    row = "torch-native-autotune-graph"
+    bs = _import_bench_step(monkeypatch)
+    assert row not in bs.PROVIDERS and all(p != row for _, p in bs.PARAMS) and "torch-native-graph" in bs.PROVIDERS
+    bs = _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_PROVIDERS=f"{row},maefast-block-graph")
+    assert bs.PROVIDERS == [row, "maefast-block-graph"]
+    bs = _import_bench_step(monkeypatch, MAEFAST_BENCH_STEP_MODELS=f"huge:64@{row}")
+    assert bs.PARAMS == [(("mae_vit_huge_patch14", 64), row)]
+
+
 def test_bench_step_pair_records_both_rows_and_the_rounds_ratio(harness, monkeypatch):
     """Both rows of the pair are built in one process and timed interleaved; the base row is the group's
     baseline, the ours row carries the median of the per-round ratios and their range, and the peak memory
