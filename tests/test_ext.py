@@ -306,6 +306,28 @@ def test_jpeg_reader_builds_or_says_why_not(tmp_path, monkeypatch):
     assert r.returncode == 1 and r.stderr.startswith("maefast._jpeg not built: ") and not out.exists()
 
 
+def test_sdist_carries_the_build_script_the_sources_and_the_test_helpers(tmp_path):
+    """An sdist (pip install maefast-*.tar.gz) builds from csrc/ (setup.py imports csrc/build.py) and its
+    tests run: without MANIFEST.in it had none of csrc/ but jpeg_region.c (the .cu sources are named by
+    absolute path) and no tests/conftest.py, and `pip install` of it failed at `import build`."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("setuptools")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, env=dict(os.environ, MAEFAST_SKIP_CUDA_BUILD="1"))
+    assert r.returncode == 0, r.stderr
+    files = set((tmp_path / "maefast.egg-info" / "SOURCES.txt").read_text().split())
+    csrc = {f"csrc/{n}" for n in os.listdir(os.path.join(root, "csrc"))
+            if n.endswith((".py", ".cu", ".cuh", ".h", ".c"))}
+    assert "csrc/build.py" in csrc and csrc <= files, sorted(csrc - files)
+    assert {"tests/conftest.py", "tests/poison_alloc.py", "tests/triton_memcheck.py", "scripts/gpu_check.sh",
+            "kernels/__init__.py"} <= files
+    assert not [f for f in files if f.endswith((".so", ".pyc", ".o"))]
+
+
 @pytest.mark.parametrize("devices", [2, 0, "raises", "not built"])
 def test_backends_on_a_gpu_machine(monkeypatch, devices):
     """Where torch sees a GPU: triton runs; the built _C runs only when it sees a device itself (0 devices,
