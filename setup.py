@@ -33,7 +33,10 @@ class NvccBuildExt(build_ext):
                 csrc_build.say(f"maefast: maefast._jpeg not built ({exc}); the loader reads JPEGs with simplejpeg")
                 raise CompileError(str(exc)) from None
             return
-        csrc_build.build(out, os.path.join(os.path.abspath(self.build_temp), "csrc"))
+        # an editable install compiles in the checkout's build/csrc, as `csrc/build.py --inplace` does, so ninja
+        # recompiles only what changed (setuptools gives every editable build a fresh temporary folder)
+        temp = os.path.join(ROOT, "build") if getattr(self, "editable_mode", False) else os.path.abspath(self.build_temp)
+        csrc_build.build(out, os.path.join(temp, "csrc"))
 
 
 def ext_modules():
