@@ -40,7 +40,8 @@ def transform_level() -> int | None:
     return torch._C._functorch.maybe_current_level()
 
 
-# Read while Dynamo traces (it cannot put the call in a graph): what torch.compiler.assume_constant_result
+# Read while Dynamo traces (inside a compiled transform it returns a level, an int Dynamo cannot put in a
+# graph: "torch.* op returned non-Tensor"): what torch.compiler.assume_constant_result
 # sets (torch 2.11-2.13), without its import of torch._dynamo (and Triton: ~1 s) at `import maefast`.
 # tests/test_func_transforms.py compiles a transform through it.
 transform_level._dynamo_marked_constant = True
@@ -190,9 +191,19 @@ def check_pixel_stat_args(mean, std) -> tuple:
 def values_on_host(t: torch.Tensor) -> bool:
     """Whether t's values can be read without a device sync: a CPU tensor (not meta, not CUDA), and not
     while torch.compile traces, nor a fake tensor met eagerly (a FakeTensorMode memory estimate): they
-    have no values; the shapes are still checked. Nor under a torch.func transform: vmap's batched
-    tensors have no single value to read."""
-    return t.device.type == "cpu" and not compiling() and not isinstance(t, FakeTensor) and transform_level() is None
+    have no values; the shapes are still checked. Nor a tensor vmap batches (at any level of a torch.func
+    transform's wrappers): it has no single value to read."""
+    return (t.device.type == "cpu" and not compiling() and not isinstance(t, FakeTensor)
+            and (transform_level() is None or not _batched(t)))
+
+
+def _batched(t: torch.Tensor) -> bool:
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
 
 
 def dense_index(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

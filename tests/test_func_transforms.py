@@ -207,3 +207,21 @@ def test_hessian_is_exact_under_transforms(impl, device):
     got = torch.func.hessian(lambda x: (ops.layer_norm(x, w, b, impl=impl) * u).sum())(x)
     expected = torch.func.hessian(lambda x: (torch.nn.functional.layer_norm(x, (8,), w, b, 1e-6) * u).sum())(x)
     assert_grad_close(got, expected)
+
+
+def test_index_values_are_checked_under_transforms_unless_batched():
+    """A CPU index tensor's values are checked as outside a transform (under grad, jvp, and vmap of other
+    arguments); only one vmap batches has no single value to read, and goes unchecked."""
+    x, tok, pos = torch.randn(2, 3, 16), torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    bad = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3]])
+
+    def f(x, ids):
+        return ops.unshuffle(x, tok, ids, pos).sum()
+
+    with pytest.raises(ValueError, match="ids_restore must hold a permutation"):
+        torch.func.grad(f)(x, bad)
+    with pytest.raises(ValueError, match="ids_restore must hold a permutation"):
+        torch.func.vmap(torch.func.grad(lambda x: f(x, bad)))(torch.stack([x, x]))
+    good = torch.tensor([[3, 0, 1, 2], [0, 1, 2, 3]])
+    got = torch.func.vmap(lambda ids: f(x, ids))(torch.stack([good, good.flip(0)]))
+    assert_close(got, torch.stack([f(x, good), f(x, good.flip(0))]))

@@ -511,6 +511,24 @@ def test_fused_block_refuses_an_input_of_another_dtype_as_timms():
         assert_close(ours(x), timm(x), dtype=torch.bfloat16, name="fused block under bf16 autocast")
 
 
+def test_fused_block_with_a_wrapped_linear_runs_op_by_op():
+    """A Linear wrapped by a module of one's own (an adapter, no `.weight`) in a fused block: the block runs op by
+    op, calling it (the dtype check once read `.weight` before the plain-layer check: AttributeError)."""
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    timm, ours = _pair()
+    timm.attn.qkv, ours.attn.qkv = Wrap(timm.attn.qkv), Wrap(ours.attn.qkv)
+    x = randn(2, 5, D)
+    with torch.no_grad():
+        assert_close(ours(x), timm(x), name="fused block with a wrapped qkv")
+
+
 def test_reference_attention_drops_by_attn_drops_own_mode():
     """maefast.reference's Attention (the truth the drop-ins are checked against) calls attn_drop as timm's does:
     Monte Carlo dropout on an eval() attention drops, with timm's draws; attn_drop set to eval() in training does

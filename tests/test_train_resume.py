@@ -361,6 +361,10 @@ def test_a_start_with_nothing_to_train_still_leaves_the_runs_checkpoint(tmp_path
     straight = train(_cfg(tmp_path / "straight", epochs=1))
     a, b = (load_checkpoint(os.path.join(d, "checkpoint-last.pth")) for d in (straight["output_dir"], tmp_path / "b"))
     assert a["step"] == b["step"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # from an epoch's end: the copy keeps the log line a later in-place resume restores a missing log.jsonl from
+    res = train(_cfg(tmp_path / "e", epochs=1, resume=os.path.join(straight["output_dir"], "checkpoint-last.pth")))
+    got = load_checkpoint(res["checkpoint"])
+    assert got["log_record"] is not None and got["log_record"] == a["log_record"]
 
 
 def test_api_resume_is_exact_and_its_overrides_count_as_set(tmp_path):

@@ -50,8 +50,9 @@ class Attention(_ReferenceAttention):
         rate = _dropout_rate(self.attn_drop)
         if rate is None or hooked(self.attn_drop):
             if cu_seqlens is not None:
-                why = ("hooks on attn_drop need" if hooked(self.attn_drop) else
-                       f"an attn_drop of class {type(self.attn_drop).__name__} (not nn.Dropout) needs")
+                d = self.attn_drop
+                why = ("hooks on attn_drop need" if hooked(d) else "an attn_drop with its own forward needs"
+                       if "forward" in d.__dict__ else f"an attn_drop of class {type(d).__name__} (not nn.Dropout) needs")
                 raise ValueError(f"{why} the attention probabilities, which are not materialised with cu_seqlens")
             # timm's computation: attn_drop called on the probabilities (an identity in eval mode)
             return self.proj_drop(self.proj(reference_attention(self.qkv(x), self.num_heads, scale=self.scale,
@@ -178,9 +179,6 @@ class Block(nn.Module):
             return False
         if self.drop_path.training and self.drop_path_prob:
             return False
-        linears = (a.qkv, a.proj, m.fc1, m.fc2)
-        if autocast_dtype(x.device) is None and any(lin.weight.dtype != x.dtype for lin in linears):
-            return False  # the op would cast the weights to x's dtype; the modules raise (F.linear), as timm's
         parts = (self.norm1, a, a.qkv, a.attn_drop, a.proj, a.proj_drop, self.drop_path, self.norm2, m, m.fc1, m.act,
                  m.drop, m.fc2)
         # the one op computes these modules' official forwards without calling them: their classes must be
@@ -189,8 +187,11 @@ class Block(nn.Module):
         # weights it reads must be plain (a LoRA adapter's children would be skipped)
         if not all(trusted_class(type(p)) and "forward" not in p.__dict__ and not hooked(p) for p in parts):
             return False
-        if not all(plain_layer(lin, nn.Linear) for lin in (a.qkv, a.proj, m.fc1, m.fc2)):
+        linears = (a.qkv, a.proj, m.fc1, m.fc2)
+        if not all(plain_layer(lin, nn.Linear) for lin in linears):
             return False
+        if autocast_dtype(x.device) is None and any(lin.weight.dtype != x.dtype for lin in linears):
+            return False  # the op would cast the weights to x's dtype; the modules raise (F.linear), as timm's
         exact_gelu = isinstance(m.act, nn.GELU) and m.act.approximate == "none"
         return vit_block_computes((self.norm1, self.norm2), exact_gelu, a.proj, m.fc1, m.fc2)
 

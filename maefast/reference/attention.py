@@ -12,8 +12,8 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None,
 
     With ``cu_seqlens`` (B+1,) int32/int64 the input is (1, T, 3*H*Dh) or (T, 3*H*Dh): a packed
     batch of sequences; each attends within itself only. Computed in the input dtype, softmax in fp32.
-    ``dropout``: applied to the attention probabilities before they weigh v (timm's ``attn_drop``; the
-    caller passes it in training only).
+    ``dropout``: a module applied to the attention probabilities before they weigh v (timm's ``attn_drop``,
+    called as timm calls it: its own train/eval mode decides).
     """
     if cu_seqlens is not None:
         squeeze = qkv.dim() == 2

@@ -172,6 +172,7 @@ class _Trainer:
         if ck is not None:
             epoch, samples, step = start_position(ck, source, cfg, model_kwargs, len(dataset), global_batch, files)
         self.cfg, self.ck, self.source = cfg, ck, source
+        self.source_record = (ck or {}).get("log_record")  # (self.ck is dropped once its tensors are restored)
         self.model, self.model_kwargs, self.dataset, self.files = model, model_kwargs, dataset, files
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.start_epoch, self.start_samples, self.step = epoch, samples, step
@@ -469,7 +470,7 @@ class _Trainer:
                 not os.path.exists(self.ckpt_path) if info.is_main else None, info):
             # nothing trained (a resume at --epochs or --max-steps) into a folder without the run's checkpoint
             # (a new one, or a rewind that deleted it): written, as a start that trained writes it
-            self._save(self.start_epoch, self.start_samples, self.carry)
+            self._save(self.start_epoch, self.start_samples, self.carry, log_record=self.source_record)
         if bar is not None:
             bar.close()
         self._agree()  # a log write that failed on one rank after the last step
