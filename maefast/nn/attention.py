@@ -52,7 +52,8 @@ class Attention(_ReferenceAttention):
             if cu_seqlens is not None:
                 d = self.attn_drop
                 why = ("hooks on attn_drop need" if hooked(d) else "an attn_drop with its own forward needs"
-                       if "forward" in d.__dict__ else f"an attn_drop of class {type(d).__name__} (not nn.Dropout) needs")
+                       if "forward" in d.__dict__ else
+                       f"an attn_drop of class {type(d).__name__} (not nn.Dropout) needs")
                 raise ValueError(f"{why} the attention probabilities, which are not materialised with cu_seqlens")
             # timm's computation: attn_drop called on the probabilities (an identity in eval mode)
             return self.proj_drop(self.proj(reference_attention(self.qkv(x), self.num_heads, scale=self.scale,
