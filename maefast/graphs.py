@@ -1,6 +1,7 @@
 """CUDA-graph capture (`capture_cuda_graph`), shared by `maefast.TrainStep` (maefast/step.py: the
 captured training step) and the per-op benchmarks, and what keeps a training step from being captured
-(`capture_blocker`: no CUDA device, a distributed wrapper, an optimizer that is not capturable).
+(`capture_blocker`: no CUDA device, a distributed wrapper, an optimizer that is not capturable), and the
+undo of a capture's warm-up (`snapshot_training` / `restore_training`).
 
 A capture that fails inside ``torch.cuda.graph`` cannot be stepped past in the same process on
 torch 2.11: its ``CUDAGraph::capture_end`` raises on the failed ``cudaStreamEndCapture`` before it
@@ -187,6 +188,39 @@ def process_broken(exc: BaseException) -> bool:
 
 # -- what keeps a training step from being captured (maefast.TrainStep) -----------------------------
 
+def snapshot_training(params: list, optimizer: torch.optim.Optimizer, scaler) -> tuple:
+    """Host copies of what a warm-up changes: the parameters, the optimizer's tensor state, its groups' lrs
+    (tensors) and an enabled GradScaler's scale and growth tracker (`restore_training` writes them back).
+    Through host memory: a device copy of a ViT-H's weights and AdamW state would add ~10 GB to the peak."""
+    def host(t):
+        return t.detach().to("cpu", copy=True)
+
+    state = {p: {k: host(v) for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+             for p in params if p in optimizer.state}
+    lrs = [host(g["lr"]) for g in optimizer.param_groups]
+    kept = [host(t) for t in (scaler._scale, scaler._growth_tracker)] if scaler is not None and scaler.is_enabled() \
+        else None
+    return [host(p) for p in params], state, lrs, kept
+
+
+@torch.no_grad()
+def restore_training(saved: tuple, params: list, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """`snapshot_training`'s values written into the same tensors (a graph replays on their addresses); state
+    created since starts from zero, as a fresh AdamW state does."""
+    values, state, lrs, kept = saved
+    for p, v in zip(params, values):
+        p.copy_(v)
+    for p in params:
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(state[p][k]) if p in state and k in state[p] else v.zero_()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"].copy_(lr)
+    if kept is not None:
+        scaler._scale.copy_(kept[0])
+        scaler._growth_tracker.copy_(kept[1])
+
+
 def unwrap(model: nn.Module) -> list[nn.Module]:
     """`model` and what it wraps: torch.compile's OptimizedModule (_orig_mod), DDP (.module), FSDP1
     (registered as _fsdp_wrapped_module; its .module is a property)."""
@@ -232,4 +266,4 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 
 
 __all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken",
-           "capture_blocker", "sync_wrapper", "unwrap"]
+           "snapshot_training", "restore_training", "capture_blocker", "sync_wrapper", "unwrap"]

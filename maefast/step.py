@@ -567,33 +567,12 @@ class TrainStep:
         return out
 
     def _snapshot(self):
-        def host(t):
-            return t.detach().to("cpu", copy=True)
-
-        state = {p: {k: host(v) for k, v in self.optimizer.state[p].items() if isinstance(v, torch.Tensor)}
-                 for p in self._params if p in self.optimizer.state}
-        lrs = [host(g["lr"]) for g in self.optimizer.param_groups]
-        sc = self.scaler
-        scaler = [host(t) for t in (sc._scale, sc._growth_tracker)] if sc is not None and sc.is_enabled() else None
-        return [host(p) for p in self._params], state, lrs, scaler
+        return graphs.snapshot_training(self._params, self.optimizer, self.scaler)
 
     @torch.no_grad()
     def _restore(self, saved) -> None:
-        """Parameters, optimizer state, lrs, scaler and seed as before the warm-up, written into the same
-        tensors (the graph replays on their addresses); state the warm-up created starts from zero, as
-        a fresh AdamW state does."""
-        values, state, lrs, scaler = saved
-        for p, v in zip(self._params, values):
-            p.copy_(v)
-        for p in self._params:
-            for k, v in self.optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor):
-                    v.copy_(state[p][k]) if p in state and k in state[p] else v.zero_()
-        for g, lr in zip(self.optimizer.param_groups, lrs):
-            g["lr"].copy_(lr)
-        if scaler is not None:
-            self.scaler._scale.copy_(scaler[0])
-            self.scaler._growth_tracker.copy_(scaler[1])
+        """`graphs.restore_training`, and the seed as before the warm-up (accumulated grads zeroed)."""
+        graphs.restore_training(saved, self._params, self.optimizer, self.scaler)
         self._seed_dev.fill_(self.seed - 1)
         if self.accum_steps > 1:
             for p in self._params:
