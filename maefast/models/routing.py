@@ -203,8 +203,8 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
     if found is None and not _plain_layer(getattr(pe, "proj", None), nn.Conv2d):
         found = "patch_embed.proj", _not_plain(getattr(pe, "proj", None), nn.Conv2d) + \
             " (the fast path reads its weights and never calls it)"
-    if found is None and patch_conv_reason(pe.proj) is not None:
-        found = "patch_embed.proj", patch_conv_reason(pe.proj)
+    if found is None and (why := patch_conv_reason(pe.proj)) is not None:
+        found = "patch_embed.proj", why
     if found is not None:
         return found
     read = _READ_ALWAYS + (_READ_FUSED if fused == "block" else ())

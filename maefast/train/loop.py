@@ -198,7 +198,7 @@ class _Trainer:
         self.folder.prepare(checkpoint_bytes(self.model, save=cfg.save, export=cfg.export), overwrite=cfg.overwrite,
                             keep=(self.source,) if self.source else (),
                             trim_to_step=self.step if cfg.resume is not None else None,
-                            last_record=(self.ck or {}).get("log_record"), resume_epoch=self.start_epoch)
+                            last_record=self.source_record, resume_epoch=self.start_epoch)
 
     def _build_state(self) -> None:
         """Wraps the model (DDP/FSDP), builds the optimizer and restores the checkpoint's state."""
