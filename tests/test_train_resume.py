@@ -426,6 +426,23 @@ def test_overwrite_never_deletes_the_checkpoint_it_resumes_from(tmp_path):
     assert ck.is_file() and load_checkpoint(str(ck))["step"] == 2
 
 
+def test_a_rewind_with_nothing_to_train_redraws_the_loss_curve(tmp_path):
+    """A rewind to a kept checkpoint at the run's last epoch (--overwrite: later files go) trains nothing;
+    the loss curve it deleted is drawn again from the log lines kept up to it (the result named a missing
+    file); a start that finds the curve in place leaves it as it is."""
+    from maefast.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(run, epochs=2, plot=True, keep_every_epochs=1))
+    curve = run / "loss_curve.png"
+    assert curve.is_file() and (run / "checkpoint-0001.pth").is_file()
+    res = train(_cfg(run, epochs=2, plot=True, resume=str(run / "checkpoint-0001.pth"), overwrite=True))
+    assert res["steps"] == 6 and res["loss_curve"] == str(curve) and curve.is_file()
+    mtime = curve.stat().st_mtime_ns
+    res = train(_cfg(run, epochs=2, plot=True, resume="auto"))
+    assert res["loss_curve"] == str(curve) and curve.stat().st_mtime_ns == mtime
+
+
 # a recorded value and another for each run-defining option
 _OTHER = {"model": ("mae_vit_tiny_test", "mae_vit_small_cpu"), "input_size": (32, 48), "norm_pix_loss": (False, True),
           "seed": (0, 1), "mask_ratio": (0.75, 0.5), "synthetic_size": (16, 32), "blr": (1.5e-4, 1e-3),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
+
 
 @dataclass
 class DistInfo:
@@ -135,6 +137,24 @@ def cleanup(info: DistInfo, sync: bool = True) -> None:
                 barrier(info)
         finally:
             dist.destroy_process_group()
+
+
+# what gloo (and NCCL's socket transport) say when a peer process is gone
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
+
+
+def lost_rank_error(exc: RuntimeError, info: DistInfo, timeout_s: float, margin_s: float):
+    """The one-line RunError for a collective that failed because another rank went silent or away
+    (torch's RuntimeError from gloo/NCCL), or None for any other error (a bug: its traceback stays)."""
+    said = str(exc).lower()
+    if info.distributed and "timed out" in said:  # gloo: "Timed out waiting ... for recv"
+        return RunError(f"a collective waited more than --dist-timeout {timeout_s:g} s (+{margin_s:g} s) for another "
+                        "rank; the last checkpoint is intact, --resume auto continues from it", quiet=not info.is_main)
+    if info.distributed and any(w in said for w in _PEER_GONE):  # a rank killed (OOM killer, SIGKILL)
+        return RunError("the connection to another rank was lost (it ended without a word: the launcher's report "
+                        "names it and its exit code); the last checkpoint is intact, --resume auto continues from it",
+                        quiet=not info.is_main)
+    return None
 
 
 def barrier(info: DistInfo) -> None:

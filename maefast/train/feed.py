@@ -25,6 +25,19 @@ def bytes_per_image(input_size: int, dtype: torch.dtype, channels: int = 3) -> i
     return channels * input_size * input_size * torch.empty((), dtype=dtype).element_size()
 
 
+def describe_batches(decode: str, image_dtype: str, input_size: int, device_type: str) -> str:
+    """The start's line on what a batch is and how it travels (``maefast train``)."""
+    from .config import IMAGE_DTYPES
+
+    if decode == "gpu":
+        return (f"batches: the JPEG files to the {device_type}, decoded (nvJPEG), cropped and resized there one "
+                f"batch ahead on a side stream into {image_dtype} images; other files made on the CPU")
+    kb = {name: bytes_per_image(input_size, dt) / 1e3 for name, dt in IMAGE_DTYPES.items()}
+    return (f"batches: {image_dtype} images, {kb[image_dtype]:.1f} KB each to the {device_type}"
+            + (f" (float32: {kb['float32']:.1f} KB)" if image_dtype != "float32" else "")
+            + ("; pinned, copied one batch ahead on a side stream" if device_type == "cuda" else ""))
+
+
 def stop_workers(loader) -> None:
     """Shuts a DataLoader's persistent workers down now: after an error, the exception's traceback keeps
     the training loop's frame (and its loader) alive as long as the caller holds it (a notebook does),

@@ -22,7 +22,7 @@ from .config import DTYPES, IMAGE_DTYPES, INTERNAL_FIELDS, TrainConfig, as_confi
 from .control import ERROR, EXIT_CODES, REASONS, StopControl, ignore_stop_signals_in_worker
 from .data import ResumableDistributedSampler, collate
 from .errors import Interrupted, RunError
-from .feed import DeviceFeed, bytes_per_image, stop_workers
+from .feed import DeviceFeed, describe_batches, stop_workers
 from .resume import reconcile, resume_source, start_position
 from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
@@ -76,24 +76,14 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         ok = True  # every rank stopped at the same step, after the same collectives
         raise
     except RuntimeError as exc:
-        said = str(exc).lower()
-        if info.distributed and "timed out" in said:  # gloo: "Timed out waiting ... for recv"
-            raise RunError(f"a collective waited more than --dist-timeout {config.dist_timeout:g} s (+"
-                           f"{GROUP_TIMEOUT_MARGIN_S} s) for another rank; the last checkpoint is intact, --resume "
-                           "auto continues from it", quiet=not info.is_main) from exc
-        if info.distributed and any(w in said for w in _PEER_GONE):  # a rank killed (OOM killer, SIGKILL)
-            raise RunError("the connection to another rank was lost (it ended without a word: the launcher's "
-                           "report names it and its exit code); the last checkpoint is intact, --resume auto "
-                           "continues from it", quiet=not info.is_main) from exc
+        lost = dist_lib.lost_rank_error(exc, info, config.dist_timeout, GROUP_TIMEOUT_MARGIN_S)
+        if lost is not None:
+            raise lost from exc
         raise
     finally:
         heartbeat.stop()
         trainer.close()
         dist_lib.cleanup(info, sync=ok)
-
-
-# what gloo (and NCCL's socket transport) say when a peer process is gone
-_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
 
 @dataclasses.dataclass
@@ -306,14 +296,7 @@ class _Trainer:
                  f"impl {getattr(model, 'impl', 'reference')}; {len(self.dataset)} images, {self.steps_per_epoch} "
                  f"steps/epoch x {cfg.epochs} epochs; global batch {G}, lr {self.lr:.3g} (blr {cfg.blr:g}), "
                  f"warm-up {cfg.warmup_epochs:g} epochs")
-        kb = {name: bytes_per_image(cfg.input_size, dt) / 1e3 for name, dt in IMAGE_DTYPES.items()}
-        if cfg.decode == "gpu":
-            self.say(f"batches: the JPEG files to the {device.type}, decoded (nvJPEG), cropped and resized there one "
-                     f"batch ahead on a side stream into {cfg.image_dtype} images; other files made on the CPU")
-        else:
-            self.say(f"batches: {cfg.image_dtype} images, {kb[cfg.image_dtype]:.1f} KB each to the {device.type}"
-                     + (f" (float32: {kb['float32']:.1f} KB)" if cfg.image_dtype != "float32" else "")
-                     + ("; pinned, copied one batch ahead on a side stream" if device.type == "cuda" else ""))
+        self.say(describe_batches(cfg.decode, cfg.image_dtype, cfg.input_size, device.type))
         log = JsonlLog(self.folder.join("log.jsonl") if info.is_main else None)
         step_log = JsonlLog(self.folder.join("steps.jsonl") if info.is_main else None)
         sampler = ResumableDistributedSampler(self.dataset, num_replicas=info.world_size, rank=info.rank,
@@ -447,11 +430,7 @@ class _Trainer:
                 self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep, record)
             # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
             self._write(log, record)
-            if info.is_main and cfg.plot:
-                from .plot import plot_loss_curve
-
-                self._rank0(plot_loss_curve, cfg.output_dir,
-                            title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {G}")
+            self._plot()
             if reason is None and finished and not hit_max and epoch + 1 < cfg.epochs:
                 reason = self._agree()  # asked during the epoch's save: stop on it, not a step into the next
             if reason is not None:
@@ -471,9 +450,20 @@ class _Trainer:
             # nothing trained (a resume at --epochs or --max-steps) into a folder without the run's checkpoint
             # (a new one, or a rewind that deleted it): written, as a start that trained writes it
             self._save(self.start_epoch, self.start_samples, self.carry, log_record=self.source_record)
+        if self.step == start_step and not os.path.exists(os.path.join(cfg.output_dir, "loss_curve.png")):
+            self._plot()  # nothing trained: the curve a rewind deleted, drawn from the log lines kept
         if bar is not None:
             bar.close()
         self._agree()  # a log write that failed on one rank after the last step
+
+    def _plot(self) -> None:
+        """loss_curve.png from the folder's logs (--plot; rank 0)."""
+        cfg = self.cfg
+        if self.info.is_main and cfg.plot:
+            from .plot import plot_loss_curve
+
+            self._rank0(plot_loss_curve, cfg.output_dir,
+                        title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {self.global_batch}")
 
     def _agree(self) -> str | None:
         """All ranks' decision at a step boundary: None (go on) or the stop reason (collective)."""
@@ -596,9 +586,9 @@ class _Trainer:
         self.say(f"done: {self.step} steps, {trained}"
                  + (f"; checkpoint {self.ckpt_path}" if cfg.save else "; no checkpoint (--no-save)")
                  + (f", encoder {encoder}" if encoder else ""))
-        step = self.train_step
+        step, curve = self.train_step, os.path.join(cfg.output_dir, "loss_curve.png")
         return {"output_dir": cfg.output_dir, "checkpoint": self.ckpt_path if cfg.save else None, "encoder": encoder,
-                "loss_curve": os.path.join(cfg.output_dir, "loss_curve.png") if cfg.plot else None,
+                "loss_curve": curve if cfg.plot and os.path.isfile(curve) else None,
                 "log": os.path.join(cfg.output_dir, "log.jsonl"), "final_loss": self.final_loss,
                 "img_per_s": img_per_s, "img_per_s_steady": steady_ips, "steps": self.step, "epoch": self.epoch,
                 "world_size": info.world_size, "skipped_files": self.skipped_total, "config": cfg,
