@@ -145,6 +145,25 @@ def test_data_refused_before_the_first_step(tmp_path):
         train(_cfg(run, **kw, resume="auto"))
 
 
+def test_a_relative_data_path_is_recorded_as_the_folder_it_names(tmp_path, monkeypatch):
+    """--data relative to the start's cwd: the checkpoint records the folder it names, so --resume auto from
+    another cwd (no --data given) continues on the same images (the name pointed elsewhere: a missing folder,
+    or another with the same file names); giving the same folder again, as a relative name, is no change."""
+    data = _folder(tmp_path / "data", 8, 0)
+    (tmp_path / "elsewhere").mkdir()
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    res = train(_cfg(run, data="data", synthetic_size=None, epochs=2, max_steps=1))
+    assert res["config"].data == str(data)
+    assert load_checkpoint(str(run / "checkpoint-last.pth"), states=False)["config"]["data"] == str(data)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train(_cfg(run, data="../data", synthetic_size=None, epochs=2, explicit=("data",), max_steps=2,
+                      resume="auto"))["steps"] == 2
+    res = train(TrainConfig(output_dir=str(run), resume="auto", explicit=(), device="cpu", progress=False, workers=0))
+    assert res["steps"] == 4 and res["config"].data == str(data)
+    assert not any("--data" in n for n in res["config"].notes)
+
+
 def test_an_epoch_without_a_readable_image_stops_the_run(tmp_path):
     """9 files, 8 of them unreadable, and the readable one the epoch's dropped tail: the folder passes
     the start's probe, but the epoch trains on nothing, which is said, not logged as a loss."""

@@ -242,6 +242,8 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
     if cfg.overwrite and cfg.resume == "auto":
         raise ValueError("--overwrite starts the run in --output-dir over, --resume auto continues it: pass one")
     validate_config(cfg, world_size)
+    if not synthetic:  # the checkpoint records where the images are, not where they were from the cwd
+        cfg.data = os.path.abspath(cfg.data)
     return cfg
 
 

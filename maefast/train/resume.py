@@ -100,6 +100,8 @@ def _norm(name: str, value):
             return resolve_model_name(value)
         except ValueError:
             return value
+    if name == "data" and value != "synthetic":
+        return os.path.abspath(value)  # (recorded relative to the cwd of the start before 2026-12-07)
     if name == "dtype":
         return DTYPE_NAMES.get(value, value)
     if name == "cuda_graph":  # recorded as a bool before "auto" existed
