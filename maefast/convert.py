@@ -82,13 +82,17 @@ def is_encoder_only(state_dict: Mapping) -> bool:
 
 
 def load_official_state_dict(model: torch.nn.Module, checkpoint, strict: bool = True) -> dict:
-    """Loads an official-format checkpoint (full, or the released encoder-only `mae_pretrain_vit_*.pth`).
+    """Loads an official-format checkpoint (full, or the released encoder-only `mae_pretrain_vit_*.pth`) into
+    `model` (or the model a DDP, DataParallel or torch.compile wrapper `model` holds; one sharded by FSDP2's
+    fully_shard takes its shards, on every rank).
 
     Returns {"missing": [...], "unexpected": [...], "encoder_only": bool}. With strict=True, any
     missing (beyond the decoder, for an encoder-only file) or unexpected key raises ValueError naming them.
     """
     sd = unwrap_checkpoint(checkpoint)
-    own = model.state_dict()
+    full = model.state_dict()
+    own = strip_wrapper_prefixes(full)  # a DDP / DataParallel / torch.compile wrapper's model: its keys' prefix
+    prefix = next(iter(full))[:len(next(iter(full))) - len(next(iter(own)))] if own else ""
     encoder_only = is_encoder_only(sd)
     for k, v in sd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
@@ -99,7 +103,15 @@ def load_official_state_dict(model: torch.nn.Module, checkpoint, strict: bool = 
         missing = [k for k in missing if not k.startswith(DECODER_PREFIXES)]
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    fsdp2 = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
+        # sharded by fully_shard (DTensor parameters): torch's loader gives each rank its shards of the full tensors
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, {k: v for k, v in sd.items() if k in own},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict({prefix + k: v for k, v in sd.items() if k in own}, strict=False)
     return {"missing": missing, "unexpected": unexpected, "encoder_only": encoder_only}
 
 
@@ -181,8 +193,9 @@ def to_transformers(state_dict: Mapping, target_keys: Iterable[str] | None = Non
 def from_transformers(hf_state_dict: Mapping) -> dict:
     """transformers ViTMAEForPreTraining state dict (4.x or 5.x names) -> official MAE state dict. A layer
     key that is missing, q/k/v of unequal shapes, or a key with no official counterpart raise ValueError."""
+    hf_state_dict = unwrap_checkpoint(hf_state_dict)  # as to_transformers: under 'model', a wrapper's prefix
     keys = set(hf_state_dict)
-    hf = _Reader(dict(hf_state_dict), "from_transformers")
+    hf = _Reader(hf_state_dict, "from_transformers")
     inv_top = {v: k for k, v in _TOP.items()}
     out = {inv_top[k]: hf[k] for k in keys if k in inv_top}
     for which, layer_fmts in (("blocks", _ENC_LAYER), ("decoder_blocks", _DEC_LAYER)):
@@ -208,6 +221,24 @@ def from_transformers(hf_state_dict: Mapping) -> dict:
                          f"{sorted(_TOP.values())[:3]}) is here; got keys like {sorted(keys)[:3]}")
     hf.check_all_read()
     return out
+
+
+def _computed_state_dict(module: torch.nn.Module) -> dict:
+    """``module.state_dict()`` with each parametrized tensor (torch.nn.utils.parametrize: weight norm, a pruning
+    mask, ...) as the tensor the module computes with, under its plain name (``fc1.weight``, not
+    ``fc1.parametrizations.weight.original0``)."""
+    from torch.nn.utils import parametrize
+
+    sd = module.state_dict()
+    for name, m in module.named_modules():
+        if parametrize.is_parametrized(m):
+            pre = f"{name}." if name else ""
+            for t in m.parametrizations:
+                for k in [k for k in sd if k.startswith(f"{pre}parametrizations.{t}.")]:
+                    del sd[k]
+                with torch.no_grad():
+                    sd[pre + t] = getattr(m, t).detach()
+    return sd
 
 
 def _inexpressible(model, overrides) -> str | None:
@@ -267,12 +298,16 @@ def transformers_config(model, **overrides):
 
 
 def to_transformers_model(model, mask_ratio: float = 0.75):
-    """Builds transformers' ViTMAEForPreTraining holding `model`'s weights."""
+    """Builds transformers' ViTMAEForPreTraining holding `model`'s weights; `mask_ratio` becomes its
+    config.mask_ratio (transformers' model masks by its config, maefast's by its forward's argument)."""
     from transformers import ViTMAEForPreTraining
 
+    from ._validate import check_mask_ratio
+
+    check_mask_ratio(mask_ratio, official=True)  # transformers takes any number (1.5 silently masked half the patches)
     hf = ViTMAEForPreTraining(transformers_config(model, mask_ratio=mask_ratio))
     target = hf.state_dict()
-    sd = to_transformers(model.state_dict(), target.keys())
+    sd = to_transformers(_computed_state_dict(model), target.keys())
     missing = sorted(set(target) - set(sd))
     unexpected = sorted(set(sd) - set(target))
     if missing or unexpected:
@@ -285,7 +320,10 @@ def to_transformers_model(model, mask_ratio: float = 0.75):
 
 
 def from_transformers_model(hf_model, **model_kwargs):
-    """Builds maefast's MaskedAutoencoderViT from transformers' ViTMAEForPreTraining (weights copied)."""
+    """Builds maefast's MaskedAutoencoderViT from transformers' ViTMAEForPreTraining (weights copied).
+
+    The config's mask_ratio is not part of maefast's model, which takes it per call (as the official MAE):
+    pass ``mask_ratio=hf_model.config.mask_ratio`` to its forward or to TrainStep (their default is 0.75)."""
     from .models import MaskedAutoencoderViT
     from .models.configs import mlp_ratio_of
 
@@ -317,5 +355,5 @@ def from_transformers_model(hf_model, **model_kwargs):
               norm_layer=functools.partial(torch.nn.LayerNorm, eps=c.layer_norm_eps))
     kw.update(model_kwargs)
     model = MaskedAutoencoderViT(**kw)
-    load_official_state_dict(model, from_transformers(hf_model.state_dict()), strict=True)
+    load_official_state_dict(model, from_transformers(_computed_state_dict(hf_model)), strict=True)
     return model

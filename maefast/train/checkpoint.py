@@ -205,13 +205,16 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
     """Loads a checkpoint of ``maefast train`` or of the official code onto the CPU.
 
     ``weights_only=True`` (no arbitrary pickled code); the official files' ``args`` (an
-    argparse.Namespace) is allowed explicitly. A sharded checkpoint's ``model`` and ``optimizer``
+    argparse.Namespace) is allowed explicitly. A file holding a plain state dict (``torch.save(
+    model.state_dict(), path)``) reads as ``{"model": state dict}``. A sharded checkpoint's ``model`` and ``optimizer``
     are read from its folder when ``states`` (full tensors, one process, no process group needed).
     ``optimizer=False`` (a reader of the weights only): a single file is memory-mapped, so the
     optimizer's moments (twice the weights) are never read, and a sharded one's optimizer is not
     unsharded. A file that is not a checkpoint raises ValueError naming it (one line for the CLI).
     """
     ck = _torch_load(path, mmap=not optimizer)
+    if isinstance(ck, dict) and ck and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ck.items()):
+        ck = {"model": ck}  # a plain state dict (torch.save(model.state_dict(), path)): its weights, no run state
     if not isinstance(ck, dict) or ("model" not in ck and "shards" not in ck):
         raise ValueError(f"{path!r} is not a maefast/MAE checkpoint (no 'model' entry)")
     model = ck.get("model")
