@@ -244,6 +244,24 @@ def sync_wrapper(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def drop_unsharded_grads(model: nn.Module) -> None:
+    """Drops the gradients that FSDP2 (`fully_shard`) holds on its *unsharded* parameters: micro-batches
+    run with ``set_requires_gradient_sync(False)`` accumulate there, out of reach of the optimizer's
+    zero_grad (which clears the sharded parameters' ``.grad``); torch has no public call for it."""
+    for m in model.modules():
+        state_of = getattr(m, "_get_fsdp_state", None)
+        if state_of is None:
+            continue
+        state = state_of()
+        groups = getattr(state, "_fsdp_param_groups", None)  # (older torch: one _fsdp_param_group)
+        groups = groups if groups is not None else [g for g in [getattr(state, "_fsdp_param_group", None)] if g]
+        for group in groups:
+            for fp in group.fsdp_params:
+                if hasattr(fp, "_unsharded_param"):
+                    fp._unsharded_param.grad = None
+                fp.unsharded_accumulated_grad = None
+
+
 def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> str | None:
     """Why a step of `model` with `optimizer` (and `scaler`) cannot be captured in a CUDA graph on
     `device`, or None when nothing known prevents it (the capture itself may still fail: a host sync

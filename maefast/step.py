@@ -364,13 +364,16 @@ class TrainStep:
         return loss.detach()
 
     def zero_grad(self) -> None:
-        """Drops a partial accumulation: the next call starts a new one (eager: gradients set to None;
-        captured: the graphs' gradients zeroed in place, since the graphs keep their addresses)."""
+        """Drops a partial accumulation: the next call starts a new one (eager: gradients set to None, FSDP2's
+        unsynced unsharded ones too; captured: the graphs' gradients zeroed in place, since the graphs keep
+        their addresses)."""
         if self.captured:
             with torch.no_grad():
                 torch._foreach_zero_([g for g in self._static_grads if g is not None])
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            if self._in_cycle and self._sync is not None and hasattr(self._sync, "set_requires_gradient_sync"):
+                graphs.drop_unsharded_grads(self._sync)  # FSDP2 accumulates unsynced micro-batches there
         self._in_cycle = 0
 
     def set_lr(self, lr: float) -> None:

@@ -219,3 +219,33 @@ def test_a_compiled_model_takes_each_calls_seed_without_recompiling(fake_capture
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
     torch._dynamo.reset()
+
+
+def test_zero_grad_drops_a_partial_accumulation_under_fsdp2(tmp_path):
+    """fully_shard (FSDP2, gloo, one process) per block and the root, accumulation 2: the micro-batches run without
+    gradient sync keep their gradients on FSDP2's unsharded parameters, where the optimizer's zero_grad does not
+    reach; step.zero_grad() after one of them must still drop it, as for the plain model (before 2026-12-07 the
+    dropped micro-batch was summed into the next update)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        a = Stack()
+        b = copy.deepcopy(a)
+        for block in a.blocks:
+            fully_shard(block)
+        fully_shard(a)
+        imgs = [torch.randn(4, 3, 2, 2) for _ in range(3)]
+        steps = [TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), accum_steps=2) for m in (a, b)]
+        for step in steps:
+            step(imgs[0])
+            step.zero_grad()  # the first micro-batch dropped: one update, from the other two
+            for x in imgs[1:]:
+                step(x)
+            assert step.optimizer_steps == 1
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p.full_tensor(), q, rtol=0, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()

@@ -109,6 +109,23 @@ def test_compiled_under_ddp_and_fsdp_matches_one_process(tmp_path, single, fsdp)
             assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
 
 
+def _gpu_machine_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch._C._get_accelerator = lambda: torch.device("cuda")  # what torch says on a machine with a GPU
+    res = train(TrainConfig(**COMMON, batch_size=4, fsdp=True, max_steps=1, output_dir=out_dir))
+    assert res["steps"] == 1 and {p.device.type for p in res["model"].parameters()} == {"cpu"}
+
+
+def test_fsdp_with_device_cpu_shards_on_the_cpu_of_a_gpu_machine(tmp_path):
+    """--device cpu --fsdp on a machine with a GPU (its torch's accelerator, here said by a stand-in): the model is
+    sharded over a CPU mesh and stays on the CPU (before 2026-12-07 fully_shard's default mesh was the machine's
+    accelerator: it moved every rank's model to the GPU, away from the run's CPU batches and gloo)."""
+    mp.spawn(_gpu_machine_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint-last.pth"))["step"] == 1
+
+
 def _per_block_fast_path() -> str:
     from maefast.train.distributed import fsdp_flavor
 

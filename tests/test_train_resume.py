@@ -139,6 +139,13 @@ def test_global_batch_rules():
     assert (cfg.batch_size, cfg.accum_iter) == (2, 2)
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         reconcile(TrainConfig(explicit=()), ck, "ck.pth", world_size=3)
+    # 8 processes divide 8: the recorded accumulation (4) is what does not fit, and is what to give (before
+    # 2026-12-07 the line said to resume on a number of processes that divides 8)
+    accumulated = {"config": {"batch_size": 2, "accum_iter": 4, "seed": 0}, "schedule": {"global_batch": 8}}
+    with pytest.raises(ValueError, match="over 8 processes x --accum-iter 4; give an --accum-iter that divides 1 "):
+        reconcile(TrainConfig(explicit=()), accumulated, "ck.pth", world_size=8)
+    cfg, _, _ = reconcile(TrainConfig(accum_iter=1, explicit=("accum_iter",)), accumulated, "ck.pth", world_size=8)
+    assert (cfg.batch_size, cfg.accum_iter) == (1, 1)
     with pytest.raises(ValueError, match="global batch of 12, the run's is 8"):
         reconcile(TrainConfig(batch_size=4, explicit=("batch_size",)), ck, "ck.pth", world_size=3)
     # checked before it divides by them (--accum-iter 0 on resume was a ZeroDivisionError traceback)

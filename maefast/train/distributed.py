@@ -263,13 +263,18 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
         if not fsdp_per_block(model):
             blocks = []
         if fully_shard is not None:
+            from torch.distributed.device_mesh import init_device_mesh
+
             if blocks and getattr(model, "impl", "reference") != "reference":
                 from ..models.fast import route_blocks_through_modules
 
                 route_blocks_through_modules(model)
+            # on the run's device: fully_shard's default mesh is the machine's accelerator, where it moves the
+            # parameters (a --device cpu run on a GPU machine had its model moved to the GPU)
+            mesh = init_device_mesh(info.device.type, (info.world_size,))
             for block in blocks:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             return model
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy

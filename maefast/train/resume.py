@@ -162,8 +162,11 @@ def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple
     elif global_batch % (accum * world_size) == 0:
         batch = global_batch // (accum * world_size)
     else:
+        # the processes divide it, the accumulation (recorded, or given) is what does not fit
+        fix = (f"give an --accum-iter that divides {global_batch // world_size} (the batch per process is derived)"
+               if global_batch % world_size == 0 else "resume on a number of processes that divides it")
         raise ValueError(f"--resume {source}: the run's global batch {global_batch} does not split over {world_size} "
-                         f"processes x --accum-iter {accum}; resume on a number of processes that divides it")
+                         f"processes x --accum-iter {accum}; {fix}")
     if batch * accum * world_size != global_batch:
         raise ValueError(f"--resume {source}: --batch-size {batch} x --accum-iter {accum} x {world_size} process(es) "
                          f"is a global batch of {batch * accum * world_size}, the run's is {global_batch} (another "
