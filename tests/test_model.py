@@ -197,6 +197,22 @@ def test_grad_checkpointing_same_mask_and_grads(fused):
     _assert_grads_equal(g1, g0, rel=1e-6)
 
 
+def test_grad_checkpointing_with_the_reference_impl_is_refused():
+    """impl="reference" runs the official forward as it is: grad_checkpointing=True checkpointed nothing,
+    silently. Refused when built, when set later (per call) and by maefast.patch."""
+    import maefast
+
+    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
+        MaskedAutoencoderViT(**TINY, impl="reference", grad_checkpointing=True)
+    m = MaskedAutoencoderViT(**TINY, impl="reference")
+    m.grad_checkpointing = True
+    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
+        m(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
+        maefast.patch(MaskedAutoencoderViT(**TINY), impl="reference", grad_checkpointing=True)
+    assert maefast.patch(m, impl="auto", grad_checkpointing=True).impl == "auto"
+
+
 def test_seed_reproducible_and_default_draw_follows_manual_seed():
     m = MaskedAutoencoderViT(**TINY)
     imgs = torch.randn(2, 3, 32, 32)

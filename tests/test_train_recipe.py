@@ -365,6 +365,7 @@ def test_bad_options_raise(field, value, match):
     (dict(lr=0.0), "--lr must be a finite number > 0"),
     (dict(model="tiny", input_size=36), "--input-size must be a multiple of mae_vit_tiny_test's patch size 8, got 36"),
     (dict(fsdp=True, dtype="fp16"), "--fsdp with --dtype float16 is not supported"),
+    (dict(impl="reference", grad_checkpointing=True), "--grad-checkpointing checkpoints .* --impl reference"),
     (dict(overwrite=True, resume="auto"), "--overwrite starts the run in --output-dir over, --resume auto"),
     (dict(save=False, keep_every_epochs=1), "--keep-every-epochs write checkpoints, --no-save writes none"),
     (dict(save=False, save_every_steps=2), "--save-every-steps write checkpoints, --no-save writes none"),

@@ -115,13 +115,18 @@ def check_fused(fused) -> bool | str:
     raise ValueError(f"fused must be False or 'block', got {fused!r}")
 
 
-def check_model_impl(impl, fused) -> None:
-    """A model's impl (MODEL_IMPLS) and its combination with `fused` (already checked)."""
+def check_model_impl(impl, fused, grad_checkpointing: bool = False, own: bool = False) -> None:
+    """A model's impl (MODEL_IMPLS) and its combination with `fused` (already checked) and, for maefast's own
+    model (``own``: its impl="reference" runs the official forward as it is), `grad_checkpointing`."""
     if not isinstance(impl, str) or impl not in MODEL_IMPLS:
         raise ValueError(f"impl must be one of {MODEL_IMPLS}, got {impl!r}")
     if impl == "sdpa" and fused == "block":
         raise ValueError("fused='block' runs maefast's own attention inside each block's one op; impl='sdpa' "
                          "(torch's SDPA) needs fused=False")
+    if own and impl == "reference" and grad_checkpointing:
+        raise ValueError("grad_checkpointing=True checkpoints the blocks of maefast's fast path; impl='reference' "
+                         "runs the official forward as it is, without checkpointing: pass another impl, or "
+                         "grad_checkpointing=False")
 
 
 def _block_op_ok(bv: BlockView) -> bool:

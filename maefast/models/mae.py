@@ -22,7 +22,8 @@ class MaskedAutoencoderViT(_ReferenceMAE):
             block is one op (`maefast.ops.vit_block`: one autograd node, LayerNorm and GELU recomputed
             in the backward, ~40% less activation memory than False). (fused=True, maefast's eager
             LayerNorm/GELU ops between torch's matmuls, was removed: no measured step had it ahead.)
-        grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside).
+        grad_checkpointing: activation checkpointing per block (the mask is drawn once, outside); not
+            with impl="reference", the official forward as it is (a ValueError: it checkpointed nothing).
 
     forward(imgs (N, C, H, W), mask_ratio=0.75, noise=None (N, L), *, seed=None, return_pred=True)
         -> (loss, pred, mask). ``seed`` (int) draws the mask from maefast's Philox stream instead of
@@ -46,18 +47,19 @@ class MaskedAutoencoderViT(_ReferenceMAE):
     def __init__(self, *args, impl: str = "auto", fused: bool | str = False, grad_checkpointing: bool = False,
                  **kwargs):
         fused = check_fused(fused)
-        check_model_impl(impl, fused)
+        grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
+        check_model_impl(impl, fused, grad_checkpointing, own=True)
         super().__init__(*args, **kwargs)
         self.impl = impl
         self.fused = fused
-        self.grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
+        self.grad_checkpointing = grad_checkpointing
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
                 mean=None, std=None):
         # checked per call as in the constructor: `model.fused = ...` (tests, maefast.patch) must not be ignored
         fused = check_fused(self.fused)
-        check_model_impl(self.impl, fused)
         grad_checkpointing = check_bool("grad_checkpointing", self.grad_checkpointing)
+        check_model_impl(self.impl, fused, grad_checkpointing, own=True)
         # the original forward (ours) takes a Python number only: a tensor or None is one TypeError here,
         # not a SlowPathWarning (the fast path declines it) followed by that forward's TypeError
         if not compiling():

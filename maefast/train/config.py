@@ -336,6 +336,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
     # what --fused rules out, and whether the backend runs on --device, in the other CLIs' words
     check_impls([cfg.impl], cfg.impl, cfg.fused, device=cfg.device)
+    if cfg.impl == "reference" and cfg.grad_checkpointing:
+        raise ValueError("--grad-checkpointing checkpoints the blocks of maefast's fast path; --impl reference runs "
+                         "the official forward as it is, without checkpointing: pick one")
     if cfg.data != "synthetic" and cfg.data and os.path.isdir(cfg.data):
         data, out = os.path.realpath(cfg.data), os.path.realpath(cfg.output_dir)
         if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
