@@ -46,6 +46,7 @@ from ._validate import check_bool, check_mask_ratio, check_nonneg_number, check_
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
 _SEED_LIMIT = 2 ** 62
+_RANK_STRIDE = 0x9E3779B97F4A7C15 % _SEED_LIMIT  # up to 1024 ranks: their seed + k streams >= 2**49 calls apart
 
 
 class TrainStep:
@@ -76,8 +77,9 @@ class TrainStep:
             `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
         seed: the masks' Philox seed (models that take ``seed=``; a patched official-layout model's call
             that runs its original forward without ``noise`` draws its own): call k draws with seed + k. None:
-            drawn from torch's default generator (``torch.manual_seed`` reproduces it). To continue a
-            run's masks in a new step (a resume), pass ``seed=old.seed + old.calls``.
+            drawn from torch's default generator (``torch.manual_seed`` reproduces it), apart per rank
+            under torch.distributed (as the official code seeds seed + rank). To continue a run's masks
+            in a new step (a resume), pass ``seed=old.seed + old.calls``.
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
             autograd and cuBLAS warm up); undone afterwards unless ``restore=False``. The last one runs
             with host syncs raising (torch's sync debug mode): a sync found there is a reason to step
@@ -125,8 +127,10 @@ class TrainStep:
         if clip_grad is not None and (isinstance(clip_grad, bool) or not isinstance(clip_grad, (int, float))
                                       or not clip_grad > 0):
             raise ValueError(f"clip_grad must be a number > 0 or None, got {clip_grad!r}")
-        if seed is None:
-            seed = int(torch.randint(0, _SEED_LIMIT, (1,)))
+        if seed is None:  # per rank under torch.distributed (ranks seeded alike drew the same masks)
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            seed = (int(torch.randint(0, _SEED_LIMIT, (1,))) + rank * _RANK_STRIDE) % _SEED_LIMIT
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
         if scaler is None:

@@ -155,6 +155,26 @@ def test_a_ddp_model_syncs_only_the_update_and_steps_as_the_plain_loop(tmp_path)
         dist.destroy_process_group()
 
 
+def test_the_drawn_seed_differs_per_rank(monkeypatch):
+    """seed=None under torch.distributed: ranks seeded alike (as FSDP needs, for the same initial weights) drew
+    the same seed, so every rank masked its images with the same masks; each rank's seed now stands apart (the
+    official code seeds seed + rank), still reproduced by torch.manual_seed. A seed given is used as given."""
+    import torch.distributed as dist
+
+    m = maefast.models.MaskedAutoencoderViT(**TINY)
+
+    def seed_on(rank, **kw):
+        monkeypatch.setattr(dist, "is_initialized", lambda: rank is not None)
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        torch.manual_seed(0)
+        return TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), capture=False, **kw).seed
+
+    seeds = [seed_on(r) for r in (None, 0, 1, 2, 3)]
+    assert seeds[0] == seeds[1] and len(set(seeds[1:])) == 4 and seed_on(1) == seeds[2]
+    assert min(abs(a - b) for a in seeds for b in seeds if a != b) > 2 ** 40  # their seed + k streams apart
+    assert seed_on(1, seed=5) == seed_on(2, seed=5) == 5
+
+
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 def test_a_run_resumed_from_its_checkpoint_continues_as_one_run(fake_capture, captured):
     """Model, optimizer and GradScaler saved after 4 calls (2 updates, one skipped by an fp16 overflow), restored
