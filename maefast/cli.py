@@ -41,6 +41,8 @@ def check_out_file(flag: str, path: str | None, overwrite: bool = False) -> None
         return
     if path == "":
         raise ValueError(f"{flag} is empty: give a file name")
+    if path == "-":  # not stdout, as many tools read it: a file named "-" was written in the working folder
+        raise ValueError(f"{flag} -: the output goes to a file, not to stdout: give a file name (./- for that one)")
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a folder: give a file name")
     if os.path.exists(path) and not os.path.isfile(path):  # the write renames a new file onto it: /dev/null gone
@@ -98,9 +100,12 @@ def labelled_path(path: str, label: str) -> str:
 
 
 def positive(flag: str, value, allow_zero: bool = False):
-    """``value`` when it is None or an int > 0 (>= 0 with allow_zero); else ValueError naming the flag."""
+    """``value`` when it is None or an int > 0 (>= 0 with allow_zero) that torch takes as a size (< 2**63);
+    else ValueError naming the flag."""
     if value is not None and (value < 0 if allow_zero else value <= 0):
         raise ValueError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if value is not None and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback
+        raise ValueError(f"{flag} must be < 2**63, got {value}")
     return value
 
 
@@ -167,8 +172,9 @@ def _out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is the machine's memory running out (a batch or model too large for it: the user's to
     change, not our bug); torch's CPU allocator says so in a plain RuntimeError."""
     oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", MemoryError)
-    return isinstance(e, (MemoryError, oom)) or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+    # "Storage size calculation overflowed": a tensor of more bytes than an int64 counts (--batch 2**62)
+    return isinstance(e, (MemoryError, oom)) or (isinstance(e, RuntimeError) and any(
+        m in str(e) for m in ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation overflowed")))
 
 
 def guarded(prog: str, fn, argv) -> int:

@@ -458,7 +458,8 @@ def main(argv=None) -> int:
     check_unique("--decoder-depths", depths)
     batch = parse_batches(a.batch)
     overrides = {}
-    known = set(model_config(models[0]))
+    known = set(model_config(models[0])) - {"norm_layer", "decoder_depth"}
+    check_unique("--override", [kv.partition("=")[0] for kv in a.override])  # else the last one silently won
     for kv in a.override:
         k, _, v = kv.partition("=")
         try:
@@ -467,9 +468,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--override takes KEY=NUMBER (e.g. depth=2), got {kv!r}") from None
         if k == "decoder_depth":
             raise ValueError(f"--override {kv!r}: the decoder depths are --decoder-depths (each is a column)")
-        if k not in known or k == "norm_layer":
-            raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of "
-                             f"{', '.join(sorted(known - {'norm_layer'}))})")
+        if k not in known:
+            raise ValueError(f"--override {kv!r}: {k!r} is not a model setting (one of {', '.join(sorted(known))})")
     for m in models:  # each model's config with the overrides, and the mask ratio on its patch count
         where = f" (with --override {' '.join(a.override)})" if a.override else ""
         try:

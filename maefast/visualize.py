@@ -177,6 +177,23 @@ def _check_out(out: str, inputs: list[str], overwrite: bool) -> None:
     check_out_file("--out", out, overwrite)
 
 
+def read_image(path: str):
+    """The image file ``path`` as an RGB Pillow image, converted as the data path does (ValueError naming it when
+    it cannot be read). A grayscale image of more than 8 bits (Pillow's modes I;16, I, F) with values past 255 is
+    refused: Pillow's RGB conversion clips each pixel to 255 (a 16-bit PNG came out white), not rescales it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            lo, hi = im.getextrema() if im.mode.startswith(("I", "F")) else (0, 255)
+            if not 0 <= lo <= hi <= 255:
+                raise ValueError(f"its pixels (mode {im.mode}) span {lo}..{hi}: an RGB conversion clips them to "
+                                 "0..255; save it as an 8-bit image")
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path!r}: {exc}") from exc
+
+
 def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstruction.png", mask_ratio: float = 0.75,
               seed: int = 0, model_name: str | None = None, norm_pix_loss: bool | None = None,
               overwrite: bool = False) -> dict:
@@ -203,17 +220,11 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed <= 2 ** 64 - len(images):
         raise ValueError(f"--seed must be an int in [-2**63, 2**64 - {len(images)}], got {seed!r}")
     check_mask_ratio_flag(mask_ratio)
+    pictures = [read_image(path) for path in images]  # an unreadable image named before the (large) checkpoint loads
     model, name, npl = load_model(checkpoint, model_name, norm_pix_loss)
     check_mask_ratio_flag(mask_ratio, model.patch_embed.num_patches)  # the model's own rule, before any work
     size = tuple(model.patch_embed.img_size)  # (height, width)
-    rows = []
-    for i, path in enumerate(images):
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"cannot read image {path!r}: {exc}") from exc
-        rows.append(reconstruct(model, center_transform(img, size), mask_ratio, seed + i))
+    rows = [reconstruct(model, center_transform(img, size), mask_ratio, seed + i) for i, img in enumerate(pictures)]
     k = -(-PANEL_MIN // min(size))  # the smallest whole factor giving at least PANEL_MIN pixels
     panel = (size[0] * k, size[1] * k)
     caption = caption_for(name, npl, mask_ratio, seed, len(rows))

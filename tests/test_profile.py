@@ -231,6 +231,13 @@ def test_profile_bad_impl():
     # an image name whose ending is no format written: PNG bytes were written under it
     (["visualize", "--checkpoint", __file__, "--image", __file__, "--out", "/tmp/maefast-x.gif"], "no image format"),
     (["bench", "table2", "--png", "/tmp/maefast-x.jpg"], "end it in .png"),
+    # "-" is no stdout here: a file named "-" was written in the working folder
+    (["visualize", "--checkpoint", __file__, "--image", __file__, "--out", "-"], "--out -: the output goes to a file"),
+    # a count no tensor takes: torch's TypeError "Overflow when unpacking long" was a traceback
+    (["profile", "--model", "tiny", "--batch", "99999999999999999999"], "--batch must be < 2**63"),
+    # a setting given twice: the last one silently won
+    (["bench", "table2", "--models", "tiny", "--override", "depth=1", "--override", "depth=2"],
+     "--override names 'depth' twice"),
 ] + ([] if torch.cuda.is_available() else [  # a backend this machine cannot run: refused before any work
     (["profile", "--impl", "auto,triton"], "--impl triton: impl='triton' is not available"),
     (["bench", "table2", "--models", "tiny", "--quick", "--impl", "triton"], "--impl triton:"),

@@ -128,6 +128,19 @@ def test_an_output_file_that_is_a_dangling_link_exists(tmp_path):
     check_out_file("--out", str(link), overwrite=True)
 
 
+def test_an_output_named_dash_is_refused_not_written_as_a_file_named_dash(tmp_path, monkeypatch):
+    """`--json -` (stdout, as many tools read it) wrote a file named "-" in the working folder; refused, one
+    line naming the flag. ./- is that file, taken."""
+    from maefast.cli import check_out_file
+
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--json", "--trace", "--png", "--out"):
+        with pytest.raises(ValueError, match=f"^{flag} -: the output goes to a file, not to stdout"):
+            check_out_file(flag, "-", overwrite=True)
+    check_out_file("--json", "./-")
+    assert os.listdir(tmp_path) == []
+
+
 def test_every_output_file_writes_through_a_link(tmp_path):
     """An output named by a symbolic link (table2's chart, profile --trace; visualize --out in test_visualize):
     the file it points to is replaced and the link stays a link, as every --json (these replaced the link
@@ -189,8 +202,9 @@ def test_running_out_of_memory_is_one_line(capsys):
     from maefast.cli import guarded
 
     cpu = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 B"
+    # (`--batch 4611686018427387904`: more bytes than an int64 counts, torch says so before allocating)
     for exc in (RuntimeError(cpu), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                MemoryError()):
+                MemoryError(), RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904, 3]")):
         def fail(argv, exc=exc):
             raise exc
 

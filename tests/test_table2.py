@@ -297,6 +297,15 @@ def test_table2_main_refuses_before_any_work(fake_run, args, needle):
     assert not fake_run
 
 
+def test_override_names_only_the_settings_it_takes(fake_run):
+    """The list of settings in --override's refusal is the one it takes: decoder_depth (refused, a column of
+    --decoder-depths) was offered in it."""
+    with pytest.raises(ValueError, match="'x' is not a model setting") as e:
+        t2.main(["--models", "tiny", "--override", "x=1"])
+    assert "decoder_depth" not in str(e.value) and "norm_layer" not in str(e.value) and "depth" in str(e.value)
+    assert not fake_run
+
+
 def test_parse_batches_refuses_a_zero_batch_per_model():
     with pytest.raises(ValueError, match="--batch: 'huge=0'"):
         t2.parse_batches("large=2,huge=0")

@@ -454,3 +454,30 @@ def test_a_bad_mask_ratio_is_refused_before_the_checkpoint_is_read(tmp_path):
     """--mask-ratio outside (0, 1) is named first, before a (slow, large) checkpoint is loaded."""
     with pytest.raises(ValueError, match="--mask-ratio"):
         vis.visualize(str(tmp_path / "missing.pth"), _image(tmp_path), str(tmp_path / "o.png"), mask_ratio=1.5)
+
+
+def test_a_missing_image_is_named_before_the_checkpoint_is_read(tmp_path, monkeypatch):
+    """An image that cannot be read is refused before the (slow, large) checkpoint loads, not after."""
+    def loaded(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the images were read")
+
+    monkeypatch.setattr(vis, "load_model", loaded)
+    with pytest.raises(ValueError, match="cannot read image .*missing.png"):
+        vis.visualize(_checkpoint(tmp_path), [_image(tmp_path), str(tmp_path / "missing.png")],
+                      str(tmp_path / "o.png"))
+
+
+def test_a_16_bit_grayscale_image_is_refused_not_clipped_white(tmp_path):
+    """Pillow's RGB conversion clips a 16-bit PNG (mode I;16) to 255: the original panel came out white, the
+    loss meaningless, without a word. Such an image is refused; one of those modes with 8-bit values is shown."""
+    ck = _checkpoint(tmp_path)
+    rng = np.random.default_rng(0)
+    deep = str(tmp_path / "deep.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 40)).astype(np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    with pytest.raises(ValueError, match="cannot read image .*deep.png.*clips them"):
+        vis.visualize(ck, deep, str(tmp_path / "o.png"))
+    assert not (tmp_path / "o.png").exists()
+    shallow = str(tmp_path / "shallow.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint16)).save(shallow)
+    assert vis.visualize(ck, shallow, str(tmp_path / "o.png"))["losses"][0] > 0
