@@ -255,8 +255,8 @@ def info_main(argv=None) -> int:
 
 
 def usage() -> str:
-    lines = ["usage: maefast <command> [options]   (no command: `maefast profile` on the embedded default)", "",
-             "commands:"]
+    lines = ["usage: maefast <command> [options]   (no command: `maefast profile` on the embedded default)",
+             "       maefast --version", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -265,6 +265,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv and argv[0] in ("-V", "--version"):  # (else read as an option of the default command, profile)
+        from . import __version__
+
+        print(f"maefast {__version__}")
         return 0
     cmd = "profile"
     if argv and not argv[0].startswith("-"):

@@ -248,6 +248,16 @@ def test_cli_user_errors_are_one_line_exit_2(args, needle):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and needle in r.stderr, (r.returncode, r.stderr)
 
 
+def test_version_and_help_answer_without_work():
+    """`maefast --version` prints the version (it was read as an option of profile: "unrecognized arguments")."""
+    import maefast
+
+    r = run_cli("--version", timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"maefast {maefast.__version__}", (r.stdout, r.stderr)
+    r = run_cli("--help", timeout=120)
+    assert r.returncode == 0 and "maefast --version" in r.stdout
+
+
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     """`python -m maefast ...` as a user runs it, on this checkout, without the tests' TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
