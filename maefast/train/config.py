@@ -309,9 +309,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     from ..ops._dispatch import get_eager_dispatch
 
     get_eager_dispatch()  # a bad MAEFAST_EAGER_DISPATCH, before --overwrite empties a folder (not at a first step)
-    for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every"):
+    for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every", "blr"):  # (lr 0: nothing learnt)
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
-    for name in ("blr", "min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
+    for name in ("min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
                  "workers"):
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
