@@ -471,3 +471,80 @@ def test_an_mpo_file_takes_the_readers_route_with_pillows_pixels(name, monkeypat
         cut = data[:data.index(b"\xff\xda")]
         with _opened(cut) as img:
             assert not jpeg.takes(img, cut)
+
+
+def _lossless_jpeg(a: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> a lossless JPEG (SOF3, predictor 1: the left neighbour; one Huffman table
+    giving each difference category a 5-bit code): a legal file Pillow cannot write, nor decode at 1/k."""
+    import struct
+
+    a = (a[..., None] if a.ndim == 2 else a).astype(np.int64)
+    h, w, nc = a.shape
+    pred = np.concatenate([a[:, :1], a[:, :-1]], 1)  # left; the first column predicts from above
+    pred[1:, 0], pred[0, 0] = a[:-1, 0], 128
+    bits = []
+    for d in (a - pred).reshape(-1).tolist():
+        s = abs(d).bit_length()
+        bits.append(format(s, "05b") + (format(d if d > 0 else d - 1 + (1 << s), f"0{s}b") if s else ""))
+    b = "".join(bits)
+    b += "1" * (-len(b) % 8)
+    scan = bytes(int(b[i:i + 8], 2) for i in range(0, len(b), 8)).replace(b"\xff", b"\xff\x00")
+
+    def seg(marker, body):
+        return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+    comps = [bytes([c + 1, 0x11, 0]) for c in range(nc)]
+    return (b"\xff\xd8" + seg(0xC3, struct.pack(">BHHB", 8, h, w, nc) + b"".join(comps))
+            + seg(0xC4, bytes([0] + [0] * 4 + [17] + [0] * 11) + bytes(range(17)))
+            + seg(0xDA, bytes([nc]) + b"".join(bytes([c + 1, 0]) for c in range(nc)) + bytes([1, 0, 0]))
+            + scan + b"\xff\xd9")
+
+
+@pytest.mark.parametrize("name", ["window", "simplejpeg", "pillow"])
+def test_a_lossless_jpeg_is_decoded_at_full_scale_on_the_fast_path(name, monkeypatch):
+    """A lossless JPEG has no scaled decode (Pillow's draft took a scale for it, then its decode failed: the fast
+    path counted every such file with a crop of 2 x S or more as unreadable, the exact path read it)."""
+    from PIL import Image
+
+    if name != "pillow":
+        _use(monkeypatch, name)
+    else:
+        monkeypatch.setattr(jpeg, "_READER", "pillow")
+    rng = np.random.default_rng(0)
+    a = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((90, 70), Image.BICUBIC))
+    for image in (a[..., 1], a):
+        data = _lossless_jpeg(image)
+        try:
+            with _opened(data) as img:
+                full = np.asarray(img.convert("RGB"))
+        except OSError as exc:  # libjpeg-turbo before 3.0: no lossless decoding (the official loader fails alike)
+            pytest.skip(f"this Pillow's libjpeg decodes no lossless JPEG ({exc})")
+        assert np.array_equal(full, np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image)
+        for box in ((3, 5, 2 * S + 1, 2 * S + 3), (0, 0, 70, 90), (10, 20, 9, 11)):
+            assert torch.equal(_crop(data, "exact", box), augment.crop_exact(full, box, S))
+            assert torch.equal(_crop(data, "fast", box), augment.resample_fast(full, box, 1, S))
+            with _opened(data) as img:
+                assert not augment.scalable(img) and not jpeg.takes(img, data)  # Pillow's route
+                assert torch.equal(augment.crop_fast(img, box, S), augment.resample_fast(full, box, 1, S))
+
+
+@pytest.mark.parametrize("name", ["window", "simplejpeg"])
+def test_an_arithmetic_coded_jpeg_takes_pillows_route(name, monkeypatch):
+    """Pillow feeds libjpeg 64 KiB at a time and libjpeg's arithmetic decoder cannot resume across reads: Pillow
+    (and the official loader) refuses an arithmetic-coded file over that size, which a reader decoding from memory
+    read, so the reader decided whether the sample existed. The route is decided on the header: its frame marker
+    (past an EXIF segment), whatever the data after it."""
+    from PIL import Image
+
+    _use(monkeypatch, name)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for progressive, frame in ((False, 0xC9), (True, 0xCA)):
+        data = _jpeg(w=300, h=200, progressive=progressive, exif=exif.tobytes())
+        with _opened(data) as img:
+            assert jpeg.takes(img, data)
+        sof = data.index(bytes([0xFF, 0xC2 if progressive else 0xC0]))
+        arith = data[:sof + 1] + bytes([frame]) + data[sof + 2:]
+        with _opened(arith) as img:
+            assert img.format == "JPEG" and img.mode == "RGB" and not jpeg.takes(img, arith)
+        assert jpeg.frame_marker(data) == data[sof + 1] and jpeg.frame_marker(arith) == frame

@@ -7,10 +7,10 @@
 - ``"fast"``: the crop box is drawn first, from the size in the file's header (the same box the
   exact path draws for the same generator); a JPEG whose crop spans at least k x ``size`` pixels
   on both sides (k = 8, 4 or 2) is decoded at 1/k in the DCT domain (libjpeg-turbo's scaled IDCT)
-  and resampled from the fractional box with Pillow's bicubic; any other crop is resampled by
-  torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in AVX2, ~4x faster than Pillow's
-  resize; it rounds differently by a level here and there). ``maefast bench data`` measures the
-  speed and the per-pixel difference to the exact path.
+  and resampled from the fractional box with Pillow's bicubic; any other crop (and a lossless JPEG's:
+  `scalable`) is resampled by torch's antialiased bicubic on uint8 (Pillow's filter, a=-0.5, in AVX2,
+  ~4x faster than Pillow's resize; it rounds differently by a level here and there). ``maefast bench
+  data`` measures the speed and the per-pixel difference to the exact path.
 - ``"gpu"``: the data-loader worker reads the file and draws the box, flip and noise as ``"fast"``
   does; the JPEG is decoded on the GPU with nvJPEG, then cropped, resized (the same antialiased
   bicubic, in float32) and flipped there (`maefast.train.gpu_decode`). Anything nvJPEG cannot take
@@ -135,8 +135,7 @@ def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     in place (its ``size`` becomes the reduced one). Returns uint8 (3, size, size), possibly a
     strided view."""
     top, left, h, w = box
-    undecoded = len(getattr(img, "tile", None) or ()) == 1  # opened, pixels not read yet
-    k = draft_factor(w, h, size) if img.format in ("JPEG", "MPO") and undecoded else 1
+    k = draft_factor(w, h, size) if scalable(img) else 1
     if k > 1:
         full_w = img.width
         # Pillow picks the largest of 1/8, 1/4, 1/2 keeping at least the requested size; read the
@@ -147,6 +146,14 @@ def crop_fast(img, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
         return resample_fast(np.asarray(_rgb(img)), box, k, size)
     crop = _hwc_tensor(_rgb(img.crop((left, top, left + w, top + h)))).permute(2, 0, 1)
     return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+
+
+def scalable(img) -> bool:
+    """Whether ``img`` (a PIL image) is a JPEG opened and not decoded yet that libjpeg can decode at 1/k: a
+    DCT-coded one (it has quantization tables). A lossless JPEG (SOF3) has none and decodes at full scale
+    only: Pillow's ``draft`` accepts a scale for it, and its decode then fails ("broken data stream")."""
+    undecoded = len(getattr(img, "tile", None) or ()) == 1  # opened, pixels not read yet
+    return img.format in ("JPEG", "MPO") and undecoded and bool(getattr(img, "quantization", None))
 
 
 def window(box: tuple[int, int, int, int], k: int, width: int, height: int) -> tuple[int, int, int, int]:

@@ -19,8 +19,8 @@ these readers that this process has, and that decodes as this Pillow does (`read
 - ``"simplejpeg"``: the whole image decoded by libjpeg-turbo into numpy (a dependency; ~30% faster
   than Pillow's reader, which hands out pixels through chunked reads and image copies).
 - ``"pillow"``: Pillow's own reader (``Image.draft`` for the scaled decodes), used for every other
-  file too: CMYK, a JPEG libjpeg reports damage in, a machine with neither reader above, or a Pillow
-  not built on libjpeg-turbo.
+  file too: CMYK, arithmetic-coded or lossless (`HUFFMAN_DCT_FRAMES`), a JPEG libjpeg reports damage in,
+  a machine with neither reader above, or a Pillow not built on libjpeg-turbo.
 
 Every reader decodes with Pillow's settings (accurate integer IDCT, smooth chroma upsampling, scaled
 IDCT at 1/k), so the pixels are Pillow's at every scale; each process checks that once on a small
@@ -137,11 +137,36 @@ def describe() -> str:
     return "Pillow"
 
 
+# the frame markers of the Huffman-coded DCT processes (baseline, extended, progressive): the files the readers
+# are checked on. Arithmetic coding (SOF9-15) is left to Pillow, whose chunked reads libjpeg's arithmetic decoder
+# cannot resume from ("broken data stream" on any such file over Pillow's 64 KiB read: Pillow refuses what a
+# reader decoding from memory accepts), and so is a lossless JPEG (SOF3: no DCT, no scaled decode).
+HUFFMAN_DCT_FRAMES = (0xC0, 0xC1, 0xC2)
+
+
+def frame_marker(data: bytes) -> int | None:
+    """The JPEG's first start-of-frame marker (its second byte, 0xC0-0xCF but DHT, JPG and DAC), walking the
+    segments from the start; None if there is none to find."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            return m
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def takes(img, data: bytes) -> bool:
-    """Whether `decode` reads this file (Pillow opened ``img`` from ``data``, not decoded yet): a JPEG
-    Pillow sees as RGB or grey, and a reader other than Pillow's; simplejpeg also wants the header's
-    colour space to be YCbCr or grey ("window" checks it itself, `decode` then answering None)."""
+    """Whether `decode` reads this file (Pillow opened ``img`` from ``data``, not decoded yet): a Huffman-coded
+    DCT JPEG (`HUFFMAN_DCT_FRAMES`) Pillow sees as RGB or grey, and a reader other than Pillow's; simplejpeg
+    also wants the header's colour space to be YCbCr or grey ("window" checks it itself, `decode` then
+    answering None)."""
     if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
+        return False
+    if frame_marker(data) not in HUFFMAN_DCT_FRAMES:
         return False
     name = reader()
     if name == "simplejpeg":
