@@ -375,6 +375,10 @@ def test_what_nvjpeg_is_given_reads_the_header_as_libjpeg():
     with Image.open(io.BytesIO(ycc)) as img:
         assert gpu_decode.gpu_decodable(img, ycc + b"\0" * 40)  # a camera's trailing bytes
         assert not gpu_decode.gpu_decodable(img, ycc[:-2]) and not gpu_decode.gpu_decodable(img, ycc[:len(ycc) // 2])
+        # an arithmetic-coded (SOF9) or lossless (SOF3) frame: Pillow's verdict, as on the CPU paths
+        sof = ycc.index(b"\xff\xc0")
+        for frame in (0xC9, 0xC3):
+            assert not gpu_decode.gpu_decodable(img, ycc[:sof + 1] + bytes([frame]) + ycc[sof + 2:])
 
 
 def test_decode_gpu_without_torchvision_or_cuda_is_one_line_exit_2(tmp_path):

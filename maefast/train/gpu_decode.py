@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..graphs import first_line, message_line
 from .augment import crop_fast, normalize_uint8
+from .jpeg import HUFFMAN_DCT_FRAMES, frame_marker
 
 # `--decode auto` takes gpu (where it is available) only once a record shows it ahead of fast: `maefast
 # bench data`'s gpu loader row against fast-uint8 on the GPU machine (scripts/gpu_check.py's data
@@ -109,11 +110,13 @@ def resolve_decode(decode: str, device: str | torch.device) -> tuple[str, str | 
 
 
 def gpu_decodable(img, data: bytes) -> bool:
-    """Whether the file ``data`` (``img``: its header, opened by Pillow) goes to nvJPEG: a JPEG in RGB or
-    greyscale, its three components coded as YCbCr (`ycbcr_or_grey`), with an end-of-image marker in its
-    last bytes (a truncated file has none: it takes the CPU path, where the decode fails and the file is
-    counted)."""
-    return img.format == "JPEG" and img.mode in GPU_MODES and ycbcr_or_grey(img) and EOI in data[-64:]
+    """Whether the file ``data`` (``img``: its header, opened by Pillow) goes to nvJPEG: a Huffman-coded DCT
+    JPEG (as the CPU readers take: an arithmetic-coded or lossless one goes to Pillow, whose verdict decides,
+    `maefast.train.jpeg.HUFFMAN_DCT_FRAMES`) in RGB or greyscale, its three components coded as YCbCr
+    (`ycbcr_or_grey`), with an end-of-image marker in its last bytes (a truncated file has none: it takes the
+    CPU path, where the decode fails and the file is counted)."""
+    return (img.format == "JPEG" and img.mode in GPU_MODES and ycbcr_or_grey(img) and EOI in data[-64:]
+            and frame_marker(data) in HUFFMAN_DCT_FRAMES)
 
 
 def ycbcr_or_grey(img) -> bool:
