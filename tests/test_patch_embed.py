@@ -386,6 +386,61 @@ def test_module_passes_offset_and_pixel_statistics_on():
     assert_close(got, m(normalize(u8, mean, std), 0.5, noise=noise)[0], torch.float32)
 
 
+def test_module_calls_a_hooked_or_wrapped_projection():
+    """A projection with hooks (the legacy weight_norm computes its weight in a forward pre-hook) or an
+    adapter's children is called as a module, as the official patch_embed calls it: before, the op read a
+    weight_norm'd proj's stale weight (silently wrong tokens after an optimizer step) and skipped its hooks."""
+    import warnings
+
+    from maefast.reference.normalize import normalize
+
+    torch.manual_seed(3)
+    m = MaskedPatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16, impl="reference")
+    official = R.PatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16)
+    official.load_state_dict(m.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm is deprecated
+        for mod in (m, official):
+            torch.nn.utils.weight_norm(mod.proj)
+    for mod in (m, official):
+        with torch.no_grad():  # an optimizer step on the weight_norm parameters
+            mod.proj.weight_g.mul_(2.0)
+    imgs, noise, pos = randn(2, 3, 16, 16), torch.rand(2, 4), randn(1, 5, 16)
+    seen = []
+    m.proj.register_forward_hook(lambda *_: seen.append("proj"))
+    tokens, mask, ids_restore = m(imgs, 0.5, pos_embed=pos, noise=noise)
+    want, mask_o, ids_o = R.random_masking(official(imgs) + pos[:, 1:], 0.5, noise=noise)
+    assert seen == ["proj"]
+    assert_close(tokens, want, torch.float32, name="tokens of a weight_norm'd proj vs official")
+    assert torch.equal(mask, mask_o) and torch.equal(ids_restore, ids_o)
+    tokens.square().sum().backward()
+    official_tokens = R.random_masking(official(imgs) + pos[:, 1:], 0.5, noise=noise)[0]
+    official_tokens.square().sum().backward()
+    assert_close(m.proj.weight_g.grad, official.proj.weight_g.grad, torch.float32, name="weight_g grad")
+    u8 = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert_close(m(u8, 0.5, noise=noise)[0], m(normalize(u8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                                0.5, noise=noise)[0], torch.float32)
+    with pytest.raises(ValueError, match="pos_embed"):
+        m(imgs, 0.5, pos_embed=pos[:, 1:], noise=noise)
+    with pytest.raises(ValueError, match="imgs must not require grad"):
+        m(imgs.requires_grad_(), 0.5, noise=noise)
+
+
+def test_module_projection_of_other_geometry_is_called_or_refused():
+    """A proj that is not a non-overlapping p x p patch conv (padding, here) is called as the official
+    patch_embed calls it; one giving another number of tokens than the L patches masked is refused. Before,
+    the op read its weight as a patch conv's: a padded conv's tokens were silently those without padding."""
+    torch.manual_seed(4)
+    imgs, noise, pos = randn(2, 3, 16, 16), torch.rand(2, 4), randn(1, 5, 16)
+    m = MaskedPatchEmbed(img_size=16, patch_size=8, in_chans=3, embed_dim=16, impl="reference")
+    m.proj = torch.nn.Conv2d(3, 16, 8, stride=8, padding=1)
+    want = R.random_masking(m.proj(imgs).flatten(2).transpose(1, 2) + pos[:, 1:], 0.5, noise=noise)[0]
+    assert_close(m(imgs, 0.5, pos_embed=pos, noise=noise)[0], want, torch.float32, name="padded proj vs official")
+    m.proj = torch.nn.Conv2d(3, 16, 8, stride=4)
+    with pytest.raises(ValueError, match="proj gives 9 tokens"):
+        m(imgs, 0.5, pos_embed=pos, noise=noise)
+
+
 def test_module_refuses_sizes_it_cannot_embed():
     with pytest.raises(ValueError, match="img_size"):
         MaskedPatchEmbed(img_size=30, patch_size=8)
@@ -440,14 +495,18 @@ def test_gpu_paper_shapes(impl, dtype, case):
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_gpu_no_image_or_no_kept_patch_gives_empty_tokens(impl, dtype):
-    """N = 0 images or K = 0 kept patches: empty tokens of the right shape on every backend, float and uint8
-    images (the CUDA C++ gathers checked their pointers before their empty-size return, and the caching
-    allocator gives an empty tensor none)."""
+    """K = 0 kept patches: empty tokens of the right shape on every backend, float and uint8 images (the CUDA C++
+    gathers checked their pointers before their empty-size return, and the caching allocator gives an empty
+    tensor none); N = 0 images are refused before any kernel, as on the CPU (`check_images`)."""
     w, b, pos = randn(64, 3, 16, 16, device=GPU), randn(64, device=GPU), randn(1, 17, 64, device=GPU)
     for n, k in ((0, 4), (2, 0)):
         imgs = (torch.randint(0, 256, (n, 3, 64, 64), device=GPU, dtype=torch.uint8) if dtype == torch.uint8
                 else randn(n, 3, 64, 64, device=GPU))
         ids = torch.zeros(n, k, dtype=torch.int64, device=GPU)
+        if n == 0:
+            with pytest.raises(ValueError, match="imgs must be non-empty"):
+                masked_patch_embed(imgs, ids, w, b, pos, 16, impl=impl)
+            continue
         out = masked_patch_embed(imgs, ids, w, b, pos, 16, impl=impl)
         assert out.shape == (n, k, 64) and out.dtype == torch.float32, (n, k)
 

@@ -42,9 +42,12 @@ class Attention(_ReferenceAttention):
                          proj_drop=proj_drop)
         check_impl(impl, "maefast.nn.Attention", sdpa=True)  # "sdpa": torch's SDPA, no cu_seqlens
         self.impl = impl
+        self.scale = _real(self.scale, "qk_scale")  # the ops take a float (timm multiplies by any number)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if cu_seqlens is None and x.dim() != 3:
             raise ValueError(f"x must be (N, L, C) (or packed rows (T, C) with cu_seqlens), got shape {tuple(x.shape)}")
         rate = _dropout_rate(self.attn_drop)
@@ -105,6 +108,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:g}"
+
+
+def _real(v, name: str) -> float:
+    """A number as a float: a Python or numpy number, or a 0-d tensor or array."""
+    if hasattr(v, "ndim") and getattr(v, "ndim") == 0 and hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    return float(v)
 
 
 def _drop_rate(p, name: str = "drop_path") -> float:
@@ -168,7 +180,7 @@ class Block(nn.Module):
 
     def _one_op(self, x: torch.Tensor, cu_seqlens) -> bool:
         a, m = self.attn, self.mlp
-        if not self.fused or cu_seqlens is not None or x.dtype not in FLOAT_DTYPES:
+        if not self.fused or cu_seqlens is not None or getattr(x, "dtype", None) not in FLOAT_DTYPES:
             return False
         if getattr(a, "impl", None) == "sdpa":  # torch's attention: the block op would run maefast's
             return False

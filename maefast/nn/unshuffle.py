@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..ops._backend import check_impl
 from .._validate import FLOAT_DTYPES
-from ..ops.unshuffle import _validate, out_dtype, unshuffle
+from ..ops.unshuffle import _validate, unshuffle
 from ..reference.unshuffle import unshuffle as reference_unshuffle
 
 
@@ -26,8 +26,9 @@ class Unshuffle(nn.Module):
 
     def forward(self, x_vis: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                 pos_embed: torch.Tensor) -> torch.Tensor:
-        # the official ops in float64 (the kernels take float32/16; the op promotes the rest itself)
-        if out_dtype(x_vis, mask_token, pos_embed) == torch.float64:
+        # the official ops in float64 (the kernels take float32/16; the op promotes the rest itself); a
+        # non-tensor argument reaches the op's check, which names it
+        if any(getattr(t, "dtype", None) == torch.float64 for t in (x_vis, mask_token, pos_embed)):
             _validate(x_vis, mask_token, ids_restore, pos_embed, dtypes=FLOAT_DTYPES + (torch.float64,))
             return reference_unshuffle(x_vis, mask_token, ids_restore, pos_embed)
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)  # it promotes too

@@ -279,6 +279,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zero-filled dlse (and dout stays None when out is unused)
+    if cu_seqlens is not None and cu_seqlens.is_inference():  # made under torch.inference_mode: cannot be saved
+        cu_seqlens = cu_seqlens.clone()
     ctx.save_for_backward(qkv, out, lse, cu_seqlens)
     ctx.num_heads, ctx.max_seqlen, ctx.scale, ctx.impl = num_heads, max_seqlen, scale, impl
 

@@ -209,7 +209,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(r)
     ctx.set_materialize_grads(False)
     ctx.fused = _fuses_grad(impl, with_grad)
-    # the fused forward's residual replaces pred (the same bytes) and imgs; the mask for sum(w)
+    # the fused forward's residual replaces pred (the same bytes) and imgs; the mask for sum(w) (a copy of one made
+    # under torch.inference_mode, which cannot be saved for backward)
+    if mask_or_ids.is_inference():
+        mask_or_ids = mask_or_ids.clone()
     if ctx.fused:
         ctx.save_for_backward(r, mask_or_ids)
     else:

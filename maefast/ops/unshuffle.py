@@ -182,7 +182,8 @@ def _(grad, ids_restore, num_visible, need_pos, impl, x_dtype):
 
 def _setup_context(ctx, inputs, output):
     x_vis, mask_token, ids_restore, pos_embed, impl = inputs
-    ctx.save_for_backward(ids_restore)
+    # ids made under torch.inference_mode cannot be saved for backward: a copy then (the official gather saves none)
+    ctx.save_for_backward(ids_restore.clone() if ids_restore.is_inference() else ids_restore)
     ctx.num_visible = x_vis.shape[1] - 1
     ctx.x_dtype = x_vis.dtype
     ctx.tok_dtype, ctx.tok_shape = mask_token.dtype, tuple(mask_token.shape)
