@@ -22,6 +22,13 @@ def _probe_triton() -> tuple[bool, str | None]:
     return _probe
 
 
+# A process constant: while torch.compile traces, Dynamo calls the probe as plain Python and takes its answer as a
+# constant (the mark torch.compiler.assume_constant_result sets, as on ops._backend.cuda_ext_usable). Traced, the
+# first compiled call of a process that had run no Triton op guarded on `_probe is None`, which that call itself
+# made false: one recompile at the next call.
+_probe_triton._dynamo_marked_constant = True
+
+
 def __getattr__(name):
     if name == "HAS_TRITON":
         return _probe_triton()[0]

@@ -159,7 +159,9 @@ def check_pixel_stats(name: str, imgs: torch.Tensor, mean, std) -> None:
                              f"{tuple(imgs.shape)}), got {len(values)}: {tuple(values)}")
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
             raise TypeError(f"{arg} must hold real numbers, got {tuple(values)}")
-        if not all(math.isfinite(v) for v in values):
+        # (comparisons, not math.isfinite: torch.compile(dynamic=True) traces these floats as symbolic ones,
+        # which Dynamo's math.isfinite does not take: a graph break, an error under fullgraph=True)
+        if not all(-math.inf < v < math.inf for v in values):
             raise ValueError(f"{arg} must be finite, got {tuple(values)}")
     if not all(v > 0 for v in std):
         raise ValueError(f"std must be > 0 for every channel, got {tuple(std)}")

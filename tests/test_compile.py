@@ -498,3 +498,66 @@ def test_a_patched_transformers_model_compiled_first_compiles_once(monkeypatch):
         other.__class__ = type("MyViTMAE", (type(other),), {})
         maefast.patch(other)
         compiled(pixel_values=x, noise=torch.rand(2, 16))
+
+
+def test_a_triton_model_compiled_before_any_eager_triton_call_compiles_once(monkeypatch):
+    """The first compiled call of a process that had run no Triton op (impl="triton", or "auto" on a GPU):
+    the trace read the import probe's cache (`_probe is None`), guarded on it, and filled it, so the next
+    call recompiled (before 2026-12-07)."""
+    from maefast import _triton
+
+    monkeypatch.setattr(_triton, "_probe", None)  # as in a fresh process
+    torch._dynamo.reset()
+    model = _own("triton", False, False).to(TRITON_DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 32, 32, device=TRITON_DEVICE)
+    compiled(x, 0.75, torch.rand(2, L, device=TRITON_DEVICE))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x, 0.75, torch.rand(2, L, device=TRITON_DEVICE))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["own", "official"])
+def test_dynamic_true_takes_uint8_images(kind):
+    """torch.compile(dynamic=True) traces Python floats as symbolic ones, ImageNet's mean/std of uint8
+    images too, and Dynamo has no math.isfinite for those: the pixel statistics' check broke the graph
+    (an error under fullgraph=True; before 2026-12-07). Compiled == eager at two batch sizes, one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BUILD[kind]("auto", False, False).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, n in enumerate((2, 5)):
+        imgs = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+        mask = {"noise": torch.rand(n, L)}
+        with torch._dynamo.config.patch(error_on_recompile=i == 1):
+            got = _step(model, compiled, kind, imgs, mask)
+        _assert_same(got, _step(model, model, kind, imgs, mask), torch.float32, f"{kind}, uint8, batch {n}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("impl,dynamic", [("auto", True), ("auto", None), ("sdpa", True)],
+                         ids=["dynamic", "new-ratio", "sdpa-dynamic"])
+def test_grad_checkpointing_compiles_with_symbolic_floats(impl, dynamic):
+    """Floats Dynamo traces as symbolic ones (dynamic=True; or torch's default once a second ratio recompiles,
+    specialize_float=False) crashed the trace of checkpointed blocks (before 2026-12-07): the mask ratio made
+    the kept-patch count K a symbolic expression that checkpointing could not lift ("Source of 'TruncToInt(16.0
+    - 16.0*zf..) + 1' is None"), now specialised by random_masking (each ratio compiles once, as it did); and on
+    impl="sdpa", sdpa_attention's default dropout_p=0.0 became a symbolic input of the first checkpointed block
+    that the second could not lift (a torch bug: "lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer"), now passed explicitly. Compiled == eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _own(impl, False, True).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    def step(run, imgs, ratio, noise):
+        model.zero_grad(set_to_none=True)
+        run(imgs, ratio, noise, return_pred=False)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for ratio in (0.75, 0.5):
+        imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, L)
+        got, want = step(compiled, imgs, ratio, noise), step(model, imgs, ratio, noise)
+        assert got.keys() == want.keys() and want
+        for name, g in want.items():
+            assert_close(got[name], g, torch.float32, name=f"ratio {ratio}: grad of {name}")
+    torch._dynamo.reset()

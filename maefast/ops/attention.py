@@ -381,7 +381,10 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
     max_seqlen = _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl)
     if impl == "sdpa":  # torch's own op, no custom op; _resolve says "sdpa" (what `maefast profile` counts)
         _resolve(impl, qkv, qkv.shape[-1] // (3 * num_heads), qkv.shape[-2])
-        return sdpa_attention(qkv, num_heads, None if scale is None else float(scale))
+        # dropout_p given, not read from the default: torch.compile(dynamic=True) traces a default float as a
+        # symbolic input, which a second checkpointed block cannot lift (AssertionError "lift_tracked_freevar_to_
+        # input should not be called on root SubgraphTracer"; torch 2.13, any function with a float default)
+        return sdpa_attention(qkv, num_heads, None if scale is None else float(scale), 0.0)
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)

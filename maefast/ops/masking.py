@@ -165,6 +165,14 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, *, noise: to
         ``maefast.reference.philox.philox_noise(N, L, seed, offset)``.
     """
     if compiling():
+        from torch.fx.experimental.symbolic_shapes import guard_scalar  # loaded by Dynamo itself
+
+        # K is a size: the ratio is specialised (a guard on its value; each new ratio compiles once, as it did
+        # anyway). Left symbolic (torch.compile(dynamic=True), or a second ratio with torch's default
+        # specialize_float=False), sizes derived from it crashed grad checkpointing's trace ("Source of
+        # 'TruncToInt(16.0 - 16.0*zf..) + 1' is None"; torch 2.13)
+        if isinstance(mask_ratio, (int, float)):
+            mask_ratio = guard_scalar(mask_ratio)
         len_keep = int(num_patches * (1 - float(mask_ratio)))
         if not 0 < float(mask_ratio) < 1 or not 1 <= len_keep < num_patches:  # the eager rule; a constant message
             raise ValueError("mask_ratio must be in the open interval (0, 1), keep at least one patch and mask one")
