@@ -25,12 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import maefast
-from maefast.models import MaskedAutoencoderViT
+from maefast.models import MaskedAutoencoderViT, routing
 from maefast.nn.attention import Attention, Block, drop_path
 from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
 from maefast.reference.model import Attention as ReferenceAttention
 from maefast.reference.model import Mlp
 from maefast.testing import TOLERANCES, assert_close, randn
+from official_layout import N, _slow_warning
+from test_patching_parts import _hf, _pair, _same_call
 
 pytestmark = pytest.mark.usefixtures("one_thread", "warn_again")
 
@@ -345,3 +347,60 @@ def test_reference_attention_drops_its_projection_output():
         torch.manual_seed(5)
         want = F.dropout(_attention_with_dropout(attn, x, 0.0), p)
     assert_close(y, want, name="proj_drop vs dropout on the projection from the same generator")
+
+
+# -- modules of the user's (or other torch dropouts) in a block's dropout slots, which the fast path never calls
+
+class Shift(nn.Module):
+    """A user's regulariser in a block's dropout slot: no dropout class, no rate the routing reads."""
+
+    def forward(self, x):
+        return x + 0.1
+
+
+@pytest.mark.usefixtures("warn_again")
+@pytest.mark.parametrize("where", ["blocks.0.mlp.drop", "blocks.1.attn.proj_drop", "decoder_blocks.0.attn.attn_drop"])
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_a_users_module_in_a_dropout_slot_is_not_dropped(where, fused):
+    """The fast block never calls a block's dropout slots (their rates are checked); a module of the user's
+    there was silently skipped (another loss, other gradients): refused at patch time, and when set after
+    patching (or in maefast's own model) the call runs the original forward."""
+    plain, patched = _pair(fused)
+    bad = copy.deepcopy(plain)
+    bad.get_submodule(where.rsplit(".", 1)[0]).__setattr__(where.rsplit(".", 1)[1], Shift())
+    with pytest.raises(TypeError, match=f"{where}.*Shift"):
+        maefast.patch(bad, fused=fused)
+    for m in (plain, patched):
+        m.get_submodule(where.rsplit(".", 1)[0]).__setattr__(where.rsplit(".", 1)[1], Shift())
+    _same_call(plain, patched, where.replace(".", r"\."))
+    routing._WARNED.clear()  # the same class name and reason: warned once
+    torch.manual_seed(0)
+    own = MaskedAutoencoderViT(**TINY, fused=fused)
+    own.get_submodule(where.rsplit(".", 1)[0]).__setattr__(where.rsplit(".", 1)[1], Shift())
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, 16)
+    own.impl = "reference"
+    want = own(imgs, 0.75, noise)[0]
+    own.impl = "auto"
+    with pytest.warns(_slow_warning(), match=where.replace(".", r"\.")):
+        got = own(imgs, 0.75, noise)[0]
+    assert torch.allclose(got, want, rtol=1e-6), (got.item(), want.item())
+
+
+@pytest.mark.usefixtures("warn_again")
+@pytest.mark.parametrize("drop", [nn.AlphaDropout, nn.Dropout1d])
+def test_transformers_another_torch_dropout_in_a_layer_runs_the_original(drop):
+    """The fast path applies a layer's nn.Dropout rate with torch's dropout; another torch dropout class put in
+    its place (a torch class, so not refused as a user's) was silently skipped in training."""
+    plain, patched = _hf()
+    if not hasattr(plain.vit, "layers"):
+        pytest.skip("transformers 4.x names")
+    for m in (plain, patched):
+        m.vit.layers[1].dropout = drop(0.5)
+        m.train()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, 16)
+    torch.manual_seed(4)
+    want = plain(pixel_values=imgs, noise=noise).loss
+    torch.manual_seed(4)
+    with pytest.warns(_slow_warning(), match=rf"encoder layer 1\.dropout is a {drop.__name__}"):
+        got = patched(pixel_values=imgs, noise=noise).loss
+    assert torch.equal(got, want), (got.item(), want.item())

@@ -157,3 +157,22 @@ def test_layer_norms_without_weight_or_bias(norm, fused):
     l1, _, _, g1 = _run(m, imgs, noise, return_pred=False)
     assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item())
     _assert_grads_equal(g1, g0)
+
+
+def test_fused_blocks_cast_to_another_dtype_run_as_the_officials_do(monkeypatch):
+    """Outside autocast, decoder blocks cast to bf16 under an fp32 stream: the official blocks (and the
+    unfused fast ones) raise; fused="block" gave a result (the op casts the weights to the stream's dtype).
+    Now that block runs op by op too, raising as the official does; a whole bf16 model keeps the op."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, fused="block")
+    m.decoder_blocks.to(torch.bfloat16)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    for impl in ("reference", "auto"):
+        m.impl = impl
+        with pytest.raises(RuntimeError):
+            m(imgs, 0.75, noise)
+    m.to(torch.bfloat16)
+    calls, real = [], maefast.ops.vit_block
+    monkeypatch.setattr(maefast.ops, "vit_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m(imgs.bfloat16(), 0.75, noise)
+    assert len(calls) == len(m.blocks) + len(m.decoder_blocks)

@@ -47,6 +47,34 @@ def test_a_fused_blocks_activation_given_its_own_forward_runs_the_original():
     _same_call(plain, patched, r"blocks\.0\.mlp\.act")
 
 
+class GELUActivation(nn.Module):
+    """A user's activation that shares transformers' class name (not its exact GELU)."""
+
+    def forward(self, x):
+        return 3 * torch.relu(x)
+
+
+def test_an_activation_named_like_transformers_gelu_is_not_computed_as_it():
+    """fused="block" computes transformers' GELUActivation as the exact GELU: it recognised the class by its
+    name alone, so another package's class of that name was silently computed as a GELU; now only
+    transformers' own is, and this block runs unfused, calling the user's activation."""
+    from maefast.models import MaskedAutoencoderViT
+
+    plain, patched = _pair(fused="block")
+    torch.manual_seed(0)
+    own = MaskedAutoencoderViT(**TINY, fused="block")
+    for m in (plain, patched, own):
+        m.blocks[0].mlp.act = GELUActivation()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())  # served fast, the block unfused
+        got = patched(imgs, 0.75, noise)[1]
+        own_got = own(imgs, 0.75, noise)[1]
+    assert_close(got, plain(imgs, 0.75, noise)[1], name="patched pred")
+    own.impl = "reference"
+    assert_close(own_got, own(imgs, 0.75, noise)[1], name="own model pred")
+
+
 def test_a_tensor_seed_on_the_slow_path_gives_the_fast_paths_mask():
     """A device seed (a one-element tensor, as a captured step passes it) on a call the original forward
     serves (a hook on a module the fast path skips) is read as that integer: the same mask and loss as the

@@ -252,6 +252,49 @@ def test_transformers_adapters_and_instance_forwards_after_patching_run_the_orig
     _hf_same(plain, patched, "random_masking is set on the instance")
 
 
+class PeftStyle(nn.Module):
+    """A peft-style LoRA wrapper (not a Linear or Conv2d): the base layer and the A/B adapters as children,
+    none of the base layer's other attributes (out_features, in_channels)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        conv = isinstance(base, nn.Conv2d)
+        n_in, n_out = (base.in_channels, base.out_channels) if conv else (base.in_features, base.out_features)
+        if conv:
+            self.lora_A = nn.Conv2d(n_in, 2, base.kernel_size, base.stride, bias=False)
+            self.lora_B = nn.Conv2d(2, n_out, 1, bias=False)
+        else:
+            self.lora_A, self.lora_B = nn.Linear(n_in, 2, bias=False), nn.Linear(2, n_out, bias=False)
+        nn.init.constant_(self.lora_B.weight, 0.01)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("where,when", [("vit.embeddings.patch_embeddings.projection", "before"),
+                                        ("vit.embeddings.patch_embeddings.projection", "after"),
+                                        ("attention.q_proj", "after")])  # (before: refused at patch time)
+def test_transformers_a_wrapper_on_a_layer_whose_weights_are_read_runs_the_original(where, when):
+    """Such a wrapper (not refused at patch time on the patch projection; set after patching on q_proj) made
+    the call fail with an AttributeError, the fast path reading the layer's sizes before seeing that it was
+    no plain layer: the call now runs the original forward, named."""
+    plain, patched = _hf()
+    if where.startswith("attention"):
+        if not hasattr(plain.vit, "layers"):
+            pytest.skip("transformers 4.x names")
+        where = "vit.layers.0." + where
+    targets = (plain, patched) if when == "after" else (plain,)
+    for m in targets:
+        parent, name = m.get_submodule(where.rsplit(".", 1)[0]), where.rsplit(".", 1)[1]
+        torch.manual_seed(3)
+        setattr(parent, name, PeftStyle(getattr(parent, name)))
+    if when == "before":
+        patched = maefast.patch(copy.deepcopy(plain))
+    grads = _hf_same(plain, patched, "not a plain")
+    assert any("lora_A" in n and g is not None for n, g in grads.items())  # the adapter trains
+
+
 def test_transformers_attention_scaling_and_integer_noise():
     plain, patched = _hf()
     layers = [*(plain.vit.layers if hasattr(plain.vit, "layers") else plain.vit.encoder.layer)]

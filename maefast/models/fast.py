@@ -25,10 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops._backend import MODEL_IMPLS
 from ..ops.attention import model_level_impl
-from .._validate import FLOAT_DTYPES, check_images, check_mask_ratio, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, autocast_dtype, check_images, check_mask_ratio, check_tensor, compiling
 from ..reference.normalize import normalize, pixel_stats
 from .._modules import KNOWN_PACKAGES, TIMM_CLASSES, is_layer_norm, trusted_class  # noqa: F401 - re-exported
-from .._modules import plain_layer, vit_block_computes
+from .._modules import defining_class, package, plain_layer, vit_block_computes
 
 # ops that have a CUDA C++ backend; the others (LayerNorm, bias+GELU) map impl="cuda" to "auto".
 _CUDA_OPS = {"masking", "patch_embed", "attention", "unshuffle", "loss"}
@@ -67,8 +67,10 @@ class BlockView:
         a = self.act
         if isinstance(a, nn.GELU):  # a subclass with its own forward (a QuickGELU) is not torch's GELU
             return a.approximate == "none" and trusted_class(type(a))
-        # transformers' GELUActivation (exact erf GELU) for hidden_act="gelu"
-        return type(a).__name__ == "GELUActivation" and getattr(a, "act", None) in (None, F.gelu)
+        # transformers' GELUActivation (exact erf GELU) for hidden_act="gelu"; not a class of another package
+        # under that name (fused="block" computes the exact GELU in its place)
+        return type(a).__name__ == "GELUActivation" and package(defining_class(type(a), "forward")) == "transformers" \
+            and getattr(a, "act", None) in (None, F.gelu)
 
 
 @dataclass
@@ -129,22 +131,25 @@ def check_model_impl(impl, fused, grad_checkpointing: bool = False, own: bool = 
                          "grad_checkpointing=False")
 
 
-def _block_op_ok(bv: BlockView) -> bool:
-    """Whether `ops.vit_block` computes this block exactly: no dropout, and `vit_block_computes`."""
+def _block_op_ok(bv: BlockView, x: torch.Tensor, qkv_w: torch.Tensor) -> bool:
+    """Whether `ops.vit_block` computes this block exactly: no dropout, `vit_block_computes`, and outside
+    autocast weights of the stream's dtype (the op would cast others to it; the block's modules raise, as
+    the official's do for a block cast to another dtype than the model's)."""
     return not (bv.drop_attn or bv.drop_mlp) and vit_block_computes((bv.norm1, bv.norm2), bv.exact_gelu, bv.proj,
-                                                                      bv.fc1, bv.fc2)
+                                                                      bv.fc1, bv.fc2) and \
+        (autocast_dtype(x.device) is not None or all(w.dtype == x.dtype for w in (qkv_w, bv.proj.weight,
+                                                                                   bv.fc1.weight, bv.fc2.weight)))
 
 
 def block_forward(bv: BlockView, x: torch.Tensor, impl: str, fused) -> torch.Tensor:
     """One pre-norm block: x + attn(LN1(x)), then + mlp(LN2(.)); x is the fp32 (or input-dtype) stream."""
-    if fused == "block" and impl != "sdpa" and _block_op_ok(bv):  # the block op runs maefast's attention
-        w, b = bv.qkv()
+    w, b = bv.qkv()
+    if fused == "block" and impl != "sdpa" and _block_op_ok(bv, x, w):  # the block op runs maefast's attention
         return ops.vit_block(x, bv.norm1.weight, bv.norm1.bias, w, b, bv.proj.weight, bv.proj.bias, bv.norm2.weight,
                              bv.norm2.bias, bv.fc1.weight, bv.fc1.bias, bv.fc2.weight, bv.fc2.bias,
                              num_heads=bv.num_heads, scale=bv.scale, eps1=bv.norm1.eps, eps2=bv.norm2.eps,
                              impl=impl)
     h = bv.norm1(x)
-    w, b = bv.qkv()
     qkv = F.linear(h, w, b)
     a = ops.visible_attention(qkv, bv.num_heads, scale=bv.scale, impl=model_level_impl(impl, qkv, bv.num_heads))
     a = bv.proj(a)

@@ -164,6 +164,25 @@ def _unread_state(m: nn.Module, known) -> str | None:
     return None
 
 
+def _skipped_child(m: nn.Module, known, root_module: str) -> tuple[str, str] | None:
+    """(name, what it is) of a child of `m` not in `known` (one the fast block never calls: a dropout, drop
+    path or timm Identity slot) that is not an Identity, a dropout or a drop path (`_DROP_PATH_ATTRS`) of a
+    class maefast knows without an instance forward (a user's dropout or noise there would be dropped), or None.
+    Their rates are `structure_reason`'s."""
+    for n, c in m._modules.items():
+        if n in known or c is None:
+            continue
+        if "forward" in c.__dict__:
+            return n, "an instance forward"
+        if not (isinstance(c, (nn.Identity, nn.modules.dropout._DropoutNd)) or any(a in c.__dict__ for a in
+                                                                                   _DROP_PATH_ATTRS)):
+            return n, f"a {type(c).__name__}, not an Identity, dropout or drop path"
+        if not trusted_class(type(c), root_module):
+            k = defining_class(type(c), "forward")
+            return n, f"forward of {k.__module__}.{k.__qualname__}"
+    return None
+
+
 def _not_plain(m, cls: type) -> str:
     if "forward" in getattr(m, "__dict__", {}):
         return "an instance forward"
@@ -190,8 +209,9 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
     does not know (`trusted_class`), a layer whose weights it reads instead of calling it (the patch
     projection, each qkv; with fused="block" each attention projection and MLP layer) that is not a plain
     torch layer (`_plain_layer`), a newer timm part that is not an Identity (`BLOCK_IDENTITIES`, the patch
-    embedding's norm), or with fused="block" a norm or activation with an instance forward, as (path,
-    what it runs); None when there is none. Paths are built only for the answer (it runs on every call)."""
+    embedding's norm), a dropout or drop-path slot holding anything else (`_skipped_child`), or with
+    fused="block" a norm or activation with an instance forward, as (path, what it runs); None when there
+    is none. Paths are built only for the answer (it runs on every call)."""
     pe = model.patch_embed
     norm = _get_path(pe, "norm")
     if norm is not None and not isinstance(norm, nn.Identity):
@@ -222,6 +242,9 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
                 if unread is not None:
                     return f"{name}.{i}{part}", f"a forward with its own {unread!r} (a parameter or buffer the fast " \
                         "block never reads)"
+                skipped = _skipped_child(m, _READ_CHILDREN[part[1:]], root_module)
+                if skipped is not None:
+                    return f"{name}.{i}{part}.{skipped[0]}", f"{skipped[1]} (the fast block never calls it)"
             for attr in read:
                 m = _get_path(blk, attr)
                 if not _plain_layer(m, nn.Linear):
