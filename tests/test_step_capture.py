@@ -168,7 +168,7 @@ def _assert_params_close(a, b):
 @pytest.mark.parametrize("case", list(CAPTURE_CASES) + ["block-noise", "bf16"])
 def test_gpu_captured_step_matches_eager_steps(case):
     """Real CUDA graphs: replays equal an eager twin's steps (fp32 math; fp16/bf16 cases closely)."""
-    cfg = dict(CAPTURE_CASES.get(case, {"block-noise": dict(noise=True), "bf16": dict(dtype=torch.bfloat16)}[case]))
+    cfg = dict({**CAPTURE_CASES, "block-noise": dict(noise=True), "bf16": dict(dtype=torch.bfloat16)}[case])
     use_noise, impl = cfg.pop("noise", False), cfg.pop("impl", "auto")
     cfg.setdefault("dtype", torch.float32)
     torch.manual_seed(0)

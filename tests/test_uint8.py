@@ -438,12 +438,13 @@ def test_five_channels_take_the_reference_under_auto():
                        masked_patch_embed(normalize(u, *own), ids, w, None, None, 8))
 
 
-def test_float64_weight_takes_the_reference_under_auto_and_is_refused_by_a_kernel():
+def test_float64_weight_takes_the_reference_under_auto_and_is_refused_by_a_kernel(device):
     """uint8 imgs are normalised into the weight's dtype; the kernels write fp32/fp16/bf16 only (the CUDA
-    C++ route failed with a bare KeyError for a float64 weight)."""
-    u = _pixels(2, 3, 16, 16)
-    ids = random_masking(2, 4, 0.5, seed=1).ids_keep
-    w = randn(8, 3, 8, 8).double()
+    C++ route failed with a bare KeyError for a float64 weight). On the kernels' device: with a GPU, CPU
+    tensors would be refused by the backend's device check before the dtype is looked at."""
+    u = _pixels(2, 3, 16, 16, device=device)
+    ids = random_masking(2, 4, 0.5, seed=1, device=device).ids_keep
+    w = randn(8, 3, 8, 8, device=device).double()
     want = masked_patch_embed(normalize(u, *IMAGENET).double(), ids, w, None, None, 8, impl="reference")
     assert torch.equal(masked_patch_embed(u, ids, w, None, None, 8), want)
     for impl in ("triton", "cuda"):
