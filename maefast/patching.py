@@ -378,6 +378,10 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
     """Refuses a transformers model whose classes a user changed where the fast path replaces them."""
     emb = model.vit.embeddings
     enc, dec_layers = _hf_layers(model)
+    # what the fast path calls as modules (their own forwards run, a LoRA adapter's too; with fused="block" the
+    # layers' are read instead, which the per-call check meets with the original forward): not refused here
+    called = set() if _hf_read_reason(model, fused) else {  # (a layer read that is no plain one: no view to build)
+        id(m) for c in _hf_called(_transformers_view(model)[0], fused) for m in c.modules()}
     parts = [("", model, ("forward", "forward_loss", "patchify")), ("vit", model.vit, ("forward",)),
              ("vit.embeddings", emb, ("forward", "random_masking")),
              ("vit.embeddings.patch_embeddings", emb.patch_embeddings, ("forward",)),
@@ -387,7 +391,8 @@ def _hf_state(model, impl, fused, grad_checkpointing) -> PatchState:
             for n, sub in layer.named_modules():
                 _known_forward(type(sub))  # the per-call check's cache filled now: a compiled first call must
                 # not guard on it half-filled; a parametrization computes a tensor the fast path reads (it runs)
-                if not type(sub).__module__.startswith("torch.") and "parametrizations" not in n.split("."):
+                if not type(sub).__module__.startswith("torch.") and "parametrizations" not in n.split(".") \
+                        and id(sub) not in called:
                     parts.append((f"{prefix} {i}{'.' + n if n else ''}", sub, ("forward",)))
     calls_loss = _library_calls_forward_loss(type(model))
     refused, loss = [], False

@@ -295,6 +295,24 @@ def test_transformers_a_wrapper_on_a_layer_whose_weights_are_read_runs_the_origi
     assert any("lora_A" in n and g is not None for n, g in grads.items())  # the adapter trains
 
 
+def test_transformers_an_adapter_on_a_layer_the_fast_path_calls_is_patched_and_served():
+    """A peft-style adapter on o_proj / fc1 / fc2 (layers the unfused fast path calls as modules) was refused at
+    patch time as "would be silently dropped", though the fast path runs it (set after patching, it was served):
+    now patched and served exactly; with fused="block", which reads those layers' weights, still refused."""
+    plain0, _ = _hf()
+    if not hasattr(plain0.vit, "layers"):
+        pytest.skip("transformers 4.x names")
+    for where in ("vit.layers.0.attention.o_proj", "vit.layers.1.mlp.fc1", "decoder.decoder_layers.0.mlp.fc2"):
+        plain = copy.deepcopy(plain0)
+        parent, name = plain.get_submodule(where.rsplit(".", 1)[0]), where.rsplit(".", 1)[1]
+        torch.manual_seed(3)
+        setattr(parent, name, PeftStyle(getattr(parent, name)))
+        with pytest.raises(TypeError, match="silently dropped"):
+            maefast.patch(copy.deepcopy(plain), fused="block")
+        grads = _hf_same(plain, maefast.patch(copy.deepcopy(plain)), None)
+        assert any("lora_A" in n and g is not None for n, g in grads.items()), where
+
+
 def test_transformers_attention_scaling_and_integer_noise():
     plain, patched = _hf()
     layers = [*(plain.vit.layers if hasattr(plain.vit, "layers") else plain.vit.encoder.layer)]
