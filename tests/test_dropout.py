@@ -386,6 +386,35 @@ def test_a_users_module_in_a_dropout_slot_is_not_dropped(where, fused):
     assert torch.allclose(got, want, rtol=1e-6), (got.item(), want.item())
 
 
+class DropPath(nn.Module):
+    """A fork's own copy of timm's DropPath, in a module other than the model's (its util/ folder, say)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training)
+
+
+@pytest.mark.parametrize("fused", [False, "block"])
+def test_a_forks_copy_of_timms_drop_path_is_taken_as_timms(fused):
+    """The rule above refuses classes maefast does not know in the dropout slots; a copy of timm's DropPath
+    (same name, same `drop_prob`) is timm's: patched, served on the fast path (at rate 0, or in eval)."""
+    plain, _ = _pair(fused)
+    for where in ("blocks.0.mlp.drop", "decoder_blocks.0.attn.proj_drop"):
+        plain.get_submodule(where.rsplit(".", 1)[0]).__setattr__(where.rsplit(".", 1)[1], DropPath(0.0))
+    patched = maefast.patch(copy.deepcopy(plain), fused=fused)
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _slow_warning())
+        got = patched(imgs, 0.75, noise)[0]
+    assert torch.allclose(got, plain(imgs, 0.75, noise)[0], rtol=1e-6)
+    patched.blocks[0].mlp.drop = Shift()  # another class there: the message says what to put instead
+    with pytest.warns(_slow_warning(), match="put an nn.Identity, a torch Dropout or timm's DropPath there"):
+        patched(imgs, 0.75, noise)
+
+
 @pytest.mark.usefixtures("warn_again")
 @pytest.mark.parametrize("drop", [nn.AlphaDropout, nn.Dropout1d])
 def test_transformers_another_torch_dropout_in_a_layer_runs_the_original(drop):

@@ -168,7 +168,8 @@ def _skipped_child(m: nn.Module, known, root_module: str) -> tuple[str, str] | N
     """(name, what it is) of a child of `m` not in `known` (one the fast block never calls: a dropout, drop
     path or timm Identity slot) that is not an Identity, a dropout or a drop path (`_DROP_PATH_ATTRS`) of a
     class maefast knows without an instance forward (a user's dropout or noise there would be dropped), or None.
-    Their rates are `structure_reason`'s."""
+    A fork's own copy of timm's DropPath (a class of that name keeping `drop_prob`, from any module) counts as
+    timm's. Their rates are `structure_reason`'s."""
     for n, c in m._modules.items():
         if n in known or c is None:
             continue
@@ -177,7 +178,8 @@ def _skipped_child(m: nn.Module, known, root_module: str) -> tuple[str, str] | N
         if not (isinstance(c, (nn.Identity, nn.modules.dropout._DropoutNd)) or any(a in c.__dict__ for a in
                                                                                    _DROP_PATH_ATTRS)):
             return n, f"a {type(c).__name__}, not an Identity, dropout or drop path"
-        if not trusted_class(type(c), root_module):
+        timm_copy = type(c).__name__ == "DropPath" and "drop_prob" in c.__dict__
+        if not trusted_class(type(c), root_module) and not timm_copy:
             k = defining_class(type(c), "forward")
             return n, f"forward of {k.__module__}.{k.__qualname__}"
     return None
@@ -244,7 +246,8 @@ def replaced_forward(model: nn.Module, root_module: str, fused=False) -> tuple[s
                         "block never reads)"
                 skipped = _skipped_child(m, _READ_CHILDREN[part[1:]], root_module)
                 if skipped is not None:
-                    return f"{name}.{i}{part}.{skipped[0]}", f"{skipped[1]} (the fast block never calls it)"
+                    return f"{name}.{i}{part}.{skipped[0]}", f"{skipped[1]} (the fast block never calls it: put an " \
+                        "nn.Identity, a torch Dropout or timm's DropPath there)"
             for attr in read:
                 m = _get_path(blk, attr)
                 if not _plain_layer(m, nn.Linear):
