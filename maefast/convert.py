@@ -92,7 +92,8 @@ def load_official_state_dict(model: torch.nn.Module, checkpoint, strict: bool = 
     sd = unwrap_checkpoint(checkpoint)
     full = model.state_dict()
     own = strip_wrapper_prefixes(full)  # a DDP / DataParallel / torch.compile wrapper's model: its keys' prefix
-    prefix = next(iter(full))[:len(next(iter(full))) - len(next(iter(own)))] if own else ""
+    first = next(iter(full), "")
+    prefix = first[:len(first) - len(next(iter(own), ""))]  # the wrapper's, put back on the keys loaded
     encoder_only = is_encoder_only(sd)
     for k, v in sd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):

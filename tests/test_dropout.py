@@ -386,21 +386,11 @@ def test_a_users_module_in_a_dropout_slot_is_not_dropped(where, fused):
     assert torch.allclose(got, want, rtol=1e-6), (got.item(), want.item())
 
 
-class DropPath(nn.Module):
-    """A fork's own copy of timm's DropPath, in a module other than the model's (its util/ folder, say)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        return drop_path(x, self.drop_prob, self.training)
-
-
 @pytest.mark.parametrize("fused", [False, "block"])
 def test_a_forks_copy_of_timms_drop_path_is_taken_as_timms(fused):
-    """The rule above refuses classes maefast does not know in the dropout slots; a copy of timm's DropPath
-    (same name, same `drop_prob`) is timm's: patched, served on the fast path (at rate 0, or in eval)."""
+    """The rule above refuses classes maefast does not know in the dropout slots; a copy of timm's DropPath (same
+    name, same `drop_prob`; this file's, another module than the official-layout model's) is timm's: patched,
+    served on the fast path (at rate 0, or in eval)."""
     plain, _ = _pair(fused)
     for where in ("blocks.0.mlp.drop", "decoder_blocks.0.attn.proj_drop"):
         plain.get_submodule(where.rsplit(".", 1)[0]).__setattr__(where.rsplit(".", 1)[1], DropPath(0.0))

@@ -137,7 +137,10 @@ def test_data_refused_before_the_first_step(tmp_path):
     (data / "zero.png").rename(data / "0.png")
     moved = tmp_path / "moved"  # a moved copy of the folder: the same file names under it
     data.rename(moved)
-    assert train(_cfg(run, **{**kw, "data": str(moved)}, resume="auto"))["steps"] == 2
+    res = train(_cfg(run, **{**kw, "data": os.path.relpath(moved)}, resume="auto"))
+    assert res["steps"] == 2 and res["config"].data == str(moved)
+    # the change is recorded as the folder it names (a relative name would point elsewhere from another cwd)
+    assert load_checkpoint(str(path), states=False)["history"][-1]["changed"]["data"] == [str(data), str(moved)]
     moved.rename(data)
     ck["samples"] = 2
     torch.save(ck, path)

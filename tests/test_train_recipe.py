@@ -364,6 +364,7 @@ def test_bad_options_raise(field, value, match):
     (dict(workers=-1), "--workers must be a finite number >= 0"),
     (dict(lr=0.0), "--lr must be a finite number > 0"),
     (dict(blr=0.0), "--blr must be a finite number > 0"),  # as --lr: a run that learns nothing
+    (dict(data=""), "--data must be an image folder or 'synthetic', got ''"),  # (not the working folder)
     (dict(model="tiny", input_size=36), "--input-size must be a multiple of mae_vit_tiny_test's patch size 8, got 36"),
     (dict(fsdp=True, dtype="fp16"), "--fsdp with --dtype float16 is not supported"),
     (dict(impl="reference", grad_checkpointing=True), "--grad-checkpointing checkpoints .* --impl reference"),

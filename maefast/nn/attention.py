@@ -110,25 +110,22 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:g}"
 
 
-def _real(v, name: str) -> float:
-    """A number as a float: a Python or numpy number, or a 0-d tensor or array."""
+def _real(v, name: str, what: str = "a number") -> float:
+    """A number as a float: a Python or numpy number, or a 0-d tensor or array (TypeError naming ``name``)."""
     if hasattr(v, "ndim") and getattr(v, "ndim") == 0 and hasattr(v, "item"):
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__} {v!r}")
     return float(v)
 
 
 def _drop_rate(p, name: str = "drop_path") -> float:
     """A drop-path rate as a float in [0, 1): a number, or a 0-d tensor or array (timm-style schedules
     pass ``torch.linspace(...)[i]``)."""
-    if hasattr(p, "ndim") and getattr(p, "ndim") == 0 and hasattr(p, "item"):
-        p = p.item()
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1), got {type(p).__name__} {p!r}")
+    p = _real(p, name, "a number in [0, 1)")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-    return float(p)
+    return p
 
 
 class Block(nn.Module):

@@ -309,6 +309,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     from ..ops._dispatch import get_eager_dispatch
 
     get_eager_dispatch()  # a bad MAEFAST_EAGER_DISPATCH, before --overwrite empties a folder (not at a first step)
+    if not isinstance(cfg.data, str) or not cfg.data.strip():  # "" would be the working folder once made absolute
+        raise ValueError(f"--data must be an image folder or 'synthetic', got {cfg.data!r}")
     for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every", "blr"):  # (lr 0: nothing learnt)
         _positive("--" + name.replace("_", "-"), getattr(cfg, name))
     for name in ("min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
