@@ -313,6 +313,27 @@ def test_ops_cases_are_ordered_by_the_rules_and_an_empty_collection_fails(tmp_pa
         r.log.close()
 
 
+def test_the_ops_collection_is_bounded_by_what_is_left_of_the_presets_budget(tmp_path, monkeypatch):
+    """The ops cases' collection (a subprocess outside Runner.run) may take what the preset has left, not a
+    fixed 300 s past a 290 s preset; one that hangs fails the step saying so."""
+    import gpu_check
+
+    r, seen = _runner(tmp_path, monkeypatch, preset="ops", preset_budget=100.0), {}
+
+    def hangs(cmd, **kw):
+        seen["timeout"] = kw.get("timeout")
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    try:
+        monkeypatch.setattr(gpu_check.subprocess, "run", hangs)
+        monkeypatch.setattr(r, "run", lambda *a, **k: (0, ""))
+        gpu_check.preset_ops(r)
+        assert 5 <= seen["timeout"] <= 100 - gpu_runner.RESERVE_S
+        st = r.record["steps"]["ops-rows"]
+        assert st["rc"] == 1 and "did not end within the preset's" in st["note"], st
+    finally:
+        r.log.close()
+
+
 # -- gpu_check: table2, profile and data presets' bookkeeping ---------------------------------------------
 
 def test_profile_overhead_skips_impls_without_a_figure(tmp_path, monkeypatch):
