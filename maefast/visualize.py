@@ -85,14 +85,17 @@ def _mismatch(want: dict, got: dict) -> str:
 
 @torch.no_grad()
 def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> dict:
-    """Runs the MAE on one normalised image (3, S, S); returns normalised (3, S, S) panels + loss.
+    """Runs the MAE on one image (3, S, S), ImageNet-normalised float or uint8 0-255 (normalised here, as the
+    model's own uint8 path does); returns normalised (3, S, S) panels + loss.
 
     Keys: original, masked (masked patches at 0 = the ImageNet mean colour), reconstruction,
     pasted (reconstruction with the visible patches of the original), mask (S, S) 1 = removed, loss.
     """
     from .reference.patchify import patchify, unpatchify
+    from .train.augment import normalize_uint8
 
-    x = image.unsqueeze(0).float()
+    # a uint8 image (the data loader's default dtype) taken as float would be 0-255 pixels, not normalised ones
+    x = (normalize_uint8(image) if image.dtype == torch.uint8 else image).unsqueeze(0).float()
     p = model.patch_size
     gen = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, model.patch_embed.num_patches, generator=gen)
@@ -223,6 +226,10 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     pictures = [read_image(path) for path in images]  # an unreadable image named before the (large) checkpoint loads
     model, name, npl = load_model(checkpoint, model_name, norm_pix_loss)
     check_mask_ratio_flag(mask_ratio, model.patch_embed.num_patches)  # the model's own rule, before any work
+    chans = model.patch_embed.proj.in_channels
+    if chans != 3:  # the images are read, shown and normalised as RGB
+        raise ValueError(f"the model in {checkpoint!r} takes {chans}-channel images; visualize shows RGB (3-channel) "
+                         "models only")
     size = tuple(model.patch_embed.img_size)  # (height, width)
     rows = [reconstruct(model, center_transform(img, size), mask_ratio, seed + i) for i, img in enumerate(pictures)]
     k = -(-PANEL_MIN // min(size))  # the smallest whole factor giving at least PANEL_MIN pixels

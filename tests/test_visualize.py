@@ -481,3 +481,52 @@ def test_a_16_bit_grayscale_image_is_refused_not_clipped_white(tmp_path):
     shallow = str(tmp_path / "shallow.png")
     Image.fromarray(rng.integers(0, 256, (40, 40)).astype(np.uint16)).save(shallow)
     assert vis.visualize(ck, shallow, str(tmp_path / "o.png"))["losses"][0] > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(norm_pix_loss=False), dict(norm_pix_loss=True, img_size=(32, 48))])
+def test_panels_are_the_official_demos(kwargs):
+    """The official demo's run_one_image, restated (norm_pix_loss: the prediction un-normalised with each patch's
+    mean and unbiased variance + 1e-6, the loss's target): the same four panels and loss, to the bit."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_test", **kwargs).eval()
+    (h, w), p = model.patch_embed.grid_size, 8
+    x = torch.randn(1, 3, h * p, w * p)
+    noise = torch.rand(1, h * w, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        loss, y, mask = model(x, mask_ratio=0.75, noise=noise)
+    if kwargs["norm_pix_loss"]:
+        t = x.reshape(1, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(1, h * w, p * p * 3)
+        y = y * (t.var(-1, keepdim=True) + 1.0e-6) ** 0.5 + t.mean(-1, keepdim=True)
+
+    def unpatchify(z):  # (row, col, p_row, p_col, channel) -> image
+        return z.reshape(1, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(1, 3, h * p, w * p)
+
+    y, m = unpatchify(y), unpatchify(mask.unsqueeze(-1).repeat(1, 1, p ** 2 * 3))
+    want = {"original": x, "masked": x * (1 - m), "reconstruction": y, "pasted": x * (1 - m) + y * m}
+    got = vis.reconstruct(model, x[0], 0.75, seed=5)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value[0], atol=0, rtol=0, msg=key)
+    assert got["loss"] == float(loss)
+
+
+def test_a_uint8_image_is_normalised_not_taken_as_0_255_floats():
+    """reconstruct takes the data loader's uint8 images as the model does: normalised, the same panels and loss
+    as the float image (a uint8 image went in as 0-255 floats)."""
+    from maefast.train.augment import normalize_uint8
+
+    model = create_model("mae_vit_tiny_test", norm_pix_loss=True).eval()
+    pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a, b = vis.reconstruct(model, pixels, seed=1), vis.reconstruct(model, normalize_uint8(pixels), seed=1)
+    for key in ("original", "masked", "reconstruction", "pasted", "mask"):
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    assert a["loss"] == b["loss"]
+
+
+def test_a_model_of_other_than_3_channels_is_refused_in_words(tmp_path):
+    model = create_model("mae_vit_tiny_test", in_chans=1)
+    ck = str(tmp_path / "gray.pth")
+    atomic_save({"model": model.state_dict(), "model_name": "mae_vit_tiny_test",
+                 "model_kwargs": {"img_size": 32, "in_chans": 1}}, ck)
+    with pytest.raises(ValueError, match="takes 1-channel images; visualize shows RGB"):
+        vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
+    assert not (tmp_path / "o.png").exists()
