@@ -7,6 +7,7 @@ unreadable files are skipped and counted."""
 import itertools
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -91,6 +92,33 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
     ds = ImageFolderDataset(str(tmp_path), S, 16)
     want = [os.path.join("cls", "B.JPG"), os.path.join("cls", "a.png")]  # sorted: upper case first
     assert [os.path.relpath(f, tmp_path) for f in ds.files] == want
+
+
+def test_a_folder_that_cannot_be_listed_is_refused(tmp_path, monkeypatch):
+    """A sub-folder os.walk cannot list (no read permission: chmod 000) was skipped in silence, a whole class
+    left out of the data set; the folder itself unreadable said it "holds no image files". Now one line
+    naming the folder (a PermissionError: the command line's user error); a file system's lost+found aside."""
+    from PIL import Image
+
+    for rel in ("a/1.png", "locked/2.png", "lost+found/3.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / rel)
+    scandir, blocked = os.scandir, []
+
+    def no_permission(path="."):  # chmod 000 (the tests may run as root, which reads it anyway)
+        if os.fspath(path) in blocked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    assert len(ImageFolderDataset(str(tmp_path), S, 16)) == 3
+    blocked[:] = [os.path.join(tmp_path, "lost+found")]  # a file system's own, root's alone: left out
+    assert len(ImageFolderDataset(str(tmp_path), S, 16)) == 2
+    for folder in (os.path.join(tmp_path, "locked"), str(tmp_path)):
+        blocked[:] = [folder]
+        with pytest.raises(PermissionError, match=rf"^--data: cannot list the folder '{re.escape(folder)}' "
+                                                  r"\(Permission denied\): its images would be left out"):
+            ImageFolderDataset(str(tmp_path), S, 16)
 
 
 def test_paths_live_in_one_buffer_and_round_trip(tmp_path):

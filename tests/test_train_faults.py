@@ -250,6 +250,29 @@ def test_a_failed_write_on_rank_0_is_told_to_every_rank(tmp_path, monkeypatch):
     assert told and "Read-only file system" in told[-1]
 
 
+def test_ranks_that_list_other_data_refuse_to_start(monkeypatch):
+    """Each rank lists --data itself: a node whose copy of the folder held one file more (or one renamed)
+    trained other samples per index in silence, or another number of steps per epoch (then a hang in the
+    next collective). The ranks now compare the count and the file names' fingerprint before any step."""
+    from types import SimpleNamespace
+
+    from maefast.train import loop
+    from maefast.train.config import TrainConfig
+
+    def trainer(n, files):
+        return SimpleNamespace(source=None, start_epoch=0, start_samples=0, step=0, dataset=range(n), files=files,
+                               info=None, cfg=TrainConfig(data="/data/in"))
+
+    monkeypatch.setattr(loop.dist_lib, "all_gather_object", lambda mine, info: [mine, mine])
+    loop._Trainer._same_start(trainer(8, "abc"))  # the same: fine
+    for other, said in ((trainer(9, "abd"), "rank 1 9;"), (trainer(8, "abd"), "rank 1 as many with other file names;")):
+        theirs = (None, 0, 0, 0, len(other.dataset), other.files)  # rank 1's tuple
+        monkeypatch.setattr(loop.dist_lib, "all_gather_object", lambda mine, info, t=theirs: [mine, t])
+        with pytest.raises(ValueError, match="the ranks see other data in --data /data/in: rank 0 lists 8 images, "
+                                             + said + " every rank must see the same folder"):
+            loop._Trainer._same_start(trainer(8, "abc"))
+
+
 @pytest.mark.slow
 def test_ranks_that_see_different_checkpoints_refuse_to_start(tmp_path):
     """--resume auto where rank 1 does not see the checkpoint rank 0 resumes from (no shared file

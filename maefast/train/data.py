@@ -114,6 +114,16 @@ class _PretrainDataset(Dataset):
         return {"pixels": self.transform.flip(pixels, rng), "noise": self._noise(rng)}
 
 
+def _unlisted(err: OSError):
+    """os.walk's error for a folder it cannot list (no permission, an I/O error): the walk skipped it in
+    silence, so a whole class sub-folder (or every image: the folder itself) was left out of the data set.
+    A file system's own ``lost+found`` (root's alone) holds no data set: left out, as before."""
+    if os.path.basename(err.filename or "") == "lost+found":
+        return
+    raise type(err)(f"--data: cannot list the folder {err.filename!r} ({err.strerror}): its images would be "
+                    "left out of the data set") from err
+
+
 class ImageFolderDataset(_PretrainDataset):
     """Every image file under ``root`` (recursively: class sub-folders or a flat folder), sorted."""
 
@@ -126,7 +136,7 @@ class ImageFolderDataset(_PretrainDataset):
             raise NotADirectoryError(f"--data {root!r} is not a folder (pass a folder of images or 'synthetic')")
         files = []
         seen = set()  # each real folder walked once: a link back up (a loop) would list it again and again
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_unlisted, followlinks=True):
             st = os.stat(dirpath)
             if (st.st_dev, st.st_ino) in seen:
                 dirnames[:] = []

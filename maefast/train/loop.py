@@ -28,7 +28,7 @@ from .rundir import JsonlLog, RunFolder, check_folder, say
 from .schedule import adjust_learning_rate, scaled_lr
 from .setup import (COMPILE_WRAPPED, build_dataset, build_model, build_optimizer, checkpoint_bytes, compile_model,
                     fullgraph_failure, seed_all)
-from .state import full_model_state, restore_states, save_checkpoint
+from .state import EpochStats, full_model_state, restore_states, save_checkpoint
 
 # kept importable from here (older callers and tests)
 __all__ = ["train", "build_model"]
@@ -84,19 +84,6 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> dict:
         heartbeat.stop()
         trainer.close()
         dist_lib.cleanup(info, sync=ok)
-
-
-@dataclasses.dataclass
-class _EpochStats:
-    """Sums over all ranks of one epoch (carried in a mid-epoch checkpoint, so the epoch's record
-    after a resume covers the whole epoch). loss_sum: each micro-batch's loss times its images, so the
-    epoch's loss is loss_sum / images whatever the split of the global batch (ranks, accumulation)."""
-
-    loss_sum: float = 0.0
-    images: int = 0
-    bad: int = 0
-    time_s: float = 0.0
-    bad_names: list = dataclasses.field(default_factory=list)
 
 
 class _Trainer:
@@ -170,10 +157,11 @@ class _Trainer:
     def _same_start(self) -> None:
         """Every rank continues from the same checkpoint and position (collective). Each rank looks for
         --resume auto's checkpoint itself: without a file system they all see, rank 0 would resume while
-        the others started fresh (DDP would hand them rank 0's weights, not its optimizer or position)."""
-        mine = (self.source, self.start_epoch, self.start_samples, self.step)
+        the others started fresh (DDP would hand them rank 0's weights, not its optimizer or position). And
+        every rank lists the same images (fingerprint), so index i is one file on every rank."""
+        mine = (self.source, self.start_epoch, self.start_samples, self.step, len(self.dataset), self.files)
         starts = dist_lib.all_gather_object(mine, self.info)
-        odd = [r for r, start in enumerate(starts) if start != starts[0]]
+        odd = [r for r, start in enumerate(starts) if start[:4] != starts[0][:4]]
         if odd:
             def where(start):
                 return f"{start[0]} (epoch {start[1]}, step {start[3]})" if start[0] else "a fresh start"
@@ -181,6 +169,13 @@ class _Trainer:
             raise ValueError(f"the ranks disagree on where the run starts: rank 0 sees {where(starts[0])}, rank "
                              f"{odd[0]} {where(starts[odd[0]])}; every rank must see --output-dir (and --resume) on "
                              "one shared file system")
+        # each rank lists --data itself: another node's copy trained other files in silence, or hung in a collective
+        odd = [r for r, start in enumerate(starts) if start[4:] != starts[0][4:]]
+        if odd:
+            n0, n = starts[0][4], starts[odd[0]][4]
+            raise ValueError(f"the ranks see other data in --data {self.cfg.data}: rank 0 lists {n0} images, rank "
+                             f"{odd[0]} {n if n != n0 else 'as many with other file names'}; every rank must see "
+                             "the same folder")
 
     def _prepare_folder(self) -> None:
         cfg = self.cfg
@@ -204,7 +199,7 @@ class _Trainer:
         self.optimizer = build_optimizer(model, self.wrapped, cfg, self.lr, **opt_kw)
         self.amp_dtype = DTYPES[cfg.dtype]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
-        self.carry = _EpochStats()
+        self.carry = EpochStats()
         self.history = []
         if self.ck is not None:
             self._restore()
@@ -241,11 +236,7 @@ class _Trainer:
         if len(rngs) == info.world_size:
             ckpt_lib.set_rng_state(rngs[info.rank])
         if ck.get("epoch_stats") and self.start_samples > 0:
-            carried = dict(ck["epoch_stats"])
-            n = carried.pop("n", None)  # written before 2026-12-05: a sum of micro-batch means, n of them
-            if n is not None:
-                carried["loss_sum"] = carried["loss_sum"] / n * carried["images"] if n else 0.0
-            self.carry = _EpochStats(**carried)
+            self.carry = EpochStats.from_checkpoint(ck["epoch_stats"])
         self.say(f"resumed from {self.source}: epoch {self.start_epoch}, {self.start_samples} samples into it, "
                  f"step {self.step}")
         self.history = list(ck.get("history") or []) + [{"resumed_at_step": self.step, "world_size": info.world_size,
@@ -253,7 +244,7 @@ class _Trainer:
         self.ck = None  # the tensors are in the model now
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, epoch_next: int, samples_next: int, stats: _EpochStats | None, keep: str | None = None,
+    def _save(self, epoch_next: int, samples_next: int, stats: EpochStats | None, keep: str | None = None,
               log_record: dict | None = None) -> None:
         """Checkpoint of the current step (collective): the position is the next sample to train on.
         Nothing with --no-save (on every rank alike: no collective either)."""
@@ -333,7 +324,7 @@ class _Trainer:
             sampler.set_epoch(epoch)
             sampler.set_position(first // A * G)
             loader_gen.manual_seed(cfg.seed * 100003 + epoch)
-            stats = self.carry if epoch == self.start_epoch else _EpochStats()
+            stats = self.carry if epoch == self.start_epoch else EpochStats()
             self.runner.train()
             self.train_step.zero_grad()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -486,11 +477,11 @@ class _Trainer:
                 raise
             self.pending = self.pending or exc
 
-    def _epoch_totals(self, stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch) -> _EpochStats:
+    def _epoch_totals(self, stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch) -> EpochStats:
         """This epoch's sums over ranks so far, plus what a resumed epoch carried (collective)."""
         s, imgs, bad = dist_lib.all_reduce_sum([loss_sum.item(), ep_images, ep_bad], self.info)
         names = [x for ns in dist_lib.all_gather_object(bad_names, self.info) for x in ns]
-        return _EpochStats(loss_sum=stats.loss_sum + s, images=stats.images + int(imgs),
+        return EpochStats(loss_sum=stats.loss_sum + s, images=stats.images + int(imgs),
                            bad=stats.bad + int(bad), time_s=stats.time_s + time.perf_counter() - t_epoch,
                            bad_names=(stats.bad_names + names)[:10])
 

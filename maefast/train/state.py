@@ -4,6 +4,7 @@ process, and a single-file run resumes sharded at any world size. torch's
 ``torch.distributed.checkpoint.state_dict`` API does the (un)sharding; keys are parameter names."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -176,3 +177,25 @@ def drop_unreferenced_shards(folder: str, owner: str, current: str | None) -> No
     for entry in os.listdir(folder):
         if entry.startswith(prefix) and entry != current:
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """Sums over all ranks of one epoch (carried in a mid-epoch checkpoint, so the epoch's record
+    after a resume covers the whole epoch). loss_sum: each micro-batch's loss times its images, so the
+    epoch's loss is loss_sum / images whatever the split of the global batch (ranks, accumulation)."""
+
+    loss_sum: float = 0.0
+    images: int = 0
+    bad: int = 0
+    time_s: float = 0.0
+    bad_names: list = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "EpochStats":
+        """The sums a checkpoint carries (``epoch_stats``)."""
+        carried = dict(saved)
+        n = carried.pop("n", None)  # written before 2026-12-05: a sum of micro-batch means, n of them
+        if n is not None:
+            carried["loss_sum"] = carried["loss_sum"] / n * carried["images"] if n else 0.0
+        return cls(**carried)
