@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -188,13 +189,42 @@ def process_broken(exc: BaseException) -> bool:
 
 # -- what keeps a training step from being captured (maefast.TrainStep) -----------------------------
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class _FreshState(dict):
+    """A parameter's optimizer state created during a warm-up: keeps each tensor's value as first set (its fresh
+    value: not zeros for every optimizer, e.g. NAdam's mu_product, ASGD's eta and mu, Rprop's step_size), which
+    `restore_training` writes back: None for all zeros (AdamW's moments: no host copy of ViT-H's 5 GB), else a
+    host copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.fresh = {}
+
+    def __setitem__(self, key, value):
+        if key not in self.fresh and isinstance(value, torch.Tensor):
+            # a deliberate read, once per state, outside what is captured: not a host sync to report
+            mode = torch.cuda.get_sync_debug_mode() if value.is_cuda else 0
+            if mode:
+                torch.cuda.set_sync_debug_mode(0)
+            try:
+                self.fresh[key] = _host(value) if value.numel() <= 1 or bool(value.any()) else None
+            finally:
+                if mode:
+                    torch.cuda.set_sync_debug_mode(mode)
+        super().__setitem__(key, value)
+
+
 def snapshot_training(params: list, optimizer: torch.optim.Optimizer, scaler) -> tuple:
     """Host copies of what a warm-up changes: the parameters, the optimizer's tensor state, its groups' lrs
-    (tensors) and an enabled GradScaler's scale and growth tracker (`restore_training` writes them back).
+    (tensors) and an enabled GradScaler's scale and growth tracker (`restore_training` writes them back); the
+    state that the warm-up creates keeps its fresh values (`_FreshState`).
     Through host memory: a device copy of a ViT-H's weights and AdamW state would add ~10 GB to the peak."""
-    def host(t):
-        return t.detach().to("cpu", copy=True)
-
+    host = _host
+    if isinstance(optimizer.state, defaultdict):
+        optimizer.state.default_factory = _FreshState
     state = {p: {k: host(v) for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
              for p in params if p in optimizer.state}
     lrs = [host(g["lr"]) for g in optimizer.param_groups]
@@ -206,14 +236,23 @@ def snapshot_training(params: list, optimizer: torch.optim.Optimizer, scaler) ->
 @torch.no_grad()
 def restore_training(saved: tuple, params: list, optimizer: torch.optim.Optimizer, scaler) -> None:
     """`snapshot_training`'s values written into the same tensors (a graph replays on their addresses); state
-    created since starts from zero, as a fresh AdamW state does."""
+    created since back to its fresh values (zero where they are unknown)."""
     values, state, lrs, kept = saved
     for p, v in zip(params, values):
         p.copy_(v)
     for p in params:
+        fresh = optimizer.state.get(p, None)
+        fresh = fresh.fresh if isinstance(fresh, _FreshState) else {}
         for k, v in optimizer.state.get(p, {}).items():
             if isinstance(v, torch.Tensor):
-                v.copy_(state[p][k]) if p in state and k in state[p] else v.zero_()
+                old = state[p].get(k) if p in state else None
+                old = old if old is not None else fresh.get(k)
+                v.copy_(old) if old is not None else v.zero_()
+    if isinstance(optimizer.state, defaultdict) and optimizer.state.default_factory is _FreshState:
+        optimizer.state.default_factory = dict
+        for p, s in list(optimizer.state.items()):
+            if isinstance(s, _FreshState):
+                optimizer.state[p] = dict(s)  # the same tensors, in a plain dict (a checkpoint pickles it)
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"].copy_(lr)
     if kept is not None:
@@ -262,6 +301,52 @@ def drop_unsharded_grads(model: nn.Module) -> None:
                 fp.unsharded_accumulated_grad = None
 
 
+def groups_change(optimizer: torch.optim.Optimizer, captured: int) -> str | None:
+    """Why the optimizer's param groups are no longer those a captured step was captured with: groups added, or
+    an lr set as a number (a hand-written schedule's group["lr"] = value) in place of the tensor the graphs read;
+    None when neither."""
+    groups = len(optimizer.param_groups)
+    if groups != captured:
+        return (f"the optimizer has {groups} param groups, {captured} when the step was captured (an "
+                "add_param_group() since?): the captured graphs step only the parameters they were captured with. "
+                "Add groups before the step's first call, or build a new TrainStep")
+    for i, g in enumerate(optimizer.param_groups):
+        if not isinstance(g["lr"], torch.Tensor):
+            return (f"param group {i}'s lr was set to a {type(g['lr']).__name__} after the capture: the captured "
+                    "graphs read the lr tensor it held. Set learning rates with step.set_lr() (or a "
+                    "torch.optim.lr_scheduler, which writes into the tensor)")
+    return None
+
+
+def train_modes(model: nn.Module, params: list) -> tuple:
+    """Which of `params` require grad, and which of `model`'s modules (listed once) are in training mode, for
+    `mode_change`."""
+    mods = list(model.modules())
+    return [p.requires_grad for p in params], mods, [m.training for m in mods]
+
+
+def mode_change(model: nn.Module, params: list, was: tuple) -> str | None:
+    """What changed since `train_modes` returned `was` that a captured step's replays would ignore (they replay
+    the backward and update of the parameters that required grad, the forward in the modules' modes then:
+    dropout, batch norm), or None. Checked on every replay: ~tens of microseconds for ViT-H's 500 parameters."""
+    grads, mods, modes = was
+    if [p.requires_grad for p in params] == grads and [m.training for m in mods] == modes:
+        return None
+    i = next((i for i, (p, g) in enumerate(zip(params, grads)) if p.requires_grad != g), None)
+    if i is not None:
+        name = next((n for n, p in model.named_parameters() if p is params[i]), f"parameter {i}")
+        if grads[i]:
+            return f"{name} was frozen (requires_grad=False) after the capture: the captured graphs go on updating it"
+        return f"{name} was unfrozen (requires_grad=True) after the capture: the captured graphs never update it"
+    names = {id(m): n for n, m in model.named_modules()}
+    m, training = next((m, t) for m, t in zip(mods, modes) if m.training != t)
+    name = names.get(id(m)) or "the model"
+    if training:
+        return (f"{name} was switched to eval mode after the capture: the captured graphs go on running it in "
+                "train mode (call model.train() after evaluating)")
+    return f"{name} was switched to train mode after the capture: the captured graphs go on running it in eval mode"
+
+
 def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, device: torch.device) -> str | None:
     """Why a step of `model` with `optimizer` (and `scaler`) cannot be captured in a CUDA graph on
     `device`, or None when nothing known prevents it (the capture itself may still fail: a host sync
@@ -284,4 +369,5 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 
 
 __all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken",
-           "snapshot_training", "restore_training", "capture_blocker", "sync_wrapper", "unwrap"]
+           "snapshot_training", "restore_training", "capture_blocker", "sync_wrapper", "unwrap", "train_modes",
+           "mode_change", "groups_change"]

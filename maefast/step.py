@@ -496,6 +496,8 @@ class TrainStep:
         self._graph_reads = self._read_tensors()
         # and were recorded with these Python values (a weight-decay schedule would change them unseen)
         self._baked = self._group_scalars()
+        # and in these modes: a parameter frozen or unfrozen afterwards, or a module left in eval(), would not be
+        self._modes = graphs.train_modes(self.model, self._params)
         self.captured = True
 
     def _read_tensors(self) -> list:
@@ -511,6 +513,8 @@ class TrainStep:
     def _check_optimizer_intact(self) -> None:
         """The graphs read the tensors the optimizer held at capture: an optimizer.load_state_dict() since
         then replaced them, and the step would go on updating (and set_lr writing) tensors no one reads."""
+        if (why := graphs.groups_change(self.optimizer, len(self._baked))) is not None:
+            raise RuntimeError(why)
         now = self._read_tensors()
         if len(now) != len(self._graph_reads) or any(a is not b for a, b in zip(now, self._graph_reads)):
             raise RuntimeError("the optimizer's learning rates or state were replaced after the capture (an "
@@ -561,6 +565,8 @@ class TrainStep:
             s.copy_(imgs, non_blocking=True)
         graph, out = self._graphs[update]
         self._check_optimizer_intact()
+        if (changed := graphs.mode_change(self.model, self._params, self._modes)) is not None:
+            raise RuntimeError(f"{changed}; build a new TrainStep, or step eagerly (capture=False)")
         self._replaying = True
         try:
             graph.replay()
