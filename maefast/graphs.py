@@ -205,7 +205,10 @@ class _FreshState(dict):
 
     def __setitem__(self, key, value):
         if key not in self.fresh and isinstance(value, torch.Tensor):
-            # a deliberate read, once per state, outside what is captured: not a host sync to report
+            if value.is_cuda and torch.cuda.is_current_stream_capturing():  # (no read inside a graph: zero)
+                self.fresh[key] = None
+                return super().__setitem__(key, value)
+            # a deliberate read, once per state, in the warm-up: not a host sync to report
             mode = torch.cuda.get_sync_debug_mode() if value.is_cuda else 0
             if mode:
                 torch.cuda.set_sync_debug_mode(0)
@@ -223,14 +226,16 @@ def snapshot_training(params: list, optimizer: torch.optim.Optimizer, scaler) ->
     state that the warm-up creates keeps its fresh values (`_FreshState`).
     Through host memory: a device copy of a ViT-H's weights and AdamW state would add ~10 GB to the peak."""
     host = _host
-    if isinstance(optimizer.state, defaultdict):
-        optimizer.state.default_factory = _FreshState
     state = {p: {k: host(v) for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
              for p in params if p in optimizer.state}
     lrs = [host(g["lr"]) for g in optimizer.param_groups]
     kept = [host(t) for t in (scaler._scale, scaler._growth_tracker)] if scaler is not None and scaler.is_enabled() \
         else None
-    return [host(p) for p in params], state, lrs, kept
+    saved = [host(p) for p in params], state, lrs, kept
+    # last, once nothing above can fail (restore_training puts torch's plain dict back); a factory of one's own stays
+    if isinstance(optimizer.state, defaultdict) and optimizer.state.default_factory is dict:
+        optimizer.state.default_factory = _FreshState
+    return saved
 
 
 @torch.no_grad()
@@ -238,21 +243,21 @@ def restore_training(saved: tuple, params: list, optimizer: torch.optim.Optimize
     """`snapshot_training`'s values written into the same tensors (a graph replays on their addresses); state
     created since back to its fresh values (zero where they are unknown)."""
     values, state, lrs, kept = saved
-    for p, v in zip(params, values):
-        p.copy_(v)
-    for p in params:
-        fresh = optimizer.state.get(p, None)
-        fresh = fresh.fresh if isinstance(fresh, _FreshState) else {}
-        for k, v in optimizer.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor):
-                old = state[p].get(k) if p in state else None
-                old = old if old is not None else fresh.get(k)
-                v.copy_(old) if old is not None else v.zero_()
+    fresh = {}  # first, whatever fails below: torch's plain dicts back (a checkpoint pickles them; weights_only)
     if isinstance(optimizer.state, defaultdict) and optimizer.state.default_factory is _FreshState:
         optimizer.state.default_factory = dict
         for p, s in list(optimizer.state.items()):
             if isinstance(s, _FreshState):
-                optimizer.state[p] = dict(s)  # the same tensors, in a plain dict (a checkpoint pickles it)
+                fresh[p] = s.fresh
+                optimizer.state[p] = dict(s)  # the same tensors
+    for p, v in zip(params, values):
+        p.copy_(v)
+    for p in params:
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                old = state[p].get(k) if p in state else None
+                old = old if old is not None else fresh.get(p, {}).get(k)
+                v.copy_(old) if old is not None else v.zero_()
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"].copy_(lr)
     if kept is not None:
@@ -313,16 +318,22 @@ def groups_change(optimizer: torch.optim.Optimizer, captured: int) -> str | None
     for i, g in enumerate(optimizer.param_groups):
         if not isinstance(g["lr"], torch.Tensor):
             return (f"param group {i}'s lr was set to a {type(g['lr']).__name__} after the capture: the captured "
-                    "graphs read the lr tensor it held. Set learning rates with step.set_lr() (or a "
-                    "torch.optim.lr_scheduler, which writes into the tensor)")
+                    "graphs read the lr tensor it held. Set learning rates with step.set_lr() (it puts that tensor "
+                    "back) or a torch.optim.lr_scheduler (it writes into the tensor)")
     return None
 
 
-def train_modes(model: nn.Module, params: list) -> tuple:
+def train_modes(model: nn.Module, params: list, before: tuple | None = None) -> tuple:
     """Which of `params` require grad, and which of `model`'s modules (listed once) are in training mode, for
-    `mode_change`."""
+    `mode_change`. ``before``: this answer before the warm-up; a module whose mode the warm-up changed (the
+    model sets it in its own forward: an eval() of a frozen part) is the model's to manage, left out."""
     mods = list(model.modules())
-    return [p.requires_grad for p in params], mods, [m.training for m in mods]
+    modes = [m.training for m in mods]
+    if before is not None:
+        was = {id(m): t for m, t in zip(before[1], before[2])}
+        kept = [i for i, (m, t) in enumerate(zip(mods, modes)) if was.get(id(m), t) == t]
+        mods, modes = [mods[i] for i in kept], [modes[i] for i in kept]
+    return [p.requires_grad for p in params], mods, modes
 
 
 def mode_change(model: nn.Module, params: list, was: tuple) -> str | None:

@@ -384,7 +384,9 @@ class TrainStep:
         """Every group's learning rate for the next steps (times its ``lr_scale`` if present); a captured
         step's are device tensors, written in place (no host sync)."""
         lr = check_nonneg_number("lr", lr)
-        if self.captured:
+        if self.captured:  # a number written over a group's lr tensor (a hand-made schedule): that tensor back
+            for g, t in zip(self.optimizer.param_groups, self._graph_reads):
+                g["lr"] = g["lr"] if isinstance(g["lr"], torch.Tensor) else t
             self._check_optimizer_intact()
         set_group_lrs(self.optimizer, lr)
 
@@ -464,7 +466,8 @@ class TrainStep:
         mark_read_by_graphs(self.optimizer, self)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
-        saved = self._snapshot() if self.restore else None
+        modes = graphs.train_modes(self.model, self._params)
+        saved = graphs.snapshot_training(self._params, self.optimizer, self.scaler) if self.restore else None
         try:
             if self.accum_steps == 1:
                 # the warm-up's gradients released before the capture begins (torch empties the
@@ -497,7 +500,7 @@ class TrainStep:
         # and were recorded with these Python values (a weight-decay schedule would change them unseen)
         self._baked = self._group_scalars()
         # and in these modes: a parameter frozen or unfrozen afterwards, or a module left in eval(), would not be
-        self._modes = graphs.train_modes(self.model, self._params)
+        self._modes = graphs.train_modes(self.model, self._params, before=modes)
         self.captured = True
 
     def _read_tensors(self) -> list:
@@ -578,9 +581,6 @@ class TrainStep:
             self.optimizer_steps += 1
             self._in_cycle = 0
         return out
-
-    def _snapshot(self):
-        return graphs.snapshot_training(self._params, self.optimizer, self.scaler)
 
     @torch.no_grad()
     def _restore(self, saved) -> None:

@@ -119,6 +119,16 @@ def test_a_folder_that_cannot_be_listed_is_refused(tmp_path, monkeypatch):
         with pytest.raises(PermissionError, match=rf"^--data: cannot list the folder '{re.escape(folder)}' "
                                                   r"\(Permission denied\): its images would be left out"):
             ImageFolderDataset(str(tmp_path), S, 16)
+    from maefast.train.errors import RunError
+
+    def io_error(path="."):  # another failure (EIO): the run's own one-line error, not a traceback
+        if os.fspath(path) == os.path.join(tmp_path, "a"):
+            raise OSError(5, "Input/output error", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", io_error)
+    with pytest.raises(RunError, match=r"cannot list the folder .*\(Input/output error\)"):
+        ImageFolderDataset(str(tmp_path), S, 16)
 
 
 def test_paths_live_in_one_buffer_and_round_trip(tmp_path):

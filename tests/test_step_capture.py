@@ -610,6 +610,11 @@ def test_an_lr_set_as_a_float_after_the_capture_is_refused_saying_how_to_set_it(
     opt_a.param_groups[0]["lr"] = 1e-4
     with pytest.raises(RuntimeError, match=r"param group 0's lr was set to a float after the capture.*step.set_lr"):
         cap(imgs[2], noise[2])
+    cap.set_lr(1e-4)  # as the message says: the tensor the graphs read is back, with the value
+    eager.set_lr(1e-4)
+    assert opt_a.param_groups[0]["lr"] is cap._graph_reads[0] and float(cap._graph_reads[0]) == pytest.approx(1e-4)
+    assert torch.equal(cap(imgs[2], noise[2]), eager(imgs[2], noise[2]))
+    assert_same_params(a, b)
 
 
 @pytest.mark.parametrize("name", ["NAdam", "ASGD", "Rprop", "Adam"])
@@ -669,3 +674,56 @@ def test_a_parameter_frozen_or_a_model_left_in_eval_after_the_capture_is_refused
         assert torch.equal(cap(imgs[i], noise[i]), eager(imgs[i], noise[i]))
         assert_same_params(a, b)
     assert cap.calls == 3
+
+
+def test_a_mode_the_model_sets_in_its_own_forward_is_not_refused(fake_capture):
+    """A model that puts a part in eval() in its own forward (a frozen part): the user's model.train() before
+    each epoch sets it back to train, and the next replay's forward would set it to eval again; the warm-up
+    showed that the model manages that mode, so the replays do not refuse it."""
+    a, _ = twins()
+    real = type(a).forward
+
+    def forward(self, *args, **kwargs):
+        self.decoder_pred.eval()
+        return real(self, *args, **kwargs)
+
+    a.forward = forward.__get__(a)
+    imgs, noise = batches(3)
+    opt = torch.optim.AdamW(a.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True)
+    cap = TrainStep(a, opt, capture=True, seed=5)
+    cap(imgs[0], noise[0])
+    a.train()  # an epoch's start: decoder_pred back to train
+    cap(imgs[1], noise[1])
+    a.eval()
+    with pytest.raises(RuntimeError, match="switched to eval mode"):
+        cap(imgs[2], noise[2])
+
+
+def test_a_failed_snapshot_leaves_torchs_plain_optimizer_state(fake_capture, monkeypatch):
+    """The warm-up's fresh-state records are installed last: a snapshot that fails (the host out of memory for
+    ViT-H's copies) leaves the optimizer as it was, so a checkpoint of it loads with weights_only=True."""
+    import io
+
+    from maefast import graphs
+
+    a, _ = twins()
+    imgs, noise = batches(2)
+    opt = torch.optim.AdamW(a.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True)
+    real = graphs._host
+    calls = []
+
+    def failing(t):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(t)
+
+    monkeypatch.setattr(graphs, "_host", failing)
+    step = TrainStep(a, opt, seed=5)
+    step(imgs[0], noise[0])
+    assert not step.captured and "can't allocate memory" in step.eager_reason
+    assert opt.state.default_factory is dict and all(type(v) is dict for v in opt.state.values())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)

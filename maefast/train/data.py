@@ -120,8 +120,11 @@ def _unlisted(err: OSError):
     A file system's own ``lost+found`` (root's alone) holds no data set: left out, as before."""
     if os.path.basename(err.filename or "") == "lost+found":
         return
-    raise type(err)(f"--data: cannot list the folder {err.filename!r} ({err.strerror}): its images would be "
-                    "left out of the data set") from err
+    from .errors import RunError  # (an I/O error: the run cannot go on; one line either way)
+
+    msg = (f"--data: cannot list the folder {err.filename!r} ({err.strerror}): its images would be left out of the "
+           "data set")
+    raise (PermissionError if isinstance(err, PermissionError) else RunError)(msg) from err
 
 
 class ImageFolderDataset(_PretrainDataset):
