@@ -225,13 +225,12 @@ def snapshot_training(params: list, optimizer: torch.optim.Optimizer, scaler) ->
     (tensors) and an enabled GradScaler's scale and growth tracker (`restore_training` writes them back); the
     state that the warm-up creates keeps its fresh values (`_FreshState`).
     Through host memory: a device copy of a ViT-H's weights and AdamW state would add ~10 GB to the peak."""
-    host = _host
-    state = {p: {k: host(v) for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+    state = {p: {k: _host(v) for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
              for p in params if p in optimizer.state}
-    lrs = [host(g["lr"]) for g in optimizer.param_groups]
-    kept = [host(t) for t in (scaler._scale, scaler._growth_tracker)] if scaler is not None and scaler.is_enabled() \
+    lrs = [_host(g["lr"]) for g in optimizer.param_groups]
+    kept = [_host(t) for t in (scaler._scale, scaler._growth_tracker)] if scaler is not None and scaler.is_enabled() \
         else None
-    saved = [host(p) for p in params], state, lrs, kept
+    saved = [_host(p) for p in params], state, lrs, kept
     # last, once nothing above can fail (restore_training puts torch's plain dict back); a factory of one's own stays
     if isinstance(optimizer.state, defaultdict) and optimizer.state.default_factory is dict:
         optimizer.state.default_factory = _FreshState

@@ -23,6 +23,7 @@ from .._validate import check_int
 # re-exported: these lived here before augment.py
 from .augment import (DEFAULT_DECODE, IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, SEED_LIMIT,  # noqa: F401
                       PretrainTransform, _pil, center_transform, denormalize, open_bytes, random_resized_crop_params, to_normalized_tensor)
+from .errors import RunError
 from .gpu_decode import DeviceDecode, gpu_decodable
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -120,11 +121,9 @@ def _unlisted(err: OSError):
     A file system's own ``lost+found`` (root's alone) holds no data set: left out, as before."""
     if os.path.basename(err.filename or "") == "lost+found":
         return
-    from .errors import RunError  # (an I/O error: the run cannot go on; one line either way)
-
     msg = (f"--data: cannot list the folder {err.filename!r} ({err.strerror}): its images would be left out of the "
            "data set")
-    raise (PermissionError if isinstance(err, PermissionError) else RunError)(msg) from err
+    raise (PermissionError if isinstance(err, PermissionError) else RunError)(msg) from err  # one line either way
 
 
 class ImageFolderDataset(_PretrainDataset):
