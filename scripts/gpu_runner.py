@@ -140,9 +140,11 @@ class Runner:
         # workers, Inductor's compile pool), not only the child, which would leave them running into the
         # next step's timings; SIGINT first, so that pytest still writes its junit XML. A group, not a
         # session: the device tool kills what a command leaves behind except a new session's processes.
-        # Its output goes straight into the log: on disk as it is written, also when the call is killed
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                preexec_fn=os.setpgrp)
+        # Its output goes straight into the log: on disk as it is written, also when the call is killed.
+        # process_group (3.11+) calls setpgid in C after the fork; preexec_fn runs Python in a forked copy of a
+        # threaded parent (a deadlock risk documented by subprocess), so it is left to 3.10
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, **group)
         self.child = proc
         end = t + budget
         try:
