@@ -95,12 +95,14 @@ def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.75, seed: int 
     from .train.augment import normalize_uint8
 
     # a uint8 image (the data loader's default dtype) taken as float would be 0-255 pixels, not normalised ones
-    x = (normalize_uint8(image) if image.dtype == torch.uint8 else image).unsqueeze(0).float()
+    x = (normalize_uint8(image) if image.dtype == torch.uint8 else image).unsqueeze(0).float().cpu()
     p = model.patch_size
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.rand(1, model.patch_embed.num_patches, generator=gen)
-    loss, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)
-    pred = pred.float()
+    noise = torch.rand(1, model.patch_embed.num_patches, generator=gen)  # on the CPU: one mask for a seed anywhere
+    # the model runs where its weights are, in their dtype (a CUDA or half model); the panels are made on the CPU
+    w = model.patch_embed.proj.weight
+    loss, pred, mask = model(x.to(w.device, w.dtype), mask_ratio=mask_ratio, noise=noise.to(w.device))
+    pred, mask = pred.float().cpu(), mask.float().cpu()
     if model.norm_pix_loss:
         target = patchify(x, p)
         mean = target.mean(dim=-1, keepdim=True)

@@ -530,3 +530,16 @@ def test_a_model_of_other_than_3_channels_is_refused_in_words(tmp_path):
     with pytest.raises(ValueError, match="takes 1-channel images; visualize shows RGB"):
         vis.visualize(ck, _image(tmp_path), str(tmp_path / "o.png"))
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_half_model_runs_in_its_own_dtype_with_the_same_mask():
+    """reconstruct() feeds the model in its weights' dtype and device (a bf16 model refused float32 images)
+    and draws the mask on the CPU, so a seed shows the same patches whatever the model's dtype or device."""
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_test").eval()
+    x = torch.randn(3, 32, 32)
+    full = vis.reconstruct(model, x, 0.75, seed=3)
+    half = vis.reconstruct(model.to(torch.bfloat16), x, 0.75, seed=3)
+    assert torch.equal(half["mask"], full["mask"]) and half["reconstruction"].dtype == torch.float32
+    torch.testing.assert_close(half["reconstruction"], full["reconstruction"], atol=0.05, rtol=0.05)
+    assert half["loss"] == pytest.approx(full["loss"], rel=0.02)
