@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from collections import defaultdict
 from typing import Callable
@@ -276,6 +277,20 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
         if not isinstance(inner, nn.Module):
             return chain
         chain.append(inner)
+
+
+def default_scaler(model: nn.Module, device: torch.device) -> torch.amp.GradScaler:
+    """fp16's GradScaler for `model`. FSDP1 shards the gradients: a plain GradScaler finds each rank's infs in its
+    own shard alone, so one rank skipped a step the others took and their scales parted (the next gradients were
+    summed at different scales); torch's ShardedGradScaler agrees them over the wrapper's process group."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever wrapped the model (1 s to import)
+    wrapper = next((m for m in unwrap(model) if fsdp is not None and isinstance(m, fsdp.FullyShardedDataParallel)),
+                   None)
+    if wrapper is None:
+        return torch.amp.GradScaler(device.type)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device.type, process_group=wrapper.process_group)
 
 
 def sync_wrapper(model: nn.Module) -> nn.Module | None:

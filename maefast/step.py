@@ -39,7 +39,7 @@ import torch.nn as nn
 from . import graphs
 from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
-from .graphs import capture_blocker, sync_wrapper, unwrap
+from .graphs import capture_blocker, default_scaler, sync_wrapper, unwrap
 from .models.routing import step_seed
 from ._validate import check_bool, check_mask_ratio, check_nonneg_number, check_pixel_stat_args
 
@@ -68,7 +68,7 @@ class TrainStep:
             too); a forward without the parameter (nor ``**kwargs``) gets none passed, its own ratio
             applies, and a step built with another ratio than 0.75 for it is refused.
         scaler: a ``torch.amp.GradScaler`` (e.g. one restored from a checkpoint; a disabled one is
-            fine), False for none, or None: a new one for fp16, none otherwise.
+            fine), False for none, or None: a new one for fp16 (a ShardedGradScaler under FSDP1), none otherwise.
         accum_steps: gradient accumulation: the optimizer steps on every accum_steps-th call (or when
             a call passes ``update=True``), each micro-batch's loss scaled by 1/accum_steps.
         clip_grad: max global gradient norm (unscaled first under a GradScaler), or None.
@@ -134,7 +134,7 @@ class TrainStep:
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
         if scaler is None:
-            scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else False
+            scaler = default_scaler(model, self.device) if dtype == torch.float16 else False
         if scaler is not False and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, False or None, got {type(scaler).__name__}")
         self.model, self.optimizer = model, optimizer

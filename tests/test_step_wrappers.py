@@ -269,3 +269,51 @@ def test_zero_grad_drops_a_partial_accumulation_under_fsdp2(tmp_path):
             torch.testing.assert_close(p.full_tensor(), q, rtol=0, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp1_rank(rank, store, out):
+    """One rank of the FSDP1 test below: four fp16 steps, each rank on its own images; writes its scales."""
+    import json
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (FSDP1's deprecation)
+            model = FSDP(maefast.models.MaskedAutoencoderViT(**TINY), device_id=torch.device("cpu"),
+                         use_orig_params=True)
+        step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype=torch.float16, capture=False)
+        # a scale that overflows decoder_pred's gradients only (in the last rank's shard), as a checkpoint restores it
+        step.scaler.load_state_dict({**step.scaler.state_dict(), "scale": 2.0 ** 22})
+        g = torch.Generator().manual_seed(10 + rank)
+        scales = []
+        for _ in range(4):
+            step(torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 16, generator=g))
+            scales.append(step.scaler.get_scale())
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"scaler": type(step.scaler).__name__, "scales": scales}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp16_under_fsdp1_skips_the_same_steps_on_every_rank(tmp_path):
+    """FSDP1 (gloo, two processes) shards the gradients: with a plain GradScaler each rank found the infs of its own
+    shard only, so one rank skipped the step (and halved its scale) while the other stepped, and the next gradients
+    were summed at two scales. The default scaler is torch's ShardedGradScaler there: the ranks agree."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "scales")
+    mp.spawn(_fsdp1_rank, args=(str(tmp_path / "store"), out), nprocs=2)
+    ranks = []
+    for rank in range(2):
+        with open(f"{out}.{rank}") as f:
+            ranks.append(json.load(f))
+    assert ranks[0]["scales"] == ranks[1]["scales"] and ranks[0]["scales"][0] == 2.0 ** 21  # (an overflow backed off)
+    assert ranks[0]["scaler"] == ranks[1]["scaler"] == "ShardedGradScaler"

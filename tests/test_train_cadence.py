@@ -114,6 +114,30 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
         train(_cfg(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_non_finite_loss_between_log_lines_is_never_saved_over_the_last_checkpoint(tmp_path, monkeypatch, dtype):
+    """A NaN loss at step 3, --save-every-steps 2, --log-every 6: the run stops at step 4's save, naming it, and
+    checkpoint-last.pth stays step 2's. Before 2026-12-07 the loss was read at the log lines only: step 4's checkpoint
+    replaced it, with NaN weights in fp32 (in fp16 GradScaler skipped the update, and the run went on)."""
+    real = loop._Trainer._call_step
+
+    def nan_at_step_3(self, images, noise, weight, update):
+        hook = self.model.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:])) \
+            if self.step == 2 else None
+        try:
+            return real(self, images, noise, weight, update)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    monkeypatch.setattr(loop._Trainer, "_call_step", nan_at_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match="loss is nan at step 4 \\(epoch 0\\)"):
+        train(_cfg(run, synthetic_size=24, log_every=6, save_every_steps=2, dtype=dtype))
+    ck = load_checkpoint(str(run / "checkpoint-last.pth"))
+    assert ck["step"] == 2 and all(v.isfinite().all() for v in ck["model"].values() if v.is_floating_point())
+
+
 def test_data_refused_before_the_first_step(tmp_path):
     """Too few images for one global batch; a resume on a folder that is not the run's size, or not its
     file names (another data set; a moved copy is the run's); a checkpoint whose position is not a whole

@@ -210,6 +210,9 @@ def test_changes_are_announced_with_what_they_change():
     assert changed == {"dtype": ["float32", "bfloat16"]} and (cfg.save_every_steps, cfg.keep_every_epochs) == (2, 1)
     assert len(notes) == 1 and "--dtype float32 -> bfloat16" in notes[0] and "lr schedule" not in notes[0]
     assert "global batch" not in notes[0]
+    # a short spelling is announced and recorded by its name, as the config records it (was "-> fp16")
+    cfg, notes, changed = reconcile(TrainConfig(dtype="fp16", explicit=("dtype",)), ck, "ck.pth", world_size=1)
+    assert changed == {"dtype": ["float32", "float16"]} and "--dtype float32 -> float16" in notes[0]
     cfg, notes, changed = reconcile(TrainConfig(epochs=3, save=False, explicit=("epochs", "save")), ck, "ck.pth", 1)
     assert changed == {"epochs": [2, 3]} and "--epochs 2 -> 3" in notes[0] and "lr schedule is recomputed" in notes[0]
     assert (cfg.epochs, cfg.save_every_steps, cfg.keep_every_epochs) == (3, 0, 0)

@@ -151,7 +151,8 @@ def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple
             # --data may name a moved copy of the folder; synthetic images and a folder are other data
             conflicts.append(f"{_flag(name)} {new} (the run's: {old})")
         elif name not in ("batch_size", "accum_iter"):
-            changed[name] = (old, _norm(name, new) if name == "data" else new)  # (the folder, as the config has it)
+            # (the folder, and --dtype's name for a short spelling, as the config has them)
+            changed[name] = (old, _norm(name, new) if name in ("data", "dtype") else new)
     if conflicts:
         raise ValueError(f"--resume {source}: {', '.join(conflicts)}: these options define the run and cannot change "
                          "when it continues; leave them out, or start a new run (another --output-dir)")
