@@ -279,18 +279,33 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
         chain.append(inner)
 
 
-def default_scaler(model: nn.Module, device: torch.device) -> torch.amp.GradScaler:
-    """fp16's GradScaler for `model`. FSDP1 shards the gradients: a plain GradScaler finds each rank's infs in its
-    own shard alone, so one rank skipped a step the others took and their scales parted (the next gradients were
-    summed at different scales); torch's ShardedGradScaler agrees them over the wrapper's process group."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever wrapped the model (1 s to import)
-    wrapper = next((m for m in unwrap(model) if fsdp is not None and isinstance(m, fsdp.FullyShardedDataParallel)),
-                   None)
-    if wrapper is None:
-        return torch.amp.GradScaler(device.type)
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+def fsdp1_wrapper(model: nn.Module) -> nn.Module | None:
+    """The FSDP1 wrapper in `model`'s chain, or None (FSDP1 is looked for only where whoever wrapped the model
+    imported it: its import costs ~1 s)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return None
+    return next((m for m in unwrap(model) if isinstance(m, fsdp.FullyShardedDataParallel)), None)
 
-    return ShardedGradScaler(device.type, process_group=wrapper.process_group)
+
+def step_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype, scaler) -> torch.amp.GradScaler | bool:
+    """TrainStep's ``scaler`` checked, or made for fp16 where it is None (False: none). FSDP1 shards the
+    gradients: a plain GradScaler finds each rank's infs in its own shard alone, so one rank skipped a step the
+    others took and their scales parted (the next gradients were summed at different scales); torch's
+    ShardedGradScaler agrees them over the wrapper's process group: made there, and a plain one refused."""
+    if scaler is not None and scaler is not False and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, False or None, got {type(scaler).__name__}")
+    wrapper = fsdp1_wrapper(model)
+    if wrapper is None:
+        return (torch.amp.GradScaler(device.type) if dtype == torch.float16 else False) if scaler is None else scaler
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # (FSDP1 is imported: costs nothing)
+
+    if scaler is None:
+        return ShardedGradScaler(device.type, process_group=wrapper.process_group) if dtype == torch.float16 else False
+    if scaler is not False and scaler.is_enabled() and not isinstance(scaler, ShardedGradScaler):
+        raise ValueError("scaler: under FSDP1 a plain GradScaler sees only its rank's gradient shard (ranks would skip "
+                         "different steps); pass torch's ShardedGradScaler, or scaler=None for one")
+    return scaler
 
 
 def sync_wrapper(model: nn.Module) -> nn.Module | None:

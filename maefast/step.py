@@ -39,7 +39,7 @@ import torch.nn as nn
 from . import graphs
 from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
-from .graphs import capture_blocker, default_scaler, sync_wrapper, unwrap
+from .graphs import capture_blocker, sync_wrapper, unwrap
 from .models.routing import step_seed
 from ._validate import check_bool, check_mask_ratio, check_nonneg_number, check_pixel_stat_args
 
@@ -133,10 +133,7 @@ class TrainStep:
             seed = (int(torch.randint(0, _SEED_LIMIT, (1,))) + rank * _RANK_STRIDE) % _SEED_LIMIT
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
-        if scaler is None:
-            scaler = default_scaler(model, self.device) if dtype == torch.float16 else False
-        if scaler is not False and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, False or None, got {type(scaler).__name__}")
+        scaler = graphs.step_scaler(model, self.device, dtype, scaler)
         self.model, self.optimizer = model, optimizer
         self.dtype, self.mask_ratio = dtype, mask_ratio
         self.scaler = scaler if scaler is not False else None

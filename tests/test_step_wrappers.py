@@ -287,7 +287,14 @@ def _fsdp1_rank(rank, store, out):
             warnings.simplefilter("ignore")  # (FSDP1's deprecation)
             model = FSDP(maefast.models.MaskedAutoencoderViT(**TINY), device_id=torch.device("cpu"),
                          use_orig_params=True)
-        step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), dtype=torch.float16, capture=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        try:  # a plain GradScaler given there is refused (a disabled one checks nothing: fine)
+            TrainStep(model, opt, dtype=torch.float16, capture=False, scaler=torch.amp.GradScaler("cpu"))
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        TrainStep(model, opt, dtype=torch.float16, capture=False, scaler=torch.amp.GradScaler("cpu", enabled=False))
+        step = TrainStep(model, opt, dtype=torch.float16, capture=False)
         # a scale that overflows decoder_pred's gradients only (in the last rank's shard), as a checkpoint restores it
         step.scaler.load_state_dict({**step.scaler.state_dict(), "scale": 2.0 ** 22})
         g = torch.Generator().manual_seed(10 + rank)
@@ -296,7 +303,7 @@ def _fsdp1_rank(rank, store, out):
             step(torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 16, generator=g))
             scales.append(step.scaler.get_scale())
         with open(f"{out}.{rank}", "w") as f:
-            json.dump({"scaler": type(step.scaler).__name__, "scales": scales}, f)
+            json.dump({"scaler": type(step.scaler).__name__, "scales": scales, "refused": refused}, f)
     finally:
         dist.destroy_process_group()
 
@@ -317,3 +324,4 @@ def test_fp16_under_fsdp1_skips_the_same_steps_on_every_rank(tmp_path):
             ranks.append(json.load(f))
     assert ranks[0]["scales"] == ranks[1]["scales"] and ranks[0]["scales"][0] == 2.0 ** 21  # (an overflow backed off)
     assert ranks[0]["scaler"] == ranks[1]["scaler"] == "ShardedGradScaler"
+    assert all(r["refused"].startswith("scaler: under FSDP1") for r in ranks)
