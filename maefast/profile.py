@@ -484,21 +484,22 @@ def format_backends(r: dict) -> list[str]:
 
 def format_side_by_side(results: list[dict]) -> str:
     names = [r["impl"] + (" (compiled)" if r["compile"] else "") for r in results]
-    head = f"{'stage (ms)':<28} " + " ".join(f"{n[:14]:>14}" for n in names)
+    w = max([14] + [len(n) for n in names])  # a column as wide as its name ("reference (compiled)" was cut)
+    head = f"{'stage (ms)':<28} " + " ".join(f"{n:>{w}}" for n in names)
     lines = ["side by side:", head, "-" * len(head)]
     labels = list(dict.fromkeys(s["stage"] for r in results for s in r["stages"]))
     for lab in labels:
         vals = []
         for r in results:
             m = {s["stage"]: s["ms"] for s in r["stages"]}
-            vals.append(f"{m[lab]:>14.3f}" if lab in m else f"{'-':>14}")
+            vals.append(f"{m[lab]:>{w}.3f}" if lab in m else f"{'-':>{w}}")
         lines.append(f"{lab:<28} " + " ".join(vals))
-    lines.append(f"{'step (plain)':<28} " + " ".join(f"{r['step_ms_plain']:>14.3f}" for r in results))
-    lines.append(f"{'img/s':<28} " + " ".join(f"{r['img_per_s']:>14.1f}" for r in results))
+    lines.append(f"{'step (plain)':<28} " + " ".join(f"{r['step_ms_plain']:>{w}.3f}" for r in results))
+    lines.append(f"{'img/s':<28} " + " ".join(f"{r['img_per_s']:>{w}.1f}" for r in results))
     base = results[0]["step_ms_plain"]
     if all(r.get("device") == "cuda" for r in results):
-        lines.append(f"{'speed-up vs ' + names[0][:15]:<28} " + " ".join(f"{base / r['step_ms_plain']:>13.2f}x"
-                                                                         for r in results))
+        ratios = " ".join(f"{base / r['step_ms_plain']:>{w - 1}.2f}x" for r in results)
+        lines.append(f"{'speed-up vs ' + results[0]['impl']:<28} " + ratios)
     else:  # every impl ran PyTorch ops here: a ratio would compare the reference with itself plus overhead
         lines.append(f"no speed-up row: on {results[0].get('device')} every impl runs PyTorch ops (see 'what runs "
                      "where'); maefast's kernels need a CUDA GPU")
@@ -516,18 +517,18 @@ def main(argv=None) -> int:
                    "cuda, sdpa); default on a GPU: reference,auto (the official computation and maefast's model, with "
                    "the speed-up); on the CPU: auto alone (its ops run their PyTorch reference there)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 10 on a GPU)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (stages: forward/backward/optimizer)")
     p.add_argument("--fused", default="off", choices=["off", "block"],
                    help="the fast model's blocks (see maefast train --fused); with 'block' each block is one op, "
                         "so its attention time is counted in the block's norm/MLP stage")
     p.add_argument("--sync", action="store_true", help="GPU: synchronise at each stage boundary instead of events")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--device", default=None)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed (default 0.75)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--trace", default=None, help="write a Chrome trace (torch.profiler) of 2 steps here")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--overwrite", action="store_true", help="replace --json / --trace files that exist")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
     from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, labelled_path, positive

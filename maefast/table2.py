@@ -417,20 +417,20 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="maefast bench table2", description=__doc__.split("\n\n")[2])
     p.add_argument("--models", default=None, help="comma list (base,large,huge / small / tiny / full names); "
                    "default: base,large,huge on a GPU, small on the CPU")
-    p.add_argument("--decoder-depths", default="8,1")
+    p.add_argument("--decoder-depths", default="8,1", help="comma list of decoder depths (default 8,1: the paper's)")
     p.add_argument("--impl", default=None, help="comma list of impls (reference, auto, triton, cuda, sdpa); default: "
                    "reference, plus auto on a GPU")
     p.add_argument("--batch", default=None, help=f"N for every model, or per model: large=256,huge=192 (the others "
                    f"at their default); default: {GPU_TABLE2_BATCH} on a GPU, 8 on the CPU")
     p.add_argument("--dtype", default=None, help="bf16 (GPU default) / fp16 / fp32 (CPU default)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--device", default=None)
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed (default 0.75)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer timed steps (6 per cell on a GPU)")
     p.add_argument("--eager", action="store_true", help="GPU: time eager steps (Python dispatch included) instead of "
                    "CUDA-graph replays (the default on a GPU: the paper's TPU steps ran XLA-compiled)")
     p.add_argument("--fused", default="off", choices=["off", "block"],
                    help="the fast model's blocks (maefast train --fused); the reference rows ignore it")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
+    p.add_argument("--override", action="append", default=[], metavar="KEY=NUMBER",
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
     p.add_argument("--json", default=None, help="write rows + environment to this file")
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")

@@ -307,6 +307,19 @@ def test_side_by_side_speed_up_only_on_a_gpu():
     assert "speed-up vs" not in cpu and "2.00x" not in cpu and "no speed-up row" in cpu
 
 
+def test_side_by_side_names_compiled_columns_whole():
+    """`maefast profile --compile --impl reference,auto`: the columns read "reference (compiled)" and
+    "auto (compiled)" (they were cut to 14 characters: "reference (com"), each value under its name."""
+    rows = [{"impl": impl, "compile": True, "device": "cuda", "step_ms_plain": ms, "img_per_s": 8 / ms,
+             "stages": [{"stage": "backward", "ms": ms / 2}]} for impl, ms in (("reference", 20.0), ("auto", 10.0))]
+    lines = mp.format_side_by_side(rows).splitlines()
+    head = lines[1]
+    assert head.endswith(" reference (compiled)      auto (compiled)"), head
+    for line in lines[3:]:
+        assert len(line) == len(head), (line, head)  # every value right-aligned under its column's name
+    assert lines[-1].startswith("speed-up vs reference ") and lines[-1].endswith("2.00x")
+
+
 def test_backend_log_records_what_the_ops_chose():
     from maefast import bench as mb
 

@@ -107,6 +107,12 @@ def test_resume_auto_folder_rule(tmp_path):
     (out / "checkpoint-0000.pth").write_text("x")
     with pytest.raises(ValueError, match="is an earlier checkpoint of the run in --output-dir"):
         check_folder(str(out), str(out / "checkpoint-0000.pth"), False)
+    # what it names as written over is what comes after it: not itself nor the epochs kept before it
+    (out / "checkpoint-0001.pth").write_text("x")
+    (out / "checkpoint-0002.pth").write_text("x")
+    with pytest.raises(ValueError, match=r"later checkpoints and logs \(checkpoint-0002.pth, checkpoint-last.pth, "
+                                         r"checkpoint-last.pth.dcp-0a1b2c, log.jsonl, \.\.\.\)"):
+        check_folder(str(out), str(out / "checkpoint-0001.pth"), False)
     with pytest.raises(ValueError, match="holds another run"):
         check_folder(str(out), str(tmp_path / "elsewhere.pth"), False)
     check_folder(str(out), str(out / "checkpoint-0000.pth"), True)

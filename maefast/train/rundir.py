@@ -91,9 +91,13 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
     if not _same_path(resume, os.path.join(output_dir, CHECKPOINT_NAME)):
         if _in_folder(resume, output_dir):  # rewinding the run to a kept epoch
+            # name what comes after it (it and the epochs kept before it stay)
+            at = _KEPT.fullmatch(os.path.basename(resume))
+            later = [f for f in files if not (at and (m := _KEPT.fullmatch(f)) and int(m.group(1)) <= int(at.group(1)))]
+            later = ", ".join(later[:4]) + (", ..." if len(later) > 4 else "")
             raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
                              f"continuing from it in place would write over its later checkpoints and logs "
-                             f"({shown}): pass another --output-dir (the run stays as it is), or add --overwrite "
+                             f"({later}): pass another --output-dir (the run stays as it is), or add --overwrite "
                              "(deletes the later checkpoints and export, keeps the earlier ones and the log lines "
                              "up to it)")
         raise ValueError(f"--output-dir {output_dir!r} holds another run ({shown}) that continuing from "
