@@ -283,6 +283,29 @@ def test_triton_forward_written_residual_gives_the_backward_kernels_gradient(pre
         assert torch.equal(norm_pix_loss(pred, c.imgs, idx, 8, pred_on=pred_on, impl="triton"), loss_u)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_triton_fused_backward_scales_the_residual_in_fp32(dtype, device):
+    """The fused backward's factor grad / sum(w) * 2 / P is applied in fp32, not rounded to pred's dtype first
+    (on a GPU `r * factor` with a 0-d fp32 CUDA tensor does that: the whole gradient scaled off by the
+    factor's rounding, here +0.26% in bf16 and +7.7% / -14% in fp16 without GradScaler). The factors of
+    the paper's shapes (b64 ViT-B/16 and b256 ViT-H/14 at ratio 0.75, unit loss gradient) are given to a
+    small case through the loss gradient; the gradient's scale along the backward kernel's (which applies
+    the factor in fp32) must agree to well within one rounding of it. Only a card shows the rounding:
+    torch's CPU kernels apply a 0-d tensor at full precision, so on the CPU this passes either way."""
+    c = Case(2, 32, 32, 8, 0.75, dtype, device)
+    pred, idx = c.args("masked")
+    den, P = pred.shape[0] * pred.shape[1], pred.shape[-1]
+    for factor in (2 / (64 * 147 * 768), 2 / (256 * 192 * 588)):
+        grad = torch.tensor(factor * den * P / 2, device=device)
+        want = torch.ops.maefast.norm_pix_loss_backward.default(grad, pred.detach(), c.imgs, idx, 8, True, True,
+                                                                "triton").double()
+        loss = norm_pix_loss(pred, c.imgs, idx, 8, pred_on="masked", impl="triton")
+        got = torch.autograd.grad(loss, pred, grad_outputs=grad)[0].double()
+        bias = ((got * want).sum() / (want * want).sum() - 1).abs().item()
+        assert bias < 1e-3, (dtype, factor, bias)
+
+
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_reference_impl_computes_half_images_in_fp32(pred_on):
     # the reference impl reads bf16 images as fp32 (patchify and the norm-pix statistics in fp32, not in bf16)
