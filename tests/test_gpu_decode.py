@@ -507,6 +507,14 @@ def test_cuda_stage_is_the_cpu_stage_within_a_level(folder, monkeypatch):
 
 
 @pytest.mark.cuda
+def test_cuda_normalisation_is_the_cpus_bit_for_bit():
+    """The float32 images of --decode gpu are normalised on the card (`normalize_uint8`): ToTensor + Normalize's
+    CPU bits for every (value, channel) pair (a Python-number divisor is a reciprocal multiply on CUDA)."""
+    u = torch.arange(256, dtype=torch.uint8).repeat(3, 1).reshape(1, 3, 16, 16)
+    assert torch.equal(normalize_uint8(u.to("cuda")).cpu(), normalize_uint8(u))
+
+
+@pytest.mark.cuda
 def test_cuda_end_to_end_with_nvjpeg(tmp_path, folder):
     _needs_nvjpeg()
     cuda = torch.device("cuda")

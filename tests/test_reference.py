@@ -104,6 +104,10 @@ def test_pos_embed_layout():
     assert torch.allclose(row, torch.cat([col_half, row_half]).float().double(), atol=1e-7)
     with pytest.raises(ValueError, match="multiple of 4"):
         R.get_2d_sincos_pos_embed(10, 4)
+    # computed on the CPU, as the official numpy code, whatever the default device (bench.build_model builds under
+    # `with torch.device("cuda")`, whose float64 sin/cos are other functions; meta would give no values at all)
+    with torch.device("meta"):
+        assert torch.equal(R.get_2d_sincos_pos_embed(D, (h, w), cls_token=True), pe)
 
 
 def test_pos_embed_matches_transformers_init():

@@ -194,7 +194,10 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"normalize_uint8: x must be (..., 3, H, W), got shape {tuple(x.shape)}")
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    # 255 as a tensor on x's device: a Python-number divisor is a reciprocal multiply on CUDA (ATen's
+    # BinaryDivTrueKernel; 126 of the 256 values 1 ulp off ToTensor's v / 255), e.g. --decode gpu's float32 images
+    x = x.to(torch.float32)
+    return x.div_(torch.full((), 255.0, dtype=torch.float32, device=x.device)).sub_(mean).div_(std)
 
 
 def to_uint8_tensor(img) -> torch.Tensor:
