@@ -280,19 +280,22 @@ def unwrap(model: nn.Module) -> list[nn.Module]:
 
 
 def fsdp1_wrapper(model: nn.Module) -> nn.Module | None:
-    """The FSDP1 wrapper in `model`'s chain, or None (FSDP1 is looked for only where whoever wrapped the model
-    imported it: its import costs ~1 s)."""
+    """An FSDP1 wrapper in `model` (its chain or any submodule), or None (FSDP1 is looked for only where whoever
+    wrapped the model imported it: its import costs ~1 s)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is None:
         return None
-    return next((m for m in unwrap(model) if isinstance(m, fsdp.FullyShardedDataParallel)), None)
+    return next((m for m in model.modules() if isinstance(m, fsdp.FullyShardedDataParallel)), None)
 
 
-def step_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype, scaler) -> torch.amp.GradScaler | bool:
+def step_scaler(model: nn.Module, optimizer, device: torch.device, dtype: torch.dtype, scaler
+                ) -> torch.amp.GradScaler | bool:
     """TrainStep's ``scaler`` checked, or made for fp16 where it is None (False: none). FSDP1 shards the
     gradients: a plain GradScaler finds each rank's infs in its own shard alone, so one rank skipped a step the
     others took and their scales parted (the next gradients were summed at different scales); torch's
-    ShardedGradScaler agrees them over the wrapper's process group: made there, and a plain one refused."""
+    ShardedGradScaler agrees them over the wrapper's process group: made there, and a plain one refused. Its
+    all-reduce is in `unscale_`, which torch's GradScaler.step skips for a fused optimizer (whose step unscales
+    itself; with clipping its found_inf has the wrong shape): such an optimizer is refused there."""
     if scaler is not None and scaler is not False and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, False or None, got {type(scaler).__name__}")
     wrapper = fsdp1_wrapper(model)
@@ -301,10 +304,18 @@ def step_scaler(model: nn.Module, device: torch.device, dtype: torch.dtype, scal
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # (FSDP1 is imported: costs nothing)
 
     if scaler is None:
-        return ShardedGradScaler(device.type, process_group=wrapper.process_group) if dtype == torch.float16 else False
-    if scaler is not False and scaler.is_enabled() and not isinstance(scaler, ShardedGradScaler):
+        if dtype != torch.float16:
+            return False
+        scaler = ShardedGradScaler(device.type, process_group=wrapper.process_group)
+    elif scaler is False or not scaler.is_enabled():
+        return scaler
+    elif not isinstance(scaler, ShardedGradScaler):
         raise ValueError("scaler: under FSDP1 a plain GradScaler sees only its rank's gradient shard (ranks would skip "
                          "different steps); pass torch's ShardedGradScaler, or scaler=None for one")
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError(f"optimizer: a fused {type(optimizer).__name__} under FSDP1 with fp16's ShardedGradScaler "
+                         "(torch's GradScaler.step skips the all-reduce of the ranks' inf checks for it): build it "
+                         "with fused=False")
     return scaler
 
 
@@ -410,4 +421,4 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 
 __all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken",
            "snapshot_training", "restore_training", "capture_blocker", "sync_wrapper", "unwrap", "train_modes",
-           "mode_change", "groups_change"]
+           "mode_change", "groups_change", "fsdp1_wrapper", "step_scaler", "drop_unsharded_grads"]

@@ -133,7 +133,7 @@ class TrainStep:
             seed = (int(torch.randint(0, _SEED_LIMIT, (1,))) + rank * _RANK_STRIDE) % _SEED_LIMIT
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
-        scaler = graphs.step_scaler(model, self.device, dtype, scaler)
+        scaler = graphs.step_scaler(model, optimizer, self.device, dtype, scaler)
         self.model, self.optimizer = model, optimizer
         self.dtype, self.mask_ratio = dtype, mask_ratio
         self.scaler = scaler if scaler is not False else None

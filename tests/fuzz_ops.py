@@ -16,6 +16,11 @@ import sys
 import time
 import traceback
 
+_cli = argparse.ArgumentParser(prog="tests/fuzz_ops.py", description=__doc__.split("\n\n")[0])
+_cli.add_argument("seed", type=int, nargs="?", default=0)
+_cli.add_argument("seconds", type=float, nargs="?", default=400.0)
+_a = _cli.parse_args()  # before the imports below (seconds): --help answers at once
+seed, budget = _a.seed, _a.seconds
 os.environ["TRITON_INTERPRET"] = "1"
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
@@ -31,11 +36,6 @@ import torch  # noqa: E402
 from maefast import ops  # noqa: E402
 from maefast.ops.attention import TRITON_HEAD_DIMS  # noqa: E402
 
-_cli = argparse.ArgumentParser(prog="tests/fuzz_ops.py", description=__doc__.split("\n\n")[0])
-_cli.add_argument("seed", type=int, nargs="?", default=0)
-_cli.add_argument("seconds", type=float, nargs="?", default=400.0)
-_a = _cli.parse_args()
-seed, budget = _a.seed, _a.seconds
 rng = random.Random(seed)
 torch.manual_seed(seed)
 fails = []

@@ -306,6 +306,30 @@ def test_triton_fused_backward_scales_the_residual_in_fp32(dtype, device):
         assert bias < 1e-3, (dtype, factor, bias)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_triton_fused_backward_multiplies_half_residuals_in_fp32(dtype):
+    """The CPU's side of the test above: every multiply of the fused backward that takes the 0-d factor takes it
+    with an fp32 tensor (a half one is what a GPU rounds the factor to), seen under a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    c = Case(2, 32, 32, 8, 0.75, dtype, "cpu")
+    pred, idx = c.args("masked")
+    loss = norm_pix_loss(pred, c.imgs, idx, 8, pred_on="masked", impl="triton")
+    muls = []
+
+    class Muls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shaped = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() > 0]
+            if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.mul_) and shaped:  # (not the factor's own)
+                muls.append(shaped)
+            return func(*args, **(kwargs or {}))
+
+    with Muls():
+        gpred, = torch.autograd.grad(loss, pred)
+    assert gpred.dtype == dtype and muls and all(d == [torch.float32] for d in muls), muls
+
+
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_reference_impl_computes_half_images_in_fp32(pred_on):
     # the reference impl reads bf16 images as fp32 (patchify and the norm-pix statistics in fp32, not in bf16)

@@ -294,6 +294,17 @@ def _fsdp1_rank(rank, store, out):
         except ValueError as exc:
             refused = str(exc)
         TrainStep(model, opt, dtype=torch.float16, capture=False, scaler=torch.amp.GradScaler("cpu", enabled=False))
+        try:  # a fused optimizer: GradScaler.step skips ShardedGradScaler.unscale_'s all-reduce (ranks parted)
+            TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), dtype=torch.float16,
+                      capture=False)
+        except ValueError as exc:
+            refused += " | " + str(exc)
+        inner = maefast.models.MaskedAutoencoderViT(**TINY)  # FSDP1 on a block under a plain root: found too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inner.blocks[0] = FSDP(inner.blocks[0], device_id=torch.device("cpu"), use_orig_params=True)
+        part = TrainStep(inner, torch.optim.AdamW(inner.parameters()), dtype=torch.float16, capture=False).scaler
+        refused += " | " + type(part).__name__
         step = TrainStep(model, opt, dtype=torch.float16, capture=False)
         # a scale that overflows decoder_pred's gradients only (in the last rank's shard), as a checkpoint restores it
         step.scaler.load_state_dict({**step.scaler.state_dict(), "scale": 2.0 ** 22})
@@ -324,4 +335,7 @@ def test_fp16_under_fsdp1_skips_the_same_steps_on_every_rank(tmp_path):
             ranks.append(json.load(f))
     assert ranks[0]["scales"] == ranks[1]["scales"] and ranks[0]["scales"][0] == 2.0 ** 21  # (an overflow backed off)
     assert ranks[0]["scaler"] == ranks[1]["scaler"] == "ShardedGradScaler"
-    assert all(r["refused"].startswith("scaler: under FSDP1") for r in ranks)
+    for r in ranks:
+        plain, fused, part = r["refused"].split(" | ")
+        assert plain.startswith("scaler: under FSDP1") and fused.startswith("optimizer: a fused AdamW under FSDP1")
+        assert part == "ShardedGradScaler"

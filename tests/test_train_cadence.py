@@ -132,7 +132,8 @@ def test_a_non_finite_loss_between_log_lines_is_never_saved_over_the_last_checkp
 
     monkeypatch.setattr(loop._Trainer, "_call_step", nan_at_step_3)
     run = tmp_path / "run"
-    with pytest.raises(RunError, match="loss is nan at step 4 \\(epoch 0\\)"):
+    with pytest.raises(RunError, match=r"a step's loss since the last log line is nan at step 4 \(epoch 0, before its "
+                                       r"checkpoint\)"):
         train(_cfg(run, synthetic_size=24, log_every=6, save_every_steps=2, dtype=dtype))
     ck = load_checkpoint(str(run / "checkpoint-last.pth"))
     assert ck["step"] == 2 and all(v.isfinite().all() for v in ck["model"].values() if v.is_floating_point())

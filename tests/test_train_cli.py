@@ -110,12 +110,19 @@ def test_resume_auto_folder_rule(tmp_path):
     # what it names as written over is what comes after it: not itself nor the epochs kept before it
     (out / "checkpoint-0001.pth").write_text("x")
     (out / "checkpoint-0002.pth").write_text("x")
+    for kept in ("checkpoint-0000.pth.dcp-0a", "checkpoint-0001.pth.dcp-0b"):  # --fsdp's shard folders stay too
+        (out / kept).mkdir()
     with pytest.raises(ValueError, match=r"later checkpoints and logs \(checkpoint-0002.pth, checkpoint-last.pth, "
                                          r"checkpoint-last.pth.dcp-0a1b2c, log.jsonl, \.\.\.\)"):
         check_folder(str(out), str(out / "checkpoint-0001.pth"), False)
     with pytest.raises(ValueError, match="holds another run"):
         check_folder(str(out), str(tmp_path / "elsewhere.pth"), False)
     check_folder(str(out), str(out / "checkpoint-0000.pth"), True)
+    # a folder holding only the kept checkpoint it continues from: nothing is written over
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "checkpoint-0000.pth").write_text("x")
+    check_folder(str(alone), str(alone / "checkpoint-0000.pth"), False)
 
 
 def _unreadable_folder(path, n=3):

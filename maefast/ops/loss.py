@@ -232,7 +232,8 @@ def _backward(ctx, grad, _dg):
         # `r * factor` would round the factor itself to r's dtype first on a GPU (a 0-d CUDA tensor is no CPU
         # scalar: TensorIterator casts it to the common dtype), a uniform bias of up to 2^-8 in bf16 and a
         # subnormal factor in fp16 without GradScaler (2 / (64*147*768): 7.7% off)
-        gpred = (r.float() * ((grad.float() / den) * 2.0 / r.shape[-1])).to(r.dtype)
+        factor = (grad.float() / den) * 2.0 / r.shape[-1]
+        gpred = r * factor if r.dtype == torch.float32 else r.float().mul_(factor).to(r.dtype)  # (one fp32 copy)
     else:
         pred, imgs, mask_or_ids = ctx.saved_tensors
         gpred = bwd(ctx, _loss_bwd_op)(grad, pred, imgs, mask_or_ids, *ctx.args)

@@ -381,7 +381,7 @@ class _Trainer:
                 if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and b < batches_used:
                     partial = self._epoch_totals(stats, loss_sum, ep_images, ep_bad, bad_names, t_epoch)
                     # a NaN since the last log line: its weights (NaN in fp32/bf16) never replace the last good save
-                    self._check_loss(partial.loss_sum, epoch)
+                    self._check_loss(partial.loss_sum, epoch, before_save=True)
                     self._save(epoch, b // A * G, partial)
                     # a stop asked for during the save stops on the checkpoint just written, not one step
                     # and one more checkpoint write later (torchrun's grace period may not hold both)
@@ -456,11 +456,14 @@ class _Trainer:
             self._rank0(plot_loss_curve, cfg.output_dir,
                         title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {self.global_batch}")
 
-    def _check_loss(self, loss: float, epoch: int) -> None:
-        """A non-finite loss (a window's mean, or a sum over steps) stops the run, as the official loop does."""
+    def _check_loss(self, loss: float, epoch: int, before_save: bool = False) -> None:
+        """A non-finite loss (a window's mean, or the sum over the steps since the epoch began, checked before a
+        mid-epoch save) stops the run, as the official loop does."""
         if not math.isfinite(loss):
-            raise RunError(f"loss is {loss} at step {self.step} (epoch {epoch}): with --dtype float16 try bfloat16, "
-                           "or lower --blr", quiet=not self.info.is_main)
+            what, when = ("a step's loss since the last log line", ", before its checkpoint") if before_save else \
+                ("loss", "")
+            raise RunError(f"{what} is {loss} at step {self.step} (epoch {epoch}{when}): with --dtype float16 try "
+                           "bfloat16, or lower --blr", quiet=not self.info.is_main)
 
     def _agree(self) -> str | None:
         """All ranks' decision at a step boundary: None (go on) or the stop reason (collective)."""

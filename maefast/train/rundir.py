@@ -91,9 +91,11 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
                          "continue it, or --overwrite to start over (deletes its checkpoints, logs and export)")
     if not _same_path(resume, os.path.join(output_dir, CHECKPOINT_NAME)):
         if _in_folder(resume, output_dir):  # rewinding the run to a kept epoch
-            # name what comes after it (it and the epochs kept before it stay)
-            at = _KEPT.fullmatch(os.path.basename(resume))
-            later = [f for f in files if not (at and (m := _KEPT.fullmatch(f)) and int(m.group(1)) <= int(at.group(1)))]
+            # name what comes after it (it and the epochs kept before it stay, their shard folders too)
+            at = _kept_epoch(os.path.basename(resume))
+            later = [f for f in files if at is None or (e := _kept_epoch(f)) is None or e > at]
+            if not later:  # nothing of the run comes after it: continuing in place writes over nothing
+                return
             later = ", ".join(later[:4]) + (", ..." if len(later) > 4 else "")
             raise ValueError(f"--resume {resume!r} is an earlier checkpoint of the run in --output-dir: "
                              f"continuing from it in place would write over its later checkpoints and logs "
@@ -102,6 +104,13 @@ def check_folder(output_dir: str, resume: str | None, overwrite: bool) -> None:
                              "up to it)")
         raise ValueError(f"--output-dir {output_dir!r} holds another run ({shown}) that continuing from "
                          f"--resume {resume!r} would write over: pick another --output-dir, or add --overwrite")
+
+
+def _kept_epoch(name: str) -> int | None:
+    """The epoch of a kept checkpoint (``checkpoint-0003.pth``) or of its shard folder, else None."""
+    shards = SHARDS_DIR.match(name)
+    m = _KEPT.fullmatch(shards.group("owner") if shards else name)
+    return int(m.group(1)) if m else None
 
 
 class JsonlLog:
