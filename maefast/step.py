@@ -98,7 +98,8 @@ class TrainStep:
         mask_source: "seed", "noise" or "model" (decided by the first call).
         static_imgs, static_noise: a captured step's input buffers (each call copies its inputs in,
             unless it passes these very tensors).
-        calls, optimizer_steps: micro-batches and optimizer steps run through this object.
+        calls, optimizer_steps: micro-batches and optimizer steps run through this object (a step fp16's
+            GradScaler skipped for infs counts: the learning-rate schedule moves on, as in the official loop).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, dtype: torch.dtype | None = None,
