@@ -491,8 +491,8 @@ class _Trainer:
         s, imgs, bad = dist_lib.all_reduce_sum([loss_sum.item(), ep_images, ep_bad], self.info)
         names = [x for ns in dist_lib.all_gather_object(bad_names, self.info) for x in ns]
         return EpochStats(loss_sum=stats.loss_sum + s, images=stats.images + int(imgs),
-                           bad=stats.bad + int(bad), time_s=stats.time_s + time.perf_counter() - t_epoch,
-                           bad_names=(stats.bad_names + names)[:10])
+                          bad=stats.bad + int(bad), time_s=stats.time_s + time.perf_counter() - t_epoch,
+                          bad_names=(stats.bad_names + names)[:10])
 
     def _micro_step(self, batch: dict, b: int):
         """One micro-batch through the training step (forward, backward and, at the accumulation's end,
