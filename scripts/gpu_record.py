@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -21,7 +22,7 @@ TARGETS = {
     "attention_fwdbwd_vs_best_sdpa": (">=", 1.5), "attention_fwd_vs_best_sdpa": (">=", 1.0),
     "mask_embed_fwd_bwd_vs_reference": (">=", 4.0), "memory_bound_frac_peak_bw": (">=", 0.8),
     "table2_of_flop_bound": (">=", 0.95), "profile_overhead": ("<", 0.05), "train_vs_step": (">=", 0.95),
-    "train_jpeg_vs_synthetic": (">=", 0.9), "loader_vs_step": (">=", 1.0),
+    "train_jpeg_vs_synthetic": (">=", 0.9), "loader_vs_step": (">=", 1.0), "per_worker_vs_official": (">=", 2.0),
 }
 # the step row that runs what `maefast train` runs by default (maefast's model, fused off, captured)
 TRAIN_STEP_ROW = "maefast-graph"
@@ -336,30 +337,55 @@ def attention_targets(rows: list[dict]) -> dict:
             e[target] = judge(f"attention_{mode}_vs_best_sdpa", None, "missing row: no sdpa-* row timed like it "
                               "at this shape" if r.get("time_ms") else f"{r['provider']} has no time")
     for L in PAPER_ATTENTION_L:  # a paper shape with no row (cut short, skipped) still reads `?`
-        if not any(k.startswith(f"L{L} ") for k in out):
+        keys = [k for k in out if k.startswith(f"L{L} ")]
+        if not keys:
             out[f"L{L}"] = {mode: {f"{p}_vs_best_sdpa": judge(f"attention_{mode}_vs_best_sdpa", None,
                                                               f"missing row: no {p} attention row at L {L}")
                                    for p in ("triton", "cuda")} for mode in ("fwd", "fwdbwd")}
+            continue
+        for mode in ("fwd", "fwdbwd"):  # a shape cut short between its modes: triton's (every L) still `?`
+            if not any("triton_vs_best_sdpa" in out[k].get(mode, {}) for k in keys):
+                out[keys[0]].setdefault(mode, {})["triton_vs_best_sdpa"] = judge(
+                    f"attention_{mode}_vs_best_sdpa", None, f"missing row: no triton attention-{mode} row at L {L}")
     return out
+
+
+OP_GROUPS = {"mask_embed_fwd_bwd_vs_reference": ("mask-embed-fwd-bwd",),
+             "memory_bound_frac_peak_bw": ("patch-gather", "unshuffle-fwd-bwd", "loss-masked-fwd-bwd")}
+
+
+def _is_op_shape(row: dict) -> bool:
+    """Whether an op row is at issue 14's per-op shape, ViT-H/14 (L 256) at batch 256."""
+    shape = row.get("shape") or {}
+    return shape.get("N") == 256 and shape.get("L") == 256
 
 
 def op_targets(rows: list[dict]) -> dict:
     """masking + embed forward+backward against the official composition, and the memory-bound kernels'
-    fraction of the measured copy bandwidth (patch gather, un-shuffle, loss)."""
-    out = {}
+    fraction of the measured copy bandwidth (patch gather, un-shuffle, loss): maefast's rows (triton, cuda;
+    not the `compile` row, torch.compile of the official composition), every shape that ran, and `?` for
+    each group with no such row at the issue's shape, ViT-H/14 b256."""
+    out = {name: {} for name in OP_GROUPS}
+    at_shape = set()
     for r in rows:
         g = r.get("group")
-        if g == "mask-embed-fwd-bwd" and r["provider"] != "reference":
-            out.setdefault("mask_embed_fwd_bwd_vs_reference", {})[f"{r['shape_key']} {r['provider']}"] = \
+        if r.get("provider") not in ("cuda", "triton"):
+            continue
+        if g == "mask-embed-fwd-bwd":
+            out["mask_embed_fwd_bwd_vs_reference"][f"{r['shape_key']} {r['provider']}"] = \
                 judge("mask_embed_fwd_bwd_vs_reference", r.get("speedup_vs_baseline"), "missing row: reference")
-        if g in ("patch-gather", "unshuffle-fwd-bwd", "loss-masked-fwd-bwd") and r["provider"] in ("cuda", "triton") \
-                and r.get("frac_peak_bw") is not None:
-            out.setdefault("memory_bound_frac_peak_bw", {})[f"{g} {r['shape_key']} {r['provider']}"] = \
+        elif g in OP_GROUPS["memory_bound_frac_peak_bw"] and r.get("frac_peak_bw") is not None:
+            out["memory_bound_frac_peak_bw"][f"{g} {r['shape_key']} {r['provider']}"] = \
                 judge("memory_bound_frac_peak_bw", r["frac_peak_bw"])
-    for name, what in (("mask_embed_fwd_bwd_vs_reference", "mask-embed-fwd-bwd"),
-                       ("memory_bound_frac_peak_bw", "patch-gather / unshuffle-fwd-bwd / loss-masked-fwd-bwd")):
-        if name not in out:  # none of its rows ran: still written, as `?`
-            out[name] = {"(no row)": judge(name, None, f"missing row: no {what} row of triton/cuda")}
+        else:
+            continue
+        if _is_op_shape(r):
+            at_shape.add(g)
+    for name, groups in OP_GROUPS.items():  # a group that did not run at the issue's shape: still written, `?`
+        for g in groups:
+            if g not in at_shape:
+                out[name][f"{g} ViT-H/14 b256"] = judge(name, None, f"missing row: no {g} row of triton/cuda at "
+                                                                    "ViT-H/14 b256 (N 256, L 256)")
     return out
 
 
@@ -415,9 +441,19 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
     loader against the ViT-B/16 maefast step row, where the step record has them."""
     out = {}
     loader = ((record.get("bench_data") or {}).get("loader") or {})
-    # maefast's fastest loader path (the CPU's fast-uint8 at 16 workers, or the GPU decode)
-    ours = max((v for v in ((loader.get(p) or {}).get("img_per_s") for p in ("fast-uint8", "gpu")) if v), default=None)
+    # maefast's fastest loader path (the CPU's fast-uint8 at 16 workers, or the GPU decode); a row that timed
+    # nothing reads NaN (`bench_data.with_workers`), which max() would return or not by the rows' order
+    ours = max((v for v in ((loader.get(p) or {}).get("img_per_s") for p in ("fast-uint8", "gpu"))
+                if v and math.isfinite(v)), default=None)
     out["loader_img_per_s"] = {p: v.get("img_per_s") for p, v in loader.items()}
+    # issue 15's figure: what one image costs the host-to-GPU copy (uint8 224 px 150 KB, float32 602 KB; gpu: the JPEG)
+    out["loader_bytes_per_image"] = {p: v.get("bytes_per_image") for p, v in loader.items()}
+    # issue 15's CPU target (per worker, the default path >= 2.0x the official pipeline) is the CPU records' to
+    # judge (benchmarks/results/README.md); this preset's per-worker rows are one short round: read, not judged
+    per_worker = ((record.get("bench_data") or {}).get("per_worker") or {}).get("fast-uint8") or {}
+    out["per_worker_vs_official"] = dict(judge("per_worker_vs_official", None, "judged on the CPU records "
+                                               "(benchmarks/results), not in this preset's one short round"),
+                                         this_run=per_worker.get("vs_official"), row="fast-uint8")
     train = record.get("train") or {}
     jpeg, synth = ((train.get(k) or {}).get("img_per_s") for k in ("train-jpeg", "train-synthetic"))
     out["train_jpeg_img_per_s"], out["train_synthetic_img_per_s"] = jpeg, synth

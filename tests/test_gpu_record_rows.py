@@ -210,6 +210,44 @@ def test_op_targets_judge_every_memory_bound_kernel():
         ("loss-masked-fwd-bwd", "triton"): False, ("patch-gather", "cuda"): False}
 
 
+def test_attention_targets_say_which_mode_of_a_shape_cut_short_is_missing():
+    """A paper shape whose fwd+bwd rows ran but whose forward rows did not (the deadline fell between the
+    two modes) still has its forward target, as `?`, not a silent gap."""
+    rows = [_row("attention-fwdbwd", p, ms, _S) for p, ms in (("triton", 0.2), ("sdpa-flash", 0.3))]
+    t = rec.attention_targets(rows)["L65 Dh80 H16 N256"]
+    assert t["fwdbwd"]["triton_vs_best_sdpa"]["value"] == 1.5
+    assert t["fwd"]["triton_vs_best_sdpa"]["met"] is None
+    assert "attention-fwd row at L 65" in t["fwd"]["triton_vs_best_sdpa"]["reason"]
+
+
+_H14 = dict(model="vit_h14", N=256, img=224, p=14, D=1280, L=256, K=64)  # bench_masking's ViT-H/14 b256
+_B16 = dict(model="vit_b16", N=256, img=224, p=16, D=768, L=196, K=49)
+
+
+def test_op_targets_judge_maefast_rows_only_and_the_issues_shape_always():
+    """torch.compile of the official composition (`compile`) is no maefast row to hold to the 4x target,
+    and a group with no maefast row at ViT-H/14 b256 reads `?` even where other shapes' rows ran."""
+    rows = [_row("mask-embed-fwd-bwd", "reference", 1.0, _H14, baseline=True, speedup_vs_baseline=1.0),
+            _row("mask-embed-fwd-bwd", "compile", 0.5, _H14, speedup_vs_baseline=2.0),
+            _row("mask-embed-fwd-bwd", "cuda", 0.2, _B16, speedup_vs_baseline=5.0),
+            _row("patch-gather", "cuda", 0.1, _B16, frac_peak_bw=0.9),
+            _row("unshuffle-fwd-bwd", "triton", 0.1, dict(case="p14", N=256, L=256, K=64, D=512), frac_peak_bw=0.85)]
+    t = rec.op_targets(rows)
+    embed = t["mask_embed_fwd_bwd_vs_reference"]
+    assert not any(k.endswith(" compile") for k in embed)
+    assert embed[f"{json.dumps(_B16, sort_keys=True)} cuda"]["met"] is True
+    assert embed["mask-embed-fwd-bwd ViT-H/14 b256"]["met"] is None
+    bound = t["memory_bound_frac_peak_bw"]
+    assert bound["patch-gather ViT-H/14 b256"]["met"] is None and "N 256, L 256" in \
+        bound["patch-gather ViT-H/14 b256"]["reason"]
+    assert bound["loss-masked-fwd-bwd ViT-H/14 b256"]["met"] is None
+    assert "unshuffle-fwd-bwd ViT-H/14 b256" not in bound  # it ran there: judged, no `?`
+    rows.append(_row("mask-embed-fwd-bwd", "triton", 0.25, _H14, speedup_vs_baseline=4.0))
+    embed = rec.op_targets(rows)["mask_embed_fwd_bwd_vs_reference"]
+    assert "mask-embed-fwd-bwd ViT-H/14 b256" not in embed
+    assert embed[f"{json.dumps(_H14, sort_keys=True)} triton"]["met"] is True
+
+
 # -- table2_targets --
 
 def test_table2_targets_read_a_bare_list_and_the_rows_error():
@@ -235,6 +273,33 @@ def test_loader_vs_step_takes_the_faster_of_the_cpu_and_gpu_loaders():
     assert rec.data_targets(record, step)["loader_vs_step"] == {"value": 1.25, "target": ">= 1.0", "met": True}
     del record["bench_data"]["loader"]["fast-uint8"]  # the GPU decode alone is read too
     assert rec.data_targets(record, step)["loader_vs_step"]["value"] == 1.25
+
+
+def test_loader_vs_step_skips_a_loader_row_that_timed_nothing():
+    """`bench data` writes NaN img/s for a loader row that timed no batch: the other row is read, and with
+    neither the target is missing, not missed."""
+    nan = float("nan")
+    record = {"bench_data": {"loader": {"fast-uint8": {"img_per_s": nan}, "gpu": {"img_per_s": 4000.0}}}}
+    step = {"rows": [_row("train-step", "maefast-graph", 40.0, _B, img_per_s=3200.0)]}
+    assert rec.data_targets(record, step)["loader_vs_step"] == {"value": 1.25, "target": ">= 1.0", "met": True}
+    record["bench_data"]["loader"]["gpu"]["img_per_s"] = nan
+    t = rec.data_targets(record, step)["loader_vs_step"]
+    assert t["value"] is None and t["met"] is None and "fast-uint8 / gpu" in t["reason"]
+
+
+def test_data_targets_name_issue_15s_bytes_per_image_and_where_the_per_worker_target_is_judged():
+    """Every figure of issue 15 the data preset measures is in its targets: the bytes each image costs the copy
+    to the GPU, and the CPU per-worker ratio, written as `?` with where it is judged (not silently absent)."""
+    record = {"bench_data": {"loader": {"official": {"img_per_s": 900.0, "bytes_per_image": 602112.0},
+                                        "fast-uint8": {"img_per_s": 3000.0, "bytes_per_image": 151312.0}},
+                             "per_worker": {"official": {"vs_official": 1.0}, "fast-uint8": {"vs_official": 2.1}}}}
+    t = rec.data_targets(record, None)
+    assert t["loader_bytes_per_image"] == {"official": 602112.0, "fast-uint8": 151312.0}
+    pw = t["per_worker_vs_official"]
+    assert pw["met"] is None and "CPU records" in pw["reason"] and pw["target"] == ">= 2.0"
+    assert pw["this_run"] == 2.1 and pw["row"] == "fast-uint8"
+    assert "per_worker_vs_official" in " ".join(rec.short_lines({"env": {"date": "d", "commit": "c"}, "preset": "data",
+                                                                 "dry_run": False, "steps": {}, "targets": t}))
 
 
 def test_loader_vs_step_is_against_maefast_rows_only():
