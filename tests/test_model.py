@@ -213,6 +213,21 @@ def test_grad_checkpointing_with_the_reference_impl_is_refused():
     assert maefast.patch(m, impl="auto", grad_checkpointing=True).impl == "auto"
 
 
+def test_return_pred_false_gives_no_pred_with_the_reference_impl_too():
+    """README: return_pred=False gives pred None. Every route honoured it (fast path, the original forward of a
+    call the fast path declines, a patched official model) but impl="reference", which returned pred; and a
+    non-bool there was taken silently. Same loss and mask either way."""
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    for impl in ("reference", "auto"):
+        m = MaskedAutoencoderViT(**TINY, impl=impl)
+        loss0, pred0, mask0 = m(imgs, noise=noise)
+        loss, pred, mask = m(imgs, noise=noise, return_pred=False)
+        assert pred0 is not None and pred is None, impl
+        assert loss.item() == loss0.item() and torch.equal(mask, mask0), impl
+        with pytest.raises(TypeError, match="return_pred"):
+            m(imgs, noise=noise, return_pred="no")
+
+
 def test_seed_reproducible_and_default_draw_follows_manual_seed():
     m = MaskedAutoencoderViT(**TINY)
     imgs = torch.randn(2, 3, 32, 32)

@@ -67,7 +67,9 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         if self.impl == "reference":
             if seed is not None:
                 raise ValueError("seed needs the fused path (impl != 'reference'); pass noise= instead")
-            return super().forward(imgs, mask_ratio, noise, mean=mean, std=std)
+            check_bool("return_pred", return_pred)
+            loss, pred, mask = super().forward(imgs, mask_ratio, noise, mean=mean, std=std)
+            return loss, (pred if return_pred else None), mask  # as every other route returns it
         ov = self._maefast_overrides
         inst = instance_overrides(self)  # traced under torch.compile too: a compiled call must not differ
         ov = Overrides(ov.refused + inst.refused, ov.loss + inst.loss)
