@@ -84,6 +84,7 @@ def hooked(m: nn.Module) -> bool:
     """Whether `m` has forward or backward hooks (a gradient monitor's full backward hook never fires on
     a module the fast path does not call either)."""
     for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
-        if any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values()):
+        # (an empty dict is the common case: asked of every module on every patched call)
+        if hooks and any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks.values()):
             return True
     return False

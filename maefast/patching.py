@@ -340,7 +340,8 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions
     for prefix, layers in (("encoder layer", enc), ("decoder layer", dec_layers)):
         for i, layer in enumerate(layers):
             for n, sub in layer.named_modules():
-                if "parametrizations" in n.split("."):  # computes a tensor the fast path reads (it runs then)
+                if "parametrizations" in n and "parametrizations" in n.split("."):  # computes a tensor the fast
+                    # path reads (it runs then); the substring first: this loop runs on every call
                     continue
                 if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
