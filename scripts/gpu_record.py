@@ -22,7 +22,7 @@ TARGETS = {
     "attention_fwdbwd_vs_best_sdpa": (">=", 1.5), "attention_fwd_vs_best_sdpa": (">=", 1.0),
     "mask_embed_fwd_bwd_vs_reference": (">=", 4.0), "memory_bound_frac_peak_bw": (">=", 0.8),
     "table2_of_flop_bound": (">=", 0.95), "profile_overhead": ("<", 0.05), "train_vs_step": (">=", 0.95),
-    "train_jpeg_vs_synthetic": (">=", 0.9), "loader_vs_step": (">=", 1.0), "per_worker_vs_official": (">=", 2.0),
+    "train_jpeg_vs_synthetic": (">=", 0.9), "loader_vs_step": (">=", 1.0),
 }
 # the step row that runs what `maefast train` runs by default (maefast's model, fused off, captured)
 TRAIN_STEP_ROW = "maefast-graph"
@@ -374,9 +374,10 @@ def op_targets(rows: list[dict]) -> dict:
         if g == "mask-embed-fwd-bwd":
             out["mask_embed_fwd_bwd_vs_reference"][f"{r['shape_key']} {r['provider']}"] = \
                 judge("mask_embed_fwd_bwd_vs_reference", r.get("speedup_vs_baseline"), "missing row: reference")
-        elif g in OP_GROUPS["memory_bound_frac_peak_bw"] and r.get("frac_peak_bw") is not None:
+        elif g in OP_GROUPS["memory_bound_frac_peak_bw"]:  # (no frac_peak_bw: no copy bandwidth measured)
             out["memory_bound_frac_peak_bw"][f"{g} {r['shape_key']} {r['provider']}"] = \
-                judge("memory_bound_frac_peak_bw", r["frac_peak_bw"])
+                judge("memory_bound_frac_peak_bw", r.get("frac_peak_bw"), "the row ran, but no copy bandwidth was "
+                      "measured (frac_peak_bw)")
         else:
             continue
         if _is_op_shape(r):
@@ -449,11 +450,9 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
     # issue 15's figure: what one image costs the host-to-GPU copy (uint8 224 px 150 KB, float32 602 KB; gpu: the JPEG)
     out["loader_bytes_per_image"] = {p: v.get("bytes_per_image") for p, v in loader.items()}
     # issue 15's CPU target (per worker, the default path >= 2.0x the official pipeline) is the CPU records' to
-    # judge (benchmarks/results/README.md); this preset's per-worker rows are one short round: read, not judged
+    # judge (benchmarks/results/README.md); this preset's per-worker rows are one short round: for information
     per_worker = ((record.get("bench_data") or {}).get("per_worker") or {}).get("fast-uint8") or {}
-    out["per_worker_vs_official"] = dict(judge("per_worker_vs_official", None, "judged on the CPU records "
-                                               "(benchmarks/results), not in this preset's one short round"),
-                                         this_run=per_worker.get("vs_official"), row="fast-uint8")
+    out["per_worker_fast_uint8_vs_official"] = per_worker.get("vs_official")
     train = record.get("train") or {}
     jpeg, synth = ((train.get(k) or {}).get("img_per_s") for k in ("train-jpeg", "train-synthetic"))
     out["train_jpeg_img_per_s"], out["train_synthetic_img_per_s"] = jpeg, synth
@@ -483,7 +482,8 @@ def data_targets(record: dict, step_record: dict | None, step_model: str = "huge
         out["train_vs_best_step_row"] = {"row": best[1], "value": round(huge / best[0], 4)}
     base = {p: v for p, v in _step_rows(step_record, "base", 128).items() if p.startswith("maefast")}
     out["loader_vs_step"] = judge("loader_vs_step", ours / max(base.values()) if base and ours else None,
-                                  "missing: the fast-uint8 / gpu loader rows" if not ours else
+                                  "the fast-uint8 / gpu loader rows are missing or timed nothing (NaN)" if not ours
+                                  else
                                   f"the step record is another run's ({out['step_record_differs']})" if other else
                                   "missing row: the step record's maefast rows at base:128")
     return out

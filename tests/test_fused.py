@@ -310,8 +310,10 @@ def test_bad_inputs_raise():
         add_layer_norm(x, r, w, b, eps=-1.0)
     with pytest.raises(ValueError, match="impl"):
         add_layer_norm(x, r, w, b, impl="fast")
-    with pytest.raises(ValueError, match="no CUDA C"):
+    with pytest.raises(ValueError, match="for add_layer_norm: it has no CUDA C"):  # the op called, named
         add_layer_norm(x, r, w, b, impl="cuda")
+    with pytest.raises(ValueError, match="for layer_norm: it has no CUDA C"):
+        layer_norm(x, w, b, impl="cuda")
     with pytest.raises(TypeError, match="out_dtype"):
         add_layer_norm(x, r, w, b, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="x"):

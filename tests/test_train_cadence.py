@@ -139,6 +139,33 @@ def test_a_non_finite_loss_between_log_lines_is_never_saved_over_the_last_checkp
     assert ck["step"] == 2 and all(v.isfinite().all() for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_a_non_finite_loss_after_the_last_log_line_is_never_saved_at_the_epochs_end(tmp_path, monkeypatch):
+    """A NaN loss at the epoch's last step, whose window gets no log line (the epoch's last micro-batch left short by
+    unreadable files: a captured or compiled step skips it, so no step ends the epoch): the end-of-epoch checkpoint
+    is not written. Before 2026-12-07 only the log lines and the mid-epoch saves read the loss."""
+    real_call, real_micro = loop._Trainer._call_step, loop._Trainer._micro_step
+
+    def nan_at_step_2(self, images, noise, weight, update):
+        hook = self.model.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:])) \
+            if self.step == 1 else None
+        try:
+            return real_call(self, images, noise, weight, update)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def last_batch_short(self, batch, b):  # as `_micro_step` answers a short batch a full-batch step skips
+        return (False, None, 0) if b == 2 else real_micro(self, batch, b)
+
+    monkeypatch.setattr(loop._Trainer, "_call_step", nan_at_step_2)
+    monkeypatch.setattr(loop._Trainer, "_micro_step", last_batch_short)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"a step's loss since the last log line is nan at step 2 \(epoch 0, before "
+                                       r"its checkpoint\)"):
+        train(_cfg(run, log_every=10))
+    assert not (run / "checkpoint-last.pth").exists()
+
+
 def test_data_refused_before_the_first_step(tmp_path):
     """Too few images for one global batch; a resume on a folder that is not the run's size, or not its
     file names (another data set; a moved copy is the run's); a checkpoint whose position is not a whole

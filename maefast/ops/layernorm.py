@@ -251,7 +251,8 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
         with residual None, s is x itself (not a copy). Mean and 1/std are computed in fp32.
     """
     _validate(x, residual, weight, bias, eps, out_dtype)
-    check_impl(impl, "layer_norm", cuda=False)  # the rest where the op runs (what a profile counts)
+    # the rest where the op runs (what a profile counts)
+    check_impl(impl, "layer_norm" if residual is None else "add_layer_norm", cuda=False)
     if residual is None:
         y, _, _ = call(_ln_op, x, weight, bias, float(eps), out_dtype, impl)
         return y, x

@@ -185,6 +185,21 @@ def config_from_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(ns), explicit=explicit_options(argv))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or a batch job's share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # (no sched_getaffinity: macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def node_processes(world_size: int) -> int:
+    """The processes of the run on this machine, who share its CPUs: torchrun's LOCAL_WORLD_SIZE (several
+    machines: fewer than world_size), else world_size."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and 1 <= int(local) <= world_size else world_size
+
+
 def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = None) -> TrainConfig:
     """A copy of ``cfg`` with every None/"auto" default decided and validated; ``notes`` says which."""
     from ..models import model_config, resolve_model_name
@@ -228,8 +243,8 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
         cfg.decode, note = resolve_decode(cfg.decode, cfg.device)
         cfg.notes.append(note)
     if cfg.workers is None:
-        cpus = os.cpu_count() or 1
-        cfg.workers = min(10, max(1, cpus // world_size - 1)) if on_gpu else (0 if cpus <= 4 else 2)
+        cpus = usable_cpus()
+        cfg.workers = min(10, max(1, cpus // node_processes(world_size) - 1)) if on_gpu else (0 if cpus <= 4 else 2)
     if cpu_auto and not on_gpu:
         cfg.notes.append("no GPU: CPU defaults (" + ", ".join(cpu_auto) + "); pass --model/--input-size/--epochs/"
                          "--synthetic-size to change them")

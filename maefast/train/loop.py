@@ -418,6 +418,8 @@ class _Trainer:
                       "skipped_examples": totals.bad_names, "complete": finished}
             # the checkpoint carries the record (a crash before the line below: the resume writes it)
             if saved_at != self.step:
+                # a NaN since the last log line (an epoch whose last micro-batch a full-batch step skipped has none)
+                self._check_loss(totals.loss_sum, epoch, before_save=True)
                 self._save(epoch + 1 if finished else epoch, 0 if finished else b // A * G, totals, keep, record)
             # logged only once its checkpoint is written (if any): log.jsonl never claims a save that failed
             self._write(log, record)
@@ -457,8 +459,8 @@ class _Trainer:
                         title=f"maefast train: {cfg.model} {cfg.input_size}px, global batch {self.global_batch}")
 
     def _check_loss(self, loss: float, epoch: int, before_save: bool = False) -> None:
-        """A non-finite loss (a window's mean, or the sum over the steps since the epoch began, checked before a
-        mid-epoch save) stops the run, as the official loop does."""
+        """A non-finite loss (a window's mean, or the sum over the steps since the epoch began, checked before
+        each save) stops the run, as the official loop does."""
         if not math.isfinite(loss):
             what, when = ("a step's loss since the last log line", ", before its checkpoint") if before_save else \
                 ("loss", "")
