@@ -146,3 +146,27 @@ def test_a_failed_snapshot_leaves_torchs_plain_optimizer_state(fake_capture, mon
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+def test_capture_undoes_an_lr_the_optimizers_own_step_moved(fake_capture):
+    """An optimizer whose step moves its own learning rate in place (an adaptive-lr optimizer): the warm-up's
+    steps (and the stand-in's capture, which runs the step) are undone for the lr too, so the captured step's first
+    update runs at the caller's lr, as the eager step's does."""
+    class HalvingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            out = super().step(closure)
+            with torch.no_grad():
+                for g in self.param_groups:
+                    g["lr"].mul_(0.5)
+            return out
+
+    a, b = twins()
+    imgs, noise = batches(2)
+    opt_a, opt_b = (HalvingAdamW(m.parameters(), lr=torch.tensor(1e-3), fused=True, capturable=True) for m in (a, b))
+    cap, eager = TrainStep(a, opt_a, seed=5), TrainStep(b, opt_b, capture=False, seed=5)
+    for i in range(2):
+        assert torch.equal(cap(imgs[i], noise[i]), eager(imgs[i], noise[i]))
+        lr_a, lr_b = (float(o.param_groups[0]["lr"]) for o in (opt_a, opt_b))
+        assert lr_a == lr_b == pytest.approx(1e-3 * 0.5 ** (i + 1))
+        assert_same_params(a, b)
+    assert cap.captured

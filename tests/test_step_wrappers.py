@@ -339,3 +339,31 @@ def test_fp16_under_fsdp1_skips_the_same_steps_on_every_rank(tmp_path):
         plain, fused, part = r["refused"].split(" | ")
         assert plain.startswith("scaler: under FSDP1") and fused.startswith("optimizer: a fused AdamW under FSDP1")
         assert part == "ShardedGradScaler"
+
+
+def test_fsdp1_scaler_rules_hold_for_a_scaler_given_and_for_bf16(tmp_path):
+    """FSDP1 (gloo, one process): bf16 and fp32 step without a scaler there too (ShardedGradScaler is fp16's); a
+    ShardedGradScaler passed with a fused optimizer is refused as the default one is (GradScaler.step skips its
+    all-reduce of the ranks' inf checks for a fused optimizer); a disabled one is no scaler and checks nothing."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (FSDP1's deprecation)
+            model = FSDP(Stack(), device_id=torch.device("cpu"), use_orig_params=True)
+        plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert TrainStep(model, plain, dtype=dtype, capture=False).scaler is None
+        assert type(TrainStep(model, plain, dtype=torch.float16, capture=False).scaler) is ShardedGradScaler
+        with pytest.raises(ValueError, match="optimizer: a fused AdamW under FSDP1"):
+            TrainStep(model, fused, dtype=torch.float16, capture=False, scaler=ShardedGradScaler("cpu"))
+        off = ShardedGradScaler("cpu", enabled=False)
+        assert TrainStep(model, fused, dtype=torch.float16, capture=False, scaler=off).scaler is off
+    finally:
+        dist.destroy_process_group()

@@ -258,3 +258,18 @@ def test_the_steady_rate_leaves_out_the_first_window_alone(tmp_path):
     assert res["img_per_s_steady"] == pytest.approx(want, rel=1e-9)
     with_first = sum(4 for _ in steps) / sum(4 / s["img_per_s"] for s in steps)
     assert res["img_per_s_steady"] != pytest.approx(with_first, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_an_infinite_loss_stops_the_run_as_a_nan_does(tmp_path, monkeypatch, bad):
+    """Not only NaN: an infinite loss (an fp16 overflow) stops the run at the log line that reads it, naming the step,
+    as the official loop's math.isfinite check does."""
+    real = loop._Trainer._call_step
+
+    def inf_at_step_2(self, images, noise, weight, update):
+        loss = real(self, images, noise, weight, update)
+        return loss * 0 + bad if self.step == 1 else loss
+
+    monkeypatch.setattr(loop._Trainer, "_call_step", inf_at_step_2)
+    with pytest.raises(RunError, match=rf"loss is {bad} at step 2 \(epoch 0\)"):
+        train(_cfg(tmp_path / "run"))

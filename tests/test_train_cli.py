@@ -454,3 +454,16 @@ def test_loss_curve_marks_every_reading_of_a_short_run(tmp_path, monkeypatch, n,
     epoch_line, step_line = fig.axes[0].get_lines()
     assert list(step_line.get_xdata()) == list(range(1, n + 1))
     assert (step_line.get_marker() == "o") == marked and step_line.get_zorder() > epoch_line.get_zorder()
+
+
+def test_resume_auto_names_the_last_kept_checkpoint_by_its_epoch_number(tmp_path):
+    """--resume auto in a folder of kept checkpoints without checkpoint-last.pth names the latest epoch's to continue
+    from, compared as numbers: checkpoint-10000.pth comes after checkpoint-9999.pth (not as text)."""
+    from maefast.train.rundir import check_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-9999.pth", "checkpoint-10000.pth"):
+        (out / name).write_text("x")
+    with pytest.raises(ValueError, match=r"last kept checkpoint: --resume \S*checkpoint-10000\.pth --overwrite"):
+        check_folder(str(out), "auto", False)

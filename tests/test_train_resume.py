@@ -471,3 +471,15 @@ def test_every_run_defining_option_is_refused_on_resume(name):
     flag = "--" + name.replace("_", "-")
     with pytest.raises(ValueError, match=f"{flag} {new} \\(the run's: {old}\\)"):
         reconcile(TrainConfig(**{name: new}, explicit=(name,)), ck, "ck.pth", world_size=1)
+
+
+def test_a_position_at_the_end_of_an_epoch_continues_at_the_next_one():
+    """A checkpoint whose position is the epoch's last full global batch (a format-1 checkpoint of the epoch's last
+    micro-batch: 3 steps of 4 of 14 images) continues at the start of the next epoch, not with an empty rest of it."""
+    from maefast.train.config import TrainConfig
+    from maefast.train.resume import start_position
+
+    cfg = TrainConfig(model="mae_vit_tiny_test", epochs=2)
+    old = {"model_name": "mae_vit_tiny_test", "epoch": 0, "batch": 3, "step": 3, "schedule": {"batch_size": 4}}
+    assert start_position(old, "ck.pth", cfg, {}, 14, 4) == (1, 0, 3)
+    assert start_position({**old, "batch": 2}, "ck.pth", cfg, {}, 14, 4) == (0, 8, 3)

@@ -543,3 +543,21 @@ def test_a_half_model_runs_in_its_own_dtype_with_the_same_mask():
     assert torch.equal(half["mask"], full["mask"]) and half["reconstruction"].dtype == torch.float32
     torch.testing.assert_close(half["reconstruction"], full["reconstruction"], atol=0.05, rtol=0.05)
     assert half["loss"] == pytest.approx(full["loss"], rel=0.02)
+
+
+def test_the_largest_seed_in_range_is_taken(tmp_path):
+    """The seed's bound is inclusive: image i draws seed + i, so 2**64 - n (n images) is the last seed whose every row
+    is in torch.Generator's range."""
+    ck, img = _checkpoint(tmp_path), _image(tmp_path)
+    res = vis.visualize(ck, [img, img], str(tmp_path / "o.png"), seed=2 ** 64 - 2)
+    assert len(res["losses"]) == 2 and f"mask seeds {2 ** 64 - 2}..{2 ** 64 - 1}" in res["caption"][0]
+
+
+def test_a_float_image_with_negative_pixels_is_refused_not_clipped_black(tmp_path):
+    """A float image (Pillow's mode F, e.g. a TIFF of normalised pixels) with values below 0: the RGB conversion clips
+    them to 0 as it clips those past 255, so it is refused the same way."""
+    path = str(tmp_path / "signed.tif")
+    Image.fromarray(np.linspace(-1.0, 1.0, 1600, dtype=np.float32).reshape(40, 40)).save(path)
+    assert Image.open(path).mode == "F"
+    with pytest.raises(ValueError, match=r"cannot read image .*signed\.tif.*span -1\.0\.\.1\.0"):
+        vis.read_image(path)
