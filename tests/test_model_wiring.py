@@ -176,3 +176,28 @@ def test_fused_blocks_cast_to_another_dtype_run_as_the_officials_do(monkeypatch)
     monkeypatch.setattr(maefast.ops, "vit_block", lambda *a, **k: calls.append(1) or real(*a, **k))
     m(imgs.bfloat16(), 0.75, noise)
     assert len(calls) == len(m.blocks) + len(m.decoder_blocks)
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+def test_a_wrapped_patch_projection_runs_the_original_forward(uint8, monkeypatch):
+    """A patch projection wrapped in a module without a .weight of its own (an nn.Sequential, a LoRA-style
+    adapter): the fast path declines it (it reads a Conv2d's weight) and the original forward computes the
+    same result as the plain model's, the images checked against and cast to the embedding's first parameter
+    (before 2026-12-07 the input check read proj.weight: an AttributeError)."""
+    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
+    torch.manual_seed(0)
+    plain = MaskedAutoencoderViT(**TINY)
+    wrapped = MaskedAutoencoderViT(**TINY)
+    wrapped.load_state_dict(plain.state_dict())
+    wrapped.patch_embed.proj = torch.nn.Sequential(wrapped.patch_embed.proj)
+    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8) if uint8 else torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    with pytest.warns(routing.SlowPathWarning, match="patch_embed"):
+        loss, pred, mask = wrapped(imgs, noise=noise)
+    loss0, pred0, mask0 = plain(imgs, noise=noise)
+    torch.testing.assert_close(loss, loss0)
+    torch.testing.assert_close(pred, pred0)
+    assert torch.equal(mask, mask0)
+    if not uint8:
+        with pytest.raises(TypeError, match="patch embedding weight"):
+            wrapped(imgs.double(), noise=noise)
