@@ -114,23 +114,28 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
         train(_cfg(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_a_non_finite_loss_between_log_lines_is_never_saved_over_the_last_checkpoint(tmp_path, monkeypatch, dtype):
-    """A NaN loss at step 3, --save-every-steps 2, --log-every 6: the run stops at step 4's save, naming it, and
-    checkpoint-last.pth stays step 2's. Before 2026-12-07 the loss was read at the log lines only: step 4's checkpoint
-    replaced it, with NaN weights in fp32 (in fp16 GradScaler skipped the update, and the run went on)."""
+def _nan_loss_at_step(monkeypatch, k: int) -> None:
+    """The model's loss is NaN in optimizer step k (1-based), so are its gradients and, in fp32/bf16, its weights."""
     real = loop._Trainer._call_step
 
-    def nan_at_step_3(self, images, noise, weight, update):
+    def call(self, images, noise, weight, update):
         hook = self.model.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:])) \
-            if self.step == 2 else None
+            if self.step == k - 1 else None
         try:
             return real(self, images, noise, weight, update)
         finally:
             if hook is not None:
                 hook.remove()
 
-    monkeypatch.setattr(loop._Trainer, "_call_step", nan_at_step_3)
+    monkeypatch.setattr(loop._Trainer, "_call_step", call)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_non_finite_loss_between_log_lines_is_never_saved_over_the_last_checkpoint(tmp_path, monkeypatch, dtype):
+    """A NaN loss at step 3, --save-every-steps 2, --log-every 6: the run stops at step 4's save, naming it, and
+    checkpoint-last.pth stays step 2's. Before 2026-12-07 the loss was read at the log lines only: step 4's checkpoint
+    replaced it, with NaN weights in fp32 (in fp16 GradScaler skipped the update, and the run went on)."""
+    _nan_loss_at_step(monkeypatch, 3)
     run = tmp_path / "run"
     with pytest.raises(RunError, match=r"a step's loss since the last log line is nan at step 4 \(epoch 0, before its "
                                        r"checkpoint\)"):
@@ -143,21 +148,12 @@ def test_a_non_finite_loss_after_the_last_log_line_is_never_saved_at_the_epochs_
     """A NaN loss at the epoch's last step, whose window gets no log line (the epoch's last micro-batch left short by
     unreadable files: a captured or compiled step skips it, so no step ends the epoch): the end-of-epoch checkpoint
     is not written. Before 2026-12-07 only the log lines and the mid-epoch saves read the loss."""
-    real_call, real_micro = loop._Trainer._call_step, loop._Trainer._micro_step
-
-    def nan_at_step_2(self, images, noise, weight, update):
-        hook = self.model.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), *out[1:])) \
-            if self.step == 1 else None
-        try:
-            return real_call(self, images, noise, weight, update)
-        finally:
-            if hook is not None:
-                hook.remove()
+    real_micro = loop._Trainer._micro_step
+    _nan_loss_at_step(monkeypatch, 2)
 
     def last_batch_short(self, batch, b):  # as `_micro_step` answers a short batch a full-batch step skips
         return (False, None, 0) if b == 2 else real_micro(self, batch, b)
 
-    monkeypatch.setattr(loop._Trainer, "_call_step", nan_at_step_2)
     monkeypatch.setattr(loop._Trainer, "_micro_step", last_batch_short)
     run = tmp_path / "run"
     with pytest.raises(RunError, match=r"a step's loss since the last log line is nan at step 2 \(epoch 0, before "
