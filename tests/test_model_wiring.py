@@ -178,26 +178,44 @@ def test_fused_blocks_cast_to_another_dtype_run_as_the_officials_do(monkeypatch)
     assert len(calls) == len(m.blocks) + len(m.decoder_blocks)
 
 
+class _LoRAConv(torch.nn.Module):
+    """A LoRA-style adapter of the patch projection: its own fp32 factors registered before the base conv (a
+    zero update, so it computes the base conv's result)."""
+
+    def __init__(self, base: torch.nn.Conv2d, rank: int = 2):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_channels * base.kernel_size[0] * base.kernel_size[1]))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_channels, rank))
+        self.base = base
+
+    def forward(self, x):
+        y = self.base(x)
+        delta = torch.nn.functional.conv2d(x.float(), (self.B @ self.A).view_as(self.base.weight).float(),
+                                           stride=self.base.stride)
+        return y + delta.to(y.dtype)
+
+
+@pytest.mark.parametrize("wrap", ["sequential", "lora-bf16"])
 @pytest.mark.parametrize("uint8", [False, True])
-def test_a_wrapped_patch_projection_runs_the_original_forward(uint8, monkeypatch):
-    """A patch projection wrapped in a module without a .weight of its own (an nn.Sequential, a LoRA-style
-    adapter): the fast path declines it (it reads a Conv2d's weight) and the original forward computes the
-    same result as the plain model's, the images checked against and cast to the embedding's first parameter
-    (before 2026-12-07 the input check read proj.weight: an AttributeError)."""
+def test_a_wrapped_patch_projection_runs_the_original_forward(uint8, wrap, monkeypatch):
+    """A patch projection wrapped in a module without a .weight of its own (an nn.Sequential; a LoRA-style adapter
+    with fp32 factors on a bf16 model): the fast path declines it (it reads a Conv2d's weight) and the original
+    forward computes what the plain model's official forward does, the images checked against and cast to the
+    wrapped Conv2d's weight (before 2026-12-07 the input check read proj.weight: an AttributeError)."""
     monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
     torch.manual_seed(0)
-    plain = MaskedAutoencoderViT(**TINY)
-    wrapped = MaskedAutoencoderViT(**TINY)
+    dtype = torch.bfloat16 if wrap == "lora-bf16" else torch.float32
+    plain = MaskedAutoencoderViT(**TINY, impl="reference").to(dtype)
+    wrapped = MaskedAutoencoderViT(**TINY).to(dtype)
     wrapped.load_state_dict(plain.state_dict())
-    wrapped.patch_embed.proj = torch.nn.Sequential(wrapped.patch_embed.proj)
-    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8) if uint8 else torch.randn(2, 3, 32, 32)
+    proj = wrapped.patch_embed.proj
+    wrapped.patch_embed.proj = torch.nn.Sequential(proj) if wrap == "sequential" else _LoRAConv(proj)
+    imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8) if uint8 else torch.randn(2, 3, 32, 32, dtype=dtype)
     noise = torch.rand(2, 16)
     with pytest.warns(routing.SlowPathWarning, match="patch_embed"):
         loss, pred, mask = wrapped(imgs, noise=noise)
     loss0, pred0, mask0 = plain(imgs, noise=noise)
-    torch.testing.assert_close(loss, loss0)
-    torch.testing.assert_close(pred, pred0)
-    assert torch.equal(mask, mask0)
+    assert torch.equal(loss, loss0) and torch.equal(pred, pred0) and torch.equal(mask, mask0)
     if not uint8:
         with pytest.raises(TypeError, match="patch embedding weight"):
             wrapped(imgs.double(), noise=noise)

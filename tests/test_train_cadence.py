@@ -160,6 +160,8 @@ def test_a_non_finite_loss_after_the_last_log_line_is_never_saved_at_the_epochs_
                                        r"its checkpoint\)"):
         train(_cfg(run, log_every=10))
     assert not (run / "checkpoint-last.pth").exists()
+    with pytest.raises(RunError, match=r"a step's loss since the last log line is nan at step 2 \(epoch 0\):"):
+        train(_cfg(tmp_path / "nosave", log_every=10, save=False))  # (--no-save: no checkpoint to name)
 
 
 def test_data_refused_before_the_first_step(tmp_path):

@@ -385,26 +385,30 @@ def test_bad_options_and_combinations_raise(kw, match):
 
 
 def test_auto_defaults_follow_the_machine(monkeypatch):
-    """Loader workers by the CPUs this process may use (none on a small CPU machine; per process of this
-    machine, one core left, at most 10 on a GPU: two machines of 8 GPUs and 64 cores give each process 7, not
-    the 3 of the whole run's 16 processes); the synthetic set on a GPU is 200 global batches (accumulation and
-    processes included); the dtype's short spellings are recorded by their names; the warm-up is 5% of the
-    epochs."""
+    """Loader workers by the CPUs (none on a small CPU machine; per process of this machine, one core left, at
+    most 10 on a GPU: `node_share`, the union of the CPU masks of the run's processes on each machine, so that two
+    machines of 8 GPUs count 8 processes each, and a launcher that binds each process to its own CPUs (torchrun's
+    --numa-binding) leaves the others' CPUs counted); the synthetic set on a GPU is 200 global batches
+    (accumulation and processes included); the dtype's short spellings are recorded by their names; the warm-up is
+    5% of the epochs."""
     from maefast.train import config
 
-    real_cpus = config.usable_cpus
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cpus, want in ((4, 0), (5, 2)):
-        monkeypatch.setattr(config, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(config, "cpu_mask", lambda: set(range(cpus)))
         assert resolve_config(TrainConfig(), cuda=False).workers == want
-    for cpus, world, local, want in ((16, 2, None, 7), (64, 1, None, 10), (2, 2, None, 1), (64, 16, "8", 7),
-                                     (64, 16, "x", 3)):
-        monkeypatch.setattr(config, "usable_cpus", lambda: cpus)
-        if local is not None:
-            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    for cpus, world, want in ((16, 2, 7), (64, 1, 10), (2, 2, 1)):
+        monkeypatch.setattr(config, "cpu_mask", lambda: set(range(cpus)))
         assert resolve_config(TrainConfig(device="cuda"), world_size=world, cuda=True).workers == want
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert 1 <= real_cpus() <= (os.cpu_count() or 1)
+    shared = [("a", range(64))] * 8 + [("b", range(64))] * 8  # two machines, one container mask each
+    bound = [("a", range(28 * i, 28 * (i + 1))) for i in range(8)]  # each process bound to 28 CPUs of its own
+    srun = [("a", range(12 * i, 12 * (i + 1))) for i in range(4)] + [("b", range(12 * i, 12 * (i + 1)))
+                                                                      for i in range(4)]
+    for entries, node, want in ((shared, (64, 8), 7), (bound, (224, 8), 10), (srun, (48, 4), 10)):
+        assert config.node_share(entries, "a") == node
+        assert resolve_config(TrainConfig(device="cuda"), world_size=len(entries), cuda=True, node=node).workers == \
+            want
+    monkeypatch.undo()
+    assert 1 <= len(config.cpu_mask()) <= (os.cpu_count() or 1)
     gpu = resolve_config(TrainConfig(device="cuda", batch_size=8, accum_iter=2), world_size=2, cuda=True)
     assert gpu.synthetic_size == 200 * 8 * 2 * 2
     assert [resolve_config(TrainConfig(dtype=d), cuda=False).dtype for d in ("fp32", "bf16", "fp16")] == [

@@ -111,6 +111,24 @@ def test_the_original_forward_gets_images_normalised_with_the_calls_stats(monkey
     assert all(torch.equal(got[3][n], want[3][n]) for n in want[3])
 
 
+def test_a_declined_call_of_a_bf16_model_takes_uint8_images(monkeypatch):
+    """A model cast to bf16 (no autocast) given uint8 images, in a call the fast path declines (a hook on a module
+    it does not call): the original forward normalises them itself, the loss target in fp32 and the embedding in
+    bf16, as maefast's official forward (impl="reference") does. Before 2026-12-07 they reached it normalised to
+    fp32 and its input check refused them (fp32 images, bf16 weights): a TypeError instead of the slow path."""
+    torch.manual_seed(0)
+    u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True).to(torch.bfloat16)
+    ref = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="reference").to(torch.bfloat16)
+    ref.load_state_dict(m.state_dict())
+    m.blocks[0].attn.register_forward_hook(lambda *a: None)
+    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
+    with pytest.warns(routing.SlowPathWarning, match="hooks"):
+        got = m(u, noise=noise, mean=OWN[0], std=OWN[1])
+    want = ref(u, noise=noise, mean=OWN[0], std=OWN[1])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_routed_calls_see_normalised_images(monkeypatch):
     """A call the fast path hands elsewhere (a subclass's own forward_loss; dropout active in training,
     which runs the original forward) gets the images normalised first, as the official code takes them."""

@@ -78,7 +78,7 @@ class MaskedAutoencoderViT(_ReferenceMAE):
         return official_call(self, super().forward, imgs, mask_ratio, noise, seed, return_pred, impl=self.impl,
                              fused=fused, grad_checkpointing=grad_checkpointing,
                              loss_via_model=bool(ov.loss), takes_noise=True,
-                             mean=mean, std=std)
+                             mean=mean, std=std, takes_uint8=True)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}, fused={self.fused}, grad_checkpointing={self.grad_checkpointing}"

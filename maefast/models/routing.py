@@ -362,11 +362,12 @@ def seed_noise(seed, batch: int, num_patches: int, device) -> torch.Tensor:
     return philox_noise(batch, num_patches, seed, 0, device=device)  # a device seed is not read on the host
 
 
-def original_inputs(imgs, noise, seed, num_patches: int, mean=None, std=None):
+def original_inputs(imgs, noise, seed, num_patches: int, mean=None, std=None, normalize_uint8: bool = True):
     """(images, noise) for an original forward serving a call the fast path cannot: uint8 images
-    normalised (with mean/std, default ImageNet's), as the original code takes them, and a `seed`
-    turned into the noise that gives the fast path's mask."""
-    if isinstance(imgs, torch.Tensor):
+    normalised (with mean/std, default ImageNet's), as the original code takes them (not with
+    normalize_uint8=False: an original that takes them itself), and a `seed` turned into the noise that
+    gives the fast path's mask."""
+    if isinstance(imgs, torch.Tensor) and normalize_uint8:
         stats = pixel_stats(imgs, mean, std)
         if stats is not None:
             imgs = normalize(imgs, *stats)
@@ -397,18 +398,21 @@ def step_seed():
 
 
 def run_original(model: nn.Module, original: Callable, why: str, imgs, mask_ratio, noise, seed, return_pred: bool,
-                 takes_noise: bool, mean=None, std=None):
+                 takes_noise: bool, mean=None, std=None, takes_uint8: bool = False):
     """The official-layout forward original(imgs, mask_ratio[, noise]) for a call the fast path cannot
-    serve (inputs by `original_inputs`)."""
+    serve (inputs by `original_inputs`). takes_uint8: the original takes uint8 images with mean/std itself
+    (maefast's reference forward: the fp32 loss target, the embedding in its weight's dtype, as the fast path)."""
     warn_slow(model, why)
     if seed is not None and noise is None and not takes_noise and _STEP_SEEDS:
         seed = None  # TrainStep's: the original draws the call's mask itself
-    imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std)
+    imgs, noise = original_inputs(imgs, noise, seed, model.pos_embed.shape[1] - 1, mean, std,
+                                  normalize_uint8=not takes_uint8)
     ratio = () if is_own_default(mask_ratio) else (mask_ratio,)  # not given: the original applies its default
+    stats = {"mean": mean, "std": std} if takes_uint8 else {}
     if noise is None:
-        loss, pred, mask = original(imgs, *ratio)
+        loss, pred, mask = original(imgs, *ratio, **stats)
     elif takes_noise:  # by keyword: a forward that takes it through **kwargs has no third positional
-        loss, pred, mask = original(imgs, *ratio, noise=noise)
+        loss, pred, mask = original(imgs, *ratio, noise=noise, **stats)
     else:
         raise TypeError(f"{type(model).__name__}'s original forward takes no noise (nor seed), and this call needs "
                         f"it because {why}; call without noise= and seed= (it then draws its own mask)")
@@ -425,10 +429,11 @@ def _late_override(model: nn.Module, loss_via_model: bool) -> str | None:
 
 def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise, seed, return_pred: bool, *,
                   impl: str, fused, grad_checkpointing: bool, loss_via_model: bool, takes_noise: bool,
-                  mean=None, std=None):
+                  mean=None, std=None, takes_uint8: bool = False):
     """(loss, pred, mask) of an official-layout model: the fast path, or the original forward for a
     call the fast path cannot serve (see the module docstring and `structure_reason`). uint8 images
-    (with mean/std) reach the original forward normalised first, as the official code takes them."""
+    (with mean/std) reach the original forward normalised first, as the official code takes them (as
+    they are with takes_uint8: maefast's own model's forward normalises them itself)."""
     check_bool("return_pred", return_pred)
     if isinstance(mask_ratio, (int, float)):  # a number outside the official code's [0, 1]: refused, whichever
         check_mask_ratio(mask_ratio, official=True)  # forward the call would run (a tensor or numpy one: theirs)
@@ -438,7 +443,8 @@ def official_call(model: nn.Module, original: Callable, imgs, mask_ratio, noise,
         image_grad_reason(imgs) or structure_reason(model, fused, return_pred) or _late_override(model, loss_via_model)
         or fast_unsupported(model.pos_embed, mask_ratio))
     if why is not None:
-        return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std)
+        return run_original(model, original, why, imgs, mask_ratio, noise, seed, return_pred, takes_noise, mean, std,
+                            takes_uint8)
     loss, pred, mask, _ = fast_forward(official_view(model), imgs, mask_ratio, noise, seed=seed, impl=impl, fused=fused,
                                        grad_checkpointing=grad_checkpointing, return_pred=return_pred,
                                        loss_fn=model.forward_loss if loss_via_model else None, mean=mean, std=std)

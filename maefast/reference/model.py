@@ -160,17 +160,26 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking(self, x, mask_ratio, noise=None):
         return random_masking(x, mask_ratio, noise=noise)
 
-    def _embed_weight(self) -> torch.Tensor:
-        """The patch embedding's first parameter, which images are checked against and cast to (a wrapped
-        proj, say a LoRA adapter or an nn.Sequential, may hold no .weight of its own)."""
-        return next(self.patch_embed.parameters())
+    def _embed_weight(self) -> torch.Tensor | None:
+        """The weight images are checked against and cast to: the projection's; in a wrapped projection (an
+        nn.Sequential, a LoRA adapter, whose own fp32 factors come first among its parameters) the first
+        Conv2d's (also a plain tensor attribute: FSDP1 without use_orig_params sets one while it runs); else
+        the embedding's first floating parameter; None when it holds none: nothing to check or cast to."""
+        w = getattr(self.patch_embed.proj, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return w
+        conv = next((m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is not None and isinstance(conv.weight, torch.Tensor):
+            return conv.weight
+        return next((p for p in self.patch_embed.parameters() if p.is_floating_point()), None)
 
     def check_inputs(self, imgs, noise=None):
         if compiling():
             return
         check_images("imgs", imgs, self.patch_size, channels=self.in_chans, uint8=True)
-        if imgs.is_floating_point():  # uint8: normalised, then cast to the weight's dtype (forward)
-            check_input_dtype("imgs", imgs, self._embed_weight(), "the model's patch embedding weight")
+        w = self._embed_weight()
+        if imgs.is_floating_point() and w is not None:  # uint8: normalised, then cast to the weight's dtype
+            check_input_dtype("imgs", imgs, w, "the model's patch embedding weight")
         if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
             raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
                              f"(img_size of this model), got {tuple(imgs.shape[-2:])}")
@@ -216,7 +225,8 @@ class MaskedAutoencoderViT(nn.Module):
             # uint8: the official input is the normalised fp32 image; the patch embedding reads it in its
             # weight's dtype (as the kernels do), the loss target stays fp32
             imgs = normalize(imgs, *stats)
-            x = imgs.to(self._embed_weight().dtype)
+            w = self._embed_weight()
+            x = imgs if w is None else imgs.to(w.dtype)
         latent, mask, ids_restore = self.forward_encoder(x, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)

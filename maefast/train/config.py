@@ -185,22 +185,24 @@ def config_from_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(ns), explicit=explicit_options(argv))
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's or a batch job's share), else the machine's."""
+def cpu_mask() -> set[int]:
+    """The CPUs this process may run on (a container's share, or a launcher's binding), else all the machine's."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return set(os.sched_getaffinity(0)) or {0}
     except AttributeError:  # (no sched_getaffinity: macOS, Windows)
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
 
 
-def node_processes(world_size: int) -> int:
-    """The processes of the run on this machine, who share its CPUs: torchrun's LOCAL_WORLD_SIZE (several
-    machines: fewer than world_size), else world_size."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(local) if local.isdigit() and 1 <= int(local) <= world_size else world_size
+def node_share(entries: list, host: str) -> tuple[int, int]:
+    """(CPUs, processes) of the run on machine `host`, from every process's (host name, CPU mask): the union of
+    the masks there (processes in one container share one mask; a launcher that binds each process, torchrun's
+    --numa-binding, srun --cpus-per-task, gives each its own) and how many processes share it."""
+    masks = [set(m) for h, m in entries if h == host]
+    return len(set().union(*masks)), len(masks)
 
 
-def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = None) -> TrainConfig:
+def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = None,
+                   node: tuple[int, int] | None = None) -> TrainConfig:
     """A copy of ``cfg`` with every None/"auto" default decided and validated; ``notes`` says which."""
     from ..models import model_config, resolve_model_name
 
@@ -243,8 +245,9 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
         cfg.decode, note = resolve_decode(cfg.decode, cfg.device)
         cfg.notes.append(note)
     if cfg.workers is None:
-        cpus = usable_cpus()
-        cfg.workers = min(10, max(1, cpus // node_processes(world_size) - 1)) if on_gpu else (0 if cpus <= 4 else 2)
+        # node: (CPUs, processes) of the run on this machine (`node_share`); one process alone: its own mask
+        cpus, procs = node if node is not None else (len(cpu_mask()), world_size)
+        cfg.workers = min(10, max(1, cpus // procs - 1)) if on_gpu else (0 if cpus <= 4 else 2)
     if cpu_auto and not on_gpu:
         cfg.notes.append("no GPU: CPU defaults (" + ", ".join(cpu_auto) + "); pass --model/--input-size/--epochs/"
                          "--synthetic-size to change them")

@@ -182,6 +182,19 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def node_share_of_run(info: DistInfo) -> tuple[int, int] | None:
+    """(CPUs, processes) of the run on this machine (`config.node_share` of every process's host name and CPU
+    mask; collective), or None for one process."""
+    if not info.distributed:
+        return None
+    import socket
+
+    from .config import cpu_mask, node_share
+
+    host = socket.gethostname()
+    return node_share(all_gather_object((host, sorted(cpu_mask())), info), host)
+
+
 def broadcast_object(obj, info: DistInfo):
     if not info.distributed:
         return obj

@@ -126,7 +126,8 @@ class _Trainer:
             ck = ckpt_lib.load_checkpoint(source, states=False)  # a missing sharded folder raises here
             ckpt_lib.check_resumable(ck, source)
             cfg, notes, self.changed = reconcile(cfg, ck, source, info.world_size)
-        cfg = resolve_config(cfg, world_size=info.world_size, cuda=info.device.type == "cuda")
+        cfg = resolve_config(cfg, world_size=info.world_size, cuda=info.device.type == "cuda",
+                             node=dist_lib.node_share_of_run(info))
         cfg.notes += notes
         if cfg.resume == "auto":
             cfg.notes.append("--resume auto: " + (f"continuing from {source}" if source else
@@ -462,8 +463,8 @@ class _Trainer:
         """A non-finite loss (a window's mean, or the sum over the steps since the epoch began, checked before
         each save) stops the run, as the official loop does."""
         if not math.isfinite(loss):
-            what, when = ("a step's loss since the last log line", ", before its checkpoint") if before_save else \
-                ("loss", "")
+            what, when = ("a step's loss since the last log line", ", before its checkpoint" if self.cfg.save else "") \
+                if before_save else ("loss", "")
             raise RunError(f"{what} is {loss} at step {self.step} (epoch {epoch}{when}): with --dtype float16 try "
                            "bfloat16, or lower --blr", quiet=not self.info.is_main)
 
