@@ -105,6 +105,9 @@ class PatchState:
     # number (None then `self.mask_ratio`, a numpy float32, a sentinel): calls without a ratio run the original
     # forward without one, which applies its own
     mask_ratio: float | None = 0.75
+    # the original forward takes uint8 images with mean=/std= itself (maefast.reference's model: a declined call
+    # hands them as they are, as its fast path takes them; normalised fp32 images fail a bf16 model's input check)
+    takes_uint8: bool = False
     # transformers: its forward calls forward_loss (4.x; 5.x computes the loss inline). Decided at patch time,
     # not per call: a lookup a compiled forward made would guard on a global
     calls_loss: bool = True
@@ -128,7 +131,7 @@ class _OfficialForward:
         return official_call(m, functools.partial(type(m).forward, m), imgs, mask_ratio, noise, seed, return_pred,
                              impl=st.impl, fused=st.fused, grad_checkpointing=st.grad_checkpointing,
                              loss_via_model=st.loss_via_model, takes_noise=st.takes_noise,
-                             mean=mean, std=std)
+                             mean=mean, std=std, takes_uint8=st.takes_uint8)
 
 
 def _check_blocks(model, fused) -> None:
@@ -173,7 +176,7 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     else:
         mask_ratio = default if isinstance(default, (int, float)) and not isinstance(default, bool) else None
     return PatchState(impl, fused, bool(grad_checkpointing), loss_via_model=bool(loss), takes_noise=takes_noise,
-                      mask_ratio=mask_ratio)
+                      mask_ratio=mask_ratio, takes_uint8="mean" in params and "std" in params)
 
 
 # -- transformers ------------------------------------------------------------------------------------

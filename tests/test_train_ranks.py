@@ -110,3 +110,36 @@ def test_fsdp_shards_per_block_on_the_reference_path_whatever_the_torch(monkeypa
     assert dist_lib.fsdp_per_block(ref) and not dist_lib.fsdp_per_block(fast)
     monkeypatch.setattr(dist_lib, "_fully_shard", lambda: object())
     assert dist_lib.fsdp_per_block(ref) and dist_lib.fsdp_per_block(fast)
+
+
+def test_node_share_of_run_counts_this_machines_processes_and_their_cpus(monkeypatch, tmp_path):
+    """(CPUs, processes) of the run on this machine from every rank's (host name, CPU mask), for the --workers
+    default; one process gathers nothing. The gather runs before `agreed(_plan)`, outside it: inside, a rank that
+    failed in _plan would pair its error report with the others' masks."""
+    import socket
+
+    from maefast.train import config
+
+    here = socket.gethostname()
+    monkeypatch.setattr(config, "cpu_mask", lambda: {0, 1})
+
+    def gather(obj, info):
+        assert obj == (here, [0, 1])
+        return [obj, (here, [1, 2, 3]), ("elsewhere", list(range(64)))]
+
+    monkeypatch.setattr(dist_lib, "all_gather_object", gather)
+    assert dist_lib.node_share_of_run(dist_lib.DistInfo(world_size=3)) == (4, 2)
+    assert dist_lib.node_share_of_run(dist_lib.DistInfo()) is None
+    order = []
+    monkeypatch.setattr(dist_lib, "node_share_of_run", lambda info: order.append("gather"))
+
+    def agreed(fn, info):
+        order.append(fn.__name__)
+        raise KeyboardInterrupt  # (stop the run here)
+
+    monkeypatch.setattr(dist_lib, "agreed", agreed)
+    from maefast.train.config import TrainConfig
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(model="mae_vit_tiny_test", device="cpu", progress=False, output_dir=str(tmp_path / "r")))
+    assert order == ["gather", "_plan"]

@@ -403,7 +403,9 @@ def test_auto_defaults_follow_the_machine(monkeypatch):
     bound = [("a", range(28 * i, 28 * (i + 1))) for i in range(8)]  # each process bound to 28 CPUs of its own
     srun = [("a", range(12 * i, 12 * (i + 1))) for i in range(4)] + [("b", range(12 * i, 12 * (i + 1)))
                                                                       for i in range(4)]
-    for entries, node, want in ((shared, (64, 8), 7), (bound, (224, 8), 10), (srun, (48, 4), 10)):
+    for entries, node, own, want in ((shared, (64, 8), 64, 7), (bound, (224, 8), 28, 10), (srun, (48, 4), 12, 10),
+                                     (shared, (64, 8), 4, 3)):  # the last: this process bound to 4 CPUs of them
+        monkeypatch.setattr(config, "cpu_mask", lambda: set(range(own)))
         assert config.node_share(entries, "a") == node
         assert resolve_config(TrainConfig(device="cuda"), world_size=len(entries), cuda=True, node=node).workers == \
             want

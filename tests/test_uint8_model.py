@@ -112,21 +112,27 @@ def test_the_original_forward_gets_images_normalised_with_the_calls_stats(monkey
 
 
 def test_a_declined_call_of_a_bf16_model_takes_uint8_images(monkeypatch):
-    """A model cast to bf16 (no autocast) given uint8 images, in a call the fast path declines (a hook on a module
-    it does not call): the original forward normalises them itself, the loss target in fp32 and the embedding in
-    bf16, as maefast's official forward (impl="reference") does. Before 2026-12-07 they reached it normalised to
-    fp32 and its input check refused them (fp32 images, bf16 weights): a TypeError instead of the slow path."""
-    torch.manual_seed(0)
+    """A model cast to bf16 (no autocast; maefast's, or maefast.reference's patched) given uint8 images, in a
+    call the fast path declines (a hook on a module it does not call): the original forward normalises them
+    itself, the loss target in fp32 and the embedding in bf16, as maefast's official forward does. Before
+    2026-12-07 they reached it normalised to fp32 and its input check refused them (fp32 images, bf16 weights):
+    a TypeError instead of the slow path."""
+    import maefast
+    from maefast.reference import MaskedAutoencoderViT as ReferenceMAE
+
     u, noise = _pixels(2, 3, 32, 32), torch.rand(2, 16)
-    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=True).to(torch.bfloat16)
-    ref = MaskedAutoencoderViT(**TINY, norm_pix_loss=True, impl="reference").to(torch.bfloat16)
-    ref.load_state_dict(m.state_dict())
-    m.blocks[0].attn.register_forward_hook(lambda *a: None)
-    monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
-    with pytest.warns(routing.SlowPathWarning, match="hooks"):
-        got = m(u, noise=noise, mean=OWN[0], std=OWN[1])
-    want = ref(u, noise=noise, mean=OWN[0], std=OWN[1])
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for patched in (False, True):  # maefast's model; maefast.reference's, patched (its forward takes uint8 too)
+        torch.manual_seed(0)
+        ref = ReferenceMAE(**TINY, norm_pix_loss=True).to(torch.bfloat16)
+        m = ReferenceMAE(**TINY, norm_pix_loss=True) if patched else MaskedAutoencoderViT(**TINY, norm_pix_loss=True)
+        m = maefast.patch(m) if patched else m
+        m.to(torch.bfloat16).load_state_dict(ref.state_dict())
+        m.blocks[0].attn.register_forward_hook(lambda *a: None)
+        monkeypatch.setattr(routing, "_WARNED", set())  # one warning per reason and process: this test's own
+        with pytest.warns(routing.SlowPathWarning, match="hooks"):
+            got = m(u, noise=noise, mean=OWN[0], std=OWN[1])
+        want = ref(u, noise=noise, mean=OWN[0], std=OWN[1])
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), patched
 
 
 def test_routed_calls_see_normalised_images(monkeypatch):

@@ -197,7 +197,7 @@ def node_share(entries: list, host: str) -> tuple[int, int]:
     """(CPUs, processes) of the run on machine `host`, from every process's (host name, CPU mask): the union of
     the masks there (processes in one container share one mask; a launcher that binds each process, torchrun's
     --numa-binding, srun --cpus-per-task, gives each its own) and how many processes share it."""
-    masks = [set(m) for h, m in entries if h == host]
+    masks = [set(m) for h, m in entries if h == host]  # (two machines of one host name count as one: fewer workers)
     return len(set().union(*masks)), len(masks)
 
 
@@ -247,7 +247,8 @@ def resolve_config(cfg: TrainConfig, world_size: int = 1, cuda: bool | None = No
     if cfg.workers is None:
         # node: (CPUs, processes) of the run on this machine (`node_share`); one process alone: its own mask
         cpus, procs = node if node is not None else (len(cpu_mask()), world_size)
-        cfg.workers = min(10, max(1, cpus // procs - 1)) if on_gpu else (0 if cpus <= 4 else 2)
+        share = min(cpus // procs, len(cpu_mask()))  # (a process bound to fewer CPUs than the average: its own)
+        cfg.workers = min(10, max(1, share - 1)) if on_gpu else (0 if cpus <= 4 else 2)
     if cpu_auto and not on_gpu:
         cfg.notes.append("no GPU: CPU defaults (" + ", ".join(cpu_auto) + "); pass --model/--input-size/--epochs/"
                          "--synthetic-size to change them")

@@ -104,6 +104,7 @@ class _Trainer:
     def run(self) -> dict:
         # every option is checked in _plan (validate_config), before the folder is touched: an --overwrite
         # that then failed on a bad option had already deleted the old run
+        self._node = dist_lib.node_share_of_run(self.info)  # (a collective: outside `agreed`'s error exchange)
         dist_lib.agreed(self._plan, self.info)
         dist_lib.agreed(self._same_start, self.info)
         dist_lib.agreed(self._prepare_folder, self.info)  # takes the folder's lock before the restore reads
@@ -127,7 +128,7 @@ class _Trainer:
             ckpt_lib.check_resumable(ck, source)
             cfg, notes, self.changed = reconcile(cfg, ck, source, info.world_size)
         cfg = resolve_config(cfg, world_size=info.world_size, cuda=info.device.type == "cuda",
-                             node=dist_lib.node_share_of_run(info))
+                             node=self._node)
         cfg.notes += notes
         if cfg.resume == "auto":
             cfg.notes.append("--resume auto: " + (f"continuing from {source}" if source else
