@@ -100,7 +100,8 @@ def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.75, seed: int 
     gen = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, model.patch_embed.num_patches, generator=gen)  # on the CPU: one mask for a seed anywhere
     # the model runs where its weights are, in their dtype (a CUDA or half model); the panels are made on the CPU
-    w = next(model.patch_embed.parameters())  # (a hooked or wrapped proj may hold no .weight of its own)
+    w = model._embed_weight()  # (the weight the model casts its images to: a wrapped proj's conv, ...)
+    w = next(model.parameters()) if w is None else w
     loss, pred, mask = model(x.to(w.device, w.dtype), mask_ratio=mask_ratio, noise=noise.to(w.device))
     pred, mask = pred.float().cpu(), mask.float().cpu()
     if model.norm_pix_loss:

@@ -545,6 +545,24 @@ def test_a_half_model_runs_in_its_own_dtype_with_the_same_mask():
     assert half["loss"] == pytest.approx(full["loss"], rel=0.02)
 
 
+def test_a_bf16_model_with_an_adapted_patch_projection_is_fed_in_the_projections_dtype():
+    """A LoRA-style adapter on the patch projection (its own fp32 factors come first among the embedding's
+    parameters) of a bf16 model: reconstruct() casts the image to the wrapped conv's dtype, the one the model's
+    forward checks (the embedding's first parameter, fp32 there, was refused as the image's dtype)."""
+    import warnings
+
+    from test_model_wiring import _LoRAConv
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_test").eval().to(torch.bfloat16)
+    plain = vis.reconstruct(model, torch.randn(3, 32, 32), 0.75, seed=3)
+    model.patch_embed.proj = _LoRAConv(model.patch_embed.proj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fast path declines the wrapped projection: SlowPathWarning)
+        got = vis.reconstruct(model, torch.randn(3, 32, 32), 0.75, seed=3)
+    assert torch.equal(got["mask"], plain["mask"]) and got["reconstruction"].dtype == torch.float32
+
+
 def test_the_largest_seed_in_range_is_taken(tmp_path):
     """The seed's bound is inclusive: image i draws seed + i, so 2**64 - n (n images) is the last seed whose every row
     is in torch.Generator's range."""
