@@ -1,6 +1,7 @@
-"""Test setup: CPU-only machines run Triton kernels under the interpreter; `cuda`-marked tests
-skip with the reason when no GPU is present; tests taking the `device` fixture (the kernels on CUDA
-when present, else the CPU) are marked `device`."""
+"""Test setup: CPU-only machines run Triton kernels under the interpreter, and maefast's CUDA C++ kernels
+under a CPU emulation (tests/cuda_emu) in the tests parametrized impl="cuda" on the `device` fixture's
+tensors; other `cuda`-marked tests skip with the reason when no GPU is present; tests taking the `device`
+fixture (the kernels on CUDA when present, else the CPU) are marked `device`."""
 import os
 
 import pytest
@@ -62,8 +63,42 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" not in item.keywords:
+            continue
+        if _emulated_cuda_case(item) and os.environ.get("MAEFAST_CUDA_EMU", "1") != "0":
+            item.add_marker("cuda_emu")
+        else:
             item.add_marker(skip)
+
+
+def _emulated_cuda_case(item) -> bool:
+    """A test parametrized impl="cuda" on the `device` fixture's tensors, with no other need of a GPU (no
+    `cuda` mark of its own, its class's or its module's): without a GPU it runs maefast's CUDA C++
+    kernels under the CPU emulation (tests/cuda_emu) on CPU tensors."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("impl") != "cuda" or "device" not in getattr(item, "fixturenames", ()):
+        return False
+    owners = (getattr(item, "function", None), getattr(item, "cls", None), getattr(item, "module", None))
+    return not any(m.name == "cuda" for o in owners if o is not None for m in getattr(o, "pytestmark", []))
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """For a `cuda_emu` test: the emulated extension in place of maefast._C, and its launches counted (a
+    test of impl="cuda" that launched no kernel fails, as one of impl="triton"; see makereport)."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    import cuda_emu
+
+    mod = cuda_emu.module()
+    if mod is None:
+        if cuda_emu.error() and "no host C++ compiler" not in cuda_emu.error():
+            pytest.fail(f"the CUDA emulation did not build: {cuda_emu.error()}")
+        pytest.skip(f"needs a CUDA GPU or the CUDA emulation ({cuda_emu.error()})")
+    with cuda_emu.installed():
+        request.node._maefast_emu = (mod, mod.launches())
+        yield
 
 
 # Triton launches run by the interpreter in this process (counted where the interpreter runs a launch's
@@ -109,6 +144,9 @@ def pytest_runtest_call(item):
     yield
     base = getattr(item, "_maefast_launch_base", None)
     item._maefast_launches = None if base is None else _LAUNCHES[0] - base
+    emu = getattr(item, "_maefast_emu", None)
+    if emu is not None:  # an impl="cuda" test under the CUDA emulation: its kernel launches, like Triton's
+        item._maefast_launches = (item._maefast_launches or 0) + emu[0].launches() - emu[1]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -116,14 +154,17 @@ def pytest_runtest_makereport(item, call):
     """A test parametrized impl="triton" (any parameter valued "triton") that passed without launching a
     Triton kernel under the interpreter fails: a dispatch that quietly ran the reference instead would
     compare the reference with itself and pass. A test whose "triton" case checks a refusal, or runs on
-    meta tensors (nothing launches), says so with @pytest.mark.no_triton_launch."""
+    meta tensors (nothing launches), says so with @pytest.mark.no_triton_launch. The same for a test of
+    impl="cuda" under the CUDA emulation (a kernel of maefast._C must launch)."""
     outcome = yield
     rep = outcome.get_result()
     if (call.when == "call" and rep.passed and getattr(item, "_maefast_launches", None) == 0
             and item.get_closest_marker("no_triton_launch") is None):
         rep.outcome = "failed"
-        rep.longrepr = ("parametrized impl='triton', but no Triton kernel was launched: did the op run the "
-                        "reference? (a test of a refusal is marked @pytest.mark.no_triton_launch)")
+        which = "CUDA C++ (emulated)" if getattr(item, "_maefast_emu", None) else "Triton"
+        rep.longrepr = (f"parametrized impl={'cuda' if which != 'Triton' else 'triton'!r}, but no {which} kernel "
+                        "was launched: did the op run the reference? (a test of a refusal is marked "
+                        "@pytest.mark.no_triton_launch)")
 
 
 @pytest.fixture

@@ -387,38 +387,39 @@ def test_cuda_triton_varlen_and_determinism(dtype):
     assert torch.equal(ga, gb), "backward is not deterministic"
 
 
-# The CUDA C++ kernel (forward; its backward is Triton's): unverified until these pass on a card.
+# The CUDA C++ kernel (forward; its backward is Triton's): on a card, or without one under the CPU emulation
+# (tests/cuda_emu: a test parametrized impl="cuda" on the `device` fixture).
+CUDA = [pytest.param("cuda", marks=pytest.mark.cuda)]
 CUDA_KERNEL_CASES = [((7, 50, 12, 64), torch.bfloat16), ((8, 65, 16, 80), torch.bfloat16), ((4, 128, 2, 128), torch.bfloat16),
                      ((3, 7, 2, 32), torch.bfloat16), ((5, 113, 3, 96), torch.bfloat16), ((7, 50, 12, 64), torch.float16),
                      ((2, 16, 2, 32), torch.float16), ((2, 1, 1, 96), torch.float16)]
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("impl", CUDA)
 @pytest.mark.parametrize("shape,dtype", CUDA_KERNEL_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_cuda_kernel_matches_oracle(shape, dtype):
+def test_cuda_kernel_matches_oracle(shape, dtype, impl, device):
     n, L, H, dh = shape
-    _check_vs_oracle(_qkv(n, L, H, dh, dtype, "cuda"), H, "cuda", name=f"cuda {shape} {dtype}")
+    _check_vs_oracle(_qkv(n, L, H, dh, dtype, device), H, impl, name=f"cuda {shape} {dtype}")
 
 
-@pytest.mark.cuda
-def test_cuda_kernel_varlen_lse_and_errors():
+@pytest.mark.parametrize("impl", CUDA)
+def test_cuda_kernel_varlen_lse_and_errors(impl, device):
     H, dh = 2, 64
     lens = [50, 3, 0, 128, 65]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
-    qkv = randn(sum(lens), 3 * H * dh, dtype=torch.float16, device="cuda").requires_grad_(True)
-    _check_vs_oracle(qkv, H, "cuda", cu_seqlens=cu, name="cuda varlen")
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    qkv = randn(sum(lens), 3 * H * dh, dtype=torch.float16, device=device).requires_grad_(True)
+    _check_vs_oracle(qkv, H, impl, cu_seqlens=cu, name="cuda varlen")
     x = qkv.detach().unsqueeze(0)
-    o_c, lse_c = torch.ops.maefast.visible_attention(x, H, cu, None, None, "cuda")
+    o_c, lse_c = torch.ops.maefast.visible_attention(x, H, cu, None, None, impl)
     o_t, lse_t = torch.ops.maefast.visible_attention(x, H, cu, None, None, "triton")
-    torch.cuda.synchronize()
     assert_close(lse_c, lse_t, dtype=torch.float32, scale=100, name="cuda lse")
     with pytest.raises(ValueError, match="L <= 128"):
-        visible_attention(randn(1, 129, 3 * 64, dtype=torch.float16, device="cuda"), 1, impl="cuda")
+        visible_attention(randn(1, 129, 3 * 64, dtype=torch.float16, device=device), 1, impl=impl)
     with pytest.raises(ValueError, match="float16/bfloat16"):
-        visible_attention(randn(1, 16, 3 * 64, device="cuda"), 1, impl="cuda")
+        visible_attention(randn(1, 16, 3 * 64, device=device), 1, impl=impl)
     with pytest.raises(ValueError, match="head dim 16"):
-        visible_attention(randn(1, 16, 3 * 16, dtype=torch.float16, device="cuda"), 1, impl="cuda")
-    assert _resolve("auto", x, dh, 128) == "triton"
+        visible_attention(randn(1, 16, 3 * 16, dtype=torch.float16, device=device), 1, impl=impl)
+    assert _resolve("auto", x, dh, 128) == ("triton" if device.type == "cuda" else "reference")
 
 
 @pytest.mark.cuda

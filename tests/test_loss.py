@@ -14,6 +14,9 @@ from maefast.testing import DTYPES, assert_close, assert_error_ratio, assert_gra
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 IMPLS = [pytest.param("triton", marks=needs_triton), "reference"]
+# tests on the `device` fixture also run the CUDA C++ kernels: on a card, or without one under the CPU
+# emulation (tests/cuda_emu)
+DEVICE_IMPLS = IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # (N, H, W, patch, mask_ratio): ViT-B/16 and ViT-H/14 grids at 224 (L 196 / 256, P 768 / 588), a
 # rectangular image, ratios 0.5 / 0.9, batch 1 and primes, a tiny patch.
@@ -74,7 +77,7 @@ def _check(case, pred_on, norm, impl, dtype):
     return got
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ID)
@@ -83,7 +86,7 @@ def test_matches_reference_fp32(impl, shape, pred_on, norm, device):
     assert torch.isfinite(got[1]).all()  # every row written (masked: the grad buffer starts empty)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("img_dtype", [torch.float32, torch.bfloat16], ids=["img32", "img16"])
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
@@ -91,7 +94,7 @@ def test_matches_reference_half(impl, pred_on, dtype, img_dtype, device):
     _check(Case(2, 224, 224, 16, 0.75, dtype, device, img_dtype), pred_on, True, impl, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 def test_masked_equals_all(impl, norm, device):
     c = Case(3, 32, 48, 8, 0.75, torch.float32, device)
@@ -103,7 +106,7 @@ def test_masked_equals_all(impl, norm, device):
     assert torch.equal(ga[c.mask == 0], torch.zeros_like(ga[c.mask == 0]))
 
 
-@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_layouts_weights_and_grad_scale(impl, device):
     # channels_last images, a non-contiguous pred, a non-binary mask, a scaled upstream grad.
     c = Case(3, 32, 48, 8, 0.5, torch.float32, device)
@@ -117,7 +120,7 @@ def test_layouts_weights_and_grad_scale(impl, device):
     assert_close(got[1], 3.0 * ref[1], torch.float32, name="grad pred")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_zero_variance_patch_is_finite(impl, pred_on, device):
     c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
@@ -130,7 +133,7 @@ def test_zero_variance_patch_is_finite(impl, pred_on, device):
     assert_close(got[1], ref[1], torch.float32, name="grad pred")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_nan_and_inf_propagate(impl, device):
     c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
     lm = int(c.ids_masked[1, 2])
@@ -155,7 +158,7 @@ def test_nan_and_inf_propagate(impl, device):
     assert torch.isnan(R.forward_loss(c.imgs, p2, c.mask, 8, True))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_non_finite_visible_image_patch_reaches_the_loss(impl, device):
     """pred_on="all" reads every image patch, as the official (loss * mask).sum(): Inf in a visible (w = 0)
     patch gives it a NaN target and 0 * NaN = NaN, normalised or not; pred_on="masked" never reads it."""
@@ -203,7 +206,7 @@ def test_triton_deterministic(pred_on, device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
@@ -387,7 +390,7 @@ def _official_and_masked_head(norm, impl, device, ratio=0.75):
     return params, (loss_ref, grads_ref), (loss, grads)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 def test_masked_head_same_loss_and_grads_as_official(impl, norm, device):
     params, (loss_ref, grads_ref), (loss, grads) = _official_and_masked_head(norm, impl, device)
@@ -510,7 +513,7 @@ def test_images_made_under_inference_mode_train(impl):
             assert torch.equal(g, want)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_mask_is_summed_in_fp32(impl, mask_dtype, device):
     """A bf16/fp16 weight mask: sum(w) in fp32, as the reference's mask.float().sum(), not rounded to the
@@ -524,7 +527,7 @@ def test_low_precision_mask_is_summed_in_fp32(impl, mask_dtype, device):
     assert_grad_close(g, torch.autograd.grad(ref, c.pred_all)[0], torch.float32, name="grad pred")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_small_and_zero_weight_sums_are_not_clamped(impl, device):
     """sum(w) < 1 divides by sum(w) (weights 1e-3: the weighted mean, not 1e-3 times it), and an all-zero
     mask gives the official 0/0 = NaN, not 0."""

@@ -11,6 +11,10 @@ from maefast.ops import random_masking
 from maefast.reference.philox import philox4x32, philox_noise, philox_uniform
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# tests on the `device` fixture run every backend: the CUDA C++ kernels on a card, or without one under the
+# CPU emulation (tests/cuda_emu)
+DEVICE_IMPLS = ["reference", pytest.param("triton", marks=needs_triton),
+                pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # (N, L, mask_ratio): paper grids (224/p16 -> 196, 224/p14 -> 256), batch 1 and a prime, odd L.
 # 129 = 2 * 64 + 1: one patch alone in the last chunk of BLOCK_J = 64 and in a second block of BLOCK_I = 128.
@@ -119,7 +123,7 @@ def test_philox_seed_and_offset_bounds():
 
 # ---- given noise: the official masking ------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("N,L,ratio", SHAPES_CPU)
 def test_given_noise_matches_reference(device, impl, N, L, ratio):
     noise = torch.rand(N, L, device=device)
@@ -129,7 +133,7 @@ def test_given_noise_matches_reference(device, impl, N, L, ratio):
     _check_invariants(got, L, int(L * (1 - ratio)))
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_noise_dtypes_and_ties(device, impl, dtype):
     N, L, ratio = 3, 64, 0.75
@@ -141,7 +145,7 @@ def test_noise_dtypes_and_ties(device, impl, dtype):
     _assert_ids_equal(got, _stable_reference(signed.cpu(), 16), f"{impl} {dtype} signed ties")
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_noncontiguous_noise(device, impl):
     base = torch.rand(40, 6, device=device)
     noise = base.t()  # (6, 40), strides (1, 6)
@@ -193,7 +197,7 @@ def test_seed_reproducible_and_distinct():
     _assert_ids_equal(random_masking(4, 196, 0.75), b, "torch.manual_seed")
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_sampler_statistics(device, impl):
     # Each patch is kept with probability K/L; counts over N samples ~ Binomial(N, K/L).
     N, L, ratio = (4000, 16, 0.75) if impl == "reference" else (600, 16, 0.75)
@@ -260,7 +264,7 @@ def test_custom_op_needs_noise_or_seed():
         torch.ops.maefast.random_masking.default(2, 10, 5, None, None, 0, torch.device("cpu"), "reference")
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.no_triton_launch  # an empty grid: nothing to launch
 def test_empty_batch(device, impl):
     """batch 0 is allowed: empty outputs of the right shapes and dtypes."""

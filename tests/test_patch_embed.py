@@ -17,6 +17,10 @@ from maefast.ops import masked_patch_embed, random_masking
 from maefast.testing import assert_close, assert_error_ratio, assert_grad_close, randn
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# tests on the `device` fixture run every backend: the CUDA C++ kernels on a card, or without one under the
+# CPU emulation (tests/cuda_emu)
+DEVICE_IMPLS = ["reference", pytest.param("triton", marks=needs_triton),
+                pytest.param("cuda", marks=pytest.mark.cuda)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (N, C, H, W, p, D, mask_ratio): square/rectangular, p16 and p14 (KD = 768 / 588), L odd.
@@ -97,13 +101,13 @@ def test_triton_impl(device, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_pos_embed_in_the_weights_dtype(device, impl, dtype):
     """A 16-bit pos_embed (a model cast to half or bf16): the tokens stay in the weight's dtype."""
     _check_against_reference(impl, CASES_CPU[1], dtype, device, pos_dtype=dtype)
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_no_bias_frozen_pos_and_no_pos(device, impl):
     case = (2, 3, 32, 48, 8, 32, 0.75)
     _check_against_reference(impl, case, torch.float32, device, pos_requires_grad=False, bias=False)
@@ -113,7 +117,7 @@ def test_no_bias_frozen_pos_and_no_pos(device, impl):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_repeated_ids_and_strided_images(device, impl, layout):
     N, C, H, W, p, D = 2, 3, 24, 32, 8, 32
     if layout == "channels_last":

@@ -18,6 +18,9 @@ from maefast.testing import assert_close, assert_error_ratio, assert_grad_close,
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 IMPLS = ["reference", pytest.param("triton", marks=needs_triton)]
+# tests on the `device` fixture also run the CUDA C++ kernels: on a card, or without one under the CPU
+# emulation (tests/cuda_emu)
+DEVICE_IMPLS = IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)]
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -146,7 +149,7 @@ def test_triton_launchers_refuse_uint8_without_dtype_or_affine(device):
     assert_close(dw, ref, torch.float32, name="dW")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", EMBED_CASES, ids=lambda c: "x".join(map(str, c[:7])) + c[7])
 def test_embed_equals_normalise_first(impl, case, mode, device):
@@ -156,14 +159,14 @@ def test_embed_equals_normalise_first(impl, case, mode, device):
         assert torch.equal(res[0][0], R.masked_patch_embed(normalize(u, *stats), ids, w, b, pos, case[4]))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_embed_strided_uint8(impl, layout, device):
     res, _ = _embed_both(impl, (2, 3, 24, 32, 8, 32, 0.5, "own"), "fp32", device, layout)
     _check_embed(res, torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_embed_bad_ids_give_nan_rows_and_no_gradient(impl, device):
     """The unchecked-ids contract (NaN row, no weight/pos gradient) holds for uint8 images too: the
     normalisation of a masked-out pixel is not a zero, and must not leak into the gradients."""
@@ -235,7 +238,7 @@ def _loss_both(impl, case, pred_on, norm, dtype, device, imgs=None, head=False):
     return res, (pred, idx, x)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 @pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: "x".join(map(str, c[:6])) + c[6])
@@ -248,7 +251,7 @@ def test_loss_equals_normalise_first(impl, case, pred_on, norm, device):
         assert torch.equal(loss8, ref)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_loss_half_pred(impl, pred_on, dtype, device):
@@ -258,7 +261,7 @@ def test_loss_half_pred(impl, pred_on, dtype, device):
     assert_grad_close(g8, g, dtype, name="grad pred")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
 def test_masked_prediction_head(impl, norm, device):
     ((loss8, gw8), (loss, gw)), _ = _loss_both(impl, LOSS_CASES[2], "masked", norm, torch.float32, device, head=True)
@@ -266,7 +269,7 @@ def test_masked_prediction_head(impl, norm, device):
     assert_close(gw8, gw, torch.float32, name="grad pred_weight")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("pred_on", ["all", "masked"])
 def test_norm_pix_near_constant_patches(impl, pred_on, device):
     """norm_pix divides each patch by its std, which spans the channels: where the normalised channel

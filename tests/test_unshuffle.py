@@ -20,6 +20,9 @@ ops_mod = sys.modules["maefast.ops.unshuffle"]
 SHAPES = [(2, 196, 0.75, 512), (1, 256, 0.75, 512), (3, 49, 0.5, 64), (5, 60, 0.9, 40), (7, 16, 0.75, 24),
           (2, 16, 0.75, 1280)]
 IMPLS = [pytest.param("triton", marks=needs_triton), "reference"]
+# tests on the `device` fixture also run the CUDA C++ kernels: on a card, or without one under the CPU
+# emulation (tests/cuda_emu)
+DEVICE_IMPLS = IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _inputs(N, L, ratio, D, dtype, device, pos_grad=False, param_dtype=torch.float32):
@@ -67,13 +70,13 @@ def _check(impl, x, tok, ids, pos, dtype):
         assert_error_ratio(got[i], ref[i], oracle[i], dtype, "backward", name=names[i])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_fp32(impl, shape, device):
     _check(impl, *_inputs(*shape, torch.float32, device), torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("params", ["fp32", "same"])
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
@@ -83,7 +86,7 @@ def test_matches_reference_half(impl, shape, dtype, params, device):
     _check(impl, *_inputs(*shape, dtype, device, pos_grad=True, param_dtype=pd), dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_half_x_is_the_official_composition(impl, dtype, device):
     """decoder_embed's 16-bit output with the fp32 mask_token and pos_embed (autocast): the official
@@ -106,13 +109,13 @@ def test_half_x_is_the_official_composition(impl, dtype, device):
         assert_close(a, b, torch.float32, name=name)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pos_embed_grad(impl, dtype, device):
     _check(impl, *_inputs(5, 49, 0.75, 48, dtype, device, pos_grad=True), dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_noncontiguous_and_int32(impl, device):
     x, tok, ids, pos = _inputs(3, 36, 0.75, 40, torch.float32, device)
     xt = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (N, 1+K, D), stride(2) != 1
@@ -127,7 +130,7 @@ def test_noncontiguous_and_int32(impl, device):
     assert_close(gt, rt, torch.float32, name="grad mask_token")
 
 
-@pytest.mark.parametrize("impl", IMPLS + [pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: on a card
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_transposed_pos_embed(impl, device):
     """A pos_embed whose last dimension is strided (a transposed copy): read through its strides, the
     reference's values exactly, and its gradient."""
@@ -164,7 +167,7 @@ def test_triton_deterministic(device):
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_out_of_range_ids_read_the_mask_token(impl, device):
     """The on-device contract (values not checked there): an index outside [0, K) stands for a masked
     slot in every backend, never an out-of-bounds access, and the gradients are those of that
@@ -186,7 +189,7 @@ def test_out_of_range_ids_read_the_mask_token(impl, device):
         assert_close(a, b, torch.float32, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_unplaced_visible_token_gets_a_zero_gradient(impl, device):
     """Below the host check (a GPU run), a visible token no id points at (ids_restore not a permutation)
     gets a zero gradient in every backend, never stale memory: the Triton kernel writes only the rows
@@ -203,7 +206,7 @@ def test_unplaced_visible_token_gets_a_zero_gradient(impl, device):
     assert (gx[0, 1] != 0).all() and (gx[1, 2] != 0).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_visible_tokens_from_none_to_all_patches(impl, device):
     """1 + K tokens for 0 <= K <= L are accepted (mask_ratio 1 and 0: every patch or no patch a mask
     token), and equal the reference; a token more than the L patches is refused."""

@@ -18,10 +18,11 @@ MODEL_IMPLS = IMPLS + ("sdpa",)
 
 
 def cuda_ext_usable(device: torch.device, op: str | None = None) -> tuple[bool, str]:
-    """(usable, reason) for the CUDA C++ extension on `device` (and, if given, its binding `op`)."""
-    if device.type != "cuda":
-        return False, f"the CUDA C++ kernels need CUDA tensors; got {device}"
+    """(usable, reason) for the CUDA C++ extension on `device` (and, if given, its binding `op`). The test
+    suite's CPU emulation of the extension (tests/cuda_emu: ``emulated``) runs on CPU tensors."""
     C = get_C()
+    if device.type != "cuda" and not (device.type == "cpu" and getattr(C, "emulated", False)):
+        return False, f"the CUDA C++ kernels need CUDA tensors; got {device}"
     if C is None:
         from .. import _cpp_lib
         return False, f"maefast._C is not built or failed to load ({_cpp_lib.load_error or load_error})"
@@ -90,8 +91,9 @@ def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"
 
 
 def stream_of(t: torch.Tensor) -> int:
-    """The current torch CUDA stream of t's device, as an int for maefast._C."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """The current torch CUDA stream of t's device, as an int for maefast._C (0 for the CPU tensors of the
+    test suite's emulated extension)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}  # csrc/dtype.cuh DTypeCode

@@ -205,7 +205,7 @@ def _cuda_fwd(qkv, num_heads, scale, cu_seqlens, max_len):
     if out.numel() == 0 or nseq == 0 or max_len == 0:
         return out, lse
     cu = None if cu_seqlens is None else int32_offsets(cu_seqlens, lr)
-    with torch.cuda.device(qkv.device):
+    with device_guard(qkv):
         C.attention_fwd(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), 0 if cu is None else cu.data_ptr(),
                         nseq, num_heads, dh, max_len, lr, qkv.stride(0), qkv.stride(1), out.stride(0),
                         out.stride(1), lse.stride(0), lse.stride(1), float(scale), qkv.dtype == torch.bfloat16,

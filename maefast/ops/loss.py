@@ -109,11 +109,11 @@ def _cuda_call(fwd: bool, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_ma
               bool(pred_masked), dtype_code(pred.dtype), dtype_code(imgs.dtype), px_scale, px_offset, stream_of(pred))
     if fwd:
         rows = torch.empty(n * L, dtype=torch.float32, device=pred.device)
-        with torch.cuda.device(pred.device):  # the extension launches on the current device
+        with device_guard(pred):  # the extension launches on the current device
             C.norm_pix_loss_fwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), rows.data_ptr(), *common)
         return rows.sum()
     gpred = (torch.zeros if pred_masked else torch.empty)(pred.shape, dtype=pred.dtype, device=pred.device)
-    with torch.cuda.device(pred.device):
+    with device_guard(pred):
         C.norm_pix_loss_bwd(pred.data_ptr(), imgs.data_ptr(), wt.data_ptr(), scale.data_ptr(), gpred.data_ptr(),
                             *common)
     return gpred

@@ -16,7 +16,7 @@ import torch
 from .._cpp_lib import get_C
 from .._validate import check_mask_ratio, check_tensor, compiling
 from ..reference.philox import SEED_BOUND, check_seed_offset, philox_noise
-from ._backend import choose_impl, stream_of
+from ._backend import choose_impl, device_guard, stream_of
 from ._dispatch import call, custom_op, register_autograd
 
 # The kernels stage a sample's L noise values (Triton: in blocks; CUDA: in shared memory as doubles).
@@ -74,7 +74,7 @@ def _cuda(batch: int, num_patches: int, len_keep: int, noise: Optional[torch.Ten
             noise = noise.float()  # exact, order-preserving
         kind = 2 if noise.dtype == torch.float64 else 1
         ptr, sn, sl = noise.data_ptr(), noise.stride(0), noise.stride(1)
-    with torch.cuda.device(device):
+    with device_guard(mask):
         C.random_masking(ptr, sn, sl, kind, seed, offset, N, L, K, ids_keep.data_ptr(), ids_restore.data_ptr(),
                          mask.data_ptr(), stream_of(mask), seed_ptr)
     return ids_keep, ids_restore, mask

@@ -82,7 +82,7 @@ def _rows_cuda(imgs: torch.Tensor, ids_keep: torch.Tensor, p: int, dtype: torch.
     ids = ids_keep.contiguous()
     u8 = imgs.dtype == torch.uint8
     out = torch.empty(n * k, c * p * p, dtype=dtype if u8 else imgs.dtype, device=imgs.device)
-    with torch.cuda.device(imgs.device):
+    with device_guard(imgs):
         if u8:
             get_C().patch_gather_normalize(imgs.data_ptr(), *imgs.stride(), ids.data_ptr(), n, k, c, p, H // p,
                                            W // p, affine[0], affine[1], dtype_code(out.dtype), out.data_ptr(),

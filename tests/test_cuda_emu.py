@@ -1,0 +1,166 @@
+"""The CPU emulation that runs maefast's CUDA C++ kernels in the suite without a GPU (tests/cuda_emu): what it
+computes (warp shuffles, block votes, WMMA products, dynamic shared memory, per-thread parameters) and
+what it reports where a GPU would refuse the launch or leave the result undefined (a barrier some
+threads never reach, a shuffle naming an exited or missing lane, launch limits, shared memory past
+the kernel's attribute, a misaligned WMMA pointer, a lane reading another's WMMA store without
+__syncwarp). The kernels are in tests/cuda_emu/selftest.cu, built into the emulated extension only."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cuda_emu  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the emulation stands in for a GPU: none here")
+
+
+@pytest.fixture(scope="module")
+def C():
+    mod = cuda_emu.module()
+    if mod is None:
+        if "no host C++ compiler" in (cuda_emu.error() or ""):
+            pytest.skip(cuda_emu.error())
+        pytest.fail(f"the CUDA emulation did not build: {cuda_emu.error()}")
+    return mod
+
+
+def _error(C):
+    return pytest.raises(RuntimeError, match="emulated")  # maefast's CudaError, a RuntimeError
+
+
+def test_it_is_marked_and_counts_launches(C):
+    assert C.emulated is True
+    assert C.device_count() == 0  # no device: maefast never takes the emulation for a GPU
+    out = torch.zeros(4, dtype=torch.int32)
+    before = C.launches()
+    C.selftest_launch(out.data_ptr(), 2, 1, 2, 1)
+    assert C.launches() == before + 1 and out.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("threads,lane_mask", [(32, 1), (64, 16), (96, 7)])
+def test_shuffle_xor(C, threads, lane_mask):
+    x = torch.randn(threads)
+    out = torch.full((threads,), float("nan"))
+    C.selftest_shfl(x.data_ptr(), out.data_ptr(), threads, lane_mask)
+    assert torch.equal(out, x[torch.arange(threads) ^ lane_mask])
+
+
+def test_block_vote(C):
+    blocks, threads = 3, 64
+    x = torch.zeros(blocks * threads, dtype=torch.int32)
+    x[threads + 17] = 1  # block 1 votes yes
+    x[2 * threads:] = 1  # block 2 all yes
+    out = torch.full((3 * blocks,), -1, dtype=torch.int32)
+    C.selftest_vote(x.data_ptr(), out.data_ptr(), blocks, threads)
+    assert out.view(blocks, 3).tolist() == [[0, 0, 1], [1, 0, 1], [1, 0, 1]]
+
+
+def test_barrier_never_complete_is_a_deadlock(C):
+    out = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cudaErrorLaunchFailure.*deadlock"):
+        C.selftest_deadlock(out.data_ptr())
+    C.selftest_launch(out.data_ptr(), 1, 1, 64, 1)  # the error was read: the next launch is clean
+
+
+def test_shuffle_naming_an_exited_lane(C):
+    out = torch.zeros(32)
+    with pytest.raises(RuntimeError, match="exited"):
+        C.selftest_exited_lane(out.data_ptr())
+
+
+def test_full_mask_shuffle_in_a_partial_warp(C):
+    out = torch.zeros(48)
+    with pytest.raises(RuntimeError, match="lanes that do not run"):
+        C.selftest_partial_warp(out.data_ptr())
+
+
+@pytest.mark.parametrize("grid,block", [((1, 1), (1025, 1)), ((1, 65536), (32, 1)), ((0, 1), (32, 1)),
+                                        ((1, 1), (0, 1))])
+def test_launch_limits(C, grid, block):
+    out = torch.zeros(8, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
+        C.selftest_launch(out.data_ptr(), *grid, *block)
+    assert not out.any()  # nothing ran
+
+
+def test_dynamic_shared_memory(C):
+    first = torch.zeros(1, dtype=torch.uint8)
+    blocks, threads = 3, 64
+    out = torch.zeros(blocks * threads)
+    C.selftest_dyn_smem(first.data_ptr(), out.data_ptr(), blocks, threads, threads * 4, -1)
+    assert int(first) == 0xFF  # what a block finds there: not zeros
+    t = torch.arange(threads)
+    want = torch.cat([(threads - 1 - t) + 100.0 * b for b in range(blocks)]).float()
+    assert torch.equal(out, want)
+    # past 48 KiB only with the kernel's attribute, and never past the card's opt-in limit
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        C.selftest_dyn_smem(first.data_ptr(), out.data_ptr(), 1, threads, 64 * 1024, -1)
+    C.selftest_dyn_smem(first.data_ptr(), out.data_ptr(), 1, threads, 64 * 1024, 64 * 1024)
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        C.selftest_dyn_smem(first.data_ptr(), out.data_ptr(), 1, threads, 64 * 1024, 232448 + 1)
+
+
+def test_thread_order_and_reverse(C, monkeypatch):
+    """Threads switch only at barriers, in thread order; CUDA_EMU_ORDER=reverse runs them the other way
+    round, so a result that depends on an order a GPU does not promise (a race) changes."""
+    out = torch.zeros(1, dtype=torch.int32)
+    C.selftest_race(out.data_ptr(), 64)
+    assert int(out) == 63
+    monkeypatch.setenv("CUDA_EMU_ORDER", "reverse")
+    C.selftest_race(out.data_ptr(), 64)
+    assert int(out) == 0
+
+
+def test_parameters_are_per_thread(C):
+    out = torch.zeros(40, dtype=torch.int32)
+    C.selftest_param(7, out.data_ptr(), 40)
+    assert out.tolist() == list(range(7, 47))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b_col_major", [False, True], ids=["b-row", "b-col"])
+def test_wmma_product(C, bf16, b_col_major):
+    dt = torch.bfloat16 if bf16 else torch.float16
+    a, b = torch.randn(16, 16).to(dt), torch.randn(16, 16).to(dt)
+    b_mem = b.t().contiguous() if b_col_major else b  # column-major B: B's columns laid out as rows
+    d = torch.full((16, 16), float("nan"))
+    col0 = torch.full((16,), float("nan"))
+    C.selftest_wmma(a.data_ptr(), b_mem.data_ptr(), d.data_ptr(), col0.data_ptr(), bf16, b_col_major, True)
+    want = a.double() @ b.double()
+    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(col0, d[:, 0])
+
+
+def test_wmma_store_needs_syncwarp_before_other_lanes_read(C):
+    """Each lane stores its own share of a WMMA tile, as on a GPU: lanes reading elements that later lanes
+    store, without a __syncwarp, read what was there before (-1 here)."""
+    a, b = torch.randn(16, 16).half(), torch.randn(16, 16).half()
+    d, col0 = torch.zeros(16, 16), torch.zeros(16)
+    C.selftest_wmma(a.data_ptr(), b.data_ptr(), d.data_ptr(), col0.data_ptr(), False, False, False)
+    assert (col0 == -1).any() and not torch.equal(col0, d[:, 0])
+
+
+def test_wmma_misaligned_pointer(C):
+    a, d = torch.zeros(16 * 17, dtype=torch.float16), torch.zeros(16, 16)
+    with pytest.raises(RuntimeError, match="cudaErrorMisalignedAddress.*256-bit"):
+        C.selftest_wmma_misaligned(a.data_ptr(), d.data_ptr())
+
+
+def test_rewrite_of_launches_and_dynamic_shared_memory():
+    src = ("extern __shared__ __align__(128) unsigned char smem_raw[];\n"
+           "k<T, 4><<<dim3(n, h), 256, smem, stream>>>(p, q);\nkernel<<<1, 32>>>(x);")
+    out = cuda_emu.rewrite(src)
+    assert "unsigned char* smem_raw = reinterpret_cast<unsigned char*>(::cuda_emu::dynamic_smem());" in out
+    assert "::cuda_emu::launch(::cuda_emu::Cfg(dim3(n, h), 256, smem, stream), k<T, 4>)(p, q);" in out
+    assert "::cuda_emu::launch(::cuda_emu::Cfg(1, 32), kernel)(x);" in out
+    with pytest.raises(RuntimeError, match="cannot rewrite"):
+        cuda_emu.rewrite("extern __shared__ float s[4];")  # a sized extern array: not a form csrc uses
+
+
+def test_every_csrc_kernel_file_is_built():
+    """A new csrc/*.cu joins the emulated build by itself (and must compile there)."""
+    built = [os.path.basename(p) for p in cuda_emu._sources()]
+    csrc = sorted(f for f in os.listdir(cuda_emu.CSRC) if f.endswith(".cu"))
+    assert built[:len(csrc)] == csrc
