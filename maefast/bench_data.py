@@ -537,7 +537,7 @@ def format_result(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import HelpFormatter, OneLineParser, check_out_file
+    from .cli import HelpFormatter, OneLineParser, check_json_name, check_out_file
 
     p = OneLineParser(prog="maefast bench data", description=__doc__.split("\n\n")[0],
                       formatter_class=HelpFormatter)
@@ -583,6 +583,7 @@ def main(argv=None) -> int:
         print(f"maefast bench data: error: --images {n} gives the loader no batch after the first wave "
               f"({workers} workers x batch {a.batch}); pass more --images or a smaller --batch", file=sys.stderr)
         return 2
+    check_json_name("--json", a.json)
     check_out_file("--json", a.json, a.overwrite)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     save = None

@@ -79,6 +79,16 @@ def image_format(flag: str, path: str, formats: dict = IMAGE_FORMATS) -> str:
     return formats[ext]
 
 
+def check_json_name(flag: str, path: str | None) -> None:
+    """A JSON output's name does not end as an image's (IMAGE_FORMATS, .gif, .svg, .pdf): JSON text is not
+    written under a name that says otherwise, nor over a chart or picture that --overwrite was given for
+    (ValueError naming the flag)."""
+    ext = os.path.splitext(path or "")[1].lower()
+    if ext in (*IMAGE_FORMATS, ".gif", ".svg", ".pdf"):
+        raise ValueError(f"{flag} {path!r}: the name's ending {ext!r} is an image's, and {flag} writes JSON text: "
+                         "give it a name ending in .json")
+
+
 def check_distinct_outputs(paths: dict) -> None:
     """Output files of one command ({flag: path or None}) are distinct: one would replace another."""
     seen: dict = {}

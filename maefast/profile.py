@@ -531,7 +531,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from .cli import check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, labelled_path, positive
+    from .cli import (check_distinct_outputs, check_impls, check_json_name, check_mask_ratio_flag, check_out_file,
+                      labelled_path, positive)
 
     # every option checked before any work (an error one line, exit 2: maefast.cli.guarded)
     for flag, v, zero in (("--batch", a.batch, False), ("--steps", a.steps, False), ("--warmup", a.warmup, True),
@@ -551,6 +552,7 @@ def main(argv=None) -> int:
     check_impls(impls, a.impl, a.fused, device=device)
     # one trace per impl when there are several: trace.json -> trace.auto.json, t.json.gz -> t.auto.json.gz
     traces = {i: a.trace if len(impls) == 1 or not a.trace else labelled_path(a.trace, i) for i in impls}
+    check_json_name("--json", a.json)
     check_out_file("--json", a.json, a.overwrite)
     for t in dict.fromkeys(traces.values()):
         check_out_file("--trace", t, a.overwrite)

@@ -432,13 +432,14 @@ def main(argv=None) -> int:
                    help="the fast model's blocks (maefast train --fused); the reference rows ignore it")
     p.add_argument("--override", action="append", default=[], metavar="KEY=NUMBER",
                    help="model config override (e.g. depth=2, embed_dim=128) for small experiments")
-    p.add_argument("--json", default=None, help="write rows + environment to this file")
+    p.add_argument("--json", default=None, help="write rows + environment to this JSON file (not an image's name: "
+                   "the chart is --png)")
     p.add_argument("--png", default=None, help="save the chart here (default: next to --json, else none)")
     p.add_argument("--overwrite", action="store_true", help="replace --json / --png files that exist")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (1 is steadier on a busy machine)")
     a = p.parse_args(argv)
-    from .cli import (check_distinct_outputs, check_impls, check_mask_ratio_flag, check_out_file, check_unique,
-                      image_format, positive)
+    from .cli import (check_distinct_outputs, check_impls, check_json_name, check_mask_ratio_flag, check_out_file,
+                      check_unique, image_format, positive)
 
     # every option checked before any work: a user's error is one line, exit 2 (maefast.cli.guarded)
     positive("--threads", a.threads)
@@ -477,8 +478,12 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise ValueError(f"{m}{where}: {e}") from None
         check_mask_ratio_flag(a.mask_ratio, num_patches)
+    check_json_name("--json", a.json)
     check_out_file("--json", a.json, a.overwrite)
     png = a.png or (os.path.splitext(a.json)[0] + ".png" if a.json else None)
+    if png and not a.png and os.path.lexists(png) and not a.overwrite:  # a file the user did not name here
+        raise ValueError(f"--json {a.json!r} also writes the chart {png!r} (--png's default), which exists: pass "
+                         "--overwrite to replace it, or --png with another name")
     check_out_file("--png", png, a.overwrite)
     check_distinct_outputs({"--json": a.json, "--png": png})
     if png:  # the chart is a PNG: a name ending otherwise would hold PNG bytes under another format's name

@@ -56,6 +56,26 @@ def test_ops_refuse_impl_cuda_themselves():
             call()
 
 
+def test_refusals_name_the_function_called(monkeypatch):
+    """A refused impl names the function the user called: add_layer_norm without a residual runs the
+    layer_norm op, and its refusal named layer_norm; add_layer_norm's op refused a width as layer_norm's."""
+    from maefast.ops import _backend
+
+    x, r, w, b = _ln_inputs((2, 8), torch.float32, "cpu")
+    for impl in ("cuda", "sdpa"):
+        for residual in (None, r):
+            with pytest.raises(ValueError, match=f"impl='{impl}' is not available for add_layer_norm:"):
+                add_layer_norm(x, residual, w, b, impl=impl)
+        with pytest.raises(ValueError, match=f"impl='{impl}' is not available for layer_norm:"):
+            layer_norm(x, w, b, impl=impl)
+    monkeypatch.setattr(_backend, "triton_usable", lambda device: (True, ""))  # as on a GPU: the width decides
+    wide = torch.zeros(1, 16385)
+    with pytest.raises(ValueError, match="impl='triton' is not available for add_layer_norm: widths up to 16384"):
+        add_layer_norm(wide, wide, wide[0], wide[0], impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' is not available for layer_norm: widths up to 16384"):
+        layer_norm(wide, wide[0], wide[0], impl="triton")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_eps_zero_and_the_default_eps(device, impl):
     """eps = 0 is allowed (eps >= 0); left out, eps is MAE's 1e-6 in both entry points (rows of variance

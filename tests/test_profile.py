@@ -207,6 +207,10 @@ def test_profile_bad_impl():
     (["profile", "--trace", __file__], "--trace '" + __file__ + "' exists: pass --overwrite"),
     (["bench", "data", "--json", __file__], "--json '" + __file__ + "' exists: pass --overwrite"),
     (["bench", "table2", "--json", __file__], "exists: pass --overwrite"),
+    # JSON text under an image's name (with --overwrite: over the user's picture)
+    (["profile", "--json", "/tmp/maefast-x.png", "--overwrite"],
+     "--json '/tmp/maefast-x.png': the name's ending '.png' is an image's"),
+    (["bench", "data", "--json", "/tmp/x.SVG"], "--json '/tmp/x.SVG': the name's ending '.svg' is an image's"),
     (["profile", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--images", "0"], "--images must be > 0"),

@@ -297,6 +297,34 @@ def test_table2_main_refuses_before_any_work(fake_run, args, needle):
     assert not fake_run
 
 
+@pytest.mark.parametrize("name", ["chart.png", "t.JPG", "t.svg", "t.pdf"])
+def test_table2_json_refuses_an_image_name(fake_run, tmp_path, name):
+    """--json with an image's ending is refused before any work, naming --json, also with --png elsewhere and
+    --overwrite given: JSON text was written over the user's picture (`--json x.png` alone was refused as
+    "--json and --png name the same file", a --png the user never gave)."""
+    picture = tmp_path / name
+    picture.write_bytes(b"\x89PNG user's own")
+    for extra in ([], ["--png", str(tmp_path / "c.png"), "--overwrite"]):
+        with pytest.raises(ValueError, match=rf"--json '.*{name}': the name's ending '\.[a-z]+' is an image's"):
+            t2.main(["--models", "tiny", "--json", str(picture), *extra])
+    assert picture.read_bytes() == b"\x89PNG user's own" and not fake_run
+    assert not (tmp_path / "c.png").exists()
+    assert t2.main(["--models", "tiny", "--json", str(tmp_path / "t.txt")]) == 0  # not an image's: any ending
+
+
+def test_table2_json_keeps_an_existing_chart_beside_it(fake_run, tmp_path):
+    """--json r.json writes its chart to r.png (--png's default): a user's r.png there is replaced only with
+    --overwrite, and the refusal says where that name came from (it named a --png the user never gave)."""
+    chart = tmp_path / "r.png"
+    chart.write_bytes(b"user's chart")
+    with pytest.raises(ValueError, match=r"--json '.*r\.json' also writes the chart '.*r\.png' \(--png's default\), "
+                                         r"which exists: pass --overwrite"):
+        t2.main(["--models", "tiny", "--json", str(tmp_path / "r.json")])
+    assert chart.read_bytes() == b"user's chart" and not fake_run and not (tmp_path / "r.json").exists()
+    assert t2.main(["--models", "tiny", "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "o.png")]) == 0
+    assert chart.read_bytes() == b"user's chart"
+
+
 def test_override_names_only_the_settings_it_takes(fake_run):
     """The list of settings in --override's refusal is the one it takes: decoder_depth (refused, a column of
     --decoder-depths) was offered in it."""

@@ -22,13 +22,14 @@ from ._dispatch import bwd, call, custom_op, register_autograd
 MAX_TRITON_WIDTH = 16384  # = maefast.kernels.layernorm.MAX_WIDTH (not imported: no triton import here)
 
 
-def _resolve(impl: str, device: torch.device, width: int) -> str:
-    check_impl(impl, "layer_norm", cuda=False)
+def _resolve(impl: str, device: torch.device, width: int, what: str = "layer_norm") -> str:
+    """The backend for a LayerNorm of ``width`` on ``device``; a refusal names ``what``, the op that runs."""
+    check_impl(impl, what, cuda=False)
     if impl == "auto" and width > MAX_TRITON_WIDTH:
         return "reference"
-    chosen = choose_impl(impl, device, auto_order=("triton",), what="layer_norm")
+    chosen = choose_impl(impl, device, auto_order=("triton",), what=what)
     if chosen == "triton" and width > MAX_TRITON_WIDTH:
-        raise ValueError(f"impl='triton' is not available for layer_norm: widths up to {MAX_TRITON_WIDTH} "
+        raise ValueError(f"impl='triton' is not available for {what}: widths up to {MAX_TRITON_WIDTH} "
                          f"are supported, got {width}")
     return chosen
 
@@ -87,8 +88,8 @@ def _bwd_reference(dy, ds, x, weight, mean, rstd):
     return dx.to(x.dtype), dw, db
 
 
-def _forward(x, residual, weight, bias, eps, out_dtype, impl):
-    impl = _resolve(impl, x.device, x.shape[-1])
+def _forward(x, residual, weight, bias, eps, out_dtype, impl, what="layer_norm"):
+    impl = _resolve(impl, x.device, x.shape[-1], what)
     if impl == "triton":
         from ..kernels.layernorm import add_layer_norm_fwd
 
@@ -140,7 +141,7 @@ def _add_ln_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bi
                out_dtype: Optional[torch.dtype], impl: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, s = x + residual, mean fp32 (...), rstd fp32 (...))."""
-    return _forward(x, residual, weight, bias, eps, out_dtype, impl)
+    return _forward(x, residual, weight, bias, eps, out_dtype, impl, "add_layer_norm")
 
 
 @_add_ln_op.register_fake
@@ -250,9 +251,14 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
         (y, s): y (..., D) = LN(s) in out_dtype, s = x + residual (..., D) in the promoted dtype;
         with residual None, s is x itself (not a copy). Mean and 1/std are computed in fp32.
     """
+    return _add_layer_norm(x, residual, weight, bias, eps, impl, out_dtype, "add_layer_norm")
+
+
+def _add_layer_norm(x, residual, weight, bias, eps, impl, out_dtype, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_layer_norm` and `layer_norm`: ``what``, the function the user called, is the one a refusal of
+    ``impl`` names (add_layer_norm without a residual runs the layer_norm op, but was not called so)."""
     _validate(x, residual, weight, bias, eps, out_dtype)
-    # the rest where the op runs (what a profile counts)
-    check_impl(impl, "layer_norm" if residual is None else "add_layer_norm", cuda=False)
+    check_impl(impl, what, cuda=False)  # the rest where the op runs (what a profile counts)
     if residual is None:
         y, _, _ = call(_ln_op, x, weight, bias, float(eps), out_dtype, impl)
         return y, x
@@ -263,4 +269,4 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: to
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, impl: str = "auto",
                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LayerNorm of x (..., D) over D with fp32 statistics; see `add_layer_norm` (residual=None)."""
-    return add_layer_norm(x, None, weight, bias, eps, impl, out_dtype)[0]
+    return _add_layer_norm(x, None, weight, bias, eps, impl, out_dtype, "layer_norm")[0]
