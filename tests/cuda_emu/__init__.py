@@ -64,16 +64,25 @@ def _sources() -> list[str]:
     return own + [os.path.join(HERE, "emulated.cu"), os.path.join(HERE, "selftest.cu")]
 
 
-def _key() -> str:
+def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
-    files = _sources() + sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith((".h", ".cuh")))
-    files += [os.path.join(INCLUDE, f) for f in sorted(os.listdir(INCLUDE))] + [os.path.abspath(__file__)]
-    for f in files:
-        h.update(f.encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    h.update(" ".join([CXX] + FLAGS + [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode())
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.hexdigest()[:16]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _shared_key() -> str:
+    """What every object depends on: the headers, the emulation, this builder, the compiler and flags."""
+    files = sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith((".h", ".cuh")))
+    files += [os.path.join(INCLUDE, f) for f in sorted(os.listdir(INCLUDE))] + [os.path.abspath(__file__)]
+    meta = " ".join([CXX] + FLAGS + [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode()
+    return _digest(meta, *(f.encode() + b"\0" + _read(f) for f in files))
 
 
 def _cache_dir() -> str:
@@ -82,32 +91,40 @@ def _cache_dir() -> str:
 
 
 def build() -> str:
-    """The path of the built extension (built now if this set of sources has none yet)."""
+    """The path of the built extension, built now if this set of sources has none yet: each object is
+    cached by its source (with the headers), so an edit of one .cu file recompiles that file only."""
     import pybind11
 
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    out_dir = os.path.join(_cache_dir(), _key())
+    shared = _shared_key()
+    keys = {src: _digest(shared.encode(), src.encode(), _read(src)) for src in _sources()}
+    cache = _cache_dir()
+    out_dir = os.path.join(cache, _digest(*(k.encode() for k in keys.values())))
     target = os.path.join(out_dir, "_C" + suffix)
     if os.path.exists(target):
         return target
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "w") as lock:
+    os.makedirs(os.path.join(cache, "obj"), exist_ok=True)
+    with open(os.path.join(cache, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one builds, the others wait for it
         if os.path.exists(target):
             return target
-        work = tempfile.mkdtemp(prefix="build-", dir=out_dir)
+        work = tempfile.mkdtemp(prefix="build-", dir=cache)
         try:
             incs = [INCLUDE, CSRC, pybind11.get_include(), sysconfig.get_paths()["include"]]
             inc_flags = [f"-I{i}" for i in incs]
 
             def compile_one(src: str) -> str:
+                obj = os.path.join(cache, "obj", f"{os.path.basename(src)[:-3]}-{keys[src]}.o")
+                if os.path.exists(obj):
+                    return obj
                 cpp = os.path.join(work, os.path.basename(src)[:-3] + ".cpp")
                 with open(src) as fh, open(cpp, "w") as oh:
                     oh.write(f'#line 1 "{src}"\n' + rewrite(fh.read()))
-                obj = cpp[:-4] + ".o"
-                r = subprocess.run([CXX, *FLAGS, *inc_flags, "-c", cpp, "-o", obj], capture_output=True, text=True)
+                r = subprocess.run([CXX, *FLAGS, *inc_flags, "-c", cpp, "-o", cpp + ".o"], capture_output=True,
+                                   text=True)
                 if r.returncode != 0:
                     raise RuntimeError(f"{CXX} failed on {os.path.basename(src)}:\n{r.stderr[-4000:]}")
+                os.replace(cpp + ".o", obj)
                 return obj
 
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
@@ -116,6 +133,7 @@ def build() -> str:
             r = subprocess.run([CXX, "-shared", *objs, "-o", tmp], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"{CXX} failed to link:\n{r.stderr[-4000:]}")
+            os.makedirs(out_dir, exist_ok=True)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
