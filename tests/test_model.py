@@ -445,6 +445,39 @@ def test_gpu_fast_model_equals_official(impl, no_tf32):
         assert_error_ratio(gb[n], gr[n], g0[n], torch.bfloat16, "backward", n)
 
 
+# head dims 64 and 32 (the CUDA C++ attention takes both), 16 patches: small enough for the CPU emulation
+EMU_CFG = dict(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
+               decoder_num_heads=2, norm_pix_loss=True)
+
+
+@pytest.mark.parametrize("fused", [False, "block"])
+@pytest.mark.parametrize("impl", [pytest.param("cuda", marks=pytest.mark.cuda)])  # a card, or tests/cuda_emu
+def test_cuda_impl_model_equals_official(impl, fused, device, no_tf32):
+    """impl="cuda" through a whole model: masking, patch gather, the attention forward (16-bit: under bf16
+    autocast; inside the block op with fused="block"), un-shuffle and loss run their CUDA C++ kernels; fp32
+    to 1e-4 of the official, bf16 by the error-ratio rule against the fp32 oracle."""
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**EMU_CFG, fused=fused).to(device)
+    imgs, noise = torch.randn(4, 3, 64, 64, device=device), torch.rand(4, 16, device=device)
+    m.impl = "reference"
+    l0, _, k0, g0 = _run(m, imgs, noise)
+    m.impl = impl
+    l1, _, k1, g1 = _run(m, imgs, noise, return_pred=False)
+    assert torch.equal(k0, k1)
+    assert abs(l1.item() - l0.item()) <= 1e-5 * abs(l0.item()), (l1.item(), l0.item())
+    _assert_grads_equal(g1, g0, rel=1e-4)
+    m.impl = "reference"
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        lr, _, _, gr = _run(m, imgs, noise)
+    m.impl = impl
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        lb, _, _, gb = _run(m, imgs, noise, return_pred=False)
+    assert_error_ratio(lb, lr, l0, torch.bfloat16, "forward", "loss")
+    for n in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight", "decoder_blocks.0.attn.qkv.weight",
+              "patch_embed.proj.weight", "decoder_pos_embed" if m.decoder_pos_embed.requires_grad else "mask_token"):
+        assert_error_ratio(gb[n], gr[n], g0[n], torch.bfloat16, "backward", n)
+
+
 @pytest.mark.cuda
 def test_gpu_block_op_model_equals_official(no_tf32):
     """fused="block" on the card: fp32 grads to 1e-4 of the official, bf16 by the error-ratio rule."""
