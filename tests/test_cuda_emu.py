@@ -5,6 +5,7 @@ threads never reach, a shuffle naming an exited or missing lane, launch limits, 
 the kernel's attribute, a misaligned WMMA pointer, a lane reading another's WMMA store without
 __syncwarp). The kernels are in tests/cuda_emu/selftest.cu, built into the emulated extension only."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -164,3 +165,41 @@ def test_every_csrc_kernel_file_is_built():
     built = [os.path.basename(p) for p in cuda_emu._sources()]
     csrc = sorted(f for f in os.listdir(cuda_emu.CSRC) if f.endswith(".cu"))
     assert built[:len(csrc)] == csrc
+
+
+# -- AddressSanitizer (opt-in: minutes) ---------------------------------------------------------------------
+
+ASAN_RUN = os.environ.get("MAEFAST_CUDA_EMU_ASAN") == "1"
+asan_only = pytest.mark.skipif(not ASAN_RUN, reason="MAEFAST_CUDA_EMU_ASAN=1 runs the emulated kernels under "
+                                                    "AddressSanitizer (a build and a run of minutes)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the test files whose impl="cuda" cases run the kernels (the emulated cases: `-k cuda` there)
+KERNEL_TESTS = ["tests/test_cuda_emu.py", "tests/test_loss.py", "tests/test_unshuffle.py", "tests/test_uint8.py",
+                "tests/test_masking.py", "tests/test_patch_embed.py", "tests/test_attention.py", "tests/test_model.py"]
+
+
+def _asan(args, timeout):
+    """Runs python with AddressSanitizer's runtime loaded first (and libstdc++, whose exceptions it intercepts)
+    and the kernels built with it (CUDA_EMU_ASAN=1)."""
+    cxx = cuda_emu.CXX
+    libs = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")]
+    env = dict(os.environ, CUDA_EMU_ASAN="1", LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
+               TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MAEFAST_CUDA_EMU_ASAN")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@asan_only
+def test_out_of_bounds_read_is_caught_under_asan():
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); import cuda_emu; C = cuda_emu.module(); "
+            "print(cuda_emu.error()); x, y = torch.zeros(32), torch.zeros(32); "
+            "C.selftest_oob(x.data_ptr(), y.data_ptr(), 32)")
+    r = _asan(["-c", code], timeout=1800)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, (r.returncode, r.stdout, r.stderr[-3000:])
+
+
+@asan_only
+def test_emulated_kernel_tests_pass_under_asan():
+    r = _asan(["-m", "pytest", *KERNEL_TESTS, "-q", "-p", "no:cacheprovider", "-k", "cuda"], timeout=3600)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, (r.stdout[-3000:], r.stderr[-3000:])

@@ -10,10 +10,11 @@ puts it in place of ``maefast._C`` for maefast's ops, which then take ``impl="cu
 
 What it checks and what it cannot: the kernels' arithmetic, indexing, synchronisation structure
 (a barrier some threads miss is a deadlock, a shuffle naming an exited lane an error), launch limits
-and WMMA alignment, against the reference on fresh inputs. Not the GPU's timing, memory model
-(threads only switch at barriers, so a race between two barriers goes unseen unless
-CUDA_EMU_ORDER=reverse changes the result), out-of-bounds reads inside the process's memory, or the
-GPU's own rounding of expf/logf (the host's libm here; the tolerances cover both).
+and WMMA alignment, against the reference on fresh inputs; with CUDA_EMU_ASAN=1 (AddressSanitizer,
+tests/test_cuda_emu.py's opt-in run) reads and writes past a tensor's memory. Not the GPU's timing,
+memory model (threads only switch at barriers, so a race between two barriers goes unseen unless
+CUDA_EMU_ORDER=reverse changes the result), or the GPU's own rounding of expf/logf (the host's libm
+here; the tolerances cover both).
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ CSRC = os.path.join(ROOT, "csrc")
 INCLUDE = os.path.join(HERE, "include")
 CXX = os.environ.get("CXX", "g++")
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
+# CUDA_EMU_ASAN=1: the kernels built with AddressSanitizer, so a read or write past a tensor's memory stops the
+# process with a report (what compute-sanitizer's memcheck says on a card). Its runtime must be loaded first:
+# run python as `LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...`
+# (tests/test_cuda_emu.py runs the emulated kernel tests so).
+ASAN = os.environ.get("CUDA_EMU_ASAN") == "1"
+if ASAN:
+    FLAGS += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 # `kernel<<<grid, block[, smem[, stream]]>>>(args)` -> a call of the emulation's launcher
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>", re.S)
@@ -130,7 +138,8 @@ def build() -> str:
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
                 objs = list(ex.map(compile_one, _sources()))
             tmp = os.path.join(work, "_C" + suffix)
-            r = subprocess.run([CXX, "-shared", *objs, "-o", tmp], capture_output=True, text=True)
+            r = subprocess.run([CXX, "-shared", *(["-fsanitize=address"] if ASAN else []), *objs, "-o", tmp],
+                               capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"{CXX} failed to link:\n{r.stderr[-4000:]}")
             os.makedirs(out_dir, exist_ok=True)

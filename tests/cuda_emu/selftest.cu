@@ -107,6 +107,9 @@ __global__ void wmma_misaligned_kernel(const __half* a, float* d) {
   wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
 }
 
+// reads one element past `in` (n elements): caught under AddressSanitizer (CUDA_EMU_ASAN=1)
+__global__ void oob_kernel(const float* in, float* out, int n) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
 void check() { MAEFAST_LAUNCH_CHECK(); }
 
 }  // namespace
@@ -165,6 +168,10 @@ MAEFAST_REGISTER(emulation_selftest) {
       wmma_kernel<__half, wmma::row_major><<<1, 32>>>(as_ptr<const __half>(a), as_ptr<const __half>(b), as_ptr<float>(d),
                                                       as_ptr<float>(col0), sync);
     }
+    check();
+  });
+  m.def("selftest_oob", [](std::uintptr_t in, std::uintptr_t out, int n) {
+    oob_kernel<<<1, n>>>(as_ptr<const float>(in), as_ptr<float>(out), n);
     check();
   });
   m.def("selftest_wmma_misaligned", [](std::uintptr_t a, std::uintptr_t d) {

@@ -15,6 +15,14 @@
 
 #include <setjmp.h>
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)  // the memory-checked build (tests/cuda_emu CUDA_EMU_ASAN=1): fibers announced
+#include <sanitizer/common_interface_defs.h>
+#define CUDA_EMU_TO_FIBER(fake, bottom, size) __sanitizer_start_switch_fiber(fake, bottom, size)
+#define CUDA_EMU_ARRIVED(fake, bottom, size) __sanitizer_finish_switch_fiber(fake, bottom, size)
+#else
+#define CUDA_EMU_TO_FIBER(fake, bottom, size) ((void)0)
+#define CUDA_EMU_ARRIVED(fake, bottom, size) ((void)0)
+#endif
 
 #include <algorithm>
 #include <array>
@@ -165,6 +173,7 @@ constexpr int kWarp = 32;
 struct Fiber {
   ucontext_t ctx;  // its start
   jmp_buf jb;      // where it yielded
+  void* fake = nullptr;  // AddressSanitizer's fake stack of the fiber while it is switched out
   dim3 tid;
   int linear = 0;
   bool started = false, done = false;
@@ -178,6 +187,10 @@ struct Emu {
   std::vector<char*> stacks;
   ucontext_t sched;
   jmp_buf sched_jb;
+  const void* sched_bottom = nullptr;  // the scheduler's stack, for AddressSanitizer's fiber switches
+  size_t sched_size = 0;
+  void* sched_fake = nullptr;
+  size_t stack_size = 256 * 1024;
   int cur = -1;
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> dyn_smem;
@@ -218,7 +231,12 @@ inline void fail(cudaError_t code, const std::string& what) {
 inline Fiber& self() { return emu().fibers[emu().cur]; }
 inline void yield() {
   Emu& e = emu();
-  if (_setjmp(e.fibers[e.cur].jb) == 0) _longjmp(e.sched_jb, 1);
+  Fiber& f = e.fibers[e.cur];
+  if (_setjmp(f.jb) == 0) {
+    CUDA_EMU_TO_FIBER(&f.fake, e.sched_bottom, e.sched_size);
+    _longjmp(e.sched_jb, 1);
+  }
+  CUDA_EMU_ARRIVED(f.fake, nullptr, nullptr);
 }
 
 inline void release_block_if_ready() {
@@ -284,6 +302,7 @@ inline void warp_barrier(unsigned mask, const char* what) {
 
 inline void fiber_main() {
   Emu& e = emu();
+  CUDA_EMU_ARRIVED(nullptr, &e.sched_bottom, &e.sched_size);
   (*e.body)();
   Fiber& f = self();
   f.done = true;
@@ -292,6 +311,7 @@ inline void fiber_main() {
   ++e.events;
   release_block_if_ready();
   release_warp_if_ready(f.linear / kWarp);
+  CUDA_EMU_TO_FIBER(nullptr, e.sched_bottom, e.sched_size);  // nullptr: this fiber's stack is done with
   _longjmp(e.sched_jb, 1);  // never resumed
 }
 
@@ -301,6 +321,7 @@ inline void resume(int i) {
   Fiber& f = e.fibers[i];
   e.cur = i;
   if (_setjmp(e.sched_jb) == 0) {
+    CUDA_EMU_TO_FIBER(&e.sched_fake, e.stacks[i], e.stack_size);
     if (!f.started) {
       f.started = true;
       swapcontext(&e.sched, &f.ctx);  // the fiber comes back by _longjmp, not through this call
@@ -308,11 +329,12 @@ inline void resume(int i) {
       _longjmp(f.jb, 1);
     }
   }
+  CUDA_EMU_ARRIVED(e.sched_fake, nullptr, nullptr);
 }
 
 inline void run_block(bool reverse) {
   Emu& e = emu();
-  constexpr size_t kStack = 256 * 1024;
+  const size_t kStack = e.stack_size;
   while (static_cast<int>(e.stacks.size()) < e.nthreads) e.stacks.push_back(static_cast<char*>(std::malloc(kStack)));
   e.fibers.assign(e.nthreads, Fiber{});
   const int nwarps = (e.nthreads + kWarp - 1) / kWarp;
