@@ -71,6 +71,12 @@ def test_shuffle_naming_an_exited_lane(C):
         C.selftest_exited_lane(out.data_ptr())
 
 
+def test_lane_exiting_while_its_warp_waits_for_it(C):
+    out = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="a lane exited while others of its warp wait for it"):
+        C.selftest_exit_while_waited(out.data_ptr())
+
+
 def test_full_mask_shuffle_in_a_partial_warp(C):
     out = torch.zeros(48)
     with pytest.raises(RuntimeError, match="lanes that do not run"):

@@ -47,6 +47,12 @@ __global__ void exited_lane_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
+// lane 0 waits at a warp shuffle that lane 1, having returned, never reaches
+__global__ void exit_while_waited_kernel(float* out) {
+  if (threadIdx.x == 1) return;
+  if (threadIdx.x == 0) out[0] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
 // the block's second warp has 16 threads: a full mask names lanes that do not exist
 __global__ void partial_warp_kernel(float* out) { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1); }
 
@@ -129,6 +135,10 @@ MAEFAST_REGISTER(emulation_selftest) {
   });
   m.def("selftest_exited_lane", [](std::uintptr_t out) {
     exited_lane_kernel<<<1, 32>>>(as_ptr<float>(out));
+    check();
+  });
+  m.def("selftest_exit_while_waited", [](std::uintptr_t out) {
+    exit_while_waited_kernel<<<1, 32>>>(as_ptr<float>(out));
     check();
   });
   m.def("selftest_partial_warp", [](std::uintptr_t out) {

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -193,7 +194,9 @@ struct Emu {
   size_t stack_size = 256 * 1024;
   int cur = -1;
   const std::function<void()>* body = nullptr;
-  std::vector<unsigned char> dyn_smem;
+  // the block's dynamic shared memory: exactly the launch's bytes, 128-byte aligned (under AddressSanitizer an
+  // access past them is reported)
+  std::unique_ptr<unsigned char, void (*)(void*)> dyn_smem{nullptr, std::free};
   size_t dyn_bytes = 0;
   // block barrier: arrivals, generation, the __syncthreads_or vote of each generation's parity
   int live = 0, bar_arrived = 0;
@@ -279,9 +282,11 @@ inline void check_warp_mask(unsigned mask, const char* what) {
   const int w = self().linear / kWarp;
   const int n = e.w_size[w];
   const unsigned all = n == kWarp ? 0xffffffffu : ((1u << n) - 1u);
-  if (mask != all) {
+  if ((mask & ~all) != 0) {
     fail(cudaErrorLaunchFailure, std::string(what) + ": mask names lanes that do not run (warp of " +
                                      std::to_string(n) + " threads, mask " + std::to_string(mask) + ")");
+  } else if (mask != all) {
+    fail(cudaErrorLaunchFailure, std::string(what) + ": a mask of part of a warp (the emulation runs full ones)");
   } else if (e.w_live[w] != n) {
     fail(cudaErrorLaunchFailure, std::string(what) + ": a lane named by the mask has exited");
   }
@@ -306,6 +311,9 @@ inline void fiber_main() {
   (*e.body)();
   Fiber& f = self();
   f.done = true;
+  if (e.w_arrived[f.linear / kWarp] > 0) {  // lanes wait for it at a full-mask warp barrier: undefined on a GPU
+    fail(cudaErrorLaunchFailure, "a lane exited while others of its warp wait for it at a warp operation");
+  }
   --e.live;
   --e.w_live[f.linear / kWarp];
   ++e.events;
@@ -359,7 +367,7 @@ inline void run_block(bool reverse) {
   e.live = e.nthreads;
   e.bar_arrived = 0;
   e.vote[0] = e.vote[1] = 0;
-  std::fill(e.dyn_smem.begin(), e.dyn_smem.end(), static_cast<unsigned char>(0xff));
+  if (e.dyn_bytes > 0) std::memset(e.dyn_smem.get(), 0xff, e.dyn_bytes);
   for (;;) {
     bool any = false;
     const unsigned long long before = e.events;
@@ -411,7 +419,13 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, const void* kernel, 
   e.block = block;
   e.nthreads = static_cast<int>(threads);
   e.body = &body;
-  e.dyn_smem.assign(smem + 128, 0xff);
+  void* mem = nullptr;
+  if (smem > 0 && posix_memalign(&mem, 128, smem) != 0) {
+    e.last_error = e.reported_code = cudaErrorMemoryAllocation;
+    e.error = e.reported = "dynamic shared memory";
+    return;
+  }
+  e.dyn_smem.reset(static_cast<unsigned char*>(mem));
   e.dyn_bytes = smem;
   const bool reverse = reverse_order();
   for (unsigned z = 0; z < grid.z && !e.aborted; ++z)
@@ -434,8 +448,7 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, const void* kernel, 
 
 inline unsigned char* dynamic_smem() {
   Emu& e = emu();
-  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(e.dyn_smem.data());
-  return e.dyn_smem.data() + ((128 - p % 128) % 128);
+  return e.dyn_smem.get();
 }
 
 struct Cfg {
