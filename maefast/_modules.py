@@ -28,6 +28,15 @@ def defining_class(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
 
+def own_forward(m: nn.Module) -> bool:
+    """Whether `m` has a forward set on its instance that may compute something else than its class's. Not
+    its class's own method bound to `m`: transformers 4.56-4.57's output capturing (output_hidden_states /
+    output_attentions) puts each captured layer's `layer.forward` back on the instance when the call ends."""
+    f = m.__dict__.get("forward")
+    return f is not None and not (getattr(f, "__self__", None) is m
+                                  and getattr(f, "__func__", None) is getattr(type(m), "forward", None))
+
+
 def trusted_class(cls: type, root_module: str = "") -> bool:
     """Whether the forward `cls` runs is one maefast knows: defined in maefast or torch, one of timm's
     `TIMM_CLASSES`, or in `root_module` (the module of the model's official-layout class: its Block

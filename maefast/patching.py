@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ._modules import defining_class, package
+from ._modules import defining_class, own_forward, package
 from ._validate import check_bool
 from .models.fast import MAEView, _official_block_view, check_fused, check_model_impl, fast_forward, official_view
 from .models.hf_view import _hf_called, _hf_layers, _hf_linears, _p, _transformers_view, transformers_view
@@ -217,7 +218,9 @@ class _TransformersForward:
         self.model = model
         # imported here, not in the call: dynamo in torch 2.11 cannot trace `import transformers` (a _LazyModule)
         self.output_cls = ViTMAEForPreTrainingOutput
-        self.v5 = int(transformers.__version__.split(".")[0]) >= 5
+        # the rule its forward picks return_dict's default by: 4.56+ (can_return_tuple) reads config.return_dict
+        # alone, older 4.x config.use_return_dict (False under torchscript)
+        self.return_dict_only = _version(transformers.__version__) >= (4, 56)
         # what each layer's config._attn_implementation names (4.48+; None before): the installed transformers'
         self.attention_functions = getattr(modeling_utils, "ALL_ATTENTION_FUNCTIONS", None)
 
@@ -262,15 +265,21 @@ class _TransformersForward:
         out = self.output_cls(loss=loss, logits=pred, mask=mask, ids_restore=ids_restore)
         return_dict = kwargs.get("return_dict")
         if return_dict is None:
-            return_dict = _config_return_dict(m.config, self.v5)
+            return_dict = _config_return_dict(m.config, self.return_dict_only)
         return out if return_dict else out.to_tuple()
 
 
-def _config_return_dict(config, v5: bool) -> bool:
-    """The config's default return_dict as the original forward decides it: 4.x's `use_return_dict`
-    (False under torchscript); 5.x's `return_dict` alone (it has no torchscript mode: a config's
-    `torchscript` attribute changes nothing there)."""
-    return bool(getattr(config, "return_dict", True)) if v5 else bool(config.use_return_dict)
+def _version(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string ("4.57.6", "5.0.0.dev0" -> (4, 57), (5, 0))."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def _config_return_dict(config, return_dict_only: bool) -> bool:
+    """The config's default return_dict as the original forward decides it: before 4.56 `use_return_dict`
+    (False under torchscript); 4.56+ and 5.x `return_dict` alone (their can_return_tuple has no torchscript
+    mode: a config's `torchscript` attribute changes nothing there)."""
+    return bool(getattr(config, "return_dict", True)) if return_dict_only else bool(config.use_return_dict)
 
 
 def _from_library(cls: type | None) -> bool:
@@ -346,7 +355,7 @@ def _hf_changed_reason(model, st: PatchState, view: MAEView, attention_functions
                 if "parametrizations" in n and "parametrizations" in n.split("."):  # computes a tensor the fast
                     # path reads (it runs then); the substring first: this loop runs on every call
                     continue
-                if id(sub) not in called and ("forward" in sub.__dict__ or not _known_forward(type(sub))):
+                if id(sub) not in called and (own_forward(sub) or not _known_forward(type(sub))):
                     return f"{prefix} {i}{'.' + n if n else ''} runs its own forward, which the fast path would replace"
                 if type(sub) is not nn.Dropout and _p(sub, True):  # the fast path applies nn.Dropout's rates only
                     return f"{prefix} {i}.{n} is a {type(sub).__name__}(p={sub.p}) in training mode (the fast path " \

@@ -450,11 +450,13 @@ def test_models_with_parametrized_weights_convert_the_weights_they_compute_with(
     from torch.nn.utils.parametrizations import weight_norm
 
     from maefast.convert import from_transformers_model, to_transformers_model
+    from maefast.models.hf_view import _hf_layers, _hf_linears
 
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     hf = to_transformers_model(_distinct(_tiny()), mask_ratio=0.5).eval()
-    weight_norm(hf.vit.layers[0].mlp.fc1)
-    weight_norm(hf.decoder.decoder_layers[0].attention.q_proj)
+    enc, dec = _hf_layers(hf)  # 5.x or 4.x module names
+    weight_norm(_hf_linears(enc[0])[4])  # fc1
+    weight_norm(_hf_linears(dec[0])[0])  # q
     m = from_transformers_model(hf, impl="reference").eval()
     _assert_computes_as(hf, m, imgs, noise)
     m = _distinct(_tiny(impl="reference")).eval()

@@ -370,9 +370,11 @@ def test_transformers_heads_are_the_ones_the_layers_split_by():
         m.config.num_attention_heads, m.config.decoder_num_attention_heads = 1, 1
         enc, dec = (m.vit.layers if hasattr(m.vit, "layers") else m.vit.encoder.layer), m.decoder.decoder_layers
         with torch.no_grad():
-            for layer in (*enc, *dec):  # sharper attention, where the split shows
+            # sharper attention, where the split shows (the config's split is ~1 off in the logits); q and k x10
+            # made float32 rounding reach 2e-4 on some draws (transformers 4.57's), past _hf_same's 1e-5
+            for layer in (*enc, *dec):
                 for lin in maefast.patching._hf_linears(layer)[:2]:
-                    lin.weight.mul_(10)
+                    lin.weight.mul_(3)
     _hf_same(plain, patched, None)
 
 
@@ -409,7 +411,7 @@ def test_transformers_patched_forward_pickled_by_an_older_version_still_runs():
     plain, patched = _hf()
     old = pickle.loads(pickle.dumps(patched))
     fwd = old.__dict__["forward"]
-    for name in ("output_cls", "v5"):
+    for name in ("output_cls", "return_dict_only"):
         del fwd.__dict__[name]
     old = pickle.loads(pickle.dumps(old))
     assert isinstance(old.forward, _TransformersForward) and old.forward.output_cls is type(patched.forward(

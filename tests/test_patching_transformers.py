@@ -119,8 +119,8 @@ def test_transformers_return_dict_false_is_served_fast():
 
 
 def test_transformers_return_type_follows_the_installed_versions_rule_under_torchscript():
-    """config.torchscript=True: 4.x's original returns a tuple (use_return_dict is False), 5.x's the output
-    object (it has no torchscript mode); the patched forward returns what the original does."""
+    """config.torchscript=True: the original of 4.x before 4.56 returns a tuple (use_return_dict is False),
+    4.56+'s and 5.x's the output object (no torchscript mode); the patched forward returns what the original does."""
     plain, patched = _hf_pair()
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
     for m in (plain, patched):
@@ -128,6 +128,26 @@ def test_transformers_return_type_follows_the_installed_versions_rule_under_torc
     with torch.no_grad():
         want, got = plain(pixel_values=imgs, noise=noise), patched(pixel_values=imgs, noise=noise)
     assert type(got) is type(want), (type(got), type(want))
+
+
+@pytest.mark.parametrize("version,tuple_under_torchscript", [("4.55.4", True), ("4.56.0.dev0", False),
+                                                              ("4.57.6", False), ("5.0.0", False)])
+def test_transformers_return_type_rule_is_the_one_of_the_installed_version(monkeypatch, version,
+                                                                           tuple_under_torchscript):
+    """The rule by version: before 4.56 the forward's default is config.use_return_dict (False under
+    torchscript); 4.56+ (can_return_tuple) and 5.x read config.return_dict alone. 4.56-4.57's fast path
+    returned a tuple where their original returns the output object."""
+    plain = _hf_pair()[0]
+    import transformers  # after building: 5.x puts another module object in sys.modules at its first model import
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    # 4.x's config property (5.x's is return_dict alone, deprecated)
+    monkeypatch.setattr(type(plain.config), "use_return_dict", property(lambda c: c.return_dict and not c.torchscript))
+    patched = maefast.patch(copy.deepcopy(plain))
+    patched.config.torchscript = True
+    with torch.no_grad():
+        got = patched(pixel_values=torch.randn(N, 3, 32, 32), noise=torch.rand(N, L))
+    assert isinstance(got, tuple) is tuple_under_torchscript, type(got)
 
 
 @pytest.mark.parametrize("what", ["output_hidden_states", "output_attentions"])
@@ -433,9 +453,11 @@ def test_transformers_arguments_given_positionally_run_the_original():
     if name == "attention_mask":  # a padding mask over cls + the 4 visible tokens
         value = torch.ones(N, 1 + 4, dtype=torch.long)
         value[0, -1] = 0
-    else:
+    else:  # 4.x's SDPA attention takes a head mask for an additive attention mask (no change): eager's applies it
         value = torch.ones(TINY["num_heads"])
         value[1] = 0
+        for m in (plain, patched):
+            m.config._attn_implementation = "eager"
     args = [None] * (params.index(name) - 3) + [value]  # after self, pixel_values, noise
     o0, _ = _run_hf(plain, imgs, noise)
     want = plain(imgs, noise, *args)

@@ -133,7 +133,8 @@ def test_transformers_hooks_on_a_layer_the_fast_path_calls_run_on_the_fast_path(
 
 def test_transformers_output_capturing_hooks_do_not_slow_later_calls():
     """transformers 5.x installs its output-capturing hooks for good at the first output_hidden_states
-    call (which runs the original); the calls after it are still served fast."""
+    call (which runs the original), and 4.56-4.57 leave each captured layer's own bound forward set on
+    its instance; the calls after it are still served fast."""
     plain, patched = _hf_pair()
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
     with warnings.catch_warnings():
@@ -145,3 +146,24 @@ def test_transformers_output_capturing_hooks_do_not_slow_later_calls():
         o1, _ = _run_hf(patched, imgs, noise)
     assert not [w for w in said if issubclass(w.category, _slow_warning())], [str(w.message) for w in said]
     assert _close(o1.loss, o0.loss)
+
+
+def test_transformers_layer_forward_set_back_to_its_own_method_is_served_fast():
+    """`layer.forward = layer.forward` (the class's method bound to the layer: what transformers 4.56-4.57's
+    output capturing leaves on each captured layer) computes what the class's forward does: served fast.
+    The class's method bound to another layer is the user's forward: it runs the original."""
+    plain, patched = _hf_pair()
+    imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
+    o0, g0 = _run_hf(plain, imgs, noise)
+    enc = patched.vit.layers if hasattr(patched.vit, "layers") else patched.vit.encoder.layer
+    for layer in enc:
+        layer.forward = layer.forward
+        layer.attention.forward = layer.attention.forward
+    with _no_slow_warning():
+        o1, g1 = _run_hf(patched, imgs, noise)
+    assert _close(o1.loss, o0.loss)
+    _assert_grads_equal(g1, g0)
+    enc[0].forward = type(enc[1]).forward.__get__(enc[1])  # layer 0 now computes layer 1
+    with pytest.warns(_slow_warning(), match="encoder layer 0 runs its own forward"):
+        o2, _ = _run_hf(patched, imgs, noise)
+    assert not _close(o2.loss, o0.loss, rel=1e-7)
