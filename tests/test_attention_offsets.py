@@ -154,6 +154,27 @@ def test_reference_attention_keeps_the_device_offsets_contract(cu, max_seqlen, n
         assert not lse[0, :, a:b].isnan().any()
 
 
+@pytest.mark.parametrize("impl", [pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("cu,max_seqlen", [([0, 25, 15, 40], 25), ([5, 20, 40], 25), ([0, 20, 50], 25),
+                                           ([0, 30, 40], 20), ([0, 36, 40], 20), ([0, 20, 30], 20)],
+                         ids=["decreasing", "nonzero-start", "end-beyond-rows", "longer-than-max_seqlen",
+                              "longer-than-the-padded-length", "padding-after-the-last"])
+def test_cuda_kernel_keeps_the_device_offsets_contract(cu, max_seqlen, impl, device):
+    """The CUDA C++ forward on trusted offsets (the op called directly, as a GPU caller's device offsets
+    with max_seqlen: no host check), on a card or under the CPU emulation: its per-sequence poison and
+    its block vote over the whole offset array put NaN exactly where the reference's contract does (out
+    and lse), every other row as the reference. (A negative start, which the kernel clamps, is left to
+    the subprocess test above: a regression there would write outside the tensors.)"""
+    qkv = randn(1, 40, 3 * H * 32, dtype=torch.float16, device=device)
+    offsets = torch.tensor(cu, dtype=torch.int32, device=device)
+    got = torch.ops.maefast.visible_attention(qkv, H, offsets, max_seqlen, None, impl)
+    want = torch.ops.maefast.visible_attention(qkv, H, offsets, max_seqlen, None, "reference")
+    for name, g, w, dtype in zip(("out", "lse"), got, want, (torch.float16, torch.float32)):
+        assert torch.equal(g.isnan(), w.isnan()), f"{cu} max_seqlen={max_seqlen}: NaN rows of {name} differ"
+        ok = ~w.isnan()
+        assert_close(g[ok], w[ok], dtype, scale=100 if name == "lse" else 1, name=f"{cu} {name}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_strided_cu_seqlens(impl):
     """A strided view is read through its strides, not as contiguous memory (before: the Triton

@@ -109,6 +109,27 @@ def test_dynamic_shared_memory(C):
         C.selftest_dyn_smem(first.data_ptr(), out.data_ptr(), 1, threads, 64 * 1024, 232448 + 1)
 
 
+def test_static_shared_memory_is_poisoned_per_block(C):
+    """A static __shared__ array or scalar holds 0xff bytes as each block starts, as dynamic shared memory
+    does (a GPU leaves it undefined): not the zeros of a fresh static, nor the previous block's values."""
+    blocks = 3
+    out = torch.zeros(blocks * 64 * 2, dtype=torch.int32)
+    C.selftest_static_smem(out.data_ptr(), blocks)
+    assert (out == -1).all(), out.unique().tolist()
+
+
+def test_poison_byte_is_chosen_by_cuda_emu_poison(C, monkeypatch):
+    """CUDA_EMU_POISON=0x7f fills shared memory, static and dynamic, with 0x7f bytes (3.4e38 as a float: a stale
+    value that fmaxf does not skip, as it skips the default NaN)."""
+    monkeypatch.setenv("CUDA_EMU_POISON", "0x7f")
+    out = torch.zeros(2 * 64 * 2, dtype=torch.int32)
+    C.selftest_static_smem(out.data_ptr(), 2)
+    assert (out == 0x7F7F7F7F).all(), out.unique().tolist()
+    first, dyn_out = torch.zeros(1, dtype=torch.uint8), torch.zeros(64)
+    C.selftest_dyn_smem(first.data_ptr(), dyn_out.data_ptr(), 1, 64, 64 * 4, -1)
+    assert int(first) == 0x7F
+
+
 def test_thread_order_and_reverse(C, monkeypatch):
     """Threads switch only at barriers, in thread order; CUDA_EMU_ORDER=reverse runs them the other way
     round, so a result that depends on an order a GPU does not promise (a race) changes."""
@@ -162,6 +183,11 @@ def test_rewrite_of_launches_and_dynamic_shared_memory():
     assert "unsigned char* smem_raw = reinterpret_cast<unsigned char*>(::cuda_emu::dynamic_smem());" in out
     assert "::cuda_emu::launch(::cuda_emu::Cfg(dim3(n, h), 256, smem, stream), k<T, 4>)(p, q);" in out
     assert "::cuda_emu::launch(::cuda_emu::Cfg(1, 32), kernel)(x);" in out
+    stat = cuda_emu.rewrite("  __shared__ float smem[33];\n  __shared__ __align__(32) float t[2][4];\n"
+                            "  __shared__ int cell;")
+    assert "static float smem[33]; ::cuda_emu::poison_static(&smem, sizeof(smem));" in stat
+    assert "static __align__(32) float t[2][4]; ::cuda_emu::poison_static(&t, sizeof(t));" in stat
+    assert "static int cell; ::cuda_emu::poison_static(&cell, sizeof(cell));" in stat
     with pytest.raises(RuntimeError, match="cannot rewrite"):
         cuda_emu.rewrite("extern __shared__ float s[4];")  # a sized extern array: not a form csrc uses
 

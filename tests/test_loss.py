@@ -134,6 +134,22 @@ def test_zero_variance_patch_is_finite(impl, pred_on, device):
 
 
 @pytest.mark.parametrize("impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("pred_on", ["all", "masked"])
+def test_near_constant_patch_adds_eps_under_the_root(impl, pred_on, device):
+    """A masked patch of variance ~1e-8 (a flat region with a little noise): the official target divides by
+    sqrt(var + 1e-6) ~ 1e-3, where sqrt(var) + 1e-6 ~ 1e-4 would scale the target by 10 (a zero-variance
+    patch cannot tell them apart: its target is 0 either way)."""
+    c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
+    l = int(c.ids_masked[0, 0])
+    hi, wi = divmod(l, 4)
+    patch = c.imgs[0, :, hi * 8:(hi + 1) * 8, wi * 8:(wi + 1) * 8]
+    c.imgs[0, :, hi * 8:(hi + 1) * 8, wi * 8:(wi + 1) * 8] = 0.37 + 1e-4 * torch.randn_like(patch)
+    got, ref = c.ours(pred_on, True, impl), c.reference(pred_on, True)
+    assert_close(got[0], ref[0], torch.float32, name="loss")
+    assert_close(got[1], ref[1], torch.float32, name="grad pred")
+
+
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
 def test_nan_and_inf_propagate(impl, device):
     c = Case(2, 32, 32, 8, 0.75, torch.float32, device)
     lm = int(c.ids_masked[1, 2])

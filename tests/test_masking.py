@@ -184,6 +184,32 @@ def test_triton_kernel_reads_the_seed_tensor(device):
         _assert_ids_equal(got, want, f"seed tensor {value}")
 
 
+@pytest.mark.parametrize("impl", [pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("N,L,ratio,seed,offset", [(2, 196, 0.75, 0, 0), (3, 256, 0.75, 2 ** 40 + 5, 123),
+                                                   (1, 17, 0.9, 77, 2 ** 33)])
+def test_seeded_cuda_kernel_matches_the_reference(device, impl, N, L, ratio, seed, offset):
+    """The CUDA C++ kernel's Philox draws (both key words: a seed past 2**32; the counter's high word:
+    an offset past 2**32; the sign fold of uint_to_uniform) give the reference's seeded mask."""
+    ref = random_masking(N, L, ratio, seed=seed, offset=offset, device="cpu", impl="reference")
+    got = random_masking(N, L, ratio, seed=seed, offset=offset, device=device, impl=impl)
+    _assert_ids_equal(got, ref, f"{impl} seeded N={N} L={L} seed={seed} offset={offset}")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cuda_kernel_reads_the_seed_pointer(device, impl):
+    """A device seed (seed_ptr, what a CUDA-graph replay feeds) is what the CUDA C++ kernel draws from,
+    not the int seed beside it. The op reads a CPU seed tensor on the host, so the launcher is called
+    directly (as for Triton above)."""
+    from maefast.ops.masking import _cuda
+
+    N, L, K, offset = 3, 50, 12, 7
+    for value in (5, 2 ** 62 + 17):
+        want = random_masking(N, L, 0.76, seed=value, offset=offset, device="cpu", impl="reference")
+        seed_t = torch.tensor([value], dtype=torch.int64, device=device)
+        got = _cuda(N, L, K, None, 999, offset, seed_t.device, seed_ptr=seed_t.data_ptr())
+        _assert_ids_equal(got, want, f"seed pointer {value}")
+
+
 def test_seed_reproducible_and_distinct():
     a = random_masking(4, 196, 0.75, seed=5)
     _assert_ids_equal(random_masking(4, 196, 0.75, seed=5), a, "same seed")
@@ -410,21 +436,23 @@ def test_gpu_auto_and_statistics():
     assert float((kept - 8192 * p).abs().max()) < 5 * sd
 
 
-def test_nan_noise_ranks_last_like_torch_sort(device):
+@pytest.mark.parametrize("impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nan_noise_ranks_last_like_torch_sort(device, impl, dtype):
     """NaN in given noise: every backend ranks it after all numbers (NaNs by index), as torch's
-    stable argsort does, so ids_restore stays a permutation (reviewed, not a paper case)."""
+    stable argsort does, so ids_restore stays a permutation (reviewed, not a paper case). The CUDA C++
+    kernel's two NaN terms each matter: without `nan_i && !nan_j` a NaN ranks among the numbers, without
+    `nan_i && nan_j` several NaNs share a rank."""
     from maefast.reference import masking_ids
 
-    noise = torch.rand(3, 40)
+    noise = torch.rand(3, 40, dtype=dtype)
     noise[0, [3, 17]] = float("nan")
     noise[1, :] = float("nan")
     noise[2, 5] = float("nan")
     ref = masking_ids(3, 40, 0.75, noise=noise)
-    impls = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cuda" else [])
-    for impl in impls:
-        got = random_masking(3, 40, 0.75, noise=noise.to(device), impl=impl)
-        for g, r in zip(got, ref):
-            assert torch.equal(g.cpu(), r), impl
+    got = random_masking(3, 40, 0.75, noise=noise.to(device), impl=impl)
+    for name, g, r in zip(("ids_keep", "ids_restore", "mask"), got, ref):
+        assert torch.equal(g.cpu(), r), f"{impl} {dtype} {name}"
 
 
 def test_triton_kernel_does_not_specialise_on_seed_or_offset():

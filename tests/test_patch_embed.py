@@ -348,6 +348,39 @@ def test_uint8_kernels_compile_for_sm90_without_spills(tmp_path):
     assert not spilled, spilled
 
 
+@pytest.mark.parametrize("impl", [pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("layout", ["channels_last", "padded-planes"])
+def test_cuda_gather_bad_ids_and_unaligned_channel_planes(device, impl, layout):
+    """maefast._C.patch_gather on a card or under the CPU emulation: the element-wise kernel (channels_last)
+    and the row kernel (channel planes padded by one element: 16-byte rows, 2-byte-aligned planes) copy what
+    the PyTorch gather does; the row kernel's copy unit divides the base and every byte stride (a wider
+    one is a misaligned load on a GPU); an id outside [0, L), L itself included, gives a NaN row."""
+    from maefast._cpp_lib import get_C
+    from maefast.ops.patch_embed import _rows_cuda, _rows_torch
+
+    n, c, size, p = 2, 3, 32, 8
+    g = size // p
+    if layout == "channels_last":
+        imgs = randn(n, c, size, size, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    else:
+        plane, s_n = size * size + 1, 3 * (size * size + 1) + 5  # 2050-byte planes, 6160-byte images
+        imgs = randn(n * s_n, device=device).to(torch.bfloat16).as_strided((n, c, size, size), (s_n, plane, size, 1))
+    ids = random_masking(n, g * g, 0.5, seed=4, device=device, impl="reference").ids_keep
+    k = ids.shape[1]
+    out = torch.empty(n * k, c * p * p, dtype=imgs.dtype, device=device)
+    unit = get_C().patch_gather_unit_bytes(imgs.data_ptr(), *imgs.stride(), n, k, c, p, g, g, 2, out.data_ptr())
+    assert (unit == 0) == (layout == "channels_last")
+    assert all((v * 2) % max(unit, 1) == 0 for v in (*imgs.stride()[:3], p)) and imgs.data_ptr() % max(unit, 1) == 0
+    want = _rows_torch(imgs, ids, p)
+    assert torch.equal(_rows_cuda(imgs, ids, p), want)
+    for bad_id in (g * g, g * g + 7, -1):
+        bad = ids.clone()
+        bad[1, 2] = bad_id
+        rows = _rows_cuda(imgs, bad, p)
+        assert torch.isnan(rows[k + 2].float()).all(), bad_id
+        assert torch.equal(rows[:k + 2], want[:k + 2]) and torch.equal(rows[k + 3:], want[k + 3:])
+
+
 # ---- GPU: paper shapes, every impl (GPU and GPU_IMPLS are globals so the bodies can be dry-run on a CPU) ----
 
 GPU = torch.device("cuda")

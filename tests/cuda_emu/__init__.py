@@ -13,8 +13,9 @@ What it checks and what it cannot: the kernels' arithmetic, indexing, synchronis
 and WMMA alignment, against the reference on fresh inputs; with CUDA_EMU_ASAN=1 (AddressSanitizer,
 tests/test_cuda_emu.py's opt-in run) reads and writes past a tensor's memory. Not the GPU's timing,
 memory model (threads only switch at barriers, so a race between two barriers goes unseen unless
-CUDA_EMU_ORDER=reverse changes the result), or the GPU's own rounding of expf/logf (the host's libm
-here; the tolerances cover both).
+CUDA_EMU_ORDER=reverse changes the result; shared memory starts as 0xff bytes, NaN, which fmaxf skips:
+CUDA_EMU_POISON=0x7f makes it 3.4e38), or the GPU's own rounding of expf/logf (the host's libm here;
+the tolerances cover both).
 """
 from __future__ import annotations
 
@@ -50,19 +51,24 @@ _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>", re.S)
 # `extern __shared__ [__align__(n)] T name[];` -> a pointer into the block's dynamic shared memory
 _DYN_SMEM = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w\s:]*?)\s+(\w+)\s*\[\s*\]\s*;")
+# `__shared__ [__align__(n)] T name[dims];` (or a scalar) -> a function static, filled with 0xff bytes as each
+# block starts (by the first thread reaching it), as dynamic shared memory is: not zeros, not the last block's
+_STATIC_SMEM = re.compile(
+    r"(?<![\w])__shared__\s+((?:__align__\(\s*\d+\s*\)\s+)?[A-Za-z_][\w\s:]*?)\s+(\w+)\s*((?:\[[^\]\[;]+\])*)\s*;")
 
 _error: str | None = None
 _module = None
 
 
 def rewrite(source: str) -> str:
-    """The .cu text as C++ the host compiler takes (only the launch and dynamic shared memory syntax
-    changes; the kernels are compiled as written)."""
+    """The .cu text as C++ the host compiler takes (only the launch and shared memory syntax changes:
+    static shared memory is poisoned per block, as dynamic; the kernels are compiled as written)."""
     out = _DYN_SMEM.sub(lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::cuda_emu::dynamic_smem());", source)
     out = _LAUNCH.sub(lambda m: f"::cuda_emu::launch(::cuda_emu::Cfg({m[2]}), {m[1]})", out)
     if "<<<" in out or "extern __shared__" in out:
         raise RuntimeError("tests/cuda_emu: a launch or dynamic shared memory form it cannot rewrite")
-    return out
+    return _STATIC_SMEM.sub(
+        lambda m: f"static {m[1]} {m[2]}{m[3]}; ::cuda_emu::poison_static(&{m[2]}, sizeof({m[2]}));", out)
 
 
 def _sources() -> list[str]:

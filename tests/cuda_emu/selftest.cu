@@ -68,6 +68,19 @@ __global__ void dyn_smem_kernel(unsigned char* first, float* out) {
   out[blockIdx.x * blockDim.x + t] = sh[blockDim.x - 1 - t];
 }
 
+// static shared memory: what each thread of each block finds there before writing it (0xff bytes, as
+// dynamic shared memory: not zeros, not the previous block's values)
+__global__ void static_smem_kernel(unsigned* out) {
+  __shared__ unsigned s[64];
+  __shared__ float scalar;
+  const int t = threadIdx.x;
+  out[2 * (blockIdx.x * blockDim.x + t)] = s[t];
+  out[2 * (blockIdx.x * blockDim.x + t) + 1] = __float_as_int(scalar);
+  __syncthreads();
+  s[t] = 7u;
+  scalar = 1.0f;
+}
+
 // every thread writes its index to one cell between two barriers: the last writer wins (thread order)
 __global__ void race_kernel(int* out) {
   __shared__ int cell;
@@ -153,6 +166,10 @@ MAEFAST_REGISTER(emulation_selftest) {
                                 int attribute) {
     if (attribute >= 0) MAEFAST_CUDA_CHECK(cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, attribute));
     dyn_smem_kernel<<<blocks, threads, smem>>>(as_ptr<unsigned char>(first), as_ptr<float>(out));
+    check();
+  });
+  m.def("selftest_static_smem", [](std::uintptr_t out, int blocks) {
+    static_smem_kernel<<<blocks, 64>>>(as_ptr<unsigned>(out));
     check();
   });
   m.def("selftest_race", [](std::uintptr_t out, int threads) {

@@ -9,8 +9,8 @@
 // launch configurations past the card's limits (an sm_90 card), dynamic shared memory past the
 // kernel's attribute, a barrier some live threads never reach (deadlock), warp operations naming lanes
 // that do not exist or have exited, misaligned WMMA pointers or leading dimensions.
-// Shared memory: `__shared__` arrays are function statics (one block at a time holds them), dynamic
-// shared memory is a buffer filled with 0xFF bytes (NaN for floats) before every block.
+// Shared memory: `__shared__` variables are function statics (one block at a time holds them), filled
+// with 0xFF bytes (NaN for floats) as each block starts, as dynamic shared memory (a buffer) is.
 #pragma once
 
 #include <setjmp.h>
@@ -215,6 +215,8 @@ struct Emu {
   cudaError_t reported_code = cudaSuccess;
   std::map<const void*, int> max_dyn_smem;  // cudaFuncSetAttribute
   unsigned long long launches = 0;
+  unsigned long long block_serial = 0;  // blocks run so far: static shared memory is poisoned once per block
+  std::map<const void*, unsigned long long> static_smem;  // a static __shared__ variable -> its block serial
 };
 
 inline Emu& emu() {
@@ -340,6 +342,13 @@ inline void resume(int i) {
   CUDA_EMU_ARRIVED(e.sched_fake, nullptr, nullptr);
 }
 
+// The byte shared memory is filled with as a block starts: 0xff (NaN for floats), or CUDA_EMU_POISON (e.g.
+// 0x7f: 3.4e38, a finite value that fmaxf does not skip as it skips NaN).
+inline unsigned char poison_byte() {
+  const char* v = std::getenv("CUDA_EMU_POISON");
+  return v == nullptr ? 0xff : static_cast<unsigned char>(std::strtoul(v, nullptr, 0));
+}
+
 inline void run_block(bool reverse) {
   Emu& e = emu();
   const size_t kStack = e.stack_size;
@@ -364,10 +373,11 @@ inline void run_block(bool reverse) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  ++e.block_serial;
   e.live = e.nthreads;
   e.bar_arrived = 0;
   e.vote[0] = e.vote[1] = 0;
-  if (e.dyn_bytes > 0) std::memset(e.dyn_smem.get(), 0xff, e.dyn_bytes);
+  if (e.dyn_bytes > 0) std::memset(e.dyn_smem.get(), poison_byte(), e.dyn_bytes);
   for (;;) {
     bool any = false;
     const unsigned long long before = e.events;
@@ -444,6 +454,18 @@ inline void launch_impl(dim3 grid, dim3 block, size_t smem, const void* kernel, 
     e.reported_code = e.last_error;
   }
   e.aborted = false;
+}
+
+// A static `__shared__` variable, after its declaration (the build's rewrite): filled with 0xff bytes the
+// first time a thread of a block reaches it, so a block never reads zeros or the previous block's values
+// where a GPU leaves the memory undefined.
+inline void poison_static(void* p, size_t n) {
+  Emu& e = emu();
+  unsigned long long& seen = e.static_smem[p];
+  if (seen != e.block_serial) {
+    std::memset(p, poison_byte(), n);
+    seen = e.block_serial;
+  }
 }
 
 inline unsigned char* dynamic_smem() {
@@ -567,90 +589,3 @@ inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int v
   ::cuda_emu::emu().max_dyn_smem[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
 }
-
-// ---- WMMA (warp matrix multiply-accumulate) -----------------------------------------------------------
-// Every lane holds the whole tile (the real fragments split it over the lanes in an unspecified layout,
-// which code may not depend on); loads, stores and products are warp-synchronous, as their `.sync` says.
-namespace nvcuda {
-namespace wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
-  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
-  T x[rows * cols];  // element (r, c) at x[r * cols + c]
-};
-
-inline void check_ptr(const void* p, unsigned ldm, size_t elem, const char* what) {
-  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) {
-    ::cuda_emu::fail(cudaErrorMisalignedAddress, std::string(what) + ": pointer not 256-bit aligned");
-  }
-  if ((ldm * elem) % 16 != 0) {
-    ::cuda_emu::fail(cudaErrorMisalignedAddress, std::string(what) + ": ldm not a multiple of 16 bytes");
-  }
-}
-
-template <typename Use, int M, int N, int K, typename T, typename Layout, typename V>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const V& v) {
-  for (auto& x : f.x) x = static_cast<T>(v);
-}
-
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
-  static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout");
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::load_matrix_sync");
-  check_ptr(p, ldm, sizeof(T), "wmma::load_matrix_sync");
-  using F = fragment<Use, M, N, K, T, Layout>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c)
-      f.x[r * F::cols + c] = std::is_same<Layout, row_major>::value ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-// Each lane stores its own share of the tile (every 32nd element), as on a GPU: a lane reading what
-// another stored needs a __syncwarp first, or it reads what was there before.
-template <int M, int N, int K, typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm, layout_t l) {
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::store_matrix_sync");
-  check_ptr(p, ldm, sizeof(T), "wmma::store_matrix_sync");
-  const int lane = ::cuda_emu::self().linear % 32;
-  for (int e = lane; e < M * N; e += 32) {
-    const int r = e / N, c = e % N;
-    (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
-  }
-}
-
-inline float as_float(float v) { return v; }
-inline float as_float(__half v) { return __half2float(v); }
-inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// The product is computed by lane 0 and copied by every lane (the lanes' fragments are equal: WMMA is
-// warp-uniform, and the barriers check that every lane takes part).
-template <int M, int N, int K, typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, M, N, K, float, void>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float, void>& c) {
-  auto& e = ::cuda_emu::emu();
-  const int lin = ::cuda_emu::self().linear, w = lin / 32;
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::mma_sync");
-  if (lin % 32 == 0) {
-    std::vector<float>& out = e.w_tile[w];
-    out.assign(M * N, 0.f);
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < N; ++j) {
-        float s = c.x[i * N + j];
-        for (int k = 0; k < K; ++k) s += as_float(a.x[i * K + k]) * as_float(b.x[k * N + j]);
-        out[i * N + j] = s;
-      }
-  }
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::mma_sync");
-  if (!e.aborted) std::memcpy(d.x, e.w_tile[w].data(), sizeof(float) * M * N);
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::mma_sync");  // every lane has its copy
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

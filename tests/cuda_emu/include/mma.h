@@ -1,3 +1,3 @@
 // The CPU emulation's stand-in for CUDA's <mma.h> (tests/cuda_emu).
 #pragma once
-#include "cuda_emu.h"
+#include "cuda_emu_wmma.h"
