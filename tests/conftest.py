@@ -79,7 +79,8 @@ def _emulated_cuda_case(item) -> bool:
     if params.get("impl") != "cuda" or "device" not in getattr(item, "fixturenames", ()):
         return False
     owners = (getattr(item, "function", None), getattr(item, "cls", None), getattr(item, "module", None))
-    return not any(m.name == "cuda" for o in owners if o is not None for m in getattr(o, "pytestmark", []))
+    marks = [getattr(o, "pytestmark", []) for o in owners if o is not None]
+    return not any(m.name == "cuda" for ms in marks for m in (ms if isinstance(ms, list) else [ms]))
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cuda_emu  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the emulation stands in for a GPU: none here")
 
 
@@ -170,10 +171,33 @@ def test_wmma_store_needs_syncwarp_before_other_lanes_read(C):
     assert (col0 == -1).any() and not torch.equal(col0, d[:, 0])
 
 
+def test_wmma_load_needs_syncwarp_after_other_lanes_write(C):
+    """load_matrix_sync waits for the warp's lanes but does not order their earlier writes (a __syncwarp does):
+    a tile the lanes copy into shared memory and load without one is read as it was before (0xFF poison)."""
+    a, eye = torch.randn(16, 16).half(), torch.eye(16).half()
+    for sync in (True, False):
+        d = torch.zeros(16, 16)
+        C.selftest_wmma_load(a.data_ptr(), eye.data_ptr(), d.data_ptr(), sync)
+        assert torch.equal(d, a.float()) == sync
+
+
 def test_wmma_misaligned_pointer(C):
     a, d = torch.zeros(16 * 17, dtype=torch.float16), torch.zeros(16, 16)
     with pytest.raises(RuntimeError, match="cudaErrorMisalignedAddress.*256-bit"):
         C.selftest_wmma_misaligned(a.data_ptr(), d.data_ptr())
+
+
+def test_misaligned_word_access_stops_the_process(C):
+    """A load through a wider type at a misaligned address (what a card refuses: x86 would perform it) traps:
+    the build's -fsanitize=alignment. Run in a child process, which dies of SIGILL."""
+    x, out = torch.zeros(16, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
+    C.selftest_misaligned_load(x.data_ptr(), out.data_ptr(), 8)  # aligned: runs
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); import cuda_emu; C = cuda_emu.module(); "
+            "x, o = torch.zeros(16, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64); "
+            "C.selftest_misaligned_load(x.data_ptr(), o.data_ptr(), 3)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -4, (r.returncode, r.stderr[-2000:])  # SIGILL
 
 
 def test_rewrite_of_launches_and_dynamic_shared_memory():
@@ -204,10 +228,10 @@ def test_every_csrc_kernel_file_is_built():
 ASAN_RUN = os.environ.get("MAEFAST_CUDA_EMU_ASAN") == "1"
 asan_only = pytest.mark.skipif(not ASAN_RUN, reason="MAEFAST_CUDA_EMU_ASAN=1 runs the emulated kernels under "
                                                     "AddressSanitizer (a build and a run of minutes)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the test files whose impl="cuda" cases run the kernels (the emulated cases: `-k cuda` there)
 KERNEL_TESTS = ["tests/test_cuda_emu.py", "tests/test_loss.py", "tests/test_unshuffle.py", "tests/test_uint8.py",
-                "tests/test_masking.py", "tests/test_patch_embed.py", "tests/test_attention.py", "tests/test_model.py"]
+                "tests/test_masking.py", "tests/test_patch_embed.py", "tests/test_attention.py",
+                "tests/test_attention_offsets.py", "tests/test_model.py"]
 
 
 def _asan(args, timeout):

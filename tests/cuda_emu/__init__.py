@@ -37,7 +37,10 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 INCLUDE = os.path.join(HERE, "include")
 CXX = os.environ.get("CXX", "g++")
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
+# -fsanitize=alignment, trapping: a misaligned load or store through a wider type (a uint4 of 16 bytes, a
+# word), which x86 performs and a GPU refuses (cudaErrorMisalignedAddress), stops the process with SIGILL
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-w", "-fsanitize=alignment",
+         "-fsanitize-undefined-trap-on-error"]
 # CUDA_EMU_ASAN=1: the kernels built with AddressSanitizer, so a read or write past a tensor's memory stops the
 # process with a report (what compute-sanitizer's memcheck says on a card). Its runtime must be loaded first:
 # run python as `LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...`
@@ -92,10 +95,15 @@ def _read(path: str) -> bytes:
 
 
 def _shared_key() -> str:
-    """What every object depends on: the headers, the emulation, this builder, the compiler and flags."""
+    """What every object depends on: the headers, the emulation, this builder, the compiler (and its
+    version), pybind11's version and the flags."""
+    import pybind11
+
     files = sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith((".h", ".cuh")))
     files += [os.path.join(INCLUDE, f) for f in sorted(os.listdir(INCLUDE))] + [os.path.abspath(__file__)]
-    meta = " ".join([CXX] + FLAGS + [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode()
+    cxx = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+    meta = " ".join([CXX, cxx, pybind11.__version__] + FLAGS +
+                    [sys.version, sysconfig.get_config_var("EXT_SUFFIX") or ""]).encode()
     return _digest(meta, *(f.encode() + b"\0" + _read(f) for f in files))
 
 

@@ -118,6 +118,21 @@ __global__ void wmma_kernel(const T* a, const T* b, float* d, float* col0, bool 
   wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
 }
 
+// lanes copy A into shared memory, then (with or without a __syncwarp) load it as a WMMA fragment: D = A @ I
+__global__ void wmma_load_kernel(const __half* a, const __half* eye, float* d, bool sync) {
+  __shared__ __align__(32) __half sa[256];
+  for (int i = threadIdx.x; i < 256; i += 32) sa[i] = a[i];
+  if (sync) __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(fa, sa, 16);
+  wmma::load_matrix_sync(fb, eye, 16);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
 __global__ void wmma_misaligned_kernel(const __half* a, float* d) {
   wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
   wmma::load_matrix_sync(fa, a + 1, 16);  // 2 bytes past a 256-bit boundary
@@ -128,6 +143,12 @@ __global__ void wmma_misaligned_kernel(const __half* a, float* d) {
 
 // reads one element past `in` (n elements): caught under AddressSanitizer (CUDA_EMU_ASAN=1)
 __global__ void oob_kernel(const float* in, float* out, int n) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+// an 8-byte load from an address `offset` bytes into `in`: misaligned unless offset % 8 == 0 (SIGILL here, as
+// the build traps misaligned accesses; cudaErrorMisalignedAddress on a card)
+__global__ void misaligned_load_kernel(const unsigned char* in, unsigned long long* out, int offset) {
+  out[threadIdx.x] = *reinterpret_cast<const unsigned long long*>(in + offset);
+}
 
 void check() { MAEFAST_LAUNCH_CHECK(); }
 
@@ -199,6 +220,14 @@ MAEFAST_REGISTER(emulation_selftest) {
   });
   m.def("selftest_oob", [](std::uintptr_t in, std::uintptr_t out, int n) {
     oob_kernel<<<1, n>>>(as_ptr<const float>(in), as_ptr<float>(out), n);
+    check();
+  });
+  m.def("selftest_wmma_load", [](std::uintptr_t a, std::uintptr_t eye, std::uintptr_t d, bool sync) {
+    wmma_load_kernel<<<1, 32>>>(as_ptr<const __half>(a), as_ptr<const __half>(eye), as_ptr<float>(d), sync);
+    check();
+  });
+  m.def("selftest_misaligned_load", [](std::uintptr_t in, std::uintptr_t out, int offset) {
+    misaligned_load_kernel<<<1, 1>>>(as_ptr<const unsigned char>(in), as_ptr<unsigned long long>(out), offset);
     check();
   });
   m.def("selftest_wmma_misaligned", [](std::uintptr_t a, std::uintptr_t d) {

@@ -6,7 +6,7 @@
 
 // ---- WMMA (warp matrix multiply-accumulate) -----------------------------------------------------------
 // Every lane holds the whole tile (the real fragments split it over the lanes in an unspecified layout,
-// which code may not depend on); loads, stores and products are warp-synchronous, as their `.sync` says.
+// which code may not depend on); stores and products wait for every lane, as their `.sync` says.
 namespace nvcuda {
 namespace wmma {
 struct row_major {};
@@ -40,7 +40,8 @@ inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const V& v) {
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout");
-  ::cuda_emu::warp_barrier(0xffffffffu, "wmma::load_matrix_sync");
+  // no warp barrier: `.sync` makes the lanes wait for each other, but it does not order their earlier memory
+  // accesses (a __syncwarp does); a lane loading a tile other lanes write without one reads what was there
   check_ptr(p, ldm, sizeof(T), "wmma::load_matrix_sync");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::rows; ++r)
