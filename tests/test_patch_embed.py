@@ -158,9 +158,8 @@ def test_autocast_is_the_official_composition(device, impl, amp):
     tokens (bit for bit on the reference backend; the Triton epilogue where its fp32 summation order does
     not move a conv value across a rounding boundary).
     The gradients are autograd's of that composition from an fp32 output gradient: pos_embed's from
-    it as it is, bias's (and on the reference backend the weight's) from it rounded to the autocast
-    dtype, bit for bit; the Triton weight gradient within one ulp of the autocast dtype (its GEMM's
-    summation order)."""
+    it as it is, bias's from it rounded to the autocast dtype, bit for bit; the weight gradient within
+    one ulp of the autocast dtype (its GEMM's summation order against the conv backward's)."""
     if impl == "reference" and torch.device(device).type != "cpu":
         pytest.skip("the CPU's conv is the oracle here")
     imgs, ids, w, b, pos = _inputs(2, 3, 32, 48, 8, 64, 0.5, torch.float32, device)
@@ -184,10 +183,10 @@ def test_autocast_is_the_official_composition(device, impl, amp):
     assert torch.equal(b.grad, leaves[1].grad), "bias gradient: not autograd's (the output's rounded)"
     assert torch.equal(pos.grad, leaves[2].grad), "pos_embed gradient: not autograd's (the output's as it is)"
     dw, want_dw = w.grad, leaves[0].grad
-    if impl == "reference":
-        assert torch.equal(dw, want_dw), "weight gradient: not autograd's (the output's rounded)"
-    else:  # fp32 summation order, then one rounding to fp16
-        assert (dw - want_dw).abs().max() <= want_dw.abs().max() * torch.finfo(amp).eps, "weight gradient"
+    # the reference's GEMM and the conv's backward sum in their own orders (which CPU kernels oneDNN picks
+    # depends on the machine: bit-equal on an AVX-512 one, not on an AVX2-only AMD EPYC, 2026-12-07), the
+    # Triton kernel in fp32: within one rounding of the autocast dtype
+    assert (dw - want_dw).abs().max() <= want_dw.abs().max() * torch.finfo(amp).eps, "weight gradient"
 
 
 def test_float64_pos_embed(device):

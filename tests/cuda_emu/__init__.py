@@ -39,8 +39,11 @@ INCLUDE = os.path.join(HERE, "include")
 CXX = os.environ.get("CXX", "g++")
 # -fsanitize=alignment, trapping: a misaligned load or store through a wider type (a uint4 of 16 bytes, a
 # word), which x86 performs and a GPU refuses (cudaErrorMisalignedAddress), stops the process with SIGILL
+# -Dmaefast=maefast_emu: its own C++ types (maefast::CudaError above all): pybind11's exception translators are
+# global, and one catching the other module's type (equal by name across shared objects) turned maefast._C's
+# errors into the emulation's CudaError class in a process that had loaded both
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-w", "-fsanitize=alignment",
-         "-fsanitize-undefined-trap-on-error"]
+         "-fsanitize-undefined-trap-on-error", "-Dmaefast=maefast_emu"]
 # CUDA_EMU_ASAN=1: the kernels built with AddressSanitizer, so a read or write past a tensor's memory stops the
 # process with a report (what compute-sanitizer's memcheck says on a card). Its runtime must be loaded first:
 # run python as `LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...`
