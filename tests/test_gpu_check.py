@@ -25,14 +25,40 @@ def _env():
     return env
 
 
-def _dry_run(tmp_path, presets: str):
-    """scripts/gpu_check.py --dry-run of `presets`: (the folder its records went to, what it printed)."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out", str(out), "--work",
-                        str(work), "--dry-run", "--preset", presets], capture_output=True, text=True, env=_env(),
-                       timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return out, r.stdout
+# every preset's dry run, in the tests below: CI runs none of its own (test_every_preset_is_dry_run_here)
+DRY_RUNS = ("table2,data", "verify", "kernels", "step,profile", "ops")
+
+
+@pytest.fixture(scope="session")
+def dry_run(tmp_path_factory):
+    """scripts/gpu_check.py --dry-run of a preset list, once per test session: `dry_run(presets)` gives
+    (the folder its records went to, what it printed). Each takes 5-25 s (collecting and parsing every
+    step's command), so the pytest-xdist workers share them: the first to ask runs it under a lock, the
+    others read its records (read-only: a test that changed them would change the others')."""
+    import fcntl
+
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # one per run, the same in each of its workers
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent / f"gpu-check-dry-runs-{uid}") if uid else (base / "gpu-check-dry-runs")
+    root.mkdir(exist_ok=True)
+
+    def run(presets: str):
+        assert presets in DRY_RUNS, f"add {presets!r} to DRY_RUNS"
+        here = root / presets.replace(",", "+")
+        with open(root / f"{here.name}.lock", "w") as lock:  # one lock per dry run: others run meanwhile
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (here / "rc").exists():
+                here.mkdir()
+                r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--out",
+                                    str(here / "out"), "--work", str(here / "work"), "--dry-run", "--preset", presets],
+                                   capture_output=True, text=True, env=_env(), timeout=600)
+                (here / "printed.txt").write_text(r.stdout)
+                (here / "failed.txt").write_text((r.stdout + r.stderr)[-3000:])
+                (here / "rc").write_text(str(r.returncode))
+        assert (here / "rc").read_text() == "0", (here / "failed.txt").read_text()
+        return here / "out", (here / "printed.txt").read_text()
+
+    return run
 
 
 def _runner(tmp_path, monkeypatch, preset_budget=60.0, budget=None, dry_run=False, preset="step"):
@@ -70,8 +96,8 @@ def test_gpu_run_refuses_a_tree_without_a_commit(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing started, no record written
 
 
-def test_dry_run_writes_one_record_per_preset(tmp_path):
-    out, printed = _dry_run(tmp_path, "table2,data")
+def test_dry_run_writes_one_record_per_preset(dry_run):
+    out, printed = dry_run("table2,data")
     assert sorted(os.listdir(out)) == ["data-log.txt", "data-record.json", "table2-log.txt", "table2-record.json"]
     for preset in ("table2", "data"):
         record = json.loads((out / f"{preset}-record.json").read_text())
@@ -111,10 +137,10 @@ def test_dry_run_writes_one_record_per_preset(tmp_path):
     assert set(data["targets"]) >= {"train_jpeg_vs_synthetic", "train_vs_step", "loader_img_per_s"}
 
 
-def test_dry_run_parses_each_presets_real_arguments(tmp_path):
+def test_dry_run_parses_each_presets_real_arguments(dry_run):
     """table2, profile-overhead, bench-data and the train runs: the dry run puts the preset's real argument
     list through the command's real parser (not --help), so a flag the card would refuse fails here."""
-    out, _ = _dry_run(tmp_path, "table2,data")
+    out, _ = dry_run("table2,data")
     log = (out / "table2-log.txt").read_text() + (out / "data-log.txt").read_text()
     for preset, names in (("table2", ("table2", "profile-overhead")),
                           ("data", ("bench-data", "train-jpeg", "train-synthetic", "train-huge"))):
@@ -138,11 +164,11 @@ def test_dry_run_parses_each_presets_real_arguments(tmp_path):
         assert ("the arguments parse" in r.stdout) == (rc == 0), (args, r.stdout)
 
 
-def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
+def test_verify_runs_the_capture_checks_first_each_in_its_own_process(dry_run):
     """verify: the capture probe and TrainStep's `cuda` tests before (and apart from) the other `cuda`
     tests, so that a capture failed inside its graph (torch 2.11: the allocator left broken for its
     process) cannot fail unrelated tests; the steps' budgets fit the preset's."""
-    out, _ = _dry_run(tmp_path, "verify")
+    out, _ = dry_run("verify")
     steps = json.loads((out / "verify-record.json").read_text())["steps"]
     assert list(steps) == ["build", "capture-probe", "step-tests", "tests", "diagnose"]
     assert all(st["rc"] == 0 for st in steps.values()), steps
@@ -156,10 +182,10 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(tmp_path):
     assert sum(st["budget_s"] for st in steps.values()) <= 290
 
 
-def test_kernels_preset_runs_the_device_tests_on_the_card(tmp_path):
+def test_kernels_preset_runs_the_device_tests_on_the_card(dry_run):
     """kernels: every test taking the `device` fixture (run on the CPU's interpreter in CI, never on a card
     by verify's `-m cuda`), the step's ops first, within the preset's budget."""
-    out, _ = _dry_run(tmp_path, "kernels")
+    out, _ = dry_run("kernels")
     steps = json.loads((out / "kernels-record.json").read_text())["steps"]
     assert list(steps) == ["build", "kernel-tests"] and all(st["rc"] == 0 for st in steps.values()), steps
     cmd = steps["kernel-tests"]["cmd"]
@@ -168,12 +194,12 @@ def test_kernels_preset_runs_the_device_tests_on_the_card(tmp_path):
     assert sum(st["budget_s"] for st in steps.values()) <= 290
 
 
-def test_step_and_profile_presets_fit_their_budgets(tmp_path):
+def test_step_and_profile_presets_fit_their_budgets(dry_run):
     """step: the rows without a compile, then the torch-native baseline interleaved with maefast's block
     step (one process, alternating rounds) and the other compiled row, each under a budget of its own;
     profile: the kernel table, then the attention route's interleaved pair and the eager rows. Each fits
     ~5 minutes."""
-    out, _ = _dry_run(tmp_path, "step,profile")
+    out, _ = dry_run("step,profile")
     step = json.loads((out / "step-record.json").read_text())["steps"]
     prof = json.loads((out / "profile-record.json").read_text())["steps"]
     assert list(step) == ["step-rows", "step-compiled"] and list(prof) == ["profile-kernels", "step-more"]
@@ -194,6 +220,37 @@ def test_step_and_profile_presets_fit_their_budgets(tmp_path):
     more = (out / "profile-log.txt").read_text().split("$ ")[-1]
     assert more.index("test_train_step_pair[mae_vit_huge_patch14-b128-maefast-graph-vs-maefast-sdpa-graph]") \
         < more.index("b128-torch-native]") and prof["step-more"]["collected"] == 6
+
+
+def test_ops_preset_runs_the_target_rows_first_within_its_budget(dry_run):
+    """ops: maefast._C built, then one pytest of the op benchmarks with the attention-vs-SDPA rows of every
+    paper shape first, then the per-op target rows at ViT-H/14 b256, then the tile sweep; the record has
+    every target (unmeasured on a dry run) and the tile table."""
+    out, printed = dry_run("ops")
+    record = json.loads((out / "ops-record.json").read_text())
+    steps = record["steps"]
+    assert list(steps) == ["build", "ops-rows"] and all(st["rc"] == 0 for st in steps.values()), steps
+    from gpu_runner import RESERVE_S
+
+    # the rows take what the build and the collection left of the preset's 290 s, less the reserve
+    assert steps["ops-rows"]["budget_s"] <= 290 - RESERVE_S - steps["build"]["seconds"] + 1
+    assert steps["ops-rows"]["collected"] > 200
+    groups = [g["group"] for g in record["ops_order"]]
+    assert groups[:3] == ["attention vs every SDPA backend (targets)", "per-op targets, ViT-H/14 b256",
+                          "attention tile sweep"] and all(g["cases"] for g in record["ops_order"]), record["ops_order"]
+    first = shlex.split(steps["ops-rows"]["cmd"])[3:3 + record["ops_order"][0]["cases"]]
+    assert all("bench_attention.py::test_attention[" in i for i in first), first
+    assert set(record["targets"]["attention"]) == {"L50", "L65", "L197", "L257"}
+    assert {"mask_embed_fwd_bwd_vs_reference", "memory_bound_frac_peak_bw"} <= set(record["targets"])
+    assert set(record["attention_table"]) == {"L50 Dh64", "L65 Dh80", "L197 Dh32", "L257 Dh32"}
+    assert "== gpu_check ops (dry run)" in printed
+
+
+def test_every_preset_is_dry_run_here():
+    """CI dry-runs the GPU script only through these tests: each preset must be in one of them."""
+    import gpu_check
+
+    assert sorted(p for run in DRY_RUNS for p in run.split(",")) == sorted(gpu_check.PRESETS)
 
 
 def test_a_signal_keeps_the_running_steps_rows_and_the_presets_summary(tmp_path, monkeypatch):
