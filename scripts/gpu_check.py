@@ -5,7 +5,7 @@ timeout_s 600), or two calls of one each.
 
     scripts/gpu_check.sh --preset step          # one preset
     scripts/gpu_check.sh --preset verify,ops    # several, in order, each with its own record
-    scripts/gpu_check.sh --dry-run              # every preset, cheaply, no GPU (CI)
+    scripts/gpu_check.sh --dry-run              # every preset, cheaply, no GPU (tests/test_gpu_check.py)
 
 Presets (steps in priority order: the rows that decide a target of issue 14 first):
   verify  build maefast._C; scripts/capture_probe.py (a host sync refused before capture, the allocator

@@ -3,7 +3,7 @@
 # presets that each finish in ~5 minutes and write their own record under $OUT (default ./out/gpu_check):
 #   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset step         # verify | step | profile | ops | table2 | kernels | data
 #   MAEFAST_COMMIT=<sha> scripts/gpu_check.sh --preset verify,ops   # several, in order
-#   scripts/gpu_check.sh --dry-run    # anywhere: every preset collects/parses, no GPU needed (CI)
+#   scripts/gpu_check.sh --dry-run    # anywhere: every preset collects/parses, no GPU needed (the tests do)
 # See scripts/gpu_check.py and benchmarks/results/README.md ("The next GPU run").
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -176,6 +176,9 @@ def test_preset_all_runs_every_preset_in_order_and_blanks_are_dropped(tmp_path, 
     assert _main(monkeypatch, base + ["--preset", "all"]) == 0
     assert ran == list(gpu_check.PRESETS)
     ran.clear()
+    assert _main(monkeypatch, base) == 0  # a dry run without --preset: every preset, as `all`
+    assert ran == list(gpu_check.PRESETS)
+    ran.clear()
     assert _main(monkeypatch, base + ["--preset", " step, ,profile,"]) == 0
     assert ran == ["step", "profile"]
 
