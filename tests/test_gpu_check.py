@@ -180,8 +180,9 @@ def test_verify_runs_the_capture_checks_first_each_in_its_own_process(dry_run):
     assert list(steps) == ["build", "capture-probe", "step-tests", "tests", "diagnose"]
     assert all(st["rc"] == 0 for st in steps.values()), steps
     assert "scripts/capture_probe.py" in steps["capture-probe"]["cmd"]
-    python, args = steps["step-tests"]["cmd"].split(" ", 1)  # the wrapper's python3: this interpreter
-    assert os.path.samefile(python, sys.executable) and args.startswith("-m pytest tests/test_step_capture.py -m cuda")
+    python, *args = shlex.split(steps["step-tests"]["cmd"])  # the wrapper's python3: this interpreter
+    assert os.path.samefile(python, sys.executable) and args[:5] == ["-m", "pytest", "tests/test_step_capture.py",
+                                                                    "-m", "cuda"], args
     assert steps["step-tests"]["collected"] >= 8  # the captured-vs-eager cases at least
     assert "--ignore=tests/test_step_capture.py" in steps["tests"]["cmd"] and steps["tests"]["collected"] > 0
     # every file named, the step's ops first (pytest would sort a folder's files), the captures not again
