@@ -295,7 +295,8 @@ class StepRow:
                 "graph_breaks": breaks,
                 "mask_source": s.mask_source, "amp": str(s.dtype).replace("torch.", "")
                 + (" + GradScaler" if s.scaler is not None and s.scaler.is_enabled() else ""),
-                "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else "default (foreach)")
+                "optimizer": "AdamW " + ("fused" if s.optimizer.param_groups[0].get("fused") else
+                                         "default (foreach)" if s.device.type == "cuda" else "default (for-loop)")
                 + (", capturable" if s.optimizer.param_groups[0].get("capturable") else ""),
                 "recipe": self.recipe.what, "cudnn_benchmark": torch.backends.cudnn.benchmark}
 

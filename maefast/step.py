@@ -41,12 +41,8 @@ from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from .models.routing import step_seed
-from ._validate import check_bool, check_mask_ratio, check_nonneg_number, check_pixel_stat_args
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# seeds are drawn below 2**62 so that seed + calls stays inside Philox's [0, 2**63)
-_SEED_LIMIT = 2 ** 62
-_RANK_STRIDE = 0x9E3779B97F4A7C15 % _SEED_LIMIT  # up to 1024 ranks: their seed + k streams >= 2**49 calls apart
+from ._step_settings import RANK_STRIDE, SEED_LIMIT, SETTING_CHECKS, check_dtype, check_seed
+from ._validate import check_bool, check_nonneg_number, check_pixel_stat_args
 
 
 class TrainStep:
@@ -76,10 +72,11 @@ class TrainStep:
             raise), False (eager). A capture that fails inside the graph raises
             `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
         seed: the masks' Philox seed (models that take ``seed=``; a patched official-layout model's call
-            that runs its original forward without ``noise`` draws its own): call k draws with seed + k. None:
-            drawn from torch's default generator (``torch.manual_seed`` reproduces it), apart per rank
-            under torch.distributed (as the official code seeds seed + rank). To continue a run's masks
-            in a new step (a resume), pass ``seed=old.seed + old.calls``.
+            that runs its original forward without ``noise`` draws its own): call k draws with seed + k,
+            on rank r of torch.distributed with seed + r * 0x9E3779B97F4A7C15 + k (mod 2**62; the official
+            code seeds seed + rank), so one seed for every rank gives each rank its own masks. None: drawn
+            from torch's default generator (``torch.manual_seed`` reproduces it). To continue a run's masks
+            in a new step (a resume), pass ``seed=old.seed + old.calls`` (rank 0's is every rank's).
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
             autograd and cuBLAS warm up); undone afterwards unless ``restore=False``. The last one runs
             with host syncs raising (torch's sync debug mode): a sync found there is a reason to step
@@ -116,24 +113,18 @@ class TrainStep:
             raise ValueError("model has no parameters to train") from None
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        check_dtype(dtype)
         if capture not in ("auto", True, False) or (capture != "auto" and not isinstance(capture, bool)):
             raise ValueError(f"capture must be 'auto', True or False, got {capture!r}")
-        check_mask_ratio(mask_ratio)
-        check_bool("restore", restore)
-        for name, v, low in (("accum_steps", accum_steps, 1), ("warmup_steps", warmup_steps, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if clip_grad is not None and (isinstance(clip_grad, bool) or not isinstance(clip_grad, (int, float))
-                                      or not clip_grad > 0):
-            raise ValueError(f"clip_grad must be a number > 0 or None, got {clip_grad!r}")
-        if seed is None:  # per rank under torch.distributed (ranks seeded alike drew the same masks)
-            dist = torch.distributed
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = (int(torch.randint(0, _SEED_LIMIT, (1,))) + rank * _RANK_STRIDE) % _SEED_LIMIT
-        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
-            raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
+        for name, v in (("mask_ratio", mask_ratio), ("restore", restore), ("accum_steps", accum_steps),
+                        ("warmup_steps", warmup_steps), ("clip_grad", clip_grad)):
+            SETTING_CHECKS[name](v)
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # rank r's masks: seed + r * stride + k (the official code seeds seed + rank): the seed a run is given,
+        # or resumed with from rank 0's checkpoint, is the same on every rank, their masks are not
+        self._rank_offset = rank * RANK_STRIDE
+        seed = check_seed(seed)
         scaler = graphs.step_scaler(model, optimizer, self.device, dtype, scaler)
         self.model, self.optimizer = model, optimizer
         self.dtype, self.mask_ratio = dtype, mask_ratio
@@ -156,8 +147,7 @@ class TrainStep:
         # a forward naming no mask_ratio and taking no **kwargs cannot take one (an unreadable signature: passed)
         open_kw = not takes or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
         self._pass_ratio = "mask_ratio" in takes or (self._config is None and open_kw)
-        if not self._pass_ratio and self._config is None and mask_ratio != 0.75:
-            raise ValueError(f"mask_ratio={mask_ratio}: the model's forward takes no mask_ratio (its own applies)")
+        self._check_ratio_passes(mask_ratio)
         self._check_config_ratio()
         self.mean, self.std = check_pixel_stat_args(mean, std)
         if self.mean is not None and takes and not ("mean" in takes and "std" in takes):  # not into a **kwargs
@@ -198,7 +188,20 @@ class TrainStep:
     def __setattr__(self, name, value):
         if name in self._FROZEN_WHEN_CAPTURED and self.__dict__.get("captured"):
             raise AttributeError(f"{name} is baked into the captured graphs: build a new TrainStep to change it")
+        if name in SETTING_CHECKS:  # an eager step's settings may change, to what the constructor takes
+            value = SETTING_CHECKS[name](value)
+            if name == "mask_ratio" and "_pass_ratio" in self.__dict__:
+                self._check_ratio_passes(value)
         super().__setattr__(name, value)
+
+    def _check_ratio_passes(self, ratio: float) -> None:
+        if not self._pass_ratio and self._config is None and ratio != 0.75:
+            raise ValueError(f"mask_ratio={ratio}: the model's forward takes no mask_ratio (its own applies)")
+
+    @property
+    def _stream_seed(self) -> int:
+        """This rank's first mask seed (call k draws with it + k)."""
+        return (self.seed + self._rank_offset) % SEED_LIMIT
 
     # -- the pieces of an eager step (`maefast profile` times them apart) ---------------------------
 
@@ -258,7 +261,7 @@ class TrainStep:
         self._set_mask_source(noise)
         # a host seed: the op reads it without waiting on the GPU; a compiled model sees a tensor, not a
         # new int per call (which would recompile)
-        seed = torch.tensor([self.seed + self.calls], dtype=torch.int64) if self.mask_source == "seed" else None
+        seed = torch.tensor([self._stream_seed + self.calls], dtype=torch.int64) if self.mask_source == "seed" else None
         loss = self._loss(imgs, noise, seed)
         self.calls += 1
         return loss
@@ -268,6 +271,10 @@ class TrainStep:
         if self.captured and not self._replaying:  # the graphs own the gradients' buffers
             raise RuntimeError("forward/backward/optimizer_step are the eager step's pieces; this step is captured")
         factor = check_nonneg_number("weight", weight) / self.accum_steps
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a torch.Tensor (what forward returned), got {type(loss).__name__}")
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be a 0-d tensor (the scalar loss), got shape {tuple(loss.shape)}")
         if not loss.requires_grad and torch.is_grad_enabled():  # (torch: "element 0 of tensors does not require grad")
             raise ValueError("the model's loss does not require grad: none of the parameters it was computed from "
                              "requires grad (a model frozen whole, or a forward that detaches its loss?)")
@@ -453,7 +460,7 @@ class TrainStep:
         self.static_imgs = imgs.detach().clone()
         self.static_noise = None if noise is None else noise.detach().clone()
         # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
-        self._seed_dev = torch.full((1,), self.seed - 1, dtype=torch.int64, device=dev)
+        self._seed_dev = torch.full((1,), self._stream_seed - 1, dtype=torch.int64, device=dev)
         # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in), one
         # per lr_scale where groups share one (set_lr then never replaces a tensor the graph reads)
         for group in self.optimizer.param_groups:
@@ -584,7 +591,7 @@ class TrainStep:
     def _restore(self, saved) -> None:
         """`graphs.restore_training`, and the seed as before the warm-up (accumulated grads zeroed)."""
         graphs.restore_training(saved, self._params, self.optimizer, self.scaler)
-        self._seed_dev.fill_(self.seed - 1)
+        self._seed_dev.fill_(self._stream_seed - 1)
         if self.accum_steps > 1:
             for p in self._params:
                 if p.grad is not None:

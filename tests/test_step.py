@@ -259,11 +259,21 @@ def test_compiled_model_steps_like_the_plain_one():
                                       (dict(scaler="yes"), "scaler"), (dict(capture=1), "capture must be"),
                                       (dict(restore="no"), "restore must be True or False"),
                                       (dict(mask_ratio=1.5), "mask_ratio must be in the open interval"),
-                                      (dict(mask_ratio="0.75"), "mask_ratio must be a float")])
+                                      (dict(mask_ratio="0.75"), "mask_ratio must be a float"),
+                                      (dict(clip_grad=-1.0), "clip_grad"), (dict(seed=1.5), "seed")])
 def test_bad_arguments_name_themselves(kw, match):
+    """And an eager step's setting assigned later is checked alike (a clip_grad of -1 reversed every update,
+    accum_steps = 0 divided by zero at the next backward), the value kept."""
     m = mb.build_model("tiny", "auto", CPU)
     with pytest.raises((ValueError, TypeError), match=match):
         TrainStep(m, torch.optim.AdamW(m.parameters()), **kw)
+    (name, value), = kw.items()
+    if name not in ("capture", "scaler"):  # (fixed when built)
+        step = TrainStep(m, torch.optim.AdamW(m.parameters()), capture=False)
+        before = getattr(step, name)
+        with pytest.raises((ValueError, TypeError), match=match):
+            setattr(step, name, value)
+        assert getattr(step, name) == before
     with pytest.raises(TypeError, match="optimizer must be"):
         TrainStep(m, None)
     with pytest.raises(TypeError, match="model must be"):
@@ -339,6 +349,7 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     assert d["graph_breaks"] == (0 if recipe.compile else None), d  # compiled rows: one graph (fullgraph)
     assert d["amp"] == ("float16 + GradScaler" if recipe.official_amp else "float32"), d
     assert ("fused" in d["optimizer"]) != recipe.official_amp, d
+    assert ("default (for-loop)" in d["optimizer"]) == recipe.official_amp, d  # torch's default on the CPU
     assert ("capturable" in d["optimizer"]) == recipe.capture, d
     if recipe.capture:
         assert row.imgs is row.step.static_imgs  # the timed call copies nothing

@@ -116,3 +116,16 @@ def test_a_ratio_the_forward_cannot_take_is_refused():
     m = TwoHeads()
     with pytest.raises(ValueError, match="mask_ratio=0.5: the model's forward takes no mask_ratio"):
         TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), mask_ratio=0.5)
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="mask_ratio=0.5: the model's forward takes no mask_ratio"):
+        step.mask_ratio = 0.5  # set on an eager step later: refused alike, not silently ignored
+    assert step.mask_ratio == 0.75
+
+
+def test_backward_names_a_bad_loss():
+    m = TwoHeads()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="loss must be a torch.Tensor .*got float"):
+        step.backward(1.0)
+    with pytest.raises(ValueError, match=r"loss must be a 0-d tensor .*shape \(2,\)"):
+        step.backward(torch.ones(2, requires_grad=True))

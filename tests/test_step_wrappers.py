@@ -155,24 +155,40 @@ def test_a_ddp_model_syncs_only_the_update_and_steps_as_the_plain_loop(tmp_path)
         dist.destroy_process_group()
 
 
-def test_the_drawn_seed_differs_per_rank(monkeypatch):
-    """seed=None under torch.distributed: ranks seeded alike (as FSDP needs, for the same initial weights) drew
-    the same seed, so every rank masked its images with the same masks; each rank's seed now stands apart (the
-    official code seeds seed + rank), still reproduced by torch.manual_seed. A seed given is used as given."""
+def test_each_rank_draws_its_own_masks_from_one_seed(monkeypatch):
+    """Under torch.distributed rank r draws call k's mask with seed + r * stride + k: ranks seeded alike (as FSDP
+    needs, for the same initial weights) once drew the same seed=None, and a seed given (or resumed with, from
+    rank 0's checkpoint: seed=old.seed + old.calls) was every rank's, so every rank masked its images alike.
+    `step.seed` is the run's seed, the same on every rank (the official code seeds seed + rank)."""
     import torch.distributed as dist
 
     m = maefast.models.MaskedAutoencoderViT(**TINY)
+    drawn = []
+    m.register_forward_pre_hook(lambda mod, args, kw: drawn.append(int(kw["seed"])), with_kwargs=True)
+    imgs = torch.randn(2, 3, 32, 32)
 
-    def seed_on(rank, **kw):
+    def seeds_on(rank, calls=1, **kw):
+        """(step.seed, the seeds its first `calls` calls drew) on `rank` (None: no process group)."""
         monkeypatch.setattr(dist, "is_initialized", lambda: rank is not None)
         monkeypatch.setattr(dist, "get_rank", lambda: rank)
         torch.manual_seed(0)
-        return TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), capture=False, **kw).seed
+        step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), capture=False, **kw)
+        del drawn[:]
+        for _ in range(calls):
+            step(imgs)
+        return step.seed, list(drawn)
 
-    seeds = [seed_on(r) for r in (None, 0, 1, 2, 3)]
-    assert seeds[0] == seeds[1] and len(set(seeds[1:])) == 4 and seed_on(1) == seeds[2]
-    assert min(abs(a - b) for a in seeds for b in seeds if a != b) > 2 ** 40  # their seed + k streams apart
-    assert seed_on(1, seed=5) == seed_on(2, seed=5) == 5
+    for kw in ({}, {"seed": 5}):
+        runs = [seeds_on(r, **kw) for r in (None, 0, 1, 2, 3)]
+        assert len({s for s, _ in runs}) == 1 and runs[0] == runs[1], (kw, runs)
+        firsts = [d[0] for _, d in runs[1:]]
+        assert len(set(firsts)) == 4, (kw, firsts)
+        assert min(abs(a - b) for a in firsts for b in firsts if a != b) > 2 ** 40  # their seed + k streams apart
+    assert seeds_on(None, seed=5)[1] == [5]
+    for rank in (0, 2):  # a resume from rank 0's seed + calls continues every rank's own stream
+        seed, stream = seeds_on(rank, calls=3, seed=5)
+        assert stream == [stream[0], stream[0] + 1, stream[0] + 2]
+        assert seeds_on(rank, seed=seed + 2)[1] == stream[2:]
 
 
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])

@@ -378,6 +378,9 @@ def test_bad_options_raise(field, value, match):
     (dict(dist_timeout=-1.0), "--dist-timeout must be a finite number > 0"),
     (dict(data="/imagenet/train", synthetic_size=8, explicit=("synthetic_size",)),
      "--synthetic-size is the size of --data synthetic"),
+    # a floor above the peak: the cosine climbed from the peak to 10x it
+    (dict(lr=1e-3, min_lr=1e-2), r"--min-lr 0.01 is above the peak learning rate 0.001 \(--lr\)"),
+    (dict(batch_size=64, blr=1e-3, min_lr=1e-3), r"--min-lr 0.001 is above .* 0.00025 \(--blr 0.001 x 64 / 256\)"),
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_bad_options_and_combinations_raise(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -461,6 +464,26 @@ def test_lr_schedule_past_its_end_and_without_a_cosine_span():
     for e in (2.0, 2.5):
         assert schedule.lr_at(e, lr, 2, 2, min_lr) == lr
     assert schedule.lr_at(0.0, lr, 0, 10, min_lr) == pytest.approx(lr)  # --warmup-epochs 0: the peak at once
+
+
+def test_bad_recipe_arguments_name_themselves():
+    """The recipe's public functions (the README's TrainStep example uses them) refuse what torch would take and
+    train wrongly with: a NaN or negative weight decay (torch's AdamW checks only its default: NaN filled every
+    decayed weight with NaN), a weight decay as a string (a TypeError deep in the first step), a negative epoch
+    (a negative lr), a negative blr."""
+    model = torch.nn.Linear(2, 2)
+    for bad, err in ((float("nan"), ValueError), (-0.05, ValueError), ("0.05", TypeError), (None, TypeError)):
+        with pytest.raises(err, match="weight_decay must be"):
+            schedule.param_groups_weight_decay(model, bad)
+    assert schedule.param_groups_weight_decay(model, 0)[1]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1.0"):
+        schedule.lr_at(-1.0, 1e-3, 1, 10)
+    with pytest.raises(ValueError, match="blr must be"):
+        schedule.scaled_lr(-1.5e-4, 256)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="effective_batch must be an int >= 1"):
+            schedule.scaled_lr(1.5e-4, bad)
+    assert schedule.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
 def test_adjust_learning_rate_fills_a_tensor_lr_in_place():

@@ -15,7 +15,7 @@ import torch
 from ..cli import HelpFormatter, OneLineParser  # noqa: F401 - the train and visualize parsers'
 
 from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE, SEED_LIMIT
-from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY
+from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY, scaled_lr
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -337,6 +337,11 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
+    peak = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * cfg.accum_iter * world_size)
+    if cfg.min_lr > peak:  # the cosine "to min_lr" would climb after the warm-up, to min_lr at the end
+        how = "--lr" if cfg.lr is not None else f"--blr {cfg.blr:g} x {cfg.batch_size * cfg.accum_iter * world_size} / 256"
+        raise ValueError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {peak:g} ({how}): the cosine "
+                         "decays from the peak to --min-lr")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     check_dist_timeout(cfg.dist_timeout)

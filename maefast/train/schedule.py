@@ -13,6 +13,7 @@ import math
 import torch
 
 from .._lrs import set_group_lrs
+from .._validate import check_int, check_nonneg_number
 
 BETAS = (0.9, 0.95)
 BASE_LR = 1.5e-4
@@ -23,9 +24,7 @@ WARMUP_FRACTION = 40 / 800
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
     """Absolute lr = blr x effective batch / 256 (effective = per-rank batch x accum_iter x world)."""
-    if effective_batch <= 0:
-        raise ValueError(f"effective_batch must be positive, got {effective_batch}")
-    return blr * effective_batch / 256
+    return check_nonneg_number("blr", blr) * check_int("effective_batch", effective_batch, 1) / 256
 
 
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float = WEIGHT_DECAY,
@@ -35,6 +34,8 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float = WEIG
     A parameter gets no decay when it is 1-D (biases, LayerNorm weights), its name ends in ".bias",
     or it is in ``skip_list``; parameters with ``requires_grad=False`` are not optimised at all.
     """
+    # (torch's AdamW checks only its default: a NaN group value filled the decayed weights with NaN)
+    weight_decay = check_nonneg_number("weight_decay", weight_decay)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -63,6 +64,8 @@ def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: float, min_lr: 
     (0 at the very first iteration, as in the official code); then
     ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (epoch - warmup) / (epochs - warmup)))``.
     """
+    if not epoch >= 0:  # (a negative one gave a negative lr)
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
     if epoch < warmup_epochs:
         return lr * epoch / warmup_epochs
     span = epochs - warmup_epochs
