@@ -146,6 +146,20 @@ def _check_blocks(model, fused) -> None:
                         "rather than dropping it")
 
 
+def _check_forward_parameters(model, params) -> None:
+    """Refuses an original forward whose parameters the patched one, (imgs, mask_ratio, noise, *, seed,
+    return_pred, mean, std), would not hand on: a fork's third positional parameter would be taken as
+    noise, a keyword of its own would fail or be dropped (``*args``/``**kwargs`` of a wrapper pass through)."""
+    named = [(n, p) for n, p in list(params.items())[2:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    extra = [n for n, _ in named if n not in ("mask_ratio", "noise", "mean", "std")]
+    positional = [n for n, p in named if p.kind is not p.KEYWORD_ONLY][:2]
+    if extra or positional != ["mask_ratio", "noise"][:len(positional)]:
+        got = ", ".join(n for n, _ in named)
+        raise TypeError(f"maefast.patch: {type(model).__name__}.forward takes (imgs, {got}); the patched forward takes "
+                        "(imgs, mask_ratio, noise, *, seed, return_pred, mean, std) and would not hand "
+                        f"{', '.join(extra) or 'its arguments'} on as the original takes them: run it unpatched")
+
+
 def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
     ov = class_overrides(type(model), forward=True)
     inst = instance_overrides(model)
@@ -170,6 +184,7 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
         raise TypeError(f"maefast.patch: {type(model).__name__} does not compute the official MAE ({why}); "
                         "maefast's fast path would replace its forward, so run it unpatched")
     params = inspect.signature(type(model).forward).parameters
+    _check_forward_parameters(model, params)
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
     if default is inspect.Parameter.empty:

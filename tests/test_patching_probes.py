@@ -44,6 +44,51 @@ def test_forks_are_probed_on_the_meta_device_and_in_bf16():
     assert maefast.patch(official_class()(**TINY).bfloat16())._maefast is not None
 
 
+def _ceil_masking(self, x, mask_ratio):  # a fork that keeps ceil(L * (1 - r)): the official count at 0.75 only
+    import math
+
+    n, length, d = x.shape
+    keep = math.ceil(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(torch.rand(n, length, device=x.device), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x_masked = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
+    return x_masked, (ids_restore >= keep).float(), ids_restore
+
+
+def test_a_fork_whose_masking_differs_at_another_ratio_is_refused():
+    """The masking probe ran at 0.75 alone, where a fork rounding len_keep up keeps the official 4 of 16: it was
+    patched, and at 0.6 the fast path kept 6 patches where the fork keeps 7, silently."""
+    from official_layout import official_class
+
+    with pytest.raises(TypeError, match=r"random_masking is not the official masking \(a probe at mask_ratio 0\.6687 "):
+        maefast.patch(official_class(random_masking=_ceil_masking)(**TINY))
+
+
+def _forward_taking(extra: str):
+    from official_layout import _o_forward
+
+    ns = {"_o_forward": _o_forward}
+    exec(f"def forward(self, imgs, {extra}):\n    return _o_forward(self, imgs, mask_ratio)", ns)
+    return ns["forward"]
+
+
+@pytest.mark.parametrize("extra, named", [
+    ("mask_ratio=0.75, patch_weights=None", "patch_weights"),  # a positional third: the patched forward's noise
+    ("mask_ratio=0.75, noise=None, *, return_latent=False", "return_latent"),  # a keyword it would not take
+    ("noise=None, mask_ratio=0.75", "its arguments")])  # another order: model(imgs, 0.5) a noise there
+def test_a_forks_forward_with_parameters_the_patched_one_would_not_hand_on_is_refused(extra, named):
+    """A fork's forward(imgs, mask_ratio, patch_weights) called model(imgs, 0.75, w) ran the fast path with w as
+    the masking noise (another loss, no warning); a keyword of its own was a TypeError only once patched."""
+    from official_layout import official_class
+
+    torch.manual_seed(0)
+    fork = official_class(forward=_forward_taking(extra))(**TINY)
+    with pytest.raises(TypeError, match=f"forward takes \\(imgs, .*would not hand {named} on"):
+        maefast.patch(fork)
+    for ok in ("mask_ratio=0.75, noise=None, *, mean=None, std=None", "mask_ratio=0.75, *args, **kwargs"):
+        assert maefast.patch(official_class(forward=_forward_taking(ok))(**TINY))._maefast is not None
+
+
 def test_probes_leave_the_users_hooks_alone_and_take_sequential_blocks():
     from official_layout import official_class
 

@@ -25,25 +25,39 @@ def _set_rng_state(state, device) -> None:
         torch.set_rng_state(state)
 
 
+def _probe_ratios(num_patches: int) -> tuple[float, ...]:
+    """0.75, and two ratios that keep k + 0.3 and k + 0.7 patches (k = L // 3): floor, round and ceil of
+    L * (1 - r) each keep another count at one of them (a fork's len_keep rule that 0.75 alone hides)."""
+    k = num_patches // 3
+    return (0.75,) + tuple(1 - (k + f) / num_patches for f in (0.3, 0.7))
+
+
 def masking_differs(model, device) -> str | None:
-    """Runs model.random_masking(x, 0.75) and the official masking from the same generator state."""
+    """Runs model.random_masking(x, r) and the official masking from the same generator state, for each
+    of `_probe_ratios`."""
     from ..reference.masking import random_masking
 
     x = torch.randn(2, model.pos_embed.shape[1] - 1, model.pos_embed.shape[-1],
                     generator=torch.Generator().manual_seed(0)).to(device)
     state = _rng_state(device)
-    try:
-        with torch.no_grad():
-            got = model.random_masking(x, 0.75)
-            _set_rng_state(state, device)
-            want = random_masking(x, 0.75)
-    except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
-        return f"it failed on a probe ({type(e).__name__}: {e})"
-    finally:
-        _set_rng_state(state, device)  # the user's generator is left as it was
-    same = isinstance(got, (tuple, list)) and len(got) == 3 and all(
-        isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a.to(b.dtype), b) for a, b in zip(got, want))
-    return None if same else "a probe drew another mask than the official masking of the same torch.rand noise"
+    for ratio in _probe_ratios(x.shape[1]):
+        try:
+            with torch.no_grad():
+                _set_rng_state(state, device)
+                got = model.random_masking(x, ratio)
+                _set_rng_state(state, device)
+                want = random_masking(x, ratio)
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot vouch for it
+            return f"it failed on a probe at mask_ratio {ratio:.4f} ({type(e).__name__}: {e})"
+        finally:
+            _set_rng_state(state, device)  # the user's generator is left as it was
+        same = isinstance(got, (tuple, list)) and len(got) == 3 and all(
+            isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+            for a, b in zip(got, want))
+        if not same:
+            return (f"a probe at mask_ratio {ratio:.4f} drew another mask than the official masking of the same "
+                    "torch.rand noise")
+    return None
 
 
 def loss_differs(model, device) -> bool:

@@ -52,7 +52,8 @@ def _reference(batch: int, num_patches: int, len_keep: int, noise: Optional[torc
     if noise is None:
         noise = philox_noise(batch, num_patches, seed, offset, device=device)
     noise = noise.contiguous()  # argsort keeps a layout: the outputs are contiguous, as the fake op says
-    # Stable: equal noise values keep index order, like the kernels' rank (and CPU torch.argsort).
+    # Stable: equal noise values keep index order, like the kernels' rank (torch's default argsort may order
+    # ties either way, on the CPU too; continuous noise has none)
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep].contiguous()
