@@ -95,13 +95,14 @@ def _config(N: int, device: torch.device) -> tuple[int, int, int]:
     return max(1, 4096 // block_n), block_n, 8
 
 
-def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
     """Launcher (inputs validated by maefast.ops.bias_gelu). x (M, N) any strides, bias (N,).
 
-    Returns gelu(x + bias) (M, N) contiguous in x's dtype.
+    Returns gelu(x + bias) (M, N) contiguous in x's dtype; with `shape`, (..., N) of M rows, allocated
+    so (not a view of an (M, N) tensor, which autograd would refuse to modify in place).
     """
     M, N = x.shape
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N) if shape is None else tuple(shape), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
     block_m, block_n, warps = _config(N, x.device)

@@ -169,22 +169,25 @@ def _check_width(D: int) -> None:
 
 
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float, out_dtype: torch.dtype | None = None
+                       eps: float, out_dtype: torch.dtype | None = None, shape: tuple | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Launcher (inputs validated by maefast.ops.layernorm).
 
     x, residual: (M, D), any strides and float dtypes; weight, bias: (D,). Returns y (M, D) in
     `out_dtype` (default: s's dtype), s = x + residual (M, D) in the promoted dtype (None without a
-    residual), mean and rstd (M,) fp32.
+    residual), mean and rstd (M,) fp32. `shape`: y's and s's shape instead, (..., D) of M rows (mean's
+    and rstd's shape[:-1]), allocated so (contiguous): not views of (M, D) tensors, which autograd
+    would refuse to modify in place.
     """
     M, D = x.shape
     _check_width(D)
     dev = x.device
+    shape = (M, D) if shape is None else tuple(shape)
     s_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(M, D, dtype=out_dtype or s_dtype, device=dev)
-    s = torch.empty(M, D, dtype=s_dtype, device=dev) if residual is not None else None
-    mean = torch.empty(M, dtype=torch.float32, device=dev)
-    rstd = torch.empty(M, dtype=torch.float32, device=dev)
+    y = torch.empty(shape, dtype=out_dtype or s_dtype, device=dev)
+    s = torch.empty(shape, dtype=s_dtype, device=dev) if residual is not None else None
+    mean = torch.empty(shape[:-1], dtype=torch.float32, device=dev)
+    rstd = torch.empty(shape[:-1], dtype=torch.float32, device=dev)
     if M == 0 or D == 0:
         return y, s, mean, rstd
     block_m, block_d, warps = _fwd_config(D, dev)

@@ -123,15 +123,16 @@ def test_reference_impl_matches_oracle(device):
     _check_vs_oracle(qkv, 2, "reference", name="reference")
 
 
-def test_reference_under_autocast_computes_in_qkv_dtype(device):
-    """Under autocast the reference computes as the kernels, its fake op and a compiled graph do: in qkv's dtype
-    (autocast ran its matmuls in bf16: a bf16 output for fp32 qkv, where the fake op said fp32)."""
-    for cu in (None, torch.tensor([0, 4, 11], device=device)):
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_reference_under_autocast_computes_in_qkv_dtype(device, impl):
+    """Under autocast the reference (and impl="sdpa") computes as the kernels, its fake op and a compiled graph
+    do: in qkv's dtype (autocast ran its matmuls in bf16: a bf16 output for fp32 qkv, where the fake op said fp32)."""
+    for cu in (None, torch.tensor([0, 4, 11], device=device)) if impl == "reference" else (None,):
         qkv = _qkv(1, 11, 2, 16, torch.float32, device)
-        want = visible_attention(qkv, 2, cu_seqlens=cu, impl="reference")
+        want = visible_attention(qkv, 2, cu_seqlens=cu, impl=impl)
         (g_want,) = torch.autograd.grad(want.sum(), qkv)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            got = visible_attention(qkv, 2, cu_seqlens=cu, impl="reference")
+            got = visible_attention(qkv, 2, cu_seqlens=cu, impl=impl)
             (g,) = torch.autograd.grad(got.sum(), qkv)  # its backward run under autocast too
         assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(g, g_want)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_fused import EPS, _gelu_run, _ln_inputs, _ln_run, _torch_bias_gelu, _torch_ln
 
+from maefast.ops._dispatch import eager_dispatch
 from maefast.ops.bias_gelu import bias_gelu
 from maefast.ops.layernorm import add_layer_norm, layer_norm
 from maefast.testing import assert_close, randn
@@ -268,3 +269,30 @@ def test_opcheck_out_dtype_and_low_precision(device, impl):
     torch.library.opcheck(torch.ops.maefast.layer_norm.default, (x, w, b, EPS, torch.bfloat16, impl))
     xg, dy = randn(2, 3, 40, dtype=torch.bfloat16, device=dev), randn(2, 3, 40, dtype=torch.bfloat16, device=dev)
     torch.library.opcheck(torch.ops.maefast.bias_gelu_backward.default, (dy, xg, randn(40, device=dev), impl))
+
+
+@pytest.mark.parametrize("route", ["direct", "custom_op"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_outputs_take_in_place_ops(impl, route):
+    """An output changed in place (a gate, an in-place dropout) then differentiated, as torch's own ops allow:
+    the Triton launchers handed back (..., D) views of (M, D) tensors, which autograd refused to modify in
+    place on a GPU (impl="auto" runs Triton there) while the CPU's reference path took it. (add_layer_norm's s is
+    saved for the backward: changed in place, autograd refuses it as it does torch's own saved outputs.)"""
+    x, r, w, b = _ln_inputs((2, 3, 16), torch.float32, "cpu")
+    runs = {"layer_norm": lambda x, r, w, b, i: layer_norm(x, w, b, EPS, impl=i),
+            "add_layer_norm y": lambda x, r, w, b, i: add_layer_norm(x, r, w, b, EPS, impl=i)[0],
+            "bias_gelu": lambda x, r, w, b, i: bias_gelu(x, b, impl=i)}
+    for name, run in runs.items():
+        grads = []
+        for i in (impl, "reference"):
+            leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
+            with eager_dispatch(route):
+                out = run(*leaves, i)
+            assert out._base is None, name
+            out.mul_(torch.linspace(0.5, 2.0, out.shape[-1]))
+            out.sum().backward()
+            grads.append([t.grad for t in leaves])
+        for got, want in zip(*grads):
+            assert (got is None) == (want is None), name
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)

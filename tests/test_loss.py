@@ -470,6 +470,7 @@ def test_bad_inputs():
         ((pa, imgs, m.to("meta"), 8), {}, ValueError, "mask must be on cpu"),
         ((pa, imgs, m, 8), dict(impl="fast"), ValueError, "impl must be one of"),
         ((pa, imgs, m, 8), dict(impl="cuda"), ValueError, "impl='cuda' is not available"),
+        ((pa, imgs, m, 8), dict(norm_pix="False"), TypeError, "norm_pix must be True or False"),  # (was true)
     ]
     for args, kw, exc, msg in cases:
         if exc is None:
@@ -483,6 +484,8 @@ def test_bad_inputs():
         masked_prediction_loss(x, w, None, imgs, ids, 6, 8)
     with pytest.raises(ValueError, match="decoder_out must have shape"):
         masked_prediction_loss(x[:, 1:], w, None, imgs, ids, 3, 8)
+    with pytest.raises(TypeError, match="has_cls must be True or False"):  # "no" was true: row 0 dropped as cls
+        masked_prediction_loss(x, w, None, imgs, ids, 3, 8, has_cls="no")
 
 
 def test_images_that_require_grad_are_refused():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maefast.nn import Attention, Block, Unshuffle
+from maefast.nn import Attention, Block, NormPixLoss, Unshuffle
 from maefast.testing import assert_close, randn
 from test_dropout import TimmBlock
 
@@ -82,3 +82,27 @@ def test_index_tensors_made_under_inference_mode_train(impl):
             t = x.clone().requires_grad_()
             grads[kind] = torch.autograd.grad(fn(t, *args).square().sum(), t)[0]
         assert torch.equal(grads["inference"], grads["normal"]), name
+
+
+@pytest.mark.no_triton_launch
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_an_explicit_kernel_backend_a_module_cannot_serve_is_refused(impl):
+    """impl="triton"/"cuda" named by the user: a module whose inputs need what no kernel does raised only where the
+    kernel could not run (eval mode, a CPU without the interpreter) and elsewhere ran PyTorch in silence (attention
+    dropout in training: SDPA; float64: the official ops). Now each says why, as an op's explicit request does."""
+    x = randn(2, 5, D)
+    attn = Attention(D, H, qkv_bias=True, attn_drop=0.1, impl=impl).train()
+    with pytest.raises(ValueError, match=rf"impl='{impl}': attn_drop \(p=0.1\) in training mode needs dropout on the"):
+        attn(x)
+    attn.eval().attn_drop.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ValueError, match=rf"impl='{impl}': hooks on attn_drop need the attention probabilities"):
+        attn(x)
+    n, L, keep = 2, 16, 4
+    ids = torch.stack([torch.randperm(L) for _ in range(n)])
+    with pytest.raises(ValueError, match=f"impl='{impl}' is not available for maefast.nn.Unshuffle on float64"):
+        Unshuffle(impl=impl)(randn(n, 1 + keep, D).double(), randn(1, 1, D).double(), ids, randn(1, 1 + L, D).double())
+    imgs, pred, mask = randn(2, 3, 16, 16).double(), randn(2, 16, 48).double(), (torch.rand(2, 16) < 0.75).double()
+    with pytest.raises(ValueError, match=f"impl='{impl}' is not available for maefast.nn.NormPixLoss on float64"):
+        NormPixLoss(4, impl=impl)(imgs, pred, mask)
+    for auto in ("auto", "reference"):  # these fall back, as documented
+        assert NormPixLoss(4, impl=auto)(imgs, pred, mask).dtype == torch.float64

@@ -24,6 +24,13 @@ from ..reference.model import Mlp  # plain PyTorch: the same module as the refer
 __all__ = ["Attention", "Block", "DropPath", "Mlp", "drop_path"]
 
 
+def _probs_reason(d: nn.Module, rate) -> str:
+    """Why attn_drop needs the probabilities (a sentence's subject and verb)."""
+    return ("hooks on attn_drop need" if hooked(d) else "an attn_drop with its own forward needs"
+            if "forward" in d.__dict__ else f"an attn_drop of class {type(d).__name__} (not nn.Dropout) needs"
+            if rate is None else f"attn_drop (p={rate:g}) in training mode needs dropout on")
+
+
 class Attention(_ReferenceAttention):
     """timm/official `Attention` (same arguments, defaults and keys) on the fused op.
 
@@ -33,7 +40,8 @@ class Attention(_ReferenceAttention):
     pre-training uses attn_drop = 0. With hooks on ``attn_drop`` (the usual way to capture attention
     maps), or a module other than nn.Dropout / nn.Identity there, the probabilities are materialised,
     as timm computes them, and attn_drop is called on them. impl: as `maefast.ops.visible_attention`'s ("sdpa":
-    torch's scaled_dot_product_attention on the same views; no cu_seqlens).
+    torch's scaled_dot_product_attention on the same views; no cu_seqlens); an explicit "triton" or "cuda"
+    refuses the two cases above (ValueError), which its kernels cannot serve.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
@@ -51,13 +59,13 @@ class Attention(_ReferenceAttention):
         if cu_seqlens is None and x.dim() != 3:
             raise ValueError(f"x must be (N, L, C) (or packed rows (T, C) with cu_seqlens), got shape {tuple(x.shape)}")
         rate = _dropout_rate(self.attn_drop)
+        if (rate is None or hooked(self.attn_drop) or rate) and self.impl in ("triton", "cuda"):
+            raise ValueError(f"impl={self.impl!r}: {_probs_reason(self.attn_drop, rate)} the attention probabilities, "
+                             "which maefast's kernels never form; impl='auto' computes them with PyTorch there")
         if rate is None or hooked(self.attn_drop):
             if cu_seqlens is not None:
-                d = self.attn_drop
-                why = ("hooks on attn_drop need" if hooked(d) else "an attn_drop with its own forward needs"
-                       if "forward" in d.__dict__ else
-                       f"an attn_drop of class {type(d).__name__} (not nn.Dropout) needs")
-                raise ValueError(f"{why} the attention probabilities, which are not materialised with cu_seqlens")
+                raise ValueError(f"{_probs_reason(self.attn_drop, rate)} the attention probabilities, which are not "
+                                 "materialised with cu_seqlens")
             # timm's computation: attn_drop called on the probabilities (an identity in eval mode)
             return self.proj_drop(self.proj(reference_attention(self.qkv(x), self.num_heads, scale=self.scale,
                                                                 dropout=self.attn_drop)))

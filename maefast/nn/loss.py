@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import check_images, check_patch_size
-from ..ops._backend import check_impl
+from ..ops._backend import check_impl, check_no_kernel_for_fp64
 from ..ops.loss import norm_pix_loss
 from ..reference.loss import forward_loss
 from ..reference.normalize import normalize, pixel_stats
@@ -44,6 +44,7 @@ class NormPixLoss(nn.Module):
             mask = mask.to(torch.float32)  # the official (loss * mask).sum() / mask.sum() reads it as 0/1: exact
         if pred_on == "all" and torch.float64 in (getattr(imgs, "dtype", None), getattr(pred, "dtype", None)):
             # float64: the official ops, given uint8 imgs normalised first (the fp32 images of the uint8 contract)
+            check_no_kernel_for_fp64(self.impl, "maefast.nn.NormPixLoss")
             check_images("imgs", imgs, self.patch_size, uint8=True)
             stats = pixel_stats(imgs, mean, std)
             imgs = imgs if stats is None else normalize(imgs, *stats)

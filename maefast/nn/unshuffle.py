@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops._backend import check_impl
+from ..ops._backend import check_impl, check_no_kernel_for_fp64
 from .._validate import FLOAT_DTYPES
 from ..ops.unshuffle import _validate, unshuffle
 from ..reference.unshuffle import unshuffle as reference_unshuffle
@@ -29,6 +29,7 @@ class Unshuffle(nn.Module):
         # the official ops in float64 (the kernels take float32/16; the op promotes the rest itself); a
         # non-tensor argument reaches the op's check, which names it
         if any(getattr(t, "dtype", None) == torch.float64 for t in (x_vis, mask_token, pos_embed)):
+            check_no_kernel_for_fp64(self.impl, "maefast.nn.Unshuffle")
             _validate(x_vis, mask_token, ids_restore, pos_embed, dtypes=FLOAT_DTYPES + (torch.float64,))
             return reference_unshuffle(x_vis, mask_token, ids_restore, pos_embed)
         return unshuffle(x_vis, mask_token, ids_restore, pos_embed, impl=self.impl)  # it promotes too

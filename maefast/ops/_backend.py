@@ -60,6 +60,14 @@ def check_impl(impl, what: str, cuda: bool = True, sdpa: bool = False) -> None:
                          "(use 'triton', 'reference' or 'auto')")
 
 
+def check_no_kernel_for_fp64(impl: str, what: str) -> None:
+    """A module's float64 inputs run the official ops (the kernels take 16/32-bit floats): refused for an
+    explicit kernel backend, as any request that cannot be met."""
+    if impl in ("triton", "cuda"):
+        raise ValueError(f"impl={impl!r} is not available for {what} on float64 inputs: the kernels take float32, "
+                         "float16 and bfloat16 (impl='auto' or 'reference' run the official ops in float64)")
+
+
 def choose_impl(impl: str, device: torch.device, *, auto_order=("triton", "cuda"), cuda_op: str | None = None,
                 what: str = "this op") -> str:
     """Resolve `impl` for tensors on `device`.

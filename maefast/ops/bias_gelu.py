@@ -73,7 +73,7 @@ def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tenso
         from ..kernels.bias_gelu import bias_gelu_fwd
 
         with device_guard(x):
-            return bias_gelu_fwd(x.reshape(-1, x.shape[-1]), bias).view(x.shape)
+            return bias_gelu_fwd(x.reshape(-1, x.shape[-1]), bias, shape=x.shape)
     return _fwd_reference(x, bias)
 
 

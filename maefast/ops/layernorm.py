@@ -95,10 +95,8 @@ def _forward(x, residual, weight, bias, eps, out_dtype, impl, what="layer_norm")
 
         d = x.shape[-1]
         with device_guard(x):
-            y, s, mean, rstd = add_layer_norm_fwd(x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
-                                              weight, bias, eps, out_dtype)
-        lead = x.shape[:-1]
-        return y.view(x.shape), (None if s is None else s.view(x.shape)), mean.view(lead), rstd.view(lead)
+            return add_layer_norm_fwd(x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
+                                      weight, bias, eps, out_dtype, shape=x.shape)
     return _fwd_reference(x, residual, weight, bias, eps, out_dtype)
 
 

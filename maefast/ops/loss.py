@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._validate import (FLOAT_DTYPES, check_images, check_input_dtype, check_patch_size, check_permutation,
+from .._validate import (FLOAT_DTYPES, check_bool, check_images, check_input_dtype, check_patch_size, check_permutation,
                          check_tensor, dense_index)
 from ..reference.loss import NORM_PIX_EPS, forward_loss, forward_loss_masked, norm_pix_target
 from ..reference.normalize import as_float_images, pixel_stats
@@ -278,6 +278,7 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
         are not read there).
     """
     _validate(pred, imgs, mask_or_ids, patch_size, pred_on)
+    norm_pix = check_bool("norm_pix", norm_pix)  # (a string "False" was true)
     if imgs.requires_grad and torch.is_grad_enabled():  # the target is data: never a silent None gradient
         raise ValueError("imgs must not require grad: norm_pix_loss gives no gradient to the input images "
                          "(detach them)")
@@ -288,7 +289,7 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask_or_ids: torch.Ten
     stats = pixel_stats(imgs, mean, std)
     m, s = (list(stats[0]), list(stats[1])) if stats is not None else (None, None)
     with_grad = torch.is_grad_enabled() and pred.requires_grad
-    return call(_loss_op, pred, imgs, mask_or_ids, patch_size, bool(norm_pix), pred_on == "masked", impl,
+    return call(_loss_op, pred, imgs, mask_or_ids, patch_size, norm_pix, pred_on == "masked", impl,
                 with_grad, m, s)[0]
 
 
@@ -355,6 +356,7 @@ def masked_prediction_loss(decoder_out: torch.Tensor, pred_weight: torch.Tensor,
 
 
 def _validate_head(decoder_out, pred_weight, pred_bias, imgs, ids_restore, len_keep, patch_size, has_cls) -> None:
+    check_bool("has_cls", has_cls)  # (a string "no" was true: the first row dropped as the cls token)
     check_tensor("decoder_out", decoder_out, ndim=3, dtypes=FLOAT_DTYPES)
     dev = decoder_out.device
     check_tensor("ids_restore", ids_restore, ndim=2, dtypes=_INDEX_DTYPES, device=dev)
