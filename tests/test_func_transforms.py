@@ -82,6 +82,29 @@ def test_grad_transform_matches_the_backward(name, impl, route, device):
             assert torch.equal(a, e), f"{name} d leaf {i}"
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CASES)
+def test_batched_gradients_are_a_loop_of_backwards(name, impl, route, device):
+    """torch.autograd.grad(is_grads_batched=True), what jacobian/hessian(vectorize=True) run: vmap over the
+    backward. The kernels' backward read the batched gradients' storage (NotImplementedError), and the
+    references' backwards of attention, unshuffle and the patch embedding used ops vmap has no rule for."""
+    fn, leaves = _case(name, device)
+    ls = [t.detach().clone().requires_grad_() for t in leaves]
+    with eager_dispatch(route):
+        outs = _outs(fn(*ls, impl))
+        per_seed = [_weights(outs, seed=s) for s in (5, 6, 7)]
+        us = [torch.stack([w[i] for w in per_seed]) for i in range(len(outs))]  # (3, *out.shape) per output
+        diff = [(o, u.to(o.dtype)) for o, u in zip(outs, us) if o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in diff], ls, [u for _, u in diff], is_grads_batched=True,
+                                  allow_unused=True)
+        for k in range(3):
+            want = _vjp(fn, leaves, [u[k] for u in us], impl)
+            for i, (a, e) in enumerate(zip(got, want)):
+                assert a is not None, f"{name} d leaf {i}"
+                assert_grad_close(a[k], e, name=f"{name} d leaf {i}, gradient {k}")
+
+
 def _dot_identity(fn, leaves, tangents, primal_outs, jt, impl):
     """<u, J t> = <J^T u, t> for fresh u; J^T u from the op's backward."""
     us = _weights(primal_outs)

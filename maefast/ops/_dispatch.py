@@ -191,8 +191,20 @@ def call(op, *args):
 
 def bwd(ctx, op):
     """The callable a registered backward should use for its backward op: the implementation
-    itself on the direct route, the custom op otherwise (e.g. while AOTAutograd traces)."""
-    return op._maefast_impl if getattr(ctx, "maefast_direct", False) and not compiling() else op
+    itself on the direct route, the custom op otherwise (e.g. while AOTAutograd traces). Batched gradients
+    (``torch.autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``: vmap over the backward)
+    take the reference backward, which vmap batches (a kernel cannot read a batched tensor)."""
+    fn = op._maefast_impl if getattr(ctx, "maefast_direct", False) and not compiling() else op
+
+    def run(*args):
+        if any(isinstance(a, torch.Tensor) and _batched(a) for a in args):
+            return _composite(op, args)
+        return fn(*args)
+    return run
+
+
+def _batched(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
 
 
 _TAG_PREFIX = "maefast-ops-"

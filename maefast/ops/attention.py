@@ -175,8 +175,9 @@ def _reference_backward(dout, qkv, num_heads, scale, cu_seqlens, max_len: int = 
         return dqkv
     n, L, width = qkv.shape
     acc = torch.promote_types(qkv.dtype, torch.float32)
-    q, k, v = qkv.to(acc).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, L, Dh)
-    do = dout.to(acc).unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    # reshape, not unflatten: vmap over batched gradients (jacobian(vectorize=True)) has no rule for unflatten
+    q, k, v = qkv.to(acc).reshape(n, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (n, H, L, Dh)
+    do = dout.to(acc).reshape(n, L, num_heads, -1).transpose(1, 2)
     p = ((q @ k.transpose(-2, -1)) * scale).softmax(-1)
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)

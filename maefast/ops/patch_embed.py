@@ -187,8 +187,9 @@ def _masked_patch_embed_backward_op(grad: torch.Tensor, imgs: torch.Tensor, ids_
         grad_w = dw.reshape(weight.shape).to(weight.dtype)
         grad_b = db.to(weight.dtype)
         if need_pos:
-            grad_pos = torch.zeros(pos_embed.shape, dtype=dpos.dtype, device=pos_embed.device)
-            grad_pos[0, 1:] = dpos
+            # the cls row's zero padded on, not written into a zeros tensor: vmap over batched gradients
+            # (jacobian(vectorize=True)) cannot copy a batched dpos into an unbatched tensor
+            grad_pos = torch.nn.functional.pad(dpos.reshape(-1, D), (0, 0, 1, 0)).reshape(pos_embed.shape)
             grad_pos = grad_pos.to(pos_embed.dtype)
         else:
             grad_pos = grad.new_empty(0)

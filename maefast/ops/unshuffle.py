@@ -121,7 +121,8 @@ def _bwd_reference(grad, ids_restore, num_visible, need_pos, x_dtype):
     # The gather's backward: add the patch rows back to their visible token; row K collects the
     # mask-token rows and is dropped (their sum is taken below, in a fixed order).
     dst = torch.where(vis, ids_restore, K).unsqueeze(-1).expand(-1, -1, d)
-    g_vis = torch.zeros(n, K + 1, d, dtype=torch.float32, device=grad.device).scatter_add_(1, dst, g.float())
+    # out of place: vmap over batched gradients (jacobian(vectorize=True)) cannot scatter into a plain zeros
+    g_vis = torch.zeros(n, K + 1, d, dtype=torch.float32, device=grad.device).scatter_add(1, dst, g.float())
     gx = torch.cat([grad[:, :1].to(x_dtype), g_vis[:, :K].to(x_dtype)], dim=1)
     g_tok = g.masked_fill(vis.unsqueeze(-1), 0).sum((0, 1), dtype=torch.float32)
     g_pos = grad.sum(0, dtype=torch.float32) if need_pos else None
