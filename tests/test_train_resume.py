@@ -313,6 +313,35 @@ def test_folder_rules_around_a_resume(tmp_path):
         train(_cfg(run, resume="auto", epochs=1))
 
 
+def test_a_damaged_checkpoint_is_refused_before_the_folder_is_touched(tmp_path):
+    """A checkpoint lacking a weight resumed silently with that weight freshly initialised (torch's full-state
+    loading fills it in), one lacking its optimizer state restarted AdamW's moments; one with a weight of another
+    shape, or an extra one, failed with a traceback after --overwrite had deleted the old run. Each is one
+    ValueError now, from the plan, with the old run left whole."""
+    from maefast.train import train
+
+    train(_cfg(tmp_path / "base", max_steps=2))
+    ck = torch.load(tmp_path / "base" / "checkpoint-last.pth", weights_only=False)
+    name = "blocks.0.attn.qkv.weight"
+    damaged = {"lacks": ({k: v for k, v in ck["model"].items() if k != name}, None),
+               "shape": ({**ck["model"], name: torch.zeros(5, 5)}, None),
+               "extra": ({**ck["model"], "extra.weight": torch.zeros(2)}, None),
+               "no optimizer state": (ck["model"], {**ck["optimizer"], "state": {}})}
+    why = {"lacks": f"it lacks {name}", "shape": rf"its {name} has shape \(5, 5\), the model's",
+           "extra": "it holds extra.weight, which the model has not",
+           "no optimizer state": "its optimizer state is empty, though it records 2 steps"}
+    run = tmp_path / "run"
+    train(_cfg(run, max_steps=1))
+    before = sorted(os.listdir(run))
+    for what, (model, opt) in damaged.items():
+        path = tmp_path / f"{what}.pth"
+        torch.save({**ck, "model": model, "optimizer": opt or ck["optimizer"]}, path)
+        with pytest.raises(ValueError, match=f"does not fit this run's model .*{why[what]}"):
+            train(_cfg(run, resume=str(path), overwrite=True))
+        assert sorted(os.listdir(run)) == before, what
+    train(_cfg(tmp_path / "again", resume=str(tmp_path / "base" / "checkpoint-last.pth"), max_steps=3))
+
+
 def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
     from maefast.train import train
 

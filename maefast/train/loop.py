@@ -138,6 +138,8 @@ class _Trainer:
         # Same initial weights on every rank (FSDP does not broadcast them), then per-rank streams.
         seed_all(cfg.seed)
         model, model_kwargs = build_model(cfg)
+        if ck is not None:
+            ckpt_lib.check_states_fit(ck, source, model)
         model.to(info.device)
         seed_all(cfg.seed + info.rank)
         dataset = build_dataset(cfg, model.patch_embed.num_patches)
