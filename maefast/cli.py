@@ -197,7 +197,8 @@ def guarded(prog: str, fn, argv) -> int:
     # a folder or file the user named that cannot be written (full, read-only, in the way): their fix
     env_errnos = (errno.EEXIST, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENOTDIR, errno.EISDIR)
     try:
-        if prog != "maefast info":  # info shows it; every other command would fail at its first op, after work
+        if prog not in ("maefast info", "maefast"):  # info shows it (and --help needs none); every other command
+            # would fail at its first op, after work
             from .ops._dispatch import get_eager_dispatch
 
             get_eager_dispatch()  # a bad MAEFAST_EAGER_DISPATCH: ValueError, one line below
@@ -273,14 +274,13 @@ def usage() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # (through `guarded`: `maefast --help | head` stops quietly, as the commands do)
     if argv and argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
+        return guarded("maefast", lambda _: print(usage(), flush=True), argv)
     if argv and argv[0] in ("-V", "--version"):  # (else read as an option of the default command, profile)
         from . import __version__
 
-        print(f"maefast {__version__}")
-        return 0
+        return guarded("maefast", lambda _: print(f"maefast {__version__}", flush=True), argv)
     cmd = "profile"
     if argv and not argv[0].startswith("-"):
         cmd = argv.pop(0)

@@ -213,8 +213,13 @@ def visualize(checkpoint: str, images: list[str] | str, out: str = "reconstructi
     from .train.checkpoint import atomic_write_file
     from .train.data import center_transform
 
-    if isinstance(images, str):
+    if isinstance(images, (str, os.PathLike)):
         images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be an image file's path or a list of them, got {type(images).__name__}")
+    for name, v in [("checkpoint", checkpoint), ("out", out)] + [("images", i) for i in images]:
+        if not isinstance(v, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(v).__name__} {v!r}")
     if not images:
         raise ValueError("images: give at least one image file")
     _check_out(out, [checkpoint, *images], overwrite)

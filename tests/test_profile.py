@@ -260,6 +260,11 @@ def test_version_and_help_answer_without_work():
     assert r.returncode == 0 and r.stdout.strip() == f"maefast {maefast.__version__}", (r.stdout, r.stderr)
     r = run_cli("--help", timeout=120)
     assert r.returncode == 0 and "maefast --version" in r.stdout
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for flag in ("--help", "--version"):  # into a closed pipe: exit 141, quietly (a BrokenPipeError traceback)
+        r = subprocess.run(f"{sys.executable} -m maefast {flag} | (exec 0<&-; sleep 0.5); echo ${{PIPESTATUS[0]}}",
+                           shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=120)
+        assert r.stdout.strip() == "141" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:

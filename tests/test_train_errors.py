@@ -75,3 +75,23 @@ def test_main_turns_users_errors_and_ctrl_c_into_one_line_and_an_exit_code(monke
     assert train_mod.main(["--device", "cpu"]) == rc
     err = capsys.readouterr().err
     assert err.startswith(said) and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_python_apis_name_an_argument_of_the_wrong_type(tmp_path):
+    """train(5), visualize(None, ...), load_checkpoint(None): an AttributeError ('int' object has no attribute
+    'explicit') or os.stat's TypeError before; a TypeError naming the argument now, before any work."""
+    from maefast.train import train
+    from maefast.train.checkpoint import load_checkpoint
+    from maefast.visualize import visualize
+
+    for bad in (5, "synthetic"):
+        with pytest.raises(TypeError, match="config must be a maefast.train.TrainConfig"):
+            train(bad)
+    with pytest.raises(TypeError, match="path must be a checkpoint file's path"):
+        load_checkpoint(None)
+    img = str(tmp_path / "a.png")
+    for args, kw, name in (((None, img), {}, "checkpoint"), (("ck.pth", img), {"out": None}, "out"),
+                           (("ck.pth", [img, 3]), {}, "images"), (("ck.pth", 5), {}, "images")):
+        with pytest.raises(TypeError, match=f"{name} must be "):
+            visualize(*args, **kw)
+    assert os.listdir(tmp_path) == []

@@ -381,6 +381,11 @@ def test_bad_options_raise(field, value, match):
     # a floor above the peak: the cosine climbed from the peak to 10x it
     (dict(lr=1e-3, min_lr=1e-2), r"--min-lr 0.01 is above the peak learning rate 0.001 \(--lr\)"),
     (dict(batch_size=64, blr=1e-3, min_lr=1e-3), r"--min-lr 0.001 is above .* 0.00025 \(--blr 0.001 x 64 / 256\)"),
+    (dict(blr=1e40), r"the peak learning rate .* \(--blr 1e\+40 x 32 / 256\) is beyond float32's range"),
+    (dict(warmup_epochs=5.0, epochs=1), "--warmup-epochs 5 is beyond --epochs 1: the learning rate would never"),
+    (dict(impl="reference", fused="block"), "--fused block runs maefast's fast path .* --impl reference"),
+    (dict(synthetic_size=10 ** 23), r"--synthetic-size must be < 2\*\*63"),
+    (dict(model="tiny", input_size=2 ** 40), r"--input-size 1099511627776 makes .* patches per image; at most"),
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_bad_options_and_combinations_raise(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -212,6 +212,8 @@ def load_checkpoint(path: str, states: bool = True, optimizer: bool = True) -> d
     optimizer's moments (twice the weights) are never read, and a sharded one's optimizer is not
     unsharded. A file that is not a checkpoint raises ValueError naming it (one line for the CLI).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint file's path (str or os.PathLike), got {type(path).__name__}")
     ck = _torch_load(path, mmap=not optimizer)
     if isinstance(ck, dict) and ck and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ck.items()):
         ck = {"model": ck}  # a plain state dict (torch.save(model.state_dict(), path)): its weights, no run state

@@ -309,6 +309,8 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
     # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN
     if value is None or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if isinstance(value, int) and value >= 2 ** 63:  # a count torch takes as a size: else an OverflowError traceback
+        raise ValueError(f"{name} must be < 2**63, got {value}")
 
 
 def _check_geometry(cfg: TrainConfig) -> None:
@@ -320,6 +322,9 @@ def _check_geometry(cfg: TrainConfig) -> None:
     patch = int(model_config(cfg.model)["patch_size"])
     if cfg.input_size % patch:
         raise ValueError(f"--input-size must be a multiple of {cfg.model}'s patch size {patch}, got {cfg.input_size}")
+    if (cfg.input_size // patch) ** 2 >= 2 ** 31:  # (the position table alone would not fit in memory)
+        raise ValueError(f"--input-size {cfg.input_size} makes {(cfg.input_size // patch) ** 2} patches per image; "
+                         "at most 2**31 - 1")
     check_mask_ratio_flag(cfg.mask_ratio, (cfg.input_size // patch) ** 2)
 
 
@@ -337,11 +342,17 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
     if cfg.lr is not None:
         _positive("--lr", cfg.lr)
-    peak = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size * cfg.accum_iter * world_size)
+    batch = cfg.batch_size * cfg.accum_iter * world_size
+    peak, how = ((cfg.lr, "--lr") if cfg.lr is not None else
+                 (scaled_lr(cfg.blr, batch), f"--blr {cfg.blr:g} x {batch} / 256"))
+    if not peak < torch.finfo(torch.float32).max:  # AdamW keeps its lr in float32: a RuntimeError at its first step
+        raise ValueError(f"the peak learning rate {peak:g} ({how}) is beyond float32's range")
     if cfg.min_lr > peak:  # the cosine "to min_lr" would climb after the warm-up, to min_lr at the end
-        how = "--lr" if cfg.lr is not None else f"--blr {cfg.blr:g} x {cfg.batch_size * cfg.accum_iter * world_size} / 256"
         raise ValueError(f"--min-lr {cfg.min_lr:g} is above the peak learning rate {peak:g} ({how}): the cosine "
                          "decays from the peak to --min-lr")
+    if cfg.warmup_epochs > cfg.epochs:  # (equal: a run that warms up throughout, then holds the peak)
+        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs:g} is beyond --epochs {cfg.epochs}: the learning rate "
+                         "would never reach its peak")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:  # inf is allowed: no clipping (NaN is not)
         raise ValueError(f"--clip-grad must be a number > 0, got {cfg.clip_grad}")
     check_dist_timeout(cfg.dist_timeout)
@@ -362,6 +373,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
 
     # what --fused rules out, and whether the backend runs on --device, in the other CLIs' words
     check_impls([cfg.impl], cfg.impl, cfg.fused, device=cfg.device)
+    if cfg.impl == "reference" and cfg.fused == "block":
+        raise ValueError("--fused block runs maefast's fast path in one op per block; --impl reference runs the "
+                         "official forward as it is, without it: pick one")
     if cfg.impl == "reference" and cfg.grad_checkpointing:
         raise ValueError("--grad-checkpointing checkpoints the blocks of maefast's fast path; --impl reference runs "
                          "the official forward as it is, without checkpointing: pick one")
@@ -411,6 +425,9 @@ def as_config(config: TrainConfig | dict | None, overrides: dict) -> TrainConfig
         config = TrainConfig()
     elif isinstance(config, dict):
         config = TrainConfig(**config)
+    elif not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a maefast.train.TrainConfig, a dict of its fields or None, got "
+                        f"{type(config).__name__} {config!r}")
     if overrides:
         config = dataclasses.replace(config, **overrides)
     if config.explicit is None:

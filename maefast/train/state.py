@@ -8,6 +8,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -66,7 +67,9 @@ def restore_states(ck: dict, shards: str | None, model: torch.nn.Module, target:
 
         msd, osd = get_state_dict(target, optimizer)  # this run's layout: dcp reshards into it
         state = {"model": msd, "optimizer": osd}
-        with reading_shards(shards):
+        with reading_shards(shards), warnings.catch_warnings():
+            # one process reading shards: torch warns "torch.distributed is disabled, unavailable or uninitialized"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.load(state, checkpoint_id=shards, no_dist=not dist.is_initialized())
         msd, osd, opts = state["model"], state["optimizer"], None
     elif ck.get("optimizer_format", "torch") == "torch":  # format 1 (one process / DDP): parameter ids
