@@ -546,6 +546,8 @@ def test_argument_types_are_refused_by_name(device):
     for bad, name in (("0.5", "str"), (True, "bool")):
         with pytest.raises(TypeError, match=f"scale must be a float or None, got {name}"):
             visible_attention(qkv, 2, scale=bad)
+    with pytest.raises(ValueError, match="scale must be finite"):  # (NaN or infinite: every output NaN)
+        visible_attention(qkv, 2, scale=float("inf"))
     with pytest.raises(ValueError, match="impl must be one of .*, got None"):
         visible_attention(qkv, 2, impl=None)
     with pytest.raises(ValueError, match="qkv's last dim must be non-empty"):

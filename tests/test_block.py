@@ -283,6 +283,8 @@ def test_bad_inputs():
                 ops.vit_block(x, *params, num_heads=4, **{name: bad})
     with pytest.raises(TypeError, match="scale must be a float or None"):
         ops.vit_block(x, *params, num_heads=4, scale="a")
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.vit_block(x, *params, num_heads=4, scale=float("nan"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch, maefast.ops as ops; from maefast.reference.model import Block\n"
             "b = Block(64, 4, qkv_bias=True); x = torch.randn(2, 5, 64)\n"

@@ -323,6 +323,8 @@ def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not compiling() and not -float("inf") < scale < float("inf"):  # NaN fails both
+        raise ValueError(f"scale must be finite, got {scale}")  # (a NaN or infinite one: every output NaN)
     check_impl(impl, "maefast.ops.visible_attention", sdpa=True)
     if impl == "sdpa" and cu_seqlens is not None:
         raise ValueError("impl='sdpa' takes no cu_seqlens (torch's scaled_dot_product_attention has no packed-"
