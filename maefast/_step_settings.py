@@ -44,3 +44,15 @@ SETTING_CHECKS = {"dtype": check_dtype, "seed": check_seed, "clip_grad": _check_
                   "accum_steps": lambda v: check_int("accum_steps", v, 1),
                   "warmup_steps": lambda v: check_int("warmup_steps", v, 1),
                   "restore": lambda v: check_bool("restore", v)}
+
+
+def checked_setting(step, name: str, value):
+    """``value`` for ``step.<name>``: the constructor's check, and what the step's model and scaler allow."""
+    value = SETTING_CHECKS[name](value)
+    known = step.__dict__
+    if name == "mask_ratio" and not known.get("_pass_ratio", True) and known["_config"] is None and value != 0.75:
+        raise ValueError(f"mask_ratio={value}: the model's forward takes no mask_ratio (its own applies)")
+    if name == "dtype" and value == torch.float16 and "scaler" in known and known["scaler"] is None:
+        raise ValueError("dtype=torch.float16 set on a step without a GradScaler (its gradients would underflow): "
+                         "build a TrainStep with dtype=torch.float16, which makes one")
+    return value

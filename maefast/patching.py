@@ -168,6 +168,7 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
         refused += ("forward",)
     if refused:
         refuse(model, refused, "maefast.patch cannot serve this model (run it unpatched)")
+    _check_forward_parameters(model, inspect.signature(type(model).forward).parameters)  # (before the probes)
     _check_blocks(model, fused)
     device = model.pos_embed.device
     # probes need a real device and a generator state to replay: a meta model's run on the CPU (its methods
@@ -184,7 +185,6 @@ def _official_state(model, impl, fused, grad_checkpointing) -> PatchState:
         raise TypeError(f"maefast.patch: {type(model).__name__} does not compute the official MAE ({why}); "
                         "maefast's fast path would replace its forward, so run it unpatched")
     params = inspect.signature(type(model).forward).parameters
-    _check_forward_parameters(model, params)
     takes_noise = "noise" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     default = params["mask_ratio"].default if "mask_ratio" in params else inspect.Parameter.empty
     if default is inspect.Parameter.empty:

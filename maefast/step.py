@@ -41,7 +41,7 @@ from ._lrs import mark_read_by_graphs, own_lr_per_scale, set_group_lrs
 from ._modules import package
 from .graphs import capture_blocker, sync_wrapper, unwrap
 from .models.routing import step_seed
-from ._step_settings import RANK_STRIDE, SEED_LIMIT, SETTING_CHECKS, check_dtype, check_seed
+from ._step_settings import RANK_STRIDE, SEED_LIMIT, SETTING_CHECKS, check_dtype, check_seed, checked_setting
 from ._validate import check_bool, check_nonneg_number, check_pixel_stat_args
 
 
@@ -73,8 +73,8 @@ class TrainStep:
             `maefast.graphs.CaptureError` either way (the process cannot go on capturing or eagerly).
         seed: the masks' Philox seed (models that take ``seed=``; a patched official-layout model's call
             that runs its original forward without ``noise`` draws its own): call k draws with seed + k,
-            on rank r of torch.distributed with seed + r * 0x9E3779B97F4A7C15 + k (mod 2**62; the official
-            code seeds seed + rank), so one seed for every rank gives each rank its own masks. None: drawn
+            on rank r of torch.distributed with (seed + r * S) mod 2**62 + k, S = 0x9E3779B97F4A7C15 mod 2**62
+            (the official code seeds seed + rank), so one seed for every rank gives each its own masks. None: drawn
             from torch's default generator (``torch.manual_seed`` reproduces it). To continue a run's masks
             in a new step (a resume), pass ``seed=old.seed + old.calls`` (rank 0's is every rank's).
         warmup_steps: eager optimizer steps before the capture (Triton compiles, torch.compile,
@@ -147,7 +147,7 @@ class TrainStep:
         # a forward naming no mask_ratio and taking no **kwargs cannot take one (an unreadable signature: passed)
         open_kw = not takes or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
         self._pass_ratio = "mask_ratio" in takes or (self._config is None and open_kw)
-        self._check_ratio_passes(mask_ratio)
+        checked_setting(self, "mask_ratio", mask_ratio)  # (now that the forward's signature is known)
         self._check_config_ratio()
         self.mean, self.std = check_pixel_stat_args(mean, std)
         if self.mean is not None and takes and not ("mean" in takes and "std" in takes):  # not into a **kwargs
@@ -189,18 +189,11 @@ class TrainStep:
         if name in self._FROZEN_WHEN_CAPTURED and self.__dict__.get("captured"):
             raise AttributeError(f"{name} is baked into the captured graphs: build a new TrainStep to change it")
         if name in SETTING_CHECKS:  # an eager step's settings may change, to what the constructor takes
-            value = SETTING_CHECKS[name](value)
-            if name == "mask_ratio" and "_pass_ratio" in self.__dict__:
-                self._check_ratio_passes(value)
+            value = checked_setting(self, name, value)
         super().__setattr__(name, value)
 
-    def _check_ratio_passes(self, ratio: float) -> None:
-        if not self._pass_ratio and self._config is None and ratio != 0.75:
-            raise ValueError(f"mask_ratio={ratio}: the model's forward takes no mask_ratio (its own applies)")
-
     @property
-    def _stream_seed(self) -> int:
-        """This rank's first mask seed (call k draws with it + k)."""
+    def _stream_seed(self) -> int:  # this rank's first mask seed (call k draws with it + k)
         return (self.seed + self._rank_offset) % SEED_LIMIT
 
     # -- the pieces of an eager step (`maefast profile` times them apart) ---------------------------

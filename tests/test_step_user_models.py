@@ -129,3 +129,18 @@ def test_backward_names_a_bad_loss():
         step.backward(1.0)
     with pytest.raises(ValueError, match=r"loss must be a 0-d tensor .*shape \(2,\)"):
         step.backward(torch.ones(2, requires_grad=True))
+
+
+def test_float16_set_later_needs_the_constructors_grad_scaler():
+    """The constructor makes a GradScaler for float16 only: a step built in float32 and set to float16 later
+    trained without loss scaling (gradients underflowing silently). Refused; bfloat16 and back are fine."""
+    m = TwoHeads()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="dtype=torch.float16 set on a step without a GradScaler"):
+        step.dtype = torch.float16
+    step.dtype = torch.bfloat16
+    assert step.dtype == torch.bfloat16 and step.scaler is None
+    half = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), dtype=torch.float16)
+    half.dtype = torch.float32
+    half.dtype = torch.float16
+    assert half.scaler is not None

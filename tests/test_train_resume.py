@@ -342,6 +342,31 @@ def test_a_damaged_checkpoint_is_refused_before_the_folder_is_touched(tmp_path):
     train(_cfg(tmp_path / "again", resume=str(tmp_path / "base" / "checkpoint-last.pth"), max_steps=3))
 
 
+def test_a_sharded_checkpoints_names_and_shapes_are_checked_from_its_metadata(tmp_path):
+    """A sharded checkpoint that does not fit was found only by torch.distributed.checkpoint's load, after the
+    folder's --overwrite; its metadata (names, sizes; no tensor read) is checked in the plan now."""
+    import torch.distributed.checkpoint as dcp
+
+    from maefast.models import create_model
+    from maefast.train.checkpoint import check_states_fit
+
+    model = create_model("mae_vit_tiny_test")
+    sd = model.state_dict()
+    path = str(tmp_path / "checkpoint-last.pth")
+    for name, (states, fits) in {"whole": (sd, True), "lacking": ({k: v for k, v in sd.items() if k != "norm.bias"},
+                                                                     "it lacks norm.bias"),
+                                 "reshaped": ({**sd, "norm.bias": torch.zeros(3)}, r"its norm.bias has shape \(3,\)")
+                                 }.items():
+        dcp.save({"model": states, "optimizer": {"state": {"x": {"exp_avg": torch.zeros(1)}}}},
+                 checkpoint_id=str(tmp_path / name), no_dist=True)
+        ck = {"shards": name, "step": 2, "model_name": "mae_vit_tiny_test"}
+        if fits is True:
+            check_states_fit(ck, path, model)
+        else:
+            with pytest.raises(ValueError, match=f"does not fit this run's model .*{fits}"):
+                check_states_fit(ck, path, model)
+
+
 def test_rewinding_in_place_keeps_the_log_lines_up_to_the_checkpoint(tmp_path):
     from maefast.train import train
 

@@ -266,7 +266,7 @@ def test_meta_tensors_run_the_fake_implementations(impl):
 
 @pytest.mark.parametrize("impl, return_pred", [  # the reference model always returns pred
     *(pytest.param("triton", rp, marks=needs_triton) for rp in (True, False)), ("reference", True), ("auto", True),
-    ("auto", False)])
+    ("auto", False), ("sdpa", False)])  # (sdpa: the attention's autocast switch knows no meta device)
 @pytest.mark.no_triton_launch  # a refusal / meta tensors: no kernel runs
 def test_meta_model(impl, return_pred):
     """Before: "unknown device type for autocast" from the fast path."""

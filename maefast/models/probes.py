@@ -28,8 +28,8 @@ def _set_rng_state(state, device) -> None:
 def _probe_ratios(num_patches: int) -> tuple[float, ...]:
     """0.75, and two ratios that keep k + 0.3 and k + 0.7 patches (k = L // 3): floor, round and ceil of
     L * (1 - r) each keep another count at one of them (a fork's len_keep rule that 0.75 alone hides)."""
-    k = num_patches // 3
-    return (0.75,) + tuple(1 - (k + f) / num_patches for f in (0.3, 0.7))
+    k = max(num_patches // 3, 1)  # (at least one patch kept, as maefast's rule asks)
+    return (0.75,) + tuple(1 - (k + f) / num_patches for f in (0.3, 0.7) if k + f < num_patches)
 
 
 def masking_differs(model, device) -> str | None:

@@ -197,14 +197,15 @@ def bwd(ctx, op):
     fn = op._maefast_impl if getattr(ctx, "maefast_direct", False) and not compiling() else op
 
     def run(*args):
-        if any(isinstance(a, torch.Tensor) and _batched(a) for a in args):
+        # only the incoming gradients (every backward op's first one or two arguments) are batched there: vmap's
+        # legacy batched tensors (a torch.func transform runs the ops' reference forward, never this backward)
+        if any(isinstance(a, torch.Tensor) and _is_batched(a) for a in args[:2]):
             return _composite(op, args)
         return fn(*args)
     return run
 
 
-def _batched(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
+_is_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 _TAG_PREFIX = "maefast-ops-"

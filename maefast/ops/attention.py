@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_cu_seqlens, check_tensor, compiling, dense_index
+from .._validate import autocast_dtype, check_cu_seqlens, check_tensor, compiling, dense_index
 from ..reference.attention import attention as _reference_attention
 from ._backend import check_impl, choose_impl, device_guard, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
@@ -387,9 +387,12 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         # dropout_p given, not read from the default: torch.compile(dynamic=True) traces a default float as a
         # symbolic input, which a second checkpointed block cannot lift (AssertionError "lift_tracked_freevar_to_
         # input should not be called on root SubgraphTracer"; torch 2.13, any function with a float default)
+        scale = None if scale is None else float(scale)
+        if autocast_dtype(qkv.device) is None:  # (meta tensors: autocast knows no such device)
+            return sdpa_attention(qkv, num_heads, scale, 0.0)
         # in qkv's dtype, as every other impl (autocast would run an fp32 qkv's SDPA in its dtype)
         with torch.autocast(qkv.device.type, enabled=False):
-            return sdpa_attention(qkv, num_heads, None if scale is None else float(scale), 0.0)
+            return sdpa_attention(qkv, num_heads, scale, 0.0)
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)

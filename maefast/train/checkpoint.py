@@ -285,18 +285,31 @@ def check_states_fit(ck: dict, path: str, model: torch.nn.Module) -> None:
     """ValueError (one line) unless a single-file checkpoint's weights are the model's, name for name and
     shape for shape, and it holds optimizer state once it records a step. Before the run's folder is touched
     (an --overwrite run deleted the old run, then failed); and torch's full-state loading fills a weight the
-    file lacks with the model's own fresh one, silently. (A sharded one is checked by its reader.)"""
-    saved = ck.get("model")
-    if "shards" in ck or not isinstance(saved, dict):
+    file lacks with the model's own fresh one, silently. A sharded one's names and shapes are read from its
+    folder's metadata (no tensor is read)."""
+    saved, has_state = ck.get("model"), bool((ck.get("optimizer") or {}).get("state"))
+    folder = shards_dir(ck, path)
+    if folder is not None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        with reading_shards(folder):
+            meta = FileSystemReader(folder).read_metadata().state_dict_metadata
+        saved = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+        has_state = any(k.startswith("optimizer.state.") for k in meta)
+    if not isinstance(saved, dict):
         return
     mine = model.state_dict()
     missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
-    odd = [k for k in mine if k in saved and tuple(saved[k].shape) != tuple(mine[k].shape)]
+
+    def shape(t) -> tuple:  # (a sharded one's metadata has .size)
+        return tuple(t.size if folder is not None else t.shape)
+
+    odd = [k for k in mine if k in saved and shape(saved[k]) != tuple(mine[k].shape)]
     why = (f"it lacks {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") if missing
            else f"it holds {extra[0]}, which the model has not" if extra else
-           f"its {odd[0]} has shape {tuple(saved[odd[0]].shape)}, the model's {tuple(mine[odd[0]].shape)}" if odd
+           f"its {odd[0]} has shape {shape(saved[odd[0]])}, the model's {tuple(mine[odd[0]].shape)}" if odd
            else None)
-    if why is None and int(ck.get("step", 0)) > 0 and not (ck.get("optimizer") or {}).get("state"):
+    if why is None and int(ck.get("step", 0)) > 0 and not has_state:
         why = f"its optimizer state is empty, though it records {int(ck['step'])} steps"
     if why is not None:
         raise ValueError(f"{path!r} does not fit this run's model ({ck.get('model_name', 'its model')}): {why}; "
