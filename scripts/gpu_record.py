@@ -229,9 +229,10 @@ def step_targets(rows: list[dict], only: str | None = None) -> dict:
         if ours is not None and not ours.get("peak_mem_gib"):  # the pair's row: the same provider's alone
             mem_row = _fastest([r for r in alone if r.get("peak_mem_gib")], (ours["provider"],))
         mem = ref and mem_row and ref.get("peak_mem_gib") and mem_row.get("peak_mem_gib")
-        no_mem = no_ours or no_ref or ("no peak_mem_gib in the rows" if mem_row is not None else
-                                       f"{ours['provider']} was timed only in the interleaved pair, whose rows "
-                                       "record no peak memory of their own")
+        pair_only = ours is not None and not any(r["provider"] == ours["provider"] for r in alone)
+        no_mem = no_ours or no_ref or (f"{ours['provider']} was timed only in the interleaved pair, whose rows "
+                                       "record no peak memory of their own" if pair_only else
+                                       "no peak_mem_gib in the rows")
         entry["peak_mem_vs_reference"] = judge("peak_mem_vs_reference", mem_row["peak_mem_gib"] / ref["peak_mem_gib"]
                                                if mem else None, no_mem)
         entry["step_vs_torch_native"] = with_spread(judge("step_vs_torch_native", native["time_ms"] / ours["time_ms"]
@@ -506,8 +507,10 @@ def short_lines(record: dict) -> list[str]:
     def walk(d, path=""):
         for k, v in d.items():
             if isinstance(v, dict) and "met" in v:
-                mark = {True: "ok ", False: "NO ", None: "?  "}[v["met"]]
-                why = f": {v['reason']}" if v.get("reason") else ""
+                # a target inside the timings' spread is neither met nor missed: the pair decides nothing
+                mark = "~  " if v.get("within_noise") else {True: "ok ", False: "NO ", None: "?  "}[v["met"]]
+                why = f": {v['reason']}" if v.get("reason") else (
+                    f": within noise, spread {v['spread']}: time it again" if v.get("within_noise") else "")
                 lines.append(f"  {mark}{path}{k} = {v['value']} ({v['target']}){why}")
             elif isinstance(v, dict) and k != "rows":
                 walk(v, f"{path}{k} / ")

@@ -56,6 +56,13 @@ def test_step_ratios_say_when_the_target_lies_inside_the_spread():
     assert native["spread"] == [round(103.5 / 88.2, 4), round(104.5 / 87.8, 4)]
     t = rec.step_targets(rows(90.4, 88.0, 92.0))[json.dumps(s, sort_keys=True)]  # 1.1504x, spread 1.125-1.188
     assert t["step_vs_torch_native"]["met"] is True and t["step_vs_torch_native"]["within_noise"] is True
+    # the summary (the last lines a card's call returns) says so: not "ok" (it printed "ok ... = 1.1504")
+    lines = rec.short_lines({"preset": "step", "dry_run": False, "env": {"date": "d", "commit": "c"}, "steps": {},
+                             "targets": {"step": {"k": t}}})
+    (native,) = [ln for ln in lines if "step_vs_torch_native =" in ln]
+    assert native.startswith("  ~  ") and "within noise, spread [1.125" in native, native
+    # rows timed alone without a peak memory (a CPU run): said so, not "timed only in the interleaved pair"
+    assert t["peak_mem_vs_reference"]["reason"] == "no peak_mem_gib in the rows", t["peak_mem_vs_reference"]
     assert t["step_vs_reference"]["within_noise"] is False  # 2.39x, far from 2.0
     assert "spread" not in rec.step_targets([_row("train-step", "reference", 2.0, s),
                                              _row("train-step", "maefast-graph", 1.0, s)])[
