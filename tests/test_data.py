@@ -440,6 +440,18 @@ def test_corrupt_files_are_skipped_and_counted_on_each_path(tmp_path, reader):
             assert len(batch["bad"]) == 4
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_called_an_image_is_skipped_not_waited_on(tmp_path):
+    """A FIFO named b.jpg (or a link to a device) is listed by its name; reading it blocked the worker, and the
+    run, forever. It is an unreadable file now: skipped and counted, on every path."""
+    root = _jpeg_folder(tmp_path / "d", sizes=((90, 70),))
+    os.mkfifo(os.path.join(root, "b.jpg"))
+    for decode in ("exact", "fast"):
+        items = _items(ImageFolderDataset(root, S, 8, decode=decode))
+        assert [it.get("bad") for it in items] == [  # (b.jpg sorts before im0.jpg)
+            f"{os.path.join(root, 'b.jpg')}: OSError: not a regular file (a pipe, socket or device)", None], items
+
+
 def test_a_file_gone_or_a_dangling_link_is_named_as_a_path(tmp_path):
     """The reason a file is skipped names it as the str path it is: the paths live as numpy bytes, and an
     OSError of opening one showed "np.bytes_(b'...')" in the run's skipped-file messages."""

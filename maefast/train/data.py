@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from typing import Iterator
 
 import numpy as np
@@ -179,14 +180,30 @@ class ImageFolderDataset(_PretrainDataset):
 
     def load(self, index: int):
         Image = _pil()
-        with open(self.name(index), "rb") as f:  # a str: an OSError names it so, not as np.bytes_(b'...')
+        with _open_regular(self.name(index)) as f:  # a str: an OSError names it so, not as np.bytes_(b'...')
             img = Image.open(f)
             img.load()  # decode now so truncated files fail here
         return img.convert("RGB")
 
     def encoded(self, index: int) -> bytes:
-        with open(self.name(index), "rb") as f:
+        with _open_regular(self.name(index)) as f:
             return f.read()
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading in binary; OSError (skipped and counted) unless it is a regular file: a named
+    pipe called x.jpg blocked its worker, and the run, forever (opened here without blocking), a device never
+    ends. Checked on the open file, not when listing: a stat per file of a large folder costs minutes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file (a pipe, socket or device)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class SyntheticDataset(_PretrainDataset):
