@@ -282,8 +282,8 @@ def check_resumable(ck: dict, path: str) -> None:
 
 
 def check_states_fit(ck: dict, path: str, model: torch.nn.Module) -> None:
-    """ValueError (one line) unless a single-file checkpoint's weights are the model's, name for name and
-    shape for shape, and it holds optimizer state once it records a step. Before the run's folder is touched
+    """ValueError (one line) unless a checkpoint's weights are the model's, name for name and shape for
+    shape, and it holds optimizer state once it records a step. Before the run's folder is touched
     (an --overwrite run deleted the old run, then failed); and torch's full-state loading fills a weight the
     file lacks with the model's own fresh one, silently. A sharded one's names and shapes are read from its
     folder's metadata (no tensor is read)."""
