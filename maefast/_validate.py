@@ -98,6 +98,14 @@ def check_bool(name: str, v) -> bool:
     raise TypeError(f"{name} must be True or False, got {where}{t.__qualname__} {v!r}")
 
 
+def check_scale(scale) -> None:
+    """An attention scale: None (1/sqrt(head dim)) or a finite number. Its value is not read while compiling."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not compiling() and not -math.inf < scale < math.inf:  # NaN fails both
+        raise ValueError(f"scale must be finite, got {scale}")  # (a NaN or infinite one: every output NaN)
+
+
 def check_int(name: str, v, low: int) -> int:
     """``v`` as given: an int (not a bool) >= low, else a ValueError naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int) or v < low:

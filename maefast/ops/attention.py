@@ -16,10 +16,12 @@ with everything else equal (the `maefast-sdpa-graph` row).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from .._validate import autocast_dtype, check_cu_seqlens, check_tensor, compiling, dense_index
+from .._validate import autocast_dtype, check_cu_seqlens, check_scale, check_tensor, compiling, dense_index
 from ..reference.attention import attention as _reference_attention
 from ._backend import check_impl, choose_impl, device_guard, stream_of
 from ._dispatch import bwd, call, custom_op, register_autograd
@@ -321,10 +323,7 @@ def _validate(qkv, num_heads, cu_seqlens, max_seqlen, scale, impl) -> int | None
     check_tensor("qkv", qkv, dtypes=_DTYPES)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if scale is not None and not compiling() and not -float("inf") < scale < float("inf"):  # NaN fails both
-        raise ValueError(f"scale must be finite, got {scale}")  # (a NaN or infinite one: every output NaN)
+    check_scale(scale)
     check_impl(impl, "maefast.ops.visible_attention", sdpa=True)
     if impl == "sdpa" and cu_seqlens is not None:
         raise ValueError("impl='sdpa' takes no cu_seqlens (torch's scaled_dot_product_attention has no packed-"
@@ -387,12 +386,11 @@ def visible_attention(qkv: torch.Tensor, num_heads: int, *, cu_seqlens: torch.Te
         # dropout_p given, not read from the default: torch.compile(dynamic=True) traces a default float as a
         # symbolic input, which a second checkpointed block cannot lift (AssertionError "lift_tracked_freevar_to_
         # input should not be called on root SubgraphTracer"; torch 2.13, any function with a float default)
-        scale = None if scale is None else float(scale)
-        if autocast_dtype(qkv.device) is None:  # (meta tensors: autocast knows no such device)
-            return sdpa_attention(qkv, num_heads, scale, 0.0)
-        # in qkv's dtype, as every other impl (autocast would run an fp32 qkv's SDPA in its dtype)
-        with torch.autocast(qkv.device.type, enabled=False):
-            return sdpa_attention(qkv, num_heads, scale, 0.0)
+        # in qkv's dtype, as every other impl (autocast would run an fp32 qkv's SDPA in its dtype); switched off
+        # only where it is on (autocast knows no meta device)
+        off = torch.autocast(qkv.device.type, enabled=False) if autocast_dtype(qkv.device) else contextlib.nullcontext()
+        with off:
+            return sdpa_attention(qkv, num_heads, None if scale is None else float(scale), 0.0)
     squeeze = qkv.dim() == 2
     x = qkv.unsqueeze(0) if squeeze else qkv
     out, _ = call(_visible_attention, x, num_heads, cu_seqlens, max_seqlen, None if scale is None else float(scale), impl)

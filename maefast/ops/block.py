@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._validate import FLOAT_DTYPES, autocast_dtype, check_tensor, compiling
+from .._validate import FLOAT_DTYPES, autocast_dtype, check_scale, check_tensor
 from . import _backend
 from ._backend import device_guard
 from ._dispatch import bwd, call, custom_op, register_autograd
@@ -254,10 +254,7 @@ def vit_block(x: torch.Tensor, ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w
                              f"got {tuple(t.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or d % num_heads:
         raise ValueError(f"num_heads must be a positive int dividing D={d}, got {num_heads!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if scale is not None and not compiling() and not -float("inf") < scale < float("inf"):  # NaN fails both
-        raise ValueError(f"scale must be finite, got {scale}")  # (a NaN or infinite one: every output NaN)
+    check_scale(scale)
     for name, eps in (("eps1", eps1), ("eps2", eps2)):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"{name} must be a float >= 0, got {eps!r}")

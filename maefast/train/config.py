@@ -322,10 +322,10 @@ def _check_geometry(cfg: TrainConfig) -> None:
     patch = int(model_config(cfg.model)["patch_size"])
     if cfg.input_size % patch:
         raise ValueError(f"--input-size must be a multiple of {cfg.model}'s patch size {patch}, got {cfg.input_size}")
-    if (cfg.input_size // patch) ** 2 >= 2 ** 31:  # (the position table alone would not fit in memory)
-        raise ValueError(f"--input-size {cfg.input_size} makes {(cfg.input_size // patch) ** 2} patches per image; "
-                         "at most 2**31 - 1")
-    check_mask_ratio_flag(cfg.mask_ratio, (cfg.input_size // patch) ** 2)
+    patches = (cfg.input_size // patch) ** 2
+    if patches >= 2 ** 31:  # (the position table alone would not fit in memory)
+        raise ValueError(f"--input-size {cfg.input_size} makes {patches} patches per image; at most 2**31 - 1")
+    check_mask_ratio_flag(cfg.mask_ratio, patches)
 
 
 def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
