@@ -390,13 +390,12 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
     elt = torch.finfo(dtype).bits // 8
     byt = flops_mod.stage_bytes(model, batch, act_bytes=elt, mask_ratio=mask_ratio)
     stage_flops = {k: v * batch for k, v in f["stage_fwd"].items()}
-    fwd_total = f["forward"] * batch
-    stage_flops["backward"] = f["backward"] * batch  # maefast.flops' rule: no patch-embedding input gradient
-    stage_flops["optimizer"] = 0
+    # maefast.flops' rule: no patch-embedding input gradient
+    stage_flops.update(backward=f["backward"] * batch, optimizer=0)
     fwd_bytes = sum(v for k, v in byt.items() if k != "optimizer")
     byt["backward"] = 2 * fwd_bytes
     if compile:
-        stage_flops = {"forward (compiled)": fwd_total, "backward": stage_flops["backward"], "optimizer": 0}
+        stage_flops = {"forward (compiled)": f["forward"] * batch, "backward": stage_flops["backward"], "optimizer": 0}
         byt = {"forward (compiled)": fwd_bytes, "backward": 2 * fwd_bytes, "optimizer": byt["optimizer"]}
     ridge = timing.ridge_point(peak)
     rows = []
@@ -406,8 +405,7 @@ def profile_impl(name: str, impl: str, *, batch: int, dtype: torch.dtype, device
         r = {"stage": s, "ms": ms, "share": ms / stage_sum if stage_sum else 0.0, "flops": fl, "bytes": by}
         if ms > 0:
             r.update(timing.throughput(ms, fl or None, by or None, peak))
-        ai = fl / by if by else float("inf")
-        r["intensity"] = ai
+        r["intensity"] = ai = fl / by if by else float("inf")
         r["bound"] = "compute" if ai > ridge else "memory"
         if ms > 0 and r["bound"] == "compute":
             r["note"] = f"compute-bound (AI {ai:.0f} > ridge {ridge:.0f}): {100 * r.get('frac_peak_flops', 0):.0f}% of matmul peak"

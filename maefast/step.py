@@ -84,7 +84,7 @@ class TrainStep:
         restore: put the parameters, optimizer state, learning rates, scaler and seed back as they
             were before the warm-up (the weights go through host memory: a device copy of a ViT-H's
             weights and AdamW state would add ~10 GB to the peak). False keeps the warm-up's updates
-            (benchmarks: saves the copy).
+            (benchmarks: saves the copy), counted in ``calls``/``optimizer_steps`` (the masks go on after them).
         mean, std: the per-channel statistics that normalise uint8 images (C floats each), passed on to a
             forward that takes them (maefast's models and patched ones normalise inside the kernels);
             None: ImageNet's for uint8 images, none for float ones (already normalised).
@@ -107,10 +107,9 @@ class TrainStep:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        try:
-            self.device = next(model.parameters()).device
-        except StopIteration:
-            raise ValueError("model has no parameters to train") from None
+        if (first := next(model.parameters(), None)) is None:
+            raise ValueError("model has no parameters to train")
+        self.device = first.device
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         check_dtype(dtype)
@@ -208,8 +207,7 @@ class TrainStep:
         if self._config is not None and self._config.mask_ratio != self.mask_ratio:
             r = self._config.mask_ratio
             raise ValueError(f"mask_ratio={self.mask_ratio}, but {type(unwrap(self.model)[-1]).__name__} takes its "
-                             f"ratio from model.config.mask_ratio ({r}): build the step with mask_ratio={r}, or set "
-                             "that")
+                             f"ratio from model.config.mask_ratio ({r}): build the step with mask_ratio={r} or set it")
 
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
               cache: bool = True) -> torch.Tensor:
@@ -219,10 +217,8 @@ class TrainStep:
             kw["mask_ratio"] = self.mask_ratio
         if self.mean is not None:
             kw["mean"], kw["std"] = self.mean, self.std
-        if self.mask_source == "noise":
-            kw["noise"] = noise
-        elif self.mask_source == "seed":
-            kw["seed"] = seed
+        if self.mask_source in ("noise", "seed"):
+            kw[self.mask_source] = noise if self.mask_source == "noise" else seed
         with self._autocast(cache), step_seed():
             out = self.model(imgs, **kw)
         try:  # (a transformers ModelOutput's [0] is its loss; a plain dict, None or () have no first item)
@@ -490,6 +486,10 @@ class TrainStep:
         finally:  # also when the capture fails: a caller falling back to eager gets the model it passed
             if saved is not None:
                 self._restore(saved)
+        if saved is None:  # the warm-up's steps were kept: counted, and the masks go on after theirs
+            self.calls += self.warmup_steps * self.accum_steps
+            self.optimizer_steps += self.warmup_steps
+            self._seed_dev.fill_(self._stream_seed + self.calls - 1)
         # the graphs write and read these gradients at fixed addresses: held here, they stay allocated
         # even if the caller sets p.grad to None (optimizer.zero_grad(set_to_none=True) between epochs)
         self._static_grads = [p.grad for p in self._params]

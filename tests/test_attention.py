@@ -567,8 +567,7 @@ def test_triton_backward_reads_dout_and_out_through_their_own_strides(fused, dev
     qkv = randn(n, L, 3 * H * dh, device=device)
     out, lse = attention_fwd(qkv, H, dh ** -0.5)
     out_lnc = out.transpose(0, 1).contiguous().transpose(0, 1)  # the same values stored (L, N, C)
-    x = qkv.clone().requires_grad_()
-    ref = ref_attention(x, H)
+    ref = ref_attention(x := qkv.clone().requires_grad_(), H)
     transposed = randn(L, n, H * dh, device=device).transpose(0, 1)
     for dout in (transposed, randn(1, 1, H * dh, device=device).expand(n, L, -1)):
         (want,) = torch.autograd.grad(ref, x, dout, retain_graph=True)
@@ -589,8 +588,7 @@ def test_triton_backward_with_every_score_far_below_zero(dtype, fused, device):
     u = torch.nn.functional.normalize(randn(H, dh, device=device), dim=-1) * 12  # q.k ~ -144
     q, k = -u + 0.3 * randn(n, L, H, dh, device=device), u + 0.3 * randn(n, L, H, dh, device=device)
     qkv = torch.cat([q.flatten(2), k.flatten(2), randn(n, L, H * dh, device=device)], -1).to(dtype)
-    x64 = qkv.double().requires_grad_()
-    oracle, ref = ref_attention(x64, H, scale=1.0), ref_attention(qkv, H, scale=1.0)
+    oracle, ref = ref_attention(x64 := qkv.double().requires_grad_(), H, scale=1.0), ref_attention(qkv, H, scale=1.0)
     out, lse = attention_fwd(qkv, H, 1.0)
     assert lse.max() < -100
     assert_error_ratio(out, ref, oracle, dtype, "forward", name="out")

@@ -18,6 +18,7 @@ from maefast.models.configs import mlp_ratio_of
 from maefast import table2 as t2
 from maefast.models import create_model
 from maefast.testing import assert_close
+from cli_run import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,14 +169,6 @@ def test_parse_dtype():
 
 
 # -- the CLI --------------------------------------------------------------------------------------
-
-def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    """`python -m maefast ...` as a user runs it, on this checkout, without the tests' TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
-
 
 def test_table2_cli_tiny(tmp_path):
     out = tmp_path / "t2.json"

@@ -362,3 +362,17 @@ def test_every_step_row_steps_with_the_same_adamw_batch_and_mask_ratio(fake_capt
         assert (bool(g0.get("fused")), bool(g0.get("capturable"))) == want, provider
         assert row.step.captured == recipe.capture and row.step.mask_ratio == 0.75, provider
         assert torch.equal(row.imgs, ref.imgs), provider
+
+
+def test_torch_native_ratios():
+    recs = [dict(group="train-step", shape_key="a", provider="reference", time_ms=200.0),
+            dict(group="train-step", shape_key="a", provider="torch-native", time_ms=120.0),
+            dict(group="train-step", shape_key="a", provider="torch-native-graph", time_ms=100.0),
+            dict(group="train-step", shape_key="a", provider="maefast-graph", time_ms=80.0),
+            dict(group="train-step", shape_key="b", provider="maefast", time_ms=10.0),
+            dict(group="other", shape_key="a", provider="x", time_ms=1.0)]
+    mb.torch_native_ratios(recs)
+    assert recs[3]["best_torch_native_provider"] == "torch-native-graph" and recs[3]["best_torch_native_ms"] == 100.0
+    assert recs[3]["speedup_vs_best_torch_native"] == pytest.approx(1.25)
+    assert recs[0]["speedup_vs_best_torch_native"] == pytest.approx(0.5)
+    assert "best_torch_native_ms" not in recs[4] and "best_torch_native_ms" not in recs[5]

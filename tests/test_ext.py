@@ -3,6 +3,7 @@ import pytest
 
 from maefast import _cpp_lib
 from maefast.ops import choose_impl
+from cli_run import run_cli
 
 C = _cpp_lib.get_C()
 needs_C = pytest.mark.skipif(C is None, reason=f"maefast._C not built: {_cpp_lib.load_error}")
@@ -120,25 +121,13 @@ def test_meta_tensors_keep_an_explicit_impl():
 
 # -- what `maefast info` / maefast.backends() tell a user -------------------------------------------
 
-def _run_cli(*args):
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "maefast", *args], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=120)
-
-
 KEYS_CI_PRINTS = {"torch", "torch_cuda", "triton", "triton_error", "_C", "_C_error", "_C_ops", "eager_dispatch"}
 
 
 def test_info_json_keeps_its_keys_and_adds_what_can_run():
     import json
 
-    r = _run_cli("info", "--json")
+    r = run_cli("info", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert KEYS_CI_PRINTS <= set(info)
@@ -150,7 +139,7 @@ def test_info_json_keeps_its_keys_and_adds_what_can_run():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="what a machine without a GPU is told")
 def test_info_without_a_gpu_says_nothing_fast_runs_here():
     # an installed triton or a built _C does not run without a GPU: `maefast info` must not suggest it does
-    r = _run_cli("info")
+    r = run_cli("info")
     assert r.returncode == 0, r.stderr
     rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("  ") and len(ln.split()) > 1}
     assert rows["reference"] == "yes" and rows["triton"] == "no" and rows["cuda"] == "no", r.stdout

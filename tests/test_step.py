@@ -341,7 +341,8 @@ def test_every_step_benchmark_row_runs_one_step(fake_capture, provider):
     row = mb.make_step(provider, "tiny", 2, device=CPU, dtype=dtype, compile_backend="aot_eager")
     w = [p for p in row.model.parameters() if p.requires_grad and p.dim() == 2][0]
     before = w.detach().clone()
-    assert row.describe()["graph_breaks"] is None  # not read before the row ran: an eager compile is at its first call
+    # not read before the model ran: an eager row compiles at its first call, a captured one in its warm-up
+    assert row.describe()["graph_breaks"] == (0 if recipe.compile and recipe.capture else None)
     loss = row()
     assert torch.isfinite(loss) and not torch.equal(before, w)
     d = row.describe()
@@ -371,20 +372,6 @@ def test_patch_row_patches_an_official_layout_model():
     assert list(dict(model.named_parameters())) == list(dict(plain.named_parameters()))  # the official keys
     row = mb.make_step("maefast-patch", "tiny", 2, device=CPU)
     assert row.step._fwd_kwargs == {"return_pred": False} and row.step._takes_seed
-
-
-def test_torch_native_ratios():
-    recs = [dict(group="train-step", shape_key="a", provider="reference", time_ms=200.0),
-            dict(group="train-step", shape_key="a", provider="torch-native", time_ms=120.0),
-            dict(group="train-step", shape_key="a", provider="torch-native-graph", time_ms=100.0),
-            dict(group="train-step", shape_key="a", provider="maefast-graph", time_ms=80.0),
-            dict(group="train-step", shape_key="b", provider="maefast", time_ms=10.0),
-            dict(group="other", shape_key="a", provider="x", time_ms=1.0)]
-    mb.torch_native_ratios(recs)
-    assert recs[3]["best_torch_native_provider"] == "torch-native-graph" and recs[3]["best_torch_native_ms"] == 100.0
-    assert recs[3]["speedup_vs_best_torch_native"] == pytest.approx(1.25)
-    assert recs[0]["speedup_vs_best_torch_native"] == pytest.approx(0.5)
-    assert "best_torch_native_ms" not in recs[4] and "best_torch_native_ms" not in recs[5]
 
 
 # -- gaps found by mutation testing ---------------------------------------------------------------

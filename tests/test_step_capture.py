@@ -80,10 +80,13 @@ def test_capture_undoes_the_warm_up(fake_capture):
     lr = opt.param_groups[0]["lr"]
     step.set_lr(2e-4)
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(1e-4)  # in place, times lr_scale
-    # restore=False keeps the warm-up's updates (benchmarks)
-    c = copy.deepcopy(b)
-    TrainStep(c, torch.optim.AdamW(c.parameters(), fused=True, capturable=True), restore=False).prepare(imgs[0])
-    assert not torch.equal(c.blocks[0].mlp.fc1.weight, b.blocks[0].mlp.fc1.weight)
+    # restore=False keeps the warm-up's steps (benchmarks), counted: call k still draws seed + k
+    for accum in (1, 2):
+        c = copy.deepcopy(b)
+        kept = TrainStep(c, torch.optim.AdamW(c.parameters(), fused=True, capturable=True), seed=9, warmup_steps=2,
+                         accum_steps=accum, restore=False).prepare(imgs[0])
+        assert not torch.equal(c.blocks[0].mlp.fc1.weight, b.blocks[0].mlp.fc1.weight)
+        assert (kept.calls, kept.optimizer_steps, int(kept._seed_dev)) == (2 * accum, 2, 9 + 2 * accum - 1)
 
 
 def test_the_warm_ups_gradients_are_released_before_the_capture(fake_capture, monkeypatch):

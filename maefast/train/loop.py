@@ -331,8 +331,7 @@ class _Trainer:
             stats = self.carry if epoch == self.start_epoch else EpochStats()
             self.runner.train()
             self.train_step.zero_grad()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            win_sum = torch.zeros((), dtype=torch.float64, device=device)
+            loss_sum, win_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
             ep_images, ep_bad, bad_names, ep_short = 0, 0, [], 0
             t_epoch = t_win = time.perf_counter()
             win_images, lr_now, b, reason, saved_at = 0, 0.0, first, None, None
@@ -356,8 +355,7 @@ class _Trainer:
                     loss_d = loss.detach().double() * n_img
                     loss_sum += loss_d
                     win_sum += loss_d
-                    ep_images += n_img
-                    win_images += n_img
+                    ep_images, win_images = ep_images + n_img, win_images + n_img
                 if (b % A) != 0:
                     continue
                 self.step += 1  # the step ran its optimizer update at this boundary
@@ -389,8 +387,7 @@ class _Trainer:
                     self._save(epoch, b // A * G, partial)
                     # a stop asked for during the save stops on the checkpoint just written, not one step
                     # and one more checkpoint write later (torchrun's grace period may not hold both)
-                    reason = self._agree()
-                    if reason is not None:
+                    if (reason := self._agree()) is not None:
                         saved_at = self.step
                         break
             # -- end of the epoch, or of the run (--max-steps, a stop request) --------------------
