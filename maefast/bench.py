@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import timing
 from .models.configs import model_config
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -365,6 +366,7 @@ def torch_native_ratios(records: list[dict]) -> None:
                      speedup_vs_best_torch_native=b["time_ms"] / r["time_ms"])
 
 def free_memory() -> None:
+    timing.release_flush_buffers()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

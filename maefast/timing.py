@@ -58,6 +58,12 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _L2_FLUSH[key]
 
 
+def release_flush_buffers() -> None:
+    """Drops the L2-flush buffers (256 MiB a device; the next flushed timing makes one again): kept, one
+    allocated by per-op rows would count in the peak memory of a step row measured later in the process."""
+    _L2_FLUSH.clear()
+
+
 def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 5,
               max_reps: int = 1000, flush_l2: bool = True, device=None) -> dict:
     """Median time of `fn()` on ``device``'s current CUDA stream (do_bench-style). Returns a dict of ms stats."""

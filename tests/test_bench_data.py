@@ -359,6 +359,42 @@ def test_gpu_stage_rate_is_the_median_round_of_whole_batches_after_a_warm_up(tmp
     assert [c for c in calls if c > 1] == [3] + [3, 4] * 3  # a warm-up batch, then 3 rounds of both batches
 
 
+def test_gpu_stage_rate_drains_before_each_decode_as_the_feed_does(tmp_path, pillow_for_nvjpeg, monkeypatch):
+    """nvJPEG writes its outputs without waiting for the work queued on the stream: the blocks it is handed may be
+    ones the last batch's crops still read (pytorch/vision#9606). DeviceFeed drains its stream before each call;
+    the stage's own timing did not (corrupting pixels it never looks at, and timing a decode the feed never runs)."""
+    from maefast import bench_data_gpu
+    from maefast.train.data import ImageFolderDataset
+
+    ds = ImageFolderDataset(_gpu_folder(tmp_path), 32, 16, decode="gpu", dtype=torch.uint8)
+    log, real = [], pillow_for_nvjpeg.decode_jpegs
+    monkeypatch.setattr(bench_data_gpu, "sync", lambda dev: log.append("sync"))
+    monkeypatch.setattr(pillow_for_nvjpeg, "decode_jpegs", lambda data, dev: log.append(len(data)) or real(data, dev))
+    bench_data_gpu.stage_rate(ds, 2, 4, rounds=2)
+    # each device_decode call: one nvJPEG call for the batch (+ one a file after a failure), after a drain
+    firsts = [i for i, e in enumerate(log) if e != "sync" and (i == 0 or log[i - 1] == "sync")]
+    assert len(firsts) == 1 + 2 * 2 and log[0] == "sync", log  # a warm-up batch, then 2 rounds of 2 batches
+
+
+def test_gpu_pixel_difference_leaves_out_samples_the_exact_path_cannot_read(tmp_path, pillow_for_nvjpeg,
+                                                                           monkeypatch):
+    """A file nvJPEG decodes but libjpeg-turbo refuses: not compared, counted (a KeyError traceback before)."""
+    from maefast import bench_data_gpu
+    from maefast.train.data import ImageFolderDataset
+
+    real = ImageFolderDataset.__getitem__
+
+    def getitem(self, key):
+        if self.transform.decode == "exact" and key == (0, 1):
+            return {"bad": "im1.jpg: OSError: broken data stream"}
+        return real(self, key)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", getitem)
+    res = bench_data_gpu.pixel_difference(_gpu_folder(tmp_path), 4, 32, batch=2, seed=1)
+    assert res["samples"] == 2 and res["exact_unreadable_samples"] == 1  # im0, im3 compared; im2 bogus for both
+    assert "1 not compared" in "".join(bench_data_gpu.table_lines({"difference_gpu": res}))
+
+
 def test_gpu_pixel_difference_counts_each_sample_once(tmp_path, pillow_for_nvjpeg):
     from maefast import bench_data_gpu
     from maefast.train.data import ImageFolderDataset, collate

@@ -218,6 +218,54 @@ def test_files_nvjpeg_rejects_or_decodes_to_another_size_get_the_fast_paths_flip
     assert batch["bad"] == [] and torch.equal(batch["images"], torch.stack([fast[k]["image"] for k in keys]))
 
 
+def test_a_crop_the_cuda_resize_cannot_shrink_at_once_gets_the_fast_path_pixels(folder, calls, monkeypatch):
+    """torch's CUDA antialiased bicubic refuses a pass that shrinks a side ~91x or more (at a small --input-size
+    a large photo's crop): that file takes the fast path's pixels (the run went down with a traceback);
+    another error of the resize is the run's."""
+    gpu = ImageFolderDataset(folder, S, 16, seed=8, decode="gpu", dtype=torch.uint8)
+    fast = ImageFolderDataset(folder, S, 16, seed=8, decode="fast", dtype=torch.uint8)
+    keys = [(1, i) for i in range(len(gpu))]
+    real, seen = gpu_decode.resized_crop, []
+
+    def resize(image, b, size):
+        seen.append(b)
+        if len(seen) == 3:  # the third file's
+            raise RuntimeError(resize.message)
+        return real(image, b, size)
+
+    monkeypatch.setattr(gpu_decode, "resized_crop", resize)
+    resize.message = ("Provided interpolation parameters can not be handled with current algorithm implementation. "
+                      "Please reduce the scale factor. Too much shared memory required: 90268 vs 49152")
+    batch = _made(gpu, keys)
+    assert batch["bad"] == [] and torch.equal(batch["images"][2], fast[keys[2]]["image"])
+    assert torch.equal(torch.cat([batch["images"][:2], batch["images"][3:]]), _made(gpu, keys[:2] + keys[3:])["images"])
+    seen.clear()
+    resize.message = "CUDA error: an illegal memory access was encountered"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _made(gpu, keys)
+
+
+def test_a_device_error_on_the_fast_path_fallback_is_the_runs_not_a_bad_file(folder, monkeypatch):
+    """Only the CPU decode of a file nvJPEG rejects is guarded (a corrupt file is skipped and counted); moving
+    its pixels to the device failing (out of memory, a CUDA error) was counted as an unreadable file."""
+    gpu = ImageFolderDataset(folder, S, 16, seed=8, decode="gpu", dtype=torch.uint8)
+
+    def reject(data, device):
+        raise RuntimeError("Error while decoding JPEG images: nvjpegDecode failed: 7")
+
+    class Pixels:
+        def flip(self, dim):
+            return self
+
+        def to(self, device):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(gpu_decode, "decode_jpegs", reject)
+    monkeypatch.setattr(gpu_decode, "crop_fast", lambda im, box, size: Pixels())
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _made(gpu, [(0, 0), (0, 1)])
+
+
 def test_a_corrupt_file_after_the_workers_pixels_drops_its_own_row(tmp_path, calls):
     from PIL import Image
 

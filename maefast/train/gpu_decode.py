@@ -201,19 +201,27 @@ class DeviceDecode:
         bad, done, res = [], [], []
         for j, img in enumerate(decoded):
             if isinstance(img, torch.Tensor) and tuple(img.shape) == (3, sizes[j][1], sizes[j][0]):
-                r = resized_crop(img, boxes[j], size)
-                res.append(r.flip(-1) if flips[j] else r)
-                done.append(slots[j])
-                continue
-            try:  # nvJPEG rejected the file (or decoded another size than its header's): the fast path's pixels
+                try:
+                    r = resized_crop(img, boxes[j], size)
+                except RuntimeError as exc:  # torch's CUDA antialiased resize refuses a pass that shrinks a side
+                    if "shared memory" not in str(exc):  # ~91x or more ("Too much shared memory required")
+                        raise
+                else:
+                    res.append(r.flip(-1) if flips[j] else r)
+                    done.append(slots[j])
+                    continue
+            # nvJPEG rejected the file, decoded another size than its header's, or the resize cannot shrink it
+            # that much at once: the fast path's pixels (a device error on the way there is the run's, not the file's)
+            try:
                 from .augment import open_bytes
 
                 with open_bytes(data[j].numpy().tobytes()) as im:
                     pixels = crop_fast(im, tuple(boxes[j]), size)
-                out[slots[j]] = (pixels.flip(-1) if flips[j] else pixels).to(device)
             except Exception as exc:  # noqa: BLE001 - corrupt: skipped and counted, as on the other paths
                 keep[slots[j]] = False
                 bad.append(f"{deferred['names'][j]}: {first_line(exc, 160)}")
+                continue
+            out[slots[j]] = (pixels.flip(-1) if flips[j] else pixels).to(device)
         if res:  # the last rounding, one pass for the batch
             u8 = torch.stack(res).round_().clamp_(0, 255).to(torch.uint8)
             out.index_copy_(0, torch.tensor(done, dtype=torch.long).to(device), u8)
