@@ -87,6 +87,8 @@ def test_capture_undoes_the_warm_up(fake_capture):
                          accum_steps=accum, restore=False).prepare(imgs[0])
         assert not torch.equal(c.blocks[0].mlp.fc1.weight, b.blocks[0].mlp.fc1.weight)
         assert (kept.calls, kept.optimizer_steps, int(kept._seed_dev)) == (2 * accum, 2, 9 + 2 * accum - 1)
+        kept(imgs[0])  # the replay drew the mask of seed + k, k the calls before it
+        assert (kept.calls, int(kept._seed_dev)) == (2 * accum + 1, 9 + 2 * accum)
 
 
 def test_the_warm_ups_gradients_are_released_before_the_capture(fake_capture, monkeypatch):
