@@ -217,8 +217,10 @@ class TrainStep:
             kw["mask_ratio"] = self.mask_ratio
         if self.mean is not None:
             kw["mean"], kw["std"] = self.mean, self.std
-        if self.mask_source in ("noise", "seed"):
-            kw[self.mask_source] = noise if self.mask_source == "noise" else seed
+        if self.mask_source == "noise":
+            kw["noise"] = noise
+        elif self.mask_source == "seed":
+            kw["seed"] = seed
         with self._autocast(cache), step_seed():
             out = self.model(imgs, **kw)
         try:  # (a transformers ModelOutput's [0] is its loss; a plain dict, None or () have no first item)
