@@ -481,7 +481,7 @@ def patch(model: nn.Module, impl: str = "auto", *, fused: bool | str = False, gr
         raise TypeError("maefast.patch: this is a torch.compile wrapper (its forward is the compiled one); patch the "
                         "model, then compile it: maefast.patch(model); model = torch.compile(model)")
     if _is_own_model(model):
-        check_model_impl(impl, fused, grad_checkpointing, own=True)
+        check_model_impl(impl, fused, grad_checkpointing, own=True, together=True)
         ov = class_overrides(type(model), forward=False)
         refused = ov.refused + instance_overrides(model).refused
         if refused:

@@ -333,9 +333,10 @@ class TrainStep:
             self._params = self._optimizer_params(self._params)
             if self._params and not any(p.requires_grad for p in self._params):
                 raise ValueError("optimizer: none of its parameters requires grad (a model frozen whole?)")
-        first, calls = self.mask_source is None, self.calls
+        first = self.mask_source is None
         if first:
             self.prepare(imgs, noise)
+        calls = self.calls  # after prepare: a failed capture's kept warm-up steps (restore=False) count
         if self.captured:
             return self._replay(imgs, noise, weight, bool(update))
         try:
@@ -451,7 +452,7 @@ class TrainStep:
         self.static_imgs = imgs.detach().clone()
         self.static_noise = None if noise is None else noise.detach().clone()
         # the device seed: each micro-batch first adds 1, then draws its mask (call k: seed + k)
-        self._seed_dev = torch.full((1,), self._stream_seed - 1, dtype=torch.int64, device=dev)
+        self._seed_dev = torch.full((1,), self._stream_seed + self.calls - 1, dtype=torch.int64, device=dev)
         # learning rates as device tensors the graph reads (a float, or a CPU tensor, would be baked in), one
         # per lr_scale where groups share one (set_lr then never replaces a tensor the graph reads)
         for group in self.optimizer.param_groups:
@@ -464,21 +465,27 @@ class TrainStep:
             self.scaler.scale(torch.zeros((), device=dev))  # creates its scale tensor now: the snapshot holds it
         modes = graphs.train_modes(self.model, self._params)
         saved = graphs.snapshot_training(self._params, self.optimizer, self.scaler) if self.restore else None
+        kept = [0, 0]  # the warm-up's micro-batches and optimizer steps that ran to their end
+
+        def warm(update: bool) -> None:
+            self._body(update)
+            kept[0], kept[1] = kept[0] + 1, kept[1] + update
+
         try:
             if self.accum_steps == 1:
                 # the warm-up's gradients released before the capture begins (torch empties the
                 # allocator's cache then): held through it, ~2.6 GB of ViT-H's fp32 gradients stayed
                 # reserved beside the graph pool's own for the life of the step
                 graph, out = graphs.capture_cuda_graph(
-                    lambda: self._body(True), warmup_steps=self.warmup_steps, device=dev,
-                    before_capture=lambda: self.optimizer.zero_grad(set_to_none=True))
+                    lambda: self._body(True), warmup_steps=self.warmup_steps, warmup_fn=lambda: warm(True),
+                    device=dev, before_capture=lambda: self.optimizer.zero_grad(set_to_none=True))
                 self._graphs = {True: (graph, out)}
             else:
                 # the gradients persist across micro-batches: allocated by the warm-up (outside the
                 # graphs), accumulated in place, zeroed by the updating graph; both graphs share one pool
                 def cycle():
                     for j in range(self.accum_steps):
-                        self._body(j == self.accum_steps - 1)
+                        warm(j == self.accum_steps - 1)
 
                 acc = graphs.capture_cuda_graph(lambda: self._body(False), warmup_steps=self.warmup_steps,
                                                 warmup_fn=cycle, device=dev)
@@ -488,10 +495,10 @@ class TrainStep:
         finally:  # also when the capture fails: a caller falling back to eager gets the model it passed
             if saved is not None:
                 self._restore(saved)
-        if saved is None:  # the warm-up's steps were kept: counted, and the masks go on after theirs
-            self.calls += self.warmup_steps * self.accum_steps
-            self.optimizer_steps += self.warmup_steps
-            self._seed_dev.fill_(self._stream_seed + self.calls - 1)
+            else:  # the warm-up's steps were kept (also before a failure, whose unfinished cycle's gradients
+                self.calls += kept[0]  # are dropped): counted, and the masks go on after theirs
+                self.optimizer_steps += kept[1]
+                self._seed_dev.fill_(self._stream_seed + self.calls - 1)
         # the graphs write and read these gradients at fixed addresses: held here, they stay allocated
         # even if the caller sets p.grad to None (optimizer.zero_grad(set_to_none=True) between epochs)
         self._static_grads = [p.grad for p in self._params]
@@ -586,7 +593,7 @@ class TrainStep:
     def _restore(self, saved) -> None:
         """`graphs.restore_training`, and the seed as before the warm-up (accumulated grads zeroed)."""
         graphs.restore_training(saved, self._params, self.optimizer, self.scaler)
-        self._seed_dev.fill_(self._stream_seed - 1)
+        self._seed_dev.fill_(self._stream_seed + self.calls - 1)
         if self.accum_steps > 1:
             for p in self._params:
                 if p.grad is not None:

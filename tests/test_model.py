@@ -197,20 +197,32 @@ def test_grad_checkpointing_same_mask_and_grads(fused):
     _assert_grads_equal(g1, g0, rel=1e-6)
 
 
-def test_grad_checkpointing_with_the_reference_impl_is_refused():
-    """impl="reference" runs the official forward as it is: grad_checkpointing=True checkpointed nothing,
-    silently. Refused when built, when set later (per call) and by maefast.patch."""
+@pytest.mark.parametrize("setting", [("grad_checkpointing", True), ("fused", "block")])
+def test_fast_path_settings_with_the_reference_impl_are_refused(setting):
+    """impl="reference" runs the official forward as it is: grad_checkpointing=True checkpointed nothing and
+    fused="block" fused nothing, silently. Both refused when given with it (built, maefast.patch: as the CLI
+    refuses --impl reference with either); set later, grad_checkpointing is refused per call, while a fused
+    model switched to impl="reference" runs the official forward (how one compares with it)."""
     import maefast
 
-    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
-        MaskedAutoencoderViT(**TINY, impl="reference", grad_checkpointing=True)
-    m = MaskedAutoencoderViT(**TINY, impl="reference")
-    m.grad_checkpointing = True
-    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
-        m(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="grad_checkpointing=True .* impl='reference'"):
-        maefast.patch(MaskedAutoencoderViT(**TINY), impl="reference", grad_checkpointing=True)
-    assert maefast.patch(m, impl="auto", grad_checkpointing=True).impl == "auto"
+    name, value = setting
+    msg = f"{name}={value!r} .* impl='reference'"
+    with pytest.raises(ValueError, match=msg):
+        MaskedAutoencoderViT(**TINY, impl="reference", **{name: value})
+    with pytest.raises(ValueError, match=msg):
+        maefast.patch(MaskedAutoencoderViT(**TINY), impl="reference", **{name: value})
+    m = MaskedAutoencoderViT(**TINY, **{name: value})
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m.impl = "reference"
+    if name == "grad_checkpointing":
+        with pytest.raises(ValueError, match=msg):
+            m(imgs, noise=noise)
+    else:
+        setattr(m, name, False)
+        want = m(imgs, noise=noise)[0]
+        setattr(m, name, value)
+        assert torch.equal(m(imgs, noise=noise)[0], want)
+    assert maefast.patch(m, impl="auto", **{name: value}).impl == "auto"
 
 
 def test_return_pred_false_gives_no_pred_with_the_reference_impl_too():

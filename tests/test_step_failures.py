@@ -63,6 +63,44 @@ def test_host_sync_is_found_by_the_warm_up_before_capture(monkeypatch):
     torch.cuda.empty_cache()  # the (stand-in) allocator works
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_kept_warm_up_before_a_failed_capture_is_counted(monkeypatch, accum):
+    """restore=False (the benchmarks') keeps the warm-up's steps; when the capture then fails (a host sync
+    in the last warm-up step), the steps that ran to their end were not counted: the eager steps after
+    drew the masks of the kept ones again. Now call k after the fallback draws seed + k, k counting the
+    kept micro-batches, and the model is the eager twin's after as many calls."""
+    class SeedHooked(Hooked):  # draws its mask from the step's seed
+        def forward(self, imgs, mask_ratio=0.75, noise=None, seed=None):
+            out = self.inner(imgs, mask_ratio, noise, seed=seed)
+            self.hook(out[0])
+            return out
+
+    fake_capture_lib.FakeCuda().install(monkeypatch)
+    a, b = twins()
+    imgs, _ = batches(1)
+    state = {"calls": 0}
+
+    def sync_in_the_last_warm_up(loss):  # the warm-up's last micro-batch syncs (its mask drawn, no update)
+        state["calls"] += 1
+        if state["calls"] == 3 * accum:
+            loss.item()
+
+    step = TrainStep(SeedHooked(a, sync_in_the_last_warm_up), _adamw(a), seed=3, warmup_steps=3,
+                     accum_steps=accum, restore=False)
+    loss = step(imgs[0])
+    assert not step.captured and step.eager_reason.startswith("capture failed: HostSyncError")
+    kept = 2 * accum + accum - 1  # two whole cycles, and the failed cycle's micro-batches before the sync
+    assert (step.calls, step.optimizer_steps) == (kept + 1, 2 + (accum == 1))
+    eager = TrainStep(SeedHooked(b, lambda loss: None), _adamw(b), capture=False, seed=3, accum_steps=accum)
+    for _ in range(2 * accum):
+        eager(imgs[0])
+    for _ in range(accum - 1):  # the failed cycle's gradients were dropped: their masks are drawn, unused
+        eager.calls += 1
+    assert torch.equal(loss, eager(imgs[0]))
+    assert (eager.calls, eager.optimizer_steps) == (step.calls, step.optimizer_steps)
+    assert_same_params(a, b)
+
+
 @pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "fixed-torch"])
 @pytest.mark.parametrize("capture", ["auto", True])
 def test_a_failure_inside_the_capture_raises_and_the_step_takes_no_more_calls(monkeypatch, fixed_torch, capture):

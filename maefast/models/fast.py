@@ -117,9 +117,11 @@ def check_fused(fused) -> bool | str:
     raise ValueError(f"fused must be False or 'block', got {fused!r}")
 
 
-def check_model_impl(impl, fused, grad_checkpointing: bool = False, own: bool = False) -> None:
+def check_model_impl(impl, fused, grad_checkpointing: bool = False, own: bool = False, together: bool = False) -> None:
     """A model's impl (MODEL_IMPLS) and its combination with `fused` (already checked) and, for maefast's own
-    model (``own``: its impl="reference" runs the official forward as it is), `grad_checkpointing`."""
+    model (``own``: its impl="reference" runs the official forward as it is), with `grad_checkpointing`, and
+    with fused="block" where both were given in one call (``together``: the constructor, maefast.patch). A
+    fused model switched to impl="reference" later runs the official forward (how one compares with it)."""
     if not isinstance(impl, str) or impl not in MODEL_IMPLS:
         raise ValueError(f"impl must be one of {MODEL_IMPLS}, got {impl!r}")
     if impl == "sdpa" and fused == "block":
@@ -129,6 +131,9 @@ def check_model_impl(impl, fused, grad_checkpointing: bool = False, own: bool = 
         raise ValueError("grad_checkpointing=True checkpoints the blocks of maefast's fast path; impl='reference' "
                          "runs the official forward as it is, without checkpointing: pass another impl, or "
                          "grad_checkpointing=False")
+    if own and together and impl == "reference" and fused == "block":
+        raise ValueError("fused='block' runs each block of maefast's fast path as one op; impl='reference' runs "
+                         "the official forward as it is, without it: pass another impl, or fused=False")
 
 
 def _block_op_ok(bv: BlockView, x: torch.Tensor, qkv_w: torch.Tensor) -> bool:

@@ -48,7 +48,7 @@ class MaskedAutoencoderViT(_ReferenceMAE):
                  **kwargs):
         fused = check_fused(fused)
         grad_checkpointing = check_bool("grad_checkpointing", grad_checkpointing)
-        check_model_impl(impl, fused, grad_checkpointing, own=True)
+        check_model_impl(impl, fused, grad_checkpointing, own=True, together=True)
         super().__init__(*args, **kwargs)
         self.impl = impl
         self.fused = fused
