@@ -537,7 +537,7 @@ def format_result(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import HelpFormatter, OneLineParser, check_json_name, check_out_file
+    from .cli import HelpFormatter, OneLineParser, check_json_name, check_out_file, positive
 
     p = OneLineParser(prog="maefast bench data", description=__doc__.split("\n\n")[0],
                       formatter_class=HelpFormatter)
@@ -565,14 +565,15 @@ def main(argv=None) -> int:
     errors = [msg for cond, msg in (
         (bool(bad), f"--paths: unknown row(s) {bad}; known {list(PATHS)}"),
         (not paths, f"--paths names no row; known {list(PATHS)}"),
-        (len(set(paths)) < len(paths), f"--paths names a row twice ({paths}): give each once"),
-        (n <= 0, f"--images must be > 0, got {n}"),
-        (a.workers is not None and a.workers < 0, f"--workers must be >= 0, got {a.workers}"),
-        (a.batch <= 0, f"--batch must be > 0, got {a.batch}"),
-        (rounds <= 0, f"--rounds must be > 0, got {rounds}"),
-        (loader_rounds <= 0, f"--loader-rounds must be > 0, got {loader_rounds}"), (a.size <= 0, f"--size must be > 0, got {a.size}"),
-        (a.per_worker_images <= 0, f"--per-worker-images must be > 0, got {a.per_worker_images}"),
-        (a.diff_images is not None and a.diff_images < 0, f"--diff-images must be >= 0, got {a.diff_images}")) if cond]
+        (len(set(paths)) < len(paths), f"--paths names a row twice ({paths}): give each once")) if cond]
+    for flag, v, zero in (("--images", n, False), ("--workers", a.workers, True), ("--batch", a.batch, False),
+                          ("--rounds", rounds, False), ("--loader-rounds", loader_rounds, False),
+                          ("--size", a.size, False), ("--per-worker-images", a.per_worker_images, False),
+                          ("--diff-images", a.diff_images, True)):
+        try:
+            positive(flag, v, allow_zero=zero)
+        except ValueError as e:
+            errors.append(str(e))
     if errors:
         print(f"maefast bench data: error: {errors[0]}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -109,12 +110,15 @@ def labelled_path(path: str, label: str) -> str:
     return f"{root}.{label}{ext or ('' if gz else '.json')}{gz}"
 
 
-def positive(flag: str, value, allow_zero: bool = False):
-    """``value`` when it is None or an int > 0 (>= 0 with allow_zero) that torch takes as a size (< 2**63);
-    else ValueError naming the flag."""
-    if value is not None and (value < 0 if allow_zero else value <= 0):
-        raise ValueError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    if value is not None and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback
+def positive(flag: str, value, allow_zero: bool = False, optional: bool = True):
+    """``value`` when it is a finite number > 0 (>= 0 with allow_zero), an int torch takes as a size (< 2**63),
+    or None where the flag is optional (not given); else ValueError naming the flag."""
+    if value is None and optional:
+        return None
+    # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN
+    if value is None or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(f"{flag} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if isinstance(value, int) and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback
         raise ValueError(f"{flag} must be < 2**63, got {value}")
     return value
 

@@ -35,8 +35,8 @@ def test_profile_broken_pipe_is_quiet():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["profile", "--batch", "0"], "--batch must be > 0"),  # 0 was replaced by the default
-    (["profile", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["profile", "--batch", "0"], "--batch must be a finite number > 0"),  # 0 was replaced by the default
+    (["profile", "--warmup", "-1"], "--warmup must be a finite number >= 0"),
     (["profile", "--dtype", "foo"], "--dtype must be one of"),
     (["profile", "--device", "foo"], "--device must name a torch device"),
     (["profile", "--device", "cuda:0"] if not torch.cuda.is_available() else ["profile", "--device", "mps"],
@@ -55,7 +55,7 @@ def test_profile_broken_pipe_is_quiet():
     (["bench", "data", "--json", "/tmp/x.SVG"], "--json '/tmp/x.SVG': the name's ending '.svg' is an image's"),
     (["profile", "--bogus"], "unrecognized arguments: --bogus"),
     (["bench", "data", "--bogus"], "unrecognized arguments: --bogus"),
-    (["bench", "data", "--images", "0"], "--images must be > 0"),
+    (["bench", "data", "--images", "0"], "--images must be a finite number > 0"),
     (["bench", "data", "--paths", ","], "--paths names no row"),
     (["bench", "data", "--json", "/no/such/dir/x.json"], "--json '/no/such/dir/x.json': the folder"),
     (["bench", "data", "--folder", __file__, "--quick"], "is a file, not a folder"),

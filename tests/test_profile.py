@@ -457,7 +457,7 @@ def test_options_reach_each_impl(monkeypatch):
 @pytest.mark.parametrize("flag", ["--steps", "--threads"])
 def test_profile_refuses_zero_counts(flag):
     # --steps 0 left no step to take a median of (a StatisticsError traceback after the peak measurement)
-    with pytest.raises(ValueError, match=f"{flag} must be > 0"):
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number > 0"):
         mp.main([flag, "0", "--no-progress"])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import numbers
 import os
 import sys
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cli import HelpFormatter, OneLineParser  # noqa: F401 - the train and visualize parsers'
+from ..cli import HelpFormatter, OneLineParser, positive  # noqa: F401 - the train and visualize parsers'
 
 from .augment import DECODE_CHOICES, DECODES, DEFAULT_DECODE, SEED_LIMIT
 from .schedule import BASE_LR, WARMUP_FRACTION, WEIGHT_DECAY, scaled_lr
@@ -279,7 +278,7 @@ MAX_DIST_TIMEOUT_S = 1e9
 
 
 def check_dist_timeout(value) -> None:
-    _positive("--dist-timeout", value)
+    positive("--dist-timeout", value, optional=False)
     if value > MAX_DIST_TIMEOUT_S:
         raise ValueError(f"--dist-timeout must be at most {MAX_DIST_TIMEOUT_S:.0e} seconds, got {value}")
 
@@ -305,14 +304,6 @@ def check_types(cfg: TrainConfig) -> None:
             raise TypeError(f"--{f.name.replace('_', '-')} must be {want}, got {type(v).__name__} {v!r}")
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN
-    if value is None or not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    if isinstance(value, int) and value >= 2 ** 63:  # a count torch takes as a size: else an OverflowError traceback
-        raise ValueError(f"{name} must be < 2**63, got {value}")
-
-
 def _check_geometry(cfg: TrainConfig) -> None:
     """--input-size against the model's patch size, and --mask-ratio by the model's own rule (one rule,
     one message: the one the model would raise at its first step)."""
@@ -336,12 +327,11 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     if not isinstance(cfg.data, str) or not cfg.data.strip():  # "" would be the working folder once made absolute
         raise ValueError(f"--data must be an image folder or 'synthetic', got {cfg.data!r}")
     for name in ("epochs", "batch_size", "accum_iter", "input_size", "log_every", "blr"):  # (lr 0: nothing learnt)
-        _positive("--" + name.replace("_", "-"), getattr(cfg, name))
+        positive("--" + name.replace("_", "-"), getattr(cfg, name), optional=False)
     for name in ("min_lr", "weight_decay", "warmup_epochs", "save_every_steps", "keep_every_epochs",
                  "workers"):
-        _positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True)
-    if cfg.lr is not None:
-        _positive("--lr", cfg.lr)
+        positive("--" + name.replace("_", "-"), getattr(cfg, name), allow_zero=True, optional=False)
+    positive("--lr", cfg.lr)
     batch = cfg.batch_size * cfg.accum_iter * world_size
     peak, how = ((cfg.lr, "--lr") if cfg.lr is not None else
                  (scaled_lr(cfg.blr, batch), f"--blr {cfg.blr:g} x {batch} / 256"))
@@ -358,10 +348,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     check_dist_timeout(cfg.dist_timeout)
     if not 0 <= cfg.seed < SEED_LIMIT:  # the per-sample draws' range (maefast.train.augment)
         raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    if cfg.max_steps is not None:
-        _positive("--max-steps", cfg.max_steps)
-    if cfg.synthetic_size is not None:
-        _positive("--synthetic-size", cfg.synthetic_size)
+    positive("--max-steps", cfg.max_steps)
+    positive("--synthetic-size", cfg.synthetic_size)
     _check_geometry(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")

@@ -131,11 +131,10 @@ def reconcile(cfg: TrainConfig, ck: dict, source: str, world_size: int) -> tuple
     """
     import dataclasses
 
-    from .config import _positive
+    from ..cli import positive
 
     for name in ("accum_iter", "batch_size"):  # divided by below, before validate_config sees them
-        if getattr(cfg, name) is not None:
-            _positive(_flag(name), getattr(cfg, name))
+        positive(_flag(name), getattr(cfg, name))
     recorded = dict(ck.get("config") or {})
     explicit = set(cfg.explicit or ())
     values, conflicts, changed = {}, [], {}
