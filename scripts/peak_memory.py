@@ -1,5 +1,6 @@
 """A training step's peak memory, estimated without a GPU (and without the memory): the step benchmark's
-model runs two eager training steps (forward under bf16 autocast, backward, AdamW, zero_grad) on fake
+model runs two eager training steps through `maefast.TrainStep`'s pieces, as the rows step it (forward under
+bf16 autocast with the forward's return_pred=False, backward, AdamW, gradients set to None) on fake
 tensors (torch's FakeTensorMode: shapes, dtypes and storages, no data), and every storage an op makes is
 counted from its creation until it is freed. The peak of that count is what the caching allocator's
 `max_memory_allocated` reports, short of its rounding and the workspaces of cuBLAS / cuDNN.
@@ -9,8 +10,11 @@ counted from its creation until it is freed. The peak of that count is what the 
 
 Checked against a card (H200, 2026-12-04, commit 82633e2; ViT-H/14 b128, the step record's
 peak_mem_gib): reference 33.07 GiB estimated / 33.54 measured, maefast 24.94 / 25.37, maefast-block
-18.40 / 19.13 (the graphed row). So issue 14's memory target (peak <= 0.5x the reference's) can be
-worked on here: a change to what an op saves or frees shows in this estimate before a card measures it.
+18.40 / 19.13 (the graphed row; those estimates called the model's forward itself, pred on every row: the
+step's head on the masked rows peaks 0.06 GiB higher at 2026-12-08's maefast-block, in the gather's
+backward, which holds its zeros and its scatter_add's result at once). So issue 14's memory target (peak
+<= 0.5x the reference's) can be worked on here: a change to what an op saves or frees shows in this
+estimate before a card measures it.
 Eager rows only (a compiled row saves what Inductor decides; a captured one replays the eager step's
 allocations from its own pool). The breakdown at the peak: parameters, gradients, AdamW state, and the
 rest (activations saved for the backward, and temporaries).
@@ -37,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from maefast import bench as mb  # noqa: E402
+from maefast.step import TrainStep  # noqa: E402
 
 DEFAULT_PROVIDERS = ("reference", "maefast", "maefast-block")
 GIB = 2 ** 30
@@ -135,6 +140,10 @@ def peak_bytes(provider: str, model: str = "huge", batch: int = 128, steps: int 
         params = [p for p in net.parameters()]
         opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
                                 foreach=recipe.official_amp, fused=not recipe.official_amp)
+        # the step rows' own step, eager: its forward kwargs (return_pred=False: the head on the masked rows
+        # only), autocast and update. bf16 for every row: fp16 (the reference's) makes tensors of the same
+        # sizes, and its GradScaler's check for infs reads a value (a fake tensor has none)
+        step = TrainStep(net, opt, dtype=dtype, mask_ratio=mask_ratio, capture=False, seed=0)
         h, w = net.patch_embed.img_size
         imgs = torch.randn(batch, net.patch_embed.proj.in_channels, h, w)
         num_patches = (h // net.patch_embed.patch_size[0]) * (w // net.patch_embed.patch_size[1])
@@ -149,15 +158,13 @@ def peak_bytes(provider: str, model: str = "huge", batch: int = 128, steps: int 
                 counter.track(x)
             for i in range(steps):
                 counter.phase = f"forward {i}"
-                with torch.autocast("cpu", dtype=dtype):
-                    loss = net(imgs, mask_ratio, noise)[0]
+                loss = step.forward(imgs, noise)
                 counter.phase = f"backward {i}"
-                loss.backward()
+                step.backward(loss)
                 del loss
                 counter.phase = f"optimizer {i}"
-                opt.step()
+                step.optimizer_step()  # (gradients set to None)
                 counter.mark((t for s in opt.state.values() for t in s.values()), "optimizer")
-                opt.zero_grad(set_to_none=True)
             end = counter.live
     top = sorted(counter.peak_activations.items(), key=lambda kv: -kv[1][1])
     return {"provider": provider, "model": model, "batch": batch, "peak_bytes": counter.peak,
