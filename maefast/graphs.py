@@ -346,6 +346,24 @@ def drop_unsharded_grads(model: nn.Module) -> None:
                 fp.unsharded_accumulated_grad = None
 
 
+def group_scalars(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's Python values, which a captured step's graphs were recorded with (not its lr, a
+    tensor they read, nor lr_scale: set_lr's, which writes that tensor)."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "lr_scale") and not isinstance(v, torch.Tensor)}
+            for g in optimizer.param_groups]
+
+
+def scalars_change(optimizer: torch.optim.Optimizer, baked: list[dict]) -> str | None:
+    """Why the groups' Python values are no longer ``baked`` (`group_scalars` at the capture); None when not."""
+    changed = [f"group {i} {k}" for i, (was, g) in enumerate(zip(baked, group_scalars(optimizer)))
+               for k in was if g.get(k) != was[k]]
+    if not changed:
+        return None
+    return (f"{', '.join(changed)} changed after the capture: the captured graphs keep the values they were "
+            "captured with (only the learning rate is a tensor they read; set it with set_lr); build a new "
+            "TrainStep, or step eagerly (capture=False)")
+
+
 def groups_change(optimizer: torch.optim.Optimizer, captured: int) -> str | None:
     """Why the optimizer's param groups are no longer those a captured step was captured with: groups added, or
     an lr set as a number (a hand-written schedule's group["lr"] = value) in place of the tensor the graphs read;
@@ -421,4 +439,5 @@ def capture_blocker(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, 
 
 __all__ = ["capture_cuda_graph", "CaptureError", "HostSyncError", "allocator_usable", "process_broken",
            "snapshot_training", "restore_training", "capture_blocker", "sync_wrapper", "unwrap", "train_modes",
-           "mode_change", "groups_change", "fsdp1_wrapper", "step_scaler", "drop_unsharded_grads"]
+           "mode_change", "groups_change", "group_scalars", "scalars_change", "fsdp1_wrapper", "step_scaler",
+           "drop_unsharded_grads"]

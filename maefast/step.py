@@ -505,7 +505,7 @@ class TrainStep:
         # and read these: the learning rates and the first parameter's optimizer state
         self._graph_reads = self._read_tensors()
         # and were recorded with these Python values (a weight-decay schedule would change them unseen)
-        self._baked = self._group_scalars()
+        self._baked = graphs.group_scalars(self.optimizer)
         # and in these modes: a parameter frozen or unfrozen afterwards, or a module left in eval(), would not be
         self._modes = graphs.train_modes(self.model, self._params, before=modes)
         self.captured = True
@@ -513,12 +513,6 @@ class TrainStep:
     def _read_tensors(self) -> list:
         return [g["lr"] for g in self.optimizer.param_groups] + \
             list(self.optimizer.state.get(self._params[0], {}).values())
-
-    def _group_scalars(self) -> list[dict]:
-        # lr_scale is set_lr's (it writes the lr tensor the graphs read), not the optimizer's
-        return [{k: v for k, v in g.items()
-                 if k not in ("params", "lr", "lr_scale") and not isinstance(v, torch.Tensor)}
-                for g in self.optimizer.param_groups]
 
     def _check_optimizer_intact(self) -> None:
         """The graphs read the tensors the optimizer held at capture: an optimizer.load_state_dict() since
@@ -530,12 +524,8 @@ class TrainStep:
             raise RuntimeError("the optimizer's learning rates or state were replaced after the capture (an "
                                "optimizer.load_state_dict()?): the captured graphs still read the old tensors. Load "
                                "checkpoints before the step's first call, or build a new TrainStep")
-        changed = [f"group {i} {k}" for i, (was, g) in enumerate(zip(self._baked, self._group_scalars()))
-                   for k in was if g.get(k) != was[k]]
-        if changed:
-            raise RuntimeError(f"{', '.join(changed)} changed after the capture: the captured graphs keep the "
-                               "values they were captured with (only the learning rate is a tensor they read; "
-                               "set it with set_lr); build a new TrainStep, or step eagerly (capture=False)")
+        if (why := graphs.scalars_change(self.optimizer, self._baked)) is not None:
+            raise RuntimeError(why)
 
     def _body(self, update: bool) -> torch.Tensor:
         """One captured micro-batch (also its warm-up): reads only the static buffers."""

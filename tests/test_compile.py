@@ -240,8 +240,11 @@ def _reference_model(impl, fused, ckpt):
 
 
 def _own_reference_ops(impl, fused, ckpt):
-    """maefast's model with impl="reference": the reference compositions traced, not custom ops."""
-    return _own("reference", fused, ckpt)
+    """maefast's model with impl="reference": the reference compositions traced, not custom ops (fused set
+    after building: given with impl="reference" it is refused, set later the official forward runs)."""
+    m = _own("reference", False, ckpt)
+    m.fused = fused
+    return m
 
 
 # (model, impl, fused, mask): the mask drawn by the model itself ("own"), from noise= or from a seed tensor

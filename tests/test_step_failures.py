@@ -99,6 +99,21 @@ def test_a_kept_warm_up_before_a_failed_capture_is_counted(monkeypatch, accum):
     assert torch.equal(loss, eager(imgs[0]))
     assert (eager.calls, eager.optimizer_steps) == (step.calls, step.optimizer_steps)
     assert_same_params(a, b)
+    if accum == 1:  # a first eager call that then fails on the caller's side decides nothing, but the kept
+        state["calls"] = 0  # warm-up steps stay counted (the call's rollback went back to before them)
+
+        def sync_then_refuse(loss):
+            state["calls"] += 1
+            if state["calls"] == 3:
+                loss.item()
+            elif state["calls"] == 4:
+                raise ValueError("the caller's batch")
+
+        c, _ = twins()
+        step = TrainStep(SeedHooked(c, sync_then_refuse), _adamw(c), seed=3, warmup_steps=3, restore=False)
+        with pytest.raises(ValueError, match="the caller's batch"):
+            step(imgs[0])
+        assert (step.calls, step.optimizer_steps, step.mask_source) == (2, 2, None)
 
 
 @pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "fixed-torch"])

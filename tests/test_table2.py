@@ -76,10 +76,18 @@ def test_table2_rows_of_a_fused_and_an_overridden_model(monkeypatch):
     """fused only on the fast rows (the impl column says +block); the FLOP bound, MFU and images/s of
     the model as overridden and at the mask ratio run; a fused run keeps the paper's columns, an
     overridden one does not."""
-    monkeypatch.setattr(t2, "_time_table2_cell", lambda *a, **k: _cell())
+    given = []
+
+    def cell(name, impl, dd, bs, dtype, device, mask_ratio, quick, progress, overrides, cuda_graph=False):
+        given.append((impl, overrides))
+        return _cell()
+
+    monkeypatch.setattr(t2, "_time_table2_cell", cell)
     rows = t2.table2(["large"], (8,), ("reference", "auto"), batch=4, device="cpu", peak=PEAK,
                      overrides={"fused": "block"})
     assert [r["fused"] for r in rows] == [False, "block"]
+    # the reference row's model is built without it (maefast's model refuses impl="reference" with fused="block")
+    assert given == [("reference", {}), ("auto", {"fused": "block"})]
     assert all("paper_speedup" in r for r in rows)  # fusing changes no model
     lines = t2.format_table2(rows, ENV, PEAK).splitlines()
     assert any(ln.startswith("ViT-L/16") and " auto+block " in ln for ln in lines), lines

@@ -56,7 +56,8 @@ class MaskedAutoencoderViT(_ReferenceMAE):
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, *, seed: int | None = None, return_pred: bool = True,
                 mean=None, std=None):
-        # checked per call as in the constructor: `model.fused = ...` (tests, maefast.patch) must not be ignored
+        # checked per call (`model.fused = ...`, tests, maefast.patch: not ignored), as in the constructor but
+        # for fused='block' with impl='reference', refused only given together: set later, the official runs
         fused = check_fused(self.fused)
         grad_checkpointing = check_bool("grad_checkpointing", self.grad_checkpointing)
         check_model_impl(self.impl, fused, grad_checkpointing, own=True)
