@@ -116,8 +116,8 @@ def positive(flag: str, value, allow_zero: bool = False, optional: bool = True):
     if value is None and optional:
         return None
     # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN (an int
-    # is finite: math.isfinite raises OverflowError past ~1e308)
-    if value is None or (isinstance(value, float) and not math.isfinite(value)) or \
+    # is finite: math.isfinite raises OverflowError past ~1e308; a numpy float is not a float)
+    if value is None or (not isinstance(value, int) and not math.isfinite(value)) or \
             (value < 0 if allow_zero else value <= 0):
         raise ValueError(f"{flag} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
     if isinstance(value, int) and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback

@@ -107,3 +107,21 @@ def test_version_and_help_answer_without_work():
         r = subprocess.run(f"{sys.executable} -m maefast {flag} | (exec 0<&-; sleep 0.5); echo ${{PIPESTATUS[0]}}",
                            shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=120)
         assert r.stdout.strip() == "141" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+
+
+def test_positive_is_every_commands_one_number_check():
+    """`maefast.cli.positive` (train's config and resume, profile, bench data, table2): finite numbers only
+    (numpy's too), an int past float's range refused as a size (math.isfinite raised OverflowError there:
+    a traceback), None only where the flag is optional."""
+    import numpy as np
+
+    from maefast.cli import positive
+
+    for value, msg in ((np.float32("nan"), "finite number > 0"), (float("inf"), "finite number > 0"),
+                       (10 ** 400, "< 2[*][*]63"), (0, "finite number > 0"), (-1.0, "finite number > 0")):
+        with pytest.raises(ValueError, match=f"--x must be (a )?{msg}"):
+            positive("--x", value)
+    with pytest.raises(ValueError, match="--x must be a finite number >= 0, got None"):
+        positive("--x", None, allow_zero=True, optional=False)
+    assert positive("--x", None) is None and positive("--x", 0, allow_zero=True) == 0
+    assert positive("--x", np.int64(3)) == 3 and positive("--x", 2.5) == 2.5
