@@ -13,8 +13,9 @@ Presets (steps in priority order: the rows that decide a target of issue 14 firs
           `cuda`-marked tests, each in a process of its own; the dispatch diagnosis
   step    ViT-H/14 b128 step rows, in two budgets so that no compile starves the rest: reference and
           maefast's captured rows (+ ViT-B/16 b128's, the loader's target), then the decisive pair
-          interleaved in one process (torch-native-graph, the baseline, against maefast-block-graph:
-          alternating rounds, bench_step's test_train_step_pair) and maefast-compile-graph
+          interleaved in one process (torch-native-graph, the baseline, against the faster of
+          maefast-block-graph and maefast-graph just timed: alternating rounds, bench_step's
+          test_train_step_pair) and maefast-compile-graph
   profile the torch.profiler kernel table of one captured ViT-H step and of the compiled torch-native
           one (the attention target); maefast-graph interleaved with maefast-sdpa-graph (the attention
           route); then the eager and compiled-eager step rows
@@ -78,11 +79,12 @@ LOADER_STEP_ROWS = "base:128@maefast-graph+maefast-block-graph"  # what the load
 # compile row ~30-60 s); the patch and custom-op rows (maefast-patch, -patch-hf, -custom-op) are left
 # to a run of benchmarks/bench_step.py of its own
 STEP_DECISIVE = ("reference", "maefast-block-graph", "maefast-graph")  # no compile: each ~10 s once Triton is warm
-# the baseline against maefast's fastest captured step (2026-12-04), interleaved in one process: the
+# the baseline against maefast's fastest captured step, interleaved in one process: the
 # step_vs_torch_native_paired target, and the only torch-native-graph timing of the preset (one compile).
-# When a record's fastest maefast row (targets.step.<shape>.maefast_best) is another, pair that one: the
-# pair decides the target, so it must hold the step maefast ships
+# The pair decides the target, so it holds the step maefast ships: the faster of STEP_PAIRED_CANDIDATES in
+# this run's step-rows (maefast-block-graph, 2026-12-04's fastest, where neither has a time)
 STEP_PAIR = ("torch-native-graph", "maefast-block-graph")
+STEP_PAIRED_CANDIDATES = ("maefast-block-graph", "maefast-graph")
 STEP_COMPILED = ("maefast-compile-graph",)  # after the pair: no target without the baseline
 # first maefast's captured step with its own attention and with torch's SDPA (no compile: ~10 s each),
 # interleaved in one process: maefast's attention against cuDNN's with everything else equal (keep only
@@ -189,6 +191,15 @@ def preset_kernels(r: Runner) -> None:
         r.record["tests"] = s
 
 
+def step_pair(rows: list[dict]) -> tuple[str, str]:
+    """STEP_PAIR's baseline against the fastest of STEP_PAIRED_CANDIDATES timed alone at STEP_MODEL in ``rows``
+    (STEP_PAIR itself where none was)."""
+    model, batch = STEP_MODEL.split(":")
+    timed = [x for x in rows if x.get("group") == "train-step" and rec._is_shape(x, model, int(batch))]
+    best = rec._fastest(timed, STEP_PAIRED_CANDIDATES)
+    return (STEP_PAIR[0], best["provider"]) if best is not None else STEP_PAIR
+
+
 def preset_step(r: Runner) -> None:
     common = {"MAEFAST_BENCH_STEP_MODELS": STEP_MODEL}
     # + ViT-B/16 b128's captured maefast rows: issue 15's loader target is the fastest model's step img/s
@@ -197,8 +208,10 @@ def preset_step(r: Runner) -> None:
     r.summarize = lambda: r.record.update(targets={"step": rec.step_targets(r.record["rows"], STEP_MODEL)})
     r.pytest("step-rows", ["benchmarks/bench_step.py"], dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_DECISIVE),
                                                                **first))
+    pair = step_pair(r.record["rows"])
+    r.record["step_pair"] = "+".join(pair)
     r.pytest("step-compiled", ["benchmarks/bench_step.py"],
-             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED), MAEFAST_BENCH_STEP_PAIR="+".join(STEP_PAIR)),
+             dict(common, MAEFAST_BENCH_STEP_PROVIDERS=",".join(STEP_COMPILED), MAEFAST_BENCH_STEP_PAIR="+".join(pair)),
              note="the interleaved pair first; each whole-model torch.compile of ViT-H takes ~1 min (build_s in each "
              "row)", last=True)
     r.summary()  # (r.pytest made it after each step too; the preset's own last word)

@@ -232,6 +232,26 @@ def test_step_and_profile_presets_fit_their_budgets(dry_run):
         < more.index("b128-torch-native]") and prof["step-more"]["collected"] == 6
 
 
+def test_the_step_pair_holds_the_fastest_captured_maefast_step():
+    """The pair decides step_vs_torch_native_paired: its maefast side is the faster of the captured rows
+    timed alone at ViT-H/14 b128 in this run's step-rows (before, always maefast-block-graph, 2026-12-04's
+    fastest, whatever the run measured); another shape's rows, a pair's rows and a row without a time choose
+    nothing; with no time, maefast-block-graph."""
+    import gpu_check
+
+    def row(provider, ms, model="mae_vit_huge_patch14", batch=128, group="train-step"):
+        return {"group": group, "provider": provider, "time_ms": ms, "shape": {"model": model, "batch": batch}}
+
+    assert gpu_check.step_pair([]) == ("torch-native-graph", "maefast-block-graph")
+    rows = [row("maefast-block-graph", 110.0), row("maefast-graph", 105.0), row("reference", 90.0)]
+    assert gpu_check.step_pair(rows) == ("torch-native-graph", "maefast-graph")
+    others = [row("maefast-graph", 50.0, model="mae_vit_base_patch16"), row("maefast-graph", 50.0, batch=64),
+              row("maefast-graph", 50.0, group="train-step-pair"), row("maefast-graph", None)]
+    assert gpu_check.step_pair(others + [row("maefast-block-graph", 110.0)]) == \
+        ("torch-native-graph", "maefast-block-graph")
+    assert gpu_check.step_pair(others) == gpu_check.STEP_PAIR
+
+
 def test_ops_preset_runs_the_target_rows_first_within_its_budget(dry_run):
     """ops: maefast._C built, then one pytest of the op benchmarks with the attention-vs-SDPA rows of every
     paper shape first, then the per-op target rows at ViT-H/14 b256, then the tile sweep; the record has
