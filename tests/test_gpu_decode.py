@@ -363,12 +363,15 @@ def test_unavailable_says_why(monkeypatch):
 
 
 def test_a_torchvision_that_does_not_decode_on_the_card_is_the_reason(monkeypatch):
-    """Where CUDA and torchvision are present, a small JPEG decoded on the device decides, once per device."""
+    """Where CUDA and torchvision are present, a small JPEG decoded on the device decides, once per device:
+    "cuda" is the current device by its index, the one a run decodes on (cuda:<local rank>; torchvision
+    keeps a decoder per device it is given: "cuda" and "cuda:2" made two)."""
     import sys
     import types
 
     monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(__version__="0.99"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     on_card = types.SimpleNamespace(shape=(3, 16, 16), device=torch.device("cuda"))
     seen = []
 
@@ -382,14 +385,14 @@ def test_a_torchvision_that_does_not_decode_on_the_card_is_the_reason(monkeypatc
 
     for result, want in ((on_card, None), (None, "torchvision 0.99's decode_jpeg gave (3, 16, 16) on cpu"),
                          (RuntimeError("torchvision not compiled with nvJPEG support\nmore"),
-                          "torchvision 0.99 cannot decode JPEGs on cuda "
+                          "torchvision 0.99 cannot decode JPEGs on cuda:2 "
                           "(torchvision not compiled with nvJPEG support)"),
-                         (RuntimeError(), "torchvision 0.99 cannot decode JPEGs on cuda (RuntimeError)")):
+                         (RuntimeError(), "torchvision 0.99 cannot decode JPEGs on cuda:2 (RuntimeError)")):
         gpu_decode._torchvision_reason.cache_clear()
         monkeypatch.setattr(gpu_decode, "decode_jpegs", decoder(result))
         seen.clear()
-        assert gpu_decode.unavailable_reason("cuda") == want and gpu_decode.unavailable_reason("cuda") == want
-        assert seen == ["cuda"]  # decoded once (cached)
+        assert gpu_decode.unavailable_reason("cuda") == want and gpu_decode.unavailable_reason("cuda:2") == want
+        assert seen == ["cuda:2"]  # decoded once (cached), on the device the run decodes on
     gpu_decode._torchvision_reason.cache_clear()
 
 

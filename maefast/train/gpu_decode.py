@@ -78,7 +78,7 @@ def _torchvision_reason(device: str) -> str | None:
 
 def unavailable_reason(device: str | torch.device) -> str | None:
     """Why ``--decode gpu`` cannot run on ``device``, one phrase (None: it can). Decodes a small JPEG on
-    the device once to find out (cached)."""
+    the device once to find out (cached; "cuda" is the current device, by index)."""
     device = torch.device(device)
     why = []
     if device.type != "cuda":
@@ -93,6 +93,8 @@ def unavailable_reason(device: str | torch.device) -> str | None:
         pass
     if why:
         return "it needs " + " and ".join(why)
+    if device.index is None:  # the device a run decodes on (cuda:<local rank>, current by then): one decoder
+        device = torch.device("cuda", torch.cuda.current_device())  # (torchvision keeps one per device given)
     return _torchvision_reason(str(device))
 
 
