@@ -363,9 +363,8 @@ def test_unavailable_says_why(monkeypatch):
 
 
 def test_a_torchvision_that_does_not_decode_on_the_card_is_the_reason(monkeypatch):
-    """Where CUDA and torchvision are present, a small JPEG decoded on the device decides, once per device:
-    "cuda" is the current device by its index, the one a run decodes on (cuda:<local rank>; torchvision
-    keeps a decoder per device it is given: "cuda" and "cuda:2" made two)."""
+    """Where CUDA and torchvision are present, a small JPEG decoded on the device decides, once per device
+    ("cuda" is the current device, cuda:2 here, as a run's cuda:<local rank> is by then)."""
     import sys
     import types
 
@@ -394,6 +393,23 @@ def test_a_torchvision_that_does_not_decode_on_the_card_is_the_reason(monkeypatc
         assert gpu_decode.unavailable_reason("cuda") == want and gpu_decode.unavailable_reason("cuda:2") == want
         assert seen == ["cuda:2"]  # decoded once (cached), on the device the run decodes on
     gpu_decode._torchvision_reason.cache_clear()
+
+
+def test_every_nvjpeg_call_names_its_device_by_index(monkeypatch):
+    """torchvision keeps one nvJPEG decoder, replaced (the old one never freed) by a call naming another
+    device, "cuda" and "cuda:0" being two: the probe ("cuda") then a run's decodes (cuda:<rank>) made one."""
+    import sys
+    import types
+
+    asked = []
+    io_mod = types.SimpleNamespace(ImageReadMode=types.SimpleNamespace(RGB="RGB"),
+                                   decode_jpeg=lambda data, mode, device: asked.append(device) or [])
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_mod))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io_mod)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for given in ("cuda", torch.device("cuda"), "cuda:1", torch.device("cuda", 3)):
+        gpu_decode.decode_jpegs([], given)
+    assert asked == [torch.device("cuda", 1)] * 3 + [torch.device("cuda", 3)]
 
 
 def _encoded(**save) -> bytes:

@@ -41,13 +41,21 @@ GPU_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG is given (CMYK/YCCK take th
 EOI = b"\xff\xd9"  # a JPEG's end-of-image marker: a file without it near its end is truncated
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """A CUDA device with its index ("cuda": the current one). torchvision keeps one nvJPEG decoder and
+    replaces it whenever a call names another device, "cuda" and "cuda:0" being two (the old one's
+    resources are never freed): every call here names the device by its index."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
 def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """JPEG files' bytes (each a uint8 (nbytes,) CPU tensor) -> their RGB pixels, uint8 (3, H, W) each on
     ``device``, decoded by nvJPEG in one batched call. Raises if any file fails (torchvision returns
     no partial results). The one GPU-only call of the path: tests substitute a CPU decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=_indexed(device))
 
 
 def _probe_jpeg() -> torch.Tensor:
@@ -78,7 +86,7 @@ def _torchvision_reason(device: str) -> str | None:
 
 def unavailable_reason(device: str | torch.device) -> str | None:
     """Why ``--decode gpu`` cannot run on ``device``, one phrase (None: it can). Decodes a small JPEG on
-    the device once to find out (cached; "cuda" is the current device, by index)."""
+    the device once to find out (cached; "cuda" is the current device)."""
     device = torch.device(device)
     why = []
     if device.type != "cuda":
@@ -93,9 +101,7 @@ def unavailable_reason(device: str | torch.device) -> str | None:
         pass
     if why:
         return "it needs " + " and ".join(why)
-    if device.index is None:  # the device a run decodes on (cuda:<local rank>, current by then): one decoder
-        device = torch.device("cuda", torch.cuda.current_device())  # (torchvision keeps one per device given)
-    return _torchvision_reason(str(device))
+    return _torchvision_reason(str(_indexed(device)))  # (one probe per device, however it is named)
 
 
 def resolve_decode(decode: str, device: str | torch.device) -> tuple[str, str | None]:
