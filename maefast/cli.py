@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import numbers
 import os
 import sys
 
@@ -115,12 +116,12 @@ def positive(flag: str, value, allow_zero: bool = False, optional: bool = True):
     or None where the flag is optional (not given); else ValueError naming the flag."""
     if value is None and optional:
         return None
-    # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN (an int
-    # is finite: math.isfinite raises OverflowError past ~1e308; a numpy float is not a float)
-    if value is None or (not isinstance(value, int) and not math.isfinite(value)) or \
-            (value < 0 if allow_zero else value <= 0):
+    # finite too: NaN passes both comparisons, and an infinite rate or decay trains an epoch of NaN (an integer
+    # is finite: math.isfinite raises OverflowError past ~1e308; numpy's numbers are no int or float)
+    integer = isinstance(value, numbers.Integral)
+    if value is None or (not integer and not math.isfinite(value)) or (value < 0 if allow_zero else value <= 0):
         raise ValueError(f"{flag} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
-    if isinstance(value, int) and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback
+    if integer and value >= 2 ** 63:  # torch's TypeError "Overflow when unpacking long", a traceback
         raise ValueError(f"{flag} must be < 2**63, got {value}")
     return value
 

@@ -305,7 +305,8 @@ def attention_route(rows: list[dict], only: str) -> dict:
         faster = "sdpa" if hi(s) < lo(t) and gain >= ROUTE_MIN_GAIN else \
             "triton" if hi(t) < lo(s) and 1 / gain >= ROUTE_MIN_GAIN else None
     decide = {"sdpa": "route auto's attention (fused=False) to sdpa where the ops record's SDPA rows (no layout "
-                      "copies) beat Triton, if maefast-sdpa-graph also beats the step record's maefast-block-graph",
+                      "copies) beat Triton, if maefast-sdpa-graph also beats the step record's fastest maefast row "
+                      "(targets.step.<shape>.maefast_best)",
               "triton": "keep Triton; delete impl='sdpa' and its row",
               None: f"under {ROUTE_MIN_GAIN}x or within the spread: neither wins; keep Triton (auto) and drop "
                     "impl='sdpa'"}[faster]

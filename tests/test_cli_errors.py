@@ -118,7 +118,8 @@ def test_positive_is_every_commands_one_number_check():
     from maefast.cli import positive
 
     for value, msg in ((np.float32("nan"), "finite number > 0"), (float("inf"), "finite number > 0"),
-                       (10 ** 400, "< 2[*][*]63"), (0, "finite number > 0"), (-1.0, "finite number > 0")):
+                       (10 ** 400, "< 2[*][*]63"), (np.uint64(2 ** 63), "< 2[*][*]63"), (0, "finite number > 0"),
+                       (-1.0, "finite number > 0")):
         with pytest.raises(ValueError, match=f"--x must be (a )?{msg}"):
             positive("--x", value)
     with pytest.raises(ValueError, match="--x must be a finite number >= 0, got None"):

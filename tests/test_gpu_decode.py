@@ -407,9 +407,9 @@ def test_every_nvjpeg_call_names_its_device_by_index(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_mod))
     monkeypatch.setitem(sys.modules, "torchvision.io", io_mod)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    for given in ("cuda", torch.device("cuda"), "cuda:1", torch.device("cuda", 3)):
+    for given in ("cuda", torch.device("cuda"), "cuda:1", torch.device("cuda", 3), "cpu"):
         gpu_decode.decode_jpegs([], given)
-    assert asked == [torch.device("cuda", 1)] * 3 + [torch.device("cuda", 3)]
+    assert asked == [torch.device("cuda", 1)] * 3 + [torch.device("cuda", 3), torch.device("cpu")]
 
 
 def _encoded(**save) -> bytes:

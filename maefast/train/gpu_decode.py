@@ -42,11 +42,12 @@ EOI = b"\xff\xd9"  # a JPEG's end-of-image marker: a file without it near its en
 
 
 def _indexed(device: torch.device) -> torch.device:
-    """A CUDA device with its index ("cuda": the current one). torchvision keeps one nvJPEG decoder and
-    replaces it whenever a call names another device, "cuda" and "cuda:0" being two (the old one's
-    resources are never freed): every call here names the device by its index."""
+    """A CUDA device with its index ("cuda": the current one; any other device as it is). torchvision keeps
+    one nvJPEG decoder and replaces it whenever a call names another device, "cuda" and "cuda:0" being two
+    (the old one's resources are never freed): every call here names the device by its index."""
     device = torch.device(device)
-    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
